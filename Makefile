@@ -1,0 +1,35 @@
+# siliconvert — the README's two commands are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Machines of this project keep the CPU torch wheel in /opt/wheels; elsewhere pip finds torch as usual.
+WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+# torch first and pinned: on Linux this takes the CPU wheel (a plain `torch` would pull gigabytes of
+# CUDA packages); the project's own `torch>=2.4` is then already satisfied.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(WHEELS) "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet $(WHEELS) -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/siliconvert recipe recipes/demo.yaml
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,3 @@
+from siliconvert.cli import main
+
+main()

@@ -1,0 +1,68 @@
+"""What a stage produces, and the writer life cycle every target follows.
+
+The pipeline reads the checkpoint once and hands each tensor to every writer (`add`), then asks each
+for its artifacts (`finish`). Writers write under temporary names and rename only when complete, so
+an interrupted run never leaves a file that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Artifact:
+    format: str  # "mlx", "gguf", "coreml"
+    quant: str  # e.g. "4bit-g64", "Q4_K_M", "fp16"
+    path: Path  # the folder or file a user ships
+    runner_options: dict = field(default_factory=dict)  # what the runner needs beyond the path
+
+
+class Writer(ABC):
+    """Consumes the checkpoint's tensor stream; produces one or more artifacts."""
+
+    @abstractmethod
+    def add(self, name: str, array: np.ndarray) -> None:
+        """Take one source tensor (HF name, HF layout). Called once per tensor, in stream order."""
+
+    @abstractmethod
+    def finish(self) -> list[Artifact]:
+        """Complete every file, move it to its final name, and describe what was made."""
+
+    def abort(self) -> None:  # noqa: B027 - optional hook
+        """Remove temporary files after a failure."""
+
+
+def detect_artifact(path: Path) -> Artifact:
+    """Recognise an artifact on disk by its layout (for `siliconvert validate`)."""
+    from siliconvert.errors import ArtifactError
+
+    if path.suffix == ".gguf" and path.is_file():
+        # Hub convention <Model>-<QUANT>.gguf: the quant is the last dash-separated part.
+        return Artifact("gguf", path.stem.rsplit("-", 1)[-1], path)
+    if path.suffix == ".mlpackage" or any(path.glob("*.mlpackage")):
+        return Artifact("coreml", "fp16", path)
+    shards = sorted(path.glob("model*.safetensors")) if path.is_dir() else []
+    if shards and _safetensors_format(shards[0]) == "mlx":
+        quantization = json.loads((path / "config.json").read_text()).get("quantization")
+        if quantization:
+            return Artifact("mlx", f"{quantization['bits']}bit-g{quantization['group_size']}", path)
+        return Artifact("mlx", "fp16", path)
+    raise ArtifactError("not a recognised artifact (a .gguf file, an .mlpackage, or an MLX folder)", path)
+
+
+def _safetensors_format(path: Path) -> str | None:
+    """The "format" a safetensors writer recorded in its header metadata ("mlx", "pt", ...)."""
+    with path.open("rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if header_len > 100 * 1024 * 1024:
+            return None
+        try:
+            return json.loads(f.read(header_len)).get("__metadata__", {}).get("format")
+        except (ValueError, AttributeError):
+            return None

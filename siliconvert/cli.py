@@ -1,0 +1,127 @@
+"""The command line: a thin shell over pipeline.py. Exit codes: 0 ok, 1 a gate failed, 2 bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from siliconvert import __version__
+from siliconvert.errors import GateFailed, SiliconvertError
+
+INTERNAL_ERROR = 3
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="siliconvert")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Convert a Hugging Face checkpoint to Core ML, MLX and GGUF, run each artifact on its own
+    runtime, and compare it with the reference before you release it."""
+    ctx.obj = {"debug": debug}
+
+
+@cli.command()
+@click.argument("recipe_file", type=click.Path(path_type=Path))
+@click.option("--check", is_flag=True, help="Parse and check the recipe and its source; build nothing.")
+@click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt checkpoints (loaded weights-only).")
+def recipe(recipe_file: Path, check: bool, allow_pickle: bool) -> None:
+    """Run RECIPE_FILE: convert, validate, gate, report."""
+    from siliconvert.pipeline import run_recipe
+    from siliconvert.recipe import load_recipe
+
+    parsed = load_recipe(recipe_file)
+    if check:
+        click.echo(f"{recipe_file}: ok ({len(parsed.targets)} targets, output {parsed.output_dir(recipe_file)})")
+        return
+    outcome = run_recipe(parsed, recipe_file, allow_pickle=allow_pickle)
+    _finish(outcome)
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(exists=True, path_type=Path))
+@click.option("--source", required=True, help="The checkpoint the artifact was made from (folder or hub id).")
+@click.option("--corpus", default="builtin", show_default=True, help="'builtin' or a UTF-8 text file.")
+@click.option("--output", type=click.Path(path_type=Path), help="Where report.json goes [./build/validate-NAME].")
+@click.option("--tokens", default=1024, show_default=True, help="Tokens scored.")
+@click.option("--context", default=256, show_default=True, help="Window length.")
+def validate(artifact: Path, source: str, corpus: str, output: Path | None, tokens: int, context: int) -> None:
+    """Score one existing ARTIFACT against its source (same report format as `recipe`)."""
+    from siliconvert.artifacts import detect_artifact
+    from siliconvert.pipeline import Outcome, open_source, prepare_output, validate_artifacts
+    from siliconvert.recipe import Validate
+
+    found = detect_artifact(artifact)
+    checkpoint = open_source(source)
+    settings = Validate(corpus=corpus, tokens=tokens, context=context)
+    out_dir = prepare_output(output or Path("build") / f"validate-{artifact.name}")
+    report = validate_artifacts(checkpoint, source, [found], settings, {found.path: settings.gates}, out_dir)
+    _finish(Outcome(report, [found], out_dir))
+
+
+@cli.command()
+@click.argument("path")
+def inspect(path: str) -> None:
+    """Say what PATH is: a checkpoint (architecture, sizes) or an artifact (format, quantization)."""
+    from siliconvert.inspect import describe
+
+    click.echo(json.dumps(describe(path), indent=2))
+
+
+@cli.command()
+def doctor() -> None:
+    """Which runtimes and devices exist here."""
+    from siliconvert.inspect import runtimes
+
+    click.echo(f"siliconvert {__version__} · Python {platform.python_version()} · {platform.platform()}")
+    click.echo(f"cores {os.cpu_count()} · free disk here {shutil.disk_usage('.').free / 1e9:.1f} GB")
+    for name, status in runtimes().items():
+        click.echo(f"  {name:<14} {status}")
+
+
+def _finish(outcome) -> None:
+    out = outcome.out_dir
+    if outcome.report is None:
+        click.echo(f"built {len(outcome.artifacts)} artifacts in {out / 'artifacts'} (validation off)")
+        return
+    click.echo(f"report: {out / 'report.md'}")
+    if outcome.failures:
+        raise GateFailed("release stopped: " + "; ".join(outcome.failures))
+    click.echo("all gates passed")
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv[1:]
+    warnings.showwarning = _one_line_warning
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except SiliconvertError as e:
+        if debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:
+        if debug:
+            raise
+        click.echo(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", err=True)
+        sys.exit(INTERNAL_ERROR)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"warning: {message}", err=True)

@@ -1,0 +1,141 @@
+"""The main job: one streamed pass over the weights into every target, then validation and report.
+
+    recipe → Checkpoint → tensors (once) → writers (mlx, gguf, coreml) → artifacts
+           → reference logits → each artifact on its runtime → scores → gates → report
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from siliconvert import __version__
+from siliconvert.artifacts import Artifact, Writer
+from siliconvert.checkpoint import Checkpoint
+from siliconvert.errors import OutputError
+from siliconvert.progress import say, track
+from siliconvert.recipe import BUILTIN_DEMO, Gates, Recipe, Validate
+
+# format → "module:Class" of its writer, imported only when a recipe asks for that format
+WRITERS = {
+    "mlx": "siliconvert.convert.mlx:MLXWriter",
+    "gguf": "siliconvert.convert.gguf:GGUFWriter",
+    "coreml": "siliconvert.convert.coreml:CoreMLWriter",
+}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    report: dict | None
+    artifacts: list[Artifact]
+    out_dir: Path
+
+    @property
+    def failures(self) -> list[str]:
+        if not self.report:
+            return []
+        return [f["message"] for a in self.report["artifacts"] for f in a["gates"]["failed"]]
+
+
+def open_source(source: str, allow_pickle: bool = False) -> Checkpoint:
+    if source == BUILTIN_DEMO:
+        from siliconvert.demo import demo_checkpoint
+
+        return Checkpoint.open(demo_checkpoint())
+    return Checkpoint.open(source, allow_pickle=allow_pickle)
+
+
+def run_recipe(recipe: Recipe, recipe_path: Path | None = None, allow_pickle: bool = False) -> Outcome:
+    checkpoint = open_source(recipe.source, allow_pickle)
+    out_dir = prepare_output(recipe.output_dir(recipe_path))
+    say(f"[bold]{checkpoint.name}[/] ({checkpoint.spec.hf_architecture}) → {out_dir}")
+    artifacts = convert(checkpoint, recipe, out_dir / "artifacts")
+    if not recipe.validate_.enabled:
+        return Outcome(None, artifacts, out_dir)
+    gates = {a.path: _gates_for(recipe, a) for a in artifacts}
+    report = validate_artifacts(checkpoint, recipe.source, artifacts, recipe.validate_, gates, out_dir)
+    return Outcome(report, artifacts, out_dir)
+
+
+def convert(checkpoint: Checkpoint, recipe: Recipe, artifacts_dir: Path) -> list[Artifact]:
+    """Read every source tensor once and hand it to every target's writer."""
+    artifacts_dir.mkdir(parents=True, exist_ok=True)
+    writers: list[Writer] = []
+    try:
+        for target in recipe.targets:
+            module_name, _, class_name = WRITERS[target.format].partition(":")
+            writer_class = getattr(importlib.import_module(module_name), class_name)
+            writers.append(writer_class(checkpoint, target, artifacts_dir, checkpoint.name))
+        stream = track(checkpoint.tensors(), "converting tensors", total=len(checkpoint.tensor_infos))
+        for name, array in stream:
+            if checkpoint.family.is_droppable(name):
+                continue
+            for writer in writers:
+                writer.add(name, array)
+        return [artifact for writer in writers for artifact in writer.finish()]
+    except BaseException as e:
+        for writer in writers:
+            writer.abort()
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise OutputError("no space left on the device", artifacts_dir) from None
+        raise
+
+
+def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Artifact], settings: Validate,
+                       gates: dict[Path, Gates], out_dir: Path) -> dict:
+    """Score every artifact against the reference on the same windows; write the report."""
+    import numpy as np
+
+    from siliconvert.validate import gates as gate_checks
+    from siliconvert.validate.corpus import PROBE_STRINGS, source_tokenizer, token_windows
+    from siliconvert.validate.reference import reference_logits
+    from siliconvert.validate.report import artifact_entry, build_report, write_report
+    from siliconvert.validate.score import run_artifact, score
+
+    tokenizer = source_tokenizer(checkpoint.path)
+    windows = token_windows(tokenizer, settings.corpus, settings.tokens, settings.context)
+    source_probe_ids = [tokenizer.encode(t, add_special_tokens=False) for t in (*PROBE_STRINGS, windows.probe_text)]
+    reference, reference_info = reference_logits(checkpoint, windows, out_dir / ".cache")
+    latency = (settings.prefill_tokens, settings.decode_tokens) if settings.latency else None
+    entries, klds = [], {}
+    for artifact in artifacts:
+        say(f"validating {artifact.format} {artifact.quant}")
+        run = run_artifact(artifact, windows, latency)
+        result = score(artifact, run, reference, windows, source_probe_ids)
+        failures = gate_checks.check(result, gates[artifact.path])
+        entries.append(artifact_entry(result, failures, gates[artifact.path].model_dump()))
+        klds[f"{artifact.format} {artifact.quant}"] = result.kld
+    spec = checkpoint.spec
+    report = build_report(
+        source=source,
+        source_info={"name": checkpoint.name, "path": str(checkpoint.path), "architecture": spec.hf_architecture,
+                     "family": spec.family, "fingerprint": checkpoint.fingerprint(),
+                     "dtype": spec.source_dtype},
+        reference=reference_info,
+        corpus={"name": windows.corpus, "tokens": int(windows.tokens.size), "context": settings.context,
+                "windows": int(windows.tokens.shape[0]), "positions": int(np.prod(windows.targets.shape))},
+        artifacts=entries,
+        version=__version__,
+    )
+    write_report(out_dir, report, klds)
+    return report
+
+
+def prepare_output(out_dir: Path) -> Path:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the output folder ({e.strerror})", out_dir) from None
+    if not os.access(out_dir, os.W_OK):
+        raise OutputError("the output folder is not writable", out_dir)
+    return out_dir.resolve()
+
+
+def _gates_for(recipe: Recipe, artifact: Artifact) -> Gates:
+    for target in recipe.targets:
+        if target.format == artifact.format and target.gates is not None:
+            return target.gates
+    return recipe.validate_.gates

@@ -1,0 +1,148 @@
+"""The recipe: one YAML file saying what to build from which checkpoint and how to judge it.
+
+Validated with pydantic; unknown keys and wrong types are errors that name the key. Relative paths
+are taken from the directory the command runs in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from siliconvert.errors import RecipeError
+
+BUILTIN_DEMO = "builtin:demo"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Gates(Strict):
+    """Thresholds an artifact must meet to be released. A limit left out is not checked."""
+
+    max_mean_kld: float | None = Field(None, ge=0)
+    max_p99_kld: float | None = Field(None, ge=0)
+    min_same_top1: float | None = Field(None, ge=0, le=1)
+    max_ppl_ratio: float | None = Field(None, gt=0)
+    max_rms_delta_p: float | None = Field(None, ge=0)
+
+
+class MLXTarget(Strict):
+    format: Literal["mlx"]
+    bits: Literal[4, 8, 16] = 4  # 16 = unquantized float16
+    group_size: Literal[32, 64, 128] = 64
+    gates: Gates | None = None  # overrides validate.gates for this target
+
+    @property
+    def quant(self) -> str:
+        return "fp16" if self.bits == 16 else f"{self.bits}bit-g{self.group_size}"
+
+
+GGUFQuant = Literal["F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q2_K", "Q4_0"]
+
+
+class GGUFTarget(Strict):
+    format: Literal["gguf"]
+    quants: list[GGUFQuant] = Field(["Q4_K_M"], min_length=1)
+    imatrix: str | None = None  # calibration text ("builtin" or a path) for an importance matrix
+    gates: Gates | None = None
+
+
+CoreMLPrecision = Literal["fp16", "int8", "int4"]
+
+
+class CoreMLTarget(Strict):
+    format: Literal["coreml"]
+    # fp16 is always built; int8/int4 (coremltools.optimize) come as additional artifacts.
+    precision: CoreMLPrecision | list[CoreMLPrecision] = "fp16"
+    context: int = Field(512, ge=16)
+    compute_units: Literal["all", "cpu_and_ne", "cpu_and_gpu", "cpu_only"] = "all"
+    chunks: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
+    gates: Gates | None = None
+
+    @property
+    def precisions(self) -> list[str]:
+        asked = [self.precision] if isinstance(self.precision, str) else list(self.precision)
+        return ["fp16", *[p for p in asked if p != "fp16"]]
+
+
+Target = Annotated[MLXTarget | GGUFTarget | CoreMLTarget, Field(discriminator="format")]
+FORMATS = ("mlx", "gguf", "coreml")
+
+
+class Validate(Strict):
+    enabled: bool = True
+    corpus: str = "builtin"  # "builtin" (held-out pydoc text) or a path to a UTF-8 text file
+    tokens: int = Field(1024, ge=16)
+    context: int = Field(256, ge=8)
+    gates: Gates = Gates(max_mean_kld=0.05, min_same_top1=0.85, max_ppl_ratio=1.10)
+    latency: bool = True
+    prefill_tokens: int = Field(128, ge=1)
+    decode_tokens: int = Field(32, ge=1)
+
+
+class Recipe(Strict):
+    name: str | None = None
+    source: str
+    output: Path | None = None
+    targets: list[Target] = Field(min_length=1)
+    validate_: Validate = Field(Validate(), alias="validate")
+
+    @model_validator(mode="after")
+    def _context_fits(self) -> Recipe:
+        if self.validate_.context > self.validate_.tokens:
+            raise ValueError("validate.context must not exceed validate.tokens")
+        return self
+
+    def output_dir(self, recipe_path: Path | None = None) -> Path:
+        return self.output or Path("build") / self.display_name(recipe_path)
+
+    def display_name(self, recipe_path: Path | None = None) -> str:
+        if self.name:
+            return self.name
+        return recipe_path.stem if recipe_path else Path(self.source.rstrip("/")).name
+
+
+def load_recipe(path: Path) -> Recipe:
+    """Read and validate a recipe file, turning every problem into one RecipeError line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe ({e.strerror})", path) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"YAML syntax error{line}: {problem}", path) from None
+    if not isinstance(data, dict):
+        raise RecipeError("a recipe is a YAML mapping (source:, targets:, ...)", path)
+    return parse_recipe(data, path)
+
+
+def parse_recipe(data: dict, where: Path | str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_first_problem(e), where) from None
+
+
+def _first_problem(error: ValidationError) -> str:
+    problem = error.errors()[0]
+    # Drop the union tag pydantic inserts for discriminated unions ("targets.0.mlx.bits" → "targets.0.bits").
+    loc = [str(p) for p in problem["loc"] if p not in FORMATS]
+    key = ".".join(loc).replace("validate_", "validate") or "recipe"
+    kind = problem["type"]
+    if kind == "extra_forbidden":
+        return f"unknown key {key!r}"
+    if kind == "missing":
+        return f"missing required key {key!r}"
+    if kind == "union_tag_invalid":
+        return f"{key}: unknown format {problem['ctx']['tag']!r} (known: {', '.join(FORMATS)})"
+    message = problem["msg"].removeprefix("Value error, ")
+    return f"{key}: {message} (got {problem.get('input')!r})" if key != "recipe" else message

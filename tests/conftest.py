@@ -1,0 +1,50 @@
+"""Shared fixtures: checkpoints are built here, never downloaded, and built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def random_llama(tmp_path_factory) -> Path:
+    """A tiny random-weight Llama (bf16, transformers-5 config, no tokenizer): for reader tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         rope_theta=20000.0, tie_word_embeddings=False)
+    folder = tmp_path_factory.mktemp("random-llama")
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    """The built-in demo checkpoint (cached under SILICONVERT_CACHE or ~/.cache/siliconvert)."""
+    from siliconvert.demo import demo_checkpoint
+
+    return demo_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def small_model():
+    """small_model(family, tokenizer) → a quickly trained small checkpoint (cached like the demo)."""
+    from siliconvert.demo import small_checkpoint
+
+    return lambda family="llama", tokenizer="sentencepiece", **overrides: small_checkpoint(
+        None, family, tokenizer, **overrides)
+
+
+def reference_logits_for(checkpoint_path: Path, windows) -> np.ndarray:  # noqa: F821
+    """Plain transformers FP32 logits for each window: the ground truth tests compare with."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint_path, dtype=torch.float32)
+    with torch.inference_mode():
+        return np.stack([model(torch.as_tensor(w[None])).logits[0].numpy() for w in windows])

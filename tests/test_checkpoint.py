@@ -1,0 +1,142 @@
+"""The checkpoint reader: headers checked, tensors streamed one at a time, exact values."""
+
+import contextlib
+import json
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from siliconvert.checkpoint import Checkpoint, read_safetensors_header
+from siliconvert.errors import CheckpointError
+
+
+def test_streams_every_tensor_with_exact_values(random_llama):
+    checkpoint = Checkpoint.open(random_llama)
+    expected = load_file(random_llama / "model.safetensors")
+    seen = []
+    for name, array in checkpoint.tensors():
+        seen.append(name)
+        assert array.dtype == np.float32  # bf16 widened exactly
+        np.testing.assert_array_equal(array, expected[name].float().numpy())
+    assert sorted(seen) == sorted(expected)
+    assert checkpoint.spec.rope_theta == 20000.0
+    assert checkpoint.name == random_llama.name
+
+
+def test_sharded_checkpoint_reads_the_same(random_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(random_llama, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    one = dict(Checkpoint.open(random_llama).tensors())
+    sharded = Checkpoint.open(tmp_path)
+    assert len({i.shard for i in sharded.tensor_infos.values()}) > 1
+    many = dict(sharded.tensors())
+    assert one.keys() == many.keys()
+    for name in one:
+        np.testing.assert_array_equal(one[name], many[name])
+
+
+def test_stream_order_is_stable(random_llama):
+    first = [n for n, _ in Checkpoint.open(random_llama).tensors()]
+    assert first == [n for n, _ in Checkpoint.open(random_llama).tensors()]
+
+
+def _copy(random_llama, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(random_llama, folder)
+    return folder
+
+
+def test_truncated_shard_is_named(random_llama, tmp_path):
+    folder = _copy(random_llama, tmp_path)
+    shard = folder / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated") as e:
+        Checkpoint.open(folder)
+    assert "model.safetensors" in str(e.value)
+
+
+def test_tensor_with_wrong_shape_for_config(random_llama, tmp_path):
+    folder = _copy(random_llama, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] = 48
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"gate_proj.weight' has shape \[64, 32\], config.json implies"):
+        Checkpoint.open(folder)
+
+
+def test_nan_weights_are_refused(tmp_path, random_llama):
+    from safetensors.torch import save_file
+
+    folder = _copy(random_llama, tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.norm.weight"][3] = float("nan")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="NaN"):
+        list(Checkpoint.open(folder).tensors())
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path, random_llama):
+    folder = _copy(random_llama, tmp_path)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    with pytest.raises(CheckpointError, match="pickle"):
+        Checkpoint.open(folder)
+
+
+def _safetensors(header: bytes, data: bytes = b"") -> bytes:
+    return struct.pack("<Q", len(header)) + header + data
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    (b"", "no header"),
+    (struct.pack("<Q", 1 << 40) + b"{}", "absurd"),
+    (_safetensors(b"{not json"), "not JSON"),
+    (_safetensors(b"[1, 2]"), "not a JSON object"),
+    (_safetensors(json.dumps({"w": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 1]}}).encode(), b"x"),
+     "unknown dtype"),
+    (_safetensors(json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}).encode(), b"1234"),
+     "do not match"),
+    (_safetensors(json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode(), b"1234"),
+     "truncated"),
+])
+def test_bad_headers(tmp_path, content, problem):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=problem):
+        read_safetensors_header(path)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=300))
+def test_header_reader_never_crashes_on_garbage(tmp_path, blob):
+    path = tmp_path / "fuzz.safetensors"
+    path.write_bytes(blob)
+    with contextlib.suppress(CheckpointError):
+        read_safetensors_header(path)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.text(max_size=8), st.one_of(
+    st.integers(), st.text(max_size=5), st.lists(st.integers(-2, 10), max_size=3),
+    st.fixed_dictionaries({"dtype": st.sampled_from(["F32", "BF16", "X"]),
+                           "shape": st.lists(st.integers(-1, 4), max_size=3),
+                           "data_offsets": st.lists(st.integers(-4, 64), min_size=0, max_size=3)})),
+    max_size=4))
+def test_header_reader_checks_structured_headers(tmp_path, header):
+    path = tmp_path / "fuzz.safetensors"
+    path.write_bytes(_safetensors(json.dumps(header).encode(), bytes(64)))
+    try:
+        infos = read_safetensors_header(path)
+    except CheckpointError:
+        return
+    for info in infos.values():  # whatever was accepted fits inside the file
+        assert info.offset + info.nbytes <= path.stat().st_size

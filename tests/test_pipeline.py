@@ -1,0 +1,122 @@
+"""End to end through the CLI on the built-in demo model: exit codes, report, gates."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+CLI = [sys.executable, "-m", "siliconvert"]
+
+
+def run(*args, cwd=None):
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          env={**__import__("os").environ, "SILICONVERT_QUIET": "1"})
+
+
+def write_recipe(tmp_path: Path, source: Path, **extra) -> Path:
+    recipe = {
+        "name": "e2e",
+        "source": str(source),
+        "output": str(tmp_path / "out"),
+        "targets": [{"format": "mlx", "bits": 4, "group_size": 64}],
+        "validate": {"tokens": 512, "context": 128, "prefill_tokens": 32, "decode_tokens": 8},
+        **extra,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_model, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("e2e")
+    result = run("recipe", write_recipe(tmp_path, demo_model))
+    return tmp_path, result
+
+
+def test_recipe_passes_and_writes_the_report(demo_run):
+    tmp_path, result = demo_run
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    assert report["schema"] == 1 and report["passed"] is True
+    assert report["reference"]["dtype"].startswith("float32")
+    (artifact,) = report["artifacts"]
+    assert artifact["format"] == "mlx" and artifact["quant"] == "4bit-g64"
+    assert artifact["runtime"] == "mlx" and artifact["device"] == "CPU (mlx)"
+    assert artifact["tokenizer_match"] is True and artifact["kv_cache"]["consistent"] is True
+    metrics = artifact["metrics"]
+    assert set(metrics) >= {"mean_kld", "median_kld", "p99_kld", "max_kld", "same_top1", "ppl_reference",
+                            "ppl", "ppl_ratio", "rms_delta_p"}
+    assert 0 < metrics["mean_kld"] < 0.05 and metrics["same_top1"] > 0.85
+    assert set(artifact["latency"]) >= {"prefill_tps", "decode_tps", "ttft_ms", "peak_rss_mb"}
+    assert artifact["latency"]["decode_tps"] > 0 and artifact["latency"]["peak_rss_mb"] > 0
+    assert artifact["gates"] == {"passed": True, "failed": [], "limits": {
+        "max_mean_kld": 0.05, "min_same_top1": 0.85, "max_ppl_ratio": 1.1}}
+    assert (out / "report.md").read_text().count("| mlx 4bit-g64 |") == 1
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # no temporary files left behind
+    assert not [p for p in out.rglob("*") if ".partial" in p.name or ".tmp-" in p.name]
+
+
+def test_mlx_artifact_opens_with_mlx_lm(demo_run):
+    from mlx_lm import load
+
+    tmp_path, _ = demo_run
+    (folder,) = (tmp_path / "out" / "artifacts").iterdir()
+    _, tokenizer = load(str(folder))
+    assert tokenizer.encode("hello", add_special_tokens=False)
+
+
+def test_a_failing_gate_exits_1_and_names_everything(demo_run, demo_model):
+    tmp_path, _ = demo_run
+    strict = tmp_path / "strict"
+    strict.mkdir()
+    recipe = write_recipe(strict, demo_model, validate={
+        "tokens": 512, "context": 128, "latency": False, "gates": {"max_mean_kld": 1e-9}})
+    result = run("recipe", recipe)
+    assert result.returncode == 1, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "mlx 4bit-g64" in line and "mean_kld" in line and "1e-09" in line
+    report = json.loads((strict / "out" / "report.json").read_text())
+    assert report["passed"] is False
+    assert report["artifacts"][0]["gates"]["failed"][0]["metric"] == "mean_kld"
+
+
+def test_validate_command_scores_an_existing_artifact(demo_run, demo_model):
+    tmp_path, _ = demo_run
+    (folder,) = (tmp_path / "out" / "artifacts").iterdir()
+    result = run("validate", folder, "--source", demo_model, "--output", tmp_path / "v", "--tokens", 256,
+                 "--context", 128)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "v" / "report.json").read_text())
+    assert report["artifacts"][0]["format"] == "mlx" and report["artifacts"][0]["quant"] == "4bit-g64"
+
+
+def test_inspect_doctor_version_and_check(demo_run, demo_model):
+    tmp_path, _ = demo_run
+    described = json.loads(run("inspect", demo_model).stdout)
+    assert described["kind"] == "checkpoint" and described["spec"]["family"] == "mistral"
+    (folder,) = (tmp_path / "out" / "artifacts").iterdir()
+    assert json.loads(run("inspect", folder).stdout)["format"] == "mlx"
+    doctor = run("doctor")
+    assert doctor.returncode == 0 and "mlx" in doctor.stdout and "llama.cpp" in doctor.stdout
+    assert run("--version").stdout.strip().startswith("siliconvert")
+    check = run("recipe", "--check", write_recipe(tmp_path, demo_model))
+    assert check.returncode == 0 and "ok" in check.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["recipe", "missing.yaml"], "cannot read recipe"),
+    (["inspect", "/nonexistent/folder"], "source not found"),
+    (["validate", "."], "Missing option '--source'"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    result = run(*args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,82 @@
+"""The recipe loader: every problem is one line naming the key (and the line for YAML errors)."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from siliconvert.errors import RecipeError
+from siliconvert.recipe import load_recipe, parse_recipe
+
+MINIMAL = {"source": "some/model", "targets": [{"format": "mlx"}]}
+
+
+def test_defaults():
+    recipe = parse_recipe(MINIMAL)
+    target = recipe.targets[0]
+    assert (target.bits, target.group_size, target.quant) == (4, 64, "4bit-g64")
+    assert recipe.validate_.corpus == "builtin" and recipe.validate_.tokens == 1024
+    assert recipe.validate_.gates.max_mean_kld == 0.05
+    assert recipe.output_dir(Path("recipes/x.yaml")) == Path("build/x")
+
+
+def test_all_formats_parse():
+    recipe = parse_recipe({**MINIMAL, "targets": [
+        {"format": "mlx", "bits": 8}, {"format": "gguf", "quants": ["F16", "Q4_K_M"]},
+        {"format": "coreml", "precision": ["int4"], "chunks": 2}]})
+    assert [t.format for t in recipe.targets] == ["mlx", "gguf", "coreml"]
+    assert recipe.targets[2].precisions == ["fp16", "int4"]
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"targets": [{"format": "mlx"}]}, "missing required key 'source'"),
+    ({**MINIMAL, "colour": "red"}, "unknown key 'colour'"),
+    ({**MINIMAL, "targets": [{"format": "mlx", "bitz": 4}]}, "unknown key 'targets.0.bitz'"),
+    ({**MINIMAL, "targets": [{"format": "onnx"}]}, "unknown format 'onnx'"),
+    ({**MINIMAL, "targets": [{"format": "mlx", "bits": 3}]}, "targets.0.bits"),
+    ({**MINIMAL, "targets": [{"format": "gguf", "quants": ["Q9_K"]}]}, "targets.0.quants.0"),
+    ({**MINIMAL, "validate": {"tokens": "many"}}, "validate.tokens"),
+    ({**MINIMAL, "validate": {"gates": {"min_same_top1": 2}}}, "validate.gates.min_same_top1"),
+    ({**MINIMAL, "validate": {"tokens": 64, "context": 128}}, "context must not exceed"),
+    ({**MINIMAL, "targets": []}, "targets"),
+])
+def test_problems_name_the_key(data, message):
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(data)
+
+
+def test_yaml_syntax_error_gives_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("source: x\ntargets:\n  - format: mlx\n   bits: [4\n")
+    with pytest.raises(RecipeError, match=r"line \d+") as e:
+        load_recipe(path)
+    assert "bad.yaml" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(RecipeError, match="cannot read"):
+        load_recipe(tmp_path / "absent.yaml")
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(RecipeError, match="mapping"):
+        load_recipe(path)
+
+
+def test_shipped_recipes_parse():
+    for path in sorted(Path(__file__).parent.parent.glob("recipes/*.yaml")):
+        load_recipe(path)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=6),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                  max_size=4), max_leaves=12))
+def test_any_yaml_document_loads_or_fails_with_a_recipe_error(tmp_path, document):
+    path = tmp_path / "fuzz.yaml"
+    path.write_text(yaml.safe_dump(document))
+    try:
+        load_recipe(path)
+    except RecipeError as e:
+        assert "\n" not in str(e)

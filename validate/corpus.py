@@ -1,0 +1,82 @@
+"""The token windows every runner is scored on: one tokenization, by the source tokenizer."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from siliconvert.errors import RecipeError
+
+# Strings whose tokenization every artifact must reproduce exactly: the usual places where a
+# converted vocabulary goes wrong (spaces, byte fallback, merges over digits, non-Latin scripts).
+PROBE_STRINGS = (
+    "Hello world",
+    " leading space and  double  spaces",
+    "def square(x):\n    return x ** 2\n",
+    "if (a[i] != b[j]) { return -1; }",
+    "naïve café — “quoted” déjà vu",
+    "日本語のテキストと中文",
+    "Привет, мир!",
+    "emoji 🙂🚀 and ✓",
+    "numbers 1234567 3.14159 -42 0x1F",
+    "\ttab\nnewline\n\ntwo newlines",
+    "UPPER lower MiXeD CamelCase snake_case",
+)
+
+
+@dataclass(frozen=True)
+class Windows:
+    tokens: np.ndarray  # [windows, context] token ids
+    corpus: str  # how the report names the text
+    digest: str  # hash of the token ids (cache key)
+    probe_text: str  # held-out text also used for the tokenizer check
+
+    @property
+    def targets(self) -> np.ndarray:
+        """The token each scored position should predict: positions 0..C-2 predict 1..C-1."""
+        return self.tokens[:, 1:]
+
+
+def load_text(corpus: str) -> tuple[str, str]:
+    """(text, label) for the recipe's `validate.corpus`."""
+    if corpus == "builtin":
+        from siliconvert.textdata import heldout_text
+
+        return heldout_text(), "builtin (held-out pydoc_data text)"
+    path = Path(corpus).expanduser()
+    try:
+        return path.read_text(encoding="utf-8"), str(path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"cannot read the validation corpus ({e})", path) from None
+
+
+def source_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    # Remote code is never run: a tokenizer that needs it is refused by transformers.
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+
+
+def token_windows(tokenizer, corpus: str, n_tokens: int, context: int) -> Windows:
+    """Split the corpus into n_tokens // context windows of `context` tokens.
+
+    Where the tokenizer starts sequences with BOS, every window starts with BOS, as a user's
+    prompt would.
+    """
+    text, label = load_text(corpus)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    bos = tokenizer.bos_token_id
+    adds_bos = bos is not None and tokenizer.encode("a")[:1] == [bos]
+    body = context - 1 if adds_bos else context
+    count = n_tokens // context
+    if len(ids) < count * body:
+        raise RecipeError(
+            f"the corpus has {len(ids)} tokens; validate.tokens={n_tokens} needs {count * body}", label
+        )
+    rows = [ids[i * body:(i + 1) * body] for i in range(count)]
+    tokens = np.array([[bos, *row] if adds_bos else row for row in rows], dtype=np.int64)
+    digest = hashlib.sha256(tokens.tobytes()).hexdigest()[:16]
+    return Windows(tokens, label, digest, probe_text=text[:2000])

@@ -1,0 +1,50 @@
+"""Gates: the recipe's thresholds, applied to one artifact's scores. A failure names everything."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from siliconvert.validate.score import ArtifactScore
+
+from siliconvert.recipe import Gates
+
+# gate key → (metric in Scores, "max" or "min")
+LIMITS = {
+    "max_mean_kld": ("mean_kld", "max"),
+    "max_p99_kld": ("p99_kld", "max"),
+    "min_same_top1": ("same_top1", "min"),
+    "max_ppl_ratio": ("ppl_ratio", "max"),
+    "max_rms_delta_p": ("rms_delta_p", "max"),
+}
+
+
+@dataclass(frozen=True)
+class GateFailure:
+    metric: str
+    value: float | bool | None
+    limit: float | bool | None
+    message: str
+
+
+def check(result: ArtifactScore, gates: Gates) -> list[GateFailure]:
+    """Every gate the artifact fails. A wrong tokenizer or a KV cache that disagrees with a
+    no-cache pass fails regardless of the recipe: no KLD explains those away."""
+    name = f"{result.artifact.format} {result.artifact.quant}"
+    failures = []
+    for key, (metric, direction) in LIMITS.items():
+        limit = getattr(gates, key)
+        if limit is None:
+            continue
+        value = getattr(result.scores, metric)
+        if (value > limit) if direction == "max" else (value < limit):
+            relation = ">" if direction == "max" else "<"
+            failures.append(GateFailure(metric, value, limit, f"{name}: {metric} {value:.4g} {relation} {limit}"))
+    if not result.tokenizer_match:
+        failures.append(GateFailure("tokenizer_match", False, True,
+                                    f"{name}: tokenizer differs from the source: {result.tokenizer_mismatch}"))
+    kv = result.run.kv_cache
+    if not kv["consistent"]:
+        failures.append(GateFailure("kv_cache", False, True,
+                                    f"{name}: greedy decoding with the KV cache leaves the no-cache argmax path "
+                                    f"at token {kv['first_mismatch']}"))
+    return failures

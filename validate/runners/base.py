@@ -1,0 +1,82 @@
+"""What every runtime runner does. One runner per runtime (mlx, llama.cpp, Core ML, MIL interpreter).
+
+A runner has one life cycle: open the artifact → ask for logits, token ids, greedy tokens, timings →
+close. Runners run inside a child process (see validate/score.py), one artifact at a time, so a
+crashing runtime cannot take the pipeline down and each artifact's peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from statistics import median
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Latency:
+    prefill_tps: float  # prompt tokens per second
+    decode_tps: float  # generated tokens per second (one token per step, KV cache)
+    ttft_ms: float  # prompt in → first new token out
+    peak_rss_mb: float  # peak resident memory of the process that ran the artifact
+    prefill_tokens: int
+    decode_tokens: int
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+class Runner(ABC):
+    """An artifact opened on its runtime."""
+
+    runtime: str  # e.g. "mlx", "llama.cpp", "coreml", "mil-interpreter"
+    device: str  # e.g. "CPU (mlx)", "Apple M2 GPU (Metal)", "CPU (emulated, not Core ML)"
+
+    @abstractmethod
+    def __init__(self, path: Path, options: dict) -> None: ...
+
+    @abstractmethod
+    def logits(self, tokens: np.ndarray) -> np.ndarray:
+        """Full-vocabulary logits [len(tokens), vocab] (float32) for one window, no cache carried over."""
+
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """The artifact's own tokenization of `text`, without BOS/special tokens added."""
+
+    @abstractmethod
+    def start(self, prompt: np.ndarray) -> np.ndarray:
+        """Begin a sequence: run the prompt through a fresh KV cache, return the last position's logits."""
+
+    @abstractmethod
+    def step(self, token: int) -> np.ndarray:
+        """Feed one token through the KV cache, return its logits."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Free the runtime's resources."""
+
+    # ---- shared behaviour built on the primitives above ----------------------------------------
+    def greedy(self, prompt: np.ndarray, new_tokens: int) -> list[int]:
+        """Greedy continuation through the KV cache."""
+        out = [int(np.argmax(self.start(prompt)))]
+        while len(out) < new_tokens:
+            out.append(int(np.argmax(self.step(out[-1]))))
+        return out
+
+    def latency(self, prompt: np.ndarray, decode_tokens: int, repeats: int = 3) -> tuple[float, float, float]:
+        """Median (prefill tok/s, decode tok/s, time to first token in ms) after one warm-up run."""
+        prefill, decode, ttft = [], [], []
+        for run in range(repeats + 1):
+            t0 = time.perf_counter()
+            token = int(np.argmax(self.start(prompt)))
+            t1 = time.perf_counter()
+            for _ in range(decode_tokens):
+                token = int(np.argmax(self.step(token)))
+            t2 = time.perf_counter()
+            if run:  # the first run warms caches and compiles kernels
+                prefill.append(len(prompt) / (t1 - t0))
+                decode.append(decode_tokens / (t2 - t1))
+                ttft.append((t1 - t0) * 1000)
+        return median(prefill), median(decode), median(ttft)
