@@ -32,7 +32,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.argument("recipe_file", type=click.Path(path_type=Path))
 @click.option("--check", is_flag=True, help="Parse and check the recipe and its source; build nothing.")
 @click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt checkpoints (loaded weights-only).")
-def recipe(recipe_file: Path, check: bool, allow_pickle: bool) -> None:
+@click.option("--force", is_flag=True, help="Write release folders even for artifacts that failed a gate.")
+def recipe(recipe_file: Path, check: bool, allow_pickle: bool, force: bool) -> None:
     """Run RECIPE_FILE: convert, validate, gate, report."""
     from siliconvert.pipeline import run_recipe
     from siliconvert.recipe import load_recipe
@@ -41,7 +42,7 @@ def recipe(recipe_file: Path, check: bool, allow_pickle: bool) -> None:
     if check:
         click.echo(f"{recipe_file}: ok ({len(parsed.targets)} targets, output {parsed.output_dir(recipe_file)})")
         return
-    outcome = run_recipe(parsed, recipe_file, allow_pickle=allow_pickle)
+    outcome = run_recipe(parsed, recipe_file, allow_pickle=allow_pickle, force_release=force)
     _finish(outcome)
 
 
@@ -76,6 +77,20 @@ def inspect(path: str) -> None:
 
 
 @cli.command()
+@click.argument("release_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--repo", required=True, help="Hub repo id, org/name.")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--dry-run", is_flag=True, help="List what would be uploaded; touch no network.")
+def push(release_dir: Path, repo: str, private: bool, dry_run: bool) -> None:
+    """Upload RELEASE_DIR (a folder under <output>/release/) to the Hugging Face Hub."""
+    from siliconvert.push import push as push_release
+
+    for line in push_release(release_dir, repo, private=private, dry_run=dry_run):
+        click.echo(line)
+    click.echo(f"{'would upload' if dry_run else 'uploaded'} to https://huggingface.co/{repo}")
+
+
+@cli.command()
 def doctor() -> None:
     """Which runtimes and devices exist here."""
     from siliconvert.inspect import runtimes
@@ -92,6 +107,8 @@ def _finish(outcome) -> None:
         click.echo(f"built {len(outcome.artifacts)} artifacts in {out / 'artifacts'} (validation off)")
         return
     click.echo(f"report: {out / 'report.md'}")
+    for folder in outcome.releases:
+        click.echo(f"release: {folder}")
     if outcome.failures:
         raise GateFailed("release stopped: " + "; ".join(outcome.failures))
     click.echo("all gates passed")

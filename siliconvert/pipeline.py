@@ -9,15 +9,17 @@ from __future__ import annotations
 import errno
 import importlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from siliconvert import __version__
 from siliconvert.artifacts import Artifact, Writer
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.errors import OutputError
 from siliconvert.progress import say, track
-from siliconvert.recipe import BUILTIN_DEMO, Gates, Recipe, Validate
+from siliconvert.recipe import BUILTIN_DEMO, Gates, Recipe, Target, Validate
 
 # format → "module:Class" of its writer, imported only when a recipe asks for that format
 WRITERS = {
@@ -32,6 +34,7 @@ class Outcome:
     report: dict | None
     artifacts: list[Artifact]
     out_dir: Path
+    releases: list[Path] = field(default_factory=list)
 
     @property
     def failures(self) -> list[str]:
@@ -48,20 +51,35 @@ def open_source(source: str, allow_pickle: bool = False) -> Checkpoint:
     return Checkpoint.open(source, allow_pickle=allow_pickle)
 
 
-def run_recipe(recipe: Recipe, recipe_path: Path | None = None, allow_pickle: bool = False) -> Outcome:
+def run_recipe(recipe: Recipe, recipe_path: Path | None = None, *, allow_pickle: bool = False,
+               force_release: bool = False) -> Outcome:
+    """Convert, validate, gate, and write release folders for what passed (or everything, if forced)."""
+    from siliconvert.push import push, repo_for
+    from siliconvert.release import write_releases
+
     checkpoint = open_source(recipe.source, allow_pickle)
     out_dir = prepare_output(recipe.output_dir(recipe_path))
     say(f"[bold]{checkpoint.name}[/] ({checkpoint.spec.hf_architecture}) → {out_dir}")
-    artifacts = convert(checkpoint, recipe, out_dir / "artifacts")
+    produced = convert(checkpoint, recipe, out_dir / "artifacts")
+    artifacts = [artifact for artifact, _ in produced]
     if not recipe.validate_.enabled:
         return Outcome(None, artifacts, out_dir)
-    gates = {a.path: _gates_for(recipe, a) for a in artifacts}
+    gates = {artifact.path: target.gates or recipe.validate_.gates for artifact, target in produced}
     report = validate_artifacts(checkpoint, recipe.source, artifacts, recipe.validate_, gates, out_dir)
-    return Outcome(report, artifacts, out_dir)
+    recipe_text = recipe_path.read_text(encoding="utf-8") if recipe_path else yaml.safe_dump(
+        recipe.model_dump(mode="json", by_alias=True))
+    releases = write_releases(report, recipe_text, checkpoint, out_dir, force=force_release,
+                              repo_prefix=recipe.release.repo_prefix)
+    if recipe.release.push and (report["passed"] or force_release):
+        for folder in releases:
+            push(folder, repo_for(folder, recipe.release.repo_prefix))
+    return Outcome(report, artifacts, out_dir, releases)
 
 
-def convert(checkpoint: Checkpoint, recipe: Recipe, artifacts_dir: Path) -> list[Artifact]:
-    """Read every source tensor once and hand it to every target's writer."""
+def convert(checkpoint: Checkpoint, recipe: Recipe, artifacts_dir: Path) -> list[tuple[Artifact, Target]]:
+    """Read every source tensor once and hand it to every target's writer.
+
+    Returns each artifact with the target that asked for it."""
     artifacts_dir.mkdir(parents=True, exist_ok=True)
     writers: list[Writer] = []
     try:
@@ -75,7 +93,8 @@ def convert(checkpoint: Checkpoint, recipe: Recipe, artifacts_dir: Path) -> list
                 continue
             for writer in writers:
                 writer.add(name, array)
-        return [artifact for writer in writers for artifact in writer.finish()]
+        return [(artifact, target) for writer, target in zip(writers, recipe.targets, strict=True)
+                for artifact in writer.finish()]
     except BaseException as e:
         for writer in writers:
             writer.abort()
@@ -132,10 +151,3 @@ def prepare_output(out_dir: Path) -> Path:
     if not os.access(out_dir, os.W_OK):
         raise OutputError("the output folder is not writable", out_dir)
     return out_dir.resolve()
-
-
-def _gates_for(recipe: Recipe, artifact: Artifact) -> Gates:
-    for target in recipe.targets:
-        if target.format == artifact.format and target.gates is not None:
-            return target.gates
-    return recipe.validate_.gates

@@ -85,12 +85,26 @@ class Validate(Strict):
     decode_tokens: int = Field(32, ge=1)
 
 
+class Release(Strict):
+    """Release folders (model cards, checksums) for the artifacts that pass their gates; optional push."""
+
+    repo_prefix: str | None = Field(None, pattern=r"^[\w.-]+/[\w.-]+$")  # org/Name → org/Name-4bit, -GGUF, ...
+    push: bool = False
+
+    @model_validator(mode="after")
+    def _push_needs_a_repo(self) -> Release:
+        if self.push and self.repo_prefix is None:
+            raise ValueError("release.push needs release.repo_prefix (org/Name)")
+        return self
+
+
 class Recipe(Strict):
     name: str | None = None
     source: str
     output: Path | None = None
     targets: list[Target] = Field(min_length=1)
     validate_: Validate = Field(Validate(), alias="validate")
+    release: Release = Release()
 
     @model_validator(mode="after")
     def _context_fits(self) -> Recipe:

@@ -39,6 +39,7 @@ def reference_logits(checkpoint: Checkpoint, windows: Windows, cache_dir: Path) 
     import transformers
     from transformers import AutoModelForCausalLM
 
+    transformers.utils.logging.disable_progress_bar()  # ours is enough
     device, dtype, device_name = reference_device()
     model = AutoModelForCausalLM.from_pretrained(
         str(checkpoint.path), dtype=getattr(torch, dtype), trust_remote_code=False

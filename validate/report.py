@@ -103,13 +103,13 @@ def plot(path: Path, report: dict, klds: dict[str, np.ndarray]) -> None:
     labels = [f"{a['format']} {a['quant']}" for a in artifacts]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for a, label in zip(artifacts, labels, strict=True):
-        left.scatter(a["size_bytes"] / 1e6, a["metrics"]["mean_kld"], s=50,
+        left.scatter(a["size_bytes"] / 1e6, max(a["metrics"]["mean_kld"], 1e-8), s=50,
                      marker="o" if a["gates"]["passed"] else "x", label=label)
     limits = [a["gates"]["limits"].get("max_mean_kld") for a in artifacts]
     if limits and limits[0] is not None:
         left.axhline(limits[0], color="red", linestyle="--", linewidth=1, label="gate: max mean KLD")
     left.set(xlabel="size (MB)", ylabel="mean KLD to reference", title="Quality against size")
-    left.set_yscale("symlog", linthresh=1e-4)
+    left.set_yscale("log")
     left.legend(fontsize=8)
     data = [np.maximum(klds[label], 1e-8) for label in labels]
     right.boxplot(data, tick_labels=labels, showfliers=True)

@@ -1,0 +1,571 @@
+"""Release folders: what a user downloads, laid out the way each format's users and the Hub expect.
+
+For every artifact that passed its gates, `<out_dir>/release/<repo name>/` holds the artifact's files, the
+tokenizer files where the format needs them, a model card (README.md) carrying the validation table and
+the recipe, the run's plot, and SHA256SUMS over everything else:
+
+    <Model>-4bit/        MLX (mlx-lm layout)         <Model>-GGUF/     every passing <Model>-<QUANT>.gguf
+    <Model>-CoreML/      Core ML packages + tokenizer files + a JSON that says how to drive them
+
+Artifacts are hard-linked (copied across filesystems), never moved: the build stays whole. Each folder is
+built under a temporary name and renamed when complete. The same report and files give byte-identical
+folders: nothing here reads a clock, and every listing is sorted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from siliconvert.errors import ArtifactError, OutputError, RecipeError
+from siliconvert.progress import say
+from siliconvert.recipe import CoreMLTarget
+
+RELEASE_FOLDER = "release"
+CARD = "README.md"
+CHECKSUMS = "SHA256SUMS"
+PLOT = "plot.png"
+SILICONVERT_COREML_MANIFEST = "manifest.json"  # written by siliconvert.convert.coreml next to its chunks
+COREML_MANIFEST = "coreml-manifest.json"  # written here when an artifact comes without one
+HASH_CHUNK_BYTES = 1 << 20
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+LICENSE_KEYS = ("license", "license_name", "license_link")  # "other" licenses name themselves in the last two
+LIBRARY = {"mlx": "mlx", "gguf": "gguf", "coreml": "coreml"}
+FORMAT_TAGS = {"mlx": ["mlx"], "gguf": ["gguf", "llama.cpp"], "coreml": ["coreml"]}
+PROMPT = "Write a haiku about the sea."
+
+
+@dataclass(frozen=True)
+class Release:
+    name: str  # the folder's name, and the Hub repo's name
+    model: str  # the name files inside take (GGUF: <model>-<QUANT>.gguf)
+    format: str
+    shipped: list[dict]  # report.json artifact entries whose files go in
+    left_out: list[dict]  # entries of this release that failed their gates and stay out
+    repo_id: str | None  # org/name when the recipe names a repo prefix
+
+    @property
+    def forced(self) -> list[dict]:
+        return [e for e in self.shipped if not e["gates"]["passed"]]
+
+
+@dataclass(frozen=True)
+class SourceFacts:
+    base_model: str  # the hub id the checkpoint came from, else the model's name
+    license: dict[str, str]  # LICENSE_KEYS found in the source's card or config
+    family: str
+
+
+def write_releases(report: dict, recipe_text: str, checkpoint, out_dir: Path, *, force: bool = False,
+                   repo_prefix: str | None = None) -> list[Path]:
+    """Write a release folder for every artifact that passed its gates (all of them with `force`).
+
+    `repo_prefix` ("org/Name") names the repos: org/Name-4bit, org/Name-GGUF, org/Name-CoreML; without it
+    the folders take the checkpoint's name. Returns the folders written, in report order.
+    """
+    org, model = split_repo_prefix(repo_prefix, checkpoint.name)
+    out_dir = Path(out_dir)
+    root = out_dir / RELEASE_FOLDER
+    facts = SourceFacts(base_model(report["source"], checkpoint), source_license(checkpoint),
+                        report["source_info"]["family"])
+    written = []
+    for release in plan_releases(report["artifacts"], model, org, force):
+        for entry in release.left_out:
+            say(f"not released: {_label(entry)} failed its gates ({_failure_messages(entry)})")
+        for entry in release.forced:
+            say(f"[bold red]released despite failed gates (force)[/]: {_label(entry)} ({_failure_messages(entry)})")
+        if release.shipped:
+            written.append(build_release(release, report, recipe_text, checkpoint, facts, out_dir))
+        else:
+            _remove_stale(root / release.name)
+    return written
+
+
+def split_repo_prefix(repo_prefix: str | None, model_name: str) -> tuple[str | None, str]:
+    """("org", "Name") from "org/Name"; (None, the checkpoint's name) without a prefix."""
+    if repo_prefix is None:
+        return None, model_name
+    if not HUB_ID.fullmatch(repo_prefix):
+        raise RecipeError(f"release.repo_prefix must look like org/Name (got {repo_prefix!r})")
+    org, name = repo_prefix.split("/")
+    return org, name
+
+
+def plan_releases(entries: list[dict], model: str, org: str | None, force: bool) -> list[Release]:
+    """Group report entries into release folders; GGUF quants of one model share one folder."""
+    groups: dict[str, list[dict]] = {}
+    for entry in entries:
+        groups.setdefault(release_name(entry, model), []).append(entry)
+    return [
+        Release(name, model, group[0]["format"], [e for e in group if e["gates"]["passed"] or force],
+                [e for e in group if not (e["gates"]["passed"] or force)], f"{org}/{name}" if org else None)
+        for name, group in groups.items()
+    ]
+
+
+def release_name(entry: dict, model: str) -> str:
+    fmt, quant = entry["format"], entry["quant"]
+    if fmt == "gguf":
+        return f"{model}-GGUF"
+    if fmt == "coreml":
+        return f"{model}-CoreML" if quant == "fp16" else f"{model}-CoreML-{quant}"
+    # MLX quants read "4bit-g64", "8bit-g32", "fp16"; Hub names leave out mlx-lm's default group size.
+    return f"{model}-{quant.removesuffix('-g64')}"
+
+
+def build_release(release: Release, report: dict, recipe_text: str, checkpoint, facts: SourceFacts,
+                  out_dir: Path) -> Path:
+    """Fill a temporary folder, checksum it, then rename it over any older release of the same name."""
+    root = out_dir / RELEASE_FOLDER
+    final = root / release.name
+    work = root / f".{release.name}.tmp-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        work.mkdir(parents=True)
+        place_artifacts(release, work, checkpoint, recipe_text)
+        if (out_dir / PLOT).is_file():
+            link_or_copy(out_dir / PLOT, work / PLOT)
+        write_new_file(work / CARD, model_card(release, report, recipe_text, facts, work))
+        write_checksums(work)
+        _replace(work, final)
+    except OSError as e:
+        raise OutputError(f"cannot write the release folder ({e.strerror or e})", final) from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # after a success it is gone already: renamed to `final`
+    say(f"release: {final}")
+    return final
+
+
+# ── the files of each format ──────────────────────────────────────────────────────────────────────────
+
+def place_artifacts(release: Release, work: Path, checkpoint, recipe_text: str) -> None:
+    if release.format == "gguf":
+        for entry in release.shipped:
+            link_or_copy(_artifact_path(entry), work / gguf_file_name(release, entry))
+        return  # a GGUF carries its tokenizer inside
+    (entry,) = release.shipped
+    source = _artifact_path(entry)
+    if source.is_dir() and source.suffix != ".mlpackage":
+        link_tree(source, work)  # an MLX folder, or a folder of Core ML chunk packages
+    else:
+        link_entry(source, work / source.name)  # a single .mlpackage (itself a folder) or .mlmodel file
+    add_tokenizer_files(checkpoint, work)
+    if release.format == "coreml" and _siliconvert_manifest(work) is None:
+        manifest = describe_coreml(work, coreml_context(recipe_text))
+        write_new_file(work / COREML_MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def add_tokenizer_files(checkpoint, folder: Path) -> None:
+    """Tokenizer files from the source that the artifact lacks: an app bundles them with the weights."""
+    for file in checkpoint.tokenizer_files():
+        if not (folder / file.name).exists():
+            link_or_copy(file, folder / file.name)
+
+
+def describe_coreml(folder: Path, context: int | None) -> dict:
+    """Inputs, outputs and states of every package in `folder`, read from the packages' own specs."""
+    packages = sorted(p for p in folder.iterdir() if p.suffix in (".mlpackage", ".mlmodel"))
+    if not packages:
+        raise ArtifactError("no .mlpackage or .mlmodel in the Core ML artifact", folder)
+    import logging
+
+    # On Linux coremltools warns at import that it cannot run models; reading a spec does not need to.
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    from coremltools.models.utils import load_spec
+
+    return {
+        "context_length": context,
+        "packages": [{"package": p.name, "functions": _functions(load_spec(str(p)))} for p in packages],
+    }
+
+
+def _functions(spec) -> dict:
+    description = spec.description
+    # A multifunction package lists each function; a single-function one describes itself.
+    named = [(f.name, f) for f in description.functions] or [("main", description)]
+    return {name: {"inputs": _features(f.input), "outputs": _features(f.output), "states": _features(f.state)}
+            for name, f in named}
+
+
+def _features(features) -> dict:
+    described = {}
+    for feature in features:
+        kind = feature.type.WhichOneof("Type")
+        array = {"multiArrayType": feature.type.multiArrayType,
+                 "stateType": feature.type.stateType.arrayType}.get(kind)
+        described[feature.name] = (
+            {"shape": list(array.shape), "dtype": array.ArrayDataType.Name(array.dataType)} if array is not None
+            else {"type": kind}
+        )
+    return described
+
+
+def coreml_context(recipe_text: str) -> int | None:
+    """The context length the recipe built the Core ML target for (its default when the key is left out)."""
+    try:
+        recipe = yaml.safe_load(recipe_text)
+    except yaml.YAMLError:
+        return None
+    targets = recipe.get("targets") if isinstance(recipe, dict) else None
+    for target in targets if isinstance(targets, list) else []:
+        if isinstance(target, dict) and target.get("format") == "coreml":
+            return int(target.get("context", CoreMLTarget.model_fields["context"].default))
+    return None
+
+
+# ── the model card ────────────────────────────────────────────────────────────────────────────────────
+
+def model_card(release: Release, report: dict, recipe_text: str, facts: SourceFacts, folder: Path) -> str:
+    lines = ["---"]
+    if release.forced:
+        lines.append(f"# WARNING: released although it FAILED its validation gates ({_forced_summary(release)})")
+    lines += [yaml.safe_dump(card_metadata(release, facts), sort_keys=True, allow_unicode=True).rstrip(), "---", ""]
+    if release.forced:
+        failures = "; ".join(_failure_messages(e) for e in release.forced)
+        lines += [f"> **WARNING: this release FAILED its validation gates and was released with force.** "
+                  f"Failed: {failures}. Do not use it where quality matters.", ""]
+    lines += [f"# {release.name}", "", *summary(release, report, facts), "",
+              "## How to run", "", *usage(release, folder), "",
+              "## Validation", "", *validation(release, report, has_plot=(folder / PLOT).is_file()), "",
+              "## Recipe", "", "The siliconvert recipe that produced and validated these files:", "",
+              *fenced(recipe_text, "yaml"), "",
+              "## Files", "",
+              f"`{CHECKSUMS}` holds the SHA-256 of every other file here; check a download with "
+              f"`sha256sum -c {CHECKSUMS}`."]
+    return "\n".join(lines) + "\n"
+
+
+def card_metadata(release: Release, facts: SourceFacts) -> dict:
+    quantized = any(e["quant"].lower() not in ("fp16", "f16", "bf16") for e in release.shipped)
+    return {
+        "base_model": facts.base_model,
+        "base_model_relation": "quantized",
+        "library_name": LIBRARY[release.format],
+        "pipeline_tag": "text-generation",
+        "tags": [*FORMAT_TAGS[release.format], facts.family, *(["quantized"] if quantized else []), "siliconvert"],
+        **facts.license,
+    }
+
+
+def summary(release: Release, report: dict, facts: SourceFacts) -> list[str]:
+    base = facts.base_model
+    link = f"[{base}](https://huggingface.co/{base})" if HUB_ID.fullmatch(base) else f"`{base}`"
+    license_line = (f"License: {facts.license['license']}, as the source model's." if facts.license
+                    else "License: the source model states none here; check its terms before use.")
+    return [f"{describe_format(release)} of {link}, converted and validated with siliconvert "
+            f"{report['siliconvert']}: every number below was measured on these exact files against the "
+            f"source model run in transformers.", "", license_line]
+
+
+def describe_format(release: Release) -> str:
+    quants = [e["quant"] for e in release.shipped]
+    if release.format == "gguf":
+        return f"GGUF files for llama.cpp ({', '.join(quants)})"
+    if release.format == "coreml":
+        return f"Core ML ML Program ({quants[0]}, stateful KV cache, iOS 18 / macOS 15)"
+    bits, _, group = quants[0].partition("bit-g")
+    return "MLX float16 weights" if quants[0] == "fp16" else f"MLX {bits}-bit weights (group size {group})"
+
+
+def usage(release: Release, folder: Path) -> list[str]:
+    if release.format == "mlx":
+        return mlx_usage(release.repo_id or f"path/to/{release.name}")
+    if release.format == "gguf":
+        return gguf_usage(release)
+    return coreml_usage(coreml_interface(folder))
+
+
+def mlx_usage(model_ref: str) -> list[str]:
+    return [
+        "```bash", "pip install mlx-lm", f'mlx_lm.generate --model {model_ref} --prompt "{PROMPT}"', "```", "",
+        "```python", "from mlx_lm import generate, load", "", f'model, tokenizer = load("{model_ref}")',
+        f'messages = [{{"role": "user", "content": "{PROMPT}"}}]',
+        "prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)",
+        "print(generate(model, tokenizer, prompt=prompt, max_tokens=128))", "```",
+    ]
+
+
+def gguf_file_name(release: Release, entry: dict) -> str:
+    return f"{release.model}-{entry['quant']}.gguf"
+
+
+def gguf_usage(release: Release) -> list[str]:
+    quant = release.shipped[0]["quant"]
+    from_hub = [f'llama-cli -hf {release.repo_id}:{quant} -p "{PROMPT}"'] if release.repo_id else []
+    return ["With [llama.cpp](https://github.com/ggml-org/llama.cpp):", "", "```bash", *from_hub,
+            f'llama-cli -m {gguf_file_name(release, release.shipped[0])} -p "{PROMPT}"', "```"]
+
+
+@dataclass(frozen=True)
+class CoreMLInterface:
+    manifest: str  # the JSON file an app reads to drive the packages
+    packages: list[str]  # in the order an app runs them, each feeding the next
+    functions: list[str]
+    inputs: list[str]  # of the first package
+    states: list[str]
+    context: int | None
+
+
+def coreml_interface(folder: Path) -> CoreMLInterface:
+    theirs = _siliconvert_manifest(folder)
+    if theirs is not None:
+        chunks = theirs["chunks"]
+        return CoreMLInterface(SILICONVERT_COREML_MANIFEST, [c["package"] for c in chunks],
+                               list(theirs.get("functions", {})), list(chunks[0]["inputs"]),
+                               list(chunks[0].get("states", {})), theirs.get("context_length"))
+    ours = json.loads((folder / COREML_MANIFEST).read_text())
+    first = ours["packages"][0]["functions"]
+    function = first[next(iter(first))]
+    return CoreMLInterface(COREML_MANIFEST, [p["package"] for p in ours["packages"]], list(first),
+                           list(function["inputs"]), list(function["states"]), ours["context_length"])
+
+
+def coreml_usage(interface: CoreMLInterface) -> list[str]:
+    context = f"{interface.context} tokens" if interface.context else "see the manifest"
+    chained = (f"Run the packages in this order, each one's output feeding the next, each with its own state: "
+               f"{', '.join(f'`{p}`' for p in interface.packages)}." if len(interface.packages) > 1 else "")
+    function = ([f'config.functionName = "{interface.functions[0]}"  // functions: '
+                 f'{", ".join(interface.functions)}'] if len(interface.functions) > 1 else [])
+    package = interface.packages[0].rsplit(".", 1)
+    return [
+        f"`{interface.manifest}` lists every package with its inputs, outputs and KV-cache states "
+        f"(context: {context}). {chained}".rstrip(), "",
+        "```swift", "import CoreML", "",
+        f'let url = Bundle.main.url(forResource: "{package[0]}", withExtension: "{package[1]}")!',
+        "let config = MLModelConfiguration()", *function,
+        "let model = try MLModel(contentsOf: try await MLModel.compileModel(at: url), configuration: config)",
+        f"let state = model.makeState()  // holds {', '.join(interface.states) or 'no state'} between calls",
+        f"// inputs: {', '.join(interface.inputs)}; each array takes the shape and type the model declares",
+        "var features: [String: MLFeatureValue] = [:]",
+        "for (name, input) in model.modelDescription.inputDescriptionsByName {",
+        "    let constraint = input.multiArrayConstraint!",
+        "    features[name] = MLFeatureValue(multiArray: try MLMultiArray(shape: constraint.shape, "
+        "dataType: constraint.dataType))",
+        "}",
+        "// ... write the token ids and the position into the arrays ...",
+        "let output = try await model.prediction(from: MLDictionaryFeatureProvider(dictionary: features), "
+        "using: state)",
+        "```",
+    ]
+
+
+def validation(release: Release, report: dict, has_plot: bool) -> list[str]:
+    ref, corpus = report["reference"], report["corpus"]
+    lines = [
+        f"Reference: {ref['runtime']} on {ref['device']}, {ref['dtype']}. Corpus: {corpus['name']}, "
+        f"{corpus['tokens']} tokens ({corpus['windows']} windows of {corpus['context']} tokens, "
+        f"{corpus['positions']} scored positions). KLD is KL(reference ‖ artifact) per position, in nats.", "",
+        "| file | size | mean KLD | p99 KLD | same top-1 | PPL ratio | prefill tok/s | decode tok/s "
+        "| runtime | device | gates |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
+        *[_row(release, e) for e in release.shipped], "",
+        f"Gates: {_limits(release.shipped[0]['gates']['limits'])}. They also require the artifact's tokenizer "
+        "to give the source's token ids, and greedy decoding through its KV cache to follow the no-cache path.",
+    ]
+    if release.left_out:
+        lines += ["", "Left out (failed their gates):",
+                  *[f"- {f['message']}" for e in release.left_out for f in e["gates"]["failed"]]]
+    if any("emulated" in e["device"] for e in release.shipped):
+        lines += ["", "*Emulated* rows ran in siliconvert's MIL interpreter, not Core ML: their scores check the "
+                  "shipped weights and program; their speeds say nothing about an Apple device."]
+    if has_plot:
+        lines += ["", f"![quality against size, every artifact of this run]({PLOT})"]
+    return lines
+
+
+def _row(release: Release, entry: dict) -> str:
+    m, lat = entry["metrics"], entry["latency"] or {}
+    name = gguf_file_name(release, entry) if release.format == "gguf" else _label(entry)
+    gates = "pass" if entry["gates"]["passed"] else "FAIL: " + ", ".join(f["metric"] for f in entry["gates"]["failed"])
+    return (f"| {name} | {_size(entry['size_bytes'])} | {m['mean_kld']:.5f} | {m['p99_kld']:.4f} "
+            f"| {100 * m['same_top1']:.1f} % | {m['ppl_ratio']:.4f} | {_num(lat.get('prefill_tps'))} "
+            f"| {_num(lat.get('decode_tps'))} | {entry['runtime']} | {entry['device']} | {gates} |")
+
+
+def _limits(limits: dict) -> str:
+    words = {"max_mean_kld": "mean KLD ≤ {}", "max_p99_kld": "p99 KLD ≤ {}", "min_same_top1": "same top-1 ≥ {}",
+             "max_ppl_ratio": "PPL ratio ≤ {}", "max_rms_delta_p": "RMS Δp ≤ {}"}
+    return ", ".join(words[k].format(v) for k, v in sorted(limits.items()) if k in words) or "none set"
+
+
+def fenced(text: str, language: str) -> list[str]:
+    """A code fence longer than any run of backticks inside `text`, so the text cannot close it early."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [f"{fence}{language}", text.rstrip("\n"), fence]
+
+
+# ── source facts ──────────────────────────────────────────────────────────────────────────────────────
+
+def base_model(source: str, checkpoint) -> str:
+    """The hub id when the recipe's source was one (`org/name[@revision]`), else the model's name."""
+    repo_id = source.partition("@")[0]
+    local = Path(source).expanduser().resolve() == Path(checkpoint.path).resolve()
+    return repo_id if HUB_ID.fullmatch(repo_id) and not local else checkpoint.name
+
+
+def source_license(checkpoint) -> dict[str, str]:
+    """license (and license_name/license_link for "other") from the source's model card, else config.json."""
+    card = Path(checkpoint.path) / CARD
+    meta = front_matter(card.read_text(encoding="utf-8", errors="replace")) if card.is_file() else {}
+    if meta.get("license"):
+        return {key: str(meta[key]) for key in LICENSE_KEYS if meta.get(key)}
+    if checkpoint.config.get("license"):
+        return {"license": str(checkpoint.config["license"])}
+    return {}
+
+
+def front_matter(text: str) -> dict:
+    """The YAML block between the leading `---` lines of a model card; {} when there is none or it is broken."""
+    lines = text.splitlines()
+    if not lines or lines[0].strip() != "---":
+        return {}
+    end = next((i for i, line in enumerate(lines[1:], 1) if line.strip() == "---"), None)
+    if end is None:
+        return {}
+    try:
+        meta = yaml.safe_load("\n".join(lines[1:end]))
+    except yaml.YAMLError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+# ── files ─────────────────────────────────────────────────────────────────────────────────────────────
+
+def link_or_copy(source: Path, dest: Path) -> None:
+    """Hard-link (no space, no time for a multi-GB file), else copy. Writers replace files by rename,
+    never in place, so a linked release keeps the bytes it was validated with."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.unlink(missing_ok=True)
+    try:
+        os.link(source.resolve(), dest)
+    except OSError:
+        shutil.copyfile(source, dest)
+
+
+def write_new_file(path: Path, text: str) -> None:
+    """Write `text` to a fresh file: one of the artifact's (a README.md, say) may sit at `path` as a hard
+    link, and writing through it would change the artifact."""
+    path.unlink(missing_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def link_tree(source: Path, dest: Path) -> None:
+    """Mirror `source` under `dest`, hidden entries left out. Empty folders too: an .mlpackage's manifest
+    names its weights folder, and Core ML refuses the package when that folder is missing."""
+    for path in sorted(source.rglob("*")):
+        relative = path.relative_to(source)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        if path.is_dir():
+            (dest / relative).mkdir(parents=True, exist_ok=True)
+        else:
+            link_or_copy(path, dest / relative)
+
+
+def link_entry(source: Path, dest: Path) -> None:
+    if source.is_dir():
+        link_tree(source, dest)
+    else:
+        link_or_copy(source, dest)
+
+
+def release_files(folder: Path) -> list[str]:
+    """Every file under `folder` as a sorted relative POSIX path."""
+    return sorted(f.relative_to(folder).as_posix() for f in folder.rglob("*") if f.is_file())
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: Path) -> Path:
+    """SHA256SUMS in `sha256sum -c` format, over every other file; written last so it covers them all."""
+    names = [n for n in release_files(folder) if n != CHECKSUMS]
+    if any("\n" in n or "\\" in n for n in names):
+        raise OutputError("a file name holds a newline or backslash, which SHA256SUMS cannot list plainly", folder)
+    write_new_file(folder / CHECKSUMS, "".join(f"{sha256_file(folder / name)}  {name}\n" for name in names))
+    return folder / CHECKSUMS
+
+
+def verify_checksums(folder: Path) -> list[str]:
+    """Check every file against SHA256SUMS (and that nothing was added or removed); the files, sorted."""
+    sums = folder / CHECKSUMS
+    if not sums.is_file():
+        raise ArtifactError(f"not a release folder (no {CHECKSUMS}); siliconvert writes them under release/", folder)
+    listed = {}  # relative path → hex digest
+    for line in sums.read_text(encoding="utf-8").splitlines():
+        digest, _, name = line.partition("  ")
+        listed[name] = digest
+    present = [n for n in release_files(folder) if n != CHECKSUMS]
+    if sorted(listed) != present:
+        changed = sorted(set(listed).symmetric_difference(present))
+        raise ArtifactError(f"files differ from {CHECKSUMS} (added or missing: {', '.join(changed[:5])})", folder)
+    for name in present:
+        if sha256_file(folder / name) != listed[name]:
+            raise ArtifactError(f"{name} does not match its checksum in {CHECKSUMS}", folder)
+    return release_files(folder)
+
+
+def _replace(work: Path, final: Path) -> None:
+    """Move a complete folder to its final name; an older release is removed only once the new one is in."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        final.rename(old)
+    work.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale(folder: Path) -> None:
+    # A release left from an earlier run whose artifact now fails must not stay around to be pushed.
+    if folder.exists():
+        shutil.rmtree(folder)
+        say(f"removed the earlier release {folder}: nothing in it passes now")
+
+
+def _siliconvert_manifest(folder: Path) -> dict | None:
+    """siliconvert's own Core ML manifest, when present and in the shape this module reads."""
+    path = folder / SILICONVERT_COREML_MANIFEST
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    chunks = manifest.get("chunks") if isinstance(manifest, dict) else None
+    return manifest if isinstance(chunks, list) and chunks and "package" in chunks[0] else None
+
+
+def _artifact_path(entry: dict) -> Path:
+    path = Path(entry["path"])
+    if not path.exists():
+        raise ArtifactError("the artifact named in report.json is missing; run the recipe again", path)
+    return path
+
+
+def _label(entry: dict) -> str:
+    return f"{entry['format']} {entry['quant']}"
+
+
+def _failure_messages(entry: dict) -> str:
+    return ", ".join(f["message"] for f in entry["gates"]["failed"])
+
+
+def _forced_summary(release: Release) -> str:
+    return "; ".join(f"{_label(e)}: {', '.join(f['metric'] for f in e['gates']['failed'])}" for e in release.forced)
+
+
+def _size(size_bytes: int) -> str:
+    return f"{size_bytes / 1e9:.2f} GB" if size_bytes >= 1e9 else f"{size_bytes / 1e6:.1f} MB"
+
+
+def _num(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"

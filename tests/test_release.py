@@ -1,0 +1,330 @@
+"""Release folders and push, on a fake report and fake artifact files: no conversion, no network."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from siliconvert.errors import ArtifactError
+from siliconvert.push import PushError, push, repo_for
+from siliconvert.recipe import Recipe, load_recipe, parse_recipe
+from siliconvert.release import COREML_MANIFEST, front_matter, write_releases
+
+HUB_ID = "mistralai/Mistral-7B-Instruct-v0.3"
+MODEL = "Mistral-7B-Instruct-v0.3"
+RECIPE_TEXT = f"""source: {HUB_ID}
+targets:
+  - format: mlx
+    bits: 4
+  - format: gguf
+    quants: [Q4_K_M, Q8_0, Q2_K]
+  - format: coreml
+    context: 2048
+"""
+RECIPES = Path(__file__).parent.parent / "recipes"
+
+
+class FakeCheckpoint:
+    def __init__(self, path: Path):
+        self.path, self.name, self.config = path, MODEL, {"architectures": ["MistralForCausalLM"]}
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.path / "tokenizer.json", self.path / "tokenizer_config.json"]
+
+
+def write(path: Path, data: bytes | str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return path
+
+
+def entry(fmt: str, quant: str, path: Path, failed: tuple[str, ...] = (), mean_kld: float = 0.01234) -> dict:
+    failures = [{"metric": m, "value": 0.9, "limit": 0.05, "message": f"{fmt} {quant}: {m} 0.9 > 0.05"}
+                for m in failed]
+    return {
+        "format": fmt, "quant": quant, "path": str(path), "size_bytes": 4_321_000_000,
+        "runtime": {"mlx": "mlx", "gguf": "llama.cpp", "coreml": "mil-interpreter"}[fmt],
+        "device": "CPU (emulated, not Core ML)" if fmt == "coreml" else "CPU, 16 threads",
+        "tokenizer_match": True, "tokenizer_mismatch": None,
+        "kv_cache": {"consistent": True, "checked_tokens": 16, "first_mismatch": None},
+        "metrics": {"mean_kld": mean_kld, "median_kld": 0.008, "p99_kld": 0.1875, "max_kld": 0.9,
+                    "same_top1": 0.9312, "ppl_reference": 5.1, "ppl": 5.2, "ppl_ratio": 1.0213,
+                    "rms_delta_p": 0.02, "positions": 1020},
+        "latency": {"prefill_tps": 812.25, "decode_tps": 43.75, "ttft_ms": 150.0, "peak_rss_mb": 4500.0,
+                    "prefill_tokens": 128, "decode_tokens": 32},
+        "gates": {"passed": not failures, "failed": failures,
+                  "limits": {"max_mean_kld": 0.05, "min_same_top1": 0.85, "max_ppl_ratio": 1.1}},
+    }
+
+
+@pytest.fixture
+def build(tmp_path) -> tuple[dict, FakeCheckpoint, Path]:
+    """A run's output folder: artifacts of every format, plot.png, and the report that scored them."""
+    source = tmp_path / "hub-cache" / "snapshot"
+    write(source / "README.md", "---\nlicense: apache-2.0\nlanguage: [en]\n---\n# Mistral\n")
+    write(source / "tokenizer.json", '{"model": {"type": "BPE"}}')
+    write(source / "tokenizer_config.json", "{}")
+    out = tmp_path / "out"
+    arts = out / "artifacts"
+    for name in ("4bit-g64", "8bit-g64"):
+        folder = arts / f"{MODEL}-mlx-{name}"
+        write(folder / "config.json", '{"quantization": {"bits": 4, "group_size": 64}}')
+        write(folder / "model.safetensors", b"\x00weights" * 100)
+        write(folder / "model.safetensors.index.json", "{}")
+        write(folder / "tokenizer.json", '{"model": {"type": "BPE"}}')
+        write(folder / "README.md", "the artifact's own card")
+    for quant in ("Q4_K_M", "Q8_0", "Q2_K"):
+        write(arts / f"{MODEL}-{quant}.gguf", b"GGUF" + quant.encode() * 50)
+    coreml = arts / f"{MODEL}-fp16-coreml"
+    write(coreml / "chunk_01.mlpackage" / "Manifest.json", "{}")
+    write(coreml / "chunk_01.mlpackage" / "Data" / "com.apple.CoreML" / "weights" / "weight.bin", b"\x01" * 64)
+    write(coreml / "manifest.json", json.dumps({
+        "context_length": 2048, "functions": {"decode": 1, "prefill": 64},
+        "chunks": [{"package": "chunk_01.mlpackage", "inputs": ["input_ids", "position"], "outputs": ["logits"],
+                    "states": {"key_cache": [2, 8, 2048, 128], "value_cache": [2, 8, 2048, 128]}}]}))
+    write(out / "plot.png", b"\x89PNG fake")
+    report = {
+        "schema": 1, "siliconvert": "0.1.0", "source": HUB_ID,
+        "source_info": {"name": MODEL, "path": str(source), "architecture": "MistralForCausalLM",
+                        "family": "mistral", "fingerprint": "abc", "dtype": "bfloat16"},
+        "reference": {"runtime": "transformers 5.0 / torch 2.8", "device": "CPU", "dtype": "float32 (upcast)"},
+        "corpus": {"name": "builtin", "tokens": 1024, "context": 256, "windows": 4, "positions": 1020},
+        "artifacts": [
+            entry("mlx", "4bit-g64", arts / f"{MODEL}-mlx-4bit-g64"),
+            entry("mlx", "8bit-g64", arts / f"{MODEL}-mlx-8bit-g64", failed=("mean_kld", "same_top1")),
+            entry("gguf", "Q4_K_M", arts / f"{MODEL}-Q4_K_M.gguf", mean_kld=0.02468),
+            entry("gguf", "Q8_0", arts / f"{MODEL}-Q8_0.gguf", mean_kld=0.00135),
+            entry("gguf", "Q2_K", arts / f"{MODEL}-Q2_K.gguf", failed=("mean_kld",)),
+            entry("coreml", "fp16", coreml, mean_kld=0.00042),
+        ],
+        "passed": False,
+    }
+    return report, FakeCheckpoint(source), out
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {f.relative_to(folder).as_posix(): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def card_of(folder: Path) -> tuple[dict, str]:
+    text = (folder / "README.md").read_text()
+    return front_matter(text), text
+
+
+def test_each_format_gets_its_hub_layout(build):
+    report, checkpoint, out = build
+    folders = write_releases(report, RECIPE_TEXT, checkpoint, out)
+    release = out / "release"
+    assert folders == [release / f"{MODEL}-4bit", release / f"{MODEL}-GGUF", release / f"{MODEL}-CoreML"]
+    assert set(snapshot(folders[0])) == {"config.json", "model.safetensors", "model.safetensors.index.json",
+                                         "tokenizer.json", "tokenizer_config.json", "plot.png", "README.md",
+                                         "SHA256SUMS"}
+    assert set(snapshot(folders[1])) == {f"{MODEL}-Q4_K_M.gguf", f"{MODEL}-Q8_0.gguf", "plot.png", "README.md",
+                                         "SHA256SUMS"}
+    assert set(snapshot(folders[2])) >= {"chunk_01.mlpackage/Data/com.apple.CoreML/weights/weight.bin",
+                                         "manifest.json", "tokenizer.json", "tokenizer_config.json"}
+    assert all(Path(a["path"]).exists() for a in report["artifacts"])  # linked or copied, never moved
+    # Release files are hard links where possible: writing the card must not write through one.
+    assert (out / "artifacts" / f"{MODEL}-mlx-4bit-g64" / "README.md").read_text() == "the artifact's own card"
+    assert not [p for p in release.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+def test_card_front_matter_and_validation_table(build):
+    report, checkpoint, out = build
+    mlx, gguf, coreml = write_releases(report, RECIPE_TEXT, checkpoint, out)
+    meta, text = card_of(mlx)
+    assert meta["base_model"] == HUB_ID and meta["base_model_relation"] == "quantized"
+    assert meta["library_name"] == "mlx" and meta["pipeline_tag"] == "text-generation"
+    assert meta["license"] == "apache-2.0" and "mlx" in meta["tags"]
+    for number in ("0.01234", "0.1875", "93.1 %", "1.0213", "812.2", "43.8", "CPU, 16 threads",
+                   "float32 (upcast)", "builtin, 1024 tokens", "mlx_lm.generate"):
+        assert number in text, number
+    assert RECIPE_TEXT.strip() in text and "![" in text
+    gguf_meta, gguf_text = card_of(gguf)
+    assert gguf_meta["library_name"] == "gguf"
+    assert "0.02468" in gguf_text and "0.00135" in gguf_text and "llama-cli -m" in gguf_text
+    assert "Q2_K: mean_kld 0.9 > 0.05" in gguf_text  # left out, and the card says why
+    coreml_meta, coreml_text = card_of(coreml)
+    assert coreml_meta["library_name"] == "coreml" and "import CoreML" in coreml_text
+    assert "2048 tokens" in coreml_text and "key_cache, value_cache" in coreml_text and "emulated" in coreml_text
+
+
+def test_sha256sums_verify_with_coreutils(build):
+    report, checkpoint, out = build
+    for folder in write_releases(report, RECIPE_TEXT, checkpoint, out):
+        listed = (folder / "SHA256SUMS").read_text().splitlines()
+        assert len(listed) == len(snapshot(folder)) - 1
+        result = subprocess.run(["sha256sum", "-c", "--strict", "SHA256SUMS"], cwd=folder, capture_output=True,
+                                text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_failed_artifact_gets_no_folder_unless_forced(build, capsys):
+    report, checkpoint, out = build
+    write_releases(report, RECIPE_TEXT, checkpoint, out)
+    assert not (out / "release" / f"{MODEL}-8bit").exists()
+    assert "not released: mlx 8bit-g64 failed its gates (mlx 8bit-g64: mean_kld" in capsys.readouterr().err
+
+    forced = write_releases(report, RECIPE_TEXT, checkpoint, out, force=True)
+    assert out / "release" / f"{MODEL}-8bit" in forced
+    meta, text = card_of(out / "release" / f"{MODEL}-8bit")
+    lines = text.splitlines()
+    assert lines[1].startswith("# WARNING") and "mean_kld, same_top1" in lines[1]
+    body = text.split("\n---\n", 1)[1].lstrip()
+    assert body.startswith("> **WARNING") and "mlx 8bit-g64: same_top1 0.9 > 0.05" in body.splitlines()[0]
+    assert meta["base_model"] == HUB_ID  # the comment leaves the front matter valid
+    assert f"{MODEL}-Q2_K.gguf" in snapshot(out / "release" / f"{MODEL}-GGUF")
+
+    write_releases(report, RECIPE_TEXT, checkpoint, out)  # without force the stale release goes away
+    assert not (out / "release" / f"{MODEL}-8bit").exists()
+    assert f"{MODEL}-Q2_K.gguf" not in snapshot(out / "release" / f"{MODEL}-GGUF")
+
+
+def test_same_inputs_give_byte_identical_folders(build):
+    report, checkpoint, out = build
+    first = {f.name: snapshot(f) for f in write_releases(report, RECIPE_TEXT, checkpoint, out)}
+    second = {f.name: snapshot(f) for f in write_releases(report, RECIPE_TEXT, checkpoint, out)}
+    assert first == second
+
+
+def test_copies_when_hard_links_fail(build, monkeypatch):
+    report, checkpoint, out = build
+    linked = {f.name: snapshot(f) for f in write_releases(report, RECIPE_TEXT, checkpoint, out)}
+
+    def cross_device(*args):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr("siliconvert.release.os.link", cross_device)
+    copied = write_releases(report, RECIPE_TEXT, checkpoint, out)
+    assert {f.name: snapshot(f) for f in copied} == linked
+    assert (copied[1] / f"{MODEL}-Q8_0.gguf").stat().st_nlink == 1
+
+
+def test_repo_prefix_names_repos_and_files(build):
+    report, checkpoint, out = build
+    folders = write_releases(report, RECIPE_TEXT, checkpoint, out, repo_prefix="acme/Mistral-7B")
+    assert [f.name for f in folders] == ["Mistral-7B-4bit", "Mistral-7B-GGUF", "Mistral-7B-CoreML"]
+    assert "Mistral-7B-Q8_0.gguf" in snapshot(folders[1])
+    assert "--model acme/Mistral-7B-4bit" in card_of(folders[0])[1]
+    assert "llama-cli -hf acme/Mistral-7B-GGUF:Q4_K_M" in card_of(folders[1])[1]
+    assert repo_for(folders[1], "acme/Mistral-7B") == "acme/Mistral-7B-GGUF"
+
+
+def test_single_coreml_package_gets_a_manifest_from_its_spec(build):
+    report, checkpoint, out = build
+    package = tiny_stateful_package(out / "artifacts" / f"{MODEL}-fp16.mlpackage")
+    report["artifacts"] = [entry("coreml", "fp16", package)]
+    (folder,) = write_releases(report, RECIPE_TEXT, checkpoint, out)
+    manifest = json.loads((folder / COREML_MANIFEST).read_text())
+    assert manifest["context_length"] == 2048
+    (described,) = manifest["packages"]
+    assert described["package"] == f"{MODEL}-fp16.mlpackage"
+    function = described["functions"]["main"]
+    assert function["inputs"] == {"input_ids": {"shape": [1, 4], "dtype": "INT32"}}
+    assert function["states"] == {"key_cache": {"shape": [1, 2, 8], "dtype": "FLOAT16"}}
+    assert "tokenizer.json" in snapshot(folder)
+    assert COREML_MANIFEST in card_of(folder)[1]
+
+
+def tiny_stateful_package(path: Path) -> Path:
+    import logging
+
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    @mb.program(input_specs=[mb.TensorSpec((1, 4), dtype=types.int32),
+                             mb.StateTensorSpec((1, 2, 8), dtype=types.fp16)], opset_version=ct.target.iOS18)
+    def program(input_ids, key_cache):
+        cache = mb.read_state(input=key_cache)
+        mb.coreml_update_state(state=key_cache, value=cache)
+        return mb.add(x=mb.cast(x=input_ids, dtype="fp16"), y=mb.reduce_sum(x=cache), name="logits")
+
+    model = ct.convert(program, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
+                       skip_model_load=True)
+    model.save(str(path))
+    return path
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every huggingface_hub call that could reach the network or read the token fails the test."""
+    import huggingface_hub
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("touched the network or the token")
+
+    for name in ("create_repo", "upload_folder", "whoami"):
+        monkeypatch.setattr(huggingface_hub.HfApi, name, refuse)
+    monkeypatch.setattr(huggingface_hub, "get_token", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_push_dry_run_lists_files_offline(build, no_network):
+    report, checkpoint, out = build
+    folder = write_releases(report, RECIPE_TEXT, checkpoint, out)[1]
+    listing = push(folder, "acme/Mistral-GGUF", dry_run=True)
+    size = (folder / f"{MODEL}-Q8_0.gguf").stat().st_size
+    assert f"{MODEL}-Q8_0.gguf ({size:,} bytes)" in listing
+    assert {line.split(" (")[0] for line in listing} == set(snapshot(folder))
+
+
+def test_push_refuses_a_changed_folder_and_bad_repo_ids(build, no_network):
+    report, checkpoint, out = build
+    folder = write_releases(report, RECIPE_TEXT, checkpoint, out)[0]
+    with pytest.raises(PushError, match="not a valid Hub repo id"):
+        push(folder, "acme/bad name", dry_run=True)
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(ArtifactError, match=r"config\.json does not match"):
+        push(folder, "acme/Mistral-4bit", dry_run=True)
+    with pytest.raises(ArtifactError, match="not a release folder"):
+        push(out / "artifacts", "acme/Mistral-4bit", dry_run=True)
+
+
+def test_push_errors_are_one_line(build, monkeypatch):
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    report, checkpoint, out = build
+    folder = write_releases(report, RECIPE_TEXT, checkpoint, out)[0]
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(PushError, match="not logged in"):
+        push(folder, "acme/Mistral-4bit")
+
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_secret_never_shown")
+    request = httpx2.Request("POST", "https://huggingface.co/api/repos/create")
+
+    def offline(*args, **kwargs):
+        raise httpx2.ConnectError("no route", request=request)
+
+    def forbidden(*args, **kwargs):
+        raise HfHubHTTPError("403 Forbidden", response=httpx2.Response(403, request=request))
+
+    for failure, message in ((offline, "cannot reach the Hugging Face Hub"), (forbidden, "HTTP 403")):
+        monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", failure)
+        with pytest.raises(PushError, match=message) as raised:
+            push(folder, "acme/Mistral-4bit")
+        assert "\n" not in str(raised.value) and "hf_secret" not in str(raised.value)
+
+
+@pytest.mark.parametrize("name", ["mistral-7b", "llama-3.2-1b", "qwen2.5-0.5b"])
+def test_hub_recipes_parse(name):
+    path = RECIPES / f"{name}.yaml"
+    data = yaml.safe_load(path.read_text())
+    assert "/" in data["source"] and data["release"]["push"] is False
+    if "release" not in Recipe.model_fields:  # the lead adds the `release` key; until then check the rest
+        data.pop("release")
+        recipe = parse_recipe(data, path)
+    else:
+        recipe = load_recipe(path)
+        assert recipe.release.repo_prefix.endswith(data["source"].split("/")[1])
+    assert {t.format for t in recipe.targets} == {"mlx", "gguf", "coreml"}
+    coreml = next(t for t in recipe.targets if t.format == "coreml")
+    assert coreml.context == 2048 and coreml.chunks == "auto"
+    assert recipe.validate_.context <= coreml.context
