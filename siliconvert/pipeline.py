@@ -7,7 +7,10 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import importlib
+import importlib.metadata
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,28 +82,76 @@ def run_recipe(recipe: Recipe, recipe_path: Path | None = None, *, allow_pickle:
 def convert(checkpoint: Checkpoint, recipe: Recipe, artifacts_dir: Path) -> list[tuple[Artifact, Target]]:
     """Read every source tensor once and hand it to every target's writer.
 
-    Returns each artifact with the target that asked for it."""
+    A target whose inputs (source fingerprint, target options, tool versions) match a stamp left by
+    an earlier completed run is not rebuilt. Returns each artifact with the target that asked for it.
+    """
     artifacts_dir.mkdir(parents=True, exist_ok=True)
+    done = {index: found for index, target in enumerate(recipe.targets)
+            if (found := read_stamp(artifacts_dir, stage_key(checkpoint, target))) is not None}
+    for found in done.values():
+        say(f"up to date: {', '.join(a.path.name for a in found)}")
+    todo = [(index, target) for index, target in enumerate(recipe.targets) if index not in done]
     writers: list[Writer] = []
     try:
-        for target in recipe.targets:
+        for _, target in todo:
             module_name, _, class_name = WRITERS[target.format].partition(":")
             writer_class = getattr(importlib.import_module(module_name), class_name)
             writers.append(writer_class(checkpoint, target, artifacts_dir, checkpoint.name))
-        stream = track(checkpoint.tensors(), "converting tensors", total=len(checkpoint.tensor_infos))
-        for name, array in stream:
-            if checkpoint.family.is_droppable(name):
-                continue
-            for writer in writers:
-                writer.add(name, array)
-        return [(artifact, target) for writer, target in zip(writers, recipe.targets, strict=True)
-                for artifact in writer.finish()]
+        if writers:
+            stream = track(checkpoint.tensors(), "converting tensors", total=len(checkpoint.tensor_infos))
+            for name, array in stream:
+                if checkpoint.family.is_droppable(name):
+                    continue
+                for writer in writers:
+                    writer.add(name, array)
+        for writer, (index, target) in zip(writers, todo, strict=True):
+            done[index] = writer.finish()
+            write_stamp(artifacts_dir, stage_key(checkpoint, target), done[index])
     except BaseException as e:
         for writer in writers:
             writer.abort()
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             raise OutputError("no space left on the device", artifacts_dir) from None
         raise
+    return [(artifact, target) for index, target in enumerate(recipe.targets) for artifact in done[index]]
+
+
+TOOLS = ("siliconvert", "mlx", "mlx-lm", "gguf", "llama-cpp-python", "coremltools", "numpy")
+
+
+def stage_key(checkpoint: Checkpoint, target: Target) -> str:
+    """What a target's artifacts depend on: the source, the target's options, the tools' versions."""
+    versions = {}
+    for tool in TOOLS:
+        try:
+            versions[tool] = importlib.metadata.version(tool)
+        except importlib.metadata.PackageNotFoundError:
+            versions[tool] = None
+    inputs = {"source": checkpoint.fingerprint(), "name": checkpoint.name,
+              "target": target.model_dump(mode="json", exclude={"gates"}), "tools": versions}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_stamp(artifacts_dir: Path, key: str) -> list[Artifact] | None:
+    """The artifacts a completed earlier run recorded under `key`, if they are all still there."""
+    stamp = artifacts_dir / ".stamps" / f"{key}.json"
+    try:
+        entries = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return None
+    artifacts = [Artifact(e["format"], e["quant"], artifacts_dir / e["path"], e["runner_options"]) for e in entries]
+    return artifacts if all(a.path.exists() for a in artifacts) else None
+
+
+def write_stamp(artifacts_dir: Path, key: str, artifacts: list[Artifact]) -> None:
+    """Record a target as complete; written last and atomically, so a killed run leaves no stamp."""
+    entries = [{"format": a.format, "quant": a.quant, "path": str(a.path.relative_to(artifacts_dir)),
+                "runner_options": a.runner_options} for a in artifacts]
+    stamp = artifacts_dir / ".stamps" / f"{key}.json"
+    stamp.parent.mkdir(exist_ok=True)
+    tmp = stamp.with_name(f"{stamp.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(entries, indent=2))
+    tmp.replace(stamp)
 
 
 def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Artifact], settings: Validate,

@@ -139,7 +139,6 @@ def build_release(release: Release, report: dict, recipe_text: str, checkpoint, 
         raise OutputError(f"cannot write the release folder ({e.strerror or e})", final) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)  # after a success it is gone already: renamed to `final`
-    say(f"release: {final}")
     return final
 
 
