@@ -8,6 +8,7 @@ float16 and float32 come out as they are.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import struct
@@ -49,7 +50,7 @@ class TensorInfo:
     shard: Path
     dtype: str  # safetensors dtype code, e.g. "BF16"
     shape: tuple[int, ...]
-    offset: int  # absolute byte offset in the shard
+    offset: int  # absolute byte offset in the shard (safetensors); -1 for a pickle entry
     nbytes: int
 
 
@@ -99,6 +100,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
 
 def read_tensor(info: TensorInfo) -> np.ndarray:
     """Read one tensor from disk; bfloat16 widens to float32 exactly."""
+    if info.offset < 0:  # a pickle entry (--allow-pickle)
+        tensor = _pickle_tensors(info.shard)[info.name]
+        return (tensor.float() if info.dtype == "BF16" else tensor).numpy()
     array = np.empty(info.shape, dtype=SAFETENSORS_DTYPES[info.dtype])
     with info.shard.open("rb") as f:
         f.seek(info.offset)
@@ -155,10 +159,11 @@ class Checkpoint:
             digest.update(file.name.encode() + file.read_bytes())
         for shard in sorted({i.shard for i in self.tensor_infos.values()}):
             stat = shard.stat()
-            with shard.open("rb") as f:
-                (header_len,) = struct.unpack("<Q", f.read(8))
-                digest.update(shard.name.encode() + f.read(header_len))
-            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+            digest.update(f"{shard.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            if shard.suffix == ".safetensors":
+                with shard.open("rb") as f:
+                    (header_len,) = struct.unpack("<Q", f.read(8))
+                    digest.update(f.read(header_len))
         return digest.hexdigest()[:16]
 
     def _check_tensors(self) -> None:
@@ -249,7 +254,7 @@ def _index_tensors(path: Path, allow_pickle: bool) -> dict[str, TensorInfo]:
                 path,
             )
         if pickles:
-            raise CheckpointError("pickle checkpoints are not supported yet; convert to safetensors", path)
+            return _index_pickles([path / name for name in pickles])
         raise CheckpointError("no weights (no *.safetensors files)", path)
     tensors: dict[str, TensorInfo] = {}
     for shard in shards:
@@ -257,4 +262,34 @@ def _index_tensors(path: Path, allow_pickle: bool) -> dict[str, TensorInfo]:
             if name in tensors:
                 raise CheckpointError(f"tensor {name!r} appears in two shards", shard)
             tensors[name] = info
+    return tensors
+
+
+TORCH_DTYPES = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16"}
+
+
+@functools.lru_cache(maxsize=2)
+def _pickle_tensors(file: Path) -> dict:
+    """A pickle checkpoint opened the only safe way: weights_only (no code runs) and memory-mapped
+    (nothing is read until a tensor is used). Only reached with --allow-pickle."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(f"cannot load the pickle weights-only ({str(e).splitlines()[0]})", file) from None
+    if not isinstance(state, dict):
+        raise CheckpointError("the pickle does not hold a dict of tensors", file)
+    return state
+
+
+def _index_pickles(files: list[Path]) -> dict[str, TensorInfo]:
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        for name, tensor in _pickle_tensors(file).items():
+            dtype = TORCH_DTYPES.get(str(tensor.dtype), str(tensor.dtype))
+            nbytes = tensor.numel() * tensor.element_size()
+            tensors[name] = TensorInfo(name, file, dtype, tuple(tensor.shape), -1, nbytes)
     return tensors

@@ -140,3 +140,29 @@ def test_header_reader_checks_structured_headers(tmp_path, header):
         return
     for info in infos.values():  # whatever was accepted fits inside the file
         assert info.offset + info.nbytes <= path.stat().st_size
+
+
+def test_pickle_checkpoint_loads_weights_only_when_allowed(tmp_path, random_llama):
+    folder = _copy(random_llama, tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(tensors, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="allow-pickle"):
+        Checkpoint.open(folder)
+    checkpoint = Checkpoint.open(folder, allow_pickle=True)
+    for name, array in checkpoint.tensors():
+        np.testing.assert_array_equal(array, tensors[name].float().numpy())
+
+
+def test_pickle_that_would_run_code_is_refused_even_when_allowed(tmp_path, random_llama):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    folder = _copy(random_llama, tmp_path)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"x": Payload()}))
+    with pytest.raises(CheckpointError, match="weights-only"):
+        Checkpoint.open(folder, allow_pickle=True)
