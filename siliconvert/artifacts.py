@@ -45,15 +45,16 @@ def detect_artifact(path: Path) -> Artifact:
     if path.suffix == ".gguf" and path.is_file():
         # Hub convention <Model>-<QUANT>.gguf: the quant is the last dash-separated part.
         return Artifact("gguf", path.stem.rsplit("-", 1)[-1], path)
-    if path.suffix == ".mlpackage" or any(path.glob("*.mlpackage")):
-        return Artifact("coreml", "fp16", path)
+    manifest = path / "manifest.json"
+    if manifest.is_file() and any(path.glob("*.mlpackage")):  # siliconvert's Core ML layout: chunks + manifest
+        return Artifact("coreml", json.loads(manifest.read_text()).get("precision", "fp16"), path)
     shards = sorted(path.glob("model*.safetensors")) if path.is_dir() else []
     if shards and _safetensors_format(shards[0]) == "mlx":
         quantization = json.loads((path / "config.json").read_text()).get("quantization")
         if quantization:
             return Artifact("mlx", f"{quantization['bits']}bit-g{quantization['group_size']}", path)
         return Artifact("mlx", "fp16", path)
-    raise ArtifactError("not a recognised artifact (a .gguf file, an .mlpackage, or an MLX folder)", path)
+    raise ArtifactError("not a recognised artifact (a .gguf file, a Core ML folder with manifest.json, or an MLX folder)", path)
 
 
 def _safetensors_format(path: Path) -> str | None:

@@ -68,7 +68,7 @@ def test_mlx_artifact_opens_with_mlx_lm(demo_run):
     from mlx_lm import load
 
     tmp_path, _ = demo_run
-    (folder,) = (tmp_path / "out" / "artifacts").iterdir()
+    (folder,) = (tmp_path / "out" / "artifacts").glob("*-mlx-*")
     _, tokenizer = load(str(folder))
     assert tokenizer.encode("hello", add_special_tokens=False)
 
@@ -90,7 +90,7 @@ def test_a_failing_gate_exits_1_and_names_everything(demo_run, demo_model):
 
 def test_validate_command_scores_an_existing_artifact(demo_run, demo_model):
     tmp_path, _ = demo_run
-    (folder,) = (tmp_path / "out" / "artifacts").iterdir()
+    (folder,) = (tmp_path / "out" / "artifacts").glob("*-mlx-*")
     result = run("validate", folder, "--source", demo_model, "--output", tmp_path / "v", "--tokens", 256,
                  "--context", 128)
     assert result.returncode == 0, result.stderr
@@ -102,7 +102,7 @@ def test_inspect_doctor_version_and_check(demo_run, demo_model):
     tmp_path, _ = demo_run
     described = json.loads(run("inspect", demo_model).stdout)
     assert described["kind"] == "checkpoint" and described["spec"]["family"] == "mistral"
-    (folder,) = (tmp_path / "out" / "artifacts").iterdir()
+    (folder,) = (tmp_path / "out" / "artifacts").glob("*-mlx-*")
     assert json.loads(run("inspect", folder).stdout)["format"] == "mlx"
     doctor = run("doctor")
     assert doctor.returncode == 0 and "mlx" in doctor.stdout and "llama.cpp" in doctor.stdout

@@ -1,0 +1,197 @@
+"""The MIL ops the interpreter knows: those the Core ML builder emits and those coremltools' passes turn
+them into (int16/uint16 casts and index wrapping around `gather`, `write_state` + `read_state` for
+`coreml_update_state`, `constexpr_blockwise_shift_scale` for compressed weights).
+
+Each op is a function of its MIL inputs (keyword arguments named as in the MIL spec) returning numpy arrays.
+Floating-point work happens in float32, the precision Core ML accumulates in; the program then stores every
+result in its declared type (fp16 for activations), rounding once per op as the runtime does.
+read_state / write_state touch the program's states and live in program.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+OPS: dict[str, Callable[..., np.ndarray]] = {}
+
+
+class Unsupported(Exception):
+    """An op used in a form the interpreter does not implement (e.g. a strided convolution)."""
+
+
+def op(name: str):
+    def register(function: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+        OPS[name] = function
+        return function
+
+    return register
+
+
+def wide(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float32) if x.dtype == np.float16 else x
+
+
+def _binary(name: str, function: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
+    OPS[name] = lambda x, y: function(wide(x), wide(y))
+
+
+for _name, _function in {
+    "add": np.add, "sub": np.subtract, "mul": np.multiply, "real_div": np.divide,
+    "maximum": np.maximum, "minimum": np.minimum,
+    "less": np.less, "less_equal": np.less_equal, "greater": np.greater, "greater_equal": np.greater_equal,
+    "equal": np.equal, "not_equal": np.not_equal, "logical_and": np.logical_and, "logical_or": np.logical_or,
+}.items():  # fmt: skip
+    _binary(_name, _function)
+
+
+@op("abs")
+def _abs(x):
+    return np.abs(x)
+
+
+@op("rsqrt")
+def _rsqrt(x, epsilon=1e-12):  # MIL's default epsilon
+    return 1.0 / np.sqrt(wide(x) + np.float32(epsilon))
+
+
+@op("silu")
+def _silu(x):
+    x = wide(x)
+    with np.errstate(over="ignore"):  # exp(-x) → inf for very negative x: x / inf = -0, as it should
+        return x / (1.0 + np.exp(-x))
+
+
+@op("softmax")
+def _softmax(x, axis=-1):
+    x = wide(x)
+    e = np.exp(x - x.max(axis=int(axis), keepdims=True))
+    return e / e.sum(axis=int(axis), keepdims=True)
+
+
+@op("reduce_max")
+def _reduce_max(x, axes=None, keep_dims=False):
+    return np.max(x, axis=None if axes is None else tuple(axes), keepdims=bool(keep_dims))
+
+
+@op("reduce_mean")
+def _reduce_mean(x, axes=None, keep_dims=False):
+    return np.mean(wide(x), axis=None if axes is None else tuple(axes), keepdims=bool(keep_dims))
+
+
+@op("select")
+def _select(cond, a, b):
+    return np.where(cond, a, b)
+
+
+@op("cast")
+def _cast(x, dtype):
+    return x  # the program stores every result in its declared type, which for cast is `dtype`
+
+
+@op("identity")
+def _identity(x):
+    return x
+
+
+@op("reshape")
+def _reshape(x, shape):
+    return x.reshape(tuple(int(d) for d in shape))
+
+
+@op("transpose")
+def _transpose(x, perm):
+    return np.transpose(x, tuple(perm))
+
+
+@op("expand_dims")
+def _expand_dims(x, axes):
+    return np.expand_dims(x, tuple(int(a) for a in axes))
+
+
+@op("squeeze")
+def _squeeze(x, axes=None):
+    return np.squeeze(x, None if axes is None else tuple(int(a) for a in axes))
+
+
+@op("concat")
+def _concat(values, axis, interleave=False):
+    if interleave:
+        raise Unsupported("concat with interleave=True")
+    values = values if isinstance(values, list) else [values]
+    return np.concatenate([wide(v) for v in values], axis=int(axis))
+
+
+def _slices(shape, begin, end, stride, begin_mask, end_mask, squeeze_mask) -> tuple:
+    rank = len(shape)
+    stride = np.ones(rank, int) if stride is None else stride
+    index = []
+    for axis in range(rank):
+        if squeeze_mask is not None and squeeze_mask[axis]:
+            index.append(int(begin[axis]))
+            continue
+        start = None if begin_mask is not None and begin_mask[axis] else int(begin[axis])
+        stop = None if end_mask is not None and end_mask[axis] else int(end[axis])
+        index.append(slice(start, stop, int(stride[axis])))
+    return tuple(index)
+
+
+@op("slice_by_index")
+def _slice_by_index(x, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
+    return x[_slices(x.shape, begin, end, stride, begin_mask, end_mask, squeeze_mask)]
+
+
+@op("slice_update")
+def _slice_update(x, update, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
+    index = _slices(x.shape, begin, end, stride, begin_mask, end_mask, squeeze_mask)
+    out = x.copy()
+    target = out[index]
+    if target.size != update.size:
+        raise Unsupported(f"slice_update of {update.shape} into a {target.shape} slice (out of range?)")
+    out[index] = update.reshape(target.shape)
+    return out
+
+
+@op("gather")
+def _gather(x, indices, axis=0, batch_dims=0, validate_indices=False):
+    axis = int(axis) % x.ndim
+    if int(batch_dims):
+        raise Unsupported("gather with batch_dims")
+    indices = indices.astype(np.int64)
+    if indices.min(initial=0) < 0 or indices.max(initial=0) >= x.shape[axis]:
+        raise Unsupported(f"gather index out of range [0, {x.shape[axis]}) (iOS 17+ gather takes no negatives)")
+    return np.take(x, indices, axis=axis)
+
+
+@op("matmul")
+def _matmul(x, y, transpose_x=False, transpose_y=False):
+    x, y = wide(x), wide(y)
+    return np.matmul(np.swapaxes(x, -1, -2) if transpose_x else x, np.swapaxes(y, -1, -2) if transpose_y else y)
+
+
+@op("conv")
+def _conv(x, weight, bias=None, strides=None, pad_type=None, pad=None, dilations=None, groups=1):
+    """1×1 convolutions only (the builder's linear layers): a matrix product per batch."""
+    out_channels, in_channels, *kernel = weight.shape
+    if any(k != 1 for k in kernel) or int(groups) != 1 or (strides is not None and any(s != 1 for s in strides)):
+        raise Unsupported(f"conv with kernel {kernel}, groups {groups}, strides {strides} (only 1×1)")
+    n, c, *spatial = x.shape
+    y = np.matmul(wide(weight).reshape(out_channels, in_channels), wide(x).reshape(n, c, -1))
+    if bias is not None:
+        y += wide(bias)[:, None]
+    return y.reshape(n, out_channels, *spatial)
+
+
+@op("constexpr_blockwise_shift_scale")
+def _blockwise_shift_scale(data, scale, offset=None):
+    """Dequantize (data − offset) × scale; scale and offset have data's rank, one value per block."""
+    def expand(params: np.ndarray) -> np.ndarray:
+        for axis, (size, blocks) in enumerate(zip(data.shape, params.shape, strict=True)):
+            params = np.repeat(params, size // blocks, axis=axis)
+        return params
+
+    values = data.astype(np.float32)
+    if offset is not None:
+        values = values - expand(wide(offset).astype(np.float32))
+    return values * expand(wide(scale))

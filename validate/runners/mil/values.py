@@ -1,0 +1,117 @@
+"""Values of a saved ML Program: tensor types, immediate constants, and blobs in `weights/weight.bin`.
+
+The blob file is read here, not through coremltools, so that the interpreter runs on the bytes that ship and
+a damaged file is reported as such. Its layout (MIL blob storage v2): a 64-byte header, then for each blob a
+64-byte record {uint32 sentinel 0xDEADBEEF, uint32 blob dtype, uint64 size in bytes, uint64 data offset, ...}
+followed by the data. A const names its blob by the offset of that record.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+from coremltools.proto import MIL_pb2
+
+from siliconvert.errors import ArtifactError
+
+DTYPES = {  # MIL data type → numpy storage type
+    MIL_pb2.BOOL: np.bool_,
+    MIL_pb2.STRING: np.object_,  # scalar strings: op parameters such as cast's dtype
+    MIL_pb2.FLOAT16: np.float16,
+    MIL_pb2.FLOAT32: np.float32,
+    MIL_pb2.INT8: np.int8,
+    MIL_pb2.INT16: np.int16,
+    MIL_pb2.INT32: np.int32,
+    MIL_pb2.INT64: np.int64,
+    MIL_pb2.UINT8: np.uint8,
+    MIL_pb2.UINT16: np.uint16,
+    MIL_pb2.UINT32: np.uint32,
+    MIL_pb2.INT4: np.int8,  # unpacked from two per byte
+    MIL_pb2.UINT4: np.uint8,
+}
+SUB_BYTE = {MIL_pb2.INT4: (4, True), MIL_pb2.UINT4: (4, False)}  # bits, signed
+BLOB_SENTINEL = 0xDEADBEEF
+BLOB_RECORD = struct.Struct("<IIQQ")
+
+
+class TensorType:
+    """A declared tensor type: numpy dtype and static shape (a scalar has shape ())."""
+
+    def __init__(self, value_type: MIL_pb2.ValueType, where: str):
+        kind = value_type.WhichOneof("type")
+        if kind == "stateType":
+            value_type = value_type.stateType.wrappedType
+            kind = value_type.WhichOneof("type")
+        if kind != "tensorType":
+            raise ArtifactError(f"{where}: values of type {kind} are not supported by the MIL interpreter")
+        tensor = value_type.tensorType
+        if tensor.dataType not in DTYPES:
+            name = MIL_pb2.DataType.Name(tensor.dataType)
+            raise ArtifactError(f"{where}: data type {name} is not supported by the MIL interpreter")
+        if any(d.WhichOneof("dimension") != "constant" for d in tensor.dimensions):
+            raise ArtifactError(f"{where}: flexible shapes are not supported by the MIL interpreter")
+        self.mil_dtype = tensor.dataType
+        self.dtype = np.dtype(DTYPES[tensor.dataType])
+        self.shape = tuple(int(d.constant.size) for d in tensor.dimensions)
+
+
+class BlobFile:
+    """weight.bin, memory-mapped; a blob is decoded when a const asks for it."""
+
+    def __init__(self, path: Path):
+        try:
+            self.data = np.memmap(path, dtype=np.uint8, mode="r")
+        except (OSError, ValueError) as e:
+            raise ArtifactError(f"cannot read the weights ({e})", path) from None
+        self.path = path
+
+    def read(self, offset: int, declared: TensorType) -> np.ndarray:
+        if offset + 64 > len(self.data):
+            raise ArtifactError(f"damaged: blob record at byte {offset} lies past the end", self.path)
+        sentinel, _, size, start = BLOB_RECORD.unpack_from(self.data, offset)
+        if sentinel != BLOB_SENTINEL or start + size > len(self.data):
+            raise ArtifactError(f"damaged: no valid blob record at byte {offset}", self.path)
+        count = int(np.prod(declared.shape, dtype=np.int64))
+        raw = self.data[start : start + size]
+        if declared.mil_dtype in SUB_BYTE:
+            values = unpack_bits(raw, *SUB_BYTE[declared.mil_dtype], count)
+        elif size % declared.dtype.itemsize == 0:
+            values = raw.view(declared.dtype)
+        else:
+            raise ArtifactError(f"damaged: blob at byte {offset} has {size} bytes, not whole {declared.dtype}s",
+                                self.path)
+        if values.size < count:
+            raise ArtifactError(f"damaged: blob at byte {offset} holds {values.size} values, needs {count}",
+                                self.path)
+        return np.array(values[:count]).reshape(declared.shape)  # a copy: the mapping may go away
+
+
+def unpack_bits(raw: np.ndarray, bits: int, signed: bool, count: int) -> np.ndarray:
+    """Sub-byte integers packed from the least significant bit up, as Core ML stores them."""
+    per_byte = 8 // bits
+    shifts = np.arange(per_byte, dtype=np.uint8) * bits
+    values = ((raw[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:count]
+    if signed:
+        return (values.astype(np.int8) ^ (1 << (bits - 1))) - (1 << (bits - 1))  # sign-extend
+    return values
+
+
+def immediate(value: MIL_pb2.Value, declared: TensorType, where: str) -> np.ndarray | str:
+    """An inline constant: a tensor (reshaped to its declared type) or a string (e.g. cast's dtype)."""
+    tensor = value.immediateValue.tensor
+    kind = tensor.WhichOneof("value")
+    if kind == "strings":
+        return str(tensor.strings.values[0])
+    if kind == "bytes":
+        raw = np.frombuffer(tensor.bytes.values, np.uint8)
+        if declared.mil_dtype in SUB_BYTE:
+            values = unpack_bits(raw, *SUB_BYTE[declared.mil_dtype], int(np.prod(declared.shape)))
+        else:
+            values = raw.view(declared.dtype)
+    elif kind in ("floats", "ints", "bools", "longInts", "doubles"):
+        values = np.array(getattr(tensor, kind).values)
+    else:
+        raise ArtifactError(f"{where}: immediate values of kind {kind} are not supported")
+    return values.astype(declared.dtype).reshape(declared.shape)
