@@ -18,11 +18,11 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from siliconvert.quantize.mlx import QuantPolicy, quantizable_modules, quantize
 
 from siliconvert.artifacts import Artifact, Writer
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.errors import CheckpointError
+from siliconvert.quantize.mlx import QuantPolicy, quantizable_modules, quantize
 from siliconvert.recipe import MLXTarget
 
 SHARD_BYTES = 1 << 30

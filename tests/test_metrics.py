@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from siliconvert.validate.metrics import compare, log_softmax
 
 

@@ -7,12 +7,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import reference_logits_for
-from siliconvert.convert.mlx import MLXWriter
-from siliconvert.validate.metrics import compare
 
 from siliconvert.checkpoint import Checkpoint
+from siliconvert.convert.mlx import MLXWriter
 from siliconvert.recipe import MLXTarget
 from siliconvert.textdata import heldout_text
+from siliconvert.validate.metrics import compare
 
 pytestmark = pytest.mark.slow
 

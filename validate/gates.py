@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from siliconvert.validate.score import ArtifactScore
-
 from siliconvert.recipe import Gates
+from siliconvert.validate.score import ArtifactScore
 
 # gate key → (metric in Scores, "max" or "min")
 LIMITS = {

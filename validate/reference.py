@@ -12,10 +12,10 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from siliconvert.validate.corpus import Windows
 
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.progress import track
+from siliconvert.validate.corpus import Windows
 
 
 def reference_device() -> tuple[str, str, str]:

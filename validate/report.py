@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from siliconvert.validate.gates import GateFailure
 from siliconvert.validate.score import ArtifactScore, artifact_size
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+
 from siliconvert.validate.runners.base import Runner
 
 
