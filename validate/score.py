@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from siliconvert.validate.corpus import PROBE_STRINGS, Windows
-from siliconvert.validate.metrics import Scores, compare
-from siliconvert.validate.runners import Latency, open_runner
 
 from siliconvert.artifacts import Artifact
 from siliconvert.errors import ArtifactError
+from siliconvert.validate.corpus import PROBE_STRINGS, Windows
+from siliconvert.validate.metrics import Scores, compare
+from siliconvert.validate.runners import Latency, open_runner
 
 # Greedy tokens generated through the KV cache, then checked against a no-cache forward pass.
 GREEDY_TOKENS = 16
