@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Machines of this project keep the CPU torch wheel in /opt/wheels; elsewhere pip finds torch as usual.
 WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint clean
 
 install: $(STAMP)
 
@@ -27,9 +27,6 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
-
-bench: install
-	$(BIN)/python bench/run.py
 
 clean:
 	rm -rf build .pytest_cache
