@@ -1,0 +1,333 @@
+"""GGUF: llama.cpp opens the files unchanged and computes the source's function, token for token.
+
+Two small trained checkpoints, one per tokenizer kind: Llama + SentencePiece (q/k rows permuted for
+llama.cpp's rope) and Qwen2 + byte-level BPE (q/k/v biases, tied head, NEOX rope, no permutation).
+Hidden size 256 so that K-quants are real K-quants (llama.cpp falls back to legacy types for rows
+shorter than 256), and trained long enough that attention matters: `test_kld_has_teeth` shows a wrong
+rope layout fails the F16 threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import unicodedata
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+import siliconvert.convert.gguf as convert_gguf
+from siliconvert.architectures import registry
+from siliconvert.checkpoint import Checkpoint
+from siliconvert.convert.gguf import GGUFWriter, rope_pairs_split
+from siliconvert.demo import small_checkpoint
+from siliconvert.errors import CheckpointError
+from siliconvert.quantize.gguf import quantize
+from siliconvert.recipe import GGUFTarget
+from siliconvert.textdata import heldout_text
+from siliconvert.validate.metrics import compare
+from siliconvert.validate.runners.gguf import LlamaCppRunner
+
+pytestmark = pytest.mark.slow
+
+TINY = {"vocab_size": 512, "hidden_size": 256, "intermediate_size": 512, "num_layers": 2, "num_heads": 4,
+        "num_kv_heads": 2, "rope_theta": 25000.0, "train_steps": 60}  # θ unlike any default: a lost θ shows
+CASES = {"llama-sentencepiece": ("llama", "sentencepiece", {}),
+         "qwen2-bpe": ("qwen2", "bpe", {"tie_word_embeddings": True})}
+QUANTS = ["F16", "Q8_0", "Q4_K_M"]
+THRESHOLDS = {"F16": 0.01, "Q8_0": 0.01, "Q4_K_M": 0.08}  # mean KLD to the float32 reference
+WINDOW, WINDOWS = 128, 4
+SAMPLES = ["Hello world", " leading space", "  two leading spaces", "\tTab", "def f(x):\n    return x ** 2\n",
+           "line one\nline two\n\n\nafter blank lines\r\nwindows",
+           "naïve café — “quoted” ß Ωμέγα Привет 中文 こんにちは",
+           "emoji 🙂👍🏽 🚀🦙 😶‍🌫️", "3.14159 + 2e10 == 0x1F 1,000,000 12345678", "tabs\tand  double  spaces  ",
+           "I've we'll THEY'RE", "", " ", "\n"]
+
+
+@pytest.fixture(scope="session", params=list(CASES))
+def case(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def source(case: str) -> Path:
+    family, tokenizer, extra = CASES[case]
+    return small_checkpoint(None, family, tokenizer, **TINY, **extra)
+
+
+@pytest.fixture(scope="session")
+def artifacts(source: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return {a.quant: a.path for a in convert(source, tmp_path_factory.mktemp("gguf"), QUANTS)}
+
+
+@pytest.fixture(scope="session")
+def reference(source: Path) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Held-out windows, their next tokens, and transformers' float32 logits on them."""
+    ids = np.array(hf_ids(source, heldout_text()[:40_000]))
+    windows = [ids[i * WINDOW:(i + 1) * WINDOW] for i in range(WINDOWS)]
+    targets = np.concatenate([ids[i * WINDOW + 1:(i + 1) * WINDOW + 1] for i in range(WINDOWS)])
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        logits = np.concatenate([model(torch.as_tensor(w[None])).logits[0].numpy() for w in windows])
+    return windows, targets, logits
+
+
+def convert(source: Path, out_dir: Path, quants: list[str], **target: object):
+    checkpoint = Checkpoint.open(source)
+    writer = GGUFWriter(checkpoint, GGUFTarget(format="gguf", quants=quants, **target), out_dir, "model")
+    for name, array in checkpoint.tensors():
+        writer.add(name, array)
+    return writer.finish()
+
+
+def hf_ids(source: Path, text: str) -> list[int]:
+    return AutoTokenizer.from_pretrained(source)(text, add_special_tokens=False)["input_ids"]
+
+
+def scores(path: Path, reference):
+    windows, targets, ref_logits = reference
+    runner = LlamaCppRunner(path, {})
+    try:
+        return compare(ref_logits, np.concatenate([runner.logits(w) for w in windows]), targets)[0]
+    finally:
+        runner.close()
+
+
+def fields(path: Path) -> dict[str, object]:
+    return {name: field.contents() for name, field in gguf.GGUFReader(path).fields.items()}
+
+
+# ---- metadata and vocabulary ---------------------------------------------------------------------
+
+
+def test_metadata_comes_from_the_spec(source: Path, artifacts: dict[str, Path]) -> None:
+    spec = Checkpoint.open(source).spec
+    meta = fields(artifacts["F16"])
+    arch = meta["general.architecture"]
+    assert arch == {"llama": "llama", "qwen2": "qwen2"}[spec.family]
+    expected = {"context_length": spec.max_position_embeddings, "embedding_length": spec.hidden_size,
+                "feed_forward_length": spec.intermediate_size, "block_count": spec.num_layers,
+                "attention.head_count": spec.num_heads, "attention.head_count_kv": spec.num_kv_heads,
+                "rope.dimension_count": spec.head_dim, "vocab_size": spec.vocab_size}
+    assert {key: meta[f"{arch}.{key}"] for key in expected} == expected
+    assert meta[f"{arch}.rope.freq_base"] == pytest.approx(25000.0)
+    assert meta[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(spec.rms_norm_eps)
+    assert meta["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
+    names = {t.name for t in gguf.GGUFReader(artifacts["F16"]).tensors}
+    assert ("output.weight" in names) is not spec.tie_word_embeddings  # a tied head is llama.cpp's token_embd
+    assert ("blk.0.attn_q.bias" in names) is spec.qkv_bias
+
+
+def test_vocabulary_matches_the_tokenizer(case: str, source: Path, artifacts: dict[str, Path]) -> None:
+    meta = fields(artifacts["F16"])
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokens = meta["tokenizer.ggml.tokens"]
+    assert tokens == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    types = meta["tokenizer.ggml.token_type"]
+    for token_id in tokenizer.all_special_ids:
+        assert types[token_id] in (gguf.TokenType.CONTROL, gguf.TokenType.UNKNOWN)
+    with_specials = tokenizer("a")["input_ids"]
+    assert meta["tokenizer.ggml.add_bos_token"] is (with_specials[0] == tokenizer.bos_token_id)
+    assert meta["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    if case == "qwen2-bpe":
+        assert meta["tokenizer.ggml.model"] == "gpt2"
+        assert meta["tokenizer.ggml.pre"] == "qwen2"
+        merges = json.loads((source / "tokenizer.json").read_text())["model"]["merges"]
+        assert meta["tokenizer.ggml.merges"] == [" ".join(m) for m in merges]
+    else:
+        assert meta["tokenizer.ggml.model"] == "llama"
+        assert meta["tokenizer.ggml.add_space_prefix"] is True
+        assert meta["tokenizer.ggml.bos_token_id"] == tokenizer.bos_token_id
+
+
+# ---- tensors -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quant", ["F16", "Q8_0"])
+def test_every_tensor_round_trips(source: Path, artifacts: dict[str, Path], quant: str) -> None:
+    """Read back with gguf-py, undo llama.cpp's q/k row order, compare with the source tensor by tensor."""
+    checkpoint = Checkpoint.open(source)
+    spec = checkpoint.spec
+    arch = convert_gguf.LAYOUTS[spec.family].arch
+    name_map = gguf.get_tensor_name_map(arch, spec.num_layers)  # gguf-py's own HF → GGUF table
+    stored = {t.name: t for t in gguf.GGUFReader(artifacts[quant]).tensors}
+    seen = set()
+    for hf_name, array in checkpoint.tensors():
+        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if spec.tie_word_embeddings and gguf_name == "output.weight":
+            continue
+        tensor = stored[gguf_name]
+        seen.add(gguf_name)
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(array.shape)
+        if convert_gguf.LAYOUTS[spec.family].permute_qk and ".attn_q." in gguf_name:
+            values = rope_pairs_split(values, spec.num_heads)
+        if convert_gguf.LAYOUTS[spec.family].permute_qk and ".attn_k." in gguf_name:
+            values = rope_pairs_split(values, spec.num_kv_heads)
+        if array.ndim == 1:
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.F32
+            np.testing.assert_array_equal(values, array)
+        elif quant == "F16":  # bfloat16 values are exact in float16 within its range
+            np.testing.assert_array_equal(values, array.astype(np.float16).astype(np.float32))
+        else:  # Q8_0: within ~half a step of each block's scale (plus the scale's own float16 rounding)
+            step = np.abs(array).reshape(-1, 32).max(axis=1, keepdims=True) / 127
+            assert (np.abs(values - array).reshape(-1, 32) <= 0.6 * step + 1e-8).all(), gguf_name
+    assert seen == set(stored)  # nothing extra in the file
+
+
+def test_direct_q8_0_is_llama_cpps_q8_0(source: Path, artifacts: dict[str, Path], tmp_path: Path) -> None:
+    """gguf-py's Q8_0 written in the stream is byte for byte what llama.cpp makes from a lossless BF16 file."""
+    [bf16] = convert(source, tmp_path, ["BF16"])
+    theirs = quantize(bf16.path, tmp_path / "llama-cpp-Q8_0.gguf", "Q8_0")
+    ours = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(artifacts["Q8_0"]).tensors}
+    for tensor in gguf.GGUFReader(theirs).tensors:
+        np.testing.assert_array_equal(ours[tensor.name], np.asarray(tensor.data), err_msg=tensor.name)
+
+
+def test_writes_are_byte_identical(source: Path, artifacts: dict[str, Path], tmp_path: Path) -> None:
+    again = {a.quant: a.path for a in convert(source, tmp_path, QUANTS)}
+    for quant in QUANTS:
+        assert again[quant].read_bytes() == artifacts[quant].read_bytes(), quant
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"model-{q}.gguf" for q in sorted(QUANTS)]  # no leftovers
+
+
+# ---- llama.cpp runs it ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_llama_cpp_computes_the_source_function(artifacts: dict[str, Path], reference, quant: str) -> None:
+    result = scores(artifacts[quant], reference)
+    assert result.mean_kld < THRESHOLDS[quant]
+    if quant == "F16":
+        assert result.same_top1 > 0.98
+
+
+def test_kld_has_teeth(case: str, source: Path, reference, tmp_path: Path, monkeypatch) -> None:
+    """The other rope layout (permuting Qwen2, not permuting Llama) must fail the F16 threshold."""
+    family = CASES[case][0]
+    layout = convert_gguf.LAYOUTS[family]
+    monkeypatch.setitem(convert_gguf.LAYOUTS, family, convert_gguf.Layout(layout.arch, not layout.permute_qk))
+    [wrong] = convert(source, tmp_path, ["F16"])
+    assert scores(wrong.path, reference).mean_kld > THRESHOLDS["F16"]
+
+
+def test_llama_cpp_loads_without_warnings(artifacts: dict[str, Path]) -> None:
+    for path in artifacts.values():
+        runner = LlamaCppRunner(path, {})
+        runner.close()
+        assert runner.warnings == [], path.name
+
+
+def test_kv_cache_follows_the_full_window(artifacts: dict[str, Path], reference) -> None:
+    windows, _, _ = reference
+    runner = LlamaCppRunner(artifacts["F16"], {})
+    prompt = windows[0][:32]
+    full = runner.logits(np.array([*prompt, *runner.greedy(prompt, 8)[:-1]]))
+    np.testing.assert_allclose(runner.start(prompt), full[31], atol=1e-3)
+    np.testing.assert_allclose(runner.step(int(np.argmax(full[31]))), full[32], atol=1e-3)
+    runner.close()
+
+
+# ---- tokenization --------------------------------------------------------------------------------
+
+
+def test_tokenization_matches_transformers(source: Path, artifacts: dict[str, Path]) -> None:
+    runner = LlamaCppRunner(artifacts["Q4_K_M"], {})
+    for text in [heldout_text(), *SAMPLES]:
+        assert runner.tokenize(text) == hf_ids(source, text), repr(text[:40])
+    runner.close()
+
+
+def test_known_differences_from_transformers(case: str, source: Path, artifacts: dict[str, Path]) -> None:
+    """Where llama.cpp itself differs (not our metadata): documented here so a change shows."""
+    runner = LlamaCppRunner(artifacts["F16"], {})
+    # transformers finds special tokens in text even with add_special_tokens=False; llama.cpp with
+    # parse_special=False (what a runner must use for plain text) reads them as text.
+    special = AutoTokenizer.from_pretrained(source).eos_token
+    assert runner.tokenize(special) != hf_ids(source, special)
+    if case == "qwen2-bpe":  # Qwen2's tokenizer NFC-normalizes first; llama.cpp's BPE does not normalize
+        decomposed = "cafe\u0301"
+        assert runner.tokenize(decomposed) != hf_ids(source, decomposed)
+        assert runner.tokenize(unicodedata.normalize("NFC", decomposed)) == hf_ids(source, decomposed)
+    runner.close()
+
+
+def test_sentencepiece_model_alone(source: Path, case: str, artifacts: dict[str, Path], tmp_path: Path) -> None:
+    """Without tokenizer.json the vocabulary is the same, and llama.cpp splits text as SentencePiece does."""
+    if case != "llama-sentencepiece":
+        pytest.skip("SentencePiece only")
+    copy = shutil.copytree(source, tmp_path / "copy")
+    (copy / "tokenizer.json").unlink()
+    [alone] = convert(copy, tmp_path / "out", ["F16"])
+    # add_sep_token comes from tokenizer.json's pair template only; everything else must be the same
+    keys = [k for k in fields(artifacts["F16"]) if k.startswith("tokenizer.") and k != "tokenizer.ggml.add_sep_token"]
+    assert {k: fields(alone.path).get(k) for k in keys} == {k: fields(artifacts["F16"])[k] for k in keys}
+    sentencepiece = spm.SentencePieceProcessor(model_file=str(source / "tokenizer.model"))
+    runner = LlamaCppRunner(alone.path, {})
+    for text in [heldout_text()[:20_000], *SAMPLES]:
+        assert runner.tokenize(text) == sentencepiece.encode(text), repr(text[:40])
+    runner.close()
+
+
+def test_llama3_rope_factors_match_transformers() -> None:
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 256, "intermediate_size": 512,
+              "num_hidden_layers": 1, "num_attention_heads": 4, "max_position_embeddings": 131072,
+              "rope_parameters": rope}
+    spec = registry.for_config(config).spec(config)
+    hf_config = LlamaConfig(**{k: v for k, v in config.items() if k != "architectures"})
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config)
+    plain = 1.0 / rope["rope_theta"] ** (np.arange(0, spec.head_dim, 2) / spec.head_dim)
+    np.testing.assert_allclose(convert_gguf.llama3_rope_factors(spec), plain / inv_freq.numpy(), rtol=1e-5)
+
+
+# ---- refusals ------------------------------------------------------------------------------------
+
+
+def test_unknown_pre_tokenizer_is_refused(source: Path, case: str, tmp_path: Path) -> None:
+    if case != "qwen2-bpe":
+        pytest.skip("byte-level BPE only")
+    copy = shutil.copytree(source, tmp_path / "copy")
+    tokenizer = json.loads((copy / "tokenizer.json").read_text())
+    tokenizer["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{L}+|\p{N}{1,2}|\s+"
+    (copy / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(CheckpointError, match="no pre-tokenizer") as error:
+        convert(copy, tmp_path / "out", ["F16"])
+    assert "tokenizer.json" in str(error.value)
+
+
+def test_sentencepiece_json_without_model_is_refused(source: Path, case: str, tmp_path: Path) -> None:
+    if case != "llama-sentencepiece":
+        pytest.skip("SentencePiece only")
+    copy = shutil.copytree(source, tmp_path / "copy")
+    (copy / "tokenizer.model").unlink()
+    with pytest.raises(CheckpointError, match=r"tokenizer\.model"):
+        convert(copy, tmp_path / "out", ["F16"])
+
+
+def test_out_of_order_tensors_are_refused(source: Path, tmp_path: Path) -> None:
+    checkpoint = Checkpoint.open(source)
+    writer = GGUFWriter(checkpoint, GGUFTarget(format="gguf", quants=["F16"]), tmp_path, "model")
+    stream = checkpoint.tensors()
+    next(stream)
+    name, array = next(stream)
+    with pytest.raises(ValueError, match="out of order"):
+        writer.add(name, array)
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- importance matrix ---------------------------------------------------------------------------
+
+
+def test_importance_matrix_reaches_the_quantizer(source: Path, artifacts: dict[str, Path], reference,
+                                                 tmp_path: Path) -> None:
+    [calibrated] = convert(source, tmp_path, ["Q4_K_M"], imatrix="builtin")
+    assert calibrated.path.read_bytes() != artifacts["Q4_K_M"].read_bytes()
+    assert scores(calibrated.path, reference).mean_kld < THRESHOLDS["Q4_K_M"]
