@@ -54,7 +54,9 @@ def detect_artifact(path: Path) -> Artifact:
         if quantization:
             return Artifact("mlx", f"{quantization['bits']}bit-g{quantization['group_size']}", path)
         return Artifact("mlx", "fp16", path)
-    raise ArtifactError("not a recognised artifact (a .gguf file, a Core ML folder with manifest.json, or an MLX folder)", path)
+    raise ArtifactError(
+        "not a recognised artifact (a .gguf file, a Core ML folder with manifest.json, or an MLX folder)", path
+    )
 
 
 def _safetensors_format(path: Path) -> str | None:

@@ -119,7 +119,16 @@ def _kv_cache_check(runner, prompt: np.ndarray) -> dict:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident memory of this process, in MB.
+
+    On Linux ru_maxrss survives fork and exec, so a child would report its parent's peak when that is
+    larger; /proc's VmHWM belongs to this process alone. macOS reports ru_maxrss in bytes.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
