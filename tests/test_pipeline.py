@@ -85,6 +85,7 @@ def test_a_failing_gate_exits_1_and_names_everything(demo_run, demo_model):
     assert "mlx 4bit-g64" in line and "mean_kld" in line and "1e-09" in line
     report = json.loads((strict / "out" / "report.json").read_text())
     assert report["passed"] is False
+    assert not list((strict / "out" / "release").glob("*"))  # a failed artifact is not released
     assert report["artifacts"][0]["gates"]["failed"][0]["metric"] == "mean_kld"
 
 
@@ -120,3 +121,15 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
     result = run(*args)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_release_folder_verifies_and_push_dry_run_works_offline(demo_run):
+    tmp_path, _ = demo_run
+    (release,) = (tmp_path / "out" / "release").iterdir()
+    assert release.name.endswith("-4bit")
+    assert (release / "README.md").read_text().startswith("---\n")
+    checked = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=release, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    pushed = run("push", release, "--repo", "someone/demo-4bit", "--dry-run")
+    assert pushed.returncode == 0, pushed.stderr
+    assert "config.json" in pushed.stdout and "would upload" in pushed.stdout
