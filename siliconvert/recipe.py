@@ -99,7 +99,8 @@ class Release(Strict):
 
 
 class Recipe(Strict):
-    name: str | None = None
+    # A name becomes file and folder names: no separators, no leading dot, so it cannot leave the output folder.
+    name: str | None = Field(None, pattern=r"^\w[\w.-]*$")
     source: str
     output: Path | None = None
     targets: list[Target] = Field(min_length=1)

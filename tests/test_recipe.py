@@ -41,6 +41,7 @@ def test_all_formats_parse():
     ({**MINIMAL, "validate": {"gates": {"min_same_top1": 2}}}, "validate.gates.min_same_top1"),
     ({**MINIMAL, "validate": {"tokens": 64, "context": 128}}, "context must not exceed"),
     ({**MINIMAL, "targets": []}, "targets"),
+    ({**MINIMAL, "name": "../../etc"}, "name"),
 ])
 def test_problems_name_the_key(data, message):
     with pytest.raises(RecipeError, match=message):
