@@ -138,6 +138,7 @@ class Checkpoint:
         tensors = _index_tensors(path, allow_pickle)
         checkpoint = cls(path, name, config, family, spec, tensors)
         checkpoint._check_tensors()
+        checkpoint.tokenizer_files()  # every target ships the tokenizer: refuse a checkpoint without one now
         return checkpoint
 
     def tokenizer_files(self) -> list[Path]:

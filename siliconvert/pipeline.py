@@ -12,6 +12,7 @@ import importlib
 import importlib.metadata
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,6 +87,7 @@ def convert(checkpoint: Checkpoint, recipe: Recipe, artifacts_dir: Path) -> list
     an earlier completed run is not rebuilt. Returns each artifact with the target that asked for it.
     """
     artifacts_dir.mkdir(parents=True, exist_ok=True)
+    sweep_leftovers(artifacts_dir)
     done = {index: found for index, target in enumerate(recipe.targets)
             if (found := read_stamp(artifacts_dir, stage_key(checkpoint, target))) is not None}
     for found in done.values():
@@ -114,6 +116,19 @@ def convert(checkpoint: Checkpoint, recipe: Recipe, artifacts_dir: Path) -> list
             raise OutputError("no space left on the device", artifacts_dir) from None
         raise
     return [(artifact, target) for index, target in enumerate(recipe.targets) for artifact in done[index]]
+
+
+def sweep_leftovers(artifacts_dir: Path) -> None:
+    """Remove what a killed run left half-written. Writers work under hidden names (".name.partial",
+    ".name.tmp-PID", scratch folders) and only a finished artifact gets a visible name; the stamps
+    folder is the one hidden entry that is kept. One run at a time per output folder."""
+    for entry in artifacts_dir.glob(".*"):
+        if entry.name == ".stamps":
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 TOOLS = ("siliconvert", "mlx", "mlx-lm", "gguf", "llama-cpp-python", "coremltools", "numpy")

@@ -9,8 +9,9 @@ import pytest
 
 @pytest.fixture(scope="session")
 def random_llama(tmp_path_factory) -> Path:
-    """A tiny random-weight Llama (bf16, transformers-5 config, no tokenizer): for reader tests."""
+    """A tiny random-weight Llama (bf16, transformers-5 config, a word-level tokenizer): for reader tests."""
     import torch
+    from tokenizers import Tokenizer, models
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -19,6 +20,7 @@ def random_llama(tmp_path_factory) -> Path:
                          rope_theta=20000.0, tie_word_embeddings=False)
     folder = tmp_path_factory.mktemp("random-llama")
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    Tokenizer(models.WordLevel({f"w{i}": i for i in range(96)}, unk_token="w0")).save(str(folder / "tokenizer.json"))
     return folder
 
 

@@ -34,6 +34,7 @@ def test_sharded_checkpoint_reads_the_same(random_llama, tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(random_llama, dtype=torch.bfloat16)
     model.save_pretrained(tmp_path, max_shard_size="20KB")
+    shutil.copy(random_llama / "tokenizer.json", tmp_path)
     assert (tmp_path / "model.safetensors.index.json").is_file()
     one = dict(Checkpoint.open(random_llama).tensors())
     sharded = Checkpoint.open(tmp_path)
