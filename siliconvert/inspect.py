@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,12 @@ def _describe_artifact(path: Path) -> dict[str, Any]:
             name: _gguf_value(field) for name, field in reader.fields.items()
             if not name.startswith("tokenizer.ggml.") or name.endswith(("model", "pre"))
         }
+    elif artifact.format == "coreml":
+        info["manifest"] = json.loads((path / "manifest.json").read_text())
+    elif artifact.format == "mlx":
+        config = json.loads((path / "config.json").read_text())
+        info["quantization"] = config.get("quantization")
+        info["model_type"] = config.get("model_type")
     return info
 
 
