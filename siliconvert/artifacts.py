@@ -8,11 +8,19 @@ an interrupted run never leaves a file that looks finished.
 from __future__ import annotations
 
 import json
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write `path` under a hidden temporary name, then rename: readers see the old file or the new."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from siliconvert import __version__
-from siliconvert.artifacts import Artifact, Writer
+from siliconvert.artifacts import Artifact, Writer, write_text_atomically
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.errors import OutputError
 from siliconvert.progress import say, track
@@ -164,9 +164,7 @@ def write_stamp(artifacts_dir: Path, key: str, artifacts: list[Artifact]) -> Non
                 "runner_options": a.runner_options} for a in artifacts]
     stamp = artifacts_dir / ".stamps" / f"{key}.json"
     stamp.parent.mkdir(exist_ok=True)
-    tmp = stamp.with_name(f"{stamp.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(entries, indent=2))
-    tmp.replace(stamp)
+    write_text_atomically(stamp, json.dumps(entries, indent=2))
 
 
 def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Artifact], settings: Validate,

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from siliconvert.artifacts import write_text_atomically
 from siliconvert.validate.gates import GateFailure
 from siliconvert.validate.score import ArtifactScore, artifact_size
 
@@ -52,11 +53,11 @@ def build_report(*, source: str, source_info: dict, reference: dict, corpus: dic
 
 
 def write_report(out_dir: Path, report: dict, klds: dict[str, np.ndarray]) -> None:
-    _atomic_write(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomically(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
     has_plot = bool(report["artifacts"])
     if has_plot:
         plot(out_dir / "plot.png", report, klds)
-    _atomic_write(out_dir / "report.md", markdown(report, plot_name="plot.png" if has_plot else None))
+    write_text_atomically(out_dir / "report.md", markdown(report, plot_name="plot.png" if has_plot else None))
 
 
 def markdown(report: dict, plot_name: str | None) -> str:
@@ -126,9 +127,3 @@ def plot(path: Path, report: dict, klds: dict[str, np.ndarray]) -> None:
 
 def _num(value: float | None) -> str:
     return "–" if value is None else f"{value:.1f}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
