@@ -1,9 +1,11 @@
 """GGUF: the single file llama.cpp, Ollama and LM Studio load, written with gguf-py in one streamed pass.
 
 `GGUFWriter` writes the header, the key/values (hyper-parameters from the ModelSpec, tokenizer) and every
-tensor's info up front, then each tensor's data as it arrives: memory holds one tensor at a time. It writes
-F16, BF16 and Q8_0 itself; other types (Q4_K_M, ...) come from llama.cpp's own quantizer run on a
-full-precision GGUF written in the same pass (see siliconvert.quantize.gguf).
+tensor's info up front, then each tensor's data as it arrives. F32/F16/BF16 it converts itself; quantized
+types (Q8_0, Q4_K_M, ...) are made by llama.cpp's own code, tensor by tensor, on a pool of threads while the
+stream goes on (siliconvert.quantize.gguf): a few tensors are in flight at a time, never the model. Where
+this llama.cpp lacks the per-tensor planner, K-quants are made the old way, by llama.cpp's whole-file
+quantizer on a full-precision GGUF written in the same pass.
 
 Two things llama.cpp cannot tell from the file if they are wrong, so they are derived with care here:
 - RoPE layout. HF Llama/Mistral rotate dimension i with i + head_dim/2 ("rotate half"); llama.cpp's
@@ -21,6 +23,7 @@ import math
 import os
 import warnings
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,10 +35,18 @@ from gguf import LlamaFileType, TokenType
 from sentencepiece import sentencepiece_model_pb2
 
 from siliconvert.architectures import ModelSpec
-from siliconvert.artifacts import Artifact, Writer
+from siliconvert.artifacts import Artifact, Writer, sync_file
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.errors import CheckpointError, RecipeError
-from siliconvert.quantize.gguf import LLAMA_CPP_QUANTS, calibration_text, importance_matrix, quantize
+from siliconvert.quantize.gguf import (
+    LLAMA_CPP_QUANTS,
+    QuantizedTensor,
+    TensorQuantizer,
+    calibration_text,
+    importance_matrix,
+    plan_types,
+    quantize,
+)
 from siliconvert.recipe import GGUFTarget
 
 # ---- knowledge as data ---------------------------------------------------------------------------
@@ -52,7 +63,7 @@ LAYOUTS = {
     "mistral": Layout(gguf.MODEL_ARCH.LLAMA, permute_qk=True),  # llama.cpp converts Mistral as llama
     "qwen2": Layout(gguf.MODEL_ARCH.QWEN2, permute_qk=False),
 }
-# Types this writer produces itself: (tensor type of the 2-D weights, general.file_type).
+# Types chosen without llama.cpp's planner: (tensor type of the 2-D weights, general.file_type).
 DIRECT_TYPES = {
     "F32": (QType.F32, LlamaFileType.ALL_F32),
     "F16": (QType.F16, LlamaFileType.MOSTLY_F16),
@@ -61,6 +72,8 @@ DIRECT_TYPES = {
 }
 # The lossless full-precision type for a source dtype: what llama.cpp's quantizer reads.
 LOSSLESS = {"BF16": "BF16", "F16": "F16", "F32": "F32"}
+FLOAT_TYPES = (QType.F32, QType.F16, QType.BF16)  # converted here; every other type is llama.cpp's work
+IN_FLIGHT_BYTES = 384 << 20  # float32 source bytes waiting for the quantizer before the stream waits
 
 # Regexes tokenizers' pre-tokenizers apply, as tokenizer.json spells them.
 GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # ByteLevel's own
@@ -102,15 +115,33 @@ class GGUFWriter(Writer):
                           f"source beyond the {spec.sliding_window}-token sliding window", stacklevel=2)
         self.layout = LAYOUTS[spec.family]
         self.names = _tensor_names(self.layout.arch)
-        self.order = [i.name for i in sorted(checkpoint.tensor_infos.values(), key=lambda i: (i.shard.name, i.offset))
-                      if self._gguf_name(i.name) is not None]
+        self.order = [i.name for i in checkpoint.stream_order() if self._gguf_name(i.name) is not None]
         self._pending = deque(self.order)
+        self._index = 0  # position of the next tensor in self.order
+        shapes = [(self._gguf_name(n), checkpoint.tensor_infos[n].shape) for n in self.order]
+        quantized = any(q not in DIRECT_TYPES for q in target.quants)
+        self.imatrix = self._importance_matrix() if target.imatrix and quantized else None
+        # quant → (general.file_type, every tensor's type in self.order)
+        self.plans: dict[str, tuple[LlamaFileType, list[QType]]] = {}
+        for quant in target.quants:
+            plan = self._plan(quant, shapes)
+            if plan is not None:
+                self.plans[quant] = plan
+        # Quants whose per-tensor plan this llama.cpp cannot give: its whole-file quantizer makes them.
+        self.from_file = [q for q in target.quants if q not in self.plans]
+        if self.from_file and self._full_precision() not in self.plans:
+            self.plans[self._full_precision()] = self._plan(self._full_precision(), shapes)
         self.metadata = self._metadata()
         out_dir.mkdir(parents=True, exist_ok=True)
         self.files: dict[str, tuple[Path, gguf.GGUFWriter]] = {}
-        for quant in self._direct_types():
+        for quant, (file_type, types) in self.plans.items():
             temp = out_dir / f".{model_name}-{quant}.gguf.partial"
-            self.files[quant] = (temp, self._open(temp, quant))
+            self.files[quant] = (temp, self._open(temp, file_type, types))
+        needs_llama_cpp = any(t not in FLOAT_TYPES for _, types in self.plans.values() for t in types)
+        self.quantizer = TensorQuantizer() if needs_llama_cpp else None
+        # tensors handed to the quantizer, oldest first: (per file: bytes or work in progress, source bytes)
+        self._queue: deque[tuple[list[np.ndarray | QuantizedTensor], int]] = deque()
+        self._in_flight = 0
 
     def add(self, name: str, array: np.ndarray) -> None:
         gguf_name = self._gguf_name(name)
@@ -121,39 +152,65 @@ class GGUFWriter(Writer):
             raise ValueError(f"GGUF writer got tensor {name!r} out of order (expected {expected})")
         self._pending.popleft()
         array = self._to_llama_cpp_layout(gguf_name, array)
-        for quant, (_, writer) in self.files.items():
-            data = gguf.quants.quantize(array, _storage_type(gguf_name, array.shape, quant))
-            if data.dtype == np.float16 and not np.isfinite(data).all():
-                raise CheckpointError(f"tensor {name!r} overflows float16; ask for BF16 instead",
-                                      self.checkpoint.path)
-            writer.write_tensor_data(data)
+        parts = [self._encode(name, gguf_name, array, types[self._index]) for _, types in self.plans.values()]
+        self._index += 1
+        self._queue.append((parts, array.nbytes))
+        self._in_flight += array.nbytes
+        self._write_finished(wait=False)
 
     def finish(self) -> list[Artifact]:
         if self._pending:
             raise ValueError(f"GGUF writer finished before tensor {self._pending[0]!r} arrived")
+        self._write_finished(wait=True)
+        if self.quantizer is not None:
+            self.quantizer.close()
         finals: dict[str, Path] = {}
         for quant, (temp, writer) in self.files.items():
             writer.close()
             final = self._path(quant)
             if quant in self.target.quants:
+                sync_file(temp)
                 os.replace(temp, final)
                 finals[quant] = final
             else:
                 finals[quant] = temp  # the intermediate full-precision file: input to the quantizer only
-        quantized = [q for q in self.target.quants if q in LLAMA_CPP_QUANTS and q not in self.files]
-        if quantized:
+        if self.from_file:
             source = finals[self._full_precision()]
-            imatrix = self._importance_matrix() if self.target.imatrix else None
-            for quant in quantized:
-                quantize(source, self._path(quant), quant, imatrix=imatrix)
+            for quant in self.from_file:
+                quantize(source, self._path(quant), quant, imatrix=self.imatrix)
         for temp, _ in self.files.values():
             temp.unlink(missing_ok=True)
         return [Artifact("gguf", q, self._path(q)) for q in self.target.quants]
 
     def abort(self) -> None:
+        if self.quantizer is not None:
+            self.quantizer.close()
         for temp, writer in self.files.values():
             writer.close()
             temp.unlink(missing_ok=True)
+
+    def _encode(self, name: str, gguf_name: str, array: np.ndarray, qtype: QType) -> np.ndarray | QuantizedTensor:
+        """The tensor's bytes in `qtype`, or llama.cpp's work in progress on them."""
+        if qtype not in FLOAT_TYPES:
+            imatrix = self.imatrix.get(gguf_name) if self.imatrix else None
+            return self.quantizer.submit(array.reshape(-1, array.shape[-1]), qtype, imatrix)
+        data = gguf.quants.quantize(array, qtype)
+        if data.dtype == np.float16 and not np.isfinite(data).all():
+            raise CheckpointError(f"tensor {name!r} overflows float16; ask for BF16 instead", self.checkpoint.path)
+        return data
+
+    def _write_finished(self, wait: bool) -> None:
+        """Write the oldest tensors whose bytes are ready, in order. Past IN_FLIGHT_BYTES of tensors in
+        flight, wait for them: that is what bounds memory when the quantizer is slower than the stream."""
+        while self._queue:
+            parts, nbytes = self._queue[0]
+            ready = all(isinstance(p, np.ndarray) or p.done() for p in parts)
+            if not (ready or wait or self._in_flight > IN_FLIGHT_BYTES):
+                return
+            for part, (_, writer) in zip(parts, self.files.values(), strict=True):
+                writer.write_tensor_data(part if isinstance(part, np.ndarray) else part.result())
+            self._queue.popleft()
+            self._in_flight -= nbytes
 
     # ---- plan ------------------------------------------------------------------------------------
     def _path(self, quant: str) -> Path:
@@ -167,37 +224,46 @@ class GGUFWriter(Writer):
         dtypes = {i.dtype for i in self.checkpoint.tensor_infos.values() if len(i.shape) > 1}
         return LOSSLESS[dtypes.pop()] if len(dtypes) == 1 else "F32"
 
-    def _direct_types(self) -> list[str]:
-        direct = [q for q in self.target.quants if q in DIRECT_TYPES]
-        if any(q not in DIRECT_TYPES for q in self.target.quants) and self._full_precision() not in direct:
-            direct.append(self._full_precision())
-        return direct
+    def _plan(self, quant: str,
+              shapes: Sequence[tuple[str, tuple[int, ...]]]) -> tuple[LlamaFileType, list[QType]] | None:
+        """(general.file_type, each tensor's type) for `quant`, or None where only llama.cpp's whole-file
+        quantizer can tell."""
+        if quant in DIRECT_TYPES:
+            return DIRECT_TYPES[quant][1], [_storage_type(name, shape, quant) for name, shape in shapes]
+        planned = plan_types(gguf.MODEL_ARCH_NAMES[self.layout.arch], self.checkpoint.spec, shapes, quant,
+                             has_imatrix=self.imatrix is not None)
+        if planned is None:
+            return None
+        # What llama.cpp leaves unquantized keeps the type it has in the full-precision file it would read.
+        kept = self._full_precision()
+        types = [t if t is not None else _storage_type(name, shape, kept)
+                 for t, (name, shape) in zip(planned, shapes, strict=True)]
+        return LLAMA_CPP_QUANTS[quant], types
 
     def _metadata(self) -> gguf.GGUFWriter:
         """The key/values every file shares, gathered once in a writer that has no file."""
         metadata = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[self.layout.arch])
         metadata.add_name(self.model_name)
-        metadata.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _add_hyperparameters(metadata, self.checkpoint.spec)
         add_tokenizer(metadata, self.checkpoint)
         return metadata
 
-    def _open(self, path: Path, quant: str) -> gguf.GGUFWriter:
+    def _open(self, path: Path, file_type: LlamaFileType, types: list[QType]) -> gguf.GGUFWriter:
         """Write everything but the tensor data: header, key/values, tensor infos (phases of gguf-py's writer)."""
         writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[self.layout.arch])
         for key, value in self.metadata.kv_data[0].items():
             if key != gguf.Keys.General.ARCHITECTURE:  # every writer adds its own
                 writer.add_key_value(key, value.value, value.type, value.sub_type)
-        writer.add_file_type(DIRECT_TYPES[quant][1])
+        # last, in this order, where llama.cpp's quantizer puts them (it sets both anew)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_file_type(file_type)
         rope_factors = llama3_rope_factors(self.checkpoint.spec)
         if rope_factors is not None:  # extra tensors come first: their data exists before the stream starts
             writer.add_tensor_info(self.names["rope_freqs"] + ".weight", rope_factors.shape,
                                    np.dtype(np.float32), rope_factors.nbytes)
         infos = self.checkpoint.tensor_infos
-        for name in self.order:
-            gguf_name = self._gguf_name(name)
-            qtype = _storage_type(gguf_name, infos[name].shape, quant)
-            writer.add_tensor_info(gguf_name, infos[name].shape, np.dtype(np.float32),
+        for name, qtype in zip(self.order, types, strict=True):
+            writer.add_tensor_info(self._gguf_name(name), infos[name].shape, np.dtype(np.float32),
                                    _nbytes(infos[name].shape, qtype), raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -1,25 +1,35 @@
-"""GGUF quantization by llama.cpp's own quantizer (`llama_model_quantize`, through llama-cpp-python).
+"""GGUF quantization by llama.cpp's own code, through the libraries llama-cpp-python ships.
 
-The quantizer reads a full-precision GGUF written by siliconvert.convert.gguf and writes one file per type,
-choosing per tensor as llama-quantize does (Q4_K_M keeps some v/down projections at Q6_K, ...).
+Two ways, same bytes:
+- Streamed (`TensorQuantizer`): per tensor, as the weights stream by. llama.cpp chooses each tensor's type
+  with the planner `llama-quantize` itself runs (Q4_K_M keeps some attn_v / ffn_down at Q6_K, the head at
+  Q6_K, ...), and `ggml_quantize_chunk` quantizes its rows on every core. No full-precision intermediate
+  file is written and read back, and quantization overlaps the rest of the pass.
+- Whole file (`quantize`): `llama_model_quantize` on a full-precision GGUF. The fallback where the
+  planner's symbols are missing (it lives in llama.cpp's staging API, src/llama-ext.h, exported with C++
+  linkage), and the oracle the tests hold the streamed path to, byte for byte.
 
-Importance matrix. llama-cpp-python can hand llama.cpp an importance matrix
-(`llama_model_quantize_params.imatrix`) but cannot compute one: the `llama-imatrix` tool is not part of
-its API. `importance_matrix` therefore computes the same statistic llama-imatrix collects, the mean of
-x² of every input column entering each matrix multiply, over a calibration text, running the source
-checkpoint in transformers (float32, CPU). This loads the whole model once, unlike the streamed
-conversion. The calibration text "builtin" is siliconvert.textdata.training_text(): text the demo
-models were trained on, never the held-out text validation scores, so calibration cannot flatter the
-validation table.
+Importance matrix. llama-cpp-python can hand llama.cpp an importance matrix but cannot compute one: the
+`llama-imatrix` tool is not part of its API. `importance_matrix` therefore computes the same statistic
+llama-imatrix collects, the mean of x² of every input column entering each matrix multiply, over a
+calibration text, running the source checkpoint in transformers (float32, CPU). This loads the whole
+model once, unlike the streamed conversion. The calibration text "builtin" is
+siliconvert.textdata.training_text(): text the demo models were trained on, never the held-out text
+validation scores, so calibration cannot flatter the validation table.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from gguf import GGMLQuantizationType as QType
 from gguf import LlamaFileType
 
 from siliconvert.errors import ArtifactError, RecipeError, RuntimeMissingError
@@ -63,6 +73,178 @@ def quantize(source: Path, dest: Path, quant: str, *, imatrix: dict[str, np.ndar
                             source)
     os.replace(temp, dest)
     return dest
+
+
+# ---- streamed: llama.cpp's planner and row quantizer, tensor by tensor ------------------------------
+
+# llama.cpp's staging API (src/llama-ext.h) has C++ linkage: these mangled names are how it is exported.
+PLANNER_SYMBOLS = {
+    "model_from_metadata": "_Z31llama_quant_model_from_metadataPK22llama_quant_model_desc",
+    "init": "_Z16llama_quant_initPK11llama_modelPK27llama_model_quantize_params",
+    "free": "_Z16llama_quant_freeP19quantize_state_impl",
+    "allows": "_Z38llama_quant_tensor_allows_quantizationPK19quantize_state_implPK11ggml_tensor",
+    "compute_types": "_Z25llama_quant_compute_typesP19quantize_state_impl11llama_ftypePP11ggml_tensorP9ggml_typem",
+}
+ROWS_PER_TASK = 256  # rows of one quantization task: small enough to spread a tensor over every core
+
+
+class _ModelDescription(ctypes.Structure):  # struct llama_quant_model_desc
+    _fields_ = [("architecture", ctypes.c_char_p)] + [
+        (name, ctypes.c_uint32)
+        for name in ("n_embd", "n_ff", "n_layer", "n_head", "n_head_kv", "n_expert", "n_embd_head_k", "n_embd_head_v")
+    ]
+
+
+class _GGMLInitParams(ctypes.Structure):  # struct ggml_init_params
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+def _planner():
+    """The planner's functions from libllama, or None where this llama.cpp does not export them."""
+    llama_cpp = _llama_cpp()
+    lib = llama_cpp.llama_cpp._lib
+    try:
+        found = {key: getattr(lib, symbol) for key, symbol in PLANNER_SYMBOLS.items()}
+    except AttributeError:
+        return None
+    found["model_from_metadata"].argtypes = [ctypes.POINTER(_ModelDescription)]
+    found["model_from_metadata"].restype = ctypes.c_void_p
+    found["init"].argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    found["init"].restype = ctypes.c_void_p
+    found["free"].argtypes = [ctypes.c_void_p]
+    found["free"].restype = None
+    found["allows"].argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    found["allows"].restype = ctypes.c_bool
+    found["compute_types"].argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p),
+                                       ctypes.POINTER(ctypes.c_int), ctypes.c_size_t]
+    found["compute_types"].restype = None
+    return found
+
+
+def _ggml():
+    from llama_cpp._ggml import libggml as lib  # ggml-base's symbols resolve through it
+
+    lib.ggml_init.argtypes, lib.ggml_init.restype = [_GGMLInitParams], ctypes.c_void_p
+    lib.ggml_free.argtypes, lib.ggml_free.restype = [ctypes.c_void_p], None
+    lib.ggml_tensor_overhead.argtypes, lib.ggml_tensor_overhead.restype = [], ctypes.c_size_t
+    lib.ggml_new_tensor.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int64)]
+    lib.ggml_new_tensor.restype = ctypes.c_void_p
+    lib.ggml_set_name.argtypes, lib.ggml_set_name.restype = [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_void_p
+    lib.ggml_quantize_init.argtypes, lib.ggml_quantize_init.restype = [ctypes.c_int], None
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_row_size.argtypes, lib.ggml_row_size.restype = [ctypes.c_int, ctypes.c_int64], ctypes.c_size_t
+    return lib
+
+
+def plan_types(architecture: str, spec, tensors: Sequence[tuple[str, tuple[int, ...]]], quant: str, *,
+               has_imatrix: bool = False) -> list[QType | None] | None:
+    """The type llama-quantize gives each (GGUF name, numpy shape) for `quant`; None for a tensor it leaves
+    as it is. None altogether where this llama.cpp lacks the planner (then use `quantize` on a file)."""
+    planner = _planner()
+    if planner is None:
+        return None
+    llama_cpp, ggml = _llama_cpp(), _ggml()
+    description = _ModelDescription(architecture.encode(), spec.hidden_size, spec.intermediate_size,
+                                    spec.num_layers, spec.num_heads, spec.num_kv_heads, 0, spec.head_dim,
+                                    spec.head_dim)
+    model = planner["model_from_metadata"](ctypes.byref(description))
+    if not model:
+        return None
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = LLAMA_CPP_QUANTS[quant]
+    if has_imatrix:  # the planner only asks whether there is one: an empty, NULL-terminated list says yes
+        params.imatrix = (llama_cpp.llama_model_imatrix_data * 1)()
+    state = planner["init"](model, ctypes.byref(params))
+    context = ggml.ggml_init(_GGMLInitParams(ggml.ggml_tensor_overhead() * (len(tensors) + 1), None, True))
+    try:
+        handles = []
+        for name, shape in tensors:
+            ne = (ctypes.c_int64 * len(shape))(*reversed(shape))  # ggml lists dimensions innermost first
+            handle = ggml.ggml_new_tensor(context, int(QType.F32), len(shape), ne)
+            ggml.ggml_set_name(handle, name.encode())
+            handles.append(handle)
+        allowed = [planner["allows"](state, h) for h in handles]
+        chosen = [h for h, ok in zip(handles, allowed, strict=True) if ok]
+        types = (ctypes.c_int * len(chosen))()
+        if chosen:
+            with LlamaLog():  # its per-tensor fallback notes ("ncols not divisible by 256"): the file records the types
+                planner["compute_types"](state, int(LLAMA_CPP_QUANTS[quant]),
+                                         (ctypes.c_void_p * len(chosen))(*chosen), types, len(chosen))
+        picked = iter(types)
+        return [QType(next(picked)) if ok else None for ok in allowed]
+    finally:
+        ggml.ggml_free(context)
+        planner["free"](state)
+        llama_cpp.llama_model_free(model)
+
+
+class TensorQuantizer:
+    """Quantizes 2-D float32 tensors with ggml's own code on a pool of threads, a block of rows per task.
+
+    ctypes releases the GIL for the call, so the tasks run on every core while the caller goes on. The
+    pool's threads run at a lower priority: the stream that feeds them (reading, the other formats) comes
+    first and quantization takes the cores it leaves.
+    """
+
+    def __init__(self, threads: int | None = None):
+        self.ggml = _ggml()
+        self.pool = ThreadPoolExecutor(threads or cpu_threads(), thread_name_prefix="ggml-quantize",
+                                       initializer=_lower_priority)
+        self._initialized: set[int] = set()
+        self._lock = threading.Lock()
+
+    def submit(self, array: np.ndarray, qtype: QType, imatrix: np.ndarray | None = None) -> QuantizedTensor:
+        """Start quantizing `array` (float32, C-contiguous, rows × n_per_row). `array` and `imatrix` must not
+        change until the result has been taken."""
+        rows, n_per_row = array.shape
+        with self._lock:
+            if qtype not in self._initialized:  # builds lookup tables some types need; not thread safe
+                self.ggml.ggml_quantize_init(int(qtype))
+                self._initialized.add(qtype)
+        out = np.empty((rows, self.ggml.ggml_row_size(int(qtype), n_per_row)), dtype=np.uint8)
+        weights = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+        tasks = [self.pool.submit(self._rows, array, out, qtype, start, min(ROWS_PER_TASK, rows - start), weights)
+                 for start in range(0, rows, ROWS_PER_TASK)]
+        return QuantizedTensor(out, tasks)
+
+    def _rows(self, array: np.ndarray, out: np.ndarray, qtype: QType, start: int, rows: int,
+              imatrix: np.ndarray | None) -> None:
+        n_per_row = array.shape[1]
+        # ggml offsets both pointers itself from `start` (an element index of the first row)
+        written = self.ggml.ggml_quantize_chunk(int(qtype), array.ctypes.data, out.ctypes.data, start * n_per_row,
+                                                rows, n_per_row, None if imatrix is None else imatrix.ctypes.data)
+        if written != rows * out.shape[1]:
+            raise ArtifactError(f"ggml quantized {written} bytes for {rows} rows of {qtype.name}, "
+                                f"expected {rows * out.shape[1]}")
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class QuantizedTensor:
+    """A tensor being quantized: `result()` waits for its rows and returns the bytes, uint8 [rows, row bytes]."""
+
+    def __init__(self, out: np.ndarray, tasks: list[Future]):
+        self.out, self.tasks = out, tasks
+
+    def done(self) -> bool:
+        return all(task.done() for task in self.tasks)
+
+    def result(self) -> np.ndarray:
+        for task in self.tasks:
+            task.result()  # re-raises a task's error here
+        return self.out
+
+
+def _lower_priority() -> None:
+    if hasattr(os, "setpriority"):
+        with contextlib.suppress(OSError):  # not permitted here: the threads then compete as equals
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 5)  # Linux: a thread id works here
+
+
+# ---- whole file, and the importance matrix -------------------------------------------------------------
 
 
 def calibration_text(source: str) -> tuple[str, str]:

@@ -16,6 +16,16 @@ from pathlib import Path
 import numpy as np
 
 
+def sync_file(path: Path) -> None:
+    """Flush a finished file to the disk before it is renamed into place: otherwise a crash soon after the
+    rename can leave the final name on a file whose data never reached the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_text_atomically(path: Path, text: str) -> None:
     """Write `path` under a hidden temporary name, then rename: readers see the old file or the new."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import struct
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,22 +99,38 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     return infos
 
 
+READ_BLOCK = 32 << 20  # bytes read at a time when widening bfloat16: the only copy beside the result
+
+
 def read_tensor(info: TensorInfo) -> np.ndarray:
     """Read one tensor from disk; bfloat16 widens to float32 exactly."""
     if info.offset < 0:  # a pickle entry (--allow-pickle)
         tensor = _pickle_tensors(info.shard)[info.name]
         return (tensor.float() if info.dtype == "BF16" else tensor).numpy()
+    if info.dtype == "BF16":
+        return _read_bfloat16(info)
     array = np.empty(info.shape, dtype=SAFETENSORS_DTYPES[info.dtype])
     with info.shard.open("rb") as f:
         f.seek(info.offset)
         if f.readinto(memoryview(array).cast("B")) != info.nbytes:
             raise CheckpointError(f"truncated while reading tensor {info.name!r}", info.shard)
-    if info.dtype == "BF16":  # widen in place: one uint32 copy, never two
-        wide = array.astype(np.uint32)
-        del array
-        wide <<= 16
-        return wide.view(np.float32)
     return array
+
+
+def _read_bfloat16(info: TensorInfo) -> np.ndarray:
+    """bfloat16 is the top half of a float32: read block by block into the high halves of the result, so
+    memory holds the float32 tensor and one block, not a bfloat16 copy of the whole tensor as well."""
+    wide = np.zeros(info.nbytes // 2, dtype=np.uint32)
+    halves = wide.view(np.uint16)[1::2] if sys.byteorder == "little" else wide.view(np.uint16)[::2]
+    block = np.empty(READ_BLOCK // 2, dtype=np.uint16)
+    with info.shard.open("rb") as f:
+        f.seek(info.offset)
+        for start in range(0, wide.size, block.size):
+            chunk = block[: min(block.size, wide.size - start)]
+            if f.readinto(memoryview(chunk).cast("B")) != chunk.nbytes:
+                raise CheckpointError(f"truncated while reading tensor {info.name!r}", info.shard)
+            halves[start:start + chunk.size] = chunk
+    return wide.view(np.float32).reshape(info.shape)
 
 
 class Checkpoint:
@@ -147,11 +164,27 @@ class Checkpoint:
             raise CheckpointError("no tokenizer (neither tokenizer.json nor tokenizer.model)", self.path)
         return files
 
+    def stream_order(self) -> list[TensorInfo]:
+        """The order tensors stream in: the model's own (embeddings, layer 0, layer 1, ..., final norm and
+        head), so every writer completes its layers and packages in turn whatever order the shards store
+        (safetensors sorts names: layer 10 comes before layer 2). Within a layer, file order."""
+
+        def position(info: TensorInfo) -> tuple:
+            role = self.family.role_of(info.name)
+            if role is not None and role.layer is not None:
+                group, layer = 1, role.layer
+            else:
+                group, layer = (0 if role is not None and role.role == "token_embd" else 2), 0
+            return group, layer, info.shard.name, info.offset
+
+        return sorted(self.tensor_infos.values(), key=position)
+
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        """Yield (HF name, array) in a stable order: shard by shard, in file order."""
-        for info in sorted(self.tensor_infos.values(), key=lambda i: (i.shard.name, i.offset)):
+        """Yield (HF name, array) one at a time, in `stream_order`."""
+        for info in self.stream_order():
             array = read_tensor(info)
-            if array.dtype.kind == "f" and not np.isfinite(array).all():
+            # min and max carry any NaN through, and meet any ±Inf: no per-element temporary needed
+            if array.dtype.kind == "f" and array.size and not np.isfinite([array.min(), array.max()]).all():
                 raise CheckpointError(f"tensor {info.name!r} holds NaN or Inf values", info.shard)
             yield info.name, array
             del array  # so the next tensor is read with this one already gone

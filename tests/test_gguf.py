@@ -331,3 +331,49 @@ def test_importance_matrix_reaches_the_quantizer(source: Path, artifacts: dict[s
     [calibrated] = convert(source, tmp_path, ["Q4_K_M"], imatrix="builtin")
     assert calibrated.path.read_bytes() != artifacts["Q4_K_M"].read_bytes()
     assert scores(calibrated.path, reference).mean_kld < THRESHOLDS["Q4_K_M"]
+
+
+# ---- streamed quantization is llama.cpp's whole-file quantization ---------------------------------
+
+
+def whole_file_quantization(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Take the planner away, as on a llama.cpp without it: K-quants then come from llama_model_quantize
+    run on a full-precision file."""
+    monkeypatch.setattr(convert_gguf, "plan_types", lambda *args, **kwargs: None)
+
+
+@pytest.mark.parametrize("imatrix", [None, "builtin"])
+def test_streamed_k_quants_are_llama_quantizes_bytes(source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     imatrix: str | None) -> None:
+    """Per-tensor types from llama.cpp's planner and rows from ggml_quantize_chunk give what
+    llama_model_quantize writes: the same key/values in the same order, the same types and bytes per tensor.
+    Only the order of the tensors differs: llama.cpp sorts them by name (output first), the stream writes
+    them as they come."""
+    quants = ["Q4_K_M", "Q6_K", "Q4_0", "Q2_K"]
+    streamed = {a.quant: a.path for a in convert(source, tmp_path / "streamed", quants, imatrix=imatrix)}
+    assert not list((tmp_path / "streamed").glob(".*"))  # no full-precision intermediate was written
+    whole_file_quantization(monkeypatch)
+    whole = {a.quant: a.path for a in convert(source, tmp_path / "whole", quants, imatrix=imatrix)}
+    for quant in quants:
+        assert_same_model(streamed[quant], whole[quant])
+
+
+def test_streamed_quantization_follows_llama_cpps_fallbacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows that are not a multiple of 256 cannot be K-quants: llama.cpp's planner picks its fallback types,
+    exactly as the whole-file quantizer does."""
+    odd = small_checkpoint(None, "llama", "sentencepiece", **(TINY | {"hidden_size": 192, "train_steps": 1}))
+    streamed = convert(odd, tmp_path / "streamed", ["Q4_K_M"])[0].path
+    types = {t.tensor_type for t in gguf.GGUFReader(streamed).tensors}
+    assert gguf.GGMLQuantizationType.Q5_0 in types  # what llama.cpp gives a Q4_K tensor with 192-wide rows
+    whole_file_quantization(monkeypatch)
+    assert_same_model(streamed, convert(odd, tmp_path / "whole", ["Q4_K_M"])[0].path)
+
+
+def assert_same_model(ours: Path, theirs: Path) -> None:
+    assert list(fields(ours).items()) == list(fields(theirs).items())
+    mine = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    others = gguf.GGUFReader(theirs).tensors
+    assert sorted(mine) == sorted(t.name for t in others)
+    for tensor in others:
+        assert mine[tensor.name].tensor_type == tensor.tensor_type, tensor.name
+        assert np.asarray(mine[tensor.name].data).tobytes() == np.asarray(tensor.data).tobytes(), tensor.name
