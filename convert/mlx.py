@@ -1,8 +1,10 @@
 """MLX target: an mlx-lm model folder that `mlx_lm.load` opens unchanged.
 
 Tensors arrive one at a time. Each goes through mlx-lm's own `sanitize` (name fixes, tied heads)
-and, where mlx-lm would quantize it, through `mx.quantize`; finished arrays collect into a shard
-that is written once it reaches SHARD_BYTES. Memory stays near one shard, not one model.
+and, where mlx-lm would quantize it, through `mx.quantize`, a block of rows at a time. Every output
+array's name, shape and dtype are known before the first tensor arrives (mlx is lazy: sanitize and
+quantize run on placeholders that are never computed), so each shard's safetensors header is written
+first and its data streams in after it. Memory holds one tensor's outputs, not a shard.
 
 config.json is written from the normalised ModelSpec, not copied: mlx-lm reads rope θ only from
 the top level and assumes tied embeddings when the key is absent, so a transformers-5 checkpoint
@@ -12,9 +14,11 @@ the top level and assumes tied embeddings when the key is absent, so a transform
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import mlx.core as mx
 import numpy as np
@@ -26,6 +30,8 @@ from siliconvert.quantize.mlx import QuantPolicy, quantizable_modules, quantize
 from siliconvert.recipe import MLXTarget
 
 SHARD_BYTES = 1 << 30
+ROW_BLOCK_BYTES = 64 << 20  # float32 source bytes converted and quantized at a time
+SAFETENSORS_DTYPES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32"}
 
 
 def mlx_config(checkpoint: Checkpoint) -> dict[str, Any]:
@@ -63,6 +69,20 @@ def build_model(config: dict[str, Any]):
     return model_class(args_class.from_dict(config))
 
 
+@dataclass(frozen=True)
+class Output:
+    """One array of the MLX model, planned before its source tensor arrives."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: mx.Dtype
+    shard: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.size
+
+
 class MLXWriter(Writer):
     def __init__(self, checkpoint: Checkpoint, target: MLXTarget, out_dir: Path, model_name: str):
         self.checkpoint = checkpoint
@@ -77,38 +97,32 @@ class MLXWriter(Writer):
         self.quantized = quantizable_modules(self.model, self.policy) if self.policy else set()
         # bits 16 means float16; quantized models keep the source's float type for scales, as mlx-lm does.
         self.dtype = mx.float16 if self.policy is None else _mx_dtype(checkpoint.spec.source_dtype)
-        self.shard: dict[str, mx.array] = {}
-        self.shard_bytes = 0
-        self.shard_names: list[list[str]] = []  # tensor names in each written shard
-        self.weight_map: dict[str, str] = {}
-        self.total_bytes = 0
+        self.plan = self._plan()
+        self.shards = max((o.shard for outputs in self.plan.values() for o in outputs), default=0) + 1
+        self.file: BinaryIO | None = None
+        self.shard = -1  # the shard being written
 
     def add(self, name: str, array: np.ndarray) -> None:
-        for mlx_name, weight in self.model.sanitize({name: mx.array(array)}).items():
-            module, _, kind = mlx_name.rpartition(".")
-            weight = weight.astype(self.dtype) if mx.issubdtype(weight.dtype, mx.floating) else weight
-            if kind == "weight" and module in self.quantized:
-                parts = {f"{module}.{k}": v for k, v in quantize(weight, self.policy).items()}
-            else:
-                parts = {mlx_name: weight}
-            mx.eval(parts)
-            for part_name, part in parts.items():
-                self.shard[part_name] = part
-                self.shard_bytes += part.nbytes
-            if self.shard_bytes >= SHARD_BYTES:
-                self._flush()
+        outputs = self.plan.get(name)
+        if outputs is None:
+            raise ValueError(f"MLX writer got an unexpected tensor {name!r}")
+        produced = self._convert(name, array)
+        for output in outputs:
+            if output.shard != self.shard:
+                self._open_shard(output.shard)
+            parts = produced[output.name]
+            if sum(p.nbytes for p in parts) != output.nbytes:  # the header already promised this size
+                raise ValueError(f"MLX writer planned {output.name} as {output.shape} {output.dtype}")
+            for part in parts:
+                self.file.write(memoryview(np.ascontiguousarray(part)).cast("B"))
 
     def finish(self) -> list[Artifact]:
-        self._flush()
-        count = len(self.shard_names)
-        names = ["model.safetensors"] if count == 1 else [
-            f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-        for index, name in enumerate(names):
-            (self.tmp_path / f"shard-{index}.safetensors").rename(self.tmp_path / name)
-            for weight_name in self.shard_names[index]:
-                self.weight_map[weight_name] = name
-        index_data = {"metadata": {"total_size": self.total_bytes},
-                      "weight_map": dict(sorted(self.weight_map.items()))}
+        self._close_shard()
+        if self.shard != self.shards - 1:
+            raise ValueError("MLX writer finished before every tensor arrived")
+        weight_map = {o.name: self._shard_name(o.shard) for outputs in self.plan.values() for o in outputs}
+        total = sum(o.nbytes for outputs in self.plan.values() for o in outputs)
+        index_data = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         _write_json(self.tmp_path / "model.safetensors.index.json", index_data)
         config = dict(self.config)
         if self.policy:
@@ -123,16 +137,96 @@ class MLXWriter(Writer):
         return [Artifact("mlx", self.target.quant, self.final_path)]
 
     def abort(self) -> None:
+        if self.file is not None:
+            self.file.close()
         shutil.rmtree(self.tmp_path, ignore_errors=True)
 
-    def _flush(self) -> None:
-        if not self.shard:
+    # ---- plan --------------------------------------------------------------------------------------
+    def _plan(self) -> dict[str, list[Output]]:
+        """Every output array, per source tensor, in stream order, assigned to shards of ≤ SHARD_BYTES.
+        mlx's laziness gives the shapes: nothing here is computed."""
+        plan: dict[str, list[Output]] = {}
+        shard, shard_bytes = 0, 0
+        for info in self.checkpoint.stream_order():
+            placeholder = mx.zeros(info.shape, dtype=mx.float32)
+            outputs = []
+            for name, array in self._transform(info.name, placeholder).items():
+                if shard_bytes and shard_bytes + array.nbytes > SHARD_BYTES:
+                    shard, shard_bytes = shard + 1, 0
+                outputs.append(Output(name, tuple(array.shape), array.dtype, shard))
+                shard_bytes += array.nbytes
+            plan[info.name] = outputs
+        return plan
+
+    def _transform(self, name: str, weight: mx.array) -> dict[str, mx.array]:
+        """mlx-lm's arrays for one source tensor: sanitized, cast, and quantized where mlx-lm would."""
+        out = {}
+        for mlx_name, array in self.model.sanitize({name: weight}).items():
+            module, _, kind = mlx_name.rpartition(".")
+            array = array.astype(self.dtype) if mx.issubdtype(array.dtype, mx.floating) else array
+            if kind == "weight" and module in self.quantized:
+                out |= {f"{module}.{k}": v for k, v in quantize(array, self.policy).items()}
+            else:
+                out[mlx_name] = array
+        return out
+
+    # ---- conversion ----------------------------------------------------------------------------------
+    def _convert(self, name: str, array: np.ndarray) -> dict[str, list[np.ndarray]]:
+        """The tensor's outputs, each as row blocks in order. A tensor that sanitize only renames (or drops)
+        is converted ROW_BLOCK_BYTES at a time, so mlx never holds a float32 copy of a big tensor; any other
+        sanitize gets the whole tensor."""
+        if array.ndim < 2 or not _rows_independent(self.model, name, array.shape):
+            whole = self._transform(name, mx.array(array))
+            mx.eval(whole)
+            return {k: [_as_numpy(v)] for k, v in whole.items()}
+        rows = max(1, ROW_BLOCK_BYTES // max(1, array[0].nbytes))
+        parts: dict[str, list[np.ndarray]] = {o.name: [] for o in self.plan[name]}
+        for start in range(0, array.shape[0], rows):
+            block = self._transform(name, mx.array(array[start:start + rows]))
+            mx.eval(block)
+            for k, v in block.items():
+                parts[k].append(_as_numpy(v))
+        return parts
+
+    # ---- files -------------------------------------------------------------------------------------
+    def _shard_name(self, shard: int) -> str:
+        return "model.safetensors" if self.shards == 1 else f"model-{shard + 1:05d}-of-{self.shards:05d}.safetensors"
+
+    def _open_shard(self, shard: int) -> None:
+        """Close the current shard and start `shard`: its whole header first (names, shapes, offsets)."""
+        self._close_shard()
+        self.shard = shard
+        header: dict[str, Any] = {"__metadata__": {"format": "mlx"}}
+        offset = 0
+        for output in (o for outputs in self.plan.values() for o in outputs if o.shard == shard):
+            header[output.name] = {"dtype": SAFETENSORS_DTYPES[output.dtype], "shape": list(output.shape),
+                                   "data_offsets": [offset, offset + output.nbytes]}
+            offset += output.nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned, as safetensors pads
+        self.file = (self.tmp_path / self._shard_name(shard)).open("wb")
+        self.file.write(len(encoded).to_bytes(8, "little") + encoded)
+
+    def _close_shard(self) -> None:
+        if self.file is None:
             return
-        path = self.tmp_path / f"shard-{len(self.shard_names)}.safetensors"
-        mx.save_safetensors(str(path), self.shard, metadata={"format": "mlx"})
-        self.shard_names.append(list(self.shard))
-        self.total_bytes += self.shard_bytes
-        self.shard, self.shard_bytes = {}, 0
+        self.file.flush()
+        os.fsync(self.file.fileno())  # on disk before the folder is renamed into place
+        self.file.close()
+        self.file = None
+
+
+def _rows_independent(model, name: str, shape: tuple[int, ...]) -> bool:
+    """Whether sanitize maps this tensor to one array of the same shape, as the llama-like families' renames
+    and drops do: then its rows can be converted block by block and give what the whole tensor gives
+    (quantization groups lie within rows). A sanitize that reshapes or splits gets the whole tensor."""
+    mapped = model.sanitize({name: mx.zeros(shape, dtype=mx.float32)})
+    return len(mapped) == 1 and tuple(next(iter(mapped.values())).shape) == tuple(shape)
+
+
+def _as_numpy(array: mx.array) -> np.ndarray:
+    # numpy has no bfloat16: its bits travel as uint16
+    return np.asarray(array.view(mx.uint16) if array.dtype == mx.bfloat16 else array)
 
 
 def _mx_dtype(name: str) -> mx.Dtype:

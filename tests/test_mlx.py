@@ -110,3 +110,29 @@ def test_writer_leaves_nothing_on_abort(llama, tmp_path):
     writer.add(name, array)
     writer.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_shards_and_row_blocks_change_nothing_but_the_files(llama, tmp_path, monkeypatch):
+    """Headers written before the data, shards cut by size, tensors converted a few rows at a time: the
+    arrays are those of the one-shard, whole-tensor write, and mlx_lm.load opens the folder."""
+    from mlx_lm import load
+
+    import siliconvert.convert.mlx as convert_mlx
+
+    whole = build_mlx(llama, tmp_path / "whole").path
+    monkeypatch.setattr(convert_mlx, "SHARD_BYTES", 64 << 10)
+    monkeypatch.setattr(convert_mlx, "ROW_BLOCK_BYTES", 4 << 10)
+    sharded = build_mlx(llama, tmp_path / "sharded").path
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    mine = {}
+    for shard in shards:
+        arrays = mx.load(str(shard))
+        assert all(index["weight_map"][name] == shard.name for name in arrays)
+        mine |= arrays
+    theirs = mx.load(str(whole / "model.safetensors"))
+    assert mine.keys() == theirs.keys() == index["weight_map"].keys()
+    for name in theirs:
+        assert np.array_equal(np.array(mine[name].view(mx.uint8)), np.array(theirs[name].view(mx.uint8))), name
+    load(str(sharded))
