@@ -12,7 +12,9 @@ import importlib
 import importlib.metadata
 import json
 import os
+import resource
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +33,41 @@ WRITERS = {
     "gguf": "siliconvert.convert.gguf:GGUFWriter",
     "coreml": "siliconvert.convert.coreml:CoreMLWriter",
 }
+
+
+class Timings:
+    """Where a run's time and memory went, stage by stage: written to <output>/timings.json.
+
+    `convert` is the streamed pass (all writers); `convert.<format>` is the time spent inside that writer's
+    calls (its share of the pass, since writers take turns on each tensor; background quantization
+    threads are counted in the pass's CPU time, not in any writer's busy time). Peaks are VmHWM of the
+    process that did the work: this one for the pass, the child that ran the reference or an artifact.
+    """
+
+    SCHEMA = 1
+
+    def __init__(self) -> None:
+        self.stages: dict[str, dict[str, float | int | None]] = {}
+
+    def stage(self, name: str, **figures: float | int | None) -> None:
+        self.stages.setdefault(name, {}).update({k: (round(v, 3) if isinstance(v, float) else v)
+                                                 for k, v in figures.items()})
+
+    def write(self, out_dir: Path) -> None:
+        write_text_atomically(out_dir / "timings.json",
+                              json.dumps({"schema": self.SCHEMA, "stages": self.stages}, indent=2) + "\n")
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def peak_rss_mb() -> float:
+    from siliconvert.validate.score import peak_rss_mb as own_peak
+
+    return own_peak()
 
 
 @dataclass(frozen=True)
@@ -64,23 +101,29 @@ def run_recipe(recipe: Recipe, recipe_path: Path | None = None, *, allow_pickle:
     checkpoint = open_source(recipe.source, allow_pickle)
     out_dir = prepare_output(recipe.output_dir(recipe_path))
     say(f"[bold]{checkpoint.name}[/] ({checkpoint.spec.hf_architecture}) → {out_dir}")
-    produced = convert(checkpoint, recipe, out_dir / "artifacts")
+    timings = Timings()
+    produced = convert(checkpoint, recipe, out_dir / "artifacts", timings)
     artifacts = [artifact for artifact, _ in produced]
     if not recipe.validate_.enabled:
+        timings.write(out_dir)
         return Outcome(None, artifacts, out_dir)
     gates = {artifact.path: target.gates or recipe.validate_.gates for artifact, target in produced}
-    report = validate_artifacts(checkpoint, recipe.source, artifacts, recipe.validate_, gates, out_dir)
+    report = validate_artifacts(checkpoint, recipe.source, artifacts, recipe.validate_, gates, out_dir, timings)
     recipe_text = recipe_path.read_text(encoding="utf-8") if recipe_path else yaml.safe_dump(
         recipe.model_dump(mode="json", by_alias=True))
+    started = time.perf_counter()
     releases = write_releases(report, recipe_text, checkpoint, out_dir, force=force_release,
                               repo_prefix=recipe.release.repo_prefix)
+    timings.stage("release", wall_s=time.perf_counter() - started)
+    timings.write(out_dir)
     if recipe.release.push and (report["passed"] or force_release):
         for folder in releases:
             push(folder, repo_for(folder, recipe.release.repo_prefix))
     return Outcome(report, artifacts, out_dir, releases)
 
 
-def convert(checkpoint: Checkpoint, recipe: Recipe, artifacts_dir: Path) -> list[tuple[Artifact, Target]]:
+def convert(checkpoint: Checkpoint, recipe: Recipe, artifacts_dir: Path,
+            timings: Timings | None = None) -> list[tuple[Artifact, Target]]:
     """Read every source tensor once and hand it to every target's writer.
 
     A target whose inputs (source fingerprint, target options, tool versions) match a stamp left by
@@ -93,29 +136,51 @@ def convert(checkpoint: Checkpoint, recipe: Recipe, artifacts_dir: Path) -> list
     for found in done.values():
         say(f"up to date: {', '.join(a.path.name for a in found)}")
     todo = [(index, target) for index, target in enumerate(recipe.targets) if index not in done]
+    timings = timings or Timings()
+    formats = [t.format for t in recipe.targets]
+    # a format asked for twice gets the target's index in its label
+    labels = [f"convert.{t.format}" + (f"#{i}" if formats.count(t.format) > 1 else "") for i, t in todo]
+    busy = dict.fromkeys(labels, 0.0)
     writers: list[Writer] = []
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     try:
-        for _, target in todo:
+        for label, (_, target) in zip(labels, todo, strict=True):
             module_name, _, class_name = WRITERS[target.format].partition(":")
             writer_class = getattr(importlib.import_module(module_name), class_name)
+            begun = time.perf_counter()
             writers.append(writer_class(checkpoint, target, artifacts_dir, checkpoint.name))
+            busy[label] += time.perf_counter() - begun
         if writers:
             stream = track(checkpoint.tensors(), "converting tensors", total=len(checkpoint.tensor_infos))
             for name, array in stream:
                 if checkpoint.family.is_droppable(name):
                     continue
-                for writer in writers:
+                for label, writer in zip(labels, writers, strict=True):
+                    begun = time.perf_counter()
                     writer.add(name, array)
-        for writer, (index, target) in zip(writers, todo, strict=True):
+                    busy[label] += time.perf_counter() - begun
+        for label, writer, (index, target) in zip(labels, writers, todo, strict=True):
+            begun = time.perf_counter()
             done[index] = writer.finish()
+            busy[label] += time.perf_counter() - begun
             write_stamp(artifacts_dir, stage_key(checkpoint, target), done[index])
+            timings.stage(label, busy_s=busy[label], bytes=sum(artifact_bytes(a.path) for a in done[index]))
     except BaseException as e:
         for writer in writers:
             writer.abort()
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             raise OutputError("no space left on the device", artifacts_dir) from None
         raise
+    if writers:
+        timings.stage("convert", wall_s=time.perf_counter() - started, cpu_s=cpu_seconds() - cpu_started,
+                      peak_rss_mb=peak_rss_mb())
     return [(artifact, target) for index, target in enumerate(recipe.targets) for artifact in done[index]]
+
+
+def artifact_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def sweep_leftovers(artifacts_dir: Path) -> None:
@@ -168,7 +233,7 @@ def write_stamp(artifacts_dir: Path, key: str, artifacts: list[Artifact]) -> Non
 
 
 def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Artifact], settings: Validate,
-                       gates: dict[Path, Gates], out_dir: Path) -> dict:
+                       gates: dict[Path, Gates], out_dir: Path, timings: Timings | None = None) -> dict:
     """Score every artifact against the reference on the same windows; write the report."""
     import numpy as np
 
@@ -181,13 +246,20 @@ def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Arti
     tokenizer = source_tokenizer(checkpoint.path)
     windows = token_windows(tokenizer, settings.corpus, settings.tokens, settings.context)
     source_probe_ids = [tokenizer.encode(t, add_special_tokens=False) for t in (*PROBE_STRINGS, windows.probe_text)]
+    timings = timings or Timings()
+    started = time.perf_counter()
     reference, reference_info = reference_logits(checkpoint, windows, out_dir / ".cache")
+    timings.stage("reference", wall_s=time.perf_counter() - started, peak_rss_mb=reference_info.get("peak_rss_mb"))
     latency = (settings.prefill_tokens, settings.decode_tokens) if settings.latency else None
     entries, klds = [], {}
     for artifact in artifacts:
         say(f"validating {artifact.format} {artifact.quant}")
+        started = time.perf_counter()
         run = run_artifact(artifact, windows, latency)
         result = score(artifact, run, reference, windows, source_probe_ids)
+        peak = getattr(run, "peak_rss_mb", None) or (run.latency.peak_rss_mb if run.latency else None)
+        timings.stage(f"validate.{artifact.format} {artifact.quant}", wall_s=time.perf_counter() - started,
+                      peak_rss_mb=peak)
         failures = gate_checks.check(result, gates[artifact.path])
         entries.append(artifact_entry(result, failures, gates[artifact.path].model_dump()))
         klds[f"{artifact.format} {artifact.quant}"] = result.kld

@@ -64,6 +64,18 @@ def test_recipe_passes_and_writes_the_report(demo_run):
     assert not [p for p in out.rglob("*") if ".partial" in p.name or ".tmp-" in p.name]
 
 
+def test_timings_say_where_the_time_went(demo_run):
+    tmp_path, _ = demo_run
+    timings = json.loads((tmp_path / "out" / "timings.json").read_text())
+    assert timings["schema"] == 1
+    stages = timings["stages"]
+    assert set(stages) == {"convert", "convert.mlx", "reference", "validate.mlx 4bit-g64", "release"}
+    convert = stages["convert"]
+    assert 0 < stages["convert.mlx"]["busy_s"] <= convert["wall_s"] and convert["cpu_s"] > 0
+    assert convert["peak_rss_mb"] > 100 and stages["convert.mlx"]["bytes"] > 1 << 20
+    assert stages["validate.mlx 4bit-g64"]["wall_s"] > 0 and stages["validate.mlx 4bit-g64"]["peak_rss_mb"] > 0
+
+
 def test_mlx_artifact_opens_with_mlx_lm(demo_run):
     from mlx_lm import load
 
