@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Machines of this project keep the CPU torch wheel in /opt/wheels; elsewhere pip finds torch as usual.
 WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint bench clean
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
+
+# The conversion benchmark (bench/README.md): small by default; make bench BENCH_ARGS="--size 7b" for the real one
+bench: install
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf build .pytest_cache

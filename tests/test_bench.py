@@ -1,0 +1,149 @@
+"""The bench's own helpers (bench/): measurement, page cache, disk floor, synthetic checkpoint, result shape.
+
+Fast: the checkpoint here is a few hundred KB; nothing is converted.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+# bench/ is not installed with the package: import it from the checkout
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+measure = importlib.import_module("bench.measure")
+synthetic = importlib.import_module("bench.synthetic")
+run = importlib.import_module("bench.run")
+
+TINY = synthetic.Shape(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                       vocab_size=256)
+
+
+def test_one_process_peak_is_the_kernels_high_water_mark(tmp_path):
+    measured = measure.run_measured([sys.executable, "-c", "bytearray(300 << 20)"], tmp_path / "log")
+    assert measured.exit_code == 0
+    # the allocation lives for milliseconds, too short to be sampled; wait4's ru_maxrss still has it
+    assert 300 <= measured.max_process_rss_mb < 400
+    assert measured.peak_rss_mb >= measured.max_process_rss_mb
+
+
+def test_concurrent_processes_of_the_tree_add_up(tmp_path):
+    grandchild = "import time; b = bytearray(200 << 20); time.sleep(0.6)"
+    child = (f"import subprocess, sys; a = bytearray(200 << 20); "
+             f"subprocess.run([sys.executable, '-c', {grandchild!r}]); sys.exit(3)")
+    measured = measure.run_measured([sys.executable, "-c", child], tmp_path / "log")
+    assert measured.exit_code == 3
+    assert measured.max_process_rss_mb < 300  # each process alone
+    assert measured.tree_rss_sampled_mb >= 400  # both at once
+    assert measured.peak_rss_mb == measured.tree_rss_sampled_mb
+
+
+def test_cpu_time_counts_descendants(tmp_path):
+    spin = "import time; end = time.process_time() + 0.3\nwhile time.process_time() < end: pass"
+    child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {spin!r}])"
+    measured = measure.run_measured([sys.executable, "-c", child], tmp_path / "log")
+    assert measured.cpu_s >= 0.3
+
+
+def test_page_cache_eviction(tmp_path):
+    if run.mount_of(tmp_path).get("filesystem") in ("tmpfs", "ramfs", None):
+        pytest.skip("files in memory cannot be evicted")
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"x" * (8 << 20))
+    data.read_bytes()
+    assert measure.resident_fraction([data]) == 1.0
+    assert measure.evict_from_page_cache([data])
+    assert measure.resident_fraction([data]) < 0.1
+
+
+def test_disk_floor_writes_and_removes(tmp_path):
+    floor = tmp_path / "floor.bin"
+    assert measure.sequential_write_seconds(floor, (3 << 20) + 5) > 0
+    assert not floor.exists()
+
+
+def test_shards_are_balanced_consecutive_and_complete():
+    layout = synthetic.tensor_layout(synthetic.SIZES["7b"])
+    plan = synthetic.shard_plan(layout, 4)
+    assert [name for shard in plan for name, _ in shard] == [name for name, _ in layout]
+    sizes = [sum(synthetic.tensor_bytes(dims) for _, dims in shard) for shard in plan]
+    assert sum(sizes) == 14_483_464_192  # Mistral-7B in bf16
+    assert max(sizes) - min(sizes) < 2 * max(synthetic.tensor_bytes(dims) for _, dims in layout)
+
+
+def test_synthetic_checkpoint_reads_like_save_pretrained(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors import safe_open
+
+    tokenizers = tmp_path / "tokenizer"
+    tokenizers.mkdir()
+    for file in synthetic.TOKENIZER_FILES:
+        (tokenizers / file).write_text(file)
+    folder = synthetic.build_checkpoint(tmp_path / "ckpt", TINY, tokenizers, "5.0.0", say=lambda _: None)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == [f"model-0000{i}-of-00004.safetensors" for i in (1, 2, 3, 4)]
+    expected = dict(synthetic.tensor_layout(TINY))
+    seen = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        with safe_open(folder / shard, framework="pt") as tensors:
+            for name in tensors.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                assert index["weight_map"][name] == shard
+                seen[name] = tensors.get_tensor(name)
+    assert {name: tuple(t.shape) for name, t in seen.items()} == expected
+    assert all(t.dtype == torch.bfloat16 for t in seen.values())
+    assert torch.equal(seen["model.norm.weight"], torch.ones(TINY.hidden_size, dtype=torch.bfloat16))
+    weights = seen["model.layers.1.mlp.down_proj.weight"].float()
+    assert abs(weights.std().item() - synthetic.INIT_STD) < 0.002
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["MistralForCausalLM"] and config["head_dim"] == 16
+    assert (folder / "tokenizer.model").read_text() == "tokenizer.model"
+
+
+def test_synthetic_weights_are_deterministic():
+    table = synthetic.normal_bf16_table()
+
+    def weights(name: str) -> bytes:
+        return b"".join(bytes(block) for block in synthetic.tensor_blocks(name, (64, 64), table, seed=7))
+
+    assert weights("w") == weights("w")
+    assert weights("v") != weights("w")
+
+
+def completed(wall: float, cpu: float, rss: float) -> dict:
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": rss, "exit_code": 0, "completed": True}
+
+
+def result(**overrides) -> dict:
+    arguments = {
+        "size": "small", "machine": {}, "tools": {}, "checkpoint": {}, "page_cache": "", "parts": ["a", "b", "c", "d"],
+        "siliconvert": completed(17.0, 30.0, 1024.0),
+        "anchors": {"mlx_lm.convert": completed(5.0, 8.0, 500.0), "convert_hf_to_gguf": completed(10.0, 9.0, 600.0),
+                    "llama_model_quantize": completed(5.0, 10.0, 300.0)},
+        "full": {**completed(100.0, 150.0, 2000.0), "stages": {"convert.coreml": {"busy_s": 3.0, "bytes": 10}}},
+        "disk_floor_s": {"coreml": 2.0, "comparable": 1.0}, "disk_floor_bytes": {"coreml": 10, "comparable": 5},
+    } | overrides
+    return run.build_result(**arguments)
+
+
+def test_result_shape_and_ratios():
+    built = result()
+    assert {"size", "machine", "comparable", "full", "disk_floor_s"} <= set(built)
+    assert set(built["comparable"]) == {"siliconvert", "anchors"}
+    assert built["ratios"] == {"wall_vs_anchors": 0.85, "cpu_vs_anchors": 1.111, "peak_rss_vs_2gib": 0.5,
+                               "coreml_busy_vs_disk_floor": 1.5, "comparable_wall_vs_disk_floor": 17.0}
+    table = run.format_table(built)
+    assert "meets target" in table and "MISSES" not in table
+    assert "convert.coreml (busy)" in table
+
+
+def test_ratios_need_completed_runs():
+    failed_anchor = run.not_run("no sdist")
+    built = result(anchors={"mlx_lm.convert": completed(5.0, 8.0, 500.0), "convert_hf_to_gguf": failed_anchor},
+                   full={**completed(1.0, 1.0, 1.0), "stages": None}, disk_floor_s=None, disk_floor_bytes=None)
+    assert built["ratios"]["wall_vs_anchors"] is None
+    assert built["ratios"]["coreml_busy_vs_disk_floor"] is None
+    assert built["ratios"]["peak_rss_vs_2gib"] == 0.5
+    assert "no timings.json" in run.format_table(built)
