@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import importlib
 import importlib.metadata
@@ -208,8 +209,21 @@ def stage_key(checkpoint: Checkpoint, target: Target) -> str:
         except importlib.metadata.PackageNotFoundError:
             versions[tool] = None
     inputs = {"source": checkpoint.fingerprint(), "name": checkpoint.name,
-              "target": target.model_dump(mode="json", exclude={"gates"}), "tools": versions}
+              "target": target.model_dump(mode="json", exclude={"gates"}), "tools": versions,
+              "code": writer_code_digest()}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@functools.cache
+def writer_code_digest() -> str:
+    """A hash of the code that writes artifacts (siliconvert's core, convert/, quantize/): a developer's
+    change to a writer invalidates earlier stamps even when the version number stays the same."""
+    digest = hashlib.sha256()
+    for package in ("siliconvert", "siliconvert.convert", "siliconvert.quantize", "siliconvert.architectures"):
+        folder = Path(importlib.import_module(package).__file__).parent
+        for file in sorted(folder.glob("*.py")):
+            digest.update(file.name.encode() + file.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def read_stamp(artifacts_dir: Path, key: str) -> list[Artifact] | None:
