@@ -1,20 +1,26 @@
-"""Reference logits: the source checkpoint run by transformers, cached on disk.
+"""Reference logits: the source checkpoint run by transformers, layer by layer, cached on disk.
 
 FP16 on CUDA or MPS; on CPU the weights are upcast to FP32 (FP16 matmuls on CPU are slow and no
-more faithful). The report says which.
+more faithful). The report says which. The model is never loaded whole: validate/streamed.py holds
+one decoder layer's weights at a time, so a 7B reference fits in a few GB of memory. It runs in a
+child process, so the peak memory it reports is its own.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 
 from siliconvert.checkpoint import Checkpoint
-from siliconvert.progress import track
+from siliconvert.errors import CheckpointError
 from siliconvert.validate.corpus import Windows
 
 
@@ -30,35 +36,51 @@ def reference_device() -> tuple[str, str, str]:
 
 
 def reference_logits(checkpoint: Checkpoint, windows: Windows, cache_dir: Path) -> tuple[np.ndarray, dict]:
-    """Logits [windows, context, vocab] (float32) and a description of how they were made."""
-    cache = cache_dir / f"reference-{checkpoint.fingerprint()}-{windows.digest}"
-    if (cache / "info.json").is_file():
-        return np.load(cache / "logits.npy"), json.loads((cache / "info.json").read_text())
+    """Logits [windows, context, vocab] (float32) and a description of how they were made.
 
+    The description holds the child's peak resident memory (`peak_rss_mb`) and wall time (`wall_s`,
+    imports included); `cached` is true when an earlier run made these logits.
+    """
+    cache = cache_dir / f"reference-{checkpoint.fingerprint()}-{windows.digest}"
+    cached = (cache / "info.json").is_file()
+    if not cached:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            try:
+                pool.submit(_child, checkpoint, windows.tokens, cache).result()
+            except BrokenProcessPool:
+                raise CheckpointError("the reference run (transformers) crashed; out of memory?",
+                                      checkpoint.path) from None
+    # Read back from the cache, also after a fresh run: the child's copy of the logits is gone.
+    info = json.loads((cache / "info.json").read_text()) | {"cached": cached}
+    return np.load(cache / "logits.npy"), info
+
+
+def _child(checkpoint: Checkpoint, tokens: np.ndarray, cache: Path) -> None:
+    started = time.perf_counter()
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    transformers.utils.logging.disable_progress_bar()  # ours is enough
+    from siliconvert.validate.score import peak_rss_mb
+    from siliconvert.validate.streamed import CheckpointWeights, streamed_logits
+
     device, dtype, device_name = reference_device()
-    model = AutoModelForCausalLM.from_pretrained(
-        str(checkpoint.path), dtype=getattr(torch, dtype), trust_remote_code=False
-    ).to(device)
-    model.eval()
-    rows = []
-    with torch.inference_mode():
-        for window in track(windows.tokens, "reference logits (transformers)", total=len(windows.tokens)):
-            out = model(torch.as_tensor(window[None], device=device)).logits[0]
-            rows.append(out.float().cpu().numpy())
-    logits = np.stack(rows)
+    config = AutoConfig.from_pretrained(str(checkpoint.path), trust_remote_code=False)
+    logits = streamed_logits(config, CheckpointWeights(checkpoint), tokens, device=device,
+                             dtype=getattr(torch, dtype), label="reference logits (transformers, layer by layer)")
     upcast = f" (upcast from {checkpoint.spec.source_dtype})" if dtype != checkpoint.spec.source_dtype else ""
     info = {
         "runtime": f"transformers {transformers.__version__} / torch {torch.__version__}",
         "device": device_name,
         "dtype": dtype + upcast,
+        "method": "streamed: one decoder layer's weights in memory at a time",
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "wall_s": round(time.perf_counter() - started, 2),
     }
+    if device == "cuda":
+        info["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     _save_atomically(cache, logits, info)
-    return logits, info
 
 
 def _save_atomically(folder: Path, logits: np.ndarray, info: dict) -> None:

@@ -1,0 +1,105 @@
+"""The reference, streamed one decoder layer at a time, gives the whole-model reference's logits."""
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import reference_logits_for
+
+from siliconvert.checkpoint import Checkpoint
+from siliconvert.textdata import heldout_text
+from siliconvert.validate.corpus import Windows
+from siliconvert.validate.reference import reference_logits
+from siliconvert.validate.streamed import CheckpointWeights, model_skeleton, streamed_logits
+
+pytestmark = pytest.mark.slow
+
+# family → tokenizer and overrides (those test_mlx.py and test_coreml.py use, so cached checkpoints are shared)
+FAMILIES = {
+    "llama": ("sentencepiece", {"rope_theta": 50000.0}),
+    "mistral": ("sentencepiece", {"tie_word_embeddings": False}),
+    "qwen2": ("bpe", {"tie_word_embeddings": True}),  # qwen2: q/k/v biases, and here a tied head
+}
+LENGTH = 64
+SLIDING_WINDOW = 16  # shorter than a window, so that the mask matters
+
+
+def windows_of(source, count: int = 3, length: int = LENGTH) -> Windows:
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(source).encode(heldout_text()[:20000], add_special_tokens=False)
+    tokens = np.array([ids[i * length:(i + 1) * length] for i in range(count)], dtype=np.int64)
+    return Windows(tokens, "held-out", hashlib.sha256(tokens.tobytes()).hexdigest()[:16], heldout_text()[:200])
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def source(request, small_model, tmp_path_factory):
+    tokenizer, overrides = FAMILIES[request.param]
+    path = small_model(request.param, tokenizer, **overrides)
+    if request.param == "mistral":  # Mistral v0.1 attends to the last `sliding_window` tokens only
+        windowed = tmp_path_factory.mktemp("windowed") / path.name
+        shutil.copytree(path, windowed)
+        config = json.loads((windowed / "config.json").read_text())
+        (windowed / "config.json").write_text(json.dumps(config | {"sliding_window": SLIDING_WINDOW}))
+        return windowed
+    return path
+
+
+def test_streamed_reference_is_the_whole_model_reference(source, tmp_path):
+    windows = windows_of(source)
+    logits, info = reference_logits(Checkpoint.open(source), windows, tmp_path)
+    whole = reference_logits_for(source, windows.tokens)
+    assert logits.shape == whole.shape
+    assert np.abs(logits - whole).max() < 1e-4
+    assert info["dtype"].startswith("float32") and info["cached"] is False
+    assert info["peak_rss_mb"] > 0 and info["wall_s"] > 0
+    again, cached_info = reference_logits(Checkpoint.open(source), windows, tmp_path)
+    assert np.array_equal(again, logits) and cached_info["cached"] is True
+
+
+def test_sliding_window_mask_reaches_the_layers(small_model):
+    """Without the window the logits differ: the Mistral comparison above does test the mask."""
+    from transformers import AutoConfig
+
+    tokenizer, overrides = FAMILIES["mistral"]
+    path = small_model("mistral", tokenizer, **overrides)
+    windows = windows_of(path, count=1).tokens
+    full_config = AutoConfig.from_pretrained(path)
+    windowed_config = AutoConfig.from_pretrained(path, sliding_window=SLIDING_WINDOW)
+    weights = CheckpointWeights(Checkpoint.open(path))
+    full, windowed = (streamed_logits(config, weights, windows, device="cpu", dtype=torch.float32, label="test")
+                      for config in (full_config, windowed_config))
+    assert np.abs(full[:, :SLIDING_WINDOW] - windowed[:, :SLIDING_WINDOW]).max() < 1e-4
+    assert np.abs(full[:, SLIDING_WINDOW + 1:] - windowed[:, SLIDING_WINDOW + 1:]).max() > 1e-2
+
+
+def test_only_the_weights_asked_for_are_read_and_every_one_once(random_llama):
+    """Layer by layer: embedding, then each layer's tensors together, then the head; nothing twice."""
+    from transformers import AutoConfig
+
+    checkpoint = Checkpoint.open(random_llama)
+    read: list[str] = []
+
+    class Recording(CheckpointWeights):
+        def tensor(self, name):
+            read.append(name)
+            return super().tensor(name)
+
+    windows = np.arange(24).reshape(2, 12) % 96
+    streamed_logits(AutoConfig.from_pretrained(random_llama), Recording(checkpoint), windows, device="cpu",
+                    dtype=torch.float32, label="test")
+    assert sorted(read) == sorted(checkpoint.tensor_infos)
+    layers = [int(name.split(".")[2]) for name in read if name.startswith("model.layers.")]
+    assert layers == sorted(layers)
+    assert read[-1] == "lm_head.weight"
+
+
+def test_skeleton_holds_no_weights(random_llama):
+    from transformers import AutoConfig
+
+    model = model_skeleton(AutoConfig.from_pretrained(random_llama), torch.float32)
+    assert all(p.is_meta for p in model.parameters())
+    assert not any(b.is_meta for b in model.buffers())

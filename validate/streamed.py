@@ -1,0 +1,124 @@
+"""A transformers forward pass run one decoder layer at a time over every window, weights read as needed.
+
+A 7B model in float32 is 29 GB; one of its decoder layers is under 1 GB. So the model is built without
+weights (on PyTorch's meta device, from its config, never with remote code) and transformers' own
+modules do all the maths: every window goes through the embedding; then each decoder layer in turn
+has its weights read, takes every window's hidden states, and is freed; then the final norm and the
+head. The keyword arguments each layer receives (causal or sliding-window mask, rotary cos/sin,
+positions) are recorded from transformers' own model forward, so no family's glue is restated here.
+
+Where the weights come from is pluggable (`WeightSource`): the source checkpoint for the reference,
+an MLX folder's dequantized weights for the MLX stand-in (validate/runners/mlx.py).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import torch
+
+from siliconvert.checkpoint import Checkpoint, read_tensor
+from siliconvert.progress import track
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
+
+
+class WeightSource(Protocol):
+    def tensor(self, name: str) -> torch.Tensor:
+        """One parameter by its transformers name and in its layout, float32 on the CPU."""
+        ...
+
+
+class CheckpointWeights:
+    """Parameters read one at a time from the source checkpoint (bfloat16 widens exactly to float32)."""
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.infos = checkpoint.tensor_infos
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return torch.from_numpy(read_tensor(self.infos[name]))
+
+
+def streamed_logits(config: PretrainedConfig, weights: WeightSource, windows: np.ndarray, *,
+                    device: str, dtype: torch.dtype, label: str) -> np.ndarray:
+    """Logits [windows, length, vocab] (float32) of transformers' model for `config` on each window.
+
+    Each window is run on its own (batch of one), as a whole-model reference runs it, so the results
+    are that reference's up to float rounding. Peak memory: one decoder layer's weights, the
+    embedding or the head, every window's hidden states, and the logits.
+    """
+    windows = np.asarray(windows)
+    model = model_skeleton(config, dtype)
+    body = model.model
+    body.rotary_emb.to(device)
+    tied_head = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    with torch.inference_mode():
+        _materialise(body.norm, "model.norm.", weights, device, dtype)
+        _materialise(body.embed_tokens, "model.embed_tokens.", weights, device, dtype)
+        hidden, layer_kwargs = [], []
+        for window in windows:
+            embedded, kwargs = _record_layer_inputs(body, torch.as_tensor(window[None], device=device))
+            hidden.append(embedded)
+            # No padding and one length: every window gets the same masks and rotary tables.
+            layer_kwargs = layer_kwargs or kwargs
+        _free(body.embed_tokens)
+        for index, layer in enumerate(track(body.layers, label, total=len(body.layers))):
+            _materialise(layer, f"model.layers.{index}.", weights, device, dtype)
+            hidden = [layer(states, **layer_kwargs[index]) for states in hidden]
+            _free(layer)
+        head_prefix = "model.embed_tokens." if tied_head else "lm_head."
+        _materialise(model.lm_head, head_prefix, weights, device, dtype)
+        logits = np.empty((*windows.shape, model.lm_head.out_features), dtype=np.float32)
+        for row, states in enumerate(hidden):
+            logits[row] = model.lm_head(body.norm(states))[0].float().cpu().numpy()
+        _free(model.lm_head)
+        _free(body.norm)
+    return logits
+
+
+def model_skeleton(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
+    """transformers' model for `config` with every parameter on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    # Buffers computed at construction (rotary inverse frequencies) landed on meta too: rebuild them.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
+    left = [name for name, buffer in model.named_buffers() if buffer.is_meta]
+    if left:
+        raise NotImplementedError(f"{type(model).__name__}: buffers {left} would need rebuilding off meta")
+    return model.eval().requires_grad_(False)
+
+
+def _record_layer_inputs(body: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Run transformers' model forward with every decoder layer standing aside (passing its input
+    through); return the first layer's input and the keyword arguments each layer was called with."""
+    first_input: list[torch.Tensor] = []
+    calls: list[dict[str, Any]] = []
+
+    def recorder(hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        first_input[:] = first_input or [hidden_states]
+        calls.append(kwargs)
+        return hidden_states
+
+    for layer in body.layers:
+        layer.forward = recorder
+    try:
+        body(input_ids=input_ids, use_cache=False)
+    finally:
+        for layer in body.layers:
+            del layer.forward
+    return first_input[0], calls
+
+
+def _materialise(module: torch.nn.Module, prefix: str, weights: WeightSource, device: str,
+                 dtype: torch.dtype) -> None:
+    state = {name: weights.tensor(prefix + name).to(device=device, dtype=dtype)
+             for name, _ in module.named_parameters()}
+    module.load_state_dict(state, strict=True, assign=True)
+
+
+def _free(module: torch.nn.Module) -> None:
+    module.to("meta")
