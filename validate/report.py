@@ -30,6 +30,10 @@ def artifact_entry(result: ArtifactScore, failures: list[GateFailure], limits: d
         "kv_cache": run.kv_cache,
         "metrics": result.scores.as_dict(),
         "latency": run.latency.as_dict() if run.latency else None,
+        # check ("kv_cache", "latency") → why the runner could not make it here
+        "not_measured": run.unmeasured,
+        # the child process's peak over the whole run; for an emulated runtime, the emulation's
+        "run_peak_rss_mb": round(run.peak_rss_mb, 1),
         "gates": {
             "passed": not failures,
             "failed": [f.__dict__ for f in failures],
@@ -66,33 +70,67 @@ def markdown(report: dict, plot_name: str | None) -> str:
         f"# siliconvert report: {report['source_info']['name']}",
         "",
         f"Source `{report['source']}` ({report['source_info']['architecture']}). "
-        f"Reference: {ref['runtime']} on {ref['device']}, {ref['dtype']}. "
+        f"Reference: {ref['runtime']} on {ref['device']}, {ref['dtype']}{_reference_run(ref)}. "
         f"Corpus: {corpus['name']}, {corpus['positions']} scored positions "
         f"({corpus['windows']} windows of {corpus['context']} tokens).",
         "",
         "| artifact | size | runtime | device | mean KLD | p99 KLD | same top-1 | PPL ratio "
-        "| RMS Δp | prefill tok/s | decode tok/s | TTFT ms | peak MB | tokenizer | gates |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| RMS Δp | prefill tok/s | decode tok/s | TTFT ms | peak MB | tokenizer | KV cache | gates |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
+    notes: list[str] = []
     for a in report["artifacts"]:
         m, lat = a["metrics"], a["latency"] or {}
+        not_measured = a.get("not_measured", {})
+        speed = [_num(lat.get(key)) for key in ("prefill_tps", "decode_tps", "ttft_ms", "peak_rss_mb")]
+        if "latency" in not_measured:
+            speed = [_footnote(notes, a, "latency", not_measured["latency"])] * 4
+        kv = a["kv_cache"]
+        if kv["consistent"] is None:
+            kv_cell = _footnote(notes, a, "KV cache", not_measured.get("kv_cache", "no reason given"))
+        else:
+            kv_cell = "consistent" if kv["consistent"] else f"DIVERGES at token {kv['first_mismatch']}"
         lines.append(
             f"| {a['format']} {a['quant']} | {a['size_bytes'] / 1e6:.1f} MB | {a['runtime']} | {a['device']} "
             f"| {m['mean_kld']:.5f} | {m['p99_kld']:.4f} | {100 * m['same_top1']:.1f} % | {m['ppl_ratio']:.4f} "
-            f"| {m['rms_delta_p']:.4f} | {_num(lat.get('prefill_tps'))} | {_num(lat.get('decode_tps'))} "
-            f"| {_num(lat.get('ttft_ms'))} | {_num(lat.get('peak_rss_mb'))} "
-            f"| {'match' if a['tokenizer_match'] else 'MISMATCH'} | {'pass' if a['gates']['passed'] else 'FAIL'} |"
+            f"| {m['rms_delta_p']:.4f} | {' | '.join(speed)} "
+            f"| {'match' if a['tokenizer_match'] else 'MISMATCH'} | {kv_cell} "
+            f"| {'pass' if a['gates']['passed'] else 'FAIL'} |"
         )
+    if notes:
+        lines += ["", *notes]
     failures = [f["message"] for a in report["artifacts"] for f in a["gates"]["failed"]]
     if failures:
         lines += ["", "## Failed gates", "", *[f"- {message}" for message in failures]]
     emulated = [a for a in report["artifacts"] if "emulated" in a["device"]]
     if emulated:
-        lines += ["", "Rows marked *emulated* ran in siliconvert's MIL interpreter, not Core ML: their "
-                  "scores check the shipped weights and program; their speeds say nothing about a Mac."]
+        lines += ["", "Rows marked *emulated* did not run on the artifact's own runtime: Core ML packages ran in "
+                  "siliconvert's MIL interpreter, MLX weights (dequantized) in transformers. Their scores check "
+                  "the shipped weights; their speeds, where shown, say nothing about a Mac. A gate marked pass "
+                  "covers only the checks that were measured."]
     if plot_name:
         lines += ["", f"![quality against size]({plot_name})"]
     return "\n".join(lines) + "\n"
+
+
+def _reference_run(ref: dict) -> str:
+    """How the reference run went, for the report's first paragraph (older reports lack these keys)."""
+    parts = [ref["method"]] if ref.get("method") else []
+    if ref.get("peak_rss_mb") is not None:
+        parts.append(f"peak memory {ref['peak_rss_mb']:.0f} MB")
+    if ref.get("peak_gpu_mb") is not None:
+        parts.append(f"peak GPU memory {ref['peak_gpu_mb']:.0f} MB")
+    if ref.get("wall_s") is not None:
+        parts.append(f"{ref['wall_s']:.1f} s")
+    if ref.get("cached"):
+        parts.append("logits cached from an earlier run")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def _footnote(notes: list[str], artifact: dict, check: str, reason: str) -> str:
+    """A "not measured" cell whose numbered note (added to `notes`) gives the reason."""
+    notes.append(f"[{len(notes) + 1}] {artifact['format']} {artifact['quant']}: {check} not measured: {reason}")
+    return f"not measured [{len(notes)}]"
 
 
 def plot(path: Path, report: dict, klds: dict[str, np.ndarray]) -> None:

@@ -34,8 +34,12 @@ class RunOutput:
     device: str
     logits: np.ndarray  # [windows, context, vocab]
     probe_ids: list[list[int]]
-    kv_cache: dict  # {"consistent": bool, "checked_tokens": int, "first_mismatch": int | None}
-    latency: Latency | None
+    # {"consistent": bool, "checked_tokens": int, "first_mismatch": int | None}; "consistent" is None
+    # when the check could not run (the reason is in `unmeasured`)
+    kv_cache: dict
+    latency: Latency | None  # None when not asked for, or not measurable (see `unmeasured`)
+    unmeasured: dict[str, str]  # check ("kv_cache", "latency") → why this runner could not make it
+    peak_rss_mb: float  # peak resident memory of the child over the whole run (logits, checks, timing)
 
 
 @dataclass(frozen=True)
@@ -89,21 +93,23 @@ def first_token_mismatch(expected: list[list[int]], actual: list[list[int]]) -> 
 
 
 def _child(artifact: Artifact, windows: Windows, latency: tuple[int, int] | None) -> RunOutput:
-    from siliconvert.progress import track
-
     runner = open_runner(artifact.format, artifact.path, artifact.runner_options)
     try:
-        label = f"{artifact.format} {artifact.quant} logits ({runner.runtime})"
-        logits = np.stack([runner.logits(w) for w in track(windows.tokens, label, len(windows.tokens))])
+        logits = runner.logits_many(windows.tokens)
         probe_ids = [runner.tokenize(text) for text in (*PROBE_STRINGS, windows.probe_text)]
-        kv_cache = _kv_cache_check(runner, windows.tokens[0][: max(8, windows.tokens.shape[1] // 4)])
+        unmeasured = runner.unmeasured()
+        if "kv_cache" in unmeasured:
+            kv_cache = {"consistent": None, "checked_tokens": 0, "first_mismatch": None}
+        else:
+            kv_cache = _kv_cache_check(runner, windows.tokens[0][: max(8, windows.tokens.shape[1] // 4)])
         timing = None
-        if latency:
+        if latency and "latency" not in unmeasured:
             prefill_tokens, decode_tokens = latency
             prompt = np.resize(windows.tokens.reshape(-1), prefill_tokens)
             prefill_tps, decode_tps, ttft_ms = runner.latency(prompt, decode_tokens)
             timing = Latency(prefill_tps, decode_tps, ttft_ms, peak_rss_mb(), prefill_tokens, decode_tokens)
-        return RunOutput(runner.runtime, runner.device, logits, probe_ids, kv_cache, timing)
+        return RunOutput(runner.runtime, runner.device, logits, probe_ids, kv_cache, timing, unmeasured,
+                         peak_rss_mb())
     finally:
         runner.close()
 

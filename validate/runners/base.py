@@ -15,6 +15,8 @@ from statistics import median
 
 import numpy as np
 
+from siliconvert.progress import track
+
 
 @dataclass(frozen=True)
 class Latency:
@@ -42,6 +44,14 @@ class Runner(ABC):
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         """Full-vocabulary logits [len(tokens), vocab] (float32) for one window, no cache carried over."""
 
+    def logits_many(self, windows: np.ndarray) -> np.ndarray:
+        """Logits [windows, length, vocab] (float32) for windows [windows, length], each on its own.
+
+        One window at a time by default; a runner that is faster taking all windows through each
+        part of the model in turn overrides this.
+        """
+        return np.stack([self.logits(window) for window in track(windows, f"logits ({self.runtime})", len(windows))])
+
     @abstractmethod
     def tokenize(self, text: str) -> list[int]:
         """The artifact's own tokenization of `text`, without BOS/special tokens added."""
@@ -56,6 +66,12 @@ class Runner(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the runtime's resources."""
+
+    def unmeasured(self) -> dict[str, str]:
+        """Checks this runner cannot make here, each with the reason: "kv_cache" (greedy decoding
+        through the cache against a no-cache pass) and "latency" (speeds and peak memory). The report
+        shows them as not measured, never as passed. Empty by default: every check runs."""
+        return {}
 
     # ---- shared behaviour built on the primitives above ----------------------------------------
     def greedy(self, prompt: np.ndarray, new_tokens: int) -> list[int]:
