@@ -1,13 +1,36 @@
-"""MLX runner: the artifact opened by `mlx_lm.load`, exactly as a user would open it."""
+"""MLX runner: the artifact opened by `mlx_lm.load`, exactly as a user would open it.
+
+Where mlx has no GPU (its CPU backend, as on Linux) and the model is large, mlx itself cannot score the
+artifact in useful time: measured here (mlx 0.32, 2 cores), its CPU multiplies by 4-bit weights at
+about 0.2 GFLOP/s, so a 7B model's 1024 tokens would take days. There `DequantizedMLXRunner` stands
+in: the folder's weights, read and dequantized as mlx-lm would compute with them, run through the
+same layer-by-layer transformers forward as the reference, under a row that says so.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
 
+from siliconvert.errors import ArtifactError
 from siliconvert.validate.runners.base import Runner
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig
+
+ENGINES = ("auto", "mlx", "torch")
+# mlx's CPU backend (Linux, mlx 0.32, 2 cores), measured: matmul against 4-bit weights at about
+# 0.2 GFLOP/s, against bfloat16 weights at about 2.5 GFLOP/s.
+CPU_GFLOPS_QUANTIZED = 0.2
+CPU_GFLOPS_FLOAT = 2.5
+# A default validation: 1024 scored tokens, and about 100 more for the KV-cache check.
+TYPICAL_TOKENS = 1124
+# `engine: auto` hands a run to DequantizedMLXRunner when mlx's CPU would take longer than this.
+MAX_CPU_SECONDS = 600
 
 
 def mlx_device_name() -> str:
@@ -19,12 +42,58 @@ def mlx_device_name() -> str:
     return f"{name} GPU ({backend})" if backend == "Metal" else f"{name} ({backend})"
 
 
+def engine_option(options: dict) -> str:
+    """The runner option `engine` ("auto" when absent), checked; unknown options are refused."""
+    unknown = set(options) - {"engine"}
+    if unknown:
+        raise ArtifactError(f"unknown MLX runner option(s): {', '.join(sorted(unknown))}")
+    engine = options.get("engine", "auto")
+    if engine not in ENGINES:
+        raise ArtifactError(f"unknown MLX engine {engine!r} ({', '.join(ENGINES)})")
+    return engine
+
+
+def choose_engine(path: Path, options: dict) -> str:
+    """"mlx" or "torch": the option `engine`, or for "auto" what suits this model on this machine."""
+    engine = engine_option(options)
+    if engine != "auto":
+        return engine
+    if mx.default_device().type != mx.cpu:
+        return "mlx"
+    from mlx_lm.utils import load_config
+
+    return "torch" if estimated_cpu_seconds(load_config(path)) > MAX_CPU_SECONDS else "mlx"
+
+
+def estimated_cpu_seconds(config: dict) -> float:
+    """Roughly how long mlx's CPU backend takes over a default validation of the model in `config`."""
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim  # q, o; k, v
+    per_layer = attention + 3 * hidden * config["intermediate_size"]
+    # the head is one vocab × hidden product per token, tied or not; the embedding is a lookup
+    multiplied = config["num_hidden_layers"] * per_layer + config["vocab_size"] * hidden
+    rate = CPU_GFLOPS_QUANTIZED if config.get("quantization") else CPU_GFLOPS_FLOAT
+    return 2 * multiplied * TYPICAL_TOKENS / (rate * 1e9)
+
+
 class MLXRunner(Runner):
+    """options: `engine`: "mlx" (mlx-lm runs the artifact), "torch" (a DequantizedMLXRunner opens
+    instead), or "auto", the default: "torch" only where mlx has no GPU and its CPU would take longer
+    than MAX_CPU_SECONDS."""
+
     runtime = "mlx"
+
+    def __new__(cls, path: Path, options: dict) -> MLXRunner:
+        if cls is MLXRunner and choose_engine(Path(path), options) == "torch":
+            return super().__new__(DequantizedMLXRunner)
+        return super().__new__(cls)
 
     def __init__(self, path: Path, options: dict) -> None:
         from mlx_lm import load
 
+        engine_option(options)  # refuses unknown options
         self.model, self.tokenizer = load(str(path))
         self.device = mlx_device_name()
         self.cache = None
@@ -48,3 +117,133 @@ class MLXRunner(Runner):
     def _last(out: mx.array, all_positions: bool = False) -> np.ndarray:
         out = out[0] if all_positions else out[0, -1]
         return np.array(out.astype(mx.float32))
+
+
+class DequantizedMLXRunner(MLXRunner):
+    """The MLX folder's weights, as mlx-lm loads them and dequantized, run by transformers layer by
+    layer (validate/streamed.py) on the reference's device and in its precision.
+
+    It checks what the folder ships: the weights and every hyper-parameter mlx-lm reads from its
+    config.json (mlx-lm's reading wins where transformers' would differ). It does not check mlx's
+    kernels, and it has no KV cache and no speed to report. The tokenizer is mlx-lm's, from the folder.
+    """
+
+    runtime = "mlx weights in torch (dequantized)"
+
+    def __init__(self, path: Path, options: dict) -> None:
+        import torch
+        from mlx_lm.utils import load_model, load_tokenizer
+
+        from siliconvert.validate.reference import reference_device
+
+        engine_option(options)  # refuses unknown options
+        self.path = Path(path)
+        # lazy: nothing is read yet; mlx-lm's model gives names, quantization and hyper-parameters
+        model, config = load_model(self.path, lazy=True)
+        self.tokenizer = load_tokenizer(self.path, eos_token_ids=config.get("eos_token_id"))
+        self.weights = MLXFolderWeights(self.path, model)
+        self.config = transformers_config(config, model.args)
+        self.torch_device, dtype_name, device_name = reference_device()
+        self.dtype: torch.dtype = getattr(torch, dtype_name)
+        why = ("forced by the runner option engine=torch" if options.get("engine") == "torch"
+               else "mlx's CPU backend too slow at this size")
+        self.device = (f"{device_name.split(' (')[0]} (emulated: {why}; {dtype_name} activations, "
+                       f"where mlx computes in {mlx_compute_dtype(model)})")
+
+    def logits(self, tokens: np.ndarray) -> np.ndarray:
+        return self.logits_many(np.asarray(tokens)[None])[0]
+
+    def logits_many(self, windows: np.ndarray) -> np.ndarray:
+        from siliconvert.validate.streamed import streamed_logits
+
+        return streamed_logits(self.config, self.weights, windows, device=self.torch_device, dtype=self.dtype,
+                               label="mlx weights in torch, layer by layer")
+
+    def unmeasured(self) -> dict[str, str]:
+        did_not_run = "mlx did not run (the artifact's weights ran in transformers instead)"
+        return {"kv_cache": f"{did_not_run}, so mlx-lm's KV cache was not exercised",
+                "latency": f"{did_not_run}, so nothing here times the artifact or its memory"}
+
+    def start(self, prompt: np.ndarray) -> np.ndarray:
+        raise ArtifactError(self.unmeasured()["kv_cache"], self.path)
+
+    def step(self, token: int) -> np.ndarray:
+        raise ArtifactError(self.unmeasured()["kv_cache"], self.path)
+
+
+def mlx_compute_dtype(model: Any) -> str:
+    """The float type mlx-lm's forward computes in: what its embedding hands the first layer."""
+    embed = model.model.embed_tokens
+    dtype = embed.scales.dtype if hasattr(embed, "scales") else embed.weight.dtype
+    return {mx.bfloat16: "bfloat16", mx.float16: "float16"}.get(dtype, "float32")
+
+
+class MLXFolderWeights:
+    """An MLX folder's parameters by transformers name, as float32 torch tensors on the CPU: the values
+    mlx-lm computes with. A quantized weight goes through mx.dequantize with the group size, bits and
+    mode mlx-lm gave its module, into float32 (mlx's quantized kernels form scale·q + bias in float32
+    too). mlx-lm's names are transformers' names for the families here; a model whose names mlx-lm
+    changes on loading is refused."""
+
+    def __init__(self, path: Path, model: Any) -> None:
+        from mlx.utils import tree_flatten
+
+        self.shards = {name: shard for shard in sorted(path.glob("model*.safetensors")) for name in mx.load(str(shard))}
+        self.modules = dict(model.named_modules())
+        renamed = [name for name, _ in tree_flatten(model.parameters()) if name not in self.shards]
+        if renamed:
+            raise ArtifactError(f"mlx-lm renames tensors on loading this model ({', '.join(renamed[:3])}); "
+                                "its weights cannot be read by name for the torch stand-in", path)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        import torch
+
+        module_path, _, kind = name.rpartition(".")
+        module = self.modules.get(module_path)
+        if kind == "weight" and hasattr(module, "scales"):  # a quantized module
+            value = mx.dequantize(self._read(name), self._read(f"{module_path}.scales"),
+                                  self._read(f"{module_path}.biases") if module.mode == "affine" else None,
+                                  group_size=module.group_size, bits=module.bits, mode=module.mode,
+                                  dtype=mx.float32)
+        else:
+            value = self._read(name).astype(mx.float32)
+        return torch.from_numpy(np.array(value))
+
+    def _read(self, name: str) -> mx.array:
+        # A fresh lazy load every time: an array kept from an earlier load would keep its data once read.
+        if name not in self.shards:
+            raise ArtifactError(f"no tensor {name!r} in the MLX folder's weights", next(iter(self.shards.values())))
+        return mx.load(str(self.shards[name]))[name]
+
+
+def transformers_config(config: dict, args: Any) -> PretrainedConfig:
+    """transformers' config for the model mlx-lm builds from the folder's config.json.
+
+    Every hyper-parameter mlx-lm's model arguments (`args`) hold overrides config.json's, since it is
+    mlx-lm's run that is stood in for: its defaults for absent keys (rope θ, tied embeddings) and its
+    attention over the whole window in every layer where the config names a sliding window but no
+    sliding layers. What transformers cannot run the mlx-lm way is refused.
+    """
+    from transformers import AutoConfig
+
+    if getattr(args, "rope_traditional", False):
+        raise ArtifactError("mlx-lm would rotate interleaved pairs (rope_traditional); transformers' model "
+                            "cannot, so the torch stand-in refuses this artifact")
+    layer_types = getattr(args, "layer_types", None) or ["full_attention"] * args.num_hidden_layers
+    if set(layer_types) != {"full_attention"}:
+        raise ArtifactError("mlx-lm would run sliding-window layers here; the torch stand-in does not "
+                            "reproduce mlx-lm's windowing, so it refuses this artifact")
+    values = {key: value for key, value in config.items()
+              if key not in ("quantization", "quantization_config", "rope_theta", "rope_scaling", "rope_parameters")}
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "rms_norm_eps", "vocab_size", "max_position_embeddings",
+                "tie_word_embeddings", "attention_bias", "mlp_bias"):
+        if getattr(args, key, None) is not None:
+            values[key] = getattr(args, key)
+    scaling = dict(args.rope_scaling or {})
+    rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
+    values["rope_parameters"] = {**scaling, "rope_type": rope_type, "rope_theta": float(args.rope_theta)}
+    values |= {"sliding_window": None, "use_sliding_window": False}
+    if "layer_types" in values:  # only where the config names them: transformers' Mistral warns otherwise
+        values["layer_types"] = layer_types
+    return AutoConfig.for_model(values.pop("model_type"), **values)
