@@ -4,11 +4,16 @@ The spec comes from `MLModel(path, skip_model_load=True)`; const values come fro
 weight.bin (values.py). Each function is compiled once into a list of steps; running it walks the list with
 an environment of named values, storing every op result in its declared type (fp16 activations stay fp16),
 and reads/writes the caller's states in place.
+
+Compiling reads the spec and checks every blob record; the weights themselves (blob consts, and what load-time
+ops make of them) are read when a function first runs, and `release_weights` drops them again, so that a
+caller running a large model package by package holds one package's weights at a time.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,11 +22,16 @@ import numpy as np
 
 from siliconvert.errors import ArtifactError
 from siliconvert.validate.runners.mil.ops import OPS, Unsupported, wide
-from siliconvert.validate.runners.mil.values import BlobFile, TensorType, immediate
+from siliconvert.validate.runners.mil.values import Blob, BlobFile, TensorType, immediate
 
-# Ops evaluated once at load: their inputs are all consts (Core ML does the same when it compiles a model).
+# Ops evaluated when the weights load: their inputs are all consts (Core ML does the same when it compiles a
+# model).
 LOAD_TIME_OPS = ("constexpr_blockwise_shift_scale",)
 STATE_OPS = ("read_state", "write_state")
+# Weights these op inputs read are held widened to float32 (exactly) from the time they load: the products
+# run as float32 BLAS calls (numpy has no fp16 kernels), and widening a weight at every call would cost more
+# than the product itself. Other weights (an embedding table, which `gather` only indexes) stay as stored.
+BLAS_OPERANDS = {"conv": ("weight",), "matmul": ("x", "y")}
 
 
 @dataclass(frozen=True)
@@ -33,12 +43,22 @@ class Step:
 
 
 @dataclass(frozen=True)
+class LoadTimeStep:
+    """A load-time op, evaluated when the weights load, with the values its step's bindings name."""
+
+    step: Step
+    weights: dict[str, Hashable]  # bound name → weight key, for names bound to weights
+    consts: dict[str, Any]  # bound name → value, for names bound to immediate consts
+
+
+@dataclass(frozen=True)
 class Function:
     steps: list[Step]
     inputs: dict[str, TensorType]
     states: dict[str, TensorType]
     outputs: list[str]
-    consts: dict[str, Any]  # every const, including values written inline in an op's inputs
+    consts: dict[str, Any]  # immediate consts, including values written inline in an op's inputs
+    weights: dict[str, Hashable]  # names bound to weights → their key in the program's loaded weights
 
 
 class MILProgram:
@@ -58,10 +78,17 @@ class MILProgram:
             raise ArtifactError("not an ML Program (neural-network models are not supported)", self.package)
         weights = Path(model.weights_dir) / "weight.bin" if model.weights_dir else None
         self.blobs = BlobFile(weights) if weights and weights.is_file() else None
-        # Functions share weights: values are loaded once per blob offset (or per load-time op on them).
-        self._shared: dict[Any, np.ndarray] = {}
+        # Functions share weights: one key per blob (or per load-time op on the same inputs), loaded once.
+        self._sources: dict[Hashable, Blob | LoadTimeStep] = {}
+        self._widened: set[Hashable] = set()  # keys of weights held as float32
+        self._weights: dict[Hashable, np.ndarray] | None = None  # loaded: key → value
         self.functions = {name: self._compile(name, function)
                           for name, function in spec.mlProgram.functions.items()}
+
+    @property
+    def stored_bytes(self) -> int:
+        """The size of the package's weight.bin."""
+        return self.blobs.size if self.blobs else 0
 
     def make_states(self, function: str) -> dict[str, np.ndarray]:
         """Fresh (zeroed) states for one sequence."""
@@ -69,9 +96,11 @@ class MILProgram:
 
     def run(self, function: str, inputs: dict[str, np.ndarray], states: dict[str, np.ndarray]
             ) -> dict[str, np.ndarray]:
-        """Run a function; `states` is updated in place (write_state)."""
+        """Run a function; `states` is updated in place (write_state). Loads the weights if they are not."""
         fn = self.functions[function]
+        weights = self._load()
         env: dict[str, Any] = dict(fn.consts)
+        env.update((name, weights[key]) for name, key in fn.weights.items())
         for name, declared in fn.inputs.items():
             value = np.asarray(inputs[name])
             if value.shape != declared.shape:
@@ -82,13 +111,17 @@ class MILProgram:
                 results = [states[step.inputs["input"][0]]]
             elif step.op_type == "write_state":
                 state = step.inputs["input"][0]
-                states[state] = env[step.inputs["data"][0]].astype(fn.states[state].dtype)
+                states[state] = env[step.inputs["data"][0]].astype(fn.states[state].dtype, copy=False)
                 continue
             else:
                 results = self._call(step, env)
             for (name, declared), result in zip(step.outputs, results, strict=True):
                 env[name] = store(result, declared, f"{self.package.name}:{function}:{step.name}")
         return {name: env[name] for name in fn.outputs}
+
+    def release_weights(self) -> None:
+        """Drop the loaded weights; the next run reads them again."""
+        self._weights = None
 
     def _call(self, step: Step, env: dict[str, Any]) -> list[np.ndarray]:
         args = {key: env[names[0]] if len(names) == 1 else [env[n] for n in names]
@@ -99,7 +132,28 @@ class MILProgram:
             raise ArtifactError(f"op {step.op_type} ({step.name}): {e}", self.package) from None
         return list(result) if isinstance(result, tuple) else [result]
 
-    # ---- loading ------------------------------------------------------------------------------
+    # ---- weights ------------------------------------------------------------------------------
+    def _load(self) -> dict[Hashable, np.ndarray]:
+        if self._weights is None:
+            used = {key for function in self.functions.values() for key in function.weights.values()}
+            # one weight at a time, widened as soon as it is read: the load holds no second copy of the package
+            self._weights = {}
+            for key in used:
+                value = self._evaluate(key)
+                self._weights[key] = wide(value) if key in self._widened else value
+        return self._weights
+
+    def _evaluate(self, key: Hashable) -> np.ndarray:
+        """A weight's value in its declared type: read from weight.bin, or a load-time op on such values
+        (read for it and dropped after)."""
+        source = self._sources[key]
+        if isinstance(source, Blob):
+            return self.blobs.read(source)
+        env = source.consts | {name: self._evaluate(k) for name, k in source.weights.items()}
+        step = source.step
+        return store(self._call(step, env)[0], step.outputs[0][1], f"{self.package.name}:{step.name}")
+
+    # ---- compiling ----------------------------------------------------------------------------
     def _compile(self, function_name: str, function) -> Function:
         where = f"{self.package.name}:{function_name}"
         inputs, states = {}, {}
@@ -108,13 +162,14 @@ class MILProgram:
             (states if kind == "stateType" else inputs)[value.name] = TensorType(value.type, where)
         block = function.block_specializations[function.opset]
         consts: dict[str, Any] = {}
-        keys: dict[str, Any] = {}  # const name → what identifies its value across functions
+        weights: dict[str, Hashable] = {}
+        keys: dict[str, Hashable] = {}  # immediate const name → what identifies its value across functions
         steps: list[Step] = []
         for operation in block.operations:
             outputs = [(o.name, TensorType(o.type, f"{where}:{o.name}")) for o in operation.outputs]
             name = outputs[0][0] if outputs else operation.type
             if operation.type == "const":
-                consts[name], keys[name] = self._const(operation.attributes["val"], outputs[0][1], where)
+                self._const(name, operation.attributes["val"], outputs[0][1], where, consts, weights, keys)
                 continue
             if operation.type not in OPS and operation.type not in STATE_OPS:
                 raise ArtifactError(f"op {operation.type!r} ({name}) is not implemented by the MIL interpreter",
@@ -127,32 +182,39 @@ class MILProgram:
                         bindings[key].append(binding.name)
                     else:  # a value written inline: becomes a const of its own
                         inline = f"{name}/{key}/{i}"
-                        consts[inline], keys[inline] = self._const(
-                            binding.value, TensorType(binding.value.type, where), where)
+                        self._const(inline, binding.value, TensorType(binding.value.type, where), where,
+                                    consts, weights, keys)
                         bindings[key].append(inline)
             step = Step(operation.type, name, bindings, outputs)
             if operation.type in LOAD_TIME_OPS:
-                shared = (operation.type, *sorted((k, keys[n]) for k, (n,) in bindings.items()))
-                if shared not in self._shared:
-                    value = store(self._call(step, consts)[0], outputs[0][1], f"{where}:{name}")
-                    self._shared[shared] = wide(value)
-                consts[name], keys[name] = self._shared[shared], shared
+                used = [n for names in bindings.values() for n in names]
+                identity = (operation.type, *sorted(
+                    (k, weights[n] if n in weights else keys[n]) for k, (n,) in bindings.items()))
+                self._sources.setdefault(identity, LoadTimeStep(
+                    step, {n: weights[n] for n in used if n in weights}, {n: consts[n] for n in used if n in consts}))
+                weights[name] = identity
                 continue
+            for operand in BLAS_OPERANDS.get(operation.type, ()):
+                self._widened.update(weights[n] for n in bindings.get(operand, ()) if n in weights)
             steps.append(step)
-        return Function(steps, inputs, states, list(block.outputs), consts)
+        used = {n for step in steps for names in step.inputs.values() for n in names} | set(block.outputs)
+        return Function(steps, inputs, states, list(block.outputs),
+                        {n: v for n, v in consts.items() if n in used}, {n: k for n, k in weights.items() if n in used})
 
-    def _const(self, value, declared: TensorType, where: str) -> tuple[Any, Any]:
-        """A const's value and its sharing key; fp16 is widened to fp32 once (exact, and it spares every
-        op the conversion)."""
+    def _const(self, name: str, value, declared: TensorType, where: str, consts: dict[str, Any],
+               weights: dict[str, Hashable], keys: dict[str, Hashable]) -> None:
+        """Bind a const: an immediate value into `consts` (fp16 widened to fp32 once: exact, and small), a blob
+        into `weights` by its record's offset (its record checked now, its values read when weights load)."""
         if value.WhichOneof("value") == "immediateValue":
             result = immediate(value, declared, where)
-            return (wide(result) if isinstance(result, np.ndarray) else result), value.SerializeToString()
+            consts[name] = wide(result) if isinstance(result, np.ndarray) else result
+            keys[name] = value.SerializeToString()
+            return
         if self.blobs is None:
             raise ArtifactError("the package has weights in its spec but no weights/weight.bin", self.package)
         offset = int(value.blobFileValue.offset)
-        if offset not in self._shared:
-            self._shared[offset] = wide(self.blobs.read(offset, declared))
-        return self._shared[offset], offset
+        self._sources.setdefault(offset, self.blobs.locate(offset, declared))
+        weights[name] = offset
 
 
 def store(result: np.ndarray, declared: TensorType, where: str) -> np.ndarray:
@@ -162,4 +224,4 @@ def store(result: np.ndarray, declared: TensorType, where: str) -> np.ndarray:
         raise ArtifactError(f"{where}: the interpreter computed shape {result.shape}, "
                             f"the program declares {declared.shape}")
     with np.errstate(over="ignore"):  # values past ±65504 become ±inf in fp16, as on the device
-        return result.astype(declared.dtype)
+        return result.astype(declared.dtype, copy=False)

@@ -9,6 +9,7 @@ followed by the data. A const names its blob by the offset of that record.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,34 +59,69 @@ class TensorType:
 
 
 class BlobFile:
-    """weight.bin, memory-mapped; a blob is decoded when a const asks for it."""
+    """weight.bin. Blob records are checked when a program is compiled; values are read from the file when
+    its weights are loaded, into arrays of their own: nothing stays mapped, so a program's resident memory is
+    the weights it holds (a memory map would keep every page it touched resident until unmapped)."""
 
     def __init__(self, path: Path):
         try:
-            self.data = np.memmap(path, dtype=np.uint8, mode="r")
-        except (OSError, ValueError) as e:
-            raise ArtifactError(f"cannot read the weights ({e})", path) from None
+            self.size = path.stat().st_size
+        except OSError as e:
+            raise ArtifactError(f"cannot read the weights ({e.strerror})", path) from None
         self.path = path
 
-    def read(self, offset: int, declared: TensorType) -> np.ndarray:
-        if offset + 64 > len(self.data):
+    def locate(self, offset: int, declared: TensorType) -> Blob:
+        """Where the blob whose record is at `offset` lies; a damaged record or a short blob is an error."""
+        try:
+            with self.path.open("rb") as file:
+                file.seek(offset)
+                record = file.read(BLOB_RECORD.size)
+        except OSError as e:
+            raise ArtifactError(f"cannot read the weights ({e.strerror})", self.path) from None
+        if len(record) < BLOB_RECORD.size or offset + 64 > self.size:
             raise ArtifactError(f"damaged: blob record at byte {offset} lies past the end", self.path)
-        sentinel, _, size, start = BLOB_RECORD.unpack_from(self.data, offset)
-        if sentinel != BLOB_SENTINEL or start + size > len(self.data):
+        sentinel, _, size, start = BLOB_RECORD.unpack(record)
+        if sentinel != BLOB_SENTINEL or start + size > self.size:
             raise ArtifactError(f"damaged: no valid blob record at byte {offset}", self.path)
         count = int(np.prod(declared.shape, dtype=np.int64))
-        raw = self.data[start : start + size]
         if declared.mil_dtype in SUB_BYTE:
-            values = unpack_bits(raw, *SUB_BYTE[declared.mil_dtype], count)
+            bits = SUB_BYTE[declared.mil_dtype][0]
+            available = size * (8 // bits)
         elif size % declared.dtype.itemsize == 0:
-            values = raw.view(declared.dtype)
+            available = size // declared.dtype.itemsize
         else:
             raise ArtifactError(f"damaged: blob at byte {offset} has {size} bytes, not whole {declared.dtype}s",
                                 self.path)
-        if values.size < count:
-            raise ArtifactError(f"damaged: blob at byte {offset} holds {values.size} values, needs {count}",
+        if available < count:
+            raise ArtifactError(f"damaged: blob at byte {offset} holds {available} values, needs {count}",
                                 self.path)
-        return np.array(values[:count]).reshape(declared.shape)  # a copy: the mapping may go away
+        return Blob(start, size, declared)
+
+    def read(self, blob: Blob) -> np.ndarray:
+        declared = blob.declared
+        count = int(np.prod(declared.shape, dtype=np.int64))
+        try:
+            with self.path.open("rb") as file:
+                file.seek(blob.start)
+                if declared.mil_dtype in SUB_BYTE:
+                    raw = np.fromfile(file, np.uint8, blob.size)
+                    values = unpack_bits(raw, *SUB_BYTE[declared.mil_dtype], count)
+                else:
+                    values = np.fromfile(file, declared.dtype, count)
+        except OSError as e:
+            raise ArtifactError(f"cannot read the weights ({e.strerror})", self.path) from None
+        if values.size < count:  # the file shrank since its records were checked
+            raise ArtifactError(f"damaged: blob at byte {blob.start} is cut short", self.path)
+        return values.reshape(declared.shape)
+
+
+@dataclass(frozen=True)
+class Blob:
+    """A checked blob: its data's byte range in weight.bin and the type its const declares."""
+
+    start: int
+    size: int
+    declared: TensorType
 
 
 def unpack_bits(raw: np.ndarray, bits: int, signed: bool, count: int) -> np.ndarray:
