@@ -5,6 +5,13 @@ Both drive the chunk packages the same way: a fresh state per package per sequen
 through "prefill" (the last block padded: padding writes K/V past the sequence, which the causal mask
 hides and later tokens overwrite); then one token at a time through "decode". Hidden states pass from
 each package to the next.
+
+The work runs chunk-major: a package runs every call of every sequence asked for at once (all the scored
+windows, or a prompt and its continuation), keeping each call's hidden states for the next package, before
+the next package starts. On the interpreter, a model whose weights exceed RESIDENT_WEIGHT_BYTES is run chunk
+by chunk: only the package running holds its weights, so memory follows the largest package, not the model.
+Such a model decodes greedily in rounds of guessed tokens (`greedy`), and its latency is not measured
+(`unmeasured`): it would time reloads, and an emulator's speed says nothing about a device anyway.
 """
 
 from __future__ import annotations
@@ -13,15 +20,29 @@ import json
 import logging
 import platform
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from siliconvert.errors import ArtifactError, RuntimeMissingError
+from siliconvert.progress import track
 from siliconvert.validate.runners.base import Runner
 
 COMPUTE_UNITS = ("all", "cpu_and_ne", "cpu_and_gpu", "cpu_only")
+# weight.bin bytes (fp16 on disk) up to which the interpreter keeps every package loaded; about twice that
+# is resident once the linear layers are widened to float32. Tests' and the demo's models are far below it.
+RESIDENT_WEIGHT_BYTES = 512 << 20
+
+
+@dataclass(frozen=True)
+class Call:
+    """One function call in a sequence: `tokens` (at most the function's width) written from `position` on."""
+
+    function: str
+    tokens: np.ndarray
+    position: int
 
 
 class CoreMLRunner(Runner):
@@ -41,58 +62,153 @@ class CoreMLRunner(Runner):
             units = options.get("compute_units", "all")
             self.chunks: list[Any] = [CoreMLPackage(p, units) for p in packages]
             self.device = f"Apple {platform.machine()} (Core ML, compute units: {units})"
+            self.chunk_by_chunk = False  # Core ML pages its models' weights itself
         elif self.runtime == "mil-interpreter":
             self.chunks = [InterpretedPackage(p) for p in packages]
             self.device = "CPU (emulated, not Core ML)"
+            self.chunk_by_chunk = sum(chunk.stored_bytes for chunk in self.chunks) > RESIDENT_WEIGHT_BYTES
         else:
             raise ArtifactError(f"unknown Core ML runtime {self.runtime!r} (coreml or mil-interpreter)")
         self.tokenizer = load_tokenizer(self.path)
-        self._states: list[Any] | None = None  # one per package, for the current sequence
+        self._states: dict[int, Any] | None = None  # package index → its state, for the current sequence
         self._length = 0  # tokens in the current sequence's cache
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
-        return self._prefill(np.asarray(tokens))
+        (rows,) = self._run([self._blocks(np.asarray(tokens))], None)
+        return np.concatenate(rows)
+
+    def logits_many(self, windows: np.ndarray) -> np.ndarray:
+        """Logits [W, T, vocab] of W windows [W, T], each from a fresh cache; every package runs all of them."""
+        windows = np.asarray(windows)
+        if windows.ndim != 2:
+            raise ValueError(f"windows of shape {windows.shape}, not [windows, tokens]")
+        rows = self._run([self._blocks(window) for window in windows], None, f"logits ({self.runtime})")
+        return np.stack([np.concatenate(window_rows) for window_rows in rows])
 
     def start(self, prompt: np.ndarray) -> np.ndarray:
-        return self._prefill(np.asarray(prompt))[-1]
+        prompt = np.asarray(prompt)
+        self._states = {}
+        ((*_, last),) = self._run([self._blocks(prompt)], [self._states])
+        self._length = len(prompt)
+        return last[-1]
 
     def step(self, token: int) -> np.ndarray:
         if self._states is None:
             raise RuntimeError("CoreMLRunner.step before start")
         if self._length >= self.context:
             raise ArtifactError(f"the sequence is full: the package holds {self.context} tokens", self.path)
-        logits = self._call("decode", np.array([token], np.int32), self._length)
+        ((logits,),) = self._run([[Call("decode", np.array([token]), self._length)]], [self._states])
         self._length += 1
         return logits[0]
+
+    def greedy(self, prompt: np.ndarray, new_tokens: int) -> list[int]:
+        """Greedy continuation through the KV cache.
+
+        Chunk by chunk, where decoding token after token would load every package once per token, it decodes
+        in rounds: a round feeds the last token known to be right and guesses for the next ones through
+        "decode" (one load per package), and keeps its argmaxes up to the first that differs from the guess fed
+        after it. That is exactly token-by-token greedy decoding: a kept argmax comes from a prefix of kept
+        tokens, and the cache slots that rejected guesses wrote lie past that prefix, hidden by the causal mask
+        until the next round overwrites them. A round keeps at least one token. A fed guess costs a decode
+        step in every package, a round a load of every package: a round feeds one guess more than twice as
+        many as the last round's that were kept.
+        """
+        if not self.chunk_by_chunk:
+            return super().greedy(prompt, new_tokens)
+        prompt = np.asarray(prompt)
+        if len(prompt) + new_tokens - 1 > self.context:
+            raise ArtifactError(f"the sequence is full: the package holds {self.context} tokens", self.path)
+        states: dict[int, Any] = {}
+        known = self._blocks(prompt)  # calls feeding tokens known to be right: the prompt, then the last kept
+        tokens: list[int] = []
+        guesses: list[int] = []
+        kept_guesses = 0
+        while len(tokens) < new_tokens:
+            count = min(new_tokens - len(tokens) - 1, 1 + 2 * kept_guesses)
+            guesses = continue_guess([*map(int, prompt), *tokens], guesses, count)
+            first = len(prompt) + len(tokens)
+            fed = [Call("decode", np.array([g]), first + i) for i, g in enumerate(guesses)]
+            (rows,) = self._run([known + fed], [states])
+            after = [rows[len(known) - 1][-1], *(row[0] for row in rows[len(known):])]  # logits after each fed
+            for kept_guesses, logits in enumerate(after):
+                tokens.append(int(np.argmax(logits)))
+                if kept_guesses == len(guesses) or guesses[kept_guesses] != tokens[-1]:
+                    break
+            # Jacobi: what the rows after a rejected guess predict is the next round's guess
+            guesses = [int(np.argmax(logits)) for logits in after[kept_guesses + 1:]]
+            known = [Call("decode", np.array([tokens[-1]]), len(prompt) + len(tokens) - 1)]
+        return tokens
+
+    def unmeasured(self) -> dict[str, str]:
+        if self.chunk_by_chunk:
+            return {"latency": "the MIL interpreter runs a model this large one package at a time, so decoding "
+                               "would time package reloads (and an emulator's speed says nothing about a device)"}
+        return {}
 
     def close(self) -> None:
         self.chunks, self._states = [], None
 
-    def _prefill(self, tokens: np.ndarray) -> np.ndarray:
-        """A fresh sequence: `tokens` through the cache in prefill blocks; logits for every position."""
-        if not self.chunks:
-            raise RuntimeError("CoreMLRunner used after close")
+    def _blocks(self, tokens: np.ndarray) -> list[Call]:
+        """A fresh sequence's calls: `tokens` in prefill blocks."""
         if tokens.ndim != 1 or not 0 < len(tokens) <= self.context:
             raise ArtifactError(f"a window of {len(tokens)} tokens does not fit the package's context "
                                 f"({self.context})", self.path)
-        self._states = [chunk.make_state() for chunk in self.chunks]
-        blocks = [self._call("prefill", tokens[i : i + self.block], i) for i in range(0, len(tokens), self.block)]
-        self._length = len(tokens)
-        return np.concatenate(blocks)
+        return [Call("prefill", tokens[i : i + self.block], i) for i in range(0, len(tokens), self.block)]
 
-    def _call(self, function: str, tokens: np.ndarray, position: int) -> np.ndarray:
-        """Run `tokens` (at most the function's width; padded with token 0) through every package."""
-        width = int(self.manifest["functions"][function])
-        x: np.ndarray = np.zeros((1, width), np.int32)
-        x[0, : len(tokens)] = tokens
-        for chunk, state, entry in zip(self.chunks, self._states, self.manifest["chunks"], strict=True):
+    def _run(self, sequences: list[list[Call]], states: list[dict[int, Any]] | None,
+             progress: str | None = None) -> list[list[np.ndarray]]:
+        """Every sequence's calls, in order, through every package, package after package; per call the
+        logits of its tokens [tokens, vocab] (float32). `states`: per sequence, each package's state (made
+        where missing, updated in place); None: fresh ones, dropped when their package is done. `progress`:
+        a bar by that name counts packages."""
+        if not self.chunks:
+            raise RuntimeError("CoreMLRunner used after close")
+        carried = []  # per sequence, per call: the next package's first input
+        for calls in sequences:
+            carried.append([])
+            for call in calls:
+                ids = np.zeros((1, int(self.manifest["functions"][call.function])), np.int32)
+                ids[0, : len(call.tokens)] = call.tokens
+                carried[-1].append(ids)
+        packages = enumerate(zip(self.chunks, self.manifest["chunks"], strict=True))
+        if progress:
+            packages = track(packages, progress, len(self.chunks))
+        for index, (chunk, entry) in packages:
             first_input, position_input = entry["inputs"]
-            inputs = {first_input: x, position_input: np.array([position], np.int32)}
-            x = chunk.predict(function, inputs, state)[entry["outputs"][0]]
-        return np.asarray(x, np.float32)[0, : len(tokens)]
+            try:
+                for sequence, calls in enumerate(sequences):
+                    if states is None:
+                        state = chunk.make_state()
+                    elif index not in states[sequence]:
+                        state = states[sequence][index] = chunk.make_state()
+                    else:
+                        state = states[sequence][index]
+                    for i, call in enumerate(calls):
+                        position = np.array([call.position], np.int32)
+                        outputs = chunk.predict(call.function, {first_input: carried[sequence][i],
+                                                                position_input: position}, state)
+                        carried[sequence][i] = outputs[entry["outputs"][0]]
+            finally:
+                if self.chunk_by_chunk:
+                    chunk.release_weights()
+        return [[np.asarray(x, np.float32)[0, : len(call.tokens)] for x, call in zip(xs, calls, strict=True)]
+                for xs, calls in zip(carried, sequences, strict=True)]
+
+
+def continue_guess(history: list[int], guesses: list[int], count: int) -> list[int]:
+    """`guesses` cut or extended to `count` tokens. An added token is the one that followed the latest earlier
+    occurrence of the token before it (greedy decoding tends to repeat itself), or that same token again."""
+    guesses = guesses[:count]
+    text = history + guesses
+    while len(guesses) < count:
+        last = text[-1]
+        follower = next((text[i + 1] for i in range(len(text) - 2, -1, -1) if text[i] == last), last)
+        guesses.append(follower)
+        text.append(follower)
+    return guesses
 
 
 class InterpretedPackage:
@@ -102,12 +218,16 @@ class InterpretedPackage:
         from siliconvert.validate.runners.mil import MILProgram
 
         self.program = MILProgram(package)
+        self.stored_bytes = self.program.stored_bytes
 
     def make_state(self) -> dict[str, np.ndarray]:
         return self.program.make_states("decode")
 
     def predict(self, function: str, inputs: dict[str, np.ndarray], state: dict) -> dict[str, np.ndarray]:
         return self.program.run(function, inputs, state)
+
+    def release_weights(self) -> None:
+        self.program.release_weights()
 
 
 class CoreMLPackage:

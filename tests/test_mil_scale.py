@@ -1,0 +1,145 @@
+"""The MIL interpreter at scale: chunk-major runs, one package's weights at a time, and exact greedy decoding
+in rounds. Large models are simulated by lowering RESIDENT_WEIGHT_BYTES on small multi-chunk packages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from siliconvert.checkpoint import Checkpoint
+from siliconvert.convert.coreml import CoreMLWriter
+from siliconvert.recipe import CoreMLTarget
+from siliconvert.validate.runners import coreml
+from siliconvert.validate.runners.coreml import CoreMLRunner, continue_guess
+from siliconvert.validate.runners.mil import MILProgram
+
+pytestmark = pytest.mark.slow
+
+CONTEXT = 128  # prefill blocks of 64
+
+
+def build(source: Path, out_dir: Path, chunks: int) -> Path:
+    checkpoint = Checkpoint.open(source)
+    target = CoreMLTarget(format="coreml", context=CONTEXT, chunks=chunks)
+    writer = CoreMLWriter(checkpoint, target, out_dir, "tiny")
+    for name, array in checkpoint.tensors():
+        writer.add(name, array)
+    (artifact,) = writer.finish()
+    return artifact.path
+
+
+@pytest.fixture(scope="module")
+def two_chunks(small_model, tmp_path_factory) -> Path:
+    """A two-layer Llama as two packages (the checkpoint test_coreml.py uses, so the cache is shared)."""
+    return build(small_model("llama", "sentencepiece", rope_theta=50000.0), tmp_path_factory.mktemp("two"), 2)
+
+
+def chunk_by_chunk(path: Path, monkeypatch) -> CoreMLRunner:
+    """The runner as it opens a model too large to hold: one package's weights at a time."""
+    monkeypatch.setattr(coreml, "RESIDENT_WEIGHT_BYTES", 0)
+    runner = CoreMLRunner(path, {})
+    assert runner.chunk_by_chunk
+    return runner
+
+
+def window_by_window(path: Path, window: np.ndarray) -> np.ndarray:
+    """Logits of one window the way a device app runs it: block after block, each through every package."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    programs = [MILProgram(path / entry["package"]) for entry in manifest["chunks"]]
+    states = [program.make_states("prefill") for program in programs]
+    block = manifest["functions"]["prefill"]
+    rows = []
+    for start in range(0, len(window), block):
+        x = np.zeros((1, block), np.int32)
+        x[0, : len(window[start:start + block])] = window[start:start + block]
+        for program, state, entry in zip(programs, states, manifest["chunks"], strict=True):
+            first_input, position_input = entry["inputs"]
+            inputs = {first_input: x, position_input: np.array([start], np.int32)}
+            x = program.run("prefill", inputs, state)[entry["outputs"][0]]
+        rows.append(np.asarray(x, np.float32)[0, : len(window[start:start + block])])
+    return np.concatenate(rows)
+
+
+def test_chunk_major_logits_are_the_window_by_window_logits(two_chunks, monkeypatch):
+    windows = np.random.default_rng(0).integers(0, 1024, (3, 100))  # two blocks each, the last one padded
+    expected = np.stack([window_by_window(two_chunks, window) for window in windows])
+    resident = CoreMLRunner(two_chunks, {})
+    assert not resident.chunk_by_chunk and resident.unmeasured() == {}
+    assert np.array_equal(resident.logits_many(windows), expected)
+    assert np.array_equal(resident.logits(windows[1]), expected[1])
+    runner = chunk_by_chunk(two_chunks, monkeypatch)
+    assert np.array_equal(runner.logits_many(windows), expected)
+    assert all(chunk.program._weights is None for chunk in runner.chunks)  # released after each package
+    assert set(runner.unmeasured()) == {"latency"}  # the cache check still runs, through `greedy`
+
+
+def test_greedy_in_rounds_is_token_by_token_greedy(two_chunks, monkeypatch):
+    prompt = np.random.default_rng(1).integers(0, 1024, 40)
+    resident = CoreMLRunner(two_chunks, {})
+    expected = resident.greedy(prompt, 30)
+    runner = chunk_by_chunk(two_chunks, monkeypatch)
+    assert runner.greedy(prompt, 30) == expected
+    assert runner.greedy(prompt, 1) == expected[:1]
+    # the same tokens by start/step, which chunk by chunk reload every package per token
+    stepped = [int(np.argmax(runner.start(prompt)))]
+    while len(stepped) < 5:
+        stepped.append(int(np.argmax(runner.step(stepped[-1]))))
+    assert stepped == expected[:5]
+
+
+def test_greedy_refuses_to_run_past_the_context(two_chunks, monkeypatch):
+    from siliconvert.errors import ArtifactError
+
+    runner = chunk_by_chunk(two_chunks, monkeypatch)
+    prompt = np.zeros(CONTEXT - 3, np.int64)
+    assert len(runner.greedy(prompt, 4)) == 4  # the last token is predicted, never fed
+    with pytest.raises(ArtifactError, match="full"):
+        runner.greedy(prompt, 5)
+
+
+def test_guesses_follow_the_history():
+    assert continue_guess([5, 6, 7, 5], [], 3) == [6, 7, 5]  # what followed the last 5, and so on
+    assert continue_guess([1, 2, 3], [9, 9], 3) == [9, 9, 9]  # kept guesses first; nothing followed 9 but 9
+    assert continue_guess([1, 2], [4, 5, 6], 1) == [4]
+
+
+# The child reports its own peak RSS as VmHWM (ru_maxrss would carry over this pytest process's peak).
+PEAK_RSS = """
+import re, sys
+from pathlib import Path
+import numpy as np
+from siliconvert.validate.runners import coreml
+coreml.RESIDENT_WEIGHT_BYTES = int(sys.argv[2])
+runner = coreml.CoreMLRunner(Path(sys.argv[1]), {})
+np.save(sys.argv[3], runner.logits_many(np.random.default_rng(0).integers(0, 1024, (4, 128))))
+peak = int(re.search(r"VmHWM:\\s*(\\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
+held = []  # weights each package holds while loaded, loaded one at a time after the peak was read
+for chunk in runner.chunks:
+    held.append(sum(w.nbytes for w in chunk.program._load().values()))
+    chunk.release_weights()
+print(peak, sum(held), max(held))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc (Linux)")
+def test_peak_memory_follows_one_package_not_the_model(small_model, tmp_path):
+    # the checkpoint test_coreml.py's writer memory test builds (same settings: the cache is shared)
+    source = small_model("llama", "sentencepiece", hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=4,
+                         intermediate_size=1536, train_steps=1)
+    path = build(source, tmp_path, chunks=6)
+    peak = {}
+    for mode, budget in (("resident", 1 << 40), ("chunk_by_chunk", 0)):
+        run = subprocess.run([sys.executable, "-c", PEAK_RSS, str(path), str(budget), str(tmp_path / mode)],
+                             capture_output=True, text=True, check=True)
+        peak[mode], held, largest = map(int, run.stdout.split()[-3:])
+    print(f"peak RSS: {peak['resident'] / 2**20:.0f} MiB with every package held, "
+          f"{peak['chunk_by_chunk'] / 2**20:.0f} MiB chunk by chunk; the packages hold "
+          f"{held / 2**20:.0f} MiB of weights, the largest {largest / 2**20:.0f} MiB")
+    assert np.array_equal(np.load(tmp_path / "resident.npy"), np.load(tmp_path / "chunk_by_chunk.npy"))
+    # everything but the largest package is spared (a quarter of that as slack for allocator noise)
+    assert peak["resident"] - peak["chunk_by_chunk"] > 0.75 * (held - largest), peak
