@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -126,7 +127,7 @@ def run_measured(command: Sequence[str], log_path: Path, env: dict[str, str] | N
         try:
             _, status, usage = os.wait4(child.pid, 0)
         except BaseException:
-            os.killpg(child.pid, 15)  # SIGTERM to the session's process group, which the child leads
+            os.killpg(child.pid, signal.SIGTERM)  # the session's process group: the child leads it
             child.wait()
             raise
         finally:

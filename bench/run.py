@@ -20,6 +20,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -494,6 +495,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM (and SIGINT, which a shell's background job ignores) interrupt the measured command's wait,
+    # so run_measured stops the command's whole session instead of leaving it running
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     say = Progress()
     work = WORK_DIR / args.size
     work.mkdir(parents=True, exist_ok=True)
