@@ -92,6 +92,18 @@ def test_greedy_in_rounds_is_token_by_token_greedy(two_chunks, monkeypatch):
     assert stepped == expected[:5]
 
 
+def test_cached_logits_are_the_steps_through_the_cache(two_chunks, monkeypatch):
+    rng = np.random.default_rng(2)
+    prompt, continuation = rng.integers(0, 1024, 70), rng.integers(0, 1024, 12)
+    resident = CoreMLRunner(two_chunks, {})
+    stepped = np.stack([resident.start(prompt), *(resident.step(int(t)) for t in continuation)])
+    assert np.array_equal(resident.cached_logits(prompt, continuation), stepped)
+    assert np.array_equal(chunk_by_chunk(two_chunks, monkeypatch).cached_logits(prompt, continuation), stepped)
+    # the cache check it allows in one pass: the no-cache pass over the same tokens picks the same tokens
+    no_cache = resident.logits(np.concatenate([prompt, continuation]))[len(prompt) - 1:]
+    assert np.array_equal(stepped.argmax(-1), no_cache.argmax(-1))
+
+
 def test_greedy_refuses_to_run_past_the_context(two_chunks, monkeypatch):
     from siliconvert.errors import ArtifactError
 

@@ -104,6 +104,17 @@ class CoreMLRunner(Runner):
         self._length += 1
         return logits[0]
 
+    def cached_logits(self, prompt: np.ndarray, continuation: np.ndarray) -> np.ndarray:
+        """Logits after the prompt and after each token of `continuation` fed one at a time through "decode"
+        (teacher-forced), from a fresh cache: [1 + len(continuation), vocab]. Row i is what the no-cache
+        `logits(prompt + continuation)` gives at position len(prompt) - 1 + i; one load of every package."""
+        prompt, continuation = np.asarray(prompt), np.asarray(continuation)
+        if len(prompt) + len(continuation) > self.context:
+            raise ArtifactError(f"the sequence is full: the package holds {self.context} tokens", self.path)
+        fed = [Call("decode", continuation[i : i + 1], len(prompt) + i) for i in range(len(continuation))]
+        (rows,) = self._run([self._blocks(prompt) + fed], [{}])
+        return np.stack([rows[-len(fed) - 1][-1], *(row[0] for row in rows[len(rows) - len(fed):])])
+
     def greedy(self, prompt: np.ndarray, new_tokens: int) -> list[int]:
         """Greedy continuation through the KV cache.
 
