@@ -1,4 +1,4 @@
-"""Core ML: ML Programs built with coremltools' MIL builder straight from the streamed weights.
+"""Core ML: ML Programs built with coremltools' MIL builder, their weights streamed straight into place.
 
 One layout for every model size, so apps and runners never branch on it:
 
@@ -13,31 +13,58 @@ Every function takes `position` (int32 [1], where its first token goes in the se
 cache of its layers in two states, `key_cache` and `value_cache` (fp16 [layers, kv_heads, context,
 head_dim]); the causal mask and the RoPE angles are computed inside from `position`.
 
-Chunks bound memory on the device and during conversion: a chunk is built and saved as soon as its last
-tensor arrives, and its tensors are dropped. Streamed tensors wait in a buffer of one chunk's size;
-tensors that arrive early (safetensors stores names alphabetically: layer 10 before layer 2) spill to disk
-past it, so the bound holds whatever the stream order.
+Weights are written once, in their final place. Each streamed tensor is cast to fp16 and appended, through
+coremltools' own blob writer, to the weights/weight.bin of every package that uses it, then dropped: memory
+holds one tensor, whatever the stream order (a package whose tensors come out of order keeps its file open
+longer). When a package's last tensor has arrived, its program is built with placeholder consts (zero-byte
+broadcast arrays) that name those blobs by weight id, and exported around them: the graph passes that run are
+those of coremltools' default pipeline that change this graph, less the ones that read weight values.
+
+The same checkpoint gives the same bytes: op names count from zero in every function, the spec is serialized
+deterministically, and the package's Manifest.json identifiers derive from the spec (coremltools draws random
+UUIDs). Packages are built in hidden work folders, fsynced, and renamed into place by `finish`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
+import struct
+import uuid
+import warnings
+from abc import ABC, abstractmethod
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import coremltools as ct
 import numpy as np
+import torch
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Function, Program, types
+from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+from coremltools.proto import MIL_pb2, Model_pb2
 
 from siliconvert.architectures import ModelSpec
 from siliconvert.artifacts import Artifact, Writer
 from siliconvert.errors import CheckpointError, OutputError, RecipeError
-from siliconvert.quantize.coreml import compress_function_package
+from siliconvert.quantize.coreml import QuantizedWeight, quantize_weights, quantized_const
 from siliconvert.recipe import CoreMLTarget
+
+# coremltools internals (not public API; written against coremltools 9.0): the MIL exporter and the blob
+# writer that ct.convert uses, which the streamed writer drives itself so that no weight is written twice.
+try:
+    from coremltools.converters.mil.backend.mil.helper import create_file_value_tensor
+    from coremltools.converters.mil.backend.mil.load import CoreMLProtoExporter, MILProtoExporter
+    from coremltools.libmilstoragepython import _BlobStorageWriter
+except ImportError as e:
+    raise ImportError(f"the Core ML writer needs coremltools' MIL exporter and blob writer (coremltools 9): {e}") from e
+if not all(hasattr(MILProtoExporter, m) for m in ("get_milproto_value", "get_blob_writer", "export")):
+    raise ImportError(f"coremltools {ct.__version__}'s MILProtoExporter lacks the methods the Core ML writer "
+                      "overrides (get_milproto_value, get_blob_writer); it is written against coremltools 9")
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -46,6 +73,31 @@ AUTO_CHUNK_BYTES = 1 << 30  # `chunks: auto`: ≤ ~1 GiB of fp16 weights per pac
 HEAD_SPLIT = 16384  # the ANE caps a convolution's output channels; a 32k–150k vocabulary head is split
 MASK_VALUE = -30000.0  # additive mask: exp() of it is 0, yet adding it to any score stays finite in fp16
 NORM_FLOOR = 2.0**-6  # RMSNorm divides by max(|x|, floor): an all-zero token must not divide by zero
+CHECK_BLOCK = 1 << 22  # fp16 values range-checked at a time (the check's temporaries stay a few MB)
+SPEC_VERSION = ct.target.iOS18  # stateful and multifunction models need iOS 18 / macOS 15
+PACKAGE_DATA = Path("Data/com.apple.CoreML")  # inside an .mlpackage: model.mlmodel and weights/weight.bin
+WEIGHT_FILE = "weight.bin"
+WEIGHT_URL = "@model_path/weights/weight.bin"  # how a const names weight.bin in the spec
+BLOB_RECORD = struct.Struct("<IIQQ")  # MIL blob storage v2: sentinel, dtype, size in bytes, data offset
+BLOB_SENTINEL = 0xDEADBEEF
+# The passes of coremltools' default pipeline (and of its mlprogram backend) that change this graph, in their
+# order there: int16 gather indices and their guard, and the clean-ups after them. Left out are the passes
+# that read, compare or hash const values (noop_elimination, const_deduplication, remove_redundant_ops): weights
+# here are placeholders, and a weight-sized pass is what the streamed writer avoids. The graph itself states
+# what those would leave. A test holds the result to ct.convert's default pipeline, op for op and bit for bit.
+PASSES = [
+    "common::add_int16_cast",
+    "common::guard_negative_gather_indices",
+    "common::const_elimination",
+    "common::dead_code_elimination",
+    "common::add_int16_cast",
+    "common::cast_optimization",
+    "common::dead_code_elimination",
+    "common::topological_reorder",
+    "mil_backend::adjust_io_to_supported_types",
+    "mil_backend::sanitize_name_strings",
+    "nn_backend::handle_unused_inputs",
+]
 # (role, layer or None, "weight"/"bias"): what the graph builder asks for
 Key = tuple[str, int | None, str]
 
@@ -108,53 +160,77 @@ def required_tensors(spec: ModelSpec, chunk: Chunk) -> set[Key]:
         keys.add(("token_embd", None, "weight"))
     if chunk.last:
         keys.add(("output_norm", None, "weight"))
-        keys.add(("token_embd" if spec.tie_word_embeddings else "output", None, "weight"))
+        keys.add((head_role(spec), None, "weight"))
     return keys
 
 
-class TensorBuffer:
-    """Streamed tensors (as fp16) waiting for their chunk. Past `budget` resident bytes, new arrivals go to
-    files in `spill_dir` until taken, so memory stays bounded whatever order the stream has."""
+def head_role(spec: ModelSpec) -> str:
+    return "token_embd" if spec.tie_word_embeddings else "output"
 
-    def __init__(self, spill_dir: Path, budget: int):
-        self.spill_dir = spill_dir
-        self.budget = budget
-        self.resident = 0
-        self.spilled = 0  # tensors written to disk so far (names the next file)
-        self._arrays: dict[Key, np.ndarray | Path] = {}
-        self._uses: dict[Key, int] = {}
 
-    def put(self, key: Key, array: np.ndarray, uses: int) -> None:
-        """Hold `array` until it has been taken `uses` times (a tied embedding serves two chunks)."""
-        if self.resident + array.nbytes > self.budget:
-            self.spill_dir.mkdir(exist_ok=True)
-            file = self.spill_dir / f"{self.spilled}.npy"
-            np.save(file, array)
-            self._arrays[key], self.spilled = file, self.spilled + 1
+def tensor_shape(spec: ModelSpec, key: Key) -> tuple[int, ...]:
+    """A tensor's shape in the checkpoint (HF layout: linear weights are (out, in))."""
+    role, _, kind = key
+    h, q, kv, ff = spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size
+    out_in = {"attn_q": (q, h), "attn_k": (kv, h), "attn_v": (kv, h), "attn_output": (h, q), "ffn_gate": (ff, h),
+              "ffn_up": (ff, h), "ffn_down": (h, ff), "token_embd": (spec.vocab_size, h),
+              "output": (spec.vocab_size, h)}
+    if role in out_in:
+        return out_in[role] if kind == "weight" else out_in[role][:1]
+    return (h,)  # the norms
+
+
+def head_pieces(spec: ModelSpec) -> list[range]:
+    """Rows of the LM head that each of its convolutions computes (one piece when the vocabulary fits)."""
+    return [range(i, min(i + HEAD_SPLIT, spec.vocab_size)) for i in range(0, spec.vocab_size, HEAD_SPLIT)]
+
+
+def weight_id(key: Key, piece: int | None = None) -> str:
+    """The name of one blob in a package's weight.bin: a whole tensor, or one piece of a split LM head."""
+    role, layer, kind = key
+    name = f"{role}.{kind}" if layer is None else f"{role}.{layer}.{kind}"
+    return name if piece is None else f"{name}#{piece}"
+
+
+def blobs_of(spec: ModelSpec, chunk: Chunk, key: Key) -> list[tuple[str, slice]]:
+    """(weight id, rows) of the blobs a chunk's weight.bin holds for one tensor: the whole tensor, or for a split
+    LM head one blob per piece, since a const can only point at a whole blob. A tied table that both embeds and
+    (split) projects in one chunk is stored both ways; unsplit, the two uses share one blob."""
+    pieces = head_pieces(spec)
+    whole = [(weight_id(key), slice(None))]
+    if not (chunk.last and key[0] == head_role(spec)) or len(pieces) == 1:
+        return whole
+    split = [(weight_id(key, i), slice(rows.start, rows.stop)) for i, rows in enumerate(pieces)]
+    return whole + split if chunk.first and key[0] == "token_embd" else split
+
+
+def float16(name: str, array: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """`array` as contiguous fp16 (cast into `scratch`, a flat fp16 buffer at least as large, unless it is fp16
+    already), refusing values past fp16's range: they would become inf."""
+    if array.dtype == np.float16:
+        half = np.ascontiguousarray(array)
+    else:
+        half = scratch[:array.size].reshape(array.shape)
+        if array.dtype in (np.float32, np.float64):
+            # torch's cast is vectorized (F16C) and ~15× faster than numpy's float → half loop, which would
+            # otherwise dominate the Core ML stage; both round to nearest even, so the bits are the same.
+            with warnings.catch_warnings():  # a read-only source warns; torch only reads it
+                warnings.simplefilter("ignore", UserWarning)
+                torch.from_numpy(half).copy_(torch.from_numpy(np.ascontiguousarray(array)))
         else:
-            self._arrays[key], self.resident = array, self.resident + array.nbytes
-        self._uses[key] = uses
-
-    def __contains__(self, key: Key) -> bool:
-        return key in self._arrays
-
-    def take(self, key: Key) -> np.ndarray:
-        held = self._arrays[key]
-        array = np.load(held) if isinstance(held, Path) else held
-        self._uses[key] -= 1
-        if not self._uses[key]:
-            del self._arrays[key], self._uses[key]
-            if isinstance(held, Path):
-                held.unlink()
-            else:
-                self.resident -= held.nbytes
-        return array
+            with np.errstate(over="ignore"):
+                np.copyto(half, array, casting="unsafe")
+    bits = half.reshape(-1).view(np.uint16)
+    for start in range(0, bits.size, CHECK_BLOCK):
+        if (bits[start:start + CHECK_BLOCK] & 0x7FFF).max(initial=0) >= 0x7C00:  # exponent all ones: inf or NaN
+            raise CheckpointError(f"tensor {name!r} has values beyond the float16 range (±65504)")
+    return half
 
 
 class CoreMLWriter(Writer):
-    """Builds each chunk package as soon as the stream completes it: fp16, plus the compressed variants the
-    target asks for (quantize/coreml.py); `finish` adds manifests and tokenizer files and moves the folders
-    into place."""
+    """Writes each tensor into the packages that use it as it streams by, and builds a chunk's programs around
+    its weights as soon as the stream completes it: fp16, then the compressed variants the target asks for
+    (quantize/coreml.py); `finish` adds manifests and tokenizer files and moves the folders into place."""
 
     def __init__(self, checkpoint, target: CoreMLTarget, out_dir: Path, model_name: str):
         self.checkpoint = checkpoint
@@ -164,21 +240,27 @@ class CoreMLWriter(Writer):
         self.block = prefill_block(target.context)
         self.chunks = plan_chunks(self.spec, target.chunks)
         self.needed = [required_tensors(self.spec, chunk) for chunk in self.chunks]
+        self.arrived: set[Key] = set()
+        self.writing: dict[int, PackageWriter] = {}  # fp16 packages with weights still to come, by chunk
         self.built: set[int] = set()
+        # Finished packages are fsynced in a background thread (fsync releases the GIL), so the disk catches
+        # up while the next chunk's tensors are cast and written; `finish` waits for every one.
+        self.syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coreml-fsync")
+        self.syncing: list[Future] = []
+        # Tensors are cast into one reused buffer, as large as the largest so far: a fresh array per tensor
+        # costs more in page faults than the cast itself. It is all the writer holds of the weights.
+        self.scratch = np.empty(0, np.float16)
         out_dir = Path(out_dir)
+        self.out_dir = out_dir
         self.folders = {p: out_dir / f"{model_name}-{p}-coreml" for p in target.precisions}
         self.work = {p: f.with_name(f".{f.name}.tmp-{os.getpid()}") for p, f in self.folders.items()}
-        self.scratch = out_dir / f".{model_name}-coreml-scratch-{os.getpid()}"  # spilled tensors, functions
         self._state = "open"
         try:
-            for folder in [self.scratch, *self.work.values()]:
+            for folder in self.work.values():
                 shutil.rmtree(folder, ignore_errors=True)
                 folder.mkdir(parents=True)
         except OSError as e:
             raise OutputError(f"cannot create a Core ML work folder ({e.strerror})", out_dir) from None
-        sizes = {self._key(name): 2 * int(np.prod(i.shape)) for name, i in checkpoint.tensor_infos.items()}
-        largest = max(sum(sizes.get(key, 0) for key in needed) for needed in self.needed)
-        self.buffer = TensorBuffer(self.scratch / "spill", budget=largest)
 
     def add(self, name: str, array: np.ndarray) -> None:
         if self._state != "open":
@@ -187,15 +269,23 @@ class CoreMLWriter(Writer):
         users = [i for i, needed in enumerate(self.needed) if key in needed]
         if not users:
             return  # a stored copy of a tied head, or rotary inv_freq: the graph rebuilds these from the spec
-        if key in self.buffer or any(i in self.built for i in users):
+        if key in self.arrived:
             raise CheckpointError(f"tensor {name!r} arrived twice in the stream")
-        with np.errstate(over="ignore"):
-            half = array.astype(np.float16)
-        if not np.isfinite(half).all():
-            raise CheckpointError(f"tensor {name!r} has values beyond the float16 range (±65504)")
-        self.buffer.put(key, half, uses=len(users))
+        if array.shape != tensor_shape(self.spec, key):
+            raise CheckpointError(f"tensor {name!r} has shape {list(array.shape)}, the config implies "
+                                  f"{list(tensor_shape(self.spec, key))}")
+        self.arrived.add(key)
+        if self.scratch.size < array.size:
+            self.scratch = np.empty(0, np.float16)  # the old buffer goes before the new one is allocated
+            self.scratch = np.empty(array.size, np.float16)
+        half = float16(name, array, self.scratch)
         for i in users:
-            if all(k in self.buffer for k in self.needed[i]):
+            package = self.writing.get(i) or self._open(self.chunks[i])
+            for blob, rows in blobs_of(self.spec, self.chunks[i], key):
+                package.write(blob, half[rows])
+        del half
+        for i in users:
+            if self.needed[i] <= self.arrived:
                 self._build(self.chunks[i])
 
     def finish(self) -> list[Artifact]:
@@ -205,18 +295,31 @@ class CoreMLWriter(Writer):
         if missing:
             raise CheckpointError(f"the tensor stream ended before {', '.join(missing)} could be built")
         self._state = "finished"
-        shutil.rmtree(self.scratch, ignore_errors=True)
+        self.scratch = np.empty(0, np.float16)
         options = {"compute_units": self.target.compute_units}
+        try:
+            for precision, work in self.work.items():
+                (work / MANIFEST).write_text(json.dumps(self.manifest(precision), indent=2) + "\n")
+                for file in [self.checkpoint.path / "config.json", *self.checkpoint.tokenizer_files()]:
+                    shutil.copyfile(file, work / file.name)
+                self.syncing.append(self.syncer.submit(fsync_tree, work))  # the packages' files are synced already
+            for synced in self.syncing:
+                synced.result()
+        except OSError as e:
+            raise OutputError(f"cannot write the Core ML packages ({e.strerror})", self.out_dir) from None
+        finally:
+            self.syncer.shutdown()
         for precision, work in self.work.items():
-            (work / MANIFEST).write_text(json.dumps(self.manifest(precision), indent=2) + "\n")
-            for file in [self.checkpoint.path / "config.json", *self.checkpoint.tokenizer_files()]:
-                shutil.copy2(file, work / file.name)
             replace_atomically(work, self.folders[precision])
+        fsync_tree(self.out_dir, recurse=False)  # the renames themselves
         return [Artifact("coreml", p, folder, options) for p, folder in self.folders.items()]
 
     def abort(self) -> None:
         self._state = "aborted"
-        for folder in [self.scratch, *self.work.values()]:
+        self.scratch = np.empty(0, np.float16)
+        self.writing.clear()  # closes the weight files still open
+        self.syncer.shutdown(cancel_futures=True)
+        for folder in self.work.values():
             shutil.rmtree(folder, ignore_errors=True)
 
     def manifest(self, precision: str) -> dict:
@@ -245,41 +348,132 @@ class CoreMLWriter(Writer):
             ],
         }
 
+    def _open(self, chunk: Chunk) -> PackageWriter:
+        try:
+            self.writing[chunk.index] = PackageWriter(self.work["fp16"] / chunk.package)
+        except OSError as e:
+            raise OutputError(f"cannot create a Core ML package ({e.strerror})", self.work["fp16"]) from None
+        return self.writing[chunk.index]
+
     def _build(self, chunk: Chunk) -> None:
-        weights = {key: self.buffer.take(key) for key in self.needed[chunk.index]}
-        packages: dict[tuple[str, str], Path] = {}  # (precision, function) → single-function package
-        for function, tokens in (("decode", 1), ("prefill", self.block)):
-            program = build_program(self.spec, chunk, weights, tokens, self.target.context)
-            model = ct.convert(
-                program,
-                convert_to="mlprogram",
-                minimum_deployment_target=ct.target.iOS18,  # stateful models need iOS 18 / macOS 15
-                compute_precision=ct.precision.FLOAT16,
-                skip_model_load=True,  # cannot load on Linux; nothing here needs the compiled model
-            )
-            packages["fp16", function] = self.scratch / f"{function}-fp16.mlpackage"
-            model.save(str(packages["fp16", function]))
-            del program, model
-        del weights
-        for precision in self.target.precisions[1:]:
-            for function in ("decode", "prefill"):
-                packages[precision, function] = self.scratch / f"{function}-{precision}.mlpackage"
-                compress_function_package(packages["fp16", function], precision,
-                                          packages[precision, function])
-        for precision, work in self.work.items():
-            descriptor = ct.utils.MultiFunctionDescriptor()
-            for function in ("decode", "prefill"):
-                descriptor.add_function(str(packages[precision, function]), "main", function)
-            descriptor.default_function_name = "decode"
-            # save_multifunction deduplicates identical consts across functions: one copy of the weights.
-            ct.utils.save_multifunction(descriptor, str(work / chunk.package))
-        for package in packages.values():
-            shutil.rmtree(package)
+        self.scratch = np.empty(0, np.float16)  # nothing of the weights is held while the program is built
+        package = self.writing.pop(chunk.index)
+        program = build_program(self.spec, chunk, self.block, self.target.context, PlaceholderWeights(package.blobs))
+        package.finish(program)
+        del program
+        self.syncing.append(self.syncer.submit(fsync_tree, package.path))
+        if len(self.target.precisions) > 1:
+            stored = StoredWeights(package.path / PACKAGE_DATA / "weights" / WEIGHT_FILE, package.blobs)
+            for precision in self.target.precisions[1:]:
+                self._compress(chunk, stored, precision)
         self.built.add(chunk.index)
+
+    def _compress(self, chunk: Chunk, stored: StoredWeights, precision: str) -> None:
+        """A compressed variant, read back from the fp16 package just written (memory-mapped): coremltools'
+        quantization pass runs on one function, and both functions take the weights it chose. Slower than the
+        fp16 path, and it holds the chunk's compressed weights until its package is written."""
+        quantized = quantize_weights(build_function(self.spec, chunk, 1, self.target.context, stored), precision)
+        program = build_program(self.spec, chunk, self.block, self.target.context,
+                                QuantizedWeights(stored, quantized))
+        package = self.work[precision] / chunk.package
+        (package / PACKAGE_DATA / "weights").mkdir(parents=True)
+        write_package(package, export(program, MILProtoExporter(program, str(package / PACKAGE_DATA / "weights"),
+                                                                SPEC_VERSION)))
+        self.syncing.append(self.syncer.submit(fsync_tree, package))
 
     def _key(self, name: str) -> Key | None:
         role = self.checkpoint.family.role_of(name)
         return (role.role, role.layer, role.kind) if role else None
+
+
+class PackageWriter:
+    """An fp16 package being written: its weight.bin grows blob by blob as the chunk's tensors stream in."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        weights = path / PACKAGE_DATA / "weights"
+        weights.mkdir(parents=True)
+        self.writer: _BlobStorageWriter | None = _BlobStorageWriter(str(weights / WEIGHT_FILE))
+        self.blobs: dict[str, tuple[int, int]] = {}  # weight id → (offset of its blob record, bytes)
+
+    def write(self, weight_id: str, half: np.ndarray) -> None:
+        offset = self.writer.write_fp16_data(half.reshape(-1).view(np.uint16))
+        self.blobs[weight_id] = (offset, half.nbytes)
+
+    def finish(self, program: Program) -> None:
+        model = export(program, StreamedExporter(program, self.path / PACKAGE_DATA / "weights", self.writer,
+                                                 self.blobs))
+        self.writer = None  # closes weight.bin: coremltools' blob writer has no close(), its destructor does it
+        write_package(self.path, model)
+
+
+class StreamedExporter(MILProtoExporter):
+    """coremltools' MIL exporter for a program whose weights are already in weights/weight.bin.
+
+    A workaround of coremltools internals: the stock exporter writes every const's value into a new weight.bin
+    (copying it with flatten().tobytes() on the way). Here a const whose weight id names a streamed blob points
+    at that blob instead (its value is a placeholder, never read), and the few small consts left (RoPE tables,
+    index ranges) are appended to the same file by the writer that wrote the weights."""
+
+    def __init__(self, program: Program, weights_dir: Path, writer: _BlobStorageWriter,
+                 blobs: dict[str, tuple[int, int]]):
+        super().__init__(program, str(weights_dir), SPEC_VERSION)
+        self.writer = writer
+        self.blobs = blobs
+
+    def get_blob_writer(self, weight_path: str) -> _BlobStorageWriter:
+        return self.writer
+
+    def get_milproto_value(self, var) -> MIL_pb2.Value:
+        weight = getattr(var.op, "weight_id", None)
+        if weight in self.blobs:
+            return create_file_value_tensor(file_name=WEIGHT_URL, offset=self.blobs[weight][0], dim=var.shape,
+                                            data_type=MIL_pb2.FLOAT16)
+        return super().get_milproto_value(var)
+
+
+def export(program: Program, exporter: MILProtoExporter) -> Model_pb2.Model:
+    """The model spec of a multifunction program, as coremltools' mlprogram backend makes it (its `load`)."""
+    program._check_early_error_out_for_invalid_program()
+    mil = exporter.export()
+    return CoreMLProtoExporter(program, mil, predicted_feature_name=None, predicted_probabilities_name=None,
+                               classifier_config=None, convert_to="mlprogram", convert_from="milinternal",
+                               specification_version=SPEC_VERSION).export(SPEC_VERSION)
+
+
+def write_package(package: Path, model: Model_pb2.Model) -> None:
+    """Write model.mlmodel and Manifest.json around a package's weights/weight.bin.
+
+    coremltools' own path (_create_mlpackage, then MLModel.save) copies weight.bin twice and gives the package
+    random item identifiers; this writes the same files in place, identifiers derived from the spec."""
+    spec = model.SerializeToString(deterministic=True)
+    (package / PACKAGE_DATA / "model.mlmodel").write_bytes(spec)
+    (package / "Manifest.json").write_text(package_manifest(spec))
+
+
+def package_manifest(spec: bytes) -> str:
+    """Manifest.json as coremltools' ModelPackage writes it (keys sorted, 4-space indent)."""
+    digest = hashlib.sha256(spec).hexdigest()
+    items = {
+        "model.mlmodel": ("CoreML Model Specification", "com.apple.CoreML/model.mlmodel"),
+        "weights": ("CoreML Model Weights", "com.apple.CoreML/weights"),
+    }
+    identifiers = {name: str(uuid.uuid5(uuid.NAMESPACE_OID, f"{digest}/{name}")) for name in items}
+    entries = {identifiers[name]: {"author": "com.apple.CoreML", "description": description, "name": name,
+                                   "path": path} for name, (description, path) in items.items()}
+    return json.dumps({"fileFormatVersion": "1.0.0", "itemInfoEntries": dict(sorted(entries.items())),
+                       "rootModelIdentifier": identifiers["model.mlmodel"]}, indent=4) + "\n"
+
+
+def fsync_tree(folder: Path, recurse: bool = True) -> None:
+    """fsync every file and folder under `folder` (folders too: they hold the new names), and `folder`."""
+    paths = [*folder.rglob("*"), folder] if recurse else [folder]
+    for path in sorted(paths, key=lambda p: len(p.parts), reverse=True):  # a folder after what it holds
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def prefill_block(context: int) -> int:
@@ -303,16 +497,94 @@ def replace_atomically(work: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+# ---- where the graph takes its weights from ----------------------------------------------------
+
+
+class WeightConsts(ABC):
+    """Makes the const (or constexpr) op of one use of a weight in the function being built. Uses with the same
+    weight id read the same bytes, within a function and across the two."""
+
+    @abstractmethod
+    def const(self, weight: str, shape: tuple[int, ...], name: str): ...
+
+
+class PlaceholderWeights(WeightConsts):
+    """Consts whose bytes are already in the package's weight.bin: the value is a zero-byte broadcast of the
+    right shape and dtype (what type inference needs), and StreamedExporter points the const at the blob."""
+
+    def __init__(self, blobs: dict[str, tuple[int, int]]):
+        self.blobs = blobs
+
+    def const(self, weight: str, shape: tuple[int, ...], name: str):
+        if self.blobs[weight][1] != 2 * math.prod(shape):
+            raise RuntimeError(f"blob {weight} holds {self.blobs[weight][1]} bytes, not fp16 {shape}")
+        var = mb.const(val=np.broadcast_to(np.float16(0), shape), name=name)
+        var.op.weight_id = weight
+        return var
+
+
+class StoredWeights(WeightConsts):
+    """Consts with the values of a finished fp16 package, memory-mapped from its weight.bin."""
+
+    def __init__(self, path: Path, blobs: dict[str, tuple[int, int]]):
+        self.data = np.memmap(path, dtype=np.uint8, mode="r")
+        self.blobs = blobs
+
+    def values(self, weight: str, shape: tuple[int, ...]) -> np.ndarray:
+        sentinel, _, size, start = BLOB_RECORD.unpack_from(self.data, self.blobs[weight][0])
+        if sentinel != BLOB_SENTINEL or size != 2 * math.prod(shape):
+            raise RuntimeError(f"blob {weight} in {self.data.filename} is not fp16 {shape}")
+        return self.data[start:start + size].view(np.float16).reshape(shape)
+
+    def const(self, weight: str, shape: tuple[int, ...], name: str):
+        var = mb.const(val=self.values(weight, shape), name=name)
+        var.op.weight_id = weight
+        return var
+
+
+class QuantizedWeights(WeightConsts):
+    """The compressed form coremltools' pass chose for each weight (quantize/coreml.py); fp16 for the rest."""
+
+    def __init__(self, stored: StoredWeights, quantized: dict[str, QuantizedWeight]):
+        self.stored = stored
+        self.quantized = quantized
+
+    def const(self, weight: str, shape: tuple[int, ...], name: str):
+        if weight in self.quantized:
+            return quantized_const(self.quantized[weight], weight, name)
+        return self.stored.const(weight, shape, name)
+
+
 # ---- the graph ---------------------------------------------------------------------------------
 # Activations are channels-first (1, C, 1, S), the layout the Neural Engine works in natively; linears are
 # 1×1 convolutions over it (the ANE's fastest op, and no transposes between layers). Attention works per
 # KV-head group in (1, kv_heads, group × S, head_dim) without repeating K and V for grouped-query heads.
 
 
-def build_program(spec: ModelSpec, chunk: Chunk, weights: dict[Key, np.ndarray], tokens: int,
-                  context: int) -> Program:
-    """One function ("main") running `tokens` tokens through the chunk's layers."""
+def build_program(spec: ModelSpec, chunk: Chunk, block: int, context: int, weights: WeightConsts) -> Program:
+    """The chunk's two functions, "decode" (1 token, the default) and "prefill" (`block` tokens), after PASSES."""
+    program = Program()
+    for name, tokens in (("decode", 1), ("prefill", block)):
+        # Passes run on each function alone, as ct.convert runs them: some keep state from one function to the
+        # next (add_int16_cast's target dtype), which would make prefill depend on decode. They are called
+        # directly: PassPipelineManager validates the whole program after every pass (the exporters do once).
+        alone = Program()
+        alone.add_function("main", build_function(spec, chunk, tokens, context, weights))
+        for graph_pass in PASSES:
+            PASS_REGISTRY[graph_pass](alone)
+        program.add_function(name, alone.functions["main"])
+    program.default_function_name = "decode"
+    program.export_as_multifunction = True
+    return program
+
+
+def build_function(spec: ModelSpec, chunk: Chunk, tokens: int, context: int, weights: WeightConsts) -> Function:
+    """`tokens` tokens through the chunk's layers."""
+    # The builder names ops from a process-wide counter that ct.convert clears after each conversion; from
+    # zero in every function, the names (and so model.mlmodel) are the same in every run.
+    mb.name_count.clear()
     h, kvh, d, layers = spec.hidden_size, spec.num_kv_heads, spec.head_dim, len(chunk.layers)
+    needed = required_tensors(spec, chunk)
     first_input = (mb.TensorSpec((1, tokens), dtype=types.int32) if chunk.first
                    else mb.TensorSpec((1, h, 1, tokens), dtype=types.fp16))
     inputs = {
@@ -322,55 +594,69 @@ def build_program(spec: ModelSpec, chunk: Chunk, weights: dict[Key, np.ndarray],
         "value_cache": mb.StateTensorSpec((layers, kvh, context, d), dtype=types.fp16),
     }
 
-    def w(role: str, layer: int | None = None, kind: str = "weight") -> np.ndarray | None:
-        return weights.get((role, layer, kind))
+    def linear(x, role: str, layer: int, name: str):
+        """HF's (out, in) weight as a 1×1 convolution's (out, in, 1, 1), over (1, C_in, 1, S)."""
+        out, inp = tensor_shape(spec, (role, layer, "weight"))
+        weight = weights.const(weight_id((role, layer, "weight")), (out, inp, 1, 1), f"{name}_weight")
+        bias = None
+        if (role, layer, "bias") in needed:
+            bias = weights.const(weight_id((role, layer, "bias")), (out,), f"{name}_bias")
+        return mb.conv(x=x, weight=weight, bias=bias, name=name)
+
+    def norm(x, role: str, layer: int | None, name: str):
+        weight = weights.const(weight_id((role, layer, "weight")), (1, h, 1, 1), f"{name}_weight")
+        return rms_norm(x, weight, spec.rms_norm_eps, name)
 
     with Function(inputs, opset_version=ct.target.iOS18) as function:
         position = function.inputs["position"]
-        positions = mb.add(x=position, y=np.arange(tokens, dtype=np.int32), name="positions")  # (S,)
+        # (S,); one token is at `position` itself (adding 0 is what noop_elimination would remove)
+        positions = position if tokens == 1 else mb.add(x=position, y=np.arange(tokens, dtype=np.int32),
+                                                         name="positions")
         cos, sin = rope_angles(spec, context, positions, tokens)
         shared = Shared(position, cos, sin, causal_mask(spec, context, positions, tokens),
                         CacheState(function.inputs["key_cache"]), CacheState(function.inputs["value_cache"]))
         if chunk.first:
-            # The table as (V, C, 1, 1), the LM head's conv layout: a tied head is then the same const and
-            # coremltools stores it once (when the vocabulary fits one head piece).
-            table = w("token_embd")[:, :, None, None]
+            # The table as (V, C, 1, 1), the LM head's conv layout: an unsplit tied head is the same blob.
+            table = weights.const(weight_id(("token_embd", None, "weight")), (spec.vocab_size, h, 1, 1),
+                                  "embed_tokens")
             x = mb.gather(x=table, indices=function.inputs["input_ids"], axis=0)  # (1, S, C, 1, 1)
             x = mb.transpose(x=mb.reshape(x=x, shape=[1, tokens, h]), perm=[0, 2, 1])
             x = mb.reshape(x=x, shape=[1, h, 1, tokens], name="embeddings")
         else:
             x = function.inputs["hidden_states"]
         for local, layer in enumerate(chunk.layers):
-            attention_in = rms_norm(x, w("attn_norm", layer), spec.rms_norm_eps, f"l{layer}_attn_norm")
-            x = mb.add(x=x, y=attention(spec, attention_in, w, layer, local, shared), name=f"l{layer}_attn_residual")
-            mlp_in = rms_norm(x, w("ffn_norm", layer), spec.rms_norm_eps, f"l{layer}_ffn_norm")
-            gate = conv(mlp_in, w("ffn_gate", layer), w("ffn_gate", layer, "bias"), f"l{layer}_ffn_gate")
-            up = conv(mlp_in, w("ffn_up", layer), w("ffn_up", layer, "bias"), f"l{layer}_ffn_up")
+            attention_in = norm(x, "attn_norm", layer, f"l{layer}_attn_norm")
+            x = mb.add(x=x, y=attention(spec, attention_in, linear, layer, local, shared),
+                       name=f"l{layer}_attn_residual")
+            mlp_in = norm(x, "ffn_norm", layer, f"l{layer}_ffn_norm")
+            gate = linear(mlp_in, "ffn_gate", layer, f"l{layer}_ffn_gate")
+            up = linear(mlp_in, "ffn_up", layer, f"l{layer}_ffn_up")
             hidden = mb.mul(x=mb.silu(x=gate), y=up, name=f"l{layer}_ffn_act")
-            down = conv(hidden, w("ffn_down", layer), w("ffn_down", layer, "bias"), f"l{layer}_ffn_down")
-            x = mb.add(x=x, y=down, name=f"l{layer}_ffn_residual")
+            x = mb.add(x=x, y=linear(hidden, "ffn_down", layer, f"l{layer}_ffn_down"), name=f"l{layer}_ffn_residual")
         if chunk.last:
-            x = rms_norm(x, w("output_norm"), spec.rms_norm_eps, "output_norm")
-            head = w("token_embd" if spec.tie_word_embeddings else "output")
-            parts = [conv(x, head[i:i + HEAD_SPLIT], None, f"lm_head_{i // HEAD_SPLIT}")
-                     for i in range(0, spec.vocab_size, HEAD_SPLIT)]
+            x = norm(x, "output_norm", None, "output_norm")
+            head, pieces = (head_role(spec), None, "weight"), head_pieces(spec)
+            parts = [mb.conv(x=x, weight=weights.const(weight_id(head, i if len(pieces) > 1 else None),
+                                                       (len(rows), h, 1, 1), f"lm_head_{i}_weight"),
+                             name=f"lm_head_{i}")
+                     for i, rows in enumerate(pieces)]
             x = mb.concat(values=parts, axis=1) if len(parts) > 1 else parts[0]  # (1, V, 1, S)
             out = mb.transpose(x=mb.squeeze(x=x, axes=[2]), perm=[0, 2, 1], name="logits")  # (1, S, V)
         else:
             out = mb.identity(x=x, name="hidden_states_out")
         function.set_outputs([out])
-    program = Program()
-    program.add_function("main", function)
-    return program
+    return function
 
 
-def conv(x, weight: np.ndarray, bias: np.ndarray | None, name: str):
-    """A linear layer as a 1×1 convolution over (1, C_in, 1, S): HF's (out, in) weight as (out, in, 1, 1)."""
-    return mb.conv(x=x, weight=weight[:, :, None, None], bias=bias, name=name)
+def shared_const(value: np.ndarray, name: str):
+    """A const that depends on the spec and context alone: one blob serves both functions."""
+    var = mb.const(val=value, name=name)
+    var.op.weight_id = name
+    return var
 
 
-def rms_norm(x, weight: np.ndarray, eps: float, name: str):
-    """RMSNorm over channels that cannot overflow fp16.
+def rms_norm(x, weight, eps: float, name: str):
+    """RMSNorm over channels, with a (1, C, 1, 1) weight, that cannot overflow fp16.
 
     Squaring an fp16 activation overflows past |x| = 256, and summing C squares long before that. Dividing
     each token by its max |x| first keeps every square ≤ 1 and their mean in [1/C, 1]; the factor cancels
@@ -383,7 +669,7 @@ def rms_norm(x, weight: np.ndarray, eps: float, name: str):
     root_eps = mb.real_div(x=np.float16(math.sqrt(eps)), y=peak)
     rms_inverse = mb.rsqrt(x=mb.add(x=mean_square, y=mb.mul(x=root_eps, y=root_eps)))
     normed = mb.mul(x=scaled, y=rms_inverse)
-    return mb.mul(x=normed, y=weight[None, :, None, None], name=name)
+    return mb.mul(x=normed, y=weight, name=name)
 
 
 class CacheState:
@@ -396,14 +682,14 @@ class CacheState:
         self.state = state
         self.value = mb.read_state(input=state)
 
-    def write(self, update, local: int, position):
-        """Write (1, KVH, S, D) at [local layer, :, position:position+S]; return the layer's whole cache.
-        `coreml_update_state` is what makes the write persist between calls."""
+    def write(self, update, local: int, begin, end):
+        """Write (1, KVH, S, D) at [local layer, :, position:position+S] (`begin`, `end`); return the layer's
+        whole cache. `coreml_update_state` is what makes the write persist between calls."""
         _, kvh, context, d = self.value.shape
-        begin = mb.concat(values=[np.array([local, 0], np.int32), position, np.array([0], np.int32)], axis=0)
-        end = mb.add(x=begin, y=np.array([1, kvh, update.shape[2], d], np.int32))
         updated = mb.slice_update(x=self.value, update=update, begin=begin, end=end)
         self.value = mb.coreml_update_state(state=self.state, value=updated)
+        if self.value.shape[0] == 1:  # a one-layer chunk: the layer's cache is the whole state (no no-op slice)
+            return self.value
         return mb.slice_by_index(x=self.value, begin=[local, 0, 0, 0], end=[local + 1, kvh, context, d])
 
 
@@ -419,28 +705,38 @@ class Shared:
     values: CacheState
 
 
-def attention(spec: ModelSpec, x, w, layer: int, local: int, shared: Shared):
+def attention(spec: ModelSpec, x, linear, layer: int, local: int, shared: Shared):
     """Grouped-query attention over the whole cache, through the chunk's states (`local` = layer index in it)."""
     heads, kvh, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
     group, s, context = heads // kvh, x.shape[-1], shared.mask.shape[-1]
-    q = conv(x, w("attn_q", layer), w("attn_q", layer, "bias"), f"l{layer}_q")  # (1, H·D, 1, S)
-    k = conv(x, w("attn_k", layer), w("attn_k", layer, "bias"), f"l{layer}_k")
-    v = conv(x, w("attn_v", layer), w("attn_v", layer, "bias"), f"l{layer}_v")
+    q = linear(x, "attn_q", layer, f"l{layer}_q")  # (1, H·D, 1, S)
+    k = linear(x, "attn_k", layer, f"l{layer}_k")
+    v = linear(x, "attn_v", layer, f"l{layer}_v")
     q = rope(mb.reshape(x=q, shape=[1, heads, d, s]), shared.cos, shared.sin)  # (1, H, D, S)
     k = rope(mb.reshape(x=k, shape=[1, kvh, d, s]), shared.cos, shared.sin)
     k = mb.transpose(x=k, perm=[0, 1, 3, 2])  # (1, KVH, S, D)
-    keys = shared.keys.write(k, local, shared.position)  # (1, KVH, context, D)
+    # Where this block goes in the layer's cache; keys and values share it (the graph states once what
+    # coremltools' remove_redundant_ops would otherwise merge).
+    begin = mb.concat(values=[np.array([local, 0], np.int32), shared.position, np.array([0], np.int32)], axis=0)
+    end = mb.add(x=begin, y=np.array([1, kvh, s, d], np.int32))
+    keys = shared.keys.write(k, local, begin, end)  # (1, KVH, context, D)
     v = mb.transpose(x=mb.reshape(x=v, shape=[1, kvh, d, s]), perm=[0, 1, 3, 2])
-    values = shared.values.write(v, local, shared.position)
+    values = shared.values.write(v, local, begin, end)
     q = mb.mul(x=mb.transpose(x=q, perm=[0, 1, 3, 2]), y=np.float16(1 / math.sqrt(d)))  # (1, H, S, D)
     # Query heads h = kv·group + g share KV head kv: grouping rows as (kv, g·S) needs no repeated K/V.
-    q = mb.reshape(x=q, shape=[1, kvh, group * s, d])
+    q = reshape(q, [1, kvh, group * s, d])
     scores = mb.matmul(x=q, y=keys, transpose_y=True)  # (1, KVH, G·S, context)
-    scores = mb.add(x=mb.reshape(x=scores, shape=[1, heads, s, context]), y=shared.mask)
-    probs = mb.reshape(x=mb.softmax(x=scores, axis=-1), shape=[1, kvh, group * s, context])
-    out = mb.reshape(x=mb.matmul(x=probs, y=values), shape=[1, heads, s, d])
+    scores = mb.add(x=reshape(scores, [1, heads, s, context]), y=shared.mask)
+    probs = reshape(mb.softmax(x=scores, axis=-1), [1, kvh, group * s, context])
+    out = reshape(mb.matmul(x=probs, y=values), [1, heads, s, d])
     out = mb.reshape(x=mb.transpose(x=out, perm=[0, 1, 3, 2]), shape=[1, heads * d, 1, s])
-    return conv(out, w("attn_output", layer), w("attn_output", layer, "bias"), f"l{layer}_o")
+    return linear(out, "attn_output", layer, f"l{layer}_o")
+
+
+def reshape(x, shape: list[int]):
+    """mb.reshape, or `x` itself where it has that shape already (one query head per KV head): the graph
+    states what coremltools' noop_elimination, which PASSES leave out, would make of it."""
+    return x if tuple(x.shape) == tuple(shape) else mb.reshape(x=x, shape=shape)
 
 
 def rope(x, cos, sin):
@@ -460,8 +756,7 @@ def rope_angles(spec: ModelSpec, context: int, positions, tokens: int):
     tables = [(np.cos(angles) * attention_factor).astype(np.float16),
               (np.sin(angles) * attention_factor).astype(np.float16)]
     half = spec.head_dim // 2
-    # named consts: quantize/coreml.py keeps these exact angles in fp16
-    return [mb.reshape(x=mb.gather(x=mb.const(val=table, name=f"{name}_table"), indices=positions, axis=1),
+    return [mb.reshape(x=mb.gather(x=shared_const(table, f"{name}_table"), indices=positions, axis=1),
                        shape=[1, 1, half, tokens], name=name)
             for table, name in zip(tables, ("rope_cos", "rope_sin"), strict=True)]
 
@@ -514,7 +809,7 @@ def rope_frequencies(spec: ModelSpec, context: int) -> tuple[np.ndarray, float]:
 def causal_mask(spec: ModelSpec, context: int, positions, tokens: int):
     """Additive mask (1, 1, S, context): 0 where key ≤ query (and within a sliding window), else MASK_VALUE.
     Slots past the sequence hold stale or zero K/V; the mask is what keeps them out."""
-    key_index = np.arange(context, dtype=np.int32)[None, :]
+    key_index = shared_const(np.arange(context, dtype=np.int32)[None, :], "key_index")
     query = mb.reshape(x=positions, shape=[tokens, 1])
     allowed = mb.less_equal(x=key_index, y=query)
     if spec.sliding_window and spec.sliding_window < context:

@@ -154,15 +154,31 @@ def blobs(data: bytes) -> list[tuple[int, int]]:
 
 def test_chunks_split_the_layers_not_the_logits(llama, tmp_path):
     _, (single,) = build(llama, tmp_path / "single")
-    # reversed stream: the last chunk's tensors come first and overflow the one-chunk buffer to disk
-    reverse = list(Checkpoint.open(llama).tensors())[::-1]
-    writer, (chunked,) = build(llama, tmp_path / "chunked", tensors=reverse, chunks=2)
-    assert writer.buffer.spilled > 0
+    # the stream in name order (how safetensors stores it): the LM head comes first, so the last package is
+    # written while the first is
+    checkpoint = Checkpoint.open(llama)
+    writer = CoreMLWriter(checkpoint, CoreMLTarget(format="coreml", context=CONTEXT, chunks=2), tmp_path / "chunked",
+                          "tiny")
+    open_at_once = 0
+    for name, array in sorted(checkpoint.tensors(), key=lambda item: item[0]):
+        writer.add(name, array)
+        open_at_once = max(open_at_once, len(writer.writing))
+    (chunked,) = writer.finish()
+    assert open_at_once == 2
     manifest = json.loads((chunked.path / "manifest.json").read_text())
     assert [(c["first_layer"], c["num_layers"], c["outputs"]) for c in manifest["chunks"]] == [
         (0, 1, ["hidden_states_out"]), (1, 1, ["logits"])]
     window = windows_of(llama, count=1)[0]
     assert np.array_equal(CoreMLRunner(chunked.path, {}).logits(window), CoreMLRunner(single.path, {}).logits(window))
+
+
+def test_same_checkpoint_same_bytes(llama, tmp_path):
+    """coremltools alone gives every package random Manifest.json identifiers; this writer gives none."""
+    folders = [build(llama, tmp_path / run, chunks=2)[1][0].path for run in ("a", "b")]
+    files = sorted(p.relative_to(folders[0]) for p in folders[0].rglob("*") if p.is_file())
+    assert len(files) > 6 and files == sorted(p.relative_to(folders[1]) for p in folders[1].rglob("*") if p.is_file())
+    for file in files:
+        assert (folders[0] / file).read_bytes() == (folders[1] / file).read_bytes(), file
 
 
 def test_compressed_variants(llama, tmp_path):
@@ -177,37 +193,67 @@ def test_compressed_variants(llama, tmp_path):
     assert int8_scores.mean_kld < int4_scores.mean_kld < 0.05, int4_scores
 
 
-# The child reports its own peak RSS as VmHWM: its ru_maxrss would not do, because Linux carries the
-# high-water mark across exec, so a child of this (large) pytest process would report pytest's peak.
-PEAK_RSS = """
+# The child resets and reads its own peak RSS (VmHWM): its ru_maxrss would not do, because Linux carries the
+# high-water mark across exec, so a child of this (large) pytest process would report pytest's peak. wchar
+# counts the bytes it hands to write(2).
+STREAM = """
 import re, sys
 from pathlib import Path
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.coreml import CoreMLWriter
 from siliconvert.recipe import CoreMLTarget
+def count(file, field):
+    return int(re.search(field + r":\\s*(\\d+)", Path(file).read_text())[1])
 checkpoint = Checkpoint.open(sys.argv[1])
-writer = CoreMLWriter(checkpoint, CoreMLTarget(format="coreml", context=64, chunks=int(sys.argv[2])),
-                      Path(sys.argv[3]), "m")
+writer = None
+if len(sys.argv) > 2:
+    writer = CoreMLWriter(checkpoint, CoreMLTarget(format="coreml", context=64), Path(sys.argv[2]), "m")
+Path("/proc/self/clear_refs").write_text("5")  # VmHWM starts again from the current RSS
+written = count("/proc/self/io", "wchar")
 for name, array in checkpoint.tensors():
-    writer.add(name, array)
-writer.finish()
-print(int(re.search(r"VmHWM:\\s*(\\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024)
+    if writer is not None:
+        writer.add(name, array)
+    del array
+if writer is not None:
+    writer.finish()
+print(count("/proc/self/status", "VmHWM") * 1024, count("/proc/self/io", "wchar") - written)
 """
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc (Linux)")
-def test_peak_memory_follows_the_chunk_size(small_model, tmp_path):
-    source = small_model("llama", "sentencepiece", hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=4,
-                         intermediate_size=1536, train_steps=1)
-    peak = {}
-    for chunks in (1, 6):
-        run = subprocess.run([sys.executable, "-c", PEAK_RSS, str(source), str(chunks), str(tmp_path / str(chunks))],
-                             capture_output=True, text=True, check=True)
-        peak[chunks] = int(run.stdout.split()[-1])
-    weights = model_bytes(Checkpoint.open(source).spec)
-    print(f"peak RSS: {peak[1] / 2**20:.0f} MiB in one chunk, {peak[6] / 2**20:.0f} MiB in six; "
-          f"{weights / 2**20:.0f} MiB of fp16 weights")
-    assert peak[1] - peak[6] > weights, peak  # a whole-model build holds several copies, a chunk's build one
+@pytest.fixture(scope="session")
+def wide_llama(tmp_path_factory) -> Path:
+    """A random Llama whose one `chunks: auto` package holds ~130 MB of fp16 weights, the largest tensor 17 MB."""
+    import torch
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=8192, num_hidden_layers=2,
+                         num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=False)
+    folder = tmp_path_factory.mktemp("wide-llama")
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    Tokenizer(models.WordLevel({f"w{i}": i for i in range(4096)}, unk_token="w0")).save(str(folder / "tokenizer.json"))
+    return folder
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="reads VmHWM and wchar from /proc (Linux)")
+def test_writer_holds_a_tensor_and_writes_each_byte_once(wide_llama, tmp_path):
+    """Against the same stream read with no writer: the writer's own peak stays far below its package's weights
+    (they go to weight.bin tensor by tensor), and it writes the package's bytes once."""
+    runs = {}
+    for label, args in (("stream", []), ("writer", [str(tmp_path)])):
+        run = subprocess.run([sys.executable, "-c", STREAM, str(wide_llama), *args], capture_output=True, text=True,
+                             check=True)
+        runs[label] = [int(v) for v in run.stdout.split()[-2:]]
+    (peak_stream, _), (peak_writer, written) = runs["stream"], runs["writer"]
+    package_bytes = sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file())
+    spec = Checkpoint.open(wide_llama).spec
+    weights, largest = model_bytes(spec), 2 * spec.intermediate_size * spec.hidden_size
+    print(f"writer: +{(peak_writer - peak_stream) / 2**20:.0f} MiB over the stream alone for a package of "
+          f"{weights / 2**20:.0f} MiB of weights (largest tensor {largest / 2**20:.0f} MiB); wrote "
+          f"{written / package_bytes:.3f}× the package's {package_bytes / 2**20:.0f} MiB")
+    assert peak_writer - peak_stream < weights / 4
+    assert written < 1.02 * package_bytes
 
 
 def test_writer_refuses_misuse(llama, tmp_path):
@@ -219,6 +265,9 @@ def test_writer_refuses_misuse(llama, tmp_path):
     writer.add(name, array)
     with pytest.raises(CheckpointError, match="arrived twice"):
         writer.add(name, array)
+    other, _ = next(item for item in checkpoint.tensors() if item[0] != name)
+    with pytest.raises(CheckpointError, match="has shape"):
+        writer.add(other, array.ravel()[:7])
     with pytest.raises(CheckpointError, match="ended before"):
         writer.finish()
     writer.abort()

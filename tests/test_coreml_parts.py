@@ -1,16 +1,33 @@
-"""Core ML target, piece by piece (no checkpoint needed): chunk plans, the spilling buffer, RoPE
-frequencies against transformers', the overflow-proof RMSNorm, and the interpreter's refusals."""
+"""Core ML target, piece by piece (no checkpoint needed): chunk and blob plans, the fp16 cast, packages
+written around streamed weights (against what ct.convert makes of the same graph, and byte for byte
+reproducible), RoPE frequencies against transformers', the overflow-proof RMSNorm, and the interpreter's
+refusals."""
 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from siliconvert.architectures import registry
-from siliconvert.convert.coreml import TensorBuffer, plan_chunks, prefill_block, rms_norm, rope_frequencies
-from siliconvert.errors import ArtifactError
+from siliconvert.convert.coreml import (
+    PackageWriter,
+    PlaceholderWeights,
+    WeightConsts,
+    blobs_of,
+    build_function,
+    build_program,
+    float16,
+    plan_chunks,
+    prefill_block,
+    required_tensors,
+    rms_norm,
+    rope_frequencies,
+    tensor_shape,
+)
+from siliconvert.errors import ArtifactError, CheckpointError
 from siliconvert.validate.runners.mil import MILProgram
 
 
@@ -33,17 +50,142 @@ def test_prefill_blocks_tile_the_context():
     assert [prefill_block(c) for c in (512, 128, 96, 100)] == [64, 64, 32, 4]
 
 
-def test_buffer_spills_past_its_budget_and_forgets_after_the_last_use(tmp_path):
-    buffer = TensorBuffer(tmp_path / "spill", budget=100)
-    small, large = np.arange(40, dtype=np.float16), np.arange(60, dtype=np.float16)
-    buffer.put(("a", 0, "weight"), small, uses=1)
-    buffer.put(("b", 0, "weight"), large, uses=2)  # 80 + 120 bytes > 100: to disk
-    assert buffer.spilled == 1 and buffer.resident == small.nbytes
-    assert np.array_equal(buffer.take(("b", 0, "weight")), large) and ("b", 0, "weight") in buffer
-    assert np.array_equal(buffer.take(("b", 0, "weight")), large) and ("b", 0, "weight") not in buffer
-    assert list((tmp_path / "spill").iterdir()) == []
-    buffer.take(("a", 0, "weight"))
-    assert buffer.resident == 0
+def test_blobs_are_whole_tensors_or_head_pieces():
+    embedding, head, norm = ("token_embd", None, "weight"), ("output", None, "weight"), ("attn_norm", 0, "weight")
+    untied = spec_of(vocab_size=40000)
+    first, last = plan_chunks(untied, 2)
+    assert blobs_of(untied, first, embedding) == [("token_embd.weight", slice(None))]
+    assert blobs_of(untied, first, norm) == [("attn_norm.0.weight", slice(None))]
+    assert blobs_of(untied, last, head) == [("output.weight#0", slice(0, 16384)),
+                                            ("output.weight#1", slice(16384, 32768)),
+                                            ("output.weight#2", slice(32768, 40000))]
+    tied = spec_of(vocab_size=20000, tie_word_embeddings=True)
+    (only,) = plan_chunks(tied, 1)
+    # a tied table that embeds and projects in one package: whole for the gather, in pieces for the head
+    assert [name for name, _ in blobs_of(tied, only, embedding)] == [
+        "token_embd.weight", "token_embd.weight#0", "token_embd.weight#1"]
+    first, last = plan_chunks(tied, 2)
+    assert [name for name, _ in blobs_of(tied, last, embedding)] == ["token_embd.weight#0", "token_embd.weight#1"]
+    small = spec_of(tie_word_embeddings=True)  # one head piece: the head and the table are one blob
+    assert blobs_of(small, plan_chunks(small, 1)[0], embedding) == [("token_embd.weight", slice(None))]
+
+
+def test_float16_is_numpys_cast_and_refuses_what_overflows():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.standard_normal(5000) * scale for scale in (1e-7, 1e-3, 1, 1e3, 3e4)])
+    values = np.clip(values, -65504, 65504).reshape(50, 500)  # subnormals, the largest halves, rounding ties
+    scratch = np.empty(values.size, np.float16)
+    for dtype in (np.float32, np.float64):
+        half = float16("t", values.astype(dtype), scratch)
+        assert half.shape == (50, 500)
+        assert np.array_equal(half.view(np.uint16), values.astype(dtype).astype(np.float16).view(np.uint16))
+    already = values.astype(np.float16)
+    assert np.shares_memory(float16("t", already, scratch), already)
+    with pytest.raises(CheckpointError, match=r"'big'.*float16 range"):
+        float16("big", np.array([1.0, 70000.0], np.float32), scratch)
+
+
+# ---- packages around streamed weights ----------------------------------------------------------------------
+
+
+def random_weights(spec, chunk, seed=0) -> dict:
+    """fp16 values for every tensor the chunk reads (norm weights away from 1: a 1 would let passes drop a mul)."""
+    rng = np.random.default_rng(seed)
+    return {key: (rng.standard_normal(tensor_shape(spec, key)) * 0.1 + (1.0 if "norm" in key[0] else 0.0)
+                  ).astype(np.float16) for key in sorted(required_tensors(spec, chunk), key=str)}
+
+
+def streamed_package(path: Path, spec, chunk, weights: dict, block: int = 8, context: int = 32) -> MILProgram:
+    """A package written as CoreMLWriter writes one: blobs first, then the program around them."""
+    package = PackageWriter(path)
+    for key, values in weights.items():
+        for blob, rows in blobs_of(spec, chunk, key):
+            package.write(blob, values[rows])
+    package.finish(build_program(spec, chunk, block, context, PlaceholderWeights(package.blobs)))
+    return MILProgram(path)
+
+
+class ValueWeights(WeightConsts):
+    """Consts holding the values themselves, as a plain ct.convert of the graph would have them."""
+
+    def __init__(self, spec, chunk, weights: dict):
+        self.values = {blob: values[rows] for key, values in weights.items()
+                       for blob, rows in blobs_of(spec, chunk, key)}
+
+    def const(self, weight, shape, name):
+        from coremltools.converters.mil import Builder as mb
+
+        return mb.const(val=self.values[weight].reshape(shape), name=name)
+
+
+def run(program: MILProgram, function: str, spec, chunk, tokens: int, seed: int = 1) -> dict:
+    rng = np.random.default_rng(seed)
+    first = (rng.integers(0, spec.vocab_size, (1, tokens)).astype(np.int32) if chunk.first
+             else rng.standard_normal((1, spec.hidden_size, 1, tokens)).astype(np.float16))
+    states = program.make_states(function)
+    for state in states.values():
+        state[:] = rng.standard_normal(state.shape) * 0.5  # a cache already holding earlier tokens
+    outputs = program.run(function, {chunk.input_names()[0]: first, "position": np.array([5], np.int32)}, states)
+    return outputs | states
+
+
+STREAMED_CASES = {  # id → (config overrides, chunks, which chunk)
+    "whole": ({}, 1, 0),
+    "one-layer-middle": ({}, 3, 1),
+    "tied-split-head-mha": ({"tie_word_embeddings": True, "vocab_size": 16500, "num_key_value_heads": 4}, 3, 2),
+    "biases-tied": ({"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True}, 1, 0),
+    "sliding-window": ({"architectures": ["MistralForCausalLM"], "sliding_window": 12}, 1, 0),
+}
+
+
+@pytest.mark.parametrize("case", list(STREAMED_CASES))
+def test_streamed_package_is_what_ct_convert_makes(tmp_path, case):
+    """Placeholders and the short pass list give, op for op and bit for bit, what ct.convert's default pipeline
+    makes of the same graph with the weights in it."""
+    import coremltools as ct
+
+    overrides, chunks, index = STREAMED_CASES[case]
+    spec = spec_of(**{"vocab_size": 300, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+                      **overrides})
+    chunk = plan_chunks(spec, chunks)[index]
+    weights = random_weights(spec, chunk)
+    streamed = streamed_package(tmp_path / "streamed.mlpackage", spec, chunk, weights)
+    for function, tokens in (("decode", 1), ("prefill", 8)):
+        from coremltools.converters.mil.mil import Program
+
+        program = Program()
+        program.add_function("main", build_function(spec, chunk, tokens, 32, ValueWeights(spec, chunk, weights)))
+        model = ct.convert(program, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
+                           compute_precision=ct.precision.FLOAT16, skip_model_load=True)
+        model.save(str(tmp_path / f"{function}.mlpackage"))
+        reference = MILProgram(tmp_path / f"{function}.mlpackage")
+        assert ([s.op_type for s in streamed.functions[function].steps]
+                == [s.op_type for s in reference.functions["main"].steps])
+        ours, theirs = run(streamed, function, spec, chunk, tokens), run(reference, "main", spec, chunk, tokens)
+        assert ours.keys() == theirs.keys()
+        for name in ours:
+            assert np.array_equal(ours[name], theirs[name]), name
+
+
+def test_packages_are_reproducible_and_loadable(tmp_path):
+    from coremltools.libmodelpackage import ModelPackage
+
+    spec = spec_of(num_hidden_layers=2)
+    (chunk,) = plan_chunks(spec, 1)
+    weights = random_weights(spec, chunk)
+    for name in ("a", "b"):
+        streamed_package(tmp_path / f"{name}.mlpackage", spec, chunk, weights)
+    a, b, c = (tmp_path / f"{name}.mlpackage" for name in "abc")
+    files = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
+    assert files == ["Data/com.apple.CoreML/model.mlmodel", "Data/com.apple.CoreML/weights/weight.bin", "Manifest.json"]
+    for file in files:  # coremltools draws random identifiers for Manifest.json; here they derive from the spec
+        assert (a / file).read_bytes() == (b / file).read_bytes(), file
+    package = ModelPackage(str(a))
+    assert package.getRootModel().path().endswith("Data/com.apple.CoreML/model.mlmodel")
+    assert package.findItemByNameAuthor("weights", "com.apple.CoreML").path().endswith("Data/com.apple.CoreML/weights")
+    # other weights of the same shapes: the spec names blobs, not values, so only weight.bin differs
+    streamed_package(c, spec, chunk, random_weights(spec, chunk, seed=1))
+    assert [(a / f).read_bytes() == (c / f).read_bytes() for f in files] == [True, False, True]
 
 
 ROPE_SCALINGS = [
@@ -92,7 +234,8 @@ def test_rms_norm_does_not_overflow_fp16(tmp_path):
     """Activations of a few hundred square past fp16's 65504; the norm must still be right."""
     channels = 512
     weight = np.linspace(0.5, 1.5, channels).astype(np.float16)
-    program = saved_program(tmp_path, lambda x: rms_norm(x, weight, 1e-6, "norm"), (1, channels, 1, 3))
+    program = saved_program(tmp_path, lambda x: rms_norm(x, weight[None, :, None, None], 1e-6, "norm"),
+                            (1, channels, 1, 3))
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((1, channels, 1, 3)) * [300.0, 1.0, 1e-3]).astype(np.float16)
     (out,) = program.run("main", {"x": x}, {}).values()
