@@ -454,10 +454,11 @@ def tool_versions() -> dict[str, str | None]:
 
 def demo_tokenizer_dir() -> Path:
     """The built demo checkpoint's folder (built on first use), asked of a child: the bench itself stays
-    free of torch and transformers, which would take memory and page cache from the contenders."""
+    free of torch and transformers, which would take memory and page cache from the contenders. Its
+    stderr stays on the terminal: a first build shows its progress there."""
     found = subprocess.run(
         [sys.executable, "-c", "from siliconvert.demo import demo_checkpoint; print(demo_checkpoint())"],
-        capture_output=True, text=True, check=True)  # fmt: skip
+        stdout=subprocess.PIPE, text=True, check=True)  # fmt: skip
     return Path(found.stdout.strip().splitlines()[-1])
 
 
