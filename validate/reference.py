@@ -69,11 +69,13 @@ def _child(checkpoint: Checkpoint, tokens: np.ndarray, cache: Path) -> None:
     config = AutoConfig.from_pretrained(str(checkpoint.path), trust_remote_code=False)
     logits = streamed_logits(config, CheckpointWeights(checkpoint), tokens, device=device,
                              dtype=getattr(torch, dtype), label="reference logits (transformers, layer by layer)")
-    upcast = f" (upcast from {checkpoint.spec.source_dtype})" if dtype != checkpoint.spec.source_dtype else ""
+    source_dtype = checkpoint.spec.source_dtype
+    conversion = "upcast" if dtype == "float32" else "cast"
+    converted = f" ({conversion} from {source_dtype})" if dtype != source_dtype else ""
     info = {
         "runtime": f"transformers {transformers.__version__} / torch {torch.__version__}",
         "device": device_name,
-        "dtype": dtype + upcast,
+        "dtype": dtype + converted,
         "method": "streamed: one decoder layer's weights in memory at a time",
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "wall_s": round(time.perf_counter() - started, 2),
