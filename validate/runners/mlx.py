@@ -207,7 +207,10 @@ class MLXFolderWeights:
                                   dtype=mx.float32)
         else:
             value = self._read(name).astype(mx.float32)
-        return torch.from_numpy(np.array(value))
+        tensor = torch.from_numpy(np.array(value))
+        del value
+        mx.clear_cache()  # mlx keeps freed buffers for reuse; here they would only add to the peak
+        return tensor
 
     def _read(self, name: str) -> mx.array:
         # A fresh lazy load every time: an array kept from an earlier load would keep its data once read.
