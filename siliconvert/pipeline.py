@@ -263,7 +263,9 @@ def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Arti
     timings = timings or Timings()
     started = time.perf_counter()
     reference, reference_info = reference_logits(checkpoint, windows, out_dir / ".cache")
-    timings.stage("reference", wall_s=time.perf_counter() - started, peak_rss_mb=reference_info.get("peak_rss_mb"))
+    # a cached reference costs only the load: its peak belongs to the run that computed it
+    timings.stage("reference", wall_s=time.perf_counter() - started, cached=bool(reference_info.get("cached")),
+                  peak_rss_mb=None if reference_info.get("cached") else reference_info.get("peak_rss_mb"))
     latency = (settings.prefill_tokens, settings.decode_tokens) if settings.latency else None
     entries, klds = [], {}
     for artifact in artifacts:

@@ -366,14 +366,20 @@ def validation(release: Release, report: dict, has_plot: bool) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
         *[_row(release, e) for e in release.shipped], "",
         f"Gates: {_limits(release.shipped[0]['gates']['limits'])}. They also require the artifact's tokenizer "
-        "to give the source's token ids, and greedy decoding through its KV cache to follow the no-cache path.",
+        "to give the source's token ids, and greedy decoding through its KV cache to follow the no-cache path "
+        "wherever that check could run.",
     ]
     if release.left_out:
         lines += ["", "Left out (failed their gates):",
                   *[f"- {f['message']}" for e in release.left_out for f in e["gates"]["failed"]]]
+    for entry in release.shipped:
+        for check, reason in (entry.get("not_measured") or {}).items():
+            lines.append(f"Not measured for {_label(entry)}: {check.replace('_', ' ')} ({reason}).")
     if any("emulated" in e["device"] for e in release.shipped):
-        lines += ["", "*Emulated* rows ran in siliconvert's MIL interpreter, not Core ML: their scores check the "
-                  "shipped weights and program; their speeds say nothing about an Apple device."]
+        lines += ["", "*Emulated* rows did not run on the format's own runtime on a device it targets (the "
+                  "runtime column says what ran: siliconvert's MIL interpreter for Core ML, or the MLX weights "
+                  "dequantized in torch where mlx has only a slow CPU backend): their scores check the shipped "
+                  "weights; their speeds, where given, say nothing about an Apple device."]
     if has_plot:
         lines += ["", f"![quality against size, every artifact of this run]({PLOT})"]
     return lines
