@@ -39,6 +39,10 @@ class QuantizedWeight:
     scale: np.ndarray
     offset: np.ndarray | None
 
+    def same_as(self, other: QuantizedWeight) -> bool:
+        return all((a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+                   for a, b in ((self.data, other.data), (self.scale, other.scale), (self.offset, other.offset)))
+
 
 def weight_config(precision: str) -> OpLinearQuantizerConfig:
     if precision == "int8":
@@ -53,25 +57,30 @@ def quantize_weights(function: Function, precision: str) -> dict[str, QuantizedW
     """Run coremltools' linear_quantize_weights pass over the weight consts (consts with a weight_id) of a
     one-function program; return what it made of each, by weight id. Weights it leaves alone (too small, or
     1-D) are absent. `function` is consumed: the pass rewrites it."""
-    uses = {}  # weight id → (the op that reads the const, under which input)
-    names = []
+    uses = []  # (weight id, the op that reads its const, under which input)
     for op in function.operations:
         if op.op_type == "const" and op.weight_id is not None:
             (reader,) = op.outputs[0].child_ops
-            uses[op.weight_id] = reader, next(k for k, v in reader.inputs.items() if v is op.outputs[0])
-            names.append(op.name)
+            uses.append((op.weight_id, reader, next(k for k, v in reader.inputs.items() if v is op.outputs[0])))
     program = Program()
     program.add_function("main", function)
     quantizer = PASS_REGISTRY["compression::linear_quantize_weights"]
-    config = OptimizationConfig(op_name_configs=dict.fromkeys(names, weight_config(precision)))
+    config = OptimizationConfig(op_name_configs={reader.inputs[key].op.name: weight_config(precision)
+                                                 for _, reader, key in uses})
     quantizer.set_options([PassOption("config", config)])
     quantizer.apply(program)
-    quantized = {}
-    for weight, (reader, key) in uses.items():
+    quantized: dict[str, QuantizedWeight] = {}
+    for weight, reader, key in uses:
         op = reader.inputs[key].op  # the const itself, or the constexpr the pass put in its place
-        if op.op_type == QUANTIZED_OP:
-            offset = op.inputs.get("offset")
-            quantized[weight] = QuantizedWeight(op.data.val, op.scale.val, None if offset is None else offset.val)
+        if op.op_type != QUANTIZED_OP:
+            continue
+        offset = op.inputs.get("offset")
+        made = QuantizedWeight(op.data.val, op.scale.val, None if offset is None else offset.val)
+        # A tied table both embeds (gather) and projects (conv) under one weight id; the pass takes output
+        # channels on axis 0 for both, so both uses must come out the same to share one copy.
+        if weight in quantized and not quantized[weight].same_as(made):
+            raise RuntimeError(f"coremltools quantized the two uses of {weight} differently")
+        quantized[weight] = made
     return quantized
 
 
