@@ -72,6 +72,8 @@ def test_chunk_major_logits_are_the_window_by_window_logits(two_chunks, monkeypa
     assert not resident.chunk_by_chunk and resident.unmeasured() == {}
     assert np.array_equal(resident.logits_many(windows), expected)
     assert np.array_equal(resident.logits(windows[1]), expected[1])
+    for chunk in resident.chunks:  # what a package holds is known before it loads
+        assert chunk.program.held_bytes == sum(w.nbytes for w in chunk.program._load().values())
     runner = chunk_by_chunk(two_chunks, monkeypatch)
     assert np.array_equal(runner.logits_many(windows), expected)
     assert all(chunk.program._weights is None for chunk in runner.chunks)  # released after each package
@@ -130,10 +132,7 @@ coreml.RESIDENT_WEIGHT_BYTES = int(sys.argv[2])
 runner = coreml.CoreMLRunner(Path(sys.argv[1]), {})
 np.save(sys.argv[3], runner.logits_many(np.random.default_rng(0).integers(0, 1024, (4, 128))))
 peak = int(re.search(r"VmHWM:\\s*(\\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
-held = []  # weights each package holds while loaded, loaded one at a time after the peak was read
-for chunk in runner.chunks:
-    held.append(sum(w.nbytes for w in chunk.program._load().values()))
-    chunk.release_weights()
+held = [chunk.program.held_bytes for chunk in runner.chunks]
 print(peak, sum(held), max(held))
 """
 

@@ -31,9 +31,9 @@ from siliconvert.progress import track
 from siliconvert.validate.runners.base import Runner
 
 COMPUTE_UNITS = ("all", "cpu_and_ne", "cpu_and_gpu", "cpu_only")
-# weight.bin bytes (fp16 on disk) up to which the interpreter keeps every package loaded; about twice that
-# is resident once the linear layers are widened to float32. Tests' and the demo's models are far below it.
-RESIDENT_WEIGHT_BYTES = 512 << 20
+# Weights (as the interpreter holds them: linear layers widened to float32) up to which it keeps every package
+# loaded; about 0.27 B parameters. Tests' and the demo's models are far below it, a 7B model far above.
+RESIDENT_WEIGHT_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class CoreMLRunner(Runner):
         elif self.runtime == "mil-interpreter":
             self.chunks = [InterpretedPackage(p) for p in packages]
             self.device = "CPU (emulated, not Core ML)"
-            self.chunk_by_chunk = sum(chunk.stored_bytes for chunk in self.chunks) > RESIDENT_WEIGHT_BYTES
+            self.chunk_by_chunk = sum(chunk.program.held_bytes for chunk in self.chunks) > RESIDENT_WEIGHT_BYTES
         else:
             raise ArtifactError(f"unknown Core ML runtime {self.runtime!r} (coreml or mil-interpreter)")
         self.tokenizer = load_tokenizer(self.path)
@@ -142,7 +142,7 @@ class CoreMLRunner(Runner):
             guesses = continue_guess([*map(int, prompt), *tokens], guesses, count)
             first = len(prompt) + len(tokens)
             fed = [Call("decode", np.array([g]), first + i) for i, g in enumerate(guesses)]
-            (rows,) = self._run([known + fed], [states])
+            (rows,) = self._run([known + fed], [states], f"greedy ({self.runtime}): {len(tokens)}/{new_tokens} tokens")
             after = [rows[len(known) - 1][-1], *(row[0] for row in rows[len(known):])]  # logits after each fed
             for kept_guesses, logits in enumerate(after):
                 tokens.append(int(np.argmax(logits)))
@@ -229,7 +229,6 @@ class InterpretedPackage:
         from siliconvert.validate.runners.mil import MILProgram
 
         self.program = MILProgram(package)
-        self.stored_bytes = self.program.stored_bytes
 
     def make_state(self) -> dict[str, np.ndarray]:
         return self.program.make_states("decode")

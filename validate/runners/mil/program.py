@@ -86,9 +86,15 @@ class MILProgram:
                           for name, function in spec.mlProgram.functions.items()}
 
     @property
-    def stored_bytes(self) -> int:
-        """The size of the package's weight.bin."""
-        return self.blobs.size if self.blobs else 0
+    def held_bytes(self) -> int:
+        """What the weights take while loaded (float32 where widened), known without loading them."""
+        total = 0
+        for key in self._used_weights():
+            source = self._sources[key]
+            declared = source.declared if isinstance(source, Blob) else source.step.outputs[0][1]
+            itemsize = 4 if key in self._widened else declared.dtype.itemsize
+            total += int(np.prod(declared.shape, dtype=np.int64)) * itemsize
+        return total
 
     def make_states(self, function: str) -> dict[str, np.ndarray]:
         """Fresh (zeroed) states for one sequence."""
@@ -135,13 +141,16 @@ class MILProgram:
     # ---- weights ------------------------------------------------------------------------------
     def _load(self) -> dict[Hashable, np.ndarray]:
         if self._weights is None:
-            used = {key for function in self.functions.values() for key in function.weights.values()}
             # one weight at a time, widened as soon as it is read: the load holds no second copy of the package
             self._weights = {}
-            for key in used:
+            for key in self._used_weights():
                 value = self._evaluate(key)
                 self._weights[key] = wide(value) if key in self._widened else value
         return self._weights
+
+    def _used_weights(self) -> set[Hashable]:
+        """Keys of the weights the functions' steps read (not those only load-time ops read)."""
+        return {key for function in self.functions.values() for key in function.weights.values()}
 
     def _evaluate(self, key: Hashable) -> np.ndarray:
         """A weight's value in its declared type: read from weight.bin, or a load-time op on such values
