@@ -32,12 +32,12 @@ FAMILIES = {
 }
 
 
-def build(source: Path, out_dir: Path, tensors=None, **target):
+def build(source: Path, out_dir: Path, **target):
     checkpoint = Checkpoint.open(source)
     writer = CoreMLWriter(checkpoint, CoreMLTarget(format="coreml", context=CONTEXT, **target), out_dir, "tiny")
-    for name, array in tensors if tensors is not None else checkpoint.tensors():
+    for name, array in checkpoint.tensors():
         writer.add(name, array)
-    return writer, writer.finish()
+    return writer.finish()
 
 
 def windows_of(source: Path, count: int = 4, length: int = CONTEXT) -> np.ndarray:
@@ -64,7 +64,7 @@ def converted(request, small_model, tmp_path_factory):
     """(source checkpoint, fp16 artifact, held-out windows, reference logits) per family, built once."""
     tokenizer, overrides = FAMILIES[request.param]
     source = small_model(request.param, tokenizer, **overrides)
-    _, (artifact,) = build(source, tmp_path_factory.mktemp(f"coreml-{request.param}"))
+    (artifact,) = build(source, tmp_path_factory.mktemp(f"coreml-{request.param}"))
     windows = windows_of(source)
     return source, artifact, windows, reference_logits_for(source, windows)
 
@@ -153,7 +153,7 @@ def blobs(data: bytes) -> list[tuple[int, int]]:
 
 
 def test_chunks_split_the_layers_not_the_logits(llama, tmp_path):
-    _, (single,) = build(llama, tmp_path / "single")
+    (single,) = build(llama, tmp_path / "single")
     # the stream in name order (how safetensors stores it): the LM head comes first, so the last package is
     # written while the first is
     checkpoint = Checkpoint.open(llama)
@@ -174,7 +174,7 @@ def test_chunks_split_the_layers_not_the_logits(llama, tmp_path):
 
 def test_same_checkpoint_same_bytes(llama, tmp_path):
     """coremltools alone gives every package random Manifest.json identifiers; this writer gives none."""
-    folders = [build(llama, tmp_path / run, chunks=2)[1][0].path for run in ("a", "b")]
+    folders = [build(llama, tmp_path / run, chunks=2)[0].path for run in ("a", "b")]
     files = sorted(p.relative_to(folders[0]) for p in folders[0].rglob("*") if p.is_file())
     assert len(files) > 6 and files == sorted(p.relative_to(folders[1]) for p in folders[1].rglob("*") if p.is_file())
     for file in files:
@@ -182,7 +182,7 @@ def test_same_checkpoint_same_bytes(llama, tmp_path):
 
 
 def test_compressed_variants(llama, tmp_path):
-    _, artifacts = build(llama, tmp_path, precision=["int4", "int8"])
+    artifacts = build(llama, tmp_path, precision=["int4", "int8"])
     assert [a.quant for a in artifacts] == ["fp16", "int4", "int8"]
     fp16, int4, int8 = (a.path for a in artifacts)
     assert weight_bytes(int8) < 0.6 * weight_bytes(fp16) and weight_bytes(int4) < 0.45 * weight_bytes(fp16)
@@ -297,7 +297,7 @@ def test_sliding_window_is_masked_like_transformers(small_model, tmp_path):
     shutil.copytree(small_model("mistral", *FAMILIES["mistral"][:1], **FAMILIES["mistral"][1]), source)
     config = json.loads((source / "config.json").read_text())
     (source / "config.json").write_text(json.dumps(config | {"sliding_window": 24}))
-    _, (artifact,) = build(source, tmp_path / "out")
+    (artifact,) = build(source, tmp_path / "out")
     windows = windows_of(source, count=2)
     reference = reference_logits_for(source, windows)
     scores = scores_of(artifact.path, windows, reference)
