@@ -3,8 +3,8 @@ them into (int16/uint16 casts and index wrapping around `gather`, `write_state` 
 `coreml_update_state`, `constexpr_blockwise_shift_scale` for compressed weights).
 
 Each op is a function of its MIL inputs (keyword arguments named as in the MIL spec) returning numpy arrays.
-Floating-point work happens in float32, the precision Core ML accumulates in; the program then stores every
-result in its declared type (fp16 for activations), rounding once per op as the runtime does.
+Floating-point work happens in float32 (the package docstring says what that approximates); the program then
+stores every result in its declared type (fp16 for activations), rounding once per op as the runtime does.
 read_state / write_state touch the program's states and live in program.py.
 """
 
