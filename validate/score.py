@@ -22,8 +22,8 @@ from siliconvert.validate.corpus import PROBE_STRINGS, Windows
 from siliconvert.validate.metrics import Scores, compare
 from siliconvert.validate.runners import Latency, open_runner
 
-# Greedy tokens generated through the KV cache, then checked against a no-cache forward pass.
-GREEDY_TOKENS = 16
+# Tokens fed one at a time through the KV cache, each checked against the no-cache pass.
+CACHE_CHECK_TOKENS = 16
 # Two logits closer than this are a tie: a cache and a no-cache pass may break it differently.
 TIE_MARGIN = 1e-3
 
@@ -101,7 +101,7 @@ def _child(artifact: Artifact, windows: Windows, latency: tuple[int, int] | None
         if "kv_cache" in unmeasured:
             kv_cache = {"consistent": None, "checked_tokens": 0, "first_mismatch": None}
         else:
-            kv_cache = _kv_cache_check(runner, windows.tokens[0][: max(8, windows.tokens.shape[1] // 4)])
+            kv_cache = _kv_cache_check(runner, windows.tokens[0], logits[0])
         timing = None
         if latency and "latency" not in unmeasured:
             prefill_tokens, decode_tokens = latency
@@ -114,14 +114,20 @@ def _child(artifact: Artifact, windows: Windows, latency: tuple[int, int] | None
         runner.close()
 
 
-def _kv_cache_check(runner, prompt: np.ndarray) -> dict:
-    """Greedy decoding through the KV cache must follow the argmax path of a no-cache pass."""
-    generated = runner.greedy(prompt, GREEDY_TOKENS)
-    full = runner.logits(np.concatenate([prompt, generated[:-1]]))[len(prompt) - 1:]
-    for i, (token, row) in enumerate(zip(generated, full, strict=True)):
-        if token != int(np.argmax(row)) and row.max() - row[token] > TIE_MARGIN * max(1.0, abs(row.max())):
-            return {"consistent": False, "checked_tokens": len(generated), "first_mismatch": i}
-    return {"consistent": True, "checked_tokens": len(generated), "first_mismatch": None}
+def _kv_cache_check(runner, window: np.ndarray, no_cache: np.ndarray) -> dict:
+    """Decoding through the KV cache must pick what the no-cache pass picks. The window's own tokens are fed
+    one at a time after a prompt (teacher-forced: every runner does it in one go, also one that must load its
+    packages anew for each pass), and each step's argmax is compared with the scoring pass's logits at that
+    position, so no extra no-cache pass is needed."""
+    prompt = max(8, len(window) // 4)
+    continuation = window[prompt:prompt + CACHE_CHECK_TOKENS]
+    cached = runner.cached_logits(window[:prompt], continuation)
+    expected = no_cache[prompt - 1:prompt + len(continuation)]
+    for i, (row, reference_row) in enumerate(zip(cached, expected, strict=True)):
+        token = int(np.argmax(reference_row))
+        if int(np.argmax(row)) != token and row.max() - row[token] > TIE_MARGIN * max(1.0, abs(row.max())):
+            return {"consistent": False, "checked_tokens": len(cached), "first_mismatch": i}
+    return {"consistent": True, "checked_tokens": len(cached), "first_mismatch": None}
 
 
 def peak_rss_mb() -> float:

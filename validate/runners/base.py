@@ -74,6 +74,12 @@ class Runner(ABC):
         return {}
 
     # ---- shared behaviour built on the primitives above ----------------------------------------
+    def cached_logits(self, prompt: np.ndarray, continuation: np.ndarray) -> np.ndarray:
+        """Logits after the prompt and after each token of `continuation` fed one at a time through the KV
+        cache (teacher-forced), from a fresh cache: [1 + len(continuation), vocab]. Row i is what a no-cache
+        `logits(prompt + continuation)` gives at position len(prompt) - 1 + i."""
+        return np.stack([self.start(prompt), *(self.step(int(token)) for token in continuation)])
+
     def greedy(self, prompt: np.ndarray, new_tokens: int) -> list[int]:
         """Greedy continuation through the KV cache."""
         out = [int(np.argmax(self.start(prompt)))]
