@@ -15,7 +15,7 @@ from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.coreml import CoreMLWriter
 from siliconvert.recipe import CoreMLTarget
 from siliconvert.validate.runners import coreml
-from siliconvert.validate.runners.coreml import CoreMLRunner, continue_guess
+from siliconvert.validate.runners.coreml import CoreMLRunner
 from siliconvert.validate.runners.mil import MILProgram
 
 pytestmark = pytest.mark.slow
@@ -77,21 +77,7 @@ def test_chunk_major_logits_are_the_window_by_window_logits(two_chunks, monkeypa
     runner = chunk_by_chunk(two_chunks, monkeypatch)
     assert np.array_equal(runner.logits_many(windows), expected)
     assert all(chunk.program._weights is None for chunk in runner.chunks)  # released after each package
-    assert set(runner.unmeasured()) == {"latency"}  # the cache check still runs, through `greedy`
-
-
-def test_greedy_in_rounds_is_token_by_token_greedy(two_chunks, monkeypatch):
-    prompt = np.random.default_rng(1).integers(0, 1024, 40)
-    resident = CoreMLRunner(two_chunks, {})
-    expected = resident.greedy(prompt, 30)
-    runner = chunk_by_chunk(two_chunks, monkeypatch)
-    assert runner.greedy(prompt, 30) == expected
-    assert runner.greedy(prompt, 1) == expected[:1]
-    # the same tokens by start/step, which chunk by chunk reload every package per token
-    stepped = [int(np.argmax(runner.start(prompt)))]
-    while len(stepped) < 5:
-        stepped.append(int(np.argmax(runner.step(stepped[-1]))))
-    assert stepped == expected[:5]
+    assert set(runner.unmeasured()) == {"latency"}  # the cache check still runs, through `cached_logits`
 
 
 def test_cached_logits_are_the_steps_through_the_cache(two_chunks, monkeypatch):
@@ -106,23 +92,6 @@ def test_cached_logits_are_the_steps_through_the_cache(two_chunks, monkeypatch):
     assert np.array_equal(stepped.argmax(-1), no_cache.argmax(-1))
 
 
-def test_greedy_refuses_to_run_past_the_context(two_chunks, monkeypatch):
-    from siliconvert.errors import ArtifactError
-
-    runner = chunk_by_chunk(two_chunks, monkeypatch)
-    prompt = np.zeros(CONTEXT - 3, np.int64)
-    assert len(runner.greedy(prompt, 4)) == 4  # the last token is predicted, never fed
-    with pytest.raises(ArtifactError, match="full"):
-        runner.greedy(prompt, 5)
-
-
-def test_guesses_follow_the_history():
-    assert continue_guess([5, 6, 7, 5], [], 3) == [6, 7, 5]  # what followed the last 5, and so on
-    assert continue_guess([1, 2, 3], [9, 9], 3) == [9, 9, 9]  # kept guesses first; nothing followed 9 but 9
-    assert continue_guess([1, 2], [4, 5, 6], 1) == [4]
-
-
-# The child reports its own peak RSS as VmHWM (ru_maxrss would carry over this pytest process's peak).
 PEAK_RSS = """
 import re, sys
 from pathlib import Path

@@ -165,3 +165,37 @@ def test_stand_in_refuses_what_it_cannot_run_the_mlx_way(small_model, tmp_path):
     (traditional / "config.json").write_text(json.dumps(config | {"rope_traditional": True}))
     with pytest.raises(ArtifactError, match="rope_traditional"):
         MLXRunner(traditional, {"engine": "torch"})
+
+
+class ScriptedRunner:
+    """Logits from a table: position p of a sequence scores token (p * 7) % vocab highest; `broken_at` makes
+    the cached path pick another token from that step on, as a cache that loses a write would."""
+
+    vocab = 50
+
+    def __init__(self, broken_at: int | None = None):
+        self.broken_at = broken_at
+
+    def row(self, position: int, cached_step: int | None = None) -> np.ndarray:
+        row = np.zeros(self.vocab, np.float32)
+        best = (position * 7) % self.vocab
+        if cached_step is not None and self.broken_at is not None and cached_step >= self.broken_at:
+            best = (best + 1) % self.vocab
+        row[best] = 5.0
+        return row
+
+    def cached_logits(self, prompt: np.ndarray, continuation: np.ndarray) -> np.ndarray:
+        return np.stack([self.row(len(prompt) - 1 + i, i) for i in range(1 + len(continuation))])
+
+
+@pytest.mark.parametrize("broken_at", [None, 0, 5])
+def test_kv_cache_check_compares_every_cached_step_with_the_scoring_pass(broken_at):
+    from siliconvert.validate.score import CACHE_CHECK_TOKENS, _kv_cache_check
+
+    runner = ScriptedRunner(broken_at)
+    window = np.arange(64)
+    no_cache = np.stack([runner.row(p) for p in range(len(window))])
+    result = _kv_cache_check(runner, window, no_cache)
+    assert result["checked_tokens"] == 1 + CACHE_CHECK_TOKENS
+    assert result["consistent"] is (broken_at is None)
+    assert result["first_mismatch"] == broken_at

@@ -115,44 +115,6 @@ class CoreMLRunner(Runner):
         (rows,) = self._run([self._blocks(prompt) + fed], [{}])
         return np.stack([rows[-len(fed) - 1][-1], *(row[0] for row in rows[len(rows) - len(fed):])])
 
-    def greedy(self, prompt: np.ndarray, new_tokens: int) -> list[int]:
-        """Greedy continuation through the KV cache.
-
-        Chunk by chunk, where decoding token after token would load every package once per token, it decodes
-        in rounds: a round feeds the last token known to be right and guesses for the next ones through
-        "decode" (one load per package), and keeps its argmaxes up to the first that differs from the guess fed
-        after it. That is exactly token-by-token greedy decoding: a kept argmax comes from a prefix of kept
-        tokens, and the cache slots that rejected guesses wrote lie past that prefix, hidden by the causal mask
-        until the next round overwrites them. A round keeps at least one token. A fed guess costs a decode
-        step in every package, a round a load of every package: a round feeds one guess more than twice as
-        many as the last round's that were kept.
-        """
-        if not self.chunk_by_chunk:
-            return super().greedy(prompt, new_tokens)
-        prompt = np.asarray(prompt)
-        if len(prompt) + new_tokens - 1 > self.context:
-            raise ArtifactError(f"the sequence is full: the package holds {self.context} tokens", self.path)
-        states: dict[int, Any] = {}
-        known = self._blocks(prompt)  # calls feeding tokens known to be right: the prompt, then the last kept
-        tokens: list[int] = []
-        guesses: list[int] = []
-        kept_guesses = 0
-        while len(tokens) < new_tokens:
-            count = min(new_tokens - len(tokens) - 1, 1 + 2 * kept_guesses)
-            guesses = continue_guess([*map(int, prompt), *tokens], guesses, count)
-            first = len(prompt) + len(tokens)
-            fed = [Call("decode", np.array([g]), first + i) for i, g in enumerate(guesses)]
-            (rows,) = self._run([known + fed], [states], f"greedy ({self.runtime}): {len(tokens)}/{new_tokens} tokens")
-            after = [rows[len(known) - 1][-1], *(row[0] for row in rows[len(known):])]  # logits after each fed
-            for kept_guesses, logits in enumerate(after):
-                tokens.append(int(np.argmax(logits)))
-                if kept_guesses == len(guesses) or guesses[kept_guesses] != tokens[-1]:
-                    break
-            # Jacobi: what the rows after a rejected guess predict is the next round's guess
-            guesses = [int(np.argmax(logits)) for logits in after[kept_guesses + 1:]]
-            known = [Call("decode", np.array([tokens[-1]]), len(prompt) + len(tokens) - 1)]
-        return tokens
-
     def unmeasured(self) -> dict[str, str]:
         if self.chunk_by_chunk:
             return {"latency": "the MIL interpreter runs a model this large one package at a time, so decoding "
@@ -207,19 +169,6 @@ class CoreMLRunner(Runner):
                     chunk.release_weights()
         return [[np.asarray(x, np.float32)[0, : len(call.tokens)] for x, call in zip(xs, calls, strict=True)]
                 for xs, calls in zip(carried, sequences, strict=True)]
-
-
-def continue_guess(history: list[int], guesses: list[int], count: int) -> list[int]:
-    """`guesses` cut or extended to `count` tokens. An added token is the one that followed the latest earlier
-    occurrence of the token before it (greedy decoding tends to repeat itself), or that same token again."""
-    guesses = guesses[:count]
-    text = history + guesses
-    while len(guesses) < count:
-        last = text[-1]
-        follower = next((text[i + 1] for i in range(len(text) - 2, -1, -1) if text[i] == last), last)
-        guesses.append(follower)
-        text.append(follower)
-    return guesses
 
 
 class InterpretedPackage:
