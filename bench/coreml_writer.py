@@ -1,9 +1,9 @@
 """Time and peak memory of the Core ML writer alone over a checkpoint's stream (not a test: run by hand, #7).
 
-    .venv/bin/python tests/measure_coreml_writer.py model /tmp/llama-1b            # random Llama, ~1 GB bf16
-    .venv/bin/python tests/measure_coreml_writer.py model /tmp/mistral-2l --mistral-shapes   # 2 layers, 1.4 GB
-    .venv/bin/python tests/measure_coreml_writer.py measure /tmp/llama-1b /tmp/out [--chunks 4] [--precision fp16,int8]
-    .venv/bin/python tests/measure_coreml_writer.py measure /tmp/llama-1b /tmp/out --stream-only
+    .venv/bin/python -m bench.coreml_writer model /tmp/llama-1b            # random Llama, ~1 GB bf16
+    .venv/bin/python -m bench.coreml_writer model /tmp/mistral-2l --mistral-shapes   # 2 layers, 1.4 GB
+    .venv/bin/python -m bench.coreml_writer measure /tmp/llama-1b /tmp/out [--chunks 4] [--precision fp16,int8]
+    .venv/bin/python -m bench.coreml_writer measure /tmp/llama-1b /tmp/out --stream-only
 
 `measure` reports the writer's own time (inside add and finish; reading the checkpoint is not counted), the
 process's peak RSS (VmHWM, reset after imports) and, for comparison, the time of a plain sequential write of as
