@@ -366,7 +366,7 @@ def validation(release: Release, report: dict, has_plot: bool) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
         *[_row(release, e) for e in release.shipped], "",
         f"Gates: {_limits(release.shipped[0]['gates']['limits'])}. They also require the artifact's tokenizer "
-        "to give the source's token ids, and greedy decoding through its KV cache to follow the no-cache path "
+        "to give the source's token ids, and decoding through its KV cache to pick what the no-cache pass picks "
         "wherever that check could run.",
     ]
     if release.left_out:

@@ -44,6 +44,6 @@ def check(result: ArtifactScore, gates: Gates) -> list[GateFailure]:
     kv = result.run.kv_cache
     if kv["consistent"] is False:  # None: not measured (the report says why), which fails nothing
         failures.append(GateFailure("kv_cache", False, True,
-                                    f"{name}: greedy decoding with the KV cache leaves the no-cache argmax path "
-                                    f"at token {kv['first_mismatch']}"))
+                                    f"{name}: decoding through the KV cache picks another token than the no-cache "
+                                    f"pass at step {kv['first_mismatch']}"))
     return failures
