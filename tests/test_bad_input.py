@@ -147,10 +147,10 @@ def test_full_disk_is_one_line_and_leaves_nothing(good, tmp_path, monkeypatch, c
     from siliconvert import cli as cli_module
     from siliconvert.convert import mlx
 
-    def full_disk(self):
+    def full_disk(self, *_args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(mlx.MLXWriter, "_flush", full_disk)
+    monkeypatch.setattr(mlx.MLXWriter, "_open_shard", full_disk)
     monkeypatch.setattr(sys, "argv", ["siliconvert", "recipe", str(recipe_for(tmp_path, good))])
     with pytest.raises(SystemExit) as exit_info:
         cli_module.main()
