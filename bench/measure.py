@@ -2,7 +2,7 @@
 
 Memory, exactly:
 - `max_process_rss_mb`: the kernel's high-water mark of resident memory of the largest single process of
-  the tree (`ru_maxrss` from `wait4` on the child: the child and every descendant it waited for). Exact,
+  the tree (`ru_maxrss` from `wait4` on the command, taken by a small launcher that forks it). Exact,
   but one process at a time: a parent and a worker that peak together are not added up.
 - `tree_rss_sampled_mb`: the largest sum of VmRSS over all live processes of the command's session,
   sampled every SAMPLE_INTERVAL_S. Adds concurrent processes up, but may miss a spike between samples.
@@ -13,6 +13,7 @@ Memory, exactly:
 from __future__ import annotations
 
 import ctypes
+import json
 import mmap
 import os
 import signal
@@ -109,6 +110,22 @@ class TreeSampler(threading.Thread):
                 return
 
 
+# Linux keeps a process's peak across exec: a command started from a big process (vfork or fork) begins with
+# that process's resident size as its own ru_maxrss. So a small launcher forks the command itself, waits for
+# it, and hands back the command's own rusage: its peak then starts at the launcher's few MB.
+LAUNCHER = """
+import json, os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump({"cpu_s": usage.ru_utime + usage.ru_stime, "maxrss": usage.ru_maxrss}, f)
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
 def run_measured(command: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> Measurement:
     """Run `command` (its output to `log_path`) in a new session, and measure it and its descendants.
 
@@ -117,15 +134,18 @@ def run_measured(command: Sequence[str], log_path: Path, env: dict[str, str] | N
     """
     can_sample = Path("/proc/self/statm").exists()
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    usage_file = log_path.with_name(f".{log_path.name}.rusage")
+    usage_file.unlink(missing_ok=True)
     with log_path.open("wb") as log:
         started = time.perf_counter()
-        child = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 env=env, start_new_session=True)
+        child = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(usage_file), *command], stdout=log,
+                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                 start_new_session=True)
         sampler = TreeSampler(child.pid)
         if can_sample:
             sampler.start()
         try:
-            _, status, usage = os.wait4(child.pid, 0)
+            _, status = os.waitpid(child.pid, 0)
         except BaseException:
             os.killpg(child.pid, signal.SIGTERM)  # the session's process group: the child leads it
             child.wait()
@@ -136,11 +156,13 @@ def run_measured(command: Sequence[str], log_path: Path, env: dict[str, str] | N
         child.returncode = os.waitstatus_to_exitcode(status)  # reaped here: tell Popen not to wait again
         if can_sample:
             sampler.join()
+    own = json.loads(usage_file.read_text())  # the command's own, from the launcher
+    usage_file.unlink()
     return Measurement(
         exit_code=child.returncode,
         wall_s=wall,
-        cpu_s=usage.ru_utime + usage.ru_stime,
-        max_process_rss_mb=usage.ru_maxrss * MAXRSS_UNIT / MIB,
+        cpu_s=own["cpu_s"],
+        max_process_rss_mb=own["maxrss"] * MAXRSS_UNIT / MIB,
         tree_rss_sampled_mb=sampler.peak_rss / MIB if can_sample else None,
         tree_anon_sampled_mb=sampler.peak_anon / MIB if can_sample else None,
         samples=sampler.samples,
