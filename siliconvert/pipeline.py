@@ -65,12 +65,6 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def peak_rss_mb() -> float:
-    from siliconvert.validate.score import peak_rss_mb as own_peak
-
-    return own_peak()
-
-
 @dataclass(frozen=True)
 class Outcome:
     report: dict | None
@@ -130,6 +124,8 @@ def convert(checkpoint: Checkpoint, recipe: Recipe, artifacts_dir: Path,
     A target whose inputs (source fingerprint, target options, tool versions) match a stamp left by
     an earlier completed run is not rebuilt. Returns each artifact with the target that asked for it.
     """
+    from siliconvert.validate.score import artifact_size, peak_rss_mb
+
     artifacts_dir.mkdir(parents=True, exist_ok=True)
     sweep_leftovers(artifacts_dir)
     done = {index: found for index, target in enumerate(recipe.targets)
@@ -165,7 +161,7 @@ def convert(checkpoint: Checkpoint, recipe: Recipe, artifacts_dir: Path,
             done[index] = writer.finish()
             busy[label] += time.perf_counter() - begun
             write_stamp(artifacts_dir, stage_key(checkpoint, target), done[index])
-            timings.stage(label, busy_s=busy[label], bytes=sum(artifact_bytes(a.path) for a in done[index]))
+            timings.stage(label, busy_s=busy[label], bytes=sum(artifact_size(a.path) for a in done[index]))
     except BaseException as e:
         for writer in writers:
             writer.abort()
@@ -177,11 +173,6 @@ def convert(checkpoint: Checkpoint, recipe: Recipe, artifacts_dir: Path,
                       peak_rss_mb=peak_rss_mb())
     return [(artifact, target) for index, target in enumerate(recipe.targets) for artifact in done[index]]
 
-
-def artifact_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def sweep_leftovers(artifacts_dir: Path) -> None:

@@ -50,3 +50,17 @@ def reference_logits_for(checkpoint_path: Path, windows) -> np.ndarray:  # noqa:
     model = AutoModelForCausalLM.from_pretrained(checkpoint_path, dtype=torch.float32)
     with torch.inference_mode():
         return np.stack([model(torch.as_tensor(w[None])).logits[0].numpy() for w in windows])
+
+
+def build_mlx(source, out_dir, **target):
+    """The MLX writer over a checkpoint's whole stream, as the pipeline runs it; returns the artifact."""
+    from siliconvert.checkpoint import Checkpoint
+    from siliconvert.convert.mlx import MLXWriter
+    from siliconvert.recipe import MLXTarget
+
+    checkpoint = Checkpoint.open(source)
+    writer = MLXWriter(checkpoint, MLXTarget(format="mlx", **target), out_dir, checkpoint.name)
+    for name, array in checkpoint.tensors():
+        writer.add(name, array)
+    (artifact,) = writer.finish()
+    return artifact

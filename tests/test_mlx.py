@@ -6,7 +6,7 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import reference_logits_for
+from conftest import build_mlx, reference_logits_for
 
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.mlx import MLXWriter
@@ -15,15 +15,6 @@ from siliconvert.textdata import heldout_text
 from siliconvert.validate.metrics import compare
 
 pytestmark = pytest.mark.slow
-
-
-def build_mlx(source, out_dir, **target):
-    checkpoint = Checkpoint.open(source)
-    writer = MLXWriter(checkpoint, MLXTarget(format="mlx", **target), out_dir, checkpoint.name)
-    for name, array in checkpoint.tensors():
-        writer.add(name, array)
-    (artifact,) = writer.finish()
-    return artifact
 
 
 def mlx_logits(path, windows):

@@ -7,12 +7,12 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import build_mlx
 from mlx.utils import tree_map
 
 from siliconvert.artifacts import Artifact
 from siliconvert.checkpoint import Checkpoint
-from siliconvert.convert.mlx import MLXWriter
-from siliconvert.recipe import Gates, MLXTarget
+from siliconvert.recipe import Gates
 from siliconvert.validate import gates as gate_checks
 from siliconvert.validate.metrics import compare
 from siliconvert.validate.report import artifact_entry, markdown
@@ -72,15 +72,6 @@ def test_report_says_not_measured_with_the_reason():
     assert "[1] mlx 4bit-g64: latency not measured: mlx did not run either" in text
     assert "[2] mlx 4bit-g64: KV cache not measured: mlx did not run" in text
     assert "peak memory 900 MB; 12.5 s" in text
-
-
-def build_mlx(source, out_dir, **target):
-    checkpoint = Checkpoint.open(source)
-    writer = MLXWriter(checkpoint, MLXTarget(format="mlx", **target), out_dir, checkpoint.name)
-    for name, array in checkpoint.tensors():
-        writer.add(name, array)
-    (artifact,) = writer.finish()
-    return artifact
 
 
 def mlx_logits(path, windows, float32: bool) -> np.ndarray:
