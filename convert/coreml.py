@@ -13,12 +13,13 @@ Every function takes `position` (int32 [1], where its first token goes in the se
 cache of its layers in two states, `key_cache` and `value_cache` (fp16 [layers, kv_heads, context,
 head_dim]); the causal mask and the RoPE angles are computed inside from `position`.
 
-Weights are written once, in their final place. Each streamed tensor is cast to fp16 and appended, through
-coremltools' own blob writer, to the weights/weight.bin of every package that uses it, then dropped: memory
-holds one tensor, whatever the stream order (a package whose tensors come out of order keeps its file open
-longer). When a package's last tensor has arrived, its program is built with placeholder consts (zero-byte
-broadcast arrays) that name those blobs by weight id, and exported around them: the graph passes that run are
-those of coremltools' default pipeline that change this graph, less the ones that read weight values.
+Weights are written once, in their final place. Each streamed tensor is cast to fp16 a block at a time and
+appended to the weights/weight.bin of every package that uses it, in MIL blob storage format, by a writer
+thread (`BlobWrites`): the stream goes on while the disk takes the bytes, and memory holds the blocks in flight,
+not the tensor (a package whose tensors come out of order keeps its file open longer). When a package's last
+tensor has arrived, its program is built with placeholder consts (zero-byte broadcast arrays) that name those
+blobs by weight id, and exported around them: the graph passes that run are those of coremltools' default
+pipeline that change this graph, less the ones that read weight values.
 
 The same checkpoint gives the same bytes: op names count from zero in every function, the spec is serialized
 deterministically, and the package's Manifest.json identifiers derive from the spec (coremltools draws random
@@ -31,8 +32,11 @@ import hashlib
 import json
 import math
 import os
+import queue
 import shutil
 import struct
+import threading
+import time
 import uuid
 import warnings
 from abc import ABC, abstractmethod
@@ -73,13 +77,22 @@ AUTO_CHUNK_BYTES = 1 << 30  # `chunks: auto`: ≤ ~1 GiB of fp16 weights per pac
 HEAD_SPLIT = 16384  # the ANE caps a convolution's output channels; a 32k–150k vocabulary head is split
 MASK_VALUE = -30000.0  # additive mask: exp() of it is 0, yet adding it to any score stays finite in fp16
 NORM_FLOOR = 2.0**-6  # RMSNorm divides by max(|x|, floor): an all-zero token must not divide by zero
-CHECK_BLOCK = 1 << 22  # fp16 values range-checked at a time (the check's temporaries stay a few MB)
+WRITE_BLOCK_VALUES = 8 << 20  # fp16 values cast and written at a time (16 MB)
+WRITE_BUFFERS = 4  # blocks in flight to the writer thread (4 × 16 MB): all the Core ML writer holds of the weights
+FLOAT16_LIMIT = 65520.0  # the smallest magnitude that rounds to inf in fp16 (65504 is the largest finite half)
 SPEC_VERSION = ct.target.iOS18  # stateful and multifunction models need iOS 18 / macOS 15
 PACKAGE_DATA = Path("Data/com.apple.CoreML")  # inside an .mlpackage: model.mlmodel and weights/weight.bin
 WEIGHT_FILE = "weight.bin"
 WEIGHT_URL = "@model_path/weights/weight.bin"  # how a const names weight.bin in the spec
-BLOB_RECORD = struct.Struct("<IIQQ")  # MIL blob storage v2: sentinel, dtype, size in bytes, data offset
+# MIL blob storage v2 (coremltools' MILBlob/Blob/StorageFormat.hpp): a 64-byte header (blob count, version 2),
+# then per blob a 64-byte record (sentinel, dtype, size in bytes, data offset; the rest reserved, zero) and its
+# data, each record at a multiple of 64 bytes.
+STORAGE_HEADER = struct.Struct("<II")
+STORAGE_VERSION = 2
+BLOB_RECORD = struct.Struct("<IIQQ")
 BLOB_SENTINEL = 0xDEADBEEF
+BLOB_FLOAT16 = 1
+BLOB_ALIGNMENT = 64
 # The passes of coremltools' default pipeline (and of its mlprogram backend) that change this graph, in their
 # order there: int16 gather indices and their guard, and the clean-ups after them. Left out are the passes
 # that read, compare or hash const values (noop_elimination, const_deduplication, remove_redundant_ops): weights
@@ -204,27 +217,107 @@ def blobs_of(spec: ModelSpec, chunk: Chunk, key: Key) -> list[tuple[str, slice]]
     return whole + split if chunk.first and key[0] == "token_embd" else split
 
 
-def float16(name: str, array: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    """`array` as contiguous fp16 (cast into `scratch`, a flat fp16 buffer at least as large, unless it is fp16
-    already), refusing values past fp16's range: they would become inf."""
-    if array.dtype == np.float16:
-        half = np.ascontiguousarray(array)
+def cast_float16(name: str, values: np.ndarray, out: np.ndarray) -> None:
+    """Cast flat `values` into `out` (flat fp16, the same size), refusing values past fp16's range: they would
+    become inf. The range is checked on the source, one min/max pass, rather than on the result."""
+    if values.dtype == np.float16:
+        out[:] = values
+        return
+    with warnings.catch_warnings():  # a read-only source warns; torch only reads it
+        warnings.simplefilter("ignore", UserWarning)
+        source = torch.from_numpy(values)
+    if values.dtype == np.float32:
+        low, high = (float(v) for v in torch.aminmax(source))
     else:
-        half = scratch[:array.size].reshape(array.shape)
-        if array.dtype in (np.float32, np.float64):
-            # torch's cast is vectorized (F16C) and ~15× faster than numpy's float → half loop, which would
-            # otherwise dominate the Core ML stage; both round to nearest even, so the bits are the same.
-            with warnings.catch_warnings():  # a read-only source warns; torch only reads it
-                warnings.simplefilter("ignore", UserWarning)
-                torch.from_numpy(half).copy_(torch.from_numpy(np.ascontiguousarray(array)))
-        else:
-            with np.errstate(over="ignore"):
-                np.copyto(half, array, casting="unsafe")
-    bits = half.reshape(-1).view(np.uint16)
-    for start in range(0, bits.size, CHECK_BLOCK):
-        if (bits[start:start + CHECK_BLOCK] & 0x7FFF).max(initial=0) >= 0x7C00:  # exponent all ones: inf or NaN
-            raise CheckpointError(f"tensor {name!r} has values beyond the float16 range (±65504)")
-    return half
+        low, high = float(values.min()), float(values.max())
+    if not max(-low, high) < FLOAT16_LIMIT:  # written so that a NaN fails too
+        raise CheckpointError(f"tensor {name!r} has values beyond the float16 range (±65504)")
+    if values.dtype == np.float32:
+        # torch's cast is vectorized (F16C) and ~15× faster than numpy's float → half loop; both round to nearest
+        # even, so the bits are the same. float64 goes through numpy: torch would round twice, via float32.
+        torch.from_numpy(out).copy_(source)
+    else:
+        np.copyto(out, values, casting="unsafe")
+
+
+class BlobWrites:
+    """Writes blocks of bytes at given offsets of open files, on a thread of its own.
+
+    A workaround: coremltools' blob writer (_BlobStorageWriter) holds the GIL while it writes (measured: a
+    Python thread gets 2–10 % of its progress meanwhile), so writing 14 GB of packages through it stopped the
+    whole stream for as long as the disk took. Here the caller lays the blobs out itself (offsets follow from
+    sizes), casts each block into one of WRITE_BUFFERS reused buffers, and this thread writes them with
+    os.pwrite, which releases the GIL. A caller waits only when every buffer is still in flight: then the disk
+    is the bottleneck. `write_s` is this thread's time in writes; `intervals` when it was writing.
+    """
+
+    def __init__(self) -> None:
+        self.free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
+        self.allocated = 0
+        self.pending: queue.Queue = queue.Queue()
+        self.error: OSError | None = None
+        self.write_s = 0.0
+        self.intervals: list[tuple[float, float]] = []
+        self.thread = threading.Thread(target=self._run, name="coreml-write", daemon=True)
+        self.thread.start()
+
+    def buffer(self) -> np.ndarray:
+        """A flat fp16 buffer of WRITE_BLOCK_VALUES to cast into; waits for one while all are in flight."""
+        self.raise_error()
+        if self.free.empty() and self.allocated < WRITE_BUFFERS:
+            self.allocated += 1
+            return np.empty(WRITE_BLOCK_VALUES, np.float16)
+        return self.free.get()
+
+    def write(self, fd: int, offset: int, data: np.ndarray | bytes, buffer: np.ndarray | None = None) -> None:
+        """Queue `data` for writing at `offset` of `fd`; `buffer` (from `buffer()`, holding `data`) is reused
+        once it is written."""
+        self.raise_error()
+        self.pending.put((fd, offset, data, buffer))
+
+    def drain(self) -> None:
+        """Wait until everything queued so far is written."""
+        self.pending.join()
+        self.raise_error()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.pending.put(None)
+        self.thread.join()
+
+    def _run(self) -> None:
+        while (item := self.pending.get()) is not None:
+            fd, offset, data, buffer = item
+            try:
+                if self.error is None:  # after an error, the rest is dropped: the run is failing
+                    begun = time.perf_counter()
+                    view = memoryview(data).cast("B")
+                    while view:
+                        written = os.pwrite(fd, view, offset)
+                        view, offset = view[written:], offset + written
+                    ended = time.perf_counter()
+                    self.write_s += ended - begun
+                    self.intervals.append((begun, ended))
+            except OSError as e:
+                self.error = e
+            finally:
+                if buffer is not None:
+                    self.free.put(buffer)
+                self.pending.task_done()
+        self.pending.task_done()
+
+
+def active_seconds(intervals: list[tuple[float, float]]) -> float:
+    """How long at least one of the intervals was under way (their union's length)."""
+    total, reach = 0.0, -math.inf
+    for begun, ended in sorted(intervals):
+        if ended > reach:
+            total += ended - max(begun, reach)
+            reach = ended
+    return total
 
 
 class CoreMLWriter(Writer):
@@ -247,9 +340,8 @@ class CoreMLWriter(Writer):
         # up while the next chunk's tensors are cast and written; `finish` waits for every one.
         self.syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coreml-fsync")
         self.syncing: list[Future] = []
-        # Tensors are cast into one reused buffer, as large as the largest so far: a fresh array per tensor
-        # costs more in page faults than the cast itself. It is all the writer holds of the weights.
-        self.scratch = np.empty(0, np.float16)
+        self.writes = BlobWrites()
+        self.calls: list[tuple[float, float]] = []  # when the stream was inside this writer, for `figures`
         out_dir = Path(out_dir)
         self.out_dir = out_dir
         self.folders = {p: out_dir / f"{model_name}-{p}-coreml" for p in target.precisions}
@@ -263,6 +355,13 @@ class CoreMLWriter(Writer):
             raise OutputError(f"cannot create a Core ML work folder ({e.strerror})", out_dir) from None
 
     def add(self, name: str, array: np.ndarray) -> None:
+        begun = time.perf_counter()
+        try:
+            self._add(name, array)
+        finally:
+            self.calls.append((begun, time.perf_counter()))
+
+    def _add(self, name: str, array: np.ndarray) -> None:
         if self._state != "open":
             raise RuntimeError(f"CoreMLWriter.add after {self._state}")
         key = self._key(name)
@@ -275,27 +374,34 @@ class CoreMLWriter(Writer):
             raise CheckpointError(f"tensor {name!r} has shape {list(array.shape)}, the config implies "
                                   f"{list(tensor_shape(self.spec, key))}")
         self.arrived.add(key)
-        if self.scratch.size < array.size:
-            self.scratch = np.empty(0, np.float16)  # the old buffer goes before the new one is allocated
-            self.scratch = np.empty(array.size, np.float16)
-        half = float16(name, array, self.scratch)
         for i in users:
             package = self.writing.get(i) or self._open(self.chunks[i])
             for blob, rows in blobs_of(self.spec, self.chunks[i], key):
-                package.write(blob, half[rows])
-        del half
+                package.write(blob, name, array[rows])
         for i in users:
             if self.needed[i] <= self.arrived:
                 self._build(self.chunks[i])
 
     def finish(self) -> list[Artifact]:
+        begun = time.perf_counter()
+        try:
+            return self._finish()
+        finally:
+            self.calls.append((begun, time.perf_counter()))
+
+    def figures(self) -> dict[str, float]:
+        """`write_s`: the writer thread's time in writes, overlapping the stream; `active_s`: how long the
+        stream was inside this writer or the thread was writing (the Core ML stage's own share of the pass)."""
+        return {"write_s": self.writes.write_s, "active_s": active_seconds(self.calls + self.writes.intervals)}
+
+    def _finish(self) -> list[Artifact]:
         if self._state != "open":
             raise RuntimeError(f"CoreMLWriter.finish after {self._state}")
         missing = [c.package for c in self.chunks if c.index not in self.built]
         if missing:
             raise CheckpointError(f"the tensor stream ended before {', '.join(missing)} could be built")
         self._state = "finished"
-        self.scratch = np.empty(0, np.float16)
+        self.writes.close()
         options = {"compute_units": self.target.compute_units}
         try:
             for precision, work in self.work.items():
@@ -316,8 +422,10 @@ class CoreMLWriter(Writer):
 
     def abort(self) -> None:
         self._state = "aborted"
-        self.scratch = np.empty(0, np.float16)
-        self.writing.clear()  # closes the weight files still open
+        self.writes.close()
+        for package in self.writing.values():
+            package.close()
+        self.writing.clear()
         self.syncer.shutdown(cancel_futures=True)
         for folder in self.work.values():
             shutil.rmtree(folder, ignore_errors=True)
@@ -350,13 +458,12 @@ class CoreMLWriter(Writer):
 
     def _open(self, chunk: Chunk) -> PackageWriter:
         try:
-            self.writing[chunk.index] = PackageWriter(self.work["fp16"] / chunk.package)
+            self.writing[chunk.index] = PackageWriter(self.work["fp16"] / chunk.package, self.writes)
         except OSError as e:
             raise OutputError(f"cannot create a Core ML package ({e.strerror})", self.work["fp16"]) from None
         return self.writing[chunk.index]
 
     def _build(self, chunk: Chunk) -> None:
-        self.scratch = np.empty(0, np.float16)  # nothing of the weights is held while the program is built
         package = self.writing.pop(chunk.index)
         program = build_program(self.spec, chunk, self.block, self.target.context, PlaceholderWeights(package.blobs))
         package.finish(program)
@@ -387,24 +494,50 @@ class CoreMLWriter(Writer):
 
 
 class PackageWriter:
-    """An fp16 package being written: its weight.bin grows blob by blob as the chunk's tensors stream in."""
+    """An fp16 package being written: its weight.bin grows blob by blob as the chunk's tensors stream in, written
+    by `writes`' thread; at `finish` the header gets its blob count and coremltools' own blob writer, opened on
+    the file, appends the program's few small consts."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, writes: BlobWrites):
         self.path = path
+        self.writes = writes
         weights = path / PACKAGE_DATA / "weights"
         weights.mkdir(parents=True)
-        self.writer: _BlobStorageWriter | None = _BlobStorageWriter(str(weights / WEIGHT_FILE))
+        self.weight_file = weights / WEIGHT_FILE
+        self.fd = os.open(self.weight_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.end = BLOB_ALIGNMENT  # the storage header comes first
         self.blobs: dict[str, tuple[int, int]] = {}  # weight id → (offset of its blob record, bytes)
 
-    def write(self, weight_id: str, half: np.ndarray) -> None:
-        offset = self.writer.write_fp16_data(half.reshape(-1).view(np.uint16))
-        self.blobs[weight_id] = (offset, half.nbytes)
+    def write(self, weight_id: str, name: str, values: np.ndarray) -> None:
+        """Append `values` (any float dtype) as an fp16 blob; `name` is the source tensor's, for errors."""
+        record = -(-self.end // BLOB_ALIGNMENT) * BLOB_ALIGNMENT
+        data = record + BLOB_ALIGNMENT
+        flat = np.ascontiguousarray(values).reshape(-1)
+        self.writes.write(self.fd, record, BLOB_RECORD.pack(BLOB_SENTINEL, BLOB_FLOAT16, 2 * flat.size, data)
+                          .ljust(BLOB_ALIGNMENT, b"\0"))
+        for start in range(0, flat.size, WRITE_BLOCK_VALUES):
+            block = flat[start:start + WRITE_BLOCK_VALUES]
+            buffer = self.writes.buffer()
+            cast_float16(name, block, buffer[:block.size])
+            self.writes.write(self.fd, data + 2 * start, buffer[:block.size], buffer)
+        self.blobs[weight_id] = (record, 2 * flat.size)
+        self.end = data + 2 * flat.size
 
     def finish(self, program: Program) -> None:
-        model = export(program, StreamedExporter(program, self.path / PACKAGE_DATA / "weights", self.writer,
-                                                 self.blobs))
-        self.writer = None  # closes weight.bin: coremltools' blob writer has no close(), its destructor does it
+        self.writes.drain()
+        os.pwrite(self.fd, STORAGE_HEADER.pack(len(self.blobs), STORAGE_VERSION).ljust(BLOB_ALIGNMENT, b"\0"), 0)
+        os.close(self.fd)
+        self.fd = -1
+        writer = _BlobStorageWriter(str(self.weight_file), truncate_file=False)
+        model = export(program, StreamedExporter(program, self.weight_file.parent, writer, self.blobs))
+        del writer  # closes weight.bin: coremltools' blob writer has no close(), its destructor does it
         write_package(self.path, model)
+
+    def close(self) -> None:
+        """Close the file without finishing it (the run is failing)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class StreamedExporter(MILProtoExporter):

@@ -55,6 +55,11 @@ class Writer(ABC):
     def abort(self) -> None:  # noqa: B027 - optional hook
         """Remove temporary files after a failure."""
 
+    def figures(self) -> dict[str, float]:
+        """Measurements of its own for timings.json, beyond the time the stream spent in its calls (for example
+        the time of a thread that writes while the stream goes on). None by default."""
+        return {}
+
 
 def detect_artifact(path: Path) -> Artifact:
     """Recognise an artifact on disk by its layout (for `siliconvert validate`)."""

@@ -5,6 +5,7 @@ refusals."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -13,13 +14,15 @@ import pytest
 
 from siliconvert.architectures import registry
 from siliconvert.convert.coreml import (
+    BlobWrites,
     PackageWriter,
     PlaceholderWeights,
     WeightConsts,
+    active_seconds,
     blobs_of,
     build_function,
     build_program,
-    float16,
+    cast_float16,
     plan_chunks,
     prefill_block,
     required_tensors,
@@ -70,19 +73,73 @@ def test_blobs_are_whole_tensors_or_head_pieces():
     assert blobs_of(small, plan_chunks(small, 1)[0], embedding) == [("token_embd.weight", slice(None))]
 
 
-def test_float16_is_numpys_cast_and_refuses_what_overflows():
+def test_cast_float16_is_numpys_cast_and_refuses_what_overflows():
     rng = np.random.default_rng(0)
     values = np.concatenate([rng.standard_normal(5000) * scale for scale in (1e-7, 1e-3, 1, 1e3, 3e4)])
-    values = np.clip(values, -65504, 65504).reshape(50, 500)  # subnormals, the largest halves, rounding ties
-    scratch = np.empty(values.size, np.float16)
-    for dtype in (np.float32, np.float64):
-        half = float16("t", values.astype(dtype), scratch)
-        assert half.shape == (50, 500)
-        assert np.array_equal(half.view(np.uint16), values.astype(dtype).astype(np.float16).view(np.uint16))
-    already = values.astype(np.float16)
-    assert np.shares_memory(float16("t", already, scratch), already)
-    with pytest.raises(CheckpointError, match=r"'big'.*float16 range"):
-        float16("big", np.array([1.0, 70000.0], np.float32), scratch)
+    # subnormals, the largest halves, rounding ties, and the largest values that still round to a finite half
+    values = np.concatenate([np.clip(values, -65504, 65504), [65519.99, -65519.99, 2.0**-25, 3 * 2.0**-25]])
+    out = np.empty(values.size, np.float16)
+    for dtype in (np.float32, np.float64, np.float16):
+        cast_float16("t", values.astype(dtype), out)
+        assert np.array_equal(out.view(np.uint16), values.astype(dtype).astype(np.float16).view(np.uint16)), dtype
+    for beyond in (65520.0, -70000.0, np.nan):
+        for dtype in (np.float32, np.float64):
+            with pytest.raises(CheckpointError, match=r"'big'.*float16 range"):
+                cast_float16("big", np.array([1.0, beyond], dtype), np.empty(2, np.float16))
+
+
+def test_weight_files_are_what_coremltools_blob_writer_writes(tmp_path, monkeypatch):
+    """The blobs laid out here and written by BlobWrites' thread (a workaround: coremltools' writer holds the
+    GIL while it writes) make the same file, byte for byte, as coremltools' own writer; what the exporter
+    appends afterwards through coremltools' writer lands where it would."""
+    from coremltools.libmilstoragepython import _BlobStorageWriter
+
+    import siliconvert.convert.coreml as coreml
+
+    monkeypatch.setattr(coreml, "WRITE_BLOCK_VALUES", 1000)  # blobs of several blocks, and blocks in flight
+    monkeypatch.setattr(coreml, "WRITE_BUFFERS", 2)
+    rng = np.random.default_rng(0)
+    blobs = [rng.standard_normal(n).astype(np.float32) for n in (1, 31, 32, 1000, 2500, 0, 7)]
+    small = np.arange(5, dtype=np.float32)  # a small const the exporter appends: RoPE tables are float32
+
+    writes = BlobWrites()
+    ours = PackageWriter(tmp_path / "ours.mlpackage", writes)
+    for i, values in enumerate(blobs):
+        ours.write(f"w{i}", "t", values)
+    writes.drain()
+    os.pwrite(ours.fd, coreml.STORAGE_HEADER.pack(len(blobs), coreml.STORAGE_VERSION).ljust(64, b"\0"), 0)
+    ours.close()
+    writes.close()
+    appended = _BlobStorageWriter(str(ours.weight_file), truncate_file=False)
+    small_at = appended.write_float_data(small)
+    del appended
+
+    theirs = _BlobStorageWriter(str(tmp_path / "theirs.bin"))
+    offsets = [theirs.write_fp16_data(values.astype(np.float16).view(np.uint16)) for values in blobs]
+    their_small_at = theirs.write_float_data(small)
+    del theirs
+    assert [ours.blobs[f"w{i}"][0] for i in range(len(blobs))] == offsets and small_at == their_small_at
+    assert ours.weight_file.read_bytes() == (tmp_path / "theirs.bin").read_bytes()
+    assert writes.write_s > 0 and writes.intervals
+
+
+def test_blob_write_errors_reach_the_caller(tmp_path):
+    writes = BlobWrites()
+    fd = os.open(tmp_path / "f", os.O_RDONLY | os.O_CREAT)  # a write to it fails, as on a full disk
+    try:
+        writes.write(fd, 0, b"data")
+        with pytest.raises(OSError):
+            writes.drain()
+        with pytest.raises(OSError):
+            writes.buffer()
+    finally:
+        os.close(fd)
+        writes.close()
+
+
+def test_active_seconds_is_the_union_of_intervals():
+    assert active_seconds([]) == 0
+    assert active_seconds([(0, 2), (1, 3), (5, 6), (5.5, 5.8)]) == pytest.approx(4)
 
 
 # ---- packages around streamed weights ----------------------------------------------------------------------
@@ -97,11 +154,13 @@ def random_weights(spec, chunk, seed=0) -> dict:
 
 def streamed_package(path: Path, spec, chunk, weights: dict, block: int = 8, context: int = 32) -> MILProgram:
     """A package written as CoreMLWriter writes one: blobs first, then the program around them."""
-    package = PackageWriter(path)
+    writes = BlobWrites()
+    package = PackageWriter(path, writes)
     for key, values in weights.items():
         for blob, rows in blobs_of(spec, chunk, key):
-            package.write(blob, values[rows])
+            package.write(blob, str(key), values[rows])
     package.finish(build_program(spec, chunk, block, context, PlaceholderWeights(package.blobs)))
+    writes.close()
     return MILProgram(path)
 
 
