@@ -241,7 +241,11 @@ class QuantizedTensor:
 def _lower_priority() -> None:
     if hasattr(os, "setpriority"):
         with contextlib.suppress(OSError):  # not permitted here: the threads then compete as equals
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 5)  # Linux: a thread id works here
+            # the lowest priority: the stream (reading, the other formats' casts and writes) takes a core
+            # whenever it can run, and quantization every cycle it leaves; no core idles, since the stream
+            # sleeps once its tensors in flight reach the limit. At nice 5 the quantizer threads still took
+            # about half of the stream's core (the Core ML stage ran 1.9× slower beside them).
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # Linux: a thread id works here
 
 
 # ---- whole file, and the importance matrix -------------------------------------------------------------

@@ -13,6 +13,7 @@ import hashlib
 import json
 import struct
 import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +134,17 @@ def _read_bfloat16(info: TensorInfo) -> np.ndarray:
     return wide.view(np.float32).reshape(info.shape)
 
 
+def value_range(array: np.ndarray) -> tuple[float, float]:
+    """(min, max) of a float array. Both carry any NaN through and meet any ±Inf, so checking them checks every
+    value with no per-element temporary; torch's aminmax does it in one vectorized pass, numpy's in two."""
+    import torch  # here, not at the top: `siliconvert inspect` reads no values and should start fast
+
+    with warnings.catch_warnings():  # a read-only array (a pickle's) warns; aminmax only reads it
+        warnings.simplefilter("ignore", UserWarning)
+        low, high = torch.aminmax(torch.from_numpy(array))
+    return float(low), float(high)
+
+
 class Checkpoint:
     """A local Hugging Face checkpoint folder (see `open` for hub ids)."""
 
@@ -183,8 +195,7 @@ class Checkpoint:
         """Yield (HF name, array) one at a time, in `stream_order`."""
         for info in self.stream_order():
             array = read_tensor(info)
-            # min and max carry any NaN through, and meet any ±Inf: no per-element temporary needed
-            if array.dtype.kind == "f" and array.size and not np.isfinite([array.min(), array.max()]).all():
+            if array.dtype.kind == "f" and array.size and not np.isfinite(value_range(array)).all():
                 raise CheckpointError(f"tensor {info.name!r} holds NaN or Inf values", info.shard)
             yield info.name, array
             del array  # so the next tensor is read with this one already gone
