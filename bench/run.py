@@ -47,14 +47,18 @@ PARTS = ("0", "a", "b", "c", "d")  # 0 alone: build (or check) the checkpoint an
 
 WALL_TARGET = 0.85  # siliconvert (a) wall / the anchors' summed wall
 RSS_BUDGET_MB = 2048.0  # siliconvert (a) peak RSS, MiB
-COREML_FLOOR_TARGET = 1.5  # Core ML stage busy time / the disk floor for its bytes
+# Core ML stage / the disk floor for its bytes. The stage is its active time: while the stream was inside the
+# Core ML writer or its writer thread was writing (writes overlap the rest of the pass, so the stream's busy
+# time alone would leave them out); its busy time is shown too.
+COREML_FLOOR_TARGET = 1.5
 
 MLX_TARGET = {"format": "mlx", "bits": 4, "group_size": 64}
 GGUF_TARGET = {"format": "gguf", "quants": ["Q4_K_M"]}
 COREML_TARGET = {"format": "coreml", "precision": "fp16"}
 # Random weights predict nearly uniform distributions, which say little about quantization quality:
 # the gates are only there so that a run goes through validation to the release step.
-LOOSE_GATES = {"max_mean_kld": 1.0, "max_ppl_ratio": 2.0}
+# (A random 7B's MLX 4-bit reached a mean KLD of 1.02.)
+LOOSE_GATES = {"max_mean_kld": 3.0, "max_ppl_ratio": 3.0}
 
 TOOLS = ("siliconvert", "mlx", "mlx-lm", "gguf", "llama-cpp-python", "coremltools", "torch", "transformers",
          "numpy", "safetensors")
@@ -312,13 +316,16 @@ def ratios(result: dict) -> dict[str, float | None]:
     floors = result.get("disk_floor_s") or {}
     ours_done = bool(ours and ours.get("completed"))
     anchors_done = bool(anchors) and all(a.get("completed") for a in anchors.values())
-    coreml_busy = ((full.get("stages") or {}).get("convert.coreml") or {}).get("busy_s")
+    coreml = (full.get("stages") or {}).get("convert.coreml") or {}
+    coreml_busy, coreml_active = coreml.get("busy_s"), coreml.get("active_s")
     return {
         "wall_vs_anchors": (round(ours["wall_s"] / sum(a["wall_s"] for a in anchors.values()), 3)
                             if ours_done and anchors_done else None),
         "cpu_vs_anchors": (round(ours["cpu_s"] / sum(a["cpu_s"] for a in anchors.values()), 3)
                            if ours_done and anchors_done else None),
         "peak_rss_vs_2gib": round(ours["peak_rss_mb"] / RSS_BUDGET_MB, 3) if ours_done else None,
+        "coreml_active_vs_disk_floor": (round(coreml_active / floors["coreml"], 3)
+                                        if coreml_active is not None and floors.get("coreml") else None),
         "coreml_busy_vs_disk_floor": (round(coreml_busy / floors["coreml"], 3)
                                       if coreml_busy is not None and floors.get("coreml") else None),
         "comparable_wall_vs_disk_floor": (round(ours["wall_s"] / floors["comparable"], 3)
@@ -342,7 +349,7 @@ def build_result(*, size: str, machine: dict, tools: dict, checkpoint: dict, pag
         "disk_floor_s": disk_floor_s,
         "disk_floor_bytes": disk_floor_bytes,
         "targets": {"wall_vs_anchors": WALL_TARGET, "peak_rss_mb": RSS_BUDGET_MB,
-                    "coreml_busy_vs_disk_floor": COREML_FLOOR_TARGET},
+                    "coreml_active_vs_disk_floor": COREML_FLOOR_TARGET},
     }
     result["ratios"] = ratios(result)
     return result
@@ -379,6 +386,8 @@ def format_table(result: dict) -> str:
         kind = "" if "wall_s" in figures else " (busy)"
         row(f"      {stage}{kind}", {"wall_s": seconds, "cpu_s": figures.get("cpu_s"),
                                      "peak_rss_mb": figures.get("peak_rss_mb")})
+        if "active_s" in figures:
+            row(f"      {stage} (active, with its writer thread)", {"wall_s": figures["active_s"]})
     if full and full.get("stages") is None:
         rows.append("      (no timings.json from this siliconvert)")
     for name, seconds in (result["disk_floor_s"] or {}).items():
@@ -398,8 +407,10 @@ def format_table(result: dict) -> str:
         f"{'(a) cpu / sum of anchors cpu':<44} {_number(r['cpu_vs_anchors'], 2):>7}  (information)",
         f"{'(a) peak RSS / 2 GiB':<44} {_number(r['peak_rss_vs_2gib'], 2):>7}  "
         f"<= 1.0  {verdict(r['peak_rss_vs_2gib'], 1.0)}",
+        f"{'(c) Core ML active / disk floor for its bytes':<44} {_number(r['coreml_active_vs_disk_floor'], 2):>7}  "
+        f"<= {COREML_FLOOR_TARGET}  {verdict(r['coreml_active_vs_disk_floor'], COREML_FLOOR_TARGET)}",
         f"{'(c) Core ML busy / disk floor for its bytes':<44} {_number(r['coreml_busy_vs_disk_floor'], 2):>7}  "
-        f"<= {COREML_FLOOR_TARGET}  {verdict(r['coreml_busy_vs_disk_floor'], COREML_FLOOR_TARGET)}",
+        "(information: the stream's time in the writer)",
         f"{'(a) wall / disk floor for its bytes':<44} {_number(r['comparable_wall_vs_disk_floor'], 2):>7}  "
         "(information)",
     ]
