@@ -27,6 +27,7 @@ import yaml
 from siliconvert.errors import ArtifactError, OutputError, RecipeError
 from siliconvert.progress import say
 from siliconvert.recipe import CoreMLTarget
+from siliconvert.validate.score import KV_CACHE_KLD_FACTOR, KV_CACHE_KLD_FLOOR
 
 RELEASE_FOLDER = "release"
 CARD = "README.md"
@@ -366,8 +367,11 @@ def validation(release: Release, report: dict, has_plot: bool) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
         *[_row(release, e) for e in release.shipped], "",
         f"Gates: {_limits(release.shipped[0]['gates']['limits'])}. They also require the artifact's tokenizer "
-        "to give the source's token ids, and decoding through its KV cache to pick what the no-cache pass picks "
-        "wherever that check could run.",
+        "to give the source's token ids, and, wherever that check could run, decoding through its KV cache to "
+        "stay with the no-cache pass: fed a window's tokens one at a time, the cache may move the next-token "
+        f"distributions (mean KLD to the no-cache pass) by no more than {KV_CACHE_KLD_FACTOR:g} × what "
+        f"quantization moved them at those positions, or {KV_CACHE_KLD_FLOOR:g} where that is more; a broken "
+        "cache moves them far more.",
     ]
     if release.left_out:
         lines += ["", "Left out (failed their gates):",

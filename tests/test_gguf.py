@@ -223,6 +223,15 @@ def test_llama_cpp_loads_without_warnings(artifacts: dict[str, Path]) -> None:
         assert runner.warnings == [], path.name
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's list of mapped files")
+def test_llama_cpp_reads_the_file_in_on_cpu(artifacts: dict[str, Path]) -> None:
+    """Mapped, the file's pages would stay resident beside the CPU repack's copy of the weights."""
+    runner = LlamaCppRunner(artifacts["Q4_K_M"], {})
+    mapped = Path("/proc/self/maps").read_text()
+    runner.close()
+    assert runner.device.startswith("CPU") and str(artifacts["Q4_K_M"]) not in mapped
+
+
 def test_kv_cache_follows_the_full_window(artifacts: dict[str, Path], reference) -> None:
     windows, _, _ = reference
     runner = LlamaCppRunner(artifacts["F16"], {})
@@ -231,6 +240,42 @@ def test_kv_cache_follows_the_full_window(artifacts: dict[str, Path], reference)
     np.testing.assert_allclose(runner.start(prompt), full[31], atol=1e-3)
     np.testing.assert_allclose(runner.step(int(np.argmax(full[31]))), full[32], atol=1e-3)
     runner.close()
+
+
+@pytest.fixture(scope="module")
+def demo_q4_k_m(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    [artifact] = convert(demo_model, tmp_path_factory.mktemp("demo-gguf"), ["Q4_K_M"])
+    return artifact.path
+
+
+def test_kv_cache_check_tells_llama_cpp_noise_from_a_broken_cache(demo_model: Path, demo_q4_k_m: Path) -> None:
+    """On the trained demo model, llama.cpp's own cache passes with room to spare, and the same runner made to
+    drop its cache, return stale logits or store a token twice fails, each by a clear margin."""
+    from conftest import reference_logits_for
+    from test_validate_scale import FaultyCache
+
+    from siliconvert.artifacts import Artifact
+    from siliconvert.validate.corpus import PROBE_STRINGS, source_tokenizer, token_windows
+    from siliconvert.validate.score import RunOutput, cached_window_logits, score
+
+    windows = token_windows(source_tokenizer(demo_model), "builtin", 512, 256)
+    reference = reference_logits_for(demo_model, windows.tokens)
+    artifact = Artifact("gguf", "Q4_K_M", demo_q4_k_m)
+    runner = LlamaCppRunner(demo_q4_k_m, {})
+    logits = runner.logits_many(windows.tokens)
+    probe_ids = [runner.tokenize(text) for text in (*PROBE_STRINGS, windows.probe_text)]
+    checks = {}
+    for fault in ("none", "dropped", "stale", "shifted"):
+        cached, prompt = cached_window_logits(FaultyCache(runner, fault), windows.tokens[0])
+        run = RunOutput(runner.runtime, runner.device, logits, probe_ids, cached, prompt, None, {}, 0.0)
+        checks[fault] = score(artifact, run, reference, windows, probe_ids).kv_cache
+    runner.close()
+    # measured: 1e-5 against a limit of 1e-3 (the floor: Q4_K_M moved these positions by about 1e-3)
+    assert checks["none"]["consistent"] is True and checks["none"]["mean_kld"] < checks["none"]["limit_kld"] / 20
+    # measured: about 2 nats for a dropped or stale cache, 0.004 for one that stores a token twice
+    for fault in ("dropped", "stale", "shifted"):
+        assert checks[fault]["consistent"] is False, fault
+        assert checks[fault]["mean_kld"] > 3 * checks[fault]["limit_kld"], fault
 
 
 # ---- tokenization --------------------------------------------------------------------------------

@@ -50,7 +50,8 @@ def entry(fmt: str, quant: str, path: Path, failed: tuple[str, ...] = (), mean_k
         "runtime": {"mlx": "mlx", "gguf": "llama.cpp", "coreml": "mil-interpreter"}[fmt],
         "device": "CPU (emulated, not Core ML)" if fmt == "coreml" else "CPU, 16 threads",
         "tokenizer_match": True, "tokenizer_mismatch": None,
-        "kv_cache": {"consistent": True, "checked_tokens": 16, "first_mismatch": None},
+        "kv_cache": {"consistent": True, "checked_tokens": 17, "first_mismatch": 3, "mean_kld": 2e-4,
+                     "limit_kld": 0.003, "same_top1": 0.94},
         "metrics": {"mean_kld": mean_kld, "median_kld": 0.008, "p99_kld": 0.1875, "max_kld": 0.9,
                     "same_top1": 0.9312, "ppl_reference": 5.1, "ppl": 5.2, "ppl_ratio": 1.0213,
                     "rms_delta_p": 0.02, "positions": 1020},
@@ -144,6 +145,8 @@ def test_card_front_matter_and_validation_table(build):
                    "float32 (upcast)", "builtin, 1024 tokens", "mlx_lm.generate"):
         assert number in text, number
     assert RECIPE_TEXT.strip() in text and "![" in text
+    assert "decoding through its KV cache to stay with the no-cache pass" in text
+    assert "by no more than 0.25 × what quantization moved them at those positions, or 0.001 where" in text
     gguf_meta, gguf_text = card_of(gguf)
     assert gguf_meta["library_name"] == "gguf"
     assert "0.02468" in gguf_text and "0.00135" in gguf_text and "llama-cli -m" in gguf_text

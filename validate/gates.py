@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from siliconvert.recipe import Gates
-from siliconvert.validate.score import ArtifactScore
+from siliconvert.validate.score import ArtifactScore, describe_kv_cache
 
 # gate key → (metric in Scores, "max" or "min")
 LIMITS = {
@@ -26,8 +26,9 @@ class GateFailure:
 
 
 def check(result: ArtifactScore, gates: Gates) -> list[GateFailure]:
-    """Every gate the artifact fails. A wrong tokenizer or a KV cache that disagrees with a
-    no-cache pass fails regardless of the recipe: no KLD explains those away."""
+    """Every gate the artifact fails. A wrong tokenizer, or a KV cache that moves the artifact further from its
+    no-cache pass than quantization's own error allows, fails regardless of the recipe: no KLD explains those
+    away."""
     name = f"{result.artifact.format} {result.artifact.quant}"
     failures = []
     for key, (metric, direction) in LIMITS.items():
@@ -41,9 +42,9 @@ def check(result: ArtifactScore, gates: Gates) -> list[GateFailure]:
     if not result.tokenizer_match:
         failures.append(GateFailure("tokenizer_match", False, True,
                                     f"{name}: tokenizer differs from the source: {result.tokenizer_mismatch}"))
-    kv = result.run.kv_cache
+    kv = result.kv_cache
     if kv["consistent"] is False:  # None: not measured (the report says why), which fails nothing
-        failures.append(GateFailure("kv_cache", False, True,
-                                    f"{name}: decoding through the KV cache picks another token than the no-cache "
-                                    f"pass at step {kv['first_mismatch']}"))
+        failures.append(GateFailure("kv_cache", kv["mean_kld"], kv["limit_kld"],
+                                    f"{name}: decoding through the KV cache drifts from the no-cache pass: "
+                                    f"{describe_kv_cache(kv)}"))
     return failures

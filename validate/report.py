@@ -11,7 +11,7 @@ import numpy as np
 
 from siliconvert.artifacts import write_text_atomically
 from siliconvert.validate.gates import GateFailure
-from siliconvert.validate.score import ArtifactScore, artifact_size
+from siliconvert.validate.score import ArtifactScore, artifact_size, describe_kv_cache
 
 SCHEMA_VERSION = 1
 
@@ -27,7 +27,7 @@ def artifact_entry(result: ArtifactScore, failures: list[GateFailure], limits: d
         "device": run.device,
         "tokenizer_match": result.tokenizer_match,
         "tokenizer_mismatch": result.tokenizer_mismatch,
-        "kv_cache": run.kv_cache,
+        "kv_cache": result.kv_cache,
         "metrics": result.scores.as_dict(),
         "latency": run.latency.as_dict() if run.latency else None,
         # check ("kv_cache", "latency") → why the runner could not make it here
@@ -89,7 +89,7 @@ def markdown(report: dict, plot_name: str | None) -> str:
         if kv["consistent"] is None:
             kv_cell = _footnote(notes, a, "KV cache", not_measured.get("kv_cache", "no reason given"))
         else:
-            kv_cell = "consistent" if kv["consistent"] else f"DIVERGES at token {kv['first_mismatch']}"
+            kv_cell = f"{'consistent' if kv['consistent'] else 'DRIFTS'}: {describe_kv_cache(kv)}"
         lines.append(
             f"| {a['format']} {a['quant']} | {a['size_bytes'] / 1e6:.1f} MB | {a['runtime']} | {a['device']} "
             f"| {m['mean_kld']:.5f} | {m['p99_kld']:.4f} | {100 * m['same_top1']:.1f} % | {m['ppl_ratio']:.4f} "

@@ -68,8 +68,8 @@ class Runner(ABC):
         """Free the runtime's resources."""
 
     def unmeasured(self) -> dict[str, str]:
-        """Checks this runner cannot make here, each with the reason: "kv_cache" (greedy decoding
-        through the cache against a no-cache pass) and "latency" (speeds and peak memory). The report
+        """Checks this runner cannot make here, each with the reason: "kv_cache" (tokens fed one at a time
+        through the cache against the no-cache pass) and "latency" (speeds and peak memory). The report
         shows them as not measured, never as passed. Empty by default: every check runs."""
         return {}
 

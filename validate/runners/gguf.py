@@ -35,6 +35,8 @@ class LlamaCppRunner(Runner):
         with LlamaLog() as log:
             model_params = api.llama_model_default_params()
             model_params.n_gpu_layers = -1 if offload else 0
+            if not offload:
+                _read_into_memory(model_params, api)
             self.model = api.llama_model_load_from_file(str(self.path).encode(), model_params)
             if not self.model:
                 raise ArtifactError(f"llama.cpp cannot load this file: {log.last_error or 'no reason given'}",
@@ -109,6 +111,19 @@ class LlamaCppRunner(Runner):
         rows = len(tokens) if all_logits else 1
         logits = np.ctypeslib.as_array(self.api.llama_get_logits(self.ctx), shape=(rows, self.n_vocab))
         return logits.copy()
+
+
+def _read_into_memory(model_params, api) -> None:
+    """Load the file with read(), not mmap (CPU only: a GPU backend does not repack, and Metal uses the mapped
+    file itself as its buffer). On CPU llama.cpp repacks most weights into its matrix kernels' layout, and the
+    mapped pages it read to do so stay resident beside the repacked copy. Measured on a 4.4 GB 7B Q4_K_M:
+    peak 7.8 GB mapped, 4.6 GB read in, for 10 to 13 s of loading instead of 6 to 7; the same tensors and
+    kernels either way, so the logits are bit for bit the same."""
+    # newer llama.cpp has one enum for mmap, mlock and direct I/O; older ones a use_mmap flag
+    if any(name == "load_mode" for name, _ in type(model_params)._fields_):
+        model_params.load_mode = api.LLAMA_LOAD_MODE_NONE
+    else:
+        model_params.use_mmap = False
 
 
 def _device(api, offload: bool, threads: int) -> str:
