@@ -17,9 +17,9 @@ Weights are written once, in their final place. Each streamed tensor is cast to 
 appended to the weights/weight.bin of every package that uses it, in MIL blob storage format, by a writer
 thread (`BlobWrites`): the stream goes on while the disk takes the bytes, and memory holds the blocks in flight,
 not the tensor (a package whose tensors come out of order keeps its file open longer). When a package's last
-tensor has arrived, its program is built with placeholder consts (zero-byte broadcast arrays) that name those
-blobs by weight id, and exported around them: the graph passes that run are those of coremltools' default
-pipeline that change this graph, less the ones that read weight values.
+tensor has arrived, its program is built, on a thread of its own, with placeholder consts (zero-byte broadcast
+arrays) that name those blobs by weight id, and exported around them: the graph passes that run are those of
+coremltools' default pipeline that change this graph, less the ones that read weight values.
 
 The same checkpoint gives the same bytes: op names count from zero in every function, the spec is serialized
 deterministically, and the package's Manifest.json identifiers derive from the spec (coremltools draws random
@@ -254,7 +254,9 @@ class BlobWrites:
     def __init__(self) -> None:
         self.free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
         self.allocated = 0
-        self.pending: queue.Queue = queue.Queue()
+        self.pending: queue.SimpleQueue = queue.SimpleQueue()
+        self.outstanding: dict[int, int] = {}  # file descriptor → writes queued for it and not yet done
+        self.progress = threading.Condition()
         self.error: OSError | None = None
         self.write_s = 0.0
         self.intervals: list[tuple[float, float]] = []
@@ -273,11 +275,14 @@ class BlobWrites:
         """Queue `data` for writing at `offset` of `fd`; `buffer` (from `buffer()`, holding `data`) is reused
         once it is written."""
         self.raise_error()
+        with self.progress:
+            self.outstanding[fd] = self.outstanding.get(fd, 0) + 1
         self.pending.put((fd, offset, data, buffer))
 
-    def drain(self) -> None:
-        """Wait until everything queued so far is written."""
-        self.pending.join()
+    def drain(self, fd: int) -> None:
+        """Wait until everything queued for `fd` so far is written."""
+        with self.progress:
+            self.progress.wait_for(lambda: not self.outstanding.get(fd))
         self.raise_error()
 
     def raise_error(self) -> None:
@@ -306,8 +311,9 @@ class BlobWrites:
             finally:
                 if buffer is not None:
                     self.free.put(buffer)
-                self.pending.task_done()
-        self.pending.task_done()
+                with self.progress:
+                    self.outstanding[fd] -= 1
+                    self.progress.notify_all()
 
 
 def active_seconds(intervals: list[tuple[float, float]]) -> float:
@@ -335,7 +341,13 @@ class CoreMLWriter(Writer):
         self.needed = [required_tensors(self.spec, chunk) for chunk in self.chunks]
         self.arrived: set[Key] = set()
         self.writing: dict[int, PackageWriter] = {}  # fp16 packages with weights still to come, by chunk
-        self.built: set[int] = set()
+        # A package whose weights have all arrived is built (its programs made and exported, its compressed
+        # variants made) on a thread of its own, one at a time, while the stream goes on: building is Python and
+        # takes the GIL, but the stream spends most of a pass waiting on other writers' threads with it released.
+        # Only that thread uses coremltools' MIL builder (its block stack is global) while the pass runs.
+        self.builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coreml-build")
+        self.building: list[Future] = []
+        self.builds: list[tuple[float, float]] = []  # when the builder was at work, for `figures`
         # Finished packages are fsynced in a background thread (fsync releases the GIL), so the disk catches
         # up while the next chunk's tensors are cast and written; `finish` waits for every one.
         self.syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coreml-fsync")
@@ -373,6 +385,9 @@ class CoreMLWriter(Writer):
         if array.shape != tensor_shape(self.spec, key):
             raise CheckpointError(f"tensor {name!r} has shape {list(array.shape)}, the config implies "
                                   f"{list(tensor_shape(self.spec, key))}")
+        for built in self.building:
+            if built.done():
+                built.result()  # a package that failed to build stops the pass here, not at `finish`
         self.arrived.add(key)
         for i in users:
             package = self.writing.get(i) or self._open(self.chunks[i])
@@ -380,7 +395,7 @@ class CoreMLWriter(Writer):
                 package.write(blob, name, array[rows])
         for i in users:
             if self.needed[i] <= self.arrived:
-                self._build(self.chunks[i])
+                self.building.append(self.builder.submit(self._build, self.chunks[i], self.writing.pop(i)))
 
     def finish(self) -> list[Artifact]:
         begun = time.perf_counter()
@@ -390,17 +405,21 @@ class CoreMLWriter(Writer):
             self.calls.append((begun, time.perf_counter()))
 
     def figures(self) -> dict[str, float]:
-        """`write_s`: the writer thread's time in writes, overlapping the stream; `active_s`: how long the
-        stream was inside this writer or the thread was writing (the Core ML stage's own share of the pass)."""
-        return {"write_s": self.writes.write_s, "active_s": active_seconds(self.calls + self.writes.intervals)}
+        """`write_s` and `build_s`: the time of the threads that write weights and build packages, overlapping
+        the stream; `active_s`: how long the stream was inside this writer or either thread was at work."""
+        return {"write_s": self.writes.write_s, "build_s": sum(end - begin for begin, end in self.builds),
+                "active_s": active_seconds(self.calls + self.writes.intervals + self.builds)}
 
     def _finish(self) -> list[Artifact]:
         if self._state != "open":
             raise RuntimeError(f"CoreMLWriter.finish after {self._state}")
-        missing = [c.package for c in self.chunks if c.index not in self.built]
+        missing = [c.package for c in self.chunks if not self.needed[c.index] <= self.arrived]
         if missing:
             raise CheckpointError(f"the tensor stream ended before {', '.join(missing)} could be built")
+        for built in self.building:
+            built.result()
         self._state = "finished"
+        self.builder.shutdown()
         self.writes.close()
         options = {"compute_units": self.target.compute_units}
         try:
@@ -422,6 +441,7 @@ class CoreMLWriter(Writer):
 
     def abort(self) -> None:
         self._state = "aborted"
+        self.builder.shutdown(cancel_futures=True)  # waits for a build under way: it may hold a file open
         self.writes.close()
         for package in self.writing.values():
             package.close()
@@ -463,8 +483,14 @@ class CoreMLWriter(Writer):
             raise OutputError(f"cannot create a Core ML package ({e.strerror})", self.work["fp16"]) from None
         return self.writing[chunk.index]
 
-    def _build(self, chunk: Chunk) -> None:
-        package = self.writing.pop(chunk.index)
+    def _build(self, chunk: Chunk, package: PackageWriter) -> None:
+        begun = time.perf_counter()
+        try:
+            self._build_package(chunk, package)
+        finally:
+            self.builds.append((begun, time.perf_counter()))
+
+    def _build_package(self, chunk: Chunk, package: PackageWriter) -> None:
         program = build_program(self.spec, chunk, self.block, self.target.context, PlaceholderWeights(package.blobs))
         package.finish(program)
         del program
@@ -473,7 +499,6 @@ class CoreMLWriter(Writer):
             stored = StoredWeights(package.path / PACKAGE_DATA / "weights" / WEIGHT_FILE, package.blobs)
             for precision in self.target.precisions[1:]:
                 self._compress(chunk, stored, precision)
-        self.built.add(chunk.index)
 
     def _compress(self, chunk: Chunk, stored: StoredWeights, precision: str) -> None:
         """A compressed variant, read back from the fp16 package just written (memory-mapped): coremltools'
@@ -524,7 +549,7 @@ class PackageWriter:
         self.end = data + 2 * flat.size
 
     def finish(self, program: Program) -> None:
-        self.writes.drain()
+        self.writes.drain(self.fd)
         os.pwrite(self.fd, STORAGE_HEADER.pack(len(self.blobs), STORAGE_VERSION).ljust(BLOB_ALIGNMENT, b"\0"), 0)
         os.close(self.fd)
         self.fd = -1

@@ -38,8 +38,8 @@ def build(source: Path, out_dir: Path, **target):
     for name, array in checkpoint.tensors():
         writer.add(name, array)
     artifacts = writer.finish()
-    figures = writer.figures()  # its writer thread's time, within the time the stage was active
-    assert 0 < figures["write_s"] <= figures["active_s"]
+    figures = writer.figures()  # its threads' time, within the time the stage was active
+    assert 0 < figures["write_s"] <= figures["active_s"] and 0 < figures["build_s"] <= figures["active_s"]
     return artifacts
 
 
@@ -279,6 +279,25 @@ def test_writer_refuses_misuse(llama, tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(RuntimeError):
         writer.add(name, array)
+
+
+def test_a_failed_build_stops_the_pass_and_leaves_nothing(llama, tmp_path, monkeypatch):
+    """Packages are built on the writer's own thread: its error must reach the stream, and abort must wait for
+    it and remove every work folder."""
+    import siliconvert.convert.coreml as coreml
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("graph failed")
+
+    monkeypatch.setattr(coreml, "build_program", broken)
+    checkpoint = Checkpoint.open(llama)
+    writer = CoreMLWriter(checkpoint, CoreMLTarget(format="coreml", context=CONTEXT, chunks=2), tmp_path, "x")
+    with pytest.raises(RuntimeError, match="graph failed"):
+        for name, array in checkpoint.tensors():
+            writer.add(name, array)
+        writer.finish()
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_runner_refuses_misuse(converted):

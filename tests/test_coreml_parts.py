@@ -106,7 +106,7 @@ def test_weight_files_are_what_coremltools_blob_writer_writes(tmp_path, monkeypa
     ours = PackageWriter(tmp_path / "ours.mlpackage", writes)
     for i, values in enumerate(blobs):
         ours.write(f"w{i}", "t", values)
-    writes.drain()
+    writes.drain(ours.fd)
     os.pwrite(ours.fd, coreml.STORAGE_HEADER.pack(len(blobs), coreml.STORAGE_VERSION).ljust(64, b"\0"), 0)
     ours.close()
     writes.close()
@@ -129,7 +129,7 @@ def test_blob_write_errors_reach_the_caller(tmp_path):
     try:
         writes.write(fd, 0, b"data")
         with pytest.raises(OSError):
-            writes.drain()
+            writes.drain(fd)
         with pytest.raises(OSError):
             writes.buffer()
     finally:
