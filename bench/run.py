@@ -388,7 +388,7 @@ def format_table(result: dict) -> str:
         row(f"      {stage}{kind}", {"wall_s": seconds, "cpu_s": figures.get("cpu_s"),
                                      "peak_rss_mb": figures.get("peak_rss_mb")})
         if "active_s" in figures:
-            row(f"      {stage} (active, with its writer thread)", {"wall_s": figures["active_s"]})
+            row(f"      {stage} (active)", {"wall_s": figures["active_s"]})
     if full and full.get("stages") is None:
         rows.append("      (no timings.json from this siliconvert)")
     for name, seconds in (result["disk_floor_s"] or {}).items():
