@@ -265,16 +265,23 @@ def calibration_text(source: str) -> tuple[str, str]:
 
 def importance_matrix(checkpoint: Path, text: str, *, tokens: int = CALIBRATION_TOKENS,
                       context: int = CALIBRATION_CONTEXT, where: str = "calibration text") -> dict[str, np.ndarray]:
-    """Mean x² per input column of every linear layer's input, keyed by the HF weight name."""
+    """Mean x² per input column of every linear layer's input, keyed by the HF weight name.
+
+    transformers' model runs one decoder layer at a time over every calibration window
+    (validate/streamed.py), so a 7B calibrates in a few GB of memory, not the 29 GB of the whole model in
+    float32; its inputs are the whole model's, so the matrix is too."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    from siliconvert.checkpoint import Checkpoint
+    from siliconvert.validate.streamed import CheckpointWeights, streamed_logits
 
     # Tokens are rarely longer than 16 characters: tokenizing more text than that would be wasted.
     ids = AutoTokenizer.from_pretrained(checkpoint)(text[: tokens * 16], add_special_tokens=False)["input_ids"]
     ids = ids[:tokens]
     if len(ids) < context:
         raise RecipeError(f"{len(ids)} tokens are too few to calibrate an importance matrix (need {context})", where)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    windows = np.array([ids[start:start + context] for start in range(0, len(ids) - context + 1, context)])
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
 
@@ -285,12 +292,15 @@ def importance_matrix(checkpoint: Path, text: str, *, tokens: int = CALIBRATION_
             rows[name] = rows.get(name, 0) + x.shape[0]
         return hook
 
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            module.register_forward_pre_hook(record(f"{name}.weight"))
-    with torch.inference_mode():
-        for start in range(0, len(ids) - context + 1, context):
-            model(torch.tensor([ids[start:start + context]]))
+    def hook_linears(model) -> None:
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_pre_hook(record(f"{name}.weight"))
+
+    config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=False)
+    streamed_logits(config, CheckpointWeights(Checkpoint.open(checkpoint)), windows, device="cpu",
+                    dtype=torch.float32, label="importance matrix (layer by layer)", prepare=hook_linears,
+                    keep_logits=False)
     return {name: (sums[name] / rows[name]).float().numpy() for name in sorted(sums)}
 
 

@@ -142,7 +142,7 @@ def convert(checkpoint: Checkpoint, recipe: Recipe, artifacts_dir: Path,
     busy = dict.fromkeys(labels, 0.0)
     writers: list[Writer] = []
     started, cpu_started = time.perf_counter(), cpu_seconds()
-    restore_torch_threads = limit_torch_threads(1)
+    restore_torch_threads = None
     try:
         for label, (_, target) in zip(labels, todo, strict=True):
             module_name, _, class_name = WRITERS[target.format].partition(":")
@@ -151,6 +151,8 @@ def convert(checkpoint: Checkpoint, recipe: Recipe, artifacts_dir: Path,
             writers.append(writer_class(checkpoint, target, artifacts_dir, checkpoint.name))
             busy[label] += time.perf_counter() - begun
         if writers:
+            # after the writers are made: a GGUF writer's importance matrix runs the model, on every core
+            restore_torch_threads = limit_torch_threads(1)
             stream = track(checkpoint.tensors(), "converting tensors", total=len(checkpoint.tensor_infos))
             for name, array in stream:
                 if checkpoint.family.is_droppable(name):
@@ -173,7 +175,8 @@ def convert(checkpoint: Checkpoint, recipe: Recipe, artifacts_dir: Path,
             raise OutputError("no space left on the device", artifacts_dir) from None
         raise
     finally:
-        restore_torch_threads()
+        if restore_torch_threads:
+            restore_torch_threads()
     if writers:
         timings.stage("convert", wall_s=time.perf_counter() - started, cpu_s=cpu_seconds() - cpu_started,
                       peak_rss_mb=peak_rss_mb())

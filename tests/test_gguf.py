@@ -28,7 +28,7 @@ from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.gguf import GGUFWriter, rope_pairs_split
 from siliconvert.demo import small_checkpoint
 from siliconvert.errors import CheckpointError
-from siliconvert.quantize.gguf import quantize
+from siliconvert.quantize.gguf import calibration_text, importance_matrix, quantize
 from siliconvert.recipe import GGUFTarget
 from siliconvert.textdata import heldout_text
 from siliconvert.validate.metrics import compare
@@ -376,6 +376,26 @@ def test_importance_matrix_reaches_the_quantizer(source: Path, artifacts: dict[s
     [calibrated] = convert(source, tmp_path, ["Q4_K_M"], imatrix="builtin")
     assert calibrated.path.read_bytes() != artifacts["Q4_K_M"].read_bytes()
     assert scores(calibrated.path, reference).mean_kld < THRESHOLDS["Q4_K_M"]
+
+
+def test_importance_matrix_is_the_whole_models(source: Path) -> None:
+    """Calibrated one decoder layer at a time, the matrix is what the whole model, loaded at once, gives."""
+    _, text = calibration_text("builtin")
+    streamed = importance_matrix(source, text, tokens=1024, context=256)
+    ids = AutoTokenizer.from_pretrained(source)(text[:1024 * 16], add_special_tokens=False)["input_ids"][:1024]
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    inputs: dict[str, list[torch.Tensor]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(
+                lambda _m, args, name=name: inputs.setdefault(f"{name}.weight", []).append(args[0][0].double()))
+    with torch.inference_mode():
+        for start in range(0, 1024, 256):
+            model(torch.tensor([ids[start:start + 256]]))
+    whole = {name: (torch.cat(xs) ** 2).mean(0).float().numpy() for name, xs in inputs.items()}
+    assert sorted(streamed) == sorted(whole) and "lm_head.weight" in streamed
+    for name, values in whole.items():
+        np.testing.assert_allclose(streamed[name], values, rtol=1e-5, atol=1e-12, err_msg=name)
 
 
 # ---- streamed quantization is llama.cpp's whole-file quantization ---------------------------------

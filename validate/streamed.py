@@ -13,6 +13,7 @@ an MLX folder's dequantized weights for the MLX stand-in (validate/runners/mlx.p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -42,15 +43,21 @@ class CheckpointWeights:
 
 
 def streamed_logits(config: PretrainedConfig, weights: WeightSource, windows: np.ndarray, *,
-                    device: str, dtype: torch.dtype, label: str) -> np.ndarray:
+                    device: str, dtype: torch.dtype, label: str,
+                    prepare: Callable[[PreTrainedModel], None] | None = None,
+                    keep_logits: bool = True) -> np.ndarray | None:
     """Logits [windows, length, vocab] (float32) of transformers' model for `config` on each window.
 
     Each window is run on its own (batch of one), as a whole-model reference runs it, so the results
     are that reference's up to float rounding. Peak memory: one decoder layer's weights, the
-    embedding or the head, every window's hidden states, and the logits.
+    embedding or the head, every window's hidden states, and the logits. `prepare` gets the model
+    before it runs (to add hooks, say); with `keep_logits` false the head still runs, for such hooks,
+    and nothing is returned.
     """
     windows = np.asarray(windows)
     model = model_skeleton(config, dtype)
+    if prepare is not None:
+        prepare(model)
     body = model.model
     body.rotary_emb.to(device)
     tied_head = model.get_output_embeddings().weight is model.get_input_embeddings().weight
@@ -70,9 +77,11 @@ def streamed_logits(config: PretrainedConfig, weights: WeightSource, windows: np
             _free(layer)
         head_prefix = "model.embed_tokens." if tied_head else "lm_head."
         _materialise(model.lm_head, head_prefix, weights, device, dtype)
-        logits = np.empty((*windows.shape, model.lm_head.out_features), dtype=np.float32)
+        logits = np.empty((*windows.shape, model.lm_head.out_features), dtype=np.float32) if keep_logits else None
         for row, states in enumerate(hidden):
-            logits[row] = model.lm_head(body.norm(states))[0].float().cpu().numpy()
+            window_logits = model.lm_head(body.norm(states))
+            if logits is not None:
+                logits[row] = window_logits[0].float().cpu().numpy()
         _free(model.lm_head)
         _free(body.norm)
     return logits
