@@ -334,9 +334,13 @@ class LlamaLog:
         return [text.strip() for level, text in self.lines if level in (LOG_WARN, LOG_ERROR) and text.strip()]
 
     @property
+    def errors(self) -> list[str]:
+        """Error lines, in order."""
+        return [text.strip() for level, text in self.lines if level == LOG_ERROR and text.strip()]
+
+    @property
     def last_error(self) -> str | None:
-        errors = [text.strip() for level, text in self.lines if level == LOG_ERROR and text.strip()]
-        return errors[-1] if errors else None
+        return self.errors[-1] if self.errors else None
 
 
 def cpu_threads() -> int:

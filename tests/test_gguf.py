@@ -27,7 +27,7 @@ from siliconvert.architectures import registry
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.gguf import GGUFWriter, rope_pairs_split
 from siliconvert.demo import small_checkpoint
-from siliconvert.errors import CheckpointError
+from siliconvert.errors import ArtifactError, CheckpointError
 from siliconvert.quantize.gguf import calibration_text, importance_matrix, quantize
 from siliconvert.recipe import GGUFTarget
 from siliconvert.textdata import heldout_text
@@ -221,6 +221,18 @@ def test_llama_cpp_loads_without_warnings(artifacts: dict[str, Path]) -> None:
         runner = LlamaCppRunner(path, {})
         runner.close()
         assert runner.warnings == [], path.name
+
+
+def test_a_failed_decode_says_why_and_keeps_stderr_quiet(artifacts: dict[str, Path], capfd) -> None:
+    """llama.cpp logs as it decodes (on CUDA at every step); its words go into the error, not onto stderr."""
+    runner = LlamaCppRunner(artifacts["F16"], {})
+    capfd.readouterr()
+    try:
+        with pytest.raises(ArtifactError, match=r"llama_decode failed with status -?\d+: .*invalid token"):
+            runner.logits(np.array([runner.n_vocab + 7]))
+    finally:
+        runner.close()
+    assert capfd.readouterr().err == ""
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's list of mapped files")

@@ -102,9 +102,12 @@ class LlamaCppRunner(Runner):
                 batch.n_seq_id[i], batch.seq_id[i][0] = 1, 0
                 batch.logits[i] = all_logits or i == len(tokens) - 1
             batch.n_tokens = len(tokens)
-            status = self.api.llama_decode(self.ctx, batch)
+            # GPU backends log as they decode (CUDA: "CUDA Graph id … reused" at every step): kept off stderr
+            with LlamaLog() as log:
+                status = self.api.llama_decode(self.ctx, batch)
             if status != 0:
-                raise ArtifactError(f"llama_decode failed with status {status}", self.path)
+                reason = f": {'; '.join(log.errors)}" if log.errors else ""  # the first names the cause
+                raise ArtifactError(f"llama_decode failed with status {status}{reason}", self.path)
         finally:
             self.api.llama_batch_free(batch)
         self._pos += len(tokens)
