@@ -438,7 +438,17 @@ def machine_info(path: Path) -> dict:
         "disk": {"path": str(path), **mount_of(path), "total_gb": round(usage.total / 1e9, 1),
                  "free_gb_at_start": round(usage.free / 1e9, 1)},
         "load_1_5_15_at_start": [round(v, 2) for v in os.getloadavg()],
+        "gpus": nvidia_gpus(),
     }
+
+
+def nvidia_gpus() -> list[str]:
+    """NVIDIA GPUs as nvidia-smi names them (no torch in the bench process: it would take memory)."""
+    if not shutil.which("nvidia-smi"):
+        return []
+    query = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, check=False)
+    return [line.strip() for line in query.stdout.splitlines() if line.strip()] if query.returncode == 0 else []
 
 
 def mount_of(path: Path) -> dict:

@@ -150,3 +150,13 @@ def test_ratios_need_completed_runs():
     assert built["ratios"]["coreml_active_vs_disk_floor"] is None
     assert built["ratios"]["peak_rss_vs_2gib"] == 0.5
     assert "no timings.json" in run.format_table(built)
+
+
+def test_gpus_are_nvidia_smis_lines(tmp_path, monkeypatch):
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 81559 MiB, 580.159.04'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert run.nvidia_gpus() == ["NVIDIA H100 80GB HBM3, 81559 MiB, 580.159.04"]
+    monkeypatch.setenv("PATH", str(tmp_path / "none"))
+    assert run.nvidia_gpus() == []
