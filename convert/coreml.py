@@ -54,6 +54,7 @@ from coremltools.proto import MIL_pb2, Model_pb2
 
 from siliconvert.architectures import ModelSpec
 from siliconvert.artifacts import Artifact, Writer
+from siliconvert.checkpoint import value_range
 from siliconvert.errors import CheckpointError, OutputError, RecipeError
 from siliconvert.quantize.coreml import QuantizedWeight, quantize_weights, quantized_const
 from siliconvert.recipe import CoreMLTarget
@@ -223,19 +224,15 @@ def cast_float16(name: str, values: np.ndarray, out: np.ndarray) -> None:
     if values.dtype == np.float16:
         out[:] = values
         return
-    with warnings.catch_warnings():  # a read-only source warns; torch only reads it
-        warnings.simplefilter("ignore", UserWarning)
-        source = torch.from_numpy(values)
-    if values.dtype == np.float32:
-        low, high = (float(v) for v in torch.aminmax(source))
-    else:
-        low, high = float(values.min()), float(values.max())
+    low, high = value_range(values)
     if not max(-low, high) < FLOAT16_LIMIT:  # written so that a NaN fails too
         raise CheckpointError(f"tensor {name!r} has values beyond the float16 range (±65504)")
     if values.dtype == np.float32:
         # torch's cast is vectorized (F16C) and ~15× faster than numpy's float → half loop; both round to nearest
         # even, so the bits are the same. float64 goes through numpy: torch would round twice, via float32.
-        torch.from_numpy(out).copy_(source)
+        with warnings.catch_warnings():  # a read-only source warns; torch only reads it
+            warnings.simplefilter("ignore", UserWarning)
+            torch.from_numpy(out).copy_(torch.from_numpy(values))
     else:
         np.copyto(out, values, casting="unsafe")
 
