@@ -21,10 +21,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +32,9 @@ from gguf import GGMLQuantizationType as QType
 from gguf import LlamaFileType, TokenType
 from sentencepiece import sentencepiece_model_pb2
 
-from siliconvert.architectures import ModelSpec
 from siliconvert.artifacts import Artifact, Writer, sync_file
 from siliconvert.checkpoint import Checkpoint
+from siliconvert.convert.gguf_arch import GGUFArch
 from siliconvert.errors import CheckpointError, RecipeError
 from siliconvert.quantize.gguf import (
     LLAMA_CPP_QUANTS,
@@ -52,17 +50,6 @@ from siliconvert.recipe import GGUFTarget
 # ---- knowledge as data ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Layout:
-    arch: gguf.MODEL_ARCH
-    permute_qk: bool  # HF rotate-half q/k rows → llama.cpp's adjacent-pair rope (see module docstring)
-
-
-LAYOUTS = {
-    "llama": Layout(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
-    "mistral": Layout(gguf.MODEL_ARCH.LLAMA, permute_qk=True),  # llama.cpp converts Mistral as llama
-    "qwen2": Layout(gguf.MODEL_ARCH.QWEN2, permute_qk=False),
-}
 # Types chosen without llama.cpp's planner: (tensor type of the 2-D weights, general.file_type).
 DIRECT_TYPES = {
     "F32": (QType.F32, LlamaFileType.ALL_F32),
@@ -105,16 +92,8 @@ class GGUFWriter(Writer):
 
     def __init__(self, checkpoint: Checkpoint, target: GGUFTarget, out_dir: Path, model_name: str):
         self.checkpoint, self.target, self.out_dir, self.model_name = checkpoint, target, out_dir, model_name
-        spec = checkpoint.spec
-        if spec.family not in LAYOUTS:
-            raise CheckpointError(f"no GGUF layout for the {spec.family} family", checkpoint.path)
-        if spec.rope_scaling and spec.rope_scaling["rope_type"] == "dynamic":
-            raise CheckpointError("dynamic (NTK) rope scaling has no llama.cpp equivalent", checkpoint.path)
-        if spec.sliding_window and spec.sliding_window < spec.max_position_embeddings:
-            warnings.warn(f"{checkpoint.path}: llama.cpp runs full attention; its output differs from the "
-                          f"source beyond the {spec.sliding_window}-token sliding window", stacklevel=2)
-        self.layout = LAYOUTS[spec.family]
-        self.names = _tensor_names(self.layout.arch)
+        self.arch = GGUFArch(checkpoint.spec, checkpoint.path)
+        self.names = _tensor_names(self.arch.arch)
         self.order = [i.name for i in checkpoint.stream_order() if self._gguf_name(i.name) is not None]
         self._pending = deque(self.order)
         self._index = 0  # position of the next tensor in self.order
@@ -151,7 +130,7 @@ class GGUFWriter(Writer):
             expected = self._pending[0] if self._pending else "nothing"
             raise ValueError(f"GGUF writer got tensor {name!r} out of order (expected {expected})")
         self._pending.popleft()
-        array = self._to_llama_cpp_layout(gguf_name, array)
+        array = self._to_llama_cpp_layout(name, array)
         parts = [self._encode(name, gguf_name, array, types[self._index]) for _, types in self.plans.values()]
         self._index += 1
         self._queue.append((parts, array.nbytes))
@@ -230,7 +209,7 @@ class GGUFWriter(Writer):
         quantizer can tell."""
         if quant in DIRECT_TYPES:
             return DIRECT_TYPES[quant][1], [_storage_type(name, shape, quant) for name, shape in shapes]
-        planned = plan_types(gguf.MODEL_ARCH_NAMES[self.layout.arch], self.checkpoint.spec, shapes, quant,
+        planned = plan_types(gguf.MODEL_ARCH_NAMES[self.arch.arch], self.checkpoint.spec, shapes, quant,
                              has_imatrix=self.imatrix is not None)
         if planned is None:
             return None
@@ -242,25 +221,24 @@ class GGUFWriter(Writer):
 
     def _metadata(self) -> gguf.GGUFWriter:
         """The key/values every file shares, gathered once in a writer that has no file."""
-        metadata = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[self.layout.arch])
+        metadata = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[self.arch.arch])
         metadata.add_name(self.model_name)
-        _add_hyperparameters(metadata, self.checkpoint.spec)
+        self.arch.add_hyperparameters(metadata)
         add_tokenizer(metadata, self.checkpoint)
         return metadata
 
     def _open(self, path: Path, file_type: LlamaFileType, types: list[QType]) -> gguf.GGUFWriter:
         """Write everything but the tensor data: header, key/values, tensor infos (phases of gguf-py's writer)."""
-        writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[self.layout.arch])
+        writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[self.arch.arch])
         for key, value in self.metadata.kv_data[0].items():
             if key != gguf.Keys.General.ARCHITECTURE:  # every writer adds its own
                 writer.add_key_value(key, value.value, value.type, value.sub_type)
         # last, in this order, where llama.cpp's quantizer puts them (it sets both anew)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_file_type(file_type)
-        rope_factors = llama3_rope_factors(self.checkpoint.spec)
-        if rope_factors is not None:  # extra tensors come first: their data exists before the stream starts
-            writer.add_tensor_info(self.names["rope_freqs"] + ".weight", rope_factors.shape,
-                                   np.dtype(np.float32), rope_factors.nbytes)
+        extra = self.arch.extra_tensors()
+        for name, values in extra.items():  # extra tensors come first: their data exists before the stream starts
+            writer.add_tensor_info(self.names[name] + ".weight", values.shape, np.dtype(np.float32), values.nbytes)
         infos = self.checkpoint.tensor_infos
         for name, qtype in zip(self.order, types, strict=True):
             writer.add_tensor_info(self._gguf_name(name), infos[name].shape, np.dtype(np.float32),
@@ -268,8 +246,8 @@ class GGUFWriter(Writer):
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        if rope_factors is not None:
-            writer.write_tensor_data(rope_factors)
+        for values in extra.values():
+            writer.write_tensor_data(values)
         return writer
 
     # ---- tensors ---------------------------------------------------------------------------------
@@ -284,19 +262,15 @@ class GGUFWriter(Writer):
                                   self.checkpoint.path)
         if role.role == "output" and spec.tie_word_embeddings:
             return None  # llama.cpp reuses token_embd when output.weight is absent
-        if role.role not in self.names:
-            raise CheckpointError(f"llama.cpp's {self.layout.arch.name.lower()} has no tensor {role.role!r}",
+        base = self.arch.gguf_role(role.role)
+        if base not in self.names:
+            raise CheckpointError(f"llama.cpp's {self.arch.arch.name.lower()} has no tensor {base!r}",
                                   self.checkpoint.path)
-        return f"{self.names[role.role].format(bid=role.layer)}.{role.kind}"
+        return f"{self.names[base].format(bid=role.layer)}.{role.kind}"
 
-    def _to_llama_cpp_layout(self, gguf_name: str, array: np.ndarray) -> np.ndarray:
-        spec = self.checkpoint.spec
-        array = np.ascontiguousarray(array, dtype=np.float32)
-        if self.layout.permute_qk and ".attn_q." in gguf_name:
-            return rope_pairs_adjacent(array, spec.num_heads)
-        if self.layout.permute_qk and ".attn_k." in gguf_name:
-            return rope_pairs_adjacent(array, spec.num_kv_heads)
-        return array
+    def _to_llama_cpp_layout(self, name: str, array: np.ndarray) -> np.ndarray:
+        role = self.checkpoint.family.role_of(name)
+        return self.arch.to_llama_cpp(role.role, role.kind, array)
 
     def _importance_matrix(self) -> dict[str, np.ndarray]:
         """llama.cpp's importance matrix keyed by GGUF weight names (see quantize.gguf.importance_matrix)."""
@@ -311,18 +285,6 @@ class GGUFWriter(Writer):
                 raise RecipeError(f"importance matrix entry {hf_name!r} has no GGUF tensor", name)
             renamed[gguf_name] = values
         return renamed
-
-
-def rope_pairs_adjacent(rows: np.ndarray, heads: int) -> np.ndarray:
-    """Reorder each head's rows (0..d/2-1, d/2..d-1) → (0, d/2, 1, d/2+1, ...): llama.cpp's LlamaModel.permute."""
-    shape = rows.shape
-    return rows.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
-
-
-def rope_pairs_split(rows: np.ndarray, heads: int) -> np.ndarray:
-    """The inverse of `rope_pairs_adjacent`: llama.cpp's row order back to HF's."""
-    shape = rows.shape
-    return rows.reshape(heads, shape[0] // heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
 def _tensor_names(arch: gguf.MODEL_ARCH) -> dict[str, str]:
@@ -344,53 +306,6 @@ def _storage_type(gguf_name: str, shape: tuple[int, ...], quant: str) -> QType:
 def _nbytes(shape: tuple[int, ...], qtype: QType) -> int:
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     return math.prod(shape[:-1]) * shape[-1] // block * size
-
-
-# ---- hyper-parameters ----------------------------------------------------------------------------
-
-
-def _add_hyperparameters(writer: gguf.GGUFWriter, spec: ModelSpec) -> None:
-    writer.add_vocab_size(spec.vocab_size)
-    writer.add_context_length(spec.max_position_embeddings)
-    writer.add_embedding_length(spec.hidden_size)
-    writer.add_feed_forward_length(spec.intermediate_size)
-    writer.add_block_count(spec.num_layers)
-    writer.add_head_count(spec.num_heads)
-    writer.add_head_count_kv(spec.num_kv_heads)
-    writer.add_key_length(spec.head_dim)
-    writer.add_value_length(spec.head_dim)
-    writer.add_rope_dimension_count(spec.head_dim)
-    writer.add_rope_freq_base(spec.rope_theta)
-    writer.add_layer_norm_rms_eps(spec.rms_norm_eps)
-    scaling = spec.rope_scaling or {}
-    if scaling.get("rope_type") == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(scaling["factor"])
-    elif scaling.get("rope_type") == "yarn":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        writer.add_rope_scaling_factor(scaling["factor"])
-        writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
-        optional = {"attention_factor": writer.add_rope_scaling_yarn_attn_factor,
-                    "beta_fast": writer.add_rope_scaling_yarn_beta_fast,
-                    "beta_slow": writer.add_rope_scaling_yarn_beta_slow}
-        for key, add in optional.items():
-            if scaling.get(key) is not None:
-                add(scaling[key])
-
-
-def llama3_rope_factors(spec: ModelSpec) -> np.ndarray | None:
-    """Llama 3.1's per-frequency rope divisors, which llama.cpp reads from a `rope_freqs` tensor."""
-    scaling = spec.rope_scaling or {}
-    if scaling.get("rope_type") != "llama3":
-        return None
-    factor, low, high = scaling["factor"], scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
-    old_context = scaling.get("original_max_position_embeddings", 8192)
-    freqs = 1.0 / spec.rope_theta ** (np.arange(0, spec.head_dim, 2, dtype=np.float64) / spec.head_dim)
-    wavelen = 2 * math.pi / freqs
-    smooth = (old_context / wavelen - low) / (high - low)
-    factors = np.where(wavelen < old_context / high, 1.0,
-                       np.where(wavelen > old_context / low, factor, 1 / ((1 - smooth) / factor + smooth)))
-    return factors.astype(np.float32)
 
 
 # ---- tokenizer -----------------------------------------------------------------------------------

@@ -34,7 +34,9 @@ from siliconvert.textdata import heldout_text, training_text
 
 DEMO_VERSION = "2"  # bump whenever the recipe below changes: it names the cache folder
 
-FAMILIES = ("llama", "mistral", "qwen2")
+# transformers model_type of each family a checkpoint can be built for
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo2", "granite", "phi3", "smollm3")
+BYTE_LEVEL_ONLY = ("qwen2", "qwen3")  # transformers loads their tokenizers as byte-level Qwen2Tokenizer
 TOKENIZERS = ("sentencepiece", "bpe")
 QWEN2_SPLIT = (  # Qwen2's pre-tokenizer regex: the one Qwen2Tokenizer rebuilds on load
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
@@ -127,11 +129,13 @@ def build_checkpoint(
     threads: int = 2,
     max_shard_size: str | None = None,
     dtype: str = "bfloat16",
+    config: dict | None = None,
 ) -> Path:
     """Train a tokenizer and a `family` decoder, save them as a Hugging Face checkpoint in `out_dir`.
 
     `vocab_size` is the tokenizer's size, special tokens included, and config.json's (no padding).
     `threads` is part of the recipe: float sums depend on it, so another count gives other weights.
+    `config` sets further keys of the family's transformers config (its traits: head_dim, soft-caps, ...).
     An existing `out_dir` is returned as is. The build happens in a sibling folder renamed at the end,
     so an interrupted build never leaves a half-written checkpoint behind.
     """
@@ -140,8 +144,9 @@ def build_checkpoint(
         return out_dir
     if family not in FAMILIES or tokenizer not in TOKENIZERS:
         raise ValueError(f"family must be one of {FAMILIES} and tokenizer one of {TOKENIZERS}")
-    if family == "qwen2" and tokenizer != "bpe":
-        raise ValueError("transformers loads any qwen2 tokenizer as a byte-level Qwen2Tokenizer: use tokenizer='bpe'")
+    if family in BYTE_LEVEL_ONLY and tokenizer != "bpe":
+        raise ValueError(f"transformers loads any {family} tokenizer as a byte-level Qwen2Tokenizer: use "
+                         "tokenizer='bpe'")
     work = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -152,23 +157,23 @@ def build_checkpoint(
             else byte_bpe_tokenizer(vocab_size)
         )
         eos_id = hf_tokenizer.eos_token_id
-        config = AutoConfig.for_model(
-            family,
-            vocab_size=len(hf_tokenizer),
-            hidden_size=hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=num_kv_heads,
-            intermediate_size=intermediate_size,
-            max_position_embeddings=max_position_embeddings,
-            rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
-            tie_word_embeddings=tie_word_embeddings,
+        settings = {
+            "vocab_size": len(hf_tokenizer),
+            "hidden_size": hidden_size,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": num_heads,
+            "num_key_value_heads": num_kv_heads,
+            "intermediate_size": intermediate_size,
+            "max_position_embeddings": max_position_embeddings,
+            "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
+            "tie_word_embeddings": tie_word_embeddings,
             # Qwen2 has no BOS token and names <|endoftext|> as both bos and eos in its config
-            bos_token_id=eos_id if hf_tokenizer.bos_token_id is None else hf_tokenizer.bos_token_id,
-            eos_token_id=eos_id,
-            pad_token_id=hf_tokenizer.pad_token_id,
+            "bos_token_id": eos_id if hf_tokenizer.bos_token_id is None else hf_tokenizer.bos_token_id,
+            "eos_token_id": eos_id,
+            "pad_token_id": hf_tokenizer.pad_token_id,
             **({"sliding_window": None} if family == "mistral" else {}),  # full attention, as Mistral v0.2+
-        )
+        }
+        config = AutoConfig.for_model(family, **(settings | (config or {})))
         ids = torch.tensor(hf_tokenizer(training_text(), add_special_tokens=False)["input_ids"])
         model = trained_model(config, ids, train_steps, seed, threads, hf_tokenizer.bos_token_id)
         # one file unless asked otherwise (transformers' own default is 50GB)

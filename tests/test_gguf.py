@@ -9,6 +9,7 @@ rope layout fails the F16 threshold.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import unicodedata
@@ -23,9 +24,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import siliconvert.convert.gguf as convert_gguf
+import siliconvert.convert.gguf_arch as gguf_arch
 from siliconvert.architectures import registry
 from siliconvert.checkpoint import Checkpoint
-from siliconvert.convert.gguf import GGUFWriter, rope_pairs_split
+from siliconvert.convert.gguf import GGUFWriter
+from siliconvert.convert.gguf_arch import rope_pairs_split
 from siliconvert.demo import small_checkpoint
 from siliconvert.errors import ArtifactError, CheckpointError
 from siliconvert.quantize.gguf import calibration_text, importance_matrix, quantize
@@ -154,7 +157,7 @@ def test_every_tensor_round_trips(source: Path, artifacts: dict[str, Path], quan
     """Read back with gguf-py, undo llama.cpp's q/k row order, compare with the source tensor by tensor."""
     checkpoint = Checkpoint.open(source)
     spec = checkpoint.spec
-    arch = convert_gguf.LAYOUTS[spec.family].arch
+    arch = gguf_arch.LAYOUTS[spec.family].arch
     name_map = gguf.get_tensor_name_map(arch, spec.num_layers)  # gguf-py's own HF → GGUF table
     stored = {t.name: t for t in gguf.GGUFReader(artifacts[quant]).tensors}
     seen = set()
@@ -165,9 +168,9 @@ def test_every_tensor_round_trips(source: Path, artifacts: dict[str, Path], quan
         tensor = stored[gguf_name]
         seen.add(gguf_name)
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(array.shape)
-        if convert_gguf.LAYOUTS[spec.family].permute_qk and ".attn_q." in gguf_name:
+        if gguf_arch.LAYOUTS[spec.family].permute_qk and ".attn_q." in gguf_name:
             values = rope_pairs_split(values, spec.num_heads)
-        if convert_gguf.LAYOUTS[spec.family].permute_qk and ".attn_k." in gguf_name:
+        if gguf_arch.LAYOUTS[spec.family].permute_qk and ".attn_k." in gguf_name:
             values = rope_pairs_split(values, spec.num_kv_heads)
         if array.ndim == 1:
             assert tensor.tensor_type == gguf.GGMLQuantizationType.F32
@@ -210,8 +213,8 @@ def test_llama_cpp_computes_the_source_function(artifacts: dict[str, Path], refe
 def test_kld_has_teeth(case: str, source: Path, reference, tmp_path: Path, monkeypatch) -> None:
     """The other rope layout (permuting Qwen2, not permuting Llama) must fail the F16 threshold."""
     family = CASES[case][0]
-    layout = convert_gguf.LAYOUTS[family]
-    monkeypatch.setitem(convert_gguf.LAYOUTS, family, convert_gguf.Layout(layout.arch, not layout.permute_qk))
+    layout = gguf_arch.LAYOUTS[family]
+    monkeypatch.setitem(gguf_arch.LAYOUTS, family, dataclasses.replace(layout, permute_qk=not layout.permute_qk))
     [wrong] = convert(source, tmp_path, ["F16"])
     assert scores(wrong.path, reference).mean_kld > THRESHOLDS["F16"]
 
@@ -341,7 +344,7 @@ def test_llama3_rope_factors_match_transformers() -> None:
     hf_config = LlamaConfig(**{k: v for k, v in config.items() if k != "architectures"})
     inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config)
     plain = 1.0 / rope["rope_theta"] ** (np.arange(0, spec.head_dim, 2) / spec.head_dim)
-    np.testing.assert_allclose(convert_gguf.llama3_rope_factors(spec), plain / inv_freq.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(gguf_arch.llama3_rope_factors(spec), plain / inv_freq.numpy(), rtol=1e-5)
 
 
 # ---- refusals ------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def streamed_logits(config: PretrainedConfig, weights: WeightSource, windows: np
         _materialise(model.lm_head, head_prefix, weights, device, dtype)
         logits = np.empty((*windows.shape, model.lm_head.out_features), dtype=np.float32) if keep_logits else None
         for row, states in enumerate(hidden):
-            window_logits = model.lm_head(body.norm(states))
+            window_logits = head_logits(model, body.norm(states))
             if logits is not None:
                 logits[row] = window_logits[0].float().cpu().numpy()
         _free(model.lm_head)
@@ -93,12 +93,37 @@ def model_skeleton(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedMo
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
-    # Buffers computed at construction (rotary inverse frequencies) landed on meta too: rebuild them.
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
+    # Buffers computed at construction (rotary inverse frequencies, Gemma's embedding scale) landed on meta
+    # too. As transformers' from_pretrained does, give them real storage and let the model's own
+    # _init_weights fill them in (on the meta parameters beside them, its initialisers do nothing).
+    owners = {}
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta:
+            owner_name, _, buffer_name = name.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            owner._buffers[buffer_name] = torch.empty_like(buffer, device="cpu")
+            owners[owner_name] = owner
+    for owner in owners.values():
+        model._init_weights(owner)
     left = [name for name, buffer in model.named_buffers() if buffer.is_meta]
     if left:
         raise NotImplementedError(f"{type(model).__name__}: buffers {left} would need rebuilding off meta")
     return model.eval().requires_grad_(False)
+
+
+def head_logits(model: PreTrainedModel, final_states: torch.Tensor) -> torch.Tensor:
+    """The logits transformers' own forward makes of the body's output (`final_states`, after the final
+    norm): the head, and whatever the family does after it (Gemma 2's soft-cap, Granite's logits scaling).
+    The body stands aside and hands the states over."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    body = model.model
+    body.forward = lambda *args, **kwargs: BaseModelOutputWithPast(last_hidden_state=final_states)
+    try:
+        placeholder_ids = torch.zeros(final_states.shape[:2], dtype=torch.long, device=final_states.device)
+        return model(input_ids=placeholder_ids, use_cache=False).logits
+    finally:
+        del body.forward
 
 
 def _record_layer_inputs(body: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, Any]]]:

@@ -1,9 +1,13 @@
-"""What every architecture description provides: normalised hyper-parameters and tensor roles.
+"""What every architecture description provides: normalised hyper-parameters, traits and tensor roles.
 
-A family reads config.json once, here, and every target (MLX, GGUF, Core ML) reads the resulting
-`ModelSpec`. Keys a family does not understand are reported, never silently dropped: a converter
-that ignores a key it does not know is how rope θ went missing when transformers 5 moved it under
-`rope_parameters`.
+A family reads config.json once, here, and every target (MLX, GGUF, Core ML) and the reference read the
+resulting `ModelSpec`. The spec describes features, not families: a writer asks "are there q/k norms?",
+never "is this Qwen3?". Defaults are Llama's; a family module states only how it departs from them.
+
+Keys a family does not understand are reported, never silently dropped: a converter that ignores a key it
+does not know is how rope θ went missing when transformers 5 moved it under `rope_parameters`. Defaults a
+config leaves out (layer types, per-layer-type rope, a family's default θ) are filled by transformers' own
+config class for the family, so the spec means what transformers' forward computes.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from siliconvert.errors import CheckpointError, UnsupportedArchitectureError
 
@@ -21,8 +25,34 @@ class ConfigWarning(UserWarning):
 
 
 @dataclass(frozen=True)
+class Rope:
+    """Rotary position embedding of one layer, as transformers computes it."""
+
+    theta: float
+    dim: int  # leading dimensions of each head that rotate (partial rotary); the rest pass through
+    # Non-default scaling as transformers' rope_parameters spell it ("rope_type", "factor", "short_factor", ...)
+    scaling: dict[str, Any] | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.scaling["rope_type"] if self.scaling else "default"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """What differs from one decoder layer to the next."""
+
+    window: int | None  # sliding-window attention: keys at most window-1 positions back; None: full attention
+    rope: Rope | None  # None: no positional encoding (NoPE)
+
+
+Placement = Literal["pre", "post", "sandwich"]
+Activation = Literal["silu", "gelu_tanh"]
+
+
+@dataclass(frozen=True)
 class ModelSpec:
-    """Hyper-parameters of a decoder-only transformer, normalised from config.json."""
+    """A decoder-only transformer, normalised from config.json: sizes, then the traits every target reads."""
 
     family: str
     hf_architecture: str
@@ -34,19 +64,36 @@ class ModelSpec:
     num_kv_heads: int
     head_dim: int
     rms_norm_eps: float
-    rope_theta: float
+    rope_theta: float  # the full-attention layers' rope (layers[i].rope is each layer's own)
     max_position_embeddings: int
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # biases on q, k, v projections
     attn_output_bias: bool = False  # bias on the attention output projection
     mlp_bias: bool = False
-    # Non-default RoPE scaling as a transformers `rope_parameters`-style dict ("rope_type", "factor", ...)
+    # Non-default RoPE scaling of the full-attention layers, transformers' `rope_parameters` style
     rope_scaling: dict[str, Any] | None = None
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # the window of the layers that slide (None: no layer does)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     source_dtype: str = "float32"
+    # ---- traits (Llama's values by default) ----
+    layers: tuple[Layer, ...] = ()  # per layer: attention window and rope
+    # Norm weights multiply as (norm_offset + w): Gemma stores w around 0 and applies 1 + w
+    norm_offset: float = 0.0
+    # "pre": norm → block → add (Llama); "post": block → norm → add (OLMo 2);
+    # "sandwich": norm → block → norm → add (Gemma 2/3: input, post-attention, pre- and post-feedforward)
+    norm_placement: Placement = "pre"
+    qk_norm: Literal["head", "projection"] | None = None  # RMSNorm of q and k per head, or over the projection
+    activation: Activation = "silu"  # of the gated MLP: SwiGLU, or GeGLU with tanh-approximated GELU
+    embedding_scale: float = 1.0  # embeddings × this (Gemma √hidden, Granite embedding_multiplier)
+    attention_scale: float = 0.0  # q·k × this; 0 means head_dim^-½ (see `attention_multiplier`)
+    residual_scale: float = 1.0  # each block's output × this before the residual add (Granite)
+    logits_scale: float = 1.0  # logits × this (Granite: 1 / logits_scaling)
+    attn_softcap: float | None = None  # scores → cap·tanh(scores / cap) before the mask (Gemma 2)
+    final_softcap: float | None = None  # logits → cap·tanh(logits / cap) (Gemma 2)
+    fused_qkv: bool = False  # the checkpoint stores q, k, v as one qkv_proj (rows q, then k, then v)
+    fused_gate_up: bool = False  # the checkpoint stores gate and up as one gate_up_proj (rows gate, then up)
 
     @property
     def q_size(self) -> int:
@@ -55,6 +102,44 @@ class ModelSpec:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def attention_multiplier(self) -> float:
+        return self.attention_scale or self.head_dim**-0.5
+
+    @property
+    def rope(self) -> Rope | None:
+        """The rope of the full-attention layers (of layer 0 if none is full): the model's main rope."""
+        full = [layer.rope for layer in self.layers if layer.window is None and layer.rope is not None]
+        ropes = full or [layer.rope for layer in self.layers if layer.rope is not None]
+        return ropes[0] if ropes else None
+
+    def traits(self) -> dict[str, Any]:
+        """The traits that depart from Llama's, by name: what a writer that cannot honour one names."""
+        departures = {}
+        for name, default in _LLAMA_TRAITS.items():
+            if getattr(self, name) != default:
+                departures[name] = getattr(self, name)
+        windows = {layer.window for layer in self.layers}
+        if windows != {None}:
+            departures["sliding_window"] = sorted(w or 0 for w in windows)
+        ropes = [layer.rope for layer in self.layers]
+        if None in ropes:
+            departures["nope_layers"] = [i for i, rope in enumerate(ropes) if rope is None]
+        if len({repr(rope) for rope in ropes if rope is not None}) > 1:
+            departures["per_layer_rope"] = True
+        if any(rope is not None and rope.dim != self.head_dim for rope in ropes):
+            departures["partial_rotary"] = next(rope.dim for rope in ropes if rope is not None)
+        if self.rope is not None and self.rope.scaling is not None:
+            departures["rope_scaling"] = self.rope.kind
+        return departures
+
+
+_LLAMA_TRAITS: dict[str, Any] = {
+    "norm_offset": 0.0, "norm_placement": "pre", "qk_norm": None, "activation": "silu", "embedding_scale": 1.0,
+    "attention_scale": 0.0, "residual_scale": 1.0, "logits_scale": 1.0, "attn_softcap": None,
+    "final_softcap": None, "fused_qkv": False, "fused_gate_up": False,
+}
 
 
 @dataclass(frozen=True)
@@ -73,8 +158,43 @@ _IGNORED_KEYS = frozenset({
     "pretraining_tp", "attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "bos_token_id",
     "eos_token_id", "pad_token_id", "quantization_config", "use_sliding_window", "max_window_layers",
     "layer_types", "tie_word_embeddings", "auto_map", "id2label", "label2id", "problem_type",
-    "is_encoder_decoder", "chunk_size_feed_forward", "task_specific_params",
+    "is_encoder_decoder", "chunk_size_feed_forward", "task_specific_params", "sliding_window_pattern",
+    "final_logit_softcapping", "attn_logit_softcapping", "cache_implementation", "use_bidirectional_attention",
+    "_sliding_window_pattern",
 })
+# Activations of the gated MLP, as transformers' ACT2FN names them → the trait.
+ACTIVATIONS: dict[str, Activation] = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
+                                      "gelu_new": "gelu_tanh"}
+# Per-layer tensor role → the HF module it comes from, in Llama's naming; a family overrides what differs.
+LLAMA_TENSORS = {
+    "model.embed_tokens": "token_embd",
+    "model.norm": "output_norm",
+    "lm_head": "output",
+    "model.layers.{layer}.input_layernorm": "attn_norm",
+    "model.layers.{layer}.self_attn.q_proj": "attn_q",
+    "model.layers.{layer}.self_attn.k_proj": "attn_k",
+    "model.layers.{layer}.self_attn.v_proj": "attn_v",
+    "model.layers.{layer}.self_attn.o_proj": "attn_output",
+    "model.layers.{layer}.post_attention_layernorm": "ffn_norm",
+    "model.layers.{layer}.mlp.gate_proj": "ffn_gate",
+    "model.layers.{layer}.mlp.up_proj": "ffn_up",
+    "model.layers.{layer}.mlp.down_proj": "ffn_down",
+}
+ATTENTION_ROLES = ("attn_q", "attn_k", "attn_v", "attn_qkv")
+MLP_ROLES = ("ffn_gate", "ffn_up", "ffn_gate_up", "ffn_down")
+
+
+def role_shape(spec: ModelSpec, role: str) -> tuple[int, ...]:
+    """A weight's shape in the checkpoint (HF layout: linear weights are (out, in)); a bias is its first axis."""
+    h, q, kv, ff, d = spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size, spec.head_dim
+    shapes = {
+        "token_embd": (spec.vocab_size, h), "output": (spec.vocab_size, h),
+        "attn_q": (q, h), "attn_k": (kv, h), "attn_v": (kv, h), "attn_qkv": (q + 2 * kv, h), "attn_output": (h, q),
+        "attn_q_norm": (d,) if spec.qk_norm == "head" else (q,),
+        "attn_k_norm": (d,) if spec.qk_norm == "head" else (kv,),
+        "ffn_gate": (ff, h), "ffn_up": (ff, h), "ffn_gate_up": (2 * ff, h), "ffn_down": (h, ff),
+    }
+    return shapes.get(role, (h,))  # every other role is a norm over the hidden size
 
 
 class Family:
@@ -82,21 +202,9 @@ class Family:
 
     name: ClassVar[str]
     hf_architectures: ClassVar[tuple[str, ...]]
+    model_type: ClassVar[str]  # transformers' config class for the family, where config.json names none
     # HF parameter name (with {layer}) → role. The GGUF role names are reused as the neutral vocabulary.
-    tensor_names: ClassVar[dict[str, str]] = {
-        "model.embed_tokens": "token_embd",
-        "model.norm": "output_norm",
-        "lm_head": "output",
-        "model.layers.{layer}.input_layernorm": "attn_norm",
-        "model.layers.{layer}.self_attn.q_proj": "attn_q",
-        "model.layers.{layer}.self_attn.k_proj": "attn_k",
-        "model.layers.{layer}.self_attn.v_proj": "attn_v",
-        "model.layers.{layer}.self_attn.o_proj": "attn_output",
-        "model.layers.{layer}.post_attention_layernorm": "ffn_norm",
-        "model.layers.{layer}.mlp.gate_proj": "ffn_gate",
-        "model.layers.{layer}.mlp.up_proj": "ffn_up",
-        "model.layers.{layer}.mlp.down_proj": "ffn_down",
-    }
+    tensor_names: ClassVar[dict[str, str]] = LLAMA_TENSORS
     # Keys this family reads (beyond _IGNORED_KEYS); anything else in config.json gets a warning.
     understood_keys: ClassVar[frozenset[str]] = frozenset({
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -110,42 +218,46 @@ class Family:
     def spec(self, config: dict[str, Any], where: str = "config.json") -> ModelSpec:
         """Normalise config.json into a ModelSpec, refusing what no target could honour."""
         self._warn_unknown_keys(config, where)
-        hidden_act = config.get("hidden_act", "silu")
-        if hidden_act not in ("silu", "swish"):
-            raise CheckpointError(f"hidden_act {hidden_act!r} is not supported (only silu)", where)
-
-        def need(key: str) -> Any:
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if config.get(key) is None:
                 raise CheckpointError(f"missing required field {key!r}", where)
-            return config[key]
-
-        hidden_size = int(need("hidden_size"))
-        num_heads = int(need("num_attention_heads"))
-        rope_theta, rope_scaling = self._rope(config, where)
-        qkv_bias, attn_output_bias = self._attention_biases(config)
+        hf = transformers_config(config, self.model_type, where)
+        self._warn_theta_disagreement(config, where)
+        activation = ACTIVATIONS.get(getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", "silu"))
+        if activation is None:
+            named = getattr(hf, "hidden_activation", None) or hf.hidden_act
+            raise CheckpointError(f"hidden_act {named!r} is not supported (silu, gelu_pytorch_tanh)", where)
+        qkv_bias, attn_output_bias = self._attention_biases(hf)
+        layers = self._layers(hf, where)
+        main_rope = next((layer.rope for layer in layers if layer.window is None and layer.rope), None)
+        main_rope = main_rope or next((layer.rope for layer in layers if layer.rope), None)
+        windows = {layer.window for layer in layers} - {None}
         spec = ModelSpec(
             family=self.name,
-            hf_architecture=config.get("architectures", [self.hf_architectures[0]])[0],
-            vocab_size=int(need("vocab_size")),
-            hidden_size=hidden_size,
-            intermediate_size=int(need("intermediate_size")),
-            num_layers=int(need("num_hidden_layers")),
-            num_heads=num_heads,
-            num_kv_heads=int(config.get("num_key_value_heads") or num_heads),
-            head_dim=int(config.get("head_dim") or hidden_size // num_heads),
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
-            max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            hf_architecture=(config.get("architectures") or [self.hf_architectures[0]])[0],
+            vocab_size=int(hf.vocab_size),
+            hidden_size=int(hf.hidden_size),
+            intermediate_size=int(hf.intermediate_size),
+            num_layers=int(hf.num_hidden_layers),
+            num_heads=int(hf.num_attention_heads),
+            num_kv_heads=int(getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads),
+            head_dim=head_dim(hf),
+            rms_norm_eps=float(getattr(hf, "rms_norm_eps", 1e-6)),
+            rope_theta=main_rope.theta if main_rope else 10000.0,
+            rope_scaling=main_rope.scaling if main_rope else None,
+            max_position_embeddings=int(getattr(hf, "max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
             attn_output_bias=attn_output_bias,
-            mlp_bias=bool(config.get("mlp_bias", False)),
-            sliding_window=self._sliding_window(config),
+            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+            sliding_window=max(windows) if windows else None,
             bos_token_id=config.get("bos_token_id"),
             eos_token_id=config.get("eos_token_id"),
             pad_token_id=config.get("pad_token_id"),
             source_dtype=str(config.get("dtype") or config.get("torch_dtype") or "float32"),
+            layers=layers,
+            activation=activation,
+            **self.traits(hf),
         )
         if spec.num_heads % spec.num_kv_heads:
             raise CheckpointError(
@@ -155,38 +267,69 @@ class Family:
             )
         return spec
 
-    def _rope(self, config: dict[str, Any], where: str) -> tuple[float, dict[str, Any] | None]:
-        """rope θ and scaling, from `rope_parameters` (transformers ≥ 5) or the top level (older)."""
-        params = dict(config.get("rope_parameters") or {})
-        legacy_scaling = config.get("rope_scaling")
-        top_theta = config.get("rope_theta")
-        theta = params.pop("rope_theta", None)
+    def traits(self, hf: Any) -> dict[str, Any]:
+        """How the family departs from Llama (ModelSpec's trait fields), read from transformers' config."""
+        return {}
+
+    def _layers(self, hf: Any, where: str) -> tuple[Layer, ...]:
+        """Each layer's attention window and rope, as transformers' attention modules choose them."""
+        layer_types = getattr(hf, "layer_types", None) or ["full_attention"] * hf.num_hidden_layers
+        ropes = {kind: self._rope(hf, kind, where) for kind in set(layer_types)}
+        uses_rope = self._uses_rope(hf)
+        window = self._sliding_window(hf)
+        layers = []
+        for index, kind in enumerate(layer_types):
+            if kind not in ("full_attention", "sliding_attention"):
+                raise CheckpointError(f"layer type {kind!r} is not supported", where)
+            slides = window if kind == "sliding_attention" or self.all_layers_slide else None
+            layers.append(Layer(window=slides, rope=ropes[kind] if uses_rope[index] else None))
+        return tuple(layers)
+
+    # Whether config.sliding_window applies to every layer whatever layer_types says (Mistral's reading).
+    all_layers_slide: ClassVar[bool] = False
+
+    def _sliding_window(self, hf: Any) -> int | None:
+        # Qwen2/3 and SmolLM3 carry a window that applies only when use_sliding_window is true
+        window = getattr(hf, "sliding_window", None)
+        return int(window) if window and getattr(hf, "use_sliding_window", True) else None
+
+    def _uses_rope(self, hf: Any) -> list[bool]:
+        return [True] * hf.num_hidden_layers
+
+    def _rope(self, hf: Any, layer_type: str, where: str) -> Rope:
+        """One layer type's rope from transformers' normalised `rope_parameters` (flat, or keyed by layer type)."""
+        params = dict(hf.rope_parameters or {})
+        if layer_type in params or set(params) & {"full_attention", "sliding_attention"}:
+            params = dict(params.get(layer_type) or {})
+        theta = float(params.pop("rope_theta", None) or getattr(hf, "rope_theta", None) or 10000.0)
+        partial = float(params.pop("partial_rotary_factor", None) or getattr(hf, "partial_rotary_factor", None)
+                        or 1.0)
+        dim = int(head_dim(hf) * partial)
+        if params.get("rope_type", "default") == "default":
+            return Rope(theta, dim)
+        if params["rope_type"] not in ("linear", "llama3", "yarn", "dynamic", "longrope"):
+            raise CheckpointError(f"rope scaling type {params['rope_type']!r} is not supported", where)
+        if params["rope_type"] == "longrope" and params.get("factor") is None:
+            # transformers derives it from the two context lengths when the file leaves it out
+            original = params.get("original_max_position_embeddings") or hf.max_position_embeddings
+            params["factor"] = hf.max_position_embeddings / original
+        return Rope(theta, dim, params)
+
+    def _attention_biases(self, hf: Any) -> tuple[bool, bool]:
+        """(q/k/v bias, output bias). Llama's `attention_bias` switches on all four."""
+        bias = bool(getattr(hf, "attention_bias", False))
+        return bias, bias
+
+    def _warn_theta_disagreement(self, config: dict[str, Any], where: str) -> None:
+        flat = config.get("rope_parameters") or {}
+        theta, top_theta = flat.get("rope_theta"), config.get("rope_theta")
         if theta is not None and top_theta is not None and float(theta) != float(top_theta):
             warnings.warn(
                 f"{where}: rope_theta {top_theta} at top level disagrees with rope_parameters "
                 f"({theta}); using rope_parameters, as transformers ≥ 5 does",
                 ConfigWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        theta = float(theta if theta is not None else top_theta if top_theta is not None else 10000.0)
-        scaling = params if params.get("rope_type", "default") != "default" else None
-        if scaling is None and legacy_scaling:
-            scaling = dict(legacy_scaling)
-            scaling.setdefault("rope_type", scaling.pop("type", "default"))
-            if scaling["rope_type"] == "default":
-                scaling = None
-        if scaling is not None and scaling["rope_type"] not in ("linear", "llama3", "yarn", "dynamic"):
-            raise CheckpointError(f"rope scaling type {scaling['rope_type']!r} is not supported", where)
-        return theta, scaling
-
-    def _attention_biases(self, config: dict[str, Any]) -> tuple[bool, bool]:
-        """(q/k/v bias, output bias). Llama's `attention_bias` switches on all four."""
-        bias = bool(config.get("attention_bias", False))
-        return bias, bias
-
-    def _sliding_window(self, config: dict[str, Any]) -> int | None:
-        window = config.get("sliding_window")
-        return int(window) if window else None
 
     def _warn_unknown_keys(self, config: dict[str, Any], where: str) -> None:
         for key in sorted(set(config) - _IGNORED_KEYS - self.understood_keys):
@@ -213,38 +356,50 @@ class Family:
 
     def expected_tensors(self, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         """Every tensor the checkpoint must hold, with its shape (HF layout: out × in)."""
-        h, q, kv, ff = spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size
-        shapes: dict[str, tuple[int, ...]] = {
-            "model.embed_tokens.weight": (spec.vocab_size, h),
-            "model.norm.weight": (h,),
-        }
-        if not spec.tie_word_embeddings:
-            shapes["lm_head.weight"] = (spec.vocab_size, h)
-        per_layer = {
-            "input_layernorm.weight": (h,),
-            "self_attn.q_proj.weight": (q, h),
-            "self_attn.k_proj.weight": (kv, h),
-            "self_attn.v_proj.weight": (kv, h),
-            "self_attn.o_proj.weight": (h, q),
-            "post_attention_layernorm.weight": (h,),
-            "mlp.gate_proj.weight": (ff, h),
-            "mlp.up_proj.weight": (ff, h),
-            "mlp.down_proj.weight": (h, ff),
-        }
-        if spec.qkv_bias:
-            per_layer |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
-                          "self_attn.v_proj.bias": (kv,)}
+        biased = set(MLP_ROLES if spec.mlp_bias else ()) | set(ATTENTION_ROLES if spec.qkv_bias else ())
         if spec.attn_output_bias:
-            per_layer["self_attn.o_proj.bias"] = (h,)
-        if spec.mlp_bias:
-            per_layer |= {"mlp.gate_proj.bias": (ff,), "mlp.up_proj.bias": (ff,), "mlp.down_proj.bias": (h,)}
-        for layer in range(spec.num_layers):
-            for suffix, shape in per_layer.items():
-                shapes[f"model.layers.{layer}.{suffix}"] = shape
+            biased.add("attn_output")
+        shapes: dict[str, tuple[int, ...]] = {}
+        for template, role in self.tensor_names.items():
+            if role == "output" and spec.tie_word_embeddings:
+                continue
+            parts = [(f"{template}.weight", role_shape(spec, role))]
+            if role in biased:
+                parts.append((f"{template}.bias", role_shape(spec, role)[:1]))
+            layers = range(spec.num_layers) if "{layer}" in template else [None]
+            for layer in layers:
+                for name, shape in parts:
+                    shapes[name.format(layer=layer)] = shape
         return shapes
 
 
 _layer_pattern = re.compile(r"^model\.layers\.(\d+)")
+
+
+def head_dim(hf: Any) -> int:
+    return int(getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
+
+
+def transformers_config(config: dict[str, Any], model_type: str, where: str) -> Any:
+    """transformers' own config object for config.json: its defaults are what its forward computes."""
+    from transformers import CONFIG_MAPPING
+    from transformers.utils import logging as hf_logging
+
+    model_type = config.get("model_type") or model_type
+    if model_type not in CONFIG_MAPPING:
+        raise UnsupportedArchitectureError(f"transformers has no model_type {model_type!r}", where)
+    values = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its advice on config style is for model authors, not for this run
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return CONFIG_MAPPING[model_type](**values)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"transformers rejects this config: {message}", where) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 @dataclass

@@ -6,3 +6,4 @@ from siliconvert.architectures.base import Family
 class Llama(Family):
     name = "llama"
     hf_architectures = ("LlamaForCausalLM",)
+    model_type = "llama"

@@ -8,10 +8,7 @@ from siliconvert.architectures.llama import Llama
 class Qwen2(Llama):
     name = "qwen2"
     hf_architectures = ("Qwen2ForCausalLM",)
+    model_type = "qwen2"
 
-    def _attention_biases(self, config: dict[str, Any]) -> tuple[bool, bool]:
+    def _attention_biases(self, hf: Any) -> tuple[bool, bool]:
         return True, False
-
-    def _sliding_window(self, config: dict[str, Any]) -> int | None:
-        # Qwen2 configs carry a sliding_window that only applies when use_sliding_window is true.
-        return super()._sliding_window(config) if config.get("use_sliding_window") else None

@@ -1,0 +1,275 @@
+"""What llama.cpp's graph for each architecture computes, and how a ModelSpec's traits are written for it.
+
+llama.cpp hard-codes part of each architecture in C++ (Gemma's √hidden embedding scale and attention scale,
+SmolLM3's NoPE step of 4, Gemma 3's sliding pattern) and reads the rest from keys. For every trait the spec
+has, `GGUFArch` does one of three things:
+- writes it as the keys and tensors llama.cpp reads (soft-caps, windows and their per-layer pattern, the
+  sliding layers' θ, Granite's multipliers, LongRoPE's factor tensors);
+- folds an exact correction into the weights, where llama.cpp computes something else that a weight can
+  absorb: norm weights are stored as (offset + w); an attention scale other than llama.cpp's lives in the
+  q rows (or, after a q norm, in the q norm's weights: the norm would undo a scale on q);
+- refuses, naming the trait, when neither is possible: never a file that computes another function.
+
+HF q/k rows are "rotate half"; archs with NORM rope in llama.cpp rotate adjacent pairs, so their q and k rows
+are reordered per head (llama.cpp's LlamaModel.permute). NEOX archs take the rows as they are.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import gguf
+import numpy as np
+
+from siliconvert.architectures import ModelSpec
+from siliconvert.errors import CheckpointError
+
+A = gguf.MODEL_ARCH
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A llama.cpp architecture as siliconvert writes for it."""
+
+    arch: gguf.MODEL_ARCH
+    permute_qk: bool  # NORM rope (adjacent pairs) in llama.cpp: q/k rows reordered from HF's rotate-half
+    # Traits llama.cpp's graph computes whatever the file says (trait → value); the spec must agree
+    fixed: dict[str, Any] = field(default_factory=dict)
+    # Traits llama.cpp reads from keys or tensors of this arch
+    keyed: frozenset[str] = frozenset()
+
+
+_PRE = {"norm_placement": "pre", "qk_norm": None, "activation": "silu", "final_softcap": None, "attn_softcap": None,
+        "fused_qkv": False, "fused_gate_up": False}
+_GEMMA = _PRE | {"norm_placement": "sandwich", "activation": "gelu_tanh"}
+LAYOUTS: dict[str, Layout] = {
+    "llama": Layout(A.LLAMA, permute_qk=True, fixed=_PRE),
+    "mistral": Layout(A.LLAMA, permute_qk=True, fixed=_PRE),  # llama.cpp converts Mistral as llama
+    "qwen2": Layout(A.QWEN2, permute_qk=False, fixed=_PRE),
+    "qwen3": Layout(A.QWEN3, permute_qk=False, fixed=_PRE | {"qk_norm": "head"}),
+    "gemma2": Layout(A.GEMMA2, permute_qk=False, fixed=_GEMMA,
+                     keyed=frozenset({"attn_softcap", "final_softcap", "sliding_window"})),
+    "gemma3": Layout(A.GEMMA3, permute_qk=False, fixed=_GEMMA | {"qk_norm": "head"},
+                     keyed=frozenset({"final_softcap", "sliding_window"})),
+    "olmo2": Layout(A.OLMO2, permute_qk=False, fixed=_PRE | {"norm_placement": "post", "qk_norm": "projection"},
+                    keyed=frozenset({"sliding_window"})),
+    "granite": Layout(A.GRANITE, permute_qk=True, fixed=_PRE,
+                      keyed=frozenset({"embedding_scale", "attention_scale", "residual_scale", "logits_scale"})),
+    "phi3": Layout(A.PHI3, permute_qk=False, fixed=_PRE | {"fused_qkv": True, "fused_gate_up": True},
+                   keyed=frozenset({"longrope"})),
+    "smollm3": Layout(A.SMOLLM3, permute_qk=True, fixed=_PRE, keyed=frozenset({"nope_every_4th"})),
+}
+# Roles whose GGUF tensor has another base name: llama.cpp's phi3 keeps gate and up fused in ffn_up
+GGUF_ROLES = {"ffn_gate_up": "ffn_up"}
+# Rope scalings llama.cpp can express, per kind (others are refused)
+SCALINGS = ("linear", "yarn", "llama3", "longrope")
+
+
+class GGUFArch:
+    """One checkpoint's spec against one llama.cpp architecture: checks, keys, weight folds, extra tensors."""
+
+    def __init__(self, spec: ModelSpec, where: Any):
+        if spec.family not in LAYOUTS:
+            raise CheckpointError(f"no GGUF layout for the {spec.family} family", where)
+        self.spec, self.where, self.layout = spec, where, LAYOUTS[spec.family]
+        self._check()
+        # q·k × spec's scale where llama.cpp multiplies by its own: the ratio goes into q (or q's norm)
+        keyed_scale = "attention_scale" in self.layout.keyed
+        self.q_scale = 1.0 if keyed_scale else spec.attention_multiplier / self.llama_cpp_attention_scale()
+
+    @property
+    def arch(self) -> gguf.MODEL_ARCH:
+        return self.layout.arch
+
+    def refuse(self, trait: str, why: str) -> CheckpointError:
+        return CheckpointError(f"GGUF ({gguf.MODEL_ARCH_NAMES[self.arch]}) cannot honour the trait {trait}: {why}",
+                               self.where)
+
+    # ---- checks ----------------------------------------------------------------------------------------
+    def _check(self) -> None:
+        spec, layout = self.spec, self.layout
+        for trait, value in layout.fixed.items():
+            if getattr(spec, trait) != value and trait not in layout.keyed:
+                raise self.refuse(trait, f"llama.cpp computes {value!r}, the source {getattr(spec, trait)!r}")
+        if layout.arch in (A.GEMMA2, A.GEMMA3):
+            if not math.isclose(spec.embedding_scale, math.sqrt(spec.hidden_size), rel_tol=1e-6):
+                raise self.refuse("embedding_scale", "llama.cpp multiplies Gemma embeddings by √hidden")
+        else:
+            for trait in ("embedding_scale", "residual_scale", "logits_scale"):
+                if getattr(spec, trait) != 1.0 and trait not in layout.keyed:
+                    raise self.refuse(trait, "this architecture has no such multiplier")
+        for layer in spec.layers:
+            rope = layer.rope
+            if rope is None:
+                continue
+            if rope.kind not in SCALINGS and rope.kind != "default":
+                raise self.refuse("rope_scaling", f"llama.cpp has no {rope.kind!r} rope scaling")
+            if rope.kind == "longrope" and "longrope" not in layout.keyed:
+                raise self.refuse("rope_scaling", "LongRoPE factors are read by llama.cpp's phi3 only")
+            if layout.permute_qk and rope.dim != spec.head_dim:
+                raise self.refuse("partial_rotary", "partial rotary with adjacent-pair rope")
+        self._check_layers()
+
+    def _check_layers(self) -> None:
+        spec, layout = self.spec, self.layout
+        nope = [i for i, layer in enumerate(spec.layers) if layer.rope is None]
+        llama_cpp_nope = [i for i in range(spec.num_layers) if (i + 1) % 4 == 0] if (
+            "nope_every_4th" in layout.keyed) else []
+        if nope != llama_cpp_nope:
+            raise self.refuse("nope_layers", f"llama.cpp's NoPE layers are fixed ({llama_cpp_nope}); the source's "
+                                             f"are {nope}")
+        full = {repr(layer.rope) for layer in spec.layers if layer.window is None and layer.rope is not None}
+        sliding = {repr(layer.rope) for layer in spec.layers if layer.window is not None and layer.rope is not None}
+        if len(full) > 1 or len(sliding) > 1:
+            raise self.refuse("per_layer_rope", "more than one rope per attention kind")
+        windows = {layer.window for layer in spec.layers} - {None}
+        if not windows:
+            return
+        if len(windows) > 1:
+            raise self.refuse("sliding_window", f"llama.cpp has one window size; the source has {sorted(windows)}")
+        if "sliding_window" not in layout.keyed:
+            if sliding != full and sliding:
+                raise self.refuse("per_layer_rope", "a rope of the sliding layers apart")
+            if spec.sliding_window >= spec.max_position_embeddings:
+                return  # a window as long as the context is full attention
+            warnings.warn(f"{self.where}: llama.cpp runs full attention; its output differs from the source "
+                          f"beyond the {spec.sliding_window}-token sliding window", stacklevel=3)
+            return
+        swa_rope = next(layer.rope for layer in spec.layers if layer.window is not None)
+        if swa_rope is not None and (swa_rope.scaling is not None or swa_rope.dim != (self.spec.rope or swa_rope).dim):
+            raise self.refuse("per_layer_rope", "llama.cpp's sliding layers take no rope scaling of their own")
+
+    # ---- what llama.cpp computes -----------------------------------------------------------------------
+    def llama_cpp_attention_scale(self) -> float:
+        """The q·k multiplier llama.cpp's graph uses for this arch (Gemma: gemma_pytorch's rule by size)."""
+        spec = self.spec
+        big_gemma = {A.GEMMA2: 46, A.GEMMA3: 62}.get(self.arch) == spec.num_layers
+        if big_gemma:  # llama.cpp's 27B rule: n_embd / n_head, not head_dim
+            return (spec.hidden_size // spec.num_heads) ** -0.5
+        return spec.head_dim**-0.5
+
+    # ---- keys -------------------------------------------------------------------------------------------
+    def add_hyperparameters(self, writer: gguf.GGUFWriter) -> None:
+        spec = self.spec
+        rope = spec.rope
+        writer.add_vocab_size(spec.vocab_size)
+        writer.add_context_length(spec.max_position_embeddings)
+        writer.add_embedding_length(spec.hidden_size)
+        writer.add_feed_forward_length(spec.intermediate_size)
+        writer.add_block_count(spec.num_layers)
+        writer.add_head_count(spec.num_heads)
+        writer.add_head_count_kv(spec.num_kv_heads)
+        writer.add_key_length(spec.head_dim)
+        writer.add_value_length(spec.head_dim)
+        writer.add_rope_dimension_count(rope.dim if rope else spec.head_dim)
+        writer.add_rope_freq_base(spec.rope_theta)
+        writer.add_layer_norm_rms_eps(spec.rms_norm_eps)
+        self._add_rope_scaling(writer)
+        keyed = self.layout.keyed
+        if "embedding_scale" in keyed:
+            writer.add_embedding_scale(spec.embedding_scale)
+        if "residual_scale" in keyed:
+            writer.add_residual_scale(spec.residual_scale)
+        if "attention_scale" in keyed:
+            writer.add_attention_scale(spec.attention_multiplier)
+        if "logits_scale" in keyed:
+            writer.add_logit_scale(1.0 / spec.logits_scale)  # llama.cpp divides by it, as Granite's config
+        if "attn_softcap" in keyed and spec.attn_softcap:
+            writer.add_attn_logit_softcapping(spec.attn_softcap)
+        if "final_softcap" in keyed and spec.final_softcap:
+            writer.add_final_logit_softcapping(spec.final_softcap)
+        if "sliding_window" in keyed and spec.sliding_window:
+            writer.add_sliding_window(spec.sliding_window)
+            # the per-layer pattern as a list: llama.cpp's default patterns (2 for Gemma 2, 6 for Gemma 3)
+            # are what the source says only for the published layer counts
+            writer.add_sliding_window_pattern([layer.window is not None for layer in spec.layers])
+            swa_rope = next((layer.rope for layer in spec.layers if layer.window is not None), None)
+            if swa_rope is not None:
+                writer.add_rope_freq_base_swa(swa_rope.theta)
+
+    def _add_rope_scaling(self, writer: gguf.GGUFWriter) -> None:
+        scaling = self.spec.rope_scaling or {}
+        kind = scaling.get("rope_type")
+        if kind == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(scaling["factor"])
+        elif kind == "yarn":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            writer.add_rope_scaling_factor(scaling["factor"])
+            writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+            optional = {"attention_factor": writer.add_rope_scaling_yarn_attn_factor,
+                        "beta_fast": writer.add_rope_scaling_yarn_beta_fast,
+                        "beta_slow": writer.add_rope_scaling_yarn_beta_slow}
+            for key, add in optional.items():
+                if scaling.get(key) is not None:
+                    add(scaling[key])
+        elif kind == "longrope":
+            original = scaling["original_max_position_embeddings"]
+            writer.add_rope_scaling_orig_ctx_len(original)
+            writer.add_rope_scaling_attn_factors(longrope_attention_factor(scaling))
+
+    # ---- tensors -----------------------------------------------------------------------------------------
+    def gguf_role(self, role: str) -> str:
+        return GGUF_ROLES.get(role, role)
+
+    def extra_tensors(self) -> dict[str, np.ndarray]:
+        """Tensors llama.cpp reads that the checkpoint does not hold (rope factors), by GGUF base name."""
+        spec = self.spec
+        scaling = spec.rope_scaling or {}
+        if scaling.get("rope_type") == "llama3":
+            return {"rope_freqs": llama3_rope_factors(spec)}
+        if scaling.get("rope_type") == "longrope":
+            return {"rope_factors_long": np.asarray(scaling["long_factor"], dtype=np.float32),
+                    "rope_factors_short": np.asarray(scaling["short_factor"], dtype=np.float32)}
+        return {}
+
+    def to_llama_cpp(self, role: str, kind: str, array: np.ndarray) -> np.ndarray:
+        """A checkpoint tensor as llama.cpp's graph wants it: norms with their offset folded in, the attention
+        scale correction folded in, q/k rows in llama.cpp's rope order."""
+        spec = self.spec
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if role.endswith("_norm") and spec.norm_offset:
+            array = array + np.float32(spec.norm_offset)
+        if self.q_scale != 1.0 and role == ("attn_q_norm" if spec.qk_norm else "attn_q"):
+            array = array * np.float32(self.q_scale)
+        if self.layout.permute_qk and role == "attn_q":
+            return rope_pairs_adjacent(array, spec.num_heads)
+        if self.layout.permute_qk and role == "attn_k":
+            return rope_pairs_adjacent(array, spec.num_kv_heads)
+        return array
+
+
+def rope_pairs_adjacent(rows: np.ndarray, heads: int) -> np.ndarray:
+    """Reorder each head's rows (0..d/2-1, d/2..d-1) → (0, d/2, 1, d/2+1, ...): llama.cpp's LlamaModel.permute."""
+    shape = rows.shape
+    return rows.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def rope_pairs_split(rows: np.ndarray, heads: int) -> np.ndarray:
+    """The inverse of `rope_pairs_adjacent`: llama.cpp's row order back to HF's."""
+    shape = rows.shape
+    return rows.reshape(heads, shape[0] // heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def longrope_attention_factor(scaling: dict[str, Any]) -> float:
+    """cos/sin scale of LongRoPE: the file's attention_factor, else transformers' default from the factor."""
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor, original = float(scaling["factor"]), scaling["original_max_position_embeddings"]
+    return math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1.0 else 1.0
+
+
+def llama3_rope_factors(spec: ModelSpec) -> np.ndarray:
+    """Llama 3.1's per-frequency rope divisors, which llama.cpp reads from a `rope_freqs` tensor."""
+    scaling = spec.rope_scaling or {}
+    factor, low, high = scaling["factor"], scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old_context = scaling.get("original_max_position_embeddings", 8192)
+    freqs = 1.0 / spec.rope_theta ** (np.arange(0, spec.head_dim, 2, dtype=np.float64) / spec.head_dim)
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_context / wavelen - low) / (high - low)
+    factors = np.where(wavelen < old_context / high, 1.0,
+                       np.where(wavelen > old_context / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+    return factors.astype(np.float32)

@@ -1,0 +1,30 @@
+"""Small checkpoints of every family, built from transformers' own config classes with their traits switched
+on: a sliding window shorter than the test window, a non-default attention scalar, soft-caps, per-layer-type
+rope, LongRoPE with partial rotary, NoPE layers, Granite's multipliers. Trained briefly (cached like the demo),
+so their distributions are peaked as a real model's are and KLD figures mean something."""
+
+from __future__ import annotations
+
+# family (transformers model_type) → (tokenizer kind, config keys beyond demo.SMALL's sizes)
+FAMILY_CASES: dict[str, tuple[str, dict]] = {
+    "qwen3": ("bpe", {"head_dim": 48}),  # heads × head_dim (192) ≠ hidden (128)
+    "gemma2": ("sentencepiece", {"tie_word_embeddings": True,  # llama.cpp's gemma2 has no separate head
+        "head_dim": 32, "query_pre_attn_scalar": 24, "sliding_window": 24,
+        "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"], "num_hidden_layers": 3}),
+    "gemma3_text": ("sentencepiece", {
+        "head_dim": 32, "query_pre_attn_scalar": 40, "sliding_window": 24,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"], "num_hidden_layers": 3,
+        "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}}),
+    "olmo2": ("bpe", {}),
+    "granite": ("bpe", {"embedding_multiplier": 6.0, "attention_multiplier": 0.05, "residual_multiplier": 0.5,
+                        "logits_scaling": 4.0}),
+    "phi3": ("sentencepiece", {
+        "max_position_embeddings": 1024, "original_max_position_embeddings": 256,
+        "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                            "original_max_position_embeddings": 256,
+                            "short_factor": [1.0 + 0.05 * i for i in range(8)],
+                            "long_factor": [1.5 + 0.25 * i for i in range(8)]}}),
+    "smollm3": ("bpe", {"num_hidden_layers": 4}),  # layer 3 has no rope (every 4th, as SmolLM3 and llama.cpp)
+}
