@@ -3,6 +3,10 @@
 Activations are channels-first (1, C, 1, S), the layout the Neural Engine works in natively; linears are
 1×1 convolutions over it (the ANE's fastest op, and no transposes between layers). Attention works per
 KV-head group in (1, kv_heads, group × S, head_dim) without repeating K and V for grouped-query heads.
+
+Read from build_function down: its inputs, what every layer shares (positions, RoPE angles, the mask, the KV
+caches), embed, decoder_layer (attention, mlp) per layer, lm_head. WeightedOps is where each linear and norm
+takes its weight; required_tensors and tensor_shape say which weights the graph reads, in what shape.
 """
 
 from __future__ import annotations
@@ -97,69 +101,106 @@ def build_function(spec: ModelSpec, chunk: Chunk, tokens: int, context: int, wei
     # The builder names ops from a process-wide counter that ct.convert clears after each conversion; from
     # zero in every function, the names (and so model.mlmodel) are the same in every run.
     mb.name_count.clear()
+    ops = WeightedOps(spec, weights, required_tensors(spec, chunk))
+    with Function(function_inputs(spec, chunk, tokens, context), opset_version=ct.target.iOS18) as function:
+        shared = shared_values(spec, context, tokens, function.inputs)
+        x = embed(ops, function.inputs["input_ids"], tokens) if chunk.first else function.inputs["hidden_states"]
+        for local, layer in enumerate(chunk.layers):
+            x = decoder_layer(ops, x, layer, local, shared)
+        out = lm_head(ops, x) if chunk.last else mb.identity(x=x, name="hidden_states_out")
+        function.set_outputs([out])
+    return function
+
+
+def function_inputs(spec: ModelSpec, chunk: Chunk, tokens: int, context: int) -> dict:
+    """Token ids (1, S) into the first chunk, hidden states (1, C, 1, S) into the others; the block's position;
+    the chunk's KV cache as two states."""
     h, kvh, d, layers = spec.hidden_size, spec.num_kv_heads, spec.head_dim, len(chunk.layers)
-    needed = required_tensors(spec, chunk)
     first_input = (mb.TensorSpec((1, tokens), dtype=types.int32) if chunk.first
                    else mb.TensorSpec((1, h, 1, tokens), dtype=types.fp16))
-    inputs = {
+    return {
         chunk.input_names()[0]: first_input,
         "position": mb.TensorSpec((1,), dtype=types.int32),
         "key_cache": mb.StateTensorSpec((layers, kvh, context, d), dtype=types.fp16),
         "value_cache": mb.StateTensorSpec((layers, kvh, context, d), dtype=types.fp16),
     }
 
-    def linear(x, role: str, layer: int, name: str):
+
+@dataclass(frozen=True)
+class WeightedOps:
+    """The ops that apply a checkpoint weight, each weight's const made through `weights`: every linear and norm
+    of the graph goes through here."""
+
+    spec: ModelSpec
+    weights: WeightConsts
+    needed: set[Key]  # the chunk's required_tensors: which biases it has
+
+    def linear(self, x, role: str, layer: int, name: str):
         """HF's (out, in) weight as a 1×1 convolution's (out, in, 1, 1), over (1, C_in, 1, S)."""
-        out, inp = tensor_shape(spec, (role, layer, "weight"))
-        weight = weights.const(weight_id((role, layer, "weight")), (out, inp, 1, 1), f"{name}_weight")
+        out, inp = tensor_shape(self.spec, (role, layer, "weight"))
+        weight = self.weights.const(weight_id((role, layer, "weight")), (out, inp, 1, 1), f"{name}_weight")
         bias = None
-        if (role, layer, "bias") in needed:
-            bias = weights.const(weight_id((role, layer, "bias")), (out,), f"{name}_bias")
+        if (role, layer, "bias") in self.needed:
+            bias = self.weights.const(weight_id((role, layer, "bias")), (out,), f"{name}_bias")
         return mb.conv(x=x, weight=weight, bias=bias, name=name)
 
-    def norm(x, role: str, layer: int | None, name: str):
-        weight = weights.const(weight_id((role, layer, "weight")), (1, h, 1, 1), f"{name}_weight")
-        return rms_norm(x, weight, spec.rms_norm_eps, name)
+    def norm(self, x, role: str, layer: int | None, name: str):
+        """RMSNorm over channels with the norm weight of `role`."""
+        h = self.spec.hidden_size
+        weight = self.weights.const(weight_id((role, layer, "weight")), (1, h, 1, 1), f"{name}_weight")
+        return rms_norm(x, weight, self.spec.rms_norm_eps, name)
 
-    with Function(inputs, opset_version=ct.target.iOS18) as function:
-        position = function.inputs["position"]
-        # (S,); one token is at `position` itself (adding 0 is what noop_elimination would remove)
-        positions = position if tokens == 1 else mb.add(x=position, y=np.arange(tokens, dtype=np.int32),
-                                                         name="positions")
-        cos, sin = rope_angles(spec, context, positions, tokens)
-        shared = Shared(position, cos, sin, causal_mask(spec, context, positions, tokens),
-                        CacheState(function.inputs["key_cache"]), CacheState(function.inputs["value_cache"]))
-        if chunk.first:
-            # The table as (V, C, 1, 1), the LM head's conv layout: an unsplit tied head is the same blob.
-            table = weights.const(weight_id(("token_embd", None, "weight")), (spec.vocab_size, h, 1, 1),
-                                  "embed_tokens")
-            x = mb.gather(x=table, indices=function.inputs["input_ids"], axis=0)  # (1, S, C, 1, 1)
-            x = mb.transpose(x=mb.reshape(x=x, shape=[1, tokens, h]), perm=[0, 2, 1])
-            x = mb.reshape(x=x, shape=[1, h, 1, tokens], name="embeddings")
-        else:
-            x = function.inputs["hidden_states"]
-        for local, layer in enumerate(chunk.layers):
-            attention_in = norm(x, "attn_norm", layer, f"l{layer}_attn_norm")
-            x = mb.add(x=x, y=attention(spec, attention_in, linear, layer, local, shared),
-                       name=f"l{layer}_attn_residual")
-            mlp_in = norm(x, "ffn_norm", layer, f"l{layer}_ffn_norm")
-            gate = linear(mlp_in, "ffn_gate", layer, f"l{layer}_ffn_gate")
-            up = linear(mlp_in, "ffn_up", layer, f"l{layer}_ffn_up")
-            hidden = mb.mul(x=mb.silu(x=gate), y=up, name=f"l{layer}_ffn_act")
-            x = mb.add(x=x, y=linear(hidden, "ffn_down", layer, f"l{layer}_ffn_down"), name=f"l{layer}_ffn_residual")
-        if chunk.last:
-            x = norm(x, "output_norm", None, "output_norm")
-            head, pieces = (head_role(spec), None, "weight"), head_pieces(spec)
-            parts = [mb.conv(x=x, weight=weights.const(weight_id(head, i if len(pieces) > 1 else None),
-                                                       (len(rows), h, 1, 1), f"lm_head_{i}_weight"),
-                             name=f"lm_head_{i}")
-                     for i, rows in enumerate(pieces)]
-            x = mb.concat(values=parts, axis=1) if len(parts) > 1 else parts[0]  # (1, V, 1, S)
-            out = mb.transpose(x=mb.squeeze(x=x, axes=[2]), perm=[0, 2, 1], name="logits")  # (1, S, V)
-        else:
-            out = mb.identity(x=x, name="hidden_states_out")
-        function.set_outputs([out])
-    return function
+
+def shared_values(spec: ModelSpec, context: int, tokens: int, inputs: dict) -> Shared:
+    """What every layer of the function uses, made once: the block's positions, RoPE angles, mask and caches."""
+    position = inputs["position"]
+    # (S,); one token is at `position` itself (adding 0 is what noop_elimination would remove)
+    positions = position if tokens == 1 else mb.add(x=position, y=np.arange(tokens, dtype=np.int32),
+                                                     name="positions")
+    cos, sin = rope_angles(spec, context, positions, tokens)
+    return Shared(position, cos, sin, causal_mask(spec, context, positions, tokens),
+                  CacheState(inputs["key_cache"]), CacheState(inputs["value_cache"]))
+
+
+def embed(ops: WeightedOps, input_ids, tokens: int):
+    """Token ids (1, S) → embeddings (1, C, 1, S)."""
+    h = ops.spec.hidden_size
+    # The table as (V, C, 1, 1), the LM head's conv layout: an unsplit tied head is the same blob.
+    table = ops.weights.const(weight_id(("token_embd", None, "weight")), (ops.spec.vocab_size, h, 1, 1),
+                              "embed_tokens")
+    x = mb.gather(x=table, indices=input_ids, axis=0)  # (1, S, C, 1, 1)
+    x = mb.transpose(x=mb.reshape(x=x, shape=[1, tokens, h]), perm=[0, 2, 1])
+    return mb.reshape(x=x, shape=[1, h, 1, tokens], name="embeddings")
+
+
+def decoder_layer(ops: WeightedOps, x, layer: int, local: int, shared: Shared):
+    """One pre-norm block: x + attention(norm(x)), then x + mlp(norm(x)); `local` = the layer's index in the
+    chunk's caches."""
+    attention_in = ops.norm(x, "attn_norm", layer, f"l{layer}_attn_norm")
+    x = mb.add(x=x, y=attention(ops, attention_in, layer, local, shared), name=f"l{layer}_attn_residual")
+    mlp_in = ops.norm(x, "ffn_norm", layer, f"l{layer}_ffn_norm")
+    return mb.add(x=x, y=mlp(ops, mlp_in, layer), name=f"l{layer}_ffn_residual")
+
+
+def mlp(ops: WeightedOps, x, layer: int):
+    """SwiGLU: down(silu(gate(x)) × up(x))."""
+    gate = ops.linear(x, "ffn_gate", layer, f"l{layer}_ffn_gate")
+    up = ops.linear(x, "ffn_up", layer, f"l{layer}_ffn_up")
+    hidden = mb.mul(x=mb.silu(x=gate), y=up, name=f"l{layer}_ffn_act")
+    return ops.linear(hidden, "ffn_down", layer, f"l{layer}_ffn_down")
+
+
+def lm_head(ops: WeightedOps, x):
+    """The final norm and the LM head, (1, C, 1, S) → logits (1, S, V), one convolution per head piece."""
+    spec, h = ops.spec, ops.spec.hidden_size
+    x = ops.norm(x, "output_norm", None, "output_norm")
+    head, pieces = (head_role(spec), None, "weight"), head_pieces(spec)
+    parts = [mb.conv(x=x, weight=ops.weights.const(weight_id(head, i if len(pieces) > 1 else None),
+                                                   (len(rows), h, 1, 1), f"lm_head_{i}_weight"),
+                     name=f"lm_head_{i}")
+             for i, rows in enumerate(pieces)]
+    x = mb.concat(values=parts, axis=1) if len(parts) > 1 else parts[0]  # (1, V, 1, S)
+    return mb.transpose(x=mb.squeeze(x=x, axes=[2]), perm=[0, 2, 1], name="logits")  # (1, S, V)
 
 
 def shared_const(value: np.ndarray, name: str):
@@ -219,13 +260,13 @@ class Shared:
     values: CacheState
 
 
-def attention(spec: ModelSpec, x, linear, layer: int, local: int, shared: Shared):
+def attention(ops: WeightedOps, x, layer: int, local: int, shared: Shared):
     """Grouped-query attention over the whole cache, through the chunk's states (`local` = layer index in it)."""
-    heads, kvh, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    heads, kvh, d = ops.spec.num_heads, ops.spec.num_kv_heads, ops.spec.head_dim
     group, s, context = heads // kvh, x.shape[-1], shared.mask.shape[-1]
-    q = linear(x, "attn_q", layer, f"l{layer}_q")  # (1, H·D, 1, S)
-    k = linear(x, "attn_k", layer, f"l{layer}_k")
-    v = linear(x, "attn_v", layer, f"l{layer}_v")
+    q = ops.linear(x, "attn_q", layer, f"l{layer}_q")  # (1, H·D, 1, S)
+    k = ops.linear(x, "attn_k", layer, f"l{layer}_k")
+    v = ops.linear(x, "attn_v", layer, f"l{layer}_v")
     q = rope(mb.reshape(x=q, shape=[1, heads, d, s]), shared.cos, shared.sin)  # (1, H, D, S)
     k = rope(mb.reshape(x=k, shape=[1, kvh, d, s]), shared.cos, shared.sin)
     k = mb.transpose(x=k, perm=[0, 1, 3, 2])  # (1, KVH, S, D)
@@ -244,7 +285,7 @@ def attention(spec: ModelSpec, x, linear, layer: int, local: int, shared: Shared
     probs = reshape(mb.softmax(x=scores, axis=-1), [1, kvh, group * s, context])
     out = reshape(mb.matmul(x=probs, y=values), [1, heads, s, d])
     out = mb.reshape(x=mb.transpose(x=out, perm=[0, 1, 3, 2]), shape=[1, heads * d, 1, s])
-    return linear(out, "attn_output", layer, f"l{layer}_o")
+    return ops.linear(out, "attn_output", layer, f"l{layer}_o")
 
 
 def reshape(x, shape: list[int]):
