@@ -14,7 +14,8 @@ import pytest
 from conftest import reference_logits_for
 
 from siliconvert.checkpoint import Checkpoint
-from siliconvert.convert.coreml import CoreMLWriter, model_bytes
+from siliconvert.convert.coreml import CoreMLWriter
+from siliconvert.convert.coreml.chunks import model_bytes
 from siliconvert.errors import ArtifactError, CheckpointError, RecipeError
 from siliconvert.recipe import CoreMLTarget
 from siliconvert.textdata import heldout_text
@@ -203,14 +204,13 @@ STREAM = """
 import re, sys
 from pathlib import Path
 from siliconvert.checkpoint import Checkpoint
-from siliconvert.convert import coreml
-from siliconvert.convert.coreml import CoreMLWriter
+from siliconvert.convert.coreml import CoreMLWriter, package
 from siliconvert.recipe import CoreMLTarget
 def count(file, field):
     return int(re.search(field + r":\\s*(\\d+)", Path(file).read_text())[1])
 checkpoint = Checkpoint.open(sys.argv[1])
 writer = None
-coreml.WRITE_BLOCK_VALUES = 1 << 20  # 2 MB blocks: the blocks in flight stay well below the package's size
+package.WRITE_BLOCK_VALUES = 1 << 20  # 2 MB blocks: the blocks in flight stay well below the package's size
 if len(sys.argv) > 2:
     writer = CoreMLWriter(checkpoint, CoreMLTarget(format="coreml", context=64), Path(sys.argv[2]), "m")
 Path("/proc/self/clear_refs").write_text("5")  # VmHWM starts again from the current RSS
@@ -284,12 +284,12 @@ def test_writer_refuses_misuse(llama, tmp_path):
 def test_a_failed_build_stops_the_pass_and_leaves_nothing(llama, tmp_path, monkeypatch):
     """Packages are built on the writer's own thread: its error must reach the stream, and abort must wait for
     it and remove every work folder."""
-    import siliconvert.convert.coreml as coreml
+    from siliconvert.convert.coreml import writer as coreml_writer
 
     def broken(*_args, **_kwargs):
         raise RuntimeError("graph failed")
 
-    monkeypatch.setattr(coreml, "build_program", broken)
+    monkeypatch.setattr(coreml_writer, "build_program", broken)
     checkpoint = Checkpoint.open(llama)
     writer = CoreMLWriter(checkpoint, CoreMLTarget(format="coreml", context=CONTEXT, chunks=2), tmp_path, "x")
     with pytest.raises(RuntimeError, match="graph failed"):

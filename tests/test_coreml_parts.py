@@ -13,23 +13,18 @@ import numpy as np
 import pytest
 
 from siliconvert.architectures import registry
-from siliconvert.convert.coreml import (
-    BlobWrites,
-    PackageWriter,
-    PlaceholderWeights,
-    WeightConsts,
-    active_seconds,
-    blobs_of,
+from siliconvert.convert.coreml.chunks import blobs_of, plan_chunks
+from siliconvert.convert.coreml.graph import (
     build_function,
     build_program,
-    cast_float16,
-    plan_chunks,
-    prefill_block,
     required_tensors,
     rms_norm,
     rope_frequencies,
     tensor_shape,
 )
+from siliconvert.convert.coreml.package import BlobWrites, PackageWriter, cast_float16
+from siliconvert.convert.coreml.weights import PlaceholderWeights, WeightConsts
+from siliconvert.convert.coreml.writer import active_seconds, prefill_block
 from siliconvert.errors import ArtifactError, CheckpointError
 from siliconvert.validate.runners.mil import MILProgram
 
@@ -94,10 +89,10 @@ def test_weight_files_are_what_coremltools_blob_writer_writes(tmp_path, monkeypa
     appends afterwards through coremltools' writer lands where it would."""
     from coremltools.libmilstoragepython import _BlobStorageWriter
 
-    import siliconvert.convert.coreml as coreml
+    from siliconvert.convert.coreml import package
 
-    monkeypatch.setattr(coreml, "WRITE_BLOCK_VALUES", 1000)  # blobs of several blocks, and blocks in flight
-    monkeypatch.setattr(coreml, "WRITE_BUFFERS", 2)
+    monkeypatch.setattr(package, "WRITE_BLOCK_VALUES", 1000)  # blobs of several blocks, and blocks in flight
+    monkeypatch.setattr(package, "WRITE_BUFFERS", 2)
     rng = np.random.default_rng(0)
     blobs = [rng.standard_normal(n).astype(np.float32) for n in (1, 31, 32, 1000, 2500, 0, 7)]
     small = np.arange(5, dtype=np.float32)  # a small const the exporter appends: RoPE tables are float32
@@ -107,7 +102,7 @@ def test_weight_files_are_what_coremltools_blob_writer_writes(tmp_path, monkeypa
     for i, values in enumerate(blobs):
         ours.write(f"w{i}", "t", values)
     writes.drain(ours.fd)
-    os.pwrite(ours.fd, coreml.STORAGE_HEADER.pack(len(blobs), coreml.STORAGE_VERSION).ljust(64, b"\0"), 0)
+    os.pwrite(ours.fd, package.STORAGE_HEADER.pack(len(blobs), package.STORAGE_VERSION).ljust(64, b"\0"), 0)
     ours.close()
     writes.close()
     appended = _BlobStorageWriter(str(ours.weight_file), truncate_file=False)

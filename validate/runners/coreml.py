@@ -1,4 +1,4 @@
-"""Runs a Core ML artifact (the folder convert/coreml.py writes): on macOS through Core ML itself, elsewhere
+"""Runs a Core ML artifact (the folder convert/coreml/ writes): on macOS through Core ML itself, elsewhere
 through the MIL interpreter (validate/runners/mil), which runs the same packages op by op in numpy.
 
 Both drive the chunk packages the same way: a fresh state per package per sequence; the prompt in blocks

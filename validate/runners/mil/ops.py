@@ -6,6 +6,11 @@ Each op is a function of its MIL inputs (keyword arguments named as in the MIL s
 Floating-point work happens in float32 (the package docstring says what that approximates); the program then
 stores every result in its declared type (fp16 for activations), rounding once per op as the runtime does.
 read_state / write_state touch the program's states and live in program.py.
+
+The ops are grouped by kind below: elementwise, activations and other nonlinear functions, reductions, shape,
+indexing, products, load-time. A new op is one function under `@op("its MIL name")` in its group, its
+parameters named and defaulted as in the MIL spec; program.py refuses a program that uses an op not registered
+here.
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ def wide(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32) if x.dtype == np.float16 else x
 
 
+# ---- elementwise ---------------------------------------------------------------------------------
+
+
 def _binary(name: str, function: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
     OPS[name] = lambda x, y: function(wide(x), wide(y))
 
@@ -49,6 +57,24 @@ for _name, _function in {
 @op("abs")
 def _abs(x):
     return np.abs(x)
+
+
+@op("select")
+def _select(cond, a, b):
+    return np.where(cond, a, b)
+
+
+@op("cast")
+def _cast(x, dtype):
+    return x  # the program stores every result in its declared type, which for cast is `dtype`
+
+
+@op("identity")
+def _identity(x):
+    return x
+
+
+# ---- activations and other nonlinear functions ---------------------------------------------------
 
 
 @op("rsqrt")
@@ -70,6 +96,9 @@ def _softmax(x, axis=-1):
     return e / e.sum(axis=int(axis), keepdims=True)
 
 
+# ---- reductions ----------------------------------------------------------------------------------
+
+
 @op("reduce_max")
 def _reduce_max(x, axes=None, keep_dims=False):
     return np.max(x, axis=None if axes is None else tuple(axes), keepdims=bool(keep_dims))
@@ -80,19 +109,7 @@ def _reduce_mean(x, axes=None, keep_dims=False):
     return np.mean(wide(x), axis=None if axes is None else tuple(axes), keepdims=bool(keep_dims))
 
 
-@op("select")
-def _select(cond, a, b):
-    return np.where(cond, a, b)
-
-
-@op("cast")
-def _cast(x, dtype):
-    return x  # the program stores every result in its declared type, which for cast is `dtype`
-
-
-@op("identity")
-def _identity(x):
-    return x
+# ---- shape ---------------------------------------------------------------------------------------
 
 
 @op("reshape")
@@ -121,6 +138,9 @@ def _concat(values, axis, interleave=False):
         raise Unsupported("concat with interleave=True")
     values = values if isinstance(values, list) else [values]
     return np.concatenate([wide(v) for v in values], axis=int(axis))
+
+
+# ---- indexing ------------------------------------------------------------------------------------
 
 
 def _slices(shape, begin, end, stride, begin_mask, end_mask, squeeze_mask) -> tuple:
@@ -164,6 +184,9 @@ def _gather(x, indices, axis=0, batch_dims=0, validate_indices=False):
     return np.take(x, indices, axis=axis)
 
 
+# ---- products ------------------------------------------------------------------------------------
+
+
 @op("matmul")
 def _matmul(x, y, transpose_x=False, transpose_y=False):
     x, y = wide(x), wide(y)
@@ -181,6 +204,9 @@ def _conv(x, weight, bias=None, strides=None, pad_type=None, pad=None, dilations
     if bias is not None:
         y += wide(bias)[:, None]
     return y.reshape(n, out_channels, *spatial)
+
+
+# ---- load-time (constexpr): evaluated once, when the weights load (program.py) -------------------
 
 
 @op("constexpr_blockwise_shift_scale")

@@ -1,0 +1,32 @@
+"""Core ML: ML Programs built with coremltools' MIL builder, their weights streamed straight into place.
+
+One layout for every model size, so apps and runners never branch on it:
+
+    <out_dir>/<model_name>-fp16-coreml/
+        manifest.json            which package holds which layers; inputs, outputs, states, context length
+        chunk_01.mlpackage ...   consecutive layers each (the first also embeds tokens, the last holds the
+                                 final norm and the LM head); every package has two functions sharing one
+                                 copy of the weights: "decode" (1 token) and "prefill" (a block of tokens)
+        tokenizer files          copied from the source, what a Swift app bundles
+
+Every function takes `position` (int32 [1], where its first token goes in the sequence) and carries the KV
+cache of its layers in two states, `key_cache` and `value_cache` (fp16 [layers, kv_heads, context,
+head_dim]); the causal mask and the RoPE angles are computed inside from `position`.
+
+The same checkpoint gives the same bytes: op names count from zero in every function, the spec is serialized
+deterministically, and the package's Manifest.json identifiers derive from the spec (coremltools draws random
+UUIDs). Packages are built in hidden work folders, fsynced, and renamed into place by `finish`.
+
+Where things are:
+    writer.py    CoreMLWriter: the stream's entry point (tensors in, packages built as chunks complete), the
+                 manifest, moving finished folders into place
+    chunks.py    which layers each package holds, and the weight ids of the blobs in its weight.bin
+    graph.py     the MIL program: how the model description becomes ops (embeddings, norms, attention, RoPE,
+                 masks, MLP, LM head), and the graph passes run on it
+    weights.py   where the graph takes its weights from: streamed blobs, a finished package, compressed forms
+    package.py   MIL blob storage, the writer thread, the exporter around streamed blobs, package files
+"""
+
+from siliconvert.convert.coreml.writer import CoreMLWriter
+
+__all__ = ["CoreMLWriter"]

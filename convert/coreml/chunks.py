@@ -1,0 +1,87 @@
+"""Which layers each package holds, how many bytes they weigh, and the blobs a package's weight.bin holds for
+each tensor (weight ids the graph names its consts by)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from siliconvert.architectures import ModelSpec
+from siliconvert.errors import RecipeError
+
+AUTO_CHUNK_BYTES = 1 << 30  # `chunks: auto`: ≤ ~1 GiB of fp16 weights per package, as ANE projects use
+HEAD_SPLIT = 16384  # the ANE caps a convolution's output channels; a 32k–150k vocabulary head is split
+# (role, layer or None, "weight"/"bias"): what the graph builder asks for
+Key = tuple[str, int | None, str]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    layers: range
+    first: bool  # embeds token ids
+    last: bool  # ends with the final norm and the LM head
+
+    @property
+    def package(self) -> str:
+        return f"chunk_{self.index + 1:02d}.mlpackage"
+
+    def input_names(self) -> list[str]:
+        return ["input_ids" if self.first else "hidden_states", "position"]
+
+    def output_name(self) -> str:
+        return "logits" if self.last else "hidden_states_out"
+
+
+def plan_chunks(spec: ModelSpec, chunks: int | str) -> list[Chunk]:
+    """Split the layers into consecutive chunks: `chunks` of them, or by AUTO_CHUNK_BYTES for "auto"."""
+    if chunks == "auto":
+        count = min(spec.num_layers, max(1, math.ceil(model_bytes(spec) / AUTO_CHUNK_BYTES)))
+    elif chunks > spec.num_layers:
+        raise RecipeError(f"coreml chunks: {chunks} is more than the model's {spec.num_layers} layers")
+    else:
+        count = int(chunks)
+    bounds = np.linspace(0, spec.num_layers, count + 1).round().astype(int)
+    return [
+        Chunk(i, range(bounds[i], bounds[i + 1]), first=i == 0, last=i == count - 1) for i in range(count)
+    ]
+
+
+def layer_bytes(spec: ModelSpec) -> int:
+    h, q, kv, ff = spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size
+    return 2 * (h * (2 * q + 2 * kv) + 3 * h * ff)
+
+
+def model_bytes(spec: ModelSpec) -> int:
+    tables = 1 if spec.tie_word_embeddings else 2
+    return spec.num_layers * layer_bytes(spec) + tables * 2 * spec.vocab_size * spec.hidden_size
+
+
+def head_role(spec: ModelSpec) -> str:
+    return "token_embd" if spec.tie_word_embeddings else "output"
+
+
+def head_pieces(spec: ModelSpec) -> list[range]:
+    """Rows of the LM head that each of its convolutions computes (one piece when the vocabulary fits)."""
+    return [range(i, min(i + HEAD_SPLIT, spec.vocab_size)) for i in range(0, spec.vocab_size, HEAD_SPLIT)]
+
+
+def weight_id(key: Key, piece: int | None = None) -> str:
+    """The name of one blob in a package's weight.bin: a whole tensor, or one piece of a split LM head."""
+    role, layer, kind = key
+    name = f"{role}.{kind}" if layer is None else f"{role}.{layer}.{kind}"
+    return name if piece is None else f"{name}#{piece}"
+
+
+def blobs_of(spec: ModelSpec, chunk: Chunk, key: Key) -> list[tuple[str, slice]]:
+    """(weight id, rows) of the blobs a chunk's weight.bin holds for one tensor: the whole tensor, or for a split
+    LM head one blob per piece, since a const can only point at a whole blob. A tied table that both embeds and
+    (split) projects in one chunk is stored both ways; unsplit, the two uses share one blob."""
+    pieces = head_pieces(spec)
+    whole = [(weight_id(key), slice(None))]
+    if not (chunk.last and key[0] == head_role(spec)) or len(pieces) == 1:
+        return whole
+    split = [(weight_id(key, i), slice(rows.start, rows.stop)) for i, rows in enumerate(pieces)]
+    return whole + split if chunk.first and key[0] == "token_embd" else split

@@ -1,0 +1,377 @@
+"""The MIL program of one chunk: how the model description (ModelSpec) becomes ops.
+
+Activations are channels-first (1, C, 1, S), the layout the Neural Engine works in natively; linears are
+1×1 convolutions over it (the ANE's fastest op, and no transposes between layers). Attention works per
+KV-head group in (1, kv_heads, group × S, head_dim) without repeating K and V for grouped-query heads.
+
+Read from build_function down: its inputs, what every layer shares (positions, RoPE angles, the mask, the KV
+caches), embed, decoder_layer (attention, mlp) per layer, lm_head. WeightedOps is where each linear and norm
+takes its weight; required_tensors and tensor_shape say which weights the graph reads, in what shape.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import coremltools as ct
+import numpy as np
+from coremltools.converters.mil import Builder as mb
+from coremltools.converters.mil.mil import Function, Program, types
+from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+
+from siliconvert.architectures import ModelSpec
+from siliconvert.convert.coreml.chunks import Chunk, Key, head_pieces, head_role, weight_id
+from siliconvert.convert.coreml.weights import WeightConsts
+from siliconvert.errors import CheckpointError
+
+MASK_VALUE = -30000.0  # additive mask: exp() of it is 0, yet adding it to any score stays finite in fp16
+NORM_FLOOR = 2.0**-6  # RMSNorm divides by max(|x|, floor): an all-zero token must not divide by zero
+# The passes of coremltools' default pipeline (and of its mlprogram backend) that change this graph, in their
+# order there: int16 gather indices and their guard, and the clean-ups after them. Left out are the passes
+# that read, compare or hash const values (noop_elimination, const_deduplication, remove_redundant_ops): weights
+# here are placeholders, and a weight-sized pass is what the streamed writer avoids. The graph itself states
+# what those would leave. A test holds the result to ct.convert's default pipeline, op for op and bit for bit.
+PASSES = [
+    "common::add_int16_cast",
+    "common::guard_negative_gather_indices",
+    "common::const_elimination",
+    "common::dead_code_elimination",
+    "common::add_int16_cast",
+    "common::cast_optimization",
+    "common::dead_code_elimination",
+    "common::topological_reorder",
+    "mil_backend::adjust_io_to_supported_types",
+    "mil_backend::sanitize_name_strings",
+    "nn_backend::handle_unused_inputs",
+]
+
+
+def required_tensors(spec: ModelSpec, chunk: Chunk) -> set[Key]:
+    """Every tensor the chunk's graph reads."""
+    per_layer = [("attn_norm", "weight"), ("ffn_norm", "weight")]
+    per_layer += [(role, "weight") for role in ("attn_q", "attn_k", "attn_v", "attn_output")]
+    per_layer += [(role, "weight") for role in ("ffn_gate", "ffn_up", "ffn_down")]
+    if spec.qkv_bias:
+        per_layer += [("attn_q", "bias"), ("attn_k", "bias"), ("attn_v", "bias")]
+    if spec.attn_output_bias:
+        per_layer.append(("attn_output", "bias"))
+    if spec.mlp_bias:
+        per_layer += [("ffn_gate", "bias"), ("ffn_up", "bias"), ("ffn_down", "bias")]
+    keys = {(role, layer, kind) for layer in chunk.layers for role, kind in per_layer}
+    if chunk.first:
+        keys.add(("token_embd", None, "weight"))
+    if chunk.last:
+        keys.add(("output_norm", None, "weight"))
+        keys.add((head_role(spec), None, "weight"))
+    return keys
+
+
+def tensor_shape(spec: ModelSpec, key: Key) -> tuple[int, ...]:
+    """A tensor's shape in the checkpoint (HF layout: linear weights are (out, in))."""
+    role, _, kind = key
+    h, q, kv, ff = spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size
+    out_in = {"attn_q": (q, h), "attn_k": (kv, h), "attn_v": (kv, h), "attn_output": (h, q), "ffn_gate": (ff, h),
+              "ffn_up": (ff, h), "ffn_down": (h, ff), "token_embd": (spec.vocab_size, h),
+              "output": (spec.vocab_size, h)}
+    if role in out_in:
+        return out_in[role] if kind == "weight" else out_in[role][:1]
+    return (h,)  # the norms
+
+
+def build_program(spec: ModelSpec, chunk: Chunk, block: int, context: int, weights: WeightConsts) -> Program:
+    """The chunk's two functions, "decode" (1 token, the default) and "prefill" (`block` tokens), after PASSES."""
+    program = Program()
+    for name, tokens in (("decode", 1), ("prefill", block)):
+        # Passes run on each function alone, as ct.convert runs them: some keep state from one function to the
+        # next (add_int16_cast's target dtype), which would make prefill depend on decode. They are called
+        # directly: PassPipelineManager validates the whole program after every pass (the exporters do once).
+        alone = Program()
+        alone.add_function("main", build_function(spec, chunk, tokens, context, weights))
+        for graph_pass in PASSES:
+            PASS_REGISTRY[graph_pass](alone)
+        program.add_function(name, alone.functions["main"])
+    program.default_function_name = "decode"
+    program.export_as_multifunction = True
+    return program
+
+
+def build_function(spec: ModelSpec, chunk: Chunk, tokens: int, context: int, weights: WeightConsts) -> Function:
+    """`tokens` tokens through the chunk's layers."""
+    # The builder names ops from a process-wide counter that ct.convert clears after each conversion; from
+    # zero in every function, the names (and so model.mlmodel) are the same in every run.
+    mb.name_count.clear()
+    ops = WeightedOps(spec, weights, required_tensors(spec, chunk))
+    with Function(function_inputs(spec, chunk, tokens, context), opset_version=ct.target.iOS18) as function:
+        shared = shared_values(spec, context, tokens, function.inputs)
+        x = embed(ops, function.inputs["input_ids"], tokens) if chunk.first else function.inputs["hidden_states"]
+        for local, layer in enumerate(chunk.layers):
+            x = decoder_layer(ops, x, layer, local, shared)
+        out = lm_head(ops, x) if chunk.last else mb.identity(x=x, name="hidden_states_out")
+        function.set_outputs([out])
+    return function
+
+
+def function_inputs(spec: ModelSpec, chunk: Chunk, tokens: int, context: int) -> dict:
+    """Token ids (1, S) into the first chunk, hidden states (1, C, 1, S) into the others; the block's position;
+    the chunk's KV cache as two states."""
+    h, kvh, d, layers = spec.hidden_size, spec.num_kv_heads, spec.head_dim, len(chunk.layers)
+    first_input = (mb.TensorSpec((1, tokens), dtype=types.int32) if chunk.first
+                   else mb.TensorSpec((1, h, 1, tokens), dtype=types.fp16))
+    return {
+        chunk.input_names()[0]: first_input,
+        "position": mb.TensorSpec((1,), dtype=types.int32),
+        "key_cache": mb.StateTensorSpec((layers, kvh, context, d), dtype=types.fp16),
+        "value_cache": mb.StateTensorSpec((layers, kvh, context, d), dtype=types.fp16),
+    }
+
+
+@dataclass(frozen=True)
+class WeightedOps:
+    """The ops that apply a checkpoint weight, each weight's const made through `weights`: every linear and norm
+    of the graph goes through here."""
+
+    spec: ModelSpec
+    weights: WeightConsts
+    needed: set[Key]  # the chunk's required_tensors: which biases it has
+
+    def linear(self, x, role: str, layer: int, name: str):
+        """HF's (out, in) weight as a 1×1 convolution's (out, in, 1, 1), over (1, C_in, 1, S)."""
+        out, inp = tensor_shape(self.spec, (role, layer, "weight"))
+        weight = self.weights.const(weight_id((role, layer, "weight")), (out, inp, 1, 1), f"{name}_weight")
+        bias = None
+        if (role, layer, "bias") in self.needed:
+            bias = self.weights.const(weight_id((role, layer, "bias")), (out,), f"{name}_bias")
+        return mb.conv(x=x, weight=weight, bias=bias, name=name)
+
+    def norm(self, x, role: str, layer: int | None, name: str):
+        """RMSNorm over channels with the norm weight of `role`."""
+        h = self.spec.hidden_size
+        weight = self.weights.const(weight_id((role, layer, "weight")), (1, h, 1, 1), f"{name}_weight")
+        return rms_norm(x, weight, self.spec.rms_norm_eps, name)
+
+
+def shared_values(spec: ModelSpec, context: int, tokens: int, inputs: dict) -> Shared:
+    """What every layer of the function uses, made once: the block's positions, RoPE angles, mask and caches."""
+    position = inputs["position"]
+    # (S,); one token is at `position` itself (adding 0 is what noop_elimination would remove)
+    positions = position if tokens == 1 else mb.add(x=position, y=np.arange(tokens, dtype=np.int32),
+                                                     name="positions")
+    cos, sin = rope_angles(spec, context, positions, tokens)
+    return Shared(position, cos, sin, causal_mask(spec, context, positions, tokens),
+                  CacheState(inputs["key_cache"]), CacheState(inputs["value_cache"]))
+
+
+def embed(ops: WeightedOps, input_ids, tokens: int):
+    """Token ids (1, S) → embeddings (1, C, 1, S)."""
+    h = ops.spec.hidden_size
+    # The table as (V, C, 1, 1), the LM head's conv layout: an unsplit tied head is the same blob.
+    table = ops.weights.const(weight_id(("token_embd", None, "weight")), (ops.spec.vocab_size, h, 1, 1),
+                              "embed_tokens")
+    x = mb.gather(x=table, indices=input_ids, axis=0)  # (1, S, C, 1, 1)
+    x = mb.transpose(x=mb.reshape(x=x, shape=[1, tokens, h]), perm=[0, 2, 1])
+    return mb.reshape(x=x, shape=[1, h, 1, tokens], name="embeddings")
+
+
+def decoder_layer(ops: WeightedOps, x, layer: int, local: int, shared: Shared):
+    """One pre-norm block: x + attention(norm(x)), then x + mlp(norm(x)); `local` = the layer's index in the
+    chunk's caches."""
+    attention_in = ops.norm(x, "attn_norm", layer, f"l{layer}_attn_norm")
+    x = mb.add(x=x, y=attention(ops, attention_in, layer, local, shared), name=f"l{layer}_attn_residual")
+    mlp_in = ops.norm(x, "ffn_norm", layer, f"l{layer}_ffn_norm")
+    return mb.add(x=x, y=mlp(ops, mlp_in, layer), name=f"l{layer}_ffn_residual")
+
+
+def mlp(ops: WeightedOps, x, layer: int):
+    """SwiGLU: down(silu(gate(x)) × up(x))."""
+    gate = ops.linear(x, "ffn_gate", layer, f"l{layer}_ffn_gate")
+    up = ops.linear(x, "ffn_up", layer, f"l{layer}_ffn_up")
+    hidden = mb.mul(x=mb.silu(x=gate), y=up, name=f"l{layer}_ffn_act")
+    return ops.linear(hidden, "ffn_down", layer, f"l{layer}_ffn_down")
+
+
+def lm_head(ops: WeightedOps, x):
+    """The final norm and the LM head, (1, C, 1, S) → logits (1, S, V), one convolution per head piece."""
+    spec, h = ops.spec, ops.spec.hidden_size
+    x = ops.norm(x, "output_norm", None, "output_norm")
+    head, pieces = (head_role(spec), None, "weight"), head_pieces(spec)
+    parts = [mb.conv(x=x, weight=ops.weights.const(weight_id(head, i if len(pieces) > 1 else None),
+                                                   (len(rows), h, 1, 1), f"lm_head_{i}_weight"),
+                     name=f"lm_head_{i}")
+             for i, rows in enumerate(pieces)]
+    x = mb.concat(values=parts, axis=1) if len(parts) > 1 else parts[0]  # (1, V, 1, S)
+    return mb.transpose(x=mb.squeeze(x=x, axes=[2]), perm=[0, 2, 1], name="logits")  # (1, S, V)
+
+
+def shared_const(value: np.ndarray, name: str):
+    """A const that depends on the spec and context alone: one blob serves both functions."""
+    var = mb.const(val=value, name=name)
+    var.op.weight_id = name
+    return var
+
+
+def rms_norm(x, weight, eps: float, name: str):
+    """RMSNorm over channels, with a (1, C, 1, 1) weight, that cannot overflow fp16.
+
+    Squaring an fp16 activation overflows past |x| = 256, and summing C squares long before that. Dividing
+    each token by its max |x| first keeps every square ≤ 1 and their mean in [1/C, 1]; the factor cancels
+    out of x / rms(x) except in eps, which is divided by the same factor squared.
+    """
+    peak = mb.maximum(x=mb.reduce_max(x=mb.abs(x=x), axes=[1], keep_dims=True), y=np.float16(NORM_FLOOR))
+    scaled = mb.real_div(x=x, y=peak)
+    mean_square = mb.reduce_mean(x=mb.mul(x=scaled, y=scaled), axes=[1], keep_dims=True)
+    # eps / peak² as (√eps / peak)²: √eps (1e-3 for eps = 1e-6) is a normal fp16 number, eps itself is not
+    root_eps = mb.real_div(x=np.float16(math.sqrt(eps)), y=peak)
+    rms_inverse = mb.rsqrt(x=mb.add(x=mean_square, y=mb.mul(x=root_eps, y=root_eps)))
+    normed = mb.mul(x=scaled, y=rms_inverse)
+    return mb.mul(x=normed, y=weight, name=name)
+
+
+class CacheState:
+    """One KV state (layers, KVH, context, D) of a function, read once; each layer's write chains on the
+    previous one. Re-reading the state per layer would be wrong: coremltools' remove_redundant_ops pass
+    treats read_state as pure and merges repeated reads, so a later layer would write back a cache from
+    before the earlier layers' writes (the MIL interpreter caught this)."""
+
+    def __init__(self, state):
+        self.state = state
+        self.value = mb.read_state(input=state)
+
+    def write(self, update, local: int, begin, end):
+        """Write (1, KVH, S, D) at [local layer, :, position:position+S] (`begin`, `end`); return the layer's
+        whole cache. `coreml_update_state` is what makes the write persist between calls."""
+        _, kvh, context, d = self.value.shape
+        updated = mb.slice_update(x=self.value, update=update, begin=begin, end=end)
+        self.value = mb.coreml_update_state(state=self.state, value=updated)
+        if self.value.shape[0] == 1:  # a one-layer chunk: the layer's cache is the whole state (no no-op slice)
+            return self.value
+        return mb.slice_by_index(x=self.value, begin=[local, 0, 0, 0], end=[local + 1, kvh, context, d])
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What every layer of one function uses: the block's start position, RoPE angles, mask and caches."""
+
+    position: object  # MIL vars throughout
+    cos: object
+    sin: object
+    mask: object
+    keys: CacheState
+    values: CacheState
+
+
+def attention(ops: WeightedOps, x, layer: int, local: int, shared: Shared):
+    """Grouped-query attention over the whole cache, through the chunk's states (`local` = layer index in it)."""
+    heads, kvh, d = ops.spec.num_heads, ops.spec.num_kv_heads, ops.spec.head_dim
+    group, s, context = heads // kvh, x.shape[-1], shared.mask.shape[-1]
+    q = ops.linear(x, "attn_q", layer, f"l{layer}_q")  # (1, H·D, 1, S)
+    k = ops.linear(x, "attn_k", layer, f"l{layer}_k")
+    v = ops.linear(x, "attn_v", layer, f"l{layer}_v")
+    q = rope(mb.reshape(x=q, shape=[1, heads, d, s]), shared.cos, shared.sin)  # (1, H, D, S)
+    k = rope(mb.reshape(x=k, shape=[1, kvh, d, s]), shared.cos, shared.sin)
+    k = mb.transpose(x=k, perm=[0, 1, 3, 2])  # (1, KVH, S, D)
+    # Where this block goes in the layer's cache; keys and values share it (the graph states once what
+    # coremltools' remove_redundant_ops would otherwise merge).
+    begin = mb.concat(values=[np.array([local, 0], np.int32), shared.position, np.array([0], np.int32)], axis=0)
+    end = mb.add(x=begin, y=np.array([1, kvh, s, d], np.int32))
+    keys = shared.keys.write(k, local, begin, end)  # (1, KVH, context, D)
+    v = mb.transpose(x=mb.reshape(x=v, shape=[1, kvh, d, s]), perm=[0, 1, 3, 2])
+    values = shared.values.write(v, local, begin, end)
+    q = mb.mul(x=mb.transpose(x=q, perm=[0, 1, 3, 2]), y=np.float16(1 / math.sqrt(d)))  # (1, H, S, D)
+    # Query heads h = kv·group + g share KV head kv: grouping rows as (kv, g·S) needs no repeated K/V.
+    q = reshape(q, [1, kvh, group * s, d])
+    scores = mb.matmul(x=q, y=keys, transpose_y=True)  # (1, KVH, G·S, context)
+    scores = mb.add(x=reshape(scores, [1, heads, s, context]), y=shared.mask)
+    probs = reshape(mb.softmax(x=scores, axis=-1), [1, kvh, group * s, context])
+    out = reshape(mb.matmul(x=probs, y=values), [1, heads, s, d])
+    out = mb.reshape(x=mb.transpose(x=out, perm=[0, 1, 3, 2]), shape=[1, heads * d, 1, s])
+    return ops.linear(out, "attn_output", layer, f"l{layer}_o")
+
+
+def reshape(x, shape: list[int]):
+    """mb.reshape, or `x` itself where it has that shape already (one query head per KV head): the graph
+    states what coremltools' noop_elimination, which PASSES leave out, would make of it."""
+    return x if tuple(x.shape) == tuple(shape) else mb.reshape(x=x, shape=shape)
+
+
+def rope(x, cos, sin):
+    """Rotate-half RoPE (HF's convention) on (1, N, D, S): halves of the head dimension rotate together."""
+    _, n, d, s = x.shape
+    x1 = mb.slice_by_index(x=x, begin=[0, 0, 0, 0], end=[1, n, d // 2, s])
+    x2 = mb.slice_by_index(x=x, begin=[0, 0, d // 2, 0], end=[1, n, d, s])
+    first = mb.sub(x=mb.mul(x=x1, y=cos), y=mb.mul(x=x2, y=sin))
+    second = mb.add(x=mb.mul(x=x2, y=cos), y=mb.mul(x=x1, y=sin))
+    return mb.concat(values=[first, second], axis=2)
+
+
+def rope_angles(spec: ModelSpec, context: int, positions, tokens: int):
+    """cos and sin (1, 1, D/2, S) for the block's positions, gathered from tables over the whole context."""
+    inv_freq, attention_factor = rope_frequencies(spec, context)
+    angles = inv_freq[:, None] * np.arange(context)[None, :]  # (D/2, context), computed in float64
+    tables = [(np.cos(angles) * attention_factor).astype(np.float16),
+              (np.sin(angles) * attention_factor).astype(np.float16)]
+    half = spec.head_dim // 2
+    return [mb.reshape(x=mb.gather(x=shared_const(table, f"{name}_table"), indices=positions, axis=1),
+                       shape=[1, 1, half, tokens], name=name)
+            for table, name in zip(tables, ("rope_cos", "rope_sin"), strict=True)]
+
+
+def rope_frequencies(spec: ModelSpec, context: int) -> tuple[np.ndarray, float]:
+    """Inverse frequencies and the attention factor (yarn scales cos/sin), as transformers computes them."""
+    d = spec.head_dim
+    inv_freq = 1.0 / spec.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
+    scaling = spec.rope_scaling
+    if scaling is None:
+        return inv_freq, 1.0
+    kind, factor = scaling["rope_type"], float(scaling.get("factor") or 1.0)
+    original = scaling.get("original_max_position_embeddings", spec.max_position_embeddings)
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    if kind == "dynamic":
+        if context > spec.max_position_embeddings:
+            raise CheckpointError("dynamic RoPE scaling beyond max_position_embeddings is not supported "
+                                  "by the Core ML target (its frequencies change with the sequence length)")
+        return inv_freq, 1.0  # below that length transformers uses the unscaled frequencies
+    if kind == "llama3":
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (original / wavelen - low) / (high - low)
+        scaled = np.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        medium = (wavelen >= original / high) & (wavelen <= original / low)
+        return np.where(medium, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled), 1.0
+    # yarn: blend interpolated and extrapolated frequencies over a ramp of dimensions; scale cos/sin
+    factor = float(scaling.get("factor") or spec.max_position_embeddings / original)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 0.1 * m * math.log(scale) + 1.0 if scale > 1 else 1.0
+
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+    def correction(rotations: float) -> float:
+        return d * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(spec.rope_theta))
+
+    low, high = correction(scaling.get("beta_fast") or 32), correction(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    ramp = np.clip((np.arange(d // 2) - low) / (high - low if high != low else 1e-3), 0, 1)
+    return inv_freq / factor * ramp + inv_freq * (1 - ramp), float(attention_factor)
+
+
+def causal_mask(spec: ModelSpec, context: int, positions, tokens: int):
+    """Additive mask (1, 1, S, context): 0 where key ≤ query (and within a sliding window), else MASK_VALUE.
+    Slots past the sequence hold stale or zero K/V; the mask is what keeps them out."""
+    key_index = shared_const(np.arange(context, dtype=np.int32)[None, :], "key_index")
+    query = mb.reshape(x=positions, shape=[tokens, 1])
+    allowed = mb.less_equal(x=key_index, y=query)
+    if spec.sliding_window and spec.sliding_window < context:
+        recent = mb.greater(x=key_index, y=mb.sub(x=query, y=np.int32(spec.sliding_window)))
+        allowed = mb.logical_and(x=allowed, y=recent)
+    # (allowed − 1) × |MASK_VALUE| rather than `select`: coremltools 9 infers select's output shape from
+    # its two value operands alone, so select(cond (S, context), scalar, scalar) would claim a scalar.
+    allowed = mb.cast(x=allowed, dtype="fp16")
+    mask = mb.mul(x=mb.sub(x=allowed, y=np.float16(1)), y=np.float16(-MASK_VALUE))
+    return mb.reshape(x=mask, shape=[1, 1, tokens, context], name="causal_mask")

@@ -1,0 +1,258 @@
+"""CoreMLWriter: the streamed pass's Core ML writer.
+
+Weights are written once, in their final place. Each streamed tensor is cast to fp16 a block at a time and
+appended to the weights/weight.bin of every package that uses it, in MIL blob storage format, by a writer
+thread (`BlobWrites`): the stream goes on while the disk takes the bytes, and memory holds the blocks in flight,
+not the tensor (a package whose tensors come out of order keeps its file open longer). When a package's last
+tensor has arrived, its program is built, on a thread of its own, with placeholder consts (zero-byte broadcast
+arrays) that name those blobs by weight id, and exported around them: the graph passes that run are those of
+coremltools' default pipeline that change this graph, less the ones that read weight values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from siliconvert.architectures import ModelSpec
+from siliconvert.artifacts import Artifact, Writer
+from siliconvert.convert.coreml.chunks import Chunk, Key, blobs_of, plan_chunks
+from siliconvert.convert.coreml.graph import build_function, build_program, required_tensors, tensor_shape
+from siliconvert.convert.coreml.package import (
+    PACKAGE_DATA,
+    SPEC_VERSION,
+    WEIGHT_FILE,
+    BlobWrites,
+    MILProtoExporter,
+    PackageWriter,
+    export,
+    fsync_tree,
+    replace_atomically,
+    write_package,
+)
+from siliconvert.convert.coreml.weights import PlaceholderWeights, QuantizedWeights, StoredWeights
+from siliconvert.errors import CheckpointError, OutputError
+from siliconvert.quantize.coreml import quantize_weights
+from siliconvert.recipe import CoreMLTarget
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+PREFILL_BLOCK = 64  # tokens per prefill call: ANE kernels like a fixed, moderately wide sequence axis
+
+
+def active_seconds(intervals: list[tuple[float, float]]) -> float:
+    """How long at least one of the intervals was under way (their union's length)."""
+    total, reach = 0.0, -math.inf
+    for begun, ended in sorted(intervals):
+        if ended > reach:
+            total += ended - max(begun, reach)
+            reach = ended
+    return total
+
+
+class CoreMLWriter(Writer):
+    """Writes each tensor into the packages that use it as it streams by, and builds a chunk's programs around
+    its weights as soon as the stream completes it: fp16, then the compressed variants the target asks for
+    (quantize/coreml.py); `finish` adds manifests and tokenizer files and moves the folders into place."""
+
+    def __init__(self, checkpoint, target: CoreMLTarget, out_dir: Path, model_name: str):
+        self.checkpoint = checkpoint
+        self.spec: ModelSpec = checkpoint.spec
+        self.target = target
+        self.model_name = model_name
+        self.block = prefill_block(target.context)
+        self.chunks = plan_chunks(self.spec, target.chunks)
+        self.needed = [required_tensors(self.spec, chunk) for chunk in self.chunks]
+        self.arrived: set[Key] = set()
+        self.writing: dict[int, PackageWriter] = {}  # fp16 packages with weights still to come, by chunk
+        # A package whose weights have all arrived is built (its programs made and exported, its compressed
+        # variants made) on a thread of its own, one at a time, while the stream goes on: building is Python and
+        # takes the GIL, but the stream spends most of a pass waiting on other writers' threads with it released.
+        # Only that thread uses coremltools' MIL builder (its block stack is global) while the pass runs.
+        self.builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coreml-build")
+        self.building: list[Future] = []
+        self.builds: list[tuple[float, float]] = []  # when the builder was at work, for `figures`
+        # Finished packages are fsynced in a background thread (fsync releases the GIL), so the disk catches
+        # up while the next chunk's tensors are cast and written; `finish` waits for every one.
+        self.syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coreml-fsync")
+        self.syncing: list[Future] = []
+        self.writes = BlobWrites()
+        self.calls: list[tuple[float, float]] = []  # when the stream was inside this writer, for `figures`
+        out_dir = Path(out_dir)
+        self.out_dir = out_dir
+        self.folders = {p: out_dir / f"{model_name}-{p}-coreml" for p in target.precisions}
+        self.work = {p: f.with_name(f".{f.name}.tmp-{os.getpid()}") for p, f in self.folders.items()}
+        self._state = "open"
+        try:
+            for folder in self.work.values():
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir(parents=True)
+        except OSError as e:
+            raise OutputError(f"cannot create a Core ML work folder ({e.strerror})", out_dir) from None
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        begun = time.perf_counter()
+        try:
+            self._add(name, array)
+        finally:
+            self.calls.append((begun, time.perf_counter()))
+
+    def _add(self, name: str, array: np.ndarray) -> None:
+        if self._state != "open":
+            raise RuntimeError(f"CoreMLWriter.add after {self._state}")
+        key = self._key(name)
+        users = [i for i, needed in enumerate(self.needed) if key in needed]
+        if not users:
+            return  # a stored copy of a tied head, or rotary inv_freq: the graph rebuilds these from the spec
+        if key in self.arrived:
+            raise CheckpointError(f"tensor {name!r} arrived twice in the stream")
+        if array.shape != tensor_shape(self.spec, key):
+            raise CheckpointError(f"tensor {name!r} has shape {list(array.shape)}, the config implies "
+                                  f"{list(tensor_shape(self.spec, key))}")
+        for built in self.building:
+            if built.done():
+                built.result()  # a package that failed to build stops the pass here, not at `finish`
+        self.arrived.add(key)
+        for i in users:
+            package = self.writing.get(i) or self._open(self.chunks[i])
+            for blob, rows in blobs_of(self.spec, self.chunks[i], key):
+                package.write(blob, name, array[rows])
+        for i in users:
+            if self.needed[i] <= self.arrived:
+                self.building.append(self.builder.submit(self._build, self.chunks[i], self.writing.pop(i)))
+
+    def finish(self) -> list[Artifact]:
+        begun = time.perf_counter()
+        try:
+            return self._finish()
+        finally:
+            self.calls.append((begun, time.perf_counter()))
+
+    def figures(self) -> dict[str, float]:
+        """`write_s` and `build_s`: the time of the threads that write weights and build packages, overlapping
+        the stream; `active_s`: how long the stream was inside this writer or either thread was at work."""
+        return {"write_s": self.writes.write_s, "build_s": sum(end - begin for begin, end in self.builds),
+                "active_s": active_seconds(self.calls + self.writes.intervals + self.builds)}
+
+    def _finish(self) -> list[Artifact]:
+        if self._state != "open":
+            raise RuntimeError(f"CoreMLWriter.finish after {self._state}")
+        missing = [c.package for c in self.chunks if not self.needed[c.index] <= self.arrived]
+        if missing:
+            raise CheckpointError(f"the tensor stream ended before {', '.join(missing)} could be built")
+        for built in self.building:
+            built.result()
+        self._state = "finished"
+        self.builder.shutdown()
+        self.writes.close()
+        options = {"compute_units": self.target.compute_units}
+        try:
+            for precision, work in self.work.items():
+                (work / MANIFEST).write_text(json.dumps(self.manifest(precision), indent=2) + "\n")
+                for file in [self.checkpoint.path / "config.json", *self.checkpoint.tokenizer_files()]:
+                    shutil.copyfile(file, work / file.name)
+                self.syncing.append(self.syncer.submit(fsync_tree, work))  # the packages' files are synced already
+            for synced in self.syncing:
+                synced.result()
+        except OSError as e:
+            raise OutputError(f"cannot write the Core ML packages ({e.strerror})", self.out_dir) from None
+        finally:
+            self.syncer.shutdown()
+        for precision, work in self.work.items():
+            replace_atomically(work, self.folders[precision])
+        fsync_tree(self.out_dir, recurse=False)  # the renames themselves
+        return [Artifact("coreml", p, folder, options) for p, folder in self.folders.items()]
+
+    def abort(self) -> None:
+        self._state = "aborted"
+        self.builder.shutdown(cancel_futures=True)  # waits for a build under way: it may hold a file open
+        self.writes.close()
+        for package in self.writing.values():
+            package.close()
+        self.writing.clear()
+        self.syncer.shutdown(cancel_futures=True)
+        for folder in self.work.values():
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def manifest(self, precision: str) -> dict:
+        spec = self.spec
+        return {
+            "format": "siliconvert-coreml",
+            "version": MANIFEST_VERSION,
+            "model_name": self.model_name,
+            "precision": precision,
+            "family": spec.family,
+            "context_length": self.target.context,
+            "vocab_size": spec.vocab_size,
+            "hidden_size": spec.hidden_size,
+            "functions": {"decode": 1, "prefill": self.block},  # function name → tokens per call
+            "chunks": [
+                {
+                    "package": chunk.package,
+                    "first_layer": chunk.layers.start,
+                    "num_layers": len(chunk.layers),
+                    "inputs": chunk.input_names(),
+                    "outputs": [chunk.output_name()],
+                    "states": {name: [len(chunk.layers), spec.num_kv_heads, self.target.context,
+                                      spec.head_dim] for name in ("key_cache", "value_cache")},
+                }
+                for chunk in self.chunks
+            ],
+        }
+
+    def _open(self, chunk: Chunk) -> PackageWriter:
+        try:
+            self.writing[chunk.index] = PackageWriter(self.work["fp16"] / chunk.package, self.writes)
+        except OSError as e:
+            raise OutputError(f"cannot create a Core ML package ({e.strerror})", self.work["fp16"]) from None
+        return self.writing[chunk.index]
+
+    def _build(self, chunk: Chunk, package: PackageWriter) -> None:
+        begun = time.perf_counter()
+        try:
+            self._build_package(chunk, package)
+        finally:
+            self.builds.append((begun, time.perf_counter()))
+
+    def _build_package(self, chunk: Chunk, package: PackageWriter) -> None:
+        program = build_program(self.spec, chunk, self.block, self.target.context, PlaceholderWeights(package.blobs))
+        package.finish(program)
+        del program
+        self.syncing.append(self.syncer.submit(fsync_tree, package.path))
+        if len(self.target.precisions) > 1:
+            stored = StoredWeights(package.path / PACKAGE_DATA / "weights" / WEIGHT_FILE, package.blobs)
+            for precision in self.target.precisions[1:]:
+                self._compress(chunk, stored, precision)
+
+    def _compress(self, chunk: Chunk, stored: StoredWeights, precision: str) -> None:
+        """A compressed variant, read back from the fp16 package just written (memory-mapped): coremltools'
+        quantization pass runs on one function, and both functions take the weights it chose. Slower than the
+        fp16 path, and it holds the chunk's compressed weights until its package is written."""
+        quantized = quantize_weights(build_function(self.spec, chunk, 1, self.target.context, stored), precision)
+        program = build_program(self.spec, chunk, self.block, self.target.context,
+                                QuantizedWeights(stored, quantized))
+        package = self.work[precision] / chunk.package
+        (package / PACKAGE_DATA / "weights").mkdir(parents=True)
+        write_package(package, export(program, MILProtoExporter(program, str(package / PACKAGE_DATA / "weights"),
+                                                                SPEC_VERSION)))
+        self.syncing.append(self.syncer.submit(fsync_tree, package))
+
+    def _key(self, name: str) -> Key | None:
+        role = self.checkpoint.family.role_of(name)
+        return (role.role, role.layer, role.kind) if role else None
+
+
+def prefill_block(context: int) -> int:
+    """Tokens per prefill call: PREFILL_BLOCK, or the largest power of two below it that divides the
+    context, so that blocks tile the cache exactly (a block never writes past the last slot)."""
+    block = PREFILL_BLOCK
+    while context % block:
+        block //= 2
+    return block
