@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -23,9 +24,10 @@ from typing import Any, BinaryIO
 import mlx.core as mx
 import numpy as np
 
+from siliconvert.architectures import ModelSpec
 from siliconvert.artifacts import Artifact, Writer
 from siliconvert.checkpoint import Checkpoint
-from siliconvert.errors import CheckpointError
+from siliconvert.convert.mlx_arch import LAYOUTS, MLXArch
 from siliconvert.quantize.mlx import QuantPolicy, quantizable_modules, quantize
 from siliconvert.recipe import MLXTarget
 
@@ -34,10 +36,19 @@ ROW_BLOCK_BYTES = 64 << 20  # float32 source bytes converted and quantized at a 
 SAFETENSORS_DTYPES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32"}
 
 
+# Source keys that carry traits the transformers way; mlx-lm would read some of them its own way, so only
+# MLXArch's derivation of them reaches config.json
+TRAIT_KEYS = ("rope_parameters", "rope_scaling", "rope_theta", "layer_types", "sliding_window", "use_sliding_window",
+              "sliding_window_pattern", "no_rope_layers", "no_rope_layer_interval", "partial_rotary_factor",
+              "rope_local_base_freq", "original_max_position_embeddings")
+
+
 def mlx_config(checkpoint: Checkpoint) -> dict[str, Any]:
-    """The source config with every hyper-parameter mlx-lm reads set explicitly from the spec."""
+    """The source config with every hyper-parameter mlx-lm reads set explicitly from the spec: sizes here,
+    traits as MLXArch writes them for the family's mlx-lm model file (or a refusal naming the trait)."""
     spec = checkpoint.spec
-    config = {k: v for k, v in checkpoint.config.items() if k not in ("rope_parameters", "rope_scaling")}
+    traits = MLXArch(spec, checkpoint.path).config()
+    config = {k: v for k, v in checkpoint.config.items() if k not in TRAIT_KEYS}
     config |= {
         "hidden_size": spec.hidden_size,
         "intermediate_size": spec.intermediate_size,
@@ -48,17 +59,10 @@ def mlx_config(checkpoint: Checkpoint) -> dict[str, Any]:
         "rms_norm_eps": spec.rms_norm_eps,
         "vocab_size": spec.vocab_size,
         "max_position_embeddings": spec.max_position_embeddings,
-        "rope_theta": spec.rope_theta,
         "tie_word_embeddings": spec.tie_word_embeddings,
         "mlp_bias": spec.mlp_bias,
     }
-    if spec.family == "llama" or spec.family == "mistral":
-        if spec.qkv_bias != spec.attn_output_bias:
-            raise CheckpointError("mlx-lm's llama has one attention_bias for q, k, v and o", checkpoint.path)
-        config["attention_bias"] = spec.qkv_bias
-    if spec.rope_scaling:
-        config["rope_scaling"] = dict(spec.rope_scaling)
-    return config
+    return config | traits
 
 
 def build_model(config: dict[str, Any]):
@@ -93,6 +97,7 @@ class MLXWriter(Writer):
         self.tmp_path.mkdir(parents=True)
         self.config = mlx_config(checkpoint)
         self.model = build_model(self.config)
+        self.sanitize = tensor_sanitizer(self.model, checkpoint.spec)
         self.policy = QuantPolicy(target.bits, target.group_size) if target.bits != 16 else None
         self.quantized = quantizable_modules(self.model, self.policy) if self.policy else set()
         # bits 16 means float16; quantized models keep the source's float type for scales, as mlx-lm does.
@@ -161,7 +166,7 @@ class MLXWriter(Writer):
     def _transform(self, name: str, weight: mx.array) -> dict[str, mx.array]:
         """mlx-lm's arrays for one source tensor: sanitized, cast, and quantized where mlx-lm would."""
         out = {}
-        for mlx_name, array in self.model.sanitize({name: weight}).items():
+        for mlx_name, array in self.sanitize({name: weight}).items():
             module, _, kind = mlx_name.rpartition(".")
             array = array.astype(self.dtype) if mx.issubdtype(array.dtype, mx.floating) else array
             if kind == "weight" and module in self.quantized:
@@ -175,7 +180,7 @@ class MLXWriter(Writer):
         """The tensor's outputs, each as row blocks in order. A tensor that sanitize only renames (or drops)
         is converted ROW_BLOCK_BYTES at a time, so mlx never holds a float32 copy of a big tensor; any other
         sanitize gets the whole tensor."""
-        if array.ndim < 2 or not _rows_independent(self.model, name, array.shape):
+        if array.ndim < 2 or not _rows_independent(self.sanitize, name, array.shape):
             whole = self._transform(name, mx.array(array))
             mx.eval(whole)
             return {k: [_as_numpy(v)] for k, v in whole.items()}
@@ -216,11 +221,21 @@ class MLXWriter(Writer):
         self.file = None
 
 
-def _rows_independent(model, name: str, shape: tuple[int, ...]) -> bool:
+def tensor_sanitizer(model, spec: ModelSpec) -> Callable[[dict[str, mx.array]], dict[str, mx.array]]:
+    """mlx-lm's `sanitize` for tensors given one at a time; where the family's cannot take them so (it looks
+    at the whole set), what it does to one: a tied head is dropped."""
+    if LAYOUTS[spec.family].sanitize_per_tensor:
+        return model.sanitize
+    dropped = {"lm_head.weight"} if spec.tie_word_embeddings else set()
+    return lambda weights: {k: v for k, v in weights.items() if k not in dropped}
+
+
+def _rows_independent(sanitize: Callable[[dict[str, mx.array]], dict[str, mx.array]], name: str,
+                      shape: tuple[int, ...]) -> bool:
     """Whether sanitize maps this tensor to one array of the same shape, as the llama-like families' renames
     and drops do: then its rows can be converted block by block and give what the whole tensor gives
     (quantization groups lie within rows). A sanitize that reshapes or splits gets the whole tensor."""
-    mapped = model.sanitize({name: mx.zeros(shape, dtype=mx.float32)})
+    mapped = sanitize({name: mx.zeros(shape, dtype=mx.float32)})
     return len(mapped) == 1 and tuple(next(iter(mapped.values())).shape) == tuple(shape)
 
 

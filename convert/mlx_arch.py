@@ -1,0 +1,256 @@
+"""What mlx-lm's model file for each family computes, and the config.json keys that make it the source's function.
+
+mlx-lm hard-codes part of each architecture (Gemma's 1 + w norms and √hidden embedding scale, Gemma 2's tied
+head and soft-caps, Phi-3's head_dim = hidden / heads) and reads the rest from config.json, each model file in
+its own way: rope θ only at the top level, `rope_scaling` in the old style, Gemma 3's sliding layers as a
+period, SmolLM3's NoPE layers as `no_rope_layers`. For every trait the spec has, `MLXArch` either writes it
+as the keys that model file reads (KEYS, named per family in LAYOUTS), or refuses naming the trait: never
+a folder that mlx-lm opens and runs as another function. A window at least as long as the context is full
+attention, and is written as such.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from siliconvert.architectures import ModelSpec
+from siliconvert.architectures.base import Layer, Rope
+from siliconvert.errors import CheckpointError
+
+# How a model file runs sliding windows: not at all; per layer from `layer_types` with one `sliding_window`
+# (mlx-lm's llama); or every layer but each `sliding_window_pattern`-th (mlx-lm's gemma3_text)
+Windows = Literal["none", "layer_types", "pattern"]
+# How a model file builds attention biases: one `attention_bias` for q, k, v and o; q, k, v always; none
+Biases = Literal["flag", "qkv", "none"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One mlx-lm model file, as siliconvert writes for it."""
+
+    model_type: str  # mlx-lm's model file (config.json's model_type)
+    keys: tuple[str, ...] = ()  # the KEYS this model file reads
+    # Traits the model file computes whatever config.json says (trait → value, or a function of the spec)
+    fixed: dict[str, Any] = field(default_factory=dict)
+    windows: Windows = "none"
+    biases: Biases = "flag"
+    rope_kinds: tuple[str, ...] = ("default", "linear", "llama3", "yarn")  # scalings its rope reads as transformers
+    # Whether mlx-lm's `sanitize` can take the tensors one at a time (gemma3_text's decides the tied head from
+    # the whole set; gemma2 has none): where not, the writer drops a tied head itself
+    sanitize_per_tensor: bool = True
+
+
+_GEMMA = {"norm_offset": 1.0, "norm_placement": "sandwich", "activation": "gelu_tanh",
+          "embedding_scale": lambda spec: math.sqrt(spec.hidden_size)}
+LAYOUTS: dict[str, Layout] = {
+    "llama": Layout("llama", windows="layer_types"),
+    "mistral": Layout("mistral", windows="layer_types"),  # mlx-lm runs Mistral as llama
+    "qwen2": Layout("qwen2", biases="qkv"),
+    "qwen3": Layout("qwen3", fixed={"qk_norm": "head"}, biases="none"),
+    "gemma2": Layout("gemma2", keys=("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"),
+                     fixed=_GEMMA | {"tie_word_embeddings": True}, biases="none", rope_kinds=("default",),
+                     sanitize_per_tensor=False),
+    "gemma3": Layout("gemma3_text", keys=("query_pre_attn_scalar", "rope_local_base_freq"),
+                     fixed=_GEMMA | {"qk_norm": "head"}, windows="pattern", biases="none", sanitize_per_tensor=False),
+    "olmo2": Layout("olmo2", fixed={"norm_placement": "post", "qk_norm": "projection"}),
+    "granite": Layout("granite", keys=("embedding_multiplier", "attention_multiplier", "residual_multiplier",
+                                       "logits_scaling")),
+    "phi3": Layout("phi3", keys=("partial_rotary_factor", "original_max_position_embeddings"),
+                   fixed={"fused_qkv": True, "fused_gate_up": True,
+                          "head_dim": lambda spec: spec.hidden_size // spec.num_heads},
+                   biases="none", rope_kinds=("default", "longrope")),
+    "smollm3": Layout("smollm3", keys=("no_rope_layers",), windows="layer_types"),
+}
+# Llama's value of each trait: what a model file computes unless its layout's `fixed` says otherwise (where
+# `fixed` may also name a size the file derives, or the tied head)
+_LLAMA = {"norm_offset": 0.0, "norm_placement": "pre", "qk_norm": None, "activation": "silu", "embedding_scale": 1.0,
+          "attention_scale": 0.0, "residual_scale": 1.0, "logits_scale": 1.0, "attn_softcap": None,
+          "final_softcap": None, "fused_qkv": False, "fused_gate_up": False}
+
+
+@dataclass(frozen=True)
+class Key:
+    """A config.json key some model file reads: the traits it expresses and its value for a checkpoint."""
+
+    traits: tuple[str, ...]
+    value: Callable[[MLXArch], Any]
+
+
+KEYS: dict[str, Key] = {
+    "query_pre_attn_scalar": Key(("attention_scale",), lambda arch: _whole(arch.spec.attention_multiplier ** -2)),
+    "attn_logit_softcapping": Key(("attn_softcap",), lambda arch: arch.required("attn_softcap")),
+    "final_logit_softcapping": Key(("final_softcap",), lambda arch: arch.required("final_softcap")),
+    "embedding_multiplier": Key(("embedding_scale",), lambda arch: arch.spec.embedding_scale),
+    "attention_multiplier": Key(("attention_scale",), lambda arch: arch.spec.attention_multiplier),
+    "residual_multiplier": Key(("residual_scale",), lambda arch: arch.spec.residual_scale),
+    "logits_scaling": Key(("logits_scale",), lambda arch: 1.0 / arch.spec.logits_scale),
+    "no_rope_layers": Key(("nope_layers",), lambda arch: [int(layer.rope is not None) for layer in arch.layers]),
+    "rope_local_base_freq": Key(("per_layer_rope",), lambda arch: arch.sliding_theta()),
+    "partial_rotary_factor": Key(("partial_rotary",), lambda arch: arch.rope.dim / arch.spec.head_dim),
+    "original_max_position_embeddings": Key(
+        (), lambda arch: (arch.rope.scaling or {}).get("original_max_position_embeddings",
+                                                        arch.spec.max_position_embeddings)),
+}
+
+
+class MLXArch:
+    """One checkpoint's spec against one mlx-lm model file: checks, then the config.json keys it needs."""
+
+    def __init__(self, spec: ModelSpec, where: Any):
+        if spec.family not in LAYOUTS:
+            raise CheckpointError(f"no MLX layout for the {spec.family} family", where)
+        self.spec, self.where, self.layout = spec, where, LAYOUTS[spec.family]
+        # a window as long as the context never slides: full attention
+        self.layers = tuple(Layer(layer.window if layer.window and layer.window < spec.max_position_embeddings
+                                  else None, layer.rope) for layer in spec.layers)
+        self.rope: Rope = spec.rope or Rope(spec.rope_theta, spec.head_dim)
+        self._check()
+
+    def refuse(self, trait: str, why: str) -> CheckpointError:
+        return CheckpointError(f"MLX (mlx-lm's {self.layout.model_type}) cannot honour the trait {trait}: {why}",
+                               self.where)
+
+    def required(self, trait: str) -> Any:
+        value = getattr(self.spec, trait)
+        if value is None:
+            raise self.refuse(trait, "mlx-lm applies it always; the source has none")
+        return value
+
+    def sliding_theta(self) -> float:
+        """The θ of the sliding layers' rope (the main θ where none slides): all mlx-lm reads of that rope."""
+        ropes = _distinct(layer.rope for layer in self.layers if layer.window is not None)
+        if not ropes:
+            return self.rope.theta
+        rope = ropes[0]
+        if len(ropes) > 1 or rope is None or rope.scaling is not None or rope.dim != self.spec.head_dim:
+            raise self.refuse("per_layer_rope", "the sliding layers' rope is one plain θ in mlx-lm")
+        return rope.theta
+
+    # ---- checks ----------------------------------------------------------------------------------------
+    def _check(self) -> None:
+        spec, layout = self.spec, self.layout
+        keyed = {trait for key in layout.keys for trait in KEYS[key].traits}
+        for trait, expected in (_LLAMA | layout.fixed).items():
+            if trait in keyed:
+                continue
+            expected = expected(spec) if callable(expected) else expected
+            actual = getattr(spec, trait)
+            if trait == "attention_scale":  # 0 means head_dim^-½, in the spec and in mlx-lm's files alike
+                expected, actual = expected or spec.head_dim**-0.5, spec.attention_multiplier
+            if not (actual == expected or (isinstance(actual, float) and math.isclose(actual, expected))):
+                raise self.refuse(trait, f"mlx-lm computes {expected!r}, the source {actual!r}")
+        self._check_biases()
+        self._check_ropes(keyed)
+        self._check_windows()
+
+    def _check_biases(self) -> None:
+        spec, biases = self.spec, self.layout.biases
+        wanted = {"flag": (spec.qkv_bias, spec.qkv_bias), "qkv": (True, False), "none": (False, False)}[biases]
+        if (spec.qkv_bias, spec.attn_output_bias) != wanted:
+            raise self.refuse("attention_bias", f"mlx-lm's biases are q/k/v {wanted[0]}, output {wanted[1]}; "
+                                                f"the source's {spec.qkv_bias}, {spec.attn_output_bias}")
+        if spec.mlp_bias and biases != "flag":
+            raise self.refuse("mlp_bias", "mlx-lm's MLP has no biases")
+
+    def _check_ropes(self, keyed: set[str]) -> None:
+        spec, layout = self.spec, self.layout
+        ropes = [layer.rope for layer in self.layers]
+        if None in ropes and "nope_layers" not in keyed:
+            raise self.refuse("nope_layers", "every layer has rope in mlx-lm")
+        main = _distinct(layer.rope for layer in self.layers if layer.rope is not None
+                         and (layer.window is None or layout.windows != "pattern"))
+        if len(main) > 1:
+            raise self.refuse("per_layer_rope", "one rope for all layers (Gemma 3: one per attention kind)")
+        for rope in (r for r in ropes if r is not None):
+            if rope.kind not in layout.rope_kinds:
+                raise self.refuse("rope_scaling", f"mlx-lm's rope here reads {', '.join(layout.rope_kinds)} scaling "
+                                                  f"as transformers does; the source's is {rope.kind!r}")
+            if rope.dim != spec.head_dim and "partial_rotary" not in keyed:
+                raise self.refuse("partial_rotary", "mlx-lm rotates the whole head")
+        if self.rope.kind == "longrope":
+            self._check_longrope()
+
+    def _check_longrope(self) -> None:
+        """mlx-lm's SuScaledRoPE applies the long factors at every length, with an attention factor from
+        max/original context; transformers applies the short ones up to the original context."""
+        scaling, spec = self.rope.scaling, self.spec
+        original = self.rope_scaling()["original_max_position_embeddings"]
+        if scaling["short_factor"] != scaling["long_factor"] and spec.max_position_embeddings > original:
+            raise self.refuse("rope_scaling", f"mlx-lm applies LongRoPE's long factors at every length; "
+                                              f"transformers applies the short ones up to {original} tokens")
+        mlx_ratio = spec.max_position_embeddings / original
+        mlx_factor = 1.0 if mlx_ratio <= 1 else math.sqrt(1 + math.log(mlx_ratio) / math.log(original))
+        factor = scaling.get("factor", mlx_ratio)
+        source_factor = scaling.get("attention_factor") or (
+            1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original)))
+        if not math.isclose(mlx_factor, source_factor):
+            raise self.refuse("rope_scaling", f"mlx-lm's LongRoPE attention factor is {mlx_factor:.6g}, the "
+                                              f"source's {source_factor:.6g}")
+
+    def _check_windows(self) -> None:
+        windows = {layer.window for layer in self.layers} - {None}
+        if not windows:
+            return
+        context = self.spec.max_position_embeddings
+        if self.layout.windows == "none":
+            raise self.refuse("sliding_window", f"mlx-lm attends over the whole context ({context}); the source "
+                                                f"slides a {min(windows)}-token window")
+        if len(windows) > 1:
+            raise self.refuse("sliding_window", f"mlx-lm has one window size; the source has {sorted(windows)}")
+        if all(layer.window is not None for layer in self.layers):
+            raise self.refuse("sliding_window", "mlx-lm needs a full-attention layer; every source layer slides")
+        if self.layout.windows == "pattern":
+            self.sliding_window_pattern()
+
+    def sliding_window_pattern(self) -> int:
+        """Gemma 3's period: layer i is full attention when (i + 1) % period == 0."""
+        full = [i for i, layer in enumerate(self.layers) if layer.window is None]
+        period = full[0] + 1
+        if [i for i in range(len(self.layers)) if (i + 1) % period == 0] != full:
+            raise self.refuse("sliding_window", f"mlx-lm's full-attention layers come every n-th; the source's "
+                                                f"are {full}")
+        return period
+
+    # ---- config.json ------------------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The keys that carry the traits, as this model file reads them."""
+        config: dict[str, Any] = {"model_type": self.layout.model_type, "rope_theta": self.rope.theta}
+        config |= {key: KEYS[key].value(self) for key in self.layout.keys}
+        if self.layout.biases == "flag":
+            config["attention_bias"] = self.spec.qkv_bias
+        if self.rope.scaling is not None:
+            config["rope_scaling"] = self.rope_scaling()
+        windows = {layer.window for layer in self.layers} - {None}
+        if self.layout.windows == "layer_types":
+            config["layer_types"] = ["sliding_attention" if layer.window else "full_attention" for layer in self.layers]
+            config["sliding_window"] = windows.pop() if windows else None
+        elif self.layout.windows == "pattern":
+            config["sliding_window_pattern"] = self.sliding_window_pattern() if windows else 1
+            config["sliding_window"] = windows.pop() if windows else self.spec.max_position_embeddings
+        return config
+
+    def rope_scaling(self) -> dict[str, Any]:
+        """The main rope's scaling in the old style mlx-lm reads: `type` as well as `rope_type`; LongRoPE with
+        the short factors as the long ones where only the short ones ever apply."""
+        scaling = {k: v for k, v in (self.rope.scaling or {}).items() if k != "rope_theta"}
+        scaling["type"] = scaling["rope_type"]
+        if scaling["rope_type"] == "longrope":
+            scaling.setdefault("original_max_position_embeddings", self.spec.max_position_embeddings)
+            scaling["long_factor"] = scaling["short_factor"] if (
+                self.spec.max_position_embeddings <= scaling["original_max_position_embeddings"]) else (
+                scaling["long_factor"])
+        return scaling
+
+
+def _distinct(ropes: Iterable[Rope | None]) -> list[Rope | None]:
+    """The different ropes among `ropes` (a Rope with scaling holds a dict: not hashable)."""
+    return list({repr(rope): rope for rope in ropes}.values())
+
+
+def _whole(value: float) -> float | int:
+    """An int where the float is one up to rounding: transformers' config classes (which load the folder's
+    config.json for its tokenizer) type some of these keys int."""
+    return round(value) if math.isclose(value, round(value)) else value
