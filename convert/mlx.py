@@ -222,10 +222,11 @@ class MLXWriter(Writer):
 
 
 def tensor_sanitizer(model, spec: ModelSpec) -> Callable[[dict[str, mx.array]], dict[str, mx.array]]:
-    """mlx-lm's `sanitize` for tensors given one at a time; where the family's cannot take them so (it looks
-    at the whole set), what it does to one: a tied head is dropped."""
-    if LAYOUTS[spec.family].sanitize_per_tensor:
-        return model.sanitize
+    """mlx-lm's `sanitize` for tensors given one at a time. Where the model file has none, or has one that
+    cannot take them so (it looks at the whole set), what it would do to one: a tied head is dropped."""
+    sanitize = getattr(model, "sanitize", None)
+    if sanitize is not None and LAYOUTS[spec.family].sanitize_per_tensor:
+        return sanitize
     dropped = {"lm_head.weight"} if spec.tie_word_embeddings else set()
     return lambda weights: {k: v for k, v in weights.items() if k not in dropped}
 

@@ -39,7 +39,7 @@ class Layout:
     biases: Biases = "flag"
     rope_kinds: tuple[str, ...] = ("default", "linear", "llama3", "yarn")  # scalings its rope reads as transformers
     # Whether mlx-lm's `sanitize` can take the tensors one at a time (gemma3_text's decides the tied head from
-    # the whole set; gemma2 has none): where not, the writer drops a tied head itself
+    # the whole set): where not, the writer drops a tied head itself
     sanitize_per_tensor: bool = True
 
 
@@ -51,8 +51,7 @@ LAYOUTS: dict[str, Layout] = {
     "qwen2": Layout("qwen2", biases="qkv"),
     "qwen3": Layout("qwen3", fixed={"qk_norm": "head"}, biases="none"),
     "gemma2": Layout("gemma2", keys=("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"),
-                     fixed=_GEMMA | {"tie_word_embeddings": True}, biases="none", rope_kinds=("default",),
-                     sanitize_per_tensor=False),
+                     fixed=_GEMMA | {"tie_word_embeddings": True}, biases="none", rope_kinds=("default",)),
     "gemma3": Layout("gemma3_text", keys=("query_pre_attn_scalar", "rope_local_base_freq"),
                      fixed=_GEMMA | {"qk_norm": "head"}, windows="pattern", biases="none", sanitize_per_tensor=False),
     "olmo2": Layout("olmo2", fixed={"norm_placement": "post", "qk_norm": "projection"}),

@@ -1,0 +1,107 @@
+"""MLX on every family: mlx_lm.load opens the folder and computes the source's function, or the writer refuses
+naming the trait mlx-lm gets wrong. Float16 (bits 16) isolates layout errors from quantization's."""
+
+import json
+import shutil
+
+import pytest
+from conftest import build_mlx, reference_logits_for
+from families import FAMILY_CASES
+from test_mlx import held_out_windows, mlx_logits
+
+from siliconvert.architectures import registry
+from siliconvert.convert.mlx_arch import MLXArch
+from siliconvert.errors import CheckpointError
+from siliconvert.validate.metrics import compare
+
+pytestmark = pytest.mark.slow
+
+# family → the trait named when mlx-lm cannot run the FAMILY_CASES checkpoint as transformers does
+REFUSED = {"gemma2": "sliding_window", "phi3": "rope_scaling"}
+# The same weights under a config.json edited so that mlx-lm can honour it; transformers reads the edit too,
+# so the reference changes with it. Each reaches traits the refusal above would hide, or a rope scaling.
+EDITED = {
+    "gemma2: window as long as the context": ("gemma2", {"sliding_window": 1024}),
+    "phi3: LongRoPE short = long factors": ("phi3", {"rope_parameters": {
+        **FAMILY_CASES["phi3"][1]["rope_parameters"], "long_factor": [1.0 + 0.05 * i for i in range(8)]}}),
+    "llama: llama3 rope": ("llama", {"rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
+    "llama: yarn rope": ("llama", {"rope_parameters": {
+        "rope_type": "yarn", "rope_theta": 50000.0, "factor": 4.0, "original_max_position_embeddings": 64}}),
+}
+
+
+@pytest.fixture(scope="module")
+def family_source(small_model):
+    def source(family):
+        if family == "llama":
+            return small_model("llama", "sentencepiece", rope_theta=50000.0)
+        tokenizer, config = FAMILY_CASES[family]
+        return small_model(family, tokenizer, config=config)
+    return source
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """scored(source, **target) → mean KLD of the MLX artifact against transformers' FP32 logits."""
+    references = {}
+
+    def score(source, **target):
+        if source not in references:
+            windows = held_out_windows(source)
+            references[source] = windows, reference_logits_for(source, windows)
+        windows, reference = references[source]
+        artifact = build_mlx(source, tmp_path_factory.mktemp("mlx"), **target)
+        vocab = reference.shape[-1]
+        scores, _ = compare(reference[:, :-1].reshape(-1, vocab),
+                            mlx_logits(artifact.path, windows)[:, :-1].reshape(-1, vocab), windows[:, 1:].reshape(-1))
+        return scores.mean_kld
+    return score
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CASES))
+def test_four_bit_computes_the_source_function_or_is_refused(family, family_source, scored, tmp_path):
+    source = family_source(family)
+    if family in REFUSED:
+        with pytest.raises(CheckpointError, match=f"cannot honour the trait {REFUSED[family]}"):
+            build_mlx(source, tmp_path, bits=4)
+        return
+    assert scored(source, bits=4, group_size=64) <= 0.06
+
+
+@pytest.mark.parametrize("family", [family for family in FAMILY_CASES if family not in REFUSED])
+def test_float16_layout_is_exact(family, family_source, scored):
+    assert scored(family_source(family), bits=16) < 0.001
+
+
+@pytest.mark.parametrize("case", list(EDITED))
+def test_float16_layout_is_exact_on_edited_configs(case, family_source, scored, tmp_path_factory):
+    family, edit = EDITED[case]
+    source = tmp_path_factory.mktemp("edited") / "model"
+    shutil.copytree(family_source(family), source)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps(config | edit))
+    assert scored(source, bits=16) < 0.001
+
+
+SIZES = {"vocab_size": 1024, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024}
+
+
+@pytest.mark.parametrize(("architecture", "config", "trait"), [
+    ("Gemma3ForCausalLM", {"head_dim": 32, "sliding_window": 24, "num_hidden_layers": 4, "layer_types": [
+        "full_attention", "sliding_attention", "full_attention", "sliding_attention"]}, "sliding_window"),
+    ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 1},
+     "sliding_window"),
+    ("Phi3ForCausalLM", {"original_max_position_embeddings": 256, "rope_parameters": {
+        **FAMILY_CASES["phi3"][1]["rope_parameters"], "long_factor": [1.0] * 8, "short_factor": [1.0] * 8,
+        "attention_factor": 2.0}}, "rope_scaling"),
+    ("LlamaForCausalLM", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}},
+     "rope_scaling"),
+])
+def test_refusals_name_the_trait(architecture, config, trait):
+    """Layouts mlx-lm's model files cannot express, refused from the spec alone."""
+    config = SIZES | {"architectures": [architecture]} | config
+    with pytest.raises(CheckpointError, match=f"cannot honour the trait {trait}"):
+        MLXArch(registry.for_config(config).spec(config), "config.json")
