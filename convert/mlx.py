@@ -8,7 +8,9 @@ first and its data streams in after it. Memory holds one tensor's outputs, not a
 
 config.json is written from the normalised ModelSpec, not copied: mlx-lm reads rope θ only from
 the top level and assumes tied embeddings when the key is absent, so a transformers-5 checkpoint
-(θ under `rope_parameters`, `tie_word_embeddings` omitted) would convert silently wrong.
+(θ under `rope_parameters`, `tie_word_embeddings` omitted) would convert silently wrong. The traits
+(windows, rope per layer, scalings, multipliers, soft-caps) are written as the family's mlx-lm model file
+reads them, or refused naming the trait: see mlx_arch.py.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from siliconvert.architectures import registry
 from siliconvert.convert.mlx_arch import MLXArch
 from siliconvert.errors import CheckpointError
 from siliconvert.validate.metrics import compare
+from siliconvert.validate.runners.mlx import MLXRunner
 
 pytestmark = pytest.mark.slow
 
@@ -44,18 +45,23 @@ def family_source(small_model):
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
-    """scored(source, **target) → mean KLD of the MLX artifact against transformers' FP32 logits."""
+    """scored(source, engine="mlx", **target) → mean KLD of the MLX artifact, run by mlx-lm (or by the torch
+    stand-in for large models, engine="torch"), against transformers' FP32 logits."""
     references = {}
 
-    def score(source, **target):
+    def score(source, engine="mlx", **target):
         if source not in references:
             windows = held_out_windows(source)
             references[source] = windows, reference_logits_for(source, windows)
         windows, reference = references[source]
         artifact = build_mlx(source, tmp_path_factory.mktemp("mlx"), **target)
+        if engine == "mlx":
+            logits = mlx_logits(artifact.path, windows)
+        else:
+            logits = MLXRunner(artifact.path, {"engine": engine}).logits_many(windows)
         vocab = reference.shape[-1]
-        scores, _ = compare(reference[:, :-1].reshape(-1, vocab),
-                            mlx_logits(artifact.path, windows)[:, :-1].reshape(-1, vocab), windows[:, 1:].reshape(-1))
+        scores, _ = compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
+                            windows[:, 1:].reshape(-1))
         return scores.mean_kld
     return score
 
@@ -73,6 +79,13 @@ def test_four_bit_computes_the_source_function_or_is_refused(family, family_sour
 @pytest.mark.parametrize("family", [family for family in FAMILY_CASES if family not in REFUSED])
 def test_float16_layout_is_exact(family, family_source, scored):
     assert scored(family_source(family), bits=16) < 0.001
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "smollm3", "granite"])
+def test_torch_stand_in_runs_the_folder_as_mlx_lm_reads_it(family, family_source, scored):
+    """The stand-in for large models rebuilds transformers' config from mlx-lm's reading: Gemma 3's sliding
+    period and local θ, SmolLM3's NoPE layers, Granite's multipliers; float32 over the float16 weights."""
+    assert scored(family_source(family), engine="torch", bits=16) < 0.001
 
 
 @pytest.mark.parametrize("case", list(EDITED))

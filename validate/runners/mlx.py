@@ -224,21 +224,19 @@ def transformers_config(config: dict, args: Any) -> PretrainedConfig:
     """transformers' config for the model mlx-lm builds from the folder's config.json.
 
     Every hyper-parameter mlx-lm's model arguments (`args`) hold overrides config.json's, since it is
-    mlx-lm's run that is stood in for: its defaults for absent keys (rope θ, tied embeddings) and its
-    attention over the whole window in every layer where the config names a sliding window but no
-    sliding layers. What transformers cannot run the mlx-lm way is refused.
+    mlx-lm's run that is stood in for: its defaults for absent keys (rope θ, tied embeddings), its sliding
+    layers (named per layer, or every layer but each `sliding_window_pattern`-th: Gemma 3) and their window,
+    and the sliding layers' own θ (Gemma 3's `rope_local_base_freq`). mlx-lm's window is transformers'
+    (a key at most window - 1 positions back). What transformers cannot run the mlx-lm way is refused.
     """
     from transformers import AutoConfig
 
     if getattr(args, "rope_traditional", False):
         raise ArtifactError("mlx-lm would rotate interleaved pairs (rope_traditional); transformers' model "
                             "cannot, so the torch stand-in refuses this artifact")
-    layer_types = getattr(args, "layer_types", None) or ["full_attention"] * args.num_hidden_layers
-    if set(layer_types) != {"full_attention"}:
-        raise ArtifactError("mlx-lm would run sliding-window layers here; the torch stand-in does not "
-                            "reproduce mlx-lm's windowing, so it refuses this artifact")
     values = {key: value for key, value in config.items()
-              if key not in ("quantization", "quantization_config", "rope_theta", "rope_scaling", "rope_parameters")}
+              if key not in ("quantization", "quantization_config", "rope_theta", "rope_scaling", "rope_parameters",
+                             "sliding_window_pattern", "rope_local_base_freq")}
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "rms_norm_eps", "vocab_size", "max_position_embeddings",
                 "tie_word_embeddings", "attention_bias", "mlp_bias"):
@@ -246,8 +244,23 @@ def transformers_config(config: dict, args: Any) -> PretrainedConfig:
             values[key] = getattr(args, key)
     scaling = dict(args.rope_scaling or {})
     rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
-    values["rope_parameters"] = {**scaling, "rope_type": rope_type, "rope_theta": float(args.rope_theta)}
-    values |= {"sliding_window": None, "use_sliding_window": False}
-    if "layer_types" in values:  # only where the config names them: transformers' Mistral warns otherwise
+    rope = {**scaling, "rope_type": rope_type, "rope_theta": float(args.rope_theta)}
+    layer_types = mlx_layer_types(args)
+    sliding = "sliding_attention" in layer_types
+    values |= {"sliding_window": args.sliding_window if sliding else None, "use_sliding_window": sliding,
+               "rope_parameters": rope}
+    if hasattr(args, "rope_local_base_freq"):  # Gemma 3: a rope per attention kind
+        values["rope_parameters"] = {"full_attention": rope, "sliding_attention": {
+            "rope_type": "default", "rope_theta": float(args.rope_local_base_freq)}}
+    if "layer_types" in values or sliding:  # only where needed: transformers' Mistral warns otherwise
         values["layer_types"] = layer_types
     return AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+def mlx_layer_types(args: Any) -> list[str]:
+    """Each layer's attention kind as mlx-lm's model runs it."""
+    if hasattr(args, "sliding_window_pattern"):
+        period = args.sliding_window_pattern
+        return ["full_attention" if (i + 1) % period == 0 else "sliding_attention"
+                for i in range(args.num_hidden_layers)]
+    return getattr(args, "layer_types", None) or ["full_attention"] * args.num_hidden_layers
