@@ -34,12 +34,24 @@ EDITED = {
 
 
 @pytest.fixture(scope="module")
-def family_source(small_model):
-    def source(family):
-        if family == "llama":
+def family_source(small_model, tmp_path_factory):
+    """family_source(name) → the FAMILY_CASES checkpoint of a family ("llama": the plain small Llama), or a copy
+    of one under an EDITED case's config."""
+    edited = {}
+
+    def source(name):
+        if name in EDITED:
+            if name not in edited:
+                family, edit = EDITED[name]
+                edited[name] = tmp_path_factory.mktemp("edited") / "model"
+                shutil.copytree(source(family), edited[name])
+                config = json.loads((edited[name] / "config.json").read_text())
+                (edited[name] / "config.json").write_text(json.dumps(config | edit))
+            return edited[name]
+        if name == "llama":
             return small_model("llama", "sentencepiece", rope_theta=50000.0)
-        tokenizer, config = FAMILY_CASES[family]
-        return small_model(family, tokenizer, config=config)
+        tokenizer, config = FAMILY_CASES[name]
+        return small_model(name, tokenizer, config=config)
     return source
 
 
@@ -81,21 +93,17 @@ def test_float16_layout_is_exact(family, family_source, scored):
     assert scored(family_source(family), bits=16) < 0.001
 
 
-@pytest.mark.parametrize("family", ["gemma3_text", "smollm3", "granite"])
-def test_torch_stand_in_runs_the_folder_as_mlx_lm_reads_it(family, family_source, scored):
-    """The stand-in for large models rebuilds transformers' config from mlx-lm's reading: Gemma 3's sliding
-    period and local θ, SmolLM3's NoPE layers, Granite's multipliers; float32 over the float16 weights."""
-    assert scored(family_source(family), engine="torch", bits=16) < 0.001
-
-
 @pytest.mark.parametrize("case", list(EDITED))
-def test_float16_layout_is_exact_on_edited_configs(case, family_source, scored, tmp_path_factory):
-    family, edit = EDITED[case]
-    source = tmp_path_factory.mktemp("edited") / "model"
-    shutil.copytree(family_source(family), source)
-    config = json.loads((source / "config.json").read_text())
-    (source / "config.json").write_text(json.dumps(config | edit))
-    assert scored(source, bits=16) < 0.001
+def test_float16_layout_is_exact_on_edited_configs(case, family_source, scored):
+    assert scored(family_source(case), bits=16) < 0.001
+
+
+@pytest.mark.parametrize("name", ["gemma3_text", "smollm3", "granite", *list(EDITED)[:2]])
+def test_torch_stand_in_runs_the_folder_as_mlx_lm_reads_it(name, family_source, scored):
+    """The stand-in for large models rebuilds transformers' config from mlx-lm's reading: Gemma 3's sliding
+    period and local θ, SmolLM3's NoPE layers, Granite's multipliers, Gemma 2 without sliding layers, Phi-3's
+    LongRoPE; float32 over the float16 weights."""
+    assert scored(family_source(name), engine="torch", bits=16) < 0.001
 
 
 SIZES = {"vocab_size": 1024, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,

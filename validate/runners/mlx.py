@@ -230,6 +230,7 @@ def transformers_config(config: dict, args: Any) -> PretrainedConfig:
     (a key at most window - 1 positions back). What transformers cannot run the mlx-lm way is refused.
     """
     from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
 
     if getattr(args, "rope_traditional", False):
         raise ArtifactError("mlx-lm would rotate interleaved pairs (rope_traditional); transformers' model "
@@ -242,19 +243,25 @@ def transformers_config(config: dict, args: Any) -> PretrainedConfig:
                 "tie_word_embeddings", "attention_bias", "mlp_bias"):
         if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
-    scaling = dict(args.rope_scaling or {})
+    scaling = dict(getattr(args, "rope_scaling", None) or {})
     rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
     rope = {**scaling, "rope_type": rope_type, "rope_theta": float(args.rope_theta)}
     layer_types = mlx_layer_types(args)
     sliding = "sliding_attention" in layer_types
-    values |= {"sliding_window": args.sliding_window if sliding else None, "use_sliding_window": sliding,
-               "rope_parameters": rope}
+    # Where no layer slides, a window as long as the context: transformers' Gemma 2 builds a sliding mask
+    # whatever the layer types say, and a window that reaches every position is full attention
+    window = args.sliding_window if sliding else values["max_position_embeddings"]
+    values |= {"sliding_window": window, "use_sliding_window": sliding, "rope_parameters": rope}
     if hasattr(args, "rope_local_base_freq"):  # Gemma 3: a rope per attention kind
         values["rope_parameters"] = {"full_attention": rope, "sliding_attention": {
             "rope_type": "default", "rope_theta": float(args.rope_local_base_freq)}}
-    if "layer_types" in values or sliding:  # only where needed: transformers' Mistral warns otherwise
-        values["layer_types"] = layer_types
-    return AutoConfig.for_model(values.pop("model_type"), **values)
+    values["layer_types"] = layer_types  # always: a config class may default to sliding layers (Gemma 2)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its advice on config style (Mistral with layer_types) is for model authors
+    try:
+        return AutoConfig.for_model(values.pop("model_type"), **values)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def mlx_layer_types(args: Any) -> list[str]:
