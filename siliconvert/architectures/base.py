@@ -301,6 +301,8 @@ class Family:
         params = dict(hf.rope_parameters or {})
         if layer_type in params or set(params) & {"full_attention", "sliding_attention"}:
             params = dict(params.get(layer_type) or {})
+        legacy_type = params.pop("type", None)  # older configs' name for rope_type, which transformers keeps
+        params.setdefault("rope_type", legacy_type or "default")
         theta = float(params.pop("rope_theta", None) or getattr(hf, "rope_theta", None) or 10000.0)
         partial = float(params.pop("partial_rotary_factor", None) or getattr(hf, "partial_rotary_factor", None)
                         or 1.0)
