@@ -3,8 +3,10 @@
 FP16 on CUDA or MPS; on CPU the weights are upcast to FP32 (FP16 matmuls on CPU are slow and no
 more faithful). Where the residual stream leaves FP16's range (Gemma's does in real checkpoints), an FP16
 reference would be wrong, not merely imprecise: the run notices the first non-finite layer output and
-starts again in FP32. The report says which dtype ran, and why. The model is never loaded whole: validate/streamed.py holds
-one decoder layer's weights at a time, so a 7B reference fits in a few GB of memory. It runs in a
+starts again in FP32. The report says which dtype ran, and why.
+
+The model is never loaded whole: validate/streamed.py holds one decoder layer's weights at a time, so a
+7B reference fits in a few GB of memory. It runs in a
 child process, so the peak memory it reports is its own.
 """
 
