@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
+from families import FAMILY_CASES
 from transformers import AutoConfig
 
 from siliconvert.architectures import Layer, Rope, registry
 from siliconvert.convert.gguf_arch import GGUFArch
 from siliconvert.errors import CheckpointError
-from tests.families import FAMILY_CASES
 
 ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
                  "olmo2": "Olmo2ForCausalLM", "granite": "GraniteForCausalLM", "phi3": "Phi3ForCausalLM",

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import reference_logits_for
+from families import FAMILY_CASES
 from transformers import AutoTokenizer
 
 from siliconvert.checkpoint import Checkpoint
@@ -20,8 +22,6 @@ from siliconvert.recipe import GGUFTarget
 from siliconvert.textdata import heldout_text
 from siliconvert.validate.metrics import compare
 from siliconvert.validate.runners.gguf import LlamaCppRunner
-from tests.conftest import reference_logits_for
-from tests.families import FAMILY_CASES
 
 pytestmark = pytest.mark.slow
 
