@@ -75,14 +75,14 @@ def ours(family: str, source: Path, args: argparse.Namespace) -> dict:
     recipe.write_text(yaml.safe_dump({
         "name": family, "source": str(source), "output": str(out),
         "targets": [{"format": "mlx", "bits": 4, "group_size": 64}, {"format": "gguf", "quants": ["F16", "Q4_K_M"]},
-                    {"format": "coreml", "precision": "fp16", "context": args.context}],
+                    {"format": "coreml", "precision": "fp16", "context": 2 * args.context}],
         "validate": {"corpus": "builtin", "tokens": args.tokens, "context": args.context},
     }))
     run = subprocess.run([str(Path(sys.executable).with_name("siliconvert")), "recipe", str(recipe)], env=ENV,
                          capture_output=True, text=True)
     report = out / "report.json"
     if not report.is_file():
-        return {"error": last_line(run)}
+        return {"recipe": {"error": last_line(run)}}
     return {f"{a['format']} {a['quant']}": figures(a) for a in json.loads(report.read_text())["artifacts"]}
 
 
