@@ -35,11 +35,12 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--force", is_flag=True, help="Write release folders even for artifacts that failed a gate.")
 def recipe(recipe_file: Path, check: bool, allow_pickle: bool, force: bool) -> None:
     """Run RECIPE_FILE: convert, validate, gate, report."""
-    from siliconvert.pipeline import run_recipe
+    from siliconvert.pipeline import open_source, preflight, run_recipe
     from siliconvert.recipe import load_recipe
 
     parsed = load_recipe(recipe_file)
-    if check:
+    if check:  # the same checks a run makes before its first tensor, on the real source
+        preflight(parsed, open_source(parsed.source, allow_pickle), recipe_file)
         click.echo(f"{recipe_file}: ok ({len(parsed.targets)} targets, output {parsed.output_dir(recipe_file)})")
         return
     outcome = run_recipe(parsed, recipe_file, allow_pickle=allow_pickle, force_release=force)
@@ -114,11 +115,12 @@ def _finish(outcome) -> None:
     click.echo("all gates passed")
 
 
-def main() -> None:
-    debug = "--debug" in sys.argv[1:]
+def main(argv: list[str] | None = None) -> None:
+    """The `siliconvert` command; `argv` (default sys.argv[1:]) lets tests run it in-process."""
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     warnings.showwarning = _one_line_warning
     try:
-        cli.main(standalone_mode=False)
+        cli.main(args=argv, prog_name="siliconvert", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("interrupted", err=True)
         sys.exit(130)
