@@ -57,12 +57,13 @@ def recipe(recipe_file: Path, check: bool, allow_pickle: bool, force: bool) -> N
 def validate(artifact: Path, source: str, corpus: str, output: Path | None, tokens: int, context: int) -> None:
     """Score one existing ARTIFACT against its source (same report format as `recipe`)."""
     from siliconvert.artifacts import detect_artifact
-    from siliconvert.pipeline import Outcome, open_source, prepare_output, validate_artifacts
-    from siliconvert.recipe import Validate
+    from siliconvert.pipeline import Outcome, check_positions, open_source, prepare_output, validate_artifacts
+    from siliconvert.recipe import validate_settings
 
+    settings = validate_settings(corpus=corpus, tokens=tokens, context=context)
     found = detect_artifact(artifact)
     checkpoint = open_source(source)
-    settings = Validate(corpus=corpus, tokens=tokens, context=context)
+    check_positions(checkpoint, [("--context", context)], "command line")
     out_dir = prepare_output(output or Path("build") / f"validate-{artifact.name}")
     report = validate_artifacts(checkpoint, source, [found], settings, {found.path: settings.gates}, out_dir)
     _finish(Outcome(report, [found], out_dir))

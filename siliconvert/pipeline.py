@@ -129,17 +129,13 @@ def preflight(recipe: Recipe, checkpoint: Checkpoint, recipe_path: Path | None =
 
     where = recipe_path or "recipe"
     settings = recipe.validate_
-    positions = checkpoint.spec.max_position_embeddings
     contexts = [(f"targets.{i}.context", t.context) for i, t in enumerate(recipe.targets) if t.format == "coreml"]
     if settings.enabled:
         contexts.append(("validate.context", settings.context))
         if settings.latency:
             latency = settings.prefill_tokens + settings.decode_tokens
             contexts.append(("validate.prefill_tokens + decode_tokens", latency))
-    for key, context in contexts:
-        if context > positions:
-            raise RecipeError(f"{key} is {context}, beyond the model's max_position_embeddings {positions} "
-                              f"({checkpoint.path / 'config.json'})", where)
+    check_positions(checkpoint, contexts, where)
     tokenizer = source_tokenizer(checkpoint.path)  # every target ships the tokenizer; validation runs it
     if settings.enabled:
         token_windows(tokenizer, settings.corpus, settings.tokens, settings.context)
@@ -149,6 +145,15 @@ def preflight(recipe: Recipe, checkpoint: Checkpoint, recipe_path: Path | None =
 
             calibration_text(target.imatrix)
     check_output(recipe.output_dir(recipe_path))
+
+
+def check_positions(checkpoint: Checkpoint, contexts: list[tuple[str, int]], where: Path | str) -> None:
+    """Each (setting, tokens) must fit the positions the model was trained for."""
+    positions = checkpoint.spec.max_position_embeddings
+    for key, context in contexts:
+        if context > positions:
+            raise RecipeError(f"{key} is {context}, beyond the model's max_position_embeddings {positions} "
+                              f"({checkpoint.path / 'config.json'})", where)
 
 
 def check_output(out_dir: Path) -> None:

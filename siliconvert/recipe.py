@@ -166,6 +166,17 @@ def load_recipe(path: Path) -> Recipe:
     return parse_recipe(data, path)
 
 
+def validate_settings(where: str = "command line", **values: object) -> Validate:
+    """Validation settings given as options (`siliconvert validate`): a bad value is one RecipeError line."""
+    try:
+        settings = Validate.model_validate(values)
+    except ValidationError as e:
+        raise RecipeError(_first_problem(e), where) from None
+    if settings.context > settings.tokens:
+        raise RecipeError(f"context ({settings.context}) must not exceed tokens ({settings.tokens})", where)
+    return settings
+
+
 def parse_recipe(data: dict, where: Path | str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data)

@@ -126,6 +126,18 @@ def test_check_runs_the_same_checks_without_converting(tiny, tmp_path, capsys, m
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    (("--context", "4"), "context: Input should be greater than or equal to 8 (got 4)"),
+    (("--tokens", "8"), "tokens: Input should be greater than or equal to 16 (got 8)"),
+    (("--context", "512", "--tokens", "256"), "context (512) must not exceed tokens (256)"),
+])
+def test_validate_command_options_are_one_line(tiny, tmp_path, capsys, options, message):
+    """`siliconvert validate`'s options are checked before anything is opened (they once ended in exit 3)."""
+    run = siliconvert(capsys, "validate", str(tiny), "--source", str(tiny), "--output", str(tmp_path / "out"),
+                      *options)
+    assert_refused(run, "command line", message, tmp_path / "out")
+
+
 def test_model_type_stands_in_for_architectures(tiny, tmp_path, capsys, monkeypatch):
     """A config without `architectures` converts by its model_type, as transformers loads it, with a warning."""
     monkeypatch.setenv("SILICONVERT_QUIET", "1")
