@@ -459,6 +459,8 @@ def _index_pickles(files: list[Path]) -> dict[str, TensorInfo]:
     tensors: dict[str, TensorInfo] = {}
     for file in files:
         for name, tensor in _pickle_tensors(file).items():
+            if not isinstance(name, str) or not hasattr(tensor, "element_size"):  # a torch.Tensor, by what it has
+                raise CheckpointError(f"the pickle holds {short(name)}, which is not a named tensor", file)
             dtype = TORCH_DTYPES.get(str(tensor.dtype), str(tensor.dtype))
             nbytes = tensor.numel() * tensor.element_size()
             tensors[name] = TensorInfo(name, file, dtype, tuple(tensor.shape), -1, nbytes)

@@ -146,6 +146,19 @@ def copy(name: str, to: str) -> Damage:
     return damage
 
 
+class RunsCode:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def pickle(content: Any) -> Damage:
+    def damage(folder: Path, _recipe: dict) -> None:
+        import torch
+
+        torch.save(content, folder / "pytorch_model.bin")
+    return damage
+
+
 def remove(*names: str) -> Damage:
     def damage(folder: Path, _recipe: dict) -> None:
         for name in names:
@@ -456,6 +469,10 @@ WEIGHTS = [
     Case("no-weights", W, remove(SHARD), "ckpt", "no weights"),
     Case("pickle-only", W, both(write("pytorch_model.bin", b"pickle"), remove(SHARD)), "ckpt", "--allow-pickle"),
     Case("tensor-in-two-files", W, copy(SHARD, "extra.safetensors"), SHARD, "appears in two shards"),
+    Case("pickle-not-tensors", W, both(pickle({"a": {"b": 1}}), remove(SHARD)), "pytorch_model.bin",
+         "the pickle holds 'a', which is not a named tensor", flags=("--allow-pickle",)),
+    Case("pickle-runs-code", W, both(pickle(RunsCode()), remove(SHARD)), "pytorch_model.bin",
+         "cannot load the pickle weights-only", flags=("--allow-pickle",)),
 ]
 
 RECIPE = [
