@@ -25,9 +25,16 @@ TENSOR_DIMENSIONS = ("vocab_size", "hidden_size", "intermediate_size", "num_atte
 MAX_POSITIONS = 1 << 28
 POSITION_KEYS = ("max_position_embeddings", "sliding_window")
 FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
-TEXT_KEYS = ("model_type", "hidden_act", "torch_dtype", "dtype")
+TEXT_KEYS = ("model_type", "hidden_act")
+# Names transformers turns into a torch dtype (config.json's `dtype`, or `torch_dtype` before transformers 5).
+TORCH_DTYPE_NAMES = frozenset({"auto", "float32", "float", "float16", "half", "bfloat16", "float64", "double",
+                               "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "int8",
+                               "uint8", "int16", "int32", "int64", "bool"})
 ROPE_KEYS = ("rope_parameters", "rope_scaling")
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# What each RoPE scaling needs, as transformers' own validation of rope parameters requires it.
+ROPE_NEEDS = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 # Digits capped: a layer index is a short number, and int() of thousands of digits is refused by Python.
 LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d{1,9})\.")
 
@@ -70,6 +77,16 @@ def _check_types(config: dict[str, Any], where: Path) -> None:
     for key in TEXT_KEYS:
         if config.get(key) is not None and not isinstance(config[key], str):
             raise CheckpointError(f"{key} must be a string (got {short(config[key])})", where)
+    for key in ("dtype", "torch_dtype"):
+        if config.get(key) is not None and config[key] not in TORCH_DTYPE_NAMES:
+            raise CheckpointError(f"{key} {short(config[key])} names no torch dtype", where)
+    layer_types = config.get("layer_types")
+    if layer_types is not None:
+        if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
+            raise CheckpointError(f"layer_types must be a list of strings (got {short(layer_types)})", where)
+        if config.get("num_hidden_layers") is not None and len(layer_types) != config["num_hidden_layers"]:
+            raise CheckpointError(f"layer_types lists {len(layer_types)} layers, num_hidden_layers is "
+                                  f"{config['num_hidden_layers']}", where)
     architectures = config.get("architectures")
     if architectures is not None and not (isinstance(architectures, list)
                                           and all(isinstance(a, str) for a in architectures)):
@@ -90,8 +107,17 @@ def _check_rope(rope: Any, key: str, where: Path) -> None:
     for kind in ("rope_type", "type"):
         if rope.get(kind) is not None and not isinstance(rope[kind], str):
             raise CheckpointError(f"{key}.{kind} must be a string (got {short(rope[kind])})", where)
-    for number in ("factor", "rope_theta"):
+    kind = rope.get("rope_type") or rope.get("type")
+    for needed in ROPE_NEEDS.get(kind, ()):
+        if rope.get(needed) is None:
+            raise CheckpointError(f"{key}.{needed} is required for rope_type {kind!r}", where)
+    for number in ("factor", "rope_theta", "low_freq_factor", "high_freq_factor"):
         _positive_number(rope.get(number), f"{key}.{number}", where)
+    for number in ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim"):
+        value = rope.get(number)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or not math.isfinite(value)):
+            raise CheckpointError(f"{key}.{number} must be a finite number (got {short(value)})", where)
     _count(rope, "original_max_position_embeddings", 1, MAX_POSITIONS, where, prefix=f"{key}.")
 
 

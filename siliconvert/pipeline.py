@@ -139,11 +139,14 @@ def preflight(recipe: Recipe, checkpoint: Checkpoint, recipe_path: Path | None =
     tokenizer = source_tokenizer(checkpoint.path)  # every target ships the tokenizer; validation runs it
     if settings.enabled:
         token_windows(tokenizer, settings.corpus, settings.tokens, settings.context)
-    for target in recipe.targets:
+    for index, target in enumerate(recipe.targets):
         if target.format == "gguf" and target.imatrix is not None:
             from siliconvert.quantize.gguf import calibration_text
 
             calibration_text(target.imatrix)
+        if target.format == "coreml" and target.chunks != "auto" and target.chunks > checkpoint.spec.num_layers:
+            raise RecipeError(f"targets.{index}.chunks is {target.chunks}, more than the model's "
+                              f"{checkpoint.spec.num_layers} layers", where)
     check_output(recipe.output_dir(recipe_path))
 
 
