@@ -123,8 +123,8 @@ def run_recipe(recipe: Recipe, recipe_path: Path | None = None, *, allow_pickle:
 
 def preflight(recipe: Recipe, checkpoint: Checkpoint, recipe_path: Path | None = None) -> None:
     """Every check that needs no weights, before the first tensor is read (minutes at 7B) and by `recipe
-    --check`: the contexts fit the model's positions, the tokenizer loads, the corpus and the importance
-    matrix's text are readable and long enough, and the output folder can be written."""
+    --check`: the contexts fit the model's positions, the output folder can be written, the tokenizer loads,
+    the corpus and the importance matrix's text are readable and long enough, Core ML's chunks fit the layers."""
     from siliconvert.validate.corpus import source_tokenizer, token_windows
 
     where = recipe_path or "recipe"
@@ -136,6 +136,7 @@ def preflight(recipe: Recipe, checkpoint: Checkpoint, recipe_path: Path | None =
             latency = settings.prefill_tokens + settings.decode_tokens
             contexts.append(("validate.prefill_tokens + decode_tokens", latency))
     check_positions(checkpoint, contexts, where)
+    check_output(recipe.output_dir(recipe_path))
     tokenizer = source_tokenizer(checkpoint.path)  # every target ships the tokenizer; validation runs it
     if settings.enabled:
         token_windows(tokenizer, settings.corpus, settings.tokens, settings.context)
@@ -143,11 +144,13 @@ def preflight(recipe: Recipe, checkpoint: Checkpoint, recipe_path: Path | None =
         if target.format == "gguf" and target.imatrix is not None:
             from siliconvert.quantize.gguf import calibration_text
 
+            text = Path(target.imatrix).expanduser()
+            if target.imatrix != "builtin" and text.exists() and not text.is_file():  # /dev/zero never ends
+                raise RecipeError("cannot read the imatrix calibration text (not a regular file)", text)
             calibration_text(target.imatrix)
         if target.format == "coreml" and target.chunks != "auto" and target.chunks > checkpoint.spec.num_layers:
             raise RecipeError(f"targets.{index}.chunks is {target.chunks}, more than the model's "
                               f"{checkpoint.spec.num_layers} layers", where)
-    check_output(recipe.output_dir(recipe_path))
 
 
 def check_positions(checkpoint: Checkpoint, contexts: list[tuple[str, int]], where: Path | str) -> None:
