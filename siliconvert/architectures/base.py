@@ -421,6 +421,14 @@ class Registry:
         for arch in architectures:
             if arch in self.families:
                 return self.families[arch]
-        named = ", ".join(architectures) if architectures else "no 'architectures' field"
+        model_type = config.get("model_type")
+        by_type = {family.name: family for family in self.families.values()}
+        if not architectures and isinstance(model_type, str) and model_type in by_type:
+            # transformers' Auto classes pick the model by model_type; the architectures field is optional there
+            family = by_type[model_type]
+            warnings.warn(f"{where}: no 'architectures' field; read as {family.hf_architectures[0]} from "
+                          f"model_type {model_type!r}, as transformers does", ConfigWarning, stacklevel=2)
+            return family
+        named = ", ".join(architectures) if architectures else f"no 'architectures' field, model_type {model_type!r}"
         supported = ", ".join(sorted(self.families))
         raise UnsupportedArchitectureError(f"unsupported architecture ({named}); supported: {supported}", where)
