@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from siliconvert.architectures import Family, ModelSpec, registry
+from siliconvert.architectures.base import transformers_config
 from siliconvert.config_check import check_config
 from siliconvert.errors import CheckpointError, short
 
@@ -253,6 +254,10 @@ class Checkpoint:
         # Before anything is sized by config.json's numbers: each is checked against the weights' own shapes.
         check_config(config, tensors.values(), path / "config.json")
         family = registry.for_config(config, where=path / "config.json")
+        decoder_config, tensors = family.decoder(config, tensors, path / "config.json")
+        if decoder_config is not config:  # a multimodal checkpoint's language model: its numbers checked too
+            config = decoder_config
+            check_config(config, tensors.values(), path / "config.json")
         if not config.get("architectures"):  # found from model_type: artifacts' configs name it, as transformers' do
             config = {**config, "architectures": [family.hf_architectures[0]]}
         spec = family.spec(config, where=str(path / "config.json"))
@@ -263,6 +268,10 @@ class Checkpoint:
             if file.suffix == ".json" and not isinstance(load_json(file.read_bytes(), "the file", file), dict):
                 raise CheckpointError("not a JSON object", file)
         return checkpoint
+
+    def transformers_config(self) -> Any:
+        """transformers' config object for the decoder converted here (a multimodal checkpoint's language model)."""
+        return transformers_config(self.config, self.family.model_type, self.path / "config.json")
 
     def tokenizer_files(self) -> list[Path]:
         present = [self.path / n for n in TOKENIZER_FILES if (self.path / n).exists()]

@@ -64,3 +64,33 @@ def test_llama_cpp_computes_the_source_function(scored: dict, quant: str) -> Non
     assert result.mean_kld < LIMITS[quant]
     if quant == "F16":
         assert result.same_top1 >= 0.98
+
+
+def test_gemma3_multimodal_converts_its_language_model(tmp_path: Path) -> None:
+    """Gemma3ForConditionalGeneration: the vision tower is dropped (said so), the language model converts, and
+    llama.cpp computes what the multimodal model computes on text."""
+    import torch
+    from families import gemma3_multimodal
+    from transformers import Gemma3ForConditionalGeneration
+
+    from siliconvert.architectures import ConfigWarning
+
+    source = gemma3_multimodal(tmp_path / "gemma3-multimodal")
+    with pytest.warns(ConfigWarning, match=r"vision tower and projector \(\d+ tensors\) are dropped"):
+        checkpoint = Checkpoint.open(source)
+    assert checkpoint.spec.family == "gemma3" and checkpoint.config["architectures"] == ["Gemma3ForCausalLM"]
+    writer = GGUFWriter(checkpoint, GGUFTarget(format="gguf", quants=["F16"]), tmp_path, "m")
+    for name, array in checkpoint.tensors():
+        writer.add(name, array)
+    [artifact] = writer.finish()
+    ids = AutoTokenizer.from_pretrained(source)(heldout_text()[:5000], add_special_tokens=False)["input_ids"]
+    window = np.array(ids[:WINDOW])
+    model = Gemma3ForConditionalGeneration.from_pretrained(source, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        reference = model(input_ids=torch.as_tensor(window[None])).logits[0].numpy()
+    runner = LlamaCppRunner(artifact.path, {"context": WINDOW})
+    try:
+        logits = runner.logits(window)
+    finally:
+        runner.close()
+    assert compare(reference[:-1], logits[:-1], window[1:])[0].mean_kld < LIMITS["F16"]

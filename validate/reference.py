@@ -64,13 +64,12 @@ def _child(checkpoint: Checkpoint, tokens: np.ndarray, cache: Path) -> None:
     started = time.perf_counter()
     import torch
     import transformers
-    from transformers import AutoConfig
 
     from siliconvert.validate.score import peak_rss_mb
     from siliconvert.validate.streamed import CheckpointWeights, Float16Overflow, streamed_logits
 
     device, dtype, device_name = reference_device()
-    config = AutoConfig.from_pretrained(str(checkpoint.path), trust_remote_code=False)
+    config = checkpoint.transformers_config()
     label, why = "reference logits (transformers, layer by layer)", ""
     try:
         logits = streamed_logits(config, CheckpointWeights(checkpoint), tokens, device=device,

@@ -15,9 +15,11 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from siliconvert.errors import CheckpointError, UnsupportedArchitectureError
+
+T = TypeVar("T")
 
 
 class ConfigWarning(UserWarning):
@@ -341,6 +343,12 @@ class Family:
                 stacklevel=3,
             )
 
+    # ---- a decoder inside a larger checkpoint -------------------------------------------------
+    def decoder(self, config: dict[str, Any], tensors: dict[str, T], where: Any) -> tuple[dict[str, Any], dict[str, T]]:
+        """The decoder's config and tensors (renamed as the decoder's own model names them). A plain decoder
+        checkpoint is all decoder; a multimodal family keeps its language model and says what it drops."""
+        return config, tensors
+
     # ---- tensors ----------------------------------------------------------------------------
     def role_of(self, name: str) -> TensorRole | None:
         """The role of an HF tensor name, or None when the family does not know it."""
@@ -422,7 +430,7 @@ class Registry:
             if arch in self.families:
                 return self.families[arch]
         model_type = config.get("model_type")
-        by_type = {family.name: family for family in self.families.values()}
+        by_type = {family.model_type: family for family in self.families.values()}
         if not architectures and isinstance(model_type, str) and model_type in by_type:
             # transformers' Auto classes pick the model by model_type; the architectures field is optional there
             family = by_type[model_type]
