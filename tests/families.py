@@ -52,10 +52,11 @@ def gemma3_multimodal(out_dir):
         model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text_config, vision_config=vision,
                                                             mm_tokens_per_image=4,
                                                             tie_word_embeddings=text_config["tie_word_embeddings"]))
+    weights = load_file(text / "model.safetensors")
     model.model.language_model.load_state_dict(
-        {k.removeprefix("model."): v for k, v in load_file(text / "model.safetensors").items() if k.startswith("model.")})
+        {name.removeprefix("model."): value for name, value in weights.items() if name.startswith("model.")})
     if not text_config["tie_word_embeddings"]:
-        model.lm_head.weight.data.copy_(load_file(text / "model.safetensors")["lm_head.weight"])
+        model.lm_head.weight.data.copy_(weights["lm_head.weight"])
     model.to(torch.bfloat16).save_pretrained(out_dir)
     for file in text.iterdir():
         if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":
