@@ -353,7 +353,8 @@ def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Arti
     report = build_report(
         source=source,
         source_info={"name": checkpoint.name, "path": str(checkpoint.path), "architecture": spec.hf_architecture,
-                     "family": spec.family, "fingerprint": checkpoint.fingerprint(),
+                     "family": spec.family, "traits": spec.traits(),
+                     "fingerprint": checkpoint.fingerprint(),
                      "dtype": spec.source_dtype},
         reference=reference_info,
         corpus={"name": windows.corpus, "tokens": int(windows.tokens.size), "context": settings.context,

@@ -69,7 +69,7 @@ def markdown(report: dict, plot_name: str | None) -> str:
     lines = [
         f"# siliconvert report: {report['source_info']['name']}",
         "",
-        f"Source `{report['source']}` ({report['source_info']['architecture']}). "
+        f"Source `{report['source']}` ({report['source_info']['architecture']}{_traits(report['source_info'])}). "
         f"Reference: {ref['runtime']} on {ref['device']}, {ref['dtype']}{_reference_run(ref)}. "
         f"Corpus: {corpus['name']}, {corpus['positions']} scored positions "
         f"({corpus['windows']} windows of {corpus['context']} tokens).",
@@ -111,6 +111,12 @@ def markdown(report: dict, plot_name: str | None) -> str:
     if plot_name:
         lines += ["", f"![quality against size]({plot_name})"]
     return "\n".join(lines) + "\n"
+
+
+def _traits(source_info: dict) -> str:
+    """The traits that depart from Llama's, as a reader meets them ("; traits: qk_norm head, ...")."""
+    traits = source_info.get("traits") or {}
+    return "; traits: " + ", ".join(f"{name} {value}" for name, value in traits.items()) if traits else ""
 
 
 def _reference_run(ref: dict) -> str:
