@@ -66,6 +66,15 @@ def _space_prefix(text: str, added: Sequence[str]) -> tuple[str, str] | None:
     return None if rewritten == text else (rewritten, text)
 
 
+def _no_space_prefix(text: str, added: Sequence[str]) -> tuple[str, str] | None:
+    """Metaspace's prepend_scheme "first" puts "▁" before an input that begins with neither a space nor a special
+    token; llama.cpp without add_space_prefix puts none. Spelled out as a space on the artifact's side, the two
+    tokenize alike."""
+    if not text or text.startswith(" ") or any(token and text.startswith(token) for token in added):
+        return None
+    return text, " " + text
+
+
 def _composed(text: str, added: Sequence[str]) -> tuple[str, str] | None:
     """An NFC normalizer composes "e" + U+0301 into "é" before the source tokenizes; llama.cpp's BPE does not."""
     composed = unicodedata.normalize("NFC", text)
@@ -74,7 +83,10 @@ def _composed(text: str, added: Sequence[str]) -> tuple[str, str] | None:
 
 KNOWN_RULES = (
     KnownRule("space-prefix", "inputs that begin with a space, and text after a special or added token: llama.cpp "
-              "adds `▁`, the source does not (Metaspace prepend_scheme \"first\")", ("gguf",), _space_prefix),
+              "adds `▁`, the source does not (Metaspace prepend_scheme \"always\")", ("gguf",), _space_prefix),
+    KnownRule("no-space-prefix", "inputs that begin with neither a space nor a special token: the source adds `▁`, "
+              "llama.cpp does not (Metaspace prepend_scheme \"first\"; chat prompts, which begin with a special "
+              "token, agree)", ("gguf",), _no_space_prefix),
     KnownRule("nfc", "text not in Unicode NFC: the source composes it first, llama.cpp does not normalize",
               ("gguf",), _composed),
 )
