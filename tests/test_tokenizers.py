@@ -248,3 +248,13 @@ def test_other_tokenizers_are_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="neither a byte-level BPE nor a SentencePiece") as error:
         vocab_gguf(folder, tmp_path / "vocab.gguf")
     assert "tokenizer.json" in str(error.value)
+
+
+def test_unknown_pre_tokenizer_is_refused(tmp_path: Path) -> None:
+    folder = byte_level_bpe(tmp_path / "tokenizer", QWEN2_SPLIT)
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{L}+|\p{N}{1,2}|\s+"
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(CheckpointError, match="no pre-tokenizer") as error:
+        vocab_gguf(folder, tmp_path / "vocab.gguf")
+    assert "tokenizer.json" in str(error.value)
