@@ -258,3 +258,48 @@ def test_unknown_pre_tokenizer_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no pre-tokenizer") as error:
         vocab_gguf(folder, tmp_path / "vocab.gguf")
     assert "tokenizer.json" in str(error.value)
+
+
+# ---- Mistral's own tokenizer layout through the real recipe -----------------------------------------
+
+
+def mistral_layout(source: Path, folder: Path) -> Path:
+    """`source` with the tokenizer files transformers 5 saves for a Mistral checkpoint: tokenizer.json (Metaspace,
+    prepend_scheme "first", split false) and tokenizer_config.json, no tokenizer.model."""
+    shutil.copytree(source, folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "legacy": False, "chat_template": MISTRAL_CHAT}))
+    AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
+    (folder / "tokenizer.model").unlink()
+    return folder
+
+
+@pytest.mark.slow
+def test_mistral_recipe_gguf_targets_pass_on_mistrals_tokenizer_layout(small_model, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    source = mistral_layout(small_model("mistral", "sentencepiece", tie_word_embeddings=False), tmp_path / "source")
+    assert sorted(p.name for p in source.glob("tokenizer*")) == ["tokenizer.json", "tokenizer_config.json"]
+    [metaspace] = json.loads((source / "tokenizer.json").read_text())["pre_tokenizer"]["pretokenizers"]
+    assert metaspace == {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "mistral-7b.yaml").read_text())
+    recipe |= {"source": str(source), "output": str(tmp_path / "out"),
+               "targets": [t for t in recipe["targets"] if t["format"] == "gguf"]}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = subprocess.run([sys.executable, "-m", "siliconvert", "recipe", str(tmp_path / "recipe.yaml")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [a["quant"] for a in report["artifacts"]] == ["Q4_K_M", "Q8_0"]
+    for artifact in report["artifacts"]:
+        check = artifact["tokenizer"]
+        assert artifact["gates"]["passed"] and check["passed"] and check["unexplained"] == 0
+        assert set(check["known"]) == {"no-space-prefix"} and artifact["tokenizer_match"] is False
+    card = (tmp_path / "out" / "release" / "Mistral-7B-Instruct-v0.3-GGUF" / "README.md").read_text()
+    assert "no-space-prefix" in card and "no-space-prefix" in (tmp_path / "out" / "report.md").read_text()
