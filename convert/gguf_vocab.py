@@ -185,12 +185,13 @@ def _pieces_from_model(proto: Any, vocab_size: int, where: Path) -> list[tuple[s
 
 def _pieces_from_json(tokenizer: dict, vocab_size: int, where: Path) -> list[tuple[str, float, TokenType]]:
     """SentencePiece pieces from tokenizer.json's BPE model. transformers merges by rank, llama.cpp by score:
-    a piece scores minus the rank of the first merge that makes it, so both merge in the same order. Pieces no
-    merge makes (characters, bytes, specials) are never merge results, and keep score 0 as SentencePiece's
-    own user-defined pieces do."""
+    a piece scores minus the rank of the first merge that makes it, so both merge in the same order. Every other
+    piece scores below all merges: characters and bytes are never formed from two symbols, and llama.cpp would
+    form a longer piece no merge makes (transformers never does) only after every real merge."""
     model = tokenizer["model"]
+    merges = model.get("merges") or []
     first_rank: dict[str, int] = {}
-    for rank, merge in enumerate(model.get("merges") or []):
+    for rank, merge in enumerate(merges):
         left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
         first_rank.setdefault(left + right, rank)
     by_id: dict[int, tuple[str, float, TokenType]] = {}
@@ -201,7 +202,7 @@ def _pieces_from_json(tokenizer: dict, vocab_size: int, where: Path) -> list[tup
             kind = TokenType.BYTE
         else:
             kind = TokenType.NORMAL
-        by_id[token_id] = (piece, -float(first_rank.get(piece, 0)), kind)
+        by_id[token_id] = (piece, -float(first_rank.get(piece, len(merges))), kind)
     if max(by_id) >= vocab_size:
         raise CheckpointError(f"token id {max(by_id)} does not fit the model's vocab_size {vocab_size}", where)
     padding = dict(enumerate(_padding(0, vocab_size)))
@@ -276,7 +277,11 @@ def source_pipeline(folder: Path, where: Path) -> dict:
         tokenizer = source_tokenizer(folder)
     except Exception as e:  # tokenizers' and transformers' errors alike: the file is what is wrong
         raise CheckpointError(f"transformers cannot load the tokenizer ({str(e).splitlines()[0]})", where) from None
-    return json.loads(tokenizer.backend_tokenizer.to_str())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise CheckpointError(f"transformers loads this tokenizer as {type(tokenizer).__name__}, without a tokenizers "
+                              "pipeline to derive llama.cpp's settings from", where)
+    return json.loads(backend.to_str())
 
 
 def _add_chat_templates(writer: gguf.GGUFWriter, template: str | list[dict[str, str]]) -> None:

@@ -194,6 +194,19 @@ def test_byte_level_bpe_tokenizes_as_the_source(tmp_path: Path, case: str) -> No
     assert {"chat template", "added token '<tool>'", "added token '<|im_end|>'"} <= {p.label for p in probes}
 
 
+def test_a_wrong_vocabulary_fails_the_check(tmp_path: Path) -> None:
+    """Merges in another order give other ids on ordinary text: no known rule explains that away."""
+    folder = byte_level_bpe(tmp_path / "tokenizer", QWEN2_SPLIT)
+    wrong = shutil.copytree(folder, tmp_path / "wrong")
+    tokenizer = json.loads((wrong / "tokenizer.json").read_text())
+    tokenizer["model"]["merges"].reverse()
+    (wrong / "tokenizer.json").write_text(json.dumps(tokenizer))
+    check = llama_cpp_check(folder, vocab_gguf(wrong, tmp_path / "wrong.gguf"))
+    assert not check["passed"] and check["known"] == {} and check["unexplained"] > check["probes"] / 2
+    first = check["differences"][0]
+    assert first.startswith("corpus ('") and "but the source tokenizer gives" in first
+
+
 # ---- SentencePiece ---------------------------------------------------------------------------------
 
 
@@ -303,3 +316,18 @@ def test_mistral_recipe_gguf_targets_pass_on_mistrals_tokenizer_layout(small_mod
         assert set(check["known"]) == {"no-space-prefix"} and artifact["tokenizer_match"] is False
     card = (tmp_path / "out" / "release" / "Mistral-7B-Instruct-v0.3-GGUF" / "README.md").read_text()
     assert "no-space-prefix" in card and "no-space-prefix" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_mlx_folder_ships_a_tokenizer_that_agrees(small_model, tmp_path: Path) -> None:
+    """An MLX folder carries the source's tokenizer files: mlx-lm loads them and every probe text agrees."""
+    from conftest import build_mlx
+
+    from siliconvert.validate.runners.mlx import MLXRunner
+
+    source = mistral_layout(small_model("mistral", "sentencepiece", tie_word_embeddings=False), tmp_path / "source")
+    artifact = build_mlx(source, tmp_path / "mlx")
+    probes = tokenizer_probes(AutoTokenizer.from_pretrained(source), heldout_text(), "mlx")
+    runner = MLXRunner(artifact.path, {"engine": "mlx"})
+    check = check_tokenizer(probes, [runner.tokenize(text) for text in probes.artifact_texts], strict=True)
+    assert check["passed"] and check["identical"] == check["probes"]

@@ -49,9 +49,9 @@ class KnownRule:
 
 
 def _space_prefix(text: str, added: Sequence[str]) -> tuple[str, str] | None:
-    """llama.cpp's SentencePiece tokenizer puts "▁" before every piece of text that starts the input or follows
-    an added token; Metaspace's prepend_scheme "first" only before an input that does not begin with a space.
-    Spelled out as a space on the source's side, the two tokenize alike."""
+    """llama.cpp's SentencePiece tokenizer with add_space_prefix puts "▁" before every piece of text that starts
+    the input or follows an added token; Metaspace's prepend_scheme "always" too, except where that text already
+    begins with a space. Spelled out as a space on the source's side, the two tokenize alike."""
     rewritten, position = (" " if text.startswith(" ") else ""), 0
     while position < len(text):
         found = [(text.find(token, position), token) for token in added if token]
@@ -82,8 +82,9 @@ def _composed(text: str, added: Sequence[str]) -> tuple[str, str] | None:
 
 
 KNOWN_RULES = (
-    KnownRule("space-prefix", "inputs that begin with a space, and text after a special or added token: llama.cpp "
-              "adds `▁`, the source does not (Metaspace prepend_scheme \"always\")", ("gguf",), _space_prefix),
+    KnownRule("space-prefix", "inputs, and text after a special or added token, that begin with a space: llama.cpp "
+              "adds `▁` before that space, the source does not (Metaspace prepend_scheme \"always\")", ("gguf",),
+              _space_prefix),
     KnownRule("no-space-prefix", "inputs that begin with neither a space nor a special token: the source adds `▁`, "
               "llama.cpp does not (Metaspace prepend_scheme \"first\"; chat prompts, which begin with a special "
               "token, agree)", ("gguf",), _no_space_prefix),
