@@ -316,6 +316,24 @@ def test_mistral_recipe_gguf_targets_pass_on_mistrals_tokenizer_layout(small_mod
         assert set(check["known"]) == {"no-space-prefix"} and artifact["tokenizer_match"] is False
     card = (tmp_path / "out" / "release" / "Mistral-7B-Instruct-v0.3-GGUF" / "README.md").read_text()
     assert "no-space-prefix" in card and "no-space-prefix" in (tmp_path / "out" / "report.md").read_text()
+    # validate.tokenizer: strict turns the known rule into a failure (the artifacts and reference are reused)
+    recipe["validate"]["tokenizer"] = "strict"
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = subprocess.run([sys.executable, "-m", "siliconvert", "recipe", str(tmp_path / "recipe.yaml")],
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "known rules (no-space-prefix; validate.tokenizer: strict)" in result.stdout + result.stderr
+
+
+def test_recipe_key_validate_tokenizer() -> None:
+    from siliconvert.errors import RecipeError
+    from siliconvert.recipe import parse_recipe
+
+    base = {"source": "x", "targets": [{"format": "gguf"}]}
+    assert parse_recipe(base).validate_.tokenizer == "lenient"
+    assert parse_recipe(base | {"validate": {"tokenizer": "strict"}}).validate_.tokenizer == "strict"
+    with pytest.raises(RecipeError, match=r"validate\.tokenizer"):
+        parse_recipe(base | {"validate": {"tokenizer": "exact"}})
 
 
 @pytest.mark.slow
