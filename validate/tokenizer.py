@@ -14,6 +14,8 @@ ids. A known rule is a warning, or a failure under `validate.tokenizer: strict`;
 
 from __future__ import annotations
 
+import json
+import re
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,39 +45,37 @@ class KnownRule:
     name: str
     description: str  # what the report and the model card say
     formats: tuple[str, ...]  # the artifacts whose runtime follows it
-    # (text, added tokens) → (text for the source, text for the artifact) that make the rule explicit, or None
-    # where the rule does not touch the text
-    rewrite: Callable[[str, Sequence[str]], tuple[str, str] | None]
+    # the source tokenizer's normalizer and pre-tokenizer steps (as tokenizer.json spells them) → whether the
+    # source has the rule's counterpart: only then can a difference be that rule's
+    applies: Callable[[list[dict]], bool]
+    # (text, added tokens as one regex) → (text for the source, text for the artifact) that make the rule
+    # explicit, or None where the rule does not touch the text
+    rewrite: Callable[[str, re.Pattern | None], tuple[str, str] | None]
 
 
-def _space_prefix(text: str, added: Sequence[str]) -> tuple[str, str] | None:
+def _space_prefix(text: str, added: re.Pattern | None) -> tuple[str, str] | None:
     """llama.cpp's SentencePiece tokenizer with add_space_prefix puts "▁" before every piece of text that starts
     the input or follows an added token; Metaspace's prepend_scheme "always" too, except where that text already
     begins with a space. Spelled out as a space on the source's side, the two tokenize alike."""
     rewritten, position = (" " if text.startswith(" ") else ""), 0
-    while position < len(text):
-        found = [(text.find(token, position), token) for token in added if token]
-        start, token = min(((s, t) for s, t in found if s >= 0), default=(-1, ""), key=lambda f: (f[0], -len(f[1])))
-        if start < 0:
-            rewritten += text[position:]
-            break
-        end = start + len(token)
-        follows_text = end < len(text) and not any(text.startswith(t, end) for t in added if t)
-        rewritten += text[position:end] + (" " if follows_text else "")
-        position = end
+    for match in added.finditer(text) if added else ():
+        follows_text = match.end() < len(text) and not added.match(text, match.end())
+        rewritten += text[position:match.end()] + (" " if follows_text else "")
+        position = match.end()
+    rewritten += text[position:]
     return None if rewritten == text else (rewritten, text)
 
 
-def _no_space_prefix(text: str, added: Sequence[str]) -> tuple[str, str] | None:
+def _no_space_prefix(text: str, added: re.Pattern | None) -> tuple[str, str] | None:
     """Metaspace's prepend_scheme "first" puts "▁" before an input that begins with neither a space nor a special
     token; llama.cpp without add_space_prefix puts none. Spelled out as a space on the artifact's side, the two
     tokenize alike."""
-    if not text or text.startswith(" ") or any(token and text.startswith(token) for token in added):
+    if not text or text.startswith(" ") or (added and added.match(text)):
         return None
     return text, " " + text
 
 
-def _composed(text: str, added: Sequence[str]) -> tuple[str, str] | None:
+def _composed(text: str, added: re.Pattern | None) -> tuple[str, str] | None:
     """An NFC normalizer composes "e" + U+0301 into "é" before the source tokenizes; llama.cpp's BPE does not."""
     composed = unicodedata.normalize("NFC", text)
     return None if composed == text else (text, composed)
@@ -84,12 +84,13 @@ def _composed(text: str, added: Sequence[str]) -> tuple[str, str] | None:
 KNOWN_RULES = (
     KnownRule("space-prefix", "inputs, and text after a special or added token, that begin with a space: llama.cpp "
               "adds `▁` before that space, the source does not (Metaspace prepend_scheme \"always\")", ("gguf",),
-              _space_prefix),
+              lambda steps: _has(steps, "Metaspace", prepend_scheme="always"), _space_prefix),
     KnownRule("no-space-prefix", "inputs that begin with neither a space nor a special token: the source adds `▁`, "
               "llama.cpp does not (Metaspace prepend_scheme \"first\"; chat prompts, which begin with a special "
-              "token, agree)", ("gguf",), _no_space_prefix),
+              "token, agree)", ("gguf",), lambda steps: _has(steps, "Metaspace", prepend_scheme="first"),
+              _no_space_prefix),
     KnownRule("nfc", "text not in Unicode NFC: the source composes it first, llama.cpp does not normalize",
-              ("gguf",), _composed),
+              ("gguf",), lambda steps: _has(steps, "NFC"), _composed),
 )
 
 
@@ -149,8 +150,14 @@ def probe_texts(tokenizer, corpus_text: str) -> list[tuple[str, str]]:
 
 
 def tokenizer_probes(tokenizer, corpus_text: str, fmt: str) -> TokenizerProbes:
-    """The source's ids for every probe text, and for each known rule of `fmt`'s runtime that touches it."""
-    added = [t.content for t in tokenizer.added_tokens_decoder.values()]
+    """The source's ids for every probe text, and for each known rule of `fmt`'s runtime that the source's
+    pipeline has a counterpart of and that touches the text."""
+    contents = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.content}, key=len, reverse=True)
+    added = re.compile("|".join(map(re.escape, contents))) if contents else None  # longest first, as both match
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # a tokenizer without one has no rules to name
+    pipeline = json.loads(backend.to_str()) if backend is not None else {}
+    steps = _steps(pipeline.get("normalizer"), "normalizers") + _steps(pipeline.get("pre_tokenizer"), "pretokenizers")
+    rules = [rule for rule in KNOWN_RULES if fmt in rule.formats and rule.applies(steps)]
 
     def ids(text: str) -> list[int]:
         return list(tokenizer.encode(text, add_special_tokens=False))
@@ -158,7 +165,7 @@ def tokenizer_probes(tokenizer, corpus_text: str, fmt: str) -> TokenizerProbes:
     probes = []
     for label, text in probe_texts(tokenizer, corpus_text):
         rewrites = {}
-        for rule in (r for r in KNOWN_RULES if fmt in r.formats):
+        for rule in rules:
             rewritten = rule.rewrite(text, added)
             if rewritten is not None:
                 rewrites[rule.name] = (rewritten[1], ids(rewritten[0]))
@@ -207,6 +214,19 @@ def describe(check: TokenizerCheck) -> str:
     if check["unexplained"]:
         parts.append(f"{check['unexplained']} differ")
     return "; ".join(parts)
+
+
+def _has(steps: list[dict], kind: str, **settings: str) -> bool:
+    return any(s["type"] == kind and all(s.get(k) == v for k, v in settings.items()) for s in steps)
+
+
+def _steps(step: dict | None, inner: str) -> list[dict]:
+    """A normalizer's or pre-tokenizer's steps, `Sequence`s unrolled (`inner`: the key of their list)."""
+    if step is None:
+        return []
+    if step["type"] == "Sequence":
+        return [s for nested in step[inner] for s in _steps(nested, inner)]
+    return [step]
 
 
 def _rendered_chat(tokenizer) -> str | None:
