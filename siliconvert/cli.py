@@ -53,7 +53,10 @@ def recipe(recipe_file: Path, check: bool, allow_pickle: bool, force: bool) -> N
 @click.option("--output", type=click.Path(path_type=Path), help="Where report.json goes [./build/validate-NAME].")
 @click.option("--tokens", default=1024, show_default=True, help="Tokens scored.")
 @click.option("--context", default=256, show_default=True, help="Window length.")
-def validate(artifact: Path, source: str, corpus: str, output: Path | None, tokens: int, context: int) -> None:
+@click.option("--tokenizer", type=click.Choice(["lenient", "strict"]), default="lenient", show_default=True,
+              help="strict: a tokenizer difference from a known rule of the runtime fails too.")
+def validate(artifact: Path, source: str, corpus: str, output: Path | None, tokens: int, context: int,
+             tokenizer: str) -> None:
     """Score one existing ARTIFACT against its source (same report format as `recipe`)."""
     from siliconvert.artifacts import detect_artifact
     from siliconvert.pipeline import Outcome, open_source, prepare_output, validate_artifacts
@@ -61,7 +64,7 @@ def validate(artifact: Path, source: str, corpus: str, output: Path | None, toke
 
     found = detect_artifact(artifact)
     checkpoint = open_source(source)
-    settings = Validate(corpus=corpus, tokens=tokens, context=context)
+    settings = Validate(corpus=corpus, tokens=tokens, context=context, tokenizer=tokenizer)
     out_dir = prepare_output(output or Path("build") / f"validate-{artifact.name}")
     report = validate_artifacts(checkpoint, source, [found], settings, {found.path: settings.gates}, out_dir)
     _finish(Outcome(report, [found], out_dir))
