@@ -264,7 +264,7 @@ def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Arti
     import numpy as np
 
     from siliconvert.validate import gates as gate_checks
-    from siliconvert.validate.corpus import load_text, source_tokenizer, token_windows
+    from siliconvert.validate.corpus import source_tokenizer, token_windows
     from siliconvert.validate.reference import reference_logits
     from siliconvert.validate.report import artifact_entry, build_report, write_report
     from siliconvert.validate.score import run_artifact, score
@@ -272,8 +272,7 @@ def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Arti
 
     tokenizer = source_tokenizer(checkpoint.path)
     windows = token_windows(tokenizer, settings.corpus, settings.tokens, settings.context)
-    corpus_text, _ = load_text(settings.corpus)
-    probes = {fmt: tokenizer_probes(tokenizer, corpus_text, fmt) for fmt in {a.format for a in artifacts}}
+    probes = {fmt: tokenizer_probes(tokenizer, windows.probe_text, fmt) for fmt in {a.format for a in artifacts}}
     timings = timings or Timings()
     started = time.perf_counter()
     reference, reference_info = reference_logits(checkpoint, windows, out_dir / ".cache")
