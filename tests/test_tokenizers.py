@@ -314,6 +314,9 @@ def test_mistral_recipe_gguf_targets_pass_on_mistrals_tokenizer_layout(small_mod
         check = artifact["tokenizer"]
         assert artifact["gates"]["passed"] and check["passed"] and check["unexplained"] == 0
         assert set(check["known"]) == {"no-space-prefix"} and artifact["tokenizer_match"] is False
+        meta = fields(Path(artifact["path"]))
+        assert meta["tokenizer.ggml.add_space_prefix"] is False and meta["tokenizer.ggml.add_bos_token"] is True
+        assert meta["tokenizer.ggml.bos_token_id"] == 1 and meta["tokenizer.ggml.unknown_token_id"] == 0
     card = (tmp_path / "out" / "release" / "Mistral-7B-Instruct-v0.3-GGUF" / "README.md").read_text()
     assert "no-space-prefix" in card and "no-space-prefix" in (tmp_path / "out" / "report.md").read_text()
     # validate.tokenizer: strict turns the known rule into a failure (the artifacts and reference are reused)
