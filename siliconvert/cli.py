@@ -54,13 +54,16 @@ def recipe(recipe_file: Path, check: bool, allow_pickle: bool, force: bool) -> N
 @click.option("--output", type=click.Path(path_type=Path), help="Where report.json goes [./build/validate-NAME].")
 @click.option("--tokens", default=1024, show_default=True, help="Tokens scored.")
 @click.option("--context", default=256, show_default=True, help="Window length.")
-def validate(artifact: Path, source: str, corpus: str, output: Path | None, tokens: int, context: int) -> None:
+@click.option("--tokenizer", type=click.Choice(["lenient", "strict"]), default="lenient", show_default=True,
+              help="strict: a tokenizer difference from a known rule of the runtime fails too.")
+def validate(artifact: Path, source: str, corpus: str, output: Path | None, tokens: int, context: int,
+             tokenizer: str) -> None:
     """Score one existing ARTIFACT against its source (same report format as `recipe`)."""
     from siliconvert.artifacts import detect_artifact
     from siliconvert.pipeline import Outcome, check_positions, open_source, prepare_output, validate_artifacts
     from siliconvert.recipe import validate_settings
 
-    settings = validate_settings(corpus=corpus, tokens=tokens, context=context)
+    settings = validate_settings(corpus=corpus, tokens=tokens, context=context, tokenizer=tokenizer)
     found = detect_artifact(artifact)
     checkpoint = open_source(source)
     check_positions(checkpoint, [("--context", context)], "command line")

@@ -322,14 +322,15 @@ def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Arti
     import numpy as np
 
     from siliconvert.validate import gates as gate_checks
-    from siliconvert.validate.corpus import PROBE_STRINGS, source_tokenizer, token_windows
+    from siliconvert.validate.corpus import source_tokenizer, token_windows
     from siliconvert.validate.reference import reference_logits
     from siliconvert.validate.report import artifact_entry, build_report, write_report
     from siliconvert.validate.score import run_artifact, score
+    from siliconvert.validate.tokenizer import tokenizer_probes
 
     tokenizer = source_tokenizer(checkpoint.path)
     windows = token_windows(tokenizer, settings.corpus, settings.tokens, settings.context)
-    source_probe_ids = [tokenizer.encode(t, add_special_tokens=False) for t in (*PROBE_STRINGS, windows.probe_text)]
+    probes = {fmt: tokenizer_probes(tokenizer, windows.probe_text, fmt) for fmt in {a.format for a in artifacts}}
     timings = timings or Timings()
     started = time.perf_counter()
     reference, reference_info = reference_logits(checkpoint, windows, out_dir / ".cache")
@@ -341,8 +342,8 @@ def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Arti
     for artifact in artifacts:
         say(f"validating {artifact.format} {artifact.quant}")
         started = time.perf_counter()
-        run = run_artifact(artifact, windows, latency)
-        result = score(artifact, run, reference, windows, source_probe_ids)
+        run = run_artifact(artifact, windows, latency, probes[artifact.format].artifact_texts)
+        result = score(artifact, run, reference, windows, probes[artifact.format], settings.tokenizer == "strict")
         peak = getattr(run, "peak_rss_mb", None) or (run.latency.peak_rss_mb if run.latency else None)
         timings.stage(f"validate.{artifact.format} {artifact.quant}", wall_s=time.perf_counter() - started,
                       peak_rss_mb=peak)

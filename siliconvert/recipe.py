@@ -84,6 +84,8 @@ class Validate(Strict):
     latency: bool = True
     prefill_tokens: int = Field(128, ge=1)
     decode_tokens: int = Field(32, ge=1)
+    # lenient: a tokenizer difference from a known rule of the artifact's runtime warns; strict: it fails too
+    tokenizer: Literal["lenient", "strict"] = "lenient"
 
 
 class Release(Strict):

@@ -32,7 +32,7 @@ class Windows:
     tokens: np.ndarray  # [windows, context] token ids
     corpus: str  # how the report names the text
     digest: str  # hash of the token ids (cache key)
-    probe_text: str  # held-out text also used for the tokenizer check
+    probe_text: str  # the whole corpus, which the tokenizer check also tokenizes (validate/tokenizer.py)
 
     @property
     def targets(self) -> np.ndarray:
@@ -92,4 +92,4 @@ def token_windows(tokenizer, corpus: str, n_tokens: int, context: int) -> Window
     rows = [ids[i * body:(i + 1) * body] for i in range(count)]
     tokens = np.array([[bos, *row] if adds_bos else row for row in rows], dtype=np.int64)
     digest = hashlib.sha256(tokens.tobytes()).hexdigest()[:16]
-    return Windows(tokens, label, digest, probe_text=text[:2000])
+    return Windows(tokens, label, digest, probe_text=text)
