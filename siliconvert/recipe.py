@@ -34,7 +34,7 @@ class Gates(Strict):
 
 class MLXTarget(Strict):
     format: Literal["mlx"]
-    bits: Literal[4, 8, 16] = 4  # 16 = unquantized float16
+    bits: Literal[2, 3, 4, 5, 6, 8, 16] = 4  # 16 = unquantized float16
     group_size: Literal[32, 64, 128] = 64
     gates: Gates | None = None  # overrides validate.gates for this target
 
