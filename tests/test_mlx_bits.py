@@ -2,7 +2,6 @@
 mlx_lm.load opens each folder, the weights are mlx-lm's own, and more bits cost less KLD."""
 
 import mlx.core as mx
-import numpy as np
 import pytest
 from conftest import build_mlx, reference_logits_for
 from test_mlx import held_out_windows, mlx_logits
