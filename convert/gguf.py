@@ -12,29 +12,26 @@ Two things llama.cpp cannot tell from the file if they are wrong, so they are de
   `llama` architecture rotates adjacent pairs (2i, 2i+1). llama.cpp's converter (LlamaModel.permute)
   reorders the rows of q and k per head so that pairs become adjacent; Qwen2 runs NEOX-style rope in
   llama.cpp, which is rotate-half, so its rows stay as they are.
-- The BPE pre-tokenizer. llama.cpp names its pre-tokenizers; the name is chosen here from the regexes
-  tokenizer.json actually applies (`BPE_PRE_TOKENIZERS`), never from a hash of sample outputs.
+- The tokenizer: convert/gguf_vocab.py writes a vocabulary llama.cpp tokenizes as the source does.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QType
-from gguf import LlamaFileType, TokenType
-from sentencepiece import sentencepiece_model_pb2
+from gguf import LlamaFileType
 
 from siliconvert.artifacts import Artifact, Writer, sync_file
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.gguf_arch import GGUFArch
+from siliconvert.convert.gguf_vocab import add_tokenizer
 from siliconvert.errors import CheckpointError, RecipeError
 from siliconvert.quantize.gguf import (
     LLAMA_CPP_QUANTS,
@@ -61,27 +58,6 @@ DIRECT_TYPES = {
 LOSSLESS = {"BF16": "BF16", "F16": "F16", "F32": "F32"}
 FLOAT_TYPES = (QType.F32, QType.F16, QType.BF16)  # converted here; every other type is llama.cpp's work
 IN_FLIGHT_BYTES = 384 << 20  # float32 source bytes waiting for the quantizer before the stream waits
-
-# Regexes tokenizers' pre-tokenizers apply, as tokenizer.json spells them.
-GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # ByteLevel's own
-SINGLE_DIGITS = r"\p{N}"  # Digits(individual_digits=True)
-LLAMA3_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-                r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
-QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
-QWEN35_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+"""
-                r"""[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
-# The splits a byte-level BPE applies, in order → llama.cpp's pre-tokenizer implementing exactly them
-# (src/llama-vocab.cpp), and whether that pre-tokenizer looks whole words up before merging (ignore_merges).
-BPE_PRE_TOKENIZERS: dict[tuple[str, ...], tuple[str, bool]] = {
-    (GPT2_SPLIT,): ("gpt-2", False),
-    (SINGLE_DIGITS, GPT2_SPLIT): ("starcoder", False),
-    (LLAMA3_SPLIT,): ("llama-bpe", True),
-    (QWEN2_SPLIT,): ("qwen2", False),
-    (QWEN35_SPLIT,): ("qwen35", False),
-}
-# Normalizers llama.cpp's BPE tokenizer may skip: NFC leaves already-composed text (nearly all text) as is.
-HARMLESS_NORMALIZERS = (None, "NFC")
 
 
 # ---- the writer ----------------------------------------------------------------------------------
@@ -306,162 +282,3 @@ def _storage_type(gguf_name: str, shape: tuple[int, ...], quant: str) -> QType:
 def _nbytes(shape: tuple[int, ...], qtype: QType) -> int:
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     return math.prod(shape[:-1]) * shape[-1] // block * size
-
-
-# ---- tokenizer -----------------------------------------------------------------------------------
-
-
-def add_tokenizer(writer: gguf.GGUFWriter, checkpoint: Checkpoint) -> None:
-    """Vocabulary, merges or scores, special tokens, add-bos/eos flags and chat template."""
-    folder, vocab_size = checkpoint.path, checkpoint.spec.vocab_size
-    tokenizer_json = _read_json(folder / "tokenizer.json")
-    if tokenizer_json is not None and _is_byte_level_bpe(tokenizer_json):
-        _add_byte_level_bpe(writer, tokenizer_json, vocab_size, folder / "tokenizer.json")
-        model = "gpt2"
-    elif (folder / "tokenizer.model").is_file():
-        _add_sentencepiece(writer, folder, tokenizer_json, vocab_size)
-        model = "llama"
-    elif tokenizer_json is not None:
-        raise CheckpointError("not a byte-level BPE tokenizer, and there is no tokenizer.model "
-                              "(SentencePiece) next to it", folder / "tokenizer.json")
-    else:
-        raise CheckpointError("no tokenizer (neither tokenizer.json nor tokenizer.model)", folder)
-    special = gguf.SpecialVocab(folder, load_merges=model == "gpt2", n_vocab=vocab_size)
-    if model == "llama":  # SentencePiece's own ids fill what tokenizer_config.json leaves out
-        proto = _sentencepiece_proto(folder / "tokenizer.model")
-        for kind in ("unk", "bos", "eos", "pad"):
-            token_id = getattr(proto.trainer_spec, f"{kind}_id")
-            if 0 <= token_id < vocab_size:
-                special.special_token_ids.setdefault(kind, token_id)
-    # Both flags always written: llama.cpp's defaults differ by tokenizer kind and pre-tokenizer.
-    # Without a word from the files, transformers adds a BOS for SentencePiece (LlamaTokenizer) only.
-    special.add_special_token.setdefault("bos", model == "llama")
-    special.add_special_token.setdefault("eos", False)
-    template, special.chat_template = special.chat_template, None
-    special.add_to_gguf(writer, quiet=True)
-    if template is not None:
-        _add_chat_templates(writer, template)
-
-
-def _add_byte_level_bpe(writer: gguf.GGUFWriter, tokenizer: dict, vocab_size: int, where: Path) -> None:
-    pre = bpe_pre_tokenizer(tokenizer, where)
-    vocab: dict[int, tuple[str, TokenType]] = {i: (t, TokenType.NORMAL) for t, i in tokenizer["model"]["vocab"].items()}
-    for added in tokenizer.get("added_tokens", []):
-        # Special added tokens are control tokens (parsed only on request, like transformers' specials);
-        # other added tokens llama.cpp matches everywhere, as transformers does.
-        vocab[added["id"]] = (added["content"], TokenType.CONTROL if added["special"] else TokenType.USER_DEFINED)
-    if max(vocab) >= vocab_size:
-        raise CheckpointError(f"token id {max(vocab)} does not fit the model's vocab_size {vocab_size}", where)
-    tokens = [vocab.get(i, (f"[PAD{i}]", TokenType.UNUSED)) for i in range(vocab_size)]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list([text for text, _ in tokens])
-    writer.add_token_types([kind for _, kind in tokens])
-
-
-def bpe_pre_tokenizer(tokenizer: dict, where: Path) -> str:
-    """llama.cpp's name for the pre-tokenizer tokenizer.json describes, from the regexes it applies."""
-    normalizer = (tokenizer.get("normalizer") or {}).get("type")
-    if normalizer not in HARMLESS_NORMALIZERS:
-        raise CheckpointError(f"normalizer {normalizer!r} has no llama.cpp equivalent", where)
-    splits = []
-    for step in _flatten(tokenizer.get("pre_tokenizer")):
-        kind = step["type"]
-        if kind == "Split" and "Regex" in step["pattern"] and step["behavior"] == "Isolated" and not step["invert"]:
-            splits.append(step["pattern"]["Regex"])
-        elif kind == "Digits" and step.get("individual_digits"):
-            splits.append(SINGLE_DIGITS)
-        elif kind == "ByteLevel" and not step.get("add_prefix_space"):
-            if step.get("use_regex", True):
-                splits.append(GPT2_SPLIT)
-        else:
-            raise CheckpointError(f"pre-tokenizer step {json.dumps(step)} has no llama.cpp equivalent", where)
-    if tuple(splits) not in BPE_PRE_TOKENIZERS:
-        raise CheckpointError(f"llama.cpp has no pre-tokenizer splitting text by {splits}", where)
-    name, ignore_merges = BPE_PRE_TOKENIZERS[tuple(splits)]
-    if bool(tokenizer["model"].get("ignore_merges")) != ignore_merges:
-        raise CheckpointError(f"ignore_merges={not ignore_merges} does not match llama.cpp's {name!r} "
-                              f"pre-tokenizer, which has ignore_merges={ignore_merges}", where)
-    return name
-
-
-def _add_sentencepiece(writer: gguf.GGUFWriter, folder: Path, tokenizer_json: dict | None, vocab_size: int) -> None:
-    where = folder / "tokenizer.model"
-    proto = _sentencepiece_proto(where)
-    if proto.trainer_spec.model_type != proto.trainer_spec.BPE:
-        raise CheckpointError("only SentencePiece BPE models have a llama.cpp equivalent", where)
-    if len(proto.pieces) > vocab_size:
-        raise CheckpointError(f"{len(proto.pieces)} pieces do not fit the model's vocab_size {vocab_size}", where)
-    # SentencePiece's piece types are numbered as GGUF's token types (normal, unknown, control, ...).
-    tokens = [(p.piece, p.score, TokenType(p.type)) for p in proto.pieces]
-    tokens += [(f"[PAD{i}]", -1000.0, TokenType.UNUSED) for i in range(len(tokens), vocab_size)]
-    for token_id, content, special in _added_tokens(folder, tokenizer_json):
-        if token_id < len(proto.pieces) and proto.pieces[token_id].piece == content:
-            continue  # the piece itself (<s>, </s>, <unk>): SentencePiece's type is already right
-        if token_id >= vocab_size:
-            raise CheckpointError(f"added token {content!r} (id {token_id}) does not fit vocab_size {vocab_size}",
-                                  folder)
-        kind = TokenType.CONTROL if special else TokenType.USER_DEFINED
-        tokens[token_id] = (content if special else content.replace("▁", " "), -1000.0, kind)
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list([text for text, _, _ in tokens])
-    writer.add_token_scores([score for _, score, _ in tokens])
-    writer.add_token_types([kind for _, _, kind in tokens])
-    writer.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)
-
-
-def _added_tokens(folder: Path, tokenizer_json: dict | None) -> list[tuple[int, str, bool]]:
-    """(id, text, special) of tokens added on top of the SentencePiece model, wherever transformers keeps them."""
-    added = {t["id"]: (t["content"], t["special"]) for t in (tokenizer_json or {}).get("added_tokens", [])}
-    config = _read_json(folder / "tokenizer_config.json") or {}
-    for token_id, token in config.get("added_tokens_decoder", {}).items():
-        added.setdefault(int(token_id), (token["content"], token.get("special", False)))
-    return [(i, content, special) for i, (content, special) in sorted(added.items())]
-
-
-def _add_chat_templates(writer: gguf.GGUFWriter, template: str | list[dict[str, str]]) -> None:
-    # gguf-py's add_chat_template lists named templates from a set, in hash order: sorted here instead,
-    # so that the same input gives the same bytes.
-    if isinstance(template, str):
-        writer.add_chat_template(template)
-        return
-    named = {t["name"]: t["template"] for t in template}
-    for name in sorted(set(named) - {"default"}):
-        writer.add_string(gguf.Keys.Tokenizer.CHAT_TEMPLATE_N.format(name=name), named[name])
-    writer.add_array(gguf.Keys.Tokenizer.CHAT_TEMPLATES, sorted(set(named) - {"default"}))
-    if "default" in named:
-        writer.add_chat_template(named["default"])
-
-
-def _is_byte_level_bpe(tokenizer: dict) -> bool:
-    steps = [*_flatten(tokenizer.get("pre_tokenizer")), tokenizer.get("decoder") or {}]
-    model = tokenizer.get("model", {})
-    return (model.get("type") == "BPE" and not model.get("byte_fallback")
-            and any(s.get("type") == "ByteLevel" for s in steps))
-
-
-def _flatten(step: dict | None) -> list[dict]:
-    if step is None:
-        return []
-    if step["type"] == "Sequence":
-        return [s for inner in step["pretokenizers"] for s in _flatten(inner)]
-    return [step]
-
-
-def _sentencepiece_proto(path: Path) -> Any:
-    proto = sentencepiece_model_pb2.ModelProto()
-    try:
-        proto.ParseFromString(path.read_bytes())
-    except Exception:  # protobuf's DecodeError, or worse on a damaged file
-        raise CheckpointError("not a SentencePiece model", path) from None
-    return proto
-
-
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"not valid JSON ({e})", path) from None

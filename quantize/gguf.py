@@ -271,7 +271,7 @@ def importance_matrix(checkpoint: Path, text: str, *, tokens: int = CALIBRATION_
     (validate/streamed.py), so a 7B calibrates in a few GB of memory, not the 29 GB of the whole model in
     float32; its inputs are the whole model's, so the matrix is too."""
     import torch
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from siliconvert.checkpoint import Checkpoint
     from siliconvert.validate.streamed import CheckpointWeights, streamed_logits
@@ -297,8 +297,8 @@ def importance_matrix(checkpoint: Path, text: str, *, tokens: int = CALIBRATION_
             if isinstance(module, torch.nn.Linear):
                 module.register_forward_pre_hook(record(f"{name}.weight"))
 
-    config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=False)
-    streamed_logits(config, CheckpointWeights(Checkpoint.open(checkpoint)), windows, device="cpu",
+    source = Checkpoint.open(checkpoint)
+    streamed_logits(source.transformers_config(), CheckpointWeights(source), windows, device="cpu",
                     dtype=torch.float32, label="importance matrix (layer by layer)", prepare=hook_linears,
                     keep_logits=False)
     return {name: (sums[name] / rows[name]).float().numpy() for name in sorted(sums)}

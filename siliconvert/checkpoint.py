@@ -11,18 +11,23 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
+import os
 import struct
 import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 import numpy as np
 
 from siliconvert.architectures import Family, ModelSpec, registry
-from siliconvert.errors import CheckpointError
+from siliconvert.architectures.base import transformers_config
+from siliconvert.config_check import check_config
+from siliconvert.errors import CheckpointError, short
 
 # Tokenizer files a release carries along, whichever the source has.
 TOKENIZER_FILES = (
@@ -57,8 +62,11 @@ class TensorInfo:
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and check one safetensors header: sizes, dtypes and offsets must fit the file."""
-    size = path.stat().st_size
+    """Parse and check one safetensors header by the format's rules, as the safetensors library enforces them:
+    the header's length within the file, a UTF-8 JSON object that starts with '{', known dtypes, each byte span
+    equal to its shape × dtype size, spans that tile the data section exactly (no overlap, no hole, nothing
+    after the last) and `__metadata__` a string → string map."""
+    size = regular_file(path).st_size
     with path.open("rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
@@ -69,35 +77,115 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
                 f"safetensors header length {header_len} is absurd for a {size}-byte file", path
             )
         raw = f.read(header_len)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"safetensors header is not JSON ({e})", path) from None
-    if not isinstance(header, dict):
-        raise CheckpointError("safetensors header is not a JSON object", path)
-    data_start = 8 + header_len
+    header = _parse_header(raw, path)
+    data_start, data_size = 8 + header_len, size - 8 - header_len
     infos: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         if name == "__metadata__":
+            _check_metadata(entry, path)
             continue
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise CheckpointError(f"safetensors header entry for {name!r} is malformed", path) from None
-        if dtype not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"tensor {name!r} has unknown dtype {dtype!r}", path)
-        itemsize = 2 if dtype == "BF16" else np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
-        if not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise CheckpointError(f"tensor {name!r} has an invalid shape {list(shape)}", path)
-        expected = int(np.prod(shape, dtype=np.int64)) * itemsize
-        if not (isinstance(begin, int) and isinstance(end, int)) or end - begin != expected or begin < 0:
-            raise CheckpointError(f"tensor {name!r} has data offsets that do not match its shape", path)
-        if data_start + end > size:
+        dtype, shape, begin, end = _header_entry(name, entry, path)
+        if end > data_size:
             raise CheckpointError(
-                f"truncated: tensor {name!r} ends at byte {data_start + end} but the file has {size}", path
+                f"truncated: tensor {short(name)} ends at byte {data_start + end} but the file has {size}", path
             )
-        infos[name] = TensorInfo(name, path, dtype, shape, data_start + begin, expected)
+        infos[name] = TensorInfo(name, path, dtype, shape, data_start + begin, end - begin)
+        spans.append((begin, end, name))
+    _check_tiling(spans, data_size, path)
     return infos
+
+
+def regular_file(path: Path) -> os.stat_result:
+    """The file's stat, refusing anything but a regular file (a FIFO or a device would hang or never end)."""
+    try:
+        stat = path.stat()
+    except OSError as e:
+        raise CheckpointError(f"cannot read ({e.strerror})", path) from None
+    if not S_ISREG(stat.st_mode):
+        raise CheckpointError("not a regular file", path)
+    return stat
+
+
+def load_json(raw: bytes, what: str, where: Path) -> Any:
+    """JSON from `what` (the whole file, or its safetensors header), refusing invalid UTF-8, keys given twice
+    (a reader that keeps the first and one that keeps the last would see different files) and nesting too
+    deep to parse."""
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in pairs]
+        if len(set(keys)) != len(keys):
+            twice = next(key for key in keys if keys.count(key) > 1)
+            raise CheckpointError(f"key {short(twice)} appears twice in {what}", where)
+        return dict(pairs)
+
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=unique)
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{what} is not UTF-8 (invalid byte at position {e.start})", where) from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{what} is not valid JSON ({e})", where) from None
+    except RecursionError:
+        raise CheckpointError(f"{what} is nested too deeply to be read", where) from None
+
+
+def _parse_header(raw: bytes, path: Path) -> dict[str, Any]:
+    if not raw.startswith(b"{"):
+        raise CheckpointError("safetensors header is not a JSON object (it must start with '{')", path)
+    header = load_json(raw, "the safetensors header", path)
+    if not isinstance(header, dict):
+        raise CheckpointError("safetensors header is not a JSON object", path)
+    return header
+
+
+def _check_metadata(metadata: Any, path: Path) -> None:
+    if not isinstance(metadata, dict):
+        raise CheckpointError("safetensors __metadata__ is not a JSON object", path)
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise CheckpointError(
+                f"safetensors __metadata__ must map strings to strings; {short(key)} holds {short(value)}", path
+            )
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _header_entry(name: str, entry: Any, path: Path) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one tensor's header entry, offsets relative to the data section."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise CheckpointError(f"safetensors header entry for {short(name)} is malformed "
+                              "(needs dtype, shape and data_offsets)", path)
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"tensor {short(name)} has unknown dtype {short(dtype)}", path)
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise CheckpointError(f"tensor {short(name)} has an invalid shape {short(shape)}", path)
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise CheckpointError(f"tensor {short(name)} has invalid data_offsets {short(offsets)} "
+                              "(two non-negative integers)", path)
+    begin, end = offsets
+    itemsize = 2 if dtype == "BF16" else np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
+    if end < begin or end - begin != math.prod(shape) * itemsize:
+        raise CheckpointError(f"tensor {short(name)} has data offsets that do not match its shape "
+                              f"({end - begin} bytes for {dtype} {shape})", path)
+    return dtype, tuple(shape), begin, end
+
+
+def _check_tiling(spans: list[tuple[int, int, str]], data_size: int, path: Path) -> None:
+    """The tensors' byte spans must cover the data section exactly once: an overlap would read one tensor's
+    weights from another's bytes, a hole or a tail is data no tensor owns (the format forbids all three)."""
+    position, previous = 0, None
+    for begin, end, name in sorted(spans):
+        if begin < position:
+            raise CheckpointError(f"tensor {short(name)} (bytes {begin}-{end}) overlaps tensor {short(previous)}", path)
+        if begin > position:
+            raise CheckpointError(f"bytes {position}-{begin} of the data belong to no tensor (a hole before "
+                                  f"tensor {short(name)})", path)
+        position, previous = end, name
+    if position != data_size:
+        raise CheckpointError(f"{data_size - position} bytes after the last tensor belong to no tensor", path)
 
 
 READ_BLOCK = 32 << 20  # bytes read at a time when widening bfloat16: the only copy beside the result
@@ -162,16 +250,32 @@ class Checkpoint:
         """Open a folder, or a hub id `org/name[@revision]` through huggingface_hub's cache."""
         path, name = resolve_source(str(source))
         config = _read_config(path)
-        family = registry.for_config(config, where=path / "config.json")
-        spec = family.spec(config, where=str(path / "config.json"))
         tensors = _index_tensors(path, allow_pickle)
+        # Before anything is sized by config.json's numbers: each is checked against the weights' own shapes.
+        check_config(config, tensors.values(), path / "config.json")
+        family = registry.for_config(config, where=path / "config.json")
+        decoder_config, tensors = family.decoder(config, tensors, path / "config.json")
+        if decoder_config is not config:  # a multimodal checkpoint's language model: its numbers checked too
+            config = decoder_config
+            check_config(config, tensors.values(), path / "config.json")
+        if not config.get("architectures"):  # found from model_type: artifacts' configs name it, as transformers' do
+            config = {**config, "architectures": [family.hf_architectures[0]]}
+        spec = family.spec(config, where=str(path / "config.json"))
         checkpoint = cls(path, name, config, family, spec, tensors)
         checkpoint._check_tensors()
-        checkpoint.tokenizer_files()  # every target ships the tokenizer: refuse a checkpoint without one now
+        # every target ships the tokenizer: refuse a checkpoint without one, or with a damaged JSON file, now
+        for file in checkpoint.tokenizer_files():
+            if file.suffix == ".json" and not isinstance(load_json(file.read_bytes(), "the file", file), dict):
+                raise CheckpointError("not a JSON object", file)
         return checkpoint
 
+    def transformers_config(self) -> Any:
+        """transformers' config object for the decoder converted here (a multimodal checkpoint's language model)."""
+        return transformers_config(self.config, self.family.model_type, self.path / "config.json")
+
     def tokenizer_files(self) -> list[Path]:
-        files = [self.path / n for n in TOKENIZER_FILES if (self.path / n).is_file()]
+        present = [self.path / n for n in TOKENIZER_FILES if (self.path / n).exists()]
+        files = [file for file in present if regular_file(file)]
         if not any(f.name in ("tokenizer.json", "tokenizer.model") for f in files):
             raise CheckpointError("no tokenizer (neither tokenizer.json nor tokenizer.model)", self.path)
         return files
@@ -222,7 +326,7 @@ class Checkpoint:
             if name not in expected and not self.family.is_droppable(name):
                 if name == "lm_head.weight" and self.spec.tie_word_embeddings:
                     continue  # some tied checkpoints still store the (identical) head
-                raise CheckpointError(f"unexpected tensor {name!r} for {self.spec.family}", where)
+                raise CheckpointError(f"unexpected tensor {short(name)} for {self.spec.family}", where)
         for name, shape in expected.items():
             info = self.tensor_infos.get(name)
             if info is None:
@@ -270,12 +374,10 @@ def resolve_source(source: str) -> tuple[Path, str]:
 
 def _read_config(path: Path) -> dict[str, Any]:
     file = path / "config.json"
-    if not file.is_file():
+    if not file.exists():
         raise CheckpointError("config.json is missing", path)
-    try:
-        config = json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"not valid JSON ({e})", file) from None
+    regular_file(file)
+    config = load_json(file.read_bytes(), "the file", file)
     if not isinstance(config, dict):
         raise CheckpointError("not a JSON object", file)
     return config
@@ -283,17 +385,9 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 def _index_tensors(path: Path, allow_pickle: bool) -> dict[str, TensorInfo]:
     index_file = path / "model.safetensors.index.json"
-    if index_file.is_file():
-        try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError("not a valid safetensors index (no weight_map)", index_file) from None
-        shards = sorted({path / shard for shard in weight_map.values()})
-        for shard in shards:
-            if not shard.is_file():
-                raise CheckpointError(f"shard {shard.name} named in the index is missing", index_file)
-    else:
-        shards = sorted(path.glob("*.safetensors"))
+    if index_file.exists():
+        return _index_shards(path, index_file)
+    shards = sorted(path.glob("*.safetensors"))
     if not shards:
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles and not allow_pickle:
@@ -309,9 +403,45 @@ def _index_tensors(path: Path, allow_pickle: bool) -> dict[str, TensorInfo]:
     for shard in shards:
         for name, info in read_safetensors_header(shard).items():
             if name in tensors:
-                raise CheckpointError(f"tensor {name!r} appears in two shards", shard)
+                raise CheckpointError(f"tensor {short(name)} appears in two shards", shard)
             tensors[name] = info
     return tensors
+
+
+def _index_shards(path: Path, index_file: Path) -> dict[str, TensorInfo]:
+    """The tensors of a sharded checkpoint. Shards are plain file names inside the checkpoint folder (an index
+    must not point the reader at any other file on the machine), regular files, holding what the index says."""
+    regular_file(index_file)
+    index = load_json(index_file.read_bytes(), "the file", index_file)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError("not a valid safetensors index (no weight_map of tensor → shard)", index_file)
+    listed: dict[str, set[str]] = {}
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str) or not _is_plain_name(shard):
+            raise CheckpointError(f"weight_map puts {short(tensor)} in {short(shard)}: shards must be plain file "
+                                  "names inside the checkpoint folder", index_file)
+        listed.setdefault(shard, set()).add(tensor)
+    tensors: dict[str, TensorInfo] = {}
+    for shard, names in sorted(listed.items()):
+        file = path / shard
+        if not file.exists():
+            raise CheckpointError(f"shard {short(shard)} named in the index is missing", index_file)
+        if not file.is_file():
+            raise CheckpointError(f"shard {short(shard)} named in the index is not a regular file", index_file)
+        held = read_safetensors_header(file)
+        if missing := sorted(names - held.keys()):
+            raise CheckpointError(f"the index puts tensor {short(missing[0])} in {short(shard)}, which does not "
+                                  "hold it", index_file)
+        if unlisted := sorted(held.keys() - names):
+            raise CheckpointError(f"shard {short(shard)} holds tensor {short(unlisted[0])}, which the index "
+                                  "does not place there", index_file)
+        tensors.update(held)
+    return tensors
+
+
+def _is_plain_name(name: str) -> bool:
+    return name not in ("", ".", "..") and not any(c in name for c in "/\\\0") and Path(name).name == name
 
 
 TORCH_DTYPES = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16"}
@@ -338,6 +468,8 @@ def _index_pickles(files: list[Path]) -> dict[str, TensorInfo]:
     tensors: dict[str, TensorInfo] = {}
     for file in files:
         for name, tensor in _pickle_tensors(file).items():
+            if not isinstance(name, str) or not hasattr(tensor, "element_size"):  # a torch.Tensor, by what it has
+                raise CheckpointError(f"the pickle holds {short(name)}, which is not a named tensor", file)
             dtype = TORCH_DTYPES.get(str(tensor.dtype), str(tensor.dtype))
             nbytes = tensor.numel() * tensor.element_size()
             tensors[name] = TensorInfo(name, file, dtype, tuple(tensor.shape), -1, nbytes)

@@ -35,11 +35,12 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--force", is_flag=True, help="Write release folders even for artifacts that failed a gate.")
 def recipe(recipe_file: Path, check: bool, allow_pickle: bool, force: bool) -> None:
     """Run RECIPE_FILE: convert, validate, gate, report."""
-    from siliconvert.pipeline import run_recipe
+    from siliconvert.pipeline import open_source, preflight, run_recipe
     from siliconvert.recipe import load_recipe
 
     parsed = load_recipe(recipe_file)
-    if check:
+    if check:  # the same checks a run makes before its first tensor, on the real source
+        preflight(parsed, open_source(parsed.source, allow_pickle), recipe_file)
         click.echo(f"{recipe_file}: ok ({len(parsed.targets)} targets, output {parsed.output_dir(recipe_file)})")
         return
     outcome = run_recipe(parsed, recipe_file, allow_pickle=allow_pickle, force_release=force)
@@ -53,15 +54,19 @@ def recipe(recipe_file: Path, check: bool, allow_pickle: bool, force: bool) -> N
 @click.option("--output", type=click.Path(path_type=Path), help="Where report.json goes [./build/validate-NAME].")
 @click.option("--tokens", default=1024, show_default=True, help="Tokens scored.")
 @click.option("--context", default=256, show_default=True, help="Window length.")
-def validate(artifact: Path, source: str, corpus: str, output: Path | None, tokens: int, context: int) -> None:
+@click.option("--tokenizer", type=click.Choice(["lenient", "strict"]), default="lenient", show_default=True,
+              help="strict: a tokenizer difference from a known rule of the runtime fails too.")
+def validate(artifact: Path, source: str, corpus: str, output: Path | None, tokens: int, context: int,
+             tokenizer: str) -> None:
     """Score one existing ARTIFACT against its source (same report format as `recipe`)."""
     from siliconvert.artifacts import detect_artifact
-    from siliconvert.pipeline import Outcome, open_source, prepare_output, validate_artifacts
-    from siliconvert.recipe import Validate
+    from siliconvert.pipeline import Outcome, check_positions, open_source, prepare_output, validate_artifacts
+    from siliconvert.recipe import validate_settings
 
+    settings = validate_settings(corpus=corpus, tokens=tokens, context=context, tokenizer=tokenizer)
     found = detect_artifact(artifact)
     checkpoint = open_source(source)
-    settings = Validate(corpus=corpus, tokens=tokens, context=context)
+    check_positions(checkpoint, [("--context", context)], "command line")
     out_dir = prepare_output(output or Path("build") / f"validate-{artifact.name}")
     report = validate_artifacts(checkpoint, source, [found], settings, {found.path: settings.gates}, out_dir)
     _finish(Outcome(report, [found], out_dir))
@@ -114,11 +119,12 @@ def _finish(outcome) -> None:
     click.echo("all gates passed")
 
 
-def main() -> None:
-    debug = "--debug" in sys.argv[1:]
+def main(argv: list[str] | None = None) -> None:
+    """The `siliconvert` command; `argv` (default sys.argv[1:]) lets tests run it in-process."""
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     warnings.showwarning = _one_line_warning
     try:
-        cli.main(standalone_mode=False)
+        cli.main(args=argv, prog_name="siliconvert", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("interrupted", err=True)
         sys.exit(130)

@@ -5,6 +5,7 @@ Exit codes are a contract: 2 for bad input or usage, 1 for a failed gate.
 
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
 
 
@@ -50,3 +51,13 @@ class GateFailed(SiliconvertError):
     """One or more artifacts failed a recipe threshold: the release stops."""
 
     exit_code = 1
+
+
+def short(value: object) -> str:
+    """repr() cut to a readable length: names and values in messages come from files that may be hostile
+    (a 100 MB tensor name, a recipe value built from YAML aliases a billion items deep)."""
+    return _SHORT.repr(value)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 80

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -25,7 +26,7 @@ import yaml
 from siliconvert import __version__
 from siliconvert.artifacts import Artifact, Writer, write_text_atomically
 from siliconvert.checkpoint import Checkpoint
-from siliconvert.errors import OutputError
+from siliconvert.errors import OutputError, RecipeError
 from siliconvert.progress import say, track
 from siliconvert.recipe import BUILTIN_DEMO, Gates, Recipe, Target, Validate
 
@@ -96,6 +97,7 @@ def run_recipe(recipe: Recipe, recipe_path: Path | None = None, *, allow_pickle:
     from siliconvert.release import write_releases
 
     checkpoint = open_source(recipe.source, allow_pickle)
+    preflight(recipe, checkpoint, recipe_path)
     out_dir = prepare_output(recipe.output_dir(recipe_path))
     say(f"[bold]{checkpoint.name}[/] ({checkpoint.spec.hf_architecture}) → {out_dir}")
     timings = Timings()
@@ -117,6 +119,59 @@ def run_recipe(recipe: Recipe, recipe_path: Path | None = None, *, allow_pickle:
         for folder in releases:
             push(folder, repo_for(folder, recipe.release.repo_prefix))
     return Outcome(report, artifacts, out_dir, releases)
+
+
+def preflight(recipe: Recipe, checkpoint: Checkpoint, recipe_path: Path | None = None) -> None:
+    """Every check that needs no weights, before the first tensor is read (minutes at 7B) and by `recipe
+    --check`: the contexts fit the model's positions, the output folder can be written, the tokenizer loads,
+    the corpus and the importance matrix's text are readable and long enough, Core ML's chunks fit the layers."""
+    from siliconvert.validate.corpus import source_tokenizer, token_windows
+
+    where = recipe_path or "recipe"
+    settings = recipe.validate_
+    contexts = [(f"targets.{i}.context", t.context) for i, t in enumerate(recipe.targets) if t.format == "coreml"]
+    if settings.enabled:
+        contexts.append(("validate.context", settings.context))
+        if settings.latency:
+            latency = settings.prefill_tokens + settings.decode_tokens
+            contexts.append(("validate.prefill_tokens + decode_tokens", latency))
+    check_positions(checkpoint, contexts, where)
+    check_output(recipe.output_dir(recipe_path))
+    tokenizer = source_tokenizer(checkpoint.path)  # every target ships the tokenizer; validation runs it
+    if settings.enabled:
+        token_windows(tokenizer, settings.corpus, settings.tokens, settings.context)
+    for index, target in enumerate(recipe.targets):
+        if target.format == "gguf" and target.imatrix is not None:
+            from siliconvert.quantize.gguf import calibration_text
+
+            text = Path(target.imatrix).expanduser()
+            if target.imatrix != "builtin" and text.exists() and not text.is_file():  # /dev/zero never ends
+                raise RecipeError("cannot read the imatrix calibration text (not a regular file)", text)
+            calibration_text(target.imatrix)
+        if target.format == "coreml" and target.chunks != "auto" and target.chunks > checkpoint.spec.num_layers:
+            raise RecipeError(f"targets.{index}.chunks is {target.chunks}, more than the model's "
+                              f"{checkpoint.spec.num_layers} layers", where)
+
+
+def check_positions(checkpoint: Checkpoint, contexts: list[tuple[str, int]], where: Path | str) -> None:
+    """Each (setting, tokens) must fit the positions the model was trained for."""
+    positions = checkpoint.spec.max_position_embeddings
+    for key, context in contexts:
+        if context > positions:
+            raise RecipeError(f"{key} is {context}, beyond the model's max_position_embeddings {positions} "
+                              f"({checkpoint.path / 'config.json'})", where)
+
+
+def check_output(out_dir: Path) -> None:
+    """Refuse an output folder that cannot be made or written, creating nothing: its nearest existing
+    ancestor must be a writable folder."""
+    existing = out_dir.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot create the output folder ({existing} is not a folder)", out_dir)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot create the output folder ({existing} is not writable)", out_dir)
 
 
 def convert(checkpoint: Checkpoint, recipe: Recipe, artifacts_dir: Path,
@@ -170,7 +225,10 @@ def convert(checkpoint: Checkpoint, recipe: Recipe, artifacts_dir: Path,
                           **writer.figures())
     except BaseException as e:
         for writer in writers:
-            writer.abort()
+            # on a full disk, closing a half-written file fails again; the first error is the one to report,
+            # and what is left has a hidden name the next run sweeps
+            with contextlib.suppress(OSError):
+                writer.abort()
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             raise OutputError("no space left on the device", artifacts_dir) from None
         raise
@@ -264,14 +322,15 @@ def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Arti
     import numpy as np
 
     from siliconvert.validate import gates as gate_checks
-    from siliconvert.validate.corpus import PROBE_STRINGS, source_tokenizer, token_windows
+    from siliconvert.validate.corpus import source_tokenizer, token_windows
     from siliconvert.validate.reference import reference_logits
     from siliconvert.validate.report import artifact_entry, build_report, write_report
     from siliconvert.validate.score import run_artifact, score
+    from siliconvert.validate.tokenizer import tokenizer_probes
 
     tokenizer = source_tokenizer(checkpoint.path)
     windows = token_windows(tokenizer, settings.corpus, settings.tokens, settings.context)
-    source_probe_ids = [tokenizer.encode(t, add_special_tokens=False) for t in (*PROBE_STRINGS, windows.probe_text)]
+    probes = {fmt: tokenizer_probes(tokenizer, windows.probe_text, fmt) for fmt in {a.format for a in artifacts}}
     timings = timings or Timings()
     started = time.perf_counter()
     reference, reference_info = reference_logits(checkpoint, windows, out_dir / ".cache")
@@ -283,8 +342,8 @@ def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Arti
     for artifact in artifacts:
         say(f"validating {artifact.format} {artifact.quant}")
         started = time.perf_counter()
-        run = run_artifact(artifact, windows, latency)
-        result = score(artifact, run, reference, windows, source_probe_ids)
+        run = run_artifact(artifact, windows, latency, probes[artifact.format].artifact_texts)
+        result = score(artifact, run, reference, windows, probes[artifact.format], settings.tokenizer == "strict")
         peak = getattr(run, "peak_rss_mb", None) or (run.latency.peak_rss_mb if run.latency else None)
         timings.stage(f"validate.{artifact.format} {artifact.quant}", wall_s=time.perf_counter() - started,
                       peak_rss_mb=peak)
@@ -295,7 +354,8 @@ def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Arti
     report = build_report(
         source=source,
         source_info={"name": checkpoint.name, "path": str(checkpoint.path), "architecture": spec.hf_architecture,
-                     "family": spec.family, "fingerprint": checkpoint.fingerprint(),
+                     "family": spec.family, "traits": spec.traits(),
+                     "fingerprint": checkpoint.fingerprint(),
                      "dtype": spec.source_dtype},
         reference=reference_info,
         corpus={"name": windows.corpus, "tokens": int(windows.tokens.size), "context": settings.context,

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from siliconvert.errors import RecipeError
+from siliconvert.errors import RecipeError, short
 
 BUILTIN_DEMO = "builtin:demo"
+MAX_RECIPE_BYTES = 1 << 20  # read whole, parsed by YAML: a bigger file is not a recipe
 
 
 class Strict(BaseModel):
@@ -33,7 +34,7 @@ class Gates(Strict):
 
 class MLXTarget(Strict):
     format: Literal["mlx"]
-    bits: Literal[4, 8, 16] = 4  # 16 = unquantized float16
+    bits: Literal[2, 3, 4, 5, 6, 8, 16] = 4  # 16 = unquantized float16
     group_size: Literal[32, 64, 128] = 64
     gates: Gates | None = None  # overrides validate.gates for this target
 
@@ -83,6 +84,8 @@ class Validate(Strict):
     latency: bool = True
     prefill_tokens: int = Field(128, ge=1)
     decode_tokens: int = Field(32, ge=1)
+    # lenient: a tokenizer difference from a known rule of the artifact's runtime warns; strict: it fails too
+    tokenizer: Literal["lenient", "strict"] = "lenient"
 
 
 class Release(Strict):
@@ -107,10 +110,27 @@ class Recipe(Strict):
     validate_: Validate = Field(Validate(), alias="validate")
     release: Release = Release()
 
+    @field_validator("source", "output", mode="before")
+    @classmethod
+    def _not_empty(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():  # Path('') is the current folder
+            raise ValueError("must not be empty ('' would be the current folder)")
+        return value
+
     @model_validator(mode="after")
     def _context_fits(self) -> Recipe:
-        if self.validate_.context > self.validate_.tokens:
+        settings = self.validate_
+        if settings.context > settings.tokens:
             raise ValueError("validate.context must not exceed validate.tokens")
+        for index, target in enumerate(self.targets):
+            if target.format != "coreml" or not settings.enabled:
+                continue  # a Core ML package holds `context` positions: the scored windows and latency run in it
+            if target.context < settings.context:
+                raise ValueError(f"targets.{index}.context ({target.context}) is shorter than validate.context "
+                                 f"({settings.context}), the windows it is scored on")
+            if settings.latency and target.context < settings.prefill_tokens + settings.decode_tokens:
+                raise ValueError(f"targets.{index}.context ({target.context}) is shorter than validate."
+                                 f"prefill_tokens + decode_tokens ({settings.prefill_tokens + settings.decode_tokens})")
         return self
 
     def output_dir(self, recipe_path: Path | None = None) -> Path:
@@ -124,10 +144,16 @@ class Recipe(Strict):
 
 def load_recipe(path: Path) -> Recipe:
     """Read and validate a recipe file, turning every problem into one RecipeError line."""
+    if path.exists() and not path.is_file():  # a folder; a FIFO or a device would hang the read
+        raise RecipeError("cannot read recipe (not a regular file)", path)
     try:
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"a recipe is a short YAML file; this one has {path.stat().st_size} bytes", path)
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise RecipeError(f"cannot read recipe ({e.strerror})", path) from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"not UTF-8 text (invalid byte at position {e.start})", path) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -135,9 +161,22 @@ def load_recipe(path: Path) -> Recipe:
         line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise RecipeError(f"YAML syntax error{line}: {problem}", path) from None
+    except RecursionError:
+        raise RecipeError("YAML nested too deeply to be read", path) from None
     if not isinstance(data, dict):
         raise RecipeError("a recipe is a YAML mapping (source:, targets:, ...)", path)
     return parse_recipe(data, path)
+
+
+def validate_settings(where: str = "command line", **values: object) -> Validate:
+    """Validation settings given as options (`siliconvert validate`): a bad value is one RecipeError line."""
+    try:
+        settings = Validate.model_validate(values)
+    except ValidationError as e:
+        raise RecipeError(_first_problem(e), where) from None
+    if settings.context > settings.tokens:
+        raise RecipeError(f"context ({settings.context}) must not exceed tokens ({settings.tokens})", where)
+    return settings
 
 
 def parse_recipe(data: dict, where: Path | str = "recipe") -> Recipe:
@@ -160,4 +199,4 @@ def _first_problem(error: ValidationError) -> str:
     if kind == "union_tag_invalid":
         return f"{key}: unknown format {problem['ctx']['tag']!r} (known: {', '.join(FORMATS)})"
     message = problem["msg"].removeprefix("Value error, ")
-    return f"{key}: {message} (got {problem.get('input')!r})" if key != "recipe" else message
+    return f"{key}: {message} (got {short(problem.get('input'))})" if key != "recipe" else message

@@ -27,6 +27,7 @@ import yaml
 from siliconvert.errors import ArtifactError, OutputError, RecipeError
 from siliconvert.progress import say
 from siliconvert.recipe import CoreMLTarget
+from siliconvert.validate.report import known_tokenizer_rules
 from siliconvert.validate.score import KV_CACHE_KLD_FACTOR, KV_CACHE_KLD_FLOOR
 
 RELEASE_FOLDER = "release"
@@ -367,12 +368,19 @@ def validation(release: Release, report: dict, has_plot: bool) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
         *[_row(release, e) for e in release.shipped], "",
         f"Gates: {_limits(release.shipped[0]['gates']['limits'])}. They also require the artifact's tokenizer "
-        "to give the source's token ids, and, wherever that check could run, decoding through its KV cache to "
-        "stay with the no-cache pass: fed a window's tokens one at a time, the cache may move the next-token "
+        "to give the source's token ids on the corpus, fixed and stress strings, every special token and the chat "
+        "template (differences that follow a named rule of the runtime are listed below), and, wherever that "
+        "check could run, decoding through its KV cache to stay with the no-cache pass: fed a window's tokens "
+        "one at a time, the cache may move the next-token "
         f"distributions (mean KLD to the no-cache pass) by no more than {KV_CACHE_KLD_FACTOR:g} × what "
         f"quantization moved them at those positions, or {KV_CACHE_KLD_FLOOR:g} where that is more; a broken "
         "cache moves them far more.",
     ]
+    known = known_tokenizer_rules(release.shipped)
+    if known:
+        lines += ["", "Tokenizer: where the runtime cannot express the source tokenizer's rule, these texts tokenize "
+                  "differently from the source (all other text the check tried gives the source's ids):",
+                  *[f"- {line}" for line in known]]
     if release.left_out:
         lines += ["", "Left out (failed their gates):",
                   *[f"- {f['message']}" for e in release.left_out for f in e["gates"]["failed"]]]

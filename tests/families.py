@@ -28,3 +28,37 @@ FAMILY_CASES: dict[str, tuple[str, dict]] = {
                             "long_factor": [1.5 + 0.25 * i for i in range(8)]}}),
     "smollm3": ("bpe", {"num_hidden_layers": 4}),  # layer 3 has no rope (every 4th, as SmolLM3 and llama.cpp)
 }
+
+
+def gemma3_multimodal(out_dir):
+    """A Gemma3ForConditionalGeneration checkpoint around the gemma3_text case's trained language model (random
+    vision tower), saved by transformers as the hub's multimodal Gemma 3 checkpoints are."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from siliconvert.demo import small_checkpoint
+
+    tokenizer, config = FAMILY_CASES["gemma3_text"]
+    text = small_checkpoint(None, "gemma3_text", tokenizer, config=config)
+    text_config = json.loads((text / "config.json").read_text())
+    vision = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 64, "patch_size": 16}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text_config, vision_config=vision,
+                                                            mm_tokens_per_image=4,
+                                                            tie_word_embeddings=text_config["tie_word_embeddings"]))
+    weights = load_file(text / "model.safetensors")
+    model.model.language_model.load_state_dict(
+        {name.removeprefix("model."): value for name, value in weights.items() if name.startswith("model.")})
+    if not text_config["tie_word_embeddings"]:
+        model.lm_head.weight.data.copy_(weights["lm_head.weight"])
+    model.to(torch.bfloat16).save_pretrained(out_dir)
+    for file in text.iterdir():
+        if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":
+            shutil.copy(file, out_dir / file.name)
+    return out_dir

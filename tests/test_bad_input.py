@@ -93,8 +93,8 @@ CHECKPOINT_CASES = [
     ("header-length-absurd", lambda f: (f / "model.safetensors").write_bytes(
         struct.pack("<Q", 1 << 50) + (f / "model.safetensors").read_bytes()[8:]), "header length"),
     ("header-not-json", lambda f: (f / "model.safetensors").write_bytes(
-        (f / "model.safetensors").read_bytes()[:8] + b"!" + (f / "model.safetensors").read_bytes()[9:]),
-     "header is not JSON"),
+        (f / "model.safetensors").read_bytes()[:9] + b"!" + (f / "model.safetensors").read_bytes()[10:]),
+     "header is not valid JSON"),
     ("dtype-unknown", lambda f: rewrite_header(f, lambda h: h[first_weight(h)].update(dtype="F8")),
      "unknown dtype 'F8'"),
     ("tensor-missing", lambda f: rewrite_tensors(f, lambda t: t.pop("model.norm.weight")),

@@ -100,7 +100,7 @@ def _safetensors(header: bytes, data: bytes = b"") -> bytes:
 @pytest.mark.parametrize(("content", "problem"), [
     (b"", "no header"),
     (struct.pack("<Q", 1 << 40) + b"{}", "absurd"),
-    (_safetensors(b"{not json"), "not JSON"),
+    (_safetensors(b"{not json"), "not valid JSON"),
     (_safetensors(b"[1, 2]"), "not a JSON object"),
     (_safetensors(json.dumps({"w": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 1]}}).encode(), b"x"),
      "unknown dtype"),

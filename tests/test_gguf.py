@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import unicodedata
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
-import sentencepiece as spm
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -30,7 +28,7 @@ from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.gguf import GGUFWriter
 from siliconvert.convert.gguf_arch import rope_pairs_split
 from siliconvert.demo import small_checkpoint
-from siliconvert.errors import ArtifactError, CheckpointError
+from siliconvert.errors import ArtifactError
 from siliconvert.quantize.gguf import calibration_text, importance_matrix, quantize
 from siliconvert.recipe import GGUFTarget
 from siliconvert.textdata import heldout_text
@@ -270,20 +268,23 @@ def test_kv_cache_check_tells_llama_cpp_noise_from_a_broken_cache(demo_model: Pa
     from test_validate_scale import FaultyCache
 
     from siliconvert.artifacts import Artifact
-    from siliconvert.validate.corpus import PROBE_STRINGS, source_tokenizer, token_windows
+    from siliconvert.validate.corpus import source_tokenizer, token_windows
     from siliconvert.validate.score import RunOutput, cached_window_logits, score
+    from siliconvert.validate.tokenizer import tokenizer_probes
 
-    windows = token_windows(source_tokenizer(demo_model), "builtin", 512, 256)
+    tokenizer = source_tokenizer(demo_model)
+    windows = token_windows(tokenizer, "builtin", 512, 256)
     reference = reference_logits_for(demo_model, windows.tokens)
     artifact = Artifact("gguf", "Q4_K_M", demo_q4_k_m)
     runner = LlamaCppRunner(demo_q4_k_m, {})
     logits = runner.logits_many(windows.tokens)
-    probe_ids = [runner.tokenize(text) for text in (*PROBE_STRINGS, windows.probe_text)]
+    probes = tokenizer_probes(tokenizer, windows.probe_text, "gguf")
+    probe_ids = [runner.tokenize(text) for text in probes.artifact_texts]
     checks = {}
     for fault in ("none", "dropped", "stale", "shifted"):
         cached, prompt = cached_window_logits(FaultyCache(runner, fault), windows.tokens[0])
         run = RunOutput(runner.runtime, runner.device, logits, probe_ids, cached, prompt, None, {}, 0.0)
-        checks[fault] = score(artifact, run, reference, windows, probe_ids).kv_cache
+        checks[fault] = score(artifact, run, reference, windows, probes).kv_cache
     runner.close()
     # measured: 1e-5 against a limit of 1e-3 (the floor: Q4_K_M moved these positions by about 1e-3)
     assert checks["none"]["consistent"] is True and checks["none"]["mean_kld"] < checks["none"]["limit_kld"] / 20
@@ -306,31 +307,14 @@ def test_tokenization_matches_transformers(source: Path, artifacts: dict[str, Pa
 def test_known_differences_from_transformers(case: str, source: Path, artifacts: dict[str, Path]) -> None:
     """Where llama.cpp itself differs (not our metadata): documented here so a change shows."""
     runner = LlamaCppRunner(artifacts["F16"], {})
-    # transformers finds special tokens in text even with add_special_tokens=False; llama.cpp with
-    # parse_special=False (what a runner must use for plain text) reads them as text.
+    # transformers finds special tokens in text even with add_special_tokens=False; so does the runner, which
+    # asks llama.cpp to parse them (a chat prompt needs it)
     special = AutoTokenizer.from_pretrained(source).eos_token
-    assert runner.tokenize(special) != hf_ids(source, special)
+    assert runner.tokenize(special) == hf_ids(source, special)
     if case == "qwen2-bpe":  # Qwen2's tokenizer NFC-normalizes first; llama.cpp's BPE does not normalize
         decomposed = "cafe\u0301"
         assert runner.tokenize(decomposed) != hf_ids(source, decomposed)
         assert runner.tokenize(unicodedata.normalize("NFC", decomposed)) == hf_ids(source, decomposed)
-    runner.close()
-
-
-def test_sentencepiece_model_alone(source: Path, case: str, artifacts: dict[str, Path], tmp_path: Path) -> None:
-    """Without tokenizer.json the vocabulary is the same, and llama.cpp splits text as SentencePiece does."""
-    if case != "llama-sentencepiece":
-        pytest.skip("SentencePiece only")
-    copy = shutil.copytree(source, tmp_path / "copy")
-    (copy / "tokenizer.json").unlink()
-    [alone] = convert(copy, tmp_path / "out", ["F16"])
-    # add_sep_token comes from tokenizer.json's pair template only; everything else must be the same
-    keys = [k for k in fields(artifacts["F16"]) if k.startswith("tokenizer.") and k != "tokenizer.ggml.add_sep_token"]
-    assert {k: fields(alone.path).get(k) for k in keys} == {k: fields(artifacts["F16"])[k] for k in keys}
-    sentencepiece = spm.SentencePieceProcessor(model_file=str(source / "tokenizer.model"))
-    runner = LlamaCppRunner(alone.path, {})
-    for text in [heldout_text()[:20_000], *SAMPLES]:
-        assert runner.tokenize(text) == sentencepiece.encode(text), repr(text[:40])
     runner.close()
 
 
@@ -348,27 +332,6 @@ def test_llama3_rope_factors_match_transformers() -> None:
 
 
 # ---- refusals ------------------------------------------------------------------------------------
-
-
-def test_unknown_pre_tokenizer_is_refused(source: Path, case: str, tmp_path: Path) -> None:
-    if case != "qwen2-bpe":
-        pytest.skip("byte-level BPE only")
-    copy = shutil.copytree(source, tmp_path / "copy")
-    tokenizer = json.loads((copy / "tokenizer.json").read_text())
-    tokenizer["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{L}+|\p{N}{1,2}|\s+"
-    (copy / "tokenizer.json").write_text(json.dumps(tokenizer))
-    with pytest.raises(CheckpointError, match="no pre-tokenizer") as error:
-        convert(copy, tmp_path / "out", ["F16"])
-    assert "tokenizer.json" in str(error.value)
-
-
-def test_sentencepiece_json_without_model_is_refused(source: Path, case: str, tmp_path: Path) -> None:
-    if case != "llama-sentencepiece":
-        pytest.skip("SentencePiece only")
-    copy = shutil.copytree(source, tmp_path / "copy")
-    (copy / "tokenizer.model").unlink()
-    with pytest.raises(CheckpointError, match=r"tokenizer\.model"):
-        convert(copy, tmp_path / "out", ["F16"])
 
 
 def test_out_of_order_tensors_are_refused(source: Path, tmp_path: Path) -> None:

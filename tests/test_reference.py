@@ -103,3 +103,42 @@ def test_skeleton_holds_no_weights(random_llama):
     model = model_skeleton(AutoConfig.from_pretrained(random_llama), torch.float32)
     assert all(p.is_meta for p in model.parameters())
     assert not any(b.is_meta for b in model.buffers())
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma2", "gemma3_text", "olmo2", "granite", "phi3", "smollm3"])
+def test_streamed_reference_runs_each_familys_own_code(model_type):
+    """Per-layer masks and rope, Gemma's embedding scale buffer, soft-capped and scaled logits: all of the
+    family's forward, layer by layer, equals its whole forward."""
+    from families import FAMILY_CASES
+
+    from siliconvert.demo import small_checkpoint
+
+    tokenizer, config = FAMILY_CASES[model_type]
+    path = small_checkpoint(None, model_type, tokenizer, config=config)
+    windows = windows_of(path, count=2)
+    from transformers import AutoConfig
+
+    streamed = streamed_logits(AutoConfig.from_pretrained(path), CheckpointWeights(Checkpoint.open(path)),
+                               windows.tokens, device="cpu", dtype=torch.float32, label="test")
+    assert np.abs(streamed - reference_logits_for(path, windows.tokens)).max() < 1e-4
+
+
+def test_a_float16_reference_that_overflows_runs_again_in_float32(random_llama, tmp_path, monkeypatch):
+    """Embeddings past 65 504 make float16 hidden states inf: the reference says so and runs in float32."""
+    from safetensors.torch import load_file, save_file
+
+    import siliconvert.validate.reference as reference
+
+    source = tmp_path / "huge"
+    shutil.copytree(random_llama, source)
+    weights = load_file(source / "model.safetensors")
+    weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"] * 1e7  # ~1e5: bf16 holds it
+    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.setattr(reference, "reference_device", lambda: ("cpu", "float16", "CPU (test)"))
+    tokens = np.arange(24).reshape(2, 12) % 96
+    windows = Windows(tokens, "test", hashlib.sha256(tokens.tobytes()).hexdigest()[:16], "")
+    # the child process is spawned: it imports reference afresh, so run the child's function here
+    reference._child(Checkpoint.open(source), windows.tokens, tmp_path / "cache")
+    info = json.loads((tmp_path / "cache" / "info.json").read_text())
+    assert info["dtype"].startswith("float32") and "float16 overflowed in decoder layer 0" in info["dtype"]
+    assert np.isfinite(np.load(tmp_path / "cache" / "logits.npy")).all()

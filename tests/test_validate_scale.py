@@ -28,6 +28,7 @@ from siliconvert.validate.score import (
     run_artifact,
     score,
 )
+from siliconvert.validate.tokenizer import Probe, TokenizerProbes
 
 MISTRAL_7B = {
     "model_type": "mistral", "architectures": ["MistralForCausalLM"], "hidden_size": 4096,
@@ -135,8 +136,9 @@ def test_stand_in_computes_what_mlx_computes(small_model, tmp_path, case):
 
 @pytest.mark.slow
 def test_unmeasured_checks_fail_no_gate_and_show_as_not_measured(small_model, tmp_path):
-    from siliconvert.validate.corpus import PROBE_STRINGS, source_tokenizer, token_windows
+    from siliconvert.validate.corpus import source_tokenizer, token_windows
     from siliconvert.validate.reference import reference_logits
+    from siliconvert.validate.tokenizer import tokenizer_probes
 
     source = small_model("llama", "sentencepiece", rope_theta=50000.0)
     artifact = build_mlx(source, tmp_path, bits=4)
@@ -144,11 +146,11 @@ def test_unmeasured_checks_fail_no_gate_and_show_as_not_measured(small_model, tm
     tokenizer = source_tokenizer(source)
     windows = token_windows(tokenizer, "builtin", 256, 128)
     reference, _ = reference_logits(Checkpoint.open(source), windows, tmp_path / "cache")
-    run = run_artifact(stand_in, windows, latency=(64, 8))
+    probes = tokenizer_probes(tokenizer, windows.probe_text, stand_in.format)
+    run = run_artifact(stand_in, windows, (64, 8), probes.artifact_texts)
     assert run.cached_logits is None and run.latency is None
     assert set(run.unmeasured) == {"kv_cache", "latency"} and run.peak_rss_mb > 0
-    probe_ids = [tokenizer.encode(t, add_special_tokens=False) for t in (*PROBE_STRINGS, windows.probe_text)]
-    result = score(stand_in, run, reference, windows, probe_ids)
+    result = score(stand_in, run, reference, windows, probes)
     assert result.tokenizer_match and result.scores.mean_kld < 0.05
     assert gate_checks.check(result, Gates()) == []
     entry = artifact_entry(result, [], {})
@@ -263,11 +265,11 @@ def scripted_score(monkeypatch, fault: str, scale: float = 0.0) -> ArtifactScore
     windows = Windows(tokens, "scripted", "digest", "held-out text")
     monkeypatch.setattr(scoring, "open_runner", lambda fmt, path, options: FaultyCache(model, fault, scale))
     artifact = Artifact("gguf", "Q4_K_M", Path("scripted.gguf"))
-    run = scoring._child(artifact, windows, latency=(16, 4))
+    probes = TokenizerProbes([Probe("fixed", text, model.tokenize(text), {}) for text in PROBE_STRINGS])
+    run = scoring._child(artifact, windows, (16, 4), probes.artifact_texts)
     no_cache = np.stack([model.logits(window) for window in tokens])
     reference = no_cache + np.random.default_rng(3).normal(scale=0.5, size=no_cache.shape).astype(np.float32)
-    probe_ids = [model.tokenize(text) for text in (*PROBE_STRINGS, windows.probe_text)]
-    return score(artifact, run, reference, windows, probe_ids)
+    return score(artifact, run, reference, windows, probes)
 
 
 @pytest.mark.parametrize(("fault", "scale"), [("none", 0.0), ("tie-flips", 0.0), ("noise", 0.05)])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from siliconvert.errors import RecipeError
+from siliconvert.errors import CheckpointError, RecipeError
 
 # Strings whose tokenization every artifact must reproduce exactly: the usual places where a
 # converted vocabulary goes wrong (spaces, byte fallback, merges over digits, non-Latin scripts).
@@ -32,7 +32,7 @@ class Windows:
     tokens: np.ndarray  # [windows, context] token ids
     corpus: str  # how the report names the text
     digest: str  # hash of the token ids (cache key)
-    probe_text: str  # held-out text also used for the tokenizer check
+    probe_text: str  # the whole corpus, which the tokenizer check also tokenizes (validate/tokenizer.py)
 
     @property
     def targets(self) -> np.ndarray:
@@ -47,17 +47,30 @@ def load_text(corpus: str) -> tuple[str, str]:
 
         return heldout_text(), "builtin (held-out pydoc_data text)"
     path = Path(corpus).expanduser()
+    if path.exists() and not path.is_file():  # a folder; a FIFO or a device would hang or never end
+        raise RecipeError("cannot read the validation corpus (not a regular file)", path)
     try:
-        return path.read_text(encoding="utf-8"), str(path)
-    except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(f"cannot read the validation corpus ({e})", path) from None
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RecipeError(f"cannot read the validation corpus ({e.strerror})", path) from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"the validation corpus is not UTF-8 text (invalid byte at position {e.start})",
+                          path) from None
+    if not text.strip():
+        raise RecipeError("the validation corpus is empty", path)
+    return text, str(path)
 
 
 def source_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     # Remote code is never run: a tokenizer that needs it is refused by transformers.
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as e:  # tokenizers, sentencepiece and transformers each raise their own types
+        problem = str(e).strip().splitlines()[0][:200] if str(e).strip() else "no detail"
+        raise CheckpointError(f"the tokenizer files cannot be loaded ({type(e).__name__}: {problem})",
+                              path) from None
 
 
 def token_windows(tokenizer, corpus: str, n_tokens: int, context: int) -> Windows:
@@ -79,4 +92,4 @@ def token_windows(tokenizer, corpus: str, n_tokens: int, context: int) -> Window
     rows = [ids[i * body:(i + 1) * body] for i in range(count)]
     tokens = np.array([[bos, *row] if adds_bos else row for row in rows], dtype=np.int64)
     digest = hashlib.sha256(tokens.tobytes()).hexdigest()[:16]
-    return Windows(tokens, label, digest, probe_text=text[:2000])
+    return Windows(tokens, label, digest, probe_text=text)

@@ -26,7 +26,8 @@ class GateFailure:
 
 
 def check(result: ArtifactScore, gates: Gates) -> list[GateFailure]:
-    """Every gate the artifact fails. A wrong tokenizer, or a KV cache that moves the artifact further from its
+    """Every gate the artifact fails. A tokenizer that differs from the source other than by a known rule (or at
+    all, under validate.tokenizer: strict), or a KV cache that moves the artifact further from its
     no-cache pass than quantization's own error allows, fails regardless of the recipe: no KLD explains those
     away."""
     name = f"{result.artifact.format} {result.artifact.quant}"
@@ -39,9 +40,14 @@ def check(result: ArtifactScore, gates: Gates) -> list[GateFailure]:
         if (value > limit) if direction == "max" else (value < limit):
             relation = ">" if direction == "max" else "<"
             failures.append(GateFailure(metric, value, limit, f"{name}: {metric} {value:.4g} {relation} {limit}"))
-    if not result.tokenizer_match:
-        failures.append(GateFailure("tokenizer_match", False, True,
-                                    f"{name}: tokenizer differs from the source: {result.tokenizer_mismatch}"))
+    tokenizer = result.tokenizer
+    if tokenizer["unexplained"]:
+        failures.append(GateFailure("tokenizer_match", False, True, f"{name}: tokenizer differs from the source on "
+                                    f"{tokenizer['unexplained']} texts: {tokenizer['differences'][0]}"))
+    elif not tokenizer["passed"]:  # only known rules differ, and the recipe asks for validate.tokenizer: strict
+        rules = ", ".join(tokenizer["known"])
+        failures.append(GateFailure("tokenizer_match", False, True, f"{name}: tokenizer differs from the source by "
+                                    f"known rules ({rules}; validate.tokenizer: strict): {result.tokenizer_mismatch}"))
     kv = result.kv_cache
     if kv["consistent"] is False:  # None: not measured (the report says why), which fails nothing
         failures.append(GateFailure("kv_cache", kv["mean_kld"], kv["limit_kld"],

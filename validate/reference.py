@@ -1,8 +1,12 @@
 """Reference logits: the source checkpoint run by transformers, layer by layer, cached on disk.
 
 FP16 on CUDA or MPS; on CPU the weights are upcast to FP32 (FP16 matmuls on CPU are slow and no
-more faithful). The report says which. The model is never loaded whole: validate/streamed.py holds
-one decoder layer's weights at a time, so a 7B reference fits in a few GB of memory. It runs in a
+more faithful). Where the residual stream leaves FP16's range (Gemma's does in real checkpoints), an FP16
+reference would be wrong, not merely imprecise: the run notices the first non-finite layer output and
+starts again in FP32. The report says which dtype ran, and why.
+
+The model is never loaded whole: validate/streamed.py holds one decoder layer's weights at a time, so a
+7B reference fits in a few GB of memory. It runs in a
 child process, so the peak memory it reports is its own.
 """
 
@@ -60,18 +64,24 @@ def _child(checkpoint: Checkpoint, tokens: np.ndarray, cache: Path) -> None:
     started = time.perf_counter()
     import torch
     import transformers
-    from transformers import AutoConfig
 
     from siliconvert.validate.score import peak_rss_mb
-    from siliconvert.validate.streamed import CheckpointWeights, streamed_logits
+    from siliconvert.validate.streamed import CheckpointWeights, Float16Overflow, streamed_logits
 
     device, dtype, device_name = reference_device()
-    config = AutoConfig.from_pretrained(str(checkpoint.path), trust_remote_code=False)
-    logits = streamed_logits(config, CheckpointWeights(checkpoint), tokens, device=device,
-                             dtype=getattr(torch, dtype), label="reference logits (transformers, layer by layer)")
+    config = checkpoint.transformers_config()
+    label, why = "reference logits (transformers, layer by layer)", ""
+    try:
+        logits = streamed_logits(config, CheckpointWeights(checkpoint), tokens, device=device,
+                                 dtype=getattr(torch, dtype), label=label)
+    except Float16Overflow as overflow:  # a float16 reference would be wrong, not merely imprecise
+        why = f"; float16 overflowed in decoder layer {overflow.layer}"
+        dtype = "float32"
+        logits = streamed_logits(config, CheckpointWeights(checkpoint), tokens, device=device,
+                                 dtype=torch.float32, label=label)
     source_dtype = checkpoint.spec.source_dtype
     conversion = "upcast" if dtype == "float32" else "cast"
-    converted = f" ({conversion} from {source_dtype})" if dtype != source_dtype else ""
+    converted = f" ({conversion} from {source_dtype}{why})" if dtype != source_dtype else ""
     info = {
         "runtime": f"transformers {transformers.__version__} / torch {torch.__version__}",
         "device": device_name,

@@ -12,6 +12,7 @@ import numpy as np
 from siliconvert.artifacts import write_text_atomically
 from siliconvert.validate.gates import GateFailure
 from siliconvert.validate.score import ArtifactScore, artifact_size, describe_kv_cache
+from siliconvert.validate.tokenizer import describe
 
 SCHEMA_VERSION = 1
 
@@ -27,6 +28,8 @@ def artifact_entry(result: ArtifactScore, failures: list[GateFailure], limits: d
         "device": run.device,
         "tokenizer_match": result.tokenizer_match,
         "tokenizer_mismatch": result.tokenizer_mismatch,
+        # every probe text: identical, a known rule's difference (a warning unless strict), or a failure
+        "tokenizer": result.tokenizer,
         "kv_cache": result.kv_cache,
         "metrics": result.scores.as_dict(),
         "latency": run.latency.as_dict() if run.latency else None,
@@ -69,7 +72,7 @@ def markdown(report: dict, plot_name: str | None) -> str:
     lines = [
         f"# siliconvert report: {report['source_info']['name']}",
         "",
-        f"Source `{report['source']}` ({report['source_info']['architecture']}). "
+        f"Source `{report['source']}` ({report['source_info']['architecture']}{_traits(report['source_info'])}). "
         f"Reference: {ref['runtime']} on {ref['device']}, {ref['dtype']}{_reference_run(ref)}. "
         f"Corpus: {corpus['name']}, {corpus['positions']} scored positions "
         f"({corpus['windows']} windows of {corpus['context']} tokens).",
@@ -94,11 +97,17 @@ def markdown(report: dict, plot_name: str | None) -> str:
             f"| {a['format']} {a['quant']} | {a['size_bytes'] / 1e6:.1f} MB | {a['runtime']} | {a['device']} "
             f"| {m['mean_kld']:.5f} | {m['p99_kld']:.4f} | {100 * m['same_top1']:.1f} % | {m['ppl_ratio']:.4f} "
             f"| {m['rms_delta_p']:.4f} | {' | '.join(speed)} "
-            f"| {'match' if a['tokenizer_match'] else 'MISMATCH'} | {kv_cell} "
+            f"| {_tokenizer_cell(a)} | {kv_cell} "
             f"| {'pass' if a['gates']['passed'] else 'FAIL'} |"
         )
     if notes:
         lines += ["", *notes]
+    known = known_tokenizer_rules(report["artifacts"])
+    if known:
+        lines += ["", "## Tokenizer differences from known rules", "",
+                  "The artifact's runtime cannot express the source tokenizer's rule here; other text tokenizes "
+                  "alike. A warning, not a failure, unless the recipe sets `validate.tokenizer: strict`.", ""]
+        lines += [f"- {line}" for line in known]
     failures = [f["message"] for a in report["artifacts"] for f in a["gates"]["failed"]]
     if failures:
         lines += ["", "## Failed gates", "", *[f"- {message}" for message in failures]]
@@ -111,6 +120,31 @@ def markdown(report: dict, plot_name: str | None) -> str:
     if plot_name:
         lines += ["", f"![quality against size]({plot_name})"]
     return "\n".join(lines) + "\n"
+
+
+def _traits(source_info: dict) -> str:
+    """The traits that depart from Llama's, as a reader meets them ("; traits: qk_norm head, ...")."""
+    traits = source_info.get("traits") or {}
+    return "; traits: " + ", ".join(f"{name} {value}" for name, value in traits.items()) if traits else ""
+
+
+def known_tokenizer_rules(artifacts: list[dict]) -> list[str]:
+    """One line per artifact and known rule, e.g. "gguf Q4_K_M: space-prefix (3 texts): inputs that begin …"."""
+    lines = []
+    for a in artifacts:
+        for name, rule in (a.get("tokenizer") or {}).get("known", {}).items():  # older reports lack the check
+            lines.append(f"{a['format']} {a['quant']}: **{name}** ({rule['probes']} texts): {rule['description']}; "
+                         f"first: {rule['example']}")
+    return lines
+
+
+def _tokenizer_cell(artifact: dict) -> str:
+    check = artifact.get("tokenizer")
+    if check is None:  # a report written before the check had its details
+        return "match" if artifact["tokenizer_match"] else "MISMATCH"
+    if check["unexplained"]:
+        return f"MISMATCH: {describe(check)}"
+    return "match" if not check["known"] else f"known rules: {describe(check)}"
 
 
 def _reference_run(ref: dict) -> str:

@@ -19,10 +19,11 @@ import numpy as np
 
 from siliconvert.artifacts import Artifact
 from siliconvert.errors import ArtifactError
-from siliconvert.validate.corpus import PROBE_STRINGS, Windows
+from siliconvert.validate.corpus import Windows
 from siliconvert.validate.metrics import Scores, compare, per_position
 from siliconvert.validate.runners import Latency, open_runner
 from siliconvert.validate.runners.base import Runner
+from siliconvert.validate.tokenizer import TokenizerCheck, TokenizerProbes, check_tokenizer
 
 # Tokens fed one at a time through the KV cache, each checked against the no-cache pass.
 CACHE_CHECK_TOKENS = 16
@@ -47,7 +48,7 @@ class RunOutput:
     runtime: str
     device: str
     logits: np.ndarray  # [windows, context, vocab]
-    probe_ids: list[list[int]]
+    probe_ids: list[list[int]]  # the artifact's ids for each of the tokenizer check's texts (artifact_texts)
     # Logits [1 + CACHE_CHECK_TOKENS, vocab] of the first window's tokens fed one at a time through the KV cache
     # after its first `cache_prompt` tokens (row i: position cache_prompt - 1 + i); None when the runner cannot
     # (the reason is in `unmeasured`). The parent judges them, where the reference is.
@@ -75,16 +76,19 @@ class ArtifactScore:
     run: RunOutput
     scores: Scores
     kld: np.ndarray  # per scored position, for plots
-    tokenizer_match: bool
-    tokenizer_mismatch: str | None  # where the first differing id is
+    tokenizer_match: bool  # every probe text gives the source's ids
+    tokenizer_mismatch: str | None  # where the first differing id is (unexplained first, else a known rule's)
     kv_cache: KVCacheCheck
+    tokenizer: TokenizerCheck
 
 
-def run_artifact(artifact: Artifact, windows: Windows, latency: tuple[int, int] | None) -> RunOutput:
-    """Run `artifact` in a fresh process; `latency` = (prefill tokens, decode tokens) or None."""
+def run_artifact(artifact: Artifact, windows: Windows, latency: tuple[int, int] | None,
+                 probe_texts: list[str]) -> RunOutput:
+    """Run `artifact` in a fresh process; `latency` = (prefill tokens, decode tokens) or None; `probe_texts`: what
+    the tokenizer check has the artifact tokenize (TokenizerProbes.artifact_texts)."""
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        future = pool.submit(_child, artifact, windows, latency)
+        future = pool.submit(_child, artifact, windows, latency, probe_texts)
         try:
             return future.result()
         except BrokenProcessPool:
@@ -93,9 +97,10 @@ def run_artifact(artifact: Artifact, windows: Windows, latency: tuple[int, int] 
             ) from None
 
 
-def score(artifact: Artifact, run: RunOutput, reference: np.ndarray, windows: Windows,
-          source_probe_ids: list[list[int]]) -> ArtifactScore:
-    """Compare a run's logits with the reference on the scored positions, and its token ids."""
+def score(artifact: Artifact, run: RunOutput, reference: np.ndarray, windows: Windows, probes: TokenizerProbes,
+          strict_tokenizer: bool = False) -> ArtifactScore:
+    """Compare a run's logits with the reference on the scored positions, and its token ids with the source's
+    (`strict_tokenizer`: differences from known rules fail too)."""
     vocab = reference.shape[-1]
     logits = run.logits[..., :vocab]  # some formats pad the vocabulary; padded ids are never targets
     if run.logits.shape[:2] != reference.shape[:2]:
@@ -104,33 +109,25 @@ def score(artifact: Artifact, run: RunOutput, reference: np.ndarray, windows: Wi
     ref = reference[:, :-1].reshape(-1, vocab)
     art = logits[:, :-1].reshape(-1, vocab)
     scores, kld = compare(ref, art, windows.targets.reshape(-1))
-    mismatch = first_token_mismatch(source_probe_ids, run.probe_ids)
+    tokenizer = check_tokenizer(probes, run.probe_ids, strict_tokenizer)
+    known = [k["example"] for k in tokenizer["known"].values()]
+    mismatch = next(iter(tokenizer["differences"] + known), None)
     if run.cached_logits is None:
         kv_cache = KVCacheCheck(consistent=None, checked_tokens=0, first_mismatch=None, mean_kld=None,
                                 limit_kld=None, same_top1=None)
     else:
         kv_cache = kv_cache_check(run.cached_logits[:, :vocab], run.cache_prompt, logits[0], windows.targets[0],
                                   kld.reshape(windows.targets.shape)[0])
-    return ArtifactScore(artifact, run, scores, kld, mismatch is None, mismatch, kv_cache)
+    return ArtifactScore(artifact, run, scores, kld, tokenizer["identical"] == tokenizer["probes"], mismatch,
+                         kv_cache, tokenizer)
 
 
-def first_token_mismatch(expected: list[list[int]], actual: list[list[int]]) -> str | None:
-    """A one-line description of the first differing token id, or None when all agree."""
-    probes = [*PROBE_STRINGS, "held-out text"]
-    for text, want, got in zip(probes, expected, actual, strict=True):
-        if want != got:
-            pairs = enumerate(zip(want, got, strict=False))
-            position = next((i for i, (a, b) in pairs if a != b), min(len(want), len(got)))
-            return (f"{text[:24]!r}: token {position} is {got[position:position + 1]} "
-                    f"but the source tokenizer gives {want[position:position + 1]}")
-    return None
-
-
-def _child(artifact: Artifact, windows: Windows, latency: tuple[int, int] | None) -> RunOutput:
+def _child(artifact: Artifact, windows: Windows, latency: tuple[int, int] | None,
+           probe_texts: list[str]) -> RunOutput:
     runner = open_runner(artifact.format, artifact.path, artifact.runner_options)
     try:
         logits = runner.logits_many(windows.tokens)
-        probe_ids = [runner.tokenize(text) for text in (*PROBE_STRINGS, windows.probe_text)]
+        probe_ids = [runner.tokenize(text) for text in probe_texts]
         unmeasured = runner.unmeasured()
         cached, cache_prompt = ((None, 0) if "kv_cache" in unmeasured
                                 else cached_window_logits(runner, windows.tokens[0]))

@@ -42,6 +42,14 @@ class CheckpointWeights:
         return torch.from_numpy(read_tensor(self.infos[name]))
 
 
+class Float16Overflow(ArithmeticError):
+    """The residual stream left float16's range (Gemma's does in real checkpoints): run in another dtype."""
+
+    def __init__(self, layer: int):
+        super().__init__(f"float16 overflowed in decoder layer {layer}")
+        self.layer = layer
+
+
 def streamed_logits(config: PretrainedConfig, weights: WeightSource, windows: np.ndarray, *,
                     device: str, dtype: torch.dtype, label: str,
                     prepare: Callable[[PreTrainedModel], None] | None = None,
@@ -75,6 +83,8 @@ def streamed_logits(config: PretrainedConfig, weights: WeightSource, windows: np
             _materialise(layer, f"model.layers.{index}.", weights, device, dtype)
             hidden = [layer(states, **layer_kwargs[index]) for states in hidden]
             _free(layer)
+            if dtype == torch.float16 and not all(torch.isfinite(states).all() for states in hidden):
+                raise Float16Overflow(index)
         head_prefix = "model.embed_tokens." if tied_head else "lm_head."
         _materialise(model.lm_head, head_prefix, weights, device, dtype)
         logits = np.empty((*windows.shape, model.lm_head.out_features), dtype=np.float32) if keep_logits else None

@@ -5,7 +5,7 @@ Adding a family is a short module here (see qwen3.py: a mapping from its config 
 
 from siliconvert.architectures.base import ConfigWarning, Family, Layer, ModelSpec, Registry, Rope, TensorRole
 from siliconvert.architectures.gemma2 import Gemma2
-from siliconvert.architectures.gemma3 import Gemma3
+from siliconvert.architectures.gemma3 import Gemma3, Gemma3Multimodal
 from siliconvert.architectures.granite import Granite
 from siliconvert.architectures.llama import Llama
 from siliconvert.architectures.mistral import Mistral
@@ -16,7 +16,7 @@ from siliconvert.architectures.qwen3 import Qwen3
 from siliconvert.architectures.smollm3 import SmolLM3
 
 registry = Registry()
-for _family in (Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3, Olmo2, Granite, Phi3, SmolLM3):
+for _family in (Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3, Gemma3Multimodal, Olmo2, Granite, Phi3, SmolLM3):
     registry.register(_family)
 
 __all__ = ["ConfigWarning", "Family", "Layer", "ModelSpec", "Registry", "Rope", "TensorRole", "registry"]

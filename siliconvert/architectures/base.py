@@ -15,9 +15,11 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from siliconvert.errors import CheckpointError, UnsupportedArchitectureError
+
+T = TypeVar("T")
 
 
 class ConfigWarning(UserWarning):
@@ -301,6 +303,8 @@ class Family:
         params = dict(hf.rope_parameters or {})
         if layer_type in params or set(params) & {"full_attention", "sliding_attention"}:
             params = dict(params.get(layer_type) or {})
+        legacy_type = params.pop("type", None)  # older configs' name for rope_type, which transformers keeps
+        params.setdefault("rope_type", legacy_type or "default")
         theta = float(params.pop("rope_theta", None) or getattr(hf, "rope_theta", None) or 10000.0)
         partial = float(params.pop("partial_rotary_factor", None) or getattr(hf, "partial_rotary_factor", None)
                         or 1.0)
@@ -338,6 +342,12 @@ class Family:
                 ConfigWarning,
                 stacklevel=3,
             )
+
+    # ---- a decoder inside a larger checkpoint -------------------------------------------------
+    def decoder(self, config: dict[str, Any], tensors: dict[str, T], where: Any) -> tuple[dict[str, Any], dict[str, T]]:
+        """The decoder's config and tensors (renamed as the decoder's own model names them). A plain decoder
+        checkpoint is all decoder; a multimodal family keeps its language model and says what it drops."""
+        return config, tensors
 
     # ---- tensors ----------------------------------------------------------------------------
     def role_of(self, name: str) -> TensorRole | None:
@@ -419,6 +429,14 @@ class Registry:
         for arch in architectures:
             if arch in self.families:
                 return self.families[arch]
-        named = ", ".join(architectures) if architectures else "no 'architectures' field"
+        model_type = config.get("model_type")
+        by_type = {family.model_type: family for family in self.families.values()}
+        if not architectures and isinstance(model_type, str) and model_type in by_type:
+            # transformers' Auto classes pick the model by model_type; the architectures field is optional there
+            family = by_type[model_type]
+            warnings.warn(f"{where}: no 'architectures' field; read as {family.hf_architectures[0]} from "
+                          f"model_type {model_type!r}, as transformers does", ConfigWarning, stacklevel=2)
+            return family
+        named = ", ".join(architectures) if architectures else f"no 'architectures' field, model_type {model_type!r}"
         supported = ", ".join(sorted(self.families))
         raise UnsupportedArchitectureError(f"unsupported architecture ({named}); supported: {supported}", where)

@@ -54,7 +54,8 @@ class Runner(ABC):
 
     @abstractmethod
     def tokenize(self, text: str) -> list[int]:
-        """The artifact's own tokenization of `text`, without BOS/special tokens added."""
+        """The artifact's own tokenization of `text`, without BOS/special tokens added; special tokens written in
+        the text are read as those tokens (as transformers does)."""
 
     @abstractmethod
     def start(self, prompt: np.ndarray) -> np.ndarray:

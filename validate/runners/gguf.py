@@ -61,15 +61,7 @@ class LlamaCppRunner(Runner):
         return self._decode([int(t) for t in tokens], all_logits=True)
 
     def tokenize(self, text: str) -> list[int]:
-        data = text.encode("utf-8")
-        size = len(data) + 16
-        for _ in range(2):  # a negative count means "this many did not fit": retry once with room for them
-            buffer = (self.api.llama_token * size)()
-            count = self.api.llama_tokenize(self.vocab, data, len(data), buffer, size, False, False)
-            if count >= 0:
-                return list(buffer[:count])
-            size = -count
-        raise ArtifactError("llama.cpp could not tokenize the text", self.path)
+        return llama_tokenize(self.api, self.vocab, text, self.path)
 
     def start(self, prompt: np.ndarray) -> np.ndarray:
         self._clear()
@@ -114,6 +106,20 @@ class LlamaCppRunner(Runner):
         rows = len(tokens) if all_logits else 1
         logits = np.ctypeslib.as_array(self.api.llama_get_logits(self.ctx), shape=(rows, self.n_vocab))
         return logits.copy()
+
+
+def llama_tokenize(api, vocab, text: str, where: Path) -> list[int]:
+    """llama.cpp's ids for `text`: no BOS added, and special tokens written in the text read as those tokens
+    (parse_special), as transformers reads them and as a chat prompt needs."""
+    data = text.encode("utf-8")
+    size = len(data) + 16
+    for _ in range(2):  # a negative count means "this many did not fit": retry once with room for them
+        buffer = (api.llama_token * size)()
+        count = api.llama_tokenize(vocab, data, len(data), buffer, size, False, True)
+        if count >= 0:
+            return list(buffer[:count])
+        size = -count
+    raise ArtifactError("llama.cpp could not tokenize the text", where)
 
 
 def _read_into_memory(model_params, api) -> None:

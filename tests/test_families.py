@@ -1,0 +1,131 @@
+"""Every family maps its config onto traits, read from transformers' own config classes (no weights needed)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from families import FAMILY_CASES
+from transformers import AutoConfig
+
+from siliconvert.architectures import Layer, Rope, registry
+from siliconvert.convert.gguf_arch import GGUFArch
+from siliconvert.errors import CheckpointError
+
+ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                 "olmo2": "Olmo2ForCausalLM", "granite": "GraniteForCausalLM", "phi3": "Phi3ForCausalLM",
+                 "smollm3": "SmolLM3ForCausalLM"}
+SIZES = {"vocab_size": 1024, "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "intermediate_size": 384, "max_position_embeddings": 1024}
+
+
+def config_of(model_type: str, **changes) -> dict:
+    """config.json as transformers 5 saves it for the family's test case (plus `changes`)."""
+    settings = SIZES | FAMILY_CASES[model_type][1] | changes
+    config = AutoConfig.for_model(model_type, **settings).to_dict()
+    return config | {"architectures": [ARCHITECTURES[model_type]]}
+
+
+def spec_of(model_type: str, **changes):
+    config = config_of(model_type, **changes)
+    return registry.for_config(config).spec(config)
+
+
+def test_qwen3_head_dim_and_per_head_qk_norm() -> None:
+    spec = spec_of("qwen3")
+    assert spec.head_dim == 48 and spec.q_size == 192 != spec.hidden_size
+    assert spec.traits() == {"qk_norm": "head"}
+
+
+def test_gemma2_traits() -> None:
+    spec = spec_of("gemma2")
+    assert spec.norm_offset == 1.0 and spec.norm_placement == "sandwich" and spec.activation == "gelu_tanh"
+    assert spec.embedding_scale == math.sqrt(128) and spec.attention_multiplier == 24**-0.5
+    assert (spec.attn_softcap, spec.final_softcap) == (50.0, 30.0)
+    assert [layer.window for layer in spec.layers] == [24, None, 24]
+
+
+def test_gemma3_rope_per_layer_type() -> None:
+    spec = spec_of("gemma3_text")
+    local, full = Rope(10_000.0, 32), Rope(1_000_000.0, 32, {"rope_type": "linear", "factor": 2.0})
+    assert spec.layers == (Layer(24, local), Layer(None, full), Layer(24, local))
+    assert spec.rope == full and spec.rope_theta == 1_000_000.0
+    assert spec.qk_norm == "head" and spec.traits()["per_layer_rope"]
+
+
+def test_gemma3_default_pattern_and_thetas_from_transformers() -> None:
+    """A config that leaves layer types and rope out gets transformers' defaults: 5 local layers, 1 global."""
+    config = config_of("gemma3_text", num_hidden_layers=6, layer_types=None, rope_parameters=None)
+    spec = registry.for_config(config).spec(config)
+    assert [layer.window is None for layer in spec.layers] == [False] * 5 + [True]
+    assert {layer.rope.theta for layer in spec.layers} == {10_000.0, 1_000_000.0}
+
+
+def test_olmo2_post_norms_and_projection_qk_norm() -> None:
+    config = config_of("olmo2")
+    family = registry.for_config(config)
+    spec = family.spec(config)
+    assert spec.norm_placement == "post" and spec.qk_norm == "projection"
+    expected = family.expected_tensors(spec)
+    assert expected["model.layers.0.self_attn.q_norm.weight"] == (spec.q_size,)
+    assert not any("input_layernorm" in name for name in expected)
+
+
+def test_granite_multipliers() -> None:
+    spec = spec_of("granite")
+    assert (spec.embedding_scale, spec.attention_multiplier, spec.residual_scale, spec.logits_scale) == (
+        6.0, 0.05, 0.5, 0.25)
+
+
+def test_phi3_fused_tensors_partial_rotary_longrope() -> None:
+    config = config_of("phi3")
+    family = registry.for_config(config)
+    spec = family.spec(config)
+    assert spec.fused_qkv and spec.fused_gate_up
+    expected = family.expected_tensors(spec)
+    assert expected["model.layers.0.self_attn.qkv_proj.weight"] == (spec.q_size + 2 * spec.kv_size, 128)
+    assert expected["model.layers.0.mlp.gate_up_proj.weight"] == (2 * 384, 128)
+    assert spec.rope.dim == 16 and spec.rope.kind == "longrope" and spec.rope.scaling["factor"] == 4.0
+
+
+def test_smollm3_nope_layers() -> None:
+    spec = spec_of("smollm3")
+    assert [layer.rope is None for layer in spec.layers] == [False, False, False, True]
+
+
+def test_older_config_style_reads_the_same() -> None:
+    """Top-level rope_theta / rope_scaling (before transformers 5) give the spec rope_parameters give."""
+    new = spec_of("phi3")
+    config = config_of("phi3")
+    scaling = dict(config.pop("rope_parameters"))
+    config |= {"rope_theta": scaling.pop("rope_theta"), "partial_rotary_factor": scaling.pop("partial_rotary_factor"),
+               "rope_scaling": scaling | {"type": scaling.pop("rope_type")}}
+    old = registry.for_config(config).spec(config)
+    assert old.layers == new.layers
+
+
+@pytest.mark.parametrize("model_type", list(FAMILY_CASES))
+def test_every_family_has_a_gguf_layout(model_type: str) -> None:
+    GGUFArch(spec_of(model_type), "config.json")
+
+
+@pytest.mark.parametrize(("model_type", "changes", "trait"), [
+    ("smollm3", {"no_rope_layer_interval": 2}, "nope_layers"),
+    ("gemma3_text", {"attn_logit_softcapping": 20.0}, "attn_softcap"),
+    ("qwen3", {"layer_types": ["sliding_attention", "full_attention"], "use_sliding_window": True,
+               "sliding_window": 8, "max_window_layers": 0,
+               "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                   "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+     "per_layer_rope"),
+])
+def test_gguf_refuses_what_llama_cpp_cannot_compute(model_type: str, changes: dict, trait: str) -> None:
+    with pytest.raises(CheckpointError, match=f"cannot honour the trait {trait}"):
+        GGUFArch(spec_of(model_type, **changes), "config.json")
+
+
+def test_gguf_folds_an_attention_scale_llama_cpp_does_not_read() -> None:
+    """Gemma's q·k scale is query_pre_attn_scalar^-½; llama.cpp uses head_dim^-½ below 27B: the ratio goes into
+    q's rows (Gemma 2) or, after a q norm that would undo it, into the norm's weights (Gemma 3)."""
+    assert GGUFArch(spec_of("gemma2"), "c").q_scale == pytest.approx(math.sqrt(32 / 24))
+    assert GGUFArch(spec_of("gemma3_text"), "c").q_scale == pytest.approx(math.sqrt(32 / 40))
+    assert GGUFArch(spec_of("qwen3"), "c").q_scale == 1.0

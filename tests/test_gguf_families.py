@@ -1,0 +1,96 @@
+"""GGUF on every family: llama.cpp, reading our file, computes what transformers computes.
+
+The checkpoints (tests/families.py) switch each family's traits on, so a trait llama.cpp would compute
+otherwise (Gemma's attention scalar, Gemma 3's per-layer-type rope, a sliding window shorter than the
+window scored, LongRoPE with partial rotary, NoPE layers, Granite's multipliers) shows up as KLD here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import reference_logits_for
+from families import FAMILY_CASES
+from transformers import AutoTokenizer
+
+from siliconvert.checkpoint import Checkpoint
+from siliconvert.convert.gguf import GGUFWriter
+from siliconvert.demo import small_checkpoint
+from siliconvert.recipe import GGUFTarget
+from siliconvert.textdata import heldout_text
+from siliconvert.validate.metrics import compare
+from siliconvert.validate.runners.gguf import LlamaCppRunner
+
+pytestmark = pytest.mark.slow
+
+WINDOW, WINDOWS = 96, 2  # longer than the test cases' 24-token sliding window
+QUANTS = ["F16", "Q4_K_M"]
+LIMITS = {"F16": 0.001, "Q4_K_M": 0.1}  # mean KLD to the float32 reference (hidden 128: legacy quant fallbacks)
+
+
+@pytest.fixture(scope="module", params=list(FAMILY_CASES))
+def family(request: pytest.FixtureRequest) -> Path:
+    tokenizer, config = FAMILY_CASES[request.param]
+    return small_checkpoint(None, request.param, tokenizer, config=config)
+
+
+@pytest.fixture(scope="module")
+def scored(family: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    checkpoint = Checkpoint.open(family)
+    writer = GGUFWriter(checkpoint, GGUFTarget(format="gguf", quants=QUANTS), tmp_path_factory.mktemp("gguf"), "m")
+    for name, array in checkpoint.tensors():
+        writer.add(name, array)
+    ids = AutoTokenizer.from_pretrained(family)(heldout_text()[:20_000], add_special_tokens=False)["input_ids"]
+    windows = np.array(ids[:WINDOW * WINDOWS]).reshape(WINDOWS, WINDOW)
+    targets = np.array(ids[1:WINDOW * WINDOWS + 1]).reshape(WINDOWS, WINDOW)
+    reference = reference_logits_for(family, windows)
+    results = {}
+    for artifact in writer.finish():
+        runner = LlamaCppRunner(artifact.path, {"context": WINDOW})
+        try:
+            logits = np.stack([runner.logits(window) for window in windows])
+        finally:
+            runner.close()
+        results[artifact.quant] = compare(reference.reshape(-1, reference.shape[-1]),
+                                          logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))[0]
+    return results
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_llama_cpp_computes_the_source_function(scored: dict, quant: str) -> None:
+    result = scored[quant]
+    assert result.mean_kld < LIMITS[quant]
+    if quant == "F16":
+        assert result.same_top1 >= 0.98
+
+
+def test_gemma3_multimodal_converts_its_language_model(tmp_path: Path) -> None:
+    """Gemma3ForConditionalGeneration: the vision tower is dropped (said so), the language model converts, and
+    llama.cpp computes what the multimodal model computes on text."""
+    import torch
+    from families import gemma3_multimodal
+    from transformers import Gemma3ForConditionalGeneration
+
+    from siliconvert.architectures import ConfigWarning
+
+    source = gemma3_multimodal(tmp_path / "gemma3-multimodal")
+    with pytest.warns(ConfigWarning, match=r"vision tower and projector \(\d+ tensors\) are dropped"):
+        checkpoint = Checkpoint.open(source)
+    assert checkpoint.spec.family == "gemma3" and checkpoint.config["architectures"] == ["Gemma3ForCausalLM"]
+    writer = GGUFWriter(checkpoint, GGUFTarget(format="gguf", quants=["F16"]), tmp_path, "m")
+    for name, array in checkpoint.tensors():
+        writer.add(name, array)
+    [artifact] = writer.finish()
+    ids = AutoTokenizer.from_pretrained(source)(heldout_text()[:5000], add_special_tokens=False)["input_ids"]
+    window = np.array(ids[:WINDOW])
+    model = Gemma3ForConditionalGeneration.from_pretrained(source, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        reference = model(input_ids=torch.as_tensor(window[None])).logits[0].numpy()
+    runner = LlamaCppRunner(artifact.path, {"context": WINDOW})
+    try:
+        logits = runner.logits(window)
+    finally:
+        runner.close()
+    assert compare(reference[:-1], logits[:-1], window[1:])[0].mean_kld < LIMITS["F16"]

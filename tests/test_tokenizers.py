@@ -1,0 +1,354 @@
+"""GGUF tokenizers against their source, one tokenizer kind at a time, on the tokenizer check's whole list.
+
+Each tokenizer is trained here (tokenizers' BpeTrainer, SentencePiece's trainer) on the training text and saved
+through transformers, as the Hub ships them; its GGUF vocabulary is written with no weights and read back by
+llama.cpp vocabulary-only. Held-out text, the fixed and stress strings, every added token and the chat template
+must tokenize as the source does, or differ only by a named known rule.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import gguf
+import pytest
+import sentencepiece as spm
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers.trainers import BpeTrainer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from siliconvert.convert.gguf_vocab import LLAMA3_SPLIT, QWEN2_SPLIT, add_tokenizer
+from siliconvert.errors import CheckpointError
+from siliconvert.quantize.gguf import LlamaLog
+from siliconvert.textdata import heldout_text, training_text
+from siliconvert.validate.runners.gguf import llama_tokenize
+from siliconvert.validate.tokenizer import TokenizerCheck, check_tokenizer, tokenizer_probes
+
+BPE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+MISTRAL_CHAT = ("{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content }} [/INST]"
+                "{% elif m.role == 'assistant' %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}")
+SPM_SPECIALS = ["<unk>", "<s>", "</s>"]
+
+
+# ---- building tokenizers ---------------------------------------------------------------------------
+
+
+def save(backend: Tokenizer, folder: Path, **special: str) -> Path:
+    """Save through transformers, as a fine-tuned checkpoint's tokenizer is saved."""
+    folder.mkdir(parents=True, exist_ok=True)
+    PreTrainedTokenizerFast(tokenizer_object=backend, **special).save_pretrained(folder)
+    return folder
+
+
+def byte_level_bpe(folder: Path, split: str | None, ignore_merges: bool = False) -> Path:
+    """A byte-level BPE trained with BpeTrainer: GPT-2's own regex (split None) or a Split regex before it."""
+    backend = Tokenizer(models.BPE(ignore_merges=ignore_merges))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None)
+    backend.pre_tokenizer = (byte_level if split is None else
+                             pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), "isolated"), byte_level]))
+    backend.decoder = decoders.ByteLevel()
+    trainer = BpeTrainer(vocab_size=700, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+                         special_tokens=BPE_SPECIALS)
+    backend.train_from_iterator(training_text().split("\n\n"), trainer)
+    backend.add_tokens([AddedToken("<tool>", special=False, normalized=False)])
+    save(backend, folder, eos_token="<|endoftext|>")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": CHATML}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two SentencePiece BPE models with byte fallback: Llama's (dummy prefix) and Gemma's (none)."""
+    root = tmp_path_factory.mktemp("spm")
+    lines = [line for line in training_text().splitlines() if line.strip()]
+    paths = {}
+    for name, dummy_prefix in (("llama", True), ("gemma", False)):
+        paths[name] = root / f"{name}.model"
+        with paths[name].open("wb") as out:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(lines), model_writer=out, vocab_size=700, model_type="bpe",
+                byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=dummy_prefix,
+                normalization_rule_name="identity", remove_extra_whitespaces=False,
+                allow_whitespace_only_pieces=True, split_digits=True, num_threads=1, minloglevel=2)  # fmt: skip
+    return paths
+
+
+def sentencepiece_json(model_file: Path, folder: Path, style: str) -> Path:
+    """tokenizer.json for a SentencePiece model, in one of the styles tokenizers and transformers have written:
+    "legacy" (a Prepend normalizer), Metaspace with prepend_scheme "first" / "always" / "never", or "gemma"
+    (spaces replaced, nothing prepended)."""
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    vocab = {piece: i for i, piece in enumerate(pieces)}
+    # SentencePiece merges the pair whose union scores highest; pieces are sorted by score, so every split of
+    # every piece in id order gives tokenizers the same merge ranks (what transformers' converter does).
+    merges = [(piece[:cut], piece[cut:]) for i, piece in enumerate(pieces)
+              if not (sp.is_control(i) or sp.is_byte(i) or sp.is_unknown(i))
+              for cut in range(1, len(piece)) if piece[:cut] in vocab and piece[cut:] in vocab]
+    backend = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    if style == "legacy":
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    elif style == "gemma":
+        backend.normalizer = normalizers.Replace(" ", "▁")
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=style, split=False)
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    backend.add_special_tokens([AddedToken(p, special=True, normalized=False) for p in SPM_SPECIALS])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("[INST]", "[/INST]")])
+    save(backend, folder, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": MISTRAL_CHAT}))
+    return folder
+
+
+def sentencepiece_folder(models_: dict[str, Path], root: Path, style: str, files: str) -> Path:
+    """A tokenizer folder: tokenizer.model only, tokenizer.json only, or both."""
+    model_file = models_["gemma" if style == "gemma" else "llama"]
+    folder = sentencepiece_json(model_file, root / f"{style}-{files}", style)
+    if files != "json":
+        shutil.copy(model_file, folder / "tokenizer.model")
+    if files == "model":
+        (folder / "tokenizer.json").unlink()
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        tokenizer_class = "GemmaTokenizer" if style == "gemma" else "LlamaTokenizer"
+        (folder / "tokenizer_config.json").write_text(json.dumps(config | {"tokenizer_class": tokenizer_class}))
+    return folder
+
+
+# ---- GGUF vocabulary and llama.cpp -----------------------------------------------------------------
+
+
+def vocab_gguf(folder: Path, path: Path) -> Path:
+    """A GGUF holding the tokenizer of `folder` and the few hyper-parameters llama.cpp reads before it."""
+    vocab_size = len(AutoTokenizer.from_pretrained(folder))
+    writer = gguf.GGUFWriter(path, "llama")
+    for add, value in ((writer.add_context_length, 64), (writer.add_embedding_length, 64),
+                       (writer.add_feed_forward_length, 64), (writer.add_block_count, 1), (writer.add_head_count, 1),
+                       (writer.add_layer_norm_rms_eps, 1e-5)):
+        add(value)
+    add_tokenizer(writer, SimpleNamespace(path=folder, spec=SimpleNamespace(vocab_size=vocab_size)))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    return path
+
+
+def llama_cpp_check(folder: Path, path: Path, strict: bool = False) -> TokenizerCheck:
+    """The tokenizer check, llama.cpp reading the GGUF's vocabulary against transformers reading `folder`."""
+    import llama_cpp
+
+    api = llama_cpp.llama_cpp
+    params = api.llama_model_default_params()
+    params.vocab_only = True
+    with LlamaLog():
+        model = api.llama_model_load_from_file(str(path).encode(), params)
+    assert model, "llama.cpp cannot load the vocabulary"
+    try:
+        probes = tokenizer_probes(AutoTokenizer.from_pretrained(folder), heldout_text(), "gguf")
+        vocab = api.llama_model_get_vocab(model)
+        ids = [llama_tokenize(api, vocab, text, path) for text in probes.artifact_texts]
+    finally:
+        with LlamaLog():
+            api.llama_model_free(model)
+    return check_tokenizer(probes, ids, strict)
+
+
+def fields(path: Path) -> dict[str, object]:
+    return {f.name: f.contents() for f in gguf.GGUFReader(path).fields.values()}
+
+
+# ---- byte-level BPE --------------------------------------------------------------------------------
+
+
+# name → (Split regex before ByteLevel or None for ByteLevel's own, ignore_merges, config.json's model_type,
+# llama.cpp's pre-tokenizer, the known rules that remain)
+BYTE_LEVEL_CASES = {
+    "gpt2": (None, False, None, "gpt-2", set()),
+    "llama3": (LLAMA3_SPLIT, True, None, "llama-bpe", set()),
+    "qwen2": (QWEN2_SPLIT, False, None, "qwen2", set()),
+    # The issue's case: a GPT-2-regex tokenizer.json in a Qwen2 checkpoint. transformers 5 loads it as
+    # Qwen2Tokenizer, which applies Qwen2's regex and NFC whatever the file says: the GGUF follows what it loads.
+    "gpt2-json-in-qwen2-checkpoint": (None, False, "qwen2", "qwen2", {"nfc"}),
+}
+
+
+@pytest.mark.parametrize("case", list(BYTE_LEVEL_CASES))
+def test_byte_level_bpe_tokenizes_as_the_source(tmp_path: Path, case: str) -> None:
+    split, ignore_merges, model_type, pre, rules = BYTE_LEVEL_CASES[case]
+    folder = byte_level_bpe(tmp_path / "tokenizer", split, ignore_merges)
+    if model_type is not None:
+        (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    path = vocab_gguf(folder, tmp_path / "vocab.gguf")
+    assert fields(path)["tokenizer.ggml.pre"] == pre
+    check = llama_cpp_check(folder, path)
+    assert check["unexplained"] == 0, check["differences"]
+    assert set(check["known"]) == rules and check["identical"] == check["probes"] - len(rules)
+    probes = tokenizer_probes(AutoTokenizer.from_pretrained(folder), "corpus", "gguf").probes
+    assert {"chat template", "added token '<tool>'", "added token '<|im_end|>'"} <= {p.label for p in probes}
+
+
+def test_a_wrong_vocabulary_fails_the_check(tmp_path: Path) -> None:
+    """Merges in another order give other ids on ordinary text: no known rule explains that away."""
+    folder = byte_level_bpe(tmp_path / "tokenizer", QWEN2_SPLIT)
+    wrong = shutil.copytree(folder, tmp_path / "wrong")
+    tokenizer = json.loads((wrong / "tokenizer.json").read_text())
+    tokenizer["model"]["merges"].reverse()
+    (wrong / "tokenizer.json").write_text(json.dumps(tokenizer))
+    check = llama_cpp_check(folder, vocab_gguf(wrong, tmp_path / "wrong.gguf"))
+    assert not check["passed"] and check["known"] == {} and check["unexplained"] > 10  # measured: 21 of 64
+    first = check["differences"][0]
+    assert first.startswith("corpus ('") and "but the source tokenizer gives" in first
+
+
+# ---- SentencePiece ---------------------------------------------------------------------------------
+
+
+# (Metaspace style, files) → (add_space_prefix, the known rules that remain). tokenizer.model alone is what
+# transformers 5 makes of it: a Metaspace with prepend_scheme "first" (LlamaTokenizer), or Gemma's own pipeline.
+SENTENCEPIECE_CASES = {
+    ("legacy", "model"): (False, {"no-space-prefix"}), ("legacy", "json"): (True, set()),
+    ("legacy", "both"): (True, set()),
+    ("first", "json"): (False, {"no-space-prefix"}), ("first", "both"): (False, {"no-space-prefix"}),
+    ("always", "json"): (True, {"space-prefix"}), ("always", "both"): (True, {"space-prefix"}),
+    ("never", "json"): (False, set()), ("never", "both"): (False, set()),
+    ("gemma", "model"): (False, set()), ("gemma", "json"): (False, set()), ("gemma", "both"): (False, set()),
+}
+
+
+@pytest.mark.parametrize(("style", "files"), list(SENTENCEPIECE_CASES), ids="-".join)
+def test_sentencepiece_matches_or_names_the_rule(sentencepiece_models: dict[str, Path], tmp_path: Path, style: str,
+                                                files: str) -> None:
+    space_prefix, rules = SENTENCEPIECE_CASES[style, files]
+    folder = sentencepiece_folder(sentencepiece_models, tmp_path, style, files)
+    path = vocab_gguf(folder, tmp_path / "vocab.gguf")
+    meta = fields(path)
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_space_prefix"] is space_prefix
+    check = llama_cpp_check(folder, path)
+    assert check["unexplained"] == 0 and check["passed"], check["differences"]
+    assert set(check["known"]) == rules
+    if not rules:
+        assert check["identical"] == check["probes"]
+    else:  # a known rule warns; validate.tokenizer: strict makes it fail
+        assert not llama_cpp_check(folder, path, strict=True)["passed"]
+
+
+def test_sentencepiece_json_and_model_write_the_same_vocabulary(sentencepiece_models: dict[str, Path],
+                                                                tmp_path: Path) -> None:
+    """tokenizer.json alone gives the pieces, types and merge order tokenizer.model gives beside it (scores differ
+    in value, not in order)."""
+    from_json = fields(vocab_gguf(sentencepiece_folder(sentencepiece_models, tmp_path, "legacy", "json"),
+                                  tmp_path / "json.gguf"))
+    from_model = fields(vocab_gguf(sentencepiece_folder(sentencepiece_models, tmp_path, "legacy", "both"),
+                                   tmp_path / "model.gguf"))
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.add_space_prefix",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id"):
+        assert from_json[key] == from_model[key], key
+    normal = [i for i, kind in enumerate(from_model["tokenizer.ggml.token_type"]) if kind == gguf.TokenType.NORMAL]
+    merged = [i for i in normal if len(from_model["tokenizer.ggml.tokens"][i]) > 1]
+    for scores in (from_json["tokenizer.ggml.scores"], from_model["tokenizer.ggml.scores"]):
+        assert [scores[i] for i in merged] == sorted((scores[i] for i in merged), reverse=True)
+
+
+def test_other_tokenizers_are_refused_by_name(tmp_path: Path) -> None:
+    folder = save(Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")), tmp_path / "wordlevel")
+    with pytest.raises(CheckpointError, match="neither a byte-level BPE nor a SentencePiece") as error:
+        vocab_gguf(folder, tmp_path / "vocab.gguf")
+    assert "tokenizer.json" in str(error.value)
+
+
+def test_unknown_pre_tokenizer_is_refused(tmp_path: Path) -> None:
+    folder = byte_level_bpe(tmp_path / "tokenizer", QWEN2_SPLIT)
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{L}+|\p{N}{1,2}|\s+"
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(CheckpointError, match="no pre-tokenizer") as error:
+        vocab_gguf(folder, tmp_path / "vocab.gguf")
+    assert "tokenizer.json" in str(error.value)
+
+
+# ---- Mistral's own tokenizer layout through the real recipe -----------------------------------------
+
+
+def mistral_layout(source: Path, folder: Path) -> Path:
+    """`source` with the tokenizer files transformers 5 saves for a Mistral checkpoint: tokenizer.json (Metaspace,
+    prepend_scheme "first", split false) and tokenizer_config.json, no tokenizer.model."""
+    shutil.copytree(source, folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "legacy": False, "chat_template": MISTRAL_CHAT}))
+    AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
+    (folder / "tokenizer.model").unlink()
+    return folder
+
+
+@pytest.mark.slow
+def test_mistral_recipe_gguf_targets_pass_on_mistrals_tokenizer_layout(small_model, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    source = mistral_layout(small_model("mistral", "sentencepiece", tie_word_embeddings=False), tmp_path / "source")
+    assert sorted(p.name for p in source.glob("tokenizer*")) == ["tokenizer.json", "tokenizer_config.json"]
+    [metaspace] = json.loads((source / "tokenizer.json").read_text())["pre_tokenizer"]["pretokenizers"]
+    assert metaspace == {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "mistral-7b.yaml").read_text())
+    recipe |= {"source": str(source), "output": str(tmp_path / "out"),
+               "targets": [t for t in recipe["targets"] if t["format"] == "gguf"]}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = subprocess.run([sys.executable, "-m", "siliconvert", "recipe", str(tmp_path / "recipe.yaml")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [a["quant"] for a in report["artifacts"]] == ["Q4_K_M", "Q8_0"]
+    for artifact in report["artifacts"]:
+        check = artifact["tokenizer"]
+        assert artifact["gates"]["passed"] and check["passed"] and check["unexplained"] == 0
+        assert set(check["known"]) == {"no-space-prefix"} and artifact["tokenizer_match"] is False
+        meta = fields(Path(artifact["path"]))
+        assert meta["tokenizer.ggml.add_space_prefix"] is False and meta["tokenizer.ggml.add_bos_token"] is True
+        assert meta["tokenizer.ggml.bos_token_id"] == 1 and meta["tokenizer.ggml.unknown_token_id"] == 0
+    card = (tmp_path / "out" / "release" / "Mistral-7B-Instruct-v0.3-GGUF" / "README.md").read_text()
+    assert "no-space-prefix" in card and "no-space-prefix" in (tmp_path / "out" / "report.md").read_text()
+    # validate.tokenizer: strict turns the known rule into a failure (the artifacts and reference are reused)
+    recipe["validate"]["tokenizer"] = "strict"
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = subprocess.run([sys.executable, "-m", "siliconvert", "recipe", str(tmp_path / "recipe.yaml")],
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "known rules (no-space-prefix; validate.tokenizer: strict)" in result.stdout + result.stderr
+
+
+def test_recipe_key_validate_tokenizer() -> None:
+    from siliconvert.errors import RecipeError
+    from siliconvert.recipe import parse_recipe
+
+    base = {"source": "x", "targets": [{"format": "gguf"}]}
+    assert parse_recipe(base).validate_.tokenizer == "lenient"
+    assert parse_recipe(base | {"validate": {"tokenizer": "strict"}}).validate_.tokenizer == "strict"
+    with pytest.raises(RecipeError, match=r"validate\.tokenizer"):
+        parse_recipe(base | {"validate": {"tokenizer": "exact"}})
+
+
+@pytest.mark.slow
+def test_mlx_folder_ships_a_tokenizer_that_agrees(small_model, tmp_path: Path) -> None:
+    """An MLX folder carries the source's tokenizer files: mlx-lm loads them and every probe text agrees."""
+    from conftest import build_mlx
+
+    from siliconvert.validate.runners.mlx import MLXRunner
+
+    source = mistral_layout(small_model("mistral", "sentencepiece", tie_word_embeddings=False), tmp_path / "source")
+    artifact = build_mlx(source, tmp_path / "mlx")
+    probes = tokenizer_probes(AutoTokenizer.from_pretrained(source), heldout_text(), "mlx")
+    runner = MLXRunner(artifact.path, {"engine": "mlx"})
+    check = check_tokenizer(probes, [runner.tokenize(text) for text in probes.artifact_texts], strict=True)
+    assert check["passed"] and check["identical"] == check["probes"]
