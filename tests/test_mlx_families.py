@@ -126,3 +126,18 @@ def test_refusals_name_the_trait(architecture, config, trait):
     config = SIZES | {"architectures": [architecture]} | config
     with pytest.raises(CheckpointError, match=f"cannot honour the trait {trait}"):
         MLXArch(registry.for_config(config).spec(config), "config.json")
+
+
+def test_multimodal_gemma3_converts_its_language_model(family_source, tmp_path):
+    """Gemma3ForConditionalGeneration: mlx-lm's gemma3_text runs the language model, exactly the text case's."""
+    from families import gemma3_multimodal
+
+    artifact = build_mlx(gemma3_multimodal(tmp_path / "multimodal"), tmp_path / "mlx", bits=16)
+    assert json.loads((artifact.path / "config.json").read_text())["model_type"] == "gemma3_text"
+    text = family_source("gemma3_text")
+    windows = held_out_windows(text)
+    reference = reference_logits_for(text, windows)
+    vocab = reference.shape[-1]
+    scores, _ = compare(reference[:, :-1].reshape(-1, vocab),
+                        mlx_logits(artifact.path, windows)[:, :-1].reshape(-1, vocab), windows[:, 1:].reshape(-1))
+    assert scores.mean_kld < 0.001
