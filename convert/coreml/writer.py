@@ -26,6 +26,7 @@ from siliconvert.artifacts import Artifact, Writer
 from siliconvert.convert.coreml.chunks import Chunk, Key, blobs_of, plan_chunks
 from siliconvert.convert.coreml.folds import graph_keys, graph_tensors, tensor_shape
 from siliconvert.convert.coreml.graph import build_function, build_program, longrope_factors, required_tensors
+from siliconvert.convert.coreml.numerics import FP16Range
 from siliconvert.convert.coreml.package import (
     PACKAGE_DATA,
     SPEC_VERSION,
@@ -69,9 +70,10 @@ class CoreMLWriter(Writer):
         self.target = target
         self.model_name = model_name
         self.block = prefill_block(target.context)
-        # The residual stream's scale (a power of two: FP16 range) and the scale of each branch's output folded
-        # into the weights that write it (folds.py): the residual multiplier, times the stream's scale.
-        self.stream_scale = 1.0
+        # The residual stream's scale (a power of two that keeps it in fp16: numerics.py) and the scale of each
+        # branch's output, folded into the weights that write it (folds.py): the residual multiplier × the former.
+        self.fp16_range = FP16Range.calibrate(checkpoint)
+        self.stream_scale = self.fp16_range.scale
         self.branch_scale = self.spec.residual_scale * self.stream_scale
         self.chunks = plan_chunks(self.spec, target.chunks)
         self.needed = [required_tensors(self.spec, chunk) for chunk in self.chunks]
@@ -221,7 +223,8 @@ class CoreMLWriter(Writer):
         the same: choices a fixed context forces, and the scales folded into weights."""
         spec = self.spec
         numerics: dict = {"traits": spec.traits(), "norm_offset_folded": spec.norm_offset != 0.0,
-                          "residual_stream_scale": self.stream_scale, "branch_scale_folded": self.branch_scale}
+                          "residual_stream_peak": self.fp16_range.peak, "residual_stream_scale": self.stream_scale,
+                          "branch_scale_folded": self.branch_scale}
         longrope = {longrope_factors(layer.rope.scaling, self.target.context) for layer in spec.layers
                     if layer.rope is not None and layer.rope.kind == "longrope"}
         if longrope:  # transformers picks the factors by sequence length; the package by its context
