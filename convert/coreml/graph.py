@@ -6,7 +6,19 @@ KV-head group in (1, kv_heads, group × S, head_dim) without repeating K and V f
 
 Read from build_function down: its inputs, what every layer shares (positions, RoPE angles, the mask, the KV
 caches), embed, decoder_layer (attention, mlp) per layer, lm_head. WeightedOps is where each linear and norm
-takes its weight; required_tensors and tensor_shape say which weights the graph reads, in what shape.
+takes its weight; required_tensors says which weights the graph reads (folds.py: in what shape).
+
+Where each trait of the spec becomes ops, one place each (ops appear only where a trait departs from Llama's):
+    layers[i].window          causal_masks: one mask per window size, shared by the layers with that window
+    layers[i].rope            rope_angles / rope_frequencies: one cos/sin table pair per distinct rope (θ,
+                              scaling, partial rotary: rope rotates the first `dim` dimensions); None: NoPE
+    norm_placement            residual, with folds.BLOCK_NORMS: pre, post or sandwich norms around each branch
+    qk_norm                   attention: per head (over head_dim) or over the whole projection
+    activation                mlp: SwiGLU or GeGLU (tanh-approximated GELU)
+    embedding_scale           embed (times the fp16 range scale, numerics.py)
+    attention_scale, attn_softcap    attention
+    logits_scale, final_softcap      lm_head
+    norm_offset, residual_scale, fused_qkv / fused_gate_up: in the weights, not ops (folds.py)
 """
 
 from __future__ import annotations
