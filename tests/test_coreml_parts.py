@@ -249,6 +249,9 @@ ROPE_SCALINGS = [
     {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096},
     {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096, "beta_fast": 16,
      "truncate": False},
+    # Phi-3's LongRoPE on half the head (partial rotary): a context within the original length takes short_factor
+    {"rope_type": "longrope", "factor": 8.0, "original_max_position_embeddings": 4096, "partial_rotary_factor": 0.5,
+     "short_factor": [1.0 + 0.05 * i for i in range(16)], "long_factor": [2.0 + 0.5 * i for i in range(16)]},
 ]
 
 
@@ -263,7 +266,8 @@ def test_rope_frequencies_are_transformers(scaling):
         config = LlamaConfig(hidden_size=256, num_attention_heads=4, max_position_embeddings=32768,
                              rope_parameters=rope)
         theirs, their_factor = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](config, "cpu")
-    ours, our_factor = rope_frequencies(spec_of(rope_parameters=rope), 512)
+    spec = spec_of(rope_parameters=rope)
+    ours, our_factor = rope_frequencies(spec, spec.rope, 512)
     np.testing.assert_allclose(ours, theirs.double().numpy(), rtol=1e-6)
     assert our_factor == pytest.approx(their_factor)
 

@@ -21,8 +21,10 @@ Where things are:
     writer.py    CoreMLWriter: the stream's entry point (tensors in, packages built as chunks complete), the
                  manifest, moving finished folders into place
     chunks.py    which layers each package holds, and the weight ids of the blobs in its weight.bin
-    graph.py     the MIL program: how the model description becomes ops (embeddings, norms, attention, RoPE,
-                 masks, MLP, LM head), and the graph passes run on it
+    graph.py     the MIL program: how the model description (its traits) becomes ops (embeddings, norms,
+                 attention, RoPE, masks, MLP, LM head), and the graph passes run on it
+    folds.py     checkpoint tensors → the graph's: fused projections split, norm offset and branch scales folded
+    numerics.py  the residual stream's fp16 range: a calibration through transformers, and its power-of-two scale
     weights.py   where the graph takes its weights from: streamed blobs, a finished package, compressed forms
     package.py   MIL blob storage, the writer thread, the exporter around streamed blobs, package files
 """

@@ -6,7 +6,19 @@ KV-head group in (1, kv_heads, group × S, head_dim) without repeating K and V f
 
 Read from build_function down: its inputs, what every layer shares (positions, RoPE angles, the mask, the KV
 caches), embed, decoder_layer (attention, mlp) per layer, lm_head. WeightedOps is where each linear and norm
-takes its weight; required_tensors and tensor_shape say which weights the graph reads, in what shape.
+takes its weight; required_tensors says which weights the graph reads (folds.py: in what shape).
+
+Where each trait of the spec becomes ops, one place each (ops appear only where a trait departs from Llama's):
+    layers[i].window          causal_masks: one mask per window size, shared by the layers with that window
+    layers[i].rope            rope_angles / rope_frequencies: one cos/sin table pair per distinct rope (θ,
+                              scaling, partial rotary: rope rotates the first `dim` dimensions); None: NoPE
+    norm_placement            residual, with folds.BLOCK_NORMS: pre, post or sandwich norms around each branch
+    qk_norm                   attention: per head (over head_dim) or over the whole projection
+    activation                mlp: SwiGLU or GeGLU (tanh-approximated GELU)
+    embedding_scale           embed (times the fp16 range scale, numerics.py)
+    attention_scale, attn_softcap    attention
+    logits_scale, final_softcap      lm_head
+    norm_offset, residual_scale, fused_qkv / fused_gate_up: in the weights, not ops (folds.py)
 """
 
 from __future__ import annotations
@@ -21,7 +33,9 @@ from coremltools.converters.mil.mil import Function, Program, types
 from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 
 from siliconvert.architectures import ModelSpec
+from siliconvert.architectures.base import Rope
 from siliconvert.convert.coreml.chunks import Chunk, Key, head_pieces, head_role, weight_id
+from siliconvert.convert.coreml.folds import BLOCK_NORMS, tensor_shape
 from siliconvert.convert.coreml.weights import WeightConsts
 from siliconvert.errors import CheckpointError
 
@@ -48,8 +62,10 @@ PASSES = [
 
 
 def required_tensors(spec: ModelSpec, chunk: Chunk) -> set[Key]:
-    """Every tensor the chunk's graph reads."""
-    per_layer = [("attn_norm", "weight"), ("ffn_norm", "weight")]
+    """Every tensor the chunk's graph reads (fused checkpoint tensors arrive split: folds.py)."""
+    per_layer = [(role, "weight") for norms in BLOCK_NORMS[spec.norm_placement] for role in norms if role]
+    if spec.qk_norm:
+        per_layer += [("attn_q_norm", "weight"), ("attn_k_norm", "weight")]
     per_layer += [(role, "weight") for role in ("attn_q", "attn_k", "attn_v", "attn_output")]
     per_layer += [(role, "weight") for role in ("ffn_gate", "ffn_up", "ffn_down")]
     if spec.qkv_bias:
@@ -67,19 +83,8 @@ def required_tensors(spec: ModelSpec, chunk: Chunk) -> set[Key]:
     return keys
 
 
-def tensor_shape(spec: ModelSpec, key: Key) -> tuple[int, ...]:
-    """A tensor's shape in the checkpoint (HF layout: linear weights are (out, in))."""
-    role, _, kind = key
-    h, q, kv, ff = spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size
-    out_in = {"attn_q": (q, h), "attn_k": (kv, h), "attn_v": (kv, h), "attn_output": (h, q), "ffn_gate": (ff, h),
-              "ffn_up": (ff, h), "ffn_down": (h, ff), "token_embd": (spec.vocab_size, h),
-              "output": (spec.vocab_size, h)}
-    if role in out_in:
-        return out_in[role] if kind == "weight" else out_in[role][:1]
-    return (h,)  # the norms
-
-
-def build_program(spec: ModelSpec, chunk: Chunk, block: int, context: int, weights: WeightConsts) -> Program:
+def build_program(spec: ModelSpec, chunk: Chunk, block: int, context: int, weights: WeightConsts,
+                  stream_scale: float = 1.0) -> Program:
     """The chunk's two functions, "decode" (1 token, the default) and "prefill" (`block` tokens), after PASSES."""
     program = Program()
     for name, tokens in (("decode", 1), ("prefill", block)):
@@ -87,7 +92,7 @@ def build_program(spec: ModelSpec, chunk: Chunk, block: int, context: int, weigh
         # next (add_int16_cast's target dtype), which would make prefill depend on decode. They are called
         # directly: PassPipelineManager validates the whole program after every pass (the exporters do once).
         alone = Program()
-        alone.add_function("main", build_function(spec, chunk, tokens, context, weights))
+        alone.add_function("main", build_function(spec, chunk, tokens, context, weights, stream_scale))
         for graph_pass in PASSES:
             PASS_REGISTRY[graph_pass](alone)
         program.add_function(name, alone.functions["main"])
@@ -96,15 +101,17 @@ def build_program(spec: ModelSpec, chunk: Chunk, block: int, context: int, weigh
     return program
 
 
-def build_function(spec: ModelSpec, chunk: Chunk, tokens: int, context: int, weights: WeightConsts) -> Function:
-    """`tokens` tokens through the chunk's layers."""
+def build_function(spec: ModelSpec, chunk: Chunk, tokens: int, context: int, weights: WeightConsts,
+                   stream_scale: float = 1.0) -> Function:
+    """`tokens` tokens through the chunk's layers; `stream_scale` scales the residual stream (FP16Range)."""
     # The builder names ops from a process-wide counter that ct.convert clears after each conversion; from
     # zero in every function, the names (and so model.mlmodel) are the same in every run.
     mb.name_count.clear()
     ops = WeightedOps(spec, weights, required_tensors(spec, chunk))
     with Function(function_inputs(spec, chunk, tokens, context), opset_version=ct.target.iOS18) as function:
-        shared = shared_values(spec, context, tokens, function.inputs)
-        x = embed(ops, function.inputs["input_ids"], tokens) if chunk.first else function.inputs["hidden_states"]
+        shared = shared_values(spec, chunk, context, tokens, function.inputs)
+        x = (embed(ops, function.inputs["input_ids"], tokens, spec.embedding_scale * stream_scale) if chunk.first
+             else function.inputs["hidden_states"])
         for local, layer in enumerate(chunk.layers):
             x = decoder_layer(ops, x, layer, local, shared)
         out = lm_head(ops, x) if chunk.last else mb.identity(x=x, name="hidden_states_out")
@@ -144,87 +151,13 @@ class WeightedOps:
             bias = self.weights.const(weight_id((role, layer, "bias")), (out,), f"{name}_bias")
         return mb.conv(x=x, weight=weight, bias=bias, name=name)
 
-    def norm(self, x, role: str, layer: int | None, name: str):
-        """RMSNorm over channels with the norm weight of `role`."""
-        h = self.spec.hidden_size
-        weight = self.weights.const(weight_id((role, layer, "weight")), (1, h, 1, 1), f"{name}_weight")
-        return rms_norm(x, weight, self.spec.rms_norm_eps, name)
-
-
-def shared_values(spec: ModelSpec, context: int, tokens: int, inputs: dict) -> Shared:
-    """What every layer of the function uses, made once: the block's positions, RoPE angles, mask and caches."""
-    position = inputs["position"]
-    # (S,); one token is at `position` itself (adding 0 is what noop_elimination would remove)
-    positions = position if tokens == 1 else mb.add(x=position, y=np.arange(tokens, dtype=np.int32),
-                                                     name="positions")
-    cos, sin = rope_angles(spec, context, positions, tokens)
-    return Shared(position, cos, sin, causal_mask(spec, context, positions, tokens),
-                  CacheState(inputs["key_cache"]), CacheState(inputs["value_cache"]))
-
-
-def embed(ops: WeightedOps, input_ids, tokens: int):
-    """Token ids (1, S) → embeddings (1, C, 1, S)."""
-    h = ops.spec.hidden_size
-    # The table as (V, C, 1, 1), the LM head's conv layout: an unsplit tied head is the same blob.
-    table = ops.weights.const(weight_id(("token_embd", None, "weight")), (ops.spec.vocab_size, h, 1, 1),
-                              "embed_tokens")
-    x = mb.gather(x=table, indices=input_ids, axis=0)  # (1, S, C, 1, 1)
-    x = mb.transpose(x=mb.reshape(x=x, shape=[1, tokens, h]), perm=[0, 2, 1])
-    return mb.reshape(x=x, shape=[1, h, 1, tokens], name="embeddings")
-
-
-def decoder_layer(ops: WeightedOps, x, layer: int, local: int, shared: Shared):
-    """One pre-norm block: x + attention(norm(x)), then x + mlp(norm(x)); `local` = the layer's index in the
-    chunk's caches."""
-    attention_in = ops.norm(x, "attn_norm", layer, f"l{layer}_attn_norm")
-    x = mb.add(x=x, y=attention(ops, attention_in, layer, local, shared), name=f"l{layer}_attn_residual")
-    mlp_in = ops.norm(x, "ffn_norm", layer, f"l{layer}_ffn_norm")
-    return mb.add(x=x, y=mlp(ops, mlp_in, layer), name=f"l{layer}_ffn_residual")
-
-
-def mlp(ops: WeightedOps, x, layer: int):
-    """SwiGLU: down(silu(gate(x)) × up(x))."""
-    gate = ops.linear(x, "ffn_gate", layer, f"l{layer}_ffn_gate")
-    up = ops.linear(x, "ffn_up", layer, f"l{layer}_ffn_up")
-    hidden = mb.mul(x=mb.silu(x=gate), y=up, name=f"l{layer}_ffn_act")
-    return ops.linear(hidden, "ffn_down", layer, f"l{layer}_ffn_down")
-
-
-def lm_head(ops: WeightedOps, x):
-    """The final norm and the LM head, (1, C, 1, S) → logits (1, S, V), one convolution per head piece."""
-    spec, h = ops.spec, ops.spec.hidden_size
-    x = ops.norm(x, "output_norm", None, "output_norm")
-    head, pieces = (head_role(spec), None, "weight"), head_pieces(spec)
-    parts = [mb.conv(x=x, weight=ops.weights.const(weight_id(head, i if len(pieces) > 1 else None),
-                                                   (len(rows), h, 1, 1), f"lm_head_{i}_weight"),
-                     name=f"lm_head_{i}")
-             for i, rows in enumerate(pieces)]
-    x = mb.concat(values=parts, axis=1) if len(parts) > 1 else parts[0]  # (1, V, 1, S)
-    return mb.transpose(x=mb.squeeze(x=x, axes=[2]), perm=[0, 2, 1], name="logits")  # (1, S, V)
-
-
-def shared_const(value: np.ndarray, name: str):
-    """A const that depends on the spec and context alone: one blob serves both functions."""
-    var = mb.const(val=value, name=name)
-    var.op.weight_id = name
-    return var
-
-
-def rms_norm(x, weight, eps: float, name: str):
-    """RMSNorm over channels, with a (1, C, 1, 1) weight, that cannot overflow fp16.
-
-    Squaring an fp16 activation overflows past |x| = 256, and summing C squares long before that. Dividing
-    each token by its max |x| first keeps every square ≤ 1 and their mean in [1/C, 1]; the factor cancels
-    out of x / rms(x) except in eps, which is divided by the same factor squared.
-    """
-    peak = mb.maximum(x=mb.reduce_max(x=mb.abs(x=x), axes=[1], keep_dims=True), y=np.float16(NORM_FLOOR))
-    scaled = mb.real_div(x=x, y=peak)
-    mean_square = mb.reduce_mean(x=mb.mul(x=scaled, y=scaled), axes=[1], keep_dims=True)
-    # eps / peak² as (√eps / peak)²: √eps (1e-3 for eps = 1e-6) is a normal fp16 number, eps itself is not
-    root_eps = mb.real_div(x=np.float16(math.sqrt(eps)), y=peak)
-    rms_inverse = mb.rsqrt(x=mb.add(x=mean_square, y=mb.mul(x=root_eps, y=root_eps)))
-    normed = mb.mul(x=scaled, y=rms_inverse)
-    return mb.mul(x=normed, y=weight, name=name)
+    def norm(self, x, role: str, layer: int | None, name: str, axis: int = 1):
+        """RMSNorm over `axis` (channels, or a head's dimensions) with the norm weight of `role` (its offset
+        folded in: folds.py)."""
+        (size,) = tensor_shape(self.spec, (role, layer, "weight"))
+        shape = tuple(size if i == axis else 1 for i in range(4))
+        weight = self.weights.const(weight_id((role, layer, "weight")), shape, f"{name}_weight")
+        return rms_norm(x, weight, self.spec.rms_norm_eps, name, axis)
 
 
 class CacheState:
@@ -250,25 +183,147 @@ class CacheState:
 
 @dataclass(frozen=True)
 class Shared:
-    """What every layer of one function uses: the block's start position, RoPE angles, mask and caches."""
+    """What every layer of one function uses: the block's start position, the RoPE angles (cos, sin) of each
+    rope and the mask of each attention window the chunk's layers use, and the caches."""
 
     position: object  # MIL vars throughout
-    cos: object
-    sin: object
-    mask: object
+    angles: dict[str, tuple]  # rope_key(rope) → (cos, sin)
+    masks: dict[int | None, object]  # mask_key(window) → additive mask
     keys: CacheState
     values: CacheState
 
 
+def rope_key(rope: Rope) -> str:
+    return repr(rope)  # a Rope's scaling is a dict: unhashable, but its repr names it
+
+
+def mask_key(window: int | None, context: int) -> int | None:
+    """Layers whose window spans the whole context mask as full-attention layers do: one mask serves both."""
+    return window if window is not None and window < context else None
+
+
+def shared_values(spec: ModelSpec, chunk: Chunk, context: int, tokens: int, inputs: dict) -> Shared:
+    """What the function's layers use, made once: the block's positions, RoPE angles, masks and caches."""
+    position = inputs["position"]
+    # (S,); one token is at `position` itself (adding 0 is what noop_elimination would remove)
+    positions = position if tokens == 1 else mb.add(x=position, y=np.arange(tokens, dtype=np.int32),
+                                                     name="positions")
+    layers = [spec.layers[i] for i in chunk.layers]
+    ropes = {rope_key(layer.rope): layer.rope for layer in layers if layer.rope is not None}
+    angles = {key: rope_angles(spec, rope, context, positions, tokens, "rope" if i == 0 else f"rope{i}")
+              for i, (key, rope) in enumerate(ropes.items())}
+    windows = list(dict.fromkeys(mask_key(layer.window, context) for layer in layers))
+    masks = causal_masks(context, positions, tokens, windows)
+    return Shared(position, angles, masks, CacheState(inputs["key_cache"]), CacheState(inputs["value_cache"]))
+
+
+def embed(ops: WeightedOps, input_ids, tokens: int, scale: float):
+    """Token ids (1, S) → embeddings (1, C, 1, S), × `scale` (the embedding scale, and FP16Range's)."""
+    h = ops.spec.hidden_size
+    # The table as (V, C, 1, 1), the LM head's conv layout: an unsplit tied head is the same blob.
+    table = ops.weights.const(weight_id(("token_embd", None, "weight")), (ops.spec.vocab_size, h, 1, 1),
+                              "embed_tokens")
+    x = mb.gather(x=table, indices=input_ids, axis=0)  # (1, S, C, 1, 1)
+    x = mb.transpose(x=mb.reshape(x=x, shape=[1, tokens, h]), perm=[0, 2, 1])
+    if scale != 1.0:
+        x = mb.mul(x=x, y=np.float16(scale))
+    return mb.reshape(x=x, shape=[1, h, 1, tokens], name="embeddings")
+
+
+def decoder_layer(ops: WeightedOps, x, layer: int, local: int, shared: Shared):
+    """Attention, then the MLP, each a residual branch with its norms placed as the spec says (BLOCK_NORMS);
+    `local` = the layer's index in the chunk's caches."""
+    attention_norms, mlp_norms = BLOCK_NORMS[ops.spec.norm_placement]
+    x = residual(ops, x, layer, "attn", attention_norms, lambda h: attention(ops, h, layer, local, shared))
+    return residual(ops, x, layer, "ffn", mlp_norms, lambda h: mlp(ops, h, layer))
+
+
+def residual(ops: WeightedOps, x, layer: int, name: str, norms: tuple[str | None, str | None], branch):
+    """x + post_norm(branch(pre_norm(x))), either norm left out where the placement has none. The residual
+    scale is folded into the branch's last weight (folds.py)."""
+    before, after = norms
+    y = branch(ops.norm(x, before, layer, f"l{layer}_{name}_norm") if before else x)
+    if after:
+        y = ops.norm(y, after, layer, f"l{layer}_{name}_post_norm")
+    return mb.add(x=x, y=y, name=f"l{layer}_{name}_residual")
+
+
+def mlp(ops: WeightedOps, x, layer: int):
+    """Gated MLP: down(act(gate(x)) × up(x)), act SiLU (SwiGLU) or tanh-approximated GELU (GeGLU)."""
+    gate = ops.linear(x, "ffn_gate", layer, f"l{layer}_ffn_gate")
+    up = ops.linear(x, "ffn_up", layer, f"l{layer}_ffn_up")
+    act = mb.silu(x=gate) if ops.spec.activation == "silu" else mb.gelu(x=gate, mode="TANH_APPROXIMATION")
+    hidden = mb.mul(x=act, y=up, name=f"l{layer}_ffn_act")
+    return ops.linear(hidden, "ffn_down", layer, f"l{layer}_ffn_down")
+
+
+def lm_head(ops: WeightedOps, x):
+    """The final norm and the LM head, (1, C, 1, S) → logits (1, S, V), one convolution per head piece; then
+    the logits scale and soft-cap."""
+    spec, h = ops.spec, ops.spec.hidden_size
+    x = ops.norm(x, "output_norm", None, "output_norm")
+    head, pieces = (head_role(spec), None, "weight"), head_pieces(spec)
+    parts = [mb.conv(x=x, weight=ops.weights.const(weight_id(head, i if len(pieces) > 1 else None),
+                                                   (len(rows), h, 1, 1), f"lm_head_{i}_weight"),
+                     name=f"lm_head_{i}")
+             for i, rows in enumerate(pieces)]
+    x = mb.concat(values=parts, axis=1) if len(parts) > 1 else parts[0]  # (1, V, 1, S)
+    if spec.logits_scale != 1.0:
+        x = mb.mul(x=x, y=np.float16(spec.logits_scale))
+    if spec.final_softcap:
+        x = soft_cap(x, spec.final_softcap)
+    return mb.transpose(x=mb.squeeze(x=x, axes=[2]), perm=[0, 2, 1], name="logits")  # (1, S, V)
+
+
+def soft_cap(x, cap: float):
+    """cap · tanh(x / cap): Gemma 2's bound on attention scores and logits."""
+    return mb.mul(x=mb.tanh(x=mb.mul(x=x, y=np.float16(1 / cap))), y=np.float16(cap))
+
+
+def shared_const(value: np.ndarray, name: str):
+    """A const that depends on the spec and context alone: one blob serves both functions."""
+    var = mb.const(val=value, name=name)
+    var.op.weight_id = name
+    return var
+
+
+def rms_norm(x, weight, eps: float, name: str, axis: int = 1):
+    """RMSNorm over `axis`, with a weight of x's rank (its size on `axis`), that cannot overflow fp16.
+
+    Squaring an fp16 activation overflows past |x| = 256, and summing C squares long before that. Dividing
+    each token by its max |x| first keeps every square ≤ 1 and their mean in [1/C, 1]; the factor cancels
+    out of x / rms(x) except in eps, which is divided by the same factor squared.
+    """
+    peak = mb.maximum(x=mb.reduce_max(x=mb.abs(x=x), axes=[axis], keep_dims=True), y=np.float16(NORM_FLOOR))
+    scaled = mb.real_div(x=x, y=peak)
+    mean_square = mb.reduce_mean(x=mb.mul(x=scaled, y=scaled), axes=[axis], keep_dims=True)
+    # eps / peak² as (√eps / peak)²: √eps (1e-3 for eps = 1e-6) is a normal fp16 number, eps itself is not
+    root_eps = mb.real_div(x=np.float16(math.sqrt(eps)), y=peak)
+    rms_inverse = mb.rsqrt(x=mb.add(x=mean_square, y=mb.mul(x=root_eps, y=root_eps)))
+    normed = mb.mul(x=scaled, y=rms_inverse)
+    return mb.mul(x=normed, y=weight, name=name)
+
+
 def attention(ops: WeightedOps, x, layer: int, local: int, shared: Shared):
-    """Grouped-query attention over the whole cache, through the chunk's states (`local` = layer index in it)."""
-    heads, kvh, d = ops.spec.num_heads, ops.spec.num_kv_heads, ops.spec.head_dim
-    group, s, context = heads // kvh, x.shape[-1], shared.mask.shape[-1]
+    """Grouped-query attention over the whole cache, through the chunk's states (`local` = layer index in it),
+    with the layer's rope and window, q/k norms, the attention scale and soft-cap as the spec says."""
+    spec = ops.spec
+    heads, kvh, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    group, s, context = heads // kvh, x.shape[-1], shared.keys.value.shape[2]
     q = ops.linear(x, "attn_q", layer, f"l{layer}_q")  # (1, H·D, 1, S)
     k = ops.linear(x, "attn_k", layer, f"l{layer}_k")
     v = ops.linear(x, "attn_v", layer, f"l{layer}_v")
-    q = rope(mb.reshape(x=q, shape=[1, heads, d, s]), shared.cos, shared.sin)  # (1, H, D, S)
-    k = rope(mb.reshape(x=k, shape=[1, kvh, d, s]), shared.cos, shared.sin)
+    if spec.qk_norm == "projection":  # over the whole projection (OLMo 2)
+        q = ops.norm(q, "attn_q_norm", layer, f"l{layer}_q_norm")
+        k = ops.norm(k, "attn_k_norm", layer, f"l{layer}_k_norm")
+    q, k = mb.reshape(x=q, shape=[1, heads, d, s]), mb.reshape(x=k, shape=[1, kvh, d, s])  # (1, H, D, S)
+    if spec.qk_norm == "head":  # over each head's dimensions (Qwen3, Gemma 3)
+        q = ops.norm(q, "attn_q_norm", layer, f"l{layer}_q_norm", axis=2)
+        k = ops.norm(k, "attn_k_norm", layer, f"l{layer}_k_norm", axis=2)
+    rope_of_layer = spec.layers[layer].rope
+    if rope_of_layer is not None:  # else a NoPE layer
+        cos, sin = shared.angles[rope_key(rope_of_layer)]
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
     k = mb.transpose(x=k, perm=[0, 1, 3, 2])  # (1, KVH, S, D)
     # Where this block goes in the layer's cache; keys and values share it (the graph states once what
     # coremltools' remove_redundant_ops would otherwise merge).
@@ -277,11 +332,14 @@ def attention(ops: WeightedOps, x, layer: int, local: int, shared: Shared):
     keys = shared.keys.write(k, local, begin, end)  # (1, KVH, context, D)
     v = mb.transpose(x=mb.reshape(x=v, shape=[1, kvh, d, s]), perm=[0, 1, 3, 2])
     values = shared.values.write(v, local, begin, end)
-    q = mb.mul(x=mb.transpose(x=q, perm=[0, 1, 3, 2]), y=np.float16(1 / math.sqrt(d)))  # (1, H, S, D)
+    q = mb.mul(x=mb.transpose(x=q, perm=[0, 1, 3, 2]), y=np.float16(spec.attention_multiplier))  # (1, H, S, D)
     # Query heads h = kv·group + g share KV head kv: grouping rows as (kv, g·S) needs no repeated K/V.
     q = reshape(q, [1, kvh, group * s, d])
     scores = mb.matmul(x=q, y=keys, transpose_y=True)  # (1, KVH, G·S, context)
-    scores = mb.add(x=reshape(scores, [1, heads, s, context]), y=shared.mask)
+    if spec.attn_softcap:
+        scores = soft_cap(scores, spec.attn_softcap)
+    mask = shared.masks[mask_key(spec.layers[layer].window, context)]
+    scores = mb.add(x=reshape(scores, [1, heads, s, context]), y=mask)
     probs = reshape(mb.softmax(x=scores, axis=-1), [1, kvh, group * s, context])
     out = reshape(mb.matmul(x=probs, y=values), [1, heads, s, d])
     out = mb.reshape(x=mb.transpose(x=out, perm=[0, 1, 3, 2]), shape=[1, heads * d, 1, s])
@@ -295,32 +353,41 @@ def reshape(x, shape: list[int]):
 
 
 def rope(x, cos, sin):
-    """Rotate-half RoPE (HF's convention) on (1, N, D, S): halves of the head dimension rotate together."""
+    """Rotate-half RoPE (HF's convention) on (1, N, D, S): the first R dimensions rotate (cos and sin are
+    (1, 1, R/2, S)), their halves together; the rest pass through (partial rotary)."""
     _, n, d, s = x.shape
-    x1 = mb.slice_by_index(x=x, begin=[0, 0, 0, 0], end=[1, n, d // 2, s])
-    x2 = mb.slice_by_index(x=x, begin=[0, 0, d // 2, 0], end=[1, n, d, s])
+    half = cos.shape[2]
+    x1 = mb.slice_by_index(x=x, begin=[0, 0, 0, 0], end=[1, n, half, s])
+    x2 = mb.slice_by_index(x=x, begin=[0, 0, half, 0], end=[1, n, 2 * half, s])
     first = mb.sub(x=mb.mul(x=x1, y=cos), y=mb.mul(x=x2, y=sin))
     second = mb.add(x=mb.mul(x=x2, y=cos), y=mb.mul(x=x1, y=sin))
-    return mb.concat(values=[first, second], axis=2)
+    passed = [mb.slice_by_index(x=x, begin=[0, 0, 2 * half, 0], end=[1, n, d, s])] if 2 * half < d else []
+    return mb.concat(values=[first, second, *passed], axis=2)
 
 
-def rope_angles(spec: ModelSpec, context: int, positions, tokens: int):
-    """cos and sin (1, 1, D/2, S) for the block's positions, gathered from tables over the whole context."""
-    inv_freq, attention_factor = rope_frequencies(spec, context)
-    angles = inv_freq[:, None] * np.arange(context)[None, :]  # (D/2, context), computed in float64
+def rope_angles(spec: ModelSpec, rope: Rope, context: int, positions, tokens: int, name: str):
+    """cos and sin (1, 1, R/2, S) for the block's positions, gathered from tables over the whole context."""
+    inv_freq, attention_factor = rope_frequencies(spec, rope, context)
+    angles = inv_freq[:, None] * np.arange(context)[None, :]  # (R/2, context), computed in float64
     tables = [(np.cos(angles) * attention_factor).astype(np.float16),
               (np.sin(angles) * attention_factor).astype(np.float16)]
-    half = spec.head_dim // 2
-    return [mb.reshape(x=mb.gather(x=shared_const(table, f"{name}_table"), indices=positions, axis=1),
-                       shape=[1, 1, half, tokens], name=name)
-            for table, name in zip(tables, ("rope_cos", "rope_sin"), strict=True)]
+    return [mb.reshape(x=mb.gather(x=shared_const(table, f"{name}_{kind}_table"), indices=positions, axis=1),
+                       shape=[1, 1, rope.dim // 2, tokens], name=f"{name}_{kind}")
+            for table, kind in zip(tables, ("cos", "sin"), strict=True)]
 
 
-def rope_frequencies(spec: ModelSpec, context: int) -> tuple[np.ndarray, float]:
-    """Inverse frequencies and the attention factor (yarn scales cos/sin), as transformers computes them."""
-    d = spec.head_dim
-    inv_freq = 1.0 / spec.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
-    scaling = spec.rope_scaling
+def longrope_factors(scaling: dict, context: int) -> str:
+    """Which LongRoPE factors a package of `context` tokens uses: transformers picks by the sequence's length
+    ("long" past original_max_position_embeddings), a fixed-context package by its context, as llama.cpp does."""
+    return "long" if context > scaling["original_max_position_embeddings"] else "short"
+
+
+def rope_frequencies(spec: ModelSpec, rope: Rope, context: int) -> tuple[np.ndarray, float]:
+    """Inverse frequencies of the rotating dimensions and the attention factor (yarn and LongRoPE scale
+    cos/sin), as transformers computes them."""
+    d, theta = rope.dim, rope.theta
+    inv_freq = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
+    scaling = rope.scaling
     if scaling is None:
         return inv_freq, 1.0
     kind, factor = scaling["rope_type"], float(scaling.get("factor") or 1.0)
@@ -332,6 +399,12 @@ def rope_frequencies(spec: ModelSpec, context: int) -> tuple[np.ndarray, float]:
             raise CheckpointError("dynamic RoPE scaling beyond max_position_embeddings is not supported "
                                   "by the Core ML target (its frequencies change with the sequence length)")
         return inv_freq, 1.0  # below that length transformers uses the unscaled frequencies
+    if kind == "longrope":
+        attention_factor = scaling.get("attention_factor")
+        if attention_factor is None:
+            attention_factor = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+        factors = np.asarray(scaling[f"{longrope_factors(scaling, context)}_factor"], dtype=np.float64)
+        return inv_freq / factors, float(attention_factor)
     if kind == "llama3":
         low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
         wavelen = 2 * math.pi / inv_freq
@@ -351,7 +424,7 @@ def rope_frequencies(spec: ModelSpec, context: int) -> tuple[np.ndarray, float]:
         attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
 
     def correction(rotations: float) -> float:
-        return d * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(spec.rope_theta))
+        return d * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
     low, high = correction(scaling.get("beta_fast") or 32), correction(scaling.get("beta_slow") or 1)
     if scaling.get("truncate", True):
@@ -361,17 +434,22 @@ def rope_frequencies(spec: ModelSpec, context: int) -> tuple[np.ndarray, float]:
     return inv_freq / factor * ramp + inv_freq * (1 - ramp), float(attention_factor)
 
 
-def causal_mask(spec: ModelSpec, context: int, positions, tokens: int):
-    """Additive mask (1, 1, S, context): 0 where key ≤ query (and within a sliding window), else MASK_VALUE.
-    Slots past the sequence hold stale or zero K/V; the mask is what keeps them out."""
+def causal_masks(context: int, positions, tokens: int, windows: list[int | None]) -> dict[int | None, object]:
+    """Additive masks (1, 1, S, context), one per window: 0 where key ≤ query (and within a sliding window,
+    keys at most window − 1 back), else MASK_VALUE. Slots past the sequence hold stale or zero K/V; the mask
+    keeps them out."""
     key_index = shared_const(np.arange(context, dtype=np.int32)[None, :], "key_index")
     query = mb.reshape(x=positions, shape=[tokens, 1])
-    allowed = mb.less_equal(x=key_index, y=query)
-    if spec.sliding_window and spec.sliding_window < context:
-        recent = mb.greater(x=key_index, y=mb.sub(x=query, y=np.int32(spec.sliding_window)))
-        allowed = mb.logical_and(x=allowed, y=recent)
-    # (allowed − 1) × |MASK_VALUE| rather than `select`: coremltools 9 infers select's output shape from
-    # its two value operands alone, so select(cond (S, context), scalar, scalar) would claim a scalar.
-    allowed = mb.cast(x=allowed, dtype="fp16")
-    mask = mb.mul(x=mb.sub(x=allowed, y=np.float16(1)), y=np.float16(-MASK_VALUE))
-    return mb.reshape(x=mask, shape=[1, 1, tokens, context], name="causal_mask")
+    masks = {}
+    for window in windows:
+        allowed = mb.less_equal(x=key_index, y=query)
+        if window is not None:
+            recent = mb.greater(x=key_index, y=mb.sub(x=query, y=np.int32(window)))
+            allowed = mb.logical_and(x=allowed, y=recent)
+        # (allowed − 1) × |MASK_VALUE| rather than `select`: coremltools 9 infers select's output shape from
+        # its two value operands alone, so select(cond (S, context), scalar, scalar) would claim a scalar.
+        allowed = mb.cast(x=allowed, dtype="fp16")
+        mask = mb.mul(x=mb.sub(x=allowed, y=np.float16(1)), y=np.float16(-MASK_VALUE))
+        masks[window] = mb.reshape(x=mask, shape=[1, 1, tokens, context],
+                                   name="causal_mask" if window is None else f"window{window}_mask")
+    return masks

@@ -24,7 +24,9 @@ import numpy as np
 from siliconvert.architectures import ModelSpec
 from siliconvert.artifacts import Artifact, Writer
 from siliconvert.convert.coreml.chunks import Chunk, Key, blobs_of, plan_chunks
-from siliconvert.convert.coreml.graph import build_function, build_program, required_tensors, tensor_shape
+from siliconvert.convert.coreml.folds import graph_keys, graph_tensors, tensor_shape
+from siliconvert.convert.coreml.graph import build_function, build_program, longrope_factors, required_tensors
+from siliconvert.convert.coreml.numerics import FP16Range
 from siliconvert.convert.coreml.package import (
     PACKAGE_DATA,
     SPEC_VERSION,
@@ -68,6 +70,11 @@ class CoreMLWriter(Writer):
         self.target = target
         self.model_name = model_name
         self.block = prefill_block(target.context)
+        # The residual stream's scale (a power of two that keeps it in fp16: numerics.py) and the scale of each
+        # branch's output, folded into the weights that write it (folds.py): the residual multiplier × the former.
+        self.fp16_range = FP16Range.calibrate(checkpoint)
+        self.stream_scale = self.fp16_range.scale
+        self.branch_scale = self.spec.residual_scale * self.stream_scale
         self.chunks = plan_chunks(self.spec, target.chunks)
         self.needed = [required_tensors(self.spec, chunk) for chunk in self.chunks]
         self.arrived: set[Key] = set()
@@ -108,10 +115,9 @@ class CoreMLWriter(Writer):
         if self._state != "open":
             raise RuntimeError(f"CoreMLWriter.add after {self._state}")
         key = self._key(name)
-        users = [i for i, needed in enumerate(self.needed) if key in needed]
-        if not users:
+        if key is None or not any(part in needed for part in graph_keys(key) for needed in self.needed):
             return  # a stored copy of a tied head, or rotary inv_freq: the graph rebuilds these from the spec
-        if key in self.arrived:
+        if any(part in self.arrived for part in graph_keys(key)):
             raise CheckpointError(f"tensor {name!r} arrived twice in the stream")
         if array.shape != tensor_shape(self.spec, key):
             raise CheckpointError(f"tensor {name!r} has shape {list(array.shape)}, the config implies "
@@ -119,12 +125,16 @@ class CoreMLWriter(Writer):
         for built in self.building:
             if built.done():
                 built.result()  # a package that failed to build stops the pass here, not at `finish`
-        self.arrived.add(key)
-        for i in users:
-            package = self.writing.get(i) or self._open(self.chunks[i])
-            for blob, rows in blobs_of(self.spec, self.chunks[i], key):
-                package.write(blob, name, array[rows])
-        for i in users:
+        users = set()
+        for part, values in graph_tensors(self.spec, key, array, self.branch_scale):
+            self.arrived.add(part)
+            for i, needed in enumerate(self.needed):
+                if part in needed:
+                    users.add(i)
+                    package = self.writing.get(i) or self._open(self.chunks[i])
+                    for blob, rows in blobs_of(self.spec, self.chunks[i], part):
+                        package.write(blob, name, values[rows])
+        for i in sorted(users):
             if self.needed[i] <= self.arrived:
                 self.building.append(self.builder.submit(self._build, self.chunks[i], self.writing.pop(i)))
 
@@ -193,6 +203,7 @@ class CoreMLWriter(Writer):
             "vocab_size": spec.vocab_size,
             "hidden_size": spec.hidden_size,
             "functions": {"decode": 1, "prefill": self.block},  # function name → tokens per call
+            "numerics": self.numerics(),
             "chunks": [
                 {
                     "package": chunk.package,
@@ -206,6 +217,19 @@ class CoreMLWriter(Writer):
                 for chunk in self.chunks
             ],
         }
+
+    def numerics(self) -> dict:
+        """What the packages compute differently from the checkpoint's own arithmetic, and why the function is
+        the same: choices a fixed context forces, and the scales folded into weights."""
+        spec = self.spec
+        numerics: dict = {"traits": spec.traits(), "norm_offset_folded": spec.norm_offset != 0.0,
+                          "residual_stream_peak": self.fp16_range.peak, "residual_stream_scale": self.stream_scale,
+                          "branch_scale_folded": self.branch_scale}
+        longrope = {longrope_factors(layer.rope.scaling, self.target.context) for layer in spec.layers
+                    if layer.rope is not None and layer.rope.kind == "longrope"}
+        if longrope:  # transformers picks the factors by sequence length; the package by its context
+            numerics["longrope_factors"] = sorted(longrope)
+        return numerics
 
     def _open(self, chunk: Chunk) -> PackageWriter:
         try:
@@ -222,7 +246,8 @@ class CoreMLWriter(Writer):
             self.builds.append((begun, time.perf_counter()))
 
     def _build_package(self, chunk: Chunk, package: PackageWriter) -> None:
-        program = build_program(self.spec, chunk, self.block, self.target.context, PlaceholderWeights(package.blobs))
+        program = build_program(self.spec, chunk, self.block, self.target.context, PlaceholderWeights(package.blobs),
+                                self.stream_scale)
         package.finish(program)
         del program
         self.syncing.append(self.syncer.submit(fsync_tree, package.path))
@@ -235,9 +260,10 @@ class CoreMLWriter(Writer):
         """A compressed variant, read back from the fp16 package just written (memory-mapped): coremltools'
         quantization pass runs on one function, and both functions take the weights it chose. Slower than the
         fp16 path, and it holds the chunk's compressed weights until its package is written."""
-        quantized = quantize_weights(build_function(self.spec, chunk, 1, self.target.context, stored), precision)
+        quantized = quantize_weights(build_function(self.spec, chunk, 1, self.target.context, stored,
+                                                    self.stream_scale), precision)
         program = build_program(self.spec, chunk, self.block, self.target.context,
-                                QuantizedWeights(stored, quantized))
+                                QuantizedWeights(stored, quantized), self.stream_scale)
         package = self.work[precision] / chunk.package
         (package / PACKAGE_DATA / "weights").mkdir(parents=True)
         write_package(package, export(program, MILProtoExporter(program, str(package / PACKAGE_DATA / "weights"),

@@ -15,6 +15,7 @@ here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -87,6 +88,19 @@ def _silu(x):
     x = wide(x)
     with np.errstate(over="ignore"):  # exp(-x) → inf for very negative x: x / inf = -0, as it should
         return x / (1.0 + np.exp(-x))
+
+
+@op("tanh")
+def _tanh(x):
+    return np.tanh(wide(x))
+
+
+@op("gelu")
+def _gelu(x, mode="EXACT"):
+    if str(mode) != "TANH_APPROXIMATION":
+        raise Unsupported(f"gelu mode {mode} (only TANH_APPROXIMATION)")
+    x = wide(x)
+    return 0.5 * x * (1.0 + np.tanh(np.float32(math.sqrt(2 / math.pi)) * (x + np.float32(0.044715) * x**3)))
 
 
 @op("softmax")

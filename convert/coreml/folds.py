@@ -1,0 +1,64 @@
+"""Checkpoint tensors → the tensors the graph reads, as they stream in: what the Core ML writer does to a weight
+before it becomes a blob.
+
+- Fused projections (`attn_qkv`, `ffn_gate_up`: Phi-3) are split into their parts' rows: the graph has one
+  convolution per projection whatever the checkpoint stores, so every family shares one graph (and the Llama
+  graph that a test holds to ct.convert's stays as it is); the rows are views, so splitting costs no copy.
+- The norm offset (Gemma's 1 + w) is folded into every norm weight, as the GGUF writer does.
+- The residual branch scale is folded into the weights that write into the residual stream: the last weight
+  of each block's branch (the post-norm where there is one, else o_proj and down_proj). It is Granite's
+  residual multiplier times the stream's scale, a power of two that keeps it inside fp16 (numerics.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from siliconvert.architectures import ModelSpec
+from siliconvert.architectures.base import role_shape
+from siliconvert.convert.coreml.chunks import Key
+
+FUSED = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_gate_up": ("ffn_gate", "ffn_up")}
+# The norms around each block, per norm placement: (before the block, after it) for attention and for the MLP
+BLOCK_NORMS = {
+    "pre": (("attn_norm", None), ("ffn_norm", None)),
+    "post": ((None, "post_attention_norm"), (None, "post_ffw_norm")),
+    "sandwich": (("attn_norm", "post_attention_norm"), ("ffn_norm", "post_ffw_norm")),
+}
+
+
+def tensor_shape(spec: ModelSpec, key: Key) -> tuple[int, ...]:
+    """A tensor's shape in the checkpoint (HF layout: linear weights are (out, in)); a bias is its first axis."""
+    role, _, kind = key
+    shape = role_shape(spec, role)
+    return shape if kind == "weight" else shape[:1]
+
+
+def graph_keys(key: Key) -> list[Key]:
+    """The tensors the graph reads that come from one checkpoint tensor."""
+    role, layer, kind = key
+    return [(part, layer, kind) for part in FUSED.get(role, (role,))]
+
+
+def branch_outputs(spec: ModelSpec) -> tuple[str, ...]:
+    """The roles whose weights write last into the residual stream: the branch scale folds into them."""
+    posts = tuple(after for _, after in BLOCK_NORMS[spec.norm_placement] if after)
+    return posts or ("attn_output", "ffn_down")
+
+
+def graph_tensors(spec: ModelSpec, key: Key, array: np.ndarray, branch_scale: float
+                  ) -> Iterator[tuple[Key, np.ndarray]]:
+    """The graph's tensors made from one checkpoint tensor (of the right shape), with the folds above."""
+    role = key[0]
+    if role in FUSED:
+        sizes = [tensor_shape(spec, part)[0] for part in graph_keys(key)]
+        yield from zip(graph_keys(key), np.split(array, np.cumsum(sizes)[:-1]), strict=True)
+        return
+    if role.endswith("_norm") and spec.norm_offset:
+        array = array.astype(np.float32) + np.float32(spec.norm_offset)
+    # a post-norm's bias-free weight, or o_proj/down_proj's weight and bias: the branch output is linear in them
+    if role in branch_outputs(spec) and branch_scale != 1.0:
+        array = array.astype(np.float32) * np.float32(branch_scale)
+    yield key, array

@@ -1,0 +1,112 @@
+"""Core ML FP16 honours every family's traits: each family of tests/families.py (sliding windows shorter than the
+scored window, per-layer rope, partial rotary LongRoPE, NoPE layers, q/k norms, norm offset and placement,
+GeGLU, embedding/attention/residual/logit scales, soft-caps, fused tensors), converted and run back through
+the MIL interpreter, against transformers' float32 forward."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import reference_logits_for
+from families import FAMILY_CASES
+from test_coreml import windows_of
+
+from siliconvert.checkpoint import Checkpoint
+from siliconvert.convert.coreml import CoreMLWriter
+from siliconvert.convert.coreml.numerics import FLOAT16_MAX, FP16Range
+from siliconvert.recipe import CoreMLTarget
+from siliconvert.validate.metrics import compare
+from siliconvert.validate.runners.coreml import CoreMLRunner
+
+pytestmark = pytest.mark.slow
+
+CONTEXT = 64  # one prefill block: the MIL interpreter is slow, and 64 tokens already span 2+ sliding windows
+
+
+def build(source, out_dir):
+    checkpoint = Checkpoint.open(source)
+    writer = CoreMLWriter(checkpoint, CoreMLTarget(format="coreml", context=CONTEXT), out_dir, "tiny")
+    for name, array in checkpoint.tensors():
+        writer.add(name, array)
+    return writer.finish()
+
+
+@pytest.fixture(scope="session", params=list(FAMILY_CASES))
+def family_package(request, small_model, tmp_path_factory):
+    """(family, source checkpoint, fp16 artifact, held-out windows, reference logits), built once per family."""
+    tokenizer, config = FAMILY_CASES[request.param]
+    source = small_model(request.param, tokenizer, config=config)
+    (artifact,) = build(source, tmp_path_factory.mktemp(f"coreml-{request.param}"))
+    windows = windows_of(source, count=2, length=CONTEXT)
+    return request.param, source, artifact, windows, reference_logits_for(source, windows)
+
+
+def test_fp16_logits_match_the_reference(family_package):
+    family, _, artifact, windows, reference = family_package
+    logits = CoreMLRunner(artifact.path, {}).logits_many(windows)
+    vocab = reference.shape[-1]
+    scores = compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
+                     windows[:, 1:].reshape(-1))[0]
+    assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, (family, scores)
+
+
+def test_manifest_records_the_numerics(family_package):
+    family, _, artifact, _, _ = family_package
+    numerics = json.loads((artifact.path / "manifest.json").read_text())["numerics"]
+    if family == "phi3":  # LongRoPE: a 64-token package is within the original context, so "short" factors
+        assert numerics["longrope_factors"] == ["short"]
+    assert numerics["norm_offset_folded"] == family.startswith("gemma")
+
+
+@pytest.mark.parametrize("family_package", ["gemma2", "smollm3"], indirect=True)
+def test_decode_through_the_cache_equals_prefill(family_package):
+    """Sliding-window (Gemma 2) and NoPE (SmolLM3) layers through the KV cache, one token at a time past the
+    window."""
+    _, _, artifact, windows, _ = family_package
+    runner = CoreMLRunner(artifact.path, {})
+    prompt, continuation = windows[0][:24], windows[0][24:40]
+    cached = runner.cached_logits(prompt, continuation)
+    full = runner.logits(windows[0][:40])[23:40]
+    assert np.array_equal(cached.argmax(-1), full.argmax(-1))
+    np.testing.assert_allclose(cached, full, atol=0.05)  # fp16 logits: a few ulps apart
+
+
+def with_loud_stream(source, folder, gain: float):
+    """A copy of `source` whose post-feedforward norms are `gain` times louder: a residual stream past fp16's
+    range (as in real Gemma checkpoints) that transformers' float32 forward still computes exactly."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, folder)
+    tensors = load_file(folder / "model.safetensors")
+    for name in tensors:
+        if name.endswith("post_feedforward_layernorm.weight"):  # Gemma's norm multiplies by 1 + w
+            tensors[name] = (1 + tensors[name]) * gain - 1
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the unscaled package's inf / inf
+def test_a_stream_past_fp16_range_is_scaled_back_into_it(small_model, tmp_path, monkeypatch):
+    tokenizer, config = FAMILY_CASES["gemma2"]
+    source = with_loud_stream(small_model("gemma2", tokenizer, config=config), tmp_path / "loud", gain=16000.0)
+    windows = windows_of(source, count=2, length=CONTEXT)
+    reference = reference_logits_for(source, windows)
+    vocab = reference.shape[-1]
+
+    def scores_of(artifact):
+        logits = CoreMLRunner(artifact.path, {}).logits_many(windows)
+        return compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
+                       windows[:, 1:].reshape(-1))[0]
+
+    (artifact,) = build(source, tmp_path / "scaled")
+    numerics = json.loads((artifact.path / "manifest.json").read_text())["numerics"]
+    assert numerics["residual_stream_peak"] > FLOAT16_MAX and numerics["residual_stream_scale"] < 1
+    scores = scores_of(artifact)
+    assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, scores
+    # Unscaled, the stream overflows to inf in the interpreter as it would on the device: the scores say so
+    monkeypatch.setattr(FP16Range, "calibrate", classmethod(lambda cls, checkpoint: cls(0.0, 1.0)))
+    (unscaled,) = build(source, tmp_path / "unscaled")
+    assert not scores_of(unscaled).same_top1 > 0.5
