@@ -217,18 +217,36 @@ def test_a_huge_config_number_cannot_raise_peak_memory(tiny, tmp_path):
 
 # ---- a real full disk --------------------------------------------------------------------------------
 
-@pytest.fixture
-def small_tmpfs(tmp_path) -> Path:
-    """A 2 MiB tmpfs (the tests run as root); skipped where mounting is not allowed."""
+def mounted_tmpfs(folder: Path, options: str):
+    """A tmpfs mounted at `folder` for the test (the tests run as root); skipped where mounting is not allowed."""
     import subprocess
 
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
                       capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (test_bad_input's simulated full disk covers it)")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+        pytest.skip("cannot mount a tmpfs here (test_bad_input's simulated full disk covers a full one)")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path) -> Path:
+    yield from mounted_tmpfs(tmp_path / "tmpfs", "size=2m")
+
+
+@pytest.fixture
+def read_only_tmpfs(tmp_path) -> Path:
+    yield from mounted_tmpfs(tmp_path / "read-only", "ro,size=1m")
+
+
+def test_read_only_output_is_refused_before_the_pass(tiny, read_only_tmpfs, tmp_path, capsys, monkeypatch):
+    """Root may write anywhere but on a read-only file system: found by the pre-pass checks, not by a writer."""
+    monkeypatch.setenv("SILICONVERT_QUIET", "1")
+    recipe = {"source": str(tiny), "output": str(read_only_tmpfs / "out"), "targets": [{"format": "mlx"}],
+              "validate": {"enabled": False}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    run = siliconvert(capsys, "recipe", "--check", str(tmp_path / "recipe.yaml"))
+    assert_refused(run, "read-only/out", f"({read_only_tmpfs} is not writable)", read_only_tmpfs / "out")
 
 
 def test_real_full_disk(tiny, small_tmpfs, tmp_path, capsys, monkeypatch):
