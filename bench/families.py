@@ -62,28 +62,47 @@ def main() -> None:
               "tools": notes.tool_notes, "families": rows}
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"families-{result['date']}.json"
+    if path.is_file():  # a run of some families adds to (or redoes) the day's rows
+        earlier = json.loads(path.read_text())
+        if (earlier["tokens"], earlier["context"]) == (args.tokens, args.context):
+            result["families"] = earlier["families"] | rows
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(markdown(rows))
+    print(markdown(result["families"]))
     notes.say(f"written: {path}")
 
 
+# How a writer's refusal names its format, and the target it refuses
+REFUSALS = {"MLX (": "mlx", "GGUF (": "gguf", "Core ML": "coreml"}
+
+
 def ours(family: str, source: Path, args: argparse.Namespace) -> dict:
-    """One recipe, three formats; each artifact's figures from its report."""
+    """One recipe, three formats; each artifact's figures from its report. A format whose writer refuses the
+    checkpoint (naming the trait) is recorded with its refusal, and the recipe runs again without it."""
     out = OUT / family / "siliconvert"
     recipe = OUT / family / "recipe.yaml"
     recipe.parent.mkdir(parents=True, exist_ok=True)
-    recipe.write_text(yaml.safe_dump({
-        "name": family, "source": str(source), "output": str(out),
-        "targets": [{"format": "mlx", "bits": 4, "group_size": 64}, {"format": "gguf", "quants": ["F16", "Q4_K_M"]},
-                    {"format": "coreml", "precision": "fp16", "context": 2 * args.context}],
-        "validate": {"corpus": "builtin", "tokens": args.tokens, "context": args.context},
-    }))
-    run = subprocess.run([str(Path(sys.executable).with_name("siliconvert")), "recipe", str(recipe)], env=ENV,
-                         capture_output=True, text=True)
-    report = out / "report.json"
-    if not report.is_file():
-        return {"recipe": {"error": last_line(run)}}
-    return {f"{a['format']} {a['quant']}": figures(a) for a in json.loads(report.read_text())["artifacts"]}
+    targets = {"mlx": {"format": "mlx", "bits": 4, "group_size": 64},
+               "gguf": {"format": "gguf", "quants": ["F16", "Q4_K_M"]},
+               "coreml": {"format": "coreml", "precision": "fp16", "context": 2 * args.context}}
+    refused: dict[str, dict] = {}
+    while targets:
+        recipe.write_text(yaml.safe_dump({
+            "name": family, "source": str(source), "output": str(out), "targets": list(targets.values()),
+            "validate": {"corpus": "builtin", "tokens": args.tokens, "context": args.context},
+        }))
+        run = subprocess.run([str(Path(sys.executable).with_name("siliconvert")), "recipe", str(recipe)], env=ENV,
+                             capture_output=True, text=True)
+        report = out / "report.json"
+        if report.is_file() and run.returncode in (0, 1):
+            artifacts = json.loads(report.read_text())["artifacts"]
+            return refused | {f"{a['format']} {a['quant']}": figures(a) for a in artifacts}
+        error = last_line(run)
+        format_refused = next((name for marker, name in REFUSALS.items() if marker in error), None)
+        if format_refused not in targets:
+            return refused | {"recipe": {"error": error}}
+        refused[f"{format_refused} (refused)"] = {"error": error}
+        del targets[format_refused]
+    return refused
 
 
 def anchors(family: str, source: Path, converter: Path, args: argparse.Namespace) -> dict:
