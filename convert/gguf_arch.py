@@ -199,7 +199,9 @@ class GGUFArch:
         elif kind == "yarn":
             writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
             writer.add_rope_scaling_factor(scaling["factor"])
-            writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+            # transformers' default where the file leaves it out: the model's own context
+            original = scaling.get("original_max_position_embeddings") or self.spec.max_position_embeddings
+            writer.add_rope_scaling_orig_ctx_len(original)
             optional = {"attention_factor": writer.add_rope_scaling_yarn_attn_factor,
                         "beta_fast": writer.add_rope_scaling_yarn_beta_fast,
                         "beta_slow": writer.add_rope_scaling_yarn_beta_slow}

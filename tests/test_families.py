@@ -129,3 +129,18 @@ def test_gguf_folds_an_attention_scale_llama_cpp_does_not_read() -> None:
     assert GGUFArch(spec_of("gemma2"), "c").q_scale == pytest.approx(math.sqrt(32 / 24))
     assert GGUFArch(spec_of("gemma3_text"), "c").q_scale == pytest.approx(math.sqrt(32 / 40))
     assert GGUFArch(spec_of("qwen3"), "c").q_scale == 1.0
+
+
+def test_gguf_yarn_without_an_original_context_takes_the_models_own() -> None:
+    """transformers reads a missing original_max_position_embeddings as max_position_embeddings: so does the
+    GGUF's yarn key (it was a KeyError)."""
+    import gguf
+
+    from siliconvert.architectures import registry as families
+
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **SIZES,
+              "rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0}}
+    spec = families.for_config(config).spec(config)
+    writer = gguf.GGUFWriter(None, "llama")
+    GGUFArch(spec, "config.json").add_hyperparameters(writer)
+    assert writer.kv_data[0]["llama.rope.scaling.original_context_length"].value == 1024
