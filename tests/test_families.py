@@ -136,11 +136,9 @@ def test_gguf_yarn_without_an_original_context_takes_the_models_own() -> None:
     GGUF's yarn key (it was a KeyError)."""
     import gguf
 
-    from siliconvert.architectures import registry as families
-
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **SIZES,
               "rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0}}
-    spec = families.for_config(config).spec(config)
+    spec = registry.for_config(config).spec(config)
     writer = gguf.GGUFWriter(None, "llama")
     GGUFArch(spec, "config.json").add_hyperparameters(writer)
     assert writer.kv_data[0]["llama.rope.scaling.original_context_length"].value == 1024
