@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -139,7 +140,8 @@ def anchors(family: str, source: Path, converter: Path, args: argparse.Namespace
 
 
 def produced(path: Path, command: list[str], env: dict[str, str] | None = None) -> Path | str:
-    """`path` once `command` made it, or the command's last error line."""
+    """`path` once `command` made it (anew), or the command's last error line."""
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     run = subprocess.run(command, env={**ENV, **(env or {})}, capture_output=True, text=True)
     return path if run.returncode == 0 and path.exists() else last_line(run)
 
@@ -152,8 +154,10 @@ def figures(artifact: dict) -> dict:
 
 
 def last_line(run: subprocess.CompletedProcess) -> str:
+    """The error line of a failed command: the last that names an error, else the last line."""
     lines = [line for line in (run.stderr + run.stdout).splitlines() if line.strip()]
-    return lines[-1][:300] if lines else f"exit {run.returncode}"
+    errors = [line for line in lines if "Error" in line or "error" in line]
+    return (errors or lines or [f"exit {run.returncode}"])[-1][:300]
 
 
 def markdown(rows: dict[str, dict]) -> str:
