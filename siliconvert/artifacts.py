@@ -17,8 +17,8 @@ import numpy as np
 
 
 def sync_file(path: Path) -> None:
-    """Flush a finished file to the disk before it is renamed into place: otherwise a crash soon after the
-    rename can leave the final name on a file whose data never reached the disk."""
+    """Flush a finished file (or a folder, for the names it holds) to the disk before it is renamed into place:
+    otherwise a crash soon after the rename can leave the final name on a file whose data never reached it."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -28,6 +28,7 @@ import torch
 from coremltools.converters.mil.mil import Program
 from coremltools.proto import MIL_pb2, Model_pb2
 
+from siliconvert.artifacts import sync_file
 from siliconvert.checkpoint import value_range
 from siliconvert.errors import CheckpointError, OutputError
 
@@ -265,11 +266,7 @@ def fsync_tree(folder: Path, recurse: bool = True) -> None:
     """fsync every file and folder under `folder` (folders too: they hold the new names), and `folder`."""
     paths = [*folder.rglob("*"), folder] if recurse else [folder]
     for path in sorted(paths, key=lambda p: len(p.parts), reverse=True):  # a folder after what it holds
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        sync_file(path)
 
 
 def replace_atomically(work: Path, final: Path) -> None:
