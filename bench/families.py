@@ -141,7 +141,10 @@ def anchors(family: str, source: Path, converter: Path, args: argparse.Namespace
 
 def produced(path: Path, command: list[str], env: dict[str, str] | None = None) -> Path | str:
     """`path` once `command` made it (anew), or the command's last error line."""
-    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
     run = subprocess.run(command, env={**ENV, **(env or {})}, capture_output=True, text=True)
     return path if run.returncode == 0 and path.exists() else last_line(run)
 
