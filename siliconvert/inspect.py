@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import sys
@@ -30,7 +31,8 @@ def describe(path: str) -> dict[str, Any]:
         "dtypes": sorted({i.dtype for i in infos}),
         "shards": len({i.shard for i in infos}),
         "tokenizer": [f.name for f in checkpoint.tokenizer_files()],
-        "spec": checkpoint.spec.__dict__,
+        "spec": dataclasses.asdict(checkpoint.spec) | {"layers": len(checkpoint.spec.layers)},
+        "traits": checkpoint.spec.traits(),
     }
 
 

@@ -35,7 +35,7 @@ def test_all_formats_parse():
     ({**MINIMAL, "colour": "red"}, "unknown key 'colour'"),
     ({**MINIMAL, "targets": [{"format": "mlx", "bitz": 4}]}, "unknown key 'targets.0.bitz'"),
     ({**MINIMAL, "targets": [{"format": "onnx"}]}, "unknown format 'onnx'"),
-    ({**MINIMAL, "targets": [{"format": "mlx", "bits": 3}]}, "targets.0.bits"),
+    ({**MINIMAL, "targets": [{"format": "mlx", "bits": 7}]}, "targets.0.bits"),
     ({**MINIMAL, "targets": [{"format": "gguf", "quants": ["Q9_K"]}]}, "targets.0.quants.0"),
     ({**MINIMAL, "validate": {"tokens": "many"}}, "validate.tokens"),
     ({**MINIMAL, "validate": {"gates": {"min_same_top1": 2}}}, "validate.gates.min_same_top1"),
