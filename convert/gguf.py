@@ -57,6 +57,8 @@ DIRECT_TYPES = {
 # The lossless full-precision type for a source dtype: what llama.cpp's quantizer reads.
 LOSSLESS = {"BF16": "BF16", "F16": "F16", "F32": "F32"}
 FLOAT_TYPES = (QType.F32, QType.F16, QType.BF16)  # converted here; every other type is llama.cpp's work
+# Tokens llama.cpp's vocabulary loader looks up by name in a model whose general.name says phi3 (llama-vocab.cpp)
+PHI3_NAME_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
 IN_FLIGHT_BYTES = 384 << 20  # float32 source bytes waiting for the quantizer before the stream waits
 
 
@@ -201,7 +203,20 @@ class GGUFWriter(Writer):
         metadata.add_name(self.model_name)
         self.arch.add_hyperparameters(metadata)
         add_tokenizer(metadata, self.checkpoint)
+        self._check_name_rules(metadata)
         return metadata
+
+    def _check_name_rules(self, metadata: gguf.GGUFWriter) -> None:
+        """llama.cpp's vocabulary loader changes token attributes by the model's *name*: for a name containing
+        "phi3" or "phi-3" it looks up these tokens and fails to load the file when one is missing."""
+        if not any(key in self.model_name.lower() for key in ("phi3", "phi-3")):
+            return
+        tokens = set(metadata.kv_data[0][gguf.Keys.Tokenizer.LIST].value)
+        missing = [t for t in PHI3_NAME_TOKENS if t not in tokens]
+        if missing:
+            raise CheckpointError(f"llama.cpp cannot load a GGUF named {self.model_name!r} (its loader looks up "
+                                  f"{', '.join(missing)} in any model named phi3/phi-3, and this vocabulary has "
+                                  "none): give the recipe another name", self.checkpoint.path)
 
     def _open(self, path: Path, file_type: LlamaFileType, types: list[QType]) -> gguf.GGUFWriter:
         """Write everything but the tensor data: header, key/values, tensor infos (phases of gguf-py's writer)."""

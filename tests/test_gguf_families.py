@@ -94,3 +94,14 @@ def test_gemma3_multimodal_converts_its_language_model(tmp_path: Path) -> None:
     finally:
         runner.close()
     assert compare(reference[:-1], logits[:-1], window[1:])[0].mean_kld < LIMITS["F16"]
+
+
+def test_a_phi3_name_without_the_tokens_llama_cpp_looks_up_is_refused(tmp_path: Path) -> None:
+    """llama.cpp keys token attributes on general.name: a model named phi3 whose vocabulary lacks <|endoftext|>
+    would not load. The writer says so before writing, instead of leaving a file llama.cpp refuses."""
+    from siliconvert.errors import CheckpointError
+
+    tokenizer, config = FAMILY_CASES["phi3"]
+    checkpoint = Checkpoint.open(small_checkpoint(None, "phi3", tokenizer, config=config))
+    with pytest.raises(CheckpointError, match=r"named 'phi3-mini'.*<\|endoftext\|>"):
+        GGUFWriter(checkpoint, GGUFTarget(format="gguf", quants=["F16"]), tmp_path, "phi3-mini")
