@@ -88,9 +88,7 @@ def ours(family: str, source: Path, args: argparse.Namespace) -> dict:
     refused: dict[str, dict] = {}
     while targets:
         recipe.write_text(yaml.safe_dump({
-            # not "phi3": llama.cpp's loader wants Phi-3's own special tokens in a model of that name
-            "name": family.replace("phi3", "phi"), "source": str(source), "output": str(out),
-            "targets": list(targets.values()),
+            "name": family, "source": str(source), "output": str(out), "targets": list(targets.values()),
             "validate": {"corpus": "builtin", "tokens": args.tokens, "context": args.context},
         }))
         run = subprocess.run([str(Path(sys.executable).with_name("siliconvert")), "recipe", str(recipe)], env=ENV,

@@ -214,9 +214,9 @@ class GGUFWriter(Writer):
         tokens = set(metadata.kv_data[0][gguf.Keys.Tokenizer.LIST].value)
         missing = [t for t in PHI3_NAME_TOKENS if t not in tokens]
         if missing:
-            raise CheckpointError(f"llama.cpp cannot load a GGUF named {self.model_name!r} (its loader looks up "
-                                  f"{', '.join(missing)} in any model named phi3/phi-3, and this vocabulary has "
-                                  "none): give the recipe another name", self.checkpoint.path)
+            raise CheckpointError(f"llama.cpp cannot load a GGUF named {self.model_name!r} (the checkpoint's name): "
+                                  f"its loader looks up {', '.join(missing)} in any model named phi3 or phi-3, and "
+                                  "this vocabulary has none", self.checkpoint.path)
 
     def _open(self, path: Path, file_type: LlamaFileType, types: list[QType]) -> gguf.GGUFWriter:
         """Write everything but the tensor data: header, key/values, tensor infos (phases of gguf-py's writer)."""
