@@ -6,8 +6,8 @@ reference would be wrong, not merely imprecise: the run notices the first non-fi
 starts again in FP32. The report says which dtype ran, and why.
 
 The model is never loaded whole: validate/streamed.py holds one decoder layer's weights at a time, so a
-7B reference fits in a few GB of memory. It runs in a
-child process, so the peak memory it reports is its own.
+7B reference fits in a few GB of memory. It runs in a child process, so the peak memory it reports is its
+own.
 """
 
 from __future__ import annotations
