@@ -119,7 +119,7 @@ def bpe_pre_tokenizer(tokenizer: dict, where: Path) -> str:
     if normalizer not in HARMLESS_NORMALIZERS:
         raise CheckpointError(f"normalizer {normalizer!r} has no llama.cpp equivalent", where)
     splits = []
-    for step in _flatten(tokenizer.get("pre_tokenizer"), "pretokenizers"):
+    for step in pipeline_steps(tokenizer.get("pre_tokenizer"), "pretokenizers"):
         kind = step["type"]
         if kind == "Split" and "Regex" in step["pattern"] and step["behavior"] == "Isolated" and not step["invert"]:
             splits.append(step["pattern"]["Regex"])
@@ -140,7 +140,7 @@ def bpe_pre_tokenizer(tokenizer: dict, where: Path) -> str:
 
 
 def _is_byte_level_bpe(tokenizer: dict) -> bool:
-    steps = [*_flatten(tokenizer.get("pre_tokenizer"), "pretokenizers"), tokenizer.get("decoder") or {}]
+    steps = [*pipeline_steps(tokenizer.get("pre_tokenizer"), "pretokenizers"), tokenizer.get("decoder") or {}]
     model = tokenizer.get("model", {})
     return (model.get("type") == "BPE" and not model.get("byte_fallback")
             and any(s.get("type") == "ByteLevel" for s in steps))
@@ -214,14 +214,14 @@ def sentencepiece_space_prefix(tokenizer: dict, where: Path) -> bool:
     `Prepend("▁")` normalizer or a Metaspace pre-tokenizer that prepends (see PREPEND_SCHEMES); Gemma's
     tokenizers only replace spaces and prepend nothing."""
     prepend, replaces_spaces = False, False
-    for step in _flatten(tokenizer.get("normalizer"), "normalizers"):
+    for step in pipeline_steps(tokenizer.get("normalizer"), "normalizers"):
         if step["type"] == "Prepend" and step["prepend"] == SPACE:
             prepend = True
         elif step["type"] == "Replace" and step["pattern"].get("String") == " " and step["content"] == SPACE:
             replaces_spaces = True
         else:
             raise CheckpointError(f"normalizer step {json.dumps(step)} has no llama.cpp equivalent", where)
-    for step in _flatten(tokenizer.get("pre_tokenizer"), "pretokenizers"):
+    for step in pipeline_steps(tokenizer.get("pre_tokenizer"), "pretokenizers"):
         if step["type"] == "Split" and step["pattern"].get("String") == " " and replaces_spaces:
             continue  # transformers 5's GemmaTokenizer: the normalizer left no space to split at
         if step["type"] != "Metaspace" or step.get("replacement") != SPACE:
@@ -237,8 +237,8 @@ def sentencepiece_space_prefix(tokenizer: dict, where: Path) -> bool:
 
 def _is_sentencepiece_bpe(tokenizer: dict) -> bool:
     model = tokenizer.get("model", {})
-    steps = [*_flatten(tokenizer.get("pre_tokenizer"), "pretokenizers"),
-             *_flatten(tokenizer.get("normalizer"), "normalizers")]
+    steps = [*pipeline_steps(tokenizer.get("pre_tokenizer"), "pretokenizers"),
+             *pipeline_steps(tokenizer.get("normalizer"), "normalizers")]
     return model.get("type") == "BPE" and (bool(model.get("byte_fallback"))
                                            or any(s["type"] == "Metaspace" for s in steps))
 
@@ -298,12 +298,12 @@ def _add_chat_templates(writer: gguf.GGUFWriter, template: str | list[dict[str, 
         writer.add_chat_template(named["default"])
 
 
-def _flatten(step: dict | None, inner: str) -> list[dict]:
+def pipeline_steps(step: dict | None, inner: str) -> list[dict]:
     """The steps of a normalizer or pre-tokenizer, `Sequence`s unrolled (`inner`: the key of their list)."""
     if step is None:
         return []
     if step["type"] == "Sequence":
-        return [s for nested in step[inner] for s in _flatten(nested, inner)]
+        return [s for nested in step[inner] for s in pipeline_steps(nested, inner)]
     return [step]
 
 

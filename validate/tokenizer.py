@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypedDict
 
+from siliconvert.convert.gguf_vocab import pipeline_steps
 from siliconvert.validate.corpus import PROBE_STRINGS
 
 # The places a converted vocabulary goes wrong beyond the fixed strings.
@@ -156,7 +157,8 @@ def tokenizer_probes(tokenizer, corpus_text: str, fmt: str) -> TokenizerProbes:
     added = re.compile("|".join(map(re.escape, contents))) if contents else None  # longest first, as both match
     backend = getattr(tokenizer, "backend_tokenizer", None)  # a tokenizer without one has no rules to name
     pipeline = json.loads(backend.to_str()) if backend is not None else {}
-    steps = _steps(pipeline.get("normalizer"), "normalizers") + _steps(pipeline.get("pre_tokenizer"), "pretokenizers")
+    steps = [*pipeline_steps(pipeline.get("normalizer"), "normalizers"),
+             *pipeline_steps(pipeline.get("pre_tokenizer"), "pretokenizers")]
     rules = [rule for rule in KNOWN_RULES if fmt in rule.formats and rule.applies(steps)]
 
     def ids(text: str) -> list[int]:
@@ -218,15 +220,6 @@ def describe(check: TokenizerCheck) -> str:
 
 def _has(steps: list[dict], kind: str, **settings: str) -> bool:
     return any(s["type"] == kind and all(s.get(k) == v for k, v in settings.items()) for s in steps)
-
-
-def _steps(step: dict | None, inner: str) -> list[dict]:
-    """A normalizer's or pre-tokenizer's steps, `Sequence`s unrolled (`inner`: the key of their list)."""
-    if step is None:
-        return []
-    if step["type"] == "Sequence":
-        return [s for nested in step[inner] for s in _steps(nested, inner)]
-    return [step]
 
 
 def _rendered_chat(tokenizer) -> str | None:
