@@ -59,6 +59,26 @@ class TensorInfo:
     shape: tuple[int, ...]
     offset: int  # absolute byte offset in the shard (safetensors); -1 for a pickle entry
     nbytes: int
+    # A stack of experts assembled from per-expert tensors: the parts, in row-major order (`stacked`)
+    parts: tuple[TensorInfo, ...] = ()
+
+    def files(self) -> set[Path]:
+        """The files the tensor's bytes come from."""
+        return {part.shard for part in self.parts} if self.parts else {self.shard}
+
+
+def stacked(name: str, experts: list[list[TensorInfo]]) -> TensorInfo:
+    """One tensor [experts, k·rows, cols] of each expert's k equal parts [rows, cols] (gate and up, say) one
+    under the other: what transformers' loader builds from per-expert tensors. Nothing is read here."""
+    parts = [part for expert in experts for part in expert]
+    first = parts[0]
+    for part in parts:
+        if part.shape != first.shape or part.dtype != first.dtype or len(part.shape) != 2:
+            raise CheckpointError(f"tensor {part.name!r} ({part.dtype} {list(part.shape)}) cannot be stacked with "
+                                  f"{first.name!r} ({first.dtype} {list(first.shape)}) into {name!r}", part.shard)
+    rows, cols = first.shape
+    return TensorInfo(name, first.shard, first.dtype, (len(experts), len(experts[0]) * rows, cols), first.offset,
+                      sum(part.nbytes for part in parts), tuple(parts))
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
@@ -193,6 +213,8 @@ READ_BLOCK = 32 << 20  # bytes read at a time when widening bfloat16: the only c
 
 def read_tensor(info: TensorInfo) -> np.ndarray:
     """Read one tensor from disk; bfloat16 widens to float32 exactly."""
+    if info.parts:
+        return _read_stack(info)
     if info.offset < 0:  # a pickle entry (--allow-pickle)
         tensor = _pickle_tensors(info.shard)[info.name]
         return (tensor.float() if info.dtype == "BF16" else tensor).numpy()
@@ -204,6 +226,20 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
         if f.readinto(memoryview(array).cast("B")) != info.nbytes:
             raise CheckpointError(f"truncated while reading tensor {info.name!r}", info.shard)
     return array
+
+
+def _read_stack(info: TensorInfo) -> np.ndarray:
+    """A stack of per-expert parts, filled part by part: memory holds the stack and one part."""
+    stack = None
+    position = 0
+    for part in info.parts:
+        array = read_tensor(part)
+        if stack is None:
+            stack = np.empty(math.prod(info.shape), dtype=array.dtype)
+        stack[position:position + array.size] = array.reshape(-1)
+        position += array.size
+        del array
+    return stack.reshape(info.shape)
 
 
 def _read_bfloat16(info: TensorInfo) -> np.ndarray:
@@ -258,6 +294,7 @@ class Checkpoint:
         if decoder_config is not config:  # a multimodal checkpoint's language model: its numbers checked too
             config = decoder_config
             check_config(config, tensors.values(), path / "config.json")
+        tensors = family.model_names(tensors, stacked, path)
         if not config.get("architectures"):  # found from model_type: artifacts' configs name it, as transformers' do
             config = {**config, "architectures": [family.hf_architectures[0]]}
         spec = family.spec(config, where=str(path / "config.json"))
@@ -310,7 +347,7 @@ class Checkpoint:
         digest = hashlib.sha256()
         for file in sorted([self.path / "config.json", *self.tokenizer_files()]):
             digest.update(file.name.encode() + file.read_bytes())
-        for shard in sorted({i.shard for i in self.tensor_infos.values()}):
+        for shard in sorted(set().union(*(info.files() for info in self.tensor_infos.values()))):
             stat = shard.stat()
             digest.update(f"{shard.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
             if shard.suffix == ".safetensors":

@@ -19,7 +19,9 @@ from siliconvert.errors import CheckpointError, short
 
 # Counts and dimensions that size tensors: each must be found among the weights' own dimensions.
 TENSOR_DIMENSIONS = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
-                     "num_key_value_heads", "head_dim")
+                     "num_key_value_heads", "head_dim", "moe_intermediate_size", "num_experts", "num_local_experts")
+# Mixture-of-experts counts that size no tensor themselves (experts per token, the sparse-layer step)
+EXPERT_COUNTS = ("num_experts_per_tok", "decoder_sparse_step")
 # Positions no tensor holds (RoPE is computed): bounded by what a GGUF context length (uint32) and any real
 # model (10M positions at most today) allow.
 MAX_POSITIONS = 1 << 28
@@ -51,6 +53,8 @@ def check_config(config: dict[str, Any], tensors: Iterable[Shaped], where: Path)
     largest = max((d for t in tensors for d in t.shape), default=0)
     for key in TENSOR_DIMENSIONS:
         value = config.get(key)
+        if key == "intermediate_size" and config.get("moe_intermediate_size") is not None:
+            continue  # the dense MLP's size: a model with experts in every layer holds no tensor of it
         if value is not None and value > largest:
             raise CheckpointError(f"{key} is {short(value)}, larger than any tensor dimension in the weights "
                                   f"(largest {largest})", where)
@@ -66,7 +70,12 @@ def check_config(config: dict[str, Any], tensors: Iterable[Shaped], where: Path)
 
 def _check_types(config: dict[str, Any], where: Path) -> None:
     for key in (*TENSOR_DIMENSIONS, "num_hidden_layers"):
+        _count(config, key, 0 if key == "num_experts" else 1, None, where)  # Qwen3-MoE: 0 experts is all dense
+    for key in EXPERT_COUNTS:
         _count(config, key, 1, None, where)
+    only_dense = config.get("mlp_only_layers")
+    if only_dense is not None and not (isinstance(only_dense, list) and all(_is_int(i) for i in only_dense)):
+        raise CheckpointError(f"mlp_only_layers must be a list of layer indices (got {short(only_dense)})", where)
     for key in POSITION_KEYS:
         _count(config, key, 0 if key == "sliding_window" else 1, MAX_POSITIONS, where)
     for key in ("rms_norm_eps", "rope_theta"):

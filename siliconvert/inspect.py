@@ -29,7 +29,7 @@ def describe(path: str) -> dict[str, Any]:
         "path": str(checkpoint.path),
         "parameters": sum(int(_prod(i.shape)) for i in infos),
         "dtypes": sorted({i.dtype for i in infos}),
-        "shards": len({i.shard for i in infos}),
+        "shards": len(set().union(*(i.files() for i in infos))),
         "tokenizer": [f.name for f in checkpoint.tokenizer_files()],
         "spec": dataclasses.asdict(checkpoint.spec) | {"layers": len(checkpoint.spec.layers)},
         "traits": checkpoint.spec.traits(),

@@ -323,7 +323,7 @@ def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Arti
 
     from siliconvert.validate import gates as gate_checks
     from siliconvert.validate.corpus import source_tokenizer, token_windows
-    from siliconvert.validate.reference import reference_logits
+    from siliconvert.validate.reference import reference_expert_choices, reference_logits
     from siliconvert.validate.report import artifact_entry, build_report, write_report
     from siliconvert.validate.score import run_artifact, score
     from siliconvert.validate.tokenizer import tokenizer_probes
@@ -337,13 +337,15 @@ def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Arti
     # a cached reference costs only the load: its peak belongs to the run that computed it
     timings.stage("reference", wall_s=time.perf_counter() - started, cached=bool(reference_info.get("cached")),
                   peak_rss_mb=None if reference_info.get("cached") else reference_info.get("peak_rss_mb"))
+    reference_choices = reference_expert_choices(checkpoint, windows, out_dir / ".cache")
     latency = (settings.prefill_tokens, settings.decode_tokens) if settings.latency else None
     entries, klds = [], {}
     for artifact in artifacts:
         say(f"validating {artifact.format} {artifact.quant}")
         started = time.perf_counter()
         run = run_artifact(artifact, windows, latency, probes[artifact.format].artifact_texts)
-        result = score(artifact, run, reference, windows, probes[artifact.format], settings.tokenizer == "strict")
+        result = score(artifact, run, reference, windows, probes[artifact.format], settings.tokenizer == "strict",
+                       reference_choices, checkpoint.spec.sparse_layers)
         peak = getattr(run, "peak_rss_mb", None) or (run.latency.peak_rss_mb if run.latency else None)
         timings.stage(f"validate.{artifact.format} {artifact.quant}", wall_s=time.perf_counter() - started,
                       peak_rss_mb=peak)

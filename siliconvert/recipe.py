@@ -30,6 +30,8 @@ class Gates(Strict):
     min_same_top1: float | None = Field(None, ge=0, le=1)
     max_ppl_ratio: float | None = Field(None, gt=0)
     max_rms_delta_p: float | None = Field(None, ge=0)
+    # a mixture of experts: the least fraction of (token, sparse layer) pairs whose chosen experts are the reference's
+    min_router_agreement: float | None = Field(None, ge=0, le=1)
 
 
 class MLXTarget(Strict):

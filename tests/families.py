@@ -27,6 +27,10 @@ FAMILY_CASES: dict[str, tuple[str, dict]] = {
                             "short_factor": [1.0 + 0.05 * i for i in range(8)],
                             "long_factor": [1.5 + 0.25 * i for i in range(8)]}}),
     "smollm3": ("bpe", {"num_hidden_layers": 4}),  # layer 3 has no rope (every 4th, as SmolLM3 and llama.cpp)
+    # mixtures of experts: 4 experts, 2 per token (Qwen3-MoE renormalises the chosen two, as Qwen3-30B-A3B does)
+    "qwen3_moe": ("bpe", {"head_dim": 32, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+                          "norm_topk_prob": True}),
+    "mixtral": ("sentencepiece", {"intermediate_size": 128, "num_local_experts": 4, "num_experts_per_tok": 2}),
 }
 
 

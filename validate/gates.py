@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from siliconvert.recipe import Gates
+from siliconvert.validate.router import describe_router
 from siliconvert.validate.score import ArtifactScore, describe_kv_cache
 
 # gate key → (metric in Scores, "max" or "min")
@@ -48,6 +49,13 @@ def check(result: ArtifactScore, gates: Gates) -> list[GateFailure]:
         rules = ", ".join(tokenizer["known"])
         failures.append(GateFailure("tokenizer_match", False, True, f"{name}: tokenizer differs from the source by "
                                     f"known rules ({rules}; validate.tokenizer: strict): {result.tokenizer_mismatch}"))
+    router = result.router
+    if (gates.min_router_agreement is not None and router is not None and router["measured"]
+            and router["same_experts"] < gates.min_router_agreement):
+            failures.append(GateFailure(
+                "router_agreement", router["same_experts"], gates.min_router_agreement,
+                f"{name}: routers chose the reference's experts for {router['same_experts']:.4g} of tokens < "
+                f"{gates.min_router_agreement}: {describe_router(router)}"))
     kv = result.kv_cache
     if kv["consistent"] is False:  # None: not measured (the report says why), which fails nothing
         failures.append(GateFailure("kv_cache", kv["mean_kld"], kv["limit_kld"],

@@ -45,7 +45,7 @@ def reference_logits(checkpoint: Checkpoint, windows: Windows, cache_dir: Path) 
     The description holds the child's peak resident memory (`peak_rss_mb`) and wall time (`wall_s`,
     imports included); `cached` is true when an earlier run made these logits.
     """
-    cache = cache_dir / f"reference-{checkpoint.fingerprint()}-{windows.digest}"
+    cache = _cache_folder(checkpoint, windows, cache_dir)
     cached = (cache / "info.json").is_file()
     if not cached:
         context = multiprocessing.get_context("spawn")
@@ -60,25 +60,41 @@ def reference_logits(checkpoint: Checkpoint, windows: Windows, cache_dir: Path) 
     return np.load(cache / "logits.npy"), info
 
 
+def reference_expert_choices(checkpoint: Checkpoint, windows: Windows, cache_dir: Path) -> np.ndarray | None:
+    """The experts transformers' routers chose in the reference run (`reference_logits` first):
+    ids [windows, context, sparse layers, k], or None for a model without experts."""
+    file = _cache_folder(checkpoint, windows, cache_dir) / "router.npy"
+    return np.load(file) if checkpoint.spec.experts is not None else None
+
+
+def _cache_folder(checkpoint: Checkpoint, windows: Windows, cache_dir: Path) -> Path:
+    return cache_dir / f"reference-{checkpoint.fingerprint()}-{windows.digest}"
+
+
 def _child(checkpoint: Checkpoint, tokens: np.ndarray, cache: Path) -> None:
     started = time.perf_counter()
     import torch
     import transformers
 
+    from siliconvert.validate.router import RouterRecorder
     from siliconvert.validate.score import peak_rss_mb
     from siliconvert.validate.streamed import CheckpointWeights, Float16Overflow, streamed_logits
 
     device, dtype, device_name = reference_device()
     config = checkpoint.transformers_config()
     label, why = "reference logits (transformers, layer by layer)", ""
+    spec = checkpoint.spec
+    routers = RouterRecorder(spec.sparse_layers, spec.experts.used) if spec.experts is not None else None
+    prepare = routers.attach if routers is not None else None
     try:
         logits = streamed_logits(config, CheckpointWeights(checkpoint), tokens, device=device,
-                                 dtype=getattr(torch, dtype), label=label)
+                                 dtype=getattr(torch, dtype), label=label, prepare=prepare)
     except Float16Overflow as overflow:  # a float16 reference would be wrong, not merely imprecise
         why = f"; float16 overflowed in decoder layer {overflow.layer}"
         dtype = "float32"
         logits = streamed_logits(config, CheckpointWeights(checkpoint), tokens, device=device,
-                                 dtype=torch.float32, label=label)
+                                 dtype=torch.float32, label=label, prepare=prepare)
+    choices = routers.choices(*tokens.shape) if routers is not None else None
     source_dtype = checkpoint.spec.source_dtype
     conversion = "upcast" if dtype == "float32" else "cast"
     converted = f" ({conversion} from {source_dtype}{why})" if dtype != source_dtype else ""
@@ -92,13 +108,15 @@ def _child(checkpoint: Checkpoint, tokens: np.ndarray, cache: Path) -> None:
     }
     if device == "cuda":
         info["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    _save_atomically(cache, logits, info)
+    _save_atomically(cache, logits, choices, info)
 
 
-def _save_atomically(folder: Path, logits: np.ndarray, info: dict) -> None:
+def _save_atomically(folder: Path, logits: np.ndarray, choices: np.ndarray | None, info: dict) -> None:
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     np.save(tmp / "logits.npy", logits)
+    if choices is not None:
+        np.save(tmp / "router.npy", choices)
     (tmp / "info.json").write_text(json.dumps(info, indent=2))
     if folder.exists():  # another run finished first; its result is equivalent
         shutil.rmtree(tmp)

@@ -11,6 +11,7 @@ import numpy as np
 
 from siliconvert.artifacts import write_text_atomically
 from siliconvert.validate.gates import GateFailure
+from siliconvert.validate.router import describe_router
 from siliconvert.validate.score import ArtifactScore, artifact_size, describe_kv_cache
 from siliconvert.validate.tokenizer import describe
 
@@ -31,6 +32,8 @@ def artifact_entry(result: ArtifactScore, failures: list[GateFailure], limits: d
         # every probe text: identical, a known rule's difference (a warning unless strict), or a failure
         "tokenizer": result.tokenizer,
         "kv_cache": result.kv_cache,
+        # a mixture of experts: how often the artifact's routers chose the reference's experts
+        "router_agreement": result.router,
         "metrics": result.scores.as_dict(),
         "latency": run.latency.as_dict() if run.latency else None,
         # check ("kv_cache", "latency") → why the runner could not make it here
@@ -102,6 +105,14 @@ def markdown(report: dict, plot_name: str | None) -> str:
         )
     if notes:
         lines += ["", *notes]
+    routed = [a for a in report["artifacts"] if a.get("router_agreement")]
+    if routed:
+        lines += ["", "## Router agreement (mixture of experts)", "",
+                  "How often each artifact's routers chose the same experts as the reference's, over every scored "
+                  "token and sparse layer.", ""]
+        lines += [f"- {a['format']} {a['quant']}: " + (describe_router(a["router_agreement"])
+                  if a["router_agreement"]["measured"] else f"not measured ({a['router_agreement']['reason']})")
+                  for a in routed]
     known = known_tokenizer_rules(report["artifacts"])
     if known:
         lines += ["", "## Tokenizer differences from known rules", "",

@@ -21,6 +21,7 @@ from siliconvert.artifacts import Artifact
 from siliconvert.errors import ArtifactError
 from siliconvert.validate.corpus import Windows
 from siliconvert.validate.metrics import Scores, compare, per_position
+from siliconvert.validate.router import RouterAgreement, router_agreement
 from siliconvert.validate.runners import Latency, open_runner
 from siliconvert.validate.runners.base import Runner
 from siliconvert.validate.tokenizer import TokenizerCheck, TokenizerProbes, check_tokenizer
@@ -57,6 +58,9 @@ class RunOutput:
     latency: Latency | None  # None when not asked for, or not measurable (see `unmeasured`)
     unmeasured: dict[str, str]  # check ("kv_cache", "latency") → why this runner could not make it
     peak_rss_mb: float  # peak resident memory of the child over the whole run (logits, checks, timing)
+    # The experts each sparse layer chose for each scored token (Runner.expert_choices); None: no experts, or
+    # not measurable (`unmeasured["router"]`)
+    expert_choices: np.ndarray | None = None
 
 
 class KVCacheCheck(TypedDict):
@@ -80,6 +84,7 @@ class ArtifactScore:
     tokenizer_mismatch: str | None  # where the first differing id is (unexplained first, else a known rule's)
     kv_cache: KVCacheCheck
     tokenizer: TokenizerCheck
+    router: RouterAgreement | None = None  # a mixture of experts: the artifact's choices against the reference's
 
 
 def run_artifact(artifact: Artifact, windows: Windows, latency: tuple[int, int] | None,
@@ -98,9 +103,11 @@ def run_artifact(artifact: Artifact, windows: Windows, latency: tuple[int, int] 
 
 
 def score(artifact: Artifact, run: RunOutput, reference: np.ndarray, windows: Windows, probes: TokenizerProbes,
-          strict_tokenizer: bool = False) -> ArtifactScore:
+          strict_tokenizer: bool = False, reference_choices: np.ndarray | None = None,
+          sparse_layers: list[int] | None = None) -> ArtifactScore:
     """Compare a run's logits with the reference on the scored positions, and its token ids with the source's
-    (`strict_tokenizer`: differences from known rules fail too)."""
+    (`strict_tokenizer`: differences from known rules fail too); for a mixture of experts, its routers' choices
+    with the reference's (`reference_choices` for `sparse_layers`)."""
     vocab = reference.shape[-1]
     logits = run.logits[..., :vocab]  # some formats pad the vocabulary; padded ids are never targets
     if run.logits.shape[:2] != reference.shape[:2]:
@@ -118,8 +125,12 @@ def score(artifact: Artifact, run: RunOutput, reference: np.ndarray, windows: Wi
     else:
         kv_cache = kv_cache_check(run.cached_logits[:, :vocab], run.cache_prompt, logits[0], windows.targets[0],
                                   kld.reshape(windows.targets.shape)[0])
+    router = None
+    if reference_choices is not None:
+        router = router_agreement(reference_choices, run.expert_choices, sparse_layers or [],
+                                  run.unmeasured.get("router"))
     return ArtifactScore(artifact, run, scores, kld, tokenizer["identical"] == tokenizer["probes"], mismatch,
-                         kv_cache, tokenizer)
+                         kv_cache, tokenizer, router)
 
 
 def _child(artifact: Artifact, windows: Windows, latency: tuple[int, int] | None,
@@ -127,6 +138,7 @@ def _child(artifact: Artifact, windows: Windows, latency: tuple[int, int] | None
     runner = open_runner(artifact.format, artifact.path, artifact.runner_options)
     try:
         logits = runner.logits_many(windows.tokens)
+        choices = runner.expert_choices()
         probe_ids = [runner.tokenize(text) for text in probe_texts]
         unmeasured = runner.unmeasured()
         cached, cache_prompt = ((None, 0) if "kv_cache" in unmeasured
@@ -138,7 +150,7 @@ def _child(artifact: Artifact, windows: Windows, latency: tuple[int, int] | None
             prefill_tps, decode_tps, ttft_ms = runner.latency(prompt, decode_tokens)
             timing = Latency(prefill_tps, decode_tps, ttft_ms, peak_rss_mb(), prefill_tokens, decode_tokens)
         return RunOutput(runner.runtime, runner.device, logits, probe_ids, cached, cache_prompt, timing,
-                         unmeasured, peak_rss_mb())
+                         unmeasured, peak_rss_mb(), choices)
     finally:
         runner.close()
 

@@ -125,10 +125,11 @@ def head_logits(model: PreTrainedModel, final_states: torch.Tensor) -> torch.Ten
     """The logits transformers' own forward makes of the body's output (`final_states`, after the final
     norm): the head, and whatever the family does after it (Gemma 2's soft-cap, Granite's logits scaling).
     The body stands aside and hands the states over."""
-    from transformers.modeling_outputs import BaseModelOutputWithPast
+    from transformers.modeling_outputs import MoeModelOutputWithPast
 
     body = model.model
-    body.forward = lambda *args, **kwargs: BaseModelOutputWithPast(last_hidden_state=final_states)
+    # the mixture-of-experts output: its router_logits field (None) is read by MoE families, ignored by others
+    body.forward = lambda *args, **kwargs: MoeModelOutputWithPast(last_hidden_state=final_states)
     try:
         placeholder_ids = torch.zeros(final_states.shape[:2], dtype=torch.long, device=final_states.device)
         return model(input_ids=placeholder_ids, use_cache=False).logits

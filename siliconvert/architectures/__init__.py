@@ -3,20 +3,32 @@
 Adding a family is a short module here (see qwen3.py: a mapping from its config onto traits) and one line below.
 """
 
-from siliconvert.architectures.base import ConfigWarning, Family, Layer, ModelSpec, Registry, Rope, TensorRole
+from siliconvert.architectures.base import (
+    ConfigWarning,
+    Experts,
+    Family,
+    Layer,
+    ModelSpec,
+    Registry,
+    Rope,
+    TensorRole,
+)
 from siliconvert.architectures.gemma2 import Gemma2
 from siliconvert.architectures.gemma3 import Gemma3, Gemma3Multimodal
 from siliconvert.architectures.granite import Granite
 from siliconvert.architectures.llama import Llama
 from siliconvert.architectures.mistral import Mistral
+from siliconvert.architectures.mixtral import Mixtral
 from siliconvert.architectures.olmo2 import Olmo2
 from siliconvert.architectures.phi3 import Phi3
 from siliconvert.architectures.qwen2 import Qwen2
 from siliconvert.architectures.qwen3 import Qwen3
+from siliconvert.architectures.qwen3_moe import Qwen3Moe
 from siliconvert.architectures.smollm3 import SmolLM3
 
 registry = Registry()
-for _family in (Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3, Gemma3Multimodal, Olmo2, Granite, Phi3, SmolLM3):
+for _family in (Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3, Gemma3Multimodal, Olmo2, Granite, Phi3, SmolLM3,
+                Qwen3Moe, Mixtral):
     registry.register(_family)
 
-__all__ = ["ConfigWarning", "Family", "Layer", "ModelSpec", "Registry", "Rope", "TensorRole", "registry"]
+__all__ = ["ConfigWarning", "Experts", "Family", "Layer", "ModelSpec", "Registry", "Rope", "TensorRole", "registry"]

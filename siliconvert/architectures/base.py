@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal, TypeVar
 
 from siliconvert.errors import CheckpointError, UnsupportedArchitectureError
@@ -46,6 +47,21 @@ class Layer:
 
     window: int | None  # sliding-window attention: keys at most window-1 positions back; None: full attention
     rope: Rope | None  # None: no positional encoding (NoPE)
+    sparse: bool = False  # the MLP is the model's mixture of experts (`ModelSpec.experts`), not a dense MLP
+
+
+@dataclass(frozen=True)
+class Experts:
+    """A mixture-of-experts MLP: a router picks `used` of `count` gated MLPs per token and mixes their outputs.
+
+    The router is a linear map to one logit per expert; the chosen are the top `used` of softmax(logits), weighted
+    by their probabilities, renormalised to sum to one when `normalize_topk` (Mixtral always: the top-k of the
+    logits then a softmax over the chosen is exactly that; Qwen3-MoE when `norm_topk_prob`)."""
+
+    count: int
+    used: int  # experts per token (top-k)
+    intermediate_size: int  # of each expert's gated MLP
+    normalize_topk: bool
 
 
 Placement = Literal["pre", "post", "sandwich"]
@@ -96,6 +112,10 @@ class ModelSpec:
     final_softcap: float | None = None  # logits → cap·tanh(logits / cap) (Gemma 2)
     fused_qkv: bool = False  # the checkpoint stores q, k, v as one qkv_proj (rows q, then k, then v)
     fused_gate_up: bool = False  # the checkpoint stores gate and up as one gate_up_proj (rows gate, then up)
+    # Mixture of experts in the layers marked `sparse` (the others keep the dense MLP of intermediate_size).
+    # Their tensors stream as transformers' own stacks: router [count, hidden], gate_up [count, 2·ff, hidden]
+    # (each expert's gate rows, then its up rows) and down [count, hidden, ff], whatever the files hold.
+    experts: Experts | None = None
 
     @property
     def q_size(self) -> int:
@@ -134,7 +154,15 @@ class ModelSpec:
             departures["partial_rotary"] = next(rope.dim for rope in ropes if rope is not None)
         if self.rope is not None and self.rope.scaling is not None:
             departures["rope_scaling"] = self.rope.kind
+        if self.experts is not None:
+            departures["experts"] = f"{self.experts.used} of {self.experts.count}"
+            if dense := [i for i, layer in enumerate(self.layers) if not layer.sparse]:
+                departures["dense_layers"] = dense
         return departures
+
+    @property
+    def sparse_layers(self) -> list[int]:
+        return [i for i, layer in enumerate(self.layers) if layer.sparse]
 
 
 _LLAMA_TRAITS: dict[str, Any] = {
@@ -182,8 +210,16 @@ LLAMA_TENSORS = {
     "model.layers.{layer}.mlp.up_proj": "ffn_up",
     "model.layers.{layer}.mlp.down_proj": "ffn_down",
 }
+# A sparse layer's MLP, named as transformers names its parameters (the expert stacks have no .weight suffix).
+EXPERT_TENSORS = {
+    "model.layers.{layer}.mlp.gate": "ffn_gate_inp",  # the router
+    "model.layers.{layer}.mlp.experts.gate_up_proj": "ffn_gate_up_exps",
+    "model.layers.{layer}.mlp.experts.down_proj": "ffn_down_exps",
+}
 ATTENTION_ROLES = ("attn_q", "attn_k", "attn_v", "attn_qkv")
 MLP_ROLES = ("ffn_gate", "ffn_up", "ffn_gate_up", "ffn_down")
+EXPERT_ROLES = tuple(EXPERT_TENSORS.values())
+EXPERT_STACKS = ("ffn_gate_up_exps", "ffn_down_exps")  # parameters without a .weight suffix
 
 
 def role_shape(spec: ModelSpec, role: str) -> tuple[int, ...]:
@@ -196,6 +232,9 @@ def role_shape(spec: ModelSpec, role: str) -> tuple[int, ...]:
         "attn_k_norm": (d,) if spec.qk_norm == "head" else (kv,),
         "ffn_gate": (ff, h), "ffn_up": (ff, h), "ffn_gate_up": (2 * ff, h), "ffn_down": (h, ff),
     }
+    if spec.experts is not None:
+        count, ff = spec.experts.count, spec.experts.intermediate_size
+        shapes |= {"ffn_gate_inp": (count, h), "ffn_gate_up_exps": (count, 2 * ff, h), "ffn_down_exps": (count, h, ff)}
     return shapes.get(role, (h,))  # every other role is a norm over the hidden size
 
 
@@ -213,6 +252,12 @@ class Family:
         "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
         "max_position_embeddings", "hidden_act", "attention_bias", "mlp_bias", "sliding_window",
     })
+    # Per-expert tensors of the files → the stack transformers' model holds: stack template → the parts of each
+    # expert in row order ({layer}, {expert}). transformers 5 saves stacks (read as they are) or, converting back
+    # to the hub's layout, per-expert tensors; both are read.
+    expert_parts: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # Older names of the files → transformers' (regex, replacement), applied before anything else.
+    renamed: ClassVar[tuple[tuple[str, str], ...]] = ()
     # Tensors that some checkpoints carry but no target needs (recomputed from the config).
     droppable: ClassVar[tuple[str, ...]] = (r"\.rotary_emb\.inv_freq$",)
 
@@ -261,6 +306,8 @@ class Family:
             activation=activation,
             **self.traits(hf),
         )
+        if spec.experts is not None and not 1 <= spec.experts.used <= spec.experts.count:
+            raise CheckpointError(f"{spec.experts.used} experts per token, but {spec.experts.count} experts", where)
         if spec.num_heads % spec.num_kv_heads:
             raise CheckpointError(
                 f"num_attention_heads ({spec.num_heads}) is not a multiple of "
@@ -284,7 +331,8 @@ class Family:
             if kind not in ("full_attention", "sliding_attention"):
                 raise CheckpointError(f"layer type {kind!r} is not supported", where)
             slides = window if kind == "sliding_attention" or self.all_layers_slide else None
-            layers.append(Layer(window=slides, rope=ropes[kind] if uses_rope[index] else None))
+            layers.append(Layer(window=slides, rope=ropes[kind] if uses_rope[index] else None,
+                                sparse=self._sparse(hf, index)))
         return tuple(layers)
 
     # Whether config.sliding_window applies to every layer whatever layer_types says (Mistral's reading).
@@ -294,6 +342,10 @@ class Family:
         # Qwen2/3 and SmolLM3 carry a window that applies only when use_sliding_window is true
         window = getattr(hf, "sliding_window", None)
         return int(window) if window and getattr(hf, "use_sliding_window", True) else None
+
+    def _sparse(self, hf: Any, layer: int) -> bool:
+        """Whether the layer's MLP is the mixture of experts (a family with experts says which layers are)."""
+        return False
 
     def _uses_rope(self, hf: Any) -> list[bool]:
         return [True] * hf.num_hidden_layers
@@ -350,16 +402,59 @@ class Family:
         return config, tensors
 
     # ---- tensors ----------------------------------------------------------------------------
+    def model_names(self, tensors: dict[str, T], stack: Callable[[str, list[list[T]]], T], where: Any) -> dict[str, T]:
+        """The files' tensors named as transformers' model names its parameters: old names renamed, per-expert
+        tensors grouped by `stack(name, parts of each expert)` into one per layer (nothing is read)."""
+        renamed: dict[str, T] = {}
+        for name, tensor in tensors.items():
+            new_name = name
+            for pattern, replacement in self.renamed:
+                new_name = re.sub(pattern, replacement, new_name)
+            if new_name in renamed:
+                raise CheckpointError(f"tensor {new_name!r} is stored under two names", where)
+            renamed[new_name] = tensor if new_name == name else replace(tensor, name=new_name)
+        if not self.expert_parts:
+            return renamed
+        parts: dict[str, dict[int, dict[int, T]]] = {}  # stack name → expert → part index → tensor
+        part_patterns = [(stack_template, index, _template_pattern(part))
+                         for stack_template, part_templates in self.expert_parts.items()
+                         for index, part in enumerate(part_templates)]
+        canonical: dict[str, T] = {}
+        for name, tensor in renamed.items():
+            for stack_template, index, pattern in part_patterns:
+                if match := pattern.match(name):
+                    stack_name = stack_template.format(layer=int(match["layer"]))
+                    parts.setdefault(stack_name, {}).setdefault(int(match["expert"]), {})[index] = tensor
+                    break
+            else:
+                canonical[name] = tensor
+        for stack_name, experts in parts.items():
+            if stack_name in canonical:
+                raise CheckpointError(f"tensor {stack_name!r} is stored both stacked and per expert", where)
+            templates = self.expert_parts[_layer_pattern.sub("model.layers.{layer}", stack_name, count=1)]
+            ordered = []
+            for expert in range(max(experts) + 1):
+                for index, template in enumerate(templates):
+                    if index not in experts.get(expert, {}):
+                        layer = int(_layer_pattern.match(stack_name).group(1))
+                        raise CheckpointError(f"missing tensor {template.format(layer=layer, expert=expert)!r}",
+                                              where)
+                ordered.append([experts[expert][index] for index in range(len(templates))])
+            canonical[stack_name] = stack(stack_name, ordered)
+        return canonical
+
     def role_of(self, name: str) -> TensorRole | None:
         """The role of an HF tensor name, or None when the family does not know it."""
         stem, _, kind = name.rpartition(".")
         if kind not in ("weight", "bias"):
-            return None
+            stem, kind = name, "weight"  # an expert stack: a parameter of the experts module itself
         match = _layer_pattern.match(stem)
         layer = int(match.group(1)) if match else None
         template = _layer_pattern.sub("model.layers.{layer}", stem, count=1) if match else stem
         role = self.tensor_names.get(template)
-        return TensorRole(role, layer, kind) if role else None
+        if role is None or (role in EXPERT_STACKS) != (stem == name):
+            return None
+        return TensorRole(role, layer, kind)
 
     def is_droppable(self, name: str) -> bool:
         return any(re.search(pattern, name) for pattern in self.droppable)
@@ -373,10 +468,12 @@ class Family:
         for template, role in self.tensor_names.items():
             if role == "output" and spec.tie_word_embeddings:
                 continue
-            parts = [(f"{template}.weight", role_shape(spec, role))]
+            parts = [(template if role in EXPERT_STACKS else f"{template}.weight", role_shape(spec, role))]
             if role in biased:
                 parts.append((f"{template}.bias", role_shape(spec, role)[:1]))
             layers = range(spec.num_layers) if "{layer}" in template else [None]
+            if role in MLP_ROLES or role in EXPERT_ROLES:  # a layer has the dense MLP or the experts
+                layers = [i for i in layers if spec.layers[i].sparse == (role in EXPERT_ROLES)]
             for layer in layers:
                 for name, shape in parts:
                     shapes[name.format(layer=layer)] = shape
@@ -384,6 +481,12 @@ class Family:
 
 
 _layer_pattern = re.compile(r"^model\.layers\.(\d+)")
+
+
+def _template_pattern(template: str) -> re.Pattern[str]:
+    """A name template ("model.layers.{layer}.mlp.experts.{expert}.down_proj.weight") as a regex."""
+    return re.compile(re.escape(template).replace(r"\{layer\}", r"(?P<layer>\d{1,9})")
+                      .replace(r"\{expert\}", r"(?P<expert>\d{1,9})") + "$")
 
 
 def head_dim(hf: Any) -> int:

@@ -70,9 +70,17 @@ class Runner(ABC):
 
     def unmeasured(self) -> dict[str, str]:
         """Checks this runner cannot make here, each with the reason: "kv_cache" (tokens fed one at a time
-        through the cache against the no-cache pass) and "latency" (speeds and peak memory). The report
-        shows them as not measured, never as passed. Empty by default: every check runs."""
+        through the cache against the no-cache pass), "latency" (speeds and peak memory) and "router" (which
+        experts a mixture of experts chose). The report shows them as not measured, never as passed. Empty
+        by default: every check runs."""
         return {}
+
+    def expert_choices(self) -> np.ndarray | None:
+        """The experts each sparse layer's router chose for every token of the windows of the last
+        `logits_many`: ids [windows, length, sparse layers (in layer order), experts per token], in any order
+        within a token. None for a model without experts, or where the runtime cannot show them (then
+        `unmeasured()["router"]` says why)."""
+        return None
 
     # ---- shared behaviour built on the primitives above ----------------------------------------
     def cached_logits(self, prompt: np.ndarray, continuation: np.ndarray) -> np.ndarray:

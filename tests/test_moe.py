@@ -1,0 +1,187 @@
+"""Mixtures of experts: the description, both file layouts of the experts, and the reference's router choices."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from siliconvert.architectures import registry
+from siliconvert.checkpoint import Checkpoint
+from siliconvert.errors import CheckpointError
+from siliconvert.validate.router import RouterRecorder, router_agreement
+
+TINY = {"vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 128, "tie_word_embeddings": False}
+
+
+def save_tiny(folder: Path, model_type: str, **config) -> Path:
+    """A random-weight MoE checkpoint saved by transformers (whichever expert layout it writes) + a tokenizer."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **(TINY | config)))
+    model.to(torch.bfloat16).save_pretrained(folder)
+    Tokenizer(models.WordLevel({f"w{i}": i for i in range(96)}, unk_token="w0")).save(str(folder / "tokenizer.json"))
+    return folder
+
+
+QWEN3_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "intermediate_size": 48,
+             "norm_topk_prob": False, "mlp_only_layers": [1]}
+MIXTRAL = {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 16}
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("qwen3-moe"), "qwen3_moe", **QWEN3_MOE)
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("mixtral"), "mixtral", **MIXTRAL)
+
+
+def test_qwen3_moe_traits_say_which_layers_are_sparse() -> None:
+    family = registry.for_config({"architectures": ["Qwen3MoeForCausalLM"]})
+    config = {"model_type": "qwen3_moe", **TINY, **QWEN3_MOE, "num_hidden_layers": 4, "decoder_sparse_step": 2,
+              "mlp_only_layers": [3]}
+    spec = family.spec(config)
+    # sparse where (i + 1) % step == 0 and i is not MLP-only: layer 1 only (layer 3 is listed MLP-only)
+    assert spec.sparse_layers == [1]
+    assert spec.experts.count == 4 and spec.experts.used == 2 and spec.experts.intermediate_size == 16
+    assert spec.experts.normalize_topk is False
+    assert spec.traits()["experts"] == "2 of 4" and spec.traits()["dense_layers"] == [0, 2, 3]
+
+
+def test_mixtral_is_sparse_everywhere_and_renormalises() -> None:
+    family = registry.for_config({"architectures": ["MixtralForCausalLM"]})
+    spec = family.spec({"model_type": "mixtral", **TINY, **MIXTRAL})
+    assert spec.sparse_layers == [0, 1, 2] and spec.experts.normalize_topk
+    assert "dense_layers" not in spec.traits()
+
+
+def test_more_experts_per_token_than_experts_is_refused() -> None:
+    family = registry.for_config({"architectures": ["MixtralForCausalLM"]})
+    with pytest.raises(CheckpointError, match="5 experts per token, but 4 experts"):
+        family.spec({"model_type": "mixtral", **TINY, **MIXTRAL, "num_experts_per_tok": 5})
+
+
+def stream(folder: Path) -> dict[str, np.ndarray]:
+    return dict(Checkpoint.open(folder).tensors())
+
+
+def stacked_copy(source: Path, out: Path) -> Path:
+    """The same weights in transformers' own layout: loaded by transformers (which stacks the experts and renames
+    Mixtral's modules) and written as its state dict, as a transformers-5 checkpoint without the reverse
+    conversion holds them."""
+    from transformers import AutoModelForCausalLM
+
+    out.mkdir()
+    state = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).state_dict()
+    save_file({name: tensor.contiguous() for name, tensor in state.items()}, out / "model.safetensors",
+              metadata={"format": "pt"})
+    for file in ("config.json", "tokenizer.json"):
+        (out / file).write_text((source / file).read_text())
+    return out
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_per_expert_and_stacked_files_stream_what_transformers_loads(family: str, qwen3_moe: Path, mixtral: Path,
+                                                                     tmp_path: Path) -> None:
+    per_expert_files = qwen3_moe if family == "qwen3_moe" else mixtral  # transformers saves the hub's layout
+    assert any(".experts.0." in name for name in load_file(per_expert_files / "model.safetensors"))
+    stacked_files = stacked_copy(per_expert_files, tmp_path / "stacked")
+    per_expert, stacked = stream(per_expert_files), stream(stacked_files)
+    assert sorted(per_expert) == sorted(stacked)  # the same names: transformers' own
+    layers = [int(name.split(".")[2]) for name in per_expert if name.startswith("model.layers.")]
+    assert layers == sorted(layers)  # streamed layer by layer
+    loaded = load_file(stacked_files / "model.safetensors")
+    for name, array in per_expert.items():
+        np.testing.assert_array_equal(array, stacked[name], err_msg=name)
+        np.testing.assert_array_equal(array, loaded[name].float().numpy(), err_msg=name)
+    sparse = Checkpoint.open(per_expert_files).spec.sparse_layers
+    assert f"model.layers.{sparse[0]}.mlp.experts.gate_up_proj" in per_expert
+
+
+def test_both_layouts_at_once_are_refused(qwen3_moe: Path, tmp_path: Path) -> None:
+    both = stacked_copy(qwen3_moe, tmp_path / "both")
+    weights = load_file(both / "model.safetensors") | {
+        "model.layers.0.mlp.experts.0.down_proj.weight": load_file(qwen3_moe / "model.safetensors")[
+            "model.layers.0.mlp.experts.0.down_proj.weight"]}
+    save_file(weights, both / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"experts\.down_proj' is stored both stacked and per"):
+        Checkpoint.open(both)
+
+
+def copy_with(source: Path, out: Path, edit) -> Path:
+    out.mkdir()
+    weights = load_file(source / "model.safetensors")
+    edit(weights)
+    save_file(weights, out / "model.safetensors")
+    for file in ("config.json", "tokenizer.json"):
+        (out / file).write_text((source / file).read_text())
+    return out
+
+
+def test_a_missing_expert_is_named(qwen3_moe: Path, tmp_path: Path) -> None:
+    damaged = copy_with(qwen3_moe, tmp_path / "damaged",
+                        lambda weights: weights.pop("model.layers.0.mlp.experts.2.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensor 'model.layers.0.mlp.experts.2.up_proj.weight'"):
+        Checkpoint.open(damaged)
+
+
+def test_too_few_experts_for_the_config_is_refused(mixtral: Path, tmp_path: Path) -> None:
+    def drop_expert_3(weights: dict) -> None:
+        for name in [n for n in weights if ".experts.3." in n]:
+            del weights[name]
+
+    damaged = copy_with(mixtral, tmp_path / "damaged", drop_expert_3)
+    with pytest.raises(CheckpointError, match=r"gate_up_proj' has shape \[3, 32, 32\], config.json implies \[4, 32"):
+        Checkpoint.open(damaged)
+
+
+def test_reference_records_the_experts_transformers_chooses(qwen3_moe: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from siliconvert.validate.streamed import CheckpointWeights, streamed_logits
+
+    checkpoint = Checkpoint.open(qwen3_moe)
+    spec = checkpoint.spec
+    windows = np.random.default_rng(0).integers(0, 96, size=(2, 12))
+    recorder = RouterRecorder(spec.sparse_layers, spec.experts.used)
+    streamed_logits(checkpoint.transformers_config(), CheckpointWeights(checkpoint), windows, device="cpu",
+                    dtype=torch.float32, label="test", prepare=recorder.attach, keep_logits=False)
+    choices = recorder.choices(*windows.shape)
+    assert choices.shape == (2, 12, len(spec.sparse_layers), 2)
+    # the whole model's router logits, as transformers returns them: their top 2 are the chosen experts
+    model = AutoModelForCausalLM.from_pretrained(qwen3_moe, dtype=torch.float32)
+    for row, window in enumerate(windows):
+        out = model(torch.as_tensor(window[None]), output_router_logits=True)
+        expected = np.stack([logits.topk(2, dim=-1).indices.numpy() for logits in out.router_logits], axis=1)
+        np.testing.assert_array_equal(np.sort(choices[row], -1), np.sort(expected, -1))
+
+
+def test_router_agreement_counts_sets_not_order() -> None:
+    reference = np.array([[[[0, 1], [2, 3]], [[1, 2], [0, 3]]]])  # 1 window, 2 tokens, 2 layers, top-2
+    same_sets = reference[..., ::-1]
+    assert router_agreement(reference, same_sets, [0, 2])["same_experts"] == 1.0
+    other = reference.copy()
+    other[0, 1, 1] = [0, 1]  # token 1, second sparse layer: one of two experts differs
+    agreement = router_agreement(reference, other, [0, 2])
+    assert agreement["same_experts"] == 0.75 and agreement["overlap"] == 0.875
+    assert agreement["worst_layer"] == 2 and agreement["layers"][1]["same_experts"] == 0.5
+    unmeasured = router_agreement(reference, None, [0, 2], "no callback")
+    assert not unmeasured["measured"] and unmeasured["reason"] == "no callback"
+
+
+def test_config_counts_of_experts_are_checked(mixtral: Path, tmp_path: Path) -> None:
+    folder = copy_with(mixtral, tmp_path / "bad", lambda weights: None)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"num_experts_per_tok": 0}))
+    with pytest.raises(CheckpointError, match="num_experts_per_tok must be at least 1"):
+        Checkpoint.open(folder)
