@@ -215,3 +215,10 @@ def test_olmoe_with_clipped_qkv_is_refused(tmp_path: Path) -> None:
                        clip_qkv=8.0)
     with pytest.raises(CheckpointError, match=r"clip_qkv \(8.0\) is not supported"):
         Checkpoint.open(source)
+
+
+def test_qwen3_moe_slides_every_layer_when_its_config_says_so() -> None:
+    family = registry.for_config({"architectures": ["Qwen3MoeForCausalLM"]})
+    base = {"model_type": "qwen3_moe", **TINY, **QWEN3_MOE, "sliding_window": 64}
+    assert {layer.window for layer in family.spec(base | {"use_sliding_window": True}).layers} == {64}
+    assert {layer.window for layer in family.spec(base | {"use_sliding_window": False}).layers} == {None}

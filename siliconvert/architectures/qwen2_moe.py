@@ -11,6 +11,7 @@ class Qwen2Moe(Qwen3Moe):
     name = "qwen2_moe"
     hf_architectures = ("Qwen2MoeForCausalLM",)
     model_type = "qwen2_moe"
+    all_layers_slide = False  # its config's layer_types say which layers slide (as Qwen2's)
     tensor_names = LLAMA_TENSORS | EXPERT_TENSORS | SHARED_EXPERT_TENSORS  # no q/k norms
     understood_keys = Qwen3Moe.understood_keys | {"shared_expert_intermediate_size", "qkv_bias"}
 
