@@ -109,6 +109,11 @@ class MLXRunner(Runner):
         engine_option(options)  # refuses unknown options
         self.model, self.tokenizer = load(str(path))
         self.device = mlx_device_name()
+        if mx.default_device().type == mx.cpu and unquantized_experts(self.model):
+            # mlx's CPU backend multiplies by gathered experts (GatherMM) in float32 only: in float16 or bfloat16
+            # the folder cannot run there at all. The same weights, widened exactly, with float32 activations.
+            self.model.set_dtype(mx.float32)
+            self.device += ", upcast to float32 (mlx's CPU runs unquantized experts in float32 only)"
         self.cache = None
         self.routers = ExpertRecorder(self.model)
         self.choices: np.ndarray | None = None
@@ -142,6 +147,14 @@ class MLXRunner(Runner):
     def _last(out: mx.array, all_positions: bool = False) -> np.ndarray:
         out = out[0] if all_positions else out[0, -1]
         return np.array(out.astype(mx.float32))
+
+
+def unquantized_experts(model: nn.Module) -> bool:
+    """Whether mlx-lm's model holds stacked experts that are not quantized and not float32."""
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    return any(isinstance(module, SwitchLinear) and module.weight.dtype != mx.float32
+               for _, module in model.named_modules())
 
 
 class ExpertRecorder:
