@@ -14,8 +14,8 @@ file reads them, or refused naming the trait: see mlx_arch.py.
 
 A mixture of experts streams as transformers' stacks (router, gate_up [experts, 2·ff, in], down); each becomes
 mlx-lm's SwitchGLU arrays under the model file's module (gate_up split into gate_proj and up_proj, views of the
-same rows), converted a block of whole experts at a time, so memory holds one stack's outputs, never a layer's
-worth of copies. The routers are quantized at 8 bits (quantize/mlx.py).
+same rows), converted a block of whole experts at a time: mlx never holds a float32 copy of a stack, and memory
+holds the stream's one stack and its outputs. The routers are quantized at 8 bits (quantize/mlx.py).
 """
 
 from __future__ import annotations
