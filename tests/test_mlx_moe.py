@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import build_mlx
+from conftest import build_mlx, reference_logits_for
 from families import FAMILY_CASES
 from test_moe import TINY, save_tiny, stacked_copy
 
@@ -96,14 +96,6 @@ def test_expert_blocks_and_shards_change_nothing_but_the_files(moe_source, tmp_p
     assert_same_arrays(arrays(blocks), arrays(whole))
 
 
-def tiny_logits(folder: Path, windows: np.ndarray) -> np.ndarray:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    with torch.inference_mode():
-        return np.stack([model(torch.as_tensor(w[None])).logits[0].numpy() for w in windows])
-
-
 def reference_choices(source: Path, windows: np.ndarray) -> np.ndarray:
     """The experts transformers' routers choose, recorded as the reference run records them."""
     checkpoint = Checkpoint.open(source)
@@ -131,7 +123,7 @@ def test_dense_layers_between_sparse_ones_and_unnormalised_routing(layout, tmp_p
     assert (written["decoder_sparse_step"], written["mlp_only_layers"]) == (1, [0, 2, 3])
     assert written["norm_topk_prob"] is False
     windows = np.random.default_rng(0).integers(0, TINY["vocab_size"], size=(2, 24))
-    reference = tiny_logits(source, windows)
+    reference = reference_logits_for(source, windows)
     expected = reference_choices(source, windows)
     for engine in ("mlx", "torch"):
         runner = MLXRunner(artifact, {"engine": engine})
