@@ -216,6 +216,7 @@ def convert(checkpoint: Checkpoint, recipe: Recipe, artifacts_dir: Path,
                     begun = time.perf_counter()
                     writer.add(name, array)
                     busy[label] += time.perf_counter() - begun
+                del array  # freed before the next tensor is read: memory holds one tensor (one expert stack)
         for label, writer, (index, target) in zip(labels, writers, todo, strict=True):
             begun = time.perf_counter()
             done[index] = writer.finish()

@@ -34,6 +34,7 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
         for item in items:
             yield item
             progress.advance(task)
+            del item  # before the next is made: a streamed tensor must not stay alive beside the next one
 
 
 def say(message: str) -> None:
