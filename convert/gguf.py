@@ -13,6 +13,10 @@ Two things llama.cpp cannot tell from the file if they are wrong, so they are de
   reorders the rows of q and k per head so that pairs become adjacent; Qwen2 runs NEOX-style rope in
   llama.cpp, which is rotate-half, so its rows stay as they are.
 - The tokenizer: convert/gguf_vocab.py writes a vocabulary llama.cpp tokenizes as the source does.
+
+A mixture of experts arrives as one stack per layer and part (transformers' gate_up [E, 2·ff, d], down
+[E, d, ff]); llama.cpp's ffn_gate_exps and ffn_up_exps are the two halves of the first, written from views
+of it, and the quantizer takes each expert's rows with that expert's importance-matrix row.
 """
 
 from __future__ import annotations
@@ -78,19 +82,18 @@ class GGUFWriter(Writer):
         # every GGUF tensor (name, numpy shape) in file order: one per checkpoint tensor, or its parts
         self.outputs = [output for name in self.order for output in self._outputs(name)]
         self._index = 0  # position of the next tensor in self.outputs
-        shapes = self.outputs
         quantized = any(q not in DIRECT_TYPES for q in target.quants)
         self.imatrix = self._importance_matrix() if target.imatrix and quantized else None
         # quant → (general.file_type, every tensor's type in self.outputs)
         self.plans: dict[str, tuple[LlamaFileType, list[QType]]] = {}
         for quant in target.quants:
-            plan = self._plan(quant, shapes)
+            plan = self._plan(quant, self.outputs)
             if plan is not None:
                 self.plans[quant] = plan
         # Quants whose per-tensor plan this llama.cpp cannot give: its whole-file quantizer makes them.
         self.from_file = [q for q in target.quants if q not in self.plans]
         if self.from_file and self._full_precision() not in self.plans:
-            self.plans[self._full_precision()] = self._plan(self._full_precision(), shapes)
+            self.plans[self._full_precision()] = self._plan(self._full_precision(), self.outputs)
         self.metadata = self._metadata()
         out_dir.mkdir(parents=True, exist_ok=True)
         self.files: dict[str, tuple[Path, gguf.GGUFWriter]] = {}

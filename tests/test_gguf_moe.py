@@ -161,3 +161,28 @@ def test_the_runners_view_of_a_ggml_tensor_is_ggmls() -> None:
         assert ggml.ggml_get_name(handle) == handle + GGMLTensor.name.offset
     finally:
         ggml.ggml_free(context)
+
+
+def test_watching_the_routers_changes_nothing_llama_cpp_computes(tiny_moe: Path, tmp_path: Path) -> None:
+    """Scoring windows runs a context with the eval callback; its logits are those of the plain context, and the
+    context that decodes through the KV cache afterwards has no callback and still works."""
+    from siliconvert.validate.runners.gguf import LlamaCppRunner
+
+    spec = Checkpoint.open(tiny_moe).spec
+    [artifact] = convert(tiny_moe, tmp_path, ["F16"])
+    windows = np.random.default_rng(0).integers(0, spec.vocab_size, size=(2, 40))
+    runner = LlamaCppRunner(artifact.path, {"context": 64})
+    try:
+        assert runner.expert_choices() is None and "router" in runner.unmeasured()  # nothing scored yet
+        plain = np.stack([runner.logits(window) for window in windows])
+        watched = runner.logits_many(windows)
+        choices = runner.expert_choices()
+        cached = runner.cached_logits(windows[0][:30], windows[0][30:])
+    finally:
+        runner.close()
+    np.testing.assert_array_equal(watched, plain)
+    assert runner.unmeasured() == {}
+    assert choices.shape == (2, 40, spec.num_layers, spec.experts.used)
+    assert ((choices >= 0) & (choices < spec.experts.count)).all()
+    assert (np.sort(choices, axis=-1)[..., 1:] != np.sort(choices, axis=-1)[..., :-1]).all()  # k distinct experts
+    np.testing.assert_allclose(cached, plain[0][29:], atol=1e-3)

@@ -65,6 +65,8 @@ class LlamaCppRunner(Runner):
             # Past its training context a model is off its domain, and llama.cpp warns: stay within it.
             self.n_ctx = int(options.get("context") or min(DEFAULT_CONTEXT, api.llama_model_n_ctx_train(self.model)))
         self.threads = threads
+        self._observe = api.ggml_backend_sched_eval_callback(self._observe_node)  # referenced while in use
+        self._capture: dict[int, list[np.ndarray]] | None = None  # layer → chosen ids of each decode, while scoring
         self.warnings = log.warnings + self._new_context(observe=False)
         architecture = _metadata(api, self.model, "general.architecture")
         self.n_expert = int(_metadata(api, self.model, f"{architecture}.expert_count") or 0)
@@ -72,8 +74,6 @@ class LlamaCppRunner(Runner):
         # the experts chosen in the windows of the last logits_many: [windows, length, layers, k], or why not
         self._choices: np.ndarray | None = None
         self._no_choices = "no windows scored yet"
-        self._capture: dict[int, list[np.ndarray]] | None = None  # layer → chosen ids of each decode, while scoring
-        self._observe = api.ggml_backend_sched_eval_callback(self._observe_node)  # referenced while in use
         self.vocab = api.llama_model_get_vocab(self.model)
         self.n_vocab = api.llama_vocab_n_tokens(self.vocab)
         self.device = _device(api, offload, threads)
