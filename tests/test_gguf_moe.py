@@ -116,6 +116,19 @@ def test_streamed_expert_quants_are_llama_quantizes_bytes(trained_moe: Path, tmp
     assert types["blk.0.ffn_up_exps.weight"] != gguf.GGMLQuantizationType.F32
 
 
+def test_the_plan_knows_the_expert_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama.cpp's Q4_K_M keeps attn_k and attn_v of an 8-expert model at Q8_0 (Mixtral 8x7B's rule): the streamed
+    plan, told the expert count, chooses what llama_model_quantize chooses reading expert_count from the file."""
+    source = save_tiny(tmp_path / "source", "mixtral", **(MIXTRAL | {"num_local_experts": 8, "hidden_size": 256,
+                                                                       "head_dim": 64, "intermediate_size": 256}))
+    [streamed] = convert(source, tmp_path / "streamed", ["Q4_K_M"])
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(streamed.path).tensors}
+    assert types["blk.0.attn_v.weight"] == types["blk.0.attn_k.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert types["blk.0.ffn_gate_exps.weight"] == gguf.GGMLQuantizationType.Q4_K
+    whole_file_quantization(monkeypatch)
+    assert_same_model(streamed.path, convert(source, tmp_path / "whole", ["Q4_K_M"])[0].path)
+
+
 def test_importance_matrix_has_a_row_per_expert(trained_moe: Path) -> None:
     """Each expert's row of the gate/up statistics is the mean x² of the tokens transformers' router sent to that
     expert, from the whole model run at once."""
