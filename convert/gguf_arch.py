@@ -37,7 +37,7 @@ A = gguf.MODEL_ARCH
 
 
 @dataclass(frozen=True)
-class Experts:
+class LlamaCppExperts:
     """How an architecture's graph in llama.cpp runs a mixture of experts (its `build_moe_ffn` call)."""
 
     normalize_topk: bool  # the chosen experts' weights renormalised to sum 1 (the `norm_w` argument)
@@ -56,7 +56,7 @@ class Layout:
     fixed: dict[str, Any] = field(default_factory=dict)
     # Traits llama.cpp reads from keys or tensors of this arch
     keyed: frozenset[str] = frozenset()
-    experts: Experts | None = None  # None: this arch has no mixture of experts
+    experts: LlamaCppExperts | None = None  # None: this arch has no mixture of experts
 
 
 _PRE = {"norm_placement": "pre", "qk_norm": None, "activation": "silu", "final_softcap": None, "attn_softcap": None,
@@ -80,9 +80,9 @@ LAYOUTS: dict[str, Layout] = {
     "smollm3": Layout(A.SMOLLM3, permute_qk=True, fixed=_PRE, keyed=frozenset({"nope_every_4th"})),
     # llama.cpp converts Mixtral as llama: experts in every layer once expert_count is set
     "mixtral": Layout(A.LLAMA, permute_qk=True, fixed=_PRE,
-                      experts=Experts(normalize_topk=True, expert_length_key=False)),
+                      experts=LlamaCppExperts(normalize_topk=True, expert_length_key=False)),
     "qwen3_moe": Layout(A.QWEN3MOE, permute_qk=False, fixed=_PRE | {"qk_norm": "head"},
-                        experts=Experts(normalize_topk=True, expert_length_key=True)),
+                        experts=LlamaCppExperts(normalize_topk=True, expert_length_key=True)),
 }
 # Roles whose GGUF tensor has another base name: llama.cpp's phi3 keeps gate and up fused in ffn_up
 GGUF_ROLES = {"ffn_gate_up": "ffn_up"}
