@@ -13,6 +13,10 @@ Two things llama.cpp cannot tell from the file if they are wrong, so they are de
   reorders the rows of q and k per head so that pairs become adjacent; Qwen2 runs NEOX-style rope in
   llama.cpp, which is rotate-half, so its rows stay as they are.
 - The tokenizer: convert/gguf_vocab.py writes a vocabulary llama.cpp tokenizes as the source does.
+
+A mixture of experts arrives as one stack per layer and part (transformers' gate_up [E, 2·ff, d], down
+[E, d, ff]); llama.cpp's ffn_gate_exps and ffn_up_exps are the two halves of the first, written from views
+of it, and the quantizer takes each expert's rows with that expert's importance-matrix row.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ LOSSLESS = {"BF16": "BF16", "F16": "F16", "F32": "F32"}
 FLOAT_TYPES = (QType.F32, QType.F16, QType.BF16)  # converted here; every other type is llama.cpp's work
 # Tokens llama.cpp's vocabulary loader looks up by name in a model whose general.name says phi3 (llama-vocab.cpp)
 PHI3_NAME_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+FLOAT32_ROLES = (".ffn_gate_inp.",)  # 2-D tensors llama.cpp's converter always writes as F32
 IN_FLIGHT_BYTES = 384 << 20  # float32 source bytes waiting for the quantizer before the stream waits
 
 
@@ -72,22 +77,23 @@ class GGUFWriter(Writer):
         self.checkpoint, self.target, self.out_dir, self.model_name = checkpoint, target, out_dir, model_name
         self.arch = GGUFArch(checkpoint.spec, checkpoint.path)
         self.names = _tensor_names(self.arch.arch)
-        self.order = [i.name for i in checkpoint.stream_order() if self._gguf_name(i.name) is not None]
+        self.order = [i.name for i in checkpoint.stream_order() if self._gguf_names(i.name)]
         self._pending = deque(self.order)
-        self._index = 0  # position of the next tensor in self.order
-        shapes = [(self._gguf_name(n), checkpoint.tensor_infos[n].shape) for n in self.order]
+        # every GGUF tensor (name, numpy shape) in file order: one per checkpoint tensor, or its parts
+        self.outputs = [output for name in self.order for output in self._outputs(name)]
+        self._index = 0  # position of the next tensor in self.outputs
         quantized = any(q not in DIRECT_TYPES for q in target.quants)
         self.imatrix = self._importance_matrix() if target.imatrix and quantized else None
-        # quant → (general.file_type, every tensor's type in self.order)
+        # quant → (general.file_type, every tensor's type in self.outputs)
         self.plans: dict[str, tuple[LlamaFileType, list[QType]]] = {}
         for quant in target.quants:
-            plan = self._plan(quant, shapes)
+            plan = self._plan(quant, self.outputs)
             if plan is not None:
                 self.plans[quant] = plan
         # Quants whose per-tensor plan this llama.cpp cannot give: its whole-file quantizer makes them.
         self.from_file = [q for q in target.quants if q not in self.plans]
         if self.from_file and self._full_precision() not in self.plans:
-            self.plans[self._full_precision()] = self._plan(self._full_precision(), shapes)
+            self.plans[self._full_precision()] = self._plan(self._full_precision(), self.outputs)
         self.metadata = self._metadata()
         out_dir.mkdir(parents=True, exist_ok=True)
         self.files: dict[str, tuple[Path, gguf.GGUFWriter]] = {}
@@ -101,19 +107,22 @@ class GGUFWriter(Writer):
         self._in_flight = 0
 
     def add(self, name: str, array: np.ndarray) -> None:
-        gguf_name = self._gguf_name(name)
-        if gguf_name is None:
+        gguf_names = self._gguf_names(name)
+        if not gguf_names:
             return  # dropped: rotary caches, or the stored copy of a tied head
         if not self._pending or self._pending[0] != name:
             expected = self._pending[0] if self._pending else "nothing"
             raise ValueError(f"GGUF writer got tensor {name!r} out of order (expected {expected})")
         self._pending.popleft()
-        array = self._to_llama_cpp_layout(name, array)
-        parts = [self._encode(name, gguf_name, array, types[self._index]) for _, types in self.plans.values()]
-        self._index += 1
-        self._queue.append((parts, array.nbytes))
-        self._in_flight += array.nbytes
-        self._write_finished(wait=False)
+        role = self.checkpoint.family.role_of(name)
+        array = self.arch.to_llama_cpp(role.role, role.kind, array)
+        # the parts are views of `array`: an expert stack is held once, until its last part is written
+        for gguf_name, part in zip(gguf_names, self.arch.split(role.role, array), strict=True):
+            encoded = [self._encode(name, gguf_name, part, types[self._index]) for _, types in self.plans.values()]
+            self._index += 1
+            self._queue.append((encoded, part.nbytes))
+            self._in_flight += part.nbytes
+            self._write_finished(wait=False)
 
     def finish(self) -> list[Artifact]:
         if self._pending:
@@ -150,8 +159,8 @@ class GGUFWriter(Writer):
         """The tensor's bytes in `qtype`, or llama.cpp's work in progress on them."""
         if qtype not in FLOAT_TYPES:
             imatrix = self.imatrix.get(gguf_name) if self.imatrix else None
-            return self.quantizer.submit(array.reshape(-1, array.shape[-1]), qtype, imatrix)
-        data = gguf.quants.quantize(array, qtype)
+            return self.quantizer.submit(array, qtype, imatrix)
+        data = np.ascontiguousarray(gguf.quants.quantize(array, qtype))  # F32 comes back as the (view) it got
         if data.dtype == np.float16 and not np.isfinite(data).all():
             raise CheckpointError(f"tensor {name!r} overflows float16; ask for BF16 instead", self.checkpoint.path)
         return data
@@ -230,10 +239,8 @@ class GGUFWriter(Writer):
         extra = self.arch.extra_tensors()
         for name, values in extra.items():  # extra tensors come first: their data exists before the stream starts
             writer.add_tensor_info(self.names[name] + ".weight", values.shape, np.dtype(np.float32), values.nbytes)
-        infos = self.checkpoint.tensor_infos
-        for name, qtype in zip(self.order, types, strict=True):
-            writer.add_tensor_info(self._gguf_name(name), infos[name].shape, np.dtype(np.float32),
-                                   _nbytes(infos[name].shape, qtype), raw_dtype=qtype)
+        for (name, shape), qtype in zip(self.outputs, types, strict=True):
+            writer.add_tensor_info(name, shape, np.dtype(np.float32), _nbytes(shape, qtype), raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -242,26 +249,34 @@ class GGUFWriter(Writer):
         return writer
 
     # ---- tensors ---------------------------------------------------------------------------------
-    def _gguf_name(self, hf_name: str) -> str | None:
-        """GGUF's name for an HF tensor, or None for tensors llama.cpp does not take."""
+    def _gguf_names(self, hf_name: str) -> list[str]:
+        """GGUF's names for an HF tensor (an expert stack of gate and up rows is two), or none for tensors
+        llama.cpp does not take."""
         family, spec = self.checkpoint.family, self.checkpoint.spec
         if family.is_droppable(hf_name):
-            return None
+            return []
         role = family.role_of(hf_name)
         if role is None:
             raise CheckpointError(f"tensor {hf_name!r} has no role in the {spec.family} description",
                                   self.checkpoint.path)
         if role.role == "output" and spec.tie_word_embeddings:
-            return None  # llama.cpp reuses token_embd when output.weight is absent
-        base = self.arch.gguf_role(role.role)
-        if base not in self.names:
-            raise CheckpointError(f"llama.cpp's {self.arch.arch.name.lower()} has no tensor {base!r}",
-                                  self.checkpoint.path)
-        return f"{self.names[base].format(bid=role.layer)}.{role.kind}"
+            return []  # llama.cpp reuses token_embd when output.weight is absent
+        names = []
+        for base in self.arch.gguf_roles(role.role):
+            if base not in self.names:
+                raise CheckpointError(f"llama.cpp's {self.arch.arch.name.lower()} has no tensor {base!r}",
+                                      self.checkpoint.path)
+            names.append(f"{self.names[base].format(bid=role.layer)}.{role.kind}")
+        return names
 
-    def _to_llama_cpp_layout(self, name: str, array: np.ndarray) -> np.ndarray:
-        role = self.checkpoint.family.role_of(name)
-        return self.arch.to_llama_cpp(role.role, role.kind, array)
+    def _outputs(self, hf_name: str) -> list[tuple[str, tuple[int, ...]]]:
+        """(GGUF name, numpy shape) of each tensor an HF tensor is written as."""
+        shape = self.checkpoint.tensor_infos[hf_name].shape
+        names = self._gguf_names(hf_name)
+        if len(names) == 1:
+            return [(names[0], shape)]
+        part = (*shape[:-2], shape[-2] // len(names), shape[-1])
+        return [(name, part) for name in names]
 
     def _importance_matrix(self) -> dict[str, np.ndarray]:
         """llama.cpp's importance matrix keyed by GGUF weight names (see quantize.gguf.importance_matrix)."""
@@ -271,10 +286,11 @@ class GGUFWriter(Writer):
         renamed = {}
         for hf_name, values in by_hf_name.items():
             # A tied head multiplies by token_embd, so llama.cpp looks its statistics up under that name.
-            gguf_name = "token_embd.weight" if tie and hf_name == "lm_head.weight" else self._gguf_name(hf_name)
-            if gguf_name is None:
+            gguf_names = ["token_embd.weight"] if tie and hf_name == "lm_head.weight" else self._gguf_names(hf_name)
+            if not gguf_names:
                 raise RecipeError(f"importance matrix entry {hf_name!r} has no GGUF tensor", name)
-            renamed[gguf_name] = values
+            for gguf_name in gguf_names:  # gate and up of an expert stack read the same inputs
+                renamed[gguf_name] = values
         return renamed
 
 
@@ -287,8 +303,9 @@ def _tensor_names(arch: gguf.MODEL_ARCH) -> dict[str, str]:
 
 def _storage_type(gguf_name: str, shape: tuple[int, ...], quant: str) -> QType:
     # Norms and other vectors stay F32, as llama.cpp's converter keeps them: they are tiny and ggml's
-    # norm/add kernels take F32. A row that does not fill whole blocks cannot be Q8_0: F16, as there.
-    if len(shape) == 1 or gguf_name.endswith("_norm.weight"):
+    # norm/add kernels take F32. So does a mixture of experts' router, there and in llama.cpp's quantizer:
+    # a rounded router picks other experts. A row that does not fill whole blocks cannot be Q8_0: F16, as there.
+    if len(shape) == 1 or gguf_name.endswith("_norm.weight") or any(role in gguf_name for role in FLOAT32_ROLES):
         return QType.F32
     qtype = DIRECT_TYPES[quant][0]
     return qtype if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0 else QType.F16

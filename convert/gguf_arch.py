@@ -10,6 +10,12 @@ has, `GGUFArch` does one of three things:
   q rows (or, after a q norm, in the q norm's weights: the norm would undo a scale on q);
 - refuses, naming the trait, when neither is possible: never a file that computes another function.
 
+Mixtures of experts: llama.cpp's `llama` (Mixtral) and `qwen3moe` graphs route every layer through
+`build_moe_ffn` with a softmax over all experts, the top `expert_used_count`, and the chosen weights always
+renormalised; the expert stacks are ffn_gate_exps / ffn_up_exps / ffn_down_exps ({n_embd, n_ff, n_expert} in
+ggml's order: the stacks as transformers holds them) and the router ffn_gate_inp. What they cannot say (dense
+layers between sparse ones, weights left unnormalised) is refused.
+
 HF q/k rows are "rotate half"; archs with NORM rope in llama.cpp rotate adjacent pairs, so their q and k rows
 are reordered per head (llama.cpp's LlamaModel.permute). NEOX archs take the rows as they are.
 """
@@ -31,6 +37,16 @@ A = gguf.MODEL_ARCH
 
 
 @dataclass(frozen=True)
+class LlamaCppExperts:
+    """How an architecture's graph in llama.cpp runs a mixture of experts (its `build_moe_ffn` call)."""
+
+    normalize_topk: bool  # the chosen experts' weights renormalised to sum 1 (the `norm_w` argument)
+    # the key llama.cpp sizes the expert stacks by: its own expert_feed_forward_length, or (llama) the dense
+    # feed_forward_length, which then cannot size a dense MLP of another width
+    expert_length_key: bool
+
+
+@dataclass(frozen=True)
 class Layout:
     """A llama.cpp architecture as siliconvert writes for it."""
 
@@ -40,6 +56,7 @@ class Layout:
     fixed: dict[str, Any] = field(default_factory=dict)
     # Traits llama.cpp reads from keys or tensors of this arch
     keyed: frozenset[str] = frozenset()
+    experts: LlamaCppExperts | None = None  # None: this arch has no mixture of experts
 
 
 _PRE = {"norm_placement": "pre", "qk_norm": None, "activation": "silu", "final_softcap": None, "attn_softcap": None,
@@ -61,9 +78,17 @@ LAYOUTS: dict[str, Layout] = {
     "phi3": Layout(A.PHI3, permute_qk=False, fixed=_PRE | {"fused_qkv": True, "fused_gate_up": True},
                    keyed=frozenset({"longrope"})),
     "smollm3": Layout(A.SMOLLM3, permute_qk=True, fixed=_PRE, keyed=frozenset({"nope_every_4th"})),
+    # llama.cpp converts Mixtral as llama: experts in every layer once expert_count is set
+    "mixtral": Layout(A.LLAMA, permute_qk=True, fixed=_PRE,
+                      experts=LlamaCppExperts(normalize_topk=True, expert_length_key=False)),
+    "qwen3_moe": Layout(A.QWEN3MOE, permute_qk=False, fixed=_PRE | {"qk_norm": "head"},
+                        experts=LlamaCppExperts(normalize_topk=True, expert_length_key=True)),
 }
 # Roles whose GGUF tensor has another base name: llama.cpp's phi3 keeps gate and up fused in ffn_up
 GGUF_ROLES = {"ffn_gate_up": "ffn_up"}
+# Roles llama.cpp keeps as several tensors, split in equal parts along the rows (axis -2): transformers'
+# stack of each expert's gate rows then up rows
+SPLIT_ROLES = {"ffn_gate_up_exps": ("ffn_gate_exps", "ffn_up_exps")}
 # Rope scalings llama.cpp can express, per kind (others are refused)
 SCALINGS = ("linear", "yarn", "llama3", "longrope")
 
@@ -112,6 +137,22 @@ class GGUFArch:
             if layout.permute_qk and rope.dim != spec.head_dim:
                 raise self.refuse("partial_rotary", "partial rotary with adjacent-pair rope")
         self._check_layers()
+        self._check_experts()
+
+    def _check_experts(self) -> None:
+        experts, supported = self.spec.experts, self.layout.experts
+        if experts is None:
+            return
+        if supported is None:
+            raise self.refuse("experts", "this architecture has no mixture of experts in llama.cpp")
+        if experts.normalize_topk != supported.normalize_topk:
+            done = "always renormalises" if supported.normalize_topk else "never renormalises"
+            raise self.refuse("normalize_topk", f"llama.cpp {done} the chosen experts' weights; the source "
+                                                f"{'does' if experts.normalize_topk else 'does not'} "
+                                                "(norm_topk_prob)")
+        if dense := self.spec.traits().get("dense_layers"):
+            raise self.refuse("dense_layers", f"llama.cpp runs the experts in every layer; the source's layers "
+                                              f"{dense} have a dense MLP")
 
     def _check_layers(self) -> None:
         spec, layout = self.spec, self.layout
@@ -158,7 +199,9 @@ class GGUFArch:
         writer.add_vocab_size(spec.vocab_size)
         writer.add_context_length(spec.max_position_embeddings)
         writer.add_embedding_length(spec.hidden_size)
-        writer.add_feed_forward_length(spec.intermediate_size)
+        experts, supported = spec.experts, self.layout.experts
+        sized_by_dense_key = experts is not None and supported is not None and not supported.expert_length_key
+        writer.add_feed_forward_length(experts.intermediate_size if sized_by_dense_key else spec.intermediate_size)
         writer.add_block_count(spec.num_layers)
         writer.add_head_count(spec.num_heads)
         writer.add_head_count_kv(spec.num_kv_heads)
@@ -168,6 +211,11 @@ class GGUFArch:
         writer.add_rope_freq_base(spec.rope_theta)
         writer.add_layer_norm_rms_eps(spec.rms_norm_eps)
         self._add_rope_scaling(writer)
+        if experts is not None:
+            writer.add_expert_count(experts.count)
+            writer.add_expert_used_count(experts.used)
+            if not sized_by_dense_key:
+                writer.add_expert_feed_forward_length(experts.intermediate_size)
         keyed = self.layout.keyed
         if "embedding_scale" in keyed:
             writer.add_embedding_scale(spec.embedding_scale)
@@ -214,8 +262,15 @@ class GGUFArch:
             writer.add_rope_scaling_attn_factors(longrope_attention_factor(scaling))
 
     # ---- tensors -----------------------------------------------------------------------------------------
-    def gguf_role(self, role: str) -> str:
-        return GGUF_ROLES.get(role, role)
+    def gguf_roles(self, role: str) -> tuple[str, ...]:
+        """The GGUF base names a checkpoint role is written as: one, or the parts `split` cuts it into."""
+        return SPLIT_ROLES.get(role, (GGUF_ROLES.get(role, role),))
+
+    def split(self, role: str, array: np.ndarray) -> list[np.ndarray]:
+        """A tensor in llama.cpp's layout as the parts `gguf_roles` names (views, no copy)."""
+        if role not in SPLIT_ROLES:
+            return [array]
+        return np.split(array, len(SPLIT_ROLES[role]), axis=-2)
 
     def extra_tensors(self) -> dict[str, np.ndarray]:
         """Tensors llama.cpp reads that the checkpoint does not hold (rope factors), by GGUF base name."""

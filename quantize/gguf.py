@@ -146,8 +146,10 @@ def plan_types(architecture: str, spec, tensors: Sequence[tuple[str, tuple[int, 
     if planner is None:
         return None
     llama_cpp, ggml = _llama_cpp(), _ggml()
+    # the expert count changes llama.cpp's choices (an 8-expert model keeps attn_k and attn_v at Q8_0)
+    experts = spec.experts.count if spec.experts is not None else 0
     description = _ModelDescription(architecture.encode(), spec.hidden_size, spec.intermediate_size,
-                                    spec.num_layers, spec.num_heads, spec.num_kv_heads, 0, spec.head_dim,
+                                    spec.num_layers, spec.num_heads, spec.num_kv_heads, experts, spec.head_dim,
                                     spec.head_dim)
     model = planner["model_from_metadata"](ctypes.byref(description))
     if not model:
@@ -181,7 +183,8 @@ def plan_types(architecture: str, spec, tensors: Sequence[tuple[str, tuple[int, 
 
 
 class TensorQuantizer:
-    """Quantizes 2-D float32 tensors with ggml's own code on a pool of threads, a block of rows per task.
+    """Quantizes float32 matrices, or stacks of them (a mixture's experts), with ggml's own code on a pool of
+    threads, a block of rows per task.
 
     ctypes releases the GIL for the call, so the tasks run on every core while the caller goes on. The
     pool's threads run at a lower priority: the stream that feeds them (reading, the other formats) comes
@@ -196,18 +199,26 @@ class TensorQuantizer:
         self._lock = threading.Lock()
 
     def submit(self, array: np.ndarray, qtype: QType, imatrix: np.ndarray | None = None) -> QuantizedTensor:
-        """Start quantizing `array` (float32, C-contiguous, rows × n_per_row). `array` and `imatrix` must not
-        change until the result has been taken."""
-        rows, n_per_row = array.shape
+        """Start quantizing `array`: float32 rows × n_per_row, or experts × rows × n_per_row, each matrix
+        C-contiguous (a stack may be a view that skips rows between experts, as gate and up of one stack are).
+        `imatrix` holds n_per_row values per matrix, as llama.cpp's importance matrix has one per expert.
+        `array` and `imatrix` must not change until the result has been taken."""
+        matrices = array.reshape(1, *array.shape) if array.ndim == 2 else array
+        experts, rows, n_per_row = matrices.shape
+        if matrices.dtype != np.float32 or matrices.strides[1:] != (4 * n_per_row, 4):
+            raise ValueError(f"cannot quantize a {matrices.dtype} array of strides {matrices.strides}: each "
+                             "matrix must be C-contiguous float32")
         with self._lock:
             if qtype not in self._initialized:  # builds lookup tables some types need; not thread safe
                 self.ggml.ggml_quantize_init(int(qtype))
                 self._initialized.add(qtype)
-        out = np.empty((rows, self.ggml.ggml_row_size(int(qtype), n_per_row)), dtype=np.uint8)
-        weights = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
-        tasks = [self.pool.submit(self._rows, array, out, qtype, start, min(ROWS_PER_TASK, rows - start), weights)
-                 for start in range(0, rows, ROWS_PER_TASK)]
-        return QuantizedTensor(out, tasks)
+        out = np.empty((experts, rows, self.ggml.ggml_row_size(int(qtype), n_per_row)), dtype=np.uint8)
+        weights = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32).reshape(experts,
+                                                                                                       n_per_row)
+        tasks = [self.pool.submit(self._rows, matrices[expert], out[expert], qtype, start,
+                                  min(ROWS_PER_TASK, rows - start), None if weights is None else weights[expert])
+                 for expert in range(experts) for start in range(0, rows, ROWS_PER_TASK)]
+        return QuantizedTensor(out.reshape(experts * rows, -1), tasks)
 
     def _rows(self, array: np.ndarray, out: np.ndarray, qtype: QType, start: int, rows: int,
               imatrix: np.ndarray | None) -> None:
@@ -265,7 +276,10 @@ def calibration_text(source: str) -> tuple[str, str]:
 
 def importance_matrix(checkpoint: Path, text: str, *, tokens: int = CALIBRATION_TOKENS,
                       context: int = CALIBRATION_CONTEXT, where: str = "calibration text") -> dict[str, np.ndarray]:
-    """Mean x² per input column of every linear layer's input, keyed by the HF weight name.
+    """Mean x² per input column of every linear layer's input, keyed by the HF weight name; for a mixture's
+    expert stacks (`...experts.gate_up_proj`, `...experts.down_proj`) one row per expert, over the tokens the
+    router sent to it, as llama-imatrix collects it for llama.cpp's per-expert matrix multiply (an expert no
+    token reached gets ones, as llama-quantize gives it).
 
     transformers' model runs one decoder layer at a time over every calibration window
     (validate/streamed.py), so a 7B calibrates in a few GB of memory, not the 29 GB of the whole model in
@@ -292,16 +306,47 @@ def importance_matrix(checkpoint: Path, text: str, *, tokens: int = CALIBRATION_
             rows[name] = rows.get(name, 0) + x.shape[0]
         return hook
 
+    expert_sums: dict[str, torch.Tensor] = {}  # stack name → [experts, columns]
+    expert_rows: dict[str, torch.Tensor] = {}  # stack name → [experts]
+
+    def add_expert_rows(name: str, experts: int, expert: int, x: torch.Tensor) -> None:
+        if name not in expert_sums:
+            expert_sums[name] = torch.zeros(experts, x.shape[-1], dtype=torch.float64)
+            expert_rows[name] = torch.zeros(experts, dtype=torch.float64)
+        expert_sums[name][expert] += (x * x).sum(0)
+        expert_rows[name][expert] += x.shape[0]
+
+    def record_experts(name: str):
+        # transformers' experts module is called with (hidden states [tokens, hidden], chosen ids [tokens, k],
+        # weights); each expert's gated MLP is recomputed here on its tokens for the input of its down rows
+        def hook(module, inputs):
+            hidden, chosen = inputs[0].reshape(-1, inputs[0].shape[-1]).double(), inputs[1]
+            experts = module.gate_up_proj.shape[0]
+            for expert in range(experts):
+                routed = hidden[(chosen == expert).any(-1)]
+                if not len(routed):
+                    continue
+                gate, up = torch.nn.functional.linear(routed, module.gate_up_proj[expert].double()).chunk(2, -1)
+                add_expert_rows(f"{name}.gate_up_proj", experts, expert, routed)
+                add_expert_rows(f"{name}.down_proj", experts, expert, module.act_fn(gate) * up)
+        return hook
+
     def hook_linears(model) -> None:
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear):
                 module.register_forward_pre_hook(record(f"{name}.weight"))
+            elif isinstance(getattr(module, "gate_up_proj", None), torch.nn.Parameter):  # a stack of experts
+                module.register_forward_pre_hook(record_experts(name))
 
     source = Checkpoint.open(checkpoint)
     streamed_logits(source.transformers_config(), CheckpointWeights(source), windows, device="cpu",
                     dtype=torch.float32, label="importance matrix (layer by layer)", prepare=hook_linears,
                     keep_logits=False)
-    return {name: (sums[name] / rows[name]).float().numpy() for name in sorted(sums)}
+    matrix = {name: (sums[name] / rows[name]).float().numpy() for name in sorted(sums)}
+    for name in sorted(expert_sums):
+        rows_of = expert_rows[name][:, None]
+        matrix[name] = torch.where(rows_of > 0, expert_sums[name] / rows_of.clamp(min=1), 1.0).float().numpy()
+    return matrix
 
 
 class LlamaLog:

@@ -2,7 +2,8 @@
 
 The checkpoints (tests/families.py) switch each family's traits on, so a trait llama.cpp would compute
 otherwise (Gemma's attention scalar, Gemma 3's per-layer-type rope, a sliding window shorter than the
-window scored, LongRoPE with partial rotary, NoPE layers, Granite's multipliers) shows up as KLD here.
+window scored, LongRoPE with partial rotary, NoPE layers, Granite's multipliers) shows up as KLD here. On a
+mixture of experts llama.cpp's routers must also choose the experts transformers' routers choose.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from siliconvert.demo import small_checkpoint
 from siliconvert.recipe import GGUFTarget
 from siliconvert.textdata import heldout_text
 from siliconvert.validate.metrics import compare
+from siliconvert.validate.router import RouterRecorder, router_agreement
 from siliconvert.validate.runners.gguf import LlamaCppRunner
 
 pytestmark = pytest.mark.slow
@@ -28,6 +30,7 @@ pytestmark = pytest.mark.slow
 WINDOW, WINDOWS = 96, 2  # longer than the test cases' 24-token sliding window
 QUANTS = ["F16", "Q4_K_M"]
 LIMITS = {"F16": 0.001, "Q4_K_M": 0.1}  # mean KLD to the float32 reference (hidden 128: legacy quant fallbacks)
+MIN_ROUTER_AGREEMENT = {"F16": 0.95, "Q4_K_M": 0.85}  # tokens whose chosen experts are the reference's, every layer
 
 
 @pytest.fixture(scope="module", params=list(FAMILY_CASES))
@@ -45,25 +48,56 @@ def scored(family: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     ids = AutoTokenizer.from_pretrained(family)(heldout_text()[:20_000], add_special_tokens=False)["input_ids"]
     windows = np.array(ids[:WINDOW * WINDOWS]).reshape(WINDOWS, WINDOW)
     targets = np.array(ids[1:WINDOW * WINDOWS + 1]).reshape(WINDOWS, WINDOW)
+    spec = checkpoint.spec
     reference = reference_logits_for(family, windows)
+    reference_choices = reference_expert_choices(family, windows) if spec.experts is not None else None
     results = {}
     for artifact in writer.finish():
         runner = LlamaCppRunner(artifact.path, {"context": WINDOW})
         try:
-            logits = np.stack([runner.logits(window) for window in windows])
+            logits = runner.logits_many(windows)
+            choices = runner.expert_choices()
+            unmeasured = runner.unmeasured().get("router")
         finally:
             runner.close()
-        results[artifact.quant] = compare(reference.reshape(-1, reference.shape[-1]),
-                                          logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))[0]
+        result = compare(reference.reshape(-1, reference.shape[-1]), logits.reshape(-1, logits.shape[-1]),
+                         targets.reshape(-1))[0]
+        router = None if reference_choices is None else router_agreement(reference_choices, choices,
+                                                                          spec.sparse_layers, unmeasured)
+        results[artifact.quant] = (result, router)
     return results
+
+
+def reference_expert_choices(checkpoint_path: Path, windows: np.ndarray) -> np.ndarray:
+    """The experts transformers' routers choose (float32) for each window's tokens: [windows, length, layers, k]."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    spec = Checkpoint.open(checkpoint_path).spec
+    model = AutoModelForCausalLM.from_pretrained(checkpoint_path, dtype=torch.float32)
+    recorder = RouterRecorder(spec.sparse_layers, spec.experts.used)
+    recorder.attach(model)
+    with torch.inference_mode():
+        for window in windows:
+            model(torch.as_tensor(window[None]))
+    return recorder.choices(*windows.shape)
 
 
 @pytest.mark.parametrize("quant", QUANTS)
 def test_llama_cpp_computes_the_source_function(scored: dict, quant: str) -> None:
-    result = scored[quant]
+    result, _ = scored[quant]
     assert result.mean_kld < LIMITS[quant]
     if quant == "F16":
         assert result.same_top1 >= 0.98
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_llama_cpp_routes_tokens_to_the_sources_experts(family: Path, scored: dict, quant: str) -> None:
+    _, router = scored[quant]
+    if router is None:
+        pytest.skip(f"{family.name} has no experts")
+    assert router["measured"], router["reason"]
+    assert router["same_experts"] >= MIN_ROUTER_AGREEMENT[quant], router
 
 
 def test_gemma3_multimodal_converts_its_language_model(tmp_path: Path) -> None:

@@ -1,0 +1,201 @@
+"""GGUF mixtures of experts: llama.cpp's expert tensors and keys, what it cannot express refused by trait, the
+stacks quantized as llama.cpp's own quantizer does (importance matrix per expert), the runner's router view."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from families import FAMILY_CASES
+from test_gguf import assert_same_model, convert, fields, whole_file_quantization
+from test_moe import MIXTRAL, QWEN3_MOE, TINY
+
+from siliconvert.checkpoint import Checkpoint
+from siliconvert.convert.gguf import GGUFWriter
+from siliconvert.demo import small_checkpoint
+from siliconvert.errors import CheckpointError
+from siliconvert.quantize.gguf import _ggml, _GGMLInitParams, calibration_text, importance_matrix
+from siliconvert.recipe import GGUFTarget
+from siliconvert.validate.runners.gguf import GGMLTensor
+
+pytestmark = pytest.mark.slow
+
+QWEN3_MOE_ROUTED = QWEN3_MOE | {"norm_topk_prob": True, "mlp_only_layers": []}  # what llama.cpp's qwen3moe runs
+ARCH = {"qwen3_moe": "qwen3moe", "mixtral": "llama"}
+
+
+def save_tiny(folder: Path, family: str, **config) -> Path:
+    """A random-weight MoE checkpoint of test_moe's tiny sizes (as transformers saves it), with the tokenizer of
+    the family's trained test checkpoint, which GGUF can carry."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer, trained_config = FAMILY_CASES[family]
+    trained = small_checkpoint(None, family, tokenizer, config=trained_config)
+    torch.manual_seed(0)
+    vocab = Checkpoint.open(trained).spec.vocab_size
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **(TINY | config | {"vocab_size": vocab})))
+    model.to(torch.bfloat16).save_pretrained(folder)
+    for file in trained.iterdir():
+        if file.name.startswith("tokenizer"):
+            shutil.copy(file, folder / file.name)
+    return folder
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])
+def tiny_moe(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = QWEN3_MOE_ROUTED if request.param == "qwen3_moe" else MIXTRAL
+    return save_tiny(tmp_path_factory.mktemp(request.param), request.param, **config)
+
+
+def test_expert_stacks_and_keys_are_llama_cpps(tiny_moe: Path, tmp_path: Path) -> None:
+    checkpoint = Checkpoint.open(tiny_moe)
+    spec, arch = checkpoint.spec, ARCH[checkpoint.spec.family]
+    [artifact] = convert(tiny_moe, tmp_path, ["F16"])
+    keys = fields(artifact.path)
+    assert keys[f"{arch}.expert_count"] == 4 and keys[f"{arch}.expert_used_count"] == 2
+    if arch == "llama":  # llama.cpp's llama sizes the experts by the dense key and reads no expert key
+        assert keys["llama.feed_forward_length"] == 16 and "llama.expert_feed_forward_length" not in keys
+    else:
+        assert keys["qwen3moe.expert_feed_forward_length"] == 16
+    tensors = {t.name: t for t in gguf.GGUFReader(artifact.path).tensors}
+    stream = dict(checkpoint.tensors())
+    for layer in spec.sparse_layers:
+        stack = stream[f"model.layers.{layer}.mlp.experts.gate_up_proj"]  # [experts, 2·ff, hidden]
+        expected = {"ffn_gate_exps": stack[:, :16], "ffn_up_exps": stack[:, 16:],
+                    "ffn_down_exps": stream[f"model.layers.{layer}.mlp.experts.down_proj"]}
+        for role, values in expected.items():
+            tensor = tensors[f"blk.{layer}.{role}.weight"]
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.F16
+            np.testing.assert_array_equal(np.asarray(tensor.data).reshape(values.shape), values.astype(np.float16))
+        router = tensors[f"blk.{layer}.ffn_gate_inp.weight"]
+        assert router.tensor_type == gguf.GGMLQuantizationType.F32  # as llama.cpp's converter keeps it
+        np.testing.assert_array_equal(np.asarray(router.data), stream[f"model.layers.{layer}.mlp.gate.weight"])
+    assert not any(".ffn_gate." in name or ".ffn_up." in name for name in tensors)
+
+
+@pytest.mark.parametrize(("config", "trait"), [
+    ({"norm_topk_prob": False}, "normalize_topk"),
+    ({"mlp_only_layers": [1]}, "dense_layers"),
+    ({"decoder_sparse_step": 2}, "dense_layers"),
+])
+def test_what_llama_cpps_qwen3moe_cannot_run_is_refused(config: dict, trait: str, tmp_path: Path) -> None:
+    """llama.cpp's qwen3moe renormalises the chosen weights and runs the experts in every layer, whatever the
+    file says: a checkpoint that does otherwise is refused, naming the trait."""
+    source = save_tiny(tmp_path / "source", "qwen3_moe", **(QWEN3_MOE_ROUTED | config))
+    with pytest.raises(CheckpointError, match=f"cannot honour the trait {trait}"):
+        GGUFWriter(Checkpoint.open(source), GGUFTarget(format="gguf", quants=["F16"]), tmp_path / "out", "m")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])
+def trained_moe(request: pytest.FixtureRequest) -> Path:
+    tokenizer, config = FAMILY_CASES[request.param]
+    return small_checkpoint(None, request.param, tokenizer, config=config)
+
+
+@pytest.mark.parametrize("imatrix", [None, "builtin"])
+def test_streamed_expert_quants_are_llama_quantizes_bytes(trained_moe: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch, imatrix: str | None) -> None:
+    """The expert stacks, quantized per expert from views of the stream (gate and up never copied out), with the
+    per-expert importance matrix, are what llama_model_quantize makes of a full-precision file: the same types
+    (the router left F32) and bytes."""
+    quants = ["Q4_K_M", "Q8_0"]
+    streamed = {a.quant: a.path for a in convert(trained_moe, tmp_path / "streamed", quants, imatrix=imatrix)}
+    whole_file_quantization(monkeypatch)
+    whole = {a.quant: a.path for a in convert(trained_moe, tmp_path / "whole", quants, imatrix=imatrix)}
+    for quant in quants:
+        assert_same_model(streamed[quant], whole[quant])
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(streamed["Q4_K_M"]).tensors}
+    assert types["blk.0.ffn_gate_inp.weight"] == gguf.GGMLQuantizationType.F32
+    assert types["blk.0.ffn_up_exps.weight"] != gguf.GGMLQuantizationType.F32
+
+
+def test_the_plan_knows_the_expert_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama.cpp's Q4_K_M keeps attn_k and attn_v of an 8-expert model at Q8_0 (Mixtral 8x7B's rule): the streamed
+    plan, told the expert count, chooses what llama_model_quantize chooses reading expert_count from the file."""
+    source = save_tiny(tmp_path / "source", "mixtral", **(MIXTRAL | {"num_local_experts": 8, "hidden_size": 256,
+                                                                       "head_dim": 64, "intermediate_size": 256}))
+    [streamed] = convert(source, tmp_path / "streamed", ["Q4_K_M"])
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(streamed.path).tensors}
+    assert types["blk.0.attn_v.weight"] == types["blk.0.attn_k.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert types["blk.0.ffn_gate_exps.weight"] == gguf.GGMLQuantizationType.Q4_K
+    whole_file_quantization(monkeypatch)
+    assert_same_model(streamed.path, convert(source, tmp_path / "whole", ["Q4_K_M"])[0].path)
+
+
+def test_importance_matrix_has_a_row_per_expert(trained_moe: Path) -> None:
+    """Each expert's row of the gate/up statistics is the mean x² of the tokens transformers' router sent to that
+    expert, from the whole model run at once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, text = calibration_text("builtin")
+    matrix = importance_matrix(trained_moe, text, tokens=512, context=128)
+    spec = Checkpoint.open(trained_moe).spec
+    ids = AutoTokenizer.from_pretrained(trained_moe)(text[:512 * 16], add_special_tokens=False)["input_ids"][:512]
+    model = AutoModelForCausalLM.from_pretrained(trained_moe, dtype=torch.float32).eval()
+    routed: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {layer: [] for layer in spec.sparse_layers}
+    for layer in spec.sparse_layers:
+        model.model.layers[layer].mlp.gate.register_forward_hook(
+            lambda _m, args, output, layer=layer: routed[layer].append((args[0].double(), output[-1])))
+    with torch.inference_mode():
+        for start in range(0, 512, 128):
+            model(torch.tensor([ids[start:start + 128]]))
+    for layer in spec.sparse_layers:
+        hidden = torch.cat([x for x, _ in routed[layer]])
+        chosen = torch.cat([c for _, c in routed[layer]])
+        stack = matrix[f"model.layers.{layer}.mlp.experts.gate_up_proj"]
+        assert stack.shape == (spec.experts.count, spec.hidden_size)
+        for expert in range(spec.experts.count):
+            tokens = hidden[(chosen == expert).any(-1)]
+            expected = (tokens**2).mean(0).float().numpy() if len(tokens) else np.ones(spec.hidden_size)
+            np.testing.assert_allclose(stack[expert], expected, rtol=1e-5, atol=1e-12, err_msg=f"{layer}/{expert}")
+        down = matrix[f"model.layers.{layer}.mlp.experts.down_proj"]
+        assert down.shape == (spec.experts.count, spec.experts.intermediate_size) and (down >= 0).all()
+
+
+def test_the_runners_view_of_a_ggml_tensor_is_ggmls() -> None:
+    """The eval callback reads nodes through GGMLTensor: its fields sit where this ggml puts them."""
+    ggml = _ggml()
+    ggml.ggml_get_name.argtypes, ggml.ggml_get_name.restype = [ctypes.c_void_p], ctypes.c_void_p
+    context = ggml.ggml_init(_GGMLInitParams(ggml.ggml_tensor_overhead() * 2, None, True))
+    try:
+        ne = (ctypes.c_int64 * 2)(2, 7)
+        handle = ggml.ggml_new_tensor(context, 26, 2, ne)  # GGML_TYPE_I32, [7 tokens, k = 2]
+        ggml.ggml_set_name(handle, b"ffn_moe_topk-3")
+        node = GGMLTensor.from_address(handle)
+        assert node.name == b"ffn_moe_topk-3" and node.type == 26
+        assert list(node.ne) == [2, 7, 1, 1] and list(node.nb)[:2] == [4, 8]
+        assert ggml.ggml_get_name(handle) == handle + GGMLTensor.name.offset
+    finally:
+        ggml.ggml_free(context)
+
+
+def test_watching_the_routers_changes_nothing_llama_cpp_computes(tiny_moe: Path, tmp_path: Path) -> None:
+    """Scoring windows runs a context with the eval callback; its logits are those of the plain context, and the
+    context that decodes through the KV cache afterwards has no callback and still works."""
+    from siliconvert.validate.runners.gguf import LlamaCppRunner
+
+    spec = Checkpoint.open(tiny_moe).spec
+    [artifact] = convert(tiny_moe, tmp_path, ["F16"])
+    windows = np.random.default_rng(0).integers(0, spec.vocab_size, size=(2, 40))
+    runner = LlamaCppRunner(artifact.path, {"context": 64})
+    try:
+        assert runner.expert_choices() is None and "router" in runner.unmeasured()  # nothing scored yet
+        plain = np.stack([runner.logits(window) for window in windows])
+        watched = runner.logits_many(windows)
+        choices = runner.expert_choices()
+        cached = runner.cached_logits(windows[0][:30], windows[0][30:])
+    finally:
+        runner.close()
+    np.testing.assert_array_equal(watched, plain)
+    assert runner.unmeasured() == {}
+    assert choices.shape == (2, 40, spec.num_layers, spec.experts.used)
+    assert ((choices >= 0) & (choices < spec.experts.count)).all()
+    assert (np.sort(choices, axis=-1)[..., 1:] != np.sort(choices, axis=-1)[..., :-1]).all()  # k distinct experts
+    np.testing.assert_allclose(cached, plain[0][29:], atol=1e-3)
