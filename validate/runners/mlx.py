@@ -378,7 +378,7 @@ def transformers_config(config: dict, args: Any) -> PretrainedConfig:
                 "num_key_value_heads", "head_dim", "rms_norm_eps", "vocab_size", "max_position_embeddings",
                 "tie_word_embeddings", "attention_bias", "mlp_bias", "num_experts", "num_local_experts",
                 "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
-                "mlp_only_layers"):
+                "mlp_only_layers", "shared_expert_intermediate_size"):
         if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
     scaling = dict(getattr(args, "rope_scaling", None) or {})
