@@ -48,7 +48,7 @@ TRAIT_KEYS = ("rope_parameters", "rope_scaling", "rope_theta", "layer_types", "s
               "sliding_window_pattern", "no_rope_layers", "no_rope_layer_interval", "partial_rotary_factor",
               "rope_local_base_freq", "original_max_position_embeddings",
               "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
-              "decoder_sparse_step", "mlp_only_layers")
+              "decoder_sparse_step", "mlp_only_layers", "shared_expert_intermediate_size")
 
 
 def mlx_config(checkpoint: Checkpoint) -> dict[str, Any]:
@@ -156,12 +156,13 @@ class MLXWriter(Writer):
 
     # ---- plan --------------------------------------------------------------------------------------
     def _routers(self) -> set[str]:
-        """mlx-lm's module paths of the mixture of experts' routers (none in a dense model)."""
+        """mlx-lm's module paths of the mixture of experts' routers and shared experts' gates (none in a dense
+        model)."""
         family = self.checkpoint.family
         routers = set()
         for info in self.checkpoint.stream_order():
             role = family.role_of(info.name)
-            if role is not None and role.role == "ffn_gate_inp":
+            if role is not None and role.role in ("ffn_gate_inp", "ffn_gate_inp_shexp"):
                 placeholder = mx.zeros(info.shape, dtype=mx.float32)
                 routers |= {name.rpartition(".")[0] for name in self.sanitize({info.name: placeholder})}
         return routers
@@ -243,22 +244,20 @@ class MLXWriter(Writer):
 
 def tensor_sanitizer(model, checkpoint: Checkpoint) -> Callable[[dict[str, mx.array]], dict[str, mx.array]]:
     """mlx-lm's `sanitize` for tensors given one at a time, after the experts are named as its model file holds
-    them (`switch_mlp`). Where the model file has no sanitize, or has one that cannot take them so (it looks at
-    the whole set), what it would do to one: a tied head is dropped."""
+    them (`switch_mlp`), and a tied head (which some checkpoints store) dropped: a model file whose sanitize
+    does not drop it (OLMoE's) would not load with it. Where the model file has no sanitize, or has one that
+    cannot take the tensors so (it looks at the whole set), only the experts' names and the tied head."""
     spec = checkpoint.spec
     layout = LAYOUTS[spec.family]
     dropped = {"lm_head.weight"} if spec.tie_word_embeddings else set()
-
-    def drop_tied_head(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        return {k: v for k, v in weights.items() if k not in dropped}
-
     sanitize = getattr(model, "sanitize", None)
     if sanitize is None or not layout.sanitize_per_tensor:
-        sanitize = drop_tied_head
-    if spec.experts is None or layout.experts is None:
-        return sanitize
-    experts = ExpertArrays(checkpoint, layout.experts)
-    return lambda weights: sanitize(experts(weights))
+        sanitize = dict
+    experts = ExpertArrays(checkpoint, layout.experts) if spec.experts and layout.experts else dict
+
+    def sanitize_one(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        return {k: v for k, v in sanitize(experts(weights)).items() if k not in dropped}
+    return sanitize_one
 
 
 class ExpertArrays:

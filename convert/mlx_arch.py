@@ -36,8 +36,12 @@ class ExpertLayout:
     module: str  # under each decoder layer: "mlp" (Qwen3-MoE), "block_sparse_moe" (Mixtral)
     count_key: str  # config.json's key for the number of experts
     size_key: str  # config.json's key for each expert's intermediate size
-    normalize_key: str | None  # config.json's key for normalize_topk; None: the file always renormalises
+    normalize_key: str | None  # config.json's key for normalize_topk; None: the file does as `normalizes` says
     dense_layers: bool  # whether dense MLP layers may sit between sparse ones (as `mlp_only_layers`)
+    normalizes: bool = True  # where no key is read: whether the file renormalises the chosen experts' weights
+    # config.json's key for the size of the shared expert every sparse layer has (`shared_expert`, gated by
+    # `shared_expert_gate`, as transformers names them); None: the file has none
+    shared_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,14 @@ LAYOUTS: dict[str, Layout] = {
                       rope_kinds=("default",),
                       experts=ExpertLayout("block_sparse_moe", "num_local_experts", "intermediate_size", None,
                                            dense_layers=False)),
+    "olmoe": Layout("olmoe", fixed={"qk_norm": "projection"},
+                    experts=ExpertLayout("mlp", "num_experts", "intermediate_size", "norm_topk_prob",
+                                         dense_layers=False)),
+    # mlx-lm's Qwen2-MoE file always has a separate head, never renormalises the chosen experts' weights
+    "qwen2_moe": Layout("qwen2_moe", fixed={"head_dim": lambda spec: spec.hidden_size // spec.num_heads,
+                                            "tie_word_embeddings": False}, biases="qkv", rope_kinds=("default",),
+                        experts=ExpertLayout("mlp", "num_experts", "moe_intermediate_size", None, dense_layers=False,
+                                             normalizes=False, shared_key="shared_expert_intermediate_size")),
 }
 # Llama's value of each trait: what a model file computes unless its layout's `fixed` says otherwise (where
 # `fixed` may also name a size the file derives, or the tied head)
@@ -229,12 +241,19 @@ class MLXArch:
 
     def _check_experts(self) -> None:
         experts, layout = self.spec.experts, self.layout.experts
-        if experts is None:
+        if experts is None and layout is None:
             return
         if layout is None:
             raise self.refuse("experts", "mlx-lm's model file has a dense MLP in every layer")
-        if layout.normalize_key is None and not experts.normalize_topk:
-            raise self.refuse("normalize_topk", "mlx-lm renormalises the chosen experts' weights to sum to one")
+        if experts is None:
+            raise self.refuse("experts", "mlx-lm's model file has a mixture of experts in every layer; the source "
+                                         "has none")
+        if layout.normalize_key is None and experts.normalize_topk != layout.normalizes:
+            raise self.refuse("normalize_topk", "mlx-lm renormalises the chosen experts' weights to sum to one"
+                              if layout.normalizes else "mlx-lm never renormalises the chosen experts' weights")
+        if experts.shared_intermediate_size and layout.shared_key is None:
+            raise self.refuse("shared_expert", f"mlx-lm's model file has no shared expert; the source's has "
+                                               f"{experts.shared_intermediate_size} rows")
         dense = [i for i, layer in enumerate(self.spec.layers) if not layer.sparse]
         if dense and not layout.dense_layers:
             raise self.refuse("dense_layers", f"every layer's MLP is the experts in mlx-lm; the source's layers "
@@ -277,6 +296,8 @@ class MLXArch:
                   layout.size_key: experts.intermediate_size}
         if layout.normalize_key is not None:
             config[layout.normalize_key] = experts.normalize_topk
+        if layout.shared_key is not None:
+            config[layout.shared_key] = experts.shared_intermediate_size
         if layout.dense_layers:
             config |= {"decoder_sparse_step": 1,
                        "mlp_only_layers": [i for i, layer in enumerate(self.spec.layers) if not layer.sparse]}

@@ -3,9 +3,10 @@
 The rule is mlx-lm's own: a layer is quantized when mlx-lm's model code makes it a quantizable
 module (Linear, Embedding, SwitchLinear; or whatever the model's `quant_predicate` says, at the bits
 and group size it gives) and its input width is a multiple of the group size. Asking mlx-lm's model
-object keeps us from restating that rule. One addition: a mixture of experts' routers are kept at
-ROUTER's 8 bits in every family, as mlx-lm's MoE files (Qwen3-MoE's and most others') have their
-predicate do; its Mixtral file has no predicate, and would route with 4-bit weights.
+object keeps us from restating that rule. One addition: a mixture of experts' routers (and a shared
+expert's sigmoid gate) are kept at ROUTER's 8 bits in every family, as mlx-lm's MoE files (Qwen3-MoE's,
+Qwen3-Next's and most others') have their predicate do; its Mixtral, OLMoE and Qwen2-MoE files have no
+predicate, and would route with 4-bit weights.
 """
 
 from __future__ import annotations

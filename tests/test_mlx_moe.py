@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import build_mlx, reference_logits_for
 from families import FAMILY_CASES
-from test_moe import TINY, save_tiny, stacked_copy
+from test_moe import TINY, copy_with, save_tiny, stacked_copy
 
 from siliconvert.architectures import registry
 from siliconvert.checkpoint import Checkpoint
@@ -27,7 +27,8 @@ from siliconvert.validate.runners.mlx import MLXRunner
 from siliconvert.validate.streamed import CheckpointWeights, streamed_logits
 
 MOE_FAMILIES = [family for family, (_, config) in FAMILY_CASES.items() if "num_experts_per_tok" in config]
-# The router rule mlx-lm's Qwen3-MoE file gives its quant predicate, for Mixtral's (which has none)
+# The router rule mlx-lm's Qwen3-MoE file gives its quant predicate (Qwen3-Next's also for the shared expert's
+# gate), for the files that have none (Mixtral's, OLMoE's, Qwen2-MoE's)
 ROUTER_AT_8_BITS = {"group_size": 64, "bits": 8}
 
 
@@ -56,9 +57,10 @@ def assert_same_arrays(mine: dict[str, mx.array], theirs: dict[str, mx.array]) -
 @pytest.mark.slow
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_quantized_experts_are_mlx_lms_own(family, moe_source, tmp_path):
-    """The stream's expert stacks give the bytes mlx_lm.convert writes from the per-expert files, the routers at
-    8 bits. mlx-lm needs a config it can read (Qwen3-MoE as transformers 5 saves it has no num_experts, and
-    neither family a top-level rope θ) and, for Mixtral, the 8-bit router rule its Qwen3-MoE file has."""
+    """The stream's expert stacks give the bytes mlx_lm.convert writes from the per-expert files, the routers (and
+    the shared expert's gate) at 8 bits. mlx-lm needs a config it can read (Qwen3-MoE as transformers 5 saves it
+    has no num_experts, and no family a top-level rope θ) and, for the files without a quant predicate, the 8-bit
+    router rule of its Qwen3-MoE and Qwen3-Next files."""
     from mlx_lm.convert import convert
     from mlx_lm.utils import load
 
@@ -66,20 +68,22 @@ def test_quantized_experts_are_mlx_lms_own(family, moe_source, tmp_path):
     readable = tmp_path / "source"
     shutil.copytree(source, readable)
     config = json.loads((readable / "config.json").read_text())
-    config |= {"num_experts": config["num_local_experts"], "rope_theta": config["rope_parameters"]["rope_theta"]}
+    config |= {"num_experts": config.get("num_experts") or config["num_local_experts"],
+               "rope_theta": config["rope_parameters"]["rope_theta"]}
     (readable / "config.json").write_text(json.dumps(config))
     ours = build_mlx(source, tmp_path / "ours", bits=4, group_size=64).path
     model = load(str(readable), lazy=True)[0]
     # mlx-lm's own rule where its model file has one (Qwen3-MoE's), else the same rule for the routers
     predicate = None if hasattr(model, "quant_predicate") else (
-        lambda path, _: ROUTER_AT_8_BITS if path.endswith(".gate") else True)
+        lambda path, _: ROUTER_AT_8_BITS if path.endswith((".gate", ".shared_expert_gate")) else True)
     convert(str(readable), str(tmp_path / "mlx_lm"), quantize=True, q_group_size=64, q_bits=4,
             quant_predicate=predicate)
     assert_same_arrays(arrays(ours), arrays(tmp_path / "mlx_lm"))
     quantization = json.loads((ours / "config.json").read_text())["quantization"]
     routers = {path: entry for path, entry in quantization.items() if isinstance(entry, dict)}
-    sparse = Checkpoint.open(source).spec.sparse_layers
-    assert len(routers) == len(sparse) and all(entry["bits"] == 8 for entry in routers.values())
+    spec = Checkpoint.open(source).spec
+    gates = 2 if spec.experts.shared_intermediate_size else 1  # the router, the shared expert's gate
+    assert len(routers) == gates * len(spec.sparse_layers) and all(entry["bits"] == 8 for entry in routers.values())
 
 
 @pytest.mark.slow
@@ -122,6 +126,11 @@ def test_dense_layers_between_sparse_ones_and_unnormalised_routing(layout, tmp_p
     written = json.loads((artifact / "config.json").read_text())
     assert (written["decoder_sparse_step"], written["mlp_only_layers"]) == (1, [0, 2, 3])
     assert written["norm_topk_prob"] is False
+    assert_computes_the_source_function(source, artifact)
+
+
+def assert_computes_the_source_function(source: Path, artifact: Path) -> None:
+    """The folder, run by mlx-lm and by the torch stand-in, gives transformers' logits and chooses its experts."""
     windows = np.random.default_rng(0).integers(0, TINY["vocab_size"], size=(2, 24))
     reference = reference_logits_for(source, windows)
     expected = reference_choices(source, windows)
@@ -131,14 +140,34 @@ def test_dense_layers_between_sparse_ones_and_unnormalised_routing(layout, tmp_p
         scores, _ = compare(reference.reshape(-1, reference.shape[-1]), logits.reshape(-1, logits.shape[-1]),
                             windows.reshape(-1))
         assert scores.mean_kld < 1e-3, (engine, scores)
-        assert router_agreement(expected, runner.expert_choices(), [1])["same_experts"] >= 0.95, engine
+        agreement = router_agreement(expected, runner.expert_choices(), Checkpoint.open(source).spec.sparse_layers)
+        assert agreement["same_experts"] >= 0.95, (engine, agreement)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe"])
+def test_a_stored_tied_head_and_stacked_files(family, tmp_path):
+    """OLMoE with tied embeddings whose file stores the head anyway (mlx-lm's OLMoE sanitize keeps it: its load
+    would refuse the folder), and Qwen2-MoE in transformers' stacked layout, its shared expert beside the stacks:
+    both compute the source's function (float16), choosing the reference's experts."""
+    if family == "olmoe":
+        tied = save_tiny(tmp_path / "tied", "olmoe", num_experts=4, num_experts_per_tok=2, intermediate_size=16,
+                         tie_word_embeddings=True)
+        source = copy_with(tied, tmp_path / "head stored", lambda weights: weights.__setitem__(
+            "lm_head.weight", weights["model.embed_tokens.weight"].clone()))
+    else:
+        per_expert = save_tiny(tmp_path / "per-expert", "qwen2_moe", num_experts=4, num_experts_per_tok=2,
+                               moe_intermediate_size=16, shared_expert_intermediate_size=24, intermediate_size=48)
+        source = stacked_copy(per_expert, tmp_path / "stacked")
+    assert_computes_the_source_function(source, build_mlx(source, tmp_path / "mlx", bits=16).path)
 
 
 SIZES = {"vocab_size": 1024, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024}
 
 
-ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
+ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
+                 "qwen2_moe": "Qwen2MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
 
 
 def moe_spec(family: str, **config):
@@ -153,6 +182,14 @@ def moe_spec(family: str, **config):
     # traits no Mixtral config can state, which mlx-lm's Mixtral file could not run
     ("mixtral", {}, {"layers": "first dense"}, "dense_layers"),
     ("mixtral", {}, {"experts": "unnormalised"}, "normalize_topk"),
+    # mlx-lm's Qwen2-MoE file: every layer sparse, weights never renormalised, its own head, no sliding window
+    ("qwen2_moe", {"mlp_only_layers": [1]}, {}, "dense_layers"),
+    ("qwen2_moe", {"norm_topk_prob": True}, {}, "normalize_topk"),
+    ("qwen2_moe", {"tie_word_embeddings": True}, {}, "tie_word_embeddings"),
+    ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 2}, {}, "sliding_window"),
+    ("qwen2_moe", {"num_experts": 0}, {}, "experts"),
+    ("olmoe", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, {}, "rope_scaling"),
+    ("qwen3_moe", {}, {"experts": "shared"}, "shared_expert"),
 ])
 def test_refusals_name_the_trait(family, config, edit, trait):
     spec = moe_spec(family, **config)
@@ -160,13 +197,16 @@ def test_refusals_name_the_trait(family, config, edit, trait):
         edit = {"layers": (dataclasses.replace(spec.layers[0], sparse=False), *spec.layers[1:])}
     if edit.get("experts") == "unnormalised":
         edit = {"experts": dataclasses.replace(spec.experts, normalize_topk=False)}
+    if edit.get("experts") == "shared":
+        edit = {"experts": dataclasses.replace(spec.experts, shared_intermediate_size=64)}
     with pytest.raises(CheckpointError, match=f"cannot honour the trait {trait}"):
         MLXArch(dataclasses.replace(spec, **edit), "config.json")
 
 
 def test_mlx_lm_reads_the_experts_from_config():
     """What mlx-lm's model files need, whatever the source config spells: Qwen3-MoE's expert count as
-    num_experts (transformers 5 saves num_local_experts), Mixtral's head size as hidden / heads."""
+    num_experts (transformers 5 saves num_local_experts), Mixtral's head size as hidden / heads, Qwen2-MoE's
+    shared expert (and no norm_topk_prob, which its file never reads), OLMoE's experts' size as intermediate_size."""
     qwen = MLXArch(moe_spec("qwen3_moe", mlp_only_layers=[1]), "config.json").config()
     expected = {"model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
                 "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [1]}
@@ -175,6 +215,11 @@ def test_mlx_lm_reads_the_experts_from_config():
     assert (mixtral["num_local_experts"], mixtral["intermediate_size"]) == (4, 128)
     with pytest.raises(CheckpointError, match="cannot honour the trait head_dim"):
         MLXArch(moe_spec("mixtral", head_dim=64), "config.json")
+    qwen2 = MLXArch(moe_spec("qwen2_moe"), "config.json").config()
+    assert (qwen2["moe_intermediate_size"], qwen2["shared_expert_intermediate_size"]) == (128, 192)
+    assert "norm_topk_prob" not in qwen2
+    olmoe = MLXArch(moe_spec("olmoe", norm_topk_prob=True), "config.json").config()
+    assert (olmoe["num_experts"], olmoe["intermediate_size"], olmoe["norm_topk_prob"]) == (4, 128, True)
 
 
 @pytest.mark.slow

@@ -81,9 +81,11 @@ def estimated_cpu_seconds(config: dict) -> float:
     head_dim = config.get("head_dim") or hidden // heads
     kv_heads = config.get("num_key_value_heads") or heads
     attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim  # q, o; k, v
-    # a mixture of experts runs the chosen experts' MLPs (dense layers between sparse ones are counted as sparse)
+    # a mixture of experts runs the chosen experts' MLPs and any shared expert (dense layers between sparse ones
+    # are counted as sparse)
     experts_used = config.get("num_experts_per_tok", 1)
-    feed_forward = experts_used * (config.get("moe_intermediate_size") or config["intermediate_size"])
+    feed_forward = (experts_used * (config.get("moe_intermediate_size") or config["intermediate_size"])
+                    + config.get("shared_expert_intermediate_size", 0))
     per_layer = attention + 3 * hidden * feed_forward
     # the head is one vocab × hidden product per token, tied or not; the embedding is a lookup
     multiplied = config["num_hidden_layers"] * per_layer + config["vocab_size"] * hidden
@@ -378,7 +380,7 @@ def transformers_config(config: dict, args: Any) -> PretrainedConfig:
                 "num_key_value_heads", "head_dim", "rms_norm_eps", "vocab_size", "max_position_embeddings",
                 "tie_word_embeddings", "attention_bias", "mlp_bias", "num_experts", "num_local_experts",
                 "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
-                "mlp_only_layers"):
+                "mlp_only_layers", "shared_expert_intermediate_size"):
         if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
     scaling = dict(getattr(args, "rope_scaling", None) or {})
