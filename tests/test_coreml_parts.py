@@ -189,6 +189,11 @@ STREAMED_CASES = {  # id → (config overrides, chunks, which chunk)
     "tied-split-head-mha": ({"tie_word_embeddings": True, "vocab_size": 16500, "num_key_value_heads": 4}, 3, 2),
     "biases-tied": ({"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True}, 1, 0),
     "sliding-window": ({"architectures": ["MistralForCausalLM"], "sliding_window": 12}, 1, 0),
+    # mixtures of experts: a dense layer between sparse ones, weights not renormalised; Mixtral's renormalised
+    "experts-dense-between": ({"architectures": ["Qwen3MoeForCausalLM"], "num_experts": 4, "num_experts_per_tok": 2,
+                               "moe_intermediate_size": 32, "mlp_only_layers": [1], "norm_topk_prob": False}, 1, 0),
+    "experts-middle-chunk": ({"architectures": ["MixtralForCausalLM"], "num_local_experts": 3,
+                              "num_experts_per_tok": 2}, 3, 1),
 }
 
 

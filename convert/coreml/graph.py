@@ -129,10 +129,13 @@ def build_function(spec: ModelSpec, chunk: Chunk, tokens: int, context: int, wei
         if not expert_ids:
             function.set_outputs([out])
         else:  # (1, S, sparse layers, k): what a runner compares with the reference's choices
-            ids = [mb.reshape(x=layer_ids, shape=[tokens, 1, spec.experts.used]) for layer_ids in expert_ids]
-            ids = mb.concat(values=ids, axis=1) if len(ids) > 1 else ids[0]
-            function.set_outputs([out, mb.reshape(x=ids, shape=[1, tokens, len(expert_ids), spec.experts.used],
-                                                  name=EXPERT_IDS)])
+            shape = [1, tokens, 1, spec.experts.used]
+            if len(expert_ids) == 1:
+                ids = mb.reshape(x=expert_ids[0], shape=shape, name=EXPERT_IDS)
+            else:
+                ids = mb.concat(values=[mb.reshape(x=layer_ids, shape=shape) for layer_ids in expert_ids], axis=2,
+                                name=EXPERT_IDS)
+            function.set_outputs([out, ids])
     return function
 
 
