@@ -6,7 +6,8 @@ its pass would quantize a weight shared by two functions twice. So the Core ML w
 ("decode") with the fp16 weights read back from the finished fp16 package, runs coremltools' own pass
 (`compression::linear_quantize_weights`) over it, and gives both functions of the compressed package the
 constexpr ops the pass chose: one copy of each compressed weight, whose bytes the pass computed. Only weights
-are compressed; other consts (RoPE tables, index ranges) stay exact. Activations and compute stay fp16; the
+are compressed; other consts (RoPE tables, index ranges) stay exact, and so do the weights the writer keeps
+(a mixture of experts' routers). Activations and compute stay fp16; the
 runtime dequantizes weights (`constexpr_blockwise_shift_scale`).
 """
 
