@@ -484,6 +484,9 @@ def demo_tokenizer_dir() -> Path:
     return Path(found.stdout.strip().splitlines()[-1])
 
 
+EXPERT_KEYS = ("num_local_experts", "num_experts_per_tok")  # the MoE shape's
+
+
 def checkpoint_info(size: str, folder: Path) -> dict:
     layout = tensor_layout(SIZES[size])
     config = json.loads((folder / "config.json").read_text())
@@ -492,7 +495,7 @@ def checkpoint_info(size: str, folder: Path) -> dict:
     return {
         "path": str(folder.relative_to(BENCH_DIR.parent)),
         "architecture": config["architectures"][0],
-        "shape": {key: config[key] for key in shape_keys},
+        "shape": {key: config[key] for key in (*shape_keys, *EXPERT_KEYS) if key in config},
         "parameters": sum(math.prod(dims) for _, dims in layout),
         "bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")),
         "shards": SHARDS,

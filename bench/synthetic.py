@@ -1,4 +1,5 @@
-"""Synthetic Mistral-shaped checkpoints: random bf16 weights, a real config and real tokenizer files.
+"""Synthetic Mistral-shaped checkpoints (or Mixtral-shaped: the same with a mixture of experts in every layer):
+random bf16 weights, a real config and real tokenizer files.
 
 The files look like what transformers' `save_pretrained` leaves and the hub serves (HF tensor names and
 layout, `model-0000N-of-0000M.safetensors` shards plus `model.safetensors.index.json`), so every converter
@@ -41,10 +42,16 @@ class Shape:
     num_heads: int
     num_kv_heads: int
     vocab_size: int = VOCAB_SIZE
+    experts: int = 0  # a mixture of experts (Mixtral) in every layer: intermediate_size is each expert's
+    experts_used: int = 2
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def family(self) -> str:
+        return "mixtral" if self.experts else "mistral"
 
 
 SIZES = {
@@ -52,13 +59,19 @@ SIZES = {
     "1b": Shape(hidden_size=2048, intermediate_size=7168, num_layers=16, num_heads=16, num_kv_heads=4),
     # Mistral-7B-v0.1/v0.2 exactly
     "7b": Shape(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8),
+    # 8.7 GB: Mixtral's layout (8 experts, 2 per token) at a fifth of its widths; each layer's experts are 403 MB
+    # in bf16, the most any converter needs to hold at once
+    "moe": Shape(hidden_size=2048, intermediate_size=4096, num_layers=20, num_heads=16, num_kv_heads=4, experts=8),
 }
 
 
 def config(shape: Shape, transformers_version: str) -> dict:
-    """config.json as the hub's Mistral-7B checkpoints have it (rope θ at the top level, `torch_dtype`)."""
-    return {
-        "architectures": ["MistralForCausalLM"],
+    """config.json as the hub's Mistral-7B (or Mixtral) checkpoints have it (rope θ at the top level,
+    `torch_dtype`)."""
+    experts = {"num_local_experts": shape.experts, "num_experts_per_tok": shape.experts_used,
+               "output_router_logits": False, "router_aux_loss_coef": 0.02} if shape.experts else {}
+    return experts | {
+        "architectures": ["MixtralForCausalLM" if shape.experts else "MistralForCausalLM"],
         "attention_dropout": 0.0,
         "bos_token_id": 1,  # the demo SentencePiece tokenizer's <s> and </s>, as in Mistral's
         "eos_token_id": 2,
@@ -68,7 +81,7 @@ def config(shape: Shape, transformers_version: str) -> dict:
         "initializer_range": INIT_STD,
         "intermediate_size": shape.intermediate_size,
         "max_position_embeddings": 32768,
-        "model_type": "mistral",
+        "model_type": shape.family,
         "num_attention_heads": shape.num_heads,
         "num_hidden_layers": shape.num_layers,
         "num_key_value_heads": shape.num_kv_heads,
@@ -84,8 +97,16 @@ def config(shape: Shape, transformers_version: str) -> dict:
 
 
 def tensor_layout(shape: Shape) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every tensor in MistralForCausalLM's state_dict order, which decides the shards."""
-    h, kv = shape.hidden_size, shape.num_kv_heads * shape.head_dim
+    """(name, shape) of every tensor in the hub files' order (Mistral's or Mixtral's state_dict), which decides
+    the shards. Mixtral's experts are stored one by one, under the original names (w1 gate, w2 down, w3 up)."""
+    h, kv, ff = shape.hidden_size, shape.num_kv_heads * shape.head_dim, shape.intermediate_size
+    mlp = [("mlp.gate_proj.weight", (ff, h)), ("mlp.up_proj.weight", (ff, h)), ("mlp.down_proj.weight", (h, ff))]
+    if shape.experts:
+        mlp = [("block_sparse_moe.gate.weight", (shape.experts, h))]
+        for expert in range(shape.experts):
+            mlp += [(f"block_sparse_moe.experts.{expert}.w1.weight", (ff, h)),
+                    (f"block_sparse_moe.experts.{expert}.w2.weight", (h, ff)),
+                    (f"block_sparse_moe.experts.{expert}.w3.weight", (ff, h))]
     layout: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (shape.vocab_size, h))]
     for layer in range(shape.num_layers):
         prefix = f"model.layers.{layer}."
@@ -94,9 +115,7 @@ def tensor_layout(shape: Shape) -> list[tuple[str, tuple[int, ...]]]:
             (prefix + "self_attn.k_proj.weight", (kv, h)),
             (prefix + "self_attn.v_proj.weight", (kv, h)),
             (prefix + "self_attn.o_proj.weight", (h, shape.num_heads * shape.head_dim)),
-            (prefix + "mlp.gate_proj.weight", (shape.intermediate_size, h)),
-            (prefix + "mlp.up_proj.weight", (shape.intermediate_size, h)),
-            (prefix + "mlp.down_proj.weight", (h, shape.intermediate_size)),
+            *[(prefix + name, dims) for name, dims in mlp],
             (prefix + "input_layernorm.weight", (h,)),
             (prefix + "post_attention_layernorm.weight", (h,)),
         ]
@@ -226,13 +245,13 @@ def checkpoint_key(shape: Shape, tokenizer_dir: Path, transformers_version: str)
 def cached_checkpoint(
     work_dir: Path, size: str, tokenizer_dir: Path, transformers_version: str, say: Callable[[str], None] = print
 ) -> Path:
-    """work_dir/synthetic-mistral-<size>, built unless an earlier build with the same key is there whole.
+    """work_dir/synthetic-<mistral or mixtral>-<size>, built unless an earlier build with the same key is there whole.
 
     The key goes to work_dir/checkpoint.json (outside the checkpoint, where no converter sees it), written
     only after a complete build.
     """
     shape = SIZES[size]
-    folder = work_dir / f"synthetic-mistral-{size}"
+    folder = work_dir / f"synthetic-{shape.family}-{size}"
     key_file = work_dir / "checkpoint.json"
     key = checkpoint_key(shape, tokenizer_dir, transformers_version)
     shard_files = [folder / shard_name(i, SHARDS) for i in range(SHARDS)]

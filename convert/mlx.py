@@ -9,8 +9,13 @@ first and its data streams in after it. Memory holds one tensor's outputs, not a
 config.json is written from the normalised ModelSpec, not copied: mlx-lm reads rope θ only from
 the top level and assumes tied embeddings when the key is absent, so a transformers-5 checkpoint
 (θ under `rope_parameters`, `tie_word_embeddings` omitted) would convert silently wrong. The traits
-(windows, rope per layer, scalings, multipliers, soft-caps) are written as the family's mlx-lm model file
-reads them, or refused naming the trait: see mlx_arch.py.
+(windows, rope per layer, scalings, multipliers, soft-caps, experts) are written as the family's mlx-lm model
+file reads them, or refused naming the trait: see mlx_arch.py.
+
+A mixture of experts streams as transformers' stacks (router, gate_up [experts, 2·ff, in], down); each becomes
+mlx-lm's SwitchGLU arrays under the model file's module (gate_up split into gate_proj and up_proj, views of the
+same rows), converted a block of whole experts at a time: mlx never holds a float32 copy of a stack, and memory
+holds the stream's one stack and its outputs. The routers are quantized at 8 bits (quantize/mlx.py).
 """
 
 from __future__ import annotations
@@ -26,11 +31,10 @@ from typing import Any, BinaryIO
 import mlx.core as mx
 import numpy as np
 
-from siliconvert.architectures import ModelSpec
 from siliconvert.artifacts import Artifact, Writer
 from siliconvert.checkpoint import Checkpoint
-from siliconvert.convert.mlx_arch import LAYOUTS, MLXArch
-from siliconvert.quantize.mlx import QuantPolicy, quantizable_modules, quantize
+from siliconvert.convert.mlx_arch import LAYOUTS, ExpertLayout, MLXArch
+from siliconvert.quantize.mlx import QuantPolicy, quantizable_modules, quantization_config, quantize
 from siliconvert.recipe import MLXTarget
 
 SHARD_BYTES = 1 << 30
@@ -42,7 +46,9 @@ SAFETENSORS_DTYPES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32",
 # MLXArch's derivation of them reaches config.json
 TRAIT_KEYS = ("rope_parameters", "rope_scaling", "rope_theta", "layer_types", "sliding_window", "use_sliding_window",
               "sliding_window_pattern", "no_rope_layers", "no_rope_layer_interval", "partial_rotary_factor",
-              "rope_local_base_freq", "original_max_position_embeddings")
+              "rope_local_base_freq", "original_max_position_embeddings",
+              "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+              "decoder_sparse_step", "mlp_only_layers")
 
 
 def mlx_config(checkpoint: Checkpoint) -> dict[str, Any]:
@@ -99,9 +105,9 @@ class MLXWriter(Writer):
         self.tmp_path.mkdir(parents=True)
         self.config = mlx_config(checkpoint)
         self.model = build_model(self.config)
-        self.sanitize = tensor_sanitizer(self.model, checkpoint.spec)
+        self.sanitize = tensor_sanitizer(self.model, checkpoint)
         self.policy = QuantPolicy(target.bits, target.group_size) if target.bits != 16 else None
-        self.quantized = quantizable_modules(self.model, self.policy) if self.policy else set()
+        self.quantized = quantizable_modules(self.model, self.policy, self._routers()) if self.policy else {}
         # bits 16 means float16; quantized models keep the source's float type for scales, as mlx-lm does.
         self.dtype = mx.float16 if self.policy is None else _mx_dtype(checkpoint.spec.source_dtype)
         self.plan = self._plan()
@@ -133,8 +139,8 @@ class MLXWriter(Writer):
         _write_json(self.tmp_path / "model.safetensors.index.json", index_data)
         config = dict(self.config)
         if self.policy:
-            config["quantization"] = self.policy.config_entry()
-            config["quantization_config"] = self.policy.config_entry()
+            config["quantization"] = quantization_config(self.policy, self.quantized)
+            config["quantization_config"] = config["quantization"]
         _write_json(self.tmp_path / "config.json", dict(sorted(config.items())))
         for file in self.checkpoint.tokenizer_files():
             shutil.copyfile(file, self.tmp_path / file.name)
@@ -149,6 +155,17 @@ class MLXWriter(Writer):
         shutil.rmtree(self.tmp_path, ignore_errors=True)
 
     # ---- plan --------------------------------------------------------------------------------------
+    def _routers(self) -> set[str]:
+        """mlx-lm's module paths of the mixture of experts' routers (none in a dense model)."""
+        family = self.checkpoint.family
+        routers = set()
+        for info in self.checkpoint.stream_order():
+            role = family.role_of(info.name)
+            if role is not None and role.role == "ffn_gate_inp":
+                placeholder = mx.zeros(info.shape, dtype=mx.float32)
+                routers |= {name.rpartition(".")[0] for name in self.sanitize({info.name: placeholder})}
+        return routers
+
     def _plan(self) -> dict[str, list[Output]]:
         """Every output array, per source tensor, in stream order, assigned to shards of ≤ SHARD_BYTES.
         mlx's laziness gives the shapes: nothing here is computed."""
@@ -172,16 +189,17 @@ class MLXWriter(Writer):
             module, _, kind = mlx_name.rpartition(".")
             array = array.astype(self.dtype) if mx.issubdtype(array.dtype, mx.floating) else array
             if kind == "weight" and module in self.quantized:
-                out |= {f"{module}.{k}": v for k, v in quantize(array, self.policy).items()}
+                out |= {f"{module}.{k}": v for k, v in quantize(array, self.quantized[module]).items()}
             else:
                 out[mlx_name] = array
         return out
 
     # ---- conversion ----------------------------------------------------------------------------------
     def _convert(self, name: str, array: np.ndarray) -> dict[str, list[np.ndarray]]:
-        """The tensor's outputs, each as row blocks in order. A tensor that sanitize only renames (or drops)
-        is converted ROW_BLOCK_BYTES at a time, so mlx never holds a float32 copy of a big tensor; any other
-        sanitize gets the whole tensor."""
+        """The tensor's outputs, each as row blocks in order. A tensor that sanitize only renames (or drops, or
+        splits within each row: an expert stack's gate and up) is converted ROW_BLOCK_BYTES at a time (an expert
+        stack's rows are its experts), so mlx never holds a float32 copy of a big tensor; any other sanitize
+        gets the whole tensor."""
         if array.ndim < 2 or not _rows_independent(self.sanitize, name, array.shape):
             whole = self._transform(name, mx.array(array))
             mx.eval(whole)
@@ -223,23 +241,63 @@ class MLXWriter(Writer):
         self.file = None
 
 
-def tensor_sanitizer(model, spec: ModelSpec) -> Callable[[dict[str, mx.array]], dict[str, mx.array]]:
-    """mlx-lm's `sanitize` for tensors given one at a time. Where the model file has none, or has one that
-    cannot take them so (it looks at the whole set), what it would do to one: a tied head is dropped."""
-    sanitize = getattr(model, "sanitize", None)
-    if sanitize is not None and LAYOUTS[spec.family].sanitize_per_tensor:
-        return sanitize
+def tensor_sanitizer(model, checkpoint: Checkpoint) -> Callable[[dict[str, mx.array]], dict[str, mx.array]]:
+    """mlx-lm's `sanitize` for tensors given one at a time, after the experts are named as its model file holds
+    them (`switch_mlp`). Where the model file has no sanitize, or has one that cannot take them so (it looks at
+    the whole set), what it would do to one: a tied head is dropped."""
+    spec = checkpoint.spec
+    layout = LAYOUTS[spec.family]
     dropped = {"lm_head.weight"} if spec.tie_word_embeddings else set()
-    return lambda weights: {k: v for k, v in weights.items() if k not in dropped}
+
+    def drop_tied_head(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        return {k: v for k, v in weights.items() if k not in dropped}
+
+    sanitize = getattr(model, "sanitize", None)
+    if sanitize is None or not layout.sanitize_per_tensor:
+        sanitize = drop_tied_head
+    if spec.experts is None or layout.experts is None:
+        return sanitize
+    experts = ExpertArrays(checkpoint, layout.experts)
+    return lambda weights: sanitize(experts(weights))
+
+
+class ExpertArrays:
+    """transformers' expert tensors as mlx-lm's MoE files hold them, under the layer's `module`: the router as
+    `gate`, the stacks as `switch_mlp`'s gate_proj, up_proj and down_proj ([experts, out, in] each: gate_up's
+    rows split, per expert, into the gate's then the up's). mlx-lm's own sanitize does this for per-expert
+    files only, and for Mixtral only from a set holding layer 0: it cannot take transformers' stacks."""
+
+    def __init__(self, checkpoint: Checkpoint, layout: ExpertLayout) -> None:
+        self.family = checkpoint.family
+        self.module = layout.module
+        self.ff = checkpoint.spec.experts.intermediate_size
+
+    def __call__(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        out = {}
+        for name, array in weights.items():
+            role = self.family.role_of(name)
+            module = f"model.layers.{role.layer}.{self.module}" if role is not None else ""
+            if role is None or role.role not in ("ffn_gate_inp", "ffn_gate_up_exps", "ffn_down_exps"):
+                out[name] = array
+            elif role.role == "ffn_gate_inp":
+                out[f"{module}.gate.{role.kind}"] = array
+            elif role.role == "ffn_gate_up_exps":
+                out[f"{module}.switch_mlp.gate_proj.weight"] = array[:, :self.ff]
+                out[f"{module}.switch_mlp.up_proj.weight"] = array[:, self.ff:]
+            else:
+                out[f"{module}.switch_mlp.down_proj.weight"] = array
+        return out
 
 
 def _rows_independent(sanitize: Callable[[dict[str, mx.array]], dict[str, mx.array]], name: str,
                       shape: tuple[int, ...]) -> bool:
-    """Whether sanitize maps this tensor to one array of the same shape, as the llama-like families' renames
-    and drops do: then its rows can be converted block by block and give what the whole tensor gives
-    (quantization groups lie within rows). A sanitize that reshapes or splits gets the whole tensor."""
-    mapped = sanitize({name: mx.zeros(shape, dtype=mx.float32)})
-    return len(mapped) == 1 and tuple(next(iter(mapped.values())).shape) == tuple(shape)
+    """Whether sanitize maps this tensor to arrays that keep its rows (its leading axis) and together hold its
+    values, as the renames and drops of the llama-like families and the split of the experts' gate and up do:
+    then its rows can be converted block by block and give what the whole tensor gives (quantization groups
+    lie within rows). A sanitize that reshapes across rows gets the whole tensor."""
+    mapped = sanitize({name: mx.zeros(shape, dtype=mx.float32)}).values()
+    return (len(mapped) > 0 and all(array.shape[0] == shape[0] for array in mapped)
+            and sum(array.size for array in mapped) == int(np.prod(shape)))
 
 
 def _as_numpy(array: mx.array) -> np.ndarray:

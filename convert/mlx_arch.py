@@ -6,7 +6,8 @@ its own way: rope θ only at the top level, `rope_scaling` in the old style, Gem
 period, SmolLM3's NoPE layers as `no_rope_layers`. For every trait the spec has, `MLXArch` either writes it
 as the keys that model file reads (KEYS, named per family in LAYOUTS), or refuses naming the trait: never
 a folder that mlx-lm opens and runs as another function. A window at least as long as the context is full
-attention, and is written as such.
+attention, and is written as such. A mixture of experts is written in the model file's own layout (`ExpertLayout`:
+its module, its config keys, the routing and dense layers it can run).
 """
 
 from __future__ import annotations
@@ -28,6 +29,18 @@ Biases = Literal["flag", "qkv", "none"]
 
 
 @dataclass(frozen=True)
+class ExpertLayout:
+    """How a model file holds a mixture of experts: a sparse layer's `module` has the router `gate` (a Linear
+    to one logit per expert) and `switch_mlp`, a SwitchGLU of stacked experts ([experts, out, in] per projection)."""
+
+    module: str  # under each decoder layer: "mlp" (Qwen3-MoE), "block_sparse_moe" (Mixtral)
+    count_key: str  # config.json's key for the number of experts
+    size_key: str  # config.json's key for each expert's intermediate size
+    normalize_key: str | None  # config.json's key for normalize_topk; None: the file always renormalises
+    dense_layers: bool  # whether dense MLP layers may sit between sparse ones (as `mlp_only_layers`)
+
+
+@dataclass(frozen=True)
 class Layout:
     """One mlx-lm model file, as siliconvert writes for it."""
 
@@ -41,6 +54,7 @@ class Layout:
     # Whether mlx-lm's `sanitize` can take the tensors one at a time (gemma3_text's decides the tied head from
     # the whole set): where not, the writer drops a tied head itself
     sanitize_per_tensor: bool = True
+    experts: ExpertLayout | None = None  # None: the model file has no mixture of experts
 
 
 _GEMMA = {"norm_offset": 1.0, "norm_placement": "sandwich", "activation": "gelu_tanh",
@@ -62,6 +76,14 @@ LAYOUTS: dict[str, Layout] = {
                           "head_dim": lambda spec: spec.hidden_size // spec.num_heads},
                    biases="none", rope_kinds=("default", "longrope")),
     "smollm3": Layout("smollm3", keys=("no_rope_layers",), windows="layer_types"),
+    # mlx-lm's MoE files build their rope from θ alone (no scaling) and have no windows
+    "qwen3_moe": Layout("qwen3_moe", fixed={"qk_norm": "head"}, biases="none", rope_kinds=("default",),
+                        experts=ExpertLayout("mlp", "num_experts", "moe_intermediate_size", "norm_topk_prob",
+                                             dense_layers=True)),
+    "mixtral": Layout("mixtral", fixed={"head_dim": lambda spec: spec.hidden_size // spec.num_heads}, biases="none",
+                      rope_kinds=("default",),
+                      experts=ExpertLayout("block_sparse_moe", "num_local_experts", "intermediate_size", None,
+                                           dense_layers=False)),
 }
 # Llama's value of each trait: what a model file computes unless its layout's `fixed` says otherwise (where
 # `fixed` may also name a size the file derives, or the tied head)
@@ -144,6 +166,7 @@ class MLXArch:
         self._check_biases()
         self._check_ropes(keyed)
         self._check_windows()
+        self._check_experts()
 
     def _check_biases(self) -> None:
         spec, biases = self.spec, self.layout.biases
@@ -204,6 +227,19 @@ class MLXArch:
         if self.layout.windows == "pattern":
             self.sliding_window_pattern()
 
+    def _check_experts(self) -> None:
+        experts, layout = self.spec.experts, self.layout.experts
+        if experts is None:
+            return
+        if layout is None:
+            raise self.refuse("experts", "mlx-lm's model file has a dense MLP in every layer")
+        if layout.normalize_key is None and not experts.normalize_topk:
+            raise self.refuse("normalize_topk", "mlx-lm renormalises the chosen experts' weights to sum to one")
+        dense = [i for i, layer in enumerate(self.spec.layers) if not layer.sparse]
+        if dense and not layout.dense_layers:
+            raise self.refuse("dense_layers", f"every layer's MLP is the experts in mlx-lm; the source's layers "
+                                              f"{dense} are dense")
+
     def sliding_window_pattern(self) -> int:
         """Gemma 3's period: layer i is full attention when (i + 1) % period == 0."""
         full = [i for i, layer in enumerate(self.layers) if layer.window is None]
@@ -229,6 +265,21 @@ class MLXArch:
         elif self.layout.windows == "pattern":
             config["sliding_window_pattern"] = self.sliding_window_pattern() if windows else 1
             config["sliding_window"] = windows.pop() if windows else self.spec.max_position_embeddings
+        return config | self.experts_config()
+
+    def experts_config(self) -> dict[str, Any]:
+        """The mixture of experts as the model file reads it. Its sparse layers are every `decoder_sparse_step`-th
+        outside `mlp_only_layers`: a step of one and the dense layers listed say exactly which."""
+        experts, layout = self.spec.experts, self.layout.experts
+        if experts is None or layout is None:
+            return {}
+        config = {layout.count_key: experts.count, "num_experts_per_tok": experts.used,
+                  layout.size_key: experts.intermediate_size}
+        if layout.normalize_key is not None:
+            config[layout.normalize_key] = experts.normalize_topk
+        if layout.dense_layers:
+            config |= {"decoder_sparse_step": 1,
+                       "mlp_only_layers": [i for i, layer in enumerate(self.spec.layers) if not layer.sparse]}
         return config
 
     def rope_scaling(self) -> dict[str, Any]:

@@ -1,12 +1,16 @@
 """MLX quantization policy: which tensors get quantized, and how (mlx's affine, per group).
 
 The rule is mlx-lm's own: a layer is quantized when mlx-lm's model code makes it a quantizable
-module (Linear, Embedding; or whatever the model's `quant_predicate` says) and its input width is a
-multiple of the group size. Asking mlx-lm's model object keeps us from restating that rule.
+module (Linear, Embedding, SwitchLinear; or whatever the model's `quant_predicate` says, at the bits
+and group size it gives) and its input width is a multiple of the group size. Asking mlx-lm's model
+object keeps us from restating that rule. One addition: a mixture of experts' routers are kept at
+ROUTER's 8 bits in every family, as mlx-lm's MoE files (Qwen3-MoE's and most others') have their
+predicate do; its Mixtral file has no predicate, and would route with 4-bit weights.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -20,21 +24,37 @@ class QuantPolicy:
     mode: str = "affine"
 
     def config_entry(self) -> dict:
-        """What mlx-lm expects under config.json's "quantization" key."""
+        """What mlx-lm expects under config.json's "quantization" key (and under a module's path there)."""
         return {"group_size": self.group_size, "bits": self.bits, "mode": self.mode}
 
 
-def quantizable_modules(model: nn.Module, policy: QuantPolicy) -> set[str]:
-    """Paths of the modules mlx-lm would quantize in `model` (an unquantized, lazily built model)."""
+# A router that picks other experts sends the token through other weights: 8 bits, as mlx-lm's predicates say
+ROUTER = QuantPolicy(bits=8, group_size=64)
+
+
+def quantizable_modules(model: nn.Module, policy: QuantPolicy, routers: Iterable[str] = ()) -> dict[str, QuantPolicy]:
+    """The modules mlx-lm would quantize in `model` (an unquantized, lazily built model), by path, each with its
+    policy: `policy`, or what the model's predicate gives the module, or ROUTER for the paths in `routers`."""
     model_predicate = getattr(model, "quant_predicate", None)
-    paths = set()
+    routers = set(routers)
+    chosen = {}
     for path, module in model.named_modules():
         if not hasattr(module, "to_quantized") or module.weight.shape[-1] % policy.group_size:
             continue
-        if model_predicate is not None and not model_predicate(path, module):
+        rule = model_predicate(path, module) if model_predicate is not None else True
+        if path in routers and rule and module.weight.shape[-1] % ROUTER.group_size == 0:
+            rule = ROUTER.config_entry()
+        if not rule:
             continue
-        paths.add(path)
-    return paths
+        chosen[path] = policy if rule is True else QuantPolicy(rule["bits"], rule["group_size"],
+                                                               rule.get("mode", policy.mode))
+    return chosen
+
+
+def quantization_config(policy: QuantPolicy, modules: dict[str, QuantPolicy]) -> dict:
+    """config.json's "quantization": the policy, and each module quantized otherwise under its path (mlx-lm's
+    loader reads a module's own entry first)."""
+    return policy.config_entry() | {path: own.config_entry() for path, own in sorted(modules.items()) if own != policy}
 
 
 def quantize(weight: mx.array, policy: QuantPolicy) -> dict[str, mx.array]:

@@ -28,6 +28,7 @@ from siliconvert.errors import ArtifactError, OutputError, RecipeError
 from siliconvert.progress import say
 from siliconvert.recipe import CoreMLTarget
 from siliconvert.validate.report import known_tokenizer_rules
+from siliconvert.validate.router import describe_router
 from siliconvert.validate.score import KV_CACHE_KLD_FACTOR, KV_CACHE_KLD_FLOOR
 
 RELEASE_FOLDER = "release"
@@ -389,6 +390,8 @@ def validation(release: Release, report: dict, has_plot: bool) -> list[str]:
             lines.append(f"Compute of {_label(entry)}: {entry['compute']}.")
         for check, reason in (entry.get("not_measured") or {}).items():
             lines.append(f"Not measured for {_label(entry)}: {check.replace('_', ' ')} ({reason}).")
+        if (router := entry.get("router_agreement")) and router["measured"]:  # a mixture of experts
+            lines.append(f"Routers of {_label(entry)}: {describe_router(router)}, against the reference's choices.")
     if any("emulated" in e["device"] for e in release.shipped):
         lines += ["", "*Emulated* rows did not run on the format's own runtime on a device it targets (the "
                   "runtime column says what ran: siliconvert's MIL interpreter for Core ML, or the MLX weights "
@@ -410,7 +413,8 @@ def _row(release: Release, entry: dict) -> str:
 
 def _limits(limits: dict) -> str:
     words = {"max_mean_kld": "mean KLD ≤ {}", "max_p99_kld": "p99 KLD ≤ {}", "min_same_top1": "same top-1 ≥ {}",
-             "max_ppl_ratio": "PPL ratio ≤ {}", "max_rms_delta_p": "RMS Δp ≤ {}"}
+             "max_ppl_ratio": "PPL ratio ≤ {}", "max_rms_delta_p": "RMS Δp ≤ {}",
+             "min_router_agreement": "same experts chosen ≥ {}"}
     return ", ".join(words[k].format(v) for k, v in sorted(limits.items()) if k in words) or "none set"
 
 

@@ -31,6 +31,10 @@ FAMILY_CASES: dict[str, tuple[str, dict]] = {
     "qwen3_moe": ("bpe", {"head_dim": 32, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
                           "norm_topk_prob": True}),
     "mixtral": ("sentencepiece", {"intermediate_size": 128, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    # a shared expert behind a sigmoid gate beside the routed ones, q/k/v biases, chosen weights not renormalised
+    "qwen2_moe": ("bpe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+                          "shared_expert_intermediate_size": 192}),
+    "olmoe": ("bpe", {"num_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 128}),  # q/k norms: projection
 }
 
 

@@ -102,6 +102,20 @@ def test_synthetic_checkpoint_reads_like_save_pretrained(tmp_path):
     assert (folder / "tokenizer.model").read_text() == "tokenizer.model"
 
 
+def test_synthetic_moe_checkpoint_opens_as_mixtral(tmp_path, demo_model):
+    """The MoE shape: Mixtral's hub layout (experts one by one), read by siliconvert as transformers' stacks."""
+    from dataclasses import replace
+
+    from siliconvert.checkpoint import Checkpoint
+
+    shape = replace(TINY, experts=4)
+    folder = synthetic.build_checkpoint(tmp_path / "moe", shape, demo_model, "5.0.0", say=lambda _: None)
+    checkpoint = Checkpoint.open(folder)
+    assert checkpoint.spec.family == "mixtral" and checkpoint.spec.experts.count == 4
+    info = checkpoint.tensor_infos["model.layers.0.mlp.experts.gate_up_proj"]
+    assert info.shape == (4, 2 * TINY.intermediate_size, TINY.hidden_size) and len(info.parts) == 8
+
+
 def test_synthetic_weights_are_deterministic():
     table = synthetic.normal_bf16_table()
 

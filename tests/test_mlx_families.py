@@ -1,5 +1,6 @@
 """MLX on every family: mlx_lm.load opens the folder and computes the source's function, or the writer refuses
-naming the trait mlx-lm gets wrong. Float16 (bits 16) isolates layout errors from quantization's."""
+naming the trait mlx-lm gets wrong. Float16 (bits 16) isolates layout errors from quantization's. A mixture of
+experts' routers choose the reference's experts."""
 
 import json
 import shutil
@@ -8,11 +9,14 @@ import pytest
 from conftest import build_mlx, reference_logits_for
 from families import FAMILY_CASES
 from test_mlx import held_out_windows, mlx_logits
+from test_mlx_moe import MOE_FAMILIES, reference_choices
 
 from siliconvert.architectures import registry
+from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.mlx_arch import MLXArch
 from siliconvert.errors import CheckpointError
 from siliconvert.validate.metrics import compare
+from siliconvert.validate.router import router_agreement
 from siliconvert.validate.runners.mlx import MLXRunner
 
 pytestmark = pytest.mark.slow
@@ -57,8 +61,9 @@ def family_source(small_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
-    """scored(source, engine="mlx", **target) → mean KLD of the MLX artifact, run by mlx-lm (or by the torch
-    stand-in for large models, engine="torch"), against transformers' FP32 logits."""
+    """scored(source, engine="mlx", **target) → mean KLD of the MLX artifact, run by the MLX runner (mlx-lm, or
+    the torch stand-in for large models, engine="torch"), against transformers' FP32 logits. The runner is kept
+    as `scored.runner`, for its experts' choices."""
     references = {}
 
     def score(source, engine="mlx", **target):
@@ -67,10 +72,8 @@ def scored(tmp_path_factory):
             references[source] = windows, reference_logits_for(source, windows)
         windows, reference = references[source]
         artifact = build_mlx(source, tmp_path_factory.mktemp("mlx"), **target)
-        if engine == "mlx":
-            logits = mlx_logits(artifact.path, windows)
-        else:
-            logits = MLXRunner(artifact.path, {"engine": engine}).logits_many(windows)
+        score.runner = MLXRunner(artifact.path, {"engine": engine})
+        logits = score.runner.logits_many(windows)
         vocab = reference.shape[-1]
         scores, _ = compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
                             windows[:, 1:].reshape(-1))
@@ -98,12 +101,24 @@ def test_float16_layout_is_exact_on_edited_configs(case, family_source, scored):
     assert scored(family_source(case), bits=16) < 0.001
 
 
-@pytest.mark.parametrize("name", ["gemma3_text", "smollm3", "granite", *list(EDITED)[:2]])
+@pytest.mark.parametrize("name", ["gemma3_text", "smollm3", "granite", *list(EDITED)[:2], *MOE_FAMILIES])
 def test_torch_stand_in_runs_the_folder_as_mlx_lm_reads_it(name, family_source, scored):
     """The stand-in for large models rebuilds transformers' config from mlx-lm's reading: Gemma 3's sliding
     period and local θ, SmolLM3's NoPE layers, Granite's multipliers, Gemma 2 without sliding layers, Phi-3's
-    LongRoPE; float32 over the float16 weights."""
+    LongRoPE, the experts of Qwen3-MoE and Mixtral (from mlx-lm's switch_mlp); float32 over the float16 weights."""
     assert scored(family_source(name), engine="torch", bits=16) < 0.001
+
+
+@pytest.mark.parametrize("engine", ["mlx", "torch"])
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_float16_routers_choose_the_references_experts(family, engine, family_source, scored):
+    """The experts mlx-lm's routers choose (fed to its SwitchGLU), or the stand-in's, against those transformers'
+    routers choose in the reference run, on the scored windows."""
+    source = family_source(family)
+    scored(source, engine=engine, bits=16)
+    expected = reference_choices(source, held_out_windows(source))
+    agreement = router_agreement(expected, scored.runner.expert_choices(), Checkpoint.open(source).spec.sparse_layers)
+    assert agreement["same_experts"] >= 0.95, agreement
 
 
 SIZES = {"vocab_size": 1024, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,

@@ -185,3 +185,40 @@ def test_config_counts_of_experts_are_checked(mixtral: Path, tmp_path: Path) -> 
     (folder / "config.json").write_text(json.dumps(config | {"num_experts_per_tok": 0}))
     with pytest.raises(CheckpointError, match="num_experts_per_tok must be at least 1"):
         Checkpoint.open(folder)
+
+
+@pytest.mark.parametrize(("model_type", "config"), [
+    ("olmoe", {"num_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 16}),
+    ("qwen2_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+                   "shared_expert_intermediate_size": 24, "intermediate_size": 48, "mlp_only_layers": [2]}),
+])
+def test_other_expert_families_stream_what_transformers_loads(model_type: str, config: dict, tmp_path: Path) -> None:
+    """OLMoE (q/k norms over the projection) and Qwen2-MoE (a shared expert with its sigmoid gate, q/k/v biases):
+    described, read from the hub's per-expert files, streamed as transformers' own parameters."""
+    source = save_tiny(tmp_path / model_type, model_type, **config)
+    checkpoint = Checkpoint.open(source)
+    spec = checkpoint.spec
+    assert spec.experts.count == 4 and spec.experts.used == 2
+    if model_type == "qwen2_moe":
+        assert spec.experts.shared_intermediate_size == 24 and spec.qkv_bias and spec.sparse_layers == [0, 1]
+    else:
+        assert spec.qk_norm == "projection" and spec.sparse_layers == [0, 1, 2]
+    loaded = load_file(stacked_copy(source, tmp_path / "stacked") / "model.safetensors")
+    streamed = dict(checkpoint.tensors())
+    assert sorted(streamed) == sorted(loaded)
+    for name, array in streamed.items():
+        np.testing.assert_array_equal(array, loaded[name].float().numpy(), err_msg=name)
+
+
+def test_olmoe_with_clipped_qkv_is_refused(tmp_path: Path) -> None:
+    source = save_tiny(tmp_path / "olmoe", "olmoe", num_experts=4, num_experts_per_tok=2, intermediate_size=16,
+                       clip_qkv=8.0)
+    with pytest.raises(CheckpointError, match=r"clip_qkv \(8.0\) is not supported"):
+        Checkpoint.open(source)
+
+
+def test_qwen3_moe_slides_every_layer_when_its_config_says_so() -> None:
+    family = registry.for_config({"architectures": ["Qwen3MoeForCausalLM"]})
+    base = {"model_type": "qwen3_moe", **TINY, **QWEN3_MOE, "sliding_window": 64}
+    assert {layer.window for layer in family.spec(base | {"use_sliding_window": True}).layers} == {64}
+    assert {layer.window for layer in family.spec(base | {"use_sliding_window": False}).layers} == {None}

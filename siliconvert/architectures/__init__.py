@@ -20,15 +20,17 @@ from siliconvert.architectures.llama import Llama
 from siliconvert.architectures.mistral import Mistral
 from siliconvert.architectures.mixtral import Mixtral
 from siliconvert.architectures.olmo2 import Olmo2
+from siliconvert.architectures.olmoe import Olmoe
 from siliconvert.architectures.phi3 import Phi3
 from siliconvert.architectures.qwen2 import Qwen2
+from siliconvert.architectures.qwen2_moe import Qwen2Moe
 from siliconvert.architectures.qwen3 import Qwen3
 from siliconvert.architectures.qwen3_moe import Qwen3Moe
 from siliconvert.architectures.smollm3 import SmolLM3
 
 registry = Registry()
 for _family in (Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3, Gemma3Multimodal, Olmo2, Granite, Phi3, SmolLM3,
-                Qwen3Moe, Mixtral):
+                Qwen3Moe, Mixtral, Qwen2Moe, Olmoe):
     registry.register(_family)
 
 __all__ = ["ConfigWarning", "Experts", "Family", "Layer", "ModelSpec", "Registry", "Rope", "TensorRole", "registry"]

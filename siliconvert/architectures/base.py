@@ -62,6 +62,9 @@ class Experts:
     used: int  # experts per token (top-k)
     intermediate_size: int  # of each expert's gated MLP
     normalize_topk: bool
+    # A shared expert every token goes through besides the routed ones (Qwen2-MoE): a gated MLP of this size whose
+    # output is weighted by sigmoid(a linear map of the token to one number); 0: none
+    shared_intermediate_size: int = 0
 
 
 Placement = Literal["pre", "post", "sandwich"]
@@ -216,9 +219,15 @@ EXPERT_TENSORS = {
     "model.layers.{layer}.mlp.experts.gate_up_proj": "ffn_gate_up_exps",
     "model.layers.{layer}.mlp.experts.down_proj": "ffn_down_exps",
 }
+SHARED_EXPERT_TENSORS = {
+    "model.layers.{layer}.mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "model.layers.{layer}.mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "model.layers.{layer}.mlp.shared_expert.down_proj": "ffn_down_shexp",
+    "model.layers.{layer}.mlp.shared_expert_gate": "ffn_gate_inp_shexp",  # its sigmoid weight, one per token
+}
 ATTENTION_ROLES = ("attn_q", "attn_k", "attn_v", "attn_qkv")
 MLP_ROLES = ("ffn_gate", "ffn_up", "ffn_gate_up", "ffn_down")
-EXPERT_ROLES = tuple(EXPERT_TENSORS.values())
+EXPERT_ROLES = (*EXPERT_TENSORS.values(), *SHARED_EXPERT_TENSORS.values())
 EXPERT_STACKS = ("ffn_gate_up_exps", "ffn_down_exps")  # parameters without a .weight suffix
 
 
@@ -235,6 +244,9 @@ def role_shape(spec: ModelSpec, role: str) -> tuple[int, ...]:
     if spec.experts is not None:
         count, ff = spec.experts.count, spec.experts.intermediate_size
         shapes |= {"ffn_gate_inp": (count, h), "ffn_gate_up_exps": (count, 2 * ff, h), "ffn_down_exps": (count, h, ff)}
+        shared = spec.experts.shared_intermediate_size
+        shapes |= {"ffn_gate_shexp": (shared, h), "ffn_up_shexp": (shared, h), "ffn_down_shexp": (h, shared),
+                   "ffn_gate_inp_shexp": (1, h)}
     return shapes.get(role, (h,))  # every other role is a norm over the hidden size
 
 

@@ -13,6 +13,9 @@ class Qwen3Moe(Qwen3):
     name = "qwen3_moe"
     hf_architectures = ("Qwen3MoeForCausalLM",)
     model_type = "qwen3_moe"
+    # no layer_types: with use_sliding_window its attention slides in every layer (the config nulls the window
+    # otherwise)
+    all_layers_slide = True
     tensor_names = Qwen3.tensor_names | EXPERT_TENSORS
     expert_parts: ClassVar[dict[str, tuple[str, ...]]] = {
         "model.layers.{layer}.mlp.experts.gate_up_proj": (f"{EXPERT}.gate_proj.weight", f"{EXPERT}.up_proj.weight"),

@@ -6,14 +6,23 @@ about 0.2 GFLOP/s (a 1 GB Llama: 4.4 s a token), so a 7B model would take about 
 tokens. There `DequantizedMLXRunner` stands in: the folder's weights, read and dequantized as mlx-lm
 would compute with them, run through the same layer-by-layer transformers forward as the reference,
 under a row that says so.
+
+For a mixture of experts both record the experts each sparse layer chose while scoring (`expert_choices`):
+mlx-lm's, as its MoE block feeds them to its SwitchGLU; the stand-in's, from transformers' routers run on the
+folder's router weights.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from siliconvert.errors import ArtifactError
@@ -72,7 +81,10 @@ def estimated_cpu_seconds(config: dict) -> float:
     head_dim = config.get("head_dim") or hidden // heads
     kv_heads = config.get("num_key_value_heads") or heads
     attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim  # q, o; k, v
-    per_layer = attention + 3 * hidden * config["intermediate_size"]
+    # a mixture of experts runs the chosen experts' MLPs (dense layers between sparse ones are counted as sparse)
+    experts_used = config.get("num_experts_per_tok", 1)
+    feed_forward = experts_used * (config.get("moe_intermediate_size") or config["intermediate_size"])
+    per_layer = attention + 3 * hidden * feed_forward
     # the head is one vocab × hidden product per token, tied or not; the embedding is a lookup
     multiplied = config["num_hidden_layers"] * per_layer + config["vocab_size"] * hidden
     rate = CPU_GFLOPS_QUANTIZED if config.get("quantization") else CPU_GFLOPS_FLOAT
@@ -97,10 +109,27 @@ class MLXRunner(Runner):
         engine_option(options)  # refuses unknown options
         self.model, self.tokenizer = load(str(path))
         self.device = mlx_device_name()
+        if mx.default_device().type == mx.cpu and unquantized_experts(self.model):
+            # mlx's CPU backend multiplies by gathered experts (GatherMM) in float32 only: in float16 or bfloat16
+            # the folder cannot run there at all. The same weights, widened exactly, with float32 activations.
+            self.model.set_dtype(mx.float32)
+            self.device += ", upcast to float32 (mlx's CPU runs unquantized experts in float32 only)"
         self.cache = None
+        self.routers = ExpertRecorder(self.model)
+        self.choices: np.ndarray | None = None
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         return self._last(self.model(mx.array(tokens)[None]), all_positions=True)
+
+    def logits_many(self, windows: np.ndarray) -> np.ndarray:
+        windows = np.asarray(windows)
+        with self.routers.recording():
+            logits = super().logits_many(windows)
+        self.choices = self.routers.choices(*windows.shape)
+        return logits
+
+    def expert_choices(self) -> np.ndarray | None:
+        return self.choices
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -118,6 +147,74 @@ class MLXRunner(Runner):
     def _last(out: mx.array, all_positions: bool = False) -> np.ndarray:
         out = out[0] if all_positions else out[0, -1]
         return np.array(out.astype(mx.float32))
+
+
+def unquantized_experts(model: nn.Module) -> bool:
+    """Whether mlx-lm's model holds stacked experts that are not quantized and not float32."""
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    return any(isinstance(module, SwitchLinear) and module.weight.dtype != mx.float32
+               for _, module in model.named_modules())
+
+
+class ExpertRecorder:
+    """The experts mlx-lm's sparse layers choose: the ids each MoE block feeds its SwitchGLU (the stacked experts),
+    recorded by a wrapper around every SwitchGLU, in layer order, while `recording`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        from mlx_lm.models.switch_layers import SwitchGLU
+
+        switches = [(path, module) for path, module in model.named_modules() if isinstance(module, SwitchGLU)]
+        switches.sort(key=lambda entry: _layer_index(entry[0]))
+        self.calls: list[list[mx.array]] = [[] for _ in switches]
+        self.active = False
+        modules = dict(model.named_modules())
+        for index, (path, switch) in enumerate(switches):
+            owner_path, _, attribute = path.rpartition(".")
+            setattr(modules[owner_path], attribute, RecordedSwitch(switch, partial(self.note, index)))
+
+    def note(self, index: int, ids: mx.array) -> None:
+        if self.active:
+            self.calls[index].append(ids)
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        for calls in self.calls:
+            calls.clear()
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+
+    def choices(self, windows: int, length: int) -> np.ndarray | None:
+        """Expert ids [windows, length, sparse layers, k] of the windows run while recording; None: no experts."""
+        if not self.calls:
+            return None
+        per_layer = [np.stack([np.array(ids).reshape(length, -1) for ids in calls]) for calls in self.calls]
+        if any(len(layer) != windows for layer in per_layer):
+            raise ArtifactError(f"mlx-lm's experts ran {len(per_layer[0])} times for {windows} windows")
+        return np.stack(per_layer, axis=2).astype(np.int16)
+
+
+class RecordedSwitch(nn.Module):
+    """A SwitchGLU that notes the expert ids it is given, then runs as itself."""
+
+    def __init__(self, switch: nn.Module, note: Callable[[mx.array], None]) -> None:
+        super().__init__()
+        self.switch = switch
+        self.note = note
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        self.note(indices)
+        return self.switch(x, indices)
+
+
+def _layer_index(path: str) -> int:
+    match = re.search(r"\blayers\.(\d+)\.", path)
+    if match is None:
+        raise ArtifactError(f"mlx-lm's experts at {path!r} are in no numbered layer")
+    return int(match.group(1))
 
 
 class DequantizedMLXRunner(MLXRunner):
@@ -150,15 +247,23 @@ class DequantizedMLXRunner(MLXRunner):
                else "mlx's CPU backend too slow at this size")
         self.device = (f"{device_name.split(' (')[0]} (emulated: {why}; {dtype_name} activations, "
                        f"where mlx computes in {mlx_compute_dtype(model)})")
+        self.choices = None
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         return self.logits_many(np.asarray(tokens)[None])[0]
 
     def logits_many(self, windows: np.ndarray) -> np.ndarray:
+        from siliconvert.validate.router import RouterRecorder
         from siliconvert.validate.streamed import streamed_logits
 
-        return streamed_logits(self.config, self.weights, windows, device=self.torch_device, dtype=self.dtype,
-                               label="mlx weights in torch, layer by layer")
+        windows = np.asarray(windows)
+        sparse_layers = sorted(self.weights.experts)
+        routers = RouterRecorder(sparse_layers, self.config.num_experts_per_tok) if sparse_layers else None
+        logits = streamed_logits(self.config, self.weights, windows, device=self.torch_device, dtype=self.dtype,
+                                 label="mlx weights in torch, layer by layer",
+                                 prepare=routers.attach if routers is not None else None)
+        self.choices = routers.choices(*windows.shape) if routers is not None else None
+        return logits
 
     def unmeasured(self) -> dict[str, str]:
         did_not_run = "mlx did not run (the artifact's weights ran in transformers instead)"
@@ -183,11 +288,14 @@ class MLXFolderWeights:
     """An MLX folder's parameters by transformers name, as float32 torch tensors on the CPU: the values
     mlx-lm computes with. A quantized weight goes through mx.dequantize with the group size, bits and
     mode mlx-lm gave its module, into float32 (mlx's quantized kernels form scale·q + bias in float32
-    too). mlx-lm's names are transformers' names for the families here; a model whose names mlx-lm
-    changes on loading is refused."""
+    too). mlx-lm's names are transformers' names for the families here, but for a mixture of experts:
+    transformers' router and expert stacks of a sparse layer are read from the module around mlx-lm's
+    SwitchGLU (`experts`: layer → that module's path), its `gate` and its `switch_mlp` projections
+    (gate_proj's rows, then up_proj's, per expert). A model whose names mlx-lm changes on loading is refused."""
 
     def __init__(self, path: Path, model: Any) -> None:
         from mlx.utils import tree_flatten
+        from mlx_lm.models.switch_layers import SwitchGLU
 
         self.shards = {name: shard for shard in sorted(path.glob("model*.safetensors")) for name in mx.load(str(shard))}
         self.modules = dict(model.named_modules())
@@ -195,23 +303,51 @@ class MLXFolderWeights:
         if renamed:
             raise ArtifactError(f"mlx-lm renames tensors on loading this model ({', '.join(renamed[:3])}); "
                                 "its weights cannot be read by name for the torch stand-in", path)
+        self.experts = {_layer_index(module_path): module_path.rpartition(".")[0]
+                        for module_path, module in self.modules.items() if isinstance(module, SwitchGLU)}
 
     def tensor(self, name: str) -> torch.Tensor:
         import torch
 
-        module_path, _, kind = name.rpartition(".")
-        module = self.modules.get(module_path)
-        if kind == "weight" and hasattr(module, "scales"):  # a quantized module
-            value = mx.dequantize(self._read(name), self._read(f"{module_path}.scales"),
-                                  self._read(f"{module_path}.biases") if module.mode == "affine" else None,
-                                  group_size=module.group_size, bits=module.bits, mode=module.mode,
-                                  dtype=mx.float32)
-        else:
-            value = self._read(name).astype(mx.float32)
+        value = self._experts_value(name)
+        if value is None:
+            value = self._value(name)
         tensor = torch.from_numpy(np.array(value))
         del value
         mx.clear_cache()  # mlx keeps freed buffers for reuse; here they would only add to the peak
         return tensor
+
+    def _experts_value(self, name: str) -> mx.array | None:
+        """A sparse layer's router or expert stack by transformers' name (EXPERT_TENSORS), or None."""
+        from siliconvert.architectures.base import EXPERT_STACKS, EXPERT_TENSORS
+
+        match = re.match(r"model\.layers\.(\d+)\.", name)
+        if match is None or int(match.group(1)) not in self.experts:
+            return None
+        layer = int(match.group(1))
+        module = self.experts[layer]
+        roles = {template.format(layer=layer) + ("" if role in EXPERT_STACKS else ".weight"): role
+                 for template, role in EXPERT_TENSORS.items()}
+        role = roles.get(name)
+        if role == "ffn_gate_inp":
+            return self._value(f"{module}.gate.weight")
+        if role == "ffn_gate_up_exps":
+            return mx.concatenate([self._value(f"{module}.switch_mlp.gate_proj.weight"),
+                                   self._value(f"{module}.switch_mlp.up_proj.weight")], axis=1)
+        if role == "ffn_down_exps":
+            return self._value(f"{module}.switch_mlp.down_proj.weight")
+        return None
+
+    def _value(self, name: str) -> mx.array:
+        """One of the folder's arrays by mlx-lm's name, as mlx-lm computes with it, in float32."""
+        module_path, _, kind = name.rpartition(".")
+        module = self.modules.get(module_path)
+        if kind == "weight" and hasattr(module, "scales"):  # a quantized module
+            return mx.dequantize(self._read(name), self._read(f"{module_path}.scales"),
+                                 self._read(f"{module_path}.biases") if module.mode == "affine" else None,
+                                 group_size=module.group_size, bits=module.bits, mode=module.mode,
+                                 dtype=mx.float32)
+        return self._read(name).astype(mx.float32)
 
     def _read(self, name: str) -> mx.array:
         # A fresh lazy load every time: an array kept from an earlier load would keep its data once read.
@@ -240,7 +376,9 @@ def transformers_config(config: dict, args: Any) -> PretrainedConfig:
                              "sliding_window_pattern", "rope_local_base_freq")}
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "rms_norm_eps", "vocab_size", "max_position_embeddings",
-                "tie_word_embeddings", "attention_bias", "mlp_bias"):
+                "tie_word_embeddings", "attention_bias", "mlp_bias", "num_experts", "num_local_experts",
+                "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
+                "mlp_only_layers"):
         if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
     scaling = dict(getattr(args, "rope_scaling", None) or {})

@@ -1,0 +1,196 @@
+"""MLX mixtures of experts: mlx-lm's own layout and quantization (the very bytes of mlx_lm.convert), experts
+converted a block at a time, dense layers between sparse ones, the routing traits mlx-lm cannot run refused,
+and the experts mlx-lm chooses recorded for the router check."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from conftest import build_mlx, reference_logits_for
+from families import FAMILY_CASES
+from test_moe import TINY, save_tiny, stacked_copy
+
+from siliconvert.architectures import registry
+from siliconvert.checkpoint import Checkpoint
+from siliconvert.convert.mlx_arch import MLXArch
+from siliconvert.errors import CheckpointError
+from siliconvert.validate.metrics import compare
+from siliconvert.validate.router import RouterRecorder, router_agreement
+from siliconvert.validate.runners.mlx import MLXRunner
+from siliconvert.validate.streamed import CheckpointWeights, streamed_logits
+
+MOE_FAMILIES = [family for family, (_, config) in FAMILY_CASES.items() if "num_experts_per_tok" in config]
+# The router rule mlx-lm's Qwen3-MoE file gives its quant predicate, for Mixtral's (which has none)
+ROUTER_AT_8_BITS = {"group_size": 64, "bits": 8}
+
+
+@pytest.fixture(scope="module")
+def moe_source(small_model):
+    def source(family: str) -> Path:
+        tokenizer, config = FAMILY_CASES[family]
+        return small_model(family, tokenizer, config=config)
+    return source
+
+
+def arrays(folder: Path) -> dict[str, mx.array]:
+    loaded = {}
+    for shard in folder.glob("model*.safetensors"):
+        loaded |= mx.load(str(shard))
+    return loaded
+
+
+def assert_same_arrays(mine: dict[str, mx.array], theirs: dict[str, mx.array]) -> None:
+    assert mine.keys() == theirs.keys()
+    for name in theirs:
+        assert mine[name].dtype == theirs[name].dtype, name
+        assert np.array_equal(np.array(mine[name].view(mx.uint8)), np.array(theirs[name].view(mx.uint8))), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_quantized_experts_are_mlx_lms_own(family, moe_source, tmp_path):
+    """The stream's expert stacks give the bytes mlx_lm.convert writes from the per-expert files, the routers at
+    8 bits. mlx-lm needs a config it can read (Qwen3-MoE as transformers 5 saves it has no num_experts, and
+    neither family a top-level rope θ) and, for Mixtral, the 8-bit router rule its Qwen3-MoE file has."""
+    from mlx_lm.convert import convert
+    from mlx_lm.utils import load
+
+    source = moe_source(family)
+    readable = tmp_path / "source"
+    shutil.copytree(source, readable)
+    config = json.loads((readable / "config.json").read_text())
+    config |= {"num_experts": config["num_local_experts"], "rope_theta": config["rope_parameters"]["rope_theta"]}
+    (readable / "config.json").write_text(json.dumps(config))
+    ours = build_mlx(source, tmp_path / "ours", bits=4, group_size=64).path
+    model = load(str(readable), lazy=True)[0]
+    # mlx-lm's own rule where its model file has one (Qwen3-MoE's), else the same rule for the routers
+    predicate = None if hasattr(model, "quant_predicate") else (
+        lambda path, _: ROUTER_AT_8_BITS if path.endswith(".gate") else True)
+    convert(str(readable), str(tmp_path / "mlx_lm"), quantize=True, q_group_size=64, q_bits=4,
+            quant_predicate=predicate)
+    assert_same_arrays(arrays(ours), arrays(tmp_path / "mlx_lm"))
+    quantization = json.loads((ours / "config.json").read_text())["quantization"]
+    routers = {path: entry for path, entry in quantization.items() if isinstance(entry, dict)}
+    sparse = Checkpoint.open(source).spec.sparse_layers
+    assert len(routers) == len(sparse) and all(entry["bits"] == 8 for entry in routers.values())
+
+
+@pytest.mark.slow
+def test_expert_blocks_and_shards_change_nothing_but_the_files(moe_source, tmp_path, monkeypatch):
+    """Expert stacks converted a few experts at a time, across shards: the arrays of the whole-tensor write."""
+    import siliconvert.convert.mlx as convert_mlx
+
+    source = moe_source("qwen3_moe")
+    whole = build_mlx(source, tmp_path / "whole").path
+    monkeypatch.setattr(convert_mlx, "SHARD_BYTES", 64 << 10)
+    monkeypatch.setattr(convert_mlx, "ROW_BLOCK_BYTES", 64 << 10)  # one expert's gate_up is 128 KiB of float32
+    blocks = build_mlx(source, tmp_path / "blocks").path
+    assert len(list(blocks.glob("model-*.safetensors"))) > 2
+    assert_same_arrays(arrays(blocks), arrays(whole))
+
+
+def reference_choices(source: Path, windows: np.ndarray) -> np.ndarray:
+    """The experts transformers' routers choose, recorded as the reference run records them."""
+    checkpoint = Checkpoint.open(source)
+    spec = checkpoint.spec
+    recorder = RouterRecorder(spec.sparse_layers, spec.experts.used)
+    streamed_logits(checkpoint.transformers_config(), CheckpointWeights(checkpoint), windows, device="cpu",
+                    dtype=torch.float32, label="reference", prepare=recorder.attach, keep_logits=False)
+    return recorder.choices(*windows.shape)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["per-expert files", "stacked files"])
+def test_dense_layers_between_sparse_ones_and_unnormalised_routing(layout, tmp_path):
+    """Qwen3-MoE with every second layer sparse, one of those listed MLP-only, the chosen experts' weights not
+    renormalised: mlx-lm builds the same layers from config.json and computes the source's function (float16),
+    choosing the reference's experts, in mlx and in the torch stand-in."""
+    config = {"num_hidden_layers": 4, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+              "intermediate_size": 48, "norm_topk_prob": False, "decoder_sparse_step": 2, "mlp_only_layers": [3]}
+    source = save_tiny(tmp_path / "per-expert", "qwen3_moe", **config)
+    if layout == "stacked files":
+        source = stacked_copy(source, tmp_path / "stacked")
+    assert Checkpoint.open(source).spec.sparse_layers == [1]
+    artifact = build_mlx(source, tmp_path / "mlx", bits=16).path
+    written = json.loads((artifact / "config.json").read_text())
+    assert (written["decoder_sparse_step"], written["mlp_only_layers"]) == (1, [0, 2, 3])
+    assert written["norm_topk_prob"] is False
+    windows = np.random.default_rng(0).integers(0, TINY["vocab_size"], size=(2, 24))
+    reference = reference_logits_for(source, windows)
+    expected = reference_choices(source, windows)
+    for engine in ("mlx", "torch"):
+        runner = MLXRunner(artifact, {"engine": engine})
+        logits = runner.logits_many(windows)
+        scores, _ = compare(reference.reshape(-1, reference.shape[-1]), logits.reshape(-1, logits.shape[-1]),
+                            windows.reshape(-1))
+        assert scores.mean_kld < 1e-3, (engine, scores)
+        assert router_agreement(expected, runner.expert_choices(), [1])["same_experts"] >= 0.95, engine
+
+
+SIZES = {"vocab_size": 1024, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024}
+
+
+ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
+
+
+def moe_spec(family: str, **config):
+    """The spec of a FAMILY_CASES configuration, edited by `config`."""
+    config = SIZES | FAMILY_CASES[family][1] | {"architectures": [ARCHITECTURES[family]]} | config
+    return registry.for_config(config).spec(config)
+
+
+@pytest.mark.parametrize(("family", "config", "edit", "trait"), [
+    ("qwen3_moe", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                                       "original_max_position_embeddings": 256}}, {}, "rope_scaling"),
+    # traits no Mixtral config can state, which mlx-lm's Mixtral file could not run
+    ("mixtral", {}, {"layers": "first dense"}, "dense_layers"),
+    ("mixtral", {}, {"experts": "unnormalised"}, "normalize_topk"),
+])
+def test_refusals_name_the_trait(family, config, edit, trait):
+    spec = moe_spec(family, **config)
+    if edit.get("layers") == "first dense":
+        edit = {"layers": (dataclasses.replace(spec.layers[0], sparse=False), *spec.layers[1:])}
+    if edit.get("experts") == "unnormalised":
+        edit = {"experts": dataclasses.replace(spec.experts, normalize_topk=False)}
+    with pytest.raises(CheckpointError, match=f"cannot honour the trait {trait}"):
+        MLXArch(dataclasses.replace(spec, **edit), "config.json")
+
+
+def test_mlx_lm_reads_the_experts_from_config():
+    """What mlx-lm's model files need, whatever the source config spells: Qwen3-MoE's expert count as
+    num_experts (transformers 5 saves num_local_experts), Mixtral's head size as hidden / heads."""
+    qwen = MLXArch(moe_spec("qwen3_moe", mlp_only_layers=[1]), "config.json").config()
+    expected = {"model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+                "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [1]}
+    assert {key: qwen[key] for key in expected} == expected
+    mixtral = MLXArch(moe_spec("mixtral"), "config.json").config()
+    assert (mixtral["num_local_experts"], mixtral["intermediate_size"]) == (4, 128)
+    with pytest.raises(CheckpointError, match="cannot honour the trait head_dim"):
+        MLXArch(moe_spec("mixtral", head_dim=64), "config.json")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_mlx_lm_loads_and_generates_what_transformers_generates(family, moe_source, tmp_path):
+    """mlx_lm.load opens the folder unchanged and mlx-lm's greedy generation (through its KV cache) continues a
+    prompt as transformers' does. At 8 bits: mlx's CPU runs unquantized experts in float32 only."""
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = moe_source(family)
+    model, tokenizer = load(str(build_mlx(source, tmp_path, bits=8).path))
+    prompt = AutoTokenizer.from_pretrained(source).encode("def parse(text):\n    return", add_special_tokens=False)
+    assert tokenizer.encode("def parse(text):\n    return", add_special_tokens=False) == prompt
+    ours = [int(token) for token, _ in generate_step(mx.array(prompt), model, max_tokens=8)]
+    reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    theirs = reference.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    assert ours == theirs[0, len(prompt):].tolist()
