@@ -45,7 +45,8 @@ def test_chunks_are_consecutive_balanced_and_cover_every_layer():
 
 
 def test_expert_weights_count_toward_a_chunk():
-    """Qwen3-30B-A3B's shape: 128 experts of 768 in 47 of its 48 layers; every byte the graph reads but norms."""
+    """Qwen3-30B-A3B's shape: 128 experts of 768 in 47 of its 48 layers (and with a shared expert, as Qwen2-MoE's);
+    every byte the graph reads but norms."""
     import math
 
     moe = {"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 151936, "hidden_size": 2048,
@@ -53,9 +54,11 @@ def test_expert_weights_count_toward_a_chunk():
            "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768, "intermediate_size": 6144,
            "mlp_only_layers": [0]}
     spec = spec_of(**moe)
-    read = sum(math.prod(tensor_shape(spec, key)) for chunk in plan_chunks(spec, 1)
-               for key in required_tensors(spec, chunk) if not key[0].endswith("norm"))
-    assert model_bytes(spec) == 2 * read
+    shared = spec_of(**(moe | {"architectures": ["Qwen2MoeForCausalLM"], "shared_expert_intermediate_size": 5632}))
+    for each in (spec, shared):
+        read = sum(math.prod(tensor_shape(each, key)) for chunk in plan_chunks(each, 1)
+                   for key in required_tensors(each, chunk) if not key[0].endswith("norm"))
+        assert model_bytes(each) == 2 * read
     dense = spec_of(**(moe | {"architectures": ["Qwen3ForCausalLM"]}))  # its 6144-wide MLP in every layer
     assert len(plan_chunks(dense, "auto")) == 7
     assert len(plan_chunks(spec, "auto")) == 48  # 128 experts: 1.2 GB a layer, one layer a package
@@ -206,11 +209,14 @@ STREAMED_CASES = {  # id → (config overrides, chunks, which chunk)
     "tied-split-head-mha": ({"tie_word_embeddings": True, "vocab_size": 16500, "num_key_value_heads": 4}, 3, 2),
     "biases-tied": ({"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True}, 1, 0),
     "sliding-window": ({"architectures": ["MistralForCausalLM"], "sliding_window": 12}, 1, 0),
-    # mixtures of experts: a dense layer between sparse ones, weights not renormalised; Mixtral's renormalised
+    # mixtures of experts: a dense layer between sparse ones, weights not renormalised; Mixtral's renormalised;
+    # a shared expert behind its sigmoid gate
     "experts-dense-between": ({"architectures": ["Qwen3MoeForCausalLM"], "num_experts": 4, "num_experts_per_tok": 2,
                                "moe_intermediate_size": 32, "mlp_only_layers": [1], "norm_topk_prob": False}, 1, 0),
     "experts-middle-chunk": ({"architectures": ["MixtralForCausalLM"], "num_local_experts": 3,
                               "num_experts_per_tok": 2}, 3, 1),
+    "experts-shared": ({"architectures": ["Qwen2MoeForCausalLM"], "num_experts": 4, "num_experts_per_tok": 2,
+                        "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48}, 1, 0),
 }
 
 

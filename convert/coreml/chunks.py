@@ -50,10 +50,13 @@ def plan_chunks(spec: ModelSpec, chunks: int | str) -> list[Chunk]:
 
 
 def layer_bytes(spec: ModelSpec, layer: int) -> int:
-    """fp16 bytes of a layer's weights: a sparse layer's are its router's and every expert's."""
+    """fp16 bytes of a layer's weights (norms aside)."""
     h, q, kv = spec.hidden_size, spec.q_size, spec.kv_size
-    if spec.layers[layer].sparse:
-        mlp = spec.experts.count * (h + 3 * h * spec.experts.intermediate_size)
+    if spec.layers[layer].sparse:  # the router, the experts, and a shared expert with its gate where there is one
+        experts = spec.experts
+        mlp = experts.count * (h + 3 * h * experts.intermediate_size)
+        if experts.shared_intermediate_size:
+            mlp += h + 3 * h * experts.shared_intermediate_size
     else:
         mlp = 3 * h * spec.intermediate_size
     return 2 * (h * (2 * q + 2 * kv) + mlp)

@@ -23,6 +23,8 @@ from siliconvert.architectures.base import role_shape
 from siliconvert.convert.coreml.chunks import Key
 
 FUSED = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_gate_up": ("ffn_gate", "ffn_up")}
+# The experts' down projections write into the residual stream as the dense MLP's does: the branch scale too
+WRITES_LIKE = {"ffn_down_exps": "ffn_down", "ffn_down_shexp": "ffn_down"}
 # The norms around each block, per norm placement: (before the block, after it) for attention and for the MLP
 # A sparse layer's expert stacks → the parts each expert's rows hold, in row order
 EXPERT_STACKS = {"ffn_gate_up_exps": ("ffn_gate_exp", "ffn_up_exp"), "ffn_down_exps": ("ffn_down_exp",)}
@@ -73,7 +75,7 @@ def graph_tensors(spec: ModelSpec, key: Key, array: np.ndarray, branch_scale: fl
         yield from zip(graph_keys(spec, key), np.split(array, np.cumsum(sizes)[:-1]), strict=True)
         return
     if role in EXPERT_STACKS:  # each expert's rows, one part after another (views, until a scale is folded in)
-        scale = branch_scale if role == "ffn_down_exps" and "ffn_down" in branch_outputs(spec) else 1.0
+        scale = branch_scale if WRITES_LIKE.get(role) in branch_outputs(spec) else 1.0
         parts = [np.split(rows, len(EXPERT_STACKS[role])) for rows in array]
         for part_key, values in zip(graph_keys(spec, key), (part for rows in parts for part in rows), strict=True):
             yield part_key, values if scale == 1.0 else values.astype(np.float32) * np.float32(scale)
@@ -81,6 +83,6 @@ def graph_tensors(spec: ModelSpec, key: Key, array: np.ndarray, branch_scale: fl
     if role.endswith("_norm") and spec.norm_offset:
         array = array.astype(np.float32) + np.float32(spec.norm_offset)
     # a post-norm's bias-free weight, or o_proj/down_proj's weight and bias: the branch output is linear in them
-    if role in branch_outputs(spec) and branch_scale != 1.0:
+    if WRITES_LIKE.get(role, role) in branch_outputs(spec) and branch_scale != 1.0:
         array = array.astype(np.float32) * np.float32(branch_scale)
     yield key, array

@@ -16,7 +16,8 @@ Where each trait of the spec becomes ops, one place each (ops appear only where 
     qk_norm                   attention: per head (over head_dim) or over the whole projection
     activation                mlp: SwiGLU or GeGLU (tanh-approximated GELU)
     experts, layers[i].sparse experts: the router (softmax, top-k, renormalised where normalize_topk) and every
-                              expert's mlp weighted by it; the chosen ids are the EXPERT_IDS output
+                              expert's mlp weighted by it, plus a shared expert behind its sigmoid gate where
+                              the spec has one; the chosen ids are the EXPERT_IDS output
     embedding_scale           embed (times the fp16 range scale, numerics.py)
     attention_scale, attn_softcap    attention
     logits_scale, final_softcap      lm_head
@@ -42,6 +43,7 @@ from siliconvert.convert.coreml.weights import WeightConsts
 from siliconvert.errors import CheckpointError
 
 MASK_VALUE = -30000.0  # additive mask: exp() of it is 0, yet adding it to any score stays finite in fp16
+SHARED_EXPERT = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")  # its gate, up and down, as mlp's roles
 EXPERT_IDS = "expert_ids"  # the output of a chunk with sparse layers: their routers' choices (1, S, layers, k)
 NORM_FLOOR = 2.0**-6  # RMSNorm divides by max(|x|, floor): an all-zero token must not divide by zero
 # The passes of coremltools' default pipeline (and of its mlprogram backend) that change this graph, in their
@@ -79,10 +81,12 @@ def required_tensors(spec: ModelSpec, chunk: Chunk) -> set[Key]:
         dense_mlp += [("ffn_gate", "bias"), ("ffn_up", "bias"), ("ffn_down", "bias")]
     keys = {(role, layer, kind) for layer in chunk.layers for role, kind in per_layer}
     for layer in chunk.layers:
-        if spec.layers[layer].sparse:  # the router and every expert's gate, up and down
+        if spec.layers[layer].sparse:  # the router and every expert's gate, up and down; the shared expert's
             keys.add(("ffn_gate_inp", layer, "weight"))
             keys.update(expert_key(part, layer, expert) for expert in range(spec.experts.count)
                         for parts in EXPERT_STACKS.values() for part in parts)
+            if spec.experts.shared_intermediate_size:
+                keys.update((role, layer, "weight") for role in (*SHARED_EXPERT, "ffn_gate_inp_shexp"))
         else:
             keys.update((role, layer, kind) for role, kind in dense_mlp)
     if chunk.first:
@@ -291,7 +295,7 @@ def experts(ops: WeightedOps, x, layer: int, expert_ids: list):
     The router as transformers' is: softmax over all experts' logits, the top k (their ids appended to
     `expert_ids`: the function's EXPERT_IDS output, so that a runner can compare its choices), their
     probabilities renormalised to sum to one where the spec says so, scattered into a [tokens, experts] map by a
-    one-hot of the chosen ids."""
+    one-hot of the chosen ids. A shared expert (Qwen2-MoE) adds its MLP, times sigmoid(its gate), for every token."""
     spec = ops.spec
     count, used, s = spec.experts.count, spec.experts.used, x.shape[-1]
     logits = ops.linear(x, "ffn_gate_inp", layer, f"l{layer}_router")  # (1, E, 1, S)
@@ -311,6 +315,10 @@ def experts(ops: WeightedOps, x, layer: int, expert_ids: list):
         weight = mb.slice_by_index(x=weights, begin=[0, expert, 0, 0], end=[1, expert + 1, 1, s])
         out = mb.mul(x=out, y=weight, name=f"l{layer}_expert{expert}_weighted")
         total = out if total is None else mb.add(x=total, y=out, name=f"l{layer}_experts_{expert}")
+    if spec.experts.shared_intermediate_size:  # every token's, weighted by a sigmoid of its own gate (1, 1, 1, S)
+        shared = mlp(ops, x, layer, SHARED_EXPERT, "shared_expert")
+        gate = mb.sigmoid(x=ops.linear(x, "ffn_gate_inp_shexp", layer, f"l{layer}_shared_expert_router"))
+        total = mb.add(x=total, y=mb.mul(x=shared, y=gate), name=f"l{layer}_experts_shared")
     return total
 
 

@@ -238,8 +238,9 @@ class CoreMLWriter(Writer):
         experts = self.spec.experts
         if experts is None or not self.spec.sparse_layers:
             return None
+        shared = ", besides the shared expert" if experts.shared_intermediate_size else ""
         return (f"experts evaluated per token: {experts.count} of which {experts.used} used "
-                f"({experts.count / experts.used:g}× the compute of the chosen experts' MLPs)")
+                f"({experts.count / experts.used:g}× the compute of the chosen experts' MLPs{shared})")
 
     def numerics(self) -> dict:
         """What the packages compute differently from the checkpoint's own arithmetic, and why the function is

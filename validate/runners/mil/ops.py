@@ -90,6 +90,12 @@ def _silu(x):
         return x / (1.0 + np.exp(-x))
 
 
+@op("sigmoid")
+def _sigmoid(x):
+    with np.errstate(over="ignore"):  # exp(-x) → inf for very negative x: 1 / inf = 0, as it should
+        return 1.0 / (1.0 + np.exp(-wide(x)))
+
+
 @op("tanh")
 def _tanh(x):
     return np.tanh(wide(x))
