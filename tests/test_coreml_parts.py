@@ -46,7 +46,7 @@ def test_chunks_are_consecutive_balanced_and_cover_every_layer():
 
 def test_expert_weights_count_toward_a_chunk():
     """Qwen3-30B-A3B's shape: 128 experts of 768 in 47 of its 48 layers (and with a shared expert, as Qwen2-MoE's);
-    every byte the graph reads but norms."""
+    every weight the graph reads but norms (and biases)."""
     import math
 
     moe = {"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 151936, "hidden_size": 2048,
@@ -57,7 +57,7 @@ def test_expert_weights_count_toward_a_chunk():
     shared = spec_of(**(moe | {"architectures": ["Qwen2MoeForCausalLM"], "shared_expert_intermediate_size": 5632}))
     for each in (spec, shared):
         read = sum(math.prod(tensor_shape(each, key)) for chunk in plan_chunks(each, 1)
-                   for key in required_tensors(each, chunk) if not key[0].endswith("norm"))
+                   for key in required_tensors(each, chunk) if not key[0].endswith("norm") and key[2] == "weight")
         assert model_bytes(each) == 2 * read
     dense = spec_of(**(moe | {"architectures": ["Qwen3ForCausalLM"]}))  # its 6144-wide MLP in every layer
     assert len(plan_chunks(dense, "auto")) == 7
