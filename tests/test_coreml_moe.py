@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from families import FAMILY_CASES
+from test_coreml import windows_of
 
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.coreml import CoreMLWriter
@@ -99,8 +100,6 @@ def test_compressed_variants_keep_the_routers_fp16(small_model, tmp_path):
     spec = Checkpoint.open(source).spec
     artifacts = build(source, tmp_path, precision=["int8", "int4"])
     assert [a.quant for a in artifacts] == ["fp16", "int8", "int4"]
-    from test_coreml import windows_of
-
     windows = windows_of(source, count=2, length=CONTEXT)
     reference, choices = reference_of(source, windows)
     results = {a.quant: scored(a, windows, reference, choices, spec.sparse_layers)[1:] for a in artifacts}

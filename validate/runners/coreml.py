@@ -32,7 +32,7 @@ from siliconvert.progress import track
 from siliconvert.validate.runners.base import Runner
 
 COMPUTE_UNITS = ("all", "cpu_and_ne", "cpu_and_gpu", "cpu_only")
-EXPERT_IDS = "expert_ids"  # a chunk output: the experts each of its sparse layers chose (1, S, layers, k)
+EXPERT_IDS = "expert_ids"  # a chunk output (graph.py names it): the experts its sparse layers chose (1, S, layers, k)
 # Weights (as the interpreter holds them: linear layers widened to float32) up to which it keeps every package
 # loaded; about 0.27 B parameters. Tests' and the demo's models are far below it, a 7B model far above.
 RESIDENT_WEIGHT_BYTES = 1 << 30
