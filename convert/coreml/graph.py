@@ -289,8 +289,9 @@ def mlp(ops: WeightedOps, x, layer: int, roles: tuple[str, str, str] = ("ffn_gat
 
 def experts(ops: WeightedOps, x, layer: int, expert_ids: list):
     """A mixture of experts, exactly: every expert's gated MLP evaluated on every token (E/k times the compute of
-    the k chosen: convolutions of static shapes, which the Neural Engine runs, where gathering each token's
-    experts would not) and weighted by the router's dense weight map, zero for the experts not chosen.
+    the k chosen, as convolutions over constant weights, the Neural Engine's fast path; gathering each token's
+    experts would make the weights of every product dynamic) and weighted by the router's dense weight map, zero
+    for the experts not chosen.
 
     The router as transformers' is: softmax over all experts' logits, the top k (their ids appended to
     `expert_ids`: the function's EXPERT_IDS output, so that a runner can compare its choices), their
