@@ -6,7 +6,8 @@ its pass would quantize a weight shared by two functions twice. So the Core ML w
 ("decode") with the fp16 weights read back from the finished fp16 package, runs coremltools' own pass
 (`compression::linear_quantize_weights`) over it, and gives both functions of the compressed package the
 constexpr ops the pass chose: one copy of each compressed weight, whose bytes the pass computed. Only weights
-are compressed; other consts (RoPE tables, index ranges) stay exact. Activations and compute stay fp16; the
+are compressed; other consts (RoPE tables, index ranges) stay exact, and so do the weights the writer keeps
+(a mixture of experts' routers). Activations and compute stay fp16; the
 runtime dequantizes weights (`constexpr_blockwise_shift_scale`).
 """
 
@@ -53,13 +54,14 @@ def weight_config(precision: str) -> OpLinearQuantizerConfig:
     raise ValueError(f"Core ML compression is one of {PRECISIONS}, not {precision!r}")
 
 
-def quantize_weights(function: Function, precision: str) -> dict[str, QuantizedWeight]:
+def quantize_weights(function: Function, precision: str, keep: frozenset[str] = frozenset()
+                     ) -> dict[str, QuantizedWeight]:
     """Run coremltools' linear_quantize_weights pass over the weight consts (consts with a weight_id) of a
-    one-function program; return what it made of each, by weight id. Weights it leaves alone (too small, or
-    1-D) are absent. `function` is consumed: the pass rewrites it."""
+    one-function program, except those in `keep`; return what it made of each, by weight id. Weights it leaves
+    alone (kept, too small, or 1-D) are absent. `function` is consumed: the pass rewrites it."""
     uses = []  # (weight id, the op that reads its const, under which input)
     for op in function.operations:
-        if op.op_type == "const" and op.weight_id is not None:
+        if op.op_type == "const" and op.weight_id is not None and op.weight_id not in keep:
             (reader,) = op.outputs[0].child_ops
             uses.append((op.weight_id, reader, next(k for k, v in reader.inputs.items() if v is op.outputs[0])))
     program = Program()

@@ -386,6 +386,8 @@ def validation(release: Release, report: dict, has_plot: bool) -> list[str]:
         lines += ["", "Left out (failed their gates):",
                   *[f"- {f['message']}" for e in release.left_out for f in e["gates"]["failed"]]]
     for entry in release.shipped:
+        if entry.get("compute"):
+            lines.append(f"Compute of {_label(entry)}: {entry['compute']}.")
         for check, reason in (entry.get("not_measured") or {}).items():
             lines.append(f"Not measured for {_label(entry)}: {check.replace('_', ' ')} ({reason}).")
         if (router := entry.get("router_agreement")) and router["measured"]:  # a mixture of experts

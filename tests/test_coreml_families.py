@@ -1,7 +1,7 @@
 """Core ML FP16 honours every family's traits: each family of tests/families.py (sliding windows shorter than the
 scored window, per-layer rope, partial rotary LongRoPE, NoPE layers, q/k norms, norm offset and placement,
-GeGLU, embedding/attention/residual/logit scales, soft-caps, fused tensors), converted and run back through
-the MIL interpreter, against transformers' float32 forward."""
+GeGLU, embedding/attention/residual/logit scales, soft-caps, fused tensors, mixtures of experts), converted and
+run back through the MIL interpreter, against transformers' float32 forward (and its routers' choices)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from conftest import reference_logits_for
 from families import FAMILY_CASES
 from test_coreml import windows_of
@@ -19,11 +20,13 @@ from siliconvert.convert.coreml import CoreMLWriter
 from siliconvert.convert.coreml.numerics import FLOAT16_MAX, FP16Range
 from siliconvert.recipe import CoreMLTarget
 from siliconvert.validate.metrics import compare
+from siliconvert.validate.router import RouterRecorder, router_agreement
 from siliconvert.validate.runners.coreml import CoreMLRunner
 
 pytestmark = pytest.mark.slow
 
 CONTEXT = 64  # one prefill block: the MIL interpreter is slow, and 64 tokens already span 2+ sliding windows
+MIXTURES = ["qwen3_moe", "mixtral", "qwen2_moe", "olmoe"]  # 4 experts, 2 per token
 
 
 def build(source, out_dir):
@@ -45,12 +48,38 @@ def family_package(request, small_model, tmp_path_factory):
 
 
 def test_fp16_logits_match_the_reference(family_package):
-    family, _, artifact, windows, reference = family_package
-    logits = CoreMLRunner(artifact.path, {}).logits_many(windows)
+    family, source, artifact, windows, reference = family_package
+    runner = CoreMLRunner(artifact.path, artifact.runner_options)
+    logits = runner.logits_many(windows)
     vocab = reference.shape[-1]
     scores = compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
                      windows[:, 1:].reshape(-1))[0]
     assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, (family, scores)
+    spec = Checkpoint.open(source).spec
+    assert (runner.expert_choices() is None) == (spec.experts is None)
+
+
+@pytest.mark.parametrize("family_package", MIXTURES, indirect=True)
+def test_routers_choose_the_reference_experts(family_package):
+    """The interpreter's routers against transformers' (recorded by RouterRecorder, as the reference run
+    records them), over every scored token and sparse layer; and the cost of evaluating every expert, stated."""
+    from transformers import AutoModelForCausalLM
+
+    _, source, artifact, windows, _ = family_package
+    spec = Checkpoint.open(source).spec
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    recorder = RouterRecorder(spec.sparse_layers, spec.experts.used)
+    recorder.attach(model)
+    with torch.inference_mode():
+        for window in windows:
+            model(torch.as_tensor(window[None]))
+    runner = CoreMLRunner(artifact.path, artifact.runner_options)
+    runner.logits_many(windows)
+    agreement = router_agreement(recorder.choices(*windows.shape), runner.expert_choices(), spec.sparse_layers)
+    assert agreement["same_experts"] >= 0.95, agreement
+    statement = "experts evaluated per token: 4 of which 2 used"
+    assert artifact.runner_options["compute"].startswith(statement)
+    assert json.loads((artifact.path / "manifest.json").read_text())["compute"].startswith(statement)
 
 
 def test_manifest_records_the_numerics(family_package):
@@ -61,10 +90,10 @@ def test_manifest_records_the_numerics(family_package):
     assert numerics["norm_offset_folded"] == family.startswith("gemma")
 
 
-@pytest.mark.parametrize("family_package", ["gemma2", "smollm3"], indirect=True)
+@pytest.mark.parametrize("family_package", ["gemma2", "smollm3", "qwen3_moe"], indirect=True)
 def test_decode_through_the_cache_equals_prefill(family_package):
     """Sliding-window (Gemma 2) and NoPE (SmolLM3) layers through the KV cache, one token at a time past the
-    window."""
+    window; the router of a token alone (Qwen3-MoE)."""
     _, _, artifact, windows, _ = family_package
     runner = CoreMLRunner(artifact.path, {})
     prompt, continuation = windows[0][:24], windows[0][24:40]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from siliconvert.architectures import registry
-from siliconvert.convert.coreml.chunks import blobs_of, plan_chunks
+from siliconvert.convert.coreml.chunks import blobs_of, model_bytes, plan_chunks
 from siliconvert.convert.coreml.graph import (
     build_function,
     build_program,
@@ -42,6 +42,26 @@ def test_chunks_are_consecutive_balanced_and_cover_every_layer():
     assert [(c.first, c.last) for c in chunks] == [(True, False), (False, False), (False, True)]
     assert len(plan_chunks(spec_of(), "auto")) == 1  # a few MB: one package
     assert len(plan_chunks(spec_of(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32), "auto")) == 14
+
+
+def test_expert_weights_count_toward_a_chunk():
+    """Qwen3-30B-A3B's shape: 128 experts of 768 in 47 of its 48 layers (and with a shared expert, as Qwen2-MoE's);
+    every weight the graph reads but norms (and biases)."""
+    import math
+
+    moe = {"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 151936, "hidden_size": 2048,
+           "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+           "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768, "intermediate_size": 6144,
+           "mlp_only_layers": [0]}
+    spec = spec_of(**moe)
+    shared = spec_of(**(moe | {"architectures": ["Qwen2MoeForCausalLM"], "shared_expert_intermediate_size": 5632}))
+    for each in (spec, shared):
+        read = sum(math.prod(tensor_shape(each, key)) for chunk in plan_chunks(each, 1)
+                   for key in required_tensors(each, chunk) if not key[0].endswith("norm") and key[2] == "weight")
+        assert model_bytes(each) == 2 * read
+    dense = spec_of(**(moe | {"architectures": ["Qwen3ForCausalLM"]}))  # its 6144-wide MLP in every layer
+    assert len(plan_chunks(dense, "auto")) == 7
+    assert len(plan_chunks(spec, "auto")) == 48  # 128 experts: 1.2 GB a layer, one layer a package
 
 
 def test_prefill_blocks_tile_the_context():
@@ -189,6 +209,14 @@ STREAMED_CASES = {  # id → (config overrides, chunks, which chunk)
     "tied-split-head-mha": ({"tie_word_embeddings": True, "vocab_size": 16500, "num_key_value_heads": 4}, 3, 2),
     "biases-tied": ({"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True}, 1, 0),
     "sliding-window": ({"architectures": ["MistralForCausalLM"], "sliding_window": 12}, 1, 0),
+    # mixtures of experts: a dense layer between sparse ones, weights not renormalised; Mixtral's renormalised;
+    # a shared expert behind its sigmoid gate
+    "experts-dense-between": ({"architectures": ["Qwen3MoeForCausalLM"], "num_experts": 4, "num_experts_per_tok": 2,
+                               "moe_intermediate_size": 32, "mlp_only_layers": [1], "norm_topk_prob": False}, 1, 0),
+    "experts-middle-chunk": ({"architectures": ["MixtralForCausalLM"], "num_local_experts": 3,
+                              "num_experts_per_tok": 2}, 3, 1),
+    "experts-shared": ({"architectures": ["Qwen2MoeForCausalLM"], "num_experts": 4, "num_experts_per_tok": 2,
+                        "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48}, 1, 0),
 }
 
 
@@ -301,6 +329,23 @@ def test_rms_norm_does_not_overflow_fp16(tmp_path):
     expected = wide / np.sqrt((wide**2).mean(axis=1, keepdims=True) + 1e-6) * weight[None, :, None, None]
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, expected, rtol=0.01, atol=0.01)
+
+
+def test_interpreter_routes_as_the_experts_graph_needs(tmp_path):
+    """topk (after coremltools' int16 cast of its indices), lower index first among equal values, and one_hot
+    on any axis."""
+    from coremltools.converters.mil import Builder as mb
+
+    def body(x):
+        values, ids = mb.topk(x=x, k=2, axis=-1)
+        hot = mb.one_hot(indices=ids, one_hot_vector_size=4, axis=1, on_value=np.float16(0.5), off_value=np.float16(0))
+        return values, mb.reduce_sum(x=hot, axes=[2])
+
+    program = saved_program(tmp_path, body, (3, 4))
+    x = np.array([[0.1, 0.7, 0.7, 0.2], [0.25, 0.25, 0.25, 0.25], [0.4, 0.1, 0.3, 0.2]], np.float16)
+    values, weights = program.run("main", {"x": x}, {}).values()
+    np.testing.assert_array_equal(values, np.array([[0.7, 0.7], [0.25, 0.25], [0.4, 0.3]], np.float16))
+    np.testing.assert_array_equal(weights, np.array([[0, 1, 1, 0], [1, 1, 0, 0], [1, 0, 1, 0]]) * np.float16(0.5))
 
 
 def test_interpreter_refuses_ops_it_does_not_know(tmp_path):

@@ -34,6 +34,8 @@ def artifact_entry(result: ArtifactScore, failures: list[GateFailure], limits: d
         "kv_cache": result.kv_cache,
         # a mixture of experts: how often the artifact's routers chose the reference's experts
         "router_agreement": result.router,
+        # what the artifact computes beyond the model's own work, where its writer says (Core ML: every expert)
+        "compute": artifact.runner_options.get("compute"),
         "metrics": result.scores.as_dict(),
         "latency": run.latency.as_dict() if run.latency else None,
         # check ("kv_cache", "latency") → why the runner could not make it here
@@ -113,6 +115,7 @@ def markdown(report: dict, plot_name: str | None) -> str:
         lines += [f"- {a['format']} {a['quant']}: " + (describe_router(a["router_agreement"])
                   if a["router_agreement"]["measured"] else f"not measured ({a['router_agreement']['reason']})")
                   for a in routed]
+    lines += [f"- {a['format']} {a['quant']} compute: {a['compute']}" for a in routed if a.get("compute")]
     known = known_tokenizer_rules(report["artifacts"])
     if known:
         lines += ["", "## Tokenizer differences from known rules", "",

@@ -49,14 +49,23 @@ def plan_chunks(spec: ModelSpec, chunks: int | str) -> list[Chunk]:
     ]
 
 
-def layer_bytes(spec: ModelSpec) -> int:
-    h, q, kv, ff = spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size
-    return 2 * (h * (2 * q + 2 * kv) + 3 * h * ff)
+def layer_bytes(spec: ModelSpec, layer: int) -> int:
+    """fp16 bytes of a layer's weights (norms aside)."""
+    h, q, kv = spec.hidden_size, spec.q_size, spec.kv_size
+    if spec.layers[layer].sparse:  # the router, the experts, and a shared expert with its gate where there is one
+        experts = spec.experts
+        mlp = experts.count * (h + 3 * h * experts.intermediate_size)
+        if experts.shared_intermediate_size:
+            mlp += h + 3 * h * experts.shared_intermediate_size
+    else:
+        mlp = 3 * h * spec.intermediate_size
+    return 2 * (h * (2 * q + 2 * kv) + mlp)
 
 
 def model_bytes(spec: ModelSpec) -> int:
     tables = 1 if spec.tie_word_embeddings else 2
-    return spec.num_layers * layer_bytes(spec) + tables * 2 * spec.vocab_size * spec.hidden_size
+    layers = sum(layer_bytes(spec, layer) for layer in range(spec.num_layers))
+    return layers + tables * 2 * spec.vocab_size * spec.hidden_size
 
 
 def head_role(spec: ModelSpec) -> str:

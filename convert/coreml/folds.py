@@ -4,6 +4,8 @@ before it becomes a blob.
 - Fused projections (`attn_qkv`, `ffn_gate_up`: Phi-3) are split into their parts' rows: the graph has one
   convolution per projection whatever the checkpoint stores, so every family shares one graph (and the Llama
   graph that a test holds to ct.convert's stays as it is); the rows are views, so splitting costs no copy.
+- A mixture of experts' stacks (one per layer: gate_up [E, 2·ff, hidden], down [E, hidden, ff]) are split the
+  same way into each expert's gate, up and down (`expert_key`), which the graph applies as a dense MLP's.
 - The norm offset (Gemma's 1 + w) is folded into every norm weight, as the GGUF writer does.
 - The residual branch scale is folded into the weights that write into the residual stream: the last weight
   of each block's branch (the post-norm where there is one, else o_proj and down_proj). It is Granite's
@@ -21,7 +23,11 @@ from siliconvert.architectures.base import role_shape
 from siliconvert.convert.coreml.chunks import Key
 
 FUSED = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_gate_up": ("ffn_gate", "ffn_up")}
+# The experts' down projections write into the residual stream as the dense MLP's does: the branch scale too
+WRITES_LIKE = {"ffn_down_exps": "ffn_down", "ffn_down_shexp": "ffn_down"}
 # The norms around each block, per norm placement: (before the block, after it) for attention and for the MLP
+# A sparse layer's expert stacks → the parts each expert's rows hold, in row order
+EXPERT_STACKS = {"ffn_gate_up_exps": ("ffn_gate_exp", "ffn_up_exp"), "ffn_down_exps": ("ffn_down_exp",)}
 BLOCK_NORMS = {
     "pre": (("attn_norm", None), ("ffn_norm", None)),
     "post": ((None, "post_attention_norm"), (None, "post_ffw_norm")),
@@ -29,16 +35,28 @@ BLOCK_NORMS = {
 }
 
 
+def expert_key(part: str, layer: int, expert: int) -> Key:
+    """One expert's gate, up or down weight (`part` of EXPERT_STACKS), as the graph reads it."""
+    return (f"{part}[{expert}]", layer, "weight")
+
+
 def tensor_shape(spec: ModelSpec, key: Key) -> tuple[int, ...]:
-    """A tensor's shape in the checkpoint (HF layout: linear weights are (out, in)); a bias is its first axis."""
+    """A tensor's shape in the checkpoint (HF layout: linear weights are (out, in)), or one expert's part of a
+    stack; a bias is its first axis."""
     role, _, kind = key
+    if role.endswith("]"):  # an expert's part (expert_key)
+        h, ff = spec.hidden_size, spec.experts.intermediate_size
+        return (h, ff) if role.startswith("ffn_down_exp[") else (ff, h)
     shape = role_shape(spec, role)
     return shape if kind == "weight" else shape[:1]
 
 
-def graph_keys(key: Key) -> list[Key]:
+def graph_keys(spec: ModelSpec, key: Key) -> list[Key]:
     """The tensors the graph reads that come from one checkpoint tensor."""
     role, layer, kind = key
+    if role in EXPERT_STACKS:
+        return [expert_key(part, layer, expert) for expert in range(spec.experts.count)
+                for part in EXPERT_STACKS[role]]
     return [(part, layer, kind) for part in FUSED.get(role, (role,))]
 
 
@@ -53,12 +71,18 @@ def graph_tensors(spec: ModelSpec, key: Key, array: np.ndarray, branch_scale: fl
     """The graph's tensors made from one checkpoint tensor (of the right shape), with the folds above."""
     role = key[0]
     if role in FUSED:
-        sizes = [tensor_shape(spec, part)[0] for part in graph_keys(key)]
-        yield from zip(graph_keys(key), np.split(array, np.cumsum(sizes)[:-1]), strict=True)
+        sizes = [tensor_shape(spec, part)[0] for part in graph_keys(spec, key)]
+        yield from zip(graph_keys(spec, key), np.split(array, np.cumsum(sizes)[:-1]), strict=True)
+        return
+    if role in EXPERT_STACKS:  # each expert's rows, one part after another (views, until a scale is folded in)
+        scale = branch_scale if WRITES_LIKE.get(role) in branch_outputs(spec) else 1.0
+        parts = [np.split(rows, len(EXPERT_STACKS[role])) for rows in array]
+        for part_key, values in zip(graph_keys(spec, key), (part for rows in parts for part in rows), strict=True):
+            yield part_key, values if scale == 1.0 else values.astype(np.float32) * np.float32(scale)
         return
     if role.endswith("_norm") and spec.norm_offset:
         array = array.astype(np.float32) + np.float32(spec.norm_offset)
     # a post-norm's bias-free weight, or o_proj/down_proj's weight and bias: the branch output is linear in them
-    if role in branch_outputs(spec) and branch_scale != 1.0:
+    if WRITES_LIKE.get(role, role) in branch_outputs(spec) and branch_scale != 1.0:
         array = array.astype(np.float32) * np.float32(branch_scale)
     yield key, array

@@ -15,6 +15,9 @@ Where each trait of the spec becomes ops, one place each (ops appear only where 
     norm_placement            residual, with folds.BLOCK_NORMS: pre, post or sandwich norms around each branch
     qk_norm                   attention: per head (over head_dim) or over the whole projection
     activation                mlp: SwiGLU or GeGLU (tanh-approximated GELU)
+    experts, layers[i].sparse experts: the router (softmax, top-k, renormalised where normalize_topk) and every
+                              expert's mlp weighted by it, plus a shared expert behind its sigmoid gate where
+                              the spec has one; the chosen ids are the EXPERT_IDS output
     embedding_scale           embed (times the fp16 range scale, numerics.py)
     attention_scale, attn_softcap    attention
     logits_scale, final_softcap      lm_head
@@ -35,11 +38,13 @@ from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 from siliconvert.architectures import ModelSpec
 from siliconvert.architectures.base import Rope
 from siliconvert.convert.coreml.chunks import Chunk, Key, head_pieces, head_role, weight_id
-from siliconvert.convert.coreml.folds import BLOCK_NORMS, tensor_shape
+from siliconvert.convert.coreml.folds import BLOCK_NORMS, EXPERT_STACKS, expert_key, tensor_shape
 from siliconvert.convert.coreml.weights import WeightConsts
 from siliconvert.errors import CheckpointError
 
 MASK_VALUE = -30000.0  # additive mask: exp() of it is 0, yet adding it to any score stays finite in fp16
+SHARED_EXPERT = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")  # its gate, up and down, as mlp's roles
+EXPERT_IDS = "expert_ids"  # the output of a chunk with sparse layers: their routers' choices (1, S, layers, k)
 NORM_FLOOR = 2.0**-6  # RMSNorm divides by max(|x|, floor): an all-zero token must not divide by zero
 # The passes of coremltools' default pipeline (and of its mlprogram backend) that change this graph, in their
 # order there: int16 gather indices and their guard, and the clean-ups after them. Left out are the passes
@@ -67,14 +72,23 @@ def required_tensors(spec: ModelSpec, chunk: Chunk) -> set[Key]:
     if spec.qk_norm:
         per_layer += [("attn_q_norm", "weight"), ("attn_k_norm", "weight")]
     per_layer += [(role, "weight") for role in ("attn_q", "attn_k", "attn_v", "attn_output")]
-    per_layer += [(role, "weight") for role in ("ffn_gate", "ffn_up", "ffn_down")]
     if spec.qkv_bias:
         per_layer += [("attn_q", "bias"), ("attn_k", "bias"), ("attn_v", "bias")]
     if spec.attn_output_bias:
         per_layer.append(("attn_output", "bias"))
+    dense_mlp = [(role, "weight") for role in ("ffn_gate", "ffn_up", "ffn_down")]
     if spec.mlp_bias:
-        per_layer += [("ffn_gate", "bias"), ("ffn_up", "bias"), ("ffn_down", "bias")]
+        dense_mlp += [("ffn_gate", "bias"), ("ffn_up", "bias"), ("ffn_down", "bias")]
     keys = {(role, layer, kind) for layer in chunk.layers for role, kind in per_layer}
+    for layer in chunk.layers:
+        if spec.layers[layer].sparse:  # the router and every expert's gate, up and down; the shared expert's
+            keys.add(("ffn_gate_inp", layer, "weight"))
+            keys.update(expert_key(part, layer, expert) for expert in range(spec.experts.count)
+                        for parts in EXPERT_STACKS.values() for part in parts)
+            if spec.experts.shared_intermediate_size:
+                keys.update((role, layer, "weight") for role in (*SHARED_EXPERT, "ffn_gate_inp_shexp"))
+        else:
+            keys.update((role, layer, kind) for role, kind in dense_mlp)
     if chunk.first:
         keys.add(("token_embd", None, "weight"))
     if chunk.last:
@@ -112,10 +126,20 @@ def build_function(spec: ModelSpec, chunk: Chunk, tokens: int, context: int, wei
         shared = shared_values(spec, chunk, context, tokens, function.inputs)
         x = (embed(ops, function.inputs["input_ids"], tokens, spec.embedding_scale * stream_scale) if chunk.first
              else function.inputs["hidden_states"])
+        expert_ids: list = []  # each sparse layer's chosen experts (S, k), in layer order
         for local, layer in enumerate(chunk.layers):
-            x = decoder_layer(ops, x, layer, local, shared)
+            x = decoder_layer(ops, x, layer, local, shared, expert_ids)
         out = lm_head(ops, x) if chunk.last else mb.identity(x=x, name="hidden_states_out")
-        function.set_outputs([out])
+        if not expert_ids:
+            function.set_outputs([out])
+        else:  # (1, S, sparse layers, k): what a runner compares with the reference's choices
+            shape = [1, tokens, 1, spec.experts.used]
+            if len(expert_ids) == 1:
+                ids = mb.reshape(x=expert_ids[0], shape=shape, name=EXPERT_IDS)
+            else:
+                ids = mb.concat(values=[mb.reshape(x=layer_ids, shape=shape) for layer_ids in expert_ids], axis=2,
+                                name=EXPERT_IDS)
+            function.set_outputs([out, ids])
     return function
 
 
@@ -230,11 +254,14 @@ def embed(ops: WeightedOps, input_ids, tokens: int, scale: float):
     return mb.reshape(x=x, shape=[1, h, 1, tokens], name="embeddings")
 
 
-def decoder_layer(ops: WeightedOps, x, layer: int, local: int, shared: Shared):
-    """Attention, then the MLP, each a residual branch with its norms placed as the spec says (BLOCK_NORMS);
-    `local` = the layer's index in the chunk's caches."""
+def decoder_layer(ops: WeightedOps, x, layer: int, local: int, shared: Shared, expert_ids: list):
+    """Attention, then the MLP (or the experts, whose chosen ids are appended to `expert_ids`), each a residual
+    branch with its norms placed as the spec says (BLOCK_NORMS); `local` = the layer's index in the chunk's
+    caches."""
     attention_norms, mlp_norms = BLOCK_NORMS[ops.spec.norm_placement]
     x = residual(ops, x, layer, "attn", attention_norms, lambda h: attention(ops, h, layer, local, shared))
+    if ops.spec.layers[layer].sparse:
+        return residual(ops, x, layer, "ffn", mlp_norms, lambda h: experts(ops, h, layer, expert_ids))
     return residual(ops, x, layer, "ffn", mlp_norms, lambda h: mlp(ops, h, layer))
 
 
@@ -248,13 +275,53 @@ def residual(ops: WeightedOps, x, layer: int, name: str, norms: tuple[str | None
     return mb.add(x=x, y=y, name=f"l{layer}_{name}_residual")
 
 
-def mlp(ops: WeightedOps, x, layer: int):
-    """Gated MLP: down(act(gate(x)) × up(x)), act SiLU (SwiGLU) or tanh-approximated GELU (GeGLU)."""
-    gate = ops.linear(x, "ffn_gate", layer, f"l{layer}_ffn_gate")
-    up = ops.linear(x, "ffn_up", layer, f"l{layer}_ffn_up")
+def mlp(ops: WeightedOps, x, layer: int, roles: tuple[str, str, str] = ("ffn_gate", "ffn_up", "ffn_down"),
+        name: str = "ffn"):
+    """Gated MLP: down(act(gate(x)) × up(x)), act SiLU (SwiGLU) or tanh-approximated GELU (GeGLU); `roles` are
+    its gate, up and down weights (an expert's: experts)."""
+    gate_role, up_role, down_role = roles
+    gate = ops.linear(x, gate_role, layer, f"l{layer}_{name}_gate")
+    up = ops.linear(x, up_role, layer, f"l{layer}_{name}_up")
     act = mb.silu(x=gate) if ops.spec.activation == "silu" else mb.gelu(x=gate, mode="TANH_APPROXIMATION")
-    hidden = mb.mul(x=act, y=up, name=f"l{layer}_ffn_act")
-    return ops.linear(hidden, "ffn_down", layer, f"l{layer}_ffn_down")
+    hidden = mb.mul(x=act, y=up, name=f"l{layer}_{name}_act")
+    return ops.linear(hidden, down_role, layer, f"l{layer}_{name}_down")
+
+
+def experts(ops: WeightedOps, x, layer: int, expert_ids: list):
+    """A mixture of experts, exactly: every expert's gated MLP evaluated on every token (E/k times the compute of
+    the k chosen, as convolutions over constant weights, the Neural Engine's fast path; gathering each token's
+    experts would make the weights of every product dynamic) and weighted by the router's dense weight map, zero
+    for the experts not chosen.
+
+    The router as transformers' is: softmax over all experts' logits, the top k (their ids appended to
+    `expert_ids`: the function's EXPERT_IDS output, so that a runner can compare its choices), their
+    probabilities renormalised to sum to one where the spec says so, scattered into a [tokens, experts] map by a
+    one-hot of the chosen ids. A shared expert (Qwen2-MoE) adds its MLP, times sigmoid(its gate), for every token."""
+    spec = ops.spec
+    count, used, s = spec.experts.count, spec.experts.used, x.shape[-1]
+    logits = ops.linear(x, "ffn_gate_inp", layer, f"l{layer}_router")  # (1, E, 1, S)
+    probs = mb.softmax(x=mb.transpose(x=mb.reshape(x=logits, shape=[count, s]), perm=[1, 0]), axis=-1)  # (S, E)
+    chosen, ids = mb.topk(x=probs, k=used, axis=-1, name=f"l{layer}_router_topk")  # (S, k) each
+    expert_ids.append(ids)
+    if spec.experts.normalize_topk:
+        chosen = mb.real_div(x=chosen, y=mb.reduce_sum(x=chosen, axes=[-1], keep_dims=True))
+    one_hot = mb.one_hot(indices=ids, one_hot_vector_size=count, axis=-1, on_value=np.float16(1),
+                         off_value=np.float16(0))  # (S, k, E)
+    weights = mb.reduce_sum(x=mb.mul(x=one_hot, y=mb.expand_dims(x=chosen, axes=[-1])), axes=[1])  # (S, E)
+    weights = mb.reshape(x=mb.transpose(x=weights, perm=[1, 0]), shape=[1, count, 1, s], name=f"l{layer}_routing")
+    total = None
+    for expert in range(count):
+        roles = tuple(expert_key(part, layer, expert)[0] for part in ("ffn_gate_exp", "ffn_up_exp", "ffn_down_exp"))
+        out = mlp(ops, x, layer, roles, f"expert{expert}")
+        weight = mb.slice_by_index(x=weights, begin=[0, expert, 0, 0], end=[1, expert + 1, 1, s])
+        out = mb.mul(x=out, y=weight, name=f"l{layer}_expert{expert}_weighted")
+        total = out if total is None else mb.add(x=total, y=out, name=f"l{layer}_experts_{expert}")
+    if spec.experts.shared_intermediate_size:  # every token's, weighted by a sigmoid of its own gate (1, 1, 1, S)
+        shared = mlp(ops, x, layer, SHARED_EXPERT, "shared_expert")
+        gate = mb.sigmoid(x=ops.linear(x, "ffn_gate_inp_shexp", layer, f"l{layer}_shared_expert_router"))
+        total = mb.add(x=total, y=mb.mul(x=shared, y=gate), name=f"l{layer}_experts_shared")
+    return total
+
 
 
 def lm_head(ops: WeightedOps, x):

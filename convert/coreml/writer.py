@@ -23,9 +23,15 @@ import numpy as np
 
 from siliconvert.architectures import ModelSpec
 from siliconvert.artifacts import Artifact, Writer
-from siliconvert.convert.coreml.chunks import Chunk, Key, blobs_of, plan_chunks
+from siliconvert.convert.coreml.chunks import Chunk, Key, blobs_of, plan_chunks, weight_id
 from siliconvert.convert.coreml.folds import graph_keys, graph_tensors, tensor_shape
-from siliconvert.convert.coreml.graph import build_function, build_program, longrope_factors, required_tensors
+from siliconvert.convert.coreml.graph import (
+    EXPERT_IDS,
+    build_function,
+    build_program,
+    longrope_factors,
+    required_tensors,
+)
 from siliconvert.convert.coreml.numerics import FP16Range
 from siliconvert.convert.coreml.package import (
     PACKAGE_DATA,
@@ -115,9 +121,9 @@ class CoreMLWriter(Writer):
         if self._state != "open":
             raise RuntimeError(f"CoreMLWriter.add after {self._state}")
         key = self._key(name)
-        if key is None or not any(part in needed for part in graph_keys(key) for needed in self.needed):
+        if key is None or not any(part in needed for part in graph_keys(self.spec, key) for needed in self.needed):
             return  # a stored copy of a tied head, or rotary inv_freq: the graph rebuilds these from the spec
-        if any(part in self.arrived for part in graph_keys(key)):
+        if any(part in self.arrived for part in graph_keys(self.spec, key)):
             raise CheckpointError(f"tensor {name!r} arrived twice in the stream")
         if array.shape != tensor_shape(self.spec, key):
             raise CheckpointError(f"tensor {name!r} has shape {list(array.shape)}, the config implies "
@@ -163,6 +169,8 @@ class CoreMLWriter(Writer):
         self.builder.shutdown()
         self.writes.close()
         options = {"compute_units": self.target.compute_units}
+        if self.compute():  # the runner shows it (CoreMLRunner.compute): the report prints it per artifact
+            options["compute"] = self.compute()
         try:
             for precision, work in self.work.items():
                 (work / MANIFEST).write_text(json.dumps(self.manifest(precision), indent=2) + "\n")
@@ -204,19 +212,35 @@ class CoreMLWriter(Writer):
             "hidden_size": spec.hidden_size,
             "functions": {"decode": 1, "prefill": self.block},  # function name → tokens per call
             "numerics": self.numerics(),
+            "compute": self.compute(),
             "chunks": [
                 {
                     "package": chunk.package,
                     "first_layer": chunk.layers.start,
                     "num_layers": len(chunk.layers),
                     "inputs": chunk.input_names(),
-                    "outputs": [chunk.output_name()],
+                    # a chunk with sparse layers also outputs their routers' choices (EXPERT_IDS)
+                    "outputs": [chunk.output_name(), *([EXPERT_IDS] if self.sparse_layers(chunk) else [])],
+                    "sparse_layers": self.sparse_layers(chunk),
                     "states": {name: [len(chunk.layers), spec.num_kv_heads, self.target.context,
                                       spec.head_dim] for name in ("key_cache", "value_cache")},
                 }
                 for chunk in self.chunks
             ],
         }
+
+    def sparse_layers(self, chunk: Chunk) -> list[int]:
+        return [layer for layer in chunk.layers if self.spec.layers[layer].sparse]
+
+    def compute(self) -> str | None:
+        """What a mixture of experts costs here: the program evaluates every expert for every token (graph.py
+        experts), E/k times the MLP compute of the k chosen. None for a dense model."""
+        experts = self.spec.experts
+        if experts is None or not self.spec.sparse_layers:
+            return None
+        shared = ", besides the shared expert" if experts.shared_intermediate_size else ""
+        return (f"experts evaluated per token: {experts.count} of which {experts.used} used "
+                f"({experts.count / experts.used:g}× the compute of the chosen experts' MLPs{shared})")
 
     def numerics(self) -> dict:
         """What the packages compute differently from the checkpoint's own arithmetic, and why the function is
@@ -260,8 +284,11 @@ class CoreMLWriter(Writer):
         """A compressed variant, read back from the fp16 package just written (memory-mapped): coremltools'
         quantization pass runs on one function, and both functions take the weights it chose. Slower than the
         fp16 path, and it holds the chunk's compressed weights until its package is written."""
+        # Routers stay fp16 (they are E × hidden, a sliver of a layer): a rounded router that picks other
+        # experts sends the token through other weights altogether.
+        routers = frozenset(weight_id(("ffn_gate_inp", layer, "weight")) for layer in self.sparse_layers(chunk))
         quantized = quantize_weights(build_function(self.spec, chunk, 1, self.target.context, stored,
-                                                    self.stream_scale), precision)
+                                                    self.stream_scale), precision, keep=routers)
         program = build_program(self.spec, chunk, self.block, self.target.context,
                                 QuantizedWeights(stored, quantized), self.stream_scale)
         package = self.work[precision] / chunk.package

@@ -4,7 +4,8 @@ through the MIL interpreter (validate/runners/mil), which runs the same packages
 Both drive the chunk packages the same way: a fresh state per package per sequence; the prompt in blocks
 through "prefill" (the last block padded: padding writes K/V past the sequence, which the causal mask
 hides and later tokens overwrite); then one token at a time through "decode". Hidden states pass from
-each package to the next.
+each package to the next. A mixture of experts' packages also output the experts their routers chose
+("expert_ids"), which `expert_choices` gathers for the windows scored.
 
 The work runs chunk-major: a package runs every call of every sequence asked for at once (all the scored
 windows, or a prompt and its continuation), keeping each call's hidden states for the next package, before
@@ -31,6 +32,7 @@ from siliconvert.progress import track
 from siliconvert.validate.runners.base import Runner
 
 COMPUTE_UNITS = ("all", "cpu_and_ne", "cpu_and_gpu", "cpu_only")
+EXPERT_IDS = "expert_ids"  # a chunk output (graph.py names it): the experts its sparse layers chose (1, S, layers, k)
 # Weights (as the interpreter holds them: linear layers widened to float32) up to which it keeps every package
 # loaded; about 0.27 B parameters. Tests' and the demo's models are far below it, a 7B model far above.
 RESIDENT_WEIGHT_BYTES = 1 << 30
@@ -46,11 +48,13 @@ class Call:
 
 
 class CoreMLRunner(Runner):
-    """options: compute_units (macOS only); runtime "coreml" or "mil-interpreter" (default by platform)."""
+    """options: compute_units (macOS only); runtime "coreml" or "mil-interpreter" (default by platform);
+    compute: what the writer says the packages compute beyond the model's own work (a mixture of experts'
+    experts evaluated per token), shown, not used to run."""
 
     def __init__(self, path: Path, options: dict) -> None:
         self.path = Path(path)
-        unknown = set(options) - {"compute_units", "runtime"}
+        unknown = set(options) - {"compute_units", "runtime", "compute"}
         if unknown:
             raise ArtifactError(f"unknown Core ML runner option(s): {', '.join(sorted(unknown))}")
         self.manifest = read_manifest(self.path)
@@ -71,6 +75,7 @@ class CoreMLRunner(Runner):
             raise ArtifactError(f"unknown Core ML runtime {self.runtime!r} (coreml or mil-interpreter)")
         self.tokenizer = load_tokenizer(self.path)
         self._states: dict[int, Any] | None = None  # package index → its state, for the current sequence
+        self._expert_choices: np.ndarray | None = None  # of the last logits_many's windows
         self._length = 0  # tokens in the current sequence's cache
 
     def tokenize(self, text: str) -> list[int]:
@@ -85,8 +90,16 @@ class CoreMLRunner(Runner):
         windows = np.asarray(windows)
         if windows.ndim != 2:
             raise ValueError(f"windows of shape {windows.shape}, not [windows, tokens]")
-        rows = self._run([self._blocks(window) for window in windows], None, f"logits ({self.runtime})")
+        choices: list[list[list[np.ndarray]]] = []
+        rows = self._run([self._blocks(window) for window in windows], None, f"logits ({self.runtime})", choices)
+        if choices:  # per package, per window, per call (tokens, layers, k) → [windows, tokens, layers, k]
+            self._expert_choices = np.stack([
+                np.concatenate([np.concatenate(package[w]) for package in choices], axis=1)
+                for w in range(len(windows))])
         return np.stack([np.concatenate(window_rows) for window_rows in rows])
+
+    def expert_choices(self) -> np.ndarray | None:
+        return self._expert_choices
 
     def start(self, prompt: np.ndarray) -> np.ndarray:
         prompt = np.asarray(prompt)
@@ -132,11 +145,12 @@ class CoreMLRunner(Runner):
         return [Call("prefill", tokens[i : i + self.block], i) for i in range(0, len(tokens), self.block)]
 
     def _run(self, sequences: list[list[Call]], states: list[dict[int, Any]] | None,
-             progress: str | None = None) -> list[list[np.ndarray]]:
+             progress: str | None = None, choices: list | None = None) -> list[list[np.ndarray]]:
         """Every sequence's calls, in order, through every package, package after package; per call the
         logits of its tokens [tokens, vocab] (float32). `states`: per sequence, each package's state (made
         where missing, updated in place); None: fresh ones, dropped when their package is done. `progress`:
-        a bar by that name counts packages."""
+        a bar by that name counts packages. `choices`: gets, per package with sparse layers, per sequence,
+        per call, the experts they chose [tokens, layers, k]."""
         if not self.chunks:
             raise RuntimeError("CoreMLRunner used after close")
         carried = []  # per sequence, per call: the next package's first input
@@ -151,6 +165,10 @@ class CoreMLRunner(Runner):
             packages = track(packages, progress, len(self.chunks))
         for index, (chunk, entry) in packages:
             first_input, position_input = entry["inputs"]
+            chosen = None
+            if choices is not None and EXPERT_IDS in entry["outputs"]:
+                chosen = [[] for _ in sequences]
+                choices.append(chosen)
             try:
                 for sequence, calls in enumerate(sequences):
                     if states is None:
@@ -164,6 +182,8 @@ class CoreMLRunner(Runner):
                         outputs = chunk.predict(call.function, {first_input: carried[sequence][i],
                                                                 position_input: position}, state)
                         carried[sequence][i] = outputs[entry["outputs"][0]]
+                        if chosen is not None:
+                            chosen[sequence].append(np.asarray(outputs[EXPERT_IDS], np.int16)[0, : len(call.tokens)])
             finally:
                 if self.chunk_by_chunk:
                     chunk.release_weights()

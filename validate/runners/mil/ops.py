@@ -90,6 +90,12 @@ def _silu(x):
         return x / (1.0 + np.exp(-x))
 
 
+@op("sigmoid")
+def _sigmoid(x):
+    with np.errstate(over="ignore"):  # exp(-x) → inf for very negative x: 1 / inf = 0, as it should
+        return 1.0 / (1.0 + np.exp(-wide(x)))
+
+
 @op("tanh")
 def _tanh(x):
     return np.tanh(wide(x))
@@ -116,6 +122,11 @@ def _softmax(x, axis=-1):
 @op("reduce_max")
 def _reduce_max(x, axes=None, keep_dims=False):
     return np.max(x, axis=None if axes is None else tuple(axes), keepdims=bool(keep_dims))
+
+
+@op("reduce_sum")
+def _reduce_sum(x, axes=None, keep_dims=False):
+    return np.sum(wide(x), axis=None if axes is None else tuple(axes), keepdims=bool(keep_dims))
 
 
 @op("reduce_mean")
@@ -196,6 +207,27 @@ def _gather(x, indices, axis=0, batch_dims=0, validate_indices=False):
     if indices.min(initial=0) < 0 or indices.max(initial=0) >= x.shape[axis]:
         raise Unsupported(f"gather index out of range [0, {x.shape[axis]}) (iOS 17+ gather takes no negatives)")
     return np.take(x, indices, axis=axis)
+
+
+@op("topk")
+def _topk(x, k=1, axis=-1, ascending=False, sort=True, return_indices=True, output_indices_dtype="int32"):
+    """The k largest (or smallest) values along `axis`, sorted, and their indices; of equal values the lower
+    index comes first (a stable sort)."""
+    if not bool(return_indices):
+        raise Unsupported("topk without indices")
+    axis = int(axis) % x.ndim
+    order = np.argsort(x if bool(ascending) else -wide(x), axis=axis, kind="stable")
+    indices = np.take(order, np.arange(int(k)), axis=axis)
+    return np.take_along_axis(x, indices, axis=axis), indices  # the indices stored as output_indices_dtype
+
+
+@op("one_hot")
+def _one_hot(indices, one_hot_vector_size, axis=-1, on_value=1, off_value=0):
+    """A vector of `one_hot_vector_size` along a new `axis` of the result per index: on_value at the index."""
+    size = int(one_hot_vector_size)
+    axis = int(axis) % (indices.ndim + 1)
+    hot = np.moveaxis(indices[..., None] == np.arange(size), -1, axis)
+    return np.where(hot, wide(np.asarray(on_value)), wide(np.asarray(off_value)))
 
 
 # ---- products ------------------------------------------------------------------------------------
