@@ -222,3 +222,40 @@ def test_qwen3_moe_slides_every_layer_when_its_config_says_so() -> None:
     base = {"model_type": "qwen3_moe", **TINY, **QWEN3_MOE, "sliding_window": 64}
     assert {layer.window for layer in family.spec(base | {"use_sliding_window": True}).layers} == {64}
     assert {layer.window for layer in family.spec(base | {"use_sliding_window": False}).layers} == {None}
+
+
+@pytest.mark.slow
+def test_one_recipe_converts_a_mixture_of_experts_to_every_format(tmp_path: Path) -> None:
+    """Qwen3-MoE through `siliconvert recipe`: MLX 4-bit, GGUF F16 + Q4_K_M and Core ML FP16 from one read, each
+    scored with its routers' agreement with the reference's, gated, and shown in the report and model cards."""
+    import subprocess
+    import sys
+
+    import yaml
+    from families import FAMILY_CASES
+
+    from siliconvert.demo import small_checkpoint
+
+    tokenizer, config = FAMILY_CASES["qwen3_moe"]
+    source = small_checkpoint(None, "qwen3_moe", tokenizer, config=config)
+    recipe = {"name": "moe", "source": str(source), "output": str(tmp_path / "out"),
+              "targets": [{"format": "mlx", "bits": 4}, {"format": "gguf", "quants": ["F16", "Q4_K_M"]},
+                          {"format": "coreml", "context": 128}],
+              "validate": {"tokens": 256, "context": 128, "latency": False,
+                           "gates": {"max_mean_kld": 0.06, "min_router_agreement": 0.85}},
+              "release": {"repo_prefix": "org/Moe"}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = subprocess.run([sys.executable, "-m", "siliconvert", "recipe", str(tmp_path / "recipe.yaml")],
+                            capture_output=True, text=True, env={**__import__("os").environ, "SILICONVERT_QUIET": "1"})
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["source_info"]["traits"]["experts"] == "2 of 4"
+    agreements = {f"{a['format']} {a['quant']}": a["router_agreement"] for a in report["artifacts"]}
+    assert set(agreements) == {"mlx 4bit-g64", "gguf F16", "gguf Q4_K_M", "coreml fp16"}
+    for label, agreement in agreements.items():
+        assert agreement["measured"], label
+        assert [entry["layer"] for entry in agreement["layers"]] == [0, 1]
+        assert agreement["same_experts"] >= (0.97 if label in ("gguf F16", "coreml fp16") else 0.85), label
+    assert "## Router agreement (mixture of experts)" in (tmp_path / "out" / "report.md").read_text()
+    cards = list((tmp_path / "out" / "release").glob("*/README.md"))
+    assert cards and all("Routers of" in card.read_text() for card in cards)
