@@ -122,13 +122,15 @@ def test_olmoe_kv_heads_are_repeated_per_q_head(tmp_path: Path) -> None:
     ("qwen2_moe", {"norm_topk_prob": True}, "normalize_topk"),
     ("qwen2_moe", {"mlp_only_layers": [1]}, "dense_layers"),
     ("qwen2_moe", {"decoder_sparse_step": 2}, "dense_layers"),
+    ("qwen2_moe", {"shared_expert_intermediate_size": 0}, "shared_expert"),
+    ("qwen2_moe", {"num_experts": 0}, "experts"),
     ("olmoe", {"norm_topk_prob": True}, "normalize_topk"),
     ("olmoe", {"attention_bias": True}, "attn_output_bias"),
 ])
 def test_what_llama_cpps_graph_cannot_run_is_refused(family: str, config: dict, trait: str, tmp_path: Path) -> None:
     """llama.cpp's qwen3moe renormalises the chosen weights, qwen2moe and olmoe never do; all run the experts in
-    every layer and olmoe has no attention output bias, whatever the file says: a checkpoint that does otherwise
-    is refused, naming the trait."""
+    every layer, qwen2moe a shared expert beside them, and olmoe has no attention output bias, whatever the file
+    says: a checkpoint that does otherwise is refused, naming the trait."""
     source = save_tiny(tmp_path / "source", family, **(CONFIGS[family] | config))
     with pytest.raises(CheckpointError, match=f"cannot honour the trait {trait}"):
         GGUFWriter(Checkpoint.open(source), GGUFTarget(format="gguf", quants=["F16"]), tmp_path / "out", "m")
