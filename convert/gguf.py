@@ -273,12 +273,8 @@ class GGUFWriter(Writer):
     def _outputs(self, hf_name: str) -> list[tuple[str, tuple[int, ...]]]:
         """(GGUF name, numpy shape) of each tensor an HF tensor is written as."""
         role = self.checkpoint.family.role_of(hf_name)
-        shape = self.arch.shape(role.role, self.checkpoint.tensor_infos[hf_name].shape)
-        names = self._gguf_names(hf_name)
-        if len(names) == 1:
-            return [(names[0], shape)]
-        part = (*shape[:-2], shape[-2] // len(names), shape[-1])
-        return [(name, part) for name in names]
+        shapes = self.arch.shapes(role.role, self.checkpoint.tensor_infos[hf_name].shape)
+        return list(zip(self._gguf_names(hf_name), shapes, strict=True))
 
     def _importance_matrix(self) -> dict[str, np.ndarray]:
         """llama.cpp's importance matrix keyed by GGUF weight names (see quantize.gguf.importance_matrix)."""
@@ -287,8 +283,10 @@ class GGUFWriter(Writer):
         by_hf_name = importance_matrix(self.checkpoint.path, text, where=name)
         renamed = {}
         for hf_name, values in by_hf_name.items():
-            # A tied head multiplies by token_embd, so llama.cpp looks its statistics up under that name.
-            gguf_names = ["token_embd.weight"] if tie and hf_name == "lm_head.weight" else self._gguf_names(hf_name)
+            # A tied head multiplies by token_embd, so llama.cpp looks its statistics up under that name (or
+            # under output's, where the embedding is written again as the head).
+            head = "output.weight" if self.arch.head_from_embedding else "token_embd.weight"
+            gguf_names = [head] if tie and hf_name == "lm_head.weight" else self._gguf_names(hf_name)
             if not gguf_names:
                 raise RecipeError(f"importance matrix entry {hf_name!r} has no GGUF tensor", name)
             for gguf_name in gguf_names:  # gate and up of an expert stack read the same inputs

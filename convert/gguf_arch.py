@@ -68,6 +68,8 @@ class Layout:
     experts: LlamaCppExperts | None = None  # None: this arch has no mixture of experts
     # the graph sizes q, k and v as the hidden state (olmoe): grouped k/v heads are repeated, one per q head
     kv_heads_as_q: bool = False
+    # the graph requires output.weight (no fallback to token_embd): a tied head is written as a copy of it
+    output_required: bool = False
 
 
 _PRE = {"norm_placement": "pre", "qk_norm": None, "activation": "silu", "final_softcap": None, "attn_softcap": None,
@@ -83,7 +85,7 @@ LAYOUTS: dict[str, Layout] = {
     "gemma3": Layout(A.GEMMA3, permute_qk=False, fixed=_GEMMA | {"qk_norm": "head"},
                      keyed=frozenset({"final_softcap", "sliding_window"})),
     "olmo2": Layout(A.OLMO2, permute_qk=False, fixed=_PRE | {"norm_placement": "post", "qk_norm": "projection"},
-                    keyed=frozenset({"sliding_window"})),
+                    keyed=frozenset({"sliding_window"}), output_required=True),
     "granite": Layout(A.GRANITE, permute_qk=True, fixed=_PRE,
                       keyed=frozenset({"embedding_scale", "attention_scale", "residual_scale", "logits_scale"})),
     "phi3": Layout(A.PHI3, permute_qk=False, fixed=_PRE | {"fused_qkv": True, "fused_gate_up": True},
@@ -96,10 +98,12 @@ LAYOUTS: dict[str, Layout] = {
                         experts=LlamaCppExperts(normalize_topk=True, expert_length_key=True)),
     # qwen2moe and olmoe load no attn_output bias
     "qwen2_moe": Layout(A.QWEN2MOE, permute_qk=False, fixed=_PRE | {"attn_output_bias": False},
-                        experts=LlamaCppExperts(normalize_topk=False, expert_length_key=True, shared_expert=True)),
+                        experts=LlamaCppExperts(normalize_topk=False, expert_length_key=True, shared_expert=True),
+                        output_required=True),
     # olmoe sizes its experts by feed_forward_length (it reads no expert key)
     "olmoe": Layout(A.OLMOE, permute_qk=False, fixed=_PRE | {"qk_norm": "projection", "attn_output_bias": False},
-                    experts=LlamaCppExperts(normalize_topk=False, expert_length_key=False), kv_heads_as_q=True),
+                    experts=LlamaCppExperts(normalize_topk=False, expert_length_key=False), kv_heads_as_q=True,
+                    output_required=True),
 }
 # Roles whose rows are the k/v heads' (a bias or a norm over the projection too): repeated for kv_heads_as_q
 KV_ROLES = ("attn_k", "attn_v", "attn_k_norm")
@@ -123,6 +127,8 @@ class GGUFArch:
         # k/v heads as written: one per q head where the graph needs it (each source head repeated this often)
         self.head_count_kv = spec.num_heads if self.layout.kv_heads_as_q else spec.num_kv_heads
         self.kv_repeat = self.head_count_kv // spec.num_kv_heads
+        # a tied head the graph cannot take from token_embd: the embedding is written twice
+        self.head_from_embedding = spec.tie_word_embeddings and self.layout.output_required
         # q·k × spec's scale where llama.cpp multiplies by its own: the ratio goes into q (or q's norm)
         keyed_scale = "attention_scale" in self.layout.keyed
         self.q_scale = 1.0 if keyed_scale else spec.attention_multiplier / self.llama_cpp_attention_scale()
@@ -294,20 +300,26 @@ class GGUFArch:
 
     # ---- tensors -----------------------------------------------------------------------------------------
     def gguf_roles(self, role: str) -> tuple[str, ...]:
-        """The GGUF base names a checkpoint role is written as: one, or the parts `split` cuts it into."""
+        """The GGUF base names a checkpoint role is written as: one, or the parts `split` cuts it into (a tied
+        embedding also as the head, where the graph requires one)."""
+        if role == "token_embd" and self.head_from_embedding:
+            return ("token_embd", "output")
         return SPLIT_ROLES.get(role, (GGUF_ROLES.get(role, role),))
 
-    def shape(self, role: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The shape a checkpoint tensor of this role and shape has in the file (`to_llama_cpp`'s output)."""
+    def shapes(self, role: str, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """The shapes of the tensors `gguf_roles` names for a checkpoint tensor of this role and shape."""
         if self.kv_repeat > 1 and role in KV_ROLES:
-            return (shape[0] * self.kv_repeat, *shape[1:])
-        return shape
+            return [(shape[0] * self.kv_repeat, *shape[1:])]
+        parts = len(self.gguf_roles(role))
+        if role in SPLIT_ROLES:
+            return [(*shape[:-2], shape[-2] // parts, shape[-1])] * parts
+        return [shape] * parts
 
     def split(self, role: str, array: np.ndarray) -> list[np.ndarray]:
         """A tensor in llama.cpp's layout as the parts `gguf_roles` names (views, no copy)."""
-        if role not in SPLIT_ROLES:
-            return [array]
-        return np.split(array, len(SPLIT_ROLES[role]), axis=-2)
+        if role in SPLIT_ROLES:
+            return np.split(array, len(SPLIT_ROLES[role]), axis=-2)
+        return [array] * len(self.gguf_roles(role))
 
     def extra_tensors(self) -> dict[str, np.ndarray]:
         """Tensors llama.cpp reads that the checkpoint does not hold (rope factors), by GGUF base name."""
@@ -328,7 +340,8 @@ class GGUFArch:
         array = np.ascontiguousarray(array, dtype=np.float32)
         if self.kv_repeat > 1 and role in KV_ROLES:
             heads = array.reshape(spec.num_kv_heads, -1, *array.shape[1:])  # GQA's q head h reads kv head h // n
-            array = np.repeat(heads, self.kv_repeat, axis=0).reshape(self.shape(role, array.shape))
+            [shape] = self.shapes(role, array.shape)
+            array = np.repeat(heads, self.kv_repeat, axis=0).reshape(shape)
         if role.endswith("_norm") and spec.norm_offset:
             array = array + np.float32(spec.norm_offset)
         if self.q_scale != 1.0 and role == ("attn_q_norm" if spec.qk_norm else "attn_q"):

@@ -115,6 +115,36 @@ def test_olmoe_kv_heads_are_repeated_per_q_head(tmp_path: Path) -> None:
         np.testing.assert_array_equal(written, expected.astype(written.dtype))
 
 
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe", "olmo2"])
+def test_a_tied_head_is_written_where_the_graph_requires_one(family: str, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama.cpp's qwen2moe, olmoe and olmo2 load output.weight without falling back to token_embd: a tied
+    checkpoint's embedding is written again as the head, the file loads and computes the source function, and
+    the streamed quants are still llama_model_quantize's."""
+    from transformers import AutoModelForCausalLM
+
+    from siliconvert.validate.metrics import compare
+    from siliconvert.validate.runners.gguf import LlamaCppRunner
+
+    source = save_tiny(tmp_path / "source", family, **(CONFIGS.get(family, {}) | {"tie_word_embeddings": True}))
+    assert "lm_head.weight" not in dict(Checkpoint.open(source).tensors())
+    streamed = {a.quant: a.path for a in convert(source, tmp_path / "streamed", ["F16", "Q4_K_M"])}
+    tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(streamed["F16"]).tensors}
+    np.testing.assert_array_equal(tensors["output.weight"], tensors["token_embd.weight"])
+    tokens = np.random.default_rng(0).integers(0, Checkpoint.open(source).spec.vocab_size, size=48)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        reference = model(torch.as_tensor(tokens[None])).logits[0].numpy()
+    runner = LlamaCppRunner(streamed["F16"], {"context": 64})
+    try:
+        logits = runner.logits(tokens)
+    finally:
+        runner.close()
+    assert compare(reference[:-1], logits[:-1], tokens[1:])[0].mean_kld < 0.001
+    whole_file_quantization(monkeypatch)
+    assert_same_model(streamed["Q4_K_M"], convert(source, tmp_path / "whole", ["F16", "Q4_K_M"])[1].path)
+
+
 @pytest.mark.parametrize(("family", "config", "trait"), [
     ("qwen3_moe", {"norm_topk_prob": False}, "normalize_topk"),
     ("qwen3_moe", {"mlp_only_layers": [1]}, "dense_layers"),
