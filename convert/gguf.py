@@ -63,7 +63,8 @@ LOSSLESS = {"BF16": "BF16", "F16": "F16", "F32": "F32"}
 FLOAT_TYPES = (QType.F32, QType.F16, QType.BF16)  # converted here; every other type is llama.cpp's work
 # Tokens llama.cpp's vocabulary loader looks up by name in a model whose general.name says phi3 (llama-vocab.cpp)
 PHI3_NAME_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
-FLOAT32_ROLES = (".ffn_gate_inp.",)  # 2-D tensors llama.cpp's converter always writes as F32
+# 2-D tensors llama.cpp's converter always writes as F32: the routers (a shared expert's [1, hidden] gate too)
+FLOAT32_ROLES = (".ffn_gate_inp.", ".ffn_gate_inp_shexp.")
 IN_FLIGHT_BYTES = 384 << 20  # float32 source bytes waiting for the quantizer before the stream waits
 
 
@@ -197,7 +198,7 @@ class GGUFWriter(Writer):
         if quant in DIRECT_TYPES:
             return DIRECT_TYPES[quant][1], [_storage_type(name, shape, quant) for name, shape in shapes]
         planned = plan_types(gguf.MODEL_ARCH_NAMES[self.arch.arch], self.checkpoint.spec, shapes, quant,
-                             has_imatrix=self.imatrix is not None)
+                             has_imatrix=self.imatrix is not None, head_count_kv=self.arch.head_count_kv)
         if planned is None:
             return None
         # What llama.cpp leaves unquantized keeps the type it has in the full-precision file it would read.
@@ -271,12 +272,9 @@ class GGUFWriter(Writer):
 
     def _outputs(self, hf_name: str) -> list[tuple[str, tuple[int, ...]]]:
         """(GGUF name, numpy shape) of each tensor an HF tensor is written as."""
-        shape = self.checkpoint.tensor_infos[hf_name].shape
-        names = self._gguf_names(hf_name)
-        if len(names) == 1:
-            return [(names[0], shape)]
-        part = (*shape[:-2], shape[-2] // len(names), shape[-1])
-        return [(name, part) for name in names]
+        role = self.checkpoint.family.role_of(hf_name)
+        shapes = self.arch.shapes(role.role, self.checkpoint.tensor_infos[hf_name].shape)
+        return list(zip(self._gguf_names(hf_name), shapes, strict=True))
 
     def _importance_matrix(self) -> dict[str, np.ndarray]:
         """llama.cpp's importance matrix keyed by GGUF weight names (see quantize.gguf.importance_matrix)."""
@@ -285,8 +283,10 @@ class GGUFWriter(Writer):
         by_hf_name = importance_matrix(self.checkpoint.path, text, where=name)
         renamed = {}
         for hf_name, values in by_hf_name.items():
-            # A tied head multiplies by token_embd, so llama.cpp looks its statistics up under that name.
-            gguf_names = ["token_embd.weight"] if tie and hf_name == "lm_head.weight" else self._gguf_names(hf_name)
+            # A tied head multiplies by token_embd, so llama.cpp looks its statistics up under that name (or
+            # under output's, where the embedding is written again as the head).
+            head = "output.weight" if self.arch.head_from_embedding else "token_embd.weight"
+            gguf_names = [head] if tie and hf_name == "lm_head.weight" else self._gguf_names(hf_name)
             if not gguf_names:
                 raise RecipeError(f"importance matrix entry {hf_name!r} has no GGUF tensor", name)
             for gguf_name in gguf_names:  # gate and up of an expert stack read the same inputs

@@ -10,11 +10,17 @@ has, `GGUFArch` does one of three things:
   q rows (or, after a q norm, in the q norm's weights: the norm would undo a scale on q);
 - refuses, naming the trait, when neither is possible: never a file that computes another function.
 
-Mixtures of experts: llama.cpp's `llama` (Mixtral) and `qwen3moe` graphs route every layer through
-`build_moe_ffn` with a softmax over all experts, the top `expert_used_count`, and the chosen weights always
-renormalised; the expert stacks are ffn_gate_exps / ffn_up_exps / ffn_down_exps ({n_embd, n_ff, n_expert} in
-ggml's order: the stacks as transformers holds them) and the router ffn_gate_inp. What they cannot say (dense
-layers between sparse ones, weights left unnormalised) is refused.
+Mixtures of experts: llama.cpp's `llama` (Mixtral), `qwen3moe`, `qwen2moe` and `olmoe` graphs route every
+layer through `build_moe_ffn` with a softmax over all experts and the top `expert_used_count`; llama and
+qwen3moe always renormalise the chosen weights, qwen2moe and olmoe never (none reads expert_weights_norm).
+qwen2moe adds its shared expert (ffn_*_shexp) weighted by sigmoid(ffn_gate_inp_shexp · x). The expert stacks
+are ffn_gate_exps / ffn_up_exps / ffn_down_exps ({n_embd, n_ff, n_expert} in ggml's order: the stacks as
+transformers holds them) and the router ffn_gate_inp. What a graph cannot say (dense layers between sparse
+ones, the other weight rule, a shared expert it lacks or needs) is refused.
+
+llama.cpp's olmoe sizes q, k and v and their norms as the hidden state ({n_embd}): grouped k/v heads are
+written repeated, one per q head, which is the attention GQA computes; the RMS over a k projection whose
+heads each appear n times is the RMS over the original, so the norm over the whole projection is unchanged.
 
 HF q/k rows are "rotate half"; archs with NORM rope in llama.cpp rotate adjacent pairs, so their q and k rows
 are reordered per head (llama.cpp's LlamaModel.permute). NEOX archs take the rows as they are.
@@ -44,6 +50,9 @@ class LlamaCppExperts:
     # the key llama.cpp sizes the expert stacks by: its own expert_feed_forward_length, or (llama) the dense
     # feed_forward_length, which then cannot size a dense MLP of another width
     expert_length_key: bool
+    # a shared expert every token goes through, weighted by a sigmoid of its own gate (ffn_*_shexp,
+    # ffn_gate_inp_shexp): the graph runs one in every layer when True, and has none when False
+    shared_expert: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,10 @@ class Layout:
     # Traits llama.cpp reads from keys or tensors of this arch
     keyed: frozenset[str] = frozenset()
     experts: LlamaCppExperts | None = None  # None: this arch has no mixture of experts
+    # the graph sizes q, k and v as the hidden state (olmoe): grouped k/v heads are repeated, one per q head
+    kv_heads_as_q: bool = False
+    # the graph requires output.weight (no fallback to token_embd): a tied head is written as a copy of it
+    output_required: bool = False
 
 
 _PRE = {"norm_placement": "pre", "qk_norm": None, "activation": "silu", "final_softcap": None, "attn_softcap": None,
@@ -72,7 +85,7 @@ LAYOUTS: dict[str, Layout] = {
     "gemma3": Layout(A.GEMMA3, permute_qk=False, fixed=_GEMMA | {"qk_norm": "head"},
                      keyed=frozenset({"final_softcap", "sliding_window"})),
     "olmo2": Layout(A.OLMO2, permute_qk=False, fixed=_PRE | {"norm_placement": "post", "qk_norm": "projection"},
-                    keyed=frozenset({"sliding_window"})),
+                    keyed=frozenset({"sliding_window"}), output_required=True),
     "granite": Layout(A.GRANITE, permute_qk=True, fixed=_PRE,
                       keyed=frozenset({"embedding_scale", "attention_scale", "residual_scale", "logits_scale"})),
     "phi3": Layout(A.PHI3, permute_qk=False, fixed=_PRE | {"fused_qkv": True, "fused_gate_up": True},
@@ -83,7 +96,17 @@ LAYOUTS: dict[str, Layout] = {
                       experts=LlamaCppExperts(normalize_topk=True, expert_length_key=False)),
     "qwen3_moe": Layout(A.QWEN3MOE, permute_qk=False, fixed=_PRE | {"qk_norm": "head"},
                         experts=LlamaCppExperts(normalize_topk=True, expert_length_key=True)),
+    # qwen2moe and olmoe load no attn_output bias
+    "qwen2_moe": Layout(A.QWEN2MOE, permute_qk=False, fixed=_PRE | {"attn_output_bias": False},
+                        experts=LlamaCppExperts(normalize_topk=False, expert_length_key=True, shared_expert=True),
+                        output_required=True),
+    # olmoe sizes its experts by feed_forward_length (it reads no expert key)
+    "olmoe": Layout(A.OLMOE, permute_qk=False, fixed=_PRE | {"qk_norm": "projection", "attn_output_bias": False},
+                    experts=LlamaCppExperts(normalize_topk=False, expert_length_key=False), kv_heads_as_q=True,
+                    output_required=True),
 }
+# Roles whose rows are the k/v heads' (a bias or a norm over the projection too): repeated for kv_heads_as_q
+KV_ROLES = ("attn_k", "attn_v", "attn_k_norm")
 # Roles whose GGUF tensor has another base name: llama.cpp's phi3 keeps gate and up fused in ffn_up
 GGUF_ROLES = {"ffn_gate_up": "ffn_up"}
 # Roles llama.cpp keeps as several tensors, split in equal parts along the rows (axis -2): transformers'
@@ -101,6 +124,11 @@ class GGUFArch:
             raise CheckpointError(f"no GGUF layout for the {spec.family} family", where)
         self.spec, self.where, self.layout = spec, where, LAYOUTS[spec.family]
         self._check()
+        # k/v heads as written: one per q head where the graph needs it (each source head repeated this often)
+        self.head_count_kv = spec.num_heads if self.layout.kv_heads_as_q else spec.num_kv_heads
+        self.kv_repeat = self.head_count_kv // spec.num_kv_heads
+        # a tied head the graph cannot take from token_embd: the embedding is written twice
+        self.head_from_embedding = spec.tie_word_embeddings and self.layout.output_required
         # q·k × spec's scale where llama.cpp multiplies by its own: the ratio goes into q (or q's norm)
         keyed_scale = "attention_scale" in self.layout.keyed
         self.q_scale = 1.0 if keyed_scale else spec.attention_multiplier / self.llama_cpp_attention_scale()
@@ -142,6 +170,9 @@ class GGUFArch:
     def _check_experts(self) -> None:
         experts, supported = self.spec.experts, self.layout.experts
         if experts is None:
+            if supported is not None and self.arch != A.LLAMA:  # llama runs a dense MLP without expert_count
+                raise self.refuse("experts", "llama.cpp runs a mixture of experts in every layer; the source has "
+                                             "none")
             return
         if supported is None:
             raise self.refuse("experts", "this architecture has no mixture of experts in llama.cpp")
@@ -150,6 +181,10 @@ class GGUFArch:
             raise self.refuse("normalize_topk", f"llama.cpp {done} the chosen experts' weights; the source "
                                                 f"{'does' if experts.normalize_topk else 'does not'} "
                                                 "(norm_topk_prob)")
+        if bool(experts.shared_intermediate_size) != supported.shared_expert:
+            has = "runs a shared expert in every layer" if supported.shared_expert else "has no shared expert"
+            raise self.refuse("shared_expert", f"llama.cpp {has}; the source "
+                                               f"{'has one' if experts.shared_intermediate_size else 'has none'}")
         if dense := self.spec.traits().get("dense_layers"):
             raise self.refuse("dense_layers", f"llama.cpp runs the experts in every layer; the source's layers "
                                               f"{dense} have a dense MLP")
@@ -204,7 +239,7 @@ class GGUFArch:
         writer.add_feed_forward_length(experts.intermediate_size if sized_by_dense_key else spec.intermediate_size)
         writer.add_block_count(spec.num_layers)
         writer.add_head_count(spec.num_heads)
-        writer.add_head_count_kv(spec.num_kv_heads)
+        writer.add_head_count_kv(self.head_count_kv)
         writer.add_key_length(spec.head_dim)
         writer.add_value_length(spec.head_dim)
         writer.add_rope_dimension_count(rope.dim if rope else spec.head_dim)
@@ -216,6 +251,8 @@ class GGUFArch:
             writer.add_expert_used_count(experts.used)
             if not sized_by_dense_key:
                 writer.add_expert_feed_forward_length(experts.intermediate_size)
+            if experts.shared_intermediate_size:
+                writer.add_expert_shared_feed_forward_length(experts.shared_intermediate_size)
         keyed = self.layout.keyed
         if "embedding_scale" in keyed:
             writer.add_embedding_scale(spec.embedding_scale)
@@ -263,14 +300,26 @@ class GGUFArch:
 
     # ---- tensors -----------------------------------------------------------------------------------------
     def gguf_roles(self, role: str) -> tuple[str, ...]:
-        """The GGUF base names a checkpoint role is written as: one, or the parts `split` cuts it into."""
+        """The GGUF base names a checkpoint role is written as: one, or the parts `split` cuts it into (a tied
+        embedding also as the head, where the graph requires one)."""
+        if role == "token_embd" and self.head_from_embedding:
+            return ("token_embd", "output")
         return SPLIT_ROLES.get(role, (GGUF_ROLES.get(role, role),))
+
+    def shapes(self, role: str, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """The shapes of the tensors `gguf_roles` names for a checkpoint tensor of this role and shape."""
+        if self.kv_repeat > 1 and role in KV_ROLES:
+            return [(shape[0] * self.kv_repeat, *shape[1:])]
+        parts = len(self.gguf_roles(role))
+        if role in SPLIT_ROLES:
+            return [(*shape[:-2], shape[-2] // parts, shape[-1])] * parts
+        return [shape] * parts
 
     def split(self, role: str, array: np.ndarray) -> list[np.ndarray]:
         """A tensor in llama.cpp's layout as the parts `gguf_roles` names (views, no copy)."""
-        if role not in SPLIT_ROLES:
-            return [array]
-        return np.split(array, len(SPLIT_ROLES[role]), axis=-2)
+        if role in SPLIT_ROLES:
+            return np.split(array, len(SPLIT_ROLES[role]), axis=-2)
+        return [array] * len(self.gguf_roles(role))
 
     def extra_tensors(self) -> dict[str, np.ndarray]:
         """Tensors llama.cpp reads that the checkpoint does not hold (rope factors), by GGUF base name."""
@@ -285,9 +334,14 @@ class GGUFArch:
 
     def to_llama_cpp(self, role: str, kind: str, array: np.ndarray) -> np.ndarray:
         """A checkpoint tensor as llama.cpp's graph wants it: norms with their offset folded in, the attention
-        scale correction folded in, q/k rows in llama.cpp's rope order."""
+        scale correction folded in, k/v heads repeated where the graph wants one per q head, q/k rows in
+        llama.cpp's rope order."""
         spec = self.spec
         array = np.ascontiguousarray(array, dtype=np.float32)
+        if self.kv_repeat > 1 and role in KV_ROLES:
+            heads = array.reshape(spec.num_kv_heads, -1, *array.shape[1:])  # GQA's q head h reads kv head h // n
+            [shape] = self.shapes(role, array.shape)
+            array = np.repeat(heads, self.kv_repeat, axis=0).reshape(shape)
         if role.endswith("_norm") and spec.norm_offset:
             array = array + np.float32(spec.norm_offset)
         if self.q_scale != 1.0 and role == ("attn_q_norm" if spec.qk_norm else "attn_q"):
@@ -295,7 +349,7 @@ class GGUFArch:
         if self.layout.permute_qk and role == "attn_q":
             return rope_pairs_adjacent(array, spec.num_heads)
         if self.layout.permute_qk and role == "attn_k":
-            return rope_pairs_adjacent(array, spec.num_kv_heads)
+            return rope_pairs_adjacent(array, self.head_count_kv)
         return array
 
 

@@ -139,9 +139,10 @@ def _ggml():
 
 
 def plan_types(architecture: str, spec, tensors: Sequence[tuple[str, tuple[int, ...]]], quant: str, *,
-               has_imatrix: bool = False) -> list[QType | None] | None:
+               has_imatrix: bool = False, head_count_kv: int | None = None) -> list[QType | None] | None:
     """The type llama-quantize gives each (GGUF name, numpy shape) for `quant`; None for a tensor it leaves
-    as it is. None altogether where this llama.cpp lacks the planner (then use `quantize` on a file)."""
+    as it is. None altogether where this llama.cpp lacks the planner (then use `quantize` on a file).
+    `head_count_kv`: the file's, where it writes k/v heads other than the spec's (repeated for llama.cpp)."""
     planner = _planner()
     if planner is None:
         return None
@@ -149,8 +150,8 @@ def plan_types(architecture: str, spec, tensors: Sequence[tuple[str, tuple[int, 
     # the expert count changes llama.cpp's choices (an 8-expert model keeps attn_k and attn_v at Q8_0)
     experts = spec.experts.count if spec.experts is not None else 0
     description = _ModelDescription(architecture.encode(), spec.hidden_size, spec.intermediate_size,
-                                    spec.num_layers, spec.num_heads, spec.num_kv_heads, experts, spec.head_dim,
-                                    spec.head_dim)
+                                    spec.num_layers, spec.num_heads, head_count_kv or spec.num_kv_heads, experts,
+                                    spec.head_dim, spec.head_dim)
     model = planner["model_from_metadata"](ctypes.byref(description))
     if not model:
         return None

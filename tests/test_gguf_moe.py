@@ -25,7 +25,12 @@ from siliconvert.validate.runners.gguf import GGMLTensor
 pytestmark = pytest.mark.slow
 
 QWEN3_MOE_ROUTED = QWEN3_MOE | {"norm_topk_prob": True, "mlp_only_layers": []}  # what llama.cpp's qwen3moe runs
-ARCH = {"qwen3_moe": "qwen3moe", "mixtral": "llama"}
+# a shared expert of another width than the routed ones; the chosen weights not renormalised
+QWEN2_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "intermediate_size": 48,
+             "shared_expert_intermediate_size": 24, "qkv_bias": True}
+OLMOE = {"num_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 16}  # TINY's 2 kv heads for 4 q heads
+CONFIGS = {"qwen3_moe": QWEN3_MOE_ROUTED, "mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE, "olmoe": OLMOE}
+ARCH = {"qwen3_moe": "qwen3moe", "mixtral": "llama", "qwen2_moe": "qwen2moe", "olmoe": "olmoe"}
 
 
 def save_tiny(folder: Path, family: str, **config) -> Path:
@@ -47,10 +52,9 @@ def save_tiny(folder: Path, family: str, **config) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])
+@pytest.fixture(scope="module", params=list(CONFIGS))
 def tiny_moe(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = QWEN3_MOE_ROUTED if request.param == "qwen3_moe" else MIXTRAL
-    return save_tiny(tmp_path_factory.mktemp(request.param), request.param, **config)
+    return save_tiny(tmp_path_factory.mktemp(request.param), request.param, **CONFIGS[request.param])
 
 
 def test_expert_stacks_and_keys_are_llama_cpps(tiny_moe: Path, tmp_path: Path) -> None:
@@ -59,10 +63,10 @@ def test_expert_stacks_and_keys_are_llama_cpps(tiny_moe: Path, tmp_path: Path) -
     [artifact] = convert(tiny_moe, tmp_path, ["F16"])
     keys = fields(artifact.path)
     assert keys[f"{arch}.expert_count"] == 4 and keys[f"{arch}.expert_used_count"] == 2
-    if arch == "llama":  # llama.cpp's llama sizes the experts by the dense key and reads no expert key
-        assert keys["llama.feed_forward_length"] == 16 and "llama.expert_feed_forward_length" not in keys
+    if arch in ("llama", "olmoe"):  # these size the experts by the dense key and read no expert key
+        assert keys[f"{arch}.feed_forward_length"] == 16 and f"{arch}.expert_feed_forward_length" not in keys
     else:
-        assert keys["qwen3moe.expert_feed_forward_length"] == 16
+        assert keys[f"{arch}.expert_feed_forward_length"] == 16
     tensors = {t.name: t for t in gguf.GGUFReader(artifact.path).tensors}
     stream = dict(checkpoint.tensors())
     for layer in spec.sparse_layers:
@@ -77,23 +81,93 @@ def test_expert_stacks_and_keys_are_llama_cpps(tiny_moe: Path, tmp_path: Path) -
         assert router.tensor_type == gguf.GGMLQuantizationType.F32  # as llama.cpp's converter keeps it
         np.testing.assert_array_equal(np.asarray(router.data), stream[f"model.layers.{layer}.mlp.gate.weight"])
     assert not any(".ffn_gate." in name or ".ffn_up." in name for name in tensors)
+    if spec.experts.shared_intermediate_size:
+        assert keys[f"{arch}.expert_shared_feed_forward_length"] == 24
+        for layer in spec.sparse_layers:
+            for role, part in {"ffn_gate_shexp": "shared_expert.gate_proj", "ffn_up_shexp": "shared_expert.up_proj",
+                               "ffn_down_shexp": "shared_expert.down_proj"}.items():
+                values = stream[f"model.layers.{layer}.mlp.{part}.weight"]
+                tensor = tensors[f"blk.{layer}.{role}.weight"]
+                np.testing.assert_array_equal(np.asarray(tensor.data).reshape(values.shape), values.astype(np.float16))
+            gate = tensors[f"blk.{layer}.ffn_gate_inp_shexp.weight"]
+            assert gate.tensor_type == gguf.GGMLQuantizationType.F32  # a router, as llama.cpp's converter keeps it
+            np.testing.assert_array_equal(np.asarray(gate.data).reshape(1, -1),
+                                          stream[f"model.layers.{layer}.mlp.shared_expert_gate.weight"])
+    else:
+        assert not any("shexp" in name for name in tensors)
 
 
-@pytest.mark.parametrize(("config", "trait"), [
-    ({"norm_topk_prob": False}, "normalize_topk"),
-    ({"mlp_only_layers": [1]}, "dense_layers"),
-    ({"decoder_sparse_step": 2}, "dense_layers"),
+def test_olmoe_kv_heads_are_repeated_per_q_head(tmp_path: Path) -> None:
+    """llama.cpp's olmoe sizes k, v and the k norm as the hidden state: each of the source's kv heads is written
+    once per q head that reads it (GQA's grouping), the norm over the projection with them."""
+    source = save_tiny(tmp_path / "source", "olmoe", **OLMOE)
+    spec = Checkpoint.open(source).spec
+    [artifact] = convert(source, tmp_path, ["F16"])
+    assert fields(artifact.path)["olmoe.attention.head_count_kv"] == spec.num_heads == 2 * spec.num_kv_heads
+    tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(artifact.path).tensors}
+    stream = dict(Checkpoint.open(source).tensors())
+    for part, role in (("k_proj.weight", "attn_k.weight"), ("v_proj.weight", "attn_v.weight"),
+                       ("k_norm.weight", "attn_k_norm.weight")):
+        values = stream[f"model.layers.0.self_attn.{part}"]
+        heads = values.reshape(spec.num_kv_heads, spec.head_dim, -1)
+        expected = np.stack([heads[0], heads[0], heads[1], heads[1]]).reshape(-1, *values.shape[1:])
+        written = tensors[f"blk.0.{role}"].reshape(expected.shape)
+        np.testing.assert_array_equal(written, expected.astype(written.dtype))
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe", "olmo2"])
+def test_a_tied_head_is_written_where_the_graph_requires_one(family: str, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama.cpp's qwen2moe, olmoe and olmo2 load output.weight without falling back to token_embd: a tied
+    checkpoint's embedding is written again as the head, the file loads and computes the source function, and
+    the streamed quants are still llama_model_quantize's."""
+    from transformers import AutoModelForCausalLM
+
+    from siliconvert.validate.metrics import compare
+    from siliconvert.validate.runners.gguf import LlamaCppRunner
+
+    source = save_tiny(tmp_path / "source", family, **(CONFIGS.get(family, {}) | {"tie_word_embeddings": True}))
+    assert "lm_head.weight" not in dict(Checkpoint.open(source).tensors())
+    streamed = {a.quant: a.path for a in convert(source, tmp_path / "streamed", ["F16", "Q4_K_M"])}
+    tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(streamed["F16"]).tensors}
+    np.testing.assert_array_equal(tensors["output.weight"], tensors["token_embd.weight"])
+    tokens = np.random.default_rng(0).integers(0, Checkpoint.open(source).spec.vocab_size, size=48)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        reference = model(torch.as_tensor(tokens[None])).logits[0].numpy()
+    runner = LlamaCppRunner(streamed["F16"], {"context": 64})
+    try:
+        logits = runner.logits(tokens)
+    finally:
+        runner.close()
+    assert compare(reference[:-1], logits[:-1], tokens[1:])[0].mean_kld < 0.001
+    whole_file_quantization(monkeypatch)
+    assert_same_model(streamed["Q4_K_M"], convert(source, tmp_path / "whole", ["F16", "Q4_K_M"])[1].path)
+
+
+@pytest.mark.parametrize(("family", "config", "trait"), [
+    ("qwen3_moe", {"norm_topk_prob": False}, "normalize_topk"),
+    ("qwen3_moe", {"mlp_only_layers": [1]}, "dense_layers"),
+    ("qwen3_moe", {"decoder_sparse_step": 2}, "dense_layers"),
+    ("qwen2_moe", {"norm_topk_prob": True}, "normalize_topk"),
+    ("qwen2_moe", {"mlp_only_layers": [1]}, "dense_layers"),
+    ("qwen2_moe", {"decoder_sparse_step": 2}, "dense_layers"),
+    ("qwen2_moe", {"shared_expert_intermediate_size": 0}, "shared_expert"),
+    ("qwen2_moe", {"num_experts": 0}, "experts"),
+    ("olmoe", {"norm_topk_prob": True}, "normalize_topk"),
+    ("olmoe", {"attention_bias": True}, "attn_output_bias"),
 ])
-def test_what_llama_cpps_qwen3moe_cannot_run_is_refused(config: dict, trait: str, tmp_path: Path) -> None:
-    """llama.cpp's qwen3moe renormalises the chosen weights and runs the experts in every layer, whatever the
-    file says: a checkpoint that does otherwise is refused, naming the trait."""
-    source = save_tiny(tmp_path / "source", "qwen3_moe", **(QWEN3_MOE_ROUTED | config))
+def test_what_llama_cpps_graph_cannot_run_is_refused(family: str, config: dict, trait: str, tmp_path: Path) -> None:
+    """llama.cpp's qwen3moe renormalises the chosen weights, qwen2moe and olmoe never do; all run the experts in
+    every layer, qwen2moe a shared expert beside them, and olmoe has no attention output bias, whatever the file
+    says: a checkpoint that does otherwise is refused, naming the trait."""
+    source = save_tiny(tmp_path / "source", family, **(CONFIGS[family] | config))
     with pytest.raises(CheckpointError, match=f"cannot honour the trait {trait}"):
         GGUFWriter(Checkpoint.open(source), GGUFTarget(format="gguf", quants=["F16"]), tmp_path / "out", "m")
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])
+@pytest.fixture(scope="module", params=["qwen3_moe", "mixtral", "qwen2_moe", "olmoe"])
 def trained_moe(request: pytest.FixtureRequest) -> Path:
     tokenizer, config = FAMILY_CASES[request.param]
     return small_checkpoint(None, request.param, tokenizer, config=config)
@@ -113,6 +187,7 @@ def test_streamed_expert_quants_are_llama_quantizes_bytes(trained_moe: Path, tmp
         assert_same_model(streamed[quant], whole[quant])
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(streamed["Q4_K_M"]).tensors}
     assert types["blk.0.ffn_gate_inp.weight"] == gguf.GGMLQuantizationType.F32
+    assert types.get("blk.0.ffn_gate_inp_shexp.weight", gguf.GGMLQuantizationType.F32) == gguf.GGMLQuantizationType.F32
     assert types["blk.0.ffn_up_exps.weight"] != gguf.GGMLQuantizationType.F32
 
 
