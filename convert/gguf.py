@@ -32,7 +32,8 @@ from siliconvert.artifacts import Artifact, Writer, sync_file
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.gguf_arch import GGUFArch
 from siliconvert.convert.gguf_vocab import add_tokenizer
-from siliconvert.errors import CheckpointError, RecipeError
+from siliconvert.errors import CheckpointError, RecipeError, RuntimeMissingError
+from siliconvert.progress import track
 from siliconvert.quantize.gguf import (
     LLAMA_CPP_QUANTS,
     QuantizedTensor,
@@ -42,6 +43,8 @@ from siliconvert.quantize.gguf import (
     plan_types,
     quantize,
 )
+from siliconvert.quantize.plan import Plan, make_plan
+from siliconvert.quantize.sensitivity import gguf_costs
 from siliconvert.recipe import GGUFTarget
 
 # ---- knowledge as data ---------------------------------------------------------------------------
@@ -53,6 +56,13 @@ DIRECT_TYPES = {
     "F16": (QType.F16, LlamaFileType.MOSTLY_F16),
     "BF16": (QType.BF16, LlamaFileType.MOSTLY_BF16),
     "Q8_0": (QType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+}
+# general.file_type of a planned file: the file type whose main type holds most of the planned weights
+PLANNED_FILE_TYPES = {
+    QType.Q2_K.name: LlamaFileType.MOSTLY_Q2_K, QType.Q3_K.name: LlamaFileType.MOSTLY_Q3_K_M,
+    QType.Q4_0.name: LlamaFileType.MOSTLY_Q4_0, QType.Q4_K.name: LlamaFileType.MOSTLY_Q4_K_M,
+    QType.Q5_0.name: LlamaFileType.MOSTLY_Q5_0, QType.Q5_K.name: LlamaFileType.MOSTLY_Q5_K_M,
+    QType.Q6_K.name: LlamaFileType.MOSTLY_Q6_K, QType.Q8_0.name: LlamaFileType.MOSTLY_Q8_0,
 }
 # The lossless full-precision type for a source dtype: what llama.cpp's quantizer reads.
 LOSSLESS = {"BF16": "BF16", "F16": "F16", "F32": "F32"}
@@ -77,18 +87,20 @@ class GGUFWriter(Writer):
         self._index = 0  # position of the next tensor in self.order
         shapes = [(self._gguf_name(n), checkpoint.tensor_infos[n].shape) for n in self.order]
         quantized = any(q not in DIRECT_TYPES for q in target.quants)
-        self.imatrix = self._importance_matrix() if target.imatrix and quantized else None
+        # a plan weighs each tensor's error by the importance matrix, and quantizes with it
+        self.imatrix = self._importance_matrix() if (target.imatrix or target.plan) and quantized else None
+        self.metadata = self._metadata()
         # quant → (general.file_type, every tensor's type in self.order)
         self.plans: dict[str, tuple[LlamaFileType, list[QType]]] = {}
+        self.quant_plan: Plan | None = None  # the planned file's choices, for "auto"
         for quant in target.quants:
-            plan = self._plan(quant, shapes)
+            plan = self._planned(shapes) if quant == "auto" else self._plan(quant, shapes)
             if plan is not None:
                 self.plans[quant] = plan
         # Quants whose per-tensor plan this llama.cpp cannot give: its whole-file quantizer makes them.
         self.from_file = [q for q in target.quants if q not in self.plans]
         if self.from_file and self._full_precision() not in self.plans:
             self.plans[self._full_precision()] = self._plan(self._full_precision(), shapes)
-        self.metadata = self._metadata()
         out_dir.mkdir(parents=True, exist_ok=True)
         self.files: dict[str, tuple[Path, gguf.GGUFWriter]] = {}
         for quant, (file_type, types) in self.plans.items():
@@ -137,7 +149,8 @@ class GGUFWriter(Writer):
                 quantize(source, self._path(quant), quant, imatrix=self.imatrix)
         for temp, _ in self.files.values():
             temp.unlink(missing_ok=True)
-        return [Artifact("gguf", q, self._path(q)) for q in self.target.quants]
+        return [Artifact("gguf", self.target.file_quant(q), self._path(q),
+                         plan=self.quant_plan.summary() if q == "auto" else None) for q in self.target.quants]
 
     def abort(self) -> None:
         if self.quantizer is not None:
@@ -171,7 +184,7 @@ class GGUFWriter(Writer):
 
     # ---- plan ------------------------------------------------------------------------------------
     def _path(self, quant: str) -> Path:
-        return self.out_dir / f"{self.model_name}-{quant}.gguf"
+        return self.out_dir / f"{self.model_name}-{self.target.file_quant(quant)}.gguf"
 
     def _full_precision(self) -> str:
         """The file llama.cpp's quantizer reads: one the user asked for, else lossless for the source."""
@@ -196,6 +209,55 @@ class GGUFWriter(Writer):
         types = [t if t is not None else _storage_type(name, shape, kept)
                  for t, (name, shape) in zip(planned, shapes, strict=True)]
         return LLAMA_CPP_QUANTS[quant], types
+
+    def _planned(self, shapes: Sequence[tuple[str, tuple[int, ...]]]) -> tuple[LlamaFileType, list[QType]]:
+        """(general.file_type, each tensor's type) of the planned file: every tensor llama.cpp would quantize
+        gets the type quantize/plan.py picks from its measured costs (a read of the weights before the
+        conversion's, one tensor at a time); what llama.cpp leaves unquantized stays as in a fixed quant."""
+        quantizable = plan_types(gguf.MODEL_ARCH_NAMES[self.arch.arch], self.checkpoint.spec, shapes, "Q4_K_M",
+                                 has_imatrix=True)
+        if quantizable is None:
+            raise RuntimeMissingError("this llama.cpp does not export the per-tensor planner (llama_quant_*) "
+                                      "a planned GGUF needs")
+        kept = self._full_precision()
+        planned = {hf: gguf_name for hf, (gguf_name, _), qtype in zip(self.order, shapes, quantizable, strict=True)
+                   if qtype is not None}
+        quantizer = TensorQuantizer()
+        costs = []
+        try:
+            stream = track(self.checkpoint.tensors(), "measuring llama.cpp types per tensor",
+                           total=len(self.checkpoint.tensor_infos))
+            for name, array in stream:
+                if name in planned:
+                    gguf_name = planned[name]
+                    costs.append(gguf_costs(gguf_name, self._to_llama_cpp_layout(name, array),
+                                            self.imatrix.get(gguf_name), quantizer))
+        finally:
+            quantizer.close()
+        fixed_types = [_storage_type(name, shape, kept) for name, shape in shapes]
+        fixed = sum(_nbytes(shape, qtype) for (name, shape), qtype, q in zip(shapes, fixed_types, quantizable,
+                                                                           strict=True) if q is None)
+        self.quant_plan = make_plan(costs, self.target.plan, fixed_bytes=fixed + self._header_bytes(fixed_types))
+        types = [QType[self.quant_plan.choices[name].kind] if name in self.quant_plan.choices else fixed_type
+                 for (name, _), fixed_type in zip(shapes, fixed_types, strict=True)]
+        weights: dict[str, int] = {}
+        for name, cost in zip(planned.values(), costs, strict=True):
+            kind = self.quant_plan.choices[name].kind
+            weights[kind] = weights.get(kind, 0) + cost.params
+        return PLANNED_FILE_TYPES[max(sorted(weights), key=weights.get)], types
+
+    def _header_bytes(self, types: list[QType]) -> int:
+        """Bytes of the file before the tensors' data (header, key/values, tensor infos, the extra tensors):
+        a size goal counts them. Measured by writing them; the types do not change their size."""
+        scratch = self.out_dir / f".{self.model_name}-header.partial"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        writer = self._open(scratch, LlamaFileType.MOSTLY_Q4_K_M, types)
+        try:
+            writer.fout[0].flush()
+            return scratch.stat().st_size
+        finally:
+            writer.close()
+            scratch.unlink(missing_ok=True)
 
     def _metadata(self) -> gguf.GGUFWriter:
         """The key/values every file shares, gathered once in a writer that has no file."""
@@ -266,7 +328,7 @@ class GGUFWriter(Writer):
     def _importance_matrix(self) -> dict[str, np.ndarray]:
         """llama.cpp's importance matrix keyed by GGUF weight names (see quantize.gguf.importance_matrix)."""
         tie = self.checkpoint.spec.tie_word_embeddings
-        name, text = calibration_text(self.target.imatrix)
+        name, text = calibration_text(self.target.imatrix or "builtin")
         by_hf_name = importance_matrix(self.checkpoint.path, text, where=name)
         renamed = {}
         for hf_name, values in by_hf_name.items():

@@ -30,11 +30,15 @@ from siliconvert.architectures import ModelSpec
 from siliconvert.artifacts import Artifact, Writer
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.mlx_arch import LAYOUTS, MLXArch
+from siliconvert.progress import track
 from siliconvert.quantize.mlx import QuantPolicy, quantizable_modules, quantize
+from siliconvert.quantize.plan import Plan, make_plan
+from siliconvert.quantize.sensitivity import MLX_CANDIDATES, mlx_costs
 from siliconvert.recipe import MLXTarget
 
 SHARD_BYTES = 1 << 30
 ROW_BLOCK_BYTES = 64 << 20  # float32 source bytes converted and quantized at a time
+MLX_GROUP_SIZES = sorted({group for _, group in MLX_CANDIDATES})
 SAFETENSORS_DTYPES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32"}
 
 
@@ -100,10 +104,18 @@ class MLXWriter(Writer):
         self.config = mlx_config(checkpoint)
         self.model = build_model(self.config)
         self.sanitize = tensor_sanitizer(self.model, checkpoint.spec)
-        self.policy = QuantPolicy(target.bits, target.group_size) if target.bits != 16 else None
-        self.quantized = quantizable_modules(self.model, self.policy) if self.policy else set()
+        self.quant_plan: Plan | None = None
+        if target.bits == "auto":  # any module a group of 32 fits may be quantized; the plan picks how
+            self.quantized = quantizable_modules(self.model, QuantPolicy(4, min(MLX_GROUP_SIZES)))
+        else:
+            self.quantized = quantizable_modules(self.model, QuantPolicy(target.bits, target.group_size)) \
+                if target.bits != 16 else set()
         # bits 16 means float16; quantized models keep the source's float type for scales, as mlx-lm does.
-        self.dtype = mx.float16 if self.policy is None else _mx_dtype(checkpoint.spec.source_dtype)
+        self.dtype = mx.float16 if target.bits == 16 else _mx_dtype(checkpoint.spec.source_dtype)
+        # module path → how it is quantized; `policy` is config.json's default (the plan's most common choice)
+        self.policies = self._planned() if target.bits == "auto" else {
+            module: QuantPolicy(target.bits, target.group_size) for module in self.quantized}
+        self.policy = _most_common(self.policies) if self.policies else None
         self.plan = self._plan()
         self.shards = max((o.shard for outputs in self.plan.values() for o in outputs), default=0) + 1
         self.file: BinaryIO | None = None
@@ -133,15 +145,19 @@ class MLXWriter(Writer):
         _write_json(self.tmp_path / "model.safetensors.index.json", index_data)
         config = dict(self.config)
         if self.policy:
-            config["quantization"] = self.policy.config_entry()
-            config["quantization_config"] = self.policy.config_entry()
+            quantization = self.policy.config_entry()
+            if self.quant_plan is not None:  # mlx_lm.load reads a module's own entry before the default
+                quantization |= {module: policy.config_entry() for module, policy in sorted(self.policies.items())}
+            config["quantization"] = quantization
+            config["quantization_config"] = quantization
         _write_json(self.tmp_path / "config.json", dict(sorted(config.items())))
         for file in self.checkpoint.tokenizer_files():
             shutil.copyfile(file, self.tmp_path / file.name)
         if self.final_path.exists():
             shutil.rmtree(self.final_path)
         self.tmp_path.rename(self.final_path)
-        return [Artifact("mlx", self.target.quant, self.final_path)]
+        return [Artifact("mlx", self.target.quant, self.final_path,
+                         plan=self.quant_plan.summary() if self.quant_plan else None)]
 
     def abort(self) -> None:
         if self.file is not None:
@@ -149,6 +165,33 @@ class MLXWriter(Writer):
         shutil.rmtree(self.tmp_path, ignore_errors=True)
 
     # ---- plan --------------------------------------------------------------------------------------
+    def _planned(self) -> dict[str, QuantPolicy]:
+        """Each quantizable module's bits and group size, as quantize/plan.py picks them from measured costs
+        (a read of the weights before the conversion's, one tensor at a time)."""
+        from siliconvert.quantize.gguf import calibration_text, importance_matrix
+
+        name, text = calibration_text("builtin")
+        importance = importance_matrix(self.checkpoint.path, text, where=name)
+        tied = self.checkpoint.spec.tie_word_embeddings
+        costs, fixed = [], sum(f.stat().st_size for f in self.checkpoint.tokenizer_files())
+        stream = track(self.checkpoint.tensors(), "measuring MLX widths per module",
+                       total=len(self.checkpoint.tensor_infos))
+        for source_name, array in stream:
+            if self.checkpoint.family.is_droppable(source_name):
+                continue
+            for mlx_name, weight in self.sanitize({source_name: mx.array(array)}).items():
+                module, _, kind = mlx_name.rpartition(".")
+                if kind != "weight" or module not in self.quantized:
+                    fixed += weight.size * (self.dtype.size if mx.issubdtype(weight.dtype, mx.floating)
+                                            else weight.dtype.size)
+                    continue
+                # a tied embedding is the head too: its columns are weighed by the head's inputs
+                weights = importance.get(mlx_name, importance.get("lm_head.weight") if tied else None)
+                costs.append(mlx_costs(module, np.asarray(weight.astype(mx.float32)), weights, self.dtype.size))
+        self.quant_plan = make_plan(costs, self.target.plan, fixed_bytes=fixed)
+        return {module: QuantPolicy(*_bits_and_group(option.kind))
+                for module, option in self.quant_plan.choices.items()}
+
     def _plan(self) -> dict[str, list[Output]]:
         """Every output array, per source tensor, in stream order, assigned to shards of ≤ SHARD_BYTES.
         mlx's laziness gives the shapes: nothing here is computed."""
@@ -171,8 +214,8 @@ class MLXWriter(Writer):
         for mlx_name, array in self.sanitize({name: weight}).items():
             module, _, kind = mlx_name.rpartition(".")
             array = array.astype(self.dtype) if mx.issubdtype(array.dtype, mx.floating) else array
-            if kind == "weight" and module in self.quantized:
-                out |= {f"{module}.{k}": v for k, v in quantize(array, self.policy).items()}
+            if kind == "weight" and module in self.policies:
+                out |= {f"{module}.{k}": v for k, v in quantize(array, self.policies[module]).items()}
             else:
                 out[mlx_name] = array
         return out
@@ -245,6 +288,19 @@ def _rows_independent(sanitize: Callable[[dict[str, mx.array]], dict[str, mx.arr
 def _as_numpy(array: mx.array) -> np.ndarray:
     # numpy has no bfloat16: its bits travel as uint16
     return np.asarray(array.view(mx.uint16) if array.dtype == mx.bfloat16 else array)
+
+
+def _most_common(policies: dict[str, QuantPolicy]) -> QuantPolicy:
+    counts: dict[QuantPolicy, int] = {}
+    for policy in policies.values():
+        counts[policy] = counts.get(policy, 0) + 1
+    return max(sorted(counts, key=lambda p: (p.bits, p.group_size)), key=counts.get)
+
+
+def _bits_and_group(kind: str) -> tuple[int, int]:
+    """(bits, group size) of a sensitivity option's name, "4bit-g64"."""
+    bits, _, group = kind.partition("bit-g")
+    return int(bits), int(group)
 
 
 def _mx_dtype(name: str) -> mx.Dtype:

@@ -39,6 +39,7 @@ class Artifact:
     quant: str  # e.g. "4bit-g64", "Q4_K_M", "fp16"
     path: Path  # the folder or file a user ships
     runner_options: dict = field(default_factory=dict)  # what the runner needs beyond the path
+    plan: dict | None = None  # a planned quantization's choices and prediction (quantize/plan.py Plan.summary)
 
 
 class Writer(ABC):
