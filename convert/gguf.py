@@ -44,7 +44,7 @@ from siliconvert.quantize.gguf import (
     quantize,
 )
 from siliconvert.quantize.plan import Plan, make_plan
-from siliconvert.quantize.sensitivity import gguf_costs
+from siliconvert.quantize.sensitivity import TensorCosts, gguf_costs
 from siliconvert.recipe import GGUFTarget
 
 # ---- knowledge as data ---------------------------------------------------------------------------
@@ -60,8 +60,10 @@ DIRECT_TYPES = {
 # general.file_type of a planned file: the file type whose main type holds most of the planned weights
 PLANNED_FILE_TYPES = {
     QType.Q2_K.name: LlamaFileType.MOSTLY_Q2_K, QType.Q3_K.name: LlamaFileType.MOSTLY_Q3_K_M,
-    QType.Q4_0.name: LlamaFileType.MOSTLY_Q4_0, QType.Q4_K.name: LlamaFileType.MOSTLY_Q4_K_M,
-    QType.Q5_0.name: LlamaFileType.MOSTLY_Q5_0, QType.Q5_K.name: LlamaFileType.MOSTLY_Q5_K_M,
+    QType.IQ4_NL.name: LlamaFileType.MOSTLY_IQ4_NL, QType.Q4_0.name: LlamaFileType.MOSTLY_Q4_0,
+    QType.Q4_1.name: LlamaFileType.MOSTLY_Q4_1, QType.Q4_K.name: LlamaFileType.MOSTLY_Q4_K_M,
+    QType.Q5_0.name: LlamaFileType.MOSTLY_Q5_0, QType.Q5_1.name: LlamaFileType.MOSTLY_Q5_1,
+    QType.Q5_K.name: LlamaFileType.MOSTLY_Q5_K_M,
     QType.Q6_K.name: LlamaFileType.MOSTLY_Q6_K, QType.Q8_0.name: LlamaFileType.MOSTLY_Q8_0,
 }
 # The lossless full-precision type for a source dtype: what llama.cpp's quantizer reads.
@@ -93,6 +95,7 @@ class GGUFWriter(Writer):
         # quant → (general.file_type, every tensor's type in self.order)
         self.plans: dict[str, tuple[LlamaFileType, list[QType]]] = {}
         self.quant_plan: Plan | None = None  # the planned file's choices, for "auto"
+        self.costs: list[TensorCosts] = []  # the planned tensors' measured candidates
         for quant in target.quants:
             plan = self._planned(shapes) if quant == "auto" else self._plan(quant, shapes)
             if plan is not None:
@@ -223,7 +226,7 @@ class GGUFWriter(Writer):
         planned = {hf: gguf_name for hf, (gguf_name, _), qtype in zip(self.order, shapes, quantizable, strict=True)
                    if qtype is not None}
         quantizer = TensorQuantizer()
-        costs = []
+        costs = self.costs
         try:
             stream = track(self.checkpoint.tensors(), "measuring llama.cpp types per tensor",
                            total=len(self.checkpoint.tensor_infos))

@@ -33,7 +33,7 @@ from siliconvert.convert.mlx_arch import LAYOUTS, MLXArch
 from siliconvert.progress import track
 from siliconvert.quantize.mlx import QuantPolicy, quantizable_modules, quantize
 from siliconvert.quantize.plan import Plan, make_plan
-from siliconvert.quantize.sensitivity import MLX_CANDIDATES, mlx_costs
+from siliconvert.quantize.sensitivity import MLX_CANDIDATES, TensorCosts, mlx_costs
 from siliconvert.recipe import MLXTarget
 
 SHARD_BYTES = 1 << 30
@@ -105,16 +105,14 @@ class MLXWriter(Writer):
         self.model = build_model(self.config)
         self.sanitize = tensor_sanitizer(self.model, checkpoint.spec)
         self.quant_plan: Plan | None = None
-        if target.bits == "auto":  # any module a group of 32 fits may be quantized; the plan picks how
-            self.quantized = quantizable_modules(self.model, QuantPolicy(4, min(MLX_GROUP_SIZES)))
-        else:
-            self.quantized = quantizable_modules(self.model, QuantPolicy(target.bits, target.group_size)) \
-                if target.bits != 16 else set()
+        self.costs: list[TensorCosts] = []  # a plan's measured candidates per module
+        # which modules may be quantized: for a plan, any that a group of 32 fits (it picks the group size)
+        group_size = min(MLX_GROUP_SIZES) if target.bits == "auto" else target.group_size
+        self.quantized = quantizable_modules(self.model, QuantPolicy(4, group_size)) if target.bits != 16 else set()
         # bits 16 means float16; quantized models keep the source's float type for scales, as mlx-lm does.
         self.dtype = mx.float16 if target.bits == 16 else _mx_dtype(checkpoint.spec.source_dtype)
-        # module path → how it is quantized; `policy` is config.json's default (the plan's most common choice)
-        self.policies = self._planned() if target.bits == "auto" else {
-            module: QuantPolicy(target.bits, target.group_size) for module in self.quantized}
+        # module path → how it is quantized; `policy` is config.json's default (the most common one)
+        self.policies = self._module_policies()
         self.policy = _most_common(self.policies) if self.policies else None
         self.plan = self._plan()
         self.shards = max((o.shard for outputs in self.plan.values() for o in outputs), default=0) + 1
@@ -146,7 +144,7 @@ class MLXWriter(Writer):
         config = dict(self.config)
         if self.policy:
             quantization = self.policy.config_entry()
-            if self.quant_plan is not None:  # mlx_lm.load reads a module's own entry before the default
+            if isinstance(self.target.bits, str):  # mlx_lm.load reads a module's own entry before the default
                 quantization |= {module: policy.config_entry() for module, policy in sorted(self.policies.items())}
             config["quantization"] = quantization
             config["quantization_config"] = quantization
@@ -165,6 +163,20 @@ class MLXWriter(Writer):
         shutil.rmtree(self.tmp_path, ignore_errors=True)
 
     # ---- plan --------------------------------------------------------------------------------------
+    def _module_policies(self) -> dict[str, QuantPolicy]:
+        """How each quantized module is stored: the target's width, a plan's choice, or mlx-lm's mixed recipe."""
+        bits = self.target.bits
+        if bits == "auto":
+            return self._planned()
+        if isinstance(bits, str):
+            from mlx_lm.convert import mixed_quant_predicate_builder
+
+            predicate = mixed_quant_predicate_builder(bits, self.model, self.target.group_size)
+            modules = dict(self.model.named_modules())
+            return {path: QuantPolicy(entry["bits"], entry["group_size"], entry["mode"])
+                    for path in sorted(self.quantized) if (entry := predicate(path, modules[path]))}
+        return {module: QuantPolicy(bits, self.target.group_size) for module in self.quantized}
+
     def _planned(self) -> dict[str, QuantPolicy]:
         """Each quantizable module's bits and group size, as quantize/plan.py picks them from measured costs
         (a read of the weights before the conversion's, one tensor at a time)."""
@@ -188,7 +200,7 @@ class MLXWriter(Writer):
                 # a tied embedding is the head too: its columns are weighed by the head's inputs
                 weights = importance.get(mlx_name, importance.get("lm_head.weight") if tied else None)
                 costs.append(mlx_costs(module, np.asarray(weight.astype(mx.float32)), weights, self.dtype.size))
-        self.quant_plan = make_plan(costs, self.target.plan, fixed_bytes=fixed)
+        self.costs, self.quant_plan = costs, make_plan(costs, self.target.plan, fixed_bytes=fixed)
         return {module: QuantPolicy(*_bits_and_group(option.kind))
                 for module, option in self.quant_plan.choices.items()}
 

@@ -34,6 +34,7 @@ class Plan:
     params: int  # weights in the planned tensors
     fixed_bytes: int
     kld_per_error: float
+    goal: dict[str, float]  # the recipe's plan: {"max_mean_kld": x}, {"size_mb": n} or {"bits_per_weight": b}
 
     @property
     def planned_bytes(self) -> int:
@@ -56,7 +57,8 @@ class Plan:
         counts: dict[str, int] = {}
         for option in self.choices.values():
             counts[option.kind] = counts.get(option.kind, 0) + 1
-        return {"predicted_mean_kld": round(self.predicted_kld, 6), "bits_per_weight": round(self.bits_per_weight, 3),
+        return {"goal": self.goal, "predicted_mean_kld": round(self.predicted_kld, 6),
+                "bits_per_weight": round(self.bits_per_weight, 3),
                 "planned_bytes": self.planned_bytes, "bytes": self.nbytes, "kld_per_error": self.kld_per_error,
                 "types": dict(sorted(counts.items())),
                 "tensors": {name: option.kind for name, option in sorted(self.choices.items())}}
@@ -91,7 +93,8 @@ def make_plan(costs: Sequence[TensorCosts], goal: QuantPlan, *, fixed_bytes: int
                 continue
             used += extra
             chosen[name] = option
-    return Plan(chosen, params, fixed_bytes, kld_per_error)
+    goals = goal.model_dump(exclude_none=True, exclude={"kld_per_error"})
+    return Plan(chosen, params, fixed_bytes, kld_per_error, goals)
 
 
 def _trim(costs: Sequence[TensorCosts], chosen: dict[str, Option], allowed_error: float) -> None:

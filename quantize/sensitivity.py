@@ -24,16 +24,19 @@ checkpoint streams them.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 
-# llama.cpp types a GGUF plan chooses from, cheapest first. K-quants need rows of whole 256-blocks; the
-# legacy Q4_0 / Q5_0 / Q8_0 (32-blocks) are what a narrower row can take.
-GGUF_CANDIDATES = (QType.Q2_K, QType.Q3_K, QType.Q4_0, QType.Q4_K, QType.Q5_0, QType.Q5_K, QType.Q6_K, QType.Q8_0)
+# llama.cpp types a GGUF plan chooses from. K-quants need rows of whole 256-blocks; the 32-block types
+# (legacy Q4_0 … Q8_0, IQ4_NL) are what a narrower row can take, and what llama.cpp's fixed recipes fall back to.
+GGUF_CANDIDATES = (QType.Q2_K, QType.Q3_K, QType.IQ4_NL, QType.Q4_0, QType.Q4_1, QType.Q4_K, QType.Q5_0,
+                   QType.Q5_1, QType.Q5_K, QType.Q6_K, QType.Q8_0)
 # (bits, group size) an MLX plan chooses from: every affine width mx.quantize has, at mlx-lm's group sizes
 MLX_CANDIDATES = tuple((bits, group) for bits in (2, 3, 4, 5, 6, 8) for group in (32, 64, 128))
 # Fitted on the demo model: mean KLD per unit of summed relative output error (see the module docstring).
@@ -110,6 +113,34 @@ def mlx_costs(name: str, weight: np.ndarray, importance: np.ndarray | None, scal
 
 def predicted_kld(total_error: float, kld_per_error: float = KLD_PER_ERROR) -> float:
     return kld_per_error * total_error
+
+
+def error_of(costs: Sequence[TensorCosts], kinds: dict[str, str]) -> float:
+    """Summed relative error of storing each tensor as `kinds` says (a fixed recipe's types, read from its
+    artifact with `gguf_kinds` / `mlx_kinds`): how the estimate is held to measured KLD."""
+    total = 0.0
+    for tensor in costs:
+        found = [o.error for o in tensor.options if o.kind == kinds[tensor.name]]
+        if not found:
+            raise ValueError(f"{tensor.name} is stored as {kinds[tensor.name]}, not a measured candidate")
+        total += found[0]
+    return total
+
+
+def gguf_kinds(path: Path) -> dict[str, str]:
+    """Each tensor's llama.cpp type in a GGUF file."""
+    reader = gguf.GGUFReader(path)
+    return {t.name: t.tensor_type.name for t in reader.tensors}
+
+
+def mlx_kinds(folder: Path) -> dict[str, str]:
+    """Each quantized module's "<bits>bit-g<group>" in an MLX folder, as mlx_lm.load reads config.json."""
+    quantization = json.loads((folder / "config.json").read_text())["quantization"]
+    default = mlx_option_name(quantization["bits"], quantization["group_size"])
+    weights = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    modules = {name.removesuffix(".scales") for name in weights if name.endswith(".scales")}
+    return {module: mlx_option_name(quantization[module]["bits"], quantization[module]["group_size"])
+            if isinstance(quantization.get(module), dict) else default for module in modules}
 
 
 def _sorted(options: list[Option]) -> tuple[Option, ...]:

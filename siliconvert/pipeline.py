@@ -107,7 +107,9 @@ def run_recipe(recipe: Recipe, recipe_path: Path | None = None, *, allow_pickle:
         timings.write(out_dir)
         return Outcome(None, artifacts, out_dir)
     gates = {artifact.path: target.gates or recipe.validate_.gates for artifact, target in produced}
-    report = validate_artifacts(checkpoint, recipe.source, artifacts, recipe.validate_, gates, out_dir, timings)
+    replan = Replanner(checkpoint, recipe, produced, out_dir / "artifacts", timings)
+    report = validate_artifacts(checkpoint, recipe.source, artifacts, recipe.validate_, gates, out_dir, timings,
+                                replan=replan)
     recipe_text = recipe_path.read_text(encoding="utf-8") if recipe_path else yaml.safe_dump(
         recipe.model_dump(mode="json", by_alias=True))
     started = time.perf_counter()
@@ -317,9 +319,52 @@ def write_stamp(artifacts_dir: Path, key: str, artifacts: list[Artifact]) -> Non
     write_text_atomically(stamp, json.dumps(entries, indent=2))
 
 
+PLAN_TRIES = 3  # builds of a planned artifact whose measured mean KLD misses its plan's max_mean_kld
+
+
+class Replanner:
+    """The re-plan loop: a planned artifact whose measured mean KLD misses its `max_mean_kld` is planned again
+    with the prediction scaled by measured / predicted (the estimator's one gain, fitted to this model) and
+    written again, at most PLAN_TRIES builds in all; each try is said and goes into the report's plan."""
+
+    def __init__(self, checkpoint: Checkpoint, recipe: Recipe, produced: list[tuple[Artifact, Target]],
+                 artifacts_dir: Path, timings: Timings):
+        self.checkpoint, self.recipe, self.artifacts_dir, self.timings = checkpoint, recipe, artifacts_dir, timings
+        self.targets = {artifact.path: target for artifact, target in produced if artifact.plan is not None}
+        self.tries: dict[Path, list[dict]] = {}
+
+    def __call__(self, artifact: Artifact, entry: dict) -> Artifact | None:
+        """Record how `artifact` did in its report `entry`; a rebuilt artifact to score next, or None."""
+        target = self.targets.get(artifact.path)
+        if target is None:
+            return None
+        goal, plan = target.plan.max_mean_kld, artifact.plan
+        measured = entry["metrics"]["mean_kld"]
+        met = goal is None or measured <= goal
+        history = self.tries.setdefault(artifact.path, [])
+        history.append({"try": len(history) + 1, "predicted_mean_kld": plan["predicted_mean_kld"],
+                        "measured_mean_kld": measured, "bits_per_weight": plan["bits_per_weight"], "met": met})
+        entry["plan"] = {**plan, "tries": list(history)}
+        if met or len(history) >= PLAN_TRIES:
+            return None
+        ratio = measured / max(plan["predicted_mean_kld"], 1e-12)
+        say(f"{artifact.format} {artifact.quant}: measured mean KLD {measured:.5f} misses the plan's {goal:g} "
+            f"(predicted {plan['predicted_mean_kld']:.5f}); planning again with the prediction ×{ratio:.2f} "
+            f"(try {len(history) + 1} of {PLAN_TRIES})")
+        tighter = target.plan.model_copy(update={"kld_per_error": plan["kld_per_error"] * ratio})
+        only_the_plan = {"quants": ["auto"]} if target.format == "gguf" else {}  # not its fixed quants again
+        rebuilt = target.model_copy(update={"plan": tighter, **only_the_plan})
+        self.targets[artifact.path] = rebuilt
+        produced = convert(self.checkpoint, self.recipe.model_copy(update={"targets": [rebuilt]}),
+                           self.artifacts_dir, self.timings)
+        return produced[0][0]
+
+
 def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Artifact], settings: Validate,
-                       gates: dict[Path, Gates], out_dir: Path, timings: Timings | None = None) -> dict:
-    """Score every artifact against the reference on the same windows; write the report."""
+                       gates: dict[Path, Gates], out_dir: Path, timings: Timings | None = None,
+                       replan: Callable[[Artifact, dict], Artifact | None] | None = None) -> dict:
+    """Score every artifact against the reference on the same windows; write the report. `replan` may answer
+    an artifact's entry with a rebuilt artifact, which is scored in its place."""
     import numpy as np
 
     from siliconvert.validate import gates as gate_checks
@@ -341,16 +386,19 @@ def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Arti
     latency = (settings.prefill_tokens, settings.decode_tokens) if settings.latency else None
     entries, klds = [], {}
     for artifact in artifacts:
-        say(f"validating {artifact.format} {artifact.quant}")
-        started = time.perf_counter()
-        run = run_artifact(artifact, windows, latency, probes[artifact.format].artifact_texts)
-        result = score(artifact, run, reference, windows, probes[artifact.format], settings.tokenizer == "strict")
-        peak = getattr(run, "peak_rss_mb", None) or (run.latency.peak_rss_mb if run.latency else None)
-        timings.stage(f"validate.{artifact.format} {artifact.quant}", wall_s=time.perf_counter() - started,
-                      peak_rss_mb=peak)
-        failures = gate_checks.check(result, gates[artifact.path])
-        entries.append(artifact_entry(result, failures, gates[artifact.path].model_dump()))
-        klds[f"{artifact.format} {artifact.quant}"] = result.kld
+        while artifact is not None:
+            say(f"validating {artifact.format} {artifact.quant}")
+            started = time.perf_counter()
+            run = run_artifact(artifact, windows, latency, probes[artifact.format].artifact_texts)
+            result = score(artifact, run, reference, windows, probes[artifact.format], settings.tokenizer == "strict")
+            peak = getattr(run, "peak_rss_mb", None) or (run.latency.peak_rss_mb if run.latency else None)
+            timings.stage(f"validate.{artifact.format} {artifact.quant}", wall_s=time.perf_counter() - started,
+                          peak_rss_mb=peak)
+            failures = gate_checks.check(result, gates[artifact.path])
+            entry = artifact_entry(result, failures, gates[artifact.path].model_dump())
+            artifact = replan(artifact, entry) if replan else None
+        entries.append(entry)
+        klds[f"{entry['format']} {entry['quant']}"] = result.kld
     spec = checkpoint.spec
     report = build_report(
         source=source,

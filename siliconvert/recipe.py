@@ -65,7 +65,9 @@ def _plan_matches_auto(auto: bool, plan: QuantPlan | None, key: str) -> None:
 
 class MLXTarget(Strict):
     format: Literal["mlx"]
-    bits: Literal[2, 3, 4, 5, 6, 8, 16, "auto"] = 4  # 16 = unquantized float16; auto = planned per module
+    # 16 = unquantized float16; auto = planned per module; mixed_*: mlx-lm's fixed mixed recipes
+    # (mlx_lm.convert --quant-predicate: more bits for v_proj / down_proj in some layers and for lm_head)
+    bits: Literal[2, 3, 4, 5, 6, 8, 16, "auto", "mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"] = 4
     group_size: Literal[32, 64, 128] = 64  # auto plans the group size per module too
     plan: QuantPlan | None = None
     gates: Gates | None = None  # overrides validate.gates for this target
@@ -79,6 +81,8 @@ class MLXTarget(Strict):
     def quant(self) -> str:
         if self.plan is not None:
             return self.plan.label
+        if isinstance(self.bits, str):
+            return f"{self.bits}-g{self.group_size}"
         return "fp16" if self.bits == 16 else f"{self.bits}bit-g{self.group_size}"
 
 

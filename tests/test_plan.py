@@ -52,7 +52,7 @@ def test_gguf_costs_leave_out_types_a_row_cannot_hold():
         costs = gguf_costs("narrow", np.ones((8, 96), dtype=np.float32), None, quantizer)
     finally:
         quantizer.close()
-    assert {o.kind for o in costs.options} == {"Q4_0", "Q5_0", "Q8_0"}  # 96 columns: no whole 256-block
+    assert {o.kind for o in costs.options} == {"IQ4_NL", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}  # no 256-block
 
 
 def test_mlx_costs_fall_with_bits_and_smaller_groups(weight):
