@@ -3,9 +3,9 @@
 For each of the recipe's GGUF and MLX targets' formats it builds the anchors' fixed recipes (llama.cpp's
 Q3_K_M, Q4_K_M, Q5_K_M with the same importance matrix a plan uses; MLX 3, 4 and 6 bits at group 64, and
 mlx-lm's mixed_3_6 and mixed_4_6) and scores them with the project's own validation; then planned artifacts
-aimed at their figures (one at each fixed recipe's byte size, one at its measured mean KLD: as small and
-better, or as good and smaller) and at the recipe's mean-KLD gate, scored the same way. The front goes to
-sweep.json, sweep.md and sweep.png.
+aimed at their figures (one at each fixed width's byte size: as small and better; one at the measured mean KLD
+of Q4_K_M and of MLX 4-bit g64: as good and smaller) and at the recipe's mean-KLD gate, scored the same way.
+The front goes to sweep.json, sweep.md and sweep.png.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from siliconvert.recipe import GGUFTarget, MLXTarget, QuantPlan, Recipe, Target
 FIXED_GGUF = ("Q3_K_M", "Q4_K_M", "Q5_K_M")
 FIXED_MLX = (3, 4, 6, "mixed_3_6", "mixed_4_6")
 SWEPT = ("gguf", "mlx")
+ANCHORS = ("Q4_K_M", "4bit-g64")  # the usual choices: a plan also aims at their measured mean KLD
 
 
 def fixed_targets(recipe: Recipe) -> list[Target]:
@@ -53,9 +54,10 @@ def planned_targets(recipe: Recipe, fixed_report: dict) -> list[Target]:
     for entry in fixed_report["artifacts"]:
         if entry["quant"].startswith("mixed_"):  # the mixed recipes sit between the widths
             continue
-        for plan in (QuantPlan(size_mb=round(entry["size_bytes"] / 1e6, 3)),
-                     QuantPlan(max_mean_kld=float(f"{entry['metrics']['mean_kld']:.3g}"))):
-            goals[entry["format"]][plan.label] = plan
+        plans = [QuantPlan(size_mb=round(entry["size_bytes"] / 1e6, 3))]
+        if entry["quant"] in ANCHORS:
+            plans.append(QuantPlan(max_mean_kld=float(f"{entry['metrics']['mean_kld']:.3g}")))
+        goals[entry["format"]] |= {plan.label: plan for plan in plans}
     targets: list[Target] = []
     for fmt, plans in goals.items():
         if not plans:
