@@ -11,10 +11,10 @@ KLD, and at the gate), then checks the issue's figures:
 - the estimator: measured mean KLD of each fixed recipe over its summed relative error (quantize/sensitivity.py),
   the fit KLD_PER_ERROR stands for.
 
-The family checkpoints are tests/families.py's cases at hidden size 256, so that llama.cpp's K-quants are real
-K-quants (it falls back to 32-blocks for narrower rows).
+The family checkpoints are tests/families.py's cases, as the tests build them (hidden size 128: no row holds a
+whole 256-block, so llama.cpp's fixed recipes fall back to its 32-block types, and a plan chooses among those).
 
-    .venv/bin/python -m bench.plan [--only demo,qwen3] [--tokens 1024] [--context 256]
+    .venv/bin/python -m bench.plan [--only demo,qwen3] [--tokens 512] [--context 256] [--reuse]
 
 Writes bench/results/plan-<YYYY-MM-DD>.json and prints the table as Markdown.
 """
@@ -35,7 +35,8 @@ from bench.run import RESULTS_DIR, WORK_DIR
 
 OUT = WORK_DIR / "plan"
 FAMILIES = ("qwen3", "olmo2", "granite")
-WIDE = {"hidden_size": 256, "intermediate_size": 512}  # rows of whole 256-blocks: real K-quants
+# MLX runs on a slow CPU backend here: the families sweep the anchors and llama.cpp's three, not every MLX width
+FAMILY_FIXED = "Q3_K_M,Q4_K_M,Q5_K_M,4bit-g64"
 GATE = 0.01
 
 
@@ -46,11 +47,13 @@ def checkpoint_for(model: str) -> Path:
     if model == "demo":
         return demo_checkpoint()
     tokenizer, config = FAMILY_CASES[model]
-    return small_checkpoint(None, model, tokenizer, config=config, **WIDE)
+    return small_checkpoint(None, model, tokenizer, config=config)
 
 
-def sweep(model: str, source: Path, tokens: int, context: int) -> dict:
+def sweep(model: str, source: Path, tokens: int, context: int, reuse: bool, fixed: str | None) -> dict:
     folder = OUT / model
+    if reuse and (folder / "sweep" / "sweep.json").is_file():
+        return json.loads((folder / "sweep" / "sweep.json").read_text())
     folder.mkdir(parents=True, exist_ok=True)
     recipe = {"name": model, "source": str(source), "output": str(folder),
               "targets": [{"format": "gguf", "quants": ["Q4_K_M"], "imatrix": "builtin"},
@@ -60,7 +63,8 @@ def sweep(model: str, source: Path, tokens: int, context: int) -> dict:
     (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     log = folder / "sweep.log"
     with log.open("w") as out:
-        done = subprocess.run([sys.executable, "-m", "siliconvert", "sweep", str(folder / "recipe.yaml")],
+        command = [sys.executable, "-m", "siliconvert", "sweep", str(folder / "recipe.yaml")]
+        done = subprocess.run([*command, *(["--fixed", fixed] if fixed else [])],
                               stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if done.returncode != 0:
         tail = log.read_text().strip().splitlines()[-3:]
@@ -145,14 +149,17 @@ def markdown(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated models: demo and families of tests/families.py")
-    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--tokens", type=int, default=512)  # 2 windows: MLX runs on a slow CPU backend here
     parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--reuse", action="store_true", help="take a model's finished sweep from bench/work/plan")
+    parser.add_argument("--fixed", default=FAMILY_FIXED,
+                        help="the families' fixed recipes (sweep --fixed); the demo gets all of them")
     args = parser.parse_args()
     models = args.only.split(",") if args.only else ["demo", *FAMILIES]
     results = []
     for model in models:
         source = checkpoint_for(model)
-        front = sweep(model, source, args.tokens, args.context)
+        front = sweep(model, source, args.tokens, args.context, args.reuse, None if model == "demo" else args.fixed)
         result = figures(model, front)
         result["estimator"] = estimator_fit(source, OUT / model)
         results.append(result)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from siliconvert.artifacts import write_text_atomically
@@ -34,14 +35,17 @@ SWEPT = ("gguf", "mlx")
 ANCHORS = ("Q4_K_M", "4bit-g64")  # the usual choices: a plan also aims at their measured mean KLD
 
 
-def fixed_targets(recipe: Recipe) -> list[Target]:
+def fixed_targets(recipe: Recipe, only: Sequence[str] | None = None) -> list[Target]:
+    """The fixed recipes of the recipe's formats; `only` keeps those named (Q4_K_M, 4bit-g64, mixed_3_6-g64)."""
     formats = {t.format for t in recipe.targets}
     imatrix = next((t.imatrix for t in recipe.targets if t.format == "gguf" and t.imatrix), "builtin")
+    quants = [q for q in FIXED_GGUF if only is None or q in only]
     targets: list[Target] = []
-    if "gguf" in formats:
-        targets.append(GGUFTarget(format="gguf", quants=list(FIXED_GGUF), imatrix=imatrix))
+    if "gguf" in formats and quants:
+        targets.append(GGUFTarget(format="gguf", quants=quants, imatrix=imatrix))
     if "mlx" in formats:
-        targets += [MLXTarget(format="mlx", bits=bits, group_size=64) for bits in FIXED_MLX]
+        widths = [MLXTarget(format="mlx", bits=bits, group_size=64) for bits in FIXED_MLX]
+        targets += [t for t in widths if only is None or t.quant in only]
     return targets
 
 
@@ -72,16 +76,22 @@ def planned_targets(recipe: Recipe, fixed_report: dict) -> list[Target]:
     return targets
 
 
-def run_sweep(recipe: Recipe, recipe_path: Path | None = None, *, allow_pickle: bool = False) -> dict:
+def run_sweep(recipe: Recipe, recipe_path: Path | None = None, *, allow_pickle: bool = False,
+              only: Sequence[str] | None = None) -> dict:
     """Build and score the fixed recipes, then the plans their figures call for; tabulate. Returns the front
     (what sweep.json holds). The fixed and the planned reports go to sweep/fixed/ and sweep/planned/."""
     if not any(t.format in SWEPT for t in recipe.targets):
         raise RecipeError("a sweep needs a gguf or mlx target", recipe_path or "recipe")
+    known = [*FIXED_GGUF, *(MLXTarget(format="mlx", bits=bits).quant for bits in FIXED_MLX)]
+    unknown = [name for name in only or () if name not in known]
+    if unknown:
+        raise RecipeError(f"--fixed: {', '.join(unknown)} is not a fixed recipe of the sweep ({', '.join(known)})",
+                          "command line")
     checkpoint = open_source(recipe.source, allow_pickle)
     preflight(recipe, checkpoint, recipe_path)
     sweep_dir = prepare_output(recipe.output_dir(recipe_path) / "sweep")
     artifacts_dir, timings, settings = sweep_dir / "artifacts", Timings(), recipe.validate_
-    fixed_recipe = recipe.model_copy(update={"targets": fixed_targets(recipe)})
+    fixed_recipe = recipe.model_copy(update={"targets": fixed_targets(recipe, only)})
     say(f"sweep: {len(fixed_recipe.targets)} fixed targets → {sweep_dir}")
     fixed = [artifact for artifact, _ in convert(checkpoint, fixed_recipe, artifacts_dir, timings)]
     fixed_report = validate_artifacts(checkpoint, recipe.source, fixed, settings,
