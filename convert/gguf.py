@@ -44,7 +44,7 @@ from siliconvert.quantize.gguf import (
     quantize,
 )
 from siliconvert.quantize.plan import Plan, make_plan
-from siliconvert.quantize.sensitivity import TensorCosts, gguf_costs
+from siliconvert.quantize.sensitivity import TensorCosts, gguf_costs, role_gain
 from siliconvert.recipe import GGUFTarget
 
 # ---- knowledge as data ---------------------------------------------------------------------------
@@ -107,7 +107,7 @@ class GGUFWriter(Writer):
         out_dir.mkdir(parents=True, exist_ok=True)
         self.files: dict[str, tuple[Path, gguf.GGUFWriter]] = {}
         for quant, (file_type, types) in self.plans.items():
-            temp = out_dir / f".{model_name}-{quant}.gguf.partial"
+            temp = out_dir / f".{self._path(quant).name}.partial"
             self.files[quant] = (temp, self._open(temp, file_type, types))
         needs_llama_cpp = any(t not in FLOAT_TYPES for _, types in self.plans.values() for t in types)
         self.quantizer = TensorQuantizer() if needs_llama_cpp else None
@@ -233,8 +233,10 @@ class GGUFWriter(Writer):
             for name, array in stream:
                 if name in planned:
                     gguf_name = planned[name]
+                    role = self.checkpoint.family.role_of(name).role
+                    gain = role_gain(role, self.checkpoint.spec.tie_word_embeddings)
                     costs.append(gguf_costs(gguf_name, self._to_llama_cpp_layout(name, array),
-                                            self.imatrix.get(gguf_name), quantizer))
+                                            self.imatrix.get(gguf_name), quantizer, gain))
         finally:
             quantizer.close()
         fixed_types = [_storage_type(name, shape, kept) for name, shape in shapes]
@@ -252,7 +254,7 @@ class GGUFWriter(Writer):
     def _header_bytes(self, types: list[QType]) -> int:
         """Bytes of the file before the tensors' data (header, key/values, tensor infos, the extra tensors):
         a size goal counts them. Measured by writing them; the types do not change their size."""
-        scratch = self.out_dir / f".{self.model_name}-header.partial"
+        scratch = self.out_dir / f".{self._path('auto').name}.header.partial"
         self.out_dir.mkdir(parents=True, exist_ok=True)
         writer = self._open(scratch, LlamaFileType.MOSTLY_Q4_K_M, types)
         try:

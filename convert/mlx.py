@@ -33,11 +33,15 @@ from siliconvert.convert.mlx_arch import LAYOUTS, MLXArch
 from siliconvert.progress import track
 from siliconvert.quantize.mlx import QuantPolicy, quantizable_modules, quantize
 from siliconvert.quantize.plan import Plan, make_plan
-from siliconvert.quantize.sensitivity import MLX_CANDIDATES, TensorCosts, mlx_costs
+from siliconvert.quantize.sensitivity import MLX_CANDIDATES, TensorCosts, mlx_costs, role_gain
 from siliconvert.recipe import MLXTarget
 
 SHARD_BYTES = 1 << 30
 ROW_BLOCK_BYTES = 64 << 20  # float32 source bytes converted and quantized at a time
+# JSON bytes an array costs beyond twice its name ("dtype", "shape", "data_offsets" with 10-digit numbers; the
+# index's quotes), and a module's entry in config.json beyond its path (indented; it is there twice, under
+# "quantization" and "quantization_config")
+ARRAY_ENTRY_BYTES, MODULE_ENTRY_BYTES = 100, 120
 MLX_GROUP_SIZES = sorted({group for _, group in MLX_CANDIDATES})
 SAFETENSORS_DTYPES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32"}
 
@@ -185,7 +189,11 @@ class MLXWriter(Writer):
         name, text = calibration_text("builtin")
         importance = importance_matrix(self.checkpoint.path, text, where=name)
         tied = self.checkpoint.spec.tie_word_embeddings
-        costs, fixed = [], sum(f.stat().st_size for f in self.checkpoint.tokenizer_files())
+        # bytes beside the planned weights: tokenizer files, config.json, and per array its safetensors header
+        # and index entries (counted as each array arrives, over-estimated a little: a size goal is a limit)
+        costs = []
+        fixed = sum(f.stat().st_size for f in self.checkpoint.tokenizer_files())
+        fixed += len(json.dumps(self.config, indent=4))
         stream = track(self.checkpoint.tensors(), "measuring MLX widths per module",
                        total=len(self.checkpoint.tensor_infos))
         for source_name, array in stream:
@@ -193,13 +201,16 @@ class MLXWriter(Writer):
                 continue
             for mlx_name, weight in self.sanitize({source_name: mx.array(array)}).items():
                 module, _, kind = mlx_name.rpartition(".")
+                fixed += _json_bytes(mlx_name)
                 if kind != "weight" or module not in self.quantized:
                     fixed += weight.size * (self.dtype.size if mx.issubdtype(weight.dtype, mx.floating)
                                             else weight.dtype.size)
                     continue
                 # a tied embedding is the head too: its columns are weighed by the head's inputs
                 weights = importance.get(mlx_name, importance.get("lm_head.weight") if tied else None)
-                costs.append(mlx_costs(module, np.asarray(weight.astype(mx.float32)), weights, self.dtype.size))
+                fixed += 2 * _json_bytes(mlx_name) + 2 * (len(module) + MODULE_ENTRY_BYTES)  # scales, biases; config
+                gain = role_gain(self.checkpoint.family.role_of(source_name).role, tied)
+                costs.append(mlx_costs(module, np.asarray(weight.astype(mx.float32)), weights, self.dtype.size, gain))
         self.costs, self.quant_plan = costs, make_plan(costs, self.target.plan, fixed_bytes=fixed)
         return {module: QuantPolicy(*_bits_and_group(option.kind))
                 for module, option in self.quant_plan.choices.items()}
@@ -313,6 +324,11 @@ def _bits_and_group(kind: str) -> tuple[int, int]:
     """(bits, group size) of a sensitivity option's name, "4bit-g64"."""
     bits, _, group = kind.partition("bit-g")
     return int(bits), int(group)
+
+
+def _json_bytes(name: str) -> int:
+    """An upper bound on one array's entries in the safetensors header and in the index's weight map."""
+    return 2 * len(name) + ARRAY_ENTRY_BYTES
 
 
 def _mx_dtype(name: str) -> mx.Dtype:

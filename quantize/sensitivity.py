@@ -11,12 +11,18 @@ llama.cpp's (ggml_quantize_chunk with the same importance matrix, dequantized by
 
 From errors to KLD. Small independent perturbations of the hidden states add up in the logits, and the
 KL divergence of a softmax to a slightly perturbed one is second order in the perturbation, so to first
-order the mean KLD is a sum of the tensors' relative errors, each times the gain of its path to the output.
-The planner takes one gain for all tensors: predicted mean KLD = KLD_PER_ERROR · Σ_tensors r. The constant
-was fitted on the demo model (`bench/plan.py` prints the fit: measured mean KLD of the fixed recipes over
-their Σ r), and tests/test_plan.py holds the estimate to the measured KLD of fixed recipes on the demo
-model (same order of recipes, within a factor). A model whose gains differ is corrected after validation:
-the pipeline scales the prediction by measured / predicted and plans again (siliconvert/pipeline.py).
+order the mean KLD is a sum of the tensors' relative errors, each times the gain of its path to the output:
+predicted mean KLD = kld_per_error · Σ_tensors gain(role) · r. The gains differ by two orders of magnitude
+between roles: an error in the output head lands on the logits, one in the embedding runs through every
+layer at the scale of the residual stream, while a layer's own output is a small addition to that stream.
+ROLE_GAINS were measured on the demo model, from GGUF files that were Q8_0 everywhere but one role group at
+Q3_K or Q4_K (ΔKLD measured by llama.cpp over Δ summed r; the two widths agreed within 1.8×):
+output 0.17 / 0.16, token_embd 0.29 / 0.16, attention 0.0039 / 0.0028, feed-forward 0.0017 / 0.0014.
+A tied embedding is the head too: it gets both gains. `kld_per_error` (1 by default, a recipe's plan may
+set it) scales them all; the pipeline corrects it after validation when a model's gains differ (planned
+again with the prediction scaled by measured / predicted: siliconvert/pipeline.py). tests/test_plan_models.py
+holds the estimate to measured KLD of fixed recipes on the demo model. Not modelled: a runtime's own floor
+(MLX computes in the source's bfloat16, which costs the demo model about 0.002 of mean KLD at any width).
 
 Only one tensor is in memory at a time (with its candidates' quantized copies): callers feed tensors as the
 checkpoint streams them.
@@ -39,13 +45,16 @@ GGUF_CANDIDATES = (QType.Q2_K, QType.Q3_K, QType.IQ4_NL, QType.Q4_0, QType.Q4_1,
                    QType.Q5_1, QType.Q5_K, QType.Q6_K, QType.Q8_0)
 # (bits, group size) an MLX plan chooses from: every affine width mx.quantize has, at mlx-lm's group sizes
 MLX_CANDIDATES = tuple((bits, group) for bits in (2, 3, 4, 5, 6, 8) for group in (32, 64, 128))
-# Fitted on the demo model: mean KLD per unit of summed relative output error (see the module docstring).
-KLD_PER_ERROR = 0.05
+# Mean KLD per unit of relative output error, by role (measured on the demo model: see the module docstring).
+# Roles are the architecture registry's (GGUF's base names); a layer role not listed takes attention's gain.
+ROLE_GAINS = {"output": 0.165, "token_embd": 0.22, "attn": 0.0033, "ffn": 0.0015}
+KLD_PER_ERROR = 1.0  # the gains' common scale, corrected per model by the re-plan loop
 
 
 @dataclass(frozen=True)
 class Option:
-    """One way to store a tensor: its type's name, its bytes, and its relative output error."""
+    """One way to store a tensor: its type's name, its bytes, and its relative output error times its role's
+    gain (its predicted share of the mean KLD, over kld_per_error)."""
 
     kind: str
     nbytes: int
@@ -61,6 +70,15 @@ class TensorCosts:
     options: tuple[Option, ...]
 
 
+def role_gain(role: str, tied_head: bool = False) -> float:
+    """The gain of a tensor's relative error to the mean KLD (ROLE_GAINS), for its architecture role."""
+    if role == "token_embd":
+        return ROLE_GAINS["token_embd"] + (ROLE_GAINS["output"] if tied_head else 0.0)
+    if role == "output":
+        return ROLE_GAINS["output"]
+    return ROLE_GAINS.get(role.split("_")[0], ROLE_GAINS["attn"])
+
+
 def relative_error(weight: np.ndarray, approx: np.ndarray, importance: np.ndarray | None) -> float:
     """Σ a_j (W − Q)²_ij / Σ a_j W²_ij for a (rows × columns) weight; a_j = 1 where there is no importance."""
     weight = weight.astype(np.float64, copy=False)
@@ -73,10 +91,10 @@ def relative_error(weight: np.ndarray, approx: np.ndarray, importance: np.ndarra
     return float(delta / total) if total > 0 else 0.0
 
 
-def gguf_costs(name: str, weight: np.ndarray, importance: np.ndarray | None, quantizer,
+def gguf_costs(name: str, weight: np.ndarray, importance: np.ndarray | None, quantizer, gain: float = 1.0,
                candidates: Sequence[QType] = GGUF_CANDIDATES) -> TensorCosts:
     """Each candidate llama.cpp type a (rows × columns) float32 `weight` can take, quantized by ggml with
-    `importance` (what the artifact's own quantization uses), its bytes and relative output error."""
+    `importance` (what the artifact's own quantization uses), its bytes and relative output error × `gain`."""
     rows = np.ascontiguousarray(weight.reshape(-1, weight.shape[-1]), dtype=np.float32)
     fits = [qtype for qtype in candidates if rows.shape[1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0]
     pending = [(qtype, quantizer.submit(rows, qtype, importance)) for qtype in fits]
@@ -84,7 +102,7 @@ def gguf_costs(name: str, weight: np.ndarray, importance: np.ndarray | None, qua
     for qtype, work in pending:
         data = work.result()
         approx = gguf.quants.dequantize(data, qtype).reshape(rows.shape)
-        options.append(Option(qtype.name, data.nbytes, relative_error(rows, approx, importance)))
+        options.append(Option(qtype.name, data.nbytes, gain * relative_error(rows, approx, importance)))
     return TensorCosts(name, rows.size, _sorted(options))
 
 
@@ -92,10 +110,11 @@ def mlx_option_name(bits: int, group_size: int) -> str:
     return f"{bits}bit-g{group_size}"
 
 
-def mlx_costs(name: str, weight: np.ndarray, importance: np.ndarray | None, scale_bytes: int,
+def mlx_costs(name: str, weight: np.ndarray, importance: np.ndarray | None, scale_bytes: int, gain: float = 1.0,
               candidates: Sequence[tuple[int, int]] = MLX_CANDIDATES) -> TensorCosts:
     """Each candidate (bits, group size) mx.quantize can store a (rows × columns) `weight` in, with scales and
-    biases of `scale_bytes` each per group (mlx-lm keeps the source's float type), and its relative error."""
+    biases of `scale_bytes` each per group (mlx-lm keeps the source's float type), and its relative error
+    × `gain`."""
     import mlx.core as mx
 
     rows = weight.reshape(-1, weight.shape[-1]).astype(np.float32, copy=False)
@@ -107,7 +126,7 @@ def mlx_costs(name: str, weight: np.ndarray, importance: np.ndarray | None, scal
         packed, scales, biases = mx.quantize(array, group, bits)
         approx = np.asarray(mx.dequantize(packed, scales, biases, group, bits))
         nbytes = packed.nbytes + 2 * scales.size * scale_bytes
-        options.append(Option(mlx_option_name(bits, group), nbytes, relative_error(rows, approx, importance)))
+        options.append(Option(mlx_option_name(bits, group), nbytes, gain * relative_error(rows, approx, importance)))
     return TensorCosts(name, rows.size, _sorted(options))
 
 
