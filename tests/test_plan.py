@@ -12,7 +12,15 @@ from gguf import GGMLQuantizationType as QType
 from siliconvert.errors import RecipeError
 from siliconvert.quantize.gguf import TensorQuantizer
 from siliconvert.quantize.plan import make_plan
-from siliconvert.quantize.sensitivity import Option, TensorCosts, gguf_costs, mlx_costs, relative_error
+from siliconvert.quantize.sensitivity import (
+    ROLE_GAINS,
+    Option,
+    TensorCosts,
+    gguf_costs,
+    mlx_costs,
+    relative_error,
+    role_gain,
+)
 from siliconvert.recipe import QuantPlan, parse_recipe
 
 
@@ -23,6 +31,13 @@ def test_relative_error_weighs_columns_by_importance():
     assert relative_error(weight, approx, None) == pytest.approx(0.5)
     assert relative_error(weight, approx, np.array([1.0, 0.0])) == 0  # a column no input reaches costs nothing
     assert relative_error(weight, approx, np.array([1.0, 3.0])) == pytest.approx(0.75)
+
+
+def test_roles_weigh_errors_by_their_path_to_the_logits():
+    assert role_gain("attn_v") == ROLE_GAINS["attn"] and role_gain("ffn_down_exps") == ROLE_GAINS["ffn"]
+    assert role_gain("output") > 10 * role_gain("attn_q")
+    assert role_gain("token_embd", tied_head=True) == ROLE_GAINS["token_embd"] + ROLE_GAINS["output"]
+    assert role_gain("ssm_in") == ROLE_GAINS["attn"]  # a layer role not measured: attention's
 
 
 @pytest.fixture(scope="module")
