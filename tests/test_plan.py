@@ -148,3 +148,24 @@ def test_a_plan_names_its_artifact():
         {"format": "mlx", "bits": "auto", "plan": {"max_mean_kld": 0.01}}]})
     assert recipe.targets[0].file_quant("auto") == "auto-3.4MB"
     assert recipe.targets[1].quant == "auto-kld0.01"
+
+
+def test_the_report_and_the_card_say_the_plan_and_each_try():
+    from siliconvert.release import Release, describe_format
+    from siliconvert.validate.report import plan_lines
+
+    plan = make_plan(synthetic_costs(), QuantPlan(max_mean_kld=1e-3)).summary()
+    plan["tries"] = [{"try": 1, "predicted_mean_kld": 9e-4, "measured_mean_kld": 2e-3, "bits_per_weight": 4.0,
+                      "met": False},
+                     {"try": 2, "predicted_mean_kld": 9e-4, "measured_mean_kld": 8e-4, "bits_per_weight": 4.6,
+                      "met": True}]
+    entry = {"format": "mlx", "quant": "auto-kld0.001", "plan": plan, "metrics": {"mean_kld": 8e-4}}
+    text = "\n".join(plan_lines([entry, {"format": "gguf", "quant": "Q4_K_M", "plan": None}]))
+    assert "**mlx auto-kld0.001**" in text and "Q4_K_M" not in text
+    assert "- try 1: predicted 0.00090, measured 0.00200 at 4.00 bits per weight: missed, planned again" in text
+    assert "- try 2: predicted 0.00090, measured 0.00080 at 4.60 bits per weight\n" in text + "\n"
+    assert all(f"| {name} | {kind} |" in text for name, kind in plan["tensors"].items())
+    release = Release("demo-auto-kld0.001", "demo", "mlx", [entry], [], None)
+    assert describe_format(release) == f"MLX weights quantized per module by plan ({plan['bits_per_weight']:.2f} " \
+                                       "bits per weight)"
+    assert plan_lines([]) == []
