@@ -316,22 +316,34 @@ def write_stamp(artifacts_dir: Path, key: str, artifacts: list[Artifact]) -> Non
                 "runner_options": a.runner_options, "plan": a.plan} for a in artifacts]
     stamp = artifacts_dir / ".stamps" / f"{key}.json"
     stamp.parent.mkdir(exist_ok=True)
+    # another target's stamp naming these files is stale now (a re-planned artifact keeps its name)
+    paths = {e["path"] for e in entries}
+    for other in stamp.parent.glob("*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            if other != stamp and paths & {e["path"] for e in json.loads(other.read_text())}:
+                other.unlink()
     write_text_atomically(stamp, json.dumps(entries, indent=2))
 
 
-PLAN_TRIES = 3  # builds of a planned artifact whose measured mean KLD misses its plan's max_mean_kld
+PLAN_TRIES = 3  # builds of a planned artifact in search of its plan's max_mean_kld
+AIM = 0.9  # a plan planned again aims this far under its target: measured KLD moves by a few % between plans
+LOOSEN_BELOW = 0.5  # a plan this far under its target is planned again larger-grained (fewer bytes)
 
 
 class Replanner:
-    """The re-plan loop: a planned artifact whose measured mean KLD misses its `max_mean_kld` is planned again
-    with the prediction scaled by measured / predicted (the estimator's one gain, fitted to this model) and
-    written again, at most PLAN_TRIES builds in all; each try is said and goes into the report's plan."""
+    """The re-plan loop for `max_mean_kld` plans. After validation the prediction is scaled by measured / predicted
+    (the estimator's gains, fitted to this model) and the artifact planned and written again, aiming at AIM × the
+    target: when it missed, or when it met with room to spare (measured under LOOSEN_BELOW × the target: the
+    estimator over-predicts this model, and fewer bytes would do). At most PLAN_TRIES builds; if the last misses
+    after an earlier one met, the smallest one that met is written again (same plan, same bytes). Each try is said
+    and goes into the report's plan."""
 
     def __init__(self, checkpoint: Checkpoint, recipe: Recipe, produced: list[tuple[Artifact, Target]],
                  artifacts_dir: Path, timings: Timings):
         self.checkpoint, self.recipe, self.artifacts_dir, self.timings = checkpoint, recipe, artifacts_dir, timings
         self.targets = {artifact.path: target for artifact, target in produced if artifact.plan is not None}
         self.tries: dict[Path, list[dict]] = {}
+        self.met: dict[Path, list[tuple[int, Target]]] = {}  # (bytes, target) of the tries that met
 
     def __call__(self, artifact: Artifact, entry: dict) -> Artifact | None:
         """Record how `artifact` did in its report `entry`; a rebuilt artifact to score next, or None."""
@@ -342,20 +354,38 @@ class Replanner:
         measured = entry["metrics"]["mean_kld"]
         met = goal is None or measured <= goal
         history = self.tries.setdefault(artifact.path, [])
-        history.append({"try": len(history) + 1, "predicted_mean_kld": plan["predicted_mean_kld"],
-                        "measured_mean_kld": measured, "bits_per_weight": plan["bits_per_weight"], "met": met})
-        entry["plan"] = {**plan, "tries": list(history)}
-        if met or len(history) >= PLAN_TRIES:
+        if history and history[-1].get("restored"):  # the smallest try that met, written again: done
+            entry["plan"] = {**plan, "tries": list(history)}
             return None
+        history.append({"try": len(history) + 1, "predicted_mean_kld": plan["predicted_mean_kld"],
+                        "measured_mean_kld": measured, "bits_per_weight": plan["bits_per_weight"],
+                        "bytes": entry["size_bytes"], "met": met})
+        entry["plan"] = {**plan, "tries": list(history)}
+        if goal is None:
+            return None
+        if met:
+            self.met.setdefault(artifact.path, []).append((entry["size_bytes"], target))
+        loose = met and measured < LOOSEN_BELOW * goal
+        if len(history) >= PLAN_TRIES or (met and not loose):
+            if met or not self.met.get(artifact.path):
+                return None
+            _, best = min(self.met[artifact.path], key=lambda m: m[0])
+            history[-1]["restored"] = True
+            say(f"{artifact.format} {artifact.quant}: the last try missed; writing again the smallest that met "
+                f"{goal:g}")
+            return self._build(artifact.path, best)
         ratio = measured / max(plan["predicted_mean_kld"], 1e-12)
-        say(f"{artifact.format} {artifact.quant}: measured mean KLD {measured:.5f} misses the plan's {goal:g} "
-            f"(predicted {plan['predicted_mean_kld']:.5f}); planning again with the prediction ×{ratio:.2f} "
+        say(f"{artifact.format} {artifact.quant}: measured mean KLD {measured:.5f} "
+            f"{'is far under' if met else 'misses'} the plan's {goal:g} (predicted {plan['predicted_mean_kld']:.5f}); "
+            f"planning again with the prediction ×{ratio:.2f}, aiming at {AIM:g}× the target "
             f"(try {len(history) + 1} of {PLAN_TRIES})")
-        tighter = target.plan.model_copy(update={"kld_per_error": plan["kld_per_error"] * ratio})
+        rescaled = target.plan.model_copy(update={"kld_per_error": plan["kld_per_error"] * ratio / AIM})
         only_the_plan = {"quants": ["auto"]} if target.format == "gguf" else {}  # not its fixed quants again
-        rebuilt = target.model_copy(update={"plan": tighter, **only_the_plan})
-        self.targets[artifact.path] = rebuilt
-        produced = convert(self.checkpoint, self.recipe.model_copy(update={"targets": [rebuilt]}),
+        return self._build(artifact.path, target.model_copy(update={"plan": rescaled, **only_the_plan}))
+
+    def _build(self, path: Path, target: Target) -> Artifact:
+        self.targets[path] = target
+        produced = convert(self.checkpoint, self.recipe.model_copy(update={"targets": [target]}),
                            self.artifacts_dir, self.timings)
         return produced[0][0]
 

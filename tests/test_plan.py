@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -162,10 +163,52 @@ def test_the_report_and_the_card_say_the_plan_and_each_try():
     entry = {"format": "mlx", "quant": "auto-kld0.001", "plan": plan, "metrics": {"mean_kld": 8e-4}}
     text = "\n".join(plan_lines([entry, {"format": "gguf", "quant": "Q4_K_M", "plan": None}]))
     assert "**mlx auto-kld0.001**" in text and "Q4_K_M" not in text
-    assert "- try 1: predicted 0.00090, measured 0.00200 at 4.00 bits per weight: missed, planned again" in text
+    assert "- try 1: predicted 0.00090, measured 0.00200 at 4.00 bits per weight: missed\n" in text
     assert "- try 2: predicted 0.00090, measured 0.00080 at 4.60 bits per weight\n" in text + "\n"
     assert all(f"| {name} | {kind} |" in text for name, kind in plan["tensors"].items())
     release = Release("demo-auto-kld0.001", "demo", "mlx", [entry], [], None)
     assert describe_format(release) == f"MLX weights quantized per module by plan ({plan['bits_per_weight']:.2f} " \
                                        "bits per weight)"
     assert plan_lines([]) == []
+
+
+def test_the_replan_loop_tightens_a_miss_loosens_a_waste_and_keeps_what_met(monkeypatch):
+    """Fake builds whose measured KLD is 2× the prediction: a miss is planned again tighter; a try far under its
+    target is planned again looser; when the last try misses, the smallest that met is written again."""
+    import siliconvert.pipeline as pipeline
+    from siliconvert.artifacts import Artifact
+
+    path = Path("demo-auto.gguf")
+    builds = []
+
+    def convert(_checkpoint, recipe, _dir, _timings):
+        (target,) = recipe.targets
+        builds.append(target)
+        scale = target.plan.kld_per_error
+        plan = {"predicted_mean_kld": 0.01 * scale / builds_scale[len(builds) - 1], "kld_per_error": scale,
+                "bits_per_weight": 4.0}
+        return [(Artifact("gguf", "auto-kld0.01", path, plan=plan), target)]
+
+    monkeypatch.setattr(pipeline, "convert", convert)
+    target = parse_recipe({"source": "x", "targets": [
+        {"format": "gguf", "quants": ["auto"], "plan": {"max_mean_kld": 0.01}}]}).targets[0]
+    first = Artifact("gguf", "auto-kld0.01", path, plan={"predicted_mean_kld": 0.01, "kld_per_error": 1.0,
+                                                          "bits_per_weight": 4.0})
+    replan = pipeline.Replanner(None, parse_recipe({"source": "x", "targets": [target.model_dump()]}),
+                                [(first, target)], Path("."), None)
+
+    def score(artifact, measured, size):
+        entry = {"metrics": {"mean_kld": measured}, "size_bytes": size}
+        return replan(artifact, entry), entry
+
+    builds_scale = [1.0, 1.0, 1.0]
+    second, _ = score(first, 0.02, 100)  # missed by 2×: tighter
+    assert builds[-1].plan.kld_per_error == pytest.approx(2.0 / 0.9)
+    third, _ = score(second, 0.003, 120)  # met far under: looser
+    assert builds[-1].plan.kld_per_error < builds[-2].plan.kld_per_error
+    restored, _ = score(third, 0.011, 90)  # the last try missed: the one that met (try 2) again
+    assert builds[-1] == builds[0] and restored is not None
+    done, entry = score(restored, 0.003, 120)
+    assert done is None
+    assert [t["met"] for t in entry["plan"]["tries"]] == [False, True, False]
+    assert entry["plan"]["tries"][-1]["restored"]

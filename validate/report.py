@@ -140,7 +140,8 @@ def plan_lines(artifacts: list[dict]) -> list[str]:
         lines += ["", f"**{a['format']} {a['quant']}**: {plan['bits_per_weight']:.2f} bits per weight, predicted "
                   f"mean KLD {plan['predicted_mean_kld']:.5f}, measured {a['metrics']['mean_kld']:.5f}; {shares}."]
         lines += [f"- try {t['try']}: predicted {t['predicted_mean_kld']:.5f}, measured {t['measured_mean_kld']:.5f}"
-                  f" at {t['bits_per_weight']:.2f} bits per weight{'' if t['met'] else ': missed, planned again'}"
+                  f" at {t['bits_per_weight']:.2f} bits per weight{'' if t['met'] else ': missed'}"
+                  f"{'; the smallest try that met was written again' if t.get('restored') else ''}"
                   for t in plan.get("tries", [])]
         lines += ["", "<details><summary>tensor → type</summary>", "", "| tensor | type |", "|---|---|",
                   *[f"| {name} | {kind} |" for name, kind in plan["tensors"].items()], "", "</details>"]
