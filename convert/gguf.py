@@ -36,7 +36,8 @@ from siliconvert.artifacts import Artifact, Writer, sync_file
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.gguf_arch import GGUFArch
 from siliconvert.convert.gguf_vocab import add_tokenizer
-from siliconvert.errors import CheckpointError, RecipeError
+from siliconvert.errors import CheckpointError, RecipeError, RuntimeMissingError
+from siliconvert.progress import track
 from siliconvert.quantize.gguf import (
     LLAMA_CPP_QUANTS,
     QuantizedTensor,
@@ -46,6 +47,8 @@ from siliconvert.quantize.gguf import (
     plan_types,
     quantize,
 )
+from siliconvert.quantize.plan import Plan, make_plan
+from siliconvert.quantize.sensitivity import TensorCosts, gguf_costs, role_gain
 from siliconvert.recipe import GGUFTarget
 
 # ---- knowledge as data ---------------------------------------------------------------------------
@@ -57,6 +60,15 @@ DIRECT_TYPES = {
     "F16": (QType.F16, LlamaFileType.MOSTLY_F16),
     "BF16": (QType.BF16, LlamaFileType.MOSTLY_BF16),
     "Q8_0": (QType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+}
+# general.file_type of a planned file: the file type whose main type holds most of the planned weights
+PLANNED_FILE_TYPES = {
+    QType.Q2_K.name: LlamaFileType.MOSTLY_Q2_K, QType.Q3_K.name: LlamaFileType.MOSTLY_Q3_K_M,
+    QType.IQ4_NL.name: LlamaFileType.MOSTLY_IQ4_NL, QType.Q4_0.name: LlamaFileType.MOSTLY_Q4_0,
+    QType.Q4_1.name: LlamaFileType.MOSTLY_Q4_1, QType.Q4_K.name: LlamaFileType.MOSTLY_Q4_K_M,
+    QType.Q5_0.name: LlamaFileType.MOSTLY_Q5_0, QType.Q5_1.name: LlamaFileType.MOSTLY_Q5_1,
+    QType.Q5_K.name: LlamaFileType.MOSTLY_Q5_K_M,
+    QType.Q6_K.name: LlamaFileType.MOSTLY_Q6_K, QType.Q8_0.name: LlamaFileType.MOSTLY_Q8_0,
 }
 # The lossless full-precision type for a source dtype: what llama.cpp's quantizer reads.
 LOSSLESS = {"BF16": "BF16", "F16": "F16", "F32": "F32"}
@@ -84,11 +96,14 @@ class GGUFWriter(Writer):
         self.outputs = [output for name in self.order for output in self._outputs(name)]
         self._index = 0  # position of the next tensor in self.outputs
         quantized = any(q not in DIRECT_TYPES for q in target.quants)
-        self.imatrix = self._importance_matrix() if target.imatrix and quantized else None
+        # a plan weighs each tensor's error by the importance matrix, and quantizes with it
+        self.imatrix = self._importance_matrix() if (target.imatrix or target.plan) and quantized else None
         # quant → (general.file_type, every tensor's type in self.outputs)
         self.plans: dict[str, tuple[LlamaFileType, list[QType]]] = {}
+        self.quant_plan: Plan | None = None  # the planned file's choices, for "auto"
+        self.costs: list[TensorCosts] = []  # the planned tensors' measured candidates
         for quant in target.quants:
-            plan = self._plan(quant, self.outputs)
+            plan = self._planned(self.outputs) if quant == "auto" else self._plan(quant, self.outputs)
             if plan is not None:
                 self.plans[quant] = plan
         # Quants whose per-tensor plan this llama.cpp cannot give: its whole-file quantizer makes them.
@@ -99,7 +114,7 @@ class GGUFWriter(Writer):
         out_dir.mkdir(parents=True, exist_ok=True)
         self.files: dict[str, tuple[Path, gguf.GGUFWriter]] = {}
         for quant, (file_type, types) in self.plans.items():
-            temp = out_dir / f".{model_name}-{quant}.gguf.partial"
+            temp = out_dir / f".{self._path(quant).name}.partial"
             self.files[quant] = (temp, self._open(temp, file_type, types))
         needs_llama_cpp = any(t not in FLOAT_TYPES for _, types in self.plans.values() for t in types)
         self.quantizer = TensorQuantizer() if needs_llama_cpp else None
@@ -147,7 +162,8 @@ class GGUFWriter(Writer):
                 quantize(source, self._path(quant), quant, imatrix=self.imatrix)
         for temp, _ in self.files.values():
             temp.unlink(missing_ok=True)
-        return [Artifact("gguf", q, self._path(q)) for q in self.target.quants]
+        return [Artifact("gguf", self.target.file_quant(q), self._path(q),
+                         plan=self.quant_plan.summary() if q == "auto" else None) for q in self.target.quants]
 
     def abort(self) -> None:
         if self.quantizer is not None:
@@ -181,7 +197,7 @@ class GGUFWriter(Writer):
 
     # ---- plan ------------------------------------------------------------------------------------
     def _path(self, quant: str) -> Path:
-        return self.out_dir / f"{self.model_name}-{quant}.gguf"
+        return self.out_dir / f"{self.model_name}-{self.target.file_quant(quant)}.gguf"
 
     def _full_precision(self) -> str:
         """The file llama.cpp's quantizer reads: one the user asked for, else lossless for the source."""
@@ -206,6 +222,64 @@ class GGUFWriter(Writer):
         types = [t if t is not None else _storage_type(name, shape, kept)
                  for t, (name, shape) in zip(planned, shapes, strict=True)]
         return LLAMA_CPP_QUANTS[quant], types
+
+    def _planned(self, shapes: Sequence[tuple[str, tuple[int, ...]]]) -> tuple[LlamaFileType, list[QType]]:
+        """(general.file_type, each tensor's type) of the planned file: every tensor llama.cpp would quantize
+        gets the type quantize/plan.py picks from its measured costs (a read of the weights before the
+        conversion's, one tensor at a time); what llama.cpp leaves unquantized stays as in a fixed quant."""
+        if self.checkpoint.spec.experts is not None:  # their costs would need the per-expert importance matrix
+            raise self.arch.refuse("experts", "a planned file (quants: [auto]) does not plan expert stacks yet; "
+                                   "ask for a fixed quant such as Q4_K_M")
+        quantizable = plan_types(gguf.MODEL_ARCH_NAMES[self.arch.arch], self.checkpoint.spec, shapes, "Q4_K_M",
+                                 has_imatrix=True, head_count_kv=self.arch.head_count_kv)
+        if quantizable is None:
+            raise RuntimeMissingError("this llama.cpp does not export the per-tensor planner (llama_quant_*) "
+                                      "a planned GGUF needs")
+        kept = self._full_precision()
+        sources = [name for name in self.order for _ in self._outputs(name)]  # each output's HF tensor
+        planned: dict[str, set[str]] = {}  # HF tensor → its outputs llama.cpp would quantize
+        for hf, (gguf_name, _), qtype in zip(sources, shapes, quantizable, strict=True):
+            if qtype is not None:
+                planned.setdefault(hf, set()).add(gguf_name)
+        quantizer = TensorQuantizer()
+        costs = self.costs
+        try:
+            stream = track(self.checkpoint.tensors(), "measuring llama.cpp types per tensor",
+                           total=len(self.checkpoint.tensor_infos))
+            for name, array in stream:
+                if name in planned:
+                    role = self.checkpoint.family.role_of(name).role
+                    gain = role_gain(role, self.checkpoint.spec.tie_word_embeddings)
+                    parts = self.arch.split(role, self.arch.to_llama_cpp(role, "weight", array))
+                    for gguf_name, part in zip(self._gguf_names(name), parts, strict=True):
+                        if gguf_name in planned[name]:
+                            costs.append(gguf_costs(gguf_name, part, self.imatrix.get(gguf_name), quantizer, gain))
+        finally:
+            quantizer.close()
+        fixed_types = [_storage_type(name, shape, kept) for name, shape in shapes]
+        fixed = sum(_nbytes(shape, qtype) for (name, shape), qtype, q in zip(shapes, fixed_types, quantizable,
+                                                                           strict=True) if q is None)
+        self.quant_plan = make_plan(costs, self.target.plan, fixed_bytes=fixed + self._header_bytes(fixed_types))
+        types = [QType[self.quant_plan.choices[name].kind] if name in self.quant_plan.choices else fixed_type
+                 for (name, _), fixed_type in zip(shapes, fixed_types, strict=True)]
+        weights: dict[str, int] = {}
+        for cost in costs:
+            kind = self.quant_plan.choices[cost.name].kind
+            weights[kind] = weights.get(kind, 0) + cost.params
+        return PLANNED_FILE_TYPES[max(sorted(weights), key=weights.get)], types
+
+    def _header_bytes(self, types: list[QType]) -> int:
+        """Bytes of the file before the tensors' data (header, key/values, tensor infos, the extra tensors):
+        a size goal counts them. Measured by writing them; the types do not change their size."""
+        scratch = self.out_dir / f".{self._path('auto').name}.header.partial"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        writer = self._open(scratch, LlamaFileType.MOSTLY_Q4_K_M, types)
+        try:
+            writer.fout[0].flush()
+            return scratch.stat().st_size
+        finally:
+            writer.close()
+            scratch.unlink(missing_ok=True)
 
     def _metadata(self) -> gguf.GGUFWriter:
         """The key/values every file shares, gathered once in a writer that has no file."""
@@ -279,7 +353,7 @@ class GGUFWriter(Writer):
     def _importance_matrix(self) -> dict[str, np.ndarray]:
         """llama.cpp's importance matrix keyed by GGUF weight names (see quantize.gguf.importance_matrix)."""
         tie = self.checkpoint.spec.tie_word_embeddings
-        name, text = calibration_text(self.target.imatrix)
+        name, text = calibration_text(self.target.imatrix or "builtin")
         by_hf_name = importance_matrix(self.checkpoint.path, text, where=name)
         renamed = {}
         for hf_name, values in by_hf_name.items():

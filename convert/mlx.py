@@ -34,11 +34,19 @@ import numpy as np
 from siliconvert.artifacts import Artifact, Writer
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.mlx_arch import LAYOUTS, ExpertLayout, MLXArch
+from siliconvert.progress import track
 from siliconvert.quantize.mlx import QuantPolicy, quantizable_modules, quantization_config, quantize
+from siliconvert.quantize.plan import Plan, make_plan
+from siliconvert.quantize.sensitivity import MLX_CANDIDATES, TensorCosts, mlx_costs, role_gain
 from siliconvert.recipe import MLXTarget
 
 SHARD_BYTES = 1 << 30
 ROW_BLOCK_BYTES = 64 << 20  # float32 source bytes converted and quantized at a time
+# JSON bytes an array costs beyond twice its name ("dtype", "shape", "data_offsets" with 10-digit numbers; the
+# index's quotes), and a module's entry in config.json beyond its path (indented; it is there twice, under
+# "quantization" and "quantization_config")
+ARRAY_ENTRY_BYTES, MODULE_ENTRY_BYTES = 100, 120
+MLX_GROUP_SIZES = sorted({group for _, group in MLX_CANDIDATES})
 SAFETENSORS_DTYPES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32"}
 
 
@@ -106,10 +114,19 @@ class MLXWriter(Writer):
         self.config = mlx_config(checkpoint)
         self.model = build_model(self.config)
         self.sanitize = tensor_sanitizer(self.model, checkpoint)
-        self.policy = QuantPolicy(target.bits, target.group_size) if target.bits != 16 else None
-        self.quantized = quantizable_modules(self.model, self.policy, self._routers()) if self.policy else {}
+        self.quant_plan: Plan | None = None
+        self.costs: list[TensorCosts] = []  # a plan's measured candidates per module
+        # which modules may be quantized, each with the policy mlx-lm's rules give it (a router's 8 bits, a model
+        # predicate's choice) or the target's; for a plan, any that a group of 32 fits (it picks the group size)
+        group_size = min(MLX_GROUP_SIZES) if target.bits == "auto" else target.group_size
+        self.target_policy = QuantPolicy(target.bits if isinstance(target.bits, int) else 4, group_size)
+        self.quantized = (quantizable_modules(self.model, self.target_policy, self._routers())
+                          if target.bits != 16 else {})
         # bits 16 means float16; quantized models keep the source's float type for scales, as mlx-lm does.
-        self.dtype = mx.float16 if self.policy is None else _mx_dtype(checkpoint.spec.source_dtype)
+        self.dtype = mx.float16 if target.bits == 16 else _mx_dtype(checkpoint.spec.source_dtype)
+        # module path → how it is quantized; `policy` is config.json's default (the most common one)
+        self.policies = self._module_policies()
+        self.policy = _most_common(self.policies) if self.policies else None
         self.plan = self._plan()
         self.shards = max((o.shard for outputs in self.plan.values() for o in outputs), default=0) + 1
         self.file: BinaryIO | None = None
@@ -139,7 +156,8 @@ class MLXWriter(Writer):
         _write_json(self.tmp_path / "model.safetensors.index.json", index_data)
         config = dict(self.config)
         if self.policy:
-            config["quantization"] = quantization_config(self.policy, self.quantized)
+            # mlx_lm.load reads a module's own entry before the default: routers, a plan's or a mixed recipe's choices
+            config["quantization"] = quantization_config(self.policy, self.policies)
             config["quantization_config"] = config["quantization"]
         _write_json(self.tmp_path / "config.json", dict(sorted(config.items())))
         for file in self.checkpoint.tokenizer_files():
@@ -147,7 +165,8 @@ class MLXWriter(Writer):
         if self.final_path.exists():
             shutil.rmtree(self.final_path)
         self.tmp_path.rename(self.final_path)
-        return [Artifact("mlx", self.target.quant, self.final_path)]
+        return [Artifact("mlx", self.target.quant, self.final_path,
+                         plan=self.quant_plan.summary() if self.quant_plan else None)]
 
     def abort(self) -> None:
         if self.file is not None:
@@ -166,6 +185,59 @@ class MLXWriter(Writer):
                 placeholder = mx.zeros(info.shape, dtype=mx.float32)
                 routers |= {name.rpartition(".")[0] for name in self.sanitize({info.name: placeholder})}
         return routers
+
+    def _module_policies(self) -> dict[str, QuantPolicy]:
+        """How each quantized module is stored: the target's width, a plan's choice, or mlx-lm's mixed recipe's;
+        a module mlx-lm's rules set apart (a router at 8 bits, a model predicate's choice) keeps its own."""
+        bits = self.target.bits
+        own = {path: policy for path, policy in self.quantized.items() if policy != self.target_policy}
+        if bits == "auto":
+            if self.checkpoint.spec.experts is not None:
+                raise MLXArch(self.checkpoint.spec, self.checkpoint.path).refuse(
+                    "experts", "a planned model (bits: auto) does not plan expert stacks yet; ask for fixed bits")
+            return self._planned() | own
+        if isinstance(bits, str):
+            from mlx_lm.convert import mixed_quant_predicate_builder
+
+            predicate = mixed_quant_predicate_builder(bits, self.model, self.target.group_size)
+            modules = dict(self.model.named_modules())
+            return {path: QuantPolicy(entry["bits"], entry["group_size"], entry["mode"])
+                    for path in sorted(self.quantized) if (entry := predicate(path, modules[path]))} | own
+        return dict(self.quantized)
+
+    def _planned(self) -> dict[str, QuantPolicy]:
+        """Each quantizable module's bits and group size, as quantize/plan.py picks them from measured costs
+        (a read of the weights before the conversion's, one tensor at a time)."""
+        from siliconvert.quantize.gguf import calibration_text, importance_matrix
+
+        name, text = calibration_text("builtin")
+        importance = importance_matrix(self.checkpoint.path, text, where=name)
+        tied = self.checkpoint.spec.tie_word_embeddings
+        # bytes beside the planned weights: tokenizer files, config.json, and per array its safetensors header
+        # and index entries (counted as each array arrives, over-estimated a little: a size goal is a limit)
+        costs = []
+        fixed = sum(f.stat().st_size for f in self.checkpoint.tokenizer_files())
+        fixed += len(json.dumps(self.config, indent=4))
+        stream = track(self.checkpoint.tensors(), "measuring MLX widths per module",
+                       total=len(self.checkpoint.tensor_infos))
+        for source_name, array in stream:
+            if self.checkpoint.family.is_droppable(source_name):
+                continue
+            for mlx_name, weight in self.sanitize({source_name: mx.array(array)}).items():
+                module, _, kind = mlx_name.rpartition(".")
+                fixed += _json_bytes(mlx_name)
+                if kind != "weight" or self.quantized.get(module) != self.target_policy:  # not planned
+                    fixed += weight.size * (self.dtype.size if mx.issubdtype(weight.dtype, mx.floating)
+                                            else weight.dtype.size)
+                    continue
+                # a tied embedding is the head too: its columns are weighed by the head's inputs
+                weights = importance.get(mlx_name, importance.get("lm_head.weight") if tied else None)
+                fixed += 2 * _json_bytes(mlx_name) + 2 * (len(module) + MODULE_ENTRY_BYTES)  # scales, biases; config
+                gain = role_gain(self.checkpoint.family.role_of(source_name).role, tied)
+                costs.append(mlx_costs(module, np.asarray(weight.astype(mx.float32)), weights, self.dtype.size, gain))
+        self.costs, self.quant_plan = costs, make_plan(costs, self.target.plan, fixed_bytes=fixed)
+        return {module: QuantPolicy(*_bits_and_group(option.kind))
+                for module, option in self.quant_plan.choices.items()}
 
     def _plan(self) -> dict[str, list[Output]]:
         """Every output array, per source tensor, in stream order, assigned to shards of ≤ SHARD_BYTES.
@@ -189,8 +261,8 @@ class MLXWriter(Writer):
         for mlx_name, array in self.sanitize({name: weight}).items():
             module, _, kind = mlx_name.rpartition(".")
             array = array.astype(self.dtype) if mx.issubdtype(array.dtype, mx.floating) else array
-            if kind == "weight" and module in self.quantized:
-                out |= {f"{module}.{k}": v for k, v in quantize(array, self.quantized[module]).items()}
+            if kind == "weight" and module in self.policies:
+                out |= {f"{module}.{k}": v for k, v in quantize(array, self.policies[module]).items()}
             else:
                 out[mlx_name] = array
         return out
@@ -302,6 +374,24 @@ def _rows_independent(sanitize: Callable[[dict[str, mx.array]], dict[str, mx.arr
 def _as_numpy(array: mx.array) -> np.ndarray:
     # numpy has no bfloat16: its bits travel as uint16
     return np.asarray(array.view(mx.uint16) if array.dtype == mx.bfloat16 else array)
+
+
+def _most_common(policies: dict[str, QuantPolicy]) -> QuantPolicy:
+    counts: dict[QuantPolicy, int] = {}
+    for policy in policies.values():
+        counts[policy] = counts.get(policy, 0) + 1
+    return max(sorted(counts, key=lambda p: (p.bits, p.group_size)), key=counts.get)
+
+
+def _bits_and_group(kind: str) -> tuple[int, int]:
+    """(bits, group size) of a sensitivity option's name, "4bit-g64"."""
+    bits, _, group = kind.partition("bit-g")
+    return int(bits), int(group)
+
+
+def _json_bytes(name: str) -> int:
+    """An upper bound on one array's entries in the safetensors header and in the index's weight map."""
+    return 2 * len(name) + ARRAY_ENTRY_BYTES
 
 
 def _mx_dtype(name: str) -> mx.Dtype:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import threading
 from collections.abc import Sequence
@@ -275,6 +276,7 @@ def calibration_text(source: str) -> tuple[str, str]:
         raise RecipeError(f"cannot read the imatrix calibration text ({e})", source) from None
 
 
+@functools.lru_cache(maxsize=2)  # planned targets of one run (GGUF and MLX) share the model's run; read-only
 def importance_matrix(checkpoint: Path, text: str, *, tokens: int = CALIBRATION_TOKENS,
                       context: int = CALIBRATION_CONTEXT, where: str = "calibration text") -> dict[str, np.ndarray]:
     """Mean x² per input column of every linear layer's input, keyed by the HF weight name; for a mixture's

@@ -39,6 +39,7 @@ class Artifact:
     quant: str  # e.g. "4bit-g64", "Q4_K_M", "fp16"
     path: Path  # the folder or file a user ships
     runner_options: dict = field(default_factory=dict)  # what the runner needs beyond the path
+    plan: dict | None = None  # a planned quantization's choices and prediction (quantize/plan.py Plan.summary)
 
 
 class Writer(ABC):
@@ -66,8 +67,9 @@ def detect_artifact(path: Path) -> Artifact:
     from siliconvert.errors import ArtifactError
 
     if path.suffix == ".gguf" and path.is_file():
-        # Hub convention <Model>-<QUANT>.gguf: the quant is the last dash-separated part.
-        return Artifact("gguf", path.stem.rsplit("-", 1)[-1], path)
+        # Hub convention <Model>-<QUANT>.gguf: the quant is the last dash-separated part (a plan's, two parts).
+        model, _, quant = path.stem.rpartition("-")
+        return Artifact("gguf", f"auto-{quant}" if model.endswith("-auto") else quant, path)
     manifest = path / "manifest.json"
     if manifest.is_file() and any(path.glob("*.mlpackage")):  # siliconvert's Core ML layout: chunks + manifest
         return Artifact("coreml", json.loads(manifest.read_text()).get("precision", "fp16"), path)

@@ -48,6 +48,21 @@ def recipe(recipe_file: Path, check: bool, allow_pickle: bool, force: bool) -> N
 
 
 @cli.command()
+@click.argument("recipe_file", type=click.Path(path_type=Path))
+@click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt checkpoints (loaded weights-only).")
+@click.option("--fixed", help="Only these fixed recipes, comma-separated (Q4_K_M,4bit-g64,mixed_3_6-g64); "
+              "default all.")
+def sweep(recipe_file: Path, allow_pickle: bool, fixed: str | None) -> None:
+    """Size against KLD for RECIPE_FILE's source: planned GGUF/MLX artifacts beside the fixed recipes."""
+    from siliconvert.recipe import load_recipe
+    from siliconvert.sweep import run_sweep
+
+    parsed = load_recipe(recipe_file)
+    run_sweep(parsed, recipe_file, allow_pickle=allow_pickle, only=fixed.split(",") if fixed else None)
+    click.echo(f"sweep: {parsed.output_dir(recipe_file) / 'sweep' / 'sweep.md'}")
+
+
+@cli.command()
 @click.argument("artifact", type=click.Path(exists=True, path_type=Path))
 @click.option("--source", required=True, help="The checkpoint the artifact was made from (folder or hub id).")
 @click.option("--corpus", default="builtin", show_default=True, help="'builtin' or a UTF-8 text file.")

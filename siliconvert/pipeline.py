@@ -107,7 +107,9 @@ def run_recipe(recipe: Recipe, recipe_path: Path | None = None, *, allow_pickle:
         timings.write(out_dir)
         return Outcome(None, artifacts, out_dir)
     gates = {artifact.path: target.gates or recipe.validate_.gates for artifact, target in produced}
-    report = validate_artifacts(checkpoint, recipe.source, artifacts, recipe.validate_, gates, out_dir, timings)
+    replan = Replanner(checkpoint, recipe, produced, out_dir / "artifacts", timings)
+    report = validate_artifacts(checkpoint, recipe.source, artifacts, recipe.validate_, gates, out_dir, timings,
+                                replan=replan)
     recipe_text = recipe_path.read_text(encoding="utf-8") if recipe_path else yaml.safe_dump(
         recipe.model_dump(mode="json", by_alias=True))
     started = time.perf_counter()
@@ -304,22 +306,96 @@ def read_stamp(artifacts_dir: Path, key: str) -> list[Artifact] | None:
         entries = json.loads(stamp.read_text())
     except (OSError, ValueError):
         return None
-    artifacts = [Artifact(e["format"], e["quant"], artifacts_dir / e["path"], e["runner_options"]) for e in entries]
+    artifacts = [Artifact(e["format"], e["quant"], artifacts_dir / e["path"], e["runner_options"], e.get("plan"))
+                 for e in entries]
     return artifacts if all(a.path.exists() for a in artifacts) else None
 
 
 def write_stamp(artifacts_dir: Path, key: str, artifacts: list[Artifact]) -> None:
     """Record a target as complete; written last and atomically, so a killed run leaves no stamp."""
     entries = [{"format": a.format, "quant": a.quant, "path": str(a.path.relative_to(artifacts_dir)),
-                "runner_options": a.runner_options} for a in artifacts]
+                "runner_options": a.runner_options, "plan": a.plan} for a in artifacts]
     stamp = artifacts_dir / ".stamps" / f"{key}.json"
     stamp.parent.mkdir(exist_ok=True)
+    # another target's stamp naming these files is stale now (a re-planned artifact keeps its name)
+    paths = {e["path"] for e in entries}
+    for other in stamp.parent.glob("*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            if other != stamp and paths & {e["path"] for e in json.loads(other.read_text())}:
+                other.unlink()
     write_text_atomically(stamp, json.dumps(entries, indent=2))
 
 
+PLAN_TRIES = 3  # builds of a planned artifact in search of its plan's max_mean_kld
+AIM = 0.9  # a plan planned again aims this far under its target: measured KLD moves by a few % between plans
+LOOSEN_BELOW = 0.5  # a plan this far under its target is planned again larger-grained (fewer bytes)
+
+
+class Replanner:
+    """The re-plan loop for `max_mean_kld` plans. After validation the prediction is scaled by measured / predicted
+    (the estimator's gains, fitted to this model) and the artifact planned and written again, aiming at AIM × the
+    target: when it missed, or when it met with room to spare (measured under LOOSEN_BELOW × the target: the
+    estimator over-predicts this model, and fewer bytes would do). At most PLAN_TRIES builds; if the last misses
+    after an earlier one met, the smallest one that met is written again (same plan, same bytes). Each try is said
+    and goes into the report's plan."""
+
+    def __init__(self, checkpoint: Checkpoint, recipe: Recipe, produced: list[tuple[Artifact, Target]],
+                 artifacts_dir: Path, timings: Timings):
+        self.checkpoint, self.recipe, self.artifacts_dir, self.timings = checkpoint, recipe, artifacts_dir, timings
+        self.targets = {artifact.path: target for artifact, target in produced if artifact.plan is not None}
+        self.tries: dict[Path, list[dict]] = {}
+        self.met: dict[Path, list[tuple[int, Target]]] = {}  # (bytes, target) of the tries that met
+
+    def __call__(self, artifact: Artifact, entry: dict) -> Artifact | None:
+        """Record how `artifact` did in its report `entry`; a rebuilt artifact to score next, or None."""
+        target = self.targets.get(artifact.path)
+        if target is None:
+            return None
+        goal, plan = target.plan.max_mean_kld, artifact.plan
+        measured = entry["metrics"]["mean_kld"]
+        met = goal is None or measured <= goal
+        history = self.tries.setdefault(artifact.path, [])
+        if history and history[-1].get("restored"):  # the smallest try that met, written again: done
+            entry["plan"] = {**plan, "tries": list(history)}
+            return None
+        history.append({"try": len(history) + 1, "predicted_mean_kld": plan["predicted_mean_kld"],
+                        "measured_mean_kld": measured, "bits_per_weight": plan["bits_per_weight"],
+                        "bytes": entry["size_bytes"], "met": met})
+        entry["plan"] = {**plan, "tries": list(history)}
+        if goal is None:
+            return None
+        if met:
+            self.met.setdefault(artifact.path, []).append((entry["size_bytes"], target))
+        loose = met and measured < LOOSEN_BELOW * goal
+        if len(history) >= PLAN_TRIES or (met and not loose):
+            if met or not self.met.get(artifact.path):
+                return None
+            _, best = min(self.met[artifact.path], key=lambda m: m[0])
+            history[-1]["restored"] = True
+            say(f"{artifact.format} {artifact.quant}: the last try missed; writing again the smallest that met "
+                f"{goal:g}")
+            return self._build(artifact.path, best)
+        ratio = measured / max(plan["predicted_mean_kld"], 1e-12)
+        say(f"{artifact.format} {artifact.quant}: measured mean KLD {measured:.5f} "
+            f"{'is far under' if met else 'misses'} the plan's {goal:g} (predicted {plan['predicted_mean_kld']:.5f}); "
+            f"planning again with the prediction ×{ratio:.2f}, aiming at {AIM:g}× the target "
+            f"(try {len(history) + 1} of {PLAN_TRIES})")
+        rescaled = target.plan.model_copy(update={"kld_per_error": plan["kld_per_error"] * ratio / AIM})
+        only_the_plan = {"quants": ["auto"]} if target.format == "gguf" else {}  # not its fixed quants again
+        return self._build(artifact.path, target.model_copy(update={"plan": rescaled, **only_the_plan}))
+
+    def _build(self, path: Path, target: Target) -> Artifact:
+        self.targets[path] = target
+        produced = convert(self.checkpoint, self.recipe.model_copy(update={"targets": [target]}),
+                           self.artifacts_dir, self.timings)
+        return produced[0][0]
+
+
 def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Artifact], settings: Validate,
-                       gates: dict[Path, Gates], out_dir: Path, timings: Timings | None = None) -> dict:
-    """Score every artifact against the reference on the same windows; write the report."""
+                       gates: dict[Path, Gates], out_dir: Path, timings: Timings | None = None,
+                       replan: Callable[[Artifact, dict], Artifact | None] | None = None) -> dict:
+    """Score every artifact against the reference on the same windows; write the report. `replan` may answer
+    an artifact's entry with a rebuilt artifact, which is scored in its place."""
     import numpy as np
 
     from siliconvert.validate import gates as gate_checks
@@ -342,17 +418,20 @@ def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Arti
     latency = (settings.prefill_tokens, settings.decode_tokens) if settings.latency else None
     entries, klds = [], {}
     for artifact in artifacts:
-        say(f"validating {artifact.format} {artifact.quant}")
-        started = time.perf_counter()
-        run = run_artifact(artifact, windows, latency, probes[artifact.format].artifact_texts)
-        result = score(artifact, run, reference, windows, probes[artifact.format], settings.tokenizer == "strict",
-                       reference_choices, checkpoint.spec.sparse_layers)
-        peak = getattr(run, "peak_rss_mb", None) or (run.latency.peak_rss_mb if run.latency else None)
-        timings.stage(f"validate.{artifact.format} {artifact.quant}", wall_s=time.perf_counter() - started,
-                      peak_rss_mb=peak)
-        failures = gate_checks.check(result, gates[artifact.path])
-        entries.append(artifact_entry(result, failures, gates[artifact.path].model_dump()))
-        klds[f"{artifact.format} {artifact.quant}"] = result.kld
+        while artifact is not None:
+            say(f"validating {artifact.format} {artifact.quant}")
+            started = time.perf_counter()
+            run = run_artifact(artifact, windows, latency, probes[artifact.format].artifact_texts)
+            result = score(artifact, run, reference, windows, probes[artifact.format],
+                           settings.tokenizer == "strict", reference_choices, checkpoint.spec.sparse_layers)
+            peak = getattr(run, "peak_rss_mb", None) or (run.latency.peak_rss_mb if run.latency else None)
+            timings.stage(f"validate.{artifact.format} {artifact.quant}", wall_s=time.perf_counter() - started,
+                          peak_rss_mb=peak)
+            failures = gate_checks.check(result, gates[artifact.path])
+            entry = artifact_entry(result, failures, gates[artifact.path].model_dump())
+            artifact = replan(artifact, entry) if replan else None
+        entries.append(entry)
+        klds[f"{entry['format']} {entry['quant']}"] = result.kld
     spec = checkpoint.spec
     report = build_report(
         source=source,

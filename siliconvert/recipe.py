@@ -34,14 +34,57 @@ class Gates(Strict):
     min_router_agreement: float | None = Field(None, ge=0, le=1)
 
 
+class QuantPlan(Strict):
+    """What a planned quantization aims at: exactly one of the quality (predicted mean KLD) or the size."""
+
+    max_mean_kld: float | None = Field(None, gt=0)
+    size_mb: float | None = Field(None, gt=0)  # the whole artifact, in 10⁶ bytes
+    bits_per_weight: float | None = Field(None, ge=2, le=16)  # mean over the planned tensors' weights
+    # predicted mean KLD per unit of summed relative output error (quantize/sensitivity.py); default: the
+    # demo model's fit. The pipeline scales it by measured / predicted when a planned artifact misses its target.
+    kld_per_error: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_goal(self) -> QuantPlan:
+        if sum(v is not None for v in (self.max_mean_kld, self.size_mb, self.bits_per_weight)) != 1:
+            raise ValueError("a plan names exactly one of max_mean_kld, size_mb, bits_per_weight")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The plan in an artifact's name: auto-kld0.01, auto-3.4MB, auto-4.5bpw."""
+        if self.max_mean_kld is not None:
+            return f"auto-kld{self.max_mean_kld:g}"
+        return f"auto-{self.size_mb:g}MB" if self.size_mb is not None else f"auto-{self.bits_per_weight:g}bpw"
+
+
+def _plan_matches_auto(auto: bool, plan: QuantPlan | None, key: str) -> None:
+    if auto and plan is None:
+        raise ValueError(f"{key}: auto needs a plan ({{max_mean_kld: x}}, {{size_mb: n}} or {{bits_per_weight: b}})")
+    if plan is not None and not auto:
+        raise ValueError(f"plan is only read with {key}: auto")
+
+
 class MLXTarget(Strict):
     format: Literal["mlx"]
-    bits: Literal[2, 3, 4, 5, 6, 8, 16] = 4  # 16 = unquantized float16
-    group_size: Literal[32, 64, 128] = 64
+    # 16 = unquantized float16; auto = planned per module; mixed_*: mlx-lm's fixed mixed recipes
+    # (mlx_lm.convert --quant-predicate: more bits for v_proj / down_proj in some layers and for lm_head)
+    bits: Literal[2, 3, 4, 5, 6, 8, 16, "auto", "mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"] = 4
+    group_size: Literal[32, 64, 128] = 64  # auto plans the group size per module too
+    plan: QuantPlan | None = None
     gates: Gates | None = None  # overrides validate.gates for this target
+
+    @model_validator(mode="after")
+    def _auto_has_a_plan(self) -> MLXTarget:
+        _plan_matches_auto(self.bits == "auto", self.plan, "bits")
+        return self
 
     @property
     def quant(self) -> str:
+        if self.plan is not None:
+            return self.plan.label
+        if isinstance(self.bits, str):
+            return f"{self.bits}-g{self.group_size}"
         return "fp16" if self.bits == 16 else f"{self.bits}bit-g{self.group_size}"
 
 
@@ -50,9 +93,20 @@ GGUFQuant = Literal["F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S",
 
 class GGUFTarget(Strict):
     format: Literal["gguf"]
-    quants: list[GGUFQuant] = Field(["Q4_K_M"], min_length=1)
-    imatrix: str | None = None  # calibration text ("builtin" or a path) for an importance matrix
+    quants: list[GGUFQuant | Literal["auto"]] = Field(["Q4_K_M"], min_length=1)  # auto: one planned file
+    # calibration text ("builtin" or a path) for an importance matrix; a plan always has one (default builtin)
+    imatrix: str | None = None
+    plan: QuantPlan | None = None
     gates: Gates | None = None
+
+    @model_validator(mode="after")
+    def _auto_has_a_plan(self) -> GGUFTarget:
+        _plan_matches_auto("auto" in self.quants, self.plan, "quants")
+        return self
+
+    def file_quant(self, quant: str) -> str:
+        """The name a quant's file and artifact carry: the plan's label for auto."""
+        return self.plan.label if quant == "auto" else quant
 
 
 CoreMLPrecision = Literal["fp16", "int8", "int4"]

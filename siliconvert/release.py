@@ -27,7 +27,7 @@ import yaml
 from siliconvert.errors import ArtifactError, OutputError, RecipeError
 from siliconvert.progress import say
 from siliconvert.recipe import CoreMLTarget
-from siliconvert.validate.report import known_tokenizer_rules
+from siliconvert.validate.report import known_tokenizer_rules, plan_lines
 from siliconvert.validate.router import describe_router
 from siliconvert.validate.score import KV_CACHE_KLD_FACTOR, KV_CACHE_KLD_FLOOR
 
@@ -272,6 +272,11 @@ def describe_format(release: Release) -> str:
         return f"GGUF files for llama.cpp ({', '.join(quants)})"
     if release.format == "coreml":
         return f"Core ML ML Program ({quants[0]}, stateful KV cache, iOS 18 / macOS 15)"
+    if release.shipped[0].get("plan"):
+        return f"MLX weights quantized per module by plan ({release.shipped[0]['plan']['bits_per_weight']:.2f} " \
+               "bits per weight)"
+    if quants[0].startswith("mixed_"):
+        return f"MLX weights in mlx-lm's {quants[0]} mixed recipe"
     bits, _, group = quants[0].partition("bit-g")
     return "MLX float16 weights" if quants[0] == "fp16" else f"MLX {bits}-bit weights (group size {group})"
 
@@ -397,6 +402,7 @@ def validation(release: Release, report: dict, has_plot: bool) -> list[str]:
                   "runtime column says what ran: siliconvert's MIL interpreter for Core ML, or the MLX weights "
                   "dequantized in torch where mlx has only a slow CPU backend): their scores check the shipped "
                   "weights; their speeds, where given, say nothing about an Apple device."]
+    lines += plan_lines(release.shipped)
     if has_plot:
         lines += ["", f"![quality against size, every artifact of this run]({PLOT})"]
     return lines

@@ -42,6 +42,8 @@ def artifact_entry(result: ArtifactScore, failures: list[GateFailure], limits: d
         "not_measured": run.unmeasured,
         # the child process's peak over the whole run; for an emulated runtime, the emulation's
         "run_peak_rss_mb": round(run.peak_rss_mb, 1),
+        # a planned quantization: tensor → type, bits per weight, predicted mean KLD (quantize/plan.py)
+        "plan": artifact.plan,
         "gates": {
             "passed": not failures,
             "failed": [f.__dict__ for f in failures],
@@ -122,6 +124,7 @@ def markdown(report: dict, plot_name: str | None) -> str:
                   "The artifact's runtime cannot express the source tokenizer's rule here; other text tokenizes "
                   "alike. A warning, not a failure, unless the recipe sets `validate.tokenizer: strict`.", ""]
         lines += [f"- {line}" for line in known]
+    lines += plan_lines(report["artifacts"])
     failures = [f["message"] for a in report["artifacts"] for f in a["gates"]["failed"]]
     if failures:
         lines += ["", "## Failed gates", "", *[f"- {message}" for message in failures]]
@@ -134,6 +137,29 @@ def markdown(report: dict, plot_name: str | None) -> str:
     if plot_name:
         lines += ["", f"![quality against size]({plot_name})"]
     return "\n".join(lines) + "\n"
+
+
+def plan_lines(artifacts: list[dict]) -> list[str]:
+    """The "Quantization plans" section: per planned artifact, its prediction against the measurement, the
+    types' shares, each try of the re-plan loop, and tensor → type (the report and the model card share it)."""
+    planned = [a for a in artifacts if a.get("plan")]  # older reports have no plans
+    if not planned:
+        return []
+    lines = ["", "## Quantization plans", "",
+             "Types chosen per tensor from the imatrix-weighted quantization error (quantize/sensitivity.py), "
+             "the fewest bytes for the quality asked or the least error for the size asked."]
+    for a in planned:
+        plan = a["plan"]
+        shares = ", ".join(f"{kind} × {count}" for kind, count in plan["types"].items())
+        lines += ["", f"**{a['format']} {a['quant']}**: {plan['bits_per_weight']:.2f} bits per weight, predicted "
+                  f"mean KLD {plan['predicted_mean_kld']:.5f}, measured {a['metrics']['mean_kld']:.5f}; {shares}."]
+        lines += [f"- try {t['try']}: predicted {t['predicted_mean_kld']:.5f}, measured {t['measured_mean_kld']:.5f}"
+                  f" at {t['bits_per_weight']:.2f} bits per weight{'' if t['met'] else ': missed'}"
+                  f"{'; the smallest try that met was written again' if t.get('restored') else ''}"
+                  for t in plan.get("tries", [])]
+        lines += ["", "<details><summary>tensor → type</summary>", "", "| tensor | type |", "|---|---|",
+                  *[f"| {name} | {kind} |" for name, kind in plan["tensors"].items()], "", "</details>"]
+    return lines
 
 
 def _traits(source_info: dict) -> str:

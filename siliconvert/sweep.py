@@ -1,0 +1,177 @@
+"""`siliconvert sweep recipe.yaml`: the size-vs-KLD front of planned artifacts beside the fixed recipes.
+
+For each of the recipe's GGUF and MLX targets' formats it builds the anchors' fixed recipes (llama.cpp's
+Q3_K_M, Q4_K_M, Q5_K_M with the same importance matrix a plan uses; MLX 3, 4 and 6 bits at group 64, and
+mlx-lm's mixed_3_6 and mixed_4_6) and scores them with the project's own validation; then planned artifacts
+aimed at their figures (one at each fixed width's byte size: as small and better; one at the measured mean KLD
+of Q4_K_M and of MLX 4-bit g64: as good and smaller) and at the recipe's mean-KLD gate, scored the same way.
+The front goes to sweep.json, sweep.md and sweep.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from siliconvert.artifacts import write_text_atomically
+from siliconvert.errors import RecipeError
+from siliconvert.pipeline import (
+    Replanner,
+    Timings,
+    convert,
+    open_source,
+    preflight,
+    prepare_output,
+    validate_artifacts,
+)
+from siliconvert.progress import say
+from siliconvert.recipe import GGUFTarget, MLXTarget, QuantPlan, Recipe, Target
+
+FIXED_GGUF = ("Q3_K_M", "Q4_K_M", "Q5_K_M")
+FIXED_MLX = (3, 4, 6, "mixed_3_6", "mixed_4_6")
+SWEPT = ("gguf", "mlx")
+ANCHORS = ("Q4_K_M", "4bit-g64")  # the usual choices: a plan also aims at their measured mean KLD
+
+
+def fixed_targets(recipe: Recipe, only: Sequence[str] | None = None) -> list[Target]:
+    """The fixed recipes of the recipe's formats; `only` keeps those named (Q4_K_M, 4bit-g64, mixed_3_6-g64)."""
+    formats = {t.format for t in recipe.targets}
+    imatrix = next((t.imatrix for t in recipe.targets if t.format == "gguf" and t.imatrix), "builtin")
+    quants = [q for q in FIXED_GGUF if only is None or q in only]
+    targets: list[Target] = []
+    if "gguf" in formats and quants:
+        targets.append(GGUFTarget(format="gguf", quants=quants, imatrix=imatrix))
+    if "mlx" in formats:
+        widths = [MLXTarget(format="mlx", bits=bits, group_size=64) for bits in FIXED_MLX]
+        targets += [t for t in widths if only is None or t.quant in only]
+    return targets
+
+
+def planned_targets(recipe: Recipe, fixed_report: dict) -> list[Target]:
+    """Per format: a plan at each fixed artifact's byte size, one at its measured mean KLD (the two ways to
+    beat it: as good and smaller, or as small and better), and one at the recipe's max_mean_kld gate."""
+    imatrix = next((t.imatrix for t in recipe.targets if t.format == "gguf" and t.imatrix), "builtin")
+    gate = recipe.validate_.gates.max_mean_kld
+    goals: dict[str, dict[str, QuantPlan]] = {fmt: {} for fmt in SWEPT}  # format → label → plan
+    for entry in fixed_report["artifacts"]:
+        if entry["quant"].startswith("mixed_"):  # the mixed recipes sit between the widths
+            continue
+        plans = [QuantPlan(size_mb=round(entry["size_bytes"] / 1e6, 3))]
+        if entry["quant"] in ANCHORS:
+            plans.append(QuantPlan(max_mean_kld=float(f"{entry['metrics']['mean_kld']:.3g}")))
+        goals[entry["format"]] |= {plan.label: plan for plan in plans}
+    targets: list[Target] = []
+    for fmt, plans in goals.items():
+        if not plans:
+            continue
+        if gate is not None:
+            plans.setdefault(QuantPlan(max_mean_kld=gate).label, QuantPlan(max_mean_kld=gate))
+        if fmt == "gguf":
+            targets += [GGUFTarget(format="gguf", quants=["auto"], imatrix=imatrix, plan=plan)
+                        for plan in plans.values()]
+        else:
+            targets += [MLXTarget(format="mlx", bits="auto", plan=plan) for plan in plans.values()]
+    return targets
+
+
+def run_sweep(recipe: Recipe, recipe_path: Path | None = None, *, allow_pickle: bool = False,
+              only: Sequence[str] | None = None) -> dict:
+    """Build and score the fixed recipes, then the plans their figures call for; tabulate. Returns the front
+    (what sweep.json holds). The fixed and the planned reports go to sweep/fixed/ and sweep/planned/."""
+    if not any(t.format in SWEPT for t in recipe.targets):
+        raise RecipeError("a sweep needs a gguf or mlx target", recipe_path or "recipe")
+    known = [*FIXED_GGUF, *(MLXTarget(format="mlx", bits=bits).quant for bits in FIXED_MLX)]
+    unknown = [name for name in only or () if name not in known]
+    if unknown:
+        raise RecipeError(f"--fixed: {', '.join(unknown)} is not a fixed recipe of the sweep ({', '.join(known)})",
+                          "command line")
+    checkpoint = open_source(recipe.source, allow_pickle)
+    preflight(recipe, checkpoint, recipe_path)
+    sweep_dir = prepare_output(recipe.output_dir(recipe_path) / "sweep")
+    artifacts_dir, timings, settings = sweep_dir / "artifacts", Timings(), recipe.validate_
+    fixed_recipe = recipe.model_copy(update={"targets": fixed_targets(recipe, only)})
+    say(f"sweep: {len(fixed_recipe.targets)} fixed targets → {sweep_dir}")
+    fixed = [artifact for artifact, _ in convert(checkpoint, fixed_recipe, artifacts_dir, timings)]
+    fixed_report = validate_artifacts(checkpoint, recipe.source, fixed, settings,
+                                      dict.fromkeys((a.path for a in fixed), settings.gates),
+                                      prepare_output(sweep_dir / "fixed"), timings)
+    planned_recipe = recipe.model_copy(update={"targets": planned_targets(recipe, fixed_report)})
+    say(f"sweep: {len(planned_recipe.targets)} planned targets")
+    produced = convert(checkpoint, planned_recipe, artifacts_dir, timings)
+    planned_dir = prepare_output(sweep_dir / "planned")
+    if not (planned_dir / ".cache").exists():  # the reference logits the fixed run computed
+        (planned_dir / ".cache").symlink_to(sweep_dir / "fixed" / ".cache", target_is_directory=True)
+    planned_report = validate_artifacts(checkpoint, recipe.source, [a for a, _ in produced], settings,
+                                        {a.path: settings.gates for a, _ in produced}, planned_dir, timings,
+                                        replan=Replanner(checkpoint, planned_recipe, produced, artifacts_dir, timings))
+    timings.write(sweep_dir)
+    front = sweep_front(fixed_report["artifacts"] + planned_report["artifacts"], fixed_report,
+                        gate=settings.gates.max_mean_kld)
+    write_sweep(sweep_dir, front)
+    return front
+
+
+def sweep_front(entries: list[dict], report: dict, gate: float | None) -> dict:
+    """The rows of the front (fixed and planned report `entries`), with `report`'s source and corpus."""
+    rows = [{"format": a["format"], "quant": a["quant"], "kind": "planned" if a.get("plan") else "fixed",
+             "size_bytes": a["size_bytes"], "mean_kld": a["metrics"]["mean_kld"],
+             "same_top1": a["metrics"]["same_top1"],
+             "predicted_mean_kld": a["plan"]["predicted_mean_kld"] if a.get("plan") else None,
+             "bits_per_weight": a["plan"]["bits_per_weight"] if a.get("plan") else None,
+             "goal": a["plan"].get("goal") if a.get("plan") else None,
+             "tries": len(a["plan"].get("tries", [])) if a.get("plan") else None}
+            for a in entries]
+    rows.sort(key=lambda r: (r["format"], r["size_bytes"]))
+    return {"source": report["source"], "model": report["source_info"]["name"], "corpus": report["corpus"],
+            "max_mean_kld": gate, "rows": rows}
+
+
+def write_sweep(out_dir: Path, front: dict) -> None:
+    write_text_atomically(out_dir / "sweep.json", json.dumps(front, indent=2) + "\n")
+    lines = [f"# siliconvert sweep: {front['model']}", "",
+             f"Mean KLD to the reference on {front['corpus']['positions']} positions of {front['corpus']['name']}, "
+             "against size. *fixed*: the anchors' recipes; *planned*: siliconvert's per-tensor plans at the fixed "
+             "recipes' sizes and at the recipe's mean-KLD gate.", "",
+             "| format | artifact | kind | size | mean KLD | predicted | bits/weight | same top-1 |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in front["rows"]:
+        predicted = "–" if r["predicted_mean_kld"] is None else f"{r['predicted_mean_kld']:.5f}"
+        bpw = "–" if r["bits_per_weight"] is None else f"{r['bits_per_weight']:.2f}"
+        lines.append(f"| {r['format']} | {r['quant']} | {r['kind']} | {r['size_bytes'] / 1e6:.3f} MB "
+                     f"| {r['mean_kld']:.5f} | {predicted} | {bpw} | {100 * r['same_top1']:.1f} % |")
+    lines += ["", "![size against mean KLD](sweep.png)"]
+    write_text_atomically(out_dir / "sweep.md", "\n".join(lines) + "\n")
+    plot_front(out_dir / "sweep.png", front)
+
+
+def plot_front(path: Path, front: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(figsize=(7.5, 4.8))
+    styles = {"fixed": "o", "planned": "*"}
+    for fmt in SWEPT:
+        for kind, marker in styles.items():
+            rows = [r for r in front["rows"] if r["format"] == fmt and r["kind"] == kind]
+            if not rows:
+                continue
+            axes.plot([r["size_bytes"] / 1e6 for r in rows], [max(r["mean_kld"], 1e-8) for r in rows],
+                      marker=marker, markersize=9 if kind == "planned" else 6,
+                      linestyle="-" if kind == "planned" else ":", label=f"{fmt} {kind}")
+            for r in rows:
+                axes.annotate(r["quant"], (r["size_bytes"] / 1e6, max(r["mean_kld"], 1e-8)), fontsize=6,
+                              xytext=(3, 3), textcoords="offset points")
+    if front["max_mean_kld"] is not None:
+        axes.axhline(front["max_mean_kld"], color="red", linestyle="--", linewidth=1, label="gate: max mean KLD")
+    axes.set(xlabel="size (MB)", ylabel="mean KLD to reference", yscale="log",
+             title=f"{front['model']}: size against quality")
+    axes.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,214 @@
+"""The sensitivity estimate and the planner on small arrays: no checkpoint, fast."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QType
+
+from siliconvert.errors import RecipeError
+from siliconvert.quantize.gguf import TensorQuantizer
+from siliconvert.quantize.plan import make_plan
+from siliconvert.quantize.sensitivity import (
+    ROLE_GAINS,
+    Option,
+    TensorCosts,
+    gguf_costs,
+    mlx_costs,
+    relative_error,
+    role_gain,
+)
+from siliconvert.recipe import QuantPlan, parse_recipe
+
+
+def test_relative_error_weighs_columns_by_importance():
+    weight = np.ones((4, 2))
+    approx = weight.copy()
+    approx[:, 1] = 0  # the whole second column lost
+    assert relative_error(weight, approx, None) == pytest.approx(0.5)
+    assert relative_error(weight, approx, np.array([1.0, 0.0])) == 0  # a column no input reaches costs nothing
+    assert relative_error(weight, approx, np.array([1.0, 3.0])) == pytest.approx(0.75)
+
+
+def test_roles_weigh_errors_by_their_path_to_the_logits():
+    assert role_gain("attn_v") == ROLE_GAINS["attn"] and role_gain("ffn_down_exps") == ROLE_GAINS["ffn"]
+    assert role_gain("output") > 10 * role_gain("attn_q")
+    assert role_gain("token_embd", tied_head=True) == ROLE_GAINS["token_embd"] + ROLE_GAINS["output"]
+    assert role_gain("ssm_in") == ROLE_GAINS["attn"]  # a layer role not measured: attention's
+
+
+@pytest.fixture(scope="module")
+def weight() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((64, 512)).astype(np.float32)
+
+
+def test_gguf_costs_are_llama_cpp_bytes_and_fall_with_bits(weight):
+    quantizer = TensorQuantizer(threads=1)
+    try:
+        costs = gguf_costs("blk.0.ffn_down.weight", weight, np.linspace(0.1, 2, 512, dtype=np.float32), quantizer)
+    finally:
+        quantizer.close()
+    by_kind = {o.kind: o for o in costs.options}
+    for kind, option in by_kind.items():
+        block, size = gguf.GGML_QUANT_SIZES[QType[kind]]
+        assert option.nbytes == weight.size // block * size
+    k_quants = [by_kind[k].error for k in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")]
+    assert k_quants == sorted(k_quants, reverse=True)
+    assert 1e-5 < by_kind["Q8_0"].error < by_kind["Q2_K"].error < 0.5
+    assert costs.params == weight.size
+
+
+def test_gguf_costs_leave_out_types_a_row_cannot_hold():
+    quantizer = TensorQuantizer(threads=1)
+    try:
+        costs = gguf_costs("narrow", np.ones((8, 96), dtype=np.float32), None, quantizer)
+    finally:
+        quantizer.close()
+    assert {o.kind for o in costs.options} == {"IQ4_NL", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}  # no 256-block
+
+
+def test_mlx_costs_fall_with_bits_and_smaller_groups(weight):
+    costs = mlx_costs("model.layers.0.mlp.down_proj", weight, None, scale_bytes=2)
+    by_kind = {o.kind: o for o in costs.options}
+    assert by_kind["4bit-g64"].nbytes == weight.size // 2 + 2 * 2 * weight.size // 64
+    errors = [by_kind[f"{bits}bit-g64"].error for bits in (2, 3, 4, 5, 6, 8)]
+    assert errors == sorted(errors, reverse=True)
+    assert by_kind["4bit-g32"].error < by_kind["4bit-g64"].error < by_kind["4bit-g128"].error
+
+
+def synthetic_costs() -> list[TensorCosts]:
+    """Three tensors whose options are convex in (bytes, error), one far more sensitive than the others."""
+    def options(scale: float) -> tuple[Option, ...]:
+        return tuple(Option(f"b{bits}", 100 * bits, scale * 4.0 ** -bits) for bits in (2, 3, 4, 5, 6, 8))
+    return [TensorCosts(name, 800, options(scale)) for name, scale in (("a", 1.0), ("b", 8.0), ("c", 0.2))]
+
+
+def brute_force(costs: list[TensorCosts], fits) -> tuple[int, float]:
+    """(bytes, error) of the best combination by exhaustive search: fewest bytes among those `fits` accepts,
+    then least error."""
+    best = None
+    for combo in itertools.product(*(c.options for c in costs)):
+        nbytes, error = sum(o.nbytes for o in combo), sum(o.error for o in combo)
+        if fits(nbytes, error) and (best is None or (nbytes, error) < best):
+            best = (nbytes, error)
+    return best
+
+
+@pytest.mark.parametrize("max_kld", [1e-4, 3e-4, 1e-3, 5e-3])
+def test_a_quality_goal_gets_close_to_the_fewest_bytes_that_meet_it(max_kld):
+    costs = synthetic_costs()
+    plan = make_plan(costs, QuantPlan(max_mean_kld=max_kld, kld_per_error=0.1))
+    assert plan.predicted_kld <= max_kld
+    fewest = brute_force(costs, lambda _, error: 0.1 * error <= max_kld)[0]
+    assert fewest <= plan.planned_bytes <= fewest + 100  # the front's points are optimal; between them, one step
+    # the sensitive tensor gets at least as many bits as any other
+    assert plan.choices["b"].nbytes >= max(plan.choices["a"].nbytes, plan.choices["c"].nbytes)
+
+
+@pytest.mark.parametrize("bits", [3.0, 4.0, 4.5, 6.0])
+def test_a_size_goal_stays_within_it_and_spends_it_where_it_helps(bits):
+    costs = synthetic_costs()
+    plan = make_plan(costs, QuantPlan(bits_per_weight=bits, kld_per_error=0.1))
+    assert plan.planned_bytes <= bits * 2400 / 8
+    uniform = sum(o.error for c in costs for o in c.options if o.kind == f"b{int(bits)}")
+    assert plan.predicted_kld <= 0.1 * uniform  # never worse than the same width everywhere
+
+
+def test_a_size_goal_counts_the_fixed_bytes():
+    plan = make_plan(synthetic_costs(), QuantPlan(size_mb=0.0015), fixed_bytes=300)
+    assert plan.nbytes <= 1500 and plan.nbytes == plan.planned_bytes + 300
+
+
+def test_the_plan_summary_names_every_tensor():
+    summary = make_plan(synthetic_costs(), QuantPlan(bits_per_weight=4)).summary()
+    assert set(summary["tensors"]) == {"a", "b", "c"}
+    assert sum(summary["types"].values()) == 3
+    assert summary["bits_per_weight"] <= 4
+
+
+@pytest.mark.parametrize(("target", "problem"), [
+    ({"format": "gguf", "quants": ["auto"]}, "auto needs a plan"),
+    ({"format": "gguf", "quants": ["Q4_K_M"], "plan": {"size_mb": 3}}, "plan is only read with quants: auto"),
+    ({"format": "mlx", "bits": "auto"}, "auto needs a plan"),
+    ({"format": "mlx", "bits": 4, "plan": {"max_mean_kld": 0.01}}, "plan is only read with bits: auto"),
+    ({"format": "mlx", "bits": "auto", "plan": {"max_mean_kld": 0.01, "size_mb": 3}}, "exactly one of"),
+    ({"format": "gguf", "quants": ["auto"], "plan": {"bits_per_weight": 1}}, "bits_per_weight"),
+])
+def test_plan_recipe_errors_name_the_key(target, problem):
+    with pytest.raises(RecipeError, match=problem):
+        parse_recipe({"source": "x", "targets": [target]})
+
+
+def test_a_plan_names_its_artifact():
+    recipe = parse_recipe({"source": "x", "targets": [
+        {"format": "gguf", "quants": ["Q4_K_M", "auto"], "plan": {"size_mb": 3.4}},
+        {"format": "mlx", "bits": "auto", "plan": {"max_mean_kld": 0.01}}]})
+    assert recipe.targets[0].file_quant("auto") == "auto-3.4MB"
+    assert recipe.targets[1].quant == "auto-kld0.01"
+
+
+def test_the_report_and_the_card_say_the_plan_and_each_try():
+    from siliconvert.release import Release, describe_format
+    from siliconvert.validate.report import plan_lines
+
+    plan = make_plan(synthetic_costs(), QuantPlan(max_mean_kld=1e-3)).summary()
+    plan["tries"] = [{"try": 1, "predicted_mean_kld": 9e-4, "measured_mean_kld": 2e-3, "bits_per_weight": 4.0,
+                      "met": False},
+                     {"try": 2, "predicted_mean_kld": 9e-4, "measured_mean_kld": 8e-4, "bits_per_weight": 4.6,
+                      "met": True}]
+    entry = {"format": "mlx", "quant": "auto-kld0.001", "plan": plan, "metrics": {"mean_kld": 8e-4}}
+    text = "\n".join(plan_lines([entry, {"format": "gguf", "quant": "Q4_K_M", "plan": None}]))
+    assert "**mlx auto-kld0.001**" in text and "Q4_K_M" not in text
+    assert "- try 1: predicted 0.00090, measured 0.00200 at 4.00 bits per weight: missed\n" in text
+    assert "- try 2: predicted 0.00090, measured 0.00080 at 4.60 bits per weight\n" in text + "\n"
+    assert all(f"| {name} | {kind} |" in text for name, kind in plan["tensors"].items())
+    release = Release("demo-auto-kld0.001", "demo", "mlx", [entry], [], None)
+    assert describe_format(release) == f"MLX weights quantized per module by plan ({plan['bits_per_weight']:.2f} " \
+                                       "bits per weight)"
+    assert plan_lines([]) == []
+
+
+def test_the_replan_loop_tightens_a_miss_loosens_a_waste_and_keeps_what_met(monkeypatch):
+    """Fake builds whose measured KLD is 2× the prediction: a miss is planned again tighter; a try far under its
+    target is planned again looser; when the last try misses, the smallest that met is written again."""
+    import siliconvert.pipeline as pipeline
+    from siliconvert.artifacts import Artifact
+
+    path = Path("demo-auto.gguf")
+    builds = []
+
+    def convert(_checkpoint, recipe, _dir, _timings):
+        (target,) = recipe.targets
+        builds.append(target)
+        scale = target.plan.kld_per_error
+        plan = {"predicted_mean_kld": 0.01 * scale / builds_scale[len(builds) - 1], "kld_per_error": scale,
+                "bits_per_weight": 4.0}
+        return [(Artifact("gguf", "auto-kld0.01", path, plan=plan), target)]
+
+    monkeypatch.setattr(pipeline, "convert", convert)
+    target = parse_recipe({"source": "x", "targets": [
+        {"format": "gguf", "quants": ["auto"], "plan": {"max_mean_kld": 0.01}}]}).targets[0]
+    first = Artifact("gguf", "auto-kld0.01", path, plan={"predicted_mean_kld": 0.01, "kld_per_error": 1.0,
+                                                          "bits_per_weight": 4.0})
+    replan = pipeline.Replanner(None, parse_recipe({"source": "x", "targets": [target.model_dump()]}),
+                                [(first, target)], Path("."), None)
+
+    def score(artifact, measured, size):
+        entry = {"metrics": {"mean_kld": measured}, "size_bytes": size}
+        return replan(artifact, entry), entry
+
+    builds_scale = [1.0, 1.0, 1.0]
+    second, _ = score(first, 0.02, 100)  # missed by 2×: tighter
+    assert builds[-1].plan.kld_per_error == pytest.approx(2.0 / 0.9)
+    third, _ = score(second, 0.003, 120)  # met far under: looser
+    assert builds[-1].plan.kld_per_error < builds[-2].plan.kld_per_error
+    restored, _ = score(third, 0.011, 90)  # the last try missed: the one that met (try 2) again
+    assert builds[-1] == builds[0] and restored is not None
+    done, entry = score(restored, 0.003, 120)
+    assert done is None
+    assert [t["met"] for t in entry["plan"]["tries"]] == [False, True, False]
+    assert entry["plan"]["tries"][-1]["restored"]
