@@ -98,6 +98,7 @@ class GGUFWriter(Writer):
         quantized = any(q not in DIRECT_TYPES for q in target.quants)
         # a plan weighs each tensor's error by the importance matrix, and quantizes with it
         self.imatrix = self._importance_matrix() if (target.imatrix or target.plan) and quantized else None
+        self.metadata = self._metadata()  # before the plans: a planned file's header is measured with it
         # quant → (general.file_type, every tensor's type in self.outputs)
         self.plans: dict[str, tuple[LlamaFileType, list[QType]]] = {}
         self.quant_plan: Plan | None = None  # the planned file's choices, for "auto"
@@ -110,7 +111,6 @@ class GGUFWriter(Writer):
         self.from_file = [q for q in target.quants if q not in self.plans]
         if self.from_file and self._full_precision() not in self.plans:
             self.plans[self._full_precision()] = self._plan(self._full_precision(), self.outputs)
-        self.metadata = self._metadata()
         out_dir.mkdir(parents=True, exist_ok=True)
         self.files: dict[str, tuple[Path, gguf.GGUFWriter]] = {}
         for quant, (file_type, types) in self.plans.items():
