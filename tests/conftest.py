@@ -52,6 +52,23 @@ def reference_logits_for(checkpoint_path: Path, windows) -> np.ndarray:  # noqa:
         return np.stack([model(torch.as_tensor(w[None])).logits[0].numpy() for w in windows])
 
 
+def reference_choices_for(checkpoint_path: Path, windows) -> np.ndarray:  # noqa: F821
+    """The experts transformers' routers choose (float32) for each window's tokens, recorded as the reference run
+    records them: ids [windows, length, sparse layers, k]."""
+    import torch
+
+    from siliconvert.checkpoint import Checkpoint
+    from siliconvert.validate.router import RouterRecorder
+    from siliconvert.validate.streamed import CheckpointWeights, streamed_logits
+
+    checkpoint = Checkpoint.open(checkpoint_path)
+    spec = checkpoint.spec
+    recorder = RouterRecorder(spec.sparse_layers, spec.experts.used)
+    streamed_logits(checkpoint.transformers_config(), CheckpointWeights(checkpoint), windows, device="cpu",
+                    dtype=torch.float32, label="reference", prepare=recorder.attach, keep_logits=False)
+    return recorder.choices(*windows.shape)
+
+
 def build_mlx(source, out_dir, **target):
     """The MLX writer over a checkpoint's whole stream, as the pipeline runs it; returns the artifact."""
     from siliconvert.checkpoint import Checkpoint

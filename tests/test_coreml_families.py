@@ -10,8 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
-from conftest import reference_logits_for
+from conftest import reference_choices_for, reference_logits_for
 from families import FAMILY_CASES
 from test_coreml import windows_of
 
@@ -20,7 +19,7 @@ from siliconvert.convert.coreml import CoreMLWriter
 from siliconvert.convert.coreml.numerics import FLOAT16_MAX, FP16Range
 from siliconvert.recipe import CoreMLTarget
 from siliconvert.validate.metrics import compare
-from siliconvert.validate.router import RouterRecorder, router_agreement
+from siliconvert.validate.router import router_agreement
 from siliconvert.validate.runners.coreml import CoreMLRunner
 
 pytestmark = pytest.mark.slow
@@ -63,19 +62,11 @@ def test_fp16_logits_match_the_reference(family_package):
 def test_routers_choose_the_reference_experts(family_package):
     """The interpreter's routers against transformers' (recorded by RouterRecorder, as the reference run
     records them), over every scored token and sparse layer; and the cost of evaluating every expert, stated."""
-    from transformers import AutoModelForCausalLM
-
     _, source, artifact, windows, _ = family_package
     spec = Checkpoint.open(source).spec
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    recorder = RouterRecorder(spec.sparse_layers, spec.experts.used)
-    recorder.attach(model)
-    with torch.inference_mode():
-        for window in windows:
-            model(torch.as_tensor(window[None]))
     runner = CoreMLRunner(artifact.path, artifact.runner_options)
     runner.logits_many(windows)
-    agreement = router_agreement(recorder.choices(*windows.shape), runner.expert_choices(), spec.sparse_layers)
+    agreement = router_agreement(reference_choices_for(source, windows), runner.expert_choices(), spec.sparse_layers)
     assert agreement["same_experts"] >= 0.95, agreement
     statement = "experts evaluated per token: 4 of which 2 used"
     assert artifact.runner_options["compute"].startswith(statement)

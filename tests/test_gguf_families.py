@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import reference_logits_for
+from conftest import reference_choices_for, reference_logits_for
 from families import FAMILY_CASES
 from transformers import AutoTokenizer
 
@@ -22,7 +22,7 @@ from siliconvert.demo import small_checkpoint
 from siliconvert.recipe import GGUFTarget
 from siliconvert.textdata import heldout_text
 from siliconvert.validate.metrics import compare
-from siliconvert.validate.router import RouterRecorder, router_agreement
+from siliconvert.validate.router import router_agreement
 from siliconvert.validate.runners.gguf import LlamaCppRunner
 
 pytestmark = pytest.mark.slow
@@ -50,7 +50,7 @@ def scored(family: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     targets = np.array(ids[1:WINDOW * WINDOWS + 1]).reshape(WINDOWS, WINDOW)
     spec = checkpoint.spec
     reference = reference_logits_for(family, windows)
-    reference_choices = reference_expert_choices(family, windows) if spec.experts is not None else None
+    reference_choices = reference_choices_for(family, windows) if spec.experts is not None else None
     results = {}
     for artifact in writer.finish():
         runner = LlamaCppRunner(artifact.path, {"context": WINDOW})
@@ -66,21 +66,6 @@ def scored(family: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
                                                                           spec.sparse_layers, unmeasured)
         results[artifact.quant] = (result, router)
     return results
-
-
-def reference_expert_choices(checkpoint_path: Path, windows: np.ndarray) -> np.ndarray:
-    """The experts transformers' routers choose (float32) for each window's tokens: [windows, length, layers, k]."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    spec = Checkpoint.open(checkpoint_path).spec
-    model = AutoModelForCausalLM.from_pretrained(checkpoint_path, dtype=torch.float32)
-    recorder = RouterRecorder(spec.sparse_layers, spec.experts.used)
-    recorder.attach(model)
-    with torch.inference_mode():
-        for window in windows:
-            model(torch.as_tensor(window[None]))
-    return recorder.choices(*windows.shape)
 
 
 @pytest.mark.parametrize("quant", QUANTS)

@@ -6,10 +6,10 @@ import json
 import shutil
 
 import pytest
-from conftest import build_mlx, reference_logits_for
+from conftest import build_mlx, reference_choices_for, reference_logits_for
 from families import FAMILY_CASES
 from test_mlx import held_out_windows, mlx_logits
-from test_mlx_moe import MOE_FAMILIES, reference_choices
+from test_mlx_moe import MOE_FAMILIES
 
 from siliconvert.architectures import registry
 from siliconvert.checkpoint import Checkpoint
@@ -116,7 +116,7 @@ def test_float16_routers_choose_the_references_experts(family, engine, family_so
     routers choose in the reference run, on the scored windows."""
     source = family_source(family)
     scored(source, engine=engine, bits=16)
-    expected = reference_choices(source, held_out_windows(source))
+    expected = reference_choices_for(source, held_out_windows(source))
     agreement = router_agreement(expected, scored.runner.expert_choices(), Checkpoint.open(source).spec.sparse_layers)
     assert agreement["same_experts"] >= 0.95, agreement
 

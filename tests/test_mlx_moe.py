@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import build_mlx, reference_logits_for
+from conftest import build_mlx, reference_choices_for, reference_logits_for
 from families import FAMILY_CASES
 from test_moe import TINY, copy_with, save_tiny, stacked_copy
 
@@ -22,9 +22,8 @@ from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.mlx_arch import MLXArch
 from siliconvert.errors import CheckpointError
 from siliconvert.validate.metrics import compare
-from siliconvert.validate.router import RouterRecorder, router_agreement
+from siliconvert.validate.router import router_agreement
 from siliconvert.validate.runners.mlx import MLXRunner
-from siliconvert.validate.streamed import CheckpointWeights, streamed_logits
 
 MOE_FAMILIES = [family for family, (_, config) in FAMILY_CASES.items() if "num_experts_per_tok" in config]
 # The router rule mlx-lm's Qwen3-MoE file gives its quant predicate (Qwen3-Next's also for the shared expert's
@@ -100,16 +99,6 @@ def test_expert_blocks_and_shards_change_nothing_but_the_files(moe_source, tmp_p
     assert_same_arrays(arrays(blocks), arrays(whole))
 
 
-def reference_choices(source: Path, windows: np.ndarray) -> np.ndarray:
-    """The experts transformers' routers choose, recorded as the reference run records them."""
-    checkpoint = Checkpoint.open(source)
-    spec = checkpoint.spec
-    recorder = RouterRecorder(spec.sparse_layers, spec.experts.used)
-    streamed_logits(checkpoint.transformers_config(), CheckpointWeights(checkpoint), windows, device="cpu",
-                    dtype=torch.float32, label="reference", prepare=recorder.attach, keep_logits=False)
-    return recorder.choices(*windows.shape)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["per-expert files", "stacked files"])
 def test_dense_layers_between_sparse_ones_and_unnormalised_routing(layout, tmp_path):
@@ -133,7 +122,7 @@ def assert_computes_the_source_function(source: Path, artifact: Path) -> None:
     """The folder, run by mlx-lm and by the torch stand-in, gives transformers' logits and chooses its experts."""
     windows = np.random.default_rng(0).integers(0, TINY["vocab_size"], size=(2, 24))
     reference = reference_logits_for(source, windows)
-    expected = reference_choices(source, windows)
+    expected = reference_choices_for(source, windows)
     for engine in ("mlx", "torch"):
         runner = MLXRunner(artifact, {"engine": engine})
         logits = runner.logits_many(windows)
