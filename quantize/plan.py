@@ -7,8 +7,8 @@ of error removed per byte added (steepest first), trace the optimal size-vs-erro
 relaxation of the knapsack: at every point reached, no other choice of the same bytes has less summed error).
 Walking that front until the goal is met gives the plan:
 
-- max_mean_kld: take steps until the predicted mean KLD is at most the target, then step back the tensors
-  that can while it stays met (the front's last step may overshoot).
+- max_mean_kld: take steps until the predicted mean KLD (kld_floor + kld_per_error × summed error) is at most
+  the target, then step back the tensors that can while it stays met (the front's last step may overshoot).
 - size_mb / bits_per_weight: take steps while the bytes fit; a step too big is skipped and smaller later
   ones still taken, so the budget is filled.
 
@@ -34,7 +34,12 @@ class Plan:
     params: int  # weights in the planned tensors
     fixed_bytes: int
     kld_per_error: float
+    kld_floor: float
     goal: dict[str, float]  # the recipe's plan: {"max_mean_kld": x}, {"size_mb": n} or {"bits_per_weight": b}
+    # every tensor at its cheapest option (no plan has fewer bytes) / its most exact one (none has less error):
+    # where the re-plan loop has nowhere left to go
+    cheapest: bool = False
+    most_exact: bool = False
 
     @property
     def planned_bytes(self) -> int:
@@ -49,8 +54,12 @@ class Plan:
         return 8 * self.planned_bytes / self.params if self.params else 0.0
 
     @property
+    def summed_error(self) -> float:
+        return sum(o.error for o in self.choices.values())
+
+    @property
     def predicted_kld(self) -> float:
-        return predicted_kld(sum(o.error for o in self.choices.values()), self.kld_per_error)
+        return self.kld_floor + predicted_kld(self.summed_error, self.kld_per_error)
 
     def summary(self) -> dict:
         """What the report and the model card show: the totals, the types' shares, and tensor → type."""
@@ -59,20 +68,21 @@ class Plan:
             counts[option.kind] = counts.get(option.kind, 0) + 1
         return {"goal": self.goal, "predicted_mean_kld": round(self.predicted_kld, 6),
                 "bits_per_weight": round(self.bits_per_weight, 3),
-                "planned_bytes": self.planned_bytes, "bytes": self.nbytes, "kld_per_error": self.kld_per_error,
-                "types": dict(sorted(counts.items())),
+                "planned_bytes": self.planned_bytes, "bytes": self.nbytes, "summed_error": self.summed_error,
+                "kld_per_error": self.kld_per_error, "kld_floor": self.kld_floor,
+                "types": dict(sorted(counts.items())), "cheapest": self.cheapest, "most_exact": self.most_exact,
                 "tensors": {name: option.kind for name, option in sorted(self.choices.items())}}
 
 
 def make_plan(costs: Sequence[TensorCosts], goal: QuantPlan, *, fixed_bytes: int = 0) -> Plan:
     """The plan for `goal` over `costs` (see the module docstring); `fixed_bytes` are the artifact's bytes
     outside the planned tensors (a size goal counts them)."""
-    kld_per_error = goal.kld_per_error or KLD_PER_ERROR
+    kld_per_error, kld_floor = goal.kld_per_error or KLD_PER_ERROR, goal.kld_floor or 0.0
     params = sum(c.params for c in costs)
     chosen = {c.name: c.options[0] for c in costs}
     steps = sorted((step for c in costs for step in _hull_steps(c)), key=lambda s: (-s[0], s[1], s[2].kind))
     if goal.max_mean_kld is not None:
-        allowed_error = goal.max_mean_kld / kld_per_error
+        allowed_error = max(goal.max_mean_kld - kld_floor, 0.0) / kld_per_error
         error = sum(o.error for o in chosen.values())
         for _, name, option in steps:
             if error <= allowed_error:
@@ -93,8 +103,10 @@ def make_plan(costs: Sequence[TensorCosts], goal: QuantPlan, *, fixed_bytes: int
                 continue
             used += extra
             chosen[name] = option
-    goals = goal.model_dump(exclude_none=True, exclude={"kld_per_error"})
-    return Plan(chosen, params, fixed_bytes, kld_per_error, goals)
+    goals = goal.model_dump(exclude_none=True, exclude={"kld_per_error", "kld_floor"})
+    cheapest = all(chosen[c.name] == c.options[0] for c in costs)
+    most_exact = all(chosen[c.name].error <= min(o.error for o in c.options) for c in costs)
+    return Plan(chosen, params, fixed_bytes, kld_per_error, kld_floor, goals, cheapest, most_exact)
 
 
 def _trim(costs: Sequence[TensorCosts], chosen: dict[str, Option], allowed_error: float) -> None:

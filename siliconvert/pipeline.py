@@ -328,14 +328,34 @@ def write_stamp(artifacts_dir: Path, key: str, artifacts: list[Artifact]) -> Non
 
 PLAN_TRIES = 3  # builds of a planned artifact in search of its plan's max_mean_kld
 AIM = 0.9  # a plan planned again aims this far under its target: measured KLD moves by a few % between plans
-LOOSEN_BELOW = 0.5  # a plan this far under its target is planned again larger-grained (fewer bytes)
+LOOSEN_BELOW = 0.75  # a plan that met this far under its target is planned again with fewer bytes
+
+
+def fit_prediction(tries: list[dict], prior_floor: float) -> tuple[float, float]:
+    """(kld_per_error, kld_floor) of the line measured mean KLD = floor + kld_per_error × summed error, fitted to
+    the tries measured so far. The floor is what the runtime loses with no quantization at all (MLX rounding its
+    activations to its float type); a prediction scaled as a whole would take it for quantization error and
+    over-correct near it. Two tries at different errors give the line through them (kept where it has a
+    positive slope and a floor ≥ 0); one try gives the line through it from the floor the plan assumed."""
+    last = tries[-1]
+    if len(tries) >= 2:
+        other = tries[-2]
+        spread = last["summed_error"] - other["summed_error"]
+        if abs(spread) > 1e-12:
+            slope = (last["measured_mean_kld"] - other["measured_mean_kld"]) / spread
+            floor = last["measured_mean_kld"] - slope * last["summed_error"]
+            if slope > 0 and floor >= 0:
+                return slope, floor
+    floor = prior_floor if last["measured_mean_kld"] > prior_floor else 0.0
+    return (last["measured_mean_kld"] - floor) / max(last["summed_error"], 1e-12), floor
 
 
 class Replanner:
-    """The re-plan loop for `max_mean_kld` plans. After validation the prediction is scaled by measured / predicted
-    (the estimator's gains, fitted to this model) and the artifact planned and written again, aiming at AIM × the
-    target: when it missed, or when it met with room to spare (measured under LOOSEN_BELOW × the target: the
-    estimator over-predicts this model, and fewer bytes would do). At most PLAN_TRIES builds; if the last misses
+    """The re-plan loop for `max_mean_kld` plans. After validation the prediction is fitted to what was measured
+    (fit_prediction: the estimator's scale for this model, and the runtime's floor once two tries tell it) and the
+    artifact planned and written again, aiming at AIM × the target: when it missed, or when it met with room to
+    spare (measured under LOOSEN_BELOW × the target: fewer bytes would do). Not when the plan cannot move that way
+    (every tensor already at its most exact, or cheapest, type). At most PLAN_TRIES builds; if the last misses
     after an earlier one met, the smallest one that met is written again (same plan, same bytes). Each try is said
     and goes into the report's plan."""
 
@@ -359,15 +379,19 @@ class Replanner:
             entry["plan"] = {**plan, "tries": list(history)}
             return None
         history.append({"try": len(history) + 1, "predicted_mean_kld": plan["predicted_mean_kld"],
-                        "measured_mean_kld": measured, "bits_per_weight": plan["bits_per_weight"],
-                        "bytes": entry["size_bytes"], "met": met})
+                        "measured_mean_kld": measured, "summed_error": plan["summed_error"],
+                        "bits_per_weight": plan["bits_per_weight"], "bytes": entry["size_bytes"], "met": met})
         entry["plan"] = {**plan, "tries": list(history)}
         if goal is None:
             return None
         if met:
             self.met.setdefault(artifact.path, []).append((entry["size_bytes"], target))
         loose = met and measured < LOOSEN_BELOW * goal
-        if len(history) >= PLAN_TRIES or (met and not loose):
+        stuck = plan.get("cheapest") if loose else plan.get("most_exact") and not met
+        if stuck:
+            say(f"{artifact.format} {artifact.quant}: measured mean KLD {measured:.5f} against {goal:g}, and every "
+                f"tensor already has its {'cheapest' if loose else 'most exact'} type: not planned again")
+        if len(history) >= PLAN_TRIES or (met and not loose) or stuck:
             if met or not self.met.get(artifact.path):
                 return None
             _, best = min(self.met[artifact.path], key=lambda m: m[0])
@@ -375,12 +399,14 @@ class Replanner:
             say(f"{artifact.format} {artifact.quant}: the last try missed; writing again the smallest that met "
                 f"{goal:g}")
             return self._build(artifact.path, best)
-        ratio = measured / max(plan["predicted_mean_kld"], 1e-12)
+        slope, floor = fit_prediction(history, plan.get("kld_floor", 0.0))
         say(f"{artifact.format} {artifact.quant}: measured mean KLD {measured:.5f} "
             f"{'is far under' if met else 'misses'} the plan's {goal:g} (predicted {plan['predicted_mean_kld']:.5f}); "
-            f"planning again with the prediction ×{ratio:.2f}, aiming at {AIM:g}× the target "
+            f"planning again with KLD ≈ {floor:.5f} + {slope:.4g} × error fitted to {len(history)} "
+            f"{'try' if len(history) == 1 else 'tries'}, aiming at {AIM:g}× the target "
             f"(try {len(history) + 1} of {PLAN_TRIES})")
-        rescaled = target.plan.model_copy(update={"kld_per_error": plan["kld_per_error"] * ratio / AIM})
+        # aiming at AIM × goal under the fitted line is meeting goal under the line scaled by 1 / AIM
+        rescaled = target.plan.model_copy(update={"kld_per_error": slope / AIM, "kld_floor": floor / AIM})
         only_the_plan = {"quants": ["auto"]} if target.format == "gguf" else {}  # not its fixed quants again
         return self._build(artifact.path, target.model_copy(update={"plan": rescaled, **only_the_plan}))
 

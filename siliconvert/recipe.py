@@ -43,6 +43,9 @@ class QuantPlan(Strict):
     # predicted mean KLD per unit of summed relative output error (quantize/sensitivity.py); default: the
     # demo model's fit. The pipeline scales it by measured / predicted when a planned artifact misses its target.
     kld_per_error: float | None = Field(None, gt=0)
+    # mean KLD the artifact has with no quantization error at all (its runtime's own rounding); default 0. The
+    # re-plan loop fits it, with kld_per_error, to the tries it measured.
+    kld_floor: float | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _one_goal(self) -> QuantPlan:
@@ -72,6 +75,10 @@ class MLXTarget(Strict):
     bits: Literal[2, 3, 4, 5, 6, 8, 16, "auto", "mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"] = 4
     group_size: Literal[32, 64, 128] = 64  # auto plans the group size per module too
     plan: QuantPlan | None = None
+    # the float type of what is not quantized, of scales and biases, and so of mlx's compute (mlx_lm.convert's
+    # --dtype). Default: the source's, as mlx-lm does; float16 for bits 16; for a plan, float16 where the source
+    # is bfloat16 and its residual stream fits float16 (same bytes, three more bits of mantissa)
+    dtype: Literal["float16", "bfloat16", "float32"] | None = None
     gates: Gates | None = None  # overrides validate.gates for this target
 
     @model_validator(mode="after")

@@ -272,9 +272,9 @@ def describe_format(release: Release) -> str:
         return f"GGUF files for llama.cpp ({', '.join(quants)})"
     if release.format == "coreml":
         return f"Core ML ML Program ({quants[0]}, stateful KV cache, iOS 18 / macOS 15)"
-    if release.shipped[0].get("plan"):
-        return f"MLX weights quantized per module by plan ({release.shipped[0]['plan']['bits_per_weight']:.2f} " \
-               "bits per weight)"
+    if plan := release.shipped[0].get("plan"):
+        floats = f", {plan['float_type']} elsewhere" if plan.get("float_type") else ""
+        return f"MLX weights quantized per module by plan ({plan['bits_per_weight']:.2f} bits per weight{floats})"
     if quants[0].startswith("mixed_"):
         return f"MLX weights in mlx-lm's {quants[0]} mixed recipe"
     bits, _, group = quants[0].partition("bit-g")

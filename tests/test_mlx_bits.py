@@ -46,3 +46,18 @@ def test_weights_are_mx_quantize_at_that_width(llama, tmp_path, bits, group_size
     in_features = scales.shape[-1] * group_size
     assert packed.shape[-1] * 32 == in_features * bits  # uint32 words holding `bits` per weight
     assert artifact.path.name.endswith(f"-mlx-{bits}bit-g{group_size}")
+
+
+def test_dtype_sets_the_float_type_of_scales_and_unquantized_arrays(llama, tmp_path):
+    """`dtype` is mlx_lm.convert's --dtype: a bfloat16 source's scales, biases and norms are stored in it, and so
+    are the activations mlx-lm computes; left out, a fixed width keeps the source's type, as mlx-lm does."""
+    def floats(artifact) -> set:
+        weights = {}
+        for shard in artifact.path.glob("model*.safetensors"):
+            weights |= mx.load(str(shard))
+        return {array.dtype for array in weights.values() if mx.issubdtype(array.dtype, mx.floating)}
+
+    assert floats(build_mlx(llama, tmp_path / "source", bits=4)) == {mx.bfloat16}
+    as_float16 = build_mlx(llama, tmp_path / "fp16", bits=4, dtype="float16")
+    assert floats(as_float16) == {mx.float16}
+    mlx_logits(as_float16.path, held_out_windows(llama))  # mlx_lm.load opens it and runs

@@ -155,7 +155,8 @@ def test_the_report_and_the_card_say_the_plan_and_each_try():
     from siliconvert.release import Release, describe_format
     from siliconvert.validate.report import plan_lines
 
-    plan = make_plan(synthetic_costs(), QuantPlan(max_mean_kld=1e-3)).summary()
+    plan = make_plan(synthetic_costs(), QuantPlan(max_mean_kld=1e-3)).summary() | {
+        "float_type": "float16", "float_type_reason": "float16 for the source's bfloat16: the stream peaks at 9.5"}
     plan["tries"] = [{"try": 1, "predicted_mean_kld": 9e-4, "measured_mean_kld": 2e-3, "bits_per_weight": 4.0,
                       "met": False},
                      {"try": 2, "predicted_mean_kld": 9e-4, "measured_mean_kld": 8e-4, "bits_per_weight": 4.6,
@@ -165,43 +166,53 @@ def test_the_report_and_the_card_say_the_plan_and_each_try():
     assert "**mlx auto-kld0.001**" in text and "Q4_K_M" not in text
     assert "- try 1: predicted 0.00090, measured 0.00200 at 4.00 bits per weight: missed\n" in text
     assert "- try 2: predicted 0.00090, measured 0.00080 at 4.60 bits per weight\n" in text + "\n"
+    assert "- float type: float16 for the source's bfloat16: the stream peaks at 9.5\n" in text
     assert all(f"| {name} | {kind} |" in text for name, kind in plan["tensors"].items())
     release = Release("demo-auto-kld0.001", "demo", "mlx", [entry], [], None)
     assert describe_format(release) == f"MLX weights quantized per module by plan ({plan['bits_per_weight']:.2f} " \
-                                       "bits per weight)"
+                                       "bits per weight, float16 elsewhere)"
     assert plan_lines([]) == []
 
 
-def test_the_replan_loop_tightens_a_miss_loosens_a_waste_and_keeps_what_met(monkeypatch):
-    """Fake builds whose measured KLD is 2× the prediction: a miss is planned again tighter; a try far under its
-    target is planned again looser; when the last try misses, the smallest that met is written again."""
+def _fake_replanner(monkeypatch, measure):
+    """A Replanner whose builds are fake: a plan's summed error is what exactly meets its own prediction of
+    the goal (as the planner would), and `measure(summed_error)` is the artifact's measured mean KLD."""
     import siliconvert.pipeline as pipeline
     from siliconvert.artifacts import Artifact
 
-    path = Path("demo-auto.gguf")
-    builds = []
+    path, builds = Path("demo-auto.gguf"), []
+
+    def artifact(plan: QuantPlan) -> Artifact:
+        scale, floor = plan.kld_per_error or 1.0, plan.kld_floor or 0.0
+        error = (plan.max_mean_kld - floor) / scale
+        return Artifact("gguf", "auto-kld0.01", path, plan={"predicted_mean_kld": plan.max_mean_kld,
+                                                             "summed_error": error, "kld_per_error": scale,
+                                                             "kld_floor": floor, "bits_per_weight": 4.0})
 
     def convert(_checkpoint, recipe, _dir, _timings):
         (target,) = recipe.targets
         builds.append(target)
-        scale = target.plan.kld_per_error
-        plan = {"predicted_mean_kld": 0.01 * scale / builds_scale[len(builds) - 1], "kld_per_error": scale,
-                "bits_per_weight": 4.0}
-        return [(Artifact("gguf", "auto-kld0.01", path, plan=plan), target)]
+        return [(artifact(target.plan), target)]
 
     monkeypatch.setattr(pipeline, "convert", convert)
     target = parse_recipe({"source": "x", "targets": [
         {"format": "gguf", "quants": ["auto"], "plan": {"max_mean_kld": 0.01}}]}).targets[0]
-    first = Artifact("gguf", "auto-kld0.01", path, plan={"predicted_mean_kld": 0.01, "kld_per_error": 1.0,
-                                                          "bits_per_weight": 4.0})
+    first = artifact(target.plan)
     replan = pipeline.Replanner(None, parse_recipe({"source": "x", "targets": [target.model_dump()]}),
                                 [(first, target)], Path("."), None)
 
-    def score(artifact, measured, size):
+    def score(built, measured=None, size=100):
+        measured = measure(built.plan["summed_error"]) if measured is None else measured
         entry = {"metrics": {"mean_kld": measured}, "size_bytes": size}
-        return replan(artifact, entry), entry
+        return replan(built, entry), entry
 
-    builds_scale = [1.0, 1.0, 1.0]
+    return first, score, builds
+
+
+def test_the_replan_loop_tightens_a_miss_loosens_a_waste_and_keeps_what_met(monkeypatch):
+    """A miss is planned again tighter; a try far under its target is planned again looser; when the last
+    try misses, the smallest that met is written again."""
+    first, score, builds = _fake_replanner(monkeypatch, lambda error: 0.0)
     second, _ = score(first, 0.02, 100)  # missed by 2×: tighter
     assert builds[-1].plan.kld_per_error == pytest.approx(2.0 / 0.9)
     third, _ = score(second, 0.003, 120)  # met far under: looser
@@ -212,3 +223,37 @@ def test_the_replan_loop_tightens_a_miss_loosens_a_waste_and_keeps_what_met(monk
     assert done is None
     assert [t["met"] for t in entry["plan"]["tries"]] == [False, True, False]
     assert entry["plan"]["tries"][-1]["restored"]
+
+
+def test_the_replan_loop_finds_a_runtime_floor_from_two_tries(monkeypatch):
+    """Measured KLD = 0.005 (the runtime's own rounding) + 1 × error: a prediction scaled as a whole misses twice
+    near the floor; the line through two tries finds the floor, and the third try meets the target."""
+    first, score, builds = _fake_replanner(monkeypatch, lambda error: 0.005 + error)
+    second, _ = score(first)  # 0.015: missed
+    third, _ = score(second)  # tighter, still missed (the floor taken for error)
+    assert builds[-1].plan.kld_floor == pytest.approx(0.005 / 0.9)
+    assert builds[-1].plan.kld_per_error == pytest.approx(1 / 0.9)
+    done, entry = score(third)
+    assert done is None and [t["met"] for t in entry["plan"]["tries"]] == [False, False, True]
+    assert entry["metrics"]["mean_kld"] == pytest.approx(0.009)
+
+
+def test_the_replan_loop_stops_where_the_plan_cannot_move(monkeypatch):
+    """A plan far under its target whose tensors all have their cheapest types is not built again."""
+    first, score, builds = _fake_replanner(monkeypatch, lambda error: 0.001)
+    first.plan["cheapest"] = True
+    done, entry = score(first)
+    assert done is None and builds == [] and entry["plan"]["tries"][0]["met"]
+
+
+def test_fit_prediction_takes_the_floor_from_two_tries_and_the_prior_from_one():
+    from siliconvert.pipeline import fit_prediction
+
+    one = [{"summed_error": 0.01, "measured_mean_kld": 0.03}]
+    assert fit_prediction(one, 0.0) == pytest.approx((3.0, 0.0))
+    assert fit_prediction(one, 0.01) == pytest.approx((2.0, 0.01))
+    assert fit_prediction(one, 0.05) == pytest.approx((3.0, 0.0))  # measured under the prior floor: no floor
+    two = [{"summed_error": 0.02, "measured_mean_kld": 0.05}, *one]
+    assert fit_prediction(two, 0.0) == pytest.approx((2.0, 0.01))
+    noisy = [{"summed_error": 0.02, "measured_mean_kld": 0.02}, *one]  # more error, less KLD: no line
+    assert fit_prediction(noisy, 0.0) == pytest.approx((3.0, 0.0))

@@ -116,14 +116,16 @@ def test_planned_mlx_opens_in_mlx_lm_with_per_module_widths(mlx_build, windows, 
     assert len(widths) > 1
     assert sum(f.stat().st_size for f in planned.path.iterdir()) <= size_mb * 1e6
     assert mlx_kinds(planned.path) == planned.plan["tensors"]
+    # the demo source is bfloat16 and its stream fits float16: the plan stores and computes in float16
+    assert planned.plan["float_type"] == "float16" and "peaks at" in planned.plan["float_type_reason"]
     ours = mean_kld(reference, mlx_logits(planned.path, windows), windows)
     assert ours < mean_kld(reference, mlx_logits(fixed[1].path, windows), windows)  # better at 4-bit's size
 
 
 def test_the_estimate_follows_measured_kld(gguf_build, mlx_build, windows, reference):
     """The predicted mean KLD of the fixed recipes, from their types and the measured costs, ranks them as their
-    measured KLD does, and for llama.cpp's lies within a factor of 3 of it. MLX computes in the source's
-    bfloat16, a floor the estimate leaves out (about 0.002 here): for MLX only the order is held."""
+    measured KLD does, and for llama.cpp's lies within a factor of 3 of it. MLX's fixed recipes compute in the
+    source's bfloat16, a floor the estimate leaves out (about 0.002 here): for MLX only the order is held."""
     gguf_fixed, _, gguf_costs = gguf_build
     mlx_fixed, _, mlx_costs, _ = mlx_build
     predicted = [KLD_PER_ERROR * error_of(gguf_costs, gguf_kinds(a.path)) for a in gguf_fixed]

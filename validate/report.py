@@ -153,6 +153,8 @@ def plan_lines(artifacts: list[dict]) -> list[str]:
         shares = ", ".join(f"{kind} × {count}" for kind, count in plan["types"].items())
         lines += ["", f"**{a['format']} {a['quant']}**: {plan['bits_per_weight']:.2f} bits per weight, predicted "
                   f"mean KLD {plan['predicted_mean_kld']:.5f}, measured {a['metrics']['mean_kld']:.5f}; {shares}."]
+        if plan.get("float_type_reason"):
+            lines.append(f"- float type: {plan['float_type_reason']}")
         lines += [f"- try {t['try']}: predicted {t['predicted_mean_kld']:.5f}, measured {t['measured_mean_kld']:.5f}"
                   f" at {t['bits_per_weight']:.2f} bits per weight{'' if t['met'] else ': missed'}"
                   f"{'; the smallest try that met was written again' if t.get('restored') else ''}"
