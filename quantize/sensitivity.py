@@ -34,7 +34,7 @@ counts for nothing. Its gain is the dense feed-forward's: each token's block out
 of the chosen experts' relative errors, which over the tokens is the stack's weighted mean, and the block adds
 it to the residual stream as a dense MLP does. Routers are never planned (F32 in llama.cpp, 8 bits in mlx-lm: a
 router that picks other experts costs more than its bytes); a shared expert is a dense MLP.
-Checked as ROLE_GAINS were measured, on the trained 4-expert top-2 test checkpoints (tests/families.py; Q8_0
+Checked as ROLE_GAINS were measured (bench/moe_gains.py), on the trained 4-expert top-2 test checkpoints (Q8_0
 files with one role group at Q4_0, 1024 positions): measured over predicted ΔKLD was, for the expert stacks
 against attention, 3.45 / 6.08 (Qwen3-MoE), 2.30 / 3.90 (Qwen2-MoE, whose shared expert, a dense MLP, gave
 3.71), 0.82 / 1.76 (Mixtral), 1.68 / 5.49 (OLMoE), and 8.3 / 8.2 at Q5_0 (Qwen3-MoE). So the stacks cost about
