@@ -43,6 +43,7 @@ from siliconvert.quantize.gguf import (
     QuantizedTensor,
     TensorQuantizer,
     calibration_text,
+    expert_tokens,
     importance_matrix,
     plan_types,
     quantize,
@@ -226,10 +227,9 @@ class GGUFWriter(Writer):
     def _planned(self, shapes: Sequence[tuple[str, tuple[int, ...]]]) -> tuple[LlamaFileType, list[QType]]:
         """(general.file_type, each tensor's type) of the planned file: every tensor llama.cpp would quantize
         gets the type quantize/plan.py picks from its measured costs (a read of the weights before the
-        conversion's, one tensor at a time); what llama.cpp leaves unquantized stays as in a fixed quant."""
-        if self.checkpoint.spec.experts is not None:  # their costs would need the per-expert importance matrix
-            raise self.arch.refuse("experts", "a planned file (quants: [auto]) does not plan expert stacks yet; "
-                                   "ask for a fixed quant such as Q4_K_M")
+        conversion's, one tensor at a time); what llama.cpp leaves unquantized stays as in a fixed quant. An expert
+        stack is one tensor of one type, its experts weighed by the calibration tokens routed to each; the routers
+        stay F32 (llama.cpp never quantizes them), a shared expert is planned as the dense tensors it is."""
         quantizable = plan_types(gguf.MODEL_ARCH_NAMES[self.arch.arch], self.checkpoint.spec, shapes, "Q4_K_M",
                                  has_imatrix=True, head_count_kv=self.arch.head_count_kv)
         if quantizable is None:
@@ -241,6 +241,10 @@ class GGUFWriter(Writer):
         for hf, (gguf_name, _), qtype in zip(sources, shapes, quantizable, strict=True):
             if qtype is not None:
                 planned.setdefault(hf, set()).add(gguf_name)
+        routed: dict[str, np.ndarray] = {}  # HF expert stack → calibration tokens per expert
+        if self.checkpoint.spec.experts is not None:
+            text_name, text = calibration_text(self.target.imatrix or "builtin")
+            routed = expert_tokens(self.checkpoint.path, text, where=text_name)  # the importance matrix's run
         quantizer = TensorQuantizer()
         costs = self.costs
         try:
@@ -253,7 +257,8 @@ class GGUFWriter(Writer):
                     parts = self.arch.split(role, self.arch.to_llama_cpp(role, "weight", array))
                     for gguf_name, part in zip(self._gguf_names(name), parts, strict=True):
                         if gguf_name in planned[name]:
-                            costs.append(gguf_costs(gguf_name, part, self.imatrix.get(gguf_name), quantizer, gain))
+                            costs.append(gguf_costs(gguf_name, part, self.imatrix.get(gguf_name), quantizer, gain,
+                                                    routed_tokens=routed.get(name)))
         finally:
             quantizer.close()
         fixed_types = [_storage_type(name, shape, kept) for name, shape in shapes]

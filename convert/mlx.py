@@ -219,9 +219,6 @@ class MLXWriter(Writer):
         bits = self.target.bits
         own = {path: policy for path, policy in self.quantized.items() if policy != self.target_policy}
         if bits == "auto":
-            if self.checkpoint.spec.experts is not None:
-                raise MLXArch(self.checkpoint.spec, self.checkpoint.path).refuse(
-                    "experts", "a planned model (bits: auto) does not plan expert stacks yet; ask for fixed bits")
             return self._planned() | own
         if isinstance(bits, str):
             from mlx_lm.convert import mixed_quant_predicate_builder
@@ -234,11 +231,14 @@ class MLXWriter(Writer):
 
     def _planned(self) -> dict[str, QuantPolicy]:
         """Each quantizable module's bits and group size, as quantize/plan.py picks them from measured costs
-        (a read of the weights before the conversion's, one tensor at a time)."""
-        from siliconvert.quantize.gguf import calibration_text, importance_matrix
+        (a read of the weights before the conversion's, one tensor at a time). An expert stack (a switch_mlp
+        module) takes one width for all its experts, each weighed by the calibration tokens routed to it; the
+        routers and a shared expert's gate are not planned (they keep ROUTER's 8 bits)."""
+        from siliconvert.quantize.gguf import calibration_text, expert_tokens, importance_matrix
 
         name, text = calibration_text("builtin")
         importance = importance_matrix(self.checkpoint.path, text, where=name)
+        routed = expert_tokens(self.checkpoint.path, text, where=name)  # per expert stack, from the same run
         tied = self.checkpoint.spec.tie_word_embeddings
         # bytes beside the planned weights: tokenizer files, config.json, and per array its safetensors header
         # and index entries (counted as each array arrives, over-estimated a little: a size goal is a limit)
@@ -257,11 +257,15 @@ class MLXWriter(Writer):
                     fixed += weight.size * (self.dtype.size if mx.issubdtype(weight.dtype, mx.floating)
                                             else weight.dtype.size)
                     continue
-                # a tied embedding is the head too: its columns are weighed by the head's inputs
+                # a tied embedding is the head too: its columns are weighed by the head's inputs; an expert stack's
+                # gate, up and down take their stack's rows (gate and up read the same inputs)
                 weights = importance.get(mlx_name, importance.get("lm_head.weight") if tied else None)
+                if source_name in routed:
+                    weights = importance[source_name]
                 fixed += 2 * _json_bytes(mlx_name) + 2 * (len(module) + MODULE_ENTRY_BYTES)  # scales, biases; config
                 gain = role_gain(self.checkpoint.family.role_of(source_name).role, tied)
-                costs.append(mlx_costs(module, np.asarray(weight.astype(mx.float32)), weights, self.dtype.size, gain))
+                costs.append(mlx_costs(module, np.asarray(weight.astype(mx.float32)), weights, self.dtype.size, gain,
+                                       routed_tokens=routed.get(source_name)))
         self.costs, self.quant_plan = costs, make_plan(costs, self.target.plan, fixed_bytes=fixed)
         return {module: QuantPolicy(*_bits_and_group(option.kind))
                 for module, option in self.quant_plan.choices.items()}

@@ -276,7 +276,6 @@ def calibration_text(source: str) -> tuple[str, str]:
         raise RecipeError(f"cannot read the imatrix calibration text ({e})", source) from None
 
 
-@functools.lru_cache(maxsize=2)  # planned targets of one run (GGUF and MLX) share the model's run; read-only
 def importance_matrix(checkpoint: Path, text: str, *, tokens: int = CALIBRATION_TOKENS,
                       context: int = CALIBRATION_CONTEXT, where: str = "calibration text") -> dict[str, np.ndarray]:
     """Mean x² per input column of every linear layer's input, keyed by the HF weight name; for a mixture's
@@ -287,6 +286,20 @@ def importance_matrix(checkpoint: Path, text: str, *, tokens: int = CALIBRATION_
     transformers' model runs one decoder layer at a time over every calibration window
     (validate/streamed.py), so a 7B calibrates in a few GB of memory, not the 29 GB of the whole model in
     float32; its inputs are the whole model's, so the matrix is too."""
+    return _calibrate(checkpoint, text, tokens, context, where)[0]
+
+
+def expert_tokens(checkpoint: Path, text: str, *, tokens: int = CALIBRATION_TOKENS,
+                  context: int = CALIBRATION_CONTEXT, where: str = "calibration text") -> dict[str, np.ndarray]:
+    """Calibration tokens the router sent to each expert, per expert stack (the importance matrix's names and
+    run): how often an expert's error reaches the output, which the plan's costs weigh it by."""
+    return _calibrate(checkpoint, text, tokens, context, where)[1]
+
+
+@functools.lru_cache(maxsize=2)  # planned targets of one run (GGUF and MLX) share the model's run; read-only
+def _calibrate(checkpoint: Path, text: str, tokens: int, context: int,
+               where: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(importance_matrix, expert_tokens) from one layer-by-layer run over the calibration text."""
     import torch
     from transformers import AutoTokenizer
 
@@ -349,7 +362,7 @@ def importance_matrix(checkpoint: Path, text: str, *, tokens: int = CALIBRATION_
     for name in sorted(expert_sums):
         rows_of = expert_rows[name][:, None]
         matrix[name] = torch.where(rows_of > 0, expert_sums[name] / rows_of.clamp(min=1), 1.0).float().numpy()
-    return matrix
+    return matrix, {name: expert_rows[name].numpy() for name in sorted(expert_rows)}
 
 
 class LlamaLog:

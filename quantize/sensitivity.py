@@ -24,14 +24,36 @@ again with the prediction scaled by measured / predicted: siliconvert/pipeline.p
 holds the estimate to measured KLD of fixed recipes on the demo model. Not modelled: a runtime's own floor
 (MLX computes in the source's bfloat16, which costs the demo model about 0.002 of mean KLD at any width).
 
-Only one tensor is in memory at a time (with its candidates' quantized copies): callers feed tensors as the
+Mixtures of experts. An expert stack [experts, rows, columns] is one tensor of one type in both formats
+(llama.cpp's ffn_*_exps, mlx-lm's SwitchLinear), each expert's matrix quantized with its own row of the
+importance matrix ([experts, columns]: the mean x² of the tokens routed to it). An expert's error reaches the
+output only for the tokens routed to it, so the stack's relative error is the mean of its experts' relative
+errors weighted by the share of calibration tokens each was sent (`expert_error`); an expert no token reached
+counts for nothing. Its gain is the dense feed-forward's: each token's block output is the gated sum of its
+`used` experts' outputs, whose errors add as their outputs do, so the block's relative output error is the mean
+of the chosen experts' relative errors, which over the tokens is the stack's weighted mean, and the block adds
+it to the residual stream as a dense MLP does. Routers are never planned (F32 in llama.cpp, 8 bits in mlx-lm: a
+router that picks other experts costs more than its bytes); a shared expert is a dense MLP.
+Checked as ROLE_GAINS were measured (bench/moe_gains.py), on the trained 4-expert top-2 test checkpoints (Q8_0
+files with one role group at Q4_0, 1024 positions): measured over predicted ΔKLD was, for the expert stacks
+against attention, 3.45 / 6.08 (Qwen3-MoE), 2.30 / 3.90 (Qwen2-MoE, whose shared expert, a dense MLP, gave
+3.71), 0.82 / 1.76 (Mixtral), 1.68 / 5.49 (OLMoE), and 8.3 / 8.2 at Q5_0 (Qwen3-MoE). So the stacks cost about
+0.6× the dense gain relative to their neighbours (the chosen experts' outputs add partly in phase while their
+errors do not), within the 1.8× the demo's gains varied by; planning with the stacks' gain at 0.3×–1.5× of it
+changed the plans at Q4_K_M's size by at most a type on two stacks and their KLD by ≤ 10% (within noise), so
+the dense gain is kept. The ratios also grow as the errors shrink, likely because an error upstream of a router
+flips near-tied choices at a rate that goes with the error's size (√r), not its square (r): a cost this
+first-order sum leaves to the pipeline's re-plan (kld_per_error).
+
+Only one tensor is in memory at a time (with two candidates' quantized copies): callers feed tensors as the
 checkpoint streams them.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,19 +113,48 @@ def relative_error(weight: np.ndarray, approx: np.ndarray, importance: np.ndarra
     return float(delta / total) if total > 0 else 0.0
 
 
+def expert_error(matrices: np.ndarray, approximations: Iterable[np.ndarray], importance: np.ndarray | None,
+                 routed_tokens: np.ndarray | None = None) -> float:
+    """The relative error of a stack of expert matrices [experts, rows, columns] stored as `approximations` (one
+    matrix at a time): each expert's `relative_error` with its importance row ([experts, columns]), weighted by
+    its share of `routed_tokens` (all alike where none are given or none were routed). One matrix is a dense
+    weight."""
+    experts = len(matrices)
+    tokens = np.ones(experts) if routed_tokens is None or not np.sum(routed_tokens) else np.asarray(routed_tokens)
+    shares = tokens / tokens.sum()
+    rows = [None] * experts if importance is None else importance.reshape(experts, -1)
+    return sum(float(share) * relative_error(matrix, approx, row) if share else 0.0
+               for matrix, approx, row, share in zip(matrices, approximations, rows, shares, strict=True))
+
+
 def gguf_costs(name: str, weight: np.ndarray, importance: np.ndarray | None, quantizer, gain: float = 1.0,
-               candidates: Sequence[QType] = GGUF_CANDIDATES) -> TensorCosts:
+               candidates: Sequence[QType] = GGUF_CANDIDATES, routed_tokens: np.ndarray | None = None) -> TensorCosts:
     """Each candidate llama.cpp type a (rows × columns) float32 `weight` can take, quantized by ggml with
-    `importance` (what the artifact's own quantization uses), its bytes and relative output error × `gain`."""
-    rows = np.ascontiguousarray(weight.reshape(-1, weight.shape[-1]), dtype=np.float32)
-    fits = [qtype for qtype in candidates if rows.shape[1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0]
-    pending = [(qtype, quantizer.submit(rows, qtype, importance)) for qtype in fits]
+    `importance` (what the artifact's own quantization uses), its bytes and relative output error × `gain`.
+    An expert stack (experts × rows × columns, `importance` a row per expert) is quantized as ggml quantizes a
+    3-D tensor, each expert with its own row; its error is `expert_error`'s, weighted by `routed_tokens`."""
+    matrices = weight.reshape(-1, *weight.shape[-2:])  # a view: a stack's gate half is not copied out
+    if matrices.dtype != np.float32 or matrices.strides[1:] != (4 * matrices.shape[-1], 4):
+        matrices = np.ascontiguousarray(matrices, dtype=np.float32)
+    fits = [qtype for qtype in candidates if matrices.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0]
     options = []
-    for qtype, work in pending:
-        data = work.result()
-        approx = gguf.quants.dequantize(data, qtype).reshape(rows.shape)
-        options.append(Option(qtype.name, data.nbytes, gain * relative_error(rows, approx, importance)))
-    return TensorCosts(name, rows.size, _sorted(options))
+
+    def measure(qtype: QType, work) -> None:
+        data = work.result().reshape(len(matrices), matrices.shape[1], -1)
+        approximations = (gguf.quants.dequantize(expert, qtype) for expert in data)
+        options.append(Option(qtype.name, data.nbytes, gain * expert_error(matrices, approximations, importance,
+                                                                           routed_tokens)))
+
+    # two candidates in flight: the quantizer's threads stay busy while one is measured, and memory holds two
+    # quantized copies of a layer's experts, not one per candidate
+    pending: deque = deque()
+    for qtype in fits:
+        pending.append((qtype, quantizer.submit(matrices, qtype, importance)))
+        if len(pending) == 2:
+            measure(*pending.popleft())
+    while pending:
+        measure(*pending.popleft())
+    return TensorCosts(name, matrices.size, _sorted(options))
 
 
 def mlx_option_name(bits: int, group_size: int) -> str:
@@ -111,23 +162,27 @@ def mlx_option_name(bits: int, group_size: int) -> str:
 
 
 def mlx_costs(name: str, weight: np.ndarray, importance: np.ndarray | None, scale_bytes: int, gain: float = 1.0,
-              candidates: Sequence[tuple[int, int]] = MLX_CANDIDATES) -> TensorCosts:
+              candidates: Sequence[tuple[int, int]] = MLX_CANDIDATES,
+              routed_tokens: np.ndarray | None = None) -> TensorCosts:
     """Each candidate (bits, group size) mx.quantize can store a (rows × columns) `weight` in, with scales and
     biases of `scale_bytes` each per group (mlx-lm keeps the source's float type), and its relative error
-    × `gain`."""
+    × `gain`. An expert stack (experts × rows × columns, as SwitchLinear holds it) is quantized whole, as
+    mlx-lm quantizes it; its error is `expert_error`'s, `importance` a row per expert."""
     import mlx.core as mx
 
-    rows = weight.reshape(-1, weight.shape[-1]).astype(np.float32, copy=False)
-    array = mx.array(rows)
+    matrices = weight.reshape(-1, *weight.shape[-2:]).astype(np.float32, copy=False)
+    array = mx.array(matrices)
     options = []
     for bits, group in candidates:
-        if rows.shape[1] % group:
+        if matrices.shape[-1] % group:
             continue
         packed, scales, biases = mx.quantize(array, group, bits)
-        approx = np.asarray(mx.dequantize(packed, scales, biases, group, bits))
         nbytes = packed.nbytes + 2 * scales.size * scale_bytes
-        options.append(Option(mlx_option_name(bits, group), nbytes, gain * relative_error(rows, approx, importance)))
-    return TensorCosts(name, rows.size, _sorted(options))
+        approximations = (np.asarray(mx.dequantize(*expert, group, bits)) for expert in zip(packed, scales, biases,
+                                                                                              strict=True))
+        error = expert_error(matrices, approximations, importance, routed_tokens)
+        options.append(Option(mlx_option_name(bits, group), nbytes, gain * error))
+    return TensorCosts(name, matrices.size, _sorted(options))
 
 
 def predicted_kld(total_error: float, kld_per_error: float = KLD_PER_ERROR) -> float:

@@ -18,7 +18,7 @@ from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.gguf import GGUFWriter
 from siliconvert.demo import small_checkpoint
 from siliconvert.errors import CheckpointError
-from siliconvert.quantize.gguf import _ggml, _GGMLInitParams, calibration_text, importance_matrix
+from siliconvert.quantize.gguf import _ggml, _GGMLInitParams, calibration_text, expert_tokens, importance_matrix
 from siliconvert.recipe import GGUFTarget
 from siliconvert.validate.runners.gguf import GGMLTensor
 
@@ -206,11 +206,12 @@ def test_the_plan_knows_the_expert_count(tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_importance_matrix_has_a_row_per_expert(trained_moe: Path) -> None:
     """Each expert's row of the gate/up statistics is the mean x² of the tokens transformers' router sent to that
-    expert, from the whole model run at once."""
+    expert, from the whole model run at once; the run also counts those tokens (what a plan weighs experts by)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _, text = calibration_text("builtin")
     matrix = importance_matrix(trained_moe, text, tokens=512, context=128)
+    counted = expert_tokens(trained_moe, text, tokens=512, context=128)
     spec = Checkpoint.open(trained_moe).spec
     ids = AutoTokenizer.from_pretrained(trained_moe)(text[:512 * 16], add_special_tokens=False)["input_ids"][:512]
     model = AutoModelForCausalLM.from_pretrained(trained_moe, dtype=torch.float32).eval()
@@ -230,6 +231,8 @@ def test_importance_matrix_has_a_row_per_expert(trained_moe: Path) -> None:
             tokens = hidden[(chosen == expert).any(-1)]
             expected = (tokens**2).mean(0).float().numpy() if len(tokens) else np.ones(spec.hidden_size)
             np.testing.assert_allclose(stack[expert], expected, rtol=1e-5, atol=1e-12, err_msg=f"{layer}/{expert}")
+            for part in ("gate_up_proj", "down_proj"):
+                assert counted[f"model.layers.{layer}.mlp.experts.{part}"][expert] == len(tokens)
         down = matrix[f"model.layers.{layer}.mlp.experts.down_proj"]
         assert down.shape == (spec.experts.count, spec.experts.intermediate_size) and (down >= 0).all()
 
