@@ -7,7 +7,8 @@ importance matrix, which quantize/gguf.py already computes (`importance_matrix`)
 ‖y‖² = Σ_ij a_j W_ij² it is the tensor's *relative output error* r, free of the layer's scale. An embedding
 table (no input columns: a row is looked up) weighs every column alike. Q is the format's own quantizer:
 llama.cpp's (ggml_quantize_chunk with the same importance matrix, dequantized by gguf-py) for GGUF,
-`mx.quantize` / `mx.dequantize` at the candidate's bits and group size for MLX.
+`mx.quantize` / `mx.dequantize` at the candidate's bits and group size for MLX, coremltools' linear quantizer
+(the compression pass's own function) for Core ML.
 
 From errors to KLD. Small independent perturbations of the hidden states add up in the logits, and the
 KL divergence of a softmax to a slightly perturbed one is second order in the perturbation, so to first
@@ -67,6 +68,9 @@ GGUF_CANDIDATES = (QType.Q2_K, QType.Q3_K, QType.IQ4_NL, QType.Q4_0, QType.Q4_1,
                    QType.Q5_1, QType.Q5_K, QType.Q6_K, QType.Q8_0)
 # (bits, group size) an MLX plan chooses from: every affine width mx.quantize has, at mlx-lm's group sizes
 MLX_CANDIDATES = tuple((bits, group) for bits in (2, 3, 4, 5, 6, 8) for group in (32, 64, 128))
+# precisions a Core ML plan chooses from (quantize/coreml.py): fp16, the fixed packages' int8 per channel and int4
+# per block of 32, and int4 in blocks of 16, 64 and 128 (5, 4.25 and 4.125 bits per weight with their fp16 scales)
+COREML_CANDIDATES = ("fp16", "int8", "int4-b16", "int4", "int4-b64", "int4-b128")
 # Mean KLD per unit of relative output error, by role (measured on the demo model: see the module docstring).
 # Roles are the architecture registry's (GGUF's base names); a layer role not listed takes attention's gain.
 ROLE_GAINS = {"output": 0.165, "token_embd": 0.22, "attn": 0.0033, "ffn": 0.0015}
@@ -183,6 +187,26 @@ def mlx_costs(name: str, weight: np.ndarray, importance: np.ndarray | None, scal
         error = expert_error(matrices, approximations, importance, routed_tokens)
         options.append(Option(mlx_option_name(bits, group), nbytes, gain * error))
     return TensorCosts(name, matrices.size, _sorted(options))
+
+
+def coreml_costs(name: str, weight: np.ndarray, importance: np.ndarray | None, gain: float = 1.0,
+                 candidates: Sequence[str] = COREML_CANDIDATES) -> TensorCosts:
+    """Each candidate precision an (output × input channels) fp16 `weight` of a Core ML package can take, as
+    coremltools' compression pass would store it (quantize/coreml.py `compress`), its bytes in weight.bin and
+    its relative output error × `gain`. fp16 is the package's own copy: no error (the floor of fp16 compute is
+    the fp16 package's, common to every plan)."""
+    from siliconvert.quantize.coreml import blob_bytes, compress, decompress, stored_bytes
+
+    options = []
+    for precision in candidates:
+        if precision == "fp16":
+            options.append(Option("fp16", blob_bytes(weight.size * 2), 0.0))
+            continue
+        quantized = compress(weight, precision)
+        if quantized is not None:
+            options.append(Option(precision, stored_bytes(quantized, precision),
+                                  gain * relative_error(weight, decompress(quantized), importance)))
+    return TensorCosts(name, weight.size, _sorted(options))
 
 
 def predicted_kld(total_error: float, kld_per_error: float = KLD_PER_ERROR) -> float:

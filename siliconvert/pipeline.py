@@ -407,14 +407,15 @@ class Replanner:
             f"(try {len(history) + 1} of {PLAN_TRIES})")
         # aiming at AIM × goal under the fitted line is meeting goal under the line scaled by 1 / AIM
         rescaled = target.plan.model_copy(update={"kld_per_error": slope / AIM, "kld_floor": floor / AIM})
-        only_the_plan = {"quants": ["auto"]} if target.format == "gguf" else {}  # not its fixed quants again
+        # not its fixed quants again (Core ML builds its fp16 package again: the planned one is made from it)
+        only_the_plan = {"gguf": {"quants": ["auto"]}, "coreml": {"precision": ["auto"]}}.get(target.format, {})
         return self._build(artifact.path, target.model_copy(update={"plan": rescaled, **only_the_plan}))
 
     def _build(self, path: Path, target: Target) -> Artifact:
         self.targets[path] = target
         produced = convert(self.checkpoint, self.recipe.model_copy(update={"targets": [target]}),
                            self.artifacts_dir, self.timings)
-        return produced[0][0]
+        return next(artifact for artifact, _ in produced if artifact.path == path)
 
 
 def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Artifact], settings: Validate,

@@ -116,22 +116,34 @@ class GGUFTarget(Strict):
         return self.plan.label if quant == "auto" else quant
 
 
-CoreMLPrecision = Literal["fp16", "int8", "int4"]
+CoreMLPrecision = Literal["fp16", "int8", "int4", "auto"]
 
 
 class CoreMLTarget(Strict):
     format: Literal["coreml"]
-    # fp16 is always built; int8/int4 (coremltools.optimize) come as additional artifacts.
+    # fp16 is always built; int8/int4 (coremltools.optimize) come as additional artifacts, and auto as one
+    # whose precision is planned per weight (fp16, int8 or int4) from `plan`.
     precision: CoreMLPrecision | list[CoreMLPrecision] = "fp16"
     context: int = Field(512, ge=16)
     compute_units: Literal["all", "cpu_and_ne", "cpu_and_gpu", "cpu_only"] = "all"
     chunks: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
+    plan: QuantPlan | None = None
     gates: Gates | None = None
+
+    @model_validator(mode="after")
+    def _auto_has_a_plan(self) -> CoreMLTarget:
+        _plan_matches_auto("auto" in self.asked, self.plan, "precision")
+        return self
+
+    @property
+    def asked(self) -> list[str]:
+        return [self.precision] if isinstance(self.precision, str) else list(self.precision)
 
     @property
     def precisions(self) -> list[str]:
-        asked = [self.precision] if isinstance(self.precision, str) else list(self.precision)
-        return ["fp16", *[p for p in asked if p != "fp16"]]
+        """The packages built, fp16 first; a plan's is named by its label (auto-kld0.01 …)."""
+        named = [self.plan.label if p == "auto" else p for p in self.asked if p != "fp16"]
+        return ["fp16", *dict.fromkeys(named)]
 
 
 Target = Annotated[MLXTarget | GGUFTarget | CoreMLTarget, Field(discriminator="format")]

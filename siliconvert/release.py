@@ -271,7 +271,9 @@ def describe_format(release: Release) -> str:
     if release.format == "gguf":
         return f"GGUF files for llama.cpp ({', '.join(quants)})"
     if release.format == "coreml":
-        return f"Core ML ML Program ({quants[0]}, stateful KV cache, iOS 18 / macOS 15)"
+        plan = release.shipped[0].get("plan")
+        planned = f", precision planned per weight at {plan['bits_per_weight']:.2f} bits" if plan else ""
+        return f"Core ML ML Program ({quants[0]}{planned}, stateful KV cache, iOS 18 / macOS 15)"
     if plan := release.shipped[0].get("plan"):
         floats = f", {plan['float_type']} elsewhere" if plan.get("float_type") else ""
         return f"MLX weights quantized per module by plan ({plan['bits_per_weight']:.2f} bits per weight{floats})"

@@ -29,6 +29,7 @@ Where things are:
     folds.py     checkpoint tensors → the graph's: fused projections split, norm offset and branch scales folded
     numerics.py  the residual stream's fp16 range: a calibration through transformers, and its power-of-two scale
     weights.py   where the graph takes its weights from: streamed blobs, a finished package, compressed forms
+    plan.py      a package planned per weight (precision: auto): costs measured on the fp16 packages, the plan
     package.py   MIL blob storage, the writer thread, the exporter around streamed blobs, package files
 """
 

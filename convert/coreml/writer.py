@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -45,9 +46,11 @@ from siliconvert.convert.coreml.package import (
     replace_atomically,
     write_package,
 )
+from siliconvert.convert.coreml.plan import WeightPlanner
 from siliconvert.convert.coreml.weights import PlaceholderWeights, QuantizedWeights, StoredWeights
 from siliconvert.errors import CheckpointError, OutputError
 from siliconvert.quantize.coreml import quantize_weights
+from siliconvert.quantize.plan import Plan
 from siliconvert.recipe import CoreMLTarget
 
 MANIFEST = "manifest.json"
@@ -68,7 +71,8 @@ def active_seconds(intervals: list[tuple[float, float]]) -> float:
 class CoreMLWriter(Writer):
     """Writes each tensor into the packages that use it as it streams by, and builds a chunk's programs around
     its weights as soon as the stream completes it: fp16, then the compressed variants the target asks for
-    (quantize/coreml.py); `finish` adds manifests and tokenizer files and moves the folders into place."""
+    (quantize/coreml.py); `finish` compresses a planned variant's chunks (plan.py), adds manifests and tokenizer
+    files and moves the folders into place."""
 
     def __init__(self, checkpoint, target: CoreMLTarget, out_dir: Path, model_name: str):
         self.checkpoint = checkpoint
@@ -101,6 +105,12 @@ class CoreMLWriter(Writer):
         out_dir = Path(out_dir)
         self.out_dir = out_dir
         self.folders = {p: out_dir / f"{model_name}-{p}-coreml" for p in target.precisions}
+        # a planned variant (precision: auto): its costs measured as each fp16 package is finished, its plan made
+        # and its chunks compressed once all are (the fp16 packages' weight ids, kept for that)
+        self.planned = target.plan.label if target.plan else None
+        self.planner = WeightPlanner(checkpoint, target.plan) if target.plan else None
+        self.quant_plan: Plan | None = None
+        self.fp16_blobs: dict[int, dict[str, tuple[int, int]]] = {}
         self.work = {p: f.with_name(f".{f.name}.tmp-{os.getpid()}") for p, f in self.folders.items()}
         self._state = "open"
         try:
@@ -168,6 +178,8 @@ class CoreMLWriter(Writer):
         self._state = "finished"
         self.builder.shutdown()
         self.writes.close()
+        if self.planner is not None:
+            self._compress_planned()
         options = {"compute_units": self.target.compute_units}
         if self.compute():  # the runner shows it (CoreMLRunner.compute): the report prints it per artifact
             options["compute"] = self.compute()
@@ -186,7 +198,9 @@ class CoreMLWriter(Writer):
         for precision, work in self.work.items():
             replace_atomically(work, self.folders[precision])
         fsync_tree(self.out_dir, recurse=False)  # the renames themselves
-        return [Artifact("coreml", p, folder, options) for p, folder in self.folders.items()]
+        plan = self.quant_plan.summary() if self.quant_plan else None
+        return [Artifact("coreml", p, folder, options, plan if p == self.planned else None)
+                for p, folder in self.folders.items()]
 
     def abort(self) -> None:
         self._state = "aborted"
@@ -277,21 +291,43 @@ class CoreMLWriter(Writer):
         self.syncing.append(self.syncer.submit(fsync_tree, package.path))
         if len(self.target.precisions) > 1:
             stored = StoredWeights(package.path / PACKAGE_DATA / "weights" / WEIGHT_FILE, package.blobs)
+            # Only the model's weights are compressed (the shared consts, RoPE tables and index ranges, stay exact),
+            # and routers stay fp16 (they are E × hidden, a sliver of a layer): a rounded router that picks other
+            # experts sends the token through other weights altogether.
+            routers = {weight_id(("ffn_gate_inp", layer, "weight")) for layer in self.sparse_layers(chunk)}
+            weights = package.blobs.keys() - routers
             for precision in self.target.precisions[1:]:
-                self._compress(chunk, stored, precision)
+                if precision != self.planned:
+                    self._compress(chunk, stored, precision, lambda w, p=precision: p if w in weights else None)
+            if self.planner is not None:
+                self.fp16_blobs[chunk.index] = package.blobs
+                self.planner.measure(chunk, self._function(chunk, stored), self.needed[chunk.index], package.path)
 
-    def _compress(self, chunk: Chunk, stored: StoredWeights, precision: str) -> None:
-        """A compressed variant, read back from the fp16 package just written (memory-mapped): coremltools'
-        quantization pass runs on one function, and both functions take the weights it chose. Slower than the
-        fp16 path, and it holds the chunk's compressed weights until its package is written."""
-        # Routers stay fp16 (they are E × hidden, a sliver of a layer): a rounded router that picks other
-        # experts sends the token through other weights altogether.
-        routers = frozenset(weight_id(("ffn_gate_inp", layer, "weight")) for layer in self.sparse_layers(chunk))
-        quantized = quantize_weights(build_function(self.spec, chunk, 1, self.target.context, stored,
-                                                    self.stream_scale), precision, keep=routers)
+    def _compress_planned(self) -> None:
+        """The planned variant: the plan over every chunk's measured costs, then each chunk compressed at its
+        weights' planned precisions, read back from its fp16 package."""
+        copied = [self.checkpoint.path / "config.json", *self.checkpoint.tokenizer_files()]
+        other = sum(f.stat().st_size for f in copied) + len(json.dumps(self.manifest(self.planned), indent=2)) + 1
+        self.quant_plan = self.planner.plan(other)
+        for chunk in self.chunks:
+            stored = StoredWeights(self.work["fp16"] / chunk.package / PACKAGE_DATA / "weights" / WEIGHT_FILE,
+                                   self.fp16_blobs[chunk.index])
+            self._compress(chunk, stored, self.planned, self.planner.precisions(self.quant_plan, chunk).get)
+
+    def _function(self, chunk: Chunk, stored: StoredWeights):
+        """The chunk's one-token function on its stored fp16 weights: what coremltools' pass compresses."""
+        return build_function(self.spec, chunk, 1, self.target.context, stored, self.stream_scale)
+
+    def _compress(self, chunk: Chunk, stored: StoredWeights, variant: str,
+                  precision_of: Callable[[str], str | None]) -> None:
+        """A compressed variant, each weight at `precision_of(weight id)` (None: fp16), read back from the fp16
+        package (memory-mapped): coremltools' quantization pass runs on one function, and both functions take
+        the weights it chose. Slower than the fp16 path, and it holds the chunk's compressed weights until its
+        package is written."""
+        quantized = quantize_weights(self._function(chunk, stored), precision_of)
         program = build_program(self.spec, chunk, self.block, self.target.context,
                                 QuantizedWeights(stored, quantized), self.stream_scale)
-        package = self.work[precision] / chunk.package
+        package = self.work[variant] / chunk.package
         (package / PACKAGE_DATA / "weights").mkdir(parents=True)
         write_package(package, export(program, MILProtoExporter(program, str(package / PACKAGE_DATA / "weights"),
                                                                 SPEC_VERSION)))

@@ -1,0 +1,94 @@
+"""A Core ML package planned per weight (precision: auto): each weight that coremltools' compression pass would
+compress takes fp16, int8 per channel or int4 per block of 16 to 128 input channels, as quantize/plan.py picks
+them from the plan's goal.
+
+Planned on what the packages hold. Each chunk's fp16 package, once written, is read back (memory-mapped) one
+weight at a time by weight id, after the writer's folds (fused projections split, branch scales folded, a large
+head split into pieces): the values the pass would quantize. Their costs (quantize/sensitivity.py `coreml_costs`)
+are measured on the build thread while the stream goes on; once every chunk is in, the writer makes the plan and
+compresses each chunk at its weights' precisions. A weight's importance (the calibration run's mean x² per input
+column, quantize/gguf.py `importance_matrix`) is its source tensor's: a fold splits or scales rows, which keeps
+the columns' importance, and a relative error does not see a scale. A table that only embeds (a lookup) weighs
+its columns alike; one that is the head too takes the head's inputs, as the MLX plan does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from siliconvert.architectures import ModelSpec
+from siliconvert.convert.coreml.chunks import Chunk, Key, blobs_of, head_pieces, head_role
+from siliconvert.convert.coreml.folds import graph_keys
+from siliconvert.errors import CheckpointError
+from siliconvert.quantize.coreml import compressible
+from siliconvert.quantize.plan import Plan, make_plan
+from siliconvert.quantize.sensitivity import TensorCosts, coreml_costs, role_gain
+from siliconvert.recipe import QuantPlan
+
+HEAD_INPUTS = "lm_head.weight"  # the importance matrix's name for the head's inputs, tied or not
+# model.mlmodel grows by the constexpr op and its consts' entries, in both functions, for each compressed weight
+# (measured on the demo model: 294 bytes, int8 or int4); a size goal counts it for every planned weight, with room
+SPEC_BYTES_PER_WEIGHT = 384
+
+
+def plan_name(chunk: Chunk, weight: str) -> str:
+    """A weight's name in the plan: its package and its weight id (a tied table may sit in two packages)."""
+    return f"{chunk.package.removesuffix('.mlpackage')}/{weight}"
+
+
+class WeightPlanner:
+    """Measures the costs of each chunk's weights as its fp16 package is finished (`measure`, on the build thread),
+    then plans them (`plan`)."""
+
+    def __init__(self, checkpoint, goal: QuantPlan):
+        from siliconvert.quantize.gguf import calibration_text, importance_matrix
+
+        self.spec: ModelSpec = checkpoint.spec
+        if self.spec.experts is not None:  # an expert's importance is per expert (the matrix's rows)
+            raise CheckpointError("Core ML cannot plan the trait experts: a planned package (precision: auto) does "
+                                  "not plan expert stacks yet; ask for int8 or int4", checkpoint.path)
+        self.goal = goal
+        name, text = calibration_text("builtin")
+        self.importance = importance_matrix(checkpoint.path, text, where=name)
+        # each graph tensor's source (HF) name, whose importance its columns take
+        self.sources: dict[Key, str] = {}
+        for source in checkpoint.tensor_infos:
+            role = checkpoint.family.role_of(source)
+            if role is not None:
+                self.sources.update(dict.fromkeys(graph_keys(self.spec, (role.role, role.layer, role.kind)), source))
+        self.costs: list[TensorCosts] = []
+        self.package_bytes = 0  # the packages' bytes outside the planned weights, with SPEC_BYTES_PER_WEIGHT each
+
+    def measure(self, chunk: Chunk, function, needed: set[Key], package: Path) -> None:
+        """Costs of the weights of `function` (the chunk's, built on its stored fp16 package) that the pass would
+        compress; `needed` are the chunk's graph tensors, `package` its fp16 package."""
+        blobs = {weight: (key, rows) for key in needed for weight, rows in blobs_of(self.spec, chunk, key)}
+        whole, unsplit = slice(None), len(head_pieces(self.spec)) == 1
+        planned_fp16 = planned = 0
+        for weight, values in compressible(function, blobs):
+            key, rows = blobs[weight]
+            head = chunk.last and key[0] == head_role(self.spec) and (rows != whole or unsplit)
+            embeds = chunk.first and key[0] == "token_embd" and rows == whole
+            if key[0] in ("token_embd", "output"):  # a piece of a split head has its share of the head's gain
+                share = (len(range(self.spec.vocab_size)[rows]) / self.spec.vocab_size) if head else 0.0
+                gain = (role_gain("token_embd") if embeds else 0.0) + share * role_gain("output")
+            else:
+                gain = role_gain(key[0])
+            importance = self.importance.get(HEAD_INPUTS if head else self.sources[key])
+            costs = coreml_costs(plan_name(chunk, weight), values, importance, gain)
+            self.costs.append(costs)
+            planned_fp16 += next(o.nbytes for o in costs.options if o.kind == "fp16")
+            planned += 1
+        package_bytes = sum(f.stat().st_size for f in package.rglob("*") if f.is_file())
+        self.package_bytes += package_bytes - planned_fp16 + SPEC_BYTES_PER_WEIGHT * planned
+
+    def plan(self, other_bytes: int) -> Plan:
+        """The plan over every chunk's costs; `other_bytes` are the artifact's files beside the packages."""
+        return make_plan(self.costs, self.goal, fixed_bytes=self.package_bytes + other_bytes)
+
+    @staticmethod
+    def precisions(plan: Plan, chunk: Chunk) -> dict[str, str]:
+        """weight id → int8 / int4 of the chunk's compressed weights (the rest stay fp16)."""
+        prefix = plan_name(chunk, "")
+        return {name.removeprefix(prefix): option.kind for name, option in plan.choices.items()
+                if name.startswith(prefix) and option.kind != "fp16"}

@@ -1,0 +1,143 @@
+"""Core ML packages planned per weight (precision: auto): the recipe forms; on the demo model, a size goal kept, a
+quality goal met by the package as the MIL interpreter runs it, the estimate held to the measured KLD of the fixed
+int8 and int4 packages, and the same plan giving the same bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from siliconvert.checkpoint import Checkpoint
+from siliconvert.convert.coreml import CoreMLWriter
+from siliconvert.errors import CheckpointError, RecipeError
+from siliconvert.quantize.sensitivity import KLD_PER_ERROR, error_of
+from siliconvert.recipe import CoreMLTarget, QuantPlan, parse_recipe
+from siliconvert.textdata import heldout_text
+from siliconvert.validate.metrics import compare
+from siliconvert.validate.runners.coreml import CoreMLRunner
+
+CONTEXT = 128
+KLD_GOAL = 0.001  # between the demo model's int8 (~0.00002) and int4 (~0.003) packages
+
+
+def test_recipe_forms():
+    target = CoreMLTarget(format="coreml", precision="auto", plan={"max_mean_kld": 0.01})
+    assert target.precisions == ["fp16", "auto-kld0.01"]
+    target = CoreMLTarget(format="coreml", precision=["int4", "auto"], plan={"size_mb": 3.5})
+    assert target.precisions == ["fp16", "int4", "auto-3.5MB"]
+    recipe = {"source": "x", "targets": [{"format": "coreml", "precision": ["auto"]}]}
+    with pytest.raises(RecipeError, match="precision: auto needs a plan"):
+        parse_recipe(recipe)
+    recipe["targets"][0] = {"format": "coreml", "precision": "int4", "plan": {"bits_per_weight": 5}}
+    with pytest.raises(RecipeError, match="plan is only read with precision: auto"):
+        parse_recipe(recipe)
+
+
+@pytest.mark.slow
+def test_a_mixture_of_experts_is_refused_by_name(small_model):
+    from families import FAMILY_CASES
+
+    from siliconvert.convert.coreml.plan import WeightPlanner
+
+    tokenizer, config = FAMILY_CASES["qwen3_moe"]
+    checkpoint = Checkpoint.open(small_model("qwen3_moe", tokenizer, config=config))
+    with pytest.raises(CheckpointError, match="trait experts"):
+        WeightPlanner(checkpoint, QuantPlan(max_mean_kld=0.01))
+
+
+def build(out_dir: Path, **target) -> tuple[dict[str, Path], CoreMLWriter]:
+    """The Core ML writer over the demo model's stream; its packages by precision, and the writer."""
+    from siliconvert.demo import demo_checkpoint
+
+    checkpoint = Checkpoint.open(demo_checkpoint())
+    writer = CoreMLWriter(checkpoint, CoreMLTarget(format="coreml", context=CONTEXT, **target), out_dir, "demo")
+    for name, array in checkpoint.tensors():
+        if not checkpoint.family.is_droppable(name):
+            writer.add(name, array)
+    return {a.quant: a for a in writer.finish()}, writer
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def weight_bin(folder: Path) -> int:
+    return folder_bytes(folder / "chunk_01.mlpackage" / "Data" / "com.apple.CoreML" / "weights")
+
+
+@pytest.fixture(scope="module")
+def scored(demo_model):
+    """mean_kld(folder): the package's mean KLD to transformers over two held-out windows, run by the MIL
+    interpreter as the project's validation runs Core ML on Linux."""
+    from conftest import reference_logits_for
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(demo_model).encode(heldout_text()[:40000], add_special_tokens=False)
+    windows = np.array([ids[i * CONTEXT:(i + 1) * CONTEXT] for i in range(2)])
+    reference = reference_logits_for(demo_model, windows)
+    vocab = reference.shape[-1]
+
+    def mean_kld(folder: Path) -> float:
+        runner = CoreMLRunner(folder, {"compute_units": "all"})
+        logits = np.stack([runner.logits(window) for window in windows])
+        return compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
+                       windows[:, 1:].reshape(-1))[0].mean_kld
+    return mean_kld
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    """fp16, int8, int4 and a package planned for KLD_GOAL, from one pass; the plan's measured costs."""
+    artifacts, writer = build(tmp_path_factory.mktemp("coreml-plan"), precision=["int8", "int4", "auto"],
+                              plan={"max_mean_kld": KLD_GOAL})
+    return artifacts, writer.planner.costs
+
+
+@pytest.mark.slow
+def test_a_quality_goal_is_met_and_smaller_than_fp16(planned, scored):
+    artifacts, _ = planned
+    ours = artifacts[f"auto-kld{KLD_GOAL:g}"]
+    assert ours.plan["predicted_mean_kld"] <= KLD_GOAL
+    assert len(ours.plan["types"]) > 1  # a mix, not one precision
+    assert scored(ours.path) <= KLD_GOAL
+    assert folder_bytes(ours.path) < 0.6 * folder_bytes(artifacts["fp16"].path)
+    # the plan's bytes are the package's: the weight.bin of int4 and of the plan differ by their planned weights'
+    assert weight_bin(ours.path) - ours.plan["planned_bytes"] == \
+        weight_bin(artifacts["int4"].path) - bytes_at(planned[1], "int4")
+
+
+def bytes_at(costs, precision: str) -> int:
+    """The bytes of every planned weight at one precision."""
+    return sum(next(o.nbytes for o in c.options if o.kind == precision) for c in costs)
+
+
+@pytest.mark.slow
+def test_the_estimate_follows_measured_kld(planned, scored):
+    """The predicted mean KLD of the fixed int8 and int4 packages (every planned weight at one precision) lies
+    within a factor of 3 of their measured KLD, and ranks them as measured."""
+    artifacts, costs = planned
+    predicted = [KLD_PER_ERROR * error_of(costs, {c.name: p for c in costs}) for p in ("int8", "int4")]
+    measured = [scored(artifacts[p].path) for p in ("int8", "int4")]
+    assert predicted[0] < predicted[1] and measured[0] < measured[1]
+    ratios = np.array(measured) / np.array(predicted)
+    assert np.all((ratios > 1 / 3) & (ratios < 3)), (predicted, measured)
+
+
+@pytest.mark.slow
+def test_a_size_goal_is_kept_and_beats_int4_there_and_the_same_plan_gives_the_same_bytes(planned, scored, tmp_path):
+    """At the fixed int4 package's size, a plan (int4 in other block sizes, int8 where it pays) scores better."""
+    artifacts, _ = planned
+    size_mb = folder_bytes(artifacts["int4"].path) / 1e6
+    label = f"auto-{size_mb:g}MB"
+    first, _ = build(tmp_path / "a", precision="auto", plan={"size_mb": size_mb})
+    ours = first[label]
+    assert ours.plan["bytes"] >= folder_bytes(ours.path)  # the plan counts every byte, or a few more
+    assert folder_bytes(ours.path) <= size_mb * 1e6
+    assert scored(ours.path) < scored(artifacts["int4"].path)
+    second, _ = build(tmp_path / "b", precision="auto", plan={"size_mb": size_mb})
+    assert second[label].plan == ours.plan
+    for file, again in zip(sorted(ours.path.rglob("*")), sorted(second[label].path.rglob("*")), strict=True):
+        assert file.relative_to(ours.path) == again.relative_to(second[label].path)
+        assert file.is_dir() or file.read_bytes() == again.read_bytes(), file
