@@ -41,6 +41,17 @@ def small_model():
         None, family, tokenizer, **overrides)
 
 
+@pytest.fixture(scope="session")
+def family_model(small_model):
+    """family_model(model_type) → the trained small checkpoint of tests/families.py's case for that family."""
+    from families import FAMILY_CASES
+
+    def source(family: str) -> Path:
+        tokenizer, config = FAMILY_CASES[family]
+        return small_model(family, tokenizer, config=config)
+    return source
+
+
 def reference_logits_for(checkpoint_path: Path, windows) -> np.ndarray:  # noqa: F821
     """Plain transformers FP32 logits for each window: the ground truth tests compare with."""
     import numpy as np

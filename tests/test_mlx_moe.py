@@ -31,14 +31,6 @@ MOE_FAMILIES = [family for family, (_, config) in FAMILY_CASES.items() if "num_e
 ROUTER_AT_8_BITS = {"group_size": 64, "bits": 8}
 
 
-@pytest.fixture(scope="module")
-def moe_source(small_model):
-    def source(family: str) -> Path:
-        tokenizer, config = FAMILY_CASES[family]
-        return small_model(family, tokenizer, config=config)
-    return source
-
-
 def arrays(folder: Path) -> dict[str, mx.array]:
     loaded = {}
     for shard in folder.glob("model*.safetensors"):
@@ -55,7 +47,7 @@ def assert_same_arrays(mine: dict[str, mx.array], theirs: dict[str, mx.array]) -
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", MOE_FAMILIES)
-def test_quantized_experts_are_mlx_lms_own(family, moe_source, tmp_path):
+def test_quantized_experts_are_mlx_lms_own(family, family_model, tmp_path):
     """The stream's expert stacks give the bytes mlx_lm.convert writes from the per-expert files, the routers (and
     the shared expert's gate) at 8 bits. mlx-lm needs a config it can read (Qwen3-MoE as transformers 5 saves it
     has no num_experts, and no family a top-level rope θ) and, for the files without a quant predicate, the 8-bit
@@ -63,7 +55,7 @@ def test_quantized_experts_are_mlx_lms_own(family, moe_source, tmp_path):
     from mlx_lm.convert import convert
     from mlx_lm.utils import load
 
-    source = moe_source(family)
+    source = family_model(family)
     readable = tmp_path / "source"
     shutil.copytree(source, readable)
     config = json.loads((readable / "config.json").read_text())
@@ -86,11 +78,11 @@ def test_quantized_experts_are_mlx_lms_own(family, moe_source, tmp_path):
 
 
 @pytest.mark.slow
-def test_expert_blocks_and_shards_change_nothing_but_the_files(moe_source, tmp_path, monkeypatch):
+def test_expert_blocks_and_shards_change_nothing_but_the_files(family_model, tmp_path, monkeypatch):
     """Expert stacks converted a few experts at a time, across shards: the arrays of the whole-tensor write."""
     import siliconvert.convert.mlx as convert_mlx
 
-    source = moe_source("qwen3_moe")
+    source = family_model("qwen3_moe")
     whole = build_mlx(source, tmp_path / "whole").path
     monkeypatch.setattr(convert_mlx, "SHARD_BYTES", 64 << 10)
     monkeypatch.setattr(convert_mlx, "ROW_BLOCK_BYTES", 64 << 10)  # one expert's gate_up is 128 KiB of float32
@@ -213,14 +205,14 @@ def test_mlx_lm_reads_the_experts_from_config():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", MOE_FAMILIES)
-def test_mlx_lm_loads_and_generates_what_transformers_generates(family, moe_source, tmp_path):
+def test_mlx_lm_loads_and_generates_what_transformers_generates(family, family_model, tmp_path):
     """mlx_lm.load opens the folder unchanged and mlx-lm's greedy generation (through its KV cache) continues a
     prompt as transformers' does. At 8 bits: mlx's CPU runs unquantized experts in float32 only."""
     from mlx_lm import load
     from mlx_lm.generate import generate_step
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = moe_source(family)
+    source = family_model(family)
     model, tokenizer = load(str(build_mlx(source, tmp_path, bits=8).path))
     prompt = AutoTokenizer.from_pretrained(source).encode("def parse(text):\n    return", add_special_tokens=False)
     assert tokenizer.encode("def parse(text):\n    return", add_special_tokens=False) == prompt

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import gguf
 import mlx.core as mx
@@ -84,17 +83,9 @@ def test_mlx_stack_costs_are_each_experts_quantization_weighed_by_its_tokens(sta
 WINDOWS, LENGTH = 2, 128
 
 
-@pytest.fixture(scope="module")
-def moe_checkpoint(small_model):
-    def source(family: str) -> Path:
-        tokenizer, config = FAMILY_CASES[family]
-        return small_model(family, tokenizer, config=config)
-    return source
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("family", [f for f in MOE_FAMILIES if f != "qwen3_moe"])  # its quality plans: below
-def test_plans_at_the_fixed_recipes_sizes_keep_to_them_and_beat_them(family, moe_checkpoint, tmp_path):
+def test_plans_at_the_fixed_recipes_sizes_keep_to_them_and_beat_them(family, family_model, tmp_path):
     """At the bytes of Q4_K_M and of MLX 4-bit g64, the planned GGUF and MLX models are no larger, hold the plan's
     types (expert stacks among the planned tensors, routers never), open in llama.cpp and mlx_lm.load, and
     score a lower mean KLD than the fixed recipe."""
@@ -107,7 +98,7 @@ def test_plans_at_the_fixed_recipes_sizes_keep_to_them_and_beat_them(family, moe
     from siliconvert.recipe import GGUFTarget
     from siliconvert.textdata import heldout_text
 
-    source = moe_checkpoint(family)
+    source = family_model(family)
     checkpoint = Checkpoint.open(source)
     ids = AutoTokenizer.from_pretrained(source).encode(heldout_text(), add_special_tokens=False)
     windows = np.array([ids[i * LENGTH:(i + 1) * LENGTH] for i in range(WINDOWS)])
@@ -147,11 +138,11 @@ def test_plans_at_the_fixed_recipes_sizes_keep_to_them_and_beat_them(family, moe
 
 
 @pytest.mark.slow
-def test_quality_plans_meet_their_target_in_the_projects_validation(moe_checkpoint, tmp_path):
+def test_quality_plans_meet_their_target_in_the_projects_validation(family_model, tmp_path):
     """`siliconvert recipe` with planned GGUF and MLX targets on a mixture of experts: both pass their
     max_mean_kld as validation measures it, and the report gives their router agreement."""
     goals = {"gguf": 0.002, "mlx": 0.01}
-    recipe = {"source": str(moe_checkpoint("qwen3_moe")), "output": str(tmp_path / "out"),
+    recipe = {"source": str(family_model("qwen3_moe")), "output": str(tmp_path / "out"),
               "targets": [{"format": "gguf", "quants": ["auto"], "plan": {"max_mean_kld": goals["gguf"]}},
                           {"format": "mlx", "bits": "auto", "plan": {"max_mean_kld": goals["mlx"]}}],
               "validate": {"tokens": 256, "context": 128, "prefill_tokens": 16, "decode_tokens": 4,

@@ -11,6 +11,7 @@ other texts and for the stream between a layer's two adds, which the calibration
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -32,11 +33,13 @@ class FP16Range:
     scale: float  # the stream's scale: a power of two, 1 where the peak leaves room
 
     @classmethod
+    @functools.cache
     def calibrate(cls, checkpoint: Checkpoint) -> FP16Range:
         """The stream's peak over a training-text window through transformers' own forward, layer by layer
         (validate/streamed.py: one layer's weights in memory), and the scale it calls for. The forward runs in
         a child process, as the reference does: what it imports and allocates leaves with it, so the writer's
-        own memory stays what streaming needs."""
+        own memory stays what streaming needs. Once per opened checkpoint: the Core ML and MLX writers, and
+        each build of the re-plan loop, ask again (a 7B forward reads every weight)."""
         with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
             try:
                 peak = pool.submit(stream_peak, checkpoint).result()
