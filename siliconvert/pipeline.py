@@ -329,14 +329,18 @@ def write_stamp(artifacts_dir: Path, key: str, artifacts: list[Artifact]) -> Non
 PLAN_TRIES = 3  # builds of a planned artifact in search of its plan's max_mean_kld
 AIM = 0.9  # a plan planned again aims this far under its target: measured KLD moves by a few % between plans
 LOOSEN_BELOW = 0.75  # a plan that met this far under its target is planned again with fewer bytes
+FLOOR_SHARE = 0.75  # the most of a measured KLD a fitted runtime floor may explain
 
 
 def fit_prediction(tries: list[dict], prior_floor: float) -> tuple[float, float]:
     """(kld_per_error, kld_floor) of the line measured mean KLD = floor + kld_per_error × summed error, fitted to
     the tries measured so far. The floor is what the runtime loses with no quantization at all (MLX rounding its
     activations to its float type); a prediction scaled as a whole would take it for quantization error and
-    over-correct near it. Two tries at different errors give the line through them (kept where it has a
-    positive slope and a floor ≥ 0); one try gives the line through it from the floor the plan assumed."""
+    over-correct near it. Two tries at different errors give the line through them, kept where its floor lies
+    between 0 and FLOOR_SHARE of the smaller measurement: a floor above that says the two measured alike, which
+    at small KLD is the measurement's noise, not a floor (a line through noise would send the next plan to its
+    most exact types). Otherwise, and after one try, the line through the last try from the floor the plan
+    assumed."""
     last = tries[-1]
     if len(tries) >= 2:
         other = tries[-2]
@@ -344,7 +348,7 @@ def fit_prediction(tries: list[dict], prior_floor: float) -> tuple[float, float]
         if abs(spread) > 1e-12:
             slope = (last["measured_mean_kld"] - other["measured_mean_kld"]) / spread
             floor = last["measured_mean_kld"] - slope * last["summed_error"]
-            if slope > 0 and floor >= 0:
+            if slope > 0 and 0 <= floor <= FLOOR_SHARE * min(last["measured_mean_kld"], other["measured_mean_kld"]):
                 return slope, floor
     floor = prior_floor if last["measured_mean_kld"] > prior_floor else 0.0
     return (last["measured_mean_kld"] - floor) / max(last["summed_error"], 1e-12), floor
@@ -356,8 +360,8 @@ class Replanner:
     artifact planned and written again, aiming at AIM × the target: when it missed, or when it met with room to
     spare (measured under LOOSEN_BELOW × the target: fewer bytes would do). Not when the plan cannot move that way
     (every tensor already at its most exact, or cheapest, type). At most PLAN_TRIES builds; if the last misses
-    after an earlier one met, the smallest one that met is written again (same plan, same bytes). Each try is said
-    and goes into the report's plan."""
+    after an earlier one met, or an earlier one met with fewer bytes, the smallest one that met is written again
+    (same plan, same bytes). Each try is said and goes into the report's plan."""
 
     def __init__(self, checkpoint: Checkpoint, recipe: Recipe, produced: list[tuple[Artifact, Target]],
                  artifacts_dir: Path, timings: Timings):
@@ -392,13 +396,13 @@ class Replanner:
             say(f"{artifact.format} {artifact.quant}: measured mean KLD {measured:.5f} against {goal:g}, and every "
                 f"tensor already has its {'cheapest' if loose else 'most exact'} type: not planned again")
         if len(history) >= PLAN_TRIES or (met and not loose) or stuck:
-            if met or not self.met.get(artifact.path):
+            best = min(self.met.get(artifact.path, []), key=lambda m: m[0], default=None)
+            if best is None or (met and best[0] >= entry["size_bytes"]):
                 return None
-            _, best = min(self.met[artifact.path], key=lambda m: m[0])
             history[-1]["restored"] = True
-            say(f"{artifact.format} {artifact.quant}: the last try missed; writing again the smallest that met "
-                f"{goal:g}")
-            return self._build(artifact.path, best)
+            why = "an earlier try met with fewer bytes" if met else "the last try missed"
+            say(f"{artifact.format} {artifact.quant}: {why}; writing again the smallest that met {goal:g}")
+            return self._build(artifact.path, best[1])
         slope, floor = fit_prediction(history, plan.get("kld_floor", 0.0))
         say(f"{artifact.format} {artifact.quant}: measured mean KLD {measured:.5f} "
             f"{'is far under' if met else 'misses'} the plan's {goal:g} (predicted {plan['predicted_mean_kld']:.5f}); "

@@ -238,6 +238,15 @@ def test_the_replan_loop_finds_a_runtime_floor_from_two_tries(monkeypatch):
     assert entry["metrics"]["mean_kld"] == pytest.approx(0.009)
 
 
+def test_the_replan_loop_keeps_the_smallest_try_that_met(monkeypatch):
+    """The last try met, but an earlier one met with fewer bytes: that one is written again."""
+    first, score, builds = _fake_replanner(monkeypatch, lambda error: 0.0)
+    second, _ = score(first, 0.002, 100)  # met far under: looser
+    third, _ = score(second, 0.02, 80)  # missed: tighter
+    restored, _ = score(third, 0.0085, 110)  # met, but with more bytes than try 1
+    assert restored is not None and builds[-1].plan.kld_per_error is None  # the recipe's own plan: try 1
+
+
 def test_the_replan_loop_stops_where_the_plan_cannot_move(monkeypatch):
     """A plan far under its target whose tensors all have their cheapest types is not built again."""
     first, score, builds = _fake_replanner(monkeypatch, lambda error: 0.001)
@@ -257,3 +266,8 @@ def test_fit_prediction_takes_the_floor_from_two_tries_and_the_prior_from_one():
     assert fit_prediction(two, 0.0) == pytest.approx((2.0, 0.01))
     noisy = [{"summed_error": 0.02, "measured_mean_kld": 0.02}, *one]  # more error, less KLD: no line
     assert fit_prediction(noisy, 0.0) == pytest.approx((3.0, 0.0))
+    # two plans measured alike (seen: 0.000375 at error 0.000278, 0.000372 at 0.000191): noise, not a floor of
+    # 0.00036 that would send the next plan to its most exact types
+    alike = [{"summed_error": 0.000278, "measured_mean_kld": 0.000375},
+             {"summed_error": 0.000191, "measured_mean_kld": 0.000372}]
+    assert fit_prediction(alike, 0.0) == pytest.approx((0.000372 / 0.000191, 0.0))
