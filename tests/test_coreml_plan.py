@@ -11,9 +11,9 @@ import pytest
 
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.coreml import CoreMLWriter
-from siliconvert.errors import CheckpointError, RecipeError
+from siliconvert.errors import RecipeError
 from siliconvert.quantize.sensitivity import KLD_PER_ERROR, error_of
-from siliconvert.recipe import CoreMLTarget, QuantPlan, parse_recipe
+from siliconvert.recipe import CoreMLTarget, parse_recipe
 from siliconvert.textdata import heldout_text
 from siliconvert.validate.metrics import compare
 from siliconvert.validate.runners.coreml import CoreMLRunner
@@ -33,18 +33,6 @@ def test_recipe_forms():
     recipe["targets"][0] = {"format": "coreml", "precision": "int4", "plan": {"bits_per_weight": 5}}
     with pytest.raises(RecipeError, match="plan is only read with precision: auto"):
         parse_recipe(recipe)
-
-
-@pytest.mark.slow
-def test_a_mixture_of_experts_is_refused_by_name(small_model):
-    from families import FAMILY_CASES
-
-    from siliconvert.convert.coreml.plan import WeightPlanner
-
-    tokenizer, config = FAMILY_CASES["qwen3_moe"]
-    checkpoint = Checkpoint.open(small_model("qwen3_moe", tokenizer, config=config))
-    with pytest.raises(CheckpointError, match="trait experts"):
-        WeightPlanner(checkpoint, QuantPlan(max_mean_kld=0.01))
 
 
 def build(out_dir: Path, **target) -> tuple[dict[str, Path], CoreMLWriter]:

@@ -9,17 +9,21 @@ are measured on the build thread while the stream goes on; once every chunk is i
 compresses each chunk at its weights' precisions. A weight's importance (the calibration run's mean x² per input
 column, quantize/gguf.py `importance_matrix`) is its source tensor's: a fold splits or scales rows, which keeps
 the columns' importance, and a relative error does not see a scale. A table that only embeds (a lookup) weighs
-its columns alike; one that is the head too takes the head's inputs, as the MLX plan does.
+its columns alike; one that is the head too takes the head's inputs, as the MLX plan does. A mixture of
+experts' package holds each expert's weights apart: each is planned on its own (unlike GGUF and MLX, whose stacks
+take one type), with its own importance row and its gain times its share of the routed calibration tokens; the
+routers are not planned (fp16).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from siliconvert.architectures import ModelSpec
 from siliconvert.convert.coreml.chunks import Chunk, Key, blobs_of, head_pieces, head_role
 from siliconvert.convert.coreml.folds import graph_keys
-from siliconvert.errors import CheckpointError
 from siliconvert.quantize.coreml import compressible
 from siliconvert.quantize.plan import Plan, make_plan
 from siliconvert.quantize.sensitivity import TensorCosts, coreml_costs, role_gain
@@ -29,6 +33,7 @@ HEAD_INPUTS = "lm_head.weight"  # the importance matrix's name for the head's in
 # model.mlmodel grows by the constexpr op and its consts' entries, in both functions, for each compressed weight
 # (measured on the demo model: 294 bytes, int8 or int4); a size goal counts it for every planned weight, with room
 SPEC_BYTES_PER_WEIGHT = 384
+ROUTERS = ("ffn_gate_inp", "ffn_gate_inp_shexp")  # never planned: a rounded router picks other experts
 
 
 def plan_name(chunk: Chunk, weight: str) -> str:
@@ -41,15 +46,15 @@ class WeightPlanner:
     then plans them (`plan`)."""
 
     def __init__(self, checkpoint, goal: QuantPlan):
-        from siliconvert.quantize.gguf import calibration_text, importance_matrix
+        from siliconvert.quantize.gguf import calibration_text, expert_tokens, importance_matrix
 
         self.spec: ModelSpec = checkpoint.spec
-        if self.spec.experts is not None:  # an expert's importance is per expert (the matrix's rows)
-            raise CheckpointError("Core ML cannot plan the trait experts: a planned package (precision: auto) does "
-                                  "not plan expert stacks yet; ask for int8 or int4", checkpoint.path)
         self.goal = goal
         name, text = calibration_text("builtin")
         self.importance = importance_matrix(checkpoint.path, text, where=name)
+        # per expert stack (HF name), each expert's share of the calibration tokens routed (from the same run)
+        self.expert_shares = {stack: _shares(tokens)
+                              for stack, tokens in expert_tokens(checkpoint.path, text, where=name).items()}
         # each graph tensor's source (HF) name, whose importance its columns take
         self.sources: dict[Key, str] = {}
         for source in checkpoint.tensor_infos:
@@ -67,6 +72,8 @@ class WeightPlanner:
         planned_fp16 = planned = 0
         for weight, values in compressible(function, blobs):
             key, rows = blobs[weight]
+            if key[0] in ROUTERS:
+                continue  # fp16, as in the fixed int8 / int4 packages (writer.py says why)
             head = chunk.last and key[0] == head_role(self.spec) and (rows != whole or unsplit)
             embeds = chunk.first and key[0] == "token_embd" and rows == whole
             if key[0] in ("token_embd", "output"):  # a piece of a split head has its share of the head's gain
@@ -75,6 +82,12 @@ class WeightPlanner:
             else:
                 gain = role_gain(key[0])
             importance = self.importance.get(HEAD_INPUTS if head else self.sources[key])
+            if key[0].endswith("]"):  # one expert of a stack (folds.expert_key): its own importance row and its
+                # share of the routed tokens, so the experts' errors add up as the stack's does in a GGUF plan
+                expert, stack = int(key[0][key[0].index("[") + 1:-1]), self.sources[key]
+                importance = None if importance is None else importance.reshape(self.spec.experts.count, -1)[expert]
+                shares = self.expert_shares.get(stack)
+                gain *= shares[expert] if shares is not None else 1 / self.spec.experts.count
             costs = coreml_costs(plan_name(chunk, weight), values, importance, gain)
             self.costs.append(costs)
             planned_fp16 += next(o.nbytes for o in costs.options if o.kind == "fp16")
@@ -92,3 +105,8 @@ class WeightPlanner:
         prefix = plan_name(chunk, "")
         return {name.removeprefix(prefix): option.kind for name, option in plan.choices.items()
                 if name.startswith(prefix) and option.kind != "fp16"}
+
+
+def _shares(tokens: np.ndarray) -> np.ndarray:
+    """Each expert's share of the routed calibration tokens (all alike where none were routed)."""
+    return tokens / tokens.sum() if tokens.sum() else np.full(len(tokens), 1 / len(tokens))
