@@ -136,11 +136,18 @@ def decompress(weight: QuantizedWeight) -> np.ndarray:
     return dequantize_by_scale_and_zp(weight.data, weight.scale, weight.offset)
 
 
-def stored_bytes(weight: QuantizedWeight, precision: str) -> int:
+def stored_bytes(weight: QuantizedWeight, precision: str, rows: int | None = None) -> int:
     """Bytes of a compressed weight in weight.bin: its data at the precision's bits (int4 packs two to a byte),
-    its scales and zero points, each a blob of its own."""
+    its scales and zero points, each a blob of its own. `rows`: the whole weight's output channels where `weight`
+    is a sample of its rows (every row stores alike; the blobs' padding is the whole weight's)."""
     bits = weight_config(precision).dtype.get_bitwidth()
-    parts = [weight.data.size * bits // 8, *(part.nbytes for part in (weight.scale, weight.offset) if part is not None)]
+    rows = rows or len(weight.data)
+
+    def values(part: np.ndarray) -> int:  # the whole weight's count of this part's values
+        return part.size // len(part) * rows
+
+    parts = [values(weight.data) * bits // 8,
+             *(values(part) * part.itemsize for part in (weight.scale, weight.offset) if part is not None)]
     return sum(blob_bytes(n) for n in parts)
 
 
