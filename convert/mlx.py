@@ -253,7 +253,12 @@ class MLXWriter(Writer):
             for mlx_name, weight in self.sanitize({source_name: mx.array(array)}).items():
                 module, _, kind = mlx_name.rpartition(".")
                 fixed += _json_bytes(mlx_name)
-                if kind != "weight" or self.quantized.get(module) != self.target_policy:  # not planned
+                policy = self.quantized.get(module)
+                if kind == "weight" and policy is not None and policy != self.target_policy:
+                    fixed += _quantized_bytes(weight.size, policy, self.dtype.size)  # at its own width: not planned
+                    fixed += 2 * _json_bytes(mlx_name) + 2 * (len(module) + MODULE_ENTRY_BYTES)
+                    continue
+                if kind != "weight" or policy is None:  # not quantized
                     fixed += weight.size * (self.dtype.size if mx.issubdtype(weight.dtype, mx.floating)
                                             else weight.dtype.size)
                     continue
@@ -423,6 +428,11 @@ def _bits_and_group(kind: str) -> tuple[int, int]:
 def _json_bytes(name: str) -> int:
     """An upper bound on one array's entries in the safetensors header and in the index's weight map."""
     return 2 * len(name) + ARRAY_ENTRY_BYTES
+
+
+def _quantized_bytes(size: int, policy: QuantPolicy, scale_bytes: int) -> int:
+    """Bytes of a weight of `size` values quantized at `policy`: packed values, a scale and a bias per group."""
+    return size * policy.bits // 8 + 2 * (size // policy.group_size) * scale_bytes
 
 
 def _mx_dtype(name: str) -> mx.Dtype:

@@ -271,3 +271,24 @@ def test_fit_prediction_takes_the_floor_from_two_tries_and_the_prior_from_one():
     alike = [{"summed_error": 0.000278, "measured_mean_kld": 0.000375},
              {"summed_error": 0.000191, "measured_mean_kld": 0.000372}]
     assert fit_prediction(alike, 0.0) == pytest.approx((0.000372 / 0.000191, 0.0))
+
+
+@pytest.mark.slow
+def test_an_mlx_size_plan_counts_the_modules_mlx_lm_keeps_at_their_own_width(family_model, tmp_path):
+    """mlx-lm's Granite keeps o_proj, down_proj and lm_head at 8 bits (its quant_predicate). A plan leaves them so
+    and counts their 8-bit bytes: at 4-bit g64's size it fills the bytes left (counted as float16 they once left
+    none, and every planned module fell to 2 bits)."""
+    import json
+
+    from conftest import build_mlx
+
+    source = family_model("granite")
+    four_bit = build_mlx(source, tmp_path / "fixed", bits=4, group_size=64)
+    size = sum(f.stat().st_size for f in four_bit.path.iterdir())
+    planned = build_mlx(source, tmp_path / "planned", bits="auto", plan={"size_mb": size / 1e6})
+    assert 0.97 * size <= sum(f.stat().st_size for f in planned.path.iterdir()) <= size
+    quantization = json.loads((planned.path / "config.json").read_text())["quantization"]
+    kept = [path for path, entry in quantization.items() if isinstance(entry, dict) and entry["bits"] == 8
+            and path not in planned.plan["tensors"]]
+    assert "lm_head" in kept and any(path.endswith("o_proj") for path in kept)
+    assert planned.plan["bits_per_weight"] > 3.5
