@@ -271,7 +271,7 @@ def source_pipeline(folder: Path, where: Path) -> dict:
     """tokenizer.json as transformers runs it. transformers 5's tokenizer classes rebuild their normalizer and
     pre-tokenizer on load, whatever the file says (Qwen2Tokenizer, picked for a qwen2 checkpoint, applies its own
     regex to a GPT-2-regex tokenizer.json; LlamaTokenizer its own Metaspace): the source is what it loads."""
-    from siliconvert.validate.corpus import source_tokenizer
+    from siliconvert.corpus import source_tokenizer
 
     try:
         tokenizer = source_tokenizer(folder)

@@ -284,7 +284,7 @@ def importance_matrix(checkpoint: Path, text: str, *, tokens: int = CALIBRATION_
     token reached gets ones, as llama-quantize gives it).
 
     transformers' model runs one decoder layer at a time over every calibration window
-    (validate/streamed.py), so a 7B calibrates in a few GB of memory, not the 29 GB of the whole model in
+    (siliconvert/streamed.py), so a 7B calibrates in a few GB of memory, not the 29 GB of the whole model in
     float32; its inputs are the whole model's, so the matrix is too."""
     return _calibrate(checkpoint, text, tokens, context, where)[0]
 
@@ -304,7 +304,7 @@ def _calibrate(checkpoint: Path, text: str, tokens: int, context: int,
     from transformers import AutoTokenizer
 
     from siliconvert.checkpoint import Checkpoint
-    from siliconvert.validate.streamed import CheckpointWeights, streamed_logits
+    from siliconvert.streamed import CheckpointWeights, streamed_logits
 
     # Tokens are rarely longer than 16 characters: tokenizing more text than that would be wasted.
     ids = AutoTokenizer.from_pretrained(checkpoint)(text[: tokens * 16], add_special_tokens=False)["input_ids"]

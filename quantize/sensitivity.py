@@ -21,7 +21,7 @@ Q3_K or Q4_K (ΔKLD measured by llama.cpp over Δ summed r; the two widths agree
 output 0.17 / 0.16, token_embd 0.29 / 0.16, attention 0.0039 / 0.0028, feed-forward 0.0017 / 0.0014.
 A tied embedding is the head too: it gets both gains. `kld_per_error` (1 by default, a recipe's plan may
 set it) scales them all; the pipeline fits it after validation when a model's gains differ (planned again
-under measured ≈ kld_floor + kld_per_error × summed error: siliconvert/pipeline.py `fit_prediction`).
+under measured ≈ kld_floor + kld_per_error × summed error: siliconvert/commands/pipeline.py `fit_prediction`).
 tests/test_plan_models.py holds the estimate to measured KLD of fixed recipes on the demo model. Not in the
 costs: a runtime's own floor (MLX in a bfloat16 source's type costs the demo model about 0.002 of mean KLD at
 any width; a plan computes in float16 where the stream fits it), which the re-plan loop fits as kld_floor; and

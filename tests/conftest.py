@@ -70,7 +70,7 @@ def reference_choices_for(checkpoint_path: Path, windows) -> np.ndarray:  # noqa
 
     from siliconvert.checkpoint import Checkpoint
     from siliconvert.validate.router import RouterRecorder
-    from siliconvert.validate.streamed import CheckpointWeights, streamed_logits
+    from siliconvert.streamed import CheckpointWeights, streamed_logits
 
     checkpoint = Checkpoint.open(checkpoint_path)
     spec = checkpoint.spec

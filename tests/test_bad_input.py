@@ -144,7 +144,7 @@ def test_full_disk_is_one_line_and_leaves_nothing(good, tmp_path, monkeypatch, c
     """ENOSPC from a writer (simulated: a real full disk cannot be made safely here) aborts every writer."""
     import errno
 
-    from siliconvert import cli as cli_module
+    from siliconvert.commands import cli as cli_module
     from siliconvert.convert import mlx
 
     def full_disk(self, *_args):

@@ -268,7 +268,7 @@ def test_kv_cache_check_tells_llama_cpp_noise_from_a_broken_cache(demo_model: Pa
     from test_validate_scale import FaultyCache
 
     from siliconvert.artifacts import Artifact
-    from siliconvert.validate.corpus import source_tokenizer, token_windows
+    from siliconvert.corpus import source_tokenizer, token_windows
     from siliconvert.validate.score import RunOutput, cached_window_logits, score
     from siliconvert.validate.tokenizer import tokenizer_probes
 

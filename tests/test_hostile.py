@@ -1,4 +1,4 @@
-"""A catalogue of hostile and corrupt inputs, each through the real CLI entry point (`siliconvert.cli.main`,
+"""A catalogue of hostile and corrupt inputs, each through the real CLI entry point (`siliconvert.commands.cli.main`,
 in-process; its exception handling is what a user meets): exit 2, exactly one `error:` line naming the file
 and the problem, no traceback, and nothing under the output folder that looks finished. Every case breaks one
 thing in a copy of a tiny checkpoint built once per session (one file, or the same weights in shards)."""
@@ -53,7 +53,7 @@ class Run:
 
 def siliconvert(capsys, *args: str) -> Run:
     """`siliconvert ARGS` in this process, with a 30 s alarm: a case that would hang (a FIFO read) fails."""
-    from siliconvert.cli import main
+    from siliconvert.commands.cli import main
 
     def hung(*_args):
         raise TimeoutError("the command hung")
@@ -160,7 +160,7 @@ def test_model_type_stands_in_for_architectures(tiny, tmp_path, capsys, monkeypa
 
 CHILD = """
 import json, resource, sys
-import siliconvert.cli, siliconvert.pipeline, siliconvert.validate.corpus
+import siliconvert.commands.cli, siliconvert.commands.pipeline, siliconvert.corpus
 from transformers import AutoTokenizer  # imported before the limit: the limit is for the command's own work
 
 def status(key):
@@ -171,7 +171,7 @@ resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 before, codes = status("VmHWM"), []
 for recipe in sys.argv[1:]:
     try:
-        siliconvert.cli.main(["recipe", "--check", recipe])
+        siliconvert.commands.cli.main(["recipe", "--check", recipe])
         codes.append(0)
     except SystemExit as e:
         codes.append(e.code)

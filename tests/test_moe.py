@@ -148,7 +148,7 @@ def test_too_few_experts_for_the_config_is_refused(mixtral: Path, tmp_path: Path
 def test_reference_records_the_experts_transformers_chooses(qwen3_moe: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from siliconvert.validate.streamed import CheckpointWeights, streamed_logits
+    from siliconvert.streamed import CheckpointWeights, streamed_logits
 
     checkpoint = Checkpoint.open(qwen3_moe)
     spec = checkpoint.spec

@@ -152,7 +152,7 @@ def test_a_plan_names_its_artifact():
 
 
 def test_the_report_and_the_card_say_the_plan_and_each_try():
-    from siliconvert.release import Release, describe_format
+    from siliconvert.commands.release import Release, describe_format
     from siliconvert.validate.report import plan_lines
 
     plan = make_plan(synthetic_costs(), QuantPlan(max_mean_kld=1e-3)).summary() | {
@@ -177,7 +177,7 @@ def test_the_report_and_the_card_say_the_plan_and_each_try():
 def _fake_replanner(monkeypatch, measure):
     """A Replanner whose builds are fake: a plan's summed error is what exactly meets its own prediction of
     the goal (as the planner would), and `measure(summed_error)` is the artifact's measured mean KLD."""
-    import siliconvert.pipeline as pipeline
+    import siliconvert.commands.pipeline as pipeline
     from siliconvert.artifacts import Artifact
 
     path, builds = Path("demo-auto.gguf"), []
@@ -256,7 +256,7 @@ def test_the_replan_loop_stops_where_the_plan_cannot_move(monkeypatch):
 
 
 def test_fit_prediction_takes_the_floor_from_two_tries_and_the_prior_from_one():
-    from siliconvert.pipeline import fit_prediction
+    from siliconvert.commands.pipeline import fit_prediction
 
     one = [{"summed_error": 0.01, "measured_mean_kld": 0.03}]
     assert fit_prediction(one, 0.0) == pytest.approx((3.0, 0.0))

@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from siliconvert.errors import ArtifactError
-from siliconvert.push import PushError, push, repo_for
+from siliconvert.commands.push import PushError, push, repo_for
 from siliconvert.recipe import Recipe, load_recipe, parse_recipe
-from siliconvert.release import COREML_MANIFEST, front_matter, write_releases
+from siliconvert.commands.release import COREML_MANIFEST, front_matter, write_releases
 
 HUB_ID = "mistralai/Mistral-7B-Instruct-v0.3"
 MODEL = "Mistral-7B-Instruct-v0.3"
@@ -202,7 +202,7 @@ def test_copies_when_hard_links_fail(build, monkeypatch):
     def cross_device(*args):
         raise OSError(18, "Invalid cross-device link")
 
-    monkeypatch.setattr("siliconvert.release.os.link", cross_device)
+    monkeypatch.setattr("siliconvert.commands.release.os.link", cross_device)
     copied = write_releases(report, RECIPE_TEXT, checkpoint, out)
     assert {f.name: snapshot(f) for f in copied} == linked
     assert (copied[1] / f"{MODEL}-Q8_0.gguf").stat().st_nlink == 1

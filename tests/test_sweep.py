@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from siliconvert.cli import main
+from siliconvert.commands.cli import main
 from siliconvert.recipe import parse_recipe
-from siliconvert.sweep import fixed_targets, planned_targets, sweep_front, write_sweep
+from siliconvert.commands.sweep import fixed_targets, planned_targets, sweep_front, write_sweep
 
 RECIPE = {"source": "x", "targets": [{"format": "gguf", "quants": ["Q4_K_M"], "imatrix": "builtin"},
                                      {"format": "mlx", "bits": 4}],

@@ -15,7 +15,7 @@ from siliconvert.artifacts import Artifact
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.recipe import Gates
 from siliconvert.validate import gates as gate_checks
-from siliconvert.validate.corpus import PROBE_STRINGS, Windows
+from siliconvert.corpus import PROBE_STRINGS, Windows
 from siliconvert.validate.metrics import compare
 from siliconvert.validate.report import artifact_entry, markdown
 from siliconvert.validate.runners.base import Runner
@@ -136,7 +136,7 @@ def test_stand_in_computes_what_mlx_computes(small_model, tmp_path, case):
 
 @pytest.mark.slow
 def test_unmeasured_checks_fail_no_gate_and_show_as_not_measured(small_model, tmp_path):
-    from siliconvert.validate.corpus import source_tokenizer, token_windows
+    from siliconvert.corpus import source_tokenizer, token_windows
     from siliconvert.validate.reference import reference_logits
     from siliconvert.validate.tokenizer import tokenizer_probes
 

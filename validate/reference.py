@@ -5,7 +5,7 @@ more faithful). Where the residual stream leaves FP16's range (Gemma's does in r
 reference would be wrong, not merely imprecise: the run notices the first non-finite layer output and
 starts again in FP32. The report says which dtype ran, and why.
 
-The model is never loaded whole: validate/streamed.py holds one decoder layer's weights at a time, so a
+The model is never loaded whole: siliconvert/streamed.py holds one decoder layer's weights at a time, so a
 7B reference fits in a few GB of memory. It runs in a child process, so the peak memory it reports is its
 own.
 """
@@ -25,7 +25,7 @@ import numpy as np
 
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.errors import CheckpointError
-from siliconvert.validate.corpus import Windows
+from siliconvert.corpus import Windows
 
 
 def reference_device() -> tuple[str, str, str]:
@@ -78,7 +78,7 @@ def _child(checkpoint: Checkpoint, tokens: np.ndarray, cache: Path) -> None:
 
     from siliconvert.validate.router import RouterRecorder
     from siliconvert.validate.score import peak_rss_mb
-    from siliconvert.validate.streamed import CheckpointWeights, Float16Overflow, streamed_logits
+    from siliconvert.streamed import CheckpointWeights, Float16Overflow, streamed_logits
 
     device, dtype, device_name = reference_device()
     config = checkpoint.transformers_config()

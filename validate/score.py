@@ -19,7 +19,7 @@ import numpy as np
 
 from siliconvert.artifacts import Artifact
 from siliconvert.errors import ArtifactError
-from siliconvert.validate.corpus import Windows
+from siliconvert.corpus import Windows
 from siliconvert.validate.metrics import Scores, compare, per_position
 from siliconvert.validate.router import RouterAgreement, router_agreement
 from siliconvert.validate.runners import Latency, open_runner

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TypedDict
 
 from siliconvert.convert.gguf_vocab import pipeline_steps
-from siliconvert.validate.corpus import PROBE_STRINGS
+from siliconvert.corpus import PROBE_STRINGS
 
 # The places a converted vocabulary goes wrong beyond the fixed strings.
 STRESS_STRINGS = (

@@ -36,7 +36,7 @@ class FP16Range:
     @functools.cache
     def calibrate(cls, checkpoint: Checkpoint) -> FP16Range:
         """The stream's peak over a training-text window through transformers' own forward, layer by layer
-        (validate/streamed.py: one layer's weights in memory), and the scale it calls for. The forward runs in
+        (siliconvert/streamed.py: one layer's weights in memory), and the scale it calls for. The forward runs in
         a child process, as the reference does: what it imports and allocates leaves with it, so the writer's
         own memory stays what streaming needs. Once per opened checkpoint: the Core ML and MLX writers, and
         each build of the re-plan loop, ask again (a 7B forward reads every weight)."""
@@ -59,7 +59,7 @@ def stream_peak(checkpoint: Checkpoint) -> float:
     from transformers import AutoConfig, AutoTokenizer
 
     from siliconvert.textdata import training_text
-    from siliconvert.validate.streamed import CheckpointWeights, streamed_logits
+    from siliconvert.streamed import CheckpointWeights, streamed_logits
 
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.path), trust_remote_code=False)
     window = np.array(tokenizer.encode(training_text()[:20000], add_special_tokens=False)[:CALIBRATION_TOKENS])

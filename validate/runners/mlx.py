@@ -221,7 +221,7 @@ def _layer_index(path: str) -> int:
 
 class DequantizedMLXRunner(MLXRunner):
     """The MLX folder's weights, as mlx-lm loads them and dequantized, run by transformers layer by
-    layer (validate/streamed.py) on the reference's device and in its precision.
+    layer (siliconvert/streamed.py) on the reference's device and in its precision.
 
     It checks what the folder ships: the weights and every hyper-parameter mlx-lm reads from its
     config.json (mlx-lm's reading wins where transformers' would differ). It does not check mlx's
@@ -256,7 +256,7 @@ class DequantizedMLXRunner(MLXRunner):
 
     def logits_many(self, windows: np.ndarray) -> np.ndarray:
         from siliconvert.validate.router import RouterRecorder
-        from siliconvert.validate.streamed import streamed_logits
+        from siliconvert.streamed import streamed_logits
 
         windows = np.asarray(windows)
         sparse_layers = sorted(self.weights.experts)

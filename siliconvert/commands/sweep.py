@@ -17,7 +17,7 @@ from pathlib import Path
 
 from siliconvert.artifacts import write_text_atomically
 from siliconvert.errors import RecipeError
-from siliconvert.pipeline import (
+from siliconvert.commands.pipeline import (
     Replanner,
     Timings,
     convert,

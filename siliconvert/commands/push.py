@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from siliconvert.errors import SiliconvertError
-from siliconvert.release import verify_checksums
+from siliconvert.commands.release import verify_checksums
 
 
 class PushError(SiliconvertError):

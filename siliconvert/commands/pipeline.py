@@ -93,8 +93,8 @@ def open_source(source: str, allow_pickle: bool = False) -> Checkpoint:
 def run_recipe(recipe: Recipe, recipe_path: Path | None = None, *, allow_pickle: bool = False,
                force_release: bool = False) -> Outcome:
     """Convert, validate, gate, and write release folders for what passed (or everything, if forced)."""
-    from siliconvert.push import push, repo_for
-    from siliconvert.release import write_releases
+    from siliconvert.commands.push import push, repo_for
+    from siliconvert.commands.release import write_releases
 
     checkpoint = open_source(recipe.source, allow_pickle)
     preflight(recipe, checkpoint, recipe_path)
@@ -127,7 +127,7 @@ def preflight(recipe: Recipe, checkpoint: Checkpoint, recipe_path: Path | None =
     """Every check that needs no weights, before the first tensor is read (minutes at 7B) and by `recipe
     --check`: the contexts fit the model's positions, the output folder can be written, the tokenizer loads,
     the corpus and the importance matrix's text are readable and long enough, Core ML's chunks fit the layers."""
-    from siliconvert.validate.corpus import source_tokenizer, token_windows
+    from siliconvert.corpus import source_tokenizer, token_windows
 
     where = recipe_path or "recipe"
     settings = recipe.validate_
@@ -430,7 +430,7 @@ def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Arti
     import numpy as np
 
     from siliconvert.validate import gates as gate_checks
-    from siliconvert.validate.corpus import source_tokenizer, token_windows
+    from siliconvert.corpus import source_tokenizer, token_windows
     from siliconvert.validate.reference import reference_expert_choices, reference_logits
     from siliconvert.validate.report import artifact_entry, build_report, write_report
     from siliconvert.validate.score import run_artifact, score

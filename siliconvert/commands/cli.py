@@ -35,7 +35,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--force", is_flag=True, help="Write release folders even for artifacts that failed a gate.")
 def recipe(recipe_file: Path, check: bool, allow_pickle: bool, force: bool) -> None:
     """Run RECIPE_FILE: convert, validate, gate, report."""
-    from siliconvert.pipeline import open_source, preflight, run_recipe
+    from siliconvert.commands.pipeline import open_source, preflight, run_recipe
     from siliconvert.recipe import load_recipe
 
     parsed = load_recipe(recipe_file)
@@ -55,7 +55,7 @@ def recipe(recipe_file: Path, check: bool, allow_pickle: bool, force: bool) -> N
 def sweep(recipe_file: Path, allow_pickle: bool, fixed: str | None) -> None:
     """Size against KLD for RECIPE_FILE's source: planned GGUF/MLX artifacts beside the fixed recipes."""
     from siliconvert.recipe import load_recipe
-    from siliconvert.sweep import run_sweep
+    from siliconvert.commands.sweep import run_sweep
 
     parsed = load_recipe(recipe_file)
     run_sweep(parsed, recipe_file, allow_pickle=allow_pickle, only=fixed.split(",") if fixed else None)
@@ -75,7 +75,7 @@ def validate(artifact: Path, source: str, corpus: str, output: Path | None, toke
              tokenizer: str) -> None:
     """Score one existing ARTIFACT against its source (same report format as `recipe`)."""
     from siliconvert.artifacts import detect_artifact
-    from siliconvert.pipeline import Outcome, check_positions, open_source, prepare_output, validate_artifacts
+    from siliconvert.commands.pipeline import Outcome, check_positions, open_source, prepare_output, validate_artifacts
     from siliconvert.recipe import validate_settings
 
     settings = validate_settings(corpus=corpus, tokens=tokens, context=context, tokenizer=tokenizer)
@@ -91,7 +91,7 @@ def validate(artifact: Path, source: str, corpus: str, output: Path | None, toke
 @click.argument("path")
 def inspect(path: str) -> None:
     """Say what PATH is: a checkpoint (architecture, sizes) or an artifact (format, quantization)."""
-    from siliconvert.inspect import describe
+    from siliconvert.commands.inspect import describe
 
     click.echo(json.dumps(describe(path), indent=2))
 
@@ -103,7 +103,7 @@ def inspect(path: str) -> None:
 @click.option("--dry-run", is_flag=True, help="List what would be uploaded; touch no network.")
 def push(release_dir: Path, repo: str, private: bool, dry_run: bool) -> None:
     """Upload RELEASE_DIR (a folder under <output>/release/) to the Hugging Face Hub."""
-    from siliconvert.push import push as push_release
+    from siliconvert.commands.push import push as push_release
 
     for line in push_release(release_dir, repo, private=private, dry_run=dry_run):
         click.echo(line)
@@ -113,7 +113,7 @@ def push(release_dir: Path, repo: str, private: bool, dry_run: bool) -> None:
 @cli.command()
 def doctor() -> None:
     """Which runtimes and devices exist here."""
-    from siliconvert.inspect import runtimes
+    from siliconvert.commands.inspect import runtimes
 
     click.echo(f"siliconvert {__version__} · Python {platform.python_version()} · {platform.platform()}")
     click.echo(f"cores {os.cpu_count()} · free disk here {shutil.disk_usage('.').free / 1e9:.1f} GB")

@@ -1,3 +1,0 @@
-from siliconvert.cli import main
-
-main()

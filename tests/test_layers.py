@@ -1,0 +1,110 @@
+"""The floors of the house, as a contract over every import (module-level and inside functions alike).
+
+    core      siliconvert/*.py, siliconvert/architectures/   recipe, checkpoint + streamed forward, calibration, ...
+    quantize  quantize/                                      policies and kernels
+    convert   convert/                                       one writer per format
+    validate  validate/                                      reference, runners, metrics, gates, report
+    formats   formats/                                       one entry per format: schema, writer, runner, release
+    commands  siliconvert/commands/                          cli, pipeline, sweep, release, push, inspect
+
+A module imports its own floor and those below it, never one above: no cycle between folders can form.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# lowest first; a folder's floor is that of the longest prefix it matches
+FLOORS = ("siliconvert", "quantize", "convert", "validate", "formats", "siliconvert/commands")
+
+
+def floor_of(path: Path) -> int | None:
+    """The floor of a repository path, or None outside the package (tests, bench)."""
+    text = path.as_posix()
+    matches = [i for i, folder in enumerate(FLOORS) if text == folder or text.startswith(folder + "/")]
+    return max(matches, key=lambda i: len(FLOORS[i])) if matches else None
+
+
+def module_path(module: str, package_dirs: dict[str, str]) -> Path | None:
+    """Where an import name lives in the repository (through pyproject's package-dir), or None if not ours."""
+    for package, folder in sorted(package_dirs.items(), key=lambda item: -len(item[0])):
+        if module == package or module.startswith(package + "."):
+            rest = [part for part in module[len(package):].split(".") if part]
+            return Path(folder, *rest)
+    return None
+
+
+def imported_modules(tree: ast.AST, package: str) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import in a file, relative ones resolved against `package`."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            # `from pkg import module` imports a module where one exists by that name
+            found += [(node.lineno, f"{base}.{alias.name}") for alias in node.names] + [(node.lineno, base)]
+    return found
+
+
+def violations(root: Path) -> list[str]:
+    """Every import in the package that reaches a floor above its own, as 'file:line imports module (a → b)'."""
+    package_dirs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    by_folder = {folder: package for package, folder in package_dirs.items()}
+    found = []
+    for file in sorted(root.rglob("*.py")):
+        relative = file.relative_to(root)
+        source_floor = floor_of(relative.parent)
+        if source_floor is None or any(part.startswith(".") for part in relative.parts):
+            continue
+        package = by_folder.get(relative.parent.as_posix(), relative.parent.as_posix().replace("/", "."))
+        for line, module in imported_modules(ast.parse(file.read_text()), package):
+            target = module_path(module, package_dirs)
+            if target is None:
+                continue
+            target_floor = floor_of(target)
+            if target_floor is not None and target_floor > source_floor:
+                found.append(f"{relative}:{line} imports {module} ({FLOORS[source_floor]} → {FLOORS[target_floor]})")
+    return sorted(set(found))
+
+
+def test_no_module_imports_a_floor_above_its_own():
+    assert violations(ROOT) == []
+
+
+def test_the_contract_fails_on_an_import_that_breaks_it(tmp_path):
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    for folder in ("siliconvert/commands", "validate/runners", "convert"):
+        (tmp_path / folder).mkdir(parents=True)
+    # the core reaching up into a stage, even inside a function, and a writer reaching into validation
+    (tmp_path / "siliconvert" / "checkpoint.py").write_text("def f():\n    from siliconvert.validate import score\n")
+    (tmp_path / "convert" / "gguf.py").write_text("import siliconvert.validate.runners.gguf\n")
+    (tmp_path / "validate" / "runners" / "gguf.py").write_text("from .. import score\nfrom siliconvert import recipe\n")
+    (tmp_path / "siliconvert" / "commands" / "cli.py").write_text("from siliconvert.validate import score\n")
+    assert violations(tmp_path) == [
+        "convert/gguf.py:1 imports siliconvert.validate.runners.gguf (convert → validate)",
+        "siliconvert/checkpoint.py:2 imports siliconvert.validate (siliconvert → validate)",
+        "siliconvert/checkpoint.py:2 imports siliconvert.validate.score (siliconvert → validate)",
+    ]
+
+
+FORMAT_TEST = re.compile(r"""\bformat\s*(==|!=)\s*["']|["']\s*(==|!=)\s*\w*\.?format\b|\bformat\s+(not\s+)?in\s+[("\[]""")
+
+
+def test_no_format_tests_outside_the_format_entries():
+    """A format is one entry: the rest of the tree asks the entry instead of testing `format == "gguf"`."""
+    found = []
+    for file in sorted(ROOT.rglob("*.py")):
+        relative = file.relative_to(ROOT)
+        if floor_of(relative.parent) in (None, FLOORS.index("formats")):
+            continue
+        found += [f"{relative}:{n}" for n, line in enumerate(file.read_text().splitlines(), 1)
+                  if FORMAT_TEST.search(line)]
+    assert found == []
