@@ -50,17 +50,17 @@ from siliconvert.quantize.gguf import (
 )
 from siliconvert.quantize.plan import Plan, make_plan
 from siliconvert.quantize.sensitivity import TensorCosts, gguf_costs, role_gain
-from siliconvert.recipe import GGUFTarget
+from siliconvert.recipe import GGUF_QUANTS, GGUFTarget
 
 # ---- knowledge as data ---------------------------------------------------------------------------
 
 
-# Types chosen without llama.cpp's planner: (tensor type of the 2-D weights, general.file_type).
+# Types chosen without llama.cpp's planner: (tensor type of the 2-D weights, general.file_type); F32 is no recipe
+# type, but the lossless one of a float32 source (LOSSLESS), which the whole-file quantizer reads.
 DIRECT_TYPES = {
     "F32": (QType.F32, LlamaFileType.ALL_F32),
-    "F16": (QType.F16, LlamaFileType.MOSTLY_F16),
-    "BF16": (QType.BF16, LlamaFileType.MOSTLY_BF16),
-    "Q8_0": (QType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    **{name: (QType[name], LlamaFileType[f"MOSTLY_{name}"]) for name, (chosen, _) in GGUF_QUANTS.items()
+       if chosen == "direct"},
 }
 # general.file_type of a planned file: the file type whose main type holds most of the planned weights
 PLANNED_FILE_TYPES = {

@@ -34,12 +34,11 @@ from gguf import GGMLQuantizationType as QType
 from gguf import LlamaFileType
 
 from siliconvert.errors import ArtifactError, RecipeError, RuntimeMissingError
+from siliconvert.recipe import GGUF_QUANTS
 
-# Recipe type name → llama.cpp file type; llama.cpp picks each tensor's type from it.
-LLAMA_CPP_QUANTS = {
-    name: LlamaFileType[f"MOSTLY_{name}"]
-    for name in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q2_K", "Q4_0")
-}
+# Recipe type name → llama.cpp file type, for the types llama.cpp quantizes; it picks each tensor's type from it.
+LLAMA_CPP_QUANTS = {name: LlamaFileType[f"MOSTLY_{name}"] for name, (_, maker) in GGUF_QUANTS.items()
+                    if maker == "llama.cpp"}
 CALIBRATION_TOKENS = 8192  # llama-imatrix's usual order of magnitude for small models; a few minutes on 7B CPU
 CALIBRATION_CONTEXT = 512  # llama-imatrix's default chunk length
 

@@ -7,7 +7,6 @@ an interrupted run never leaves a file that looks finished.
 
 from __future__ import annotations
 
-import json
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -35,11 +34,31 @@ def write_text_atomically(path: Path, text: str) -> None:
 
 @dataclass(frozen=True)
 class Artifact:
-    format: str  # "mlx", "gguf", "coreml"
+    format: str  # a registered format's name: "mlx", "gguf", "coreml"
     quant: str  # e.g. "4bit-g64", "Q4_K_M", "fp16"
     path: Path  # the folder or file a user ships
     runner_options: dict = field(default_factory=dict)  # what the runner needs beyond the path
     plan: dict | None = None  # a planned quantization's choices and prediction (quantize/plan.py Plan.summary)
+
+
+# The prompt a model card's "How to run" examples give
+CARD_PROMPT = "Write a haiku about the sea."
+
+
+@dataclass(frozen=True)
+class Release:
+    """A release folder to write: report entries of one format whose files go in one folder (and Hub repo)."""
+
+    name: str  # the folder's name, and the Hub repo's name
+    model: str  # the name files inside take (GGUF: <model>-<QUANT>.gguf)
+    format: str
+    shipped: list[dict]  # report.json artifact entries whose files go in
+    left_out: list[dict]  # entries of this release that failed their gates and stay out
+    repo_id: str | None  # org/name when the recipe names a repo prefix
+
+    @property
+    def forced(self) -> list[dict]:
+        return [e for e in self.shipped if not e["gates"]["passed"]]
 
 
 class Writer(ABC):
@@ -60,37 +79,3 @@ class Writer(ABC):
         """Measurements of its own for timings.json, beyond the time the stream spent in its calls (for example
         the time of a thread that writes while the stream goes on). None by default."""
         return {}
-
-
-def detect_artifact(path: Path) -> Artifact:
-    """Recognise an artifact on disk by its layout (for `siliconvert validate`)."""
-    from siliconvert.errors import ArtifactError
-
-    if path.suffix == ".gguf" and path.is_file():
-        # Hub convention <Model>-<QUANT>.gguf: the quant is the last dash-separated part (a plan's, two parts).
-        model, _, quant = path.stem.rpartition("-")
-        return Artifact("gguf", f"auto-{quant}" if model.endswith("-auto") else quant, path)
-    manifest = path / "manifest.json"
-    if manifest.is_file() and any(path.glob("*.mlpackage")):  # siliconvert's Core ML layout: chunks + manifest
-        return Artifact("coreml", json.loads(manifest.read_text()).get("precision", "fp16"), path)
-    shards = sorted(path.glob("model*.safetensors")) if path.is_dir() else []
-    if shards and _safetensors_format(shards[0]) == "mlx":
-        quantization = json.loads((path / "config.json").read_text()).get("quantization")
-        if quantization:
-            return Artifact("mlx", f"{quantization['bits']}bit-g{quantization['group_size']}", path)
-        return Artifact("mlx", "fp16", path)
-    raise ArtifactError(
-        "not a recognised artifact (a .gguf file, a Core ML folder with manifest.json, or an MLX folder)", path
-    )
-
-
-def _safetensors_format(path: Path) -> str | None:
-    """The "format" a safetensors writer recorded in its header metadata ("mlx", "pt", ...)."""
-    with path.open("rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        if header_len > 100 * 1024 * 1024:
-            return None
-        try:
-            return json.loads(f.read(header_len)).get("__metadata__", {}).get("format")
-        except (ValueError, AttributeError):
-            return None

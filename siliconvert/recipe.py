@@ -6,13 +6,15 @@ are taken from the directory the command runs in.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from siliconvert.errors import RecipeError, short
+from siliconvert.format import entries as format_entries
 
 BUILTIN_DEMO = "builtin:demo"
 MAX_RECIPE_BYTES = 1 << 20  # read whole, parsed by YAML: a bigger file is not a recipe
@@ -68,18 +70,32 @@ def _plan_matches_auto(auto: bool, plan: QuantPlan | None, key: str) -> None:
         raise ValueError(f"plan is only read with {key}: auto")
 
 
-class MLXTarget(Strict):
+class TargetSpec(Strict):
+    """The keys every format's target shares; a format's entry (siliconvert/format.py) names its subclass."""
+
+    format: str
+    plan: QuantPlan | None = None  # what a planned quantization aims at, where the format plans
+    gates: Gates | None = None  # overrides validate.gates for this target
+
+    def positions(self) -> list[tuple[str, int]]:
+        """(key, tokens) of each length the artifact is built to hold (checked against the model's positions)."""
+        return []
+
+    def check_settings(self, settings: Validate) -> list[str]:
+        """Problems of this target with the recipe's validation settings (messages without the target's key)."""
+        return []
+
+
+class MLXTarget(TargetSpec):
     format: Literal["mlx"]
     # 16 = unquantized float16; auto = planned per module; mixed_*: mlx-lm's fixed mixed recipes
     # (mlx_lm.convert --quant-predicate: more bits for v_proj / down_proj in some layers and for lm_head)
     bits: Literal[2, 3, 4, 5, 6, 8, 16, "auto", "mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"] = 4
     group_size: Literal[32, 64, 128] = 64  # auto plans the group size per module too
-    plan: QuantPlan | None = None
     # the float type of what is not quantized, of scales and biases, and so of mlx's compute (mlx_lm.convert's
     # --dtype). Default: the source's, as mlx-lm does; float16 for bits 16; for a plan, float16 where the source
     # is bfloat16 and its residual stream fits float16 (same bytes, three more bits of mantissa)
     dtype: Literal["float16", "bfloat16", "float32"] | None = None
-    gates: Gates | None = None  # overrides validate.gates for this target
 
     @model_validator(mode="after")
     def _auto_has_a_plan(self) -> MLXTarget:
@@ -95,16 +111,24 @@ class MLXTarget(Strict):
         return "fp16" if self.bits == 16 else f"{self.bits}bit-g{self.group_size}"
 
 
-GGUFQuant = Literal["F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q2_K", "Q4_0"]
+# The GGUF file types a recipe may name, listed once: the recipe's accepted values and the GGUF writer's and
+# quantizer's tables derive from it. For each: how its tensors' types are chosen ("direct": every 2-D weight
+# takes the type the name says; "planner": llama.cpp's planner picks per tensor, as llama-quantize does) and
+# what makes the tensors ("gguf-py": converted here; "llama.cpp": its quantization kernels).
+GGUF_QUANTS = {
+    "F16": ("direct", "gguf-py"), "BF16": ("direct", "gguf-py"), "Q8_0": ("direct", "llama.cpp"),
+    "Q6_K": ("planner", "llama.cpp"), "Q5_K_M": ("planner", "llama.cpp"), "Q4_K_M": ("planner", "llama.cpp"),
+    "Q4_K_S": ("planner", "llama.cpp"), "Q3_K_M": ("planner", "llama.cpp"), "Q2_K": ("planner", "llama.cpp"),
+    "Q4_0": ("planner", "llama.cpp"),
+}
+GGUFQuant = Literal[tuple(GGUF_QUANTS)]
 
 
-class GGUFTarget(Strict):
+class GGUFTarget(TargetSpec):
     format: Literal["gguf"]
     quants: list[GGUFQuant | Literal["auto"]] = Field(["Q4_K_M"], min_length=1)  # auto: one planned file
     # calibration text ("builtin" or a path) for an importance matrix; a plan always has one (default builtin)
     imatrix: str | None = None
-    plan: QuantPlan | None = None
-    gates: Gates | None = None
 
     @model_validator(mode="after")
     def _auto_has_a_plan(self) -> GGUFTarget:
@@ -119,7 +143,7 @@ class GGUFTarget(Strict):
 CoreMLPrecision = Literal["fp16", "int8", "int4", "auto"]
 
 
-class CoreMLTarget(Strict):
+class CoreMLTarget(TargetSpec):
     format: Literal["coreml"]
     # fp16 is always built; int8/int4 (coremltools.optimize) come as additional artifacts, and auto as one
     # whose precision is planned per weight (fp16, int8 or int4) from `plan`.
@@ -127,8 +151,6 @@ class CoreMLTarget(Strict):
     context: int = Field(512, ge=16)
     compute_units: Literal["all", "cpu_and_ne", "cpu_and_gpu", "cpu_only"] = "all"
     chunks: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
-    plan: QuantPlan | None = None
-    gates: Gates | None = None
 
     @model_validator(mode="after")
     def _auto_has_a_plan(self) -> CoreMLTarget:
@@ -145,9 +167,20 @@ class CoreMLTarget(Strict):
         named = [self.plan.label if p == "auto" else p for p in self.asked if p != "fp16"]
         return ["fp16", *dict.fromkeys(named)]
 
+    def positions(self) -> list[tuple[str, int]]:
+        return [("context", self.context)]
 
-Target = Annotated[MLXTarget | GGUFTarget | CoreMLTarget, Field(discriminator="format")]
-FORMATS = ("mlx", "gguf", "coreml")
+    def check_settings(self, settings: Validate) -> list[str]:
+        # a Core ML package holds `context` positions: the scored windows and the latency run go through it
+        if not settings.enabled:
+            return []
+        if self.context < settings.context:
+            return [f"context ({self.context}) is shorter than validate.context ({settings.context}), the windows "
+                    "it is scored on"]
+        latency = settings.prefill_tokens + settings.decode_tokens
+        if settings.latency and self.context < latency:
+            return [f"context ({self.context}) is shorter than validate.prefill_tokens + decode_tokens ({latency})"]
+        return []
 
 
 class Validate(Strict):
@@ -181,7 +214,8 @@ class Recipe(Strict):
     name: str | None = Field(None, pattern=r"^\w[\w.-]*$")
     source: str
     output: Path | None = None
-    targets: list[Target] = Field(min_length=1)
+    # each a registered format's target (siliconvert/format.py): parse_recipe validates them by their `format`
+    targets: list[TargetSpec] = Field(min_length=1)
     validate_: Validate = Field(Validate(), alias="validate")
     release: Release = Release()
 
@@ -198,14 +232,8 @@ class Recipe(Strict):
         if settings.context > settings.tokens:
             raise ValueError("validate.context must not exceed validate.tokens")
         for index, target in enumerate(self.targets):
-            if target.format != "coreml" or not settings.enabled:
-                continue  # a Core ML package holds `context` positions: the scored windows and latency run in it
-            if target.context < settings.context:
-                raise ValueError(f"targets.{index}.context ({target.context}) is shorter than validate.context "
-                                 f"({settings.context}), the windows it is scored on")
-            if settings.latency and target.context < settings.prefill_tokens + settings.decode_tokens:
-                raise ValueError(f"targets.{index}.context ({target.context}) is shorter than validate."
-                                 f"prefill_tokens + decode_tokens ({settings.prefill_tokens + settings.decode_tokens})")
+            for problem in target.check_settings(settings):
+                raise ValueError(f"targets.{index}.{problem}")
         return self
 
     def output_dir(self, recipe_path: Path | None = None) -> Path:
@@ -256,15 +284,25 @@ def validate_settings(where: str = "command line", **values: object) -> Validate
 
 def parse_recipe(data: dict, where: Path | str = "recipe") -> Recipe:
     try:
-        return Recipe.model_validate(data)
+        return recipe_model(tuple(entry.target for entry in format_entries())).model_validate(data)
     except ValidationError as e:
         raise RecipeError(_first_problem(e), where) from None
 
 
+@functools.cache
+def recipe_model(targets: tuple[type[TargetSpec], ...]) -> type[Recipe]:
+    """The Recipe whose targets are these schemas, told apart by their `format` (the registered formats')."""
+    if not targets:
+        raise RecipeError("no format is registered: import siliconvert.formats first")
+    union = Annotated[Union[targets], Field(discriminator="format")] if len(targets) > 1 else targets[0]  # noqa: UP007
+    return create_model("Recipe", __base__=Recipe, targets=(list[union], Field(min_length=1)))
+
+
 def _first_problem(error: ValidationError) -> str:
     problem = error.errors()[0]
+    formats = [entry.name for entry in format_entries()]
     # Drop the union tag pydantic inserts for discriminated unions ("targets.0.mlx.bits" → "targets.0.bits").
-    loc = [str(p) for p in problem["loc"] if p not in FORMATS]
+    loc = [str(p) for p in problem["loc"] if p not in formats]
     key = ".".join(loc).replace("validate_", "validate") or "recipe"
     kind = problem["type"]
     if kind == "extra_forbidden":
@@ -272,6 +310,6 @@ def _first_problem(error: ValidationError) -> str:
     if kind == "missing":
         return f"missing required key {key!r}"
     if kind == "union_tag_invalid":
-        return f"{key}: unknown format {problem['ctx']['tag']!r} (known: {', '.join(FORMATS)})"
+        return f"{key}: unknown format {problem['ctx']['tag']!r} (known: {', '.join(formats)})"
     message = problem["msg"].removeprefix("Value error, ")
     return f"{key}: {message} (got {short(problem.get('input'))})" if key != "recipe" else message

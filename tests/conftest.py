@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+import siliconvert.formats  # noqa: F401 - registers the formats a recipe names
+
 
 @pytest.fixture(scope="session")
 def random_llama(tmp_path_factory) -> Path:
@@ -69,8 +71,8 @@ def reference_choices_for(checkpoint_path: Path, windows) -> np.ndarray:  # noqa
     import torch
 
     from siliconvert.checkpoint import Checkpoint
-    from siliconvert.validate.router import RouterRecorder
     from siliconvert.streamed import CheckpointWeights, streamed_logits
+    from siliconvert.validate.router import RouterRecorder
 
     checkpoint = Checkpoint.open(checkpoint_path)
     spec = checkpoint.spec

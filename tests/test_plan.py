@@ -152,7 +152,8 @@ def test_a_plan_names_its_artifact():
 
 
 def test_the_report_and_the_card_say_the_plan_and_each_try():
-    from siliconvert.commands.release import Release, describe_format
+    from siliconvert.artifacts import Release
+    from siliconvert.format import entry as format_entry
     from siliconvert.validate.report import plan_lines
 
     plan = make_plan(synthetic_costs(), QuantPlan(max_mean_kld=1e-3)).summary() | {
@@ -169,8 +170,9 @@ def test_the_report_and_the_card_say_the_plan_and_each_try():
     assert "- float type: float16 for the source's bfloat16: the stream peaks at 9.5\n" in text
     assert all(f"| {name} | {kind} |" in text for name, kind in plan["tensors"].items())
     release = Release("demo-auto-kld0.001", "demo", "mlx", [entry], [], None)
-    assert describe_format(release) == f"MLX weights quantized per module by plan ({plan['bits_per_weight']:.2f} " \
-                                       "bits per weight, float16 elsewhere)"
+    assert format_entry("mlx").summary(release) == (f"MLX weights quantized per module by plan "
+                                                    f"({plan['bits_per_weight']:.2f} bits per weight, float16 "
+                                                    "elsewhere)")
     assert plan_lines([]) == []
 
 

@@ -10,10 +10,10 @@ import torch
 from conftest import reference_logits_for
 
 from siliconvert.checkpoint import Checkpoint
-from siliconvert.textdata import heldout_text
 from siliconvert.corpus import Windows
-from siliconvert.validate.reference import reference_logits
 from siliconvert.streamed import CheckpointWeights, model_skeleton, streamed_logits
+from siliconvert.textdata import heldout_text
+from siliconvert.validate.reference import reference_logits
 
 pytestmark = pytest.mark.slow
 

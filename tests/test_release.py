@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from siliconvert.errors import ArtifactError
 from siliconvert.commands.push import PushError, push, repo_for
+from siliconvert.commands.release import front_matter, write_releases
+from siliconvert.errors import ArtifactError
+from siliconvert.formats.coreml import MANIFEST as COREML_MANIFEST
 from siliconvert.recipe import Recipe, load_recipe, parse_recipe
-from siliconvert.commands.release import COREML_MANIFEST, front_matter, write_releases
 
 HUB_ID = "mistralai/Mistral-7B-Instruct-v0.3"
 MODEL = "Mistral-7B-Instruct-v0.3"

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from siliconvert.commands.cli import main
-from siliconvert.recipe import parse_recipe
 from siliconvert.commands.sweep import fixed_targets, planned_targets, sweep_front, write_sweep
+from siliconvert.recipe import parse_recipe
 
 RECIPE = {"source": "x", "targets": [{"format": "gguf", "quants": ["Q4_K_M"], "imatrix": "builtin"},
                                      {"format": "mlx", "bits": 4}],
@@ -63,4 +63,4 @@ def test_a_sweep_needs_a_gguf_or_mlx_target(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["sweep", str(recipe)])
     assert exit_info.value.code == 2
-    assert "a sweep needs a gguf or mlx target" in capsys.readouterr().err
+    assert "a sweep needs a target in mlx or gguf" in capsys.readouterr().err

@@ -13,9 +13,10 @@ from mlx.utils import tree_map
 
 from siliconvert.artifacts import Artifact
 from siliconvert.checkpoint import Checkpoint
+from siliconvert.corpus import PROBE_STRINGS, Windows
+from siliconvert.format import entry as format_entry
 from siliconvert.recipe import Gates
 from siliconvert.validate import gates as gate_checks
-from siliconvert.corpus import PROBE_STRINGS, Windows
 from siliconvert.validate.metrics import compare
 from siliconvert.validate.report import artifact_entry, markdown
 from siliconvert.validate.runners.base import Runner
@@ -147,7 +148,7 @@ def test_unmeasured_checks_fail_no_gate_and_show_as_not_measured(small_model, tm
     windows = token_windows(tokenizer, "builtin", 256, 128)
     reference, _ = reference_logits(Checkpoint.open(source), windows, tmp_path / "cache")
     probes = tokenizer_probes(tokenizer, windows.probe_text, stand_in.format)
-    run = run_artifact(stand_in, windows, (64, 8), probes.artifact_texts)
+    run = run_artifact(stand_in, format_entry(stand_in.format).runner, windows, (64, 8), probes.artifact_texts)
     assert run.cached_logits is None and run.latency is None
     assert set(run.unmeasured) == {"kv_cache", "latency"} and run.peak_rss_mb > 0
     result = score(stand_in, run, reference, windows, probes)

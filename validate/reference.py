@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from siliconvert.checkpoint import Checkpoint
-from siliconvert.errors import CheckpointError
 from siliconvert.corpus import Windows
+from siliconvert.errors import CheckpointError
 
 
 def reference_device() -> tuple[str, str, str]:
@@ -76,9 +76,9 @@ def _child(checkpoint: Checkpoint, tokens: np.ndarray, cache: Path) -> None:
     import torch
     import transformers
 
+    from siliconvert.streamed import CheckpointWeights, Float16Overflow, streamed_logits
     from siliconvert.validate.router import RouterRecorder
     from siliconvert.validate.score import peak_rss_mb
-    from siliconvert.streamed import CheckpointWeights, Float16Overflow, streamed_logits
 
     device, dtype, device_name = reference_device()
     config = checkpoint.transformers_config()

@@ -18,8 +18,8 @@ from typing import TypedDict
 import numpy as np
 
 from siliconvert.artifacts import Artifact
-from siliconvert.errors import ArtifactError
 from siliconvert.corpus import Windows
+from siliconvert.errors import ArtifactError
 from siliconvert.validate.metrics import Scores, compare, per_position
 from siliconvert.validate.router import RouterAgreement, router_agreement
 from siliconvert.validate.runners import Latency, open_runner
@@ -87,13 +87,14 @@ class ArtifactScore:
     router: RouterAgreement | None = None  # a mixture of experts: the artifact's choices against the reference's
 
 
-def run_artifact(artifact: Artifact, windows: Windows, latency: tuple[int, int] | None,
+def run_artifact(artifact: Artifact, runner: str, windows: Windows, latency: tuple[int, int] | None,
                  probe_texts: list[str]) -> RunOutput:
-    """Run `artifact` in a fresh process; `latency` = (prefill tokens, decode tokens) or None; `probe_texts`: what
-    the tokenizer check has the artifact tokenize (TokenizerProbes.artifact_texts)."""
+    """Run `artifact` in a fresh process with `runner` ("module:Class", its format's); `latency` = (prefill
+    tokens, decode tokens) or None; `probe_texts`: what the tokenizer check has the artifact tokenize
+    (TokenizerProbes.artifact_texts)."""
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        future = pool.submit(_child, artifact, windows, latency, probe_texts)
+        future = pool.submit(_child, artifact, runner, windows, latency, probe_texts)
         try:
             return future.result()
         except BrokenProcessPool:
@@ -133,9 +134,9 @@ def score(artifact: Artifact, run: RunOutput, reference: np.ndarray, windows: Wi
                          kv_cache, tokenizer, router)
 
 
-def _child(artifact: Artifact, windows: Windows, latency: tuple[int, int] | None,
+def _child(artifact: Artifact, runner_name: str, windows: Windows, latency: tuple[int, int] | None,
            probe_texts: list[str]) -> RunOutput:
-    runner = open_runner(artifact.format, artifact.path, artifact.runner_options)
+    runner = open_runner(runner_name, artifact.path, artifact.runner_options)
     try:
         logits = runner.logits_many(windows.tokens)
         choices = runner.expert_choices()

@@ -58,8 +58,8 @@ def stream_peak(checkpoint: Checkpoint) -> float:
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from siliconvert.textdata import training_text
     from siliconvert.streamed import CheckpointWeights, streamed_logits
+    from siliconvert.textdata import training_text
 
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.path), trust_remote_code=False)
     window = np.array(tokenizer.encode(training_text()[:20000], add_special_tokens=False)[:CALIBRATION_TOKENS])

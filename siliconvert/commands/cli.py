@@ -54,8 +54,8 @@ def recipe(recipe_file: Path, check: bool, allow_pickle: bool, force: bool) -> N
               "default all.")
 def sweep(recipe_file: Path, allow_pickle: bool, fixed: str | None) -> None:
     """Size against KLD for RECIPE_FILE's source: planned GGUF/MLX artifacts beside the fixed recipes."""
-    from siliconvert.recipe import load_recipe
     from siliconvert.commands.sweep import run_sweep
+    from siliconvert.recipe import load_recipe
 
     parsed = load_recipe(recipe_file)
     run_sweep(parsed, recipe_file, allow_pickle=allow_pickle, only=fixed.split(",") if fixed else None)
@@ -74,8 +74,8 @@ def sweep(recipe_file: Path, allow_pickle: bool, fixed: str | None) -> None:
 def validate(artifact: Path, source: str, corpus: str, output: Path | None, tokens: int, context: int,
              tokenizer: str) -> None:
     """Score one existing ARTIFACT against its source (same report format as `recipe`)."""
-    from siliconvert.artifacts import detect_artifact
     from siliconvert.commands.pipeline import Outcome, check_positions, open_source, prepare_output, validate_artifacts
+    from siliconvert.format import detect_artifact
     from siliconvert.recipe import validate_settings
 
     settings = validate_settings(corpus=corpus, tokens=tokens, context=context, tokenizer=tokenizer)

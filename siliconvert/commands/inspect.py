@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from siliconvert.artifacts import detect_artifact
 from siliconvert.errors import ArtifactError
+from siliconvert.format import detect_artifact
+from siliconvert.format import entry as format_entry
 
 
 def describe(path: str) -> dict[str, Any]:
@@ -38,32 +38,8 @@ def describe(path: str) -> dict[str, Any]:
 
 def _describe_artifact(path: Path) -> dict[str, Any]:
     artifact = detect_artifact(path)
-    info: dict[str, Any] = {"kind": "artifact", "format": artifact.format, "quant": artifact.quant,
-                            "path": str(path)}
-    if artifact.format == "gguf":
-        from gguf import GGUFReader
-
-        reader = GGUFReader(str(path))
-        info["tensors"] = len(reader.tensors)
-        info["metadata"] = {
-            name: _gguf_value(field) for name, field in reader.fields.items()
-            if not name.startswith("tokenizer.ggml.") or name.endswith(("model", "pre"))
-        }
-    elif artifact.format == "coreml":
-        info["manifest"] = json.loads((path / "manifest.json").read_text())
-    elif artifact.format == "mlx":
-        config = json.loads((path / "config.json").read_text())
-        info["quantization"] = config.get("quantization")
-        info["model_type"] = config.get("model_type")
-    return info
-
-
-def _gguf_value(field) -> Any:
-    try:
-        value = field.contents()
-    except Exception:
-        return None
-    return value if not isinstance(value, list) or len(value) < 16 else f"[{len(value)} values]"
+    return {"kind": "artifact", "format": artifact.format, "quant": artifact.quant, "path": str(path),
+            **format_entry(artifact.format).describe(artifact)}
 
 
 def _prod(shape: tuple[int, ...]) -> int:

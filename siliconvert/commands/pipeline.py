@@ -27,15 +27,9 @@ from siliconvert import __version__
 from siliconvert.artifacts import Artifact, Writer, write_text_atomically
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.errors import OutputError, RecipeError
+from siliconvert.format import entry as format_entry
 from siliconvert.progress import say, track
-from siliconvert.recipe import BUILTIN_DEMO, Gates, Recipe, Target, Validate
-
-# format → "module:Class" of its writer, imported only when a recipe asks for that format
-WRITERS = {
-    "mlx": "siliconvert.convert.mlx:MLXWriter",
-    "gguf": "siliconvert.convert.gguf:GGUFWriter",
-    "coreml": "siliconvert.convert.coreml:CoreMLWriter",
-}
+from siliconvert.recipe import BUILTIN_DEMO, Gates, Recipe, TargetSpec, Validate
 
 
 class Timings:
@@ -131,7 +125,7 @@ def preflight(recipe: Recipe, checkpoint: Checkpoint, recipe_path: Path | None =
 
     where = recipe_path or "recipe"
     settings = recipe.validate_
-    contexts = [(f"targets.{i}.context", t.context) for i, t in enumerate(recipe.targets) if t.format == "coreml"]
+    contexts = [(f"targets.{i}.{key}", tokens) for i, t in enumerate(recipe.targets) for key, tokens in t.positions()]
     if settings.enabled:
         contexts.append(("validate.context", settings.context))
         if settings.latency:
@@ -143,16 +137,7 @@ def preflight(recipe: Recipe, checkpoint: Checkpoint, recipe_path: Path | None =
     if settings.enabled:
         token_windows(tokenizer, settings.corpus, settings.tokens, settings.context)
     for index, target in enumerate(recipe.targets):
-        if target.format == "gguf" and target.imatrix is not None:
-            from siliconvert.quantize.gguf import calibration_text
-
-            text = Path(target.imatrix).expanduser()
-            if target.imatrix != "builtin" and text.exists() and not text.is_file():  # /dev/zero never ends
-                raise RecipeError("cannot read the imatrix calibration text (not a regular file)", text)
-            calibration_text(target.imatrix)
-        if target.format == "coreml" and target.chunks != "auto" and target.chunks > checkpoint.spec.num_layers:
-            raise RecipeError(f"targets.{index}.chunks is {target.chunks}, more than the model's "
-                              f"{checkpoint.spec.num_layers} layers", where)
+        format_entry(target.format).preflight(target, checkpoint, f"targets.{index}", where)
 
 
 def check_positions(checkpoint: Checkpoint, contexts: list[tuple[str, int]], where: Path | str) -> None:
@@ -177,7 +162,7 @@ def check_output(out_dir: Path) -> None:
 
 
 def convert(checkpoint: Checkpoint, recipe: Recipe, artifacts_dir: Path,
-            timings: Timings | None = None) -> list[tuple[Artifact, Target]]:
+            timings: Timings | None = None) -> list[tuple[Artifact, TargetSpec]]:
     """Read every source tensor once and hand it to every target's writer.
 
     A target whose inputs (source fingerprint, target options, tool versions) match a stamp left by
@@ -202,10 +187,9 @@ def convert(checkpoint: Checkpoint, recipe: Recipe, artifacts_dir: Path,
     restore_torch_threads = None
     try:
         for label, (_, target) in zip(labels, todo, strict=True):
-            module_name, _, class_name = WRITERS[target.format].partition(":")
-            writer_class = getattr(importlib.import_module(module_name), class_name)
             begun = time.perf_counter()
-            writers.append(writer_class(checkpoint, target, artifacts_dir, checkpoint.name))
+            writers.append(format_entry(target.format).writer(checkpoint, target, artifacts_dir, checkpoint.name,
+                                                              None))
             busy[label] += time.perf_counter() - begun
         if writers:
             # after the writers are made: a GGUF writer's importance matrix runs the model, on every core
@@ -273,7 +257,7 @@ def sweep_leftovers(artifacts_dir: Path) -> None:
 TOOLS = ("siliconvert", "mlx", "mlx-lm", "gguf", "llama-cpp-python", "coremltools", "numpy")
 
 
-def stage_key(checkpoint: Checkpoint, target: Target) -> str:
+def stage_key(checkpoint: Checkpoint, target: TargetSpec) -> str:
     """What a target's artifacts depend on: the source, the target's options, the tools' versions."""
     versions = {}
     for tool in TOOLS:
@@ -363,12 +347,12 @@ class Replanner:
     after an earlier one met, or an earlier one met with fewer bytes, the smallest one that met is written again
     (same plan, same bytes). Each try is said and goes into the report's plan."""
 
-    def __init__(self, checkpoint: Checkpoint, recipe: Recipe, produced: list[tuple[Artifact, Target]],
+    def __init__(self, checkpoint: Checkpoint, recipe: Recipe, produced: list[tuple[Artifact, TargetSpec]],
                  artifacts_dir: Path, timings: Timings):
         self.checkpoint, self.recipe, self.artifacts_dir, self.timings = checkpoint, recipe, artifacts_dir, timings
         self.targets = {artifact.path: target for artifact, target in produced if artifact.plan is not None}
         self.tries: dict[Path, list[dict]] = {}
-        self.met: dict[Path, list[tuple[int, Target]]] = {}  # (bytes, target) of the tries that met
+        self.met: dict[Path, list[tuple[int, TargetSpec]]] = {}  # (bytes, target) of the tries that met
 
     def __call__(self, artifact: Artifact, entry: dict) -> Artifact | None:
         """Record how `artifact` did in its report `entry`; a rebuilt artifact to score next, or None."""
@@ -411,11 +395,9 @@ class Replanner:
             f"(try {len(history) + 1} of {PLAN_TRIES})")
         # aiming at AIM × goal under the fitted line is meeting goal under the line scaled by 1 / AIM
         rescaled = target.plan.model_copy(update={"kld_per_error": slope / AIM, "kld_floor": floor / AIM})
-        # not its fixed quants again (Core ML builds its fp16 package again: the planned one is made from it)
-        only_the_plan = {"gguf": {"quants": ["auto"]}, "coreml": {"precision": ["auto"]}}.get(target.format, {})
-        return self._build(artifact.path, target.model_copy(update={"plan": rescaled, **only_the_plan}))
+        return self._build(artifact.path, format_entry(target.format).replanned(target, rescaled))
 
-    def _build(self, path: Path, target: Target) -> Artifact:
+    def _build(self, path: Path, target: TargetSpec) -> Artifact:
         self.targets[path] = target
         produced = convert(self.checkpoint, self.recipe.model_copy(update={"targets": [target]}),
                            self.artifacts_dir, self.timings)
@@ -429,8 +411,8 @@ def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Arti
     an artifact's entry with a rebuilt artifact, which is scored in its place."""
     import numpy as np
 
-    from siliconvert.validate import gates as gate_checks
     from siliconvert.corpus import source_tokenizer, token_windows
+    from siliconvert.validate import gates as gate_checks
     from siliconvert.validate.reference import reference_expert_choices, reference_logits
     from siliconvert.validate.report import artifact_entry, build_report, write_report
     from siliconvert.validate.score import run_artifact, score
@@ -452,7 +434,8 @@ def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Arti
         while artifact is not None:
             say(f"validating {artifact.format} {artifact.quant}")
             started = time.perf_counter()
-            run = run_artifact(artifact, windows, latency, probes[artifact.format].artifact_texts)
+            run = run_artifact(artifact, format_entry(artifact.format).runner, windows, latency,
+                               probes[artifact.format].artifact_texts)
             result = score(artifact, run, reference, windows, probes[artifact.format],
                            settings.tokenizer == "strict", reference_choices, checkpoint.spec.sparse_layers)
             peak = getattr(run, "peak_rss_mb", None) or (run.latency.peak_rss_mb if run.latency else None)

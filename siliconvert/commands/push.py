@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from siliconvert.errors import SiliconvertError
 from siliconvert.commands.release import verify_checksums
+from siliconvert.errors import SiliconvertError
 
 
 class PushError(SiliconvertError):

@@ -15,7 +15,6 @@ folders: nothing here reads a clock, and every listing is sorted.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -24,9 +23,10 @@ from pathlib import Path
 
 import yaml
 
+from siliconvert.artifacts import Release
 from siliconvert.errors import ArtifactError, OutputError, RecipeError
+from siliconvert.format import entry as format_entry
 from siliconvert.progress import say
-from siliconvert.recipe import CoreMLTarget
 from siliconvert.validate.report import known_tokenizer_rules, plan_lines
 from siliconvert.validate.router import describe_router
 from siliconvert.validate.score import KV_CACHE_KLD_FACTOR, KV_CACHE_KLD_FLOOR
@@ -35,28 +35,9 @@ RELEASE_FOLDER = "release"
 CARD = "README.md"
 CHECKSUMS = "SHA256SUMS"
 PLOT = "plot.png"
-SILICONVERT_COREML_MANIFEST = "manifest.json"  # written by siliconvert.convert.coreml next to its chunks
-COREML_MANIFEST = "coreml-manifest.json"  # written here when an artifact comes without one
 HASH_CHUNK_BYTES = 1 << 20
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 LICENSE_KEYS = ("license", "license_name", "license_link")  # "other" licenses name themselves in the last two
-LIBRARY = {"mlx": "mlx", "gguf": "gguf", "coreml": "coreml"}
-FORMAT_TAGS = {"mlx": ["mlx"], "gguf": ["gguf", "llama.cpp"], "coreml": ["coreml"]}
-PROMPT = "Write a haiku about the sea."
-
-
-@dataclass(frozen=True)
-class Release:
-    name: str  # the folder's name, and the Hub repo's name
-    model: str  # the name files inside take (GGUF: <model>-<QUANT>.gguf)
-    format: str
-    shipped: list[dict]  # report.json artifact entries whose files go in
-    left_out: list[dict]  # entries of this release that failed their gates and stay out
-    repo_id: str | None  # org/name when the recipe names a repo prefix
-
-    @property
-    def forced(self) -> list[dict]:
-        return [e for e in self.shipped if not e["gates"]["passed"]]
 
 
 @dataclass(frozen=True)
@@ -114,13 +95,7 @@ def plan_releases(entries: list[dict], model: str, org: str | None, force: bool)
 
 
 def release_name(entry: dict, model: str) -> str:
-    fmt, quant = entry["format"], entry["quant"]
-    if fmt == "gguf":
-        return f"{model}-GGUF"
-    if fmt == "coreml":
-        return f"{model}-CoreML" if quant == "fp16" else f"{model}-CoreML-{quant}"
-    # MLX quants read "4bit-g64", "8bit-g32", "fp16"; Hub names leave out mlx-lm's default group size.
-    return f"{model}-{quant.removesuffix('-g64')}"
+    return format_entry(entry["format"]).release_name(model, entry["quant"])
 
 
 def build_release(release: Release, report: dict, recipe_text: str, checkpoint, facts: SourceFacts,
@@ -148,20 +123,17 @@ def build_release(release: Release, report: dict, recipe_text: str, checkpoint, 
 # ── the files of each format ──────────────────────────────────────────────────────────────────────────
 
 def place_artifacts(release: Release, work: Path, checkpoint, recipe_text: str) -> None:
-    if release.format == "gguf":
-        for entry in release.shipped:
-            link_or_copy(_artifact_path(entry), work / gguf_file_name(release, entry))
-        return  # a GGUF carries its tokenizer inside
-    (entry,) = release.shipped
-    source = _artifact_path(entry)
-    if source.is_dir() and source.suffix != ".mlpackage":
-        link_tree(source, work)  # an MLX folder, or a folder of Core ML chunk packages
-    else:
-        link_entry(source, work / source.name)  # a single .mlpackage (itself a folder) or .mlmodel file
-    add_tokenizer_files(checkpoint, work)
-    if release.format == "coreml" and _siliconvert_manifest(work) is None:
-        manifest = describe_coreml(work, coreml_context(recipe_text))
-        write_new_file(work / COREML_MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    """The artifacts' files as the format lays them out, the tokenizer files where it needs them, and what the
+    format adds once they are in."""
+    entry = format_entry(release.format)
+    for source, name in entry.release_files(release):
+        if not source.exists():
+            raise ArtifactError("the artifact named in report.json is missing; run the recipe again", source)
+        link_entry(source, work / name if name else work)
+    if entry.ships_tokenizer:
+        add_tokenizer_files(checkpoint, work)
+    for name, text in entry.extra_files(release, work, recipe_text).items():
+        write_new_file(work / name, text)
 
 
 def add_tokenizer_files(checkpoint, folder: Path) -> None:
@@ -169,57 +141,6 @@ def add_tokenizer_files(checkpoint, folder: Path) -> None:
     for file in checkpoint.tokenizer_files():
         if not (folder / file.name).exists():
             link_or_copy(file, folder / file.name)
-
-
-def describe_coreml(folder: Path, context: int | None) -> dict:
-    """Inputs, outputs and states of every package in `folder`, read from the packages' own specs."""
-    packages = sorted(p for p in folder.iterdir() if p.suffix in (".mlpackage", ".mlmodel"))
-    if not packages:
-        raise ArtifactError("no .mlpackage or .mlmodel in the Core ML artifact", folder)
-    import logging
-
-    # On Linux coremltools warns at import that it cannot run models; reading a spec does not need to.
-    logging.getLogger("coremltools").setLevel(logging.ERROR)
-    from coremltools.models.utils import load_spec
-
-    return {
-        "context_length": context,
-        "packages": [{"package": p.name, "functions": _functions(load_spec(str(p)))} for p in packages],
-    }
-
-
-def _functions(spec) -> dict:
-    description = spec.description
-    # A multifunction package lists each function; a single-function one describes itself.
-    named = [(f.name, f) for f in description.functions] or [("main", description)]
-    return {name: {"inputs": _features(f.input), "outputs": _features(f.output), "states": _features(f.state)}
-            for name, f in named}
-
-
-def _features(features) -> dict:
-    described = {}
-    for feature in features:
-        kind = feature.type.WhichOneof("Type")
-        array = {"multiArrayType": feature.type.multiArrayType,
-                 "stateType": feature.type.stateType.arrayType}.get(kind)
-        described[feature.name] = (
-            {"shape": list(array.shape), "dtype": array.ArrayDataType.Name(array.dataType)} if array is not None
-            else {"type": kind}
-        )
-    return described
-
-
-def coreml_context(recipe_text: str) -> int | None:
-    """The context length the recipe built the Core ML target for (its default when the key is left out)."""
-    try:
-        recipe = yaml.safe_load(recipe_text)
-    except yaml.YAMLError:
-        return None
-    targets = recipe.get("targets") if isinstance(recipe, dict) else None
-    for target in targets if isinstance(targets, list) else []:
-        if isinstance(target, dict) and target.get("format") == "coreml":
-            return int(target.get("context", CoreMLTarget.model_fields["context"].default))
-    return None
 
 
 # ── the model card ────────────────────────────────────────────────────────────────────────────────────
@@ -234,7 +155,7 @@ def model_card(release: Release, report: dict, recipe_text: str, facts: SourceFa
         lines += [f"> **WARNING: this release FAILED its validation gates and was released with force.** "
                   f"Failed: {failures}. Do not use it where quality matters.", ""]
     lines += [f"# {release.name}", "", *summary(release, report, facts), "",
-              "## How to run", "", *usage(release, folder), "",
+              "## How to run", "", *format_entry(release.format).usage(release, folder), "",
               "## Validation", "", *validation(release, report, has_plot=(folder / PLOT).is_file()), "",
               "## Recipe", "", "The siliconvert recipe that produced and validated these files:", "",
               *fenced(recipe_text, "yaml"), "",
@@ -249,9 +170,10 @@ def card_metadata(release: Release, facts: SourceFacts) -> dict:
     return {
         "base_model": facts.base_model,
         "base_model_relation": "quantized",
-        "library_name": LIBRARY[release.format],
+        "library_name": format_entry(release.format).library,
         "pipeline_tag": "text-generation",
-        "tags": [*FORMAT_TAGS[release.format], facts.family, *(["quantized"] if quantized else []), "siliconvert"],
+        "tags": [*format_entry(release.format).tags, facts.family, *(["quantized"] if quantized else []),
+                 "siliconvert"],
         **facts.license,
     }
 
@@ -261,108 +183,9 @@ def summary(release: Release, report: dict, facts: SourceFacts) -> list[str]:
     link = f"[{base}](https://huggingface.co/{base})" if HUB_ID.fullmatch(base) else f"`{base}`"
     license_line = (f"License: {facts.license['license']}, as the source model's." if facts.license
                     else "License: the source model states none here; check its terms before use.")
-    return [f"{describe_format(release)} of {link}, converted and validated with siliconvert "
+    return [f"{format_entry(release.format).summary(release)} of {link}, converted and validated with siliconvert "
             f"{report['siliconvert']}: every number below was measured on these exact files against the "
             f"source model run in transformers.", "", license_line]
-
-
-def describe_format(release: Release) -> str:
-    quants = [e["quant"] for e in release.shipped]
-    if release.format == "gguf":
-        return f"GGUF files for llama.cpp ({', '.join(quants)})"
-    if release.format == "coreml":
-        plan = release.shipped[0].get("plan")
-        planned = f", precision planned per weight at {plan['bits_per_weight']:.2f} bits" if plan else ""
-        return f"Core ML ML Program ({quants[0]}{planned}, stateful KV cache, iOS 18 / macOS 15)"
-    if plan := release.shipped[0].get("plan"):
-        floats = f", {plan['float_type']} elsewhere" if plan.get("float_type") else ""
-        return f"MLX weights quantized per module by plan ({plan['bits_per_weight']:.2f} bits per weight{floats})"
-    if quants[0].startswith("mixed_"):
-        return f"MLX weights in mlx-lm's {quants[0]} mixed recipe"
-    bits, _, group = quants[0].partition("bit-g")
-    return "MLX float16 weights" if quants[0] == "fp16" else f"MLX {bits}-bit weights (group size {group})"
-
-
-def usage(release: Release, folder: Path) -> list[str]:
-    if release.format == "mlx":
-        return mlx_usage(release.repo_id or f"path/to/{release.name}")
-    if release.format == "gguf":
-        return gguf_usage(release)
-    return coreml_usage(coreml_interface(folder))
-
-
-def mlx_usage(model_ref: str) -> list[str]:
-    return [
-        "```bash", "pip install mlx-lm", f'mlx_lm.generate --model {model_ref} --prompt "{PROMPT}"', "```", "",
-        "```python", "from mlx_lm import generate, load", "", f'model, tokenizer = load("{model_ref}")',
-        f'messages = [{{"role": "user", "content": "{PROMPT}"}}]',
-        "prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)",
-        "print(generate(model, tokenizer, prompt=prompt, max_tokens=128))", "```",
-    ]
-
-
-def gguf_file_name(release: Release, entry: dict) -> str:
-    return f"{release.model}-{entry['quant']}.gguf"
-
-
-def gguf_usage(release: Release) -> list[str]:
-    quant = release.shipped[0]["quant"]
-    from_hub = [f'llama-cli -hf {release.repo_id}:{quant} -p "{PROMPT}"'] if release.repo_id else []
-    return ["With [llama.cpp](https://github.com/ggml-org/llama.cpp):", "", "```bash", *from_hub,
-            f'llama-cli -m {gguf_file_name(release, release.shipped[0])} -p "{PROMPT}"', "```"]
-
-
-@dataclass(frozen=True)
-class CoreMLInterface:
-    manifest: str  # the JSON file an app reads to drive the packages
-    packages: list[str]  # in the order an app runs them, each feeding the next
-    functions: list[str]
-    inputs: list[str]  # of the first package
-    states: list[str]
-    context: int | None
-
-
-def coreml_interface(folder: Path) -> CoreMLInterface:
-    theirs = _siliconvert_manifest(folder)
-    if theirs is not None:
-        chunks = theirs["chunks"]
-        return CoreMLInterface(SILICONVERT_COREML_MANIFEST, [c["package"] for c in chunks],
-                               list(theirs.get("functions", {})), list(chunks[0]["inputs"]),
-                               list(chunks[0].get("states", {})), theirs.get("context_length"))
-    ours = json.loads((folder / COREML_MANIFEST).read_text())
-    first = ours["packages"][0]["functions"]
-    function = first[next(iter(first))]
-    return CoreMLInterface(COREML_MANIFEST, [p["package"] for p in ours["packages"]], list(first),
-                           list(function["inputs"]), list(function["states"]), ours["context_length"])
-
-
-def coreml_usage(interface: CoreMLInterface) -> list[str]:
-    context = f"{interface.context} tokens" if interface.context else "see the manifest"
-    chained = (f"Run the packages in this order, each one's output feeding the next, each with its own state: "
-               f"{', '.join(f'`{p}`' for p in interface.packages)}." if len(interface.packages) > 1 else "")
-    function = ([f'config.functionName = "{interface.functions[0]}"  // functions: '
-                 f'{", ".join(interface.functions)}'] if len(interface.functions) > 1 else [])
-    package = interface.packages[0].rsplit(".", 1)
-    return [
-        f"`{interface.manifest}` lists every package with its inputs, outputs and KV-cache states "
-        f"(context: {context}). {chained}".rstrip(), "",
-        "```swift", "import CoreML", "",
-        f'let url = Bundle.main.url(forResource: "{package[0]}", withExtension: "{package[1]}")!',
-        "let config = MLModelConfiguration()", *function,
-        "let model = try MLModel(contentsOf: try await MLModel.compileModel(at: url), configuration: config)",
-        f"let state = model.makeState()  // holds {', '.join(interface.states) or 'no state'} between calls",
-        f"// inputs: {', '.join(interface.inputs)}; each array takes the shape and type the model declares",
-        "var features: [String: MLFeatureValue] = [:]",
-        "for (name, input) in model.modelDescription.inputDescriptionsByName {",
-        "    let constraint = input.multiArrayConstraint!",
-        "    features[name] = MLFeatureValue(multiArray: try MLMultiArray(shape: constraint.shape, "
-        "dataType: constraint.dataType))",
-        "}",
-        "// ... write the token ids and the position into the arrays ...",
-        "let output = try await model.prediction(from: MLDictionaryFeatureProvider(dictionary: features), "
-        "using: state)",
-        "```",
-    ]
 
 
 def validation(release: Release, report: dict, has_plot: bool) -> list[str]:
@@ -412,7 +235,7 @@ def validation(release: Release, report: dict, has_plot: bool) -> list[str]:
 
 def _row(release: Release, entry: dict) -> str:
     m, lat = entry["metrics"], entry["latency"] or {}
-    name = gguf_file_name(release, entry) if release.format == "gguf" else _label(entry)
+    name = format_entry(release.format).file_label(release, entry)
     gates = "pass" if entry["gates"]["passed"] else "FAIL: " + ", ".join(f["metric"] for f in entry["gates"]["failed"])
     return (f"| {name} | {_size(entry['size_bytes'])} | {m['mean_kld']:.5f} | {m['p99_kld']:.4f} "
             f"| {100 * m['same_top1']:.1f} % | {m['ppl_ratio']:.4f} | {_num(lat.get('prefill_tps'))} "
@@ -563,23 +386,6 @@ def _remove_stale(folder: Path) -> None:
     if folder.exists():
         shutil.rmtree(folder)
         say(f"removed the earlier release {folder}: nothing in it passes now")
-
-
-def _siliconvert_manifest(folder: Path) -> dict | None:
-    """siliconvert's own Core ML manifest, when present and in the shape this module reads."""
-    path = folder / SILICONVERT_COREML_MANIFEST
-    if not path.is_file():
-        return None
-    manifest = json.loads(path.read_text())
-    chunks = manifest.get("chunks") if isinstance(manifest, dict) else None
-    return manifest if isinstance(chunks, list) and chunks and "package" in chunks[0] else None
-
-
-def _artifact_path(entry: dict) -> Path:
-    path = Path(entry["path"])
-    if not path.exists():
-        raise ArtifactError("the artifact named in report.json is missing; run the recipe again", path)
-    return path
 
 
 def _label(entry: dict) -> str:

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from siliconvert.artifacts import write_text_atomically
-from siliconvert.errors import RecipeError
 from siliconvert.commands.pipeline import (
     Replanner,
     Timings,
@@ -26,53 +25,50 @@ from siliconvert.commands.pipeline import (
     prepare_output,
     validate_artifacts,
 )
+from siliconvert.errors import RecipeError
+from siliconvert.format import Format
+from siliconvert.format import entries as format_entries
+from siliconvert.format import entry as format_entry
 from siliconvert.progress import say
-from siliconvert.recipe import GGUFTarget, MLXTarget, QuantPlan, Recipe, Target
-
-FIXED_GGUF = ("Q3_K_M", "Q4_K_M", "Q5_K_M")
-FIXED_MLX = (3, 4, 6, "mixed_3_6", "mixed_4_6")
-SWEPT = ("gguf", "mlx")
-ANCHORS = ("Q4_K_M", "4bit-g64")  # the usual choices: a plan also aims at their measured mean KLD
+from siliconvert.recipe import QuantPlan, Recipe, TargetSpec
 
 
-def fixed_targets(recipe: Recipe, only: Sequence[str] | None = None) -> list[Target]:
+def swept(recipe: Recipe) -> list[Format]:
+    """The formats of the recipe's targets that a sweep builds (those with fixed recipes to compare with)."""
+    asked = {target.format for target in recipe.targets}
+    return [fmt for fmt in format_entries() if fmt.name in asked and fmt.fixed_quants]
+
+
+def fixed_targets(recipe: Recipe, only: Sequence[str] | None = None) -> list[TargetSpec]:
     """The fixed recipes of the recipe's formats; `only` keeps those named (Q4_K_M, 4bit-g64, mixed_3_6-g64)."""
-    formats = {t.format for t in recipe.targets}
-    imatrix = next((t.imatrix for t in recipe.targets if t.format == "gguf" and t.imatrix), "builtin")
-    quants = [q for q in FIXED_GGUF if only is None or q in only]
-    targets: list[Target] = []
-    if "gguf" in formats and quants:
-        targets.append(GGUFTarget(format="gguf", quants=quants, imatrix=imatrix))
-    if "mlx" in formats:
-        widths = [MLXTarget(format="mlx", bits=bits, group_size=64) for bits in FIXED_MLX]
-        targets += [t for t in widths if only is None or t.quant in only]
+    targets: list[TargetSpec] = []
+    for fmt in swept(recipe):
+        quants = [quant for quant in fmt.fixed_quants if only is None or quant in only]
+        targets += fmt.sweep_fixed([t for t in recipe.targets if t.format == fmt.name], quants)
     return targets
 
 
-def planned_targets(recipe: Recipe, fixed_report: dict) -> list[Target]:
+def planned_targets(recipe: Recipe, fixed_report: dict) -> list[TargetSpec]:
     """Per format: a plan at each fixed artifact's byte size, one at its measured mean KLD (the two ways to
     beat it: as good and smaller, or as small and better), and one at the recipe's max_mean_kld gate."""
-    imatrix = next((t.imatrix for t in recipe.targets if t.format == "gguf" and t.imatrix), "builtin")
     gate = recipe.validate_.gates.max_mean_kld
-    goals: dict[str, dict[str, QuantPlan]] = {fmt: {} for fmt in SWEPT}  # format → label → plan
+    goals: dict[str, dict[str, QuantPlan]] = {fmt.name: {} for fmt in swept(recipe)}  # format → label → plan
     for entry in fixed_report["artifacts"]:
-        if entry["quant"].startswith("mixed_"):  # the mixed recipes sit between the widths
+        fmt = format_entry(entry["format"])
+        if not fmt.aims_at(entry["quant"]):
             continue
         plans = [QuantPlan(size_mb=round(entry["size_bytes"] / 1e6, 3))]
-        if entry["quant"] in ANCHORS:
+        if entry["quant"] == fmt.anchor:
             plans.append(QuantPlan(max_mean_kld=float(f"{entry['metrics']['mean_kld']:.3g}")))
-        goals[entry["format"]] |= {plan.label: plan for plan in plans}
-    targets: list[Target] = []
-    for fmt, plans in goals.items():
+        goals.setdefault(fmt.name, {}).update({plan.label: plan for plan in plans})
+    targets: list[TargetSpec] = []
+    for name, plans in goals.items():
         if not plans:
             continue
         if gate is not None:
             plans.setdefault(QuantPlan(max_mean_kld=gate).label, QuantPlan(max_mean_kld=gate))
-        if fmt == "gguf":
-            targets += [GGUFTarget(format="gguf", quants=["auto"], imatrix=imatrix, plan=plan)
-                        for plan in plans.values()]
-        else:
-            targets += [MLXTarget(format="mlx", bits="auto", plan=plan) for plan in plans.values()]
+        fmt, own = format_entry(name), [t for t in recipe.targets if t.format == name]
+        targets += [fmt.sweep_planned(own, plan) for plan in plans.values()]
     return targets
 
 
@@ -80,9 +76,10 @@ def run_sweep(recipe: Recipe, recipe_path: Path | None = None, *, allow_pickle: 
               only: Sequence[str] | None = None) -> dict:
     """Build and score the fixed recipes, then the plans their figures call for; tabulate. Returns the front
     (what sweep.json holds). The fixed and the planned reports go to sweep/fixed/ and sweep/planned/."""
-    if not any(t.format in SWEPT for t in recipe.targets):
-        raise RecipeError("a sweep needs a gguf or mlx target", recipe_path or "recipe")
-    known = [*FIXED_GGUF, *(MLXTarget(format="mlx", bits=bits).quant for bits in FIXED_MLX)]
+    sweepable = [fmt.name for fmt in format_entries() if fmt.fixed_quants]
+    if not swept(recipe):
+        raise RecipeError(f"a sweep needs a target in {' or '.join(sweepable)}", recipe_path or "recipe")
+    known = [quant for fmt in swept(recipe) for quant in fmt.fixed_quants]
     unknown = [name for name in only or () if name not in known]
     if unknown:
         raise RecipeError(f"--fixed: {', '.join(unknown)} is not a fixed recipe of the sweep ({', '.join(known)})",
@@ -154,7 +151,7 @@ def plot_front(path: Path, front: dict) -> None:
 
     fig, axes = plt.subplots(figsize=(7.5, 4.8))
     styles = {"fixed": "o", "planned": "*"}
-    for fmt in SWEPT:
+    for fmt in dict.fromkeys(r["format"] for r in front["rows"]):
         for kind, marker in styles.items():
             rows = [r for r in front["rows"] if r["format"] == fmt and r["kind"] == kind]
             if not rows:

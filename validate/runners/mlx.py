@@ -255,8 +255,8 @@ class DequantizedMLXRunner(MLXRunner):
         return self.logits_many(np.asarray(tokens)[None])[0]
 
     def logits_many(self, windows: np.ndarray) -> np.ndarray:
-        from siliconvert.validate.router import RouterRecorder
         from siliconvert.streamed import streamed_logits
+        from siliconvert.validate.router import RouterRecorder
 
         windows = np.asarray(windows)
         sparse_layers = sorted(self.weights.experts)

@@ -1,0 +1,188 @@
+"""Core ML: a folder of ML Program packages (one per chunk of layers) and the manifest an app drives them by; one
+release folder per precision."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from siliconvert.artifacts import Artifact, Release, Writer
+from siliconvert.checkpoint import Checkpoint
+from siliconvert.errors import ArtifactError, RecipeError
+from siliconvert.format import Format
+from siliconvert.recipe import CoreMLTarget, QuantPlan
+
+SILICONVERT_MANIFEST = "manifest.json"  # written by siliconvert.convert.coreml next to its chunks
+MANIFEST = "coreml-manifest.json"  # written in a release folder when an artifact comes without one
+
+
+class CoreML(Format):
+    name = "coreml"
+    target = CoreMLTarget
+    runner = "siliconvert.validate.runners.coreml:CoreMLRunner"
+    library = "coreml"
+    tags = ("coreml",)
+    looks_like = "a Core ML folder with manifest.json"
+
+    def writer(self, checkpoint: Checkpoint, target: CoreMLTarget, out_dir: Path, model_name: str,
+               calibration: Any) -> Writer:
+        from siliconvert.convert.coreml import CoreMLWriter
+
+        return CoreMLWriter(checkpoint, target, out_dir, model_name)
+
+    def preflight(self, target: CoreMLTarget, checkpoint: Checkpoint, key: str, where: Path | str) -> None:
+        if target.chunks != "auto" and target.chunks > checkpoint.spec.num_layers:
+            raise RecipeError(f"{key}.chunks is {target.chunks}, more than the model's "
+                              f"{checkpoint.spec.num_layers} layers", where)
+
+    def replanned(self, target: CoreMLTarget, plan: QuantPlan) -> CoreMLTarget:
+        # its fp16 package is built again too: the planned one is made from it
+        return target.model_copy(update={"plan": plan, "precision": ["auto"]})
+
+    def detect(self, path: Path) -> Artifact | None:
+        manifest = path / SILICONVERT_MANIFEST
+        if not manifest.is_file() or not any(path.glob("*.mlpackage")):
+            return None
+        return Artifact(self.name, json.loads(manifest.read_text()).get("precision", "fp16"), path)
+
+    def describe(self, artifact: Artifact) -> dict[str, Any]:
+        return {"manifest": json.loads((artifact.path / SILICONVERT_MANIFEST).read_text())}
+
+    def release_name(self, model: str, quant: str) -> str:
+        return f"{model}-CoreML" if quant == "fp16" else f"{model}-CoreML-{quant}"
+
+    def release_files(self, release: Release) -> list[tuple[Path, str]]:
+        (entry,) = release.shipped
+        source = Path(entry["path"])
+        # a folder of chunk packages goes in whole; a single .mlpackage (itself a folder) or .mlmodel by its name
+        return [(source, "" if source.is_dir() and source.suffix != ".mlpackage" else source.name)]
+
+    def extra_files(self, release: Release, folder: Path, recipe_text: str) -> dict[str, str]:
+        if siliconvert_manifest(folder) is not None:
+            return {}
+        manifest = describe_packages(folder, recipe_context(recipe_text))
+        return {MANIFEST: json.dumps(manifest, indent=2, sort_keys=True) + "\n"}
+
+    def summary(self, release: Release) -> str:
+        entry = release.shipped[0]
+        plan = entry.get("plan")
+        planned = f", precision planned per weight at {plan['bits_per_weight']:.2f} bits" if plan else ""
+        return f"Core ML ML Program ({entry['quant']}{planned}, stateful KV cache, iOS 18 / macOS 15)"
+
+    def usage(self, release: Release, folder: Path) -> list[str]:
+        interface = package_interface(folder)
+        context = f"{interface.context} tokens" if interface.context else "see the manifest"
+        chained = (f"Run the packages in this order, each one's output feeding the next, each with its own state: "
+                   f"{', '.join(f'`{p}`' for p in interface.packages)}." if len(interface.packages) > 1 else "")
+        function = ([f'config.functionName = "{interface.functions[0]}"  // functions: '
+                     f'{", ".join(interface.functions)}'] if len(interface.functions) > 1 else [])
+        package = interface.packages[0].rsplit(".", 1)
+        return [
+            f"`{interface.manifest}` lists every package with its inputs, outputs and KV-cache states "
+            f"(context: {context}). {chained}".rstrip(), "",
+            "```swift", "import CoreML", "",
+            f'let url = Bundle.main.url(forResource: "{package[0]}", withExtension: "{package[1]}")!',
+            "let config = MLModelConfiguration()", *function,
+            "let model = try MLModel(contentsOf: try await MLModel.compileModel(at: url), configuration: config)",
+            f"let state = model.makeState()  // holds {', '.join(interface.states) or 'no state'} between calls",
+            f"// inputs: {', '.join(interface.inputs)}; each array takes the shape and type the model declares",
+            "var features: [String: MLFeatureValue] = [:]",
+            "for (name, input) in model.modelDescription.inputDescriptionsByName {",
+            "    let constraint = input.multiArrayConstraint!",
+            "    features[name] = MLFeatureValue(multiArray: try MLMultiArray(shape: constraint.shape, "
+            "dataType: constraint.dataType))",
+            "}",
+            "// ... write the token ids and the position into the arrays ...",
+            "let output = try await model.prediction(from: MLDictionaryFeatureProvider(dictionary: features), "
+            "using: state)",
+            "```",
+        ]
+
+
+@dataclass(frozen=True)
+class PackageInterface:
+    manifest: str  # the JSON file an app reads to drive the packages
+    packages: list[str]  # in the order an app runs them, each feeding the next
+    functions: list[str]
+    inputs: list[str]  # of the first package
+    states: list[str]
+    context: int | None
+
+
+def package_interface(folder: Path) -> PackageInterface:
+    theirs = siliconvert_manifest(folder)
+    if theirs is not None:
+        chunks = theirs["chunks"]
+        return PackageInterface(SILICONVERT_MANIFEST, [c["package"] for c in chunks],
+                                list(theirs.get("functions", {})), list(chunks[0]["inputs"]),
+                                list(chunks[0].get("states", {})), theirs.get("context_length"))
+    ours = json.loads((folder / MANIFEST).read_text())
+    first = ours["packages"][0]["functions"]
+    function = first[next(iter(first))]
+    return PackageInterface(MANIFEST, [p["package"] for p in ours["packages"]], list(first),
+                            list(function["inputs"]), list(function["states"]), ours["context_length"])
+
+
+def siliconvert_manifest(folder: Path) -> dict | None:
+    """siliconvert's own Core ML manifest, when present and in the shape this module reads."""
+    path = folder / SILICONVERT_MANIFEST
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    chunks = manifest.get("chunks") if isinstance(manifest, dict) else None
+    return manifest if isinstance(chunks, list) and chunks and "package" in chunks[0] else None
+
+
+def describe_packages(folder: Path, context: int | None) -> dict:
+    """Inputs, outputs and states of every package in `folder`, read from the packages' own specs."""
+    packages = sorted(p for p in folder.iterdir() if p.suffix in (".mlpackage", ".mlmodel"))
+    if not packages:
+        raise ArtifactError("no .mlpackage or .mlmodel in the Core ML artifact", folder)
+    import logging
+
+    # On Linux coremltools warns at import that it cannot run models; reading a spec does not need to.
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    from coremltools.models.utils import load_spec
+
+    return {
+        "context_length": context,
+        "packages": [{"package": p.name, "functions": _functions(load_spec(str(p)))} for p in packages],
+    }
+
+
+def _functions(spec) -> dict:
+    description = spec.description
+    # A multifunction package lists each function; a single-function one describes itself.
+    named = [(f.name, f) for f in description.functions] or [("main", description)]
+    return {name: {"inputs": _features(f.input), "outputs": _features(f.output), "states": _features(f.state)}
+            for name, f in named}
+
+
+def _features(features) -> dict:
+    described = {}
+    for feature in features:
+        kind = feature.type.WhichOneof("Type")
+        array = {"multiArrayType": feature.type.multiArrayType,
+                 "stateType": feature.type.stateType.arrayType}.get(kind)
+        described[feature.name] = (
+            {"shape": list(array.shape), "dtype": array.ArrayDataType.Name(array.dataType)} if array is not None
+            else {"type": kind}
+        )
+    return described
+
+
+def recipe_context(recipe_text: str) -> int | None:
+    """The context length the recipe built the Core ML target for (its default when the key is left out)."""
+    try:
+        recipe = yaml.safe_load(recipe_text)
+    except yaml.YAMLError:
+        return None
+    targets = recipe.get("targets") if isinstance(recipe, dict) else None
+    for target in targets if isinstance(targets, list) else []:
+        if isinstance(target, dict) and target.get("format") == CoreML.name:
+            return int(target.get("context", CoreMLTarget.model_fields["context"].default))
+    return None

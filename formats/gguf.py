@@ -1,0 +1,96 @@
+"""GGUF: single files llama.cpp, Ollama and LM Studio load; every quant of a model in one release folder."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from siliconvert.artifacts import CARD_PROMPT, Artifact, Release, Writer
+from siliconvert.checkpoint import Checkpoint
+from siliconvert.errors import RecipeError
+from siliconvert.format import Format
+from siliconvert.recipe import GGUFTarget, QuantPlan
+
+
+class GGUF(Format):
+    name = "gguf"
+    target = GGUFTarget
+    runner = "siliconvert.validate.runners.gguf:LlamaCppRunner"
+    library = "gguf"
+    tags = ("gguf", "llama.cpp")
+    looks_like = "a .gguf file"
+    ships_tokenizer = False  # a GGUF carries its tokenizer inside
+    fixed_quants = ("Q3_K_M", "Q4_K_M", "Q5_K_M")
+    anchor = "Q4_K_M"
+
+    def writer(self, checkpoint: Checkpoint, target: GGUFTarget, out_dir: Path, model_name: str,
+               calibration: Any) -> Writer:
+        from siliconvert.convert.gguf import GGUFWriter
+
+        return GGUFWriter(checkpoint, target, out_dir, model_name)
+
+    def preflight(self, target: GGUFTarget, checkpoint: Checkpoint, key: str, where: Path | str) -> None:
+        if target.imatrix is None:
+            return
+        from siliconvert.quantize.gguf import calibration_text
+
+        text = Path(target.imatrix).expanduser()
+        if target.imatrix != "builtin" and text.exists() and not text.is_file():  # /dev/zero never ends
+            raise RecipeError("cannot read the imatrix calibration text (not a regular file)", text)
+        calibration_text(target.imatrix)
+
+    def replanned(self, target: GGUFTarget, plan: QuantPlan) -> GGUFTarget:
+        return target.model_copy(update={"plan": plan, "quants": ["auto"]})  # not its fixed quants again
+
+    def detect(self, path: Path) -> Artifact | None:
+        if path.suffix != ".gguf" or not path.is_file():
+            return None
+        # Hub convention <Model>-<QUANT>.gguf: the quant is the last dash-separated part (a plan's, two parts).
+        model, _, quant = path.stem.rpartition("-")
+        return Artifact(self.name, f"auto-{quant}" if model.endswith("-auto") else quant, path)
+
+    def describe(self, artifact: Artifact) -> dict[str, Any]:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(artifact.path))
+        return {"tensors": len(reader.tensors),
+                "metadata": {name: _gguf_value(field) for name, field in reader.fields.items()
+                             if not name.startswith("tokenizer.ggml.") or name.endswith(("model", "pre"))}}
+
+    def sweep_fixed(self, targets: Sequence[GGUFTarget], quants: Sequence[str]) -> list[GGUFTarget]:
+        # with the importance matrix a plan uses
+        return [GGUFTarget(format=self.name, quants=list(quants), imatrix=_imatrix(targets))] if quants else []
+
+    def sweep_planned(self, targets: Sequence[GGUFTarget], plan: QuantPlan) -> GGUFTarget:
+        return GGUFTarget(format=self.name, quants=["auto"], imatrix=_imatrix(targets), plan=plan)
+
+    def release_name(self, model: str, quant: str) -> str:
+        return f"{model}-GGUF"
+
+    def release_files(self, release: Release) -> list[tuple[Path, str]]:
+        return [(Path(entry["path"]), self.file_label(release, entry)) for entry in release.shipped]
+
+    def file_label(self, release: Release, entry: dict) -> str:
+        return f"{release.model}-{entry['quant']}.gguf"
+
+    def summary(self, release: Release) -> str:
+        return f"GGUF files for llama.cpp ({', '.join(e['quant'] for e in release.shipped)})"
+
+    def usage(self, release: Release, folder: Path) -> list[str]:
+        first = release.shipped[0]
+        from_hub = [f'llama-cli -hf {release.repo_id}:{first["quant"]} -p "{CARD_PROMPT}"'] if release.repo_id else []
+        return ["With [llama.cpp](https://github.com/ggml-org/llama.cpp):", "", "```bash", *from_hub,
+                f'llama-cli -m {self.file_label(release, first)} -p "{CARD_PROMPT}"', "```"]
+
+
+def _imatrix(targets: Sequence[GGUFTarget]) -> str:
+    return next((t.imatrix for t in targets if t.imatrix), "builtin")
+
+
+def _gguf_value(field) -> Any:
+    try:
+        value = field.contents()
+    except Exception:
+        return None
+    return value if not isinstance(value, list) or len(value) < 16 else f"[{len(value)} values]"

@@ -1,0 +1,139 @@
+"""What a format is, and the table of the formats this run knows.
+
+A format is one entry (`formats/<name>.py`): its recipe target (a `TargetSpec` schema), its writer and its
+runner, what it needs calibrated, how its artifacts are recognised and described on disk, its place in a sweep, and
+its release folder and model card. The entries register themselves when `siliconvert.formats` is imported (the
+commands do); the rest of the tree asks `entry(name)` instead of testing `format == ...`, so a new format is a new
+entry and nothing else. The core declares the interface and holds the table; it imports no entry.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from siliconvert.artifacts import Artifact, Release, Writer
+    from siliconvert.checkpoint import Checkpoint
+    from siliconvert.recipe import QuantPlan, TargetSpec
+
+
+class Format(ABC):
+    """One format's entry. Subclasses fill in the class attributes and the abstract methods; the rest have
+    defaults a format without plans, sweeps or extra files keeps."""
+
+    name: ClassVar[str]  # the recipe's `format:` value, and Artifact.format
+    target: ClassVar[type[TargetSpec]]  # the recipe schema of its targets (format: Literal[name])
+    runner: ClassVar[str]  # "module:Class" of its runner, imported only in the child process that runs it
+    library: ClassVar[str]  # the Hub's library_name for its releases
+    tags: ClassVar[tuple[str, ...]]  # the Hub tags its releases carry
+    looks_like: ClassVar[str]  # what its artifacts are on disk, for "not a recognised artifact" ("a .gguf file")
+    ships_tokenizer: ClassVar[bool] = True  # a release carries the source's tokenizer files beside the artifact
+
+    # ---- conversion ----------------------------------------------------------------------------------
+    @abstractmethod
+    def writer(self, checkpoint: Checkpoint, target: TargetSpec, out_dir: Path, model_name: str,
+               calibration: Any) -> Writer:
+        """The writer that consumes the checkpoint's stream for `target`."""
+
+    def calibration_needs(self, target: TargetSpec) -> dict[str, set[str]]:
+        """What the writer will ask the calibration stage for: calibration text → parts (none by default)."""
+        return {}
+
+    def preflight(self, target: TargetSpec, checkpoint: Checkpoint, key: str, where: Path | str) -> None:  # noqa: B027
+        """Checks that need no weights, before the first tensor is read (`key` names the target in messages)."""
+
+    def replanned(self, target: TargetSpec, plan: QuantPlan) -> TargetSpec:
+        """`target` building only its planned artifact, with `plan`: what the re-plan loop builds again."""
+        return target.model_copy(update={"plan": plan})
+
+    # ---- artifacts on disk ---------------------------------------------------------------------------
+    @abstractmethod
+    def detect(self, path: Path) -> Artifact | None:
+        """The artifact at `path` if it is one of this format's (for `siliconvert validate` and `inspect`)."""
+
+    def describe(self, artifact: Artifact) -> dict[str, Any]:
+        """What `siliconvert inspect` says of an artifact beyond its format and quant."""
+        return {}
+
+    # ---- sweep (size against KLD) --------------------------------------------------------------------
+    fixed_quants: ClassVar[tuple[str, ...]] = ()  # the anchors' fixed recipes a sweep builds; none: not swept
+    anchor: ClassVar[str | None] = None  # the usual choice: a sweep's plan also aims at its measured mean KLD
+
+    def sweep_fixed(self, targets: Sequence[TargetSpec], quants: Sequence[str]) -> list[TargetSpec]:
+        """Targets building the fixed recipes `quants` (a subset of fixed_quants), beside the recipe's `targets`."""
+        return []
+
+    def sweep_planned(self, targets: Sequence[TargetSpec], plan: QuantPlan) -> TargetSpec:
+        """A target planned at `plan`, beside the recipe's `targets` of this format."""
+        raise NotImplementedError(f"{self.name} is not swept")
+
+    def aims_at(self, quant: str) -> bool:
+        """Whether a sweep plans an artifact at this fixed recipe's size."""
+        return True
+
+    # ---- release folder and card ---------------------------------------------------------------------
+    @abstractmethod
+    def release_name(self, model: str, quant: str) -> str:
+        """The release folder (and Hub repo) an artifact of `quant` goes to; equal names share a folder."""
+
+    def release_files(self, release: Release) -> list[tuple[Path, str]]:
+        """(artifact path, its name in the folder) for each shipped entry; '' places a folder's contents at the top."""
+        return [(Path(entry["path"]), "" if Path(entry["path"]).is_dir() else Path(entry["path"]).name)
+                for entry in release.shipped]
+
+    def extra_files(self, release: Release, folder: Path, recipe_text: str) -> dict[str, str]:
+        """Files the format adds to a filled release folder (name → text)."""
+        return {}
+
+    def file_label(self, release: Release, entry: dict) -> str:
+        """An entry's name in the card's validation table."""
+        return f"{entry['format']} {entry['quant']}"
+
+    @abstractmethod
+    def summary(self, release: Release) -> str:
+        """The card's first words: what the files are ("GGUF files for llama.cpp (Q4_K_M)")."""
+
+    @abstractmethod
+    def usage(self, release: Release, folder: Path) -> list[str]:
+        """The card's "How to run" lines (Markdown)."""
+
+
+_ENTRIES: dict[str, Format] = {}
+
+
+def register(entry: Format) -> Format:
+    """Add a format's entry to the table (an entry registered again under its name replaces the old one)."""
+    _ENTRIES[entry.name] = entry
+    return entry
+
+
+def unregister(name: str) -> None:
+    _ENTRIES.pop(name, None)
+
+
+def entry(name: str) -> Format:
+    try:
+        return _ENTRIES[name]
+    except KeyError:
+        raise KeyError(f"no format {name!r} is registered (known: {', '.join(_ENTRIES) or 'none'})") from None
+
+
+def entries() -> list[Format]:
+    """Every registered format, in registration order."""
+    return list(_ENTRIES.values())
+
+
+def detect_artifact(path: Path) -> Artifact:
+    """Recognise an artifact on disk by its layout: the first format whose entry claims it."""
+    from siliconvert.errors import ArtifactError
+
+    for candidate in entries():
+        found = candidate.detect(path)
+        if found is not None:
+            return found
+    shapes = [candidate.looks_like for candidate in entries()]
+    listed = ", ".join(shapes[:-1]) + (", or " if len(shapes) > 1 else "") + shapes[-1] if shapes else "none known"
+    raise ArtifactError(f"not a recognised artifact ({listed})", path)
