@@ -34,9 +34,10 @@ from siliconvert.recipe import QuantPlan, Recipe, TargetSpec
 
 
 def swept(recipe: Recipe) -> list[Format]:
-    """The formats of the recipe's targets that a sweep builds (those with fixed recipes to compare with)."""
-    asked = {target.format for target in recipe.targets}
-    return [fmt for fmt in format_entries() if fmt.name in asked and fmt.fixed_quants]
+    """The formats of the recipe's targets that a sweep builds (those with fixed recipes to compare with), in the
+    recipe's order."""
+    asked = [format_entry(name) for name in dict.fromkeys(target.format for target in recipe.targets)]
+    return [fmt for fmt in asked if fmt.fixed_quants]
 
 
 def fixed_targets(recipe: Recipe, only: Sequence[str] | None = None) -> list[TargetSpec]:
