@@ -64,7 +64,7 @@ def sweep(model: str, source: Path, tokens: int, context: int, reuse: bool, fixe
     (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     log = folder / "sweep.log"
     with log.open("w") as out:
-        command = [sys.executable, "-m", "siliconvert", "sweep", str(folder / "recipe.yaml")]
+        command = [str(Path(sys.executable).with_name("siliconvert")), "sweep", str(folder / "recipe.yaml")]
         done = subprocess.run([*command, *(["--fixed", fixed] if fixed else [])],
                               stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if done.returncode != 0:

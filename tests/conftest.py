@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
 import siliconvert.formats  # noqa: F401 - registers the formats a recipe names
+
+# The `siliconvert` command as a user runs it: the console script pip installed beside this Python
+SILICONVERT = str(Path(sys.executable).with_name("siliconvert"))
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import SILICONVERT
 from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.slow
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 def cli(*args, timeout=600):
     env = {**os.environ, "SILICONVERT_QUIET": "1"}
-    return subprocess.run([sys.executable, "-m", "siliconvert", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([SILICONVERT, *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=timeout)
 
 
@@ -179,7 +180,7 @@ def test_killed_run_resumes_and_gives_the_same_bytes(good, tmp_path):
     for delay in (2.0, 3.5, 5.0, 6.5):
         killed = tmp_path / f"killed-{delay}"
         killed.mkdir()
-        process = subprocess.Popen([sys.executable, "-m", "siliconvert", "recipe", recipe_for(killed, good)],
+        process = subprocess.Popen([SILICONVERT, "recipe", recipe_for(killed, good)],
                                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(delay)
         process.send_signal(signal.SIGKILL)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SILICONVERT
 from safetensors.torch import load_file, save_file
 
 from siliconvert.architectures import registry
@@ -229,7 +230,6 @@ def test_one_recipe_converts_a_mixture_of_experts_to_every_format(tmp_path: Path
     """Qwen3-MoE through `siliconvert recipe`: MLX 4-bit, GGUF F16 + Q4_K_M and Core ML FP16 from one read, each
     scored with its routers' agreement with the reference's, gated, and shown in the report and model cards."""
     import subprocess
-    import sys
 
     import yaml
     from families import FAMILY_CASES
@@ -245,7 +245,7 @@ def test_one_recipe_converts_a_mixture_of_experts_to_every_format(tmp_path: Path
                            "gates": {"max_mean_kld": 0.06, "min_router_agreement": 0.85}},
               "release": {"repo_prefix": "org/Moe"}}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    result = subprocess.run([sys.executable, "-m", "siliconvert", "recipe", str(tmp_path / "recipe.yaml")],
+    result = subprocess.run([SILICONVERT, "recipe", str(tmp_path / "recipe.yaml")],
                             capture_output=True, text=True, env={**__import__("os").environ, "SILICONVERT_QUIET": "1"})
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())

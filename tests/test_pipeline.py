@@ -2,15 +2,15 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import SILICONVERT
 
 pytestmark = pytest.mark.slow
 
-CLI = [sys.executable, "-m", "siliconvert"]
+CLI = [SILICONVERT]
 
 
 def run(*args, cwd=None):

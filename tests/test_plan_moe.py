@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import gguf
 import mlx.core as mx
 import numpy as np
 import pytest
 import yaml
+from conftest import SILICONVERT
 from families import FAMILY_CASES
 from gguf import GGMLQuantizationType as QType
 
@@ -148,7 +148,7 @@ def test_quality_plans_meet_their_target_in_the_projects_validation(family_model
               "validate": {"tokens": 256, "context": 128, "prefill_tokens": 16, "decode_tokens": 4,
                            "gates": {"min_router_agreement": 0.9}}}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    result = subprocess.run([sys.executable, "-m", "siliconvert", "recipe", str(tmp_path / "recipe.yaml")],
+    result = subprocess.run([SILICONVERT, "recipe", str(tmp_path / "recipe.yaml")],
                             capture_output=True, text=True, env={**__import__("os").environ, "SILICONVERT_QUIET": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import gguf
 import pytest
 import sentencepiece as spm
+from conftest import SILICONVERT
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from tokenizers.trainers import BpeTrainer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -293,7 +294,6 @@ def mistral_layout(source: Path, folder: Path) -> Path:
 @pytest.mark.slow
 def test_mistral_recipe_gguf_targets_pass_on_mistrals_tokenizer_layout(small_model, tmp_path: Path) -> None:
     import subprocess
-    import sys
 
     import yaml
 
@@ -305,7 +305,7 @@ def test_mistral_recipe_gguf_targets_pass_on_mistrals_tokenizer_layout(small_mod
     recipe |= {"source": str(source), "output": str(tmp_path / "out"),
                "targets": [t for t in recipe["targets"] if t["format"] == "gguf"]}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    result = subprocess.run([sys.executable, "-m", "siliconvert", "recipe", str(tmp_path / "recipe.yaml")],
+    result = subprocess.run([SILICONVERT, "recipe", str(tmp_path / "recipe.yaml")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -322,7 +322,7 @@ def test_mistral_recipe_gguf_targets_pass_on_mistrals_tokenizer_layout(small_mod
     # validate.tokenizer: strict turns the known rule into a failure (the artifacts and reference are reused)
     recipe["validate"]["tokenizer"] = "strict"
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    result = subprocess.run([sys.executable, "-m", "siliconvert", "recipe", str(tmp_path / "recipe.yaml")],
+    result = subprocess.run([SILICONVERT, "recipe", str(tmp_path / "recipe.yaml")],
                             capture_output=True, text=True)
     assert result.returncode == 1
     assert "known rules (no-space-prefix; validate.tokenizer: strict)" in result.stdout + result.stderr
