@@ -33,12 +33,16 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from siliconvert.artifacts import write_text_atomically
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.errors import CheckpointError, RecipeError
+
+if TYPE_CHECKING:
+    import torch
 
 CALIBRATION_TOKENS = 8192  # llama-imatrix's usual order of magnitude for small models; a few minutes on 7B CPU
 CALIBRATION_CONTEXT = 512  # llama-imatrix's default chunk length
@@ -242,10 +246,10 @@ class _Importance:
 
     def __init__(self) -> None:
         self.active = False
-        self.sums: dict[str, object] = {}  # weight name → Σ x² per column (float64)
+        self.sums: dict[str, torch.Tensor] = {}  # weight name → Σ x² per column (float64)
         self.rows: dict[str, int] = {}
-        self.expert_sums: dict[str, object] = {}  # stack name → [experts, columns]
-        self.expert_rows: dict[str, object] = {}  # stack name → [experts]
+        self.expert_sums: dict[str, torch.Tensor] = {}  # stack name → [experts, columns]
+        self.expert_rows: dict[str, torch.Tensor] = {}  # stack name → [experts]
 
     def attach(self, model) -> None:
         import torch
@@ -284,7 +288,7 @@ class _Importance:
                 self._add_expert_rows(f"{name}.down_proj", experts, expert, module.act_fn(gate) * up)
         return hook
 
-    def _add_expert_rows(self, name: str, experts: int, expert: int, x) -> None:
+    def _add_expert_rows(self, name: str, experts: int, expert: int, x: torch.Tensor) -> None:
         import torch
 
         if name not in self.expert_sums:
