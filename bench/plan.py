@@ -77,6 +77,7 @@ def estimator_fit(source: Path, folder: Path) -> list[dict]:
     """Per fixed artifact: measured mean KLD, summed relative error of its types, and their ratio."""
     import shutil
 
+    from siliconvert.calibration import Calibrations
     from siliconvert.checkpoint import Checkpoint
     from siliconvert.convert.gguf import GGUFWriter
     from siliconvert.convert.mlx import MLXWriter
@@ -86,9 +87,11 @@ def estimator_fit(source: Path, folder: Path) -> list[dict]:
     checkpoint = Checkpoint.open(source)
     scratch = folder / "costs"
     plan = {"bits_per_weight": 4}
+    calibration = Calibrations(checkpoint, None)  # one forward for both writers
     writers = {"gguf": GGUFWriter(checkpoint, GGUFTarget(format="gguf", quants=["auto"], imatrix="builtin", plan=plan),
-                                  scratch, "costs"),
-               "mlx": MLXWriter(checkpoint, MLXTarget(format="mlx", bits="auto", plan=plan), scratch, "costs")}
+                                  scratch, "costs", calibration=calibration),
+               "mlx": MLXWriter(checkpoint, MLXTarget(format="mlx", bits="auto", plan=plan), scratch, "costs",
+                                calibration=calibration)}
     costs = {fmt: writer.costs for fmt, writer in writers.items()}
     for writer in writers.values():
         writer.abort()

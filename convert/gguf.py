@@ -33,6 +33,7 @@ from gguf import GGMLQuantizationType as QType
 from gguf import LlamaFileType
 
 from siliconvert.artifacts import Artifact, Writer, sync_file
+from siliconvert.calibration import BUILTIN, IMPORTANCE, Calibrations
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.gguf_arch import GGUFArch
 from siliconvert.convert.gguf_vocab import add_tokenizer
@@ -42,9 +43,6 @@ from siliconvert.quantize.gguf import (
     LLAMA_CPP_QUANTS,
     QuantizedTensor,
     TensorQuantizer,
-    calibration_text,
-    expert_tokens,
-    importance_matrix,
     plan_types,
     quantize,
 )
@@ -84,11 +82,29 @@ IN_FLIGHT_BYTES = 384 << 20  # float32 source bytes waiting for the quantizer be
 # ---- the writer ----------------------------------------------------------------------------------
 
 
-class GGUFWriter(Writer):
-    """Streams a checkpoint into `<model_name>-<QUANT>.gguf` files, one per quant in the target."""
+def calibration_needs(target: GGUFTarget) -> dict[str, set[str]]:
+    """Calibration text → the parts a target's writer asks for: an importance matrix (and, for a mixture's plan,
+    the tokens routed per expert, from the same hooks) where llama.cpp quantizes with one or a plan weighs by it."""
+    return {_imatrix_text(target): {IMPORTANCE}} if _uses_imatrix(target) else {}
 
-    def __init__(self, checkpoint: Checkpoint, target: GGUFTarget, out_dir: Path, model_name: str):
+
+def _uses_imatrix(target: GGUFTarget) -> bool:
+    # a plan weighs each tensor's error by the importance matrix, and quantizes with it
+    return bool(target.imatrix or target.plan) and any(q not in DIRECT_TYPES for q in target.quants)
+
+
+def _imatrix_text(target: GGUFTarget) -> str:
+    return target.imatrix or BUILTIN
+
+
+class GGUFWriter(Writer):
+    """Streams a checkpoint into `<model_name>-<QUANT>.gguf` files, one per quant in the target. `calibration`:
+    the run's calibrations (the writer makes its own where none is given)."""
+
+    def __init__(self, checkpoint: Checkpoint, target: GGUFTarget, out_dir: Path, model_name: str, *,
+                 calibration: Calibrations | None = None):
         self.checkpoint, self.target, self.out_dir, self.model_name = checkpoint, target, out_dir, model_name
+        self.calibration = calibration or Calibrations(checkpoint, None)
         self.arch = GGUFArch(checkpoint.spec, checkpoint.path)
         self.names = _tensor_names(self.arch.arch)
         self.order = [i.name for i in checkpoint.stream_order() if self._gguf_names(i.name)]
@@ -96,9 +112,7 @@ class GGUFWriter(Writer):
         # every GGUF tensor (name, numpy shape) in file order: one per checkpoint tensor, or its parts
         self.outputs = [output for name in self.order for output in self._outputs(name)]
         self._index = 0  # position of the next tensor in self.outputs
-        quantized = any(q not in DIRECT_TYPES for q in target.quants)
-        # a plan weighs each tensor's error by the importance matrix, and quantizes with it
-        self.imatrix = self._importance_matrix() if (target.imatrix or target.plan) and quantized else None
+        self.imatrix = self._importance_matrix() if _uses_imatrix(target) else None
         self.metadata = self._metadata()  # before the plans: a planned file's header is measured with it
         # quant → (general.file_type, every tensor's type in self.outputs)
         self.plans: dict[str, tuple[LlamaFileType, list[QType]]] = {}
@@ -243,8 +257,7 @@ class GGUFWriter(Writer):
                 planned.setdefault(hf, set()).add(gguf_name)
         routed: dict[str, np.ndarray] = {}  # HF expert stack → calibration tokens per expert
         if self.checkpoint.spec.experts is not None:
-            text_name, text = calibration_text(self.target.imatrix or "builtin")
-            routed = expert_tokens(self.checkpoint.path, text, where=text_name)  # the importance matrix's run
+            routed = self.calibration.expert_tokens(_imatrix_text(self.target))  # the importance matrix's run
         quantizer = TensorQuantizer()
         costs = self.costs
         try:
@@ -356,12 +369,12 @@ class GGUFWriter(Writer):
         return list(zip(self._gguf_names(hf_name), shapes, strict=True))
 
     def _importance_matrix(self) -> dict[str, np.ndarray]:
-        """llama.cpp's importance matrix keyed by GGUF weight names (see quantize.gguf.importance_matrix)."""
+        """llama.cpp's importance matrix keyed by GGUF weight names (see siliconvert/calibration.py)."""
         tie = self.checkpoint.spec.tie_word_embeddings
-        name, text = calibration_text(self.target.imatrix or "builtin")
-        by_hf_name = importance_matrix(self.checkpoint.path, text, where=name)
+        calibrated = self.calibration.get(_imatrix_text(self.target), {IMPORTANCE})
+        name = calibrated.text
         renamed = {}
-        for hf_name, values in by_hf_name.items():
+        for hf_name, values in calibrated.importance.items():
             # A tied head multiplies by token_embd, so llama.cpp looks its statistics up under that name (or
             # under output's, where the embedding is written again as the head).
             head = "output.weight" if self.arch.head_from_embedding else "token_embd.weight"

@@ -32,6 +32,7 @@ import mlx.core as mx
 import numpy as np
 
 from siliconvert.artifacts import Artifact, Writer
+from siliconvert.calibration import BUILTIN, IMPORTANCE, RANGE, Calibrations
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.mlx_arch import LAYOUTS, ExpertLayout, MLXArch
 from siliconvert.progress import track
@@ -103,10 +104,22 @@ class Output:
         return int(np.prod(self.shape)) * self.dtype.size
 
 
+def calibration_needs(target: MLXTarget) -> dict[str, set[str]]:
+    """Calibration text → the parts a target's writer asks for: a plan's importance (and tokens routed per expert)
+    on the builtin text, and the residual stream's range where a plan's float type is not set (`_float_type`)."""
+    if target.bits != "auto":
+        return {}
+    return {BUILTIN: {IMPORTANCE} | ({RANGE} if target.dtype is None else set())}
+
+
 class MLXWriter(Writer):
-    def __init__(self, checkpoint: Checkpoint, target: MLXTarget, out_dir: Path, model_name: str):
+    """`calibration`: the run's calibrations (the writer makes its own where none is given)."""
+
+    def __init__(self, checkpoint: Checkpoint, target: MLXTarget, out_dir: Path, model_name: str, *,
+                 calibration: Calibrations | None = None):
         self.checkpoint = checkpoint
         self.target = target
+        self.calibration = calibration or Calibrations(checkpoint, None)
         self.final_path = out_dir / f"{model_name}-mlx-{target.quant}"
         self.tmp_path = out_dir / f".{self.final_path.name}.partial"
         shutil.rmtree(self.tmp_path, ignore_errors=True)
@@ -181,8 +194,8 @@ class MLXWriter(Writer):
     def _float_type(self) -> mx.Dtype:
         """The float type of the folder's unquantized arrays, scales and biases, which mlx computes in (see
         MLXTarget.dtype). A plan on a bfloat16 source takes float16 when the residual stream's calibrated peak
-        leaves float16 its headroom (convert/coreml/numerics.py: the check the Core ML writer makes): the same
-        bytes, and activations rounded 8× finer. On the demo model that alone takes 4-bit g64 from mean KLD
+        leaves float16 its headroom (FP16Range in siliconvert/calibration.py: the check the Core ML writer makes):
+        the same bytes, and activations rounded 8× finer. On the demo model that alone takes 4-bit g64 from mean KLD
         0.0046 to 0.0029 (bfloat16 rounding is most of what MLX loses there)."""
         if self.target.dtype is not None:
             return getattr(mx, self.target.dtype)
@@ -191,9 +204,7 @@ class MLXWriter(Writer):
         source = _mx_dtype(self.checkpoint.spec.source_dtype)
         if self.target.bits != "auto" or source != mx.bfloat16:
             return source  # as mlx-lm does: a fixed recipe is what mlx_lm.convert would make
-        from siliconvert.convert.coreml.numerics import FP16Range
-
-        fp16 = FP16Range.calibrate(self.checkpoint)
+        fp16 = self.calibration.fp16_range()
         if fp16.scale < 1:
             self.float_reason = (f"bfloat16, as the source: its residual stream peaks at {fp16.peak:.0f}, too near "
                                  "float16's limit")
@@ -234,11 +245,8 @@ class MLXWriter(Writer):
         (a read of the weights before the conversion's, one tensor at a time). An expert stack (a switch_mlp
         module) takes one width for all its experts, each weighed by the calibration tokens routed to it; the
         routers and a shared expert's gate are not planned (they keep ROUTER's 8 bits)."""
-        from siliconvert.quantize.gguf import calibration_text, expert_tokens, importance_matrix
-
-        name, text = calibration_text("builtin")
-        importance = importance_matrix(self.checkpoint.path, text, where=name)
-        routed = expert_tokens(self.checkpoint.path, text, where=name)  # per expert stack, from the same run
+        importance = self.calibration.importance(BUILTIN)
+        routed = self.calibration.expert_tokens(BUILTIN)  # per expert stack, from the same run
         tied = self.checkpoint.spec.tie_word_embeddings
         # bytes beside the planned weights: tokenizer files, config.json, and per array its safetensors header
         # and index entries (counted as each array arrives, over-estimated a little: a size goal is a limit)

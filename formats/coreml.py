@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from siliconvert.artifacts import Artifact, Release, Writer
+from siliconvert.calibration import Calibrations
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.errors import ArtifactError, RecipeError
 from siliconvert.format import Format
@@ -29,10 +30,15 @@ class CoreML(Format):
     looks_like = "a Core ML folder with manifest.json"
 
     def writer(self, checkpoint: Checkpoint, target: CoreMLTarget, out_dir: Path, model_name: str,
-               calibration: Any) -> Writer:
+               calibration: Calibrations) -> Writer:
         from siliconvert.convert.coreml import CoreMLWriter
 
-        return CoreMLWriter(checkpoint, target, out_dir, model_name)
+        return CoreMLWriter(checkpoint, target, out_dir, model_name, calibration=calibration)
+
+    def calibration_needs(self, target: CoreMLTarget) -> dict[str, set[str]]:
+        from siliconvert.convert.coreml import calibration_needs
+
+        return calibration_needs(target)
 
     def preflight(self, target: CoreMLTarget, checkpoint: Checkpoint, key: str, where: Path | str) -> None:
         if target.chunks != "auto" and target.chunks > checkpoint.spec.num_layers:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from siliconvert.artifacts import CARD_PROMPT, Artifact, Release, Writer
+from siliconvert.calibration import Calibrations, calibration_text
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.errors import RecipeError
 from siliconvert.format import Format
@@ -25,16 +26,19 @@ class GGUF(Format):
     anchor = "Q4_K_M"
 
     def writer(self, checkpoint: Checkpoint, target: GGUFTarget, out_dir: Path, model_name: str,
-               calibration: Any) -> Writer:
+               calibration: Calibrations) -> Writer:
         from siliconvert.convert.gguf import GGUFWriter
 
-        return GGUFWriter(checkpoint, target, out_dir, model_name)
+        return GGUFWriter(checkpoint, target, out_dir, model_name, calibration=calibration)
+
+    def calibration_needs(self, target: GGUFTarget) -> dict[str, set[str]]:
+        from siliconvert.convert.gguf import calibration_needs
+
+        return calibration_needs(target)
 
     def preflight(self, target: GGUFTarget, checkpoint: Checkpoint, key: str, where: Path | str) -> None:
         if target.imatrix is None:
             return
-        from siliconvert.quantize.gguf import calibration_text
-
         text = Path(target.imatrix).expanduser()
         if target.imatrix != "builtin" and text.exists() and not text.is_file():  # /dev/zero never ends
             raise RecipeError("cannot read the imatrix calibration text (not a regular file)", text)

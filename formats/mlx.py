@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from siliconvert.artifacts import CARD_PROMPT, Artifact, Release, Writer
+from siliconvert.calibration import Calibrations
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.format import Format
 from siliconvert.recipe import MLXTarget, QuantPlan
@@ -26,10 +27,15 @@ class MLX(Format):
     anchor = "4bit-g64"
 
     def writer(self, checkpoint: Checkpoint, target: MLXTarget, out_dir: Path, model_name: str,
-               calibration: Any) -> Writer:
+               calibration: Calibrations) -> Writer:
         from siliconvert.convert.mlx import MLXWriter
 
-        return MLXWriter(checkpoint, target, out_dir, model_name)
+        return MLXWriter(checkpoint, target, out_dir, model_name, calibration=calibration)
+
+    def calibration_needs(self, target: MLXTarget) -> dict[str, set[str]]:
+        from siliconvert.convert.mlx import calibration_needs
+
+        return calibration_needs(target)
 
     def detect(self, path: Path) -> Artifact | None:
         shards = sorted(path.glob("model*.safetensors")) if path.is_dir() else []

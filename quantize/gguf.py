@@ -10,19 +10,14 @@ Two ways, same bytes:
   linkage), and the oracle the tests hold the streamed path to, byte for byte.
 
 Importance matrix. llama-cpp-python can hand llama.cpp an importance matrix but cannot compute one: the
-`llama-imatrix` tool is not part of its API. `importance_matrix` therefore computes the same statistic
-llama-imatrix collects, the mean of x² of every input column entering each matrix multiply, over a
-calibration text, running the source checkpoint in transformers (float32, CPU). This loads the whole
-model once, unlike the streamed conversion. The calibration text "builtin" is
-siliconvert.textdata.training_text(): text the demo models were trained on, never the held-out text
-validation scores, so calibration cannot flatter the validation table.
+`llama-imatrix` tool is not part of its API. siliconvert/calibration.py computes the same statistic from one
+transformers forward of the source; the quantizers here take it as given.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import os
 import threading
 from collections.abc import Sequence
@@ -39,8 +34,6 @@ from siliconvert.recipe import GGUF_QUANTS
 # Recipe type name → llama.cpp file type, for the types llama.cpp quantizes; it picks each tensor's type from it.
 LLAMA_CPP_QUANTS = {name: LlamaFileType[f"MOSTLY_{name}"] for name, (_, maker) in GGUF_QUANTS.items()
                     if maker == "llama.cpp"}
-CALIBRATION_TOKENS = 8192  # llama-imatrix's usual order of magnitude for small models; a few minutes on 7B CPU
-CALIBRATION_CONTEXT = 512  # llama-imatrix's default chunk length
 
 # ggml_log_level values (ggml.h). llama-cpp-python's own logger still uses an older numbering (2 = warn).
 LOG_WARN, LOG_ERROR, LOG_CONT = 3, 4, 5
@@ -258,110 +251,6 @@ def _lower_priority() -> None:
             # sleeps once its tensors in flight reach the limit. At nice 5 the quantizer threads still took
             # about half of the stream's core (the Core ML stage ran 1.9× slower beside them).
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # Linux: a thread id works here
-
-
-# ---- whole file, and the importance matrix -------------------------------------------------------------
-
-
-def calibration_text(source: str) -> tuple[str, str]:
-    """(name, text) of the recipe's `imatrix` calibration text: "builtin" or a UTF-8 file."""
-    if source == "builtin":
-        from siliconvert.textdata import training_text
-
-        return "builtin (siliconvert.textdata.training_text)", training_text()
-    try:
-        return source, Path(source).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(f"cannot read the imatrix calibration text ({e})", source) from None
-
-
-def importance_matrix(checkpoint: Path, text: str, *, tokens: int = CALIBRATION_TOKENS,
-                      context: int = CALIBRATION_CONTEXT, where: str = "calibration text") -> dict[str, np.ndarray]:
-    """Mean x² per input column of every linear layer's input, keyed by the HF weight name; for a mixture's
-    expert stacks (`...experts.gate_up_proj`, `...experts.down_proj`) one row per expert, over the tokens the
-    router sent to it, as llama-imatrix collects it for llama.cpp's per-expert matrix multiply (an expert no
-    token reached gets ones, as llama-quantize gives it).
-
-    transformers' model runs one decoder layer at a time over every calibration window
-    (siliconvert/streamed.py), so a 7B calibrates in a few GB of memory, not the 29 GB of the whole model in
-    float32; its inputs are the whole model's, so the matrix is too."""
-    return _calibrate(checkpoint, text, tokens, context, where)[0]
-
-
-def expert_tokens(checkpoint: Path, text: str, *, tokens: int = CALIBRATION_TOKENS,
-                  context: int = CALIBRATION_CONTEXT, where: str = "calibration text") -> dict[str, np.ndarray]:
-    """Calibration tokens the router sent to each expert, per expert stack (the importance matrix's names and
-    run): how often an expert's error reaches the output, which the plan's costs weigh it by."""
-    return _calibrate(checkpoint, text, tokens, context, where)[1]
-
-
-@functools.lru_cache(maxsize=2)  # planned targets of one run (GGUF and MLX) share the model's run; read-only
-def _calibrate(checkpoint: Path, text: str, tokens: int, context: int,
-               where: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(importance_matrix, expert_tokens) from one layer-by-layer run over the calibration text."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from siliconvert.checkpoint import Checkpoint
-    from siliconvert.streamed import CheckpointWeights, streamed_logits
-
-    # Tokens are rarely longer than 16 characters: tokenizing more text than that would be wasted.
-    ids = AutoTokenizer.from_pretrained(checkpoint)(text[: tokens * 16], add_special_tokens=False)["input_ids"]
-    ids = ids[:tokens]
-    if len(ids) < context:
-        raise RecipeError(f"{len(ids)} tokens are too few to calibrate an importance matrix (need {context})", where)
-    windows = np.array([ids[start:start + context] for start in range(0, len(ids) - context + 1, context)])
-    sums: dict[str, torch.Tensor] = {}
-    rows: dict[str, int] = {}
-
-    def record(name: str):
-        def hook(_module, inputs):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
-            sums[name] = sums.get(name, 0) + (x * x).sum(0)
-            rows[name] = rows.get(name, 0) + x.shape[0]
-        return hook
-
-    expert_sums: dict[str, torch.Tensor] = {}  # stack name → [experts, columns]
-    expert_rows: dict[str, torch.Tensor] = {}  # stack name → [experts]
-
-    def add_expert_rows(name: str, experts: int, expert: int, x: torch.Tensor) -> None:
-        if name not in expert_sums:
-            expert_sums[name] = torch.zeros(experts, x.shape[-1], dtype=torch.float64)
-            expert_rows[name] = torch.zeros(experts, dtype=torch.float64)
-        expert_sums[name][expert] += (x * x).sum(0)
-        expert_rows[name][expert] += x.shape[0]
-
-    def record_experts(name: str):
-        # transformers' experts module is called with (hidden states [tokens, hidden], chosen ids [tokens, k],
-        # weights); each expert's gated MLP is recomputed here on its tokens for the input of its down rows
-        def hook(module, inputs):
-            hidden, chosen = inputs[0].reshape(-1, inputs[0].shape[-1]).double(), inputs[1]
-            experts = module.gate_up_proj.shape[0]
-            for expert in range(experts):
-                routed = hidden[(chosen == expert).any(-1)]
-                if not len(routed):
-                    continue
-                gate, up = torch.nn.functional.linear(routed, module.gate_up_proj[expert].double()).chunk(2, -1)
-                add_expert_rows(f"{name}.gate_up_proj", experts, expert, routed)
-                add_expert_rows(f"{name}.down_proj", experts, expert, module.act_fn(gate) * up)
-        return hook
-
-    def hook_linears(model) -> None:
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear):
-                module.register_forward_pre_hook(record(f"{name}.weight"))
-            elif isinstance(getattr(module, "gate_up_proj", None), torch.nn.Parameter):  # a stack of experts
-                module.register_forward_pre_hook(record_experts(name))
-
-    source = Checkpoint.open(checkpoint)
-    streamed_logits(source.transformers_config(), CheckpointWeights(source), windows, device="cpu",
-                    dtype=torch.float32, label="importance matrix (layer by layer)", prepare=hook_linears,
-                    keep_logits=False)
-    matrix = {name: (sums[name] / rows[name]).float().numpy() for name in sorted(sums)}
-    for name in sorted(expert_sums):
-        rows_of = expert_rows[name][:, None]
-        matrix[name] = torch.where(rows_of > 0, expert_sums[name] / rows_of.clamp(min=1), 1.0).float().numpy()
-    return matrix, {name: expert_rows[name].numpy() for name in sorted(expert_rows)}
 
 
 class LlamaLog:

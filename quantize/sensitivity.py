@@ -3,7 +3,7 @@
 The estimate. A linear layer y = W x whose weight is quantized to Q(W) is off by e = (W − Q(W)) x. Over the
 calibration text, with the input columns taken as uncorrelated, the expected ‖e‖² is
 Σ_ij a_j (W_ij − Q(W)_ij)², where a_j is the mean of x_j² over the calibration tokens: exactly llama.cpp's
-importance matrix, which quantize/gguf.py already computes (`importance_matrix`). Divided by the expected
+importance matrix, which siliconvert/calibration.py computes (`Calibration.importance`). Divided by the expected
 ‖y‖² = Σ_ij a_j W_ij² it is the tensor's *relative output error* r, free of the layer's scale. An embedding
 table (no input columns: a row is looked up) weighs every column alike. Q is the format's own quantizer:
 llama.cpp's (ggml_quantize_chunk with the same importance matrix, dequantized by gguf-py) for GGUF,

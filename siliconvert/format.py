@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from siliconvert.artifacts import Artifact, Release, Writer
+    from siliconvert.calibration import Calibrations
     from siliconvert.checkpoint import Checkpoint
     from siliconvert.recipe import QuantPlan, TargetSpec
 
@@ -35,8 +36,8 @@ class Format(ABC):
     # ---- conversion ----------------------------------------------------------------------------------
     @abstractmethod
     def writer(self, checkpoint: Checkpoint, target: TargetSpec, out_dir: Path, model_name: str,
-               calibration: Any) -> Writer:
-        """The writer that consumes the checkpoint's stream for `target`."""
+               calibration: Calibrations) -> Writer:
+        """The writer that consumes the checkpoint's stream for `target`, measuring on the run's `calibration`."""
 
     def calibration_needs(self, target: TargetSpec) -> dict[str, set[str]]:
         """What the writer will ask the calibration stage for: calibration text → parts (none by default)."""

@@ -13,7 +13,7 @@ an MLX folder's dequantized weights for the MLX stand-in (validate/runners/mlx.p
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -50,19 +50,27 @@ class Float16Overflow(ArithmeticError):
         self.layer = layer
 
 
-def streamed_logits(config: PretrainedConfig, weights: WeightSource, windows: np.ndarray, *,
+def streamed_logits(config: PretrainedConfig, weights: WeightSource, windows: np.ndarray | Sequence[np.ndarray], *,
                     device: str, dtype: torch.dtype, label: str,
                     prepare: Callable[[PreTrainedModel], None] | None = None,
-                    keep_logits: bool = True) -> np.ndarray | None:
+                    keep_logits: bool = True,
+                    window_started: Callable[[int], None] | None = None) -> np.ndarray | None:
     """Logits [windows, length, vocab] (float32) of transformers' model for `config` on each window.
 
     Each window is run on its own (batch of one), as a whole-model reference runs it, so the results
     are that reference's up to float rounding. Peak memory: one decoder layer's weights, the
     embedding or the head, every window's hidden states, and the logits. `prepare` gets the model
     before it runs (to add hooks, say); with `keep_logits` false the head still runs, for such hooks,
-    and nothing is returned.
+    and nothing is returned. Windows may differ in length where no logits are kept (a calibration runs a
+    short window beside long ones while each layer's weights are loaded); `window_started` is called
+    with a window's index before the model's modules run on it (its embedding, each layer, the head),
+    so hooks can tell the windows apart.
     """
-    windows = np.asarray(windows)
+    windows = [np.asarray(window) for window in windows]
+    lengths = [len(window) for window in windows]
+    if keep_logits and len(set(lengths)) > 1:
+        raise ValueError(f"logits are kept for windows of one length, not of {sorted(set(lengths))}")
+    started = window_started or (lambda _index: None)
     model = model_skeleton(config, dtype)
     if prepare is not None:
         prepare(model)
@@ -72,23 +80,29 @@ def streamed_logits(config: PretrainedConfig, weights: WeightSource, windows: np
     with torch.inference_mode():
         _materialise(body.norm, "model.norm.", weights, device, dtype)
         _materialise(body.embed_tokens, "model.embed_tokens.", weights, device, dtype)
-        hidden, layer_kwargs = [], []
-        for window in windows:
+        hidden: list[torch.Tensor] = []
+        layer_kwargs: dict[int, list[dict[str, Any]]] = {}  # window length → each layer's keyword arguments
+        for window_index, window in enumerate(windows):
+            started(window_index)
             embedded, kwargs = _record_layer_inputs(body, torch.as_tensor(window[None], device=device))
             hidden.append(embedded)
-            # No padding and one length: every window gets the same masks and rotary tables.
-            layer_kwargs = layer_kwargs or kwargs
+            # No padding: every window of a length gets the same masks and rotary tables.
+            layer_kwargs.setdefault(len(window), kwargs)
         _free(body.embed_tokens)
         for index, layer in enumerate(track(body.layers, label, total=len(body.layers))):
             _materialise(layer, f"model.layers.{index}.", weights, device, dtype)
-            hidden = [layer(states, **layer_kwargs[index]) for states in hidden]
+            for window_index, states in enumerate(hidden):
+                started(window_index)
+                hidden[window_index] = layer(states, **layer_kwargs[lengths[window_index]][index])
             _free(layer)
             if dtype == torch.float16 and not all(torch.isfinite(states).all() for states in hidden):
                 raise Float16Overflow(index)
         head_prefix = "model.embed_tokens." if tied_head else "lm_head."
         _materialise(model.lm_head, head_prefix, weights, device, dtype)
-        logits = np.empty((*windows.shape, model.lm_head.out_features), dtype=np.float32) if keep_logits else None
+        logits = (np.empty((len(windows), lengths[0] if windows else 0, model.lm_head.out_features),
+                           dtype=np.float32) if keep_logits else None)
         for row, states in enumerate(hidden):
+            started(row)
             window_logits = head_logits(model, body.norm(states))
             if logits is not None:
                 logits[row] = window_logits[0].float().cpu().numpy()

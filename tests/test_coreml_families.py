@@ -14,9 +14,9 @@ from conftest import reference_choices_for, reference_logits_for
 from families import FAMILY_CASES
 from test_coreml import windows_of
 
+from siliconvert.calibration import FLOAT16_MAX, Calibrations, FP16Range
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.coreml import CoreMLWriter
-from siliconvert.convert.coreml.numerics import FLOAT16_MAX, FP16Range
 from siliconvert.recipe import CoreMLTarget
 from siliconvert.validate.metrics import compare
 from siliconvert.validate.router import router_agreement
@@ -127,6 +127,6 @@ def test_a_stream_past_fp16_range_is_scaled_back_into_it(small_model, tmp_path, 
     scores = scores_of(artifact)
     assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, scores
     # Unscaled, the stream overflows to inf in the interpreter as it would on the device: the scores say so
-    monkeypatch.setattr(FP16Range, "calibrate", classmethod(lambda cls, checkpoint: cls(0.0, 1.0)))
+    monkeypatch.setattr(Calibrations, "fp16_range", lambda self: FP16Range(0.0, 1.0))
     (unscaled,) = build(source, tmp_path / "unscaled")
     assert not scores_of(unscaled).same_top1 > 0.5

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -92,7 +92,7 @@ class Toy(Format):
     tags = ("safetensors",)
     looks_like = "a toy folder"
 
-    def writer(self, checkpoint, target: ToyTarget, out_dir: Path, model_name: str, calibration: Any) -> Writer:
+    def writer(self, checkpoint, target: ToyTarget, out_dir: Path, model_name: str, calibration) -> Writer:
         return ToyWriter(checkpoint, target, out_dir, model_name)
 
     def detect(self, path: Path) -> Artifact | None:

@@ -24,12 +24,13 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 import siliconvert.convert.gguf as convert_gguf
 import siliconvert.convert.gguf_arch as gguf_arch
 from siliconvert.architectures import registry
+from siliconvert.calibration import Calibrations, calibration_text
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.gguf import GGUFWriter
 from siliconvert.convert.gguf_arch import rope_pairs_split
 from siliconvert.demo import small_checkpoint
 from siliconvert.errors import ArtifactError
-from siliconvert.quantize.gguf import calibration_text, importance_matrix, quantize
+from siliconvert.quantize.gguf import quantize
 from siliconvert.recipe import GGUFTarget
 from siliconvert.textdata import heldout_text
 from siliconvert.validate.metrics import compare
@@ -359,7 +360,7 @@ def test_importance_matrix_reaches_the_quantizer(source: Path, artifacts: dict[s
 def test_importance_matrix_is_the_whole_models(source: Path) -> None:
     """Calibrated one decoder layer at a time, the matrix is what the whole model, loaded at once, gives."""
     _, text = calibration_text("builtin")
-    streamed = importance_matrix(source, text, tokens=1024, context=256)
+    streamed = Calibrations(Checkpoint.open(source), None, tokens=1024, context=256).importance("builtin")
     ids = AutoTokenizer.from_pretrained(source)(text[:1024 * 16], add_special_tokens=False)["input_ids"][:1024]
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     inputs: dict[str, list[torch.Tensor]] = {}

@@ -14,11 +14,12 @@ from families import FAMILY_CASES
 from test_gguf import assert_same_model, convert, fields, whole_file_quantization
 from test_moe import MIXTRAL, QWEN3_MOE, TINY
 
+from siliconvert.calibration import Calibrations, calibration_text
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.gguf import GGUFWriter
 from siliconvert.demo import small_checkpoint
 from siliconvert.errors import CheckpointError
-from siliconvert.quantize.gguf import _ggml, _GGMLInitParams, calibration_text, expert_tokens, importance_matrix
+from siliconvert.quantize.gguf import _ggml, _GGMLInitParams
 from siliconvert.recipe import GGUFTarget
 from siliconvert.validate.runners.gguf import GGMLTensor
 
@@ -210,8 +211,8 @@ def test_importance_matrix_has_a_row_per_expert(trained_moe: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _, text = calibration_text("builtin")
-    matrix = importance_matrix(trained_moe, text, tokens=512, context=128)
-    counted = expert_tokens(trained_moe, text, tokens=512, context=128)
+    calibration = Calibrations(Checkpoint.open(trained_moe), None, tokens=512, context=128)
+    matrix, counted = calibration.importance("builtin"), calibration.expert_tokens("builtin")
     spec = Checkpoint.open(trained_moe).spec
     ids = AutoTokenizer.from_pretrained(trained_moe)(text[:512 * 16], add_special_tokens=False)["input_ids"][:512]
     model = AutoModelForCausalLM.from_pretrained(trained_moe, dtype=torch.float32).eval()

@@ -191,7 +191,7 @@ def _fake_replanner(monkeypatch, measure):
                                                              "summed_error": error, "kld_per_error": scale,
                                                              "kld_floor": floor, "bits_per_weight": 4.0})
 
-    def convert(_checkpoint, recipe, _dir, _timings):
+    def convert(_checkpoint, recipe, _dir, _timings, *, calibration):
         (target,) = recipe.targets
         builds.append(target)
         return [(artifact(target.plan), target)]

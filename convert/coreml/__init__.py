@@ -27,12 +27,11 @@ Where things are:
     graph.py     the MIL program: how the model description (its traits) becomes ops (embeddings, norms,
                  attention, RoPE, masks, MLP, LM head), and the graph passes run on it
     folds.py     checkpoint tensors → the graph's: fused projections split, norm offset and branch scales folded
-    numerics.py  the residual stream's fp16 range: a calibration through transformers, and its power-of-two scale
     weights.py   where the graph takes its weights from: streamed blobs, a finished package, compressed forms
     plan.py      a package planned per weight (precision: auto): costs measured on the fp16 packages, the plan
     package.py   MIL blob storage, the writer thread, the exporter around streamed blobs, package files
 """
 
-from siliconvert.convert.coreml.writer import CoreMLWriter
+from siliconvert.convert.coreml.writer import CoreMLWriter, calibration_needs
 
-__all__ = ["CoreMLWriter"]
+__all__ = ["CoreMLWriter", "calibration_needs"]

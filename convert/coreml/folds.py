@@ -9,7 +9,8 @@ before it becomes a blob.
 - The norm offset (Gemma's 1 + w) is folded into every norm weight, as the GGUF writer does.
 - The residual branch scale is folded into the weights that write into the residual stream: the last weight
   of each block's branch (the post-norm where there is one, else o_proj and down_proj). It is Granite's
-  residual multiplier times the stream's scale, a power of two that keeps it inside fp16 (numerics.py).
+  residual multiplier times the stream's scale, a power of two that keeps it inside fp16 (FP16Range,
+  siliconvert/calibration.py).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ Where each trait of the spec becomes ops, one place each (ops appear only where 
     experts, layers[i].sparse experts: the router (softmax, top-k, renormalised where normalize_topk) and every
                               expert's mlp weighted by it, plus a shared expert behind its sigmoid gate where
                               the spec has one; the chosen ids are the EXPERT_IDS output
-    embedding_scale           embed (times the fp16 range scale, numerics.py)
+    embedding_scale           embed (times the fp16 range scale, siliconvert/calibration.py)
     attention_scale, attn_softcap    attention
     logits_scale, final_softcap      lm_head
     norm_offset, residual_scale, fused_qkv / fused_gate_up: in the weights, not ops (folds.py)

@@ -7,7 +7,7 @@ weight at a time by weight id, after the writer's folds (fused projections split
 head split into pieces): the values the pass would quantize. Their costs (quantize/sensitivity.py `coreml_costs`)
 are measured on the build thread while the stream goes on; once every chunk is in, the writer makes the plan and
 compresses each chunk at its weights' precisions. A weight's importance (the calibration run's mean x² per input
-column, quantize/gguf.py `importance_matrix`) is its source tensor's: a fold splits or scales rows, which keeps
+column, siliconvert/calibration.py) is its source tensor's: a fold splits or scales rows, which keeps
 the columns' importance, and a relative error does not see a scale. A table that only embeds (a lookup) weighs
 its columns alike; one that is the head too takes the head's inputs, as the MLX plan does. A mixture of
 experts' package holds each expert's weights apart: each is planned on its own (unlike GGUF and MLX, whose stacks
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from siliconvert.architectures import ModelSpec
+from siliconvert.calibration import BUILTIN, IMPORTANCE, Calibrations
 from siliconvert.convert.coreml.chunks import Chunk, Key, blobs_of, head_pieces, head_role
 from siliconvert.convert.coreml.folds import graph_keys
 from siliconvert.quantize.coreml import compressible
@@ -43,18 +44,15 @@ def plan_name(chunk: Chunk, weight: str) -> str:
 
 class WeightPlanner:
     """Measures the costs of each chunk's weights as its fp16 package is finished (`measure`, on the build thread),
-    then plans them (`plan`)."""
+    then plans them (`plan`). `calibration`: the run's calibrations (made here where none is given)."""
 
-    def __init__(self, checkpoint, goal: QuantPlan):
-        from siliconvert.quantize.gguf import calibration_text, expert_tokens, importance_matrix
-
+    def __init__(self, checkpoint, goal: QuantPlan, *, calibration: Calibrations | None = None):
         self.spec: ModelSpec = checkpoint.spec
         self.goal = goal
-        name, text = calibration_text("builtin")
-        self.importance = importance_matrix(checkpoint.path, text, where=name)
+        calibrated = (calibration or Calibrations(checkpoint, None)).get(BUILTIN, {IMPORTANCE})
+        self.importance = calibrated.importance
         # per expert stack (HF name), each expert's share of the calibration tokens routed (from the same run)
-        self.expert_shares = {stack: _shares(tokens)
-                              for stack, tokens in expert_tokens(checkpoint.path, text, where=name).items()}
+        self.expert_shares = {stack: _shares(tokens) for stack, tokens in calibrated.expert_tokens.items()}
         # each graph tensor's source (HF) name, whose importance its columns take
         self.sources: dict[Key, str] = {}
         for source in checkpoint.tensor_infos:

@@ -24,6 +24,7 @@ import numpy as np
 
 from siliconvert.architectures import ModelSpec
 from siliconvert.artifacts import Artifact, Writer
+from siliconvert.calibration import BUILTIN, IMPORTANCE, RANGE, Calibrations
 from siliconvert.convert.coreml.chunks import Chunk, Key, blobs_of, plan_chunks, weight_id
 from siliconvert.convert.coreml.folds import graph_keys, graph_tensors, tensor_shape
 from siliconvert.convert.coreml.graph import (
@@ -33,7 +34,6 @@ from siliconvert.convert.coreml.graph import (
     longrope_factors,
     required_tensors,
 )
-from siliconvert.convert.coreml.numerics import FP16Range
 from siliconvert.convert.coreml.package import (
     PACKAGE_DATA,
     SPEC_VERSION,
@@ -68,21 +68,31 @@ def active_seconds(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def calibration_needs(target: CoreMLTarget) -> dict[str, set[str]]:
+    """Calibration text → the parts a target's writer asks for: the residual stream's range (every package runs in
+    fp16), and a plan's importance."""
+    return {BUILTIN: {RANGE} | ({IMPORTANCE} if target.plan else set())}
+
+
 class CoreMLWriter(Writer):
     """Writes each tensor into the packages that use it as it streams by, and builds a chunk's programs around
     its weights as soon as the stream completes it: fp16, then the compressed variants the target asks for
     (quantize/coreml.py); `finish` compresses a planned variant's chunks (plan.py), adds manifests and tokenizer
-    files and moves the folders into place."""
+    files and moves the folders into place. `calibration`: the run's calibrations (made here where none is
+    given)."""
 
-    def __init__(self, checkpoint, target: CoreMLTarget, out_dir: Path, model_name: str):
+    def __init__(self, checkpoint, target: CoreMLTarget, out_dir: Path, model_name: str, *,
+                 calibration: Calibrations | None = None):
         self.checkpoint = checkpoint
+        calibration = calibration or Calibrations(checkpoint, None)
         self.spec: ModelSpec = checkpoint.spec
         self.target = target
         self.model_name = model_name
         self.block = prefill_block(target.context)
-        # The residual stream's scale (a power of two that keeps it in fp16: numerics.py) and the scale of each
-        # branch's output, folded into the weights that write it (folds.py): the residual multiplier × the former.
-        self.fp16_range = FP16Range.calibrate(checkpoint)
+        # The residual stream's scale (a power of two that keeps it in fp16: FP16Range in siliconvert/calibration.py)
+        # and the scale of each branch's output, folded into the weights that write it (folds.py): the residual
+        # multiplier × the former.
+        self.fp16_range = calibration.fp16_range()
         self.stream_scale = self.fp16_range.scale
         self.branch_scale = self.spec.residual_scale * self.stream_scale
         self.chunks = plan_chunks(self.spec, target.chunks)
@@ -108,7 +118,7 @@ class CoreMLWriter(Writer):
         # a planned variant (precision: auto): its costs measured as each fp16 package is finished, its plan made
         # and its chunks compressed once all are (the fp16 packages' weight ids, kept for that)
         self.planned = target.plan.label if target.plan else None
-        self.planner = WeightPlanner(checkpoint, target.plan) if target.plan else None
+        self.planner = WeightPlanner(checkpoint, target.plan, calibration=calibration) if target.plan else None
         self.quant_plan: Plan | None = None
         self.fp16_blobs: dict[int, dict[str, tuple[int, int]]] = {}
         self.work = {p: f.with_name(f".{f.name}.tmp-{os.getpid()}") for p, f in self.folders.items()}

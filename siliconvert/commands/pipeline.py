@@ -25,6 +25,7 @@ import yaml
 
 from siliconvert import __version__
 from siliconvert.artifacts import Artifact, Writer, write_text_atomically
+from siliconvert.calibration import Calibrations
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.errors import OutputError, RecipeError
 from siliconvert.format import entry as format_entry
@@ -95,13 +96,14 @@ def run_recipe(recipe: Recipe, recipe_path: Path | None = None, *, allow_pickle:
     out_dir = prepare_output(recipe.output_dir(recipe_path))
     say(f"[bold]{checkpoint.name}[/] ({checkpoint.spec.hf_architecture}) → {out_dir}")
     timings = Timings()
-    produced = convert(checkpoint, recipe, out_dir / "artifacts", timings)
+    calibration = Calibrations(checkpoint, out_dir / ".cache")  # one per run: re-plans reuse what it measured
+    produced = convert(checkpoint, recipe, out_dir / "artifacts", timings, calibration=calibration)
     artifacts = [artifact for artifact, _ in produced]
     if not recipe.validate_.enabled:
         timings.write(out_dir)
         return Outcome(None, artifacts, out_dir)
     gates = {artifact.path: target.gates or recipe.validate_.gates for artifact, target in produced}
-    replan = Replanner(checkpoint, recipe, produced, out_dir / "artifacts", timings)
+    replan = Replanner(checkpoint, recipe, produced, out_dir / "artifacts", timings, calibration=calibration)
     report = validate_artifacts(checkpoint, recipe.source, artifacts, recipe.validate_, gates, out_dir, timings,
                                 replan=replan)
     recipe_text = recipe_path.read_text(encoding="utf-8") if recipe_path else yaml.safe_dump(
@@ -161,12 +163,14 @@ def check_output(out_dir: Path) -> None:
         raise OutputError(f"cannot create the output folder ({existing} is not writable)", out_dir)
 
 
-def convert(checkpoint: Checkpoint, recipe: Recipe, artifacts_dir: Path,
-            timings: Timings | None = None) -> list[tuple[Artifact, TargetSpec]]:
+def convert(checkpoint: Checkpoint, recipe: Recipe, artifacts_dir: Path, timings: Timings | None = None, *,
+            calibration: Calibrations | None = None) -> list[tuple[Artifact, TargetSpec]]:
     """Read every source tensor once and hand it to every target's writer.
 
     A target whose inputs (source fingerprint, target options, tool versions) match a stamp left by
     an earlier completed run is not rebuilt. Returns each artifact with the target that asked for it.
+    What the writers calibrate on is measured first, one forward per text, by `calibration` (the run's;
+    one cached beside the artifacts where none is given).
     """
     from siliconvert.validate.score import artifact_size, peak_rss_mb
 
@@ -185,14 +189,19 @@ def convert(checkpoint: Checkpoint, recipe: Recipe, artifacts_dir: Path,
     writers: list[Writer] = []
     started, cpu_started = time.perf_counter(), cpu_seconds()
     restore_torch_threads = None
+    calibration = calibration or Calibrations(checkpoint, artifacts_dir.parent / ".cache")
     try:
+        if needs := calibration_needs([target for _, target in todo]):
+            begun = time.perf_counter()
+            calibration.prepare(needs)
+            timings.stage("calibrate", wall_s=time.perf_counter() - begun)
         for label, (_, target) in zip(labels, todo, strict=True):
             begun = time.perf_counter()
             writers.append(format_entry(target.format).writer(checkpoint, target, artifacts_dir, checkpoint.name,
-                                                              None))
+                                                              calibration))
             busy[label] += time.perf_counter() - begun
         if writers:
-            # after the writers are made: a GGUF writer's importance matrix runs the model, on every core
+            # after the writers are made: a plan's costs are measured on every core
             restore_torch_threads = limit_torch_threads(1)
             stream = track(checkpoint.tensors(), "converting tensors", total=len(checkpoint.tensor_infos))
             for name, array in stream:
@@ -227,6 +236,15 @@ def convert(checkpoint: Checkpoint, recipe: Recipe, artifacts_dir: Path,
                       peak_rss_mb=peak_rss_mb())
     return [(artifact, target) for index, target in enumerate(recipe.targets) for artifact in done[index]]
 
+
+
+def calibration_needs(targets: list[TargetSpec]) -> dict[str, set[str]]:
+    """Calibration text → the parts the targets' writers ask for (each format entry's `calibration_needs`)."""
+    needs: dict[str, set[str]] = {}
+    for target in targets:
+        for text, parts in format_entry(target.format).calibration_needs(target).items():
+            needs.setdefault(text, set()).update(parts)
+    return needs
 
 
 def limit_torch_threads(threads: int) -> Callable[[], None]:
@@ -348,8 +366,9 @@ class Replanner:
     (same plan, same bytes). Each try is said and goes into the report's plan."""
 
     def __init__(self, checkpoint: Checkpoint, recipe: Recipe, produced: list[tuple[Artifact, TargetSpec]],
-                 artifacts_dir: Path, timings: Timings):
+                 artifacts_dir: Path, timings: Timings, *, calibration: Calibrations | None = None):
         self.checkpoint, self.recipe, self.artifacts_dir, self.timings = checkpoint, recipe, artifacts_dir, timings
+        self.calibration = calibration  # the run's, so a rebuild measures nothing again
         self.targets = {artifact.path: target for artifact, target in produced if artifact.plan is not None}
         self.tries: dict[Path, list[dict]] = {}
         self.met: dict[Path, list[tuple[int, TargetSpec]]] = {}  # (bytes, target) of the tries that met
@@ -400,7 +419,7 @@ class Replanner:
     def _build(self, path: Path, target: TargetSpec) -> Artifact:
         self.targets[path] = target
         produced = convert(self.checkpoint, self.recipe.model_copy(update={"targets": [target]}),
-                           self.artifacts_dir, self.timings)
+                           self.artifacts_dir, self.timings, calibration=self.calibration)
         return next(artifact for artifact, _ in produced if artifact.path == path)
 
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from siliconvert.artifacts import write_text_atomically
+from siliconvert.calibration import Calibrations
 from siliconvert.commands.pipeline import (
     Replanner,
     Timings,
@@ -91,19 +92,23 @@ def run_sweep(recipe: Recipe, recipe_path: Path | None = None, *, allow_pickle: 
     artifacts_dir, timings, settings = sweep_dir / "artifacts", Timings(), recipe.validate_
     fixed_recipe = recipe.model_copy(update={"targets": fixed_targets(recipe, only)})
     say(f"sweep: {len(fixed_recipe.targets)} fixed targets → {sweep_dir}")
-    fixed = [artifact for artifact, _ in convert(checkpoint, fixed_recipe, artifacts_dir, timings)]
+    # one calibration for both passes and the re-plans, cached with the reference logits
+    calibration = Calibrations(checkpoint, sweep_dir / "fixed" / ".cache")
+    fixed = [artifact for artifact, _ in convert(checkpoint, fixed_recipe, artifacts_dir, timings,
+                                                 calibration=calibration)]
     fixed_report = validate_artifacts(checkpoint, recipe.source, fixed, settings,
                                       dict.fromkeys((a.path for a in fixed), settings.gates),
                                       prepare_output(sweep_dir / "fixed"), timings)
     planned_recipe = recipe.model_copy(update={"targets": planned_targets(recipe, fixed_report)})
     say(f"sweep: {len(planned_recipe.targets)} planned targets")
-    produced = convert(checkpoint, planned_recipe, artifacts_dir, timings)
+    produced = convert(checkpoint, planned_recipe, artifacts_dir, timings, calibration=calibration)
     planned_dir = prepare_output(sweep_dir / "planned")
     if not (planned_dir / ".cache").exists():  # the reference logits the fixed run computed
         (planned_dir / ".cache").symlink_to(sweep_dir / "fixed" / ".cache", target_is_directory=True)
     planned_report = validate_artifacts(checkpoint, recipe.source, [a for a, _ in produced], settings,
                                         {a.path: settings.gates for a, _ in produced}, planned_dir, timings,
-                                        replan=Replanner(checkpoint, planned_recipe, produced, artifacts_dir, timings))
+                                        replan=Replanner(checkpoint, planned_recipe, produced, artifacts_dir, timings,
+                                                         calibration=calibration))
     timings.write(sweep_dir)
     front = sweep_front(fixed_report["artifacts"] + planned_report["artifacts"], fixed_report,
                         gate=settings.gates.max_mean_kld)

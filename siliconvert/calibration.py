@@ -1,0 +1,362 @@
+"""Calibration: what transformers' forward of the source measures on a text, done once for every writer.
+
+Three writers measure the source model before they write, all through the same layer-by-layer forward
+(siliconvert/streamed.py, float32 on the CPU):
+- importance: the mean of x² of every input column entering each linear layer (what llama-imatrix collects:
+  llama.cpp's importance matrix, and the weights of every plan's errors), over CALIBRATION_TOKENS of the text in
+  windows of CALIBRATION_CONTEXT; a mixture's expert stacks get one row per expert, over the tokens the router
+  sent to it, and those tokens are counted (`expert_tokens`: what a plan weighs each expert's error by).
+- range: the residual stream's peak over the first RANGE_TOKENS tokens of the text, which sets the power of two
+  that keeps the stream inside float16 (`FP16Range`): Core ML's packages run in fp16, and an MLX plan takes
+  float16 for a bfloat16 source only where the stream leaves it room.
+
+One forward measures every part asked for: the range window and the importance windows go through each decoder
+layer while its weights are loaded, and the hooks know which window runs, so neither part sees the other's
+windows (the results are those of separate forwards, bit for bit). It runs in a spawned child process, as the
+reference does: what it imports and allocates leaves with it, so the writers' own memory stays what streaming
+needs.
+
+`Calibrations` is the run's provider: the pipeline prepares what its targets need (one forward per text) before
+the writers are built and hands it to each; results are kept in the object and in the output's cache folder.
+The calibration text "builtin" is siliconvert.textdata.training_text(): text the demo models were trained on,
+never the held-out text validation scores, so calibration cannot flatter the validation table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from siliconvert.artifacts import write_text_atomically
+from siliconvert.checkpoint import Checkpoint
+from siliconvert.errors import CheckpointError, RecipeError
+
+if TYPE_CHECKING:
+    import torch
+
+CALIBRATION_TOKENS = 8192  # llama-imatrix's usual order of magnitude for small models; a few minutes on 7B CPU
+CALIBRATION_CONTEXT = 512  # llama-imatrix's default chunk length
+RANGE_TOKENS = 64  # the range window: the stream's peak is a property of the weights more than of the text
+RANGE_TEXT_CHARS = 20000  # text tokenized for the range window, far more than RANGE_TOKENS need
+CHARS_PER_TOKEN = 16  # tokens are rarely longer: tokenizing more text than that would be wasted
+
+IMPORTANCE = "importance"  # the importance matrix and the tokens routed to each expert (the same hooks)
+RANGE = "range"  # the residual stream's peak
+PARTS = (IMPORTANCE, RANGE)
+BUILTIN = "builtin"
+
+FLOAT16_MAX = 65504.0
+HEADROOM = 16.0  # the calibrated peak × this stays in fp16
+
+
+def calibration_text(source: str) -> tuple[str, str]:
+    """(name, text) of a calibration text: "builtin" or a UTF-8 file (a recipe's `imatrix`)."""
+    if source == BUILTIN:
+        from siliconvert.textdata import training_text
+
+        return "builtin (siliconvert.textdata.training_text)", training_text()
+    try:
+        return source, Path(source).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"cannot read the imatrix calibration text ({e})", source) from None
+
+
+@dataclass(frozen=True)
+class FP16Range:
+    """The residual stream's float16 range. Gemma's stream in real checkpoints passes 65 504: in fp16 it would
+    become inf. Every norm that reads the stream is an RMSNorm, which is scale-invariant, so the whole stream can
+    run at a scale s (Core ML folds it into the embedding and each branch's last weight: convert/coreml/folds.py);
+    a power of two makes that exact. HEADROOM covers other texts and the stream between a layer's two adds,
+    which the calibration does not see."""
+
+    peak: float  # the largest |value| of the residual stream in the calibration forward
+    scale: float  # the stream's scale: a power of two, 1 where the peak leaves room
+
+    @classmethod
+    def of_peak(cls, peak: float) -> FP16Range:
+        scale = 1.0
+        while peak * scale * HEADROOM > FLOAT16_MAX:
+            scale /= 2
+        return cls(peak, scale)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What the forward over one text measured; a part not asked for is None."""
+
+    text: str  # the calibration text's name
+    importance: dict[str, np.ndarray] | None = None  # HF weight name → mean x² per input column (a row per expert)
+    expert_tokens: dict[str, np.ndarray] | None = None  # HF expert stack → calibration tokens routed per expert
+    stream_peak: float | None = None  # the largest |value| of the residual stream, between layers
+    importance_tokens: int | None = None  # tokens in the importance windows
+    range_tokens: int | None = None  # tokens in the range window
+
+    @property
+    def parts(self) -> frozenset[str]:
+        return frozenset(part for part, value in ((IMPORTANCE, self.importance), (RANGE, self.stream_peak))
+                         if value is not None)
+
+    def merged(self, other: Calibration) -> Calibration:
+        """This calibration with the parts `other` measured and this one lacks."""
+        taken = {IMPORTANCE: ("importance", "expert_tokens", "importance_tokens"),
+                 RANGE: ("stream_peak", "range_tokens")}
+        return replace(self, **{field: getattr(other, field)
+                                for part in other.parts - self.parts for field in taken[part]})
+
+
+def calibrate(checkpoint: Checkpoint, source: str, parts: Iterable[str], *, tokens: int = CALIBRATION_TOKENS,
+              context: int = CALIBRATION_CONTEXT) -> Calibration:
+    """Measure `parts` of the calibration text `source` ("builtin" or a file) in one forward of `checkpoint`,
+    run in a spawned child process. The importance windows are the text's first `tokens` tokens in windows of
+    `context`."""
+    parts = _checked(parts)
+    name, text = calibration_text(source)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.path), trust_remote_code=False)
+    range_window = importance_windows = None
+    if RANGE in parts:
+        range_window = np.array(tokenizer.encode(text[:RANGE_TEXT_CHARS], add_special_tokens=False)[:RANGE_TOKENS])
+    if IMPORTANCE in parts:
+        ids = tokenizer(text[: tokens * CHARS_PER_TOKEN], add_special_tokens=False)["input_ids"][:tokens]
+        if len(ids) < context:
+            raise RecipeError(f"{len(ids)} tokens are too few to calibrate an importance matrix (need {context})",
+                              name)
+        importance_windows = np.array([ids[start:start + context]
+                                       for start in range(0, len(ids) - context + 1, context)])
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(_forward, checkpoint, name, range_window, importance_windows).result()
+        except BrokenProcessPool:
+            raise CheckpointError("the calibration forward (transformers) crashed; out of memory?",
+                                  checkpoint.path) from None
+
+
+class Calibrations:
+    """The run's calibrations, per text: measured once (`prepare` takes everything the targets need, one forward
+    per text), kept here, and cached in `cache_dir` (None: not on disk) under the checkpoint's fingerprint, the
+    text's digest, the part and its token counts. A part asked for that was not prepared is measured then."""
+
+    def __init__(self, checkpoint: Checkpoint, cache_dir: Path | None, *, tokens: int = CALIBRATION_TOKENS,
+                 context: int = CALIBRATION_CONTEXT):
+        self.checkpoint, self.cache_dir, self.tokens, self.context = checkpoint, cache_dir, tokens, context
+        self._measured: dict[str, Calibration] = {}  # text source → what is known of it
+
+    def prepare(self, needs: Mapping[str, Iterable[str]]) -> None:
+        """Measure what is not yet known of each text source's parts: one forward per text at most."""
+        for source, parts in needs.items():
+            self.get(source, parts)
+
+    def get(self, source: str, parts: Iterable[str]) -> Calibration:
+        """The calibration of the text `source` holding at least `parts`."""
+        parts = _checked(parts)
+        known = self._measured.get(source)
+        for part in sorted(parts - (known.parts if known else frozenset())):
+            cached = self._read(source, part)
+            if cached is not None:
+                known = known.merged(cached) if known else cached
+        missing = parts - (known.parts if known else frozenset())
+        if missing:
+            measured = calibrate(self.checkpoint, source, missing, tokens=self.tokens, context=self.context)
+            for part in sorted(missing):
+                self._write(source, part, measured)
+            known = known.merged(measured) if known else measured
+        self._measured[source] = known
+        return known
+
+    def importance(self, source: str = BUILTIN) -> dict[str, np.ndarray]:
+        """HF weight name → mean x² per input column over the text (see the module's docstring)."""
+        return self.get(source, {IMPORTANCE}).importance
+
+    def expert_tokens(self, source: str = BUILTIN) -> dict[str, np.ndarray]:
+        """HF expert stack → calibration tokens the router sent to each expert (none for a dense model)."""
+        return self.get(source, {IMPORTANCE}).expert_tokens
+
+    def fp16_range(self) -> FP16Range:
+        """The residual stream's float16 range, measured on the builtin text."""
+        return FP16Range.of_peak(self.get(BUILTIN, {RANGE}).stream_peak)
+
+    # ---- the disk cache: a file per part, written atomically ----------------------------------------
+
+    def _file(self, source: str, part: str) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        text_digest = hashlib.sha256(calibration_text(source)[1].encode()).hexdigest()[:16]
+        counts = f"{self.tokens}x{self.context}" if part == IMPORTANCE else f"{RANGE_TOKENS}"
+        suffix = ".npz" if part == IMPORTANCE else ".json"
+        return self.cache_dir / f"calibration-{self.checkpoint.fingerprint()}-{text_digest}-{part}-{counts}{suffix}"
+
+    def _read(self, source: str, part: str) -> Calibration | None:
+        file = self._file(source, part)
+        if file is None or not file.is_file():
+            return None
+        if part == RANGE:
+            stored = json.loads(file.read_text())
+            return Calibration(stored["text"], stream_peak=stored["stream_peak"], range_tokens=stored["tokens"])
+        with np.load(file) as stored:
+            tables: dict[str, dict[str, np.ndarray]] = {"importance": {}, "expert_tokens": {}}
+            for key in stored.files:
+                table, _, name = key.partition(":")
+                if table in tables:
+                    tables[table][name] = stored[key]
+            return Calibration(str(stored["text"]), importance_tokens=int(stored["tokens"]), **tables)
+
+    def _write(self, source: str, part: str, measured: Calibration) -> None:
+        file = self._file(source, part)
+        if file is None:
+            return
+        file.parent.mkdir(parents=True, exist_ok=True)
+        if part == RANGE:
+            write_text_atomically(file, json.dumps({"text": measured.text, "stream_peak": measured.stream_peak,
+                                                    "tokens": measured.range_tokens}))
+            return
+        arrays = {f"importance:{name}": values for name, values in measured.importance.items()}
+        arrays |= {f"expert_tokens:{name}": values for name, values in measured.expert_tokens.items()}
+        temp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+        with temp.open("wb") as out:
+            np.savez(out, text=np.array(measured.text), tokens=np.array(measured.importance_tokens), **arrays)
+        os.replace(temp, file)
+
+
+def _checked(parts: Iterable[str]) -> frozenset[str]:
+    parts = frozenset(parts)
+    if unknown := parts - set(PARTS):
+        raise ValueError(f"unknown calibration parts {sorted(unknown)}: the parts are {', '.join(PARTS)}")
+    return parts
+
+
+# ---- the forward, in the child process ---------------------------------------------------------------
+
+
+class _Importance:
+    """Hooks collecting, while `active`, the mean x² per input column of every linear layer's input (keyed by the
+    HF weight name) and, for a mixture's expert stacks (`...experts.gate_up_proj`, `...experts.down_proj`), one
+    row per expert over the tokens the router sent to it, as llama-imatrix collects it for llama.cpp's per-expert
+    matrix multiply (an expert no token reached gets ones, as llama-quantize gives it)."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.sums: dict[str, torch.Tensor] = {}  # weight name → Σ x² per column (float64)
+        self.rows: dict[str, int] = {}
+        self.expert_sums: dict[str, torch.Tensor] = {}  # stack name → [experts, columns]
+        self.expert_rows: dict[str, torch.Tensor] = {}  # stack name → [experts]
+
+    def attach(self, model) -> None:
+        import torch
+
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_pre_hook(self._linear(f"{name}.weight"))
+            elif isinstance(getattr(module, "gate_up_proj", None), torch.nn.Parameter):  # a stack of experts
+                module.register_forward_pre_hook(self._experts(name))
+
+    def _linear(self, name: str):
+        def hook(_module, inputs):
+            if not self.active:
+                return
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+            self.sums[name] = self.sums.get(name, 0) + (x * x).sum(0)
+            self.rows[name] = self.rows.get(name, 0) + x.shape[0]
+        return hook
+
+    def _experts(self, name: str):
+        import torch
+
+        # transformers' experts module is called with (hidden states [tokens, hidden], chosen ids [tokens, k],
+        # weights); each expert's gated MLP is recomputed here on its tokens for the input of its down rows
+        def hook(module, inputs):
+            if not self.active:
+                return
+            hidden, chosen = inputs[0].reshape(-1, inputs[0].shape[-1]).double(), inputs[1]
+            experts = module.gate_up_proj.shape[0]
+            for expert in range(experts):
+                routed = hidden[(chosen == expert).any(-1)]
+                if not len(routed):
+                    continue
+                gate, up = torch.nn.functional.linear(routed, module.gate_up_proj[expert].double()).chunk(2, -1)
+                self._add_expert_rows(f"{name}.gate_up_proj", experts, expert, routed)
+                self._add_expert_rows(f"{name}.down_proj", experts, expert, module.act_fn(gate) * up)
+        return hook
+
+    def _add_expert_rows(self, name: str, experts: int, expert: int, x: torch.Tensor) -> None:
+        import torch
+
+        if name not in self.expert_sums:
+            self.expert_sums[name] = torch.zeros(experts, x.shape[-1], dtype=torch.float64)
+            self.expert_rows[name] = torch.zeros(experts, dtype=torch.float64)
+        self.expert_sums[name][expert] += (x * x).sum(0)
+        self.expert_rows[name][expert] += x.shape[0]
+
+    def results(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(importance matrix, tokens routed per expert)."""
+        import torch
+
+        matrix = {name: (self.sums[name] / self.rows[name]).float().numpy() for name in sorted(self.sums)}
+        for name in sorted(self.expert_sums):
+            rows_of = self.expert_rows[name][:, None]
+            matrix[name] = torch.where(rows_of > 0, self.expert_sums[name] / rows_of.clamp(min=1), 1.0).float().numpy()
+        return matrix, {name: self.expert_rows[name].numpy() for name in sorted(self.expert_rows)}
+
+
+class _StreamPeak:
+    """Hooks recording, while `active`, the largest |value| of each decoder layer's input and output."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.peaks: list[float] = []
+
+    def attach(self, model) -> None:
+        for layer in model.model.layers:
+            layer.register_forward_pre_hook(
+                lambda _, args, kwargs: self._record(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+            layer.register_forward_hook(lambda _, __, output: self._record(output))
+
+    def _record(self, hidden) -> None:
+        if self.active:
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+            self.peaks.append(float(hidden.abs().max()))
+
+
+def _forward(checkpoint: Checkpoint, text_name: str, range_window: np.ndarray | None,
+             importance_windows: np.ndarray | None) -> Calibration:
+    """One float32 forward over the range window (first, if any) and the importance windows (if any)."""
+    import torch
+
+    from siliconvert.streamed import CheckpointWeights, streamed_logits
+
+    windows = ([] if range_window is None else [range_window]) + list(() if importance_windows is None
+                                                                      else importance_windows)
+    importance, peak = _Importance(), _StreamPeak()
+    first_importance = 0 if range_window is None else 1
+
+    def window_started(index: int) -> None:
+        peak.active = range_window is not None and index == 0
+        importance.active = importance_windows is not None and index >= first_importance
+
+    def attach(model) -> None:
+        if importance_windows is not None:
+            importance.attach(model)
+        if range_window is not None:
+            peak.attach(model)
+
+    streamed_logits(checkpoint.transformers_config(), CheckpointWeights(checkpoint), windows, device="cpu",
+                    dtype=torch.float32, label="calibration (transformers, layer by layer)", prepare=attach,
+                    keep_logits=False, window_started=window_started)
+    calibration = Calibration(text_name)
+    if importance_windows is not None:
+        matrix, routed = importance.results()
+        calibration = replace(calibration, importance=matrix, expert_tokens=routed,
+                              importance_tokens=int(importance_windows.size))
+    if range_window is not None:
+        calibration = replace(calibration, stream_peak=max(peak.peaks), range_tokens=len(range_window))
+    return calibration

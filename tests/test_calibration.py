@@ -1,0 +1,151 @@
+"""Calibration (siliconvert/calibration.py): one forward measures every part as separate forwards do, bit for bit;
+the provider keeps what it measured, in memory and on disk, and measures only what it was not given."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import siliconvert.calibration as calibration_module
+from siliconvert.calibration import IMPORTANCE, RANGE, Calibration, Calibrations, FP16Range, calibrate
+from siliconvert.checkpoint import Checkpoint
+from siliconvert.commands.pipeline import calibration_needs
+from siliconvert.recipe import CoreMLTarget, GGUFTarget, MLXTarget
+from siliconvert.streamed import streamed_logits
+
+TOKENS, CONTEXT = 512, 128  # four importance windows: enough to tell the windows apart, quick on the demo model
+
+
+def test_one_forward_measures_what_separate_forwards_do(demo_model: Path) -> None:
+    checkpoint = Checkpoint.open(demo_model)
+    both = calibrate(checkpoint, "builtin", {IMPORTANCE, RANGE}, tokens=TOKENS, context=CONTEXT)
+    importance = calibrate(checkpoint, "builtin", {IMPORTANCE}, tokens=TOKENS, context=CONTEXT)
+    stream = calibrate(checkpoint, "builtin", {RANGE}, tokens=TOKENS, context=CONTEXT)
+    assert both.stream_peak == stream.stream_peak > 0
+    assert sorted(both.importance) == sorted(importance.importance) and "lm_head.weight" in both.importance
+    for name, values in importance.importance.items():
+        assert values.dtype == np.float32 and np.array_equal(both.importance[name], values), name
+    assert both.expert_tokens == importance.expert_tokens == {}  # a dense model
+    assert (both.importance_tokens, both.range_tokens) == (TOKENS, 64)
+    # parts not asked for are None
+    assert importance.stream_peak is None and importance.range_tokens is None
+    assert stream.importance is None and stream.expert_tokens is None and stream.importance_tokens is None
+    assert both.parts == {IMPORTANCE, RANGE} and importance.parts == {IMPORTANCE} and stream.parts == {RANGE}
+
+
+def measured(parts, tokens: int = TOKENS) -> Calibration:
+    """A calibration as the forward returns it, with values whose every bit a cache must keep."""
+    rng = np.random.default_rng(0)
+    result = Calibration("a text")
+    if IMPORTANCE in parts:
+        result = Calibration(result.text, importance={"model.layers.0.mlp.down_proj.weight": rng.random(7, np.float32),
+                                                      "lm_head.weight": rng.random(5, np.float32)},
+                             expert_tokens={"model.layers.0.mlp.experts.down_proj": rng.random(3) * 100},
+                             importance_tokens=tokens)
+    if RANGE in parts:
+        peak = float(np.random.default_rng(1).random() * 1e5)
+        result = result.merged(Calibration("a text", stream_peak=peak, range_tokens=64))
+    return result
+
+
+@pytest.fixture
+def forwards(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, frozenset[str], int]]:
+    """Each (text source, parts, tokens) the provider runs a forward for; the forward is `measured`'s."""
+    calls = []
+
+    def fake(checkpoint, source, parts, *, tokens, context):
+        calls.append((source, frozenset(parts), tokens))
+        return measured(parts, tokens)
+
+    monkeypatch.setattr(calibration_module, "calibrate", fake)
+    return calls
+
+
+def assert_same(a: Calibration, b: Calibration) -> None:
+    assert a.parts == b.parts and (a.text, a.stream_peak, a.importance_tokens, a.range_tokens) == (
+        b.text, b.stream_peak, b.importance_tokens, b.range_tokens)
+    for table in ("importance", "expert_tokens"):
+        ours, theirs = getattr(a, table), getattr(b, table)
+        assert (ours is None) == (theirs is None)
+        if ours is not None:
+            assert sorted(ours) == sorted(theirs)
+            for name in ours:
+                assert ours[name].dtype == theirs[name].dtype and np.array_equal(ours[name], theirs[name]), name
+
+
+def test_one_forward_per_text_and_the_disk_cache_is_hit_by_a_second_provider(random_llama: Path, tmp_path: Path,
+                                                                             forwards) -> None:
+    checkpoint = Checkpoint.open(random_llama)
+    first = Calibrations(checkpoint, tmp_path)
+    first.prepare({"builtin": {IMPORTANCE, RANGE}})
+    assert forwards == [("builtin", {IMPORTANCE, RANGE}, 8192)]
+    assert first.fp16_range() == FP16Range.of_peak(measured({RANGE}).stream_peak)
+    assert first.importance() and first.expert_tokens()  # kept in the object: no second forward
+    assert len(forwards) == 1
+    second = Calibrations(checkpoint, tmp_path)
+    assert_same(second.get("builtin", {IMPORTANCE, RANGE}), measured({IMPORTANCE, RANGE}, tokens=8192))
+    assert len(forwards) == 1  # read from the cache
+    assert not [file for file in tmp_path.iterdir() if file.name.startswith(".")]  # no temporary file is left
+
+
+def test_a_part_not_prepared_is_measured_alone(random_llama: Path, tmp_path: Path, forwards) -> None:
+    provider = Calibrations(Checkpoint.open(random_llama), None)
+    provider.prepare({"builtin": {RANGE}})
+    assert provider.get("builtin", {RANGE}).importance is None
+    provider.importance("builtin")
+    assert forwards == [("builtin", {RANGE}, 8192), ("builtin", {IMPORTANCE}, 8192)]
+    assert provider.get("builtin", {RANGE, IMPORTANCE}).parts == {RANGE, IMPORTANCE}
+    assert len(forwards) == 2
+
+
+def test_another_text_checkpoint_or_token_count_misses_the_cache(random_llama: Path, tmp_path: Path,
+                                                                forwards) -> None:
+    Calibrations(Checkpoint.open(random_llama), tmp_path).prepare({"builtin": {IMPORTANCE}})
+    text = tmp_path / "text.txt"
+    text.write_text("another calibration text", encoding="utf-8")
+    Calibrations(Checkpoint.open(random_llama), tmp_path).importance(str(text))
+    Calibrations(Checkpoint.open(random_llama), tmp_path, tokens=4096).importance("builtin")
+    copy = Path(shutil.copytree(random_llama, tmp_path / "copy"))  # the same files, times and fingerprint
+    assert Checkpoint.open(copy).fingerprint() == Checkpoint.open(random_llama).fingerprint()
+    Calibrations(Checkpoint.open(copy), tmp_path).importance("builtin")
+    os.utime(copy / "model.safetensors", ns=(0, 0))  # a shard written again: another fingerprint
+    Calibrations(Checkpoint.open(copy), tmp_path).importance("builtin")
+    assert forwards == [("builtin", {IMPORTANCE}, 8192), (str(text), {IMPORTANCE}, 8192),
+                        ("builtin", {IMPORTANCE}, 4096), ("builtin", {IMPORTANCE}, 8192)]
+    Calibrations(Checkpoint.open(random_llama), tmp_path).importance(str(text))
+    assert len(forwards) == 4
+
+
+def test_what_the_targets_need() -> None:
+    targets = [GGUFTarget(format="gguf", quants=["F16", "Q4_K_M"]),  # no importance matrix
+               GGUFTarget(format="gguf", quants=["F16"], imatrix="builtin"),  # nothing llama.cpp quantizes with it
+               GGUFTarget(format="gguf", quants=["Q4_K_M"], imatrix="/texts/a.txt"),
+               MLXTarget(format="mlx", bits=4)]
+    assert calibration_needs(targets) == {"/texts/a.txt": {IMPORTANCE}}
+    planned = [GGUFTarget(format="gguf", quants=["auto"], plan={"size_mb": 3}),
+               MLXTarget(format="mlx", bits="auto", plan={"size_mb": 3}),
+               CoreMLTarget(format="coreml")]
+    assert calibration_needs(planned) == {"builtin": {IMPORTANCE, RANGE}}
+    assert calibration_needs([MLXTarget(format="mlx", bits="auto", dtype="float16", plan={"size_mb": 3}),
+                              CoreMLTarget(format="coreml", precision=["auto"], plan={"size_mb": 3})]) == {
+        "builtin": {IMPORTANCE, RANGE}}
+    assert calibration_needs([MLXTarget(format="mlx", bits="auto", dtype="float16", plan={"size_mb": 3})]) == {
+        "builtin": {IMPORTANCE}}
+    assert calibration_needs([CoreMLTarget(format="coreml")]) == {"builtin": {RANGE}}
+
+
+def test_fp16_range_is_a_power_of_two_with_headroom() -> None:
+    assert FP16Range.of_peak(100.0) == FP16Range(100.0, 1.0)
+    loud = FP16Range.of_peak(70000.0)
+    assert loud.scale == 2.0**-5 and 70000.0 * loud.scale * 16 <= 65504 < 70000.0 * loud.scale * 32
+
+
+def test_logits_are_kept_only_for_windows_of_one_length(random_llama: Path) -> None:
+    checkpoint = Checkpoint.open(random_llama)
+    with pytest.raises(ValueError, match="one length"):
+        streamed_logits(checkpoint.transformers_config(), None, [np.zeros(8, int), np.zeros(4, int)],
+                        device="cpu", dtype=None, label="test")
