@@ -60,10 +60,10 @@ def measure(source: Path, out: Path, chunks: str, precision: list[str], stream_o
     baseline = status("VmRSS")
     writer = None if stream_only else CoreMLWriter(checkpoint, target, out, "model")
     inside = 0.0
-    for name, array in checkpoint.tensors():
+    for info, array in checkpoint.tensors():
         start = time.perf_counter()
         if writer is not None:
-            writer.add(name, array)
+            writer.add(info, array)
         inside += time.perf_counter() - start
         del array
     start = time.perf_counter()

@@ -32,9 +32,10 @@ import numpy as np
 from gguf import GGMLQuantizationType as QType
 from gguf import LlamaFileType
 
+from siliconvert.architectures import TensorRole
 from siliconvert.artifacts import Artifact, Writer, sync_file
 from siliconvert.calibration import BUILTIN, IMPORTANCE, Calibrations
-from siliconvert.checkpoint import Checkpoint
+from siliconvert.checkpoint import Checkpoint, TensorInfo
 from siliconvert.convert.gguf_arch import GGUFArch
 from siliconvert.convert.gguf_vocab import add_tokenizer
 from siliconvert.errors import CheckpointError, RecipeError, RuntimeMissingError
@@ -107,10 +108,10 @@ class GGUFWriter(Writer):
         self.calibration = calibration or Calibrations(checkpoint, None)
         self.arch = GGUFArch(checkpoint.spec, checkpoint.path)
         self.names = _tensor_names(self.arch.arch)
-        self.order = [i.name for i in checkpoint.stream_order() if self._gguf_names(i.name)]
-        self._pending = deque(self.order)
+        self.order = checkpoint.stream_order()
+        self._pending = deque(info.name for info in self.order)
         # every GGUF tensor (name, numpy shape) in file order: one per checkpoint tensor, or its parts
-        self.outputs = [output for name in self.order for output in self._outputs(name)]
+        self.outputs = [output for info in self.order for output in self._outputs(info)]
         self._index = 0  # position of the next tensor in self.outputs
         self.imatrix = self._importance_matrix() if _uses_imatrix(target) else None
         self.metadata = self._metadata()  # before the plans: a planned file's header is measured with it
@@ -137,19 +138,17 @@ class GGUFWriter(Writer):
         self._queue: deque[tuple[list[np.ndarray | QuantizedTensor], int]] = deque()
         self._in_flight = 0
 
-    def add(self, name: str, array: np.ndarray) -> None:
-        gguf_names = self._gguf_names(name)
-        if not gguf_names:
-            return  # dropped: rotary caches, or the stored copy of a tied head
-        if not self._pending or self._pending[0] != name:
+    def add(self, info: TensorInfo, array: np.ndarray) -> None:
+        if not self._pending or self._pending[0] != info.name:
             expected = self._pending[0] if self._pending else "nothing"
-            raise ValueError(f"GGUF writer got tensor {name!r} out of order (expected {expected})")
+            raise ValueError(f"GGUF writer got tensor {info.name!r} out of order (expected {expected})")
         self._pending.popleft()
-        role = self.checkpoint.family.role_of(name)
+        role = info.role
         array = self.arch.to_llama_cpp(role.role, role.kind, array)
         # the parts are views of `array`: an expert stack is held once, until its last part is written
-        for gguf_name, part in zip(gguf_names, self.arch.split(role.role, array), strict=True):
-            encoded = [self._encode(name, gguf_name, part, types[self._index]) for _, types in self.plans.values()]
+        for gguf_name, part in zip(self._gguf_names(role), self.arch.split(role.role, array), strict=True):
+            encoded = [self._encode(info.name, gguf_name, part, types[self._index])
+                       for _, types in self.plans.values()]
             self._index += 1
             self._queue.append((encoded, part.nbytes))
             self._in_flight += part.nbytes
@@ -250,7 +249,7 @@ class GGUFWriter(Writer):
             raise RuntimeMissingError("this llama.cpp does not export the per-tensor planner (llama_quant_*) "
                                       "a planned GGUF needs")
         kept = self._full_precision()
-        sources = [name for name in self.order for _ in self._outputs(name)]  # each output's HF tensor
+        sources = [info.name for info in self.order for _ in self._outputs(info)]  # each output's HF tensor
         planned: dict[str, set[str]] = {}  # HF tensor → its outputs llama.cpp would quantize
         for hf, (gguf_name, _), qtype in zip(sources, shapes, quantizable, strict=True):
             if qtype is not None:
@@ -263,15 +262,15 @@ class GGUFWriter(Writer):
         try:
             stream = track(self.checkpoint.tensors(), "measuring llama.cpp types per tensor",
                            total=len(self.checkpoint.tensor_infos))
-            for name, array in stream:
-                if name in planned:
-                    role = self.checkpoint.family.role_of(name).role
+            for info, array in stream:
+                if info.name in planned:
+                    role = info.role.role
                     gain = role_gain(role, self.checkpoint.spec.tie_word_embeddings)
                     parts = self.arch.split(role, self.arch.to_llama_cpp(role, "weight", array))
-                    for gguf_name, part in zip(self._gguf_names(name), parts, strict=True):
-                        if gguf_name in planned[name]:
+                    for gguf_name, part in zip(self._gguf_names(info.role), parts, strict=True):
+                        if gguf_name in planned[info.name]:
                             costs.append(gguf_costs(gguf_name, part, self.imatrix.get(gguf_name), quantizer, gain,
-                                                    routed_tokens=routed.get(name)))
+                                                    routed_tokens=routed.get(info.name)))
         finally:
             quantizer.close()
         fixed_types = [_storage_type(name, shape, kept) for name, shape in shapes]
@@ -342,18 +341,9 @@ class GGUFWriter(Writer):
         return writer
 
     # ---- tensors ---------------------------------------------------------------------------------
-    def _gguf_names(self, hf_name: str) -> list[str]:
-        """GGUF's names for an HF tensor (an expert stack of gate and up rows is two), or none for tensors
-        llama.cpp does not take."""
-        family, spec = self.checkpoint.family, self.checkpoint.spec
-        if family.is_droppable(hf_name):
-            return []
-        role = family.role_of(hf_name)
-        if role is None:
-            raise CheckpointError(f"tensor {hf_name!r} has no role in the {spec.family} description",
-                                  self.checkpoint.path)
-        if role.role == "output" and spec.tie_word_embeddings:
-            return []  # llama.cpp reuses token_embd when output.weight is absent
+    def _gguf_names(self, role: TensorRole) -> list[str]:
+        """GGUF's names for a checkpoint tensor of this role (an expert stack of gate and up rows is two). A tied
+        checkpoint streams no head: llama.cpp reuses token_embd when output.weight is absent."""
         names = []
         for base in self.arch.gguf_roles(role.role):
             if base not in self.names:
@@ -362,11 +352,9 @@ class GGUFWriter(Writer):
             names.append(f"{self.names[base].format(bid=role.layer)}.{role.kind}")
         return names
 
-    def _outputs(self, hf_name: str) -> list[tuple[str, tuple[int, ...]]]:
-        """(GGUF name, numpy shape) of each tensor an HF tensor is written as."""
-        role = self.checkpoint.family.role_of(hf_name)
-        shapes = self.arch.shapes(role.role, self.checkpoint.tensor_infos[hf_name].shape)
-        return list(zip(self._gguf_names(hf_name), shapes, strict=True))
+    def _outputs(self, info: TensorInfo) -> list[tuple[str, tuple[int, ...]]]:
+        """(GGUF name, numpy shape) of each tensor a checkpoint tensor is written as."""
+        return list(zip(self._gguf_names(info.role), self.arch.shapes(info.role.role, info.shape), strict=True))
 
     def _importance_matrix(self) -> dict[str, np.ndarray]:
         """llama.cpp's importance matrix keyed by GGUF weight names (see siliconvert/calibration.py)."""
@@ -378,7 +366,9 @@ class GGUFWriter(Writer):
             # A tied head multiplies by token_embd, so llama.cpp looks its statistics up under that name (or
             # under output's, where the embedding is written again as the head).
             head = "output.weight" if self.arch.head_from_embedding else "token_embd.weight"
-            gguf_names = [head] if tie and hf_name == "lm_head.weight" else self._gguf_names(hf_name)
+            info = self.checkpoint.tensor_infos.get(hf_name)
+            gguf_names = ([head] if tie and hf_name == "lm_head.weight"
+                          else self._gguf_names(info.role) if info is not None else [])
             if not gguf_names:
                 raise RecipeError(f"importance matrix entry {hf_name!r} has no GGUF tensor", name)
             for gguf_name in gguf_names:  # gate and up of an expert stack read the same inputs

@@ -33,7 +33,7 @@ import numpy as np
 
 from siliconvert.artifacts import Artifact, Writer
 from siliconvert.calibration import BUILTIN, IMPORTANCE, RANGE, Calibrations
-from siliconvert.checkpoint import Checkpoint
+from siliconvert.checkpoint import Checkpoint, TensorInfo
 from siliconvert.convert.mlx_arch import LAYOUTS, ExpertLayout, MLXArch
 from siliconvert.progress import track
 from siliconvert.quantize.mlx import QuantPolicy, quantizable_modules, quantization_config, quantize
@@ -145,7 +145,8 @@ class MLXWriter(Writer):
         self.file: BinaryIO | None = None
         self.shard = -1  # the shard being written
 
-    def add(self, name: str, array: np.ndarray) -> None:
+    def add(self, info: TensorInfo, array: np.ndarray) -> None:
+        name = info.name
         outputs = self.plan.get(name)
         if outputs is None:
             raise ValueError(f"MLX writer got an unexpected tensor {name!r}")
@@ -215,11 +216,9 @@ class MLXWriter(Writer):
     def _routers(self) -> set[str]:
         """mlx-lm's module paths of the mixture of experts' routers and shared experts' gates (none in a dense
         model)."""
-        family = self.checkpoint.family
         routers = set()
         for info in self.checkpoint.stream_order():
-            role = family.role_of(info.name)
-            if role is not None and role.role in ("ffn_gate_inp", "ffn_gate_inp_shexp"):
+            if info.role.role in ("ffn_gate_inp", "ffn_gate_inp_shexp"):
                 placeholder = mx.zeros(info.shape, dtype=mx.float32)
                 routers |= {name.rpartition(".")[0] for name in self.sanitize({info.name: placeholder})}
         return routers
@@ -255,9 +254,8 @@ class MLXWriter(Writer):
         fixed += len(json.dumps(self.config, indent=4))
         stream = track(self.checkpoint.tensors(), "measuring MLX widths per module",
                        total=len(self.checkpoint.tensor_infos))
-        for source_name, array in stream:
-            if self.checkpoint.family.is_droppable(source_name):
-                continue
+        for info, array in stream:
+            source_name = info.name
             for mlx_name, weight in self.sanitize({source_name: mx.array(array)}).items():
                 module, _, kind = mlx_name.rpartition(".")
                 fixed += _json_bytes(mlx_name)
@@ -276,7 +274,7 @@ class MLXWriter(Writer):
                 if source_name in routed:
                     weights = importance[source_name]
                 fixed += 2 * _json_bytes(mlx_name) + 2 * (len(module) + MODULE_ENTRY_BYTES)  # scales, biases; config
-                gain = role_gain(self.checkpoint.family.role_of(source_name).role, tied)
+                gain = role_gain(info.role.role, tied)
                 costs.append(mlx_costs(module, np.asarray(weight.astype(mx.float32)), weights, self.dtype.size, gain,
                                        routed_tokens=routed.get(source_name)))
         self.costs, self.quant_plan = costs, make_plan(costs, self.target.plan, fixed_bytes=fixed)
@@ -360,19 +358,18 @@ class MLXWriter(Writer):
 
 def tensor_sanitizer(model, checkpoint: Checkpoint) -> Callable[[dict[str, mx.array]], dict[str, mx.array]]:
     """mlx-lm's `sanitize` for tensors given one at a time, after the experts are named as its model file holds
-    them (`switch_mlp`), and a tied head (which some checkpoints store) dropped: a model file whose sanitize
-    does not drop it (OLMoE's) would not load with it. Where the model file has no sanitize, or has one that
-    cannot take the tensors so (it looks at the whole set), only the experts' names and the tied head."""
+    them (`switch_mlp`). Where the model file has no sanitize, or has one that cannot take the tensors so (it
+    looks at the whole set), only the experts' names. A tied head's stored copy never comes (the checkpoint
+    drops it): a model file whose sanitize keeps it (OLMoE's) would not load with it."""
     spec = checkpoint.spec
     layout = LAYOUTS[spec.family]
-    dropped = {"lm_head.weight"} if spec.tie_word_embeddings else set()
     sanitize = getattr(model, "sanitize", None)
     if sanitize is None or not layout.sanitize_per_tensor:
         sanitize = dict
     experts = ExpertArrays(checkpoint, layout.experts) if spec.experts and layout.experts else dict
 
     def sanitize_one(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        return {k: v for k, v in sanitize(experts(weights)).items() if k not in dropped}
+        return sanitize(experts(weights))
     return sanitize_one
 
 
@@ -383,16 +380,16 @@ class ExpertArrays:
     files only, and for Mixtral only from a set holding layer 0: it cannot take transformers' stacks."""
 
     def __init__(self, checkpoint: Checkpoint, layout: ExpertLayout) -> None:
-        self.family = checkpoint.family
+        self.roles = {name: info.role for name, info in checkpoint.tensor_infos.items()}
         self.module = layout.module
         self.ff = checkpoint.spec.experts.intermediate_size
 
     def __call__(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         out = {}
         for name, array in weights.items():
-            role = self.family.role_of(name)
-            module = f"model.layers.{role.layer}.{self.module}" if role is not None else ""
-            if role is None or role.role not in ("ffn_gate_inp", "ffn_gate_up_exps", "ffn_down_exps"):
+            role = self.roles[name]
+            module = f"model.layers.{role.layer}.{self.module}"
+            if role.role not in ("ffn_gate_inp", "ffn_gate_up_exps", "ffn_down_exps"):
                 out[name] = array
             elif role.role == "ffn_gate_inp":
                 out[f"{module}.gate.{role.kind}"] = array

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from siliconvert.architectures import ModelSpec
+from siliconvert.architectures import LLAMA_TRAITS, ModelSpec
 from siliconvert.architectures.base import Layer, Rope
 from siliconvert.errors import CheckpointError
 
@@ -97,11 +97,6 @@ LAYOUTS: dict[str, Layout] = {
                         experts=ExpertLayout("mlp", "num_experts", "moe_intermediate_size", None, dense_layers=False,
                                              normalizes=False, shared_key="shared_expert_intermediate_size")),
 }
-# Llama's value of each trait: what a model file computes unless its layout's `fixed` says otherwise (where
-# `fixed` may also name a size the file derives, or the tied head)
-_LLAMA = {"norm_offset": 0.0, "norm_placement": "pre", "qk_norm": None, "activation": "silu", "embedding_scale": 1.0,
-          "attention_scale": 0.0, "residual_scale": 1.0, "logits_scale": 1.0, "attn_softcap": None,
-          "final_softcap": None, "fused_qkv": False, "fused_gate_up": False}
 
 
 @dataclass(frozen=True)
@@ -166,7 +161,9 @@ class MLXArch:
     def _check(self) -> None:
         spec, layout = self.spec, self.layout
         keyed = {trait for key in layout.keys for trait in KEYS[key].traits}
-        for trait, expected in (_LLAMA | layout.fixed).items():
+        # a model file computes Llama's traits unless its layout's `fixed` says otherwise (where `fixed` may also
+        # name a size the file derives, or the tied head)
+        for trait, expected in (LLAMA_TRAITS | layout.fixed).items():
             if trait in keyed:
                 continue
             expected = expected(spec) if callable(expected) else expected

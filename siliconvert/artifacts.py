@@ -11,8 +11,12 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from siliconvert.checkpoint import TensorInfo
 
 
 def sync_file(path: Path) -> None:
@@ -65,8 +69,9 @@ class Writer(ABC):
     """Consumes the checkpoint's tensor stream; produces one or more artifacts."""
 
     @abstractmethod
-    def add(self, name: str, array: np.ndarray) -> None:
-        """Take one source tensor (HF name, HF layout). Called once per tensor, in stream order."""
+    def add(self, info: TensorInfo, array: np.ndarray) -> None:
+        """Take one source tensor: its info (HF name, resolved role) and its values (HF layout). Called once per
+        tensor, in stream order; tensors no target uses (rotary caches, a tied head's stored copy) never come."""
 
     @abstractmethod
     def finish(self) -> list[Artifact]:

@@ -17,14 +17,14 @@ import struct
 import sys
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from stat import S_ISREG
 from typing import Any
 
 import numpy as np
 
-from siliconvert.architectures import Family, ModelSpec, registry
+from siliconvert.architectures import Family, ModelSpec, TensorRole, registry
 from siliconvert.architectures.base import transformers_config
 from siliconvert.config_check import check_config
 from siliconvert.errors import CheckpointError, short
@@ -61,6 +61,9 @@ class TensorInfo:
     nbytes: int
     # A stack of experts assembled from per-expert tensors: the parts, in row-major order (`stacked`)
     parts: tuple[TensorInfo, ...] = ()
+    # What the tensor is in the model, resolved once by `Checkpoint.open` (None only in a shard's raw index, read
+    # before the family is known): writers plan and convert by it, never by the name
+    role: TensorRole | None = None
 
     def files(self) -> set[Path]:
         """The files the tensor's bytes come from."""
@@ -298,7 +301,7 @@ class Checkpoint:
         if not config.get("architectures"):  # found from model_type: artifacts' configs name it, as transformers' do
             config = {**config, "architectures": [family.hf_architectures[0]]}
         spec = family.spec(config, where=str(path / "config.json"))
-        checkpoint = cls(path, name, config, family, spec, tensors)
+        checkpoint = cls(path, name, config, family, spec, _model_tensors(family, spec, tensors))
         checkpoint._check_tensors()
         # every target ships the tokenizer: refuse a checkpoint without one, or with a damaged JSON file, now
         for file in checkpoint.tokenizer_files():
@@ -323,22 +326,21 @@ class Checkpoint:
         (safetensors sorts names: layer 10 comes before layer 2). Within a layer, file order."""
 
         def position(info: TensorInfo) -> tuple:
-            role = self.family.role_of(info.name)
-            if role is not None and role.layer is not None:
-                group, layer = 1, role.layer
+            if info.role.layer is not None:
+                group, layer = 1, info.role.layer
             else:
-                group, layer = (0 if role is not None and role.role == "token_embd" else 2), 0
+                group, layer = (0 if info.role.role == "token_embd" else 2), 0
             return group, layer, info.shard.name, info.offset
 
         return sorted(self.tensor_infos.values(), key=position)
 
-    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        """Yield (HF name, array) one at a time, in `stream_order`."""
+    def tensors(self) -> Iterator[tuple[TensorInfo, np.ndarray]]:
+        """Yield (info, array) one at a time, in `stream_order`: the info names the tensor and carries its role."""
         for info in self.stream_order():
             array = read_tensor(info)
             if array.dtype.kind == "f" and array.size and not np.isfinite(value_range(array)).all():
                 raise CheckpointError(f"tensor {info.name!r} holds NaN or Inf values", info.shard)
-            yield info.name, array
+            yield info, array
             del array  # so the next tensor is read with this one already gone
 
     def fingerprint(self) -> str:
@@ -360,9 +362,7 @@ class Checkpoint:
         expected = self.family.expected_tensors(self.spec)
         where = self.path
         for name in self.tensor_infos:
-            if name not in expected and not self.family.is_droppable(name):
-                if name == "lm_head.weight" and self.spec.tie_word_embeddings:
-                    continue  # some tied checkpoints still store the (identical) head
+            if name not in expected:
                 raise CheckpointError(f"unexpected tensor {short(name)} for {self.spec.family}", where)
         for name, shape in expected.items():
             info = self.tensor_infos.get(name)
@@ -375,6 +375,21 @@ class Checkpoint:
                 )
             if info.dtype not in ("F32", "F16", "BF16"):
                 raise CheckpointError(f"tensor {name!r} has dtype {info.dtype}, expected a float", info.shard)
+
+
+def _model_tensors(family: Family, spec: ModelSpec, tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """The tensors the model is made of, each with its role. Left out here, once, so that no writer or runner sees
+    them: what the family drops (rotary caches, which every target rebuilds from the spec), and the stored copy of
+    a tied head (some tied checkpoints keep one, identical to the embedding, which is the head)."""
+    model: dict[str, TensorInfo] = {}
+    for name, info in tensors.items():
+        if family.is_droppable(name):
+            continue
+        role = family.role_of(name)
+        if role is not None and (role.role, role.kind) == ("output", "weight") and spec.tie_word_embeddings:
+            continue
+        model[name] = replace(info, role=role)
+    return model
 
 
 def resolve_source(source: str) -> tuple[Path, str]:

@@ -94,7 +94,7 @@ def build_mlx(source, out_dir, **target):
 
     checkpoint = Checkpoint.open(source)
     writer = MLXWriter(checkpoint, MLXTarget(format="mlx", **target), out_dir, checkpoint.name)
-    for name, array in checkpoint.tensors():
-        writer.add(name, array)
+    for info, array in checkpoint.tensors():
+        writer.add(info, array)
     (artifact,) = writer.finish()
     return artifact

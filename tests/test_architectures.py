@@ -1,10 +1,11 @@
 """Config normalisation: one place, every key read or reported."""
 
+import dataclasses
 import warnings
 
 import pytest
 
-from siliconvert.architectures import ConfigWarning, registry
+from siliconvert.architectures import LLAMA_TRAITS, ConfigWarning, ModelSpec, registry
 from siliconvert.errors import CheckpointError, UnsupportedArchitectureError
 
 BASE = {
@@ -89,6 +90,14 @@ def test_roles():
     assert family.role_of("model.embed_tokens.weight").role == "token_embd"
     assert family.role_of("model.layers.0.self_attn.rotary_emb.inv_freq") is None
     assert family.is_droppable("model.layers.0.self_attn.rotary_emb.inv_freq")
+
+
+def test_llama_traits_are_the_specs_defaults():
+    """One table of Llama's traits: ModelSpec's defaults are its values, and a Llama config departs from none."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelSpec)}
+    assert {name: defaults[name] for name in LLAMA_TRAITS} == LLAMA_TRAITS
+    assert spec_of().traits() == {}
+    assert spec_of(hidden_act="gelu_pytorch_tanh").traits() == {"activation": "gelu_tanh"}
 
 
 def test_unknown_architecture_lists_the_supported_ones():

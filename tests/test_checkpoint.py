@@ -10,8 +10,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from siliconvert.architectures import TensorRole
 from siliconvert.checkpoint import Checkpoint, read_safetensors_header
 from siliconvert.errors import CheckpointError
 
@@ -20,7 +21,8 @@ def test_streams_every_tensor_with_exact_values(random_llama):
     checkpoint = Checkpoint.open(random_llama)
     expected = load_file(random_llama / "model.safetensors")
     seen = []
-    for name, array in checkpoint.tensors():
+    for info, array in checkpoint.tensors():
+        name = info.name
         seen.append(name)
         assert array.dtype == np.float32  # bf16 widened exactly
         np.testing.assert_array_equal(array, expected[name].float().numpy())
@@ -36,18 +38,49 @@ def test_sharded_checkpoint_reads_the_same(random_llama, tmp_path):
     model.save_pretrained(tmp_path, max_shard_size="20KB")
     shutil.copy(random_llama / "tokenizer.json", tmp_path)
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    one = dict(Checkpoint.open(random_llama).tensors())
+    one = {info.name: array for info, array in Checkpoint.open(random_llama).tensors()}
     sharded = Checkpoint.open(tmp_path)
     assert len({i.shard for i in sharded.tensor_infos.values()}) > 1
-    many = dict(sharded.tensors())
+    many = {info.name: array for info, array in sharded.tensors()}
     assert one.keys() == many.keys()
     for name in one:
         np.testing.assert_array_equal(one[name], many[name])
 
 
 def test_stream_order_is_stable(random_llama):
-    first = [n for n, _ in Checkpoint.open(random_llama).tensors()]
-    assert first == [n for n, _ in Checkpoint.open(random_llama).tensors()]
+    first = [info.name for info, _ in Checkpoint.open(random_llama).tensors()]
+    assert first == [info.name for info, _ in Checkpoint.open(random_llama).tensors()]
+
+
+def test_the_stream_carries_each_tensors_role(random_llama):
+    """Roles are resolved once, when the checkpoint opens: the infos writers plan from and the stream carry them."""
+    checkpoint = Checkpoint.open(random_llama)
+    streamed = [info for info, _ in checkpoint.tensors()]
+    assert streamed == checkpoint.stream_order()
+    for info in streamed:
+        assert info.role == checkpoint.family.role_of(info.name) is not None
+    assert streamed[0].role == TensorRole("token_embd", None, "weight")
+    layers = [info.role.layer for info in streamed[1:-2]]
+    assert layers == sorted(layers) and set(layers) == {0, 1}  # embedding, layer 0, layer 1, then norm and head
+    assert {info.role.role for info in streamed[-2:]} == {"output_norm", "output"}
+
+
+def test_rotary_caches_and_a_tied_heads_stored_copy_never_stream(random_llama, tmp_path):
+    """A tied checkpoint that stores its head anyway, and a rotary cache: neither reaches a writer (the embedding
+    is the head; every target rebuilds the rotary frequencies), and the rest streams in the same order."""
+    folder = _copy(random_llama, tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    tensors["model.layers.1.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": True}))
+    tied = Checkpoint.open(folder)
+    streamed = [info.name for info, _ in tied.tensors()]
+    assert "lm_head.weight" not in streamed and not any("rotary_emb" in name for name in streamed)
+    assert sorted(streamed) == sorted(tied.tensor_infos) == sorted(tied.family.expected_tensors(tied.spec))
+    untied = [info.name for info in Checkpoint.open(random_llama).stream_order()]
+    assert streamed == [name for name in untied if name != "lm_head.weight"]
 
 
 def _copy(random_llama, tmp_path):
@@ -151,8 +184,8 @@ def test_pickle_checkpoint_loads_weights_only_when_allowed(tmp_path, random_llam
     with pytest.raises(CheckpointError, match="allow-pickle"):
         Checkpoint.open(folder)
     checkpoint = Checkpoint.open(folder, allow_pickle=True)
-    for name, array in checkpoint.tensors():
-        np.testing.assert_array_equal(array, tensors[name].float().numpy())
+    for info, array in checkpoint.tensors():
+        np.testing.assert_array_equal(array, tensors[info.name].float().numpy())
 
 
 def test_pickle_that_would_run_code_is_refused_even_when_allowed(tmp_path, random_llama):

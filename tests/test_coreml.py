@@ -3,6 +3,7 @@ through the MIL interpreter, and hold them to the transformers reference."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import reference_logits_for
 
+from siliconvert.architectures import TensorRole
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.coreml import CoreMLWriter
 from siliconvert.convert.coreml.chunks import model_bytes
@@ -36,8 +38,8 @@ FAMILIES = {
 def build(source: Path, out_dir: Path, **target):
     checkpoint = Checkpoint.open(source)
     writer = CoreMLWriter(checkpoint, CoreMLTarget(format="coreml", context=CONTEXT, **target), out_dir, "tiny")
-    for name, array in checkpoint.tensors():
-        writer.add(name, array)
+    for info, array in checkpoint.tensors():
+        writer.add(info, array)
     artifacts = writer.finish()
     figures = writer.figures()  # its threads' time, within the time the stage was active
     assert 0 < figures["write_s"] <= figures["active_s"] and 0 < figures["build_s"] <= figures["active_s"]
@@ -164,8 +166,8 @@ def test_chunks_split_the_layers_not_the_logits(llama, tmp_path):
     writer = CoreMLWriter(checkpoint, CoreMLTarget(format="coreml", context=CONTEXT, chunks=2), tmp_path / "chunked",
                           "tiny")
     open_at_once = 0
-    for name, array in sorted(checkpoint.tensors(), key=lambda item: item[0]):
-        writer.add(name, array)
+    for info, array in sorted(checkpoint.tensors(), key=lambda item: item[0].name):
+        writer.add(info, array)
         open_at_once = max(open_at_once, len(writer.writing))
     (chunked,) = writer.finish()
     assert open_at_once == 2
@@ -215,9 +217,9 @@ if len(sys.argv) > 2:
     writer = CoreMLWriter(checkpoint, CoreMLTarget(format="coreml", context=64), Path(sys.argv[2]), "m")
 Path("/proc/self/clear_refs").write_text("5")  # VmHWM starts again from the current RSS
 written = count("/proc/self/io", "wchar")
-for name, array in checkpoint.tensors():
+for info, array in checkpoint.tensors():
     if writer is not None:
-        writer.add(name, array)
+        writer.add(info, array)
     del array
 if writer is not None:
     writer.finish()
@@ -266,19 +268,22 @@ def test_writer_refuses_misuse(llama, tmp_path):
     with pytest.raises(RecipeError, match="more than"):
         CoreMLWriter(checkpoint, CoreMLTarget(format="coreml", chunks=3), tmp_path, "x")
     writer = CoreMLWriter(checkpoint, CoreMLTarget(format="coreml", context=CONTEXT), tmp_path, "x")
-    name, array = next(checkpoint.tensors())
-    writer.add(name, array)
+    info, array = next(checkpoint.tensors())
+    writer.add(info, array)
     with pytest.raises(CheckpointError, match="arrived twice"):
-        writer.add(name, array)
-    other, _ = next(item for item in checkpoint.tensors() if item[0] != name)
+        writer.add(info, array)
+    other, _ = next(item for item in checkpoint.tensors() if item[0].name != info.name)
     with pytest.raises(CheckpointError, match="has shape"):
         writer.add(other, array.ravel()[:7])
+    router = dataclasses.replace(other, role=TensorRole("ffn_gate_inp", 0, "weight"))  # a dense model has none
+    with pytest.raises(CheckpointError, match="used by no Core ML package"):
+        writer.add(router, array)
     with pytest.raises(CheckpointError, match="ended before"):
         writer.finish()
     writer.abort()
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(RuntimeError):
-        writer.add(name, array)
+        writer.add(info, array)
 
 
 def test_a_failed_build_stops_the_pass_and_leaves_nothing(llama, tmp_path, monkeypatch):
@@ -293,8 +298,8 @@ def test_a_failed_build_stops_the_pass_and_leaves_nothing(llama, tmp_path, monke
     checkpoint = Checkpoint.open(llama)
     writer = CoreMLWriter(checkpoint, CoreMLTarget(format="coreml", context=CONTEXT, chunks=2), tmp_path, "x")
     with pytest.raises(RuntimeError, match="graph failed"):
-        for name, array in checkpoint.tensors():
-            writer.add(name, array)
+        for info, array in checkpoint.tensors():
+            writer.add(info, array)
         writer.finish()
     writer.abort()
     assert list(tmp_path.iterdir()) == []

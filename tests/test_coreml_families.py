@@ -31,8 +31,8 @@ MIXTURES = ["qwen3_moe", "mixtral", "qwen2_moe", "olmoe"]  # 4 experts, 2 per to
 def build(source, out_dir):
     checkpoint = Checkpoint.open(source)
     writer = CoreMLWriter(checkpoint, CoreMLTarget(format="coreml", context=CONTEXT), out_dir, "tiny")
-    for name, array in checkpoint.tensors():
-        writer.add(name, array)
+    for info, array in checkpoint.tensors():
+        writer.add(info, array)
     return writer.finish()
 
 

@@ -29,8 +29,8 @@ VOCAB, CONTEXT = 96, 32
 def build(source: Path, out_dir: Path, **target) -> list:
     checkpoint = Checkpoint.open(source)
     writer = CoreMLWriter(checkpoint, CoreMLTarget(format="coreml", context=CONTEXT, **target), out_dir, "moe")
-    for name, array in checkpoint.tensors():
-        writer.add(name, array)
+    for info, array in checkpoint.tensors():
+        writer.add(info, array)
     return writer.finish()
 
 

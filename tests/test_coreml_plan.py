@@ -41,9 +41,8 @@ def build(out_dir: Path, **target) -> tuple[dict[str, Path], CoreMLWriter]:
 
     checkpoint = Checkpoint.open(demo_checkpoint())
     writer = CoreMLWriter(checkpoint, CoreMLTarget(format="coreml", context=CONTEXT, **target), out_dir, "demo")
-    for name, array in checkpoint.tensors():
-        if not checkpoint.family.is_droppable(name):
-            writer.add(name, array)
+    for info, array in checkpoint.tensors():
+        writer.add(info, array)
     return {a.quant: a for a in writer.finish()}, writer
 
 

@@ -83,8 +83,8 @@ def reference(source: Path) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
 def convert(source: Path, out_dir: Path, quants: list[str], **target: object):
     checkpoint = Checkpoint.open(source)
     writer = GGUFWriter(checkpoint, GGUFTarget(format="gguf", quants=quants, **target), out_dir, "model")
-    for name, array in checkpoint.tensors():
-        writer.add(name, array)
+    for info, array in checkpoint.tensors():
+        writer.add(info, array)
     return writer.finish()
 
 
@@ -160,10 +160,8 @@ def test_every_tensor_round_trips(source: Path, artifacts: dict[str, Path], quan
     name_map = gguf.get_tensor_name_map(arch, spec.num_layers)  # gguf-py's own HF → GGUF table
     stored = {t.name: t for t in gguf.GGUFReader(artifacts[quant]).tensors}
     seen = set()
-    for hf_name, array in checkpoint.tensors():
-        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if spec.tie_word_embeddings and gguf_name == "output.weight":
-            continue
+    for info, array in checkpoint.tensors():  # a tied checkpoint streams no head (llama.cpp's is token_embd)
+        gguf_name = name_map.get_name(info.name, try_suffixes=(".weight", ".bias"))
         tensor = stored[gguf_name]
         seen.add(gguf_name)
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(array.shape)
@@ -340,9 +338,9 @@ def test_out_of_order_tensors_are_refused(source: Path, tmp_path: Path) -> None:
     writer = GGUFWriter(checkpoint, GGUFTarget(format="gguf", quants=["F16"]), tmp_path, "model")
     stream = checkpoint.tensors()
     next(stream)
-    name, array = next(stream)
+    info, array = next(stream)
     with pytest.raises(ValueError, match="out of order"):
-        writer.add(name, array)
+        writer.add(info, array)
     writer.abort()
     assert list(tmp_path.iterdir()) == []
 

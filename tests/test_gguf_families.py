@@ -43,8 +43,8 @@ def family(request: pytest.FixtureRequest) -> Path:
 def scored(family: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     checkpoint = Checkpoint.open(family)
     writer = GGUFWriter(checkpoint, GGUFTarget(format="gguf", quants=QUANTS), tmp_path_factory.mktemp("gguf"), "m")
-    for name, array in checkpoint.tensors():
-        writer.add(name, array)
+    for info, array in checkpoint.tensors():
+        writer.add(info, array)
     ids = AutoTokenizer.from_pretrained(family)(heldout_text()[:20_000], add_special_tokens=False)["input_ids"]
     windows = np.array(ids[:WINDOW * WINDOWS]).reshape(WINDOWS, WINDOW)
     targets = np.array(ids[1:WINDOW * WINDOWS + 1]).reshape(WINDOWS, WINDOW)
@@ -99,8 +99,8 @@ def test_gemma3_multimodal_converts_its_language_model(tmp_path: Path) -> None:
         checkpoint = Checkpoint.open(source)
     assert checkpoint.spec.family == "gemma3" and checkpoint.config["architectures"] == ["Gemma3ForCausalLM"]
     writer = GGUFWriter(checkpoint, GGUFTarget(format="gguf", quants=["F16"]), tmp_path, "m")
-    for name, array in checkpoint.tensors():
-        writer.add(name, array)
+    for info, array in checkpoint.tensors():
+        writer.add(info, array)
     [artifact] = writer.finish()
     ids = AutoTokenizer.from_pretrained(source)(heldout_text()[:5000], add_special_tokens=False)["input_ids"]
     window = np.array(ids[:WINDOW])

@@ -69,7 +69,7 @@ def test_expert_stacks_and_keys_are_llama_cpps(tiny_moe: Path, tmp_path: Path) -
     else:
         assert keys[f"{arch}.expert_feed_forward_length"] == 16
     tensors = {t.name: t for t in gguf.GGUFReader(artifact.path).tensors}
-    stream = dict(checkpoint.tensors())
+    stream = {info.name: array for info, array in checkpoint.tensors()}
     for layer in spec.sparse_layers:
         stack = stream[f"model.layers.{layer}.mlp.experts.gate_up_proj"]  # [experts, 2·ff, hidden]
         expected = {"ffn_gate_exps": stack[:, :16], "ffn_up_exps": stack[:, 16:],
@@ -106,7 +106,7 @@ def test_olmoe_kv_heads_are_repeated_per_q_head(tmp_path: Path) -> None:
     [artifact] = convert(source, tmp_path, ["F16"])
     assert fields(artifact.path)["olmoe.attention.head_count_kv"] == spec.num_heads == 2 * spec.num_kv_heads
     tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(artifact.path).tensors}
-    stream = dict(Checkpoint.open(source).tensors())
+    stream = {info.name: array for info, array in Checkpoint.open(source).tensors()}
     for part, role in (("k_proj.weight", "attn_k.weight"), ("v_proj.weight", "attn_v.weight"),
                        ("k_norm.weight", "attn_k_norm.weight")):
         values = stream[f"model.layers.0.self_attn.{part}"]
@@ -128,7 +128,7 @@ def test_a_tied_head_is_written_where_the_graph_requires_one(family: str, tmp_pa
     from siliconvert.validate.runners.gguf import LlamaCppRunner
 
     source = save_tiny(tmp_path / "source", family, **(CONFIGS.get(family, {}) | {"tie_word_embeddings": True}))
-    assert "lm_head.weight" not in dict(Checkpoint.open(source).tensors())
+    assert "lm_head.weight" not in Checkpoint.open(source).tensor_infos
     streamed = {a.quant: a.path for a in convert(source, tmp_path / "streamed", ["F16", "Q4_K_M"])}
     tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(streamed["F16"]).tensors}
     np.testing.assert_array_equal(tensors["output.weight"], tensors["token_embd.weight"])

@@ -27,8 +27,8 @@ def build(source: Path, out_dir: Path, chunks: int) -> Path:
     checkpoint = Checkpoint.open(source)
     target = CoreMLTarget(format="coreml", context=CONTEXT, chunks=chunks)
     writer = CoreMLWriter(checkpoint, target, out_dir, "tiny")
-    for name, array in checkpoint.tensors():
-        writer.add(name, array)
+    for info, array in checkpoint.tensors():
+        writer.add(info, array)
     (artifact,) = writer.finish()
     return artifact.path
 

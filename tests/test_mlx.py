@@ -97,8 +97,8 @@ def test_other_families_compute_the_source_function(small_model, tmp_path, famil
 def test_writer_leaves_nothing_on_abort(llama, tmp_path):
     checkpoint = Checkpoint.open(llama)
     writer = MLXWriter(checkpoint, MLXTarget(format="mlx"), tmp_path, "x")
-    name, array = next(checkpoint.tensors())
-    writer.add(name, array)
+    info, array = next(checkpoint.tensors())
+    writer.add(info, array)
     writer.abort()
     assert list(tmp_path.iterdir()) == []
 

@@ -73,7 +73,7 @@ def test_more_experts_per_token_than_experts_is_refused() -> None:
 
 
 def stream(folder: Path) -> dict[str, np.ndarray]:
-    return dict(Checkpoint.open(folder).tensors())
+    return {info.name: array for info, array in Checkpoint.open(folder).tensors()}
 
 
 def stacked_copy(source: Path, out: Path) -> Path:
@@ -205,7 +205,7 @@ def test_other_expert_families_stream_what_transformers_loads(model_type: str, c
     else:
         assert spec.qk_norm == "projection" and spec.sparse_layers == [0, 1, 2]
     loaded = load_file(stacked_copy(source, tmp_path / "stacked") / "model.safetensors")
-    streamed = dict(checkpoint.tensors())
+    streamed = {info.name: array for info, array in checkpoint.tensors()}
     assert sorted(streamed) == sorted(loaded)
     for name, array in streamed.items():
         np.testing.assert_array_equal(array, loaded[name].float().numpy(), err_msg=name)

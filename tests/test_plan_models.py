@@ -24,9 +24,8 @@ WINDOWS, LENGTH = 2, 128
 
 
 def write(writer):
-    for name, array in writer.checkpoint.tensors():
-        if not writer.checkpoint.family.is_droppable(name):
-            writer.add(name, array)
+    for info, array in writer.checkpoint.tensors():
+        writer.add(info, array)
     return writer.finish()
 
 

@@ -8,13 +8,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from siliconvert.architectures import ModelSpec
+from siliconvert.architectures import ModelSpec, TensorRole
 from siliconvert.errors import RecipeError
 
 AUTO_CHUNK_BYTES = 1 << 30  # `chunks: auto`: ≤ ~1 GiB of fp16 weights per package, as ANE projects use
 HEAD_SPLIT = 16384  # the ANE caps a convolution's output channels; a 32k–150k vocabulary head is split
 # (role, layer or None, "weight"/"bias"): what the graph builder asks for
 Key = tuple[str, int | None, str]
+
+
+def role_key(role: TensorRole) -> Key:
+    """The key of a checkpoint tensor of this role."""
+    return role.role, role.layer, role.kind
 
 
 @dataclass(frozen=True)

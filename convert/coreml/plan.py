@@ -23,7 +23,7 @@ import numpy as np
 
 from siliconvert.architectures import ModelSpec
 from siliconvert.calibration import BUILTIN, IMPORTANCE, Calibrations
-from siliconvert.convert.coreml.chunks import Chunk, Key, blobs_of, head_pieces, head_role
+from siliconvert.convert.coreml.chunks import Chunk, Key, blobs_of, head_pieces, head_role, role_key
 from siliconvert.convert.coreml.folds import graph_keys
 from siliconvert.quantize.coreml import compressible
 from siliconvert.quantize.plan import Plan, make_plan
@@ -55,10 +55,8 @@ class WeightPlanner:
         self.expert_shares = {stack: _shares(tokens) for stack, tokens in calibrated.expert_tokens.items()}
         # each graph tensor's source (HF) name, whose importance its columns take
         self.sources: dict[Key, str] = {}
-        for source in checkpoint.tensor_infos:
-            role = checkpoint.family.role_of(source)
-            if role is not None:
-                self.sources.update(dict.fromkeys(graph_keys(self.spec, (role.role, role.layer, role.kind)), source))
+        for source, info in checkpoint.tensor_infos.items():
+            self.sources.update(dict.fromkeys(graph_keys(self.spec, role_key(info.role)), source))
         self.costs: list[TensorCosts] = []
         self.package_bytes = 0  # the packages' bytes outside the planned weights, with SPEC_BYTES_PER_WEIGHT each
 

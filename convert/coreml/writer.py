@@ -25,7 +25,8 @@ import numpy as np
 from siliconvert.architectures import ModelSpec
 from siliconvert.artifacts import Artifact, Writer
 from siliconvert.calibration import BUILTIN, IMPORTANCE, RANGE, Calibrations
-from siliconvert.convert.coreml.chunks import Chunk, Key, blobs_of, plan_chunks, weight_id
+from siliconvert.checkpoint import TensorInfo
+from siliconvert.convert.coreml.chunks import Chunk, Key, blobs_of, plan_chunks, role_key, weight_id
 from siliconvert.convert.coreml.folds import graph_keys, graph_tensors, tensor_shape
 from siliconvert.convert.coreml.graph import (
     EXPERT_IDS,
@@ -130,19 +131,19 @@ class CoreMLWriter(Writer):
         except OSError as e:
             raise OutputError(f"cannot create a Core ML work folder ({e.strerror})", out_dir) from None
 
-    def add(self, name: str, array: np.ndarray) -> None:
+    def add(self, info: TensorInfo, array: np.ndarray) -> None:
         begun = time.perf_counter()
         try:
-            self._add(name, array)
+            self._add(info, array)
         finally:
             self.calls.append((begun, time.perf_counter()))
 
-    def _add(self, name: str, array: np.ndarray) -> None:
+    def _add(self, info: TensorInfo, array: np.ndarray) -> None:
         if self._state != "open":
             raise RuntimeError(f"CoreMLWriter.add after {self._state}")
-        key = self._key(name)
-        if key is None or not any(part in needed for part in graph_keys(self.spec, key) for needed in self.needed):
-            return  # a stored copy of a tied head, or rotary inv_freq: the graph rebuilds these from the spec
+        name, key = info.name, role_key(info.role)
+        if not any(part in needed for part in graph_keys(self.spec, key) for needed in self.needed):
+            raise CheckpointError(f"tensor {name!r} ({key[0]}) is used by no Core ML package")
         if any(part in self.arrived for part in graph_keys(self.spec, key)):
             raise CheckpointError(f"tensor {name!r} arrived twice in the stream")
         if array.shape != tensor_shape(self.spec, key):
@@ -342,10 +343,6 @@ class CoreMLWriter(Writer):
         write_package(package, export(program, MILProtoExporter(program, str(package / PACKAGE_DATA / "weights"),
                                                                 SPEC_VERSION)))
         self.syncing.append(self.syncer.submit(fsync_tree, package))
-
-    def _key(self, name: str) -> Key | None:
-        role = self.checkpoint.family.role_of(name)
-        return (role.role, role.layer, role.kind) if role else None
 
 
 def prefill_block(context: int) -> int:

@@ -4,6 +4,7 @@ Adding a family is a short module here (see qwen3.py: a mapping from its config 
 """
 
 from siliconvert.architectures.base import (
+    LLAMA_TRAITS,
     ConfigWarning,
     Experts,
     Family,
@@ -33,4 +34,5 @@ for _family in (Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3, Gemma3Multimodal, 
                 Qwen3Moe, Mixtral, Qwen2Moe, Olmoe):
     registry.register(_family)
 
-__all__ = ["ConfigWarning", "Experts", "Family", "Layer", "ModelSpec", "Registry", "Rope", "TensorRole", "registry"]
+__all__ = ["LLAMA_TRAITS", "ConfigWarning", "Experts", "Family", "Layer", "ModelSpec", "Registry", "Rope", "TensorRole",
+           "registry"]

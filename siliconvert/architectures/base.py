@@ -142,7 +142,7 @@ class ModelSpec:
     def traits(self) -> dict[str, Any]:
         """The traits that depart from Llama's, by name: what a writer that cannot honour one names."""
         departures = {}
-        for name, default in _LLAMA_TRAITS.items():
+        for name, default in LLAMA_TRAITS.items():
             if getattr(self, name) != default:
                 departures[name] = getattr(self, name)
         windows = {layer.window for layer in self.layers}
@@ -168,7 +168,9 @@ class ModelSpec:
         return [i for i, layer in enumerate(self.layers) if layer.sparse]
 
 
-_LLAMA_TRAITS: dict[str, Any] = {
+# Llama's value of each trait: the defaults of ModelSpec's traits, what `traits()` names departures from, and what
+# a writer's model file computes unless it says otherwise (convert/mlx_arch.py)
+LLAMA_TRAITS: dict[str, Any] = {
     "norm_offset": 0.0, "norm_placement": "pre", "qk_norm": None, "activation": "silu", "embedding_scale": 1.0,
     "attention_scale": 0.0, "residual_scale": 1.0, "logits_scale": 1.0, "attn_softcap": None,
     "final_softcap": None, "fused_qkv": False, "fused_gate_up": False,

@@ -204,12 +204,10 @@ def convert(checkpoint: Checkpoint, recipe: Recipe, artifacts_dir: Path, timings
             # after the writers are made: a plan's costs are measured on every core
             restore_torch_threads = limit_torch_threads(1)
             stream = track(checkpoint.tensors(), "converting tensors", total=len(checkpoint.tensor_infos))
-            for name, array in stream:
-                if checkpoint.family.is_droppable(name):
-                    continue
+            for info, array in stream:
                 for label, writer in zip(labels, writers, strict=True):
                     begun = time.perf_counter()
-                    writer.add(name, array)
+                    writer.add(info, array)
                     busy[label] += time.perf_counter() - begun
                 del array  # freed before the next tensor is read: memory holds one tensor (one expert stack)
         for label, writer, (index, target) in zip(labels, writers, todo, strict=True):
