@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import pytest
+from releases import HUB_ID, MODEL, FakeCheckpoint, entry, write
 
 import siliconvert.formats  # noqa: F401 - registers the formats a recipe names
 
@@ -98,3 +100,48 @@ def build_mlx(source, out_dir, **target):
         writer.add(info, array)
     (artifact,) = writer.finish()
     return artifact
+
+
+@pytest.fixture
+def build(tmp_path) -> tuple[dict, FakeCheckpoint, Path]:
+    """A run's output folder: artifacts of every format, plot.png, and the report that scored them."""
+    source = tmp_path / "hub-cache" / "snapshot"
+    write(source / "README.md", "---\nlicense: apache-2.0\nlanguage: [en]\n---\n# Mistral\n")
+    write(source / "tokenizer.json", '{"model": {"type": "BPE"}}')
+    write(source / "tokenizer_config.json", "{}")
+    out = tmp_path / "out"
+    arts = out / "artifacts"
+    for name in ("4bit-g64", "8bit-g64"):
+        folder = arts / f"{MODEL}-mlx-{name}"
+        write(folder / "config.json", '{"quantization": {"bits": 4, "group_size": 64}}')
+        write(folder / "model.safetensors", b"\x00weights" * 100)
+        write(folder / "model.safetensors.index.json", "{}")
+        write(folder / "tokenizer.json", '{"model": {"type": "BPE"}}')
+        write(folder / "README.md", "the artifact's own card")
+    for quant in ("Q4_K_M", "Q8_0", "Q2_K"):
+        write(arts / f"{MODEL}-{quant}.gguf", b"GGUF" + quant.encode() * 50)
+    coreml = arts / f"{MODEL}-fp16-coreml"
+    write(coreml / "chunk_01.mlpackage" / "Manifest.json", "{}")
+    write(coreml / "chunk_01.mlpackage" / "Data" / "com.apple.CoreML" / "weights" / "weight.bin", b"\x01" * 64)
+    write(coreml / "manifest.json", json.dumps({
+        "context_length": 2048, "functions": {"decode": 1, "prefill": 64},
+        "chunks": [{"package": "chunk_01.mlpackage", "inputs": ["input_ids", "position"], "outputs": ["logits"],
+                    "states": {"key_cache": [2, 8, 2048, 128], "value_cache": [2, 8, 2048, 128]}}]}))
+    write(out / "plot.png", b"\x89PNG fake")
+    report = {
+        "schema": 1, "siliconvert": "0.1.0", "source": HUB_ID,
+        "source_info": {"name": MODEL, "path": str(source), "architecture": "MistralForCausalLM",
+                        "family": "mistral", "fingerprint": "abc", "dtype": "bfloat16"},
+        "reference": {"runtime": "transformers 5.0 / torch 2.8", "device": "CPU", "dtype": "float32 (upcast)"},
+        "corpus": {"name": "builtin", "tokens": 1024, "context": 256, "windows": 4, "positions": 1020},
+        "artifacts": [
+            entry("mlx", "4bit-g64", arts / f"{MODEL}-mlx-4bit-g64"),
+            entry("mlx", "8bit-g64", arts / f"{MODEL}-mlx-8bit-g64", failed=("mean_kld", "same_top1")),
+            entry("gguf", "Q4_K_M", arts / f"{MODEL}-Q4_K_M.gguf", mean_kld=0.02468),
+            entry("gguf", "Q8_0", arts / f"{MODEL}-Q8_0.gguf", mean_kld=0.00135),
+            entry("gguf", "Q2_K", arts / f"{MODEL}-Q2_K.gguf", failed=("mean_kld",)),
+            entry("coreml", "fp16", coreml, mean_kld=0.00042),
+        ],
+        "passed": False,
+    }
+    return report, FakeCheckpoint(source), out

@@ -18,12 +18,10 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import siliconvert.convert.gguf as convert_gguf
 import siliconvert.convert.gguf_arch as gguf_arch
-from siliconvert.architectures import registry
 from siliconvert.calibration import Calibrations, calibration_text
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.gguf import GGUFWriter
@@ -315,19 +313,6 @@ def test_known_differences_from_transformers(case: str, source: Path, artifacts:
         assert runner.tokenize(decomposed) != hf_ids(source, decomposed)
         assert runner.tokenize(unicodedata.normalize("NFC", decomposed)) == hf_ids(source, decomposed)
     runner.close()
-
-
-def test_llama3_rope_factors_match_transformers() -> None:
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 256, "intermediate_size": 512,
-              "num_hidden_layers": 1, "num_attention_heads": 4, "max_position_embeddings": 131072,
-              "rope_parameters": rope}
-    spec = registry.for_config(config).spec(config)
-    hf_config = LlamaConfig(**{k: v for k, v in config.items() if k != "architectures"})
-    inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config)
-    plain = 1.0 / rope["rope_theta"] ** (np.arange(0, spec.head_dim, 2) / spec.head_dim)
-    np.testing.assert_allclose(gguf_arch.llama3_rope_factors(spec), plain / inv_freq.numpy(), rtol=1e-5)
 
 
 # ---- refusals ------------------------------------------------------------------------------------

@@ -127,3 +127,63 @@ def test_no_format_tests_outside_the_format_entries():
             continue
         found += [f"{relative}:{n}" for n in format_tests(file.read_text(), names)]
     assert found == []
+
+
+# Modules tested under another name, each with the reason (a pattern over repository paths).
+TESTED_ELSEWHERE = {
+    "siliconvert/architectures/*.py": "a module per family: tests/test_families.py holds one case per family, "
+                                      "tests/test_architectures.py the registry and ModelSpec (base.py)",
+    "siliconvert/errors.py": "exception types: every refusal test checks the one it expects",
+    "siliconvert/progress.py": "progress bars on stderr, quiet under SILICONVERT_QUIET: nothing to assert",
+    "siliconvert/textdata.py": "the built-in texts: tests/test_demo.py trains and scores on them",
+    "siliconvert/artifacts.py": "the Artifact, Writer and Release types: tests/test_formats.py's toy format",
+    "siliconvert/format.py": "the format registry: tests/test_formats.py registers a toy format",
+    # not split out yet: tested only through their callers' files
+    "convert/coreml/folds.py": "through tests/test_coreml_graph.py and tests/test_coreml_moe.py",
+    "convert/coreml/weights.py": "through tests/test_coreml_graph.py and tests/test_coreml_package.py",
+    "validate/runners/base.py": "the Runner interface: each runner's tests, and tests/test_score.py's scripted one",
+}
+
+
+def names_of_test_files(module: Path) -> list[str]:
+    """The names a module's test file may have: tests/test_<module>.py, or tests/test_<folder>_<module>.py for any
+    folder it is in (where the module's name alone is ambiguous: convert/coreml/graph.py → test_coreml_graph.py)."""
+    return [f"test_{module.stem}.py"] + [f"test_{folder}_{module.stem}.py" for folder in module.parent.parts]
+
+
+def modules_without_tests(root: Path) -> list[str]:
+    """Every module of the package with no test file by that rule, save those TESTED_ELSEWHERE."""
+    missing = []
+    for file in sorted(root.rglob("*.py")):
+        relative = file.relative_to(root)
+        if (floor_of(relative.parent) is None or file.name.startswith("__")
+                or any(part.startswith(".") for part in relative.parts)
+                or any(relative.match(pattern) for pattern in TESTED_ELSEWHERE)):
+            continue
+        if not any((root / "tests" / name).exists() for name in names_of_test_files(relative)):
+            missing.append(relative.as_posix())
+    return missing
+
+
+def test_every_module_has_a_test_file_named_after_it():
+    assert modules_without_tests(ROOT) == []
+
+
+def test_every_exception_to_the_test_file_rule_is_still_needed():
+    """An entry of TESTED_ELSEWHERE whose module is gone, or now has its own test file, is removed."""
+    for pattern in TESTED_ELSEWHERE:
+        matched = [p.relative_to(ROOT) for p in ROOT.glob(pattern)]
+        assert matched, f"{pattern} matches no module"
+        has_own = [any((ROOT / "tests" / name).exists() for name in names_of_test_files(p)) for p in matched]
+        assert not all(has_own), f"{pattern}: every module it matches has its own test file now"
+
+
+def test_the_test_file_rule_fails_on_a_module_without_one(tmp_path):
+    for folder in ("siliconvert/commands", "convert/coreml", "tests"):
+        (tmp_path / folder).mkdir(parents=True)
+    for module in ("siliconvert/__init__.py", "siliconvert/commands/cli.py", "siliconvert/commands/new.py",
+                   "convert/coreml/graph.py", "convert/coreml/chunks.py", "siliconvert/errors.py"):
+        (tmp_path / module).write_text("")
+    for test in ("test_cli.py", "test_coreml_graph.py", "test_chunks.py"):
+        (tmp_path / "tests" / test).write_text("")
+    assert modules_without_tests(tmp_path) == ["siliconvert/commands/new.py"]

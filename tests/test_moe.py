@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from siliconvert.architectures import registry
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.errors import CheckpointError
-from siliconvert.validate.router import RouterRecorder, router_agreement
+from siliconvert.validate.router import RouterRecorder
 
 TINY = {"vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
         "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 128, "tie_word_embeddings": False}
@@ -165,19 +165,6 @@ def test_reference_records_the_experts_transformers_chooses(qwen3_moe: Path) -> 
         out = model(torch.as_tensor(window[None]), output_router_logits=True)
         expected = np.stack([logits.topk(2, dim=-1).indices.numpy() for logits in out.router_logits], axis=1)
         np.testing.assert_array_equal(np.sort(choices[row], -1), np.sort(expected, -1))
-
-
-def test_router_agreement_counts_sets_not_order() -> None:
-    reference = np.array([[[[0, 1], [2, 3]], [[1, 2], [0, 3]]]])  # 1 window, 2 tokens, 2 layers, top-2
-    same_sets = reference[..., ::-1]
-    assert router_agreement(reference, same_sets, [0, 2])["same_experts"] == 1.0
-    other = reference.copy()
-    other[0, 1, 1] = [0, 1]  # token 1, second sparse layer: one of two experts differs
-    agreement = router_agreement(reference, other, [0, 2])
-    assert agreement["same_experts"] == 0.75 and agreement["overlap"] == 0.875
-    assert agreement["worst_layer"] == 2 and agreement["layers"][1]["same_experts"] == 0.5
-    unmeasured = router_agreement(reference, None, [0, 2], "no callback")
-    assert not unmeasured["measured"] and unmeasured["reason"] == "no callback"
 
 
 def test_config_counts_of_experts_are_checked(mixtral: Path, tmp_path: Path) -> None:

@@ -81,3 +81,14 @@ def test_any_yaml_document_loads_or_fails_with_a_recipe_error(tmp_path, document
         load_recipe(path)
     except RecipeError as e:
         assert "\n" not in str(e)
+
+
+def test_recipe_key_validate_tokenizer() -> None:
+    from siliconvert.errors import RecipeError
+    from siliconvert.recipe import parse_recipe
+
+    base = {"source": "x", "targets": [{"format": "gguf"}]}
+    assert parse_recipe(base).validate_.tokenizer == "lenient"
+    assert parse_recipe(base | {"validate": {"tokenizer": "strict"}}).validate_.tokenizer == "strict"
+    with pytest.raises(RecipeError, match=r"validate\.tokenizer"):
+        parse_recipe(base | {"validate": {"tokenizer": "exact"}})

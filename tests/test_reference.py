@@ -11,7 +11,7 @@ from conftest import reference_logits_for
 
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.corpus import Windows
-from siliconvert.streamed import CheckpointWeights, model_skeleton, streamed_logits
+from siliconvert.streamed import CheckpointWeights, streamed_logits
 from siliconvert.textdata import heldout_text
 from siliconvert.validate.reference import reference_logits
 
@@ -74,35 +74,6 @@ def test_sliding_window_mask_reaches_the_layers(small_model):
                       for config in (full_config, windowed_config))
     assert np.abs(full[:, :SLIDING_WINDOW] - windowed[:, :SLIDING_WINDOW]).max() < 1e-4
     assert np.abs(full[:, SLIDING_WINDOW + 1:] - windowed[:, SLIDING_WINDOW + 1:]).max() > 1e-2
-
-
-def test_only_the_weights_asked_for_are_read_and_every_one_once(random_llama):
-    """Layer by layer: embedding, then each layer's tensors together, then the head; nothing twice."""
-    from transformers import AutoConfig
-
-    checkpoint = Checkpoint.open(random_llama)
-    read: list[str] = []
-
-    class Recording(CheckpointWeights):
-        def tensor(self, name):
-            read.append(name)
-            return super().tensor(name)
-
-    windows = np.arange(24).reshape(2, 12) % 96
-    streamed_logits(AutoConfig.from_pretrained(random_llama), Recording(checkpoint), windows, device="cpu",
-                    dtype=torch.float32, label="test")
-    assert sorted(read) == sorted(checkpoint.tensor_infos)
-    layers = [int(name.split(".")[2]) for name in read if name.startswith("model.layers.")]
-    assert layers == sorted(layers)
-    assert read[-1] == "lm_head.weight"
-
-
-def test_skeleton_holds_no_weights(random_llama):
-    from transformers import AutoConfig
-
-    model = model_skeleton(AutoConfig.from_pretrained(random_llama), torch.float32)
-    assert all(p.is_meta for p in model.parameters())
-    assert not any(b.is_meta for b in model.buffers())
 
 
 @pytest.mark.parametrize("model_type", ["qwen3", "gemma2", "gemma3_text", "olmo2", "granite", "phi3", "smollm3"])

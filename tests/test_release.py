@@ -1,4 +1,4 @@
-"""Release folders and push, on a fake report and fake artifact files: no conversion, no network."""
+"""Release folders, on a fake report and fake artifact files: no conversion, no network."""
 
 from __future__ import annotations
 
@@ -8,108 +8,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from releases import HUB_ID, MODEL, RECIPE_TEXT, entry, snapshot
 
-from siliconvert.commands.push import PushError, push, repo_for
+from siliconvert.commands.push import repo_for
 from siliconvert.commands.release import front_matter, write_releases
-from siliconvert.errors import ArtifactError
 from siliconvert.formats.coreml import MANIFEST as COREML_MANIFEST
 from siliconvert.recipe import Recipe, load_recipe, parse_recipe
 
-HUB_ID = "mistralai/Mistral-7B-Instruct-v0.3"
-MODEL = "Mistral-7B-Instruct-v0.3"
-RECIPE_TEXT = f"""source: {HUB_ID}
-targets:
-  - format: mlx
-    bits: 4
-  - format: gguf
-    quants: [Q4_K_M, Q8_0, Q2_K]
-  - format: coreml
-    context: 2048
-"""
 RECIPES = Path(__file__).parent.parent / "recipes"
-
-
-class FakeCheckpoint:
-    def __init__(self, path: Path):
-        self.path, self.name, self.config = path, MODEL, {"architectures": ["MistralForCausalLM"]}
-
-    def tokenizer_files(self) -> list[Path]:
-        return [self.path / "tokenizer.json", self.path / "tokenizer_config.json"]
-
-
-def write(path: Path, data: bytes | str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data if isinstance(data, bytes) else data.encode())
-    return path
-
-
-def entry(fmt: str, quant: str, path: Path, failed: tuple[str, ...] = (), mean_kld: float = 0.01234) -> dict:
-    failures = [{"metric": m, "value": 0.9, "limit": 0.05, "message": f"{fmt} {quant}: {m} 0.9 > 0.05"}
-                for m in failed]
-    return {
-        "format": fmt, "quant": quant, "path": str(path), "size_bytes": 4_321_000_000,
-        "runtime": {"mlx": "mlx", "gguf": "llama.cpp", "coreml": "mil-interpreter"}[fmt],
-        "device": "CPU (emulated, not Core ML)" if fmt == "coreml" else "CPU, 16 threads",
-        "tokenizer_match": True, "tokenizer_mismatch": None,
-        "kv_cache": {"consistent": True, "checked_tokens": 17, "first_mismatch": 3, "mean_kld": 2e-4,
-                     "limit_kld": 0.003, "same_top1": 0.94},
-        "metrics": {"mean_kld": mean_kld, "median_kld": 0.008, "p99_kld": 0.1875, "max_kld": 0.9,
-                    "same_top1": 0.9312, "ppl_reference": 5.1, "ppl": 5.2, "ppl_ratio": 1.0213,
-                    "rms_delta_p": 0.02, "positions": 1020},
-        "latency": {"prefill_tps": 812.25, "decode_tps": 43.75, "ttft_ms": 150.0, "peak_rss_mb": 4500.0,
-                    "prefill_tokens": 128, "decode_tokens": 32},
-        "gates": {"passed": not failures, "failed": failures,
-                  "limits": {"max_mean_kld": 0.05, "min_same_top1": 0.85, "max_ppl_ratio": 1.1}},
-    }
-
-
-@pytest.fixture
-def build(tmp_path) -> tuple[dict, FakeCheckpoint, Path]:
-    """A run's output folder: artifacts of every format, plot.png, and the report that scored them."""
-    source = tmp_path / "hub-cache" / "snapshot"
-    write(source / "README.md", "---\nlicense: apache-2.0\nlanguage: [en]\n---\n# Mistral\n")
-    write(source / "tokenizer.json", '{"model": {"type": "BPE"}}')
-    write(source / "tokenizer_config.json", "{}")
-    out = tmp_path / "out"
-    arts = out / "artifacts"
-    for name in ("4bit-g64", "8bit-g64"):
-        folder = arts / f"{MODEL}-mlx-{name}"
-        write(folder / "config.json", '{"quantization": {"bits": 4, "group_size": 64}}')
-        write(folder / "model.safetensors", b"\x00weights" * 100)
-        write(folder / "model.safetensors.index.json", "{}")
-        write(folder / "tokenizer.json", '{"model": {"type": "BPE"}}')
-        write(folder / "README.md", "the artifact's own card")
-    for quant in ("Q4_K_M", "Q8_0", "Q2_K"):
-        write(arts / f"{MODEL}-{quant}.gguf", b"GGUF" + quant.encode() * 50)
-    coreml = arts / f"{MODEL}-fp16-coreml"
-    write(coreml / "chunk_01.mlpackage" / "Manifest.json", "{}")
-    write(coreml / "chunk_01.mlpackage" / "Data" / "com.apple.CoreML" / "weights" / "weight.bin", b"\x01" * 64)
-    write(coreml / "manifest.json", json.dumps({
-        "context_length": 2048, "functions": {"decode": 1, "prefill": 64},
-        "chunks": [{"package": "chunk_01.mlpackage", "inputs": ["input_ids", "position"], "outputs": ["logits"],
-                    "states": {"key_cache": [2, 8, 2048, 128], "value_cache": [2, 8, 2048, 128]}}]}))
-    write(out / "plot.png", b"\x89PNG fake")
-    report = {
-        "schema": 1, "siliconvert": "0.1.0", "source": HUB_ID,
-        "source_info": {"name": MODEL, "path": str(source), "architecture": "MistralForCausalLM",
-                        "family": "mistral", "fingerprint": "abc", "dtype": "bfloat16"},
-        "reference": {"runtime": "transformers 5.0 / torch 2.8", "device": "CPU", "dtype": "float32 (upcast)"},
-        "corpus": {"name": "builtin", "tokens": 1024, "context": 256, "windows": 4, "positions": 1020},
-        "artifacts": [
-            entry("mlx", "4bit-g64", arts / f"{MODEL}-mlx-4bit-g64"),
-            entry("mlx", "8bit-g64", arts / f"{MODEL}-mlx-8bit-g64", failed=("mean_kld", "same_top1")),
-            entry("gguf", "Q4_K_M", arts / f"{MODEL}-Q4_K_M.gguf", mean_kld=0.02468),
-            entry("gguf", "Q8_0", arts / f"{MODEL}-Q8_0.gguf", mean_kld=0.00135),
-            entry("gguf", "Q2_K", arts / f"{MODEL}-Q2_K.gguf", failed=("mean_kld",)),
-            entry("coreml", "fp16", coreml, mean_kld=0.00042),
-        ],
-        "passed": False,
-    }
-    return report, FakeCheckpoint(source), out
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {f.relative_to(folder).as_posix(): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
 def card_of(folder: Path) -> tuple[dict, str]:
@@ -254,68 +160,6 @@ def tiny_stateful_package(path: Path) -> Path:
                        skip_model_load=True)
     model.save(str(path))
     return path
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Every huggingface_hub call that could reach the network or read the token fails the test."""
-    import huggingface_hub
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("touched the network or the token")
-
-    for name in ("create_repo", "upload_folder", "whoami"):
-        monkeypatch.setattr(huggingface_hub.HfApi, name, refuse)
-    monkeypatch.setattr(huggingface_hub, "get_token", refuse)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-def test_push_dry_run_lists_files_offline(build, no_network):
-    report, checkpoint, out = build
-    folder = write_releases(report, RECIPE_TEXT, checkpoint, out)[1]
-    listing = push(folder, "acme/Mistral-GGUF", dry_run=True)
-    size = (folder / f"{MODEL}-Q8_0.gguf").stat().st_size
-    assert f"{MODEL}-Q8_0.gguf ({size:,} bytes)" in listing
-    assert {line.split(" (")[0] for line in listing} == set(snapshot(folder))
-
-
-def test_push_refuses_a_changed_folder_and_bad_repo_ids(build, no_network):
-    report, checkpoint, out = build
-    folder = write_releases(report, RECIPE_TEXT, checkpoint, out)[0]
-    with pytest.raises(PushError, match="not a valid Hub repo id"):
-        push(folder, "acme/bad name", dry_run=True)
-    (folder / "config.json").write_text("{}")
-    with pytest.raises(ArtifactError, match=r"config\.json does not match"):
-        push(folder, "acme/Mistral-4bit", dry_run=True)
-    with pytest.raises(ArtifactError, match="not a release folder"):
-        push(out / "artifacts", "acme/Mistral-4bit", dry_run=True)
-
-
-def test_push_errors_are_one_line(build, monkeypatch):
-    import httpx2
-    import huggingface_hub
-    from huggingface_hub.errors import HfHubHTTPError
-
-    report, checkpoint, out = build
-    folder = write_releases(report, RECIPE_TEXT, checkpoint, out)[0]
-    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
-    with pytest.raises(PushError, match="not logged in"):
-        push(folder, "acme/Mistral-4bit")
-
-    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_secret_never_shown")
-    request = httpx2.Request("POST", "https://huggingface.co/api/repos/create")
-
-    def offline(*args, **kwargs):
-        raise httpx2.ConnectError("no route", request=request)
-
-    def forbidden(*args, **kwargs):
-        raise HfHubHTTPError("403 Forbidden", response=httpx2.Response(403, request=request))
-
-    for failure, message in ((offline, "cannot reach the Hugging Face Hub"), (forbidden, "HTTP 403")):
-        monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", failure)
-        with pytest.raises(PushError, match=message) as raised:
-            push(folder, "acme/Mistral-4bit")
-        assert "\n" not in str(raised.value) and "hf_secret" not in str(raised.value)
 
 
 @pytest.mark.parametrize("name", ["mistral-7b", "llama-3.2-1b", "qwen2.5-0.5b"])

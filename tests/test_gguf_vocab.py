@@ -1,4 +1,5 @@
-"""GGUF tokenizers against their source, one tokenizer kind at a time, on the tokenizer check's whole list.
+"""GGUF vocabularies (convert/gguf_vocab.py) against their source, one tokenizer kind at a time, on the tokenizer
+check's whole list.
 
 Each tokenizer is trained here (tokenizers' BpeTrainer, SentencePiece's trainer) on the training text and saved
 through transformers, as the Hub ships them; its GGUF vocabulary is written with no weights and read back by
@@ -326,17 +327,6 @@ def test_mistral_recipe_gguf_targets_pass_on_mistrals_tokenizer_layout(small_mod
                             capture_output=True, text=True)
     assert result.returncode == 1
     assert "known rules (no-space-prefix; validate.tokenizer: strict)" in result.stdout + result.stderr
-
-
-def test_recipe_key_validate_tokenizer() -> None:
-    from siliconvert.errors import RecipeError
-    from siliconvert.recipe import parse_recipe
-
-    base = {"source": "x", "targets": [{"format": "gguf"}]}
-    assert parse_recipe(base).validate_.tokenizer == "lenient"
-    assert parse_recipe(base | {"validate": {"tokenizer": "strict"}}).validate_.tokenizer == "strict"
-    with pytest.raises(RecipeError, match=r"validate\.tokenizer"):
-        parse_recipe(base | {"validate": {"tokenizer": "exact"}})
 
 
 @pytest.mark.slow

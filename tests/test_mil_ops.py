@@ -1,0 +1,63 @@
+"""The MIL interpreter's ops against numpy on tiny arrays: float16 inputs computed in float32, the stable topk,
+1×1 convolutions as products, blockwise dequantization, and the forms it refuses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from siliconvert.validate.runners.mil.ops import OPS, Unsupported
+
+
+def test_binary_ops_compute_float16_in_float32():
+    x = np.array([60000.0], np.float16)
+    assert OPS["add"](x, x).dtype == np.float32 and OPS["add"](x, x)[0] == 120000.0  # past fp16's range
+    assert OPS["less"](np.array([1, 3]), np.array([2, 2])).tolist() == [True, False]
+
+
+def test_softmax_is_stable_and_sums_to_one():
+    probabilities = OPS["softmax"](np.array([[1000.0, 1000.0, -1000.0]], np.float32), axis=-1)
+    np.testing.assert_allclose(probabilities, [[0.5, 0.5, 0.0]])
+
+
+def test_topk_keeps_the_lower_index_of_equal_values():
+    values, indices = OPS["topk"](np.array([[1.0, 3.0, 3.0, 2.0]], np.float16), k=2, axis=-1)
+    assert indices.tolist() == [[1, 2]] and values.tolist() == [[3.0, 3.0]]
+    with pytest.raises(Unsupported, match="without indices"):
+        OPS["topk"](np.zeros((1, 2)), return_indices=False)
+
+
+def test_gather_refuses_indices_out_of_range():
+    x = np.arange(6).reshape(3, 2)
+    assert OPS["gather"](x, np.array([2, 0]), axis=0).tolist() == [[4, 5], [0, 1]]
+    with pytest.raises(Unsupported, match="out of range"):
+        OPS["gather"](x, np.array([-1]), axis=0)
+
+
+def test_one_hot_puts_the_new_axis_where_asked():
+    hot = OPS["one_hot"](np.array([2, 0]), one_hot_vector_size=3, axis=0)
+    assert hot.tolist() == [[0, 1], [0, 0], [1, 0]]
+
+
+def test_a_1x1_conv_is_a_matrix_product_and_other_convs_are_refused():
+    rng = np.random.default_rng(0)
+    x, weight, bias = rng.normal(size=(1, 4, 1, 5)), rng.normal(size=(3, 4, 1, 1)), rng.normal(size=3)
+    expected = np.einsum("oi,nis->nos", weight[:, :, 0, 0], x[:, :, 0, :])[:, :, None, :] + bias[:, None, None]
+    np.testing.assert_allclose(OPS["conv"](x, weight, bias), expected, rtol=1e-6)
+    with pytest.raises(Unsupported, match="only 1×1"):
+        OPS["conv"](x, rng.normal(size=(3, 4, 1, 3)))
+
+
+def test_slice_update_refuses_an_update_of_another_size():
+    x = np.zeros((2, 4))
+    updated = OPS["slice_update"](x, np.ones((2, 2)), begin=[0, 1], end=[2, 3])
+    assert updated.sum() == 4 and updated[:, 1:3].all() and x.sum() == 0
+    with pytest.raises(Unsupported, match="slice_update"):
+        OPS["slice_update"](x, np.ones((2, 3)), begin=[0, 1], end=[2, 3])
+
+
+def test_blockwise_shift_scale_dequantizes_each_block():
+    data = np.array([[0, 1, 2, 3]], np.int8)
+    scale = np.array([[0.5, 2.0]], np.float16)  # one scale per block of two columns
+    offset = np.array([[0, 1]], np.int8)
+    np.testing.assert_array_equal(OPS["constexpr_blockwise_shift_scale"](data, scale, offset), [[0, 0.5, 2, 4]])

@@ -1,0 +1,83 @@
+"""The sensitivity estimate on small arrays: each tensor's options, their bytes and their weighted errors."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QType
+
+from siliconvert.quantize.gguf import TensorQuantizer
+from siliconvert.quantize.sensitivity import (
+    ROLE_GAINS,
+    Option,
+    TensorCosts,
+    error_of,
+    gguf_costs,
+    mlx_costs,
+    relative_error,
+    role_gain,
+)
+
+
+def test_relative_error_weighs_columns_by_importance():
+    weight = np.ones((4, 2))
+    approx = weight.copy()
+    approx[:, 1] = 0  # the whole second column lost
+    assert relative_error(weight, approx, None) == pytest.approx(0.5)
+    assert relative_error(weight, approx, np.array([1.0, 0.0])) == 0  # a column no input reaches costs nothing
+    assert relative_error(weight, approx, np.array([1.0, 3.0])) == pytest.approx(0.75)
+
+
+def test_roles_weigh_errors_by_their_path_to_the_logits():
+    assert role_gain("attn_v") == ROLE_GAINS["attn"] and role_gain("ffn_down_exps") == ROLE_GAINS["ffn"]
+    assert role_gain("output") > 10 * role_gain("attn_q")
+    assert role_gain("token_embd", tied_head=True) == ROLE_GAINS["token_embd"] + ROLE_GAINS["output"]
+    assert role_gain("ssm_in") == ROLE_GAINS["attn"]  # a layer role not measured: attention's
+
+
+@pytest.fixture(scope="module")
+def weight() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((64, 512)).astype(np.float32)
+
+
+def test_gguf_costs_are_llama_cpp_bytes_and_fall_with_bits(weight):
+    quantizer = TensorQuantizer(threads=1)
+    try:
+        costs = gguf_costs("blk.0.ffn_down.weight", weight, np.linspace(0.1, 2, 512, dtype=np.float32), quantizer)
+    finally:
+        quantizer.close()
+    by_kind = {o.kind: o for o in costs.options}
+    for kind, option in by_kind.items():
+        block, size = gguf.GGML_QUANT_SIZES[QType[kind]]
+        assert option.nbytes == weight.size // block * size
+    k_quants = [by_kind[k].error for k in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")]
+    assert k_quants == sorted(k_quants, reverse=True)
+    assert 1e-5 < by_kind["Q8_0"].error < by_kind["Q2_K"].error < 0.5
+    assert costs.params == weight.size
+
+
+def test_gguf_costs_leave_out_types_a_row_cannot_hold():
+    quantizer = TensorQuantizer(threads=1)
+    try:
+        costs = gguf_costs("narrow", np.ones((8, 96), dtype=np.float32), None, quantizer)
+    finally:
+        quantizer.close()
+    assert {o.kind for o in costs.options} == {"IQ4_NL", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}  # no 256-block
+
+
+def test_mlx_costs_fall_with_bits_and_smaller_groups(weight):
+    costs = mlx_costs("model.layers.0.mlp.down_proj", weight, None, scale_bytes=2)
+    by_kind = {o.kind: o for o in costs.options}
+    assert by_kind["4bit-g64"].nbytes == weight.size // 2 + 2 * 2 * weight.size // 64
+    errors = [by_kind[f"{bits}bit-g64"].error for bits in (2, 3, 4, 5, 6, 8)]
+    assert errors == sorted(errors, reverse=True)
+    assert by_kind["4bit-g32"].error < by_kind["4bit-g64"].error < by_kind["4bit-g128"].error
+
+
+def test_error_of_sums_the_errors_of_the_kinds_chosen():
+    costs = [TensorCosts("a", 10, (Option("Q4_K", 10, 0.2), Option("Q8_0", 20, 0.01))),
+             TensorCosts("b", 10, (Option("Q4_K", 10, 0.3),))]
+    assert error_of(costs, {"a": "Q8_0", "b": "Q4_K"}) == pytest.approx(0.31)
+    with pytest.raises(ValueError, match="b is stored as Q8_0, not a measured candidate"):
+        error_of(costs, {"a": "Q8_0", "b": "Q8_0"})

@@ -1,0 +1,51 @@
+"""The tokenizer check on hand-made probes: identical ids, differences a known rule explains (which only strict
+fails), and unexplained ones, named by their first differing token."""
+
+from __future__ import annotations
+
+from siliconvert.validate.tokenizer import Probe, TokenizerProbes, check_tokenizer, describe, first_difference
+
+PROBES = TokenizerProbes([
+    Probe("fixed string 0", "Hello", [5, 6], {"no-space-prefix": (" Hello", [9, 6])}),
+    Probe("fixed string 1", "world", [7], {"no-space-prefix": (" world", [8])}),
+    Probe("corpus", "abc", [1, 2, 3], {}),
+])
+
+
+def artifact_ids(**by_text: list[int]) -> list[list[int]]:
+    """The artifact's ids for PROBES.artifact_texts: the source's, but where given."""
+    source = {"Hello": [5, 6], "world": [7], "abc": [1, 2, 3], " Hello": [9, 6], " world": [8]}
+    return [by_text.get(text, source[text]) for text in PROBES.artifact_texts]
+
+
+def test_the_artifact_tokenizes_each_text_once_probes_first():
+    assert PROBES.artifact_texts == ["Hello", "world", "abc", " Hello", " world"]
+
+
+def test_identical_ids_pass():
+    check = check_tokenizer(PROBES, artifact_ids(), strict=True)
+    assert (check["identical"], check["unexplained"], check["known"], check["passed"]) == (3, 0, {}, True)
+    assert describe(check) == "3 of 3 texts identical"
+
+
+def test_a_difference_a_known_rule_explains_warns_and_fails_only_when_strict():
+    # the artifact gives for "Hello" what the source gives for " Hello": no-space-prefix
+    ids = artifact_ids(Hello=[9, 6], world=[8])
+    lenient = check_tokenizer(PROBES, ids, strict=False)
+    assert lenient["passed"] and lenient["identical"] == 1 and lenient["unexplained"] == 0
+    assert lenient["known"]["no-space-prefix"]["probes"] == 2
+    assert lenient["known"]["no-space-prefix"]["example"].startswith("fixed string 0 ('Hello'): token 0 is [9]")
+    assert not check_tokenizer(PROBES, ids, strict=True)["passed"]
+    assert describe(lenient) == "1 of 3 texts identical; 2 by known rule no-space-prefix"
+
+
+def test_an_unexplained_difference_fails_and_is_shown():
+    check = check_tokenizer(PROBES, artifact_ids(abc=[1, 2, 4]), strict=False)
+    assert not check["passed"] and check["unexplained"] == 1
+    assert check["differences"] == ["corpus ('abc'): token 2 is [4] but the source tokenizer gives [3]"]
+    assert describe(check) == "2 of 3 texts identical; 1 differ"
+
+
+def test_a_shorter_tokenization_differs_where_it_ends():
+    probe = Probe("corpus", "abc", [1, 2, 3], {})
+    assert first_difference(probe, [1, 2]) == "corpus ('abc'): token 2 is [] but the source tokenizer gives [3]"
