@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from siliconvert.artifacts import Artifact, Release, Writer
+from siliconvert.checkpoint import TensorInfo
 from siliconvert.format import Format, detect_artifact, entries, register, unregister
 from siliconvert.recipe import GGUF_QUANTS, GGUFTarget, TargetSpec, parse_recipe
 from siliconvert.validate.runners.base import Runner
@@ -30,8 +31,8 @@ class ToyWriter(Writer):
         self.final = out_dir / f"{model_name}-toy-{target.dtype}"
         self.tensors: dict[str, np.ndarray] = {}
 
-    def add(self, name: str, array: np.ndarray) -> None:
-        self.tensors[name] = array.astype(self.target.dtype)
+    def add(self, info: TensorInfo, array: np.ndarray) -> None:
+        self.tensors[info.name] = array.astype(self.target.dtype)
 
     def finish(self) -> list[Artifact]:
         from safetensors.numpy import save_file

@@ -262,7 +262,7 @@ def test_kv_cache_check_tells_llama_cpp_noise_from_a_broken_cache(demo_model: Pa
     """On the trained demo model, llama.cpp's own cache passes with room to spare, and the same runner made to
     drop its cache, return stale logits or store a token twice fails, each by a clear margin."""
     from conftest import reference_logits_for
-    from test_validate_scale import FaultyCache
+    from test_score import FaultyCache
 
     from siliconvert.artifacts import Artifact
     from siliconvert.corpus import source_tokenizer, token_windows
