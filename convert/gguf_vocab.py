@@ -16,6 +16,7 @@ known models:
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,12 @@ def add_tokenizer(writer: gguf.GGUFWriter, checkpoint: Checkpoint) -> None:
     else:
         raise CheckpointError("neither a byte-level BPE nor a SentencePiece BPE tokenizer (byte fallback, "
                               "Metaspace), and there is no tokenizer.model next to it", folder / "tokenizer.json")
-    special = gguf.SpecialVocab(folder, n_vocab=vocab_size)
+    vocab_log = logging.getLogger("gguf.vocab")
+    vocab_log.addFilter(_not_about_pairs)
+    try:
+        special = gguf.SpecialVocab(folder, n_vocab=vocab_size)
+    finally:
+        vocab_log.removeFilter(_not_about_pairs)
     if model == "llama":  # the model's own unk/bos/eos/pad ids fill what tokenizer_config.json leaves out
         for kind, token_id in _sentencepiece_special_ids(proto, tokenizer_json).items():
             if 0 <= token_id < vocab_size:
@@ -91,6 +97,12 @@ def add_tokenizer(writer: gguf.GGUFWriter, checkpoint: Checkpoint) -> None:
     special.add_to_gguf(writer, quiet=True)
     if template is not None:
         _add_chat_templates(writer, template)
+
+
+def _not_about_pairs(record: logging.LogRecord) -> bool:
+    """gguf-py's doubts about the template for a pair of texts (BERT-style "A <s> B"): a causal model is never
+    given a pair, and llama.cpp builds none, so they say nothing about this file."""
+    return "TemplateProcessing<pair>" not in record.getMessage()
 
 
 # ---- byte-level BPE ------------------------------------------------------------------------------

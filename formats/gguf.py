@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 from siliconvert.artifacts import CARD_PROMPT, Artifact, Release, Writer
 from siliconvert.calibration import Calibrations, calibration_text
 from siliconvert.checkpoint import Checkpoint
-from siliconvert.errors import RecipeError
+from siliconvert.errors import ArtifactError, RecipeError
 from siliconvert.format import Format
 from siliconvert.recipe import GGUFTarget, QuantPlan
 
@@ -50,9 +51,9 @@ class GGUF(Format):
     def detect(self, path: Path) -> Artifact | None:
         if path.suffix != ".gguf" or not path.is_file():
             return None
-        # Hub convention <Model>-<QUANT>.gguf: the quant is the last dash-separated part (a plan's, two parts).
-        model, _, quant = path.stem.rpartition("-")
-        return Artifact(self.name, f"auto-{quant}" if model.endswith("-auto") else quant, path)
+        # A plan of ours is named <Model>-auto-<goal>.gguf: its file type names only its main type, the name its goal.
+        model, _, goal = path.stem.rpartition("-")
+        return Artifact(self.name, f"auto-{goal}" if model.endswith("-auto") else _file_quant(path), path)
 
     def describe(self, artifact: Artifact) -> dict[str, Any]:
         from gguf import GGUFReader
@@ -90,6 +91,22 @@ class GGUF(Format):
 
 def _imatrix(targets: Sequence[GGUFTarget]) -> str:
     return next((t.imatrix for t in targets if t.imatrix), "builtin")
+
+
+def _file_quant(path: Path) -> str:
+    """The quant a GGUF says it holds, not what its name claims: general.file_type as llama.cpp names it
+    (MOSTLY_Q4_K_M → Q4_K_M); without one, the type most of its matrices have, as llama.cpp then guesses."""
+    from gguf import GGUFReader, LlamaFileType
+
+    try:
+        reader = GGUFReader(str(path))
+    except (ValueError, OSError) as e:
+        raise ArtifactError(f"not a readable GGUF: {e}", path) from e
+    field = reader.get_field("general.file_type")
+    if field is not None and int(field.contents()) in LlamaFileType._value2member_map_:
+        return LlamaFileType(int(field.contents())).name.removeprefix("ALL_").removeprefix("MOSTLY_")
+    matrices = Counter(tensor.tensor_type.name for tensor in reader.tensors if len(tensor.shape) == 2)
+    return matrices.most_common(1)[0][0] if matrices else "unknown"
 
 
 def _gguf_value(field) -> Any:

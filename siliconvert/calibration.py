@@ -126,9 +126,11 @@ def calibrate(checkpoint: Checkpoint, source: str, parts: Iterable[str], *, toke
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.path), trust_remote_code=False)
     range_window = importance_windows = None
     if RANGE in parts:
-        range_window = np.array(tokenizer.encode(text[:RANGE_TEXT_CHARS], add_special_tokens=False)[:RANGE_TOKENS])
+        range_window = np.array(tokenizer.encode(text[:RANGE_TEXT_CHARS], add_special_tokens=False,
+                                                      verbose=False)[:RANGE_TOKENS])
     if IMPORTANCE in parts:
-        ids = tokenizer(text[: tokens * CHARS_PER_TOKEN], add_special_tokens=False)["input_ids"][:tokens]
+        # verbose=False: longer than the model's positions by design (cut into windows), not worth a warning
+        ids = tokenizer(text[: tokens * CHARS_PER_TOKEN], add_special_tokens=False, verbose=False)["input_ids"][:tokens]
         if len(ids) < context:
             raise RecipeError(f"{len(ids)} tokens are too few to calibrate an importance matrix (need {context})",
                               name)

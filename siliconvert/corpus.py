@@ -80,7 +80,9 @@ def token_windows(tokenizer, corpus: str, n_tokens: int, context: int) -> Window
     prompt would.
     """
     text, label = load_text(corpus)
-    ids = tokenizer.encode(text, add_special_tokens=False)
+    # verbose=False: the whole text is longer than the model's positions by design (it is cut into windows
+    # below), which transformers would warn about ("Token indices sequence length is longer…").
+    ids = tokenizer.encode(text, add_special_tokens=False, verbose=False)
     bos = tokenizer.bos_token_id
     adds_bos = bos is not None and tokenizer.encode("a")[:1] == [bos]
     body = context - 1 if adds_bos else context

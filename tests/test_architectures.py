@@ -56,6 +56,19 @@ def test_known_keys_raise_no_warning():
         spec_of(rope_theta=1e4, tie_word_embeddings=True, torch_dtype="bfloat16", use_cache=True)
 
 
+def test_bookkeeping_keys_of_real_checkpoints_raise_no_warning():
+    # Real configs carry token ids, their origin and generation defaults; none of them changes the forward.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec_of(unk_token_id=0, _model_name_or_path="org/model", bos_token_id=1, sep_token_id=2,
+                temperature=0.7, top_p=0.9, max_length=2048, attention_dropout=0.0, pretraining_tp=1)
+
+
+def test_a_key_that_could_change_the_function_still_warns():
+    with pytest.warns(ConfigWarning, match="'attn_logit_scale'"):
+        spec_of(attn_logit_scale=0.5, unk_token_id=0)
+
+
 def test_defaults_and_derived_values():
     spec = spec_of(num_key_value_heads=None)
     assert spec.num_kv_heads == spec.num_heads == 4

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from siliconvert import __version__
+from siliconvert.artifacts import Artifact
 from siliconvert.commands import inspect
 from siliconvert.commands.cli import INTERNAL_ERROR, main
 from siliconvert.errors import CheckpointError, GateFailed
@@ -53,6 +54,22 @@ def test_an_internal_error_says_so_and_debug_shows_the_traceback(monkeypatch, ca
     assert capsys.readouterr().err == "internal error: KeyError: 'spec' (run with --debug for the traceback)\n"
     with pytest.raises(KeyError):
         main(["--debug", "inspect", "x"])
+    with pytest.raises(KeyError):  # the hint works as written: after the command too
+        main(["inspect", "x", "--debug"])
+
+
+def test_validate_without_a_release_says_gate_failed(monkeypatch, tmp_path, capsys):
+    from siliconvert.commands import pipeline
+
+    artifact = tmp_path / "model-Q4_K_M.gguf"
+    artifact.write_bytes(b"")
+    failed = {"artifacts": [{"gates": {"failed": [{"message": "gguf Q4_K_M: mean_kld 0.9 > 0.05"}]}}]}
+    monkeypatch.setattr("siliconvert.format.detect_artifact", lambda path: Artifact("gguf", "Q4_K_M", path))
+    monkeypatch.setattr(pipeline, "open_source", lambda source: None)
+    monkeypatch.setattr(pipeline, "check_positions", lambda *args: None)
+    monkeypatch.setattr(pipeline, "validate_artifacts", lambda *args: failed)
+    assert exit_code("validate", str(artifact), "--source", "x", "--output", str(tmp_path / "out")) == 1
+    assert capsys.readouterr().err == "error: gate failed: gguf Q4_K_M: mean_kld 0.9 > 0.05\n"
 
 
 def test_inspect_prints_the_description_as_json(random_llama, capsys):

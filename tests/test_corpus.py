@@ -17,7 +17,7 @@ class CharTokenizer:
     def __init__(self, bos: int | None) -> None:
         self.bos_token_id = bos
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, verbose: bool = True) -> list[int]:
         ids = [10 + ord(c) % 50 for c in text]
         return [self.bos_token_id, *ids] if add_special_tokens and self.bos_token_id is not None else ids
 
@@ -68,3 +68,16 @@ def test_a_corpus_too_short_for_the_windows_is_refused(tmp_path):
     path.write_text("abcdefghij")
     with pytest.raises(RecipeError, match=r"the corpus has 10 tokens; validate\.tokens=16 needs 16"):
         token_windows(CharTokenizer(None), str(path), n_tokens=16, context=8)
+
+
+def test_a_corpus_longer_than_the_model_is_tokenized_without_a_warning(tmp_path, capfd):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=8)
+    path = tmp_path / "corpus.txt"
+    path.write_text("a b " * 40)
+    assert token_windows(tokenizer, str(path), n_tokens=64, context=8).tokens.shape == (8, 8)
+    assert "Token indices sequence length" not in capfd.readouterr().err

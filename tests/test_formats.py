@@ -157,3 +157,26 @@ def test_the_gguf_types_a_recipe_accepts_are_the_one_list() -> None:
     for quant in GGUF_QUANTS:
         parse_recipe({"source": "x", "targets": [{"format": "gguf", "quants": [quant]}]})
     assert [fmt.name for fmt in entries()] == ["mlx", "gguf", "coreml"]
+
+
+def _gguf_file(path: Path, file_type: int | None) -> Path:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    if file_type is not None:
+        writer.add_file_type(file_type)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 32), np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_foreign_gguf_is_named_by_its_file_type_not_its_file_name(tmp_path) -> None:
+    from gguf import LlamaFileType
+
+    named_wrong = _gguf_file(tmp_path / "model-Q4_K_M.gguf", LlamaFileType.MOSTLY_Q8_0)
+    assert detect_artifact(named_wrong).quant == "Q8_0"
+    assert detect_artifact(_gguf_file(tmp_path / "model.gguf", LlamaFileType.MOSTLY_Q4_K_M)).quant == "Q4_K_M"
+    assert detect_artifact(_gguf_file(tmp_path / "model-q8.gguf", None)).quant == "F16"  # its matrices' type

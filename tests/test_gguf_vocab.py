@@ -342,3 +342,13 @@ def test_mlx_folder_ships_a_tokenizer_that_agrees(small_model, tmp_path: Path) -
     runner = MLXRunner(artifact.path, {"engine": "mlx"})
     check = check_tokenizer(probes, [runner.tokenize(text) for text in probes.artifact_texts], strict=True)
     assert check["passed"] and check["identical"] == check["probes"]
+
+
+def test_doubts_about_pair_templates_are_not_printed(demo_model, tmp_path, caplog):
+    # The demo's tokenizer.json, as a Llama tokenizer saves it, has a pair template "<s> A <s> B"; gguf-py warned
+    # "Unknown separator token '<s>' in TemplateProcessing<pair>" on every GGUF of it.
+    template = json.loads((demo_model / "tokenizer.json").read_text())["post_processor"]
+    assert "<s>" in json.dumps(template["pair"])
+    with caplog.at_level("WARNING", logger="gguf"):
+        vocab_gguf(demo_model, tmp_path / "vocab.gguf")
+    assert not [record for record in caplog.records if record.name.startswith("gguf")]

@@ -162,7 +162,8 @@ def tokenizer_probes(tokenizer, corpus_text: str, fmt: str) -> TokenizerProbes:
     rules = [rule for rule in KNOWN_RULES if fmt in rule.formats and rule.applies(steps)]
 
     def ids(text: str) -> list[int]:
-        return list(tokenizer.encode(text, add_special_tokens=False))
+        # verbose=False: the corpus is longer than the model's positions, which is no concern here
+        return list(tokenizer.encode(text, add_special_tokens=False, verbose=False))
 
     probes = []
     for label, text in probe_texts(tokenizer, corpus_text):

@@ -196,6 +196,20 @@ _IGNORED_KEYS = frozenset({
     "is_encoder_decoder", "chunk_size_feed_forward", "task_specific_params", "sliding_window_pattern",
     "final_logit_softcapping", "attn_logit_softcapping", "cache_implementation", "use_bidirectional_attention",
     "_sliding_window_pattern",
+    # Special tokens' ids: the tokenizer's files, not the function, say what they are.
+    "unk_token_id", "sep_token_id", "cls_token_id", "mask_token_id", "decoder_start_token_id",
+    "forced_bos_token_id", "forced_eos_token_id",
+    # Where the checkpoint came from and how it was trained or exported: the forward does not read them.
+    "_model_name_or_path", "_commit_hash", "_attn_implementation", "_attn_implementation_autoset",
+    "attn_implementation", "torchscript", "tf_legacy_loss", "use_return_dict", "finetuning_task",
+    "tokenizer_class", "prefix", "pruned_heads", "is_decoder", "add_cross_attention", "tie_encoder_decoder",
+    "cross_attention_hidden_size", "gradient_checkpointing", "dropout", "classifier_dropout",
+    # Generation defaults (sampling, beams, lengths): they choose tokens, never the logits.
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+    "num_return_sequences", "output_scores", "return_dict_in_generate", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
 })
 # Activations of the gated MLP, as transformers' ACT2FN names them → the trait.
 ACTIVATIONS: dict[str, Activation] = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",

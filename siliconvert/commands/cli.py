@@ -84,7 +84,7 @@ def validate(artifact: Path, source: str, corpus: str, output: Path | None, toke
     check_positions(checkpoint, [("--context", context)], "command line")
     out_dir = prepare_output(output or Path("build") / f"validate-{artifact.name}")
     report = validate_artifacts(checkpoint, source, [found], settings, {found.path: settings.gates}, out_dir)
-    _finish(Outcome(report, [found], out_dir))
+    _finish(Outcome(report, [found], out_dir), releasing=False)
 
 
 @cli.command()
@@ -121,7 +121,7 @@ def doctor() -> None:
         click.echo(f"  {name:<14} {status}")
 
 
-def _finish(outcome) -> None:
+def _finish(outcome, releasing: bool = True) -> None:
     out = outcome.out_dir
     if outcome.report is None:
         click.echo(f"built {len(outcome.artifacts)} artifacts in {out / 'artifacts'} (validation off)")
@@ -130,16 +130,22 @@ def _finish(outcome) -> None:
     for folder in outcome.releases:
         click.echo(f"release: {folder}")
     if outcome.failures:
-        raise GateFailed("release stopped: " + "; ".join(outcome.failures))
+        stopped = "release stopped" if releasing else "gate failed"  # `validate` asks for no release
+        raise GateFailed(f"{stopped}: " + "; ".join(outcome.failures))
     click.echo("all gates passed")
 
 
 def main(argv: list[str] | None = None) -> None:
     """The `siliconvert` command; `argv` (default sys.argv[1:]) lets tests run it in-process."""
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else list(argv)
+    # --debug belongs to the group, but the error hint asks for it anywhere: move it to the front (not after `--`).
+    end = args.index("--") if "--" in args else len(args)
+    debug = "--debug" in args[:end]
+    if debug:
+        args = ["--debug"] + [arg for i, arg in enumerate(args) if i >= end or arg != "--debug"]
     warnings.showwarning = _one_line_warning
     try:
-        cli.main(args=argv, prog_name="siliconvert", standalone_mode=False)
+        cli.main(args=args, prog_name="siliconvert", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("interrupted", err=True)
         sys.exit(130)
