@@ -9,7 +9,7 @@ from typing import Any
 from siliconvert.artifacts import CARD_PROMPT, Artifact, Release, Writer
 from siliconvert.calibration import Calibrations, calibration_text
 from siliconvert.checkpoint import Checkpoint
-from siliconvert.errors import RecipeError
+from siliconvert.errors import ArtifactError, RecipeError, short
 from siliconvert.format import Format
 from siliconvert.recipe import GGUFTarget, QuantPlan
 
@@ -54,10 +54,11 @@ class GGUF(Format):
         model, _, quant = path.stem.rpartition("-")
         return Artifact(self.name, f"auto-{quant}" if model.endswith("-auto") else quant, path)
 
-    def describe(self, artifact: Artifact) -> dict[str, Any]:
-        from gguf import GGUFReader
+    def check(self, artifact: Artifact) -> None:
+        read_gguf(artifact.path)
 
-        reader = GGUFReader(str(artifact.path))
+    def describe(self, artifact: Artifact) -> dict[str, Any]:
+        reader = read_gguf(artifact.path)
         return {"tensors": len(reader.tensors),
                 "metadata": {name: _gguf_value(field) for name, field in reader.fields.items()
                              if not name.startswith("tokenizer.ggml.") or name.endswith(("model", "pre"))}}
@@ -86,6 +87,29 @@ class GGUF(Format):
         from_hub = [f'llama-cli -hf {release.repo_id}:{first["quant"]} -p "{CARD_PROMPT}"'] if release.repo_id else []
         return ["With [llama.cpp](https://github.com/ggml-org/llama.cpp):", "", "```bash", *from_hub,
                 f'llama-cli -m {self.file_label(release, first)} -p "{CARD_PROMPT}"', "```"]
+
+
+def read_gguf(path: Path):
+    """gguf-py's reader over `path`, its header, tensor infos and data extents checked against the file."""
+    from gguf import GGUFReader
+
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ArtifactError(f"not a GGUF file (it starts with {magic!r}, not b'GGUF')", path)
+    try:
+        reader = GGUFReader(str(path))
+    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as e:
+        # gguf-py sizes each tensor's data by its header: a truncated file, or a header claiming more tensors
+        # than the file holds, ends in a numpy reshape of too few bytes
+        raise ArtifactError(f"damaged GGUF: its header and tensor infos do not fit the file's "
+                            f"{path.stat().st_size:,} bytes (truncated?): {e}", path) from None
+    size = path.stat().st_size
+    for tensor in reader.tensors:
+        if tensor.data_offset + tensor.n_bytes > size:
+            raise ArtifactError(f"damaged GGUF: tensor {short(tensor.name)} ends at byte "
+                                f"{tensor.data_offset + tensor.n_bytes:,}, past the file's {size:,}", path)
+    return reader
 
 
 def _imatrix(targets: Sequence[GGUFTarget]) -> str:

@@ -55,6 +55,10 @@ class Format(ABC):
     def detect(self, path: Path) -> Artifact | None:
         """The artifact at `path` if it is one of this format's (for `siliconvert validate` and `inspect`)."""
 
+    def check(self, artifact: Artifact) -> None:  # noqa: B027
+        """Structural checks of a detected artifact, before any runtime loads it: raise ArtifactError naming the
+        file and the problem (a damaged artifact is bad input, not a runtime's crash)."""
+
     def describe(self, artifact: Artifact) -> dict[str, Any]:
         """What `siliconvert inspect` says of an artifact beyond its format and quant."""
         return {}
@@ -128,13 +132,14 @@ def entries() -> list[Format]:
 
 
 def detect_artifact(path: Path) -> Artifact:
-    """Recognise an artifact on disk by its layout: the first format whose entry claims it."""
-    from siliconvert.errors import ArtifactError
+    """Recognise an artifact on disk by its layout (the first format whose entry claims it), checked whole."""
+    from siliconvert.errors import NotAnArtifact
 
     for candidate in entries():
         found = candidate.detect(path)
         if found is not None:
+            candidate.check(found)
             return found
     shapes = [candidate.looks_like for candidate in entries()]
     listed = ", ".join(shapes[:-1]) + (", or " if len(shapes) > 1 else "") + shapes[-1] if shapes else "none known"
-    raise ArtifactError(f"not a recognised artifact ({listed})", path)
+    raise NotAnArtifact(f"not a recognised artifact ({listed})", path)
