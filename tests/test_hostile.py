@@ -374,3 +374,20 @@ def test_damaged_artifact(case, kind, damage, where, message, command, built_art
 def test_whole_artifacts_pass_the_check(kind, built_artifacts, capsys):
     run = siliconvert(capsys, "inspect", str(built_artifacts[kind]))
     assert run.code == 0 and json.loads(run.stdout)["format"] == kind, run.stderr
+
+
+@pytest.mark.parametrize(("targets", "fixed", "where", "message"), [
+    ([{"format": "mlx"}], "Q4_K_M", "command line", "--fixed: Q4_K_M is not a fixed recipe of the sweep (3bit-g64"),
+    ([{"format": "gguf", "quants": ["Q8_0"]}], "4bit-g64,Q4_K_M", "command line",
+     "--fixed: 4bit-g64 is not a fixed recipe"),
+    ([{"format": "coreml"}], None, "recipe.yaml", "a sweep needs a target in mlx or gguf"),
+])
+def test_sweep_refuses_fixed_recipes_it_has_no_target_for(targets, fixed, where, message, tiny, tmp_path, capsys,
+                                                         monkeypatch):
+    """Another format's fixed recipe once drew an empty front and exited 0."""
+    monkeypatch.setenv("SILICONVERT_QUIET", "1")
+    recipe = {"source": str(tiny), "output": str(tmp_path / "out"), "targets": targets}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    run = siliconvert(capsys, "sweep", str(tmp_path / "recipe.yaml"), *(["--fixed", fixed] if fixed else []))
+    assert_refused(run, where, message, tmp_path / "out")
+    assert not (tmp_path / "out" / "sweep").exists()
