@@ -32,6 +32,7 @@ class CoreML(Format):
     library = "coreml"
     tags = ("coreml",)
     looks_like = "a Core ML folder with manifest.json"
+    plan_bits = (4.125, 16.0)  # int4 in blocks of 128 (a float16 scale each) to float16
 
     def writer(self, checkpoint: Checkpoint, target: CoreMLTarget, out_dir: Path, model_name: str,
                calibration: Calibrations) -> Writer:

@@ -24,6 +24,7 @@ class GGUF(Format):
     ships_tokenizer = False  # a GGUF carries its tokenizer inside
     fixed_quants = ("Q3_K_M", "Q4_K_M", "Q5_K_M")
     anchor = "Q4_K_M"
+    plan_bits = (2.625, 8.5)  # Q2_K to Q8_0 (quantize/sensitivity.py's GGUF_CANDIDATES)
 
     def writer(self, checkpoint: Checkpoint, target: GGUFTarget, out_dir: Path, model_name: str,
                calibration: Calibrations) -> Writer:

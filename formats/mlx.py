@@ -26,6 +26,7 @@ class MLX(Format):
     looks_like = "an MLX folder"
     fixed_quants = tuple(MLXTarget(format="mlx", bits=bits, group_size=64).quant for bits in FIXED_BITS)
     anchor = "4bit-g64"
+    plan_bits = (2.25, 9.0)  # 2 bits in groups of 128 to 8 in groups of 32, a float16 scale and bias per group
 
     def writer(self, checkpoint: Checkpoint, target: MLXTarget, out_dir: Path, model_name: str,
                calibration: Calibrations) -> Writer:
