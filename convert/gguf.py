@@ -273,9 +273,14 @@ class GGUFWriter(Writer):
                                                     routed_tokens=routed.get(info.name)))
         finally:
             quantizer.close()
+        # a row width no candidate's block divides (an intermediate_size of 200, say) has nothing to choose from:
+        # it stays as a fixed quant stores it (F16), its bytes outside the plan
+        unplannable = {cost.name for cost in costs if not cost.options}
+        costs[:] = [cost for cost in costs if cost.options]
         fixed_types = [_storage_type(name, shape, kept) for name, shape in shapes]
         fixed = sum(_nbytes(shape, qtype) for (name, shape), qtype, q in zip(shapes, fixed_types, quantizable,
-                                                                           strict=True) if q is None)
+                                                                           strict=True)
+                    if q is None or name in unplannable)
         self.quant_plan = make_plan(costs, self.target.plan, fixed_bytes=fixed + self._header_bytes(fixed_types))
         types = [QType[self.quant_plan.choices[name].kind] if name in self.quant_plan.choices else fixed_type
                  for (name, _), fixed_type in zip(shapes, fixed_types, strict=True)]

@@ -13,12 +13,16 @@ import yaml
 from siliconvert.artifacts import Artifact, Release, Writer
 from siliconvert.calibration import Calibrations
 from siliconvert.checkpoint import Checkpoint
-from siliconvert.errors import ArtifactError, RecipeError
+from siliconvert.errors import ArtifactError, RecipeError, short
 from siliconvert.format import Format
 from siliconvert.recipe import CoreMLTarget, QuantPlan
 
 SILICONVERT_MANIFEST = "manifest.json"  # written by siliconvert.convert.coreml next to its chunks
 MANIFEST = "coreml-manifest.json"  # written in a release folder when an artifact comes without one
+# Core ML's package layout (coremltools writes it so, and convert/coreml/package.py after it): an ML Program's
+# consts name their bytes by this URL, which resolves to this file inside the .mlpackage
+WEIGHT_URL = b"@model_path/weights/weight.bin"
+PACKAGE_WEIGHTS = "Data/com.apple.CoreML/weights/weight.bin"
 
 
 class CoreML(Format):
@@ -28,6 +32,7 @@ class CoreML(Format):
     library = "coreml"
     tags = ("coreml",)
     looks_like = "a Core ML folder with manifest.json"
+    plan_bits = (4.125, 16.0)  # int4 in blocks of 128 (a float16 scale each) to float16
 
     def writer(self, checkpoint: Checkpoint, target: CoreMLTarget, out_dir: Path, model_name: str,
                calibration: Calibrations) -> Writer:
@@ -53,10 +58,15 @@ class CoreML(Format):
         manifest = path / SILICONVERT_MANIFEST
         if not manifest.is_file() or not any(path.glob("*.mlpackage")):
             return None
-        return Artifact(self.name, json.loads(manifest.read_text()).get("precision", "fp16"), path)
+        precision = _json_object(manifest).get("precision", "fp16")
+        return Artifact(self.name, precision if isinstance(precision, str) else "fp16", path)
+
+    def check(self, artifact: Artifact) -> None:
+        for package in sorted(artifact.path.glob("*.mlpackage")):
+            check_package(package)
 
     def describe(self, artifact: Artifact) -> dict[str, Any]:
-        return {"manifest": json.loads((artifact.path / SILICONVERT_MANIFEST).read_text())}
+        return {"manifest": _json_object(artifact.path / SILICONVERT_MANIFEST)}
 
     def release_name(self, model: str, quant: str) -> str:
         return f"{model}-CoreML" if quant == "fp16" else f"{model}-CoreML-{quant}"
@@ -107,6 +117,39 @@ class CoreML(Format):
             "using: state)",
             "```",
         ]
+
+
+def check_package(package: Path) -> None:
+    """An .mlpackage's Manifest.json, the files it lists, and the weight file its spec names, before Core ML
+    (or coremltools) opens it."""
+    manifest = _json_object(package / "Manifest.json")
+    items = manifest.get("itemInfoEntries")
+    root = items.get(manifest.get("rootModelIdentifier")) if isinstance(items, dict) else None
+    if not isinstance(root, dict) or not isinstance(root.get("path"), str):
+        raise ArtifactError("Manifest.json names no root model (rootModelIdentifier in itemInfoEntries)",
+                            package / "Manifest.json")
+    for item in items.values():
+        listed = package / "Data" / str(item.get("path", "")) if isinstance(item, dict) else package
+        if not listed.exists():
+            raise ArtifactError(f"Manifest.json lists {short(item.get('path'))}, which is missing", package)
+    spec = package / "Data" / root["path"]
+    if not spec.is_file():
+        raise ArtifactError(f"the model spec {root['path']} is not a file", package)
+    weights = package / PACKAGE_WEIGHTS
+    if WEIGHT_URL in spec.read_bytes() and not weights.is_file():
+        raise ArtifactError(f"{PACKAGE_WEIGHTS} is missing (the model spec reads its weights from it)", package)
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ArtifactError("missing", path)
+    try:
+        parsed = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ArtifactError(f"not valid JSON ({short(str(e))})", path) from None
+    if not isinstance(parsed, dict):
+        raise ArtifactError("not a JSON object", path)
+    return parsed
 
 
 @dataclass(frozen=True)

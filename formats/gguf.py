@@ -10,7 +10,7 @@ from typing import Any
 from siliconvert.artifacts import CARD_PROMPT, Artifact, Release, Writer
 from siliconvert.calibration import Calibrations, calibration_text
 from siliconvert.checkpoint import Checkpoint
-from siliconvert.errors import ArtifactError, RecipeError
+from siliconvert.errors import ArtifactError, RecipeError, short
 from siliconvert.format import Format
 from siliconvert.recipe import GGUFTarget, QuantPlan
 
@@ -25,6 +25,7 @@ class GGUF(Format):
     ships_tokenizer = False  # a GGUF carries its tokenizer inside
     fixed_quants = ("Q3_K_M", "Q4_K_M", "Q5_K_M")
     anchor = "Q4_K_M"
+    plan_bits = (2.625, 8.5)  # Q2_K to Q8_0 (quantize/sensitivity.py's GGUF_CANDIDATES)
 
     def writer(self, checkpoint: Checkpoint, target: GGUFTarget, out_dir: Path, model_name: str,
                calibration: Calibrations) -> Writer:
@@ -55,10 +56,11 @@ class GGUF(Format):
         model, _, goal = path.stem.rpartition("-")
         return Artifact(self.name, f"auto-{goal}" if model.endswith("-auto") else _file_quant(path), path)
 
-    def describe(self, artifact: Artifact) -> dict[str, Any]:
-        from gguf import GGUFReader
+    def check(self, artifact: Artifact) -> None:
+        read_gguf(artifact.path)
 
-        reader = GGUFReader(str(artifact.path))
+    def describe(self, artifact: Artifact) -> dict[str, Any]:
+        reader = read_gguf(artifact.path)
         return {"tensors": len(reader.tensors),
                 "metadata": {name: _gguf_value(field) for name, field in reader.fields.items()
                              if not name.startswith("tokenizer.ggml.") or name.endswith(("model", "pre"))}}
@@ -89,6 +91,29 @@ class GGUF(Format):
                 f'llama-cli -m {self.file_label(release, first)} -p "{CARD_PROMPT}"', "```"]
 
 
+def read_gguf(path: Path):
+    """gguf-py's reader over `path`, its header, tensor infos and data extents checked against the file."""
+    from gguf import GGUFReader
+
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ArtifactError(f"not a GGUF file (it starts with {magic!r}, not b'GGUF')", path)
+    try:
+        reader = GGUFReader(str(path))
+    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as e:
+        # gguf-py sizes each tensor's data by its header: a truncated file, or a header claiming more tensors
+        # than the file holds, ends in a numpy reshape of too few bytes
+        raise ArtifactError(f"damaged GGUF: its header and tensor infos do not fit the file's "
+                            f"{path.stat().st_size:,} bytes (truncated?): {e}", path) from None
+    size = path.stat().st_size
+    for tensor in reader.tensors:
+        if tensor.data_offset + tensor.n_bytes > size:
+            raise ArtifactError(f"damaged GGUF: tensor {short(tensor.name)} ends at byte "
+                                f"{tensor.data_offset + tensor.n_bytes:,}, past the file's {size:,}", path)
+    return reader
+
+
 def _imatrix(targets: Sequence[GGUFTarget]) -> str:
     return next((t.imatrix for t in targets if t.imatrix), "builtin")
 
@@ -96,12 +121,9 @@ def _imatrix(targets: Sequence[GGUFTarget]) -> str:
 def _file_quant(path: Path) -> str:
     """The quant a GGUF says it holds, not what its name claims: general.file_type as llama.cpp names it
     (MOSTLY_Q4_K_M → Q4_K_M); without one, the type most of its matrices have, as llama.cpp then guesses."""
-    from gguf import GGUFReader, LlamaFileType
+    from gguf import LlamaFileType
 
-    try:
-        reader = GGUFReader(str(path))
-    except (ValueError, OSError) as e:
-        raise ArtifactError(f"not a readable GGUF: {e}", path) from e
+    reader = read_gguf(path)  # the structure checked first: a damaged file is named as such
     field = reader.get_field("general.file_type")
     if field is not None and int(field.contents()) in LlamaFileType._value2member_map_:
         return LlamaFileType(int(field.contents())).name.removeprefix("ALL_").removeprefix("MOSTLY_")

@@ -9,7 +9,8 @@ from typing import Any
 
 from siliconvert.artifacts import CARD_PROMPT, Artifact, Release, Writer
 from siliconvert.calibration import Calibrations
-from siliconvert.checkpoint import Checkpoint
+from siliconvert.checkpoint import Checkpoint, load_json
+from siliconvert.errors import ArtifactError, short
 from siliconvert.format import Format
 from siliconvert.recipe import MLXTarget, QuantPlan
 
@@ -25,6 +26,7 @@ class MLX(Format):
     looks_like = "an MLX folder"
     fixed_quants = tuple(MLXTarget(format="mlx", bits=bits, group_size=64).quant for bits in FIXED_BITS)
     anchor = "4bit-g64"
+    plan_bits = (2.25, 9.0)  # 2 bits in groups of 128 to 8 in groups of 32, a float16 scale and bias per group
 
     def writer(self, checkpoint: Checkpoint, target: MLXTarget, out_dir: Path, model_name: str,
                calibration: Calibrations) -> Writer:
@@ -41,13 +43,28 @@ class MLX(Format):
         shards = sorted(path.glob("model*.safetensors")) if path.is_dir() else []
         if not shards or _safetensors_format(shards[0]) != "mlx":
             return None
-        quantization = json.loads((path / "config.json").read_text()).get("quantization")
-        if quantization:
+        quantization = _config(path).get("quantization")
+        if isinstance(quantization, dict) and {"bits", "group_size"} <= set(quantization):
             return Artifact(self.name, f"{quantization['bits']}bit-g{quantization['group_size']}", path)
         return Artifact(self.name, "fp16", path)
 
+    def check(self, artifact: Artifact) -> None:
+        config = _config(artifact.path)
+        index = artifact.path / "model.safetensors.index.json"
+        if index.is_file():
+            listed = load_json(index.read_bytes(), index.name, index)
+            weight_map = listed.get("weight_map") if isinstance(listed, dict) else None
+            shards = set(weight_map.values()) if isinstance(weight_map, dict) else set()
+            if missing := sorted(map(str, shards - {p.name for p in artifact.path.glob("*.safetensors")})):
+                raise ArtifactError(f"shard {short(missing[0])} is listed but missing", index)
+        shapes: dict[str, tuple[list[int], Path]] = {}  # tensor → (shape, its shard)
+        for shard in sorted(artifact.path.glob("model*.safetensors")):
+            shapes |= {name: (shape, shard) for name, shape in _shard_shapes(shard).items()}
+        for name, (shape, shard) in shapes.items():
+            _check_shape(name, shape, shard, shapes, config)
+
     def describe(self, artifact: Artifact) -> dict[str, Any]:
-        config = json.loads((artifact.path / "config.json").read_text())
+        config = _config(artifact.path)
         return {"quantization": config.get("quantization"), "model_type": config.get("model_type")}
 
     def sweep_fixed(self, targets: Sequence[MLXTarget], quants: Sequence[str]) -> list[MLXTarget]:
@@ -84,6 +101,55 @@ class MLX(Format):
             "prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)",
             "print(generate(model, tokenizer, prompt=prompt, max_tokens=128))", "```",
         ]
+
+
+def _config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ArtifactError("config.json is missing (mlx_lm.load reads the model from it)", folder)
+    config = load_json(path.read_bytes(), "config.json", path)
+    if not isinstance(config, dict):
+        raise ArtifactError("config.json is not a JSON object", path)
+    return config
+
+
+# Tensors whose shape config.json's hidden_size fixes, in every family mlx-lm loads: (name suffix, the axis
+# that is hidden_size, counted from the end; the input axis of a quantized weight is read from its scales)
+HIDDEN_AXES = (
+    ("embed_tokens.weight", -1), ("q_proj.weight", -1), ("k_proj.weight", -1), ("v_proj.weight", -1),
+    ("gate_proj.weight", -1), ("up_proj.weight", -1), ("o_proj.weight", -2), ("down_proj.weight", -2),
+    ("input_layernorm.weight", -1), ("post_attention_layernorm.weight", -1), ("model.norm.weight", -1),
+)
+
+
+def _shard_shapes(shard: Path) -> dict[str, list[int]]:
+    """Every tensor's shape in a shard, its header checked by the safetensors library (extents, dtypes, tiling)
+    without reading the data."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(shard, "numpy") as f:
+            return {name: f.get_slice(name).get_shape() for name in f.keys()}  # noqa: SIM118 (not a dict)
+    except SafetensorError as e:
+        raise ArtifactError(f"damaged safetensors shard: {e}", shard) from None
+
+
+def _check_shape(name: str, shape: list[int], shard: Path, shapes: dict[str, tuple[list[int], Path]],
+                 config: dict[str, Any]) -> None:
+    """A tensor's shape against config.json, as mlx_lm.load would find it when it loads the weights."""
+    hidden, vocab = config.get("hidden_size"), config.get("vocab_size")
+    quantization = config.get("quantization") if isinstance(config.get("quantization"), dict) else {}
+    unpacked = list(shape)
+    scales = shapes.get(name.removesuffix(".weight") + ".scales")
+    if scales is not None and isinstance(quantization.get("group_size"), int) and shape:
+        unpacked[-1] = scales[0][-1] * quantization["group_size"]  # a quantized weight's input width
+    if name.endswith("embed_tokens.weight") and isinstance(vocab, int) and unpacked[0] != vocab:
+        raise ArtifactError(f"tensor {short(name)} has {unpacked[0]} rows, but config.json's vocab_size is "
+                            f"{vocab}", shard)
+    for suffix, axis in HIDDEN_AXES:
+        if name.endswith(suffix) and isinstance(hidden, int) and len(unpacked) >= -axis and unpacked[axis] != hidden:
+            raise ArtifactError(f"tensor {short(name)} has shape {shape}, which does not fit config.json's "
+                                f"hidden_size {hidden}", shard)
 
 
 def _safetensors_format(path: Path) -> str | None:

@@ -119,6 +119,79 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     return infos
 
 
+def check_tokenizer(path: Path, files: dict[str, dict], config: dict[str, Any], vocab_size: int) -> None:
+    """What the tokenizer files promise, checked before any format writes them: each id names one string and lies
+    inside the embedding's `vocab_size` rows, the special token ids too, and the chat template parses and renders.
+    A GGUF's vocabulary is a list by id: two strings on one id make it differ from run to run."""
+    owners: dict[int, str] = {}  # id → the string that holds it
+
+    def claim(token_id: Any, text: Any, file: str) -> None:
+        if not isinstance(token_id, int) or isinstance(token_id, bool) or not 0 <= token_id < vocab_size:
+            raise CheckpointError(f"token {short(text)} has id {short(token_id)}, outside the model's vocabulary "
+                                  f"of {vocab_size} (config.json's vocab_size)", path / file)
+        if owners.setdefault(token_id, text) != text:
+            raise CheckpointError(f"id {token_id} is given to two strings, {short(owners[token_id])} and "
+                                  f"{short(text)}", path / file)
+
+    model = files.get("tokenizer.json", {}).get("model")
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    if isinstance(vocab, dict):  # BPE and WordLevel: string → id (Unigram's list numbers itself)
+        for text, token_id in vocab.items():
+            claim(token_id, text, "tokenizer.json")
+    for added in files.get("tokenizer.json", {}).get("added_tokens") or []:
+        if isinstance(added, dict):
+            claim(added.get("id"), added.get("content"), "tokenizer.json")
+    decoder = files.get("tokenizer_config.json", {}).get("added_tokens_decoder")
+    for token_id, added in decoder.items() if isinstance(decoder, dict) else ():
+        claim(int(token_id) if str(token_id).isdigit() else token_id,
+              added.get("content") if isinstance(added, dict) else added, "tokenizer_config.json")
+    generation = path / "generation_config.json"
+    for source, settings in (("config.json", config),
+                             ("generation_config.json", load_json(generation.read_bytes(), "the file", generation)
+                              if generation.is_file() else {})):
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = settings.get(key) if isinstance(settings, dict) else None
+            for token_id in value if isinstance(value, list) else [] if value is None else [value]:
+                if not isinstance(token_id, int) or not 0 <= token_id < vocab_size:
+                    raise CheckpointError(f"{key} {short(token_id)} is outside the model's vocabulary of "
+                                          f"{vocab_size}", path / source)
+    _check_chat_template(path, files.get("tokenizer_config.json", {}))
+
+
+def _check_chat_template(path: Path, tokenizer_config: dict) -> None:
+    """Parse the chat template and render it once, as transformers does (a sandboxed Jinja environment)."""
+    from jinja2 import TemplateError, TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    templates: list[tuple[str, Any]] = []
+    if (jinja := path / "chat_template.jinja").is_file():
+        templates.append((jinja.name, jinja.read_bytes().decode("utf-8", "replace")))
+    chat = tokenizer_config.get("chat_template")
+    for named in chat if isinstance(chat, list) else [{"template": chat}] if chat is not None else []:
+        templates.append(("tokenizer_config.json", named.get("template") if isinstance(named, dict) else named))
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
+    environment.globals["raise_exception"] = raise_exception
+    for file, text in templates:
+        if not isinstance(text, str):
+            raise CheckpointError(f"the chat template is not a string ({type(text).__name__})", path / file)
+        try:
+            template = environment.from_string(text)
+        except TemplateSyntaxError as e:
+            raise CheckpointError(f"the chat template is not valid Jinja (line {e.lineno}: {short(e.message)})",
+                                  path / file) from None
+        try:
+            template.render(messages=[{"role": "user", "content": "Hello"}], add_generation_prompt=True,
+                            bos_token="<s>", eos_token="</s>", tools=None, documents=None)
+        except Exception as e:  # a template may raise anything on content it does not expect
+            warnings.warn(f"{path / file}: the chat template cannot render one user message "
+                          f"({type(e).__name__}: {short(str(e))}); apps that apply it will fail", stacklevel=2)
+
+
 def regular_file(path: Path) -> os.stat_result:
     """The file's stat, refusing anything but a regular file (a FIFO or a device would hang or never end)."""
     try:
@@ -304,9 +377,13 @@ class Checkpoint:
         checkpoint = cls(path, name, config, family, spec, _model_tensors(family, spec, tensors))
         checkpoint._check_tensors()
         # every target ships the tokenizer: refuse a checkpoint without one, or with a damaged JSON file, now
+        tokenizer: dict[str, dict] = {}  # file name → its JSON
         for file in checkpoint.tokenizer_files():
-            if file.suffix == ".json" and not isinstance(load_json(file.read_bytes(), "the file", file), dict):
-                raise CheckpointError("not a JSON object", file)
+            if file.suffix == ".json":
+                tokenizer[file.name] = load_json(file.read_bytes(), "the file", file)
+                if not isinstance(tokenizer[file.name], dict):
+                    raise CheckpointError("not a JSON object", file)
+        check_tokenizer(path, tokenizer, config, spec.vocab_size)
         return checkpoint
 
     def transformers_config(self) -> Any:

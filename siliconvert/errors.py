@@ -43,6 +43,10 @@ class ArtifactError(SiliconvertError):
     """An artifact on disk is unreadable, or its runtime refused it."""
 
 
+class NotAnArtifact(ArtifactError):
+    """A path no format claims (it may be a checkpoint): unlike a damaged artifact, worth reading as another kind."""
+
+
 class OutputError(SiliconvertError):
     """The output folder cannot be written (permissions, full disk)."""
 

@@ -9,6 +9,7 @@ entry and nothing else. The core declares the interface and holds the table; it 
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +47,35 @@ class Format(ABC):
     def preflight(self, target: TargetSpec, checkpoint: Checkpoint, key: str, where: Path | str) -> None:  # noqa: B027
         """Checks that need no weights, before the first tensor is read (`key` names the target in messages)."""
 
+    # the least and most bits per weight a plan can choose (its cheapest and its richest candidate, scales counted)
+    plan_bits: ClassVar[tuple[float, float] | None] = None
+
+    def check_plan(self, target: TargetSpec, checkpoint: Checkpoint, key: str, where: Path | str) -> None:
+        """Refuse a plan goal no plan can meet, naming the range it can: bits per weight outside the candidates'; a
+        size below every weight at the cheapest candidate (the rest at float16), or above the unquantized model and its
+        tokenizer."""
+        from siliconvert.errors import RecipeError
+
+        plan = target.plan
+        if plan is None or self.plan_bits is None:
+            return
+        least, most = self.plan_bits
+        if plan.bits_per_weight is not None and not least <= plan.bits_per_weight <= most:
+            raise RecipeError(f"{key}.plan.bits_per_weight is {plan.bits_per_weight}; a {self.name} plan chooses "
+                              f"from {least:g} to {most:g} bits per weight", where)
+        if plan.size_mb is None:
+            return
+        infos = checkpoint.tensor_infos.values()
+        params = [math.prod(info.shape) for info in infos]
+        matrices = sum(p for p, info in zip(params, infos, strict=True) if len(info.shape) >= 2)
+        smallest = (matrices * least / 8 + (sum(params) - matrices) * 2) / 1e6
+        # the tokenizer counted only here: some formats carry it in the artifact, and the lower bound stays safe
+        unquantized = (sum(params) * 2 + sum(f.stat().st_size for f in checkpoint.tokenizer_files())) / 1e6
+        if not smallest <= plan.size_mb <= unquantized:
+            raise RecipeError(f"{key}.plan.size_mb is {plan.size_mb:g}; a {self.name} plan of this model reaches "
+                              f"about {smallest:.3g} MB (every weight at {least:g} bits) to {unquantized:.3g} MB "
+                              f"(unquantized)", where)
+
     def replanned(self, target: TargetSpec, plan: QuantPlan) -> TargetSpec:
         """`target` building only its planned artifact, with `plan`: what the re-plan loop builds again."""
         return target.model_copy(update={"plan": plan})
@@ -54,6 +84,10 @@ class Format(ABC):
     @abstractmethod
     def detect(self, path: Path) -> Artifact | None:
         """The artifact at `path` if it is one of this format's (for `siliconvert validate` and `inspect`)."""
+
+    def check(self, artifact: Artifact) -> None:  # noqa: B027
+        """Structural checks of a detected artifact, before any runtime loads it: raise ArtifactError naming the
+        file and the problem (a damaged artifact is bad input, not a runtime's crash)."""
 
     def describe(self, artifact: Artifact) -> dict[str, Any]:
         """What `siliconvert inspect` says of an artifact beyond its format and quant."""
@@ -128,13 +162,14 @@ def entries() -> list[Format]:
 
 
 def detect_artifact(path: Path) -> Artifact:
-    """Recognise an artifact on disk by its layout: the first format whose entry claims it."""
-    from siliconvert.errors import ArtifactError
+    """Recognise an artifact on disk by its layout (the first format whose entry claims it), checked whole."""
+    from siliconvert.errors import NotAnArtifact
 
     for candidate in entries():
         found = candidate.detect(path)
         if found is not None:
+            candidate.check(found)
             return found
     shapes = [candidate.looks_like for candidate in entries()]
     listed = ", ".join(shapes[:-1]) + (", or " if len(shapes) > 1 else "") + shapes[-1] if shapes else "none known"
-    raise ArtifactError(f"not a recognised artifact ({listed})", path)
+    raise NotAnArtifact(f"not a recognised artifact ({listed})", path)

@@ -21,7 +21,8 @@ MAX_RECIPE_BYTES = 1 << 20  # read whole, parsed by YAML: a bigger file is not a
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # every float finite: YAML's .inf and .nan pass `gt=0` and would reach report.json as bare Infinity / NaN
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Gates(Strict):

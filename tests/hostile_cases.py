@@ -134,6 +134,21 @@ def config_text(replace: str, by: str) -> Damage:
     return file_bytes("config.json", lambda raw: raw.replace(replace.encode(), by.encode(), 1))
 
 
+def tokenizer_vocab(**ids: int) -> Damage:
+    """Give tokenizer.json's vocabulary strings other ids."""
+    def damage(folder: Path, _recipe: dict) -> None:
+        parsed = json.loads((folder / "tokenizer.json").read_text())
+        parsed["model"]["vocab"].update(ids)
+        (folder / "tokenizer.json").write_text(json.dumps(parsed))
+    return damage
+
+
+def tokenizer_config(**fields: Any) -> Damage:
+    def damage(folder: Path, _recipe: dict) -> None:
+        (folder / "tokenizer_config.json").write_text(json.dumps(fields))
+    return damage
+
+
 def write(name: str, content: bytes) -> Damage:
     def damage(folder: Path, _recipe: dict) -> None:
         (folder / name).write_bytes(content)
@@ -464,6 +479,27 @@ TOKENIZER = [
          "not valid JSON"),
     Case("tokenizer-model-garbage", T, both(remove("tokenizer.json"), write("tokenizer.model", b"garbage")), "ckpt",
          "the tokenizer files cannot be loaded"),
+    Case("tokenizer-two-strings-one-id", T, tokenizer_vocab(w1=2), "tokenizer.json",
+         "id 2 is given to two strings, 'w1' and 'w2'"),
+    Case("tokenizer-id-past-vocab", T, tokenizer_vocab(w95=500), "tokenizer.json",
+         "token 'w95' has id 500, outside the model's vocabulary of 96"),
+    Case("tokenizer-added-token-past-vocab", T, tokenizer_config(added_tokens_decoder={
+        "200": {"content": "<extra>", "special": True}}), "tokenizer_config.json", "token '<extra>' has id 200"),
+    Case("tokenizer-added-token-on-another-id", T, tokenizer_config(added_tokens_decoder={
+        "5": {"content": "<extra>", "special": True}}), "tokenizer_config.json",
+         "id 5 is given to two strings, 'w5' and '<extra>'"),
+    Case("eos-past-vocab", T, config(eos_token_id=500), C, "eos_token_id 500 is outside the model's vocabulary of 96"),
+    Case("eos-list-past-vocab", T, config(eos_token_id=[1, 96]), C, "eos_token_id 96 is outside"),
+    Case("generation-eos-past-vocab", T, write("generation_config.json", b'{"eos_token_id": 1000}'),
+         "generation_config.json", "eos_token_id 1000 is outside"),
+    Case("chat-template-syntax", T, tokenizer_config(chat_template="{% for m in messages %}{{ m.content }"),
+         "tokenizer_config.json", "the chat template is not valid Jinja (line 1"),
+    Case("chat-template-jinja-file-syntax", T, write("chat_template.jinja", b"{% if messages %}\nhello\n"),
+         "chat_template.jinja", "the chat template is not valid Jinja"),
+    Case("chat-template-not-a-string", T, tokenizer_config(chat_template=5), "tokenizer_config.json",
+         "the chat template is not a string (int)"),
+    Case("chat-template-named-syntax", T, tokenizer_config(chat_template=[{"name": "default", "template": "{{"}]),
+         "tokenizer_config.json", "not valid Jinja"),
 ]
 
 WEIGHTS = [
@@ -517,6 +553,34 @@ RECIPE = [
     Case("context-too-small", R, recipe(validate={"context": 4}), "recipe.yaml", "validate.context"),
     Case("gate-negative", R, recipe(validate={"enabled": False, "gates": {"max_mean_kld": -1}}), "recipe.yaml",
          "validate.gates.max_mean_kld"),
+    Case("gate-infinite", R, recipe(validate={"enabled": False, "gates": {"max_ppl_ratio": float("inf")}}),
+         "recipe.yaml", "validate.gates.max_ppl_ratio: Input should be a finite number"),
+    Case("gate-nan", R, recipe(validate={"enabled": False, "gates": {"min_same_top1": float("nan")}}),
+         "recipe.yaml", "validate.gates.min_same_top1: Input should be a finite number"),
+    Case("plan-size-infinite", R, recipe(targets=[{"format": "mlx", "bits": "auto",
+                                                   "plan": {"size_mb": float("inf")}}]), "recipe.yaml",
+         "targets.0.plan.size_mb: Input should be a finite number"),
+    Case("plan-kld-floor-infinite", R, recipe(targets=[{"format": "gguf", "quants": ["auto"], "plan": {
+        "max_mean_kld": 0.05, "kld_floor": float("inf")}}]), "recipe.yaml",
+         "targets.0.plan.kld_floor: Input should be a finite number"),
+    Case("plan-size-below-the-smallest", R, recipe(targets=[{"format": "mlx", "bits": "auto",
+                                                             "plan": {"size_mb": 0.001}}]), "recipe.yaml",
+         "targets.0.plan.size_mb is 0.001; a mlx plan of this model reaches about", flags=("--check",)),
+    Case("plan-size-above-unquantized", R, recipe(targets=[{"format": "gguf", "quants": ["auto"],
+                                                            "plan": {"size_mb": 5000}}]), "recipe.yaml",
+         "targets.0.plan.size_mb is 5000; a gguf plan of this model reaches about", flags=("--check",)),
+    Case("plan-bits-above-gguf", R, recipe(targets=[{"format": "gguf", "quants": ["auto"],
+                                                     "plan": {"bits_per_weight": 12}}]), "recipe.yaml",
+         "targets.0.plan.bits_per_weight is 12.0; a gguf plan chooses from 2.625 to 8.5 bits per weight"),
+    Case("plan-bits-below-mlx", R, recipe(targets=[{"format": "mlx", "bits": "auto",
+                                                    "plan": {"bits_per_weight": 2.1}}]), "recipe.yaml",
+         "a mlx plan chooses from 2.25 to 9 bits per weight"),
+    Case("plan-bits-below-coreml", R, recipe(targets=[{"format": "coreml", "context": 64, "plan": {
+        "bits_per_weight": 3}, "precision": ["auto"]}]), "recipe.yaml",
+         "a coreml plan chooses from 4.125 to 16 bits per weight"),
+    Case("plan-kld-nan", R, recipe(targets=[{"format": "mlx", "bits": "auto",
+                                             "plan": {"max_mean_kld": float("nan")}}]), "recipe.yaml",
+         "targets.0.plan.max_mean_kld: Input should be a finite number"),
     Case("push-without-repo", R, recipe(release={"push": True}), "recipe.yaml", "release.push needs"),
     Case("name-with-slash", R, recipe(name="../evil"), "recipe.yaml", "name: String should match pattern"),
     Case("coreml-context-under-validate", R, recipe(targets=[{"format": "coreml", "context": 32}],

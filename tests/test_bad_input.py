@@ -205,3 +205,58 @@ def checksums(folder: Path) -> dict[str, str]:
 
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file() and ".stamps" not in p.parts}
+
+
+def runner_children(pid: int) -> list[int]:
+    """The process-pool workers `pid` started (a reference, calibration or artifact runner), from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue  # exited meanwhile
+        if int(fields[1]) == pid and b"multiprocessing" in cmdline and b"resource_tracker" not in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_validation_ends_every_child(good, tmp_path, signum):
+    """SIGTERM (or SIGINT sent to the command alone, not its group) while a runner child works: one line, exit
+    128 + the signal, and no process of the run's group outlives it (the runner and the resource tracker once
+    stayed, 356 MB, after the main process had gone)."""
+    recipe = recipe_for(tmp_path, good, targets=[{"format": "mlx"}],
+                        validate={"tokens": 256, "context": 64, "latency": False})
+    process = subprocess.Popen([SILICONVERT, "recipe", str(recipe)], env={**os.environ, "SILICONVERT_QUIET": "1"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not runner_children(process.pid):
+            assert process.poll() is None, f"the run ended (exit {process.returncode}) before a runner started"
+            assert time.monotonic() < deadline, "no runner child started"
+            time.sleep(0.1)
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=60)
+        deadline = time.monotonic() + 10  # the resource tracker ends when the last holder of its pipe has gone
+        while group_alive(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not group_alive(process.pid), "a child outlived the run"
+    finally:
+        if group_alive(process.pid):
+            os.killpg(process.pid, signal.SIGKILL)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert process.returncode == 128 + signum, stderr
+    assert len(lines) == 1 and lines[0].startswith(f"interrupted by {signal.Signals(signum).name}"), stderr
+    artifacts = tmp_path / "out" / "artifacts"
+    stamped = stamped_paths(artifacts)
+    assert all(p.name.startswith(".") or p.name in stamped for p in artifacts.iterdir()) if artifacts.exists() else True
+    assert not (tmp_path / "out" / "report.json").exists()

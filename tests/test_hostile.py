@@ -133,7 +133,7 @@ def test_check_runs_the_same_checks_without_converting(tiny, tmp_path, capsys, m
 ])
 def test_validate_command_options_are_one_line(tiny, tmp_path, capsys, options, message):
     """`siliconvert validate`'s options are checked before anything is opened (they once ended in exit 3)."""
-    run = siliconvert(capsys, "validate", str(tiny), "--source", str(tiny), "--output", str(tmp_path / "out"),
+    run = siliconvert(capsys, "validate", str(tiny), "--source", str(llama), "--output", str(tmp_path / "out"),
                       *options)
     assert_refused(run, "command line", message, tmp_path / "out")
 
@@ -261,3 +261,151 @@ def test_real_full_disk(tiny, small_tmpfs, tmp_path, capsys, monkeypatch):
     run = siliconvert(capsys, "recipe", str(tmp_path / "recipe.yaml"))
     assert_refused(run, "out", "no space left", small_tmpfs / "out")
 
+
+
+# ---- damaged artifacts: `validate` and `inspect` check an artifact's structure before any runtime loads it ----
+
+@pytest.fixture(scope="session")
+def llama(small_model) -> Path:
+    """A small Llama with a SentencePiece tokenizer every format can carry (hidden 192, vocabulary 512)."""
+    return small_model("llama", "sentencepiece")
+
+
+@pytest.fixture(scope="session")
+def built_artifacts(llama, tmp_path_factory) -> dict[str, Path]:
+    """One artifact of each format, converted once from `llama`."""
+    from siliconvert.commands.cli import main
+
+    folder = tmp_path_factory.mktemp("artifacts")
+    recipe = {"source": str(llama), "output": str(folder / "out"), "validate": {"enabled": False},
+              "targets": [{"format": "mlx"}, {"format": "gguf", "quants": ["Q8_0"]},
+                          {"format": "coreml", "context": 64}]}
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    os.environ["SILICONVERT_QUIET"] = "1"
+    try:
+        main(["recipe", str(folder / "recipe.yaml")])
+    except SystemExit as e:
+        assert e.code == 0
+    finally:
+        del os.environ["SILICONVERT_QUIET"]
+    found = {}
+    for path in (folder / "out" / "artifacts").glob("[!.]*"):  # not .stamps
+        kind = "gguf" if path.suffix == ".gguf" else "coreml" if "coreml" in path.name else "mlx"
+        found[kind] = path
+    assert set(found) == {"mlx", "gguf", "coreml"}, found
+    return found
+
+
+def _mlx_tensor(name: str, change):
+    def damage(artifact: Path) -> None:
+        import mlx.core as mx
+
+        shard = next(artifact.glob("model*.safetensors"))
+        tensors = mx.load(str(shard))
+        tensors[name] = change(tensors[name])
+        mx.save_safetensors(str(shard), tensors, metadata={"format": "mlx"})
+    return damage
+
+
+def _gguf_tensor_count(change: int):
+    def damage(artifact: Path) -> None:
+        raw = bytearray(artifact.read_bytes())
+        count = int.from_bytes(raw[8:16], "little")
+        raw[8:16] = (count + change).to_bytes(8, "little")
+        artifact.write_bytes(bytes(raw))
+    return damage
+
+
+def _write(relative: str, text: bytes):
+    return lambda artifact: (artifact / relative).write_bytes(text)
+
+
+def _unlink(relative: str):
+    return lambda artifact: (artifact / relative).unlink()
+
+
+def _package(artifact: Path) -> Path:
+    return next(artifact.glob("*.mlpackage"))
+
+
+# (id, format, damage, a part of the file the line names, what it says)
+ARTIFACT_CASES = [
+    ("mlx-no-config", "mlx", _unlink("config.json"), "mlx", "config.json is missing"),
+    ("mlx-config-not-json", "mlx", _write("config.json", b"{oops"), "config.json", "not valid JSON"),
+    ("mlx-norm-wrong-shape", "mlx", _mlx_tensor("model.norm.weight", lambda t: t[:-1]), "model.safetensors",
+     "tensor 'model.norm.weight' has shape [127], which does not fit config.json's hidden_size 128"),
+    ("mlx-embedding-rows", "mlx", _mlx_tensor("model.embed_tokens.weight", lambda t: t[:-2]), "model.safetensors",
+     "has 1022 rows, but config.json's vocab_size is 1024"),
+    ("mlx-shard-truncated", "mlx",
+     lambda a: (a / "model.safetensors").write_bytes((a / "model.safetensors").read_bytes()[:-64]),
+     "model.safetensors", "damaged safetensors shard"),
+    ("gguf-truncated", "gguf", lambda a: a.write_bytes(a.read_bytes()[:-100]), ".gguf", "damaged GGUF"),
+    ("gguf-claims-more-tensors", "gguf", _gguf_tensor_count(+3), ".gguf", "damaged GGUF"),
+    ("gguf-foreign", "gguf", lambda a: a.write_bytes(b"PK\x03\x04" + a.read_bytes()[4:]), ".gguf",
+     "not a GGUF file"),
+    ("coreml-manifest-not-json", "coreml", lambda a: (_package(a) / "Manifest.json").write_bytes(b"{oops"),
+     "Manifest.json", "not valid JSON"),
+    ("coreml-no-weight-bin", "coreml",
+     lambda a: (_package(a) / "Data/com.apple.CoreML/weights/weight.bin").unlink(), ".mlpackage",
+     "weight.bin is missing"),
+    ("coreml-own-manifest-not-json", "coreml", _write("manifest.json", b"\xff\xfe"), "manifest.json",
+     "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("command", ["inspect", "validate"])
+@pytest.mark.parametrize(("case", "kind", "damage", "where", "message"), ARTIFACT_CASES,
+                         ids=[case[0] for case in ARTIFACT_CASES])
+def test_damaged_artifact(case, kind, damage, where, message, command, built_artifacts, llama, tmp_path,
+                          capsys, monkeypatch):
+    monkeypatch.setenv("SILICONVERT_QUIET", "1")
+    monkeypatch.chdir(tmp_path)
+    source = built_artifacts[kind]
+    artifact = tmp_path / source.name
+    (shutil.copytree if source.is_dir() else shutil.copy)(source, artifact)
+    damage(artifact)
+    args = [str(artifact)] if command == "inspect" else [str(artifact), "--source", str(llama), "--output",
+                                                         str(tmp_path / "out")]
+    run = siliconvert(capsys, command, *args)
+    assert_refused(run, where, message, tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind", ["mlx", "gguf", "coreml"])
+def test_whole_artifacts_pass_the_check(kind, built_artifacts, capsys):
+    run = siliconvert(capsys, "inspect", str(built_artifacts[kind]))
+    assert run.code == 0 and json.loads(run.stdout)["format"] == kind, run.stderr
+
+
+@pytest.mark.parametrize(("targets", "fixed", "where", "message"), [
+    ([{"format": "mlx"}], "Q4_K_M", "command line", "--fixed: Q4_K_M is not a fixed recipe of the sweep (3bit-g64"),
+    ([{"format": "gguf", "quants": ["Q8_0"]}], "4bit-g64,Q4_K_M", "command line",
+     "--fixed: 4bit-g64 is not a fixed recipe"),
+    ([{"format": "coreml"}], None, "recipe.yaml", "a sweep needs a target in mlx or gguf"),
+])
+def test_sweep_refuses_fixed_recipes_it_has_no_target_for(targets, fixed, where, message, tiny, tmp_path, capsys,
+                                                         monkeypatch):
+    """Another format's fixed recipe once drew an empty front and exited 0."""
+    monkeypatch.setenv("SILICONVERT_QUIET", "1")
+    recipe = {"source": str(tiny), "output": str(tmp_path / "out"), "targets": targets}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    run = siliconvert(capsys, "sweep", str(tmp_path / "recipe.yaml"), *(["--fixed", fixed] if fixed else []))
+    assert_refused(run, where, message, tmp_path / "out")
+    assert not (tmp_path / "out" / "sweep").exists()
+
+
+def test_a_size_plan_over_rows_no_block_divides(small_model, tmp_path, capsys, monkeypatch):
+    """intermediate_size 200 (not a multiple of 32): ffn_down's rows fit no GGUF candidate, so it stays as a fixed
+    quant keeps it and the rest is planned (it once ended in an IndexError, exit 3)."""
+    import gguf
+
+    monkeypatch.setenv("SILICONVERT_QUIET", "1")
+    source = small_model("llama", "sentencepiece", intermediate_size=200)
+    recipe = {"source": str(source), "output": str(tmp_path / "out"), "validate": {"enabled": False},
+              "targets": [{"format": "gguf", "quants": ["auto"], "plan": {"size_mb": 1.0}}]}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    run = siliconvert(capsys, "recipe", str(tmp_path / "recipe.yaml"))
+    assert run.code == 0, run.stderr
+    (artifact,) = (tmp_path / "out" / "artifacts").glob("*.gguf")
+    assert artifact.stat().st_size <= 1e6
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(artifact).tensors}
+    assert types["blk.0.ffn_down.weight"] in ("F16", "BF16", "F32") and types["blk.0.ffn_up.weight"] != "F16"

@@ -88,3 +88,64 @@ def test_refusals_say_what_the_hub_meant():
 
 def test_a_release_folder_goes_to_the_prefixs_org_under_its_own_name(tmp_path):
     assert repo_for(tmp_path / "release" / "Mistral-7B-GGUF", "acme/Mistral-7B") == "acme/Mistral-7B-GGUF"
+
+
+def _relisted(folder, *lines: bytes) -> None:
+    """SHA256SUMS written again over what the folder holds now (links followed, as sha256sum does), plus `lines`."""
+    from siliconvert.commands.release import CHECKSUMS, release_files, sha256_file
+
+    names = [name for name in release_files(folder) if name != CHECKSUMS]
+    (folder / CHECKSUMS).write_bytes(b"".join(f"{sha256_file(folder / n)}  {n}\n".encode() for n in names)
+                                     + b"".join(lines))
+
+
+def _link_to_a_secret(folder, tmp_path):
+    (tmp_path / "id_ed25519").write_text("PRIVATE KEY")
+    (folder / "id_ed25519").symlink_to(tmp_path / "id_ed25519")
+    _relisted(folder)
+
+
+def _link_to_a_folder(folder, tmp_path):
+    (tmp_path / "ssh").mkdir()
+    (tmp_path / "ssh" / "id_ed25519").write_text("PRIVATE KEY")
+    (folder / "extra").symlink_to(tmp_path / "ssh", target_is_directory=True)
+    _relisted(folder)
+
+
+def _duplicate_entry(folder, _tmp_path):
+    sums = folder / "SHA256SUMS"
+    sums.write_bytes(sums.read_bytes() + sums.read_bytes().splitlines(keepends=True)[0])
+
+
+def _not_utf8(folder, _tmp_path):
+    _relisted(folder, b"\xff\xfe  config.json\n")
+
+
+def _not_a_checksum_line(folder, _tmp_path):
+    _relisted(folder, b"hello world\n")
+
+
+# (id, damage to a release folder, what the one error line says)
+PUSH_CASES = [
+    ("link-to-a-file-outside", _link_to_a_secret, "id_ed25519 is a symbolic link"),
+    ("link-to-a-folder-outside", _link_to_a_folder, "extra is a symbolic link"),
+    ("sums-duplicate-entry", _duplicate_entry, "is listed twice"),
+    ("sums-not-utf8", _not_utf8, "SHA256SUMS: line 8 is not UTF-8 text"),
+    ("sums-malformed-line", _not_a_checksum_line, "SHA256SUMS: line 8 is not `<sha256>  <file>`"),
+]
+
+
+@pytest.mark.parametrize(("case", "damage", "message"), PUSH_CASES, ids=[c[0] for c in PUSH_CASES])
+def test_push_uploads_the_folder_and_nothing_else(case, damage, message, build, no_network, tmp_path, capsys):
+    """Through the command: one line, exit 2, and nothing listed for upload."""
+    from siliconvert.commands.cli import main
+
+    report, checkpoint, out = build
+    folder = write_releases(report, RECIPE_TEXT, checkpoint, out)[0]
+    damage(folder, tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        main(["push", str(folder), "--repo", "acme/Mistral-4bit", "--dry-run"])
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert exited.value.code == 2 and len(errors) == 1 and message in errors[0], captured.err
+    assert captured.out == "" and "Traceback" not in captured.err

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import platform
 import shutil
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -144,11 +146,15 @@ def main(argv: list[str] | None = None) -> None:
     if debug:
         args = ["--debug"] + [arg for i, arg in enumerate(args) if i >= end or arg != "--debug"]
     warnings.showwarning = _one_line_warning
+    previous = {signum: signal.signal(signum, _interrupted) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         cli.main(args=args, prog_name="siliconvert", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+    except (click.exceptions.Abort, KeyboardInterrupt) as e:  # click turns a KeyboardInterrupt into Abort
+        cause = e if isinstance(e, Interrupted) else e.__cause__
+        signum = cause.signum if isinstance(cause, Interrupted) else signal.SIGINT
+        click.echo(f"interrupted by {signal.Signals(signum).name}: the run's child processes were stopped; what "
+                   f"was being written is left under hidden names for the next run to sweep", err=True)
+        sys.exit(128 + signum)
     except click.ClickException as e:
         e.show()
         sys.exit(2)
@@ -157,14 +163,35 @@ def main(argv: list[str] | None = None) -> None:
             raise
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
     except Exception as e:
         if debug:
             raise
         click.echo(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", err=True)
         sys.exit(INTERNAL_ERROR)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT reached the command: it unwinds like Ctrl-C, and exits 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupted(signum: int, _frame) -> None:
+    """Stop every child the run started (the reference, calibration and artifact runners, each a process pool's
+    worker) before unwinding: a pool's exit waits for its worker, which only the terminal's Ctrl-C would reach."""
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(timeout=5)
+        if child.is_alive():
+            child.kill()
+    raise Interrupted(signum)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

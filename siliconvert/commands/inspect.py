@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from siliconvert.errors import ArtifactError
+from siliconvert.errors import NotAnArtifact
 from siliconvert.format import detect_artifact
 from siliconvert.format import entry as format_entry
 
@@ -19,8 +19,8 @@ def describe(path: str) -> dict[str, Any]:
 
     try:
         return _describe_artifact(Path(path))
-    except ArtifactError:
-        pass  # not an artifact: a checkpoint, or an error from reading it as one
+    except NotAnArtifact:
+        pass  # no format claims it: a checkpoint, or an error from reading it as one
     checkpoint = Checkpoint.open(path)
     infos = checkpoint.tensor_infos.values()
     return {

@@ -140,6 +140,7 @@ def preflight(recipe: Recipe, checkpoint: Checkpoint, recipe_path: Path | None =
         token_windows(tokenizer, settings.corpus, settings.tokens, settings.context)
     for index, target in enumerate(recipe.targets):
         format_entry(target.format).preflight(target, checkpoint, f"targets.{index}", where)
+        format_entry(target.format).check_plan(target, checkpoint, f"targets.{index}", where)
 
 
 def check_positions(checkpoint: Checkpoint, contexts: list[tuple[str, int]], where: Path | str) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from siliconvert.artifacts import Release
-from siliconvert.errors import ArtifactError, OutputError, RecipeError
+from siliconvert.errors import ArtifactError, OutputError, RecipeError, short
 from siliconvert.format import entry as format_entry
 from siliconvert.progress import say
 from siliconvert.validate.report import known_tokenizer_rules, plan_lines
@@ -354,13 +354,26 @@ def write_checksums(folder: Path) -> Path:
 
 
 def verify_checksums(folder: Path) -> list[str]:
-    """Check every file against SHA256SUMS (and that nothing was added or removed); the files, sorted."""
+    """Check every file against SHA256SUMS: each file present listed once, nothing else listed, no link that could
+    lead an upload outside the folder; the files, sorted. The list is read as bytes: a pushed folder may be hostile."""
     sums = folder / CHECKSUMS
-    if not sums.is_file():
+    if not sums.is_file() or sums.is_symlink():
         raise ArtifactError(f"not a release folder (no {CHECKSUMS}); siliconvert writes them under release/", folder)
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():  # rglob lists a link without following it: a link to a folder is refused here too
+            raise ArtifactError(f"{path.relative_to(folder).as_posix() or '.'} is a symbolic link (to "
+                                f"{short(os.readlink(path))}): a release folder holds its files, nothing that "
+                                f"points elsewhere", folder)
     listed = {}  # relative path → hex digest
-    for line in sums.read_text(encoding="utf-8").splitlines():
-        digest, _, name = line.partition("  ")
+    for number, line in enumerate(sums.read_bytes().splitlines(), 1):
+        try:
+            digest, separator, name = line.decode("utf-8").partition("  ")
+        except UnicodeDecodeError:
+            raise ArtifactError(f"line {number} is not UTF-8 text", sums) from None
+        if not separator or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ArtifactError(f"line {number} is not `<sha256>  <file>`", sums)
+        if name in listed:
+            raise ArtifactError(f"{short(name)} is listed twice (line {number})", sums)
         listed[name] = digest
     present = [n for n in release_files(folder) if n != CHECKSUMS]
     if sorted(listed) != present:
