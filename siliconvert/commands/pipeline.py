@@ -177,8 +177,9 @@ def convert(checkpoint: Checkpoint, recipe: Recipe, artifacts_dir: Path, timings
 
     artifacts_dir.mkdir(parents=True, exist_ok=True)
     sweep_leftovers(artifacts_dir)
-    done = {index: found for index, target in enumerate(recipe.targets)
-            if (found := read_stamp(artifacts_dir, stage_key(checkpoint, target))) is not None}
+    # computed before anything is written: a finished artifact is stamped the moment it has its name
+    keys = [stage_key(checkpoint, target) for target in recipe.targets]
+    done = {index: found for index, key in enumerate(keys) if (found := read_stamp(artifacts_dir, key)) is not None}
     for found in done.values():
         say(f"up to date: {', '.join(a.path.name for a in found)}")
     todo = [(index, target) for index, target in enumerate(recipe.targets) if index not in done]
@@ -211,11 +212,11 @@ def convert(checkpoint: Checkpoint, recipe: Recipe, artifacts_dir: Path, timings
                     writer.add(info, array)
                     busy[label] += time.perf_counter() - begun
                 del array  # freed before the next tensor is read: memory holds one tensor (one expert stack)
-        for label, writer, (index, target) in zip(labels, writers, todo, strict=True):
+        for label, writer, (index, _) in zip(labels, writers, todo, strict=True):
             begun = time.perf_counter()
             done[index] = writer.finish()
+            write_stamp(artifacts_dir, keys[index], done[index])
             busy[label] += time.perf_counter() - begun
-            write_stamp(artifacts_dir, stage_key(checkpoint, target), done[index])
             timings.stage(label, busy_s=busy[label], bytes=sum(artifact_size(a.path) for a in done[index]),
                           **writer.figures())
     except BaseException as e:
