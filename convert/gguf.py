@@ -100,12 +100,12 @@ def _imatrix_text(target: GGUFTarget) -> str:
 
 class GGUFWriter(Writer):
     """Streams a checkpoint into `<model_name>-<QUANT>.gguf` files, one per quant in the target. `calibration`:
-    the run's calibrations (the writer makes its own where none is given)."""
+    the run's calibrations (none: Calibrations.outside_a_run, cached in the user's cache)."""
 
     def __init__(self, checkpoint: Checkpoint, target: GGUFTarget, out_dir: Path, model_name: str, *,
                  calibration: Calibrations | None = None):
         self.checkpoint, self.target, self.out_dir, self.model_name = checkpoint, target, out_dir, model_name
-        self.calibration = calibration or Calibrations(checkpoint, None)
+        self.calibration = calibration or Calibrations.outside_a_run(checkpoint)
         self.arch = GGUFArch(checkpoint.spec, checkpoint.path)
         self.names = _tensor_names(self.arch.arch)
         self.order = checkpoint.stream_order()

@@ -113,13 +113,13 @@ def calibration_needs(target: MLXTarget) -> dict[str, set[str]]:
 
 
 class MLXWriter(Writer):
-    """`calibration`: the run's calibrations (the writer makes its own where none is given)."""
+    """`calibration`: the run's calibrations (none: Calibrations.outside_a_run, cached in the user's cache)."""
 
     def __init__(self, checkpoint: Checkpoint, target: MLXTarget, out_dir: Path, model_name: str, *,
                  calibration: Calibrations | None = None):
         self.checkpoint = checkpoint
         self.target = target
-        self.calibration = calibration or Calibrations(checkpoint, None)
+        self.calibration = calibration or Calibrations.outside_a_run(checkpoint)
         self.final_path = out_dir / f"{model_name}-mlx-{target.quant}"
         self.tmp_path = out_dir / f".{self.final_path.name}.partial"
         shutil.rmtree(self.tmp_path, ignore_errors=True)

@@ -29,6 +29,12 @@ def sync_file(path: Path) -> None:
         os.close(fd)
 
 
+def cache_root(cache_dir: Path | None = None) -> Path:
+    """Where siliconvert keeps what it builds once for every run (the demo checkpoints, the calibrations of writers
+    built outside a run): `cache_dir`, else $SILICONVERT_CACHE, else ~/.cache/siliconvert."""
+    return Path(cache_dir or os.environ.get("SILICONVERT_CACHE", "~/.cache/siliconvert")).expanduser()
+
+
 def write_text_atomically(path: Path, text: str) -> None:
     """Write `path` under a hidden temporary name, then rename: readers see the old file or the new."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

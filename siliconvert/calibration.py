@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from siliconvert.artifacts import write_text_atomically
+from siliconvert.artifacts import cache_root, write_text_atomically
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.errors import CheckpointError, RecipeError
 
@@ -153,6 +153,12 @@ class Calibrations:
                  context: int = CALIBRATION_CONTEXT):
         self.checkpoint, self.cache_dir, self.tokens, self.context = checkpoint, cache_dir, tokens, context
         self._measured: dict[str, Calibration] = {}  # text source → what is known of it
+
+    @classmethod
+    def outside_a_run(cls, checkpoint: Checkpoint) -> Calibrations:
+        """The calibrations of a writer built outside a run (by the API, or a test), cached in the user's cache
+        (siliconvert.artifacts.cache_root) under the same keys a run's are: a checkpoint measured once is measured."""
+        return cls(checkpoint, cache_root() / "calibration")
 
     def prepare(self, needs: Mapping[str, Iterable[str]]) -> None:
         """Measure what is not yet known of each text source's parts: one forward per text at most."""

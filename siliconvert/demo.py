@@ -29,6 +29,7 @@ from transformers import (
     Qwen2Tokenizer,
 )
 
+from siliconvert.artifacts import cache_root
 from siliconvert.progress import track
 from siliconvert.textdata import heldout_text, training_text
 
@@ -253,11 +254,6 @@ def heldout_loss(checkpoint: Path) -> float:
     )
     with torch.no_grad():
         return model(input_ids=batch, labels=batch).loss.item()
-
-
-def cache_root(cache_dir: Path | None = None) -> Path:
-    """Where built checkpoints are kept: `cache_dir`, else $SILICONVERT_CACHE, else ~/.cache/siliconvert."""
-    return Path(cache_dir or os.environ.get("SILICONVERT_CACHE", "~/.cache/siliconvert")).expanduser()
 
 
 def demo_checkpoint(cache_dir: Path | None = None) -> Path:

@@ -488,10 +488,6 @@ TOKENIZER = [
     Case("tokenizer-added-token-on-another-id", T, tokenizer_config(added_tokens_decoder={
         "5": {"content": "<extra>", "special": True}}), "tokenizer_config.json",
          "id 5 is given to two strings, 'w5' and '<extra>'"),
-    Case("eos-past-vocab", T, config(eos_token_id=500), C, "eos_token_id 500 is outside the model's vocabulary of 96"),
-    Case("eos-list-past-vocab", T, config(eos_token_id=[1, 96]), C, "eos_token_id 96 is outside"),
-    Case("generation-eos-past-vocab", T, write("generation_config.json", b'{"eos_token_id": 1000}'),
-         "generation_config.json", "eos_token_id 1000 is outside"),
     Case("chat-template-syntax", T, tokenizer_config(chat_template="{% for m in messages %}{{ m.content }"),
          "tokenizer_config.json", "the chat template is not valid Jinja (line 1"),
     Case("chat-template-jinja-file-syntax", T, write("chat_template.jinja", b"{% if messages %}\nhello\n"),

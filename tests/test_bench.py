@@ -108,7 +108,8 @@ def test_synthetic_moe_checkpoint_opens_as_mixtral(tmp_path, demo_model):
 
     from siliconvert.checkpoint import Checkpoint
 
-    shape = replace(TINY, experts=4)
+    # the tokenizer's ids all have rows; layers enough that no tensor outgrows a shard
+    shape = replace(TINY, experts=4, vocab_size=Checkpoint.open(demo_model).spec.vocab_size, num_layers=6)
     folder = synthetic.build_checkpoint(tmp_path / "moe", shape, demo_model, "5.0.0", say=lambda _: None)
     checkpoint = Checkpoint.open(folder)
     assert checkpoint.spec.family == "mixtral" and checkpoint.spec.experts.count == 4

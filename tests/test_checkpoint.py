@@ -200,3 +200,18 @@ def test_pickle_that_would_run_code_is_refused_even_when_allowed(tmp_path, rando
     (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"x": Payload()}))
     with pytest.raises(CheckpointError, match="weights-only"):
         Checkpoint.open(folder, allow_pickle=True)
+
+
+def test_a_special_token_id_past_the_vocabulary_is_said_not_fatal(random_llama, tmp_path):
+    """transformers' config classes carry their family's ids (OLMo's eos 50279): a small model built from one keeps
+    them. No embedding row holds such an id, so the checkpoint opens, with a warning naming the file and the key."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(random_llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": 50279}))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 96]}))
+    with pytest.warns(UserWarning) as warned:
+        Checkpoint.open(folder)
+    messages = [str(w.message) for w in warned]
+    assert any("config.json: eos_token_id 50279 is outside the model's vocabulary of 96" in m for m in messages)
+    assert any("generation_config.json: eos_token_id 96 is outside" in m for m in messages)

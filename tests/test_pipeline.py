@@ -90,7 +90,7 @@ def test_a_failing_gate_exits_1_and_names_everything(demo_run, demo_model):
     strict = tmp_path / "strict"
     strict.mkdir()
     recipe = write_recipe(strict, demo_model, validate={
-        "tokens": 512, "context": 128, "latency": False, "gates": {"max_mean_kld": 1e-9}})
+        "tokens": 128, "context": 64, "latency": False, "gates": {"max_mean_kld": 1e-9}})
     result = run("recipe", recipe)
     assert result.returncode == 1, result.stderr
     line = result.stderr.strip().splitlines()[-1]
@@ -104,11 +104,12 @@ def test_a_failing_gate_exits_1_and_names_everything(demo_run, demo_model):
 def test_validate_command_scores_an_existing_artifact(demo_run, demo_model):
     tmp_path, _ = demo_run
     (folder,) = (tmp_path / "out" / "artifacts").glob("*-mlx-*")
-    result = run("validate", folder, "--source", demo_model, "--output", tmp_path / "v", "--tokens", 256,
-                 "--context", 128)
+    result = run("validate", folder, "--source", demo_model, "--output", tmp_path / "v", "--tokens", 128,
+                 "--context", 64, "--no-latency")
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "v" / "report.json").read_text())
     assert report["artifacts"][0]["format"] == "mlx" and report["artifacts"][0]["quant"] == "4bit-g64"
+    assert report["artifacts"][0]["latency"] is None  # --no-latency
 
 
 def test_inspect_doctor_version_and_check(demo_run, demo_model):

@@ -44,12 +44,12 @@ def plan_name(chunk: Chunk, weight: str) -> str:
 
 class WeightPlanner:
     """Measures the costs of each chunk's weights as its fp16 package is finished (`measure`, on the build thread),
-    then plans them (`plan`). `calibration`: the run's calibrations (made here where none is given)."""
+    then plans them (`plan`). `calibration`: the run's calibrations (none: Calibrations.outside_a_run)."""
 
     def __init__(self, checkpoint, goal: QuantPlan, *, calibration: Calibrations | None = None):
         self.spec: ModelSpec = checkpoint.spec
         self.goal = goal
-        calibrated = (calibration or Calibrations(checkpoint, None)).get(BUILTIN, {IMPORTANCE})
+        calibrated = (calibration or Calibrations.outside_a_run(checkpoint)).get(BUILTIN, {IMPORTANCE})
         self.importance = calibrated.importance
         # per expert stack (HF name), each expert's share of the calibration tokens routed (from the same run)
         self.expert_shares = {stack: _shares(tokens) for stack, tokens in calibrated.expert_tokens.items()}

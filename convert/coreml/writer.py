@@ -85,7 +85,7 @@ class CoreMLWriter(Writer):
     def __init__(self, checkpoint, target: CoreMLTarget, out_dir: Path, model_name: str, *,
                  calibration: Calibrations | None = None):
         self.checkpoint = checkpoint
-        calibration = calibration or Calibrations(checkpoint, None)
+        calibration = calibration or Calibrations.outside_a_run(checkpoint)
         self.spec: ModelSpec = checkpoint.spec
         self.target = target
         self.model_name = model_name

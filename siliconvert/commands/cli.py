@@ -73,14 +73,16 @@ def sweep(recipe_file: Path, allow_pickle: bool, fixed: str | None) -> None:
 @click.option("--context", default=256, show_default=True, help="Window length.")
 @click.option("--tokenizer", type=click.Choice(["lenient", "strict"]), default="lenient", show_default=True,
               help="strict: a tokenizer difference from a known rule of the runtime fails too.")
+@click.option("--latency/--no-latency", default=True, show_default=True,
+              help="Measure prefill and decode speed, time to first token and peak memory.")
 def validate(artifact: Path, source: str, corpus: str, output: Path | None, tokens: int, context: int,
-             tokenizer: str) -> None:
+             tokenizer: str, latency: bool) -> None:
     """Score one existing ARTIFACT against its source (same report format as `recipe`)."""
     from siliconvert.commands.pipeline import Outcome, check_positions, open_source, prepare_output, validate_artifacts
     from siliconvert.format import detect_artifact
     from siliconvert.recipe import validate_settings
 
-    settings = validate_settings(corpus=corpus, tokens=tokens, context=context, tokenizer=tokenizer)
+    settings = validate_settings(corpus=corpus, tokens=tokens, context=context, tokenizer=tokenizer, latency=latency)
     found = detect_artifact(artifact)
     checkpoint = open_source(source)
     check_positions(checkpoint, [("--context", context)], "command line")
