@@ -153,7 +153,7 @@ def figures(artifact: dict) -> dict:
     metrics = artifact["metrics"]
     return {"mean_kld": metrics["mean_kld"], "same_top1": metrics["same_top1"], "size_bytes": artifact["size_bytes"],
             "passed": artifact["gates"]["passed"], "tokenizer_match": artifact["tokenizer_match"],
-            "kv_cache": (artifact.get("kv_cache") or {}).get("passed"), "runtime": artifact["runtime"]}
+            "kv_cache": (artifact.get("kv_cache") or {}).get("consistent"), "runtime": artifact["runtime"]}
 
 
 def last_line(run: subprocess.CompletedProcess) -> str:

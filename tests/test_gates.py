@@ -15,7 +15,7 @@ from siliconvert.validate.router import router_agreement
 
 SCORES = SimpleNamespace(mean_kld=0.02, p99_kld=0.3, same_top1=0.9, ppl_ratio=1.01, rms_delta_p=0.01)
 MATCHING_TOKENIZER = {"passed": True, "unexplained": 0, "known": [], "differences": []}
-CONSISTENT_CACHE = {"consistent": True, "mean_kld": 0.001, "limit_kld": 0.005}
+CONSISTENT_CACHE = {"consistent": True, "mean_kld": 0.001, "excess_kld": -0.0001, "limit_kld": 0.005}
 
 
 def result_with(**changes) -> SimpleNamespace:
@@ -62,9 +62,13 @@ def test_router_agreement_is_gated_only_where_measured_and_asked_for():
 
 
 def test_a_drifting_cache_fails_and_an_unmeasured_one_does_not():
-    drifting = {"consistent": False, "checked_tokens": 17, "first_mismatch": 3, "mean_kld": 0.8, "limit_kld": 0.05}
+    drifting = {"consistent": False, "checked_tokens": 17, "first_mismatch": 3, "mean_kld": 0.8, "same_top1": 0.5,
+                "decode_kld": 0.84, "no_cache_kld": 0.04, "excess_kld": 0.8, "limit_kld": 0.011}
     (failure,) = check(result_with(kv_cache=drifting), Gates())
-    assert (failure.metric, failure.value, failure.limit) == ("kv_cache", 0.8, 0.05)
-    assert "mean KLD 0.8 over 17 steps, limit 0.05 (first different token at step 3)" in failure.message
+    assert (failure.metric, failure.value, failure.limit) == ("kv_cache", 0.8, 0.011)
+    assert failure.message.endswith(
+        "decoding through the KV cache is worse than the no-cache pass: KLD to the reference 0.84 decoding, 0.04 "
+        "without the cache (+0.8, limit 0.011) over 17 steps; the two paths differ by KLD 0.8 (first different "
+        "token at step 3)")
     unmeasured = {"consistent": None, "checked_tokens": 0, "first_mismatch": None, "mean_kld": None, "limit_kld": None}
     assert check(result_with(kv_cache=unmeasured), Gates()) == []

@@ -283,12 +283,13 @@ def test_kv_cache_check_tells_llama_cpp_noise_from_a_broken_cache(demo_model: Pa
         run = RunOutput(runner.runtime, runner.device, logits, probe_ids, cached, prompt, None, {}, 0.0)
         checks[fault] = score(artifact, run, reference, windows, probes).kv_cache
     runner.close()
-    # measured: 1e-5 against a limit of 1e-3 (the floor: Q4_K_M moved these positions by about 1e-3)
-    assert checks["none"]["consistent"] is True and checks["none"]["mean_kld"] < checks["none"]["limit_kld"] / 20
-    # measured: about 2 nats for a dropped or stale cache, 0.004 for one that stores a token twice
+    # measured: decoding as close to the reference as the no-cache pass, to within 1e-5 (limit about 1.3e-3)
+    assert checks["none"]["consistent"] is True and abs(checks["none"]["excess_kld"]) < checks["none"]["limit_kld"] / 20
+    # measured: about 2 nats worse for a dropped or stale cache, 0.0035 (2.9 × the limit) for one that stores a
+    # token twice
     for fault in ("dropped", "stale", "shifted"):
         assert checks[fault]["consistent"] is False, fault
-        assert checks[fault]["mean_kld"] > 3 * checks[fault]["limit_kld"], fault
+        assert checks[fault]["excess_kld"] > 2 * checks[fault]["limit_kld"], fault
 
 
 # ---- tokenization --------------------------------------------------------------------------------

@@ -69,6 +69,8 @@ class FaultyCache(Runner):
     "shifted": the first token fed is stored twice, so every later position is one off;
     "noise": Gaussian noise of standard deviation `scale` on each step's logits, as other decode kernels add;
     "tie-flips": where the top two tokens are within 0.1, the runner-up ends 0.05 ahead, as such rounding does;
+    "own-rounding": both paths round, each its own way: noise of standard deviation `scale` on the no-cache pass's
+    logits and other noise of the same size on each step's, as a runtime's window and one-token kernels do;
     "none": no fault."""
 
     def __init__(self, runner: Runner, fault: str, scale: float = 0.0) -> None:
@@ -77,7 +79,10 @@ class FaultyCache(Runner):
         self.rng = np.random.default_rng(1)
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
-        return self.runner.logits(tokens)
+        logits = self.runner.logits(tokens)
+        if self.fault == "own-rounding":
+            logits = logits + np.random.default_rng(4).normal(scale=self.scale, size=logits.shape).astype(logits.dtype)
+        return logits
 
     def tokenize(self, text: str) -> list[int]:
         return self.runner.tokenize(text)
@@ -98,7 +103,7 @@ class FaultyCache(Runner):
         row = self.runner.step(token).copy()
         if self.fault == "stale":
             row, self.previous = self.previous, row
-        elif self.fault == "noise":
+        elif self.fault in ("noise", "own-rounding"):
             row += self.rng.normal(scale=self.scale, size=row.shape).astype(row.dtype)
         elif self.fault == "tie-flips":
             runner_up, best = np.argsort(row)[-2:]
@@ -124,44 +129,180 @@ def scripted_score(monkeypatch, fault: str, scale: float = 0.0) -> ArtifactScore
     return score(artifact, run, reference, windows, probes)
 
 
-@pytest.mark.parametrize(("fault", "scale"), [("none", 0.0), ("tie-flips", 0.0), ("noise", 0.05)])
-def test_kv_cache_check_passes_a_cache_that_adds_less_than_quantization(monkeypatch, fault, scale):
+@pytest.mark.parametrize(("fault", "scale"), [("none", 0.0), ("tie-flips", 0.0), ("noise", 0.05),
+                                             ("own-rounding", 0.25)])
+def test_kv_cache_check_passes_a_cache_that_decodes_as_well_as_the_no_cache_pass(monkeypatch, fault, scale):
     result = scripted_score(monkeypatch, fault, scale)
     kv = result.kv_cache
     assert kv["checked_tokens"] == 1 + CACHE_CHECK_TOKENS and kv["consistent"] is True
-    # the check's yardstick: KV_CACHE_KLD_FACTOR times the quantization KLD at the checked positions (16..32)
-    quantization = result.kld.reshape(2, 63)[0, 15:32].mean()
-    assert kv["limit_kld"] == pytest.approx(KV_CACHE_KLD_FACTOR * quantization) and kv["limit_kld"] > KV_CACHE_KLD_FLOOR
-    assert kv["mean_kld"] < kv["limit_kld"] / 5
+    # both paths against the reference at the checked positions (16..32); the yardstick grows with the no-cache KLD
+    no_cache = result.kld.reshape(2, 63)[0, 15:32].mean()
+    assert kv["no_cache_kld"] == pytest.approx(no_cache)
+    assert kv["excess_kld"] == pytest.approx(kv["decode_kld"] - kv["no_cache_kld"])
+    assert kv["limit_kld"] == pytest.approx(KV_CACHE_KLD_FLOOR + KV_CACHE_KLD_FACTOR * no_cache)
+    assert kv["excess_kld"] < kv["limit_kld"] / (2 if fault == "own-rounding" else 5)
     if fault == "none":
         assert kv["mean_kld"] == 0 and kv["same_top1"] == 1 and kv["first_mismatch"] is None
     if fault == "tie-flips":  # near ties at steps 2, 6, 10, 14 (positions 17, 21, ...) flip, harmlessly
         assert kv["first_mismatch"] == 2 and kv["same_top1"] == pytest.approx(13 / 17)
+    if fault == "own-rounding":  # the two paths differ by more than the limit, and neither is the worse for it
+        assert kv["mean_kld"] > 2 * kv["limit_kld"]
     assert gate_checks.check(result, Gates()) == []
     entry = artifact_entry(result, [], {})
     assert entry["kv_cache"] == kv and set(kv) == {"consistent", "checked_tokens", "first_mismatch", "mean_kld",
-                                                   "limit_kld", "same_top1"}
+                                                   "same_top1", "decode_kld", "no_cache_kld", "excess_kld",
+                                                   "limit_kld"}
     text = markdown(report_with(entry), plot_name=None)
-    assert f"| consistent: mean KLD {kv['mean_kld']:.2g} over 17 steps, limit {kv['limit_kld']:.2g} (" in text
+    assert (f"| consistent: KLD to the reference {kv['decode_kld']:.2g} decoding, {kv['no_cache_kld']:.2g} without "
+            f"the cache ({kv['excess_kld']:+.2g}, limit {kv['limit_kld']:.2g}) over 17 steps;") in text
 
 
 @pytest.mark.parametrize(("fault", "scale"), [("dropped", 0.0), ("stale", 0.0), ("shifted", 0.0), ("noise", 1.0)])
 def test_kv_cache_check_fails_a_broken_cache(monkeypatch, fault, scale):
     result = scripted_score(monkeypatch, fault, scale)
     kv = result.kv_cache
-    assert kv["consistent"] is False and kv["mean_kld"] > 2 * kv["limit_kld"]
+    assert kv["consistent"] is False and kv["excess_kld"] > 2 * kv["limit_kld"]
     assert kv["first_mismatch"] is not None and kv["same_top1"] < 1
     (failure,) = gate_checks.check(result, Gates())
-    assert (failure.metric, failure.value, failure.limit) == ("kv_cache", kv["mean_kld"], kv["limit_kld"])
+    assert (failure.metric, failure.value, failure.limit) == ("kv_cache", kv["excess_kld"], kv["limit_kld"])
     assert failure.message == (
-        f"gguf Q4_K_M: decoding through the KV cache drifts from the no-cache pass: mean KLD {kv['mean_kld']:.2g} "
-        f"over 17 steps, limit {kv['limit_kld']:.2g} (first different token at step {kv['first_mismatch']})")
+        f"gguf Q4_K_M: decoding through the KV cache is worse than the no-cache pass: KLD to the reference "
+        f"{kv['decode_kld']:.2g} decoding, {kv['no_cache_kld']:.2g} without the cache ({kv['excess_kld']:+.2g}, "
+        f"limit {kv['limit_kld']:.2g}) over 17 steps; the two paths differ by KLD {kv['mean_kld']:.2g} "
+        f"(first different token at step {kv['first_mismatch']})")
     entry = artifact_entry(result, [failure], {})
     text = markdown(report_with(entry), plot_name=None)
-    assert f"| DRIFTS: mean KLD {kv['mean_kld']:.2g} over 17 steps" in text and failure.message in text
+    assert "| DRIFTS: KLD to the reference" in text and failure.message in text
+
+
+def test_a_report_from_before_decoding_was_scored_against_the_reference_is_still_described():
+    from siliconvert.validate.score import describe_kv_cache
+
+    earlier = {"consistent": True, "checked_tokens": 17, "first_mismatch": None, "mean_kld": 2e-4, "limit_kld": 0.003,
+               "same_top1": 1.0}
+    assert describe_kv_cache(earlier) == "mean KLD 0.0002 over 17 steps, limit 0.003 (same token at every step)"
 
 
 def report_with(entry: dict) -> dict:
     return {"source": "x", "source_info": {"name": "x", "architecture": "MistralForCausalLM"},
             "reference": {"runtime": "transformers", "device": "CPU", "dtype": "float32"},
             "corpus": {"name": "scripted", "positions": 126, "windows": 2, "context": 64}, "artifacts": [entry]}
+
+
+# ---- real caches broken on purpose: mlx-lm's, on a model with sliding-window layers ----------------------------
+
+
+class BrokenMLXCache(Runner):
+    """An MLXRunner whose KV cache is broken in a way a runtime's can be:
+    "dropped layer": layer 1 loses its cache before every step (it sees only the token fed);
+    "stale": decoding never writes its keys and values, so each step reads what an earlier request left there;
+    "wrong positions": decoding rotates queries and keys one position further than they are;
+    "never slides": plain caches where the sliding layers need rotating ones, so decoding attends past the window;
+    "none": mlx-lm's own cache, untouched."""
+
+    def __init__(self, runner, fault: str) -> None:
+        self.runner, self.fault = runner, fault
+        self.runtime, self.device = runner.runtime, runner.device
+
+    def logits(self, tokens: np.ndarray) -> np.ndarray:
+        return self.runner.logits(tokens)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.runner.tokenize(text)
+
+    def start(self, prompt: np.ndarray) -> np.ndarray:
+        model = self.runner.model
+        if self.fault == "never slides":
+            unwindowed = _unwindowed_cache()
+            model.make_cache = lambda: [unwindowed() for _ in model.layers]
+        if self.fault == "stale":
+            stale = _stale_cache()
+            model.make_cache = lambda: [stale() for _ in model.layers]
+            self.runner.start(np.ascontiguousarray(prompt[::-1]))  # the earlier request
+            earlier = self.runner.cache
+            model.make_cache = lambda: [layer.rewound() for layer in earlier]
+        return self.runner.start(prompt)
+
+    def step(self, token: int) -> np.ndarray:
+        from mlx_lm.models.cache import KVCache
+
+        cache = self.runner.cache
+        if self.fault == "dropped layer":
+            cache[1] = KVCache()
+        if self.fault != "wrong positions":
+            row = self.runner.step(token)
+        else:
+            ropes = [layer.self_attn.rope for layer in self.runner.model.layers]
+            for layer, rope in zip(self.runner.model.layers, ropes, strict=True):
+                layer.self_attn.rope = lambda x, offset=0, rope=rope: rope(x, offset=offset + 1)
+            row = self.runner.step(token)
+            for layer, rope in zip(self.runner.model.layers, ropes, strict=True):
+                layer.self_attn.rope = rope
+        return row
+
+
+def _stale_cache() -> type:
+    from mlx_lm.models.cache import KVCache
+
+    class StaleCache(KVCache):
+        """A plain cache whose one-token updates move on without writing: the slot keeps an earlier request's entry."""
+
+        def update_and_fetch(self, keys, values):
+            if keys.shape[2] == 1 and self.keys is not None and self.offset < self.keys.shape[2]:
+                self.offset += 1
+                return self.keys[..., :self.offset, :], self.values[..., :self.offset, :]
+            return super().update_and_fetch(keys, values)
+
+        def rewound(self):
+            """The same buffers, empty again: what a server reusing them for the next request holds."""
+            fresh = type(self)()
+            fresh.keys, fresh.values = self.keys, self.values
+            return fresh
+
+    return StaleCache
+
+
+def _unwindowed_cache() -> type:
+    from mlx_lm.models.cache import KVCache
+
+    class UnwindowedCache(KVCache):
+        """A plain cache that masks no window: decoding attends to every token before it."""
+
+        def make_mask(self, *args, window_size: int | None = None, **kwargs):
+            return super().make_mask(*args, window_size=None, **kwargs)
+
+    return UnwindowedCache
+
+
+@pytest.fixture(scope="module")
+def gemma3_mlx(family_model, tmp_path_factory):
+    """The small Gemma 3 (sliding window 24 on layers 0 and 2) as an MLX 8-bit folder, with its first 256 held-out
+    tokens and the reference's logits on them."""
+    from conftest import build_mlx, reference_logits_for
+    from test_mlx import held_out_windows
+
+    source = family_model("gemma3_text")
+    artifact = build_mlx(source, tmp_path_factory.mktemp("gemma3-mlx"), bits=8, group_size=64)
+    windows = held_out_windows(source, count=1, length=256)
+    return artifact, windows, reference_logits_for(source, windows)
+
+
+@pytest.mark.parametrize("fault", ["none", "dropped layer", "stale", "wrong positions", "never slides"])
+def test_kv_cache_check_judges_mlx_lms_cache(gemma3_mlx, fault):
+    """Decoding from position 63 to 79, past the 24-token window: mlx-lm's own cache passes (its decode matches its
+    no-cache pass exactly here), each broken one fails."""
+    from siliconvert.validate.runners.mlx import MLXRunner
+    from siliconvert.validate.score import cached_window_logits, kv_cache_check
+
+    artifact, windows, reference = gemma3_mlx
+    runner = MLXRunner(artifact.path, {"engine": "mlx"})
+    no_cache = runner.logits(windows[0])
+    cached, prompt = cached_window_logits(BrokenMLXCache(runner, fault), windows[0])
+    vocab = reference.shape[-1]
+    kv = kv_cache_check(cached[:, :vocab], prompt, no_cache[:, :vocab], reference[0], windows[0][1:])
+    assert prompt - 1 > 24 and kv["checked_tokens"] == 1 + CACHE_CHECK_TOKENS
+    if fault == "none":
+        assert kv["consistent"] is True and kv["excess_kld"] < kv["limit_kld"] / 4
+    else:
+        # measured: dropped layer 3.7 ×, wrong positions 3.1 ×, never slides 86 ×, stale 216 × the limit
+        assert kv["consistent"] is False and kv["excess_kld"] > 2 * kv["limit_kld"], kv

@@ -58,7 +58,7 @@ def check(result: ArtifactScore, gates: Gates) -> list[GateFailure]:
                 f"{gates.min_router_agreement}: {describe_router(router)}"))
     kv = result.kv_cache
     if kv["consistent"] is False:  # None: not measured (the report says why), which fails nothing
-        failures.append(GateFailure("kv_cache", kv["mean_kld"], kv["limit_kld"],
-                                    f"{name}: decoding through the KV cache drifts from the no-cache pass: "
+        failures.append(GateFailure("kv_cache", kv["excess_kld"], kv["limit_kld"],
+                                    f"{name}: decoding through the KV cache is worse than the no-cache pass: "
                                     f"{describe_kv_cache(kv)}"))
     return failures
