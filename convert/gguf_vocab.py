@@ -169,7 +169,10 @@ def _add_sentencepiece(writer: gguf.GGUFWriter, folder: Path, proto: Any, tokeni
     else:
         tokens = _pieces_from_json(tokenizer_json, vocab_size, where)
     for token_id, content, special in _added_tokens(folder, tokenizer_json):
-        if token_id < len(tokens) and tokens[token_id][0] == content and tokens[token_id][2] in SPECIAL_TYPES:
+        piece = tokens[token_id] if token_id < len(tokens) else None
+        # A control piece the source adds as not special (Phi-3's </s>) is user-defined: llama.cpp then matches it
+        # in any text, as transformers does, where it would skip a control token unless asked to parse specials.
+        if piece and piece[0] == content and piece[2] in SPECIAL_TYPES and (special or piece[2] != TokenType.CONTROL):
             continue  # the piece itself (<s>, </s>, <unk> in tokenizer.model): its type is already right
         if token_id >= vocab_size:
             raise CheckpointError(f"added token {content!r} (id {token_id}) does not fit vocab_size {vocab_size}",

@@ -6,8 +6,8 @@ from __future__ import annotations
 from siliconvert.validate.tokenizer import Probe, TokenizerProbes, check_tokenizer, describe, first_difference
 
 PROBES = TokenizerProbes([
-    Probe("fixed string 0", "Hello", [5, 6], {"no-space-prefix": (" Hello", [9, 6])}),
-    Probe("fixed string 1", "world", [7], {"no-space-prefix": (" world", [8])}),
+    Probe("fixed string 0", "Hello", [5, 6], {("no-space-prefix",): (" Hello", [9, 6])}),
+    Probe("fixed string 1", "world", [7], {("no-space-prefix",): (" world", [8])}),
     Probe("corpus", "abc", [1, 2, 3], {}),
 ])
 
