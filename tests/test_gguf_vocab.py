@@ -22,7 +22,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from tokenizers.trainers import BpeTrainer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from siliconvert.convert.gguf_vocab import LLAMA3_SPLIT, QWEN2_SPLIT, add_tokenizer
+from siliconvert.convert.gguf_vocab import GPT4O_SPLIT, LLAMA3_SPLIT, QWEN2_SPLIT, add_tokenizer
 from siliconvert.errors import CheckpointError
 from siliconvert.quantize.gguf import LlamaLog
 from siliconvert.textdata import heldout_text, training_text
@@ -210,6 +210,7 @@ BYTE_LEVEL_CASES = {
     "gpt2": (None, False, None, "gpt-2", set()),
     "llama3": (LLAMA3_SPLIT, True, None, "llama-bpe", set()),
     "qwen2": (QWEN2_SPLIT, False, None, "qwen2", set()),
+    "gpt-4o": (GPT4O_SPLIT, False, None, "gpt-4o", set()),  # o200k: Phi-4-mini's
     # The issue's case: a GPT-2-regex tokenizer.json in a Qwen2 checkpoint. transformers 5 loads it as
     # Qwen2Tokenizer, which applies Qwen2's regex and NFC whatever the file says: the GGUF follows what it loads.
     "gpt2-json-in-qwen2-checkpoint": (None, False, "qwen2", "qwen2", {"nfc"}),
@@ -229,6 +230,21 @@ def test_byte_level_bpe_tokenizes_as_the_source(tmp_path: Path, case: str) -> No
     assert set(check["known"]) == rules and check["identical"] == check["probes"] - len(rules)
     probes = tokenizer_probes(AutoTokenizer.from_pretrained(folder), "corpus", "gguf").probes
     assert {"chat template", "added token '<tool>'", "added token '<|im_end|>'"} <= {p.label for p in probes}
+
+
+def test_byte_level_added_tokens_that_strip_name_the_rule(tmp_path: Path) -> None:
+    """Phi-4-mini's kind: a byte-level BPE whose added tokens take the whitespace around them. llama.cpp keeps it
+    (no name of this file makes it strip), and the rule explains exactly the texts that have some."""
+    folder = byte_level_bpe(tmp_path / "tokenizer", GPT4O_SPLIT)
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    for added in tokenizer["added_tokens"]:
+        added["lstrip"], added["rstrip"] = added["content"] == "<|im_start|>", added["content"] == "<|im_end|>"
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    check = llama_cpp_check(folder, vocab_gguf(folder, tmp_path / "vocab.gguf"))
+    assert check["unexplained"] == 0 and check["passed"], check["differences"]
+    # measured: the added tokens in text, between spaces, and the chat prompt ("<|im_end|>\n")
+    assert set(check["known"]) == {"added-token-strip"} and check["known"]["added-token-strip"]["probes"] == 3
+    assert not llama_cpp_check(folder, tmp_path / "vocab.gguf", strict=True)["passed"]
 
 
 def test_a_wrong_vocabulary_fails_the_check(tmp_path: Path) -> None:
@@ -331,8 +347,8 @@ def test_phi3_vocabulary_matches_or_names_the_strip_rule(sentencepiece_models: d
     assert check["unexplained"] == 0 and check["passed"], check["differences"]
     assert set(check["known"]) == PHI3_CASES[name]
     assert not llama_cpp_check(folder, path, strict=True)["passed"]
-    if name is None:  # the chat prompt is one of the texts the rule explains: "<|user|>\n" is one token there
-        assert check["known"]["added-token-strip"]["probes"] == 2
+    if name is None:  # added tokens in text, between spaces, and the chat prompt ("<|user|>\n" is one token there)
+        assert check["known"]["added-token-strip"]["probes"] == 3
 
 
 def test_strip_rule_explains_nothing_else(sentencepiece_models: dict[str, Path], tmp_path: Path) -> None:
@@ -340,8 +356,9 @@ def test_strip_rule_explains_nothing_else(sentencepiece_models: dict[str, Path],
     nothing then differs where no known rule explains it, and the check fails."""
     folder = phi3_folder(sentencepiece_models["llama"], tmp_path / "phi3", rstrip=False)
     check = llama_cpp_check(folder, vocab_gguf(folder, tmp_path / "vocab.gguf", "Phi-3-mini-4k-instruct"))
-    assert not check["passed"] and check["unexplained"] == 2 and "added-token-strip" not in check["known"]
-    assert [d.split(" (")[0] for d in check["differences"]] == ["added tokens in text", "chat template"]
+    assert not check["passed"] and check["unexplained"] == 3 and "added-token-strip" not in check["known"]
+    assert [d.split(" (")[0] for d in check["differences"]] == ["added tokens in text", "added tokens between spaces",
+                                                                 "chat template"]
 
 
 # ---- Mistral's own tokenizer layout through the real recipe -----------------------------------------

@@ -177,6 +177,8 @@ def probe_texts(tokenizer, corpus_text: str) -> list[tuple[str, str]]:
     texts += [(f"added token {token!r}", token) for token in added]
     if added:
         texts.append(("added tokens in text", "x " + " y".join(added) + "z\n"))
+        # a space on both sides of each: what an `lstrip` or `rstrip` flag takes
+        texts.append(("added tokens between spaces", " ".join(["x", *added, "z"])))
     chat = _rendered_chat(tokenizer)
     if chat is not None:
         texts.append(("chat template", chat))
