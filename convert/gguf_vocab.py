@@ -2,8 +2,9 @@
 
 Two kinds of tokenizer reach llama.cpp, and both are derived from what the files say, never from a list of
 known models:
-- Byte-level BPE (GPT-2, Llama 3, Qwen2): tokens, merges, and llama.cpp's name for the pre-tokenizer, chosen
-  from the regexes tokenizer.json actually applies (`BPE_PRE_TOKENIZERS`), never from a hash of sample outputs.
+- Byte-level BPE (GPT-2, Llama 3, Qwen2, Phi-4-mini's o200k): tokens, merges, and llama.cpp's name for the
+  pre-tokenizer, chosen from the regexes tokenizer.json actually applies (`BPE_PRE_TOKENIZERS`), never from a hash
+  of sample outputs.
 - SentencePiece BPE (Llama 2, Mistral, Gemma): pieces with scores; llama.cpp merges the adjacent pair whose
   union scores highest. From tokenizer.model, or from tokenizer.json alone (what transformers 5 saves): there a
   piece's score is minus the rank of the first merge that makes it, so llama.cpp merges in the source's order.
@@ -11,6 +12,9 @@ known models:
   equivalent (Metaspace's prepend_scheme "first" adds one only at the start of an input that does not begin
   with a space), the setting that agrees on the most text is taken (`PREPEND_SCHEMES`), and the tokenizer check
   reports what remains as a known rule (validate/tokenizer.py).
+Added tokens are control tokens where the source calls them special, user-defined otherwise. Their `lstrip` and
+`rstrip` flags have no GGUF key: llama.cpp sets Phi-3's by the file's general.name alone (llama-vocab.cpp), and the
+tokenizer check names what remains (`added-token-strip`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,11 @@ QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| 
                r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 QWEN35_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+"""
                 r"""[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+# o200k's (GPT-4o, Phi-4-mini): letters by case, marks with them, digits by three
+GPT4O_SPLIT = (r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"""
+               r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+"""
+               r"""[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*"""
+               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 # The splits a byte-level BPE applies, in order → llama.cpp's pre-tokenizer implementing exactly them
 # (src/llama-vocab.cpp), and whether that pre-tokenizer looks whole words up before merging (ignore_merges).
 BPE_PRE_TOKENIZERS: dict[tuple[str, ...], tuple[str, bool]] = {
@@ -45,6 +54,7 @@ BPE_PRE_TOKENIZERS: dict[tuple[str, ...], tuple[str, bool]] = {
     (LLAMA3_SPLIT,): ("llama-bpe", True),
     (QWEN2_SPLIT,): ("qwen2", False),
     (QWEN35_SPLIT,): ("qwen35", False),
+    (GPT4O_SPLIT,): ("gpt-4o", False),
 }
 # Normalizers llama.cpp's BPE tokenizer may skip: NFC leaves already-composed text (nearly all text) as is.
 # The tokenizer check reports the rest ("text not in NFC") as a known rule.
@@ -169,7 +179,10 @@ def _add_sentencepiece(writer: gguf.GGUFWriter, folder: Path, proto: Any, tokeni
     else:
         tokens = _pieces_from_json(tokenizer_json, vocab_size, where)
     for token_id, content, special in _added_tokens(folder, tokenizer_json):
-        if token_id < len(tokens) and tokens[token_id][0] == content and tokens[token_id][2] in SPECIAL_TYPES:
+        piece = tokens[token_id] if token_id < len(tokens) else None
+        # A control piece the source adds as not special (Phi-3's </s>) is user-defined: llama.cpp then matches it
+        # in any text, as transformers does, where it would skip a control token unless asked to parse specials.
+        if piece and piece[0] == content and piece[2] in SPECIAL_TYPES and (special or piece[2] != TokenType.CONTROL):
             continue  # the piece itself (<s>, </s>, <unk> in tokenizer.model): its type is already right
         if token_id >= vocab_size:
             raise CheckpointError(f"added token {content!r} (id {token_id}) does not fit vocab_size {vocab_size}",

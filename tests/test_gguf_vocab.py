@@ -22,7 +22,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from tokenizers.trainers import BpeTrainer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from siliconvert.convert.gguf_vocab import LLAMA3_SPLIT, QWEN2_SPLIT, add_tokenizer
+from siliconvert.convert.gguf_vocab import GPT4O_SPLIT, LLAMA3_SPLIT, QWEN2_SPLIT, add_tokenizer
 from siliconvert.errors import CheckpointError
 from siliconvert.quantize.gguf import LlamaLog
 from siliconvert.textdata import heldout_text, training_text
@@ -35,6 +35,14 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_
 MISTRAL_CHAT = ("{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content }} [/INST]"
                 "{% elif m.role == 'assistant' %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}")
 SPM_SPECIALS = ["<unk>", "<s>", "</s>"]
+# Phi-3's tokens added after its SentencePiece pieces, in id order, and its chat template (the Hub's)
+PHI3_ADDED = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
+              "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>"]
+PHI3_CHAT = ("{% for message in messages %}{% if message['role'] == 'system' %}"
+             "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
+             "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+             "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+             "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
 
 
 # ---- building tokenizers ---------------------------------------------------------------------------
@@ -81,10 +89,8 @@ def sentencepiece_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     return paths
 
 
-def sentencepiece_json(model_file: Path, folder: Path, style: str) -> Path:
-    """tokenizer.json for a SentencePiece model, in one of the styles tokenizers and transformers have written:
-    "legacy" (a Prepend normalizer), Metaspace with prepend_scheme "first" / "always" / "never", or "gemma"
-    (spaces replaced, nothing prepended)."""
+def sentencepiece_backend(model_file: Path) -> Tokenizer:
+    """tokenizers' BPE model of a SentencePiece model, without normalizer, pre-tokenizer or decoder."""
     sp = spm.SentencePieceProcessor(model_file=str(model_file))
     pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
     vocab = {piece: i for i, piece in enumerate(pieces)}
@@ -93,7 +99,14 @@ def sentencepiece_json(model_file: Path, folder: Path, style: str) -> Path:
     merges = [(piece[:cut], piece[cut:]) for i, piece in enumerate(pieces)
               if not (sp.is_control(i) or sp.is_byte(i) or sp.is_unknown(i))
               for cut in range(1, len(piece)) if piece[:cut] in vocab and piece[cut:] in vocab]
-    backend = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    return Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+
+
+def sentencepiece_json(model_file: Path, folder: Path, style: str) -> Path:
+    """tokenizer.json for a SentencePiece model, in one of the styles tokenizers and transformers have written:
+    "legacy" (a Prepend normalizer), Metaspace with prepend_scheme "first" / "always" / "never", or "gemma"
+    (spaces replaced, nothing prepended)."""
+    backend = sentencepiece_backend(model_file)
     if style == "legacy":
         backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     elif style == "gemma":
@@ -123,13 +136,35 @@ def sentencepiece_folder(models_: dict[str, Path], root: Path, style: str, files
     return folder
 
 
+def phi3_folder(model_file: Path, folder: Path, rstrip: bool = True) -> Path:
+    """Phi-3's tokenizer files as the Hub ships them, on a SentencePiece model trained here: tokenizer.model, and
+    tokenizer.json with a legacy normalizer and Phi-3's added tokens and flags (</s> not special and `rstrip`,
+    <|endoftext|> special, every other <|…|> special and `rstrip`; `rstrip` False: none strips)."""
+    backend = sentencepiece_backend(model_file)
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>")])
+    backend.add_tokens([AddedToken("</s>", special=False, rstrip=rstrip, normalized=False)])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False, rstrip=rstrip and t != "<|endoftext|>")
+                                for t in PHI3_ADDED])
+    save(backend, folder, unk_token="<unk>", bos_token="<s>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    shutil.copy(model_file, folder / "tokenizer.model")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(config | {
+        "tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": False, "chat_template": PHI3_CHAT}))
+    return folder
+
+
 # ---- GGUF vocabulary and llama.cpp -----------------------------------------------------------------
 
 
-def vocab_gguf(folder: Path, path: Path) -> Path:
-    """A GGUF holding the tokenizer of `folder` and the few hyper-parameters llama.cpp reads before it."""
+def vocab_gguf(folder: Path, path: Path, name: str | None = None) -> Path:
+    """A GGUF holding the tokenizer of `folder` and the few hyper-parameters llama.cpp reads before it (and
+    general.name, which llama.cpp reads token attributes by)."""
     vocab_size = len(AutoTokenizer.from_pretrained(folder))
     writer = gguf.GGUFWriter(path, "llama")
+    if name is not None:
+        writer.add_name(name)
     for add, value in ((writer.add_context_length, 64), (writer.add_embedding_length, 64),
                        (writer.add_feed_forward_length, 64), (writer.add_block_count, 1), (writer.add_head_count, 1),
                        (writer.add_layer_norm_rms_eps, 1e-5)):
@@ -175,6 +210,7 @@ BYTE_LEVEL_CASES = {
     "gpt2": (None, False, None, "gpt-2", set()),
     "llama3": (LLAMA3_SPLIT, True, None, "llama-bpe", set()),
     "qwen2": (QWEN2_SPLIT, False, None, "qwen2", set()),
+    "gpt-4o": (GPT4O_SPLIT, False, None, "gpt-4o", set()),  # o200k: Phi-4-mini's
     # The issue's case: a GPT-2-regex tokenizer.json in a Qwen2 checkpoint. transformers 5 loads it as
     # Qwen2Tokenizer, which applies Qwen2's regex and NFC whatever the file says: the GGUF follows what it loads.
     "gpt2-json-in-qwen2-checkpoint": (None, False, "qwen2", "qwen2", {"nfc"}),
@@ -194,6 +230,21 @@ def test_byte_level_bpe_tokenizes_as_the_source(tmp_path: Path, case: str) -> No
     assert set(check["known"]) == rules and check["identical"] == check["probes"] - len(rules)
     probes = tokenizer_probes(AutoTokenizer.from_pretrained(folder), "corpus", "gguf").probes
     assert {"chat template", "added token '<tool>'", "added token '<|im_end|>'"} <= {p.label for p in probes}
+
+
+def test_byte_level_added_tokens_that_strip_name_the_rule(tmp_path: Path) -> None:
+    """Phi-4-mini's kind: a byte-level BPE whose added tokens take the whitespace around them. llama.cpp keeps it
+    (no name of this file makes it strip), and the rule explains exactly the texts that have some."""
+    folder = byte_level_bpe(tmp_path / "tokenizer", GPT4O_SPLIT)
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    for added in tokenizer["added_tokens"]:
+        added["lstrip"], added["rstrip"] = added["content"] == "<|im_start|>", added["content"] == "<|im_end|>"
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    check = llama_cpp_check(folder, vocab_gguf(folder, tmp_path / "vocab.gguf"))
+    assert check["unexplained"] == 0 and check["passed"], check["differences"]
+    # measured: the added tokens in text, between spaces, and the chat prompt ("<|im_end|>\n")
+    assert set(check["known"]) == {"added-token-strip"} and check["known"]["added-token-strip"]["probes"] == 3
+    assert not llama_cpp_check(folder, tmp_path / "vocab.gguf", strict=True)["passed"]
 
 
 def test_a_wrong_vocabulary_fails_the_check(tmp_path: Path) -> None:
@@ -273,6 +324,41 @@ def test_unknown_pre_tokenizer_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no pre-tokenizer") as error:
         vocab_gguf(folder, tmp_path / "vocab.gguf")
     assert "tokenizer.json" in str(error.value)
+
+
+# ---- Phi-3: added tokens that strip the whitespace after them ----------------------------------------
+
+
+# general.name → the known rules that remain. llama.cpp reads no strip flags from a GGUF; it sets Phi-3's own
+# (every special token strips what follows, but <unk>, <s> and <|endoftext|>; </s> does) in a file named phi3.
+PHI3_CASES = {None: {"no-space-prefix", "added-token-strip"}, "Phi-3-mini-4k-instruct": {"no-space-prefix"}}
+
+
+@pytest.mark.parametrize("name", list(PHI3_CASES))
+def test_phi3_vocabulary_matches_or_names_the_strip_rule(sentencepiece_models: dict[str, Path], tmp_path: Path,
+                                                          name: str | None) -> None:
+    folder = phi3_folder(sentencepiece_models["llama"], tmp_path / "phi3")
+    path = vocab_gguf(folder, tmp_path / "vocab.gguf", name)
+    meta = fields(path)
+    # </s> is not special in Phi-3: user-defined, so llama.cpp matches it in any text, as transformers does
+    assert meta["tokenizer.ggml.token_type"][2] == gguf.TokenType.USER_DEFINED
+    assert meta["tokenizer.ggml.token_type"][1] == gguf.TokenType.CONTROL
+    check = llama_cpp_check(folder, path)
+    assert check["unexplained"] == 0 and check["passed"], check["differences"]
+    assert set(check["known"]) == PHI3_CASES[name]
+    assert not llama_cpp_check(folder, path, strict=True)["passed"]
+    if name is None:  # added tokens in text, between spaces, and the chat prompt ("<|user|>\n" is one token there)
+        assert check["known"]["added-token-strip"]["probes"] == 3
+
+
+def test_strip_rule_explains_nothing_else(sentencepiece_models: dict[str, Path], tmp_path: Path) -> None:
+    """llama.cpp strips after every special token of a GGUF named phi3: a vocabulary whose added tokens strip
+    nothing then differs where no known rule explains it, and the check fails."""
+    folder = phi3_folder(sentencepiece_models["llama"], tmp_path / "phi3", rstrip=False)
+    check = llama_cpp_check(folder, vocab_gguf(folder, tmp_path / "vocab.gguf", "Phi-3-mini-4k-instruct"))
+    assert not check["passed"] and check["unexplained"] == 3 and "added-token-strip" not in check["known"]
+    assert [d.split(" (")[0] for d in check["differences"]] == ["added tokens in text", "added tokens between spaces",
+                                                                 "chat template"]
 
 
 # ---- Mistral's own tokenizer layout through the real recipe -----------------------------------------
