@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Machines of this project keep the CPU torch wheel in /opt/wheels; elsewhere pip finds torch as usual.
 WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench bench-real clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ lint: install
 # The conversion benchmark (bench/README.md): small by default; make bench BENCH_ARGS="--size 7b" for the real one
 bench: install
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# A real model's weights (SmolLM2-135M-Instruct from a registry package): the full recipe beside the anchors
+bench-real: install
+	$(BIN)/python -m bench.real
 
 clean:
 	rm -rf build .pytest_cache

@@ -76,14 +76,15 @@ def main() -> None:
 REFUSALS = {"MLX (": "mlx", "GGUF (": "gguf", "Core ML": "coreml"}
 
 
-def ours(family: str, source: Path, args: argparse.Namespace) -> dict:
+def ours(family: str, source: Path, args: argparse.Namespace, gguf_quants: tuple[str, ...] = ("F16", "Q4_K_M"),
+         out_root: Path = OUT) -> dict:
     """One recipe, three formats; each artifact's figures from its report. A format whose writer refuses the
     checkpoint (naming the trait) is recorded with its refusal, and the recipe runs again without it."""
-    out = OUT / family / "siliconvert"
-    recipe = OUT / family / "recipe.yaml"
+    out = out_root / family / "siliconvert"
+    recipe = out_root / family / "recipe.yaml"
     recipe.parent.mkdir(parents=True, exist_ok=True)
     targets = {"mlx": {"format": "mlx", "bits": 4, "group_size": 64},
-               "gguf": {"format": "gguf", "quants": ["F16", "Q4_K_M"]},
+               "gguf": {"format": "gguf", "quants": list(gguf_quants)},
                "coreml": {"format": "coreml", "precision": "fp16", "context": 2 * args.context}}
     refused: dict[str, dict] = {}
     while targets:
@@ -106,8 +107,9 @@ def ours(family: str, source: Path, args: argparse.Namespace) -> dict:
     return refused
 
 
-def anchors(family: str, source: Path, converter: Path, args: argparse.Namespace) -> dict:
-    out = OUT / family / "anchors"
+def anchors(family: str, source: Path, converter: Path, args: argparse.Namespace,
+            quants: tuple[str, ...] = ("Q4_K_M",), out_root: Path = OUT) -> dict:
+    out = out_root / family / "anchors"
     out.mkdir(parents=True, exist_ok=True)
     made: dict[str, Path | str] = {}
     for name, flags in (("mlx_lm.convert 16-bit", ["--dtype", "float16"]), ("mlx_lm.convert 4-bit g64",
@@ -120,10 +122,12 @@ def anchors(family: str, source: Path, converter: Path, args: argparse.Namespace
     made["convert_hf_to_gguf F16"] = produced(f16, [sys.executable, str(converter / "convert_hf_to_gguf.py"),
                                                     str(source), "--outtype", "f16", "--outfile", str(f16)],
                                               {"PYTHONPATH": str(converter / "gguf-py")})  # its own gguf-py
-    q4 = out / "llama-cpp-Q4_K_M.gguf"
-    made["llama_model_quantize Q4_K_M"] = (
-        produced(q4, [sys.executable, "-c", QUANTIZE_SCRIPT, str(f16), str(q4), str(os.cpu_count())])
-        if isinstance(made["convert_hf_to_gguf F16"], Path) else "no F16 file to quantize")
+    for quant in quants:
+        quantized = out / f"llama-cpp-{quant}.gguf"
+        made[f"llama_model_quantize {quant}"] = (
+            produced(quantized, [sys.executable, "-c", QUANTIZE_SCRIPT, str(f16), str(quantized), str(os.cpu_count()),
+                                 quant])
+            if isinstance(made["convert_hf_to_gguf F16"], Path) else "no F16 file to quantize")
     scored = {}
     for name, artifact in made.items():
         if isinstance(artifact, str):

@@ -70,7 +70,7 @@ import ctypes, sys
 import llama_cpp
 params = llama_cpp.llama_model_quantize_default_params()
 params.nthread = int(sys.argv[3])
-params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + (sys.argv[4] if len(sys.argv) > 4 else "Q4_K_M"))
 sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params)))
 """
 
