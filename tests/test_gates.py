@@ -72,3 +72,13 @@ def test_a_drifting_cache_fails_and_an_unmeasured_one_does_not():
         "token at step 3)")
     unmeasured = {"consistent": None, "checked_tokens": 0, "first_mismatch": None, "mean_kld": None, "limit_kld": None}
     assert check(result_with(kv_cache=unmeasured), Gates()) == []
+
+
+def test_a_score_that_is_not_a_number_fails_every_gate_it_meets():
+    """An artifact whose logits overflow scores NaN; a comparison with NaN is false either way, so a gate written
+    as "fail when above" would pass it."""
+    broken = SimpleNamespace(mean_kld=float("nan"), p99_kld=float("inf"), same_top1=float("nan"), ppl_ratio=1.0,
+                             rms_delta_p=0.01)
+    failures = check(result_with(scores=broken), Gates(max_mean_kld=0.05, max_p99_kld=1.0, min_same_top1=0.9))
+    assert [f.metric for f in failures] == ["mean_kld", "p99_kld", "same_top1"]
+    assert failures[0].message == "gguf Q4_K_M: mean_kld nan > 0.05"

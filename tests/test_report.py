@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from siliconvert.validate.report import markdown
+from siliconvert.validate.report import markdown, write_report
 
 
 def test_report_says_not_measured_with_the_reason():
@@ -26,3 +26,24 @@ def test_report_says_not_measured_with_the_reason():
     assert "[1] mlx 4bit-g64: latency not measured: mlx did not run either" in text
     assert "[2] mlx 4bit-g64: KV cache not measured: mlx did not run" in text
     assert "peak memory 900 MB; 12.5 s" in text
+
+
+def test_report_json_holds_no_number_json_cannot(tmp_path):
+    """NaN and infinite scores (a broken artifact's, which the gates fail) are written as null: report.json stays
+    JSON that strict readers accept, and report.md and the plot are still written."""
+    import json
+
+    import numpy as np
+    from releases import entry
+
+    broken = entry("gguf", "Q4_K_M", tmp_path / "x.gguf", failed=("mean_kld",), mean_kld=float("nan"))
+    broken["metrics"]["ppl_ratio"] = float("inf")
+    report = {"schema": 1, "source": "x", "source_info": {"name": "x", "architecture": "LlamaForCausalLM"},
+              "reference": {"runtime": "transformers", "device": "CPU", "dtype": "float32"},
+              "corpus": {"name": "builtin", "positions": 1020, "windows": 4, "context": 256}, "artifacts": [broken]}
+    write_report(tmp_path, report, {"gguf Q4_K_M": np.array([0.01, np.nan, np.inf])})
+    text = (tmp_path / "report.json").read_text()
+    strict = json.loads(text, parse_constant=lambda name: (_ for _ in ()).throw(ValueError(name)))
+    assert strict["artifacts"][0]["metrics"]["mean_kld"] is None
+    assert strict["artifacts"][0]["metrics"]["ppl_ratio"] is None
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "plot.png").is_file()

@@ -38,7 +38,8 @@ def check(result: ArtifactScore, gates: Gates) -> list[GateFailure]:
         if limit is None:
             continue
         value = getattr(result.scores, metric)
-        if (value > limit) if direction == "max" else (value < limit):
+        # written as "not within": a value that is not a number (an artifact whose logits overflowed) fails
+        if not ((value <= limit) if direction == "max" else (value >= limit)):
             relation = ">" if direction == "max" else "<"
             failures.append(GateFailure(metric, value, limit, f"{name}: {metric} {value:.4g} {relation} {limit}"))
     tokenizer = result.tokenizer

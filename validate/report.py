@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -66,8 +67,21 @@ def build_report(*, source: str, source_info: dict, reference: dict, corpus: dic
     }
 
 
+def finite(value: Any) -> Any:
+    """`value` with every float that is not finite (a NaN or infinite score of a broken artifact) as None: JSON
+    has no such numbers, and Python's `NaN` / `Infinity` in report.json break strict readers. The gates have
+    already failed such a value, naming it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(item) for item in value]
+    return value
+
+
 def write_report(out_dir: Path, report: dict, klds: dict[str, np.ndarray]) -> None:
-    write_text_atomically(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomically(out_dir / "report.json", json.dumps(finite(report), indent=2, allow_nan=False) + "\n")
     has_plot = bool(report["artifacts"])
     if has_plot:
         plot(out_dir / "plot.png", report, klds)
@@ -227,7 +241,8 @@ def plot(path: Path, report: dict, klds: dict[str, np.ndarray]) -> None:
     left.set(xlabel="size (MB)", ylabel="mean KLD to reference", title="Quality against size")
     left.set_yscale("log")
     left.legend(fontsize=8)
-    data = [np.maximum(klds[label], 1e-8) for label in labels]
+    # a broken artifact's positions that are not finite have no place on a log axis (the table says so)
+    data = [np.maximum(klds[label][np.isfinite(klds[label])], 1e-8) for label in labels]
     right.boxplot(data, tick_labels=labels, showfliers=True)
     right.set_yscale("log")
     right.set(ylabel="KLD per position", title="KLD distribution")
