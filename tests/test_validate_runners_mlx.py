@@ -34,7 +34,8 @@ def mlx_lm_logits(path, windows, float32: bool = False) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def demo_4bit(demo_model, tmp_path_factory):
-    return build_mlx(demo_model, tmp_path_factory.mktemp("mlx"), bits=4, group_size=64).path
+    """The demo's 4-bit folder in the source's bfloat16 (as mlx_lm.convert makes it)."""
+    return build_mlx(demo_model, tmp_path_factory.mktemp("mlx"), bits=4, group_size=64, dtype="bfloat16").path
 
 
 def test_auto_runs_a_quantized_folder_dequantized_by_mlx_in_its_own_float_type(demo_4bit):
@@ -54,6 +55,13 @@ def test_auto_runs_a_quantized_folder_dequantized_by_mlx_in_its_own_float_type(d
     exact = mx.dequantize(quantized.weight, quantized.scales, quantized.biases, quantized.group_size, quantized.bits,
                           dtype=mx.float32)
     assert mx.array_equal(runner.model.model.layers[0].mlp.down_proj.weight.astype(mx.float32), exact).item()
+
+
+def test_the_compute_type_named_is_the_folders(demo_model, tmp_path):
+    folder = build_mlx(demo_model, tmp_path, bits=4, group_size=64, dtype="float16").path
+    runner = MLXRunner(folder, {})
+    assert "weights dequantized by mlx to float16" in runner.device
+    assert runner.model.model.layers[0].self_attn.q_proj.weight.dtype == mx.float16
 
 
 def test_dequantized_engine_computes_what_mlx_computes(demo_4bit):
@@ -84,7 +92,8 @@ def test_quantized_experts_run_dequantized_and_widened(tmp_path):
     stays in its float type; the experts chosen are recorded as with mlx's own kernels."""
     source = save_tiny(tmp_path / "source", "qwen3_moe", num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
                        hidden_size=64, head_dim=16, moe_intermediate_size=64, intermediate_size=128)
-    artifact = build_mlx(source, tmp_path / "mlx", bits=8, group_size=64).path
+    # dtype set: the toy word-level tokenizer gives no calibration tokens for the float type to be measured on
+    artifact = build_mlx(source, tmp_path / "mlx", bits=8, group_size=64, dtype="bfloat16").path
     runner = MLXRunner(artifact, {})
     assert runner.device.startswith("CPU (mlx), weights dequantized by mlx to ")
     assert runner.device.endswith(", experts in float32 (mlx's CPU gathers experts in float32 only)")
