@@ -106,10 +106,10 @@ class Output:
 
 def calibration_needs(target: MLXTarget) -> dict[str, set[str]]:
     """Calibration text → the parts a target's writer asks for: a plan's importance (and tokens routed per expert)
-    on the builtin text, and the residual stream's range where a plan's float type is not set (`_float_type`)."""
-    if target.bits != "auto":
-        return {}
-    return {BUILTIN: {IMPORTANCE} | ({RANGE} if target.dtype is None else set())}
+    on the builtin text, and the residual stream's range where the float type is not set (`_float_type`)."""
+    needs = ({IMPORTANCE} if target.bits == "auto" else set()) | (
+        {RANGE} if target.dtype is None and target.bits != 16 else set())
+    return {BUILTIN: needs} if needs else {}
 
 
 class MLXWriter(Writer):
@@ -135,7 +135,7 @@ class MLXWriter(Writer):
         self.target_policy = QuantPolicy(target.bits if isinstance(target.bits, int) else 4, group_size)
         self.quantized = (quantizable_modules(self.model, self.target_policy, self._routers())
                           if target.bits != 16 else {})
-        self.float_reason = ""  # why a plan's float type is not the source's
+        self.float_reason = ""  # why the float type is the one it is (`_float_type`)
         self.dtype = self._float_type()
         # module path → how it is quantized; `policy` is config.json's default (the most common one)
         self.policies = self._module_policies()
@@ -180,11 +180,11 @@ class MLXWriter(Writer):
             shutil.rmtree(self.final_path)
         self.tmp_path.rename(self.final_path)
         plan = None
+        float_type = {"dtype": str(self.dtype).rpartition(".")[2], "reason": self.float_reason}
         if self.quant_plan:
-            plan = self.quant_plan.summary() | {"float_type": str(self.dtype).rpartition(".")[2]}
-            if self.float_reason:
-                plan["float_type_reason"] = self.float_reason
-        return [Artifact("mlx", self.target.quant, self.final_path, plan=plan)]
+            plan = self.quant_plan.summary() | {"float_type": float_type["dtype"],
+                                                "float_type_reason": float_type["reason"]}
+        return [Artifact("mlx", self.target.quant, self.final_path, plan=plan, float_type=float_type)]
 
     def abort(self) -> None:
         if self.file is not None:
@@ -194,17 +194,23 @@ class MLXWriter(Writer):
     # ---- plan --------------------------------------------------------------------------------------
     def _float_type(self) -> mx.Dtype:
         """The float type of the folder's unquantized arrays, scales and biases, which mlx computes in (see
-        MLXTarget.dtype). A plan on a bfloat16 source takes float16 when the residual stream's calibrated peak
-        leaves float16 its headroom (FP16Range in siliconvert/calibration.py: the check the Core ML writer makes):
-        the same bytes, and activations rounded 8× finer. On the demo model that alone takes 4-bit g64 from mean KLD
-        0.0046 to 0.0029 (bfloat16 rounding is most of what MLX loses there)."""
+        MLXTarget.dtype), and why (`float_reason`). On a bfloat16 source any target but bits 16 takes float16 when
+        the residual stream's calibrated peak leaves float16 its headroom (FP16Range in siliconvert/calibration.py:
+        the check the Core ML writer makes): the same bytes, and activations rounded 8× finer; mlx_lm.convert keeps
+        the source's bfloat16. Measured (1024 tokens, mlx's products summed in float32 as on Apple GPUs: engine
+        mlx-dequantized): the small Qwen3 test checkpoint's 8-bit g64 from mean KLD 0.00004 to 0.00001, the demo's
+        4-bit g64 0.00322 either way. mlx's CPU quantized kernels sum in the activations' type, and there bfloat16
+        costs far more: 0.00052 against 0.00002, and 0.0049 against 0.0032."""
         if self.target.dtype is not None:
+            self.float_reason = f"{self.target.dtype}, as the recipe's dtype asks"
             return getattr(mx, self.target.dtype)
         if self.target.bits == 16:
+            self.float_reason = "float16, as for every unquantized MLX target without a dtype"
             return mx.float16
         source = _mx_dtype(self.checkpoint.spec.source_dtype)
-        if self.target.bits != "auto" or source != mx.bfloat16:
-            return source  # as mlx-lm does: a fixed recipe is what mlx_lm.convert would make
+        if source != mx.bfloat16:
+            self.float_reason = f"{str(source).rpartition('.')[2]}, as the source"
+            return source
         fp16 = self.calibration.fp16_range()
         if fp16.scale < 1:
             self.float_reason = (f"bfloat16, as the source: its residual stream peaks at {fp16.peak:.0f}, too near "

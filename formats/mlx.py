@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -78,19 +79,23 @@ class MLX(Format):
         return not quant.startswith("mixed_")  # the mixed recipes sit between the widths
 
     def release_name(self, model: str, quant: str) -> str:
-        # MLX quants read "4bit-g64", "8bit-g32", "fp16"; Hub names leave out mlx-lm's default group size.
-        return f"{model}-{quant.removesuffix('-g64')}"
+        # MLX quants read "4bit-g64", "8bit-g32-bf16", "fp16"; Hub names leave out mlx-lm's default group size.
+        return f"{model}-{quant.replace('-g64', '', 1)}"
 
     def summary(self, release: Release) -> str:
         entry = release.shipped[0]
         quant = entry["quant"]
-        if plan := entry.get("plan"):
-            floats = f", {plan['float_type']} elsewhere" if plan.get("float_type") else ""
+        plan = entry.get("plan")
+        dtype = (entry.get("float_type") or {}).get("dtype") or (plan or {}).get("float_type")
+        floats = f", {dtype} elsewhere" if dtype else ""
+        if plan:
             return f"MLX weights quantized per module by plan ({plan['bits_per_weight']:.2f} bits per weight{floats})"
         if quant.startswith("mixed_"):
-            return f"MLX weights in mlx-lm's {quant} mixed recipe"
-        bits, _, group = quant.partition("bit-g")
-        return "MLX float16 weights" if quant == "fp16" else f"MLX {bits}-bit weights (group size {group})"
+            return f"MLX weights in mlx-lm's {quant.partition('-g')[0]} mixed recipe{floats}"
+        fixed = re.fullmatch(r"(\d+)bit-g(\d+)(-.*)?", quant)
+        if fixed is None:  # unquantized: fp16, bf16, fp32
+            return f"MLX {dtype or 'float16'} weights"
+        return f"MLX {fixed[1]}-bit weights (group size {fixed[2]}{floats})"
 
     def usage(self, release: Release, folder: Path) -> list[str]:
         model_ref = release.repo_id or f"path/to/{release.name}"

@@ -49,6 +49,8 @@ class Artifact:
     path: Path  # the folder or file a user ships
     runner_options: dict = field(default_factory=dict)  # what the runner needs beyond the path
     plan: dict | None = None  # a planned quantization's choices and prediction (quantize/plan.py Plan.summary)
+    # the float type a writer chose for what it does not quantize, and why: {"dtype": "float16", "reason": "..."}
+    float_type: dict | None = None
 
 
 # The prompt a model card's "How to run" examples give

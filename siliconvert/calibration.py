@@ -127,7 +127,10 @@ def calibrate(checkpoint: Checkpoint, source: str, parts: Iterable[str], *, toke
     range_window = importance_windows = None
     if RANGE in parts:
         range_window = np.array(tokenizer.encode(text[:RANGE_TEXT_CHARS], add_special_tokens=False,
-                                                      verbose=False)[:RANGE_TOKENS])
+                                                      verbose=False)[:RANGE_TOKENS], dtype=np.int64)
+        if not len(range_window):
+            raise RecipeError("the tokenizer gives no tokens of this text to measure the residual stream's range "
+                              "on (an MLX target's dtype, set, needs none)", name)
     if IMPORTANCE in parts:
         # verbose=False: longer than the model's positions by design (cut into windows), not worth a warning
         ids = tokenizer(text[: tokens * CHARS_PER_TOKEN], add_special_tokens=False, verbose=False)["input_ids"][:tokens]

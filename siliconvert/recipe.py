@@ -94,8 +94,8 @@ class MLXTarget(TargetSpec):
     bits: Literal[2, 3, 4, 5, 6, 8, 16, "auto", "mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"] = 4
     group_size: Literal[32, 64, 128] = 64  # auto plans the group size per module too
     # the float type of what is not quantized, of scales and biases, and so of mlx's compute (mlx_lm.convert's
-    # --dtype). Default: the source's, as mlx-lm does; float16 for bits 16; for a plan, float16 where the source
-    # is bfloat16 and its residual stream fits float16 (same bytes, three more bits of mantissa)
+    # --dtype). Default: float16 for bits 16; otherwise float16 where the source is bfloat16 and its calibrated
+    # residual stream fits float16 (same bytes, three more bits of mantissa), else the source's
     dtype: Literal["float16", "bfloat16", "float32"] | None = None
 
     @model_validator(mode="after")
@@ -105,11 +105,19 @@ class MLXTarget(TargetSpec):
 
     @property
     def quant(self) -> str:
+        """The artifact's name in its folder's: every option that changes the bytes (bits, group size, plan, and
+        a dtype the recipe sets) is in it, so no two targets write one folder."""
+        if self.bits == 16:
+            return MLX_FLOAT_NAMES[self.dtype or "float16"]
+        dtype = f"-{MLX_FLOAT_NAMES[self.dtype]}" if self.dtype else ""
         if self.plan is not None:
-            return self.plan.label
+            return self.plan.label + dtype
         if isinstance(self.bits, str):
-            return f"{self.bits}-g{self.group_size}"
-        return "fp16" if self.bits == 16 else f"{self.bits}bit-g{self.group_size}"
+            return f"{self.bits}-g{self.group_size}{dtype}"
+        return f"{self.bits}bit-g{self.group_size}{dtype}"
+
+
+MLX_FLOAT_NAMES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
 # The GGUF file types a recipe may name, listed once: the recipe's accepted values and the GGUF writer's and

@@ -124,8 +124,10 @@ def test_what_the_targets_need() -> None:
     targets = [GGUFTarget(format="gguf", quants=["F16", "Q4_K_M"]),  # no importance matrix
                GGUFTarget(format="gguf", quants=["F16"], imatrix="builtin"),  # nothing llama.cpp quantizes with it
                GGUFTarget(format="gguf", quants=["Q4_K_M"], imatrix="/texts/a.txt"),
-               MLXTarget(format="mlx", bits=4)]
+               MLXTarget(format="mlx", bits=4, dtype="bfloat16"), MLXTarget(format="mlx", bits=16)]
     assert calibration_needs(targets) == {"/texts/a.txt": {IMPORTANCE}}
+    # a fixed MLX width takes its float type from the residual stream's range where no dtype is set
+    assert calibration_needs([MLXTarget(format="mlx", bits=4)]) == {"builtin": {RANGE}}
     planned = [GGUFTarget(format="gguf", quants=["auto"], plan={"size_mb": 3}),
                MLXTarget(format="mlx", bits="auto", plan={"size_mb": 3}),
                CoreMLTarget(format="coreml")]

@@ -37,10 +37,11 @@ def llama(small_model):
 
 
 def test_quantized_weights_are_mlx_lms_own(llama, tmp_path):
-    """Streaming tensor by tensor must give the very bytes mlx_lm.convert writes."""
+    """Streaming tensor by tensor must give the very bytes mlx_lm.convert writes (in its float type: the source's
+    bfloat16, where siliconvert would take float16 by the calibration)."""
     from mlx_lm.convert import convert
 
-    ours = build_mlx(llama, tmp_path / "ours").path
+    ours = build_mlx(llama, tmp_path / "ours", dtype="bfloat16").path
     convert(str(llama), str(tmp_path / "mlx_lm"), quantize=True, q_group_size=64, q_bits=4)
     theirs = {}
     for shard in (tmp_path / "mlx_lm").glob("model*.safetensors"):

@@ -50,14 +50,30 @@ def test_weights_are_mx_quantize_at_that_width(llama, tmp_path, bits, group_size
 
 def test_dtype_sets_the_float_type_of_scales_and_unquantized_arrays(llama, tmp_path):
     """`dtype` is mlx_lm.convert's --dtype: a bfloat16 source's scales, biases and norms are stored in it, and so
-    are the activations mlx-lm computes; left out, a fixed width keeps the source's type, as mlx-lm does."""
+    are the activations mlx-lm computes; left out, a bfloat16 source whose calibrated residual stream leaves float16
+    its headroom takes float16 (mlx-lm would keep bfloat16), and the artifact says why. A dtype the recipe sets is
+    in the folder's name."""
     def floats(artifact) -> set:
         weights = {}
         for shard in artifact.path.glob("model*.safetensors"):
             weights |= mx.load(str(shard))
         return {array.dtype for array in weights.values() if mx.issubdtype(array.dtype, mx.floating)}
 
-    assert floats(build_mlx(llama, tmp_path / "source", bits=4)) == {mx.bfloat16}
-    as_float16 = build_mlx(llama, tmp_path / "fp16", bits=4, dtype="float16")
-    assert floats(as_float16) == {mx.float16}
-    mlx_logits(as_float16.path, held_out_windows(llama))  # mlx_lm.load opens it and runs
+    default = build_mlx(llama, tmp_path / "default", bits=4)
+    assert floats(default) == {mx.float16} and default.path.name.endswith("-mlx-4bit-g64")
+    assert default.float_type["dtype"] == "float16"
+    assert default.float_type["reason"].startswith("float16 for the source's bfloat16: the residual stream peaks at")
+    as_bfloat16 = build_mlx(llama, tmp_path / "bf16", bits=4, dtype="bfloat16")
+    assert floats(as_bfloat16) == {mx.bfloat16} and as_bfloat16.path.name.endswith("-mlx-4bit-g64-bf16")
+    assert as_bfloat16.float_type == {"dtype": "bfloat16", "reason": "bfloat16, as the recipe's dtype asks"}
+    mlx_logits(as_bfloat16.path, held_out_windows(llama))  # mlx_lm.load opens it and runs
+    unquantized = build_mlx(llama, tmp_path / "fp32", bits=16, dtype="float32")
+    assert floats(unquantized) == {mx.float32} and unquantized.path.name.endswith("-mlx-fp32")
+
+
+def test_a_residual_stream_past_float16_keeps_the_sources_bfloat16(llama, tmp_path, monkeypatch):
+    from siliconvert.calibration import Calibrations, FP16Range
+
+    monkeypatch.setattr(Calibrations, "fp16_range", lambda self: FP16Range(70000.0, 0.5))
+    kept = build_mlx(llama, tmp_path / "kept", bits=8)
+    assert kept.float_type["dtype"] == "bfloat16" and "too near float16's limit" in kept.float_type["reason"]

@@ -61,12 +61,13 @@ def family_source(small_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
-    """scored(source, engine="mlx", **target) → mean KLD of the MLX artifact, run by the MLX runner (mlx-lm, or
-    the torch stand-in for large models, engine="torch"), against transformers' FP32 logits. The runner is kept
+    """scored(source, engine="auto", **target) → mean KLD of the MLX artifact, run by the MLX runner (mlx-lm, its
+    quantized layers dequantized by mlx on its CPU, or the torch stand-in for large models, engine="torch"), against
+    transformers' FP32 logits. The runner is kept
     as `scored.runner`, for its experts' choices."""
     references = {}
 
-    def score(source, engine="mlx", **target):
+    def score(source, engine="auto", **target):
         if source not in references:
             windows = held_out_windows(source)
             references[source] = windows, reference_logits_for(source, windows)

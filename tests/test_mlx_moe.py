@@ -62,7 +62,7 @@ def test_quantized_experts_are_mlx_lms_own(family, family_model, tmp_path):
     config |= {"num_experts": config.get("num_experts") or config["num_local_experts"],
                "rope_theta": config["rope_parameters"]["rope_theta"]}
     (readable / "config.json").write_text(json.dumps(config))
-    ours = build_mlx(source, tmp_path / "ours", bits=4, group_size=64).path
+    ours = build_mlx(source, tmp_path / "ours", bits=4, group_size=64, dtype="bfloat16").path  # mlx-lm's type
     model = load(str(readable), lazy=True)[0]
     # mlx-lm's own rule where its model file has one (Qwen3-MoE's), else the same rule for the routers
     predicate = None if hasattr(model, "quant_predicate") else (

@@ -48,7 +48,8 @@ def test_recipe_passes_and_writes_the_report(demo_run):
     assert report["reference"]["dtype"].startswith("float32")
     (artifact,) = report["artifacts"]
     assert artifact["format"] == "mlx" and artifact["quant"] == "4bit-g64"
-    assert artifact["runtime"] == "mlx" and artifact["device"] == "CPU (mlx)"
+    assert artifact["runtime"] == "mlx"
+    assert artifact["device"].startswith("CPU (mlx), weights dequantized by mlx to ")
     assert artifact["tokenizer_match"] is True and artifact["kv_cache"]["consistent"] is True
     metrics = artifact["metrics"]
     assert set(metrics) >= {"mean_kld", "median_kld", "p99_kld", "max_kld", "same_top1", "ppl_reference",
@@ -69,7 +70,8 @@ def test_timings_say_where_the_time_went(demo_run):
     timings = json.loads((tmp_path / "out" / "timings.json").read_text())
     assert timings["schema"] == 1
     stages = timings["stages"]
-    assert set(stages) == {"convert", "convert.mlx", "reference", "validate.mlx 4bit-g64", "release"}
+    # calibrate: the residual stream's range, from which the MLX target takes its float type
+    assert set(stages) == {"calibrate", "convert", "convert.mlx", "reference", "validate.mlx 4bit-g64", "release"}
     convert = stages["convert"]
     assert 0 < stages["convert.mlx"]["busy_s"] <= convert["wall_s"] and convert["cpu_s"] > 0
     assert convert["peak_rss_mb"] > 100 and stages["convert.mlx"]["bytes"] > 1 << 20
@@ -83,6 +85,21 @@ def test_mlx_artifact_opens_with_mlx_lm(demo_run):
     (folder,) = (tmp_path / "out" / "artifacts").glob("*-mlx-*")
     _, tokenizer = load(str(folder))
     assert tokenizer.encode("hello", add_special_tokens=False)
+
+
+def test_two_mlx_targets_differing_only_in_dtype_are_both_written_and_validated(demo_model, tmp_path):
+    recipe = write_recipe(tmp_path, demo_model, targets=[
+        {"format": "mlx", "bits": 4, "dtype": "float16"}, {"format": "mlx", "bits": 4, "dtype": "bfloat16"}],
+        validate={"tokens": 128, "context": 64, "latency": False})
+    result = run("recipe", recipe)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [(a["quant"], a["float_type"]["dtype"]) for a in report["artifacts"]] == [
+        ("4bit-g64-fp16", "float16"), ("4bit-g64-bf16", "bfloat16")]
+    assert all(a["runtime"] == "mlx" and a["gates"]["passed"] for a in report["artifacts"])
+    assert sorted(p.name.rpartition("-4bit-")[2] for p in (tmp_path / "out" / "release").iterdir()) == ["bf16", "fp16"]
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "- mlx 4bit-g64-bf16: bfloat16, as the recipe's dtype asks" in markdown
 
 
 def test_a_failing_gate_exits_1_and_names_everything(demo_run, demo_model):

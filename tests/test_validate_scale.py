@@ -32,20 +32,32 @@ MISTRAL_7B = {
 
 def test_auto_engine_stands_in_for_mlx_only_where_its_cpu_is_too_slow(tmp_path):
     assert mx.default_device().type == mx.cpu  # these machines: mlx's CPU backend
+    demo = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 8,
+            "num_key_value_heads": 4, "vocab_size": 4096}
+    # a 135M Llama (SmolLM's shape) and a 0.5B Qwen2 (Qwen2.5-0.5B's): mlx scores both, dequantized; a 7B only
+    # through torch
+    llama_135m = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                  "num_key_value_heads": 3, "vocab_size": 49152}
+    qwen_05b = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+                "num_key_value_heads": 2, "vocab_size": 151936}
+    four_bit = {"quantization": {"group_size": 64, "bits": 4}}
     cases = {
-        "7b-4bit": MISTRAL_7B | {"quantization": {"group_size": 64, "bits": 4}},
+        "7b-4bit": MISTRAL_7B | four_bit,
         "7b-fp16": MISTRAL_7B,
-        "demo-4bit": MISTRAL_7B | {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
-                                   "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 4096,
-                                   "quantization": {"group_size": 64, "bits": 4}},
+        "demo-4bit": MISTRAL_7B | demo | four_bit,
+        "demo-bf16": MISTRAL_7B | demo | {"dtype": "bfloat16"},
+        "135m-4bit": MISTRAL_7B | llama_135m | four_bit,
+        "0.5b-4bit": MISTRAL_7B | qwen_05b | four_bit,
     }
     engines = {}
     for name, config in cases.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps(config))
         engines[name] = choose_engine(tmp_path / name, {})
-    assert engines == {"7b-4bit": "torch", "7b-fp16": "torch", "demo-4bit": "mlx"}
+    assert engines == {"7b-4bit": "torch", "7b-fp16": "torch", "demo-4bit": "mlx-dequantized", "demo-bf16": "mlx",
+                       "135m-4bit": "mlx-dequantized", "0.5b-4bit": "mlx-dequantized"}
     assert choose_engine(tmp_path / "7b-4bit", {"engine": "mlx"}) == "mlx"
+    assert choose_engine(tmp_path / "demo-4bit", {"engine": "mlx"}) == "mlx"
     assert choose_engine(tmp_path / "demo-4bit", {"engine": "torch"}) == "torch"
     from siliconvert.errors import ArtifactError
 

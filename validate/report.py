@@ -45,6 +45,8 @@ def artifact_entry(result: ArtifactScore, failures: list[GateFailure], limits: d
         "run_peak_rss_mb": round(run.peak_rss_mb, 1),
         # a planned quantization: tensor → type, bits per weight, predicted mean KLD (quantize/plan.py)
         "plan": artifact.plan,
+        # the float type of what is not quantized, and why, where the writer chose it: {"dtype", "reason"}
+        "float_type": artifact.float_type,
         "gates": {
             "passed": not failures,
             "failed": [f.__dict__ for f in failures],
@@ -138,6 +140,10 @@ def markdown(report: dict, plot_name: str | None) -> str:
                   "The artifact's runtime cannot express the source tokenizer's rule here; other text tokenizes "
                   "alike. A warning, not a failure, unless the recipe sets `validate.tokenizer: strict`.", ""]
         lines += [f"- {line}" for line in known]
+    floats = [a for a in report["artifacts"] if a.get("float_type") and not a.get("plan")]  # a plan says its own
+    if floats:
+        lines += ["", "## Float types", "", "What is not quantized (and scales, biases, activations), and why.", ""]
+        lines += [f"- {a['format']} {a['quant']}: {a['float_type']['reason']}" for a in floats]
     lines += plan_lines(report["artifacts"])
     failures = [f["message"] for a in report["artifacts"] for f in a["gates"]["failed"]]
     if failures:

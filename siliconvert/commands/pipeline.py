@@ -308,15 +308,15 @@ def read_stamp(artifacts_dir: Path, key: str) -> list[Artifact] | None:
         entries = json.loads(stamp.read_text())
     except (OSError, ValueError):
         return None
-    artifacts = [Artifact(e["format"], e["quant"], artifacts_dir / e["path"], e["runner_options"], e.get("plan"))
-                 for e in entries]
+    artifacts = [Artifact(e["format"], e["quant"], artifacts_dir / e["path"], e["runner_options"], e.get("plan"),
+                          e.get("float_type")) for e in entries]
     return artifacts if all(a.path.exists() for a in artifacts) else None
 
 
 def write_stamp(artifacts_dir: Path, key: str, artifacts: list[Artifact]) -> None:
     """Record a target as complete; written last and atomically, so a killed run leaves no stamp."""
     entries = [{"format": a.format, "quant": a.quant, "path": str(a.path.relative_to(artifacts_dir)),
-                "runner_options": a.runner_options, "plan": a.plan} for a in artifacts]
+                "runner_options": a.runner_options, "plan": a.plan, "float_type": a.float_type} for a in artifacts]
     stamp = artifacts_dir / ".stamps" / f"{key}.json"
     stamp.parent.mkdir(exist_ok=True)
     # another target's stamp naming these files is stale now (a re-planned artifact keeps its name)

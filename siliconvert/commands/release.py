@@ -218,6 +218,8 @@ def validation(release: Release, report: dict, has_plot: bool) -> list[str]:
     for entry in release.shipped:
         if entry.get("compute"):
             lines.append(f"Compute of {_label(entry)}: {entry['compute']}.")
+        if (floats := entry.get("float_type")) and not entry.get("plan"):  # a plan says its own
+            lines.append(f"Float type of {_label(entry)}: {floats['reason']}.")
         for check, reason in (entry.get("not_measured") or {}).items():
             lines.append(f"Not measured for {_label(entry)}: {check.replace('_', ' ')} ({reason}).")
         if (router := entry.get("router_agreement")) and router["measured"]:  # a mixture of experts

@@ -1,11 +1,14 @@
 """MLX runner: the artifact opened by `mlx_lm.load`, exactly as a user would open it.
 
-Where mlx has no GPU (its CPU backend, as on Linux) and the model is large, mlx itself cannot score the
-artifact in useful time: measured here (mlx 0.32, 2 cores), its CPU multiplies by 4-bit weights at
-about 0.2 GFLOP/s (a 1 GB Llama: 4.4 s a token), so a 7B model would take about 20 hours for 1024
-tokens. There `DequantizedMLXRunner` stands in: the folder's weights, read and dequantized as mlx-lm
-would compute with them, run through the same layer-by-layer transformers forward as the reference,
-under a row that says so.
+Where mlx has no GPU (its CPU backend, as on Linux), its quantized kernels are the cost: the `mlx[cpu]` wheel
+multiplies by 4-bit weights one scalar at a time, summing in the activations' own type (mlx 0.32.4,
+backend/cpu/quantized.cpp `_qmm_t`), at 0.2 GFLOP/s in bfloat16 and 0.05 in float16, where its float matmuls run
+at 3 to 5 GFLOP/s and sum in float32 as mlx's GPU kernels do. There (engine "mlx-dequantized", the default) mlx-lm's
+model keeps its own code and mlx its arithmetic, and only the quantized layers are swapped for float layers holding
+`mx.dequantize` of the folder's own arrays in the artifact's compute type. Where even that would take longer than
+MAX_CPU_SECONDS (a 7B model), `DequantizedMLXRunner` stands in: the folder's weights, read and dequantized as
+mlx-lm would compute with them, run through the same layer-by-layer transformers forward as the reference, under
+a row that says so.
 
 For a mixture of experts both record the experts each sparse layer chose while scoring (`expert_choices`):
 mlx-lm's, as its MoE block feeds them to its SwitchGLU; the stand-in's, from transformers' routers run on the
@@ -32,11 +35,12 @@ if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig
 
-ENGINES = ("auto", "mlx", "torch")
-# mlx's CPU backend (Linux, mlx 0.32, 2 cores), measured: matmul against 4-bit weights at about
-# 0.2 GFLOP/s, against bfloat16 weights at about 2.5 GFLOP/s.
-CPU_GFLOPS_QUANTIZED = 0.2
-CPU_GFLOPS_FLOAT = 2.5
+ENGINES = ("auto", "mlx", "mlx-dequantized", "torch")
+# mlx's float matmuls on its CPU backend (`mlx[cpu]` 0.32.4, 2 shared cores), GFLOP/s by the weights' type, measured
+# with a 256-token window times a 576 → 1536 weight (a 135M Llama's MLP), 10 runs after a warm-up: float32 goes
+# through the reference BLAS the wheel links (2.3), float16 and bfloat16 through mlx's own kernels (4.4, 3.3 to 5.5
+# as the cores are shared; the lower is taken). Its quantized kernels run at 0.2 (bfloat16) and 0.05 (float16).
+CPU_GFLOPS = {"float32": 2.3, "float16": 4.2, "bfloat16": 3.3}
 # A default validation: 1024 scored tokens, and about 100 more for the KV-cache check.
 TYPICAL_TOKENS = 1124
 # `engine: auto` hands a run to DequantizedMLXRunner when mlx's CPU would take longer than this.
@@ -64,7 +68,11 @@ def engine_option(options: dict) -> str:
 
 
 def choose_engine(path: Path, options: dict) -> str:
-    """"mlx" or "torch": the option `engine`, or for "auto" what suits this model on this machine."""
+    """"mlx", "mlx-dequantized" or "torch": the option `engine`, or for "auto" what suits this model here.
+
+    On a GPU mlx runs the folder as it is. On mlx's CPU a quantized folder runs dequantized (its quantized
+    kernels are 15 to 80 times slower than its float ones, and sum in the activations' type), and torch
+    stands in only where mlx's float matmuls would still take longer than MAX_CPU_SECONDS."""
     engine = engine_option(options)
     if engine != "auto":
         return engine
@@ -72,11 +80,34 @@ def choose_engine(path: Path, options: dict) -> str:
         return "mlx"
     from mlx_lm.utils import load_config
 
-    return "torch" if estimated_cpu_seconds(load_config(path)) > MAX_CPU_SECONDS else "mlx"
+    config = load_config(path)
+    if estimated_cpu_seconds(config, folder_float_type(path, config)) > MAX_CPU_SECONDS:
+        return "torch"
+    return "mlx-dequantized" if config.get("quantization") else "mlx"
 
 
-def estimated_cpu_seconds(config: dict) -> float:
-    """Roughly how long mlx's CPU backend takes over a default validation of the model in `config`."""
+def folder_float_type(path: Path, config: dict) -> str:
+    """The float type of an MLX folder's arrays ("float16", "bfloat16", "float32"): the most common one in its
+    first shard's header (norms, scales and biases share it), else config.json's `dtype`, else float32."""
+    import json
+
+    names = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+    shards = sorted(Path(path).glob("model*.safetensors"))
+    if shards:
+        with shards[0].open("rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        counted = [names[entry["dtype"]] for name, entry in header.items()
+                   if name != "__metadata__" and entry["dtype"] in names]
+        if counted:
+            return max(set(counted), key=counted.count)
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if dtype in CPU_GFLOPS else "float32"
+
+
+def estimated_cpu_seconds(config: dict, float_type: str) -> float:
+    """Roughly how long mlx's CPU backend takes over a default validation of the model in `config`, its weights
+    (dequantized where quantized) multiplied in `float_type`. On the demo model (bfloat16) it says 2.9 s where
+    mlx took 2.1 s for 1024 tokens; attention's own products and the norms are left out."""
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     head_dim = config.get("head_dim") or hidden // heads
     kv_heads = config.get("num_key_value_heads") or heads
@@ -89,14 +120,13 @@ def estimated_cpu_seconds(config: dict) -> float:
     per_layer = attention + 3 * hidden * feed_forward
     # the head is one vocab × hidden product per token, tied or not; the embedding is a lookup
     multiplied = config["num_hidden_layers"] * per_layer + config["vocab_size"] * hidden
-    rate = CPU_GFLOPS_QUANTIZED if config.get("quantization") else CPU_GFLOPS_FLOAT
-    return 2 * multiplied * TYPICAL_TOKENS / (rate * 1e9)
+    return 2 * multiplied * TYPICAL_TOKENS / (CPU_GFLOPS[float_type] * 1e9)
 
 
 class MLXRunner(Runner):
-    """options: `engine`: "mlx" (mlx-lm runs the artifact), "torch" (a DequantizedMLXRunner opens
-    instead), or "auto", the default: "torch" only where mlx has no GPU and its CPU would take longer
-    than MAX_CPU_SECONDS."""
+    """options: `engine`: "mlx" (mlx-lm runs the artifact as it is), "mlx-dequantized" (mlx-lm runs it with its
+    quantized layers swapped for float layers of the same weights: `dequantize_quantized_layers`), "torch" (a
+    DequantizedMLXRunner opens instead), or "auto", the default (`choose_engine`)."""
 
     runtime = "mlx"
 
@@ -108,14 +138,14 @@ class MLXRunner(Runner):
     def __init__(self, path: Path, options: dict) -> None:
         from mlx_lm import load
 
-        engine_option(options)  # refuses unknown options
+        engine = choose_engine(Path(path), options)  # refuses unknown options
         self.model, self.tokenizer = load(str(path))
         self.device = mlx_device_name()
-        if mx.default_device().type == mx.cpu and unquantized_experts(self.model):
-            # mlx's CPU backend multiplies by gathered experts (GatherMM) in float32 only: in float16 or bfloat16
-            # the folder cannot run there at all. The same weights, widened exactly, with float32 activations.
-            self.model.set_dtype(mx.float32)
-            self.device += ", upcast to float32 (mlx's CPU runs unquantized experts in float32 only)"
+        if engine == "mlx-dequantized" and dequantize_quantized_layers(self.model):
+            self.device += (f", weights dequantized by mlx to {mlx_compute_dtype(self.model)} (mlx's CPU has no fast "
+                            "quantized kernels)")
+        if mx.default_device().type == mx.cpu and widen_experts(self.model):
+            self.device += ", experts in float32 (mlx's CPU gathers experts in float32 only)"
         self.cache = None
         self.routers = ExpertRecorder(self.model)
         self.choices: np.ndarray | None = None
@@ -151,12 +181,73 @@ class MLXRunner(Runner):
         return np.array(out.astype(mx.float32))
 
 
-def unquantized_experts(model: nn.Module) -> bool:
-    """Whether mlx-lm's model holds stacked experts that are not quantized and not float32."""
+def dequantize_quantized_layers(model: nn.Module) -> int:
+    """Swap mlx-lm's quantized layers for their float counterparts (Linear, Embedding, SwitchLinear) holding
+    `mx.dequantize` of the same arrays in the model's compute type; returns how many were swapped.
+
+    The rest of the model is untouched, so mlx-lm's code runs and mlx does every product, as a float matmul
+    that sums in float32 and rounds once, as mlx's GPU kernels do with the quantized weights. On the demo model's
+    4-bit folder (bfloat16) its logits are mean KLD 3.7e-5 from the same model run in float32, where mlx's CPU
+    quantized kernel, summing in bfloat16, is 2.1e-3 from it (and 2.1e-3 from this); the bfloat16 weights are
+    exactly mx.dequantize's float32 ones there (tests/test_validate_runners_mlx.py)."""
+    from mlx.utils import tree_unflatten
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    dtype = getattr(mx, mlx_compute_dtype(model))
+    swapped = []
+    for path, module in model.named_modules():
+        if not isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)):
+            continue
+        weight = mx.dequantize(module.weight, module.scales, module.get("biases"), group_size=module.group_size,
+                               bits=module.bits, mode=module.mode, global_scale=module.get("global_scale"),
+                               dtype=dtype)
+        if isinstance(module, nn.QuantizedEmbedding):
+            floats = nn.Embedding(*weight.shape)
+        elif isinstance(module, QuantizedSwitchLinear):
+            floats = SwitchLinear(weight.shape[2], weight.shape[1], weight.shape[0], bias="bias" in module)
+        else:
+            floats = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
+        floats.weight = weight
+        if "bias" in module:
+            floats.bias = module.bias
+        swapped.append((path, floats))
+    model.update_modules(tree_unflatten(swapped))
+    left = [f"{path} ({type(module).__name__})" for path, module in model.named_modules() if "scales" in module]
+    if left:
+        raise ArtifactError(f"mlx-lm's model keeps quantized layers the engine mlx-dequantized cannot swap: {left[0]}")
+    mx.eval(model.parameters())
+    return len(swapped)
+
+
+class WidenedExperts(nn.Module):
+    """A stack of experts held in float32: mlx's CPU multiplies by gathered experts (GatherMM) in float32 only, so
+    in float16 or bfloat16 a folder's unquantized experts cannot run there at all. The same weights, widened exactly;
+    the activations are widened for the product and its result rounded back to their type, so the rest of the model
+    keeps its compute type (as mlx's GPU kernels sum in float32 and round once)."""
+
+    def __init__(self, experts: nn.Module) -> None:
+        super().__init__()
+        self.weight = experts.weight.astype(mx.float32)
+        if "bias" in experts:
+            self.bias = experts.bias.astype(mx.float32)
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        out = mx.gather_mm(x.astype(mx.float32), self.weight.swapaxes(-1, -2), rhs_indices=indices,
+                           sorted_indices=sorted_indices)
+        if "bias" in self:
+            out = out + mx.expand_dims(self.bias[indices], -2)
+        return out.astype(x.dtype)
+
+
+def widen_experts(model: nn.Module) -> bool:
+    """Hold mlx-lm's unquantized stacked experts that are not float32 as WidenedExperts; whether there were any."""
+    from mlx.utils import tree_unflatten
     from mlx_lm.models.switch_layers import SwitchLinear
 
-    return any(isinstance(module, SwitchLinear) and module.weight.dtype != mx.float32
-               for _, module in model.named_modules())
+    widened = [(path, WidenedExperts(module)) for path, module in model.named_modules()
+               if isinstance(module, SwitchLinear) and module.weight.dtype != mx.float32]
+    model.update_modules(tree_unflatten(widened))
+    return bool(widened)
 
 
 class ExpertRecorder:
@@ -280,9 +371,12 @@ class DequantizedMLXRunner(MLXRunner):
 
 
 def mlx_compute_dtype(model: Any) -> str:
-    """The float type mlx-lm's forward computes in: what its embedding hands the first layer."""
+    """The float type mlx-lm's forward computes in: what its embedding hands the first layer (a quantized
+    embedding dequantizes into its scales' type, or bfloat16 where they are no float: mx.dequantize's rule)."""
     embed = model.model.embed_tokens
     dtype = embed.scales.dtype if hasattr(embed, "scales") else embed.weight.dtype
+    if hasattr(embed, "scales") and not mx.issubdtype(dtype, mx.floating):
+        dtype = mx.bfloat16
     return {mx.bfloat16: "bfloat16", mx.float16: "float16"}.get(dtype, "float32")
 
 

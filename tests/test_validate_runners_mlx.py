@@ -1,0 +1,108 @@
+"""The MLX runner's engines on mlx's CPU: a quantized folder run by mlx-lm with its quantized layers swapped for
+float layers of the same weights (engine "mlx-dequantized", the default there), against mlx's own quantized
+kernels and against the same weights in float32; experts held in float32 where mlx's CPU needs them so."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from conftest import build_mlx
+from mlx.utils import tree_map
+from mlx_lm import load
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear
+from test_moe import TINY, save_tiny
+
+from siliconvert.validate.metrics import compare
+from siliconvert.validate.runners.mlx import MLXRunner, WidenedExperts, choose_engine, dequantize_quantized_layers
+
+
+def mean_kld(expected: np.ndarray, logits: np.ndarray, windows: np.ndarray) -> float:
+    vocab = expected.shape[-1]
+    return compare(expected.reshape(-1, vocab), logits.reshape(-1, vocab), windows.reshape(-1))[0].mean_kld
+
+
+def mlx_lm_logits(path, windows, float32: bool = False) -> np.ndarray:
+    """mlx-lm's own run of the folder, quantized kernels and all; with `float32`, its quantized layers dequantized
+    into float32 and every float parameter widened, so the whole forward is float32."""
+    model, _ = load(str(path))
+    if float32:
+        dequantize_quantized_layers(model)
+        model.update(tree_map(lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p,
+                              model.parameters()))
+    return np.stack([np.array(model(mx.array(w)[None])[0].astype(mx.float32)) for w in windows])
+
+
+@pytest.fixture(scope="module")
+def demo_4bit(demo_model, tmp_path_factory):
+    """The demo's 4-bit folder in the source's bfloat16 (as mlx_lm.convert makes it)."""
+    return build_mlx(demo_model, tmp_path_factory.mktemp("mlx"), bits=4, group_size=64, dtype="bfloat16").path
+
+
+def test_auto_runs_a_quantized_folder_dequantized_by_mlx_in_its_own_float_type(demo_4bit):
+    assert mx.default_device().type == mx.cpu  # these machines: mlx's CPU backend
+    assert choose_engine(demo_4bit, {}) == "mlx-dequantized"
+    runner = MLXRunner(demo_4bit, {})
+    assert runner.runtime == "mlx"
+    assert runner.device == ("CPU (mlx), weights dequantized by mlx to bfloat16 (mlx's CPU has no fast quantized "
+                             "kernels)")
+    modules = [module for _, module in runner.model.named_modules()]
+    assert not any(isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for module in modules)
+    linears = [module for module in modules if isinstance(module, nn.Linear)]
+    assert linears and all(module.weight.dtype == mx.bfloat16 for module in linears)
+    # the bfloat16 weights are mx.dequantize's float32 values, exactly: no rounding is added by holding them so
+    plain, _ = load(str(demo_4bit))
+    quantized = plain.model.layers[0].mlp.down_proj
+    exact = mx.dequantize(quantized.weight, quantized.scales, quantized.biases, quantized.group_size, quantized.bits,
+                          dtype=mx.float32)
+    assert mx.array_equal(runner.model.model.layers[0].mlp.down_proj.weight.astype(mx.float32), exact).item()
+
+
+def test_the_compute_type_named_is_the_folders(demo_model, tmp_path):
+    folder = build_mlx(demo_model, tmp_path, bits=4, group_size=64, dtype="float16").path
+    runner = MLXRunner(folder, {})
+    assert "weights dequantized by mlx to float16" in runner.device
+    assert runner.model.model.layers[0].self_attn.q_proj.weight.dtype == mx.float16
+
+
+def test_dequantized_engine_computes_what_mlx_computes(demo_4bit):
+    """Measured on the demo's 4-bit folder, 2 windows of 64 tokens: the dequantized run is mean KLD 3.4e-5 from
+    the same weights in float32 (bfloat16 activations, products summed in float32 as mlx's GPU kernels sum them);
+    mlx's CPU quantized kernel sums in bfloat16 (mlx 0.32.4's `_qmm_t`) and is 2.2e-3 from both."""
+    windows = np.random.default_rng(0).integers(0, 4096, size=(2, 64))
+    dequantized = MLXRunner(demo_4bit, {"engine": "mlx-dequantized"}).logits_many(windows)
+    float32 = mlx_lm_logits(demo_4bit, windows, float32=True)
+    quantized = MLXRunner(demo_4bit, {"engine": "mlx"}).logits_many(windows)
+    assert mean_kld(float32, dequantized, windows) < 2e-4
+    assert mean_kld(float32, quantized, windows) < 1e-2
+    assert mean_kld(quantized, dequantized, windows) < 1e-2
+    assert np.array_equal(quantized, mlx_lm_logits(demo_4bit, windows))  # engine "mlx" is mlx-lm's run, untouched
+
+
+def test_dequantized_engine_decodes_through_mlx_lms_cache(demo_4bit):
+    runner = MLXRunner(demo_4bit, {})
+    tokens = np.random.default_rng(1).integers(0, 4096, size=40)
+    cached = runner.cached_logits(tokens[:24], tokens[24:])
+    whole = runner.logits(tokens)[23:]
+    assert cached.shape == whole.shape
+    assert mean_kld(whole[:-1], cached[:-1], tokens[24:]) < 1e-3
+
+
+def test_quantized_experts_run_dequantized_and_widened(tmp_path):
+    """Quantized experts become float32 stacks (mlx's CPU gathers experts in float32 only), the rest of the model
+    stays in its float type; the experts chosen are recorded as with mlx's own kernels."""
+    source = save_tiny(tmp_path / "source", "qwen3_moe", num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
+                       hidden_size=64, head_dim=16, moe_intermediate_size=64, intermediate_size=128)
+    # dtype set: the toy word-level tokenizer gives no calibration tokens for the float type to be measured on
+    artifact = build_mlx(source, tmp_path / "mlx", bits=8, group_size=64, dtype="bfloat16").path
+    runner = MLXRunner(artifact, {})
+    assert runner.device.startswith("CPU (mlx), weights dequantized by mlx to ")
+    assert runner.device.endswith(", experts in float32 (mlx's CPU gathers experts in float32 only)")
+    modules = [module for _, module in runner.model.named_modules()]
+    assert any(isinstance(module, WidenedExperts) for module in modules)
+    assert not any(isinstance(module, (QuantizedSwitchLinear, SwitchLinear)) for module in modules)
+    assert any(isinstance(module, SwitchGLU) for module in modules)
+    windows = np.random.default_rng(0).integers(0, TINY["vocab_size"], size=(2, 24))
+    logits = runner.logits_many(windows)
+    assert runner.expert_choices().shape == (2, 24, 2, 2)
+    float32 = mlx_lm_logits(artifact, windows, float32=True)
+    assert mean_kld(float32, logits, windows) < 1e-3
