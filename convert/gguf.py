@@ -34,7 +34,7 @@ from gguf import LlamaFileType
 
 from siliconvert.architectures import TensorRole
 from siliconvert.artifacts import Artifact, Writer, sync_file
-from siliconvert.calibration import BUILTIN, IMPORTANCE, Calibrations
+from siliconvert.calibration import BUILTIN, IMPORTANCE, SENSITIVITY, Calibrations
 from siliconvert.checkpoint import Checkpoint, TensorInfo
 from siliconvert.convert.gguf_arch import GGUFArch
 from siliconvert.convert.gguf_vocab import add_tokenizer
@@ -85,8 +85,12 @@ IN_FLIGHT_BYTES = 384 << 20  # float32 source bytes waiting for the quantizer be
 
 def calibration_needs(target: GGUFTarget) -> dict[str, set[str]]:
     """Calibration text → the parts a target's writer asks for: an importance matrix (and, for a mixture's plan,
-    the tokens routed per expert, from the same hooks) where llama.cpp quantizes with one or a plan weighs by it."""
-    return {_imatrix_text(target): {IMPORTANCE}} if _uses_imatrix(target) else {}
+    the tokens routed per expert, from the same hooks) where llama.cpp quantizes with one or a plan weighs by it,
+    and for a plan each weight's measured gain."""
+    if not _uses_imatrix(target):
+        return {}
+    # a plan's costs are weighed by the gains measured on this model, on the same text
+    return {_imatrix_text(target): {IMPORTANCE} | ({SENSITIVITY} if target.plan else set())}
 
 
 def _uses_imatrix(target: GGUFTarget) -> bool:

@@ -32,7 +32,7 @@ import mlx.core as mx
 import numpy as np
 
 from siliconvert.artifacts import Artifact, Writer
-from siliconvert.calibration import BUILTIN, IMPORTANCE, RANGE, Calibrations
+from siliconvert.calibration import BUILTIN, IMPORTANCE, RANGE, SENSITIVITY, Calibrations
 from siliconvert.checkpoint import Checkpoint, TensorInfo
 from siliconvert.convert.mlx_arch import LAYOUTS, ExpertLayout, MLXArch
 from siliconvert.progress import track
@@ -106,10 +106,11 @@ class Output:
 
 def calibration_needs(target: MLXTarget) -> dict[str, set[str]]:
     """Calibration text → the parts a target's writer asks for: a plan's importance (and tokens routed per expert)
-    on the builtin text, and the residual stream's range where a plan's float type is not set (`_float_type`)."""
+    and measured gains on the builtin text, and the residual stream's range where a plan's float type is not set
+    (`_float_type`)."""
     if target.bits != "auto":
         return {}
-    return {BUILTIN: {IMPORTANCE} | ({RANGE} if target.dtype is None else set())}
+    return {BUILTIN: {IMPORTANCE, SENSITIVITY} | ({RANGE} if target.dtype is None else set())}
 
 
 class MLXWriter(Writer):
