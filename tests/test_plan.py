@@ -230,3 +230,21 @@ def test_an_mlx_size_plan_counts_the_modules_mlx_lm_keeps_at_their_own_width(fam
             and path not in planned.plan["tensors"]]
     assert "lm_head" in kept and any(path.endswith("o_proj") for path in kept)
     assert planned.plan["bits_per_weight"] > 3.5
+
+
+def test_every_plan_reports_how_close_its_prediction_was():
+    import siliconvert.commands.pipeline as pipeline
+    from siliconvert.artifacts import Artifact
+    from siliconvert.validate.report import plan_lines
+
+    target = parse_recipe({"source": "x", "targets": [
+        {"format": "gguf", "quants": ["auto"], "plan": {"size_mb": 3}}]}).targets[0]
+    plan = make_plan(synthetic_costs(), QuantPlan(size_mb=3)).summary()
+    artifact = Artifact("gguf", "auto-3mb", Path("demo-auto-3mb.gguf"), plan=plan)
+    replan = pipeline.Replanner(None, parse_recipe({"source": "x", "targets": [target.model_dump()]}),
+                                [(artifact, target)], Path("."), None)
+    measured = 3 * plan["predicted_mean_kld"]
+    entry = {"format": "gguf", "quant": "auto-3mb", "metrics": {"mean_kld": measured}, "size_bytes": 100}
+    assert replan(artifact, entry) is None  # a size plan is not planned again
+    assert entry["plan"]["measured_mean_kld"] == measured and entry["plan"]["measured_over_predicted"] == 3.0
+    assert f"measured {measured:.5f} (3.00× the prediction)" in "\n".join(plan_lines([entry]))
