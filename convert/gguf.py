@@ -34,11 +34,12 @@ from gguf import LlamaFileType
 
 from siliconvert.architectures import TensorRole
 from siliconvert.artifacts import Artifact, Writer, sync_file
-from siliconvert.calibration import BUILTIN, IMPORTANCE, Calibrations
+from siliconvert.calibration import BUILTIN, IMPORTANCE, SENSITIVITY, Calibration, Calibrations
 from siliconvert.checkpoint import Checkpoint, TensorInfo
 from siliconvert.convert.gguf_arch import GGUFArch
 from siliconvert.convert.gguf_vocab import add_tokenizer
 from siliconvert.errors import CheckpointError, RecipeError, RuntimeMissingError
+from siliconvert.gains import EMBEDDING, HEAD
 from siliconvert.progress import track
 from siliconvert.quantize.gguf import (
     LLAMA_CPP_QUANTS,
@@ -48,7 +49,7 @@ from siliconvert.quantize.gguf import (
     quantize,
 )
 from siliconvert.quantize.plan import Plan, make_plan
-from siliconvert.quantize.sensitivity import TensorCosts, gguf_costs, role_gain
+from siliconvert.quantize.sensitivity import TensorCosts, gguf_costs, role_gain, split_gains
 from siliconvert.recipe import GGUF_QUANTS, GGUFTarget
 
 # ---- knowledge as data ---------------------------------------------------------------------------
@@ -85,8 +86,12 @@ IN_FLIGHT_BYTES = 384 << 20  # float32 source bytes waiting for the quantizer be
 
 def calibration_needs(target: GGUFTarget) -> dict[str, set[str]]:
     """Calibration text → the parts a target's writer asks for: an importance matrix (and, for a mixture's plan,
-    the tokens routed per expert, from the same hooks) where llama.cpp quantizes with one or a plan weighs by it."""
-    return {_imatrix_text(target): {IMPORTANCE}} if _uses_imatrix(target) else {}
+    the tokens routed per expert, from the same hooks) where llama.cpp quantizes with one or a plan weighs by it,
+    and for a plan each weight's measured gain."""
+    if not _uses_imatrix(target):
+        return {}
+    # a plan's costs are weighed by the gains measured on this model, on the same text
+    return {_imatrix_text(target): {IMPORTANCE} | ({SENSITIVITY} if target.plan else set())}
 
 
 def _uses_imatrix(target: GGUFTarget) -> bool:
@@ -257,6 +262,7 @@ class GGUFWriter(Writer):
         routed: dict[str, np.ndarray] = {}  # HF expert stack → calibration tokens per expert
         if self.checkpoint.spec.experts is not None:
             routed = self.calibration.expert_tokens(_imatrix_text(self.target))  # the importance matrix's run
+        measured = self.calibration.get(_imatrix_text(self.target), {SENSITIVITY})
         quantizer = TensorQuantizer()
         costs = self.costs
         try:
@@ -265,9 +271,9 @@ class GGUFWriter(Writer):
             for info, array in stream:
                 if info.name in planned:
                     role = info.role.role
-                    gain = role_gain(role, self.checkpoint.spec.tie_word_embeddings)
                     parts = self.arch.split(role, self.arch.to_llama_cpp(role, "weight", array))
-                    for gguf_name, part in zip(self._gguf_names(info.role), parts, strict=True):
+                    gains = self._gains(info, parts, measured)
+                    for gguf_name, part, gain in zip(self._gguf_names(info.role), parts, gains, strict=True):
                         if gguf_name in planned[info.name]:
                             costs.append(gguf_costs(gguf_name, part, self.imatrix.get(gguf_name), quantizer, gain,
                                                     routed_tokens=routed.get(info.name)))
@@ -289,6 +295,18 @@ class GGUFWriter(Writer):
             kind = self.quant_plan.choices[cost.name].kind
             weights[kind] = weights.get(kind, 0) + cost.params
         return PLANNED_FILE_TYPES[max(sorted(weights), key=weights.get)], types
+
+    def _gains(self, info: TensorInfo, parts: list[np.ndarray], measured: Calibration) -> list[float]:
+        """Each GGUF part's gain to the mean KLD: the one measured on this model (split by share where the
+        checkpoint tensor is stored as parts; an embedding written again as the head has each path's own), or,
+        for a weight the sensitivity forward did not measure, its role's gain fitted on the demo model."""
+        tied = self.checkpoint.spec.tie_word_embeddings
+        names = self._gguf_names(info.role)
+        if measured.gain(info.name) is None:
+            return [role_gain(info.role.role, tied)] * len(parts)
+        if info.role.role == "token_embd" and len(parts) > 1:  # token_embd and output, one table
+            return [measured.gain(HEAD if name == "output.weight" else EMBEDDING) for name in names]
+        return split_gains(measured.gain(info.name, tied), parts, [self.imatrix.get(name) for name in names])
 
     def _header_bytes(self, types: list[QType]) -> int:
         """Bytes of the file before the tensors' data (header, key/values, tensor infos, the extra tensors):

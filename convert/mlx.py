@@ -32,13 +32,13 @@ import mlx.core as mx
 import numpy as np
 
 from siliconvert.artifacts import Artifact, Writer
-from siliconvert.calibration import BUILTIN, IMPORTANCE, RANGE, Calibrations
+from siliconvert.calibration import BUILTIN, IMPORTANCE, RANGE, SENSITIVITY, Calibration, Calibrations
 from siliconvert.checkpoint import Checkpoint, TensorInfo
 from siliconvert.convert.mlx_arch import LAYOUTS, ExpertLayout, MLXArch
 from siliconvert.progress import track
 from siliconvert.quantize.mlx import QuantPolicy, quantizable_modules, quantization_config, quantize
 from siliconvert.quantize.plan import Plan, make_plan
-from siliconvert.quantize.sensitivity import MLX_CANDIDATES, TensorCosts, mlx_costs, role_gain
+from siliconvert.quantize.sensitivity import MLX_CANDIDATES, TensorCosts, mlx_costs, role_gain, split_gains
 from siliconvert.recipe import MLXTarget
 
 SHARD_BYTES = 1 << 30
@@ -106,8 +106,9 @@ class Output:
 
 def calibration_needs(target: MLXTarget) -> dict[str, set[str]]:
     """Calibration text → the parts a target's writer asks for: a plan's importance (and tokens routed per expert)
-    on the builtin text, and the residual stream's range where the float type is not set (`_float_type`)."""
-    needs = ({IMPORTANCE} if target.bits == "auto" else set()) | (
+    and measured gains on the builtin text, and the residual stream's range where the float type is not set
+    (`_float_type`)."""
+    needs = ({IMPORTANCE, SENSITIVITY} if target.bits == "auto" else set()) | (
         {RANGE} if target.dtype is None and target.bits != 16 else set())
     return {BUILTIN: needs} if needs else {}
 
@@ -252,6 +253,7 @@ class MLXWriter(Writer):
         routers and a shared expert's gate are not planned (they keep ROUTER's 8 bits)."""
         importance = self.calibration.importance(BUILTIN)
         routed = self.calibration.expert_tokens(BUILTIN)  # per expert stack, from the same run
+        measured = self.calibration.get(BUILTIN, {SENSITIVITY})
         tied = self.checkpoint.spec.tie_word_embeddings
         # bytes beside the planned weights: tokenizer files, config.json, and per array its safetensors header
         # and index entries (counted as each array arrives, over-estimated a little: a size goal is a limit)
@@ -262,7 +264,9 @@ class MLXWriter(Writer):
                        total=len(self.checkpoint.tensor_infos))
         for info, array in stream:
             source_name = info.name
-            for mlx_name, weight in self.sanitize({source_name: mx.array(array)}).items():
+            sanitized = self.sanitize({source_name: mx.array(array)})
+            gains = self._gains(info, sanitized, importance, measured)
+            for mlx_name, weight in sanitized.items():
                 module, _, kind = mlx_name.rpartition(".")
                 fixed += _json_bytes(mlx_name)
                 policy = self.quantized.get(module)
@@ -280,12 +284,26 @@ class MLXWriter(Writer):
                 if source_name in routed:
                     weights = importance[source_name]
                 fixed += 2 * _json_bytes(mlx_name) + 2 * (len(module) + MODULE_ENTRY_BYTES)  # scales, biases; config
-                gain = role_gain(info.role.role, tied)
+                gain = gains[mlx_name]
                 costs.append(mlx_costs(module, np.asarray(weight.astype(mx.float32)), weights, self.dtype.size, gain,
                                        routed_tokens=routed.get(source_name)))
         self.costs, self.quant_plan = costs, make_plan(costs, self.target.plan, fixed_bytes=fixed)
         return {module: QuantPolicy(*_bits_and_group(option.kind))
                 for module, option in self.quant_plan.choices.items()}
+
+    def _gains(self, info: TensorInfo, sanitized: dict[str, mx.array], importance: dict[str, np.ndarray],
+               measured: Calibration) -> dict[str, float]:
+        """Each planned MLX weight's gain to the mean KLD, by its name: the one measured on this model for its
+        source tensor (split by share where mlx-lm stores it as parts), or, for a weight the sensitivity forward
+        did not measure, its role's gain fitted on the demo model."""
+        tied = self.checkpoint.spec.tie_word_embeddings
+        weights = {name: value for name, value in sanitized.items() if name.endswith(".weight")}
+        gain = measured.gain(info.name, tied)
+        if gain is None:
+            return dict.fromkeys(weights, role_gain(info.role.role, tied))
+        parts = [np.asarray(value.astype(mx.float32)) for value in weights.values()] if len(weights) > 1 else []
+        columns = [importance.get(info.name)] * len(parts)
+        return dict(zip(weights, split_gains(gain, parts, columns) if parts else [gain], strict=True))
 
     def _plan(self) -> dict[str, list[Output]]:
         """Every output array, per source tensor, in stream order, assigned to shards of ≤ SHARD_BYTES.

@@ -10,6 +10,12 @@ llama.cpp's (ggml_quantize_chunk with the same importance matrix, dequantized by
 `mx.quantize` / `mx.dequantize` at the candidate's bits and group size for MLX, coremltools' linear quantizer
 (the compression pass's own function) for Core ML.
 
+Measured gains. The gains below were fitted on the demo model and are 30–50× off on others; a run measures each
+weight's own gain on the model it converts (siliconvert/gains.py: the weight perturbed by noise of known r in a
+streamed forward, KLD / r at the logits, per layer and weight), and the writers weigh costs by those
+(`Calibration.gain`). ROLE_GAINS stay only as the fallback for a weight the sensitivity forward did not measure.
+Measured gains are KLD per unit r already: kld_per_error stays 1 unless the re-plan loop fits it.
+
 From errors to KLD. Small independent perturbations of the hidden states add up in the logits, and the
 KL divergence of a softmax to a slightly perturbed one is second order in the perturbation, so to first
 order the mean KLD is a sum of the tensors' relative errors, each times the gain of its path to the output:
@@ -124,6 +130,20 @@ def role_gain(role: str, tied_head: bool = False) -> float:
     if role == "output":
         return ROLE_GAINS["output"]
     return ROLE_GAINS.get(role.split("_")[0], ROLE_GAINS["attn"])
+
+
+def split_gains(gain: float, parts: Sequence[np.ndarray], importance: Sequence[np.ndarray | None]) -> list[float]:
+    """Gains of the parts a weight measured whole is stored as (an expert stack's gate_up rows as gate and up):
+    the whole's r is each part's r weighted by its share of the whole's importance-weighted Σ W², so a part's gain
+    is the whole's times that share. `importance`: each part's, per column (a row per expert), or None."""
+    if len(parts) == 1:
+        return [gain]
+    norms = []
+    for part, columns in zip(parts, importance, strict=True):
+        squares = np.square(part.astype(np.float64)).sum(-2)  # per column (per expert and column)
+        norms.append(float((squares * columns).sum() if columns is not None else squares.sum()))
+    total = sum(norms)
+    return [gain * norm / total if total > 0 else gain / len(parts) for norm in norms]
 
 
 def relative_error(weight: np.ndarray, approx: np.ndarray, importance: np.ndarray | None) -> float:

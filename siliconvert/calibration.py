@@ -9,6 +9,9 @@ Three writers measure the source model before they write, all through the same l
 - range: the residual stream's peak over the first RANGE_TOKENS tokens of the text, which sets the power of two
   that keeps the stream inside float16 (`FP16Range`): Core ML's packages run in fp16, and an MLX plan takes
   float16 for a bfloat16 source only where the stream leaves it room.
+- sensitivity: each weight's gain to the mean KLD per unit of its relative output error, measured by perturbing it
+  on a short window of the text (siliconvert/gains.py, in a second forward in the same child: its streams differ
+  from the first's): what a plan's costs are weighed by in place of gains fitted on another model.
 
 One forward measures every part asked for: the range window and the importance windows go through each decoder
 layer while its weights are loaded, and the hooks know which window runs, so neither part sees the other's
@@ -40,6 +43,7 @@ import numpy as np
 from siliconvert.artifacts import cache_root, write_text_atomically
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.errors import CheckpointError, RecipeError
+from siliconvert.gains import EMBEDDING, HEAD, R0, SENSITIVITY_TOKENS, UNPLANNED_ROLES, sensitivity_tokens
 
 if TYPE_CHECKING:
     import torch
@@ -52,7 +56,8 @@ CHARS_PER_TOKEN = 16  # tokens are rarely longer: tokenizing more text than that
 
 IMPORTANCE = "importance"  # the importance matrix and the tokens routed to each expert (the same hooks)
 RANGE = "range"  # the residual stream's peak
-PARTS = (IMPORTANCE, RANGE)
+SENSITIVITY = "sensitivity"  # each weight's measured gain to the mean KLD (siliconvert/gains.py)
+PARTS = (IMPORTANCE, RANGE, SENSITIVITY)
 BUILTIN = "builtin"
 
 FLOAT16_MAX = 65504.0
@@ -100,16 +105,28 @@ class Calibration:
     stream_peak: float | None = None  # the largest |value| of the residual stream, between layers
     importance_tokens: int | None = None  # tokens in the importance windows
     range_tokens: int | None = None  # tokens in the range window
+    gains: dict[str, float] | None = None  # HF weight name → mean KLD per unit of relative output error
+    sensitivity_tokens: int | None = None  # tokens in the sensitivity window
 
     @property
     def parts(self) -> frozenset[str]:
-        return frozenset(part for part, value in ((IMPORTANCE, self.importance), (RANGE, self.stream_peak))
+        return frozenset(part for part, value in ((IMPORTANCE, self.importance), (RANGE, self.stream_peak),
+                                                  (SENSITIVITY, self.gains))
                          if value is not None)
+
+    def gain(self, name: str, tied_head: bool = False) -> float | None:
+        """The measured gain of the HF weight `name` (None where not measured); a tied embedding is the head
+        too: the embedding's gain plus the head's."""
+        if self.gains is None or name not in self.gains:
+            return None
+        if tied_head and name == EMBEDDING:
+            return self.gains[name] + self.gains.get(HEAD, 0.0)
+        return self.gains[name]
 
     def merged(self, other: Calibration) -> Calibration:
         """This calibration with the parts `other` measured and this one lacks."""
         taken = {IMPORTANCE: ("importance", "expert_tokens", "importance_tokens"),
-                 RANGE: ("stream_peak", "range_tokens")}
+                 RANGE: ("stream_peak", "range_tokens"), SENSITIVITY: ("gains", "sensitivity_tokens")}
         return replace(self, **{field: getattr(other, field)
                                 for part in other.parts - self.parts for field in taken[part]})
 
@@ -118,13 +135,13 @@ def calibrate(checkpoint: Checkpoint, source: str, parts: Iterable[str], *, toke
               context: int = CALIBRATION_CONTEXT) -> Calibration:
     """Measure `parts` of the calibration text `source` ("builtin" or a file) in one forward of `checkpoint`,
     run in a spawned child process. The importance windows are the text's first `tokens` tokens in windows of
-    `context`."""
+    `context`; the sensitivity window is its first `sensitivity_window(checkpoint)` tokens."""
     parts = _checked(parts)
     name, text = calibration_text(source)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.path), trust_remote_code=False)
-    range_window = importance_windows = None
+    range_window = importance_windows = sensitivity_window = None
     if RANGE in parts:
         range_window = np.array(tokenizer.encode(text[:RANGE_TEXT_CHARS], add_special_tokens=False,
                                                       verbose=False)[:RANGE_TOKENS], dtype=np.int64)
@@ -139,12 +156,27 @@ def calibrate(checkpoint: Checkpoint, source: str, parts: Iterable[str], *, toke
                               name)
         importance_windows = np.array([ids[start:start + context]
                                        for start in range(0, len(ids) - context + 1, context)])
+    if SENSITIVITY in parts:
+        sensitivity_window = np.array(tokenizer.encode(text[:SENSITIVITY_TOKENS * CHARS_PER_TOKEN],
+                                                       add_special_tokens=False, verbose=False)
+                                      [:sensitivity_window_tokens(checkpoint)])
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:
-            return pool.submit(_forward, checkpoint, name, range_window, importance_windows).result()
+            return pool.submit(_forward, checkpoint, name, range_window, importance_windows,
+                               sensitivity_window).result()
         except BrokenProcessPool:
             raise CheckpointError("the calibration forward (transformers) crashed; out of memory?",
                                   checkpoint.path) from None
+
+
+def sensitivity_window_tokens(checkpoint: Checkpoint) -> int:
+    """Tokens of the sensitivity window: SENSITIVITY_TOKENS, fewer for a model whose streams would cost more
+    than the budget (siliconvert/gains.py `sensitivity_tokens`)."""
+    perturbed = [info for info in checkpoint.tensor_infos.values()
+                 if info.role is not None and info.role.layer is not None and info.role.kind == "weight"
+                 and len(info.shape) >= 2 and info.role.role not in UNPLANNED_ROLES]
+    layers = checkpoint.spec.num_layers
+    return sensitivity_tokens(layers, -(-len(perturbed) // max(layers, 1)))
 
 
 class Calibrations:
@@ -203,7 +235,8 @@ class Calibrations:
         if self.cache_dir is None:
             return None
         text_digest = hashlib.sha256(calibration_text(source)[1].encode()).hexdigest()[:16]
-        counts = f"{self.tokens}x{self.context}" if part == IMPORTANCE else f"{RANGE_TOKENS}"
+        counts = {IMPORTANCE: f"{self.tokens}x{self.context}", RANGE: f"{RANGE_TOKENS}",
+                  SENSITIVITY: f"{sensitivity_window_tokens(self.checkpoint)}-r{R0}"}[part]
         suffix = ".npz" if part == IMPORTANCE else ".json"
         return self.cache_dir / f"calibration-{self.checkpoint.fingerprint()}-{text_digest}-{part}-{counts}{suffix}"
 
@@ -214,6 +247,9 @@ class Calibrations:
         if part == RANGE:
             stored = json.loads(file.read_text())
             return Calibration(stored["text"], stream_peak=stored["stream_peak"], range_tokens=stored["tokens"])
+        if part == SENSITIVITY:
+            stored = json.loads(file.read_text())
+            return Calibration(stored["text"], gains=stored["gains"], sensitivity_tokens=stored["tokens"])
         with np.load(file) as stored:
             tables: dict[str, dict[str, np.ndarray]] = {"importance": {}, "expert_tokens": {}}
             for key in stored.files:
@@ -230,6 +266,10 @@ class Calibrations:
         if part == RANGE:
             write_text_atomically(file, json.dumps({"text": measured.text, "stream_peak": measured.stream_peak,
                                                     "tokens": measured.range_tokens}))
+            return
+        if part == SENSITIVITY:  # JSON keeps a float's every bit (repr round-trips)
+            write_text_atomically(file, json.dumps({"text": measured.text, "gains": measured.gains,
+                                                    "tokens": measured.sensitivity_tokens}))
             return
         arrays = {f"importance:{name}": values for name, values in measured.importance.items()}
         arrays |= {f"expert_tokens:{name}": values for name, values in measured.expert_tokens.items()}
@@ -339,10 +379,12 @@ class _StreamPeak:
 
 
 def _forward(checkpoint: Checkpoint, text_name: str, range_window: np.ndarray | None,
-             importance_windows: np.ndarray | None) -> Calibration:
-    """One float32 forward over the range window (first, if any) and the importance windows (if any)."""
+             importance_windows: np.ndarray | None, sensitivity_window: np.ndarray | None = None) -> Calibration:
+    """One float32 forward over the range window (first, if any) and the importance windows (if any); then the
+    sensitivity forward over its window (if any)."""
     import torch
 
+    from siliconvert.gains import measured_gains
     from siliconvert.streamed import CheckpointWeights, streamed_logits
 
     windows = ([] if range_window is None else [range_window]) + list(() if importance_windows is None
@@ -360,10 +402,16 @@ def _forward(checkpoint: Checkpoint, text_name: str, range_window: np.ndarray | 
         if range_window is not None:
             peak.attach(model)
 
-    streamed_logits(checkpoint.transformers_config(), CheckpointWeights(checkpoint), windows, device="cpu",
-                    dtype=torch.float32, label="calibration (transformers, layer by layer)", prepare=attach,
-                    keep_logits=False, window_started=window_started)
     calibration = Calibration(text_name)
+    if windows:
+        streamed_logits(checkpoint.transformers_config(), CheckpointWeights(checkpoint), windows, device="cpu",
+                        dtype=torch.float32, label="calibration (transformers, layer by layer)", prepare=attach,
+                        keep_logits=False, window_started=window_started)
+    if sensitivity_window is not None:
+        roles = {name: info.role.role for name, info in checkpoint.tensor_infos.items() if info.role is not None}
+        gains = measured_gains(checkpoint.transformers_config(), CheckpointWeights(checkpoint), sensitivity_window,
+                               roles, label="sensitivity (each weight perturbed, layer by layer)")
+        calibration = replace(calibration, gains=gains, sensitivity_tokens=len(sensitivity_window))
     if importance_windows is not None:
         matrix, routed = importance.results()
         calibration = replace(calibration, importance=matrix, expert_tokens=routed,

@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 
 import siliconvert.calibration as calibration_module
-from siliconvert.calibration import IMPORTANCE, RANGE, Calibration, Calibrations, FP16Range, calibrate
+from siliconvert.calibration import (
+    IMPORTANCE,
+    RANGE,
+    SENSITIVITY,
+    Calibration,
+    Calibrations,
+    FP16Range,
+    calibrate,
+)
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.commands.pipeline import calibration_needs
 from siliconvert.recipe import CoreMLTarget, GGUFTarget, MLXTarget
@@ -22,7 +30,7 @@ TOKENS, CONTEXT = 512, 128  # four importance windows: enough to tell the window
 
 def test_one_forward_measures_what_separate_forwards_do(demo_model: Path) -> None:
     checkpoint = Checkpoint.open(demo_model)
-    both = calibrate(checkpoint, "builtin", {IMPORTANCE, RANGE}, tokens=TOKENS, context=CONTEXT)
+    both = calibrate(checkpoint, "builtin", {IMPORTANCE, RANGE, SENSITIVITY}, tokens=TOKENS, context=CONTEXT)
     importance = calibrate(checkpoint, "builtin", {IMPORTANCE}, tokens=TOKENS, context=CONTEXT)
     stream = calibrate(checkpoint, "builtin", {RANGE}, tokens=TOKENS, context=CONTEXT)
     assert both.stream_peak == stream.stream_peak > 0
@@ -34,7 +42,10 @@ def test_one_forward_measures_what_separate_forwards_do(demo_model: Path) -> Non
     # parts not asked for are None
     assert importance.stream_peak is None and importance.range_tokens is None
     assert stream.importance is None and stream.expert_tokens is None and stream.importance_tokens is None
-    assert both.parts == {IMPORTANCE, RANGE} and importance.parts == {IMPORTANCE} and stream.parts == {RANGE}
+    assert both.sensitivity_tokens == 256 and all(gain > 0 for gain in both.gains.values())
+    assert importance.gains is None and importance.sensitivity_tokens is None
+    assert both.parts == {IMPORTANCE, RANGE, SENSITIVITY}
+    assert importance.parts == {IMPORTANCE} and stream.parts == {RANGE}
 
 
 def measured(parts, tokens: int = TOKENS) -> Calibration:
@@ -49,6 +60,10 @@ def measured(parts, tokens: int = TOKENS) -> Calibration:
     if RANGE in parts:
         peak = float(np.random.default_rng(1).random() * 1e5)
         result = result.merged(Calibration("a text", stream_peak=peak, range_tokens=64))
+    if SENSITIVITY in parts:
+        gains = {"model.layers.0.mlp.down_proj.weight": float(rng.random()) / 3, "lm_head.weight": 0.1 / 3,
+                 "model.embed_tokens.weight": 0.2}
+        result = result.merged(Calibration("a text", gains=gains, sensitivity_tokens=256))
     return result
 
 
@@ -66,8 +81,9 @@ def forwards(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, frozenset[str],
 
 
 def assert_same(a: Calibration, b: Calibration) -> None:
-    assert a.parts == b.parts and (a.text, a.stream_peak, a.importance_tokens, a.range_tokens) == (
-        b.text, b.stream_peak, b.importance_tokens, b.range_tokens)
+    assert a.parts == b.parts and (a.text, a.stream_peak, a.importance_tokens, a.range_tokens, a.gains,
+                                   a.sensitivity_tokens) == (b.text, b.stream_peak, b.importance_tokens,
+                                                             b.range_tokens, b.gains, b.sensitivity_tokens)
     for table in ("importance", "expert_tokens"):
         ours, theirs = getattr(a, table), getattr(b, table)
         assert (ours is None) == (theirs is None)
@@ -81,13 +97,14 @@ def test_one_forward_per_text_and_the_disk_cache_is_hit_by_a_second_provider(ran
                                                                              forwards) -> None:
     checkpoint = Checkpoint.open(random_llama)
     first = Calibrations(checkpoint, tmp_path)
-    first.prepare({"builtin": {IMPORTANCE, RANGE}})
-    assert forwards == [("builtin", {IMPORTANCE, RANGE}, 8192)]
+    first.prepare({"builtin": {IMPORTANCE, RANGE, SENSITIVITY}})
+    assert forwards == [("builtin", {IMPORTANCE, RANGE, SENSITIVITY}, 8192)]
     assert first.fp16_range() == FP16Range.of_peak(measured({RANGE}).stream_peak)
     assert first.importance() and first.expert_tokens()  # kept in the object: no second forward
     assert len(forwards) == 1
     second = Calibrations(checkpoint, tmp_path)
-    assert_same(second.get("builtin", {IMPORTANCE, RANGE}), measured({IMPORTANCE, RANGE}, tokens=8192))
+    assert_same(second.get("builtin", {IMPORTANCE, RANGE, SENSITIVITY}),
+                measured({IMPORTANCE, RANGE, SENSITIVITY}, tokens=8192))
     assert len(forwards) == 1  # read from the cache
     assert not [file for file in tmp_path.iterdir() if file.name.startswith(".")]  # no temporary file is left
 
@@ -120,6 +137,14 @@ def test_another_text_checkpoint_or_token_count_misses_the_cache(random_llama: P
     assert len(forwards) == 4
 
 
+def test_a_tied_embedding_has_the_heads_gain_too() -> None:
+    gains = measured({SENSITIVITY})
+    assert gains.gain("model.embed_tokens.weight") == 0.2
+    assert gains.gain("model.embed_tokens.weight", tied_head=True) == pytest.approx(0.2 + 0.1 / 3)
+    assert gains.gain("model.layers.9.mlp.down_proj.weight") is None  # not measured: the caller's fallback
+    assert Calibration("a text").gain("lm_head.weight") is None
+
+
 def test_what_the_targets_need() -> None:
     targets = [GGUFTarget(format="gguf", quants=["F16", "Q4_K_M"]),  # no importance matrix
                GGUFTarget(format="gguf", quants=["F16"], imatrix="builtin"),  # nothing llama.cpp quantizes with it
@@ -131,12 +156,14 @@ def test_what_the_targets_need() -> None:
     planned = [GGUFTarget(format="gguf", quants=["auto"], plan={"size_mb": 3}),
                MLXTarget(format="mlx", bits="auto", plan={"size_mb": 3}),
                CoreMLTarget(format="coreml")]
-    assert calibration_needs(planned) == {"builtin": {IMPORTANCE, RANGE}}
+    assert calibration_needs(planned) == {"builtin": {IMPORTANCE, RANGE, SENSITIVITY}}
+    assert calibration_needs([GGUFTarget(format="gguf", quants=["auto"], plan={"size_mb": 3})]) == {
+        "builtin": {IMPORTANCE, SENSITIVITY}}
     assert calibration_needs([MLXTarget(format="mlx", bits="auto", dtype="float16", plan={"size_mb": 3}),
                               CoreMLTarget(format="coreml", precision=["auto"], plan={"size_mb": 3})]) == {
-        "builtin": {IMPORTANCE, RANGE}}
+        "builtin": {IMPORTANCE, RANGE, SENSITIVITY}}
     assert calibration_needs([MLXTarget(format="mlx", bits="auto", dtype="float16", plan={"size_mb": 3})]) == {
-        "builtin": {IMPORTANCE}}
+        "builtin": {IMPORTANCE, SENSITIVITY}}
     assert calibration_needs([CoreMLTarget(format="coreml")]) == {"builtin": {RANGE}}
 
 

@@ -230,3 +230,57 @@ def test_an_mlx_size_plan_counts_the_modules_mlx_lm_keeps_at_their_own_width(fam
             and path not in planned.plan["tensors"]]
     assert "lm_head" in kept and any(path.endswith("o_proj") for path in kept)
     assert planned.plan["bits_per_weight"] > 3.5
+
+
+def test_every_plan_reports_how_close_its_prediction_was():
+    import siliconvert.commands.pipeline as pipeline
+    from siliconvert.artifacts import Artifact
+    from siliconvert.validate.report import plan_lines
+
+    target = parse_recipe({"source": "x", "targets": [
+        {"format": "gguf", "quants": ["auto"], "plan": {"size_mb": 3}}]}).targets[0]
+    plan = make_plan(synthetic_costs(), QuantPlan(size_mb=3)).summary()
+    artifact = Artifact("gguf", "auto-3mb", Path("demo-auto-3mb.gguf"), plan=plan)
+    replan = pipeline.Replanner(None, parse_recipe({"source": "x", "targets": [target.model_dump()]}),
+                                [(artifact, target)], Path("."), None)
+    measured = 3 * plan["predicted_mean_kld"]
+    entry = {"format": "gguf", "quant": "auto-3mb", "metrics": {"mean_kld": measured}, "size_bytes": 100}
+    assert replan(artifact, entry) is None  # a size plan is not planned again
+    assert entry["plan"]["measured_mean_kld"] == measured and entry["plan"]["measured_over_predicted"] == 3.0
+    assert f"measured {measured:.5f} (3.00× the prediction)" in "\n".join(plan_lines([entry]))
+
+
+@pytest.mark.parametrize("intermediate_size", [200, 688])
+def test_a_row_no_block_fits_keeps_an_unquantized_type(intermediate_size, demo_model, tmp_path):
+    """Rows of 200 or 688 hold no 256-block and, for 200, no 32-block: the planned GGUF and MLX are still written
+    (such a tensor stays in an unquantized type, outside the plan), and every other tensor is planned."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from siliconvert.checkpoint import Checkpoint
+    from siliconvert.convert.gguf import GGUFWriter
+    from siliconvert.convert.mlx import MLXWriter
+    from siliconvert.recipe import GGUFTarget, MLXTarget
+
+    torch.manual_seed(0)
+    demo = Checkpoint.open(demo_model)  # its SentencePiece tokenizer: one llama.cpp writes
+    config = LlamaConfig(vocab_size=demo.spec.vocab_size, hidden_size=64, intermediate_size=intermediate_size,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, tie_word_embeddings=True)
+    source = tmp_path / "source"
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(source)
+    for file in demo.tokenizer_files():
+        shutil.copy(file, source / file.name)
+    checkpoint = Checkpoint.open(source)
+    for writer in (GGUFWriter(checkpoint, GGUFTarget(format="gguf", quants=["auto"], plan={"bits_per_weight": 5}),
+                              tmp_path / "out", "m"),
+                   MLXWriter(checkpoint, MLXTarget(format="mlx", bits="auto", plan={"bits_per_weight": 5}),
+                             tmp_path / "out", "m")):
+        for info, array in checkpoint.tensors():
+            writer.add(info, array)
+        (artifact,) = writer.finish()
+        assert artifact.path.exists() and writer.quant_plan.choices
+        down = [name for name in writer.quant_plan.choices if "down" in name]
+        assert (down == []) == (intermediate_size % 32 != 0), down  # 688 = 43 × 16: no 32-block either

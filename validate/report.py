@@ -172,7 +172,8 @@ def plan_lines(artifacts: list[dict]) -> list[str]:
         plan = a["plan"]
         shares = ", ".join(f"{kind} × {count}" for kind, count in plan["types"].items())
         lines += ["", f"**{a['format']} {a['quant']}**: {plan['bits_per_weight']:.2f} bits per weight, predicted "
-                  f"mean KLD {plan['predicted_mean_kld']:.5f}, measured {a['metrics']['mean_kld']:.5f}; {shares}."]
+                  f"mean KLD {plan['predicted_mean_kld']:.5f}, measured {a['metrics']['mean_kld']:.5f}"
+                  f"{_measured_over_predicted(plan)}; {shares}."]
         if plan.get("float_type_reason"):
             lines.append(f"- float type: {plan['float_type_reason']}")
         lines += [f"- try {t['try']}: predicted {t['predicted_mean_kld']:.5f}, measured {t['measured_mean_kld']:.5f}"
@@ -262,3 +263,9 @@ def plot(path: Path, report: dict, klds: dict[str, np.ndarray]) -> None:
 
 def _num(value: float | None) -> str:
     return "–" if value is None else f"{value:.1f}"
+
+
+def _measured_over_predicted(plan: dict) -> str:
+    """How far measurement was from prediction, where the report has it (older reports do not)."""
+    ratio = plan.get("measured_over_predicted")
+    return f" ({ratio:.2f}× the prediction)" if ratio is not None else ""

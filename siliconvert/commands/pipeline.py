@@ -382,13 +382,17 @@ class Replanner:
         measured = entry["metrics"]["mean_kld"]
         met = goal is None or measured <= goal
         history = self.tries.setdefault(artifact.path, [])
+        closeness = {"measured_mean_kld": measured,
+                     "measured_over_predicted": _ratio(measured, plan["predicted_mean_kld"])}
         if history and history[-1].get("restored"):  # the smallest try that met, written again: done
-            entry["plan"] = {**plan, "tries": list(history)}
+            entry["plan"] = {**plan, **closeness, "tries": list(history)}
             return None
         history.append({"try": len(history) + 1, "predicted_mean_kld": plan["predicted_mean_kld"],
                         "measured_mean_kld": measured, "summed_error": plan["summed_error"],
                         "bits_per_weight": plan["bits_per_weight"], "bytes": entry["size_bytes"], "met": met})
-        entry["plan"] = {**plan, "tries": list(history)}
+        # how close the prediction was, for every goal: a size or bits-per-weight plan is not planned again (its
+        # allocation under a prediction scaled as a whole is the same one), so this is what says it held
+        entry["plan"] = {**plan, **closeness, "tries": list(history)}
         if goal is None:
             return None
         if met:
@@ -421,6 +425,10 @@ class Replanner:
         produced = convert(self.checkpoint, self.recipe.model_copy(update={"targets": [target]}),
                            self.artifacts_dir, self.timings, calibration=self.calibration)
         return next(artifact for artifact, _ in produced if artifact.path == path)
+
+
+def _ratio(measured: float, predicted: float) -> float | None:
+    return round(measured / predicted, 3) if predicted > 0 else None
 
 
 def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Artifact], settings: Validate,

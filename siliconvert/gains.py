@@ -1,0 +1,169 @@
+"""Each tensor's gain to the mean KLD, measured on the model itself: its weights perturbed, one at a time.
+
+A plan predicts mean KLD = Σ_tensors gain · r (quantize/sensitivity.py), r a tensor's relative output error under
+the importance-weighted measure. The gains vary between models by far more than between roles (per-role gains
+fitted on one model were 30–50× off on others) and between layers of one role (8× and 0.07× of their role's gain
+on a SmolLM3 test checkpoint), so they are measured on the checkpoint being converted, on the calibration text:
+
+- one window of the text goes through transformers' forward one decoder layer at a time (siliconvert/streamed.py);
+- at each layer, after the clean hidden states went through it, each of its weights in turn (q, k, v, o, gate, up,
+  down, an expert stack as one tensor; never a router) takes noise of a known relative output error: ΔW = σ ·
+  rms(row) · N(0, 1), seeded, σ = √R0, its r measured exactly with the window's own importance at that input (an
+  expert stack's as its experts' errors weighted by the tokens routed to each, as the costs weigh them). The
+  layer runs again on its clean input with that weight, and the perturbed hidden states start a stream;
+- every stream is carried through the later layers beside the clean one while each layer's weights are loaded
+  once; the embedding's stream starts at the first layer, the head's noise is applied to the clean final states;
+- at the head each stream's mean KLD(clean ‖ perturbed) over the window's tokens, divided by its r, is the gain.
+
+The noise has quantization's shape (independent per weight, on the scale of its row) and R0 is a 4-bit's error:
+KLD is second order in a small perturbation, so it is KLD per unit r in the range where plans choose. A tied
+embedding gets the embedding's gain and the head's, each measured on its own path.
+
+Cost: with L layers of G weights, the streams started before layer l all run through it, so the forward is about
+L + G·L(L+1)/2 layer-forwards on the window (the test checkpoints: ~100 on 256 tokens, seconds). The window
+shrinks so that this stays under SENSITIVITY_BUDGET layer-tokens, never below SENSITIVITY_MIN_TOKENS: a 7B of
+32 layers × 7 weights takes 256 tokens (≈ 3.6× the 8192-token importance forward), a 70B of 80 layers 46 tokens.
+Streams hold G·L hidden states of the window (a 70B: under 1 GB).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig
+
+    from siliconvert.streamed import WeightSource
+
+R0 = 0.01  # the noise's relative output error: about a 4-bit quant's
+SENSITIVITY_TOKENS = 256  # the window, at most
+SENSITIVITY_MIN_TOKENS = 32
+SENSITIVITY_BUDGET = 1 << 20  # layer-forwards × tokens
+EMBEDDING, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+# roles that are never planned (routers) and so never perturbed
+UNPLANNED_ROLES = ("ffn_gate_inp", "ffn_gate_inp_shexp")
+
+
+def sensitivity_tokens(layers: int, weights_per_layer: int) -> int:
+    """Tokens of the window for a model of `layers` decoder layers of `weights_per_layer` perturbed weights."""
+    layer_forwards = layers + weights_per_layer * layers * (layers + 1) // 2
+    return max(SENSITIVITY_MIN_TOKENS, min(SENSITIVITY_TOKENS, SENSITIVITY_BUDGET // max(layer_forwards, 1)))
+
+
+def measured_gains(config: PretrainedConfig, weights: WeightSource, window: np.ndarray, roles: dict[str, str], *,
+                   label: str, seed: int = 0) -> dict[str, float]:
+    """HF weight name → mean KLD per unit of relative output error (see the module docstring), measured on
+    `window` (token ids) in float32 on the CPU. `roles`: HF weight name → architecture role (routers are skipped,
+    names not in it are not weights of the checkpoint)."""
+    import torch
+
+    from siliconvert.calibration import _Importance
+    from siliconvert.progress import track
+    from siliconvert.streamed import _free, _materialise, _record_layer_inputs, head_logits, model_skeleton
+
+    model = model_skeleton(config, torch.float32)
+    importance = _Importance()
+    importance.attach(model)
+    body = model.model
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    rng = torch.Generator().manual_seed(seed)
+    errors: dict[str, float] = {}  # weight → r of its noise
+    streams: dict[str, torch.Tensor] = {}  # weight → hidden states of the stream its noise started
+    with torch.inference_mode():
+        _materialise(body.norm, "model.norm.", weights, "cpu", torch.float32)
+        _materialise(body.embed_tokens, "model.embed_tokens.", weights, "cpu", torch.float32)
+        ids = torch.as_tensor(np.asarray(window)[None])
+        importance.active = True
+        clean, layer_kwargs = _record_layer_inputs(body, ids)
+        importance.active = False
+        with _perturbed(body.embed_tokens.weight, None, None, rng) as errors[EMBEDDING]:
+            streams[EMBEDDING] = _record_layer_inputs(body, ids)[0]
+        _free(body.embed_tokens)
+        for index, layer in enumerate(track(body.layers, label, total=len(body.layers))):
+            prefix = f"model.layers.{index}."
+            _materialise(layer, prefix, weights, "cpu", torch.float32)
+            kwargs = layer_kwargs[index]
+            importance.active = True
+            clean_out = layer(clean, **kwargs)
+            importance.active = False
+            for name, states in streams.items():
+                streams[name] = layer(states, **kwargs)
+            for param_name, param in layer.named_parameters():
+                name = prefix + param_name
+                if param.dim() < 2 or roles.get(name) in (None, *UNPLANNED_ROLES):
+                    continue  # a norm, a router, or no weight of the checkpoint
+                columns, routed = _importance_of(importance, name)
+                with _perturbed(param, columns, routed, rng) as errors[name]:
+                    streams[name] = layer(clean, **kwargs)
+            clean = clean_out
+            _free(layer)
+        _materialise(model.lm_head, "model.embed_tokens." if tied else "lm_head.", weights, "cpu", torch.float32)
+        final = body.norm(clean)
+        importance.active = True
+        reference = _log_probs(head_logits(model, final))
+        importance.active = False
+        klds = {name: _mean_kld(reference, _log_probs(head_logits(model, body.norm(states))))
+                for name, states in streams.items()}
+        head_columns, _ = _importance_of(importance, HEAD)
+        with _perturbed(model.lm_head.weight, head_columns, None, rng) as errors[HEAD]:
+            klds[HEAD] = _mean_kld(reference, _log_probs(head_logits(model, final)))
+        _free(model.lm_head)
+        _free(body.norm)
+    return {name: klds[name] / errors[name] for name in sorted(klds) if errors[name] > 0}
+
+
+@contextmanager
+def _perturbed(param: torch.Tensor, columns: torch.Tensor | None, routed: torch.Tensor | None,
+               rng: torch.Generator) -> Iterator[float]:
+    """`param` with noise of relative output error ≈ R0 added while the block runs (restored after), yielding the
+    noise's r under the importance `columns` (per input column, or [experts, columns]; None: every column alike)
+    and, for an expert stack, its experts weighted by the `routed` tokens."""
+    import torch
+
+    original = param.detach().clone()
+    rows_rms = original.square().mean(-1, keepdim=True).sqrt()
+    noise = R0 ** 0.5 * rows_rms * torch.randn(original.shape, generator=rng)
+    param.add_(noise)
+    try:
+        yield _relative_error(original, noise, columns, routed)
+    finally:
+        param.copy_(original)
+
+
+def _relative_error(weight: torch.Tensor, delta: torch.Tensor, columns: torch.Tensor | None,
+                    routed: torch.Tensor | None) -> float:
+    """Σ a_j Δ²_ij / Σ a_j W²_ij per matrix (quantize/sensitivity.py `relative_error`); a stack's matrices
+    weighted by their share of `routed` tokens (all alike where none)."""
+    weight, delta = weight.double().reshape(-1, *weight.shape[-2:]), delta.double().reshape(-1, *delta.shape[-2:])
+    column_delta, column_total = delta.square().sum(-2), weight.square().sum(-2)  # [matrices, columns]
+    if columns is not None:
+        column_delta, column_total = column_delta * columns.double(), column_total * columns.double()
+    per_matrix = column_delta.sum(-1) / column_total.sum(-1).clamp(min=1e-300)
+    if routed is None or not float(routed.sum()):
+        return float(per_matrix.mean())
+    return float((per_matrix * routed.double()).sum() / routed.double().sum())
+
+
+def _importance_of(importance, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(mean x² per input column, or a row per expert; tokens routed per expert) of a weight on the window."""
+    if name in importance.sums:
+        return importance.sums[name] / importance.rows[name], None
+    if name in importance.expert_sums:
+        rows = importance.expert_rows[name]
+        return importance.expert_sums[name] / rows.clamp(min=1)[:, None], rows
+    return None, None
+
+
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    return torch.log_softmax(logits[0].double(), -1)
+
+
+def _mean_kld(reference: torch.Tensor, other: torch.Tensor) -> float:
+    return float((reference.exp() * (reference - other)).sum(-1).mean())
