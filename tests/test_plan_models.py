@@ -65,11 +65,13 @@ def gguf_logits(path, windows):
 
 
 def mlx_logits(path, windows):
-    import mlx.core as mx
-    from mlx_lm import load
+    """mlx-lm's model on the folder, as the pipeline scores MLX on mlx's CPU: its quantized layers dequantized by
+    mlx in the folder's float type (validate/runners/mlx.py: mlx's CPU quantized kernels are slow, above all in
+    float16, and sum in the activations' type where Metal's sum in float32)."""
+    from siliconvert.validate.runners.mlx import MLXRunner
 
-    model, _ = load(str(path))
-    return np.stack([np.array(model(mx.array(w)[None])[0].astype(mx.float32)) for w in windows])
+    runner = MLXRunner(path, {"engine": "mlx-dequantized"})
+    return np.stack([runner.logits(window) for window in windows])
 
 
 @pytest.fixture(scope="module")

@@ -138,7 +138,8 @@ def test_unmeasured_checks_fail_no_gate_and_show_as_not_measured(small_model, tm
     entry = artifact_entry(result, [], {})
     assert entry["not_measured"] == run.unmeasured and entry["latency"] is None
     assert entry["kv_cache"] == {"consistent": None, "checked_tokens": 0, "first_mismatch": None,
-                                 "mean_kld": None, "limit_kld": None, "same_top1": None}
+                                 "mean_kld": None, "same_top1": None, "decode_kld": None, "no_cache_kld": None,
+                                 "excess_kld": None, "limit_kld": None}
 
 
 @pytest.mark.slow
