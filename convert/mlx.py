@@ -36,7 +36,13 @@ from siliconvert.calibration import BUILTIN, IMPORTANCE, RANGE, SENSITIVITY, Cal
 from siliconvert.checkpoint import Checkpoint, TensorInfo
 from siliconvert.convert.mlx_arch import LAYOUTS, ExpertLayout, MLXArch
 from siliconvert.progress import track
-from siliconvert.quantize.mlx import QuantPolicy, quantizable_modules, quantization_config, quantize
+from siliconvert.quantize.mlx import (
+    QuantPolicy,
+    quantizable_modules,
+    quantization_config,
+    quantize,
+    unfitted_modules,
+)
 from siliconvert.quantize.plan import Plan, make_plan
 from siliconvert.quantize.sensitivity import MLX_CANDIDATES, TensorCosts, mlx_costs, role_gain, split_gains
 from siliconvert.recipe import MLXTarget
@@ -138,6 +144,17 @@ class MLXWriter(Writer):
                           if target.bits != 16 else {})
         self.float_reason = ""  # why the float type is the one it is (`_float_type`)
         self.dtype = self._float_type()
+        narrower = sorted(path for path, policy in self.quantized.items()
+                          if policy.group_size < self.target_policy.group_size and target.bits != "auto")
+        if narrower:
+            self.float_reason += (f"; {len(narrower)} layers take group {self.quantized[narrower[0]].group_size}: "
+                                  f"their rows are no multiple of {self.target_policy.group_size} "
+                                  f"(first: {narrower[0]})")
+        if target.bits != 16 and (unfitted := unfitted_modules(self.model, self._routers())):
+            widths = sorted({dict(self.model.named_modules())[path].weight.shape[-1] for path in unfitted})
+            self.float_reason += (f"; {len(unfitted)} layers stay unquantized, in that type: their rows "
+                                  f"({', '.join(map(str, widths))} wide) fit none of mlx's group sizes "
+                                  f"(first: {unfitted[0]})")
         # module path → how it is quantized; `policy` is config.json's default (the most common one)
         self.policies = self._module_policies()
         self.policy = _most_common(self.policies) if self.policies else None

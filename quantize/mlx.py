@@ -3,10 +3,14 @@
 The rule is mlx-lm's own: a layer is quantized when mlx-lm's model code makes it a quantizable
 module (Linear, Embedding, SwitchLinear; or whatever the model's `quant_predicate` says, at the bits
 and group size it gives) and its input width is a multiple of the group size. Asking mlx-lm's model
-object keeps us from restating that rule. One addition: a mixture of experts' routers (and a shared
-expert's sigmoid gate) are kept at ROUTER's 8 bits in every family, as mlx-lm's MoE files (Qwen3-MoE's,
-Qwen3-Next's and most others') have their predicate do; its Mixtral, OLMoE and Qwen2-MoE files have no
-predicate, and would route with 4-bit weights.
+object keeps us from restating that rule. Two additions:
+- A layer whose input width is not a multiple of the group size takes the largest of mlx's group sizes below it
+  that divides the width (`fitting_group`), under its own entry in config.json. mlx_lm.convert leaves such a layer
+  in float without a word: a "4-bit" folder of a model whose rows are 160 wide came out all float16.
+  A layer no group size fits stays in float, and the writer says which (`unfitted_modules`).
+- A mixture of experts' routers (and a shared expert's sigmoid gate) are kept at ROUTER's 8 bits in every
+  family, as mlx-lm's MoE files (Qwen3-MoE's, Qwen3-Next's and most others') have their predicate do; its
+  Mixtral, OLMoE and Qwen2-MoE files have no predicate, and would route with 4-bit weights.
 """
 
 from __future__ import annotations
@@ -31,6 +35,20 @@ class QuantPolicy:
 
 # A router that picks other experts sends the token through other weights: 8 bits, as mlx-lm's predicates say
 ROUTER = QuantPolicy(bits=8, group_size=64)
+GROUP_SIZES = (32, 64, 128)  # mlx's affine group sizes
+
+
+def fitting_group(width: int, group_size: int) -> int | None:
+    """`group_size` if it divides a row of `width`, else the largest smaller group size of mlx's that does."""
+    return next((g for g in sorted(GROUP_SIZES, reverse=True) if g <= group_size and width % g == 0), None)
+
+
+def unfitted_modules(model: nn.Module, routers: Iterable[str] = ()) -> list[str]:
+    """The quantizable modules of `model` whose rows no group size of mlx's divides: they stay in float."""
+    routers = set(routers)
+    return [path for path, module in model.named_modules()
+            if hasattr(module, "to_quantized") and path not in routers
+            and fitting_group(module.weight.shape[-1], max(GROUP_SIZES)) is None]
 
 
 def quantizable_modules(model: nn.Module, policy: QuantPolicy, routers: Iterable[str] = ()) -> dict[str, QuantPolicy]:
@@ -40,15 +58,19 @@ def quantizable_modules(model: nn.Module, policy: QuantPolicy, routers: Iterable
     routers = set(routers)
     chosen = {}
     for path, module in model.named_modules():
-        if not hasattr(module, "to_quantized") or module.weight.shape[-1] % policy.group_size:
+        if not hasattr(module, "to_quantized"):
+            continue
+        group = fitting_group(module.weight.shape[-1], policy.group_size)
+        if group is None:
             continue
         rule = model_predicate(path, module) if model_predicate is not None else True
         if path in routers and rule and module.weight.shape[-1] % ROUTER.group_size == 0:
             rule = ROUTER.config_entry()
         if not rule:
             continue
-        chosen[path] = policy if rule is True else QuantPolicy(rule["bits"], rule["group_size"],
-                                                               rule.get("mode", policy.mode))
+        own = policy if group == policy.group_size else QuantPolicy(policy.bits, group, policy.mode)
+        chosen[path] = own if rule is True else QuantPolicy(rule["bits"], rule["group_size"],
+                                                            rule.get("mode", policy.mode))
     return chosen
 
 

@@ -77,3 +77,31 @@ def test_a_residual_stream_past_float16_keeps_the_sources_bfloat16(llama, tmp_pa
     monkeypatch.setattr(Calibrations, "fp16_range", lambda self: FP16Range(70000.0, 0.5))
     kept = build_mlx(llama, tmp_path / "kept", bits=8)
     assert kept.float_type["dtype"] == "bfloat16" and "too near float16's limit" in kept.float_type["reason"]
+
+
+def test_rows_no_multiple_of_the_group_size_take_a_smaller_group_or_stay_float_and_say_so(small_model, tmp_path):
+    """Rows 160 wide (no multiple of 64) take group 32; rows 688 wide (no multiple of 32) stay in float; the reason
+    names both. mlx_lm.convert leaves both in float without a word, so its "4-bit" of this model is float16."""
+    import json
+
+    from siliconvert.validate.runners.mlx import MLXRunner
+
+    source = small_model("llama", "sentencepiece", hidden_size=160, intermediate_size=688, num_heads=5,
+                         num_kv_heads=5, tie_word_embeddings=False, vocab_size=1100)
+    artifact = build_mlx(source, tmp_path, bits=4, group_size=64)
+    quantization = json.loads((artifact.path / "config.json").read_text())["quantization"]
+    assert (quantization["bits"], quantization["group_size"]) == (4, 32)
+    weights = {}
+    for shard in artifact.path.glob("model*.safetensors"):
+        weights |= mx.load(str(shard))
+    assert "model.layers.0.self_attn.q_proj.scales" in weights and "model.layers.0.mlp.up_proj.scales" in weights
+    assert "model.layers.0.mlp.down_proj.scales" not in weights  # 688 columns: no group of mlx's fits
+    reason = artifact.float_type["reason"]
+    assert "layers take group 32: their rows are no multiple of 64" in reason
+    assert "2 layers stay unquantized, in that type: their rows (688 wide)" in reason
+    windows = held_out_windows(source)
+    reference = reference_logits_for(source, windows)
+    ours = MLXRunner(artifact.path, {}).logits_many(windows)
+    kld = compare(reference[:, :-1].reshape(-1, reference.shape[-1]), ours[:, :-1].reshape(-1, ours.shape[-1]),
+                  windows[:, 1:].reshape(-1))[0].mean_kld
+    assert 1e-6 < kld < 0.01  # quantized (float16 alone scores ~1e-7 here), and sound

@@ -47,3 +47,15 @@ def test_report_json_holds_no_number_json_cannot(tmp_path):
     assert strict["artifacts"][0]["metrics"]["mean_kld"] is None
     assert strict["artifacts"][0]["metrics"]["ppl_ratio"] is None
     assert (tmp_path / "report.md").is_file() and (tmp_path / "plot.png").is_file()
+
+
+def test_the_emulation_note_names_only_the_rows_that_were_emulated(tmp_path):
+    from releases import entry
+
+    rows = [entry("coreml", "fp16", tmp_path / "x.mlpackage"), entry("mlx", "4bit-g64", tmp_path / "mlx")]
+    report = {"source": "x", "source_info": {"name": "x", "architecture": "LlamaForCausalLM"},
+              "reference": {"runtime": "transformers", "device": "CPU", "dtype": "float32"},
+              "corpus": {"name": "builtin", "positions": 1020, "windows": 4, "context": 256}, "artifacts": rows}
+    text = markdown(report, plot_name=None)
+    assert "Rows marked *emulated* did not run on the artifact's own runtime (coreml fp16: mil-interpreter)." in text
+    assert "transformers." not in text.split("Rows marked")[1]  # mlx ran in mlx: not said to be emulated

@@ -150,8 +150,8 @@ def markdown(report: dict, plot_name: str | None) -> str:
         lines += ["", "## Failed gates", "", *[f"- {message}" for message in failures]]
     emulated = [a for a in report["artifacts"] if "emulated" in a["device"]]
     if emulated:
-        lines += ["", "Rows marked *emulated* did not run on the artifact's own runtime: Core ML packages ran in "
-                  "siliconvert's MIL interpreter, MLX weights (dequantized) in transformers. Their scores check "
+        ran = "; ".join(f"{a['format']} {a['quant']}: {a['runtime']}" for a in emulated)
+        lines += ["", f"Rows marked *emulated* did not run on the artifact's own runtime ({ran}). Their scores check "
                   "the shipped weights; their speeds, where shown, say nothing about a Mac. A gate marked pass "
                   "covers only the checks that were measured."]
     if plot_name:
