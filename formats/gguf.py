@@ -39,6 +39,9 @@ class GGUF(Format):
         return calibration_needs(target)
 
     def preflight(self, target: GGUFTarget, checkpoint: Checkpoint, key: str, where: Path | str) -> None:
+        from siliconvert.convert.gguf_vocab import check_special_tokens
+
+        check_special_tokens(checkpoint)
         if target.imatrix is None:
             return
         text = Path(target.imatrix).expanduser()
