@@ -62,6 +62,10 @@ class GGUF(Format):
     def check(self, artifact: Artifact) -> None:
         read_gguf(artifact.path)
 
+    def vocab_size(self, artifact: Artifact) -> int | None:
+        tokens = read_gguf(artifact.path).fields.get("tokenizer.ggml.tokens")
+        return len(tokens.data) if tokens is not None else None
+
     def describe(self, artifact: Artifact) -> dict[str, Any]:
         reader = read_gguf(artifact.path)
         return {"tensors": len(reader.tensors),
