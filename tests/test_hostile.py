@@ -350,6 +350,12 @@ ARTIFACT_CASES = [
      "weight.bin is missing"),
     ("coreml-own-manifest-not-json", "coreml", _write("manifest.json", b"\xff\xfe"), "manifest.json",
      "not valid JSON"),
+    ("mlx-no-tokenizer", "mlx", lambda a: [(a / n).unlink(missing_ok=True) for n in ("tokenizer.json",
+                                                                                    "tokenizer.model")],
+     "mlx", "no tokenizer (neither tokenizer.json nor tokenizer.model"),
+    ("mlx-config-a-folder", "mlx", lambda a: ((a / "config.json").unlink(), (a / "config.json").mkdir()), "mlx",
+     "config.json is missing"),
+    ("gguf-empty", "gguf", lambda a: a.write_bytes(b""), ".gguf", "not a GGUF file"),
 ]
 
 
@@ -461,3 +467,15 @@ def test_gguf_special_tokens(case, damage, where, message, family_model, tmp_pat
         assert run.code == 0, run.stderr
     else:
         assert_refused(run, where, message, tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind", ["mlx", "gguf"])
+def test_validate_refuses_an_artifact_of_another_model(kind, built_artifacts, tiny, tmp_path, capsys, monkeypatch):
+    """The artifact of a 1024-token model against a 96-token source: one line before the reference runs (it
+    ended in 'the mlx runtime crashed' and llama.cpp's 'invalid token' after the reference)."""
+    monkeypatch.setenv("SILICONVERT_QUIET", "1")
+    run = siliconvert(capsys, "validate", str(built_artifacts[kind]), "--source", str(tiny),
+                      "--tokens", "64", "--context", "32", "--no-latency", "--output", str(tmp_path / "out"))
+    assert_refused(run, built_artifacts[kind].name, "tokens, the source's 96",
+                   tmp_path / "out")
+    assert not (tmp_path / "out" / ".cache").exists()
