@@ -75,20 +75,51 @@ SPECIAL_TYPES = (TokenType.UNKNOWN, TokenType.CONTROL, TokenType.USER_DEFINED)
 def add_tokenizer(writer: gguf.GGUFWriter, checkpoint: Checkpoint) -> None:
     """Vocabulary, merges or scores, special tokens, add-bos/eos flags and chat template."""
     folder, vocab_size = checkpoint.path, checkpoint.spec.vocab_size
+    proto, tokenizer_json, model = _tokenizer_kind(checkpoint)
+    if model == "gpt2":
+        _add_byte_level_bpe(writer, tokenizer_json, vocab_size, folder / "tokenizer.json")
+    elif model == "llama":
+        _add_sentencepiece(writer, folder, proto, tokenizer_json, vocab_size)
+    else:
+        raise CheckpointError("neither a byte-level BPE nor a SentencePiece BPE tokenizer (byte fallback, "
+                              "Metaspace), and there is no tokenizer.model next to it", folder / "tokenizer.json")
+    special = special_vocab(checkpoint, proto, tokenizer_json, model)
+    template, special.chat_template = special.chat_template, None
+    special.add_to_gguf(writer, quiet=True)
+    if template is not None:
+        _add_chat_templates(writer, template)
+
+
+def check_special_tokens(checkpoint: Checkpoint) -> None:
+    """The special tokens a GGUF needs, checked before the pass (`special_vocab`); a tokenizer of neither kind is
+    left to the writer's refusal."""
+    proto, tokenizer_json, model = _tokenizer_kind(checkpoint)
+    if model is not None:
+        special_vocab(checkpoint, proto, tokenizer_json, model)
+
+
+def _tokenizer_kind(checkpoint: Checkpoint) -> tuple[Any, dict, str | None]:
+    """(SentencePiece model or None, tokenizer.json as transformers runs it, llama.cpp's tokenizer model: "gpt2"
+    for a byte-level BPE, "llama" for a SentencePiece one, None for neither)."""
+    folder = checkpoint.path
     has_json = _read_json(folder / "tokenizer.json") is not None
     proto = _sentencepiece_proto(folder / "tokenizer.model") if (folder / "tokenizer.model").is_file() else None
     if not has_json and proto is None:
         raise CheckpointError("no tokenizer (neither tokenizer.json nor tokenizer.model)", folder)
     tokenizer_json = source_pipeline(folder, folder / ("tokenizer.json" if has_json else "tokenizer.model"))
     if _is_byte_level_bpe(tokenizer_json):
-        _add_byte_level_bpe(writer, tokenizer_json, vocab_size, folder / "tokenizer.json")
-        model = "gpt2"
-    elif proto is not None or _is_sentencepiece_bpe(tokenizer_json):
-        _add_sentencepiece(writer, folder, proto, tokenizer_json, vocab_size)
-        model = "llama"
-    else:
-        raise CheckpointError("neither a byte-level BPE nor a SentencePiece BPE tokenizer (byte fallback, "
-                              "Metaspace), and there is no tokenizer.model next to it", folder / "tokenizer.json")
+        return proto, tokenizer_json, "gpt2"
+    if proto is not None or _is_sentencepiece_bpe(tokenizer_json):
+        return proto, tokenizer_json, "llama"
+    return proto, tokenizer_json, None
+
+
+def special_vocab(checkpoint: Checkpoint, proto: Any, tokenizer_json: dict, model: str) -> gguf.SpecialVocab:
+    """gguf-py's special token ids and add-bos/eos flags, completed from the SentencePiece model and
+    generation_config.json, and refused where llama.cpp would fill a gap with its own default: with no eos id it
+    ends text at its default token (11 for a byte-level BPE, a word in most vocabularies), and with add_bos_token
+    and no bos id it puts that token before every prompt."""
+    folder, vocab_size = checkpoint.path, checkpoint.spec.vocab_size
     vocab_log = logging.getLogger("gguf.vocab")
     vocab_log.addFilter(_not_about_pairs)
     try:
@@ -99,14 +130,26 @@ def add_tokenizer(writer: gguf.GGUFWriter, checkpoint: Checkpoint) -> None:
         for kind, token_id in _sentencepiece_special_ids(proto, tokenizer_json).items():
             if 0 <= token_id < vocab_size:
                 special.special_token_ids.setdefault(kind, token_id)
+    generation = (_read_json(folder / "generation_config.json") or {}).get("eos_token_id")
+    for token_id in generation if isinstance(generation, list) else [generation]:  # transformers stops on it too
+        if isinstance(token_id, int) and 0 <= token_id < vocab_size:
+            special.special_token_ids.setdefault("eos", token_id)
+            break
+    if "eos" not in special.special_token_ids:
+        raise CheckpointError(f"no end-of-text token within the model's vocabulary of {vocab_size}: neither "
+                              "config.json's nor generation_config.json's eos_token_id, nor tokenizer_config.json's "
+                              "eos_token names one, and a GGUF without one ends text where llama.cpp's default "
+                              "says", folder / "config.json")
+    if special.add_special_token.get("bos") and "bos" not in special.special_token_ids:
+        raise CheckpointError("add_bos_token is true, but no bos token within the vocabulary is named "
+                              "(tokenizer_config.json's bos_token, config.json's bos_token_id)",
+                              folder / "tokenizer_config.json")
     # Both flags always written: llama.cpp's defaults differ by tokenizer kind and pre-tokenizer.
-    # Without a word from the files, transformers adds a BOS for SentencePiece (LlamaTokenizer) only.
-    special.add_special_token.setdefault("bos", model == "llama")
+    # Without a word from the files, transformers adds a BOS for SentencePiece (LlamaTokenizer) only, and only one
+    # it has.
+    special.add_special_token.setdefault("bos", model == "llama" and "bos" in special.special_token_ids)
     special.add_special_token.setdefault("eos", False)
-    template, special.chat_template = special.chat_template, None
-    special.add_to_gguf(writer, quiet=True)
-    if template is not None:
-        _add_chat_templates(writer, template)
+    return special
 
 
 def _not_about_pairs(record: logging.LogRecord) -> bool:

@@ -39,6 +39,9 @@ class GGUF(Format):
         return calibration_needs(target)
 
     def preflight(self, target: GGUFTarget, checkpoint: Checkpoint, key: str, where: Path | str) -> None:
+        from siliconvert.convert.gguf_vocab import check_special_tokens
+
+        check_special_tokens(checkpoint)
         if target.imatrix is None:
             return
         text = Path(target.imatrix).expanduser()
@@ -58,6 +61,10 @@ class GGUF(Format):
 
     def check(self, artifact: Artifact) -> None:
         read_gguf(artifact.path)
+
+    def vocab_size(self, artifact: Artifact) -> int | None:
+        tokens = read_gguf(artifact.path).fields.get("tokenizer.ggml.tokens")
+        return len(tokens.data) if tokens is not None else None
 
     def describe(self, artifact: Artifact) -> dict[str, Any]:
         reader = read_gguf(artifact.path)

@@ -51,6 +51,9 @@ class MLX(Format):
 
     def check(self, artifact: Artifact) -> None:
         config = _config(artifact.path)
+        if not any((artifact.path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+            raise ArtifactError("no tokenizer (neither tokenizer.json nor tokenizer.model; mlx_lm.load reads it "
+                                "from the folder)", artifact.path)
         index = artifact.path / "model.safetensors.index.json"
         if index.is_file():
             listed = load_json(index.read_bytes(), index.name, index)
@@ -63,6 +66,10 @@ class MLX(Format):
             shapes |= {name: (shape, shard) for name, shape in _shard_shapes(shard).items()}
         for name, (shape, shard) in shapes.items():
             _check_shape(name, shape, shard, shapes, config)
+
+    def vocab_size(self, artifact: Artifact) -> int | None:
+        rows = _config(artifact.path).get("vocab_size")
+        return rows if isinstance(rows, int) else None
 
     def describe(self, artifact: Artifact) -> dict[str, Any]:
         config = _config(artifact.path)

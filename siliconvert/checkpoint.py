@@ -138,13 +138,20 @@ def check_tokenizer(path: Path, files: dict[str, dict], config: dict[str, Any], 
     if isinstance(vocab, dict):  # BPE and WordLevel: string → id (Unigram's list numbers itself)
         for text, token_id in vocab.items():
             claim(token_id, text, "tokenizer.json")
+    elif isinstance(vocab, list):  # Unigram: [piece, score] by id
+        owners.update((i, piece[0]) for i, piece in enumerate(vocab) if isinstance(piece, list) and piece)
     for added in files.get("tokenizer.json", {}).get("added_tokens") or []:
         if isinstance(added, dict):
+            _check_added_flags(added, f"added token {short(added.get('content'))}", path / "tokenizer.json")
             claim(added.get("id"), added.get("content"), "tokenizer.json")
-    decoder = files.get("tokenizer_config.json", {}).get("added_tokens_decoder")
+    tokenizer_config = files.get("tokenizer_config.json", {})
+    decoder = tokenizer_config.get("added_tokens_decoder")
     for token_id, added in decoder.items() if isinstance(decoder, dict) else ():
+        if isinstance(added, dict):
+            _check_added_flags(added, f"added_tokens_decoder[{short(token_id)}]", path / "tokenizer_config.json")
         claim(int(token_id) if str(token_id).isdigit() else token_id,
               added.get("content") if isinstance(added, dict) else added, "tokenizer_config.json")
+    _check_special_strings(path, tokenizer_config, set(owners.values()) if vocab is not None else None)
     generation = path / "generation_config.json"
     for source, settings in (("config.json", config),
                              ("generation_config.json", load_json(generation.read_bytes(), "the file", generation)
@@ -159,41 +166,61 @@ def check_tokenizer(path: Path, files: dict[str, dict], config: dict[str, Any], 
                     # built from one keeps them. No embedding row holds it, so no format can use it: said, not fatal
                     warnings.warn(f"{path / source}: {key} {token_id} is outside the model's vocabulary of "
                                   f"{vocab_size}; the artifacts' runtimes will not see it", stacklevel=2)
-    _check_chat_template(path, files.get("tokenizer_config.json", {}))
+    _check_chat_template(path, files)
 
 
-def _check_chat_template(path: Path, tokenizer_config: dict) -> None:
-    """Parse the chat template and render it once, as transformers does (a sandboxed Jinja environment)."""
-    from jinja2 import TemplateError, TemplateSyntaxError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+def _check_added_flags(added: dict, what: str, where: Path) -> None:
+    """An added token's flags are booleans: tokenizers refuses anything else when it loads the file, gguf-py
+    takes any truthy value for special (a control token in the GGUF where the source has a normal one)."""
+    for flag in ("special", "lstrip", "rstrip", "normalized", "single_word"):
+        if flag in added and not isinstance(added[flag], bool):
+            raise CheckpointError(f"{what}.{flag} must be true or false, not {short(added[flag])}", where)
+
+
+def _check_special_strings(path: Path, tokenizer_config: dict, vocabulary: set[str] | None) -> None:
+    """tokenizer_config.json's bos and eos name strings the vocabulary holds (transformers would give one it
+    lacks an id past the embedding's rows, and gguf-py no id at all), and its add_bos/eos flags are booleans.
+    `vocabulary` is None where only a SentencePiece model knows it (tokenizer.model without tokenizer.json)."""
+    where = path / "tokenizer_config.json"
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = tokenizer_config.get(key)
+        text = value.get("content") if isinstance(value, dict) else value
+        if value is not None and not isinstance(text, str):
+            raise CheckpointError(f"{key} {short(value)} is not a token string", where)
+        if key in ("bos_token", "eos_token") and text is not None and vocabulary is not None and text not in vocabulary:
+            raise CheckpointError(f"{key} {short(text)} is not in the vocabulary (tokenizer.json)", where)
+    for key in ("add_bos_token", "add_eos_token"):
+        if tokenizer_config.get(key) is not None and not isinstance(tokenizer_config[key], bool):
+            raise CheckpointError(f"{key} must be true or false, not {short(tokenizer_config[key])}", where)
+
+
+def _check_chat_template(path: Path, files: dict[str, dict]) -> None:
+    """Parse the chat template and render it for one user message with transformers' own renderer (its sandbox,
+    globals and `generation` tag), as an app's `apply_chat_template` does. One that cannot render is refused, not
+    shipped: every format carries the source's tokenizer files as they are, and a chat app on the artifact would
+    fail on its first message."""
+    from jinja2 import TemplateSyntaxError
+    from transformers.utils.chat_template_utils import render_jinja_template
 
     templates: list[tuple[str, Any]] = []
     if (jinja := path / "chat_template.jinja").is_file():
         templates.append((jinja.name, jinja.read_bytes().decode("utf-8", "replace")))
-    chat = tokenizer_config.get("chat_template")
-    for named in chat if isinstance(chat, list) else [{"template": chat}] if chat is not None else []:
-        templates.append(("tokenizer_config.json", named.get("template") if isinstance(named, dict) else named))
-
-    def raise_exception(message: str) -> None:
-        raise TemplateError(message)
-
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=["jinja2.ext.loopcontrols"])
-    environment.globals["raise_exception"] = raise_exception
+    for file in ("tokenizer_config.json", "chat_template.json"):  # gguf-py reads the second where the first has none
+        chat = files.get(file, {}).get("chat_template")
+        for named in chat if isinstance(chat, list) else [{"template": chat}] if chat is not None else []:
+            templates.append((file, named.get("template") if isinstance(named, dict) else named))
     for file, text in templates:
         if not isinstance(text, str):
             raise CheckpointError(f"the chat template is not a string ({type(text).__name__})", path / file)
         try:
-            template = environment.from_string(text)
+            render_jinja_template([[{"role": "user", "content": "Hello"}]], chat_template=text,
+                                  add_generation_prompt=True, bos_token="<s>", eos_token="</s>")
         except TemplateSyntaxError as e:
             raise CheckpointError(f"the chat template is not valid Jinja (line {e.lineno}: {short(e.message)})",
                                   path / file) from None
-        try:
-            template.render(messages=[{"role": "user", "content": "Hello"}], add_generation_prompt=True,
-                            bos_token="<s>", eos_token="</s>", tools=None, documents=None)
         except Exception as e:  # a template may raise anything on content it does not expect
-            warnings.warn(f"{path / file}: the chat template cannot render one user message "
-                          f"({type(e).__name__}: {short(str(e))}); apps that apply it will fail", stacklevel=2)
+            raise CheckpointError(f"the chat template cannot render one user message ({type(e).__name__}: "
+                                  f"{short(str(e))}); fix it or remove it", path / file) from None
 
 
 def regular_file(path: Path) -> os.stat_result:

@@ -93,6 +93,11 @@ class Format(ABC):
         """What `siliconvert inspect` says of an artifact beyond its format and quant."""
         return {}
 
+    def vocab_size(self, artifact: Artifact) -> int | None:
+        """The tokens a checked artifact's embedding holds (None where the format cannot say): validate refuses an
+        artifact whose count is not its source's, converted from another model."""
+        return None
+
     # ---- sweep (size against KLD) --------------------------------------------------------------------
     fixed_quants: ClassVar[tuple[str, ...]] = ()  # the anchors' fixed recipes a sweep builds; none: not swept
     anchor: ClassVar[str | None] = None  # the usual choice: a sweep's plan also aims at its measured mean KLD

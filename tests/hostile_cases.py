@@ -149,6 +149,15 @@ def tokenizer_config(**fields: Any) -> Damage:
     return damage
 
 
+def added_token(token: dict) -> Damage:
+    """Add one entry to tokenizer.json's added_tokens."""
+    def damage(folder: Path, _recipe: dict) -> None:
+        parsed = json.loads((folder / "tokenizer.json").read_text())
+        parsed["added_tokens"] = [*parsed.get("added_tokens", []), token]
+        (folder / "tokenizer.json").write_text(json.dumps(parsed))
+    return damage
+
+
 def write(name: str, content: bytes) -> Damage:
     def damage(folder: Path, _recipe: dict) -> None:
         (folder / name).write_bytes(content)
@@ -496,6 +505,59 @@ TOKENIZER = [
          "the chat template is not a string (int)"),
     Case("chat-template-named-syntax", T, tokenizer_config(chat_template=[{"name": "default", "template": "{{"}]),
          "tokenizer_config.json", "not valid Jinja"),
+    # a template that parses but cannot render one user message is refused: every format ships it as it is
+    Case("chat-template-raises", T, tokenizer_config(chat_template="{{ raise_exception('a system turn first') }}"),
+         "tokenizer_config.json", "cannot render one user message (TemplateError: 'a system turn first')"),
+    Case("chat-template-calls-undefined", T, tokenizer_config(chat_template="{{ format_messages(messages) }}"),
+         "tokenizer_config.json", "cannot render one user message (UndefinedError"),
+    Case("chat-template-indexes-a-string", T, tokenizer_config(chat_template="{{ messages[0].content.x.y }}"),
+         "tokenizer_config.json", "cannot render one user message (UndefinedError"),
+    Case("chat-template-sandbox-escape", T, tokenizer_config(
+        chat_template="{{ messages.__class__.__mro__[1].__subclasses__() }}"), "tokenizer_config.json",
+         "cannot render one user message"),
+    Case("chat-template-jinja-file-raises", T, write("chat_template.jinja", b"{{ raise_exception('no') }}"),
+         "chat_template.jinja", "cannot render one user message (TemplateError: 'no')"),
+    Case("chat-template-json-syntax", T, write("chat_template.json", b'{"chat_template": "{% if %}"}'),
+         "chat_template.json", "the chat template is not valid Jinja"),
+    Case("chat-template-json-not-json", T, write("chat_template.json", b"{oops"), "chat_template.json",
+         "not valid JSON"),
+    Case("chat-template-json-a-list", T, write("chat_template.json", b'["{{ messages }}"]'), "chat_template.json",
+         "not a JSON object"),
+    Case("chat-template-json-number", T, write("chat_template.json", b'{"chat_template": 3.5}'),
+         "chat_template.json", "the chat template is not a string (float)"),
+    # special tokens the formats need
+    Case("eos-token-not-in-vocab", T, tokenizer_config(eos_token="</s>"), "tokenizer_config.json",
+         "eos_token '</s>' is not in the vocabulary (tokenizer.json)"),
+    Case("bos-token-dict-not-in-vocab", T, tokenizer_config(bos_token={"content": "<s>", "special": True}),
+         "tokenizer_config.json", "bos_token '<s>' is not in the vocabulary"),
+    Case("eos-token-a-number", T, tokenizer_config(eos_token=2), "tokenizer_config.json",
+         "eos_token 2 is not a token string"),
+    Case("pad-token-a-list", T, tokenizer_config(pad_token=["w1"]), "tokenizer_config.json",
+         "pad_token ['w1'] is not a token string"),
+    Case("add-bos-token-a-string", T, tokenizer_config(add_bos_token="true"), "tokenizer_config.json",
+         "add_bos_token must be true or false, not 'true'"),
+    Case("add-eos-token-a-number", T, tokenizer_config(add_eos_token=1), "tokenizer_config.json",
+         "add_eos_token must be true or false, not 1"),
+    Case("added-token-special-a-string", T, tokenizer_config(added_tokens_decoder={
+        "5": {"content": "w5", "special": "yes"}}), "tokenizer_config.json",
+         "added_tokens_decoder['5'].special must be true or false, not 'yes'"),
+    Case("added-token-lstrip-a-number", T, tokenizer_config(added_tokens_decoder={
+        "5": {"content": "w5", "lstrip": 1}}), "tokenizer_config.json",
+         "added_tokens_decoder['5'].lstrip must be true or false, not 1"),
+    Case("added-token-json-rstrip-null", T, added_token({"id": 7, "content": "w7", "rstrip": None}),
+         "tokenizer.json", "added token 'w7'.rstrip must be true or false, not None"),
+    Case("added-token-json-id-string", T, added_token({"id": "7", "content": "w7"}), "tokenizer.json",
+         "token 'w7' has id '7', outside the model's vocabulary"),
+    Case("generation-config-not-json", T, write("generation_config.json", b"{oops"), "generation_config.json",
+         "not valid JSON"),
+    Case("generation-config-a-list", T, write("generation_config.json", b"[2]"), "generation_config.json",
+         "not a JSON object"),
+    Case("generation-config-eos-string", T, write("generation_config.json", b'{"eos_token_id": "2"}'),
+         "generation_config.json", "eos_token_id '2' is not a token id"),
+    Case("generation-config-eos-list-of-floats", T, write("generation_config.json", b'{"eos_token_id": [2.0]}'),
+         "generation_config.json", "eos_token_id 2.0 is not a token id"),
+    Case("generation-config-a-folder", T, replace("generation_config.json", "dir"), "generation_config.json",
+         "not a regular file"),
 ]
 
 WEIGHTS = [
@@ -577,6 +639,40 @@ RECIPE = [
     Case("plan-kld-nan", R, recipe(targets=[{"format": "mlx", "bits": "auto",
                                              "plan": {"max_mean_kld": float("nan")}}]), "recipe.yaml",
          "targets.0.plan.max_mean_kld: Input should be a finite number"),
+    Case("plan-kld-per-error-zero", R, recipe(targets=[{"format": "gguf", "quants": ["auto"], "plan": {
+        "max_mean_kld": 0.05, "kld_per_error": 0}}]), "recipe.yaml",
+         "targets.0.plan.kld_per_error: Input should be greater than 0"),
+    Case("plan-kld-per-error-negative", R, recipe(targets=[{"format": "mlx", "bits": "auto", "plan": {
+        "max_mean_kld": 0.05, "kld_per_error": -2.5}}]), "recipe.yaml",
+         "targets.0.plan.kld_per_error: Input should be greater than 0"),
+    Case("plan-kld-per-error-infinite", R, recipe(targets=[{"format": "mlx", "bits": "auto", "plan": {
+        "max_mean_kld": 0.05, "kld_per_error": float("inf")}}]), "recipe.yaml",
+         "targets.0.plan.kld_per_error: Input should be a finite number"),
+    Case("plan-kld-floor-negative", R, recipe(targets=[{"format": "gguf", "quants": ["auto"], "plan": {
+        "max_mean_kld": 0.05, "kld_floor": -1e-9}}]), "recipe.yaml",
+         "targets.0.plan.kld_floor: Input should be greater than or equal to 0"),
+    Case("plan-kld-zero", R, recipe(targets=[{"format": "mlx", "bits": "auto", "plan": {"max_mean_kld": 0}}]),
+         "recipe.yaml", "targets.0.plan.max_mean_kld: Input should be greater than 0"),
+    Case("plan-size-negative", R, recipe(targets=[{"format": "gguf", "quants": ["auto"], "plan": {"size_mb": -5}}]),
+         "recipe.yaml", "targets.0.plan.size_mb: Input should be greater than 0"),
+    Case("plan-size-huge", R, recipe(targets=[{"format": "mlx", "bits": "auto", "plan": {"size_mb": 1e300}}]),
+         "recipe.yaml", "targets.0.plan.size_mb is 1e+300; a mlx plan of this model reaches about",
+         flags=("--check",)),
+    Case("plan-bits-17", R, recipe(targets=[{"format": "mlx", "bits": "auto", "plan": {"bits_per_weight": 17}}]),
+         "recipe.yaml", "targets.0.plan.bits_per_weight: Input should be less than or equal to 16"),
+    Case("plan-two-goals", R, recipe(targets=[{"format": "gguf", "quants": ["auto"], "plan": {
+        "size_mb": 1, "bits_per_weight": 4}}]), "recipe.yaml",
+         "a plan names exactly one of max_mean_kld, size_mb, bits_per_weight"),
+    Case("plan-no-goal", R, recipe(targets=[{"format": "gguf", "quants": ["auto"], "plan": {}}]), "recipe.yaml",
+         "a plan names exactly one of max_mean_kld, size_mb, bits_per_weight"),
+    Case("auto-without-plan", R, recipe(targets=[{"format": "mlx", "bits": "auto"}]), "recipe.yaml",
+         "auto needs a plan"),
+    Case("mlx-dtype-float8", R, recipe(targets=[{"format": "mlx", "dtype": "float8"}]), "recipe.yaml",
+         "targets.0.dtype"),
+    Case("mlx-dtype-number", R, recipe(targets=[{"format": "mlx", "dtype": 16}]), "recipe.yaml",
+         "targets.0.dtype"),
+    Case("mlx-dtype-upper-case", R, recipe(targets=[{"format": "mlx", "dtype": "FLOAT16"}]), "recipe.yaml",
+         "targets.0.dtype"),
     Case("push-without-repo", R, recipe(release={"push": True}), "recipe.yaml", "release.push needs"),
     Case("name-with-slash", R, recipe(name="../evil"), "recipe.yaml", "name: String should match pattern"),
     Case("coreml-context-under-validate", R, recipe(targets=[{"format": "coreml", "context": 32}],

@@ -438,3 +438,22 @@ def test_doubts_about_pair_templates_are_not_printed(demo_model, tmp_path, caplo
     with caplog.at_level("WARNING", logger="gguf"):
         vocab_gguf(demo_model, tmp_path / "vocab.gguf")
     assert not [record for record in caplog.records if record.name.startswith("gguf")]
+
+
+def test_an_eos_only_generation_config_names_is_the_gguf_eos(family_model, tmp_path):
+    """transformers stops on generation_config.json's eos_token_id; gguf-py reads only config.json and
+    tokenizer_config.json, so without this the GGUF had no eos id and llama.cpp took token 11."""
+    from siliconvert.checkpoint import Checkpoint
+    from siliconvert.convert.gguf_vocab import _tokenizer_kind, special_vocab
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(family_model("qwen3"), folder)
+    for name, key, value in (("config.json", "eos_token_id", None), ("tokenizer_config.json", "eos_token", None),
+                             ("generation_config.json", "eos_token_id", [1021, 7])):
+        parsed = json.loads((folder / name).read_text())
+        parsed[key] = value
+        (folder / name).write_text(json.dumps(parsed))
+    checkpoint = Checkpoint.open(folder)
+    special = special_vocab(checkpoint, *_tokenizer_kind(checkpoint))
+    assert special.special_token_ids["eos"] == 1021
+    assert special.add_special_token == {"bos": False, "eos": False}

@@ -350,6 +350,12 @@ ARTIFACT_CASES = [
      "weight.bin is missing"),
     ("coreml-own-manifest-not-json", "coreml", _write("manifest.json", b"\xff\xfe"), "manifest.json",
      "not valid JSON"),
+    ("mlx-no-tokenizer", "mlx", lambda a: [(a / n).unlink(missing_ok=True) for n in ("tokenizer.json",
+                                                                                    "tokenizer.model")],
+     "mlx", "no tokenizer (neither tokenizer.json nor tokenizer.model"),
+    ("mlx-config-a-folder", "mlx", lambda a: ((a / "config.json").unlink(), (a / "config.json").mkdir()), "mlx",
+     "config.json is missing"),
+    ("gguf-empty", "gguf", lambda a: a.write_bytes(b""), ".gguf", "not a GGUF file"),
 ]
 
 
@@ -409,3 +415,67 @@ def test_a_size_plan_over_rows_no_block_divides(small_model, tmp_path, capsys, m
     assert artifact.stat().st_size <= 1e6
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(artifact).tensors}
     assert types["blk.0.ffn_down.weight"] in ("F16", "BF16", "F32") and types["blk.0.ffn_up.weight"] != "F16"
+
+
+def _edit_json(name: str, **changes):
+    """Set (or, with None, remove) top-level keys of a JSON file in the checkpoint."""
+    def damage(folder: Path) -> None:
+        file = folder / name
+        parsed = json.loads(file.read_text()) if file.exists() else {}
+        for key, value in changes.items():
+            parsed.pop(key, None) if value is None else parsed.__setitem__(key, value)
+        file.write_text(json.dumps(parsed))
+    return damage
+
+
+def _all(*damages):
+    return lambda folder: [damage(folder) for damage in damages]
+
+
+NO_EOS = _all(_edit_json("config.json", eos_token_id=None), _edit_json("generation_config.json", eos_token_id=None),
+              _edit_json("tokenizer_config.json", eos_token=None))
+# (id, damage, a part of the file the line names or None for a working --check, what it says)
+GGUF_TOKEN_CASES = [
+    ("no-eos-anywhere", NO_EOS, "config.json", "no end-of-text token within the model's vocabulary of 1024"),
+    ("eos-only-past-the-vocabulary", _all(NO_EOS, _edit_json("config.json", eos_token_id=5000)), "config.json",
+     "no end-of-text token"),
+    ("eos-only-in-generation-config", _all(NO_EOS, _edit_json("generation_config.json", eos_token_id=[1021, 7])),
+     None, ""),
+    ("add-bos-without-bos", _all(_edit_json("config.json", bos_token_id=None),
+                                 _edit_json("generation_config.json", bos_token_id=None),
+                                 _edit_json("tokenizer_config.json", add_bos_token=True, bos_token=None)),
+     "tokenizer_config.json", "add_bos_token is true, but no bos token within the vocabulary is named"),
+    ("eos-string-outside-the-vocabulary", _edit_json("tokenizer_config.json", eos_token="<|eot|>"),
+     "tokenizer_config.json", "eos_token '<|eot|>' is not in the vocabulary"),
+]
+
+
+@pytest.mark.parametrize(("case", "damage", "where", "message"), GGUF_TOKEN_CASES,
+                         ids=[case[0] for case in GGUF_TOKEN_CASES])
+def test_gguf_special_tokens(case, damage, where, message, family_model, tmp_path, capsys, monkeypatch):
+    """A GGUF without an eos id ends text at llama.cpp's default token (11 for a byte-level BPE): refused by
+    `--check`, as is add_bos_token with no bos; an eos only generation_config.json names is used."""
+    monkeypatch.setenv("SILICONVERT_QUIET", "1")
+    folder = tmp_path / "ckpt"
+    shutil.copytree(family_model("qwen3"), folder)
+    damage(folder)
+    recipe = {"source": str(folder), "output": str(tmp_path / "out"), "validate": {"enabled": False},
+              "targets": [{"format": "gguf", "quants": ["Q8_0"]}]}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    run = siliconvert(capsys, "recipe", str(tmp_path / "recipe.yaml"), "--check")
+    if where is None:
+        assert run.code == 0, run.stderr
+    else:
+        assert_refused(run, where, message, tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind", ["mlx", "gguf"])
+def test_validate_refuses_an_artifact_of_another_model(kind, built_artifacts, tiny, tmp_path, capsys, monkeypatch):
+    """The artifact of a 1024-token model against a 96-token source: one line before the reference runs (it
+    ended in 'the mlx runtime crashed' and llama.cpp's 'invalid token' after the reference)."""
+    monkeypatch.setenv("SILICONVERT_QUIET", "1")
+    run = siliconvert(capsys, "validate", str(built_artifacts[kind]), "--source", str(tiny),
+                      "--tokens", "64", "--context", "32", "--no-latency", "--output", str(tmp_path / "out"))
+    assert_refused(run, built_artifacts[kind].name, "tokens, the source's 96",
+                   tmp_path / "out")
+    assert not (tmp_path / "out" / ".cache").exists()

@@ -3,6 +3,8 @@ show the token."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from releases import MODEL, RECIPE_TEXT, snapshot
 
@@ -121,6 +123,11 @@ def _not_utf8(folder, _tmp_path):
     _relisted(folder, b"\xff\xfe  config.json\n")
 
 
+def _card_a_folder(folder, _tmp_path):
+    (folder / "README.md").unlink()
+    (folder / "README.md").mkdir()
+
+
 def _not_a_checksum_line(folder, _tmp_path):
     _relisted(folder, b"hello world\n")
 
@@ -132,6 +139,8 @@ PUSH_CASES = [
     ("sums-duplicate-entry", _duplicate_entry, "is listed twice"),
     ("sums-not-utf8", _not_utf8, "SHA256SUMS: line 8 is not UTF-8 text"),
     ("sums-malformed-line", _not_a_checksum_line, "SHA256SUMS: line 8 is not `<sha256>  <file>`"),
+    ("a-fifo-in-the-folder", lambda folder, _tmp: os.mkfifo(folder / "extra"), "extra is not a regular file or folder"),
+    ("card-replaced-by-a-folder", _card_a_folder, "files differ from SHA256SUMS (added or missing: README.md)"),
 ]
 
 

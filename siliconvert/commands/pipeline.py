@@ -27,7 +27,7 @@ from siliconvert import __version__
 from siliconvert.artifacts import Artifact, Writer, write_text_atomically
 from siliconvert.calibration import Calibrations
 from siliconvert.checkpoint import Checkpoint
-from siliconvert.errors import OutputError, RecipeError
+from siliconvert.errors import ArtifactError, OutputError, RecipeError
 from siliconvert.format import entry as format_entry
 from siliconvert.progress import say, track
 from siliconvert.recipe import BUILTIN_DEMO, Gates, Recipe, TargetSpec, Validate
@@ -445,6 +445,12 @@ def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Arti
     from siliconvert.validate.score import run_artifact, score
     from siliconvert.validate.tokenizer import tokenizer_probes
 
+    for artifact in artifacts:  # another model's artifact would end in a runtime's crash on the source's ids
+        rows = format_entry(artifact.format).vocab_size(artifact)
+        if rows is not None and rows != checkpoint.spec.vocab_size:
+            raise ArtifactError(f"its vocabulary has {rows} tokens, the source's {checkpoint.spec.vocab_size} "
+                                f"({checkpoint.path / 'config.json'}): it was not converted from this source",
+                                artifact.path)
     tokenizer = source_tokenizer(checkpoint.path)
     windows = token_windows(tokenizer, settings.corpus, settings.tokens, settings.context)
     probes = {fmt: tokenizer_probes(tokenizer, windows.probe_text, fmt) for fmt in {a.format for a in artifacts}}

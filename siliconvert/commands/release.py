@@ -366,6 +366,8 @@ def verify_checksums(folder: Path) -> list[str]:
             raise ArtifactError(f"{path.relative_to(folder).as_posix() or '.'} is a symbolic link (to "
                                 f"{short(os.readlink(path))}): a release folder holds its files, nothing that "
                                 f"points elsewhere", folder)
+        if not (path.is_file() or path.is_dir()):  # a FIFO would hang the upload, a device never end
+            raise ArtifactError(f"{path.relative_to(folder).as_posix()} is not a regular file or folder", folder)
     listed = {}  # relative path → hex digest
     for number, line in enumerate(sums.read_bytes().splitlines(), 1):
         try:
