@@ -1,8 +1,14 @@
-"""Q4_K_M against a planned GGUF at its size, predicted and measured mean KLD (2 held-out windows of 256), with the
-gains measured on the model ("after") or the demo-fitted ROLE_GAINS ("before").
+"""Planned against fixed, GGUF and MLX, predicted and measured mean KLD (2 held-out windows of 256): a plan at
+Q4_K_M's size against Q4_K_M, and one at MLX 4-bit g64's size against that, with the gains measured on the model
+("after") or the demo-fitted ROLE_GAINS ("before"). MLX is scored as the pipeline scores it on mlx's CPU (mlx-lm's
+model on weights mx.dequantize'd in the folder's float type: tests/test_plan_models.py `mlx_logits`).
 
-    PYTHONPATH=. .venv/bin/python -m bench.plan_gains <demo|qwen3|olmo2|granite> <before|after> <work folder>
+    PYTHONPATH=. .venv/bin/python -m bench.plan_gains [--models demo,qwen3,granite,olmo2] [--mode after] [--work DIR]
+
+Prints a JSON line per model and format and writes them all to bench/results/plan-gains-<YYYY-MM-DD>-<mode>.json.
 """
+import argparse
+import datetime
 import json
 import sys
 from pathlib import Path
@@ -10,42 +16,82 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, "tests")
-from test_plan_models import gguf_logits, mean_kld, write
+from test_plan_models import gguf_logits, mean_kld, mlx_logits, write
 
 from bench.plan import checkpoint_for
+from bench.run import RESULTS_DIR, WORK_DIR
 from siliconvert.calibration import Calibration
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.gguf import GGUFWriter
-from siliconvert.quantize.sensitivity import error_of, gguf_kinds
-from siliconvert.recipe import GGUFTarget
+from siliconvert.convert.mlx import MLXWriter
+from siliconvert.quantize.sensitivity import error_of, gguf_kinds, mlx_kinds
+from siliconvert.recipe import GGUFTarget, MLXTarget
 from siliconvert.textdata import heldout_text
 
 
-def main(model, mode, out):
-    if mode == "before":
-        Calibration.gain = lambda self, name, tied_head=False: None
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir())
+
+
+def compare(model: str, fmt: str, fixed_name: str, fixed, writer, planned, fixed_bytes: int, planned_bytes: int,
+            kinds, logits) -> dict:
+    plan = writer.quant_plan
+    fixed_pred = plan.kld_floor + plan.kld_per_error * error_of(writer.costs, kinds(fixed.path))
+    fixed_kld, plan_kld = logits(fixed.path), logits(planned.path)
+    return dict(model=model, format=fmt, fixed=fixed_name, fixed_kld=fixed_kld, fixed_pred=fixed_pred,
+                plan_kld=plan_kld, plan_pred=plan.predicted_kld, plan_over_fixed=plan_kld / fixed_kld,
+                fixed_meas_over_pred=fixed_kld / fixed_pred, plan_meas_over_pred=plan_kld / plan.predicted_kld,
+                plan_mb=planned_bytes / 1e6, fixed_mb=fixed_bytes / 1e6, plan_types=plan.summary()["types"])
+
+
+def measure(model: str, mode: str, work: Path) -> list[dict]:
     path = checkpoint_for(model)
-    ck = Checkpoint.open(path)
+    checkpoint = Checkpoint.open(path)
     from conftest import reference_logits_for
     from transformers import AutoTokenizer
+
     ids = AutoTokenizer.from_pretrained(path).encode(heldout_text(), add_special_tokens=False)
-    windows = np.array([ids[i*256:(i+1)*256] for i in range(2)])
+    windows = np.array([ids[i * 256:(i + 1) * 256] for i in range(2)])
     reference = reference_logits_for(path, windows)
-    out = Path(out) / model / mode
+    out = work / model / mode
     out.mkdir(parents=True, exist_ok=True)
-    (fixed,) = write(GGUFWriter(ck, GGUFTarget(format="gguf", quants=["Q4_K_M"], imatrix="builtin"), out, "m"))
-    size_mb = fixed.path.stat().st_size / 1e6
-    writer = GGUFWriter(ck, GGUFTarget(format="gguf", quants=["auto"], plan={"size_mb": size_mb}), out, "m")
+    rows = []
+
+    (fixed,) = write(GGUFWriter(checkpoint, GGUFTarget(format="gguf", quants=["Q4_K_M"], imatrix="builtin"), out, "m"))
+    size = fixed.path.stat().st_size
+    writer = GGUFWriter(checkpoint, GGUFTarget(format="gguf", quants=["auto"], plan={"size_mb": size / 1e6}), out, "m")
     (planned,) = write(writer)
-    pred_fixed = error_of(writer.costs, gguf_kinds(fixed.path))
-    pred_plan = writer.quant_plan.predicted_kld
-    m_fixed = mean_kld(reference, gguf_logits(fixed.path, windows), windows)
-    m_plan = mean_kld(reference, gguf_logits(planned.path, windows), windows)
-    r = dict(model=model, mode=mode, q4km_kld=m_fixed, q4km_pred=pred_fixed, plan_kld=m_plan, plan_pred=pred_plan,
-             plan_over_q4km=m_plan/m_fixed, q4km_meas_over_pred=m_fixed/pred_fixed,
-             plan_meas_over_pred=m_plan/pred_plan,
-             plan_mb=planned.path.stat().st_size/1e6, q4km_mb=size_mb)
-    print(json.dumps(r))
+    rows.append(compare(model, "gguf", "Q4_K_M", fixed, writer, planned, size, planned.path.stat().st_size,
+                        gguf_kinds, lambda p: mean_kld(reference, gguf_logits(p, windows), windows)))
+
+    (fixed,) = write(MLXWriter(checkpoint, MLXTarget(format="mlx", bits=4, group_size=64), out, "m"))
+    size = folder_bytes(fixed.path)
+    writer = MLXWriter(checkpoint, MLXTarget(format="mlx", bits="auto", plan={"size_mb": size / 1e6}), out, "m")
+    (planned,) = write(writer)
+    rows.append(compare(model, "mlx", "4bit-g64", fixed, writer, planned, size, folder_bytes(planned.path),
+                        mlx_kinds, lambda p: mean_kld(reference, mlx_logits(p, windows), windows)))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="demo,qwen3,granite,olmo2")
+    parser.add_argument("--mode", choices=("before", "after"), default="after")
+    parser.add_argument("--work", type=Path, default=WORK_DIR / "plan-gains")
+    args = parser.parse_args()
+    if args.mode == "before":  # no measured gains: every weight takes its role's (ROLE_GAINS)
+        Calibration.gain = lambda self, name, tied_head=False: None
+        Calibration.shrink_gain = lambda self, name, tied_head=False: None
+    rows = []
+    for model in args.models.split(","):
+        for row in measure(model, args.mode, args.work):
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    file = RESULTS_DIR / f"plan-gains-{datetime.date.today().isoformat()}-{args.mode}.json"
+    file.write_text(json.dumps({"mode": args.mode, "windows": "2 x 256 held-out tokens", "rows": rows}, indent=1))
+    print(file)
+
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main()

@@ -273,10 +273,11 @@ class GGUFWriter(Writer):
                     role = info.role.role
                     parts = self.arch.split(role, self.arch.to_llama_cpp(role, "weight", array))
                     gains = self._gains(info, parts, measured)
-                    for gguf_name, part, gain in zip(self._gguf_names(info.role), parts, gains, strict=True):
+                    for gguf_name, part, (gain, shrink_gain) in zip(self._gguf_names(info.role), parts, gains,
+                                                                    strict=True):
                         if gguf_name in planned[info.name]:
                             costs.append(gguf_costs(gguf_name, part, self.imatrix.get(gguf_name), quantizer, gain,
-                                                    routed_tokens=routed.get(info.name)))
+                                                    routed_tokens=routed.get(info.name), shrink_gain=shrink_gain))
         finally:
             quantizer.close()
         # a row width no candidate's block divides (an intermediate_size of 200, say) has nothing to choose from:
@@ -296,17 +297,24 @@ class GGUFWriter(Writer):
             weights[kind] = weights.get(kind, 0) + cost.params
         return PLANNED_FILE_TYPES[max(sorted(weights), key=weights.get)], types
 
-    def _gains(self, info: TensorInfo, parts: list[np.ndarray], measured: Calibration) -> list[float]:
-        """Each GGUF part's gain to the mean KLD: the one measured on this model (split by share where the
-        checkpoint tensor is stored as parts; an embedding written again as the head has each path's own), or,
-        for a weight the sensitivity forward did not measure, its role's gain fitted on the demo model."""
+    def _gains(self, info: TensorInfo, parts: list[np.ndarray],
+               measured: Calibration) -> list[tuple[float, float | None]]:
+        """Each GGUF part's (gain, shrink gain) to the mean KLD: the ones measured on this model (split by share
+        where the checkpoint tensor is stored as parts; an embedding written again as the head has each path's
+        own), or, for a weight the sensitivity forward did not measure, its role's gain fitted on the demo model
+        (fitted on real quantization errors: no shrink gain)."""
         tied = self.checkpoint.spec.tie_word_embeddings
         names = self._gguf_names(info.role)
         if measured.gain(info.name) is None:
-            return [role_gain(info.role.role, tied)] * len(parts)
+            return [(role_gain(info.role.role, tied), None)] * len(parts)
         if info.role.role == "token_embd" and len(parts) > 1:  # token_embd and output, one table
-            return [measured.gain(HEAD if name == "output.weight" else EMBEDDING) for name in names]
-        return split_gains(measured.gain(info.name, tied), parts, [self.imatrix.get(name) for name in names])
+            paths = [HEAD if name == "output.weight" else EMBEDDING for name in names]
+            return [(measured.gain(path), measured.shrink_gain(path)) for path in paths]
+        columns = [self.imatrix.get(name) for name in names]
+        gains = split_gains(measured.gain(info.name, tied), parts, columns)
+        shrink_gain = measured.shrink_gain(info.name, tied)
+        shrink_gains = [None] * len(parts) if shrink_gain is None else split_gains(shrink_gain, parts, columns)
+        return list(zip(gains, shrink_gains, strict=True))
 
     def _header_bytes(self, types: list[QType]) -> int:
         """Bytes of the file before the tensors' data (header, key/values, tensor infos, the extra tensors):

@@ -301,26 +301,32 @@ class MLXWriter(Writer):
                 if source_name in routed:
                     weights = importance[source_name]
                 fixed += 2 * _json_bytes(mlx_name) + 2 * (len(module) + MODULE_ENTRY_BYTES)  # scales, biases; config
-                gain = gains[mlx_name]
+                gain, shrink_gain = gains[mlx_name]
                 costs.append(mlx_costs(module, np.asarray(weight.astype(mx.float32)), weights, self.dtype.size, gain,
-                                       routed_tokens=routed.get(source_name)))
+                                       routed_tokens=routed.get(source_name), shrink_gain=shrink_gain))
         self.costs, self.quant_plan = costs, make_plan(costs, self.target.plan, fixed_bytes=fixed)
         return {module: QuantPolicy(*_bits_and_group(option.kind))
                 for module, option in self.quant_plan.choices.items()}
 
     def _gains(self, info: TensorInfo, sanitized: dict[str, mx.array], importance: dict[str, np.ndarray],
-               measured: Calibration) -> dict[str, float]:
-        """Each planned MLX weight's gain to the mean KLD, by its name: the one measured on this model for its
-        source tensor (split by share where mlx-lm stores it as parts), or, for a weight the sensitivity forward
-        did not measure, its role's gain fitted on the demo model."""
+               measured: Calibration) -> dict[str, tuple[float, float | None]]:
+        """Each planned MLX weight's (gain, shrink gain) to the mean KLD, by its name: the ones measured on this
+        model for its source tensor (split by share where mlx-lm stores it as parts), or, for a weight the
+        sensitivity forward did not measure, its role's gain fitted on the demo model (no shrink gain)."""
         tied = self.checkpoint.spec.tie_word_embeddings
         weights = {name: value for name, value in sanitized.items() if name.endswith(".weight")}
-        gain = measured.gain(info.name, tied)
+        gain, shrink_gain = measured.gain(info.name, tied), measured.shrink_gain(info.name, tied)
         if gain is None:
-            return dict.fromkeys(weights, role_gain(info.role.role, tied))
+            return dict.fromkeys(weights, (role_gain(info.role.role, tied), None))
         parts = [np.asarray(value.astype(mx.float32)) for value in weights.values()] if len(weights) > 1 else []
         columns = [importance.get(info.name)] * len(parts)
-        return dict(zip(weights, split_gains(gain, parts, columns) if parts else [gain], strict=True))
+
+        def split(whole: float | None) -> list[float | None]:
+            if whole is None:
+                return [None] * len(weights)
+            return split_gains(whole, parts, columns) if parts else [whole]
+
+        return dict(zip(weights, zip(split(gain), split(shrink_gain), strict=True), strict=True))
 
     def _plan(self) -> dict[str, list[Output]]:
         """Every output array, per source tensor, in stream order, assigned to shards of ≤ SHARD_BYTES.

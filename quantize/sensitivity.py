@@ -14,7 +14,11 @@ Measured gains. The gains below were fitted on the demo model and are 30–50× 
 weight's own gain on the model it converts (siliconvert/gains.py: the weight perturbed by noise of known r in a
 streamed forward, KLD / r at the logits, per layer and weight), and the writers weigh costs by those
 (`Calibration.gain`). ROLE_GAINS stay only as the fallback for a weight the sensitivity forward did not measure.
-Measured gains are KLD per unit r already: kld_per_error stays 1 unless the re-plan loop fits it.
+Measured gains are KLD per unit r already: kld_per_error stays 1 unless the re-plan loop fits it. A measured
+weight also has a shrink gain: a candidate's error has a part that is the weight scaled, Δ ≈ α·W (`shrink_share`:
+α², importance-weighted), which costs far more per unit r than the rest (4–200× on the demo model, where 2- and
+3-bit types shrink by a few percent); its α² is weighed by the shrink gain, the rest of r by the noise gain
+(siliconvert/gains.py says how both are measured and why).
 
 From errors to KLD. Small independent perturbations of the hidden states add up in the logits, and the
 KL divergence of a softmax to a slightly perturbed one is second order in the perturbation, so to first
@@ -158,18 +162,49 @@ def relative_error(weight: np.ndarray, approx: np.ndarray, importance: np.ndarra
     return float(delta / total) if total > 0 else 0.0
 
 
+def shrink_share(weight: np.ndarray, approx: np.ndarray, importance: np.ndarray | None) -> float:
+    """α² of the part α·W of the error Q − W that is the weight scaled (its projection on W under the importance
+    weights a_j): the part of `relative_error` that the shrink gain weighs."""
+    weight = weight.astype(np.float64, copy=False)
+    delta = approx.astype(np.float64, copy=False) - weight
+    along, total = (delta * weight).sum(0), np.square(weight).sum(0)
+    if importance is not None:
+        along, total = along @ importance.astype(np.float64), total @ importance.astype(np.float64)
+    else:
+        along, total = along.sum(), total.sum()
+    return float((along / total) ** 2) if total > 0 else 0.0
+
+
 def expert_error(matrices: np.ndarray, approximations: Iterable[np.ndarray], importance: np.ndarray | None,
                  routed_tokens: np.ndarray | None = None) -> float:
     """The relative error of a stack of expert matrices [experts, rows, columns] stored as `approximations` (one
     matrix at a time): each expert's `relative_error` with its importance row ([experts, columns]), weighted by
     its share of `routed_tokens` (all alike where none are given or none were routed). One matrix is a dense
     weight."""
+    return expert_errors(matrices, approximations, importance, routed_tokens)[0]
+
+
+def expert_errors(matrices: np.ndarray, approximations: Iterable[np.ndarray], importance: np.ndarray | None,
+                  routed_tokens: np.ndarray | None = None) -> tuple[float, float]:
+    """`expert_error` and, weighted alike, its `shrink_share`."""
     experts = len(matrices)
     tokens = np.ones(experts) if routed_tokens is None or not np.sum(routed_tokens) else np.asarray(routed_tokens)
     shares = tokens / tokens.sum()
     rows = [None] * experts if importance is None else importance.reshape(experts, -1)
-    return sum(float(share) * relative_error(matrix, approx, row) if share else 0.0
-               for matrix, approx, row, share in zip(matrices, approximations, rows, shares, strict=True))
+    error = shrunk = 0.0
+    for matrix, approx, row, share in zip(matrices, approximations, rows, shares, strict=True):
+        if share:
+            error += float(share) * relative_error(matrix, approx, row)
+            shrunk += float(share) * shrink_share(matrix, approx, row)
+    return error, shrunk
+
+
+def weighed(error: float, shrunk: float, gain: float, shrink_gain: float | None) -> float:
+    """A candidate's predicted share of the mean KLD (over kld_per_error): its relative error × `gain`, or, where
+    the weight's shrink gain was measured, its shrink share × that and the rest × `gain`."""
+    if shrink_gain is None:
+        return gain * error
+    return gain * max(error - shrunk, 0.0) + shrink_gain * shrunk
 
 
 def sample_rows(matrices: np.ndarray, budget: int | None = SAMPLED_WEIGHTS) -> np.ndarray:
@@ -189,12 +224,13 @@ def sample_rows(matrices: np.ndarray, budget: int | None = SAMPLED_WEIGHTS) -> n
 
 def gguf_costs(name: str, weight: np.ndarray, importance: np.ndarray | None, quantizer, gain: float = 1.0,
                candidates: Sequence[QType] = GGUF_CANDIDATES, routed_tokens: np.ndarray | None = None,
-               sample_budget: int | None = SAMPLED_WEIGHTS) -> TensorCosts:
+               sample_budget: int | None = SAMPLED_WEIGHTS, shrink_gain: float | None = None) -> TensorCosts:
     """Each candidate llama.cpp type a (rows × columns) float32 `weight` can take, quantized by ggml with
     `importance` (what the artifact's own quantization uses), its bytes and relative output error × `gain`.
     An expert stack (experts × rows × columns, `importance` a row per expert) is quantized as ggml quantizes a
     3-D tensor, each expert with its own row; its error is `expert_error`'s, weighted by `routed_tokens`.
-    The error is measured on `sample_rows(…, sample_budget)`; the bytes are the whole tensor's."""
+    The error is measured on `sample_rows(…, sample_budget)`; the bytes are the whole tensor's. `shrink_gain`:
+    see `weighed`."""
     whole = weight.reshape(-1, *weight.shape[-2:])  # a view: a stack's gate half is not copied out
     matrices = sample_rows(whole, sample_budget)
     if matrices.dtype != np.float32 or matrices.strides[1:] != (4 * matrices.shape[-1], 4):
@@ -205,8 +241,9 @@ def gguf_costs(name: str, weight: np.ndarray, importance: np.ndarray | None, qua
     def measure(qtype: QType, work) -> None:
         data = work.result().reshape(len(matrices), matrices.shape[1], -1)
         approximations = (gguf.quants.dequantize(expert, qtype) for expert in data)
-        error = expert_error(matrices, approximations, importance, routed_tokens)
-        options.append(Option(qtype.name, data.nbytes // matrices.shape[1] * whole.shape[1], gain * error))
+        error, shrunk = expert_errors(matrices, approximations, importance, routed_tokens)
+        options.append(Option(qtype.name, data.nbytes // matrices.shape[1] * whole.shape[1],
+                              weighed(error, shrunk, gain, shrink_gain)))
 
     # two candidates in flight: the quantizer's threads stay busy while one is measured, and memory holds two
     # quantized copies of a layer's experts, not one per candidate
@@ -226,12 +263,13 @@ def mlx_option_name(bits: int, group_size: int) -> str:
 
 def mlx_costs(name: str, weight: np.ndarray, importance: np.ndarray | None, scale_bytes: int, gain: float = 1.0,
               candidates: Sequence[tuple[int, int]] = MLX_CANDIDATES,
-              routed_tokens: np.ndarray | None = None, sample_budget: int | None = SAMPLED_WEIGHTS) -> TensorCosts:
+              routed_tokens: np.ndarray | None = None, sample_budget: int | None = SAMPLED_WEIGHTS,
+              shrink_gain: float | None = None) -> TensorCosts:
     """Each candidate (bits, group size) mx.quantize can store a (rows × columns) `weight` in, with scales and
     biases of `scale_bytes` each per group (mlx-lm keeps the source's float type), and its relative error
     × `gain`. An expert stack (experts × rows × columns, as SwitchLinear holds it) is quantized whole, as
     mlx-lm quantizes it; its error is `expert_error`'s, `importance` a row per expert. The error is measured on
-    `sample_rows(…, sample_budget)`; the bytes are the whole tensor's."""
+    `sample_rows(…, sample_budget)`; the bytes are the whole tensor's. `shrink_gain`: see `weighed`."""
     import mlx.core as mx
 
     whole = weight.reshape(-1, *weight.shape[-2:])
@@ -245,19 +283,19 @@ def mlx_costs(name: str, weight: np.ndarray, importance: np.ndarray | None, scal
         nbytes = (packed.nbytes + 2 * scales.size * scale_bytes) // matrices.shape[1] * whole.shape[1]
         approximations = (np.asarray(mx.dequantize(*expert, group, bits)) for expert in zip(packed, scales, biases,
                                                                                               strict=True))
-        error = expert_error(matrices, approximations, importance, routed_tokens)
-        options.append(Option(mlx_option_name(bits, group), nbytes, gain * error))
+        error, shrunk = expert_errors(matrices, approximations, importance, routed_tokens)
+        options.append(Option(mlx_option_name(bits, group), nbytes, weighed(error, shrunk, gain, shrink_gain)))
     return TensorCosts(name, whole.size, _sorted(options))
 
 
 def coreml_costs(name: str, weight: np.ndarray, importance: np.ndarray | None, gain: float = 1.0,
                  candidates: Sequence[str] = COREML_CANDIDATES,
-                 sample_budget: int | None = SAMPLED_WEIGHTS) -> TensorCosts:
+                 sample_budget: int | None = SAMPLED_WEIGHTS, shrink_gain: float | None = None) -> TensorCosts:
     """Each candidate precision an (output × input channels) fp16 `weight` of a Core ML package can take, as
     coremltools' compression pass would store it (quantize/coreml.py `compress`), its bytes in weight.bin and
     its relative output error × `gain`. fp16 is the package's own copy: no error (the floor of fp16 compute is
     the fp16 package's, common to every plan). The error is measured on `sample_rows(…, sample_budget)`; the
-    bytes are the whole weight's."""
+    bytes are the whole weight's. `shrink_gain`: see `weighed`."""
     from siliconvert.quantize.coreml import blob_bytes, compress, decompress, stored_bytes
 
     sample = sample_rows(weight, sample_budget)
@@ -268,8 +306,10 @@ def coreml_costs(name: str, weight: np.ndarray, importance: np.ndarray | None, g
             continue
         quantized = compress(sample, precision)
         if quantized is not None:
-            options.append(Option(precision, stored_bytes(quantized, precision, rows=len(weight)),
-                                  gain * relative_error(sample, decompress(quantized), importance)))
+            approx = decompress(quantized)
+            error = weighed(relative_error(sample, approx, importance), shrink_share(sample, approx, importance),
+                            gain, shrink_gain)
+            options.append(Option(precision, stored_bytes(quantized, precision, rows=len(weight)), error))
     return TensorCosts(name, weight.size, _sorted(options))
 
 

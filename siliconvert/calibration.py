@@ -106,6 +106,7 @@ class Calibration:
     importance_tokens: int | None = None  # tokens in the importance windows
     range_tokens: int | None = None  # tokens in the range window
     gains: dict[str, float] | None = None  # HF weight name → mean KLD per unit of relative output error
+    shrink_gains: dict[str, float] | None = None  # HF weight name → mean KLD per unit α² of the weight scaled
     sensitivity_tokens: int | None = None  # tokens in the sensitivity window
 
     @property
@@ -123,10 +124,20 @@ class Calibration:
             return self.gains[name] + self.gains.get(HEAD, 0.0)
         return self.gains[name]
 
+    def shrink_gain(self, name: str, tied_head: bool = False) -> float | None:
+        """The measured gain of the HF weight `name` scaled, per unit α² (None where not measured); a tied
+        embedding's is the embedding's plus the head's."""
+        if self.shrink_gains is None or name not in self.shrink_gains:
+            return None
+        if tied_head and name == EMBEDDING:
+            return self.shrink_gains[name] + self.shrink_gains.get(HEAD, 0.0)
+        return self.shrink_gains[name]
+
     def merged(self, other: Calibration) -> Calibration:
         """This calibration with the parts `other` measured and this one lacks."""
         taken = {IMPORTANCE: ("importance", "expert_tokens", "importance_tokens"),
-                 RANGE: ("stream_peak", "range_tokens"), SENSITIVITY: ("gains", "sensitivity_tokens")}
+                 RANGE: ("stream_peak", "range_tokens"),
+                 SENSITIVITY: ("gains", "shrink_gains", "sensitivity_tokens")}
         return replace(self, **{field: getattr(other, field)
                                 for part in other.parts - self.parts for field in taken[part]})
 
@@ -236,7 +247,7 @@ class Calibrations:
             return None
         text_digest = hashlib.sha256(calibration_text(source)[1].encode()).hexdigest()[:16]
         counts = {IMPORTANCE: f"{self.tokens}x{self.context}", RANGE: f"{RANGE_TOKENS}",
-                  SENSITIVITY: f"{sensitivity_window_tokens(self.checkpoint)}-r{R0}"}[part]
+                  SENSITIVITY: f"{sensitivity_window_tokens(self.checkpoint)}-r{R0}-shrink"}[part]
         suffix = ".npz" if part == IMPORTANCE else ".json"
         return self.cache_dir / f"calibration-{self.checkpoint.fingerprint()}-{text_digest}-{part}-{counts}{suffix}"
 
@@ -249,7 +260,8 @@ class Calibrations:
             return Calibration(stored["text"], stream_peak=stored["stream_peak"], range_tokens=stored["tokens"])
         if part == SENSITIVITY:
             stored = json.loads(file.read_text())
-            return Calibration(stored["text"], gains=stored["gains"], sensitivity_tokens=stored["tokens"])
+            return Calibration(stored["text"], gains=stored["gains"], shrink_gains=stored["shrink_gains"],
+                               sensitivity_tokens=stored["tokens"])
         with np.load(file) as stored:
             tables: dict[str, dict[str, np.ndarray]] = {"importance": {}, "expert_tokens": {}}
             for key in stored.files:
@@ -269,6 +281,7 @@ class Calibrations:
             return
         if part == SENSITIVITY:  # JSON keeps a float's every bit (repr round-trips)
             write_text_atomically(file, json.dumps({"text": measured.text, "gains": measured.gains,
+                                                    "shrink_gains": measured.shrink_gains,
                                                     "tokens": measured.sensitivity_tokens}))
             return
         arrays = {f"importance:{name}": values for name, values in measured.importance.items()}
@@ -411,7 +424,8 @@ def _forward(checkpoint: Checkpoint, text_name: str, range_window: np.ndarray | 
         roles = {name: info.role.role for name, info in checkpoint.tensor_infos.items() if info.role is not None}
         gains = measured_gains(checkpoint.transformers_config(), CheckpointWeights(checkpoint), sensitivity_window,
                                roles, label="sensitivity (each weight perturbed, layer by layer)")
-        calibration = replace(calibration, gains=gains, sensitivity_tokens=len(sensitivity_window))
+        calibration = replace(calibration, gains=gains.noise, shrink_gains=gains.shrink,
+                              sensitivity_tokens=len(sensitivity_window))
     if importance_windows is not None:
         matrix, routed = importance.results()
         calibration = replace(calibration, importance=matrix, expert_tokens=routed,

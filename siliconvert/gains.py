@@ -19,17 +19,33 @@ The noise has quantization's shape (independent per weight, on the scale of its 
 KLD is second order in a small perturbation, so it is KLD per unit r in the range where plans choose. A tied
 embedding gets the embedding's gain and the head's, each measured on its own path.
 
-Cost: with L layers of G weights, the streams started before layer l all run through it, so the forward is about
-L + G·L(L+1)/2 layer-forwards on the window (the test checkpoints: ~100 on 256 tokens, seconds). The window
-shrinks so that this stays under SENSITIVITY_BUDGET layer-tokens, never below SENSITIVITY_MIN_TOKENS: a 7B of
-32 layers × 7 weights takes 256 tokens (≈ 3.6× the 8192-token importance forward), a 70B of 80 layers 46 tokens.
-Streams hold G·L hidden states of the window (a 70B: under 1 GB).
+Shrink gains. A quantizer's error is not all noise: part of it is the weight scaled, Δ ≈ α·W (2- and 3-bit types
+shrink a weight's values toward zero, α ≈ −0.04 for Q2_K on the demo model), and that part changes the output far
+more per unit of r than noise does: on the demo model scaling a layer's weight cost 4–200× its noise gain per
+unit r (a weight a norm follows, as Qwen3's q and k, costs nothing scaled), so 2% of a Q2_K error's r made more
+KLD than the other 98% (the planned GGUF measured 4× its prediction from its 2- and 3-bit feed-forward weights,
+while Q4_K_M's 4-bit errors, whose α² is a thousandth of r, were predicted within 10%). So each weight is also
+scaled by (1 − √R0) in a stream of its own (r = R0 exactly): its *shrink gain*, KLD per unit of α²
+(quantize/sensitivity.py weighs a candidate's α² by it, the rest of its r by the noise gain).
+Left out, and the reason a plan of many 2- and 3-bit weights still measures up to 2× its prediction: scalings of
+different weights add in amplitude where they push the logits the same way (the demo model's last three layers'
+weights scaled by 3% together: 3.5× the sum of each alone, on the held-out text), and no single factor stands for
+that (every layer weight scaled at once measured 0.16× the sum on the demo model: scalings of q and k, of v and o,
+of gate, up and down partly cancel); a plan's pairs would need a stream each.
+
+Cost: with L layers of G weights, the streams started before layer l all run through it (a noise and a shrink
+stream per weight), so the forward is about L + G·L(L+1) layer-forwards on the window (the test checkpoints:
+~150 on 256 tokens, seconds). The window shrinks so that this stays under SENSITIVITY_BUDGET layer-tokens, never
+below SENSITIVITY_MIN_TOKENS: a 7B of 32 layers × 7 weights takes 141 tokens (≈ 4× the 8192-token importance
+forward), a 70B of 80 layers 32 tokens.
+Streams hold 2·G·L hidden states of the window (a 70B: under 1 GB).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -40,24 +56,34 @@ if TYPE_CHECKING:
 
     from siliconvert.streamed import WeightSource
 
-R0 = 0.01  # the noise's relative output error: about a 4-bit quant's
+R0 = 0.01  # the noise's relative output error: about a 4-bit quant's; a shrink scales by 1 − √R0 (r = R0 too)
 SENSITIVITY_TOKENS = 256  # the window, at most
 SENSITIVITY_MIN_TOKENS = 32
 SENSITIVITY_BUDGET = 1 << 20  # layer-forwards × tokens
 EMBEDDING, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+NOISE, SHRINK = "noise", "shrink"  # what a stream's weight took: noise, or a scaling
 # roles that are never planned (routers) and so never perturbed
 UNPLANNED_ROLES = ("ffn_gate_inp", "ffn_gate_inp_shexp")
 
 
+@dataclass(frozen=True)
+class MeasuredGains:
+    """HF weight name → mean KLD per unit of relative output error: of noise (`noise`) and of the weight scaled
+    (`shrink`, per unit α²)."""
+
+    noise: dict[str, float]
+    shrink: dict[str, float]
+
+
 def sensitivity_tokens(layers: int, weights_per_layer: int) -> int:
     """Tokens of the window for a model of `layers` decoder layers of `weights_per_layer` perturbed weights."""
-    layer_forwards = layers + weights_per_layer * layers * (layers + 1) // 2
+    layer_forwards = layers + weights_per_layer * layers * (layers + 1)
     return max(SENSITIVITY_MIN_TOKENS, min(SENSITIVITY_TOKENS, SENSITIVITY_BUDGET // max(layer_forwards, 1)))
 
 
 def measured_gains(config: PretrainedConfig, weights: WeightSource, window: np.ndarray, roles: dict[str, str], *,
-                   label: str, seed: int = 0) -> dict[str, float]:
-    """HF weight name → mean KLD per unit of relative output error (see the module docstring), measured on
+                   label: str, seed: int = 0) -> MeasuredGains:
+    """Each weight's noise and shrink gains (see the module docstring), measured on
     `window` (token ids) in float32 on the CPU. `roles`: HF weight name → architecture role (routers are skipped,
     names not in it are not weights of the checkpoint)."""
     import torch
@@ -73,7 +99,8 @@ def measured_gains(config: PretrainedConfig, weights: WeightSource, window: np.n
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     rng = torch.Generator().manual_seed(seed)
     errors: dict[str, float] = {}  # weight → r of its noise
-    streams: dict[str, torch.Tensor] = {}  # weight → hidden states of the stream its noise started
+    # (NOISE or SHRINK, weight) → hidden states of the stream its perturbation started
+    streams: dict[tuple[str, str], torch.Tensor] = {}
     with torch.inference_mode():
         _materialise(body.norm, "model.norm.", weights, "cpu", torch.float32)
         _materialise(body.embed_tokens, "model.embed_tokens.", weights, "cpu", torch.float32)
@@ -82,7 +109,9 @@ def measured_gains(config: PretrainedConfig, weights: WeightSource, window: np.n
         clean, layer_kwargs = _record_layer_inputs(body, ids)
         importance.active = False
         with _perturbed(body.embed_tokens.weight, None, None, rng) as errors[EMBEDDING]:
-            streams[EMBEDDING] = _record_layer_inputs(body, ids)[0]
+            streams[NOISE, EMBEDDING] = _record_layer_inputs(body, ids)[0]
+        with _scaled([body.embed_tokens.weight]):
+            streams[SHRINK, EMBEDDING] = _record_layer_inputs(body, ids)[0]
         _free(body.embed_tokens)
         for index, layer in enumerate(track(body.layers, label, total=len(body.layers))):
             prefix = f"model.layers.{index}."
@@ -91,15 +120,16 @@ def measured_gains(config: PretrainedConfig, weights: WeightSource, window: np.n
             importance.active = True
             clean_out = layer(clean, **kwargs)
             importance.active = False
-            for name, states in streams.items():
-                streams[name] = layer(states, **kwargs)
-            for param_name, param in layer.named_parameters():
-                name = prefix + param_name
-                if param.dim() < 2 or roles.get(name) in (None, *UNPLANNED_ROLES):
-                    continue  # a norm, a router, or no weight of the checkpoint
+            planned = [(prefix + param_name, param) for param_name, param in layer.named_parameters()
+                       if param.dim() >= 2 and roles.get(prefix + param_name) not in (None, *UNPLANNED_ROLES)]
+            for key, states in streams.items():
+                streams[key] = layer(states, **kwargs)
+            for name, param in planned:  # not a norm, a router, or a parameter the checkpoint has no weight of
                 columns, routed = _importance_of(importance, name)
                 with _perturbed(param, columns, routed, rng) as errors[name]:
-                    streams[name] = layer(clean, **kwargs)
+                    streams[NOISE, name] = layer(clean, **kwargs)
+                with _scaled([param]):
+                    streams[SHRINK, name] = layer(clean, **kwargs)
             clean = clean_out
             _free(layer)
         _materialise(model.lm_head, "model.embed_tokens." if tied else "lm_head.", weights, "cpu", torch.float32)
@@ -107,14 +137,29 @@ def measured_gains(config: PretrainedConfig, weights: WeightSource, window: np.n
         importance.active = True
         reference = _log_probs(head_logits(model, final))
         importance.active = False
-        klds = {name: _mean_kld(reference, _log_probs(head_logits(model, body.norm(states))))
-                for name, states in streams.items()}
+        klds = {key: _mean_kld(reference, _log_probs(head_logits(model, body.norm(states))))
+                for key, states in streams.items()}
         head_columns, _ = _importance_of(importance, HEAD)
         with _perturbed(model.lm_head.weight, head_columns, None, rng) as errors[HEAD]:
-            klds[HEAD] = _mean_kld(reference, _log_probs(head_logits(model, final)))
+            klds[NOISE, HEAD] = _mean_kld(reference, _log_probs(head_logits(model, final)))
+        with _scaled([model.lm_head.weight]):
+            klds[SHRINK, HEAD] = _mean_kld(reference, _log_probs(head_logits(model, final)))
         _free(model.lm_head)
         _free(body.norm)
-    return {name: klds[name] / errors[name] for name in sorted(klds) if errors[name] > 0}
+    noise = {name: klds[NOISE, name] / errors[name] for name in sorted(errors) if errors[name] > 0}
+    shrink = {name: klds[SHRINK, name] / R0 for name in noise}
+    return MeasuredGains(noise, shrink)
+
+
+@contextmanager
+def _scaled(params: Iterable[torch.Tensor]) -> Iterator[None]:
+    """`params` scaled by 1 − √R0 (a relative output error of R0 under any importance), restored after."""
+    with ExitStack() as restore:
+        for param in params:
+            original = param.detach().clone()
+            param.mul_(1 - R0 ** 0.5)
+            restore.callback(param.copy_, original)
+        yield
 
 
 @contextmanager

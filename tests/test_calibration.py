@@ -63,7 +63,8 @@ def measured(parts, tokens: int = TOKENS) -> Calibration:
     if SENSITIVITY in parts:
         gains = {"model.layers.0.mlp.down_proj.weight": float(rng.random()) / 3, "lm_head.weight": 0.1 / 3,
                  "model.embed_tokens.weight": 0.2}
-        result = result.merged(Calibration("a text", gains=gains, sensitivity_tokens=256))
+        shrink_gains = {name: 30 * gain for name, gain in gains.items()}
+        result = result.merged(Calibration("a text", gains=gains, shrink_gains=shrink_gains, sensitivity_tokens=256))
     return result
 
 
@@ -82,8 +83,10 @@ def forwards(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, frozenset[str],
 
 def assert_same(a: Calibration, b: Calibration) -> None:
     assert a.parts == b.parts and (a.text, a.stream_peak, a.importance_tokens, a.range_tokens, a.gains,
-                                   a.sensitivity_tokens) == (b.text, b.stream_peak, b.importance_tokens,
-                                                             b.range_tokens, b.gains, b.sensitivity_tokens)
+                                   a.shrink_gains, a.sensitivity_tokens) == (b.text, b.stream_peak,
+                                                                             b.importance_tokens, b.range_tokens,
+                                                                             b.gains, b.shrink_gains,
+                                                                             b.sensitivity_tokens)
     for table in ("importance", "expert_tokens"):
         ours, theirs = getattr(a, table), getattr(b, table)
         assert (ours is None) == (theirs is None)
@@ -141,7 +144,9 @@ def test_a_tied_embedding_has_the_heads_gain_too() -> None:
     gains = measured({SENSITIVITY})
     assert gains.gain("model.embed_tokens.weight") == 0.2
     assert gains.gain("model.embed_tokens.weight", tied_head=True) == pytest.approx(0.2 + 0.1 / 3)
+    assert gains.shrink_gain("model.embed_tokens.weight", tied_head=True) == pytest.approx(30 * (0.2 + 0.1 / 3))
     assert gains.gain("model.layers.9.mlp.down_proj.weight") is None  # not measured: the caller's fallback
+    assert gains.shrink_gain("model.layers.9.mlp.down_proj.weight") is None
     assert Calibration("a text").gain("lm_head.weight") is None
 
 

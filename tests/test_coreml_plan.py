@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from siliconvert.calibration import Calibration
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.coreml import CoreMLWriter
+from siliconvert.convert.coreml.plan import WeightPlanner
 from siliconvert.errors import RecipeError
-from siliconvert.quantize.sensitivity import KLD_PER_ERROR, error_of
+from siliconvert.quantize.sensitivity import KLD_PER_ERROR, error_of, role_gain
 from siliconvert.recipe import CoreMLTarget, parse_recipe
 from siliconvert.textdata import heldout_text
 from siliconvert.validate.metrics import compare
@@ -20,6 +22,25 @@ from siliconvert.validate.runners.coreml import CoreMLRunner
 
 CONTEXT = 128
 KLD_GOAL = 0.001  # between the demo model's int8 (~0.00002) and int4 (~0.003) packages
+
+
+class _Measured:
+    """A run's calibrations that measured gains for the first layer's down projection, the embedding and the head."""
+
+    def get(self, source, parts):
+        gains = {"model.layers.0.mlp.down_proj.weight": 0.004, "model.embed_tokens.weight": 0.2,
+                 "lm_head.weight": 0.1}
+        return Calibration(source, importance={}, expert_tokens={}, gains=gains,
+                           shrink_gains={name: 50 * gain for name, gain in gains.items()}, sensitivity_tokens=256)
+
+
+def test_weights_take_the_gains_measured_on_the_model(random_llama: Path):
+    planner = WeightPlanner(Checkpoint.open(random_llama), None, calibration=_Measured())
+    every_row = slice(None)
+    assert planner._gains(("ffn_down", 0, "weight"), False, False, every_row) == (0.004, 50 * 0.004)
+    assert planner._gains(("ffn_down", 1, "weight"), False, False, every_row) == (role_gain("ffn_down"), None)
+    gain, shrink_gain = planner._gains(("token_embd", None, "weight"), True, True, every_row)  # embeds, is the head
+    assert (gain, shrink_gain) == (pytest.approx(0.3), pytest.approx(50 * 0.3))
 
 
 def test_recipe_forms():

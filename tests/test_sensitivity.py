@@ -17,6 +17,8 @@ from siliconvert.quantize.sensitivity import (
     mlx_costs,
     relative_error,
     role_gain,
+    shrink_share,
+    weighed,
 )
 
 
@@ -27,6 +29,36 @@ def test_relative_error_weighs_columns_by_importance():
     assert relative_error(weight, approx, None) == pytest.approx(0.5)
     assert relative_error(weight, approx, np.array([1.0, 0.0])) == 0  # a column no input reaches costs nothing
     assert relative_error(weight, approx, np.array([1.0, 3.0])) == pytest.approx(0.75)
+
+
+def test_the_shrink_share_is_the_part_of_the_error_that_scales_the_weight():
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((64, 256))
+    importance = rng.random(256) + 0.1
+    assert shrink_share(weight, 0.9 * weight, importance) == pytest.approx(0.01)
+    assert relative_error(weight, 0.9 * weight, importance) == pytest.approx(0.01)  # all of its r
+    noisy = weight + 0.1 * rng.standard_normal(weight.shape)
+    assert shrink_share(weight, noisy, importance) < 1e-4 < relative_error(weight, noisy, importance)
+    both = 0.95 * weight + 0.1 * rng.standard_normal(weight.shape)
+    assert shrink_share(weight, both, importance) == pytest.approx(0.0025, rel=0.1)
+
+
+def test_a_measured_shrink_gain_weighs_the_shrink_share_and_the_noise_gain_the_rest():
+    assert weighed(0.02, 0.001, gain=0.5, shrink_gain=None) == pytest.approx(0.01)  # a role gain: r as a whole
+    assert weighed(0.02, 0.001, gain=0.5, shrink_gain=40.0) == pytest.approx(0.5 * 0.019 + 40 * 0.001)
+
+
+def test_gguf_costs_weigh_a_2_bit_types_shrink_more_than_a_6_bit_ones(weight):
+    """Q2_K shrinks a weight's values (its α² a larger part of its r than Q6_K's): a shrink gain raises its cost
+    more, the reason 2- and 3-bit weights of a plan measured 4× their noise-only prediction."""
+    quantizer = TensorQuantizer(threads=1)
+    try:
+        noise_only, with_shrink = (gguf_costs("w", weight, None, quantizer, 1.0, candidates=(QType.Q2_K, QType.Q6_K),
+                                              shrink_gain=shrink) for shrink in (None, 100.0))
+    finally:
+        quantizer.close()
+    raised = {a.kind: b.error / a.error for a, b in zip(noise_only.options, with_shrink.options, strict=True)}
+    assert raised["Q2_K"] > raised["Q6_K"] >= 1
 
 
 def test_roles_weigh_errors_by_their_path_to_the_logits():

@@ -13,6 +13,13 @@ its columns alike; one that is the head too takes the head's inputs, as the MLX 
 experts' package holds each expert's weights apart: each is planned on its own (unlike GGUF and MLX, whose stacks
 take one type), with its own importance row and its gain times its share of the routed calibration tokens; the
 routers are not planned (fp16).
+
+Gains. A weight's gains are its source tensor's, measured on the model (siliconvert/gains.py: noise and shrink
+gains, `Calibration.gain` / `shrink_gain`); a fold that scales rows changes neither its r nor its shrink share. A
+source the graph reads as several weights (a fused projection split, FUSED in folds.py) and a source the
+sensitivity forward did not measure take their role's gain fitted on the demo model (ROLE_GAINS): a measured gain
+is split between parts by their share of the whole's importance-weighted Σ W², which needs every part at once,
+and the parts are measured one weight at a time.
 """
 
 from __future__ import annotations
@@ -22,9 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from siliconvert.architectures import ModelSpec
-from siliconvert.calibration import BUILTIN, IMPORTANCE, Calibrations
+from siliconvert.calibration import BUILTIN, IMPORTANCE, SENSITIVITY, Calibrations
 from siliconvert.convert.coreml.chunks import Chunk, Key, blobs_of, head_pieces, head_role, role_key
-from siliconvert.convert.coreml.folds import graph_keys
+from siliconvert.convert.coreml.folds import EXPERT_STACKS, graph_keys
+from siliconvert.gains import EMBEDDING, HEAD
 from siliconvert.quantize.coreml import compressible
 from siliconvert.quantize.plan import Plan, make_plan
 from siliconvert.quantize.sensitivity import TensorCosts, coreml_costs, role_gain
@@ -49,14 +57,20 @@ class WeightPlanner:
     def __init__(self, checkpoint, goal: QuantPlan, *, calibration: Calibrations | None = None):
         self.spec: ModelSpec = checkpoint.spec
         self.goal = goal
-        calibrated = (calibration or Calibrations.outside_a_run(checkpoint)).get(BUILTIN, {IMPORTANCE})
+        calibrated = (calibration or Calibrations.outside_a_run(checkpoint)).get(BUILTIN, {IMPORTANCE, SENSITIVITY})
         self.importance = calibrated.importance
+        self.measured = calibrated
         # per expert stack (HF name), each expert's share of the calibration tokens routed (from the same run)
         self.expert_shares = {stack: _shares(tokens) for stack, tokens in calibrated.expert_tokens.items()}
         # each graph tensor's source (HF) name, whose importance its columns take
         self.sources: dict[Key, str] = {}
+        self.split_sources: set[str] = set()  # sources the graph reads as several weights (a fused projection)
         for source, info in checkpoint.tensor_infos.items():
-            self.sources.update(dict.fromkeys(graph_keys(self.spec, role_key(info.role)), source))
+            key = role_key(info.role)
+            keys = graph_keys(self.spec, key)
+            self.sources.update(dict.fromkeys(keys, source))
+            if len(keys) > (self.spec.experts.count if key[0] in EXPERT_STACKS else 1):  # an expert's gate_up too
+                self.split_sources.add(source)
         self.costs: list[TensorCosts] = []
         self.package_bytes = 0  # the packages' bytes outside the planned weights, with SPEC_BYTES_PER_WEIGHT each
 
@@ -72,24 +86,39 @@ class WeightPlanner:
                 continue  # fp16, as in the fixed int8 / int4 packages (writer.py says why)
             head = chunk.last and key[0] == head_role(self.spec) and (rows != whole or unsplit)
             embeds = chunk.first and key[0] == "token_embd" and rows == whole
-            if key[0] in ("token_embd", "output"):  # a piece of a split head has its share of the head's gain
-                share = (len(range(self.spec.vocab_size)[rows]) / self.spec.vocab_size) if head else 0.0
-                gain = (role_gain("token_embd") if embeds else 0.0) + share * role_gain("output")
-            else:
-                gain = role_gain(key[0])
+            gain, shrink_gain = self._gains(key, embeds, head, rows)
             importance = self.importance.get(HEAD_INPUTS if head else self.sources[key])
             if key[0].endswith("]"):  # one expert of a stack (folds.expert_key): its own importance row and its
                 # share of the routed tokens, so the experts' errors add up as the stack's does in a GGUF plan
                 expert, stack = int(key[0][key[0].index("[") + 1:-1]), self.sources[key]
                 importance = None if importance is None else importance.reshape(self.spec.experts.count, -1)[expert]
                 shares = self.expert_shares.get(stack)
-                gain *= shares[expert] if shares is not None else 1 / self.spec.experts.count
-            costs = coreml_costs(plan_name(chunk, weight), values, importance, gain)
+                share = shares[expert] if shares is not None else 1 / self.spec.experts.count
+                gain, shrink_gain = gain * share, None if shrink_gain is None else shrink_gain * share
+            costs = coreml_costs(plan_name(chunk, weight), values, importance, gain, shrink_gain=shrink_gain)
             self.costs.append(costs)
             planned_fp16 += next(o.nbytes for o in costs.options if o.kind == "fp16")
             planned += 1
         package_bytes = sum(f.stat().st_size for f in package.rglob("*") if f.is_file())
         self.package_bytes += package_bytes - planned_fp16 + SPEC_BYTES_PER_WEIGHT * planned
+
+    def _gains(self, key: Key, embeds: bool, head: bool, rows: slice) -> tuple[float, float | None]:
+        """(gain, shrink gain) of a graph weight: its source's measured ones (a table that embeds and is the head
+        has both paths'; a piece of a split head has its share of the head's), else its role's (no shrink gain)."""
+        measured = self.measured
+        if key[0] in ("token_embd", "output"):
+            share = (len(range(self.spec.vocab_size)[rows]) / self.spec.vocab_size) if head else 0.0
+            paths = ([EMBEDDING] if embeds else []) + ([HEAD] if share else [])
+            if measured.gains is not None and all(measured.gain(path) is not None for path in paths):
+                shares = [1.0 if path == EMBEDDING else share for path in paths]
+                gain = sum(s * measured.gain(path) for s, path in zip(shares, paths, strict=True))
+                shrink = [measured.shrink_gain(path) for path in paths]
+                return gain, (None if None in shrink else sum(s * g for s, g in zip(shares, shrink, strict=True)))
+            return (role_gain("token_embd") if embeds else 0.0) + share * role_gain("output"), None
+        source = self.sources.get(key)
+        if source is None or source in self.split_sources or measured.gain(source) is None:
+            return role_gain(key[0]), None
+        return measured.gain(source), measured.shrink_gain(source)
 
     def plan(self, other_bytes: int) -> Plan:
         """The plan over every chunk's costs; `other_bytes` are the artifact's files beside the packages."""

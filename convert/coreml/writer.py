@@ -24,7 +24,7 @@ import numpy as np
 
 from siliconvert.architectures import ModelSpec
 from siliconvert.artifacts import Artifact, Writer
-from siliconvert.calibration import BUILTIN, IMPORTANCE, RANGE, Calibrations
+from siliconvert.calibration import BUILTIN, IMPORTANCE, RANGE, SENSITIVITY, Calibrations
 from siliconvert.checkpoint import TensorInfo
 from siliconvert.convert.coreml.chunks import Chunk, Key, blobs_of, plan_chunks, role_key, weight_id
 from siliconvert.convert.coreml.folds import graph_keys, graph_tensors, tensor_shape
@@ -72,7 +72,7 @@ def active_seconds(intervals: list[tuple[float, float]]) -> float:
 def calibration_needs(target: CoreMLTarget) -> dict[str, set[str]]:
     """Calibration text → the parts a target's writer asks for: the residual stream's range (every package runs in
     fp16), and a plan's importance."""
-    return {BUILTIN: {RANGE} | ({IMPORTANCE} if target.plan else set())}
+    return {BUILTIN: {RANGE} | ({IMPORTANCE, SENSITIVITY} if target.plan else set())}
 
 
 class CoreMLWriter(Writer):
