@@ -42,11 +42,18 @@ GATE = 0.01
 
 
 def checkpoint_for(model: str) -> Path:
+    """"demo", a family of tests/families.py, "real" (SmolLM2-135M-Instruct: siliconvert/realweights.py), or a
+    checkpoint folder."""
     from siliconvert.demo import demo_checkpoint, small_checkpoint
+    from siliconvert.realweights import real_checkpoint
     from tests.families import FAMILY_CASES
 
     if model == "demo":
         return demo_checkpoint()
+    if model == "real":
+        return real_checkpoint()
+    if model not in FAMILY_CASES and Path(model).is_dir():
+        return Path(model)
     tokenizer, config = FAMILY_CASES[model]
     return small_checkpoint(None, model, tokenizer, config=config)
 

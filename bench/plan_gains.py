@@ -4,6 +4,7 @@ Q4_K_M's size against Q4_K_M, and one at MLX 4-bit g64's size against that, with
 model on weights mx.dequantize'd in the folder's float type: tests/test_plan_models.py `mlx_logits`).
 
     PYTHONPATH=. .venv/bin/python -m bench.plan_gains [--models demo,qwen3,granite,olmo2] [--mode after] [--work DIR]
+        [--label NAME]     # models: also "real" (SmolLM2-135M-Instruct) or checkpoint folders
 
 Prints a JSON line per model and format and writes them all to bench/results/plan-gains-<YYYY-MM-DD>-<mode>.json.
 """
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument("--models", default="demo,qwen3,granite,olmo2")
     parser.add_argument("--mode", choices=("before", "after"), default="after")
     parser.add_argument("--work", type=Path, default=WORK_DIR / "plan-gains")
+    parser.add_argument("--label", default="", help="added to the result's file name (another set of models)")
     args = parser.parse_args()
     if args.mode == "before":  # no measured gains: every weight takes its role's (ROLE_GAINS)
         Calibration.gain = lambda self, name, tied_head=False: None
@@ -88,7 +90,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    file = RESULTS_DIR / f"plan-gains-{datetime.date.today().isoformat()}-{args.mode}.json"
+    label = f"-{args.label}" if args.label else ""
+    file = RESULTS_DIR / f"plan-gains-{datetime.date.today().isoformat()}-{args.mode}{label}.json"
     file.write_text(json.dumps({"mode": args.mode, "windows": "2 x 256 held-out tokens", "rows": rows}, indent=1))
     print(file)
 
