@@ -70,6 +70,9 @@ class Layout:
     kv_heads_as_q: bool = False
     # the graph requires output.weight (no fallback to token_embd): a tied head is written as a copy of it
     output_required: bool = False
+    # the sliding layers rotate with rope.freq_base_swa (gemma2/3); False: with the main rope.freq_base, which the
+    # olmo2 graph passes to every layer (it loads the swa key and never uses it)
+    swa_theta_keyed: bool = True
 
 
 _PRE = {"norm_placement": "pre", "qk_norm": None, "activation": "silu", "final_softcap": None, "attn_softcap": None,
@@ -86,6 +89,9 @@ LAYOUTS: dict[str, Layout] = {
                      keyed=frozenset({"final_softcap", "sliding_window"})),
     "olmo2": Layout(A.OLMO2, permute_qk=False, fixed=_PRE | {"norm_placement": "post", "qk_norm": "projection"},
                     keyed=frozenset({"sliding_window"}), output_required=True),
+    # llama.cpp converts OLMo 3 as olmo2 with the window keys; its sliding layers rotate with the main θ
+    "olmo3": Layout(A.OLMO2, permute_qk=False, fixed=_PRE | {"norm_placement": "post", "qk_norm": "projection"},
+                    keyed=frozenset({"sliding_window"}), output_required=True, swa_theta_keyed=False),
     "granite": Layout(A.GRANITE, permute_qk=True, fixed=_PRE,
                       keyed=frozenset({"embedding_scale", "attention_scale", "residual_scale", "logits_scale"})),
     "phi3": Layout(A.PHI3, permute_qk=False, fixed=_PRE | {"fused_qkv": True, "fused_gate_up": True},
@@ -217,6 +223,10 @@ class GGUFArch:
         swa_rope = next(layer.rope for layer in spec.layers if layer.window is not None)
         if swa_rope is not None and (swa_rope.scaling is not None or swa_rope.dim != (self.spec.rope or swa_rope).dim):
             raise self.refuse("per_layer_rope", "llama.cpp's sliding layers take no rope scaling of their own")
+        if swa_rope is not None and not layout.swa_theta_keyed and spec.rope is not None and (
+                swa_rope.theta != spec.rope.theta):
+            raise self.refuse("per_layer_rope", f"llama.cpp's sliding layers rotate with the main θ "
+                                                f"({spec.rope.theta:g}); the source's with {swa_rope.theta:g}")
 
     # ---- what llama.cpp computes -----------------------------------------------------------------------
     def llama_cpp_attention_scale(self) -> float:

@@ -59,6 +59,11 @@ class Layout:
     # the whole set): where not, the writer drops a tied head itself
     sanitize_per_tensor: bool = True
     experts: ExpertLayout | None = None  # None: the model file has no mixture of experts
+    # The sliding layers rotate with `rope_theta` and no scaling, whatever the full layers' rope (mlx-lm's olmo3);
+    # False: as the layout's windows say (one rope for all, or Gemma 3's local θ)
+    plain_sliding_rope: bool = False
+    # The model file indexes a sliding and a full layer (mlx-lm's olmo3): a model without both cannot load
+    needs_both_layer_kinds: bool = False
 
 
 _GEMMA = {"norm_offset": 1.0, "norm_placement": "sandwich", "activation": "gelu_tanh",
@@ -73,6 +78,8 @@ LAYOUTS: dict[str, Layout] = {
     "gemma3": Layout("gemma3_text", keys=("query_pre_attn_scalar", "rope_local_base_freq"),
                      fixed=_GEMMA | {"qk_norm": "head"}, windows="pattern", biases="none", sanitize_per_tensor=False),
     "olmo2": Layout("olmo2", fixed={"norm_placement": "post", "qk_norm": "projection"}),
+    "olmo3": Layout("olmo3", fixed={"norm_placement": "post", "qk_norm": "projection"}, windows="layer_types",
+                    plain_sliding_rope=True, needs_both_layer_kinds=True),
     "granite": Layout("granite", keys=("embedding_multiplier", "attention_multiplier", "residual_multiplier",
                                        "logits_scaling")),
     "phi3": Layout("phi3", keys=("partial_rotary_factor", "original_max_position_embeddings"),
@@ -191,10 +198,17 @@ class MLXArch:
         ropes = [layer.rope for layer in self.layers]
         if None in ropes and "nope_layers" not in keyed:
             raise self.refuse("nope_layers", "every layer has rope in mlx-lm")
+        own_sliding_rope = layout.windows == "pattern" or layout.plain_sliding_rope
         main = _distinct(layer.rope for layer in self.layers if layer.rope is not None
-                         and (layer.window is None or layout.windows != "pattern"))
+                         and (layer.window is None or not own_sliding_rope))
         if len(main) > 1:
             raise self.refuse("per_layer_rope", "one rope for all layers (Gemma 3: one per attention kind)")
+        if layout.plain_sliding_rope:
+            plain = Rope(self.rope.theta, spec.head_dim)
+            for rope in _distinct(layer.rope for layer in self.layers if layer.window is not None):
+                if rope != plain:
+                    raise self.refuse("per_layer_rope", f"mlx-lm's sliding layers rotate with θ {plain.theta:g} "
+                                                        f"and no scaling; the source's rope there is {rope}")
         for rope in (r for r in ropes if r is not None):
             if rope.kind not in layout.rope_kinds:
                 raise self.refuse("rope_scaling", f"mlx-lm's rope here reads {', '.join(layout.rope_kinds)} scaling "
@@ -223,6 +237,9 @@ class MLXArch:
 
     def _check_windows(self) -> None:
         windows = {layer.window for layer in self.layers} - {None}
+        if self.layout.needs_both_layer_kinds and not windows:
+            raise self.refuse("sliding_window", "mlx-lm's model file needs a sliding layer; no source layer slides "
+                                                "within the context")
         if not windows:
             return
         context = self.spec.max_position_embeddings

@@ -16,7 +16,7 @@ import os
 import struct
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from stat import S_ISREG
@@ -46,7 +46,23 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    # FP8 is indexed (its bytes are counted like any other's) so that it is refused by name, never read
+    "F8_E4M3": np.uint8, "F8_E5M2": np.uint8, "F8_E8M0": np.uint8,
 }
+FP8_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F8_E8M0"})
+# config.json's quant_method → what it is. None of them is read here: their weights are packed integers or
+# FP8 with scales, and read as floats they would convert to garbage. FP8 block-scaled and MXFP4 sources are to be
+# dequantized in the stream (issue #27); until then they are refused too, saying so.
+DEQUANTIZED_LATER = {"fp8": "FP8", "mxfp4": "MXFP4"}
+# The last part of a tensor name that only a quantized export writes (GPTQ/AWQ packing, bitsandbytes' states,
+# FP8 and compressed-tensors scales, MXFP4 blocks, MLX's affine scales): a checkpoint holding one is quantized,
+# whatever its config says.
+QUANTIZED_TENSOR_SUFFIXES = (
+    ".qweight", ".qzeros", ".g_idx", ".scales", ".biases", ".weight_scale", ".weight_scale_inv", ".input_scale",
+    ".weight_packed", ".weight_zero_point", ".weight_shape", ".weight_global_scale", ".SCB", ".weight_format",
+    ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4",
+    ".quant_state.bitsandbytes__fp4", "_blocks", "_scales",
+)
 # A header larger than this is not a weights file; refusing it early avoids reading gigabytes of JSON.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -223,6 +239,47 @@ def _check_chat_template(path: Path, files: dict[str, dict]) -> None:
                                   f"{short(str(e))}); fix it or remove it", path / file) from None
 
 
+def refuse_quantized_config(config: dict[str, Any], where: Path) -> None:
+    """Refuse a checkpoint whose config says it arrives quantized (transformers' `quantization_config`, the older
+    `compression_config` of compressed-tensors, MLX's `quantization`), naming the method: its weights are not
+    floats, and no method is dequantized here yet."""
+    for holder, settings in (("", config), ("text_config.", config.get("text_config"))):
+        if not isinstance(settings, dict):
+            continue
+        for key in ("quantization_config", "compression_config", "quantization"):
+            quantization = settings.get(key)
+            if quantization is None:
+                continue
+            method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+            if key == "quantization" and method is None:
+                method = "mlx"  # mlx-lm writes {"group_size": 64, "bits": 4} under this key
+            if not isinstance(method, str):
+                raise CheckpointError(f"{holder}{key} {short(quantization)} says the weights are quantized, without a "
+                                      "quant_method; siliconvert reads float weights only", where)
+            if method.lower() in DEQUANTIZED_LATER:
+                raise CheckpointError(f"{holder}{key}.quant_method is {method!r}: the weights are "
+                                      f"{DEQUANTIZED_LATER[method.lower()]}-quantized, and dequantizing them in the "
+                                      "stream is not supported yet; convert from the bfloat16 release", where)
+            raise CheckpointError(f"{holder}{key}.quant_method is {method!r}: the weights are quantized, and "
+                                  "siliconvert reads float weights only (read as floats they would convert to "
+                                  "garbage); convert from the unquantized release", where)
+
+
+def refuse_quantized_tensors(tensors: Iterable[TensorInfo]) -> None:
+    """Refuse a tensor only a quantized export holds (an FP8 weight, a GPTQ `qweight`, an FP8 `weight_scale_inv`),
+    naming it: a checkpoint whose config.json lost its quantization_config is still quantized."""
+    tensors = list(tensors)
+    for info in tensors:  # an FP8 weight first: it says more than the scale stored beside it
+        if info.dtype in FP8_DTYPES:
+            raise CheckpointError(f"tensor {short(info.name)} has dtype {info.dtype}: FP8-quantized weights are not "
+                                  "dequantized yet; convert from the bfloat16 release", info.shard)
+    for info in tensors:
+        if info.name.endswith(QUANTIZED_TENSOR_SUFFIXES):
+            raise CheckpointError(f"tensor {short(info.name)} ({info.dtype} {list(info.shape)}) is part of a "
+                                  "quantized weight; siliconvert reads float weights only, convert from the "
+                                  "unquantized release", info.shard)
+
+
 def regular_file(path: Path) -> os.stat_result:
     """The file's stat, refusing anything but a regular file (a FIFO or a device would hang or never end)."""
     try:
@@ -393,7 +450,9 @@ class Checkpoint:
         """Open a folder, or a hub id `org/name[@revision]` through huggingface_hub's cache."""
         path, name = resolve_source(str(source))
         config = _read_config(path)
+        refuse_quantized_config(config, path / "config.json")
         tensors = _index_tensors(path, allow_pickle)
+        refuse_quantized_tensors(tensors.values())
         # Before anything is sized by config.json's numbers: each is checked against the weights' own shapes.
         check_config(config, tensors.values(), path / "config.json")
         family = registry.for_config(config, where=path / "config.json")

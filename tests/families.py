@@ -18,6 +18,12 @@ FAMILY_CASES: dict[str, tuple[str, dict]] = {
         "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
                             "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}}),
     "olmo2": ("bpe", {}),
+    # transformers' default layer types (sliding, sliding, sliding, full) with a 24-token window; YaRN on the full
+    # layer only, as OLMo-3-7B has it
+    "olmo3": ("bpe", {"num_hidden_layers": 4, "sliding_window": 24, "rope_parameters": {
+        "full_attention": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 512,
+                           "rope_theta": 500_000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 500_000.0}}}),
     "granite": ("bpe", {"embedding_multiplier": 6.0, "attention_multiplier": 0.05, "residual_multiplier": 0.5,
                         "logits_scaling": 4.0}),
     "phi3": ("sentencepiece", {

@@ -129,6 +129,16 @@ def config(**changes: Any) -> Damage:
     return damage
 
 
+def fp8(name: str) -> Damage:
+    """`name` stored as FP8 with its block scale beside it, as DeepSeek's and Qwen3's FP8 releases store weights."""
+    def change(t: dict) -> None:
+        import torch
+
+        t[name] = t[name].float().to(torch.float8_e4m3fn)
+        t[name + "_scale_inv"] = torch.ones(1, 1)
+    return tensors(change)
+
+
 def config_text(replace: str, by: str) -> Damage:
     """Edit config.json's text: for what json.dumps would not write (a key twice)."""
     return file_bytes("config.json", lambda raw: raw.replace(replace.encode(), by.encode(), 1))
@@ -470,6 +480,18 @@ CONFIG = [
     Case("attention-bias-string", C, config(attention_bias="false"), C, "attention_bias must be true or false"),
     Case("bos-token-string", C, config(bos_token_id="1"), C, "bos_token_id must be a token id"),
     Case("eos-token-list-of-strings", C, config(eos_token_id=["2"]), C, "eos_token_id must be a token id"),
+    *(Case(f"quantized-{method}", C, config(quantization_config={"quant_method": method, "bits": 4}), C,
+           f"quantization_config.quant_method is '{method}': the weights are quantized, and siliconvert reads float")
+      for method in ("gptq", "awq", "compressed-tensors", "bitsandbytes", "hqq")),
+    Case("quantized-fp8", C, config(quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]}),
+         C, "the weights are FP8-quantized, and dequantizing them in the stream is not supported yet"),
+    Case("quantized-mxfp4", C, config(quantization_config={"quant_method": "mxfp4"}), C,
+         "the weights are MXFP4-quantized, and dequantizing them in the stream is not supported yet"),
+    Case("quantized-mlx", C, config(quantization={"group_size": 64, "bits": 4}), C,
+         "quantization.quant_method is 'mlx'"),
+    Case("quantized-language-model", C, config(text_config={"quantization_config": {"quant_method": "awq"}}), C,
+         "text_config.quantization_config.quant_method is 'awq'"),
+    Case("quantized-without-method", C, config(quantization_config={"bits": 4}), C, "without a quant_method"),
 ]
 
 TOKENIZER = [
@@ -569,6 +591,11 @@ WEIGHTS = [
     Case("tensor-unexpected", W, tensors(lambda t: t.update(extra=t[NORM_A].clone())), "ckpt",
          "unexpected tensor 'extra'"),
     Case("tensor-integer", W, tensors(lambda t: t.update({NORM_A: t[NORM_A].int()})), SHARD, "expected a float"),
+    Case("tensor-fp8", W, fp8(GATE), SHARD, f"tensor '{GATE}' has dtype F8_E4M3: FP8-quantized weights"),
+    Case("tensor-fp8-scale-only", W, tensors(lambda t: t.update({GATE + "_scale_inv": t[NORM_A][:1].float()})),
+         SHARD, f"tensor '{GATE}_scale_inv' (F32 [1]) is part of a quantized weight"),
+    Case("tensor-gptq-packed", W, tensors(lambda t: t.update({GATE.replace("weight", "qweight"): t.pop(GATE).int()})),
+         SHARD, "tensor 'model.layers.0.mlp.gate_proj.qweight' (I32 [64, 32]) is part of a quantized weight"),
     Case("tensor-transposed", W, tensors(lambda t: t.update({GATE: t[GATE].T.contiguous()})), SHARD,
          "config.json implies [64, 32]"),
     Case("no-weights", W, remove(SHARD), "ckpt", "no weights"),
@@ -718,7 +745,7 @@ OUTPUT = [
 CHECK_TOO = {"layers-a-billion", "hidden-size-string", "architectures-unknown", "shard-path-traversal",
              "overlap-same-bytes", "metadata-int-value", "tokenizer-wrong-structure", "corpus-missing",
              "corpus-too-short", "validate-context-beyond-positions", "coreml-context-beyond-positions",
-             "imatrix-missing", "output-under-a-file"}
+             "imatrix-missing", "output-under-a-file", "quantized-gptq", "quantized-fp8"}
 CHECKED = [Case(f"check-{c.id}", c.kind, c.damage, c.where, c.message, c.sharded, ("--check",))
            for c in (*HEADER, *SHARDED, *CONFIG, *TOKENIZER, *RECIPE, *VALIDATION, *OUTPUT) if c.id in CHECK_TOO]
 

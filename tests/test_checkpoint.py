@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import re
 import shutil
 import struct
 
@@ -215,3 +216,43 @@ def test_a_special_token_id_past_the_vocabulary_is_said_not_fatal(random_llama, 
     messages = [str(w.message) for w in warned]
     assert any("config.json: eos_token_id 50279 is outside the model's vocabulary of 96" in m for m in messages)
     assert any("generation_config.json: eos_token_id 96 is outside" in m for m in messages)
+
+
+@pytest.mark.parametrize(("key", "settings", "message"), [
+    ("quantization_config", {"quant_method": "gptq", "bits": 4, "group_size": 128},
+     "quantization_config.quant_method is 'gptq': the weights are quantized"),
+    ("quantization_config", {"quant_method": "compressed-tensors", "format": "pack-quantized"},
+     "quant_method is 'compressed-tensors'"),
+    ("quantization_config", {"quant_method": "fp8", "weight_block_size": [128, 128]},
+     "FP8-quantized, and dequantizing them in the stream is not supported yet"),
+    ("quantization_config", {"quant_method": "mxfp4"}, "MXFP4-quantized"),
+    ("compression_config", {"quant_method": "sparseml"}, "compression_config.quant_method is 'sparseml'"),
+    ("quantization", {"group_size": 64, "bits": 4}, "quantization.quant_method is 'mlx'"),
+])
+def test_a_quantized_checkpoint_is_refused_by_its_method(random_llama, tmp_path, key, settings, message):
+    """Its weights are never read as floats: the refusal comes from config.json, before any shard is indexed."""
+    folder = _copy(random_llama, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {key: settings}))
+    (folder / "model.safetensors").write_bytes(b"")  # never opened
+    with pytest.raises(CheckpointError, match=message) as e:
+        Checkpoint.open(folder)
+    assert e.value.where == str(folder / "config.json")
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    (lambda t: t.update({"model.norm.weight": t["model.norm.weight"].float().to(torch.float8_e5m2)}),
+     "'model.norm.weight' has dtype F8_E5M2"),
+    (lambda t: t.update({"model.layers.1.self_attn.o_proj.weight_scale_inv": torch.ones(1, 1)}),
+     "'model.layers.1.self_attn.o_proj.weight_scale_inv' (F32 [1, 1]) is part of a quantized weight"),
+    (lambda t: t.update({"model.layers.0.mlp.experts.gate_up_proj_blocks": torch.zeros(2, 4, dtype=torch.uint8)}),
+     "gate_up_proj_blocks' (U8 [2, 4]) is part of a quantized weight"),
+])
+def test_quantized_tensors_are_refused_without_a_quantization_config(random_llama, tmp_path, change, named):
+    """A quantized export whose config.json lost its quantization_config is still refused, naming a tensor."""
+    folder = _copy(random_llama, tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    change(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=re.escape(named)):
+        Checkpoint.open(folder)

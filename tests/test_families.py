@@ -15,7 +15,8 @@ from siliconvert.errors import CheckpointError
 ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
                  "olmo2": "Olmo2ForCausalLM", "granite": "GraniteForCausalLM", "phi3": "Phi3ForCausalLM",
                  "smollm3": "SmolLM3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
-                 "qwen2_moe": "Qwen2MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+                 "qwen2_moe": "Qwen2MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
+                 "olmo3": "Olmo3ForCausalLM"}
 SIZES = {"vocab_size": 1024, "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "intermediate_size": 384, "max_position_embeddings": 1024}
 
@@ -70,6 +71,29 @@ def test_olmo2_post_norms_and_projection_qk_norm() -> None:
     expected = family.expected_tensors(spec)
     assert expected["model.layers.0.self_attn.q_norm.weight"] == (spec.q_size,)
     assert not any("input_layernorm" in name for name in expected)
+
+
+def test_olmo3_is_olmo2_with_sliding_layers_and_a_rope_per_layer_type() -> None:
+    """transformers' default layer types (three sliding, one full); YaRN on the full layer only. mlx-lm's olmo3 and
+    llama.cpp's olmo2 both rotate the sliding layers with the main θ: a sliding θ of its own is refused by each."""
+    from siliconvert.convert.mlx_arch import MLXArch
+
+    spec = spec_of("olmo3")
+    plain, yarn = Rope(500_000.0, 32), Rope(500_000.0, 32, {"rope_type": "yarn", "factor": 2.0,
+                                                            "original_max_position_embeddings": 512})
+    assert spec.layers == (Layer(24, plain), Layer(24, plain), Layer(24, plain), Layer(None, yarn))
+    assert spec.norm_placement == "post" and spec.qk_norm == "projection" and spec.rope_scaling == yarn.scaling
+    config = MLXArch(spec, "config.json").config()
+    assert config["rope_theta"] == 500_000.0 and config["rope_scaling"]["type"] == "yarn"
+    assert config["layer_types"] == ["sliding_attention"] * 3 + ["full_attention"] and config["sliding_window"] == 24
+    GGUFArch(spec, "config.json")
+    own_theta = spec_of("olmo3", rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                                  "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    for arch in (GGUFArch, MLXArch):
+        with pytest.raises(CheckpointError, match="cannot honour the trait per_layer_rope"):
+            arch(own_theta, "config.json")
+    with pytest.raises(CheckpointError, match=r"MLX .* trait sliding_window: mlx-lm's model file needs a sliding"):
+        MLXArch(spec_of("olmo3", sliding_window=4096, rope_parameters=None), "config.json")
 
 
 def test_granite_multipliers() -> None:

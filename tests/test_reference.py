@@ -76,7 +76,8 @@ def test_sliding_window_mask_reaches_the_layers(small_model):
     assert np.abs(full[:, SLIDING_WINDOW + 1:] - windowed[:, SLIDING_WINDOW + 1:]).max() > 1e-2
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "gemma2", "gemma3_text", "olmo2", "granite", "phi3", "smollm3"])
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma2", "gemma3_text", "olmo2", "olmo3", "granite", "phi3",
+                                        "smollm3"])
 def test_streamed_reference_runs_each_familys_own_code(model_type):
     """Per-layer masks and rope, Gemma's embedding scale buffer, soft-capped and scaled logits: all of the
     family's forward, layer by layer, equals its whole forward."""

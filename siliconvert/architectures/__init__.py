@@ -21,6 +21,7 @@ from siliconvert.architectures.llama import Llama
 from siliconvert.architectures.mistral import Mistral
 from siliconvert.architectures.mixtral import Mixtral
 from siliconvert.architectures.olmo2 import Olmo2
+from siliconvert.architectures.olmo3 import Olmo3
 from siliconvert.architectures.olmoe import Olmoe
 from siliconvert.architectures.phi3 import Phi3
 from siliconvert.architectures.qwen2 import Qwen2
@@ -31,7 +32,7 @@ from siliconvert.architectures.smollm3 import SmolLM3
 
 registry = Registry()
 for _family in (Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3, Gemma3Multimodal, Olmo2, Granite, Phi3, SmolLM3,
-                Qwen3Moe, Mixtral, Qwen2Moe, Olmoe):
+                Qwen3Moe, Mixtral, Qwen2Moe, Olmoe, Olmo3):
     registry.register(_family)
 
 __all__ = ["LLAMA_TRAITS", "ConfigWarning", "Experts", "Family", "Layer", "ModelSpec", "Registry", "Rope", "TensorRole",
