@@ -142,6 +142,9 @@ class GGUFTarget(TargetSpec):
     @model_validator(mode="after")
     def _auto_has_a_plan(self) -> GGUFTarget:
         _plan_matches_auto("auto" in self.quants, self.plan, "quants")
+        repeated = sorted({quant for quant in self.quants if self.quants.count(quant) > 1})
+        if repeated:  # one file a quant: a second would overwrite the first
+            raise ValueError(f"quants lists {', '.join(repeated)} more than once")
         return self
 
     def file_quant(self, quant: str) -> str:
@@ -243,6 +246,9 @@ class Recipe(Strict):
         for index, target in enumerate(self.targets):
             for problem in target.check_settings(settings):
                 raise ValueError(f"targets.{index}.{problem}")
+            earlier = next((i for i, other in enumerate(self.targets[:index]) if other == target), None)
+            if earlier is not None:  # the same artifact twice: built twice into one name
+                raise ValueError(f"targets.{index} repeats targets.{earlier}")
         return self
 
     def output_dir(self, recipe_path: Path | None = None) -> Path:

@@ -42,6 +42,10 @@ def test_all_formats_parse():
     ({**MINIMAL, "validate": {"tokens": 64, "context": 128}}, "context must not exceed"),
     ({**MINIMAL, "targets": []}, "targets"),
     ({**MINIMAL, "name": "../../etc"}, "name"),
+    ({**MINIMAL, "targets": [{"format": "gguf", "quants": ["Q8_0", "Q4_K_M", "Q8_0"]}]},
+     "targets.0: quants lists Q8_0 more than once"),
+    ({**MINIMAL, "targets": [{"format": "mlx", "bits": 4}, {"format": "gguf"}, {"format": "mlx", "bits": 4}]},
+     "targets.2 repeats targets.0"),
 ])
 def test_problems_name_the_key(data, message):
     with pytest.raises(RecipeError, match=message):
