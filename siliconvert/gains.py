@@ -90,7 +90,7 @@ def measured_gains(config: PretrainedConfig, weights: WeightSource, window: np.n
 
     from siliconvert.calibration import _Importance
     from siliconvert.progress import track
-    from siliconvert.streamed import _free, _materialise, _record_layer_inputs, head_logits, model_skeleton
+    from siliconvert.streamed import _free, _materialise, _record_layer_inputs, final_norm, head_logits, model_skeleton
 
     model = model_skeleton(config, torch.float32)
     importance = _Importance()
@@ -102,7 +102,8 @@ def measured_gains(config: PretrainedConfig, weights: WeightSource, window: np.n
     # (NOISE or SHRINK, weight) → hidden states of the stream its perturbation started
     streams: dict[tuple[str, str], torch.Tensor] = {}
     with torch.inference_mode():
-        _materialise(body.norm, "model.norm.", weights, "cpu", torch.float32)
+        norm_name, norm = final_norm(body)
+        _materialise(norm, f"model.{norm_name}.", weights, "cpu", torch.float32)
         _materialise(body.embed_tokens, "model.embed_tokens.", weights, "cpu", torch.float32)
         ids = torch.as_tensor(np.asarray(window)[None])
         importance.active = True
@@ -133,11 +134,11 @@ def measured_gains(config: PretrainedConfig, weights: WeightSource, window: np.n
             clean = clean_out
             _free(layer)
         _materialise(model.lm_head, "model.embed_tokens." if tied else "lm_head.", weights, "cpu", torch.float32)
-        final = body.norm(clean)
+        final = norm(clean)
         importance.active = True
         reference = _log_probs(head_logits(model, final))
         importance.active = False
-        klds = {key: _mean_kld(reference, _log_probs(head_logits(model, body.norm(states))))
+        klds = {key: _mean_kld(reference, _log_probs(head_logits(model, norm(states))))
                 for key, states in streams.items()}
         head_columns, _ = _importance_of(importance, HEAD)
         with _perturbed(model.lm_head.weight, head_columns, None, rng) as errors[HEAD]:
@@ -145,7 +146,7 @@ def measured_gains(config: PretrainedConfig, weights: WeightSource, window: np.n
         with _scaled([model.lm_head.weight]):
             klds[SHRINK, HEAD] = _mean_kld(reference, _log_probs(head_logits(model, final)))
         _free(model.lm_head)
-        _free(body.norm)
+        _free(norm)
     noise = {name: klds[NOISE, name] / errors[name] for name in sorted(errors) if errors[name] > 0}
     shrink = {name: klds[SHRINK, name] / R0 for name in noise}
     return MeasuredGains(noise, shrink)

@@ -78,7 +78,8 @@ def streamed_logits(config: PretrainedConfig, weights: WeightSource, windows: np
     body.rotary_emb.to(device)
     tied_head = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     with torch.inference_mode():
-        _materialise(body.norm, "model.norm.", weights, device, dtype)
+        norm_name, norm = final_norm(body)
+        _materialise(norm, f"model.{norm_name}.", weights, device, dtype)
         _materialise(body.embed_tokens, "model.embed_tokens.", weights, device, dtype)
         hidden: list[torch.Tensor] = []
         layer_kwargs: dict[int, list[dict[str, Any]]] = {}  # window length → each layer's keyword arguments
@@ -103,12 +104,24 @@ def streamed_logits(config: PretrainedConfig, weights: WeightSource, windows: np
                            dtype=np.float32) if keep_logits else None)
         for row, states in enumerate(hidden):
             started(row)
-            window_logits = head_logits(model, body.norm(states))
+            window_logits = head_logits(model, norm(states))
             if logits is not None:
                 logits[row] = window_logits[0].float().cpu().numpy()
         _free(model.lm_head)
-        _free(body.norm)
+        _free(norm)
     return logits
+
+
+# What transformers' model bodies call the norm after the last layer (LFM2's is `embedding_norm`)
+FINAL_NORM_NAMES = ("norm", "embedding_norm")
+
+
+def final_norm(body: torch.nn.Module) -> tuple[str, torch.nn.Module]:
+    """The body's final norm module and its attribute name."""
+    for name in FINAL_NORM_NAMES:
+        if isinstance(module := getattr(body, name, None), torch.nn.Module):
+            return name, module
+    raise NotImplementedError(f"{type(body).__name__} has none of the final norms {FINAL_NORM_NAMES}")
 
 
 def model_skeleton(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:

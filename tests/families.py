@@ -41,6 +41,10 @@ FAMILY_CASES: dict[str, tuple[str, dict]] = {
     "qwen2_moe": ("bpe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
                           "shared_expert_intermediate_size": 192}),
     "olmoe": ("bpe", {"num_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 128}),  # q/k norms: projection
+    # hybrids: LFM2's gated short convolutions around one attention layer, a tied head as LFM2 ships; the MLP's
+    # width derived as transformers does (⅔ of 384, rounded up to 96: 288 rows, no multiple of 256)
+    "lfm2": ("bpe", {"num_hidden_layers": 4, "layer_types": ["conv", "full_attention", "conv", "conv"],
+                     "block_multiple_of": 96, "tie_word_embeddings": True}),
 }
 
 

@@ -16,7 +16,7 @@ ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "ge
                  "olmo2": "Olmo2ForCausalLM", "granite": "GraniteForCausalLM", "phi3": "Phi3ForCausalLM",
                  "smollm3": "SmolLM3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
                  "qwen2_moe": "Qwen2MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
-                 "olmo3": "Olmo3ForCausalLM"}
+                 "olmo3": "Olmo3ForCausalLM", "lfm2": "Lfm2ForCausalLM"}
 SIZES = {"vocab_size": 1024, "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "intermediate_size": 384, "max_position_embeddings": 1024}
 
@@ -167,3 +167,44 @@ def test_gguf_yarn_without_an_original_context_takes_the_models_own() -> None:
     writer = gguf.GGUFWriter(None, "llama")
     GGUFArch(spec, "config.json").add_hyperparameters(writer)
     assert writer.kv_data[0]["llama.rope.scaling.original_context_length"].value == 1024
+
+
+def test_lfm2_short_conv_layers_around_attention() -> None:
+    """LFM2: the mixer is a trait of each layer; conv layers hold no attention tensors, attention layers no conv
+    ones; the MLP's width is transformers' derived one; the state per sequence is hidden × (kernel − 1) per layer."""
+    spec = spec_of("lfm2")
+    assert [layer.mixer for layer in spec.layers] == ["short_conv", "attention", "short_conv", "short_conv"]
+    assert spec.traits() == {"qk_norm": "head", "short_conv": [0, 2, 3]}
+    assert spec.intermediate_size == 288 and spec.short_conv.kernel == 3 and spec.tie_word_embeddings
+    assert spec.state_numbers() == {"short_conv": 3 * 128 * 2}
+    family = registry.for_config(config_of("lfm2"))
+    expected = family.expected_tensors(spec)
+    assert expected["model.layers.0.conv.conv.weight"] == (128, 1, 3)
+    assert expected["model.layers.0.conv.in_proj.weight"] == (384, 128)
+    assert "model.layers.0.self_attn.q_proj.weight" not in expected
+    assert "model.layers.1.conv.in_proj.weight" not in expected
+    assert expected["model.layers.1.self_attn.q_layernorm.weight"] == (32,)
+    assert expected["model.layers.3.feed_forward.w2.weight"] == (128, 288)
+    assert "model.embedding_norm.weight" in expected and "lm_head.weight" not in expected
+    biased = family.expected_tensors(spec_of("lfm2", conv_bias=True))
+    assert biased["model.layers.0.conv.conv.bias"] == (128,)
+
+
+def test_lfm2_reads_liquids_own_config_style() -> None:
+    """The hub's LFM2 configs: attention layers by `full_attn_idxs`, the MLP by `block_ff_dim`, sizes repeated
+    under Liquid's names (checked, not read), `tie_embedding`."""
+    liquid = {"architectures": ["Lfm2ForCausalLM"], "model_type": "lfm2", "vocab_size": 1024, "hidden_size": 128,
+              "block_dim": 128, "conv_dim": 128, "num_hidden_layers": 3, "num_attention_heads": 4, "num_heads": 4,
+              "num_key_value_heads": 2, "block_ff_dim": 384, "intermediate_size": 384, "full_attn_idxs": [2],
+              "block_auto_adjust_ff_dim": False, "tie_embedding": False, "norm_eps": 1e-5, "theta": 1e6,
+              "rope_theta": 1e6, "conv_L_cache": 3, "use_pos_enc": True, "block_use_swiglu": True}
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec = registry.for_config(liquid).spec(liquid)
+    assert [layer.mixer for layer in spec.layers] == ["short_conv", "short_conv", "attention"]
+    assert spec.intermediate_size == 384 and not spec.tie_word_embeddings and spec.rope_theta == 1e6
+    with pytest.raises(CheckpointError, match="block_dim is 96 but hidden_size is 128"):
+        registry.for_config(liquid).spec(liquid | {"block_dim": 96})
+    with pytest.raises(CheckpointError, match=r"layer type '\w+' is not supported"):
+        spec_of("lfm2", layer_types=["conv", "mamba", "conv", "conv"])

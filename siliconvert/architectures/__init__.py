@@ -12,11 +12,13 @@ from siliconvert.architectures.base import (
     ModelSpec,
     Registry,
     Rope,
+    ShortConv,
     TensorRole,
 )
 from siliconvert.architectures.gemma2 import Gemma2
 from siliconvert.architectures.gemma3 import Gemma3, Gemma3Multimodal
 from siliconvert.architectures.granite import Granite
+from siliconvert.architectures.lfm2 import Lfm2
 from siliconvert.architectures.llama import Llama
 from siliconvert.architectures.mistral import Mistral
 from siliconvert.architectures.mixtral import Mixtral
@@ -32,8 +34,8 @@ from siliconvert.architectures.smollm3 import SmolLM3
 
 registry = Registry()
 for _family in (Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3, Gemma3Multimodal, Olmo2, Granite, Phi3, SmolLM3,
-                Qwen3Moe, Mixtral, Qwen2Moe, Olmoe, Olmo3):
+                Qwen3Moe, Mixtral, Qwen2Moe, Olmoe, Olmo3, Lfm2):
     registry.register(_family)
 
-__all__ = ["LLAMA_TRAITS", "ConfigWarning", "Experts", "Family", "Layer", "ModelSpec", "Registry", "Rope", "TensorRole",
-           "registry"]
+__all__ = ["LLAMA_TRAITS", "ConfigWarning", "Experts", "Family", "Layer", "ModelSpec", "Registry", "Rope", "ShortConv",
+           "TensorRole", "registry"]

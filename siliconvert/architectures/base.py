@@ -12,6 +12,7 @@ config class for the family, so the spec means what transformers' forward comput
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Callable
@@ -41,13 +42,35 @@ class Rope:
         return self.scaling["rope_type"] if self.scaling else "default"
 
 
+# What mixes a token with the ones before it, per layer: attention over a KV cache, or a recurrence carrying a
+# fixed-size state (`ModelSpec.short_conv`: LFM2's gated short convolution)
+Mixer = Literal["attention", "short_conv"]
+MIXERS: tuple[Mixer, ...] = ("attention", "short_conv")
+
+
 @dataclass(frozen=True)
 class Layer:
     """What differs from one decoder layer to the next."""
 
     window: int | None  # sliding-window attention: keys at most window-1 positions back; None: full attention
-    rope: Rope | None  # None: no positional encoding (NoPE)
+    rope: Rope | None  # None: no positional encoding (NoPE), and always None where the mixer is not attention
     sparse: bool = False  # the MLP is the model's mixture of experts (`ModelSpec.experts`), not a dense MLP
+    mixer: Mixer = "attention"
+
+
+@dataclass(frozen=True)
+class ShortConv:
+    """LFM2's gated short convolution, the mixer of its `short_conv` layers: in_proj maps a token to three rows of
+    the hidden size, B, C and x; B·x goes through a depthwise causal convolution of `kernel` taps (one filter per
+    channel, over this token and the kernel − 1 before it); C times its output goes through out_proj.
+
+    Its state per sequence is the last kernel − 1 values of B·x: hidden × (kernel − 1) numbers, whatever the length."""
+
+    kernel: int
+    bias: bool  # biases on in_proj, the convolution and out_proj
+
+    def state_shape(self, hidden_size: int) -> tuple[int, ...]:
+        return (hidden_size, self.kernel - 1)
 
 
 @dataclass(frozen=True)
@@ -119,6 +142,7 @@ class ModelSpec:
     # Their tensors stream as transformers' own stacks: router [count, hidden], gate_up [count, 2·ff, hidden]
     # (each expert's gate rows, then its up rows) and down [count, hidden, ff], whatever the files hold.
     experts: Experts | None = None
+    short_conv: ShortConv | None = None  # the mixer of the layers whose mixer is "short_conv"
 
     @property
     def q_size(self) -> int:
@@ -141,16 +165,21 @@ class ModelSpec:
 
     def traits(self) -> dict[str, Any]:
         """The traits that depart from Llama's, by name: what a writer that cannot honour one names."""
-        departures = {}
+        departures: dict[str, Any] = {}
         for name, default in LLAMA_TRAITS.items():
             if getattr(self, name) != default:
                 departures[name] = getattr(self, name)
-        windows = {layer.window for layer in self.layers}
-        if windows != {None}:
+        for mixer in MIXERS[1:]:
+            if layers := self.mixer_layers(mixer):
+                departures[mixer] = layers
+        attention = [layer for layer in self.layers if layer.mixer == "attention"]
+        windows = {layer.window for layer in attention}
+        if windows - {None}:
             departures["sliding_window"] = sorted(w or 0 for w in windows)
-        ropes = [layer.rope for layer in self.layers]
+        ropes = [layer.rope for layer in attention]
         if None in ropes:
-            departures["nope_layers"] = [i for i, rope in enumerate(ropes) if rope is None]
+            departures["nope_layers"] = [i for i, layer in enumerate(self.layers)
+                                         if layer.mixer == "attention" and layer.rope is None]
         if len({repr(rope) for rope in ropes if rope is not None}) > 1:
             departures["per_layer_rope"] = True
         if any(rope is not None and rope.dim != self.head_dim for rope in ropes):
@@ -166,6 +195,18 @@ class ModelSpec:
     @property
     def sparse_layers(self) -> list[int]:
         return [i for i, layer in enumerate(self.layers) if layer.sparse]
+
+    def mixer_layers(self, mixer: Mixer) -> list[int]:
+        """The layers whose mixer is `mixer`."""
+        return [i for i, layer in enumerate(self.layers) if layer.mixer == mixer]
+
+    def state_numbers(self) -> dict[Mixer, int]:
+        """Numbers of recurrent state per sequence, summed over the layers of each mixer that carries one (the KV
+        cache, which grows with the sequence, is not in it)."""
+        numbers: dict[Mixer, int] = {}
+        if self.short_conv is not None and (layers := self.mixer_layers("short_conv")):
+            numbers["short_conv"] = len(layers) * math.prod(self.short_conv.state_shape(self.hidden_size))
+        return numbers
 
 
 # Llama's value of each trait: the defaults of ModelSpec's traits, what `traits()` names departures from, and what
@@ -241,7 +282,17 @@ SHARED_EXPERT_TENSORS = {
     "model.layers.{layer}.mlp.shared_expert.down_proj": "ffn_down_shexp",
     "model.layers.{layer}.mlp.shared_expert_gate": "ffn_gate_inp_shexp",  # its sigmoid weight, one per token
 }
+# LFM2's gated short convolution, named as llama.cpp names it (blk.N.shortconv.conv, ...)
+SHORT_CONV_TENSORS = {
+    "model.layers.{layer}.conv.in_proj": "shortconv.in_proj",
+    "model.layers.{layer}.conv.conv": "shortconv.conv",
+    "model.layers.{layer}.conv.out_proj": "shortconv.out_proj",
+}
 ATTENTION_ROLES = ("attn_q", "attn_k", "attn_v", "attn_qkv")
+# every role of an attention mixer: a layer of another mixer has none of them
+ATTENTION_MIXER_ROLES = (*ATTENTION_ROLES, "attn_output", "attn_q_norm", "attn_k_norm")
+MIXER_ROLES: dict[str, tuple[str, ...]] = {"attention": ATTENTION_MIXER_ROLES,
+                                           "short_conv": tuple(SHORT_CONV_TENSORS.values())}
 MLP_ROLES = ("ffn_gate", "ffn_up", "ffn_gate_up", "ffn_down")
 EXPERT_ROLES = (*EXPERT_TENSORS.values(), *SHARED_EXPERT_TENSORS.values())
 EXPERT_STACKS = ("ffn_gate_up_exps", "ffn_down_exps")  # parameters without a .weight suffix
@@ -263,6 +314,9 @@ def role_shape(spec: ModelSpec, role: str) -> tuple[int, ...]:
         shared = spec.experts.shared_intermediate_size
         shapes |= {"ffn_gate_shexp": (shared, h), "ffn_up_shexp": (shared, h), "ffn_down_shexp": (h, shared),
                    "ffn_gate_inp_shexp": (1, h)}
+    if spec.short_conv is not None:  # the convolution as torch's Conv1d holds it: [channels, 1, kernel]
+        shapes |= {"shortconv.in_proj": (3 * h, h), "shortconv.conv": (h, 1, spec.short_conv.kernel),
+                   "shortconv.out_proj": (h, h)}
     return shapes.get(role, (h,))  # every other role is a norm over the hidden size
 
 
@@ -312,12 +366,12 @@ class Family:
             hf_architecture=(config.get("architectures") or [self.hf_architectures[0]])[0],
             vocab_size=int(hf.vocab_size),
             hidden_size=int(hf.hidden_size),
-            intermediate_size=int(hf.intermediate_size),
+            intermediate_size=self._intermediate_size(hf),
             num_layers=int(hf.num_hidden_layers),
             num_heads=int(hf.num_attention_heads),
             num_kv_heads=int(getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads),
             head_dim=head_dim(hf),
-            rms_norm_eps=float(getattr(hf, "rms_norm_eps", 1e-6)),
+            rms_norm_eps=float(getattr(hf, "rms_norm_eps", None) or getattr(hf, "norm_eps", None) or 1e-6),
             rope_theta=main_rope.theta if main_rope else 10000.0,
             rope_scaling=main_rope.scaling if main_rope else None,
             max_position_embeddings=int(getattr(hf, "max_position_embeddings", 2048)),
@@ -344,6 +398,10 @@ class Family:
             )
         return spec
 
+    def _intermediate_size(self, hf: Any) -> int:
+        """The dense MLP's width, as transformers' MLP module sizes it."""
+        return int(hf.intermediate_size)
+
     def traits(self, hf: Any) -> dict[str, Any]:
         """How the family departs from Llama (ModelSpec's trait fields), read from transformers' config."""
         return {}
@@ -351,17 +409,29 @@ class Family:
     def _layers(self, hf: Any, where: str) -> tuple[Layer, ...]:
         """Each layer's attention window and rope, as transformers' attention modules choose them."""
         layer_types = getattr(hf, "layer_types", None) or ["full_attention"] * hf.num_hidden_layers
-        ropes = {kind: self._rope(hf, kind, where) for kind in set(layer_types)}
+        if len(layer_types) != hf.num_hidden_layers:
+            raise CheckpointError(f"layer_types names {len(layer_types)} layers, num_hidden_layers "
+                                  f"{hf.num_hidden_layers}", where)
+        attention_kinds = ("full_attention", "sliding_attention")
+        for kind in layer_types:
+            if kind not in attention_kinds and kind not in self.mixer_layer_types:
+                raise CheckpointError(f"layer type {kind!r} is not supported", where)
+        ropes = {kind: self._rope(hf, kind, where) for kind in set(layer_types) & set(attention_kinds)}
         uses_rope = self._uses_rope(hf)
         window = self._sliding_window(hf)
         layers = []
         for index, kind in enumerate(layer_types):
-            if kind not in ("full_attention", "sliding_attention"):
-                raise CheckpointError(f"layer type {kind!r} is not supported", where)
+            if kind in self.mixer_layer_types:
+                layers.append(Layer(window=None, rope=None, sparse=self._sparse(hf, index),
+                                    mixer=self.mixer_layer_types[kind]))
+                continue
             slides = window if kind == "sliding_attention" or self.all_layers_slide else None
             layers.append(Layer(window=slides, rope=ropes[kind] if uses_rope[index] else None,
                                 sparse=self._sparse(hf, index)))
         return tuple(layers)
+
+    # Layer types (transformers' `layer_types`) whose mixer is not attention → the mixer
+    mixer_layer_types: ClassVar[dict[str, Mixer]] = {}
 
     # Whether config.sliding_window applies to every layer whatever layer_types says (Mistral's reading).
     all_layers_slide: ClassVar[bool] = False
@@ -492,6 +562,8 @@ class Family:
         biased = set(MLP_ROLES if spec.mlp_bias else ()) | set(ATTENTION_ROLES if spec.qkv_bias else ())
         if spec.attn_output_bias:
             biased.add("attn_output")
+        if spec.short_conv is not None and spec.short_conv.bias:
+            biased |= set(SHORT_CONV_TENSORS.values())
         shapes: dict[str, tuple[int, ...]] = {}
         for template, role in self.tensor_names.items():
             if role == "output" and spec.tie_word_embeddings:
@@ -502,6 +574,9 @@ class Family:
             layers = range(spec.num_layers) if "{layer}" in template else [None]
             if role in MLP_ROLES or role in EXPERT_ROLES:  # a layer has the dense MLP or the experts
                 layers = [i for i in layers if spec.layers[i].sparse == (role in EXPERT_ROLES)]
+            for mixer, roles in MIXER_ROLES.items():  # and the tensors of its own mixer only
+                if role in roles:
+                    layers = [i for i in layers if spec.layers[i].mixer == mixer]
             for layer in layers:
                 for name, shape in parts:
                     shapes[name.format(layer=layer)] = shape
