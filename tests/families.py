@@ -45,6 +45,15 @@ FAMILY_CASES: dict[str, tuple[str, dict]] = {
     # width derived as transformers does (⅔ of 384, rounded up to 96: 288 rows, no multiple of 256)
     "lfm2": ("bpe", {"num_hidden_layers": 4, "layer_types": ["conv", "full_attention", "conv", "conv"],
                      "block_multiple_of": 96, "tie_word_embeddings": True}),
+    # Qwen3.5: three gated-delta-rule layers (2 key heads, 4 value heads: q and k repeated) to one gated attention
+    # layer; partial rotary (a quarter of head_dim 32); a conv of 4 taps; untied as the 2B+ sizes are
+    "qwen3_5_text": ("bpe", {"num_hidden_layers": 4, "head_dim": 32, "linear_num_key_heads": 2,
+                             "linear_num_value_heads": 4, "linear_key_head_dim": 32, "linear_value_head_dim": 24,
+                             "linear_conv_kernel_dim": 4,
+                             "layer_types": ["linear_attention"] * 3 + ["full_attention"],
+                             "rope_parameters": {"rope_type": "default", "rope_theta": 10_000_000.0,
+                                                 "partial_rotary_factor": 0.25, "mrope_section": [2, 1, 1],
+                                                 "mrope_interleaved": True}}),
 }
 
 
@@ -76,6 +85,42 @@ def gemma3_multimodal(out_dir):
     if not text_config["tie_word_embeddings"]:
         model.lm_head.weight.data.copy_(weights["lm_head.weight"])
     model.to(torch.bfloat16).save_pretrained(out_dir)
+    for file in text.iterdir():
+        if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":
+            shutil.copy(file, out_dir / file.name)
+    return out_dir
+
+
+def qwen3_5_multimodal(out_dir):
+    """A Qwen3_5ForConditionalGeneration checkpoint around the qwen3_5_text case's trained language model (random
+    vision tower, and a multi-token-prediction tensor as the hub's checkpoints carry), saved as the hub's are."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    from siliconvert.demo import small_checkpoint
+
+    tokenizer, config = FAMILY_CASES["qwen3_5_text"]
+    text = small_checkpoint(None, "qwen3_5_text", tokenizer, config=config)
+    text_config = json.loads((text / "config.json").read_text())
+    vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 16,
+              "out_hidden_size": text_config["hidden_size"], "spatial_merge_size": 2, "num_position_embeddings": 16}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen3_5ForConditionalGeneration(Qwen3_5Config(text_config=text_config, vision_config=vision,
+                                                              tie_word_embeddings=text_config["tie_word_embeddings"]))
+    weights = load_file(text / "model.safetensors")
+    model.model.language_model.load_state_dict(
+        {name.removeprefix("model."): value for name, value in weights.items() if name.startswith("model.")})
+    model.lm_head.weight.data.copy_(weights["lm_head.weight"])
+    model.to(torch.bfloat16).save_pretrained(out_dir)
+    saved = load_file(out_dir / "model.safetensors")
+    saved["mtp.fc.weight"] = torch.zeros(text_config["hidden_size"], 2 * text_config["hidden_size"],
+                                         dtype=torch.bfloat16)
+    save_file(saved, out_dir / "model.safetensors", metadata={"format": "pt"})
     for file in text.iterdir():
         if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":
             shutil.copy(file, out_dir / file.name)

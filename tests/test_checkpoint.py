@@ -256,3 +256,20 @@ def test_quantized_tensors_are_refused_without_a_quantization_config(random_llam
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=re.escape(named)):
         Checkpoint.open(folder)
+
+
+def test_qwen3_5_as_the_hub_ships_it_converts_its_language_model(tmp_path):
+    """Qwen3_5ForConditionalGeneration: the language model's config and tensors, as Qwen3_5ForCausalLM names them;
+    the vision tower and the multi-token-prediction head dropped with a warning that counts them."""
+    from families import qwen3_5_multimodal
+
+    from siliconvert.architectures import ConfigWarning
+
+    path = qwen3_5_multimodal(tmp_path / "qwen3_5")
+    with pytest.warns(ConfigWarning, match=r"the vision tower and the multi-token-prediction head \(\d+ tensors\)"):
+        checkpoint = Checkpoint.open(path)
+    assert checkpoint.spec.family == "qwen3_5" and checkpoint.config["model_type"] == "qwen3_5_text"
+    assert checkpoint.config["architectures"] == ["Qwen3_5ForCausalLM"]
+    names = set(checkpoint.tensor_infos)
+    assert "model.layers.0.linear_attn.A_log" in names and "lm_head.weight" in names
+    assert not any(name.startswith(("model.visual", "mtp", "model.language_model")) for name in names)

@@ -16,7 +16,7 @@ ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "ge
                  "olmo2": "Olmo2ForCausalLM", "granite": "GraniteForCausalLM", "phi3": "Phi3ForCausalLM",
                  "smollm3": "SmolLM3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
                  "qwen2_moe": "Qwen2MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
-                 "olmo3": "Olmo3ForCausalLM", "lfm2": "Lfm2ForCausalLM"}
+                 "olmo3": "Olmo3ForCausalLM", "lfm2": "Lfm2ForCausalLM", "qwen3_5_text": "Qwen3_5ForCausalLM"}
 SIZES = {"vocab_size": 1024, "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "intermediate_size": 384, "max_position_embeddings": 1024}
 
@@ -208,3 +208,25 @@ def test_lfm2_reads_liquids_own_config_style() -> None:
         registry.for_config(liquid).spec(liquid | {"block_dim": 96})
     with pytest.raises(CheckpointError, match=r"layer type '\w+' is not supported"):
         spec_of("lfm2", layer_types=["conv", "mamba", "conv", "conv"])
+
+
+def test_qwen3_5_gated_delta_layers_and_gated_attention() -> None:
+    """Qwen3.5: the gated delta rule in three of four layers, with its state's shapes; attention's q_proj emits
+    query and gate; (1 + w) norms except the rule's own output norm; partial rotary."""
+    spec = spec_of("qwen3_5_text")
+    assert [layer.mixer for layer in spec.layers] == ["gated_delta"] * 3 + ["attention"]
+    delta = spec.gated_delta
+    assert (delta.key_heads, delta.value_heads, delta.key_head_dim, delta.value_head_dim) == (2, 4, 32, 24)
+    assert delta.conv_channels == 2 * 64 + 96
+    assert delta.state_shapes() == {"conv": (224, 3), "recurrent": (4, 32, 24)}
+    assert spec.state_numbers() == {"gated_delta": 3 * (224 * 3 + 4 * 32 * 24)}
+    assert spec.traits() == {"norm_offset": 1.0, "qk_norm": "head", "attn_output_gate": True,
+                             "gated_delta": [0, 1, 2], "partial_rotary": 8}
+    assert spec.norm_offset_of("attn_norm") == 1.0 and spec.norm_offset_of("ssm_norm") == 0.0
+    expected = registry.for_config(config_of("qwen3_5_text")).expected_tensors(spec)
+    assert expected["model.layers.3.self_attn.q_proj.weight"] == (2 * 4 * 32, 128)
+    assert expected["model.layers.0.linear_attn.conv1d.weight"] == (224, 1, 4)
+    assert expected["model.layers.0.linear_attn.A_log"] == expected["model.layers.0.linear_attn.dt_bias"] == (4,)
+    assert expected["model.layers.0.linear_attn.norm.weight"] == (24,)
+    assert "model.layers.0.self_attn.q_proj.weight" not in expected
+    assert "model.layers.3.linear_attn.in_proj_qkv.weight" not in expected

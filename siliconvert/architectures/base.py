@@ -43,9 +43,10 @@ class Rope:
 
 
 # What mixes a token with the ones before it, per layer: attention over a KV cache, or a recurrence carrying a
-# fixed-size state (`ModelSpec.short_conv`: LFM2's gated short convolution)
-Mixer = Literal["attention", "short_conv"]
-MIXERS: tuple[Mixer, ...] = ("attention", "short_conv")
+# fixed-size state (`ModelSpec.short_conv`: LFM2's gated short convolution; `ModelSpec.gated_delta`: the gated
+# delta rule of Qwen3.5 and Qwen3-Next)
+Mixer = Literal["attention", "short_conv", "gated_delta"]
+MIXERS: tuple[Mixer, ...] = ("attention", "short_conv", "gated_delta")
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,43 @@ class ShortConv:
 
     def state_shape(self, hidden_size: int) -> tuple[int, ...]:
         return (hidden_size, self.kernel - 1)
+
+
+@dataclass(frozen=True)
+class GatedDelta:
+    """The gated delta rule (Gated DeltaNet) of Qwen3.5 / Qwen3-Next, the mixer of their `gated_delta` layers.
+
+    Per token: in_proj_qkv gives q, k (key_heads × key_head_dim each) and v (value_heads × value_head_dim), which go
+    through a depthwise causal convolution of `conv_kernel` taps and SiLU; q and k are L2-normalised per head (q
+    then × key_head_dim^-½) and repeated to value_heads; β = sigmoid(in_proj_b x), one per value head; the decay
+    g = −exp(A_log) · softplus(in_proj_a x + dt_bias). Each value head's state S (key_head_dim × value_head_dim)
+    decays by exp(g), is corrected toward v along k with rate β (the delta rule: S += k ⊗ β(v − Sᵀk)), and is read
+    by q. The heads' outputs go through an RMSNorm (its own weight, never offset) gated by SiLU(in_proj_z x), then
+    out_proj.
+
+    State per sequence: the convolution's last conv_kernel − 1 inputs, and S per value head."""
+
+    key_heads: int
+    value_heads: int
+    key_head_dim: int
+    value_head_dim: int
+    conv_kernel: int
+
+    @property
+    def key_size(self) -> int:
+        return self.key_heads * self.key_head_dim
+
+    @property
+    def value_size(self) -> int:
+        return self.value_heads * self.value_head_dim
+
+    @property
+    def conv_channels(self) -> int:
+        return 2 * self.key_size + self.value_size
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"conv": (self.conv_channels, self.conv_kernel - 1),
+                "recurrent": (self.value_heads, self.key_head_dim, self.value_head_dim)}
 
 
 @dataclass(frozen=True)
@@ -138,11 +176,15 @@ class ModelSpec:
     final_softcap: float | None = None  # logits → cap·tanh(logits / cap) (Gemma 2)
     fused_qkv: bool = False  # the checkpoint stores q, k, v as one qkv_proj (rows q, then k, then v)
     fused_gate_up: bool = False  # the checkpoint stores gate and up as one gate_up_proj (rows gate, then up)
+    # Attention's output × sigmoid(gate) before o_proj, the gate from q_proj: per head, head_dim query rows then
+    # head_dim gate rows (Qwen3.5, Qwen3-Next)
+    attn_output_gate: bool = False
     # Mixture of experts in the layers marked `sparse` (the others keep the dense MLP of intermediate_size).
     # Their tensors stream as transformers' own stacks: router [count, hidden], gate_up [count, 2·ff, hidden]
     # (each expert's gate rows, then its up rows) and down [count, hidden, ff], whatever the files hold.
     experts: Experts | None = None
     short_conv: ShortConv | None = None  # the mixer of the layers whose mixer is "short_conv"
+    gated_delta: GatedDelta | None = None  # the mixer of the layers whose mixer is "gated_delta"
 
     @property
     def q_size(self) -> int:
@@ -206,7 +248,13 @@ class ModelSpec:
         numbers: dict[Mixer, int] = {}
         if self.short_conv is not None and (layers := self.mixer_layers("short_conv")):
             numbers["short_conv"] = len(layers) * math.prod(self.short_conv.state_shape(self.hidden_size))
+        if self.gated_delta is not None and (layers := self.mixer_layers("gated_delta")):
+            numbers["gated_delta"] = len(layers) * sum(map(math.prod, self.gated_delta.state_shapes().values()))
         return numbers
+
+    def norm_offset_of(self, role: str) -> float:
+        """What a norm role's weights are offset by (`norm_offset`), except the norms that never are."""
+        return 0.0 if role in NORMS_WITHOUT_OFFSET else self.norm_offset
 
 
 # Llama's value of each trait: the defaults of ModelSpec's traits, what `traits()` names departures from, and what
@@ -214,7 +262,7 @@ class ModelSpec:
 LLAMA_TRAITS: dict[str, Any] = {
     "norm_offset": 0.0, "norm_placement": "pre", "qk_norm": None, "activation": "silu", "embedding_scale": 1.0,
     "attention_scale": 0.0, "residual_scale": 1.0, "logits_scale": 1.0, "attn_softcap": None,
-    "final_softcap": None, "fused_qkv": False, "fused_gate_up": False,
+    "final_softcap": None, "fused_qkv": False, "fused_gate_up": False, "attn_output_gate": False,
 }
 
 
@@ -288,14 +336,31 @@ SHORT_CONV_TENSORS = {
     "model.layers.{layer}.conv.conv": "shortconv.conv",
     "model.layers.{layer}.conv.out_proj": "shortconv.out_proj",
 }
+# The gated delta rule (Qwen3.5's names; GGUF's are attn_qkv, attn_gate, ssm_beta, ssm_alpha, ...)
+GATED_DELTA_TENSORS = {
+    "model.layers.{layer}.linear_attn.in_proj_qkv": "delta_qkv",
+    "model.layers.{layer}.linear_attn.in_proj_z": "delta_gate",
+    "model.layers.{layer}.linear_attn.in_proj_b": "ssm_beta",
+    "model.layers.{layer}.linear_attn.in_proj_a": "ssm_alpha",
+    "model.layers.{layer}.linear_attn.conv1d": "ssm_conv1d",
+    "model.layers.{layer}.linear_attn.dt_bias": "ssm_dt",
+    "model.layers.{layer}.linear_attn.A_log": "ssm_a",
+    "model.layers.{layer}.linear_attn.norm": "ssm_norm",
+    "model.layers.{layer}.linear_attn.out_proj": "ssm_out",
+}
+# Norms whose weights multiply as they are, whatever the model's `norm_offset` (Qwen3.5's gated norm)
+NORMS_WITHOUT_OFFSET = ("ssm_norm",)
 ATTENTION_ROLES = ("attn_q", "attn_k", "attn_v", "attn_qkv")
 # every role of an attention mixer: a layer of another mixer has none of them
 ATTENTION_MIXER_ROLES = (*ATTENTION_ROLES, "attn_output", "attn_q_norm", "attn_k_norm")
 MIXER_ROLES: dict[str, tuple[str, ...]] = {"attention": ATTENTION_MIXER_ROLES,
-                                           "short_conv": tuple(SHORT_CONV_TENSORS.values())}
+                                           "short_conv": tuple(SHORT_CONV_TENSORS.values()),
+                                           "gated_delta": tuple(GATED_DELTA_TENSORS.values())}
 MLP_ROLES = ("ffn_gate", "ffn_up", "ffn_gate_up", "ffn_down")
 EXPERT_ROLES = (*EXPERT_TENSORS.values(), *SHARED_EXPERT_TENSORS.values())
-EXPERT_STACKS = ("ffn_gate_up_exps", "ffn_down_exps")  # parameters without a .weight suffix
+EXPERT_STACKS = ("ffn_gate_up_exps", "ffn_down_exps")
+# parameters of a module itself, without a .weight suffix: the expert stacks, the gated delta rule's dt_bias and A_log
+BARE_PARAMETERS = (*EXPERT_STACKS, "ssm_dt", "ssm_a")
 
 
 def role_shape(spec: ModelSpec, role: str) -> tuple[int, ...]:
@@ -314,6 +379,15 @@ def role_shape(spec: ModelSpec, role: str) -> tuple[int, ...]:
         shared = spec.experts.shared_intermediate_size
         shapes |= {"ffn_gate_shexp": (shared, h), "ffn_up_shexp": (shared, h), "ffn_down_shexp": (h, shared),
                    "ffn_gate_inp_shexp": (1, h)}
+    if spec.attn_output_gate:  # each head's query rows, then its gate rows
+        shapes["attn_q"] = (2 * q, h)
+    if (delta := spec.gated_delta) is not None:
+        heads = delta.value_heads
+        shapes |= {"delta_qkv": (delta.conv_channels, h), "delta_gate": (delta.value_size, h),
+                   "ssm_beta": (heads, h), "ssm_alpha": (heads, h),
+                   "ssm_conv1d": (delta.conv_channels, 1, delta.conv_kernel), "ssm_dt": (heads,), "ssm_a": (heads,),
+                   "ssm_norm": (delta.value_head_dim,),
+                   "ssm_out": (h, delta.value_size)}
     if spec.short_conv is not None:  # the convolution as torch's Conv1d holds it: [channels, 1, kernel]
         shapes |= {"shortconv.in_proj": (3 * h, h), "shortconv.conv": (h, 1, spec.short_conv.kernel),
                    "shortconv.out_proj": (h, h)}
@@ -550,7 +624,7 @@ class Family:
         layer = int(match.group(1)) if match else None
         template = _layer_pattern.sub("model.layers.{layer}", stem, count=1) if match else stem
         role = self.tensor_names.get(template)
-        if role is None or (role in EXPERT_STACKS) != (stem == name):
+        if role is None or (role in BARE_PARAMETERS) != (stem == name):
             return None
         return TensorRole(role, layer, kind)
 
@@ -568,7 +642,7 @@ class Family:
         for template, role in self.tensor_names.items():
             if role == "output" and spec.tie_word_embeddings:
                 continue
-            parts = [(template if role in EXPERT_STACKS else f"{template}.weight", role_shape(spec, role))]
+            parts = [(template if role in BARE_PARAMETERS else f"{template}.weight", role_shape(spec, role))]
             if role in biased:
                 parts.append((f"{template}.bias", role_shape(spec, role)[:1]))
             layers = range(spec.num_layers) if "{layer}" in template else [None]
@@ -584,6 +658,40 @@ class Family:
 
 
 _layer_pattern = re.compile(r"^model\.layers\.(\d+)")
+# Keys of a multimodal config's outer level that belong to its language model where text_config leaves them out
+SHARED_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "dtype", "torch_dtype")
+# ... and those the outer config decides: the composite model ties its head by its own flag
+OUTER_KEYS = ("tie_word_embeddings",)
+
+
+def language_model(config: dict[str, Any], tensors: dict[str, T], where: Any, *, outer: str, inner: str,
+                   inner_type: str, prefixes: dict[str, str], dropped: tuple[str, ...], dropped_parts: str
+                   ) -> tuple[dict[str, Any], dict[str, T]]:
+    """The language model of a multimodal checkpoint (`outer`), as its text-only family (`inner`, `inner_type`)
+    names it: the config from `text_config` and the outer keys it shares; the tensors under `prefixes` renamed
+    (prefix → the text-only model's), those under `dropped` (`dropped_parts`: towers, projectors, extra heads)
+    left out with a warning that counts them; any other tensor is an error."""
+    text = config.get("text_config")
+    if not isinstance(text, dict):
+        raise CheckpointError(f"{outer} without a text_config object", where)
+    shared = {key: config[key] for key in SHARED_KEYS if key in config and key not in text}
+    shared |= {key: config[key] for key in OUTER_KEYS if key in config}
+    decoder_config = {**text, **shared, "architectures": [inner], "model_type": inner_type}
+    kept: dict[str, T] = {}
+    left_out = 0
+    for name, info in tensors.items():
+        if name.startswith(dropped):
+            left_out += 1
+            continue
+        prefix = next((p for p in prefixes if name.startswith(p)), None)
+        if prefix is None:
+            raise CheckpointError(f"tensor {name!r} belongs to neither the language model nor the parts "
+                                  "dropped with the vision tower", where)
+        renamed = prefixes[prefix] + name[len(prefix):]
+        kept[renamed] = replace(info, name=renamed)
+    warnings.warn(f"{where}: {outer}: converting its language model ({inner}); {dropped_parts} ({left_out} "
+                  "tensors) are dropped", ConfigWarning, stacklevel=3)
+    return decoder_config, kept
 
 
 def _template_pattern(template: str) -> re.Pattern[str]:
