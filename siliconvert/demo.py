@@ -37,9 +37,10 @@ DEMO_VERSION = "2"  # bump whenever the recipe below changes: it names the cache
 
 # transformers model_type of each family a checkpoint can be built for
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo2", "granite", "phi3", "smollm3",
-            "qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "olmo3", "lfm2", "qwen3_5_text")
+            "qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "olmo3", "lfm2", "qwen3_5_text",
+            "qwen3_5_moe_text", "qwen3_next")
 # transformers loads their tokenizers as byte-level Qwen2Tokenizer
-BYTE_LEVEL_ONLY = ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "qwen3_5_text")
+BYTE_LEVEL_ONLY = ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")
 TOKENIZERS = ("sentencepiece", "bpe")
 QWEN2_SPLIT = (  # Qwen2's pre-tokenizer regex: the one Qwen2Tokenizer rebuilds on load
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""

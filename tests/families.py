@@ -54,6 +54,23 @@ FAMILY_CASES: dict[str, tuple[str, dict]] = {
                              "rope_parameters": {"rope_type": "default", "rope_theta": 10_000_000.0,
                                                  "partial_rotary_factor": 0.25, "mrope_section": [2, 1, 1],
                                                  "mrope_interleaved": True}}),
+    # Qwen3.5-MoE: the same layers with 4 experts (2 per token, renormalised) and a shared expert in every MLP
+    "qwen3_5_moe_text": ("bpe", {"num_hidden_layers": 4, "head_dim": 32, "linear_num_key_heads": 2,
+                                 "linear_num_value_heads": 4, "linear_key_head_dim": 32, "linear_value_head_dim": 24,
+                                 "layer_types": ["linear_attention"] * 3 + ["full_attention"],
+                                 "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 96,
+                                 "shared_expert_intermediate_size": 160,
+                                 "rope_parameters": {"rope_type": "default", "rope_theta": 10_000_000.0,
+                                                     "partial_rotary_factor": 0.25, "mrope_section": [2, 1, 1]}}),
+    # Qwen3-Next: fused qkvz and ba projections; experts in layers 1 and 3 (decoder_sparse_step 2), a dense MLP in
+    # the others; the chosen experts' weights not renormalised
+    "qwen3_next": ("bpe", {"num_hidden_layers": 4, "head_dim": 32, "linear_num_key_heads": 2,
+                           "linear_num_value_heads": 4, "linear_key_head_dim": 32, "linear_value_head_dim": 24,
+                           "layer_types": ["linear_attention"] * 3 + ["full_attention"],
+                           "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 96,
+                           "shared_expert_intermediate_size": 160, "decoder_sparse_step": 2, "norm_topk_prob": False,
+                           "rope_parameters": {"rope_type": "default", "rope_theta": 10_000_000.0,
+                                               "partial_rotary_factor": 0.25}}),
 }
 
 

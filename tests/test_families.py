@@ -16,7 +16,8 @@ ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "ge
                  "olmo2": "Olmo2ForCausalLM", "granite": "GraniteForCausalLM", "phi3": "Phi3ForCausalLM",
                  "smollm3": "SmolLM3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
                  "qwen2_moe": "Qwen2MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
-                 "olmo3": "Olmo3ForCausalLM", "lfm2": "Lfm2ForCausalLM", "qwen3_5_text": "Qwen3_5ForCausalLM"}
+                 "olmo3": "Olmo3ForCausalLM", "lfm2": "Lfm2ForCausalLM", "qwen3_5_text": "Qwen3_5ForCausalLM",
+                 "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM", "qwen3_next": "Qwen3NextForCausalLM"}
 SIZES = {"vocab_size": 1024, "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "intermediate_size": 384, "max_position_embeddings": 1024}
 
@@ -129,7 +130,13 @@ def test_older_config_style_reads_the_same() -> None:
     assert old.layers == new.layers
 
 
-@pytest.mark.parametrize("model_type", list(FAMILY_CASES))
+# families whose GGUF layout has not landed yet: the writer refuses them, naming the family
+NO_GGUF_LAYOUT_YET = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")
+
+
+@pytest.mark.parametrize("model_type", [
+    pytest.param(model_type, marks=pytest.mark.xfail(raises=CheckpointError, strict=True))
+    if model_type in NO_GGUF_LAYOUT_YET else model_type for model_type in FAMILY_CASES])
 def test_every_family_has_a_gguf_layout(model_type: str) -> None:
     GGUFArch(spec_of(model_type), "config.json")
 
@@ -230,3 +237,21 @@ def test_qwen3_5_gated_delta_layers_and_gated_attention() -> None:
     assert expected["model.layers.0.linear_attn.norm.weight"] == (24,)
     assert "model.layers.0.self_attn.q_proj.weight" not in expected
     assert "model.layers.3.linear_attn.in_proj_qkv.weight" not in expected
+
+
+def test_qwen3_5_moe_and_qwen3_next() -> None:
+    """Qwen3.5-MoE: experts and a shared expert in every layer, no dense MLP (no intermediate_size in its config);
+    Qwen3-Next: the gated delta rule's projections fused, experts only where decoder_sparse_step says."""
+    moe = spec_of("qwen3_5_moe_text")
+    assert moe.intermediate_size == 0 and moe.sparse_layers == [0, 1, 2, 3]
+    assert moe.experts.normalize_topk and moe.experts.shared_intermediate_size == 160
+    saved = {key: value for key, value in config_of("qwen3_5_moe_text").items() if key != "intermediate_size"}
+    assert registry.for_config(saved).spec(saved) == moe
+    nxt = spec_of("qwen3_next")
+    assert nxt.gated_delta.fused and nxt.sparse_layers == [1, 3] and not nxt.experts.normalize_topk
+    expected = registry.for_config(config_of("qwen3_next")).expected_tensors(nxt)
+    assert expected["model.layers.0.linear_attn.in_proj_qkvz.weight"] == (2 * 64 + 2 * 96, 128)
+    assert expected["model.layers.0.linear_attn.in_proj_ba.weight"] == (8, 128)
+    assert "model.layers.0.linear_attn.in_proj_qkv.weight" not in expected
+    assert expected["model.layers.0.mlp.gate_proj.weight"] == (384, 128)
+    assert expected["model.layers.1.mlp.experts.gate_up_proj"] == (4, 192, 128)

@@ -29,14 +29,14 @@ from siliconvert.architectures.phi3 import Phi3
 from siliconvert.architectures.qwen2 import Qwen2
 from siliconvert.architectures.qwen2_moe import Qwen2Moe
 from siliconvert.architectures.qwen3 import Qwen3
-from siliconvert.architectures.qwen3_5 import Qwen3_5, Qwen3_5Multimodal
+from siliconvert.architectures.qwen3_5 import Qwen3_5, Qwen3_5Moe, Qwen3_5MoeMultimodal, Qwen3_5Multimodal, Qwen3Next
 from siliconvert.architectures.qwen3_moe import Qwen3Moe
 from siliconvert.architectures.smollm3 import SmolLM3
 
 registry = Registry()
 for _family in (Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3, Gemma3Multimodal, Olmo2, Granite, Phi3, SmolLM3,
                 Qwen3Moe, Mixtral, Qwen2Moe, Olmoe, Olmo3, Lfm2, Qwen3_5,
-                Qwen3_5Multimodal):
+                Qwen3_5Multimodal, Qwen3_5Moe, Qwen3_5MoeMultimodal, Qwen3Next):
     registry.register(_family)
 
 __all__ = ["LLAMA_TRAITS", "ConfigWarning", "Experts", "Family", "Layer", "ModelSpec", "Registry", "Rope", "ShortConv",

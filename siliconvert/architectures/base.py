@@ -93,6 +93,10 @@ class GatedDelta:
     key_head_dim: int
     value_head_dim: int
     conv_kernel: int
+    # Qwen3-Next stores in_proj_qkvz (per key head: its q, its k, then the v and z rows of the value heads it
+    # serves) and in_proj_ba (per key head: the b rows, then the a rows of its value heads): roles delta_qkvz and
+    # ssm_ba in place of delta_qkv, delta_gate, ssm_beta and ssm_alpha
+    fused: bool = False
 
     @property
     def key_size(self) -> int:
@@ -348,6 +352,10 @@ GATED_DELTA_TENSORS = {
     "model.layers.{layer}.linear_attn.norm": "ssm_norm",
     "model.layers.{layer}.linear_attn.out_proj": "ssm_out",
 }
+FUSED_GATED_DELTA_TENSORS = {
+    "model.layers.{layer}.linear_attn.in_proj_qkvz": "delta_qkvz",
+    "model.layers.{layer}.linear_attn.in_proj_ba": "ssm_ba",
+}
 # Norms whose weights multiply as they are, whatever the model's `norm_offset` (Qwen3.5's gated norm)
 NORMS_WITHOUT_OFFSET = ("ssm_norm",)
 ATTENTION_ROLES = ("attn_q", "attn_k", "attn_v", "attn_qkv")
@@ -355,7 +363,8 @@ ATTENTION_ROLES = ("attn_q", "attn_k", "attn_v", "attn_qkv")
 ATTENTION_MIXER_ROLES = (*ATTENTION_ROLES, "attn_output", "attn_q_norm", "attn_k_norm")
 MIXER_ROLES: dict[str, tuple[str, ...]] = {"attention": ATTENTION_MIXER_ROLES,
                                            "short_conv": tuple(SHORT_CONV_TENSORS.values()),
-                                           "gated_delta": tuple(GATED_DELTA_TENSORS.values())}
+                                           "gated_delta": (*GATED_DELTA_TENSORS.values(),
+                                                           *FUSED_GATED_DELTA_TENSORS.values())}
 MLP_ROLES = ("ffn_gate", "ffn_up", "ffn_gate_up", "ffn_down")
 EXPERT_ROLES = (*EXPERT_TENSORS.values(), *SHARED_EXPERT_TENSORS.values())
 EXPERT_STACKS = ("ffn_gate_up_exps", "ffn_down_exps")
@@ -387,7 +396,8 @@ def role_shape(spec: ModelSpec, role: str) -> tuple[int, ...]:
                    "ssm_beta": (heads, h), "ssm_alpha": (heads, h),
                    "ssm_conv1d": (delta.conv_channels, 1, delta.conv_kernel), "ssm_dt": (heads,), "ssm_a": (heads,),
                    "ssm_norm": (delta.value_head_dim,),
-                   "ssm_out": (h, delta.value_size)}
+                   "ssm_out": (h, delta.value_size), "delta_qkvz": (delta.conv_channels + delta.value_size, h),
+                   "ssm_ba": (2 * heads, h)}
     if spec.short_conv is not None:  # the convolution as torch's Conv1d holds it: [channels, 1, kernel]
         shapes |= {"shortconv.in_proj": (3 * h, h), "shortconv.conv": (h, 1, spec.short_conv.kernel),
                    "shortconv.out_proj": (h, h)}
@@ -402,6 +412,9 @@ class Family:
     model_type: ClassVar[str]  # transformers' config class for the family, where config.json names none
     # HF parameter name (with {layer}) → role. The GGUF role names are reused as the neutral vocabulary.
     tensor_names: ClassVar[dict[str, str]] = LLAMA_TENSORS
+    # Keys config.json must hold (an MoE family without a dense MLP may have no intermediate_size)
+    required_keys: ClassVar[tuple[str, ...]] = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                                "num_attention_heads")
     # Keys this family reads (beyond _IGNORED_KEYS); anything else in config.json gets a warning.
     understood_keys: ClassVar[frozenset[str]] = frozenset({
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -421,7 +434,7 @@ class Family:
     def spec(self, config: dict[str, Any], where: str = "config.json") -> ModelSpec:
         """Normalise config.json into a ModelSpec, refusing what no target could honour."""
         self._warn_unknown_keys(config, where)
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        for key in self.required_keys:
             if config.get(key) is None:
                 raise CheckpointError(f"missing required field {key!r}", where)
         hf = transformers_config(config, self.model_type, where)

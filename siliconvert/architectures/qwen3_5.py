@@ -9,9 +9,22 @@ Checkpoints ship as Qwen3_5ForConditionalGeneration (a vision tower beside the l
 multi-token-prediction head, `mtp.*`, that transformers never runs): the language model converts as
 Qwen3_5ForCausalLM; the rest is dropped, with a warning that says so."""
 
+from dataclasses import replace
 from typing import Any, ClassVar, TypeVar
 
-from siliconvert.architectures.base import GATED_DELTA_TENSORS, LLAMA_TENSORS, Family, GatedDelta, Mixer, language_model
+from siliconvert.architectures.base import (
+    EXPERT_TENSORS,
+    FUSED_GATED_DELTA_TENSORS,
+    GATED_DELTA_TENSORS,
+    LLAMA_TENSORS,
+    SHARED_EXPERT_TENSORS,
+    Experts,
+    Family,
+    GatedDelta,
+    Mixer,
+    language_model,
+)
+from siliconvert.architectures.qwen3_moe import Qwen3Moe
 
 T = TypeVar("T")
 # Where the language model's tensors sit in the multimodal checkpoint → the names Qwen3_5ForCausalLM gives them
@@ -55,3 +68,76 @@ class Qwen3_5Multimodal(Qwen3_5):
         return language_model(config, tensors, where, outer="Qwen3_5ForConditionalGeneration",
                               inner="Qwen3_5ForCausalLM", inner_type="qwen3_5_text", prefixes=LANGUAGE_MODEL_PREFIXES,
                               dropped=OTHER_PARTS, dropped_parts="the vision tower and the multi-token-prediction head")
+
+
+class Qwen3_5Moe(Qwen3_5):
+    """Qwen3.5-MoE (35B-A3B, 122B-A10B, 397B-A17B): Qwen3.5 with experts in every layer's MLP (the chosen ones'
+    weights always renormalised) and a shared expert behind a sigmoid gate; no dense MLP, so no
+    intermediate_size (the spec's is 0)."""
+
+    name = "qwen3_5_moe"
+    hf_architectures = ("Qwen3_5MoeForCausalLM",)
+    model_type = "qwen3_5_moe_text"
+    tensor_names: ClassVar[dict[str, str]] = Qwen3_5.tensor_names | EXPERT_TENSORS | SHARED_EXPERT_TENSORS
+    expert_parts = Qwen3Moe.expert_parts  # per-expert tensors in the files, or transformers' stacks
+    required_keys = tuple(key for key in Family.required_keys if key != "intermediate_size")
+    understood_keys = Qwen3_5.understood_keys | {
+        "num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+        "router_aux_loss_coef", "output_router_logits",  # training only
+    }
+
+    def _intermediate_size(self, hf: Any) -> int:
+        return 0
+
+    def _sparse(self, hf: Any, layer: int) -> bool:
+        return True
+
+    def traits(self, hf: Any) -> dict[str, Any]:
+        return super().traits(hf) | {"experts": Experts(
+            count=int(hf.num_experts), used=int(hf.num_experts_per_tok),
+            intermediate_size=int(hf.moe_intermediate_size), normalize_topk=True,
+            shared_intermediate_size=int(hf.shared_expert_intermediate_size))}
+
+
+class Qwen3_5MoeMultimodal(Qwen3_5Moe):
+    """Qwen3_5MoeForConditionalGeneration: its language model, as Qwen3_5MoeForCausalLM."""
+
+    hf_architectures = ("Qwen3_5MoeForConditionalGeneration",)
+    model_type = "qwen3_5_moe"
+
+    def decoder(self, config: dict[str, Any], tensors: dict[str, T], where: Any) -> tuple[dict[str, Any], dict[str, T]]:
+        return language_model(config, tensors, where, outer="Qwen3_5MoeForConditionalGeneration",
+                              inner="Qwen3_5MoeForCausalLM", inner_type="qwen3_5_moe_text",
+                              prefixes=LANGUAGE_MODEL_PREFIXES, dropped=OTHER_PARTS,
+                              dropped_parts="the vision tower and the multi-token-prediction head")
+
+
+class Qwen3Next(Qwen3_5):
+    """Qwen3-Next (80B-A3B): Qwen3.5-MoE's layers before Qwen3.5 — the gated delta rule's projections fused
+    (in_proj_qkvz, in_proj_ba, grouped by key head), experts in the layers `decoder_sparse_step` picks outside
+    `mlp_only_layers` (a dense MLP of intermediate_size in the others), renormalised per `norm_topk_prob`."""
+
+    name = "qwen3_next"
+    hf_architectures = ("Qwen3NextForCausalLM",)
+    model_type = "qwen3_next"
+    tensor_names: ClassVar[dict[str, str]] = (
+        {template: role for template, role in Qwen3_5.tensor_names.items()
+         if role not in ("delta_qkv", "delta_gate", "ssm_beta", "ssm_alpha")}
+        | FUSED_GATED_DELTA_TENSORS | EXPERT_TENSORS | SHARED_EXPERT_TENSORS)
+    expert_parts = Qwen3Moe.expert_parts
+    understood_keys = Qwen3_5Moe.understood_keys | {"norm_topk_prob", "decoder_sparse_step", "mlp_only_layers"}
+
+    def _sparse(self, hf: Any, layer: int) -> bool:
+        # as Qwen3NextDecoderLayer chooses its MLP
+        return (layer not in (hf.mlp_only_layers or []) and hf.num_experts > 0
+                and (layer + 1) % hf.decoder_sparse_step == 0)
+
+    def traits(self, hf: Any) -> dict[str, Any]:
+        traits = super().traits(hf)
+        traits["gated_delta"] = replace(traits["gated_delta"], fused=True)
+        if hf.num_experts > 0:
+            traits["experts"] = Experts(count=int(hf.num_experts), used=int(hf.num_experts_per_tok),
+                                        intermediate_size=int(hf.moe_intermediate_size),
+                                        normalize_topk=bool(hf.norm_topk_prob),
+                                        shared_intermediate_size=int(hf.shared_expert_intermediate_size))
+        return traits
