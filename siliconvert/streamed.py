@@ -13,7 +13,10 @@ an MLX folder's dequantized weights for the MLX stand-in (validate/runners/mlx.p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import importlib.util
+import logging
+import re
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -124,9 +127,37 @@ def final_norm(body: torch.nn.Module) -> tuple[str, torch.nn.Module]:
     raise NotImplementedError(f"{type(body).__name__} has none of the final norms {FINAL_NORM_NAMES}")
 
 
+# Optional kernel packages transformers runs a mixer with, when installed and on CUDA (module name → package);
+# otherwise it takes its own PyTorch path, which is then what the reference computed
+MIXER_KERNELS: dict[str, dict[str, str]] = {
+    "short_conv": {"causal_conv1d": "causal-conv1d"},
+    "gated_delta": {"causal_conv1d": "causal-conv1d", "fla": "flash-linear-attention"},
+}
+_TORCH_PATH_NOTE = re.compile(r"^`\w+` is falling back to its reference PyTorch implementation")
+
+
+def torch_path_kernels(mixers: Iterable[str], device: str) -> list[str]:
+    """The optional kernel packages of `mixers` that a run on `device` goes without (transformers' PyTorch path)."""
+    packages = {module: package for mixer in mixers for module, package in MIXER_KERNELS.get(mixer, {}).items()}
+    return sorted(package for module, package in packages.items()
+                  if device != "cuda" or importlib.util.find_spec(module) is None)
+
+
+class _TorchPathNote(logging.Filter):
+    """Drops transformers' note that a kernel falls back to PyTorch: advice for model authors that would reach the
+    user's terminal; the report says which path the reference took (`torch_path_kernels`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _TORCH_PATH_NOTE.match(record.getMessage())
+
+
 def model_skeleton(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
     """transformers' model for `config` with every parameter on the meta device (no memory)."""
     from transformers import AutoModelForCausalLM
+
+    kernels_logger = logging.getLogger("transformers.integrations.hub_kernels")
+    if not any(isinstance(f, _TorchPathNote) for f in kernels_logger.filters):
+        kernels_logger.addFilter(_TorchPathNote())
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)

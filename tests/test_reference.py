@@ -114,3 +114,23 @@ def test_a_float16_reference_that_overflows_runs_again_in_float32(random_llama, 
     info = json.loads((tmp_path / "cache" / "info.json").read_text())
     assert info["dtype"].startswith("float32") and "float16 overflowed in decoder layer 0" in info["dtype"]
     assert np.isfinite(np.load(tmp_path / "cache" / "logits.npy")).all()
+
+
+def test_hybrid_reference_names_its_torch_path_and_keeps_the_kernel_advice_quiet(tmp_path, capfd):
+    """LFM2's convolution runs on transformers' PyTorch path here (no causal-conv1d, no CUDA): the reference's
+    description says so, and transformers' note about it, meant for model authors, never reaches the terminal."""
+    from families import FAMILY_CASES
+
+    from siliconvert.demo import small_checkpoint
+    from siliconvert.streamed import torch_path_kernels
+    from siliconvert.validate.reference import _child
+
+    tokenizer, config = FAMILY_CASES["lfm2"]
+    path = small_checkpoint(None, "lfm2", tokenizer, config=config)
+    capfd.readouterr()
+    _child(Checkpoint.open(path), np.arange(16).reshape(1, 16), tmp_path / "cache")
+    info = json.loads((tmp_path / "cache" / "info.json").read_text())
+    assert info["without_kernels"] == ["causal-conv1d"]
+    assert "falling back" not in "".join(capfd.readouterr())
+    assert torch_path_kernels(["attention"], "cpu") == []
+    assert torch_path_kernels(["gated_delta"], "cpu") == ["causal-conv1d", "flash-linear-attention"]

@@ -59,3 +59,11 @@ def test_the_emulation_note_names_only_the_rows_that_were_emulated(tmp_path):
     text = markdown(report, plot_name=None)
     assert "Rows marked *emulated* did not run on the artifact's own runtime (coreml fp16: mil-interpreter)." in text
     assert "transformers." not in text.split("Rows marked")[1]  # mlx ran in mlx: not said to be emulated
+
+
+def test_the_reference_run_says_which_kernels_it_went_without():
+    from siliconvert.validate.report import _reference_run
+
+    described = _reference_run({"method": "streamed", "without_kernels": ["causal-conv1d", "flash-linear-attention"]})
+    assert "PyTorch path, without causal-conv1d or flash-linear-attention" in described
+    assert "PyTorch" not in _reference_run({"method": "streamed", "without_kernels": []})

@@ -76,7 +76,7 @@ def _child(checkpoint: Checkpoint, tokens: np.ndarray, cache: Path) -> None:
     import torch
     import transformers
 
-    from siliconvert.streamed import CheckpointWeights, Float16Overflow, streamed_logits
+    from siliconvert.streamed import CheckpointWeights, Float16Overflow, streamed_logits, torch_path_kernels
     from siliconvert.validate.router import RouterRecorder
     from siliconvert.validate.score import peak_rss_mb
 
@@ -103,6 +103,8 @@ def _child(checkpoint: Checkpoint, tokens: np.ndarray, cache: Path) -> None:
         "device": device_name,
         "dtype": dtype + converted,
         "method": "streamed: one decoder layer's weights in memory at a time",
+        # hybrid mixers: the optional kernel packages not used (transformers' own PyTorch path ran instead)
+        "without_kernels": torch_path_kernels({layer.mixer for layer in spec.layers}, device),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "wall_s": round(time.perf_counter() - started, 2),
     }

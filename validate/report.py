@@ -213,6 +213,8 @@ def _tokenizer_cell(artifact: dict) -> str:
 def _reference_run(ref: dict) -> str:
     """How the reference run went, for the report's first paragraph (older reports lack these keys)."""
     parts = [ref["method"]] if ref.get("method") else []
+    if ref.get("without_kernels"):
+        parts.append(f"transformers' own PyTorch path, without {' or '.join(ref['without_kernels'])}")
     if ref.get("peak_rss_mb") is not None:
         parts.append(f"peak memory {ref['peak_rss_mb']:.0f} MB")
     if ref.get("peak_gpu_mb") is not None:
