@@ -25,7 +25,8 @@ from siliconvert.convert.coreml.chunks import Key
 
 FUSED = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_gate_up": ("ffn_gate", "ffn_up")}
 # The experts' down projections write into the residual stream as the dense MLP's does: the branch scale too
-WRITES_LIKE = {"ffn_down_exps": "ffn_down", "ffn_down_shexp": "ffn_down"}
+WRITES_LIKE = {"ffn_down_exps": "ffn_down", "ffn_down_shexp": "ffn_down",
+               "shortconv.out_proj": "attn_output"}  # the short convolution's branch, as attention's
 # The norms around each block, per norm placement: (before the block, after it) for attention and for the MLP
 # A sparse layer's expert stacks → the parts each expert's rows hold, in row order
 EXPERT_STACKS = {"ffn_gate_up_exps": ("ffn_gate_exp", "ffn_up_exp"), "ffn_down_exps": ("ffn_down_exp",)}

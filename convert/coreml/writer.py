@@ -34,6 +34,7 @@ from siliconvert.convert.coreml.graph import (
     build_program,
     longrope_factors,
     required_tensors,
+    state_shapes,
 )
 from siliconvert.convert.coreml.package import (
     PACKAGE_DATA,
@@ -247,12 +248,23 @@ class CoreMLWriter(Writer):
                     # a chunk with sparse layers also outputs their routers' choices (EXPERT_IDS)
                     "outputs": [chunk.output_name(), *([EXPERT_IDS] if self.sparse_layers(chunk) else [])],
                     "sparse_layers": self.sparse_layers(chunk),
-                    "states": {name: [len(chunk.layers), spec.num_kv_heads, self.target.context,
-                                      spec.head_dim] for name in ("key_cache", "value_cache")},
+                    "states": {name: list(shape) for name, shape in
+                               state_shapes(spec, chunk, self.target.context).items()},
                 }
                 for chunk in self.chunks
             ],
+            "state_bytes": self.state_bytes(),
         }
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of fp16 state per sequence, over every package, by state: the KV cache at the full context
+        (`kv_cache`, its keys and values), each recurrent state (`conv_state`: the short convolutions')."""
+        totals: dict[str, int] = {}
+        for chunk in self.chunks:
+            for name, shape in state_shapes(self.spec, chunk, self.target.context).items():
+                kind = "kv_cache" if name in ("key_cache", "value_cache") else name
+                totals[kind] = totals.get(kind, 0) + 2 * math.prod(shape)
+        return totals
 
     def sparse_layers(self, chunk: Chunk) -> list[int]:
         return [layer for layer in chunk.layers if self.spec.layers[layer].sparse]
@@ -306,7 +318,9 @@ class CoreMLWriter(Writer):
             # and routers stay fp16 (they are E × hidden, a sliver of a layer): a rounded router that picks other
             # experts sends the token through other weights altogether.
             routers = {weight_id(("ffn_gate_inp", layer, "weight")) for layer in self.sparse_layers(chunk)}
-            weights = package.blobs.keys() - routers
+            # so do the short convolutions' kernels: kernel × hidden numbers each, which every token goes through
+            kernels = {weight_id(("shortconv.conv", layer, "weight")) for layer in chunk.mixer_layers("short_conv")}
+            weights = package.blobs.keys() - routers - kernels
             for precision in self.target.precisions[1:]:
                 if precision != self.planned:
                     self._compress(chunk, stored, precision, lambda w, p=precision: p if w in weights else None)
