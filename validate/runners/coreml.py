@@ -51,11 +51,12 @@ class Call:
 class CoreMLRunner(Runner):
     """options: compute_units (macOS only); runtime "coreml" or "mil-interpreter" (default by platform);
     compute: what the writer says the packages compute beyond the model's own work (a mixture of experts'
-    experts evaluated per token), shown, not used to run."""
+    experts evaluated per token); state_bytes: the bytes of state a sequence keeps, by state; both shown, not
+    used to run."""
 
     def __init__(self, path: Path, options: dict) -> None:
         self.path = Path(path)
-        unknown = set(options) - {"compute_units", "runtime", "compute"}
+        unknown = set(options) - {"compute_units", "runtime", "compute", "state_bytes"}
         if unknown:
             raise ArtifactError(f"unknown Core ML runner option(s): {', '.join(sorted(unknown))}")
         self.manifest = read_manifest(self.path)
