@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
+import torch
 from conftest import reference_logits_for
 from test_coreml import windows_of
 
+from siliconvert.calibration import FLOAT16_MAX
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.coreml import CoreMLWriter, graph
 from siliconvert.recipe import CoreMLTarget
@@ -22,6 +25,7 @@ from siliconvert.validate.score import cached_window_logits, kv_cache_check
 pytestmark = pytest.mark.slow
 
 CONTEXT = 64  # one prefill block; the state check's prompt (16 tokens) is a padded one
+GAIN = 8192.0  # B·x peaks at about 11 in the lfm2 test checkpoint
 
 
 def build(source, out_dir, chunks: int | str = "auto"):
@@ -89,3 +93,27 @@ def test_a_broken_conv_state_fails_the_state_check(lfm2, tmp_path, monkeypatch, 
     monkeypatch.setattr(graph.ConvState, "write", broken)
     _, check = state_check(build(source, tmp_path), windows, reference)
     assert not check["consistent"], check
+
+
+def test_a_conv_state_past_fp16_range_is_scaled_back_into_it(lfm2, tmp_path):
+    """B's rows of in_proj 8192 times louder and C's as much quieter: the same function, a B·x of ~1e5, past fp16
+    (Core ML's states are fp16 only). The calibrated state scale keeps it inside, folded into the weights."""
+    from safetensors.torch import load_file, save_file
+
+    source, windows, reference = lfm2
+    loud = tmp_path / "loud"
+    shutil.copytree(source, loud)
+    tensors = load_file(loud / "model.safetensors")
+    for name in [n for n in tensors if n.endswith("conv.in_proj.weight")]:
+        b, c, x = tensors[name].chunk(3)
+        tensors[name] = torch.cat([b * GAIN, c / GAIN, x])
+    save_file(tensors, loud / "model.safetensors", metadata={"format": "pt"})
+    artifact = build(loud, tmp_path / "out")
+    numerics = json.loads((artifact.path / "manifest.json").read_text())["numerics"]
+    assert numerics["state_peak"] * 16 > FLOAT16_MAX and numerics["state_scale"] < 1
+    logits, check = state_check(artifact, windows, reference)
+    vocab = reference.shape[-1]
+    scores = compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
+                     windows[:, 1:].reshape(-1))[0]
+    assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, scores
+    assert check["consistent"], check

@@ -97,6 +97,10 @@ class CoreMLWriter(Writer):
         self.fp16_range = calibration.fp16_range()
         self.stream_scale = self.fp16_range.scale
         self.branch_scale = self.spec.residual_scale * self.stream_scale
+        # What enters the recurrent states (a short convolution's B·x), kept inside fp16 the same way: Core ML's
+        # states are fp16 only, so a range past it is scaled, never widened
+        self.state_range = calibration.state_range() if self.spec.state_numbers() else None
+        self.state_scale = self.state_range.scale if self.state_range else 1.0
         self.chunks = plan_chunks(self.spec, target.chunks)
         self.needed = [required_tensors(self.spec, chunk) for chunk in self.chunks]
         self.arrived: set[Key] = set()
@@ -154,7 +158,7 @@ class CoreMLWriter(Writer):
             if built.done():
                 built.result()  # a package that failed to build stops the pass here, not at `finish`
         users = set()
-        for part, values in graph_tensors(self.spec, key, array, self.branch_scale):
+        for part, values in graph_tensors(self.spec, key, array, self.branch_scale, self.state_scale):
             self.arrived.add(part)
             for i, needed in enumerate(self.needed):
                 if part in needed:
@@ -288,6 +292,8 @@ class CoreMLWriter(Writer):
                           "branch_scale_folded": self.branch_scale}
         longrope = {longrope_factors(layer.rope.scaling, self.target.context) for layer in spec.layers
                     if layer.rope is not None and layer.rope.kind == "longrope"}
+        if self.state_range:  # the recurrent states' measured peak and the scale that keeps them in fp16
+            numerics |= {"state_peak": self.state_range.peak, "state_scale": self.state_scale}
         if longrope:  # transformers picks the factors by sequence length; the package by its context
             numerics["longrope_factors"] = sorted(longrope)
         return numerics
