@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
 import torch
-from conftest import reference_logits_for
+import yaml
+from conftest import SILICONVERT, reference_logits_for
 from test_coreml import windows_of
 
 from siliconvert.calibration import FLOAT16_MAX
@@ -117,3 +120,21 @@ def test_a_conv_state_past_fp16_range_is_scaled_back_into_it(lfm2, tmp_path):
                      windows[:, 1:].reshape(-1))[0]
     assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, scores
     assert check["consistent"], check
+
+
+def test_recipe_converts_validates_and_reports_the_states(lfm2, tmp_path):
+    """End to end: the recipe's Core ML FP16 target on LFM2 passes its gates and the state check, and report.json
+    gives the states' bytes beside the KV cache's."""
+    source = lfm2[0]
+    recipe = {"name": "lfm2", "source": str(source), "output": str(tmp_path / "out"),
+              "targets": [{"format": "coreml", "context": CONTEXT}],
+              "validate": {"tokens": 128, "context": CONTEXT, "prefill_tokens": 16, "decode_tokens": 4,
+                           "gates": {"max_mean_kld": 0.002, "min_same_top1": 0.97}}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = subprocess.run([SILICONVERT, "recipe", str(tmp_path / "recipe.yaml")], capture_output=True, text=True,
+                            env={**os.environ, "SILICONVERT_QUIET": "1"})
+    assert result.returncode == 0, result.stderr
+    (artifact,) = json.loads((tmp_path / "out" / "report.json").read_text())["artifacts"]
+    assert artifact["kv_cache"]["consistent"] is True
+    assert artifact["state_bytes"] == {"kv_cache": 2 * 2 * 1 * 2 * CONTEXT * 32, "conv_state": 2 * 3 * 128 * 2}
+    assert "conv_state 1,536 bytes" in (tmp_path / "out" / "report.md").read_text()
