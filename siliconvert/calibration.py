@@ -103,6 +103,9 @@ class Calibration:
     importance: dict[str, np.ndarray] | None = None  # HF weight name → mean x² per input column (a row per expert)
     expert_tokens: dict[str, np.ndarray] | None = None  # HF expert stack → calibration tokens routed per expert
     stream_peak: float | None = None  # the largest |value| of the residual stream, between layers
+    # the largest |value| entering a recurrent state (a short convolution's B·x), measured with the stream's peak;
+    # 0.0 for a model without one
+    state_peak: float | None = None
     importance_tokens: int | None = None  # tokens in the importance windows
     range_tokens: int | None = None  # tokens in the range window
     gains: dict[str, float] | None = None  # HF weight name → mean KLD per unit of relative output error
@@ -136,7 +139,7 @@ class Calibration:
     def merged(self, other: Calibration) -> Calibration:
         """This calibration with the parts `other` measured and this one lacks."""
         taken = {IMPORTANCE: ("importance", "expert_tokens", "importance_tokens"),
-                 RANGE: ("stream_peak", "range_tokens"),
+                 RANGE: ("stream_peak", "state_peak", "range_tokens"),
                  SENSITIVITY: ("gains", "shrink_gains", "sensitivity_tokens")}
         return replace(self, **{field: getattr(other, field)
                                 for part in other.parts - self.parts for field in taken[part]})
@@ -240,6 +243,11 @@ class Calibrations:
         """The residual stream's float16 range, measured on the builtin text."""
         return FP16Range.of_peak(self.get(BUILTIN, {RANGE}).stream_peak)
 
+    def state_range(self) -> FP16Range:
+        """The float16 range of the recurrent states (what enters them: a short convolution's B·x), measured with
+        the residual stream's, with the same headroom."""
+        return FP16Range.of_peak(self.get(BUILTIN, {RANGE}).state_peak)
+
     # ---- the disk cache: a file per part, written atomically ----------------------------------------
 
     def _file(self, source: str, part: str) -> Path | None:
@@ -257,7 +265,10 @@ class Calibrations:
             return None
         if part == RANGE:
             stored = json.loads(file.read_text())
-            return Calibration(stored["text"], stream_peak=stored["stream_peak"], range_tokens=stored["tokens"])
+            if "state_peak" not in stored:  # measured before state peaks were: measured again
+                return None
+            return Calibration(stored["text"], stream_peak=stored["stream_peak"], state_peak=stored["state_peak"],
+                               range_tokens=stored["tokens"])
         if part == SENSITIVITY:
             stored = json.loads(file.read_text())
             return Calibration(stored["text"], gains=stored["gains"], shrink_gains=stored["shrink_gains"],
@@ -277,6 +288,7 @@ class Calibrations:
         file.parent.mkdir(parents=True, exist_ok=True)
         if part == RANGE:
             write_text_atomically(file, json.dumps({"text": measured.text, "stream_peak": measured.stream_peak,
+                                                    "state_peak": measured.state_peak,
                                                     "tokens": measured.range_tokens}))
             return
         if part == SENSITIVITY:  # JSON keeps a float's every bit (repr round-trips)
@@ -373,17 +385,28 @@ class _Importance:
 
 
 class _StreamPeak:
-    """Hooks recording, while `active`, the largest |value| of each decoder layer's input and output."""
+    """Hooks recording, while `active`, the largest |value| of each decoder layer's input and output, and of
+    what enters each recurrent state: B·x of each short convolution, from the output of its in_proj (the modules
+    named in `state_modules`), whose rows are B, C and x (architectures/base.py ShortConv)."""
 
-    def __init__(self) -> None:
+    def __init__(self, state_modules: list[str]) -> None:
         self.active = False
         self.peaks: list[float] = []
+        self.state_modules = state_modules
+        self.state_peaks: list[float] = [0.0]
 
     def attach(self, model) -> None:
         for layer in model.model.layers:
             layer.register_forward_pre_hook(
                 lambda _, args, kwargs: self._record(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
             layer.register_forward_hook(lambda _, __, output: self._record(output))
+        for name in self.state_modules:
+            model.get_submodule(name).register_forward_hook(lambda _, __, output: self._record_bx(output))
+
+    def _record_bx(self, bcx) -> None:
+        if self.active:
+            b, _, x = bcx.chunk(3, dim=-1)
+            self.state_peaks.append(float((b * x).abs().max()))
 
     def _record(self, hidden) -> None:
         if self.active:
@@ -402,7 +425,10 @@ def _forward(checkpoint: Checkpoint, text_name: str, range_window: np.ndarray | 
 
     windows = ([] if range_window is None else [range_window]) + list(() if importance_windows is None
                                                                       else importance_windows)
-    importance, peak = _Importance(), _StreamPeak()
+    # the modules whose output makes what enters a recurrent state: each short convolution's in_proj
+    state_modules = [name.removesuffix(".weight") for name, info in checkpoint.tensor_infos.items()
+                     if info.role is not None and info.role.role == "shortconv.in_proj" and info.role.kind == "weight"]
+    importance, peak = _Importance(), _StreamPeak(state_modules)
     first_importance = 0 if range_window is None else 1
 
     def window_started(index: int) -> None:
@@ -431,5 +457,6 @@ def _forward(checkpoint: Checkpoint, text_name: str, range_window: np.ndarray | 
         calibration = replace(calibration, importance=matrix, expert_tokens=routed,
                               importance_tokens=int(importance_windows.size))
     if range_window is not None:
-        calibration = replace(calibration, stream_peak=max(peak.peaks), range_tokens=len(range_window))
+        calibration = replace(calibration, stream_peak=max(peak.peaks), state_peak=max(peak.state_peaks),
+                              range_tokens=len(range_window))
     return calibration

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -84,10 +85,13 @@ def test_package_is_a_stateful_ml_program(converted):
     import coremltools as ct
 
     source, artifact, *_ = converted
-    assert (artifact.format, artifact.quant, artifact.runner_options) == ("coreml", "fp16", {"compute_units": "all"})
+    assert (artifact.format, artifact.quant, artifact.runner_options["compute_units"]) == ("coreml", "fp16", "all")
     assert artifact.path.name == "tiny-fp16-coreml"
     manifest = json.loads((artifact.path / "manifest.json").read_text())
     assert manifest["context_length"] == CONTEXT and manifest["functions"] == {"decode": 1, "prefill": 64}
+    # the KV cache per sequence at the full context: keys and values, fp16
+    kv_bytes = sum(2 * 2 * math.prod(entry["states"]["key_cache"]) for entry in manifest["chunks"])
+    assert artifact.runner_options["state_bytes"] == manifest["state_bytes"] == {"kv_cache": kv_bytes}
     for entry in manifest["chunks"]:
         spec = ct.models.MLModel(str(artifact.path / entry["package"]), skip_model_load=True).get_spec()
         assert spec.WhichOneof("Type") == "mlProgram"

@@ -3,6 +3,9 @@ whole tensors or head pieces."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 from coreml_programs import spec_of
 
 from siliconvert.convert.coreml.chunks import blobs_of, model_bytes, plan_chunks
@@ -10,6 +13,7 @@ from siliconvert.convert.coreml.graph import (
     required_tensors,
     tensor_shape,
 )
+from siliconvert.errors import CheckpointError
 
 
 def test_chunks_are_consecutive_balanced_and_cover_every_layer():
@@ -58,3 +62,10 @@ def test_blobs_are_whole_tensors_or_head_pieces():
     assert [name for name, _ in blobs_of(tied, last, embedding)] == ["token_embd.weight#0", "token_embd.weight#1"]
     small = spec_of(tie_word_embeddings=True)  # one head piece: the head and the table are one blob
     assert blobs_of(small, plan_chunks(small, 1)[0], embedding) == [("token_embd.weight", slice(None))]
+
+
+def test_a_mixer_no_package_can_run_is_refused_naming_the_trait():
+    spec = spec_of()
+    layers = (dataclasses.replace(spec.layers[0], mixer="gated_delta"), *spec.layers[1:])
+    with pytest.raises(CheckpointError, match=r"mixer='gated_delta' \(layer 0\)"):
+        plan_chunks(dataclasses.replace(spec, layers=layers), 1)

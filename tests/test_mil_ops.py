@@ -1,5 +1,5 @@
 """The MIL interpreter's ops against numpy on tiny arrays: float16 inputs computed in float32, the stable topk,
-1×1 convolutions as products, blockwise dequantization, and the forms it refuses."""
+1×1 convolutions as products, grouped ones against torch, blockwise dequantization, and the forms it refuses."""
 
 from __future__ import annotations
 
@@ -39,13 +39,36 @@ def test_one_hot_puts_the_new_axis_where_asked():
     assert hot.tolist() == [[0, 1], [0, 0], [1, 0]]
 
 
-def test_a_1x1_conv_is_a_matrix_product_and_other_convs_are_refused():
+def test_a_1x1_conv_is_a_matrix_product():
     rng = np.random.default_rng(0)
     x, weight, bias = rng.normal(size=(1, 4, 1, 5)), rng.normal(size=(3, 4, 1, 1)), rng.normal(size=3)
     expected = np.einsum("oi,nis->nos", weight[:, :, 0, 0], x[:, :, 0, :])[:, :, None, :] + bias[:, None, None]
     np.testing.assert_allclose(OPS["conv"](x, weight, bias), expected, rtol=1e-6)
-    with pytest.raises(Unsupported, match="only 1×1"):
-        OPS["conv"](x, rng.normal(size=(3, 4, 1, 3)))
+
+
+def test_a_depthwise_conv_matches_torch_and_padded_or_strided_ones_are_refused():
+    """A short convolution's form: one filter of 3 taps per channel over the width, unpadded."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    x, weight, bias = rng.normal(size=(1, 4, 1, 7)), rng.normal(size=(4, 1, 1, 3)), rng.normal(size=4)
+    expected = torch.nn.functional.conv2d(torch.tensor(x), torch.tensor(weight), torch.tensor(bias), groups=4)
+    np.testing.assert_allclose(OPS["conv"](x, weight, bias, groups=4), expected.numpy(), rtol=1e-5, atol=1e-6)
+    grouped = rng.normal(size=(6, 2, 1, 2))  # 2 groups of 2 input channels → 3 outputs each
+    expected = torch.nn.functional.conv2d(torch.tensor(x), torch.tensor(grouped), groups=2)
+    np.testing.assert_allclose(OPS["conv"](x, grouped, groups=2), expected.numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(Unsupported, match="unpadded"):
+        OPS["conv"](x, weight, groups=4, pad_type="same")
+    with pytest.raises(Unsupported, match="strides"):
+        OPS["conv"](x, weight, groups=4, strides=[1, 2])
+
+
+def test_slice_by_size_takes_a_computed_begin_and_refuses_to_overrun():
+    x = np.arange(10).reshape(2, 5)
+    assert OPS["slice_by_size"](x, np.array([1, 3]), np.array([1, 2])).tolist() == [[8, 9]]
+    assert OPS["slice_by_size"](x, np.array([0, 4]), np.array([-1, 1])).tolist() == [[4], [9]]
+    with pytest.raises(Unsupported, match="out of"):
+        OPS["slice_by_size"](x, np.array([0, 4]), np.array([1, 2]))
 
 
 def test_slice_update_refuses_an_update_of_another_size():

@@ -37,6 +37,9 @@ def artifact_entry(result: ArtifactScore, failures: list[GateFailure], limits: d
         "router_agreement": result.router,
         # what the artifact computes beyond the model's own work, where its writer says (Core ML: every expert)
         "compute": artifact.runner_options.get("compute"),
+        # bytes of state one sequence keeps, by state ("kv_cache" at the full context; recurrent states such as
+        # "conv_state" whatever the length), where the writer says (Core ML)
+        "state_bytes": artifact.runner_options.get("state_bytes"),
         "metrics": result.scores.as_dict(),
         "latency": run.latency.as_dict() if run.latency else None,
         # check ("kv_cache", "latency") → why the runner could not make it here
@@ -134,6 +137,12 @@ def markdown(report: dict, plot_name: str | None) -> str:
                   if a["router_agreement"]["measured"] else f"not measured ({a['router_agreement']['reason']})")
                   for a in routed]
     lines += [f"- {a['format']} {a['quant']} compute: {a['compute']}" for a in routed if a.get("compute")]
+    stateful = [a for a in report["artifacts"] if a.get("state_bytes")]
+    if stateful:
+        lines += ["", "## State per sequence", ""]
+        lines += [f"- {a['format']} {a['quant']}: " + ", ".join(f"{name} {size:,} bytes"
+                                                             for name, size in a["state_bytes"].items())
+                  for a in stateful]
     known = known_tokenizer_rules(report["artifacts"])
     if known:
         lines += ["", "## Tokenizer differences from known rules", "",

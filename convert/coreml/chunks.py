@@ -9,12 +9,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from siliconvert.architectures import ModelSpec, TensorRole
-from siliconvert.errors import RecipeError
+from siliconvert.architectures.base import Mixer
+from siliconvert.errors import CheckpointError, RecipeError
 
 AUTO_CHUNK_BYTES = 1 << 30  # `chunks: auto`: ≤ ~1 GiB of fp16 weights per package, as ANE projects use
 HEAD_SPLIT = 16384  # the ANE caps a convolution's output channels; a 32k–150k vocabulary head is split
 # (role, layer or None, "weight"/"bias"): what the graph builder asks for
 Key = tuple[str, int | None, str]
+# The mixers a package can run, each with the states it keeps per sequence (graph.py makes them)
+MIXER_STATES: dict[Mixer, tuple[str, ...]] = {"attention": ("key_cache", "value_cache"), "short_conv": ("conv_state",)}
+VALID_TOKENS = "valid_tokens"  # the input of a chunk with recurrent states: how many of the call's tokens are real
 
 
 def role_key(role: TensorRole) -> Key:
@@ -28,13 +32,27 @@ class Chunk:
     layers: range
     first: bool  # embeds token ids
     last: bool  # ends with the final norm and the LM head
+    # the chunk's layers of each mixer it has (`layers_by_mixer`), in layer order: a state's row is its index here
+    mixers: tuple[tuple[Mixer, tuple[int, ...]], ...]
+
+    def mixer_layers(self, mixer: Mixer) -> tuple[int, ...]:
+        return dict(self.mixers).get(mixer, ())
+
+    @property
+    def recurrent(self) -> bool:
+        """Whether a state of the chunk advances with every token (unlike a KV cache, which is written by position):
+        padding in a prefill block must not advance it, so the chunk takes VALID_TOKENS."""
+        return any(layers for mixer, layers in self.mixers if mixer != "attention")
 
     @property
     def package(self) -> str:
         return f"chunk_{self.index + 1:02d}.mlpackage"
 
     def input_names(self) -> list[str]:
-        return ["input_ids" if self.first else "hidden_states", "position"]
+        return ["input_ids" if self.first else "hidden_states", "position", *([VALID_TOKENS] if self.recurrent else [])]
+
+    def state_names(self) -> list[str]:
+        return [state for mixer, layers in self.mixers if layers for state in MIXER_STATES[mixer]]
 
     def output_name(self) -> str:
         return "logits" if self.last else "hidden_states_out"
@@ -50,8 +68,23 @@ def plan_chunks(spec: ModelSpec, chunks: int | str) -> list[Chunk]:
         count = int(chunks)
     bounds = np.linspace(0, spec.num_layers, count + 1).round().astype(int)
     return [
-        Chunk(i, range(bounds[i], bounds[i + 1]), first=i == 0, last=i == count - 1) for i in range(count)
+        Chunk(i, range(bounds[i], bounds[i + 1]), first=i == 0, last=i == count - 1,
+              mixers=layers_by_mixer(spec, range(bounds[i], bounds[i + 1])))
+        for i in range(count)
     ]
+
+
+def layers_by_mixer(spec: ModelSpec, layers: range) -> tuple[tuple[Mixer, tuple[int, ...]], ...]:
+    """The one place the Core ML writer reads the mixer trait: `layers` grouped by mixer, a mixer no package can
+    run (none in MIXER_STATES) refused by name."""
+    grouped: dict[Mixer, list[int]] = {}
+    for layer in layers:
+        mixer = spec.layers[layer].mixer
+        if mixer not in MIXER_STATES:
+            raise CheckpointError(f"Core ML cannot honour the trait mixer={mixer!r} (layer {layer}): its packages run "
+                                  f"the mixers {', '.join(MIXER_STATES)}")
+        grouped.setdefault(mixer, []).append(layer)
+    return tuple((mixer, tuple(grouped[mixer])) for mixer in MIXER_STATES if mixer in grouped)
 
 
 def layer_bytes(spec: ModelSpec, layer: int) -> int:
@@ -64,6 +97,8 @@ def layer_bytes(spec: ModelSpec, layer: int) -> int:
             mlp += h + 3 * h * experts.shared_intermediate_size
     else:
         mlp = 3 * h * spec.intermediate_size
+    if spec.layers[layer].mixer == "short_conv":  # in_proj (B, C, x), out_proj and the kernel
+        return 2 * (4 * h * h + h * spec.short_conv.kernel + mlp)
     return 2 * (h * (2 * q + 2 * kv) + mlp)
 
 

@@ -11,6 +11,8 @@ before it becomes a blob.
   of each block's branch (the post-norm where there is one, else o_proj and down_proj). It is Granite's
   residual multiplier times the stream's scale, a power of two that keeps it inside fp16 (FP16Range,
   siliconvert/calibration.py).
+- A short convolution's state scale (the same kind of power of two, for what enters its state: B·x) is folded
+  into B's rows of in_proj and the kernel's bias, and taken out again in out_proj's weight.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from siliconvert.convert.coreml.chunks import Key
 
 FUSED = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_gate_up": ("ffn_gate", "ffn_up")}
 # The experts' down projections write into the residual stream as the dense MLP's does: the branch scale too
-WRITES_LIKE = {"ffn_down_exps": "ffn_down", "ffn_down_shexp": "ffn_down"}
+WRITES_LIKE = {"ffn_down_exps": "ffn_down", "ffn_down_shexp": "ffn_down",
+               "shortconv.out_proj": "attn_output"}  # the short convolution's branch, as attention's
 # The norms around each block, per norm placement: (before the block, after it) for attention and for the MLP
 # A sparse layer's expert stacks → the parts each expert's rows hold, in row order
 EXPERT_STACKS = {"ffn_gate_up_exps": ("ffn_gate_exp", "ffn_up_exp"), "ffn_down_exps": ("ffn_down_exp",)}
@@ -67,10 +70,10 @@ def branch_outputs(spec: ModelSpec) -> tuple[str, ...]:
     return posts or ("attn_output", "ffn_down")
 
 
-def graph_tensors(spec: ModelSpec, key: Key, array: np.ndarray, branch_scale: float
+def graph_tensors(spec: ModelSpec, key: Key, array: np.ndarray, branch_scale: float, state_scale: float = 1.0
                   ) -> Iterator[tuple[Key, np.ndarray]]:
     """The graph's tensors made from one checkpoint tensor (of the right shape), with the folds above."""
-    role = key[0]
+    role, _, kind = key
     if role in FUSED:
         sizes = [tensor_shape(spec, part)[0] for part in graph_keys(spec, key)]
         yield from zip(graph_keys(spec, key), np.split(array, np.cumsum(sizes)[:-1]), strict=True)
@@ -81,6 +84,14 @@ def graph_tensors(spec: ModelSpec, key: Key, array: np.ndarray, branch_scale: fl
         for part_key, values in zip(graph_keys(spec, key), (part for rows in parts for part in rows), strict=True):
             yield part_key, values if scale == 1.0 else values.astype(np.float32) * np.float32(scale)
         return
+    if state_scale != 1.0 and role in ("shortconv.in_proj", "shortconv.conv", "shortconv.out_proj"):
+        array = array.astype(np.float32)
+        if role == "shortconv.in_proj":  # B's rows (the first third), whose product with x enters the state
+            array[: spec.hidden_size] *= np.float32(state_scale)
+        elif role == "shortconv.conv" and kind == "bias":
+            array *= np.float32(state_scale)
+        elif role == "shortconv.out_proj" and kind == "weight":
+            array /= np.float32(state_scale)
     if role.endswith("_norm") and spec.norm_offset:
         array = array.astype(np.float32) + np.float32(spec.norm_offset)
     # a post-norm's bias-free weight, or o_proj/down_proj's weight and bias: the branch output is linear in them

@@ -5,10 +5,13 @@ Activations are channels-first (1, C, 1, S), the layout the Neural Engine works 
 KV-head group in (1, kv_heads, group × S, head_dim) without repeating K and V for grouped-query heads.
 
 Read from build_function down: its inputs, what every layer shares (positions, RoPE angles, the mask, the KV
-caches), embed, decoder_layer (attention, mlp) per layer, lm_head. WeightedOps is where each linear and norm
-takes its weight; required_tensors says which weights the graph reads (folds.py: in what shape).
+caches and conv states), embed, decoder_layer (attention or short_conv, then mlp) per layer, lm_head.
+WeightedOps is where each linear and norm takes its weight; required_tensors says which weights the graph reads
+(folds.py: in what shape).
 
 Where each trait of the spec becomes ops, one place each (ops appear only where a trait departs from Llama's):
+    layers[i].mixer           decoder_layer: attention, or short_conv over the conv state (grouped by mixer once,
+                              in chunks.layers_by_mixer)
     layers[i].window          causal_masks: one mask per window size, shared by the layers with that window
     layers[i].rope            rope_angles / rope_frequencies: one cos/sin table pair per distinct rope (θ,
                               scaling, partial rotary: rope rotates the first `dim` dimensions); None: NoPE
@@ -37,13 +40,14 @@ from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 
 from siliconvert.architectures import ModelSpec
 from siliconvert.architectures.base import Rope
-from siliconvert.convert.coreml.chunks import Chunk, Key, head_pieces, head_role, weight_id
+from siliconvert.convert.coreml.chunks import VALID_TOKENS, Chunk, Key, head_pieces, head_role, weight_id
 from siliconvert.convert.coreml.folds import BLOCK_NORMS, EXPERT_STACKS, expert_key, tensor_shape
 from siliconvert.convert.coreml.weights import WeightConsts
 from siliconvert.errors import CheckpointError
 
 MASK_VALUE = -30000.0  # additive mask: exp() of it is 0, yet adding it to any score stays finite in fp16
 SHARED_EXPERT = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")  # its gate, up and down, as mlp's roles
+SHORT_CONV_ROLES = ("shortconv.in_proj", "shortconv.conv", "shortconv.out_proj")
 EXPERT_IDS = "expert_ids"  # the output of a chunk with sparse layers: their routers' choices (1, S, layers, k)
 NORM_FLOOR = 2.0**-6  # RMSNorm divides by max(|x|, floor): an all-zero token must not divide by zero
 # The passes of coremltools' default pipeline (and of its mlprogram backend) that change this graph, in their
@@ -69,17 +73,22 @@ PASSES = [
 def required_tensors(spec: ModelSpec, chunk: Chunk) -> set[Key]:
     """Every tensor the chunk's graph reads (fused checkpoint tensors arrive split: folds.py)."""
     per_layer = [(role, "weight") for norms in BLOCK_NORMS[spec.norm_placement] for role in norms if role]
+    attention = []
     if spec.qk_norm:
-        per_layer += [("attn_q_norm", "weight"), ("attn_k_norm", "weight")]
-    per_layer += [(role, "weight") for role in ("attn_q", "attn_k", "attn_v", "attn_output")]
+        attention += [("attn_q_norm", "weight"), ("attn_k_norm", "weight")]
+    attention += [(role, "weight") for role in ("attn_q", "attn_k", "attn_v", "attn_output")]
     if spec.qkv_bias:
-        per_layer += [("attn_q", "bias"), ("attn_k", "bias"), ("attn_v", "bias")]
+        attention += [("attn_q", "bias"), ("attn_k", "bias"), ("attn_v", "bias")]
     if spec.attn_output_bias:
-        per_layer.append(("attn_output", "bias"))
+        attention.append(("attn_output", "bias"))
+    conv_biased = spec.short_conv is not None and spec.short_conv.bias
+    conv = [(role, kind) for role in SHORT_CONV_ROLES for kind in ("weight", "bias") if kind == "weight" or conv_biased]
     dense_mlp = [(role, "weight") for role in ("ffn_gate", "ffn_up", "ffn_down")]
     if spec.mlp_bias:
         dense_mlp += [("ffn_gate", "bias"), ("ffn_up", "bias"), ("ffn_down", "bias")]
     keys = {(role, layer, kind) for layer in chunk.layers for role, kind in per_layer}
+    keys.update((role, layer, kind) for layer in chunk.mixer_layers("attention") for role, kind in attention)
+    keys.update((role, layer, kind) for layer in chunk.mixer_layers("short_conv") for role, kind in conv)
     for layer in chunk.layers:
         if spec.layers[layer].sparse:  # the router and every expert's gate, up and down; the shared expert's
             keys.add(("ffn_gate_inp", layer, "weight"))
@@ -127,8 +136,9 @@ def build_function(spec: ModelSpec, chunk: Chunk, tokens: int, context: int, wei
         x = (embed(ops, function.inputs["input_ids"], tokens, spec.embedding_scale * stream_scale) if chunk.first
              else function.inputs["hidden_states"])
         expert_ids: list = []  # each sparse layer's chosen experts (S, k), in layer order
-        for local, layer in enumerate(chunk.layers):
-            x = decoder_layer(ops, x, layer, local, shared, expert_ids)
+        rows = {layer: (mixer, row) for mixer, layers in chunk.mixers for row, layer in enumerate(layers)}
+        for layer in chunk.layers:
+            x = decoder_layer(ops, x, layer, *rows[layer], shared, expert_ids)
         out = lm_head(ops, x) if chunk.last else mb.identity(x=x, name="hidden_states_out")
         if not expert_ids:
             function.set_outputs([out])
@@ -145,16 +155,32 @@ def build_function(spec: ModelSpec, chunk: Chunk, tokens: int, context: int, wei
 
 def function_inputs(spec: ModelSpec, chunk: Chunk, tokens: int, context: int) -> dict:
     """Token ids (1, S) into the first chunk, hidden states (1, C, 1, S) into the others; the block's position;
-    the chunk's KV cache as two states."""
-    h, kvh, d, layers = spec.hidden_size, spec.num_kv_heads, spec.head_dim, len(chunk.layers)
+    with recurrent states, how many of the S tokens are real; the states of the chunk's mixers (state_shapes)."""
+    h = spec.hidden_size
     first_input = (mb.TensorSpec((1, tokens), dtype=types.int32) if chunk.first
                    else mb.TensorSpec((1, h, 1, tokens), dtype=types.fp16))
-    return {
-        chunk.input_names()[0]: first_input,
-        "position": mb.TensorSpec((1,), dtype=types.int32),
-        "key_cache": mb.StateTensorSpec((layers, kvh, context, d), dtype=types.fp16),
-        "value_cache": mb.StateTensorSpec((layers, kvh, context, d), dtype=types.fp16),
-    }
+    inputs = {chunk.input_names()[0]: first_input, "position": mb.TensorSpec((1,), dtype=types.int32)}
+    if chunk.recurrent:
+        inputs[VALID_TOKENS] = mb.TensorSpec((1,), dtype=types.int32)
+    for name, shape in state_shapes(spec, chunk, context).items():
+        inputs[name] = mb.StateTensorSpec(shape, dtype=types.fp16)
+    return inputs
+
+
+def state_shapes(spec: ModelSpec, chunk: Chunk, context: int) -> dict[str, tuple[int, ...]]:
+    """The chunk's states, fp16, one row per layer of their mixer: the KV cache of its attention layers as two
+    states (layers, KVH, context, D); the last kernel − 1 values of B·x of its short-conv layers (layers, C, 1,
+    kernel − 1), laid out as the activations are."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    if attention := chunk.mixer_layers("attention"):
+        shapes |= {name: (len(attention), spec.num_kv_heads, context, spec.head_dim)
+                   for name in ("key_cache", "value_cache")}
+    if short_conv := chunk.mixer_layers("short_conv"):
+        if spec.short_conv.kernel < 2:
+            raise CheckpointError(f"a short convolution of {spec.short_conv.kernel} tap carries no state: the "
+                                  "Core ML writer needs a kernel of 2 taps or more")
+        shapes["conv_state"] = (len(short_conv), spec.hidden_size, 1, spec.short_conv.kernel - 1)
+    return shapes
 
 
 @dataclass(frozen=True)
@@ -205,16 +231,41 @@ class CacheState:
         return mb.slice_by_index(x=self.value, begin=[local, 0, 0, 0], end=[local + 1, kvh, context, d])
 
 
+class ConvState:
+    """The short-conv layers' state (layers, C, 1, kernel − 1) of a function, read once; each layer's write chains
+    on the previous one (as CacheState's)."""
+
+    def __init__(self, state):
+        self.state = state
+        self.value = mb.read_state(input=state)
+
+    def read(self, row: int):
+        """The layer's last kernel − 1 values of B·x (1, C, 1, kernel − 1)."""
+        if self.value.shape[0] == 1:
+            return self.value
+        _, c, _, taps = self.value.shape
+        return mb.slice_by_index(x=self.value, begin=[row, 0, 0, 0], end=[row + 1, c, 1, taps])
+
+    def write(self, update, row: int) -> None:
+        _, c, _, taps = self.value.shape
+        updated = (update if self.value.shape[0] == 1
+                   else mb.slice_update(x=self.value, update=update, begin=[row, 0, 0, 0], end=[row + 1, c, 1, taps]))
+        self.value = mb.coreml_update_state(state=self.state, value=updated)
+
+
 @dataclass(frozen=True)
 class Shared:
     """What every layer of one function uses: the block's start position, the RoPE angles (cos, sin) of each
-    rope and the mask of each attention window the chunk's layers use, and the caches."""
+    rope and the mask of each attention window the chunk's layers use, and the states of its mixers (None where
+    the chunk has no layer of that mixer); with a conv state, how many of the block's tokens are real."""
 
     position: object  # MIL vars throughout
     angles: dict[str, tuple]  # rope_key(rope) → (cos, sin)
     masks: dict[int | None, object]  # mask_key(window) → additive mask
-    keys: CacheState
-    values: CacheState
+    keys: CacheState | None
+    values: CacheState | None
+    conv: ConvState | None = None
+    valid_tokens: object = None
 
 
 def rope_key(rope: Rope) -> str:
@@ -232,13 +283,16 @@ def shared_values(spec: ModelSpec, chunk: Chunk, context: int, tokens: int, inpu
     # (S,); one token is at `position` itself (adding 0 is what noop_elimination would remove)
     positions = position if tokens == 1 else mb.add(x=position, y=np.arange(tokens, dtype=np.int32),
                                                      name="positions")
-    layers = [spec.layers[i] for i in chunk.layers]
+    layers = [spec.layers[i] for i in chunk.mixer_layers("attention")]
     ropes = {rope_key(layer.rope): layer.rope for layer in layers if layer.rope is not None}
     angles = {key: rope_angles(spec, rope, context, positions, tokens, "rope" if i == 0 else f"rope{i}")
               for i, (key, rope) in enumerate(ropes.items())}
     windows = list(dict.fromkeys(mask_key(layer.window, context) for layer in layers))
-    masks = causal_masks(context, positions, tokens, windows)
-    return Shared(position, angles, masks, CacheState(inputs["key_cache"]), CacheState(inputs["value_cache"]))
+    masks = causal_masks(context, positions, tokens, windows) if windows else {}
+    keys, values = ((CacheState(inputs["key_cache"]), CacheState(inputs["value_cache"])) if layers
+                    else (None, None))
+    conv = ConvState(inputs["conv_state"]) if "conv_state" in inputs else None
+    return Shared(position, angles, masks, keys, values, conv, inputs.get(VALID_TOKENS))
 
 
 def embed(ops: WeightedOps, input_ids, tokens: int, scale: float):
@@ -254,12 +308,13 @@ def embed(ops: WeightedOps, input_ids, tokens: int, scale: float):
     return mb.reshape(x=x, shape=[1, h, 1, tokens], name="embeddings")
 
 
-def decoder_layer(ops: WeightedOps, x, layer: int, local: int, shared: Shared, expert_ids: list):
-    """Attention, then the MLP (or the experts, whose chosen ids are appended to `expert_ids`), each a residual
-    branch with its norms placed as the spec says (BLOCK_NORMS); `local` = the layer's index in the chunk's
-    caches."""
+def decoder_layer(ops: WeightedOps, x, layer: int, mixer: str, row: int, shared: Shared, expert_ids: list):
+    """The mixer (attention or the short convolution), then the MLP (or the experts, whose chosen ids are appended
+    to `expert_ids`), each a residual branch with its norms placed as the spec says (BLOCK_NORMS); `row` = the
+    layer's row in its mixer's states."""
     attention_norms, mlp_norms = BLOCK_NORMS[ops.spec.norm_placement]
-    x = residual(ops, x, layer, "attn", attention_norms, lambda h: attention(ops, h, layer, local, shared))
+    mix = MIXERS[mixer]
+    x = residual(ops, x, layer, "attn", attention_norms, lambda h: mix(ops, h, layer, row, shared))
     if ops.spec.layers[layer].sparse:
         return residual(ops, x, layer, "ffn", mlp_norms, lambda h: experts(ops, h, layer, expert_ids))
     return residual(ops, x, layer, "ffn", mlp_norms, lambda h: mlp(ops, h, layer))
@@ -411,6 +466,35 @@ def attention(ops: WeightedOps, x, layer: int, local: int, shared: Shared):
     out = reshape(mb.matmul(x=probs, y=values), [1, heads, s, d])
     out = mb.reshape(x=mb.transpose(x=out, perm=[0, 1, 3, 2]), shape=[1, heads * d, 1, s])
     return ops.linear(out, "attn_output", layer, f"l{layer}_o")
+
+
+def short_conv(ops: WeightedOps, x, layer: int, row: int, shared: Shared):
+    """LFM2's gated short convolution: B, C and x from in_proj; out_proj(C · conv(B · x)), the convolution
+    depthwise and causal over the layer's state (the last kernel − 1 values of B·x) followed by the block's.
+    A block of any width is one convolution over [state ; B·x] (no loop over tokens); the state then keeps the
+    kernel − 1 values before the first token past the real ones (VALID_TOKENS: a padded prefill block's padding
+    never enters it)."""
+    spec = ops.spec
+    h, kernel, s = spec.hidden_size, spec.short_conv.kernel, x.shape[-1]
+    bcx = ops.linear(x, "shortconv.in_proj", layer, f"l{layer}_conv_in")  # (1, 3C, 1, S): B, C, x
+    b, c, v = (mb.slice_by_index(x=bcx, begin=[0, i * h, 0, 0], end=[1, (i + 1) * h, 1, s],
+                                 name=f"l{layer}_conv_{part}") for i, part in enumerate("bcx"))
+    bx = mb.mul(x=b, y=v, name=f"l{layer}_conv_bx")
+    window = mb.concat(values=[shared.conv.read(row), bx], axis=3, name=f"l{layer}_conv_window")  # (1, C, 1, K−1+S)
+    kernel_key = ("shortconv.conv", layer, "weight")
+    weight = ops.weights.const(weight_id(kernel_key), (h, 1, 1, kernel), f"l{layer}_conv_weight")
+    bias = None
+    if ("shortconv.conv", layer, "bias") in ops.needed:
+        bias = ops.weights.const(weight_id(("shortconv.conv", layer, "bias")), (h,), f"l{layer}_conv_bias")
+    conv = mb.conv(x=window, weight=weight, bias=bias, groups=h, pad_type="valid", name=f"l{layer}_conv")
+    begin = mb.concat(values=[np.zeros(3, np.int32), shared.valid_tokens], axis=0)
+    shared.conv.write(mb.slice_by_size(x=window, begin=begin, size=[1, h, 1, kernel - 1]), row)
+    y = mb.mul(x=c, y=conv, name=f"l{layer}_conv_gated")
+    return ops.linear(y, "shortconv.out_proj", layer, f"l{layer}_conv_out")
+
+
+# mixer → its branch, (ops, x, layer, row in its states, shared) → the branch's output
+MIXERS = {"attention": attention, "short_conv": short_conv}
 
 
 def reshape(x, shape: list[int]):

@@ -34,6 +34,7 @@ from siliconvert.convert.coreml.graph import (
     build_program,
     longrope_factors,
     required_tensors,
+    state_shapes,
 )
 from siliconvert.convert.coreml.package import (
     PACKAGE_DATA,
@@ -96,6 +97,10 @@ class CoreMLWriter(Writer):
         self.fp16_range = calibration.fp16_range()
         self.stream_scale = self.fp16_range.scale
         self.branch_scale = self.spec.residual_scale * self.stream_scale
+        # What enters the recurrent states (a short convolution's B·x), kept inside fp16 the same way: Core ML's
+        # states are fp16 only, so a range past it is scaled, never widened
+        self.state_range = calibration.state_range() if self.spec.state_numbers() else None
+        self.state_scale = self.state_range.scale if self.state_range else 1.0
         self.chunks = plan_chunks(self.spec, target.chunks)
         self.needed = [required_tensors(self.spec, chunk) for chunk in self.chunks]
         self.arrived: set[Key] = set()
@@ -153,7 +158,7 @@ class CoreMLWriter(Writer):
             if built.done():
                 built.result()  # a package that failed to build stops the pass here, not at `finish`
         users = set()
-        for part, values in graph_tensors(self.spec, key, array, self.branch_scale):
+        for part, values in graph_tensors(self.spec, key, array, self.branch_scale, self.state_scale):
             self.arrived.add(part)
             for i, needed in enumerate(self.needed):
                 if part in needed:
@@ -191,7 +196,7 @@ class CoreMLWriter(Writer):
         self.writes.close()
         if self.planner is not None:
             self._compress_planned()
-        options = {"compute_units": self.target.compute_units}
+        options = {"compute_units": self.target.compute_units, "state_bytes": self.state_bytes()}
         if self.compute():  # the runner shows it (CoreMLRunner.compute): the report prints it per artifact
             options["compute"] = self.compute()
         try:
@@ -247,12 +252,23 @@ class CoreMLWriter(Writer):
                     # a chunk with sparse layers also outputs their routers' choices (EXPERT_IDS)
                     "outputs": [chunk.output_name(), *([EXPERT_IDS] if self.sparse_layers(chunk) else [])],
                     "sparse_layers": self.sparse_layers(chunk),
-                    "states": {name: [len(chunk.layers), spec.num_kv_heads, self.target.context,
-                                      spec.head_dim] for name in ("key_cache", "value_cache")},
+                    "states": {name: list(shape) for name, shape in
+                               state_shapes(spec, chunk, self.target.context).items()},
                 }
                 for chunk in self.chunks
             ],
+            "state_bytes": self.state_bytes(),
         }
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of fp16 state per sequence, over every package, by state: the KV cache at the full context
+        (`kv_cache`, its keys and values), each recurrent state (`conv_state`: the short convolutions')."""
+        totals: dict[str, int] = {}
+        for chunk in self.chunks:
+            for name, shape in state_shapes(self.spec, chunk, self.target.context).items():
+                kind = "kv_cache" if name in ("key_cache", "value_cache") else name
+                totals[kind] = totals.get(kind, 0) + 2 * math.prod(shape)
+        return totals
 
     def sparse_layers(self, chunk: Chunk) -> list[int]:
         return [layer for layer in chunk.layers if self.spec.layers[layer].sparse]
@@ -276,6 +292,8 @@ class CoreMLWriter(Writer):
                           "branch_scale_folded": self.branch_scale}
         longrope = {longrope_factors(layer.rope.scaling, self.target.context) for layer in spec.layers
                     if layer.rope is not None and layer.rope.kind == "longrope"}
+        if self.state_range:  # the recurrent states' measured peak and the scale that keeps them in fp16
+            numerics |= {"state_peak": self.state_range.peak, "state_scale": self.state_scale}
         if longrope:  # transformers picks the factors by sequence length; the package by its context
             numerics["longrope_factors"] = sorted(longrope)
         return numerics
@@ -306,7 +324,9 @@ class CoreMLWriter(Writer):
             # and routers stay fp16 (they are E × hidden, a sliver of a layer): a rounded router that picks other
             # experts sends the token through other weights altogether.
             routers = {weight_id(("ffn_gate_inp", layer, "weight")) for layer in self.sparse_layers(chunk)}
-            weights = package.blobs.keys() - routers
+            # so do the short convolutions' kernels: kernel × hidden numbers each, which every token goes through
+            kernels = {weight_id(("shortconv.conv", layer, "weight")) for layer in chunk.mixer_layers("short_conv")}
+            weights = package.blobs.keys() - routers - kernels
             for precision in self.target.precisions[1:]:
                 if precision != self.planned:
                     self._compress(chunk, stored, precision, lambda w, p=precision: p if w in weights else None)

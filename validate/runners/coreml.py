@@ -3,9 +3,10 @@ through the MIL interpreter (validate/runners/mil), which runs the same packages
 
 Both drive the chunk packages the same way: a fresh state per package per sequence; the prompt in blocks
 through "prefill" (the last block padded: padding writes K/V past the sequence, which the causal mask
-hides and later tokens overwrite); then one token at a time through "decode". Hidden states pass from
-each package to the next. A mixture of experts' packages also output the experts their routers chose
-("expert_ids"), which `expert_choices` gathers for the windows scored.
+hides and later tokens overwrite; a package with recurrent states, which every token advances, also takes the
+count of real tokens, its third input, and its states skip the padding); then one token at a time through
+"decode". Hidden states pass from each package to the next. A mixture of experts' packages also output the
+experts their routers chose ("expert_ids"), which `expert_choices` gathers for the windows scored.
 
 The work runs chunk-major: a package runs every call of every sequence asked for at once (all the scored
 windows, or a prompt and its continuation), keeping each call's hidden states for the next package, before
@@ -50,11 +51,12 @@ class Call:
 class CoreMLRunner(Runner):
     """options: compute_units (macOS only); runtime "coreml" or "mil-interpreter" (default by platform);
     compute: what the writer says the packages compute beyond the model's own work (a mixture of experts'
-    experts evaluated per token), shown, not used to run."""
+    experts evaluated per token); state_bytes: the bytes of state a sequence keeps, by state; both shown, not
+    used to run."""
 
     def __init__(self, path: Path, options: dict) -> None:
         self.path = Path(path)
-        unknown = set(options) - {"compute_units", "runtime", "compute"}
+        unknown = set(options) - {"compute_units", "runtime", "compute", "state_bytes"}
         if unknown:
             raise ArtifactError(f"unknown Core ML runner option(s): {', '.join(sorted(unknown))}")
         self.manifest = read_manifest(self.path)
@@ -164,7 +166,7 @@ class CoreMLRunner(Runner):
         if progress:
             packages = track(packages, progress, len(self.chunks))
         for index, (chunk, entry) in packages:
-            first_input, position_input = entry["inputs"]
+            first_input, position_input, *valid_tokens = entry["inputs"]
             chosen = None
             if choices is not None and EXPERT_IDS in entry["outputs"]:
                 chosen = [[] for _ in sequences]
@@ -178,9 +180,11 @@ class CoreMLRunner(Runner):
                     else:
                         state = states[sequence][index]
                     for i, call in enumerate(calls):
-                        position = np.array([call.position], np.int32)
-                        outputs = chunk.predict(call.function, {first_input: carried[sequence][i],
-                                                                position_input: position}, state)
+                        inputs = {first_input: carried[sequence][i],
+                                  position_input: np.array([call.position], np.int32)}
+                        if valid_tokens:
+                            inputs[valid_tokens[0]] = np.array([len(call.tokens)], np.int32)
+                        outputs = chunk.predict(call.function, inputs, state)
                         carried[sequence][i] = outputs[entry["outputs"][0]]
                         if chosen is not None:
                             chosen[sequence].append(np.asarray(outputs[EXPERT_IDS], np.int16)[0, : len(call.tokens)])
@@ -232,7 +236,7 @@ class CoreMLPackage:
             raise ArtifactError(f"Core ML cannot load this package ({e})", package) from None
 
     def make_state(self):
-        # One state serves both functions: they declare the same key_cache / value_cache.
+        # One state serves both functions: they declare the same states.
         return self.functions["decode"].make_state()
 
     def predict(self, function: str, inputs: dict[str, np.ndarray], state) -> dict[str, np.ndarray]:

@@ -198,6 +198,14 @@ def _slice_update(x, update, begin, end, stride=None, begin_mask=None, end_mask=
     return out
 
 
+@op("slice_by_size")
+def _slice_by_size(x, begin, size):
+    """`size` elements from `begin` on each axis (-1: to the end); `begin` may be computed, `size` fixes the shape."""
+    if any(int(b) < 0 or (int(n) != -1 and int(b) + int(n) > d) for b, n, d in zip(begin, size, x.shape, strict=True)):
+        raise Unsupported(f"slice_by_size of {list(size)} from {list(begin)} out of a {x.shape} tensor")
+    return x[tuple(slice(int(b), None if int(n) == -1 else int(b) + int(n)) for b, n in zip(begin, size, strict=True))]
+
+
 @op("gather")
 def _gather(x, indices, axis=0, batch_dims=0, validate_indices=False):
     axis = int(axis) % x.ndim
@@ -240,16 +248,36 @@ def _matmul(x, y, transpose_x=False, transpose_y=False):
 
 
 @op("conv")
-def _conv(x, weight, bias=None, strides=None, pad_type=None, pad=None, dilations=None, groups=1):
-    """1×1 convolutions only (the builder's linear layers): a matrix product per batch."""
-    out_channels, in_channels, *kernel = weight.shape
-    if any(k != 1 for k in kernel) or int(groups) != 1 or (strides is not None and any(s != 1 for s in strides)):
-        raise Unsupported(f"conv with kernel {kernel}, groups {groups}, strides {strides} (only 1×1)")
+def _conv(x, weight, bias=None, strides=None, pad_type="valid", pad=None, dilations=None, groups=1):
+    """2-D convolutions of stride and dilation 1 without padding: 1×1 ones (the builder's linear layers) as one
+    matrix product per batch; others (grouped, depthwise, wider kernels: a short convolution) as a sum over the
+    kernel's taps of a grouped matrix product each."""
+    out_channels, per_group, *kernel = weight.shape
+    groups = int(groups)
+    if any(int(s) != 1 for s in (strides if strides is not None else ())) or any(
+            int(d) != 1 for d in (dilations if dilations is not None else ())):
+        raise Unsupported(f"conv with strides {strides}, dilations {dilations} (only 1)")
     n, c, *spatial = x.shape
-    y = np.matmul(wide(weight).reshape(out_channels, in_channels), wide(x).reshape(n, c, -1))
+    if kernel == [1] * len(kernel) and groups == 1:
+        y = np.matmul(wide(weight).reshape(out_channels, per_group), wide(x).reshape(n, c, -1))
+        if bias is not None:
+            y += wide(bias)[:, None]
+        return y.reshape(n, out_channels, *spatial)
+    if len(kernel) != 2 or str(pad_type) not in ("valid", "custom") or (pad is not None and any(pad)):
+        raise Unsupported(f"conv with kernel {kernel}, pad_type {pad_type}, pad {pad} (2-D, unpadded only)")
+    if c != groups * per_group or out_channels % groups:
+        raise Unsupported(f"conv of {c} channels in {groups} groups by a {list(weight.shape)} weight")
+    rows, columns = spatial[0] - kernel[0] + 1, spatial[1] - kernel[1] + 1
+    x, weight = wide(x), wide(weight).reshape(groups, out_channels // groups, per_group, *kernel)
+    y = np.zeros((n, groups, out_channels // groups, rows * columns), np.float32)
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            taps = x[:, :, i : i + rows, j : j + columns].reshape(n, groups, per_group, rows * columns)
+            y += np.matmul(weight[..., i, j], taps)  # (groups, out/group, in/group) @ (n, groups, in/group, S)
+    y = y.reshape(n, out_channels, rows, columns)
     if bias is not None:
-        y += wide(bias)[:, None]
-    return y.reshape(n, out_channels, *spatial)
+        y += wide(bias)[:, None, None]
+    return y
 
 
 # ---- load-time (constexpr): evaluated once, when the weights load (program.py) -------------------

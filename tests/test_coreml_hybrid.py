@@ -1,0 +1,140 @@
+"""Core ML FP16 of a hybrid model (LFM2: gated short convolutions around one attention layer), run back through
+the MIL interpreter: against transformers' float32 forward, and decoding through its states (the attention
+layer's KV cache and the convolutions' conv state) against the no-state pass, which a broken conv state fails."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import SILICONVERT, reference_logits_for
+from test_coreml import windows_of
+
+from siliconvert.calibration import FLOAT16_MAX
+from siliconvert.checkpoint import Checkpoint
+from siliconvert.convert.coreml import CoreMLWriter, graph
+from siliconvert.recipe import CoreMLTarget
+from siliconvert.validate.metrics import compare
+from siliconvert.validate.runners.coreml import CoreMLRunner
+from siliconvert.validate.score import cached_window_logits, kv_cache_check
+
+pytestmark = pytest.mark.slow
+
+CONTEXT = 64  # one prefill block; the state check's prompt (16 tokens) is a padded one
+GAIN = 8192.0  # B·x peaks at about 11 in the lfm2 test checkpoint
+
+
+def build(source, out_dir, chunks: int | str = "auto"):
+    checkpoint = Checkpoint.open(source)
+    writer = CoreMLWriter(checkpoint, CoreMLTarget(format="coreml", context=CONTEXT, chunks=chunks), out_dir, "tiny")
+    for info, array in checkpoint.tensors():
+        writer.add(info, array)
+    (artifact,) = writer.finish()
+    return artifact
+
+
+@pytest.fixture(scope="module")
+def lfm2(family_model):
+    """(source, windows, reference logits)."""
+    source = family_model("lfm2")
+    windows = windows_of(source, count=2, length=CONTEXT)
+    return source, windows, reference_logits_for(source, windows)
+
+
+def state_check(artifact, windows, reference):
+    """The pipeline's check: the first window's prompt, then its tokens one at a time through the states."""
+    runner = CoreMLRunner(artifact.path, {})
+    logits = runner.logits_many(windows)
+    cached, prompt = cached_window_logits(runner, windows[0])
+    vocab = reference.shape[-1]
+    return logits, kv_cache_check(cached[:, :vocab], prompt, logits[0], reference[0], windows[0][1:])
+
+
+@pytest.mark.parametrize("chunks", [1, 2])  # 2: the second package holds only short convolutions
+def test_lfm2_matches_the_reference_and_decodes_through_its_states(lfm2, tmp_path, chunks):
+    source, windows, reference = lfm2
+    artifact = build(source, tmp_path, chunks)
+    logits, check = state_check(artifact, windows, reference)
+    vocab = reference.shape[-1]
+    scores = compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
+                     windows[:, 1:].reshape(-1))[0]
+    assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, scores
+    assert check["consistent"] and check["same_top1"] == 1.0, check
+    manifest = json.loads((artifact.path / "manifest.json").read_text())
+    spec = Checkpoint.open(source).spec
+    conv_rows = [entry["states"]["conv_state"][0] for entry in manifest["chunks"] if "conv_state" in entry["states"]]
+    assert sum(conv_rows) == len(spec.mixer_layers("short_conv")) == 3
+    # fp16: the last kernel − 1 values of B·x per channel and conv layer, whatever the sequence's length
+    assert manifest["state_bytes"]["conv_state"] == 2 * spec.state_numbers()["short_conv"] == 2 * 3 * 128 * 2
+    assert manifest["state_bytes"]["kv_cache"] == 2 * 2 * math.prod(manifest["chunks"][0]["states"]["key_cache"])
+    assert artifact.runner_options["state_bytes"] == manifest["state_bytes"]
+    assert all(entry["inputs"][2:] == ["valid_tokens"] for entry in manifest["chunks"])
+
+
+def not_advanced(conv, update, row):
+    """The state written back as it was read: the convolution forgets every token past the prompt."""
+    ORIGINAL_WRITE(conv, conv.read(row), row)
+
+
+def reset(conv, update, row):
+    ORIGINAL_WRITE(conv, graph.mb.mul(x=update, y=np.float16(0)), row)
+
+
+ORIGINAL_WRITE = graph.ConvState.write
+
+
+@pytest.mark.parametrize("broken", [not_advanced, reset])
+def test_a_broken_conv_state_fails_the_state_check(lfm2, tmp_path, monkeypatch, broken):
+    source, windows, reference = lfm2
+    monkeypatch.setattr(graph.ConvState, "write", broken)
+    _, check = state_check(build(source, tmp_path), windows, reference)
+    assert not check["consistent"], check
+
+
+def test_a_conv_state_past_fp16_range_is_scaled_back_into_it(lfm2, tmp_path):
+    """B's rows of in_proj 8192 times louder and C's as much quieter: the same function, a B·x of ~1e5, past fp16
+    (Core ML's states are fp16 only). The calibrated state scale keeps it inside, folded into the weights."""
+    from safetensors.torch import load_file, save_file
+
+    source, windows, reference = lfm2
+    loud = tmp_path / "loud"
+    shutil.copytree(source, loud)
+    tensors = load_file(loud / "model.safetensors")
+    for name in [n for n in tensors if n.endswith("conv.in_proj.weight")]:
+        b, c, x = tensors[name].chunk(3)
+        tensors[name] = torch.cat([b * GAIN, c / GAIN, x])
+    save_file(tensors, loud / "model.safetensors", metadata={"format": "pt"})
+    artifact = build(loud, tmp_path / "out")
+    numerics = json.loads((artifact.path / "manifest.json").read_text())["numerics"]
+    assert numerics["state_peak"] * 16 > FLOAT16_MAX and numerics["state_scale"] < 1
+    logits, check = state_check(artifact, windows, reference)
+    vocab = reference.shape[-1]
+    scores = compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
+                     windows[:, 1:].reshape(-1))[0]
+    assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, scores
+    assert check["consistent"], check
+
+
+def test_recipe_converts_validates_and_reports_the_states(lfm2, tmp_path):
+    """End to end: the recipe's Core ML FP16 target on LFM2 passes its gates and the state check, and report.json
+    gives the states' bytes beside the KV cache's."""
+    source = lfm2[0]
+    recipe = {"name": "lfm2", "source": str(source), "output": str(tmp_path / "out"),
+              "targets": [{"format": "coreml", "context": CONTEXT}],
+              "validate": {"tokens": 128, "context": CONTEXT, "prefill_tokens": 16, "decode_tokens": 4,
+                           "gates": {"max_mean_kld": 0.002, "min_same_top1": 0.97}}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = subprocess.run([SILICONVERT, "recipe", str(tmp_path / "recipe.yaml")], capture_output=True, text=True,
+                            env={**os.environ, "SILICONVERT_QUIET": "1"})
+    assert result.returncode == 0, result.stderr
+    (artifact,) = json.loads((tmp_path / "out" / "report.json").read_text())["artifacts"]
+    assert artifact["kv_cache"]["consistent"] is True
+    assert artifact["state_bytes"] == {"kv_cache": 2 * 2 * 1 * 2 * CONTEXT * 32, "conv_state": 2 * 3 * 128 * 2}
+    assert "conv_state 1,536 bytes" in (tmp_path / "out" / "report.md").read_text()
