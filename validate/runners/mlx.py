@@ -167,6 +167,8 @@ class MLXRunner(Runner):
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def start(self, prompt: np.ndarray) -> np.ndarray:
+        """mlx-lm's own cache for each layer, as generation makes it: a KVCache (or a rotating one) for attention,
+        an ArraysCache holding the recurrent state of another mixer (a short convolution's last inputs)."""
         from mlx_lm.models.cache import make_prompt_cache
 
         self.cache = make_prompt_cache(self.model)
