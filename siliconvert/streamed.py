@@ -78,7 +78,8 @@ def streamed_logits(config: PretrainedConfig, weights: WeightSource, windows: np
     if prepare is not None:
         prepare(model)
     body = model.model
-    body.rotary_emb.to(device)
+    if getattr(body, "rotary_emb", None) is not None:  # a model without positions (Granite 4.0-H) has none
+        body.rotary_emb.to(device)
     tied_head = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     with torch.inference_mode():
         norm_name, norm = final_norm(body)

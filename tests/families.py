@@ -71,6 +71,14 @@ FAMILY_CASES: dict[str, tuple[str, dict]] = {
                            "shared_expert_intermediate_size": 160, "decoder_sparse_step": 2, "norm_topk_prob": False,
                            "rope_parameters": {"rope_type": "default", "rope_theta": 10_000_000.0,
                                                "partial_rotary_factor": 0.25}}),
+    # Granite 4.0-H: Mamba2 (8 heads of 32, one group, state 16) around one NoPE attention layer, μP multipliers,
+    # 4 experts (2 per token) beside the shared MLP in every layer
+    "granitemoehybrid": ("bpe", {"num_hidden_layers": 4, "layer_types": ["mamba", "attention", "mamba", "mamba"],
+                                 "position_embedding_type": "nope", "mamba_n_heads": 8, "mamba_d_state": 16,
+                                 "mamba_n_groups": 1, "mamba_d_conv": 4, "mamba_expand": 2,
+                                 "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 96,
+                                 "shared_intermediate_size": 160, "embedding_multiplier": 6.0,
+                                 "attention_multiplier": 0.05, "residual_multiplier": 0.5, "logits_scaling": 4.0}),
 }
 
 

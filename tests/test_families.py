@@ -17,7 +17,8 @@ ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "ge
                  "smollm3": "SmolLM3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
                  "qwen2_moe": "Qwen2MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
                  "olmo3": "Olmo3ForCausalLM", "lfm2": "Lfm2ForCausalLM", "qwen3_5_text": "Qwen3_5ForCausalLM",
-                 "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM", "qwen3_next": "Qwen3NextForCausalLM"}
+                 "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
+                 "granitemoehybrid": "GraniteMoeHybridForCausalLM"}
 SIZES = {"vocab_size": 1024, "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "intermediate_size": 384, "max_position_embeddings": 1024}
 
@@ -131,7 +132,7 @@ def test_older_config_style_reads_the_same() -> None:
 
 
 # families whose GGUF layout has not landed yet: the writer refuses them, naming the family
-NO_GGUF_LAYOUT_YET = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")
+NO_GGUF_LAYOUT_YET = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "granitemoehybrid")
 
 
 @pytest.mark.parametrize("model_type", [
@@ -255,3 +256,33 @@ def test_qwen3_5_moe_and_qwen3_next() -> None:
     assert "model.layers.0.linear_attn.in_proj_qkv.weight" not in expected
     assert expected["model.layers.0.mlp.gate_proj.weight"] == (384, 128)
     assert expected["model.layers.1.mlp.experts.gate_up_proj"] == (4, 192, 128)
+
+
+def test_granite_4_h_mamba2_layers_around_nope_attention() -> None:
+    """Granite 4.0-H: Mamba2 in the "mamba" layers (as transformers ≥ 5.25 names them too), NoPE attention, μP
+    multipliers, experts beside the shared MLP in every layer (its gate and up fused)."""
+    spec = spec_of("granitemoehybrid")
+    assert [layer.mixer for layer in spec.layers] == ["mamba2", "attention", "mamba2", "mamba2"]
+    assert spec.layers[1].rope is None and spec.traits()["nope_layers"] == [1]
+    mamba = spec.mamba2
+    assert (mamba.heads, mamba.head_dim, mamba.groups, mamba.state_size) == (8, 32, 1, 16)
+    assert mamba.conv_channels == 256 + 2 * 16 and mamba.time_step_limit == (0.0, math.inf)
+    assert spec.state_numbers() == {"mamba2": 3 * (288 * 3 + 8 * 32 * 16)}
+    assert spec.experts.beside_dense and spec.intermediate_size == 160 and spec.fused_gate_up
+    expected = registry.for_config(config_of("granitemoehybrid")).expected_tensors(spec)
+    assert expected["model.layers.0.mamba.in_proj.weight"] == (256 + 288 + 8, 128)
+    assert expected["model.layers.0.mamba.conv1d.bias"] == (288,) and expected["model.layers.0.mamba.D"] == (8,)
+    assert expected["model.layers.1.shared_mlp.input_linear.weight"] == (320, 128)
+    assert expected["model.layers.1.block_sparse_moe.experts.gate_up_proj"] == (4, 192, 128)
+    assert "model.layers.1.mamba.A_log" not in expected and "model.layers.0.self_attn.q_proj.weight" not in expected
+    rope = spec_of("granitemoehybrid", position_embedding_type="rope")
+    assert rope.layers[1].rope is not None and rope.layers[0].rope is None and "nope_layers" not in rope.traits()
+
+
+@pytest.mark.parametrize(("architecture", "model_type", "trait"), [
+    ("NemotronHForCausalLM", "nemotron_h", "single_block_layers"),
+    ("FalconH1ForCausalLM", "falcon_h1", "parallel_mixers")])
+def test_hybrids_no_writer_runs_are_refused_naming_the_trait(architecture: str, model_type: str, trait: str) -> None:
+    config = {"architectures": [architecture], "model_type": model_type, **SIZES}
+    with pytest.raises(CheckpointError, match=f"no target honours the trait {trait}"):
+        registry.for_config(config).spec(config)

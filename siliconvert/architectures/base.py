@@ -44,9 +44,9 @@ class Rope:
 
 # What mixes a token with the ones before it, per layer: attention over a KV cache, or a recurrence carrying a
 # fixed-size state (`ModelSpec.short_conv`: LFM2's gated short convolution; `ModelSpec.gated_delta`: the gated
-# delta rule of Qwen3.5 and Qwen3-Next)
-Mixer = Literal["attention", "short_conv", "gated_delta"]
-MIXERS: tuple[Mixer, ...] = ("attention", "short_conv", "gated_delta")
+# delta rule of Qwen3.5 and Qwen3-Next; `ModelSpec.mamba2`: Mamba2's selective state space of Granite 4.0-H)
+Mixer = Literal["attention", "short_conv", "gated_delta", "mamba2"]
+MIXERS: tuple[Mixer, ...] = ("attention", "short_conv", "gated_delta", "mamba2")
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,41 @@ class GatedDelta:
 
 
 @dataclass(frozen=True)
+class Mamba2:
+    """Mamba2's selective state space (SSD), the mixer of `mamba2` layers (Granite 4.0-H).
+
+    in_proj maps a token to z (heads × head_dim), xBC (x: heads × head_dim, then B and C: groups × state_size each)
+    and dt (one per head). xBC goes through a depthwise causal convolution of `conv_kernel` taps (with bias when
+    `conv_bias`) and SiLU. Each head's state h (head_dim × state_size) decays by exp(Δ·A), A = −exp(A_log),
+    Δ = softplus(dt + dt_bias) clamped to `time_step_limit`, and takes Δ · x ⊗ B of its group; the output is h·C
+    plus D · x. It goes through an RMSNorm over each of the `groups` slices (its own weight, never offset) of
+    y · SiLU(z), then out_proj (biases on in_proj and out_proj when `proj_bias`).
+
+    State per sequence: the convolution's last conv_kernel − 1 inputs, and h per head."""
+
+    heads: int
+    head_dim: int
+    groups: int
+    state_size: int
+    conv_kernel: int
+    conv_bias: bool
+    proj_bias: bool
+    time_step_limit: tuple[float, float] = (0.0, math.inf)
+
+    @property
+    def inner_size(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def conv_channels(self) -> int:
+        return self.inner_size + 2 * self.groups * self.state_size
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"conv": (self.conv_channels, self.conv_kernel - 1),
+                "recurrent": (self.heads, self.head_dim, self.state_size)}
+
+
+@dataclass(frozen=True)
 class Experts:
     """A mixture-of-experts MLP: a router picks `used` of `count` gated MLPs per token and mixes their outputs.
 
@@ -130,6 +165,9 @@ class Experts:
     # A shared expert every token goes through besides the routed ones (Qwen2-MoE): a gated MLP of this size whose
     # output is weighted by sigmoid(a linear map of the token to one number); 0: none
     shared_intermediate_size: int = 0
+    # The sparse layers keep their dense MLP too and add its output to the experts' (Granite 4.0-H's shared_mlp: an
+    # ungated shared expert); False: the experts replace it
+    beside_dense: bool = False
 
 
 Placement = Literal["pre", "post", "sandwich"]
@@ -189,6 +227,7 @@ class ModelSpec:
     experts: Experts | None = None
     short_conv: ShortConv | None = None  # the mixer of the layers whose mixer is "short_conv"
     gated_delta: GatedDelta | None = None  # the mixer of the layers whose mixer is "gated_delta"
+    mamba2: Mamba2 | None = None  # the mixer of the layers whose mixer is "mamba2"
 
     @property
     def q_size(self) -> int:
@@ -254,6 +293,8 @@ class ModelSpec:
             numbers["short_conv"] = len(layers) * math.prod(self.short_conv.state_shape(self.hidden_size))
         if self.gated_delta is not None and (layers := self.mixer_layers("gated_delta")):
             numbers["gated_delta"] = len(layers) * sum(map(math.prod, self.gated_delta.state_shapes().values()))
+        if self.mamba2 is not None and (layers := self.mixer_layers("mamba2")):
+            numbers["mamba2"] = len(layers) * sum(map(math.prod, self.mamba2.state_shapes().values()))
         return numbers
 
     def norm_offset_of(self, role: str) -> float:
@@ -358,18 +399,29 @@ FUSED_GATED_DELTA_TENSORS = {
 }
 # Norms whose weights multiply as they are, whatever the model's `norm_offset` (Qwen3.5's gated norm)
 NORMS_WITHOUT_OFFSET = ("ssm_norm",)
+# Mamba2 (Granite 4.0-H's names); its conv, dt_bias, A_log and norm share the gated delta rule's roles
+MAMBA2_TENSORS = {
+    "model.layers.{layer}.mamba.in_proj": "ssm_in",
+    "model.layers.{layer}.mamba.conv1d": "ssm_conv1d",
+    "model.layers.{layer}.mamba.dt_bias": "ssm_dt",
+    "model.layers.{layer}.mamba.A_log": "ssm_a",
+    "model.layers.{layer}.mamba.D": "ssm_d",
+    "model.layers.{layer}.mamba.norm": "ssm_norm",
+    "model.layers.{layer}.mamba.out_proj": "ssm_out",
+}
 ATTENTION_ROLES = ("attn_q", "attn_k", "attn_v", "attn_qkv")
 # every role of an attention mixer: a layer of another mixer has none of them
 ATTENTION_MIXER_ROLES = (*ATTENTION_ROLES, "attn_output", "attn_q_norm", "attn_k_norm")
 MIXER_ROLES: dict[str, tuple[str, ...]] = {"attention": ATTENTION_MIXER_ROLES,
                                            "short_conv": tuple(SHORT_CONV_TENSORS.values()),
                                            "gated_delta": (*GATED_DELTA_TENSORS.values(),
-                                                           *FUSED_GATED_DELTA_TENSORS.values())}
+                                                           *FUSED_GATED_DELTA_TENSORS.values()),
+                                           "mamba2": tuple(MAMBA2_TENSORS.values())}
 MLP_ROLES = ("ffn_gate", "ffn_up", "ffn_gate_up", "ffn_down")
 EXPERT_ROLES = (*EXPERT_TENSORS.values(), *SHARED_EXPERT_TENSORS.values())
 EXPERT_STACKS = ("ffn_gate_up_exps", "ffn_down_exps")
 # parameters of a module itself, without a .weight suffix: the expert stacks, the gated delta rule's dt_bias and A_log
-BARE_PARAMETERS = (*EXPERT_STACKS, "ssm_dt", "ssm_a")
+BARE_PARAMETERS = (*EXPERT_STACKS, "ssm_dt", "ssm_a", "ssm_d")
 
 
 def role_shape(spec: ModelSpec, role: str) -> tuple[int, ...]:
@@ -398,6 +450,11 @@ def role_shape(spec: ModelSpec, role: str) -> tuple[int, ...]:
                    "ssm_norm": (delta.value_head_dim,),
                    "ssm_out": (h, delta.value_size), "delta_qkvz": (delta.conv_channels + delta.value_size, h),
                    "ssm_ba": (2 * heads, h)}
+    if (mamba := spec.mamba2) is not None:
+        heads, inner = mamba.heads, mamba.inner_size
+        shapes |= {"ssm_in": (inner + mamba.conv_channels + heads, h),
+                   "ssm_conv1d": (mamba.conv_channels, 1, mamba.conv_kernel), "ssm_dt": (heads,), "ssm_a": (heads,),
+                   "ssm_d": (heads,), "ssm_norm": (inner,), "ssm_out": (h, inner)}
     if spec.short_conv is not None:  # the convolution as torch's Conv1d holds it: [channels, 1, kernel]
         shapes |= {"shortconv.in_proj": (3 * h, h), "shortconv.conv": (h, 1, spec.short_conv.kernel),
                    "shortconv.out_proj": (h, h)}
@@ -651,6 +708,9 @@ class Family:
             biased.add("attn_output")
         if spec.short_conv is not None and spec.short_conv.bias:
             biased |= set(SHORT_CONV_TENSORS.values())
+        if spec.mamba2 is not None:
+            biased |= ({"ssm_conv1d"} if spec.mamba2.conv_bias else set()) | (
+                {"ssm_in", "ssm_out"} if spec.mamba2.proj_bias else set())
         shapes: dict[str, tuple[int, ...]] = {}
         for template, role in self.tensor_names.items():
             if role == "output" and spec.tie_word_embeddings:
@@ -659,11 +719,12 @@ class Family:
             if role in biased:
                 parts.append((f"{template}.bias", role_shape(spec, role)[:1]))
             layers = range(spec.num_layers) if "{layer}" in template else [None]
-            if role in MLP_ROLES or role in EXPERT_ROLES:  # a layer has the dense MLP or the experts
-                layers = [i for i in layers if spec.layers[i].sparse == (role in EXPERT_ROLES)]
-            for mixer, roles in MIXER_ROLES.items():  # and the tensors of its own mixer only
-                if role in roles:
-                    layers = [i for i in layers if spec.layers[i].mixer == mixer]
+            if role in EXPERT_ROLES:  # a layer has the experts, the dense MLP, or (beside_dense) both
+                layers = [i for i in layers if spec.layers[i].sparse]
+            elif role in MLP_ROLES and not (spec.experts is not None and spec.experts.beside_dense):
+                layers = [i for i in layers if not spec.layers[i].sparse]
+            if mixers := {mixer for mixer, roles in MIXER_ROLES.items() if role in roles}:
+                layers = [i for i in layers if spec.layers[i].mixer in mixers]  # and its own mixer's tensors only
             for layer in layers:
                 for name, shape in parts:
                     shapes[name.format(layer=layer)] = shape
@@ -725,7 +786,12 @@ def transformers_config(config: dict[str, Any], model_type: str, where: str) -> 
     model_type = config.get("model_type") or model_type
     if model_type not in CONFIG_MAPPING:
         raise UnsupportedArchitectureError(f"transformers has no model_type {model_type!r}", where)
+    from transformers import PretrainedConfig
+
     values = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
+    # transformers writes floats JSON cannot hold (Granite 4.0-H's time_step_limit of [0, ∞]) as {"__float__":
+    # "Infinity"} and reads them back so in from_pretrained, not in the constructor: decode them as it does
+    values = PretrainedConfig._decode_special_floats(values)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its advice on config style is for model authors, not for this run
     try:
