@@ -46,14 +46,19 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-    # FP8 is indexed (its bytes are counted like any other's) so that it is refused by name, never read
+    # FP8 is read as its bytes: a weight with its scale beside it is dequantized (`read_tensor`), any other is refused
     "F8_E4M3": np.uint8, "F8_E5M2": np.uint8, "F8_E8M0": np.uint8,
 }
 FP8_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F8_E8M0"})
+# FP8 weights dequantized in the stream: their dtype → torch's name for it (its 256 values are read from torch)
+FP8_WEIGHT_DTYPES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+# What an FP8 weight's scale is named beside it (`<weight>_scale_inv`: transformers' fp8, DeepSeek's and Qwen's FP8
+# releases; `<weight>_scale`: compressed-tensors' and Mistral's): both multiply the weight
+FP8_SCALE_SUFFIXES = ("_scale_inv", "_scale")
 # config.json's quant_method → what it is. None of them is read here: their weights are packed integers or
-# FP8 with scales, and read as floats they would convert to garbage. FP8 block-scaled and MXFP4 sources are to be
-# dequantized in the stream (issue #27); until then they are refused too, saying so.
-DEQUANTIZED_LATER = {"fp8": "FP8", "mxfp4": "MXFP4"}
+# MXFP4 blocks, and read as floats they would convert to garbage. MXFP4 is to be dequantized in the stream with
+# gpt-oss (issue #27); until then it is refused too, saying so.
+DEQUANTIZED_LATER = {"mxfp4": "MXFP4"}
 # The last part of a tensor name that only a quantized export writes (GPTQ/AWQ packing, bitsandbytes' states,
 # FP8 and compressed-tensors scales, MXFP4 blocks, MLX's affine scales): a checkpoint holding one is quantized,
 # whatever its config says.
@@ -80,10 +85,95 @@ class TensorInfo:
     # What the tensor is in the model, resolved once by `Checkpoint.open` (None only in a shard's raw index, read
     # before the family is known): writers plan and convert by it, never by the name
     role: TensorRole | None = None
+    # An FP8 weight's scale, one per block of `scale_block` rows × columns (per tensor: one block): read as their
+    # product
+    scale: TensorInfo | None = None
+    scale_block: tuple[int, int] = (0, 0)
 
     def files(self) -> set[Path]:
         """The files the tensor's bytes come from."""
-        return {part.shard for part in self.parts} if self.parts else {self.shard}
+        if self.parts:
+            return set().union(*(part.files() for part in self.parts))
+        return {self.shard} | ({self.scale.shard} if self.scale is not None else set())
+
+
+@dataclass(frozen=True)
+class SourceQuantization:
+    """How a checkpoint that arrives quantized is read: its method and what that means, for the report."""
+
+    method: str  # config.json's quant_method
+    description: str
+    block: tuple[int, int] | None = None  # FP8's weight_block_size (rows, columns); None: per tensor or per row
+
+
+def source_quantization(config: dict[str, Any], where: Path) -> SourceQuantization | None:
+    """The quantization a checkpoint arrives in, where it is dequantized in the stream (FP8 weights with scales, per
+    tensor or per block, activations quantized dynamically); every other method is refused, naming it."""
+    settings = config.get("quantization_config")
+    if isinstance(settings, dict) and str(settings.get("quant_method", "")).lower() == "fp8":
+        if settings.get("activation_scheme", "dynamic") != "dynamic":
+            raise CheckpointError(f"quantization_config.activation_scheme is {settings['activation_scheme']!r}: FP8 "
+                                  "with static activation scales is not supported (dynamic is)", where)
+        block = settings.get("weight_block_size")
+        if block is not None and not (isinstance(block, list) and len(block) == 2
+                                      and all(isinstance(b, int) and not isinstance(b, bool) and b > 0
+                                              for b in block)):
+            raise CheckpointError(f"quantization_config.weight_block_size {short(block)} is not two positive "
+                                  "integers", where)
+        blocks = f"{block[0]}×{block[1]} block scales" if block else "per-tensor scales"
+        refuse_quantized_config({key: value for key, value in config.items() if key != "quantization_config"}, where)
+        return SourceQuantization("fp8", f"FP8 weights with {blocks}, dequantized to float32 one tensor at a time "
+                                         "as they stream (as transformers' FP8 dequantization computes them)",
+                                  tuple(block) if block else None)
+    refuse_quantized_config(config, where)
+    return None
+
+
+def pair_fp8_scales(tensors: dict[str, TensorInfo], quantization: SourceQuantization | None,
+                    where: Path) -> dict[str, TensorInfo]:
+    """Each FP8 weight with its scale attached (the scale tensors themselves leave the index), for a source whose
+    config says FP8; any FP8 tensor without a scale, or a scale without its weight, is refused."""
+    if quantization is None or quantization.method != "fp8":
+        return tensors
+    paired = dict(tensors)
+    for name, info in tensors.items():
+        if info.dtype not in FP8_DTYPES:
+            continue
+        scale_name = next((name + suffix for suffix in FP8_SCALE_SUFFIXES if name + suffix in tensors), None)
+        if info.dtype not in FP8_WEIGHT_DTYPES or scale_name is None or len(info.shape) != 2:
+            raise CheckpointError(f"tensor {short(name)} ({info.dtype} {list(info.shape)}) is FP8 without a scale "
+                                  f"beside it ({name}_scale_inv)", info.shard)
+        scale = paired.pop(scale_name)
+        if scale.dtype not in ("F32", "BF16", "F16") or len(scale.shape) > 2 or scale.parts:
+            raise CheckpointError(f"tensor {short(scale_name)} ({scale.dtype} {list(scale.shape)}) is not a "
+                                  "float scale of at most two axes", scale.shard)
+        block = _scale_blocks(info.shape, scale.shape, quantization.block, scale_name, scale.shard)
+        paired[name] = replace(info, scale=scale, scale_block=block)
+    if not any(info.scale is not None for info in paired.values()):
+        raise CheckpointError("quantization_config says the weights are FP8, but no tensor is", where)
+    return paired
+
+
+def _scale_blocks(shape: tuple[int, ...], scale_shape: tuple[int, ...], block: tuple[int, int] | None, name: str,
+                  where: Path) -> tuple[int, int]:
+    """The block of weights each scale covers (rows, columns): the config's weight_block_size, whose grid (rounded
+    up at the edges) the scale must have; without one, a scale per tensor, per row or per column."""
+    rows, cols = shape
+    scale_rows, scale_cols = _scale_grid(scale_shape)
+    if block is None:
+        if scale_rows not in (1, rows) or scale_cols not in (1, cols):
+            raise CheckpointError(f"tensor {short(name)} {list(scale_shape)} scales blocks of its weight "
+                                  f"{list(shape)}, but quantization_config names no weight_block_size", where)
+        return rows // scale_rows, cols // scale_cols
+    if (scale_rows, scale_cols) != (-(-rows // block[0]), -(-cols // block[1])):
+        raise CheckpointError(f"tensor {short(name)} {list(scale_shape)} is not the grid of {block[0]}×{block[1]} "
+                              f"blocks over its weight {list(shape)}", where)
+    return block
+
+
+def _scale_grid(scale_shape: tuple[int, ...]) -> tuple[int, int]:
+    """A scale's (rows, columns) of blocks: one per tensor (no axis), one per row (one axis), or a grid."""
+    return (*scale_shape, 1, 1)[:2]
 
 
 def stacked(name: str, experts: list[list[TensorInfo]]) -> TensorInfo:
@@ -242,7 +332,7 @@ def _check_chat_template(path: Path, files: dict[str, dict]) -> None:
 def refuse_quantized_config(config: dict[str, Any], where: Path) -> None:
     """Refuse a checkpoint whose config says it arrives quantized (transformers' `quantization_config`, the older
     `compression_config` of compressed-tensors, MLX's `quantization`), naming the method: its weights are not
-    floats, and no method is dequantized here yet."""
+    floats (`source_quantization` takes FP8 before this is asked)."""
     for holder, settings in (("", config), ("text_config.", config.get("text_config"))):
         if not isinstance(settings, dict):
             continue
@@ -270,9 +360,9 @@ def refuse_quantized_tensors(tensors: Iterable[TensorInfo]) -> None:
     naming it: a checkpoint whose config.json lost its quantization_config is still quantized."""
     tensors = list(tensors)
     for info in tensors:  # an FP8 weight first: it says more than the scale stored beside it
-        if info.dtype in FP8_DTYPES:
-            raise CheckpointError(f"tensor {short(info.name)} has dtype {info.dtype}: FP8-quantized weights are not "
-                                  "dequantized yet; convert from the bfloat16 release", info.shard)
+        if info.dtype in FP8_DTYPES and info.scale is None:
+            raise CheckpointError(f"tensor {short(info.name)} has dtype {info.dtype}: FP8-quantized weights, but "
+                                  "config.json has no quantization_config saying how they are scaled", info.shard)
     for info in tensors:
         if info.name.endswith(QUANTIZED_TENSOR_SUFFIXES):
             raise CheckpointError(f"tensor {short(info.name)} ({info.dtype} {list(info.shape)}) is part of a "
@@ -379,6 +469,8 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
     """Read one tensor from disk; bfloat16 widens to float32 exactly."""
     if info.parts:
         return _read_stack(info)
+    if info.scale is not None:
+        return _read_fp8(info)
     if info.offset < 0:  # a pickle entry (--allow-pickle)
         tensor = _pickle_tensors(info.shard)[info.name]
         return (tensor.float() if info.dtype == "BF16" else tensor).numpy()
@@ -390,6 +482,31 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
         if f.readinto(memoryview(array).cast("B")) != info.nbytes:
             raise CheckpointError(f"truncated while reading tensor {info.name!r}", info.shard)
     return array
+
+
+FP8_AT_ONCE = 1 << 18  # weights dequantized at a time: the float32 scratch beside the result (1 MB)
+
+
+def _read_fp8(info: TensorInfo) -> np.ndarray:
+    """An FP8 weight times its scale, block by block: each byte looked up among the type's 256 values (torch's),
+    multiplied by its block's scale in float32, as transformers dequantizes. Memory: the float32 result, the FP8
+    bytes (a quarter of it) and the scale."""
+    import torch
+
+    values = torch.arange(256, dtype=torch.uint8).view(getattr(torch, FP8_WEIGHT_DTYPES[info.dtype])).float().numpy()
+    raw = read_tensor(replace(info, scale=None))
+    scale = read_tensor(info.scale).astype(np.float32)
+    scale = scale.reshape(_scale_grid(scale.shape))
+    block_rows, block_cols = info.scale_block
+    rows, cols = info.shape
+    out = np.empty((rows, cols), dtype=np.float32)
+    step = max(block_rows, FP8_AT_ONCE // max(cols, 1) // block_rows * block_rows)  # whole blocks of rows
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        scales = np.repeat(np.repeat(scale[start // block_rows:-(-stop // block_rows)], block_rows, axis=0),
+                           block_cols, axis=1)[: stop - start, :cols]
+        np.multiply(values[raw[start:stop]], scales, out=out[start:stop])
+    return out
 
 
 def _read_stack(info: TensorInfo) -> np.ndarray:
@@ -437,8 +554,9 @@ class Checkpoint:
     """A local Hugging Face checkpoint folder (see `open` for hub ids)."""
 
     def __init__(self, path: Path, name: str, config: dict[str, Any], family: Family, spec: ModelSpec,
-                 tensors: dict[str, TensorInfo]):
+                 tensors: dict[str, TensorInfo], quantization: SourceQuantization | None = None):
         self.path = path
+        self.quantization = quantization  # how the files arrive quantized, where they are dequantized as they stream
         self.name = name  # the model's name: folder name, or the hub repo's name
         self.config = config
         self.family = family
@@ -450,8 +568,10 @@ class Checkpoint:
         """Open a folder, or a hub id `org/name[@revision]` through huggingface_hub's cache."""
         path, name = resolve_source(str(source))
         config = _read_config(path)
-        refuse_quantized_config(config, path / "config.json")
-        tensors = _index_tensors(path, allow_pickle)
+        quantization = source_quantization(config, path / "config.json")
+        tensors = pair_fp8_scales(_index_tensors(path, allow_pickle), quantization, path / "config.json")
+        if quantization is not None:  # the weights read are floats: every target and the reference see a float model
+            config = {key: value for key, value in config.items() if key != "quantization_config"}
         refuse_quantized_tensors(tensors.values())
         # Before anything is sized by config.json's numbers: each is checked against the weights' own shapes.
         check_config(config, tensors.values(), path / "config.json")
@@ -464,7 +584,7 @@ class Checkpoint:
         if not config.get("architectures"):  # found from model_type: artifacts' configs name it, as transformers' do
             config = {**config, "architectures": [family.hf_architectures[0]]}
         spec = family.spec(config, where=str(path / "config.json"))
-        checkpoint = cls(path, name, config, family, spec, _model_tensors(family, spec, tensors))
+        checkpoint = cls(path, name, config, family, spec, _model_tensors(family, spec, tensors), quantization)
         checkpoint._check_tensors()
         # every target ships the tokenizer: refuse a checkpoint without one, or with a damaged JSON file, now
         tokenizer: dict[str, dict] = {}  # file name → its JSON
@@ -540,7 +660,8 @@ class Checkpoint:
                     f"tensor {name!r} has shape {list(info.shape)}, config.json implies {list(shape)}",
                     info.shard,
                 )
-            if info.dtype not in ("F32", "F16", "BF16"):
+            fp8 = info.scale is not None or any(part.scale is not None for part in info.parts)
+            if info.dtype not in ("F32", "F16", "BF16") and not fp8:
                 raise CheckpointError(f"tensor {name!r} has dtype {info.dtype}, expected a float", info.shard)
 
 

@@ -483,8 +483,11 @@ CONFIG = [
     *(Case(f"quantized-{method}", C, config(quantization_config={"quant_method": method, "bits": 4}), C,
            f"quantization_config.quant_method is '{method}': the weights are quantized, and siliconvert reads float")
       for method in ("gptq", "awq", "compressed-tensors", "bitsandbytes", "hqq")),
-    Case("quantized-fp8", C, config(quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]}),
-         C, "the weights are FP8-quantized, and dequantizing them in the stream is not supported yet"),
+    Case("quantized-fp8-but-float", C, config(quantization_config={"quant_method": "fp8",
+                                                                  "weight_block_size": [128, 128]}),
+         C, "quantization_config says the weights are FP8, but no tensor is"),
+    Case("quantized-fp8-static", C, config(quantization_config={"quant_method": "fp8", "activation_scheme": "static"}),
+         C, "FP8 with static activation scales is not supported"),
     Case("quantized-mxfp4", C, config(quantization_config={"quant_method": "mxfp4"}), C,
          "the weights are MXFP4-quantized, and dequantizing them in the stream is not supported yet"),
     Case("quantized-mlx", C, config(quantization={"group_size": 64, "bits": 4}), C,
@@ -591,7 +594,8 @@ WEIGHTS = [
     Case("tensor-unexpected", W, tensors(lambda t: t.update(extra=t[NORM_A].clone())), "ckpt",
          "unexpected tensor 'extra'"),
     Case("tensor-integer", W, tensors(lambda t: t.update({NORM_A: t[NORM_A].int()})), SHARD, "expected a float"),
-    Case("tensor-fp8", W, fp8(GATE), SHARD, f"tensor '{GATE}' has dtype F8_E4M3: FP8-quantized weights"),
+    Case("tensor-fp8", W, fp8(GATE), SHARD,
+         f"tensor '{GATE}' has dtype F8_E4M3: FP8-quantized weights, but config.json has no quantization_config"),
     Case("tensor-fp8-scale-only", W, tensors(lambda t: t.update({GATE + "_scale_inv": t[NORM_A][:1].float()})),
          SHARD, f"tensor '{GATE}_scale_inv' (F32 [1]) is part of a quantized weight"),
     Case("tensor-gptq-packed", W, tensors(lambda t: t.update({GATE.replace("weight", "qweight"): t.pop(GATE).int()})),
@@ -745,7 +749,7 @@ OUTPUT = [
 CHECK_TOO = {"layers-a-billion", "hidden-size-string", "architectures-unknown", "shard-path-traversal",
              "overlap-same-bytes", "metadata-int-value", "tokenizer-wrong-structure", "corpus-missing",
              "corpus-too-short", "validate-context-beyond-positions", "coreml-context-beyond-positions",
-             "imatrix-missing", "output-under-a-file", "quantized-gptq", "quantized-fp8"}
+             "imatrix-missing", "output-under-a-file", "quantized-gptq", "quantized-fp8-but-float"}
 CHECKED = [Case(f"check-{c.id}", c.kind, c.damage, c.where, c.message, c.sharded, ("--check",))
            for c in (*HEADER, *SHARDED, *CONFIG, *TOKENIZER, *RECIPE, *VALIDATION, *OUTPUT) if c.id in CHECK_TOO]
 

@@ -223,8 +223,8 @@ def test_a_special_token_id_past_the_vocabulary_is_said_not_fatal(random_llama, 
      "quantization_config.quant_method is 'gptq': the weights are quantized"),
     ("quantization_config", {"quant_method": "compressed-tensors", "format": "pack-quantized"},
      "quant_method is 'compressed-tensors'"),
-    ("quantization_config", {"quant_method": "fp8", "weight_block_size": [128, 128]},
-     "FP8-quantized, and dequantizing them in the stream is not supported yet"),
+    ("quantization_config", {"quant_method": "fp8", "activation_scheme": "static"},
+     "FP8 with static activation scales is not supported"),
     ("quantization_config", {"quant_method": "mxfp4"}, "MXFP4-quantized"),
     ("compression_config", {"quant_method": "sparseml"}, "compression_config.quant_method is 'sparseml'"),
     ("quantization", {"group_size": 64, "bits": 4}, "quantization.quant_method is 'mlx'"),
@@ -273,3 +273,96 @@ def test_qwen3_5_as_the_hub_ships_it_converts_its_language_model(tmp_path):
     names = set(checkpoint.tensor_infos)
     assert "model.layers.0.linear_attn.A_log" in names and "lm_head.weight" in names
     assert not any(name.startswith(("model.visual", "mtp", "model.language_model")) for name in names)
+
+
+def fp8_source(source, folder, block: list[int] | None):
+    """`source` with every decoder-layer weight quantized to FP8 (E4M3) as transformers' FP8 quantizer stores it:
+    per block of `block` (per tensor: None) the scale amax / 448 beside the weight as `<weight>_scale_inv`."""
+    shutil.copytree(source, folder)
+    weights = load_file(folder / "model.safetensors")
+    stored = {}
+    for name, tensor in weights.items():
+        if tensor.ndim != 2 or ".layers." not in name:
+            stored[name] = tensor
+            continue
+        rows, cols = tensor.shape
+        block_rows, block_cols = block or (rows, cols)
+        grid_rows, grid_cols = -(-rows // block_rows), -(-cols // block_cols)
+        padded = torch.zeros(grid_rows * block_rows, grid_cols * block_cols)
+        padded[:rows, :cols] = tensor.float()
+        blocks = padded.view(grid_rows, block_rows, grid_cols, block_cols)
+        scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+        quantized = (blocks / scale[:, None, :, None]).view_as(padded)[:rows, :cols]
+        stored[name] = quantized.to(torch.float8_e4m3fn).contiguous()
+        stored[name + "_scale_inv"] = scale if block else scale.reshape(())
+    save_file(stored, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": block, "activation_scheme": "dynamic"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_an_fp8_source_reads_as_transformers_dequantizes_it(random_llama, tmp_path):
+    """FP8 weights with 16×16 block scales: every tensor read equals what transformers' own FP8 dequantization
+    loads, bit for bit; the checkpoint says how it arrived and hands the targets a float config."""
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+
+    from siliconvert.checkpoint import read_tensor
+
+    folder = fp8_source(random_llama, tmp_path / "fp8", [16, 16])
+    checkpoint = Checkpoint.open(folder)
+    assert checkpoint.quantization.method == "fp8" and "16×16 block scales" in checkpoint.quantization.description
+    assert "quantization_config" not in checkpoint.config
+    assert not any(name.endswith("_scale_inv") for name in checkpoint.tensor_infos)
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=FineGrainedFP8Config(dequantize=True),
+                                                 dtype=torch.float32)
+    parameters = dict(model.named_parameters())
+    for name, info in checkpoint.tensor_infos.items():
+        assert np.array_equal(read_tensor(info), parameters[name].detach().numpy()), name
+
+
+@pytest.mark.parametrize("block", [[24, 48], None], ids=["ragged-blocks", "per-tensor"])
+def test_fp8_blocks_that_do_not_tile_and_per_tensor_scales(random_llama, tmp_path, block):
+    """Blocks cut short at the weight's edges (DeepSeek's kv_a_proj of 576 rows in blocks of 128), and one scale for
+    the whole tensor: each weight is its FP8 value times its own block's scale."""
+    from siliconvert.checkpoint import read_tensor
+
+    folder = fp8_source(random_llama, tmp_path / "fp8", block)
+    stored = load_file(folder / "model.safetensors")
+    checkpoint = Checkpoint.open(folder)
+    name = "model.layers.1.mlp.down_proj.weight"  # [32, 64]
+    scale = stored[name + "_scale_inv"].reshape(-1, 1) if block is None else stored[name + "_scale_inv"]
+    rows, cols = stored[name].shape
+    block_rows, block_cols = block or (rows, cols)
+    expected = stored[name].float() * scale.repeat_interleave(block_rows, 0)[:rows].repeat_interleave(
+        block_cols, 1)[:, :cols]
+    assert np.array_equal(read_tensor(checkpoint.tensor_infos[name]), expected.numpy())
+
+
+def test_an_fp8_weight_is_dequantized_in_memory_bounded_by_the_tensor(tmp_path):
+    """Reading a 2048 × 4096 FP8 weight holds its float32 result, its FP8 bytes (a quarter of that) and a scratch
+    of 1 MB: the peak stays under 1.4 × the float32 tensor."""
+    import tracemalloc
+
+    from siliconvert.checkpoint import SourceQuantization, pair_fp8_scales, read_safetensors_header, read_tensor
+
+    weight = (torch.randn(2048, 4096) * 0.02).to(torch.float8_e4m3fn)
+    save_file({"w.weight": weight, "w.weight_scale_inv": torch.full((16, 32), 0.5)}, tmp_path / "w.safetensors")
+    header = read_safetensors_header(tmp_path / "w.safetensors")
+    infos = pair_fp8_scales(header, SourceQuantization("fp8", "", (128, 128)), tmp_path)
+    tracemalloc.start()
+    array = read_tensor(infos["w.weight"])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert np.array_equal(array, weight.float().numpy() * 0.5)
+    assert peak < 1.4 * array.nbytes, f"peak {peak / 2**20:.1f} MiB for a {array.nbytes / 2**20:.0f} MiB tensor"
+
+
+def test_fp8_without_its_scale_is_refused(random_llama, tmp_path):
+    folder = fp8_source(random_llama, tmp_path / "fp8", [16, 16])
+    stored = load_file(folder / "model.safetensors")
+    del stored["model.layers.0.mlp.up_proj.weight_scale_inv"]
+    save_file(stored, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"'model.layers.0.mlp.up_proj.weight' \(F8_E4M3 \[64, 32\]\) is FP8 "
+                                              "without a scale"):
+        Checkpoint.open(folder)

@@ -163,3 +163,19 @@ def test_release_folder_verifies_and_push_dry_run_works_offline(demo_run):
     pushed = run("push", release, "--repo", "someone/demo-4bit", "--dry-run")
     assert pushed.returncode == 0, pushed.stderr
     assert "config.json" in pushed.stdout and "would upload" in pushed.stdout
+
+
+def test_an_fp8_source_converts_and_the_report_says_how_it_arrived(small_model, tmp_path):
+    """An FP8 release (block scales beside each weight): dequantized in the stream, its F16 GGUF is the dequantized
+    model exactly (the reference reads it the same way), and report.json / report.md say the source was FP8."""
+    from test_checkpoint import fp8_source
+
+    source = fp8_source(small_model(), tmp_path / "fp8", [64, 64])
+    recipe = write_recipe(tmp_path, source, targets=[{"format": "gguf", "quants": ["F16"]}],
+                          validate={"tokens": 256, "context": 128, "latency": False})
+    result = run("recipe", recipe)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert "FP8 weights with 64×64 block scales" in report["source_info"]["quantization"]
+    assert report["artifacts"][0]["metrics"]["mean_kld"] < 1e-4
+    assert "arrived quantized: FP8 weights" in (tmp_path / "out" / "report.md").read_text()

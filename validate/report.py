@@ -98,7 +98,8 @@ def markdown(report: dict, plot_name: str | None) -> str:
     lines = [
         f"# siliconvert report: {report['source_info']['name']}",
         "",
-        f"Source `{report['source']}` ({report['source_info']['architecture']}{_traits(report['source_info'])}). "
+        f"Source `{report['source']}` ({report['source_info']['architecture']}{_traits(report['source_info'])})"
+        f"{_arrived_quantized(report['source_info'])}. "
         f"Reference: {ref['runtime']} on {ref['device']}, {ref['dtype']}{_reference_run(ref)}. "
         f"Corpus: {corpus['name']}, {corpus['positions']} scored positions "
         f"({corpus['windows']} windows of {corpus['context']} tokens).",
@@ -192,6 +193,11 @@ def plan_lines(artifacts: list[dict]) -> list[str]:
         lines += ["", "<details><summary>tensor → type</summary>", "", "| tensor | type |", "|---|---|",
                   *[f"| {name} | {kind} |" for name, kind in plan["tensors"].items()], "", "</details>"]
     return lines
+
+
+def _arrived_quantized(source_info: dict) -> str:
+    """How a source that arrived quantized was read (older reports lack the key)."""
+    return f", arrived quantized: {source_info['quantization']}" if source_info.get("quantization") else ""
 
 
 def _traits(source_info: dict) -> str:
