@@ -138,3 +138,30 @@ def test_recipe_converts_validates_and_reports_the_states(lfm2, tmp_path):
     assert artifact["kv_cache"]["consistent"] is True
     assert artifact["state_bytes"] == {"kv_cache": 2 * 2 * 1 * 2 * CONTEXT * 32, "conv_state": 2 * 3 * 128 * 2}
     assert "conv_state 1,536 bytes" in (tmp_path / "out" / "report.md").read_text()
+
+
+# ---- the gated delta rule (Qwen3.5 dense and MoE, Qwen3-Next) ----------------------------------------------------
+
+DELTA_FAMILIES = ["qwen3_5_text", "qwen3_5_moe_text", "qwen3_next"]
+
+
+@pytest.fixture(scope="module", params=DELTA_FAMILIES)
+def delta_model(request, family_model):
+    """(source, windows, reference logits) of a gated-delta-rule family."""
+    source = family_model(request.param)
+    windows = windows_of(source, count=2, length=CONTEXT)
+    return source, windows, reference_logits_for(source, windows)
+
+
+def test_gated_delta_families_match_the_reference_and_decode_through_their_states(delta_model, tmp_path):
+    """Three gated-delta-rule layers and a gated attention layer, in two packages: the prefill block through the
+    chunked form, decoding one token at a time through the conv and recurrent states and the KV cache."""
+    source, windows, reference = delta_model
+    artifact = build(source, tmp_path, 2)
+    logits, check = state_check(artifact, windows, reference)
+    vocab = reference.shape[-1]
+    scores = compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
+                     windows[:, 1:].reshape(-1))[0]
+    print(f"{source.name}: mean KLD {scores.mean_kld:.6f}, same top-1 {scores.same_top1:.4f}, state check {check}")
+    assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, scores
+    assert check["consistent"] and check["same_top1"] == 1.0, check
