@@ -17,7 +17,7 @@ import yaml
 from conftest import SILICONVERT, reference_logits_for
 from test_coreml import windows_of
 
-from siliconvert.calibration import FLOAT16_MAX
+from siliconvert.calibration import FLOAT16_MAX, Calibrations, FP16Range
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.coreml import CoreMLWriter, graph
 from siliconvert.recipe import CoreMLTarget
@@ -165,3 +165,79 @@ def test_gated_delta_families_match_the_reference_and_decode_through_their_state
     print(f"{source.name}: mean KLD {scores.mean_kld:.6f}, same top-1 {scores.same_top1:.4f}, state check {check}")
     assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, scores
     assert check["consistent"] and check["same_top1"] == 1.0, check
+    manifest = json.loads((artifact.path / "manifest.json").read_text())
+    delta = Checkpoint.open(source).spec.gated_delta
+    # fp16, per gated-delta layer: the conv's last 3 inputs of q, k, v, and S per value head, whatever the length
+    assert manifest["state_bytes"]["delta_conv_state"] == 2 * 3 * delta.conv_channels * (delta.conv_kernel - 1)
+    assert manifest["state_bytes"]["recurrent_state"] == 2 * 3 * 4 * 32 * 24
+    assert manifest["numerics"]["recurrent_scale"] == 1.0 and manifest["numerics"]["recurrent_peak"] > 0
+
+
+@pytest.fixture(scope="module")
+def qwen3_5(family_model):
+    source = family_model("qwen3_5_text")
+    windows = windows_of(source, count=2, length=CONTEXT)
+    return source, windows, reference_logits_for(source, windows)
+
+
+def test_a_prefill_in_two_blocks_computes_as_one(qwen3_5, tmp_path):
+    """A 96-token context takes 32-token prefill blocks: a 64-token window is then two chunked blocks, the second
+    starting from the state the first left, and gives the logits of one 64-token block."""
+    source, windows, _ = qwen3_5
+    one = CoreMLRunner(build(source, tmp_path / "one").path, {})
+    checkpoint = Checkpoint.open(source)
+    writer = CoreMLWriter(checkpoint, CoreMLTarget(format="coreml", context=96), tmp_path / "two", "tiny")
+    for info, array in checkpoint.tensors():
+        writer.add(info, array)
+    two = CoreMLRunner(writer.finish()[0].path, {})
+    assert (one.block, two.block) == (64, 32)
+    whole, halves = one.logits_many(windows[:1]), two.logits_many(windows[:1])
+    log_whole = torch.log_softmax(torch.as_tensor(whole, dtype=torch.float64), -1)
+    log_halves = torch.log_softmax(torch.as_tensor(halves, dtype=torch.float64), -1)
+    kld = (log_whole.exp() * (log_whole - log_halves)).sum(-1)
+    assert float(kld.max()) < 1e-4 and (whole.argmax(-1) == halves.argmax(-1)).all(), float(kld.max())
+
+
+@pytest.fixture(scope="module")
+def loud_qwen3_5(qwen3_5, tmp_path_factory):
+    """The qwen3_5_text checkpoint with its gated delta layers' out_proj 8 times louder: the trained checkpoint's
+    gated delta layers barely move its logits (a recurrent state not advanced there moves decoding by a KLD of
+    0.0008, under the state check's limit); (source, windows, reference logits)."""
+    from safetensors.torch import load_file, save_file
+
+    source, windows, _ = qwen3_5
+    loud = tmp_path_factory.mktemp("loud") / "qwen3_5_text"
+    shutil.copytree(source, loud)
+    tensors = load_file(loud / "model.safetensors")
+    for name in [n for n in tensors if n.endswith("linear_attn.out_proj.weight")]:
+        tensors[name] *= 8
+    save_file(tensors, loud / "model.safetensors", metadata={"format": "pt"})
+    return loud, windows, reference_logits_for(loud, windows)
+
+
+def test_a_recurrent_state_scale_is_taken_back_out(qwen3_5, tmp_path, monkeypatch):
+    """A recurrent state scale of 2⁻⁶ (what a state peaking at 2¹⁶ would get) applied to v and taken out of the rule's
+    output leaves the function as it was: the package still matches the reference and decodes through its states."""
+    source, windows, reference = qwen3_5
+    monkeypatch.setattr(Calibrations, "recurrent_range", lambda self: FP16Range(2.0**16, 2.0**-6))
+    artifact = build(source, tmp_path)
+    assert json.loads((artifact.path / "manifest.json").read_text())["numerics"]["recurrent_scale"] == 2.0**-6
+    logits, check = state_check(artifact, windows, reference)
+    vocab = reference.shape[-1]
+    scores = compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
+                     windows[:, 1:].reshape(-1))[0]
+    assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, scores
+    assert check["consistent"], check
+
+
+@pytest.mark.parametrize(("broken", "consistent"), [(None, True), (not_advanced, False), (reset, False)])
+def test_a_broken_recurrent_state_fails_the_state_check(loud_qwen3_5, tmp_path, monkeypatch, broken, consistent):
+    """The gated delta rule's S not advanced past the prompt, or reset at every call: decoding lands far from the
+    no-state pass (its conv state and the KV cache left intact), where the intact state passes."""
+    source, windows, reference = loud_qwen3_5
+    if broken:
+        monkeypatch.setattr(graph.RecurrentState, "write", broken)
+    _, check = state_check(build(source, tmp_path), windows, reference)
+    assert check["consistent"] is consistent, check
+
+
