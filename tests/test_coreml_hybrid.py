@@ -241,3 +241,24 @@ def test_a_broken_recurrent_state_fails_the_state_check(loud_qwen3_5, tmp_path, 
     assert check["consistent"] is consistent, check
 
 
+
+
+def test_recipe_converts_qwen3_5_validates_and_reports_its_states(qwen3_5, tmp_path):
+    """End to end on Qwen3.5: the Core ML FP16 target passes its gates and the state check, and report.json gives
+    the gated delta rule's conv and recurrent states' bytes beside the KV cache's."""
+    source = qwen3_5[0]
+    recipe = {"name": "qwen3_5", "source": str(source), "output": str(tmp_path / "out"),
+              "targets": [{"format": "coreml", "context": CONTEXT}],
+              "validate": {"tokens": 128, "context": CONTEXT, "prefill_tokens": 16, "decode_tokens": 4,
+                           "gates": {"max_mean_kld": 0.002, "min_same_top1": 0.97}}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = subprocess.run([SILICONVERT, "recipe", str(tmp_path / "recipe.yaml")], capture_output=True, text=True,
+                            env={**os.environ, "SILICONVERT_QUIET": "1"})
+    assert result.returncode == 0, result.stderr
+    (artifact,) = json.loads((tmp_path / "out" / "report.json").read_text())["artifacts"]
+    assert artifact["kv_cache"]["consistent"] is True
+    # one attention layer (2 KV heads of 32); three gated-delta layers: 3 × (4 − 1) conv inputs of 2·64 + 96
+    # channels, and S of 4 value heads × 32 × 24
+    assert artifact["state_bytes"] == {"kv_cache": 2 * 2 * 1 * 2 * CONTEXT * 32, "delta_conv_state": 2 * 3 * 224 * 3,
+                                       "recurrent_state": 2 * 3 * 4 * 32 * 24}
+    assert "recurrent_state 18,432 bytes" in (tmp_path / "out" / "report.md").read_text()
