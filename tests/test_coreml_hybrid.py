@@ -162,10 +162,12 @@ def test_gated_delta_families_match_the_reference_and_decode_through_their_state
     vocab = reference.shape[-1]
     scores = compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
                      windows[:, 1:].reshape(-1))[0]
-    print(f"{source.name}: mean KLD {scores.mean_kld:.6f}, same top-1 {scores.same_top1:.4f}, state check {check}")
+    manifest = json.loads((artifact.path / "manifest.json").read_text())
+    size = sum(f.stat().st_size for f in artifact.path.rglob("*") if f.is_file())
+    print(f"{source.name}: mean KLD {scores.mean_kld:.6f}, same top-1 {scores.same_top1:.4f}, {size:,} bytes, "
+          f"state bytes {manifest['state_bytes']}, state check excess KLD {check['excess_kld']:.2e}")
     assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, scores
     assert check["consistent"] and check["same_top1"] == 1.0, check
-    manifest = json.loads((artifact.path / "manifest.json").read_text())
     delta = Checkpoint.open(source).spec.gated_delta
     # fp16, per gated-delta layer: the conv's last 3 inputs of q, k, v, and S per value head, whatever the length
     assert manifest["state_bytes"]["delta_conv_state"] == 2 * 3 * delta.conv_channels * (delta.conv_kernel - 1)
