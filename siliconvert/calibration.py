@@ -31,6 +31,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -103,9 +104,11 @@ class Calibration:
     importance: dict[str, np.ndarray] | None = None  # HF weight name → mean x² per input column (a row per expert)
     expert_tokens: dict[str, np.ndarray] | None = None  # HF expert stack → calibration tokens routed per expert
     stream_peak: float | None = None  # the largest |value| of the residual stream, between layers
-    # the largest |value| entering a recurrent state (a short convolution's B·x), measured with the stream's peak;
-    # 0.0 for a model without one
+    # the largest |value| entering a recurrent state (a short convolution's B·x, a gated delta rule's conv input q,
+    # k, v), measured with the stream's peak; 0.0 for a model without one
     state_peak: float | None = None
+    # the largest |value| of a gated delta rule's recurrent state S over the range window's tokens; 0.0 without one
+    recurrent_peak: float | None = None
     importance_tokens: int | None = None  # tokens in the importance windows
     range_tokens: int | None = None  # tokens in the range window
     gains: dict[str, float] | None = None  # HF weight name → mean KLD per unit of relative output error
@@ -139,7 +142,7 @@ class Calibration:
     def merged(self, other: Calibration) -> Calibration:
         """This calibration with the parts `other` measured and this one lacks."""
         taken = {IMPORTANCE: ("importance", "expert_tokens", "importance_tokens"),
-                 RANGE: ("stream_peak", "state_peak", "range_tokens"),
+                 RANGE: ("stream_peak", "state_peak", "recurrent_peak", "range_tokens"),
                  SENSITIVITY: ("gains", "shrink_gains", "sensitivity_tokens")}
         return replace(self, **{field: getattr(other, field)
                                 for part in other.parts - self.parts for field in taken[part]})
@@ -248,6 +251,11 @@ class Calibrations:
         the residual stream's, with the same headroom."""
         return FP16Range.of_peak(self.get(BUILTIN, {RANGE}).state_peak)
 
+    def recurrent_range(self) -> FP16Range:
+        """The float16 range of the gated delta rule's recurrent states, measured with the residual stream's, with
+        the same headroom."""
+        return FP16Range.of_peak(self.get(BUILTIN, {RANGE}).recurrent_peak)
+
     # ---- the disk cache: a file per part, written atomically ----------------------------------------
 
     def _file(self, source: str, part: str) -> Path | None:
@@ -265,10 +273,10 @@ class Calibrations:
             return None
         if part == RANGE:
             stored = json.loads(file.read_text())
-            if "state_peak" not in stored:  # measured before state peaks were: measured again
+            if "recurrent_peak" not in stored:  # measured before state peaks were: measured again
                 return None
             return Calibration(stored["text"], stream_peak=stored["stream_peak"], state_peak=stored["state_peak"],
-                               range_tokens=stored["tokens"])
+                               recurrent_peak=stored["recurrent_peak"], range_tokens=stored["tokens"])
         if part == SENSITIVITY:
             stored = json.loads(file.read_text())
             return Calibration(stored["text"], gains=stored["gains"], shrink_gains=stored["shrink_gains"],
@@ -289,6 +297,7 @@ class Calibrations:
         if part == RANGE:
             write_text_atomically(file, json.dumps({"text": measured.text, "stream_peak": measured.stream_peak,
                                                     "state_peak": measured.state_peak,
+                                                    "recurrent_peak": measured.recurrent_peak,
                                                     "tokens": measured.range_tokens}))
             return
         if part == SENSITIVITY:  # JSON keeps a float's every bit (repr round-trips)
@@ -387,13 +396,19 @@ class _Importance:
 class _StreamPeak:
     """Hooks recording, while `active`, the largest |value| of each decoder layer's input and output, and of
     what enters each recurrent state: B·x of each short convolution, from the output of its in_proj (the modules
-    named in `state_modules`), whose rows are B, C and x (architectures/base.py ShortConv)."""
+    named in `state_modules`), whose rows are B, C and x (architectures/base.py ShortConv); a gated delta rule's
+    conv input, its in_proj_qkv's output (`delta_modules`; Qwen3-Next's in_proj_qkvz, its z rows with them); and
+    the rule's recurrent state at every token (`recurrent_peaks`), recomputed from what transformers' chunked rule
+    is called with (`watch_rule`)."""
 
-    def __init__(self, state_modules: list[str]) -> None:
+    def __init__(self, state_modules: list[str], delta_modules: list[str]) -> None:
         self.active = False
         self.peaks: list[float] = []
         self.state_modules = state_modules
+        self.delta_modules = delta_modules
         self.state_peaks: list[float] = [0.0]
+        self.recurrent_peaks: list[float] = [0.0]
+        self.watched: list[tuple[object, object]] = []  # (modeling module, its own chunked rule)
 
     def attach(self, model) -> None:
         for layer in model.model.layers:
@@ -402,6 +417,32 @@ class _StreamPeak:
             layer.register_forward_hook(lambda _, __, output: self._record(output))
         for name in self.state_modules:
             model.get_submodule(name).register_forward_hook(lambda _, __, output: self._record_bx(output))
+        for name in self.delta_modules:
+            model.get_submodule(name).register_forward_hook(lambda _, __, output: self._record_delta_input(output))
+        if self.delta_modules:
+            self.watch_rule(sys.modules[type(model).__module__])
+
+    def watch_rule(self, modeling) -> None:
+        """Route the modeling module's `torch_chunk_gated_delta_rule` (which its forward calls by that name)
+        through one that records the recurrent state's peak first; `unwatch` puts the module's own back."""
+        rule = modeling.torch_chunk_gated_delta_rule
+
+        def recorded(query, key, value, g, beta, *args, **kwargs):
+            if self.active:
+                self.recurrent_peaks.append(recurrent_peak(key, value, g, beta))
+            return rule(query, key, value, g, beta, *args, **kwargs)
+
+        self.watched.append((modeling, rule))
+        modeling.torch_chunk_gated_delta_rule = recorded
+
+    def unwatch(self) -> None:
+        for modeling, rule in self.watched:
+            modeling.torch_chunk_gated_delta_rule = rule
+        self.watched.clear()
+
+    def _record_delta_input(self, output) -> None:
+        if self.active:
+            self.state_peaks.append(float(output.abs().max()))
 
     def _record_bx(self, bcx) -> None:
         if self.active:
@@ -412,6 +453,26 @@ class _StreamPeak:
         if self.active:
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
             self.peaks.append(float(hidden.abs().max()))
+
+
+def recurrent_peak(key: torch.Tensor, value: torch.Tensor, g: torch.Tensor, beta: torch.Tensor) -> float:
+    """The largest |value| the gated delta rule's state S takes over the tokens, from the rule's inputs as
+    transformers passes them ((batch, tokens, heads, dims), k not yet L2-normalised), from a zero state: one step
+    per token (architectures/base.py GatedDelta), in float32."""
+    import torch
+
+    key = key.float() * torch.rsqrt((key.float() ** 2).sum(-1, keepdim=True) + 1e-6)  # transformers' l2norm
+    key = key.repeat_interleave(value.shape[2] // key.shape[2], dim=2)
+    value, g, beta = value.float(), g.float(), beta.float()
+    state = torch.zeros(key.shape[0], value.shape[2], key.shape[-1], value.shape[-1])
+    peak = 0.0
+    for t in range(key.shape[1]):
+        k = key[:, t, :, :, None]  # (batch, heads, dk, 1)
+        state = state * g[:, t, :, None, None].exp()
+        correction = (value[:, t] - (state * k).sum(-2)) * beta[:, t, :, None]  # (batch, heads, dv)
+        state = state + k * correction[:, :, None, :]
+        peak = max(peak, float(state.abs().max()))
+    return peak
 
 
 def _forward(checkpoint: Checkpoint, text_name: str, range_window: np.ndarray | None,
@@ -428,7 +489,10 @@ def _forward(checkpoint: Checkpoint, text_name: str, range_window: np.ndarray | 
     # the modules whose output makes what enters a recurrent state: each short convolution's in_proj
     state_modules = [name.removesuffix(".weight") for name, info in checkpoint.tensor_infos.items()
                      if info.role is not None and info.role.role == "shortconv.in_proj" and info.role.kind == "weight"]
-    importance, peak = _Importance(), _StreamPeak(state_modules)
+    delta_modules = [name.removesuffix(".weight") for name, info in checkpoint.tensor_infos.items()
+                     if info.role is not None and info.role.role in ("delta_qkv", "delta_qkvz")
+                     and info.role.kind == "weight"]
+    importance, peak = _Importance(), _StreamPeak(state_modules, delta_modules)
     first_importance = 0 if range_window is None else 1
 
     def window_started(index: int) -> None:
@@ -443,9 +507,12 @@ def _forward(checkpoint: Checkpoint, text_name: str, range_window: np.ndarray | 
 
     calibration = Calibration(text_name)
     if windows:
-        streamed_logits(checkpoint.transformers_config(), CheckpointWeights(checkpoint), windows, device="cpu",
-                        dtype=torch.float32, label="calibration (transformers, layer by layer)", prepare=attach,
-                        keep_logits=False, window_started=window_started)
+        try:
+            streamed_logits(checkpoint.transformers_config(), CheckpointWeights(checkpoint), windows, device="cpu",
+                            dtype=torch.float32, label="calibration (transformers, layer by layer)", prepare=attach,
+                            keep_logits=False, window_started=window_started)
+        finally:
+            peak.unwatch()
     if sensitivity_window is not None:
         roles = {name: info.role.role for name, info in checkpoint.tensor_infos.items() if info.role is not None}
         gains = measured_gains(checkpoint.transformers_config(), CheckpointWeights(checkpoint), sensitivity_window,
@@ -458,5 +525,5 @@ def _forward(checkpoint: Checkpoint, text_name: str, range_window: np.ndarray | 
                               importance_tokens=int(importance_windows.size))
     if range_window is not None:
         calibration = replace(calibration, stream_peak=max(peak.peaks), state_peak=max(peak.state_peaks),
-                              range_tokens=len(range_window))
+                              recurrent_peak=max(peak.recurrent_peaks), range_tokens=len(range_window))
     return calibration

@@ -183,3 +183,25 @@ def test_logits_are_kept_only_for_windows_of_one_length(random_llama: Path) -> N
     with pytest.raises(ValueError, match="one length"):
         streamed_logits(checkpoint.transformers_config(), None, [np.zeros(8, int), np.zeros(4, int)],
                         device="cpu", dtype=None, label="test")
+
+
+def test_the_recurrent_peak_is_that_of_transformers_own_states() -> None:
+    """What a gated delta rule's state S reaches over the tokens, from the chunked rule's inputs, as transformers'
+    recurrent rule computes S one token at a time (4 value heads reading 2 key heads)."""
+    import torch
+    from transformers.models.qwen3_5.modeling_qwen3_5 import torch_recurrent_gated_delta_rule
+
+    from siliconvert.calibration import recurrent_peak
+
+    generator = torch.Generator().manual_seed(0)
+    query, key = torch.randn(2, 1, 9, 2, 8, generator=generator)
+    value = torch.randn(1, 9, 4, 6, generator=generator) * 30
+    g = -torch.rand(1, 9, 4, generator=generator)
+    beta = torch.rand(1, 9, 4, generator=generator)
+    state, peak = None, 0.0
+    for t in range(9):
+        _, state = torch_recurrent_gated_delta_rule(query[:, t:t + 1], key[:, t:t + 1], value[:, t:t + 1],
+                                                    g=g[:, t:t + 1], beta=beta[:, t:t + 1], initial_state=state,
+                                                    output_final_state=True, use_qk_l2norm_in_kernel=True)
+        peak = max(peak, float(state.abs().max()))
+    assert recurrent_peak(key, value, g, beta) == pytest.approx(peak, rel=1e-5)

@@ -66,6 +66,6 @@ def test_blobs_are_whole_tensors_or_head_pieces():
 
 def test_a_mixer_no_package_can_run_is_refused_naming_the_trait():
     spec = spec_of()
-    layers = (dataclasses.replace(spec.layers[0], mixer="gated_delta"), *spec.layers[1:])
-    with pytest.raises(CheckpointError, match=r"mixer='gated_delta' \(layer 0\)"):
+    layers = (dataclasses.replace(spec.layers[0], mixer="mamba2"), *spec.layers[1:])
+    with pytest.raises(CheckpointError, match=r"mixer='mamba2' \(layer 0\)"):
         plan_chunks(dataclasses.replace(spec, layers=layers), 1)

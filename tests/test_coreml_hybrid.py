@@ -17,7 +17,7 @@ import yaml
 from conftest import SILICONVERT, reference_logits_for
 from test_coreml import windows_of
 
-from siliconvert.calibration import FLOAT16_MAX
+from siliconvert.calibration import FLOAT16_MAX, Calibrations, FP16Range
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.coreml import CoreMLWriter, graph
 from siliconvert.recipe import CoreMLTarget
@@ -138,3 +138,129 @@ def test_recipe_converts_validates_and_reports_the_states(lfm2, tmp_path):
     assert artifact["kv_cache"]["consistent"] is True
     assert artifact["state_bytes"] == {"kv_cache": 2 * 2 * 1 * 2 * CONTEXT * 32, "conv_state": 2 * 3 * 128 * 2}
     assert "conv_state 1,536 bytes" in (tmp_path / "out" / "report.md").read_text()
+
+
+# ---- the gated delta rule (Qwen3.5 dense and MoE, Qwen3-Next) ----------------------------------------------------
+
+DELTA_FAMILIES = ["qwen3_5_text", "qwen3_5_moe_text", "qwen3_next"]
+
+
+@pytest.fixture(scope="module", params=DELTA_FAMILIES)
+def delta_model(request, family_model):
+    """(source, windows, reference logits) of a gated-delta-rule family."""
+    source = family_model(request.param)
+    windows = windows_of(source, count=2, length=CONTEXT)
+    return source, windows, reference_logits_for(source, windows)
+
+
+def test_gated_delta_families_match_the_reference_and_decode_through_their_states(delta_model, tmp_path):
+    """Three gated-delta-rule layers and a gated attention layer, in two packages: the prefill block through the
+    chunked form, decoding one token at a time through the conv and recurrent states and the KV cache."""
+    source, windows, reference = delta_model
+    artifact = build(source, tmp_path, 2)
+    logits, check = state_check(artifact, windows, reference)
+    vocab = reference.shape[-1]
+    scores = compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
+                     windows[:, 1:].reshape(-1))[0]
+    manifest = json.loads((artifact.path / "manifest.json").read_text())
+    size = sum(f.stat().st_size for f in artifact.path.rglob("*") if f.is_file())
+    print(f"{source.name}: mean KLD {scores.mean_kld:.6f}, same top-1 {scores.same_top1:.4f}, {size:,} bytes, "
+          f"state bytes {manifest['state_bytes']}, state check excess KLD {check['excess_kld']:.2e}")
+    assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, scores
+    assert check["consistent"] and check["same_top1"] == 1.0, check
+    delta = Checkpoint.open(source).spec.gated_delta
+    # fp16, per gated-delta layer: the conv's last 3 inputs of q, k, v, and S per value head, whatever the length
+    assert manifest["state_bytes"]["delta_conv_state"] == 2 * 3 * delta.conv_channels * (delta.conv_kernel - 1)
+    assert manifest["state_bytes"]["recurrent_state"] == 2 * 3 * 4 * 32 * 24
+    assert manifest["numerics"]["recurrent_scale"] == 1.0 and manifest["numerics"]["recurrent_peak"] > 0
+
+
+@pytest.fixture(scope="module")
+def qwen3_5(family_model):
+    source = family_model("qwen3_5_text")
+    windows = windows_of(source, count=2, length=CONTEXT)
+    return source, windows, reference_logits_for(source, windows)
+
+
+def test_a_prefill_in_two_blocks_computes_as_one(qwen3_5, tmp_path):
+    """A 96-token context takes 32-token prefill blocks: a 64-token window is then two chunked blocks, the second
+    starting from the state the first left, and gives the logits of one 64-token block."""
+    source, windows, _ = qwen3_5
+    one = CoreMLRunner(build(source, tmp_path / "one").path, {})
+    checkpoint = Checkpoint.open(source)
+    writer = CoreMLWriter(checkpoint, CoreMLTarget(format="coreml", context=96), tmp_path / "two", "tiny")
+    for info, array in checkpoint.tensors():
+        writer.add(info, array)
+    two = CoreMLRunner(writer.finish()[0].path, {})
+    assert (one.block, two.block) == (64, 32)
+    whole, halves = one.logits_many(windows[:1]), two.logits_many(windows[:1])
+    log_whole = torch.log_softmax(torch.as_tensor(whole, dtype=torch.float64), -1)
+    log_halves = torch.log_softmax(torch.as_tensor(halves, dtype=torch.float64), -1)
+    kld = (log_whole.exp() * (log_whole - log_halves)).sum(-1)
+    assert float(kld.max()) < 1e-4 and (whole.argmax(-1) == halves.argmax(-1)).all(), float(kld.max())
+
+
+@pytest.fixture(scope="module")
+def loud_qwen3_5(qwen3_5, tmp_path_factory):
+    """The qwen3_5_text checkpoint with its gated delta layers' out_proj 8 times louder: the trained checkpoint's
+    gated delta layers barely move its logits (a recurrent state not advanced there moves decoding by a KLD of
+    0.0008, under the state check's limit); (source, windows, reference logits)."""
+    from safetensors.torch import load_file, save_file
+
+    source, windows, _ = qwen3_5
+    loud = tmp_path_factory.mktemp("loud") / "qwen3_5_text"
+    shutil.copytree(source, loud)
+    tensors = load_file(loud / "model.safetensors")
+    for name in [n for n in tensors if n.endswith("linear_attn.out_proj.weight")]:
+        tensors[name] *= 8
+    save_file(tensors, loud / "model.safetensors", metadata={"format": "pt"})
+    return loud, windows, reference_logits_for(loud, windows)
+
+
+def test_a_recurrent_state_scale_is_taken_back_out(qwen3_5, tmp_path, monkeypatch):
+    """A recurrent state scale of 2⁻⁶ (what a state peaking at 2¹⁶ would get) applied to v and taken out of the rule's
+    output leaves the function as it was: the package still matches the reference and decodes through its states."""
+    source, windows, reference = qwen3_5
+    monkeypatch.setattr(Calibrations, "recurrent_range", lambda self: FP16Range(2.0**16, 2.0**-6))
+    artifact = build(source, tmp_path)
+    assert json.loads((artifact.path / "manifest.json").read_text())["numerics"]["recurrent_scale"] == 2.0**-6
+    logits, check = state_check(artifact, windows, reference)
+    vocab = reference.shape[-1]
+    scores = compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
+                     windows[:, 1:].reshape(-1))[0]
+    assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, scores
+    assert check["consistent"], check
+
+
+@pytest.mark.parametrize(("broken", "consistent"), [(None, True), (not_advanced, False), (reset, False)])
+def test_a_broken_recurrent_state_fails_the_state_check(loud_qwen3_5, tmp_path, monkeypatch, broken, consistent):
+    """The gated delta rule's S not advanced past the prompt, or reset at every call: decoding lands far from the
+    no-state pass (its conv state and the KV cache left intact), where the intact state passes."""
+    source, windows, reference = loud_qwen3_5
+    if broken:
+        monkeypatch.setattr(graph.RecurrentState, "write", broken)
+    _, check = state_check(build(source, tmp_path), windows, reference)
+    assert check["consistent"] is consistent, check
+
+
+
+
+def test_recipe_converts_qwen3_5_validates_and_reports_its_states(qwen3_5, tmp_path):
+    """End to end on Qwen3.5: the Core ML FP16 target passes its gates and the state check, and report.json gives
+    the gated delta rule's conv and recurrent states' bytes beside the KV cache's."""
+    source = qwen3_5[0]
+    recipe = {"name": "qwen3_5", "source": str(source), "output": str(tmp_path / "out"),
+              "targets": [{"format": "coreml", "context": CONTEXT}],
+              "validate": {"tokens": 128, "context": CONTEXT, "prefill_tokens": 16, "decode_tokens": 4,
+                           "gates": {"max_mean_kld": 0.002, "min_same_top1": 0.97}}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = subprocess.run([SILICONVERT, "recipe", str(tmp_path / "recipe.yaml")], capture_output=True, text=True,
+                            env={**os.environ, "SILICONVERT_QUIET": "1"})
+    assert result.returncode == 0, result.stderr
+    (artifact,) = json.loads((tmp_path / "out" / "report.json").read_text())["artifacts"]
+    assert artifact["kv_cache"]["consistent"] is True
+    # one attention layer (2 KV heads of 32); three gated-delta layers: 3 × (4 − 1) conv inputs of 2·64 + 96
+    # channels, and S of 4 value heads × 32 × 24
+    assert artifact["state_bytes"] == {"kv_cache": 2 * 2 * 1 * 2 * CONTEXT * 32, "delta_conv_state": 2 * 3 * 224 * 3,
+                                       "recurrent_state": 2 * 3 * 4 * 32 * 24}
+    assert "recurrent_state 18,432 bytes" in (tmp_path / "out" / "report.md").read_text()

@@ -139,7 +139,6 @@ TESTED_ELSEWHERE = {
     "siliconvert/artifacts.py": "the Artifact, Writer and Release types: tests/test_formats.py's toy format",
     "siliconvert/format.py": "the format registry: tests/test_formats.py registers a toy format",
     # not split out yet: tested only through their callers' files
-    "convert/coreml/folds.py": "through tests/test_coreml_graph.py and tests/test_coreml_moe.py",
     "convert/coreml/weights.py": "through tests/test_coreml_graph.py and tests/test_coreml_package.py",
     "validate/runners/base.py": "the Runner interface: each runner's tests, and tests/test_score.py's scripted one",
 }

@@ -84,3 +84,13 @@ def test_blockwise_shift_scale_dequantizes_each_block():
     scale = np.array([[0.5, 2.0]], np.float16)  # one scale per block of two columns
     offset = np.array([[0, 1]], np.int8)
     np.testing.assert_array_equal(OPS["constexpr_blockwise_shift_scale"](data, scale, offset), [[0, 0.5, 2, 4]])
+
+
+def test_exp_softplus_and_tile_match_numpy():
+    """The gated delta rule's decay (exp, softplus) and its heads repeated (tile), computed in float32."""
+    x = np.array([-100.0, -1.0, 0.0, 2.0, 30.0], np.float16)
+    np.testing.assert_allclose(OPS["exp"](x), np.exp(x.astype(np.float32)), rtol=1e-6)
+    np.testing.assert_allclose(OPS["softplus"](x), np.log1p(np.exp(x.astype(np.float64))), rtol=1e-6, atol=1e-30)
+    assert OPS["softplus"](np.array([100.0], np.float32))[0] == 100.0  # no overflow on the way
+    tiled = OPS["tile"](np.arange(4).reshape(2, 1, 2), reps=np.array([1, 3, 1]))
+    assert tiled.shape == (2, 3, 2) and tiled[1].tolist() == [[2, 3]] * 3

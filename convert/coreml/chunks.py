@@ -17,7 +17,8 @@ HEAD_SPLIT = 16384  # the ANE caps a convolution's output channels; a 32k–150k
 # (role, layer or None, "weight"/"bias"): what the graph builder asks for
 Key = tuple[str, int | None, str]
 # The mixers a package can run, each with the states it keeps per sequence (graph.py makes them)
-MIXER_STATES: dict[Mixer, tuple[str, ...]] = {"attention": ("key_cache", "value_cache"), "short_conv": ("conv_state",)}
+MIXER_STATES: dict[Mixer, tuple[str, ...]] = {"attention": ("key_cache", "value_cache"), "short_conv": ("conv_state",),
+                                              "gated_delta": ("delta_conv_state", "recurrent_state")}
 VALID_TOKENS = "valid_tokens"  # the input of a chunk with recurrent states: how many of the call's tokens are real
 
 
@@ -99,7 +100,12 @@ def layer_bytes(spec: ModelSpec, layer: int) -> int:
         mlp = 3 * h * spec.intermediate_size
     if spec.layers[layer].mixer == "short_conv":  # in_proj (B, C, x), out_proj and the kernel
         return 2 * (4 * h * h + h * spec.short_conv.kernel + mlp)
-    return 2 * (h * (2 * q + 2 * kv) + mlp)
+    if spec.layers[layer].mixer == "gated_delta":  # in_proj's q, k, v, z, b, a rows, out_proj and the kernel
+        delta = spec.gated_delta
+        rows = delta.conv_channels + 2 * delta.value_size + 2 * delta.value_heads
+        return 2 * (h * rows + delta.conv_channels * delta.conv_kernel + mlp)
+    queries = 2 * q if spec.attn_output_gate else q  # q_proj's query rows, and its gate rows where there are
+    return 2 * (h * (queries + q + 2 * kv) + mlp)
 
 
 def model_bytes(spec: ModelSpec) -> int:

@@ -11,8 +11,15 @@ before it becomes a blob.
   of each block's branch (the post-norm where there is one, else o_proj and down_proj). It is Granite's
   residual multiplier times the stream's scale, a power of two that keeps it inside fp16 (FP16Range,
   siliconvert/calibration.py).
+- Qwen3-Next's gated delta rule projections, grouped per key head (in_proj_qkvz: each key head's q, k, then the
+  v and z rows of its value heads; in_proj_ba: its b rows, then its a rows), are permuted into Qwen3.5's unfused
+  ones (all q, all k, all v in value-head order; z; b; a): one graph for both, as transformers'
+  fix_query_key_value_ordering orders them.
+- The gated delta rule's decay rate −exp(A_log) is computed once, here (in float32, as transformers does).
 - A short convolution's state scale (the same kind of power of two, for what enters its state: B·x) is folded
-  into B's rows of in_proj and the kernel's bias, and taken out again in out_proj's weight.
+  into B's rows of in_proj and the kernel's bias, and taken out again in out_proj's weight. The gated delta
+  rule's conv state scale (for its conv's input, q, k and v) folds into in_proj_qkv and is taken out again in the
+  kernel (no bias, and SiLU follows the convolution).
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from siliconvert.architectures.base import role_shape
 from siliconvert.convert.coreml.chunks import Key
 
 FUSED = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_gate_up": ("ffn_gate", "ffn_up")}
+# fused by key head (Qwen3-Next): permuted into the unfused roles' rows (delta_parts)
+GROUPED = {"delta_qkvz": ("delta_qkv", "delta_gate"), "ssm_ba": ("ssm_beta", "ssm_alpha")}
 # The experts' down projections write into the residual stream as the dense MLP's does: the branch scale too
 WRITES_LIKE = {"ffn_down_exps": "ffn_down", "ffn_down_shexp": "ffn_down",
                "shortconv.out_proj": "attn_output"}  # the short convolution's branch, as attention's
@@ -61,7 +70,7 @@ def graph_keys(spec: ModelSpec, key: Key) -> list[Key]:
     if role in EXPERT_STACKS:
         return [expert_key(part, layer, expert) for expert in range(spec.experts.count)
                 for part in EXPERT_STACKS[role]]
-    return [(part, layer, kind) for part in FUSED.get(role, (role,))]
+    return [(part, layer, kind) for part in FUSED.get(role) or GROUPED.get(role) or (role,)]
 
 
 def branch_outputs(spec: ModelSpec) -> tuple[str, ...]:
@@ -78,6 +87,10 @@ def graph_tensors(spec: ModelSpec, key: Key, array: np.ndarray, branch_scale: fl
         sizes = [tensor_shape(spec, part)[0] for part in graph_keys(spec, key)]
         yield from zip(graph_keys(spec, key), np.split(array, np.cumsum(sizes)[:-1]), strict=True)
         return
+    if role in GROUPED:
+        for part_key, part in delta_parts(spec, key, array):
+            yield from graph_tensors(spec, part_key, part, branch_scale, state_scale)
+        return
     if role in EXPERT_STACKS:  # each expert's rows, one part after another (views, until a scale is folded in)
         scale = branch_scale if WRITES_LIKE.get(role) in branch_outputs(spec) else 1.0
         parts = [np.split(rows, len(EXPERT_STACKS[role])) for rows in array]
@@ -92,9 +105,29 @@ def graph_tensors(spec: ModelSpec, key: Key, array: np.ndarray, branch_scale: fl
             array *= np.float32(state_scale)
         elif role == "shortconv.out_proj" and kind == "weight":
             array /= np.float32(state_scale)
-    if role.endswith("_norm") and spec.norm_offset:
-        array = array.astype(np.float32) + np.float32(spec.norm_offset)
+    if state_scale != 1.0 and role in ("delta_qkv", "ssm_conv1d"):
+        array = array.astype(np.float32) * np.float32(state_scale if role == "delta_qkv" else 1 / state_scale)
+    if role == "ssm_a":
+        array = -np.exp(array.astype(np.float32))
+    if role.endswith("_norm") and spec.norm_offset_of(role):
+        array = array.astype(np.float32) + np.float32(spec.norm_offset_of(role))
     # a post-norm's bias-free weight, or o_proj/down_proj's weight and bias: the branch output is linear in them
     if WRITES_LIKE.get(role, role) in branch_outputs(spec) and branch_scale != 1.0:
         array = array.astype(np.float32) * np.float32(branch_scale)
     yield key, array
+
+
+def delta_parts(spec: ModelSpec, key: Key, array: np.ndarray) -> Iterator[tuple[Key, np.ndarray]]:
+    """Qwen3-Next's in_proj_qkvz or in_proj_ba (rows grouped per key head) as the unfused roles' rows (GROUPED)."""
+    role = key[0]
+    delta = spec.gated_delta
+    per_key_head = delta.value_heads // delta.key_heads
+    groups = array.reshape(delta.key_heads, -1, *array.shape[1:])  # (key heads, rows of each, hidden)
+    if role == "delta_qkvz":
+        values = per_key_head * delta.value_head_dim
+        q, k, v, z = np.split(groups, np.cumsum([delta.key_head_dim, delta.key_head_dim, values]), axis=1)
+        parts = [np.concatenate([part.reshape(-1, *array.shape[1:]) for part in (q, k, v)]), z]
+    else:
+        parts = np.split(groups, 2, axis=1)  # b, a
+    for part_key, part in zip(graph_keys(spec, key), parts, strict=True):
+        yield part_key, np.ascontiguousarray(part.reshape(-1, *array.shape[1:]))

@@ -10,8 +10,9 @@ WeightedOps is where each linear and norm takes its weight; required_tensors say
 (folds.py: in what shape).
 
 Where each trait of the spec becomes ops, one place each (ops appear only where a trait departs from Llama's):
-    layers[i].mixer           decoder_layer: attention, or short_conv over the conv state (grouped by mixer once,
-                              in chunks.layers_by_mixer)
+    layers[i].mixer           decoder_layer: attention, short_conv over the conv state, or gated_delta over its conv
+                              and recurrent states (grouped by mixer once, in chunks.layers_by_mixer)
+    attn_output_gate          attention: q_proj's gate rows, sigmoid(gate) × the heads' output before o_proj
     layers[i].window          causal_masks: one mask per window size, shared by the layers with that window
     layers[i].rope            rope_angles / rope_frequencies: one cos/sin table pair per distinct rope (θ,
                               scaling, partial rotary: rope rotates the first `dim` dimensions); None: NoPE
@@ -48,6 +49,9 @@ from siliconvert.errors import CheckpointError
 MASK_VALUE = -30000.0  # additive mask: exp() of it is 0, yet adding it to any score stays finite in fp16
 SHARED_EXPERT = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")  # its gate, up and down, as mlp's roles
 SHORT_CONV_ROLES = ("shortconv.in_proj", "shortconv.conv", "shortconv.out_proj")
+# the gated delta rule's weights, unfused (folds.py permutes Qwen3-Next's fused ones into them)
+GATED_DELTA_ROLES = ("delta_qkv", "delta_gate", "ssm_beta", "ssm_alpha", "ssm_conv1d", "ssm_dt", "ssm_a", "ssm_norm",
+                     "ssm_out")
 EXPERT_IDS = "expert_ids"  # the output of a chunk with sparse layers: their routers' choices (1, S, layers, k)
 NORM_FLOOR = 2.0**-6  # RMSNorm divides by max(|x|, floor): an all-zero token must not divide by zero
 # The passes of coremltools' default pipeline (and of its mlprogram backend) that change this graph, in their
@@ -89,6 +93,7 @@ def required_tensors(spec: ModelSpec, chunk: Chunk) -> set[Key]:
     keys = {(role, layer, kind) for layer in chunk.layers for role, kind in per_layer}
     keys.update((role, layer, kind) for layer in chunk.mixer_layers("attention") for role, kind in attention)
     keys.update((role, layer, kind) for layer in chunk.mixer_layers("short_conv") for role, kind in conv)
+    keys.update((role, layer, "weight") for layer in chunk.mixer_layers("gated_delta") for role in GATED_DELTA_ROLES)
     for layer in chunk.layers:
         if spec.layers[layer].sparse:  # the router and every expert's gate, up and down; the shared expert's
             keys.add(("ffn_gate_inp", layer, "weight"))
@@ -107,7 +112,7 @@ def required_tensors(spec: ModelSpec, chunk: Chunk) -> set[Key]:
 
 
 def build_program(spec: ModelSpec, chunk: Chunk, block: int, context: int, weights: WeightConsts,
-                  stream_scale: float = 1.0) -> Program:
+                  stream_scale: float = 1.0, recurrent_scale: float = 1.0) -> Program:
     """The chunk's two functions, "decode" (1 token, the default) and "prefill" (`block` tokens), after PASSES."""
     program = Program()
     for name, tokens in (("decode", 1), ("prefill", block)):
@@ -115,7 +120,8 @@ def build_program(spec: ModelSpec, chunk: Chunk, block: int, context: int, weigh
         # next (add_int16_cast's target dtype), which would make prefill depend on decode. They are called
         # directly: PassPipelineManager validates the whole program after every pass (the exporters do once).
         alone = Program()
-        alone.add_function("main", build_function(spec, chunk, tokens, context, weights, stream_scale))
+        alone.add_function("main", build_function(spec, chunk, tokens, context, weights, stream_scale,
+                                                  recurrent_scale))
         for graph_pass in PASSES:
             PASS_REGISTRY[graph_pass](alone)
         program.add_function(name, alone.functions["main"])
@@ -125,14 +131,15 @@ def build_program(spec: ModelSpec, chunk: Chunk, block: int, context: int, weigh
 
 
 def build_function(spec: ModelSpec, chunk: Chunk, tokens: int, context: int, weights: WeightConsts,
-                   stream_scale: float = 1.0) -> Function:
-    """`tokens` tokens through the chunk's layers; `stream_scale` scales the residual stream (FP16Range)."""
+                   stream_scale: float = 1.0, recurrent_scale: float = 1.0) -> Function:
+    """`tokens` tokens through the chunk's layers; `stream_scale` scales the residual stream, `recurrent_scale` the
+    gated delta rule's recurrent states (FP16Range)."""
     # The builder names ops from a process-wide counter that ct.convert clears after each conversion; from
     # zero in every function, the names (and so model.mlmodel) are the same in every run.
     mb.name_count.clear()
     ops = WeightedOps(spec, weights, required_tensors(spec, chunk))
     with Function(function_inputs(spec, chunk, tokens, context), opset_version=ct.target.iOS18) as function:
-        shared = shared_values(spec, chunk, context, tokens, function.inputs)
+        shared = shared_values(spec, chunk, context, tokens, function.inputs, recurrent_scale)
         x = (embed(ops, function.inputs["input_ids"], tokens, spec.embedding_scale * stream_scale) if chunk.first
              else function.inputs["hidden_states"])
         expert_ids: list = []  # each sparse layer's chosen experts (S, k), in layer order
@@ -170,7 +177,9 @@ def function_inputs(spec: ModelSpec, chunk: Chunk, tokens: int, context: int) ->
 def state_shapes(spec: ModelSpec, chunk: Chunk, context: int) -> dict[str, tuple[int, ...]]:
     """The chunk's states, fp16, one row per layer of their mixer: the KV cache of its attention layers as two
     states (layers, KVH, context, D); the last kernel − 1 values of B·x of its short-conv layers (layers, C, 1,
-    kernel − 1), laid out as the activations are."""
+    kernel − 1), laid out as the activations are; of its gated-delta-rule layers, the conv's last kernel − 1
+    inputs (layers, q + k + v channels, 1, kernel − 1) and the recurrent state (layers, value heads, key head dim,
+    value head dim)."""
     shapes: dict[str, tuple[int, ...]] = {}
     if attention := chunk.mixer_layers("attention"):
         shapes |= {name: (len(attention), spec.num_kv_heads, context, spec.head_dim)
@@ -180,6 +189,13 @@ def state_shapes(spec: ModelSpec, chunk: Chunk, context: int) -> dict[str, tuple
             raise CheckpointError(f"a short convolution of {spec.short_conv.kernel} tap carries no state: the "
                                   "Core ML writer needs a kernel of 2 taps or more")
         shapes["conv_state"] = (len(short_conv), spec.hidden_size, 1, spec.short_conv.kernel - 1)
+    if gated_delta := chunk.mixer_layers("gated_delta"):
+        delta = spec.gated_delta
+        if delta.conv_kernel < 2:
+            raise CheckpointError(f"a gated delta rule's convolution of {delta.conv_kernel} tap carries no state: "
+                                  "the Core ML writer needs a kernel of 2 taps or more")
+        shapes["delta_conv_state"] = (len(gated_delta), delta.conv_channels, 1, delta.conv_kernel - 1)
+        shapes["recurrent_state"] = (len(gated_delta), *delta.state_shapes()["recurrent"])
     return shapes
 
 
@@ -232,25 +248,29 @@ class CacheState:
 
 
 class ConvState:
-    """The short-conv layers' state (layers, C, 1, kernel − 1) of a function, read once; each layer's write chains
-    on the previous one (as CacheState's)."""
+    """A conv state of a function, a row per layer: the short-conv layers' (layers, C, 1, kernel − 1), or the gated
+    delta rule's conv inputs; read once, each layer's write chains on the previous one (as CacheState's)."""
 
     def __init__(self, state):
         self.state = state
         self.value = mb.read_state(input=state)
 
     def read(self, row: int):
-        """The layer's last kernel − 1 values of B·x (1, C, 1, kernel − 1)."""
+        """The layer's row (1, ...): its last kernel − 1 inputs of the convolution."""
         if self.value.shape[0] == 1:
             return self.value
-        _, c, _, taps = self.value.shape
-        return mb.slice_by_index(x=self.value, begin=[row, 0, 0, 0], end=[row + 1, c, 1, taps])
+        return mb.slice_by_index(x=self.value, begin=[row, 0, 0, 0], end=[row + 1, *self.value.shape[1:]])
 
     def write(self, update, row: int) -> None:
-        _, c, _, taps = self.value.shape
         updated = (update if self.value.shape[0] == 1
-                   else mb.slice_update(x=self.value, update=update, begin=[row, 0, 0, 0], end=[row + 1, c, 1, taps]))
+                   else mb.slice_update(x=self.value, update=update, begin=[row, 0, 0, 0],
+                                        end=[row + 1, *self.value.shape[1:]]))
         self.value = mb.coreml_update_state(state=self.state, value=updated)
+
+
+class RecurrentState(ConvState):
+    """The gated delta rule's recurrent states (layers, value heads, key head dim, value head dim), × the recurrent
+    scale: read and written by row as a conv state is."""
 
 
 @dataclass(frozen=True)
@@ -266,6 +286,40 @@ class Shared:
     values: CacheState | None
     conv: ConvState | None = None
     valid_tokens: object = None
+    delta_conv: ConvState | None = None
+    recurrent: RecurrentState | None = None
+    delta: DeltaConsts | None = None
+
+
+@dataclass(frozen=True)
+class DeltaConsts:
+    """What the gated-delta-rule layers of one function share: which of the block's tokens are real (a padded
+    prefill block's padding neither decays nor writes the recurrent state), the recurrent state's scale, and for a
+    block of S > 1 tokens the constant matrices of the chunked form (gated_delta_block)."""
+
+    valid: object  # (1, 1, 1, S) fp16: 1 for the real tokens, 0 for the padding
+    scale: float
+    running: object = None  # (S, S): [t, i] = 1 where t ≤ i; g @ it sums the log-decays to each token
+    between: object = None  # (S, S·S): [t, i·S + j] = 1 where j < t ≤ i; g @ it sums those from token j to i
+    causal: object = None  # (S, S): 1 where j ≤ i
+    strictly_causal: object = None  # (S, S): −1 where j < i (the sign of (I + A)'s A folded in)
+    identity: object = None  # (S, S)
+
+
+def delta_consts(tokens: int, valid_tokens, scale: float) -> DeltaConsts:
+    token_index = shared_const(np.arange(tokens, dtype=np.int32), "delta_token_index")
+    valid = mb.reshape(x=mb.cast(x=mb.less(x=token_index, y=valid_tokens), dtype="fp16"), shape=[1, 1, 1, tokens],
+                       name="delta_valid")
+    if tokens == 1:
+        return DeltaConsts(valid, scale)
+    t, i, j = np.ogrid[:tokens, :tokens, :tokens]
+    between = ((j < t) & (t <= i)).reshape(tokens, tokens * tokens)
+    lower = np.tril(np.ones((tokens, tokens)))
+    return DeltaConsts(valid, scale, running=shared_const(lower.T.astype(np.float16), "delta_running"),
+                       between=shared_const(between.astype(np.float16), "delta_between"),
+                       causal=shared_const(lower.astype(np.float16), "delta_causal"),
+                       strictly_causal=shared_const(-np.tril(lower, -1).astype(np.float16), "delta_strictly_causal"),
+                       identity=shared_const(np.eye(tokens, dtype=np.float16), "delta_identity"))
 
 
 def rope_key(rope: Rope) -> str:
@@ -277,7 +331,8 @@ def mask_key(window: int | None, context: int) -> int | None:
     return window if window is not None and window < context else None
 
 
-def shared_values(spec: ModelSpec, chunk: Chunk, context: int, tokens: int, inputs: dict) -> Shared:
+def shared_values(spec: ModelSpec, chunk: Chunk, context: int, tokens: int, inputs: dict,
+                  recurrent_scale: float = 1.0) -> Shared:
     """What the function's layers use, made once: the block's positions, RoPE angles, masks and caches."""
     position = inputs["position"]
     # (S,); one token is at `position` itself (adding 0 is what noop_elimination would remove)
@@ -292,7 +347,12 @@ def shared_values(spec: ModelSpec, chunk: Chunk, context: int, tokens: int, inpu
     keys, values = ((CacheState(inputs["key_cache"]), CacheState(inputs["value_cache"])) if layers
                     else (None, None))
     conv = ConvState(inputs["conv_state"]) if "conv_state" in inputs else None
-    return Shared(position, angles, masks, keys, values, conv, inputs.get(VALID_TOKENS))
+    delta = {}
+    if "recurrent_state" in inputs:
+        delta = {"delta_conv": ConvState(inputs["delta_conv_state"]),
+                 "recurrent": RecurrentState(inputs["recurrent_state"]),
+                 "delta": delta_consts(tokens, inputs[VALID_TOKENS], recurrent_scale)}
+    return Shared(position, angles, masks, keys, values, conv, inputs.get(VALID_TOKENS), **delta)
 
 
 def embed(ops: WeightedOps, input_ids, tokens: int, scale: float):
@@ -433,12 +493,18 @@ def attention(ops: WeightedOps, x, layer: int, local: int, shared: Shared):
     heads, kvh, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
     group, s, context = heads // kvh, x.shape[-1], shared.keys.value.shape[2]
     q = ops.linear(x, "attn_q", layer, f"l{layer}_q")  # (1, H·D, 1, S)
+    if spec.attn_output_gate:  # q_proj's rows per head: its query, then its gate (1, H, D, S) each
+        both = mb.reshape(x=q, shape=[1, heads, 2 * d, s])
+        gate = mb.slice_by_index(x=both, begin=[0, 0, d, 0], end=[1, heads, 2 * d, s], name=f"l{layer}_gate")
+        q = mb.slice_by_index(x=both, begin=[0, 0, 0, 0], end=[1, heads, d, s])
+        if spec.qk_norm == "projection":
+            q = mb.reshape(x=q, shape=[1, heads * d, 1, s])
     k = ops.linear(x, "attn_k", layer, f"l{layer}_k")
     v = ops.linear(x, "attn_v", layer, f"l{layer}_v")
     if spec.qk_norm == "projection":  # over the whole projection (OLMo 2)
         q = ops.norm(q, "attn_q_norm", layer, f"l{layer}_q_norm")
         k = ops.norm(k, "attn_k_norm", layer, f"l{layer}_k_norm")
-    q, k = mb.reshape(x=q, shape=[1, heads, d, s]), mb.reshape(x=k, shape=[1, kvh, d, s])  # (1, H, D, S)
+    q, k = reshape(q, [1, heads, d, s]), mb.reshape(x=k, shape=[1, kvh, d, s])  # (1, H, D, S)
     if spec.qk_norm == "head":  # over each head's dimensions (Qwen3, Gemma 3)
         q = ops.norm(q, "attn_q_norm", layer, f"l{layer}_q_norm", axis=2)
         k = ops.norm(k, "attn_k_norm", layer, f"l{layer}_k_norm", axis=2)
@@ -465,6 +531,8 @@ def attention(ops: WeightedOps, x, layer: int, local: int, shared: Shared):
     probs = reshape(mb.softmax(x=scores, axis=-1), [1, kvh, group * s, context])
     out = reshape(mb.matmul(x=probs, y=values), [1, heads, s, d])
     out = mb.reshape(x=mb.transpose(x=out, perm=[0, 1, 3, 2]), shape=[1, heads * d, 1, s])
+    if spec.attn_output_gate:
+        out = mb.mul(x=out, y=mb.sigmoid(x=mb.reshape(x=gate, shape=[1, heads * d, 1, s])), name=f"l{layer}_gated")
     return ops.linear(out, "attn_output", layer, f"l{layer}_o")
 
 
@@ -493,8 +561,114 @@ def short_conv(ops: WeightedOps, x, layer: int, row: int, shared: Shared):
     return ops.linear(y, "shortconv.out_proj", layer, f"l{layer}_conv_out")
 
 
+def gated_delta(ops: WeightedOps, x, layer: int, row: int, shared: Shared):
+    """The gated delta rule (architectures/base.py GatedDelta has the maths): q, k, v through the causal depthwise
+    convolution over the layer's conv state (as short_conv's) and SiLU; q, k L2-normalised per head and repeated
+    to the value heads; β, the decay g; the rule over the recurrent state, one step for one token
+    (gated_delta_step), the chunked form for a block (gated_delta_block); the gated RMSNorm × SiLU(z), out_proj."""
+    delta, consts = ops.spec.gated_delta, shared.delta
+    s, channels, kernel = x.shape[-1], delta.conv_channels, delta.conv_kernel
+    heads, dk, dv = delta.value_heads, delta.key_head_dim, delta.value_head_dim
+    qkv = ops.linear(x, "delta_qkv", layer, f"l{layer}_delta_qkv")  # (1, 2K + V, 1, S), × the conv state scale
+    window = mb.concat(values=[shared.delta_conv.read(row), qkv], axis=3, name=f"l{layer}_delta_window")
+    weight = ops.weights.const(weight_id(("ssm_conv1d", layer, "weight")), (channels, 1, 1, kernel),
+                               f"l{layer}_delta_conv_weight")
+    conv = mb.conv(x=window, weight=weight, groups=channels, pad_type="valid", name=f"l{layer}_delta_conv")
+    begin = mb.concat(values=[np.zeros(3, np.int32), shared.valid_tokens], axis=0)
+    shared.delta_conv.write(mb.slice_by_size(x=window, begin=begin, size=[1, channels, 1, kernel - 1]), row)
+    qkv = mb.silu(x=conv)
+    q, k, v = (mb.slice_by_index(x=qkv, begin=[0, start, 0, 0], end=[1, start + size, 1, s])
+               for start, size in ((0, delta.key_size), (delta.key_size, delta.key_size),
+                                   (2 * delta.key_size, delta.value_size)))
+    q = l2_normalize(mb.reshape(x=q, shape=[delta.key_heads, dk, s]), dk**-0.5)  # (key heads, dk, S)
+    k = l2_normalize(mb.reshape(x=k, shape=[delta.key_heads, dk, s]))
+    # (value heads, S, dk): value head h reads key head h // (value heads / key heads), as repeat_interleave
+    q, k = (mb.transpose(x=repeat_heads(part, heads // delta.key_heads), perm=[0, 2, 1]) for part in (q, k))
+    v = mb.transpose(x=mb.reshape(x=v, shape=[heads, dv, s]), perm=[0, 2, 1])  # (value heads, S, dv)
+    if consts.scale != 1.0:
+        v = mb.mul(x=v, y=np.float16(consts.scale))
+    beta = mb.mul(x=mb.sigmoid(x=ops.linear(x, "ssm_beta", layer, f"l{layer}_delta_b")), y=consts.valid)
+    dt_bias = ops.weights.const(weight_id(("ssm_dt", layer, "weight")), (1, heads, 1, 1), f"l{layer}_dt_bias")
+    rate = ops.weights.const(weight_id(("ssm_a", layer, "weight")), (1, heads, 1, 1), f"l{layer}_decay_rate")
+    alpha = ops.linear(x, "ssm_alpha", layer, f"l{layer}_delta_a")
+    g = mb.mul(x=mb.mul(x=mb.softplus(x=mb.add(x=alpha, y=dt_bias)), y=rate), y=consts.valid)  # (1, heads, 1, S)
+    beta, g = mb.reshape(x=beta, shape=[heads, s, 1]), mb.reshape(x=g, shape=[heads, 1, s])
+    state = mb.reshape(x=shared.recurrent.read(row), shape=[heads, dk, dv])
+    rule = gated_delta_step if s == 1 else gated_delta_block
+    out, state = rule(q, k, v, beta, g, state, consts)  # (heads, S, dv), (heads, dk, dv)
+    shared.recurrent.write(mb.reshape(x=state, shape=[1, heads, dk, dv]), row)
+    if consts.scale != 1.0:
+        out = mb.mul(x=out, y=np.float16(1 / consts.scale))
+    out = mb.reshape(x=mb.transpose(x=out, perm=[0, 2, 1]), shape=[1, heads, dv, s])
+    out = ops.norm(out, "ssm_norm", layer, f"l{layer}_delta_norm", axis=2)
+    z = mb.reshape(x=ops.linear(x, "delta_gate", layer, f"l{layer}_delta_z"), shape=[1, heads, dv, s])
+    out = mb.reshape(x=mb.mul(x=out, y=mb.silu(x=z)), shape=[1, heads * dv, 1, s], name=f"l{layer}_delta_gated")
+    return ops.linear(out, "ssm_out", layer, f"l{layer}_delta_out")
+
+
+def gated_delta_step(q, k, v, beta, g, state, consts: DeltaConsts):
+    """One token: S ← exp(g) S; S += kᵀ β (v − k S); out = q S. q, k (H, 1, dk), v (H, 1, dv), β and g (H, 1, 1)."""
+    state = mb.mul(x=state, y=mb.exp(x=g))
+    correction = mb.mul(x=mb.sub(x=v, y=mb.matmul(x=k, y=state)), y=beta)  # (H, 1, dv)
+    state = mb.add(x=state, y=mb.matmul(x=k, y=correction, transpose_x=True))
+    return mb.matmul(x=q, y=state), state
+
+
+def gated_delta_block(q, k, v, beta, g, state, consts: DeltaConsts):
+    """A block of n tokens at once, in the chunked (WY) form of transformers' torch_chunk_gated_delta_rule, the
+    block one chunk: with G the running sum of g and D[i, j] = exp(G_i − G_j) for j ≤ i, the strictly lower
+    A = (β k kᵀ) ⊙ D; T = (I + A)⁻¹; v' = T βv − T (βk ⊙ exp G) S; out = (q ⊙ exp G) S + ((q kᵀ) ⊙ D) v';
+    S ← exp(G_n) S + (k ⊙ exp(G_n − G))ᵀ v'.
+
+    G_i − G_j is summed from g directly (`between`), never as a difference of two running sums, which fp16 would
+    round to nothing where the sums are large and the difference small. T is exact without a loop over tokens:
+    −A is nilpotent (strictly lower), so (I + A)⁻¹ = Σ_{m<n} (−A)^m = Π_{k<log2 n} (I + (−A)^(2^k))."""
+    heads, n, _ = q.shape
+    running = mb.matmul(x=g, y=consts.running)  # (H, 1, n): G
+    between = mb.reshape(x=mb.matmul(x=g, y=consts.between), shape=[heads, n, n])  # [i, j]: G_i − G_j (j ≤ i)
+    decay = mb.mul(x=mb.exp(x=between), y=consts.causal)
+    k_beta = mb.mul(x=k, y=beta)
+    lower = mb.mul(x=mb.matmul(x=k_beta, y=k, transpose_y=True), y=mb.mul(x=decay, y=consts.strictly_causal))  # −A
+    inverse, power = mb.add(x=lower, y=consts.identity), lower
+    for _ in range(1, math.ceil(math.log2(n))):
+        power = mb.matmul(x=power, y=power)
+        inverse = mb.add(x=inverse, y=mb.matmul(x=inverse, y=power))
+    growth = mb.exp(x=mb.reshape(x=running, shape=[heads, n, 1]))  # exp(G_i)
+    values = mb.matmul(x=inverse, y=mb.mul(x=v, y=beta))
+    keys = mb.matmul(x=inverse, y=mb.mul(x=k_beta, y=growth))
+    new_values = mb.sub(x=values, y=mb.matmul(x=keys, y=state))  # (H, n, dv)
+    within = mb.mul(x=mb.matmul(x=q, y=k, transpose_y=True), y=decay)
+    out = mb.add(x=mb.matmul(x=mb.mul(x=q, y=growth), y=state), y=mb.matmul(x=within, y=new_values))
+    to_end = mb.reshape(x=mb.slice_by_index(x=between, begin=[0, n - 1, 0], end=[heads, n, n]),
+                        shape=[heads, n, 1])  # G_n − G_i
+    total = mb.slice_by_index(x=running, begin=[0, 0, n - 1], end=[heads, 1, n])  # G_n (H, 1, 1)
+    state = mb.add(x=mb.mul(x=state, y=mb.exp(x=total)),
+                   y=mb.matmul(x=mb.mul(x=k, y=mb.exp(x=to_end)), y=new_values, transpose_x=True))
+    return out, state
+
+
+def l2_normalize(x, scale: float = 1.0):
+    """x / ‖x‖ over axis 1 (a head's dimensions) of (heads, D, S), × scale, as transformers' l2norm (eps 1e-6 under
+    the square root); each token divided by its max |x| first, as rms_norm, so no square overflows fp16."""
+    peak = mb.maximum(x=mb.reduce_max(x=mb.abs(x=x), axes=[1], keep_dims=True), y=np.float16(NORM_FLOOR))
+    scaled = mb.real_div(x=x, y=peak)
+    root_eps = mb.real_div(x=np.float16(1e-3), y=peak)
+    inverse = mb.rsqrt(x=mb.add(x=mb.reduce_sum(x=mb.mul(x=scaled, y=scaled), axes=[1], keep_dims=True),
+                                y=mb.mul(x=root_eps, y=root_eps)))
+    return mb.mul(x=scaled, y=inverse if scale == 1.0 else mb.mul(x=inverse, y=np.float16(scale)))
+
+
+def repeat_heads(x, repeats: int):
+    """(heads, D, S) → (heads × repeats, D, S), each head `repeats` times in a row (repeat_interleave)."""
+    if repeats == 1:
+        return x
+    heads, d, s = x.shape
+    tiled = mb.tile(x=mb.reshape(x=x, shape=[heads, 1, d, s]), reps=[1, repeats, 1, 1])
+    return mb.reshape(x=tiled, shape=[heads * repeats, d, s])
+
+
 # mixer → its branch, (ops, x, layer, row in its states, shared) → the branch's output
-MIXERS = {"attention": attention, "short_conv": short_conv}
+MIXERS = {"attention": attention, "short_conv": short_conv, "gated_delta": gated_delta}
 
 
 def reshape(x, shape: list[int]):

@@ -101,6 +101,10 @@ class CoreMLWriter(Writer):
         # states are fp16 only, so a range past it is scaled, never widened
         self.state_range = calibration.state_range() if self.spec.state_numbers() else None
         self.state_scale = self.state_range.scale if self.state_range else 1.0
+        # and the gated delta rule's recurrent states themselves (a scale the graph applies to v and takes out of
+        # the rule's output)
+        self.recurrent_range = calibration.recurrent_range() if self.spec.mixer_layers("gated_delta") else None
+        self.recurrent_scale = self.recurrent_range.scale if self.recurrent_range else 1.0
         self.chunks = plan_chunks(self.spec, target.chunks)
         self.needed = [required_tensors(self.spec, chunk) for chunk in self.chunks]
         self.arrived: set[Key] = set()
@@ -262,7 +266,8 @@ class CoreMLWriter(Writer):
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes of fp16 state per sequence, over every package, by state: the KV cache at the full context
-        (`kv_cache`, its keys and values), each recurrent state (`conv_state`: the short convolutions')."""
+        (`kv_cache`, its keys and values), each recurrent state (`conv_state`: the short convolutions';
+        `delta_conv_state` and `recurrent_state`: the gated delta rule's)."""
         totals: dict[str, int] = {}
         for chunk in self.chunks:
             for name, shape in state_shapes(self.spec, chunk, self.target.context).items():
@@ -294,6 +299,8 @@ class CoreMLWriter(Writer):
                     if layer.rope is not None and layer.rope.kind == "longrope"}
         if self.state_range:  # the recurrent states' measured peak and the scale that keeps them in fp16
             numerics |= {"state_peak": self.state_range.peak, "state_scale": self.state_scale}
+        if self.recurrent_range:
+            numerics |= {"recurrent_peak": self.recurrent_range.peak, "recurrent_scale": self.recurrent_scale}
         if longrope:  # transformers picks the factors by sequence length; the package by its context
             numerics["longrope_factors"] = sorted(longrope)
         return numerics
@@ -314,7 +321,7 @@ class CoreMLWriter(Writer):
 
     def _build_package(self, chunk: Chunk, package: PackageWriter) -> None:
         program = build_program(self.spec, chunk, self.block, self.target.context, PlaceholderWeights(package.blobs),
-                                self.stream_scale)
+                                self.stream_scale, self.recurrent_scale)
         package.finish(program)
         del program
         self.syncing.append(self.syncer.submit(fsync_tree, package.path))
@@ -324,8 +331,11 @@ class CoreMLWriter(Writer):
             # and routers stay fp16 (they are E × hidden, a sliver of a layer): a rounded router that picks other
             # experts sends the token through other weights altogether.
             routers = {weight_id(("ffn_gate_inp", layer, "weight")) for layer in self.sparse_layers(chunk)}
-            # so do the short convolutions' kernels: kernel × hidden numbers each, which every token goes through
+            # so do the short convolutions' kernels: kernel × hidden numbers each, which every token goes through,
+            # and the gated delta rule's kernels, decay rates and dt biases
             kernels = {weight_id(("shortconv.conv", layer, "weight")) for layer in chunk.mixer_layers("short_conv")}
+            kernels |= {weight_id((role, layer, "weight")) for layer in chunk.mixer_layers("gated_delta")
+                        for role in ("ssm_conv1d", "ssm_a", "ssm_dt")}
             weights = package.blobs.keys() - routers - kernels
             for precision in self.target.precisions[1:]:
                 if precision != self.planned:
@@ -347,7 +357,8 @@ class CoreMLWriter(Writer):
 
     def _function(self, chunk: Chunk, stored: StoredWeights):
         """The chunk's one-token function on its stored fp16 weights: what coremltools' pass compresses."""
-        return build_function(self.spec, chunk, 1, self.target.context, stored, self.stream_scale)
+        return build_function(self.spec, chunk, 1, self.target.context, stored, self.stream_scale,
+                              self.recurrent_scale)
 
     def _compress(self, chunk: Chunk, stored: StoredWeights, variant: str,
                   precision_of: Callable[[str], str | None]) -> None:
@@ -357,7 +368,7 @@ class CoreMLWriter(Writer):
         package is written."""
         quantized = quantize_weights(self._function(chunk, stored), precision_of)
         program = build_program(self.spec, chunk, self.block, self.target.context,
-                                QuantizedWeights(stored, quantized), self.stream_scale)
+                                QuantizedWeights(stored, quantized), self.stream_scale, self.recurrent_scale)
         package = self.work[variant] / chunk.package
         (package / PACKAGE_DATA / "weights").mkdir(parents=True)
         write_package(package, export(program, MILProtoExporter(program, str(package / PACKAGE_DATA / "weights"),

@@ -96,6 +96,17 @@ def _sigmoid(x):
         return 1.0 / (1.0 + np.exp(-wide(x)))
 
 
+@op("exp")
+def _exp(x):
+    with np.errstate(over="ignore"):  # past fp16's range the program stores inf, as the runtime would
+        return np.exp(wide(x))
+
+
+@op("softplus")
+def _softplus(x):
+    return np.logaddexp(np.float32(0), wide(x))  # log(1 + exp(x)) without overflow for large x
+
+
 @op("tanh")
 def _tanh(x):
     return np.tanh(wide(x))
@@ -155,6 +166,11 @@ def _expand_dims(x, axes):
 @op("squeeze")
 def _squeeze(x, axes=None):
     return np.squeeze(x, None if axes is None else tuple(int(a) for a in axes))
+
+
+@op("tile")
+def _tile(x, reps):
+    return np.tile(x, [int(r) for r in reps])
 
 
 @op("concat")
