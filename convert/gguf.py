@@ -76,8 +76,9 @@ LOSSLESS = {"BF16": "BF16", "F16": "F16", "F32": "F32"}
 FLOAT_TYPES = (QType.F32, QType.F16, QType.BF16)  # converted here; every other type is llama.cpp's work
 # Tokens llama.cpp's vocabulary loader looks up by name in a model whose general.name says phi3 (llama-vocab.cpp)
 PHI3_NAME_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
-# 2-D tensors llama.cpp's converter always writes as F32: the routers (a shared expert's [1, hidden] gate too)
-FLOAT32_ROLES = (".ffn_gate_inp.", ".ffn_gate_inp_shexp.")
+# 2-D tensors llama.cpp's converter always writes as F32: the routers (a shared expert's [1, hidden] gate too), and
+# the short convolutions' kernels (ggml's ssm_conv takes F32 only; llama.cpp's quantizer never touches them)
+FLOAT32_ROLES = (".ffn_gate_inp.", ".ffn_gate_inp_shexp.", ".shortconv.conv.")
 IN_FLIGHT_BYTES = 384 << 20  # float32 source bytes waiting for the quantizer before the stream waits
 
 
@@ -233,7 +234,7 @@ class GGUFWriter(Writer):
         if quant in DIRECT_TYPES:
             return DIRECT_TYPES[quant][1], [_storage_type(name, shape, quant) for name, shape in shapes]
         planned = plan_types(gguf.MODEL_ARCH_NAMES[self.arch.arch], self.checkpoint.spec, shapes, quant,
-                             has_imatrix=self.imatrix is not None, head_count_kv=self.arch.head_count_kv)
+                             has_imatrix=self.imatrix is not None, head_count_kv=self._planner_head_count_kv())
         if planned is None:
             return None
         # What llama.cpp leaves unquantized keeps the type it has in the full-precision file it would read.
@@ -242,6 +243,10 @@ class GGUFWriter(Writer):
                  for t, (name, shape) in zip(planned, shapes, strict=True)]
         return LLAMA_CPP_QUANTS[quant], types
 
+    def _planner_head_count_kv(self) -> int:
+        """The k/v heads llama.cpp's quantizer sees: layer 0's (its n_gqa() reads layer 0; 0 for a recurrent one)."""
+        return self.arch.layer_head_count_kv[0]
+
     def _planned(self, shapes: Sequence[tuple[str, tuple[int, ...]]]) -> tuple[LlamaFileType, list[QType]]:
         """(general.file_type, each tensor's type) of the planned file: every tensor llama.cpp would quantize
         gets the type quantize/plan.py picks from its measured costs (a read of the weights before the
@@ -249,7 +254,7 @@ class GGUFWriter(Writer):
         stack is one tensor of one type, its experts weighed by the calibration tokens routed to each; the routers
         stay F32 (llama.cpp never quantizes them), a shared expert is planned as the dense tensors it is."""
         quantizable = plan_types(gguf.MODEL_ARCH_NAMES[self.arch.arch], self.checkpoint.spec, shapes, "Q4_K_M",
-                                 has_imatrix=True, head_count_kv=self.arch.head_count_kv)
+                                 has_imatrix=True, head_count_kv=self._planner_head_count_kv())
         if quantizable is None:
             raise RuntimeMissingError("this llama.cpp does not export the per-tensor planner (llama_quant_*) "
                                       "a planned GGUF needs")
@@ -409,9 +414,10 @@ class GGUFWriter(Writer):
 
 def _tensor_names(arch: gguf.MODEL_ARCH) -> dict[str, str]:
     """Role (GGUF's base name, as the architecture registry names roles) → gguf-py's name template, for the
-    tensors llama.cpp's `arch` loads: "attn_output" → "blk.{bid}.attn_output"."""
+    tensors llama.cpp's `arch` loads: "attn_output" → "blk.{bid}.attn_output", "shortconv.conv" →
+    "blk.{bid}.shortconv.conv"."""
     templates = (gguf.TENSOR_NAMES[kind] for kind in gguf.MODEL_TENSORS[arch])
-    return {template.rsplit(".", 1)[-1]: template for template in templates}
+    return {template.removeprefix("blk.{bid}."): template for template in templates}
 
 
 def _storage_type(gguf_name: str, shape: tuple[int, ...], quant: str) -> QType:

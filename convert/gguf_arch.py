@@ -22,6 +22,11 @@ llama.cpp's olmoe sizes q, k and v and their norms as the hidden state ({n_embd}
 written repeated, one per q head, which is the attention GQA computes; the RMS over a k projection whose
 heads each appear n times is the RMS over the original, so the norm over the whole projection is unchanged.
 
+Hybrids: a layer's mixer (ModelSpec's Layer.mixer) is read here, in `_check_mixers`, and nowhere else. llama.cpp's
+lfm2 graph tells its gated short-convolution layers from its attention layers by a per-layer head_count_kv of 0,
+sizes their state by shortconv.l_cache (the kernel), and takes the kernel as [channels, kernel] (torch's Conv1d
+[channels, 1, kernel] squeezed) in F32; it has no biases there. A mixer a layout's graph does not run is refused.
+
 HF q/k rows are "rotate half"; archs with NORM rope in llama.cpp rotate adjacent pairs, so their q and k rows
 are reordered per head (llama.cpp's LlamaModel.permute). NEOX archs take the rows as they are.
 """
@@ -37,6 +42,7 @@ import gguf
 import numpy as np
 
 from siliconvert.architectures import ModelSpec
+from siliconvert.architectures.base import MIXERS
 from siliconvert.errors import CheckpointError
 
 A = gguf.MODEL_ARCH
@@ -73,6 +79,10 @@ class Layout:
     # the sliding layers rotate with rope.freq_base_swa (gemma2/3); False: with the main rope.freq_base, which the
     # olmo2 graph passes to every layer (it loads the swa key and never uses it)
     swa_theta_keyed: bool = True
+    # the mixers the graph runs (Layer.mixer); a layer of any other is refused, naming its mixer
+    mixers: frozenset[str] = frozenset({"attention"})
+    # roles this architecture writes under another GGUF base name (lfm2's final norm is token_embd_norm)
+    renamed: dict[str, str] = field(default_factory=dict)
 
 
 _PRE = {"norm_placement": "pre", "qk_norm": None, "activation": "silu", "final_softcap": None, "attn_softcap": None,
@@ -110,6 +120,9 @@ LAYOUTS: dict[str, Layout] = {
     "olmoe": Layout(A.OLMOE, permute_qk=False, fixed=_PRE | {"qk_norm": "projection", "attn_output_bias": False},
                     experts=LlamaCppExperts(normalize_topk=False, expert_length_key=False), kv_heads_as_q=True,
                     output_required=True),
+    # llama.cpp's lfm2 loads the final norm as token_embd_norm, and a missing output.weight as token_embd
+    "lfm2": Layout(A.LFM2, permute_qk=False, fixed=_PRE | {"qk_norm": "head"},
+                   mixers=frozenset({"attention", "short_conv"}), renamed={"output_norm": "token_embd_norm"}),
 }
 # Roles whose rows are the k/v heads' (a bias or a norm over the projection too): repeated for kv_heads_as_q
 KV_ROLES = ("attn_k", "attn_v", "attn_k_norm")
@@ -118,6 +131,8 @@ GGUF_ROLES = {"ffn_gate_up": "ffn_up"}
 # Roles llama.cpp keeps as several tensors, split in equal parts along the rows (axis -2): transformers'
 # stack of each expert's gate rows then up rows
 SPLIT_ROLES = {"ffn_gate_up_exps": ("ffn_gate_exps", "ffn_up_exps")}
+# Depthwise convolutions, held as torch's Conv1d [channels, 1, kernel]: llama.cpp's ssm_conv takes [channels, kernel]
+CONV_ROLES = ("shortconv.conv",)
 # Rope scalings llama.cpp can express, per kind (others are refused)
 SCALINGS = ("linear", "yarn", "llama3", "longrope")
 
@@ -133,6 +148,8 @@ class GGUFArch:
         # k/v heads as written: one per q head where the graph needs it (each source head repeated this often)
         self.head_count_kv = spec.num_heads if self.layout.kv_heads_as_q else spec.num_kv_heads
         self.kv_repeat = self.head_count_kv // spec.num_kv_heads
+        # each layer's k/v heads as the file says them: 0 marks a layer of a mixer with a state of its own
+        self.layer_head_count_kv = self._check_mixers()
         # a tied head the graph cannot take from token_embd: the embedding is written twice
         self.head_from_embedding = spec.tie_word_embeddings and self.layout.output_required
         # q·k × spec's scale where llama.cpp multiplies by its own: the ratio goes into q (or q's norm)
@@ -195,9 +212,24 @@ class GGUFArch:
             raise self.refuse("dense_layers", f"llama.cpp runs the experts in every layer; the source's layers "
                                               f"{dense} have a dense MLP")
 
+    def _check_mixers(self) -> list[int]:
+        """Refuse a mixer the graph does not run (or runs otherwise); each layer's head_count_kv, which is how
+        llama.cpp's hybrid graphs tell their layers apart (0: recurrent)."""
+        spec, layout = self.spec, self.layout
+        for mixer in MIXERS:
+            if (layers := spec.mixer_layers(mixer)) and mixer not in layout.mixers:
+                raise self.refuse(mixer, f"llama.cpp's graph has no {mixer} layers; the source's layers {layers}")
+        if spec.mixer_layers("short_conv"):
+            if spec.short_conv.bias:
+                raise self.refuse("short_conv", "llama.cpp's gated short convolution has no biases (conv_bias)")
+            if spec.short_conv.kernel < 2:
+                raise self.refuse("short_conv", f"llama.cpp needs a kernel of at least 2 taps; the source's has "
+                                                f"{spec.short_conv.kernel}")
+        return [self.head_count_kv if layer.mixer == "attention" else 0 for layer in spec.layers]
+
     def _check_layers(self) -> None:
         spec, layout = self.spec, self.layout
-        nope = [i for i, layer in enumerate(spec.layers) if layer.rope is None]
+        nope = spec.traits().get("nope_layers", [])  # attention layers without rope (other mixers have none)
         llama_cpp_nope = [i for i in range(spec.num_layers) if (i + 1) % 4 == 0] if (
             "nope_every_4th" in layout.keyed) else []
         if nope != llama_cpp_nope:
@@ -249,13 +281,18 @@ class GGUFArch:
         writer.add_feed_forward_length(experts.intermediate_size if sized_by_dense_key else spec.intermediate_size)
         writer.add_block_count(spec.num_layers)
         writer.add_head_count(spec.num_heads)
-        writer.add_head_count_kv(self.head_count_kv)
+        if len(set(self.layer_head_count_kv)) > 1:  # a hybrid: the per-layer list is its pattern of mixers
+            writer.add_head_count_kv(self.layer_head_count_kv)
+        else:
+            writer.add_head_count_kv(self.head_count_kv)
         writer.add_key_length(spec.head_dim)
         writer.add_value_length(spec.head_dim)
         writer.add_rope_dimension_count(rope.dim if rope else spec.head_dim)
         writer.add_rope_freq_base(spec.rope_theta)
         writer.add_layer_norm_rms_eps(spec.rms_norm_eps)
         self._add_rope_scaling(writer)
+        if spec.mixer_layers("short_conv"):
+            writer.add_shortconv_l_cache(spec.short_conv.kernel)
         if experts is not None:
             writer.add_expert_count(experts.count)
             writer.add_expert_used_count(experts.used)
@@ -314,12 +351,14 @@ class GGUFArch:
         embedding also as the head, where the graph requires one)."""
         if role == "token_embd" and self.head_from_embedding:
             return ("token_embd", "output")
-        return SPLIT_ROLES.get(role, (GGUF_ROLES.get(role, role),))
+        return SPLIT_ROLES.get(role, ((self.layout.renamed | GGUF_ROLES).get(role, role),))
 
     def shapes(self, role: str, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
         """The shapes of the tensors `gguf_roles` names for a checkpoint tensor of this role and shape."""
         if self.kv_repeat > 1 and role in KV_ROLES:
             return [(shape[0] * self.kv_repeat, *shape[1:])]
+        if role in CONV_ROLES:
+            return [(shape[0], shape[-1])]
         parts = len(self.gguf_roles(role))
         if role in SPLIT_ROLES:
             return [(*shape[:-2], shape[-2] // parts, shape[-1])] * parts
@@ -343,7 +382,8 @@ class GGUFArch:
         return {}
 
     def to_llama_cpp(self, role: str, kind: str, array: np.ndarray) -> np.ndarray:
-        """A checkpoint tensor as llama.cpp's graph wants it: norms with their offset folded in, the attention
+        """A checkpoint tensor as llama.cpp's graph wants it: convolution kernels as [channels, kernel], norms with
+        their offset folded in, the attention
         scale correction folded in, k/v heads repeated where the graph wants one per q head, q/k rows in
         llama.cpp's rope order."""
         spec = self.spec
@@ -352,6 +392,9 @@ class GGUFArch:
             heads = array.reshape(spec.num_kv_heads, -1, *array.shape[1:])  # GQA's q head h reads kv head h // n
             [shape] = self.shapes(role, array.shape)
             array = np.repeat(heads, self.kv_repeat, axis=0).reshape(shape)
+        if role in CONV_ROLES:
+            [shape] = self.shapes(role, array.shape)
+            array = array.reshape(shape)
         if role.endswith("_norm") and spec.norm_offset:
             array = array + np.float32(spec.norm_offset)
         if self.q_scale != 1.0 and role == ("attn_q_norm" if spec.qk_norm else "attn_q"):

@@ -135,7 +135,8 @@ def plan_types(architecture: str, spec, tensors: Sequence[tuple[str, tuple[int, 
                has_imatrix: bool = False, head_count_kv: int | None = None) -> list[QType | None] | None:
     """The type llama-quantize gives each (GGUF name, numpy shape) for `quant`; None for a tensor it leaves
     as it is. None altogether where this llama.cpp lacks the planner (then use `quantize` on a file).
-    `head_count_kv`: the file's, where it writes k/v heads other than the spec's (repeated for llama.cpp)."""
+    `head_count_kv`: the file's, where it writes k/v heads other than the spec's (repeated for llama.cpp; 0 for a
+    hybrid whose layer 0 is recurrent, as llama.cpp's quantizer reads layer 0's)."""
     planner = _planner()
     if planner is None:
         return None
@@ -143,7 +144,8 @@ def plan_types(architecture: str, spec, tensors: Sequence[tuple[str, tuple[int, 
     # the expert count changes llama.cpp's choices (an 8-expert model keeps attn_k and attn_v at Q8_0)
     experts = spec.experts.count if spec.experts is not None else 0
     description = _ModelDescription(architecture.encode(), spec.hidden_size, spec.intermediate_size,
-                                    spec.num_layers, spec.num_heads, head_count_kv or spec.num_kv_heads, experts,
+                                    spec.num_layers, spec.num_heads,
+                                    spec.num_kv_heads if head_count_kv is None else head_count_kv, experts,
                                     spec.head_dim, spec.head_dim)
     model = planner["model_from_metadata"](ctypes.byref(description))
     if not model:

@@ -3,6 +3,7 @@ scales llama.cpp reads from the file instead of computing."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -40,3 +41,38 @@ def test_longrope_attention_factor_is_the_files_else_transformers_default():
     assert gguf_arch.longrope_attention_factor({"factor": 32.0, "original_max_position_embeddings": 4096}) == \
         pytest.approx(expected)
     assert gguf_arch.longrope_attention_factor({"factor": 1.0, "original_max_position_embeddings": 4096}) == 1.0
+
+
+def _lfm2_spec(**changes):
+    from families import FAMILY_CASES
+    from transformers import AutoConfig
+
+    settings = {"vocab_size": 1024, "hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "intermediate_size": 384} | FAMILY_CASES["lfm2"][1] | changes
+    config = AutoConfig.for_model("lfm2", **settings).to_dict() | {"architectures": ["Lfm2ForCausalLM"]}
+    return registry.for_config(config).spec(config)
+
+
+def test_a_layout_without_short_conv_layers_refuses_naming_the_mixer():
+    """The writer knows mixers, not families: short_conv layers against a graph that runs only attention (qwen3's,
+    which has LFM2's per-head q/k norms) are refused naming short_conv and the layers; LFM2 with conv biases, which
+    llama.cpp's lfm2 graph has no tensors for, is refused naming the same trait."""
+    from siliconvert.errors import CheckpointError
+
+    spec = _lfm2_spec()
+    gguf_arch.GGUFArch(spec, "config.json")
+    with pytest.raises(CheckpointError, match=r"cannot honour the trait short_conv: .* layers \[0, 2, 3\]"):
+        gguf_arch.GGUFArch(dataclasses.replace(spec, family="qwen3"), "config.json")
+    with pytest.raises(CheckpointError, match=r"cannot honour the trait short_conv: .*conv_bias"):
+        gguf_arch.GGUFArch(_lfm2_spec(conv_bias=True), "config.json")
+
+
+def test_lfm2_conv_layers_are_not_nope_layers_and_their_kernels_are_squeezed():
+    """A conv layer has no rope because it has no attention, not because it is a NoPE attention layer; its kernel,
+    torch's Conv1d [channels, 1, kernel], is written as [channels, kernel]."""
+    arch = gguf_arch.GGUFArch(_lfm2_spec(), "config.json")
+    assert arch.layer_head_count_kv == [0, 2, 0, 0]
+    assert arch.gguf_roles("output_norm") == ("token_embd_norm",)
+    kernel = np.arange(128 * 3, dtype=np.float32).reshape(128, 1, 3)
+    assert arch.shapes("shortconv.conv", kernel.shape) == [(128, 3)]
+    np.testing.assert_array_equal(arch.to_llama_cpp("shortconv.conv", "weight", kernel), kernel[:, 0])
