@@ -108,9 +108,10 @@ def gemma3_multimodal(out_dir):
     return out_dir
 
 
-def qwen3_5_multimodal(out_dir):
+def qwen3_5_multimodal(out_dir, changes=None):
     """A Qwen3_5ForConditionalGeneration checkpoint around the qwen3_5_text case's trained language model (random
-    vision tower, and a multi-token-prediction tensor as the hub's checkpoints carry), saved as the hub's are."""
+    vision tower, and a multi-token-prediction tensor as the hub's checkpoints carry), saved as the hub's are.
+    `changes`: to the case's config (a language model of other shapes)."""
     import json
     import shutil
 
@@ -121,7 +122,7 @@ def qwen3_5_multimodal(out_dir):
     from siliconvert.demo import small_checkpoint
 
     tokenizer, config = FAMILY_CASES["qwen3_5_text"]
-    text = small_checkpoint(None, "qwen3_5_text", tokenizer, config=config)
+    text = small_checkpoint(None, "qwen3_5_text", tokenizer, config=config | (changes or {}))
     text_config = json.loads((text / "config.json").read_text())
     vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 16,
               "out_hidden_size": text_config["hidden_size"], "spatial_merge_size": 2, "num_position_embeddings": 16}
