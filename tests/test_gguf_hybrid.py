@@ -213,7 +213,7 @@ def test_qwen3_5_keys_and_tensors_are_llama_cpps(qwen3_5: Path, tmp_path: Path) 
     np.testing.assert_allclose(tensors["blk.0.ssm_a"].data, -np.exp(source[f"{layer}.A_log"][tiled]), rtol=1e-6)
     np.testing.assert_array_equal(tensors["blk.0.ssm_dt.bias"].data, source[f"{layer}.dt_bias"][tiled])
     kernel = tensors["blk.0.ssm_conv1d.weight"]
-    assert kernel.tensor_type == F32 and tuple(kernel.data.shape) == (192, 4)
+    assert kernel.tensor_type == F32 and tuple(kernel.data.shape) == (256, 4)
     np.testing.assert_array_equal(kernel.data[:128], source[f"{layer}.conv1d.weight"][:128, 0])
     np.testing.assert_array_equal(tensors["blk.0.ssm_norm.weight"].data, source[f"{layer}.norm.weight"])
     np.testing.assert_array_equal(tensors["blk.3.post_attention_norm.weight"].data,
