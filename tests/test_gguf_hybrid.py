@@ -64,18 +64,20 @@ def test_lfm2_keys_and_tensors_are_llama_cpps(lfm2: Path, tmp_path: Path) -> Non
     np.testing.assert_array_equal(np.asarray(kernel.data), source[:, 0, :].float().numpy())
 
 
-def test_streamed_quants_are_llama_quantizes_bytes(lfm2: Path, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """in_proj and out_proj are planned like any linear, the conv kernels and norms kept F32, MLP rows of 288 (no
-    multiple of 256) take llama.cpp's fallbacks: what llama_model_quantize makes of the F16 file, byte for byte."""
+@pytest.mark.parametrize("imatrix", [None, "builtin"])
+def test_streamed_quants_are_llama_quantizes_bytes(lfm2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   imatrix: str | None) -> None:
+    """in_proj and out_proj are planned (and weighed by the importance matrix) like any linear, the conv kernels
+    and norms kept F32, MLP rows of 288 (no multiple of 256) take llama.cpp's fallbacks: what llama_model_quantize
+    makes of the F16 file, byte for byte."""
     quants = ["Q4_K_M", "Q2_K"]
-    streamed = {a.quant: a.path for a in convert(lfm2, tmp_path / "streamed", quants)}
+    streamed = {a.quant: a.path for a in convert(lfm2, tmp_path / "streamed", quants, imatrix=imatrix)}
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(streamed["Q4_K_M"]).tensors}
     assert types["blk.0.shortconv.conv.weight"] == types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
     assert types["blk.0.shortconv.in_proj.weight"] not in (gguf.GGMLQuantizationType.F32,
                                                              gguf.GGMLQuantizationType.F16)
     whole_file_quantization(monkeypatch)
-    whole = {a.quant: a.path for a in convert(lfm2, tmp_path / "whole", quants)}
+    whole = {a.quant: a.path for a in convert(lfm2, tmp_path / "whole", quants, imatrix=imatrix)}
     for quant in quants:
         assert_same_model(streamed[quant], whole[quant])
 

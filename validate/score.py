@@ -64,7 +64,9 @@ class RunOutput:
 
 
 class KVCacheCheck(TypedDict):
-    """Decoding through the KV cache against the no-cache pass (report.json's `kv_cache`)."""
+    """Decoding through the KV cache against the no-cache pass (report.json's `kv_cache`). It is a check of every
+    state the runtime carries from one token to the next: a hybrid's recurrent states (LFM2's conv states) too,
+    which decoding goes through as it goes through the attention layers' cache."""
 
     consistent: bool | None  # None: not measured (the runner's `unmeasured` says why)
     checked_tokens: int  # steps compared: the prompt's last position, then each token fed through the cache
