@@ -1,6 +1,7 @@
 """Hybrid models in GGUF beside llama.cpp's own converter (issue #26's table, its GGUF column).
 
-For each hybrid family in tests/families.py (a layer mixer other than attention: LFM2's gated short convolutions)
+For each hybrid family in tests/families.py (a layer mixer other than attention: LFM2's gated short convolutions,
+the gated delta rule of Qwen3.5, Qwen3.5-MoE and Qwen3-Next in the shapes llama.cpp's graphs run)
 this runs one siliconvert recipe (GGUF F16 + Q4_K_M), then llama.cpp's convert_hf_to_gguf (F16) and its quantizer
 (Q4_K_M) on the same checkpoint, scores every file with `siliconvert validate` (same windows, same float32
 transformers reference), and measures in llama.cpp what each file keeps per sequence: the recurrent state (a
@@ -34,10 +35,11 @@ import yaml
 from bench.families import ENV, Notes, figures, last_line, produced
 from bench.run import QUANTIZE_SCRIPT, RESULTS_DIR, WORK_DIR, AnchorUnavailable, llama_cpp_converter
 from siliconvert.demo import small_checkpoint
-from tests.families import FAMILY_CASES
+from tests.families import FAMILY_CASES, LLAMA_CPP_SHAPES
 
 OUT = WORK_DIR / "hybrid"
-HYBRIDS = ("lfm2",)  # the cases of tests/families.py with a mixer other than attention
+# the cases of tests/families.py with a mixer other than attention (the gated delta ones in llama.cpp's shapes)
+HYBRIDS = ("lfm2", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")
 QUANTS = ("F16", "Q4_K_M")
 PARTIAL_ONLY = 1  # llama.h: LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
 # llama.cpp's converter with its pre-tokenizer lookup answered by siliconvert's choice (argv: converter folder,
@@ -67,7 +69,7 @@ def main() -> None:
     with llama_cpp_converter(notes) as converter:
         for family in families:
             tokenizer, config = FAMILY_CASES[family]
-            source = small_checkpoint(None, family, tokenizer, config=config)
+            source = small_checkpoint(None, family, tokenizer, config=config | LLAMA_CPP_SHAPES.get(family, {}))
             notes.say(f"== {family}: {source}")
             mine = ours(family, source, args)
             rows[family] = {"siliconvert": mine, "anchors": anchors(family, source, converter, args, mine)}

@@ -72,6 +72,10 @@ FAMILY_CASES: dict[str, tuple[str, dict]] = {
                            "rope_parameters": {"rope_type": "default", "rope_theta": 10_000_000.0,
                                                "partial_rotary_factor": 0.25}}),
 }
+# The gated delta cases in shapes llama.cpp's graphs run: value heads as wide as key heads (they size both by
+# ssm.state_size), and for Qwen3-Next experts in every layer, renormalised (its qwen3next graph knows no other)
+LLAMA_CPP_SHAPES = {"qwen3_5_text": {"linear_value_head_dim": 32}, "qwen3_5_moe_text": {"linear_value_head_dim": 32},
+                    "qwen3_next": {"linear_value_head_dim": 32, "decoder_sparse_step": 1, "norm_topk_prob": True}}
 
 
 def gemma3_multimodal(out_dir):

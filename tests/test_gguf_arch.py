@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from families import LLAMA_CPP_SHAPES
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -90,17 +91,13 @@ def _qwen3_5_spec(model_type: str = "qwen3_5_text", **changes):
     return registry.for_config(config).spec(config)
 
 
-# What llama.cpp's gated delta rule graphs can run, from the test cases (value heads narrower than key heads; Qwen3-Next
-# with dense layers between sparse ones and without renormalised experts): tests/test_gguf_hybrid.py's checkpoints
-RUNNABLE = {"qwen3_5_text": {"linear_value_head_dim": 32}, "qwen3_5_moe_text": {"linear_value_head_dim": 32},
-            "qwen3_next": {"linear_value_head_dim": 32, "decoder_sparse_step": 1, "norm_topk_prob": True}}
 
 
 @pytest.mark.parametrize(("model_type", "changes", "trait"), [
     ("qwen3_5_text", {}, "gated_delta"),  # value heads 24 wide, key heads 32: llama.cpp sizes both by state_size
-    ("qwen3_5_text", RUNNABLE["qwen3_5_text"] | {"linear_num_value_heads": 3}, "gated_delta"),
-    ("qwen3_next", RUNNABLE["qwen3_next"] | {"decoder_sparse_step": 2}, "dense_layers"),
-    ("qwen3_next", RUNNABLE["qwen3_next"] | {"norm_topk_prob": False}, "normalize_topk"),
+    ("qwen3_5_text", LLAMA_CPP_SHAPES["qwen3_5_text"] | {"linear_num_value_heads": 3}, "gated_delta"),
+    ("qwen3_next", LLAMA_CPP_SHAPES["qwen3_next"] | {"decoder_sparse_step": 2}, "dense_layers"),
+    ("qwen3_next", LLAMA_CPP_SHAPES["qwen3_next"] | {"norm_topk_prob": False}, "normalize_topk"),
 ])
 def test_what_the_gated_delta_graphs_cannot_run_is_refused_naming_the_trait(model_type: str, changes: dict,
                                                                              trait: str) -> None:
@@ -110,11 +107,11 @@ def test_what_the_gated_delta_graphs_cannot_run_is_refused_naming_the_trait(mode
         gguf_arch.GGUFArch(_qwen3_5_spec(model_type, **changes), "config.json")
 
 
-@pytest.mark.parametrize("model_type", list(RUNNABLE))
+@pytest.mark.parametrize("model_type", list(LLAMA_CPP_SHAPES))
 def test_a_layer_of_attention_among_gated_delta_layers_keeps_its_kv_heads(model_type: str) -> None:
     """llama.cpp's Qwen3.5 graphs read the recurrent layers from their own key: head_count_kv is the attention
     layers' in every layer, and the quantizer's layer 0 has them."""
-    arch = gguf_arch.GGUFArch(_qwen3_5_spec(model_type, **RUNNABLE[model_type]), "config.json")
+    arch = gguf_arch.GGUFArch(_qwen3_5_spec(model_type, **LLAMA_CPP_SHAPES[model_type]), "config.json")
     assert arch.layer_head_count_kv == [2, 2, 2, 2]
 
 
@@ -122,7 +119,7 @@ def test_value_heads_are_tiled_where_llama_cpp_repeats_key_heads_tiled():
     """transformers serves value heads 0, 1 from key head 0 and 2, 3 from key head 1; llama.cpp's qwen35 repeats
     the key heads tiled (0, 1, 0, 1): value heads go in the order 0, 2, 1, 3 in every tensor they index, the q and k
     channels of in_proj_qkv and the conv left as they are; qwen3next repeats them grouped and keeps the order."""
-    spec = _qwen3_5_spec(**RUNNABLE["qwen3_5_text"])
+    spec = _qwen3_5_spec(**LLAMA_CPP_SHAPES["qwen3_5_text"])
     delta = spec.gated_delta
     arch = gguf_arch.GGUFArch(spec, "config.json")
     heads = np.arange(4, dtype=np.float32)
@@ -136,14 +133,14 @@ def test_value_heads_are_tiled_where_llama_cpp_repeats_key_heads_tiled():
     columns = np.tile(np.arange(delta.value_size, dtype=np.float32), (spec.hidden_size, 1))
     assert arch.to_llama_cpp("ssm_out", "weight", columns)[0, ::32].tolist() == [0, 64, 32, 96]
     assert arch.importance_columns("ssm_out", columns[0])[::32].tolist() == [0, 64, 32, 96]
-    grouped = gguf_arch.GGUFArch(_qwen3_5_spec("qwen3_next", **RUNNABLE["qwen3_next"]), "config.json")
+    grouped = gguf_arch.GGUFArch(_qwen3_5_spec("qwen3_next", **LLAMA_CPP_SHAPES["qwen3_next"]), "config.json")
     np.testing.assert_array_equal(grouped.to_llama_cpp("ssm_dt", "weight", heads), heads)
 
 
 def test_qwen3_next_qkvz_is_ungrouped_into_qkv_and_z():
     """in_proj_qkvz holds, per key head, its q, its k, then its value heads' v and z rows; llama.cpp's attn_qkv is
     every q, every k, every v, and attn_gate every z."""
-    spec = _qwen3_5_spec("qwen3_next", **RUNNABLE["qwen3_next"])
+    spec = _qwen3_5_spec("qwen3_next", **LLAMA_CPP_SHAPES["qwen3_next"])
     delta, arch = spec.gated_delta, gguf_arch.GGUFArch(spec, "config.json")
     d, v = delta.key_head_dim, delta.value_size // delta.key_heads  # each key head's v rows (and z rows)
     labels = np.concatenate([np.full(n, 10 * head + part) for head in range(delta.key_heads)

@@ -21,10 +21,9 @@ import numpy as np
 import pytest
 import yaml
 from conftest import SILICONVERT, reference_logits_for
-from families import FAMILY_CASES
+from families import FAMILY_CASES, LLAMA_CPP_SHAPES
 from safetensors.torch import load_file
 from test_gguf import assert_same_model, convert, fields, hf_ids, whole_file_quantization
-from test_gguf_arch import RUNNABLE
 
 from siliconvert.demo import small_checkpoint
 from siliconvert.textdata import heldout_text
@@ -172,9 +171,9 @@ F32 = gguf.GGMLQuantizationType.F32
 
 
 def gated_delta_checkpoint(model_type: str) -> Path:
-    """The family's test case in the shapes llama.cpp's graph runs (test_gguf_arch.RUNNABLE)."""
+    """The family's test case in the shapes llama.cpp's graph runs."""
     tokenizer, config = FAMILY_CASES[model_type]
-    return small_checkpoint(None, model_type, tokenizer, config=config | RUNNABLE[model_type])
+    return small_checkpoint(None, model_type, tokenizer, config=config | LLAMA_CPP_SHAPES[model_type])
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +223,7 @@ def test_qwen3_5_keys_and_tensors_are_llama_cpps(qwen3_5: Path, tmp_path: Path) 
     assert "blk.0.attn_q.weight" not in tensors and "blk.3.ssm_a" not in tensors
 
 
-@pytest.mark.parametrize("model_type", list(RUNNABLE))
+@pytest.mark.parametrize("model_type", list(LLAMA_CPP_SHAPES))
 def test_llama_cpp_computes_each_gated_delta_family(model_type: str, tmp_path: Path) -> None:
     """F16 and Q4_K_M of each family run in llama.cpp: F16 computes transformers' function (mean KLD < 0.001,
     measured ~1e-7); in Q4_K_M the projections are quantized, A, dt_bias, the conv kernels and the norms kept F32."""
@@ -258,7 +257,7 @@ def test_the_wrapped_qwen3_5_converts_its_language_model(qwen3_5: Path, tmp_path
     multi-token-prediction head dropped, with a warning) and computes the text model's function."""
     from families import qwen3_5_multimodal
 
-    wrapped = qwen3_5_multimodal(tmp_path / "wrapped", RUNNABLE["qwen3_5_text"])
+    wrapped = qwen3_5_multimodal(tmp_path / "wrapped", LLAMA_CPP_SHAPES["qwen3_5_text"])
     with pytest.warns(UserWarning, match="vision tower"):
         [artifact] = convert(wrapped, tmp_path / "out", ["F16"])
     assert fields(artifact.path)["general.architecture"] == "qwen35"
