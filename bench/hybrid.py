@@ -1,6 +1,7 @@
 """Hybrid models in GGUF beside llama.cpp's own converter (issue #26's table, its GGUF column).
 
-For each hybrid family in tests/families.py (a layer mixer other than attention: LFM2's gated short convolutions)
+For each hybrid family in tests/families.py (a layer mixer other than attention: LFM2's gated short convolutions,
+the gated delta rule of Qwen3.5, Qwen3.5-MoE and Qwen3-Next in the shapes llama.cpp's graphs run)
 this runs one siliconvert recipe (GGUF F16 + Q4_K_M), then llama.cpp's convert_hf_to_gguf (F16) and its quantizer
 (Q4_K_M) on the same checkpoint, scores every file with `siliconvert validate` (same windows, same float32
 transformers reference), and measures in llama.cpp what each file keeps per sequence: the recurrent state (a
@@ -34,12 +35,16 @@ import yaml
 from bench.families import ENV, Notes, figures, last_line, produced
 from bench.run import QUANTIZE_SCRIPT, RESULTS_DIR, WORK_DIR, AnchorUnavailable, llama_cpp_converter
 from siliconvert.demo import small_checkpoint
-from tests.families import FAMILY_CASES
+from tests.families import FAMILY_CASES, LLAMA_CPP_SHAPES
 
 OUT = WORK_DIR / "hybrid"
-HYBRIDS = ("lfm2",)  # the cases of tests/families.py with a mixer other than attention
+# the cases of tests/families.py with a mixer other than attention (the gated delta ones in llama.cpp's shapes)
+HYBRIDS = ("lfm2", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")
 QUANTS = ("F16", "Q4_K_M")
 PARTIAL_ONLY = 1  # llama.h: LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+# llama.cpp's converter asserts on a Qwen3.5 / Qwen3-Next checkpoint without its multi-token-prediction head (mtp.*,
+# which transformers never runs and a fine-tune saved by transformers lacks) unless told to leave it out
+CONVERTER_FLAGS = {family: ["--no-mtp"] for family in ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")}
 # llama.cpp's converter with its pre-tokenizer lookup answered by siliconvert's choice (argv: converter folder,
 # pre-tokenizer name, then the converter's own arguments)
 PATCHED_CONVERTER = """\
@@ -67,7 +72,7 @@ def main() -> None:
     with llama_cpp_converter(notes) as converter:
         for family in families:
             tokenizer, config = FAMILY_CASES[family]
-            source = small_checkpoint(None, family, tokenizer, config=config)
+            source = small_checkpoint(None, family, tokenizer, config=config | LLAMA_CPP_SHAPES.get(family, {}))
             notes.say(f"== {family}: {source}")
             mine = ours(family, source, args)
             rows[family] = {"siliconvert": mine, "anchors": anchors(family, source, converter, args, mine)}
@@ -75,6 +80,8 @@ def main() -> None:
               "tools": notes.tool_notes, "families": rows}
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"hybrid-{result['date']}.json"
+    if path.is_file():  # the same day's other families stay (--only measures some)
+        result["families"] = json.loads(path.read_text())["families"] | result["families"]
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result["families"]))
     notes.say(f"written: {path}")
@@ -107,7 +114,7 @@ def anchors(family: str, source: Path, converter: Path, args: argparse.Namespace
     pre = gguf.GGUFReader(ours_f16).fields["tokenizer.ggml.pre"].contents()
     made: dict[str, Path | str] = {"convert_hf_to_gguf F16": produced(f16, [
         sys.executable, "-c", PATCHED_CONVERTER, str(converter), pre, str(source), "--outtype", "f16",
-        "--outfile", str(f16)])}
+        "--outfile", str(f16), *CONVERTER_FLAGS.get(family, [])])}
     quantized = out / "llama-cpp-Q4_K_M.gguf"
     made["llama_model_quantize Q4_K_M"] = (
         produced(quantized, [sys.executable, "-c", QUANTIZE_SCRIPT, str(f16), str(quantized), str(os.cpu_count()),

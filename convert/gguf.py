@@ -78,7 +78,7 @@ FLOAT_TYPES = (QType.F32, QType.F16, QType.BF16)  # converted here; every other 
 PHI3_NAME_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
 # 2-D tensors llama.cpp's converter always writes as F32: the routers (a shared expert's [1, hidden] gate too), and
 # the short convolutions' kernels (ggml's ssm_conv takes F32 only; llama.cpp's quantizer never touches them)
-FLOAT32_ROLES = (".ffn_gate_inp.", ".ffn_gate_inp_shexp.", ".shortconv.conv.")
+FLOAT32_ROLES = (".ffn_gate_inp.", ".ffn_gate_inp_shexp.", ".shortconv.conv.", ".ssm_conv1d.")
 IN_FLIGHT_BYTES = 384 << 20  # float32 source bytes waiting for the quantizer before the stream waits
 
 
@@ -385,7 +385,8 @@ class GGUFWriter(Writer):
             if base not in self.names:
                 raise CheckpointError(f"llama.cpp's {self.arch.arch.name.lower()} has no tensor {base!r}",
                                       self.checkpoint.path)
-            names.append(f"{self.names[base].format(bid=role.layer)}.{role.kind}")
+            suffix = self.arch.suffix(base, role.kind)
+            names.append(self.names[base].format(bid=role.layer) + (f".{suffix}" if suffix else ""))
         return names
 
     def _outputs(self, info: TensorInfo) -> list[tuple[str, tuple[int, ...]]]:
@@ -408,7 +409,7 @@ class GGUFWriter(Writer):
             if not gguf_names:
                 raise RecipeError(f"importance matrix entry {hf_name!r} has no GGUF tensor", name)
             for gguf_name in gguf_names:  # gate and up of an expert stack read the same inputs
-                renamed[gguf_name] = values
+                renamed[gguf_name] = values if info is None else self.arch.importance_columns(info.role.role, values)
         return renamed
 
 

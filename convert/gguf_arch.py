@@ -27,6 +27,21 @@ lfm2 graph tells its gated short-convolution layers from its attention layers by
 sizes their state by shortconv.l_cache (the kernel), and takes the kernel as [channels, kernel] (torch's Conv1d
 [channels, 1, kernel] squeezed) in F32; it has no biases there. A mixer a layout's graph does not run is refused.
 
+llama.cpp's qwen35, qwen35moe and qwen3next graphs run the gated delta rule in the layers
+{arch}.attention.recurrent_layers marks (head_count_kv stays the attention layers'), sized by the ssm.* keys:
+conv_kernel, state_size (the key head dim, which they take as the value head dim too: other sizes are refused),
+group_count (key heads), time_step_rank (value heads), inner_size (value heads × their dim). They read A as
+ssm_a = −exp(A_log) (no suffix) and dt_bias as ssm_dt.bias, the conv kernel squeezed in F32; ssm_norm keeps its
+weights as they are while the other norms take Qwen3.5's 1 + w. transformers repeats each key head to the value
+heads it serves (grouped: k0, k0, k1, k1); qwen35's graph repeats them tiled (k0, k1, k0, k1), so the value heads
+are reordered to match, in every tensor indexed by them (the v rows and v conv channels, z, b, a, A, dt_bias,
+ssm_out's columns), as llama.cpp's converter does; qwen3next repeats them grouped and takes them as they are. Its
+fused in_proj_qkvz (per key head: q, k, then its value heads' v and z) is written as attn_qkv (all q, all k, all v)
+and attn_gate (all z); in_proj_ba as ssm_ba, as it is. The attention layers' q_proj holds each head's query then
+its gate rows, which these graphs read as they are; qwen35's rope is multimodal (ggml_rope_multi), and a text
+token has one position in its t/h/w sections, so any split of the rotary pairs over the three sections is a
+plain rope: the balanced one transformers' Qwen3.5 uses ([11, 11, 10] of 32 pairs) is written.
+
 HF q/k rows are "rotate half"; archs with NORM rope in llama.cpp rotate adjacent pairs, so their q and k rows
 are reordered per head (llama.cpp's LlamaModel.permute). NEOX archs take the rows as they are.
 """
@@ -42,7 +57,7 @@ import gguf
 import numpy as np
 
 from siliconvert.architectures import ModelSpec
-from siliconvert.architectures.base import MIXERS
+from siliconvert.architectures.base import MIXERS, GatedDelta
 from siliconvert.errors import CheckpointError
 
 A = gguf.MODEL_ARCH
@@ -83,11 +98,25 @@ class Layout:
     mixers: frozenset[str] = frozenset({"attention"})
     # roles this architecture writes under another GGUF base name (lfm2's final norm is token_embd_norm)
     renamed: dict[str, str] = field(default_factory=dict)
+    # the graph tells its recurrent layers by {arch}.attention.recurrent_layers (False: by a head_count_kv of 0)
+    recurrent_layers_key: bool = False
+    # multimodal rope (ggml_rope_multi): rope.dimension_sections is a required key
+    rope_sections: bool = False
+    # the gated delta rule's key heads are repeated tiled to the value heads: value heads reordered to match
+    tiled_value_heads: bool = False
+    # the gated delta rule's projections as the graph loads them: fused qkvz and ba (qwen3next) or apart (qwen35)
+    fused_gated_delta: bool = False
 
 
 _PRE = {"norm_placement": "pre", "qk_norm": None, "activation": "silu", "final_softcap": None, "attn_softcap": None,
-        "fused_qkv": False, "fused_gate_up": False}
+        "fused_qkv": False, "fused_gate_up": False, "attn_output_gate": False}
 _GEMMA = _PRE | {"norm_placement": "sandwich", "activation": "gelu_tanh"}
+# Qwen3.5 and Qwen3-Next: the attention layers' output gate and q/k norms per head, always; the post-attention norm
+# is llama.cpp's post_attention_norm, the gated delta rule's qkv and z projections its attn_qkv and attn_gate
+_QWEN3_5 = _PRE | {"qk_norm": "head", "attn_output_gate": True}
+_QWEN3_5_NAMES = {"ffn_norm": "post_attention_norm", "delta_qkv": "attn_qkv", "delta_gate": "attn_gate"}
+_QWEN3_5_EXPERTS = LlamaCppExperts(normalize_topk=True, expert_length_key=True, shared_expert=True)
+_GATED_DELTA = frozenset({"attention", "gated_delta"})
 LAYOUTS: dict[str, Layout] = {
     "llama": Layout(A.LLAMA, permute_qk=True, fixed=_PRE),
     "mistral": Layout(A.LLAMA, permute_qk=True, fixed=_PRE),  # llama.cpp converts Mistral as llama
@@ -123,6 +152,13 @@ LAYOUTS: dict[str, Layout] = {
     # llama.cpp's lfm2 loads the final norm as token_embd_norm, and a missing output.weight as token_embd
     "lfm2": Layout(A.LFM2, permute_qk=False, fixed=_PRE | {"qk_norm": "head"},
                    mixers=frozenset({"attention", "short_conv"}), renamed={"output_norm": "token_embd_norm"}),
+    "qwen3_5": Layout(A.QWEN35, permute_qk=False, fixed=_QWEN3_5, mixers=_GATED_DELTA, renamed=_QWEN3_5_NAMES,
+                      recurrent_layers_key=True, rope_sections=True, tiled_value_heads=True),
+    "qwen3_5_moe": Layout(A.QWEN35MOE, permute_qk=False, fixed=_QWEN3_5, experts=_QWEN3_5_EXPERTS, mixers=_GATED_DELTA,
+                          renamed=_QWEN3_5_NAMES, recurrent_layers_key=True, rope_sections=True,
+                          tiled_value_heads=True),
+    "qwen3_next": Layout(A.QWEN3NEXT, permute_qk=False, fixed=_QWEN3_5, experts=_QWEN3_5_EXPERTS, mixers=_GATED_DELTA,
+                         renamed=_QWEN3_5_NAMES, recurrent_layers_key=True, fused_gated_delta=True),
 }
 # Roles whose rows are the k/v heads' (a bias or a norm over the projection too): repeated for kv_heads_as_q
 KV_ROLES = ("attn_k", "attn_v", "attn_k_norm")
@@ -132,7 +168,14 @@ GGUF_ROLES = {"ffn_gate_up": "ffn_up"}
 # stack of each expert's gate rows then up rows
 SPLIT_ROLES = {"ffn_gate_up_exps": ("ffn_gate_exps", "ffn_up_exps")}
 # Depthwise convolutions, held as torch's Conv1d [channels, 1, kernel]: llama.cpp's ssm_conv takes [channels, kernel]
-CONV_ROLES = ("shortconv.conv",)
+CONV_ROLES = ("shortconv.conv", "ssm_conv1d")
+# The suffix llama.cpp loads a GGUF base name under where it is not the checkpoint's kind ("": none)
+GGUF_SUFFIXES = {"ssm_dt": "bias", "ssm_a": ""}
+# The gated delta rule's tensors indexed by value head, and the axis that is: reordered where heads are tiled
+VALUE_HEAD_AXES = {"delta_qkv": 0, "delta_gate": 0, "ssm_beta": 0, "ssm_alpha": 0, "ssm_a": 0, "ssm_dt": 0,
+                   "ssm_conv1d": 0, "ssm_out": 1}
+# llama.cpp's LLM_KV_ATTENTION_RECURRENT_LAYERS (gguf-py's Keys.Attention.RECURRENT_LAYERS from 0.18 on)
+RECURRENT_LAYERS_KEY = "{arch}.attention.recurrent_layers"
 # Rope scalings llama.cpp can express, per kind (others are refused)
 SCALINGS = ("linear", "yarn", "llama3", "longrope")
 
@@ -225,7 +268,27 @@ class GGUFArch:
             if spec.short_conv.kernel < 2:
                 raise self.refuse("short_conv", f"llama.cpp needs a kernel of at least 2 taps; the source's has "
                                                 f"{spec.short_conv.kernel}")
+        if spec.mixer_layers("gated_delta"):
+            self._check_gated_delta()
+        if layout.recurrent_layers_key:  # the recurrent layers have a key of their own
+            return [self.head_count_kv] * spec.num_layers
         return [self.head_count_kv if layer.mixer == "attention" else 0 for layer in spec.layers]
+
+    def _check_gated_delta(self) -> None:
+        delta, layout = self.spec.gated_delta, self.layout
+        if delta.key_head_dim != delta.value_head_dim:
+            raise self.refuse("gated_delta", f"llama.cpp sizes the value heads as the key heads (ssm.state_size); "
+                                             f"the source's are {delta.value_head_dim} and {delta.key_head_dim} wide")
+        if delta.value_heads % delta.key_heads:
+            raise self.refuse("gated_delta", f"llama.cpp repeats each key head to a whole number of value heads; the "
+                                             f"source has {delta.key_heads} key and {delta.value_heads} value heads")
+        if delta.conv_kernel < 2:
+            raise self.refuse("gated_delta", f"llama.cpp needs a kernel of at least 2 taps; the source's has "
+                                             f"{delta.conv_kernel}")
+        if delta.fused != layout.fused_gated_delta:
+            loads = "fused (in_proj_qkvz, in_proj_ba)" if layout.fused_gated_delta else "apart"
+            raise self.refuse("gated_delta", f"this graph loads the projections {loads}; the source's are "
+                                             f"{'fused' if delta.fused else 'apart'}")
 
     def _check_layers(self) -> None:
         spec, layout = self.spec, self.layout
@@ -293,6 +356,10 @@ class GGUFArch:
         self._add_rope_scaling(writer)
         if spec.mixer_layers("short_conv"):
             writer.add_shortconv_l_cache(spec.short_conv.kernel)
+        if spec.mixer_layers("gated_delta"):
+            self._add_gated_delta(writer)
+        if self.layout.rope_sections:
+            writer.add_rope_dimension_sections(rope_sections((rope.dim if rope else spec.head_dim) // 2))
         if experts is not None:
             writer.add_expert_count(experts.count)
             writer.add_expert_used_count(experts.used)
@@ -321,6 +388,21 @@ class GGUFArch:
             swa_rope = next((layer.rope for layer in spec.layers if layer.window is not None), None)
             if swa_rope is not None:
                 writer.add_rope_freq_base_swa(swa_rope.theta)
+
+    def _add_gated_delta(self, writer: gguf.GGUFWriter) -> None:
+        spec, delta = self.spec, self.spec.gated_delta
+        writer.add_ssm_conv_kernel(delta.conv_kernel)
+        writer.add_ssm_state_size(delta.key_head_dim)
+        writer.add_ssm_group_count(delta.key_heads)
+        writer.add_ssm_time_step_rank(delta.value_heads)
+        writer.add_ssm_inner_size(delta.value_size)
+        recurrent = [layer.mixer == "gated_delta" for layer in spec.layers]
+        writer.add_array(RECURRENT_LAYERS_KEY.format(arch=writer.arch), recurrent)
+        # the interval alone is what a llama.cpp without the per-layer key reads: written where it says the same
+        attention = [i for i, is_recurrent in enumerate(recurrent) if not is_recurrent]
+        if attention and all((i + 1) % (attention[0] + 1) == 0 for i in attention) and (
+                len(attention) == spec.num_layers // (attention[0] + 1)):
+            writer.add_full_attention_interval(attention[0] + 1)
 
     def _add_rope_scaling(self, writer: gguf.GGUFWriter) -> None:
         scaling = self.spec.rope_scaling or {}
@@ -351,7 +433,14 @@ class GGUFArch:
         embedding also as the head, where the graph requires one)."""
         if role == "token_embd" and self.head_from_embedding:
             return ("token_embd", "output")
+        if role == "delta_qkvz":  # the rows of q, k and v, then those of z
+            return ("attn_qkv", "attn_gate")
         return SPLIT_ROLES.get(role, ((self.layout.renamed | GGUF_ROLES).get(role, role),))
+
+    @staticmethod
+    def suffix(base: str, kind: str) -> str:
+        """What llama.cpp appends to a GGUF base name for a tensor of this kind ("" for none: blk.N.ssm_a)."""
+        return GGUF_SUFFIXES.get(base, kind)
 
     def shapes(self, role: str, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
         """The shapes of the tensors `gguf_roles` names for a checkpoint tensor of this role and shape."""
@@ -359,6 +448,9 @@ class GGUFArch:
             return [(shape[0] * self.kv_repeat, *shape[1:])]
         if role in CONV_ROLES:
             return [(shape[0], shape[-1])]
+        if role == "delta_qkvz":
+            channels = self.spec.gated_delta.conv_channels
+            return [(channels, *shape[1:]), (shape[0] - channels, *shape[1:])]
         parts = len(self.gguf_roles(role))
         if role in SPLIT_ROLES:
             return [(*shape[:-2], shape[-2] // parts, shape[-1])] * parts
@@ -368,6 +460,8 @@ class GGUFArch:
         """A tensor in llama.cpp's layout as the parts `gguf_roles` names (views, no copy)."""
         if role in SPLIT_ROLES:
             return np.split(array, len(SPLIT_ROLES[role]), axis=-2)
+        if role == "delta_qkvz":  # rows already ungrouped by to_llama_cpp
+            return np.split(array, [self.spec.gated_delta.conv_channels], axis=0)
         return [array] * len(self.gguf_roles(role))
 
     def extra_tensors(self) -> dict[str, np.ndarray]:
@@ -395,8 +489,14 @@ class GGUFArch:
         if role in CONV_ROLES:
             [shape] = self.shapes(role, array.shape)
             array = array.reshape(shape)
-        if role.endswith("_norm") and spec.norm_offset:
-            array = array + np.float32(spec.norm_offset)
+        if role.endswith("_norm") and spec.norm_offset_of(role):
+            array = array + np.float32(spec.norm_offset_of(role))
+        if role == "ssm_a":  # llama.cpp multiplies by A itself
+            array = -np.exp(array)
+        if role == "delta_qkvz":
+            array = ungroup_qkvz(array, spec.gated_delta)
+        if self.layout.tiled_value_heads and role in VALUE_HEAD_AXES:
+            array = self.tile_value_heads(role, array)
         if self.q_scale != 1.0 and role == ("attn_q_norm" if spec.qk_norm else "attn_q"):
             array = array * np.float32(self.q_scale)
         if self.layout.permute_qk and role == "attn_q":
@@ -404,6 +504,46 @@ class GGUFArch:
         if self.layout.permute_qk and role == "attn_k":
             return rope_pairs_adjacent(array, self.head_count_kv)
         return array
+
+    def tile_value_heads(self, role: str, array: np.ndarray) -> np.ndarray:
+        """A gated delta rule tensor with its value heads in the order llama.cpp's tiled repeat of the key heads
+        pairs them with: transformers' (k0: v0 v1, k1: v2 v3) becomes (v0 v2 v1 v3). Where the key heads are as
+        many as the value heads, it is the tensor itself."""
+        delta = self.spec.gated_delta
+        per_key = delta.value_heads // delta.key_heads
+        if per_key == 1:
+            return array
+        axis = VALUE_HEAD_AXES[role]
+        if role in ("delta_qkv", "ssm_conv1d"):  # q and k channels first, as they are
+            qk, v = np.split(array, [2 * delta.key_size], axis=axis)
+            return np.concatenate([qk, self.tile_value_heads("delta_gate", v)], axis=axis)
+        moved = np.moveaxis(array, axis, 0)
+        heads = moved.reshape(delta.key_heads, per_key, -1, *moved.shape[1:])
+        return np.ascontiguousarray(np.moveaxis(heads.swapaxes(0, 1).reshape(moved.shape), 0, axis))
+
+    def importance_columns(self, role: str, values: np.ndarray) -> np.ndarray:
+        """An importance matrix row (one value per input column) in the order the GGUF tensor takes its columns."""
+        if self.layout.tiled_value_heads and VALUE_HEAD_AXES.get(role) == 1:
+            return self.tile_value_heads(role, values[None])[0]
+        return values
+
+
+def ungroup_qkvz(rows: np.ndarray, delta: GatedDelta) -> np.ndarray:
+    """Qwen3-Next's in_proj_qkvz rows, grouped per key head (its q, its k, its value heads' v, their z), as all q, all
+    k, all v, then all z: llama.cpp's attn_qkv over attn_gate (what its converter writes)."""
+    per_key = delta.value_heads // delta.key_heads * delta.value_head_dim
+    grouped = rows.reshape(delta.key_heads, -1, *rows.shape[1:])
+    parts = np.split(grouped, np.cumsum([delta.key_head_dim, delta.key_head_dim, per_key]), axis=1)
+    return np.concatenate([part.reshape(-1, *rows.shape[1:]) for part in parts], axis=0)
+
+
+def rope_sections(pairs: int) -> list[int]:
+    """The rotary pairs split over the t, h and w sections of a multimodal rope as evenly as can be, the first the
+    largest (transformers' Qwen3.5: 32 pairs as [11, 11, 10]), and none for llama.cpp's fourth section. Each of a
+    text token's pairs then falls in a section at its one position: the plain rope."""
+    t = -(-pairs // 3)
+    h = -(-(pairs - t) // 2)
+    return [t, h, pairs - t - h, 0]
 
 
 def rope_pairs_adjacent(rows: np.ndarray, heads: int) -> np.ndarray:

@@ -80,6 +80,10 @@ FAMILY_CASES: dict[str, tuple[str, dict]] = {
                                  "shared_intermediate_size": 160, "embedding_multiplier": 6.0,
                                  "attention_multiplier": 0.05, "residual_multiplier": 0.5, "logits_scaling": 4.0}),
 }
+# The gated delta cases in shapes llama.cpp's graphs run: value heads as wide as key heads (they size both by
+# ssm.state_size), and for Qwen3-Next experts in every layer, renormalised (its qwen3next graph knows no other)
+LLAMA_CPP_SHAPES = {"qwen3_5_text": {"linear_value_head_dim": 32}, "qwen3_5_moe_text": {"linear_value_head_dim": 32},
+                    "qwen3_next": {"linear_value_head_dim": 32, "decoder_sparse_step": 1, "norm_topk_prob": True}}
 
 
 def gemma3_multimodal(out_dir):
@@ -116,9 +120,10 @@ def gemma3_multimodal(out_dir):
     return out_dir
 
 
-def qwen3_5_multimodal(out_dir):
+def qwen3_5_multimodal(out_dir, changes=None):
     """A Qwen3_5ForConditionalGeneration checkpoint around the qwen3_5_text case's trained language model (random
-    vision tower, and a multi-token-prediction tensor as the hub's checkpoints carry), saved as the hub's are."""
+    vision tower, and a multi-token-prediction tensor as the hub's checkpoints carry), saved as the hub's are.
+    `changes`: to the case's config (a language model of other shapes)."""
     import json
     import shutil
 
@@ -129,7 +134,7 @@ def qwen3_5_multimodal(out_dir):
     from siliconvert.demo import small_checkpoint
 
     tokenizer, config = FAMILY_CASES["qwen3_5_text"]
-    text = small_checkpoint(None, "qwen3_5_text", tokenizer, config=config)
+    text = small_checkpoint(None, "qwen3_5_text", tokenizer, config=config | (changes or {}))
     text_config = json.loads((text / "config.json").read_text())
     vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 16,
               "out_hidden_size": text_config["hidden_size"], "spatial_merge_size": 2, "num_position_embeddings": 16}

@@ -1,8 +1,11 @@
-"""GGUF of a hybrid model: LFM2 (gated short convolutions around an attention layer) in llama.cpp's lfm2 layout.
+"""GGUF of a hybrid model: LFM2 (gated short convolutions around an attention layer) in llama.cpp's lfm2 layout;
+Qwen3.5, Qwen3.5-MoE and Qwen3-Next (the gated delta rule, three layers to one of gated attention) in its qwen35,
+qwen35moe and qwen3next layouts.
 
-The file says which layers are recurrent as llama.cpp reads it (a per-layer head_count_kv of 0), the quantized files
-are llama_model_quantize's bytes, a recipe passes every gate, and the state check judges llama.cpp's recurrent
-state: decoding through a conv state that does not advance, or advances one step late, fails it.
+The file says which layers are recurrent as llama.cpp reads it (a per-layer head_count_kv of 0, or the
+attention.recurrent_layers key), the quantized files are llama_model_quantize's bytes, a recipe passes every gate, and
+the state check judges llama.cpp's recurrent state: decoding through a conv state that does not advance, or advances
+one step late, fails it.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ import numpy as np
 import pytest
 import yaml
 from conftest import SILICONVERT, reference_logits_for
-from families import FAMILY_CASES
+from families import FAMILY_CASES, LLAMA_CPP_SHAPES
 from safetensors.torch import load_file
 from test_gguf import assert_same_model, convert, fields, hf_ids, whole_file_quantization
 
 from siliconvert.demo import small_checkpoint
 from siliconvert.textdata import heldout_text
+from siliconvert.validate.metrics import compare
 from siliconvert.validate.runners.gguf import LlamaCppRunner
 from siliconvert.validate.score import cached_window_logits, kv_cache_check
 
@@ -160,3 +164,145 @@ def test_the_state_check_fails_a_conv_state_that_does_not_advance(lfm2: Path, re
         assert check["consistent"] is True and check["excess_kld"] < check["limit_kld"] / 4, check
     else:
         assert check["consistent"] is False and check["excess_kld"] > 10 * check["limit_kld"], check
+
+
+# ---- the gated delta rule: Qwen3.5, Qwen3.5-MoE, Qwen3-Next ---------------------------------------------------------
+F32 = gguf.GGMLQuantizationType.F32
+
+
+def gated_delta_checkpoint(model_type: str) -> Path:
+    """The family's test case in the shapes llama.cpp's graph runs."""
+    tokenizer, config = FAMILY_CASES[model_type]
+    return small_checkpoint(None, model_type, tokenizer, config=config | LLAMA_CPP_SHAPES[model_type])
+
+
+@pytest.fixture(scope="module")
+def qwen3_5() -> Path:
+    return gated_delta_checkpoint("qwen3_5_text")
+
+
+def llama_cpp_kld(source: Path, gguf_path: Path, reference: Path | None = None) -> tuple[float, float]:
+    """(mean KLD, same top-1) of llama.cpp on the file against transformers on `reference` (the source itself by
+    default), over 128 held-out tokens."""
+    window = np.array(hf_ids(source, heldout_text()[:5000])[:128])
+    expected = reference_logits_for(reference or source, window[None])[0]
+    runner = LlamaCppRunner(gguf_path, {"context": len(window)})
+    try:
+        logits = runner.logits(window)
+    finally:
+        runner.close()
+    metrics = compare(expected[:-1], logits[:-1], window[1:])[0]
+    return metrics.mean_kld, metrics.same_top1
+
+
+def test_qwen3_5_keys_and_tensors_are_llama_cpps(qwen3_5: Path, tmp_path: Path) -> None:
+    """The recurrent layers by llama.cpp's own key, the ssm.* sizes, the multimodal rope's sections; A as −exp(A_log)
+    under blk.N.ssm_a, dt_bias as ssm_dt.bias, the conv kernel squeezed in F32, all of them with the value heads
+    tiled; the post-attention norm as post_attention_norm with Qwen3.5's 1 + w, ssm_norm as it is."""
+    [artifact] = convert(qwen3_5, tmp_path, ["F16"])
+    meta = fields(artifact.path)
+    assert meta["general.architecture"] == "qwen35"
+    assert meta["qwen35.attention.recurrent_layers"] == [True, True, True, False]
+    assert meta["qwen35.full_attention_interval"] == 4 and meta["qwen35.attention.head_count_kv"] == 2
+    assert [meta[f"qwen35.ssm.{key}"] for key in ("conv_kernel", "state_size", "group_count", "time_step_rank",
+                                                  "inner_size")] == [4, 32, 2, 4, 128]
+    assert meta["qwen35.rope.dimension_count"] == 8 and meta["qwen35.rope.dimension_sections"] == [2, 1, 1, 0]
+    tensors = {t.name: t for t in gguf.GGUFReader(artifact.path).tensors}
+    source = {name: value.float().numpy() for name, value in load_file(str(qwen3_5 / "model.safetensors")).items()}
+    tiled = [0, 2, 1, 3]  # transformers' value heads 0, 1 (key head 0) and 2, 3 (key head 1), as llama.cpp pairs them
+    layer = "model.layers.0.linear_attn"
+    np.testing.assert_allclose(tensors["blk.0.ssm_a"].data, -np.exp(source[f"{layer}.A_log"][tiled]), rtol=1e-6)
+    np.testing.assert_array_equal(tensors["blk.0.ssm_dt.bias"].data, source[f"{layer}.dt_bias"][tiled])
+    kernel = tensors["blk.0.ssm_conv1d.weight"]
+    assert kernel.tensor_type == F32 and tuple(kernel.data.shape) == (256, 4)
+    np.testing.assert_array_equal(kernel.data[:128], source[f"{layer}.conv1d.weight"][:128, 0])
+    np.testing.assert_array_equal(tensors["blk.0.ssm_norm.weight"].data, source[f"{layer}.norm.weight"])
+    np.testing.assert_array_equal(tensors["blk.3.post_attention_norm.weight"].data,
+                                  source["model.layers.3.post_attention_layernorm.weight"] + 1)
+    assert tensors["blk.3.attn_q.weight"].data.shape[0] == 2 * 4 * 32  # each head's query rows, then its gate rows
+    assert "blk.0.attn_q.weight" not in tensors and "blk.3.ssm_a" not in tensors
+
+
+@pytest.mark.parametrize("model_type", list(LLAMA_CPP_SHAPES))
+def test_llama_cpp_computes_each_gated_delta_family(model_type: str, tmp_path: Path) -> None:
+    """F16 and Q4_K_M of each family run in llama.cpp: F16 computes transformers' function (mean KLD < 0.001,
+    measured ~1e-7); in Q4_K_M the projections are quantized, A, dt_bias, the conv kernels and the norms kept F32."""
+    source = gated_delta_checkpoint(model_type)
+    files = {a.quant: a.path for a in convert(source, tmp_path, ["F16", "Q4_K_M"])}
+    f16_kld, f16_top1 = llama_cpp_kld(source, files["F16"])
+    assert f16_kld < 0.001 and f16_top1 == 1.0, (f16_kld, f16_top1)
+    q4_kld, _ = llama_cpp_kld(source, files["Q4_K_M"])
+    assert f16_kld < q4_kld < 0.1, q4_kld
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(files["Q4_K_M"]).tensors}
+    for name in ("blk.0.ssm_a", "blk.0.ssm_dt.bias", "blk.0.ssm_conv1d.weight", "blk.0.ssm_norm.weight",
+                 "blk.0.post_attention_norm.weight", "blk.3.attn_q_norm.weight"):
+        assert types[name] == F32, name
+    assert types["blk.0.attn_qkv.weight"] not in (F32, gguf.GGMLQuantizationType.F16)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_5_text", "qwen3_next"])
+def test_streamed_gated_delta_quants_are_llama_quantizes_bytes(model_type: str, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The value heads tiled (Qwen3.5) or qkvz ungrouped (Qwen3-Next) before the quantizer sees them: the streamed
+    Q4_K_M is what llama_model_quantize makes of the F16 file, byte for byte."""
+    source = gated_delta_checkpoint(model_type)
+    streamed = {a.quant: a.path for a in convert(source, tmp_path / "streamed", ["F16", "Q4_K_M"])}
+    whole_file_quantization(monkeypatch)
+    whole = {a.quant: a.path for a in convert(source, tmp_path / "whole", ["F16", "Q4_K_M"])}
+    assert_same_model(streamed["Q4_K_M"], whole["Q4_K_M"])
+
+
+def test_the_wrapped_qwen3_5_converts_its_language_model(qwen3_5: Path, tmp_path: Path) -> None:
+    """Qwen3_5ForConditionalGeneration as the hub ships it: the language model converts (the vision tower and the
+    multi-token-prediction head dropped, with a warning) and computes the text model's function."""
+    from families import qwen3_5_multimodal
+
+    wrapped = qwen3_5_multimodal(tmp_path / "wrapped", LLAMA_CPP_SHAPES["qwen3_5_text"])
+    with pytest.warns(UserWarning, match="vision tower"):
+        [artifact] = convert(wrapped, tmp_path / "out", ["F16"])
+    assert fields(artifact.path)["general.architecture"] == "qwen35"
+    kld, _ = llama_cpp_kld(qwen3_5, artifact.path)  # the wrapped model holds the text checkpoint's weights in bf16
+    assert kld < 0.001, kld
+
+
+@pytest.fixture(scope="module")
+def qwen3_5_recipe(qwen3_5: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("qwen3_5-recipe")
+    recipe = {"name": "qwen3_5", "source": str(qwen3_5), "output": str(out / "out"),
+              "targets": [{"format": "gguf", "quants": ["F16", "Q4_K_M"]}],
+              "validate": {"tokens": 512, "context": 128, "latency": False}}
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = subprocess.run([SILICONVERT, "recipe", str(out / "recipe.yaml")], capture_output=True, text=True,
+                            env={**os.environ, "SILICONVERT_QUIET": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads((out / "out" / "report.json").read_text())
+
+
+def test_a_recipe_on_qwen3_5_passes_every_gate(qwen3_5_recipe: dict) -> None:
+    """F16 + Q4_K_M in one recipe: every gate passes, decoding through the KV cache and the conv and recurrent states
+    matches the no-cache pass, and llama.cpp tokenizes as the source."""
+    artifacts = {a["quant"]: a for a in qwen3_5_recipe["artifacts"]}
+    assert sorted(artifacts) == ["F16", "Q4_K_M"]
+    assert artifacts["F16"]["metrics"]["mean_kld"] < 0.001
+    for quant, artifact in artifacts.items():
+        assert artifact["gates"]["passed"], quant
+        assert artifact["kv_cache"]["consistent"] is True, (quant, artifact["kv_cache"])
+        assert not artifact["tokenizer"]["differences"], (quant, artifact["tokenizer"])
+
+
+@pytest.mark.parametrize("fault", ["frozen", "stale"])
+def test_the_state_check_fails_a_gated_delta_state_that_does_not_advance(qwen3_5: Path, qwen3_5_recipe: dict,
+                                                                         fault: str) -> None:
+    """The gated delta layers' conv and recurrent states held back (the attention layer's KV cache intact): the state
+    check fails."""
+    [f16] = [a["path"] for a in qwen3_5_recipe["artifacts"] if a["quant"] == "F16"]
+    window = np.array(hf_ids(qwen3_5, heldout_text()[:5000])[:128])
+    reference = reference_logits_for(qwen3_5, window[None])[0]
+    runner = BrokenConvState(Path(f16), {"context": len(window)}, fault)
+    try:
+        no_cache = runner.logits(window)
+        cached, prompt = cached_window_logits(runner, window)
+    finally:
+        runner.close()
+    check = kv_cache_check(cached, prompt, no_cache, reference, window[1:])
+    assert check["consistent"] is False and check["excess_kld"] > 10 * check["limit_kld"], check
