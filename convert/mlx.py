@@ -63,7 +63,7 @@ TRAIT_KEYS = ("rope_parameters", "rope_scaling", "rope_theta", "layer_types", "s
               "sliding_window_pattern", "no_rope_layers", "no_rope_layer_interval", "partial_rotary_factor",
               "rope_local_base_freq", "original_max_position_embeddings",
               "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
-              "decoder_sparse_step", "mlp_only_layers", "shared_expert_intermediate_size")
+              "decoder_sparse_step", "mlp_only_layers", "shared_expert_intermediate_size", "full_attn_idxs")
 
 
 def mlx_config(checkpoint: Checkpoint) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from siliconvert.architectures import LLAMA_TRAITS, ModelSpec
-from siliconvert.architectures.base import Layer, Rope
+from siliconvert.architectures.base import Layer, Mixer, Rope
 from siliconvert.errors import CheckpointError
 
 # How a model file runs sliding windows: not at all; per layer from `layer_types` with one `sliding_window`
@@ -64,6 +64,9 @@ class Layout:
     plain_sliding_rope: bool = False
     # The model file indexes a sliding and a full layer (mlx-lm's olmo3): a model without both cannot load
     needs_both_layer_kinds: bool = False
+    # The mixers the model file runs, each with its name in the `layer_types` it reads (written only where there is
+    # more than one); the file indexes a layer of each (mlx-lm's lfm2 finds its first attention and conv layers)
+    mixers: dict[Mixer, str] = field(default_factory=lambda: {"attention": "full_attention"})
 
 
 _GEMMA = {"norm_offset": 1.0, "norm_placement": "sandwich", "activation": "gelu_tanh",
@@ -103,6 +106,14 @@ LAYOUTS: dict[str, Layout] = {
                                             "tie_word_embeddings": False}, biases="qkv", rope_kinds=("default",),
                         experts=ExpertLayout("mlp", "num_experts", "moe_intermediate_size", None, dense_layers=False,
                                              normalizes=False, shared_key="shared_expert_intermediate_size")),
+    # mlx-lm's lfm2 always ties the head, sizes heads as hidden / heads, rotates with θ alone, and reads the MLP's
+    # width and the model's as block_* keys
+    "lfm2": Layout("lfm2", keys=("block_dim", "block_ff_dim", "block_auto_adjust_ff_dim", "block_multiple_of",
+                                 "block_ffn_dim_multiplier", "norm_eps", "conv_L_cache", "conv_bias", "full_attn_idxs"),
+                   fixed={"qk_norm": "head", "tie_word_embeddings": True,
+                          "head_dim": lambda spec: spec.hidden_size // spec.num_heads},
+                   biases="none", rope_kinds=("default",),
+                   mixers={"attention": "full_attention", "short_conv": "conv"}),
 }
 
 
@@ -125,6 +136,17 @@ KEYS: dict[str, Key] = {
     "no_rope_layers": Key(("nope_layers",), lambda arch: [int(layer.rope is not None) for layer in arch.layers]),
     "rope_local_base_freq": Key(("per_layer_rope",), lambda arch: arch.sliding_theta()),
     "partial_rotary_factor": Key(("partial_rotary",), lambda arch: arch.rope.dim / arch.spec.head_dim),
+    # mlx-lm's lfm2: the MLP's width is written whole with the auto-adjust off (mlx-lm rounds it up to
+    # block_multiple_of even without a multiplier, where transformers does not), so the rounding keys say nothing
+    "block_dim": Key((), lambda arch: arch.spec.hidden_size),
+    "block_ff_dim": Key((), lambda arch: arch.spec.intermediate_size),
+    "block_auto_adjust_ff_dim": Key((), lambda arch: False),
+    "block_multiple_of": Key((), lambda arch: 1),
+    "block_ffn_dim_multiplier": Key((), lambda arch: 1.0),
+    "norm_eps": Key((), lambda arch: arch.spec.rms_norm_eps),
+    "conv_L_cache": Key(("short_conv",), lambda arch: arch.required("short_conv").kernel),
+    "conv_bias": Key(("short_conv",), lambda arch: arch.required("short_conv").bias),
+    "full_attn_idxs": Key(("short_conv",), lambda arch: list(arch.attention_layers)),
     "original_max_position_embeddings": Key(
         (), lambda arch: (arch.rope.scaling or {}).get("original_max_position_embeddings",
                                                         arch.spec.max_position_embeddings)),
@@ -142,6 +164,9 @@ class MLXArch:
         self.layers = tuple(Layer(layer.window if layer.window and layer.window < spec.max_position_embeddings
                                   else None, layer.rope) for layer in spec.layers)
         self.rope: Rope = spec.rope or Rope(spec.rope_theta, spec.head_dim)
+        # each layer's mixer and the layers whose mixer is attention, as `_check_mixers` reads them
+        self.mixers: tuple[Mixer, ...] = ()
+        self.attention_layers: tuple[int, ...] = ()
         self._check()
 
     def refuse(self, trait: str, why: str) -> CheckpointError:
@@ -168,6 +193,7 @@ class MLXArch:
     def _check(self) -> None:
         spec, layout = self.spec, self.layout
         keyed = {trait for key in layout.keys for trait in KEYS[key].traits}
+        self._check_mixers()
         # a model file computes Llama's traits unless its layout's `fixed` says otherwise (where `fixed` may also
         # name a size the file derives, or the tied head)
         for trait, expected in (LLAMA_TRAITS | layout.fixed).items():
@@ -184,6 +210,28 @@ class MLXArch:
         self._check_windows()
         self._check_experts()
 
+    def _check_mixers(self) -> None:
+        """The one reading of each layer's mixer: a mixer the model file does not run is refused by name, as is a
+        model without a layer of each mixer the file indexes."""
+        self.mixers = mixers = tuple(layer.mixer for layer in self.spec.layers)
+        for mixer in dict.fromkeys(mixers):
+            if mixer not in self.layout.mixers:
+                layers = [i for i, each in enumerate(mixers) if each == mixer]
+                raise self.refuse(mixer, f"mlx-lm's model file runs {', '.join(self.layout.mixers)} only; the "
+                                         f"source's layers {layers} are {mixer}")
+        if len(self.layout.mixers) > 1:
+            for mixer in self.layout.mixers:
+                if mixer not in mixers:
+                    raise self.refuse(mixer, f"mlx-lm's model file needs a layer of each of "
+                                             f"{', '.join(self.layout.mixers)}; the source has no {mixer} layer")
+        self.attention_layers = tuple(i for i, mixer in enumerate(mixers) if mixer == "attention")
+
+    def mixers_config(self) -> dict[str, Any]:
+        """Each layer's mixer, under the names the model file reads, where it runs more than one."""
+        if len(self.layout.mixers) == 1:
+            return {}
+        return {"layer_types": [self.layout.mixers[mixer] for mixer in self.mixers]}
+
     def _check_biases(self) -> None:
         spec, biases = self.spec, self.layout.biases
         wanted = {"flag": (spec.qkv_bias, spec.qkv_bias), "qkv": (True, False), "none": (False, False)}[biases]
@@ -195,7 +243,7 @@ class MLXArch:
 
     def _check_ropes(self, keyed: set[str]) -> None:
         spec, layout = self.spec, self.layout
-        ropes = [layer.rope for layer in self.layers]
+        ropes = [self.layers[i].rope for i in self.attention_layers]
         if None in ropes and "nope_layers" not in keyed:
             raise self.refuse("nope_layers", "every layer has rope in mlx-lm")
         own_sliding_rope = layout.windows == "pattern" or layout.plain_sliding_rope
@@ -298,7 +346,7 @@ class MLXArch:
         elif self.layout.windows == "pattern":
             config["sliding_window_pattern"] = self.sliding_window_pattern() if windows else 1
             config["sliding_window"] = windows.pop() if windows else self.spec.max_position_embeddings
-        return config | self.experts_config()
+        return config | self.mixers_config() | self.experts_config()
 
     def experts_config(self) -> dict[str, Any]:
         """The mixture of experts as the model file reads it. Its sparse layers are every `decoder_sparse_step`-th

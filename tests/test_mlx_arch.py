@@ -38,3 +38,57 @@ def test_a_rope_mlx_lm_cannot_compute_names_the_trait():
     with pytest.raises(CheckpointError, match="cannot honour the trait rope_scaling") as raised:
         MLXArch(spec_of(rope_parameters=dynamic), "config.json")
     assert raised.value.where == "config.json"
+
+
+LFM2 = {"architectures": ["Lfm2ForCausalLM"], "vocab_size": 96, "hidden_size": 64, "intermediate_size": 384,
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+        "layer_types": ["conv", "full_attention", "conv", "conv"], "block_multiple_of": 96, "conv_L_cache": 3,
+        "tie_word_embeddings": True, "norm_eps": 1e-5, "rope_parameters": {"rope_type": "default",
+                                                                          "rope_theta": 1e6}}
+
+
+def lfm2_spec(**changes):
+    config = LFM2 | changes
+    return registry.for_config(config).spec(config)
+
+
+def test_an_lfm2_config_is_what_mlx_lms_lfm2_reads():
+    """mlx-lm's lfm2 needs block_dim, which transformers does not save, and rounds block_ff_dim up to
+    block_multiple_of even without a multiplier (transformers does not): the width goes whole, the auto-adjust off
+    (transformers reads block_ff_dim as intermediate_size, so both read 288 rows: ⅔ of 384, rounded up to 96)."""
+    config = MLXArch(lfm2_spec(), "config.json").config()
+    assert config == {
+        "model_type": "lfm2", "rope_theta": 1e6, "block_dim": 64, "block_ff_dim": 288,
+        "block_auto_adjust_ff_dim": False, "block_multiple_of": 1, "block_ffn_dim_multiplier": 1.0, "norm_eps": 1e-5,
+        "conv_L_cache": 3, "conv_bias": False, "full_attn_idxs": [1], "layer_types": ["conv", "full_attention", "conv",
+                                                                                       "conv"]}
+    from mlx_lm.models.lfm2 import MLP, ModelArgs
+
+    args = ModelArgs.from_dict(config | {"vocab_size": 96, "hidden_size": 64, "num_hidden_layers": 4,
+                                         "num_attention_heads": 4, "num_key_value_heads": 2,
+                                         "max_position_embeddings": 256})
+    mlp = MLP(args.block_dim, args.block_ff_dim, args.block_multiple_of, args.block_auto_adjust_ff_dim,
+              args.block_ffn_dim_multiplier)
+    assert mlp.w1.weight.shape == (288, 64) and args.full_attn_idxs == [1]
+
+
+def test_a_mixer_a_layout_cannot_run_is_refused_by_name():
+    """Llama's model file runs attention only; mlx-lm's lfm2 indexes one layer of each mixer."""
+    short_conv_in_llama = dataclasses.replace(lfm2_spec(), family="llama", qk_norm=None)
+    with pytest.raises(CheckpointError, match=r"cannot honour the trait short_conv: .* layers \[0, 2, 3\] are "
+                                              "short_conv"):
+        MLXArch(short_conv_in_llama, "config.json")
+    with pytest.raises(CheckpointError, match=r"cannot honour the trait short_conv: .* no short_conv layer"):
+        MLXArch(lfm2_spec(layer_types=["full_attention"] * 4), "config.json")
+    with pytest.raises(CheckpointError, match=r"cannot honour the trait attention: .* no attention layer"):
+        MLXArch(lfm2_spec(layer_types=["conv"] * 4), "config.json")
+
+
+@pytest.mark.parametrize(("changes", "trait"), [
+    ({"tie_word_embeddings": False}, "tie_word_embeddings"),  # mlx-lm's lfm2 has no separate head
+    ({"head_dim": 32}, "head_dim"),  # mlx-lm's lfm2 sizes heads as hidden / heads
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}}, "rope_scaling"),
+])
+def test_what_mlx_lms_lfm2_cannot_run_is_refused_by_name(changes, trait):
+    with pytest.raises(CheckpointError, match=f"cannot honour the trait {trait}"):
+        MLXArch(lfm2_spec(**changes), "config.json")

@@ -102,11 +102,12 @@ def test_float16_layout_is_exact_on_edited_configs(case, family_source, scored):
     assert scored(family_source(case), bits=16) < 0.001
 
 
-@pytest.mark.parametrize("name", ["gemma3_text", "smollm3", "granite", *list(EDITED)[:2], *MOE_FAMILIES])
+@pytest.mark.parametrize("name", ["gemma3_text", "smollm3", "granite", *list(EDITED)[:2], *MOE_FAMILIES, "lfm2"])
 def test_torch_stand_in_runs_the_folder_as_mlx_lm_reads_it(name, family_source, scored):
     """The stand-in for large models rebuilds transformers' config from mlx-lm's reading: Gemma 3's sliding
     period and local θ, SmolLM3's NoPE layers, Granite's multipliers, Gemma 2 without sliding layers, Phi-3's
-    LongRoPE, the experts of Qwen3-MoE and Mixtral (from mlx-lm's switch_mlp); float32 over the float16 weights."""
+    LongRoPE, the experts of Qwen3-MoE and Mixtral (from mlx-lm's switch_mlp), LFM2's mixers and its conv kernels
+    (in mlx's axis order in the folder); float32 over the float16 weights."""
     assert scored(family_source(name), engine="torch", bits=16) < 0.001
 
 

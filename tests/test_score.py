@@ -1,5 +1,6 @@
 """Scoring one artifact: the KV-cache check on a scripted model whose cache is broken in known ways (the gates and
-the report take its verdict)."""
+the report take its verdict), then on mlx-lm's own caches broken on purpose: a sliding-window KV cache, and a hybrid
+model's convolution state."""
 
 from __future__ import annotations
 
@@ -305,4 +306,84 @@ def test_kv_cache_check_judges_mlx_lms_cache(gemma3_mlx, fault):
         assert kv["consistent"] is True and kv["excess_kld"] < kv["limit_kld"] / 4
     else:
         # measured: dropped layer 3.7 ×, wrong positions 3.1 ×, never slides 86 ×, stale 216 × the limit
+        assert kv["consistent"] is False and kv["excess_kld"] > 2 * kv["limit_kld"], kv
+
+
+# ---- mlx-lm's convolution state broken on purpose, on a hybrid model (LFM2: short convolutions and attention) ----
+
+
+class BrokenConvState(Runner):
+    """An MLXRunner whose short convolutions' state (mlx-lm's ArraysCache: the last kernel - 1 values of B·x) is
+    broken in a way a runtime's can be, while the attention layer's KV cache works:
+    "not advanced": decoding reads the state but never writes it, so every step sees the prompt's last tokens;
+    "reset": the state is zeroed before every step, as a cache rebuilt per call would be;
+    "one step stale": each step reads the state from one step before, as a state written after it is read;
+    "none": mlx-lm's own cache, untouched."""
+
+    def __init__(self, runner, fault: str) -> None:
+        self.runner, self.fault = runner, fault
+        self.runtime, self.device = runner.runtime, runner.device
+        self.earlier: list | None = None  # the conv states before the previous step ("one step stale")
+
+    def logits(self, tokens: np.ndarray) -> np.ndarray:
+        return self.runner.logits(tokens)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.runner.tokenize(text)
+
+    def start(self, prompt: np.ndarray) -> np.ndarray:
+        self.earlier = None
+        return self.runner.start(prompt)
+
+    def step(self, token: int) -> np.ndarray:
+        from mlx_lm.models.cache import ArraysCache
+
+        states = [cache for cache in self.runner.cache if isinstance(cache, ArraysCache)]
+        assert states, "no conv state to break"
+        now = [state[0] for state in states]
+        if self.fault == "reset":
+            for state in states:
+                state[0] = None
+        if self.fault == "one step stale" and self.earlier is not None:
+            for state, earlier in zip(states, self.earlier, strict=True):
+                state[0] = earlier
+        row = self.runner.step(token)
+        if self.fault == "not advanced":
+            for state, kept in zip(states, now, strict=True):
+                state[0] = kept
+        self.earlier = now
+        return row
+
+
+@pytest.fixture(scope="module")
+def lfm2_mlx(family_model, tmp_path_factory):
+    """The small LFM2 (conv, attention, conv, conv) as an MLX 8-bit folder, with its first 256 held-out tokens and
+    the reference's logits on them."""
+    from conftest import build_mlx, reference_logits_for
+    from test_mlx import held_out_windows
+
+    source = family_model("lfm2")
+    artifact = build_mlx(source, tmp_path_factory.mktemp("lfm2-mlx"), bits=8, group_size=64)
+    windows = held_out_windows(source, count=1, length=256)
+    return artifact, windows, reference_logits_for(source, windows)
+
+
+@pytest.mark.parametrize("fault", ["none", "not advanced", "reset", "one step stale"])
+def test_state_check_judges_mlx_lms_conv_state(lfm2_mlx, fault):
+    """Decoding 16 tokens through the attention layer's KV cache and three layers' conv states: mlx-lm's own
+    states pass, each broken conv state fails (the KV cache working)."""
+    from siliconvert.validate.runners.mlx import MLXRunner
+    from siliconvert.validate.score import cached_window_logits, kv_cache_check
+
+    artifact, windows, reference = lfm2_mlx
+    runner = MLXRunner(artifact.path, {"engine": "mlx"})
+    no_cache = runner.logits(windows[0])
+    cached, prompt = cached_window_logits(BrokenConvState(runner, fault), windows[0])
+    vocab = reference.shape[-1]
+    kv = kv_cache_check(cached[:, :vocab], prompt, no_cache[:, :vocab], reference[0], windows[0][1:])
+    assert kv["checked_tokens"] == 1 + CACHE_CHECK_TOKENS
+    if fault == "none":
+        assert kv["consistent"] is True and kv["excess_kld"] < kv["limit_kld"] / 4, kv
+    else:
+        # measured: not advanced 171 ×, one step stale 143 ×, reset 105 × the limit (mlx-lm's own: excess 0)
         assert kv["consistent"] is False and kv["excess_kld"] > 2 * kv["limit_kld"], kv

@@ -167,6 +167,8 @@ class MLXRunner(Runner):
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def start(self, prompt: np.ndarray) -> np.ndarray:
+        """mlx-lm's own cache for each layer, as generation makes it: a KVCache (or a rotating one) for attention,
+        an ArraysCache holding the recurrent state of another mixer (a short convolution's last inputs)."""
         from mlx_lm.models.cache import make_prompt_cache
 
         self.cache = make_prompt_cache(self.model)
@@ -387,7 +389,8 @@ class MLXFolderWeights:
     too). mlx-lm's names are transformers' names for the families here, but for a mixture of experts:
     transformers' router and expert stacks of a sparse layer are read from the module around mlx-lm's
     SwitchGLU (`experts`: layer → that module's path), its `gate` and its `switch_mlp` projections
-    (gate_proj's rows, then up_proj's, per expert). A model whose names mlx-lm changes on loading is refused."""
+    (gate_proj's rows, then up_proj's, per expert). A convolution's kernel is given back in torch's axis order. A
+    model whose names mlx-lm changes on loading is refused."""
 
     def __init__(self, path: Path, model: Any) -> None:
         from mlx.utils import tree_flatten
@@ -443,6 +446,8 @@ class MLXFolderWeights:
                                  self._read(f"{module_path}.biases") if module.mode == "affine" else None,
                                  group_size=module.group_size, bits=module.bits, mode=module.mode,
                                  dtype=mx.float32)
+        if kind == "weight" and isinstance(module, nn.Conv1d):  # mlx's [out, kernel, in], torch's [out, in, kernel]
+            return self._read(name).swapaxes(1, 2).astype(mx.float32)
         return self._read(name).astype(mx.float32)
 
     def _read(self, name: str) -> mx.array:
