@@ -131,6 +131,10 @@ HIDDEN_AXES = (
     ("embed_tokens.weight", -1), ("q_proj.weight", -1), ("k_proj.weight", -1), ("v_proj.weight", -1),
     ("gate_proj.weight", -1), ("up_proj.weight", -1), ("o_proj.weight", -2), ("down_proj.weight", -2),
     ("input_layernorm.weight", -1), ("post_attention_layernorm.weight", -1), ("model.norm.weight", -1),
+    # LFM2's names: its MLP, short convolution, norms and attention output
+    ("feed_forward.w1.weight", -1), ("feed_forward.w3.weight", -1), ("feed_forward.w2.weight", -2),
+    ("conv.in_proj.weight", -1), ("conv.out_proj.weight", -2), ("operator_norm.weight", -1),
+    ("ffn_norm.weight", -1), ("embedding_norm.weight", -1), ("self_attn.out_proj.weight", -2),
 )
 
 
@@ -153,8 +157,10 @@ def _check_shape(name: str, shape: list[int], shard: Path, shapes: dict[str, tup
     quantization = config.get("quantization") if isinstance(config.get("quantization"), dict) else {}
     unpacked = list(shape)
     scales = shapes.get(name.removesuffix(".weight") + ".scales")
-    if scales is not None and isinstance(quantization.get("group_size"), int) and shape:
-        unpacked[-1] = scales[0][-1] * quantization["group_size"]  # a quantized weight's input width
+    own = quantization.get(name.removesuffix(".weight"))  # a module's own entry (a plan's, a narrower group's)
+    group_size = (own if isinstance(own, dict) else quantization).get("group_size")
+    if scales is not None and isinstance(group_size, int) and shape:
+        unpacked[-1] = scales[0][-1] * group_size  # a quantized weight's input width
     if name.endswith("embed_tokens.weight") and isinstance(vocab, int) and unpacked[0] != vocab:
         raise ArtifactError(f"tensor {short(name)} has {unpacked[0]} rows, but config.json's vocab_size is "
                             f"{vocab}", shard)

@@ -1,0 +1,29 @@
+"""The MLX format entry's check of a folder's tensor shapes against its config.json, as mlx_lm.load would meet
+them: a quantized weight's input width read with its module's own group size, and LFM2's tensor names checked."""
+
+from pathlib import Path
+
+import pytest
+
+from siliconvert.errors import ArtifactError
+from siliconvert.formats.mlx import _check_shape
+
+K_PROJ = "model.layers.0.self_attn.k_proj"
+
+
+def test_a_weight_under_its_own_group_size_fits_the_hidden_size(tmp_path: Path) -> None:
+    """A plan's 2-bit g32 k_proj in a g64 folder: 4 scales a row are 128 inputs at g32 (256 read at g64)."""
+    quantization = {"group_size": 64, "bits": 4, K_PROJ: {"group_size": 32, "bits": 2, "mode": "affine"}}
+    shapes = {f"{K_PROJ}.scales": ([64, 4], tmp_path)}
+    _check_shape(f"{K_PROJ}.weight", [64, 8], tmp_path, shapes, {"hidden_size": 128, "quantization": quantization})
+    del quantization[K_PROJ]
+    with pytest.raises(ArtifactError, match=r"does not fit config\.json's hidden_size 128"):
+        _check_shape(f"{K_PROJ}.weight", [64, 8], tmp_path, shapes, {"hidden_size": 128, "quantization": quantization})
+
+
+@pytest.mark.parametrize(("name", "shape"), [("model.layers.0.conv.in_proj.weight", [384, 127]),
+                                             ("model.layers.0.conv.out_proj.weight", [127, 128]),
+                                             ("model.embedding_norm.weight", [127])])
+def test_lfm2_tensors_that_do_not_fit_the_hidden_size_are_named(name: str, shape: list[int], tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match=f"tensor '{name}' has shape"):
+        _check_shape(name, shape, tmp_path, {}, {"hidden_size": 128})
