@@ -134,6 +134,9 @@ class MLXWriter(Writer):
         self.config = mlx_config(checkpoint)
         self.model = build_model(self.config)
         self.sanitize = tensor_sanitizer(self.model, checkpoint)
+        # the arrays mlx_lm.convert casts to the float type: all but those the model file keeps as they are (Qwen3.5's
+        # A_log, here in float32)
+        self.cast: Callable[[str], bool] = getattr(self.model, "cast_predicate", lambda name: True)
         self.quant_plan: Plan | None = None
         self.costs: list[TensorCosts] = []  # a plan's measured candidates per module
         # which modules may be quantized, each with the policy mlx-lm's rules give it (a router's 8 bits, a model
@@ -349,7 +352,8 @@ class MLXWriter(Writer):
         out = {}
         for mlx_name, array in self.sanitize({name: weight}).items():
             module, _, kind = mlx_name.rpartition(".")
-            array = array.astype(self.dtype) if mx.issubdtype(array.dtype, mx.floating) else array
+            if mx.issubdtype(array.dtype, mx.floating) and self.cast(mlx_name):
+                array = array.astype(self.dtype)
             if kind == "weight" and module in self.policies:
                 out |= {f"{module}.{k}": v for k, v in quantize(array, self.policies[module]).items()}
             else:
@@ -414,10 +418,34 @@ def tensor_sanitizer(model, checkpoint: Checkpoint) -> Callable[[dict[str, mx.ar
     if sanitize is None or not layout.sanitize_per_tensor:
         sanitize = dict
     experts = ExpertArrays(checkpoint, layout.experts) if spec.experts and layout.experts else dict
+    mixers = MixerArrays(checkpoint) if layout.folds_norm_offset else dict
 
     def sanitize_one(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        return sanitize(experts(weights))
+        return sanitize(experts(mixers(weights)))
     return sanitize_one
+
+
+class MixerArrays:
+    """What mlx-lm's qwen3_5 and qwen3_next sanitize do to a whole set of tensors (and skip for a set without a
+    conv kernel in torch's axis order, or without per-expert tensors), done to each tensor: every norm's offset
+    folded into its weight (1 + w: the model file multiplies by the weight as stored; the gated delta rule's own norm
+    has none), the gated delta rule's conv kernel in mlx's axis order ([channels, kernel, 1] for torch's
+    [channels, 1, kernel])."""
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.spec = checkpoint.spec
+        self.roles = {name: info.role.role for name, info in checkpoint.tensor_infos.items()}
+
+    def __call__(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        out = {}
+        for name, array in weights.items():
+            role = self.roles[name]
+            if role.endswith("_norm") and (offset := self.spec.norm_offset_of(role)):
+                array = array.astype(mx.float32) + offset
+            elif role == "ssm_conv1d":
+                array = array.swapaxes(1, 2)
+            out[name] = array
+        return out
 
 
 class ExpertArrays:

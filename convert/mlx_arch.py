@@ -67,10 +67,18 @@ class Layout:
     # The mixers the model file runs, each with its name in the `layer_types` it reads (written only where there is
     # more than one); the file indexes a layer of each (mlx-lm's lfm2 finds its first attention and conv layers)
     mixers: dict[Mixer, str] = field(default_factory=lambda: {"attention": "full_attention"})
+    # The model file multiplies by each norm's stored weight where the source's norms are offset (1 + w): its
+    # sanitize folds the offset in only when it sees the whole set of tensors (mlx-lm's qwen3_5, qwen3_next), so
+    # the writer folds it, norm by norm (`ModelSpec.norm_offset_of`)
+    folds_norm_offset: bool = False
 
 
 _GEMMA = {"norm_offset": 1.0, "norm_placement": "sandwich", "activation": "gelu_tanh",
           "embedding_scale": lambda spec: math.sqrt(spec.hidden_size)}
+_GATED_DELTA_KEYS = ("full_attention_interval", "linear_num_key_heads", "linear_num_value_heads",
+                     "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim")
+_QWEN3_5 = {"qk_norm": "head", "attn_output_gate": True}
+_QWEN3_5_MIXERS: dict[Mixer, str] = {"attention": "full_attention", "gated_delta": "linear_attention"}
 LAYOUTS: dict[str, Layout] = {
     "llama": Layout("llama", windows="layer_types"),
     "mistral": Layout("mistral", windows="layer_types"),  # mlx-lm runs Mistral as llama
@@ -114,6 +122,21 @@ LAYOUTS: dict[str, Layout] = {
                           "head_dim": lambda spec: spec.hidden_size // spec.num_heads},
                    biases="none", rope_kinds=("default",),
                    mixers={"attention": "full_attention", "short_conv": "conv"}),
+    # mlx-lm's qwen3_5 (its text-only checkpoints too: there is no qwen3_5_text file) reads the rope from
+    # rope_parameters only, puts attention in every full_attention_interval-th layer, always gates attention's output,
+    # and has experts with a shared expert in every layer or in none
+    "qwen3_5": Layout("qwen3_5", keys=(*_GATED_DELTA_KEYS, "rope_parameters"), fixed=_QWEN3_5,
+                      rope_kinds=("default",), mixers=_QWEN3_5_MIXERS, folds_norm_offset=True),
+    "qwen3_5_moe": Layout("qwen3_5_moe", keys=(*_GATED_DELTA_KEYS, "rope_parameters"), fixed=_QWEN3_5,
+                          rope_kinds=("default",), mixers=_QWEN3_5_MIXERS, folds_norm_offset=True,
+                          experts=ExpertLayout("mlp", "num_experts", "moe_intermediate_size", "norm_topk_prob",
+                                               dense_layers=False, shared_key="shared_expert_intermediate_size")),
+    # mlx-lm's qwen3_next: the same layers with the gated delta rule's projections fused as transformers' are, rope
+    # from the top-level keys, experts in the layers decoder_sparse_step and mlp_only_layers say
+    "qwen3_next": Layout("qwen3_next", keys=(*_GATED_DELTA_KEYS, "partial_rotary_factor"), fixed=_QWEN3_5,
+                         rope_kinds=("default",), mixers=_QWEN3_5_MIXERS, folds_norm_offset=True,
+                         experts=ExpertLayout("mlp", "num_experts", "moe_intermediate_size", "norm_topk_prob",
+                                              dense_layers=True, shared_key="shared_expert_intermediate_size")),
 }
 
 
@@ -147,6 +170,17 @@ KEYS: dict[str, Key] = {
     "conv_L_cache": Key(("short_conv",), lambda arch: arch.required("short_conv").kernel),
     "conv_bias": Key(("short_conv",), lambda arch: arch.required("short_conv").bias),
     "full_attn_idxs": Key(("short_conv",), lambda arch: list(arch.attention_layers)),
+    # mlx-lm's Qwen3.5 and Qwen3-Next: which layers attend, and the gated delta rule's sizes
+    "full_attention_interval": Key(("gated_delta",), lambda arch: arch.attention_interval()),
+    "linear_num_key_heads": Key(("gated_delta",), lambda arch: arch.required("gated_delta").key_heads),
+    "linear_num_value_heads": Key(("gated_delta",), lambda arch: arch.required("gated_delta").value_heads),
+    "linear_key_head_dim": Key(("gated_delta",), lambda arch: arch.required("gated_delta").key_head_dim),
+    "linear_value_head_dim": Key(("gated_delta",), lambda arch: arch.required("gated_delta").value_head_dim),
+    "linear_conv_kernel_dim": Key(("gated_delta",), lambda arch: arch.required("gated_delta").conv_kernel),
+    # mlx-lm's qwen3_5 takes θ and the rotated share of each head from here alone (its defaults otherwise: θ 100000,
+    # a quarter), and reads the whole dict as the rope's scaling: one without any
+    "rope_parameters": Key(("partial_rotary",), lambda arch: {
+        "type": "default", "rope_theta": arch.rope.theta, "partial_rotary_factor": arch.rope.dim / arch.spec.head_dim}),
     "original_max_position_embeddings": Key(
         (), lambda arch: (arch.rope.scaling or {}).get("original_max_position_embeddings",
                                                         arch.spec.max_position_embeddings)),
@@ -197,7 +231,7 @@ class MLXArch:
         # a model file computes Llama's traits unless its layout's `fixed` says otherwise (where `fixed` may also
         # name a size the file derives, or the tied head)
         for trait, expected in (LLAMA_TRAITS | layout.fixed).items():
-            if trait in keyed:
+            if trait in keyed or (trait == "norm_offset" and layout.folds_norm_offset):
                 continue
             expected = expected(spec) if callable(expected) else expected
             actual = getattr(spec, trait)
@@ -225,6 +259,8 @@ class MLXArch:
                     raise self.refuse(mixer, f"mlx-lm's model file needs a layer of each of "
                                              f"{', '.join(self.layout.mixers)}; the source has no {mixer} layer")
         self.attention_layers = tuple(i for i, mixer in enumerate(mixers) if mixer == "attention")
+        if "full_attention_interval" in self.layout.keys:
+            self.attention_interval()
 
     def mixers_config(self) -> dict[str, Any]:
         """Each layer's mixer, under the names the model file reads, where it runs more than one."""
@@ -320,6 +356,15 @@ class MLXArch:
         if dense and not layout.dense_layers:
             raise self.refuse("dense_layers", f"every layer's MLP is the experts in mlx-lm; the source's layers "
                                               f"{dense} are dense")
+
+    def attention_interval(self) -> int:
+        """mlx-lm's Qwen3.5 / Qwen3-Next period: layer i attends when (i + 1) % period == 0, the others run the gated
+        delta rule."""
+        period = self.attention_layers[0] + 1
+        if [i for i in range(len(self.mixers)) if (i + 1) % period == 0] != list(self.attention_layers):
+            raise self.refuse("gated_delta", f"mlx-lm's attention layers come every n-th, the gated delta rule in the "
+                                             f"others; the source's attention layers are {list(self.attention_layers)}")
+        return period
 
     def sliding_window_pattern(self) -> int:
         """Gemma 3's period: layer i is full attention when (i + 1) % period == 0."""

@@ -92,3 +92,43 @@ def test_a_mixer_a_layout_cannot_run_is_refused_by_name():
 def test_what_mlx_lms_lfm2_cannot_run_is_refused_by_name(changes, trait):
     with pytest.raises(CheckpointError, match=f"cannot honour the trait {trait}"):
         MLXArch(lfm2_spec(**changes), "config.json")
+
+
+QWEN3_5 = {"architectures": ["Qwen3_5ForCausalLM"], "model_type": "qwen3_5_text", "vocab_size": 96,
+           "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256, "linear_num_key_heads": 2,
+           "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 8,
+           "linear_conv_kernel_dim": 4, "layer_types": ["linear_attention"] * 3 + ["full_attention"],
+           "rope_parameters": {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25,
+                               "mrope_section": [1, 1, 0], "mrope_interleaved": True}}
+
+
+def qwen3_5_spec(**changes):
+    config = QWEN3_5 | changes
+    return registry.for_config(config).spec(config)
+
+
+def test_a_text_only_qwen3_5_config_is_what_mlx_lms_qwen3_5_reads():
+    """mlx-lm has no qwen3_5_text file: its qwen3_5 reads the flat config as its text model's. It takes θ and the
+    rotated share from rope_parameters alone (read as the rope's scaling too, so none there), the attention layers as
+    a period, the gated delta rule's sizes as transformers names them."""
+    config = MLXArch(qwen3_5_spec(), "config.json").config()
+    assert config == {
+        "model_type": "qwen3_5", "rope_theta": 1e7, "attention_bias": False, "full_attention_interval": 4,
+        "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
+        "linear_value_head_dim": 8, "linear_conv_kernel_dim": 4,
+        "rope_parameters": {"type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25},
+        "layer_types": ["linear_attention"] * 3 + ["full_attention"]}
+
+
+@pytest.mark.parametrize(("changes", "trait"), [
+    # attention in layers 1 and 4: mlx-lm's qwen3_5 puts it in every n-th layer
+    ({"num_hidden_layers": 5, "layer_types": ["linear_attention", "full_attention", "linear_attention",
+                                              "linear_attention", "full_attention"]}, "gated_delta"),
+    # a rope scaling: mlx-lm's qwen3_5 reads rope_parameters as its scaling, and would not apply transformers' YaRN
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128,
+                          "rope_theta": 1e7, "partial_rotary_factor": 0.25}}, "rope_scaling"),
+])
+def test_what_mlx_lms_qwen3_5_cannot_run_is_refused_by_name(changes, trait):
+    with pytest.raises(CheckpointError, match=f"cannot honour the trait {trait}"):
+        MLXArch(qwen3_5_spec(**changes), "config.json")

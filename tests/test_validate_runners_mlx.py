@@ -106,3 +106,20 @@ def test_quantized_experts_run_dequantized_and_widened(tmp_path):
     assert runner.expert_choices().shape == (2, 24, 2, 2)
     float32 = mlx_lm_logits(artifact, windows, float32=True)
     assert mean_kld(float32, logits, windows) < 1e-3
+
+
+def test_a_gated_delta_folder_runs_in_mlx_however_slow(family_model, tmp_path, monkeypatch):
+    """The torch stand-in reads weights as transformers' own: a Qwen3.5 folder (norms stored as 1 + w, names under
+    language_model.) would run there as another function. `auto` keeps it in mlx even where mlx's CPU would take
+    longer than the limit; asked for by name, the stand-in refuses it."""
+    from siliconvert.errors import ArtifactError
+    from siliconvert.validate.runners import mlx as mlx_runner
+
+    path = build_mlx(family_model("qwen3_5_text"), tmp_path, bits=16).path
+    llama = build_mlx(save_tiny(tmp_path / "llama", "llama", intermediate_size=64), tmp_path / "llama-mlx",
+                      bits=16).path
+    monkeypatch.setattr(mlx_runner, "MAX_CPU_SECONDS", 0)
+    assert choose_engine(llama, {}) == "torch"  # where the stand-in can, it takes over beyond the limit
+    assert choose_engine(path, {}) == "mlx"
+    with pytest.raises(ArtifactError, match="stores its norms as 1 \\+ w"):
+        MLXRunner(path, {"engine": "torch"})

@@ -81,9 +81,22 @@ def choose_engine(path: Path, options: dict) -> str:
     from mlx_lm.utils import load_config
 
     config = load_config(path)
-    if estimated_cpu_seconds(config, folder_float_type(path, config)) > MAX_CPU_SECONDS:
+    if (estimated_cpu_seconds(config, folder_float_type(path, config)) > MAX_CPU_SECONDS
+            and stand_in_refusal(config) is None):
         return "torch"
     return "mlx-dequantized" if config.get("quantization") else "mlx"
+
+
+def stand_in_refusal(config: dict) -> str | None:
+    """Why DequantizedMLXRunner cannot stand in for mlx-lm on this folder, or None where it can: a model file whose
+    weights are not transformers' (norms with their offset folded in, names under a wrapper: mlx-lm's qwen3_5,
+    qwen3_5_moe and qwen3_next) runs only as mlx-lm itself, however slow its CPU is."""
+    from siliconvert.convert.mlx_arch import LAYOUTS
+
+    if any(layout.folds_norm_offset and layout.model_type == config.get("model_type") for layout in LAYOUTS.values()):
+        return (f"mlx-lm's {config['model_type']} stores its norms as 1 + w and runs the gated delta rule: the torch "
+                "stand-in reads weights as transformers' own and cannot run this folder")
+    return None
 
 
 def folder_float_type(path: Path, config: dict) -> str:
@@ -333,6 +346,8 @@ class DequantizedMLXRunner(MLXRunner):
         self.path = Path(path)
         # lazy: nothing is read yet; mlx-lm's model gives names, quantization and hyper-parameters
         model, config = load_model(self.path, lazy=True)
+        if (refusal := stand_in_refusal(config)) is not None:
+            raise ArtifactError(refusal, self.path)
         self.tokenizer = load_tokenizer(self.path, eos_token_ids=config.get("eos_token_id"))
         self.weights = MLXFolderWeights(self.path, model)
         self.config = transformers_config(config, model.args)
