@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -143,6 +144,11 @@ def test_synthetic_hybrid_is_lfm2_as_transformers_saves_it(tmp_path, demo_model)
     spec = Checkpoint.open(folder).spec
     assert spec.family == "lfm2" and spec.mixer_layers("attention") == [2, 5]
     assert spec.mixer_layers("short_conv") == [0, 1, 3, 4] and spec.short_conv.kernel == synthetic.LFM2_CONV_KERNEL
+    # what bench.hybrid_memory sets a conversion's peak beside: a convolution layer, all of it in float32
+    sizes = importlib.import_module("bench.hybrid_memory").layer_sizes(folder)
+    conv_layer = 64 * synthetic.LFM2_CONV_KERNEL + 3 * 64 * 64 + 64 * 64 + 3 * 64 * 1024 + 2 * 64
+    assert sizes["largest_layer"]["mixer"] == "conv" and sizes["largest_layer"]["float32_bytes"] == 4 * conv_layer
+    assert sizes["float32_bytes"] == 4 * sum(math.prod(dims) for _, dims in synthetic.tensor_layout(shape))
 
 
 def test_synthetic_sizes_are_as_documented():
