@@ -1,5 +1,6 @@
-"""Synthetic Mistral-shaped checkpoints (or Mixtral-shaped: the same with a mixture of experts in every layer):
-random bf16 weights, a real config and real tokenizer files.
+"""Synthetic Mistral-shaped checkpoints (or Mixtral-shaped: the same with a mixture of experts in every layer; or
+LFM2-shaped: a hybrid of gated short convolutions and attention): random bf16 weights, a real config and real
+tokenizer files.
 
 The files look like what transformers' `save_pretrained` leaves and the hub serves (HF tensor names and
 layout, `model-0000N-of-0000M.safetensors` shards plus `model.safetensors.index.json`), so every converter
@@ -34,6 +35,9 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
 BF16_BYTES = 2
 
 
+LFM2_CONV_KERNEL = 3  # conv_L_cache of every LFM2 size
+
+
 @dataclass(frozen=True)
 class Shape:
     hidden_size: int
@@ -42,16 +46,22 @@ class Shape:
     num_heads: int
     num_kv_heads: int
     vocab_size: int = VOCAB_SIZE
-    experts: int = 0  # a mixture of experts (Mixtral) in every layer: intermediate_size is each expert's
+    family: str = "mistral"  # the config and tensor layout: a key of CONFIGS and LAYOUTS
+    experts: int = 0  # mixtral: the experts in every layer (intermediate_size is each expert's)
     experts_used: int = 2
+    attention_layers: tuple[int, ...] = ()  # lfm2: the layers with attention, the others short convolutions
+
+    def __post_init__(self) -> None:
+        if (self.family == "mixtral") != (self.experts > 0):
+            raise ValueError(f"{self.family}: experts {self.experts} (only mixtral has them, always)")
+        if (self.family == "lfm2") != bool(self.attention_layers):
+            raise ValueError(f"{self.family}: attention layers {self.attention_layers} (only lfm2 lists them)")
+        if any(not 0 <= layer < self.num_layers for layer in self.attention_layers):
+            raise ValueError(f"attention layers {self.attention_layers} outside {self.num_layers} layers")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
-
-    @property
-    def family(self) -> str:
-        return "mixtral" if self.experts else "mistral"
 
 
 SIZES = {
@@ -61,11 +71,16 @@ SIZES = {
     "7b": Shape(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8),
     # 8.7 GB: Mixtral's layout (8 experts, 2 per token) at a fifth of its widths; each layer's experts are 403 MB
     # in bf16, the most any converter needs to hold at once
-    "moe": Shape(hidden_size=2048, intermediate_size=4096, num_layers=20, num_heads=16, num_kv_heads=4, experts=8),
+    "moe": Shape(hidden_size=2048, intermediate_size=4096, num_layers=20, num_heads=16, num_kv_heads=4,
+                 family="mixtral", experts=8),
+    # 5.0 GB: LFM2-2.6B's layers (22 short convolutions, 8 attention layers where its layer_types puts them, MLP
+    # 10752 wide as given) with the other sizes' vocabulary; a convolution layer is its largest (331 MB in float32)
+    "hybrid": Shape(hidden_size=2048, intermediate_size=10752, num_layers=30, num_heads=32, num_kv_heads=8,
+                    family="lfm2", attention_layers=(2, 5, 9, 13, 17, 21, 24, 27)),
 }
 
 
-def config(shape: Shape, transformers_version: str) -> dict:
+def mistral_config(shape: Shape, transformers_version: str) -> dict:
     """config.json as the hub's Mistral-7B (or Mixtral) checkpoints have it (rope θ at the top level,
     `torch_dtype`)."""
     experts = {"num_local_experts": shape.experts, "num_experts_per_tok": shape.experts_used,
@@ -96,9 +111,43 @@ def config(shape: Shape, transformers_version: str) -> dict:
     }
 
 
-def tensor_layout(shape: Shape) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every tensor in the hub files' order (Mistral's or Mixtral's state_dict), which decides
-    the shards. Mixtral's experts are stored one by one, under the original names (w1 gate, w2 down, w3 up)."""
+def lfm2_config(shape: Shape, transformers_version: str) -> dict:
+    """config.json as transformers 5.25 saves an Lfm2Config (`dtype`, `rope_parameters`, `layer_types`, keys
+    sorted), with LFM2-2.6B's settings: the MLP width used as given, no conv bias, the head tied."""
+    return {
+        "architectures": ["Lfm2ForCausalLM"],
+        "block_auto_adjust_ff_dim": False,
+        "block_ffn_dim_multiplier": 1.0,
+        "block_multiple_of": 256,
+        "bos_token_id": 1,  # the demo SentencePiece tokenizer's <s> and </s>
+        "conv_L_cache": LFM2_CONV_KERNEL,
+        "conv_bias": False,
+        "dtype": "bfloat16",
+        "eos_token_id": 2,
+        "full_attn_idxs": None,
+        "hidden_size": shape.hidden_size,
+        "initializer_range": INIT_STD,
+        "intermediate_size": shape.intermediate_size,
+        "layer_types": ["full_attention" if layer in shape.attention_layers else "conv"
+                        for layer in range(shape.num_layers)],
+        "max_position_embeddings": 128000,
+        "model_type": "lfm2",
+        "norm_eps": 1e-05,
+        "num_attention_heads": shape.num_heads,
+        "num_hidden_layers": shape.num_layers,
+        "num_key_value_heads": shape.num_kv_heads,
+        "pad_token_id": 0,
+        "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+        "tie_word_embeddings": True,
+        "transformers_version": transformers_version,
+        "use_cache": True,
+        "vocab_size": shape.vocab_size,
+    }
+
+
+def mistral_layout(shape: Shape) -> list[tuple[str, tuple[int, ...]]]:
+    """Mistral's or Mixtral's state_dict. Mixtral's experts are stored one by one, under the original names (w1
+    gate, w2 down, w3 up)."""
     h, kv, ff = shape.hidden_size, shape.num_kv_heads * shape.head_dim, shape.intermediate_size
     mlp = [("mlp.gate_proj.weight", (ff, h)), ("mlp.up_proj.weight", (ff, h)), ("mlp.down_proj.weight", (h, ff))]
     if shape.experts:
@@ -120,6 +169,52 @@ def tensor_layout(shape: Shape) -> list[tuple[str, tuple[int, ...]]]:
             (prefix + "post_attention_layernorm.weight", (h,)),
         ]
     return [*layout, ("model.norm.weight", (h,)), ("lm_head.weight", (shape.vocab_size, h))]
+
+
+def lfm2_layout(shape: Shape) -> list[tuple[str, tuple[int, ...]]]:
+    """Lfm2ForCausalLM's state_dict as save_pretrained writes it: each layer's mixer (the short convolution's
+    depthwise kernel and projections, or attention with per-head q/k norms), MLP and norms; the final norm
+    `embedding_norm`; no lm_head (tied to the embeddings)."""
+    h, ff, head = shape.hidden_size, shape.intermediate_size, shape.head_dim
+    layout: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (shape.vocab_size, h))]
+    for layer in range(shape.num_layers):
+        prefix = f"model.layers.{layer}."
+        if layer in shape.attention_layers:
+            mixer = [("self_attn.q_proj.weight", (shape.num_heads * head, h)),
+                     ("self_attn.k_proj.weight", (shape.num_kv_heads * head, h)),
+                     ("self_attn.v_proj.weight", (shape.num_kv_heads * head, h)),
+                     ("self_attn.out_proj.weight", (h, shape.num_heads * head)),
+                     ("self_attn.q_layernorm.weight", (head,)),
+                     ("self_attn.k_layernorm.weight", (head,))]
+        else:
+            mixer = [("conv.conv.weight", (h, 1, LFM2_CONV_KERNEL)),
+                     ("conv.in_proj.weight", (3 * h, h)),  # the B and C gates and the convolution's input
+                     ("conv.out_proj.weight", (h, h))]
+        layout += [(prefix + name, dims) for name, dims in [
+            *mixer,
+            ("feed_forward.w1.weight", (ff, h)),
+            ("feed_forward.w3.weight", (ff, h)),
+            ("feed_forward.w2.weight", (h, ff)),
+            ("operator_norm.weight", (h,)),
+            ("ffn_norm.weight", (h,)),
+        ]]
+    return [*layout, ("model.embedding_norm.weight", (h,))]
+
+
+CONFIGS: dict[str, Callable[[Shape, str], dict]] = {
+    "mistral": mistral_config, "mixtral": mistral_config, "lfm2": lfm2_config}
+LAYOUTS: dict[str, Callable[[Shape], list[tuple[str, tuple[int, ...]]]]] = {
+    "mistral": mistral_layout, "mixtral": mistral_layout, "lfm2": lfm2_layout}
+
+
+def config(shape: Shape, transformers_version: str) -> dict:
+    """The checkpoint's config.json, as its family's hub checkpoints have it."""
+    return CONFIGS[shape.family](shape, transformers_version)
+
+
+def tensor_layout(shape: Shape) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor in the hub files' order (the family's state_dict), which decides the shards."""
+    return LAYOUTS[shape.family](shape)
 
 
 def tensor_bytes(dims: tuple[int, ...]) -> int:
@@ -245,7 +340,7 @@ def checkpoint_key(shape: Shape, tokenizer_dir: Path, transformers_version: str)
 def cached_checkpoint(
     work_dir: Path, size: str, tokenizer_dir: Path, transformers_version: str, say: Callable[[str], None] = print
 ) -> Path:
-    """work_dir/synthetic-<mistral or mixtral>-<size>, built unless an earlier build with the same key is there whole.
+    """work_dir/synthetic-<family>-<size>, built unless an earlier build with the same key is there whole.
 
     The key goes to work_dir/checkpoint.json (outside the checkpoint, where no converter sees it), written
     only after a complete build.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -109,12 +110,58 @@ def test_synthetic_moe_checkpoint_opens_as_mixtral(tmp_path, demo_model):
     from siliconvert.checkpoint import Checkpoint
 
     # the tokenizer's ids all have rows; layers enough that no tensor outgrows a shard
-    shape = replace(TINY, experts=4, vocab_size=Checkpoint.open(demo_model).spec.vocab_size, num_layers=6)
+    shape = replace(TINY, family="mixtral", experts=4, vocab_size=Checkpoint.open(demo_model).spec.vocab_size,
+                    num_layers=6)
     folder = synthetic.build_checkpoint(tmp_path / "moe", shape, demo_model, "5.0.0", say=lambda _: None)
     checkpoint = Checkpoint.open(folder)
     assert checkpoint.spec.family == "mixtral" and checkpoint.spec.experts.count == 4
     info = checkpoint.tensor_infos["model.layers.0.mlp.experts.gate_up_proj"]
     assert info.shape == (4, 2 * TINY.intermediate_size, TINY.hidden_size) and len(info.parts) == 8
+
+
+def test_synthetic_hybrid_is_lfm2_as_transformers_saves_it(tmp_path, demo_model):
+    """The hybrid shape: config.json as save_pretrained writes an Lfm2Config, tensors named, shaped and ordered as
+    Lfm2ForCausalLM's state_dict (the tied head left out), read by siliconvert as LFM2 with its layers' mixers."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    from siliconvert.checkpoint import Checkpoint
+
+    vocab = Checkpoint.open(demo_model).spec.vocab_size
+    # an MLP wide enough that the embeddings fit a quarter of the files (a tensor never spans two shards)
+    shape = synthetic.Shape(hidden_size=64, intermediate_size=1024, num_layers=6, num_heads=4, num_kv_heads=2,
+                            vocab_size=vocab, family="lfm2", attention_layers=(2, 5))
+    hf_config = transformers.Lfm2Config(**{key: value for key, value in synthetic.config(shape, "x").items()
+                                           if key != "transformers_version"})
+    hf_config.save_pretrained(tmp_path / "transformers")
+    saved = json.loads((tmp_path / "transformers" / "config.json").read_text())
+    assert synthetic.config(shape, transformers.__version__) == saved
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_config)
+    state = [(name, tuple(t.shape)) for name, t in model.state_dict().items() if name != "lm_head.weight"]
+    assert synthetic.tensor_layout(shape) == state
+
+    folder = synthetic.build_checkpoint(tmp_path / "hybrid", shape, demo_model, "5.0.0", say=lambda _: None)
+    spec = Checkpoint.open(folder).spec
+    assert spec.family == "lfm2" and spec.mixer_layers("attention") == [2, 5]
+    assert spec.mixer_layers("short_conv") == [0, 1, 3, 4] and spec.short_conv.kernel == synthetic.LFM2_CONV_KERNEL
+    # what bench.hybrid_memory sets a conversion's peak beside: a convolution layer, all of it in float32
+    sizes = importlib.import_module("bench.hybrid_memory").layer_sizes(folder)
+    conv_layer = 64 * synthetic.LFM2_CONV_KERNEL + 3 * 64 * 64 + 64 * 64 + 3 * 64 * 1024 + 2 * 64
+    assert sizes["largest_layer"]["mixer"] == "conv" and sizes["largest_layer"]["float32_bytes"] == 4 * conv_layer
+    assert sizes["float32_bytes"] == 4 * sum(math.prod(dims) for _, dims in synthetic.tensor_layout(shape))
+
+
+def test_synthetic_sizes_are_as_documented():
+    """Each size's bytes (the README's table; existing sizes' files must not change without a generator bump)."""
+    def size_bytes(size: str) -> int:
+        return sum(synthetic.tensor_bytes(dims) for _, dims in synthetic.tensor_layout(synthetic.SIZES[size]))
+
+    assert size_bytes("7b") == 14_483_464_192
+    assert size_bytes("moe") == 8_735_461_376
+    assert size_bytes("hybrid") == 5_001_181_184  # LFM2-2.6B's layers with a 32000-token vocabulary
+    with pytest.raises(ValueError, match="only lfm2"):
+        synthetic.Shape(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                        attention_layers=(1,))
 
 
 def test_synthetic_weights_are_deterministic():
