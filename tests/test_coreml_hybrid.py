@@ -264,3 +264,37 @@ def test_recipe_converts_qwen3_5_validates_and_reports_its_states(qwen3_5, tmp_p
     assert artifact["state_bytes"] == {"kv_cache": 2 * 2 * 1 * 2 * CONTEXT * 32, "delta_conv_state": 2 * 3 * 224 * 3,
                                        "recurrent_state": 2 * 3 * 4 * 32 * 24}
     assert "recurrent_state 18,432 bytes" in (tmp_path / "out" / "report.md").read_text()
+
+
+# ---- Mamba2 (Granite 4.0-H: NoPE attention, μP multipliers, experts beside the shared MLP) ------------------------
+
+@pytest.fixture(scope="module")
+def granite_hybrid(family_model):
+    """(source, windows, reference logits) of the granitemoehybrid case: Mamba2, NoPE attention, Mamba2, Mamba2."""
+    source = family_model("granitemoehybrid")
+    windows = windows_of(source, count=2, length=CONTEXT)
+    return source, windows, reference_logits_for(source, windows)
+
+
+@pytest.mark.parametrize("chunks", [1, 2])  # 2: the second package holds only Mamba2 layers
+def test_granite_hybrid_matches_the_reference_and_decodes_through_its_states(granite_hybrid, tmp_path, chunks):
+    """The prefill block through Mamba2's chunked SSD form, decoding one token at a time through its conv and SSM
+    states and the attention layer's KV cache; the states' bytes per sequence beside the KV cache's."""
+    source, windows, reference = granite_hybrid
+    artifact = build(source, tmp_path, chunks)
+    logits, check = state_check(artifact, windows, reference)
+    vocab = reference.shape[-1]
+    scores = compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
+                     windows[:, 1:].reshape(-1))[0]
+    manifest = json.loads((artifact.path / "manifest.json").read_text())
+    size = sum(f.stat().st_size for f in artifact.path.rglob("*") if f.is_file())
+    print(f"{source.name}: mean KLD {scores.mean_kld:.6f}, same top-1 {scores.same_top1:.4f}, {size:,} bytes, "
+          f"state bytes {manifest['state_bytes']}, numerics {manifest['numerics']}, "
+          f"state check excess KLD {check['excess_kld']:.2e}")
+    assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, scores
+    assert check["consistent"] and check["same_top1"] == 1.0, check
+    mamba = Checkpoint.open(source).spec.mamba2
+    # fp16, per Mamba2 layer: the conv's last 3 inputs of x, B and C, and h per head, whatever the sequence's length
+    assert manifest["state_bytes"]["ssm_conv_state"] == 2 * 3 * (8 * 32 + 2 * 16) * 3 == 2 * 3 * mamba.conv_channels * 3
+    assert manifest["state_bytes"]["ssm_state"] == 2 * 3 * 8 * 32 * 16
+    assert manifest["numerics"]["recurrent_peak"] > 0 and manifest["numerics"]["state_peak"] > 0
