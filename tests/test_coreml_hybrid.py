@@ -298,3 +298,56 @@ def test_granite_hybrid_matches_the_reference_and_decodes_through_its_states(gra
     assert manifest["state_bytes"]["ssm_conv_state"] == 2 * 3 * (8 * 32 + 2 * 16) * 3 == 2 * 3 * mamba.conv_channels * 3
     assert manifest["state_bytes"]["ssm_state"] == 2 * 3 * 8 * 32 * 16
     assert manifest["numerics"]["recurrent_peak"] > 0 and manifest["numerics"]["state_peak"] > 0
+
+
+@pytest.fixture(scope="module")
+def slow_granite_hybrid(granite_hybrid, tmp_path_factory):
+    """The granitemoehybrid checkpoint with its Mamba2 layers' decay rates e⁵ times slower and out_proj 4 times
+    louder: the trained checkpoint's h fades within a few tokens (exp(Δ·A) ≈ 0.3 per token at best), so that an h
+    not advanced or reset moves decoding by a KLD of 4e-5, under the state check's limit; (source, windows,
+    reference logits)."""
+    from safetensors.torch import load_file, save_file
+
+    source, windows, _ = granite_hybrid
+    slow = tmp_path_factory.mktemp("slow") / "granitemoehybrid"
+    shutil.copytree(source, slow)
+    tensors = load_file(slow / "model.safetensors")
+    for name in [n for n in tensors if n.endswith("mamba.A_log")]:
+        tensors[name] -= 5
+    for name in [n for n in tensors if n.endswith("mamba.out_proj.weight")]:
+        tensors[name] *= 4
+    save_file(tensors, slow / "model.safetensors", metadata={"format": "pt"})
+    return slow, windows, reference_logits_for(slow, windows)
+
+
+@pytest.mark.parametrize(("state", "broken", "consistent"),
+                         [("RecurrentState", None, True), ("RecurrentState", not_advanced, False),
+                          ("RecurrentState", reset, False), ("ConvState", not_advanced, False)])
+def test_a_broken_mamba2_state_fails_the_state_check(slow_granite_hybrid, tmp_path, monkeypatch, state, broken,
+                                                     consistent):
+    """Mamba2's h not advanced past the prompt, or reset at every call, or its conv state not advanced: decoding
+    lands far from the no-state pass (the other states left intact), where the intact states pass."""
+    source, windows, reference = slow_granite_hybrid
+    if broken:
+        monkeypatch.setattr(getattr(graph, state), "write", broken)
+    _, check = state_check(build(source, tmp_path), windows, reference)
+    print(state, broken and broken.__name__, check)
+    assert check["consistent"] is consistent, check
+
+
+def test_mamba2_state_scales_are_taken_back_out(granite_hybrid, tmp_path, monkeypatch):
+    """A conv state scale of 2⁻⁴ (folded into in_proj's xBC rows and out of the kernel, its bias left as it is) and an
+    SSM state scale of 2⁻⁶ (applied to Δ·x, taken out of the scan's output, not of D·x) leave the function as it
+    was: the package still matches the reference and decodes through its states."""
+    source, windows, reference = granite_hybrid
+    monkeypatch.setattr(Calibrations, "state_range", lambda self: FP16Range(2.0**14, 2.0**-4))
+    monkeypatch.setattr(Calibrations, "recurrent_range", lambda self: FP16Range(2.0**16, 2.0**-6))
+    artifact = build(source, tmp_path)
+    numerics = json.loads((artifact.path / "manifest.json").read_text())["numerics"]
+    assert (numerics["state_scale"], numerics["recurrent_scale"]) == (2.0**-4, 2.0**-6)
+    logits, check = state_check(artifact, windows, reference)
+    vocab = reference.shape[-1]
+    scores = compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
+                     windows[:, 1:].reshape(-1))[0]
+    assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, scores
+    assert check["consistent"], check
