@@ -351,3 +351,26 @@ def test_mamba2_state_scales_are_taken_back_out(granite_hybrid, tmp_path, monkey
                      windows[:, 1:].reshape(-1))[0]
     assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, scores
     assert check["consistent"], check
+
+
+def test_recipe_converts_granite_hybrid_validates_and_reports_its_states(granite_hybrid, tmp_path):
+    """End to end on Granite 4.0-H: Core ML FP16 and int4 pass their gates and the state check, and report.json gives
+    Mamba2's conv and SSM states' bytes beside the KV cache's."""
+    source = granite_hybrid[0]
+    recipe = {"name": "granite_hybrid", "source": str(source), "output": str(tmp_path / "out"),
+              "targets": [{"format": "coreml", "context": CONTEXT, "precision": ["fp16", "int4"]}],
+              "validate": {"tokens": 128, "context": CONTEXT, "prefill_tokens": 16, "decode_tokens": 4,
+                           "gates": {"max_mean_kld": 0.06, "min_same_top1": 0.8}}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = subprocess.run([SILICONVERT, "recipe", str(tmp_path / "recipe.yaml")], capture_output=True, text=True,
+                            env={**os.environ, "SILICONVERT_QUIET": "1"})
+    assert result.returncode == 0, result.stderr
+    fp16, int4 = json.loads((tmp_path / "out" / "report.json").read_text())["artifacts"]
+    print({a["quant"]: (a["metrics"]["mean_kld"], a["metrics"]["same_top1"], a["size_bytes"]) for a in (fp16, int4)})
+    assert fp16["metrics"]["mean_kld"] < 0.002 and int4["metrics"]["mean_kld"] <= 0.06
+    assert fp16["kv_cache"]["consistent"] is True and int4["kv_cache"]["consistent"] is True
+    # one NoPE attention layer (2 KV heads of 32); three Mamba2 layers: 3 × (4 − 1) conv inputs of 8·32 + 2·16
+    # channels, and h of 8 heads × 32 × 16
+    assert fp16["state_bytes"] == {"kv_cache": 2 * 2 * 1 * 2 * CONTEXT * 32, "ssm_conv_state": 2 * 3 * 288 * 3,
+                                   "ssm_state": 2 * 3 * 8 * 32 * 16}
+    assert "ssm_state 24,576 bytes" in (tmp_path / "out" / "report.md").read_text()
