@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from siliconvert.architectures.base import Mamba2
 from siliconvert.artifacts import cache_root, write_text_atomically
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.errors import CheckpointError, RecipeError
@@ -105,9 +106,10 @@ class Calibration:
     expert_tokens: dict[str, np.ndarray] | None = None  # HF expert stack → calibration tokens routed per expert
     stream_peak: float | None = None  # the largest |value| of the residual stream, between layers
     # the largest |value| entering a recurrent state (a short convolution's B·x, a gated delta rule's conv input q,
-    # k, v), measured with the stream's peak; 0.0 for a model without one
+    # k, v, Mamba2's conv input x, B, C), measured with the stream's peak; 0.0 for a model without one
     state_peak: float | None = None
-    # the largest |value| of a gated delta rule's recurrent state S over the range window's tokens; 0.0 without one
+    # the largest |value| of a gated delta rule's recurrent state S, or of Mamba2's h, over the range window's
+    # tokens; 0.0 without one
     recurrent_peak: float | None = None
     importance_tokens: int | None = None  # tokens in the importance windows
     range_tokens: int | None = None  # tokens in the range window
@@ -252,8 +254,8 @@ class Calibrations:
         return FP16Range.of_peak(self.get(BUILTIN, {RANGE}).state_peak)
 
     def recurrent_range(self) -> FP16Range:
-        """The float16 range of the gated delta rule's recurrent states, measured with the residual stream's, with
-        the same headroom."""
+        """The float16 range of the gated delta rule's and Mamba2's recurrent states, measured with the residual
+        stream's, with the same headroom."""
         return FP16Range.of_peak(self.get(BUILTIN, {RANGE}).recurrent_peak)
 
     # ---- the disk cache: a file per part, written atomically ----------------------------------------
@@ -262,7 +264,9 @@ class Calibrations:
         if self.cache_dir is None:
             return None
         text_digest = hashlib.sha256(calibration_text(source)[1].encode()).hexdigest()[:16]
-        counts = {IMPORTANCE: f"{self.tokens}x{self.context}", RANGE: f"{RANGE_TOKENS}",
+        # a Mamba2 model's range measured before its states' peaks were is measured again
+        ranged = f"{RANGE_TOKENS}-mamba2" if self.checkpoint.spec.mamba2 is not None else f"{RANGE_TOKENS}"
+        counts = {IMPORTANCE: f"{self.tokens}x{self.context}", RANGE: ranged,
                   SENSITIVITY: f"{sensitivity_window_tokens(self.checkpoint)}-r{R0}-shrink"}[part]
         suffix = ".npz" if part == IMPORTANCE else ".json"
         return self.cache_dir / f"calibration-{self.checkpoint.fingerprint()}-{text_digest}-{part}-{counts}{suffix}"
@@ -399,16 +403,20 @@ class _StreamPeak:
     named in `state_modules`), whose rows are B, C and x (architectures/base.py ShortConv); a gated delta rule's
     conv input, its in_proj_qkv's output (`delta_modules`; Qwen3-Next's in_proj_qkvz, its z rows with them); and
     the rule's recurrent state at every token (`recurrent_peaks`), recomputed from what transformers' chunked rule
-    is called with (`watch_rule`)."""
+    is called with (`watch_rule`). Of Mamba2 (`mamba`), the xBC rows of its in_proj's output (`mamba_modules`) and
+    its state h at every token, recomputed from what transformers' scan is called with (`watch_scan`)."""
 
-    def __init__(self, state_modules: list[str], delta_modules: list[str]) -> None:
+    def __init__(self, state_modules: list[str], delta_modules: list[str], mamba_modules: list[str] = (),
+                 mamba: Mamba2 | None = None) -> None:
         self.active = False
         self.peaks: list[float] = []
         self.state_modules = state_modules
         self.delta_modules = delta_modules
+        self.mamba_modules = mamba_modules
+        self.mamba = mamba
         self.state_peaks: list[float] = [0.0]
         self.recurrent_peaks: list[float] = [0.0]
-        self.watched: list[tuple[object, object]] = []  # (modeling module, its own chunked rule)
+        self.watched: list[tuple[object, str, object]] = []  # (modeling module, a function's name, its own function)
 
     def attach(self, model) -> None:
         for layer in model.model.layers:
@@ -419,8 +427,12 @@ class _StreamPeak:
             model.get_submodule(name).register_forward_hook(lambda _, __, output: self._record_bx(output))
         for name in self.delta_modules:
             model.get_submodule(name).register_forward_hook(lambda _, __, output: self._record_delta_input(output))
+        for name in self.mamba_modules:
+            model.get_submodule(name).register_forward_hook(lambda _, __, output: self._record_xbc(output))
         if self.delta_modules:
             self.watch_rule(sys.modules[type(model).__module__])
+        if self.mamba_modules:
+            self.watch_scan(sys.modules[type(model).__module__])
 
     def watch_rule(self, modeling) -> None:
         """Route the modeling module's `torch_chunk_gated_delta_rule` (which its forward calls by that name)
@@ -432,13 +444,31 @@ class _StreamPeak:
                 self.recurrent_peaks.append(recurrent_peak(key, value, g, beta))
             return rule(query, key, value, g, beta, *args, **kwargs)
 
-        self.watched.append((modeling, rule))
+        self.watched.append((modeling, "torch_chunk_gated_delta_rule", rule))
         modeling.torch_chunk_gated_delta_rule = recorded
 
+    def watch_scan(self, modeling) -> None:
+        """Route the modeling module's `mamba2_scan_forward` (which each Mamba2 layer's forward calls by that name)
+        through one that records the peak of h first; `unwatch` puts the module's own back."""
+        scan = modeling.mamba2_scan_forward
+
+        def recorded(module, hidden_states, b, c, dt, *args, **kwargs):
+            if self.active:
+                self.recurrent_peaks.append(mamba2_state_peak(module, hidden_states, b, dt))
+            return scan(module, hidden_states, b, c, dt, *args, **kwargs)
+
+        self.watched.append((modeling, "mamba2_scan_forward", scan))
+        modeling.mamba2_scan_forward = recorded
+
     def unwatch(self) -> None:
-        for modeling, rule in self.watched:
-            modeling.torch_chunk_gated_delta_rule = rule
+        for modeling, name, function in self.watched:
+            setattr(modeling, name, function)
         self.watched.clear()
+
+    def _record_xbc(self, projected) -> None:
+        if self.active:
+            inner = self.mamba.inner_size
+            self.state_peaks.append(float(projected[..., inner: inner + self.mamba.conv_channels].abs().max()))
 
     def _record_delta_input(self, output) -> None:
         if self.active:
@@ -475,6 +505,28 @@ def recurrent_peak(key: torch.Tensor, value: torch.Tensor, g: torch.Tensor, beta
     return peak
 
 
+def mamba2_state_peak(module, x: torch.Tensor, b: torch.Tensor, dt: torch.Tensor) -> float:
+    """The largest |value| Mamba2's state h takes over the tokens, from a zero state: one step per token
+    (architectures/base.py Mamba2), in float32, from what transformers' scan is called with (x (batch, tokens,
+    heads × head_dim), B `b` (batch, tokens, groups × state_size), dt before its bias and softplus) and the layer's
+    A_log, dt_bias and time_step_limit."""
+    import torch
+
+    batch, tokens, _ = x.shape
+    heads, groups = module.num_heads, module.n_groups
+    low, high = module.time_step_limit
+    step = torch.nn.functional.softplus(dt.float() + module.dt_bias.float()).clamp(low, high)  # (batch, tokens, H)
+    decay = torch.exp(step * -torch.exp(module.A_log.float()))
+    x = x.float().view(batch, tokens, heads, -1) * step[..., None]  # Δ·x
+    b = b.float().view(batch, tokens, groups, -1).repeat_interleave(heads // groups, dim=2)
+    state = torch.zeros(batch, heads, x.shape[-1], b.shape[-1])
+    peak = 0.0
+    for t in range(tokens):
+        state = state * decay[:, t, :, None, None] + x[:, t, :, :, None] * b[:, t, :, None, :]
+        peak = max(peak, float(state.abs().max()))
+    return peak
+
+
 def _forward(checkpoint: Checkpoint, text_name: str, range_window: np.ndarray | None,
              importance_windows: np.ndarray | None, sensitivity_window: np.ndarray | None = None) -> Calibration:
     """One float32 forward over the range window (first, if any) and the importance windows (if any); then the
@@ -492,7 +544,11 @@ def _forward(checkpoint: Checkpoint, text_name: str, range_window: np.ndarray | 
     delta_modules = [name.removesuffix(".weight") for name, info in checkpoint.tensor_infos.items()
                      if info.role is not None and info.role.role in ("delta_qkv", "delta_qkvz")
                      and info.role.kind == "weight"]
-    importance, peak = _Importance(), _StreamPeak(state_modules, delta_modules)
+    # and each Mamba2 layer's in_proj, whose xBC rows enter its conv state
+    mamba_modules = [name.removesuffix(".weight") for name, info in checkpoint.tensor_infos.items()
+                     if info.role is not None and info.role.role == "ssm_in" and info.role.kind == "weight"]
+    importance = _Importance()
+    peak = _StreamPeak(state_modules, delta_modules, mamba_modules, checkpoint.spec.mamba2)
     first_importance = 0 if range_window is None else 1
 
     def window_started(index: int) -> None:

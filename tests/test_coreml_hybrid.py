@@ -264,3 +264,113 @@ def test_recipe_converts_qwen3_5_validates_and_reports_its_states(qwen3_5, tmp_p
     assert artifact["state_bytes"] == {"kv_cache": 2 * 2 * 1 * 2 * CONTEXT * 32, "delta_conv_state": 2 * 3 * 224 * 3,
                                        "recurrent_state": 2 * 3 * 4 * 32 * 24}
     assert "recurrent_state 18,432 bytes" in (tmp_path / "out" / "report.md").read_text()
+
+
+# ---- Mamba2 (Granite 4.0-H: NoPE attention, μP multipliers, experts beside the shared MLP) ------------------------
+
+@pytest.fixture(scope="module")
+def granite_hybrid(family_model):
+    """(source, windows, reference logits) of the granitemoehybrid case: Mamba2, NoPE attention, Mamba2, Mamba2."""
+    source = family_model("granitemoehybrid")
+    windows = windows_of(source, count=2, length=CONTEXT)
+    return source, windows, reference_logits_for(source, windows)
+
+
+@pytest.mark.parametrize("chunks", [1, 2])  # 2: the second package holds only Mamba2 layers
+def test_granite_hybrid_matches_the_reference_and_decodes_through_its_states(granite_hybrid, tmp_path, chunks):
+    """The prefill block through Mamba2's chunked SSD form, decoding one token at a time through its conv and SSM
+    states and the attention layer's KV cache; the states' bytes per sequence beside the KV cache's."""
+    source, windows, reference = granite_hybrid
+    artifact = build(source, tmp_path, chunks)
+    logits, check = state_check(artifact, windows, reference)
+    vocab = reference.shape[-1]
+    scores = compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
+                     windows[:, 1:].reshape(-1))[0]
+    manifest = json.loads((artifact.path / "manifest.json").read_text())
+    size = sum(f.stat().st_size for f in artifact.path.rglob("*") if f.is_file())
+    print(f"{source.name}: mean KLD {scores.mean_kld:.6f}, same top-1 {scores.same_top1:.4f}, {size:,} bytes, "
+          f"state bytes {manifest['state_bytes']}, numerics {manifest['numerics']}, "
+          f"state check excess KLD {check['excess_kld']:.2e}")
+    assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, scores
+    assert check["consistent"] and check["same_top1"] == 1.0, check
+    mamba = Checkpoint.open(source).spec.mamba2
+    # fp16, per Mamba2 layer: the conv's last 3 inputs of x, B and C, and h per head, whatever the sequence's length
+    assert manifest["state_bytes"]["ssm_conv_state"] == 2 * 3 * (8 * 32 + 2 * 16) * 3 == 2 * 3 * mamba.conv_channels * 3
+    assert manifest["state_bytes"]["ssm_state"] == 2 * 3 * 8 * 32 * 16
+    assert manifest["numerics"]["recurrent_peak"] > 0 and manifest["numerics"]["state_peak"] > 0
+
+
+@pytest.fixture(scope="module")
+def slow_granite_hybrid(granite_hybrid, tmp_path_factory):
+    """The granitemoehybrid checkpoint with its Mamba2 layers' decay rates e⁵ times slower and out_proj 4 times
+    louder: the trained checkpoint's h fades within a few tokens (exp(Δ·A) ≈ 0.3 per token at best), so that an h
+    not advanced or reset moves decoding by a KLD of 4e-5, under the state check's limit; (source, windows,
+    reference logits)."""
+    from safetensors.torch import load_file, save_file
+
+    source, windows, _ = granite_hybrid
+    slow = tmp_path_factory.mktemp("slow") / "granitemoehybrid"
+    shutil.copytree(source, slow)
+    tensors = load_file(slow / "model.safetensors")
+    for name in [n for n in tensors if n.endswith("mamba.A_log")]:
+        tensors[name] -= 5
+    for name in [n for n in tensors if n.endswith("mamba.out_proj.weight")]:
+        tensors[name] *= 4
+    save_file(tensors, slow / "model.safetensors", metadata={"format": "pt"})
+    return slow, windows, reference_logits_for(slow, windows)
+
+
+@pytest.mark.parametrize(("state", "broken", "consistent"),
+                         [("RecurrentState", None, True), ("RecurrentState", not_advanced, False),
+                          ("RecurrentState", reset, False), ("ConvState", not_advanced, False)])
+def test_a_broken_mamba2_state_fails_the_state_check(slow_granite_hybrid, tmp_path, monkeypatch, state, broken,
+                                                     consistent):
+    """Mamba2's h not advanced past the prompt, or reset at every call, or its conv state not advanced: decoding
+    lands far from the no-state pass (the other states left intact), where the intact states pass."""
+    source, windows, reference = slow_granite_hybrid
+    if broken:
+        monkeypatch.setattr(getattr(graph, state), "write", broken)
+    _, check = state_check(build(source, tmp_path), windows, reference)
+    print(state, broken and broken.__name__, check)
+    assert check["consistent"] is consistent, check
+
+
+def test_mamba2_state_scales_are_taken_back_out(granite_hybrid, tmp_path, monkeypatch):
+    """A conv state scale of 2⁻⁴ (folded into in_proj's xBC rows and out of the kernel, its bias left as it is) and an
+    SSM state scale of 2⁻⁶ (applied to Δ·x, taken out of the scan's output, not of D·x) leave the function as it
+    was: the package still matches the reference and decodes through its states."""
+    source, windows, reference = granite_hybrid
+    monkeypatch.setattr(Calibrations, "state_range", lambda self: FP16Range(2.0**14, 2.0**-4))
+    monkeypatch.setattr(Calibrations, "recurrent_range", lambda self: FP16Range(2.0**16, 2.0**-6))
+    artifact = build(source, tmp_path)
+    numerics = json.loads((artifact.path / "manifest.json").read_text())["numerics"]
+    assert (numerics["state_scale"], numerics["recurrent_scale"]) == (2.0**-4, 2.0**-6)
+    logits, check = state_check(artifact, windows, reference)
+    vocab = reference.shape[-1]
+    scores = compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
+                     windows[:, 1:].reshape(-1))[0]
+    assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, scores
+    assert check["consistent"], check
+
+
+def test_recipe_converts_granite_hybrid_validates_and_reports_its_states(granite_hybrid, tmp_path):
+    """End to end on Granite 4.0-H: Core ML FP16 and int4 pass their gates and the state check, and report.json gives
+    Mamba2's conv and SSM states' bytes beside the KV cache's."""
+    source = granite_hybrid[0]
+    recipe = {"name": "granite_hybrid", "source": str(source), "output": str(tmp_path / "out"),
+              "targets": [{"format": "coreml", "context": CONTEXT, "precision": ["fp16", "int4"]}],
+              "validate": {"tokens": 128, "context": CONTEXT, "prefill_tokens": 16, "decode_tokens": 4,
+                           "gates": {"max_mean_kld": 0.06, "min_same_top1": 0.8}}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = subprocess.run([SILICONVERT, "recipe", str(tmp_path / "recipe.yaml")], capture_output=True, text=True,
+                            env={**os.environ, "SILICONVERT_QUIET": "1"})
+    assert result.returncode == 0, result.stderr
+    fp16, int4 = json.loads((tmp_path / "out" / "report.json").read_text())["artifacts"]
+    print({a["quant"]: (a["metrics"]["mean_kld"], a["metrics"]["same_top1"], a["size_bytes"]) for a in (fp16, int4)})
+    assert fp16["metrics"]["mean_kld"] < 0.002 and int4["metrics"]["mean_kld"] <= 0.06
+    assert fp16["kv_cache"]["consistent"] is True and int4["kv_cache"]["consistent"] is True
+    # one NoPE attention layer (2 KV heads of 32); three Mamba2 layers: 3 × (4 − 1) conv inputs of 8·32 + 2·16
+    # channels, and h of 8 heads × 32 × 16
+    assert fp16["state_bytes"] == {"kv_cache": 2 * 2 * 1 * 2 * CONTEXT * 32, "ssm_conv_state": 2 * 3 * 288 * 3,
+                                   "ssm_state": 2 * 3 * 8 * 32 * 16}
+    assert "ssm_state 24,576 bytes" in (tmp_path / "out" / "report.md").read_text()

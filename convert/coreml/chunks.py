@@ -18,7 +18,8 @@ HEAD_SPLIT = 16384  # the ANE caps a convolution's output channels; a 32k–150k
 Key = tuple[str, int | None, str]
 # The mixers a package can run, each with the states it keeps per sequence (graph.py makes them)
 MIXER_STATES: dict[Mixer, tuple[str, ...]] = {"attention": ("key_cache", "value_cache"), "short_conv": ("conv_state",),
-                                              "gated_delta": ("delta_conv_state", "recurrent_state")}
+                                              "gated_delta": ("delta_conv_state", "recurrent_state"),
+                                              "mamba2": ("ssm_conv_state", "ssm_state")}
 VALID_TOKENS = "valid_tokens"  # the input of a chunk with recurrent states: how many of the call's tokens are real
 
 
@@ -96,6 +97,8 @@ def layer_bytes(spec: ModelSpec, layer: int) -> int:
         mlp = experts.count * (h + 3 * h * experts.intermediate_size)
         if experts.shared_intermediate_size:
             mlp += h + 3 * h * experts.shared_intermediate_size
+        if experts.beside_dense:
+            mlp += 3 * h * spec.intermediate_size
     else:
         mlp = 3 * h * spec.intermediate_size
     if spec.layers[layer].mixer == "short_conv":  # in_proj (B, C, x), out_proj and the kernel
@@ -104,6 +107,10 @@ def layer_bytes(spec: ModelSpec, layer: int) -> int:
         delta = spec.gated_delta
         rows = delta.conv_channels + 2 * delta.value_size + 2 * delta.value_heads
         return 2 * (h * rows + delta.conv_channels * delta.conv_kernel + mlp)
+    if spec.layers[layer].mixer == "mamba2":  # in_proj's z, xBC and dt rows, out_proj and the kernel
+        mamba = spec.mamba2
+        rows = mamba.inner_size + mamba.conv_channels + mamba.heads
+        return 2 * (h * (rows + mamba.inner_size) + mamba.conv_channels * mamba.conv_kernel + mlp)
     queries = 2 * q if spec.attn_output_gate else q  # q_proj's query rows, and its gate rows where there are
     return 2 * (h * (queries + q + 2 * kv) + mlp)
 

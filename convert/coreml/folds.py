@@ -19,7 +19,8 @@ before it becomes a blob.
 - A short convolution's state scale (the same kind of power of two, for what enters its state: B·x) is folded
   into B's rows of in_proj and the kernel's bias, and taken out again in out_proj's weight. The gated delta
   rule's conv state scale (for its conv's input, q, k and v) folds into in_proj_qkv and is taken out again in the
-  kernel (no bias, and SiLU follows the convolution).
+  kernel (no bias, and SiLU follows the convolution); Mamba2's (for x, B and C) into in_proj's xBC rows (and their
+  bias) and out of the kernel, whose bias applies after it.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ FUSED = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_gate_up": ("ffn_gate",
 GROUPED = {"delta_qkvz": ("delta_qkv", "delta_gate"), "ssm_ba": ("ssm_beta", "ssm_alpha")}
 # The experts' down projections write into the residual stream as the dense MLP's does: the branch scale too
 WRITES_LIKE = {"ffn_down_exps": "ffn_down", "ffn_down_shexp": "ffn_down",
-               "shortconv.out_proj": "attn_output"}  # the short convolution's branch, as attention's
+               "shortconv.out_proj": "attn_output",  # the short convolution's branch, as attention's
+               "ssm_out": "attn_output"}  # the gated delta rule's and Mamba2's
 # The norms around each block, per norm placement: (before the block, after it) for attention and for the MLP
 # A sparse layer's expert stacks → the parts each expert's rows hold, in row order
 EXPERT_STACKS = {"ffn_gate_up_exps": ("ffn_gate_exp", "ffn_up_exp"), "ffn_down_exps": ("ffn_down_exp",)}
@@ -105,8 +107,15 @@ def graph_tensors(spec: ModelSpec, key: Key, array: np.ndarray, branch_scale: fl
             array *= np.float32(state_scale)
         elif role == "shortconv.out_proj" and kind == "weight":
             array /= np.float32(state_scale)
-    if state_scale != 1.0 and role in ("delta_qkv", "ssm_conv1d"):
+    if state_scale != 1.0 and role in ("delta_qkv", "ssm_conv1d") and spec.gated_delta is not None:
         array = array.astype(np.float32) * np.float32(state_scale if role == "delta_qkv" else 1 / state_scale)
+    if state_scale != 1.0 and role in ("ssm_in", "ssm_conv1d") and spec.mamba2 is not None:
+        array = array.astype(np.float32)
+        if role == "ssm_in":  # the xBC rows, after z's
+            mamba = spec.mamba2
+            array[mamba.inner_size: mamba.inner_size + mamba.conv_channels] *= np.float32(state_scale)
+        elif kind == "weight":
+            array /= np.float32(state_scale)
     if role == "ssm_a":
         array = -np.exp(array.astype(np.float32))
     if role.endswith("_norm") and spec.norm_offset_of(role):

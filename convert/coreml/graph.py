@@ -10,8 +10,8 @@ WeightedOps is where each linear and norm takes its weight; required_tensors say
 (folds.py: in what shape).
 
 Where each trait of the spec becomes ops, one place each (ops appear only where a trait departs from Llama's):
-    layers[i].mixer           decoder_layer: attention, short_conv over the conv state, or gated_delta over its conv
-                              and recurrent states (grouped by mixer once, in chunks.layers_by_mixer)
+    layers[i].mixer           decoder_layer: attention, short_conv over the conv state, gated_delta or mamba2 over
+                              their conv and recurrent states (grouped by mixer once, in chunks.layers_by_mixer)
     attn_output_gate          attention: q_proj's gate rows, sigmoid(gate) × the heads' output before o_proj
     layers[i].window          causal_masks: one mask per window size, shared by the layers with that window
     layers[i].rope            rope_angles / rope_frequencies: one cos/sin table pair per distinct rope (θ,
@@ -21,7 +21,8 @@ Where each trait of the spec becomes ops, one place each (ops appear only where 
     activation                mlp: SwiGLU or GeGLU (tanh-approximated GELU)
     experts, layers[i].sparse experts: the router (softmax, top-k, renormalised where normalize_topk) and every
                               expert's mlp weighted by it, plus a shared expert behind its sigmoid gate where
-                              the spec has one; the chosen ids are the EXPERT_IDS output
+                              the spec has one; the chosen ids are the EXPERT_IDS output; beside_dense: the
+                              layer's dense MLP added to them (decoder_layer)
     embedding_scale           embed (times the fp16 range scale, siliconvert/calibration.py)
     attention_scale, attn_softcap    attention
     logits_scale, final_softcap      lm_head
@@ -52,6 +53,7 @@ SHORT_CONV_ROLES = ("shortconv.in_proj", "shortconv.conv", "shortconv.out_proj")
 # the gated delta rule's weights, unfused (folds.py permutes Qwen3-Next's fused ones into them)
 GATED_DELTA_ROLES = ("delta_qkv", "delta_gate", "ssm_beta", "ssm_alpha", "ssm_conv1d", "ssm_dt", "ssm_a", "ssm_norm",
                      "ssm_out")
+MAMBA2_ROLES = ("ssm_in", "ssm_conv1d", "ssm_dt", "ssm_a", "ssm_d", "ssm_norm", "ssm_out")
 EXPERT_IDS = "expert_ids"  # the output of a chunk with sparse layers: their routers' choices (1, S, layers, k)
 NORM_FLOOR = 2.0**-6  # RMSNorm divides by max(|x|, floor): an all-zero token must not divide by zero
 # The passes of coremltools' default pipeline (and of its mlprogram backend) that change this graph, in their
@@ -94,6 +96,11 @@ def required_tensors(spec: ModelSpec, chunk: Chunk) -> set[Key]:
     keys.update((role, layer, kind) for layer in chunk.mixer_layers("attention") for role, kind in attention)
     keys.update((role, layer, kind) for layer in chunk.mixer_layers("short_conv") for role, kind in conv)
     keys.update((role, layer, "weight") for layer in chunk.mixer_layers("gated_delta") for role in GATED_DELTA_ROLES)
+    if (mamba := spec.mamba2) is not None:
+        biases = [role for role, biased in (("ssm_in", mamba.proj_bias), ("ssm_out", mamba.proj_bias),
+                                            ("ssm_conv1d", mamba.conv_bias)) if biased]
+        keys.update((role, layer, kind) for layer in chunk.mixer_layers("mamba2")
+                    for role, kind in [(role, "weight") for role in MAMBA2_ROLES] + [(role, "bias") for role in biases])
     for layer in chunk.layers:
         if spec.layers[layer].sparse:  # the router and every expert's gate, up and down; the shared expert's
             keys.add(("ffn_gate_inp", layer, "weight"))
@@ -101,6 +108,8 @@ def required_tensors(spec: ModelSpec, chunk: Chunk) -> set[Key]:
                         for parts in EXPERT_STACKS.values() for part in parts)
             if spec.experts.shared_intermediate_size:
                 keys.update((role, layer, "weight") for role in (*SHARED_EXPERT, "ffn_gate_inp_shexp"))
+            if spec.experts.beside_dense:
+                keys.update((role, layer, kind) for role, kind in dense_mlp)
         else:
             keys.update((role, layer, kind) for role, kind in dense_mlp)
     if chunk.first:
@@ -133,7 +142,7 @@ def build_program(spec: ModelSpec, chunk: Chunk, block: int, context: int, weigh
 def build_function(spec: ModelSpec, chunk: Chunk, tokens: int, context: int, weights: WeightConsts,
                    stream_scale: float = 1.0, recurrent_scale: float = 1.0) -> Function:
     """`tokens` tokens through the chunk's layers; `stream_scale` scales the residual stream, `recurrent_scale` the
-    gated delta rule's recurrent states (FP16Range)."""
+    gated delta rule's and Mamba2's recurrent states (FP16Range)."""
     # The builder names ops from a process-wide counter that ct.convert clears after each conversion; from
     # zero in every function, the names (and so model.mlmodel) are the same in every run.
     mb.name_count.clear()
@@ -179,7 +188,8 @@ def state_shapes(spec: ModelSpec, chunk: Chunk, context: int) -> dict[str, tuple
     states (layers, KVH, context, D); the last kernel − 1 values of B·x of its short-conv layers (layers, C, 1,
     kernel − 1), laid out as the activations are; of its gated-delta-rule layers, the conv's last kernel − 1
     inputs (layers, q + k + v channels, 1, kernel − 1) and the recurrent state (layers, value heads, key head dim,
-    value head dim)."""
+    value head dim); of its Mamba2 layers, the conv's last kernel − 1 inputs (layers, x + B + C channels, 1,
+    kernel − 1) and the SSM state (layers, heads, head dim, state size)."""
     shapes: dict[str, tuple[int, ...]] = {}
     if attention := chunk.mixer_layers("attention"):
         shapes |= {name: (len(attention), spec.num_kv_heads, context, spec.head_dim)
@@ -196,6 +206,13 @@ def state_shapes(spec: ModelSpec, chunk: Chunk, context: int) -> dict[str, tuple
                                   "the Core ML writer needs a kernel of 2 taps or more")
         shapes["delta_conv_state"] = (len(gated_delta), delta.conv_channels, 1, delta.conv_kernel - 1)
         shapes["recurrent_state"] = (len(gated_delta), *delta.state_shapes()["recurrent"])
+    if mamba2 := chunk.mixer_layers("mamba2"):
+        mamba = spec.mamba2
+        if mamba.conv_kernel < 2:
+            raise CheckpointError(f"a Mamba2 convolution of {mamba.conv_kernel} tap carries no state: the Core ML "
+                                  "writer needs a kernel of 2 taps or more")
+        shapes["ssm_conv_state"] = (len(mamba2), mamba.conv_channels, 1, mamba.conv_kernel - 1)
+        shapes["ssm_state"] = (len(mamba2), *mamba.state_shapes()["recurrent"])
     return shapes
 
 
@@ -269,8 +286,8 @@ class ConvState:
 
 
 class RecurrentState(ConvState):
-    """The gated delta rule's recurrent states (layers, value heads, key head dim, value head dim), × the recurrent
-    scale: read and written by row as a conv state is."""
+    """The gated delta rule's recurrent states (layers, value heads, key head dim, value head dim), or Mamba2's
+    (layers, heads, head dim, state size), × the recurrent scale: read and written by row as a conv state is."""
 
 
 @dataclass(frozen=True)
@@ -288,14 +305,16 @@ class Shared:
     valid_tokens: object = None
     delta_conv: ConvState | None = None
     recurrent: RecurrentState | None = None
-    delta: DeltaConsts | None = None
+    delta: DeltaConsts | None = None  # the gated delta rule's and Mamba2's
+    ssm_conv: ConvState | None = None
+    ssm: RecurrentState | None = None
 
 
 @dataclass(frozen=True)
 class DeltaConsts:
-    """What the gated-delta-rule layers of one function share: which of the block's tokens are real (a padded
-    prefill block's padding neither decays nor writes the recurrent state), the recurrent state's scale, and for a
-    block of S > 1 tokens the constant matrices of the chunked form (gated_delta_block)."""
+    """What the gated-delta-rule and Mamba2 layers of one function share: which of the block's tokens are real (a
+    padded prefill block's padding neither decays nor writes the recurrent state), the recurrent state's scale, and
+    for a block of S > 1 tokens the constant matrices of the chunked forms (gated_delta_block, mamba2_block)."""
 
     valid: object  # (1, 1, 1, S) fp16: 1 for the real tokens, 0 for the padding
     scale: float
@@ -350,8 +369,11 @@ def shared_values(spec: ModelSpec, chunk: Chunk, context: int, tokens: int, inpu
     delta = {}
     if "recurrent_state" in inputs:
         delta = {"delta_conv": ConvState(inputs["delta_conv_state"]),
-                 "recurrent": RecurrentState(inputs["recurrent_state"]),
-                 "delta": delta_consts(tokens, inputs[VALID_TOKENS], recurrent_scale)}
+                 "recurrent": RecurrentState(inputs["recurrent_state"])}
+    if "ssm_state" in inputs:
+        delta |= {"ssm_conv": ConvState(inputs["ssm_conv_state"]), "ssm": RecurrentState(inputs["ssm_state"])}
+    if delta:
+        delta["delta"] = delta_consts(tokens, inputs[VALID_TOKENS], recurrent_scale)
     return Shared(position, angles, masks, keys, values, conv, inputs.get(VALID_TOKENS), **delta)
 
 
@@ -375,6 +397,9 @@ def decoder_layer(ops: WeightedOps, x, layer: int, mixer: str, row: int, shared:
     attention_norms, mlp_norms = BLOCK_NORMS[ops.spec.norm_placement]
     mix = MIXERS[mixer]
     x = residual(ops, x, layer, "attn", attention_norms, lambda h: mix(ops, h, layer, row, shared))
+    if ops.spec.layers[layer].sparse and ops.spec.experts.beside_dense:
+        return residual(ops, x, layer, "ffn", mlp_norms, lambda h: mb.add(
+            x=mlp(ops, h, layer), y=experts(ops, h, layer, expert_ids), name=f"l{layer}_ffn_and_experts"))
     if ops.spec.layers[layer].sparse:
         return residual(ops, x, layer, "ffn", mlp_norms, lambda h: experts(ops, h, layer, expert_ids))
     return residual(ops, x, layer, "ffn", mlp_norms, lambda h: mlp(ops, h, layer))
@@ -667,8 +692,92 @@ def repeat_heads(x, repeats: int):
     return mb.reshape(x=tiled, shape=[heads * repeats, d, s])
 
 
+def mamba2(ops: WeightedOps, x, layer: int, row: int, shared: Shared):
+    """Mamba2's selective state space (architectures/base.py Mamba2 has the maths): z, xBC and dt from in_proj; xBC
+    through the causal depthwise convolution over the layer's conv state (as gated_delta's) and SiLU; Δ =
+    softplus(dt + dt_bias) within time_step_limit, zero for a padded block's padding; the scan over the SSM state,
+    one step for one token (mamba2_step), the chunked SSD form for a block (mamba2_block); + D·x; the RMSNorm of
+    each group's slice of y · SiLU(z) (gated first, as transformers' RMSNormGated), out_proj."""
+    mamba, consts = ops.spec.mamba2, shared.delta
+    s, channels, kernel = x.shape[-1], mamba.conv_channels, mamba.conv_kernel
+    heads, dim, size, groups, inner = mamba.heads, mamba.head_dim, mamba.state_size, mamba.groups, mamba.inner_size
+    projected = ops.linear(x, "ssm_in", layer, f"l{layer}_ssm_in")  # (1, z + xBC + dt, 1, S), xBC × the state scale
+    z, xbc, dt = (mb.slice_by_index(x=projected, begin=[0, start, 0, 0], end=[1, start + rows, 1, s])
+                  for start, rows in ((0, inner), (inner, channels), (inner + channels, heads)))
+    window = mb.concat(values=[shared.ssm_conv.read(row), xbc], axis=3, name=f"l{layer}_ssm_window")
+    weight = ops.weights.const(weight_id(("ssm_conv1d", layer, "weight")), (channels, 1, 1, kernel),
+                               f"l{layer}_ssm_conv_weight")
+    bias = None
+    if ("ssm_conv1d", layer, "bias") in ops.needed:
+        bias = ops.weights.const(weight_id(("ssm_conv1d", layer, "bias")), (channels,), f"l{layer}_ssm_conv_bias")
+    conv = mb.conv(x=window, weight=weight, bias=bias, groups=channels, pad_type="valid", name=f"l{layer}_ssm_conv")
+    begin = mb.concat(values=[np.zeros(3, np.int32), shared.valid_tokens], axis=0)
+    shared.ssm_conv.write(mb.slice_by_size(x=window, begin=begin, size=[1, channels, 1, kernel - 1]), row)
+    xbc = mb.silu(x=conv)
+    xs, b, c = (mb.slice_by_index(x=xbc, begin=[0, start, 0, 0], end=[1, start + rows, 1, s])
+                for start, rows in ((0, inner), (inner, groups * size), (inner + groups * size, groups * size)))
+    dt_bias = ops.weights.const(weight_id(("ssm_dt", layer, "weight")), (1, heads, 1, 1), f"l{layer}_ssm_dt_bias")
+    step = mb.softplus(x=mb.add(x=dt, y=dt_bias))  # Δ (1, heads, 1, S)
+    low, high = mamba.time_step_limit
+    if low > 0:
+        step = mb.maximum(x=step, y=np.float16(low))
+    if high < math.inf:
+        step = mb.minimum(x=step, y=np.float16(high))
+    step = mb.reshape(x=mb.mul(x=step, y=consts.valid), shape=[heads, 1, s], name=f"l{layer}_ssm_step")
+    rate = ops.weights.const(weight_id(("ssm_a", layer, "weight")), (heads, 1, 1), f"l{layer}_ssm_decay_rate")
+    g = mb.mul(x=step, y=rate)  # Δ·A, the log-decay of each head at each token (heads, 1, S)
+    inputs = mb.mul(x=mb.reshape(x=xs, shape=[heads, dim, s]), y=step)  # Δ·x (heads, head dim, S)
+    if consts.scale != 1.0:
+        inputs = mb.mul(x=inputs, y=np.float16(consts.scale))
+    inputs = mb.transpose(x=inputs, perm=[0, 2, 1])  # (heads, S, head dim)
+    # (heads, S, state size): head h reads group h // (heads / groups)
+    b, c = (mb.transpose(x=repeat_heads(mb.reshape(x=part, shape=[groups, size, s]), heads // groups), perm=[0, 2, 1])
+            for part in (b, c))
+    state = mb.reshape(x=shared.ssm.read(row), shape=[heads, dim, size])
+    scan = mamba2_step if s == 1 else mamba2_block
+    y, state = scan(inputs, b, c, g, state, consts)  # (heads, S, head dim), (heads, head dim, state size)
+    shared.ssm.write(mb.reshape(x=state, shape=[1, heads, dim, size]), row)
+    if consts.scale != 1.0:
+        y = mb.mul(x=y, y=np.float16(1 / consts.scale))
+    skip = ops.weights.const(weight_id(("ssm_d", layer, "weight")), (1, heads, 1, 1), f"l{layer}_ssm_skip")
+    y = mb.add(x=mb.reshape(x=mb.transpose(x=y, perm=[0, 2, 1]), shape=[1, heads, dim, s]),
+               y=mb.mul(x=mb.reshape(x=xs, shape=[1, heads, dim, s]), y=skip))
+    by_group = [1, groups, inner // groups, s]
+    y = mb.mul(x=mb.reshape(x=y, shape=by_group), y=mb.silu(x=mb.reshape(x=z, shape=by_group)))
+    norm = ops.weights.const(weight_id(("ssm_norm", layer, "weight")), (1, groups, inner // groups, 1),
+                             f"l{layer}_ssm_norm_weight")
+    y = rms_norm(y, norm, ops.spec.rms_norm_eps, f"l{layer}_ssm_norm", axis=2)
+    return ops.linear(mb.reshape(x=y, shape=[1, inner, 1, s]), "ssm_out", layer, f"l{layer}_ssm_out")
+
+
+def mamba2_step(inputs, b, c, g, state, consts: DeltaConsts):
+    """One token: h ← exp(g) h + (Δx)ᵀ B; y = h C. Δx (H, 1, P), B and C (H, 1, N), g (H, 1, 1), h (H, P, N)."""
+    state = mb.add(x=mb.mul(x=state, y=mb.exp(x=g)), y=mb.matmul(x=inputs, y=b, transpose_x=True))
+    return mb.matmul(x=c, y=state, transpose_y=True), state
+
+
+def mamba2_block(inputs, b, c, g, state, consts: DeltaConsts):
+    """A block of n tokens at once, in the chunked SSD form of transformers' torch path, the block one chunk: with G
+    the running sum of g and L[i, j] = exp(G_i − G_j) for j ≤ i (0 above: a lower-triangular matrix of exp(segment
+    sums)), y = ((C Bᵀ) ⊙ L) Δx + (C ⊙ exp G) hᵀ and h ← exp(G_n) h + (Δx ⊙ exp(G_n − G))ᵀ B: matmuls, exact,
+    no loop over tokens. G_i − G_j is summed from g directly (`between`), as gated_delta_block's."""
+    heads, n, _ = inputs.shape
+    running = mb.matmul(x=g, y=consts.running)  # (H, 1, n): G
+    between = mb.reshape(x=mb.matmul(x=g, y=consts.between), shape=[heads, n, n])  # [i, j]: G_i − G_j (j ≤ i)
+    decay = mb.mul(x=mb.exp(x=between), y=consts.causal)
+    within = mb.mul(x=mb.matmul(x=c, y=b, transpose_y=True), y=decay)  # (H, n, n)
+    growth = mb.exp(x=mb.reshape(x=running, shape=[heads, n, 1]))  # exp(G_i)
+    out = mb.add(x=mb.matmul(x=within, y=inputs), y=mb.matmul(x=mb.mul(x=c, y=growth), y=state, transpose_y=True))
+    to_end = mb.reshape(x=mb.slice_by_index(x=between, begin=[0, n - 1, 0], end=[heads, n, n]),
+                        shape=[heads, n, 1])  # G_n − G_j
+    total = mb.slice_by_index(x=running, begin=[0, 0, n - 1], end=[heads, 1, n])  # G_n (H, 1, 1)
+    state = mb.add(x=mb.mul(x=state, y=mb.exp(x=total)),
+                   y=mb.matmul(x=mb.mul(x=inputs, y=mb.exp(x=to_end)), y=b, transpose_x=True))
+    return out, state
+
+
 # mixer → its branch, (ops, x, layer, row in its states, shared) → the branch's output
-MIXERS = {"attention": attention, "short_conv": short_conv, "gated_delta": gated_delta}
+MIXERS = {"attention": attention, "short_conv": short_conv, "gated_delta": gated_delta, "mamba2": mamba2}
 
 
 def reshape(x, shape: list[int]):

@@ -101,9 +101,10 @@ class CoreMLWriter(Writer):
         # states are fp16 only, so a range past it is scaled, never widened
         self.state_range = calibration.state_range() if self.spec.state_numbers() else None
         self.state_scale = self.state_range.scale if self.state_range else 1.0
-        # and the gated delta rule's recurrent states themselves (a scale the graph applies to v and takes out of
-        # the rule's output)
-        self.recurrent_range = calibration.recurrent_range() if self.spec.mixer_layers("gated_delta") else None
+        # and the gated delta rule's and Mamba2's recurrent states themselves (a scale the graph applies to what
+        # enters them, v or Δ·x, and takes out of the rule's output)
+        recurrent = self.spec.mixer_layers("gated_delta") or self.spec.mixer_layers("mamba2")
+        self.recurrent_range = calibration.recurrent_range() if recurrent else None
         self.recurrent_scale = self.recurrent_range.scale if self.recurrent_range else 1.0
         self.chunks = plan_chunks(self.spec, target.chunks)
         self.needed = [required_tensors(self.spec, chunk) for chunk in self.chunks]
@@ -332,10 +333,12 @@ class CoreMLWriter(Writer):
             # experts sends the token through other weights altogether.
             routers = {weight_id(("ffn_gate_inp", layer, "weight")) for layer in self.sparse_layers(chunk)}
             # so do the short convolutions' kernels: kernel × hidden numbers each, which every token goes through,
-            # and the gated delta rule's kernels, decay rates and dt biases
+            # and the gated delta rule's and Mamba2's kernels, decay rates and dt biases (and Mamba2's D)
             kernels = {weight_id(("shortconv.conv", layer, "weight")) for layer in chunk.mixer_layers("short_conv")}
             kernels |= {weight_id((role, layer, "weight")) for layer in chunk.mixer_layers("gated_delta")
                         for role in ("ssm_conv1d", "ssm_a", "ssm_dt")}
+            kernels |= {weight_id((role, layer, "weight")) for layer in chunk.mixer_layers("mamba2")
+                        for role in ("ssm_conv1d", "ssm_a", "ssm_dt", "ssm_d")}
             weights = package.blobs.keys() - routers - kernels
             for precision in self.target.precisions[1:]:
                 if precision != self.planned:
