@@ -69,10 +69,13 @@ def check_config(config: dict[str, Any], tensors: Iterable[Shaped], where: Path)
 
 
 def _check_types(config: dict[str, Any], where: Path) -> None:
+    # Qwen3-MoE's num_experts, Granite 4.0-H's num_local_experts: 0 experts is all dense (and 0 of them per token)
+    expert_counts = ("num_experts", "num_local_experts")
     for key in (*TENSOR_DIMENSIONS, "num_hidden_layers"):
-        _count(config, key, 0 if key == "num_experts" else 1, None, where)  # Qwen3-MoE: 0 experts is all dense
+        _count(config, key, 0 if key in expert_counts else 1, None, where)
+    dense = any(config.get(key) == 0 for key in expert_counts)
     for key in EXPERT_COUNTS:
-        _count(config, key, 1, None, where)
+        _count(config, key, 0 if dense and key == "num_experts_per_tok" else 1, None, where)
     only_dense = config.get("mlp_only_layers")
     if only_dense is not None and not (isinstance(only_dense, list) and all(_is_int(i) for i in only_dense)):
         raise CheckpointError(f"mlp_only_layers must be a list of layer indices (got {short(only_dense)})", where)

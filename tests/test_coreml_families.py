@@ -78,7 +78,7 @@ def test_manifest_records_the_numerics(family_package):
     numerics = json.loads((artifact.path / "manifest.json").read_text())["numerics"]
     if family == "phi3":  # LongRoPE: a 64-token package is within the original context, so "short" factors
         assert numerics["longrope_factors"] == ["short"]
-    assert numerics["norm_offset_folded"] == family.startswith("gemma")
+    assert numerics["norm_offset_folded"] == family.startswith(("gemma", "qwen3_5", "qwen3_next"))  # (1 + w) norms
 
 
 @pytest.mark.parametrize("family_package", ["gemma2", "smollm3", "qwen3_moe"], indirect=True)

@@ -294,3 +294,12 @@ def test_hybrids_no_writer_runs_are_refused_naming_the_trait(architecture: str, 
     config = {"architectures": [architecture], "model_type": model_type, **SIZES}
     with pytest.raises(CheckpointError, match=f"no target honours the trait {trait}"):
         registry.for_config(config).spec(config)
+
+
+def test_granite_4_h_without_experts_is_dense() -> None:
+    """Granite 4.0-H Micro: num_local_experts 0 (and 0 per token): every layer's shared_mlp is its dense MLP."""
+    spec = spec_of("granitemoehybrid", num_local_experts=0, num_experts_per_tok=0)
+    assert spec.experts is None and spec.sparse_layers == [] and spec.intermediate_size == 160
+    expected = registry.for_config(config_of("granitemoehybrid")).expected_tensors(spec)
+    assert "model.layers.0.shared_mlp.input_linear.weight" in expected
+    assert not any("block_sparse_moe" in name for name in expected)

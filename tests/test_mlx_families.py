@@ -9,7 +9,7 @@ import pytest
 from conftest import build_mlx, reference_choices_for, reference_logits_for
 from families import FAMILY_CASES
 from test_mlx import held_out_windows, mlx_logits
-from test_mlx_moe import MOE_FAMILIES
+from test_mlx_moe import ATTENTION_MOE_FAMILIES, MOE_FAMILIES
 
 from siliconvert.architectures import registry
 from siliconvert.checkpoint import Checkpoint
@@ -102,7 +102,9 @@ def test_float16_layout_is_exact_on_edited_configs(case, family_source, scored):
     assert scored(family_source(case), bits=16) < 0.001
 
 
-@pytest.mark.parametrize("name", ["gemma3_text", "smollm3", "granite", *list(EDITED)[:2], *MOE_FAMILIES, "lfm2"])
+# the stand-in runs attention and LFM2's convolutions, and refuses the recurrent mixers (test_validate_runners_mlx.py)
+@pytest.mark.parametrize("name", ["gemma3_text", "smollm3", "granite", *list(EDITED)[:2], *ATTENTION_MOE_FAMILIES,
+                                  "lfm2"])
 def test_torch_stand_in_runs_the_folder_as_mlx_lm_reads_it(name, family_source, scored):
     """The stand-in for large models rebuilds transformers' config from mlx-lm's reading: Gemma 3's sliding
     period and local θ, SmolLM3's NoPE layers, Granite's multipliers, Gemma 2 without sliding layers, Phi-3's
@@ -111,8 +113,8 @@ def test_torch_stand_in_runs_the_folder_as_mlx_lm_reads_it(name, family_source, 
     assert scored(family_source(name), engine="torch", bits=16) < 0.001
 
 
-@pytest.mark.parametrize("engine", ["mlx", "torch"])
-@pytest.mark.parametrize("family", MOE_FAMILIES)
+@pytest.mark.parametrize(("family", "engine"), [(family, "mlx") for family in MOE_FAMILIES]
+                         + [(family, "torch") for family in ATTENTION_MOE_FAMILIES])
 def test_float16_routers_choose_the_references_experts(family, engine, family_source, scored):
     """The experts mlx-lm's routers choose (fed to its SwitchGLU), or the stand-in's, against those transformers'
     routers choose in the reference run, on the scored windows."""

@@ -26,9 +26,12 @@ from siliconvert.validate.router import router_agreement
 from siliconvert.validate.runners.mlx import MLXRunner
 
 MOE_FAMILIES = [family for family, (_, config) in FAMILY_CASES.items() if "num_experts_per_tok" in config]
+# mlx_lm.convert reads these with a config patch; the hybrids' comparisons with it are in tests/test_mlx_hybrid.py
+ATTENTION_MOE_FAMILIES = [family for family in MOE_FAMILIES if "layer_types" not in FAMILY_CASES[family][1]]
 # The router rule mlx-lm's Qwen3-MoE file gives its quant predicate (Qwen3-Next's also for the shared expert's
 # gate), for the files that have none (Mixtral's, OLMoE's, Qwen2-MoE's)
 ROUTER_AT_8_BITS = {"group_size": 64, "bits": 8}
+NEAR_TIE = 0.05  # logits: a greedy choice this close is decided by rounding
 
 
 def arrays(folder: Path) -> dict[str, mx.array]:
@@ -46,7 +49,7 @@ def assert_same_arrays(mine: dict[str, mx.array], theirs: dict[str, mx.array]) -
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", MOE_FAMILIES)
+@pytest.mark.parametrize("family", ATTENTION_MOE_FAMILIES)
 def test_quantized_experts_are_mlx_lms_own(family, family_model, tmp_path):
     """The stream's expert stacks give the bytes mlx_lm.convert writes from the per-expert files, the routers (and
     the shared expert's gate) at 8 bits. mlx-lm needs a config it can read (Qwen3-MoE as transformers 5 saves it
@@ -206,8 +209,10 @@ def test_mlx_lm_reads_the_experts_from_config():
 @pytest.mark.slow
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_mlx_lm_loads_and_generates_what_transformers_generates(family, family_model, tmp_path):
-    """mlx_lm.load opens the folder unchanged and mlx-lm's greedy generation (through its KV cache) continues a
-    prompt as transformers' does. At 8 bits: mlx's CPU runs unquantized experts in float32 only."""
+    """mlx_lm.load opens the folder unchanged and mlx-lm's greedy generation (through its KV cache or state)
+    continues a prompt as transformers' does; where the two part, transformers' own top two logits were within
+    NEAR_TIE (8-bit weights' noise may pick either: Qwen3-Next's test checkpoint has such a step second).
+    At 8 bits: mlx's CPU runs unquantized experts in float32 only."""
     from mlx_lm import load
     from mlx_lm.generate import generate_step
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -218,5 +223,10 @@ def test_mlx_lm_loads_and_generates_what_transformers_generates(family, family_m
     assert tokenizer.encode("def parse(text):\n    return", add_special_tokens=False) == prompt
     ours = [int(token) for token, _ in generate_step(mx.array(prompt), model, max_tokens=8)]
     reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    theirs = reference.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, min_new_tokens=8)
-    assert ours == theirs[0, len(prompt):].tolist()
+    theirs = reference.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, min_new_tokens=8,
+                                output_scores=True, return_dict_in_generate=True)
+    expected = theirs.sequences[0, len(prompt):].tolist()
+    parted = next((i for i, (mine, its) in enumerate(zip(ours, expected, strict=True)) if mine != its), None)
+    if parted is not None:  # where the two part, transformers' own choice was a near tie
+        margin = float(theirs.scores[parted][0].topk(2).values.diff().abs())
+        assert margin < NEAR_TIE, (parted, margin, ours, expected)
