@@ -71,6 +71,10 @@ FAMILY_CASES: dict[str, tuple[str, dict]] = {
                            "shared_expert_intermediate_size": 160, "decoder_sparse_step": 2, "norm_topk_prob": False,
                            "rope_parameters": {"rope_type": "default", "rope_theta": 10_000_000.0,
                                                "partial_rotary_factor": 0.25}}),
+    # Ministral 3: YaRN and Llama 4's attention temperature from position 64 on (windows of 96 and more reach it)
+    "ministral3": ("sentencepiece", {"rope_parameters": {
+        "rope_type": "yarn", "rope_theta": 1_000_000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1}}),
     # Granite 4.0-H: Mamba2 (8 heads of 32, one group, state 16) around one NoPE attention layer, μP multipliers,
     # 4 experts (2 per token) beside the shared MLP in every layer
     "granitemoehybrid": ("bpe", {"num_hidden_layers": 4, "layer_types": ["mamba", "attention", "mamba", "mamba"],
@@ -151,6 +155,37 @@ def qwen3_5_multimodal(out_dir, changes=None):
     saved["mtp.fc.weight"] = torch.zeros(text_config["hidden_size"], 2 * text_config["hidden_size"],
                                          dtype=torch.bfloat16)
     save_file(saved, out_dir / "model.safetensors", metadata={"format": "pt"})
+    for file in text.iterdir():
+        if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":
+            shutil.copy(file, out_dir / file.name)
+    return out_dir
+
+
+def mistral3_multimodal(out_dir):
+    """A Mistral3ForConditionalGeneration checkpoint around the ministral3 case's trained language model (random
+    Pixtral tower and projector), saved by transformers as the hub's Ministral 3 checkpoints are."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    from siliconvert.demo import small_checkpoint
+
+    tokenizer, config = FAMILY_CASES["ministral3"]
+    text = small_checkpoint(None, "ministral3", tokenizer, config=config)
+    text_config = json.loads((text / "config.json").read_text())
+    vision = {"model_type": "pixtral", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "image_size": 64, "patch_size": 16, "head_dim": 16}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Mistral3ForConditionalGeneration(Mistral3Config(text_config=text_config, vision_config=vision))
+    weights = load_file(text / "model.safetensors")
+    model.model.language_model.load_state_dict(
+        {name.removeprefix("model."): value for name, value in weights.items() if name.startswith("model.")})
+    model.lm_head.weight.data.copy_(weights["lm_head.weight"])
+    model.to(torch.bfloat16).save_pretrained(out_dir)
     for file in text.iterdir():
         if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":
             shutil.copy(file, out_dir / file.name)

@@ -366,3 +366,18 @@ def test_fp8_without_its_scale_is_refused(random_llama, tmp_path):
     with pytest.raises(CheckpointError, match=r"'model.layers.0.mlp.up_proj.weight' \(F8_E4M3 \[64, 32\]\) is FP8 "
                                               "without a scale"):
         Checkpoint.open(folder)
+
+
+def test_ministral3_as_the_hub_ships_it_converts_its_language_model(tmp_path):
+    """Mistral3ForConditionalGeneration around a Ministral 3 text model: its language model, as Ministral3ForCausalLM,
+    the Llama 4 attention temperature read from the text config; the Pixtral tower and projector dropped."""
+    from families import mistral3_multimodal
+
+    from siliconvert.architectures import ConfigWarning
+
+    path = mistral3_multimodal(tmp_path / "ministral3")
+    with pytest.warns(ConfigWarning, match=r"the vision tower and projector \(\d+ tensors\) are dropped"):
+        checkpoint = Checkpoint.open(path)
+    assert checkpoint.config["architectures"] == ["Ministral3ForCausalLM"]
+    assert checkpoint.spec.family == "ministral3" and checkpoint.spec.position_attention_scale == (0.1, 64)
+    assert not any("vision" in name or "projector" in name for name in checkpoint.tensor_infos)

@@ -18,7 +18,7 @@ ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "ge
                  "qwen2_moe": "Qwen2MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
                  "olmo3": "Olmo3ForCausalLM", "lfm2": "Lfm2ForCausalLM", "qwen3_5_text": "Qwen3_5ForCausalLM",
                  "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
-                 "granitemoehybrid": "GraniteMoeHybridForCausalLM"}
+                 "granitemoehybrid": "GraniteMoeHybridForCausalLM", "ministral3": "Ministral3ForCausalLM"}
 SIZES = {"vocab_size": 1024, "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "intermediate_size": 384, "max_position_embeddings": 1024}
 
@@ -132,7 +132,7 @@ def test_older_config_style_reads_the_same() -> None:
 
 
 # families whose GGUF layout has not landed yet: the writer refuses them, naming the family
-NO_GGUF_LAYOUT_YET = ("granitemoehybrid",)
+NO_GGUF_LAYOUT_YET = ("granitemoehybrid", "ministral3")
 # cases of a family with a layout whose shapes its llama.cpp graph cannot run: refused naming the trait (Qwen3.5's value
 # heads narrower than its key heads; Qwen3-Next's experts not renormalised), never the family
 GGUF_REFUSES_THE_TRAIT = {"qwen3_5_text": "gated_delta", "qwen3_5_moe_text": "gated_delta",
@@ -303,3 +303,19 @@ def test_granite_4_h_without_experts_is_dense() -> None:
     expected = registry.for_config(config_of("granitemoehybrid")).expected_tensors(spec)
     assert "model.layers.0.shared_mlp.input_linear.weight" in expected
     assert not any("block_sparse_moe" in name for name in expected)
+
+
+def test_ministral3_yarn_and_llama4_attention_temperature() -> None:
+    """Ministral 3: YaRN, and q × (1 + β·ln(1 + ⌊position / original⌋)) read as its own trait, not the rope's; a
+    Core ML package whose context passes `original` is refused naming it (the graph computes 1 below it)."""
+    from siliconvert.convert.coreml.graph import check_context
+
+    spec = spec_of("ministral3")
+    assert spec.position_attention_scale == (0.1, 64)
+    assert spec.rope.kind == "yarn" and "llama_4_scaling_beta" not in spec.rope.scaling
+    assert spec.traits() == {"position_attention_scale": (0.1, 64), "rope_scaling": "yarn"}
+    check_context(spec, 64)
+    with pytest.raises(CheckpointError, match="cannot honour the trait position_attention_scale at a context of 65"):
+        check_context(spec, 65)
+    plain = spec_of("ministral3", rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    assert plain.position_attention_scale is None

@@ -799,6 +799,15 @@ def rope(x, cos, sin):
     return mb.concat(values=[first, second, *passed], axis=2)
 
 
+def check_context(spec: ModelSpec, context: int) -> None:
+    """Refuse a package context past what the program computes exactly: Llama 4's attention temperature (Ministral
+    3) is not built into the graph, and is 1 — nothing to build — below its `positions`."""
+    if (scale := spec.position_attention_scale) is not None and context > scale[1]:
+        raise CheckpointError(f"Core ML cannot honour the trait position_attention_scale at a context of {context}: "
+                              f"q is scaled by 1 + {scale[0]:g}·ln(1 + ⌊position / {scale[1]}⌋) past position "
+                              f"{scale[1]}; ask for a context of at most {scale[1]}")
+
+
 def rope_angles(spec: ModelSpec, rope: Rope, context: int, positions, tokens: int, name: str):
     """cos and sin (1, 1, R/2, S) for the block's positions, gathered from tables over the whole context."""
     inv_freq, attention_factor = rope_frequencies(spec, rope, context)

@@ -21,6 +21,7 @@ from siliconvert.architectures.granite import Granite
 from siliconvert.architectures.granite_hybrid import FalconH1, GraniteHybrid, NemotronH
 from siliconvert.architectures.lfm2 import Lfm2
 from siliconvert.architectures.llama import Llama
+from siliconvert.architectures.ministral3 import Ministral3, Mistral3Multimodal
 from siliconvert.architectures.mistral import Mistral
 from siliconvert.architectures.mixtral import Mixtral
 from siliconvert.architectures.olmo2 import Olmo2
@@ -38,7 +39,7 @@ registry = Registry()
 for _family in (Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3, Gemma3Multimodal, Olmo2, Granite, Phi3, SmolLM3,
                 Qwen3Moe, Mixtral, Qwen2Moe, Olmoe, Olmo3, Lfm2, Qwen3_5,
                 Qwen3_5Multimodal, Qwen3_5Moe, Qwen3_5MoeMultimodal, Qwen3Next,
-                GraniteHybrid, NemotronH, FalconH1):
+                GraniteHybrid, NemotronH, FalconH1, Ministral3, Mistral3Multimodal):
     registry.register(_family)
 
 __all__ = ["LLAMA_TRAITS", "ConfigWarning", "Experts", "Family", "Layer", "ModelSpec", "Registry", "Rope", "ShortConv",

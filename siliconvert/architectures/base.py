@@ -221,6 +221,9 @@ class ModelSpec:
     # Attention's output × sigmoid(gate) before o_proj, the gate from q_proj: per head, head_dim query rows then
     # head_dim gate rows (Qwen3.5, Qwen3-Next)
     attn_output_gate: bool = False
+    # q × (1 + β·ln(1 + ⌊position / positions⌋)) after rope (Llama 4's attention temperature, Ministral 3): (β,
+    # positions); 1 below `positions`, so a context that never reaches it computes Llama's attention
+    position_attention_scale: tuple[float, int] | None = None
     # Mixture of experts in the layers marked `sparse` (the others keep the dense MLP of intermediate_size).
     # Their tensors stream as transformers' own stacks: router [count, hidden], gate_up [count, 2·ff, hidden]
     # (each expert's gate rows, then its up rows) and down [count, hidden, ff], whatever the files hold.
@@ -308,6 +311,7 @@ LLAMA_TRAITS: dict[str, Any] = {
     "norm_offset": 0.0, "norm_placement": "pre", "qk_norm": None, "activation": "silu", "embedding_scale": 1.0,
     "attention_scale": 0.0, "residual_scale": 1.0, "logits_scale": 1.0, "attn_softcap": None,
     "final_softcap": None, "fused_qkv": False, "fused_gate_up": False, "attn_output_gate": False,
+    "position_attention_scale": None,
 }
 
 
