@@ -70,7 +70,8 @@ def check_config(config: dict[str, Any], tensors: Iterable[Shaped], where: Path)
 
 def _check_types(config: dict[str, Any], where: Path) -> None:
     for key in (*TENSOR_DIMENSIONS, "num_hidden_layers"):
-        _count(config, key, 0 if key == "num_experts" else 1, None, where)  # Qwen3-MoE: 0 experts is all dense
+        # Qwen3-MoE: 0 experts is all dense; Granite 4.0-H: the shared MLP alone
+        _count(config, key, 0 if key in ("num_experts", "num_local_experts") else 1, None, where)
     for key in EXPERT_COUNTS:
         _count(config, key, 1, None, where)
     only_dense = config.get("mlp_only_layers")
