@@ -416,7 +416,8 @@ def test_a_recipe_on_granite_hybrid_passes_every_gate(granite_hybrid_recipe: dic
 def test_the_state_check_fails_a_mamba2_state_that_does_not_advance(granite_hybrid: Path,
                                                                      granite_hybrid_recipe: dict, fault: str) -> None:
     """On llama.cpp's own Mamba2 state the state check passes; with the Mamba2 layers' conv and recurrent states not
-    advanced, or one step stale (the attention layer's KV cache intact), it fails."""
+    advanced, or one step stale (the attention layer's KV cache intact), it fails. Measured on this model's F16: frozen
+    103 ×, stale 102 × the limit."""
     [f16] = [a["path"] for a in granite_hybrid_recipe["artifacts"] if a["quant"] == "F16"]
     window = np.array(hf_ids(granite_hybrid, heldout_text()[:5000])[:128])
     reference = reference_logits_for(granite_hybrid, window[None])[0]
