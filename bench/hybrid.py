@@ -7,6 +7,11 @@ this runs one siliconvert recipe (GGUF F16 + Q4_K_M), then llama.cpp's convert_h
 transformers reference), and measures in llama.cpp what each file keeps per sequence: the recurrent state (a
 sequence's state saved alone, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) and the KV cache after `--context` tokens.
 
+llama.cpp's converter tells Granite 4.0-H's attention layers by a layer_types entry "attention"; transformers ≥ 5.25
+writes "full_attention" (and "linear_attention" for Mamba2), so on the checkpoint as saved it marks every layer
+recurrent (head_count_kv all 0) and llama.cpp cannot load the file (blk.1.ssm_in.weight is missing). Here the anchor
+converts a copy whose config.json spells layer_types the older way (transformers reads both); its rows say so.
+
 llama.cpp's converter recognises BPE pre-tokenizers by a hash of known tokenizers' output and refuses the test
 checkpoints' one (and LFM2's own, issue #26). Here only, its `get_vocab_base_pre` is patched to answer the
 pre-tokenizer siliconvert derived from tokenizer.json (what our F16 file says), so the anchor's vocabulary is the
@@ -39,7 +44,9 @@ from tests.families import FAMILY_CASES, LLAMA_CPP_SHAPES
 
 OUT = WORK_DIR / "hybrid"
 # the cases of tests/families.py with a mixer other than attention (the gated delta ones in llama.cpp's shapes)
-HYBRIDS = ("lfm2", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")
+HYBRIDS = ("lfm2", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "granitemoehybrid")
+# layer_types as transformers ≥ 5.25 writes them → as llama.cpp's converter reads them (families it misreads)
+OLDER_LAYER_TYPES = {"granitemoehybrid": {"linear_attention": "mamba", "full_attention": "attention"}}
 QUANTS = ("F16", "Q4_K_M")
 PARTIAL_ONLY = 1  # llama.h: LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
 # llama.cpp's converter asserts on a Qwen3.5 / Qwen3-Next checkpoint without its multi-token-prediction head (mtp.*,
@@ -112,14 +119,18 @@ def anchors(family: str, source: Path, converter: Path, args: argparse.Namespace
     if ours_f16 is None:
         return {"convert_hf_to_gguf F16": {"error": "no siliconvert F16 file to read the pre-tokenizer from"}}
     pre = gguf.GGUFReader(ours_f16).fields["tokenizer.ggml.pre"].contents()
+    converted = older_layer_types(source, out / "source", OLDER_LAYER_TYPES[family]) if (
+        family in OLDER_LAYER_TYPES) else source
     made: dict[str, Path | str] = {"convert_hf_to_gguf F16": produced(f16, [
-        sys.executable, "-c", PATCHED_CONVERTER, str(converter), pre, str(source), "--outtype", "f16",
+        sys.executable, "-c", PATCHED_CONVERTER, str(converter), pre, str(converted), "--outtype", "f16",
         "--outfile", str(f16), *CONVERTER_FLAGS.get(family, [])])}
     quantized = out / "llama-cpp-Q4_K_M.gguf"
     made["llama_model_quantize Q4_K_M"] = (
         produced(quantized, [sys.executable, "-c", QUANTIZE_SCRIPT, str(f16), str(quantized), str(os.cpu_count()),
                              "Q4_K_M"])
         if isinstance(made["convert_hf_to_gguf F16"], Path) else "no F16 file to quantize")
+    if converted != source:
+        made = {f"{name} (layer_types respelled)": artifact for name, artifact in made.items()}
     scored = {}
     for name, artifact in made.items():
         if isinstance(artifact, str):
@@ -134,6 +145,18 @@ def anchors(family: str, source: Path, converter: Path, args: argparse.Namespace
         scored[name] = (figures(json.loads(report.read_text())["artifacts"][0]) | state_bytes(artifact, args.context)
                         if report.is_file() else {"error": last_line(run)})
     return scored
+
+
+def older_layer_types(source: Path, out: Path, spelling: dict[str, str]) -> Path:
+    """A copy of the checkpoint (its files linked) whose config.json names the layer types as `spelling` says."""
+    out.mkdir(parents=True, exist_ok=True)
+    for file in source.iterdir():
+        if file.name != "config.json" and not (out / file.name).exists():
+            (out / file.name).symlink_to(file)
+    config = json.loads((source / "config.json").read_text())
+    config["layer_types"] = [spelling.get(kind, kind) for kind in config["layer_types"]]
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
 
 
 def state_bytes(path: Path, context: int) -> dict:

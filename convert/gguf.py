@@ -424,8 +424,10 @@ def _tensor_names(arch: gguf.MODEL_ARCH) -> dict[str, str]:
 def _storage_type(gguf_name: str, shape: tuple[int, ...], quant: str) -> QType:
     # Norms and other vectors stay F32, as llama.cpp's converter keeps them: they are tiny and ggml's
     # norm/add kernels take F32. So does a mixture of experts' router, there and in llama.cpp's quantizer:
-    # a rounded router picks other experts. A row that does not fill whole blocks cannot be Q8_0: F16, as there.
-    if len(shape) == 1 or gguf_name.endswith("_norm.weight") or any(role in gguf_name for role in FLOAT32_ROLES):
+    # a rounded router picks other experts. So does every tensor whose name ends in no ".weight" (Mamba2's A and D,
+    # [heads, 1]), there. A row that does not fill whole blocks cannot be Q8_0: F16, as there.
+    if len(shape) == 1 or not gguf_name.endswith(".weight") or gguf_name.endswith("_norm.weight") or any(
+            role in gguf_name for role in FLOAT32_ROLES):
         return QType.F32
     qtype = DIRECT_TYPES[quant][0]
     return qtype if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0 else QType.F16

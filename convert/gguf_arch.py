@@ -42,6 +42,14 @@ its gate rows, which these graphs read as they are; qwen35's rope is multimodal 
 token has one position in its t/h/w sections, so any split of the rotary pairs over the three sections is a
 plain rope: the balanced one transformers' Qwen3.5 uses ([11, 11, 10] of 32 pairs) is written.
 
+llama.cpp's granitehybrid runs Mamba2 in the layers whose head_count_kv is 0, sized by ssm.conv_kernel, inner_size
+(heads × head_dim, which it asserts is 2 × hidden), state_size, group_count and time_step_rank (the heads). Its
+in-projection is transformers' in_proj as it is (z, then x, B and C, then dt); it always adds the conv bias, loads
+no projection biases and never clamps the time step. A is ssm_a = −exp(A_log) and D ssm_d, both as {1, heads}
+(numpy [heads, 1]) with no suffix; the gated norm's weights as {inner / groups, groups}. A layer's shared MLP is its
+ffn_*_shexp where there are experts (added to theirs, unweighted) and its ffn_* where there are none, gate and up
+apart in either. Rope is on every attention layer or on none (Granite 4.0-H's NoPE), by rope.scaling.finetuned.
+
 HF q/k rows are "rotate half"; archs with NORM rope in llama.cpp rotate adjacent pairs, so their q and k rows
 are reordered per head (llama.cpp's LlamaModel.permute). NEOX archs take the rows as they are.
 """
@@ -57,7 +65,7 @@ import gguf
 import numpy as np
 
 from siliconvert.architectures import ModelSpec
-from siliconvert.architectures.base import MIXERS, GatedDelta
+from siliconvert.architectures.base import MIXERS, MLP_ROLES, GatedDelta
 from siliconvert.errors import CheckpointError
 
 A = gguf.MODEL_ARCH
@@ -74,6 +82,11 @@ class LlamaCppExperts:
     # a shared expert every token goes through, weighted by a sigmoid of its own gate (ffn_*_shexp,
     # ffn_gate_inp_shexp): the graph runs one in every layer when True, and has none when False
     shared_expert: bool = False
+    # the layer's dense MLP runs beside the experts and adds to them, unweighted, as ffn_*_shexp sized by
+    # expert_shared_feed_forward_length (Experts.beside_dense); False: the experts replace it
+    dense_beside: bool = False
+    # without expert_count the graph runs a dense MLP in every layer (False: the experts are all it runs)
+    dense_without_experts: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,8 @@ class Layout:
     tiled_value_heads: bool = False
     # the gated delta rule's projections as the graph loads them: fused qkvz and ba (qwen3next) or apart (qwen35)
     fused_gated_delta: bool = False
+    # the graph loads the MLP's gate and up apart: a fused gate_up (rows gate, then up) is split in halves
+    split_gate_up: bool = False
 
 
 _PRE = {"norm_placement": "pre", "qk_norm": None, "activation": "silu", "final_softcap": None, "attn_softcap": None,
@@ -117,6 +132,7 @@ _QWEN3_5 = _PRE | {"qk_norm": "head", "attn_output_gate": True}
 _QWEN3_5_NAMES = {"ffn_norm": "post_attention_norm", "delta_qkv": "attn_qkv", "delta_gate": "attn_gate"}
 _QWEN3_5_EXPERTS = LlamaCppExperts(normalize_topk=True, expert_length_key=True, shared_expert=True)
 _GATED_DELTA = frozenset({"attention", "gated_delta"})
+_GRANITE_KEYED = frozenset({"embedding_scale", "attention_scale", "residual_scale", "logits_scale"})
 LAYOUTS: dict[str, Layout] = {
     "llama": Layout(A.LLAMA, permute_qk=True, fixed=_PRE),
     "mistral": Layout(A.LLAMA, permute_qk=True, fixed=_PRE),  # llama.cpp converts Mistral as llama
@@ -131,14 +147,14 @@ LAYOUTS: dict[str, Layout] = {
     # llama.cpp converts OLMo 3 as olmo2 with the window keys; its sliding layers rotate with the main θ
     "olmo3": Layout(A.OLMO2, permute_qk=False, fixed=_PRE | {"norm_placement": "post", "qk_norm": "projection"},
                     keyed=frozenset({"sliding_window"}), output_required=True, swa_theta_keyed=False),
-    "granite": Layout(A.GRANITE, permute_qk=True, fixed=_PRE,
-                      keyed=frozenset({"embedding_scale", "attention_scale", "residual_scale", "logits_scale"})),
+    "granite": Layout(A.GRANITE, permute_qk=True, fixed=_PRE, keyed=_GRANITE_KEYED),
     "phi3": Layout(A.PHI3, permute_qk=False, fixed=_PRE | {"fused_qkv": True, "fused_gate_up": True},
                    keyed=frozenset({"longrope"})),
     "smollm3": Layout(A.SMOLLM3, permute_qk=True, fixed=_PRE, keyed=frozenset({"nope_every_4th"})),
     # llama.cpp converts Mixtral as llama: experts in every layer once expert_count is set
     "mixtral": Layout(A.LLAMA, permute_qk=True, fixed=_PRE,
-                      experts=LlamaCppExperts(normalize_topk=True, expert_length_key=False)),
+                      experts=LlamaCppExperts(normalize_topk=True, expert_length_key=False,
+                                              dense_without_experts=True)),
     "qwen3_moe": Layout(A.QWEN3MOE, permute_qk=False, fixed=_PRE | {"qk_norm": "head"},
                         experts=LlamaCppExperts(normalize_topk=True, expert_length_key=True)),
     # qwen2moe and olmoe load no attn_output bias
@@ -159,6 +175,14 @@ LAYOUTS: dict[str, Layout] = {
                           tiled_value_heads=True),
     "qwen3_next": Layout(A.QWEN3NEXT, permute_qk=False, fixed=_QWEN3_5, experts=_QWEN3_5_EXPERTS, mixers=_GATED_DELTA,
                          renamed=_QWEN3_5_NAMES, recurrent_layers_key=True, fused_gated_delta=True),
+    # Granite 4.0-H: the shared MLP is granitehybrid's ffn_*_shexp beside the experts (its ffn_* without them); rope
+    # on every attention layer or on none (rope.scaling.finetuned, which Granite uses as the switch)
+    "granite_hybrid": Layout(A.GRANITE_HYBRID, permute_qk=True,
+                             fixed={k: v for k, v in _PRE.items() if k != "fused_gate_up"},
+                             keyed=_GRANITE_KEYED | {"nope_layers"},
+                             experts=LlamaCppExperts(normalize_topk=True, expert_length_key=False, dense_beside=True,
+                                                     dense_without_experts=True),
+                             mixers=frozenset({"attention", "mamba2"}), split_gate_up=True),
 }
 # Roles whose rows are the k/v heads' (a bias or a norm over the projection too): repeated for kv_heads_as_q
 KV_ROLES = ("attn_k", "attn_v", "attn_k_norm")
@@ -170,7 +194,7 @@ SPLIT_ROLES = {"ffn_gate_up_exps": ("ffn_gate_exps", "ffn_up_exps")}
 # Depthwise convolutions, held as torch's Conv1d [channels, 1, kernel]: llama.cpp's ssm_conv takes [channels, kernel]
 CONV_ROLES = ("shortconv.conv", "ssm_conv1d")
 # The suffix llama.cpp loads a GGUF base name under where it is not the checkpoint's kind ("": none)
-GGUF_SUFFIXES = {"ssm_dt": "bias", "ssm_a": ""}
+GGUF_SUFFIXES = {"ssm_dt": "bias", "ssm_a": "", "ssm_d": ""}
 # The gated delta rule's tensors indexed by value head, and the axis that is: reordered where heads are tiled
 VALUE_HEAD_AXES = {"delta_qkv": 0, "delta_gate": 0, "ssm_beta": 0, "ssm_alpha": 0, "ssm_a": 0, "ssm_dt": 0,
                    "ssm_conv1d": 0, "ssm_out": 1}
@@ -191,8 +215,12 @@ class GGUFArch:
         # k/v heads as written: one per q head where the graph needs it (each source head repeated this often)
         self.head_count_kv = spec.num_heads if self.layout.kv_heads_as_q else spec.num_kv_heads
         self.kv_repeat = self.head_count_kv // spec.num_kv_heads
+        # the shapes llama.cpp loads a mixer's tensors in, by role, where not the checkpoint's (set by _check_mixers)
+        self.reshaped: dict[str, tuple[int, ...]] = {}
         # each layer's k/v heads as the file says them: 0 marks a layer of a mixer with a state of its own
         self.layer_head_count_kv = self._check_mixers()
+        # the dense MLP written as the graph's shared expert, beside the experts
+        self.dense_as_shared = spec.experts is not None and spec.experts.beside_dense
         # a tied head the graph cannot take from token_embd: the embedding is written twice
         self.head_from_embedding = spec.tie_word_embeddings and self.layout.output_required
         # q·k × spec's scale where llama.cpp multiplies by its own: the ratio goes into q (or q's norm)
@@ -236,7 +264,7 @@ class GGUFArch:
     def _check_experts(self) -> None:
         experts, supported = self.spec.experts, self.layout.experts
         if experts is None:
-            if supported is not None and self.arch != A.LLAMA:  # llama runs a dense MLP without expert_count
+            if supported is not None and not supported.dense_without_experts:
                 raise self.refuse("experts", "llama.cpp runs a mixture of experts in every layer; the source has "
                                              "none")
             return
@@ -251,6 +279,10 @@ class GGUFArch:
             has = "runs a shared expert in every layer" if supported.shared_expert else "has no shared expert"
             raise self.refuse("shared_expert", f"llama.cpp {has}; the source "
                                                f"{'has one' if experts.shared_intermediate_size else 'has none'}")
+        if experts.beside_dense != supported.dense_beside:
+            runs = "adds the dense MLP to the experts" if supported.dense_beside else "replaces the dense MLP by them"
+            raise self.refuse("beside_dense", f"llama.cpp {runs}; the source "
+                                              f"{'keeps' if experts.beside_dense else 'does not keep'} it beside them")
         if dense := self.spec.traits().get("dense_layers"):
             raise self.refuse("dense_layers", f"llama.cpp runs the experts in every layer; the source's layers "
                                               f"{dense} have a dense MLP")
@@ -270,6 +302,11 @@ class GGUFArch:
                                                 f"{spec.short_conv.kernel}")
         if spec.mixer_layers("gated_delta"):
             self._check_gated_delta()
+        if spec.mixer_layers("mamba2"):
+            self._check_mamba2()
+            mamba = spec.mamba2
+            self.reshaped = {"ssm_a": (mamba.heads, 1), "ssm_d": (mamba.heads, 1),
+                             "ssm_norm": (mamba.groups, mamba.inner_size // mamba.groups)}
         if layout.recurrent_layers_key:  # the recurrent layers have a key of their own
             return [self.head_count_kv] * spec.num_layers
         return [self.head_count_kv if layer.mixer == "attention" else 0 for layer in spec.layers]
@@ -290,11 +327,34 @@ class GGUFArch:
             raise self.refuse("gated_delta", f"this graph loads the projections {loads}; the source's are "
                                              f"{'fused' if delta.fused else 'apart'}")
 
+    def _check_mamba2(self) -> None:
+        mamba, hidden = self.spec.mamba2, self.spec.hidden_size
+        if mamba.inner_size != 2 * hidden:
+            raise self.refuse("mamba2", f"llama.cpp runs an inner size of 2 × hidden only ({2 * hidden}); the source's "
+                                        f"is {mamba.heads} heads × {mamba.head_dim} = {mamba.inner_size}")
+        if not mamba.conv_bias:
+            raise self.refuse("mamba2", "llama.cpp's Mamba2 layer always adds a conv bias; the source has none "
+                                        "(mamba_conv_bias)")
+        if mamba.proj_bias:
+            raise self.refuse("mamba2", "llama.cpp loads no in_proj / out_proj biases (mamba_proj_bias)")
+        if tuple(mamba.time_step_limit) != (0.0, math.inf):
+            raise self.refuse("mamba2", f"llama.cpp never clamps the time step; the source clamps it to "
+                                        f"{tuple(mamba.time_step_limit)} (time_step_limit)")
+        if mamba.conv_kernel < 2:
+            raise self.refuse("mamba2", f"llama.cpp needs a kernel of at least 2 taps; the source's has "
+                                        f"{mamba.conv_kernel}")
+
     def _check_layers(self) -> None:
         spec, layout = self.spec, self.layout
         nope = spec.traits().get("nope_layers", [])  # attention layers without rope (other mixers have none)
         llama_cpp_nope = [i for i in range(spec.num_layers) if (i + 1) % 4 == 0] if (
             "nope_every_4th" in layout.keyed) else []
+        if "nope_layers" in layout.keyed:  # rope on every attention layer or on none
+            attention = spec.mixer_layers("attention")
+            if nope and nope != attention:
+                raise self.refuse("nope_layers", f"llama.cpp's rope is on every attention layer or on none; the "
+                                                 f"source's NoPE layers are {nope} of {attention}")
+            llama_cpp_nope = nope
         if nope != llama_cpp_nope:
             raise self.refuse("nope_layers", f"llama.cpp's NoPE layers are fixed ({llama_cpp_nope}); the source's "
                                              f"are {nope}")
@@ -358,6 +418,13 @@ class GGUFArch:
             writer.add_shortconv_l_cache(spec.short_conv.kernel)
         if spec.mixer_layers("gated_delta"):
             self._add_gated_delta(writer)
+        if spec.mixer_layers("mamba2"):
+            mamba = spec.mamba2
+            writer.add_ssm_conv_kernel(mamba.conv_kernel)
+            writer.add_ssm_inner_size(mamba.inner_size)
+            writer.add_ssm_state_size(mamba.state_size)
+            writer.add_ssm_group_count(mamba.groups)
+            writer.add_ssm_time_step_rank(mamba.heads)
         if self.layout.rope_sections:
             writer.add_rope_dimension_sections(rope_sections((rope.dim if rope else spec.head_dim) // 2))
         if experts is not None:
@@ -367,6 +434,8 @@ class GGUFArch:
                 writer.add_expert_feed_forward_length(experts.intermediate_size)
             if experts.shared_intermediate_size:
                 writer.add_expert_shared_feed_forward_length(experts.shared_intermediate_size)
+            if self.dense_as_shared:
+                writer.add_expert_shared_feed_forward_length(spec.intermediate_size)
         keyed = self.layout.keyed
         if "embedding_scale" in keyed:
             writer.add_embedding_scale(spec.embedding_scale)
@@ -376,6 +445,8 @@ class GGUFArch:
             writer.add_attention_scale(spec.attention_multiplier)
         if "logits_scale" in keyed:
             writer.add_logit_scale(1.0 / spec.logits_scale)  # llama.cpp divides by it, as Granite's config
+        if "nope_layers" in keyed:  # granitehybrid's switch for rope in its attention layers (True by default)
+            writer.add_rope_scaling_finetuned("nope_layers" not in spec.traits())
         if "attn_softcap" in keyed and spec.attn_softcap:
             writer.add_attn_logit_softcapping(spec.attn_softcap)
         if "final_softcap" in keyed and spec.final_softcap:
@@ -435,7 +506,16 @@ class GGUFArch:
             return ("token_embd", "output")
         if role == "delta_qkvz":  # the rows of q, k and v, then those of z
             return ("attn_qkv", "attn_gate")
-        return SPLIT_ROLES.get(role, ((self.layout.renamed | GGUF_ROLES).get(role, role),))
+        if self._splits_gate_up(role):
+            bases = ("ffn_gate", "ffn_up")
+        else:
+            bases = SPLIT_ROLES.get(role, ((self.layout.renamed | GGUF_ROLES).get(role, role),))
+        if self.dense_as_shared and role in MLP_ROLES:
+            return tuple(f"{base}_shexp" for base in bases)
+        return bases
+
+    def _splits_gate_up(self, role: str) -> bool:
+        return self.layout.split_gate_up and role == "ffn_gate_up"
 
     @staticmethod
     def suffix(base: str, kind: str) -> str:
@@ -446,20 +526,22 @@ class GGUFArch:
         """The shapes of the tensors `gguf_roles` names for a checkpoint tensor of this role and shape."""
         if self.kv_repeat > 1 and role in KV_ROLES:
             return [(shape[0] * self.kv_repeat, *shape[1:])]
-        if role in CONV_ROLES:
+        if role in CONV_ROLES and len(shape) == 3:  # the kernel (not its bias)
             return [(shape[0], shape[-1])]
+        if role in self.reshaped:
+            return [self.reshaped[role]]
         if role == "delta_qkvz":
             channels = self.spec.gated_delta.conv_channels
             return [(channels, *shape[1:]), (shape[0] - channels, *shape[1:])]
         parts = len(self.gguf_roles(role))
-        if role in SPLIT_ROLES:
+        if role in SPLIT_ROLES or self._splits_gate_up(role):
             return [(*shape[:-2], shape[-2] // parts, shape[-1])] * parts
         return [shape] * parts
 
     def split(self, role: str, array: np.ndarray) -> list[np.ndarray]:
         """A tensor in llama.cpp's layout as the parts `gguf_roles` names (views, no copy)."""
-        if role in SPLIT_ROLES:
-            return np.split(array, len(SPLIT_ROLES[role]), axis=-2)
+        if role in SPLIT_ROLES or self._splits_gate_up(role):
+            return np.split(array, len(self.gguf_roles(role)), axis=-2)
         if role == "delta_qkvz":  # rows already ungrouped by to_llama_cpp
             return np.split(array, [self.spec.gated_delta.conv_channels], axis=0)
         return [array] * len(self.gguf_roles(role))
@@ -486,7 +568,7 @@ class GGUFArch:
             heads = array.reshape(spec.num_kv_heads, -1, *array.shape[1:])  # GQA's q head h reads kv head h // n
             [shape] = self.shapes(role, array.shape)
             array = np.repeat(heads, self.kv_repeat, axis=0).reshape(shape)
-        if role in CONV_ROLES:
+        if role in CONV_ROLES or role in self.reshaped:
             [shape] = self.shapes(role, array.shape)
             array = array.reshape(shape)
         if role.endswith("_norm") and spec.norm_offset_of(role):

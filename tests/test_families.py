@@ -132,7 +132,7 @@ def test_older_config_style_reads_the_same() -> None:
 
 
 # families whose GGUF layout has not landed yet: the writer refuses them, naming the family
-NO_GGUF_LAYOUT_YET = ("granitemoehybrid", "ministral3")
+NO_GGUF_LAYOUT_YET = ("ministral3",)
 # cases of a family with a layout whose shapes its llama.cpp graph cannot run: refused naming the trait (Qwen3.5's value
 # heads narrower than its key heads; Qwen3-Next's experts not renormalised), never the family
 GGUF_REFUSES_THE_TRAIT = {"qwen3_5_text": "gated_delta", "qwen3_5_moe_text": "gated_delta",
@@ -158,6 +158,11 @@ def test_every_family_has_a_gguf_layout(model_type: str) -> None:
                "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
      "per_layer_rope"),
+    # llama.cpp's granitehybrid: an inner size of 2 × hidden, a conv bias, no projection biases, no time step clamp
+    ("granitemoehybrid", {"mamba_expand": 1, "mamba_d_head": 16}, "mamba2"),
+    ("granitemoehybrid", {"mamba_conv_bias": False}, "mamba2"),
+    ("granitemoehybrid", {"mamba_proj_bias": True}, "mamba2"),
+    ("granitemoehybrid", {"time_step_limit": [0.001, 0.1]}, "mamba2"),
 ])
 def test_gguf_refuses_what_llama_cpp_cannot_compute(model_type: str, changes: dict, trait: str) -> None:
     with pytest.raises(CheckpointError, match=f"cannot honour the trait {trait}"):

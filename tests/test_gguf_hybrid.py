@@ -1,6 +1,7 @@
 """GGUF of a hybrid model: LFM2 (gated short convolutions around an attention layer) in llama.cpp's lfm2 layout;
 Qwen3.5, Qwen3.5-MoE and Qwen3-Next (the gated delta rule, three layers to one of gated attention) in its qwen35,
-qwen35moe and qwen3next layouts.
+qwen35moe and qwen3next layouts; Granite 4.0-H (Mamba2 around NoPE attention, experts beside a shared MLP) in its
+granitehybrid layout.
 
 The file says which layers are recurrent as llama.cpp reads it (a per-layer head_count_kv of 0, or the
 attention.recurrent_layers key), the quantized files are llama_model_quantize's bytes, a recipe passes every gate, and
@@ -306,3 +307,128 @@ def test_the_state_check_fails_a_gated_delta_state_that_does_not_advance(qwen3_5
         runner.close()
     check = kv_cache_check(cached, prompt, no_cache, reference, window[1:])
     assert check["consistent"] is False and check["excess_kld"] > 10 * check["limit_kld"], check
+
+
+# ---- Mamba2: Granite 4.0-H ------------------------------------------------------------------------------------------
+# the test case and its variants llama.cpp's granitehybrid also runs: the shared MLP alone, rope on the attention layer
+GRANITE_HYBRID_VARIANTS = {"experts": {}, "dense": {"num_local_experts": 0},
+                           "rope": {"position_embedding_type": "rope"}}
+
+
+def granite_hybrid_checkpoint(variant: str = "experts") -> Path:
+    tokenizer, config = FAMILY_CASES["granitemoehybrid"]
+    return small_checkpoint(None, "granitemoehybrid", tokenizer, config=config | GRANITE_HYBRID_VARIANTS[variant])
+
+
+@pytest.fixture(scope="module")
+def granite_hybrid() -> Path:
+    return granite_hybrid_checkpoint()
+
+
+def test_granite_hybrid_keys_and_tensors_are_llama_cpps(granite_hybrid: Path, tmp_path: Path) -> None:
+    """The Mamba2 layers by a head_count_kv of 0, the ssm.* sizes, NoPE as rope.scaling.finetuned false, Granite's
+    multipliers; A as −exp(A_log) and D as [heads, 1] without suffix, the grouped norm as [groups, inner / groups], the
+    conv kernel squeezed in F32 with its bias; the experts sized by feed_forward_length and the shared MLP, gate and
+    up apart, as ffn_*_shexp beside them."""
+    [artifact] = convert(granite_hybrid, tmp_path, ["F16"])
+    meta = fields(artifact.path)
+    assert meta["general.architecture"] == "granitehybrid"
+    assert meta["granitehybrid.attention.head_count_kv"] == [0, 2, 0, 0]
+    assert [meta[f"granitehybrid.ssm.{key}"] for key in ("conv_kernel", "inner_size", "state_size", "group_count",
+                                                         "time_step_rank")] == [4, 256, 16, 1, 8]
+    assert meta["granitehybrid.rope.scaling.finetuned"] is False
+    assert meta["granitehybrid.feed_forward_length"] == 96
+    assert meta["granitehybrid.expert_shared_feed_forward_length"] == 160
+    assert meta["granitehybrid.embedding_scale"] == 6.0 and meta["granitehybrid.logit_scale"] == 4.0
+    tensors = {t.name: t for t in gguf.GGUFReader(artifact.path).tensors}
+    weights = load_file(str(granite_hybrid / "model.safetensors"))
+    source = {name: value.float().numpy() for name, value in weights.items()}
+    mamba = "model.layers.0.mamba"
+    np.testing.assert_allclose(tensors["blk.0.ssm_a"].data, -np.exp(source[f"{mamba}.A_log"])[:, None], rtol=1e-6)
+    np.testing.assert_array_equal(tensors["blk.0.ssm_d"].data, source[f"{mamba}.D"][:, None])
+    np.testing.assert_array_equal(tensors["blk.0.ssm_norm.weight"].data, source[f"{mamba}.norm.weight"][None])
+    np.testing.assert_array_equal(tensors["blk.0.ssm_conv1d.weight"].data, source[f"{mamba}.conv1d.weight"][:, 0])
+    np.testing.assert_array_equal(tensors["blk.0.ssm_conv1d.bias"].data, source[f"{mamba}.conv1d.bias"])
+    for name in ("blk.0.ssm_a", "blk.0.ssm_d", "blk.0.ssm_dt.bias", "blk.0.ssm_conv1d.weight",
+                 "blk.0.ffn_gate_inp.weight"):
+        assert tensors[name].tensor_type == F32, name
+    gate_up = source["model.layers.1.shared_mlp.input_linear.weight"].astype(np.float16)
+    np.testing.assert_array_equal(tensors["blk.1.ffn_gate_shexp.weight"].data, gate_up[:160])
+    np.testing.assert_array_equal(tensors["blk.1.ffn_up_shexp.weight"].data, gate_up[160:])
+    assert tuple(tensors["blk.1.ffn_gate_exps.weight"].data.shape) == (4, 96, 128)
+    assert "blk.1.ssm_in.weight" not in tensors and "blk.0.attn_q.weight" not in tensors
+    assert "blk.0.ffn_gate.weight" not in tensors
+
+
+@pytest.mark.parametrize("variant", list(GRANITE_HYBRID_VARIANTS))
+def test_llama_cpp_computes_granite_hybrid(variant: str, tmp_path: Path) -> None:
+    """F16 computes transformers' function (mean KLD < 0.001, measured ~7e-9), Q4_K_M within 0.06 (measured 3–5e-4),
+    with experts or the shared MLP alone (then ffn_gate / ffn_up / ffn_down), NoPE or rope."""
+    source = granite_hybrid_checkpoint(variant)
+    files = {a.quant: a.path for a in convert(source, tmp_path, ["F16", "Q4_K_M"])}
+    f16_kld, f16_top1 = llama_cpp_kld(source, files["F16"])
+    assert f16_kld < 0.001 and f16_top1 == 1.0, (f16_kld, f16_top1)
+    q4_kld, _ = llama_cpp_kld(source, files["Q4_K_M"])
+    assert f16_kld < q4_kld < 0.06, q4_kld
+    meta = fields(files["F16"])
+    assert meta["granitehybrid.rope.scaling.finetuned"] is (variant == "rope")
+    names = {t.name for t in gguf.GGUFReader(files["F16"]).tensors}
+    assert ("blk.0.ffn_gate.weight" in names) is (variant == "dense")
+    assert ("blk.0.ffn_gate_shexp.weight" in names) is (variant != "dense")
+
+
+def test_streamed_granite_hybrid_quants_are_llama_quantizes_bytes(granite_hybrid: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A and D ([heads, 1], no .weight) kept F32 as llama.cpp's quantizer keeps them: the streamed Q4_K_M is what
+    llama_model_quantize makes of the F16 file, byte for byte."""
+    streamed = {a.quant: a.path for a in convert(granite_hybrid, tmp_path / "streamed", ["F16", "Q4_K_M"])}
+    whole_file_quantization(monkeypatch)
+    whole = {a.quant: a.path for a in convert(granite_hybrid, tmp_path / "whole", ["F16", "Q4_K_M"])}
+    assert_same_model(streamed["Q4_K_M"], whole["Q4_K_M"])
+
+
+@pytest.fixture(scope="module")
+def granite_hybrid_recipe(granite_hybrid: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("granite_hybrid-recipe")
+    recipe = {"name": "granite_hybrid", "source": str(granite_hybrid), "output": str(out / "out"),
+              "targets": [{"format": "gguf", "quants": ["F16", "Q4_K_M"]}],
+              "validate": {"tokens": 512, "context": 128, "latency": False}}
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = subprocess.run([SILICONVERT, "recipe", str(out / "recipe.yaml")], capture_output=True, text=True,
+                            env={**os.environ, "SILICONVERT_QUIET": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads((out / "out" / "report.json").read_text())
+
+
+def test_a_recipe_on_granite_hybrid_passes_every_gate(granite_hybrid_recipe: dict) -> None:
+    """F16 + Q4_K_M of Granite 4.0-H in one recipe: every gate passes, decoding through the KV cache and the Mamba2
+    conv and recurrent states matches the no-cache pass, and llama.cpp tokenizes as the source."""
+    artifacts = {a["quant"]: a for a in granite_hybrid_recipe["artifacts"]}
+    assert sorted(artifacts) == ["F16", "Q4_K_M"]
+    assert artifacts["F16"]["metrics"]["mean_kld"] < 0.001
+    for quant, artifact in artifacts.items():
+        assert artifact["gates"]["passed"], quant
+        assert artifact["kv_cache"]["consistent"] is True, (quant, artifact["kv_cache"])
+        assert not artifact["tokenizer"]["differences"], (quant, artifact["tokenizer"])
+
+
+@pytest.mark.parametrize("fault", ["none", "frozen", "stale"])
+def test_the_state_check_fails_a_mamba2_state_that_does_not_advance(granite_hybrid: Path,
+                                                                     granite_hybrid_recipe: dict, fault: str) -> None:
+    """On llama.cpp's own Mamba2 state the state check passes; with the Mamba2 layers' conv and recurrent states not
+    advanced, or one step stale (the attention layer's KV cache intact), it fails. Measured on this model's F16: frozen
+    103 ×, stale 102 × the limit."""
+    [f16] = [a["path"] for a in granite_hybrid_recipe["artifacts"] if a["quant"] == "F16"]
+    window = np.array(hf_ids(granite_hybrid, heldout_text()[:5000])[:128])
+    reference = reference_logits_for(granite_hybrid, window[None])[0]
+    runner = BrokenConvState(Path(f16), {"context": len(window)}, fault)
+    try:
+        no_cache = runner.logits(window)
+        cached, prompt = cached_window_logits(runner, window)
+    finally:
+        runner.close()
+    check = kv_cache_check(cached, prompt, no_cache, reference, window[1:])
+    if fault == "none":
+        assert check["consistent"] is True and check["excess_kld"] < check["limit_kld"] / 4, check
+    else:
+        assert check["consistent"] is False and check["excess_kld"] > 10 * check["limit_kld"], check
