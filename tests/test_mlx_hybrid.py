@@ -162,3 +162,94 @@ def test_wrapped_qwen3_5_converts_its_language_model(tmp_path):
     configs = [json.loads((artifact.path / "config.json").read_text()) for artifact in (wrapped, text)]
     configs[1].pop("transformers_version")
     assert configs[0]["model_type"] == "qwen3_5" and configs[0] == configs[1]
+
+
+# ---- Granite 4.0-H: Mamba2 around NoPE attention, experts beside a shared MLP, in mlx-lm's granitemoehybrid ----
+
+
+@pytest.fixture(scope="module")
+def granite_hybrid(family_model) -> Path:
+    return family_model("granitemoehybrid")
+
+
+def _strict_json(path: Path) -> dict:
+    """config.json as a strict JSON reader (mlx-swift's) takes it: no Infinity or NaN."""
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is no JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_granite_hybrid_folder_is_mlx_lms_layout(granite_hybrid, tmp_path):
+    """What mlx-lm's granitemoehybrid reads, from a transformers 5.25 checkpoint it refuses as saved (its Mamba2 layers
+    named linear_attention, Δ's upper limit as {"__float__": "Infinity"}): the layers as mamba / attention, no rope
+    (transformers' None, where mlx-lm's default rotates), Δ's limits finite; the conv kernel in mlx's axis order and
+    float, as are A_log, D, dt_bias and the norms; in_proj and out_proj quantized, the routers at 8 bits; mlx-lm builds
+    a conv and SSM state per Mamba2 layer, a KV cache for the attention layer."""
+    from mlx_lm import load
+    from mlx_lm.models.cache import ArraysCache, KVCache, make_prompt_cache
+
+    source_config = json.loads((granite_hybrid / "config.json").read_text())
+    assert source_config["layer_types"][0] == "linear_attention" and isinstance(source_config["time_step_limit"][1],
+                                                                               dict)
+    artifact = build_mlx(granite_hybrid, tmp_path, bits=4, group_size=64)
+    config = _strict_json(artifact.path / "config.json")
+    assert config["model_type"] == "granitemoehybrid"
+    assert config["layer_types"] == ["mamba", "attention", "mamba", "mamba"]
+    assert config["position_embedding_type"] == "nope"
+    assert config["time_step_limit"][0] == 0.0 and np.float32(config["time_step_limit"][1]) == np.finfo(np.float32).max
+    sizes = (config["num_local_experts"], config["intermediate_size"], config["shared_intermediate_size"])
+    assert sizes == (4, 96, 160)  # experts' width, the shared MLP's
+    weights = mx.load(str(artifact.path / "model.safetensors"))
+    mamba = "model.layers.0.mamba"
+    assert weights[f"{mamba}.conv1d.weight"].shape == (256 + 2 * 16, 4, 1)  # x, B, C channels; 4 taps
+    for name in ("conv1d.weight", "conv1d.bias", "A_log", "D", "dt_bias", "norm.weight"):
+        assert mx.issubdtype(weights[f"{mamba}.{name}"].dtype, mx.floating), name
+    for projection in ("in_proj", "out_proj"):
+        assert weights[f"{mamba}.{projection}.weight"].dtype == mx.uint32
+    quantization = config["quantization"]
+    assert quantization["bits"] == 4 and quantization["group_size"] == 64
+    assert quantization["model.layers.0.block_sparse_moe.router.layer"]["bits"] == 8
+    model, _ = load(str(artifact.path))
+    assert model.model.layers[1].self_attn.rope is None
+    caches = make_prompt_cache(model)
+    assert [type(cache) for cache in caches] == [ArraysCache, KVCache, ArraysCache, ArraysCache]
+
+
+def test_granite_hybrid_float_folder_is_transformers_function(granite_hybrid, tmp_path):
+    """In float32, mlx-lm's run of the folder is transformers' forward to rounding (measured KLD 4e-14 over 254
+    positions; float16 1.2e-7)."""
+    from conftest import reference_logits_for
+    from test_mlx import held_out_windows
+
+    from siliconvert.validate.metrics import compare
+    from siliconvert.validate.runners.mlx import MLXRunner
+
+    windows = held_out_windows(granite_hybrid, count=1, length=128)
+    reference = reference_logits_for(granite_hybrid, windows)
+    artifact = build_mlx(granite_hybrid, tmp_path, bits=16, dtype="float32")
+    logits = MLXRunner(artifact.path, {"engine": "mlx"}).logits(windows[0])
+    vocab = reference.shape[-1]
+    scores = compare(reference[0, :-1, :vocab], logits[:-1, :vocab], windows[0, 1:])[0]
+    assert scores.mean_kld < 1e-9 and scores.same_top1 == 1.0, scores
+
+
+def test_granite_hybrid_refusals_name_the_trait(granite_hybrid, tmp_path):
+    """What mlx-lm's granitemoehybrid computes otherwise is refused by trait: a gated norm over groups (mlx-lm
+    normalises the whole inner width), experts that replace the dense MLP (mlx-lm's run beside it); and the torch
+    stand-in, which reads transformers' names, refuses the folder."""
+    from dataclasses import replace
+
+    from siliconvert.checkpoint import Checkpoint
+    from siliconvert.convert.mlx_arch import MLXArch
+    from siliconvert.errors import ArtifactError, CheckpointError
+    from siliconvert.validate.runners.mlx import MLXRunner
+
+    spec = Checkpoint.open(granite_hybrid).spec
+    assert MLXArch(spec, granite_hybrid).config()["mamba_n_groups"] == 1
+    with pytest.raises(CheckpointError, match=r"cannot honour the trait mamba2: .* each of its 2 groups"):
+        MLXArch(replace(spec, mamba2=replace(spec.mamba2, groups=2)), granite_hybrid)
+    with pytest.raises(CheckpointError, match="cannot honour the trait beside_dense"):
+        MLXArch(replace(spec, experts=replace(spec.experts, beside_dense=False)), granite_hybrid)
+    artifact = build_mlx(granite_hybrid, tmp_path, bits=16)
+    with pytest.raises(ArtifactError, match="runs Mamba2 with its own names"):
+        MLXRunner(artifact.path, {"engine": "torch"})
