@@ -253,3 +253,55 @@ def test_granite_hybrid_refusals_name_the_trait(granite_hybrid, tmp_path):
     artifact = build_mlx(granite_hybrid, tmp_path, bits=16)
     with pytest.raises(ArtifactError, match="runs Mamba2 with its own names"):
         MLXRunner(artifact.path, {"engine": "torch"})
+
+
+def test_granite_hybrid_without_experts_runs_its_shared_mlp_as_mlx_lms_dense_mlp(granite_hybrid):
+    """With num_local_experts 0 mlx-lm's granitemoehybrid runs a dense `mlp` (gate_proj, up_proj, down_proj) where
+    transformers runs shared_mlp alone: the config says no experts, and the fused input_linear splits into the gate's
+    rows, then the up's."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from siliconvert.architectures.base import TensorRole
+    from siliconvert.checkpoint import Checkpoint
+    from siliconvert.convert.mlx import DenseMLPArrays
+    from siliconvert.convert.mlx_arch import MLXArch
+
+    spec = Checkpoint.open(granite_hybrid).spec
+    dense = replace(spec, experts=None, layers=tuple(replace(layer, sparse=False) for layer in spec.layers))
+    config = MLXArch(dense, granite_hybrid).config()
+    assert config["num_local_experts"] == 0 and "shared_intermediate_size" not in config
+    names = {"model.layers.2.shared_mlp.input_linear.weight": TensorRole("ffn_gate_up", 2, "weight"),
+             "model.layers.2.shared_mlp.output_linear.weight": TensorRole("ffn_down", 2, "weight")}
+    checkpoint = SimpleNamespace(spec=dense, tensor_infos={name: SimpleNamespace(role=role)
+                                                            for name, role in names.items()})
+    fused = mx.arange(2 * 160 * 3).reshape(2 * 160, 3)
+    arrays = DenseMLPArrays(checkpoint, "mlp")({"model.layers.2.shared_mlp.input_linear.weight": fused})
+    assert mx.array_equal(arrays["model.layers.2.mlp.gate_proj.weight"], fused[:160])
+    assert mx.array_equal(arrays["model.layers.2.mlp.up_proj.weight"], fused[160:])
+    down = DenseMLPArrays(checkpoint, "mlp")({"model.layers.2.shared_mlp.output_linear.weight": fused.T})
+    assert list(down) == ["model.layers.2.mlp.down_proj.weight"]
+
+
+def test_one_recipe_converts_granite_hybrid_to_mlx_and_passes_every_gate(granite_hybrid, tmp_path):
+    """`siliconvert recipe` on the small Granite 4.0-H: MLX float16 and 4-bit, run by mlx-lm against transformers'
+    forward, the state check decoding through mlx-lm's Mamba2 conv and SSM states and the NoPE attention layer's KV
+    cache, every gate passed."""
+    recipe = {"name": "granite-hybrid", "source": str(granite_hybrid), "output": str(tmp_path / "out"),
+              "targets": [{"format": "mlx", "bits": 16}, {"format": "mlx", "bits": 4}],
+              "validate": {"tokens": 256, "context": 128, "latency": False,
+                           "gates": {"max_mean_kld": 0.06, "min_same_top1": 0.85}}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = subprocess.run([SILICONVERT, "recipe", str(tmp_path / "recipe.yaml")], capture_output=True, text=True,
+                            env={**os.environ, "SILICONVERT_QUIET": "1"})
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["source_info"]["traits"]["mamba2"] == [0, 2, 3]
+    artifacts = {artifact["quant"]: artifact for artifact in report["artifacts"]}
+    assert set(artifacts) == {"fp16", "4bit-g64"}
+    assert artifacts["fp16"]["metrics"]["mean_kld"] < 0.001
+    for artifact in artifacts.values():
+        assert artifact["gates"]["passed"] and artifact["tokenizer"]["passed"]
+        assert artifact["kv_cache"]["consistent"] is True and artifact["kv_cache"]["checked_tokens"] > 1
+    print("\nMEASURED", {quant: (a["metrics"]["mean_kld"], a["metrics"]["same_top1"], a.get("size_bytes"))
+                         for quant, a in artifacts.items()})

@@ -73,7 +73,9 @@ class RouterRecorder:
 
     def attach(self, model: Any) -> None:
         for layer in self.sparse_layers:
-            router = model.model.layers[layer].mlp.gate
+            decoder = model.model.layers[layer]
+            # Granite 4.0-H's experts sit beside its shared MLP, as block_sparse_moe with its `router`
+            router = decoder.mlp.gate if hasattr(decoder, "mlp") else decoder.block_sparse_moe.router
             router.register_forward_hook(lambda module, args, output, layer=layer: self._record(layer, output))
 
     def _record(self, layer: int, output: torch.Tensor | tuple) -> None:
