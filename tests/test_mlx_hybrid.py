@@ -1,6 +1,7 @@
 """MLX on a hybrid model (LFM2: gated short convolutions around attention): mlx-lm's own layout, opened by
 mlx_lm.load unchanged, its conv kernels and norms kept in float while the projections around them are quantized
-like any linear; one recipe end to end, its state check decoding through the conv states and the KV cache."""
+like any linear; one recipe end to end, its state check decoding through the conv states and the KV cache. The same
+for the gated delta rule (Qwen3.5, Qwen3.5-MoE, Qwen3-Next) and Mamba2 (Granite 4.0-H)."""
 
 import json
 import os
