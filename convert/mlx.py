@@ -417,7 +417,11 @@ def tensor_sanitizer(model, checkpoint: Checkpoint) -> Callable[[dict[str, mx.ar
     sanitize = getattr(model, "sanitize", None)
     if sanitize is None or not layout.sanitize_per_tensor:
         sanitize = dict
-    experts = ExpertArrays(checkpoint, layout.experts) if spec.experts and layout.experts else dict
+    experts: Callable[[dict[str, mx.array]], dict[str, mx.array]] = dict
+    if spec.experts and layout.experts:
+        experts = ExpertArrays(checkpoint, layout.experts)
+    elif layout.experts and layout.experts.dense_module:
+        experts = DenseMLPArrays(checkpoint, layout.experts.dense_module)
     mixers = MixerArrays(checkpoint) if layout.folds_norm_offset else dict
 
     def sanitize_one(weights: dict[str, mx.array]) -> dict[str, mx.array]:
@@ -456,7 +460,7 @@ class ExpertArrays:
 
     def __init__(self, checkpoint: Checkpoint, layout: ExpertLayout) -> None:
         self.roles = {name: info.role for name, info in checkpoint.tensor_infos.items()}
-        self.module = layout.module
+        self.module, self.router = layout.module, layout.router
         self.ff = checkpoint.spec.experts.intermediate_size
 
     def __call__(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
@@ -467,12 +471,41 @@ class ExpertArrays:
             if role.role not in ("ffn_gate_inp", "ffn_gate_up_exps", "ffn_down_exps"):
                 out[name] = array
             elif role.role == "ffn_gate_inp":
-                out[f"{module}.gate.{role.kind}"] = array
+                out[f"{module}.{self.router}.{role.kind}"] = array
             elif role.role == "ffn_gate_up_exps":
                 out[f"{module}.switch_mlp.gate_proj.weight"] = array[:, :self.ff]
                 out[f"{module}.switch_mlp.up_proj.weight"] = array[:, self.ff:]
             else:
                 out[f"{module}.switch_mlp.down_proj.weight"] = array
+        return out
+
+
+# A dense MLP's roles as mlx-lm's Linear names under its MLP module
+DENSE_PROJECTIONS = {"ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj"}
+
+
+class DenseMLPArrays:
+    """A source without experts as a model file that runs, then, a dense MLP under `module` (gate_proj, up_proj,
+    down_proj: mlx-lm's granitemoehybrid), where its MLP has other names (Granite 4.0-H's shared_mlp, gate and up
+    fused: the gate's rows, then the up's). mlx-lm's own sanitize does this only from a set holding layer 0."""
+
+    def __init__(self, checkpoint: Checkpoint, module: str) -> None:
+        self.roles = {name: info.role for name, info in checkpoint.tensor_infos.items()}
+        self.module = module
+        self.ff = checkpoint.spec.intermediate_size
+
+    def __call__(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        out = {}
+        for name, array in weights.items():
+            role = self.roles[name]
+            module = f"model.layers.{role.layer}.{self.module}"
+            if role.role == "ffn_gate_up":
+                out[f"{module}.gate_proj.{role.kind}"] = array[:self.ff]
+                out[f"{module}.up_proj.{role.kind}"] = array[self.ff:]
+            elif role.role in DENSE_PROJECTIONS:
+                out[f"{module}.{DENSE_PROJECTIONS[role.role]}.{role.kind}"] = array
+            else:
+                out[name] = array
         return out
 
 

@@ -26,6 +26,7 @@ from siliconvert.errors import CheckpointError
 Windows = Literal["none", "layer_types", "pattern"]
 # How a model file builds attention biases: one `attention_bias` for q, k, v and o; q, k, v always; none
 Biases = Literal["flag", "qkv", "none"]
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,13 @@ class ExpertLayout:
     # config.json's key for the size of the shared expert every sparse layer has (`shared_expert`, gated by
     # `shared_expert_gate`, as transformers names them); None: the file has none
     shared_key: str | None = None
+    router: str = "gate"  # the router's module path under `module` (a Linear to one logit per expert)
+    # config.json's key for the size of the dense MLP every sparse layer keeps beside its experts (the source's
+    # `Experts.beside_dense`: mlx-lm's granitemoehybrid's shared_mlp, gate and up fused); None: the experts replace it
+    beside_dense_key: str | None = None
+    # Where the source has no experts, the module under each layer holding the dense MLP the file runs instead
+    # (gate_proj, up_proj, down_proj: mlx-lm's granitemoehybrid with num_local_experts 0); None: it needs experts
+    dense_module: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,12 +79,16 @@ class Layout:
     # sanitize folds the offset in only when it sees the whole set of tensors (mlx-lm's qwen3_5, qwen3_next), so
     # the writer folds it, norm by norm (`ModelSpec.norm_offset_of`)
     folds_norm_offset: bool = False
+    # The file indexes a layer of each of its mixers (mlx-lm's lfm2); False: it runs any mix, one mixer alone too
+    indexes_each_mixer: bool = True
 
 
 _GEMMA = {"norm_offset": 1.0, "norm_placement": "sandwich", "activation": "gelu_tanh",
           "embedding_scale": lambda spec: math.sqrt(spec.hidden_size)}
 _GATED_DELTA_KEYS = ("full_attention_interval", "linear_num_key_heads", "linear_num_value_heads",
                      "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim")
+_MAMBA2_KEYS = ("mamba_n_heads", "mamba_d_head", "mamba_n_groups", "mamba_d_state", "mamba_d_conv", "mamba_conv_bias",
+                "mamba_proj_bias", "time_step_limit")
 _QWEN3_5 = {"qk_norm": "head", "attn_output_gate": True}
 _QWEN3_5_MIXERS: dict[Mixer, str] = {"attention": "full_attention", "gated_delta": "linear_attention"}
 LAYOUTS: dict[str, Layout] = {
@@ -137,6 +149,15 @@ LAYOUTS: dict[str, Layout] = {
                          rope_kinds=("default",), mixers=_QWEN3_5_MIXERS, folds_norm_offset=True,
                          experts=ExpertLayout("mlp", "num_experts", "moe_intermediate_size", "norm_topk_prob",
                                               dense_layers=True, shared_key="shared_expert_intermediate_size")),
+    # mlx-lm's granitemoehybrid: heads sized hidden / heads, rope from θ alone and only where position_embedding_type
+    # is not "nope", Mamba2 from the mamba_* keys, the shared MLP beside the experts (or alone, as `mlp`, without any)
+    "granite_hybrid": Layout("granitemoehybrid", keys=(
+        "embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling",
+        "position_embedding_type", *_MAMBA2_KEYS),
+        fixed={"fused_gate_up": True, "head_dim": lambda spec: spec.hidden_size // spec.num_heads},
+        rope_kinds=("default",), mixers={"attention": "attention", "mamba2": "mamba"}, indexes_each_mixer=False,
+        experts=ExpertLayout("block_sparse_moe", "num_local_experts", "intermediate_size", None, dense_layers=False,
+                             router="router.layer", beside_dense_key="shared_intermediate_size", dense_module="mlp")),
 }
 
 
@@ -181,6 +202,21 @@ KEYS: dict[str, Key] = {
     # a quarter), and reads the whole dict as the rope's scaling: one without any
     "rope_parameters": Key(("partial_rotary",), lambda arch: {
         "type": "default", "rope_theta": arch.rope.theta, "partial_rotary_factor": arch.rope.dim / arch.spec.head_dim}),
+    # mlx-lm's granitemoehybrid: rope in every attention layer or in none (its default "rope"; transformers' None is
+    # none), and Mamba2's sizes
+    "position_embedding_type": Key(("nope_layers",), lambda arch: arch.position_embedding_type()),
+    "mamba_n_heads": Key(("mamba2",), lambda arch: arch.required("mamba2").heads),
+    "mamba_d_head": Key(("mamba2",), lambda arch: arch.required("mamba2").head_dim),
+    "mamba_n_groups": Key(("mamba2",), lambda arch: arch.required("mamba2").groups),
+    "mamba_d_state": Key(("mamba2",), lambda arch: arch.required("mamba2").state_size),
+    "mamba_d_conv": Key(("mamba2",), lambda arch: arch.required("mamba2").conv_kernel),
+    "mamba_conv_bias": Key(("mamba2",), lambda arch: arch.required("mamba2").conv_bias),
+    "mamba_proj_bias": Key(("mamba2",), lambda arch: arch.required("mamba2").proj_bias),
+    # mlx-lm's default is (0.001, 100), transformers' (0, ∞); ∞ is written as float32's largest value, which mlx's
+    # float32 clip of Δ makes the same no-op, where JSON has no infinity (transformers writes {"__float__":
+    # "Infinity"}, which mlx-lm would take as the bound itself)
+    "time_step_limit": Key(("mamba2",), lambda arch: [min(bound, FLOAT32_MAX)
+                                                      for bound in arch.required("mamba2").time_step_limit]),
     "original_max_position_embeddings": Key(
         (), lambda arch: (arch.rope.scaling or {}).get("original_max_position_embeddings",
                                                         arch.spec.max_position_embeddings)),
@@ -253,7 +289,7 @@ class MLXArch:
                 layers = [i for i, each in enumerate(mixers) if each == mixer]
                 raise self.refuse(mixer, f"mlx-lm's model file runs {', '.join(self.layout.mixers)} only; the "
                                          f"source's layers {layers} are {mixer}")
-        if len(self.layout.mixers) > 1:
+        if len(self.layout.mixers) > 1 and self.layout.indexes_each_mixer:
             for mixer in self.layout.mixers:
                 if mixer not in mixers:
                     raise self.refuse(mixer, f"mlx-lm's model file needs a layer of each of "
@@ -261,6 +297,24 @@ class MLXArch:
         self.attention_layers = tuple(i for i, mixer in enumerate(mixers) if mixer == "attention")
         if "full_attention_interval" in self.layout.keys:
             self.attention_interval()
+        if "mamba2" in mixers:
+            self._check_mamba2()
+
+    def _check_mamba2(self) -> None:
+        """mlx-lm's Mamba2 mixer is the spec's (`Mamba2`) but for its gated norm, which normalises the whole inner
+        width at once where transformers normalises each group's slice."""
+        mamba = self.spec.mamba2
+        if mamba.groups != 1:
+            raise self.refuse("mamba2", f"mlx-lm's gated norm normalises all {mamba.inner_size} channels at once; "
+                                        f"the source's normalises each of its {mamba.groups} groups' own")
+
+    def position_embedding_type(self) -> str:
+        """mlx-lm's granitemoehybrid rotates in every attention layer unless this is "nope", then in none."""
+        ropes = {self.layers[i].rope is None for i in self.attention_layers}
+        if len(ropes) > 1:
+            raise self.refuse("nope_layers", "mlx-lm rotates in every attention layer or in none; the source's "
+                                             f"attention layers without rope are {self.spec.traits()['nope_layers']}")
+        return "nope" if ropes == {True} else "rope"
 
     def mixers_config(self) -> dict[str, Any]:
         """Each layer's mixer, under the names the model file reads, where it runs more than one."""
@@ -344,8 +398,13 @@ class MLXArch:
         if layout is None:
             raise self.refuse("experts", "mlx-lm's model file has a dense MLP in every layer")
         if experts is None:
-            raise self.refuse("experts", "mlx-lm's model file has a mixture of experts in every layer; the source "
-                                         "has none")
+            if layout.dense_module is None:
+                raise self.refuse("experts", "mlx-lm's model file has a mixture of experts in every layer; the "
+                                             "source has none")
+            return
+        if experts.beside_dense != (layout.beside_dense_key is not None):
+            raise self.refuse("beside_dense", "mlx-lm's sparse layers run a dense MLP beside their experts"
+                              if layout.beside_dense_key else "mlx-lm's experts replace the dense MLP")
         if layout.normalize_key is None and experts.normalize_topk != layout.normalizes:
             raise self.refuse("normalize_topk", "mlx-lm renormalises the chosen experts' weights to sum to one"
                               if layout.normalizes else "mlx-lm never renormalises the chosen experts' weights")
@@ -397,14 +456,18 @@ class MLXArch:
         """The mixture of experts as the model file reads it. Its sparse layers are every `decoder_sparse_step`-th
         outside `mlp_only_layers`: a step of one and the dense layers listed say exactly which."""
         experts, layout = self.spec.experts, self.layout.experts
-        if experts is None or layout is None:
+        if layout is None:
             return {}
+        if experts is None:  # the dense MLP alone (`dense_module`)
+            return {layout.count_key: 0}
         config = {layout.count_key: experts.count, "num_experts_per_tok": experts.used,
                   layout.size_key: experts.intermediate_size}
         if layout.normalize_key is not None:
             config[layout.normalize_key] = experts.normalize_topk
         if layout.shared_key is not None:
             config[layout.shared_key] = experts.shared_intermediate_size
+        if layout.beside_dense_key is not None:
+            config[layout.beside_dense_key] = self.spec.intermediate_size
         if layout.dense_layers:
             config |= {"decoder_sparse_step": 1,
                        "mlp_only_layers": [i for i, layer in enumerate(self.spec.layers) if not layer.sparse]}

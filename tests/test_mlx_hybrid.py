@@ -1,6 +1,7 @@
 """MLX on a hybrid model (LFM2: gated short convolutions around attention): mlx-lm's own layout, opened by
 mlx_lm.load unchanged, its conv kernels and norms kept in float while the projections around them are quantized
-like any linear; one recipe end to end, its state check decoding through the conv states and the KV cache."""
+like any linear; one recipe end to end, its state check decoding through the conv states and the KV cache. The same
+for the gated delta rule (Qwen3.5, Qwen3.5-MoE, Qwen3-Next) and Mamba2 (Granite 4.0-H)."""
 
 import json
 import os
@@ -162,3 +163,146 @@ def test_wrapped_qwen3_5_converts_its_language_model(tmp_path):
     configs = [json.loads((artifact.path / "config.json").read_text()) for artifact in (wrapped, text)]
     configs[1].pop("transformers_version")
     assert configs[0]["model_type"] == "qwen3_5" and configs[0] == configs[1]
+
+
+# ---- Granite 4.0-H: Mamba2 around NoPE attention, experts beside a shared MLP, in mlx-lm's granitemoehybrid ----
+
+
+@pytest.fixture(scope="module")
+def granite_hybrid(family_model) -> Path:
+    return family_model("granitemoehybrid")
+
+
+def _strict_json(path: Path) -> dict:
+    """config.json as a strict JSON reader (mlx-swift's) takes it: no Infinity or NaN."""
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is no JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_granite_hybrid_folder_is_mlx_lms_layout(granite_hybrid, tmp_path):
+    """What mlx-lm's granitemoehybrid reads, from a transformers 5.25 checkpoint it refuses as saved (its Mamba2 layers
+    named linear_attention, Δ's upper limit as {"__float__": "Infinity"}): the layers as mamba / attention, no rope
+    (transformers' None, where mlx-lm's default rotates), Δ's limits finite; the conv kernel in mlx's axis order and
+    float, as are A_log, D, dt_bias and the norms; in_proj and out_proj quantized, the routers at 8 bits; mlx-lm builds
+    a conv and SSM state per Mamba2 layer, a KV cache for the attention layer."""
+    from mlx_lm import load
+    from mlx_lm.models.cache import ArraysCache, KVCache, make_prompt_cache
+
+    source_config = json.loads((granite_hybrid / "config.json").read_text())
+    assert source_config["layer_types"][0] == "linear_attention" and isinstance(source_config["time_step_limit"][1],
+                                                                               dict)
+    artifact = build_mlx(granite_hybrid, tmp_path, bits=4, group_size=64)
+    config = _strict_json(artifact.path / "config.json")
+    assert config["model_type"] == "granitemoehybrid"
+    assert config["layer_types"] == ["mamba", "attention", "mamba", "mamba"]
+    assert config["position_embedding_type"] == "nope"
+    assert config["time_step_limit"][0] == 0.0 and np.float32(config["time_step_limit"][1]) == np.finfo(np.float32).max
+    sizes = (config["num_local_experts"], config["intermediate_size"], config["shared_intermediate_size"])
+    assert sizes == (4, 96, 160)  # experts' width, the shared MLP's
+    weights = mx.load(str(artifact.path / "model.safetensors"))
+    mamba = "model.layers.0.mamba"
+    assert weights[f"{mamba}.conv1d.weight"].shape == (256 + 2 * 16, 4, 1)  # x, B, C channels; 4 taps
+    for name in ("conv1d.weight", "conv1d.bias", "A_log", "D", "dt_bias", "norm.weight"):
+        assert mx.issubdtype(weights[f"{mamba}.{name}"].dtype, mx.floating), name
+    for projection in ("in_proj", "out_proj"):
+        assert weights[f"{mamba}.{projection}.weight"].dtype == mx.uint32
+    quantization = config["quantization"]
+    assert quantization["bits"] == 4 and quantization["group_size"] == 64
+    assert quantization["model.layers.0.block_sparse_moe.router.layer"]["bits"] == 8
+    model, _ = load(str(artifact.path))
+    assert model.model.layers[1].self_attn.rope is None
+    caches = make_prompt_cache(model)
+    assert [type(cache) for cache in caches] == [ArraysCache, KVCache, ArraysCache, ArraysCache]
+
+
+def test_granite_hybrid_float_folder_is_transformers_function(granite_hybrid, tmp_path):
+    """In float32, mlx-lm's run of the folder is transformers' forward to rounding (measured KLD 4e-14 over 254
+    positions; float16 1.2e-7)."""
+    from conftest import reference_logits_for
+    from test_mlx import held_out_windows
+
+    from siliconvert.validate.metrics import compare
+    from siliconvert.validate.runners.mlx import MLXRunner
+
+    windows = held_out_windows(granite_hybrid, count=1, length=128)
+    reference = reference_logits_for(granite_hybrid, windows)
+    artifact = build_mlx(granite_hybrid, tmp_path, bits=16, dtype="float32")
+    logits = MLXRunner(artifact.path, {"engine": "mlx"}).logits(windows[0])
+    vocab = reference.shape[-1]
+    scores = compare(reference[0, :-1, :vocab], logits[:-1, :vocab], windows[0, 1:])[0]
+    assert scores.mean_kld < 1e-9 and scores.same_top1 == 1.0, scores
+
+
+def test_granite_hybrid_refusals_name_the_trait(granite_hybrid, tmp_path):
+    """What mlx-lm's granitemoehybrid computes otherwise is refused by trait: a gated norm over groups (mlx-lm
+    normalises the whole inner width), experts that replace the dense MLP (mlx-lm's run beside it); and the torch
+    stand-in, which reads transformers' names, refuses the folder."""
+    from dataclasses import replace
+
+    from siliconvert.checkpoint import Checkpoint
+    from siliconvert.convert.mlx_arch import MLXArch
+    from siliconvert.errors import ArtifactError, CheckpointError
+    from siliconvert.validate.runners.mlx import MLXRunner
+
+    spec = Checkpoint.open(granite_hybrid).spec
+    assert MLXArch(spec, granite_hybrid).config()["mamba_n_groups"] == 1
+    with pytest.raises(CheckpointError, match=r"cannot honour the trait mamba2: .* each of its 2 groups"):
+        MLXArch(replace(spec, mamba2=replace(spec.mamba2, groups=2)), granite_hybrid)
+    with pytest.raises(CheckpointError, match="cannot honour the trait beside_dense"):
+        MLXArch(replace(spec, experts=replace(spec.experts, beside_dense=False)), granite_hybrid)
+    artifact = build_mlx(granite_hybrid, tmp_path, bits=16)
+    with pytest.raises(ArtifactError, match="runs Mamba2 with its own names"):
+        MLXRunner(artifact.path, {"engine": "torch"})
+
+
+def test_granite_hybrid_without_experts_runs_its_shared_mlp_as_mlx_lms_dense_mlp(granite_hybrid):
+    """With num_local_experts 0 mlx-lm's granitemoehybrid runs a dense `mlp` (gate_proj, up_proj, down_proj) where
+    transformers runs shared_mlp alone: the config says no experts, and the fused input_linear splits into the gate's
+    rows, then the up's."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from siliconvert.architectures.base import TensorRole
+    from siliconvert.checkpoint import Checkpoint
+    from siliconvert.convert.mlx import DenseMLPArrays
+    from siliconvert.convert.mlx_arch import MLXArch
+
+    spec = Checkpoint.open(granite_hybrid).spec
+    dense = replace(spec, experts=None, layers=tuple(replace(layer, sparse=False) for layer in spec.layers))
+    config = MLXArch(dense, granite_hybrid).config()
+    assert config["num_local_experts"] == 0 and "shared_intermediate_size" not in config
+    names = {"model.layers.2.shared_mlp.input_linear.weight": TensorRole("ffn_gate_up", 2, "weight"),
+             "model.layers.2.shared_mlp.output_linear.weight": TensorRole("ffn_down", 2, "weight")}
+    checkpoint = SimpleNamespace(spec=dense, tensor_infos={name: SimpleNamespace(role=role)
+                                                            for name, role in names.items()})
+    fused = mx.arange(2 * 160 * 3).reshape(2 * 160, 3)
+    arrays = DenseMLPArrays(checkpoint, "mlp")({"model.layers.2.shared_mlp.input_linear.weight": fused})
+    assert mx.array_equal(arrays["model.layers.2.mlp.gate_proj.weight"], fused[:160])
+    assert mx.array_equal(arrays["model.layers.2.mlp.up_proj.weight"], fused[160:])
+    down = DenseMLPArrays(checkpoint, "mlp")({"model.layers.2.shared_mlp.output_linear.weight": fused.T})
+    assert list(down) == ["model.layers.2.mlp.down_proj.weight"]
+
+
+def test_one_recipe_converts_granite_hybrid_to_mlx_and_passes_every_gate(granite_hybrid, tmp_path):
+    """`siliconvert recipe` on the small Granite 4.0-H: MLX float16 and 4-bit, run by mlx-lm against transformers'
+    forward, the state check decoding through mlx-lm's Mamba2 conv and SSM states and the NoPE attention layer's KV
+    cache, every gate passed."""
+    recipe = {"name": "granite-hybrid", "source": str(granite_hybrid), "output": str(tmp_path / "out"),
+              "targets": [{"format": "mlx", "bits": 16}, {"format": "mlx", "bits": 4}],
+              "validate": {"tokens": 256, "context": 128, "latency": False,
+                           "gates": {"max_mean_kld": 0.06, "min_same_top1": 0.85}}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = subprocess.run([SILICONVERT, "recipe", str(tmp_path / "recipe.yaml")], capture_output=True, text=True,
+                            env={**os.environ, "SILICONVERT_QUIET": "1"})
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["source_info"]["traits"]["mamba2"] == [0, 2, 3]
+    artifacts = {artifact["quant"]: artifact for artifact in report["artifacts"]}
+    assert set(artifacts) == {"fp16", "4bit-g64"}
+    assert artifacts["fp16"]["metrics"]["mean_kld"] < 0.001
+    for artifact in artifacts.values():
+        assert artifact["gates"]["passed"] and artifact["tokenizer"]["passed"]
+        assert artifact["kv_cache"]["consistent"] is True and artifact["kv_cache"]["checked_tokens"] > 1
+    print("\nMEASURED", {quant: (a["metrics"]["mean_kld"], a["metrics"]["same_top1"], a.get("size_bytes"))
+                         for quant, a in artifacts.items()})

@@ -451,3 +451,47 @@ def test_state_check_judges_mlx_lms_gated_delta_state(qwen3_5_mlx, state, fault)
         # measured (excess KLD, limit 0.00103): conv state not advanced, reset, one step stale 0.67, 0.70, 0.66;
         # recurrent state 0.0147, 0.0024, 0.0025 (this small model's gated-delta layers forget within a few tokens)
         assert kv["consistent"] is False and kv["excess_kld"] > 2 * kv["limit_kld"], kv
+
+
+# ---- mlx-lm's Mamba2 states broken on purpose (Granite 4.0-H: three Mamba2 layers, one NoPE attention layer) ----
+
+
+@pytest.fixture(scope="module")
+def granite_hybrid_mlx(family_model, tmp_path_factory):
+    """The small Granite 4.0-H (Mamba2, attention, Mamba2, Mamba2; experts beside a shared MLP) as an MLX 8-bit
+    folder, with its first 256 held-out tokens and the reference's logits on them."""
+    from conftest import build_mlx, reference_logits_for
+    from test_mlx import held_out_windows
+
+    source = family_model("granitemoehybrid")
+    artifact = build_mlx(source, tmp_path_factory.mktemp("granite-hybrid-mlx"), bits=8, group_size=64)
+    windows = held_out_windows(source, count=1, length=256)
+    return artifact, windows, reference_logits_for(source, windows)
+
+
+# Each head of the small model's Mamba2 layers keeps at most 0.27 of its SSM state per token (its training left
+# dt_bias at 1, A from -1 to -8): a broken SSM state moves its decoding by less than rounding does (an SSM state never
+# advanced: the paths' distance KLD 2e-5, excess under the limit), so only mlx-lm's own SSM state is checked here
+MAMBA2_STATE_CASES = [(BrokenConvState, fault) for fault in ("none", "not advanced", "reset", "one step stale")] + [
+    (BrokenRecurrentState, "none")]
+
+
+@pytest.mark.parametrize(("state", "fault"), MAMBA2_STATE_CASES)
+def test_state_check_judges_mlx_lms_mamba2_state(granite_hybrid_mlx, state, fault):
+    """Decoding 16 tokens through the attention layer's KV cache and three Mamba2 layers' states (mlx-lm's ArraysCache:
+    slot 0 the conv's last inputs, slot 1 each head's SSM state h): mlx-lm's own pass, each broken conv state
+    fails."""
+    from siliconvert.validate.runners.mlx import MLXRunner
+    from siliconvert.validate.score import cached_window_logits, kv_cache_check
+
+    artifact, windows, reference = granite_hybrid_mlx
+    runner = MLXRunner(artifact.path, {"engine": "mlx"})
+    no_cache = runner.logits(windows[0])
+    cached, prompt = cached_window_logits(state(runner, fault), windows[0])
+    vocab = reference.shape[-1]
+    kv = kv_cache_check(cached[:, :vocab], prompt, no_cache[:, :vocab], reference[0], windows[0][1:])
+    assert kv["checked_tokens"] == 1 + CACHE_CHECK_TOKENS
+    if fault == "none":
+        assert kv["consistent"] is True and kv["excess_kld"] < kv["limit_kld"] / 4, kv
+    else:
+        assert kv["consistent"] is False and kv["excess_kld"] > 2 * kv["limit_kld"], kv

@@ -90,12 +90,18 @@ def choose_engine(path: Path, options: dict) -> str:
 def stand_in_refusal(config: dict) -> str | None:
     """Why DequantizedMLXRunner cannot stand in for mlx-lm on this folder, or None where it can: a model file whose
     weights are not transformers' (norms with their offset folded in, names under a wrapper: mlx-lm's qwen3_5,
-    qwen3_5_moe and qwen3_next) runs only as mlx-lm itself, however slow its CPU is."""
+    qwen3_5_moe and qwen3_next; Mamba2's own names: granitemoehybrid) runs only as mlx-lm itself, however slow its CPU
+    is."""
     from siliconvert.convert.mlx_arch import LAYOUTS
 
-    if any(layout.folds_norm_offset and layout.model_type == config.get("model_type") for layout in LAYOUTS.values()):
+    layouts = [layout for layout in LAYOUTS.values() if layout.model_type == config.get("model_type")]
+    if any(layout.folds_norm_offset for layout in layouts):
         return (f"mlx-lm's {config['model_type']} stores its norms as 1 + w and runs the gated delta rule: the torch "
                 "stand-in reads weights as transformers' own and cannot run this folder")
+    if any("mamba2" in layout.mixers for layout in layouts):
+        return (f"mlx-lm's {config['model_type']} runs Mamba2 with its own names (the router as router.layer, the "
+                "shared MLP as mlp without experts): the torch stand-in reads weights as transformers' own and cannot "
+                "run this folder")
     return None
 
 
