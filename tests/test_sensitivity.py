@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QType
 
+from siliconvert.gains import Q8_0, Q8_K
 from siliconvert.quantize.gguf import TensorQuantizer
 from siliconvert.quantize.sensitivity import (
+    GGUF_INPUT_ROUNDING,
     ROLE_GAINS,
     Option,
     TensorCosts,
@@ -87,6 +89,21 @@ def test_gguf_costs_are_llama_cpp_bytes_and_fall_with_bits(weight):
     assert k_quants == sorted(k_quants, reverse=True)
     assert 1e-5 < by_kind["Q8_0"].error < by_kind["Q2_K"].error < 0.5
     assert costs.params == weight.size
+
+
+def test_gguf_costs_add_the_kld_of_the_input_rounding_each_types_kernels_use(weight):
+    """A K-quant's kernels round the input to Q8_K, a 32-block type's to Q8_0: each candidate pays its own."""
+    quantizer = TensorQuantizer(threads=1)
+    try:
+        bare, floored = (gguf_costs("w", weight, None, quantizer, 1.0, input_klds=floors)
+                         for floors in (None, {Q8_0: 0.001, Q8_K: 0.004}))
+    finally:
+        quantizer.close()
+    before = {option.kind: option.error for option in bare.options}
+    added = {option.kind: option.error - before[option.kind] for option in floored.options}
+    assert set(added) == {qtype.name for qtype in GGUF_INPUT_ROUNDING}
+    for kind, extra in added.items():
+        assert extra == pytest.approx({Q8_0: 0.001, Q8_K: 0.004}[GGUF_INPUT_ROUNDING[QType[kind]]]), kind
 
 
 def test_gguf_costs_leave_out_types_a_row_cannot_hold():
