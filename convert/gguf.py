@@ -70,6 +70,7 @@ PLANNED_FILE_TYPES = {
     QType.Q5_0.name: LlamaFileType.MOSTLY_Q5_0, QType.Q5_1.name: LlamaFileType.MOSTLY_Q5_1,
     QType.Q5_K.name: LlamaFileType.MOSTLY_Q5_K_M,
     QType.Q6_K.name: LlamaFileType.MOSTLY_Q6_K, QType.Q8_0.name: LlamaFileType.MOSTLY_Q8_0,
+    QType.F16.name: LlamaFileType.MOSTLY_F16,
 }
 # The lossless full-precision type for a source dtype: what llama.cpp's quantizer reads.
 LOSSLESS = {"BF16": "BF16", "F16": "F16", "F32": "F32"}
@@ -282,14 +283,10 @@ class GGUFWriter(Writer):
                                                     input_klds=floor))
         finally:
             quantizer.close()
-        # a row width no candidate's block divides (an intermediate_size of 200, say) has nothing to choose from:
-        # it stays as a fixed quant stores it (F16), its bytes outside the plan
-        unplannable = {cost.name for cost in costs if not cost.options}
-        costs[:] = [cost for cost in costs if cost.options]
+        # a row width no block divides (an intermediate_size of 200, say) still has F16, a candidate of every row
         fixed_types = [_storage_type(name, shape, kept) for name, shape in shapes]
-        fixed = sum(_nbytes(shape, qtype) for (name, shape), qtype, q in zip(shapes, fixed_types, quantizable,
-                                                                           strict=True)
-                    if q is None or name in unplannable)
+        fixed = sum(_nbytes(shape, qtype) for shape, qtype, q in zip((shape for _, shape in shapes), fixed_types,
+                                                                      quantizable, strict=True) if q is None)
         self.quant_plan = make_plan(costs, self.target.plan, fixed_bytes=fixed + self._header_bytes(fixed_types))
         types = [QType[self.quant_plan.choices[name].kind] if name in self.quant_plan.choices else fixed_type
                  for (name, _), fixed_type in zip(shapes, fixed_types, strict=True)]

@@ -102,11 +102,14 @@ from gguf import GGMLQuantizationType as QType
 from siliconvert.gains import Q8_0, Q8_K
 
 # llama.cpp types a GGUF plan chooses from. K-quants need rows of whole 256-blocks; the 32-block types
-# (legacy Q4_0 … Q8_0, IQ4_NL) are what a narrower row can take, and what llama.cpp's fixed recipes fall back to.
+# (legacy Q4_0 … Q8_0, IQ4_NL) are what a narrower row can take, and what llama.cpp's fixed recipes fall back to;
+# F16 fits every row, so no row shape leaves a tensor without an option (a Phi-3 of hidden 144 has no row a block
+# divides), and it is where a quality goal below every quantized type's floor ends.
 GGUF_CANDIDATES = (QType.Q2_K, QType.Q3_K, QType.IQ4_NL, QType.Q4_0, QType.Q4_1, QType.Q4_K, QType.Q5_0,
-                   QType.Q5_1, QType.Q5_K, QType.Q6_K, QType.Q8_0)
-# How llama.cpp's CPU kernels round a matmul's input for each weight type (ggml's type_traits vec_dot_type; Q8_1,
-# Q4_1's and Q5_1's, rounds as Q8_0 does and differs only in also storing the block's sum)
+                   QType.Q5_1, QType.Q5_K, QType.Q6_K, QType.Q8_0, QType.F16)
+# How llama.cpp's CPU kernels round a matmul's input for each quantized weight type (ggml's type_traits vec_dot_type;
+# Q8_1, Q4_1's and Q5_1's, rounds as Q8_0 does and differs only in also storing the block's sum; F16's input is
+# rounded to float16, whose error is far below these)
 GGUF_INPUT_ROUNDING = {QType.Q2_K: Q8_K, QType.Q3_K: Q8_K, QType.Q4_K: Q8_K, QType.Q5_K: Q8_K, QType.Q6_K: Q8_K,
                        QType.IQ4_NL: Q8_0, QType.Q4_0: Q8_0, QType.Q4_1: Q8_0, QType.Q5_0: Q8_0, QType.Q5_1: Q8_0,
                        QType.Q8_0: Q8_0}
@@ -261,7 +264,7 @@ def gguf_costs(name: str, weight: np.ndarray, importance: np.ndarray | None, qua
         data = work.result().reshape(len(matrices), matrices.shape[1], -1)
         approximations = (gguf.quants.dequantize(expert, qtype) for expert in data)
         error, shrunk = expert_errors(matrices, approximations, importance, routed_tokens)
-        floor = (input_klds or {}).get(GGUF_INPUT_ROUNDING[qtype], 0.0)
+        floor = (input_klds or {}).get(GGUF_INPUT_ROUNDING.get(qtype), 0.0)
         options.append(Option(qtype.name, data.nbytes // matrices.shape[1] * whole.shape[1],
                               weighed(error, shrunk, gain, shrink_gain) + floor))
 

@@ -101,9 +101,10 @@ def test_gguf_costs_add_the_kld_of_the_input_rounding_each_types_kernels_use(wei
         quantizer.close()
     before = {option.kind: option.error for option in bare.options}
     added = {option.kind: option.error - before[option.kind] for option in floored.options}
-    assert set(added) == {qtype.name for qtype in GGUF_INPUT_ROUNDING}
+    assert set(added) == {qtype.name for qtype in GGUF_INPUT_ROUNDING} | {"F16"}
     for kind, extra in added.items():
-        assert extra == pytest.approx({Q8_0: 0.001, Q8_K: 0.004}[GGUF_INPUT_ROUNDING[QType[kind]]]), kind
+        expected = {Q8_0: 0.001, Q8_K: 0.004, None: 0.0}[GGUF_INPUT_ROUNDING.get(QType[kind])]  # F16: no int8 input
+        assert extra == pytest.approx(expected, abs=1e-12), kind
 
 
 def test_gguf_costs_leave_out_types_a_row_cannot_hold():
@@ -112,7 +113,18 @@ def test_gguf_costs_leave_out_types_a_row_cannot_hold():
         costs = gguf_costs("narrow", np.ones((8, 96), dtype=np.float32), None, quantizer)
     finally:
         quantizer.close()
-    assert {o.kind for o in costs.options} == {"IQ4_NL", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}  # no 256-block
+    assert {o.kind for o in costs.options} == {"IQ4_NL", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16"}  # no 256-block
+
+
+def test_f16_is_an_option_of_a_row_no_block_fits():
+    quantizer = TensorQuantizer(threads=1)
+    try:
+        costs = gguf_costs("odd", np.random.default_rng(0).standard_normal((8, 144), dtype=np.float32), None,
+                           quantizer)
+    finally:
+        quantizer.close()
+    (option,) = costs.options  # 144 = 4.5 × 32: no block of any quantized type
+    assert option.kind == "F16" and option.nbytes == 8 * 144 * 2 and option.error < 1e-6
 
 
 def test_mlx_costs_fall_with_bits_and_smaller_groups(weight):
