@@ -4,7 +4,7 @@ Q4_K_M's size against Q4_K_M, and one at MLX 4-bit g64's size against that, with
 model on weights mx.dequantize'd in the folder's float type: tests/test_plan_models.py `mlx_logits`).
 
     PYTHONPATH=. .venv/bin/python -m bench.plan_gains [--models demo,qwen3,granite,olmo2] [--mode after] [--work DIR]
-        [--label NAME]     # models: also "real" (SmolLM2-135M-Instruct) or checkpoint folders
+        [--label NAME] [--formats gguf,mlx]   # models: also "real" (SmolLM2-135M-Instruct) or checkpoint folders
 
 Prints a JSON line per model and format and writes them all to bench/results/plan-gains-<YYYY-MM-DD>-<mode>.json.
 """
@@ -45,7 +45,7 @@ def compare(model: str, fmt: str, fixed_name: str, fixed, writer, planned, fixed
                 plan_mb=planned_bytes / 1e6, fixed_mb=fixed_bytes / 1e6, plan_types=plan.summary()["types"])
 
 
-def measure(model: str, mode: str, work: Path) -> list[dict]:
+def measure(model: str, mode: str, work: Path, formats: str = "gguf,mlx") -> list[dict]:
     path = checkpoint_for(model)
     checkpoint = Checkpoint.open(path)
     from conftest import reference_logits_for
@@ -58,14 +58,24 @@ def measure(model: str, mode: str, work: Path) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
 
-    (fixed,) = write(GGUFWriter(checkpoint, GGUFTarget(format="gguf", quants=["Q4_K_M"], imatrix="builtin"), out, "m"))
-    size = fixed.path.stat().st_size
-    writer = GGUFWriter(checkpoint, GGUFTarget(format="gguf", quants=["auto"], plan={"size_mb": size / 1e6}), out, "m")
-    (planned,) = write(writer)
-    rows.append(compare(model, "gguf", "Q4_K_M", fixed, writer, planned, size, planned.path.stat().st_size,
-                        gguf_kinds, lambda p: mean_kld(reference, gguf_logits(p, windows), windows)))
+    if "gguf" in formats:
+        (fixed,) = write(GGUFWriter(checkpoint, GGUFTarget(format="gguf", quants=["Q4_K_M"], imatrix="builtin"), out,
+                                    "m"))
+        size = fixed.path.stat().st_size
+        writer = GGUFWriter(checkpoint, GGUFTarget(format="gguf", quants=["auto"], plan={"size_mb": size / 1e6}),
+                            out, "m")
+        (planned,) = write(writer)
+        rows.append(compare(model, "gguf", "Q4_K_M", fixed, writer, planned, size, planned.path.stat().st_size,
+                            gguf_kinds, lambda p: mean_kld(reference, gguf_logits(p, windows), windows)))
+    if "mlx" not in formats:
+        return rows
 
     (fixed,) = write(MLXWriter(checkpoint, MLXTarget(format="mlx", bits=4, group_size=64), out, "m"))
+    if "quantization" not in json.loads((fixed.path / "config.json").read_text()):
+        # no row any of mlx's group sizes divides (a hidden of 144): "4-bit" stays all float, nothing to plan
+        rows.append(dict(model=model, format="mlx", fixed="4bit-g64", plan_types=None,
+                         note="no module mlx can quantize: every row fits no group size"))
+        return rows
     size = folder_bytes(fixed.path)
     writer = MLXWriter(checkpoint, MLXTarget(format="mlx", bits="auto", plan={"size_mb": size / 1e6}), out, "m")
     (planned,) = write(writer)
@@ -80,13 +90,14 @@ def main() -> None:
     parser.add_argument("--mode", choices=("before", "after"), default="after")
     parser.add_argument("--work", type=Path, default=WORK_DIR / "plan-gains")
     parser.add_argument("--label", default="", help="added to the result's file name (another set of models)")
+    parser.add_argument("--formats", default="gguf,mlx", help="gguf, mlx or both")
     args = parser.parse_args()
     if args.mode == "before":  # no measured gains: every weight takes its role's (ROLE_GAINS)
         Calibration.gain = lambda self, name, tied_head=False: None
         Calibration.shrink_gain = lambda self, name, tied_head=False: None
     rows = []
     for model in args.models.split(","):
-        for row in measure(model, args.mode, args.work):
+        for row in measure(model, args.mode, args.work, args.formats):
             print(json.dumps(row), flush=True)
             rows.append(row)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

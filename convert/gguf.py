@@ -70,6 +70,7 @@ PLANNED_FILE_TYPES = {
     QType.Q5_0.name: LlamaFileType.MOSTLY_Q5_0, QType.Q5_1.name: LlamaFileType.MOSTLY_Q5_1,
     QType.Q5_K.name: LlamaFileType.MOSTLY_Q5_K_M,
     QType.Q6_K.name: LlamaFileType.MOSTLY_Q6_K, QType.Q8_0.name: LlamaFileType.MOSTLY_Q8_0,
+    QType.F16.name: LlamaFileType.MOSTLY_F16,
 }
 # The lossless full-precision type for a source dtype: what llama.cpp's quantizer reads.
 LOSSLESS = {"BF16": "BF16", "F16": "F16", "F32": "F32"}
@@ -278,21 +279,19 @@ class GGUFWriter(Writer):
                     role = info.role.role
                     parts = self.arch.split(role, self.arch.to_llama_cpp(role, "weight", array))
                     gains = self._gains(info, parts, measured)
-                    for gguf_name, part, (gain, shrink_gain) in zip(self._gguf_names(info.role), parts, gains,
-                                                                    strict=True):
+                    floors = self._input_klds(info, parts, measured)
+                    for gguf_name, part, (gain, shrink_gain), floor in zip(self._gguf_names(info.role), parts, gains,
+                                                                           floors, strict=True):
                         if gguf_name in planned[info.name]:
                             costs.append(gguf_costs(gguf_name, part, self.imatrix.get(gguf_name), quantizer, gain,
-                                                    routed_tokens=routed.get(info.name), shrink_gain=shrink_gain))
+                                                    routed_tokens=routed.get(info.name), shrink_gain=shrink_gain,
+                                                    input_klds=floor))
         finally:
             quantizer.close()
-        # a row width no candidate's block divides (an intermediate_size of 200, say) has nothing to choose from:
-        # it stays as a fixed quant stores it (F16), its bytes outside the plan
-        unplannable = {cost.name for cost in costs if not cost.options}
-        costs[:] = [cost for cost in costs if cost.options]
+        # a row width no block divides (an intermediate_size of 200, say) still has F16, a candidate of every row
         fixed_types = [_storage_type(name, shape, kept) for name, shape in shapes]
-        fixed = sum(_nbytes(shape, qtype) for (name, shape), qtype, q in zip(shapes, fixed_types, quantizable,
-                                                                           strict=True)
-                    if q is None or name in unplannable)
+        fixed = sum(_nbytes(shape, qtype) for shape, qtype, q in zip((shape for _, shape in shapes), fixed_types,
+                                                                      quantizable, strict=True) if q is None)
         self.quant_plan = make_plan(costs, self.target.plan, fixed_bytes=fixed + self._header_bytes(fixed_types))
         types = [QType[self.quant_plan.choices[name].kind] if name in self.quant_plan.choices else fixed_type
                  for (name, _), fixed_type in zip(shapes, fixed_types, strict=True)]
@@ -320,6 +319,23 @@ class GGUFWriter(Writer):
         shrink_gain = measured.shrink_gain(info.name, tied)
         shrink_gains = [None] * len(parts) if shrink_gain is None else split_gains(shrink_gain, parts, columns)
         return list(zip(gains, shrink_gains, strict=True))
+
+    def _input_klds(self, info: TensorInfo, parts: list[np.ndarray],
+                    measured: Calibration) -> list[dict[str, float] | None]:
+        """Each GGUF part's mean KLD of its input rounded by each of llama.cpp's roundings, measured on this model
+        (`Calibration.input_kld`; split by share where the checkpoint tensor is stored as parts; the head's where an
+        embedding is the head too), or None where it was not measured."""
+        if not measured.input_klds or measured.gain(info.name) is None:
+            return [None] * len(parts)
+        tied = self.checkpoint.spec.tie_word_embeddings
+        names = self._gguf_names(info.role)
+        if info.role.role == "token_embd" and len(parts) > 1:  # token_embd and output, one table
+            return [{kind: measured.input_kld(HEAD if name == "output.weight" else EMBEDDING, kind)
+                     for kind in measured.input_klds} for name in names]
+        columns = [self.imatrix.get(name) for name in names]
+        split = {kind: split_gains(measured.input_kld(info.name, kind, tied), parts, columns)
+                 for kind in measured.input_klds}
+        return [{kind: shares[index] for kind, shares in split.items()} for index in range(len(parts))]
 
     def _header_bytes(self, types: list[QType]) -> int:
         """Bytes of the file before the tensors' data (header, key/values, tensor infos, the extra tensors):

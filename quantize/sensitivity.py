@@ -20,6 +20,15 @@ weight also has a shrink gain: a candidate's error has a part that is the weight
 3-bit types shrink by a few percent); its α² is weighed by the shrink gain, the rest of r by the noise gain
 (siliconvert/gains.py says how both are measured and why).
 
+Rounded inputs (GGUF). Where a weight is a quantized type, llama.cpp's CPU kernels round the matmul's input too,
+to ggml's vec_dot_type of that type (`GGUF_INPUT_ROUNDING`: Q8_0, int8 in blocks of 32, for the 32-block types,
+Q8_1 rounding alike; Q8_K, blocks of 256, for the K-quants): a floor of that type that its weights' errors lack (the
+real SmolLM2-135M's planned Q4_1 GGUF measured 0.0031 where its weights' errors predicted 0.0001; every input
+rounded to Q8_0 costs that model 0.0033). What each weight's input so rounded costs is measured on the model with
+the gains (siliconvert/gains.py, `Calibration.input_kld`), and a GGUF candidate's cost is its weight's error ×
+gain plus that (`gguf_costs`' `input_klds`), so a plan sees that Q4_K's 256-blocks round the input more coarsely
+than Q5_0's 32-blocks, and a fixed recipe's prediction includes its floor.
+
 From errors to KLD. Small independent perturbations of the hidden states add up in the logits, and the
 KL divergence of a softmax to a slightly perturbed one is second order in the perturbation, so to first
 order the mean KLD is a sum of the tensors' relative errors, each times the gain of its path to the output:
@@ -82,7 +91,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,10 +99,20 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 
+from siliconvert.gains import Q8_0, Q8_K
+
 # llama.cpp types a GGUF plan chooses from. K-quants need rows of whole 256-blocks; the 32-block types
-# (legacy Q4_0 … Q8_0, IQ4_NL) are what a narrower row can take, and what llama.cpp's fixed recipes fall back to.
+# (legacy Q4_0 … Q8_0, IQ4_NL) are what a narrower row can take, and what llama.cpp's fixed recipes fall back to;
+# F16 fits every row, so no row shape leaves a tensor without an option (a Phi-3 of hidden 144 has no row a block
+# divides), and it is where a quality goal below every quantized type's floor ends.
 GGUF_CANDIDATES = (QType.Q2_K, QType.Q3_K, QType.IQ4_NL, QType.Q4_0, QType.Q4_1, QType.Q4_K, QType.Q5_0,
-                   QType.Q5_1, QType.Q5_K, QType.Q6_K, QType.Q8_0)
+                   QType.Q5_1, QType.Q5_K, QType.Q6_K, QType.Q8_0, QType.F16)
+# How llama.cpp's CPU kernels round a matmul's input for each quantized weight type (ggml's type_traits vec_dot_type;
+# Q8_1, Q4_1's and Q5_1's, rounds as Q8_0 does and differs only in also storing the block's sum; F16's input is
+# rounded to float16, whose error is far below these)
+GGUF_INPUT_ROUNDING = {QType.Q2_K: Q8_K, QType.Q3_K: Q8_K, QType.Q4_K: Q8_K, QType.Q5_K: Q8_K, QType.Q6_K: Q8_K,
+                       QType.IQ4_NL: Q8_0, QType.Q4_0: Q8_0, QType.Q4_1: Q8_0, QType.Q5_0: Q8_0, QType.Q5_1: Q8_0,
+                       QType.Q8_0: Q8_0}
 # (bits, group size) an MLX plan chooses from: every affine width mx.quantize has, at mlx-lm's group sizes
 MLX_CANDIDATES = tuple((bits, group) for bits in (2, 3, 4, 5, 6, 8) for group in (32, 64, 128))
 # precisions a Core ML plan chooses from (quantize/coreml.py): fp16, the fixed packages' int8 per channel and int4
@@ -224,9 +243,12 @@ def sample_rows(matrices: np.ndarray, budget: int | None = SAMPLED_WEIGHTS) -> n
 
 def gguf_costs(name: str, weight: np.ndarray, importance: np.ndarray | None, quantizer, gain: float = 1.0,
                candidates: Sequence[QType] = GGUF_CANDIDATES, routed_tokens: np.ndarray | None = None,
-               sample_budget: int | None = SAMPLED_WEIGHTS, shrink_gain: float | None = None) -> TensorCosts:
+               sample_budget: int | None = SAMPLED_WEIGHTS, shrink_gain: float | None = None,
+               input_klds: Mapping[str, float] | None = None) -> TensorCosts:
     """Each candidate llama.cpp type a (rows × columns) float32 `weight` can take, quantized by ggml with
-    `importance` (what the artifact's own quantization uses), its bytes and relative output error × `gain`.
+    `importance` (what the artifact's own quantization uses), its bytes and relative output error × `gain`, plus
+    the mean KLD of the weight's input rounded as that type's kernels round it (`input_klds`: rounding → KLD,
+    `Calibration.input_kld`; none measured: nothing added).
     An expert stack (experts × rows × columns, `importance` a row per expert) is quantized as ggml quantizes a
     3-D tensor, each expert with its own row; its error is `expert_error`'s, weighted by `routed_tokens`.
     The error is measured on `sample_rows(…, sample_budget)`; the bytes are the whole tensor's. `shrink_gain`:
@@ -242,8 +264,9 @@ def gguf_costs(name: str, weight: np.ndarray, importance: np.ndarray | None, qua
         data = work.result().reshape(len(matrices), matrices.shape[1], -1)
         approximations = (gguf.quants.dequantize(expert, qtype) for expert in data)
         error, shrunk = expert_errors(matrices, approximations, importance, routed_tokens)
+        floor = (input_klds or {}).get(GGUF_INPUT_ROUNDING.get(qtype), 0.0)
         options.append(Option(qtype.name, data.nbytes // matrices.shape[1] * whole.shape[1],
-                              weighed(error, shrunk, gain, shrink_gain)))
+                              weighed(error, shrunk, gain, shrink_gain) + floor))
 
     # two candidates in flight: the quantizer's threads stay busy while one is measured, and memory holds two
     # quantized copies of a layer's experts, not one per candidate

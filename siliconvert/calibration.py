@@ -11,7 +11,8 @@ Three writers measure the source model before they write, all through the same l
   float16 for a bfloat16 source only where the stream leaves it room.
 - sensitivity: each weight's gain to the mean KLD per unit of its relative output error, measured by perturbing it
   on a short window of the text (siliconvert/gains.py, in a second forward in the same child: its streams differ
-  from the first's): what a plan's costs are weighed by in place of gains fitted on another model.
+  from the first's): what a plan's costs are weighed by in place of gains fitted on another model; and what
+  rounding each weight's input as llama.cpp's kernels do costs (`input_kld`), a floor its weights' errors lack.
 
 One forward measures every part asked for: the range window and the importance windows go through each decoder
 layer while its weights are loaded, and the hooks know which window runs, so neither part sees the other's
@@ -116,6 +117,8 @@ class Calibration:
     gains: dict[str, float] | None = None  # HF weight name → mean KLD per unit of relative output error
     shrink_gains: dict[str, float] | None = None  # HF weight name → mean KLD per unit α² of the weight scaled
     sensitivity_tokens: int | None = None  # tokens in the sensitivity window
+    # rounding of a matmul's input (siliconvert/gains.py INPUT_ROUNDINGS) → HF weight name → mean KLD it costs
+    input_klds: dict[str, dict[str, float]] | None = None
 
     @property
     def parts(self) -> frozenset[str]:
@@ -141,11 +144,20 @@ class Calibration:
             return self.shrink_gains[name] + self.shrink_gains.get(HEAD, 0.0)
         return self.shrink_gains[name]
 
+    def input_kld(self, name: str, rounding: str, tied_head: bool = False) -> float | None:
+        """The mean KLD of the HF weight `name`'s input rounded by `rounding` (siliconvert/gains.py INPUT_ROUNDINGS),
+        0 where that rounding never fits it; None where not measured. A tied embedding's matmul is the head's."""
+        if self.input_klds is None or rounding not in self.input_klds:
+            return None
+        if name == EMBEDDING:  # looked up, no matmul: only the head multiplies by it
+            return self.input_klds[rounding].get(HEAD, 0.0) if tied_head else 0.0
+        return self.input_klds[rounding].get(name, 0.0)
+
     def merged(self, other: Calibration) -> Calibration:
         """This calibration with the parts `other` measured and this one lacks."""
         taken = {IMPORTANCE: ("importance", "expert_tokens", "importance_tokens"),
                  RANGE: ("stream_peak", "state_peak", "recurrent_peak", "range_tokens"),
-                 SENSITIVITY: ("gains", "shrink_gains", "sensitivity_tokens")}
+                 SENSITIVITY: ("gains", "shrink_gains", "sensitivity_tokens", "input_klds")}
         return replace(self, **{field: getattr(other, field)
                                 for part in other.parts - self.parts for field in taken[part]})
 
@@ -267,7 +279,7 @@ class Calibrations:
         # a Mamba2 model's range measured before its states' peaks were is measured again
         ranged = f"{RANGE_TOKENS}-mamba2" if self.checkpoint.spec.mamba2 is not None else f"{RANGE_TOKENS}"
         counts = {IMPORTANCE: f"{self.tokens}x{self.context}", RANGE: ranged,
-                  SENSITIVITY: f"{sensitivity_window_tokens(self.checkpoint)}-r{R0}-shrink"}[part]
+                  SENSITIVITY: f"{sensitivity_window_tokens(self.checkpoint)}-r{R0}-shrink-inputs"}[part]
         suffix = ".npz" if part == IMPORTANCE else ".json"
         return self.cache_dir / f"calibration-{self.checkpoint.fingerprint()}-{text_digest}-{part}-{counts}{suffix}"
 
@@ -284,7 +296,7 @@ class Calibrations:
         if part == SENSITIVITY:
             stored = json.loads(file.read_text())
             return Calibration(stored["text"], gains=stored["gains"], shrink_gains=stored["shrink_gains"],
-                               sensitivity_tokens=stored["tokens"])
+                               sensitivity_tokens=stored["tokens"], input_klds=stored["input_klds"])
         with np.load(file) as stored:
             tables: dict[str, dict[str, np.ndarray]] = {"importance": {}, "expert_tokens": {}}
             for key in stored.files:
@@ -307,6 +319,7 @@ class Calibrations:
         if part == SENSITIVITY:  # JSON keeps a float's every bit (repr round-trips)
             write_text_atomically(file, json.dumps({"text": measured.text, "gains": measured.gains,
                                                     "shrink_gains": measured.shrink_gains,
+                                                    "input_klds": measured.input_klds,
                                                     "tokens": measured.sensitivity_tokens}))
             return
         arrays = {f"importance:{name}": values for name, values in measured.importance.items()}
@@ -573,7 +586,7 @@ def _forward(checkpoint: Checkpoint, text_name: str, range_window: np.ndarray | 
         roles = {name: info.role.role for name, info in checkpoint.tensor_infos.items() if info.role is not None}
         gains = measured_gains(checkpoint.transformers_config(), CheckpointWeights(checkpoint), sensitivity_window,
                                roles, label="sensitivity (each weight perturbed, layer by layer)")
-        calibration = replace(calibration, gains=gains.noise, shrink_gains=gains.shrink,
+        calibration = replace(calibration, gains=gains.noise, shrink_gains=gains.shrink, input_klds=gains.inputs,
                               sensitivity_tokens=len(sensitivity_window))
     if importance_windows is not None:
         matrix, routed = importance.results()

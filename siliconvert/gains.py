@@ -33,12 +33,29 @@ weights scaled by 3% together: 3.5× the sum of each alone, on the held-out text
 that (every layer weight scaled at once measured 0.16× the sum on the demo model: scalings of q and k, of v and o,
 of gate, up and down partly cancel); a plan's pairs would need a stream each.
 
+Rounded inputs. llama.cpp rounds each matmul's *input* too where the weight is a quantized type (ggml's
+vec_dot_type: int8 in blocks of 32 with a float16 scale, Q8_0 (Q8_1 rounds alike), for the 32-block types; int8
+in blocks of 256 with a float32 scale, Q8_K, for the K-quants): a floor no weight's type removes. On the real
+SmolLM2-135M, whose weights are Q4_1 values (a Q4_1 plan of it stores them almost exactly), every input rounded
+to Q8_0 cost a mean KLD of 0.0033 in transformers' forward and the planned Q4_1 GGUF measured 0.0031, where its
+weights' errors predicted 0.0001. Its gain is not the weight noise's: that input error's gain × r, summed,
+predicted 2.1× the rounding's KLD on that model and 0.04–0.3× on the test checkpoints (the error W·Δx follows W's
+own directions, weight noise spreads over all). So it is measured as the gains are, a stream per layer and
+rounding (`INPUT_ROUNDINGS`): the layer runs on its clean input with every planned weight's input rounded
+(a weight whose columns the block does not divide is left as it is: no type of that rounding fits it), and the
+head on the clean final states with its input rounded; the stream's KLD is shared among the layer's weights by
+gain × r of each weight's rounded input (r measured exactly on the window: Σ‖W(x̃ − x)‖² / Σ‖Wx‖²), giving each
+weight the KLD its input's rounding costs (`MeasuredGains.inputs`). The layers' streams add up to the rounding of
+every input at once (on the demo model within 25%: tests/test_gains.py); on the real model they sum to 0.0049 for
+Q8_0 on its 140-token window (the head 0.0015 of it), every input rounded at once 0.0033 on 512 held-out tokens.
+Expert stacks have no such stream (transformers' experts module is no linear layer whose input a hook can round).
+
 Cost: with L layers of G weights, the streams started before layer l all run through it (a noise and a shrink
-stream per weight), so the forward is about L + G·L(L+1) layer-forwards on the window (the test checkpoints:
-~150 on 256 tokens, seconds). The window shrinks so that this stays under SENSITIVITY_BUDGET layer-tokens, never
-below SENSITIVITY_MIN_TOKENS: a 7B of 32 layers × 7 weights takes 141 tokens (≈ 4× the 8192-token importance
-forward), a 70B of 80 layers 32 tokens.
-Streams hold 2·G·L hidden states of the window (a 70B: under 1 GB).
+stream per weight, and one per rounding), so the forward is about L + (G + 1)·L(L+1) layer-forwards on the window
+(the test checkpoints: ~150 on 256 tokens, seconds). The window shrinks so that this stays under SENSITIVITY_BUDGET
+layer-tokens, never below SENSITIVITY_MIN_TOKENS: a 7B of 32 layers × 7 weights takes 123 tokens (≈ 4× the
+8192-token importance forward), a 70B of 80 layers 32 tokens.
+Streams hold 2·(G + 1)·L hidden states of the window (a 70B: under 1 GB).
 """
 
 from __future__ import annotations
@@ -64,6 +81,7 @@ EMBEDDING, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 NOISE, SHRINK = "noise", "shrink"  # what a stream's weight took: noise, or a scaling
 # roles that are never planned (routers) and so never perturbed
 UNPLANNED_ROLES = ("ffn_gate_inp", "ffn_gate_inp_shexp")
+Q8_0, Q8_K = "Q8_0", "Q8_K"  # llama.cpp's roundings of a matmul's input (ggml's vec_dot_type)
 
 
 @dataclass(frozen=True)
@@ -73,11 +91,41 @@ class MeasuredGains:
 
     noise: dict[str, float]
     shrink: dict[str, float]
+    # rounding (Q8_0, Q8_K) → HF weight name → mean KLD of that weight's input so rounded (not per unit: the floor
+    # of every type that rounds its input so)
+    inputs: dict[str, dict[str, float]]
+
+
+def round_q8_0(x: torch.Tensor) -> torch.Tensor:
+    """`x` rounded as ggml's quantize_row_q8_0 stores it, along the last axis: int8 in blocks of 32, the scale
+    amax / 127 stored as float16."""
+    import torch
+
+    blocks = x.reshape(*x.shape[:-1], -1, 32)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    return (torch.round(blocks * inverse) * scale.half().to(x.dtype)).reshape(x.shape)
+
+
+def round_q8_k(x: torch.Tensor) -> torch.Tensor:
+    """`x` rounded as ggml's quantize_row_q8_K_ref stores it, along the last axis: int8 in blocks of 256, the value
+    of largest magnitude at −127, the scale a float32."""
+    import torch
+
+    blocks = x.reshape(*x.shape[:-1], -1, 256)
+    peak = torch.gather(blocks, -1, blocks.abs().argmax(-1, keepdim=True))
+    inverse = torch.where(peak != 0, -127 / peak, torch.zeros_like(peak))
+    scale = torch.where(inverse != 0, 1 / inverse, torch.zeros_like(inverse))
+    return (torch.clamp(torch.round(blocks * inverse), max=127) * scale).reshape(x.shape)
+
+
+# rounding → (block: the input width must be a multiple of it, the rounding)
+INPUT_ROUNDINGS = {Q8_0: (32, round_q8_0), Q8_K: (256, round_q8_k)}
 
 
 def sensitivity_tokens(layers: int, weights_per_layer: int) -> int:
     """Tokens of the window for a model of `layers` decoder layers of `weights_per_layer` perturbed weights."""
-    layer_forwards = layers + weights_per_layer * layers * (layers + 1)
+    layer_forwards = layers + (weights_per_layer + 1) * layers * (layers + 1)
     return max(SENSITIVITY_MIN_TOKENS, min(SENSITIVITY_TOKENS, SENSITIVITY_BUDGET // max(layer_forwards, 1)))
 
 
@@ -95,6 +143,8 @@ def measured_gains(config: PretrainedConfig, weights: WeightSource, window: np.n
     model = model_skeleton(config, torch.float32)
     importance = _Importance()
     importance.attach(model)
+    rounding = _RoundedInputs()
+    rounding.attach(model)
     body = model.model
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     rng = torch.Generator().manual_seed(seed)
@@ -118,11 +168,11 @@ def measured_gains(config: PretrainedConfig, weights: WeightSource, window: np.n
             prefix = f"model.layers.{index}."
             _materialise(layer, prefix, weights, "cpu", torch.float32)
             kwargs = layer_kwargs[index]
-            importance.active = True
-            clean_out = layer(clean, **kwargs)
-            importance.active = False
             planned = [(prefix + param_name, param) for param_name, param in layer.named_parameters()
                        if param.dim() >= 2 and roles.get(prefix + param_name) not in (None, *UNPLANNED_ROLES)]
+            importance.active = rounding.measuring = True
+            clean_out = layer(clean, **kwargs)
+            importance.active = rounding.measuring = False
             for key, states in streams.items():
                 streams[key] = layer(states, **kwargs)
             for name, param in planned:  # not a norm, a router, or a parameter the checkpoint has no weight of
@@ -131,13 +181,17 @@ def measured_gains(config: PretrainedConfig, weights: WeightSource, window: np.n
                     streams[NOISE, name] = layer(clean, **kwargs)
                 with _scaled([param]):
                     streams[SHRINK, name] = layer(clean, **kwargs)
+            for kind in INPUT_ROUNDINGS:
+                with rounding.rounded(kind, prefix, {name for name, _ in planned}) as group:
+                    if group:
+                        streams[kind, prefix] = layer(clean, **kwargs)
             clean = clean_out
             _free(layer)
         _materialise(model.lm_head, "model.embed_tokens." if tied else "lm_head.", weights, "cpu", torch.float32)
         final = norm(clean)
-        importance.active = True
+        importance.active = rounding.measuring = True
         reference = _log_probs(head_logits(model, final))
-        importance.active = False
+        importance.active = rounding.measuring = False
         klds = {key: _mean_kld(reference, _log_probs(head_logits(model, norm(states))))
                 for key, states in streams.items()}
         head_columns, _ = _importance_of(importance, HEAD)
@@ -145,11 +199,78 @@ def measured_gains(config: PretrainedConfig, weights: WeightSource, window: np.n
             klds[NOISE, HEAD] = _mean_kld(reference, _log_probs(head_logits(model, final)))
         with _scaled([model.lm_head.weight]):
             klds[SHRINK, HEAD] = _mean_kld(reference, _log_probs(head_logits(model, final)))
+        for kind in INPUT_ROUNDINGS:
+            with rounding.rounded(kind, HEAD, {HEAD}) as group:
+                if group:
+                    klds[kind, HEAD] = _mean_kld(reference, _log_probs(head_logits(model, final)))
         _free(model.lm_head)
         _free(norm)
     noise = {name: klds[NOISE, name] / errors[name] for name in sorted(errors) if errors[name] > 0}
     shrink = {name: klds[SHRINK, name] / R0 for name in noise}
-    return MeasuredGains(noise, shrink)
+    inputs = {kind: rounding.shared(kind, {group: kld for (key, group), kld in klds.items() if key == kind}, noise)
+              for kind in INPUT_ROUNDINGS}
+    return MeasuredGains(noise, shrink, inputs)
+
+
+class _RoundedInputs:
+    """Hooks on every linear layer: while `measuring`, each one's relative output error of its input rounded by
+    every rounding (Σ‖W(x̃ − x)‖², Σ‖Wx‖²); inside `rounded`, the input of the weights named rounded."""
+
+    def __init__(self) -> None:
+        self.measuring = False
+        self.active: tuple[str, set[str]] | None = None  # (rounding, weights whose input it rounds)
+        self.errors: dict[tuple[str, str], float] = {}  # (rounding, weight) → Σ‖W(x̃ − x)‖²
+        self.totals: dict[str, float] = {}  # weight → Σ‖Wx‖²
+        self.groups: dict[tuple[str, str], set[str]] = {}  # (rounding, stream: a layer's prefix or HEAD) → weights
+
+    def attach(self, model) -> None:
+        import torch
+
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_pre_hook(self._hook(f"{name}.weight"))
+
+    @contextmanager
+    def rounded(self, kind: str, stream: str, names: set[str]) -> Iterator[set[str]]:
+        """Round, while the block runs, the inputs of those of `names` that `kind` fits (measured with it: their
+        width is a multiple of its block); yields them, the weights `stream` rounds."""
+        group = self.groups[kind, stream] = {name for name in names if (kind, name) in self.errors}
+        self.active = (kind, group)
+        try:
+            yield group
+        finally:
+            self.active = None
+
+    def shared(self, kind: str, klds: dict[str, float], noise: dict[str, float]) -> dict[str, float]:
+        """Each weight's part of its stream's KLD (`klds`: stream → KLD), in proportion to its noise gain × r
+        of its rounded input."""
+        shares: dict[str, float] = {}
+        for stream, kld in klds.items():
+            weights = sorted(name for name in self.groups[kind, stream] if name in noise)
+            parts = [noise[name] * self.errors[kind, name] / self.totals[name] if self.totals[name] else 0.0
+                     for name in weights]
+            total = sum(parts)
+            for name, part in zip(weights, parts, strict=True):
+                shares[name] = max(kld, 0.0) * (part / total if total else 1 / len(weights))
+        return shares
+
+    def _hook(self, name: str):
+        import torch
+
+        def hook(module, inputs):
+            x = inputs[0]
+            if self.measuring:
+                output = torch.nn.functional.linear(x.double(), module.weight.double())
+                self.totals[name] = self.totals.get(name, 0.0) + float(output.square().sum())
+                for kind, (block, round_input) in INPUT_ROUNDINGS.items():
+                    if x.shape[-1] % block == 0:
+                        error = torch.nn.functional.linear(round_input(x).double(), module.weight.double()) - output
+                        self.errors[kind, name] = self.errors.get((kind, name), 0.0) + float(error.square().sum())
+                return None
+            if self.active is not None and name in self.active[1]:
+                return (INPUT_ROUNDINGS[self.active[0]][1](x), *inputs[1:])
+            return None
+        return hook
 
 
 @contextmanager

@@ -64,7 +64,10 @@ def measured(parts, tokens: int = TOKENS) -> Calibration:
         gains = {"model.layers.0.mlp.down_proj.weight": float(rng.random()) / 3, "lm_head.weight": 0.1 / 3,
                  "model.embed_tokens.weight": 0.2}
         shrink_gains = {name: 30 * gain for name, gain in gains.items()}
-        result = result.merged(Calibration("a text", gains=gains, shrink_gains=shrink_gains, sensitivity_tokens=256))
+        inputs = {"Q8_0": {"model.layers.0.mlp.down_proj.weight": float(rng.random()) / 7, "lm_head.weight": 1e-4 / 3},
+                  "Q8_K": {"lm_head.weight": 2e-4 / 3}}
+        result = result.merged(Calibration("a text", gains=gains, shrink_gains=shrink_gains, sensitivity_tokens=256,
+                                           input_klds=inputs))
     return result
 
 
@@ -87,6 +90,7 @@ def assert_same(a: Calibration, b: Calibration) -> None:
                                                                              b.importance_tokens, b.range_tokens,
                                                                              b.gains, b.shrink_gains,
                                                                              b.sensitivity_tokens)
+    assert a.input_klds == b.input_klds
     for table in ("importance", "expert_tokens"):
         ours, theirs = getattr(a, table), getattr(b, table)
         assert (ours is None) == (theirs is None)
@@ -205,3 +209,12 @@ def test_the_recurrent_peak_is_that_of_transformers_own_states() -> None:
                                                     output_final_state=True, use_qk_l2norm_in_kernel=True)
         peak = max(peak, float(state.abs().max()))
     assert recurrent_peak(key, value, g, beta) == pytest.approx(peak, rel=1e-5)
+
+
+def test_an_inputs_rounding_kld_is_the_heads_for_a_tied_embedding_and_none_for_a_lookup() -> None:
+    calibration = measured({SENSITIVITY})
+    assert calibration.input_kld("lm_head.weight", "Q8_K") == pytest.approx(2e-4 / 3)
+    assert calibration.input_kld("model.layers.0.mlp.down_proj.weight", "Q8_K") == 0  # no 256-block fits its rows
+    assert calibration.input_kld("model.embed_tokens.weight", "Q8_0", tied_head=True) == pytest.approx(1e-4 / 3)
+    assert calibration.input_kld("model.embed_tokens.weight", "Q8_0") == 0  # only looked up
+    assert Calibration("a text").input_kld("lm_head.weight", "Q8_0") is None  # not measured

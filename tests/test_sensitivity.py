@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QType
 
+from siliconvert.gains import Q8_0, Q8_K
 from siliconvert.quantize.gguf import TensorQuantizer
 from siliconvert.quantize.sensitivity import (
+    GGUF_INPUT_ROUNDING,
     ROLE_GAINS,
     Option,
     TensorCosts,
@@ -89,13 +91,40 @@ def test_gguf_costs_are_llama_cpp_bytes_and_fall_with_bits(weight):
     assert costs.params == weight.size
 
 
+def test_gguf_costs_add_the_kld_of_the_input_rounding_each_types_kernels_use(weight):
+    """A K-quant's kernels round the input to Q8_K, a 32-block type's to Q8_0: each candidate pays its own."""
+    quantizer = TensorQuantizer(threads=1)
+    try:
+        bare, floored = (gguf_costs("w", weight, None, quantizer, 1.0, input_klds=floors)
+                         for floors in (None, {Q8_0: 0.001, Q8_K: 0.004}))
+    finally:
+        quantizer.close()
+    before = {option.kind: option.error for option in bare.options}
+    added = {option.kind: option.error - before[option.kind] for option in floored.options}
+    assert set(added) == {qtype.name for qtype in GGUF_INPUT_ROUNDING} | {"F16"}
+    for kind, extra in added.items():
+        expected = {Q8_0: 0.001, Q8_K: 0.004, None: 0.0}[GGUF_INPUT_ROUNDING.get(QType[kind])]  # F16: no int8 input
+        assert extra == pytest.approx(expected, abs=1e-12), kind
+
+
 def test_gguf_costs_leave_out_types_a_row_cannot_hold():
     quantizer = TensorQuantizer(threads=1)
     try:
         costs = gguf_costs("narrow", np.ones((8, 96), dtype=np.float32), None, quantizer)
     finally:
         quantizer.close()
-    assert {o.kind for o in costs.options} == {"IQ4_NL", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}  # no 256-block
+    assert {o.kind for o in costs.options} == {"IQ4_NL", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16"}  # no 256-block
+
+
+def test_f16_is_an_option_of_a_row_no_block_fits():
+    quantizer = TensorQuantizer(threads=1)
+    try:
+        costs = gguf_costs("odd", np.random.default_rng(0).standard_normal((8, 144), dtype=np.float32), None,
+                           quantizer)
+    finally:
+        quantizer.close()
+    (option,) = costs.options  # 144 = 4.5 × 32: no block of any quantized type
+    assert option.kind == "F16" and option.nbytes == 8 * 144 * 2 and option.error < 1e-6
 
 
 def test_mlx_costs_fall_with_bits_and_smaller_groups(weight):
