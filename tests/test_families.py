@@ -132,7 +132,7 @@ def test_older_config_style_reads_the_same() -> None:
 
 
 # families whose GGUF layout has not landed yet: the writer refuses them, naming the family
-NO_GGUF_LAYOUT_YET = ("granitemoehybrid", "ministral3")
+NO_GGUF_LAYOUT_YET = ("granitemoehybrid",)
 # cases of a family with a layout whose shapes its llama.cpp graph cannot run: refused naming the trait (Qwen3.5's value
 # heads narrower than its key heads; Qwen3-Next's experts not renormalised), never the family
 GGUF_REFUSES_THE_TRAIT = {"qwen3_5_text": "gated_delta", "qwen3_5_moe_text": "gated_delta",
@@ -162,6 +162,16 @@ def test_every_family_has_a_gguf_layout(model_type: str) -> None:
 def test_gguf_refuses_what_llama_cpp_cannot_compute(model_type: str, changes: dict, trait: str) -> None:
     with pytest.raises(CheckpointError, match=f"cannot honour the trait {trait}"):
         GGUFArch(spec_of(model_type, **changes), "config.json")
+
+
+def test_gguf_refuses_a_position_attention_scale_its_graph_does_not_read() -> None:
+    """Llama 4's temperature is a trait: only a layout whose graph reads it (mistral3) takes it, never llama's."""
+    import dataclasses
+
+    spec = dataclasses.replace(spec_of("ministral3"), family="mistral")  # the llama graph
+    with pytest.raises(CheckpointError, match="cannot honour the trait position_attention_scale"):
+        GGUFArch(spec, "config.json")
+    assert GGUFArch(spec_of("ministral3"), "config.json").arch.name == "MISTRAL3"
 
 
 def test_gguf_folds_an_attention_scale_llama_cpp_does_not_read() -> None:
