@@ -62,7 +62,7 @@ import gguf
 import numpy as np
 
 from siliconvert.architectures import ModelSpec
-from siliconvert.architectures.base import MIXERS, GatedDelta
+from siliconvert.architectures.base import MIXERS, GatedDelta, yarn_attention_factor, yarn_mscale
 from siliconvert.errors import CheckpointError
 
 A = gguf.MODEL_ARCH
@@ -575,21 +575,6 @@ def rope_pairs_split(rows: np.ndarray, heads: int) -> np.ndarray:
     """The inverse of `rope_pairs_adjacent`: llama.cpp's row order back to HF's."""
     shape = rows.shape
     return rows.reshape(heads, shape[0] // heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
-
-
-def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
-    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
-
-
-def yarn_attention_factor(scaling: dict[str, Any]) -> float:
-    """cos/sin scale of yarn as transformers computes it: the file's attention_factor, else mscale over
-    mscale_all_dim where both are set, else from the factor alone."""
-    if scaling.get("attention_factor") is not None:
-        return float(scaling["attention_factor"])
-    factor, mscale, mscale_all_dim = scaling["factor"], scaling.get("mscale"), scaling.get("mscale_all_dim")
-    if mscale and mscale_all_dim:
-        return yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
-    return yarn_mscale(factor)
 
 
 def longrope_attention_factor(scaling: dict[str, Any]) -> float:

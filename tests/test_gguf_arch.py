@@ -161,18 +161,3 @@ def test_rope_sections_give_every_rotary_pair_a_text_position(rotary_pairs: int,
     t, h, w, _ = sections
     for pair in range(rotary_pairs):
         assert (pair % 3 == 0 and pair < 3 * t) or (pair % 3 == 1 and pair < 3 * h) or (pair % 3 == 2 and pair < 3 * w)
-
-
-@pytest.mark.parametrize("scaling", [
-    {"factor": 4.0, "mscale": 1.0, "mscale_all_dim": 1.0},  # Ministral 3: transformers' factor is 1
-    {"factor": 40.0, "mscale": 0.707, "mscale_all_dim": 0.707},
-    {"factor": 4.0, "mscale": 1.0, "mscale_all_dim": 0.5},
-    {"factor": 4.0},  # transformers' default from the factor alone, which llama.cpp computes too
-    {"factor": 4.0, "attention_factor": 1.25},
-])
-def test_yarn_attention_factor_is_transformers_own(scaling: dict) -> None:
-    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "original_max_position_embeddings": 64, **scaling}
-    hf_config = LlamaConfig(vocab_size=64, hidden_size=64, num_attention_heads=2, max_position_embeddings=256,
-                            rope_parameters=rope)
-    _, expected = ROPE_INIT_FUNCTIONS["yarn"](hf_config)
-    assert gguf_arch.yarn_attention_factor(rope) == pytest.approx(expected)
