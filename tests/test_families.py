@@ -316,16 +316,10 @@ def test_granite_4_h_without_experts_is_dense() -> None:
 
 
 def test_ministral3_yarn_and_llama4_attention_temperature() -> None:
-    """Ministral 3: YaRN, and q × (1 + β·ln(1 + ⌊position / original⌋)) read as its own trait, not the rope's; a
-    Core ML package whose context passes `original` is refused naming it (the graph computes 1 below it)."""
-    from siliconvert.convert.coreml.graph import check_context
-
+    """Ministral 3: YaRN, and q × (1 + β·ln(1 + ⌊position / original⌋)) read as its own trait, not the rope's."""
     spec = spec_of("ministral3")
     assert spec.position_attention_scale == (0.1, 64)
     assert spec.rope.kind == "yarn" and "llama_4_scaling_beta" not in spec.rope.scaling
     assert spec.traits() == {"position_attention_scale": (0.1, 64), "rope_scaling": "yarn"}
-    check_context(spec, 64)
-    with pytest.raises(CheckpointError, match="cannot honour the trait position_attention_scale at a context of 65"):
-        check_context(spec, 65)
     plain = spec_of("ministral3", rope_parameters={"rope_type": "default", "rope_theta": 1e6})
     assert plain.position_attention_scale is None
