@@ -50,6 +50,11 @@ no projection biases and never clamps the time step. A is ssm_a = −exp(A_log) 
 ffn_*_shexp where there are experts (added to theirs, unweighted) and its ffn_* where there are none, gate and up
 apart in either. Rope is on every attention layer or on none (Granite 4.0-H's NoPE), by rope.scaling.finetuned.
 
+llama.cpp's mistral3 graph (Ministral 3) multiplies q after rope by Llama 4's attention temperature,
+1 + attention.temperature_scale·ln(1 + ⌊position / n_ctx_orig_yarn⌋): the trait position_attention_scale, its floor
+the rope's original context. Its yarn, as every llama.cpp graph's, scales cos/sin by 1 + 0.1·ln(factor) and then by
+rope.scaling.attn_factor, which carries the ratio to transformers' own attention factor.
+
 HF q/k rows are "rotate half"; archs with NORM rope in llama.cpp rotate adjacent pairs, so their q and k rows
 are reordered per head (llama.cpp's LlamaModel.permute). NEOX archs take the rows as they are.
 """
@@ -65,7 +70,7 @@ import gguf
 import numpy as np
 
 from siliconvert.architectures import ModelSpec
-from siliconvert.architectures.base import MIXERS, MLP_ROLES, GatedDelta
+from siliconvert.architectures.base import MIXERS, MLP_ROLES, GatedDelta, yarn_attention_factor, yarn_mscale
 from siliconvert.errors import CheckpointError
 
 A = gguf.MODEL_ARCH
@@ -136,6 +141,9 @@ _GRANITE_KEYED = frozenset({"embedding_scale", "attention_scale", "residual_scal
 LAYOUTS: dict[str, Layout] = {
     "llama": Layout(A.LLAMA, permute_qk=True, fixed=_PRE),
     "mistral": Layout(A.LLAMA, permute_qk=True, fixed=_PRE),  # llama.cpp converts Mistral as llama
+    # Ministral 3: llama.cpp's mistral3 graph multiplies q after rope by Llama 4's temperature, flooring the position
+    # by the yarn context (n_ctx_orig_yarn)
+    "ministral3": Layout(A.MISTRAL3, permute_qk=True, fixed=_PRE, keyed=frozenset({"position_attention_scale"})),
     "qwen2": Layout(A.QWEN2, permute_qk=False, fixed=_PRE),
     "qwen3": Layout(A.QWEN3, permute_qk=False, fixed=_PRE | {"qk_norm": "head"}),
     "gemma2": Layout(A.GEMMA2, permute_qk=False, fixed=_GEMMA,
@@ -258,6 +266,8 @@ class GGUFArch:
                 raise self.refuse("rope_scaling", "LongRoPE factors are read by llama.cpp's phi3 only")
             if layout.permute_qk and rope.dim != spec.head_dim:
                 raise self.refuse("partial_rotary", "partial rotary with adjacent-pair rope")
+        if spec.position_attention_scale is not None and "position_attention_scale" not in layout.keyed:
+            raise self.refuse("position_attention_scale", "this graph scales no query by its position")
         self._check_layers()
         self._check_experts()
 
@@ -451,6 +461,11 @@ class GGUFArch:
             writer.add_attn_logit_softcapping(spec.attn_softcap)
         if "final_softcap" in keyed and spec.final_softcap:
             writer.add_final_logit_softcapping(spec.final_softcap)
+        if "position_attention_scale" in keyed and spec.position_attention_scale:
+            beta, positions = spec.position_attention_scale
+            writer.add_attn_temperature_scale(beta)
+            if (spec.rope_scaling or {}).get("rope_type") != "yarn":  # the floor's divisor, which yarn writes
+                writer.add_rope_scaling_orig_ctx_len(positions)
         if "sliding_window" in keyed and spec.sliding_window:
             writer.add_sliding_window(spec.sliding_window)
             # the per-layer pattern as a list: llama.cpp's default patterns (2 for Gemma 2, 6 for Gemma 3)
@@ -493,6 +508,10 @@ class GGUFArch:
             for key, add in optional.items():
                 if scaling.get(key) is not None:
                     add(scaling[key])
+            # llama.cpp scales yarn's cos/sin by 1 + 0.1·ln(factor), then by rope.scaling.attn_factor: transformers'
+            # factor over its own goes there (Ministral 3's mscale = mscale_all_dim makes transformers' 1)
+            if (correction := yarn_attention_factor(scaling) / yarn_mscale(scaling["factor"])) != 1.0:
+                writer.add_float32(gguf.Keys.Rope.SCALING_ATTN_FACTOR.format(arch=writer.arch), correction)
         elif kind == "longrope":
             original = scaling["original_max_position_embeddings"]
             writer.add_rope_scaling_orig_ctx_len(original)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from siliconvert.architectures import LLAMA_TRAITS, ModelSpec
-from siliconvert.architectures.base import Layer, Mixer, Rope
+from siliconvert.architectures.base import Layer, Mixer, Rope, yarn_attention_factor, yarn_mscale
 from siliconvert.errors import CheckpointError
 
 # How a model file runs sliding windows: not at all; per layer from `layer_types` with one `sliding_window`
@@ -81,6 +81,9 @@ class Layout:
     folds_norm_offset: bool = False
     # The file indexes a layer of each of its mixers (mlx-lm's lfm2); False: it runs any mix, one mixer alone too
     indexes_each_mixer: bool = True
+    # The model file scales q by Llama 4's attention temperature (the trait position_attention_scale) and reads it,
+    # with the whole rope, from rope_parameters (mlx-lm's ministral3): β 0 where the source has none
+    temperature: bool = False
 
 
 _GEMMA = {"norm_offset": 1.0, "norm_placement": "sandwich", "activation": "gelu_tanh",
@@ -94,6 +97,7 @@ _QWEN3_5_MIXERS: dict[Mixer, str] = {"attention": "full_attention", "gated_delta
 LAYOUTS: dict[str, Layout] = {
     "llama": Layout("llama", windows="layer_types"),
     "mistral": Layout("mistral", windows="layer_types"),  # mlx-lm runs Mistral as llama
+    "ministral3": Layout("ministral3", windows="layer_types", biases="none", temperature=True),
     "qwen2": Layout("qwen2", biases="qkv"),
     "qwen3": Layout("qwen3", fixed={"qk_norm": "head"}, biases="none"),
     "gemma2": Layout("gemma2", keys=("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"),
@@ -267,7 +271,8 @@ class MLXArch:
         # a model file computes Llama's traits unless its layout's `fixed` says otherwise (where `fixed` may also
         # name a size the file derives, or the tied head)
         for trait, expected in (LLAMA_TRAITS | layout.fixed).items():
-            if trait in keyed or (trait == "norm_offset" and layout.folds_norm_offset):
+            if trait in keyed or (trait == "norm_offset" and layout.folds_norm_offset) or (
+                    trait == "position_attention_scale" and layout.temperature):
                 continue
             expected = expected(spec) if callable(expected) else expected
             actual = getattr(spec, trait)
@@ -355,6 +360,8 @@ class MLXArch:
                 raise self.refuse("partial_rotary", "mlx-lm rotates the whole head")
         if self.rope.kind == "longrope":
             self._check_longrope()
+        if self.rope.kind == "yarn":
+            self._check_yarn()
 
     def _check_longrope(self) -> None:
         """mlx-lm's SuScaledRoPE applies the long factors at every length, with an attention factor from
@@ -372,6 +379,19 @@ class MLXArch:
         if not math.isclose(mlx_factor, source_factor):
             raise self.refuse("rope_scaling", f"mlx-lm's LongRoPE attention factor is {mlx_factor:.6g}, the "
                                               f"source's {source_factor:.6g}")
+
+    def _check_yarn(self) -> None:
+        """mlx-lm's YarnRoPE scales q and k by mscale(factor, mscale) / mscale(factor, mscale_all_dim), its defaults 1
+        and 0, and ignores attention_factor; transformers takes attention_factor, else that ratio only where both
+        are set, else mscale(factor). Its correction range is always truncated."""
+        scaling = self.rope.scaling
+        mlx_factor = yarn_mscale(scaling["factor"], scaling.get("mscale", 1)) / yarn_mscale(
+            scaling["factor"], scaling.get("mscale_all_dim", 0))
+        if not math.isclose(mlx_factor, yarn_attention_factor(scaling)):
+            raise self.refuse("rope_scaling", f"mlx-lm's yarn attention factor is {mlx_factor:.6g}, the source's "
+                                              f"{yarn_attention_factor(scaling):.6g}")
+        if scaling.get("truncate") is False:
+            raise self.refuse("rope_scaling", "mlx-lm always truncates yarn's correction range; the source does not")
 
     def _check_windows(self) -> None:
         windows = {layer.window for layer in self.layers} - {None}
@@ -443,6 +463,8 @@ class MLXArch:
             config["attention_bias"] = self.spec.qkv_bias
         if self.rope.scaling is not None:
             config["rope_scaling"] = self.rope_scaling()
+        if self.layout.temperature:
+            config["rope_parameters"] = self.temperature_rope_parameters()
         windows = {layer.window for layer in self.layers} - {None}
         if self.layout.windows == "layer_types":
             config["layer_types"] = ["sliding_attention" if layer.window else "full_attention" for layer in self.layers]
@@ -484,6 +506,15 @@ class MLXArch:
                 self.spec.max_position_embeddings <= scaling["original_max_position_embeddings"]) else (
                 scaling["long_factor"])
         return scaling
+
+    def temperature_rope_parameters(self) -> dict[str, Any]:
+        """rope_parameters as mlx-lm's ministral3 reads them: the rope (θ, its scaling) and Llama 4's temperature,
+        whose floor is the rope's original context (transformers reads both from the one dict as well)."""
+        scaling = self.rope_scaling() if self.rope.scaling is not None else {"type": "default", "rope_type": "default"}
+        beta, positions = self.spec.position_attention_scale or (
+            0.0, scaling.get("original_max_position_embeddings", self.spec.max_position_embeddings))
+        return scaling | {"rope_theta": self.rope.theta, "llama_4_scaling_beta": beta,
+                          "original_max_position_embeddings": positions}
 
 
 def _distinct(ropes: Iterable[Rope | None]) -> list[Rope | None]:

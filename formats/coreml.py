@@ -46,9 +46,6 @@ class CoreML(Format):
         return calibration_needs(target)
 
     def preflight(self, target: CoreMLTarget, checkpoint: Checkpoint, key: str, where: Path | str) -> None:
-        from siliconvert.convert.coreml.graph import check_context
-
-        check_context(checkpoint.spec, target.context)
         if target.chunks != "auto" and target.chunks > checkpoint.spec.num_layers:
             raise RecipeError(f"{key}.chunks is {target.chunks}, more than the model's "
                               f"{checkpoint.spec.num_layers} layers", where)

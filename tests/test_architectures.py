@@ -4,8 +4,11 @@ import dataclasses
 import warnings
 
 import pytest
+from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from siliconvert.architectures import LLAMA_TRAITS, ConfigWarning, ModelSpec, registry
+from siliconvert.architectures.base import yarn_attention_factor
 from siliconvert.errors import CheckpointError, UnsupportedArchitectureError
 
 BASE = {
@@ -130,3 +133,18 @@ def test_unsupported_activation_and_gqa_ratio():
         spec_of(hidden_act="gelu")
     with pytest.raises(CheckpointError, match="multiple"):
         spec_of(num_key_value_heads=3)
+
+
+@pytest.mark.parametrize("scaling", [
+    {"factor": 4.0, "mscale": 1.0, "mscale_all_dim": 1.0},  # Ministral 3: transformers' factor is 1
+    {"factor": 40.0, "mscale": 0.707, "mscale_all_dim": 0.707},
+    {"factor": 4.0, "mscale": 1.0, "mscale_all_dim": 0.5},
+    {"factor": 4.0},  # transformers' default from the factor alone, which llama.cpp computes too
+    {"factor": 4.0, "attention_factor": 1.25},
+])
+def test_yarn_attention_factor_is_transformers_own(scaling: dict) -> None:
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "original_max_position_embeddings": 64, **scaling}
+    hf_config = LlamaConfig(vocab_size=64, hidden_size=64, num_attention_heads=2, max_position_embeddings=256,
+                            rope_parameters=rope)
+    _, expected = ROPE_INIT_FUNCTIONS["yarn"](hf_config)
+    assert yarn_attention_factor(rope) == pytest.approx(expected)

@@ -130,3 +130,27 @@ def test_a_stream_past_fp16_range_is_scaled_back_into_it(small_model, tmp_path, 
     monkeypatch.setattr(Calibrations, "fp16_range", lambda self: FP16Range(0.0, 1.0))
     (unscaled,) = build(source, tmp_path / "unscaled")
     assert not scores_of(unscaled).same_top1 > 0.5
+
+
+def test_ministral3_past_the_original_context(small_model, tmp_path):
+    """Llama 4's attention temperature in the graph: a 128-token package scores 96-token windows as transformers does
+    past position 64, where q is scaled by 1 + 0.1·ln 2 (without it: KLD 0.0004 there), in prefill and through the
+    cache one token at a time."""
+    tokenizer, config = FAMILY_CASES["ministral3"]
+    source = small_model("ministral3", tokenizer, config=config)
+    checkpoint = Checkpoint.open(source)
+    writer = CoreMLWriter(checkpoint, CoreMLTarget(format="coreml", context=128), tmp_path, "tiny")
+    for info, array in checkpoint.tensors():
+        writer.add(info, array)
+    (artifact,) = writer.finish()
+    windows = windows_of(source, count=2, length=96)
+    reference = reference_logits_for(source, windows)[:, 64:-1]
+    runner = CoreMLRunner(artifact.path, artifact.runner_options)
+    vocab = reference.shape[-1]
+    late = compare(reference.reshape(-1, vocab), runner.logits_many(windows)[:, 64:-1].reshape(-1, vocab),
+                   windows[:, 65:].reshape(-1))[0]
+    assert late.mean_kld < 5e-5 and late.same_top1 >= 0.97, late
+    cached = runner.cached_logits(windows[0][:60], windows[0][60:80])
+    full = runner.logits(windows[0][:80])[59:80]
+    assert np.array_equal(cached.argmax(-1), full.argmax(-1))
+    np.testing.assert_allclose(cached, full, atol=0.05)

@@ -132,7 +132,7 @@ def test_older_config_style_reads_the_same() -> None:
 
 
 # families whose GGUF layout has not landed yet: the writer refuses them, naming the family
-NO_GGUF_LAYOUT_YET = ("ministral3",)
+NO_GGUF_LAYOUT_YET: tuple[str, ...] = ()
 # cases of a family with a layout whose shapes its llama.cpp graph cannot run: refused naming the trait (Qwen3.5's value
 # heads narrower than its key heads; Qwen3-Next's experts not renormalised), never the family
 GGUF_REFUSES_THE_TRAIT = {"qwen3_5_text": "gated_delta", "qwen3_5_moe_text": "gated_delta",
@@ -167,6 +167,16 @@ def test_every_family_has_a_gguf_layout(model_type: str) -> None:
 def test_gguf_refuses_what_llama_cpp_cannot_compute(model_type: str, changes: dict, trait: str) -> None:
     with pytest.raises(CheckpointError, match=f"cannot honour the trait {trait}"):
         GGUFArch(spec_of(model_type, **changes), "config.json")
+
+
+def test_gguf_refuses_a_position_attention_scale_its_graph_does_not_read() -> None:
+    """Llama 4's temperature is a trait: only a layout whose graph reads it (mistral3) takes it, never llama's."""
+    import dataclasses
+
+    spec = dataclasses.replace(spec_of("ministral3"), family="mistral")  # the llama graph
+    with pytest.raises(CheckpointError, match="cannot honour the trait position_attention_scale"):
+        GGUFArch(spec, "config.json")
+    assert GGUFArch(spec_of("ministral3"), "config.json").arch.name == "MISTRAL3"
 
 
 def test_gguf_folds_an_attention_scale_llama_cpp_does_not_read() -> None:
@@ -311,16 +321,10 @@ def test_granite_4_h_without_experts_is_dense() -> None:
 
 
 def test_ministral3_yarn_and_llama4_attention_temperature() -> None:
-    """Ministral 3: YaRN, and q × (1 + β·ln(1 + ⌊position / original⌋)) read as its own trait, not the rope's; a
-    Core ML package whose context passes `original` is refused naming it (the graph computes 1 below it)."""
-    from siliconvert.convert.coreml.graph import check_context
-
+    """Ministral 3: YaRN, and q × (1 + β·ln(1 + ⌊position / original⌋)) read as its own trait, not the rope's."""
     spec = spec_of("ministral3")
     assert spec.position_attention_scale == (0.1, 64)
     assert spec.rope.kind == "yarn" and "llama_4_scaling_beta" not in spec.rope.scaling
     assert spec.traits() == {"position_attention_scale": (0.1, 64), "rope_scaling": "yarn"}
-    check_context(spec, 64)
-    with pytest.raises(CheckpointError, match="cannot honour the trait position_attention_scale at a context of 65"):
-        check_context(spec, 65)
     plain = spec_of("ministral3", rope_parameters={"rope_type": "default", "rope_theta": 1e6})
     assert plain.position_attention_scale is None

@@ -126,3 +126,32 @@ def test_a_phi3_name_without_the_tokens_llama_cpp_looks_up_is_refused(tmp_path: 
     checkpoint = Checkpoint.open(small_checkpoint(None, "phi3", tokenizer, config=config))
     with pytest.raises(CheckpointError, match=r"named 'phi3-mini'.*<\|endoftext\|>"):
         GGUFWriter(checkpoint, GGUFTarget(format="gguf", quants=["F16"]), tmp_path, "phi3-mini")
+
+
+def test_llama_cpp_scales_ministral3_queries_past_the_original_context(tmp_path: Path) -> None:
+    """Llama 4's attention temperature is 1 before position 64 and 1 + 0.1·ln 2 after: the mistral3 graph reads β and
+    its floor from the file, so the positions past 64 score as the first ones (without the key: KLD 0.0004 there)."""
+    from gguf import GGUFReader
+
+    tokenizer, config = FAMILY_CASES["ministral3"]
+    source = small_checkpoint(None, "ministral3", tokenizer, config=config)
+    checkpoint = Checkpoint.open(source)
+    writer = GGUFWriter(checkpoint, GGUFTarget(format="gguf", quants=["F16"]), tmp_path, "m")
+    for info, array in checkpoint.tensors():
+        writer.add(info, array)
+    [artifact] = writer.finish()
+    fields = GGUFReader(artifact.path).fields
+    assert fields["mistral3.attention.temperature_scale"].contents() == pytest.approx(0.1)
+    assert fields["mistral3.rope.scaling.original_context_length"].contents() == 64
+    ids = AutoTokenizer.from_pretrained(source)(heldout_text()[:20_000], add_special_tokens=False)["input_ids"]
+    windows = np.array(ids[:WINDOW * WINDOWS]).reshape(WINDOWS, WINDOW)
+    targets = np.array(ids[1:WINDOW * WINDOWS + 1]).reshape(WINDOWS, WINDOW)
+    reference = reference_logits_for(source, windows)[:, 64:]
+    runner = LlamaCppRunner(artifact.path, {"context": WINDOW})
+    try:
+        logits = runner.logits_many(windows)[:, 64:]
+    finally:
+        runner.close()
+    vocab = reference.shape[-1]
+    late = compare(reference.reshape(-1, vocab), logits.reshape(-1, vocab), targets[:, 64:].reshape(-1))[0]
+    assert late.mean_kld < 5e-5

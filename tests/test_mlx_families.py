@@ -139,6 +139,13 @@ SIZES = {"vocab_size": 1024, "hidden_size": 128, "intermediate_size": 256, "num_
         "attention_factor": 2.0}}, "rope_scaling"),
     ("LlamaForCausalLM", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}},
      "rope_scaling"),
+    # mlx-lm's YarnRoPE ignores attention_factor, and takes mscale alone where transformers needs both
+    ("LlamaForCausalLM", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                                              "original_max_position_embeddings": 64, "attention_factor": 1.5}},
+     "rope_scaling"),
+    ("LlamaForCausalLM", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                                              "original_max_position_embeddings": 64, "mscale": 0.5}},
+     "rope_scaling"),
 ])
 def test_refusals_name_the_trait(architecture, config, trait):
     """Layouts mlx-lm's model files cannot express, refused from the spec alone."""
@@ -160,3 +167,20 @@ def test_multimodal_gemma3_converts_its_language_model(family_source, tmp_path):
     scores, _ = compare(reference[:, :-1].reshape(-1, vocab),
                         mlx_logits(artifact.path, windows)[:, :-1].reshape(-1, vocab), windows[:, 1:].reshape(-1))
     assert scores.mean_kld < 0.001
+
+
+@pytest.mark.parametrize("engine", ["mlx", "torch"])
+def test_ministral3_queries_are_scaled_past_the_original_context(engine, family_source, tmp_path):
+    """mlx-lm's ministral3 reads Llama 4's temperature (β, its floor) from rope_parameters with the rope, as the torch
+    stand-in does: positions past 64 (scaled by 1 + 0.1·ln 2) score as the first ones (with β 0: KLD 0.0004 there)."""
+    source = family_source("ministral3")
+    artifact = build_mlx(source, tmp_path, bits=16)
+    rope = json.loads((artifact.path / "config.json").read_text())["rope_parameters"]
+    assert (rope["llama_4_scaling_beta"], rope["original_max_position_embeddings"], rope["type"]) == (0.1, 64, "yarn")
+    windows = held_out_windows(source)
+    reference = reference_logits_for(source, windows)[:, 64:-1]
+    runner = MLXRunner(artifact.path, {"engine": engine})
+    logits = runner.logits_many(windows)[:, 64:-1]
+    vocab = reference.shape[-1]
+    scores, _ = compare(reference.reshape(-1, vocab), logits.reshape(-1, vocab), windows[:, 65:].reshape(-1))
+    assert scores.mean_kld < 5e-5

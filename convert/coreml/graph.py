@@ -16,6 +16,8 @@ Where each trait of the spec becomes ops, one place each (ops appear only where 
     layers[i].window          causal_masks: one mask per window size, shared by the layers with that window
     layers[i].rope            rope_angles / rope_frequencies: one cos/sin table pair per distinct rope (θ,
                               scaling, partial rotary: rope rotates the first `dim` dimensions); None: NoPE
+    position_attention_scale  attention_temperature: a table over the context gathered at the block's positions, as
+                              rope's are; q × it after rope (no op where the context never reaches its onset)
     norm_placement            residual, with folds.BLOCK_NORMS: pre, post or sandwich norms around each branch
     qk_norm                   attention: per head (over head_dim) or over the whole projection
     activation                mlp: SwiGLU or GeGLU (tanh-approximated GELU)
@@ -308,6 +310,9 @@ class Shared:
     delta: DeltaConsts | None = None  # the gated delta rule's and Mamba2's
     ssm_conv: ConvState | None = None
     ssm: RecurrentState | None = None
+    # (1, 1, 1, S): Llama 4's attention temperature at the block's positions, q's multiplier after rope (None: the
+    # spec has none, or the context never reaches it)
+    temperature: object = None
 
 
 @dataclass(frozen=True)
@@ -374,7 +379,9 @@ def shared_values(spec: ModelSpec, chunk: Chunk, context: int, tokens: int, inpu
         delta |= {"ssm_conv": ConvState(inputs["ssm_conv_state"]), "ssm": RecurrentState(inputs["ssm_state"])}
     if delta:
         delta["delta"] = delta_consts(tokens, inputs[VALID_TOKENS], recurrent_scale)
-    return Shared(position, angles, masks, keys, values, conv, inputs.get(VALID_TOKENS), **delta)
+    temperature = attention_temperature(spec, context, positions, tokens) if layers else None
+    return Shared(position, angles, masks, keys, values, conv, inputs.get(VALID_TOKENS), **delta,
+                  temperature=temperature)
 
 
 def embed(ops: WeightedOps, input_ids, tokens: int, scale: float):
@@ -537,6 +544,8 @@ def attention(ops: WeightedOps, x, layer: int, local: int, shared: Shared):
     if rope_of_layer is not None:  # else a NoPE layer
         cos, sin = shared.angles[rope_key(rope_of_layer)]
         q, k = rope(q, cos, sin), rope(k, cos, sin)
+    if shared.temperature is not None:
+        q = mb.mul(x=q, y=shared.temperature)
     k = mb.transpose(x=k, perm=[0, 1, 3, 2])  # (1, KVH, S, D)
     # Where this block goes in the layer's cache; keys and values share it (the graph states once what
     # coremltools' remove_redundant_ops would otherwise merge).
@@ -799,13 +808,16 @@ def rope(x, cos, sin):
     return mb.concat(values=[first, second, *passed], axis=2)
 
 
-def check_context(spec: ModelSpec, context: int) -> None:
-    """Refuse a package context past what the program computes exactly: Llama 4's attention temperature (Ministral
-    3) is not built into the graph, and is 1 — nothing to build — below its `positions`."""
-    if (scale := spec.position_attention_scale) is not None and context > scale[1]:
-        raise CheckpointError(f"Core ML cannot honour the trait position_attention_scale at a context of {context}: "
-                              f"q is scaled by 1 + {scale[0]:g}·ln(1 + ⌊position / {scale[1]}⌋) past position "
-                              f"{scale[1]}; ask for a context of at most {scale[1]}")
+def attention_temperature(spec: ModelSpec, context: int, positions, tokens: int):
+    """Llama 4's attention temperature 1 + β·ln(1 + ⌊position / positions⌋) (Ministral 3) at the block's positions,
+    (1, 1, 1, S), gathered from a table over the whole context as rope's angles are; None where it is 1 throughout
+    (no such trait, or a context that never reaches `positions`)."""
+    if (scale := spec.position_attention_scale) is None or context <= scale[1]:
+        return None
+    beta, floor = scale
+    table = (1 + beta * np.log1p(np.arange(context) // floor)).astype(np.float16)  # computed in float64
+    return mb.reshape(x=mb.gather(x=shared_const(table, "attention_temperature_table"), indices=positions, axis=0),
+                      shape=[1, 1, 1, tokens], name="attention_temperature")
 
 
 def rope_angles(spec: ModelSpec, rope: Rope, context: int, positions, tokens: int, name: str):

@@ -42,6 +42,22 @@ class Rope:
         return self.scaling["rope_type"] if self.scaling else "default"
 
 
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction 1 + 0.1·mscale·ln(factor) (1 where nothing is interpolated)."""
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
+def yarn_attention_factor(scaling: dict[str, Any]) -> float:
+    """YaRN's cos/sin scale as transformers computes it: the file's attention_factor, else mscale over
+    mscale_all_dim where both are set, else from the factor alone."""
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor, mscale, mscale_all_dim = scaling["factor"], scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+    return yarn_mscale(factor)
+
+
 # What mixes a token with the ones before it, per layer: attention over a KV cache, or a recurrence carrying a
 # fixed-size state (`ModelSpec.short_conv`: LFM2's gated short convolution; `ModelSpec.gated_delta`: the gated
 # delta rule of Qwen3.5 and Qwen3-Next; `ModelSpec.mamba2`: Mamba2's selective state space of Granite 4.0-H)

@@ -503,9 +503,12 @@ def transformers_config(config: dict, args: Any) -> PretrainedConfig:
                 "mlp_only_layers", "shared_expert_intermediate_size"):
         if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
-    scaling = dict(getattr(args, "rope_scaling", None) or {})
+    # the rope as mlx-lm reads it: θ and rope_scaling at the top level, or the whole of rope_parameters (ministral3:
+    # Llama 4's attention temperature with it, which transformers reads from the same dict)
+    scaling = dict(getattr(args, "rope_scaling", None) or getattr(args, "rope_parameters", None) or {})
     rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
-    rope = {**scaling, "rope_type": rope_type, "rope_theta": float(args.rope_theta)}
+    theta = scaling.pop("rope_theta", None)
+    rope = {**scaling, "rope_type": rope_type, "rope_theta": float(getattr(args, "rope_theta", theta))}
     layer_types = mlx_layer_types(args)
     sliding = "sliding_attention" in layer_types
     # Where no layer slides, a window as long as the context: transformers' Gemma 2 builds a sliding mask
