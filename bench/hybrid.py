@@ -255,18 +255,18 @@ def state_bytes(path: Path, context: int) -> dict:
 
 
 def mlx_state_bytes(path: Path, context: int) -> dict:
-    """What mlx-lm keeps for one sequence of `context` tokens of this folder, from its own cache objects: the
+    """What mlx-lm keeps for one sequence of `context` tokens of this folder, from its own cache objects as
+    siliconvert's MLX runner makes them (mlx-lm's model and cache; experts widened to float32 on mlx's CPU): the
     recurrent states (ArraysCache: conv and SSM / delta-rule states) and the KV caches' first `context` positions
     (mlx-lm allocates them in steps of 256), in the dtypes mlx-lm computes in."""
-    import mlx.core as mx
-    from mlx_lm import load
-    from mlx_lm.models.cache import ArraysCache, make_prompt_cache
+    from mlx_lm.models.cache import ArraysCache
 
-    model, _ = load(str(path))
-    cache = make_prompt_cache(model)
-    mx.eval(model(mx.array(np.arange(context) % 100 + 10)[None], cache=cache))
-    recurrent = sum(layer.nbytes for layer in cache if isinstance(layer, ArraysCache))
-    kv = sum(keys.nbytes + values.nbytes for layer in cache if not isinstance(layer, ArraysCache)
+    from siliconvert.validate.runners.mlx import MLXRunner
+
+    runner = MLXRunner(path, {"engine": "mlx"})  # mlx-lm's quantized layers as they are
+    runner.start(np.arange(context) % 100 + 10)
+    recurrent = sum(layer.nbytes for layer in runner.cache if isinstance(layer, ArraysCache))
+    kv = sum(keys.nbytes + values.nbytes for layer in runner.cache if not isinstance(layer, ArraysCache)
              for keys, values in [layer.keys_and_values()])
     return {"path": str(path), "recurrent_state_bytes": recurrent, "kv_cache_bytes": kv}
 
