@@ -222,3 +222,48 @@ def test_gpus_are_nvidia_smis_lines(tmp_path, monkeypatch):
     assert run.nvidia_gpus() == ["NVIDIA H100 80GB HBM3, 81559 MiB, 580.159.04"]
     monkeypatch.setenv("PATH", str(tmp_path / "none"))
     assert run.nvidia_gpus() == []
+
+
+def test_hybrid_mlx_patch_copies_the_checkpoint_with_the_config_mlx_lm_reads(tmp_path):
+    """bench.hybrid's patched copy for mlx_lm.convert: the weights linked, config.json patched (Granite 4.0-H's
+    layer types spelled the older way, Δ's upper limit an infinity json reads back), the saved config untouched."""
+    hybrid = importlib.import_module("bench.hybrid")
+    source = tmp_path / "saved"
+    source.mkdir()
+    (source / "model.safetensors").write_bytes(b"weights")
+    saved = {"model_type": "granitemoehybrid", "layer_types": ["linear_attention", "full_attention"],
+             "time_step_limit": [0.0, {"__float__": "Infinity"}]}
+    (source / "config.json").write_text(json.dumps(saved))
+    name, patch = hybrid.MLX_CONFIG_PATCHES["granitemoehybrid"]
+    copy = hybrid.patched_copy(source, tmp_path / "patched", patch)
+    assert (copy / "model.safetensors").resolve() == source / "model.safetensors"
+    config = json.loads((copy / "config.json").read_text())
+    assert config["layer_types"] == ["mamba", "attention"] and config["time_step_limit"] == [0.0, math.inf]
+    assert "layer_types" in name and json.loads((source / "config.json").read_text()) == saved
+    _, lift_rope = hybrid.MLX_CONFIG_PATCHES["qwen3_next"]
+    lifted = lift_rope({"rope_parameters": {"rope_theta": 1e7, "partial_rotary_factor": 0.25}})
+    assert (lifted["rope_theta"], lifted["partial_rotary_factor"]) == (1e7, 0.25)
+
+
+def test_hybrid_rows_set_quantized_artifacts_beside_their_anchors():
+    """Q4_K_M and 4-bit rows carry their mean KLD over the anchor's (the patched mlx-lm anchor where the one on the
+    checkpoint as saved failed); the table flags a ratio above the issue's 1.5×; Core ML's state comes from the
+    manifest's state_bytes, the KV cache apart from the recurrent states."""
+    hybrid = importlib.import_module("bench.hybrid")
+    cell = {"mean_kld": 0.002, "same_top1": 0.95, "size_bytes": 1000, "passed": True, "recurrent_state_bytes": 10,
+            "kv_cache_bytes": 20}
+    row = {"siliconvert": {"gguf F16": dict(cell), "gguf Q4_K_M": dict(cell), "mlx 4bit-g64": dict(cell)},
+           "anchors": {"llama_model_quantize Q4_K_M": cell | {"mean_kld": 0.001},
+                       "mlx_lm.convert 4-bit g64": {"error": "ValueError: block_dim"},
+                       "mlx_lm.convert 4-bit g64 (patched: block_dim = hidden_size)": cell | {"mean_kld": 0.004}}}
+    hybrid.anchor_ratios(row)
+    mine = row["siliconvert"]
+    assert "anchor_ratio" not in mine["gguf F16"]
+    assert mine["gguf Q4_K_M"]["anchor_ratio"] == pytest.approx(2.0)
+    assert mine["mlx 4bit-g64"]["anchor_ratio"] == pytest.approx(0.5)
+    table = hybrid.markdown({"lfm2": row}).splitlines()
+    assert "| 2.00 (> 1.5) |" in table[3] and "| 0.50 |" in table[4]
+    assert "ValueError: block_dim" in table[6]
+    coreml = {"path": "/x.mlpackage", "state_bytes": {"kv_cache": 4096, "conv_state": 96, "recurrent_state": 512}}
+    assert hybrid.artifact_state_bytes(coreml, 128) == {"path": "/x.mlpackage", "recurrent_state_bytes": 608,
+                                                        "kv_cache_bytes": 4096}
