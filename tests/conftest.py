@@ -145,3 +145,19 @@ def build(tmp_path) -> tuple[dict, FakeCheckpoint, Path]:
         "passed": False,
     }
     return report, FakeCheckpoint(source), out
+
+
+def run_recipe(source: Path, folder: Path, name: str, *, targets: list[dict], validate: dict) -> dict:
+    """`siliconvert recipe` as a user runs it, on `source` with `targets` and `validate`, written to `folder`/out;
+    it must exit 0. Returns report.json."""
+    import subprocess
+
+    import yaml
+
+    recipe = {"name": name, "source": str(source), "output": str(folder / "out"), "targets": targets,
+              "validate": validate}
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = subprocess.run([SILICONVERT, "recipe", str(folder / "recipe.yaml")], capture_output=True, text=True,
+                            env={**__import__("os").environ, "SILICONVERT_QUIET": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads((folder / "out" / "report.json").read_text())

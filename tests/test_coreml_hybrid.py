@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
 import torch
-import yaml
-from conftest import SILICONVERT, reference_logits_for
+from conftest import reference_logits_for, run_recipe
 from test_coreml import windows_of
 
 from siliconvert.calibration import FLOAT16_MAX, Calibrations, FP16Range
@@ -28,6 +25,9 @@ from siliconvert.validate.score import cached_window_logits, kv_cache_check
 pytestmark = pytest.mark.slow
 
 CONTEXT = 64  # one prefill block; the state check's prompt (16 tokens) is a padded one
+# a recipe's validation: 128 tokens, the state check's 16-token prompt and 4 steps, the issue's FP16 limits
+FP16_VALIDATE = {"tokens": 128, "context": CONTEXT, "prefill_tokens": 16, "decode_tokens": 4,
+                 "gates": {"max_mean_kld": 0.002, "min_same_top1": 0.97}}
 GAIN = 8192.0  # B·x peaks at about 11 in the lfm2 test checkpoint
 
 
@@ -126,15 +126,8 @@ def test_recipe_converts_validates_and_reports_the_states(lfm2, tmp_path):
     """End to end: the recipe's Core ML FP16 target on LFM2 passes its gates and the state check, and report.json
     gives the states' bytes beside the KV cache's."""
     source = lfm2[0]
-    recipe = {"name": "lfm2", "source": str(source), "output": str(tmp_path / "out"),
-              "targets": [{"format": "coreml", "context": CONTEXT}],
-              "validate": {"tokens": 128, "context": CONTEXT, "prefill_tokens": 16, "decode_tokens": 4,
-                           "gates": {"max_mean_kld": 0.002, "min_same_top1": 0.97}}}
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    result = subprocess.run([SILICONVERT, "recipe", str(tmp_path / "recipe.yaml")], capture_output=True, text=True,
-                            env={**os.environ, "SILICONVERT_QUIET": "1"})
-    assert result.returncode == 0, result.stderr
-    (artifact,) = json.loads((tmp_path / "out" / "report.json").read_text())["artifacts"]
+    (artifact,) = run_recipe(source, tmp_path, "lfm2", targets=[{"format": "coreml", "context": CONTEXT}],
+                             validate=FP16_VALIDATE)["artifacts"]
     assert artifact["kv_cache"]["consistent"] is True
     assert artifact["state_bytes"] == {"kv_cache": 2 * 2 * 1 * 2 * CONTEXT * 32, "conv_state": 2 * 3 * 128 * 2}
     assert "conv_state 1,536 bytes" in (tmp_path / "out" / "report.md").read_text()
@@ -249,15 +242,8 @@ def test_recipe_converts_qwen3_5_validates_and_reports_its_states(qwen3_5, tmp_p
     """End to end on Qwen3.5: the Core ML FP16 target passes its gates and the state check, and report.json gives
     the gated delta rule's conv and recurrent states' bytes beside the KV cache's."""
     source = qwen3_5[0]
-    recipe = {"name": "qwen3_5", "source": str(source), "output": str(tmp_path / "out"),
-              "targets": [{"format": "coreml", "context": CONTEXT}],
-              "validate": {"tokens": 128, "context": CONTEXT, "prefill_tokens": 16, "decode_tokens": 4,
-                           "gates": {"max_mean_kld": 0.002, "min_same_top1": 0.97}}}
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    result = subprocess.run([SILICONVERT, "recipe", str(tmp_path / "recipe.yaml")], capture_output=True, text=True,
-                            env={**os.environ, "SILICONVERT_QUIET": "1"})
-    assert result.returncode == 0, result.stderr
-    (artifact,) = json.loads((tmp_path / "out" / "report.json").read_text())["artifacts"]
+    (artifact,) = run_recipe(source, tmp_path, "qwen3_5", targets=[{"format": "coreml", "context": CONTEXT}],
+                             validate=FP16_VALIDATE)["artifacts"]
     assert artifact["kv_cache"]["consistent"] is True
     # one attention layer (2 KV heads of 32); three gated-delta layers: 3 × (4 − 1) conv inputs of 2·64 + 96
     # channels, and S of 4 value heads × 32 × 24
@@ -357,15 +343,10 @@ def test_recipe_converts_granite_hybrid_validates_and_reports_its_states(granite
     """End to end on Granite 4.0-H: Core ML FP16 and int4 pass their gates and the state check, and report.json gives
     Mamba2's conv and SSM states' bytes beside the KV cache's."""
     source = granite_hybrid[0]
-    recipe = {"name": "granite_hybrid", "source": str(source), "output": str(tmp_path / "out"),
-              "targets": [{"format": "coreml", "context": CONTEXT, "precision": ["fp16", "int4"]}],
-              "validate": {"tokens": 128, "context": CONTEXT, "prefill_tokens": 16, "decode_tokens": 4,
-                           "gates": {"max_mean_kld": 0.06, "min_same_top1": 0.8}}}
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    result = subprocess.run([SILICONVERT, "recipe", str(tmp_path / "recipe.yaml")], capture_output=True, text=True,
-                            env={**os.environ, "SILICONVERT_QUIET": "1"})
-    assert result.returncode == 0, result.stderr
-    fp16, int4 = json.loads((tmp_path / "out" / "report.json").read_text())["artifacts"]
+    report = run_recipe(source, tmp_path, "granite_hybrid",
+                        targets=[{"format": "coreml", "context": CONTEXT, "precision": ["fp16", "int4"]}],
+                        validate=FP16_VALIDATE | {"gates": {"max_mean_kld": 0.06, "min_same_top1": 0.8}})
+    fp16, int4 = report["artifacts"]
     print({a["quant"]: (a["metrics"]["mean_kld"], a["metrics"]["same_top1"], a["size_bytes"]) for a in (fp16, int4)})
     assert fp16["metrics"]["mean_kld"] < 0.002 and int4["metrics"]["mean_kld"] <= 0.06
     assert fp16["kv_cache"]["consistent"] is True and int4["kv_cache"]["consistent"] is True

@@ -12,16 +12,12 @@ one step late, fails it.
 from __future__ import annotations
 
 import ctypes
-import json
-import os
-import subprocess
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
-import yaml
-from conftest import SILICONVERT, reference_logits_for
+from conftest import reference_logits_for, run_recipe
 from families import FAMILY_CASES, LLAMA_CPP_SHAPES
 from safetensors.torch import load_file
 from test_gguf import assert_same_model, convert, fields, hf_ids, whole_file_quantization
@@ -39,6 +35,10 @@ PARTIAL_ONLY = 1
 # Where a saved sequence state holds its recurrent cell's position: after the magic, the seq id and the cell count
 # (llama_context::state_seq_get_data, llama_memory_recurrent::state_write_meta)
 STATE_POS_OFFSET = 12
+
+# one recipe per family: F16 and Q4_K_M, scored on 512 tokens with the default gates
+F16_AND_Q4_K_M = [{"format": "gguf", "quants": ["F16", "Q4_K_M"]}]
+VALIDATE = {"tokens": 512, "context": 128, "latency": False}
 
 
 @pytest.fixture(scope="module")
@@ -85,14 +85,7 @@ def test_streamed_quants_are_llama_quantizes_bytes(lfm2: Path, tmp_path: Path, m
 @pytest.fixture(scope="module")
 def recipe_run(lfm2: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("lfm2-recipe")
-    recipe = {"name": "lfm2", "source": str(lfm2), "output": str(out / "out"),
-              "targets": [{"format": "gguf", "quants": ["F16", "Q4_K_M"]}],
-              "validate": {"tokens": 512, "context": 128, "latency": False}}
-    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    result = subprocess.run([SILICONVERT, "recipe", str(out / "recipe.yaml")], capture_output=True, text=True,
-                            env={**os.environ, "SILICONVERT_QUIET": "1"})
-    assert result.returncode == 0, result.stdout + result.stderr
-    return json.loads((out / "out" / "report.json").read_text())
+    return run_recipe(lfm2, out, "lfm2", targets=F16_AND_Q4_K_M, validate=VALIDATE)
 
 
 def test_a_recipe_on_lfm2_passes_every_gate(recipe_run: dict) -> None:
@@ -269,14 +262,7 @@ def test_the_wrapped_qwen3_5_converts_its_language_model(qwen3_5: Path, tmp_path
 @pytest.fixture(scope="module")
 def qwen3_5_recipe(qwen3_5: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("qwen3_5-recipe")
-    recipe = {"name": "qwen3_5", "source": str(qwen3_5), "output": str(out / "out"),
-              "targets": [{"format": "gguf", "quants": ["F16", "Q4_K_M"]}],
-              "validate": {"tokens": 512, "context": 128, "latency": False}}
-    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    result = subprocess.run([SILICONVERT, "recipe", str(out / "recipe.yaml")], capture_output=True, text=True,
-                            env={**os.environ, "SILICONVERT_QUIET": "1"})
-    assert result.returncode == 0, result.stdout + result.stderr
-    return json.loads((out / "out" / "report.json").read_text())
+    return run_recipe(qwen3_5, out, "qwen3_5", targets=F16_AND_Q4_K_M, validate=VALIDATE)
 
 
 def test_a_recipe_on_qwen3_5_passes_every_gate(qwen3_5_recipe: dict) -> None:
@@ -390,14 +376,7 @@ def test_streamed_granite_hybrid_quants_are_llama_quantizes_bytes(granite_hybrid
 @pytest.fixture(scope="module")
 def granite_hybrid_recipe(granite_hybrid: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("granite_hybrid-recipe")
-    recipe = {"name": "granite_hybrid", "source": str(granite_hybrid), "output": str(out / "out"),
-              "targets": [{"format": "gguf", "quants": ["F16", "Q4_K_M"]}],
-              "validate": {"tokens": 512, "context": 128, "latency": False}}
-    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    result = subprocess.run([SILICONVERT, "recipe", str(out / "recipe.yaml")], capture_output=True, text=True,
-                            env={**os.environ, "SILICONVERT_QUIET": "1"})
-    assert result.returncode == 0, result.stdout + result.stderr
-    return json.loads((out / "out" / "report.json").read_text())
+    return run_recipe(granite_hybrid, out, "granite_hybrid", targets=F16_AND_Q4_K_M, validate=VALIDATE)
 
 
 def test_a_recipe_on_granite_hybrid_passes_every_gate(granite_hybrid_recipe: dict) -> None:
