@@ -292,7 +292,11 @@ class GGUFWriter(Writer):
         fixed_types = [_storage_type(name, shape, kept) for name, shape in shapes]
         fixed = sum(_nbytes(shape, qtype) for shape, qtype, q in zip((shape for _, shape in shapes), fixed_types,
                                                                       quantizable, strict=True) if q is None)
-        self.quant_plan = make_plan(costs, self.target.plan, fixed_bytes=fixed + self._header_bytes(fixed_types))
+        # each tensor's data starts on the file's alignment: up to alignment − 1 bytes of padding after the one before,
+        # whatever type the plan gives it (a hybrid's many small F32 tensors made a planned file 96 bytes too big)
+        padding = (gguf.GGUF_DEFAULT_ALIGNMENT - 1) * len(shapes)
+        self.quant_plan = make_plan(costs, self.target.plan,
+                                    fixed_bytes=fixed + self._header_bytes(fixed_types) + padding)
         types = [QType[self.quant_plan.choices[name].kind] if name in self.quant_plan.choices else fixed_type
                  for (name, _), fixed_type in zip(shapes, fixed_types, strict=True)]
         weights: dict[str, int] = {}
