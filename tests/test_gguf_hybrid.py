@@ -139,21 +139,27 @@ class BrokenConvState(LlamaCppRunner):
         assert self.api.llama_state_seq_set_data_ext(self.ctx, state, len(state), 0, PARTIAL_ONLY) == len(state)
 
 
-@pytest.mark.parametrize("fault", ["none", "frozen", "stale"])
-def test_the_state_check_fails_a_conv_state_that_does_not_advance(lfm2: Path, recipe_run: dict, fault: str) -> None:
-    """The KV-cache check is a state check: on llama.cpp's own recurrent state it passes; with the conv layers'
-    state not advanced, or one step stale (the attention layers' KV cache intact), it fails. Measured on this
-    model's F16: frozen 48 ×, stale 74 × the limit."""
-    [f16] = [a["path"] for a in recipe_run["artifacts"] if a["quant"] == "F16"]
-    window = np.array(hf_ids(lfm2, heldout_text()[:5000])[:128])
-    reference = reference_logits_for(lfm2, window[None])[0]
+def state_check_with(source: Path, recipe: dict, fault: str) -> dict:
+    """The state check on the recipe's F16 file, run by llama.cpp with its recurrent states broken by `fault`
+    (BrokenConvState; "none": intact) on 128 held-out tokens, against the reference."""
+    [f16] = [a["path"] for a in recipe["artifacts"] if a["quant"] == "F16"]
+    window = np.array(hf_ids(source, heldout_text()[:5000])[:128])
+    reference = reference_logits_for(source, window[None])[0]
     runner = BrokenConvState(Path(f16), {"context": len(window)}, fault)
     try:
         no_cache = runner.logits(window)
         cached, prompt = cached_window_logits(runner, window)
     finally:
         runner.close()
-    check = kv_cache_check(cached, prompt, no_cache, reference, window[1:])
+    return kv_cache_check(cached, prompt, no_cache, reference, window[1:])
+
+
+@pytest.mark.parametrize("fault", ["none", "frozen", "stale"])
+def test_the_state_check_fails_a_conv_state_that_does_not_advance(lfm2: Path, recipe_run: dict, fault: str) -> None:
+    """The KV-cache check is a state check: on llama.cpp's own recurrent state it passes; with the conv layers'
+    state not advanced, or one step stale (the attention layers' KV cache intact), it fails. Measured on this
+    model's F16: frozen 48 ×, stale 74 × the limit."""
+    check = state_check_with(lfm2, recipe_run, fault)
     if fault == "none":
         assert check["consistent"] is True and check["excess_kld"] < check["limit_kld"] / 4, check
     else:
@@ -282,16 +288,7 @@ def test_the_state_check_fails_a_gated_delta_state_that_does_not_advance(qwen3_5
                                                                          fault: str) -> None:
     """The gated delta layers' conv and recurrent states held back (the attention layer's KV cache intact): the state
     check fails."""
-    [f16] = [a["path"] for a in qwen3_5_recipe["artifacts"] if a["quant"] == "F16"]
-    window = np.array(hf_ids(qwen3_5, heldout_text()[:5000])[:128])
-    reference = reference_logits_for(qwen3_5, window[None])[0]
-    runner = BrokenConvState(Path(f16), {"context": len(window)}, fault)
-    try:
-        no_cache = runner.logits(window)
-        cached, prompt = cached_window_logits(runner, window)
-    finally:
-        runner.close()
-    check = kv_cache_check(cached, prompt, no_cache, reference, window[1:])
+    check = state_check_with(qwen3_5, qwen3_5_recipe, fault)
     assert check["consistent"] is False and check["excess_kld"] > 10 * check["limit_kld"], check
 
 
@@ -397,16 +394,7 @@ def test_the_state_check_fails_a_mamba2_state_that_does_not_advance(granite_hybr
     """On llama.cpp's own Mamba2 state the state check passes; with the Mamba2 layers' conv and recurrent states not
     advanced, or one step stale (the attention layer's KV cache intact), it fails. Measured on this model's F16: frozen
     103 ×, stale 102 × the limit."""
-    [f16] = [a["path"] for a in granite_hybrid_recipe["artifacts"] if a["quant"] == "F16"]
-    window = np.array(hf_ids(granite_hybrid, heldout_text()[:5000])[:128])
-    reference = reference_logits_for(granite_hybrid, window[None])[0]
-    runner = BrokenConvState(Path(f16), {"context": len(window)}, fault)
-    try:
-        no_cache = runner.logits(window)
-        cached, prompt = cached_window_logits(runner, window)
-    finally:
-        runner.close()
-    check = kv_cache_check(cached, prompt, no_cache, reference, window[1:])
+    check = state_check_with(granite_hybrid, granite_hybrid_recipe, fault)
     if fault == "none":
         assert check["consistent"] is True and check["excess_kld"] < check["limit_kld"] / 4, check
     else:
