@@ -57,14 +57,20 @@ def state_check(artifact, windows, reference):
     return logits, kv_cache_check(cached[:, :vocab], prompt, logits[0], reference[0], windows[0][1:])
 
 
-@pytest.mark.parametrize("chunks", [1, 2])  # 2: the second package holds only short convolutions
-def test_lfm2_matches_the_reference_and_decodes_through_its_states(lfm2, tmp_path, chunks):
-    source, windows, reference = lfm2
-    artifact = build(source, tmp_path, chunks)
+def scored(artifact, windows, reference):
+    """The package's scores against the reference on every window (the next-token positions), and its state check."""
     logits, check = state_check(artifact, windows, reference)
     vocab = reference.shape[-1]
     scores = compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
                      windows[:, 1:].reshape(-1))[0]
+    return scores, check
+
+
+@pytest.mark.parametrize("chunks", [1, 2])  # 2: the second package holds only short convolutions
+def test_lfm2_matches_the_reference_and_decodes_through_its_states(lfm2, tmp_path, chunks):
+    source, windows, reference = lfm2
+    artifact = build(source, tmp_path, chunks)
+    scores, check = scored(artifact, windows, reference)
     assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, scores
     assert check["consistent"] and check["same_top1"] == 1.0, check
     manifest = json.loads((artifact.path / "manifest.json").read_text())
@@ -114,10 +120,7 @@ def test_a_conv_state_past_fp16_range_is_scaled_back_into_it(lfm2, tmp_path):
     artifact = build(loud, tmp_path / "out")
     numerics = json.loads((artifact.path / "manifest.json").read_text())["numerics"]
     assert numerics["state_peak"] * 16 > FLOAT16_MAX and numerics["state_scale"] < 1
-    logits, check = state_check(artifact, windows, reference)
-    vocab = reference.shape[-1]
-    scores = compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
-                     windows[:, 1:].reshape(-1))[0]
+    scores, check = scored(artifact, windows, reference)
     assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, scores
     assert check["consistent"], check
 
@@ -151,10 +154,7 @@ def test_gated_delta_families_match_the_reference_and_decode_through_their_state
     chunked form, decoding one token at a time through the conv and recurrent states and the KV cache."""
     source, windows, reference = delta_model
     artifact = build(source, tmp_path, 2)
-    logits, check = state_check(artifact, windows, reference)
-    vocab = reference.shape[-1]
-    scores = compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
-                     windows[:, 1:].reshape(-1))[0]
+    scores, check = scored(artifact, windows, reference)
     manifest = json.loads((artifact.path / "manifest.json").read_text())
     size = sum(f.stat().st_size for f in artifact.path.rglob("*") if f.is_file())
     print(f"{source.name}: mean KLD {scores.mean_kld:.6f}, same top-1 {scores.same_top1:.4f}, {size:,} bytes, "
@@ -217,10 +217,7 @@ def test_a_recurrent_state_scale_is_taken_back_out(qwen3_5, tmp_path, monkeypatc
     monkeypatch.setattr(Calibrations, "recurrent_range", lambda self: FP16Range(2.0**16, 2.0**-6))
     artifact = build(source, tmp_path)
     assert json.loads((artifact.path / "manifest.json").read_text())["numerics"]["recurrent_scale"] == 2.0**-6
-    logits, check = state_check(artifact, windows, reference)
-    vocab = reference.shape[-1]
-    scores = compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
-                     windows[:, 1:].reshape(-1))[0]
+    scores, check = scored(artifact, windows, reference)
     assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, scores
     assert check["consistent"], check
 
@@ -268,10 +265,7 @@ def test_granite_hybrid_matches_the_reference_and_decodes_through_its_states(gra
     states and the attention layer's KV cache; the states' bytes per sequence beside the KV cache's."""
     source, windows, reference = granite_hybrid
     artifact = build(source, tmp_path, chunks)
-    logits, check = state_check(artifact, windows, reference)
-    vocab = reference.shape[-1]
-    scores = compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
-                     windows[:, 1:].reshape(-1))[0]
+    scores, check = scored(artifact, windows, reference)
     manifest = json.loads((artifact.path / "manifest.json").read_text())
     size = sum(f.stat().st_size for f in artifact.path.rglob("*") if f.is_file())
     print(f"{source.name}: mean KLD {scores.mean_kld:.6f}, same top-1 {scores.same_top1:.4f}, {size:,} bytes, "
@@ -331,10 +325,7 @@ def test_mamba2_state_scales_are_taken_back_out(granite_hybrid, tmp_path, monkey
     artifact = build(source, tmp_path)
     numerics = json.loads((artifact.path / "manifest.json").read_text())["numerics"]
     assert (numerics["state_scale"], numerics["recurrent_scale"]) == (2.0**-4, 2.0**-6)
-    logits, check = state_check(artifact, windows, reference)
-    vocab = reference.shape[-1]
-    scores = compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
-                     windows[:, 1:].reshape(-1))[0]
+    scores, check = scored(artifact, windows, reference)
     assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, scores
     assert check["consistent"], check
 
