@@ -61,6 +61,10 @@ class MLX(Format):
             shards = set(weight_map.values()) if isinstance(weight_map, dict) else set()
             if missing := sorted(map(str, shards - {p.name for p in artifact.path.glob("*.safetensors")})):
                 raise ArtifactError(f"shard {short(missing[0])} is listed but missing", index)
+        model_file = config.get("model_file")
+        if model_file is not None and not (artifact.path / str(model_file)).is_file():
+            raise ArtifactError(f"config.json names the model file {model_file!r}, which is missing (mlx_lm.load "
+                                "builds the model from it)", artifact.path)
         shapes: dict[str, tuple[list[int], Path]] = {}  # tensor → (shape, its shard)
         for shard in sorted(artifact.path.glob("model*.safetensors")):
             shapes |= {name: (shape, shard) for name, shape in _shard_shapes(shard).items()}
@@ -106,13 +110,32 @@ class MLX(Format):
 
     def usage(self, release: Release, folder: Path) -> list[str]:
         model_ref = release.repo_id or f"path/to/{release.name}"
+        model_file = _config(folder).get("model_file")
+        why, flag, trust = [], "", ""
+        if model_file is not None:
+            why = [f"This folder runs its own model file, `{model_file}` (config.json's `model_file`): mlx-lm's "
+                   f"`{_config(folder).get('model_type')}` computes another function for this model "
+                   f"({MODEL_FILE_FIXES.get(str(model_file), 'see the file')}). `{model_file}` is mlx-lm's own, "
+                   "subclassed, with only that fixed. mlx-lm runs a folder's Python only when asked, so loading needs "
+                   "`trust_remote_code=True` (`--trust-remote-code`); read the file first.", ""]
+            flag, trust = " --trust-remote-code", ", trust_remote_code=True"
         return [
-            "```bash", "pip install mlx-lm", f'mlx_lm.generate --model {model_ref} --prompt "{CARD_PROMPT}"', "```",
-            "", "```python", "from mlx_lm import generate, load", "", f'model, tokenizer = load("{model_ref}")',
+            *why,
+            "```bash", "pip install mlx-lm", f'mlx_lm.generate --model {model_ref}{flag} --prompt "{CARD_PROMPT}"',
+            "```", "", "```python", "from mlx_lm import generate, load", "",
+            f'model, tokenizer = load("{model_ref}"{trust})',
             f'messages = [{{"role": "user", "content": "{CARD_PROMPT}"}}]',
             "prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)",
             "print(generate(model, tokenizer, prompt=prompt, max_tokens=128))", "```",
         ]
+
+
+# What siliconvert's own model files (convert/mlx_models/) fix in mlx-lm's, as the card says it
+MODEL_FILE_FIXES = {
+    "gemma2.py": "mlx-lm's gemma2 has no sliding window: its sliding layers attend over the whole context",
+    "phi3.py": "mlx-lm's phi3 rotates with LongRoPE's long factors at every length, where the model uses the short "
+               "ones within its original context",
+}
 
 
 def _config(folder: Path) -> dict[str, Any]:
