@@ -8,8 +8,11 @@ within `original_max_position_embeddings` with the short factors, and one that r
 factors at all its positions; its attention factor is the config's `attention_factor`, else derived from
 `factor`, else from max / original positions. Everything else is mlx-lm's phi3, imported as it is.
 
-As in transformers, a cache filled with the short factors keeps them when later tokens cross into the long
-ones: a generation that crosses the original context mixes the two, there as here.
+A forward that reaches past the original context rotates all its positions with the long factors, those of
+earlier forwards too: keys cached within the original context (short factors) are rotated again as the long
+factors would have rotated them the first time a forward crosses it, so decoding computes what a forward over the
+whole sequence computes (transformers' own generation keeps them, mixing the two; so does a cache that cannot
+be rewritten here, mlx-lm's quantized one).
 """
 
 import math
@@ -17,6 +20,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import phi3
+from mlx_lm.models.cache import KVCache
 
 ModelArgs = phi3.ModelArgs
 
@@ -45,6 +49,15 @@ class LongRoPE(nn.Module):
             freqs=self._long_freqs if long else self._short_freqs,
         )
 
+    def lengthen(self, keys: mx.array) -> mx.array:
+        """Keys at positions 0, 1, … rotated with the short factors, rotated instead with the long ones."""
+        rotated = keys.astype(mx.float32)
+        for freqs, direction in ((self._short_freqs, -1.0), (self._long_freqs, 1.0)):
+            rotated = mx.fast.rope(
+                rotated, self.dims, traditional=False, base=None, scale=direction, offset=0, freqs=freqs
+            )
+        return rotated.astype(keys.dtype)
+
 
 def attention_factor(args: ModelArgs, original: int) -> float:
     scaling = args.rope_scaling
@@ -70,3 +83,16 @@ class Model(phi3.Model):
                     scaling["long_factor"],
                     attention_factor(args, original),
                 )
+
+    def __call__(self, inputs: mx.array, cache=None):
+        rope = self.layers[0].self_attn.rope
+        if cache is not None and isinstance(rope, LongRoPE):
+            offset = cache[0].offset
+            if isinstance(offset, int) and 0 < offset <= rope.original_max_position_embeddings < (
+                offset + inputs.shape[1]
+            ):
+                for layer_cache in cache:
+                    if isinstance(layer_cache, KVCache):
+                        keys = layer_cache.keys[..., :offset, :]
+                        layer_cache.keys[..., :offset, :] = rope.lengthen(keys)
+        return super().__call__(inputs, cache)

@@ -117,10 +117,13 @@ def runs_own_model_file(path: Path) -> bool:
     if name is None:
         return False
     ours = model_file_path(Path(str(name)).name)
-    if str(name) != ours.name or not ours.is_file() or not (path / ours.name).is_file() or (
-            (path / ours.name).read_bytes() != ours.read_bytes()):
+    if str(name) != ours.name or not ours.is_file():
         raise ArtifactError(f"config.json's model_file {name!r} is not one siliconvert ships (convert/mlx_models/), "
                             "and running it would execute the folder's own code: refused", path)
+    if not (path / ours.name).is_file() or (path / ours.name).read_bytes() != ours.read_bytes():
+        raise ArtifactError(f"the folder's {ours.name} is not the one this siliconvert ships (another version's, or "
+                            "edited), and running it would execute the folder's own code: refused; convert again",
+                            path)
     return True
 
 
