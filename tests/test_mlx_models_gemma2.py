@@ -91,3 +91,18 @@ def test_the_folder_ships_the_model_file_byte_for_byte(gemma2, tmp_path):
 def test_without_the_opt_in_the_refusal_names_it(gemma2, tmp_path):
     with pytest.raises(CheckpointError, match=r"trait sliding_window: .*`model_file: faithful`"):
         build_mlx(gemma2, tmp_path, bits=4)
+
+
+def test_a_recipe_validates_and_releases_the_folder_like_any_artifact(gemma2, tmp_path):
+    """`siliconvert recipe` with the opt-in: every check passes (the KV cache among them, decoding past the window),
+    and the release folder holds the model file and a card that says how to load it and why."""
+    from conftest import run_recipe
+
+    report = run_recipe(gemma2, tmp_path, "gemma2", targets=[{"format": "mlx", "bits": 16, "model_file": "faithful"}],
+                        validate={"tokens": 256, "context": 128})
+    (artifact,) = report["artifacts"]
+    assert artifact["gates"]["passed"] and artifact["kv_cache"]["consistent"]
+    assert artifact["metrics"]["mean_kld"] < 0.001
+    (release,) = (tmp_path / "out" / "release").iterdir()
+    assert (release / "gemma2.py").read_bytes() == model_file_path("gemma2.py").read_bytes()
+    assert "trust_remote_code=True" in (release / "README.md").read_text()
