@@ -13,7 +13,7 @@ from siliconvert.calibration import Calibrations
 from siliconvert.checkpoint import Checkpoint, load_json
 from siliconvert.errors import ArtifactError, short
 from siliconvert.format import Format
-from siliconvert.recipe import MLXTarget, QuantPlan
+from siliconvert.recipe import MLXModelFile, MLXTarget, QuantPlan
 
 FIXED_BITS = (3, 4, 6, "mixed_3_6", "mixed_4_6")  # the anchors' recipes a sweep builds, at mlx-lm's group size 64
 
@@ -80,11 +80,12 @@ class MLX(Format):
         return {"quantization": config.get("quantization"), "model_type": config.get("model_type")}
 
     def sweep_fixed(self, targets: Sequence[MLXTarget], quants: Sequence[str]) -> list[MLXTarget]:
-        fixed = [MLXTarget(format=self.name, bits=bits, group_size=64) for bits in FIXED_BITS]
+        fixed = [MLXTarget(format=self.name, bits=bits, group_size=64, model_file=_model_file(targets))
+                 for bits in FIXED_BITS]
         return [target for target in fixed if target.quant in quants]
 
     def sweep_planned(self, targets: Sequence[MLXTarget], plan: QuantPlan) -> MLXTarget:
-        return MLXTarget(format=self.name, bits="auto", plan=plan)
+        return MLXTarget(format=self.name, bits="auto", plan=plan, model_file=_model_file(targets))
 
     def aims_at(self, quant: str) -> bool:
         return not quant.startswith("mixed_")  # the mixed recipes sit between the widths
@@ -128,6 +129,12 @@ class MLX(Format):
             "prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)",
             "print(generate(model, tokenizer, prompt=prompt, max_tokens=128))", "```",
         ]
+
+
+def _model_file(targets: Sequence[MLXTarget]) -> MLXModelFile:
+    """The model file a sweep's MLX folders run: siliconvert's where a recipe target asks for it (the family's
+    mlx-lm file is then refused), else mlx-lm's."""
+    return "faithful" if any(target.model_file == "faithful" for target in targets) else "mlx-lm"
 
 
 # What siliconvert's own model files (convert/mlx_models/) fix in mlx-lm's, as the card says it
