@@ -100,3 +100,8 @@ def test_decoding_across_the_original_context_rotates_the_cached_keys_again(phi3
     decoded = runner.cached_logits(window[:57], window[57:95])  # positions 56 to 94
     scores, _ = compare(whole[64:95], decoded[8:], window[65:96])
     assert scores.mean_kld < 1e-4  # measured 2.2e-6
+
+
+def test_torch_stand_in_reads_longrope_from_the_model_files_arguments(phi3_past_original, tmp_path):
+    faithful, _ = faithful_and_mlx_lms(phi3_past_original, tmp_path, engine="torch", bits=16)
+    assert faithful < 0.001
