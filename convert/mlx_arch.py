@@ -180,6 +180,12 @@ FAITHFUL: dict[str, Layout] = {
     "gemma2": replace(LAYOUTS["gemma2"], windows="layer_types", model_file="gemma2.py"),
     "phi3": replace(LAYOUTS["phi3"], longrope_by_length=True, model_file="phi3.py"),
 }
+# What each of those files fixes, as a release's card says it
+FAITHFUL_FIXES = {
+    "gemma2.py": "it has no sliding window: its sliding layers attend over the whole context",
+    "phi3.py": "it rotates with LongRoPE's long factors at every length, where the model takes the short ones within "
+               "its original context",
+}
 MODEL_FILES = Path(__file__).parent / "mlx_models"  # package data: FAITHFUL's files, shipped into folders byte for byte
 
 

@@ -114,9 +114,11 @@ class MLX(Format):
         model_file = _config(folder).get("model_file")
         why, flag, trust = [], "", ""
         if model_file is not None:
+            from siliconvert.convert.mlx_arch import FAITHFUL_FIXES
+
             why = [f"This folder runs its own model file, `{model_file}` (config.json's `model_file`): mlx-lm's "
                    f"`{_config(folder).get('model_type')}` computes another function for this model "
-                   f"({MODEL_FILE_FIXES.get(str(model_file), 'see the file')}). `{model_file}` is mlx-lm's own, "
+                   f"({FAITHFUL_FIXES.get(str(model_file), 'see the file')}). `{model_file}` is mlx-lm's own, "
                    "subclassed, with only that fixed. mlx-lm runs a folder's Python only when asked, so loading needs "
                    "`trust_remote_code=True` (`--trust-remote-code`); read the file first.", ""]
             flag, trust = " --trust-remote-code", ", trust_remote_code=True"
@@ -136,13 +138,6 @@ def _model_file(targets: Sequence[MLXTarget]) -> MLXModelFile:
     mlx-lm file is then refused), else mlx-lm's."""
     return "faithful" if any(target.model_file == "faithful" for target in targets) else "mlx-lm"
 
-
-# What siliconvert's own model files (convert/mlx_models/) fix in mlx-lm's, as the card says it
-MODEL_FILE_FIXES = {
-    "gemma2.py": "mlx-lm's gemma2 has no sliding window: its sliding layers attend over the whole context",
-    "phi3.py": "mlx-lm's phi3 rotates with LongRoPE's long factors at every length, where the model uses the short "
-               "ones within its original context",
-}
 
 
 def _config(folder: Path) -> dict[str, Any]:
