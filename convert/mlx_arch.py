@@ -194,8 +194,8 @@ def model_file_path(name: str) -> Path:
     return MODEL_FILES / name
 
 
-FAITHFUL_HINT = ("; the MLX target's `model_file: faithful` ships siliconvert's own model file, which does (loading it "
-                 "then needs trust_remote_code=True)")
+FAITHFUL_HINT = ("; `model_file: faithful` on the MLX target ships siliconvert's own model file, which honours it "
+                 "(loading the folder then needs trust_remote_code=True)")
 
 
 @dataclass(frozen=True)
