@@ -257,6 +257,11 @@ class Recipe(Strict):
             earlier = next((i for i, other in enumerate(self.targets[:index]) if other == target), None)
             if earlier is not None:  # the same artifact twice: built twice into one name
                 raise ValueError(f"targets.{index} repeats targets.{earlier}")
+            # MLX targets that differ only in what their folder's name leaves out (model_file, gates) share a folder
+            same_folder = next((i for i, other in enumerate(self.targets[:index]) if isinstance(target, MLXTarget)
+                                and isinstance(other, MLXTarget) and other.quant == target.quant), None)
+            if same_folder is not None:
+                raise ValueError(f"targets.{index} writes the MLX folder of targets.{same_folder} ({target.quant})")
         return self
 
     def output_dir(self, recipe_path: Path | None = None) -> Path:
