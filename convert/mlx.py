@@ -20,6 +20,7 @@ holds the stream's one stack and its outputs. The routers are quantized at 8 bit
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -34,7 +35,7 @@ import numpy as np
 from siliconvert.artifacts import Artifact, Writer
 from siliconvert.calibration import BUILTIN, IMPORTANCE, RANGE, SENSITIVITY, Calibration, Calibrations
 from siliconvert.checkpoint import Checkpoint, TensorInfo
-from siliconvert.convert.mlx_arch import LAYOUTS, ExpertLayout, MLXArch
+from siliconvert.convert.mlx_arch import LAYOUTS, ExpertLayout, MLXArch, model_file_path
 from siliconvert.progress import track
 from siliconvert.quantize.mlx import (
     QuantPolicy,
@@ -45,7 +46,7 @@ from siliconvert.quantize.mlx import (
 )
 from siliconvert.quantize.plan import Plan, make_plan
 from siliconvert.quantize.sensitivity import MLX_CANDIDATES, TensorCosts, mlx_costs, role_gain, split_gains
-from siliconvert.recipe import MLXTarget
+from siliconvert.recipe import MLXModelFile, MLXTarget
 
 SHARD_BYTES = 1 << 30
 ROW_BLOCK_BYTES = 64 << 20  # float32 source bytes converted and quantized at a time
@@ -66,11 +67,12 @@ TRAIT_KEYS = ("rope_parameters", "rope_scaling", "rope_theta", "layer_types", "s
               "decoder_sparse_step", "mlp_only_layers", "shared_expert_intermediate_size", "full_attn_idxs")
 
 
-def mlx_config(checkpoint: Checkpoint) -> dict[str, Any]:
+def mlx_config(checkpoint: Checkpoint, model_file: MLXModelFile = "mlx-lm") -> dict[str, Any]:
     """The source config with every hyper-parameter mlx-lm reads set explicitly from the spec: sizes here,
-    traits as MLXArch writes them for the family's mlx-lm model file (or a refusal naming the trait)."""
+    traits as MLXArch writes them for the family's model file, mlx-lm's or siliconvert's (or a refusal naming the
+    trait)."""
     spec = checkpoint.spec
-    traits = MLXArch(spec, checkpoint.path).config()
+    traits = MLXArch(spec, checkpoint.path, model_file).config()
     config = {k: v for k, v in checkpoint.config.items() if k not in TRAIT_KEYS}
     config |= {
         "hidden_size": spec.hidden_size,
@@ -89,10 +91,17 @@ def mlx_config(checkpoint: Checkpoint) -> dict[str, Any]:
 
 
 def build_model(config: dict[str, Any]):
-    """mlx-lm's model object for `config`, unevaluated (mlx is lazy: no weights are materialised)."""
+    """mlx-lm's model object for `config`, unevaluated (mlx is lazy: no weights are materialised): from the model
+    file config.json names (siliconvert's own, as mlx_lm.load would run it from the folder), else mlx-lm's."""
     from mlx_lm.utils import _get_classes
 
-    model_class, args_class = _get_classes(config)
+    if "model_file" in config:
+        spec = importlib.util.spec_from_file_location("siliconvert_model_file", model_file_path(config["model_file"]))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        model_class, args_class = module.Model, module.ModelArgs
+    else:
+        model_class, args_class = _get_classes(config)
     return model_class(args_class.from_dict(config))
 
 
@@ -131,7 +140,7 @@ class MLXWriter(Writer):
         self.tmp_path = out_dir / f".{self.final_path.name}.partial"
         shutil.rmtree(self.tmp_path, ignore_errors=True)
         self.tmp_path.mkdir(parents=True)
-        self.config = mlx_config(checkpoint)
+        self.config = mlx_config(checkpoint, target.model_file)
         self.model = build_model(self.config)
         self.sanitize = tensor_sanitizer(self.model, checkpoint)
         # the arrays mlx_lm.convert casts to the float type: all but those the model file keeps as they are (Qwen3.5's
@@ -197,6 +206,8 @@ class MLXWriter(Writer):
         _write_json(self.tmp_path / "config.json", dict(sorted(config.items())))
         for file in self.checkpoint.tokenizer_files():
             shutil.copyfile(file, self.tmp_path / file.name)
+        if "model_file" in config:
+            shutil.copyfile(model_file_path(config["model_file"]), self.tmp_path / config["model_file"])
         if self.final_path.exists():
             shutil.rmtree(self.final_path)
         self.tmp_path.rename(self.final_path)

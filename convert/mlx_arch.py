@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from siliconvert.architectures import LLAMA_TRAITS, ModelSpec
 from siliconvert.architectures.base import Layer, Mixer, Rope, yarn_attention_factor, yarn_mscale
 from siliconvert.errors import CheckpointError
+from siliconvert.recipe import MLXModelFile
 
 # How a model file runs sliding windows: not at all; per layer from `layer_types` with one `sliding_window`
 # (mlx-lm's llama); or every layer but each `sliding_window_pattern`-th (mlx-lm's gemma3_text)
@@ -84,6 +86,13 @@ class Layout:
     # The model file scales q by Llama 4's attention temperature (the trait position_attention_scale) and reads it,
     # with the whole rope, from rope_parameters (mlx-lm's ministral3): β 0 where the source has none
     temperature: bool = False
+    # LongRoPE as transformers applies it: the short factors while a forward's last position is within the original
+    # context, the long ones past it, the attention factor from the config; False: mlx-lm's SuScaledRoPE (the long
+    # factors at every length, the attention factor from max / original positions)
+    longrope_by_length: bool = False
+    # siliconvert's own model file for the family (in convert/mlx_models/), copied into the folder and named by
+    # config.json's `model_file`, which mlx_lm.load(..., trust_remote_code=True) runs; None: mlx-lm's own
+    model_file: str | None = None
 
 
 _GEMMA = {"norm_offset": 1.0, "norm_placement": "sandwich", "activation": "gelu_tanh",
@@ -165,6 +174,30 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 
+# siliconvert's model files where mlx-lm's compute another function: Gemma 2 with its sliding window, Phi-3 with
+# LongRoPE's factors chosen by length. Each is mlx-lm's file, subclassed, with only that fixed.
+FAITHFUL: dict[str, Layout] = {
+    "gemma2": replace(LAYOUTS["gemma2"], windows="layer_types", model_file="gemma2.py"),
+    "phi3": replace(LAYOUTS["phi3"], longrope_by_length=True, model_file="phi3.py"),
+}
+# What each of those files fixes, as a release's card says it
+FAITHFUL_FIXES = {
+    "gemma2.py": "it has no sliding window: its sliding layers attend over the whole context",
+    "phi3.py": "it rotates with LongRoPE's long factors at every length, where the model takes the short ones within "
+               "its original context",
+}
+MODEL_FILES = Path(__file__).parent / "mlx_models"  # package data: FAITHFUL's files, shipped into folders byte for byte
+
+
+def model_file_path(name: str) -> Path:
+    """siliconvert's own mlx-lm model file `name`."""
+    return MODEL_FILES / name
+
+
+FAITHFUL_HINT = ("; `model_file: faithful` on the MLX target ships siliconvert's own model file, which honours it "
+                 "(loading the folder then needs trust_remote_code=True)")
+
+
 @dataclass(frozen=True)
 class Key:
     """A config.json key some model file reads: the traits it expresses and its value for a checkpoint."""
@@ -230,10 +263,14 @@ KEYS: dict[str, Key] = {
 class MLXArch:
     """One checkpoint's spec against one mlx-lm model file: checks, then the config.json keys it needs."""
 
-    def __init__(self, spec: ModelSpec, where: Any):
-        if spec.family not in LAYOUTS:
+    def __init__(self, spec: ModelSpec, where: Any, model_file: MLXModelFile = "mlx-lm"):
+        layouts = FAITHFUL if model_file == "faithful" else LAYOUTS
+        if spec.family not in layouts:
+            if spec.family in LAYOUTS:  # mlx-lm's file is right wherever it is not refused: no file of our own
+                raise CheckpointError(f"model_file: faithful: siliconvert ships no MLX model file for the "
+                                      f"{spec.family} family (mlx-lm's own runs it, or is refused by trait)", where)
             raise CheckpointError(f"no MLX layout for the {spec.family} family", where)
-        self.spec, self.where, self.layout = spec, where, LAYOUTS[spec.family]
+        self.spec, self.where, self.layout = spec, where, layouts[spec.family]
         # a window as long as the context never slides: full attention
         self.layers = tuple(Layer(layer.window if layer.window and layer.window < spec.max_position_embeddings
                                   else None, layer.rope) for layer in spec.layers)
@@ -241,11 +278,21 @@ class MLXArch:
         # each layer's mixer and the layers whose mixer is attention, as `_check_mixers` reads them
         self.mixers: tuple[Mixer, ...] = ()
         self.attention_layers: tuple[int, ...] = ()
-        self._check()
+        try:
+            self._check()
+        except CheckpointError as refusal:
+            if model_file == "faithful" or spec.family not in FAITHFUL:
+                raise
+            try:
+                MLXArch(spec, where, "faithful")
+            except CheckpointError:
+                raise refusal from None
+            raise CheckpointError(refusal.message + FAITHFUL_HINT, where) from None
 
     def refuse(self, trait: str, why: str) -> CheckpointError:
-        return CheckpointError(f"MLX (mlx-lm's {self.layout.model_type}) cannot honour the trait {trait}: {why}",
-                               self.where)
+        runs = (f"siliconvert's {self.layout.model_file}" if self.layout.model_file
+                else f"mlx-lm's {self.layout.model_type}")
+        return CheckpointError(f"MLX ({runs}) cannot honour the trait {trait}: {why}", self.where)
 
     def required(self, trait: str) -> Any:
         value = getattr(self.spec, trait)
@@ -358,7 +405,7 @@ class MLXArch:
                                                   f"as transformers does; the source's is {rope.kind!r}")
             if rope.dim != spec.head_dim and "partial_rotary" not in keyed:
                 raise self.refuse("partial_rotary", "mlx-lm rotates the whole head")
-        if self.rope.kind == "longrope":
+        if self.rope.kind == "longrope" and not layout.longrope_by_length:
             self._check_longrope()
         if self.rope.kind == "yarn":
             self._check_yarn()
@@ -458,6 +505,8 @@ class MLXArch:
     def config(self) -> dict[str, Any]:
         """The keys that carry the traits, as this model file reads them."""
         config: dict[str, Any] = {"model_type": self.layout.model_type, "rope_theta": self.rope.theta}
+        if self.layout.model_file:
+            config["model_file"] = self.layout.model_file
         config |= {key: KEYS[key].value(self) for key in self.layout.keys}
         if self.layout.biases == "flag":
             config["attention_bias"] = self.spec.qkv_bias
@@ -496,12 +545,13 @@ class MLXArch:
         return config
 
     def rope_scaling(self) -> dict[str, Any]:
-        """The main rope's scaling in the old style mlx-lm reads: `type` as well as `rope_type`; LongRoPE with
-        the short factors as the long ones where only the short ones ever apply."""
+        """The main rope's scaling in the old style mlx-lm reads: `type` as well as `rope_type`; LongRoPE, for
+        mlx-lm's SuScaledRoPE, with the short factors as the long ones where only the short ones ever apply."""
         scaling = {k: v for k, v in (self.rope.scaling or {}).items() if k != "rope_theta"}
         scaling["type"] = scaling["rope_type"]
         if scaling["rope_type"] == "longrope":
             scaling.setdefault("original_max_position_embeddings", self.spec.max_position_embeddings)
+        if scaling["rope_type"] == "longrope" and not self.layout.longrope_by_length:
             scaling["long_factor"] = scaling["short_factor"] if (
                 self.spec.max_position_embeddings <= scaling["original_max_position_embeddings"]) else (
                 scaling["long_factor"])

@@ -13,7 +13,7 @@ from siliconvert.calibration import Calibrations
 from siliconvert.checkpoint import Checkpoint, load_json
 from siliconvert.errors import ArtifactError, short
 from siliconvert.format import Format
-from siliconvert.recipe import MLXTarget, QuantPlan
+from siliconvert.recipe import MLXModelFile, MLXTarget, QuantPlan
 
 FIXED_BITS = (3, 4, 6, "mixed_3_6", "mixed_4_6")  # the anchors' recipes a sweep builds, at mlx-lm's group size 64
 
@@ -61,6 +61,10 @@ class MLX(Format):
             shards = set(weight_map.values()) if isinstance(weight_map, dict) else set()
             if missing := sorted(map(str, shards - {p.name for p in artifact.path.glob("*.safetensors")})):
                 raise ArtifactError(f"shard {short(missing[0])} is listed but missing", index)
+        model_file = config.get("model_file")
+        if model_file is not None and not (artifact.path / str(model_file)).is_file():
+            raise ArtifactError(f"config.json names the model file {model_file!r}, which is missing (mlx_lm.load "
+                                "builds the model from it)", artifact.path)
         shapes: dict[str, tuple[list[int], Path]] = {}  # tensor → (shape, its shard)
         for shard in sorted(artifact.path.glob("model*.safetensors")):
             shapes |= {name: (shape, shard) for name, shape in _shard_shapes(shard).items()}
@@ -76,11 +80,12 @@ class MLX(Format):
         return {"quantization": config.get("quantization"), "model_type": config.get("model_type")}
 
     def sweep_fixed(self, targets: Sequence[MLXTarget], quants: Sequence[str]) -> list[MLXTarget]:
-        fixed = [MLXTarget(format=self.name, bits=bits, group_size=64) for bits in FIXED_BITS]
+        fixed = [MLXTarget(format=self.name, bits=bits, group_size=64, model_file=_model_file(targets))
+                 for bits in FIXED_BITS]
         return [target for target in fixed if target.quant in quants]
 
     def sweep_planned(self, targets: Sequence[MLXTarget], plan: QuantPlan) -> MLXTarget:
-        return MLXTarget(format=self.name, bits="auto", plan=plan)
+        return MLXTarget(format=self.name, bits="auto", plan=plan, model_file=_model_file(targets))
 
     def aims_at(self, quant: str) -> bool:
         return not quant.startswith("mixed_")  # the mixed recipes sit between the widths
@@ -106,13 +111,33 @@ class MLX(Format):
 
     def usage(self, release: Release, folder: Path) -> list[str]:
         model_ref = release.repo_id or f"path/to/{release.name}"
+        model_file = _config(folder).get("model_file")
+        why, flag, trust = [], "", ""
+        if model_file is not None:
+            from siliconvert.convert.mlx_arch import FAITHFUL_FIXES
+
+            why = [f"This folder runs its own model file, `{model_file}` (config.json's `model_file`): mlx-lm's "
+                   f"`{_config(folder).get('model_type')}` computes another function for this model "
+                   f"({FAITHFUL_FIXES.get(str(model_file), 'see the file')}). `{model_file}` is mlx-lm's own, "
+                   "subclassed, with only that fixed. mlx-lm runs a folder's Python only when asked, so loading needs "
+                   "`trust_remote_code=True` (`--trust-remote-code`); read the file first.", ""]
+            flag, trust = " --trust-remote-code", ", trust_remote_code=True"
         return [
-            "```bash", "pip install mlx-lm", f'mlx_lm.generate --model {model_ref} --prompt "{CARD_PROMPT}"', "```",
-            "", "```python", "from mlx_lm import generate, load", "", f'model, tokenizer = load("{model_ref}")',
+            *why,
+            "```bash", "pip install mlx-lm", f'mlx_lm.generate --model {model_ref}{flag} --prompt "{CARD_PROMPT}"',
+            "```", "", "```python", "from mlx_lm import generate, load", "",
+            f'model, tokenizer = load("{model_ref}"{trust})',
             f'messages = [{{"role": "user", "content": "{CARD_PROMPT}"}}]',
             "prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)",
             "print(generate(model, tokenizer, prompt=prompt, max_tokens=128))", "```",
         ]
+
+
+def _model_file(targets: Sequence[MLXTarget]) -> MLXModelFile:
+    """The model file a sweep's MLX folders run: siliconvert's where a recipe target asks for it (the family's
+    mlx-lm file is then refused), else mlx-lm's."""
+    return "faithful" if any(target.model_file == "faithful" for target in targets) else "mlx-lm"
+
 
 
 def _config(folder: Path) -> dict[str, Any]:

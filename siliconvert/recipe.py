@@ -87,6 +87,10 @@ class TargetSpec(Strict):
         return []
 
 
+# The model code an MLX folder runs: mlx-lm's own file for the family, or siliconvert's own (convert/mlx_models/)
+MLXModelFile = Literal["mlx-lm", "faithful"]
+
+
 class MLXTarget(TargetSpec):
     format: Literal["mlx"]
     # 16 = unquantized float16; auto = planned per module; mixed_*: mlx-lm's fixed mixed recipes
@@ -97,6 +101,10 @@ class MLXTarget(TargetSpec):
     # --dtype). Default: float16 for bits 16; otherwise float16 where the source is bfloat16 and its calibrated
     # residual stream fits float16 (same bytes, three more bits of mantissa), else the source's
     dtype: Literal["float16", "bfloat16", "float32"] | None = None
+    # the model code the folder runs: mlx-lm's own model file for the family, or "faithful": siliconvert's, shipped in
+    # the folder where mlx-lm's computes another function (Gemma 2's sliding window, Phi-3's LongRoPE), which
+    # mlx_lm.load runs only with trust_remote_code=True
+    model_file: MLXModelFile = "mlx-lm"
 
     @model_validator(mode="after")
     def _auto_has_a_plan(self) -> MLXTarget:
@@ -249,6 +257,11 @@ class Recipe(Strict):
             earlier = next((i for i, other in enumerate(self.targets[:index]) if other == target), None)
             if earlier is not None:  # the same artifact twice: built twice into one name
                 raise ValueError(f"targets.{index} repeats targets.{earlier}")
+            # MLX targets that differ only in what their folder's name leaves out (model_file, gates) share a folder
+            same_folder = next((i for i, other in enumerate(self.targets[:index]) if isinstance(target, MLXTarget)
+                                and isinstance(other, MLXTarget) and other.quant == target.quant), None)
+            if same_folder is not None:
+                raise ValueError(f"targets.{index} writes the MLX folder of targets.{same_folder} ({target.quant})")
         return self
 
     def output_dir(self, recipe_path: Path | None = None) -> Path:

@@ -27,3 +27,23 @@ def test_a_weight_under_its_own_group_size_fits_the_hidden_size(tmp_path: Path) 
 def test_lfm2_tensors_that_do_not_fit_the_hidden_size_are_named(name: str, shape: list[int], tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match=f"tensor '{name}' has shape"):
         _check_shape(name, shape, tmp_path, {}, {"hidden_size": 128})
+
+
+def test_a_folder_with_its_own_model_file_says_loading_needs_trust_remote_code(tmp_path: Path) -> None:
+    """The card's "How to run" for a `model_file: faithful` folder: why the folder has its own file, and the flag."""
+    import json
+
+    from siliconvert.artifacts import Artifact, Release
+    from siliconvert.formats.mlx import MLX
+
+    release = Release("m-4bit", "m", "mlx", [], [], None)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma2"}))
+    assert "trust" not in "\n".join(MLX().usage(release, tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma2", "model_file": "gemma2.py"}))
+    text = "\n".join(MLX().usage(release, tmp_path))
+    assert 'load("path/to/m-4bit", trust_remote_code=True)' in text
+    assert "mlx_lm.generate --model path/to/m-4bit --trust-remote-code" in text
+    assert "mlx-lm's `gemma2` computes another function for this model (it has no sliding window" in text
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ArtifactError, match=r"names the model file 'gemma2\.py', which is missing"):
+        MLX().check(Artifact("mlx", "4bit-g64", tmp_path))

@@ -33,6 +33,36 @@ def test_a_family_without_an_mlx_layout_is_refused_by_name():
         MLXArch(dataclasses.replace(spec_of(), family="nope"), "config.json")
 
 
+def test_faithful_is_refused_where_siliconvert_ships_no_model_file():
+    with pytest.raises(CheckpointError, match="siliconvert ships no MLX model file for the llama family"):
+        MLXArch(spec_of(), "config.json", "faithful")
+
+
+GEMMA2 = CONFIG | {"architectures": ["Gemma2ForCausalLM"], "head_dim": 16, "query_pre_attn_scalar": 16,
+                   "sliding_window": 32, "layer_types": ["sliding_attention", "full_attention"]}
+
+
+def test_faithful_gemma2_names_its_model_file_and_each_layers_window():
+    """siliconvert's gemma2.py reads the windows per layer (mlx-lm's gemma2 reads none, and is refused naming the
+    opt-in)."""
+    spec = registry.for_config(GEMMA2).spec(GEMMA2)
+    config = MLXArch(spec, "config.json", "faithful").config()
+    assert (config["model_file"], config["layer_types"], config["sliding_window"]) == (
+        "gemma2.py", ["sliding_attention", "full_attention"], 32)
+    with pytest.raises(CheckpointError, match=r"MLX \(mlx-lm's gemma2\) cannot honour the trait sliding_window: "
+                                              r".*`model_file: faithful`"):
+        MLXArch(spec, "config.json")
+    # two window sizes: neither file runs them, and mlx-lm's refusal names no opt-in
+    two = GEMMA2 | {"num_hidden_layers": 3, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}
+    spec = registry.for_config(two).spec(two)
+    layers = (dataclasses.replace(spec.layers[0], window=16), *spec.layers[1:])
+    with pytest.raises(CheckpointError, match=r"MLX \(siliconvert's gemma2.py\) cannot honour the trait "
+                                              r"sliding_window: mlx-lm has one window size"):
+        MLXArch(dataclasses.replace(spec, layers=layers), "config.json", "faithful")
+    with pytest.raises(CheckpointError, match=r"the source slides a 16-token window$"):
+        MLXArch(dataclasses.replace(spec, layers=layers), "config.json")
+
+
 def test_a_rope_mlx_lm_cannot_compute_names_the_trait():
     dynamic = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}
     with pytest.raises(CheckpointError, match="cannot honour the trait rope_scaling") as raised:

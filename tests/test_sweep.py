@@ -34,6 +34,14 @@ def test_the_fixed_recipes_are_the_anchors():
     assert [t.quant for t in targets[1:]] == ["3bit-g64", "4bit-g64", "6bit-g64", "mixed_3_6-g64", "mixed_4_6-g64"]
 
 
+def test_the_sweeps_mlx_folders_run_the_model_file_the_recipe_asks_for():
+    """A recipe that ships siliconvert's model file (mlx-lm's is refused for such a family) sweeps with it too."""
+    recipe = parse_recipe(RECIPE | {"targets": [{"format": "mlx", "bits": 4, "model_file": "faithful"}]})
+    swept = [t for t in fixed_targets(recipe) + planned_targets(recipe, FIXED_REPORT) if t.format == "mlx"]
+    assert swept and {t.model_file for t in swept} == {"faithful"}
+    assert {t.model_file for t in fixed_targets(parse_recipe(RECIPE)) if t.format == "mlx"} == {"mlx-lm"}
+
+
 def test_plans_aim_at_the_fixed_sizes_the_anchors_kld_and_the_gate():
     labels = [(t.format, t.plan.label) for t in planned_targets(parse_recipe(RECIPE), FIXED_REPORT)]
     assert labels == [("gguf", "auto-2.9MB"), ("gguf", "auto-3.4MB"), ("gguf", "auto-kld0.0012"),

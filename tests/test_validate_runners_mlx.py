@@ -123,3 +123,25 @@ def test_a_gated_delta_folder_runs_in_mlx_however_slow(family_model, tmp_path, m
     assert choose_engine(path, {}) == "mlx"
     with pytest.raises(ArtifactError, match="stores its norms as 1 \\+ w"):
         MLXRunner(path, {"engine": "torch"})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["mlx", "torch"])
+def test_a_folder_runs_only_a_model_file_siliconvert_ships(engine, family_model, tmp_path):
+    """mlx_lm.load runs config.json's model_file only with trust_remote_code=True: the runner passes it for
+    siliconvert's own file (`model_file: faithful`), byte for byte, and refuses any other file before running it."""
+    import json
+
+    from siliconvert.errors import ArtifactError
+
+    folder = build_mlx(family_model("gemma2"), tmp_path, bits=16, model_file="faithful").path
+    assert MLXRunner(folder, {"engine": engine}).logits(np.arange(8)).shape[0] == 8
+    with (folder / "gemma2.py").open("a") as edited:
+        edited.write("print('not what siliconvert wrote')\n")
+    with pytest.raises(ArtifactError, match=r"gemma2\.py is not the one this siliconvert ships"):
+        MLXRunner(folder, {"engine": engine})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"model_file": "custom.py"}))
+    (folder / "custom.py").write_text((folder / "gemma2.py").read_text())
+    with pytest.raises(ArtifactError, match=r"model_file 'custom\.py' is not one siliconvert ships"):
+        MLXRunner(folder, {"engine": engine})

@@ -105,6 +105,28 @@ def stand_in_refusal(config: dict) -> str | None:
     return None
 
 
+def runs_own_model_file(path: Path) -> bool:
+    """Whether the folder runs a model file of its own (config.json's `model_file`, which mlx_lm.load executes only
+    with trust_remote_code=True): one siliconvert ships (`model_file: faithful`), byte for byte. Any other file is
+    refused: validating a folder runs no code siliconvert did not write."""
+    from mlx_lm.utils import load_config
+
+    from siliconvert.convert.mlx_arch import model_file_path
+
+    name = load_config(path).get("model_file")
+    if name is None:
+        return False
+    ours = model_file_path(Path(str(name)).name)
+    if str(name) != ours.name or not ours.is_file():
+        raise ArtifactError(f"config.json's model_file {name!r} is not one siliconvert ships (convert/mlx_models/), "
+                            "and running it would execute the folder's own code: refused", path)
+    if not (path / ours.name).is_file() or (path / ours.name).read_bytes() != ours.read_bytes():
+        raise ArtifactError(f"the folder's {ours.name} is not the one this siliconvert ships (another version's, or "
+                            "edited), and running it would execute the folder's own code: refused; convert again",
+                            path)
+    return True
+
+
 def folder_float_type(path: Path, config: dict) -> str:
     """The float type of an MLX folder's arrays ("float16", "bfloat16", "float32"): the most common one in its
     first shard's header (norms, scales and biases share it), else config.json's `dtype`, else float32."""
@@ -158,7 +180,7 @@ class MLXRunner(Runner):
         from mlx_lm import load
 
         engine = choose_engine(Path(path), options)  # refuses unknown options
-        self.model, self.tokenizer = load(str(path))
+        self.model, self.tokenizer = load(str(path), trust_remote_code=runs_own_model_file(Path(path)))
         self.device = mlx_device_name()
         if engine == "mlx-dequantized" and dequantize_quantized_layers(self.model):
             self.device += (f", weights dequantized by mlx to {mlx_compute_dtype(self.model)} (mlx's CPU has no fast "
@@ -351,7 +373,7 @@ class DequantizedMLXRunner(MLXRunner):
         engine_option(options)  # refuses unknown options
         self.path = Path(path)
         # lazy: nothing is read yet; mlx-lm's model gives names, quantization and hyper-parameters
-        model, config = load_model(self.path, lazy=True)
+        model, config = load_model(self.path, lazy=True, trust_remote_code=runs_own_model_file(self.path))
         if (refusal := stand_in_refusal(config)) is not None:
             raise ArtifactError(refusal, self.path)
         self.tokenizer = load_tokenizer(self.path, eos_token_ids=config.get("eos_token_id"))
