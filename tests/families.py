@@ -83,6 +83,19 @@ FAMILY_CASES: dict[str, tuple[str, dict]] = {
                                  "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 96,
                                  "shared_intermediate_size": 160, "embedding_multiplier": 6.0,
                                  "attention_multiplier": 0.05, "residual_multiplier": 0.5, "logits_scaling": 4.0}),
+    # Gemma 4 as E2B is shaped: sliding layers (window 24) and global layers with wider heads (64) and proportional
+    # rope, per-layer inputs, the last two layers kv-shared (reading layers 1 and 2) with double-wide MLPs, the final
+    # soft-cap; and the global layers' keys as their values, one k/v head (k_eq_v, as the 26B and 31B have it)
+    "gemma4_text": ("sentencepiece", {
+        "num_hidden_layers": 5, "head_dim": 32, "global_head_dim": 64, "num_global_key_value_heads": 1,
+        "attention_k_eq_v": True, "sliding_window": 24,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
+                        "full_attention"],
+        "num_kv_shared_layers": 2, "use_double_wide_mlp": True, "hidden_size_per_layer_input": 16,
+        "vocab_size_per_layer_input": 1024, "final_logit_softcapping": 30.0,
+        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                               "rope_theta": 1_000_000.0}}}),
 }
 # The gated delta cases in shapes llama.cpp's graphs run: value heads as wide as key heads (they size both by
 # ssm.state_size), and for Qwen3-Next experts in every layer, renormalised (its qwen3next graph knows no other)

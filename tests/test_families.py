@@ -18,7 +18,8 @@ ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "ge
                  "qwen2_moe": "Qwen2MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
                  "olmo3": "Olmo3ForCausalLM", "lfm2": "Lfm2ForCausalLM", "qwen3_5_text": "Qwen3_5ForCausalLM",
                  "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
-                 "granitemoehybrid": "GraniteMoeHybridForCausalLM", "ministral3": "Ministral3ForCausalLM"}
+                 "granitemoehybrid": "GraniteMoeHybridForCausalLM", "ministral3": "Ministral3ForCausalLM",
+                 "gemma4_text": "Gemma4ForCausalLM"}
 SIZES = {"vocab_size": 1024, "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "intermediate_size": 384, "max_position_embeddings": 1024}
 
@@ -328,3 +329,38 @@ def test_ministral3_yarn_and_llama4_attention_temperature() -> None:
     assert spec.traits() == {"position_attention_scale": (0.1, 64), "rope_scaling": "yarn"}
     plain = spec_of("ministral3", rope_parameters={"rope_type": "default", "rope_theta": 1e6})
     assert plain.position_attention_scale is None
+
+
+def test_gemma4_per_layer_sizes_kv_sharing_and_per_layer_inputs() -> None:
+    spec = spec_of("gemma4_text")
+    assert (spec.norm_offset, spec.norm_placement, spec.qk_norm, spec.value_norm) == (0.0, "sandwich", "head", True)
+    assert spec.attention_multiplier == 1.0 and spec.embedding_scale == math.sqrt(128) and spec.final_softcap == 30.0
+    assert (spec.per_layer_input, spec.per_layer_input_vocab, spec.layer_output_scale) == (16, 1024, True)
+    sliding = Rope(10_000.0, 32)
+    proportional = Rope(1_000_000.0, 64, {"rope_type": "proportional", "partial_rotary_factor": 0.25})
+    assert spec.layers == (
+        Layer(24, sliding), Layer(24, sliding),
+        Layer(None, proportional, head_dim=64, kv_heads=1, values_from_keys=True),
+        Layer(24, sliding, kv_source=1, intermediate_size=768),
+        Layer(None, proportional, head_dim=64, kv_heads=1, values_from_keys=True, kv_source=2, intermediate_size=768))
+    traits = spec.traits()
+    assert traits["kv_shared_layers"] == {3: 1, 4: 2} and traits["k_eq_v"] == [2, 4]
+    assert traits["per_layer_head_dim"] == {2: 64, 4: 64} and traits["rope_scaling"] == "proportional"
+    assert "partial_rotary" not in traits  # proportional rope turns pairs across the whole head
+
+
+def test_gemma4_checkpoint_tensors_follow_each_layer() -> None:
+    family = registry.for_config(config_of("gemma4_text"))
+    expected = family.expected_tensors(spec_of("gemma4_text"))
+    assert expected["model.layers.2.self_attn.q_proj.weight"] == (256, 128)
+    assert expected["model.layers.2.self_attn.k_proj.weight"] == (64, 128)
+    assert "model.layers.2.self_attn.v_proj.weight" not in expected  # k_eq_v
+    assert not any(name.startswith(("model.layers.3.self_attn.k", "model.layers.3.self_attn.v")) for name in expected)
+    assert expected["model.layers.3.mlp.down_proj.weight"] == (128, 768)
+    assert expected["model.embed_tokens_per_layer.weight"] == (1024, 80)
+    assert expected["model.layers.0.layer_scalar"] == (1,)
+
+
+def test_gemma4_expert_block_is_refused_by_name() -> None:
+    with pytest.raises(CheckpointError, match="enable_moe_block"):
+        spec_of("gemma4_text", enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=64)
