@@ -161,7 +161,8 @@ LAYOUTS: dict[str, Layout] = {
     "gemma4": Layout(A.GEMMA4, permute_qk=False,
                      fixed=_GEMMA | {"qk_norm": "head", "value_norm": True, "layer_output_scale": True},
                      keyed=frozenset({"final_softcap", "sliding_window", "per_layer_sizes", "k_eq_v",
-                                      "kv_shared_layers", "per_layer_input", "layer_output_scale", "proportional_rope"}),
+                                      "kv_shared_layers", "per_layer_input", "layer_output_scale",
+                                      "proportional_rope"}),
                      renamed={"per_layer_inp_gate": "inp_gate", "per_layer_proj": "proj",
                               "per_layer_post_norm": "post_norm"}, attention_scale=1.0),
     "olmo2": Layout(A.OLMO2, permute_qk=False, fixed=_PRE | {"norm_placement": "post", "qk_norm": "projection"},
@@ -301,7 +302,8 @@ class GGUFArch:
         before the shared ones (a sliding layer) or the very last (a global one)."""
         spec = self.spec
         for kind, slides in (("global", False), ("sliding", True)):
-            sizes = {spec.layer_head_dim(i) for i, layer in enumerate(spec.layers) if (layer.window is not None) == slides}
+            sizes = {spec.layer_head_dim(i) for i, layer in enumerate(spec.layers)
+                     if (layer.window is not None) == slides}
             if len(sizes) > 1:
                 raise self.refuse("per_layer_head_dim", f"llama.cpp has one head size per attention kind; the "
                                                         f"source's {kind} layers have {sorted(sizes)}")
