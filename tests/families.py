@@ -203,3 +203,39 @@ def mistral3_multimodal(out_dir):
         if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":
             shutil.copy(file, out_dir / file.name)
     return out_dir
+
+
+def gemma4_multimodal(out_dir):
+    """A Gemma4ForConditionalGeneration checkpoint around the gemma4_text case's trained language model (random vision
+    and audio towers), saved by transformers as the hub's Gemma 4 checkpoints are (E2B and E4B carry both)."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    from siliconvert.demo import small_checkpoint
+
+    tokenizer, config = FAMILY_CASES["gemma4_text"]
+    text = small_checkpoint(None, "gemma4_text", tokenizer, config=config)
+    # the multimodal forward writes the pad id over its media tokens, whatever the input holds: it needs one
+    text_config = json.loads((text / "config.json").read_text()) | {"pad_token_id": 0}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "head_dim": 16}
+    audio = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "output_proj_dims": 32}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Gemma4ForConditionalGeneration(Gemma4Config(
+            text_config=text_config, vision_config=vision, audio_config=audio,
+            tie_word_embeddings=text_config["tie_word_embeddings"]))
+    weights = load_file(text / "model.safetensors")
+    model.model.language_model.load_state_dict(
+        {name.removeprefix("model."): value for name, value in weights.items() if name.startswith("model.")})
+    if not text_config["tie_word_embeddings"]:
+        model.lm_head.weight.data.copy_(weights["lm_head.weight"])
+    model.to(torch.bfloat16).save_pretrained(out_dir)
+    for file in text.iterdir():
+        if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":
+            shutil.copy(file, out_dir / file.name)
+    return out_dir
