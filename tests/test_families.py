@@ -164,6 +164,10 @@ def test_every_family_has_a_gguf_layout(model_type: str) -> None:
     ("granitemoehybrid", {"mamba_conv_bias": False}, "mamba2"),
     ("granitemoehybrid", {"mamba_proj_bias": True}, "mamba2"),
     ("granitemoehybrid", {"time_step_limit": [0.001, 0.1]}, "mamba2"),
+    # llama.cpp's gemma4 reuses layer n − 2 for a sliding layer, n − 1 for a global one (n: the first kv-shared layer);
+    # transformers the last earlier layer of the kind, here layer 2 (sliding) and layer 1 (global)
+    ("gemma4_text", {"layer_types": ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention",
+                                     "full_attention"]}, "kv_shared_layers"),
 ])
 def test_gguf_refuses_what_llama_cpp_cannot_compute(model_type: str, changes: dict, trait: str) -> None:
     with pytest.raises(CheckpointError, match=f"cannot honour the trait {trait}"):
