@@ -368,3 +368,29 @@ def test_gemma4_checkpoint_tensors_follow_each_layer() -> None:
 def test_gemma4_expert_block_is_refused_by_name() -> None:
     with pytest.raises(CheckpointError, match="enable_moe_block"):
         spec_of("gemma4_text", enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=64)
+
+
+def test_gemma4_kv_shared_layers_own_kv_weights_are_dropped_said_so(tmp_path) -> None:
+    """The hub's Gemma 4 checkpoints carry k_proj, v_proj and k_norm in the kv-shared layers too, which never run
+    (transformers ignores them on loading): dropped with a warning that counts them, never an unexpected tensor."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from siliconvert.architectures import ConfigWarning
+    from siliconvert.checkpoint import Checkpoint
+    from siliconvert.demo import small_checkpoint
+
+    tokenizer, config = FAMILY_CASES["gemma4_text"]
+    source = shutil.copytree(small_checkpoint(None, "gemma4_text", tokenizer, config=config), tmp_path / "gemma4")
+    weights = load_file(source / "model.safetensors")
+    for layer in (3, 4):  # the kv-shared ones: as wide as their producers' would be
+        prefix = f"model.layers.{layer}.self_attn."
+        weights |= {prefix + "k_proj.weight": torch.zeros(64, 128, dtype=torch.bfloat16),
+                    prefix + "v_proj.weight": torch.zeros(64, 128, dtype=torch.bfloat16),
+                    prefix + "k_norm.weight": torch.ones(32, dtype=torch.bfloat16)}
+    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(ConfigWarning, match=r"kv-shared layers' own k_proj, v_proj and k_norm \(6 tensors\)"):
+        checkpoint = Checkpoint.open(source)
+    assert not any(name.startswith("model.layers.3.self_attn.k") for name in checkpoint.tensor_infos)

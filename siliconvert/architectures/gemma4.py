@@ -12,11 +12,14 @@ Gemma4ForConditionalGeneration checkpoints convert their language model; the vis
 embedders are dropped, with a warning that says so."""
 
 import math
+import re
+import warnings
 from typing import Any, TypeVar
 
 from siliconvert.architectures.base import (
     LAYER_OUTPUT_SCALE_TENSORS,
     PER_LAYER_INPUT_TENSORS,
+    ConfigWarning,
     Layer,
     Rope,
     head_dim,
@@ -43,6 +46,9 @@ class Gemma4(Gemma2):
         "num_global_key_value_heads", "attention_k_eq_v", "num_kv_shared_layers", "use_double_wide_mlp",
         "enable_moe_block", "num_experts", "top_k_experts", "moe_intermediate_size", "use_bidirectional_attention",
     }
+
+    def decoder(self, config: dict[str, Any], tensors: dict[str, T], where: Any) -> tuple[dict[str, Any], dict[str, T]]:
+        return config, _without_unused_kv(config, tensors, where)
 
     def traits(self, hf: Any) -> dict[str, Any]:
         if hf.use_bidirectional_attention:
@@ -102,6 +108,22 @@ class Gemma4(Gemma2):
         return tuple(out)
 
 
+# The k/v projections and k norm a kv-shared layer holds in the hub's checkpoints and never runs
+_OWN_KV = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm)\.weight$")
+
+
+def _without_unused_kv(config: dict[str, Any], tensors: dict[str, T], where: Any) -> dict[str, T]:
+    """The tensors less the kv-shared layers' own k/v weights, which transformers ignores on loading
+    (_keys_to_ignore_on_load_unexpected), with a warning that counts them."""
+    first_shared = int(config["num_hidden_layers"]) - int(config.get("num_kv_shared_layers") or 0)
+    unused = [name for name in tensors if (match := _OWN_KV.match(name)) and int(match.group(1)) >= first_shared]
+    if unused:
+        warnings.warn(f"{where}: the kv-shared layers' own k_proj, v_proj and k_norm ({len(unused)} tensors) are "
+                      "never run (those layers read earlier layers' keys and values): dropped", ConfigWarning,
+                      stacklevel=3)
+    return {name: tensor for name, tensor in tensors.items() if name not in unused}
+
+
 def _layer_of_type(hf: Any, layer_type: str) -> Any:
     """transformers' resolved config of the first layer of this type (per_layer_config applied)."""
     return hf.per_layer_config[hf.layer_types.index(layer_type)]
@@ -114,6 +136,8 @@ class Gemma4Multimodal(Gemma4):
     model_type = "gemma4"
 
     def decoder(self, config: dict[str, Any], tensors: dict[str, T], where: Any) -> tuple[dict[str, Any], dict[str, T]]:
-        return language_model(config, tensors, where, outer="Gemma4ForConditionalGeneration",
-                              inner="Gemma4ForCausalLM", inner_type="gemma4_text", prefixes=LANGUAGE_MODEL_PREFIXES,
-                              dropped=OTHER_TOWERS, dropped_parts="the vision and audio towers and their embedders")
+        config, tensors = language_model(config, tensors, where, outer="Gemma4ForConditionalGeneration",
+                                         inner="Gemma4ForCausalLM", inner_type="gemma4_text",
+                                         prefixes=LANGUAGE_MODEL_PREFIXES, dropped=OTHER_TOWERS,
+                                         dropped_parts="the vision and audio towers and their embedders")
+        return config, _without_unused_kv(config, tensors, where)
