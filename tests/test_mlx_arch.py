@@ -153,8 +153,8 @@ def test_a_gemma4_config_is_what_mlx_lms_gemma4_text_reads():
     """mlx-lm's gemma4_text defaults global_head_dim to 512 (transformers 5.25 saves per_layer_config in its place):
     the global layers' sizes, the kv-shared layers and each kind's rope are written out."""
     config = MLXArch(gemma4_spec(), "config.json").config()
-    assert config | {"rope_theta": None} == {
-        "model_type": "gemma4_text", "rope_theta": None, "global_head_dim": 64, "num_global_key_value_heads": 1,
+    assert config == {
+        "model_type": "gemma4_text", "rope_theta": 1_000_000.0, "global_head_dim": 64, "num_global_key_value_heads": 1,
         "attention_k_eq_v": True, "num_kv_shared_layers": 2, "use_double_wide_mlp": True,
         "hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": 1024, "final_logit_softcapping": 30.0,
         "enable_moe_block": False,

@@ -488,7 +488,7 @@ EXPERT_ROLES = (*EXPERT_TENSORS.values(), *SHARED_EXPERT_TENSORS.values())
 EXPERT_STACKS = ("ffn_gate_up_exps", "ffn_down_exps")
 # parameters of a module itself, without a .weight suffix: the expert stacks, the gated delta rule's dt_bias and A_log
 BARE_PARAMETERS = (*EXPERT_STACKS, "ssm_dt", "ssm_a", "ssm_d", "layer_output_scale")
-# the roles a layer that attends to another layer's keys and values has none of, and those of the values alone
+# a layer's own keys and values: a kv-shared layer has none of these (a k_eq_v layer no attn_v)
 OWN_KV_ROLES = ("attn_k", "attn_v", "attn_k_norm")
 
 
