@@ -126,10 +126,13 @@ class Layout:
     fused_gated_delta: bool = False
     # the graph loads the MLP's gate and up apart: a fused gate_up (rows gate, then up) is split in halves
     split_gate_up: bool = False
+    # the q·k scale the graph fixes (gemma4: 1, its q norm sets the scale); None: head_dim^-½ (Gemma's rule by size)
+    attention_scale: float | None = None
 
 
 _PRE = {"norm_placement": "pre", "qk_norm": None, "activation": "silu", "final_softcap": None, "attn_softcap": None,
-        "fused_qkv": False, "fused_gate_up": False, "attn_output_gate": False}
+        "fused_qkv": False, "fused_gate_up": False, "attn_output_gate": False, "value_norm": False,
+        "per_layer_input": 0, "layer_output_scale": False}
 _GEMMA = _PRE | {"norm_placement": "sandwich", "activation": "gelu_tanh"}
 # Qwen3.5 and Qwen3-Next: the attention layers' output gate and q/k norms per head, always; the post-attention norm
 # is llama.cpp's post_attention_norm, the gated delta rule's qkv and z projections its attn_qkv and attn_gate
@@ -150,6 +153,18 @@ LAYOUTS: dict[str, Layout] = {
                      keyed=frozenset({"attn_softcap", "final_softcap", "sliding_window"})),
     "gemma3": Layout(A.GEMMA3, permute_qk=False, fixed=_GEMMA | {"qk_norm": "head"},
                      keyed=frozenset({"final_softcap", "sliding_window"})),
+    # Gemma 4: sliding and global layers sized apart (key_length and key_length_swa, head_count_kv per layer, rope
+    # dimensions of each kind), values RMS-normed, a v_proj-less layer's keys as its values, the last layers reusing
+    # the keys of the last sliding and the last global layer before them, per-layer inputs, the layer scalar; the
+    # global layers' proportional rope as rope_freqs (the pairs that do not turn divided by 1e30, as llama.cpp's
+    # converter writes it)
+    "gemma4": Layout(A.GEMMA4, permute_qk=False,
+                     fixed=_GEMMA | {"qk_norm": "head", "value_norm": True, "layer_output_scale": True},
+                     keyed=frozenset({"final_softcap", "sliding_window", "per_layer_sizes", "k_eq_v",
+                                      "kv_shared_layers", "per_layer_input", "layer_output_scale",
+                                      "proportional_rope"}),
+                     renamed={"per_layer_inp_gate": "inp_gate", "per_layer_proj": "proj",
+                              "per_layer_post_norm": "post_norm"}, attention_scale=1.0),
     "olmo2": Layout(A.OLMO2, permute_qk=False, fixed=_PRE | {"norm_placement": "post", "qk_norm": "projection"},
                     keyed=frozenset({"sliding_window"}), output_required=True),
     # llama.cpp converts OLMo 3 as olmo2 with the window keys; its sliding layers rotate with the main θ
@@ -192,6 +207,9 @@ LAYOUTS: dict[str, Layout] = {
                                                      dense_without_experts=True),
                              mixers=frozenset({"attention", "mamba2"}), split_gate_up=True),
 }
+# Traits of layers apart (ModelSpec.traits' names) → the Layout.keyed entry of a graph that reads them
+LAYER_TRAITS = {"per_layer_head_dim": "per_layer_sizes", "per_layer_kv_heads": "per_layer_sizes",
+                "per_layer_mlp_width": "per_layer_sizes", "k_eq_v": "k_eq_v", "kv_shared_layers": "kv_shared_layers"}
 # Roles whose rows are the k/v heads' (a bias or a norm over the projection too): repeated for kv_heads_as_q
 KV_ROLES = ("attn_k", "attn_v", "attn_k_norm")
 # Roles whose GGUF tensor has another base name: llama.cpp's phi3 keeps gate and up fused in ffn_up
@@ -249,16 +267,22 @@ class GGUFArch:
         for trait, value in layout.fixed.items():
             if getattr(spec, trait) != value and trait not in layout.keyed:
                 raise self.refuse(trait, f"llama.cpp computes {value!r}, the source {getattr(spec, trait)!r}")
-        if layout.arch in (A.GEMMA2, A.GEMMA3):
+        if layout.arch in (A.GEMMA2, A.GEMMA3, A.GEMMA4):
             if not math.isclose(spec.embedding_scale, math.sqrt(spec.hidden_size), rel_tol=1e-6):
                 raise self.refuse("embedding_scale", "llama.cpp multiplies Gemma embeddings by √hidden")
         else:
             for trait in ("embedding_scale", "residual_scale", "logits_scale"):
                 if getattr(spec, trait) != 1.0 and trait not in layout.keyed:
                     raise self.refuse(trait, "this architecture has no such multiplier")
+        for trait, key in LAYER_TRAITS.items():
+            if trait in spec.traits() and key not in layout.keyed:
+                raise self.refuse(trait, f"llama.cpp's {gguf.MODEL_ARCH_NAMES[self.arch]} sizes and feeds every "
+                                         f"layer alike; the source's layers differ ({spec.traits()[trait]})")
         for layer in spec.layers:
             rope = layer.rope
             if rope is None:
+                continue
+            if rope.kind == "proportional" and "proportional_rope" in layout.keyed:
                 continue
             if rope.kind not in SCALINGS and rope.kind != "default":
                 raise self.refuse("rope_scaling", f"llama.cpp has no {rope.kind!r} rope scaling")
@@ -270,6 +294,29 @@ class GGUFArch:
             raise self.refuse("position_attention_scale", "this graph scales no query by its position")
         self._check_layers()
         self._check_experts()
+        if "per_layer_sizes" in layout.keyed:
+            self._check_layer_sizes()
+
+    def _check_layer_sizes(self) -> None:
+        """llama.cpp's gemma4: one head size per attention kind, and a kv-shared layer reads the last sliding layer
+        before the shared ones (a sliding layer) or the very last (a global one)."""
+        spec = self.spec
+        for kind, slides in (("global", False), ("sliding", True)):
+            sizes = {spec.layer_head_dim(i) for i, layer in enumerate(spec.layers)
+                     if (layer.window is not None) == slides}
+            if len(sizes) > 1:
+                raise self.refuse("per_layer_head_dim", f"llama.cpp has one head size per attention kind; the "
+                                                        f"source's {kind} layers have {sorted(sizes)}")
+        shared = [i for i, layer in enumerate(spec.layers) if layer.kv_source is not None]
+        first = spec.num_layers - len(shared)
+        if shared != list(range(first, spec.num_layers)):
+            raise self.refuse("kv_shared_layers", f"llama.cpp shares the keys of the last layers only; the source's "
+                                                  f"kv-shared layers are {shared}")
+        for i in shared:
+            reused = first - (2 if spec.layers[i].window is not None else 1)
+            if spec.layers[i].kv_source != reused:
+                raise self.refuse("kv_shared_layers", f"llama.cpp's layer {i} reads layer {reused}'s keys; the "
+                                                      f"source's reads layer {spec.layers[i].kv_source}'s")
 
     def _check_experts(self) -> None:
         experts, supported = self.spec.experts, self.layout.experts
@@ -386,7 +433,9 @@ class GGUFArch:
                           f"beyond the {spec.sliding_window}-token sliding window", stacklevel=3)
             return
         swa_rope = next(layer.rope for layer in spec.layers if layer.window is not None)
-        if swa_rope is not None and (swa_rope.scaling is not None or swa_rope.dim != (self.spec.rope or swa_rope).dim):
+        dims_apart = "per_layer_sizes" in layout.keyed  # rope.dimension_count_swa
+        if swa_rope is not None and (swa_rope.scaling is not None or (
+                swa_rope.dim != (self.spec.rope or swa_rope).dim and not dims_apart)):
             raise self.refuse("per_layer_rope", "llama.cpp's sliding layers take no rope scaling of their own")
         if swa_rope is not None and not layout.swa_theta_keyed and spec.rope is not None and (
                 swa_rope.theta != spec.rope.theta):
@@ -397,6 +446,8 @@ class GGUFArch:
     def llama_cpp_attention_scale(self) -> float:
         """The q·k multiplier llama.cpp's graph uses for this arch (Gemma: gemma_pytorch's rule by size)."""
         spec = self.spec
+        if self.layout.attention_scale is not None:
+            return self.layout.attention_scale
         big_gemma = {A.GEMMA2: 46, A.GEMMA3: 62}.get(self.arch) == spec.num_layers
         if big_gemma:  # llama.cpp's 27B rule: n_embd / n_head, not head_dim
             return (spec.hidden_size // spec.num_heads) ** -0.5
@@ -411,16 +462,19 @@ class GGUFArch:
         writer.add_embedding_length(spec.hidden_size)
         experts, supported = spec.experts, self.layout.experts
         sized_by_dense_key = experts is not None and supported is not None and not supported.expert_length_key
-        writer.add_feed_forward_length(experts.intermediate_size if sized_by_dense_key else spec.intermediate_size)
         writer.add_block_count(spec.num_layers)
         writer.add_head_count(spec.num_heads)
-        if len(set(self.layer_head_count_kv)) > 1:  # a hybrid: the per-layer list is its pattern of mixers
-            writer.add_head_count_kv(self.layer_head_count_kv)
+        if "per_layer_sizes" in self.layout.keyed:
+            self._add_layer_sizes(writer)
         else:
-            writer.add_head_count_kv(self.head_count_kv)
-        writer.add_key_length(spec.head_dim)
-        writer.add_value_length(spec.head_dim)
-        writer.add_rope_dimension_count(rope.dim if rope else spec.head_dim)
+            writer.add_feed_forward_length(experts.intermediate_size if sized_by_dense_key else spec.intermediate_size)
+            if len(set(self.layer_head_count_kv)) > 1:  # a hybrid: the per-layer list is its pattern of mixers
+                writer.add_head_count_kv(self.layer_head_count_kv)
+            else:
+                writer.add_head_count_kv(self.head_count_kv)
+            writer.add_key_length(spec.head_dim)
+            writer.add_value_length(spec.head_dim)
+            writer.add_rope_dimension_count(rope.dim if rope else spec.head_dim)
         writer.add_rope_freq_base(spec.rope_theta)
         writer.add_layer_norm_rms_eps(spec.rms_norm_eps)
         self._add_rope_scaling(writer)
@@ -474,6 +528,29 @@ class GGUFArch:
             swa_rope = next((layer.rope for layer in spec.layers if layer.window is not None), None)
             if swa_rope is not None:
                 writer.add_rope_freq_base_swa(swa_rope.theta)
+
+    def _add_layer_sizes(self, writer: gguf.GGUFWriter) -> None:
+        """gemma4's sizes: head size and rope dimensions per attention kind, k/v heads and MLP width per layer, the
+        kv-shared layers' count and the per-layer inputs' width."""
+        spec = self.spec
+        full = [i for i, layer in enumerate(spec.layers) if layer.window is None]
+        sliding = [i for i, layer in enumerate(spec.layers) if layer.window is not None]
+        full_dim = spec.layer_head_dim(full[0]) if full else spec.head_dim
+        swa_dim = spec.layer_head_dim(sliding[0]) if sliding else spec.head_dim
+        widths = [spec.layer_intermediate_size(i) for i in range(spec.num_layers)]
+        writer.add_feed_forward_length(widths if len(set(widths)) > 1 else widths[0])
+        kv_heads = [spec.layer_kv_heads(i) for i in range(spec.num_layers)]
+        writer.add_head_count_kv(kv_heads if len(set(kv_heads)) > 1 else kv_heads[0])
+        writer.add_key_length(full_dim)
+        writer.add_value_length(full_dim)
+        writer.add_key_length_swa(swa_dim)
+        writer.add_value_length_swa(swa_dim)
+        full_rope = spec.layers[full[0]].rope if full else None
+        swa_rope = spec.layers[sliding[0]].rope if sliding else None
+        writer.add_rope_dimension_count(full_rope.dim if full_rope else full_dim)
+        writer.add_rope_dimension_count_swa(swa_rope.dim if swa_rope else swa_dim)
+        writer.add_shared_kv_layers(sum(layer.kv_source is not None for layer in spec.layers))
+        writer.add_embedding_length_per_layer_input(spec.per_layer_input)
 
     def _add_gated_delta(self, writer: gguf.GGUFWriter) -> None:
         spec, delta = self.spec, self.spec.gated_delta
@@ -569,6 +646,10 @@ class GGUFArch:
         """Tensors llama.cpp reads that the checkpoint does not hold (rope factors), by GGUF base name."""
         spec = self.spec
         scaling = spec.rope_scaling or {}
+        if scaling.get("rope_type") == "proportional":  # the main rope's pairs past the turning ones stand still
+            pairs = spec.rope.dim // 2
+            turning = int(scaling["partial_rotary_factor"] * spec.rope.dim // 2)
+            return {"rope_freqs": np.array([1.0] * turning + [1e30] * (pairs - turning), dtype=np.float32)}
         if scaling.get("rope_type") == "llama3":
             return {"rope_freqs": llama3_rope_factors(spec)}
         if scaling.get("rope_type") == "longrope":

@@ -93,10 +93,18 @@ class Layout:
     # siliconvert's own model file for the family (in convert/mlx_models/), copied into the folder and named by
     # config.json's `model_file`, which mlx_lm.load(..., trust_remote_code=True) runs; None: mlx-lm's own
     model_file: str | None = None
+    # The model file reads a rope per attention kind from rope_parameters keyed by layer type, and sizes its layers
+    # apart from Gemma 4's keys (global_head_dim, kv-shared layers, ...: `_check_layers_apart`)
+    layers_apart: bool = False
 
 
 _GEMMA = {"norm_offset": 1.0, "norm_placement": "sandwich", "activation": "gelu_tanh",
           "embedding_scale": lambda spec: math.sqrt(spec.hidden_size)}
+# mlx-lm's gemma4_text: norms of w itself, values normed, q·k unscaled, each layer's scalar; its layers apart from
+# these keys (and rope_parameters per layer type, layers_apart)
+_GEMMA4_KEYS = ("global_head_dim", "num_global_key_value_heads", "attention_k_eq_v", "num_kv_shared_layers",
+                "use_double_wide_mlp", "hidden_size_per_layer_input", "vocab_size_per_layer_input",
+                "final_logit_softcapping", "enable_moe_block")
 _GATED_DELTA_KEYS = ("full_attention_interval", "linear_num_key_heads", "linear_num_value_heads",
                      "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim")
 _MAMBA2_KEYS = ("mamba_n_heads", "mamba_d_head", "mamba_n_groups", "mamba_d_state", "mamba_d_conv", "mamba_conv_bias",
@@ -113,6 +121,10 @@ LAYOUTS: dict[str, Layout] = {
                      fixed=_GEMMA | {"tie_word_embeddings": True}, biases="none", rope_kinds=("default",)),
     "gemma3": Layout("gemma3_text", keys=("query_pre_attn_scalar", "rope_local_base_freq"),
                      fixed=_GEMMA | {"qk_norm": "head"}, windows="pattern", biases="none", sanitize_per_tensor=False),
+    "gemma4": Layout("gemma4_text", keys=_GEMMA4_KEYS,
+                     fixed=_GEMMA | {"norm_offset": 0.0, "qk_norm": "head", "attention_scale": 1.0, "value_norm": True,
+                                     "layer_output_scale": True},
+                     windows="layer_types", biases="none", rope_kinds=("default", "proportional"), layers_apart=True),
     "olmo2": Layout("olmo2", fixed={"norm_placement": "post", "qk_norm": "projection"}),
     "olmo3": Layout("olmo3", fixed={"norm_placement": "post", "qk_norm": "projection"}, windows="layer_types",
                     plain_sliding_rope=True, needs_both_layer_kinds=True),
@@ -254,6 +266,20 @@ KEYS: dict[str, Key] = {
     # "Infinity"}, which mlx-lm would take as the bound itself)
     "time_step_limit": Key(("mamba2",), lambda arch: [min(bound, FLOAT32_MAX)
                                                       for bound in arch.required("mamba2").time_step_limit]),
+    # mlx-lm's gemma4_text: the global layers' head size and k/v heads, their keys as values, the kv-shared layers'
+    # count and their double-wide MLPs, the per-layer inputs (checked against the spec's layers: _check_layers_apart)
+    "global_head_dim": Key(("per_layer_head_dim",), lambda arch: arch.full_layers_value(arch.spec.layer_head_dim)),
+    "num_global_key_value_heads": Key(("per_layer_kv_heads",), lambda arch: arch.full_layers_value(
+        arch.spec.layer_kv_heads) if any(layer.values_from_keys for layer in arch.spec.layers) else None),
+    "attention_k_eq_v": Key(("k_eq_v",), lambda arch: any(layer.values_from_keys for layer in arch.spec.layers)),
+    "num_kv_shared_layers": Key(("kv_shared_layers",), lambda arch: sum(
+        layer.kv_source is not None for layer in arch.spec.layers)),
+    "use_double_wide_mlp": Key(("per_layer_mlp_width",), lambda arch: any(
+        layer.intermediate_size for layer in arch.spec.layers)),
+    "hidden_size_per_layer_input": Key(("per_layer_input",), lambda arch: arch.spec.per_layer_input),
+    "vocab_size_per_layer_input": Key(("per_layer_input",), lambda arch: arch.spec.per_layer_input_vocab or
+                                      arch.spec.vocab_size),
+    "enable_moe_block": Key((), lambda arch: False),
     "original_max_position_embeddings": Key(
         (), lambda arch: (arch.rope.scaling or {}).get("original_max_position_embeddings",
                                                         arch.spec.max_position_embeddings)),
@@ -331,6 +357,7 @@ class MLXArch:
         self._check_ropes(keyed)
         self._check_windows()
         self._check_experts()
+        self._check_layers_apart()
 
     def _check_mixers(self) -> None:
         """The one reading of each layer's mixer: a mixer the model file does not run is refused by name, as is a
@@ -351,6 +378,46 @@ class MLXArch:
             self.attention_interval()
         if "mamba2" in mixers:
             self._check_mamba2()
+
+    def full_layers_value(self, size: Callable[[int], int]) -> int:
+        """A size of the full-attention layers (of the sliding ones where none is full)."""
+        full = [i for i, layer in enumerate(self.layers) if layer.window is None] or [0]
+        return size(full[0])
+
+    def _check_layers_apart(self) -> None:
+        """Layers sized and fed apart (Gemma 4) as mlx-lm's gemma4_text builds them from its keys, against the
+        source's: refused naming the first trait that differs; a model file without such keys refuses them all."""
+        spec, traits = self.spec, self.spec.traits()
+        apart = ("per_layer_head_dim", "per_layer_kv_heads", "k_eq_v", "kv_shared_layers", "per_layer_mlp_width")
+        if not self.layout.layers_apart:
+            if found := [trait for trait in apart if trait in traits]:
+                raise self.refuse(found[0], f"mlx-lm sizes and feeds every layer alike; the source's layers differ "
+                                            f"({traits[found[0]]})")
+            return
+        config = {key: KEYS[key].value(self) for key in _GEMMA4_KEYS[:5]}
+        layers, shared = spec.num_layers, config["num_kv_shared_layers"]
+        first_shared = layers - shared
+        last_of_kind: dict[bool, int] = {}
+        for i in range(first_shared):
+            last_of_kind[self.layers[i].window is None] = i
+        for i, layer in enumerate(spec.layers):
+            full = self.layers[i].window is None
+            k_eq_v = config["attention_k_eq_v"] and full
+            built = {
+                "per_layer_head_dim": config["global_head_dim"] if full else spec.head_dim,
+                "per_layer_kv_heads": config["num_global_key_value_heads"] if k_eq_v and config[
+                    "num_global_key_value_heads"] is not None else spec.num_kv_heads,
+                "k_eq_v": k_eq_v,
+                "kv_shared_layers": last_of_kind.get(full) if i >= first_shared else None,
+                "per_layer_mlp_width": spec.intermediate_size * (
+                    2 if config["use_double_wide_mlp"] and i >= first_shared > 0 else 1),
+            }
+            source = {"per_layer_head_dim": spec.layer_head_dim(i), "per_layer_kv_heads": spec.layer_kv_heads(i),
+                      "k_eq_v": layer.values_from_keys, "kv_shared_layers": layer.kv_source,
+                      "per_layer_mlp_width": spec.layer_intermediate_size(i)}
+            for trait, value in built.items():
+                if source[trait] != value:
+                    raise self.refuse(trait, f"mlx-lm's layer {i} has {value!r}, the source's {source[trait]!r}")
 
     def _check_mamba2(self) -> None:
         """mlx-lm's Mamba2 mixer is the spec's (`Mamba2`) but for its gated norm, which normalises the whole inner
@@ -388,7 +455,7 @@ class MLXArch:
         ropes = [self.layers[i].rope for i in self.attention_layers]
         if None in ropes and "nope_layers" not in keyed:
             raise self.refuse("nope_layers", "every layer has rope in mlx-lm")
-        own_sliding_rope = layout.windows == "pattern" or layout.plain_sliding_rope
+        own_sliding_rope = layout.windows == "pattern" or layout.plain_sliding_rope or layout.layers_apart
         main = _distinct(layer.rope for layer in self.layers if layer.rope is not None
                          and (layer.window is None or not own_sliding_rope))
         if len(main) > 1:
@@ -399,11 +466,16 @@ class MLXArch:
                 if rope != plain:
                     raise self.refuse("per_layer_rope", f"mlx-lm's sliding layers rotate with θ {plain.theta:g} "
                                                         f"and no scaling; the source's rope there is {rope}")
-        for rope in (r for r in ropes if r is not None):
+        if layout.layers_apart and len(_distinct(layer.rope for layer in self.layers if layer.window is not None)) > 1:
+            raise self.refuse("per_layer_rope", "one rope per attention kind")
+        for i in self.attention_layers:
+            rope = self.layers[i].rope
+            if rope is None:
+                continue
             if rope.kind not in layout.rope_kinds:
                 raise self.refuse("rope_scaling", f"mlx-lm's rope here reads {', '.join(layout.rope_kinds)} scaling "
                                                   f"as transformers does; the source's is {rope.kind!r}")
-            if rope.dim != spec.head_dim and "partial_rotary" not in keyed:
+            if rope.dim != spec.layer_head_dim(i) and "partial_rotary" not in keyed:
                 raise self.refuse("partial_rotary", "mlx-lm rotates the whole head")
         if self.rope.kind == "longrope" and not layout.longrope_by_length:
             self._check_longrope()
@@ -510,7 +582,9 @@ class MLXArch:
         config |= {key: KEYS[key].value(self) for key in self.layout.keys}
         if self.layout.biases == "flag":
             config["attention_bias"] = self.spec.qkv_bias
-        if self.rope.scaling is not None:
+        if self.layout.layers_apart:
+            config["rope_parameters"] = self.rope_per_kind()
+        elif self.rope.scaling is not None:
             config["rope_scaling"] = self.rope_scaling()
         if self.layout.temperature:
             config["rope_parameters"] = self.temperature_rope_parameters()
@@ -543,6 +617,15 @@ class MLXArch:
             config |= {"decoder_sparse_step": 1,
                        "mlp_only_layers": [i for i, layer in enumerate(self.spec.layers) if not layer.sparse]}
         return config
+
+    def rope_per_kind(self) -> dict[str, Any]:
+        """rope_parameters keyed by layer type, as mlx-lm's gemma4_text builds each kind's rope from them."""
+        ropes: dict[str, Any] = {}
+        for layer in self.layers:
+            kind = "sliding_attention" if layer.window is not None else "full_attention"
+            if layer.rope is not None and kind not in ropes:
+                ropes[kind] = (layer.rope.scaling or {"rope_type": "default"}) | {"rope_theta": layer.rope.theta}
+        return ropes
 
     def rope_scaling(self) -> dict[str, Any]:
         """The main rope's scaling in the old style mlx-lm reads: `type` as well as `rope_type`; LongRoPE, for

@@ -188,6 +188,9 @@ def calibrate(checkpoint: Checkpoint, source: str, parts: Iterable[str], *, toke
         importance_windows = np.array([ids[start:start + context]
                                        for start in range(0, len(ids) - context + 1, context)])
     if SENSITIVITY in parts:
+        from siliconvert.gains import check_traits
+
+        check_traits(checkpoint.spec)  # before any forward: a plan's gains refuse what they cannot measure
         sensitivity_window = np.array(tokenizer.encode(text[:SENSITIVITY_TOKENS * CHARS_PER_TOKEN],
                                                        add_special_tokens=False, verbose=False)
                                       [:sensitivity_window_tokens(checkpoint)])

@@ -67,10 +67,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from siliconvert.errors import CheckpointError
+
 if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig
 
+    from siliconvert.architectures import ModelSpec
     from siliconvert.streamed import WeightSource
 
 R0 = 0.01  # the noise's relative output error: about a 4-bit quant's; a shrink scales by 1 − √R0 (r = R0 too)
@@ -129,6 +132,21 @@ def sensitivity_tokens(layers: int, weights_per_layer: int) -> int:
     return max(SENSITIVITY_MIN_TOKENS, min(SENSITIVITY_TOKENS, SENSITIVITY_BUDGET // max(layer_forwards, 1)))
 
 
+# Traits whose layers read what the window's other layers made (ModelSpec.traits' names): each perturbed stream would
+# need its own per-layer inputs and its own store of shared keys and values, which this forward does not keep
+UNMEASURED_TRAITS = ("per_layer_input", "kv_shared_layers")
+
+
+def check_traits(spec: ModelSpec) -> None:
+    """Refuse, by name, a trait the sensitivity forward cannot measure gains under (a plan needs them)."""
+    traits = spec.traits()
+    for trait in UNMEASURED_TRAITS:
+        if trait in traits:
+            raise CheckpointError(f"a plan's measured gains cannot honour the trait {trait} ({traits[trait]}): the "
+                                  "sensitivity forward runs its perturbed streams through one store of layer inputs; "
+                                  "use fixed quants")
+
+
 def measured_gains(config: PretrainedConfig, weights: WeightSource, window: np.ndarray, roles: dict[str, str], *,
                    label: str, seed: int = 0) -> MeasuredGains:
     """Each weight's noise and shrink gains (see the module docstring), measured on
@@ -167,24 +185,24 @@ def measured_gains(config: PretrainedConfig, weights: WeightSource, window: np.n
         for index, layer in enumerate(track(body.layers, label, total=len(body.layers))):
             prefix = f"model.layers.{index}."
             _materialise(layer, prefix, weights, "cpu", torch.float32)
-            kwargs = layer_kwargs[index]
+            args, kwargs = layer_kwargs[index]
             planned = [(prefix + param_name, param) for param_name, param in layer.named_parameters()
                        if param.dim() >= 2 and roles.get(prefix + param_name) not in (None, *UNPLANNED_ROLES)]
             importance.active = rounding.measuring = True
-            clean_out = layer(clean, **kwargs)
+            clean_out = layer(clean, *args, **kwargs)
             importance.active = rounding.measuring = False
             for key, states in streams.items():
-                streams[key] = layer(states, **kwargs)
+                streams[key] = layer(states, *args, **kwargs)
             for name, param in planned:  # not a norm, a router, or a parameter the checkpoint has no weight of
                 columns, routed = _importance_of(importance, name)
                 with _perturbed(param, columns, routed, rng) as errors[name]:
-                    streams[NOISE, name] = layer(clean, **kwargs)
+                    streams[NOISE, name] = layer(clean, *args, **kwargs)
                 with _scaled([param]):
-                    streams[SHRINK, name] = layer(clean, **kwargs)
+                    streams[SHRINK, name] = layer(clean, *args, **kwargs)
             for kind in INPUT_ROUNDINGS:
                 with rounding.rounded(kind, prefix, {name for name, _ in planned}) as group:
                     if group:
-                        streams[kind, prefix] = layer(clean, **kwargs)
+                        streams[kind, prefix] = layer(clean, *args, **kwargs)
             clean = clean_out
             _free(layer)
         _materialise(model.lm_head, "model.embed_tokens." if tied else "lm_head.", weights, "cpu", torch.float32)

@@ -84,21 +84,33 @@ def streamed_logits(config: PretrainedConfig, weights: WeightSource, windows: np
     with torch.inference_mode():
         norm_name, norm = final_norm(body)
         _materialise(norm, f"model.{norm_name}.", weights, device, dtype)
-        _materialise(body.embed_tokens, "model.embed_tokens.", weights, device, dtype)
+        # what the body runs before its first layer: the embedding, and Gemma 4's per-layer input tables
+        inputs = [(name, module) for name, module in body.named_children()
+                  if name not in ("layers", norm_name) and next(module.parameters(), None) is not None]
+        for name, module in inputs:
+            _materialise(module, f"model.{name}.", weights, device, dtype)
         hidden: list[torch.Tensor] = []
-        layer_kwargs: dict[int, list[dict[str, Any]]] = {}  # window length → each layer's keyword arguments
+        layer_args: list[list[tuple[tuple[Any, ...], dict[str, Any]]]] = []  # window → each layer's arguments
+        by_length: dict[int, list[dict[str, Any]]] = {}
         for window_index, window in enumerate(windows):
             started(window_index)
-            embedded, kwargs = _record_layer_inputs(body, torch.as_tensor(window[None], device=device))
+            embedded, calls = _record_layer_inputs(body, torch.as_tensor(window[None], device=device))
             hidden.append(embedded)
-            # No padding: every window of a length gets the same masks and rotary tables.
-            layer_kwargs.setdefault(len(window), kwargs)
-        _free(body.embed_tokens)
+            # No padding: every window of a length gets the same masks and rotary tables, kept once. What is the
+            # window's own (Gemma 4's per-layer inputs, positional; the keys and values its kv-shared layers read
+            # from earlier layers, a store each forward makes anew) is kept per window.
+            shared = by_length.setdefault(len(window), [kwargs for _, kwargs in calls])
+            layer_args.append([(args, {key: value if key in WINDOW_OWN_KWARGS else shared[index][key]
+                                       for key, value in kwargs.items()})
+                               for index, (args, kwargs) in enumerate(calls)])
+        for _, module in inputs:
+            _free(module)
         for index, layer in enumerate(track(body.layers, label, total=len(body.layers))):
             _materialise(layer, f"model.layers.{index}.", weights, device, dtype)
             for window_index, states in enumerate(hidden):
                 started(window_index)
-                hidden[window_index] = layer(states, **layer_kwargs[lengths[window_index]][index])
+                args, kwargs = layer_args[window_index][index]
+                hidden[window_index] = layer(states, *args, **kwargs)
             _free(layer)
             if dtype == torch.float16 and not all(torch.isfinite(states).all() for states in hidden):
                 raise Float16Overflow(index)
@@ -116,6 +128,9 @@ def streamed_logits(config: PretrainedConfig, weights: WeightSource, windows: np
     return logits
 
 
+# A layer's keyword arguments that are its window's own, not its length's: Gemma 4's store of keys and values that
+# its kv-shared layers read from the layers that made them
+WINDOW_OWN_KWARGS = ("shared_kv_states",)
 # What transformers' model bodies call the norm after the last layer (LFM2's is `embedding_norm`)
 FINAL_NORM_NAMES = ("norm", "embedding_norm")
 
@@ -186,9 +201,17 @@ def head_logits(model: PreTrainedModel, final_states: torch.Tensor) -> torch.Ten
     The body stands aside and hands the states over."""
     from transformers.modeling_outputs import MoeModelOutputWithPast
 
+    class BodyOutput(MoeModelOutputWithPast):
+        """The body's output: the final states, and None for any other field a family's head reads (the mixtures
+        of experts' router_logits, Gemma 4's shared_kv_states)."""
+
+        def __getattr__(self, name: str) -> None:
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return None
+
     body = model.model
-    # the mixture-of-experts output: its router_logits field (None) is read by MoE families, ignored by others
-    body.forward = lambda *args, **kwargs: MoeModelOutputWithPast(last_hidden_state=final_states)
+    body.forward = lambda *args, **kwargs: BodyOutput(last_hidden_state=final_states)
     try:
         placeholder_ids = torch.zeros(final_states.shape[:2], dtype=torch.long, device=final_states.device)
         return model(input_ids=placeholder_ids, use_cache=False).logits
@@ -196,15 +219,16 @@ def head_logits(model: PreTrainedModel, final_states: torch.Tensor) -> torch.Ten
         del body.forward
 
 
-def _record_layer_inputs(body: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+def _record_layer_inputs(body: torch.nn.Module, input_ids: torch.Tensor
+                         ) -> tuple[torch.Tensor, list[tuple[tuple[Any, ...], dict[str, Any]]]]:
     """Run transformers' model forward with every decoder layer standing aside (passing its input
-    through); return the first layer's input and the keyword arguments each layer was called with."""
+    through); return the first layer's input and the arguments each layer was called with beside it."""
     first_input: list[torch.Tensor] = []
-    calls: list[dict[str, Any]] = []
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
 
-    def recorder(hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def recorder(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         first_input[:] = first_input or [hidden_states]
-        calls.append(kwargs)
+        calls.append((args, kwargs))
         return hidden_states
 
     for layer in body.layers:
@@ -221,7 +245,21 @@ def _materialise(module: torch.nn.Module, prefix: str, weights: WeightSource, de
                  dtype: torch.dtype) -> None:
     state = {name: weights.tensor(prefix + name).to(device=device, dtype=dtype)
              for name, _ in module.named_parameters()}
+    # buffers the checkpoint holds (Gemma 4's layer_scalar) are read as weights are; the others are the model's
+    # own (rotary tables, embedding scales), left as built
+    for name in _stored_buffers(module):
+        state[name] = weights.tensor(prefix + name).to(device=device, dtype=dtype)
     module.load_state_dict(state, strict=True, assign=True)
+
+
+def _stored_buffers(module: torch.nn.Module) -> list[str]:
+    """The module's persistent buffers (saved in a checkpoint beside the parameters)."""
+    names = []
+    for owner_name, owner in module.named_modules():
+        for name in owner._buffers:
+            if name not in owner._non_persistent_buffers_set and owner._buffers[name] is not None:
+                names.append(f"{owner_name}.{name}" if owner_name else name)
+    return names
 
 
 def _free(module: torch.nn.Module) -> None:

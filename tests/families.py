@@ -83,6 +83,19 @@ FAMILY_CASES: dict[str, tuple[str, dict]] = {
                                  "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 96,
                                  "shared_intermediate_size": 160, "embedding_multiplier": 6.0,
                                  "attention_multiplier": 0.05, "residual_multiplier": 0.5, "logits_scaling": 4.0}),
+    # Gemma 4 as E2B is shaped: sliding layers (window 24) and global layers with wider heads (64) and proportional
+    # rope, per-layer inputs, the last two layers kv-shared (reading layers 1 and 2) with double-wide MLPs, the final
+    # soft-cap; and the global layers' keys as their values, one k/v head (k_eq_v, as the 26B and 31B have it)
+    "gemma4_text": ("sentencepiece", {
+        "num_hidden_layers": 5, "head_dim": 32, "global_head_dim": 64, "num_global_key_value_heads": 1,
+        "attention_k_eq_v": True, "sliding_window": 24,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
+                        "full_attention"],
+        "num_kv_shared_layers": 2, "use_double_wide_mlp": True, "hidden_size_per_layer_input": 16,
+        "vocab_size_per_layer_input": 1024, "final_logit_softcapping": 30.0,
+        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                               "rope_theta": 1_000_000.0}}}),
 }
 # The gated delta cases in shapes llama.cpp's graphs run: value heads as wide as key heads (they size both by
 # ssm.state_size), and for Qwen3-Next experts in every layer, renormalised (its qwen3next graph knows no other)
@@ -185,6 +198,42 @@ def mistral3_multimodal(out_dir):
     model.model.language_model.load_state_dict(
         {name.removeprefix("model."): value for name, value in weights.items() if name.startswith("model.")})
     model.lm_head.weight.data.copy_(weights["lm_head.weight"])
+    model.to(torch.bfloat16).save_pretrained(out_dir)
+    for file in text.iterdir():
+        if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":
+            shutil.copy(file, out_dir / file.name)
+    return out_dir
+
+
+def gemma4_multimodal(out_dir):
+    """A Gemma4ForConditionalGeneration checkpoint around the gemma4_text case's trained language model (random vision
+    and audio towers), saved by transformers as the hub's Gemma 4 checkpoints are (E2B and E4B carry both)."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    from siliconvert.demo import small_checkpoint
+
+    tokenizer, config = FAMILY_CASES["gemma4_text"]
+    text = small_checkpoint(None, "gemma4_text", tokenizer, config=config)
+    # the multimodal forward writes the pad id over its media tokens, whatever the input holds: it needs one
+    text_config = json.loads((text / "config.json").read_text()) | {"pad_token_id": 0}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "head_dim": 16}
+    audio = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "output_proj_dims": 32}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Gemma4ForConditionalGeneration(Gemma4Config(
+            text_config=text_config, vision_config=vision, audio_config=audio,
+            tie_word_embeddings=text_config["tie_word_embeddings"]))
+    weights = load_file(text / "model.safetensors")
+    model.model.language_model.load_state_dict(
+        {name.removeprefix("model."): value for name, value in weights.items() if name.startswith("model.")})
+    if not text_config["tie_word_embeddings"]:
+        model.lm_head.weight.data.copy_(weights["lm_head.weight"])
     model.to(torch.bfloat16).save_pretrained(out_dir)
     for file in text.iterdir():
         if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":

@@ -70,3 +70,20 @@ def test_a_mixer_no_package_can_run_is_refused_naming_the_trait():
     layers = (dataclasses.replace(spec.layers[0], mixer="rwkv7"), *spec.layers[1:])
     with pytest.raises(CheckpointError, match=r"mixer='rwkv7' \(layer 0\)"):
         plan_chunks(dataclasses.replace(spec, layers=layers), 1)
+
+
+@pytest.mark.parametrize(("change", "trait"), [
+    ({"per_layer_input": 16, "per_layer_input_vocab": 96}, "per_layer_input"),
+    ({"value_norm": True}, "value_norm"),
+    ({"layer_output_scale": True}, "layer_output_scale"),
+])
+def test_gemma4_traits_no_graph_builds_are_refused_by_name(change: dict, trait: str):
+    with pytest.raises(CheckpointError, match=f"Core ML cannot honour the trait {trait}"):
+        plan_chunks(dataclasses.replace(spec_of(), **change), 1)
+
+
+def test_layers_apart_are_refused_by_name():
+    spec = spec_of()
+    layers = (dataclasses.replace(spec.layers[0], kv_source=None, head_dim=2 * spec.head_dim), *spec.layers[1:])
+    with pytest.raises(CheckpointError, match="trait per_layer_head_dim"):
+        plan_chunks(dataclasses.replace(spec, layers=layers), 1)

@@ -18,7 +18,8 @@ ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "ge
                  "qwen2_moe": "Qwen2MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
                  "olmo3": "Olmo3ForCausalLM", "lfm2": "Lfm2ForCausalLM", "qwen3_5_text": "Qwen3_5ForCausalLM",
                  "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
-                 "granitemoehybrid": "GraniteMoeHybridForCausalLM", "ministral3": "Ministral3ForCausalLM"}
+                 "granitemoehybrid": "GraniteMoeHybridForCausalLM", "ministral3": "Ministral3ForCausalLM",
+                 "gemma4_text": "Gemma4ForCausalLM"}
 SIZES = {"vocab_size": 1024, "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "intermediate_size": 384, "max_position_embeddings": 1024}
 
@@ -163,6 +164,10 @@ def test_every_family_has_a_gguf_layout(model_type: str) -> None:
     ("granitemoehybrid", {"mamba_conv_bias": False}, "mamba2"),
     ("granitemoehybrid", {"mamba_proj_bias": True}, "mamba2"),
     ("granitemoehybrid", {"time_step_limit": [0.001, 0.1]}, "mamba2"),
+    # llama.cpp's gemma4 reuses layer n − 2 for a sliding layer, n − 1 for a global one (n: the first kv-shared layer);
+    # transformers the last earlier layer of the kind, here layer 2 (sliding) and layer 1 (global)
+    ("gemma4_text", {"layer_types": ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention",
+                                     "full_attention"]}, "kv_shared_layers"),
 ])
 def test_gguf_refuses_what_llama_cpp_cannot_compute(model_type: str, changes: dict, trait: str) -> None:
     with pytest.raises(CheckpointError, match=f"cannot honour the trait {trait}"):
@@ -328,3 +333,64 @@ def test_ministral3_yarn_and_llama4_attention_temperature() -> None:
     assert spec.traits() == {"position_attention_scale": (0.1, 64), "rope_scaling": "yarn"}
     plain = spec_of("ministral3", rope_parameters={"rope_type": "default", "rope_theta": 1e6})
     assert plain.position_attention_scale is None
+
+
+def test_gemma4_per_layer_sizes_kv_sharing_and_per_layer_inputs() -> None:
+    spec = spec_of("gemma4_text")
+    assert (spec.norm_offset, spec.norm_placement, spec.qk_norm, spec.value_norm) == (0.0, "sandwich", "head", True)
+    assert spec.attention_multiplier == 1.0 and spec.embedding_scale == math.sqrt(128) and spec.final_softcap == 30.0
+    assert (spec.per_layer_input, spec.per_layer_input_vocab, spec.layer_output_scale) == (16, 1024, True)
+    sliding = Rope(10_000.0, 32)
+    proportional = Rope(1_000_000.0, 64, {"rope_type": "proportional", "partial_rotary_factor": 0.25})
+    assert spec.layers == (
+        Layer(24, sliding), Layer(24, sliding),
+        Layer(None, proportional, head_dim=64, kv_heads=1, values_from_keys=True),
+        Layer(24, sliding, kv_source=1, intermediate_size=768),
+        Layer(None, proportional, head_dim=64, kv_heads=1, values_from_keys=True, kv_source=2, intermediate_size=768))
+    traits = spec.traits()
+    assert traits["kv_shared_layers"] == {3: 1, 4: 2} and traits["k_eq_v"] == [2, 4]
+    assert traits["per_layer_head_dim"] == {2: 64, 4: 64} and traits["rope_scaling"] == "proportional"
+    assert "partial_rotary" not in traits  # proportional rope turns pairs across the whole head
+
+
+def test_gemma4_checkpoint_tensors_follow_each_layer() -> None:
+    family = registry.for_config(config_of("gemma4_text"))
+    expected = family.expected_tensors(spec_of("gemma4_text"))
+    assert expected["model.layers.2.self_attn.q_proj.weight"] == (256, 128)
+    assert expected["model.layers.2.self_attn.k_proj.weight"] == (64, 128)
+    assert "model.layers.2.self_attn.v_proj.weight" not in expected  # k_eq_v
+    assert not any(name.startswith(("model.layers.3.self_attn.k", "model.layers.3.self_attn.v")) for name in expected)
+    assert expected["model.layers.3.mlp.down_proj.weight"] == (128, 768)
+    assert expected["model.embed_tokens_per_layer.weight"] == (1024, 80)
+    assert expected["model.layers.0.layer_scalar"] == (1,)
+
+
+def test_gemma4_expert_block_is_refused_by_name() -> None:
+    with pytest.raises(CheckpointError, match="enable_moe_block"):
+        spec_of("gemma4_text", enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=64)
+
+
+def test_gemma4_kv_shared_layers_own_kv_weights_are_dropped_said_so(tmp_path) -> None:
+    """The hub's Gemma 4 checkpoints carry k_proj, v_proj and k_norm in the kv-shared layers too, which never run
+    (transformers ignores them on loading): dropped with a warning that counts them, never an unexpected tensor."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from siliconvert.architectures import ConfigWarning
+    from siliconvert.checkpoint import Checkpoint
+    from siliconvert.demo import small_checkpoint
+
+    tokenizer, config = FAMILY_CASES["gemma4_text"]
+    source = shutil.copytree(small_checkpoint(None, "gemma4_text", tokenizer, config=config), tmp_path / "gemma4")
+    weights = load_file(source / "model.safetensors")
+    for layer in (3, 4):  # the kv-shared ones: as wide as their producers' would be
+        prefix = f"model.layers.{layer}.self_attn."
+        weights |= {prefix + "k_proj.weight": torch.zeros(64, 128, dtype=torch.bfloat16),
+                    prefix + "v_proj.weight": torch.zeros(64, 128, dtype=torch.bfloat16),
+                    prefix + "k_norm.weight": torch.ones(32, dtype=torch.bfloat16)}
+    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(ConfigWarning, match=r"kv-shared layers' own k_proj, v_proj and k_norm \(6 tensors\)"):
+        checkpoint = Checkpoint.open(source)
+    assert not any(name.startswith("model.layers.3.self_attn.k") for name in checkpoint.tensor_infos)

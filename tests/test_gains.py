@@ -116,3 +116,21 @@ def rounded_forward_kld(checkpoint: Checkpoint, window: np.ndarray, round_input)
             for prepare in (None, rounding)]
     clean, rounded = (torch.log_softmax(torch.from_numpy(logits[0]).double(), -1) for logits in runs)
     return float((clean.exp() * (clean - rounded)).sum(-1).mean())
+
+
+def test_layers_fed_from_the_windows_other_layers_are_refused_by_name():
+    """Gemma 4's per-layer inputs and kv-shared layers: every perturbed stream would need inputs and keys of its own."""
+    import dataclasses
+
+    from siliconvert.architectures import Layer, ModelSpec
+    from siliconvert.errors import CheckpointError
+    from siliconvert.gains import check_traits
+
+    spec = ModelSpec(family="llama", hf_architecture="LlamaForCausalLM", vocab_size=96, hidden_size=64,
+                     intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                     rope_theta=1e4, max_position_embeddings=256, layers=(Layer(None, None), Layer(None, None)))
+    check_traits(spec)
+    with pytest.raises(CheckpointError, match="trait per_layer_input"):
+        check_traits(dataclasses.replace(spec, per_layer_input=8, per_layer_input_vocab=96))
+    with pytest.raises(CheckpointError, match="trait kv_shared_layers"):
+        check_traits(dataclasses.replace(spec, layers=(Layer(None, None), Layer(None, None, kv_source=0))))

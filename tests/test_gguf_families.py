@@ -117,6 +117,37 @@ def test_gemma3_multimodal_converts_its_language_model(tmp_path: Path) -> None:
     assert compare(reference[:-1], logits[:-1], window[1:])[0].mean_kld < LIMITS["F16"]
 
 
+def test_gemma4_multimodal_converts_its_language_model(tmp_path: Path) -> None:
+    """Gemma4ForConditionalGeneration (E2B and E4B: vision and audio towers): both towers and their embedders are
+    dropped (said so), the language model converts, and llama.cpp computes what the multimodal model computes on
+    text."""
+    import torch
+    from families import gemma4_multimodal
+    from transformers import Gemma4ForConditionalGeneration
+
+    from siliconvert.architectures import ConfigWarning
+
+    source = gemma4_multimodal(tmp_path / "gemma4-multimodal")
+    with pytest.warns(ConfigWarning, match=r"vision and audio towers and their embedders \(\d+ tensors\) are dropped"):
+        checkpoint = Checkpoint.open(source)
+    assert checkpoint.spec.family == "gemma4" and checkpoint.config["architectures"] == ["Gemma4ForCausalLM"]
+    writer = GGUFWriter(checkpoint, GGUFTarget(format="gguf", quants=["F16"]), tmp_path, "m")
+    for info, array in checkpoint.tensors():
+        writer.add(info, array)
+    [artifact] = writer.finish()
+    ids = AutoTokenizer.from_pretrained(source)(heldout_text()[:5000], add_special_tokens=False)["input_ids"]
+    window = np.array(ids[:WINDOW])
+    model = Gemma4ForConditionalGeneration.from_pretrained(source, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        reference = model(input_ids=torch.as_tensor(window[None])).logits[0].numpy()
+    runner = LlamaCppRunner(artifact.path, {"context": WINDOW})
+    try:
+        logits = runner.logits(window)
+    finally:
+        runner.close()
+    assert compare(reference[:-1], logits[:-1], window[1:])[0].mean_kld < LIMITS["F16"]
+
+
 def test_a_phi3_name_without_the_tokens_llama_cpp_looks_up_is_refused(tmp_path: Path) -> None:
     """llama.cpp keys token attributes on general.name: a model named phi3 whose vocabulary lacks <|endoftext|>
     would not load. The writer says so before writing, instead of leaving a file llama.cpp refuses."""

@@ -162,3 +162,47 @@ def test_a_text_only_qwen3_5_config_is_what_mlx_lms_qwen3_5_reads():
 def test_what_mlx_lms_qwen3_5_cannot_run_is_refused_by_name(changes, trait):
     with pytest.raises(CheckpointError, match=f"cannot honour the trait {trait}"):
         MLXArch(qwen3_5_spec(**changes), "config.json")
+
+
+def gemma4_spec(**changes):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from families import FAMILY_CASES
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("gemma4_text", **({"vocab_size": 1024, "hidden_size": 128, "intermediate_size": 384,
+                                                     "num_attention_heads": 4, "num_key_value_heads": 2}
+                                                    | FAMILY_CASES["gemma4_text"][1] | changes)).to_dict()
+    config["architectures"] = ["Gemma4ForCausalLM"]
+    return registry.for_config(config).spec(config)
+
+
+def test_a_gemma4_config_is_what_mlx_lms_gemma4_text_reads():
+    """mlx-lm's gemma4_text defaults global_head_dim to 512 (transformers 5.25 saves per_layer_config in its place):
+    the global layers' sizes, the kv-shared layers and each kind's rope are written out."""
+    config = MLXArch(gemma4_spec(), "config.json").config()
+    assert config == {
+        "model_type": "gemma4_text", "rope_theta": 1_000_000.0, "global_head_dim": 64, "num_global_key_value_heads": 1,
+        "attention_k_eq_v": True, "num_kv_shared_layers": 2, "use_double_wide_mlp": True,
+        "hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": 1024, "final_logit_softcapping": 30.0,
+        "enable_moe_block": False,
+        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                               "rope_theta": 1_000_000.0}},
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
+                        "full_attention"], "sliding_window": 24}
+
+
+def test_layers_apart_mlx_lm_would_build_otherwise_are_refused_by_name():
+    spec = gemma4_spec()
+    # a sliding layer with the global layers' one k/v head: mlx-lm gives those to k_eq_v layers only
+    layers = (dataclasses.replace(spec.layers[0], kv_heads=1), *spec.layers[1:])
+    with pytest.raises(CheckpointError, match="trait per_layer_kv_heads"):
+        MLXArch(dataclasses.replace(spec, layers=layers), "config.json")
+    # and a model file without Gemma 4's keys refuses them all
+    llama = spec_of()
+    with pytest.raises(CheckpointError, match="trait kv_shared_layers"):
+        MLXArch(dataclasses.replace(llama, layers=(llama.layers[0], dataclasses.replace(llama.layers[1], kv_source=0))),
+                "config.json")

@@ -78,7 +78,7 @@ def test_sliding_window_mask_reaches_the_layers(small_model):
 
 @pytest.mark.parametrize("model_type", ["qwen3", "gemma2", "gemma3_text", "olmo2", "olmo3", "granite", "phi3",
                                         "smollm3", "lfm2", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next",
-                                        "granitemoehybrid", "ministral3"])
+                                        "granitemoehybrid", "ministral3", "gemma4_text"])
 def test_streamed_reference_runs_each_familys_own_code(model_type):
     """Per-layer masks and rope, Gemma's embedding scale buffer, soft-capped and scaled logits: all of the
     family's forward, layer by layer, equals its whole forward."""

@@ -145,3 +145,16 @@ def test_a_folder_runs_only_a_model_file_siliconvert_ships(engine, family_model,
     (folder / "custom.py").write_text((folder / "gemma2.py").read_text())
     with pytest.raises(ArtifactError, match=r"model_file 'custom\.py' is not one siliconvert ships"):
         MLXRunner(folder, {"engine": engine})
+
+
+def test_a_gemma4_folder_runs_in_mlx_however_slow(family_model, tmp_path, monkeypatch):
+    """mlx-lm's gemma4_text sizes its layers from keys (global_head_dim, kv-shared layers, per-layer inputs) that the
+    stand-in's rebuilt transformers config would lose: `auto` keeps it in mlx, and the stand-in refuses it by name."""
+    from siliconvert.errors import ArtifactError
+    from siliconvert.validate.runners import mlx as mlx_runner
+
+    path = build_mlx(family_model("gemma4_text"), tmp_path, bits=16).path
+    monkeypatch.setattr(mlx_runner, "MAX_CPU_SECONDS", 0)
+    assert choose_engine(path, {}) == "mlx"
+    with pytest.raises(ArtifactError, match="sizes its layers apart"):
+        MLXRunner(path, {"engine": "torch"})

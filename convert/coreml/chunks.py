@@ -62,6 +62,7 @@ class Chunk:
 
 def plan_chunks(spec: ModelSpec, chunks: int | str) -> list[Chunk]:
     """Split the layers into consecutive chunks: `chunks` of them, or by AUTO_CHUNK_BYTES for "auto"."""
+    check_traits(spec)
     if chunks == "auto":
         count = min(spec.num_layers, max(1, math.ceil(model_bytes(spec) / AUTO_CHUNK_BYTES)))
     elif chunks > spec.num_layers:
@@ -74,6 +75,24 @@ def plan_chunks(spec: ModelSpec, chunks: int | str) -> list[Chunk]:
               mixers=layers_by_mixer(spec, range(bounds[i], bounds[i + 1])))
         for i in range(count)
     ]
+
+
+# Traits no package's graph builds yet (ModelSpec.traits' names): Gemma 4's layers of their own sizes, keys shared
+# across layers and as values, per-layer inputs, values normed, layer scalars and proportional rope
+UNBUILT_TRAITS = ("per_layer_head_dim", "per_layer_kv_heads", "k_eq_v", "kv_shared_layers", "per_layer_mlp_width",
+                  "per_layer_input", "value_norm", "layer_output_scale")
+
+
+def check_traits(spec: ModelSpec) -> None:
+    """Refuse, by name, the first trait of the spec that the graph (graph.py) does not build."""
+    traits = spec.traits()
+    for trait in UNBUILT_TRAITS:
+        if trait in traits:
+            raise CheckpointError(f"Core ML cannot honour the trait {trait} ({traits[trait]}): its packages' "
+                                  "graph does not build it")
+    if traits.get("rope_scaling") == "proportional":
+        raise CheckpointError("Core ML cannot honour the trait rope_scaling (proportional): its packages' graph "
+                              "rotates the first dimensions of each head only")
 
 
 def layers_by_mixer(spec: ModelSpec, layers: range) -> tuple[tuple[Mixer, tuple[int, ...]], ...]:

@@ -89,6 +89,7 @@ class CoreMLWriter(Writer):
         calibration = calibration or Calibrations.outside_a_run(checkpoint)
         self.spec: ModelSpec = checkpoint.spec
         self.target = target
+        self.chunks = plan_chunks(self.spec, target.chunks)  # first: it refuses a trait no package builds
         self.model_name = model_name
         self.block = prefill_block(target.context)
         # The residual stream's scale (a power of two that keeps it in fp16: FP16Range in siliconvert/calibration.py)
@@ -106,7 +107,6 @@ class CoreMLWriter(Writer):
         recurrent = self.spec.mixer_layers("gated_delta") or self.spec.mixer_layers("mamba2")
         self.recurrent_range = calibration.recurrent_range() if recurrent else None
         self.recurrent_scale = self.recurrent_range.scale if self.recurrent_range else 1.0
-        self.chunks = plan_chunks(self.spec, target.chunks)
         self.needed = [required_tensors(self.spec, chunk) for chunk in self.chunks]
         self.arrived: set[Key] = set()
         self.writing: dict[int, PackageWriter] = {}  # fp16 packages with weights still to come, by chunk

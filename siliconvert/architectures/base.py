@@ -73,6 +73,14 @@ class Layer:
     rope: Rope | None  # None: no positional encoding (NoPE), and always None where the mixer is not attention
     sparse: bool = False  # the MLP is the model's mixture of experts (`ModelSpec.experts`), not a dense MLP
     mixer: Mixer = "attention"
+    # Gemma 4's layers apart: their own head size and k/v head count (0: the model's), keys that are also the values
+    # (no v_proj: k_eq_v), the earlier layer whose keys and values they attend to (None: their own; kv-shared layers
+    # have no k/v projections) and their MLP's width (0: intermediate_size; double-wide in the kv-shared layers)
+    head_dim: int = 0
+    kv_heads: int = 0
+    values_from_keys: bool = False
+    kv_source: int | None = None
+    intermediate_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -247,10 +255,27 @@ class ModelSpec:
     short_conv: ShortConv | None = None  # the mixer of the layers whose mixer is "short_conv"
     gated_delta: GatedDelta | None = None  # the mixer of the layers whose mixer is "gated_delta"
     mamba2: Mamba2 | None = None  # the mixer of the layers whose mixer is "mamba2"
+    # Per-layer inputs (Gemma 4's PLE), this many numbers per layer and token (0: none): a second embedding
+    # [per_layer_input_vocab, layers × per_layer_input] × √per_layer_input, plus the scaled embedding projected by
+    # per_layer_model_proj × hidden^-½ and RMS-normed per layer (per_layer_proj_norm), summed and × 2^-½. After a
+    # layer's MLP: h += post_norm(proj(gelu_tanh(inp_gate · h) × the layer's slice)).
+    per_layer_input: int = 0
+    per_layer_input_vocab: int = 0
+    value_norm: bool = False  # values RMS-normed per head, without a weight, before attention (Gemma 4)
+    layer_output_scale: bool = False  # each layer's output × a scalar of its own (Gemma 4's layer_scalar)
 
     @property
     def q_size(self) -> int:
         return self.num_heads * self.head_dim
+
+    def layer_head_dim(self, index: int) -> int:
+        return (self.layers[index].head_dim if self.layers else 0) or self.head_dim
+
+    def layer_kv_heads(self, index: int) -> int:
+        return (self.layers[index].kv_heads if self.layers else 0) or self.num_kv_heads
+
+    def layer_intermediate_size(self, index: int) -> int:
+        return (self.layers[index].intermediate_size if self.layers else 0) or self.intermediate_size
 
     @property
     def kv_size(self) -> int:
@@ -286,8 +311,19 @@ class ModelSpec:
                                          if layer.mixer == "attention" and layer.rope is None]
         if len({repr(rope) for rope in ropes if rope is not None}) > 1:
             departures["per_layer_rope"] = True
-        if any(rope is not None and rope.dim != self.head_dim for rope in ropes):
-            departures["partial_rotary"] = next(rope.dim for rope in ropes if rope is not None)
+        if partial := [layer.rope.dim for layer in attention if layer.rope is not None
+                       and layer.rope.dim != (layer.head_dim or self.head_dim)]:
+            departures["partial_rotary"] = partial[0]
+        if heads := {i: layer.head_dim for i, layer in enumerate(self.layers) if layer.head_dim}:
+            departures["per_layer_head_dim"] = heads
+        if kv_heads := {i: layer.kv_heads for i, layer in enumerate(self.layers) if layer.kv_heads}:
+            departures["per_layer_kv_heads"] = kv_heads
+        if k_eq_v := [i for i, layer in enumerate(self.layers) if layer.values_from_keys]:
+            departures["k_eq_v"] = k_eq_v
+        if shared := {i: layer.kv_source for i, layer in enumerate(self.layers) if layer.kv_source is not None}:
+            departures["kv_shared_layers"] = shared
+        if widths := {i: layer.intermediate_size for i, layer in enumerate(self.layers) if layer.intermediate_size}:
+            departures["per_layer_mlp_width"] = widths
         if self.rope is not None and self.rope.scaling is not None:
             departures["rope_scaling"] = self.rope.kind
         if self.experts is not None:
@@ -327,7 +363,7 @@ LLAMA_TRAITS: dict[str, Any] = {
     "norm_offset": 0.0, "norm_placement": "pre", "qk_norm": None, "activation": "silu", "embedding_scale": 1.0,
     "attention_scale": 0.0, "residual_scale": 1.0, "logits_scale": 1.0, "attn_softcap": None,
     "final_softcap": None, "fused_qkv": False, "fused_gate_up": False, "attn_output_gate": False,
-    "position_attention_scale": None,
+    "position_attention_scale": None, "per_layer_input": 0, "value_norm": False, "layer_output_scale": False,
 }
 
 
@@ -395,6 +431,16 @@ SHARED_EXPERT_TENSORS = {
     "model.layers.{layer}.mlp.shared_expert.down_proj": "ffn_down_shexp",
     "model.layers.{layer}.mlp.shared_expert_gate": "ffn_gate_inp_shexp",  # its sigmoid weight, one per token
 }
+# Gemma 4's per-layer inputs (`ModelSpec.per_layer_input`) and each layer's output scale
+PER_LAYER_INPUT_TENSORS = {
+    "model.embed_tokens_per_layer": "per_layer_token_embd",
+    "model.per_layer_model_projection": "per_layer_model_proj",
+    "model.per_layer_projection_norm": "per_layer_proj_norm",
+    "model.layers.{layer}.per_layer_input_gate": "per_layer_inp_gate",
+    "model.layers.{layer}.per_layer_projection": "per_layer_proj",
+    "model.layers.{layer}.post_per_layer_input_norm": "per_layer_post_norm",
+}
+LAYER_OUTPUT_SCALE_TENSORS = {"model.layers.{layer}.layer_scalar": "layer_output_scale"}
 # LFM2's gated short convolution, named as llama.cpp names it (blk.N.shortconv.conv, ...)
 SHORT_CONV_TENSORS = {
     "model.layers.{layer}.conv.in_proj": "shortconv.in_proj",
@@ -441,12 +487,19 @@ MLP_ROLES = ("ffn_gate", "ffn_up", "ffn_gate_up", "ffn_down")
 EXPERT_ROLES = (*EXPERT_TENSORS.values(), *SHARED_EXPERT_TENSORS.values())
 EXPERT_STACKS = ("ffn_gate_up_exps", "ffn_down_exps")
 # parameters of a module itself, without a .weight suffix: the expert stacks, the gated delta rule's dt_bias and A_log
-BARE_PARAMETERS = (*EXPERT_STACKS, "ssm_dt", "ssm_a", "ssm_d")
+BARE_PARAMETERS = (*EXPERT_STACKS, "ssm_dt", "ssm_a", "ssm_d", "layer_output_scale")
+# a layer's own keys and values: a kv-shared layer has none of these (a k_eq_v layer no attn_v)
+OWN_KV_ROLES = ("attn_k", "attn_v", "attn_k_norm")
 
 
-def role_shape(spec: ModelSpec, role: str) -> tuple[int, ...]:
-    """A weight's shape in the checkpoint (HF layout: linear weights are (out, in)); a bias is its first axis."""
-    h, q, kv, ff, d = spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size, spec.head_dim
+def role_shape(spec: ModelSpec, role: str, layer: int | None = None) -> tuple[int, ...]:
+    """A weight's shape in the checkpoint (HF layout: linear weights are (out, in)); a bias is its first axis. Sizes
+    of attention and MLP are `layer`'s own where its layer differs (Gemma 4)."""
+    h = spec.hidden_size
+    q, kv, ff, d = spec.q_size, spec.kv_size, spec.intermediate_size, spec.head_dim
+    if layer is not None:
+        d, ff = spec.layer_head_dim(layer), spec.layer_intermediate_size(layer)
+        q, kv = spec.num_heads * d, spec.layer_kv_heads(layer) * d
     shapes = {
         "token_embd": (spec.vocab_size, h), "output": (spec.vocab_size, h),
         "attn_q": (q, h), "attn_k": (kv, h), "attn_v": (kv, h), "attn_qkv": (q + 2 * kv, h), "attn_output": (h, q),
@@ -475,6 +528,12 @@ def role_shape(spec: ModelSpec, role: str) -> tuple[int, ...]:
         shapes |= {"ssm_in": (inner + mamba.conv_channels + heads, h),
                    "ssm_conv1d": (mamba.conv_channels, 1, mamba.conv_kernel), "ssm_dt": (heads,), "ssm_a": (heads,),
                    "ssm_d": (heads,), "ssm_norm": (inner,), "ssm_out": (h, inner)}
+    if size := spec.per_layer_input:
+        packed = spec.num_layers * size
+        shapes |= {"per_layer_token_embd": (spec.per_layer_input_vocab, packed), "per_layer_model_proj": (packed, h),
+                   "per_layer_proj_norm": (size,), "per_layer_inp_gate": (size, h), "per_layer_proj": (h, size)}
+    if spec.layer_output_scale:
+        shapes["layer_output_scale"] = (1,)
     if spec.short_conv is not None:  # the convolution as torch's Conv1d holds it: [channels, 1, kernel]
         shapes |= {"shortconv.in_proj": (3 * h, h), "shortconv.conv": (h, 1, spec.short_conv.kernel),
                    "shortconv.out_proj": (h, h)}
@@ -735,9 +794,7 @@ class Family:
         for template, role in self.tensor_names.items():
             if role == "output" and spec.tie_word_embeddings:
                 continue
-            parts = [(template if role in BARE_PARAMETERS else f"{template}.weight", role_shape(spec, role))]
-            if role in biased:
-                parts.append((f"{template}.bias", role_shape(spec, role)[:1]))
+            name = template if role in BARE_PARAMETERS else f"{template}.weight"
             layers = range(spec.num_layers) if "{layer}" in template else [None]
             if role in EXPERT_ROLES:  # a layer has the experts, the dense MLP, or (beside_dense) both
                 layers = [i for i in layers if spec.layers[i].sparse]
@@ -745,9 +802,14 @@ class Family:
                 layers = [i for i in layers if not spec.layers[i].sparse]
             if mixers := {mixer for mixer, roles in MIXER_ROLES.items() if role in roles}:
                 layers = [i for i in layers if spec.layers[i].mixer in mixers]  # and its own mixer's tensors only
+            if role in OWN_KV_ROLES:  # a kv-shared layer has no k/v projections, a k_eq_v layer no v_proj
+                layers = [i for i in layers if spec.layers[i].kv_source is None
+                          and not (role == "attn_v" and spec.layers[i].values_from_keys)]
             for layer in layers:
-                for name, shape in parts:
-                    shapes[name.format(layer=layer)] = shape
+                shape = role_shape(spec, role, layer)
+                shapes[name.format(layer=layer)] = shape
+                if role in biased:
+                    shapes[f"{template}.bias".format(layer=layer)] = shape[:1]
         return shapes
 
 
@@ -817,7 +879,13 @@ def transformers_config(config: dict[str, Any], model_type: str, where: str) -> 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return CONFIG_MAPPING[model_type](**values)
+            hf = CONFIG_MAPPING[model_type](**values)
+        if getattr(hf, "is_heterogeneous", False):
+            # its global sizes are the layers' default; a family reads per_layer_config for the layers apart (and
+            # transformers' note on reading them is advice for model code, not for this run's user)
+            hf.allow_global_per_layer_attribute_access = True
+            hf_logging.get_logger("transformers.integrations.heterogeneity.configuration_utils").setLevel("ERROR")
+        return hf
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"transformers rejects this config: {message}", where) from None

@@ -98,6 +98,10 @@ def stand_in_refusal(config: dict) -> str | None:
     if any(layout.folds_norm_offset for layout in layouts):
         return (f"mlx-lm's {config['model_type']} stores its norms as 1 + w and runs the gated delta rule: the torch "
                 "stand-in reads weights as transformers' own and cannot run this folder")
+    if any(layout.layers_apart for layout in layouts):
+        return (f"mlx-lm's {config['model_type']} sizes its layers apart (global heads, kv-shared layers, per-layer "
+                "inputs) from keys the torch stand-in does not rebuild into transformers' config: it cannot run this "
+                "folder")
     if any("mamba2" in layout.mixers for layout in layouts):
         return (f"mlx-lm's {config['model_type']} runs Mamba2 with its own names (the router as router.layer, the "
                 "shared MLP as mlp without experts): the torch stand-in reads weights as transformers' own and cannot "
