@@ -48,9 +48,10 @@ def chunk_by_chunk(path: Path, monkeypatch) -> CoreMLRunner:
 
 
 def window_by_window(path: Path, window: np.ndarray) -> np.ndarray:
-    """Logits of one window the way a device app runs it: block after block, each through every package."""
+    """Logits of one window the way a device app runs it: block after block, each through every package (on
+    the runner's default engine, torch: the same arithmetic, so the same bits)."""
     manifest = json.loads((path / "manifest.json").read_text())
-    programs = [MILProgram(path / entry["package"]) for entry in manifest["chunks"]]
+    programs = [MILProgram(path / entry["package"], "torch") for entry in manifest["chunks"]]
     states = [program.make_states("prefill") for program in programs]
     block = manifest["functions"]["prefill"]
     rows = []
