@@ -375,11 +375,18 @@ class TorchEngine:
 
     @contextmanager
     def running(self):
-        """float32 products in float32: TF32 off while a program runs (torch's default, made sure of)."""
-        precision = torch.get_float32_matmul_precision()
+        """While a program runs: float32 products in float32 (TF32 off: torch's default, made sure of); on the
+        CPU, one thread. The ops are many and small (a 7B decode step is about 40 per layer), and on a machine
+        whose cores are busy a second thread makes each op wait for the slower of the two: the demo's package
+        scored 4 windows of 256 tokens in 1.8 s on one thread and 11.8 s on two (2 cores, load average 14);
+        even a 1B model's largest product, 64 tokens by 2048 → 7168, took 81 to 109 ms on one and 128 on two."""
+        precision, threads = torch.get_float32_matmul_precision(), torch.get_num_threads()
         torch.set_float32_matmul_precision("highest")
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)
         try:
             with torch.inference_mode():
                 yield
         finally:
             torch.set_float32_matmul_precision(precision)
+            torch.set_num_threads(threads)
