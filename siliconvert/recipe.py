@@ -170,6 +170,8 @@ class CoreMLTarget(TargetSpec):
     precision: CoreMLPrecision | list[CoreMLPrecision] = "fp16"
     context: int = Field(512, ge=16)
     compute_units: Literal["all", "cpu_and_ne", "cpu_and_gpu", "cpu_only"] = "all"
+    # Where Core ML cannot run (Linux), what runs the MIL interpreter: torch (CUDA if present) or numpy.
+    interpreter: Literal["torch", "numpy"] = "torch"
     chunks: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
 
     @model_validator(mode="after")

@@ -109,8 +109,9 @@ def test_package_is_a_stateful_ml_program(converted):
 
 def test_fp16_logits_match_the_reference(converted):
     source, artifact, windows, reference = converted
-    runner = CoreMLRunner(artifact.path, {})
-    assert (runner.runtime, runner.device) == ("mil-interpreter", "CPU (emulated, not Core ML)")
+    runner = CoreMLRunner(artifact.path, artifact.runner_options)
+    assert artifact.runner_options["interpreter"] == "torch"  # the recipe's default
+    assert runner.runtime == "mil-interpreter" and runner.device.endswith("(emulated, not Core ML; torch)")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -118,6 +119,22 @@ def test_fp16_logits_match_the_reference(converted):
         assert runner.tokenize(text) == tokenizer.encode(text, add_special_tokens=False)
     scores = scores_of(artifact.path, windows, reference)
     assert scores.mean_kld < 0.01 and scores.same_top1 >= 0.95, scores
+
+
+def test_the_torch_interpreter_agrees_with_the_numpy_reference(converted):
+    """The whole package on torch (CUDA where present) and on numpy: the same logits within fp16 rounding, the
+    same top token; and the cache stepped through "decode" the same way."""
+    _, artifact, windows, _ = converted
+    on_torch, on_numpy = (CoreMLRunner(artifact.path, {"interpreter": engine}) for engine in ("torch", "numpy"))
+    assert on_numpy.device == "CPU (emulated, not Core ML; numpy)"
+    torch_logits, numpy_logits = on_torch.logits_many(windows[:2]), on_numpy.logits_many(windows[:2])
+    np.testing.assert_allclose(torch_logits, numpy_logits, atol=0.05)  # logits of a few units: fp16 ulps apart
+    assert (torch_logits.argmax(-1) == numpy_logits.argmax(-1)).mean() > 0.99
+    prompt, continuation = windows[0][:70], windows[0][70:74]  # past one prefill block, then decode
+    np.testing.assert_allclose(on_torch.cached_logits(prompt, continuation),
+                               on_numpy.cached_logits(prompt, continuation), atol=0.05)
+    with pytest.raises(ArtifactError, match="unknown MIL interpreter 'jax'"):
+        CoreMLRunner(artifact.path, {"interpreter": "jax"})
 
 
 def test_decode_through_the_cache_equals_prefill(converted):

@@ -55,3 +55,5 @@ def test_runtimes_name_each_runtime_with_a_status():
     found = runtimes()
     assert {"reference", "mlx", "llama.cpp", "coreml"} <= set(found)
     assert all(isinstance(status, str) and status for status in found.values())
+    assert found["coreml"].endswith(("MIL interpreter on torch, CPU (emulated)", "on torch, CUDA (emulated)",
+                                     "Core ML runtime (macOS)"))

@@ -17,6 +17,7 @@ from siliconvert.recipe import CoreMLTarget
 from siliconvert.validate.runners import coreml
 from siliconvert.validate.runners.coreml import CoreMLRunner
 from siliconvert.validate.runners.mil import MILProgram
+from siliconvert.validate.runners.mil.torch_ops import TorchEngine
 
 pytestmark = pytest.mark.slow
 
@@ -48,9 +49,10 @@ def chunk_by_chunk(path: Path, monkeypatch) -> CoreMLRunner:
 
 
 def window_by_window(path: Path, window: np.ndarray) -> np.ndarray:
-    """Logits of one window the way a device app runs it: block after block, each through every package."""
+    """Logits of one window the way a device app runs it: block after block, each through every package (on
+    the runner's default engine, torch: the same arithmetic, so the same bits)."""
     manifest = json.loads((path / "manifest.json").read_text())
-    programs = [MILProgram(path / entry["package"]) for entry in manifest["chunks"]]
+    programs = [MILProgram(path / entry["package"], "torch") for entry in manifest["chunks"]]
     states = [program.make_states("prefill") for program in programs]
     block = manifest["functions"]["prefill"]
     rows = []
@@ -78,6 +80,17 @@ def test_chunk_major_logits_are_the_window_by_window_logits(two_chunks, monkeypa
     assert np.array_equal(runner.logits_many(windows), expected)
     assert all(chunk.program._weights is None for chunk in runner.chunks)  # released after each package
     assert set(runner.unmeasured()) == {"latency"}  # the cache check still runs, through `cached_logits`
+
+
+def test_a_gpu_holds_the_weights_that_half_its_free_memory_holds(two_chunks, monkeypatch):
+    """On CUDA the budget is the GPU's (half of what is free, if more than RESIDENT_WEIGHT_BYTES), not the host's."""
+    monkeypatch.setattr(coreml, "RESIDENT_WEIGHT_BYTES", 0)
+    held = sum(CoreMLRunner(two_chunks, {}).chunks[i].program.held_bytes for i in range(2))
+    monkeypatch.setattr(TorchEngine, "free_bytes", lambda self: 2 * held)
+    assert not CoreMLRunner(two_chunks, {}).chunk_by_chunk
+    monkeypatch.setattr(TorchEngine, "free_bytes", lambda self: 2 * held - 2)
+    assert CoreMLRunner(two_chunks, {}).chunk_by_chunk
+    assert CoreMLRunner(two_chunks, {"interpreter": "numpy"}).chunk_by_chunk  # the host's budget
 
 
 def test_cached_logits_are_the_steps_through_the_cache(two_chunks, monkeypatch):

@@ -2,6 +2,8 @@
 float layers of the same weights (engine "mlx-dequantized", the default there), against mlx's own quantized
 kernels and against the same weights in float32; experts held in float32 where mlx's CPU needs them so."""
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -13,7 +15,13 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, Switch
 from test_moe import TINY, save_tiny
 
 from siliconvert.validate.metrics import compare
-from siliconvert.validate.runners.mlx import MLXRunner, WidenedExperts, choose_engine, dequantize_quantized_layers
+from siliconvert.validate.runners.mlx import (
+    MLXRunner,
+    WidenedExperts,
+    choose_engine,
+    dequantize_quantized_layers,
+    keep_cuda_kernels,
+)
 
 
 def mean_kld(expected: np.ndarray, logits: np.ndarray, windows: np.ndarray) -> float:
@@ -158,3 +166,16 @@ def test_a_gemma4_folder_runs_in_mlx_however_slow(family_model, tmp_path, monkey
     assert choose_engine(path, {}) == "mlx"
     with pytest.raises(ArtifactError, match="sizes its layers apart"):
         MLXRunner(path, {"engine": "torch"})
+
+
+def test_cuda_kernels_are_kept_per_mlx_version_and_gpu_architecture(tmp_path, monkeypatch):
+    """Compiled once per machine: in the siliconvert cache, not /tmp; a folder per architecture (mlx names its
+    cubins by kernel and shape only); a folder the user set stands."""
+    monkeypatch.setenv("SILICONVERT_CACHE", str(tmp_path))
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", "set here to be restored")
+    monkeypatch.delenv("MLX_PTX_CACHE_DIR")
+    folder = keep_cuda_kernels("sm_90")
+    assert folder == tmp_path / "mlx-cuda-kernels" / mx.__version__ / "sm_90"
+    assert os.environ["MLX_PTX_CACHE_DIR"] == str(folder)
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(tmp_path / "mine"))
+    assert keep_cuda_kernels("sm_100") == tmp_path / "mine"

@@ -201,7 +201,8 @@ class CoreMLWriter(Writer):
         self.writes.close()
         if self.planner is not None:
             self._compress_planned()
-        options = {"compute_units": self.target.compute_units, "state_bytes": self.state_bytes()}
+        options = {"compute_units": self.target.compute_units, "interpreter": self.target.interpreter,
+                   "state_bytes": self.state_bytes()}
         if self.compute():  # the runner shows it (CoreMLRunner.compute): the report prints it per artifact
             options["compute"] = self.compute()
         try:

@@ -82,7 +82,10 @@ def runtimes() -> dict[str, str]:
     if coreml and sys.platform == "darwin":
         found["coreml"] = f"coremltools {coreml}: Core ML runtime (macOS)"
     elif coreml:
-        found["coreml"] = f"coremltools {coreml}: conversion only; scoring by the MIL interpreter (emulated)"
+        from siliconvert.validate.runners.mil.torch_ops import TorchEngine
+
+        found["coreml"] = (f"coremltools {coreml}: conversion only; scoring by the MIL interpreter on torch, "
+                           f"{TorchEngine().device_name} (emulated)")
     else:
         found["coreml"] = "not installed"
     return found

@@ -1,5 +1,6 @@
 """Runs a Core ML artifact (the folder convert/coreml/ writes): on macOS through Core ML itself, elsewhere
-through the MIL interpreter (validate/runners/mil), which runs the same packages op by op in numpy.
+through the MIL interpreter (validate/runners/mil), which runs the same packages op by op in torch (on CUDA where
+there is a GPU, else the CPU; the default) or in numpy (its reference, the option `interpreter: numpy`).
 
 Both drive the chunk packages the same way: a fresh state per package per sequence; the prompt in blocks
 through "prefill" (the last block padded: padding writes K/V past the sequence, which the causal mask
@@ -10,8 +11,9 @@ experts their routers chose ("expert_ids"), which `expert_choices` gathers for t
 
 The work runs chunk-major: a package runs every call of every sequence asked for at once (all the scored
 windows, or a prompt and its continuation), keeping each call's hidden states for the next package, before
-the next package starts. On the interpreter, a model whose weights exceed RESIDENT_WEIGHT_BYTES is run chunk
-by chunk: only the package running holds its weights, so memory follows the largest package, not the model.
+the next package starts. On the interpreter, a model whose weights exceed RESIDENT_WEIGHT_BYTES (on CUDA: or
+half the GPU's free memory, if larger) is run chunk by chunk: only the package running holds its weights, so
+memory follows the largest package, not the model.
 Such a model decodes greedily in rounds of guessed tokens (`greedy`), and its latency is not measured
 (`unmeasured`): it would time reloads, and an emulator's speed says nothing about a device anyway.
 """
@@ -33,6 +35,7 @@ from siliconvert.progress import track
 from siliconvert.validate.runners.base import Runner
 
 COMPUTE_UNITS = ("all", "cpu_and_ne", "cpu_and_gpu", "cpu_only")
+INTERPRETERS = ("torch", "numpy")  # what runs the MIL interpreter's ops (validate/runners/mil)
 EXPERT_IDS = "expert_ids"  # a chunk output (graph.py names it): the experts its sparse layers chose (1, S, layers, k)
 # Weights (as the interpreter holds them: linear layers widened to float32) up to which it keeps every package
 # loaded; about 0.27 B parameters. Tests' and the demo's models are far below it, a 7B model far above.
@@ -50,13 +53,14 @@ class Call:
 
 class CoreMLRunner(Runner):
     """options: compute_units (macOS only); runtime "coreml" or "mil-interpreter" (default by platform);
-    compute: what the writer says the packages compute beyond the model's own work (a mixture of experts'
+    interpreter: "torch" (default) or "numpy", what runs the MIL interpreter's ops; compute: what the writer
+    says the packages compute beyond the model's own work (a mixture of experts'
     experts evaluated per token); state_bytes: the bytes of state a sequence keeps, by state; both shown, not
     used to run."""
 
     def __init__(self, path: Path, options: dict) -> None:
         self.path = Path(path)
-        unknown = set(options) - {"compute_units", "runtime", "compute", "state_bytes"}
+        unknown = set(options) - {"compute_units", "runtime", "interpreter", "compute", "state_bytes"}
         if unknown:
             raise ArtifactError(f"unknown Core ML runner option(s): {', '.join(sorted(unknown))}")
         self.manifest = read_manifest(self.path)
@@ -70,9 +74,14 @@ class CoreMLRunner(Runner):
             self.device = f"Apple {platform.machine()} (Core ML, compute units: {units})"
             self.chunk_by_chunk = False  # Core ML pages its models' weights itself
         elif self.runtime == "mil-interpreter":
-            self.chunks = [InterpretedPackage(p) for p in packages]
-            self.device = "CPU (emulated, not Core ML)"
-            self.chunk_by_chunk = sum(chunk.program.held_bytes for chunk in self.chunks) > RESIDENT_WEIGHT_BYTES
+            interpreter = options.get("interpreter", "torch")
+            if interpreter not in INTERPRETERS:
+                raise ArtifactError(f"unknown MIL interpreter {interpreter!r} ({' or '.join(INTERPRETERS)})")
+            self.chunks = [InterpretedPackage(p, interpreter) for p in packages]
+            engine = self.chunks[0].program.engine
+            self.device = f"{engine.device_name} (emulated, not Core ML; {interpreter})"
+            resident = max(RESIDENT_WEIGHT_BYTES, (engine.free_bytes() or 0) // 2)
+            self.chunk_by_chunk = sum(chunk.program.held_bytes for chunk in self.chunks) > resident
         else:
             raise ArtifactError(f"unknown Core ML runtime {self.runtime!r} (coreml or mil-interpreter)")
         self.tokenizer = load_tokenizer(self.path)
@@ -196,12 +205,12 @@ class CoreMLRunner(Runner):
 
 
 class InterpretedPackage:
-    """One chunk package on the MIL interpreter; a state is a dict of numpy arrays."""
+    """One chunk package on the MIL interpreter; a state is a dict of the engine's arrays."""
 
-    def __init__(self, package: Path):
+    def __init__(self, package: Path, interpreter: str):
         from siliconvert.validate.runners.mil import MILProgram
 
-        self.program = MILProgram(package)
+        self.program = MILProgram(package, interpreter)
 
     def make_state(self) -> dict[str, np.ndarray]:
         return self.program.make_states("decode")

@@ -1,4 +1,4 @@
-"""A saved .mlpackage, loaded back from disk and run op by op in numpy.
+"""A saved .mlpackage, loaded back from disk and run op by op, in numpy (the reference) or in torch.
 
 The spec comes from `MLModel(path, skip_model_load=True)`; const values come from the package's own
 weight.bin (values.py). Each function is compiled once into a list of steps; running it walks the list with
@@ -8,12 +8,17 @@ and reads/writes the caller's states in place.
 Compiling reads the spec and checks every blob record; the weights themselves (blob consts, and what load-time
 ops make of them) are read when a function first runs, and `release_weights` drops them again, so that a
 caller running a large model package by package holds one package's weights at a time.
+
+An engine holds the values and runs the ops: NumpyEngine (ops.py, the reference) or torch_ops.TorchEngine (the
+same semantics on CUDA or the CPU). Load-time ops run in numpy on either: once, on the bytes read from weight.bin;
+their results join the weights in the engine.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Hashable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,11 +66,59 @@ class Function:
     weights: dict[str, Hashable]  # names bound to weights → their key in the program's loaded weights
 
 
-class MILProgram:
-    """One ML Program package: run any of its functions on numpy inputs and a dict of states."""
+class NumpyEngine:
+    """Values as numpy arrays, ops from ops.py: the reference the torch engine is tested against."""
 
-    def __init__(self, package: Path):
+    ops = OPS
+    device_name = "CPU"
+
+    def value(self, array: np.ndarray) -> np.ndarray:
+        """A weight or an input, as this engine holds it."""
+        return array
+
+    def const(self, value):
+        """An immediate const (fp16 already widened), as this engine's ops take it."""
+        return value
+
+    def widen(self, value: np.ndarray) -> np.ndarray:
+        """A weight held for products: float32 (exactly), so that they run as float32 BLAS calls."""
+        return wide(value)
+
+    def zeros(self, declared: TensorType) -> np.ndarray:
+        return np.zeros(declared.shape, declared.dtype)
+
+    def store(self, result, declared: TensorType) -> np.ndarray:
+        return store(result, declared)
+
+    def output(self, value) -> np.ndarray:
+        return value
+
+    def running(self):
+        return nullcontext()
+
+    def free_bytes(self) -> int | None:
+        """Memory free on a device of its own (None: the host's, which RESIDENT_WEIGHT_BYTES budgets)."""
+        return None
+
+
+def engine_named(name: str):
+    """"numpy" or "torch" (on CUDA where torch sees a GPU, else on the CPU)."""
+    if name == "numpy":
+        return NumpyEngine()
+    if name == "torch":
+        from siliconvert.validate.runners.mil.torch_ops import TorchEngine
+
+        return TorchEngine()
+    raise ValueError(f"unknown MIL interpreter engine {name!r} (numpy or torch)")
+
+
+class MILProgram:
+    """One ML Program package: run any of its functions on numpy inputs and a dict of states (held by the
+    engine: numpy arrays or torch tensors), returning numpy outputs."""
+
+    def __init__(self, package: Path, engine: str = "numpy"):
         self.package = Path(package)
+        self.engine = engine_named(engine)
         logging.getLogger("coremltools").setLevel(logging.ERROR)  # it warns that it cannot predict here
         import coremltools as ct
 
@@ -96,12 +149,11 @@ class MILProgram:
             total += int(np.prod(declared.shape, dtype=np.int64)) * itemsize
         return total
 
-    def make_states(self, function: str) -> dict[str, np.ndarray]:
-        """Fresh (zeroed) states for one sequence."""
-        return {name: np.zeros(t.shape, t.dtype) for name, t in self.functions[function].states.items()}
+    def make_states(self, function: str) -> dict[str, Any]:
+        """Fresh (zeroed) states for one sequence, held by the engine."""
+        return {name: self.engine.zeros(t) for name, t in self.functions[function].states.items()}
 
-    def run(self, function: str, inputs: dict[str, np.ndarray], states: dict[str, np.ndarray]
-            ) -> dict[str, np.ndarray]:
+    def run(self, function: str, inputs: dict[str, np.ndarray], states: dict[str, Any]) -> dict[str, np.ndarray]:
         """Run a function; `states` is updated in place (write_state). Loads the weights if they are not."""
         fn = self.functions[function]
         weights = self._load()
@@ -111,29 +163,31 @@ class MILProgram:
             value = np.asarray(inputs[name])
             if value.shape != declared.shape:
                 raise ValueError(f"input {name!r} has shape {value.shape}, {function} takes {declared.shape}")
-            env[name] = value.astype(declared.dtype)
-        for step in fn.steps:
-            if step.op_type == "read_state":
-                results = [states[step.inputs["input"][0]]]
-            elif step.op_type == "write_state":
-                state = step.inputs["input"][0]
-                states[state] = env[step.inputs["data"][0]].astype(fn.states[state].dtype, copy=False)
-                continue
-            else:
-                results = self._call(step, env)
-            for (name, declared), result in zip(step.outputs, results, strict=True):
-                env[name] = store(result, declared, f"{self.package.name}:{function}:{step.name}")
-        return {name: env[name] for name in fn.outputs}
+            env[name] = self.engine.value(value.astype(declared.dtype))
+        with self.engine.running():
+            for step in fn.steps:
+                if step.op_type == "read_state":
+                    results = [states[step.inputs["input"][0]]]
+                elif step.op_type == "write_state":
+                    state = step.inputs["input"][0]
+                    states[state] = self.engine.store(env[step.inputs["data"][0]], fn.states[state])
+                    continue
+                else:
+                    results = self._call(step, env, self.engine.ops)
+                for (name, declared), result in zip(step.outputs, results, strict=True):
+                    env[name] = checked(self.engine.store(result, declared), declared,
+                                        f"{self.package.name}:{function}:{step.name}")
+        return {name: self.engine.output(env[name]) for name in fn.outputs}
 
     def release_weights(self) -> None:
         """Drop the loaded weights; the next run reads them again."""
         self._weights = None
 
-    def _call(self, step: Step, env: dict[str, Any]) -> list[np.ndarray]:
+    def _call(self, step: Step, env: dict[str, Any], ops: dict) -> list[Any]:
         args = {key: env[names[0]] if len(names) == 1 else [env[n] for n in names]
                 for key, names in step.inputs.items()}
         try:
-            result = OPS[step.op_type](**args)
+            result = ops[step.op_type](**args)
         except (Unsupported, TypeError, ValueError, IndexError) as e:  # a malformed op, named
             raise ArtifactError(f"op {step.op_type} ({step.name}): {e}", self.package) from None
         return list(result) if isinstance(result, tuple) else [result]
@@ -144,8 +198,8 @@ class MILProgram:
             # one weight at a time, widened as soon as it is read: the load holds no second copy of the package
             self._weights = {}
             for key in self._used_weights():
-                value = self._evaluate(key)
-                self._weights[key] = wide(value) if key in self._widened else value
+                value = self.engine.value(self._evaluate(key))
+                self._weights[key] = self.engine.widen(value) if key in self._widened else value
         return self._weights
 
     def _used_weights(self) -> set[Hashable]:
@@ -159,8 +213,8 @@ class MILProgram:
         if isinstance(source, Blob):
             return self.blobs.read(source)
         env = source.consts | {name: self._evaluate(k) for name, k in source.weights.items()}
-        step = source.step
-        return store(self._call(step, env)[0], step.outputs[0][1], f"{self.package.name}:{step.name}")
+        step, declared = source.step, source.step.outputs[0][1]
+        return checked(store(self._call(step, env, OPS)[0], declared), declared, f"{self.package.name}:{step.name}")
 
     # ---- compiling ----------------------------------------------------------------------------
     def _compile(self, function_name: str, function) -> Function:
@@ -208,7 +262,8 @@ class MILProgram:
             steps.append(step)
         used = {n for step in steps for names in step.inputs.values() for n in names} | set(block.outputs)
         return Function(steps, inputs, states, list(block.outputs),
-                        {n: v for n, v in consts.items() if n in used}, {n: k for n, k in weights.items() if n in used})
+                        {n: self.engine.const(v) for n, v in consts.items() if n in used},
+                        {n: k for n, k in weights.items() if n in used})
 
     def _const(self, name: str, value, declared: TensorType, where: str, consts: dict[str, Any],
                weights: dict[str, Hashable], keys: dict[str, Hashable]) -> None:
@@ -226,11 +281,15 @@ class MILProgram:
         weights[name] = offset
 
 
-def store(result: np.ndarray, declared: TensorType, where: str) -> np.ndarray:
-    """An op result in its declared type and shape (float results round to fp16 here, once per op)."""
-    result = np.asarray(result)
-    if result.shape != declared.shape:
-        raise ArtifactError(f"{where}: the interpreter computed shape {result.shape}, "
-                            f"the program declares {declared.shape}")
+def store(result: np.ndarray, declared: TensorType) -> np.ndarray:
+    """An op result in its declared type (float results round to fp16 here, once per op)."""
     with np.errstate(over="ignore"):  # values past ±65504 become ±inf in fp16, as on the device
-        return result.astype(declared.dtype, copy=False)
+        return np.asarray(result).astype(declared.dtype, copy=False)
+
+
+def checked(value, declared: TensorType, where: str):
+    """A stored result, refused unless it has the shape its op declares."""
+    if tuple(value.shape) != declared.shape:
+        raise ArtifactError(f"{where}: the interpreter computed shape {tuple(value.shape)}, "
+                            f"the program declares {declared.shape}")
+    return value

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The bench on a lent GPU machine (issue #29): a bare machine with python3 3.12 and a CUDA torch, no network.
+#
+#   here, once (network):   bash bench/gpu.sh prepare       # .whl/0, .whl/1: what the machine lacks, ≤ 56 MiB each
+#   there, one call a part: bash bench/gpu.sh stage          # carry .whl/N; the parts wait in $STAGE between calls
+#   there:                  bash bench/gpu.sh install        # a venv over the image's packages, llama.cpp built for CUDA
+#   there:                  bash bench/gpu.sh run --size 7b --only c    # bench.run's options; result and logs → $OUT
+#
+# What is carried (python 3.12, manylinux x86_64; versions of the H100 run of 2026-11-24): mlx 0.32.4 and its CUDA
+# backend mlx-cuda-13 0.32.4 (90 MB: more than one call's 64 MiB, so the parts are slices of one tar), mlx-lm
+# 0.32.2, gguf 0.19.0, coremltools 9.0 (+ cattrs, pyaml), pydantic 2.14.4 (+ pydantic-core, annotated-types,
+# typing-inspection), diskcache, and the llama-cpp-python 0.3.36 sdist without what neither its build nor llama.cpp's
+# converter reads (its .git, vendor/llama.cpp/docs and the tokenizer test vocabularies models/*.gguf): 77 MB → about 25.
+# The image has the rest (torch, transformers, numpy, safetensors, tokenizers, sentencepiece, click, rich, PyYAML,
+# matplotlib, jinja2, nvidia-* CUDA 13 libraries mlx-cuda-13 loads, cmake, ninja, scikit-build-core, nvcc).
+#
+# The machine stays warm 30 s after a call: make the stage/install/run calls one after the other. llama-cpp-python is
+# built with the system g++ (bench/README.md: built with the image's /opt/gcc wrapper, libggml-cuda crashed in
+# llama_model::print_info once numpy was imported). MLX keeps the CUDA kernels it compiles in the siliconvert cache
+# (validate/runners/mlx.py `keep_cuda_kernels`): a second run on the same machine compiles none.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STAGE=${STAGE:-/tmp/siliconvert-gpu}
+VENV=$STAGE/venv
+PART_BYTES=$((56 * 1024 * 1024))  # a call carries 64 MiB, the working tree (2 MB) included
+
+prepare() {
+    local work=/tmp/siliconvert-gpu-prepare
+    rm -rf "$work" .whl && mkdir -p "$work/files" .whl
+    python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$work/files" \
+        mlx==0.32.4 mlx-cuda-13==0.32.4 mlx-lm==0.32.2 gguf==0.19.0 coremltools==9.0 cattrs pyaml \
+        pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection diskcache
+    python3 -m pip download --quiet --no-deps --no-binary :all: -d "$work" llama-cpp-python==0.3.36
+    tar -xzf "$work"/llama_cpp_python-0.3.36.tar.gz -C "$work"
+    local source=$work/llama_cpp_python-0.3.36
+    rm -rf "$source/.git" "$source/vendor/llama.cpp/docs" "$source"/vendor/llama.cpp/models/*.gguf
+    tar -czf "$work/files/llama_cpp_python-0.3.36.tar.gz" -C "$work" llama_cpp_python-0.3.36
+    tar -cf "$work/bundle.tar" -C "$work/files" .
+    split -b "$PART_BYTES" -d -a 1 "$work/bundle.tar" "$work/bundle.tar.part-"
+    for part in "$work"/bundle.tar.part-*; do
+        mkdir -p ".whl/${part##*-}" && mv "$part" ".whl/${part##*-}/"
+    done
+    ls -l "$work/files"
+    du -sh .whl/* && echo "carry each .whl/N in its own call: bash bench/gpu.sh stage"
+}
+
+stage() {
+    mkdir -p "$STAGE/parts"
+    cp -v .whl/*/bundle.tar.part-* "$STAGE/parts/"
+}
+
+install() {
+    mkdir -p "$STAGE/files"
+    cat "$STAGE"/parts/bundle.tar.part-* | tar -xf - -C "$STAGE/files"
+    python3 -m venv --system-site-packages "$VENV"
+    "$VENV/bin/python" -m pip install --quiet --no-index --no-deps "$STAGE"/files/*.whl
+    # llama.cpp for CUDA, Hopper only (one architecture: minutes, not tens of minutes), with the system compiler
+    CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ \
+        CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_HOST_COMPILER=/usr/bin/g++" \
+        CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+        "$VENV/bin/python" -m pip install --no-index --no-deps --no-build-isolation \
+        "$STAGE/files/llama_cpp_python-0.3.36.tar.gz"
+    "$VENV/bin/python" -m pip install --quiet --no-index --no-deps --no-build-isolation .
+    "$VENV/bin/siliconvert" doctor
+}
+
+run() {
+    # the bench's own llama.cpp converter comes from the same sdist (pip download, found here, no network)
+    export PIP_NO_INDEX=1 PIP_FIND_LINKS=$STAGE/files HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    status=0
+    "$VENV/bin/python" -m bench.run "$@" || status=$?
+    if [ -n "${OUT:-}" ]; then  # what the device tool brings back: the results and the commands' logs
+        cp bench/results/*.json "$OUT/" 2>/dev/null || true  # each holds its stages (timings.json's)
+        tar -czf "$OUT/logs.tar.gz" $(find bench/work -mindepth 2 -maxdepth 2 -name logs -type d) 2>/dev/null || true
+    fi
+    return $status
+}
+
+case "${1:-}" in
+    prepare | stage | install) "$1" ;;
+    run) shift && run "$@" ;;
+    *) echo "usage: bash bench/gpu.sh prepare | stage | install | run [bench.run options]" >&2 && exit 2 ;;
+esac
