@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The bench on a lent GPU machine (issue #29): a bare machine with python3 3.12 and a CUDA torch, no network.
 #
-#   here, once (network):   bash bench/gpu.sh prepare       # .whl/0, .whl/1: what the machine lacks, ≤ 56 MiB each
+#   here, once (network):   bash bench/gpu.sh prepare       # .whl/0, .whl/1: what the machine lacks, ≤ 59 MiB each
 #   there, one call a part: bash bench/gpu.sh stage          # carry .whl/N; the parts wait in $STAGE between calls
 #   there:                  bash bench/gpu.sh install        # a venv over the image's packages, llama.cpp built for CUDA
 #   there:                  bash bench/gpu.sh run --size 7b --only c    # bench.run's options; result and logs → $OUT
@@ -9,9 +9,11 @@
 # What is carried (python 3.12, manylinux x86_64; versions of the H100 run of 2026-11-24): mlx 0.32.4 and its CUDA
 # backend mlx-cuda-13 0.32.4 (90 MB: more than one call's 64 MiB, so the parts are slices of one tar), mlx-lm
 # 0.32.2, gguf 0.19.0, coremltools 9.0 (+ cattrs, pyaml), pydantic 2.14.4 (+ pydantic-core, annotated-types,
-# typing-inspection), diskcache, and the llama-cpp-python 0.3.36 sdist without what neither its build nor llama.cpp's
-# converter reads (its .git, vendor/llama.cpp/docs and the tokenizer test vocabularies models/*.gguf): 77 MB → about 25.
-# The image has the rest (torch, transformers, numpy, safetensors, tokenizers, sentencepiece, click, rich, PyYAML,
+# typing-inspection), diskcache, transformers 5.25.0 + huggingface_hub 2.4.0 (the image's 5.17 lacks this year's
+# families), and the llama-cpp-python 0.3.36 sdist without what neither its CUDA build nor llama.cpp's converter reads
+# (its .git, vendor/llama.cpp/docs, tests, benches, the web UI, the other backends' sources and the tokenizer test
+# vocabularies models/*.gguf): 77 MB → about 7.
+# The image has the rest (torch, numpy, safetensors, tokenizers, sentencepiece, click, rich, PyYAML,
 # matplotlib, jinja2, nvidia-* CUDA 13 libraries mlx-cuda-13 loads, cmake, ninja, scikit-build-core, nvcc).
 #
 # The machine stays warm 30 s after a call: make the stage/install/run calls one after the other. llama-cpp-python is
@@ -22,7 +24,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${STAGE:-/tmp/siliconvert-gpu}
 VENV=$STAGE/venv
-PART_BYTES=$((56 * 1024 * 1024))  # a call carries 64 MiB, the working tree (2 MB) included
+PART_BYTES=$((59 * 1024 * 1024))  # a call carries 64 MiB, the working tree (about 3 MB) included
 
 prepare() {
     local work=/tmp/siliconvert-gpu-prepare
@@ -31,11 +33,14 @@ prepare() {
         --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$work/files" \
         mlx==0.32.4 mlx-cuda-13==0.32.4 mlx-lm==0.32.2 gguf==0.19.0 coremltools==9.0 cattrs pyaml \
-        pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection diskcache
+        pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection diskcache \
+        transformers==5.25.0 huggingface_hub==2.4.0
     python3 -m pip download --quiet --no-deps --no-binary :all: -d "$work" llama-cpp-python==0.3.36
     tar -xzf "$work"/llama_cpp_python-0.3.36.tar.gz -C "$work"
     local source=$work/llama_cpp_python-0.3.36
-    rm -rf "$source/.git" "$source/vendor/llama.cpp/docs" "$source"/vendor/llama.cpp/models/*.gguf
+    rm -rf "$source/.git" "$source/vendor/llama.cpp/docs" "$source"/vendor/llama.cpp/models/*.gguf \
+        "$source"/vendor/llama.cpp/{tests,benches,media,tools/ui} \
+        "$source"/vendor/llama.cpp/ggml/src/ggml-{openvino,webgpu,et,metal,hexagon,sycl,vulkan,opencl,cann,musa,zdnn}
     tar -czf "$work/files/llama_cpp_python-0.3.36.tar.gz" -C "$work" llama_cpp_python-0.3.36
     tar -cf "$work/bundle.tar" -C "$work/files" .
     split -b "$PART_BYTES" -d -a 1 "$work/bundle.tar" "$work/bundle.tar.part-"
