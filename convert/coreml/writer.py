@@ -48,10 +48,10 @@ from siliconvert.convert.coreml.package import (
     replace_atomically,
     write_package,
 )
-from siliconvert.convert.coreml.plan import WeightPlanner
+from siliconvert.convert.coreml.plan import ColumnImportance, WeightPlanner
 from siliconvert.convert.coreml.weights import PlaceholderWeights, QuantizedWeights, StoredWeights
 from siliconvert.errors import CheckpointError, OutputError
-from siliconvert.quantize.coreml import quantize_weights
+from siliconvert.quantize.coreml import palette_of, quantize_weights
 from siliconvert.quantize.plan import Plan
 from siliconvert.recipe import CoreMLTarget
 
@@ -72,8 +72,10 @@ def active_seconds(intervals: list[tuple[float, float]]) -> float:
 
 def calibration_needs(target: CoreMLTarget) -> dict[str, set[str]]:
     """Calibration text → the parts a target's writer asks for: the residual stream's range (every package runs in
-    fp16), and a plan's importance."""
-    return {BUILTIN: {RANGE} | ({IMPORTANCE, SENSITIVITY} if target.plan else set())}
+    fp16), a plan's importance and sensitivity, and the importance a palette's k-means weighs columns by."""
+    palettes = any(palette_of(p) for p in target.precisions)
+    return {BUILTIN: {RANGE} | ({IMPORTANCE, SENSITIVITY} if target.plan else set())
+            | ({IMPORTANCE} if palettes else set())}
 
 
 class CoreMLWriter(Writer):
@@ -132,6 +134,10 @@ class CoreMLWriter(Writer):
         self.planner = WeightPlanner(checkpoint, target.plan, calibration=calibration) if target.plan else None
         self.quant_plan: Plan | None = None
         self.fp16_blobs: dict[int, dict[str, tuple[int, int]]] = {}
+        # what a palette's k-means weighs each weight's columns by (quantize/coreml.py `kmeans_lut`); a plan may
+        # choose palettes too
+        self.columns = (ColumnImportance(checkpoint, calibration.get(BUILTIN, {IMPORTANCE}).importance)
+                        if target.plan or any(palette_of(p) for p in target.precisions) else None)
         self.work = {p: f.with_name(f".{f.name}.tmp-{os.getpid()}") for p, f in self.folders.items()}
         self._state = "open"
         try:
@@ -369,7 +375,8 @@ class CoreMLWriter(Writer):
         package (memory-mapped): coremltools' quantization pass runs on one function, and both functions take
         the weights it chose. Slower than the fp16 path, and it holds the chunk's compressed weights until its
         package is written."""
-        quantized = quantize_weights(self._function(chunk, stored), precision_of)
+        importance = self.columns.by_weight(chunk, self.needed[chunk.index]) if self.columns else {}
+        quantized = quantize_weights(self._function(chunk, stored), precision_of, importance.get)
         program = build_program(self.spec, chunk, self.block, self.target.context,
                                 QuantizedWeights(stored, quantized), self.stream_scale, self.recurrent_scale)
         package = self.work[variant] / chunk.package
