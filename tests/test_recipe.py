@@ -37,6 +37,7 @@ def test_all_formats_parse():
     ({**MINIMAL, "targets": [{"format": "onnx"}]}, "unknown format 'onnx'"),
     ({**MINIMAL, "targets": [{"format": "mlx", "bits": 7}]}, "targets.0.bits"),
     ({**MINIMAL, "targets": [{"format": "gguf", "quants": ["Q9_K"]}]}, "targets.0.quants.0"),
+    ({**MINIMAL, "targets": [{"format": "coreml", "precision": ["pal5"]}]}, "targets.0.precision"),
     ({**MINIMAL, "validate": {"tokens": "many"}}, "validate.tokens"),
     ({**MINIMAL, "validate": {"gates": {"min_same_top1": 2}}}, "validate.gates.min_same_top1"),
     ({**MINIMAL, "validate": {"tokens": 64, "context": 128}}, "context must not exceed"),
