@@ -21,6 +21,11 @@ k-means). Joint compression (`pal<bits>-lut8`): the tables are then stored as in
 weight, by the linear pass in joint-compression mode (`constexpr_blockwise_shift_scale` feeding the table), as
 ANE-first projects ship them.
 
+Error compensation for the linear precisions (int8, int4): where an importance is known, each block's scale is
+the one (of a grid around the pass's max/7, then refined by least squares) that minimises the same importance-
+weighted output error, its values rounded at that scale (`fit_scales`; llama.cpp's K-quants search their scales
+the same way with an importance matrix). The ops and their layout stay the pass's own.
+
 A planned package (precision: auto) gives each weight its own precision, int4 also in blocks of 16, 64 or 128
 (`int4-b<n>`), and the palettes: the pass takes one config per op, and `quantize_weights` asks `precision_of` for
 each weight id.
@@ -70,6 +75,7 @@ INT8_LUT = "-lut8"  # a palette whose tables are stored as int8 (joint compressi
 # the fixed choices a recipe names (recipes/README.md); a plan also takes int4-b<n> and pal<bits>-g<n>[-lut8]
 PRECISIONS = ("int8", "int4", *(f"pal{bits}" for bits in PALETTE_BITS),
               *(f"pal{bits}{INT8_LUT}" for bits in PALETTE_BITS if bits < 8))
+SCALE_GRID = np.linspace(0.6, 1.1, 26)  # multiples of a block's max/qmax scale that fit_scales tries
 KMEANS_ROUNDS = 100  # Lloyd rounds at most; they stop earlier once no value changes cluster
 
 
@@ -170,6 +176,40 @@ def _lloyd(values: np.ndarray, mass: np.ndarray, centres: np.ndarray) -> np.ndar
     return centres
 
 
+def fit_scales(weight: np.ndarray, made: QuantizedWeight, importance: np.ndarray) -> QuantizedWeight:
+    """A symmetric linear quantization of `weight` (as the pass `made` it: its blocks, value range and dtypes) with
+    each block's scale chosen for the least importance-weighted error Σ imp_j (w_j − s·q_j)²: the grid SCALE_GRID
+    × the pass's scale, then the least-squares scale of the best grid point's values, kept where it is better.
+    Scales are fp16, as stored, before the values are rounded at them."""
+    rows, blocks = made.scale.shape[0], made.scale.shape[1]
+    values = weight.reshape(rows, blocks, -1).astype(np.float32)
+    weights = _weighing(importance).reshape(1, blocks, -1).astype(np.float32)
+    limit = float(np.abs(made.data).max()) or 1.0  # the pass's range: ±7 for int4, ±127 for int8
+    limit = float(2 ** int(np.ceil(np.log2(limit + 1))) - 1)  # the full range even where no value reached it
+
+    def rounded(scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scale = scale.astype(np.float16).astype(np.float32)
+        safe = np.where(scale == 0, 1, scale)
+        q = np.clip(np.round(values / safe[..., None]), -limit, limit)
+        return q, (weights * (values - scale[..., None] * q) ** 2).sum(-1)
+
+    base = made.scale.reshape(rows, blocks).astype(np.float32)
+    best_scale, (best_q, best_error) = base, rounded(base)
+    for factor in SCALE_GRID:
+        q, error = rounded(base * factor)
+        better = error < best_error
+        best_scale = np.where(better, base * factor, best_scale)
+        best_q, best_error = np.where(better[..., None], q, best_q), np.where(better, error, best_error)
+    denominator = (weights * best_q**2).sum(-1)
+    fitted = np.where(denominator > 0, (weights * values * best_q).sum(-1) / np.where(denominator > 0, denominator, 1),
+                      best_scale)
+    q, error = rounded(fitted)
+    better = error < best_error
+    best_scale, best_q = np.where(better, fitted, best_scale), np.where(better[..., None], q, best_q)
+    return QuantizedWeight(best_q.reshape(made.data.shape).astype(made.data.dtype),
+                           best_scale.reshape(made.scale.shape).astype(made.scale.dtype), made.offset)
+
+
 def _weighing(importance: np.ndarray) -> np.ndarray:
     """Column weights from an importance row: relative to its mean, with a floor so that a column the calibration
     never saw active still counts a little (its weights are not free to go anywhere)."""
@@ -210,7 +250,8 @@ def quantize_weights(function: Function, precision_of: Callable[[str], str | Non
     """Run coremltools' compression passes over the consts with a weight_id of a one-function program, each at
     `precision_of(weight id)` (None: left fp16, as the shared consts must be: RoPE tables and index ranges carry
     weight ids too): palettization first, then linear quantization of the int8/int4 weights, then (joint
-    compression) of the int8 tables. A palette's k-means weighs its columns by `importance_of(weight id)`.
+    compression) of the int8 tables. A palette's k-means weighs its columns by `importance_of(weight id)`, and a
+    linear weight's scales are fitted to it (`fit_scales`).
     Return what the passes made of each weight, by weight id; weights they leave alone (asked to, too small, or
     1-D) are absent. `function` is consumed: the passes rewrite it."""
     uses = []  # (weight id, the op that reads its const, under which input, its precision)
@@ -219,6 +260,9 @@ def quantize_weights(function: Function, precision_of: Callable[[str], str | Non
             (reader,) = op.outputs[0].child_ops
             uses.append((op.weight_id, reader, next(k for k, v in reader.inputs.items() if v is op.outputs[0]),
                          precision))
+    # the values of the linear weights an importance compensates (fit_scales), before the passes replace them
+    originals = {weight: reader.inputs[key].val for weight, reader, key, precision in uses
+                 if not palette_of(precision) and importance_of(weight) is not None}
     program = Program()
     program.add_function("main", function)
     palettes = {reader.inputs[key].op.name: palette_config(palette, importance_of(weight))
@@ -239,6 +283,8 @@ def quantize_weights(function: Function, precision_of: Callable[[str], str | Non
         if op.op_type == QUANTIZED_OP:
             offset = op.inputs.get("offset")
             made = QuantizedWeight(op.data.val, op.scale.val, None if offset is None else offset.val)
+            if weight in originals:
+                made = fit_scales(originals[weight], made, importance_of(weight))
         elif op.op_type == PALETTIZED_OP:
             table = op.lut.op
             made = (PalettizedWeight(op.indices.val, table.data.val, table.scale.val) if table.op_type == QUANTIZED_OP
@@ -286,7 +332,8 @@ def compressible(function: Function, weights: Collection[str]) -> Iterator[tuple
 
 def compress(weight: np.ndarray, precision: str, importance: np.ndarray | None = None) -> CompressedWeight | None:
     """An (output channels × input channels) weight as the passes compress it at `precision`, through their own
-    functions (`blockwise_compress_by_dtype`, with the block sizes the linear pass infers for such a weight;
+    functions (`blockwise_compress_by_dtype`, with the block sizes the linear pass infers for such a weight, its
+    scales fitted to `importance` where given;
     `grouped_channelwise_compress` with our k-means, `importance` weighing its columns, for a palette); None where
     they cannot (input channels not a whole number of blocks, output channels not of groups), as the passes then
     leave it fp16."""
@@ -304,7 +351,10 @@ def compress(weight: np.ndarray, precision: str, importance: np.ndarray | None =
     config = weight_config(precision)
     columns = config.block_size if config.granularity == CompressionGranularity.PER_BLOCK else 0
     made = linear_quantize_weights.blockwise_compress_by_dtype(weight, config.dtype, config.mode, [1, columns])
-    return None if made is None else QuantizedWeight(made.data, made.scale, made.offset)
+    if made is None:
+        return None
+    made = QuantizedWeight(made.data, made.scale, made.offset)
+    return made if importance is None else fit_scales(weight, made, importance)
 
 
 def decompress(weight: CompressedWeight) -> np.ndarray:
