@@ -51,7 +51,7 @@ from siliconvert.convert.coreml.package import (
 from siliconvert.convert.coreml.plan import ColumnImportance, WeightPlanner
 from siliconvert.convert.coreml.weights import PlaceholderWeights, QuantizedWeights, StoredWeights
 from siliconvert.errors import CheckpointError, OutputError
-from siliconvert.quantize.coreml import palette_of, quantize_weights
+from siliconvert.quantize.coreml import quantize_weights
 from siliconvert.quantize.plan import Plan
 from siliconvert.recipe import CoreMLTarget
 
@@ -72,10 +72,11 @@ def active_seconds(intervals: list[tuple[float, float]]) -> float:
 
 def calibration_needs(target: CoreMLTarget) -> dict[str, set[str]]:
     """Calibration text → the parts a target's writer asks for: the residual stream's range (every package runs in
-    fp16), a plan's importance and sensitivity, and the importance a palette's k-means weighs columns by."""
-    palettes = any(palette_of(p) for p in target.precisions)
+    fp16), a plan's importance and sensitivity, and the importance every compressed package's weights are fitted
+    to (a palette's k-means, int4 / int8 scales: quantize/coreml.py)."""
+    compressed = len(target.precisions) > 1
     return {BUILTIN: {RANGE} | ({IMPORTANCE, SENSITIVITY} if target.plan else set())
-            | ({IMPORTANCE} if palettes else set())}
+            | ({IMPORTANCE} if compressed else set())}
 
 
 class CoreMLWriter(Writer):
@@ -134,10 +135,9 @@ class CoreMLWriter(Writer):
         self.planner = WeightPlanner(checkpoint, target.plan, calibration=calibration) if target.plan else None
         self.quant_plan: Plan | None = None
         self.fp16_blobs: dict[int, dict[str, tuple[int, int]]] = {}
-        # what a palette's k-means weighs each weight's columns by (quantize/coreml.py `kmeans_lut`); a plan may
-        # choose palettes too
+        # what compressed weights are fitted to (quantize/coreml.py: a palette's k-means, int4 / int8 scales)
         self.columns = (ColumnImportance(checkpoint, calibration.get(BUILTIN, {IMPORTANCE}).importance)
-                        if target.plan or any(palette_of(p) for p in target.precisions) else None)
+                        if len(target.precisions) > 1 else None)
         self.work = {p: f.with_name(f".{f.name}.tmp-{os.getpid()}") for p, f in self.folders.items()}
         self._state = "open"
         try:
