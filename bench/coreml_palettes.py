@@ -1,12 +1,13 @@
 """Core ML compression beside GGUF Q4_K_M (issue #28's Core ML part): every fixed precision and a plan at Q4_K_M's
-size, on the demo model and a family checkpoint, and the palettes' importance-weighted k-means against plain.
+size, on the demo model and a family checkpoint, and the importance-fitted weights against plain ones.
 
 For each model this runs one recipe (`siliconvert recipe`'s own run, in this process): GGUF Q4_K_M (llama.cpp's
 recipe, builtin importance matrix), Core ML int8, int4, every palette and `precision: auto` planned at Q4_K_M's
 bytes; every artifact is scored on the same windows against the same float32 transformers reference (Core ML by the
-MIL interpreter). Then the palettes again with plain k-means (every value weighing alike: the writer's column
-importance switched off in this process), scored on the same windows. Bits per weight are the artifact's bytes × 8
-over the checkpoint's parameters (everything the folder holds: tables, scales, the spec, tokenizer files).
+MIL interpreter). Then int4 and the palettes again, plain (the pass's max/7 scales, k-means with every value
+weighing alike: the writer's column importance switched off in this process), scored on the same windows. Bits
+per weight are the artifact's bytes × 8 over the checkpoint's parameters (everything the folder holds: tables,
+scales, the spec, tokenizer files).
 
     .venv/bin/python -m bench.coreml_palettes [--only demo,qwen3] [--tokens 512] [--context 256]
 
@@ -28,7 +29,7 @@ from bench.run import RESULTS_DIR, WORK_DIR
 
 OUT = WORK_DIR / "coreml-palettes"
 FIXED = ["int8", "int4", "pal8", "pal6", "pal4", "pal4-lut8", "pal3", "pal3-lut8", "pal2"]
-PALETTES = [p for p in FIXED if p.startswith("pal")]
+PLAIN = ["int4", *(p for p in FIXED if p.startswith("pal"))]  # scored again without the importance
 MODELS = ("demo", "qwen3")
 
 
@@ -69,14 +70,13 @@ def measure(model: str, tokens: int, context: int) -> dict:
               "plan": {"size_mb": round(size_mb, 3)}}
     weighted = run(model, "weighted", [coreml], tokens, context)
     of = coreml_plan.ColumnImportance.of
-    coreml_plan.ColumnImportance.of = lambda self, chunk, key, rows: None  # plain k-means: no column weighs more
+    coreml_plan.ColumnImportance.of = lambda self, chunk, key, rows: None  # plain: no column weighs more
     try:
-        plain = run(model, "plain", [{"format": "coreml", "context": context, "precision": PALETTES}], tokens,
-                    context)
+        plain = run(model, "plain", [{"format": "coreml", "context": context, "precision": PLAIN}], tokens, context)
     finally:
         coreml_plan.ColumnImportance.of = of
     rows = rows_of(anchor, parameters) + rows_of(weighted, parameters)
-    rows += [r for r in rows_of(plain, parameters, " (plain k-means)") if r["quant"] != "fp16 (plain k-means)"]
+    rows += [r for r in rows_of(plain, parameters, " (plain)") if r["quant"] != "fp16 (plain)"]
     best = min((r for r in rows if r["format"] != q4["format"] and r["bytes"] <= q4["size_bytes"]),
                key=lambda r: r["mean_kld"])
     return {"model": model, "parameters": parameters, "rows": rows,
