@@ -139,8 +139,7 @@ def kmeans_lut(values: np.ndarray, bits: int, importance: np.ndarray | None) -> 
     their summed weights: first every value alike, from the quantiles, then (with an importance) weighted, from
     there: a Lloyd round never raises the error it minimises, so the weighted table is never worse than the plain
     one by the weighted error. The indices pick the nearest fp16 table entry."""
-    flat = values.reshape(-1).astype(np.float32)
-    distinct, where = np.unique(flat, return_inverse=True)
+    distinct, where = _distinct_fp16(values)
     size = 1 << bits
     if len(distinct) <= size:
         lut = np.concatenate([distinct, np.full(size - len(distinct), distinct[-1])])
@@ -151,7 +150,7 @@ def kmeans_lut(values: np.ndarray, bits: int, importance: np.ndarray | None) -> 
     centres = _lloyd(distinct, counts, centres.astype(np.float64))
     if importance is not None:
         weights = np.tile(_weighing(importance), len(values))
-        if len(weights) != len(flat):
+        if len(weights) != len(where):
             raise ValueError(f"an importance of {len(importance)} columns for a group of shape {values.shape}")
         centres = _lloyd(distinct, np.bincount(where, weights), centres)
     lut = np.sort(centres.astype(np.float16))
@@ -160,19 +159,38 @@ def kmeans_lut(values: np.ndarray, bits: int, importance: np.ndarray | None) -> 
     return lut, nearest[where].astype(np.uint8)
 
 
+def _distinct_fp16(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of an fp16 array, ascending (float64), and each value's index among them: counted
+    through their bit patterns, made to sort as the numbers do (sign bit flipped for positives, every bit for
+    negatives), so no sort of the values is needed (np.unique's argsort was most of a group's time)."""
+    pattern = values.astype(np.float16).reshape(-1).view(np.uint16)
+    key = np.where(pattern & 0x8000, ~pattern, pattern | 0x8000)
+    present = np.flatnonzero(np.bincount(key, minlength=1 << 16)).astype(np.uint16)
+    rank = np.zeros(1 << 16, np.int64)
+    rank[present] = np.arange(len(present))
+    patterns = np.where(present & 0x8000, present ^ 0x8000, ~present).astype(np.uint16)
+    return patterns.view(np.float16).astype(np.float64), rank[key]
+
+
 def _lloyd(values: np.ndarray, mass: np.ndarray, centres: np.ndarray) -> np.ndarray:
     """1-D k-means (Lloyd) of sorted distinct `values` of weight `mass`, from `centres`, until no value changes
-    cluster (KMEANS_ROUNDS at most). An empty cluster keeps its centre."""
-    cluster = None
+    cluster (KMEANS_ROUNDS at most). A cluster of sorted values is a run of them, cut where the centres' midpoints
+    fall, so a round costs a search per centre and its sums come from running sums, not a pass over the values.
+    An empty cluster keeps its centre."""
+    running_mass = np.concatenate([[0.0], np.cumsum(mass)])
+    running_moment = np.concatenate([[0.0], np.cumsum(mass * values)])
+    cuts = None
     for _ in range(KMEANS_ROUNDS):
         centres = np.sort(centres)
-        chosen = np.searchsorted((centres[1:] + centres[:-1]) / 2, values)
-        if cluster is not None and np.array_equal(chosen, cluster):
+        # a value goes to the centre it is nearest, the lower one at a midpoint
+        chosen = np.concatenate([[0], np.searchsorted(values, (centres[1:] + centres[:-1]) / 2, side="right"),
+                                 [len(values)]])
+        if cuts is not None and np.array_equal(chosen, cuts):
             break
-        cluster = chosen
-        total = np.bincount(cluster, mass, len(centres))
+        cuts = chosen
+        total = running_mass[cuts[1:]] - running_mass[cuts[:-1]]
         filled = total > 0
-        centres[filled] = np.bincount(cluster, mass * values, len(centres))[filled] / total[filled]
+        centres[filled] = (running_moment[cuts[1:]] - running_moment[cuts[:-1]])[filled] / total[filled]
     return centres
 
 
