@@ -1,13 +1,13 @@
 """Core ML compression beside GGUF Q4_K_M (issue #28's Core ML part): every fixed precision and a plan at Q4_K_M's
 size, on the demo model and a family checkpoint, and the importance-fitted weights against plain ones.
 
-For each model this runs one recipe (`siliconvert recipe`'s own run, in this process): GGUF Q4_K_M (llama.cpp's
-recipe, builtin importance matrix), Core ML int8, int4, every palette and `precision: auto` planned at Q4_K_M's
-bytes; every artifact is scored on the same windows against the same float32 transformers reference (Core ML by the
-MIL interpreter). Then int4 and the palettes again, plain (the pass's max/7 scales, k-means with every value
-weighing alike: the writer's column importance switched off in this process), scored on the same windows. Bits
-per weight are the artifact's bytes × 8 over the checkpoint's parameters (everything the folder holds: tables,
-scales, the spec, tokenizer files).
+For each model this runs recipes (`siliconvert recipe`'s own run, in this process): GGUF Q4_K_M (llama.cpp's
+recipe, builtin importance matrix); Core ML int8, int4, every palette and `precision: auto` planned at Q4_K_M's
+bytes, then planned at its weights' bits per weight; every artifact scored on the same windows against the same
+float32 transformers reference (Core ML by the MIL interpreter). Then int4 and the palettes again, plain (the
+pass's max/7 scales, k-means with every value weighing alike: the writer's column importance switched off in this
+process), scored on the same windows. Bits per weight are the artifact's bytes × 8 over the checkpoint's
+parameters (everything the folder holds: tables, scales, the spec, tokenizer files).
 
     .venv/bin/python -m bench.coreml_palettes [--only demo,qwen3] [--tokens 512] [--context 256]
 
@@ -57,6 +57,14 @@ def rows_of(report: dict, parameters: int, label: str = "") -> list[dict]:
             for a in report["artifacts"] if a.get("metrics")]
 
 
+def gguf_bits_per_weight(path: Path) -> float:
+    """Bits per weight of a GGUF file's matrices (its quantized tensors' bytes over their values)."""
+    from gguf import GGUFReader
+
+    matrices = [t for t in GGUFReader(path).tensors if len(t.shape) > 1]
+    return round(sum(int(t.n_bytes) for t in matrices) * 8 / sum(int(t.n_elements) for t in matrices), 3)
+
+
 def measure(model: str, tokens: int, context: int) -> dict:
     from siliconvert.checkpoint import Checkpoint
     from siliconvert.convert.coreml import plan as coreml_plan
@@ -69,6 +77,11 @@ def measure(model: str, tokens: int, context: int) -> dict:
     coreml = {"format": "coreml", "context": context, "precision": [*FIXED, "auto"],
               "plan": {"size_mb": round(size_mb, 3)}}
     weighted = run(model, "weighted", [coreml], tokens, context)
+    # and planned at Q4_K_M's bits per weight (its weights' bytes over their count), the Core ML package's spec and
+    # tokenizer files aside: in the same folder, so the calibration and the reference are reused
+    bits = gguf_bits_per_weight(Path(q4["path"]))
+    at_bits = run(model, "weighted", [{**coreml, "precision": ["auto"], "plan": {"bits_per_weight": bits}}], tokens,
+                  context)
     of = coreml_plan.ColumnImportance.of
     coreml_plan.ColumnImportance.of = lambda self, chunk, key, rows: None  # plain: no column weighs more
     try:
@@ -76,12 +89,17 @@ def measure(model: str, tokens: int, context: int) -> dict:
     finally:
         coreml_plan.ColumnImportance.of = of
     rows = rows_of(anchor, parameters) + rows_of(weighted, parameters)
+    rows += [r for r in rows_of(at_bits, parameters) if r["quant"].startswith("auto")]
     rows += [r for r in rows_of(plain, parameters, " (plain)") if r["quant"] != "fp16 (plain)"]
     best = min((r for r in rows if r["format"] != q4["format"] and r["bytes"] <= q4["size_bytes"]),
                key=lambda r: r["mean_kld"])
+    (planned_at_bits,) = [r for r in rows_of(at_bits, parameters) if r["quant"].startswith("auto")]
+    q4_kld = q4["metrics"]["mean_kld"]
     return {"model": model, "parameters": parameters, "rows": rows,
-            "q4_k_m": {"bytes": q4["size_bytes"], "mean_kld": q4["metrics"]["mean_kld"]},
-            "best_at_q4_k_m_size": {**best, "over_q4_k_m": round(best["mean_kld"] / q4["metrics"]["mean_kld"], 3)}}
+            "q4_k_m": {"bytes": q4["size_bytes"], "mean_kld": q4["metrics"]["mean_kld"], "bits_per_weight": bits},
+            "best_at_q4_k_m_size": {**best, "over_q4_k_m": round(best["mean_kld"] / q4_kld, 3)},
+            "planned_at_q4_k_m_bits": {**planned_at_bits,
+                                       "over_q4_k_m": round(planned_at_bits["mean_kld"] / q4_kld, 3)}}
 
 
 def markdown(results: list[dict]) -> str:
@@ -93,7 +111,10 @@ def markdown(results: list[dict]) -> str:
                   f"{r['same_top1']:.3f} |" for r in sorted(result["rows"], key=lambda r: r["bytes"])]
         best = result["best_at_q4_k_m_size"]
         lines += ["", f"Best at Q4_K_M's size or less: {best['quant']} ({best['bytes']:,} bytes), mean KLD "
-                      f"{best['mean_kld']:.5f} = {best['over_q4_k_m']}× Q4_K_M's.", ""]
+                      f"{best['mean_kld']:.5f} = {best['over_q4_k_m']}× Q4_K_M's.",
+                  f"Planned at Q4_K_M's {result['q4_k_m']['bits_per_weight']} bits per weight: "
+                  f"{result['planned_at_q4_k_m_bits']['mean_kld']:.5f} = "
+                  f"{result['planned_at_q4_k_m_bits']['over_q4_k_m']}× Q4_K_M's.", ""]
     return "\n".join(lines)
 
 
