@@ -75,6 +75,17 @@ def test_kmeans_lut_gives_a_sorted_fp16_table_and_nearest_indices():
     np.testing.assert_array_equal(lut[indices].reshape(few.shape), few)
 
 
+def test_distinct_fp16_values_come_sorted_with_their_indices():
+    from siliconvert.quantize.coreml import _distinct_fp16
+
+    values = np.concatenate([np.random.default_rng(2).standard_normal(500), [0.0, 1e-7, -1e-7, 65504, -65504]])
+    values = values.astype(np.float16)
+    distinct, where = _distinct_fp16(values)
+    expected = np.unique(values.astype(np.float64))
+    np.testing.assert_array_equal(distinct, expected)
+    np.testing.assert_array_equal(distinct[where], values.astype(np.float64))
+
+
 def test_each_palette_round_trips_and_its_error_falls_with_bits():
     weight, importance = outlier_weight()
     errors, sizes = [], []
