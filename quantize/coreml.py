@@ -194,16 +194,15 @@ def _lloyd(values: np.ndarray, mass: np.ndarray, centres: np.ndarray) -> np.ndar
     return centres
 
 
-def fit_scales(weight: np.ndarray, made: QuantizedWeight, importance: np.ndarray) -> QuantizedWeight:
-    """A symmetric linear quantization of `weight` (as the pass `made` it: its blocks, value range and dtypes) with
+def fit_scales(weight: np.ndarray, made: QuantizedWeight, importance: np.ndarray, bits: int) -> QuantizedWeight:
+    """A symmetric `bits`-bit quantization of `weight` (as the pass `made` it: its blocks and dtypes) with
     each block's scale chosen for the least importance-weighted error Σ imp_j (w_j − s·q_j)²: the grid SCALE_GRID
     × the pass's scale, then the least-squares scale of the best grid point's values, kept where it is better.
     Scales are fp16, as stored, before the values are rounded at them."""
     rows, blocks = made.scale.shape[0], made.scale.shape[1]
     values = weight.reshape(rows, blocks, -1).astype(np.float32)
     weights = _weighing(importance).reshape(1, blocks, -1).astype(np.float32)
-    limit = float(np.abs(made.data).max()) or 1.0  # the pass's range: ±7 for int4, ±127 for int8
-    limit = float(2 ** int(np.ceil(np.log2(limit + 1))) - 1)  # the full range even where no value reached it
+    limit = float(2 ** (bits - 1) - 1)  # the pass's symmetric range: ±7 for int4, ±127 for int8
 
     def rounded(scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         scale = scale.astype(np.float16).astype(np.float32)
@@ -226,6 +225,10 @@ def fit_scales(weight: np.ndarray, made: QuantizedWeight, importance: np.ndarray
     best_scale, best_q = np.where(better, fitted, best_scale), np.where(better[..., None], q, best_q)
     return QuantizedWeight(best_q.reshape(made.data.shape).astype(made.data.dtype),
                            best_scale.reshape(made.scale.shape).astype(made.scale.dtype), made.offset)
+
+
+def _bits(precision: str) -> int:
+    return weight_config(precision).dtype.get_bitwidth()
 
 
 def _weighing(importance: np.ndarray) -> np.ndarray:
@@ -296,13 +299,13 @@ def quantize_weights(function: Function, precision_of: Callable[[str], str | Non
             tables[op.lut.op.name] = lut_config()
     _apply("compression::linear_quantize_weights", program, tables, joint_compression=True)
     quantized: dict[str, CompressedWeight] = {}
-    for weight, reader, key, _ in uses:
+    for weight, reader, key, precision in uses:
         op = reader.inputs[key].op  # the const itself, or the constexpr the passes put in its place
         if op.op_type == QUANTIZED_OP:
             offset = op.inputs.get("offset")
             made = QuantizedWeight(op.data.val, op.scale.val, None if offset is None else offset.val)
             if weight in originals:
-                made = fit_scales(originals[weight], made, importance_of(weight))
+                made = fit_scales(originals[weight], made, importance_of(weight), _bits(precision))
         elif op.op_type == PALETTIZED_OP:
             table = op.lut.op
             made = (PalettizedWeight(op.indices.val, table.data.val, table.scale.val) if table.op_type == QUANTIZED_OP
@@ -372,7 +375,7 @@ def compress(weight: np.ndarray, precision: str, importance: np.ndarray | None =
     if made is None:
         return None
     made = QuantizedWeight(made.data, made.scale, made.offset)
-    return made if importance is None else fit_scales(weight, made, importance)
+    return made if importance is None else fit_scales(weight, made, importance, _bits(precision))
 
 
 def decompress(weight: CompressedWeight) -> np.ndarray:
