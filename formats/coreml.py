@@ -32,7 +32,7 @@ class CoreML(Format):
     library = "coreml"
     tags = ("coreml",)
     looks_like = "a Core ML folder with manifest.json"
-    plan_bits = (4.125, 16.0)  # int4 in blocks of 128 (a float16 scale each) to float16
+    plan_bits = (4.0625, 16.0)  # pal4 (4-bit indices, a float16 table per 16 rows of 256 or more) to float16
 
     def writer(self, checkpoint: Checkpoint, target: CoreMLTarget, out_dir: Path, model_name: str,
                calibration: Calibrations) -> Writer:

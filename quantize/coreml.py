@@ -10,8 +10,25 @@ are compressed; other consts (RoPE tables, index ranges) stay exact, and so do t
 (a mixture of experts' routers). Activations and compute stay fp16; the
 runtime dequantizes weights (`constexpr_blockwise_shift_scale`).
 
+Palettization (`pal<bits>`, 2, 3, 4, 6 or 8 bits): each weight becomes indices into a lookup table of 2^bits
+fp16 values, one table per PALETTE_GROUP output channels (coremltools' `per_grouped_channel`), made by coremltools'
+own pass (`compression::palettize_weights`, op `constexpr_lut_to_dense`). Its k-means is our `kmeans_lut`, handed
+to the pass as a custom LUT function: coremltools' own (`mode="kmeans"`) needs scikit-learn or kmeans1d, neither a
+dependency here, and ours weighs each value by its input column's importance (the calibration's mean x², where a
+run measured it): the error it minimises, Σ imp_j ΔW_ij², is the layer output's (E[(ΔW x)²] for inputs of that
+power), the same error the planner's costs measure. Without an importance every value weighs alike (plain
+k-means). Joint compression (`pal<bits>-lut8`): the tables are then stored as int8 with one fp16 scale per
+weight, by the linear pass in joint-compression mode (`constexpr_blockwise_shift_scale` feeding the table), as
+ANE-first projects ship them.
+
+Error compensation for the linear precisions (int8, int4): where an importance is known, each block's scale is
+the one (of a grid around the pass's max/7, then refined by least squares) that minimises the same importance-
+weighted output error, its values rounded at that scale (`fit_scales`; llama.cpp's K-quants search their scales
+the same way with an importance matrix). The ops and their layout stay the pass's own.
+
 A planned package (precision: auto) gives each weight its own precision, int4 also in blocks of 16, 64 or 128
-(`int4-b<n>`): the pass takes one config per op, and `quantize_weights` asks `precision_of` for each weight id.
+(`int4-b<n>`), and the palettes: the pass takes one config per op, and `quantize_weights` asks `precision_of` for
+each weight id.
 The planner's costs (quantize/sensitivity.py `coreml_costs`) quantize each weight with the pass's own function
 (`compress`), on the weights the pass would compress (`compressible`), so the estimate is of the bytes the
 package holds.
@@ -20,8 +37,10 @@ package holds.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -31,14 +50,52 @@ from coremltools.converters.mil import Builder as mb  # noqa: E402
 from coremltools.converters.mil.mil import Function, Program  # noqa: E402
 from coremltools.converters.mil.mil.passes.graph_pass import PassOption  # noqa: E402
 from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY  # noqa: E402
-from coremltools.optimize._utils import dequantize_by_scale_and_zp, select_input_output_channel_axis  # noqa: E402
-from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig  # noqa: E402
+from coremltools.optimize._utils import (  # noqa: E402
+    dequantize_by_scale_and_zp,
+    lut_to_dense,
+    select_input_output_channel_axis,
+)
+from coremltools.optimize.coreml import (  # noqa: E402
+    OpLinearQuantizerConfig,
+    OpPalettizerConfig,
+    OptimizationConfig,
+)
 from coremltools.optimize.coreml._config import CompressionGranularity  # noqa: E402
-from coremltools.optimize.coreml._quantization_passes import linear_quantize_weights  # noqa: E402
+from coremltools.optimize.coreml._quantization_passes import (  # noqa: E402
+    linear_quantize_weights,
+    palettize_weights,
+)
 
-PRECISIONS = ("int8", "int4")
 INT4_BLOCK = 32  # input channels per int4 scale: the block size Apple's examples use for LLMs
 QUANTIZED_OP = "constexpr_blockwise_shift_scale"  # what the pass makes for iOS 18 targets
+PALETTIZED_OP = "constexpr_lut_to_dense"
+PALETTE_BITS = (2, 3, 4, 6, 8)
+PALETTE_GROUP = 16  # output channels per lookup table: what Apple's LLM examples use (per_grouped_channel)
+INT8_LUT = "-lut8"  # a palette whose tables are stored as int8 (joint compression)
+# the fixed choices a recipe names (recipes/README.md); a plan also takes int4-b<n> and pal<bits>-g<n>[-lut8]
+PRECISIONS = ("int8", "int4", *(f"pal{bits}" for bits in PALETTE_BITS),
+              *(f"pal{bits}{INT8_LUT}" for bits in PALETTE_BITS if bits < 8))
+SCALE_GRID = np.linspace(0.6, 1.1, 26)  # multiples of a block's max/qmax scale that fit_scales tries
+KMEANS_ROUNDS = 100  # Lloyd rounds at most; they stop earlier once no value changes cluster
+
+
+@dataclass(frozen=True)
+class Palette:
+    """A palettization: `bits` per index, one table per `group` output channels, tables in int8 or fp16."""
+
+    bits: int
+    group: int = PALETTE_GROUP
+    int8_lut: bool = False
+
+
+def palette_of(precision: str) -> Palette | None:
+    """The palette a precision names (pal<bits>[-g<group>][-lut8]), or None for a linear one (int8, int4…)."""
+    match = re.fullmatch(r"pal(\d)(?:-g(\d+))?(-lut8)?", precision)
+    if match is None:
+        return None
+    if int(match[1]) not in PALETTE_BITS:
+        raise ValueError(f"a Core ML palette has {PALETTE_BITS} bits, not {match[1]} ({precision!r})")
+    return Palette(int(match[1]), int(match[2] or PALETTE_GROUP), bool(match[3]))
 
 
 @dataclass(frozen=True)
@@ -50,9 +107,150 @@ class QuantizedWeight:
     scale: np.ndarray
     offset: np.ndarray | None
 
-    def same_as(self, other: QuantizedWeight) -> bool:
-        return all((a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
-                   for a, b in ((self.data, other.data), (self.scale, other.scale), (self.offset, other.offset)))
+    def same_as(self, other: CompressedWeight) -> bool:
+        return isinstance(other, QuantizedWeight) and all(
+            (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+            for a, b in ((self.data, other.data), (self.scale, other.scale), (self.offset, other.offset)))
+
+
+@dataclass(frozen=True)
+class PalettizedWeight:
+    """A weight as the palettization pass stored it: indices (uint<bits>, the weight's shape), tables (one per
+    group of output channels: [groups, 1, …, 2^bits, 1]) in fp16, or in int8 with one fp16 scale."""
+
+    indices: np.ndarray
+    lut: np.ndarray
+    lut_scale: np.ndarray | None
+
+    def same_as(self, other: CompressedWeight) -> bool:
+        return (isinstance(other, PalettizedWeight) and np.array_equal(self.indices, other.indices)
+                and np.array_equal(self.lut, other.lut)
+                and (self.lut_scale is None) == (other.lut_scale is None)
+                and (self.lut_scale is None or np.array_equal(self.lut_scale, other.lut_scale)))
+
+
+CompressedWeight = QuantizedWeight | PalettizedWeight
+
+
+def kmeans_lut(values: np.ndarray, bits: int, importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """One group's table (2^bits fp16 values, ascending) and each value's index into it (uint8, flat): k-means of
+    the group's fp16 values, each weighing its input column's `importance` (None: alike). `values` are rows ×
+    columns (× 1s: a conv's kernel axes), the importance one per column. Lloyd rounds on the distinct values with
+    their summed weights: first every value alike, from the quantiles, then (with an importance) weighted, from
+    there: a Lloyd round never raises the error it minimises, so the weighted table is never worse than the plain
+    one by the weighted error. The indices pick the nearest fp16 table entry."""
+    distinct, where = _distinct_fp16(values)
+    size = 1 << bits
+    if len(distinct) <= size:
+        lut = np.concatenate([distinct, np.full(size - len(distinct), distinct[-1])])
+        return lut.astype(np.float16), where.astype(np.uint8)
+    counts = np.bincount(where).astype(np.float64)
+    cumulative = np.cumsum(counts)
+    centres = distinct[np.searchsorted(cumulative, (np.arange(size) + 0.5) / size * cumulative[-1])]
+    centres = _lloyd(distinct, counts, centres.astype(np.float64))
+    if importance is not None:
+        weights = np.tile(_weighing(importance), len(values))
+        if len(weights) != len(where):
+            raise ValueError(f"an importance of {len(importance)} columns for a group of shape {values.shape}")
+        centres = _lloyd(distinct, np.bincount(where, weights), centres)
+    lut = np.sort(centres.astype(np.float16))
+    wide = lut.astype(np.float32)
+    nearest = np.searchsorted((wide[1:] + wide[:-1]) / 2, distinct)
+    return lut, nearest[where].astype(np.uint8)
+
+
+def _distinct_fp16(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of an fp16 array, ascending (float64), and each value's index among them: counted
+    through their bit patterns, made to sort as the numbers do (sign bit flipped for positives, every bit for
+    negatives), so no sort of the values is needed (np.unique's argsort was most of a group's time)."""
+    pattern = values.astype(np.float16).reshape(-1).view(np.uint16)
+    key = np.where(pattern & 0x8000, ~pattern, pattern | 0x8000)
+    present = np.flatnonzero(np.bincount(key, minlength=1 << 16)).astype(np.uint16)
+    rank = np.zeros(1 << 16, np.int64)
+    rank[present] = np.arange(len(present))
+    patterns = np.where(present & 0x8000, present ^ 0x8000, ~present).astype(np.uint16)
+    return patterns.view(np.float16).astype(np.float64), rank[key]
+
+
+def _lloyd(values: np.ndarray, mass: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """1-D k-means (Lloyd) of sorted distinct `values` of weight `mass`, from `centres`, until no value changes
+    cluster (KMEANS_ROUNDS at most). A cluster of sorted values is a run of them, cut where the centres' midpoints
+    fall, so a round costs a search per centre and its sums come from running sums, not a pass over the values.
+    An empty cluster keeps its centre."""
+    running_mass = np.concatenate([[0.0], np.cumsum(mass)])
+    running_moment = np.concatenate([[0.0], np.cumsum(mass * values)])
+    cuts = None
+    for _ in range(KMEANS_ROUNDS):
+        centres = np.sort(centres)
+        # a value goes to the centre it is nearest, the lower one at a midpoint
+        chosen = np.concatenate([[0], np.searchsorted(values, (centres[1:] + centres[:-1]) / 2, side="right"),
+                                 [len(values)]])
+        if cuts is not None and np.array_equal(chosen, cuts):
+            break
+        cuts = chosen
+        total = running_mass[cuts[1:]] - running_mass[cuts[:-1]]
+        filled = total > 0
+        centres[filled] = (running_moment[cuts[1:]] - running_moment[cuts[:-1]])[filled] / total[filled]
+    return centres
+
+
+def fit_scales(weight: np.ndarray, made: QuantizedWeight, importance: np.ndarray, bits: int) -> QuantizedWeight:
+    """A symmetric `bits`-bit quantization of `weight` (as the pass `made` it: its blocks and dtypes) with
+    each block's scale chosen for the least importance-weighted error Σ imp_j (w_j − s·q_j)²: the grid SCALE_GRID
+    × the pass's scale, then the least-squares scale of the best grid point's values, kept where it is better.
+    Scales are fp16, as stored, before the values are rounded at them."""
+    rows, blocks = made.scale.shape[0], made.scale.shape[1]
+    values = weight.reshape(rows, blocks, -1).astype(np.float32)
+    weights = _weighing(importance).reshape(1, blocks, -1).astype(np.float32)
+    limit = float(2 ** (bits - 1) - 1)  # the pass's symmetric range: ±7 for int4, ±127 for int8
+
+    def rounded(scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scale = scale.astype(np.float16).astype(np.float32)
+        safe = np.where(scale == 0, 1, scale)
+        q = np.clip(np.round(values / safe[..., None]), -limit, limit)
+        return q, (weights * (values - scale[..., None] * q) ** 2).sum(-1)
+
+    base = made.scale.reshape(rows, blocks).astype(np.float32)
+    best_scale, (best_q, best_error) = base, rounded(base)
+    for factor in SCALE_GRID:
+        q, error = rounded(base * factor)
+        better = error < best_error
+        best_scale = np.where(better, base * factor, best_scale)
+        best_q, best_error = np.where(better[..., None], q, best_q), np.where(better, error, best_error)
+    denominator = (weights * best_q**2).sum(-1)
+    fitted = np.where(denominator > 0, (weights * values * best_q).sum(-1) / np.where(denominator > 0, denominator, 1),
+                      best_scale)
+    q, error = rounded(fitted)
+    better = error < best_error
+    best_scale, best_q = np.where(better, fitted, best_scale), np.where(better[..., None], q, best_q)
+    return QuantizedWeight(best_q.reshape(made.data.shape).astype(made.data.dtype),
+                           best_scale.reshape(made.scale.shape).astype(made.scale.dtype), made.offset)
+
+
+def _bits(precision: str) -> int:
+    return weight_config(precision).dtype.get_bitwidth()
+
+
+def _weighing(importance: np.ndarray) -> np.ndarray:
+    """Column weights from an importance row: relative to its mean, with a floor so that a column the calibration
+    never saw active still counts a little (its weights are not free to go anywhere)."""
+    importance = np.asarray(importance, np.float64)
+    mean = importance.mean() if importance.size and importance.mean() > 0 else 1.0
+    return np.maximum(importance / mean, 1e-3)
+
+
+def palette_config(palette: Palette, importance: np.ndarray | None = None) -> OpPalettizerConfig:
+    """The pass's config for one weight: per grouped output channel, our k-means as its LUT function."""
+    return OpPalettizerConfig(mode="custom", lut_function=partial(kmeans_lut, bits=palette.bits, importance=importance),
+                              granularity="per_grouped_channel", group_size=palette.group, channel_axis=0)
+
+
+def lut_config() -> OpLinearQuantizerConfig:
+    """An int8 table (joint compression): symmetric, one scale for all of a weight's tables (the pass refuses
+    another granularity there: the tables' axes are not the weight's). Tables are small (the default threshold of
+    2048 values would leave most as they are)."""
+    return OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_tensor",
+                                   weight_threshold=0)
 
 
 def weight_config(precision: str) -> OpLinearQuantizerConfig:
@@ -67,37 +265,69 @@ def weight_config(precision: str) -> OpLinearQuantizerConfig:
     raise ValueError(f"Core ML compression is one of {PRECISIONS}, not {precision!r}")
 
 
-def quantize_weights(function: Function, precision_of: Callable[[str], str | None]) -> dict[str, QuantizedWeight]:
-    """Run coremltools' linear_quantize_weights pass over the consts with a weight_id of a one-function program,
-    each at `precision_of(weight id)` (None: left fp16, as the shared consts must be: RoPE tables and index ranges
-    carry weight ids too); return what it made of each, by weight id. Weights it leaves alone (asked to, too
-    small, or 1-D) are absent. `function` is consumed: the pass rewrites it."""
+def quantize_weights(function: Function, precision_of: Callable[[str], str | None],
+                     importance_of: Callable[[str], np.ndarray | None] = lambda weight: None,
+                     ) -> dict[str, CompressedWeight]:
+    """Run coremltools' compression passes over the consts with a weight_id of a one-function program, each at
+    `precision_of(weight id)` (None: left fp16, as the shared consts must be: RoPE tables and index ranges carry
+    weight ids too): palettization first, then linear quantization of the int8/int4 weights, then (joint
+    compression) of the int8 tables. A palette's k-means weighs its columns by `importance_of(weight id)`, and a
+    linear weight's scales are fitted to it (`fit_scales`).
+    Return what the passes made of each weight, by weight id; weights they leave alone (asked to, too small, or
+    1-D) are absent. `function` is consumed: the passes rewrite it."""
     uses = []  # (weight id, the op that reads its const, under which input, its precision)
     for op in function.operations:
         if op.op_type == "const" and op.weight_id is not None and (precision := precision_of(op.weight_id)):
             (reader,) = op.outputs[0].child_ops
             uses.append((op.weight_id, reader, next(k for k, v in reader.inputs.items() if v is op.outputs[0]),
                          precision))
+    # the values of the linear weights an importance compensates (fit_scales), before the passes replace them
+    originals = {weight: reader.inputs[key].val for weight, reader, key, precision in uses
+                 if not palette_of(precision) and importance_of(weight) is not None}
     program = Program()
     program.add_function("main", function)
-    quantizer = PASS_REGISTRY["compression::linear_quantize_weights"]
-    config = OptimizationConfig(op_name_configs={reader.inputs[key].op.name: weight_config(precision)
-                                                 for _, reader, key, precision in uses})
-    quantizer.set_options([PassOption("config", config)])
-    quantizer.apply(program)
-    quantized: dict[str, QuantizedWeight] = {}
-    for weight, reader, key, _ in uses:
-        op = reader.inputs[key].op  # the const itself, or the constexpr the pass put in its place
-        if op.op_type != QUANTIZED_OP:
+    palettes = {reader.inputs[key].op.name: palette_config(palette, importance_of(weight))
+                for weight, reader, key, precision in uses if (palette := palette_of(precision))}
+    linear = {reader.inputs[key].op.name: weight_config(precision)
+              for _, reader, key, precision in uses if not palette_of(precision)}
+    _apply("compression::palettize_weights", program, palettes)
+    _apply("compression::linear_quantize_weights", program, linear)
+    tables = {}  # the int8 tables' consts: the const feeding each palettized weight's lut
+    for _, reader, key, precision in uses:
+        op = reader.inputs[key].op
+        if op.op_type == PALETTIZED_OP and palette_of(precision).int8_lut:
+            tables[op.lut.op.name] = lut_config()
+    _apply("compression::linear_quantize_weights", program, tables, joint_compression=True)
+    quantized: dict[str, CompressedWeight] = {}
+    for weight, reader, key, precision in uses:
+        op = reader.inputs[key].op  # the const itself, or the constexpr the passes put in its place
+        if op.op_type == QUANTIZED_OP:
+            offset = op.inputs.get("offset")
+            made = QuantizedWeight(op.data.val, op.scale.val, None if offset is None else offset.val)
+            if weight in originals:
+                made = fit_scales(originals[weight], made, importance_of(weight), _bits(precision))
+        elif op.op_type == PALETTIZED_OP:
+            table = op.lut.op
+            made = (PalettizedWeight(op.indices.val, table.data.val, table.scale.val) if table.op_type == QUANTIZED_OP
+                    else PalettizedWeight(op.indices.val, op.lut.val, None))
+        else:
             continue
-        offset = op.inputs.get("offset")
-        made = QuantizedWeight(op.data.val, op.scale.val, None if offset is None else offset.val)
-        # A tied table both embeds (gather) and projects (conv) under one weight id; the pass takes output
+        # A tied table both embeds (gather) and projects (conv) under one weight id; the passes take output
         # channels on axis 0 for both, so both uses must come out the same to share one copy.
         if weight in quantized and not quantized[weight].same_as(made):
-            raise RuntimeError(f"coremltools quantized the two uses of {weight} differently")
+            raise RuntimeError(f"coremltools compressed the two uses of {weight} differently")
         quantized[weight] = made
     return quantized
+
+
+def _apply(name: str, program: Program, configs: dict, joint_compression: bool = False) -> None:
+    """Run one of coremltools' compression passes with a config per const op (by name); others are left alone."""
+    if not configs:
+        return
+    compression = PASS_REGISTRY[name]
+    options = [PassOption("config", OptimizationConfig(op_name_configs=configs))]
+    compression.set_options(options + ([PassOption("joint_compression", True)] if joint_compression else []))
+    compression.apply(program)
 
 
 def compressible(function: Function, weights: Collection[str]) -> Iterator[tuple[str, np.ndarray]]:
@@ -121,33 +351,59 @@ def compressible(function: Function, weights: Collection[str]) -> Iterator[tuple
         yield op.weight_id, value.reshape(value.shape[0], -1)
 
 
-def compress(weight: np.ndarray, precision: str) -> QuantizedWeight | None:
-    """An (output channels × input channels) weight as the pass compresses it at `precision`, through the
-    pass's own function (`blockwise_compress_by_dtype`, with the block sizes it infers for such a weight); None
-    where it cannot (input channels not a whole number of blocks), as the pass then leaves it fp16."""
+def compress(weight: np.ndarray, precision: str, importance: np.ndarray | None = None) -> CompressedWeight | None:
+    """An (output channels × input channels) weight as the passes compress it at `precision`, through their own
+    functions (`blockwise_compress_by_dtype`, with the block sizes the linear pass infers for such a weight, its
+    scales fitted to `importance` where given;
+    `grouped_channelwise_compress` with our k-means, `importance` weighing its columns, for a palette); None where
+    they cannot (input channels not a whole number of blocks, output channels not of groups), as the passes then
+    leave it fp16."""
+    palette = palette_of(precision)
+    if palette is not None:
+        made = palettize_weights.grouped_channelwise_compress(
+            weight, "CUSTOM", None, 0, palette.group, partial(kmeans_lut, bits=palette.bits, importance=importance))
+        if made is None:
+            return None
+        if not palette.int8_lut:
+            return PalettizedWeight(made.indices, made.lut, None)
+        table = linear_quantize_weights.blockwise_compress_by_dtype(made.lut, "int8", "LINEAR_SYMMETRIC",
+                                                                    [0] * made.lut.ndim)
+        return PalettizedWeight(made.indices, table.data, table.scale)
     config = weight_config(precision)
     columns = config.block_size if config.granularity == CompressionGranularity.PER_BLOCK else 0
     made = linear_quantize_weights.blockwise_compress_by_dtype(weight, config.dtype, config.mode, [1, columns])
-    return None if made is None else QuantizedWeight(made.data, made.scale, made.offset)
+    if made is None:
+        return None
+    made = QuantizedWeight(made.data, made.scale, made.offset)
+    return made if importance is None else fit_scales(weight, made, importance, _bits(precision))
 
 
-def decompress(weight: QuantizedWeight) -> np.ndarray:
-    """The fp16 values the runtime makes of a compressed weight (what the pass's own `decompress` computes)."""
+def decompress(weight: CompressedWeight) -> np.ndarray:
+    """The fp16 values the runtime makes of a compressed weight (what the passes' own `decompress` computes; an
+    int8 table is made fp16 first, as the device's constexpr does)."""
+    if isinstance(weight, PalettizedWeight):
+        lut = weight.lut if weight.lut_scale is None else dequantize_by_scale_and_zp(weight.lut, weight.lut_scale,
+                                                                                     None).astype(np.float16)
+        return lut_to_dense(weight.indices, lut, None)
     return dequantize_by_scale_and_zp(weight.data, weight.scale, weight.offset)
 
 
-def stored_bytes(weight: QuantizedWeight, precision: str, rows: int | None = None) -> int:
-    """Bytes of a compressed weight in weight.bin: its data at the precision's bits (int4 packs two to a byte),
-    its scales and zero points, each a blob of its own. `rows`: the whole weight's output channels where `weight`
-    is a sample of its rows (every row stores alike; the blobs' padding is the whole weight's)."""
-    bits = weight_config(precision).dtype.get_bitwidth()
-    rows = rows or len(weight.data)
+def stored_bytes(weight: CompressedWeight, precision: str, rows: int | None = None) -> int:
+    """Bytes of a compressed weight in weight.bin: its data at the precision's bits (int4 packs two to a byte, a
+    palette's indices bits apiece), its scales, zero points and tables, each a blob of its own. `rows`: the whole
+    weight's output channels where `weight` is a sample of its rows (every row, or group of rows, stores alike;
+    the blobs' padding is the whole weight's)."""
+    palette = palette_of(precision)
+    data = weight.indices if isinstance(weight, PalettizedWeight) else weight.data
+    bits = palette.bits if palette else weight_config(precision).dtype.get_bitwidth()
+    rows = rows or len(data)
 
     def values(part: np.ndarray) -> int:  # the whole weight's count of this part's values
-        return part.size // len(part) * rows
+        return part.size * rows // len(data)
 
-    parts = [values(weight.data) * bits // 8,
-             *(values(part) * part.itemsize for part in (weight.scale, weight.offset) if part is not None)]
+    extra = ((weight.lut, weight.lut_scale) if isinstance(weight, PalettizedWeight)
+             else (weight.scale, weight.offset))
+    parts = [-(-values(data) * bits // 8), *(values(part) * part.itemsize for part in extra if part is not None)]
     return sum(blob_bytes(n) for n in parts)
 
 
@@ -157,13 +413,23 @@ def blob_bytes(nbytes: int) -> int:
     return 64 + -(-nbytes // 64) * 64
 
 
-def quantized_const(weight: QuantizedWeight, weight_id: str, name: str):
-    """The op the pass makes for a compressed weight, in the function being built. Its consts carry weight ids
+def quantized_const(weight: CompressedWeight, weight_id: str, name: str):
+    """The op the passes make for a compressed weight, in the function being built. Its consts carry weight ids
     derived from the weight's, so that both functions point at one copy of the compressed bytes."""
-    parts = {"data": weight.data, "scale": weight.scale, "offset": weight.offset}
+    if isinstance(weight, PalettizedWeight):
+        lut = _consts({"lut": weight.lut, "lut_scale": weight.lut_scale}, weight_id, name)
+        table = (lut["lut"] if weight.lut_scale is None else
+                 mb.constexpr_blockwise_shift_scale(data=lut["lut"], scale=lut["lut_scale"], name=f"{name}_lut8"))
+        indices = _consts({"indices": weight.indices}, weight_id, name)["indices"]
+        return mb.constexpr_lut_to_dense(indices=indices, lut=table, name=f"{name}_palettized")
+    consts = _consts({"data": weight.data, "scale": weight.scale, "offset": weight.offset}, weight_id, name)
+    return mb.constexpr_blockwise_shift_scale(**consts, name=f"{name}_quantized")
+
+
+def _consts(parts: dict[str, np.ndarray | None], weight_id: str, name: str) -> dict:
     consts = {}
     for part, value in parts.items():
         if value is not None:
             consts[part] = mb.const(val=value, name=f"{name}_{part}")
             consts[part].op.weight_id = f"{weight_id}/{part}"
-    return mb.constexpr_blockwise_shift_scale(**consts, name=f"{name}_quantized")
+    return consts

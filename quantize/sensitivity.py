@@ -116,8 +116,12 @@ GGUF_INPUT_ROUNDING = {QType.Q2_K: Q8_K, QType.Q3_K: Q8_K, QType.Q4_K: Q8_K, QTy
 # (bits, group size) an MLX plan chooses from: every affine width mx.quantize has, at mlx-lm's group sizes
 MLX_CANDIDATES = tuple((bits, group) for bits in (2, 3, 4, 5, 6, 8) for group in (32, 64, 128))
 # precisions a Core ML plan chooses from (quantize/coreml.py): fp16, the fixed packages' int8 per channel and int4
-# per block of 32, and int4 in blocks of 16, 64 and 128 (5, 4.25 and 4.125 bits per weight with their fp16 scales)
-COREML_CANDIDATES = ("fp16", "int8", "int4-b16", "int4", "int4-b64", "int4-b128")
+# per block of 32, int4 in blocks of 16, 64 and 128 (5, 4.25 and 4.125 bits per weight with their fp16 scales), and
+# the palettes of 6 and 4 bits (a table of fp16 values per 16 output channels: a few hundredths of a bit more on a
+# wide row). Not pal3 / pal2: on the demo model the estimate under-read their fixed packages' measured KLD (×1.16,
+# ×1.20, against ×0.94–1.12 for pal6, pal4, int4), and a plan for mean KLD 0.001 that took pal3 for 12 of its 30
+# weights measured 0.00127.
+COREML_CANDIDATES = ("fp16", "int8", "pal6", "int4-b16", "int4", "int4-b64", "int4-b128", "pal4")
 # Mean KLD per unit of relative output error, by role (measured on the demo model: see the module docstring).
 # Roles are the architecture registry's (GGUF's base names); a layer role not listed takes attention's gain.
 ROLE_GAINS = {"output": 0.165, "token_embd": 0.22, "attn": 0.0033, "ffn": 0.0015}
@@ -317,17 +321,23 @@ def coreml_costs(name: str, weight: np.ndarray, importance: np.ndarray | None, g
     """Each candidate precision an (output × input channels) fp16 `weight` of a Core ML package can take, as
     coremltools' compression pass would store it (quantize/coreml.py `compress`), its bytes in weight.bin and
     its relative output error × `gain`. fp16 is the package's own copy: no error (the floor of fp16 compute is
-    the fp16 package's, common to every plan). The error is measured on `sample_rows(…, sample_budget)`; the
-    bytes are the whole weight's. `shrink_gain`: see `weighed`."""
-    from siliconvert.quantize.coreml import blob_bytes, compress, decompress, stored_bytes
+    the fp16 package's, common to every plan). The error is measured on `sample_rows(…, sample_budget)` (a
+    palette's on whole groups of them: its tables span groups of rows, so a sample of rows from across the weight
+    gives a table a little wider in spread than a group of neighbours does, which errs on the side of caution);
+    the bytes are the whole weight's. `shrink_gain`: see `weighed`."""
+    from siliconvert.quantize.coreml import blob_bytes, compress, decompress, palette_of, stored_bytes
 
-    sample = sample_rows(weight, sample_budget)
+    sampled = sample_rows(weight, sample_budget)
     options = []
     for precision in candidates:
         if precision == "fp16":
             options.append(Option("fp16", blob_bytes(weight.size * 2), 0.0))
             continue
-        quantized = compress(sample, precision)
+        palette = palette_of(precision)
+        sample = sampled
+        if palette and sampled is not weight:  # a sample of rows: whole groups of them
+            sample = sampled[:len(sampled) // palette.group * palette.group]
+        quantized = compress(sample, precision, importance)
         if quantized is not None:
             approx = decompress(quantized)
             error = weighed(relative_error(sample, approx, importance), shrink_share(sample, approx, importance),

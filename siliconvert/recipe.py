@@ -160,13 +160,15 @@ class GGUFTarget(TargetSpec):
         return self.plan.label if quant == "auto" else quant
 
 
-CoreMLPrecision = Literal["fp16", "int8", "int4", "auto"]
+# pal<bits>: palettized (a lookup table per 16 output channels), -lut8: its tables in int8 (quantize/coreml.py)
+CoreMLPrecision = Literal["fp16", "int8", "int4", "pal2", "pal3", "pal4", "pal6", "pal8",
+                          "pal2-lut8", "pal3-lut8", "pal4-lut8", "pal6-lut8", "auto"]
 
 
 class CoreMLTarget(TargetSpec):
     format: Literal["coreml"]
-    # fp16 is always built; int8/int4 (coremltools.optimize) come as additional artifacts, and auto as one
-    # whose precision is planned per weight (fp16, int8 or int4) from `plan`.
+    # fp16 is always built; int8/int4 and the palettes (coremltools.optimize) come as additional artifacts, and
+    # auto as one whose precision is planned per weight (fp16, int8, int4 or a palette) from `plan`.
     precision: CoreMLPrecision | list[CoreMLPrecision] = "fp16"
     context: int = Field(512, ge=16)
     compute_units: Literal["all", "cpu_and_ne", "cpu_and_gpu", "cpu_only"] = "all"

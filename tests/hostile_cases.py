@@ -666,7 +666,7 @@ RECIPE = [
          "a mlx plan chooses from 2.25 to 9 bits per weight"),
     Case("plan-bits-below-coreml", R, recipe(targets=[{"format": "coreml", "context": 64, "plan": {
         "bits_per_weight": 3}, "precision": ["auto"]}]), "recipe.yaml",
-         "a coreml plan chooses from 4.125 to 16 bits per weight"),
+         "a coreml plan chooses from 4.0625 to 16 bits per weight"),
     Case("plan-kld-nan", R, recipe(targets=[{"format": "mlx", "bits": "auto",
                                              "plan": {"max_mean_kld": float("nan")}}]), "recipe.yaml",
          "targets.0.plan.max_mean_kld: Input should be a finite number"),

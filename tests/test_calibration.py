@@ -174,6 +174,9 @@ def test_what_the_targets_need() -> None:
     assert calibration_needs([MLXTarget(format="mlx", bits="auto", dtype="float16", plan={"size_mb": 3})]) == {
         "builtin": {IMPORTANCE, SENSITIVITY}}
     assert calibration_needs([CoreMLTarget(format="coreml")]) == {"builtin": {RANGE}}
+    # a compressed Core ML package's weights are fitted to the importance (palettes' tables, int4/int8 scales)
+    assert calibration_needs([CoreMLTarget(format="coreml", precision=["int4", "pal4"])]) == {
+        "builtin": {IMPORTANCE, RANGE}}
 
 
 def test_fp16_range_is_a_power_of_two_with_headroom() -> None:

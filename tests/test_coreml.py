@@ -220,6 +220,32 @@ def test_compressed_variants(llama, tmp_path):
     assert int8_scores.mean_kld < int4_scores.mean_kld < 0.05, int4_scores
 
 
+def test_palettized_variants(llama, tmp_path):
+    """Every palette width and an int8-table palette: each package opens with coremltools' loader, holds the ops
+    the palettization and joint-compression passes make, runs in the MIL interpreter, and its mean KLD falls as its
+    bits rise (so do its bytes)."""
+    import coremltools as ct
+
+    palettes = ["pal2", "pal3", "pal4", "pal4-lut8", "pal6", "pal8"]
+    artifacts = {a.quant: a.path for a in build(llama, tmp_path, precision=palettes)}
+    assert list(artifacts) == ["fp16", *palettes]
+    for precision in palettes:
+        for package in sorted(artifacts[precision].glob("*.mlpackage")):
+            program = ct.models.MLModel(str(package), skip_model_load=True).get_spec().mlProgram
+            ops = {op.type for function in program.functions.values()
+                   for block in function.block_specializations.values() for op in block.operations}
+            assert "constexpr_lut_to_dense" in ops, (precision, package.name)
+            assert ("constexpr_blockwise_shift_scale" in ops) == precision.endswith("-lut8"), (precision, ops)
+    windows = windows_of(llama, count=2)
+    reference = reference_logits_for(llama, windows)
+    kld = {p: scores_of(artifacts[p], windows, reference).mean_kld for p in palettes}
+    print({p: (kld[p], weight_bytes(artifacts[p])) for p in palettes})
+    assert kld["pal2"] > kld["pal3"] > kld["pal4"] > kld["pal6"] > kld["pal8"], kld
+    assert kld["pal4-lut8"] < 1.5 * kld["pal4"] and kld["pal8"] < 1e-3, kld
+    sizes = [weight_bytes(artifacts[p]) for p in ["pal2", "pal3", "pal4-lut8", "pal4", "pal6", "pal8"]]
+    assert sizes == sorted(sizes) and sizes[-1] < weight_bytes(artifacts["fp16"]), sizes
+
+
 # The child resets and reads its own peak RSS (VmHWM): its ru_maxrss would not do, because Linux carries the
 # high-water mark across exec, so a child of this (large) pytest process would report pytest's peak. wchar
 # counts the bytes it hands to write(2).

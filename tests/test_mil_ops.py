@@ -1,5 +1,6 @@
 """The MIL interpreter's ops against numpy on tiny arrays: float16 inputs computed in float32, the stable topk,
-1×1 convolutions as products, grouped ones against torch, blockwise dequantization, and the forms it refuses."""
+1×1 convolutions as products, grouped ones against torch, blockwise dequantization, palettized weights against
+coremltools' own decompression, and the forms it refuses."""
 
 from __future__ import annotations
 
@@ -84,6 +85,19 @@ def test_blockwise_shift_scale_dequantizes_each_block():
     scale = np.array([[0.5, 2.0]], np.float16)  # one scale per block of two columns
     offset = np.array([[0, 1]], np.int8)
     np.testing.assert_array_equal(OPS["constexpr_blockwise_shift_scale"](data, scale, offset), [[0, 0.5, 2, 4]])
+
+
+def test_lut_to_dense_looks_each_index_up_in_its_groups_table():
+    from coremltools.optimize._utils import lut_to_dense
+
+    rng = np.random.default_rng(0)
+    indices = rng.integers(0, 4, (8, 6, 1, 1)).astype(np.uint8)
+    lut = rng.standard_normal((2, 1, 1, 1, 4, 1)).astype(np.float16)  # a table per 4 output channels
+    dense = OPS["constexpr_lut_to_dense"](indices, lut)
+    np.testing.assert_array_equal(dense, lut_to_dense(indices, lut, None))
+    assert dense[5, 3, 0, 0] == lut[1, 0, 0, 0, indices[5, 3, 0, 0], 0]
+    with pytest.raises(Unsupported, match="vector palettization"):
+        OPS["constexpr_lut_to_dense"](indices, lut, vector_axis=0)
 
 
 def test_exp_softplus_and_tile_match_numpy():

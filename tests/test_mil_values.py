@@ -37,6 +37,15 @@ def test_sub_byte_integers_unpack_from_the_low_bits_up():
     assert unpack_bits(raw, 4, signed=True, count=3).tolist() == [1, 2, -8]
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 6])
+def test_palette_indices_unpack_as_coremltools_packs_them(bits):
+    """3- and 6-bit indices run across bytes: the stream of bits, low first."""
+    from coremltools.optimize._utils import pack_elements_into_bits
+
+    values = np.random.default_rng(bits).integers(0, 1 << bits, 37).astype(np.uint8)
+    assert unpack_bits(pack_elements_into_bits(values, bits), bits, signed=False, count=37).tolist() == values.tolist()
+
+
 def test_immediates_take_their_declared_type_and_shape():
     floats = MIL_pb2.Value(immediateValue=MIL_pb2.Value.ImmediateValue(
         tensor=MIL_pb2.TensorValue(floats=MIL_pb2.TensorValue.RepeatedFloats(values=[1, 2, 3, 4]))))

@@ -40,6 +40,7 @@ def test_all_formats_parse():
     ({**MINIMAL, "targets": [{"format": "mlx", "model_file": "mine.py"}]}, "targets.0.model_file"),
     ({**MINIMAL, "targets": [{"format": "mlx"}, {"format": "mlx", "model_file": "faithful"}]},
      r"targets.1 writes the MLX folder of targets.0 \(4bit-g64\)"),
+    ({**MINIMAL, "targets": [{"format": "coreml", "precision": ["pal5"]}]}, "targets.0.precision"),
     ({**MINIMAL, "validate": {"tokens": "many"}}, "validate.tokens"),
     ({**MINIMAL, "validate": {"gates": {"min_same_top1": 2}}}, "validate.gates.min_same_top1"),
     ({**MINIMAL, "validate": {"tokens": 64, "context": 128}}, "context must not exceed"),

@@ -58,19 +58,16 @@ class WeightPlanner:
         self.spec: ModelSpec = checkpoint.spec
         self.goal = goal
         calibrated = (calibration or Calibrations.outside_a_run(checkpoint)).get(BUILTIN, {IMPORTANCE, SENSITIVITY})
-        self.importance = calibrated.importance
+        self.columns = ColumnImportance(checkpoint, calibrated.importance)
+        self.sources = self.columns.sources
         self.measured = calibrated
         # per expert stack (HF name), each expert's share of the calibration tokens routed (from the same run)
         self.expert_shares = {stack: _shares(tokens) for stack, tokens in calibrated.expert_tokens.items()}
-        # each graph tensor's source (HF) name, whose importance its columns take
-        self.sources: dict[Key, str] = {}
         self.split_sources: set[str] = set()  # sources the graph reads as several weights (a fused projection)
         for source, info in checkpoint.tensor_infos.items():
             key = role_key(info.role)
-            keys = graph_keys(self.spec, key)
-            self.sources.update(dict.fromkeys(keys, source))
-            if len(keys) > (self.spec.experts.count if key[0] in EXPERT_STACKS else 1):  # an expert's gate_up too
-                self.split_sources.add(source)
+            if len(graph_keys(self.spec, key)) > (self.spec.experts.count if key[0] in EXPERT_STACKS else 1):
+                self.split_sources.add(source)  # an expert's gate_up too
         self.costs: list[TensorCosts] = []
         self.package_bytes = 0  # the packages' bytes outside the planned weights, with SPEC_BYTES_PER_WEIGHT each
 
@@ -78,20 +75,19 @@ class WeightPlanner:
         """Costs of the weights of `function` (the chunk's, built on its stored fp16 package) that the pass would
         compress; `needed` are the chunk's graph tensors, `package` its fp16 package."""
         blobs = {weight: (key, rows) for key in needed for weight, rows in blobs_of(self.spec, chunk, key)}
-        whole, unsplit = slice(None), len(head_pieces(self.spec)) == 1
+        whole = slice(None)
         planned_fp16 = planned = 0
         for weight, values in compressible(function, blobs):
             key, rows = blobs[weight]
             if key[0] in ROUTERS:
                 continue  # fp16, as in the fixed int8 / int4 packages (writer.py says why)
-            head = chunk.last and key[0] == head_role(self.spec) and (rows != whole or unsplit)
+            head = projects(self.spec, chunk, key, rows)
             embeds = chunk.first and key[0] == "token_embd" and rows == whole
             gain, shrink_gain = self._gains(key, embeds, head, rows)
-            importance = self.importance.get(HEAD_INPUTS if head else self.sources[key])
-            if key[0].endswith("]"):  # one expert of a stack (folds.expert_key): its own importance row and its
-                # share of the routed tokens, so the experts' errors add up as the stack's does in a GGUF plan
+            importance = self.columns.of(chunk, key, rows)
+            if key[0].endswith("]"):  # one expert of a stack (folds.expert_key): its share of the routed tokens,
+                # so the experts' errors add up as the stack's does in a GGUF plan
                 expert, stack = int(key[0][key[0].index("[") + 1:-1]), self.sources[key]
-                importance = None if importance is None else importance.reshape(self.spec.experts.count, -1)[expert]
                 shares = self.expert_shares.get(stack)
                 share = shares[expert] if shares is not None else 1 / self.spec.experts.count
                 gain, shrink_gain = gain * share, None if shrink_gain is None else shrink_gain * share
@@ -126,10 +122,42 @@ class WeightPlanner:
 
     @staticmethod
     def precisions(plan: Plan, chunk: Chunk) -> dict[str, str]:
-        """weight id → int8 / int4 of the chunk's compressed weights (the rest stay fp16)."""
+        """weight id → precision (int8, int4-b<n>, pal<bits>…) of the chunk's compressed weights (the rest stay
+        fp16)."""
         prefix = plan_name(chunk, "")
         return {name.removeprefix(prefix): option.kind for name, option in plan.choices.items()
                 if name.startswith(prefix) and option.kind != "fp16"}
+
+
+def projects(spec: ModelSpec, chunk: Chunk, key: Key, rows: slice) -> bool:
+    """Whether a blob of a chunk is (a piece of) the LM head: the head's table in the last chunk, whole where the
+    head is not split (a tied table embeds and projects through one blob), else a piece of it."""
+    return chunk.last and key[0] == head_role(spec) and (rows != slice(None) or len(head_pieces(spec)) == 1)
+
+
+class ColumnImportance:
+    """Each graph weight's importance: the calibration's mean x² per input column of its source tensor (`importance`:
+    HF name → row, a row per expert for a stack). A fold splits or scales rows, which keeps the columns'
+    importance; a table that is the head takes the head's inputs (tied or not), one that only embeds has none (its
+    columns weigh alike); an expert of a stack takes its own row."""
+
+    def __init__(self, checkpoint, importance: dict[str, np.ndarray]):
+        self.spec: ModelSpec = checkpoint.spec
+        self.importance = importance
+        self.sources: dict[Key, str] = {}  # each graph tensor's source (HF) name, whose importance its columns take
+        for source, info in checkpoint.tensor_infos.items():
+            self.sources.update(dict.fromkeys(graph_keys(self.spec, role_key(info.role)), source))
+
+    def of(self, chunk: Chunk, key: Key, rows: slice) -> np.ndarray | None:
+        head = projects(self.spec, chunk, key, rows)
+        importance = self.importance.get(HEAD_INPUTS if head else self.sources[key])
+        if importance is not None and key[0].endswith("]"):  # one expert of a stack (folds.expert_key)
+            importance = importance.reshape(self.spec.experts.count, -1)[int(key[0][key[0].index("[") + 1:-1])]
+        return importance
+
+    def by_weight(self, chunk: Chunk, needed: set[Key]) -> dict[str, np.ndarray | None]:
+        """weight id → importance of the blobs of a chunk's graph tensors `needed`."""
+        return {weight: self.of(chunk, key, rows) for key in needed for weight, rows in blobs_of(self.spec, chunk, key)}
 
 
 def _shares(tokens: np.ndarray) -> np.ndarray:

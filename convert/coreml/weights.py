@@ -11,7 +11,7 @@ import numpy as np
 from coremltools.converters.mil import Builder as mb
 
 from siliconvert.convert.coreml.package import BLOB_RECORD, BLOB_SENTINEL
-from siliconvert.quantize.coreml import QuantizedWeight, quantized_const
+from siliconvert.quantize.coreml import CompressedWeight, quantized_const
 
 
 class WeightConsts(ABC):
@@ -59,7 +59,7 @@ class StoredWeights(WeightConsts):
 class QuantizedWeights(WeightConsts):
     """The compressed form coremltools' pass chose for each weight (quantize/coreml.py); fp16 for the rest."""
 
-    def __init__(self, stored: StoredWeights, quantized: dict[str, QuantizedWeight]):
+    def __init__(self, stored: StoredWeights, quantized: dict[str, CompressedWeight]):
         self.stored = stored
         self.quantized = quantized
 

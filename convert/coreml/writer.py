@@ -48,7 +48,7 @@ from siliconvert.convert.coreml.package import (
     replace_atomically,
     write_package,
 )
-from siliconvert.convert.coreml.plan import WeightPlanner
+from siliconvert.convert.coreml.plan import ColumnImportance, WeightPlanner
 from siliconvert.convert.coreml.weights import PlaceholderWeights, QuantizedWeights, StoredWeights
 from siliconvert.errors import CheckpointError, OutputError
 from siliconvert.quantize.coreml import quantize_weights
@@ -72,8 +72,11 @@ def active_seconds(intervals: list[tuple[float, float]]) -> float:
 
 def calibration_needs(target: CoreMLTarget) -> dict[str, set[str]]:
     """Calibration text → the parts a target's writer asks for: the residual stream's range (every package runs in
-    fp16), and a plan's importance."""
-    return {BUILTIN: {RANGE} | ({IMPORTANCE, SENSITIVITY} if target.plan else set())}
+    fp16), a plan's importance and sensitivity, and the importance every compressed package's weights are fitted
+    to (a palette's k-means, int4 / int8 scales: quantize/coreml.py)."""
+    compressed = len(target.precisions) > 1
+    return {BUILTIN: {RANGE} | ({IMPORTANCE, SENSITIVITY} if target.plan else set())
+            | ({IMPORTANCE} if compressed else set())}
 
 
 class CoreMLWriter(Writer):
@@ -132,6 +135,9 @@ class CoreMLWriter(Writer):
         self.planner = WeightPlanner(checkpoint, target.plan, calibration=calibration) if target.plan else None
         self.quant_plan: Plan | None = None
         self.fp16_blobs: dict[int, dict[str, tuple[int, int]]] = {}
+        # what compressed weights are fitted to (quantize/coreml.py: a palette's k-means, int4 / int8 scales)
+        self.columns = (ColumnImportance(checkpoint, calibration.get(BUILTIN, {IMPORTANCE}).importance)
+                        if len(target.precisions) > 1 else None)
         self.work = {p: f.with_name(f".{f.name}.tmp-{os.getpid()}") for p, f in self.folders.items()}
         self._state = "open"
         try:
@@ -370,7 +376,8 @@ class CoreMLWriter(Writer):
         package (memory-mapped): coremltools' quantization pass runs on one function, and both functions take
         the weights it chose. Slower than the fp16 path, and it holds the chunk's compressed weights until its
         package is written."""
-        quantized = quantize_weights(self._function(chunk, stored), precision_of)
+        importance = self.columns.by_weight(chunk, self.needed[chunk.index]) if self.columns else {}
+        quantized = quantize_weights(self._function(chunk, stored), precision_of, importance.get)
         program = build_program(self.spec, chunk, self.block, self.target.context,
                                 QuantizedWeights(stored, quantized), self.stream_scale, self.recurrent_scale)
         package = self.work[variant] / chunk.package

@@ -1,6 +1,6 @@
 """The MIL ops the interpreter knows: those the Core ML builder emits and those coremltools' passes turn
 them into (int16/uint16 casts and index wrapping around `gather`, `write_state` + `read_state` for
-`coreml_update_state`, `constexpr_blockwise_shift_scale` for compressed weights).
+`coreml_update_state`, `constexpr_blockwise_shift_scale` and `constexpr_lut_to_dense` for compressed weights).
 
 Each op is a function of its MIL inputs (keyword arguments named as in the MIL spec) returning numpy arrays.
 Floating-point work happens in float32 (the package docstring says what that approximates); the program then
@@ -311,3 +311,18 @@ def _blockwise_shift_scale(data, scale, offset=None):
     if offset is not None:
         values = values - expand(wide(offset).astype(np.float32))
     return values * expand(wide(scale))
+
+
+@op("constexpr_lut_to_dense")
+def _lut_to_dense(indices, lut, vector_axis=None):
+    """Palettized weights: each index picks an entry of its block's table. lut is [blocks per axis of indices…,
+    entries, 1]: a block spans indices.shape[i] / lut.shape[i] along axis i (one table per group of channels)."""
+    if vector_axis is not None or lut.shape[-1] != 1:
+        raise Unsupported("vector palettization (table entries longer than 1)")
+    block = [size // tables for size, tables in zip(indices.shape, lut.shape[:-2], strict=True)]
+    table = np.zeros(indices.shape, np.int64)  # each value's table, as a flat index into lut's leading axes
+    for axis, (size, tables) in enumerate(zip(indices.shape, lut.shape[:-2], strict=True)):
+        shape = [1] * indices.ndim
+        shape[axis] = size
+        table = table * tables + (np.arange(size) // block[axis]).reshape(shape)
+    return lut.reshape(-1, lut.shape[-2])[table, indices.astype(np.int64)]

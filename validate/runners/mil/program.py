@@ -31,7 +31,7 @@ from siliconvert.validate.runners.mil.values import Blob, BlobFile, TensorType, 
 
 # Ops evaluated when the weights load: their inputs are all consts (Core ML does the same when it compiles a
 # model).
-LOAD_TIME_OPS = ("constexpr_blockwise_shift_scale",)
+LOAD_TIME_OPS = ("constexpr_blockwise_shift_scale", "constexpr_lut_to_dense")
 STATE_OPS = ("read_state", "write_state")
 # Weights these op inputs read are held widened to float32 (exactly) from the time they load: the products
 # run as float32 BLAS calls (numpy has no fp16 kernels), and widening a weight at every call would cost more

@@ -31,8 +31,13 @@ DTYPES = {  # MIL data type → numpy storage type
     MIL_pb2.UINT32: np.uint32,
     MIL_pb2.INT4: np.int8,  # unpacked from two per byte
     MIL_pb2.UINT4: np.uint8,
+    MIL_pb2.UINT1: np.uint8,  # palette indices (constexpr_lut_to_dense), packed bit by bit
+    MIL_pb2.UINT2: np.uint8,
+    MIL_pb2.UINT3: np.uint8,
+    MIL_pb2.UINT6: np.uint8,
 }
-SUB_BYTE = {MIL_pb2.INT4: (4, True), MIL_pb2.UINT4: (4, False)}  # bits, signed
+SUB_BYTE = {MIL_pb2.INT4: (4, True), MIL_pb2.UINT4: (4, False), MIL_pb2.UINT1: (1, False), MIL_pb2.UINT2: (2, False),
+            MIL_pb2.UINT3: (3, False), MIL_pb2.UINT6: (6, False)}  # bits, signed
 BLOB_SENTINEL = 0xDEADBEEF
 BLOB_RECORD = struct.Struct("<IIQQ")
 
@@ -86,7 +91,7 @@ class BlobFile:
         count = int(np.prod(declared.shape, dtype=np.int64))
         if declared.mil_dtype in SUB_BYTE:
             bits = SUB_BYTE[declared.mil_dtype][0]
-            available = size * (8 // bits)
+            available = size * 8 // bits
         elif size % declared.dtype.itemsize == 0:
             available = size // declared.dtype.itemsize
         else:
@@ -125,10 +130,14 @@ class Blob:
 
 
 def unpack_bits(raw: np.ndarray, bits: int, signed: bool, count: int) -> np.ndarray:
-    """Sub-byte integers packed from the least significant bit up, as Core ML stores them."""
-    per_byte = 8 // bits
-    shifts = np.arange(per_byte, dtype=np.uint8) * bits
-    values = ((raw[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:count]
+    """Sub-byte integers packed from the least significant bit up, as Core ML stores them: a stream of bits, so
+    that 3- and 6-bit values run across bytes."""
+    if 8 % bits == 0:  # whole values per byte: shifts, without a byte per bit
+        shifts = np.arange(8 // bits, dtype=np.uint8) * bits
+        values = ((raw[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:count]
+    else:
+        stream = np.unpackbits(raw, bitorder="little")[:count * bits].reshape(count, bits)
+        values = (stream @ (1 << np.arange(bits, dtype=np.uint8))).astype(np.uint8)
     if signed:
         return (values.astype(np.int8) ^ (1 << (bits - 1))) - (1 << (bits - 1))  # sign-extend
     return values

@@ -1,0 +1,137 @@
+"""Core ML compression beside GGUF Q4_K_M (issue #28's Core ML part): every fixed precision and a plan at Q4_K_M's
+size, on the demo model and a family checkpoint, and the importance-fitted weights against plain ones.
+
+For each model this runs recipes (`siliconvert recipe`'s own run, in this process): GGUF Q4_K_M (llama.cpp's
+recipe, builtin importance matrix); Core ML int8, int4, every palette and `precision: auto` planned at Q4_K_M's
+bytes, then planned at its weights' bits per weight; every artifact scored on the same windows against the same
+float32 transformers reference (Core ML by the MIL interpreter). Then int4 and the palettes again, plain (the
+pass's max/7 scales, k-means with every value weighing alike: the writer's column importance switched off in this
+process), scored on the same windows. Bits per weight are the artifact's bytes × 8 over the checkpoint's
+parameters (everything the folder holds: tables, scales, the spec, tokenizer files).
+
+    .venv/bin/python -m bench.coreml_palettes [--only demo,qwen3] [--tokens 512] [--context 256]
+
+Writes bench/results/coreml-palettes-<YYYY-MM-DD>.json and prints the table as Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+from bench.plan import checkpoint_for
+from bench.run import RESULTS_DIR, WORK_DIR
+
+OUT = WORK_DIR / "coreml-palettes"
+FIXED = ["int8", "int4", "pal8", "pal6", "pal4", "pal4-lut8", "pal3", "pal3-lut8", "pal2"]
+PLAIN = ["int4", *(p for p in FIXED if p.startswith("pal"))]  # scored again without the importance
+MODELS = ("demo", "qwen3")
+
+
+def run(model: str, name: str, targets: list[dict], tokens: int, context: int) -> dict:
+    """One recipe run in this process; its report.json."""
+    from siliconvert.commands.pipeline import run_recipe
+    from siliconvert.recipe import load_recipe
+
+    folder = OUT / model / name
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe = {"name": f"{model}-{name}", "source": str(checkpoint_for(model)), "output": str(folder / "out"),
+              "targets": targets,
+              "validate": {"tokens": tokens, "context": context, "latency": False,
+                           "gates": {"max_mean_kld": 1.0, "min_same_top1": 0.0, "max_ppl_ratio": 10.0}}}
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run_recipe(load_recipe(path), path)
+    return json.loads((folder / "out" / "report.json").read_text())
+
+
+def rows_of(report: dict, parameters: int, label: str = "") -> list[dict]:
+    return [{"format": a["format"], "quant": a["quant"] + label, "bytes": a["size_bytes"],
+             "bits_per_weight": round(a["size_bytes"] * 8 / parameters, 3),
+             "mean_kld": a["metrics"]["mean_kld"], "same_top1": a["metrics"]["same_top1"]}
+            for a in report["artifacts"] if a.get("metrics")]
+
+
+def gguf_bits_per_weight(path: Path) -> float:
+    """Bits per weight of a GGUF file's matrices (its quantized tensors' bytes over their values)."""
+    from gguf import GGUFReader
+
+    matrices = [t for t in GGUFReader(path).tensors if len(t.shape) > 1]
+    return round(sum(int(t.n_bytes) for t in matrices) * 8 / sum(int(t.n_elements) for t in matrices), 3)
+
+
+def measure(model: str, tokens: int, context: int) -> dict:
+    from siliconvert.checkpoint import Checkpoint
+    from siliconvert.convert.coreml import plan as coreml_plan
+
+    checkpoint = Checkpoint.open(checkpoint_for(model))
+    parameters = sum(math.prod(info.shape) for info in checkpoint.tensor_infos.values())
+    anchor = run(model, "anchor", [{"format": "gguf", "quants": ["Q4_K_M"]}], tokens, context)
+    (q4,) = [a for a in anchor["artifacts"] if a["quant"] == "Q4_K_M"]
+    size_mb = q4["size_bytes"] / 1e6
+    coreml = {"format": "coreml", "context": context, "precision": [*FIXED, "auto"],
+              "plan": {"size_mb": round(size_mb, 3)}}
+    weighted = run(model, "weighted", [coreml], tokens, context)
+    # and planned at Q4_K_M's bits per weight (its weights' bytes over their count), the Core ML package's spec and
+    # tokenizer files aside: in the same folder, so the calibration and the reference are reused
+    bits = gguf_bits_per_weight(Path(q4["path"]))
+    at_bits = run(model, "weighted", [{**coreml, "precision": ["auto"], "plan": {"bits_per_weight": bits}}], tokens,
+                  context)
+    of = coreml_plan.ColumnImportance.of
+    coreml_plan.ColumnImportance.of = lambda self, chunk, key, rows: None  # plain: no column weighs more
+    try:
+        plain = run(model, "plain", [{"format": "coreml", "context": context, "precision": PLAIN}], tokens, context)
+    finally:
+        coreml_plan.ColumnImportance.of = of
+    rows = rows_of(anchor, parameters) + rows_of(weighted, parameters)
+    rows += [r for r in rows_of(at_bits, parameters) if r["quant"].startswith("auto")]
+    rows += [r for r in rows_of(plain, parameters, " (plain)") if r["quant"] != "fp16 (plain)"]
+    best = min((r for r in rows if r["format"] != q4["format"] and r["bytes"] <= q4["size_bytes"]),
+               key=lambda r: r["mean_kld"])
+    (planned_at_bits,) = [r for r in rows_of(at_bits, parameters) if r["quant"].startswith("auto")]
+    q4_kld = q4["metrics"]["mean_kld"]
+    return {"model": model, "parameters": parameters, "rows": rows,
+            "q4_k_m": {"bytes": q4["size_bytes"], "mean_kld": q4["metrics"]["mean_kld"], "bits_per_weight": bits},
+            "best_at_q4_k_m_size": {**best, "over_q4_k_m": round(best["mean_kld"] / q4_kld, 3)},
+            "planned_at_q4_k_m_bits": {**planned_at_bits,
+                                       "over_q4_k_m": round(planned_at_bits["mean_kld"] / q4_kld, 3)}}
+
+
+def markdown(results: list[dict]) -> str:
+    lines = []
+    for result in results:
+        lines += [f"### {result['model']} ({result['parameters']:,} parameters)", "",
+                  "| format | precision | bytes | bits/weight | mean KLD | same top-1 |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['format']} | {r['quant']} | {r['bytes']:,} | {r['bits_per_weight']} | {r['mean_kld']:.5f} | "
+                  f"{r['same_top1']:.3f} |" for r in sorted(result["rows"], key=lambda r: r["bytes"])]
+        best = result["best_at_q4_k_m_size"]
+        lines += ["", f"Best at Q4_K_M's size or less: {best['quant']} ({best['bytes']:,} bytes), mean KLD "
+                      f"{best['mean_kld']:.5f} = {best['over_q4_k_m']}× Q4_K_M's.",
+                  f"Planned at Q4_K_M's {result['q4_k_m']['bits_per_weight']} bits per weight: "
+                  f"{result['planned_at_q4_k_m_bits']['mean_kld']:.5f} = "
+                  f"{result['planned_at_q4_k_m_bits']['over_q4_k_m']}× Q4_K_M's.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", help="comma-separated models (demo, a tests/families.py family)")
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--context", type=int, default=256)
+    args = parser.parse_args()
+    models = args.only.split(",") if args.only else MODELS
+    results = [measure(model, args.tokens, args.context) for model in models]
+    stamp = datetime.date.today().isoformat() + (f"-only-{'-'.join(models)}" if args.only else "")
+    out = Path(RESULTS_DIR) / f"coreml-palettes-{stamp}.json"
+    out.write_text(json.dumps({"tokens": args.tokens, "context": args.context, "models": results}, indent=1) + "\n")
+    print(markdown(results))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

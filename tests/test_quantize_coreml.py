@@ -1,0 +1,151 @@
+"""Core ML weight compression on its own (quantize/coreml.py): the palettes' names, our k-means (a table of the
+right size, weighted by the columns' importance), every palette round-tripped through coremltools' own
+functions with its error falling as bits rise, the importance-weighted tables and scales beating plain ones, and
+coremltools' passes making the ops the packages hold."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from siliconvert.quantize.coreml import (
+    PALETTE_BITS,
+    PALETTIZED_OP,
+    PRECISIONS,
+    QUANTIZED_OP,
+    Palette,
+    PalettizedWeight,
+    compress,
+    decompress,
+    kmeans_lut,
+    palette_of,
+    quantize_weights,
+    stored_bytes,
+)
+
+
+def weighted_error(weight: np.ndarray, approx: np.ndarray, importance: np.ndarray) -> float:
+    """The layer output's relative error for inputs of mean x² `importance` per column."""
+    weight, approx = weight.astype(np.float64), approx.astype(np.float64)
+    return float(((weight - approx) ** 2 @ importance).sum() / (weight**2 @ importance).sum())
+
+
+def outlier_weight(rows: int = 64, columns: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """A weight whose few important input columns hold small values (as where a model learnt to scale down
+    the weights of its large activations), and their importance: where plain k-means spends its entries on the
+    bulk of the values and rounds the columns that matter most coarsely."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((rows, columns))
+    importance = np.ones(columns)
+    hot = rng.choice(columns, 8, replace=False)
+    weight[:, hot] *= 0.05
+    importance[hot] = 400.0
+    return weight.astype(np.float16), importance
+
+
+def test_palette_names():
+    assert palette_of("pal4") == Palette(4)
+    assert palette_of("pal3-lut8") == Palette(3, int8_lut=True)
+    assert palette_of("pal6-g32") == Palette(6, group=32)
+    assert palette_of("int4") is None and palette_of("int4-b64") is None
+    with pytest.raises(ValueError, match="not 5"):
+        palette_of("pal5")
+
+
+def test_the_recipe_takes_every_fixed_precision():
+    from typing import get_args
+
+    from siliconvert.recipe import CoreMLPrecision, CoreMLTarget
+
+    assert set(get_args(CoreMLPrecision)) == {"fp16", "auto", *PRECISIONS}
+    assert CoreMLTarget(format="coreml", precision=["pal4", "pal3-lut8"]).precisions == ["fp16", "pal4", "pal3-lut8"]
+
+
+def test_kmeans_lut_gives_a_sorted_fp16_table_and_nearest_indices():
+    values = np.random.default_rng(1).standard_normal((16, 64)).astype(np.float16)
+    lut, indices = kmeans_lut(values, 3, None)
+    assert lut.dtype == np.float16 and lut.shape == (8,) and np.all(np.diff(lut.astype(np.float32)) >= 0)
+    assert indices.dtype == np.uint8 and indices.shape == (values.size,)
+    distance = np.abs(values.reshape(-1, 1).astype(np.float32) - lut.astype(np.float32))
+    np.testing.assert_array_equal(distance[np.arange(values.size), indices], distance.min(axis=1))
+    few = np.array([[0.5, -1.0], [0.5, 2.0]], np.float16)  # no more distinct values than entries: exact
+    lut, indices = kmeans_lut(few, 2, None)
+    np.testing.assert_array_equal(lut[indices].reshape(few.shape), few)
+
+
+def test_distinct_fp16_values_come_sorted_with_their_indices():
+    from siliconvert.quantize.coreml import _distinct_fp16
+
+    values = np.concatenate([np.random.default_rng(2).standard_normal(500), [0.0, 1e-7, -1e-7, 65504, -65504]])
+    values = values.astype(np.float16)
+    distinct, where = _distinct_fp16(values)
+    expected = np.unique(values.astype(np.float64))
+    np.testing.assert_array_equal(distinct, expected)
+    np.testing.assert_array_equal(distinct[where], values.astype(np.float64))
+
+
+def test_each_palette_round_trips_and_its_error_falls_with_bits():
+    weight, importance = outlier_weight()
+    errors, sizes = [], []
+    for bits in PALETTE_BITS:
+        made = compress(weight, f"pal{bits}", importance)
+        assert isinstance(made, PalettizedWeight) and made.lut.shape == (64 // 16, 1, 1 << bits, 1)
+        assert decompress(made).shape == weight.shape and decompress(made).dtype == np.float16
+        errors.append(weighted_error(weight, decompress(made), importance))
+        sizes.append(stored_bytes(made, f"pal{bits}"))
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-3, errors
+    assert sizes == sorted(sizes)
+    # pal4 indices take half a byte per weight, plus its tables and the blobs' records
+    assert weight.size // 2 < sizes[PALETTE_BITS.index(4)] < weight.size // 2 + 4 * 64 + 4 * 16 * 2 + 64
+    # an int8 table (one scale for the weight) costs a little accuracy and half the table's bytes
+    lut8 = compress(weight, "pal4-lut8", importance)
+    assert lut8.lut.dtype == np.int8 and lut8.lut_scale.size == 1
+    assert errors[2] < weighted_error(weight, decompress(lut8), importance) < 1.5 * errors[2]
+    assert compress(weight[:40], "pal4") is None  # 40 rows are no whole number of groups of 16: left fp16
+
+
+@pytest.mark.parametrize(("precision", "at_most"), [("pal2", 0.8), ("pal3", 0.8), ("pal4", 0.8), ("int4", 0.95),
+                                                    ("int8", 0.95)])
+def test_importance_weighted_compression_beats_plain_on_the_layer_output(precision, at_most):
+    """Palettes: k-means weighted by the columns' importance (the tables move to where the important columns'
+    values lie); int4 / int8: each block's scale fitted to it (a block's scale is still set by its largest values,
+    so the gain is smaller)."""
+    weight, importance = outlier_weight()
+    plain = weighted_error(weight, decompress(compress(weight, precision)), importance)
+    weighted = weighted_error(weight, decompress(compress(weight, precision, importance)), importance)
+    assert weighted < at_most * plain, (weighted, plain)
+
+
+def test_the_passes_make_the_ops_the_packages_hold():
+    """quantize_weights over a one-function program: each const at its own precision, the int8 tables through the
+    linear pass's joint compression, and what they made equal to `compress` of the same weight."""
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    weights = {name: outlier_weight(64, 128)[0] * scale for name, scale in (("a", 1), ("b", 2), ("c", 3))}
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 128, 1, 1), dtype=types.fp16)], opset_version=ct.target.iOS18)
+    def program(x):
+        outputs = []
+        for name, value in weights.items():
+            const = mb.const(val=value.reshape(64, 128, 1, 1), name=name)
+            const.op.weight_id = name
+            outputs.append(mb.conv(x=x, weight=const, name=f"conv_{name}"))
+        return mb.concat(values=outputs, axis=1)
+
+    precisions = {"a": "int4", "b": "pal4", "c": "pal3-lut8"}
+    importance = outlier_weight(64, 128)[1]
+    function = program.functions["main"]
+    made = quantize_weights(function, precisions.get, {"a": importance, "b": importance}.get)
+    assert made["a"].data.dtype == compress(weights["a"], "int4").data.dtype and made["a"].data.max() <= 7
+    assert isinstance(made["b"], PalettizedWeight) and made["b"].lut_scale is None
+    assert isinstance(made["c"], PalettizedWeight) and made["c"].lut.dtype == np.int8
+    for name in ("a", "b", "c"):
+        expected = compress(weights[name], precisions[name], importance if name != "c" else None)
+        np.testing.assert_array_equal(decompress(made[name]).reshape(64, 128), decompress(expected))
+    ops = {op.op_type for op in function.operations}
+    assert {PALETTIZED_OP, QUANTIZED_OP} <= ops
