@@ -42,7 +42,7 @@ class GGUF(Format):
         from siliconvert.convert.gguf_vocab import check_special_tokens
 
         check_special_tokens(checkpoint)
-        if target.imatrix is None:
+        if not target.imatrix:  # none, or builtin where a quant needs one
             return
         text = Path(target.imatrix).expanduser()
         if target.imatrix != "builtin" and text.exists() and not text.is_file():  # /dev/zero never ends
