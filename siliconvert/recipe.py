@@ -153,7 +153,8 @@ class GGUFTarget(TargetSpec):
         if self.imatrix is False:
             needing = [q for q in self.quants if q in GGUF_QUANTS_NEEDING_IMATRIX] + (["auto"] if self.plan else [])
             if needing:
-                raise ValueError(f"imatrix: false, but {', '.join(needing)} need an importance matrix (llama.cpp "
+                verb = "needs" if len(needing) == 1 else "need"
+                raise ValueError(f"imatrix: false, but {', '.join(needing)} {verb} an importance matrix (llama.cpp "
                                  "refuses these types without one; a plan weighs by it): leave imatrix out, or "
                                  "name a calibration text")
         repeated = sorted({quant for quant in self.quants if self.quants.count(quant) > 1})
