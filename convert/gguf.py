@@ -73,7 +73,7 @@ PLANNED_FILE_TYPES = {
     QType.F16.name: LlamaFileType.MOSTLY_F16,
     QType.IQ4_XS.name: LlamaFileType.MOSTLY_IQ4_XS, QType.IQ3_S.name: LlamaFileType.MOSTLY_IQ3_S,
     QType.IQ3_XXS.name: LlamaFileType.MOSTLY_IQ3_XXS, QType.IQ2_S.name: LlamaFileType.MOSTLY_IQ2_S,
-    QType.IQ2_XXS.name: LlamaFileType.MOSTLY_IQ2_XXS,
+    QType.IQ2_XXS.name: LlamaFileType.MOSTLY_IQ2_XXS, QType.MXFP4.name: LlamaFileType.MOSTLY_MXFP4_MOE,
 }
 # The lossless full-precision type for a source dtype: what llama.cpp's quantizer reads.
 LOSSLESS = {"BF16": "BF16", "F16": "F16", "F32": "F32"}
