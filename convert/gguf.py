@@ -71,6 +71,9 @@ PLANNED_FILE_TYPES = {
     QType.Q5_K.name: LlamaFileType.MOSTLY_Q5_K_M,
     QType.Q6_K.name: LlamaFileType.MOSTLY_Q6_K, QType.Q8_0.name: LlamaFileType.MOSTLY_Q8_0,
     QType.F16.name: LlamaFileType.MOSTLY_F16,
+    QType.IQ4_XS.name: LlamaFileType.MOSTLY_IQ4_XS, QType.IQ3_S.name: LlamaFileType.MOSTLY_IQ3_S,
+    QType.IQ3_XXS.name: LlamaFileType.MOSTLY_IQ3_XXS, QType.IQ2_S.name: LlamaFileType.MOSTLY_IQ2_S,
+    QType.IQ2_XXS.name: LlamaFileType.MOSTLY_IQ2_XXS, QType.MXFP4.name: LlamaFileType.MOSTLY_MXFP4_MOE,
 }
 # The lossless full-precision type for a source dtype: what llama.cpp's quantizer reads.
 LOSSLESS = {"BF16": "BF16", "F16": "F16", "F32": "F32"}
@@ -98,11 +101,11 @@ def calibration_needs(target: GGUFTarget) -> dict[str, set[str]]:
 
 def _uses_imatrix(target: GGUFTarget) -> bool:
     # a plan weighs each tensor's error by the importance matrix, and quantizes with it
-    return bool(target.imatrix or target.plan) and any(q not in DIRECT_TYPES for q in target.quants)
+    return target.imatrix_text is not None and any(q not in DIRECT_TYPES for q in target.quants)
 
 
 def _imatrix_text(target: GGUFTarget) -> str:
-    return target.imatrix or BUILTIN
+    return target.imatrix_text or BUILTIN
 
 
 class GGUFWriter(Writer):

@@ -23,9 +23,10 @@ class GGUF(Format):
     tags = ("gguf", "llama.cpp")
     looks_like = "a .gguf file"
     ships_tokenizer = False  # a GGUF carries its tokenizer inside
-    fixed_quants = ("Q3_K_M", "Q4_K_M", "Q5_K_M")
+    # llama.cpp's K recipes, and its i-quant recipes beside them on a sweep's front (plans aim at the K recipes' sizes)
+    fixed_quants = ("IQ2_XXS", "IQ2_M", "IQ3_XXS", "IQ3_M", "Q3_K_M", "IQ4_XS", "Q4_K_M", "Q5_K_M")
     anchor = "Q4_K_M"
-    plan_bits = (2.625, 8.5)  # Q2_K to Q8_0 (quantize/sensitivity.py's GGUF_CANDIDATES)
+    plan_bits = (2.0625, 8.5)  # IQ2_XXS to Q8_0 (quantize/sensitivity.py's GGUF_CANDIDATES)
 
     def writer(self, checkpoint: Checkpoint, target: GGUFTarget, out_dir: Path, model_name: str,
                calibration: Calibrations) -> Writer:
@@ -42,7 +43,7 @@ class GGUF(Format):
         from siliconvert.convert.gguf_vocab import check_special_tokens
 
         check_special_tokens(checkpoint)
-        if target.imatrix is None:
+        if not target.imatrix:  # none, or builtin where a quant needs one
             return
         text = Path(target.imatrix).expanduser()
         if target.imatrix != "builtin" and text.exists() and not text.is_file():  # /dev/zero never ends
@@ -78,6 +79,9 @@ class GGUF(Format):
 
     def sweep_planned(self, targets: Sequence[GGUFTarget], plan: QuantPlan) -> GGUFTarget:
         return GGUFTarget(format=self.name, quants=["auto"], imatrix=_imatrix(targets), plan=plan)
+
+    def aims_at(self, quant: str) -> bool:
+        return not quant.startswith("IQ")  # the i-quant recipes are plan candidates; their sizes sit between the K's
 
     def release_name(self, model: str, quant: str) -> str:
         return f"{model}-GGUF"

@@ -25,8 +25,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, LlamaFileType
 from gguf import GGMLQuantizationType as QType
-from gguf import LlamaFileType
 
 from siliconvert.errors import ArtifactError, RecipeError, RuntimeMissingError
 from siliconvert.recipe import GGUF_QUANTS
@@ -170,12 +170,52 @@ def plan_types(architecture: str, spec, tensors: Sequence[tuple[str, tuple[int, 
             with LlamaLog():  # its per-tensor fallback notes ("ncols not divisible by 256"): the file records the types
                 planner["compute_types"](state, int(LLAMA_CPP_QUANTS[quant]),
                                          (ctypes.c_void_p * len(chosen))(*chosen), types, len(chosen))
-        picked = iter(types)
-        return [QType(next(picked)) if ok else None for ok in allowed]
+        picked = [QType(t) for t in types]
+        if has_imatrix:
+            names = [name for (name, _), ok in zip(tensors, allowed, strict=True) if ok]
+            widths = [shape[-1] for (_, shape), ok in zip(tensors, allowed, strict=True) if ok]
+            picked = _with_imatrix(quant, names, widths, picked, spec.num_layers, experts)
+        chosen_types = iter(picked)
+        return [next(chosen_types) if ok else None for ok in allowed]
     finally:
         ggml.ggml_free(context)
         planner["free"](state)
         llama_cpp.llama_model_free(model)
+
+
+def _with_imatrix(quant: str, names: Sequence[str], widths: Sequence[int], planned: list[QType], layers: int,
+                  experts: int) -> list[QType]:
+    """The planner's types as llama-quantize picks them with an importance matrix. llama_quant_compute_types plans
+    as if there were none (it resets has_imatrix), and four rules of llama.cpp's llama_tensor_get_type_impl
+    (src/llama-quant.cpp) differ with one: IQ3_XXS keeps attn_v at IQ3_XXS (not IQ3_S) and ffn_down at IQ3_XXS (not
+    Q3_K / Q4_K); IQ4_NL and IQ4_XS keep the first eighth of the layers' ffn_down at their type (not Q5_K); Q4_0
+    gives that eighth Q4_1. The rule's type then falls back as llama.cpp's tensor_type_fallback does for rows it
+    does not divide."""
+    ffn_down_seen = 0  # llama.cpp's i_ffn_down: the layer of a dense model's ffn_down, counted in plan order
+    types = list(planned)
+    for index, (name, width) in enumerate(zip(names, widths, strict=True)):
+        if "attn_v.weight" in name or "attn_qkv" in name or "attn_kv_b" in name:  # llama.cpp's attn_v categories
+            if quant == "IQ3_XXS" and planned[index] == QType.IQ3_S:
+                types[index] = _fallback(QType.IQ3_XXS, width)
+        elif "ffn_down" in name:
+            layer = int(name.split(".")[1]) if experts > 1 else ffn_down_seen  # as llama.cpp's layer_info
+            ffn_down_seen += 1
+            first_eighth = layer < layers // 8
+            if quant == "IQ3_XXS":
+                types[index] = _fallback(QType.IQ3_XXS, width)
+            elif quant in ("IQ4_NL", "IQ4_XS") and first_eighth:
+                types[index] = _fallback(QType[quant], width)
+            elif quant == "Q4_0" and first_eighth:
+                types[index] = _fallback(QType.Q4_1, width)
+    return types
+
+
+def _fallback(qtype: QType, width: int) -> QType:
+    """llama.cpp's tensor_type_fallback for the types `_with_imatrix` gives: a 256-block i-quant a row does not fill
+    becomes IQ4_NL, and a 32-block type it does not fill F16."""
+    if width % GGML_QUANT_SIZES[qtype][0] and GGML_QUANT_SIZES[qtype][0] == 256:
+        qtype = QType.IQ4_NL
+    return qtype if width % GGML_QUANT_SIZES[qtype][0] == 0 else QType.F16
 
 
 class TensorQuantizer:

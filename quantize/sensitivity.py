@@ -101,18 +101,25 @@ from gguf import GGMLQuantizationType as QType
 
 from siliconvert.gains import Q8_0, Q8_K
 
-# llama.cpp types a GGUF plan chooses from. K-quants need rows of whole 256-blocks; the 32-block types
-# (legacy Q4_0 … Q8_0, IQ4_NL) are what a narrower row can take, and what llama.cpp's fixed recipes fall back to;
-# F16 fits every row, so no row shape leaves a tensor without an option (a Phi-3 of hidden 144 has no row a block
-# divides), and it is where a quality goal below every quantized type's floor ends.
-GGUF_CANDIDATES = (QType.Q2_K, QType.Q3_K, QType.IQ4_NL, QType.Q4_0, QType.Q4_1, QType.Q4_K, QType.Q5_0,
-                   QType.Q5_1, QType.Q5_K, QType.Q6_K, QType.Q8_0, QType.F16)
+# llama.cpp types a GGUF plan chooses from. K-quants and i-quants need rows of whole 256-blocks; the 32-block types
+# (legacy Q4_0 … Q8_0, IQ4_NL, MXFP4) are what a narrower row can take, and what llama.cpp's fixed recipes fall back
+# to; F16 fits every row, so no row shape leaves a tensor without an option (a Phi-3 of hidden 144 has no row a block
+# divides), and it is where a quality goal below every quantized type's floor ends. The i-quants are the types
+# llama.cpp's IQ* recipes use (IQ2_XXS 2.06 bits per weight, IQ2_S 2.5, IQ3_XXS 3.06, IQ3_S 3.44, IQ4_XS 4.25); the
+# ternary TQ1_0 / TQ2_0 are not candidates: they keep only a model trained ternary, which a plan has no way to tell.
+GGUF_CANDIDATES = (QType.IQ2_XXS, QType.IQ2_S, QType.Q2_K, QType.IQ3_XXS, QType.Q3_K, QType.IQ3_S, QType.IQ4_XS,
+                   QType.IQ4_NL, QType.MXFP4, QType.Q4_0, QType.Q4_1, QType.Q4_K, QType.Q5_0, QType.Q5_1, QType.Q5_K,
+                   QType.Q6_K, QType.Q8_0, QType.F16)
+# Types llama.cpp makes only with an importance matrix (src/llama-quant.cpp tensor_requires_imatrix; ggml aborts
+# on IQ2_XXS and IQ2_XS without one): not candidates of a tensor that has none (an embedding table)
+GGUF_NEED_IMPORTANCE = (QType.IQ1_S, QType.IQ1_M, QType.IQ2_XXS, QType.IQ2_XS, QType.IQ2_S, QType.IQ3_XXS)
 # How llama.cpp's CPU kernels round a matmul's input for each quantized weight type (ggml's type_traits vec_dot_type;
 # Q8_1, Q4_1's and Q5_1's, rounds as Q8_0 does and differs only in also storing the block's sum; F16's input is
 # rounded to float16, whose error is far below these)
 GGUF_INPUT_ROUNDING = {QType.Q2_K: Q8_K, QType.Q3_K: Q8_K, QType.Q4_K: Q8_K, QType.Q5_K: Q8_K, QType.Q6_K: Q8_K,
-                       QType.IQ4_NL: Q8_0, QType.Q4_0: Q8_0, QType.Q4_1: Q8_0, QType.Q5_0: Q8_0, QType.Q5_1: Q8_0,
-                       QType.Q8_0: Q8_0}
+                       QType.IQ2_XXS: Q8_K, QType.IQ2_S: Q8_K, QType.IQ3_XXS: Q8_K, QType.IQ3_S: Q8_K,
+                       QType.IQ4_XS: Q8_K, QType.IQ4_NL: Q8_0, QType.MXFP4: Q8_0, QType.Q4_0: Q8_0, QType.Q4_1: Q8_0,
+                       QType.Q5_0: Q8_0, QType.Q5_1: Q8_0, QType.Q8_0: Q8_0}
 # (bits, group size) an MLX plan chooses from: every affine width mx.quantize has, at mlx-lm's group sizes
 MLX_CANDIDATES = tuple((bits, group) for bits in (2, 3, 4, 5, 6, 8) for group in (32, 64, 128))
 # precisions a Core ML plan chooses from (quantize/coreml.py): fp16, the fixed packages' int8 per channel and int4
@@ -261,7 +268,8 @@ def gguf_costs(name: str, weight: np.ndarray, importance: np.ndarray | None, qua
     matrices = sample_rows(whole, sample_budget)
     if matrices.dtype != np.float32 or matrices.strides[1:] != (4 * matrices.shape[-1], 4):
         matrices = np.ascontiguousarray(matrices, dtype=np.float32)
-    fits = [qtype for qtype in candidates if matrices.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0]
+    fits = [qtype for qtype in candidates if matrices.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0
+            and (importance is not None or qtype not in GGUF_NEED_IMPORTANCE)]
     options = []
 
     def measure(qtype: QType, work) -> None:

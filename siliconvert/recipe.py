@@ -137,19 +137,34 @@ GGUF_QUANTS = {
     "Q6_K": ("planner", "llama.cpp"), "Q5_K_M": ("planner", "llama.cpp"), "Q4_K_M": ("planner", "llama.cpp"),
     "Q4_K_S": ("planner", "llama.cpp"), "Q3_K_M": ("planner", "llama.cpp"), "Q2_K": ("planner", "llama.cpp"),
     "Q4_0": ("planner", "llama.cpp"),
+    # i-quants (lattice codebooks; IQ4_NL and IQ4_XS a non-linear 4-bit grid), experts in MXFP4, ternary TQ1_0 / TQ2_0
+    "IQ4_XS": ("planner", "llama.cpp"), "IQ4_NL": ("planner", "llama.cpp"), "IQ3_M": ("planner", "llama.cpp"),
+    "IQ3_XXS": ("planner", "llama.cpp"), "IQ2_M": ("planner", "llama.cpp"), "IQ2_XXS": ("planner", "llama.cpp"),
+    "MXFP4_MOE": ("planner", "llama.cpp"), "TQ1_0": ("planner", "llama.cpp"), "TQ2_0": ("planner", "llama.cpp"),
 }
 GGUFQuant = Literal[tuple(GGUF_QUANTS)]
+# The quants whose main type llama.cpp refuses to make without an importance matrix (src/llama-quant.cpp,
+# tensor_requires_imatrix: IQ3_XXS, IQ2_M's IQ2_S, IQ2_XXS; tests/test_gguf.py holds this to llama.cpp's refusals)
+GGUF_QUANTS_NEEDING_IMATRIX = ("IQ3_XXS", "IQ2_M", "IQ2_XXS")
 
 
 class GGUFTarget(TargetSpec):
     format: Literal["gguf"]
     quants: list[GGUFQuant | Literal["auto"]] = Field(["Q4_K_M"], min_length=1)  # auto: one planned file
-    # calibration text ("builtin" or a path) for an importance matrix; a plan always has one (default builtin)
-    imatrix: str | None = None
+    # calibration text ("builtin" or a path) for an importance matrix. Left out: builtin where a plan or a quant of
+    # GGUF_QUANTS_NEEDING_IMATRIX needs one, else none; false: none, and such a target is refused
+    imatrix: str | Literal[False] | None = None
 
     @model_validator(mode="after")
     def _auto_has_a_plan(self) -> GGUFTarget:
         _plan_matches_auto("auto" in self.quants, self.plan, "quants")
+        if self.imatrix is False:
+            needing = [q for q in self.quants if q in GGUF_QUANTS_NEEDING_IMATRIX] + (["auto"] if self.plan else [])
+            if needing:
+                verb = "needs" if len(needing) == 1 else "need"
+                raise ValueError(f"imatrix: false, but {', '.join(needing)} {verb} an importance matrix (llama.cpp "
+                                 "refuses these types without one; a plan weighs by it): leave imatrix out, or "
+                                 "name a calibration text")
         repeated = sorted({quant for quant in self.quants if self.quants.count(quant) > 1})
         if repeated:  # one file a quant: a second would overwrite the first
             raise ValueError(f"quants lists {', '.join(repeated)} more than once")
@@ -158,6 +173,15 @@ class GGUFTarget(TargetSpec):
     def file_quant(self, quant: str) -> str:
         """The name a quant's file and artifact carry: the plan's label for auto."""
         return self.plan.label if quant == "auto" else quant
+
+    @property
+    def imatrix_text(self) -> str | None:
+        """The calibration text of the target's importance matrix, None for none: the recipe's, else builtin where
+        a plan or a quant llama.cpp refuses without one asks for it."""
+        if self.imatrix is not None:
+            return self.imatrix or None
+        needs = self.plan is not None or any(q in GGUF_QUANTS_NEEDING_IMATRIX for q in self.quants)
+        return "builtin" if needs else None
 
 
 # pal<bits>: palettized (a lookup table per 16 output channels), -lut8: its tables in int8 (quantize/coreml.py)

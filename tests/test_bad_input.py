@@ -121,6 +121,8 @@ RECIPE_CASES = [
     ("wrong-type", "source: x\ntargets: [{format: mlx, bits: four}]\n", "targets.0.bits"),
     ("unknown-format", "source: x\ntargets: [{format: onnx}]\n", "unknown format 'onnx'"),
     ("unknown-quant", "source: x\ntargets: [{format: gguf, quants: [Q5_Z]}]\n", "targets.0.quants.0"),
+    ("imatrix-off", "source: x\ntargets: [{format: gguf, quants: [Q4_K_M, IQ2_XXS], imatrix: false}]\n",
+     "imatrix: false, but IQ2_XXS needs an importance matrix"),
     ("source-missing", "source: /no/such/folder\ntargets: [{format: mlx}]\n", "source not found"),
     ("hub-id-offline", "source: nobody-here/no-model\ntargets: [{format: mlx}]\n", "Hugging Face Hub"),
 ]

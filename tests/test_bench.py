@@ -267,3 +267,19 @@ def test_hybrid_rows_set_quantized_artifacts_beside_their_anchors():
     coreml = {"path": "/x.mlpackage", "state_bytes": {"kv_cache": 4096, "conv_state": 96, "recurrent_state": 512}}
     assert hybrid.artifact_state_bytes(coreml, 128) == {"path": "/x.mlpackage", "recurrent_state_bytes": 608,
                                                         "kv_cache_bytes": 4096}
+
+
+def test_quants_table_sets_each_tool_beside_the_others_one_line_per_type():
+    """bench.quants: one row per (checkpoint, format, type, tool); the table puts the tools of a type on one line, and
+    a tool that made no artifact says why."""
+    quants = importlib.import_module("bench.quants")
+    figures = {"bytes": 1_234_567, "bits_per_weight": 4.25, "mean_kld": 0.0123, "same_top1": 0.9}
+    rows = [{"checkpoint": "demo", "format": "gguf", "type": "IQ4_XS", "tool": "siliconvert", **figures},
+            {"checkpoint": "demo", "format": "gguf", "type": "IQ4_XS", "tool": "llama-quantize", **figures},
+            {"checkpoint": "demo", "format": "mlx", "type": "mxfp4", "tool": "siliconvert", **figures},
+            {"checkpoint": "demo", "format": "mlx", "type": "mxfp4", "tool": "mlx_lm.convert", "error": "refused"}]
+    table = quants.markdown(rows).splitlines()
+    assert len(table) == 4 and table[0].count("bits/w") == 3
+    assert table[2] == ("| demo | gguf | IQ4_XS | 1,234,567 | 4.25 | 0.01230 | 0.900 | 1,234,567 | 4.25 | 0.01230 | "
+                        "0.900 | – | – | – | – |")
+    assert table[3].endswith("| – | – | – | refused |")

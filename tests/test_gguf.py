@@ -28,8 +28,8 @@ from siliconvert.convert.gguf import GGUFWriter
 from siliconvert.convert.gguf_arch import rope_pairs_split
 from siliconvert.demo import small_checkpoint
 from siliconvert.errors import ArtifactError
-from siliconvert.quantize.gguf import quantize
-from siliconvert.recipe import GGUFTarget
+from siliconvert.quantize.gguf import LLAMA_CPP_QUANTS, quantize
+from siliconvert.recipe import GGUF_QUANTS_NEEDING_IMATRIX, GGUFTarget
 from siliconvert.textdata import heldout_text
 from siliconvert.validate.metrics import compare
 from siliconvert.validate.runners.gguf import LlamaCppRunner
@@ -395,6 +395,86 @@ def test_streamed_quantization_follows_llama_cpps_fallbacks(tmp_path: Path, monk
     assert gguf.GGMLQuantizationType.Q5_0 in types  # what llama.cpp gives a Q4_K tensor with 192-wide rows
     whole_file_quantization(monkeypatch)
     assert_same_model(streamed, convert(odd, tmp_path / "whole", ["Q4_K_M"])[0].path)
+
+
+# ---- i-quants, MXFP4 and the ternary types --------------------------------------------------------
+
+I_QUANTS = ["IQ4_XS", "IQ4_NL", "IQ3_M", "IQ3_XXS", "IQ2_M", "IQ2_XXS", "MXFP4_MOE", "TQ1_0", "TQ2_0"]
+
+
+def test_streamed_i_quants_are_llama_quantizes_bytes(source: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The streamed i-quants, MXFP4_MOE and TQ types are llama_model_quantize's bytes too; those llama.cpp refuses
+    without an importance matrix get one computed from the builtin text, the same in both."""
+    streamed = {a.quant: a.path for a in convert(source, tmp_path / "streamed", I_QUANTS)}
+    whole_file_quantization(monkeypatch)
+    whole = {a.quant: a.path for a in convert(source, tmp_path / "whole", I_QUANTS)}
+    for quant in I_QUANTS:
+        assert_same_model(streamed[quant], whole[quant])
+
+
+def test_streamed_plans_follow_llama_cpps_rules_with_an_importance_matrix(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama.cpp's per-tensor planner plans as if there were no importance matrix; with one, llama-quantize gives the
+    first eighth of the layers' ffn_down Q4_1 in Q4_0 and keeps it at IQ4_XS in IQ4_XS (not Q5_K), and IQ3_XXS keeps
+    attn_v and ffn_down. Eight layers, so that the first eighth is a layer."""
+    deep = small_checkpoint(None, "llama", "sentencepiece", **(TINY | {"num_layers": 8, "train_steps": 2}))
+    quants = ["Q4_0", "IQ4_XS", "IQ3_XXS"]
+    streamed = {a.quant: a.path for a in convert(deep, tmp_path / "streamed", quants, imatrix="builtin")}
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(streamed["Q4_0"]).tensors}
+    assert (types["blk.0.ffn_down.weight"], types["blk.1.ffn_down.weight"]) == (gguf.GGMLQuantizationType.Q4_1,
+                                                                              gguf.GGMLQuantizationType.Q4_0)
+    whole_file_quantization(monkeypatch)
+    whole = {a.quant: a.path for a in convert(deep, tmp_path / "whole", quants, imatrix="builtin")}
+    for quant in quants:
+        assert_same_model(streamed[quant], whole[quant])
+
+
+def test_i_quants_follow_llama_cpps_fallbacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows of 160 (no 256-block) and 688 (no 32-block either) columns: llama.cpp's fallbacks (IQ4_NL, Q4_0, F16),
+    streamed as the whole-file quantizer writes them; a plan at that width is written and opens in llama.cpp."""
+    odd = small_checkpoint(None, "llama", "sentencepiece",
+                           **(TINY | {"hidden_size": 160, "intermediate_size": 688, "train_steps": 1}))
+    streamed = {a.quant: a.path for a in convert(odd, tmp_path / "streamed", I_QUANTS)}
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(streamed["IQ2_XXS"]).tensors}
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.IQ4_NL  # 160 wide
+    assert types["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.F16  # 688 wide
+    [planned] = convert(odd, tmp_path / "planned", ["auto"], plan={"bits_per_weight": 3.0})
+    LlamaCppRunner(planned.path, {}).close()
+    whole_file_quantization(monkeypatch)
+    whole = {a.quant: a.path for a in convert(odd, tmp_path / "whole", I_QUANTS)}
+    for quant in I_QUANTS:
+        assert_same_model(streamed[quant], whole[quant])
+
+
+def test_llama_cpp_refuses_the_listed_quants_without_an_importance_matrix(artifacts: dict[str, Path],
+                                                                         tmp_path: Path) -> None:
+    """GGUF_QUANTS_NEEDING_IMATRIX (which a recipe computes a matrix for, or refuses with imatrix: false) is exactly
+    what llama.cpp's own quantizer refuses without one."""
+    refused = set()
+    for quant in LLAMA_CPP_QUANTS:
+        try:
+            quantize(artifacts["F16"], tmp_path / f"{quant}.gguf", quant)
+        except ArtifactError as e:
+            assert "requires an imatrix" in str(e)
+            refused.add(quant)
+    assert refused == set(GGUF_QUANTS_NEEDING_IMATRIX)
+
+
+def test_i_quants_open_in_llama_cpp_and_kld_falls_with_bits(source: Path, artifacts: dict[str, Path], reference,
+                                                            tmp_path: Path) -> None:
+    """Every new type opens in llama.cpp with the F16 file's tensors and shapes and computes finite logits; the
+    i-quants' KLD falls as their bits rise."""
+    made = {a.quant: a.path for a in convert(source, tmp_path, I_QUANTS)}
+    shapes = {t.name: list(t.shape) for t in gguf.GGUFReader(artifacts["F16"]).tensors}
+    klds = {}
+    for quant, path in made.items():
+        assert {t.name: list(t.shape) for t in gguf.GGUFReader(path).tensors} == shapes, quant
+        klds[quant] = scores(path, reference).mean_kld
+        assert np.isfinite(klds[quant]), quant
+    ladder = ["IQ2_XXS", "IQ2_M", "IQ3_XXS", "IQ3_M", "IQ4_XS"]
+    assert [klds[q] for q in ladder] == sorted((klds[q] for q in ladder), reverse=True), klds
+    assert klds["IQ4_XS"] < THRESHOLDS["Q4_K_M"]
 
 
 def assert_same_model(ours: Path, theirs: Path) -> None:

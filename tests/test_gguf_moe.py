@@ -192,6 +192,21 @@ def test_streamed_expert_quants_are_llama_quantizes_bytes(trained_moe: Path, tmp
     assert types["blk.0.ffn_up_exps.weight"] != gguf.GGMLQuantizationType.F32
 
 
+def test_mxfp4_moe_and_i_quant_experts_are_llama_quantizes_bytes(trained_moe: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """MXFP4_MOE puts the expert stacks in MXFP4 and the rest in Q8_0; IQ3_XXS quantizes each expert with its own
+    row of the importance matrix (computed: llama.cpp refuses IQ3_XXS without one): both as llama_model_quantize."""
+    quants = ["MXFP4_MOE", "IQ3_XXS"]
+    streamed = {a.quant: a.path for a in convert(trained_moe, tmp_path / "streamed", quants)}
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(streamed["MXFP4_MOE"]).tensors}
+    assert types["blk.0.ffn_down_exps.weight"] == gguf.GGMLQuantizationType.MXFP4
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
+    whole_file_quantization(monkeypatch)
+    whole = {a.quant: a.path for a in convert(trained_moe, tmp_path / "whole", quants)}
+    for quant in quants:
+        assert_same_model(streamed[quant], whole[quant])
+
+
 def test_the_plan_knows_the_expert_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """llama.cpp's Q4_K_M keeps attn_k and attn_v of an 8-expert model at Q8_0 (Mixtral 8x7B's rule): the streamed
     plan, told the expert count, chooses what llama_model_quantize chooses reading expert_count from the file."""

@@ -50,10 +50,27 @@ def test_all_formats_parse():
      "targets.0: quants lists Q8_0 more than once"),
     ({**MINIMAL, "targets": [{"format": "mlx", "bits": 4}, {"format": "gguf"}, {"format": "mlx", "bits": 4}]},
      "targets.2 repeats targets.0"),
+    ({**MINIMAL, "targets": [{"format": "gguf", "quants": ["IQ3_XXS", "IQ4_XS", "IQ2_M"], "imatrix": False}]},
+     "targets.0: imatrix: false, but IQ3_XXS, IQ2_M need an importance matrix"),
+    ({**MINIMAL, "targets": [{"format": "gguf", "quants": ["auto"], "plan": {"size_mb": 1}, "imatrix": False}]},
+     "imatrix: false, but auto needs an importance matrix"),
+    ({**MINIMAL, "targets": [{"format": "gguf", "imatrix": True}]}, "targets.0.imatrix"),
 ])
 def test_problems_name_the_key(data, message):
     with pytest.raises(RecipeError, match=message):
         parse_recipe(data)
+
+
+@pytest.mark.parametrize(("target", "text"), [
+    ({"quants": ["Q4_K_M"]}, None),  # llama.cpp makes it without one: none unless asked
+    ({"quants": ["Q4_K_M", "IQ2_XXS"]}, "builtin"),  # llama.cpp refuses IQ2_XXS without one: computed
+    ({"quants": ["IQ4_XS"], "imatrix": False}, None),
+    ({"quants": ["IQ2_M"], "imatrix": "notes.txt"}, "notes.txt"),
+    ({"quants": ["auto"], "plan": {"size_mb": 1}}, "builtin"),
+])
+def test_gguf_importance_matrix_text(target, text):
+    [parsed] = parse_recipe({**MINIMAL, "targets": [{"format": "gguf", **target}]}).targets
+    assert parsed.imatrix_text == text
 
 
 def test_yaml_syntax_error_gives_the_line(tmp_path):

@@ -95,7 +95,8 @@ def test_gguf_costs_add_the_kld_of_the_input_rounding_each_types_kernels_use(wei
     """A K-quant's kernels round the input to Q8_K, a 32-block type's to Q8_0: each candidate pays its own."""
     quantizer = TensorQuantizer(threads=1)
     try:
-        bare, floored = (gguf_costs("w", weight, None, quantizer, 1.0, input_klds=floors)
+        importance = np.ones(weight.shape[1], dtype=np.float32)  # every candidate: the i-quants too
+        bare, floored = (gguf_costs("w", weight, importance, quantizer, 1.0, input_klds=floors)
                          for floors in (None, {Q8_0: 0.001, Q8_K: 0.004}))
     finally:
         quantizer.close()
@@ -113,7 +114,24 @@ def test_gguf_costs_leave_out_types_a_row_cannot_hold():
         costs = gguf_costs("narrow", np.ones((8, 96), dtype=np.float32), None, quantizer)
     finally:
         quantizer.close()
-    assert {o.kind for o in costs.options} == {"IQ4_NL", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16"}  # no 256-block
+    assert {o.kind for o in costs.options} == {"IQ4_NL", "MXFP4", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+                                               "F16"}  # no 256-block
+
+
+def test_gguf_costs_offer_the_low_i_quants_only_with_an_importance_matrix(weight):
+    """llama.cpp makes IQ2_XXS, IQ2_S and IQ3_XXS only with an importance matrix (ggml aborts on IQ2_XXS without one):
+    a tensor without one (an embedding table) is not offered them; with one, the i-quants' error falls with bits."""
+    quantizer = TensorQuantizer(threads=1)
+    try:
+        bare = gguf_costs("token_embd.weight", weight, None, quantizer)
+        weighed = gguf_costs("blk.0.ffn_up.weight", weight, np.linspace(0.1, 2, 512, dtype=np.float32), quantizer)
+    finally:
+        quantizer.close()
+    assert {"IQ2_XXS", "IQ2_S", "IQ3_XXS"}.isdisjoint(o.kind for o in bare.options)
+    assert {"IQ3_S", "IQ4_XS"} <= {o.kind for o in bare.options}
+    by_kind = {o.kind: o.error for o in weighed.options}
+    ladder = [by_kind[k] for k in ("IQ2_XXS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS")]
+    assert ladder == sorted(ladder, reverse=True)
 
 
 def test_f16_is_an_option_of_a_row_no_block_fits():

@@ -30,7 +30,8 @@ FIXED_REPORT = {"source": "x", "source_info": {"name": "demo"},
 
 def test_the_fixed_recipes_are_the_anchors():
     targets = fixed_targets(parse_recipe(RECIPE))
-    assert targets[0].quants == ["Q3_K_M", "Q4_K_M", "Q5_K_M"] and targets[0].imatrix == "builtin"
+    assert targets[0].quants == ["IQ2_XXS", "IQ2_M", "IQ3_XXS", "IQ3_M", "Q3_K_M", "IQ4_XS", "Q4_K_M", "Q5_K_M"]
+    assert targets[0].imatrix == "builtin"
     assert [t.quant for t in targets[1:]] == ["3bit-g64", "4bit-g64", "6bit-g64", "mixed_3_6-g64", "mixed_4_6-g64"]
 
 
@@ -48,6 +49,14 @@ def test_plans_aim_at_the_fixed_sizes_the_anchors_kld_and_the_gate():
                       ("gguf", "auto-3.9MB"), ("gguf", "auto-kld0.01"),
                       ("mlx", "auto-2.8MB"), ("mlx", "auto-3.4MB"), ("mlx", "auto-kld0.005"),
                       ("mlx", "auto-4.5MB"), ("mlx", "auto-kld0.01")]
+
+
+def test_plans_leave_the_i_quant_recipes_to_the_front():
+    """The i-quant recipes are drawn on the front; plans aim at the K recipes' sizes only (an i-quant is a candidate
+    of every plan already)."""
+    report = FIXED_REPORT | {"artifacts": [entry("gguf", "IQ3_M", 2_700_000, 0.006), *FIXED_REPORT["artifacts"]]}
+    labels = [t.plan.label for t in planned_targets(parse_recipe(RECIPE), report) if t.format == "gguf"]
+    assert labels == ["auto-2.9MB", "auto-3.4MB", "auto-kld0.0012", "auto-3.9MB", "auto-kld0.01"]
 
 
 def test_the_front_is_a_table_and_a_plot(tmp_path):
