@@ -75,6 +75,13 @@ FAMILY_CASES: dict[str, tuple[str, dict]] = {
     "ministral3": ("sentencepiece", {"rope_parameters": {
         "rope_type": "yarn", "rope_theta": 1_000_000.0, "factor": 4.0, "original_max_position_embeddings": 64,
         "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1}}),
+    # gpt-oss: attention sinks, sliding (24) and full layers alternating, YaRN with the correction range not
+    # truncated (as gpt-oss-20b's config), q/k/v/o biases, 4 experts (2 per token) with biases, the clamped SwiGLU
+    # and a router with a bias
+    "gpt_oss": ("bpe", {"head_dim": 32, "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 96,
+                        "sliding_window": 24, "rope_parameters": {
+                            "rope_type": "yarn", "rope_theta": 150_000.0, "factor": 16.0, "beta_fast": 32.0,
+                            "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64}}),
     # Granite 4.0-H: Mamba2 (8 heads of 32, one group, state 16) around one NoPE attention layer, μP multipliers,
     # 4 experts (2 per token) beside the shared MLP in every layer
     "granitemoehybrid": ("bpe", {"num_hidden_layers": 4, "layer_types": ["mamba", "attention", "mamba", "mamba"],

@@ -47,6 +47,14 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
 
 
+def yarn_truncation(scaling: dict[str, Any] | None) -> bool | None:
+    """Whether YaRN rounds its correction range out to whole dimensions (transformers' `truncate`, true unless the
+    file says false: gpt-oss's is false); None where the rope is not YaRN."""
+    if not scaling or scaling.get("rope_type") != "yarn":
+        return None
+    return bool(scaling.get("truncate", True))
+
+
 def yarn_attention_factor(scaling: dict[str, Any]) -> float:
     """YaRN's cos/sin scale as transformers computes it: the file's attention_factor, else mscale over
     mscale_all_dim where both are set, else from the factor alone."""
@@ -184,6 +192,12 @@ class Experts:
     # The sparse layers keep their dense MLP too and add its output to the experts' (Granite 4.0-H's shared_mlp: an
     # ungated shared expert); False: the experts replace it
     beside_dense: bool = False
+    # Biases on each expert's gate_up and down stacks ([count, 2·ff] and [count, hidden]) and on the router
+    # (gpt-oss): its logits are router·x + bias
+    biases: bool = False
+    # gpt-oss's clamped SwiGLU, (alpha, limit): gate clamped to ≤ limit, up to ±limit, the expert's inner activation
+    # (up + 1) · gate · sigmoid(alpha · gate); None: SiLU(gate) · up
+    clamped_swiglu: tuple[float, float] | None = None
 
 
 Placement = Literal["pre", "post", "sandwich"]
@@ -240,6 +254,9 @@ class ModelSpec:
     # q × (1 + β·ln(1 + ⌊position / positions⌋)) after rope (Llama 4's attention temperature, Ministral 3): (β,
     # positions); 1 below `positions`, so a context that never reaches it computes Llama's attention
     position_attention_scale: tuple[float, int] | None = None
+    # A learned logit per q head that joins each query's softmax over the keys and takes its share of the weight
+    # without a value (gpt-oss's sinks: attention may attend to nothing); tensor role attn_sinks [heads]
+    attention_sinks: bool = False
     # Mixture of experts in the layers marked `sparse` (the others keep the dense MLP of intermediate_size).
     # Their tensors stream as transformers' own stacks: router [count, hidden], gate_up [count, 2·ff, hidden]
     # (each expert's gate rows, then its up rows) and down [count, hidden, ff], whatever the files hold.
@@ -294,6 +311,12 @@ class ModelSpec:
             departures["experts"] = f"{self.experts.used} of {self.experts.count}"
             if dense := [i for i, layer in enumerate(self.layers) if not layer.sparse]:
                 departures["dense_layers"] = dense
+            if self.experts.biases:
+                departures["expert_biases"] = True
+            if self.experts.clamped_swiglu is not None:
+                departures["clamped_swiglu"] = self.experts.clamped_swiglu
+        if self.rope is not None and yarn_truncation(self.rope.scaling) is False:
+            departures["yarn_untruncated"] = True
         return departures
 
     @property
@@ -327,7 +350,7 @@ LLAMA_TRAITS: dict[str, Any] = {
     "norm_offset": 0.0, "norm_placement": "pre", "qk_norm": None, "activation": "silu", "embedding_scale": 1.0,
     "attention_scale": 0.0, "residual_scale": 1.0, "logits_scale": 1.0, "attn_softcap": None,
     "final_softcap": None, "fused_qkv": False, "fused_gate_up": False, "attn_output_gate": False,
-    "position_attention_scale": None,
+    "position_attention_scale": None, "attention_sinks": False,
 }
 
 
@@ -431,7 +454,7 @@ MAMBA2_TENSORS = {
 }
 ATTENTION_ROLES = ("attn_q", "attn_k", "attn_v", "attn_qkv")
 # every role of an attention mixer: a layer of another mixer has none of them
-ATTENTION_MIXER_ROLES = (*ATTENTION_ROLES, "attn_output", "attn_q_norm", "attn_k_norm")
+ATTENTION_MIXER_ROLES = (*ATTENTION_ROLES, "attn_output", "attn_q_norm", "attn_k_norm", "attn_sinks")
 MIXER_ROLES: dict[str, tuple[str, ...]] = {"attention": ATTENTION_MIXER_ROLES,
                                            "short_conv": tuple(SHORT_CONV_TENSORS.values()),
                                            "gated_delta": (*GATED_DELTA_TENSORS.values(),
@@ -440,8 +463,9 @@ MIXER_ROLES: dict[str, tuple[str, ...]] = {"attention": ATTENTION_MIXER_ROLES,
 MLP_ROLES = ("ffn_gate", "ffn_up", "ffn_gate_up", "ffn_down")
 EXPERT_ROLES = (*EXPERT_TENSORS.values(), *SHARED_EXPERT_TENSORS.values())
 EXPERT_STACKS = ("ffn_gate_up_exps", "ffn_down_exps")
-# parameters of a module itself, without a .weight suffix: the expert stacks, the gated delta rule's dt_bias and A_log
-BARE_PARAMETERS = (*EXPERT_STACKS, "ssm_dt", "ssm_a", "ssm_d")
+# parameters of a module itself, without a .weight suffix: the expert stacks (and their `<stack>_bias`), the gated
+# delta rule's dt_bias and A_log, the attention sinks
+BARE_PARAMETERS = (*EXPERT_STACKS, "ssm_dt", "ssm_a", "ssm_d", "attn_sinks")
 
 
 def role_shape(spec: ModelSpec, role: str) -> tuple[int, ...]:
@@ -457,6 +481,8 @@ def role_shape(spec: ModelSpec, role: str) -> tuple[int, ...]:
     if spec.experts is not None:
         count, ff = spec.experts.count, spec.experts.intermediate_size
         shapes |= {"ffn_gate_inp": (count, h), "ffn_gate_up_exps": (count, 2 * ff, h), "ffn_down_exps": (count, h, ff)}
+    if spec.attention_sinks:
+        shapes["attn_sinks"] = (spec.num_heads,)
         shared = spec.experts.shared_intermediate_size
         shapes |= {"ffn_gate_shexp": (shared, h), "ffn_up_shexp": (shared, h), "ffn_down_shexp": (h, shared),
                    "ffn_gate_inp_shexp": (1, h)}
@@ -708,13 +734,14 @@ class Family:
     def role_of(self, name: str) -> TensorRole | None:
         """The role of an HF tensor name, or None when the family does not know it."""
         stem, _, kind = name.rpartition(".")
-        if kind not in ("weight", "bias"):
-            stem, kind = name, "weight"  # an expert stack: a parameter of the experts module itself
+        bare = kind not in ("weight", "bias")
+        if bare:  # a parameter of the module itself (an expert stack), or its `_bias` (gpt-oss's expert biases)
+            stem, kind = (name.removesuffix("_bias"), "bias") if name.endswith("_bias") else (name, "weight")
         match = _layer_pattern.match(stem)
         layer = int(match.group(1)) if match else None
         template = _layer_pattern.sub("model.layers.{layer}", stem, count=1) if match else stem
         role = self.tensor_names.get(template)
-        if role is None or (role in BARE_PARAMETERS) != (stem == name):
+        if role is None or (role in BARE_PARAMETERS) != bare:
             return None
         return TensorRole(role, layer, kind)
 
@@ -731,13 +758,16 @@ class Family:
         if spec.mamba2 is not None:
             biased |= ({"ssm_conv1d"} if spec.mamba2.conv_bias else set()) | (
                 {"ssm_in", "ssm_out"} if spec.mamba2.proj_bias else set())
+        if spec.experts is not None and spec.experts.biases:
+            biased |= {"ffn_gate_inp", *EXPERT_STACKS}
         shapes: dict[str, tuple[int, ...]] = {}
         for template, role in self.tensor_names.items():
             if role == "output" and spec.tie_word_embeddings:
                 continue
             parts = [(template if role in BARE_PARAMETERS else f"{template}.weight", role_shape(spec, role))]
-            if role in biased:
-                parts.append((f"{template}.bias", role_shape(spec, role)[:1]))
+            if role in biased:  # a stack's bias is one per expert and output row
+                parts.append((f"{template}_bias", role_shape(spec, role)[:-1]) if role in BARE_PARAMETERS
+                             else (f"{template}.bias", role_shape(spec, role)[:1]))
             layers = range(spec.num_layers) if "{layer}" in template else [None]
             if role in EXPERT_ROLES:  # a layer has the experts, the dense MLP, or (beside_dense) both
                 layers = [i for i in layers if spec.layers[i].sparse]
