@@ -197,3 +197,46 @@ def mistral3_multimodal(out_dir):
         if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":
             shutil.copy(file, out_dir / file.name)
     return out_dir
+
+
+def gpt_oss_mxfp4(out_dir):
+    """The gpt_oss case's trained checkpoint with its experts in MXFP4, laid out as the hub's gpt-oss checkpoints are:
+    `<stack>_blocks` [experts, rows, columns / 32, 16] (two E2M1 values a byte, the first in the low nibble) and
+    `<stack>_scales` [experts, rows, columns / 32] (E8M0) for gate_up_proj and down_proj, rows the outputs (the
+    transpose of transformers' parameter), each block's scale 2^(⌊log2 max|w|⌋ − 2) and its values rounded to the
+    nearest E2M1; every other tensor bfloat16, and config.json's quantization_config saying mxfp4."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from siliconvert.demo import small_checkpoint
+
+    tokenizer, config = FAMILY_CASES["gpt_oss"]
+    source = small_checkpoint(None, "gpt_oss", tokenizer, config=config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    magnitudes = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    tensors = {}
+    for name, value in load_file(source / "model.safetensors").items():
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[name] = value
+            continue
+        rows = value.float().transpose(1, 2)  # [experts, outputs, inputs]: blocks of 32 inputs
+        blocks = rows.reshape(*rows.shape[:-1], -1, 32)
+        largest = blocks.abs().amax(dim=-1, keepdim=True)
+        exponent = torch.where(largest > 0, torch.floor(torch.log2(largest)) - 2, torch.zeros_like(largest))
+        scaled = (blocks / torch.exp2(exponent)).clamp(-6.0, 6.0)
+        index = (scaled.abs()[..., None] - magnitudes).abs().argmin(dim=-1)
+        codes = (index | (scaled < 0).long() * 8).to(torch.uint8)
+        tensors[f"{name}_blocks"] = (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()
+        tensors[f"{name}_scales"] = (exponent[..., 0] + 127).to(torch.uint8).contiguous()
+    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    settings = json.loads((source / "config.json").read_text())
+    settings["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (out_dir / "config.json").write_text(json.dumps(settings, indent=2))
+    for file in source.iterdir():
+        if file.name != "model.safetensors" and file.name != "config.json":
+            shutil.copy(file, out_dir / file.name)
+    return out_dir
