@@ -550,7 +550,7 @@ def streamed_layout(array: np.ndarray, layout: tuple[str, ...]) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-MXFP4_AT_ONCE = 1 << 16  # blocks of 32 dequantized at a time: the index scratch beside the result (a few MB)
+MXFP4_AT_ONCE = 1 << 14  # blocks of 32 dequantized at a time: the scratch beside the result (about 2 MB)
 
 
 def mxfp4_parts(info: TensorInfo) -> tuple[np.ndarray, np.ndarray]:
@@ -566,14 +566,13 @@ def _read_mxfp4(info: TensorInfo) -> np.ndarray:
     experts hold them (a view: the stream's layout swaps them back without a copy). Memory: the float32 result, the
     bytes (an eighth of it) and a bounded scratch."""
     blocks, scales = mxfp4_parts(info)
-    groups = blocks.reshape(-1, MXFP4_GROUP // 2)
-    exponents = scales.reshape(-1).astype(np.int32) - 127
+    groups, exponents = blocks.reshape(-1, MXFP4_GROUP // 2), scales.reshape(-1)
     out = np.empty((groups.shape[0], MXFP4_GROUP), dtype=np.float32)
     for start in range(0, groups.shape[0], MXFP4_AT_ONCE):
         stop = min(groups.shape[0], start + MXFP4_AT_ONCE)
         out[start:stop, 0::2] = MXFP4_VALUES[groups[start:stop] & 0x0F]
         out[start:stop, 1::2] = MXFP4_VALUES[groups[start:stop] >> 4]
-        np.ldexp(out[start:stop], exponents[start:stop, None], out=out[start:stop])
+        np.ldexp(out[start:stop], exponents[start:stop, None].astype(np.int32) - 127, out=out[start:stop])
     *outer, rows, _ = scales.shape
     return out.reshape(*outer, rows, -1).swapaxes(-1, -2)  # [..., rows, columns] → transformers' [..., columns, rows]
 
