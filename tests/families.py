@@ -91,14 +91,13 @@ FAMILY_CASES: dict[str, tuple[str, dict]] = {
                                  "shared_intermediate_size": 160, "embedding_multiplier": 6.0,
                                  "attention_multiplier": 0.05, "residual_multiplier": 0.5, "logits_scaling": 4.0}),
 }
-# The cases in shapes llama.cpp's graphs run: the gated delta rule's value heads as wide as key heads (they size both by
-# ssm.state_size), for Qwen3-Next experts in every layer, renormalised (its qwen3next graph knows no other)
+# The gated delta cases in shapes llama.cpp's graphs run: value heads as wide as key heads (they size both by
+# ssm.state_size), and for Qwen3-Next experts in every layer, renormalised (its qwen3next graph knows no other)
 LLAMA_CPP_SHAPES = {"qwen3_5_text": {"linear_value_head_dim": 32}, "qwen3_5_moe_text": {"linear_value_head_dim": 32},
-                    "qwen3_next": {"linear_value_head_dim": 32, "decoder_sparse_step": 1, "norm_topk_prob": True},
-                    # YaRN's correction range truncated, as llama.cpp always computes it (the untruncated case is
-                    # written with a warning naming the trait; tests/test_gguf_moe.py measures its cost)
-                    "gpt_oss": {"rope_parameters": {**FAMILY_CASES["gpt_oss"][1]["rope_parameters"],
-                                                    "truncate": True}}}
+                    "qwen3_next": {"linear_value_head_dim": 32, "decoder_sparse_step": 1, "norm_topk_prob": True}}
+# The cases with YaRN's correction range truncated, as llama.cpp and mlx-lm always compute it: GGUF writes the
+# untruncated case with a warning naming the trait (tests/test_gguf_moe.py measures its cost), MLX refuses it
+TRUNCATED_YARN = {"gpt_oss": {"rope_parameters": {**FAMILY_CASES["gpt_oss"][1]["rope_parameters"], "truncate": True}}}
 
 
 def gemma3_multimodal(out_dir):

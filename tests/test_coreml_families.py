@@ -36,7 +36,11 @@ def build(source, out_dir):
     return writer.finish()
 
 
-@pytest.fixture(scope="session", params=list(FAMILY_CASES))
+# family → the trait the Core ML writer refuses its case by (tests/test_families.py checks the refusal)
+REFUSED = {"gpt_oss": "attention_sinks"}
+
+
+@pytest.fixture(scope="session", params=[family for family in FAMILY_CASES if family not in REFUSED])
 def family_package(request, small_model, tmp_path_factory):
     """(family, source checkpoint, fp16 artifact, held-out windows, reference logits), built once per family."""
     tokenizer, config = FAMILY_CASES[request.param]

@@ -90,7 +90,7 @@ def test_plans_at_the_fixed_recipes_sizes_keep_to_them_and_beat_them(family, tmp
     types (expert stacks among the planned tensors, routers never), open in llama.cpp and mlx_lm.load, and
     score a lower mean KLD than the fixed recipe."""
     from conftest import build_mlx, reference_logits_for
-    from families import FAMILY_CASES, LLAMA_CPP_SHAPES
+    from families import FAMILY_CASES, LLAMA_CPP_SHAPES, TRUNCATED_YARN
     from mlx_lm import load
     from test_plan_models import gguf_logits, mean_kld, mlx_logits, write
     from transformers import AutoTokenizer
@@ -101,7 +101,8 @@ def test_plans_at_the_fixed_recipes_sizes_keep_to_them_and_beat_them(family, tmp
     from siliconvert.textdata import heldout_text
 
     tokenizer, config = FAMILY_CASES[family]  # in the shapes llama.cpp's graph runs (its own are refused by trait)
-    source = small_checkpoint(None, family, tokenizer, config=config | LLAMA_CPP_SHAPES.get(family, {}))
+    shapes = LLAMA_CPP_SHAPES.get(family, {}) | TRUNCATED_YARN.get(family, {})
+    source = small_checkpoint(None, family, tokenizer, config=config | shapes)
     checkpoint = Checkpoint.open(source)
     ids = AutoTokenizer.from_pretrained(source).encode(heldout_text(), add_special_tokens=False)
     windows = np.array([ids[i * LENGTH:(i + 1) * LENGTH] for i in range(WINDOWS)])

@@ -98,6 +98,10 @@ def stand_in_refusal(config: dict) -> str | None:
     if any(layout.folds_norm_offset for layout in layouts):
         return (f"mlx-lm's {config['model_type']} stores its norms as 1 + w and runs the gated delta rule: the torch "
                 "stand-in reads weights as transformers' own and cannot run this folder")
+    if any(layout.experts is not None and layout.experts.stacks != "switch_mlp" for layout in layouts):
+        return (f"mlx-lm's {config['model_type']} holds its experts' gate, up and down apart, with biases "
+                "(transformers keeps them transposed, gate and up interleaved): the torch stand-in reads weights as "
+                "transformers' own and cannot run this folder")
     if any("mamba2" in layout.mixers for layout in layouts):
         return (f"mlx-lm's {config['model_type']} runs Mamba2 with its own names (the router as router.layer, the "
                 "shared MLP as mlp without experts): the torch stand-in reads weights as transformers' own and cannot "
