@@ -187,7 +187,8 @@ class GGUFWriter(Writer):
         for temp, _ in self.files.values():
             temp.unlink(missing_ok=True)
         return [Artifact("gguf", self.target.file_quant(q), self._path(q),
-                         plan=self.quant_plan.summary() if q == "auto" else None) for q in self.target.quants]
+                         plan=self.quant_plan.summary() if q == "auto" else None,
+                         source_quantization=self._arrived_statement(q)) for q in self.target.quants]
 
     def abort(self) -> None:
         if self.quantizer is not None:
@@ -250,11 +251,27 @@ class GGUFWriter(Writer):
                  for t, (name, shape) in zip(planned, shapes, strict=True)]
         return LLAMA_CPP_QUANTS[quant], self._kept_mxfp4(types)
 
+    def _arrived_statement(self, quant: str) -> str | None:
+        """How the file stores the tensors that arrived as MXFP4: kept, or re-quantized as which types."""
+        arrived = self._arrived_mxfp4()
+        if not arrived or quant not in self.plans:
+            return None
+        sources = [info.name for info in self.order for _ in self._outputs(info)]
+        types = [qtype.name for source, qtype in zip(sources, self.plans[quant][1], strict=True) if source in arrived]
+        kept = types.count(QType.MXFP4.name)
+        other = sorted(set(types) - {QType.MXFP4.name})
+        return (f"MXFP4 kept exact in {kept} of {len(types)} tensors" if not other else
+                f"MXFP4 re-quantized in {len(types) - kept} of {len(types)} tensors (as {', '.join(other)}): "
+                "the type asked for spends fewer bits per weight than MXFP4's 4.25")
+
+    def _arrived_mxfp4(self) -> set[str]:
+        quantization = self.checkpoint.quantization
+        return set(quantization.tensors) if quantization is not None and quantization.method == "mxfp4" else set()
+
     def _kept_mxfp4(self, types: list[QType]) -> list[QType]:
         """The types with each weight that arrived as MXFP4 kept MXFP4 (exact: the source's own values), wherever
         the type chosen spends at least MXFP4's 4.25 bits per weight; a smaller type re-quantizes it as chosen."""
-        quantization = self.checkpoint.quantization
-        arrived = set(quantization.tensors) if quantization is not None and quantization.method == "mxfp4" else set()
+        arrived = self._arrived_mxfp4()
         if not arrived:
             return types
         sources = [info.name for info in self.order for _ in self._outputs(info)]

@@ -206,7 +206,26 @@ class MLXWriter(Writer):
         if self.quant_plan:
             plan = self.quant_plan.summary() | {"float_type": float_type["dtype"],
                                                 "float_type_reason": float_type["reason"]}
-        return [Artifact("mlx", self.target.quant, self.final_path, plan=plan, float_type=float_type)]
+        return [Artifact("mlx", self.target.quant, self.final_path, plan=plan, float_type=float_type,
+                         source_quantization=self._arrived_statement())]
+
+    def _arrived_statement(self) -> str | None:
+        """How the folder stores the modules whose weights arrived as MXFP4: kept, or re-quantized as what."""
+        quantization = self.checkpoint.quantization
+        if quantization is None or quantization.method != "mxfp4":
+            return None
+        kept = self._kept_mxfp4()
+        arrived = {mlx_name.rpartition(".")[0] for name in quantization.tensors
+                   for mlx_name in self.sanitize({name: mx.zeros(self.checkpoint.tensor_infos[name].shape)})}
+        if len(kept) == len(arrived):
+            return f"MXFP4 kept exact in {len(kept)} modules (mlx's mxfp4 mode)"
+        if self.target.bits == 16:
+            return (f"MXFP4 stored as {str(self.dtype).rpartition('.')[2]} in {len(arrived)} modules: each value "
+                    "exact wherever the type's range holds it")
+        stored = sorted({f"{self.policies[m].bits}-bit {self.policies[m].mode}" if m in self.policies
+                         else str(self.dtype).rpartition(".")[2] for m in arrived - kept.keys()})
+        return (f"MXFP4 re-quantized in {len(arrived) - len(kept)} of {len(arrived)} modules (as "
+                f"{', '.join(stored)})")
 
     def abort(self) -> None:
         if self.file is not None:

@@ -373,3 +373,27 @@ def test_llama_cpp_computes_gpt_oss_but_for_untruncated_yarn(gpt_oss_sources: di
             agreement = router_agreement(reference_choices_for(source, windows), choices, [0, 1])
             assert agreement["same_experts"] >= 0.95, agreement
     assert klds["truncated"] < 0.001 < klds["untruncated"] < 0.01, klds
+
+
+def test_the_report_says_where_mxfp4_was_kept_and_where_re_quantized(gpt_oss_sources: dict[str, Path],
+                                                                      tmp_path: Path) -> None:
+    """One recipe on the MXFP4 source: the report names the source's quantization, and per artifact whether its
+    MXFP4 tensors were kept (GGUF F16, MLX 4-bit) or re-quantized (MLX 3-bit: fewer bits than MXFP4's 4.25), so the
+    KLD difference between them is what re-quantizing cost. (GGUF's K-quants fall back to 4.5-bit types on rows of
+    128: this model's Q3_K_M keeps MXFP4 too.)"""
+    from conftest import run_recipe
+
+    report = run_recipe(gpt_oss_sources["truncated"], tmp_path, "gpt-oss-mxfp4",
+                        targets=[{"format": "gguf", "quants": ["F16", "Q3_K_M"]},
+                                 {"format": "mlx", "bits": 4}, {"format": "mlx", "bits": 3}],
+                        validate={"tokens": 256, "context": 128, "latency": False,  # 3 bits on 0.7M parameters:
+                                  "gates": {"max_mean_kld": 1.0, "min_same_top1": 0.5, "max_ppl_ratio": 2.0}})
+    assert report["source_info"]["quantization"].startswith("MXFP4 weights")
+    said = {f"{a['format']} {a['quant']}": a["source_quantization"] for a in report["artifacts"]}
+    assert said["gguf F16"] == "MXFP4 kept exact in 6 of 6 tensors"
+    assert said["gguf Q3_K_M"] == "MXFP4 kept exact in 6 of 6 tensors"
+    assert said["mlx 4bit-g64"] == "MXFP4 kept exact in 6 modules (mlx's mxfp4 mode)"
+    assert said["mlx 3bit-g64"] == "MXFP4 re-quantized in 6 of 6 modules (as 3-bit affine)"
+    klds = {f"{a['format']} {a['quant']}": a["metrics"]["mean_kld"] for a in report["artifacts"]}
+    assert klds["gguf F16"] < 0.001 and klds["mlx 4bit-g64"] < klds["mlx 3bit-g64"]
+    assert "## Weights that arrived quantized" in (tmp_path / "out" / "report.md").read_text()
