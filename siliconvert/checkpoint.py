@@ -509,6 +509,8 @@ READ_BLOCK = 32 << 20  # bytes read at a time when widening bfloat16: the only c
 
 def read_tensor(info: TensorInfo) -> np.ndarray:
     """Read one tensor from disk, in the stream's layout; bfloat16 widens to float32 exactly."""
+    if info.dtype == "MXFP4" and info.layout[:1] == ("transposed",):  # dequantized in the stream's layout directly
+        return _read_mxfp4(info, info.layout[1:])
     if info.layout:
         return streamed_layout(read_model_tensor(info), info.layout)
     if info.dtype == "MXFP4":
@@ -556,16 +558,22 @@ MXFP4_AT_ONCE = 1 << 14  # blocks of 32 dequantized at a time: the scratch besid
 def mxfp4_parts(info: TensorInfo) -> tuple[np.ndarray, np.ndarray]:
     """An MXFP4 tensor's stored bytes: blocks [..., rows, groups, 16] and scales [..., rows, groups]."""
     scales = read_tensor(info.scale)
-    blocks = read_tensor(replace(info, dtype="U8", shape=(*info.scale.shape, MXFP4_GROUP // 2), scale=None))
+    blocks = read_tensor(replace(info, dtype="U8", shape=(*info.scale.shape, MXFP4_GROUP // 2), scale=None, layout=()))
     return blocks, scales
 
 
-def _read_mxfp4(info: TensorInfo) -> np.ndarray:
+def _read_mxfp4(info: TensorInfo, row_steps: tuple[str, ...] | None = None) -> np.ndarray:
     """An MXFP4 tensor as transformers dequantizes it: each nibble's E2M1 value (low nibble first) times 2^(scale −
     127), exact in float32 (and in the bfloat16 transformers computes it in), then rows and columns swapped as its
-    experts hold them (a view: the stream's layout swaps them back without a copy). Memory: the float32 result, the
-    bytes (an eighth of it) and a bounded scratch."""
+    experts hold them (a view). With `row_steps` (the stream's layout after its "transposed"), the rows as the stream
+    orders them instead, reordered in the bytes before any value is made: no float copy. Memory: the float32 result,
+    the bytes (an eighth of it) and a scratch of about 2 MB."""
     blocks, scales = mxfp4_parts(info)
+    for step in row_steps or ():
+        if step != "interleaved":
+            raise ValueError(f"unknown layout step {step!r} after 'transposed'")
+        blocks = np.concatenate([blocks[:, 0::2], blocks[:, 1::2]], axis=1)
+        scales = np.concatenate([scales[:, 0::2], scales[:, 1::2]], axis=1)
     groups, exponents = blocks.reshape(-1, MXFP4_GROUP // 2), scales.reshape(-1)
     out = np.empty((groups.shape[0], MXFP4_GROUP), dtype=np.float32)
     for start in range(0, groups.shape[0], MXFP4_AT_ONCE):
@@ -574,7 +582,8 @@ def _read_mxfp4(info: TensorInfo) -> np.ndarray:
         out[start:stop, 1::2] = MXFP4_VALUES[groups[start:stop] >> 4]
         np.ldexp(out[start:stop], exponents[start:stop, None].astype(np.int32) - 127, out=out[start:stop])
     *outer, rows, _ = scales.shape
-    return out.reshape(*outer, rows, -1).swapaxes(-1, -2)  # [..., rows, columns] → transformers' [..., columns, rows]
+    dequantized = out.reshape(*outer, rows, -1)  # [..., rows, columns]
+    return dequantized if row_steps is not None else dequantized.swapaxes(-1, -2)  # transformers': [..., columns, rows]
 
 
 FP8_AT_ONCE = 1 << 18  # weights dequantized at a time: the float32 scratch beside the result (1 MB)

@@ -389,8 +389,8 @@ def test_an_mxfp4_source_reads_as_transformers_dequantizes_it(tmp_path):
 
 def test_an_mxfp4_stack_is_dequantized_in_memory_bounded_by_the_tensor(tmp_path):
     """Reading an MXFP4 stack of 4 experts × 1024 rows × 2048 columns holds its float32 result, its bytes (an eighth
-    of that) and a bounded scratch: the peak stays under 1.3 × the float32 tensor, in transformers' layout or in the
-    stream's."""
+    of that) and a bounded scratch: the peak stays under 1.2 × the float32 tensor, in transformers' layout or in the
+    stream's (gpt-oss's: transposed, gate and up rows apart, the rows reordered in the bytes)."""
     import tracemalloc
     from dataclasses import replace
 
@@ -400,6 +400,7 @@ def test_an_mxfp4_stack_is_dequantized_in_memory_bounded_by_the_tensor(tmp_path)
         read_model_tensor,
         read_safetensors_header,
         read_tensor,
+        streamed_layout,
     )
 
     generator = torch.Generator().manual_seed(0)
@@ -409,15 +410,15 @@ def test_an_mxfp4_stack_is_dequantized_in_memory_bounded_by_the_tensor(tmp_path)
     header = read_safetensors_header(tmp_path / "w.safetensors")
     infos, quantization = pair_mxfp4_blocks(header, SourceQuantization("mxfp4", ""), tmp_path)
     assert quantization.tensors == ("w",) and infos["w"].shape == (4, 2048, 1024)
-    streamed = replace(infos["w"], shape=(4, 1024, 2048), layout=("transposed",))  # as gpt-oss streams its stacks
+    streamed = replace(infos["w"], shape=(4, 1024, 2048), layout=("transposed", "interleaved"))  # gpt-oss's gate_up
     for read, info in ((read_model_tensor, infos["w"]), (read_tensor, streamed)):
         tracemalloc.start()
         array = read(info)
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-        assert peak < 1.3 * array.nbytes, f"peak {peak / 2**20:.1f} MiB for a {array.nbytes / 2**20:.0f} MiB tensor"
+        assert peak < 1.2 * array.nbytes, f"peak {peak / 2**20:.1f} MiB for a {array.nbytes / 2**20:.0f} MiB tensor"
         assert array.shape == info.shape
-    assert np.array_equal(read_tensor(streamed), read_model_tensor(infos["w"]).swapaxes(1, 2))
+    assert np.array_equal(read_tensor(streamed), streamed_layout(read_model_tensor(infos["w"]), streamed.layout))
 
 
 def test_mxfp4_blocks_without_their_scales_are_refused(tmp_path):
