@@ -8,7 +8,7 @@ import pytest
 from families import FAMILY_CASES
 from transformers import AutoConfig
 
-from siliconvert.architectures import Experts, Layer, Rope, registry
+from siliconvert.architectures import Experts, Layer, Rope, TensorRole, registry
 from siliconvert.convert.gguf_arch import GGUFArch
 from siliconvert.errors import CheckpointError
 
@@ -353,6 +353,8 @@ def test_gpt_oss_sinks_windows_yarn_and_experts_with_biases() -> None:
     assert [(role.role, role.layer, role.kind) for role in roles.values()] == [
         ("attn_sinks", 1, "weight"), ("ffn_gate_inp", 1, "bias"), ("ffn_gate_up_exps", 1, "weight"),
         ("ffn_gate_up_exps", 1, "bias"), ("ffn_down_exps", 1, "bias")]
+    qwen3_5 = registry.for_config(config_of("qwen3_5_text"))  # a bare `_bias` of no stack keeps its own role
+    assert qwen3_5.role_of("model.layers.0.linear_attn.dt_bias") == TensorRole("ssm_dt", 0, "weight")
     expected = family.expected_tensors(spec)
     assert expected["model.layers.0.mlp.experts.gate_up_proj"] == (4, 192, 128)  # streamed: [experts, 2·ff, hidden]
     assert expected["model.layers.0.mlp.experts.gate_up_proj_bias"] == (4, 192)

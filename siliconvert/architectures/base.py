@@ -481,11 +481,11 @@ def role_shape(spec: ModelSpec, role: str) -> tuple[int, ...]:
     if spec.experts is not None:
         count, ff = spec.experts.count, spec.experts.intermediate_size
         shapes |= {"ffn_gate_inp": (count, h), "ffn_gate_up_exps": (count, 2 * ff, h), "ffn_down_exps": (count, h, ff)}
-    if spec.attention_sinks:
-        shapes["attn_sinks"] = (spec.num_heads,)
         shared = spec.experts.shared_intermediate_size
         shapes |= {"ffn_gate_shexp": (shared, h), "ffn_up_shexp": (shared, h), "ffn_down_shexp": (h, shared),
                    "ffn_gate_inp_shexp": (1, h)}
+    if spec.attention_sinks:
+        shapes["attn_sinks"] = (spec.num_heads,)
     if spec.attn_output_gate:  # each head's query rows, then its gate rows
         shapes["attn_q"] = (2 * q, h)
     if (delta := spec.gated_delta) is not None:
@@ -735,15 +735,15 @@ class Family:
         """The role of an HF tensor name, or None when the family does not know it."""
         stem, _, kind = name.rpartition(".")
         bare = kind not in ("weight", "bias")
-        if bare:  # a parameter of the module itself (an expert stack), or its `_bias` (gpt-oss's expert biases)
-            stem, kind = (name.removesuffix("_bias"), "bias") if name.endswith("_bias") else (name, "weight")
+        if bare:  # a parameter of the module itself (an expert stack, dt_bias), or a stack's `_bias` (gpt-oss's)
+            stem, kind = name, "weight"
+            if name.endswith("_bias") and self.tensor_names.get(_template(name.removesuffix("_bias"))) in EXPERT_STACKS:
+                stem, kind = name.removesuffix("_bias"), "bias"
         match = _layer_pattern.match(stem)
-        layer = int(match.group(1)) if match else None
-        template = _layer_pattern.sub("model.layers.{layer}", stem, count=1) if match else stem
-        role = self.tensor_names.get(template)
+        role = self.tensor_names.get(_template(stem))
         if role is None or (role in BARE_PARAMETERS) != bare:
             return None
-        return TensorRole(role, layer, kind)
+        return TensorRole(role, int(match.group(1)) if match else None, kind)
 
     def is_droppable(self, name: str) -> bool:
         return any(re.search(pattern, name) for pattern in self.droppable)
@@ -816,6 +816,11 @@ def language_model(config: dict[str, Any], tensors: dict[str, T], where: Any, *,
     warnings.warn(f"{where}: {outer}: converting its language model ({inner}); {dropped_parts} ({left_out} "
                   "tensors) are dropped", ConfigWarning, stacklevel=3)
     return decoder_config, kept
+
+
+def _template(name: str) -> str:
+    """A tensor name with its layer index as "{layer}": the key of `Family.tensor_names`."""
+    return _layer_pattern.sub("model.layers.{layer}", name, count=1)
 
 
 def _template_pattern(template: str) -> re.Pattern[str]:
