@@ -581,7 +581,9 @@ def _forward(checkpoint: Checkpoint, text_name: str, range_window: np.ndarray | 
         finally:
             peak.unwatch()
     if sensitivity_window is not None:
-        roles = {name: info.role.role for name, info in checkpoint.tensor_infos.items() if info.role is not None}
+        # the weights a plan quantizes (a bias is never quantized: gpt-oss's expert biases are 2-D)
+        roles = {name: info.role.role for name, info in checkpoint.tensor_infos.items()
+                 if info.role is not None and info.role.kind == "weight"}
         gains = measured_gains(checkpoint.transformers_config(), CheckpointWeights(checkpoint), sensitivity_window,
                                roles, label="sensitivity (each weight perturbed, layer by layer)")
         calibration = replace(calibration, gains=gains.noise, shrink_gains=gains.shrink, input_klds=gains.inputs,

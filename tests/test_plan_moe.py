@@ -129,14 +129,15 @@ def test_plans_at_the_fixed_recipes_sizes_keep_to_them_and_beat_them(family, tmp
     planned = build_mlx(source, tmp_path / "planned", bits="auto", plan={"size_mb": size / 1e6})
     assert sum(f.stat().st_size for f in planned.path.iterdir()) <= size
     assert mlx_kinds(planned.path).items() >= planned.plan["tensors"].items()
-    assert any(".switch_mlp." in module for module in planned.plan["tensors"])
+    assert any(".switch_mlp." in module or ".mlp.experts." in module  # gpt-oss's SwitchGLU is mlp.experts
+               for module in planned.plan["tensors"])
     model, _ = load(str(planned.path))  # mlx_lm.load reads each module's entry: its SwitchLinear at its width
     modules = dict(model.named_modules())
     assert {path: f"{modules[path].bits}bit-g{modules[path].group_size}"
             for path in planned.plan["tensors"]} == planned.plan["tensors"]
     quantization = json.loads((planned.path / "config.json").read_text())["quantization"]
     # the routers (Granite 4.0-H's as mlx-lm names it, router.layer) and the shared experts' gates
-    routers = [entry for path, entry in quantization.items() if path.endswith(("gate", "router.layer"))]
+    routers = [entry for path, entry in quantization.items() if path.endswith(("gate", "router.layer", "mlp.router"))]
     assert routers and all(entry["bits"] == 8 for entry in routers)  # not planned: mlx-lm's 8 bits
     assert (mean_kld(reference, mlx_logits(planned.path, windows), windows)
             < mean_kld(reference, mlx_logits(four_bit.path, windows), windows))
