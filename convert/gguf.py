@@ -48,6 +48,7 @@ from siliconvert.quantize.gguf import (
     plan_types,
     quantize,
 )
+from siliconvert.quantize.mxfp4 import exact_mxfp4
 from siliconvert.quantize.plan import Plan, make_plan
 from siliconvert.quantize.sensitivity import TensorCosts, gguf_costs, role_gain, split_gains
 from siliconvert.recipe import GGUF_QUANTS, GGUFTarget
@@ -78,6 +79,8 @@ PLANNED_FILE_TYPES = {
 # The lossless full-precision type for a source dtype: what llama.cpp's quantizer reads.
 LOSSLESS = {"BF16": "BF16", "F16": "F16", "F32": "F32"}
 FLOAT_TYPES = (QType.F32, QType.F16, QType.BF16)  # converted here; every other type is llama.cpp's work
+# ... but for MXFP4, which holds the MXFP4 stacks of an MXFP4 source exactly (encoded here: quantize/mxfp4.py)
+HERE_TYPES = (*FLOAT_TYPES, QType.MXFP4)
 # Tokens llama.cpp's vocabulary loader looks up by name in a model whose general.name says phi3 (llama-vocab.cpp)
 PHI3_NAME_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
 # 2-D tensors llama.cpp's converter always writes as F32: the routers (a shared expert's [1, hidden] gate too), and
@@ -142,7 +145,7 @@ class GGUFWriter(Writer):
         for quant, (file_type, types) in self.plans.items():
             temp = out_dir / f".{self._path(quant).name}.partial"
             self.files[quant] = (temp, self._open(temp, file_type, types))
-        needs_llama_cpp = any(t not in FLOAT_TYPES for _, types in self.plans.values() for t in types)
+        needs_llama_cpp = any(t not in HERE_TYPES for _, types in self.plans.values() for t in types)
         self.quantizer = TensorQuantizer() if needs_llama_cpp else None
         # tensors handed to the quantizer, oldest first: (per file: bytes or work in progress, source bytes)
         self._queue: deque[tuple[list[np.ndarray | QuantizedTensor], int]] = deque()
@@ -187,7 +190,8 @@ class GGUFWriter(Writer):
         for temp, _ in self.files.values():
             temp.unlink(missing_ok=True)
         return [Artifact("gguf", self.target.file_quant(q), self._path(q),
-                         plan=self.quant_plan.summary() if q == "auto" else None) for q in self.target.quants]
+                         plan=self.quant_plan.summary() if q == "auto" else None,
+                         source_quantization=self._arrived_statement(q)) for q in self.target.quants]
 
     def abort(self) -> None:
         if self.quantizer is not None:
@@ -198,6 +202,8 @@ class GGUFWriter(Writer):
 
     def _encode(self, name: str, gguf_name: str, array: np.ndarray, qtype: QType) -> np.ndarray | QuantizedTensor:
         """The tensor's bytes in `qtype`, or llama.cpp's work in progress on them."""
+        if qtype == QType.MXFP4:
+            return ggml_mxfp4(*exact_mxfp4(array))
         if qtype not in FLOAT_TYPES:
             imatrix = self.imatrix.get(gguf_name) if self.imatrix else None
             return self.quantizer.submit(array, qtype, imatrix)
@@ -236,7 +242,8 @@ class GGUFWriter(Writer):
         """(general.file_type, each tensor's type) for `quant`, or None where only llama.cpp's whole-file
         quantizer can tell."""
         if quant in DIRECT_TYPES:
-            return DIRECT_TYPES[quant][1], [_storage_type(name, shape, quant) for name, shape in shapes]
+            return DIRECT_TYPES[quant][1], self._kept_mxfp4([_storage_type(name, shape, quant)
+                                                             for name, shape in shapes])
         planned = plan_types(gguf.MODEL_ARCH_NAMES[self.arch.arch], self.checkpoint.spec, shapes, quant,
                              has_imatrix=self.imatrix is not None, head_count_kv=self._planner_head_count_kv())
         if planned is None:
@@ -245,7 +252,34 @@ class GGUFWriter(Writer):
         kept = self._full_precision()
         types = [t if t is not None else _storage_type(name, shape, kept)
                  for t, (name, shape) in zip(planned, shapes, strict=True)]
-        return LLAMA_CPP_QUANTS[quant], types
+        return LLAMA_CPP_QUANTS[quant], self._kept_mxfp4(types)
+
+    def _arrived_statement(self, quant: str) -> str | None:
+        """How the file stores the tensors that arrived as MXFP4: kept, or re-quantized as which types."""
+        arrived = self._arrived_mxfp4()
+        if not arrived or quant not in self.plans:
+            return None
+        sources = [info.name for info in self.order for _ in self._outputs(info)]
+        types = [qtype.name for source, qtype in zip(sources, self.plans[quant][1], strict=True) if source in arrived]
+        kept = types.count(QType.MXFP4.name)
+        other = sorted(set(types) - {QType.MXFP4.name})
+        return (f"MXFP4 kept exact in {kept} of {len(types)} tensors" if not other else
+                f"MXFP4 re-quantized in {len(types) - kept} of {len(types)} tensors (as {', '.join(other)}): "
+                "the type asked for spends fewer bits per weight than MXFP4's 4.25")
+
+    def _arrived_mxfp4(self) -> set[str]:
+        quantization = self.checkpoint.quantization
+        return set(quantization.tensors) if quantization is not None and quantization.method == "mxfp4" else set()
+
+    def _kept_mxfp4(self, types: list[QType]) -> list[QType]:
+        """The types with each weight that arrived as MXFP4 kept MXFP4 (exact: the source's own values), wherever
+        the type chosen spends at least MXFP4's 4.25 bits per weight; a smaller type re-quantizes it as chosen."""
+        arrived = self._arrived_mxfp4()
+        if not arrived:
+            return types
+        sources = [info.name for info in self.order for _ in self._outputs(info)]
+        return [QType.MXFP4 if source in arrived and _bits(qtype) >= _bits(QType.MXFP4) else qtype
+                for source, qtype in zip(sources, types, strict=True)]
 
     def _planner_head_count_kv(self) -> int:
         """The k/v heads llama.cpp's quantizer sees: layer 0's (its n_gqa() reads layer 0; 0 for a recurrent one)."""
@@ -454,6 +488,19 @@ def _storage_type(gguf_name: str, shape: tuple[int, ...], quant: str) -> QType:
         return QType.F32
     qtype = DIRECT_TYPES[quant][0]
     return qtype if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0 else QType.F16
+
+
+def _bits(qtype: QType) -> float:
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return 8 * size / block
+
+
+def ggml_mxfp4(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """MXFP4 blocks (codes [..., blocks, 16] in the hub's order: value 2j low, 2j + 1 high nibble; scales
+    [..., blocks]) as ggml's block_mxfp4 rows [..., blocks × 17]: the scale byte, then value j low and j + 16 high."""
+    values = np.stack([codes & 0x0F, codes >> 4], axis=-1).reshape(*codes.shape[:-1], 32)
+    packed = values[..., :16] | (values[..., 16:] << 4)
+    return np.concatenate([scales[..., None], packed], axis=-1).reshape(*codes.shape[:-2], -1)
 
 
 def _nbytes(shape: tuple[int, ...], qtype: QType) -> int:

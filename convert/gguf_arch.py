@@ -70,7 +70,14 @@ import gguf
 import numpy as np
 
 from siliconvert.architectures import ModelSpec
-from siliconvert.architectures.base import MIXERS, MLP_ROLES, GatedDelta, yarn_attention_factor, yarn_mscale
+from siliconvert.architectures.base import (
+    MIXERS,
+    MLP_ROLES,
+    GatedDelta,
+    yarn_attention_factor,
+    yarn_mscale,
+    yarn_truncation,
+)
 from siliconvert.errors import CheckpointError
 
 A = gguf.MODEL_ARCH
@@ -92,6 +99,10 @@ class LlamaCppExperts:
     dense_beside: bool = False
     # without expert_count the graph runs a dense MLP in every layer (False: the experts are all it runs)
     dense_without_experts: bool = False
+    # biases on the router and on each expert's gate, up and down (ffn_*_exps.bias, ffn_gate_inp.bias)
+    biases: bool = False
+    # the clamped SwiGLU the graph computes with (alpha, limit) hard-coded (openai-moe's 1.702, 7); None: SwiGLU
+    clamped_swiglu: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -128,11 +139,13 @@ class Layout:
     split_gate_up: bool = False
     # the q·k scale the graph fixes (gemma4: 1, its q norm sets the scale); None: head_dim^-½ (Gemma's rule by size)
     attention_scale: float | None = None
+    # the sliding layers rotate with the main rope, its scaling included (openai-moe): they must have the same one
+    swa_rope_is_main: bool = False
 
 
 _PRE = {"norm_placement": "pre", "qk_norm": None, "activation": "silu", "final_softcap": None, "attn_softcap": None,
         "fused_qkv": False, "fused_gate_up": False, "attn_output_gate": False, "value_norm": False,
-        "per_layer_input": 0, "layer_output_scale": False}
+        "per_layer_input": 0, "layer_output_scale": False, "attention_sinks": False}
 _GEMMA = _PRE | {"norm_placement": "sandwich", "activation": "gelu_tanh"}
 # Qwen3.5 and Qwen3-Next: the attention layers' output gate and q/k norms per head, always; the post-attention norm
 # is llama.cpp's post_attention_norm, the gated delta rule's qkv and z projections its attn_qkv and attn_gate
@@ -206,6 +219,13 @@ LAYOUTS: dict[str, Layout] = {
                              experts=LlamaCppExperts(normalize_topk=True, expert_length_key=False, dense_beside=True,
                                                      dense_without_experts=True),
                              mixers=frozenset({"attention", "mamba2"}), split_gate_up=True),
+    # gpt-oss: attention sinks, the post-attention norm under its own name, the sliding layers on the main (YaRN)
+    # rope, experts with biases and the clamped SwiGLU at gpt-oss's constants
+    "gpt_oss": Layout(A.GPT_OSS, permute_qk=False, fixed=_PRE | {"attention_sinks": True},
+                      keyed=frozenset({"sliding_window"}),
+                      experts=LlamaCppExperts(normalize_topk=True, expert_length_key=True, biases=True,
+                                              clamped_swiglu=(1.702, 7.0)),
+                      renamed={"ffn_norm": "post_attention_norm"}, swa_rope_is_main=True),
 }
 # Traits of layers apart (ModelSpec.traits' names) → the Layout.keyed entry of a graph that reads them
 LAYER_TRAITS = {"per_layer_head_dim": "per_layer_sizes", "per_layer_kv_heads": "per_layer_sizes",
@@ -264,6 +284,12 @@ class GGUFArch:
     # ---- checks ----------------------------------------------------------------------------------------
     def _check(self) -> None:
         spec, layout = self.spec, self.layout
+        if any(layer.rope is not None and yarn_truncation(layer.rope.scaling) is False for layer in spec.layers):
+            # no key says it, and ggml's rope takes no per-dimension factors in these graphs: the closest file
+            warnings.warn(f"{self.where}: yarn_untruncated: llama.cpp rounds YaRN's correction range out to whole "
+                          "dimensions (transformers' truncate: true), the source does not (truncate: false); the "
+                          "dimensions in between rotate at slightly other frequencies (the report's KLD says what "
+                          "it costs)", stacklevel=4)
         for trait, value in layout.fixed.items():
             if getattr(spec, trait) != value and trait not in layout.keyed:
                 raise self.refuse(trait, f"llama.cpp computes {value!r}, the source {getattr(spec, trait)!r}")
@@ -340,6 +366,14 @@ class GGUFArch:
             runs = "adds the dense MLP to the experts" if supported.dense_beside else "replaces the dense MLP by them"
             raise self.refuse("beside_dense", f"llama.cpp {runs}; the source "
                                               f"{'keeps' if experts.beside_dense else 'does not keep'} it beside them")
+        if experts.biases != supported.biases:
+            raise self.refuse("expert_biases", f"llama.cpp's graph {'adds' if supported.biases else 'has no'} biases "
+                                               f"on the router and experts; the source "
+                                               f"{'has them' if experts.biases else 'has none'}")
+        if experts.clamped_swiglu != supported.clamped_swiglu:
+            raise self.refuse("clamped_swiglu", f"llama.cpp's experts compute "
+                                                f"{_expert_activation(supported.clamped_swiglu)}; the source's "
+                                                f"{_expert_activation(experts.clamped_swiglu)}")
         if dense := self.spec.traits().get("dense_layers"):
             raise self.refuse("dense_layers", f"llama.cpp runs the experts in every layer; the source's layers "
                                               f"{dense} have a dense MLP")
@@ -433,6 +467,10 @@ class GGUFArch:
                           f"beyond the {spec.sliding_window}-token sliding window", stacklevel=3)
             return
         swa_rope = next(layer.rope for layer in spec.layers if layer.window is not None)
+        if layout.swa_rope_is_main:
+            if swa_rope != spec.rope:
+                raise self.refuse("per_layer_rope", "llama.cpp's sliding layers rotate with the main rope")
+            return
         dims_apart = "per_layer_sizes" in layout.keyed  # rope.dimension_count_swa
         if swa_rope is not None and (swa_rope.scaling is not None or (
                 swa_rope.dim != (self.spec.rope or swa_rope).dim and not dims_apart)):
@@ -630,13 +668,17 @@ class GGUFArch:
             channels = self.spec.gated_delta.conv_channels
             return [(channels, *shape[1:]), (shape[0] - channels, *shape[1:])]
         parts = len(self.gguf_roles(role))
-        if role in SPLIT_ROLES or self._splits_gate_up(role):
+        if role in SPLIT_ROLES:  # rows are axis 1 of the stack and of its bias [experts, rows]
+            return [(shape[0], shape[1] // parts, *shape[2:])] * parts
+        if self._splits_gate_up(role):
             return [(*shape[:-2], shape[-2] // parts, shape[-1])] * parts
         return [shape] * parts
 
     def split(self, role: str, array: np.ndarray) -> list[np.ndarray]:
         """A tensor in llama.cpp's layout as the parts `gguf_roles` names (views, no copy)."""
-        if role in SPLIT_ROLES or self._splits_gate_up(role):
+        if role in SPLIT_ROLES:
+            return np.split(array, len(self.gguf_roles(role)), axis=1)
+        if self._splits_gate_up(role):
             return np.split(array, len(self.gguf_roles(role)), axis=-2)
         if role == "delta_qkvz":  # rows already ungrouped by to_llama_cpp
             return np.split(array, [self.spec.gated_delta.conv_channels], axis=0)
@@ -708,6 +750,13 @@ class GGUFArch:
         if self.layout.tiled_value_heads and VALUE_HEAD_AXES.get(role) == 1:
             return self.tile_value_heads(role, values[None])[0]
         return values
+
+
+def _expert_activation(clamped_swiglu: tuple[float, float] | None) -> str:
+    if clamped_swiglu is None:
+        return "SiLU(gate)·up"
+    alpha, limit = clamped_swiglu
+    return f"the clamped SwiGLU with alpha {alpha:g}, limit {limit:g}"
 
 
 def ungroup_qkvz(rows: np.ndarray, delta: GatedDelta) -> np.ndarray:

@@ -38,6 +38,7 @@ from siliconvert.checkpoint import Checkpoint, TensorInfo
 from siliconvert.convert.mlx_arch import LAYOUTS, ExpertLayout, MLXArch, model_file_path
 from siliconvert.progress import track
 from siliconvert.quantize.mlx import (
+    MXFP4,
     QuantPolicy,
     quantizable_modules,
     quantization_config,
@@ -55,7 +56,7 @@ ROW_BLOCK_BYTES = 64 << 20  # float32 source bytes converted and quantized at a 
 # "quantization" and "quantization_config")
 ARRAY_ENTRY_BYTES, MODULE_ENTRY_BYTES = 100, 120
 MLX_GROUP_SIZES = sorted({group for _, group in MLX_CANDIDATES})
-SAFETENSORS_DTYPES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32"}
+SAFETENSORS_DTYPES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32", mx.uint8: "U8"}
 
 
 # Source keys that carry traits the transformers way; mlx-lm would read some of them its own way, so only
@@ -168,7 +169,7 @@ class MLXWriter(Writer):
                                   f"({', '.join(map(str, widths))} wide) fit none of mlx's group sizes "
                                   f"(first: {unfitted[0]})")
         # module path → how it is quantized; `policy` is config.json's default (the most common one)
-        self.policies = self._module_policies()
+        self.policies = self._module_policies() | self._kept_mxfp4()
         self.policy = _most_common(self.policies) if self.policies else None
         self.plan = self._plan()
         self.shards = max((o.shard for outputs in self.plan.values() for o in outputs), default=0) + 1
@@ -216,7 +217,26 @@ class MLXWriter(Writer):
         if self.quant_plan:
             plan = self.quant_plan.summary() | {"float_type": float_type["dtype"],
                                                 "float_type_reason": float_type["reason"]}
-        return [Artifact("mlx", self.target.quant, self.final_path, plan=plan, float_type=float_type)]
+        return [Artifact("mlx", self.target.quant, self.final_path, plan=plan, float_type=float_type,
+                         source_quantization=self._arrived_statement())]
+
+    def _arrived_statement(self) -> str | None:
+        """How the folder stores the modules whose weights arrived as MXFP4: kept, or re-quantized as what."""
+        quantization = self.checkpoint.quantization
+        if quantization is None or quantization.method != "mxfp4":
+            return None
+        kept = self._kept_mxfp4()
+        arrived = {mlx_name.rpartition(".")[0] for name in quantization.tensors
+                   for mlx_name in self.sanitize({name: mx.zeros(self.checkpoint.tensor_infos[name].shape)})}
+        if len(kept) == len(arrived):
+            return f"MXFP4 kept exact in {len(kept)} modules (mlx's mxfp4 mode)"
+        if self.target.bits == 16:
+            return (f"MXFP4 stored as {str(self.dtype).rpartition('.')[2]} in {len(arrived)} modules: each value "
+                    "exact wherever the type's range holds it")
+        stored = sorted({f"{self.policies[m].bits}-bit {self.policies[m].mode}" if m in self.policies
+                         else str(self.dtype).rpartition(".")[2] for m in arrived - kept.keys()})
+        return (f"MXFP4 re-quantized in {len(arrived) - len(kept)} of {len(arrived)} modules (as "
+                f"{', '.join(stored)})")
 
     def abort(self) -> None:
         if self.file is not None:
@@ -260,6 +280,28 @@ class MLXWriter(Writer):
                 placeholder = mx.zeros(info.shape, dtype=mx.float32)
                 routers |= {name.rpartition(".")[0] for name in self.sanitize({info.name: placeholder})}
         return routers
+
+    def _kept_mxfp4(self) -> dict[str, QuantPolicy]:
+        """The modules whose weights arrived as MXFP4 (an MXFP4 source's expert stacks), kept in mlx's mxfp4 mode
+        wherever the target quantizes them at 4 bits or more: mlx's mxfp4 is the hub's own encoding (E2M1 values,
+        the low nibble first, an E8M0 scale per 32), so each value stays the source's (4.25 bits per weight, less
+        than affine 4-bit's 4.5). A narrower target re-quantizes them as it asks."""
+        quantization = self.checkpoint.quantization
+        if quantization is None or quantization.method != "mxfp4" or self.target.bits == 16:
+            return {}
+        kept = {}
+        for name in quantization.tensors:
+            placeholder = mx.zeros(self.checkpoint.tensor_infos[name].shape, dtype=mx.float32)
+            for mlx_name in self.sanitize({name: placeholder}):
+                module = mlx_name.rpartition(".")[0]
+                if module in self.quantized and self._policy_bits(module) >= MXFP4.bits:
+                    kept[module] = MXFP4
+        return kept
+
+    def _policy_bits(self, module: str) -> float:
+        """Bits per weight the target gives `module` (a plan gives any: counted as 4)."""
+        bits = self.target.bits
+        return self.quantized[module].bits if isinstance(bits, int) else 4
 
     def _module_policies(self) -> dict[str, QuantPolicy]:
         """How each quantized module is stored: the target's width, a plan's choice, or mlx-lm's mixed recipe's;
@@ -471,7 +513,7 @@ class ExpertArrays:
 
     def __init__(self, checkpoint: Checkpoint, layout: ExpertLayout) -> None:
         self.roles = {name: info.role for name, info in checkpoint.tensor_infos.items()}
-        self.module, self.router = layout.module, layout.router
+        self.module, self.router, self.stacks = layout.module, layout.router, layout.stacks
         self.ff = checkpoint.spec.experts.intermediate_size
 
     def __call__(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
@@ -483,11 +525,11 @@ class ExpertArrays:
                 out[name] = array
             elif role.role == "ffn_gate_inp":
                 out[f"{module}.{self.router}.{role.kind}"] = array
-            elif role.role == "ffn_gate_up_exps":
-                out[f"{module}.switch_mlp.gate_proj.weight"] = array[:, :self.ff]
-                out[f"{module}.switch_mlp.up_proj.weight"] = array[:, self.ff:]
+            elif role.role == "ffn_gate_up_exps":  # a stack [experts, 2·ff, in], or its bias [experts, 2·ff]
+                out[f"{module}.{self.stacks}.gate_proj.{role.kind}"] = array[:, :self.ff]
+                out[f"{module}.{self.stacks}.up_proj.{role.kind}"] = array[:, self.ff:]
             else:
-                out[f"{module}.switch_mlp.down_proj.weight"] = array
+                out[f"{module}.{self.stacks}.down_proj.{role.kind}"] = array
         return out
 
 

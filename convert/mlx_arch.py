@@ -26,8 +26,9 @@ from siliconvert.recipe import MLXModelFile
 # How a model file runs sliding windows: not at all; per layer from `layer_types` with one `sliding_window`
 # (mlx-lm's llama); or every layer but each `sliding_window_pattern`-th (mlx-lm's gemma3_text)
 Windows = Literal["none", "layer_types", "pattern"]
-# How a model file builds attention biases: one `attention_bias` for q, k, v and o; q, k, v always; none
-Biases = Literal["flag", "qkv", "none"]
+# How a model file builds attention biases: one `attention_bias` for q, k, v and o; q, k, v always; all four always;
+# none
+Biases = Literal["flag", "qkv", "all", "none"]
 FLOAT32_MAX = 3.4028234663852886e38
 
 
@@ -52,6 +53,10 @@ class ExpertLayout:
     # Where the source has no experts, the module under each layer holding the dense MLP the file runs instead
     # (gate_proj, up_proj, down_proj: mlx-lm's granitemoehybrid with num_local_experts 0); None: it needs experts
     dense_module: str | None = None
+    stacks: str = "switch_mlp"  # the SwitchGLU's name under `module` (mlx-lm's gpt_oss: "experts")
+    biases: bool = False  # biases on the router and the experts' projections (the trait expert_biases)
+    # the clamped SwiGLU its experts compute, (alpha, limit) hard-coded (gpt_oss's SwigluOAI); None: SwiGLU
+    clamped_swiglu: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -174,6 +179,14 @@ LAYOUTS: dict[str, Layout] = {
                          rope_kinds=("default",), mixers=_QWEN3_5_MIXERS, folds_norm_offset=True,
                          experts=ExpertLayout("mlp", "num_experts", "moe_intermediate_size", "norm_topk_prob",
                                               dense_layers=True, shared_key="shared_expert_intermediate_size")),
+    # mlx-lm's gpt_oss: q/k/v/o biases and sinks always, one rope (rope_theta, rope_scaling) for both layer kinds,
+    # which it indexes; experts with biases and its SwigluOAI at gpt-oss's constants, under mlp.experts, the router
+    # mlp.router
+    "gpt_oss": Layout("gpt_oss", fixed={"attention_sinks": True}, windows="layer_types", biases="all",
+                      needs_both_layer_kinds=True,
+                      experts=ExpertLayout("mlp", "num_local_experts", "intermediate_size", None, dense_layers=False,
+                                           router="router", stacks="experts", biases=True,
+                                           clamped_swiglu=(1.702, 7.0))),
     # mlx-lm's granitemoehybrid: heads sized hidden / heads, rope from θ alone and only where position_embedding_type
     # is not "nope", Mamba2 from the mamba_* keys, the shared MLP beside the experts (or alone, as `mlp`, without any)
     "granite_hybrid": Layout("granitemoehybrid", keys=(
@@ -443,7 +456,8 @@ class MLXArch:
 
     def _check_biases(self) -> None:
         spec, biases = self.spec, self.layout.biases
-        wanted = {"flag": (spec.qkv_bias, spec.qkv_bias), "qkv": (True, False), "none": (False, False)}[biases]
+        wanted = {"flag": (spec.qkv_bias, spec.qkv_bias), "qkv": (True, False), "all": (True, True),
+                  "none": (False, False)}[biases]
         if (spec.qkv_bias, spec.attn_output_bias) != wanted:
             raise self.refuse("attention_bias", f"mlx-lm's biases are q/k/v {wanted[0]}, output {wanted[1]}; "
                                                 f"the source's {spec.qkv_bias}, {spec.attn_output_bias}")
@@ -550,6 +564,12 @@ class MLXArch:
         if experts.shared_intermediate_size and layout.shared_key is None:
             raise self.refuse("shared_expert", f"mlx-lm's model file has no shared expert; the source's has "
                                                f"{experts.shared_intermediate_size} rows")
+        if experts.biases != layout.biases:
+            raise self.refuse("expert_biases", f"mlx-lm's router and experts {'have' if layout.biases else 'have no'} "
+                                               f"biases; the source's {'have' if experts.biases else 'have none'}")
+        if experts.clamped_swiglu != layout.clamped_swiglu:
+            raise self.refuse("clamped_swiglu", f"mlx-lm's experts compute {layout.clamped_swiglu or 'SiLU(gate)·up'} "
+                                                f"(alpha, limit); the source's {experts.clamped_swiglu}")
         dense = [i for i, layer in enumerate(self.spec.layers) if not layer.sparse]
         if dense and not layout.dense_layers:
             raise self.refuse("dense_layers", f"every layer's MLP is the experts in mlx-lm; the source's layers "

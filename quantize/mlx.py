@@ -35,6 +35,8 @@ class QuantPolicy:
 
 # A router that picks other experts sends the token through other weights: 8 bits, as mlx-lm's predicates say
 ROUTER = QuantPolicy(bits=8, group_size=64)
+# mlx's MXFP4 (E2M1 values, an E8M0 scale per 32, no biases): what an MXFP4 source's weights are kept in
+MXFP4 = QuantPolicy(bits=4, group_size=32, mode="mxfp4")
 GROUP_SIZES = (32, 64, 128)  # mlx's affine group sizes
 
 
@@ -81,6 +83,6 @@ def quantization_config(policy: QuantPolicy, modules: dict[str, QuantPolicy]) ->
 
 
 def quantize(weight: mx.array, policy: QuantPolicy) -> dict[str, mx.array]:
-    """The three arrays mlx-lm stores for a quantized weight, keyed by suffix."""
-    packed, scales, biases = mx.quantize(weight, policy.group_size, policy.bits, mode=policy.mode)
-    return {"weight": packed, "scales": scales, "biases": biases}
+    """The arrays mlx-lm stores for a quantized weight, keyed by suffix (affine's biases; none in the float modes)."""
+    packed, scales, *biases = mx.quantize(weight, policy.group_size, policy.bits, mode=policy.mode)
+    return {"weight": packed, "scales": scales} | ({"biases": biases[0]} if biases else {})

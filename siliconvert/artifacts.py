@@ -51,6 +51,8 @@ class Artifact:
     plan: dict | None = None  # a planned quantization's choices and prediction (quantize/plan.py Plan.summary)
     # the float type a writer chose for what it does not quantize, and why: {"dtype": "float16", "reason": "..."}
     float_type: dict | None = None
+    # where weights arrived quantized (an MXFP4 source), how this artifact stores them: kept exact, or re-quantized
+    source_quantization: str | None = None
 
 
 # The prompt a model card's "How to run" examples give

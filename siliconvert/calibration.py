@@ -375,7 +375,6 @@ class _Importance:
         return hook
 
     def _experts(self, name: str):
-        import torch
 
         # transformers' experts module is called with (hidden states [tokens, hidden], chosen ids [tokens, k],
         # weights); each expert's gated MLP is recomputed here on its tokens for the input of its down rows
@@ -388,9 +387,8 @@ class _Importance:
                 routed = hidden[(chosen == expert).any(-1)]
                 if not len(routed):
                     continue
-                gate, up = torch.nn.functional.linear(routed, module.gate_up_proj[expert].double()).chunk(2, -1)
                 self._add_expert_rows(f"{name}.gate_up_proj", experts, expert, routed)
-                self._add_expert_rows(f"{name}.down_proj", experts, expert, module.act_fn(gate) * up)
+                self._add_expert_rows(f"{name}.down_proj", experts, expert, _expert_inner(module, expert, routed))
         return hook
 
     def _add_expert_rows(self, name: str, experts: int, expert: int, x: torch.Tensor) -> None:
@@ -586,7 +584,9 @@ def _forward(checkpoint: Checkpoint, text_name: str, range_window: np.ndarray | 
         finally:
             peak.unwatch()
     if sensitivity_window is not None:
-        roles = {name: info.role.role for name, info in checkpoint.tensor_infos.items() if info.role is not None}
+        # the weights a plan quantizes (a bias is never quantized: gpt-oss's expert biases are 2-D)
+        roles = {name: info.role.role for name, info in checkpoint.tensor_infos.items()
+                 if info.role is not None and info.role.kind == "weight"}
         gains = measured_gains(checkpoint.transformers_config(), CheckpointWeights(checkpoint), sensitivity_window,
                                roles, label="sensitivity (each weight perturbed, layer by layer)")
         calibration = replace(calibration, gains=gains.noise, shrink_gains=gains.shrink, input_klds=gains.inputs,
@@ -599,3 +599,17 @@ def _forward(checkpoint: Checkpoint, text_name: str, range_window: np.ndarray | 
         calibration = replace(calibration, stream_peak=max(peak.peaks), state_peak=max(peak.state_peaks),
                               recurrent_peak=max(peak.recurrent_peaks), range_tokens=len(range_window))
     return calibration
+
+
+def _expert_inner(module, expert: int, routed: torch.Tensor) -> torch.Tensor:
+    """One expert's gated activation (the input of its down rows) on its tokens, as transformers' experts module
+    computes it: SiLU(gate)·up of gate_up [2·ff, hidden] (gate rows, then up rows), or, for gpt-oss's transposed
+    stack with biases and interleaved gate and up columns, its own clamped SwiGLU (`_apply_gate`)."""
+    import torch
+
+    weight = module.gate_up_proj[expert].double()
+    if getattr(module, "is_transposed", False):
+        gate_up = routed @ weight + module.gate_up_proj_bias[expert].double()
+        return module._apply_gate(gate_up)
+    gate, up = torch.nn.functional.linear(routed, weight).chunk(2, -1)
+    return module.act_fn(gate) * up

@@ -55,10 +55,12 @@ FP8_WEIGHT_DTYPES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 # What an FP8 weight's scale is named beside it (`<weight>_scale_inv`: transformers' fp8, DeepSeek's and Qwen's FP8
 # releases; `<weight>_scale`: compressed-tensors' and Mistral's): both multiply the weight
 FP8_SCALE_SUFFIXES = ("_scale_inv", "_scale")
-# config.json's quant_method → what it is. None of them is read here: their weights are packed integers or
-# MXFP4 blocks, and read as floats they would convert to garbage. MXFP4 is to be dequantized in the stream with
-# gpt-oss (issue #27); until then it is refused too, saying so.
-DEQUANTIZED_LATER = {"mxfp4": "MXFP4"}
+# MXFP4 (the OCP microscaling format gpt-oss ships its experts in): `<weight>_blocks` [..., rows, groups, 16] bytes,
+# two E2M1 values each (the low nibble first), and `<weight>_scales` [..., rows, groups], one E8M0 power of two
+# (2^(byte − 127)) per 32 values; transformers' FP4_VALUES by nibble
+MXFP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+                        dtype=np.float32)
+MXFP4_GROUP = 32
 # The last part of a tensor name that only a quantized export writes (GPTQ/AWQ packing, bitsandbytes' states,
 # FP8 and compressed-tensors scales, MXFP4 blocks, MLX's affine scales): a checkpoint holding one is quantized,
 # whatever its config says.
@@ -89,6 +91,11 @@ class TensorInfo:
     # product
     scale: TensorInfo | None = None
     scale_block: tuple[int, int] = (0, 0)
+    # How the stream's layout is made from transformers' parameter (what the files hold, or an MXFP4 stack
+    # dequantizes to), step by step: "transposed" swaps the last two axes, "interleaved" takes axis 1's even entries
+    # then its odd ones (gpt-oss's gate and up). `shape` is the streamed one; transformers' forward reads without
+    # (`read_model_tensor`)
+    layout: tuple[str, ...] = ()
 
     def files(self) -> set[Path]:
         """The files the tensor's bytes come from."""
@@ -104,12 +111,19 @@ class SourceQuantization:
     method: str  # config.json's quant_method
     description: str
     block: tuple[int, int] | None = None  # FP8's weight_block_size (rows, columns); None: per tensor or per row
+    # the tensors that arrive quantized, by name (MXFP4 stacks: a format that holds MXFP4 keeps them exact)
+    tensors: tuple[str, ...] = ()
 
 
 def source_quantization(config: dict[str, Any], where: Path) -> SourceQuantization | None:
     """The quantization a checkpoint arrives in, where it is dequantized in the stream (FP8 weights with scales, per
     tensor or per block, activations quantized dynamically); every other method is refused, naming it."""
     settings = config.get("quantization_config")
+    if isinstance(settings, dict) and str(settings.get("quant_method", "")).lower() == "mxfp4":
+        refuse_quantized_config({key: value for key, value in config.items() if key != "quantization_config"}, where)
+        return SourceQuantization("mxfp4", "MXFP4 weights (E2M1 values, a power-of-two scale per 32), dequantized to "
+                                           "float32 one tensor at a time as they stream (the values transformers' "
+                                           "MXFP4 dequantization gives)")
     if isinstance(settings, dict) and str(settings.get("quant_method", "")).lower() == "fp8":
         if settings.get("activation_scheme", "dynamic") != "dynamic":
             raise CheckpointError(f"quantization_config.activation_scheme is {settings['activation_scheme']!r}: FP8 "
@@ -152,6 +166,38 @@ def pair_fp8_scales(tensors: dict[str, TensorInfo], quantization: SourceQuantiza
     if not any(info.scale is not None for info in paired.values()):
         raise CheckpointError("quantization_config says the weights are FP8, but no tensor is", where)
     return paired
+
+
+def pair_mxfp4_blocks(tensors: dict[str, TensorInfo], quantization: SourceQuantization | None,
+                      where: Path) -> tuple[dict[str, TensorInfo], SourceQuantization | None]:
+    """Each MXFP4 `<weight>_blocks` with its `<weight>_scales` as one tensor `<weight>` (dtype "MXFP4") of the shape
+    transformers dequantizes it to ([..., columns, rows]: its experts hold inputs × outputs), for a source whose
+    config says MXFP4; the quantization, naming the paired tensors. Blocks without scales, or of another shape, are
+    refused."""
+    if quantization is None or quantization.method != "mxfp4":
+        return tensors, quantization
+    paired = dict(tensors)
+    for name, blocks in tensors.items():
+        if not name.endswith("_blocks"):
+            continue
+        weight = name.removesuffix("_blocks")
+        scales = paired.pop(weight + "_scales", None)
+        if scales is None or blocks.dtype != "U8" or scales.dtype != "U8" or len(blocks.shape) < 3 or (
+                blocks.shape[-1] != MXFP4_GROUP // 2 or scales.shape != blocks.shape[:-1]):
+            raise CheckpointError(f"tensor {short(name)} ({blocks.dtype} {list(blocks.shape)}) is not MXFP4 blocks "
+                                  f"[..., rows, groups, 16] with U8 scales [..., rows, groups] beside it "
+                                  f"({weight}_scales)", blocks.shard)
+        if weight in paired:
+            raise CheckpointError(f"tensor {short(weight)} is stored both as floats and as MXFP4 blocks", blocks.shard)
+        *outer, rows, groups, _ = blocks.shape
+        del paired[name]
+        paired[weight] = TensorInfo(weight, blocks.shard, "MXFP4", (*outer, groups * MXFP4_GROUP, rows),
+                                    blocks.offset, blocks.nbytes, scale=scales)
+    mxfp4 = tuple(sorted(name for name, info in paired.items() if info.dtype == "MXFP4"))
+    if not mxfp4:
+        raise CheckpointError("quantization_config says the weights are MXFP4, but no tensor has _blocks and "
+                              "_scales", where)
+    return paired, replace(quantization, tensors=mxfp4)
 
 
 def _scale_blocks(shape: tuple[int, ...], scale_shape: tuple[int, ...], block: tuple[int, int] | None, name: str,
@@ -346,10 +392,6 @@ def refuse_quantized_config(config: dict[str, Any], where: Path) -> None:
             if not isinstance(method, str):
                 raise CheckpointError(f"{holder}{key} {short(quantization)} says the weights are quantized, without a "
                                       "quant_method; siliconvert reads float weights only", where)
-            if method.lower() in DEQUANTIZED_LATER:
-                raise CheckpointError(f"{holder}{key}.quant_method is {method!r}: the weights are "
-                                      f"{DEQUANTIZED_LATER[method.lower()]}-quantized, and dequantizing them in the "
-                                      "stream is not supported yet; convert from the bfloat16 release", where)
             raise CheckpointError(f"{holder}{key}.quant_method is {method!r}: the weights are quantized, and "
                                   "siliconvert reads float weights only (read as floats they would convert to "
                                   "garbage); convert from the unquantized release", where)
@@ -466,7 +508,13 @@ READ_BLOCK = 32 << 20  # bytes read at a time when widening bfloat16: the only c
 
 
 def read_tensor(info: TensorInfo) -> np.ndarray:
-    """Read one tensor from disk; bfloat16 widens to float32 exactly."""
+    """Read one tensor from disk, in the stream's layout; bfloat16 widens to float32 exactly."""
+    if info.dtype == "MXFP4" and info.layout[:1] == ("transposed",):  # dequantized in the stream's layout directly
+        return _read_mxfp4(info, info.layout[1:])
+    if info.layout:
+        return streamed_layout(read_model_tensor(info), info.layout)
+    if info.dtype == "MXFP4":
+        return _read_mxfp4(info)
     if info.parts:
         return _read_stack(info)
     if info.scale is not None:
@@ -482,6 +530,60 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
         if f.readinto(memoryview(array).cast("B")) != info.nbytes:
             raise CheckpointError(f"truncated while reading tensor {info.name!r}", info.shard)
     return array
+
+
+def read_model_tensor(info: TensorInfo) -> np.ndarray:
+    """One tensor as transformers' model holds the parameter (the stream's layout undone, never computed)."""
+    if not info.layout:
+        return read_tensor(info)
+    shape = info.shape[:-2] + info.shape[:-3:-1] if "transposed" in info.layout else info.shape
+    return read_tensor(replace(info, layout=(), shape=shape))
+
+
+def streamed_layout(array: np.ndarray, layout: tuple[str, ...]) -> np.ndarray:
+    """transformers' parameter in the stream's layout (`TensorInfo.layout`): one copy, at the end."""
+    for step in layout:
+        if step == "transposed":
+            array = array.swapaxes(-1, -2)
+        elif step == "interleaved":
+            array = np.concatenate([array[:, 0::2], array[:, 1::2]], axis=1)
+        else:
+            raise ValueError(f"unknown layout step {step!r}")
+    return np.ascontiguousarray(array)
+
+
+MXFP4_AT_ONCE = 1 << 14  # blocks of 32 dequantized at a time: the scratch beside the result (about 2 MB)
+
+
+def mxfp4_parts(info: TensorInfo) -> tuple[np.ndarray, np.ndarray]:
+    """An MXFP4 tensor's stored bytes: blocks [..., rows, groups, 16] and scales [..., rows, groups]."""
+    scales = read_tensor(info.scale)
+    blocks = read_tensor(replace(info, dtype="U8", shape=(*info.scale.shape, MXFP4_GROUP // 2), scale=None, layout=()))
+    return blocks, scales
+
+
+def _read_mxfp4(info: TensorInfo, row_steps: tuple[str, ...] | None = None) -> np.ndarray:
+    """An MXFP4 tensor as transformers dequantizes it: each nibble's E2M1 value (low nibble first) times 2^(scale −
+    127), exact in float32 (and in the bfloat16 transformers computes it in), then rows and columns swapped as its
+    experts hold them (a view). With `row_steps` (the stream's layout after its "transposed"), the rows as the stream
+    orders them instead, reordered in the bytes before any value is made: no float copy. Memory: the float32 result,
+    the bytes (an eighth of it) and a scratch of about 2 MB."""
+    blocks, scales = mxfp4_parts(info)
+    for step in row_steps or ():
+        if step != "interleaved":
+            raise ValueError(f"unknown layout step {step!r} after 'transposed'")
+        blocks = np.concatenate([blocks[:, 0::2], blocks[:, 1::2]], axis=1)
+        scales = np.concatenate([scales[:, 0::2], scales[:, 1::2]], axis=1)
+    groups, exponents = blocks.reshape(-1, MXFP4_GROUP // 2), scales.reshape(-1)
+    out = np.empty((groups.shape[0], MXFP4_GROUP), dtype=np.float32)
+    for start in range(0, groups.shape[0], MXFP4_AT_ONCE):
+        stop = min(groups.shape[0], start + MXFP4_AT_ONCE)
+        out[start:stop, 0::2] = MXFP4_VALUES[groups[start:stop] & 0x0F]
+        out[start:stop, 1::2] = MXFP4_VALUES[groups[start:stop] >> 4]
+        np.ldexp(out[start:stop], exponents[start:stop, None].astype(np.int32) - 127, out=out[start:stop])
+    *outer, rows, _ = scales.shape
+    dequantized = out.reshape(*outer, rows, -1)  # [..., rows, columns]
+    return dequantized if row_steps is not None else dequantized.swapaxes(-1, -2)  # transformers': [..., columns, rows]
 
 
 FP8_AT_ONCE = 1 << 18  # weights dequantized at a time: the float32 scratch beside the result (1 MB)
@@ -570,6 +672,7 @@ class Checkpoint:
         config = _read_config(path)
         quantization = source_quantization(config, path / "config.json")
         tensors = pair_fp8_scales(_index_tensors(path, allow_pickle), quantization, path / "config.json")
+        tensors, quantization = pair_mxfp4_blocks(tensors, quantization, path / "config.json")
         if quantization is not None:  # the weights read are floats: every target and the reference see a float model
             config = {key: value for key, value in config.items() if key != "quantization_config"}
         refuse_quantized_tensors(tensors.values())
@@ -661,7 +764,7 @@ class Checkpoint:
                     info.shard,
                 )
             fp8 = info.scale is not None or any(part.scale is not None for part in info.parts)
-            if info.dtype not in ("F32", "F16", "BF16") and not fp8:
+            if info.dtype not in ("F32", "F16", "BF16", "MXFP4") and not fp8:
                 raise CheckpointError(f"tensor {name!r} has dtype {info.dtype}, expected a float", info.shard)
 
 

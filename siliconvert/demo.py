@@ -39,7 +39,7 @@ DEMO_VERSION = "2"  # bump whenever the recipe below changes: it names the cache
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo2", "granite", "phi3", "smollm3",
             "qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "olmo3", "lfm2", "qwen3_5_text",
             "qwen3_5_moe_text", "qwen3_next", "granitemoehybrid",
-            "ministral3", "gemma4_text")
+            "ministral3", "gemma4_text", "gpt_oss")
 # transformers loads their tokenizers as byte-level Qwen2Tokenizer
 BYTE_LEVEL_ONLY = ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")
 TOKENIZERS = ("sentencepiece", "bpe")

@@ -186,7 +186,8 @@ def measured_gains(config: PretrainedConfig, weights: WeightSource, window: np.n
             prefix = f"model.layers.{index}."
             _materialise(layer, prefix, weights, "cpu", torch.float32)
             args, kwargs = layer_kwargs[index]
-            planned = [(prefix + param_name, param) for param_name, param in layer.named_parameters()
+            planned = [(prefix + param_name, _out_by_in(layer, param_name, param))
+                       for param_name, param in layer.named_parameters()
                        if param.dim() >= 2 and roles.get(prefix + param_name) not in (None, *UNPLANNED_ROLES)]
             importance.active = rounding.measuring = True
             clean_out = layer(clean, *args, **kwargs)
@@ -300,6 +301,12 @@ def _scaled(params: Iterable[torch.Tensor]) -> Iterator[None]:
             param.mul_(1 - R0 ** 0.5)
             restore.callback(param.copy_, original)
         yield
+
+
+def _out_by_in(layer: torch.nn.Module, param_name: str, param: torch.Tensor) -> torch.Tensor:
+    """The parameter as [..., outputs, inputs] (a view): gpt-oss's experts hold theirs transposed (`is_transposed`)."""
+    owner = layer.get_submodule(param_name.rpartition(".")[0])
+    return param.transpose(-1, -2) if getattr(owner, "is_transposed", False) else param
 
 
 @contextmanager

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from siliconvert.checkpoint import Checkpoint, read_tensor
+from siliconvert.checkpoint import Checkpoint, read_model_tensor
 from siliconvert.progress import track
 
 if TYPE_CHECKING:
@@ -36,13 +36,14 @@ class WeightSource(Protocol):
 
 
 class CheckpointWeights:
-    """Parameters read one at a time from the source checkpoint (bfloat16 widens exactly to float32)."""
+    """Parameters read one at a time from the source checkpoint, in transformers' layout (bfloat16 widens exactly to
+    float32; MXFP4 dequantizes as transformers does)."""
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         self.infos = checkpoint.tensor_infos
 
     def tensor(self, name: str) -> torch.Tensor:
-        return torch.from_numpy(read_tensor(self.infos[name]))
+        return torch.from_numpy(read_model_tensor(self.infos[name]))
 
 
 class Float16Overflow(ArithmeticError):

@@ -75,6 +75,13 @@ FAMILY_CASES: dict[str, tuple[str, dict]] = {
     "ministral3": ("sentencepiece", {"rope_parameters": {
         "rope_type": "yarn", "rope_theta": 1_000_000.0, "factor": 4.0, "original_max_position_embeddings": 64,
         "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1}}),
+    # gpt-oss: attention sinks, sliding (24) and full layers alternating, YaRN with the correction range not
+    # truncated (as gpt-oss-20b's config), q/k/v/o biases, 4 experts (2 per token) with biases, the clamped SwiGLU
+    # and a router with a bias
+    "gpt_oss": ("bpe", {"head_dim": 32, "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 96,
+                        "sliding_window": 24, "rope_parameters": {
+                            "rope_type": "yarn", "rope_theta": 150_000.0, "factor": 16.0, "beta_fast": 32.0,
+                            "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64}}),
     # Granite 4.0-H: Mamba2 (8 heads of 32, one group, state 16) around one NoPE attention layer, μP multipliers,
     # 4 experts (2 per token) beside the shared MLP in every layer
     "granitemoehybrid": ("bpe", {"num_hidden_layers": 4, "layer_types": ["mamba", "attention", "mamba", "mamba"],
@@ -101,6 +108,9 @@ FAMILY_CASES: dict[str, tuple[str, dict]] = {
 # ssm.state_size), and for Qwen3-Next experts in every layer, renormalised (its qwen3next graph knows no other)
 LLAMA_CPP_SHAPES = {"qwen3_5_text": {"linear_value_head_dim": 32}, "qwen3_5_moe_text": {"linear_value_head_dim": 32},
                     "qwen3_next": {"linear_value_head_dim": 32, "decoder_sparse_step": 1, "norm_topk_prob": True}}
+# The cases with YaRN's correction range truncated, as llama.cpp and mlx-lm always compute it: GGUF writes the
+# untruncated case with a warning naming the trait (tests/test_gguf_moe.py measures its cost), MLX refuses it
+TRUNCATED_YARN = {"gpt_oss": {"rope_parameters": {**FAMILY_CASES["gpt_oss"][1]["rope_parameters"], "truncate": True}}}
 
 
 def gemma3_multimodal(out_dir):
@@ -237,5 +247,48 @@ def gemma4_multimodal(out_dir):
     model.to(torch.bfloat16).save_pretrained(out_dir)
     for file in text.iterdir():
         if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":
+            shutil.copy(file, out_dir / file.name)
+    return out_dir
+
+
+def gpt_oss_mxfp4(out_dir):
+    """The gpt_oss case's trained checkpoint with its experts in MXFP4, laid out as the hub's gpt-oss checkpoints are:
+    `<stack>_blocks` [experts, rows, columns / 32, 16] (two E2M1 values a byte, the first in the low nibble) and
+    `<stack>_scales` [experts, rows, columns / 32] (E8M0) for gate_up_proj and down_proj, rows the outputs (the
+    transpose of transformers' parameter), each block's scale 2^(⌊log2 max|w|⌋ − 2) and its values rounded to the
+    nearest E2M1; every other tensor bfloat16, and config.json's quantization_config saying mxfp4."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from siliconvert.demo import small_checkpoint
+
+    tokenizer, config = FAMILY_CASES["gpt_oss"]
+    source = small_checkpoint(None, "gpt_oss", tokenizer, config=config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    magnitudes = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    tensors = {}
+    for name, value in load_file(source / "model.safetensors").items():
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[name] = value
+            continue
+        rows = value.float().transpose(1, 2)  # [experts, outputs, inputs]: blocks of 32 inputs
+        blocks = rows.reshape(*rows.shape[:-1], -1, 32)
+        largest = blocks.abs().amax(dim=-1, keepdim=True)
+        exponent = torch.where(largest > 0, torch.floor(torch.log2(largest)) - 2, torch.zeros_like(largest))
+        scaled = (blocks / torch.exp2(exponent)).clamp(-6.0, 6.0)
+        index = (scaled.abs()[..., None] - magnitudes).abs().argmin(dim=-1)
+        codes = (index | (scaled < 0).long() * 8).to(torch.uint8)
+        tensors[f"{name}_blocks"] = (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()
+        tensors[f"{name}_scales"] = (exponent[..., 0] + 127).to(torch.uint8).contiguous()
+    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    settings = json.loads((source / "config.json").read_text())
+    settings["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (out_dir / "config.json").write_text(json.dumps(settings, indent=2))
+    for file in source.iterdir():
+        if file.name != "model.safetensors" and file.name != "config.json":
             shutil.copy(file, out_dir / file.name)
     return out_dir

@@ -225,7 +225,6 @@ def test_a_special_token_id_past_the_vocabulary_is_said_not_fatal(random_llama, 
      "quant_method is 'compressed-tensors'"),
     ("quantization_config", {"quant_method": "fp8", "activation_scheme": "static"},
      "FP8 with static activation scales is not supported"),
-    ("quantization_config", {"quant_method": "mxfp4"}, "MXFP4-quantized"),
     ("compression_config", {"quant_method": "sparseml"}, "compression_config.quant_method is 'sparseml'"),
     ("quantization", {"group_size": 64, "bits": 4}, "quantization.quant_method is 'mlx'"),
 ])
@@ -366,6 +365,69 @@ def test_fp8_without_its_scale_is_refused(random_llama, tmp_path):
     with pytest.raises(CheckpointError, match=r"'model.layers.0.mlp.up_proj.weight' \(F8_E4M3 \[64, 32\]\) is FP8 "
                                               "without a scale"):
         Checkpoint.open(folder)
+
+
+def test_an_mxfp4_source_reads_as_transformers_dequantizes_it(tmp_path):
+    """gpt-oss with its experts in MXFP4 as the hub ships them: each blocks/scales pair read as one tensor, equal bit
+    for bit to what transformers' own MXFP4 dequantization loads (in bfloat16, widened); the config's quantization
+    named for the report, the paired tensors listed."""
+    from families import gpt_oss_mxfp4
+    from transformers import AutoModelForCausalLM
+
+    from siliconvert.checkpoint import read_model_tensor
+
+    folder = gpt_oss_mxfp4(tmp_path / "mxfp4")
+    checkpoint = Checkpoint.open(folder)
+    assert checkpoint.quantization.method == "mxfp4" and "MXFP4" in checkpoint.quantization.description
+    assert checkpoint.quantization.tensors == tuple(f"model.layers.{layer}.mlp.experts.{stack}" for layer in (0, 1)
+                                                    for stack in ("down_proj", "gate_up_proj"))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)  # no triton here: dequantized
+    state = model.state_dict()
+    for name, info in checkpoint.tensor_infos.items():
+        assert np.array_equal(read_model_tensor(info), state[name].float().numpy()), name
+
+
+def test_an_mxfp4_stack_is_dequantized_in_memory_bounded_by_the_tensor(tmp_path):
+    """Reading an MXFP4 stack of 4 experts × 1024 rows × 2048 columns holds its float32 result, its bytes (an eighth
+    of that) and a bounded scratch: the peak stays under 1.2 × the float32 tensor, in transformers' layout or in the
+    stream's (gpt-oss's: transposed, gate and up rows apart, the rows reordered in the bytes)."""
+    import tracemalloc
+    from dataclasses import replace
+
+    from siliconvert.checkpoint import (
+        SourceQuantization,
+        pair_mxfp4_blocks,
+        read_model_tensor,
+        read_safetensors_header,
+        read_tensor,
+        streamed_layout,
+    )
+
+    generator = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (4, 1024, 64, 16), dtype=torch.uint8, generator=generator)
+    scales = torch.randint(118, 124, (4, 1024, 64), dtype=torch.uint8, generator=generator)
+    save_file({"w_blocks": blocks, "w_scales": scales}, tmp_path / "w.safetensors")
+    header = read_safetensors_header(tmp_path / "w.safetensors")
+    infos, quantization = pair_mxfp4_blocks(header, SourceQuantization("mxfp4", ""), tmp_path)
+    assert quantization.tensors == ("w",) and infos["w"].shape == (4, 2048, 1024)
+    streamed = replace(infos["w"], shape=(4, 1024, 2048), layout=("transposed", "interleaved"))  # gpt-oss's gate_up
+    for read, info in ((read_model_tensor, infos["w"]), (read_tensor, streamed)):
+        tracemalloc.start()
+        array = read(info)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 1.2 * array.nbytes, f"peak {peak / 2**20:.1f} MiB for a {array.nbytes / 2**20:.0f} MiB tensor"
+        assert array.shape == info.shape
+    assert np.array_equal(read_tensor(streamed), streamed_layout(read_model_tensor(infos["w"]), streamed.layout))
+
+
+def test_mxfp4_blocks_without_their_scales_are_refused(tmp_path):
+    from siliconvert.checkpoint import SourceQuantization, pair_mxfp4_blocks, read_safetensors_header
+
+    save_file({"w_blocks": torch.zeros(2, 4, 1, 16, dtype=torch.uint8)}, tmp_path / "w.safetensors")
+    header = read_safetensors_header(tmp_path / "w.safetensors")
+    with pytest.raises(CheckpointError, match=r"'w_blocks' \(U8 \[2, 4, 1, 16\]\) is not MXFP4 blocks"):
+        pair_mxfp4_blocks(header, SourceQuantization("mxfp4", ""), tmp_path)
 
 
 def test_ministral3_as_the_hub_ships_it_converts_its_language_model(tmp_path):

@@ -27,8 +27,9 @@ pytestmark = pytest.mark.slow
 
 CONTEXT = 64  # one prefill block: the MIL interpreter is slow, and 64 tokens already span 2+ sliding windows
 MIXTURES = ["qwen3_moe", "mixtral", "qwen2_moe", "olmoe"]  # 4 experts, 2 per token
-# family → the first trait the writer names where no package's graph builds the case (Gemma 4's layers apart)
-REFUSED = {"gemma4_text": "per_layer_head_dim"}
+# family → the first trait the writer names where no package's graph builds the case (Gemma 4's layers apart,
+# gpt-oss's sinks; tests/test_families.py checks the refusals too)
+REFUSED = {"gemma4_text": "per_layer_head_dim", "gpt_oss": "attention_sinks"}
 
 
 def build(source, out_dir):

@@ -8,7 +8,7 @@ import pytest
 from families import FAMILY_CASES
 from transformers import AutoConfig
 
-from siliconvert.architectures import Layer, Rope, registry
+from siliconvert.architectures import Experts, Layer, Rope, TensorRole, registry
 from siliconvert.convert.gguf_arch import GGUFArch
 from siliconvert.errors import CheckpointError
 
@@ -19,7 +19,8 @@ ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "ge
                  "olmo3": "Olmo3ForCausalLM", "lfm2": "Lfm2ForCausalLM", "qwen3_5_text": "Qwen3_5ForCausalLM",
                  "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
                  "granitemoehybrid": "GraniteMoeHybridForCausalLM", "ministral3": "Ministral3ForCausalLM",
-                 "gemma4_text": "Gemma4ForCausalLM"}
+                 "gemma4_text": "Gemma4ForCausalLM",
+                 "gpt_oss": "GptOssForCausalLM"}
 SIZES = {"vocab_size": 1024, "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "intermediate_size": 384, "max_position_embeddings": 1024}
 
@@ -159,6 +160,8 @@ def test_every_family_has_a_gguf_layout(model_type: str) -> None:
                "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
      "per_layer_rope"),
+    # llama.cpp's gpt-oss computes the clamped SwiGLU at gpt-oss's own constants only
+    ("gpt_oss", {"swiglu_limit": 5.0}, "clamped_swiglu"),
     # llama.cpp's granitehybrid: an inner size of 2 × hidden, a conv bias, no projection biases, no time step clamp
     ("granitemoehybrid", {"mamba_expand": 1, "mamba_d_head": 16}, "mamba2"),
     ("granitemoehybrid", {"mamba_conv_bias": False}, "mamba2"),
@@ -394,3 +397,56 @@ def test_gemma4_kv_shared_layers_own_kv_weights_are_dropped_said_so(tmp_path) ->
     with pytest.warns(ConfigWarning, match=r"kv-shared layers' own k_proj, v_proj and k_norm \(6 tensors\)"):
         checkpoint = Checkpoint.open(source)
     assert not any(name.startswith("model.layers.3.self_attn.k") for name in checkpoint.tensor_infos)
+
+
+def test_gpt_oss_sinks_windows_yarn_and_experts_with_biases() -> None:
+    """gpt-oss: sinks, sliding and full layers alternating on one YaRN rope (its correction range untruncated, as
+    gpt-oss-20b's config has it), q/k/v/o biases, experts with biases behind a router with a bias (top k, softmax
+    over the chosen) and the clamped SwiGLU; its expert biases and sinks are tensors of their own roles."""
+    spec = spec_of("gpt_oss")
+    assert spec.attention_sinks and spec.qkv_bias and spec.attn_output_bias
+    assert [layer.window for layer in spec.layers] == [24, None] and spec.layers[0].rope == spec.layers[1].rope
+    assert spec.rope.kind == "yarn" and spec.rope.scaling["truncate"] is False
+    assert spec.experts == Experts(count=4, used=2, intermediate_size=96, normalize_topk=True, biases=True,
+                                   clamped_swiglu=(1.702, 7.0))
+    assert spec.traits() == {"attention_sinks": True, "sliding_window": [0, 24], "rope_scaling": "yarn",
+                             "experts": "2 of 4", "expert_biases": True, "clamped_swiglu": (1.702, 7.0),
+                             "yarn_untruncated": True}
+    family = registry.for_config(config_of("gpt_oss"))
+    roles = {name: family.role_of(name) for name in (
+        "model.layers.1.self_attn.sinks", "model.layers.1.mlp.router.bias", "model.layers.1.mlp.experts.gate_up_proj",
+        "model.layers.1.mlp.experts.gate_up_proj_bias", "model.layers.1.mlp.experts.down_proj_bias")}
+    assert [(role.role, role.layer, role.kind) for role in roles.values()] == [
+        ("attn_sinks", 1, "weight"), ("ffn_gate_inp", 1, "bias"), ("ffn_gate_up_exps", 1, "weight"),
+        ("ffn_gate_up_exps", 1, "bias"), ("ffn_down_exps", 1, "bias")]
+    qwen3_5 = registry.for_config(config_of("qwen3_5_text"))  # a bare `_bias` of no stack keeps its own role
+    assert qwen3_5.role_of("model.layers.0.linear_attn.dt_bias") == TensorRole("ssm_dt", 0, "weight")
+    expected = family.expected_tensors(spec)
+    assert expected["model.layers.0.mlp.experts.gate_up_proj"] == (4, 192, 128)  # streamed: [experts, 2·ff, hidden]
+    assert expected["model.layers.0.mlp.experts.gate_up_proj_bias"] == (4, 192)
+    assert expected["model.layers.0.self_attn.sinks"] == (4,)
+
+
+def test_untruncated_yarn_is_written_for_llama_cpp_with_a_warning_naming_the_trait() -> None:
+    """llama.cpp always rounds YaRN's correction range out to whole dimensions: gpt-oss's untruncated range is
+    written as llama.cpp's own converter writes it, and said (tests/test_gguf_moe.py measures what it costs)."""
+    with pytest.warns(UserWarning, match="yarn_untruncated: llama.cpp rounds YaRN's correction range"):
+        GGUFArch(spec_of("gpt_oss"), "config.json")
+
+
+def test_writers_refuse_expert_biases_and_the_clamped_swiglu_they_do_not_compute() -> None:
+    from dataclasses import replace
+
+    from siliconvert.convert.coreml.graph import refuse_unsupported_traits
+
+    mixtral = spec_of("mixtral")
+    biased = replace(mixtral, experts=replace(mixtral.experts, biases=True))
+    with pytest.raises(CheckpointError, match="cannot honour the trait expert_biases"):
+        GGUFArch(biased, "config.json")
+    clamped = replace(mixtral, experts=replace(mixtral.experts, clamped_swiglu=(1.702, 7.0)))
+    with pytest.raises(CheckpointError, match="cannot honour the trait clamped_swiglu"):
+        GGUFArch(clamped, "config.json")
+    with pytest.raises(CheckpointError, match="cannot honour the trait attention_sinks"):
+        GGUFArch(replace(mixtral, attention_sinks=True), "config.json")
+    with pytest.raises(CheckpointError, match="Core ML cannot honour the trait attention_sinks"):
+        refuse_unsupported_traits(spec_of("gpt_oss"))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import reference_choices_for, reference_logits_for
-from families import FAMILY_CASES, LLAMA_CPP_SHAPES
+from families import FAMILY_CASES, LLAMA_CPP_SHAPES, TRUNCATED_YARN
 from transformers import AutoTokenizer
 
 from siliconvert.checkpoint import Checkpoint
@@ -36,9 +36,10 @@ MIN_ROUTER_AGREEMENT = {"F16": 0.95, "Q4_K_M": 0.85}  # tokens whose chosen expe
 @pytest.fixture(scope="module", params=list(FAMILY_CASES))
 def family(request: pytest.FixtureRequest) -> Path:
     """The family's case, in the shapes llama.cpp's graph runs where the case's own are refused naming the trait
-    (tests/test_families.py checks those refusals)."""
+    (tests/test_families.py checks those refusals) or warned (untruncated YaRN: tests/test_gguf_moe.py)."""
     tokenizer, config = FAMILY_CASES[request.param]
-    return small_checkpoint(None, request.param, tokenizer, config=config | LLAMA_CPP_SHAPES.get(request.param, {}))
+    shapes = LLAMA_CPP_SHAPES.get(request.param, {}) | TRUNCATED_YARN.get(request.param, {})
+    return small_checkpoint(None, request.param, tokenizer, config=config | shapes)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 # family → the trait named when mlx-lm cannot run the FAMILY_CASES checkpoint as transformers does (siliconvert's own
 # model files run them: tests/test_mlx_models_gemma2.py, tests/test_mlx_models_phi3.py)
-REFUSED = {"gemma2": "sliding_window", "phi3": "rope_scaling"}
+REFUSED = {"gemma2": "sliding_window", "phi3": "rope_scaling", "gpt_oss": "rope_scaling"}
 # The same weights under a config.json edited so that mlx-lm can honour it; transformers reads the edit too,
 # so the reference changes with it. Each reaches traits the refusal above would hide, or a rope scaling.
 EDITED = {

@@ -25,7 +25,9 @@ from siliconvert.validate.metrics import compare
 from siliconvert.validate.router import router_agreement
 from siliconvert.validate.runners.mlx import MLXRunner
 
-MOE_FAMILIES = [family for family, (_, config) in FAMILY_CASES.items() if "num_experts_per_tok" in config]
+# gpt-oss's case is refused (its YaRN untruncated, as gpt-oss ships: mlx-lm always truncates); its MLX tests are below
+MOE_FAMILIES = [family for family, (_, config) in FAMILY_CASES.items()
+                if "num_experts_per_tok" in config and family != "gpt_oss"]
 # mlx_lm.convert reads these with a config patch; the hybrids' comparisons with it are in tests/test_mlx_hybrid.py
 ATTENTION_MOE_FAMILIES = [family for family in MOE_FAMILIES if "layer_types" not in FAMILY_CASES[family][1]]
 # The router rule mlx-lm's Qwen3-MoE file gives its quant predicate (Qwen3-Next's also for the shared expert's
@@ -230,3 +232,49 @@ def test_mlx_lm_loads_and_generates_what_transformers_generates(family, family_m
     if parted is not None:  # where the two part, transformers' own choice was a near tie
         margin = float(theirs.scores[parted][0].topk(2).values.diff().abs())
         assert margin < NEAR_TIE, (parted, margin, ours, expected)
+
+
+@pytest.mark.slow
+def test_gpt_oss_keeps_its_mxfp4_experts_exact_in_mlx(tmp_path):
+    """gpt-oss with MXFP4 experts (YaRN truncated, which mlx-lm computes): the 4-bit folder keeps each expert stack in
+    mlx's mxfp4 mode, every value the source's own, the rest affine 4-bit, the routers at 8 bits; mlx-lm runs it
+    within the MLX limit, its routers choosing transformers' experts. As gpt-oss ships it (untruncated), it is
+    refused naming the trait."""
+    import json
+    import shutil
+
+    from families import gpt_oss_mxfp4
+    from test_mlx import held_out_windows
+
+    untruncated = gpt_oss_mxfp4(tmp_path / "mxfp4")
+    with pytest.raises(CheckpointError, match="cannot honour the trait rope_scaling: mlx-lm always truncates"):
+        build_mlx(untruncated, tmp_path / "refused", bits=4)
+    source = tmp_path / "truncated"
+    shutil.copytree(untruncated, source)
+    config = json.loads((source / "config.json").read_text())
+    config["rope_parameters"]["truncate"] = True
+    (source / "config.json").write_text(json.dumps(config))
+    folder = build_mlx(source, tmp_path / "mlx", bits=4, group_size=64).path
+    quantization = json.loads((folder / "config.json").read_text())["quantization"]
+    stream = {info.name: array for info, array in Checkpoint.open(source).tensors()}
+    loaded = arrays(folder)
+    for layer in (0, 1):
+        experts = f"model.layers.{layer}.mlp.experts"
+        assert quantization[f"model.layers.{layer}.mlp.router"] == ROUTER_AT_8_BITS | {"mode": "affine"}
+        expected = {"gate_proj": stream[f"{experts}.gate_up_proj"][:, :96],
+                    "up_proj": stream[f"{experts}.gate_up_proj"][:, 96:], "down_proj": stream[f"{experts}.down_proj"]}
+        for projection, values in expected.items():
+            assert quantization[f"{experts}.{projection}"] == {"group_size": 32, "bits": 4, "mode": "mxfp4"}
+            packed, scales = (loaded[f"{experts}.{projection}.{part}"] for part in ("weight", "scales"))
+            dequantized = mx.dequantize(packed, scales, None, group_size=32, bits=4, mode="mxfp4", dtype=mx.float32)
+            assert np.array_equal(np.array(dequantized), values), projection
+    windows = held_out_windows(source)
+    reference = reference_logits_for(source, windows)
+    runner = MLXRunner(folder, {})
+    logits = runner.logits_many(windows)
+    vocab = reference.shape[-1]
+    scores, _ = compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
+                        windows[:, 1:].reshape(-1))
+    assert scores.mean_kld <= 0.06
+    agreement = router_agreement(reference_choices_for(source, windows), runner.expert_choices(), [0, 1])
+    assert agreement["same_experts"] >= 0.9, agreement

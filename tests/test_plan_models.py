@@ -58,7 +58,9 @@ def mean_kld(reference, logits, windows) -> float:
 def gguf_logits(path, windows):
     runner = LlamaCppRunner(path, {})  # llama.cpp's own loader: the file opens unchanged or this fails
     try:
-        assert runner.warnings == [], path.name
+        # llama.cpp's one notice for any model with sliding-window layers: it keeps their whole cache
+        notice = "llama_kv_cache_iswa: using full-size SWA cache"
+        assert [warning for warning in runner.warnings if not warning.startswith(notice)] == [], path.name
         return np.stack([runner.logits(window) for window in windows])
     finally:
         runner.close()

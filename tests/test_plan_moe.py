@@ -90,7 +90,7 @@ def test_plans_at_the_fixed_recipes_sizes_keep_to_them_and_beat_them(family, tmp
     types (expert stacks among the planned tensors, routers never), open in llama.cpp and mlx_lm.load, and
     score a lower mean KLD than the fixed recipe."""
     from conftest import build_mlx, reference_logits_for
-    from families import FAMILY_CASES, LLAMA_CPP_SHAPES
+    from families import FAMILY_CASES, LLAMA_CPP_SHAPES, TRUNCATED_YARN
     from mlx_lm import load
     from test_plan_models import gguf_logits, mean_kld, mlx_logits, write
     from transformers import AutoTokenizer
@@ -101,7 +101,8 @@ def test_plans_at_the_fixed_recipes_sizes_keep_to_them_and_beat_them(family, tmp
     from siliconvert.textdata import heldout_text
 
     tokenizer, config = FAMILY_CASES[family]  # in the shapes llama.cpp's graph runs (its own are refused by trait)
-    source = small_checkpoint(None, family, tokenizer, config=config | LLAMA_CPP_SHAPES.get(family, {}))
+    shapes = LLAMA_CPP_SHAPES.get(family, {}) | TRUNCATED_YARN.get(family, {})
+    source = small_checkpoint(None, family, tokenizer, config=config | shapes)
     checkpoint = Checkpoint.open(source)
     ids = AutoTokenizer.from_pretrained(source).encode(heldout_text(), add_special_tokens=False)
     windows = np.array([ids[i * LENGTH:(i + 1) * LENGTH] for i in range(WINDOWS)])
@@ -128,14 +129,15 @@ def test_plans_at_the_fixed_recipes_sizes_keep_to_them_and_beat_them(family, tmp
     planned = build_mlx(source, tmp_path / "planned", bits="auto", plan={"size_mb": size / 1e6})
     assert sum(f.stat().st_size for f in planned.path.iterdir()) <= size
     assert mlx_kinds(planned.path).items() >= planned.plan["tensors"].items()
-    assert any(".switch_mlp." in module for module in planned.plan["tensors"])
+    assert any(".switch_mlp." in module or ".mlp.experts." in module  # gpt-oss's SwitchGLU is mlp.experts
+               for module in planned.plan["tensors"])
     model, _ = load(str(planned.path))  # mlx_lm.load reads each module's entry: its SwitchLinear at its width
     modules = dict(model.named_modules())
     assert {path: f"{modules[path].bits}bit-g{modules[path].group_size}"
             for path in planned.plan["tensors"]} == planned.plan["tensors"]
     quantization = json.loads((planned.path / "config.json").read_text())["quantization"]
     # the routers (Granite 4.0-H's as mlx-lm names it, router.layer) and the shared experts' gates
-    routers = [entry for path, entry in quantization.items() if path.endswith(("gate", "router.layer"))]
+    routers = [entry for path, entry in quantization.items() if path.endswith(("gate", "router.layer", "mlp.router"))]
     assert routers and all(entry["bits"] == 8 for entry in routers)  # not planned: mlx-lm's 8 bits
     assert (mean_kld(reference, mlx_logits(planned.path, windows), windows)
             < mean_kld(reference, mlx_logits(four_bit.path, windows), windows))

@@ -50,6 +50,8 @@ def artifact_entry(result: ArtifactScore, failures: list[GateFailure], limits: d
         "plan": artifact.plan,
         # the float type of what is not quantized, and why, where the writer chose it: {"dtype", "reason"}
         "float_type": artifact.float_type,
+        # where weights arrived quantized: kept exact in this artifact, or re-quantized (and as what)
+        "source_quantization": artifact.source_quantization,
         "gates": {
             "passed": not failures,
             "failed": [f.__dict__ for f in failures],
@@ -154,6 +156,12 @@ def markdown(report: dict, plot_name: str | None) -> str:
     if floats:
         lines += ["", "## Float types", "", "What is not quantized (and scales, biases, activations), and why.", ""]
         lines += [f"- {a['format']} {a['quant']}: {a['float_type']['reason']}" for a in floats]
+    arrived = [a for a in report["artifacts"] if a.get("source_quantization")]
+    if arrived:
+        lines += ["", "## Weights that arrived quantized", "",
+                  "Kept as they are where the format holds their type, else re-quantized: the cost of that is the "
+                  "difference in KLD from an artifact that kept them.", ""]
+        lines += [f"- {a['format']} {a['quant']}: {a['source_quantization']}" for a in arrived]
     lines += plan_lines(report["artifacts"])
     failures = [f["message"] for a in report["artifacts"] for f in a["gates"]["failed"]]
     if failures:

@@ -61,8 +61,8 @@ def describe_router(agreement: RouterAgreement) -> str:
 class RouterRecorder:
     """Records the experts transformers' router modules choose, window by window and layer by layer.
 
-    transformers' routers (Qwen3-MoE's and Mixtral's TopKRouter, `mlp.gate` of each sparse layer; Granite MoE's
-    `block_sparse_moe.router`) return
+    transformers' routers (Qwen3-MoE's and Mixtral's TopKRouter, `mlp.gate` of each sparse layer; gpt-oss's
+    `mlp.router`; Granite MoE's `block_sparse_moe.router`) return
     (logits, weights, expert ids); an older router that is a plain linear layer returns the logits, whose top k
     are the chosen experts (softmax keeps the order). Attach it to the model before it runs (as
     streamed_logits' `prepare`); calls arrive in window order within each layer."""
@@ -74,8 +74,10 @@ class RouterRecorder:
 
     def attach(self, model: Any) -> None:
         for layer in self.sparse_layers:
-            block = model.model.layers[layer]  # the router is `mlp.gate`, or `block_sparse_moe.router` (Granite MoE)
-            router = block.mlp.gate if hasattr(block, "mlp") else block.block_sparse_moe.router
+            # the router is `mlp.gate`, `mlp.router` (gpt-oss) or `block_sparse_moe.router` (Granite MoE)
+            block = model.model.layers[layer]
+            mlp = block.mlp if hasattr(block, "mlp") else block.block_sparse_moe
+            router = mlp.gate if hasattr(mlp, "gate") else mlp.router
             router.register_forward_hook(lambda module, args, output, layer=layer: self._record(layer, output))
 
     def _record(self, layer: int, output: torch.Tensor | tuple) -> None:

@@ -49,6 +49,10 @@ from siliconvert.convert.coreml.folds import BLOCK_NORMS, EXPERT_STACKS, expert_
 from siliconvert.convert.coreml.weights import WeightConsts
 from siliconvert.errors import CheckpointError
 
+# Traits (ModelSpec.traits' names) no op here computes yet: refused by name before anything is built
+UNSUPPORTED_TRAITS = {"attention_sinks": "no softmax here takes a sink logit per head",
+                      "expert_biases": "the experts and the router carry no biases here",
+                      "clamped_swiglu": "the experts compute SiLU(gate)·up here"}
 MASK_VALUE = -30000.0  # additive mask: exp() of it is 0, yet adding it to any score stays finite in fp16
 SHARED_EXPERT = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")  # its gate, up and down, as mlp's roles
 SHORT_CONV_ROLES = ("shortconv.in_proj", "shortconv.conv", "shortconv.out_proj")
@@ -216,6 +220,13 @@ def state_shapes(spec: ModelSpec, chunk: Chunk, context: int) -> dict[str, tuple
         shapes["ssm_conv_state"] = (len(mamba2), mamba.conv_channels, 1, mamba.conv_kernel - 1)
         shapes["ssm_state"] = (len(mamba2), *mamba.state_shapes()["recurrent"])
     return shapes
+
+
+def refuse_unsupported_traits(spec: ModelSpec) -> None:
+    """Refuse, naming it, a trait of the spec no Core ML graph computes."""
+    for trait, why in UNSUPPORTED_TRAITS.items():
+        if trait in spec.traits():
+            raise CheckpointError(f"Core ML cannot honour the trait {trait}: {why}")
 
 
 @dataclass(frozen=True)

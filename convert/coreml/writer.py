@@ -33,6 +33,7 @@ from siliconvert.convert.coreml.graph import (
     build_function,
     build_program,
     longrope_factors,
+    refuse_unsupported_traits,
     required_tensors,
     state_shapes,
 )
@@ -89,6 +90,7 @@ class CoreMLWriter(Writer):
     def __init__(self, checkpoint, target: CoreMLTarget, out_dir: Path, model_name: str, *,
                  calibration: Calibrations | None = None):
         self.checkpoint = checkpoint
+        refuse_unsupported_traits(checkpoint.spec)
         calibration = calibration or Calibrations.outside_a_run(checkpoint)
         self.spec: ModelSpec = checkpoint.spec
         self.target = target

@@ -18,6 +18,7 @@ from siliconvert.architectures.base import (
 from siliconvert.architectures.gemma2 import Gemma2
 from siliconvert.architectures.gemma3 import Gemma3, Gemma3Multimodal
 from siliconvert.architectures.gemma4 import Gemma4, Gemma4Multimodal
+from siliconvert.architectures.gpt_oss import GptOss
 from siliconvert.architectures.granite import Granite
 from siliconvert.architectures.granite_hybrid import FalconH1, GraniteHybrid, NemotronH
 from siliconvert.architectures.lfm2 import Lfm2
@@ -40,7 +41,8 @@ registry = Registry()
 for _family in (Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3, Gemma3Multimodal, Olmo2, Granite, Phi3, SmolLM3,
                 Qwen3Moe, Mixtral, Qwen2Moe, Olmoe, Olmo3, Lfm2, Qwen3_5,
                 Qwen3_5Multimodal, Qwen3_5Moe, Qwen3_5MoeMultimodal, Qwen3Next,
-                GraniteHybrid, NemotronH, FalconH1, Ministral3, Mistral3Multimodal, Gemma4, Gemma4Multimodal):
+                GraniteHybrid, NemotronH, FalconH1, Ministral3, Mistral3Multimodal, Gemma4, Gemma4Multimodal,
+                GptOss):
     registry.register(_family)
 
 __all__ = ["LLAMA_TRAITS", "ConfigWarning", "Experts", "Family", "Layer", "ModelSpec", "Registry", "Rope", "ShortConv",

@@ -47,6 +47,14 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
 
 
+def yarn_truncation(scaling: dict[str, Any] | None) -> bool | None:
+    """Whether YaRN rounds its correction range out to whole dimensions (transformers' `truncate`, true unless the
+    file says false: gpt-oss's is false); None where the rope is not YaRN."""
+    if not scaling or scaling.get("rope_type") != "yarn":
+        return None
+    return bool(scaling.get("truncate", True))
+
+
 def yarn_attention_factor(scaling: dict[str, Any]) -> float:
     """YaRN's cos/sin scale as transformers computes it: the file's attention_factor, else mscale over
     mscale_all_dim where both are set, else from the factor alone."""
@@ -192,6 +200,12 @@ class Experts:
     # The sparse layers keep their dense MLP too and add its output to the experts' (Granite 4.0-H's shared_mlp: an
     # ungated shared expert); False: the experts replace it
     beside_dense: bool = False
+    # Biases on each expert's gate_up and down stacks ([count, 2·ff] and [count, hidden]) and on the router
+    # (gpt-oss): its logits are router·x + bias
+    biases: bool = False
+    # gpt-oss's clamped SwiGLU, (alpha, limit): gate clamped to ≤ limit, up to ±limit, the expert's inner activation
+    # (up + 1) · gate · sigmoid(alpha · gate); None: SiLU(gate) · up
+    clamped_swiglu: tuple[float, float] | None = None
 
 
 Placement = Literal["pre", "post", "sandwich"]
@@ -248,6 +262,9 @@ class ModelSpec:
     # q × (1 + β·ln(1 + ⌊position / positions⌋)) after rope (Llama 4's attention temperature, Ministral 3): (β,
     # positions); 1 below `positions`, so a context that never reaches it computes Llama's attention
     position_attention_scale: tuple[float, int] | None = None
+    # A learned logit per q head that joins each query's softmax over the keys and takes its share of the weight
+    # without a value (gpt-oss's sinks: attention may attend to nothing); tensor role attn_sinks [heads]
+    attention_sinks: bool = False
     # Mixture of experts in the layers marked `sparse` (the others keep the dense MLP of intermediate_size).
     # Their tensors stream as transformers' own stacks: router [count, hidden], gate_up [count, 2·ff, hidden]
     # (each expert's gate rows, then its up rows) and down [count, hidden, ff], whatever the files hold.
@@ -330,6 +347,12 @@ class ModelSpec:
             departures["experts"] = f"{self.experts.used} of {self.experts.count}"
             if dense := [i for i, layer in enumerate(self.layers) if not layer.sparse]:
                 departures["dense_layers"] = dense
+            if self.experts.biases:
+                departures["expert_biases"] = True
+            if self.experts.clamped_swiglu is not None:
+                departures["clamped_swiglu"] = self.experts.clamped_swiglu
+        if self.rope is not None and yarn_truncation(self.rope.scaling) is False:
+            departures["yarn_untruncated"] = True
         return departures
 
     @property
@@ -364,6 +387,7 @@ LLAMA_TRAITS: dict[str, Any] = {
     "attention_scale": 0.0, "residual_scale": 1.0, "logits_scale": 1.0, "attn_softcap": None,
     "final_softcap": None, "fused_qkv": False, "fused_gate_up": False, "attn_output_gate": False,
     "position_attention_scale": None, "per_layer_input": 0, "value_norm": False, "layer_output_scale": False,
+    "attention_sinks": False,
 }
 
 
@@ -477,7 +501,7 @@ MAMBA2_TENSORS = {
 }
 ATTENTION_ROLES = ("attn_q", "attn_k", "attn_v", "attn_qkv")
 # every role of an attention mixer: a layer of another mixer has none of them
-ATTENTION_MIXER_ROLES = (*ATTENTION_ROLES, "attn_output", "attn_q_norm", "attn_k_norm")
+ATTENTION_MIXER_ROLES = (*ATTENTION_ROLES, "attn_output", "attn_q_norm", "attn_k_norm", "attn_sinks")
 MIXER_ROLES: dict[str, tuple[str, ...]] = {"attention": ATTENTION_MIXER_ROLES,
                                            "short_conv": tuple(SHORT_CONV_TENSORS.values()),
                                            "gated_delta": (*GATED_DELTA_TENSORS.values(),
@@ -486,8 +510,9 @@ MIXER_ROLES: dict[str, tuple[str, ...]] = {"attention": ATTENTION_MIXER_ROLES,
 MLP_ROLES = ("ffn_gate", "ffn_up", "ffn_gate_up", "ffn_down")
 EXPERT_ROLES = (*EXPERT_TENSORS.values(), *SHARED_EXPERT_TENSORS.values())
 EXPERT_STACKS = ("ffn_gate_up_exps", "ffn_down_exps")
-# parameters of a module itself, without a .weight suffix: the expert stacks, the gated delta rule's dt_bias and A_log
-BARE_PARAMETERS = (*EXPERT_STACKS, "ssm_dt", "ssm_a", "ssm_d", "layer_output_scale")
+# parameters of a module itself, without a .weight suffix: the expert stacks (and their `<stack>_bias`), the gated
+# delta rule's dt_bias and A_log, the attention sinks, a layer's output scale
+BARE_PARAMETERS = (*EXPERT_STACKS, "ssm_dt", "ssm_a", "ssm_d", "layer_output_scale", "attn_sinks")
 # a layer's own keys and values: a kv-shared layer has none of these (a k_eq_v layer no attn_v)
 OWN_KV_ROLES = ("attn_k", "attn_v", "attn_k_norm")
 
@@ -513,6 +538,8 @@ def role_shape(spec: ModelSpec, role: str, layer: int | None = None) -> tuple[in
         shared = spec.experts.shared_intermediate_size
         shapes |= {"ffn_gate_shexp": (shared, h), "ffn_up_shexp": (shared, h), "ffn_down_shexp": (h, shared),
                    "ffn_gate_inp_shexp": (1, h)}
+    if spec.attention_sinks:
+        shapes["attn_sinks"] = (spec.num_heads,)
     if spec.attn_output_gate:  # each head's query rows, then its gate rows
         shapes["attn_q"] = (2 * q, h)
     if (delta := spec.gated_delta) is not None:
@@ -767,15 +794,16 @@ class Family:
     def role_of(self, name: str) -> TensorRole | None:
         """The role of an HF tensor name, or None when the family does not know it."""
         stem, _, kind = name.rpartition(".")
-        if kind not in ("weight", "bias"):
-            stem, kind = name, "weight"  # an expert stack: a parameter of the experts module itself
+        bare = kind not in ("weight", "bias")
+        if bare:  # a parameter of the module itself (an expert stack, dt_bias), or a stack's `_bias` (gpt-oss's)
+            stem, kind = name, "weight"
+            if name.endswith("_bias") and self.tensor_names.get(_template(name.removesuffix("_bias"))) in EXPERT_STACKS:
+                stem, kind = name.removesuffix("_bias"), "bias"
         match = _layer_pattern.match(stem)
-        layer = int(match.group(1)) if match else None
-        template = _layer_pattern.sub("model.layers.{layer}", stem, count=1) if match else stem
-        role = self.tensor_names.get(template)
-        if role is None or (role in BARE_PARAMETERS) != (stem == name):
+        role = self.tensor_names.get(_template(stem))
+        if role is None or (role in BARE_PARAMETERS) != bare:
             return None
-        return TensorRole(role, layer, kind)
+        return TensorRole(role, int(match.group(1)) if match else None, kind)
 
     def is_droppable(self, name: str) -> bool:
         return any(re.search(pattern, name) for pattern in self.droppable)
@@ -790,6 +818,8 @@ class Family:
         if spec.mamba2 is not None:
             biased |= ({"ssm_conv1d"} if spec.mamba2.conv_bias else set()) | (
                 {"ssm_in", "ssm_out"} if spec.mamba2.proj_bias else set())
+        if spec.experts is not None and spec.experts.biases:
+            biased |= {"ffn_gate_inp", *EXPERT_STACKS}
         shapes: dict[str, tuple[int, ...]] = {}
         for template, role in self.tensor_names.items():
             if role == "output" and spec.tie_word_embeddings:
@@ -808,7 +838,9 @@ class Family:
             for layer in layers:
                 shape = role_shape(spec, role, layer)
                 shapes[name.format(layer=layer)] = shape
-                if role in biased:
+                if role in biased and role in BARE_PARAMETERS:  # a stack's bias: one per expert and output row
+                    shapes[f"{template}_bias".format(layer=layer)] = shape[:-1]
+                elif role in biased:
                     shapes[f"{template}.bias".format(layer=layer)] = shape[:1]
         return shapes
 
@@ -848,6 +880,11 @@ def language_model(config: dict[str, Any], tensors: dict[str, T], where: Any, *,
     warnings.warn(f"{where}: {outer}: converting its language model ({inner}); {dropped_parts} ({left_out} "
                   "tensors) are dropped", ConfigWarning, stacklevel=3)
     return decoder_config, kept
+
+
+def _template(name: str) -> str:
+    """A tensor name with its layer index as "{layer}": the key of `Family.tensor_names`."""
+    return _layer_pattern.sub("model.layers.{layer}", name, count=1)
 
 
 def _template_pattern(template: str) -> re.Pattern[str]:

@@ -309,14 +309,15 @@ def read_stamp(artifacts_dir: Path, key: str) -> list[Artifact] | None:
     except (OSError, ValueError):
         return None
     artifacts = [Artifact(e["format"], e["quant"], artifacts_dir / e["path"], e["runner_options"], e.get("plan"),
-                          e.get("float_type")) for e in entries]
+                          e.get("float_type"), e.get("source_quantization")) for e in entries]
     return artifacts if all(a.path.exists() for a in artifacts) else None
 
 
 def write_stamp(artifacts_dir: Path, key: str, artifacts: list[Artifact]) -> None:
     """Record a target as complete; written last and atomically, so a killed run leaves no stamp."""
     entries = [{"format": a.format, "quant": a.quant, "path": str(a.path.relative_to(artifacts_dir)),
-                "runner_options": a.runner_options, "plan": a.plan, "float_type": a.float_type} for a in artifacts]
+                "runner_options": a.runner_options, "plan": a.plan, "float_type": a.float_type,
+                "source_quantization": a.source_quantization} for a in artifacts]
     stamp = artifacts_dir / ".stamps" / f"{key}.json"
     stamp.parent.mkdir(exist_ok=True)
     # another target's stamp naming these files is stale now (a re-planned artifact keeps its name)

@@ -114,6 +114,10 @@ def stand_in_refusal(config: dict) -> str | None:
         return (f"mlx-lm's {config['model_type']} sizes its layers apart (global heads, kv-shared layers, per-layer "
                 "inputs) from keys the torch stand-in does not rebuild into transformers' config: it cannot run this "
                 "folder")
+    if any(layout.experts is not None and layout.experts.stacks != "switch_mlp" for layout in layouts):
+        return (f"mlx-lm's {config['model_type']} holds its experts' gate, up and down apart, with biases "
+                "(transformers keeps them transposed, gate and up interleaved): the torch stand-in reads weights as "
+                "transformers' own and cannot run this folder")
     if any("mamba2" in layout.mixers for layout in layouts):
         return (f"mlx-lm's {config['model_type']} runs Mamba2 with its own names (the router as router.layer, the "
                 "shared MLP as mlp without experts): the torch stand-in reads weights as transformers' own and cannot "
