@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 from coreml_programs import spec_of
 
-from siliconvert.convert.coreml.chunks import blobs_of, model_bytes, plan_chunks
+from siliconvert.convert.coreml.chunks import blobs_of, cache_slots, model_bytes, plan_chunks
 from siliconvert.convert.coreml.graph import (
     required_tensors,
     tensor_shape,
@@ -72,18 +72,31 @@ def test_a_mixer_no_package_can_run_is_refused_naming_the_trait():
         plan_chunks(dataclasses.replace(spec, layers=layers), 1)
 
 
-@pytest.mark.parametrize(("change", "trait"), [
-    ({"per_layer_input": 16, "per_layer_input_vocab": 96}, "per_layer_input"),
-    ({"value_norm": True}, "value_norm"),
-    ({"layer_output_scale": True}, "layer_output_scale"),
-])
-def test_gemma4_traits_no_graph_builds_are_refused_by_name(change: dict, trait: str):
-    with pytest.raises(CheckpointError, match=f"Core ML cannot honour the trait {trait}"):
-        plan_chunks(dataclasses.replace(spec_of(), **change), 1)
-
-
-def test_layers_apart_are_refused_by_name():
+def test_a_kv_shared_layer_stays_with_its_source_or_is_refused():
+    """Gemma 4's kv-shared layers read their source layer's cache row; a chunk without that layer is refused."""
     spec = spec_of()
-    layers = (dataclasses.replace(spec.layers[0], kv_source=None, head_dim=2 * spec.head_dim), *spec.layers[1:])
-    with pytest.raises(CheckpointError, match="trait per_layer_head_dim"):
-        plan_chunks(dataclasses.replace(spec, layers=layers), 1)
+    last = spec.num_layers - 1
+    shared = dataclasses.replace(spec, layers=(*spec.layers[:-1], dataclasses.replace(spec.layers[-1], kv_source=0)))
+    (only,) = plan_chunks(shared, 1)
+    slots = cache_slots(shared, only)
+    assert slots[last] == slots[0] == ("", 0) and slots[last - 1] == ("", last - 1)
+    with pytest.raises(CheckpointError, match=f"trait kv_shared_layers across chunks: layer {last} reads"):
+        plan_chunks(shared, 2)
+
+
+def test_per_layer_inputs_past_the_first_chunk_are_refused():
+    spec = dataclasses.replace(spec_of(), per_layer_input=16, per_layer_input_vocab=96)
+    assert len(plan_chunks(spec, 1)) == 1
+    with pytest.raises(CheckpointError, match="trait per_layer_input across chunks"):
+        plan_chunks(spec, 2)
+
+
+def test_layers_of_their_own_sizes_have_caches_of_their_own():
+    """A pair of KV states per distinct (k/v heads, head size), a row per layer of that shape."""
+    spec = spec_of()
+    wide = dataclasses.replace(spec.layers[0], head_dim=2 * spec.head_dim, kv_heads=1)
+    spec = dataclasses.replace(spec, layers=(spec.layers[0], wide, spec.layers[2], wide, *spec.layers[4:]))
+    (only,) = plan_chunks(spec, 1)
+    slots = cache_slots(spec, only)
+    suffix = f"_1x{2 * spec.head_dim}"
+    assert [slots[layer] for layer in range(4)] == [("", 0), (suffix, 0), ("", 1), (suffix, 1)]

@@ -27,19 +27,17 @@ pytestmark = pytest.mark.slow
 
 CONTEXT = 64  # one prefill block: the MIL interpreter is slow, and 64 tokens already span 2+ sliding windows
 MIXTURES = ["qwen3_moe", "mixtral", "qwen2_moe", "olmoe"]  # 4 experts, 2 per token
-# family → the first trait the writer names where no package's graph builds the case (Gemma 4's layers apart)
-REFUSED = {"gemma4_text": "per_layer_head_dim"}
 
 
-def build(source, out_dir):
+def build(source, out_dir, chunks: int | str = "auto"):
     checkpoint = Checkpoint.open(source)
-    writer = CoreMLWriter(checkpoint, CoreMLTarget(format="coreml", context=CONTEXT), out_dir, "tiny")
+    writer = CoreMLWriter(checkpoint, CoreMLTarget(format="coreml", context=CONTEXT, chunks=chunks), out_dir, "tiny")
     for info, array in checkpoint.tensors():
         writer.add(info, array)
     return writer.finish()
 
 
-@pytest.fixture(scope="session", params=[family for family in FAMILY_CASES if family not in REFUSED])
+@pytest.fixture(scope="session", params=list(FAMILY_CASES))
 def family_package(request, small_model, tmp_path_factory):
     """(family, source checkpoint, fp16 artifact, held-out windows, reference logits), built once per family."""
     tokenizer, config = FAMILY_CASES[request.param]
@@ -49,11 +47,11 @@ def family_package(request, small_model, tmp_path_factory):
     return request.param, source, artifact, windows, reference_logits_for(source, windows)
 
 
-@pytest.mark.parametrize("family", list(REFUSED))
-def test_a_family_whose_traits_no_graph_builds_is_refused_by_name(family, small_model, tmp_path):
-    tokenizer, config = FAMILY_CASES[family]
-    with pytest.raises(CheckpointError, match=f"Core ML cannot honour the trait {REFUSED[family]}"):
-        build(small_model(family, tokenizer, config=config), tmp_path)
+def test_a_kv_shared_layer_apart_from_its_source_is_refused_by_name(small_model, tmp_path):
+    """Gemma 4 in two chunks: layers 2-4 in the second, where layer 3 reads layer 1's cache."""
+    tokenizer, config = FAMILY_CASES["gemma4_text"]
+    with pytest.raises(CheckpointError, match="Core ML cannot honour the trait kv_shared_layers across chunks"):
+        build(small_model("gemma4_text", tokenizer, config=config), tmp_path, chunks=2)
 
 
 def test_fp16_logits_match_the_reference(family_package):
@@ -88,13 +86,14 @@ def test_manifest_records_the_numerics(family_package):
     numerics = json.loads((artifact.path / "manifest.json").read_text())["numerics"]
     if family == "phi3":  # LongRoPE: a 64-token package is within the original context, so "short" factors
         assert numerics["longrope_factors"] == ["short"]
-    assert numerics["norm_offset_folded"] == family.startswith(("gemma", "qwen3_5", "qwen3_next"))  # (1 + w) norms
+    # (1 + w) norms; Gemma 4's multiply by w itself
+    assert numerics["norm_offset_folded"] == family.startswith(("gemma2", "gemma3", "qwen3_5", "qwen3_next"))
 
 
-@pytest.mark.parametrize("family_package", ["gemma2", "smollm3", "qwen3_moe"], indirect=True)
+@pytest.mark.parametrize("family_package", ["gemma2", "smollm3", "qwen3_moe", "gemma4_text"], indirect=True)
 def test_decode_through_the_cache_equals_prefill(family_package):
     """Sliding-window (Gemma 2) and NoPE (SmolLM3) layers through the KV cache, one token at a time past the
-    window; the router of a token alone (Qwen3-MoE)."""
+    window; the router of a token alone (Qwen3-MoE); Gemma 4's caches of two shapes, read by its kv-shared layers."""
     _, _, artifact, windows, _ = family_package
     runner = CoreMLRunner(artifact.path, {})
     prompt, continuation = windows[0][:24], windows[0][24:40]
@@ -109,19 +108,21 @@ def with_loud_stream(source, folder, gain: float):
     range (as in real Gemma checkpoints) that transformers' float32 forward still computes exactly."""
     from safetensors.torch import load_file, save_file
 
+    offset = Checkpoint.open(source).spec.norm_offset  # Gemma 2 and 3's norms multiply by 1 + w, Gemma 4's by w
     shutil.copytree(source, folder)
     tensors = load_file(folder / "model.safetensors")
     for name in tensors:
-        if name.endswith("post_feedforward_layernorm.weight"):  # Gemma's norm multiplies by 1 + w
-            tensors[name] = (1 + tensors[name]) * gain - 1
+        if name.endswith("post_feedforward_layernorm.weight"):
+            tensors[name] = (offset + tensors[name]) * gain - offset
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the unscaled package's inf / inf
-def test_a_stream_past_fp16_range_is_scaled_back_into_it(small_model, tmp_path, monkeypatch):
-    tokenizer, config = FAMILY_CASES["gemma2"]
-    source = with_loud_stream(small_model("gemma2", tokenizer, config=config), tmp_path / "loud", gain=16000.0)
+@pytest.mark.parametrize("family", ["gemma2", "gemma4_text"])  # Gemma 4: its per-layer inputs read the stream raw
+def test_a_stream_past_fp16_range_is_scaled_back_into_it(family, small_model, tmp_path, monkeypatch):
+    tokenizer, config = FAMILY_CASES[family]
+    source = with_loud_stream(small_model(family, tokenizer, config=config), tmp_path / "loud", gain=16000.0)
     windows = windows_of(source, count=2, length=CONTEXT)
     reference = reference_logits_for(source, windows)
     vocab = reference.shape[-1]

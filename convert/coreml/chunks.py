@@ -61,8 +61,8 @@ class Chunk:
 
 
 def plan_chunks(spec: ModelSpec, chunks: int | str) -> list[Chunk]:
-    """Split the layers into consecutive chunks: `chunks` of them, or by AUTO_CHUNK_BYTES for "auto"."""
-    check_traits(spec)
+    """Split the layers into consecutive chunks: `chunks` of them, or by AUTO_CHUNK_BYTES for "auto". Refused by
+    name: a kv-shared layer apart from the layer whose cache it reads, per-layer inputs past the first chunk."""
     if chunks == "auto":
         count = min(spec.num_layers, max(1, math.ceil(model_bytes(spec) / AUTO_CHUNK_BYTES)))
     elif chunks > spec.num_layers:
@@ -70,29 +70,39 @@ def plan_chunks(spec: ModelSpec, chunks: int | str) -> list[Chunk]:
     else:
         count = int(chunks)
     bounds = np.linspace(0, spec.num_layers, count + 1).round().astype(int)
-    return [
+    planned = [
         Chunk(i, range(bounds[i], bounds[i + 1]), first=i == 0, last=i == count - 1,
               mixers=layers_by_mixer(spec, range(bounds[i], bounds[i + 1])))
         for i in range(count)
     ]
+    for chunk in planned:
+        for layer in chunk.layers:
+            if (source := spec.layers[layer].kv_source) is not None and source not in chunk.layers:
+                raise CheckpointError(f"Core ML cannot honour the trait kv_shared_layers across chunks: layer {layer} "
+                                      f"reads the KV cache of layer {source}, which chunk {chunk.index + 1} does not "
+                                      "hold (convert with fewer chunks)")
+    if spec.per_layer_input and count > 1:
+        raise CheckpointError("Core ML cannot honour the trait per_layer_input across chunks: only the first chunk "
+                              "embeds the token ids (convert with chunks: 1)")
+    return planned
 
 
-# Traits no package's graph builds yet (ModelSpec.traits' names): Gemma 4's layers of their own sizes, keys shared
-# across layers and as values, per-layer inputs, values normed, layer scalars and proportional rope
-UNBUILT_TRAITS = ("per_layer_head_dim", "per_layer_kv_heads", "k_eq_v", "kv_shared_layers", "per_layer_mlp_width",
-                  "per_layer_input", "value_norm", "layer_output_scale")
-
-
-def check_traits(spec: ModelSpec) -> None:
-    """Refuse, by name, the first trait of the spec that the graph (graph.py) does not build."""
-    traits = spec.traits()
-    for trait in UNBUILT_TRAITS:
-        if trait in traits:
-            raise CheckpointError(f"Core ML cannot honour the trait {trait} ({traits[trait]}): its packages' "
-                                  "graph does not build it")
-    if traits.get("rope_scaling") == "proportional":
-        raise CheckpointError("Core ML cannot honour the trait rope_scaling (proportional): its packages' graph "
-                              "rotates the first dimensions of each head only")
+def cache_slots(spec: ModelSpec, chunk: Chunk) -> dict[int, tuple[str, int]]:
+    """Each attention layer of the chunk → (the suffix of its KV cache states' names, its row in them). The layers
+    of one head size and k/v head count share a pair of states: `key_cache` and `value_cache` for the model's
+    own sizes, `key_cache_{kv heads}x{head dim}` and its value state for the others (Gemma 4's global layers); a
+    kv-shared layer has no row of its own and reads its source layer's (plan_chunks keeps them together)."""
+    slots: dict[int, tuple[str, int]] = {}
+    rows: dict[str, int] = {}  # suffix → rows so far
+    for layer in chunk.mixer_layers("attention"):
+        if (source := spec.layers[layer].kv_source) is not None:
+            slots[layer] = slots[source]
+            continue
+        sizes = (spec.layer_kv_heads(layer), spec.layer_head_dim(layer))
+        suffix = "" if sizes == (spec.num_kv_heads, spec.head_dim) else f"_{sizes[0]}x{sizes[1]}"
+        slots[layer] = (suffix, rows.get(suffix, 0))
+        rows[suffix] = slots[layer][1] + 1
+    return slots
 
 
 def layers_by_mixer(spec: ModelSpec, layers: range) -> tuple[tuple[Mixer, tuple[int, ...]], ...]:

@@ -272,7 +272,7 @@ class CoreMLWriter(Writer):
         totals: dict[str, int] = {}
         for chunk in self.chunks:
             for name, shape in state_shapes(self.spec, chunk, self.target.context).items():
-                kind = "kv_cache" if name in ("key_cache", "value_cache") else name
+                kind = "kv_cache" if name.startswith(("key_cache", "value_cache")) else name
                 totals[kind] = totals.get(kind, 0) + 2 * math.prod(shape)
         return totals
 
