@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 from coreml_programs import spec_of
 
-from siliconvert.convert.coreml.chunks import blobs_of, cache_slots, model_bytes, plan_chunks
+from siliconvert.convert.coreml.chunks import PER_LAYER_INPUTS, blobs_of, cache_slots, model_bytes, plan_chunks
 from siliconvert.convert.coreml.graph import (
     required_tensors,
     tensor_shape,
@@ -72,23 +72,34 @@ def test_a_mixer_no_package_can_run_is_refused_naming_the_trait():
         plan_chunks(dataclasses.replace(spec, layers=layers), 1)
 
 
-def test_a_kv_shared_layer_stays_with_its_source_or_is_refused():
-    """Gemma 4's kv-shared layers read their source layer's cache row; a chunk without that layer is refused."""
-    spec = spec_of()
+def test_a_kv_shared_layer_stays_with_its_source():
+    """Gemma 4's kv-shared layers read their source layer's cache row: a chunk bound moves down to the source; a
+    count that cannot keep them together is refused, "auto" makes fewer chunks."""
+    spec = spec_of()  # 7 layers: 2 chunks are [0, 4) and [4, 7)
     last = spec.num_layers - 1
-    shared = dataclasses.replace(spec, layers=(*spec.layers[:-1], dataclasses.replace(spec.layers[-1], kv_source=0)))
+
+    def sharing(layer: int, source: int):
+        return dataclasses.replace(spec, layers=tuple(dataclasses.replace(spec_layer, kv_source=source)
+                                                      if i == layer else spec_layer
+                                                      for i, spec_layer in enumerate(spec.layers)))
+
+    assert [list(chunk.layers) for chunk in plan_chunks(sharing(5, 2), 2)] == [[0, 1], [2, 3, 4, 5, 6]]
+    shared = sharing(last, 0)
     (only,) = plan_chunks(shared, 1)
     slots = cache_slots(shared, only)
     assert slots[last] == slots[0] == ("", 0) and slots[last - 1] == ("", last - 1)
-    with pytest.raises(CheckpointError, match=f"trait kv_shared_layers across chunks: layer {last} reads"):
+    with pytest.raises(CheckpointError, match="trait kv_shared_layers across chunks: 2 chunks would part"):
         plan_chunks(shared, 2)
+    assert len(plan_chunks(dataclasses.replace(shared, hidden_size=4096, intermediate_size=14336), "auto")) == 1
 
 
-def test_per_layer_inputs_past_the_first_chunk_are_refused():
+def test_per_layer_inputs_pass_from_the_first_chunk_to_the_others():
     spec = dataclasses.replace(spec_of(), per_layer_input=16, per_layer_input_vocab=96)
-    assert len(plan_chunks(spec, 1)) == 1
-    with pytest.raises(CheckpointError, match="trait per_layer_input across chunks"):
-        plan_chunks(spec, 2)
+    first, middle, last = plan_chunks(spec, 3)
+    assert first.output_names() == ["hidden_states_out", "per_layer_inputs"]
+    assert PER_LAYER_INPUTS not in first.input_names()
+    assert middle.input_names()[-1] == last.input_names()[-1] == PER_LAYER_INPUTS
+    assert middle.output_names() == ["hidden_states_out"] and last.output_names() == ["logits"]
 
 
 def test_layers_of_their_own_sizes_have_caches_of_their_own():

@@ -17,7 +17,6 @@ from test_coreml import windows_of
 from siliconvert.calibration import FLOAT16_MAX, Calibrations, FP16Range
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.coreml import CoreMLWriter
-from siliconvert.errors import CheckpointError
 from siliconvert.recipe import CoreMLTarget
 from siliconvert.validate.metrics import compare
 from siliconvert.validate.router import router_agreement
@@ -47,11 +46,21 @@ def family_package(request, small_model, tmp_path_factory):
     return request.param, source, artifact, windows, reference_logits_for(source, windows)
 
 
-def test_a_kv_shared_layer_apart_from_its_source_is_refused_by_name(small_model, tmp_path):
-    """Gemma 4 in two chunks: layers 2-4 in the second, where layer 3 reads layer 1's cache."""
+def test_gemma4_in_two_chunks(small_model, tmp_path):
+    """The per-layer inputs made by the first chunk pass to the second; the bound between them moves down from
+    layer 2 to layer 1, which kv-shared layer 3 reads (layer 4 reads layer 2)."""
     tokenizer, config = FAMILY_CASES["gemma4_text"]
-    with pytest.raises(CheckpointError, match="Core ML cannot honour the trait kv_shared_layers across chunks"):
-        build(small_model("gemma4_text", tokenizer, config=config), tmp_path, chunks=2)
+    source = small_model("gemma4_text", tokenizer, config=config)
+    (artifact,) = build(source, tmp_path, chunks=2)
+    chunks = json.loads((artifact.path / "manifest.json").read_text())["chunks"]
+    assert [(chunk["first_layer"], chunk["num_layers"]) for chunk in chunks] == [(0, 1), (1, 4)]
+    windows = windows_of(source, count=2, length=CONTEXT)
+    reference = reference_logits_for(source, windows)
+    logits = CoreMLRunner(artifact.path, artifact.runner_options).logits_many(windows)
+    vocab = reference.shape[-1]
+    scores = compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
+                     windows[:, 1:].reshape(-1))[0]
+    assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, scores
 
 
 def test_fp16_logits_match_the_reference(family_package):

@@ -21,6 +21,9 @@ MIXER_STATES: dict[Mixer, tuple[str, ...]] = {"attention": ("key_cache", "value_
                                               "gated_delta": ("delta_conv_state", "recurrent_state"),
                                               "mamba2": ("ssm_conv_state", "ssm_state")}
 VALID_TOKENS = "valid_tokens"  # the input of a chunk with recurrent states: how many of the call's tokens are real
+# Gemma 4's per-layer inputs (1, layers, size, S): made by the first chunk from the token ids and its embeddings, an
+# output of it and an input of every later chunk
+PER_LAYER_INPUTS = "per_layer_inputs"
 
 
 def role_key(role: TensorRole) -> Key:
@@ -36,6 +39,7 @@ class Chunk:
     last: bool  # ends with the final norm and the LM head
     # the chunk's layers of each mixer it has (`layers_by_mixer`), in layer order: a state's row is its index here
     mixers: tuple[tuple[Mixer, tuple[int, ...]], ...]
+    per_layer_inputs: bool = False  # the model has per-layer inputs (PER_LAYER_INPUTS)
 
     def mixer_layers(self, mixer: Mixer) -> tuple[int, ...]:
         return dict(self.mixers).get(mixer, ())
@@ -51,7 +55,8 @@ class Chunk:
         return f"chunk_{self.index + 1:02d}.mlpackage"
 
     def input_names(self) -> list[str]:
-        return ["input_ids" if self.first else "hidden_states", "position", *([VALID_TOKENS] if self.recurrent else [])]
+        return ["input_ids" if self.first else "hidden_states", "position", *([VALID_TOKENS] if self.recurrent else []),
+                *([PER_LAYER_INPUTS] if self.per_layer_inputs and not self.first else [])]
 
     def state_names(self) -> list[str]:
         return [state for mixer, layers in self.mixers if layers for state in MIXER_STATES[mixer]]
@@ -59,32 +64,47 @@ class Chunk:
     def output_name(self) -> str:
         return "logits" if self.last else "hidden_states_out"
 
+    def output_names(self) -> list[str]:
+        """The output passed on to the next chunk (or the logits), and the per-layer inputs the first chunk makes
+        for the later ones."""
+        return [self.output_name(), *([PER_LAYER_INPUTS] if self.per_layer_inputs and self.first and not self.last
+                                      else [])]
+
 
 def plan_chunks(spec: ModelSpec, chunks: int | str) -> list[Chunk]:
-    """Split the layers into consecutive chunks: `chunks` of them, or by AUTO_CHUNK_BYTES for "auto". Refused by
-    name: a kv-shared layer apart from the layer whose cache it reads, per-layer inputs past the first chunk."""
+    """Split the layers into consecutive chunks: `chunks` of them, or by AUTO_CHUNK_BYTES for "auto". A kv-shared
+    layer stays in the chunk of the layer whose cache it reads (kept_with_sources): "auto" makes fewer chunks where
+    it must; a count that cannot be kept is refused by name."""
     if chunks == "auto":
         count = min(spec.num_layers, max(1, math.ceil(model_bytes(spec) / AUTO_CHUNK_BYTES)))
     elif chunks > spec.num_layers:
         raise RecipeError(f"coreml chunks: {chunks} is more than the model's {spec.num_layers} layers")
     else:
         count = int(chunks)
-    bounds = np.linspace(0, spec.num_layers, count + 1).round().astype(int)
-    planned = [
+    bounds = kept_with_sources(spec, [int(b) for b in np.linspace(0, spec.num_layers, count + 1).round()])
+    if len(bounds) - 1 < count and chunks != "auto":
+        raise CheckpointError(f"Core ML cannot honour the trait kv_shared_layers across chunks: {count} chunks would "
+                              "part a kv-shared layer from the layer whose KV cache it reads; at most "
+                              f"{len(bounds) - 1} keep them together")
+    count = len(bounds) - 1
+    return [
         Chunk(i, range(bounds[i], bounds[i + 1]), first=i == 0, last=i == count - 1,
-              mixers=layers_by_mixer(spec, range(bounds[i], bounds[i + 1])))
+              mixers=layers_by_mixer(spec, range(bounds[i], bounds[i + 1])), per_layer_inputs=spec.per_layer_input > 0)
         for i in range(count)
     ]
-    for chunk in planned:
-        for layer in chunk.layers:
-            if (source := spec.layers[layer].kv_source) is not None and source not in chunk.layers:
-                raise CheckpointError(f"Core ML cannot honour the trait kv_shared_layers across chunks: layer {layer} "
-                                      f"reads the KV cache of layer {source}, which chunk {chunk.index + 1} does not "
-                                      "hold (convert with fewer chunks)")
-    if spec.per_layer_input and count > 1:
-        raise CheckpointError("Core ML cannot honour the trait per_layer_input across chunks: only the first chunk "
-                              "embeds the token ids (convert with chunks: 1)")
-    return planned
+
+
+def kept_with_sources(spec: ModelSpec, bounds: list[int]) -> list[int]:
+    """The chunk bounds moved down until no kv-shared layer is past one with its source before it (a layer reads
+    its source's cache row within its chunk: cache_slots); bounds that meet another are dropped."""
+    moved = [0]
+    for bound in bounds[1:-1]:
+        while parted := [source for layer, spec_layer in enumerate(spec.layers[bound:], bound)
+                         if (source := spec_layer.kv_source) is not None and source < bound]:
+            bound = min(parted)
+        if bound > moved[-1]:
+            moved.append(bound)
+    return [*moved, bounds[-1]]
 
 
 def cache_slots(spec: ModelSpec, chunk: Chunk) -> dict[int, tuple[str, int]]:

@@ -46,6 +46,7 @@ from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 from siliconvert.architectures import ModelSpec
 from siliconvert.architectures.base import OWN_KV_ROLES, Rope
 from siliconvert.convert.coreml.chunks import (
+    PER_LAYER_INPUTS,
     VALID_TOKENS,
     Chunk,
     Key,
@@ -175,16 +176,21 @@ def build_function(spec: ModelSpec, chunk: Chunk, tokens: int, context: int, wei
         shared = shared_values(spec, chunk, context, tokens, function.inputs, recurrent_scale)
         x = (embed(ops, function.inputs["input_ids"], tokens, spec.embedding_scale * stream_scale) if chunk.first
              else function.inputs["hidden_states"])
-        if spec.per_layer_input:  # the first chunk only (plan_chunks)
-            per_layer = per_layer_inputs(ops, function.inputs["input_ids"], x, tokens, stream_scale)
+        if spec.per_layer_input:  # made by the first chunk, an input of the others
+            per_layer = (per_layer_inputs(ops, function.inputs["input_ids"], x, tokens, stream_scale) if chunk.first
+                         else function.inputs[PER_LAYER_INPUTS])
             shared = dataclasses.replace(shared, per_layer=per_layer, stream_scale=stream_scale)
         expert_ids: list = []  # each sparse layer's chosen experts (S, k), in layer order
         rows = {layer: (mixer, row) for mixer, layers in chunk.mixers for row, layer in enumerate(layers)}
         for layer in chunk.layers:
             x = decoder_layer(ops, x, layer, *rows[layer], shared, expert_ids)
         out = lm_head(ops, x) if chunk.last else mb.identity(x=x, name="hidden_states_out")
+        if PER_LAYER_INPUTS in chunk.output_names():
+            out = [out, mb.identity(x=shared.per_layer, name=PER_LAYER_INPUTS)]
+        else:
+            out = [out]
         if not expert_ids:
-            function.set_outputs([out])
+            function.set_outputs(out)
         else:  # (1, S, sparse layers, k): what a runner compares with the reference's choices
             shape = [1, tokens, 1, spec.experts.used]
             if len(expert_ids) == 1:
@@ -192,19 +198,22 @@ def build_function(spec: ModelSpec, chunk: Chunk, tokens: int, context: int, wei
             else:
                 ids = mb.concat(values=[mb.reshape(x=layer_ids, shape=shape) for layer_ids in expert_ids], axis=2,
                                 name=EXPERT_IDS)
-            function.set_outputs([out, ids])
+            function.set_outputs([*out, ids])
     return function
 
 
 def function_inputs(spec: ModelSpec, chunk: Chunk, tokens: int, context: int) -> dict:
     """Token ids (1, S) into the first chunk, hidden states (1, C, 1, S) into the others; the block's position;
-    with recurrent states, how many of the S tokens are real; the states of the chunk's mixers (state_shapes)."""
+    with recurrent states, how many of the S tokens are real; per-layer inputs (1, layers, size, S) into the chunks
+    after the first; the states of the chunk's mixers (state_shapes)."""
     h = spec.hidden_size
     first_input = (mb.TensorSpec((1, tokens), dtype=types.int32) if chunk.first
                    else mb.TensorSpec((1, h, 1, tokens), dtype=types.fp16))
     inputs = {chunk.input_names()[0]: first_input, "position": mb.TensorSpec((1,), dtype=types.int32)}
     if chunk.recurrent:
         inputs[VALID_TOKENS] = mb.TensorSpec((1,), dtype=types.int32)
+    if PER_LAYER_INPUTS in chunk.input_names():
+        inputs[PER_LAYER_INPUTS] = mb.TensorSpec((1, spec.num_layers, spec.per_layer_input, tokens), dtype=types.fp16)
     for name, shape in state_shapes(spec, chunk, context).items():
         inputs[name] = mb.StateTensorSpec(shape, dtype=types.fp16)
     return inputs

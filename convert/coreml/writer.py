@@ -255,7 +255,7 @@ class CoreMLWriter(Writer):
                     "num_layers": len(chunk.layers),
                     "inputs": chunk.input_names(),
                     # a chunk with sparse layers also outputs their routers' choices (EXPERT_IDS)
-                    "outputs": [chunk.output_name(), *([EXPERT_IDS] if self.sparse_layers(chunk) else [])],
+                    "outputs": [*chunk.output_names(), *([EXPERT_IDS] if self.sparse_layers(chunk) else [])],
                     "sparse_layers": self.sparse_layers(chunk),
                     "states": {name: list(shape) for name, shape in
                                state_shapes(spec, chunk, self.target.context).items()},
