@@ -44,6 +44,21 @@ def test_expert_weights_count_toward_a_chunk():
     assert len(plan_chunks(spec, "auto")) == 48  # 128 experts: 1.2 GB a layer, one layer a package
 
 
+def test_gemma4_weights_count_at_each_layers_sizes():
+    """Per-layer head sizes, k/v heads and MLP widths, no k/v in the kv-shared layers, no v_proj where keys are the
+    values, and the per-layer input tables: every weight the graph reads but norms and layer scalars."""
+    import math
+
+    from families import FAMILY_CASES
+
+    spec = spec_of(**(FAMILY_CASES["gemma4_text"][1] | {"architectures": ["Gemma4ForCausalLM"],
+                                                         "model_type": "gemma4_text"}))
+    read = sum(math.prod(tensor_shape(spec, key)) for chunk in plan_chunks(spec, 1)
+               for key in required_tensors(spec, chunk)
+               if not key[0].endswith("norm") and key[0] != "layer_output_scale")
+    assert model_bytes(spec) == 2 * read
+
+
 def test_blobs_are_whole_tensors_or_head_pieces():
     embedding, head, norm = ("token_embd", None, "weight"), ("output", None, "weight"), ("attn_norm", 0, "weight")
     untied = spec_of(vocab_size=40000)

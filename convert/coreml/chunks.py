@@ -139,8 +139,12 @@ def layers_by_mixer(spec: ModelSpec, layers: range) -> tuple[tuple[Mixer, tuple[
 
 
 def layer_bytes(spec: ModelSpec, layer: int) -> int:
-    """fp16 bytes of a layer's weights (norms aside)."""
-    h, q, kv = spec.hidden_size, spec.q_size, spec.kv_size
+    """fp16 bytes of a layer's weights (norms aside), at its own sizes (Gemma 4's)."""
+    h, d = spec.hidden_size, spec.layer_head_dim(layer)
+    q = spec.num_heads * d
+    # a kv-shared layer has no k/v projections, a k_eq_v layer no v_proj
+    kv = 0 if spec.layers[layer].kv_source is not None else spec.layer_kv_heads(layer) * d
+    values = 0 if spec.layers[layer].values_from_keys else kv
     if spec.layers[layer].sparse:  # the router, the experts, and a shared expert with its gate where there is one
         experts = spec.experts
         mlp = experts.count * (h + 3 * h * experts.intermediate_size)
@@ -149,7 +153,8 @@ def layer_bytes(spec: ModelSpec, layer: int) -> int:
         if experts.beside_dense:
             mlp += 3 * h * spec.intermediate_size
     else:
-        mlp = 3 * h * spec.intermediate_size
+        mlp = 3 * h * spec.layer_intermediate_size(layer)
+    mlp += 2 * h * spec.per_layer_input  # its per-layer input's gate and projection
     if spec.layers[layer].mixer == "short_conv":  # in_proj (B, C, x), out_proj and the kernel
         return 2 * (4 * h * h + h * spec.short_conv.kernel + mlp)
     if spec.layers[layer].mixer == "gated_delta":  # in_proj's q, k, v, z, b, a rows, out_proj and the kernel
@@ -161,13 +166,15 @@ def layer_bytes(spec: ModelSpec, layer: int) -> int:
         rows = mamba.inner_size + mamba.conv_channels + mamba.heads
         return 2 * (h * (rows + mamba.inner_size) + mamba.conv_channels * mamba.conv_kernel + mlp)
     queries = 2 * q if spec.attn_output_gate else q  # q_proj's query rows, and its gate rows where there are
-    return 2 * (h * (queries + q + 2 * kv) + mlp)
+    return 2 * (h * (queries + q + kv + values) + mlp)
 
 
 def model_bytes(spec: ModelSpec) -> int:
     tables = 1 if spec.tie_word_embeddings else 2
     layers = sum(layer_bytes(spec, layer) for layer in range(spec.num_layers))
-    return layers + tables * 2 * spec.vocab_size * spec.hidden_size
+    # Gemma 4's per-layer input table and projection, in the first chunk
+    per_layer = 2 * spec.num_layers * spec.per_layer_input * (spec.per_layer_input_vocab + spec.hidden_size)
+    return layers + tables * 2 * spec.vocab_size * spec.hidden_size + per_layer
 
 
 def head_role(spec: ModelSpec) -> str:

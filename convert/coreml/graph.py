@@ -27,6 +27,14 @@ Where each trait of the spec becomes ops, one place each (ops appear only where 
                               layer's dense MLP added to them (decoder_layer)
     embedding_scale           embed (times the fp16 range scale, siliconvert/calibration.py)
     attention_scale, attn_softcap    attention
+    layers[i].head_dim, kv_heads     attention, with a KV cache state pair per distinct shape (chunks.cache_slots)
+    layers[i].values_from_keys       attention: k_proj's output is also the values (before k's norm and rope)
+    value_norm                       attention: values RMS-normed per head, without a weight
+    layers[i].kv_source              attention: the source layer's cache row, no k/v of its own (same chunk)
+    layers[i].intermediate_size      mlp, through the weights' shapes (folds.tensor_shape)
+    per_layer_input                  per_layer_inputs (first chunk; the others take them), per_layer_branch
+    layer_output_scale               decoder_layer: the stream × the layer's scalar
+    rope kind "proportional"         rope_frequencies: the pairs past the rotary fraction at frequency 0
     logits_scale, final_softcap      lm_head
     norm_offset, residual_scale, fused_qkv / fused_gate_up: in the weights, not ops (folds.py)
 """
