@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import reference_choices_for, reference_logits_for
+from conftest import reference_choices_for, reference_logits_for, run_recipe
 from families import FAMILY_CASES
 from test_coreml import windows_of
 
@@ -47,20 +48,20 @@ def family_package(request, small_model, tmp_path_factory):
 
 
 def test_gemma4_in_two_chunks(small_model, tmp_path):
-    """The per-layer inputs made by the first chunk pass to the second; the bound between them moves down from
-    layer 2 to layer 1, which kv-shared layer 3 reads (layer 4 reads layer 2)."""
+    """The recipe end to end in two chunks: the per-layer inputs made by the first chunk pass to the second, the
+    bound between them moved down from layer 2 to layer 1, which kv-shared layer 3 reads (layer 4 reads layer 2);
+    the gates and the KV-cache state check pass."""
     tokenizer, config = FAMILY_CASES["gemma4_text"]
     source = small_model("gemma4_text", tokenizer, config=config)
-    (artifact,) = build(source, tmp_path, chunks=2)
-    chunks = json.loads((artifact.path / "manifest.json").read_text())["chunks"]
-    assert [(chunk["first_layer"], chunk["num_layers"]) for chunk in chunks] == [(0, 1), (1, 4)]
-    windows = windows_of(source, count=2, length=CONTEXT)
-    reference = reference_logits_for(source, windows)
-    logits = CoreMLRunner(artifact.path, artifact.runner_options).logits_many(windows)
-    vocab = reference.shape[-1]
-    scores = compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
-                     windows[:, 1:].reshape(-1))[0]
-    assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, scores
+    validate = {"tokens": 128, "context": CONTEXT, "prefill_tokens": 16, "decode_tokens": 4,
+                "gates": {"max_mean_kld": 0.002, "min_same_top1": 0.97}}
+    (artifact,) = run_recipe(source, tmp_path, "gemma4", targets=[{"format": "coreml", "context": CONTEXT,
+                                                                   "chunks": 2}], validate=validate)["artifacts"]
+    assert artifact["gates"]["passed"] and artifact["kv_cache"]["consistent"], artifact
+    manifest = json.loads((Path(artifact["path"]) / "manifest.json").read_text())
+    assert [(chunk["first_layer"], chunk["num_layers"]) for chunk in manifest["chunks"]] == [(0, 1), (1, 4)]
+    assert manifest["chunks"][0]["outputs"] == ["hidden_states_out", "per_layer_inputs"]
+    assert manifest["chunks"][1]["inputs"][-1] == "per_layer_inputs"
 
 
 def test_fp16_logits_match_the_reference(family_package):
