@@ -642,10 +642,11 @@ def rms_norm(x, weight, eps: float, name: str, axis: int = 1):
 
 
 def attention(ops: WeightedOps, x, layer: int, row: int, shared: Shared):
-    """Grouped-query attention over the whole cache, through the chunk's states (the layer's row in them:
-    cache_slots), with the layer's rope and window, q/k norms, the attention scale and soft-cap as the spec says;
-    the layer's own head size and k/v heads, its keys as its values (k_eq_v, the value norm after) or another
-    layer's keys and values (a kv-shared layer: no k/v of its own) where the spec says so (Gemma 4)."""
+    """Grouped-query attention over the whole cache, through the chunk's states, with the layer's rope and
+    window, q/k norms, the attention scale and soft-cap as the spec says; the layer's own head size and k/v heads,
+    its keys as its values (k_eq_v, the value norm after) or another layer's keys and values (a kv-shared layer:
+    no k/v of its own) where the spec says so (Gemma 4). `row`, the layer's index among the chunk's attention
+    layers, is not its cache row where the layers differ: cache_slots gives that."""
     spec = ops.spec
     heads, kvh, d = spec.num_heads, spec.layer_kv_heads(layer), spec.layer_head_dim(layer)
     suffix, local = shared.slots[layer]
