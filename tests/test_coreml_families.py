@@ -113,6 +113,28 @@ def test_decode_through_the_cache_equals_prefill(family_package):
     np.testing.assert_allclose(cached, full, atol=0.05)  # fp16 logits: a few ulps apart
 
 
+def test_gemma4_layer_scalars(small_model, tmp_path):
+    """Each layer's output × its layer_scalar (1 in the trained case: set apart from 1 here, and from each other)."""
+    from safetensors.torch import load_file, save_file
+
+    tokenizer, config = FAMILY_CASES["gemma4_text"]
+    source = tmp_path / "scaled"
+    shutil.copytree(small_model("gemma4_text", tokenizer, config=config), source)
+    tensors = load_file(source / "model.safetensors")
+    for name in tensors:
+        if name.endswith("layer_scalar"):
+            tensors[name] = tensors[name] * (0.5 + 0.25 * int(name.split(".")[2]))
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    (artifact,) = build(source, tmp_path / "package")
+    windows = windows_of(source, count=2, length=CONTEXT)
+    reference = reference_logits_for(source, windows)
+    logits = CoreMLRunner(artifact.path, artifact.runner_options).logits_many(windows)
+    vocab = reference.shape[-1]
+    scores = compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
+                     windows[:, 1:].reshape(-1))[0]
+    assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, scores
+
+
 def with_loud_stream(source, folder, gain: float):
     """A copy of `source` whose post-feedforward norms are `gain` times louder: a residual stream past fp16's
     range (as in real Gemma checkpoints) that transformers' float32 forward still computes exactly."""
