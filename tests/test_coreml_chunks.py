@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 from coreml_programs import spec_of
 
-from siliconvert.convert.coreml.chunks import blobs_of, model_bytes, plan_chunks
+from siliconvert.convert.coreml.chunks import PER_LAYER_INPUTS, blobs_of, cache_slots, model_bytes, plan_chunks
 from siliconvert.convert.coreml.graph import (
     required_tensors,
     tensor_shape,
@@ -44,6 +44,21 @@ def test_expert_weights_count_toward_a_chunk():
     assert len(plan_chunks(spec, "auto")) == 48  # 128 experts: 1.2 GB a layer, one layer a package
 
 
+def test_gemma4_weights_count_at_each_layers_sizes():
+    """Per-layer head sizes, k/v heads and MLP widths, no k/v in the kv-shared layers, no v_proj where keys are the
+    values, and the per-layer input tables: every weight the graph reads but norms and layer scalars."""
+    import math
+
+    from families import FAMILY_CASES
+
+    spec = spec_of(**(FAMILY_CASES["gemma4_text"][1] | {"architectures": ["Gemma4ForCausalLM"],
+                                                         "model_type": "gemma4_text"}))
+    read = sum(math.prod(tensor_shape(spec, key)) for chunk in plan_chunks(spec, 1)
+               for key in required_tensors(spec, chunk)
+               if not key[0].endswith("norm") and key[0] != "layer_output_scale")
+    assert model_bytes(spec) == 2 * read
+
+
 def test_blobs_are_whole_tensors_or_head_pieces():
     embedding, head, norm = ("token_embd", None, "weight"), ("output", None, "weight"), ("attn_norm", 0, "weight")
     untied = spec_of(vocab_size=40000)
@@ -72,18 +87,42 @@ def test_a_mixer_no_package_can_run_is_refused_naming_the_trait():
         plan_chunks(dataclasses.replace(spec, layers=layers), 1)
 
 
-@pytest.mark.parametrize(("change", "trait"), [
-    ({"per_layer_input": 16, "per_layer_input_vocab": 96}, "per_layer_input"),
-    ({"value_norm": True}, "value_norm"),
-    ({"layer_output_scale": True}, "layer_output_scale"),
-])
-def test_gemma4_traits_no_graph_builds_are_refused_by_name(change: dict, trait: str):
-    with pytest.raises(CheckpointError, match=f"Core ML cannot honour the trait {trait}"):
-        plan_chunks(dataclasses.replace(spec_of(), **change), 1)
+def test_a_kv_shared_layer_stays_with_its_source():
+    """Gemma 4's kv-shared layers read their source layer's cache row: a chunk bound moves down to the source; a
+    count that cannot keep them together is refused, "auto" makes fewer chunks."""
+    spec = spec_of()  # 7 layers: 2 chunks are [0, 4) and [4, 7)
+    last = spec.num_layers - 1
+
+    def sharing(layer: int, source: int):
+        return dataclasses.replace(spec, layers=tuple(dataclasses.replace(spec_layer, kv_source=source)
+                                                      if i == layer else spec_layer
+                                                      for i, spec_layer in enumerate(spec.layers)))
+
+    assert [list(chunk.layers) for chunk in plan_chunks(sharing(5, 2), 2)] == [[0, 1], [2, 3, 4, 5, 6]]
+    shared = sharing(last, 0)
+    (only,) = plan_chunks(shared, 1)
+    slots = cache_slots(shared, only)
+    assert slots[last] == slots[0] == ("", 0) and slots[last - 1] == ("", last - 1)
+    with pytest.raises(CheckpointError, match="trait kv_shared_layers across chunks: 2 chunks would part"):
+        plan_chunks(shared, 2)
+    assert len(plan_chunks(dataclasses.replace(shared, hidden_size=4096, intermediate_size=14336), "auto")) == 1
 
 
-def test_layers_apart_are_refused_by_name():
+def test_per_layer_inputs_pass_from_the_first_chunk_to_the_others():
+    spec = dataclasses.replace(spec_of(), per_layer_input=16, per_layer_input_vocab=96)
+    first, middle, last = plan_chunks(spec, 3)
+    assert first.output_names() == ["hidden_states_out", "per_layer_inputs"]
+    assert PER_LAYER_INPUTS not in first.input_names()
+    assert middle.input_names()[-1] == last.input_names()[-1] == PER_LAYER_INPUTS
+    assert middle.output_names() == ["hidden_states_out"] and last.output_names() == ["logits"]
+
+
+def test_layers_of_their_own_sizes_have_caches_of_their_own():
+    """A pair of KV states per distinct (k/v heads, head size), a row per layer of that shape."""
     spec = spec_of()
-    layers = (dataclasses.replace(spec.layers[0], kv_source=None, head_dim=2 * spec.head_dim), *spec.layers[1:])
-    with pytest.raises(CheckpointError, match="trait per_layer_head_dim"):
-        plan_chunks(dataclasses.replace(spec, layers=layers), 1)
+    wide = dataclasses.replace(spec.layers[0], head_dim=2 * spec.head_dim, kv_heads=1)
+    spec = dataclasses.replace(spec, layers=(spec.layers[0], wide, spec.layers[2], wide, *spec.layers[4:]))
+    (only,) = plan_chunks(spec, 1)
+    slots = cache_slots(spec, only)
+    suffix = f"_1x{2 * spec.head_dim}"
+    assert [slots[layer] for layer in range(4)] == [("", 0), (suffix, 0), ("", 1), (suffix, 1)]

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import reference_choices_for, reference_logits_for
+from conftest import reference_choices_for, reference_logits_for, run_recipe
 from families import FAMILY_CASES
 from test_coreml import windows_of
 
@@ -27,14 +28,14 @@ pytestmark = pytest.mark.slow
 
 CONTEXT = 64  # one prefill block: the MIL interpreter is slow, and 64 tokens already span 2+ sliding windows
 MIXTURES = ["qwen3_moe", "mixtral", "qwen2_moe", "olmoe"]  # 4 experts, 2 per token
-# family → the first trait the writer names where no package's graph builds the case (Gemma 4's layers apart,
-# gpt-oss's sinks; tests/test_families.py checks the refusals too)
-REFUSED = {"gemma4_text": "per_layer_head_dim", "gpt_oss": "attention_sinks"}
+# family → the first trait the writer names where no package's graph builds the case (gpt-oss's sinks;
+# tests/test_families.py checks the refusals too)
+REFUSED = {"gpt_oss": "attention_sinks"}
 
 
-def build(source, out_dir):
+def build(source, out_dir, chunks: int | str = "auto"):
     checkpoint = Checkpoint.open(source)
-    writer = CoreMLWriter(checkpoint, CoreMLTarget(format="coreml", context=CONTEXT), out_dir, "tiny")
+    writer = CoreMLWriter(checkpoint, CoreMLTarget(format="coreml", context=CONTEXT, chunks=chunks), out_dir, "tiny")
     for info, array in checkpoint.tensors():
         writer.add(info, array)
     return writer.finish()
@@ -55,6 +56,23 @@ def test_a_family_whose_traits_no_graph_builds_is_refused_by_name(family, small_
     tokenizer, config = FAMILY_CASES[family]
     with pytest.raises(CheckpointError, match=f"Core ML cannot honour the trait {REFUSED[family]}"):
         build(small_model(family, tokenizer, config=config), tmp_path)
+
+
+def test_gemma4_in_two_chunks(small_model, tmp_path):
+    """The recipe end to end in two chunks: the per-layer inputs made by the first chunk pass to the second, the
+    bound between them moved down from layer 2 to layer 1, which kv-shared layer 3 reads (layer 4 reads layer 2);
+    the gates and the KV-cache state check pass."""
+    tokenizer, config = FAMILY_CASES["gemma4_text"]
+    source = small_model("gemma4_text", tokenizer, config=config)
+    validate = {"tokens": 128, "context": CONTEXT, "prefill_tokens": 16, "decode_tokens": 4,
+                "gates": {"max_mean_kld": 0.002, "min_same_top1": 0.97}}
+    (artifact,) = run_recipe(source, tmp_path, "gemma4", targets=[{"format": "coreml", "context": CONTEXT,
+                                                                   "chunks": 2}], validate=validate)["artifacts"]
+    assert artifact["gates"]["passed"] and artifact["kv_cache"]["consistent"], artifact
+    manifest = json.loads((Path(artifact["path"]) / "manifest.json").read_text())
+    assert [(chunk["first_layer"], chunk["num_layers"]) for chunk in manifest["chunks"]] == [(0, 1), (1, 4)]
+    assert manifest["chunks"][0]["outputs"] == ["hidden_states_out", "per_layer_inputs"]
+    assert manifest["chunks"][1]["inputs"][-1] == "per_layer_inputs"
 
 
 def test_fp16_logits_match_the_reference(family_package):
@@ -89,13 +107,14 @@ def test_manifest_records_the_numerics(family_package):
     numerics = json.loads((artifact.path / "manifest.json").read_text())["numerics"]
     if family == "phi3":  # LongRoPE: a 64-token package is within the original context, so "short" factors
         assert numerics["longrope_factors"] == ["short"]
-    assert numerics["norm_offset_folded"] == family.startswith(("gemma", "qwen3_5", "qwen3_next"))  # (1 + w) norms
+    # (1 + w) norms; Gemma 4's multiply by w itself
+    assert numerics["norm_offset_folded"] == family.startswith(("gemma2", "gemma3", "qwen3_5", "qwen3_next"))
 
 
-@pytest.mark.parametrize("family_package", ["gemma2", "smollm3", "qwen3_moe"], indirect=True)
+@pytest.mark.parametrize("family_package", ["gemma2", "smollm3", "qwen3_moe", "gemma4_text"], indirect=True)
 def test_decode_through_the_cache_equals_prefill(family_package):
     """Sliding-window (Gemma 2) and NoPE (SmolLM3) layers through the KV cache, one token at a time past the
-    window; the router of a token alone (Qwen3-MoE)."""
+    window; the router of a token alone (Qwen3-MoE); Gemma 4's caches of two shapes, read by its kv-shared layers."""
     _, _, artifact, windows, _ = family_package
     runner = CoreMLRunner(artifact.path, {})
     prompt, continuation = windows[0][:24], windows[0][24:40]
@@ -105,24 +124,48 @@ def test_decode_through_the_cache_equals_prefill(family_package):
     np.testing.assert_allclose(cached, full, atol=0.05)  # fp16 logits: a few ulps apart
 
 
+def test_gemma4_layer_scalars(small_model, tmp_path):
+    """Each layer's output × its layer_scalar (1 in the trained case: set apart from 1 here, and from each other)."""
+    from safetensors.torch import load_file, save_file
+
+    tokenizer, config = FAMILY_CASES["gemma4_text"]
+    source = tmp_path / "scaled"
+    shutil.copytree(small_model("gemma4_text", tokenizer, config=config), source)
+    tensors = load_file(source / "model.safetensors")
+    for name in tensors:
+        if name.endswith("layer_scalar"):
+            tensors[name] = tensors[name] * (0.5 + 0.25 * int(name.split(".")[2]))
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    (artifact,) = build(source, tmp_path / "package")
+    windows = windows_of(source, count=2, length=CONTEXT)
+    reference = reference_logits_for(source, windows)
+    logits = CoreMLRunner(artifact.path, artifact.runner_options).logits_many(windows)
+    vocab = reference.shape[-1]
+    scores = compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
+                     windows[:, 1:].reshape(-1))[0]
+    assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, scores
+
+
 def with_loud_stream(source, folder, gain: float):
     """A copy of `source` whose post-feedforward norms are `gain` times louder: a residual stream past fp16's
     range (as in real Gemma checkpoints) that transformers' float32 forward still computes exactly."""
     from safetensors.torch import load_file, save_file
 
+    offset = Checkpoint.open(source).spec.norm_offset  # Gemma 2 and 3's norms multiply by 1 + w, Gemma 4's by w
     shutil.copytree(source, folder)
     tensors = load_file(folder / "model.safetensors")
     for name in tensors:
-        if name.endswith("post_feedforward_layernorm.weight"):  # Gemma's norm multiplies by 1 + w
-            tensors[name] = (1 + tensors[name]) * gain - 1
+        if name.endswith("post_feedforward_layernorm.weight"):
+            tensors[name] = (offset + tensors[name]) * gain - offset
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the unscaled package's inf / inf
-def test_a_stream_past_fp16_range_is_scaled_back_into_it(small_model, tmp_path, monkeypatch):
-    tokenizer, config = FAMILY_CASES["gemma2"]
-    source = with_loud_stream(small_model("gemma2", tokenizer, config=config), tmp_path / "loud", gain=16000.0)
+@pytest.mark.parametrize("family", ["gemma2", "gemma4_text"])  # Gemma 4: its per-layer inputs read the stream raw
+def test_a_stream_past_fp16_range_is_scaled_back_into_it(family, small_model, tmp_path, monkeypatch):
+    tokenizer, config = FAMILY_CASES[family]
+    source = with_loud_stream(small_model(family, tokenizer, config=config), tmp_path / "loud", gain=16000.0)
     windows = windows_of(source, count=2, length=CONTEXT)
     reference = reference_logits_for(source, windows)
     vocab = reference.shape[-1]

@@ -93,6 +93,26 @@ def test_rope_frequencies_are_transformers(scaling):
     assert our_factor == pytest.approx(their_factor)
 
 
+def test_proportional_rope_frequencies_are_transformers():
+    """Gemma 4's global layers: a quarter of the pairs turn at θ^(-2i/head_dim), the rest not at all. (The small
+    trained case hardly depends on its global layers' rope: this holds the frequencies to transformers'.)"""
+    from families import FAMILY_CASES
+    from transformers import Gemma4TextConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = FAMILY_CASES["gemma4_text"][1] | {"hidden_size": 256, "num_attention_heads": 4}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs, their_factor = ROPE_INIT_FUNCTIONS["proportional"](Gemma4TextConfig(**config), "cpu",
+                                                                    layer_type="full_attention")
+    spec = spec_of(**config | {"architectures": ["Gemma4ForCausalLM"], "model_type": "gemma4_text"})
+    (rope,) = {repr(layer.rope): layer.rope for layer in spec.layers if layer.window is None}.values()
+    ours, our_factor = rope_frequencies(spec, rope, 512)
+    assert np.count_nonzero(ours) == len(ours) // 4
+    np.testing.assert_allclose(ours, theirs.double().numpy(), rtol=1e-6)
+    assert our_factor == their_factor == 1.0
+
+
 def test_rms_norm_does_not_overflow_fp16(tmp_path):
     """Activations of a few hundred square past fp16's 65504; the norm must still be right."""
     channels = 512

@@ -11,10 +11,12 @@ One layout for every model size, so apps and runners never branch on it:
 
 Every function takes `position` (int32 [1], where its first token goes in the sequence) and carries the KV
 cache of its layers in two states, `key_cache` and `value_cache` (fp16 [layers, kv_heads, context,
-head_dim]); the causal mask and the RoPE angles are computed inside from `position`. A package with sparse layers
+head_dim]; layers of other sizes in a pair of their own, `key_cache_{kv_heads}x{head_dim}`: Gemma 4's global
+layers); the causal mask and the RoPE angles are computed inside from `position`. A package with sparse layers
 (a mixture of experts) also outputs `expert_ids` (int32 [1, tokens, its sparse layers, k]): the experts its
 routers chose. It evaluates every expert for every token and weights each by the router (exact; E/k times the
-chosen experts' compute, which the manifest's and the artifact's `compute` state).
+chosen experts' compute, which the manifest's and the artifact's `compute` state). Gemma 4's first package
+also outputs `per_layer_inputs` (fp16 [1, layers, size, tokens]), an input of every later package.
 
 The same checkpoint gives the same bytes: op names count from zero in every function, the spec is serialized
 deterministically, and the package's Manifest.json identifiers derive from the spec (coremltools draws random

@@ -21,6 +21,9 @@ MIXER_STATES: dict[Mixer, tuple[str, ...]] = {"attention": ("key_cache", "value_
                                               "gated_delta": ("delta_conv_state", "recurrent_state"),
                                               "mamba2": ("ssm_conv_state", "ssm_state")}
 VALID_TOKENS = "valid_tokens"  # the input of a chunk with recurrent states: how many of the call's tokens are real
+# Gemma 4's per-layer inputs (1, layers, size, S): made by the first chunk from the token ids and its embeddings, an
+# output of it and an input of every later chunk
+PER_LAYER_INPUTS = "per_layer_inputs"
 
 
 def role_key(role: TensorRole) -> Key:
@@ -36,6 +39,7 @@ class Chunk:
     last: bool  # ends with the final norm and the LM head
     # the chunk's layers of each mixer it has (`layers_by_mixer`), in layer order: a state's row is its index here
     mixers: tuple[tuple[Mixer, tuple[int, ...]], ...]
+    per_layer_inputs: bool = False  # the model has per-layer inputs (PER_LAYER_INPUTS)
 
     def mixer_layers(self, mixer: Mixer) -> tuple[int, ...]:
         return dict(self.mixers).get(mixer, ())
@@ -51,7 +55,8 @@ class Chunk:
         return f"chunk_{self.index + 1:02d}.mlpackage"
 
     def input_names(self) -> list[str]:
-        return ["input_ids" if self.first else "hidden_states", "position", *([VALID_TOKENS] if self.recurrent else [])]
+        return ["input_ids" if self.first else "hidden_states", "position", *([VALID_TOKENS] if self.recurrent else []),
+                *([PER_LAYER_INPUTS] if self.per_layer_inputs and not self.first else [])]
 
     def state_names(self) -> list[str]:
         return [state for mixer, layers in self.mixers if layers for state in MIXER_STATES[mixer]]
@@ -59,40 +64,65 @@ class Chunk:
     def output_name(self) -> str:
         return "logits" if self.last else "hidden_states_out"
 
+    def output_names(self) -> list[str]:
+        """The output passed on to the next chunk (or the logits), and the per-layer inputs the first chunk makes
+        for the later ones."""
+        return [self.output_name(), *([PER_LAYER_INPUTS] if self.per_layer_inputs and self.first and not self.last
+                                      else [])]
+
 
 def plan_chunks(spec: ModelSpec, chunks: int | str) -> list[Chunk]:
-    """Split the layers into consecutive chunks: `chunks` of them, or by AUTO_CHUNK_BYTES for "auto"."""
-    check_traits(spec)
+    """Split the layers into consecutive chunks: `chunks` of them, or by AUTO_CHUNK_BYTES for "auto". A kv-shared
+    layer stays in the chunk of the layer whose cache it reads (kept_with_sources): "auto" makes fewer chunks where
+    it must; a count that cannot be kept is refused by name."""
     if chunks == "auto":
         count = min(spec.num_layers, max(1, math.ceil(model_bytes(spec) / AUTO_CHUNK_BYTES)))
     elif chunks > spec.num_layers:
         raise RecipeError(f"coreml chunks: {chunks} is more than the model's {spec.num_layers} layers")
     else:
         count = int(chunks)
-    bounds = np.linspace(0, spec.num_layers, count + 1).round().astype(int)
+    bounds = kept_with_sources(spec, [int(b) for b in np.linspace(0, spec.num_layers, count + 1).round()])
+    if len(bounds) - 1 < count and chunks != "auto":
+        raise CheckpointError(f"Core ML cannot honour the trait kv_shared_layers across chunks: {count} chunks would "
+                              "part a kv-shared layer from the layer whose KV cache it reads; at most "
+                              f"{len(bounds) - 1} keep them together")
+    count = len(bounds) - 1
     return [
         Chunk(i, range(bounds[i], bounds[i + 1]), first=i == 0, last=i == count - 1,
-              mixers=layers_by_mixer(spec, range(bounds[i], bounds[i + 1])))
+              mixers=layers_by_mixer(spec, range(bounds[i], bounds[i + 1])), per_layer_inputs=spec.per_layer_input > 0)
         for i in range(count)
     ]
 
 
-# Traits no package's graph builds yet (ModelSpec.traits' names): Gemma 4's layers of their own sizes, keys shared
-# across layers and as values, per-layer inputs, values normed, layer scalars and proportional rope
-UNBUILT_TRAITS = ("per_layer_head_dim", "per_layer_kv_heads", "k_eq_v", "kv_shared_layers", "per_layer_mlp_width",
-                  "per_layer_input", "value_norm", "layer_output_scale")
+def kept_with_sources(spec: ModelSpec, bounds: list[int]) -> list[int]:
+    """The chunk bounds moved down until no kv-shared layer is past one with its source before it (a layer reads
+    its source's cache row within its chunk: cache_slots); bounds that meet another are dropped."""
+    moved = [0]
+    for bound in bounds[1:-1]:
+        while parted := [source for layer, spec_layer in enumerate(spec.layers[bound:], bound)
+                         if (source := spec_layer.kv_source) is not None and source < bound]:
+            bound = min(parted)
+        if bound > moved[-1]:
+            moved.append(bound)
+    return [*moved, bounds[-1]]
 
 
-def check_traits(spec: ModelSpec) -> None:
-    """Refuse, by name, the first trait of the spec that the graph (graph.py) does not build."""
-    traits = spec.traits()
-    for trait in UNBUILT_TRAITS:
-        if trait in traits:
-            raise CheckpointError(f"Core ML cannot honour the trait {trait} ({traits[trait]}): its packages' "
-                                  "graph does not build it")
-    if traits.get("rope_scaling") == "proportional":
-        raise CheckpointError("Core ML cannot honour the trait rope_scaling (proportional): its packages' graph "
-                              "rotates the first dimensions of each head only")
+def cache_slots(spec: ModelSpec, chunk: Chunk) -> dict[int, tuple[str, int]]:
+    """Each attention layer of the chunk → (the suffix of its KV cache states' names, its row in them). The layers
+    of one head size and k/v head count share a pair of states: `key_cache` and `value_cache` for the model's
+    own sizes, `key_cache_{kv heads}x{head dim}` and its value state for the others (Gemma 4's global layers); a
+    kv-shared layer has no row of its own and reads its source layer's (plan_chunks keeps them together)."""
+    slots: dict[int, tuple[str, int]] = {}
+    rows: dict[str, int] = {}  # suffix → rows so far
+    for layer in chunk.mixer_layers("attention"):
+        if (source := spec.layers[layer].kv_source) is not None:
+            slots[layer] = slots[source]
+            continue
+        sizes = (spec.layer_kv_heads(layer), spec.layer_head_dim(layer))
+        suffix = "" if sizes == (spec.num_kv_heads, spec.head_dim) else f"_{sizes[0]}x{sizes[1]}"
+        slots[layer] = (suffix, rows.get(suffix, 0))
+        rows[suffix] = slots[layer][1] + 1
+    return slots
 
 
 def layers_by_mixer(spec: ModelSpec, layers: range) -> tuple[tuple[Mixer, tuple[int, ...]], ...]:
@@ -109,8 +139,12 @@ def layers_by_mixer(spec: ModelSpec, layers: range) -> tuple[tuple[Mixer, tuple[
 
 
 def layer_bytes(spec: ModelSpec, layer: int) -> int:
-    """fp16 bytes of a layer's weights (norms aside)."""
-    h, q, kv = spec.hidden_size, spec.q_size, spec.kv_size
+    """fp16 bytes of a layer's weights (norms aside), at its own sizes (Gemma 4's)."""
+    h, d = spec.hidden_size, spec.layer_head_dim(layer)
+    q = spec.num_heads * d
+    # a kv-shared layer has no k/v projections, a k_eq_v layer no v_proj
+    kv = 0 if spec.layers[layer].kv_source is not None else spec.layer_kv_heads(layer) * d
+    values = 0 if spec.layers[layer].values_from_keys else kv
     if spec.layers[layer].sparse:  # the router, the experts, and a shared expert with its gate where there is one
         experts = spec.experts
         mlp = experts.count * (h + 3 * h * experts.intermediate_size)
@@ -119,7 +153,8 @@ def layer_bytes(spec: ModelSpec, layer: int) -> int:
         if experts.beside_dense:
             mlp += 3 * h * spec.intermediate_size
     else:
-        mlp = 3 * h * spec.intermediate_size
+        mlp = 3 * h * spec.layer_intermediate_size(layer)
+    mlp += 2 * h * spec.per_layer_input  # its per-layer input's gate and projection
     if spec.layers[layer].mixer == "short_conv":  # in_proj (B, C, x), out_proj and the kernel
         return 2 * (4 * h * h + h * spec.short_conv.kernel + mlp)
     if spec.layers[layer].mixer == "gated_delta":  # in_proj's q, k, v, z, b, a rows, out_proj and the kernel
@@ -131,13 +166,15 @@ def layer_bytes(spec: ModelSpec, layer: int) -> int:
         rows = mamba.inner_size + mamba.conv_channels + mamba.heads
         return 2 * (h * (rows + mamba.inner_size) + mamba.conv_channels * mamba.conv_kernel + mlp)
     queries = 2 * q if spec.attn_output_gate else q  # q_proj's query rows, and its gate rows where there are
-    return 2 * (h * (queries + q + 2 * kv) + mlp)
+    return 2 * (h * (queries + q + kv + values) + mlp)
 
 
 def model_bytes(spec: ModelSpec) -> int:
     tables = 1 if spec.tie_word_embeddings else 2
     layers = sum(layer_bytes(spec, layer) for layer in range(spec.num_layers))
-    return layers + tables * 2 * spec.vocab_size * spec.hidden_size
+    # Gemma 4's per-layer input table and projection, in the first chunk
+    per_layer = 2 * spec.num_layers * spec.per_layer_input * (spec.per_layer_input_vocab + spec.hidden_size)
+    return layers + tables * 2 * spec.vocab_size * spec.hidden_size + per_layer
 
 
 def head_role(spec: ModelSpec) -> str:

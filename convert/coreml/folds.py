@@ -58,11 +58,11 @@ def expert_key(part: str, layer: int, expert: int) -> Key:
 def tensor_shape(spec: ModelSpec, key: Key) -> tuple[int, ...]:
     """A tensor's shape in the checkpoint (HF layout: linear weights are (out, in)), or one expert's part of a
     stack; a bias is its first axis."""
-    role, _, kind = key
+    role, layer, kind = key
     if role.endswith("]"):  # an expert's part (expert_key)
         h, ff = spec.hidden_size, spec.experts.intermediate_size
         return (h, ff) if role.startswith("ffn_down_exp[") else (ff, h)
-    shape = role_shape(spec, role)
+    shape = role_shape(spec, role, layer)  # a layer's own attention and MLP sizes (Gemma 4)
     return shape if kind == "weight" else shape[:1]
 
 
@@ -120,6 +120,8 @@ def graph_tensors(spec: ModelSpec, key: Key, array: np.ndarray, branch_scale: fl
         array = -np.exp(array.astype(np.float32))
     if role.endswith("_norm") and spec.norm_offset_of(role):
         array = array.astype(np.float32) + np.float32(spec.norm_offset_of(role))
+    if role == "per_layer_post_norm" and branch_scale != 1.0:  # the stream's scale alone: no residual multiplier
+        array = array.astype(np.float32) * np.float32(branch_scale / spec.residual_scale)
     # a post-norm's bias-free weight, or o_proj/down_proj's weight and bias: the branch output is linear in them
     if WRITES_LIKE.get(role, role) in branch_outputs(spec) and branch_scale != 1.0:
         array = array.astype(np.float32) * np.float32(branch_scale)

@@ -27,12 +27,21 @@ Where each trait of the spec becomes ops, one place each (ops appear only where 
                               layer's dense MLP added to them (decoder_layer)
     embedding_scale           embed (times the fp16 range scale, siliconvert/calibration.py)
     attention_scale, attn_softcap    attention
+    layers[i].head_dim, kv_heads     attention, with a KV cache state pair per distinct shape (chunks.cache_slots)
+    layers[i].values_from_keys       attention: k_proj's output is also the values (before k's norm and rope)
+    value_norm                       attention: values RMS-normed per head, without a weight
+    layers[i].kv_source              attention: the source layer's cache row, no k/v of its own (same chunk)
+    layers[i].intermediate_size      mlp, through the weights' shapes (folds.tensor_shape)
+    per_layer_input                  per_layer_inputs (first chunk; the others take them), per_layer_branch
+    layer_output_scale               decoder_layer: the stream × the layer's scalar
+    rope kind "proportional"         rope_frequencies: the pairs past the rotary fraction at frequency 0
     logits_scale, final_softcap      lm_head
     norm_offset, residual_scale, fused_qkv / fused_gate_up: in the weights, not ops (folds.py)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -43,8 +52,17 @@ from coremltools.converters.mil.mil import Function, Program, types
 from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 
 from siliconvert.architectures import ModelSpec
-from siliconvert.architectures.base import Rope
-from siliconvert.convert.coreml.chunks import VALID_TOKENS, Chunk, Key, head_pieces, head_role, weight_id
+from siliconvert.architectures.base import OWN_KV_ROLES, Rope
+from siliconvert.convert.coreml.chunks import (
+    PER_LAYER_INPUTS,
+    VALID_TOKENS,
+    Chunk,
+    Key,
+    cache_slots,
+    head_pieces,
+    head_role,
+    weight_id,
+)
 from siliconvert.convert.coreml.folds import BLOCK_NORMS, EXPERT_STACKS, expert_key, tensor_shape
 from siliconvert.convert.coreml.weights import WeightConsts
 from siliconvert.errors import CheckpointError
@@ -59,6 +77,9 @@ SHORT_CONV_ROLES = ("shortconv.in_proj", "shortconv.conv", "shortconv.out_proj")
 # the gated delta rule's weights, unfused (folds.py permutes Qwen3-Next's fused ones into them)
 GATED_DELTA_ROLES = ("delta_qkv", "delta_gate", "ssm_beta", "ssm_alpha", "ssm_conv1d", "ssm_dt", "ssm_a", "ssm_norm",
                      "ssm_out")
+# Gemma 4's per-layer inputs: each layer's gate, projection and norm; the first chunk's table, projection and norm
+PER_LAYER_ROLES = ("per_layer_inp_gate", "per_layer_proj", "per_layer_post_norm")
+PER_LAYER_EMBEDDING_ROLES = ("per_layer_token_embd", "per_layer_model_proj", "per_layer_proj_norm")
 MAMBA2_ROLES = ("ssm_in", "ssm_conv1d", "ssm_dt", "ssm_a", "ssm_d", "ssm_norm", "ssm_out")
 EXPERT_IDS = "expert_ids"  # the output of a chunk with sparse layers: their routers' choices (1, S, layers, k)
 NORM_FLOOR = 2.0**-6  # RMSNorm divides by max(|x|, floor): an all-zero token must not divide by zero
@@ -99,7 +120,15 @@ def required_tensors(spec: ModelSpec, chunk: Chunk) -> set[Key]:
     if spec.mlp_bias:
         dense_mlp += [("ffn_gate", "bias"), ("ffn_up", "bias"), ("ffn_down", "bias")]
     keys = {(role, layer, kind) for layer in chunk.layers for role, kind in per_layer}
-    keys.update((role, layer, kind) for layer in chunk.mixer_layers("attention") for role, kind in attention)
+    for layer in chunk.mixer_layers("attention"):  # less the keys and values a layer takes from another (Gemma 4)
+        spec_layer = spec.layers[layer]
+        unused = (OWN_KV_ROLES if spec_layer.kv_source is not None
+                  else ("attn_v",) if spec_layer.values_from_keys else ())
+        keys.update((role, layer, kind) for role, kind in attention if role not in unused)
+    if spec.per_layer_input:
+        keys.update((role, layer, "weight") for layer in chunk.layers for role in PER_LAYER_ROLES)
+    if spec.layer_output_scale:
+        keys.update(("layer_output_scale", layer, "weight") for layer in chunk.layers)
     keys.update((role, layer, kind) for layer in chunk.mixer_layers("short_conv") for role, kind in conv)
     keys.update((role, layer, "weight") for layer in chunk.mixer_layers("gated_delta") for role in GATED_DELTA_ROLES)
     if (mamba := spec.mamba2) is not None:
@@ -120,6 +149,8 @@ def required_tensors(spec: ModelSpec, chunk: Chunk) -> set[Key]:
             keys.update((role, layer, kind) for role, kind in dense_mlp)
     if chunk.first:
         keys.add(("token_embd", None, "weight"))
+        if spec.per_layer_input:
+            keys.update((role, None, "weight") for role in PER_LAYER_EMBEDDING_ROLES)
     if chunk.last:
         keys.add(("output_norm", None, "weight"))
         keys.add((head_role(spec), None, "weight"))
@@ -157,13 +188,21 @@ def build_function(spec: ModelSpec, chunk: Chunk, tokens: int, context: int, wei
         shared = shared_values(spec, chunk, context, tokens, function.inputs, recurrent_scale)
         x = (embed(ops, function.inputs["input_ids"], tokens, spec.embedding_scale * stream_scale) if chunk.first
              else function.inputs["hidden_states"])
+        if spec.per_layer_input:  # made by the first chunk, an input of the others
+            per_layer = (per_layer_inputs(ops, function.inputs["input_ids"], x, tokens, stream_scale) if chunk.first
+                         else function.inputs[PER_LAYER_INPUTS])
+            shared = dataclasses.replace(shared, per_layer=per_layer, stream_scale=stream_scale)
         expert_ids: list = []  # each sparse layer's chosen experts (S, k), in layer order
         rows = {layer: (mixer, row) for mixer, layers in chunk.mixers for row, layer in enumerate(layers)}
         for layer in chunk.layers:
             x = decoder_layer(ops, x, layer, *rows[layer], shared, expert_ids)
         out = lm_head(ops, x) if chunk.last else mb.identity(x=x, name="hidden_states_out")
+        if PER_LAYER_INPUTS in chunk.output_names():
+            out = [out, mb.identity(x=shared.per_layer, name=PER_LAYER_INPUTS)]
+        else:
+            out = [out]
         if not expert_ids:
-            function.set_outputs([out])
+            function.set_outputs(out)
         else:  # (1, S, sparse layers, k): what a runner compares with the reference's choices
             shape = [1, tokens, 1, spec.experts.used]
             if len(expert_ids) == 1:
@@ -171,19 +210,22 @@ def build_function(spec: ModelSpec, chunk: Chunk, tokens: int, context: int, wei
             else:
                 ids = mb.concat(values=[mb.reshape(x=layer_ids, shape=shape) for layer_ids in expert_ids], axis=2,
                                 name=EXPERT_IDS)
-            function.set_outputs([out, ids])
+            function.set_outputs([*out, ids])
     return function
 
 
 def function_inputs(spec: ModelSpec, chunk: Chunk, tokens: int, context: int) -> dict:
     """Token ids (1, S) into the first chunk, hidden states (1, C, 1, S) into the others; the block's position;
-    with recurrent states, how many of the S tokens are real; the states of the chunk's mixers (state_shapes)."""
+    with recurrent states, how many of the S tokens are real; per-layer inputs (1, layers, size, S) into the chunks
+    after the first; the states of the chunk's mixers (state_shapes)."""
     h = spec.hidden_size
     first_input = (mb.TensorSpec((1, tokens), dtype=types.int32) if chunk.first
                    else mb.TensorSpec((1, h, 1, tokens), dtype=types.fp16))
     inputs = {chunk.input_names()[0]: first_input, "position": mb.TensorSpec((1,), dtype=types.int32)}
     if chunk.recurrent:
         inputs[VALID_TOKENS] = mb.TensorSpec((1,), dtype=types.int32)
+    if PER_LAYER_INPUTS in chunk.input_names():
+        inputs[PER_LAYER_INPUTS] = mb.TensorSpec((1, spec.num_layers, spec.per_layer_input, tokens), dtype=types.fp16)
     for name, shape in state_shapes(spec, chunk, context).items():
         inputs[name] = mb.StateTensorSpec(shape, dtype=types.fp16)
     return inputs
@@ -191,15 +233,20 @@ def function_inputs(spec: ModelSpec, chunk: Chunk, tokens: int, context: int) ->
 
 def state_shapes(spec: ModelSpec, chunk: Chunk, context: int) -> dict[str, tuple[int, ...]]:
     """The chunk's states, fp16, one row per layer of their mixer: the KV cache of its attention layers as two
-    states (layers, KVH, context, D); the last kernel − 1 values of B·x of its short-conv layers (layers, C, 1,
-    kernel − 1), laid out as the activations are; of its gated-delta-rule layers, the conv's last kernel − 1
-    inputs (layers, q + k + v channels, 1, kernel − 1) and the recurrent state (layers, value heads, key head dim,
-    value head dim); of its Mamba2 layers, the conv's last kernel − 1 inputs (layers, x + B + C channels, 1,
-    kernel − 1) and the SSM state (layers, heads, head dim, state size)."""
+    states (layers, KVH, context, D), a pair per distinct KVH and D (cache_slots); the last kernel − 1 values of
+    B·x of its short-conv layers (layers, C, 1, kernel − 1), laid out as the activations are; of its
+    gated-delta-rule layers, the conv's last kernel − 1 inputs (layers, q + k + v channels, 1, kernel − 1) and the
+    recurrent state (layers, value heads, key head dim, value head dim); of its Mamba2 layers, the conv's last
+    kernel − 1 inputs (layers, x + B + C channels, 1, kernel − 1) and the SSM state (layers, heads, head dim, state
+    size)."""
     shapes: dict[str, tuple[int, ...]] = {}
-    if attention := chunk.mixer_layers("attention"):
-        shapes |= {name: (len(attention), spec.num_kv_heads, context, spec.head_dim)
-                   for name in ("key_cache", "value_cache")}
+    caches: dict[str, list[int]] = {}  # suffix → the layers with a row in it (cache_slots)
+    for layer, (suffix, _) in cache_slots(spec, chunk).items():
+        if spec.layers[layer].kv_source is None:
+            caches.setdefault(suffix, []).append(layer)
+    for suffix, layers in caches.items():
+        shape = (len(layers), spec.layer_kv_heads(layers[0]), context, spec.layer_head_dim(layers[0]))
+        shapes |= {f"{name}{suffix}": shape for name in ("key_cache", "value_cache")}
     if short_conv := chunk.mixer_layers("short_conv"):
         if spec.short_conv.kernel < 2:
             raise CheckpointError(f"a short convolution of {spec.short_conv.kernel} tap carries no state: the "
@@ -269,10 +316,14 @@ class CacheState:
     def write(self, update, local: int, begin, end):
         """Write (1, KVH, S, D) at [local layer, :, position:position+S] (`begin`, `end`); return the layer's
         whole cache. `coreml_update_state` is what makes the write persist between calls."""
-        _, kvh, context, d = self.value.shape
         updated = mb.slice_update(x=self.value, update=update, begin=begin, end=end)
         self.value = mb.coreml_update_state(state=self.state, value=updated)
-        if self.value.shape[0] == 1:  # a one-layer chunk: the layer's cache is the whole state (no no-op slice)
+        return self.row(local)
+
+    def row(self, local: int):
+        """The layer's whole cache as written so far (a kv-shared layer reads its source layer's)."""
+        layers, kvh, context, d = self.value.shape
+        if layers == 1:  # a one-layer state: the layer's cache is the whole state (no no-op slice)
             return self.value
         return mb.slice_by_index(x=self.value, begin=[local, 0, 0, 0], end=[local + 1, kvh, context, d])
 
@@ -312,8 +363,8 @@ class Shared:
     position: object  # MIL vars throughout
     angles: dict[str, tuple]  # rope_key(rope) → (cos, sin)
     masks: dict[int | None, object]  # mask_key(window) → additive mask
-    keys: CacheState | None
-    values: CacheState | None
+    keys: dict[str, CacheState]  # cache_slots' suffix → the state
+    values: dict[str, CacheState]
     conv: ConvState | None = None
     valid_tokens: object = None
     delta_conv: ConvState | None = None
@@ -324,6 +375,9 @@ class Shared:
     # (1, 1, 1, S): Llama 4's attention temperature at the block's positions, q's multiplier after rope (None: the
     # spec has none, or the context never reaches it)
     temperature: object = None
+    slots: dict[int, tuple[str, int]] | None = None  # attention layer → its KV cache states and row (cache_slots)
+    per_layer: object = None  # (1, layers, per-layer input size, S): Gemma 4's per-layer inputs (per_layer_inputs)
+    stream_scale: float = 1.0  # the residual stream's (FP16Range), which the per-layer input branch reads
 
 
 @dataclass(frozen=True)
@@ -379,8 +433,9 @@ def shared_values(spec: ModelSpec, chunk: Chunk, context: int, tokens: int, inpu
               for i, (key, rope) in enumerate(ropes.items())}
     windows = list(dict.fromkeys(mask_key(layer.window, context) for layer in layers))
     masks = causal_masks(context, positions, tokens, windows) if windows else {}
-    keys, values = ((CacheState(inputs["key_cache"]), CacheState(inputs["value_cache"])) if layers
-                    else (None, None))
+    suffixes = dict.fromkeys(suffix for suffix, _ in cache_slots(spec, chunk).values())
+    keys = {suffix: CacheState(inputs[f"key_cache{suffix}"]) for suffix in suffixes}
+    values = {suffix: CacheState(inputs[f"value_cache{suffix}"]) for suffix in suffixes}
     conv = ConvState(inputs["conv_state"]) if "conv_state" in inputs else None
     delta = {}
     if "recurrent_state" in inputs:
@@ -392,7 +447,7 @@ def shared_values(spec: ModelSpec, chunk: Chunk, context: int, tokens: int, inpu
         delta["delta"] = delta_consts(tokens, inputs[VALID_TOKENS], recurrent_scale)
     temperature = attention_temperature(spec, context, positions, tokens) if layers else None
     return Shared(position, angles, masks, keys, values, conv, inputs.get(VALID_TOKENS), **delta,
-                  temperature=temperature)
+                  temperature=temperature, slots=cache_slots(spec, chunk))
 
 
 def embed(ops: WeightedOps, input_ids, tokens: int, scale: float):
@@ -416,11 +471,73 @@ def decoder_layer(ops: WeightedOps, x, layer: int, mixer: str, row: int, shared:
     mix = MIXERS[mixer]
     x = residual(ops, x, layer, "attn", attention_norms, lambda h: mix(ops, h, layer, row, shared))
     if ops.spec.layers[layer].sparse and ops.spec.experts.beside_dense:
-        return residual(ops, x, layer, "ffn", mlp_norms, lambda h: mb.add(
+        x = residual(ops, x, layer, "ffn", mlp_norms, lambda h: mb.add(
             x=mlp(ops, h, layer), y=experts(ops, h, layer, expert_ids), name=f"l{layer}_ffn_and_experts"))
-    if ops.spec.layers[layer].sparse:
-        return residual(ops, x, layer, "ffn", mlp_norms, lambda h: experts(ops, h, layer, expert_ids))
-    return residual(ops, x, layer, "ffn", mlp_norms, lambda h: mlp(ops, h, layer))
+    elif ops.spec.layers[layer].sparse:
+        x = residual(ops, x, layer, "ffn", mlp_norms, lambda h: experts(ops, h, layer, expert_ids))
+    else:
+        x = residual(ops, x, layer, "ffn", mlp_norms, lambda h: mlp(ops, h, layer))
+    if shared.per_layer is not None:
+        x = mb.add(x=x, y=per_layer_branch(ops, x, layer, shared), name=f"l{layer}_per_layer_residual")
+    if ops.spec.layer_output_scale:  # the whole stream × the layer's scalar (Gemma 4's layer_scalar)
+        scalar = ops.weights.const(weight_id(("layer_output_scale", layer, "weight")), (1, 1, 1, 1),
+                                   f"l{layer}_output_scale")
+        x = mb.mul(x=x, y=scalar, name=f"l{layer}_scaled")
+    return x
+
+
+def per_layer_inputs(ops: WeightedOps, input_ids, embeddings, tokens: int, stream_scale: float):
+    """Gemma 4's per-layer inputs (1, layers, P, S), as transformers' get_per_layer_inputs and
+    project_per_layer_inputs: the token's row of the per-layer table × √P, plus the embeddings projected (×
+    hidden^-½, the stream scale taken out) and RMS-normed per layer, summed and × 2^-½."""
+    spec = ops.spec
+    layers, size, h = spec.num_layers, spec.per_layer_input, spec.hidden_size
+    table = ops.weights.const(weight_id(("per_layer_token_embd", None, "weight")),
+                              (spec.per_layer_input_vocab, layers * size), "per_layer_embed_tokens")
+    rows = mb.gather(x=table, indices=mb.reshape(x=input_ids, shape=[tokens]), axis=0)  # (S, L·P)
+    token_part = mb.reshape(x=mb.transpose(x=rows, perm=[1, 0]), shape=[1, layers, size, tokens])
+    token_part = mb.mul(x=token_part, y=np.float16(math.sqrt(size)), name="per_layer_token_inputs")
+    projected = ops.linear(embeddings, "per_layer_model_proj", None, "per_layer_model_proj")  # (1, L·P, 1, S)
+    projected = mb.mul(x=mb.reshape(x=projected, shape=[1, layers, size, tokens]),
+                       y=np.float16(h**-0.5 / stream_scale))
+    projected = ops.norm(projected, "per_layer_proj_norm", None, "per_layer_proj_norm", axis=2)
+    return mb.mul(x=mb.add(x=projected, y=token_part), y=np.float16(2**-0.5), name="per_layer_inputs")
+
+
+def per_layer_branch(ops: WeightedOps, x, layer: int, shared: Shared):
+    """What Gemma 4's per-layer input adds to the stream after the MLP: post_norm(proj(act(gate(x)) × the layer's
+    input)). The gate reads the stream as it is, scaled (FP16Range): unscaled, it can pass fp16's range where the
+    stream does. Everything up to the post-norm is linear in the gate's output but the activation, which is
+    taken at the scale (scaled_activation); the post-norm takes the scale out (its ε × scale²), and its weight,
+    × the scale (folds.py), puts it back."""
+    spec, s, scale = ops.spec, x.shape[-1], shared.stream_scale
+    gate = ops.linear(x, "per_layer_inp_gate", layer, f"l{layer}_per_layer_gate")
+    gate = activate(spec, gate) if scale == 1.0 else scaled_activation(spec, gate, scale)
+    size = spec.per_layer_input
+    own = mb.slice_by_index(x=shared.per_layer, begin=[0, layer, 0, 0], end=[1, layer + 1, size, s])
+    gated = mb.mul(x=gate, y=mb.reshape(x=own, shape=[1, size, 1, s]), name=f"l{layer}_per_layer_gated")
+    out = ops.linear(gated, "per_layer_proj", layer, f"l{layer}_per_layer_proj")
+    (hidden,) = tensor_shape(spec, ("per_layer_post_norm", layer, "weight"))
+    weight = ops.weights.const(weight_id(("per_layer_post_norm", layer, "weight")), (1, hidden, 1, 1),
+                               f"l{layer}_per_layer_post_norm_weight")
+    return rms_norm(out, weight, spec.rms_norm_eps * scale**2, f"l{layer}_per_layer_post_norm")
+
+
+ACTIVATION_SATURATES = 10.0  # past ±this, SiLU's sigmoid and GELU's Φ are 0 or 1 to fp16's precision
+
+
+def scaled_activation(spec: ModelSpec, scaled, scale: float):
+    """scale × act(z) from scaled = scale × z, where z itself may pass fp16's range: act(z) = z · f(z) (f the
+    sigmoid for SiLU, tanh-approximated Φ for GELU), with f taken at z clipped to where it saturates."""
+    bound = np.float16(ACTIVATION_SATURATES * scale)
+    z = mb.real_div(x=mb.minimum(x=mb.maximum(x=scaled, y=-bound), y=bound), y=np.float16(scale))
+    if spec.activation == "silu":
+        fraction = mb.sigmoid(x=z)
+    else:  # ½ (1 + tanh(√(2/π) (z + 0.044715 z³))), as transformers' gelu_pytorch_tanh
+        cubic = mb.add(x=z, y=mb.mul(x=mb.mul(x=mb.mul(x=z, y=z), y=z), y=np.float16(0.044715)))
+        tanh = mb.tanh(x=mb.mul(x=cubic, y=np.float16(math.sqrt(2 / math.pi))))
+        fraction = mb.mul(x=mb.add(x=tanh, y=np.float16(1)), y=np.float16(0.5))
+    return mb.mul(x=scaled, y=fraction)
 
 
 def residual(ops: WeightedOps, x, layer: int, name: str, norms: tuple[str | None, str | None], branch):
@@ -440,9 +557,13 @@ def mlp(ops: WeightedOps, x, layer: int, roles: tuple[str, str, str] = ("ffn_gat
     gate_role, up_role, down_role = roles
     gate = ops.linear(x, gate_role, layer, f"l{layer}_{name}_gate")
     up = ops.linear(x, up_role, layer, f"l{layer}_{name}_up")
-    act = mb.silu(x=gate) if ops.spec.activation == "silu" else mb.gelu(x=gate, mode="TANH_APPROXIMATION")
-    hidden = mb.mul(x=act, y=up, name=f"l{layer}_{name}_act")
+    hidden = mb.mul(x=activate(ops.spec, gate), y=up, name=f"l{layer}_{name}_act")
     return ops.linear(hidden, down_role, layer, f"l{layer}_{name}_down")
+
+
+def activate(spec: ModelSpec, x):
+    """The spec's activation: SiLU, or tanh-approximated GELU."""
+    return mb.silu(x=x) if spec.activation == "silu" else mb.gelu(x=x, mode="TANH_APPROXIMATION")
 
 
 def experts(ops: WeightedOps, x, layer: int, expert_ids: list):
@@ -513,7 +634,7 @@ def shared_const(value: np.ndarray, name: str):
 
 
 def rms_norm(x, weight, eps: float, name: str, axis: int = 1):
-    """RMSNorm over `axis`, with a weight of x's rank (its size on `axis`), that cannot overflow fp16.
+    """RMSNorm over `axis`, with a weight of x's rank (its size on `axis`) or none, that cannot overflow fp16.
 
     Squaring an fp16 activation overflows past |x| = 256, and summing C squares long before that. Dividing
     each token by its max |x| first keeps every square ≤ 1 and their mean in [1/C, 1]; the factor cancels
@@ -525,16 +646,24 @@ def rms_norm(x, weight, eps: float, name: str, axis: int = 1):
     # eps / peak² as (√eps / peak)²: √eps (1e-3 for eps = 1e-6) is a normal fp16 number, eps itself is not
     root_eps = mb.real_div(x=np.float16(math.sqrt(eps)), y=peak)
     rms_inverse = mb.rsqrt(x=mb.add(x=mean_square, y=mb.mul(x=root_eps, y=root_eps)))
+    if weight is None:  # a norm without a weight (Gemma 4's value norm)
+        return mb.mul(x=scaled, y=rms_inverse, name=name)
     normed = mb.mul(x=scaled, y=rms_inverse)
     return mb.mul(x=normed, y=weight, name=name)
 
 
-def attention(ops: WeightedOps, x, layer: int, local: int, shared: Shared):
-    """Grouped-query attention over the whole cache, through the chunk's states (`local` = layer index in it),
-    with the layer's rope and window, q/k norms, the attention scale and soft-cap as the spec says."""
+def attention(ops: WeightedOps, x, layer: int, row: int, shared: Shared):
+    """Grouped-query attention over the whole cache, through the chunk's states, with the layer's rope and
+    window, q/k norms, the attention scale and soft-cap as the spec says; the layer's own head size and k/v heads,
+    its keys as its values (k_eq_v, the value norm after) or another layer's keys and values (a kv-shared layer:
+    no k/v of its own) where the spec says so (Gemma 4). `row`, the layer's index among the chunk's attention
+    layers, is not its cache row where the layers differ: cache_slots gives that."""
     spec = ops.spec
-    heads, kvh, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    group, s, context = heads // kvh, x.shape[-1], shared.keys.value.shape[2]
+    heads, kvh, d = spec.num_heads, spec.layer_kv_heads(layer), spec.layer_head_dim(layer)
+    suffix, local = shared.slots[layer]
+    key_cache, value_cache = shared.keys[suffix], shared.values[suffix]
+    group, s, context = heads // kvh, x.shape[-1], key_cache.value.shape[2]
+    own_kv = spec.layers[layer].kv_source is None
     q = ops.linear(x, "attn_q", layer, f"l{layer}_q")  # (1, H·D, 1, S)
     if spec.attn_output_gate:  # q_proj's rows per head: its query, then its gate (1, H, D, S) each
         both = mb.reshape(x=q, shape=[1, heads, 2 * d, s])
@@ -542,30 +671,42 @@ def attention(ops: WeightedOps, x, layer: int, local: int, shared: Shared):
         q = mb.slice_by_index(x=both, begin=[0, 0, 0, 0], end=[1, heads, d, s])
         if spec.qk_norm == "projection":
             q = mb.reshape(x=q, shape=[1, heads * d, 1, s])
-    k = ops.linear(x, "attn_k", layer, f"l{layer}_k")
-    v = ops.linear(x, "attn_v", layer, f"l{layer}_v")
+    if own_kv:
+        k = ops.linear(x, "attn_k", layer, f"l{layer}_k")
+        v = k if spec.layers[layer].values_from_keys else ops.linear(x, "attn_v", layer, f"l{layer}_v")
     if spec.qk_norm == "projection":  # over the whole projection (OLMo 2)
         q = ops.norm(q, "attn_q_norm", layer, f"l{layer}_q_norm")
-        k = ops.norm(k, "attn_k_norm", layer, f"l{layer}_k_norm")
-    q, k = reshape(q, [1, heads, d, s]), mb.reshape(x=k, shape=[1, kvh, d, s])  # (1, H, D, S)
+        if own_kv:
+            k = ops.norm(k, "attn_k_norm", layer, f"l{layer}_k_norm")
+    q = reshape(q, [1, heads, d, s])  # (1, H, D, S)
     if spec.qk_norm == "head":  # over each head's dimensions (Qwen3, Gemma 3)
         q = ops.norm(q, "attn_q_norm", layer, f"l{layer}_q_norm", axis=2)
-        k = ops.norm(k, "attn_k_norm", layer, f"l{layer}_k_norm", axis=2)
     rope_of_layer = spec.layers[layer].rope
     if rope_of_layer is not None:  # else a NoPE layer
         cos, sin = shared.angles[rope_key(rope_of_layer)]
-        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        q = rope(q, cos, sin)
     if shared.temperature is not None:
         q = mb.mul(x=q, y=shared.temperature)
-    k = mb.transpose(x=k, perm=[0, 1, 3, 2])  # (1, KVH, S, D)
-    # Where this block goes in the layer's cache; keys and values share it (the graph states once what
-    # coremltools' remove_redundant_ops would otherwise merge).
-    begin = mb.concat(values=[np.array([local, 0], np.int32), shared.position, np.array([0], np.int32)], axis=0)
-    end = mb.add(x=begin, y=np.array([1, kvh, s, d], np.int32))
-    keys = shared.keys.write(k, local, begin, end)  # (1, KVH, context, D)
-    v = mb.transpose(x=mb.reshape(x=v, shape=[1, kvh, d, s]), perm=[0, 1, 3, 2])
-    values = shared.values.write(v, local, begin, end)
-    q = mb.mul(x=mb.transpose(x=q, perm=[0, 1, 3, 2]), y=np.float16(spec.attention_multiplier))  # (1, H, S, D)
+    if own_kv:
+        k = mb.reshape(x=k, shape=[1, kvh, d, s])
+        if spec.qk_norm == "head":
+            k = ops.norm(k, "attn_k_norm", layer, f"l{layer}_k_norm", axis=2)
+        if rope_of_layer is not None:
+            k = rope(k, cos, sin)
+        k = mb.transpose(x=k, perm=[0, 1, 3, 2])  # (1, KVH, S, D)
+        # Where this block goes in the layer's cache; keys and values share it (the graph states once what
+        # coremltools' remove_redundant_ops would otherwise merge).
+        begin = mb.concat(values=[np.array([local, 0], np.int32), shared.position, np.array([0], np.int32)], axis=0)
+        end = mb.add(x=begin, y=np.array([1, kvh, s, d], np.int32))
+        keys = key_cache.write(k, local, begin, end)  # (1, KVH, context, D)
+        v = mb.reshape(x=v, shape=[1, kvh, d, s])
+        if spec.value_norm:  # per head, without a weight (Gemma 4)
+            v = rms_norm(v, None, spec.rms_norm_eps, f"l{layer}_v_norm", axis=2)
+        values = value_cache.write(mb.transpose(x=v, perm=[0, 1, 3, 2]), local, begin, end)
+    else:  # the source layer's cache, as it wrote it in this call (it comes earlier in the chunk)
+        keys, values = key_cache.row(local), value_cache.row(local)
+    multiplier = spec.attention_scale or d**-0.5  # spec.attention_multiplier, at the layer's head size
+    q = mb.mul(x=mb.transpose(x=q, perm=[0, 1, 3, 2]), y=np.float16(multiplier))  # (1, H, S, D)
     # Query heads h = kv·group + g share KV head kv: grouping rows as (kv, g·S) needs no repeated K/V.
     q = reshape(q, [1, kvh, group * s, d])
     scores = mb.matmul(x=q, y=keys, transpose_y=True)  # (1, KVH, G·S, context)
@@ -860,6 +1001,9 @@ def rope_frequencies(spec: ModelSpec, rope: Rope, context: int) -> tuple[np.ndar
     original = scaling.get("original_max_position_embeddings", spec.max_position_embeddings)
     if kind == "linear":
         return inv_freq / factor, 1.0
+    if kind == "proportional":  # Gemma 4's global layers: the first pairs turn, the others not at all (frequency 0)
+        turning = int(scaling["partial_rotary_factor"] * d // 2)
+        return np.where(np.arange(d // 2) < turning, inv_freq, 0.0) / factor, 1.0
     if kind == "dynamic":
         if context > spec.max_position_embeddings:
             raise CheckpointError("dynamic RoPE scaling beyond max_position_embeddings is not supported "

@@ -264,7 +264,7 @@ class CoreMLWriter(Writer):
                     "num_layers": len(chunk.layers),
                     "inputs": chunk.input_names(),
                     # a chunk with sparse layers also outputs their routers' choices (EXPERT_IDS)
-                    "outputs": [chunk.output_name(), *([EXPERT_IDS] if self.sparse_layers(chunk) else [])],
+                    "outputs": [*chunk.output_names(), *([EXPERT_IDS] if self.sparse_layers(chunk) else [])],
                     "sparse_layers": self.sparse_layers(chunk),
                     "states": {name: list(shape) for name, shape in
                                state_shapes(spec, chunk, self.target.context).items()},
@@ -281,7 +281,7 @@ class CoreMLWriter(Writer):
         totals: dict[str, int] = {}
         for chunk in self.chunks:
             for name, shape in state_shapes(self.spec, chunk, self.target.context).items():
-                kind = "kv_cache" if name in ("key_cache", "value_cache") else name
+                kind = "kv_cache" if name.startswith(("key_cache", "value_cache")) else name
                 totals[kind] = totals.get(kind, 0) + 2 * math.prod(shape)
         return totals
 

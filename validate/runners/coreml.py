@@ -6,7 +6,8 @@ Both drive the chunk packages the same way: a fresh state per package per sequen
 through "prefill" (the last block padded: padding writes K/V past the sequence, which the causal mask
 hides and later tokens overwrite; a package with recurrent states, which every token advances, also takes the
 count of real tokens, its third input, and its states skip the padding); then one token at a time through
-"decode". Hidden states pass from each package to the next. A mixture of experts' packages also output the
+"decode". Hidden states pass from each package to the next (and Gemma 4's per-layer inputs from the first
+package to every later one). A mixture of experts' packages also output the
 experts their routers chose ("expert_ids"), which `expert_choices` gathers for the windows scored.
 
 The work runs chunk-major: a package runs every call of every sequence asked for at once (all the scored
@@ -36,6 +37,7 @@ from siliconvert.validate.runners.base import Runner
 
 COMPUTE_UNITS = ("all", "cpu_and_ne", "cpu_and_gpu", "cpu_only")
 INTERPRETERS = ("torch", "numpy")  # what runs the MIL interpreter's ops (validate/runners/mil)
+PER_LAYER_INPUTS = "per_layer_inputs"  # an output of the first chunk, an input of the later ones (Gemma 4)
 EXPERT_IDS = "expert_ids"  # a chunk output (graph.py names it): the experts its sparse layers chose (1, S, layers, k)
 # Weights (as the interpreter holds them: linear layers widened to float32) up to which it keeps every package
 # loaded; about 0.27 B parameters. Tests' and the demo's models are far below it, a 7B model far above.
@@ -165,6 +167,7 @@ class CoreMLRunner(Runner):
         if not self.chunks:
             raise RuntimeError("CoreMLRunner used after close")
         carried = []  # per sequence, per call: the next package's first input
+        per_layer: dict[tuple[int, int], np.ndarray] = {}  # (sequence, call) → the first package's PER_LAYER_INPUTS
         for calls in sequences:
             carried.append([])
             for call in calls:
@@ -175,7 +178,8 @@ class CoreMLRunner(Runner):
         if progress:
             packages = track(packages, progress, len(self.chunks))
         for index, (chunk, entry) in packages:
-            first_input, position_input, *valid_tokens = entry["inputs"]
+            first_input, position_input, *others = entry["inputs"]
+            valid_tokens = [name for name in others if name != PER_LAYER_INPUTS]
             chosen = None
             if choices is not None and EXPERT_IDS in entry["outputs"]:
                 chosen = [[] for _ in sequences]
@@ -193,8 +197,12 @@ class CoreMLRunner(Runner):
                                   position_input: np.array([call.position], np.int32)}
                         if valid_tokens:
                             inputs[valid_tokens[0]] = np.array([len(call.tokens)], np.int32)
+                        if PER_LAYER_INPUTS in others:
+                            inputs[PER_LAYER_INPUTS] = per_layer[sequence, i]
                         outputs = chunk.predict(call.function, inputs, state)
                         carried[sequence][i] = outputs[entry["outputs"][0]]
+                        if PER_LAYER_INPUTS in entry["outputs"]:
+                            per_layer[sequence, i] = outputs[PER_LAYER_INPUTS]
                         if chosen is not None:
                             chosen[sequence].append(np.asarray(outputs[EXPERT_IDS], np.int16)[0, : len(call.tokens)])
             finally:
