@@ -54,7 +54,7 @@ ROW_BLOCK_BYTES = 64 << 20  # float32 source bytes converted and quantized at a 
 # "quantization" and "quantization_config")
 ARRAY_ENTRY_BYTES, MODULE_ENTRY_BYTES = 100, 120
 MLX_GROUP_SIZES = sorted({group for _, group in MLX_CANDIDATES})
-SAFETENSORS_DTYPES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32"}
+SAFETENSORS_DTYPES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32", mx.uint8: "U8"}
 
 
 # Source keys that carry traits the transformers way; mlx-lm would read some of them its own way, so only
@@ -141,8 +141,9 @@ class MLXWriter(Writer):
         self.costs: list[TensorCosts] = []  # a plan's measured candidates per module
         # which modules may be quantized, each with the policy mlx-lm's rules give it (a router's 8 bits, a model
         # predicate's choice) or the target's; for a plan, any that a group of 32 fits (it picks the group size)
-        group_size = min(MLX_GROUP_SIZES) if target.bits == "auto" else target.group_size
-        self.target_policy = QuantPolicy(target.bits if isinstance(target.bits, int) else 4, group_size)
+        bits, group_size = target.bits_and_group
+        group_size = min(MLX_GROUP_SIZES) if bits == "auto" else group_size
+        self.target_policy = QuantPolicy(bits if isinstance(bits, int) else 4, group_size, target.mode)
         self.quantized = (quantizable_modules(self.model, self.target_policy, self._routers())
                           if target.bits != 16 else {})
         self.float_reason = ""  # why the float type is the one it is (`_float_type`)
@@ -153,10 +154,10 @@ class MLXWriter(Writer):
             self.float_reason += (f"; {len(narrower)} layers take group {self.quantized[narrower[0]].group_size}: "
                                   f"their rows are no multiple of {self.target_policy.group_size} "
                                   f"(first: {narrower[0]})")
-        if target.bits != 16 and (unfitted := unfitted_modules(self.model, self._routers())):
+        if target.bits != 16 and (unfitted := unfitted_modules(self.model, self._routers(), target.mode)):
             widths = sorted({dict(self.model.named_modules())[path].weight.shape[-1] for path in unfitted})
             self.float_reason += (f"; {len(unfitted)} layers stay unquantized, in that type: their rows "
-                                  f"({', '.join(map(str, widths))} wide) fit none of mlx's group sizes "
+                                  f"({', '.join(map(str, widths))} wide) fit none of {target.mode}'s group sizes "
                                   f"(first: {unfitted[0]})")
         # module path → how it is quantized; `policy` is config.json's default (the most common one)
         self.policies = self._module_policies()
@@ -544,8 +545,10 @@ def _json_bytes(name: str) -> int:
 
 
 def _quantized_bytes(size: int, policy: QuantPolicy, scale_bytes: int) -> int:
-    """Bytes of a weight of `size` values quantized at `policy`: packed values, a scale and a bias per group."""
-    return size * policy.bits // 8 + 2 * (size // policy.group_size) * scale_bytes
+    """Bytes of a weight of `size` values quantized at `policy`: packed values, a scale and a bias per group (a
+    float mode's: one 8-bit scale)."""
+    per_group = 2 * scale_bytes if policy.mode == "affine" else 1
+    return size * policy.bits // 8 + (size // policy.group_size) * per_group
 
 
 def _mx_dtype(name: str) -> mx.Dtype:
