@@ -32,10 +32,12 @@ import mlx.core as mx
 import numpy as np
 
 from siliconvert.artifacts import Artifact, Writer
-from siliconvert.calibration import BUILTIN, IMPORTANCE, RANGE, SENSITIVITY, Calibration, Calibrations
+from siliconvert.calibration import BUILTIN, HESSIAN, IMPORTANCE, RANGE, SENSITIVITY, Calibration, Calibrations
 from siliconvert.checkpoint import Checkpoint, TensorInfo
 from siliconvert.convert.mlx_arch import LAYOUTS, ExpertLayout, MLXArch
+from siliconvert.gains import HEAD
 from siliconvert.progress import track
+from siliconvert.quantize.gptq import gptq_quantize
 from siliconvert.quantize.mlx import (
     QuantPolicy,
     quantizable_modules,
@@ -113,9 +115,10 @@ class Output:
 def calibration_needs(target: MLXTarget) -> dict[str, set[str]]:
     """Calibration text → the parts a target's writer asks for: a plan's importance (and tokens routed per expert)
     and measured gains on the builtin text, and the residual stream's range where the float type is not set
-    (`_float_type`)."""
+    (`_float_type`), and GPTQ's second moments of each layer's inputs for `method: gptq`."""
     needs = ({IMPORTANCE, SENSITIVITY} if target.bits == "auto" else set()) | (
-        {RANGE} if target.dtype is None and target.bits != 16 else set())
+        {RANGE} if target.dtype is None and target.bits != 16 else set()) | (
+        {HESSIAN} if target.method == "gptq" else set())
     return {BUILTIN: needs} if needs else {}
 
 
@@ -162,6 +165,11 @@ class MLXWriter(Writer):
         # module path → how it is quantized; `policy` is config.json's default (the most common one)
         self.policies = self._module_policies()
         self.policy = _most_common(self.policies) if self.policies else None
+        # GPTQ's H per HF weight name (none for rtn); a tied embedding is rounded as the head, against its inputs
+        self.hessians = self.calibration.hessians(BUILTIN) if target.method == "gptq" else {}
+        if checkpoint.spec.tie_word_embeddings and HEAD in self.hessians:
+            self.hessians = self.hessians | {name: self.hessians[HEAD] for name, info in checkpoint.tensor_infos.items()
+                                             if info.role is not None and info.role.role == "token_embd"}
         self.plan = self._plan()
         self.shards = max((o.shard for outputs in self.plan.values() for o in outputs), default=0) + 1
         self.file: BinaryIO | None = None
@@ -340,7 +348,7 @@ class MLXWriter(Writer):
         for info in self.checkpoint.stream_order():
             placeholder = mx.zeros(info.shape, dtype=mx.float32)
             outputs = []
-            for name, array in self._transform(info.name, placeholder).items():
+            for name, array in self._transform(info.name, placeholder, planning=True).items():
                 if shard_bytes and shard_bytes + array.nbytes > SHARD_BYTES:
                     shard, shard_bytes = shard + 1, 0
                 outputs.append(Output(name, tuple(array.shape), array.dtype, shard))
@@ -348,15 +356,24 @@ class MLXWriter(Writer):
             plan[info.name] = outputs
         return plan
 
-    def _transform(self, name: str, weight: mx.array) -> dict[str, mx.array]:
-        """mlx-lm's arrays for one source tensor: sanitized, cast, and quantized where mlx-lm would."""
+    def _transform(self, name: str, weight: mx.array, planning: bool = False) -> dict[str, mx.array]:
+        """mlx-lm's arrays for one source tensor: sanitized, cast, and quantized where mlx-lm would (by GPTQ where
+        the target asks and the source weight's inputs were measured). `planning`: shapes only, on a placeholder
+        never computed (GPTQ's arrays are mx.quantize's shapes)."""
         out = {}
         for mlx_name, array in self.sanitize({name: weight}).items():
             module, _, kind = mlx_name.rpartition(".")
             if mx.issubdtype(array.dtype, mx.floating) and self.cast(mlx_name):
                 array = array.astype(self.dtype)
             if kind == "weight" and module in self.policies:
-                out |= {f"{module}.{k}": v for k, v in quantize(array, self.policies[module]).items()}
+                policy = self.policies[module]
+                hessian = None if planning or policy.mode != "affine" else self.hessians.get(name)
+                if hessian is not None and hessian.shape[0] == array.shape[-1]:
+                    quantized = gptq_quantize(np.asarray(array.astype(mx.float32)), hessian, policy.bits,
+                                              policy.group_size, self.dtype)
+                else:
+                    quantized = quantize(array, policy)
+                out |= {f"{module}.{k}": v for k, v in quantized.items()}
             else:
                 out[mlx_name] = array
         return out
