@@ -19,6 +19,9 @@ import numpy as np
 DAMPING = 0.01  # of H's mean diagonal, added to its diagonal: keeps the inverse's Cholesky factor defined
 MIN_STEP = 2.0**-14  # the least scale kept: float16's smallest normal (a flat group rounds to its bias anyway)
 BLOCK_COLUMNS = 128  # columns whose errors are carried within the block before the rest is updated at once
+# how far each group's candidate ranges stretch (−) or shrink (+) its minimum-to-maximum range, in steps of the
+# grid: llama.cpp's make_qkx2_quants tries the same 21 (rmin −1, rdelta 0.1)
+SCALE_STEPS = np.linspace(-1.0, 1.0, 21)
 
 
 def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, group_size: int,
@@ -31,6 +34,7 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, group_size
                          f"dividing {columns}, not {hessian.shape} and {group_size}")
     w = weight.astype(np.float32, copy=True)
     inverse = _inverse_factor(hessian.astype(np.float64), w)
+    importance = np.maximum(np.diag(hessian), 0).astype(np.float32) + 1e-12
     top = 2**bits - 1
     groups = columns // group_size
     scales = np.empty((rows, groups), dtype=np.float32)
@@ -42,7 +46,8 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, group_size
         for j in range(start, end):
             if j % group_size == 0:
                 g = j // group_size
-                scales[:, g], biases[:, g] = _group_scale(w[:, j:j + group_size], top, float_type)
+                scales[:, g], biases[:, g] = _group_scale(w[:, j:j + group_size], importance[j:j + group_size],
+                                                          top, float_type)
             g = j // group_size
             column = np.clip(np.rint((w[:, j] - biases[:, g]) / scales[:, g]), 0, top)
             q[:, j] = column
@@ -66,12 +71,33 @@ def _inverse_factor(hessian: np.ndarray, weight: np.ndarray) -> np.ndarray:
     return np.linalg.cholesky(inverse.T @ inverse).T.astype(np.float32)
 
 
-def _group_scale(group: np.ndarray, top: int, float_type: mx.Dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's scale and bias for one group: its range in `top` steps from its minimum, both as stored in
-    `float_type` (the rounding is against the values mlx will dequantize with)."""
-    low, high = group.min(axis=1), group.max(axis=1)
-    scale = _stored(np.maximum((high - low) / top, MIN_STEP), float_type)
-    return np.maximum(scale, MIN_STEP), _stored(low, float_type)
+def _group_scale(group: np.ndarray, importance: np.ndarray, top: int,
+                 float_type: mx.Dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's scale and bias for one group [rows, group size], both as stored in `float_type`: of the ranges
+    from its minimum to its maximum stretched or shrunk by SCALE_STEPS, the integers each gives, then the scale and
+    bias fitting those best by least squares weighed by `importance` (each column's E[x²]), the one whose rounded
+    group is nearest the group in that weighing (llama.cpp's make_qkx2_quants' search, with a free bias)."""
+    low, high = group.min(axis=1, keepdims=True), group.max(axis=1, keepdims=True)
+    span = np.maximum(high - low, MIN_STEP)
+    w = importance[None, :]
+    best_error = np.full(group.shape[0], np.inf, dtype=np.float32)
+    best_scale, best_bias = np.maximum(span[:, 0] / top, MIN_STEP), low[:, 0].copy()
+    for step in SCALE_STEPS:
+        q = np.clip(np.rint((group - low) * ((top + step) / span)), 0, top)
+        sum_w, sum_q, sum_q2 = w.sum(), (w * q).sum(1), (w * q * q).sum(1)
+        sum_x, sum_qx = (w * group).sum(1), (w * q * group).sum(1)
+        det = sum_w * sum_q2 - sum_q * sum_q
+        fitted = det > 0
+        det = np.where(fitted, det, 1.0)
+        scale = np.where(fitted, (sum_w * sum_qx - sum_x * sum_q) / det, span[:, 0] / top)
+        bias = np.where(fitted, (sum_q2 * sum_x - sum_q * sum_qx) / det, low[:, 0])
+        scale, bias = np.maximum(_stored(scale, float_type), MIN_STEP), _stored(bias, float_type)
+        rounded = np.clip(np.rint((group - bias[:, None]) / scale[:, None]), 0, top) * scale[:, None] + bias[:, None]
+        error = (w * (rounded - group) ** 2).sum(1)
+        better = error < best_error
+        best_error = np.where(better, error, best_error)
+        best_scale, best_bias = np.where(better, scale, best_scale), np.where(better, bias, best_bias)
+    return best_scale, best_bias
 
 
 def _stored(values: np.ndarray, float_type: mx.Dtype) -> np.ndarray:
