@@ -46,7 +46,14 @@ from siliconvert.quantize.mlx import (
     unfitted_modules,
 )
 from siliconvert.quantize.plan import Plan, make_plan
-from siliconvert.quantize.sensitivity import MLX_CANDIDATES, TensorCosts, mlx_costs, role_gain, split_gains
+from siliconvert.quantize.sensitivity import (
+    MLX_CANDIDATES,
+    TensorCosts,
+    mlx_costs,
+    mlx_option,
+    role_gain,
+    split_gains,
+)
 from siliconvert.recipe import MLXTarget
 
 SHARD_BYTES = 1 << 30
@@ -317,8 +324,7 @@ class MLXWriter(Writer):
                 costs.append(mlx_costs(module, np.asarray(weight.astype(mx.float32)), weights, self.dtype.size, gain,
                                        routed_tokens=routed.get(source_name), shrink_gain=shrink_gain))
         self.costs, self.quant_plan = costs, make_plan(costs, self.target.plan, fixed_bytes=fixed)
-        return {module: QuantPolicy(*_bits_and_group(option.kind))
-                for module, option in self.quant_plan.choices.items()}
+        return {module: QuantPolicy(*mlx_option(option.kind)) for module, option in self.quant_plan.choices.items()}
 
     def _gains(self, info: TensorInfo, sanitized: dict[str, mx.array], importance: dict[str, np.ndarray],
                measured: Calibration) -> dict[str, tuple[float, float | None]]:
@@ -548,12 +554,6 @@ def _most_common(policies: dict[str, QuantPolicy]) -> QuantPolicy:
     for policy in policies.values():
         counts[policy] = counts.get(policy, 0) + 1
     return max(sorted(counts, key=lambda p: (p.bits, p.group_size)), key=counts.get)
-
-
-def _bits_and_group(kind: str) -> tuple[int, int]:
-    """(bits, group size) of a sensitivity option's name, "4bit-g64"."""
-    bits, _, group = kind.partition("bit-g")
-    return int(bits), int(group)
 
 
 def _json_bytes(name: str) -> int:

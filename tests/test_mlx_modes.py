@@ -45,3 +45,19 @@ def test_a_mode_fixes_bits_and_group_size():
     for wrong in ({"bits": 8}, {"group_size": 64}, {"bits": "mixed_3_4"}, {"method": "gptq"}):
         with pytest.raises(ValueError, match="mode mxfp4"):
             MLXTarget(format="mlx", mode="mxfp4", **wrong)
+
+
+def test_a_plan_mixes_modes_per_module(llama, reference, tmp_path, monkeypatch):  # noqa: F811
+    """The planner's candidates include the float modes; a folder planned from them alone (every affine width
+    taken away) stores each module in the mode chosen for it, under its own entry, and mlx_lm.load runs it."""
+    from functools import partial
+
+    import siliconvert.convert.mlx as mlx_writer
+    from siliconvert.quantize.sensitivity import mlx_kinds
+
+    monkeypatch.setattr(mlx_writer, "mlx_costs", partial(mlx_writer.mlx_costs, candidates=()))
+    planned = build_mlx(llama, tmp_path / "planned", bits="auto", plan={"bits_per_weight": 6})
+    kinds = mlx_kinds(planned.path)
+    assert kinds == planned.plan["tensors"]
+    assert {"mxfp8"} < set(kinds.values()) <= set(MLX_MODES)
+    assert mean_kld(planned.path, reference) < 0.1
