@@ -6,6 +6,9 @@ Three writers measure the source model before they write, all through the same l
   llama.cpp's importance matrix, and the weights of every plan's errors), over CALIBRATION_TOKENS of the text in
   windows of CALIBRATION_CONTEXT; a mixture's expert stacks get one row per expert, over the tokens the router
   sent to it, and those tokens are counted (`expert_tokens`: what a plan weighs each expert's error by).
+- hessian: the mean x xᵀ of every dense linear layer's input, on the importance windows (what GPTQ weighs a
+  layer's rounding errors by: quantize/gptq.py, for an MLX target's `method: gptq`); the layers reading one input
+  share one matrix.
 - range: the residual stream's peak over the first RANGE_TOKENS tokens of the text, which sets the power of two
   that keeps the stream inside float16 (`FP16Range`): Core ML's packages run in fp16, and an MLX plan takes
   float16 for a bfloat16 source only where the stream leaves it room.
