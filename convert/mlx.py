@@ -33,10 +33,12 @@ import mlx.core as mx
 import numpy as np
 
 from siliconvert.artifacts import Artifact, Writer
-from siliconvert.calibration import BUILTIN, IMPORTANCE, RANGE, SENSITIVITY, Calibration, Calibrations
+from siliconvert.calibration import BUILTIN, HESSIAN, IMPORTANCE, RANGE, SENSITIVITY, Calibration, Calibrations
 from siliconvert.checkpoint import Checkpoint, TensorInfo
 from siliconvert.convert.mlx_arch import LAYOUTS, ExpertLayout, MLXArch, model_file_path
+from siliconvert.gains import HEAD
 from siliconvert.progress import track
+from siliconvert.quantize.gptq import gptq_quantize
 from siliconvert.quantize.mlx import (
     MXFP4,
     QuantPolicy,
@@ -46,7 +48,14 @@ from siliconvert.quantize.mlx import (
     unfitted_modules,
 )
 from siliconvert.quantize.plan import Plan, make_plan
-from siliconvert.quantize.sensitivity import MLX_CANDIDATES, TensorCosts, mlx_costs, role_gain, split_gains
+from siliconvert.quantize.sensitivity import (
+    MLX_CANDIDATES,
+    TensorCosts,
+    mlx_costs,
+    mlx_option,
+    role_gain,
+    split_gains,
+)
 from siliconvert.recipe import MLXModelFile, MLXTarget
 
 SHARD_BYTES = 1 << 30
@@ -123,9 +132,10 @@ class Output:
 def calibration_needs(target: MLXTarget) -> dict[str, set[str]]:
     """Calibration text → the parts a target's writer asks for: a plan's importance (and tokens routed per expert)
     and measured gains on the builtin text, and the residual stream's range where the float type is not set
-    (`_float_type`)."""
+    (`_float_type`), and GPTQ's second moments of each layer's inputs for `method: gptq`."""
     needs = ({IMPORTANCE, SENSITIVITY} if target.bits == "auto" else set()) | (
-        {RANGE} if target.dtype is None and target.bits != 16 else set())
+        {RANGE} if target.dtype is None and target.bits != 16 else set()) | (
+        {HESSIAN} if target.method == "gptq" else set())
     return {BUILTIN: needs} if needs else {}
 
 
@@ -151,8 +161,9 @@ class MLXWriter(Writer):
         self.costs: list[TensorCosts] = []  # a plan's measured candidates per module
         # which modules may be quantized, each with the policy mlx-lm's rules give it (a router's 8 bits, a model
         # predicate's choice) or the target's; for a plan, any that a group of 32 fits (it picks the group size)
-        group_size = min(MLX_GROUP_SIZES) if target.bits == "auto" else target.group_size
-        self.target_policy = QuantPolicy(target.bits if isinstance(target.bits, int) else 4, group_size)
+        bits, group_size = target.bits_and_group
+        group_size = min(MLX_GROUP_SIZES) if bits == "auto" else group_size
+        self.target_policy = QuantPolicy(bits if isinstance(bits, int) else 4, group_size, target.mode)
         self.quantized = (quantizable_modules(self.model, self.target_policy, self._routers())
                           if target.bits != 16 else {})
         self.float_reason = ""  # why the float type is the one it is (`_float_type`)
@@ -163,14 +174,19 @@ class MLXWriter(Writer):
             self.float_reason += (f"; {len(narrower)} layers take group {self.quantized[narrower[0]].group_size}: "
                                   f"their rows are no multiple of {self.target_policy.group_size} "
                                   f"(first: {narrower[0]})")
-        if target.bits != 16 and (unfitted := unfitted_modules(self.model, self._routers())):
+        if target.bits != 16 and (unfitted := unfitted_modules(self.model, self._routers(), target.mode)):
             widths = sorted({dict(self.model.named_modules())[path].weight.shape[-1] for path in unfitted})
             self.float_reason += (f"; {len(unfitted)} layers stay unquantized, in that type: their rows "
-                                  f"({', '.join(map(str, widths))} wide) fit none of mlx's group sizes "
+                                  f"({', '.join(map(str, widths))} wide) fit none of {target.mode}'s group sizes "
                                   f"(first: {unfitted[0]})")
         # module path → how it is quantized; `policy` is config.json's default (the most common one)
         self.policies = self._module_policies() | self._kept_mxfp4()
         self.policy = _most_common(self.policies) if self.policies else None
+        # GPTQ's H per HF weight name (none for rtn); a tied embedding is rounded as the head, against its inputs
+        self.hessians = self.calibration.hessians(BUILTIN) if target.method == "gptq" else {}
+        if checkpoint.spec.tie_word_embeddings and HEAD in self.hessians:
+            self.hessians = self.hessians | {name: self.hessians[HEAD] for name, info in checkpoint.tensor_infos.items()
+                                             if info.role is not None and info.role.role == "token_embd"}
         self.plan = self._plan()
         self.shards = max((o.shard for outputs in self.plan.values() for o in outputs), default=0) + 1
         self.file: BinaryIO | None = None
@@ -361,8 +377,7 @@ class MLXWriter(Writer):
                 costs.append(mlx_costs(module, np.asarray(weight.astype(mx.float32)), weights, self.dtype.size, gain,
                                        routed_tokens=routed.get(source_name), shrink_gain=shrink_gain))
         self.costs, self.quant_plan = costs, make_plan(costs, self.target.plan, fixed_bytes=fixed)
-        return {module: QuantPolicy(*_bits_and_group(option.kind))
-                for module, option in self.quant_plan.choices.items()}
+        return {module: QuantPolicy(*mlx_option(option.kind)) for module, option in self.quant_plan.choices.items()}
 
     def _gains(self, info: TensorInfo, sanitized: dict[str, mx.array], importance: dict[str, np.ndarray],
                measured: Calibration) -> dict[str, tuple[float, float | None]]:
@@ -392,7 +407,7 @@ class MLXWriter(Writer):
         for info in self.checkpoint.stream_order():
             placeholder = mx.zeros(info.shape, dtype=mx.float32)
             outputs = []
-            for name, array in self._transform(info.name, placeholder).items():
+            for name, array in self._transform(info.name, placeholder, planning=True).items():
                 if shard_bytes and shard_bytes + array.nbytes > SHARD_BYTES:
                     shard, shard_bytes = shard + 1, 0
                 outputs.append(Output(name, tuple(array.shape), array.dtype, shard))
@@ -400,15 +415,24 @@ class MLXWriter(Writer):
             plan[info.name] = outputs
         return plan
 
-    def _transform(self, name: str, weight: mx.array) -> dict[str, mx.array]:
-        """mlx-lm's arrays for one source tensor: sanitized, cast, and quantized where mlx-lm would."""
+    def _transform(self, name: str, weight: mx.array, planning: bool = False) -> dict[str, mx.array]:
+        """mlx-lm's arrays for one source tensor: sanitized, cast, and quantized where mlx-lm would (by GPTQ where
+        the target asks and the source weight's inputs were measured). `planning`: shapes only, on a placeholder
+        never computed (GPTQ's arrays are mx.quantize's shapes)."""
         out = {}
         for mlx_name, array in self.sanitize({name: weight}).items():
             module, _, kind = mlx_name.rpartition(".")
             if mx.issubdtype(array.dtype, mx.floating) and self.cast(mlx_name):
                 array = array.astype(self.dtype)
             if kind == "weight" and module in self.policies:
-                out |= {f"{module}.{k}": v for k, v in quantize(array, self.policies[module]).items()}
+                policy = self.policies[module]
+                hessian = None if planning or policy.mode != "affine" else self.hessians.get(name)
+                if hessian is not None and hessian.shape[0] == array.shape[-1]:
+                    quantized = gptq_quantize(np.asarray(array.astype(mx.float32)), hessian, policy.bits,
+                                              policy.group_size, self.dtype)
+                else:
+                    quantized = quantize(array, policy)
+                out |= {f"{module}.{k}": v for k, v in quantized.items()}
             else:
                 out[mlx_name] = array
         return out
@@ -585,20 +609,16 @@ def _most_common(policies: dict[str, QuantPolicy]) -> QuantPolicy:
     return max(sorted(counts, key=lambda p: (p.bits, p.group_size)), key=counts.get)
 
 
-def _bits_and_group(kind: str) -> tuple[int, int]:
-    """(bits, group size) of a sensitivity option's name, "4bit-g64"."""
-    bits, _, group = kind.partition("bit-g")
-    return int(bits), int(group)
-
-
 def _json_bytes(name: str) -> int:
     """An upper bound on one array's entries in the safetensors header and in the index's weight map."""
     return 2 * len(name) + ARRAY_ENTRY_BYTES
 
 
 def _quantized_bytes(size: int, policy: QuantPolicy, scale_bytes: int) -> int:
-    """Bytes of a weight of `size` values quantized at `policy`: packed values, a scale and a bias per group."""
-    return size * policy.bits // 8 + 2 * (size // policy.group_size) * scale_bytes
+    """Bytes of a weight of `size` values quantized at `policy`: packed values, a scale and a bias per group (a
+    float mode's: one 8-bit scale)."""
+    per_group = 2 * scale_bytes if policy.mode == "affine" else 1
+    return size * policy.bits // 8 + (size // policy.group_size) * per_group
 
 
 def _mx_dtype(name: str) -> mx.Dtype:

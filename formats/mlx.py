@@ -13,7 +13,7 @@ from siliconvert.calibration import Calibrations
 from siliconvert.checkpoint import Checkpoint, load_json
 from siliconvert.errors import ArtifactError, short
 from siliconvert.format import Format
-from siliconvert.recipe import MLXModelFile, MLXTarget, QuantPlan
+from siliconvert.recipe import MLX_MODES, MLXModelFile, MLXTarget, QuantPlan
 
 FIXED_BITS = (3, 4, 6, "mixed_3_6", "mixed_4_6")  # the anchors' recipes a sweep builds, at mlx-lm's group size 64
 
@@ -45,6 +45,8 @@ class MLX(Format):
         if not shards or _safetensors_format(shards[0]) != "mlx":
             return None
         quantization = _config(path).get("quantization")
+        if isinstance(quantization, dict) and quantization.get("mode", "affine") in MLX_MODES:
+            return Artifact(self.name, quantization["mode"], path)
         if isinstance(quantization, dict) and {"bits", "group_size"} <= set(quantization):
             return Artifact(self.name, f"{quantization['bits']}bit-g{quantization['group_size']}", path)
         return Artifact(self.name, "fp16", path)
@@ -104,10 +106,14 @@ class MLX(Format):
             return f"MLX weights quantized per module by plan ({plan['bits_per_weight']:.2f} bits per weight{floats})"
         if quant.startswith("mixed_"):
             return f"MLX weights in mlx-lm's {quant.partition('-g')[0]} mixed recipe{floats}"
+        if (mode := quant.partition("-")[0]) in MLX_MODES:
+            bits, group_size = MLX_MODES[mode]
+            return f"MLX {mode} weights ({bits}-bit floats, an 8-bit scale per {group_size}{floats})"
         fixed = re.fullmatch(r"(\d+)bit-g(\d+)(-.*)?", quant)
         if fixed is None:  # unquantized: fp16, bf16, fp32
             return f"MLX {dtype or 'float16'} weights"
-        return f"MLX {fixed[1]}-bit weights (group size {fixed[2]}{floats})"
+        rounding = ", rounded by GPTQ against calibration inputs" if "-gptq" in quant else ""
+        return f"MLX {fixed[1]}-bit weights (group size {fixed[2]}{rounding}{floats})"
 
     def usage(self, release: Release, folder: Path) -> list[str]:
         model_ref = release.repo_id or f"path/to/{release.name}"

@@ -1,4 +1,4 @@
-"""MLX quantization policy: which tensors get quantized, and how (mlx's affine, per group).
+"""MLX quantization policy: which tensors get quantized, and how (mx.quantize's mode, per group).
 
 The rule is mlx-lm's own: a layer is quantized when mlx-lm's model code makes it a quantizable
 module (Linear, Embedding, SwitchLinear; or whatever the model's `quant_predicate` says, at the bits
@@ -38,19 +38,22 @@ ROUTER = QuantPolicy(bits=8, group_size=64)
 # mlx's MXFP4 (E2M1 values, an E8M0 scale per 32, no biases): what an MXFP4 source's weights are kept in
 MXFP4 = QuantPolicy(bits=4, group_size=32, mode="mxfp4")
 GROUP_SIZES = (32, 64, 128)  # mlx's affine group sizes
+# mx.quantize's float modes have one group size each (recipe.MLX_MODES): a row no multiple of it stays in float
+MODE_GROUP_SIZES = {"affine": GROUP_SIZES, "mxfp4": (32,), "nvfp4": (16,), "mxfp8": (32,)}
 
 
-def fitting_group(width: int, group_size: int) -> int | None:
-    """`group_size` if it divides a row of `width`, else the largest smaller group size of mlx's that does."""
-    return next((g for g in sorted(GROUP_SIZES, reverse=True) if g <= group_size and width % g == 0), None)
+def fitting_group(width: int, group_size: int, mode: str = "affine") -> int | None:
+    """`group_size` if it divides a row of `width`, else the largest smaller group size of the mode's that does."""
+    return next((g for g in sorted(MODE_GROUP_SIZES[mode], reverse=True) if g <= group_size and width % g == 0),
+                None)
 
 
-def unfitted_modules(model: nn.Module, routers: Iterable[str] = ()) -> list[str]:
-    """The quantizable modules of `model` whose rows no group size of mlx's divides: they stay in float."""
+def unfitted_modules(model: nn.Module, routers: Iterable[str] = (), mode: str = "affine") -> list[str]:
+    """The quantizable modules of `model` whose rows no group size of the mode's divides: they stay in float."""
     routers = set(routers)
     return [path for path, module in model.named_modules()
             if hasattr(module, "to_quantized") and path not in routers
-            and fitting_group(module.weight.shape[-1], max(GROUP_SIZES)) is None]
+            and fitting_group(module.weight.shape[-1], max(MODE_GROUP_SIZES[mode]), mode) is None]
 
 
 def quantizable_modules(model: nn.Module, policy: QuantPolicy, routers: Iterable[str] = ()) -> dict[str, QuantPolicy]:
@@ -62,7 +65,7 @@ def quantizable_modules(model: nn.Module, policy: QuantPolicy, routers: Iterable
     for path, module in model.named_modules():
         if not hasattr(module, "to_quantized"):
             continue
-        group = fitting_group(module.weight.shape[-1], policy.group_size)
+        group = fitting_group(module.weight.shape[-1], policy.group_size, policy.mode)
         if group is None:
             continue
         rule = model_predicate(path, module) if model_predicate is not None else True
@@ -83,6 +86,7 @@ def quantization_config(policy: QuantPolicy, modules: dict[str, QuantPolicy]) ->
 
 
 def quantize(weight: mx.array, policy: QuantPolicy) -> dict[str, mx.array]:
-    """The arrays mlx-lm stores for a quantized weight, keyed by suffix (affine's biases; none in the float modes)."""
+    """The arrays mlx-lm stores for a quantized weight, keyed by suffix: packed values and scales, and biases in
+    the affine mode (the float modes have none)."""
     packed, scales, *biases = mx.quantize(weight, policy.group_size, policy.bits, mode=policy.mode)
     return {"weight": packed, "scales": scales} | ({"biases": biases[0]} if biases else {})

@@ -122,6 +122,9 @@ GGUF_INPUT_ROUNDING = {QType.Q2_K: Q8_K, QType.Q3_K: Q8_K, QType.Q4_K: Q8_K, QTy
                        QType.Q5_0: Q8_0, QType.Q5_1: Q8_0, QType.Q8_0: Q8_0}
 # (bits, group size) an MLX plan chooses from: every affine width mx.quantize has, at mlx-lm's group sizes
 MLX_CANDIDATES = tuple((bits, group) for bits in (2, 3, 4, 5, 6, 8) for group in (32, 64, 128))
+# and mx.quantize's float modes, (bits, group size) each: 4-bit floats with an 8-bit scale per 32 (4.25 bits per
+# weight) or per 16 (4.5), 8-bit floats per 32 (8.25)
+MLX_MODE_CANDIDATES = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}
 # precisions a Core ML plan chooses from (quantize/coreml.py): fp16, the fixed packages' int8 per channel and int4
 # per block of 32, int4 in blocks of 16, 64 and 128 (5, 4.25 and 4.125 bits per weight with their fp16 scales), and
 # the palettes of 6 and 4 bits (a table of fp16 values per 16 output channels: a few hundredths of a bit more on a
@@ -292,34 +295,47 @@ def gguf_costs(name: str, weight: np.ndarray, importance: np.ndarray | None, qua
     return TensorCosts(name, whole.size, _sorted(options))
 
 
-def mlx_option_name(bits: int, group_size: int) -> str:
-    return f"{bits}bit-g{group_size}"
+def mlx_option_name(bits: int, group_size: int, mode: str = "affine") -> str:
+    """An MLX option's kind: "4bit-g64" (affine), or the float mode's name ("mxfp4")."""
+    return f"{bits}bit-g{group_size}" if mode == "affine" else mode
+
+
+def mlx_option(kind: str) -> tuple[int, int, str]:
+    """(bits, group size, mode) of an MLX option's kind (`mlx_option_name`'s)."""
+    if kind in MLX_MODE_CANDIDATES:
+        return (*MLX_MODE_CANDIDATES[kind], kind)
+    bits, _, group = kind.partition("bit-g")
+    return int(bits), int(group), "affine"
 
 
 def mlx_costs(name: str, weight: np.ndarray, importance: np.ndarray | None, scale_bytes: int, gain: float = 1.0,
               candidates: Sequence[tuple[int, int]] = MLX_CANDIDATES,
               routed_tokens: np.ndarray | None = None, sample_budget: int | None = SAMPLED_WEIGHTS,
-              shrink_gain: float | None = None) -> TensorCosts:
+              shrink_gain: float | None = None, modes: Sequence[str] = tuple(MLX_MODE_CANDIDATES)) -> TensorCosts:
     """Each candidate (bits, group size) mx.quantize can store a (rows × columns) `weight` in, with scales and
     biases of `scale_bytes` each per group (mlx-lm keeps the source's float type), and its relative error
     × `gain`. An expert stack (experts × rows × columns, as SwitchLinear holds it) is quantized whole, as
     mlx-lm quantizes it; its error is `expert_error`'s, `importance` a row per expert. The error is measured on
-    `sample_rows(…, sample_budget)`; the bytes are the whole tensor's. `shrink_gain`: see `weighed`."""
+    `sample_rows(…, sample_budget)`; the bytes are the whole tensor's. `shrink_gain`: see `weighed`.
+    `modes`: the float modes (MLX_MODE_CANDIDATES) tried too, an 8-bit scale per group and no bias."""
     import mlx.core as mx
 
     whole = weight.reshape(-1, *weight.shape[-2:])
     matrices = sample_rows(whole, sample_budget).astype(np.float32, copy=False)
     array = mx.array(matrices)
     options = []
-    for bits, group in candidates:
+    tried = [(bits, group, "affine") for bits, group in candidates] + [(*MLX_MODE_CANDIDATES[m], m) for m in modes]
+    for bits, group, mode in tried:
         if matrices.shape[-1] % group:
             continue
-        packed, scales, biases = mx.quantize(array, group, bits)
-        nbytes = (packed.nbytes + 2 * scales.size * scale_bytes) // matrices.shape[1] * whole.shape[1]
-        approximations = (np.asarray(mx.dequantize(*expert, group, bits)) for expert in zip(packed, scales, biases,
-                                                                                              strict=True))
+        packed, scales, *biases = mx.quantize(array, group, bits, mode=mode)
+        per_group = 2 * scale_bytes if mode == "affine" else scales.dtype.size  # a scale and a bias, or a scale
+        nbytes = (packed.nbytes + scales.size * per_group) // matrices.shape[1] * whole.shape[1]
+        approximations = (np.asarray(mx.dequantize(expert[0], expert[1], expert[2] if biases else None, group, bits,
+                                                   mode=mode, dtype=mx.float32))
+                          for expert in zip(packed, scales, *biases, strict=True))
         error, shrunk = expert_errors(matrices, approximations, importance, routed_tokens)
-        options.append(Option(mlx_option_name(bits, group), nbytes, weighed(error, shrunk, gain, shrink_gain)))
+        options.append(Option(mlx_option_name(bits, group, mode), nbytes, weighed(error, shrunk, gain, shrink_gain)))
     return TensorCosts(name, whole.size, _sorted(options))
 
 
@@ -377,13 +393,17 @@ def gguf_kinds(path: Path) -> dict[str, str]:
 
 
 def mlx_kinds(folder: Path) -> dict[str, str]:
-    """Each quantized module's "<bits>bit-g<group>" in an MLX folder, as mlx_lm.load reads config.json."""
+    """Each quantized module's "<bits>bit-g<group>" (or float mode) in an MLX folder, as mlx_lm.load reads
+    config.json."""
     quantization = json.loads((folder / "config.json").read_text())["quantization"]
-    default = mlx_option_name(quantization["bits"], quantization["group_size"])
+
+    def kind(entry: dict) -> str:
+        return mlx_option_name(entry["bits"], entry["group_size"], entry.get("mode", "affine"))
+
     weights = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
     modules = {name.removesuffix(".scales") for name in weights if name.endswith(".scales")}
-    return {module: mlx_option_name(quantization[module]["bits"], quantization[module]["group_size"])
-            if isinstance(quantization.get(module), dict) else default for module in modules}
+    return {module: kind(quantization[module]) if isinstance(quantization.get(module), dict) else kind(quantization)
+            for module in modules}
 
 
 def _sorted(options: list[Option]) -> tuple[Option, ...]:

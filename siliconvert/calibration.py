@@ -6,6 +6,9 @@ Three writers measure the source model before they write, all through the same l
   llama.cpp's importance matrix, and the weights of every plan's errors), over CALIBRATION_TOKENS of the text in
   windows of CALIBRATION_CONTEXT; a mixture's expert stacks get one row per expert, over the tokens the router
   sent to it, and those tokens are counted (`expert_tokens`: what a plan weighs each expert's error by).
+- hessian: the mean x xᵀ of every dense linear layer's input, on the importance windows (what GPTQ weighs a
+  layer's rounding errors by: quantize/gptq.py, for an MLX target's `method: gptq`); the layers reading one input
+  share one matrix.
 - range: the residual stream's peak over the first RANGE_TOKENS tokens of the text, which sets the power of two
   that keeps the stream inside float16 (`FP16Range`): Core ML's packages run in fp16, and an MLX plan takes
   float16 for a bfloat16 source only where the stream leaves it room.
@@ -60,7 +63,8 @@ CHARS_PER_TOKEN = 16  # tokens are rarely longer: tokenizing more text than that
 IMPORTANCE = "importance"  # the importance matrix and the tokens routed to each expert (the same hooks)
 RANGE = "range"  # the residual stream's peak
 SENSITIVITY = "sensitivity"  # each weight's measured gain to the mean KLD (siliconvert/gains.py)
-PARTS = (IMPORTANCE, RANGE, SENSITIVITY)
+HESSIAN = "hessian"  # the mean x xᵀ of every linear layer's input, on the importance windows (GPTQ's H)
+PARTS = (IMPORTANCE, RANGE, SENSITIVITY, HESSIAN)
 BUILTIN = "builtin"
 
 FLOAT16_MAX = 65504.0
@@ -119,11 +123,14 @@ class Calibration:
     sensitivity_tokens: int | None = None  # tokens in the sensitivity window
     # rounding of a matmul's input (siliconvert/gains.py INPUT_ROUNDINGS) → HF weight name → mean KLD it costs
     input_klds: dict[str, dict[str, float]] | None = None
+    # HF weight name → mean x xᵀ of its input [columns, columns] (float32; the layers reading one input share one
+    # array); dense linear layers only, not expert stacks
+    hessians: dict[str, np.ndarray] | None = None
 
     @property
     def parts(self) -> frozenset[str]:
         return frozenset(part for part, value in ((IMPORTANCE, self.importance), (RANGE, self.stream_peak),
-                                                  (SENSITIVITY, self.gains))
+                                                  (SENSITIVITY, self.gains), (HESSIAN, self.hessians))
                          if value is not None)
 
     def gain(self, name: str, tied_head: bool = False) -> float | None:
@@ -157,7 +164,8 @@ class Calibration:
         """This calibration with the parts `other` measured and this one lacks."""
         taken = {IMPORTANCE: ("importance", "expert_tokens", "importance_tokens"),
                  RANGE: ("stream_peak", "state_peak", "recurrent_peak", "range_tokens"),
-                 SENSITIVITY: ("gains", "shrink_gains", "sensitivity_tokens", "input_klds")}
+                 SENSITIVITY: ("gains", "shrink_gains", "sensitivity_tokens", "input_klds"),
+                 HESSIAN: ("hessians",)}
         return replace(self, **{field: getattr(other, field)
                                 for part in other.parts - self.parts for field in taken[part]})
 
@@ -179,7 +187,7 @@ def calibrate(checkpoint: Checkpoint, source: str, parts: Iterable[str], *, toke
         if not len(range_window):
             raise RecipeError("the tokenizer gives no tokens of this text to measure the residual stream's range "
                               "on (an MLX target's dtype, set, needs none)", name)
-    if IMPORTANCE in parts:
+    if IMPORTANCE in parts or HESSIAN in parts:
         # verbose=False: longer than the model's positions by design (cut into windows), not worth a warning
         ids = tokenizer(text[: tokens * CHARS_PER_TOKEN], add_special_tokens=False, verbose=False)["input_ids"][:tokens]
         if len(ids) < context:
@@ -197,7 +205,7 @@ def calibrate(checkpoint: Checkpoint, source: str, parts: Iterable[str], *, toke
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:
             return pool.submit(_forward, checkpoint, name, range_window, importance_windows,
-                               sensitivity_window).result()
+                               sensitivity_window, HESSIAN in parts).result()
         except BrokenProcessPool:
             raise CheckpointError("the calibration forward (transformers) crashed; out of memory?",
                                   checkpoint.path) from None
@@ -259,6 +267,10 @@ class Calibrations:
         """HF expert stack → calibration tokens the router sent to each expert (none for a dense model)."""
         return self.get(source, {IMPORTANCE}).expert_tokens
 
+    def hessians(self, source: str = BUILTIN) -> dict[str, np.ndarray]:
+        """HF weight name → mean x xᵀ of its input over the text: GPTQ's H (dense linear layers)."""
+        return self.get(source, {HESSIAN}).hessians
+
     def fp16_range(self) -> FP16Range:
         """The residual stream's float16 range, measured on the builtin text."""
         return FP16Range.of_peak(self.get(BUILTIN, {RANGE}).stream_peak)
@@ -281,9 +293,9 @@ class Calibrations:
         text_digest = hashlib.sha256(calibration_text(source)[1].encode()).hexdigest()[:16]
         # a Mamba2 model's range measured before its states' peaks were is measured again
         ranged = f"{RANGE_TOKENS}-mamba2" if self.checkpoint.spec.mamba2 is not None else f"{RANGE_TOKENS}"
-        counts = {IMPORTANCE: f"{self.tokens}x{self.context}", RANGE: ranged,
+        counts = {IMPORTANCE: f"{self.tokens}x{self.context}", HESSIAN: f"{self.tokens}x{self.context}", RANGE: ranged,
                   SENSITIVITY: f"{sensitivity_window_tokens(self.checkpoint)}-r{R0}-shrink-inputs"}[part]
-        suffix = ".npz" if part == IMPORTANCE else ".json"
+        suffix = ".npz" if part in (IMPORTANCE, HESSIAN) else ".json"
         return self.cache_dir / f"calibration-{self.checkpoint.fingerprint()}-{text_digest}-{part}-{counts}{suffix}"
 
     def _read(self, source: str, part: str) -> Calibration | None:
@@ -300,6 +312,11 @@ class Calibrations:
             stored = json.loads(file.read_text())
             return Calibration(stored["text"], gains=stored["gains"], shrink_gains=stored["shrink_gains"],
                                sensitivity_tokens=stored["tokens"], input_klds=stored["input_klds"])
+        if part == HESSIAN:
+            with np.load(file) as stored:
+                kept = {key.partition(":")[2]: stored[key] for key in stored.files if key.startswith("hessian:")}
+                shared = json.loads(str(stored["shared"]))
+                return Calibration(str(stored["text"]), hessians={name: kept[key] for name, key in shared.items()})
         with np.load(file) as stored:
             tables: dict[str, dict[str, np.ndarray]] = {"importance": {}, "expert_tokens": {}}
             for key in stored.files:
@@ -325,9 +342,19 @@ class Calibrations:
                                                     "input_klds": measured.input_klds,
                                                     "tokens": measured.sensitivity_tokens}))
             return
+        temp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+        if part == HESSIAN:  # each shared array once, and which name reads which
+            first = {}
+            for name, matrix in measured.hessians.items():
+                first.setdefault(id(matrix), name)
+            shared = {name: first[id(matrix)] for name, matrix in measured.hessians.items()}
+            arrays = {f"hessian:{name}": measured.hessians[name] for name in set(shared.values())}
+            with temp.open("wb") as out:
+                np.savez(out, text=np.array(measured.text), shared=np.array(json.dumps(shared)), **arrays)
+            os.replace(temp, file)
+            return
         arrays = {f"importance:{name}": values for name, values in measured.importance.items()}
         arrays |= {f"expert_tokens:{name}": values for name, values in measured.expert_tokens.items()}
-        temp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
         with temp.open("wb") as out:
             np.savez(out, text=np.array(measured.text), tokens=np.array(measured.importance_tokens), **arrays)
         os.replace(temp, file)
@@ -409,6 +436,43 @@ class _Importance:
             rows_of = self.expert_rows[name][:, None]
             matrix[name] = torch.where(rows_of > 0, self.expert_sums[name] / rows_of.clamp(min=1), 1.0).float().numpy()
         return matrix, {name: self.expert_rows[name].numpy() for name in sorted(self.expert_rows)}
+
+
+class _SecondMoments:
+    """Hooks collecting, while `active`, the mean x xᵀ of every linear layer's input (keyed by the HF weight name):
+    what GPTQ weighs a layer's rounding errors by. The layers that read one tensor (q, k and v; gate and up) share
+    one matrix, summed once."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.sums: dict[str, torch.Tensor] = {}  # the first weight name reading an input → Σ x xᵀ (float64)
+        self.rows: dict[str, int] = {}
+        self.shared: dict[str, str] = {}  # weight name → the name its input's sum is kept under
+        self._last: tuple[object, str] = (None, "")  # the last input seen, and its name: a layer reading it next shares
+
+    def attach(self, model) -> None:
+        import torch
+
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_pre_hook(self._linear(f"{name}.weight"))
+
+    def _linear(self, name: str):
+        def hook(_module, inputs):
+            if not self.active:
+                return
+            if inputs[0] is self._last[0]:
+                self.shared[name] = self._last[1]
+                return
+            self._last, self.shared[name] = (inputs[0], name), name
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+            self.sums[name] = self.sums.get(name, 0) + (x.T @ x).double()
+            self.rows[name] = self.rows.get(name, 0) + x.shape[0]
+        return hook
+
+    def results(self) -> dict[str, np.ndarray]:
+        means = {key: (self.sums[key] / self.rows[key]).float().numpy() for key in self.sums}
+        return {name: means[key] for name, key in sorted(self.shared.items())}
 
 
 class _StreamPeak:
@@ -542,9 +606,11 @@ def mamba2_state_peak(module, x: torch.Tensor, b: torch.Tensor, dt: torch.Tensor
 
 
 def _forward(checkpoint: Checkpoint, text_name: str, range_window: np.ndarray | None,
-             importance_windows: np.ndarray | None, sensitivity_window: np.ndarray | None = None) -> Calibration:
-    """One float32 forward over the range window (first, if any) and the importance windows (if any); then the
-    sensitivity forward over its window (if any)."""
+             importance_windows: np.ndarray | None, sensitivity_window: np.ndarray | None = None,
+             hessian: bool = False) -> Calibration:
+    """One float32 forward over the range window (first, if any) and the importance windows (if any: with
+    `hessian`, each linear layer's input's second moments too); then the sensitivity forward over its window (if
+    any)."""
     import torch
 
     from siliconvert.gains import measured_gains
@@ -562,16 +628,20 @@ def _forward(checkpoint: Checkpoint, text_name: str, range_window: np.ndarray | 
     mamba_modules = [name.removesuffix(".weight") for name, info in checkpoint.tensor_infos.items()
                      if info.role is not None and info.role.role == "ssm_in" and info.role.kind == "weight"]
     importance = _Importance()
+    moments = _SecondMoments()
     peak = _StreamPeak(state_modules, delta_modules, mamba_modules, checkpoint.spec.mamba2)
     first_importance = 0 if range_window is None else 1
 
     def window_started(index: int) -> None:
         peak.active = range_window is not None and index == 0
         importance.active = importance_windows is not None and index >= first_importance
+        moments.active = hessian and importance.active
 
     def attach(model) -> None:
         if importance_windows is not None:
             importance.attach(model)
+        if hessian:
+            moments.attach(model)
         if range_window is not None:
             peak.attach(model)
 
@@ -595,6 +665,8 @@ def _forward(checkpoint: Checkpoint, text_name: str, range_window: np.ndarray | 
         matrix, routed = importance.results()
         calibration = replace(calibration, importance=matrix, expert_tokens=routed,
                               importance_tokens=int(importance_windows.size))
+    if hessian:
+        calibration = replace(calibration, hessians=moments.results())
     if range_window is not None:
         calibration = replace(calibration, stream_peak=max(peak.peaks), state_peak=max(peak.state_peaks),
                               recurrent_peak=max(peak.recurrent_peaks), range_tokens=len(range_window))

@@ -105,11 +105,31 @@ class MLXTarget(TargetSpec):
     # the folder where mlx-lm's computes another function (Gemma 2's sliding window, Phi-3's LongRoPE), which
     # mlx_lm.load runs only with trust_remote_code=True
     model_file: MLXModelFile = "mlx-lm"
+    # mx.quantize's mode: affine (bits and group_size as set), or a float format whose bits and group are fixed
+    # (MLX_MODES); mlx_lm.convert's --q-mode
+    mode: Literal["affine", "mxfp4", "nvfp4", "mxfp8"] = "affine"
+    # how affine weights are rounded: rtn (to nearest, as mlx_lm.convert) or gptq (each row's rounding error
+    # carried to the columns not yet rounded, against the calibration inputs' second moments: quantize/gptq.py)
+    method: Literal["rtn", "gptq"] = "rtn"
 
     @model_validator(mode="after")
     def _auto_has_a_plan(self) -> MLXTarget:
         _plan_matches_auto(self.bits == "auto", self.plan, "bits")
+        if self.mode != "affine":
+            bits, group_size = MLX_MODES[self.mode]
+            if not isinstance(self.bits, int) or self.bits == 16:
+                raise ValueError(f"mode {self.mode} is a fixed width: bits {self.bits} is affine only")
+            for key, fixed in (("bits", bits), ("group_size", group_size)):
+                if key in self.model_fields_set and getattr(self, key) != fixed:
+                    raise ValueError(f"mode {self.mode} has {key} {fixed}, not {getattr(self, key)}")
+            if self.method != "rtn":
+                raise ValueError(f"method {self.method} rounds affine weights; mode {self.mode} has only rtn")
         return self
+
+    @property
+    def bits_and_group(self) -> tuple[int | str, int]:
+        """(bits, group size) the weights are stored at: the recipe's, or the mode's own."""
+        return MLX_MODES[self.mode] if self.mode != "affine" else (self.bits, self.group_size)
 
     @property
     def quant(self) -> str:
@@ -118,14 +138,19 @@ class MLXTarget(TargetSpec):
         if self.bits == 16:
             return MLX_FLOAT_NAMES[self.dtype or "float16"]
         dtype = f"-{MLX_FLOAT_NAMES[self.dtype]}" if self.dtype else ""
+        method = f"-{self.method}" if self.method != "rtn" else ""
+        if self.mode != "affine":
+            return self.mode + dtype
         if self.plan is not None:
-            return self.plan.label + dtype
+            return self.plan.label + method + dtype
         if isinstance(self.bits, str):
-            return f"{self.bits}-g{self.group_size}{dtype}"
-        return f"{self.bits}bit-g{self.group_size}{dtype}"
+            return f"{self.bits}-g{self.group_size}{method}{dtype}"
+        return f"{self.bits}bit-g{self.group_size}{method}{dtype}"
 
 
 MLX_FLOAT_NAMES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+# mx.quantize's float modes: (bits, group size), each fixed; a shared 8-bit scale per group and no bias
+MLX_MODES = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}
 
 
 # The GGUF file types a recipe may name, listed once: the recipe's accepted values and the GGUF writer's and

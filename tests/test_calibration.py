@@ -12,6 +12,7 @@ import pytest
 
 import siliconvert.calibration as calibration_module
 from siliconvert.calibration import (
+    HESSIAN,
     IMPORTANCE,
     RANGE,
     SENSITIVITY,
@@ -144,6 +145,27 @@ def test_another_text_checkpoint_or_token_count_misses_the_cache(random_llama: P
     assert len(forwards) == 4
 
 
+def test_second_moments_are_the_importance_off_the_diagonal_and_shared_by_layers_of_one_input(
+        demo_model: Path, tmp_path: Path) -> None:
+    """GPTQ's H is E[x xᵀ] of each linear layer's input: its diagonal is the importance matrix of the same windows;
+    q, k and v (gate and up) read one input and share one array, in memory and through the disk cache."""
+    checkpoint = Checkpoint.open(demo_model)
+    measured_now = Calibrations(checkpoint, tmp_path, tokens=TOKENS, context=CONTEXT).get(
+        "builtin", {IMPORTANCE, HESSIAN})
+    for source in (measured_now, Calibrations(checkpoint, tmp_path, tokens=TOKENS,
+                                              context=CONTEXT).get("builtin", {HESSIAN})):
+        hessians = source.hessians
+        layer = "model.layers.1"
+        assert hessians[f"{layer}.self_attn.q_proj.weight"] is hessians[f"{layer}.self_attn.v_proj.weight"]
+        assert hessians[f"{layer}.mlp.gate_proj.weight"] is hessians[f"{layer}.mlp.up_proj.weight"]
+        down = checkpoint.tensor_infos[f"{layer}.mlp.down_proj.weight"].shape[-1]
+        assert hessians[f"{layer}.mlp.down_proj.weight"].shape == (down, down)
+        assert "lm_head.weight" in hessians
+        for name, matrix in hessians.items():
+            assert np.allclose(np.diag(matrix), measured_now.importance[name], rtol=1e-4), name
+            assert np.allclose(matrix, matrix.T)
+
+
 def test_a_tied_embedding_has_the_heads_gain_too() -> None:
     gains = measured({SENSITIVITY})
     assert gains.gain("model.embed_tokens.weight") == 0.2
@@ -177,6 +199,8 @@ def test_what_the_targets_need() -> None:
     # a compressed Core ML package's weights are fitted to the importance (palettes' tables, int4/int8 scales)
     assert calibration_needs([CoreMLTarget(format="coreml", precision=["int4", "pal4"])]) == {
         "builtin": {IMPORTANCE, RANGE}}
+    assert calibration_needs([MLXTarget(format="mlx", bits=4, dtype="float16", method="gptq")]) == {
+        "builtin": {HESSIAN}}
 
 
 def test_fp16_range_is_a_power_of_two_with_headroom() -> None:

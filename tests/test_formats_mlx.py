@@ -47,3 +47,27 @@ def test_a_folder_with_its_own_model_file_says_loading_needs_trust_remote_code(t
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(ArtifactError, match=r"names the model file 'gemma2\.py', which is missing"):
         MLX().check(Artifact("mlx", "4bit-g64", tmp_path))
+
+
+def test_a_float_mode_and_gptq_are_named_in_the_card_and_a_mode_folder_is_detected(tmp_path: Path) -> None:
+    import json
+
+    from siliconvert.artifacts import Release
+    from siliconvert.format import entry as format_entry
+
+    entry = format_entry("mlx")
+
+    def summary(quant: str) -> str:
+        shipped = {"format": "mlx", "quant": quant, "plan": None, "float_type": {"dtype": "float16"}}
+        return entry.summary(Release(f"demo-{quant}", "demo", "mlx", [shipped], [], None))
+
+    assert summary("nvfp4") == "MLX nvfp4 weights (4-bit floats, an 8-bit scale per 16, float16 elsewhere)"
+    assert summary("4bit-g64-gptq") == ("MLX 4-bit weights (group size 64, rounded by GPTQ against calibration "
+                                        "inputs, float16 elsewhere)")
+    assert entry.release_name("demo", "4bit-g64-gptq") == "demo-4bit-gptq"
+    (tmp_path / "config.json").write_text(json.dumps({"quantization": {"group_size": 32, "bits": 8,
+                                                                       "mode": "mxfp8"}}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr("siliconvert.formats.mlx._safetensors_format", lambda path: "mlx")
+        assert entry.detect(tmp_path).quant == "mxfp8"

@@ -17,6 +17,8 @@ from siliconvert.quantize.sensitivity import (
     error_of,
     gguf_costs,
     mlx_costs,
+    mlx_option,
+    mlx_option_name,
     relative_error,
     role_gain,
     shrink_share,
@@ -152,6 +154,17 @@ def test_mlx_costs_fall_with_bits_and_smaller_groups(weight):
     errors = [by_kind[f"{bits}bit-g64"].error for bits in (2, 3, 4, 5, 6, 8)]
     assert errors == sorted(errors, reverse=True)
     assert by_kind["4bit-g32"].error < by_kind["4bit-g64"].error < by_kind["4bit-g128"].error
+
+
+def test_mlx_costs_offer_the_float_modes_at_their_bytes(weight):
+    """mxfp4, nvfp4 and mxfp8 are candidates beside affine: an 8-bit scale per group of 32, 16 and 32, no bias."""
+    by_kind = {o.kind: o for o in mlx_costs("model.layers.0.mlp.down_proj", weight, None, scale_bytes=2).options}
+    assert by_kind["mxfp4"].nbytes == weight.size // 2 + weight.size // 32
+    assert by_kind["nvfp4"].nbytes == weight.size // 2 + weight.size // 16
+    assert by_kind["mxfp8"].nbytes == weight.size + weight.size // 32
+    assert by_kind["mxfp8"].error < by_kind["nvfp4"].error < by_kind["3bit-g32"].error
+    for kind in by_kind:
+        assert mlx_option_name(*mlx_option(kind)) == kind
 
 
 def test_error_of_sums_the_errors_of_the_kinds_chosen():

@@ -1,0 +1,112 @@
+"""GPTQ for mlx's affine quantization: a weight rounded a column at a time, each column's rounding error carried
+into the columns not yet rounded, weighed by the second moments of the layer's calibration inputs (Frantar et al.
+2022, "GPTQ"; mlx_lm/quant/gptq.py does the same on a whole model it holds and runs in mlx).
+
+The layer's output error for inputs x is ‖(W − Ŵ)x‖²; over the calibration inputs its mean is tr(ΔW H ΔWᵀ) with
+H = E[x xᵀ]. Each row is independent given H, so a block of rows at a time gives what the whole weight gives (the
+MLX writer converts big tensors by row blocks). Groups are mlx's: a scale and a bias per `group_size` columns of a
+row, set from the group's weights as they stand when its first column is reached (the earlier columns' errors
+already in them), as GPTQ's grouped variant does. The result is mlx's own layout (packed uint32 words, scales,
+biases in the float type), so mlx_lm.load reads it unchanged: only which integer each weight takes differs from
+mx.quantize's.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+DAMPING = 0.01  # of H's mean diagonal, added to its diagonal: keeps the inverse's Cholesky factor defined
+MIN_STEP = 2.0**-14  # the least scale kept: float16's smallest normal (a flat group rounds to its bias anyway)
+BLOCK_COLUMNS = 128  # columns whose errors are carried within the block before the rest is updated at once
+# how far each group's candidate ranges stretch (−) or shrink (+) its minimum-to-maximum range, in steps of the
+# grid: llama.cpp's make_qkx2_quants tries the same 21 (rmin −1, rdelta 0.1)
+SCALE_STEPS = np.linspace(-1.0, 1.0, 21)
+
+
+def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, group_size: int,
+                  float_type: mx.Dtype = mx.float16) -> dict[str, mx.array]:
+    """mlx's affine arrays for `weight` [rows, columns] ("weight": packed uint32, "scales", "biases" in
+    `float_type`), rounded by GPTQ against `hessian` [columns, columns], the mean x xᵀ of the layer's inputs."""
+    rows, columns = weight.shape
+    if columns % group_size or hessian.shape != (columns, columns):
+        raise ValueError(f"GPTQ: a {weight.shape} weight takes a [{columns}, {columns}] matrix and a group size "
+                         f"dividing {columns}, not {hessian.shape} and {group_size}")
+    w = weight.astype(np.float32, copy=True)
+    inverse = _inverse_factor(hessian.astype(np.float64), w)
+    importance = np.maximum(np.diag(hessian), 0).astype(np.float32) + 1e-12
+    top = 2**bits - 1
+    groups = columns // group_size
+    scales = np.empty((rows, groups), dtype=np.float32)
+    biases = np.empty((rows, groups), dtype=np.float32)
+    q = np.empty((rows, columns), dtype=np.uint32)
+    for start in range(0, columns, BLOCK_COLUMNS):
+        end = min(start + BLOCK_COLUMNS, columns)
+        errors = np.empty((rows, end - start), dtype=np.float32)
+        for j in range(start, end):
+            if j % group_size == 0:
+                g = j // group_size
+                scales[:, g], biases[:, g] = _group_scale(w[:, j:j + group_size], importance[j:j + group_size],
+                                                          top, float_type)
+            g = j // group_size
+            column = np.clip(np.rint((w[:, j] - biases[:, g]) / scales[:, g]), 0, top)
+            q[:, j] = column
+            error = (w[:, j] - (column * scales[:, g] + biases[:, g])) / inverse[j, j]
+            errors[:, j - start] = error
+            w[:, j + 1:end] -= np.outer(error, inverse[j, j + 1:end])
+        w[:, end:] -= errors @ inverse[start:end, end:]
+    return {"weight": mx.array(pack(q, bits)), "scales": mx.array(scales).astype(float_type),
+            "biases": mx.array(biases).astype(float_type)}
+
+
+def _inverse_factor(hessian: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """The upper Cholesky factor of H⁻¹ (float32), GPTQ's update weights. A column no input reached (zero on H's
+    diagonal) is zeroed in `weight`: nothing it multiplies ever arrives."""
+    h = hessian.copy()
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    weight[:, dead] = 0.0
+    h[np.diag_indices_from(h)] += DAMPING * np.mean(np.diag(h))
+    inverse = np.linalg.inv(np.linalg.cholesky(h))  # L⁻¹, so H⁻¹ = L⁻ᵀ L⁻¹
+    return np.linalg.cholesky(inverse.T @ inverse).T.astype(np.float32)
+
+
+def _group_scale(group: np.ndarray, importance: np.ndarray, top: int,
+                 float_type: mx.Dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's scale and bias for one group [rows, group size], both as stored in `float_type`: of the ranges
+    from its minimum to its maximum stretched or shrunk by SCALE_STEPS, the integers each gives, then the scale and
+    bias fitting those best by least squares weighed by `importance` (each column's E[x²]), the one whose rounded
+    group is nearest the group in that weighing (llama.cpp's make_qkx2_quants' search, with a free bias)."""
+    low, high = group.min(axis=1, keepdims=True), group.max(axis=1, keepdims=True)
+    span = np.maximum(high - low, MIN_STEP)
+    w = importance[None, :]
+    best_error = np.full(group.shape[0], np.inf, dtype=np.float32)
+    best_scale, best_bias = np.maximum(span[:, 0] / top, MIN_STEP), low[:, 0].copy()
+    for step in SCALE_STEPS:
+        q = np.clip(np.rint((group - low) * ((top + step) / span)), 0, top)
+        sum_w, sum_q, sum_q2 = w.sum(), (w * q).sum(1), (w * q * q).sum(1)
+        sum_x, sum_qx = (w * group).sum(1), (w * q * group).sum(1)
+        det = sum_w * sum_q2 - sum_q * sum_q
+        fitted = det > 0
+        det = np.where(fitted, det, 1.0)
+        scale = np.where(fitted, (sum_w * sum_qx - sum_x * sum_q) / det, span[:, 0] / top)
+        bias = np.where(fitted, (sum_q2 * sum_x - sum_q * sum_qx) / det, low[:, 0])
+        scale, bias = np.maximum(_stored(scale, float_type), MIN_STEP), _stored(bias, float_type)
+        rounded = np.clip(np.rint((group - bias[:, None]) / scale[:, None]), 0, top) * scale[:, None] + bias[:, None]
+        error = (w * (rounded - group) ** 2).sum(1)
+        better = error < best_error
+        best_error = np.where(better, error, best_error)
+        best_scale, best_bias = np.where(better, scale, best_scale), np.where(better, bias, best_bias)
+    return best_scale, best_bias
+
+
+def _stored(values: np.ndarray, float_type: mx.Dtype) -> np.ndarray:
+    """`values` as `float_type` holds them, back in float32 (numpy has no bfloat16)."""
+    return np.asarray(mx.array(values).astype(float_type).astype(mx.float32))
+
+
+def pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """Integers in [0, 2^bits) packed as mlx packs them: a little-endian bit stream in uint32 words per row."""
+    rows = q.shape[0]
+    stream = ((q[..., None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8).reshape(rows, -1)
+    return np.packbits(stream, axis=-1, bitorder="little").view(np.uint32)
