@@ -79,8 +79,6 @@ PLANNED_FILE_TYPES = {
 # The lossless full-precision type for a source dtype: what llama.cpp's quantizer reads.
 LOSSLESS = {"BF16": "BF16", "F16": "F16", "F32": "F32"}
 FLOAT_TYPES = (QType.F32, QType.F16, QType.BF16)  # converted here; every other type is llama.cpp's work
-# ... but for MXFP4, which holds the MXFP4 stacks of an MXFP4 source exactly (encoded here: quantize/mxfp4.py)
-HERE_TYPES = (*FLOAT_TYPES, QType.MXFP4)
 # Tokens llama.cpp's vocabulary loader looks up by name in a model whose general.name says phi3 (llama-vocab.cpp)
 PHI3_NAME_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
 # 2-D tensors llama.cpp's converter always writes as F32: the routers (a shared expert's [1, hidden] gate too), and
@@ -145,7 +143,12 @@ class GGUFWriter(Writer):
         for quant, (file_type, types) in self.plans.items():
             temp = out_dir / f".{self._path(quant).name}.partial"
             self.files[quant] = (temp, self._open(temp, file_type, types))
-        needs_llama_cpp = any(t not in HERE_TYPES for _, types in self.plans.values() for t in types)
+        # ... and MXFP4 for the stacks that arrived as MXFP4, encoded here exactly (quantize/mxfp4.py); MXFP4 of any
+        # other weight (MXFP4_MOE, a plan's choice) is llama.cpp's to round
+        arrived = self._arrived_mxfp4()
+        sources = [info.name for info in self.order for _ in self._outputs(info)]
+        needs_llama_cpp = any(t not in FLOAT_TYPES and not (t == QType.MXFP4 and source in arrived)
+                              for _, types in self.plans.values() for source, t in zip(sources, types, strict=True))
         self.quantizer = TensorQuantizer() if needs_llama_cpp else None
         # tensors handed to the quantizer, oldest first: (per file: bytes or work in progress, source bytes)
         self._queue: deque[tuple[list[np.ndarray | QuantizedTensor], int]] = deque()
@@ -202,7 +205,7 @@ class GGUFWriter(Writer):
 
     def _encode(self, name: str, gguf_name: str, array: np.ndarray, qtype: QType) -> np.ndarray | QuantizedTensor:
         """The tensor's bytes in `qtype`, or llama.cpp's work in progress on them."""
-        if qtype == QType.MXFP4:
+        if qtype == QType.MXFP4 and name in self._arrived_mxfp4():
             return ggml_mxfp4(*exact_mxfp4(array))
         if qtype not in FLOAT_TYPES:
             imatrix = self.imatrix.get(gguf_name) if self.imatrix else None

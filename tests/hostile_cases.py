@@ -660,7 +660,7 @@ RECIPE = [
          "targets.0.plan.size_mb is 5000; a gguf plan of this model reaches about", flags=("--check",)),
     Case("plan-bits-above-gguf", R, recipe(targets=[{"format": "gguf", "quants": ["auto"],
                                                      "plan": {"bits_per_weight": 12}}]), "recipe.yaml",
-         "targets.0.plan.bits_per_weight is 12.0; a gguf plan chooses from 2.625 to 8.5 bits per weight"),
+         "targets.0.plan.bits_per_weight is 12.0; a gguf plan chooses from 2.0625 to 8.5 bits per weight"),
     Case("plan-bits-below-mlx", R, recipe(targets=[{"format": "mlx", "bits": "auto",
                                                     "plan": {"bits_per_weight": 2.1}}]), "recipe.yaml",
          "a mlx plan chooses from 2.25 to 9 bits per weight"),

@@ -4,6 +4,8 @@ and its bytes are the whole tensor's exactly; tensors within the budget are meas
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -22,6 +24,9 @@ BUDGET = 1 << 18  # 512 of the 2048 rows of a 2048 × 512 tensor
 # sampled relative error within this fraction of the whole tensor's, per candidate: over 300 draws of the strata's
 # rows on such a tensor Core ML's int8 estimate (the noisiest: one scale per row) was off by 2.7% (sd), 6.6% at p99
 TOLERANCE = 0.15
+# mlx's float modes scale each group by a power of two: a group's error swings with where its largest value falls in
+# its octave, so a sample of rows spreads wider around the whole tensor's (mxfp8 on the test weight: 17 %)
+FLOAT_MODE_TOLERANCE = 0.25
 ROUTED = np.array([30.0, 0.0, 10.0])
 
 
@@ -57,14 +62,18 @@ def quantizer():
 
 def assert_estimates(whole: TensorCosts, sampled: TensorCosts) -> None:
     """Same candidates, bytes and size; each error within TOLERANCE of the whole one; the candidates' order by
-    error kept."""
-    assert [(o.kind, o.nbytes) for o in sampled.options] == [(o.kind, o.nbytes) for o in whole.options]
+    error kept, but between two whose whole errors are closer than the sampling's own tolerance (IQ3_S and Q3_K
+    take the same bytes; a palette and an int4 block size can cost within a percent of each other)."""
+    assert sorted((o.kind, o.nbytes) for o in sampled.options) == sorted((o.kind, o.nbytes) for o in whole.options)
     assert sampled.params == whole.params
     errors = {o.kind: o.error for o in sampled.options}
     for option in whole.options:
-        assert errors[option.kind] == pytest.approx(option.error, rel=TOLERANCE, abs=1e-12), option.kind
+        tolerance = FLOAT_MODE_TOLERANCE if option.kind.startswith(("mxfp", "nvfp")) else TOLERANCE
+        assert errors[option.kind] == pytest.approx(option.error, rel=tolerance, abs=1e-12), option.kind
     by_error = sorted(whole.options, key=lambda o: o.error)
-    assert [errors[o.kind] for o in by_error] == sorted(errors.values())
+    for lower, higher in itertools.combinations(by_error, 2):
+        if higher.error > lower.error * (1 + 2 * FLOAT_MODE_TOLERANCE) + 1e-12:
+            assert errors[lower.kind] < errors[higher.kind], (lower.kind, higher.kind)
 
 
 def test_sample_rows_takes_the_same_spread_rows_of_every_expert():
