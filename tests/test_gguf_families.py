@@ -91,7 +91,6 @@ def test_llama_cpp_routes_tokens_to_the_sources_experts(family: Path, scored: di
 def test_gemma3_multimodal_converts_its_language_model(tmp_path: Path) -> None:
     """Gemma3ForConditionalGeneration: the vision tower is dropped (said so), the language model converts, and
     llama.cpp computes what the multimodal model computes on text."""
-    import torch
     from families import gemma3_multimodal
     from transformers import Gemma3ForConditionalGeneration
 
@@ -101,28 +100,13 @@ def test_gemma3_multimodal_converts_its_language_model(tmp_path: Path) -> None:
     with pytest.warns(ConfigWarning, match=r"vision tower and projector \(\d+ tensors\) are dropped"):
         checkpoint = Checkpoint.open(source)
     assert checkpoint.spec.family == "gemma3" and checkpoint.config["architectures"] == ["Gemma3ForCausalLM"]
-    writer = GGUFWriter(checkpoint, GGUFTarget(format="gguf", quants=["F16"]), tmp_path, "m")
-    for info, array in checkpoint.tensors():
-        writer.add(info, array)
-    [artifact] = writer.finish()
-    ids = AutoTokenizer.from_pretrained(source)(heldout_text()[:5000], add_special_tokens=False)["input_ids"]
-    window = np.array(ids[:WINDOW])
-    model = Gemma3ForConditionalGeneration.from_pretrained(source, dtype=torch.float32).eval()
-    with torch.inference_mode():
-        reference = model(input_ids=torch.as_tensor(window[None])).logits[0].numpy()
-    runner = LlamaCppRunner(artifact.path, {"context": WINDOW})
-    try:
-        logits = runner.logits(window)
-    finally:
-        runner.close()
-    assert compare(reference[:-1], logits[:-1], window[1:])[0].mean_kld < LIMITS["F16"]
+    assert text_kld_of_f16(checkpoint, source, Gemma3ForConditionalGeneration, tmp_path) < LIMITS["F16"]
 
 
 def test_gemma4_multimodal_converts_its_language_model(tmp_path: Path) -> None:
     """Gemma4ForConditionalGeneration (E2B and E4B: vision and audio towers): both towers and their embedders are
     dropped (said so), the language model converts, and llama.cpp computes what the multimodal model computes on
     text."""
-    import torch
     from families import gemma4_multimodal
     from transformers import Gemma4ForConditionalGeneration
 
@@ -132,21 +116,7 @@ def test_gemma4_multimodal_converts_its_language_model(tmp_path: Path) -> None:
     with pytest.warns(ConfigWarning, match=r"vision and audio towers and their embedders \(\d+ tensors\) are dropped"):
         checkpoint = Checkpoint.open(source)
     assert checkpoint.spec.family == "gemma4" and checkpoint.config["architectures"] == ["Gemma4ForCausalLM"]
-    writer = GGUFWriter(checkpoint, GGUFTarget(format="gguf", quants=["F16"]), tmp_path, "m")
-    for info, array in checkpoint.tensors():
-        writer.add(info, array)
-    [artifact] = writer.finish()
-    ids = AutoTokenizer.from_pretrained(source)(heldout_text()[:5000], add_special_tokens=False)["input_ids"]
-    window = np.array(ids[:WINDOW])
-    model = Gemma4ForConditionalGeneration.from_pretrained(source, dtype=torch.float32).eval()
-    with torch.inference_mode():
-        reference = model(input_ids=torch.as_tensor(window[None])).logits[0].numpy()
-    runner = LlamaCppRunner(artifact.path, {"context": WINDOW})
-    try:
-        logits = runner.logits(window)
-    finally:
-        runner.close()
-    assert compare(reference[:-1], logits[:-1], window[1:])[0].mean_kld < LIMITS["F16"]
+    assert text_kld_of_f16(checkpoint, source, Gemma4ForConditionalGeneration, tmp_path) < LIMITS["F16"]
 
 
 def test_a_phi3_name_without_the_tokens_llama_cpp_looks_up_is_refused(tmp_path: Path) -> None:
@@ -187,3 +157,25 @@ def test_llama_cpp_scales_ministral3_queries_past_the_original_context(tmp_path:
     vocab = reference.shape[-1]
     late = compare(reference.reshape(-1, vocab), logits.reshape(-1, vocab), targets[:, 64:].reshape(-1))[0]
     assert late.mean_kld < 5e-5
+
+
+def text_kld_of_f16(checkpoint: Checkpoint, source: Path, model_class, tmp_path: Path) -> float:
+    """Mean KLD of the F16 GGUF of `checkpoint` (a multimodal source's language model) against `model_class`'s
+    own forward of the whole multimodal checkpoint on one held-out text window."""
+    import torch
+
+    writer = GGUFWriter(checkpoint, GGUFTarget(format="gguf", quants=["F16"]), tmp_path, "m")
+    for info, array in checkpoint.tensors():
+        writer.add(info, array)
+    [artifact] = writer.finish()
+    ids = AutoTokenizer.from_pretrained(source)(heldout_text()[:5000], add_special_tokens=False)["input_ids"]
+    window = np.array(ids[:WINDOW])
+    model = model_class.from_pretrained(source, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        reference = model(input_ids=torch.as_tensor(window[None])).logits[0].numpy()
+    runner = LlamaCppRunner(artifact.path, {"context": WINDOW})
+    try:
+        logits = runner.logits(window)
+    finally:
+        runner.close()
+    return compare(reference[:-1], logits[:-1], window[1:])[0].mean_kld
