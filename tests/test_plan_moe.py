@@ -19,7 +19,16 @@ from gguf import GGMLQuantizationType as QType
 
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.quantize.gguf import TensorQuantizer
-from siliconvert.quantize.sensitivity import gguf_costs, gguf_kinds, mlx_costs, mlx_kinds, relative_error
+from siliconvert.quantize.sensitivity import (
+    MLX_MODE_CANDIDATES,
+    gguf_costs,
+    gguf_kinds,
+    mlx_costs,
+    mlx_kinds,
+    mlx_option,
+    mlx_option_name,
+    relative_error,
+)
 
 MOE_FAMILIES = [family for family, (_, config) in FAMILY_CASES.items() if "num_experts_per_tok" in config]
 ROUTED = np.array([5.0, 0.0, 15.0])  # calibration tokens per expert: the second expert was never chosen
@@ -65,14 +74,16 @@ def test_mlx_stack_costs_are_each_experts_quantization_weighed_by_its_tokens(sta
     gate, importance = stack
     costs = mlx_costs("model.layers.0.mlp.switch_mlp.gate_proj", gate, importance, scale_bytes=2,
                       candidates=((3, 32), (4, 64), (8, 128)), routed_tokens=ROUTED)
+    assert {option.kind for option in costs.options} >= set(MLX_MODE_CANDIDATES)  # the float modes too
     for option in costs.options:
-        bits, group = map(int, option.kind.split("bit-g"))
+        bits, group, mode = mlx_option(option.kind)
         errors, nbytes = [], 0
         for e in range(3):
-            packed, scales, biases = mx.quantize(mx.array(np.ascontiguousarray(gate[e])), group, bits)
-            nbytes += packed.nbytes + 2 * 2 * scales.size
-            errors.append(relative_error(gate[e], np.asarray(mx.dequantize(packed, scales, biases, group, bits)),
-                                         importance[e]))
+            packed, scales, *biases = mx.quantize(mx.array(np.ascontiguousarray(gate[e])), group, bits, mode=mode)
+            # affine: a scale and a bias per group in the float type; a float mode: one 8-bit scale, no bias
+            nbytes += packed.nbytes + (2 * 2 * scales.size if mode == "affine" else scales.size)
+            dequantized = mx.dequantize(packed, scales, biases[0] if biases else None, group, bits, mode=mode)
+            errors.append(relative_error(gate[e], np.asarray(dequantized.astype(mx.float32)), importance[e]))
         assert option.nbytes == nbytes, option.kind
         assert option.error == pytest.approx(weighted(errors, ROUTED), rel=1e-6), option.kind
     assert costs.params == gate.size
@@ -133,7 +144,7 @@ def test_plans_at_the_fixed_recipes_sizes_keep_to_them_and_beat_them(family, tmp
                for module in planned.plan["tensors"])
     model, _ = load(str(planned.path))  # mlx_lm.load reads each module's entry: its SwitchLinear at its width
     modules = dict(model.named_modules())
-    assert {path: f"{modules[path].bits}bit-g{modules[path].group_size}"
+    assert {path: mlx_option_name(modules[path].bits, modules[path].group_size, modules[path].mode)
             for path in planned.plan["tensors"]} == planned.plan["tensors"]
     quantization = json.loads((planned.path / "config.json").read_text())["quantization"]
     # the routers (Granite 4.0-H's as mlx-lm names it, router.layer) and the shared experts' gates
