@@ -117,10 +117,8 @@ def gemma3_multimodal(out_dir):
     """A Gemma3ForConditionalGeneration checkpoint around the gemma3_text case's trained language model (random
     vision tower), saved by transformers as the hub's multimodal Gemma 3 checkpoints are."""
     import json
-    import shutil
 
     import torch
-    from safetensors.torch import load_file
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     from siliconvert.demo import small_checkpoint
@@ -135,16 +133,7 @@ def gemma3_multimodal(out_dir):
         model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text_config, vision_config=vision,
                                                             mm_tokens_per_image=4,
                                                             tie_word_embeddings=text_config["tie_word_embeddings"]))
-    weights = load_file(text / "model.safetensors")
-    model.model.language_model.load_state_dict(
-        {name.removeprefix("model."): value for name, value in weights.items() if name.startswith("model.")})
-    if not text_config["tie_word_embeddings"]:
-        model.lm_head.weight.data.copy_(weights["lm_head.weight"])
-    model.to(torch.bfloat16).save_pretrained(out_dir)
-    for file in text.iterdir():
-        if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":
-            shutil.copy(file, out_dir / file.name)
-    return out_dir
+    return save_around_language_model(model, text, out_dir)
 
 
 def qwen3_5_multimodal(out_dir, changes=None):
@@ -219,10 +208,8 @@ def gemma4_multimodal(out_dir):
     """A Gemma4ForConditionalGeneration checkpoint around the gemma4_text case's trained language model (random vision
     and audio towers), saved by transformers as the hub's Gemma 4 checkpoints are (E2B and E4B carry both)."""
     import json
-    import shutil
 
     import torch
-    from safetensors.torch import load_file
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
 
     from siliconvert.demo import small_checkpoint
@@ -239,16 +226,7 @@ def gemma4_multimodal(out_dir):
         model = Gemma4ForConditionalGeneration(Gemma4Config(
             text_config=text_config, vision_config=vision, audio_config=audio,
             tie_word_embeddings=text_config["tie_word_embeddings"]))
-    weights = load_file(text / "model.safetensors")
-    model.model.language_model.load_state_dict(
-        {name.removeprefix("model."): value for name, value in weights.items() if name.startswith("model.")})
-    if not text_config["tie_word_embeddings"]:
-        model.lm_head.weight.data.copy_(weights["lm_head.weight"])
-    model.to(torch.bfloat16).save_pretrained(out_dir)
-    for file in text.iterdir():
-        if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":
-            shutil.copy(file, out_dir / file.name)
-    return out_dir
+    return save_around_language_model(model, text, out_dir)
 
 
 def gpt_oss_mxfp4(out_dir):
@@ -290,5 +268,25 @@ def gpt_oss_mxfp4(out_dir):
     (out_dir / "config.json").write_text(json.dumps(settings, indent=2))
     for file in source.iterdir():
         if file.name != "model.safetensors" and file.name != "config.json":
+            shutil.copy(file, out_dir / file.name)
+    return out_dir
+
+
+def save_around_language_model(model, text, out_dir):
+    """Save the multimodal `model` with the text checkpoint `text`'s trained weights as its language model (and
+    head, where untied), in bfloat16 as the hub ships it, beside `text`'s tokenizer files."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(text / "model.safetensors")
+    model.model.language_model.load_state_dict(
+        {name.removeprefix("model."): value for name, value in weights.items() if name.startswith("model.")})
+    if "lm_head.weight" in weights:  # an untied head
+        model.lm_head.weight.data.copy_(weights["lm_head.weight"])
+    model.to(torch.bfloat16).save_pretrained(out_dir)
+    for file in text.iterdir():
+        if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":
             shutil.copy(file, out_dir / file.name)
     return out_dir
