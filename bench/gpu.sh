@@ -60,6 +60,10 @@ install() {
     mkdir -p "$STAGE/files"
     cat "$STAGE"/parts/bundle.tar.part-* | tar -xf - -C "$STAGE/files"
     python3 -m venv --system-site-packages "$VENV"
+    # the image's packages (torch, scikit-build-core, cmake …) may sit in another venv that python3 reaches through
+    # PYTHONPATH, which pip drops for a build backend: name every such folder in a .pth of our own
+    python3 -c 'import sys; print("\n".join(p for p in sys.path if p.endswith("-packages")))' \
+        > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/image-packages.pth"
     "$VENV/bin/python" -m pip install --quiet --no-index --no-deps "$STAGE"/files/*.whl
     # llama.cpp for CUDA, Hopper only (one architecture: minutes, not tens of minutes), with the system compiler
     CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ \
