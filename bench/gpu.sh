@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The bench on a lent GPU machine (issue #29): a bare machine with python3 3.12 and a CUDA torch, no network.
 #
-#   here, once (network):   bash bench/gpu.sh prepare       # .whl/0, .whl/1: what the machine lacks, ≤ 59 MiB each
+#   here, once (network):   bash bench/gpu.sh prepare       # .whl/0, .whl/1: what the machine lacks, ≤ 59 MiB each;
+#                                                           # .whl/cache: the demo checkpoint, built here
 #   there, one call a part: bash bench/gpu.sh stage          # carry .whl/N; the parts wait in $STAGE between calls
 #   there:                  bash bench/gpu.sh install        # a venv over the image's packages, llama.cpp built for CUDA
 #   there:                  bash bench/gpu.sh run --size 7b --only c    # bench.run's options; result and logs → $OUT
@@ -9,10 +10,10 @@
 # What is carried (python 3.12, manylinux x86_64; versions of the H100 run of 2026-11-24): mlx 0.32.4 and its CUDA
 # backend mlx-cuda-13 0.32.4 (90 MB: more than one call's 64 MiB, so the parts are slices of one tar), mlx-lm
 # 0.32.2, gguf 0.19.0, coremltools 9.0 (+ cattrs, pyaml), pydantic 2.14.4 (+ pydantic-core, annotated-types,
-# typing-inspection), diskcache, transformers 5.25.0 + huggingface_hub 2.4.0 (the image's 5.17 lacks this year's
-# families), and the llama-cpp-python 0.3.36 sdist without what neither its CUDA build nor llama.cpp's converter reads
-# (its .git, vendor/llama.cpp/docs, tests, benches, the web UI, the other backends' sources and the tokenizer test
-# vocabularies models/*.gguf): 77 MB → about 7.
+# typing-inspection), diskcache, transformers 5.25.0 + huggingface_hub 2.4.0 with the httpx2 it imports (the image's
+# 5.17 lacks this year's families), and the llama-cpp-python 0.3.36 sdist without what neither its CUDA build nor
+# llama.cpp's converter reads (its .git, vendor/llama.cpp/docs, tests, benches, the web UI, the other backends'
+# sources and the tokenizer test vocabularies models/*.gguf): 77 MB → about 7.
 # The image has the rest (torch, numpy, safetensors, tokenizers, sentencepiece, click, rich, PyYAML,
 # matplotlib, jinja2, nvidia-* CUDA 13 libraries mlx-cuda-13 loads, cmake, ninja, scikit-build-core, nvcc).
 #
@@ -34,7 +35,7 @@ prepare() {
         --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$work/files" \
         mlx==0.32.4 mlx-cuda-13==0.32.4 mlx-lm==0.32.2 gguf==0.19.0 coremltools==9.0 cattrs pyaml \
         pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection diskcache \
-        transformers==5.25.0 huggingface_hub==2.4.0
+        transformers==5.25.0 huggingface_hub==2.4.0 httpx2 httpcore2 truststore
     python3 -m pip download --quiet --no-deps --no-binary :all: -d "$work" llama-cpp-python==0.3.36
     tar -xzf "$work"/llama_cpp_python-0.3.36.tar.gz -C "$work"
     local source=$work/llama_cpp_python-0.3.36
@@ -47,13 +48,19 @@ prepare() {
     for part in "$work"/bundle.tar.part-*; do
         mkdir -p ".whl/${part##*-}" && mv "$part" ".whl/${part##*-}/"
     done
+    local demo
+    demo=$(${PYTHON:-.venv/bin/python} -c 'from siliconvert.demo import demo_checkpoint; print(demo_checkpoint())')
+    mkdir -p .whl/cache/demo && cp -r "$(echo "$demo" | tail -1)" .whl/cache/demo/
     ls -l "$work/files"
     du -sh .whl/* && echo "carry each .whl/N in its own call: bash bench/gpu.sh stage"
 }
 
 stage() {
     mkdir -p "$STAGE/parts"
-    cp -v .whl/*/bundle.tar.part-* "$STAGE/parts/"
+    cp -v .whl/*/bundle.tar.part-* "$STAGE/parts/" 2>/dev/null || true
+    mkdir -p "$STAGE/files" && cp -v .whl/*/*.whl "$STAGE/files/" 2>/dev/null || true  # wheels carried loose
+    # the demo checkpoint (11 MB) whose tokenizer the synthetic checkpoint takes: training it there costs 90 s
+    if [ -d .whl/cache ]; then mkdir -p "$STAGE/cache" && cp -r .whl/cache/. "$STAGE/cache/"; fi
 }
 
 install() {
@@ -78,10 +85,12 @@ install() {
 run() {
     # the bench's own llama.cpp converter comes from the same sdist (pip download, found here, no network)
     export PIP_NO_INDEX=1 PIP_FIND_LINKS=$STAGE/files HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    export SILICONVERT_CACHE=$STAGE/cache
     status=0
+    touch "$STAGE/run-started"
     "$VENV/bin/python" -m bench.run "$@" || status=$?
-    if [ -n "${OUT:-}" ]; then  # what the device tool brings back: the results and the commands' logs
-        cp bench/results/*.json "$OUT/" 2>/dev/null || true  # each holds its stages (timings.json's)
+    if [ -n "${OUT:-}" ]; then  # what the device tool brings back: this run's results and the commands' logs
+        find bench/results -name '*.json' -newer "$STAGE/run-started" -exec cp {} "$OUT/" \;  # each holds its stages
         tar -czf "$OUT/logs.tar.gz" $(find bench/work -mindepth 2 -maxdepth 2 -name logs -type d) 2>/dev/null || true
     fi
     return $status

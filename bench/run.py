@@ -4,7 +4,7 @@ On one synthetic Mistral-shaped checkpoint (0), side by side:
   (a) siliconvert: MLX 4-bit g64 + GGUF Q4_K_M, validation off;
   (b) the anchors doing the same: mlx_lm.convert, llama.cpp's convert_hf_to_gguf.py to F16, then
       llama.cpp's quantizer to Q4_K_M;
-  (c) siliconvert's full recipe: Core ML FP16 + MLX 4-bit + GGUF Q4_K_M, validated, per-stage timings;
+  (c) siliconvert's full recipe: Core ML FP16 + MLX 4-bit + GGUF F16 and Q4_K_M, validated, per-stage timings;
   (d) the disk floor: a plain sequential write of as many bytes as (c)'s Core ML packages and (a)'s artifacts.
 Every command runs as a child process tree measured by bench.measure; bench/README.md explains the numbers.
 """
@@ -55,6 +55,7 @@ COREML_FLOOR_TARGET = 1.5
 
 MLX_TARGET = {"format": "mlx", "bits": 4, "group_size": 64}
 GGUF_TARGET = {"format": "gguf", "quants": ["Q4_K_M"]}
+FULL_GGUF_TARGET = {"format": "gguf", "quants": ["F16", "Q4_K_M"]}  # (c): issue #29's full recipe ships both
 COREML_TARGET = {"format": "coreml", "precision": "fp16"}
 # Random weights predict nearly uniform distributions, which say little about quantization quality:
 # the gates are only there so that a run goes through validation to the release step.
@@ -280,8 +281,8 @@ def gguf_py_version(converter: Path) -> str | None:
 
 
 def run_siliconvert_full(bench: Bench) -> dict:
-    """(c) the whole recipe: Core ML FP16 + MLX 4-bit + GGUF Q4_K_M, default validation, release folders."""
-    recipe, output = bench.recipe("siliconvert-full", [COREML_TARGET, MLX_TARGET, GGUF_TARGET],
+    """(c) the whole recipe: Core ML FP16 + MLX 4-bit + GGUF F16 and Q4_K_M, default validation, release folders."""
+    recipe, output = bench.recipe("siliconvert-full", [COREML_TARGET, MLX_TARGET, FULL_GGUF_TARGET],
                                   {"gates": LOOSE_GATES})
     fresh(output)
     # exit 1 is a gate failure: the run went through validation and is complete
