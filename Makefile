@@ -23,7 +23,7 @@ demo: install
 	$(BIN)/siliconvert recipe recipes/demo.yaml
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 lint: install
 	$(BIN)/ruff check .

@@ -177,3 +177,44 @@ def test_hub_recipes_parse(name):
     coreml = next(t for t in recipe.targets if t.format == "coreml")
     assert coreml.context == 2048 and coreml.chunks == "auto"
     assert recipe.validate_.context <= coreml.context
+
+
+def test_digests_hashed_ahead_follow_the_bytes_a_folder_links(tmp_path):
+    """A digest taken ahead is reused through a hard link, and not for a file replaced by rename (the way writers
+    replace files) since it was hashed."""
+    import hashlib
+    import os
+
+    from siliconvert.commands.release import Digests
+
+    artifact = tmp_path / "artifact"
+    artifact.mkdir()
+    (artifact / "weights.bin").write_bytes(b"a" * 3_000_000)
+    (artifact / ".cache").write_bytes(b"not released")
+    digests = Digests(workers=2)
+    try:
+        digests.ahead([artifact])
+        assert len(digests._futures) == 1  # the hidden file is left out, as release folders leave it
+        linked = tmp_path / "release-weights.bin"
+        os.link(artifact / "weights.bin", linked)
+        assert digests.of([linked]) == [hashlib.sha256(b"a" * 3_000_000).hexdigest()]
+        assert len(digests._futures) == 1  # the link is the same file: hashed once
+        fresh = tmp_path / "fresh.bin"
+        fresh.write_bytes(b"b" * 3_000_001)
+        os.replace(fresh, artifact / "weights.bin")
+        assert digests.of([artifact / "weights.bin"]) == [hashlib.sha256(b"b" * 3_000_001).hexdigest()]
+    finally:
+        digests.close()
+
+
+def test_a_stopped_digest_stops_between_chunks(tmp_path):
+    import threading
+
+    from siliconvert.commands.release import DigestStopped, sha256_file
+
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(3 << 20))
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(DigestStopped):
+        sha256_file(big, stop)

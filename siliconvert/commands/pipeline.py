@@ -89,7 +89,7 @@ def run_recipe(recipe: Recipe, recipe_path: Path | None = None, *, allow_pickle:
                force_release: bool = False) -> Outcome:
     """Convert, validate, gate, and write release folders for what passed (or everything, if forced)."""
     from siliconvert.commands.push import push, repo_for
-    from siliconvert.commands.release import write_releases
+    from siliconvert.commands.release import Digests, write_releases
 
     checkpoint = open_source(recipe.source, allow_pickle)
     preflight(recipe, checkpoint, recipe_path)
@@ -104,14 +104,19 @@ def run_recipe(recipe: Recipe, recipe_path: Path | None = None, *, allow_pickle:
         return Outcome(None, artifacts, out_dir)
     gates = {artifact.path: target.gates or recipe.validate_.gates for artifact, target in produced}
     replan = Replanner(checkpoint, recipe, produced, out_dir / "artifacts", timings, calibration=calibration)
-    report = validate_artifacts(checkpoint, recipe.source, artifacts, recipe.validate_, gates, out_dir, timings,
-                                replan=replan)
-    recipe_text = recipe_path.read_text(encoding="utf-8") if recipe_path else yaml.safe_dump(
-        recipe.model_dump(mode="json", by_alias=True))
-    started = time.perf_counter()
-    releases = write_releases(report, recipe_text, checkpoint, out_dir, force=force_release,
-                              repo_prefix=recipe.release.repo_prefix)
-    timings.stage("release", wall_s=time.perf_counter() - started)
+    digests = Digests()  # the release folders' checksums, hashed while the artifacts are validated
+    try:
+        digests.ahead(artifact.path for artifact in artifacts)
+        report = validate_artifacts(checkpoint, recipe.source, artifacts, recipe.validate_, gates, out_dir, timings,
+                                    replan=replan)
+        recipe_text = recipe_path.read_text(encoding="utf-8") if recipe_path else yaml.safe_dump(
+            recipe.model_dump(mode="json", by_alias=True))
+        started = time.perf_counter()
+        releases = write_releases(report, recipe_text, checkpoint, out_dir, force=force_release,
+                                  repo_prefix=recipe.release.repo_prefix, digests=digests)
+        timings.stage("release", wall_s=time.perf_counter() - started)
+    finally:
+        digests.close()
     timings.write(out_dir)
     if recipe.release.push and (report["passed"] or force_release):
         for folder in releases:

@@ -18,6 +18,9 @@ import hashlib
 import os
 import re
 import shutil
+import threading
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,11 +51,12 @@ class SourceFacts:
 
 
 def write_releases(report: dict, recipe_text: str, checkpoint, out_dir: Path, *, force: bool = False,
-                   repo_prefix: str | None = None) -> list[Path]:
+                   repo_prefix: str | None = None, digests: Digests | None = None) -> list[Path]:
     """Write a release folder for every artifact that passed its gates (all of them with `force`).
 
     `repo_prefix` ("org/Name") names the repos: org/Name-4bit, org/Name-GGUF, org/Name-CoreML; without it
-    the folders take the checkpoint's name. Returns the folders written, in report order.
+    the folders take the checkpoint's name. `digests`: the run's, which may have hashed the artifacts while
+    they were validated. Returns the folders written, in report order.
     """
     org, model = split_repo_prefix(repo_prefix, checkpoint.name)
     out_dir = Path(out_dir)
@@ -60,15 +64,22 @@ def write_releases(report: dict, recipe_text: str, checkpoint, out_dir: Path, *,
     facts = SourceFacts(base_model(report["source"], checkpoint), source_license(checkpoint),
                         report["source_info"]["family"])
     written = []
-    for release in plan_releases(report["artifacts"], model, org, force):
-        for entry in release.left_out:
-            say(f"not released: {_label(entry)} failed its gates ({_failure_messages(entry)})")
-        for entry in release.forced:
-            say(f"[bold red]released despite failed gates (force)[/]: {_label(entry)} ({_failure_messages(entry)})")
-        if release.shipped:
-            written.append(build_release(release, report, recipe_text, checkpoint, facts, out_dir))
-        else:
-            _remove_stale(root / release.name)
+    owned = digests is None
+    digests = digests or Digests()
+    try:
+        for release in plan_releases(report["artifacts"], model, org, force):
+            for entry in release.left_out:
+                say(f"not released: {_label(entry)} failed its gates ({_failure_messages(entry)})")
+            for entry in release.forced:
+                say(f"[bold red]released despite failed gates (force)[/]: {_label(entry)} "
+                    f"({_failure_messages(entry)})")
+            if release.shipped:
+                written.append(build_release(release, report, recipe_text, checkpoint, facts, out_dir, digests))
+            else:
+                _remove_stale(root / release.name)
+    finally:
+        if owned:
+            digests.close()
     return written
 
 
@@ -99,7 +110,7 @@ def release_name(entry: dict, model: str) -> str:
 
 
 def build_release(release: Release, report: dict, recipe_text: str, checkpoint, facts: SourceFacts,
-                  out_dir: Path) -> Path:
+                  out_dir: Path, digests: Digests) -> Path:
     """Fill a temporary folder, checksum it, then rename it over any older release of the same name."""
     root = out_dir / RELEASE_FOLDER
     final = root / release.name
@@ -111,7 +122,7 @@ def build_release(release: Release, report: dict, recipe_text: str, checkpoint, 
         if (out_dir / PLOT).is_file():
             link_or_copy(out_dir / PLOT, work / PLOT)
         write_new_file(work / CARD, model_card(release, report, recipe_text, facts, work))
-        write_checksums(work)
+        write_checksums(work, digests)
         _replace(work, final)
     except OSError as e:
         raise OutputError(f"cannot write the release folder ({e.strerror or e})", final) from None
@@ -338,20 +349,67 @@ def release_files(folder: Path) -> list[str]:
     return sorted(f.relative_to(folder).as_posix() for f in folder.rglob("*") if f.is_file())
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, stop: threading.Event | None = None) -> str:
+    """The file's SHA-256; `stop` set: raises DigestStopped between chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(HASH_CHUNK_BYTES):
+            if stop is not None and stop.is_set():
+                raise DigestStopped(path)
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def write_checksums(folder: Path) -> Path:
+class DigestStopped(Exception):
+    """Hashing was stopped by Digests.close before the file was read through."""
+
+
+class Digests:
+    """SHA-256 digests of files, hashed by a pool of threads (hashlib lets go of the GIL over large buffers, so
+    they run beside validation and beside each other) and kept by (device, inode, size, mtime). A release folder's
+    files are hard links to the artifacts, which writers replace by rename, never in place: a digest taken while
+    the artifact was validated still names the bytes the folder links. `ahead` starts hashing what releases will
+    list; `of` answers in order, hashing what was not asked ahead; `close` stops what is left (a run that stops at
+    its gates releases nothing, and should not wait for gigabytes of hashing to end)."""
+
+    def __init__(self, workers: int | None = None) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1),
+                                        thread_name_prefix="sha256")
+        self._stop = threading.Event()
+        self._futures: dict[tuple[int, int, int, int], Future[str]] = {}
+
+    def ahead(self, paths: Iterable[Path]) -> None:
+        """Start hashing every file at or under `paths`, hidden ones left out as release folders leave them."""
+        for path in paths:
+            files = sorted(f for f in path.rglob("*") if not any(
+                part.startswith(".") for part in f.relative_to(path).parts)) if path.is_dir() else [path]
+            for file in files:
+                if file.is_file() and not file.is_symlink():
+                    self._future(file)
+
+    def of(self, files: list[Path]) -> list[str]:
+        futures = [self._future(file) for file in files]
+        return [future.result() for future in futures]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _future(self, file: Path) -> Future[str]:
+        stat = file.stat()
+        key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if key not in self._futures:
+            self._futures[key] = self._pool.submit(sha256_file, file, self._stop)
+        return self._futures[key]
+
+
+def write_checksums(folder: Path, digests: Digests) -> Path:
     """SHA256SUMS in `sha256sum -c` format, over every other file; written last so it covers them all."""
     names = [n for n in release_files(folder) if n != CHECKSUMS]
     if any("\n" in n or "\\" in n for n in names):
         raise OutputError("a file name holds a newline or backslash, which SHA256SUMS cannot list plainly", folder)
-    write_new_file(folder / CHECKSUMS, "".join(f"{sha256_file(folder / name)}  {name}\n" for name in names))
+    lines = zip(digests.of([folder / name for name in names]), names, strict=True)
+    write_new_file(folder / CHECKSUMS, "".join(f"{digest}  {name}\n" for digest, name in lines))
     return folder / CHECKSUMS
 
 
