@@ -185,7 +185,8 @@ def result(**overrides) -> dict:
         "anchors": {"mlx_lm.convert": completed(5.0, 8.0, 500.0), "convert_hf_to_gguf": completed(10.0, 9.0, 600.0),
                     "llama_model_quantize": completed(5.0, 10.0, 300.0)},
         "full": {**completed(100.0, 150.0, 2000.0),
-                 "stages": {"convert.coreml": {"busy_s": 2.0, "active_s": 3.0, "bytes": 10}}},
+                 "stages": {"convert.coreml": {"busy_s": 2.0, "active_s": 3.0, "bytes": 10},
+                            "convert": {"wall_s": 50.0}}},
         "disk_floor_s": {"coreml": 2.0, "comparable": 1.0}, "disk_floor_bytes": {"coreml": 10, "comparable": 5},
     } | overrides
     return run.build_result(**arguments)
@@ -197,7 +198,7 @@ def test_result_shape_and_ratios():
     assert set(built["comparable"]) == {"siliconvert", "anchors"}
     assert built["ratios"] == {"wall_vs_anchors": 0.85, "cpu_vs_anchors": 1.111, "peak_rss_vs_2gib": 0.5,
                                "coreml_active_vs_disk_floor": 1.5, "coreml_busy_vs_disk_floor": 1.0,
-                               "comparable_wall_vs_disk_floor": 17.0}
+                               "comparable_wall_vs_disk_floor": 17.0, "full_vs_pass": 2.0}
     table = run.format_table(built)
     assert "meets target" in table and "MISSES" not in table
     assert "convert.coreml (busy)" in table
@@ -211,7 +212,14 @@ def test_ratios_need_completed_runs():
     assert built["ratios"]["coreml_busy_vs_disk_floor"] is None
     assert built["ratios"]["coreml_active_vs_disk_floor"] is None
     assert built["ratios"]["peak_rss_vs_2gib"] == 0.5
+    assert built["ratios"]["full_vs_pass"] is None
     assert "no timings.json" in run.format_table(built)
+
+
+def test_a_full_run_past_twice_its_pass_misses_the_target():
+    built = result(full={**completed(100.1, 1.0, 1.0), "stages": {"convert": {"wall_s": 50.0}}})
+    assert built["ratios"]["full_vs_pass"] == 2.002
+    assert "(c) wall / its conversion pass" in run.format_table(built) and "MISSES" in run.format_table(built)
 
 
 def test_gpus_are_nvidia_smis_lines(tmp_path, monkeypatch):
