@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import build_mlx, reference_choices_for, reference_logits_for
-from families import FAMILY_CASES, gpt_oss_mxfp4
+from families import FAMILY_CASES, GPT_OSS_20B_ROPE, gpt_oss_mxfp4
 from test_mlx import held_out_windows
 from test_mlx_models_gemma2 import faithful_and_mlx_lms, mean_kld
 
@@ -24,9 +24,6 @@ from siliconvert.validate.router import router_agreement
 from siliconvert.validate.runners.mlx import MLXRunner
 
 GPT_OSS = FAMILY_CASES["gpt_oss"][1]
-# gpt-oss-20b's rope as its config.json gives it
-GPT_OSS_20B_ROPE = {"rope_type": "yarn", "rope_theta": 150_000.0, "factor": 32.0, "beta_fast": 32.0,
-                    "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 4096}
 
 
 def model_file():
@@ -37,7 +34,8 @@ def model_file():
 
 
 @pytest.mark.parametrize("truncate", [False, True])
-@pytest.mark.parametrize(("head_dim", "rope"), [(32, GPT_OSS["rope_parameters"]), (64, GPT_OSS_20B_ROPE)])
+@pytest.mark.parametrize(("head_dim", "rope"), [(32, GPT_OSS["rope_parameters"]),
+                                                     (64, GPT_OSS_20B_ROPE["rope_parameters"])])
 def test_the_rope_is_transformers_yarn(head_dim, rope, truncate):
     """The file's frequencies and attention factor are transformers' `_compute_yarn_parameters`, truncated or not;
     mlx-lm's YarnRoPE matches them only truncated."""
