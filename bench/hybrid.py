@@ -128,16 +128,21 @@ def write(path: Path, args: argparse.Namespace, notes: Notes, rows: dict[str, di
     path.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def ours(family: str, source: Path, args: argparse.Namespace) -> dict:
-    """One recipe, three formats; each artifact's figures from its report and the state a sequence keeps in it. A
-    format whose writer refuses the checkpoint (naming the trait) is recorded with its refusal, and the recipe runs
-    again without it."""
+def default_targets(args: argparse.Namespace) -> dict[str, dict]:
+    """The recipe's targets by format: GGUF F16 + Q4_K_M, MLX 4-bit g64, Core ML FP16 at `--context`."""
+    return {"gguf": {"format": "gguf", "quants": list(QUANTS)},
+            "mlx": {"format": "mlx", "bits": 4, "group_size": 64},
+            "coreml": {"format": "coreml", "precision": "fp16", "context": args.context}}
+
+
+def ours(family: str, source: Path, args: argparse.Namespace, targets: dict[str, dict] | None = None) -> dict:
+    """One recipe, its `targets` by format (default_targets: three formats); each artifact's figures from its report
+    and the state a sequence keeps in it. A format whose writer refuses the checkpoint (naming the trait) is recorded
+    with its refusal, and the recipe runs again without it."""
     out = OUT / family / "siliconvert"
     recipe = OUT / family / "recipe.yaml"
     recipe.parent.mkdir(parents=True, exist_ok=True)
-    targets = {"gguf": {"format": "gguf", "quants": list(QUANTS)},
-               "mlx": {"format": "mlx", "bits": 4, "group_size": 64},
-               "coreml": {"format": "coreml", "precision": "fp16", "context": args.context}}
+    targets = dict(targets or default_targets(args))
     refused: dict[str, dict] = {}
     while targets:
         recipe.write_text(yaml.safe_dump({

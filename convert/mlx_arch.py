@@ -95,6 +95,10 @@ class Layout:
     # context, the long ones past it, the attention factor from the config; False: mlx-lm's SuScaledRoPE (the long
     # factors at every length, the attention factor from max / original positions)
     longrope_by_length: bool = False
+    # YaRN as transformers computes it: its correction range truncated only where the config does not say
+    # `truncate: false`, the attention factor from the config; False: mlx-lm's YarnRoPE (always truncated, the
+    # attention factor from mscale and mscale_all_dim alone)
+    yarn_by_config: bool = False
     # siliconvert's own model file for the family (in convert/mlx_models/), copied into the folder and named by
     # config.json's `model_file`, which mlx_lm.load(..., trust_remote_code=True) runs; None: mlx-lm's own
     model_file: str | None = None
@@ -200,16 +204,20 @@ LAYOUTS: dict[str, Layout] = {
 
 
 # siliconvert's model files where mlx-lm's compute another function: Gemma 2 with its sliding window, Phi-3 with
-# LongRoPE's factors chosen by length. Each is mlx-lm's file, subclassed, with only that fixed.
+# LongRoPE's factors chosen by length, gpt-oss with YaRN's correction range untruncated. Each is mlx-lm's file,
+# subclassed, with only that fixed.
 FAITHFUL: dict[str, Layout] = {
     "gemma2": replace(LAYOUTS["gemma2"], windows="layer_types", model_file="gemma2.py"),
     "phi3": replace(LAYOUTS["phi3"], longrope_by_length=True, model_file="phi3.py"),
+    "gpt_oss": replace(LAYOUTS["gpt_oss"], yarn_by_config=True, model_file="gpt_oss.py"),
 }
 # What each of those files fixes, as a release's card says it
 FAITHFUL_FIXES = {
     "gemma2.py": "it has no sliding window: its sliding layers attend over the whole context",
     "phi3.py": "it rotates with LongRoPE's long factors at every length, where the model takes the short ones within "
                "its original context",
+    "gpt_oss.py": "it rounds YaRN's correction range out to whole dimensions, where the model's config says "
+                  "`truncate: false`: the rotary dimensions at the ramp's ends turn at other frequencies",
 }
 MODEL_FILES = Path(__file__).parent / "mlx_models"  # package data: FAITHFUL's files, shipped into folders byte for byte
 
@@ -493,7 +501,7 @@ class MLXArch:
                 raise self.refuse("partial_rotary", "mlx-lm rotates the whole head")
         if self.rope.kind == "longrope" and not layout.longrope_by_length:
             self._check_longrope()
-        if self.rope.kind == "yarn":
+        if self.rope.kind == "yarn" and not layout.yarn_by_config:
             self._check_yarn()
 
     def _check_longrope(self) -> None:

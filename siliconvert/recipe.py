@@ -102,8 +102,8 @@ class MLXTarget(TargetSpec):
     # residual stream fits float16 (same bytes, three more bits of mantissa), else the source's
     dtype: Literal["float16", "bfloat16", "float32"] | None = None
     # the model code the folder runs: mlx-lm's own model file for the family, or "faithful": siliconvert's, shipped in
-    # the folder where mlx-lm's computes another function (Gemma 2's sliding window, Phi-3's LongRoPE), which
-    # mlx_lm.load runs only with trust_remote_code=True
+    # the folder where mlx-lm's computes another function (Gemma 2's sliding window, Phi-3's LongRoPE, gpt-oss's
+    # untruncated YaRN), which mlx_lm.load runs only with trust_remote_code=True
     model_file: MLXModelFile = "mlx-lm"
     # mx.quantize's mode: affine (bits and group_size as set), or a float format whose bits and group are fixed
     # (MLX_MODES); mlx_lm.convert's --q-mode

@@ -109,8 +109,13 @@ FAMILY_CASES: dict[str, tuple[str, dict]] = {
 LLAMA_CPP_SHAPES = {"qwen3_5_text": {"linear_value_head_dim": 32}, "qwen3_5_moe_text": {"linear_value_head_dim": 32},
                     "qwen3_next": {"linear_value_head_dim": 32, "decoder_sparse_step": 1, "norm_topk_prob": True}}
 # The cases with YaRN's correction range truncated, as llama.cpp and mlx-lm always compute it: GGUF writes the
-# untruncated case with a warning naming the trait (tests/test_gguf_moe.py measures its cost), MLX refuses it
+# untruncated case with a warning naming the trait (tests/test_gguf_moe.py measures its cost), MLX refuses it but
+# with `model_file: faithful` (tests/test_mlx_models_gpt_oss.py)
 TRUNCATED_YARN = {"gpt_oss": {"rope_parameters": {**FAMILY_CASES["gpt_oss"][1]["rope_parameters"], "truncate": True}}}
+# gpt-oss-20b's own rope (config.json), for the gpt_oss case at its head size (64): where YaRN's ramp really runs
+GPT_OSS_20B_ROPE = {"head_dim": 64, "rope_parameters": {
+    "rope_type": "yarn", "rope_theta": 150_000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+    "truncate": False, "original_max_position_embeddings": 4096}}
 
 
 def gemma3_multimodal(out_dir):

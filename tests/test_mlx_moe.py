@@ -26,6 +26,7 @@ from siliconvert.validate.router import router_agreement
 from siliconvert.validate.runners.mlx import MLXRunner
 
 # gpt-oss's case is refused (its YaRN untruncated, as gpt-oss ships: mlx-lm always truncates); its MLX tests are below
+# and, with siliconvert's own model file (`model_file: faithful`), in tests/test_mlx_models_gpt_oss.py
 MOE_FAMILIES = [family for family, (_, config) in FAMILY_CASES.items()
                 if "num_experts_per_tok" in config and family != "gpt_oss"]
 # mlx_lm.convert reads these with a config patch; the hybrids' comparisons with it are in tests/test_mlx_hybrid.py
