@@ -436,11 +436,18 @@ def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Arti
                        gates: dict[Path, Gates], out_dir: Path, timings: Timings | None = None,
                        replan: Callable[[Artifact, dict], Artifact | None] | None = None) -> dict:
     """Score every artifact against the reference on the same windows; write the report. `replan` may answer
-    an artifact's entry with a rebuilt artifact, which is scored in its place."""
+    an artifact's entry with a rebuilt artifact, which is scored in its place.
+
+    The reference and the artifacts' runs go at once, each in its own process, as the memory budget admits them
+    (validate/overlap.py; `settings.parallel`: 1 runs them one after the other); each run is scored as it ends,
+    once the reference is in, and a rebuilt artifact runs next."""
+    import multiprocessing
+
     import numpy as np
 
     from siliconvert.corpus import source_tokenizer, token_windows
     from siliconvert.validate import gates as gate_checks
+    from siliconvert.validate import overlap
     from siliconvert.validate.reference import reference_expert_choices, reference_logits
     from siliconvert.validate.report import artifact_entry, build_report, write_report
     from siliconvert.validate.score import run_artifact, score
@@ -456,30 +463,65 @@ def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Arti
     windows = token_windows(tokenizer, settings.corpus, settings.tokens, settings.context)
     probes = {fmt: tokenizer_probes(tokenizer, windows.probe_text, fmt) for fmt in {a.format for a in artifacts}}
     timings = timings or Timings()
-    started = time.perf_counter()
-    reference, reference_info = reference_logits(checkpoint, windows, out_dir / ".cache")
-    # a cached reference costs only the load: its peak belongs to the run that computed it
-    timings.stage("reference", wall_s=time.perf_counter() - started, cached=bool(reference_info.get("cached")),
-                  peak_rss_mb=None if reference_info.get("cached") else reference_info.get("peak_rss_mb"))
-    reference_choices = reference_expert_choices(checkpoint, windows, out_dir / ".cache")
+    validation_started = time.perf_counter()
+    budget = overlap.memory_budget(settings.parallel)
+    gpu = budget.device is not None
+    logits = overlap.logits_bytes(*windows.tokens.shape, checkpoint.spec.vocab_size)
     latency = (settings.prefill_tokens, settings.decode_tokens) if settings.latency else None
-    entries, klds = [], {}
-    for artifact in artifacts:
-        while artifact is not None:
+    reference: dict = {}  # its logits, its description and the experts its routers chose, once computed
+    waiting: list[tuple[overlap.Job, object]] = []  # runs that ended before the reference
+    entries: dict[int, dict] = {}  # by the artifact's place in `artifacts`
+    klds: dict[int, tuple[str, np.ndarray]] = {}
+
+    def artifact_job(place: int, artifact: Artifact) -> overlap.Job:
+        host, device = format_entry(artifact.format).validation_memory(artifact, gpu)
+
+        def start(phase) -> object:
             say(f"validating {artifact.format} {artifact.quant}")
-            started = time.perf_counter()
-            run = run_artifact(artifact, format_entry(artifact.format).runner, windows, latency,
-                               probes[artifact.format].artifact_texts)
-            result = score(artifact, run, reference, windows, probes[artifact.format],
-                           settings.tokenizer == "strict", reference_choices, checkpoint.spec.sparse_layers)
-            peak = getattr(run, "peak_rss_mb", None) or (run.latency.peak_rss_mb if run.latency else None)
-            timings.stage(f"validate.{artifact.format} {artifact.quant}", wall_s=time.perf_counter() - started,
-                          peak_rss_mb=peak)
-            failures = gate_checks.check(result, gates[artifact.path])
-            entry = artifact_entry(result, failures, gates[artifact.path].model_dump())
-            artifact = replan(artifact, entry) if replan else None
-        entries.append(entry)
-        klds[f"{entry['format']} {entry['quant']}"] = result.kld
+            return run_artifact(artifact, format_entry(artifact.format).runner, windows, latency,
+                                probes[artifact.format].artifact_texts, phase)
+        return overlap.Job(f"{artifact.format} {artifact.quant}", overlap.Need(host + logits, device), start,
+                   extra={"place": place, "artifact": artifact})
+
+    def scored(job: overlap.Job, run) -> list[overlap.Job]:
+        artifact, place = job.extra["artifact"], job.extra["place"]
+        started = time.perf_counter()
+        result = score(artifact, run, reference["logits"], windows, probes[artifact.format],
+                       settings.tokenizer == "strict", reference["choices"], checkpoint.spec.sparse_layers)
+        peak = getattr(run, "peak_rss_mb", None) or (run.latency.peak_rss_mb if run.latency else None)
+        # its run and its scoring, not its waits for the reference and for the quiet phase (those are `waited_s`)
+        timings.stage(f"validate.{artifact.format} {artifact.quant}",
+                      wall_s=job.run_s - run.quiet_wait_s + time.perf_counter() - started, peak_rss_mb=peak,
+                      started_s=job.started_s, waited_s=run.quiet_wait_s + started - job.ended_at)
+        failures = gate_checks.check(result, gates[artifact.path])
+        entries[place] = artifact_entry(result, failures, gates[artifact.path].model_dump())
+        klds[place] = (f"{entries[place]['format']} {entries[place]['quant']}", result.kld)
+        rebuilt = replan(artifact, entries[place]) if replan else None
+        return [artifact_job(place, rebuilt)] if rebuilt is not None else []
+
+    def finished(job: overlap.Job, result) -> list[overlap.Job]:
+        if job is not reference_job:
+            if "logits" not in reference:
+                waiting.append((job, result))
+                return []
+            return scored(job, result)
+        reference["logits"], reference["info"] = result
+        info = reference["info"]
+        # a cached reference costs only the load: its peak belongs to the run that computed it
+        timings.stage("reference", wall_s=job.run_s, cached=bool(info.get("cached")),
+                      peak_rss_mb=None if info.get("cached") else info.get("peak_rss_mb"))
+        reference["choices"] = reference_expert_choices(checkpoint, windows, out_dir / ".cache")
+        follow = [rebuilt for ended, run in waiting for rebuilt in scored(ended, run)]
+        waiting.clear()
+        return follow
+
+    reference_job = overlap.Job("reference", overlap.reference_need(checkpoint, logits, gpu),
+                        lambda phase: reference_logits(checkpoint, windows, out_dir / ".cache"))
+    jobs = [reference_job] + [artifact_job(place, artifact) for place, artifact in enumerate(artifacts)]
+    most = overlap.run_jobs(jobs, budget, overlap.QuietPhase(multiprocessing.get_context("spawn")), finished)
+    validation = {**budget.as_report(), "most_at_once": most}
+    timings.stage("validate", wall_s=time.perf_counter() - validation_started, **validation)
+    reference_info = reference["info"]
     spec = checkpoint.spec
     report = build_report(
         source=source,
@@ -491,10 +533,11 @@ def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Arti
         reference=reference_info,
         corpus={"name": windows.corpus, "tokens": int(windows.tokens.size), "context": settings.context,
                 "windows": int(windows.tokens.shape[0]), "positions": int(np.prod(windows.targets.shape))},
-        artifacts=entries,
+        artifacts=[entries[place] for place in range(len(artifacts))],
         version=__version__,
+        validation=validation,
     )
-    write_report(out_dir, report, klds)
+    write_report(out_dir, report, dict(klds[place] for place in range(len(artifacts))))
     return report
 
 
