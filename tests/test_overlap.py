@@ -47,6 +47,44 @@ def test_the_budget_is_a_share_of_the_memory_available_and_auto_counts_the_cores
     assert memory_budget(3).parallel == 3
 
 
+def test_each_format_estimates_what_its_runner_holds(tmp_path):
+    import siliconvert.formats  # noqa: F401 - registers the formats
+    from siliconvert.format import artifact_bytes, entry
+
+    gguf = tmp_path / "model-Q4_K_M.gguf"
+    gguf.write_bytes(bytes(1000))
+    # llama.cpp reads the file into memory on the CPU, into the GPU's with every layer offloaded; its cache beside
+    assert entry("gguf").validation_memory(Artifact("gguf", "Q4_K_M", gguf), gpu=False) == (1200, 0)
+    assert entry("gguf").validation_memory(Artifact("gguf", "Q4_K_M", gguf), gpu=True) == (250, 1200)
+    mlx = tmp_path / "mlx"
+    mlx.mkdir()
+    (mlx / "config.json").write_text(json.dumps({"quantization": {"bits": 4, "group_size": 64}}))
+    (mlx / "model.safetensors").write_bytes(bytes(1000))
+    size = artifact_bytes(mlx)
+    # mlx's CPU runs a quantized folder dequantized: 16 bits a weight beside the packed 4
+    assert entry("mlx").validation_memory(Artifact("mlx", "4bit-g64", mlx), gpu=False) == (size + 4 * size, 0)
+    assert entry("mlx").validation_memory(Artifact("mlx", "4bit-g64", mlx), gpu=True) == (size, size)
+    coreml = tmp_path / "coreml"
+    for name, size in (("a", 300), ("b", 500)):
+        (coreml / f"{name}.mlpackage").mkdir(parents=True)
+        (coreml / f"{name}.mlpackage" / "weight.bin").write_bytes(bytes(size))
+    # the MIL interpreter widens float16 weights to float32, palettized 4-bit ones eight times
+    assert entry("coreml").validation_memory(Artifact("coreml", "fp16", coreml), gpu=False) == (2 * 800 + 500, 0)
+    assert entry("coreml").validation_memory(Artifact("coreml", "pal4", coreml), gpu=True) == (500, 8 * 800)
+
+
+def test_the_reference_holds_one_layer_beside_the_embedding_and_the_head(random_llama):
+    from siliconvert.checkpoint import Checkpoint
+    from siliconvert.validate.overlap import reference_need
+
+    # random_llama: a 96 × 32 embedding and head and the final norm; two layers, each q and o 32 × 32, k and v
+    # 16 × 32 (two key-value heads), the MLP 3 × 32 × 64 and two norms
+    held = 2 * 96 * 32 + 32 + 2 * 32 * 32 + 2 * 16 * 32 + 3 * 32 * 64 + 2 * 32
+    checkpoint = Checkpoint.open(random_llama)
+    assert reference_need(checkpoint, 1000, gpu=False) == Need(1000 + 4 * held)  # float32 on the CPU
+    assert reference_need(checkpoint, 1000, gpu=True) == Need(1000 + 2 * held, 2 * held)  # float16 on the GPU
+
+
 def jobs_that_record(needs: dict[str, int], spans: dict[str, tuple[float, float]], seconds: float = 0.3,
                      fails: str | None = None) -> list[Job]:
     def start(name: str, phase: RunPhase) -> str:
