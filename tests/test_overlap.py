@@ -125,6 +125,14 @@ def test_parallel_1_runs_in_the_order_given_and_a_rebuilt_artifact_runs_next():
     assert all(spans[before][1] <= spans[after][0] for before, after in itertools.pairwise(order))
 
 
+def test_a_job_marked_alone_waits_for_the_runs_going_and_runs_alone():
+    spans: dict[str, tuple[float, float]] = {}
+    jobs = jobs_that_record({"a": 1, "rebuild": 1, "b": 1}, spans, seconds=0.2)
+    jobs[1].alone = True
+    run_jobs(jobs, Budget(10**12, None, 4), QuietPhase(SPAWN), lambda job, result: [])
+    assert spans["rebuild"][0] >= spans["a"][1] and spans["b"][0] >= spans["rebuild"][1]
+
+
 def test_an_error_in_one_run_is_raised_once_the_runs_going_have_ended():
     spans: dict[str, tuple[float, float]] = {}
     jobs = jobs_that_record({"fails": 1, "slow": 1}, spans, fails="fails")
@@ -220,6 +228,29 @@ def test_a_crash_in_one_of_the_overlapping_runs_names_its_artifact(toy_and_crash
         validate_artifacts(open_source(str(demo_model)), str(demo_model), [toy, crashing], settings, gates,
                            tmp_path / "out")
     assert error.value.where == str(crashing.path)
+
+
+def test_a_planned_artifact_is_built_again_once_the_first_round_has_ended_and_scored_in_its_place(
+        toy_and_crashing, demo_model, tmp_path):
+    from siliconvert.commands.pipeline import open_source, validate_artifacts
+
+    planned = Artifact("toy", "planned", demo_model, plan={"goal": "toy"})
+    other = Artifact("toy", "float32", demo_model)
+    answers: list[tuple[str, float]] = []
+
+    def replan(artifact: Artifact, entry: dict) -> Artifact | None:
+        answers.append((artifact.quant, time.perf_counter()))
+        entry["replanned"], entry["plan"] = True, None  # the toy's plan is a marker: the report has none to show
+        return Artifact("toy", "rebuilt", demo_model, plan={"goal": "toy"}) if artifact.quant == "planned" else None
+
+    settings = Validate(tokens=64, context=32, latency=False, parallel=3)
+    out = tmp_path / "out"
+    report = validate_artifacts(open_source(str(demo_model)), str(demo_model), [planned, other], settings,
+                                {demo_model: settings.gates}, out, replan=replan)
+    assert [(a["quant"], a.get("replanned")) for a in report["artifacts"]] == [("rebuilt", True), ("float32", True)]
+    assert sorted(quant for quant, _ in answers) == ["float32", "planned", "rebuilt"]
+    rebuilt_at = dict(answers)["planned"]
+    assert rebuilt_at >= dict(answers)["float32"]  # the other run scored (and answered) before the rebuild began
 
 
 @pytest.mark.slow

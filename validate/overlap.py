@@ -9,7 +9,9 @@ independent until scoring, so they run at once where memory allows:
 - Admission (`Budget.fits`, `run_jobs`): runs start in the order given, each when its estimated memory (its
   format's `validation_memory`, and its logits in the child and in the parent) fits beside the runs going. A run
   that alone exceeds the budget starts when nothing else runs: it runs alone rather than never. No run overtakes an
-  earlier one that waits, so `parallel: 1` is the serial order: the reference, then each artifact in turn.
+  earlier one that waits, so `parallel: 1` is the serial order: the reference, then each artifact in turn. A job
+  marked `alone` (a planned artifact built again, which rewrites files other runs may read) starts once the others
+  have ended, and none starts beside it.
 - Quiet phase (`QuietPhase`): latency is timed only while nothing else works. A run is busy from its start until
   its child has its logits, its KV-cache check and its token ids (`RunPhase.done`); the parent is busy while it
   computes the reference, scores a run or rebuilds an artifact (`QuietPhase.busy`). A child times its latency
@@ -205,6 +207,7 @@ class Job:
     name: str
     need: Need
     start: Callable[[RunPhase], Any]
+    alone: bool = False  # it starts once no other job runs, and none starts beside it
     started_s: float = 0.0  # since run_jobs began
     run_s: float = 0.0  # its start's wall time
     ended_at: float = 0.0  # time.perf_counter() when its start returned
@@ -221,6 +224,12 @@ def run_jobs(jobs: list[Job], budget: Budget, quiet: QuietPhase,
     running: dict[Any, tuple[int, Job]] = {}
     began, order, most = time.perf_counter(), 0, 0
 
+    def admits(job: Job) -> bool:
+        going = [other for _, other in running.values()]
+        if going and (job.alone or any(other.alone for other in going)):
+            return False
+        return budget.fits(job.need, [other.need for other in going])
+
     def timed(job: Job, phase: RunPhase) -> Any:
         started = time.perf_counter()
         try:
@@ -232,7 +241,7 @@ def run_jobs(jobs: list[Job], budget: Budget, quiet: QuietPhase,
     # leaving this block on an error waits for the runs going (their processes cannot be stopped half-way)
     with ThreadPoolExecutor(max_workers=budget.parallel, thread_name_prefix="validate") as threads:
         while pending or running:
-            while pending and budget.fits(pending[0].need, [job.need for _, job in running.values()]):
+            while pending and admits(pending[0]):
                 job = pending.popleft()
                 phase = quiet.run()
                 job.started_s = time.perf_counter() - began

@@ -41,6 +41,9 @@ class Timings:
     threads are counted in the pass's CPU time, not in any writer's busy time), and a writer may add figures
     of its own (Core ML: `write_s` and `active_s`, for its writer thread). Peaks are VmHWM of the
     process that did the work: this one for the pass, the child that ran the reference or an artifact.
+    Validation's runs overlap (validate/overlap.py): `validate` is its whole wall time, with the budget and the most
+    runs that went at once; `validate.<artifact>`'s `wall_s` is its run and its scoring, `started_s` when its run
+    began (after validation did) and `waited_s` how long it waited for the reference and for a quiet phase to time in.
     """
 
     SCHEMA = 1
@@ -450,7 +453,7 @@ def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Arti
     from siliconvert.validate import overlap
     from siliconvert.validate.reference import reference_expert_choices, reference_logits
     from siliconvert.validate.report import artifact_entry, build_report, write_report
-    from siliconvert.validate.score import run_artifact, score
+    from siliconvert.validate.score import RunOutput, run_artifact, score
     from siliconvert.validate.tokenizer import tokenizer_probes
 
     for artifact in artifacts:  # another model's artifact would end in a runtime's crash on the source's ids
@@ -469,34 +472,48 @@ def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Arti
     logits = overlap.logits_bytes(*windows.tokens.shape, checkpoint.spec.vocab_size)
     latency = (settings.prefill_tokens, settings.decode_tokens) if settings.latency else None
     reference: dict = {}  # its logits, its description and the experts its routers chose, once computed
-    waiting: list[tuple[overlap.Job, object]] = []  # runs that ended before the reference
+    waiting: list[tuple[overlap.Job, tuple[Artifact, RunOutput, float] | None]] = []  # ended before the reference
     entries: dict[int, dict] = {}  # by the artifact's place in `artifacts`
     klds: dict[int, tuple[str, np.ndarray]] = {}
 
-    def artifact_job(place: int, artifact: Artifact) -> overlap.Job:
+    def artifact_job(place: int, artifact: Artifact, scored_entry: dict | None = None) -> overlap.Job:
+        """The run of `artifact`; with `scored_entry` (a planned artifact's, just scored), first `replan`'s answer to
+        it, alone: a rebuild rewrites artifacts (Core ML's fp16 folder beside its planned one), which no other run may
+        be reading."""
         host, device = format_entry(artifact.format).validation_memory(artifact, gpu)
 
-        def start(phase) -> object:
-            say(f"validating {artifact.format} {artifact.quant}")
-            return run_artifact(artifact, format_entry(artifact.format).runner, windows, latency,
-                                probes[artifact.format].artifact_texts, phase)
+        def start(phase: overlap.RunPhase) -> tuple[Artifact, RunOutput, float] | None:
+            began, running = time.perf_counter(), artifact
+            if scored_entry is not None and (running := replan(artifact, scored_entry)) is None:
+                return None
+            rebuild_s = time.perf_counter() - began
+            say(f"validating {running.format} {running.quant}")
+            return running, run_artifact(running, format_entry(running.format).runner, windows, latency,
+                                         probes[running.format].artifact_texts, phase), rebuild_s
         return overlap.Job(f"{artifact.format} {artifact.quant}", overlap.Need(host + logits, device), start,
-                   extra={"place": place, "artifact": artifact})
+                           alone=scored_entry is not None, extra={"place": place})
 
-    def scored(job: overlap.Job, run) -> list[overlap.Job]:
-        artifact, place = job.extra["artifact"], job.extra["place"]
+    def scored(job: overlap.Job, outcome: tuple[Artifact, RunOutput, float] | None) -> list[overlap.Job]:
+        if outcome is None:  # replan answered that there is nothing to build again
+            return []
+        (artifact, run, rebuild_s), place = outcome, job.extra["place"]
         started = time.perf_counter()
         result = score(artifact, run, reference["logits"], windows, probes[artifact.format],
                        settings.tokenizer == "strict", reference["choices"], checkpoint.spec.sparse_layers)
         peak = getattr(run, "peak_rss_mb", None) or (run.latency.peak_rss_mb if run.latency else None)
-        # its run and its scoring, not its waits for the reference and for the quiet phase (those are `waited_s`)
+        # its run and its scoring, not its rebuild (timed as a conversion) nor its waits for the reference and for
+        # the quiet phase (those are `waited_s`)
         timings.stage(f"validate.{artifact.format} {artifact.quant}",
-                      wall_s=job.run_s - run.quiet_wait_s + time.perf_counter() - started, peak_rss_mb=peak,
-                      started_s=job.started_s, waited_s=run.quiet_wait_s + started - job.ended_at)
+                      wall_s=job.run_s - rebuild_s - run.quiet_wait_s + time.perf_counter() - started,
+                      peak_rss_mb=peak, started_s=job.started_s, waited_s=run.quiet_wait_s + started - job.ended_at)
         failures = gate_checks.check(result, gates[artifact.path])
         entries[place] = artifact_entry(result, failures, gates[artifact.path].model_dump())
         klds[place] = (f"{entries[place]['format']} {entries[place]['quant']}", result.kld)
-        rebuilt = replan(artifact, entries[place]) if replan else None
+        if replan is None:
+            return []
+        if artifact.plan is not None:  # it may be built again: in a job of its own, once no other run goes
+            return [artifact_job(place, artifact, entries[place])]
+        rebuilt = replan(artifact, entries[place])  # nothing to build: the answer comes at once
         return [artifact_job(place, rebuilt)] if rebuilt is not None else []
 
     def finished(job: overlap.Job, result) -> list[overlap.Job]:
@@ -516,7 +533,7 @@ def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Arti
         return follow
 
     reference_job = overlap.Job("reference", overlap.reference_need(checkpoint, logits, gpu),
-                        lambda phase: reference_logits(checkpoint, windows, out_dir / ".cache"))
+                                lambda phase: reference_logits(checkpoint, windows, out_dir / ".cache"))
     jobs = [reference_job] + [artifact_job(place, artifact) for place, artifact in enumerate(artifacts)]
     most = overlap.run_jobs(jobs, budget, overlap.QuietPhase(multiprocessing.get_context("spawn")), finished)
     validation = {**budget.as_report(), "most_at_once": most}
