@@ -443,7 +443,8 @@ def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Arti
 
     The reference and the artifacts' runs go at once, each in its own process, as the memory budget admits them
     (validate/overlap.py; `settings.parallel`: 1 runs them one after the other); each run is scored as it ends,
-    once the reference is in, and a rebuilt artifact runs next."""
+    once the reference is in; a planned artifact's answer from `replan` (and its rebuild) comes in a job that
+    starts once the runs going have ended, and runs alone."""
     import multiprocessing
 
     import numpy as np
