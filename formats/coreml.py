@@ -4,6 +4,7 @@ release folder per precision."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from siliconvert.artifacts import Artifact, Release, Writer
 from siliconvert.calibration import Calibrations
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.errors import ArtifactError, RecipeError, short
-from siliconvert.format import Format
+from siliconvert.format import Format, artifact_bytes
 from siliconvert.recipe import CoreMLTarget, QuantPlan
 
 SILICONVERT_MANIFEST = "manifest.json"  # written by siliconvert.convert.coreml next to its chunks
@@ -67,6 +68,22 @@ class CoreML(Format):
 
     def describe(self, artifact: Artifact) -> dict[str, Any]:
         return {"manifest": _json_object(artifact.path / SILICONVERT_MANIFEST)}
+
+    def validation_memory(self, artifact: Artifact, gpu: bool) -> tuple[int, int]:
+        # the MIL interpreter (validate/runners/coreml.py) holds every weight widened to float32; off the GPU, a
+        # model beyond RESIDENT_WEIGHT_BYTES one package at a time. On the GPU the widened weights live there (erring
+        # high: the whole model, as when half the GPU's free memory holds it), each package's file passing through
+        # the host as it is read
+        from siliconvert.validate.runners.coreml import RESIDENT_WEIGHT_BYTES
+
+        packages = [artifact_bytes(package) for package in artifact.path.glob("*.mlpackage")] or [0]
+        # int8 / pal4-lut8 → 8 / 4 bits a weight; a planned package ("auto") mixes them, counted at 4
+        stored = re.match(r"(?:int|pal)(\d+)", artifact.quant)
+        widen = 2 if artifact.quant == "fp16" else 32 // int(stored[1]) if stored else 8
+        if gpu:
+            return max(packages), widen * sum(packages)
+        resident = widen * sum(packages) <= RESIDENT_WEIGHT_BYTES
+        return widen * (sum(packages) if resident else max(packages)) + max(packages), 0
 
     def release_name(self, model: str, quant: str) -> str:
         return f"{model}-CoreML" if quant == "fp16" else f"{model}-CoreML-{quant}"

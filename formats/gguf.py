@@ -11,7 +11,7 @@ from siliconvert.artifacts import CARD_PROMPT, Artifact, Release, Writer
 from siliconvert.calibration import Calibrations, calibration_text
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.errors import ArtifactError, RecipeError, short
-from siliconvert.format import Format
+from siliconvert.format import Format, artifact_bytes
 from siliconvert.recipe import GGUFTarget, QuantPlan
 
 
@@ -66,6 +66,14 @@ class GGUF(Format):
     def vocab_size(self, artifact: Artifact) -> int | None:
         tokens = read_gguf(artifact.path).fields.get("tokenizer.ggml.tokens")
         return len(tokens.data) if tokens is not None else None
+
+    def validation_memory(self, artifact: Artifact, gpu: bool) -> tuple[int, int]:
+        # llama.cpp holds the whole file: read into host memory on the CPU (validate/runners/gguf.py), in the GPU's
+        # with every layer offloaded (mapped on the host while it loads); its KV cache and buffers beside it, a
+        # fifth more at most at the runner's context
+        size = artifact_bytes(artifact.path)
+        held = size + size // 5
+        return (size // 4, held) if gpu else (held, 0)
 
     def describe(self, artifact: Artifact) -> dict[str, Any]:
         reader = read_gguf(artifact.path)

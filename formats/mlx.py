@@ -12,7 +12,7 @@ from siliconvert.artifacts import CARD_PROMPT, Artifact, Release, Writer
 from siliconvert.calibration import Calibrations
 from siliconvert.checkpoint import Checkpoint, load_json
 from siliconvert.errors import ArtifactError, short
-from siliconvert.format import Format
+from siliconvert.format import Format, artifact_bytes
 from siliconvert.recipe import MLX_MODES, MLXModelFile, MLXTarget, QuantPlan
 
 FIXED_BITS = (3, 4, 6, "mixed_3_6", "mixed_4_6")  # the anchors' recipes a sweep builds, at mlx-lm's group size 64
@@ -76,6 +76,16 @@ class MLX(Format):
     def vocab_size(self, artifact: Artifact) -> int | None:
         rows = _config(artifact.path).get("vocab_size")
         return rows if isinstance(rows, int) else None
+
+    def validation_memory(self, artifact: Artifact, gpu: bool) -> tuple[int, int]:
+        # on a GPU mlx-lm holds the folder's arrays as they are; on mlx's CPU a quantized folder runs dequantized
+        # (validate/runners/mlx.py): each quantized weight also held in a 16-bit float beside its packed bits
+        size = artifact_bytes(artifact.path)
+        if gpu:
+            return size, size
+        quantization = _config(artifact.path).get("quantization")
+        bits = quantization.get("bits") if isinstance(quantization, dict) else None
+        return size + (size * 16 // bits if isinstance(bits, int) and bits > 0 else 0), 0
 
     def describe(self, artifact: Artifact) -> dict[str, Any]:
         config = _config(artifact.path)

@@ -98,6 +98,13 @@ class Format(ABC):
         artifact whose count is not its source's, converted from another model."""
         return None
 
+    def validation_memory(self, artifact: Artifact, gpu: bool) -> tuple[int, int]:
+        """(host bytes, GPU bytes) the artifact's runner holds while it runs, its logits aside (`gpu`: a CUDA GPU is
+        here, and the runtime takes it): what validation budgets its overlapping runs by (validate/overlap.py). An
+        estimate, erring high: by default the artifact twice on the host (read, then converted), once on the GPU."""
+        size = artifact_bytes(artifact.path)
+        return 2 * size, size if gpu else 0
+
     # ---- sweep (size against KLD) --------------------------------------------------------------------
     fixed_quants: ClassVar[tuple[str, ...]] = ()  # the anchors' fixed recipes a sweep builds; none: not swept
     anchor: ClassVar[str | None] = None  # the usual choice: a sweep's plan also aims at its measured mean KLD
@@ -164,6 +171,13 @@ def entry(name: str) -> Format:
 def entries() -> list[Format]:
     """Every registered format, in registration order."""
     return list(_ENTRIES.values())
+
+
+def artifact_bytes(path: Path) -> int:
+    """The bytes of an artifact on disk: its file, or every file in its folder."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def detect_artifact(path: Path) -> Artifact:

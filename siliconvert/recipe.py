@@ -267,6 +267,9 @@ class Validate(Strict):
     decode_tokens: int = Field(32, ge=1)
     # lenient: a tokenizer difference from a known rule of the artifact's runtime warns; strict: it fails too
     tokenizer: Literal["lenient", "strict"] = "lenient"
+    # artifact runs (and the reference) at once, each in its own process: "auto" as many as the memory budget and
+    # the cores allow (validate/overlap.py), 1 one after the other as before
+    parallel: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
 
 
 class Release(Strict):

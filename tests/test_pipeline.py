@@ -71,11 +71,15 @@ def test_timings_say_where_the_time_went(demo_run):
     assert timings["schema"] == 1
     stages = timings["stages"]
     # calibrate: the residual stream's range, from which the MLX target takes its float type
-    assert set(stages) == {"calibrate", "convert", "convert.mlx", "reference", "validate.mlx 4bit-g64", "release"}
+    assert set(stages) == {"calibrate", "convert", "convert.mlx", "reference", "validate.mlx 4bit-g64", "validate",
+                           "release"}
     convert = stages["convert"]
     assert 0 < stages["convert.mlx"]["busy_s"] <= convert["wall_s"] and convert["cpu_s"] > 0
     assert convert["peak_rss_mb"] > 100 and stages["convert.mlx"]["bytes"] > 1 << 20
     assert stages["validate.mlx 4bit-g64"]["wall_s"] > 0 and stages["validate.mlx 4bit-g64"]["peak_rss_mb"] > 0
+    # validation as a whole: the runs' overlap and the memory budget they shared
+    assert stages["validate"]["wall_s"] >= stages["validate.mlx 4bit-g64"]["wall_s"]
+    assert stages["validate"]["memory_budget_mb"] > 0 and stages["validate"]["most_at_once"] >= 1
 
 
 def test_mlx_artifact_opens_with_mlx_lm(demo_run):

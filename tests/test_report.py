@@ -67,3 +67,21 @@ def test_the_reference_run_says_which_kernels_it_went_without():
     described = _reference_run({"method": "streamed", "without_kernels": ["causal-conv1d", "flash-linear-attention"]})
     assert "PyTorch path, without causal-conv1d or flash-linear-attention" in described
     assert "PyTorch" not in _reference_run({"method": "streamed", "without_kernels": []})
+
+
+def test_report_says_how_validation_overlapped_and_within_which_budget(tmp_path):
+    from releases import entry
+
+    from siliconvert.validate.report import build_report
+
+    validation = {"parallel": 4, "memory_budget_mb": 100000, "gpu_memory_budget_mb": 60000, "most_at_once": 3}
+    report = build_report(source="x", source_info={"name": "x", "architecture": "LlamaForCausalLM"},
+                          reference={"runtime": "transformers", "device": "CPU", "dtype": "float32"},
+                          corpus={"name": "builtin", "positions": 1020, "windows": 4, "context": 256},
+                          artifacts=[entry("mlx", "4bit-g64", tmp_path / "mlx")], version="0", validation=validation)
+    assert report["validation"] == validation
+    text = markdown(report, plot_name=None)
+    assert ("Validation: up to 4 runs at once within 100000 MB of memory and 60000 MB of GPU memory (3 went at "
+            "once); latency timed by one run at a time while no other worked.") in text
+    del report["validation"]  # a report from before validation overlapped says nothing of it
+    assert "Validation:" not in markdown(report, plot_name=None)

@@ -61,8 +61,10 @@ def artifact_entry(result: ArtifactScore, failures: list[GateFailure], limits: d
 
 
 def build_report(*, source: str, source_info: dict, reference: dict, corpus: dict,
-                 artifacts: list[dict], version: str) -> dict[str, Any]:
-    return {
+                 artifacts: list[dict], version: str, validation: dict | None = None) -> dict[str, Any]:
+    """`validation`: how the runs overlapped (validate/overlap.py: the most allowed and the most that went at once,
+    the memory budgets they shared)."""
+    report = {
         "schema": SCHEMA_VERSION,
         "siliconvert": version,
         "source": source,
@@ -72,6 +74,7 @@ def build_report(*, source: str, source_info: dict, reference: dict, corpus: dic
         "artifacts": artifacts,
         "passed": all(a["gates"]["passed"] for a in artifacts),
     }
+    return report | ({"validation": validation} if validation is not None else {})
 
 
 def finite(value: Any) -> Any:
@@ -105,6 +108,7 @@ def markdown(report: dict, plot_name: str | None) -> str:
         f"Reference: {ref['runtime']} on {ref['device']}, {ref['dtype']}{_reference_run(ref)}. "
         f"Corpus: {corpus['name']}, {corpus['positions']} scored positions "
         f"({corpus['windows']} windows of {corpus['context']} tokens).",
+        *_overlap(report.get("validation")),
         "",
         "| artifact | size | runtime | device | mean KLD | p99 KLD | same top-1 | PPL ratio "
         "| RMS Δp | prefill tok/s | decode tok/s | TTFT ms | peak MB | tokenizer | KV cache | gates |",
@@ -231,6 +235,17 @@ def _tokenizer_cell(artifact: dict) -> str:
     if check["unexplained"]:
         return f"MISMATCH: {describe(check)}"
     return "match" if not check["known"] else f"known rules: {describe(check)}"
+
+
+def _overlap(validation: dict | None) -> list[str]:
+    """The report's line on how validation's runs overlapped (none in reports made before they did)."""
+    if validation is None:
+        return []
+    gpu = validation.get("gpu_memory_budget_mb")
+    within = f"{validation['memory_budget_mb']} MB of memory" + (f" and {gpu} MB of GPU memory" if gpu else "")
+    return ["", f"Validation: up to {validation['parallel']} runs at once within {within} "
+                f"({validation['most_at_once']} went at once); latency timed by one run at a time while no other "
+                "worked."]
 
 
 def _reference_run(ref: dict) -> str:

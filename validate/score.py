@@ -6,6 +6,7 @@ code) becomes a clear error here, and the peak memory it reports is the artifact
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import resource
 import sys
@@ -13,7 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 
@@ -25,6 +26,9 @@ from siliconvert.validate.router import RouterAgreement, router_agreement
 from siliconvert.validate.runners import Latency, open_runner
 from siliconvert.validate.runners.base import Runner
 from siliconvert.validate.tokenizer import TokenizerCheck, TokenizerProbes, check_tokenizer
+
+if TYPE_CHECKING:
+    from siliconvert.validate.overlap import RunPhase
 
 # Tokens fed one at a time through the model's state, each checked against the no-cache pass. The state is every
 # layer's: the attention layers' KV caches and the recurrent state of the others (a hybrid's short convolutions);
@@ -65,6 +69,7 @@ class RunOutput:
     # The experts each sparse layer chose for each scored token (Runner.expert_choices); None: no experts, or
     # not measurable (`unmeasured["router"]`)
     expert_choices: np.ndarray | None = None
+    quiet_wait_s: float = 0.0  # how long its latency runs waited for the other runs to go quiet (validate/overlap.py)
 
 
 class KVCacheCheck(TypedDict):
@@ -100,12 +105,13 @@ class ArtifactScore:
 
 
 def run_artifact(artifact: Artifact, runner: str, windows: Windows, latency: tuple[int, int] | None,
-                 probe_texts: list[str]) -> RunOutput:
+                 probe_texts: list[str], phase: RunPhase | None = None) -> RunOutput:
     """Run `artifact` in a fresh process with `runner` ("module:Class", its format's); `latency` = (prefill
     tokens, decode tokens) or None; `probe_texts`: what the tokenizer check has the artifact tokenize
-    (TokenizerProbes.artifact_texts)."""
+    (TokenizerProbes.artifact_texts); `phase`: the run's busy phase, when it overlaps others (validate/overlap.py):
+    the child ends it once its logits are in, and times its latency in the quiet phase."""
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_keep_phase, initargs=(phase,)) as pool:
         future = pool.submit(_child, artifact, runner, windows, latency, probe_texts)
         try:
             return future.result()
@@ -146,6 +152,14 @@ def score(artifact: Artifact, run: RunOutput, reference: np.ndarray, windows: Wi
                          kv_cache, tokenizer, router)
 
 
+_phase: RunPhase | None = None  # in a child: its run's busy phase (multiprocessing objects come only at its start)
+
+
+def _keep_phase(phase: RunPhase | None) -> None:
+    global _phase
+    _phase = phase
+
+
 def _child(artifact: Artifact, runner_name: str, windows: Windows, latency: tuple[int, int] | None,
            probe_texts: list[str]) -> RunOutput:
     runner = open_runner(runner_name, artifact.path, artifact.runner_options)
@@ -156,14 +170,17 @@ def _child(artifact: Artifact, runner_name: str, windows: Windows, latency: tupl
         unmeasured = runner.unmeasured()
         cached, cache_prompt = ((None, 0) if "kv_cache" in unmeasured
                                 else cached_window_logits(runner, windows.tokens[0]))
+        if _phase is not None:
+            _phase.done()
         timing = None
         if latency and "latency" not in unmeasured:
             prefill_tokens, decode_tokens = latency
             prompt = np.resize(windows.tokens.reshape(-1), prefill_tokens)
-            prefill_tps, decode_tps, ttft_ms = runner.latency(prompt, decode_tokens)
+            with _phase.timing() if _phase is not None else contextlib.nullcontext():
+                prefill_tps, decode_tps, ttft_ms = runner.latency(prompt, decode_tokens)
             timing = Latency(prefill_tps, decode_tps, ttft_ms, peak_rss_mb(), prefill_tokens, decode_tokens)
         return RunOutput(runner.runtime, runner.device, logits, probe_ids, cached, cache_prompt, timing,
-                         unmeasured, peak_rss_mb(), choices)
+                         unmeasured, peak_rss_mb(), choices, _phase.waited_s if _phase is not None else 0.0)
     finally:
         runner.close()
 

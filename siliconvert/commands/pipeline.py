@@ -41,6 +41,9 @@ class Timings:
     threads are counted in the pass's CPU time, not in any writer's busy time), and a writer may add figures
     of its own (Core ML: `write_s` and `active_s`, for its writer thread). Peaks are VmHWM of the
     process that did the work: this one for the pass, the child that ran the reference or an artifact.
+    Validation's runs overlap (validate/overlap.py): `validate` is its whole wall time, with the budget and the most
+    runs that went at once; `validate.<artifact>`'s `wall_s` is its run and its scoring, `started_s` when its run
+    began (after validation did) and `waited_s` how long it waited for the reference and for a quiet phase to time in.
     """
 
     SCHEMA = 1
@@ -441,14 +444,22 @@ def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Arti
                        gates: dict[Path, Gates], out_dir: Path, timings: Timings | None = None,
                        replan: Callable[[Artifact, dict], Artifact | None] | None = None) -> dict:
     """Score every artifact against the reference on the same windows; write the report. `replan` may answer
-    an artifact's entry with a rebuilt artifact, which is scored in its place."""
+    an artifact's entry with a rebuilt artifact, which is scored in its place.
+
+    The reference and the artifacts' runs go at once, each in its own process, as the memory budget admits them
+    (validate/overlap.py; `settings.parallel`: 1 runs them one after the other); each run is scored as it ends,
+    once the reference is in; a planned artifact's answer from `replan` (and its rebuild) comes in a job that
+    starts once the runs going have ended, and runs alone."""
+    import multiprocessing
+
     import numpy as np
 
     from siliconvert.corpus import source_tokenizer, token_windows
     from siliconvert.validate import gates as gate_checks
+    from siliconvert.validate import overlap
     from siliconvert.validate.reference import reference_expert_choices, reference_logits
     from siliconvert.validate.report import artifact_entry, build_report, write_report
-    from siliconvert.validate.score import run_artifact, score
+    from siliconvert.validate.score import RunOutput, run_artifact, score
     from siliconvert.validate.tokenizer import tokenizer_probes
 
     for artifact in artifacts:  # another model's artifact would end in a runtime's crash on the source's ids
@@ -461,30 +472,79 @@ def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Arti
     windows = token_windows(tokenizer, settings.corpus, settings.tokens, settings.context)
     probes = {fmt: tokenizer_probes(tokenizer, windows.probe_text, fmt) for fmt in {a.format for a in artifacts}}
     timings = timings or Timings()
-    started = time.perf_counter()
-    reference, reference_info = reference_logits(checkpoint, windows, out_dir / ".cache")
-    # a cached reference costs only the load: its peak belongs to the run that computed it
-    timings.stage("reference", wall_s=time.perf_counter() - started, cached=bool(reference_info.get("cached")),
-                  peak_rss_mb=None if reference_info.get("cached") else reference_info.get("peak_rss_mb"))
-    reference_choices = reference_expert_choices(checkpoint, windows, out_dir / ".cache")
+    validation_started = time.perf_counter()
+    budget = overlap.memory_budget(settings.parallel)
+    gpu = budget.device is not None
+    logits = overlap.logits_bytes(*windows.tokens.shape, checkpoint.spec.vocab_size)
     latency = (settings.prefill_tokens, settings.decode_tokens) if settings.latency else None
-    entries, klds = [], {}
-    for artifact in artifacts:
-        while artifact is not None:
-            say(f"validating {artifact.format} {artifact.quant}")
-            started = time.perf_counter()
-            run = run_artifact(artifact, format_entry(artifact.format).runner, windows, latency,
-                               probes[artifact.format].artifact_texts)
-            result = score(artifact, run, reference, windows, probes[artifact.format],
-                           settings.tokenizer == "strict", reference_choices, checkpoint.spec.sparse_layers)
-            peak = getattr(run, "peak_rss_mb", None) or (run.latency.peak_rss_mb if run.latency else None)
-            timings.stage(f"validate.{artifact.format} {artifact.quant}", wall_s=time.perf_counter() - started,
-                          peak_rss_mb=peak)
-            failures = gate_checks.check(result, gates[artifact.path])
-            entry = artifact_entry(result, failures, gates[artifact.path].model_dump())
-            artifact = replan(artifact, entry) if replan else None
-        entries.append(entry)
-        klds[f"{entry['format']} {entry['quant']}"] = result.kld
+    reference: dict = {}  # its logits, its description and the experts its routers chose, once computed
+    waiting: list[tuple[overlap.Job, tuple[Artifact, RunOutput, float] | None]] = []  # ended before the reference
+    entries: dict[int, dict] = {}  # by the artifact's place in `artifacts`
+    klds: dict[int, tuple[str, np.ndarray]] = {}
+
+    def artifact_job(place: int, artifact: Artifact, scored_entry: dict | None = None) -> overlap.Job:
+        """The run of `artifact`; with `scored_entry` (a planned artifact's, just scored), first `replan`'s answer to
+        it, alone: a rebuild rewrites artifacts (Core ML's fp16 folder beside its planned one), which no other run may
+        be reading."""
+        host, device = format_entry(artifact.format).validation_memory(artifact, gpu)
+
+        def start(phase: overlap.RunPhase) -> tuple[Artifact, RunOutput, float] | None:
+            began, running = time.perf_counter(), artifact
+            if scored_entry is not None and (running := replan(artifact, scored_entry)) is None:
+                return None
+            rebuild_s = time.perf_counter() - began
+            say(f"validating {running.format} {running.quant}")
+            return running, run_artifact(running, format_entry(running.format).runner, windows, latency,
+                                         probes[running.format].artifact_texts, phase), rebuild_s
+        return overlap.Job(f"{artifact.format} {artifact.quant}", overlap.Need(host + logits, device), start,
+                           alone=scored_entry is not None, extra={"place": place})
+
+    def scored(job: overlap.Job, outcome: tuple[Artifact, RunOutput, float] | None) -> list[overlap.Job]:
+        if outcome is None:  # replan answered that there is nothing to build again
+            return []
+        (artifact, run, rebuild_s), place = outcome, job.extra["place"]
+        started = time.perf_counter()
+        result = score(artifact, run, reference["logits"], windows, probes[artifact.format],
+                       settings.tokenizer == "strict", reference["choices"], checkpoint.spec.sparse_layers)
+        peak = getattr(run, "peak_rss_mb", None) or (run.latency.peak_rss_mb if run.latency else None)
+        # its run and its scoring, not its rebuild (timed as a conversion) nor its waits for the reference and for
+        # the quiet phase (those are `waited_s`)
+        timings.stage(f"validate.{artifact.format} {artifact.quant}",
+                      wall_s=job.run_s - rebuild_s - run.quiet_wait_s + time.perf_counter() - started,
+                      peak_rss_mb=peak, started_s=job.started_s, waited_s=run.quiet_wait_s + started - job.ended_at)
+        failures = gate_checks.check(result, gates[artifact.path])
+        entries[place] = artifact_entry(result, failures, gates[artifact.path].model_dump())
+        klds[place] = (f"{entries[place]['format']} {entries[place]['quant']}", result.kld)
+        if replan is None:
+            return []
+        if artifact.plan is not None:  # it may be built again: in a job of its own, once no other run goes
+            return [artifact_job(place, artifact, entries[place])]
+        rebuilt = replan(artifact, entries[place])  # nothing to build: the answer comes at once
+        return [artifact_job(place, rebuilt)] if rebuilt is not None else []
+
+    def finished(job: overlap.Job, result) -> list[overlap.Job]:
+        if job is not reference_job:
+            if "logits" not in reference:
+                waiting.append((job, result))
+                return []
+            return scored(job, result)
+        reference["logits"], reference["info"] = result
+        info = reference["info"]
+        # a cached reference costs only the load: its peak belongs to the run that computed it
+        timings.stage("reference", wall_s=job.run_s, cached=bool(info.get("cached")),
+                      peak_rss_mb=None if info.get("cached") else info.get("peak_rss_mb"))
+        reference["choices"] = reference_expert_choices(checkpoint, windows, out_dir / ".cache")
+        follow = [rebuilt for ended, run in waiting for rebuilt in scored(ended, run)]
+        waiting.clear()
+        return follow
+
+    reference_job = overlap.Job("reference", overlap.reference_need(checkpoint, logits, gpu),
+                                lambda phase: reference_logits(checkpoint, windows, out_dir / ".cache"))
+    jobs = [reference_job] + [artifact_job(place, artifact) for place, artifact in enumerate(artifacts)]
+    most = overlap.run_jobs(jobs, budget, overlap.QuietPhase(multiprocessing.get_context("spawn")), finished)
+    validation = {**budget.as_report(), "most_at_once": most}
+    timings.stage("validate", wall_s=time.perf_counter() - validation_started, **validation)
+    reference_info = reference["info"]
     spec = checkpoint.spec
     report = build_report(
         source=source,
@@ -496,10 +556,11 @@ def validate_artifacts(checkpoint: Checkpoint, source: str, artifacts: list[Arti
         reference=reference_info,
         corpus={"name": windows.corpus, "tokens": int(windows.tokens.size), "context": settings.context,
                 "windows": int(windows.tokens.shape[0]), "positions": int(np.prod(windows.targets.shape))},
-        artifacts=entries,
+        artifacts=[entries[place] for place in range(len(artifacts))],
         version=__version__,
+        validation=validation,
     )
-    write_report(out_dir, report, klds)
+    write_report(out_dir, report, dict(klds[place] for place in range(len(artifacts))))
     return report
 
 
