@@ -120,11 +120,12 @@ def streamed_forward(config: PretrainedConfig, weights: WeightSource, streams: S
     """
     runs = [_StreamRun(config, stream) for stream in streams]
     with torch.inference_mode():
+        read: dict[str, dict[str, torch.Tensor]] = {}  # prefix → a module's state, read once for every stream
         for run in runs:
-            run.embed(weights)
-        body = runs[0].body if runs else None
-        for index in track(range(len(body.layers) if body is not None else 0), label,
-                           total=len(body.layers) if body is not None else 0):
+            run.embed(weights, read)
+        read.clear()  # the embedding's tables, freed before the first layer is read
+        layers = len(runs[0].body.layers) if runs else 0
+        for index in track(range(layers), label, total=layers):
             live = [run for run in runs if run.stream.overflowed is None]
             if not live:  # no stream is left to use the remaining layers
                 break
@@ -134,10 +135,7 @@ def streamed_forward(config: PretrainedConfig, weights: WeightSource, streams: S
             del state
             for run in live:
                 run.check_range(index)
-        head_weights: dict[str, dict[str, torch.Tensor]] = {}  # head prefix → its state, read once for every stream
-        results = []
-        for run in runs:
-            results.append(run.head(weights, head_weights) if run.stream.overflowed is None else None)
+        results = [run.head(weights, read) if run.stream.overflowed is None else None for run in runs]
     return results
 
 
@@ -161,19 +159,23 @@ class _StreamRun:
         self.hidden: list[torch.Tensor] = []
         self.layer_args: list[list[tuple[tuple[Any, ...], dict[str, Any]]]] = []  # window → each layer's arguments
 
-    def _assign(self, module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-        _assign(module, state, self.stream.device, self.stream.dtype)
+    def _load(self, module: torch.nn.Module, prefix: str, weights: WeightSource,
+              read: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Give `module` its weights, read unless another stream read them into `read`."""
+        if prefix not in read:
+            read[prefix] = _read_state(module, prefix, weights)
+        _assign(module, read[prefix], self.stream.device, self.stream.dtype)
 
-    def embed(self, weights: WeightSource) -> None:
+    def embed(self, weights: WeightSource, read: dict[str, dict[str, torch.Tensor]]) -> None:
         """The final norm's weights, and every window through what the body runs before its first layer."""
         device = self.stream.device
         self.norm_name, self.norm = final_norm(self.body)
-        self._assign(self.norm, _read_state(self.norm, f"model.{self.norm_name}.", weights))
+        self._load(self.norm, f"model.{self.norm_name}.", weights, read)
         # what the body runs before its first layer: the embedding, and Gemma 4's per-layer input tables
         inputs = [(name, module) for name, module in self.body.named_children()
                   if name not in ("layers", self.norm_name) and next(module.parameters(), None) is not None]
         for name, module in inputs:
-            self._assign(module, _read_state(module, f"model.{name}.", weights))
+            self._load(module, f"model.{name}.", weights, read)
         by_length: dict[int, list[dict[str, Any]]] = {}
         for window_index, window in enumerate(self.windows):
             self.started(window_index)
@@ -193,7 +195,7 @@ class _StreamRun:
     def layer(self, index: int, state: dict[str, torch.Tensor]) -> None:
         """Every window through decoder layer `index`, whose weights are `state`."""
         layer = self.body.layers[index]
-        self._assign(layer, state)
+        _assign(layer, state, self.stream.device, self.stream.dtype)
         for window_index, states in enumerate(self.hidden):
             self.started(window_index)
             args, kwargs = self.layer_args[window_index][index]
@@ -210,10 +212,7 @@ class _StreamRun:
 
     def head(self, weights: WeightSource, read: dict[str, dict[str, torch.Tensor]]) -> np.ndarray | None:
         """The final norm and the head on every window: the logits, where kept."""
-        head_prefix = "model.embed_tokens." if self.tied_head else "lm_head."
-        if head_prefix not in read:
-            read[head_prefix] = _read_state(self.model.lm_head, head_prefix, weights)
-        self._assign(self.model.lm_head, read[head_prefix])
+        self._load(self.model.lm_head, "model.embed_tokens." if self.tied_head else "lm_head.", weights, read)
         length = len(self.windows[0]) if self.windows else 0
         logits = (np.empty((len(self.windows), length, self.model.lm_head.out_features), dtype=np.float32)
                   if self.stream.keep_logits else None)
