@@ -76,6 +76,10 @@ def test_timings_say_where_the_time_went(demo_run):
     assert 0 < stages["convert.mlx"]["busy_s"] <= convert["wall_s"] and convert["cpu_s"] > 0
     assert convert["peak_rss_mb"] > 100 and stages["convert.mlx"]["bytes"] > 1 << 20
     assert stages["validate.mlx 4bit-g64"]["wall_s"] > 0 and stages["validate.mlx 4bit-g64"]["peak_rss_mb"] > 0
+    # the reference logits were made in the calibration's forward (each layer read once): validation loads them
+    assert stages["calibrate"]["with_reference"] is True and stages["reference"]["cached"] is True
+    reference = json.loads((tmp_path / "out" / "report.json").read_text())["reference"]
+    assert "in the calibration's pass" in reference["method"] and reference["peak_rss_mb"] > 0
 
 
 def test_mlx_artifact_opens_with_mlx_lm(demo_run):
