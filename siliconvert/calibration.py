@@ -21,7 +21,8 @@ One forward measures every part asked for: the range window and the importance w
 layer while its weights are loaded, and the hooks know which window runs, so neither part sees the other's
 windows (the results are those of separate forwards, bit for bit). It runs in a spawned child process, as the
 reference does: what it imports and allocates leaves with it, so the writers' own memory stays what streaming
-needs.
+needs. Where a run validates, the reference's forward joins this one (`alongside`): each layer's weights are read
+once for both, each in its own model, and its logits land in the cache validation reads.
 
 `Calibrations` is the run's provider: the pipeline prepares what its targets need (one forward per text) before
 the writers are built and hands it to each; results are kept in the object and in the output's cache folder.

@@ -8,7 +8,9 @@ head. The keyword arguments each layer receives (causal or sliding-window mask, 
 positions) are recorded from transformers' own model forward, so no family's glue is restated here.
 
 Where the weights come from is pluggable (`WeightSource`): the source checkpoint for the reference,
-an MLX folder's dequantized weights for the MLX stand-in (validate/runners/mlx.py).
+an MLX folder's dequantized weights for the MLX stand-in (validate/runners/mlx.py). Several forwards can share one
+pass (`streamed_forward`, a `Stream` each: the calibration's and the reference's in a run that does both): each
+module's weights are read once, and each stream runs them in its own model, device and dtype.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ starts again in FP32. The report says which dtype ran, and why.
 
 The model is never loaded whole: siliconvert/streamed.py holds one decoder layer's weights at a time, so a
 7B reference fits in a few GB of memory. It runs in a child process, so the peak memory it reports is its
-own.
+own; in a run that calibrates, in the calibration's child, as a stream of its pass (`ReferenceForward`): each layer
+is read once for both, and the wall time and peak memory it reports are that shared pass's.
 """
 
 from __future__ import annotations
