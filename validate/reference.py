@@ -106,6 +106,7 @@ class ReferenceForward:
                                      [stream], label=LABEL)[0])
 
     def stream(self) -> Stream:
+        """Its stream: the windows on the reference's device, in its dtype, the routers recorded (a mixture)."""
         import torch
 
         from siliconvert.streamed import Stream
@@ -120,6 +121,8 @@ class ReferenceForward:
         return self._stream
 
     def finish(self, logits: np.ndarray | None) -> None:
+        """Save the stream's logits and routers' choices in the cache (a float16 stream that overflowed: run again
+        alone, in float32)."""
         import torch
         import transformers
 
