@@ -21,7 +21,8 @@ One forward measures every part asked for: the range window and the importance w
 layer while its weights are loaded, and the hooks know which window runs, so neither part sees the other's
 windows (the results are those of separate forwards, bit for bit). It runs in a spawned child process, as the
 reference does: what it imports and allocates leaves with it, so the writers' own memory stays what streaming
-needs.
+needs. Where a run validates, the reference's forward joins this one (`alongside`): each layer's weights are read
+once for both, each in its own model, and its logits land in the cache validation reads.
 
 `Calibrations` is the run's provider: the pipeline prepares what its targets need (one forward per text) before
 the writers are built and hands it to each; results are kept in the object and in the output's cache folder.
@@ -53,6 +54,8 @@ from siliconvert.gains import EMBEDDING, HEAD, R0, SENSITIVITY_TOKENS, UNPLANNED
 
 if TYPE_CHECKING:
     import torch
+
+    from siliconvert.streamed import SharedForward
 
 CALIBRATION_TOKENS = 8192  # llama-imatrix's usual order of magnitude for small models; a few minutes on 7B CPU
 CALIBRATION_CONTEXT = 512  # llama-imatrix's default chunk length
@@ -171,10 +174,11 @@ class Calibration:
 
 
 def calibrate(checkpoint: Checkpoint, source: str, parts: Iterable[str], *, tokens: int = CALIBRATION_TOKENS,
-              context: int = CALIBRATION_CONTEXT) -> Calibration:
+              context: int = CALIBRATION_CONTEXT, alongside: SharedForward | None = None) -> Calibration:
     """Measure `parts` of the calibration text `source` ("builtin" or a file) in one forward of `checkpoint`,
     run in a spawned child process. The importance windows are the text's first `tokens` tokens in windows of
-    `context`; the sensitivity window is its first `sensitivity_window(checkpoint)` tokens."""
+    `context`; the sensitivity window is its first `sensitivity_window(checkpoint)` tokens. `alongside` (the
+    reference's forward, say) joins that forward: each layer's weights are read once for both."""
     parts = _checked(parts)
     name, text = calibration_text(source)
     from transformers import AutoTokenizer
@@ -205,7 +209,7 @@ def calibrate(checkpoint: Checkpoint, source: str, parts: Iterable[str], *, toke
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:
             return pool.submit(_forward, checkpoint, name, range_window, importance_windows,
-                               sensitivity_window, HESSIAN in parts).result()
+                               sensitivity_window, HESSIAN in parts, alongside).result()
         except BrokenProcessPool:
             raise CheckpointError("the calibration forward (transformers) crashed; out of memory?",
                                   checkpoint.path) from None
@@ -227,8 +231,10 @@ class Calibrations:
     text's digest, the part and its token counts. A part asked for that was not prepared is measured then."""
 
     def __init__(self, checkpoint: Checkpoint, cache_dir: Path | None, *, tokens: int = CALIBRATION_TOKENS,
-                 context: int = CALIBRATION_CONTEXT):
+                 context: int = CALIBRATION_CONTEXT, alongside: SharedForward | None = None):
         self.checkpoint, self.cache_dir, self.tokens, self.context = checkpoint, cache_dir, tokens, context
+        # a forward to run in the first calibration forward (the reference's, in a run that validates); None once run
+        self.alongside = alongside
         self._measured: dict[str, Calibration] = {}  # text source → what is known of it
 
     @classmethod
@@ -252,7 +258,9 @@ class Calibrations:
                 known = known.merged(cached) if known else cached
         missing = parts - (known.parts if known else frozenset())
         if missing:
-            measured = calibrate(self.checkpoint, source, missing, tokens=self.tokens, context=self.context)
+            alongside, self.alongside = self.alongside, None
+            measured = calibrate(self.checkpoint, source, missing, tokens=self.tokens, context=self.context,
+                                 alongside=alongside)
             for part in sorted(missing):
                 self._write(source, part, measured)
             known = known.merged(measured) if known else measured
@@ -607,14 +615,15 @@ def mamba2_state_peak(module, x: torch.Tensor, b: torch.Tensor, dt: torch.Tensor
 
 def _forward(checkpoint: Checkpoint, text_name: str, range_window: np.ndarray | None,
              importance_windows: np.ndarray | None, sensitivity_window: np.ndarray | None = None,
-             hessian: bool = False) -> Calibration:
+             hessian: bool = False, alongside: SharedForward | None = None) -> Calibration:
     """One float32 forward over the range window (first, if any) and the importance windows (if any: with
-    `hessian`, each linear layer's input's second moments too); then the sensitivity forward over its window (if
-    any)."""
+    `hessian`, each linear layer's input's second moments too), `alongside`'s stream in the same pass (its own
+    model, device and dtype: each result is that of a pass of its own, bit for bit); then the sensitivity forward
+    over its window (if any)."""
     import torch
 
     from siliconvert.gains import measured_gains
-    from siliconvert.streamed import CheckpointWeights, streamed_logits
+    from siliconvert.streamed import CheckpointWeights, Stream, streamed_forward
 
     windows = ([] if range_window is None else [range_window]) + list(() if importance_windows is None
                                                                       else importance_windows)
@@ -632,9 +641,9 @@ def _forward(checkpoint: Checkpoint, text_name: str, range_window: np.ndarray | 
     peak = _StreamPeak(state_modules, delta_modules, mamba_modules, checkpoint.spec.mamba2)
     first_importance = 0 if range_window is None else 1
 
-    def window_started(index: int) -> None:
+    def window_started(index: int | None) -> None:  # None: another stream's windows run
         peak.active = range_window is not None and index == 0
-        importance.active = importance_windows is not None and index >= first_importance
+        importance.active = importance_windows is not None and index is not None and index >= first_importance
         moments.active = hessian and importance.active
 
     def attach(model) -> None:
@@ -646,13 +655,21 @@ def _forward(checkpoint: Checkpoint, text_name: str, range_window: np.ndarray | 
             peak.attach(model)
 
     calibration = Calibration(text_name)
+    # the reference's stream first: on a GPU its kernels run while the CPU runs the calibration's windows
+    streams = [alongside.stream()] if alongside is not None else []
     if windows:
+        streams.append(Stream(windows, "cpu", torch.float32, prepare=attach, keep_logits=False,
+                              window_started=window_started))
+    if streams:
+        label = "calibration (transformers, layer by layer)"
+        label = f"{label[:-1]}, with the reference logits)" if alongside is not None else label
         try:
-            streamed_logits(checkpoint.transformers_config(), CheckpointWeights(checkpoint), windows, device="cpu",
-                            dtype=torch.float32, label="calibration (transformers, layer by layer)", prepare=attach,
-                            keep_logits=False, window_started=window_started)
+            logits = streamed_forward(checkpoint.transformers_config(), CheckpointWeights(checkpoint), streams,
+                                      label=label)
         finally:
             peak.unwatch()
+        if alongside is not None:
+            alongside.finish(logits[0])
     if sensitivity_window is not None:
         # the weights a plan quantizes (a bias is never quantized: gpt-oss's expert biases are 2-D)
         roles = {name: info.role.role for name, info in checkpoint.tensor_infos.items()

@@ -8,7 +8,9 @@ head. The keyword arguments each layer receives (causal or sliding-window mask, 
 positions) are recorded from transformers' own model forward, so no family's glue is restated here.
 
 Where the weights come from is pluggable (`WeightSource`): the source checkpoint for the reference,
-an MLX folder's dequantized weights for the MLX stand-in (validate/runners/mlx.py).
+an MLX folder's dequantized weights for the MLX stand-in (validate/runners/mlx.py). Several forwards can share one
+pass (`streamed_forward`, a `Stream` each: the calibration's and the reference's in a run that does both): each
+module's weights are read once, and each stream runs them in its own model, device and dtype.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import importlib.util
 import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -46,6 +49,20 @@ class CheckpointWeights:
         return torch.from_numpy(read_model_tensor(self.infos[name]))
 
 
+class SharedForward(Protocol):
+    """A forward that joins a streamed pass run for another's sake (the reference logits, in the calibration's pass:
+    validate/reference.py), so that each layer's weights are read once for both. It runs where the pass runs (a
+    child process), so it must pickle."""
+
+    def stream(self) -> Stream:
+        """Its stream in the pass (called in the pass's process, before the pass)."""
+        ...
+
+    def finish(self, logits: np.ndarray | None) -> None:
+        """Its stream's logits, after the pass (None where they were not kept or its stream overflowed)."""
+        ...
+
+
 class Float16Overflow(ArithmeticError):
     """The residual stream left float16's range (Gemma's does in real checkpoints): run in another dtype."""
 
@@ -54,79 +71,162 @@ class Float16Overflow(ArithmeticError):
         self.layer = layer
 
 
+@dataclass
+class Stream:
+    """One model's forward in a streamed pass: its windows, on its device and in its dtype, with its hooks.
+
+    Several streams share a pass (`streamed_forward`): each module's weights are read once and every stream's
+    windows go through it, each stream in a skeleton of its own, so each result is what a pass of its own gives,
+    bit for bit. `prepare` gets the stream's model before it runs (to add hooks, say); with `keep_logits` false the
+    head still runs, for such hooks, and no logits are kept. Windows may differ in length where no logits are kept
+    (a calibration runs a short window beside long ones); `window_started` is called with a window's index before
+    the model's modules run on it (its embedding, each layer, the head), so hooks can tell the windows apart, and
+    with None when the stream hands the module over to the next stream (hooks that act on shared state, such as a
+    modeling module's function, stand aside then).
+    """
+
+    windows: Sequence[np.ndarray]
+    device: str
+    dtype: torch.dtype
+    prepare: Callable[[PreTrainedModel], None] | None = None
+    keep_logits: bool = True
+    window_started: Callable[[int | None], None] | None = None
+    # the decoder layer where a float16 stream left float16's range (the pass went on without it); None if it did not
+    overflowed: int | None = field(default=None, init=False)
+
+
 def streamed_logits(config: PretrainedConfig, weights: WeightSource, windows: np.ndarray | Sequence[np.ndarray], *,
                     device: str, dtype: torch.dtype, label: str,
                     prepare: Callable[[PreTrainedModel], None] | None = None,
                     keep_logits: bool = True,
-                    window_started: Callable[[int], None] | None = None) -> np.ndarray | None:
-    """Logits [windows, length, vocab] (float32) of transformers' model for `config` on each window.
+                    window_started: Callable[[int | None], None] | None = None) -> np.ndarray | None:
+    """Logits [windows, length, vocab] (float32) of transformers' model for `config` on each window: a pass of one
+    `Stream` (see it for the arguments). Raises Float16Overflow where a float16 stream leaves float16's range."""
+    stream = Stream(windows, device, dtype, prepare, keep_logits, window_started)
+    logits = streamed_forward(config, weights, [stream], label=label)[0]
+    if stream.overflowed is not None:
+        raise Float16Overflow(stream.overflowed)
+    return logits
+
+
+def streamed_forward(config: PretrainedConfig, weights: WeightSource, streams: Sequence[Stream], *,
+                     label: str) -> list[np.ndarray | None]:
+    """Each stream's logits [windows, length, vocab] (float32; None where not kept, or where the stream overflowed)
+    of transformers' model for `config`, in one pass over the weights: each module's weights are read once.
 
     Each window is run on its own (batch of one), as a whole-model reference runs it, so the results
-    are that reference's up to float rounding. Peak memory: one decoder layer's weights, the
-    embedding or the head, every window's hidden states, and the logits. `prepare` gets the model
-    before it runs (to add hooks, say); with `keep_logits` false the head still runs, for such hooks,
-    and nothing is returned. Windows may differ in length where no logits are kept (a calibration runs a
-    short window beside long ones while each layer's weights are loaded); `window_started` is called
-    with a window's index before the model's modules run on it (its embedding, each layer, the head),
-    so hooks can tell the windows apart.
+    are that reference's up to float rounding. Peak memory: one decoder layer's weights (a copy per stream whose
+    device or dtype differs from the source's float32 on the CPU), the embedding or the head, every window's hidden
+    states, and the logits. A float16 stream whose hidden states leave float16's range is dropped where that happens
+    (`Stream.overflowed`); the others go on.
     """
-    windows = [np.asarray(window) for window in windows]
-    lengths = [len(window) for window in windows]
-    if keep_logits and len(set(lengths)) > 1:
-        raise ValueError(f"logits are kept for windows of one length, not of {sorted(set(lengths))}")
-    started = window_started or (lambda _index: None)
-    model = model_skeleton(config, dtype)
-    if prepare is not None:
-        prepare(model)
-    body = model.model
-    if getattr(body, "rotary_emb", None) is not None:  # a model without positions (Granite 4.0-H) has none
-        body.rotary_emb.to(device)
-    tied_head = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    runs = [_StreamRun(config, stream) for stream in streams]
     with torch.inference_mode():
-        norm_name, norm = final_norm(body)
-        _materialise(norm, f"model.{norm_name}.", weights, device, dtype)
+        read: dict[str, dict[str, torch.Tensor]] = {}  # prefix → a module's state, read once for every stream
+        for run in runs:
+            run.embed(weights, read)
+        read.clear()  # the embedding's tables, freed before the first layer is read
+        layers = len(runs[0].body.layers) if runs else 0
+        for index in track(range(layers), label, total=layers):
+            live = [run for run in runs if run.stream.overflowed is None]
+            if not live:  # no stream is left to use the remaining layers
+                break
+            state = _read_state(live[0].body.layers[index], f"model.layers.{index}.", weights)
+            for run in live:
+                run.layer(index, state)
+            del state
+            for run in live:
+                run.check_range(index)
+        results = [run.head(weights, read) if run.stream.overflowed is None else None for run in runs]
+    return results
+
+
+class _StreamRun:
+    """One stream's model and hidden states through a streamed pass."""
+
+    def __init__(self, config: PretrainedConfig, stream: Stream) -> None:
+        self.stream = stream
+        self.windows = [np.asarray(window) for window in stream.windows]
+        lengths = {len(window) for window in self.windows}
+        if stream.keep_logits and len(lengths) > 1:
+            raise ValueError(f"logits are kept for windows of one length, not of {sorted(lengths)}")
+        self.started = stream.window_started or (lambda _index: None)
+        self.model = model_skeleton(config, stream.dtype)
+        if stream.prepare is not None:
+            stream.prepare(self.model)
+        self.body = self.model.model
+        if getattr(self.body, "rotary_emb", None) is not None:  # a model without positions (Granite 4.0-H) has none
+            self.body.rotary_emb.to(stream.device)
+        self.tied_head = self.model.get_output_embeddings().weight is self.model.get_input_embeddings().weight
+        self.hidden: list[torch.Tensor] = []
+        self.layer_args: list[list[tuple[tuple[Any, ...], dict[str, Any]]]] = []  # window → each layer's arguments
+
+    def _load(self, module: torch.nn.Module, prefix: str, weights: WeightSource,
+              read: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Give `module` its weights, read unless another stream read them into `read`."""
+        if prefix not in read:
+            read[prefix] = _read_state(module, prefix, weights)
+        _assign(module, read[prefix], self.stream.device, self.stream.dtype)
+
+    def embed(self, weights: WeightSource, read: dict[str, dict[str, torch.Tensor]]) -> None:
+        """The final norm's weights, and every window through what the body runs before its first layer."""
+        device = self.stream.device
+        self.norm_name, self.norm = final_norm(self.body)
+        self._load(self.norm, f"model.{self.norm_name}.", weights, read)
         # what the body runs before its first layer: the embedding, and Gemma 4's per-layer input tables
-        inputs = [(name, module) for name, module in body.named_children()
-                  if name not in ("layers", norm_name) and next(module.parameters(), None) is not None]
+        inputs = [(name, module) for name, module in self.body.named_children()
+                  if name not in ("layers", self.norm_name) and next(module.parameters(), None) is not None]
         for name, module in inputs:
-            _materialise(module, f"model.{name}.", weights, device, dtype)
-        hidden: list[torch.Tensor] = []
-        layer_args: list[list[tuple[tuple[Any, ...], dict[str, Any]]]] = []  # window → each layer's arguments
+            self._load(module, f"model.{name}.", weights, read)
         by_length: dict[int, list[dict[str, Any]]] = {}
-        for window_index, window in enumerate(windows):
-            started(window_index)
-            embedded, calls = _record_layer_inputs(body, torch.as_tensor(window[None], device=device))
-            hidden.append(embedded)
+        for window_index, window in enumerate(self.windows):
+            self.started(window_index)
+            embedded, calls = _record_layer_inputs(self.body, torch.as_tensor(window[None], device=device))
+            self.hidden.append(embedded)
             # No padding: every window of a length gets the same masks and rotary tables, kept once. What is the
             # window's own (Gemma 4's per-layer inputs, positional; the keys and values its kv-shared layers read
             # from earlier layers, a store each forward makes anew) is kept per window.
             shared = by_length.setdefault(len(window), [kwargs for _, kwargs in calls])
-            layer_args.append([(args, {key: value if key in WINDOW_OWN_KWARGS else shared[index][key]
-                                       for key, value in kwargs.items()})
-                               for index, (args, kwargs) in enumerate(calls)])
+            self.layer_args.append([(args, {key: value if key in WINDOW_OWN_KWARGS else shared[index][key]
+                                            for key, value in kwargs.items()})
+                                    for index, (args, kwargs) in enumerate(calls)])
+        self.started(None)
         for _, module in inputs:
             _free(module)
-        for index, layer in enumerate(track(body.layers, label, total=len(body.layers))):
-            _materialise(layer, f"model.layers.{index}.", weights, device, dtype)
-            for window_index, states in enumerate(hidden):
-                started(window_index)
-                args, kwargs = layer_args[window_index][index]
-                hidden[window_index] = layer(states, *args, **kwargs)
-            _free(layer)
-            if dtype == torch.float16 and not all(torch.isfinite(states).all() for states in hidden):
-                raise Float16Overflow(index)
-        head_prefix = "model.embed_tokens." if tied_head else "lm_head."
-        _materialise(model.lm_head, head_prefix, weights, device, dtype)
-        logits = (np.empty((len(windows), lengths[0] if windows else 0, model.lm_head.out_features),
-                           dtype=np.float32) if keep_logits else None)
-        for row, states in enumerate(hidden):
-            started(row)
-            window_logits = head_logits(model, norm(states))
+
+    def layer(self, index: int, state: dict[str, torch.Tensor]) -> None:
+        """Every window through decoder layer `index`, whose weights are `state`."""
+        layer = self.body.layers[index]
+        _assign(layer, state, self.stream.device, self.stream.dtype)
+        for window_index, states in enumerate(self.hidden):
+            self.started(window_index)
+            args, kwargs = self.layer_args[window_index][index]
+            self.hidden[window_index] = layer(states, *args, **kwargs)
+        self.started(None)
+        _free(layer)
+
+    def check_range(self, index: int) -> None:
+        """Drop a float16 stream whose hidden states left float16's range in decoder layer `index`."""
+        if self.stream.dtype == torch.float16 and not all(torch.isfinite(states).all() for states in self.hidden):
+            self.stream.overflowed = index
+            self.hidden.clear()
+            _free(self.norm)
+
+    def head(self, weights: WeightSource, read: dict[str, dict[str, torch.Tensor]]) -> np.ndarray | None:
+        """The final norm and the head on every window: the logits, where kept."""
+        self._load(self.model.lm_head, "model.embed_tokens." if self.tied_head else "lm_head.", weights, read)
+        length = len(self.windows[0]) if self.windows else 0
+        logits = (np.empty((len(self.windows), length, self.model.lm_head.out_features), dtype=np.float32)
+                  if self.stream.keep_logits else None)
+        for row, states in enumerate(self.hidden):
+            self.started(row)
+            window_logits = head_logits(self.model, self.norm(states))
             if logits is not None:
                 logits[row] = window_logits[0].float().cpu().numpy()
-        _free(model.lm_head)
-        _free(norm)
-    return logits
+        self.started(None)
+        _free(self.model.lm_head)
+        _free(self.norm)
+        return logits
 
 
 # A layer's keyword arguments that are its window's own, not its length's: Gemma 4's store of keys and values that
@@ -244,13 +344,22 @@ def _record_layer_inputs(body: torch.nn.Module, input_ids: torch.Tensor
 
 def _materialise(module: torch.nn.Module, prefix: str, weights: WeightSource, device: str,
                  dtype: torch.dtype) -> None:
-    state = {name: weights.tensor(prefix + name).to(device=device, dtype=dtype)
-             for name, _ in module.named_parameters()}
+    _assign(module, _read_state(module, prefix, weights), device, dtype)
+
+
+def _read_state(module: torch.nn.Module, prefix: str, weights: WeightSource) -> dict[str, torch.Tensor]:
+    """The module's weights as the source holds them (float32 on the CPU), by their names in the module."""
     # buffers the checkpoint holds (Gemma 4's layer_scalar) are read as weights are; the others are the model's
     # own (rotary tables, embedding scales), left as built
-    for name in _stored_buffers(module):
-        state[name] = weights.tensor(prefix + name).to(device=device, dtype=dtype)
-    module.load_state_dict(state, strict=True, assign=True)
+    names = [name for name, _ in module.named_parameters()] + _stored_buffers(module)
+    return {name: weights.tensor(prefix + name) for name in names}
+
+
+def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], device: str, dtype: torch.dtype) -> None:
+    """Give the module `state`'s weights on `device` in `dtype` (the source's own tensors where those are theirs:
+    streams on the CPU in float32 share them)."""
+    module.load_state_dict({name: tensor.to(device=device, dtype=dtype) for name, tensor in state.items()},
+                           strict=True, assign=True)
 
 
 def _stored_buffers(module: torch.nn.Module) -> list[str]:

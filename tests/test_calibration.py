@@ -77,7 +77,7 @@ def forwards(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, frozenset[str],
     """Each (text source, parts, tokens) the provider runs a forward for; the forward is `measured`'s."""
     calls = []
 
-    def fake(checkpoint, source, parts, *, tokens, context):
+    def fake(checkpoint, source, parts, *, tokens, context, alongside=None):
         calls.append((source, frozenset(parts), tokens))
         return measured(parts, tokens)
 

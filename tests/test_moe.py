@@ -167,6 +167,32 @@ def test_reference_records_the_experts_transformers_chooses(qwen3_moe: Path) -> 
         np.testing.assert_array_equal(np.sort(choices[row], -1), np.sort(expected, -1))
 
 
+def test_in_the_calibrations_pass_the_experts_chosen_and_routed_are_those_of_separate_passes(qwen3_moe: Path,
+                                                                                          tmp_path: Path) -> None:
+    """The reference's routers and the calibration's per-expert importance in one pass: each as in a pass of its own."""
+    import hashlib
+
+    from siliconvert.calibration import _forward
+    from siliconvert.corpus import Windows
+    from siliconvert.validate.reference import _child, reference_forward
+
+    checkpoint = Checkpoint.open(qwen3_moe)
+    rng = np.random.default_rng(0)
+    importance_windows, tokens = rng.integers(0, 96, size=(2, 24)), rng.integers(0, 96, size=(2, 12))
+    windows = Windows(tokens, "test", hashlib.sha256(tokens.tobytes()).hexdigest()[:16], "")
+    alone = _forward(checkpoint, "test", None, importance_windows)  # the child processes' functions, run here
+    _child(checkpoint, tokens, tmp_path / "alone")
+    shared = _forward(checkpoint, "test", None, importance_windows,
+                      alongside=reference_forward(checkpoint, windows, tmp_path / "shared"))
+    (folder,) = (tmp_path / "shared").iterdir()
+    for file in ("router.npy", "logits.npy"):
+        assert np.array_equal(np.load(folder / file), np.load(tmp_path / "alone" / file)), file
+    assert sorted(shared.expert_tokens) == sorted(alone.expert_tokens) != []
+    for table in ("importance", "expert_tokens"):
+        ours, theirs = getattr(shared, table), getattr(alone, table)
+        assert all(np.array_equal(ours[name], theirs[name]) for name in theirs), table
+
+
 def test_config_counts_of_experts_are_checked(mixtral: Path, tmp_path: Path) -> None:
     folder = copy_with(mixtral, tmp_path / "bad", lambda weights: None)
     config = json.loads((folder / "config.json").read_text())

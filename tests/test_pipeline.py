@@ -80,6 +80,10 @@ def test_timings_say_where_the_time_went(demo_run):
     # validation as a whole: the runs' overlap and the memory budget they shared
     assert stages["validate"]["wall_s"] >= stages["validate.mlx 4bit-g64"]["wall_s"]
     assert stages["validate"]["memory_budget_mb"] > 0 and stages["validate"]["most_at_once"] >= 1
+    # the reference logits were made in the calibration's forward (each layer read once): validation loads them
+    assert stages["calibrate"]["with_reference"] is True and stages["reference"]["cached"] is True
+    reference = json.loads((tmp_path / "out" / "report.json").read_text())["reference"]
+    assert "in the calibration's pass" in reference["method"] and reference["peak_rss_mb"] > 0
 
 
 def test_mlx_artifact_opens_with_mlx_lm(demo_run):

@@ -135,3 +135,42 @@ def test_hybrid_reference_names_its_torch_path_and_keeps_the_kernel_advice_quiet
     assert "falling back" not in "".join(capfd.readouterr())
     assert torch_path_kernels(["attention"], "cpu") == []
     assert torch_path_kernels(["gated_delta"], "cpu") == ["causal-conv1d", "flash-linear-attention"]
+
+
+def test_the_reference_in_the_calibrations_pass_is_its_own_bit_for_bit_and_each_layer_is_read_once(
+        random_llama, tmp_path, monkeypatch):
+    """A run that calibrates and validates makes the reference logits in the calibration's forward: the same logits
+    and the same calibration as two passes of their own, from one read of each weight, in the cache validation
+    reads."""
+    from siliconvert.calibration import _forward
+    from siliconvert.validate.reference import ReferenceForward, _child, reference_forward
+
+    checkpoint = Checkpoint.open(random_llama)
+    rng = np.random.default_rng(0)
+    range_window, importance_windows = rng.integers(0, 96, size=64), rng.integers(0, 96, size=(2, 32))
+    tokens = rng.integers(0, 96, size=(2, 16))
+    windows = Windows(tokens, "test", hashlib.sha256(tokens.tobytes()).hexdigest()[:16], "")
+    read: list[str] = []
+    own_read = CheckpointWeights.tensor
+    monkeypatch.setattr(CheckpointWeights, "tensor", lambda self, name: read.append(name) or own_read(self, name))
+
+    # the child processes are spawned: run their functions here
+    alone = _forward(checkpoint, "test", range_window, importance_windows, hessian=True)
+    _child(checkpoint, tokens, tmp_path / "alone")
+    assert len(read) == 2 * len(checkpoint.tensor_infos)
+    read.clear()
+    alongside = reference_forward(checkpoint, windows, tmp_path / "shared")
+    assert isinstance(alongside, ReferenceForward)
+    shared = _forward(checkpoint, "test", range_window, importance_windows, hessian=True, alongside=alongside)
+    assert sorted(read) == sorted(checkpoint.tensor_infos)  # every weight once, for both
+
+    logits, info = reference_logits(checkpoint, windows, tmp_path / "shared")
+    assert info["cached"] is True and "in the calibration's pass" in info["method"]
+    assert np.array_equal(logits, np.load(tmp_path / "alone" / "logits.npy"))
+    assert reference_forward(checkpoint, windows, tmp_path / "shared") is None  # cached: nothing left to run
+    assert (shared.stream_peak, shared.range_tokens, shared.importance_tokens) == (
+        alone.stream_peak, alone.range_tokens, alone.importance_tokens)
+    for table in ("importance", "hessians"):
+        ours, theirs = getattr(shared, table), getattr(alone, table)
+        assert sorted(ours) == sorted(theirs)
+        assert all(np.array_equal(ours[name], theirs[name]) for name in ours), table

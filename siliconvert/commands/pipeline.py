@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -31,6 +32,9 @@ from siliconvert.errors import ArtifactError, OutputError, RecipeError
 from siliconvert.format import entry as format_entry
 from siliconvert.progress import say, track
 from siliconvert.recipe import BUILTIN_DEMO, Gates, Recipe, TargetSpec, Validate
+
+if TYPE_CHECKING:
+    from siliconvert.validate.reference import ReferenceForward
 
 
 class Timings:
@@ -99,8 +103,13 @@ def run_recipe(recipe: Recipe, recipe_path: Path | None = None, *, allow_pickle:
     out_dir = prepare_output(recipe.output_dir(recipe_path))
     say(f"[bold]{checkpoint.name}[/] ({checkpoint.spec.hf_architecture}) → {out_dir}")
     timings = Timings()
-    calibration = Calibrations(checkpoint, out_dir / ".cache")  # one per run: re-plans reuse what it measured
+    # one per run: re-plans reuse what it measured; its forward makes the reference logits too, where validation will
+    # need them (each layer read once for both)
+    reference = reference_alongside(checkpoint, recipe.validate_, out_dir / ".cache")
+    calibration = Calibrations(checkpoint, out_dir / ".cache", alongside=reference)
     produced = convert(checkpoint, recipe, out_dir / "artifacts", timings, calibration=calibration)
+    if reference is not None and calibration.alongside is None:
+        timings.stage("calibrate", with_reference=True)
     artifacts = [artifact for artifact, _ in produced]
     if not recipe.validate_.enabled:
         timings.write(out_dir)
@@ -125,6 +134,18 @@ def run_recipe(recipe: Recipe, recipe_path: Path | None = None, *, allow_pickle:
         for folder in releases:
             push(folder, repo_for(folder, recipe.release.repo_prefix))
     return Outcome(report, artifacts, out_dir, releases)
+
+
+def reference_alongside(checkpoint: Checkpoint, settings: Validate, cache_dir: Path) -> ReferenceForward | None:
+    """The reference's forward, to run in the calibration's pass, where the run validates and its logits are not
+    cached yet (validate_artifacts then finds them in the cache); None otherwise."""
+    from siliconvert.corpus import source_tokenizer, token_windows
+    from siliconvert.validate.reference import reference_forward
+
+    if not settings.enabled:
+        return None
+    windows = token_windows(source_tokenizer(checkpoint.path), settings.corpus, settings.tokens, settings.context)
+    return reference_forward(checkpoint, windows, cache_dir)
 
 
 def preflight(recipe: Recipe, checkpoint: Checkpoint, recipe_path: Path | None = None) -> None:
