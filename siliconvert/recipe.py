@@ -209,8 +209,9 @@ class GGUFTarget(TargetSpec):
         return "builtin" if needs else None
 
 
-# pal<bits>: palettized (a lookup table per 16 output channels), -lut8: its tables in int8 (quantize/coreml.py)
-CoreMLPrecision = Literal["fp16", "int8", "int4", "pal2", "pal3", "pal4", "pal6", "pal8",
+# pal<bits>: palettized (a lookup table per 16 output channels), -lut8: its tables in int8 (quantize/coreml.py);
+# w8a8: int8 weights and int8 activations at the linear layers' inputs (the newer Neural Engines' int8 path)
+CoreMLPrecision = Literal["fp16", "int8", "int4", "w8a8", "pal2", "pal3", "pal4", "pal6", "pal8",
                           "pal2-lut8", "pal3-lut8", "pal4-lut8", "pal6-lut8", "auto"]
 
 
