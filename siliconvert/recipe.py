@@ -231,6 +231,16 @@ class CoreMLTarget(TargetSpec):
         _plan_matches_auto("auto" in self.asked, self.plan, "precision")
         return self
 
+    @model_validator(mode="after")
+    def _w8a8_runs_on_the_neural_engine(self) -> CoreMLTarget:
+        # int8 activations pay off only in the Neural Engine's int8 × int8 products; on the CPU and GPU they are
+        # quantized and dequantized around float products, which only slows the model (coremltools' docs)
+        if "w8a8" in self.asked and self.compute_units in ("cpu_only", "cpu_and_gpu"):
+            raise ValueError(f"precision w8a8 is for the Neural Engine, which compute_units: {self.compute_units} "
+                             "leaves out (there int8 activations only cost time): use int8, or compute_units all or "
+                             "cpu_and_ne")
+        return self
+
     @property
     def asked(self) -> list[str]:
         return [self.precision] if isinstance(self.precision, str) else list(self.precision)
