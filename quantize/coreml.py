@@ -26,6 +26,14 @@ the one (of a grid around the pass's max/7, then refined by least squares) that 
 weighted output error, its values rounded at that scale (`fit_scales`; llama.cpp's K-quants search their scales
 the same way with an importance matrix). The ops and their layout stay the pass's own.
 
+W8A8 (`w8a8`): int8 weights per output channel, as `int8`, and the input of every compressed linear layer quantized to
+int8 as well, per tensor (symmetric: scale = the calibration's peak |x| / 127, no zero point), by a `quantize` /
+`dequantize` pair (iOS 17 ops) in front of its convolution: the layout coremltools'
+`linear_quantize_activations` makes (its `insert_prefix_quantize_dequantize_pair` pass, its default
+`linear_symmetric` config), which the Neural Engines of A17 Pro / M4 and later run as int8 × int8 products. The
+peaks come from our own calibration forward (siliconvert/calibration.py INPUT_PEAKS), not from predictions, which
+coremltools runs only on macOS.
+
 A planned package (precision: auto) gives each weight its own precision, int4 also in blocks of 16, 64 or 128
 (`int4-b<n>`), and the palettes: the pass takes one config per op, and `quantize_weights` asks `precision_of` for
 each weight id.
@@ -73,7 +81,9 @@ PALETTE_BITS = (2, 3, 4, 6, 8)
 PALETTE_GROUP = 16  # output channels per lookup table: what Apple's LLM examples use (per_grouped_channel)
 INT8_LUT = "-lut8"  # a palette whose tables are stored as int8 (joint compression)
 # the fixed choices a recipe names (recipes/README.md); a plan also takes int4-b<n> and pal<bits>-g<n>[-lut8]
-PRECISIONS = ("int8", "int4", *(f"pal{bits}" for bits in PALETTE_BITS),
+W8A8 = "w8a8"  # int8 weights per channel and int8 activations at the linear layers' inputs
+ACTIVATION_RANGE = 127  # symmetric int8: ±127, as coremltools' linear_symmetric mode (quant_min raised by one)
+PRECISIONS = ("int8", "int4", W8A8, *(f"pal{bits}" for bits in PALETTE_BITS),
               *(f"pal{bits}{INT8_LUT}" for bits in PALETTE_BITS if bits < 8))
 SCALE_GRID = np.linspace(0.6, 1.1, 26)  # multiples of a block's max/qmax scale that fit_scales tries
 KMEANS_ROUNDS = 100  # Lloyd rounds at most; they stop earlier once no value changes cluster
@@ -254,9 +264,9 @@ def lut_config() -> OpLinearQuantizerConfig:
 
 
 def weight_config(precision: str) -> OpLinearQuantizerConfig:
-    """int8: per output channel; int4: per block of INT4_BLOCK input channels; int4-b<n> (a plan's other
-    candidates): per block of n."""
-    if precision == "int8":
+    """int8 (and w8a8's weights): per output channel; int4: per block of INT4_BLOCK input channels; int4-b<n> (a
+    plan's other candidates): per block of n."""
+    if precision in ("int8", W8A8):
         return OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
     dtype, _, block = precision.partition("-b")
     if dtype == "int4" and (block.isdigit() or not block):
@@ -433,3 +443,18 @@ def _consts(parts: dict[str, np.ndarray | None], weight_id: str, name: str) -> d
             consts[part] = mb.const(val=value, name=f"{name}_{part}")
             consts[part].op.weight_id = f"{weight_id}/{part}"
     return consts
+
+
+def activation_scale(peak: float) -> np.float16:
+    """The per-tensor scale of an int8 activation whose calibrated peak |x| is `peak`: peak / 127 in fp16 (the
+    activations' type), as coremltools' pass computes it from an (rmin, rmax) pair; 1 where the peak is 0 (an input
+    the calibration never saw active), as that pass replaces a zero scale."""
+    scale = np.float16(peak / ACTIVATION_RANGE)
+    return scale if scale > 0 else np.float16(1)
+
+
+def quantized_input(x, scale: np.float16, name: str):
+    """`x` through int8 and back (quantize → dequantize at one per-tensor `scale`), in the function being built: what
+    a linear layer of a W8A8 package reads."""
+    quantized = mb.quantize(input=x, scale=scale, output_dtype="int8", name=f"{name}_input_int8")
+    return mb.dequantize(input=quantized, scale=scale, name=f"{name}_input")

@@ -9,6 +9,9 @@ Three writers measure the source model before they write, all through the same l
 - hessian: the mean x xᵀ of every dense linear layer's input, on the importance windows (what GPTQ weighs a
   layer's rounding errors by: quantize/gptq.py, for an MLX target's `method: gptq`); the layers reading one input
   share one matrix.
+- input peaks: the largest |x| entering each linear layer, on the importance windows (per expert for a stack, over
+  the tokens routed to it): what a Core ML W8A8 package's per-tensor int8 activation scales are made of
+  (quantize/coreml.py), as coremltools' linear_quantize_activations makes them from the range it sees in predictions.
 - range: the residual stream's peak over the first RANGE_TOKENS tokens of the text, which sets the power of two
   that keeps the stream inside float16 (`FP16Range`): Core ML's packages run in fp16, and an MLX plan takes
   float16 for a bfloat16 source only where the stream leaves it room.
@@ -67,7 +70,8 @@ IMPORTANCE = "importance"  # the importance matrix and the tokens routed to each
 RANGE = "range"  # the residual stream's peak
 SENSITIVITY = "sensitivity"  # each weight's measured gain to the mean KLD (siliconvert/gains.py)
 HESSIAN = "hessian"  # the mean x xᵀ of every linear layer's input, on the importance windows (GPTQ's H)
-PARTS = (IMPORTANCE, RANGE, SENSITIVITY, HESSIAN)
+INPUT_PEAKS = "input_peaks"  # the largest |x| entering every linear layer, on the importance windows (W8A8's scales)
+PARTS = (IMPORTANCE, RANGE, SENSITIVITY, HESSIAN, INPUT_PEAKS)
 BUILTIN = "builtin"
 
 FLOAT16_MAX = 65504.0
@@ -129,11 +133,15 @@ class Calibration:
     # HF weight name → mean x xᵀ of its input [columns, columns] (float32; the layers reading one input share one
     # array); dense linear layers only, not expert stacks
     hessians: dict[str, np.ndarray] | None = None
+    # HF weight name → the largest |x| of its input over the importance windows (an expert stack: one per expert,
+    # over the tokens routed to it; 0 for an expert none reached)
+    input_peaks: dict[str, np.ndarray] | None = None
 
     @property
     def parts(self) -> frozenset[str]:
         return frozenset(part for part, value in ((IMPORTANCE, self.importance), (RANGE, self.stream_peak),
-                                                  (SENSITIVITY, self.gains), (HESSIAN, self.hessians))
+                                                  (SENSITIVITY, self.gains), (HESSIAN, self.hessians),
+                                                  (INPUT_PEAKS, self.input_peaks))
                          if value is not None)
 
     def gain(self, name: str, tied_head: bool = False) -> float | None:
@@ -168,7 +176,7 @@ class Calibration:
         taken = {IMPORTANCE: ("importance", "expert_tokens", "importance_tokens"),
                  RANGE: ("stream_peak", "state_peak", "recurrent_peak", "range_tokens"),
                  SENSITIVITY: ("gains", "shrink_gains", "sensitivity_tokens", "input_klds"),
-                 HESSIAN: ("hessians",)}
+                 HESSIAN: ("hessians",), INPUT_PEAKS: ("input_peaks",)}
         return replace(self, **{field: getattr(other, field)
                                 for part in other.parts - self.parts for field in taken[part]})
 
@@ -191,7 +199,7 @@ def calibrate(checkpoint: Checkpoint, source: str, parts: Iterable[str], *, toke
         if not len(range_window):
             raise RecipeError("the tokenizer gives no tokens of this text to measure the residual stream's range "
                               "on (an MLX target's dtype, set, needs none)", name)
-    if IMPORTANCE in parts or HESSIAN in parts:
+    if parts & {IMPORTANCE, HESSIAN, INPUT_PEAKS}:
         # verbose=False: longer than the model's positions by design (cut into windows), not worth a warning
         ids = tokenizer(text[: tokens * CHARS_PER_TOKEN], add_special_tokens=False, verbose=False)["input_ids"][:tokens]
         if len(ids) < context:
@@ -209,7 +217,7 @@ def calibrate(checkpoint: Checkpoint, source: str, parts: Iterable[str], *, toke
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:
             return pool.submit(_forward, checkpoint, name, range_window, importance_windows,
-                               sensitivity_window, HESSIAN in parts, alongside).result()
+                               sensitivity_window, HESSIAN in parts, INPUT_PEAKS in parts, alongside).result()
         except BrokenProcessPool:
             raise CheckpointError("the calibration forward (transformers) crashed; out of memory?",
                                   checkpoint.path) from None
@@ -301,9 +309,10 @@ class Calibrations:
         text_digest = hashlib.sha256(calibration_text(source)[1].encode()).hexdigest()[:16]
         # a Mamba2 model's range measured before its states' peaks were is measured again
         ranged = f"{RANGE_TOKENS}-mamba2" if self.checkpoint.spec.mamba2 is not None else f"{RANGE_TOKENS}"
-        counts = {IMPORTANCE: f"{self.tokens}x{self.context}", HESSIAN: f"{self.tokens}x{self.context}", RANGE: ranged,
+        counts = {IMPORTANCE: f"{self.tokens}x{self.context}", HESSIAN: f"{self.tokens}x{self.context}",
+                  INPUT_PEAKS: f"{self.tokens}x{self.context}", RANGE: ranged,
                   SENSITIVITY: f"{sensitivity_window_tokens(self.checkpoint)}-r{R0}-shrink-inputs"}[part]
-        suffix = ".npz" if part in (IMPORTANCE, HESSIAN) else ".json"
+        suffix = ".npz" if part in (IMPORTANCE, HESSIAN) else ".json"  # input peaks: a few numbers per layer
         return self.cache_dir / f"calibration-{self.checkpoint.fingerprint()}-{text_digest}-{part}-{counts}{suffix}"
 
     def _read(self, source: str, part: str) -> Calibration | None:
@@ -316,6 +325,10 @@ class Calibrations:
                 return None
             return Calibration(stored["text"], stream_peak=stored["stream_peak"], state_peak=stored["state_peak"],
                                recurrent_peak=stored["recurrent_peak"], range_tokens=stored["tokens"])
+        if part == INPUT_PEAKS:
+            stored = json.loads(file.read_text())
+            return Calibration(stored["text"], input_peaks={name: np.array(peak, np.float32)
+                                                            for name, peak in stored["peaks"].items()})
         if part == SENSITIVITY:
             stored = json.loads(file.read_text())
             return Calibration(stored["text"], gains=stored["gains"], shrink_gains=stored["shrink_gains"],
@@ -343,6 +356,10 @@ class Calibrations:
                                                     "state_peak": measured.state_peak,
                                                     "recurrent_peak": measured.recurrent_peak,
                                                     "tokens": measured.range_tokens}))
+            return
+        if part == INPUT_PEAKS:
+            peaks = {name: peak.tolist() for name, peak in measured.input_peaks.items()}
+            write_text_atomically(file, json.dumps({"text": measured.text, "peaks": peaks}))
             return
         if part == SENSITIVITY:  # JSON keeps a float's every bit (repr round-trips)
             write_text_atomically(file, json.dumps({"text": measured.text, "gains": measured.gains,
@@ -483,6 +500,49 @@ class _SecondMoments:
         return {name: means[key] for name, key in sorted(self.shared.items())}
 
 
+class _InputPeaks:
+    """Hooks recording, while `active`, the largest |x| of every linear layer's input (keyed by the HF weight name)
+    and, for a mixture's expert stacks, of each expert's gate_up and down inputs over the tokens routed to it."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.peaks: dict[str, np.ndarray] = {}
+
+    def attach(self, model) -> None:
+        import torch
+
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_pre_hook(self._linear(f"{name}.weight"))
+            elif isinstance(getattr(module, "gate_up_proj", None), torch.nn.Parameter):  # a stack of experts
+                module.register_forward_pre_hook(self._experts(name))
+
+    def _record(self, name: str, peak: np.ndarray) -> None:
+        self.peaks[name] = np.maximum(self.peaks[name], peak) if name in self.peaks else peak
+
+    def _linear(self, name: str):
+        def hook(_module, inputs):
+            if self.active:
+                self._record(name, np.array(float(inputs[0].abs().max()), np.float32))
+        return hook
+
+    def _experts(self, name: str):
+        def hook(module, inputs):  # called as _Importance's hook is: (hidden states, chosen ids, weights)
+            if not self.active:
+                return
+            hidden, chosen = inputs[0].reshape(-1, inputs[0].shape[-1]).double(), inputs[1]
+            experts = module.gate_up_proj.shape[0]
+            outer, inner = np.zeros(experts, np.float32), np.zeros(experts, np.float32)
+            for expert in range(experts):
+                routed = hidden[(chosen == expert).any(-1)]
+                if len(routed):
+                    outer[expert] = float(routed.abs().max())
+                    inner[expert] = float(_expert_inner(module, expert, routed).abs().max())
+            self._record(f"{name}.gate_up_proj", outer)
+            self._record(f"{name}.down_proj", inner)
+        return hook
+
+
 class _StreamPeak:
     """Hooks recording, while `active`, the largest |value| of each decoder layer's input and output, and of
     what enters each recurrent state: B·x of each short convolution, from the output of its in_proj (the modules
@@ -615,11 +675,12 @@ def mamba2_state_peak(module, x: torch.Tensor, b: torch.Tensor, dt: torch.Tensor
 
 def _forward(checkpoint: Checkpoint, text_name: str, range_window: np.ndarray | None,
              importance_windows: np.ndarray | None, sensitivity_window: np.ndarray | None = None,
-             hessian: bool = False, alongside: SharedForward | None = None) -> Calibration:
+             hessian: bool = False, input_peaks: bool = False,
+             alongside: SharedForward | None = None) -> Calibration:
     """One float32 forward over the range window (first, if any) and the importance windows (if any: with
-    `hessian`, each linear layer's input's second moments too), `alongside`'s stream in the same pass (its own
-    model, device and dtype: each result is that of a pass of its own, bit for bit); then the sensitivity forward
-    over its window (if any)."""
+    `hessian`, each linear layer's input's second moments too, with `input_peaks` its peak), `alongside`'s stream
+    in the same pass (its own model, device and dtype: each result is that of a pass of its own, bit for bit); then
+    the sensitivity forward over its window (if any)."""
     import torch
 
     from siliconvert.gains import measured_gains
@@ -638,6 +699,7 @@ def _forward(checkpoint: Checkpoint, text_name: str, range_window: np.ndarray | 
                      if info.role is not None and info.role.role == "ssm_in" and info.role.kind == "weight"]
     importance = _Importance()
     moments = _SecondMoments()
+    peaks_in = _InputPeaks()
     peak = _StreamPeak(state_modules, delta_modules, mamba_modules, checkpoint.spec.mamba2)
     first_importance = 0 if range_window is None else 1
 
@@ -645,12 +707,15 @@ def _forward(checkpoint: Checkpoint, text_name: str, range_window: np.ndarray | 
         peak.active = range_window is not None and index == 0
         importance.active = importance_windows is not None and index is not None and index >= first_importance
         moments.active = hessian and importance.active
+        peaks_in.active = input_peaks and importance.active
 
     def attach(model) -> None:
         if importance_windows is not None:
             importance.attach(model)
         if hessian:
             moments.attach(model)
+        if input_peaks:
+            peaks_in.attach(model)
         if range_window is not None:
             peak.attach(model)
 
@@ -684,6 +749,8 @@ def _forward(checkpoint: Checkpoint, text_name: str, range_window: np.ndarray | 
                               importance_tokens=int(importance_windows.size))
     if hessian:
         calibration = replace(calibration, hessians=moments.results())
+    if input_peaks:
+        calibration = replace(calibration, input_peaks=dict(sorted(peaks_in.peaks.items())))
     if range_window is not None:
         calibration = replace(calibration, stream_peak=max(peak.peaks), state_peak=max(peak.state_peaks),
                               recurrent_peak=max(peak.recurrent_peaks), range_tokens=len(range_window))

@@ -209,8 +209,9 @@ class GGUFTarget(TargetSpec):
         return "builtin" if needs else None
 
 
-# pal<bits>: palettized (a lookup table per 16 output channels), -lut8: its tables in int8 (quantize/coreml.py)
-CoreMLPrecision = Literal["fp16", "int8", "int4", "pal2", "pal3", "pal4", "pal6", "pal8",
+# pal<bits>: palettized (a lookup table per 16 output channels), -lut8: its tables in int8 (quantize/coreml.py);
+# w8a8: int8 weights and int8 activations at the linear layers' inputs (the newer Neural Engines' int8 path)
+CoreMLPrecision = Literal["fp16", "int8", "int4", "w8a8", "pal2", "pal3", "pal4", "pal6", "pal8",
                           "pal2-lut8", "pal3-lut8", "pal4-lut8", "pal6-lut8", "auto"]
 
 
@@ -228,6 +229,16 @@ class CoreMLTarget(TargetSpec):
     @model_validator(mode="after")
     def _auto_has_a_plan(self) -> CoreMLTarget:
         _plan_matches_auto("auto" in self.asked, self.plan, "precision")
+        return self
+
+    @model_validator(mode="after")
+    def _w8a8_runs_on_the_neural_engine(self) -> CoreMLTarget:
+        # int8 activations pay off only in the Neural Engine's int8 × int8 products; on the CPU and GPU they are
+        # quantized and dequantized around float products, which only slows the model (coremltools' docs)
+        if "w8a8" in self.asked and self.compute_units in ("cpu_only", "cpu_and_gpu"):
+            raise ValueError(f"precision w8a8 is for the Neural Engine, which compute_units: {self.compute_units} "
+                             "leaves out (there int8 activations only cost time): use int8, or compute_units all or "
+                             "cpu_and_ne")
         return self
 
     @property

@@ -14,6 +14,7 @@ import siliconvert.calibration as calibration_module
 from siliconvert.calibration import (
     HESSIAN,
     IMPORTANCE,
+    INPUT_PEAKS,
     RANGE,
     SENSITIVITY,
     Calibration,
@@ -166,6 +167,40 @@ def test_second_moments_are_the_importance_off_the_diagonal_and_shared_by_layers
             assert np.allclose(matrix, matrix.T)
 
 
+def test_input_peaks_are_the_largest_input_of_each_linear_layer_and_survive_the_cache(demo_model: Path,
+                                                                                      tmp_path: Path) -> None:
+    """W8A8's activation peaks: on the windows given, the largest |x| entering each nn.Linear of transformers' own
+    forward (hooked here on the whole model), q, k and v alike (one input); the provider measures them on the
+    importance windows, where each bounds its columns' root mean square, and reads them back from its cache."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    checkpoint = Checkpoint.open(demo_model)
+    windows = np.random.default_rng(0).integers(0, checkpoint.spec.vocab_size, (2, 32))
+    peaks = calibration_module._forward(checkpoint, "random ids", None, windows, input_peaks=True).input_peaks
+    model = AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32)
+    seen: dict[str, float] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(lambda _, inputs, name=name: seen.__setitem__(
+                f"{name}.weight", max(seen.get(f"{name}.weight", 0.0), float(inputs[0].abs().max()))))
+    with torch.inference_mode():
+        for window in windows:
+            model(torch.as_tensor(window[None]))
+    assert sorted(peaks) == sorted(seen) and "lm_head.weight" in peaks
+    for name, peak in peaks.items():
+        assert peak.shape == () and peak == pytest.approx(seen[name], rel=1e-5), name
+    layer = "model.layers.1.self_attn"
+    assert peaks[f"{layer}.q_proj.weight"] == peaks[f"{layer}.k_proj.weight"] == peaks[f"{layer}.v_proj.weight"]
+
+    measured_now = Calibrations(checkpoint, tmp_path, tokens=TOKENS, context=CONTEXT).get(
+        "builtin", {IMPORTANCE, INPUT_PEAKS})
+    cached = Calibrations(checkpoint, tmp_path, tokens=TOKENS, context=CONTEXT).get("builtin", {INPUT_PEAKS})
+    assert cached.parts == {INPUT_PEAKS} and sorted(cached.input_peaks) == sorted(measured_now.input_peaks)
+    for name, peak in measured_now.input_peaks.items():
+        assert cached.input_peaks[name] == peak and peak >= np.sqrt(measured_now.importance[name].max()), name
+
+
 def test_a_tied_embedding_has_the_heads_gain_too() -> None:
     gains = measured({SENSITIVITY})
     assert gains.gain("model.embed_tokens.weight") == 0.2
@@ -199,6 +234,9 @@ def test_what_the_targets_need() -> None:
     # a compressed Core ML package's weights are fitted to the importance (palettes' tables, int4/int8 scales)
     assert calibration_needs([CoreMLTarget(format="coreml", precision=["int4", "pal4"])]) == {
         "builtin": {IMPORTANCE, RANGE}}
+    # W8A8's activation scales come from each linear layer's input peak
+    assert calibration_needs([CoreMLTarget(format="coreml", precision=["w8a8"])]) == {
+        "builtin": {IMPORTANCE, RANGE, INPUT_PEAKS}}
     assert calibration_needs([MLXTarget(format="mlx", bits=4, dtype="float16", method="gptq")]) == {
         "builtin": {HESSIAN}}
 

@@ -220,6 +220,62 @@ def test_compressed_variants(llama, tmp_path):
     assert int8_scores.mean_kld < int4_scores.mean_kld < 0.05, int4_scores
 
 
+def test_w8a8_opens_in_coremltools_and_scores_near_int8(llama, tmp_path):
+    """A W8A8 package: int8's weights, and before every compressed linear layer (not the router-free llama's
+    embedding lookup) an int8 quantize / dequantize pair at one fp16 scale; it opens with coremltools' loader, holds
+    int8's bytes, and its activations' rounding costs a mean KLD above int8's but within a sane bound."""
+    import coremltools as ct
+
+    artifacts = {a.quant: a.path for a in build(llama, tmp_path, precision=["int8", "w8a8"])}
+    assert list(artifacts) == ["fp16", "int8", "w8a8"] and artifacts["w8a8"].name == "tiny-w8a8-coreml"
+    for package in sorted(artifacts["w8a8"].glob("*.mlpackage")):
+        program = ct.models.MLModel(str(package), skip_model_load=True).get_spec().mlProgram
+        for function in program.functions.values():
+            ops = [op for block in function.block_specializations.values() for op in block.operations]
+            linear = [op for op in ops if op.type == "conv"]
+            quantized = {op.outputs[0].name for op in ops if op.type == "quantize"}
+            dequantized = {op.outputs[0].name: op for op in ops if op.type == "dequantize"}
+            assert len(linear) == len(quantized) == len(dequantized) > 0, package.name
+            for op in dequantized.values():
+                assert op.inputs["input"].arguments[0].name in quantized
+            assert all(op.inputs["x"].arguments[0].name in dequantized for op in linear), package.name
+    assert weight_bytes(artifacts["w8a8"]) == weight_bytes(artifacts["int8"])
+    windows = windows_of(llama, count=2)
+    reference = reference_logits_for(llama, windows)
+    scores = {p: scores_of(artifacts[p], windows, reference) for p in ("int8", "w8a8")}
+    print({p: (s.mean_kld, s.same_top1) for p, s in scores.items()})
+    assert scores["int8"].mean_kld < scores["w8a8"].mean_kld < 0.01 and scores["w8a8"].same_top1 > 0.95, scores
+    # the numpy interpreter (the reference) runs it as torch does: an fp16 input an ulp apart may land on the other
+    # side of a rounding step, so the logits agree within a few of those steps, the top tokens nearly everywhere
+    on_torch, on_numpy = (CoreMLRunner(artifacts["w8a8"], {"interpreter": engine}) for engine in ("torch", "numpy"))
+    torch_logits, numpy_logits = on_torch.logits_many(windows[:1]), on_numpy.logits_many(windows[:1])
+    np.testing.assert_allclose(torch_logits, numpy_logits, atol=0.25)
+    assert (torch_logits.argmax(-1) == numpy_logits.argmax(-1)).mean() > 0.98
+
+
+def test_a_broken_activation_scale_fails_the_gate(llama, tmp_path, monkeypatch):
+    """The validation sees what the activation scales do: a W8A8 package whose scales are 1/64 of the calibrated
+    ones (most activations saturate at ±127) fails `siliconvert validate`'s default gates, naming the KLD, where
+    the package built with the calibrated scales passes them."""
+    from conftest import SILICONVERT
+
+    from siliconvert.convert.coreml import writer as writer_module
+    from siliconvert.quantize.coreml import activation_scale
+
+    (_, calibrated) = build(llama, tmp_path / "calibrated", precision=["w8a8"])
+    monkeypatch.setattr(writer_module, "activation_scale", lambda peak: activation_scale(peak / 64))
+    (_, broken) = build(llama, tmp_path / "broken", precision=["w8a8"])
+
+    def validate(artifact) -> subprocess.CompletedProcess:
+        return subprocess.run([SILICONVERT, "validate", str(artifact.path), "--source", str(llama), "--output",
+                               str(tmp_path / f"report-{artifact.path.parent.name}"), "--tokens", "256", "--context",
+                               "128", "--no-latency"], capture_output=True, text=True)
+
+    passed, failed = validate(calibrated), validate(broken)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert failed.returncode == 1 and "coreml w8a8: mean_kld" in failed.stderr, failed.stdout + failed.stderr
+
+
 def test_palettized_variants(llama, tmp_path):
     """Every palette width and an int8-table palette: each package opens with coremltools' loader, holds the ops
     the palettization and joint-compression passes make, runs in the MIL interpreter, and its mean KLD falls as its

@@ -1,5 +1,6 @@
 """Checkpoint tensors → the graph's tensors: Qwen3-Next's grouped gated-delta projections permuted into the unfused
-rows exactly as transformers orders them, and the gated delta rule's own folds."""
+rows exactly as transformers orders them, the gated delta rule's own folds, and which linear layers' inputs the folds
+scale."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from coreml_programs import spec_of
 
 from siliconvert.architectures.base import GatedDelta
-from siliconvert.convert.coreml.folds import graph_tensors
+from siliconvert.convert.coreml.folds import graph_tensors, input_scale
 
 DELTA = GatedDelta(key_heads=2, value_heads=6, key_head_dim=4, value_head_dim=3, conv_kernel=4, fused=True)
 
@@ -53,3 +54,12 @@ def test_the_decay_rate_the_conv_state_scale_and_the_gated_norm_without_offset()
     ((_, norm),) = graph_tensors(spec, ("ssm_norm", 0, "weight"), np.full(3, 0.5, np.float32), 1.0)
     ((_, attn_norm),) = graph_tensors(spec, ("attn_norm", 0, "weight"), np.full(3, 0.5, np.float32), 1.0)
     assert norm.tolist() == [0.5] * 3 and attn_norm.tolist() == [1.5] * 3
+
+
+def test_the_inputs_a_fold_scales():
+    """A W8A8 scale is made for the input the graph holds: Gemma 4's per-layer layers read the scaled stream, a short
+    convolution's out_proj its output at the state scale; a norm's output (q, gate, the head) is as the source's."""
+    assert input_scale("per_layer_inp_gate", 2.0**-4, 0.5) == input_scale("per_layer_proj", 2.0**-4, 0.5) == 2.0**-4
+    assert input_scale("per_layer_model_proj", 2.0**-4, 1.0) == 2.0**-4
+    assert input_scale("shortconv.out_proj", 2.0**-4, 0.5) == 0.5
+    assert all(input_scale(role, 2.0**-4, 0.5) == 1.0 for role in ("attn_q", "attn_output", "ffn_down", "output"))

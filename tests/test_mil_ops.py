@@ -1,6 +1,7 @@
 """The MIL interpreter's ops against numpy on tiny arrays: float16 inputs computed in float32, the stable topk,
 1×1 convolutions as products, grouped ones against torch, blockwise dequantization, palettized weights against
-coremltools' own decompression, and the forms it refuses."""
+coremltools' own decompression, quantize / dequantize against coremltools' own value inference, and the forms it
+refuses."""
 
 from __future__ import annotations
 
@@ -108,3 +109,37 @@ def test_exp_softplus_and_tile_match_numpy():
     assert OPS["softplus"](np.array([100.0], np.float32))[0] == 100.0  # no overflow on the way
     tiled = OPS["tile"](np.arange(4).reshape(2, 1, 2), reps=np.array([1, 3, 1]))
     assert tiled.shape == (2, 3, 2) and tiled[1].tolist() == [[2, 3]] * 3
+
+
+def test_quantize_rounds_as_coremltools_value_inference_half_to_even_and_saturates():
+    """The spec's clip(round(x / scale) + zero_point), as coremltools' iOS17 quantize op infers a const's value
+    (optimize/_utils.py quantize_by_scale_and_zp on fp16 operands: the quotient in fp16, np.around, clipped to the
+    dtype's range), for int8 and uint8, a scalar and a per-axis scale."""
+    from coremltools.converters.mil.mil import types
+    from coremltools.optimize._utils import quantize_by_scale_and_zp
+
+    scale = np.float16(0.5)
+    ties = np.array([0.25, 0.75, -0.25, -0.75, 1.25, 63.75, -64.25], np.float16)  # x / 0.5 = ±0.5, ±1.5, 2.5 …
+    assert OPS["quantize"](ties, scale, "int8").tolist() == [0, 2, -0, -2, 2, 128 - 1, -128]  # half to even, clipped
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((2, 8, 3)) * 40).astype(np.float16)
+    for dtype, zero_point, axis, scale in [("int8", None, None, np.float16(0.37)),
+                                           ("uint8", np.uint8(128), None, np.float16(0.21)),
+                                           ("int8", np.array([1, -3, 0, 5, 7, -1, 2, 0], np.int8), 1,
+                                            rng.uniform(0.1, 0.6, 8).astype(np.float16))]:
+        ours = OPS["quantize"](x, scale, dtype, zero_point=zero_point, axis=axis).astype(dtype)
+        shape = (1, -1, 1) if axis is not None else ()  # the op's broadcast of a per-axis parameter
+        theirs = quantize_by_scale_and_zp(x, np.reshape(scale, shape),
+                                          None if zero_point is None else np.reshape(zero_point, shape),
+                                          types.string_to_builtin(dtype))
+        np.testing.assert_array_equal(ours, theirs, err_msg=dtype)
+        assert ours.min() == np.iinfo(dtype).min or ours.max() == np.iinfo(dtype).max  # some saturate
+    with pytest.raises(Unsupported, match="int16"):
+        OPS["quantize"](x, np.float16(1), "int16")
+
+
+def test_dequantize_multiplies_in_float32():
+    q = np.array([[-128, 0, 127]], np.int8)
+    np.testing.assert_array_equal(OPS["dequantize"](q, np.float32(0.5)), [[-64.0, 0.0, 63.5]])
+    np.testing.assert_array_equal(OPS["dequantize"](q.astype(np.uint8), np.float32(2.0), zero_point=np.uint8(128)),
+                                  [[0.0, -256.0, -2.0]])

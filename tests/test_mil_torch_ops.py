@@ -159,6 +159,24 @@ def test_products(engine):
         TORCH_OPS["conv"](engine.value(x), engine.value(fp16(16, 1, 1, 3)), groups=16, pad_type="same")
 
 
+def test_quantization(engine):
+    """quantize to int8 / uint8 (a scalar scale and a per-axis one, with zero points) and dequantize back agree bit
+    for bit: the same fp16 quotient, the same half-to-even rounding, the same saturation."""
+    x = fp16(2, 8, 5, scale=40)
+    ties = np.array([0.25, 0.75, -0.25, -0.75, 1.25, 63.75, -64.25, 1000.0], np.float16)
+    for data, params in [(ties, {"scale": np.array(0.5, np.float32), "output_dtype": "int8"}),
+                         (x, {"scale": np.array(0.37, np.float32), "output_dtype": "int8"}),
+                         (x, {"scale": np.array(0.21, np.float32), "output_dtype": "uint8",
+                              "zero_point": np.array(128, np.uint8)}),
+                         (x, {"scale": np.linspace(0.1, 0.6, 8).astype(np.float16).astype(np.float32),
+                              "output_dtype": "int8", "zero_point": np.arange(-4, 4, dtype=np.int8),
+                              "axis": np.array(1, np.int32)})]:
+        (quantized,) = agree(engine, "quantize", data, **params)
+        quantized = quantized.astype(params["output_dtype"])
+        dequantized = {k: v for k, v in params.items() if k != "output_dtype"}
+        agree(engine, "dequantize", quantized, **dequantized)
+
+
 def test_engine_stores_as_the_device_does(engine):
     """fp16 storage rounds to nearest even, overflows to ±inf; integer casts wrap as numpy's do."""
     values = np.array([1 + 2**-11, 1 + 3 * 2**-11, 70000.0, -70000.0, 1e-8], np.float32)

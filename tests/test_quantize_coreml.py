@@ -1,7 +1,7 @@
 """Core ML weight compression on its own (quantize/coreml.py): the palettes' names, our k-means (a table of the
 right size, weighted by the columns' importance), every palette round-tripped through coremltools' own
-functions with its error falling as bits rise, the importance-weighted tables and scales beating plain ones, and
-coremltools' passes making the ops the packages hold."""
+functions with its error falling as bits rise, the importance-weighted tables and scales beating plain ones,
+coremltools' passes making the ops the packages hold, and W8A8's activation scales and quantize / dequantize pair."""
 
 from __future__ import annotations
 
@@ -17,12 +17,15 @@ from siliconvert.quantize.coreml import (
     QUANTIZED_OP,
     Palette,
     PalettizedWeight,
+    activation_scale,
     compress,
     decompress,
     kmeans_lut,
     palette_of,
     quantize_weights,
+    quantized_input,
     stored_bytes,
+    weight_config,
 )
 
 
@@ -149,3 +152,28 @@ def test_the_passes_make_the_ops_the_packages_hold():
         np.testing.assert_array_equal(decompress(made[name]).reshape(64, 128), decompress(expected))
     ops = {op.op_type for op in function.operations}
     assert {PALETTIZED_OP, QUANTIZED_OP} <= ops
+
+
+def test_w8a8_weights_are_int8_per_channel_and_its_activations_per_tensor_symmetric():
+    """w8a8's weights take int8's config (per output channel, symmetric); an activation's scale is its peak / 127
+    in fp16 (coremltools' linear_symmetric from an (−peak, peak) range), 1 for a peak of 0 (as that pass makes a
+    zero scale); the pair the graph puts before a linear layer is an iOS 17 quantize to int8 and its dequantize,
+    with one scalar scale and no zero point, the ops linear_quantize_activations inserts."""
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    assert weight_config("w8a8") == weight_config("int8")
+    assert activation_scale(63.5) == np.float16(0.5) and activation_scale(0.0) == np.float16(1)
+    assert activation_scale(1000.0) == np.float16(1000.0 / 127)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 8, 1, 4), dtype=types.fp16)], opset_version=ct.target.iOS18)
+    def program(x):
+        return quantized_input(x, activation_scale(12.7), "l0_q")
+
+    ops = program.functions["main"].operations
+    quantize, dequantize = (op for op in ops if op.op_type in ("quantize", "dequantize"))
+    assert (quantize.op_type, dequantize.op_type) == ("quantize", "dequantize")
+    assert quantize.output_dtype.val == "int8" and quantize.zero_point is None and quantize.axis is None
+    assert quantize.scale.val == dequantize.scale.val == np.float16(0.1) and quantize.scale.val.shape == ()
+    assert dequantize.input is quantize.outputs[0] and dequantize.outputs[0].dtype == types.fp16

@@ -25,9 +25,9 @@ def test_defaults():
 def test_all_formats_parse():
     recipe = parse_recipe({**MINIMAL, "targets": [
         {"format": "mlx", "bits": 8}, {"format": "gguf", "quants": ["F16", "Q4_K_M"]},
-        {"format": "coreml", "precision": ["int4"], "chunks": 2}]})
+        {"format": "coreml", "precision": ["int4", "w8a8"], "chunks": 2, "compute_units": "cpu_and_ne"}]})
     assert [t.format for t in recipe.targets] == ["mlx", "gguf", "coreml"]
-    assert recipe.targets[2].precisions == ["fp16", "int4"]
+    assert recipe.targets[2].precisions == ["fp16", "int4", "w8a8"]
 
 
 @pytest.mark.parametrize(("data", "message"), [
@@ -55,6 +55,8 @@ def test_all_formats_parse():
     ({**MINIMAL, "targets": [{"format": "gguf", "quants": ["auto"], "plan": {"size_mb": 1}, "imatrix": False}]},
      "imatrix: false, but auto needs an importance matrix"),
     ({**MINIMAL, "targets": [{"format": "gguf", "imatrix": True}]}, "targets.0.imatrix"),
+    ({**MINIMAL, "targets": [{"format": "coreml", "precision": ["int8", "w8a8"], "compute_units": "cpu_and_gpu"}]},
+     "targets.0: precision w8a8 is for the Neural Engine, which compute_units: cpu_and_gpu leaves out"),
 ])
 def test_problems_name_the_key(data, message):
     with pytest.raises(RecipeError, match=message):

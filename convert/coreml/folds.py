@@ -128,6 +128,20 @@ def graph_tensors(spec: ModelSpec, key: Key, array: np.ndarray, branch_scale: fl
     yield key, array
 
 
+# Linear layers whose input the graph holds at a scale of the source's, by the folds above: Gemma 4's per-layer
+# gate and projection read the stream as it is (scaled), its per-layer model projection the scaled embeddings
+STREAM_SCALED_INPUTS = ("per_layer_inp_gate", "per_layer_proj", "per_layer_model_proj")
+
+
+def input_scale(role: str, stream_scale: float, state_scale: float) -> float:
+    """How much larger the input of `role`'s linear layer is in the graph than in the source: the stream's scale
+    for STREAM_SCALED_INPUTS, the state scale for a short convolution's out_proj (its output is B·x's scale, taken
+    out in out_proj's weight), else 1 (a norm's output, or a product the folds leave as it is)."""
+    if role in STREAM_SCALED_INPUTS:
+        return stream_scale
+    return state_scale if role == "shortconv.out_proj" else 1.0
+
+
 def delta_parts(spec: ModelSpec, key: Key, array: np.ndarray) -> Iterator[tuple[Key, np.ndarray]]:
     """Qwen3-Next's in_proj_qkvz or in_proj_ba (rows grouped per key head) as the unfused roles' rows (GROUPED)."""
     role = key[0]

@@ -292,6 +292,7 @@ class WeightedOps:
         bias = None
         if (role, layer, "bias") in self.needed:
             bias = self.weights.const(weight_id((role, layer, "bias")), (out,), f"{name}_bias")
+        x = self.weights.input(x, weight_id((role, layer, "weight")), name)  # int8 and back in a W8A8 package
         return mb.conv(x=x, weight=weight, bias=bias, name=name)
 
     def norm(self, x, role: str, layer: int | None, name: str, axis: int = 1):
@@ -609,10 +610,10 @@ def lm_head(ops: WeightedOps, x):
     spec, h = ops.spec, ops.spec.hidden_size
     x = ops.norm(x, "output_norm", None, "output_norm")
     head, pieces = (head_role(spec), None, "weight"), head_pieces(spec)
-    parts = [mb.conv(x=x, weight=ops.weights.const(weight_id(head, i if len(pieces) > 1 else None),
-                                                   (len(rows), h, 1, 1), f"lm_head_{i}_weight"),
-                     name=f"lm_head_{i}")
-             for i, rows in enumerate(pieces)]
+    piece_ids = [weight_id(head, i if len(pieces) > 1 else None) for i in range(len(pieces))]
+    parts = [mb.conv(x=ops.weights.input(x, piece, f"lm_head_{i}"),
+                     weight=ops.weights.const(piece, (len(rows), h, 1, 1), f"lm_head_{i}_weight"), name=f"lm_head_{i}")
+             for i, (piece, rows) in enumerate(zip(piece_ids, pieces, strict=True))]
     x = mb.concat(values=parts, axis=1) if len(parts) > 1 else parts[0]  # (1, V, 1, S)
     if spec.logits_scale != 1.0:
         x = mb.mul(x=x, y=np.float16(spec.logits_scale))

@@ -1,5 +1,6 @@
 """Where the graph takes its weights from: the blobs streamed into the package being written (placeholders),
-the values of a finished fp16 package, or the compressed forms quantize/coreml.py chose."""
+the values of a finished fp16 package, or the compressed forms quantize/coreml.py chose (and, for W8A8, what the
+linear layers read of their inputs)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 from coremltools.converters.mil import Builder as mb
 
 from siliconvert.convert.coreml.package import BLOB_RECORD, BLOB_SENTINEL
-from siliconvert.quantize.coreml import CompressedWeight, quantized_const
+from siliconvert.quantize.coreml import CompressedWeight, quantized_const, quantized_input
 
 
 class WeightConsts(ABC):
@@ -20,6 +21,10 @@ class WeightConsts(ABC):
 
     @abstractmethod
     def const(self, weight: str, shape: tuple[int, ...], name: str): ...
+
+    def input(self, x, weight: str, name: str):
+        """What the linear layer of `weight` reads of its input `x`: `x` itself, but in a W8A8 package."""
+        return x
 
 
 class PlaceholderWeights(WeightConsts):
@@ -57,11 +62,17 @@ class StoredWeights(WeightConsts):
 
 
 class QuantizedWeights(WeightConsts):
-    """The compressed form coremltools' pass chose for each weight (quantize/coreml.py); fp16 for the rest."""
+    """The compressed form coremltools' pass chose for each weight (quantize/coreml.py); fp16 for the rest.
+    `input_scales` (W8A8): weight id → the int8 scale of its layer's input, which goes through int8 and back."""
 
-    def __init__(self, stored: StoredWeights, quantized: dict[str, CompressedWeight]):
+    def __init__(self, stored: StoredWeights, quantized: dict[str, CompressedWeight],
+                 input_scales: dict[str, np.float16] | None = None):
         self.stored = stored
         self.quantized = quantized
+        self.input_scales = input_scales or {}
+
+    def input(self, x, weight: str, name: str):
+        return quantized_input(x, self.input_scales[weight], name) if weight in self.input_scales else x
 
     def const(self, weight: str, shape: tuple[int, ...], name: str):
         if weight in self.quantized:

@@ -24,10 +24,10 @@ import numpy as np
 
 from siliconvert.architectures import ModelSpec
 from siliconvert.artifacts import Artifact, Writer
-from siliconvert.calibration import BUILTIN, IMPORTANCE, RANGE, SENSITIVITY, Calibrations
+from siliconvert.calibration import BUILTIN, IMPORTANCE, INPUT_PEAKS, RANGE, SENSITIVITY, Calibrations
 from siliconvert.checkpoint import TensorInfo
 from siliconvert.convert.coreml.chunks import Chunk, Key, blobs_of, plan_chunks, role_key, weight_id
-from siliconvert.convert.coreml.folds import graph_keys, graph_tensors, tensor_shape
+from siliconvert.convert.coreml.folds import graph_keys, graph_tensors, input_scale, tensor_shape
 from siliconvert.convert.coreml.graph import (
     EXPERT_IDS,
     build_function,
@@ -52,7 +52,7 @@ from siliconvert.convert.coreml.package import (
 from siliconvert.convert.coreml.plan import ColumnImportance, WeightPlanner
 from siliconvert.convert.coreml.weights import PlaceholderWeights, QuantizedWeights, StoredWeights
 from siliconvert.errors import CheckpointError, OutputError
-from siliconvert.quantize.coreml import quantize_weights
+from siliconvert.quantize.coreml import W8A8, activation_scale, quantize_weights
 from siliconvert.quantize.plan import Plan
 from siliconvert.recipe import CoreMLTarget
 
@@ -74,10 +74,10 @@ def active_seconds(intervals: list[tuple[float, float]]) -> float:
 def calibration_needs(target: CoreMLTarget) -> dict[str, set[str]]:
     """Calibration text → the parts a target's writer asks for: the residual stream's range (every package runs in
     fp16), a plan's importance and sensitivity, and the importance every compressed package's weights are fitted
-    to (a palette's k-means, int4 / int8 scales: quantize/coreml.py)."""
+    to (a palette's k-means, int4 / int8 scales: quantize/coreml.py), and a W8A8 package's activation peaks."""
     compressed = len(target.precisions) > 1
     return {BUILTIN: {RANGE} | ({IMPORTANCE, SENSITIVITY} if target.plan else set())
-            | ({IMPORTANCE} if compressed else set())}
+            | ({IMPORTANCE} if compressed else set()) | ({INPUT_PEAKS} if W8A8 in target.precisions else set())}
 
 
 class CoreMLWriter(Writer):
@@ -140,6 +140,9 @@ class CoreMLWriter(Writer):
         # what compressed weights are fitted to (quantize/coreml.py: a palette's k-means, int4 / int8 scales)
         self.columns = (ColumnImportance(checkpoint, calibration.get(BUILTIN, {IMPORTANCE}).importance)
                         if len(target.precisions) > 1 else None)
+        # a W8A8 package's activation scales: the peak |x| entering each linear layer, looked up as importance is
+        self.input_peaks = (ColumnImportance(checkpoint, calibration.get(BUILTIN, {INPUT_PEAKS}).input_peaks)
+                            if W8A8 in target.precisions else None)
         self.work = {p: f.with_name(f".{f.name}.tmp-{os.getpid()}") for p, f in self.folders.items()}
         self._state = "open"
         try:
@@ -380,13 +383,28 @@ class CoreMLWriter(Writer):
         package is written."""
         importance = self.columns.by_weight(chunk, self.needed[chunk.index]) if self.columns else {}
         quantized = quantize_weights(self._function(chunk, stored), precision_of, importance.get)
+        scales = self._input_scales(chunk, quantized.keys()) if variant == W8A8 else None
         program = build_program(self.spec, chunk, self.block, self.target.context,
-                                QuantizedWeights(stored, quantized), self.stream_scale, self.recurrent_scale)
+                                QuantizedWeights(stored, quantized, scales), self.stream_scale, self.recurrent_scale)
         package = self.work[variant] / chunk.package
         (package / PACKAGE_DATA / "weights").mkdir(parents=True)
         write_package(package, export(program, MILProtoExporter(program, str(package / PACKAGE_DATA / "weights"),
                                                                 SPEC_VERSION)))
         self.syncing.append(self.syncer.submit(fsync_tree, package))
+
+    def _input_scales(self, chunk: Chunk, compressed) -> dict[str, np.float16]:
+        """Weight id → the int8 scale of its layer's input, for the `compressed` weights of a chunk that a linear
+        layer reads (an embedding's lookup reads none): the calibration's peak of the source layer's input, at the
+        scale the graph holds that input (folds.py input_scale). Weights left fp16 (routers, kernels) keep fp16
+        inputs."""
+        scales = {}
+        for key in self.needed[chunk.index]:
+            for weight, rows in blobs_of(self.spec, chunk, key):
+                peak = self.input_peaks.of(chunk, key, rows) if weight in compressed else None
+                if peak is not None:
+                    factor = input_scale(key[0], self.stream_scale, self.state_scale)
+                    scales[weight] = activation_scale(float(np.max(peak)) * factor)
+        return scales
 
 
 def prefill_block(context: int) -> int:

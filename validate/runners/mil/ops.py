@@ -1,6 +1,7 @@
 """The MIL ops the interpreter knows: those the Core ML builder emits and those coremltools' passes turn
 them into (int16/uint16 casts and index wrapping around `gather`, `write_state` + `read_state` for
-`coreml_update_state`, `constexpr_blockwise_shift_scale` and `constexpr_lut_to_dense` for compressed weights).
+`coreml_update_state`, `constexpr_blockwise_shift_scale` and `constexpr_lut_to_dense` for compressed weights,
+`quantize` and `dequantize` around a W8A8 package's activations).
 
 Each op is a function of its MIL inputs (keyword arguments named as in the MIL spec) returning numpy arrays.
 Floating-point work happens in float32 (the package docstring says what that approximates); the program then
@@ -294,6 +295,48 @@ def _conv(x, weight, bias=None, strides=None, pad_type="valid", pad=None, dilati
     if bias is not None:
         y += wide(bias)[:, None, None]
     return y
+
+
+# ---- quantization (iOS 17): an activation as int8 between a quantize and a dequantize (W8A8) ------
+# The semantics are the MIL spec's (coremltools' iOS17 quantization_ops.py: quantize = clip(round(input / scale)
+# + zero_point), dequantize = scale × (input − zero_point)), computed in the order of that op's value inference
+# (coremltools.optimize._utils quantize_by_scale_and_zp): the quotient in the input's own type (numpy divides
+# fp16 by fp16 into fp16), rounded half to even (np.around), the zero point added, then saturated to the output
+# type's range (int8: [-128, 127], uint8: [0, 255]); dequantize multiplies in float32 (its _cast_from_quantized_
+# dtype) and the program stores the product as the declared fp16.
+QUANTIZED_RANGES = {"int8": (-128, 127), "uint8": (0, 255)}
+
+
+def along(param: np.ndarray, rank: int, axis) -> np.ndarray:
+    """A scale or zero point (a scalar, or a vector along `axis`) shaped to broadcast over a tensor of `rank`."""
+    param = np.asarray(param)
+    if axis is None:  # the spec's scalar (a one-value array once held as a tensor)
+        return param.reshape(())
+    shape = [1] * rank
+    shape[int(axis) % rank] = param.size
+    return param.reshape(shape)
+
+
+@op("quantize")
+def _quantize(input, scale, output_dtype, zero_point=None, axis=None):
+    if str(output_dtype) not in QUANTIZED_RANGES:
+        raise Unsupported(f"quantize to {output_dtype} (int8 or uint8)")
+    low, high = QUANTIZED_RANGES[str(output_dtype)]
+    quotient = wide(input) / along(wide(scale), input.ndim, axis)
+    if input.dtype == np.float16:
+        quotient = quotient.astype(np.float16)  # rounded to the input's type, as the spec's value inference
+    quantized = np.round(quotient).astype(np.float32)  # half to even
+    if zero_point is not None:
+        quantized = quantized + along(zero_point, input.ndim, axis).astype(np.float32)
+    return np.clip(quantized, low, high)
+
+
+@op("dequantize")
+def _dequantize(input, scale, zero_point=None, axis=None):
+    values = input.astype(np.float32)
+    if zero_point is not None:
+        values = values - along(zero_point, input.ndim, axis).astype(np.float32)
+    return values * along(wide(scale), input.ndim, axis)
 
 
 # ---- load-time (constexpr): evaluated once, when the weights load (program.py) -------------------

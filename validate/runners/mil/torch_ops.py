@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from siliconvert.validate.runners.mil.ops import Unsupported
+from siliconvert.validate.runners.mil.ops import QUANTIZED_RANGES, Unsupported
 from siliconvert.validate.runners.mil.values import TensorType
 
 TORCH_OPS: dict[str, Callable[..., torch.Tensor]] = {}
@@ -329,6 +329,42 @@ def _conv(x, weight, bias=None, strides=None, pad_type="valid", pad=None, dilati
     if bias is not None:
         y = y + bias[:, None, None]
     return y
+
+
+# ---- quantization (iOS 17) -----------------------------------------------------------------------
+
+
+def along(param, like: torch.Tensor, axis) -> torch.Tensor:
+    """As ops.py's: a scale or zero point as a float32 tensor on `like`'s device, shaped to broadcast over it."""
+    param = wide(on_device(param, like.device)).float()
+    if axis is None:  # the spec's scalar: TorchEngine holds a float const of rank 0 as one of shape (1,)
+        return param.reshape(())
+    shape = [1] * like.ndim
+    shape[int(axis) % like.ndim] = param.numel()
+    return param.reshape(shape)
+
+
+@op("quantize")
+def _quantize(input, scale, output_dtype, zero_point=None, axis=None):
+    """As ops.py's: the quotient in the input's type, half to even (torch.round), the zero point, saturated."""
+    if str(output_dtype) not in QUANTIZED_RANGES:
+        raise Unsupported(f"quantize to {output_dtype} (int8 or uint8)")
+    low, high = QUANTIZED_RANGES[str(output_dtype)]
+    quotient = wide(input) / along(scale, input, axis)
+    if input.dtype == torch.float16:
+        quotient = quotient.half().float()
+    quantized = torch.round(quotient)
+    if zero_point is not None:
+        quantized = quantized + along(zero_point, input, axis)
+    return quantized.clamp(low, high)
+
+
+@op("dequantize")
+def _dequantize(input, scale, zero_point=None, axis=None):
+    values = input.float()
+    if zero_point is not None:
+        values = values - along(zero_point, input, axis)
+    return values * along(scale, input, axis)
 
 
 # ---- the engine: how program.py holds values on torch --------------------------------------------
