@@ -220,6 +220,9 @@ def test_a_full_run_past_twice_its_pass_misses_the_target():
     built = result(full={**completed(100.1, 1.0, 1.0), "stages": {"convert": {"wall_s": 50.0}}})
     assert built["ratios"]["full_vs_pass"] == 2.002
     assert "(c) wall / its conversion pass" in run.format_table(built) and "MISSES" in run.format_table(built)
+    # a calibration that computed the reference too is not counted as conversion
+    shared = {"convert": {"wall_s": 60.0}, "calibrate": {"wall_s": 10.0, "with_reference": True}}
+    assert result(full={**completed(100.0, 1.0, 1.0), "stages": shared})["ratios"]["full_vs_pass"] == 2.0
 
 
 def test_gpus_are_nvidia_smis_lines(tmp_path, monkeypatch):
