@@ -69,8 +69,6 @@ from siliconvert.convert.coreml.folds import BLOCK_NORMS, EXPERT_STACKS, expert_
 from siliconvert.convert.coreml.weights import WeightConsts
 from siliconvert.errors import CheckpointError
 
-# Traits (ModelSpec.traits' names) no op here computes yet: refused by name before anything is built
-UNSUPPORTED_TRAITS: dict[str, str] = {}
 MASK_VALUE = -30000.0  # additive mask: exp() of it is 0, yet adding it to any score stays finite in fp16
 SHARED_EXPERT = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")  # its gate, up and down, as mlp's roles
 SHORT_CONV_ROLES = ("shortconv.in_proj", "shortconv.conv", "shortconv.out_proj")
@@ -272,13 +270,6 @@ def state_shapes(spec: ModelSpec, chunk: Chunk, context: int) -> dict[str, tuple
         shapes["ssm_conv_state"] = (len(mamba2), mamba.conv_channels, 1, mamba.conv_kernel - 1)
         shapes["ssm_state"] = (len(mamba2), *mamba.state_shapes()["recurrent"])
     return shapes
-
-
-def refuse_unsupported_traits(spec: ModelSpec) -> None:
-    """Refuse, naming it, a trait of the spec no Core ML graph computes."""
-    for trait, why in UNSUPPORTED_TRAITS.items():
-        if trait in spec.traits():
-            raise CheckpointError(f"Core ML cannot honour the trait {trait}: {why}")
 
 
 @dataclass(frozen=True)
@@ -1066,14 +1057,19 @@ def rope_frequencies(spec: ModelSpec, rope: Rope, context: int) -> tuple[np.ndar
 
 
 def sink_softmax(ops: WeightedOps, scores, layer: int):
-    """gpt-oss's softmax with a sink, as transformers' eager attention: each head's learned logit joined to every
-    query's scores (1, H, S, context) as one more column, the softmax taken over both, the column dropped. The sink
-    takes its share of each row's probability without a value: a query may attend to (almost) nothing."""
-    _, heads, s, context = scores.shape
+    """gpt-oss's softmax with a sink, as transformers' eager attention computes it: each head's learned logit joined
+    to every query's scores (1, H, S, context) as one more column, the softmax taken over both, the column dropped.
+    The sink takes its share of each row's probability without a value: a query may attend to (almost) nothing.
+
+    Written out rather than as softmax(concat(scores, tiled sinks)): an op whose inputs are all consts (tiling the
+    sinks) is folded by const_elimination into a new const computed from the placeholder, whose value is never the
+    weight's (the streamed writer's placeholders: weights.py). Here every op on the sinks also reads the scores."""
+    _, heads, _, _ = scores.shape
     sinks = ops.weights.const(weight_id(("attn_sinks", layer, "weight")), (1, heads, 1, 1), f"l{layer}_sinks")
-    column = mb.tile(x=sinks, reps=[1, 1, s, 1]) if s > 1 else sinks
-    probs = mb.softmax(x=mb.concat(values=[scores, column], axis=3), axis=-1)
-    return mb.slice_by_index(x=probs, begin=[0, 0, 0, 0], end=[1, heads, s, context], name=f"l{layer}_sink_softmax")
+    peak = mb.maximum(x=mb.reduce_max(x=scores, axes=[3], keep_dims=True), y=sinks)  # (1, H, S, 1)
+    exps = mb.exp(x=mb.sub(x=scores, y=peak))
+    total = mb.add(x=mb.reduce_sum(x=exps, axes=[3], keep_dims=True), y=mb.exp(x=mb.sub(x=sinks, y=peak)))
+    return mb.real_div(x=exps, y=total, name=f"l{layer}_sink_softmax")
 
 
 def causal_masks(context: int, positions, tokens: int, windows: list[int | None]) -> dict[int | None, object]:
