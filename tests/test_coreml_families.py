@@ -216,8 +216,9 @@ def with_sinks(source, folder, values: tuple[float, ...]):
 
 
 def test_gpt_oss_sinks_are_in_the_softmax(small_model, tmp_path, monkeypatch):
-    """Sinks set apart from 0 (each head's share of the softmax then large): the package scores as transformers does;
-    the same package with its sinks zeroed fails the Core ML FP16 gate (mean KLD < 0.002, same top-1 ≥ 97 %)."""
+    """Sinks set apart from 0 (each head's share of the softmax then large): the package scores as transformers does,
+    in both of the interpreter's backends; the same package with its sinks zeroed fails the Core ML FP16 gate (mean
+    KLD < 0.002, same top-1 ≥ 97 %)."""
     from siliconvert.convert.coreml import writer
 
     tokenizer, config = FAMILY_CASES["gpt_oss"]
@@ -234,6 +235,8 @@ def test_gpt_oss_sinks_are_in_the_softmax(small_model, tmp_path, monkeypatch):
     (artifact,) = build(source, tmp_path / "kept")
     scores = scores_of(artifact)
     assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, scores
+    by_numpy = CoreMLRunner(artifact.path, {"interpreter": "numpy"}).logits(windows[0])
+    np.testing.assert_allclose(by_numpy, CoreMLRunner(artifact.path, {}).logits(windows[0]), atol=0.05)
     graph_tensors = writer.graph_tensors
 
     def zeroed_sinks(spec, key, array, *scales):
@@ -263,15 +266,27 @@ def test_gpt_oss_from_mxfp4_passes_every_gate(tmp_path):
 
 
 def test_mxfp4_experts_re_quantized_by_int4_are_said_so(tmp_path):
-    """A compressed variant re-quantizes the experts that arrived as MXFP4 (Core ML has no MXFP4 type): said per
-    artifact, where the fp16 package says its values are exact."""
-    from families import gpt_oss_mxfp4
+    """A compressed variant re-quantizes the experts that arrived as MXFP4 (Core ML has no MXFP4 type), and the fp16
+    package counts the values fp16 does not hold: here one block of 32 whose scale is 2^-30, each of its non-zero
+    values (E2M1 × 2^-30) below fp16's smallest subnormal (2^-24)."""
+    import re
 
-    checkpoint = Checkpoint.open(gpt_oss_mxfp4(tmp_path / "mxfp4"))
+    from families import gpt_oss_mxfp4
+    from safetensors.torch import load_file, save_file
+
+    source = gpt_oss_mxfp4(tmp_path / "mxfp4")
+    tensors = load_file(source / "model.safetensors")
+    tensors["model.layers.0.mlp.experts.down_proj_scales"][0, 0, 0] = 127 - 30
+    codes = tensors["model.layers.0.mlp.experts.down_proj_blocks"][0, 0, 0]
+    underflowing = int(((codes & 0x07) != 0).sum() + ((codes >> 4 & 0x07) != 0).sum())
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    checkpoint = Checkpoint.open(source)
     target = CoreMLTarget(format="coreml", context=CONTEXT, precision=["fp16", "int4"])
     writer = CoreMLWriter(checkpoint, target, tmp_path / "out", "tiny")
     for info, array in checkpoint.tensors():
         writer.add(info, array)
     said = {artifact.quant: artifact.source_quantization for artifact in writer.finish()}
-    assert said["fp16"].endswith("in 24 weights (Core ML has no MXFP4 type): every value exact")
+    inexact = re.fullmatch(r"MXFP4 stored as float16 in 24 weights \(Core ML has no MXFP4 type\): (\d+) of "
+                           r"(\d+) values not exact \(past float16's range\)", said["fp16"])
+    assert inexact and int(inexact[1]) == underflowing > 0 and int(inexact[2]) == 2 * 4 * 3 * 96 * 128, said
     assert said["int4"] == "MXFP4 re-quantized in 24 of 24 weights (as int4)"
