@@ -1,7 +1,8 @@
 """Core ML FP16 honours every family's traits: each family of tests/families.py (sliding windows shorter than the
 scored window, per-layer rope, partial rotary LongRoPE, NoPE layers, q/k norms, norm offset and placement,
-GeGLU, embedding/attention/residual/logit scales, soft-caps, fused tensors, mixtures of experts), converted and
-run back through the MIL interpreter, against transformers' float32 forward (and its routers' choices)."""
+GeGLU, embedding/attention/residual/logit scales, soft-caps, fused tensors, mixtures of experts, gpt-oss's sinks,
+expert biases and clamped SwiGLU, from bfloat16 and MXFP4 sources), converted and run back through the MIL
+interpreter, against transformers' float32 forward (and its routers' choices)."""
 
 from __future__ import annotations
 
