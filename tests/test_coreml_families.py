@@ -1,7 +1,8 @@
 """Core ML FP16 honours every family's traits: each family of tests/families.py (sliding windows shorter than the
 scored window, per-layer rope, partial rotary LongRoPE, NoPE layers, q/k norms, norm offset and placement,
-GeGLU, embedding/attention/residual/logit scales, soft-caps, fused tensors, mixtures of experts), converted and
-run back through the MIL interpreter, against transformers' float32 forward (and its routers' choices)."""
+GeGLU, embedding/attention/residual/logit scales, soft-caps, fused tensors, mixtures of experts, gpt-oss's sinks,
+expert biases and clamped SwiGLU, from bfloat16 and MXFP4 sources), converted and run back through the MIL
+interpreter, against transformers' float32 forward (and its routers' choices)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from test_coreml import windows_of
 from siliconvert.calibration import FLOAT16_MAX, Calibrations, FP16Range
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.coreml import CoreMLWriter
-from siliconvert.errors import CheckpointError
 from siliconvert.recipe import CoreMLTarget
 from siliconvert.validate.metrics import compare
 from siliconvert.validate.router import router_agreement
@@ -27,10 +27,7 @@ from siliconvert.validate.runners.coreml import CoreMLRunner
 pytestmark = pytest.mark.slow
 
 CONTEXT = 64  # one prefill block: the MIL interpreter is slow, and 64 tokens already span 2+ sliding windows
-MIXTURES = ["qwen3_moe", "mixtral", "qwen2_moe", "olmoe"]  # 4 experts, 2 per token
-# family → the first trait the writer names where no package's graph builds the case (gpt-oss's sinks;
-# tests/test_families.py checks the refusals too)
-REFUSED = {"gpt_oss": "attention_sinks"}
+MIXTURES = ["qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "gpt_oss"]  # 4 experts, 2 per token
 
 
 def build(source, out_dir, chunks: int | str = "auto"):
@@ -41,7 +38,7 @@ def build(source, out_dir, chunks: int | str = "auto"):
     return writer.finish()
 
 
-@pytest.fixture(scope="session", params=[family for family in FAMILY_CASES if family not in REFUSED])
+@pytest.fixture(scope="session", params=list(FAMILY_CASES))
 def family_package(request, small_model, tmp_path_factory):
     """(family, source checkpoint, fp16 artifact, held-out windows, reference logits), built once per family."""
     tokenizer, config = FAMILY_CASES[request.param]
@@ -49,13 +46,6 @@ def family_package(request, small_model, tmp_path_factory):
     (artifact,) = build(source, tmp_path_factory.mktemp(f"coreml-{request.param}"))
     windows = windows_of(source, count=2, length=CONTEXT)
     return request.param, source, artifact, windows, reference_logits_for(source, windows)
-
-
-@pytest.mark.parametrize("family", list(REFUSED))
-def test_a_family_whose_traits_no_graph_builds_is_refused_by_name(family, small_model, tmp_path):
-    tokenizer, config = FAMILY_CASES[family]
-    with pytest.raises(CheckpointError, match=f"Core ML cannot honour the trait {REFUSED[family]}"):
-        build(small_model(family, tokenizer, config=config), tmp_path)
 
 
 def test_gemma4_in_two_chunks(small_model, tmp_path):
@@ -111,10 +101,11 @@ def test_manifest_records_the_numerics(family_package):
     assert numerics["norm_offset_folded"] == family.startswith(("gemma2", "gemma3", "qwen3_5", "qwen3_next"))
 
 
-@pytest.mark.parametrize("family_package", ["gemma2", "smollm3", "qwen3_moe", "gemma4_text"], indirect=True)
+@pytest.mark.parametrize("family_package", ["gemma2", "smollm3", "qwen3_moe", "gemma4_text", "gpt_oss"], indirect=True)
 def test_decode_through_the_cache_equals_prefill(family_package):
     """Sliding-window (Gemma 2) and NoPE (SmolLM3) layers through the KV cache, one token at a time past the
-    window; the router of a token alone (Qwen3-MoE); Gemma 4's caches of two shapes, read by its kv-shared layers."""
+    window; the router of a token alone (Qwen3-MoE); Gemma 4's caches of two shapes, read by its kv-shared layers;
+    gpt-oss's sinks in the one-token softmax, its sliding and full layers alternating."""
     _, _, artifact, windows, _ = family_package
     runner = CoreMLRunner(artifact.path, {})
     prompt, continuation = windows[0][:24], windows[0][24:40]
@@ -208,3 +199,95 @@ def test_ministral3_past_the_original_context(small_model, tmp_path):
     full = runner.logits(windows[0][:80])[59:80]
     assert np.array_equal(cached.argmax(-1), full.argmax(-1))
     np.testing.assert_allclose(cached, full, atol=0.05)
+
+
+def with_sinks(source, folder, values: tuple[float, ...]):
+    """A copy of `source` whose attention sinks are `values` per head (the trained ones, about 0.1, move a softmax
+    too little to tell a package that drops them from one that keeps them)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, folder)
+    tensors = load_file(folder / "model.safetensors")
+    for name in tensors:
+        if name.endswith("self_attn.sinks"):
+            tensors[name] = torch.tensor(values, dtype=tensors[name].dtype)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_gpt_oss_sinks_are_in_the_softmax(small_model, tmp_path, monkeypatch):
+    """Sinks set apart from 0 (each head's share of the softmax then large): the package scores as transformers does,
+    in both of the interpreter's backends; the same package with its sinks zeroed fails the Core ML FP16 gate (mean
+    KLD < 0.002, same top-1 ≥ 97 %)."""
+    from siliconvert.convert.coreml import writer
+
+    tokenizer, config = FAMILY_CASES["gpt_oss"]
+    source = with_sinks(small_model("gpt_oss", tokenizer, config=config), tmp_path / "sinks", (3.0, 1.0, 2.0, 4.0))
+    windows = windows_of(source, count=2, length=CONTEXT)
+    reference = reference_logits_for(source, windows)
+    vocab = reference.shape[-1]
+
+    def scores_of(artifact):
+        logits = CoreMLRunner(artifact.path, {}).logits_many(windows)
+        return compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
+                       windows[:, 1:].reshape(-1))[0]
+
+    (artifact,) = build(source, tmp_path / "kept")
+    scores = scores_of(artifact)
+    assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, scores
+    by_numpy = CoreMLRunner(artifact.path, {"interpreter": "numpy"}).logits(windows[0])
+    np.testing.assert_allclose(by_numpy, CoreMLRunner(artifact.path, {}).logits(windows[0]), atol=0.05)
+    graph_tensors = writer.graph_tensors
+
+    def zeroed_sinks(spec, key, array, *scales):
+        for part, values in graph_tensors(spec, key, array, *scales):
+            yield part, np.zeros_like(values) if part[0] == "attn_sinks" else values
+
+    monkeypatch.setattr(writer, "graph_tensors", zeroed_sinks)
+    (broken,) = build(source, tmp_path / "zeroed")
+    broken_scores = scores_of(broken)
+    assert not (broken_scores.mean_kld < 0.002 and broken_scores.same_top1 >= 0.97), broken_scores
+
+
+def test_gpt_oss_from_mxfp4_passes_every_gate(tmp_path):
+    """The MXFP4-source case end to end: Core ML FP16 within its gates (router agreement among them), the KV-cache
+    state check passing, and the report saying its MXFP4 experts are stored as fp16, every value exact."""
+    from families import gpt_oss_mxfp4
+
+    source = gpt_oss_mxfp4(tmp_path / "mxfp4")
+    validate = {"tokens": 128, "context": CONTEXT, "prefill_tokens": 16, "decode_tokens": 4, "latency": False,
+                "gates": {"max_mean_kld": 0.002, "min_same_top1": 0.97, "min_router_agreement": 0.95}}
+    (artifact,) = run_recipe(source, tmp_path, "gpt-oss", targets=[{"format": "coreml", "context": CONTEXT}],
+                             validate=validate)["artifacts"]
+    assert artifact["gates"]["passed"] and artifact["kv_cache"]["consistent"], artifact
+    assert artifact["router_agreement"]["measured"], artifact
+    assert artifact["source_quantization"] == ("MXFP4 stored as float16 in 24 weights (Core ML has no MXFP4 type): "
+                                               "every value exact")
+
+
+def test_mxfp4_experts_re_quantized_by_int4_are_said_so(tmp_path):
+    """A compressed variant re-quantizes the experts that arrived as MXFP4 (Core ML has no MXFP4 type), and the fp16
+    package counts the values fp16 does not hold: here one block of 32 whose scale is 2^-30, each of its non-zero
+    values (E2M1 × 2^-30) below fp16's smallest subnormal (2^-24)."""
+    import re
+
+    from families import gpt_oss_mxfp4
+    from safetensors.torch import load_file, save_file
+
+    source = gpt_oss_mxfp4(tmp_path / "mxfp4")
+    tensors = load_file(source / "model.safetensors")
+    tensors["model.layers.0.mlp.experts.down_proj_scales"][0, 0, 0] = 127 - 30
+    codes = tensors["model.layers.0.mlp.experts.down_proj_blocks"][0, 0, 0]
+    underflowing = int(((codes & 0x07) != 0).sum() + ((codes >> 4 & 0x07) != 0).sum())
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    checkpoint = Checkpoint.open(source)
+    target = CoreMLTarget(format="coreml", context=CONTEXT, precision=["fp16", "int4"])
+    writer = CoreMLWriter(checkpoint, target, tmp_path / "out", "tiny")
+    for info, array in checkpoint.tensors():
+        writer.add(info, array)
+    said = {artifact.quant: artifact.source_quantization for artifact in writer.finish()}
+    inexact = re.fullmatch(r"MXFP4 stored as float16 in 24 weights \(Core ML has no MXFP4 type\): (\d+) of "
+                           r"(\d+) values not exact \(past float16's range\)", said["fp16"])
+    assert inexact and int(inexact[1]) == underflowing > 0 and int(inexact[2]) == 2 * 4 * 3 * 96 * 128, said
+    assert said["int4"] == "MXFP4 re-quantized in 24 of 24 weights (as int4)"

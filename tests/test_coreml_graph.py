@@ -93,6 +93,30 @@ def test_rope_frequencies_are_transformers(scaling):
     assert our_factor == pytest.approx(their_factor)
 
 
+def test_gpt_oss_20b_yarn_is_transformers_untruncated():
+    """gpt-oss-20b's rope as its config ships it (×32 from 4096 positions, truncate: false): the table is transformers'
+    own, not the one with the correction range rounded out to whole dimensions that GGUF and mlx-lm compute."""
+    from dataclasses import replace
+
+    from transformers import GptOssConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+            "original_max_position_embeddings": 4096, "truncate": False}
+    sizes = {"hidden_size": 2880, "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64,
+             "max_position_embeddings": 131072}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs, their_factor = ROPE_INIT_FUNCTIONS["yarn"](GptOssConfig(**sizes, rope_parameters=rope), "cpu")
+    spec = spec_of(architectures=["GptOssForCausalLM"], model_type="gpt_oss", num_local_experts=4,
+                   num_experts_per_tok=2, **sizes, rope_parameters=rope)
+    ours, our_factor = rope_frequencies(spec, spec.rope, 512)
+    np.testing.assert_allclose(ours, theirs.double().numpy(), rtol=1e-6)
+    assert our_factor == pytest.approx(their_factor)
+    rounded, _ = rope_frequencies(spec, replace(spec.rope, scaling=spec.rope.scaling | {"truncate": True}), 512)
+    assert np.abs(rounded / ours - 1).max() > 0.05  # the middle dimensions turn at other frequencies
+
+
 def test_proportional_rope_frequencies_are_transformers():
     """Gemma 4's global layers: a quarter of the pairs turn at θ^(-2i/head_dim), the rest not at all. (The small
     trained case hardly depends on its global layers' rope: this holds the frequencies to transformers'.)"""

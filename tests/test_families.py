@@ -437,8 +437,6 @@ def test_untruncated_yarn_is_written_for_llama_cpp_with_a_warning_naming_the_tra
 def test_writers_refuse_expert_biases_and_the_clamped_swiglu_they_do_not_compute() -> None:
     from dataclasses import replace
 
-    from siliconvert.convert.coreml.graph import refuse_unsupported_traits
-
     mixtral = spec_of("mixtral")
     biased = replace(mixtral, experts=replace(mixtral.experts, biases=True))
     with pytest.raises(CheckpointError, match="cannot honour the trait expert_biases"):
@@ -448,5 +446,3 @@ def test_writers_refuse_expert_biases_and_the_clamped_swiglu_they_do_not_compute
         GGUFArch(clamped, "config.json")
     with pytest.raises(CheckpointError, match="cannot honour the trait attention_sinks"):
         GGUFArch(replace(mixtral, attention_sinks=True), "config.json")
-    with pytest.raises(CheckpointError, match="Core ML cannot honour the trait attention_sinks"):
-        refuse_unsupported_traits(spec_of("gpt_oss"))

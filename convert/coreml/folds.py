@@ -50,27 +50,28 @@ BLOCK_NORMS = {
 }
 
 
-def expert_key(part: str, layer: int, expert: int) -> Key:
-    """One expert's gate, up or down weight (`part` of EXPERT_STACKS), as the graph reads it."""
-    return (f"{part}[{expert}]", layer, "weight")
+def expert_key(part: str, layer: int, expert: int, kind: str = "weight") -> Key:
+    """One expert's gate, up or down weight or bias (`part` of EXPERT_STACKS), as the graph reads it."""
+    return (f"{part}[{expert}]", layer, kind)
 
 
 def tensor_shape(spec: ModelSpec, key: Key) -> tuple[int, ...]:
     """A tensor's shape in the checkpoint (HF layout: linear weights are (out, in)), or one expert's part of a
-    stack; a bias is its first axis."""
+    stack; a bias is its first axis (a stack's bias its first two: [experts, outputs], gpt-oss)."""
     role, layer, kind = key
     if role.endswith("]"):  # an expert's part (expert_key)
         h, ff = spec.hidden_size, spec.experts.intermediate_size
-        return (h, ff) if role.startswith("ffn_down_exp[") else (ff, h)
+        shape = (h, ff) if role.startswith("ffn_down_exp[") else (ff, h)
+        return shape if kind == "weight" else shape[:1]
     shape = role_shape(spec, role, layer)  # a layer's own attention and MLP sizes (Gemma 4)
-    return shape if kind == "weight" else shape[:1]
+    return shape if kind == "weight" else shape[:2] if role in EXPERT_STACKS else shape[:1]
 
 
 def graph_keys(spec: ModelSpec, key: Key) -> list[Key]:
     """The tensors the graph reads that come from one checkpoint tensor."""
     role, layer, kind = key
     if role in EXPERT_STACKS:
-        return [expert_key(part, layer, expert) for expert in range(spec.experts.count)
+        return [expert_key(part, layer, expert, kind) for expert in range(spec.experts.count)
                 for part in EXPERT_STACKS[role]]
     return [(part, layer, kind) for part in FUSED.get(role) or GROUPED.get(role) or (role,)]
 
@@ -93,7 +94,7 @@ def graph_tensors(spec: ModelSpec, key: Key, array: np.ndarray, branch_scale: fl
         for part_key, part in delta_parts(spec, key, array):
             yield from graph_tensors(spec, part_key, part, branch_scale, state_scale)
         return
-    if role in EXPERT_STACKS:  # each expert's rows, one part after another (views, until a scale is folded in)
+    if role in EXPERT_STACKS:  # each expert's rows (or bias), one part after another (views, until a scale is folded)
         scale = branch_scale if WRITES_LIKE.get(role) in branch_outputs(spec) else 1.0
         parts = [np.split(rows, len(EXPERT_STACKS[role])) for rows in array]
         for part_key, values in zip(graph_keys(spec, key), (part for rows in parts for part in rows), strict=True):

@@ -24,9 +24,11 @@ Where each trait of the spec becomes ops, one place each (ops appear only where 
     experts, layers[i].sparse experts: the router (softmax, top-k, renormalised where normalize_topk) and every
                               expert's mlp weighted by it, plus a shared expert behind its sigmoid gate where
                               the spec has one; the chosen ids are the EXPERT_IDS output; beside_dense: the
-                              layer's dense MLP added to them (decoder_layer)
+                              layer's dense MLP added to them (decoder_layer); biases: the router's and every
+                              expert's (ops.linear); clamped_swiglu: mlp's clamped gate and up
     embedding_scale           embed (times the fp16 range scale, siliconvert/calibration.py)
     attention_scale, attn_softcap    attention
+    attention_sinks                  sink_softmax: each head's sink logit, one more column of the softmax, dropped
     layers[i].head_dim, kv_heads     attention, with a KV cache state pair per distinct shape (chunks.cache_slots)
     layers[i].values_from_keys       attention: k_proj's output is also the values (before k's norm and rope)
     value_norm                       attention: values RMS-normed per head, without a weight
@@ -67,10 +69,6 @@ from siliconvert.convert.coreml.folds import BLOCK_NORMS, EXPERT_STACKS, expert_
 from siliconvert.convert.coreml.weights import WeightConsts
 from siliconvert.errors import CheckpointError
 
-# Traits (ModelSpec.traits' names) no op here computes yet: refused by name before anything is built
-UNSUPPORTED_TRAITS = {"attention_sinks": "no softmax here takes a sink logit per head",
-                      "expert_biases": "the experts and the router carry no biases here",
-                      "clamped_swiglu": "the experts compute SiLU(gate)·up here"}
 MASK_VALUE = -30000.0  # additive mask: exp() of it is 0, yet adding it to any score stays finite in fp16
 SHARED_EXPERT = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")  # its gate, up and down, as mlp's roles
 SHORT_CONV_ROLES = ("shortconv.in_proj", "shortconv.conv", "shortconv.out_proj")
@@ -114,6 +112,8 @@ def required_tensors(spec: ModelSpec, chunk: Chunk) -> set[Key]:
         attention += [("attn_q", "bias"), ("attn_k", "bias"), ("attn_v", "bias")]
     if spec.attn_output_bias:
         attention.append(("attn_output", "bias"))
+    if spec.attention_sinks:
+        attention.append(("attn_sinks", "weight"))
     conv_biased = spec.short_conv is not None and spec.short_conv.bias
     conv = [(role, kind) for role in SHORT_CONV_ROLES for kind in ("weight", "bias") if kind == "weight" or conv_biased]
     dense_mlp = [(role, "weight") for role in ("ffn_gate", "ffn_up", "ffn_down")]
@@ -139,8 +139,11 @@ def required_tensors(spec: ModelSpec, chunk: Chunk) -> set[Key]:
     for layer in chunk.layers:
         if spec.layers[layer].sparse:  # the router and every expert's gate, up and down; the shared expert's
             keys.add(("ffn_gate_inp", layer, "weight"))
-            keys.update(expert_key(part, layer, expert) for expert in range(spec.experts.count)
-                        for parts in EXPERT_STACKS.values() for part in parts)
+            kinds = ("weight", "bias") if spec.experts.biases else ("weight",)
+            keys.update(expert_key(part, layer, expert, kind) for expert in range(spec.experts.count)
+                        for parts in EXPERT_STACKS.values() for part in parts for kind in kinds)
+            if spec.experts.biases:
+                keys.add(("ffn_gate_inp", layer, "bias"))
             if spec.experts.shared_intermediate_size:
                 keys.update((role, layer, "weight") for role in (*SHARED_EXPERT, "ffn_gate_inp_shexp"))
             if spec.experts.beside_dense:
@@ -267,13 +270,6 @@ def state_shapes(spec: ModelSpec, chunk: Chunk, context: int) -> dict[str, tuple
         shapes["ssm_conv_state"] = (len(mamba2), mamba.conv_channels, 1, mamba.conv_kernel - 1)
         shapes["ssm_state"] = (len(mamba2), *mamba.state_shapes()["recurrent"])
     return shapes
-
-
-def refuse_unsupported_traits(spec: ModelSpec) -> None:
-    """Refuse, naming it, a trait of the spec no Core ML graph computes."""
-    for trait, why in UNSUPPORTED_TRAITS.items():
-        if trait in spec.traits():
-            raise CheckpointError(f"Core ML cannot honour the trait {trait}: {why}")
 
 
 @dataclass(frozen=True)
@@ -552,13 +548,22 @@ def residual(ops: WeightedOps, x, layer: int, name: str, norms: tuple[str | None
 
 
 def mlp(ops: WeightedOps, x, layer: int, roles: tuple[str, str, str] = ("ffn_gate", "ffn_up", "ffn_down"),
-        name: str = "ffn"):
+        name: str = "ffn", clamped: tuple[float, float] | None = None):
     """Gated MLP: down(act(gate(x)) × up(x)), act SiLU (SwiGLU) or tanh-approximated GELU (GeGLU); `roles` are
-    its gate, up and down weights (an expert's: experts)."""
+    its gate, up and down weights and their biases where the chunk has them (an expert's: experts). `clamped`:
+    gpt-oss's clamped SwiGLU (alpha, limit) instead, as transformers' GptOssExperts._apply_gate: gate ≤ limit,
+    −limit ≤ up ≤ limit, (up + 1) · gate · sigmoid(alpha · gate)."""
     gate_role, up_role, down_role = roles
     gate = ops.linear(x, gate_role, layer, f"l{layer}_{name}_gate")
     up = ops.linear(x, up_role, layer, f"l{layer}_{name}_up")
-    hidden = mb.mul(x=activate(ops.spec, gate), y=up, name=f"l{layer}_{name}_act")
+    if clamped is None:
+        hidden = mb.mul(x=activate(ops.spec, gate), y=up, name=f"l{layer}_{name}_act")
+    else:
+        alpha, limit = clamped
+        gate = mb.minimum(x=gate, y=np.float16(limit))
+        up = mb.minimum(x=mb.maximum(x=up, y=np.float16(-limit)), y=np.float16(limit))
+        glu = mb.mul(x=gate, y=mb.sigmoid(x=mb.mul(x=gate, y=np.float16(alpha))))
+        hidden = mb.mul(x=mb.add(x=up, y=np.float16(1)), y=glu, name=f"l{layer}_{name}_act")
     return ops.linear(hidden, down_role, layer, f"l{layer}_{name}_down")
 
 
@@ -573,10 +578,12 @@ def experts(ops: WeightedOps, x, layer: int, expert_ids: list):
     experts would make the weights of every product dynamic) and weighted by the router's dense weight map, zero
     for the experts not chosen.
 
-    The router as transformers' is: softmax over all experts' logits, the top k (their ids appended to
+    The router as transformers' is (its bias added to the logits where the spec has one): softmax over all experts'
+    logits, the top k (their ids appended to
     `expert_ids`: the function's EXPERT_IDS output, so that a runner can compare its choices), their
     probabilities renormalised to sum to one where the spec says so, scattered into a [tokens, experts] map by a
-    one-hot of the chosen ids. A shared expert (Qwen2-MoE) adds its MLP, times sigmoid(its gate), for every token."""
+    one-hot of the chosen ids. A shared expert (Qwen2-MoE) adds its MLP, times sigmoid(its gate), for every token.
+    gpt-oss's experts carry biases (ops.linear applies them) and compute the clamped SwiGLU (mlp)."""
     spec = ops.spec
     count, used, s = spec.experts.count, spec.experts.used, x.shape[-1]
     logits = ops.linear(x, "ffn_gate_inp", layer, f"l{layer}_router")  # (1, E, 1, S)
@@ -592,7 +599,7 @@ def experts(ops: WeightedOps, x, layer: int, expert_ids: list):
     total = None
     for expert in range(count):
         roles = tuple(expert_key(part, layer, expert)[0] for part in ("ffn_gate_exp", "ffn_up_exp", "ffn_down_exp"))
-        out = mlp(ops, x, layer, roles, f"expert{expert}")
+        out = mlp(ops, x, layer, roles, f"expert{expert}", spec.experts.clamped_swiglu)
         weight = mb.slice_by_index(x=weights, begin=[0, expert, 0, 0], end=[1, expert + 1, 1, s])
         out = mb.mul(x=out, y=weight, name=f"l{layer}_expert{expert}_weighted")
         total = out if total is None else mb.add(x=total, y=out, name=f"l{layer}_experts_{expert}")
@@ -715,7 +722,8 @@ def attention(ops: WeightedOps, x, layer: int, row: int, shared: Shared):
         scores = soft_cap(scores, spec.attn_softcap)
     mask = shared.masks[mask_key(spec.layers[layer].window, context)]
     scores = mb.add(x=reshape(scores, [1, heads, s, context]), y=mask)
-    probs = reshape(mb.softmax(x=scores, axis=-1), [1, kvh, group * s, context])
+    probs = sink_softmax(ops, scores, layer) if spec.attention_sinks else mb.softmax(x=scores, axis=-1)
+    probs = reshape(probs, [1, kvh, group * s, context])
     out = reshape(mb.matmul(x=probs, y=values), [1, heads, s, d])
     out = mb.reshape(x=mb.transpose(x=out, perm=[0, 1, 3, 2]), shape=[1, heads * d, 1, s])
     if spec.attn_output_gate:
@@ -992,7 +1000,11 @@ def longrope_factors(scaling: dict, context: int) -> str:
 
 def rope_frequencies(spec: ModelSpec, rope: Rope, context: int) -> tuple[np.ndarray, float]:
     """Inverse frequencies of the rotating dimensions and the attention factor (yarn and LongRoPE scale
-    cos/sin), as transformers computes them."""
+    cos/sin), as transformers computes them.
+
+    YaRN is transformers' _compute_yarn_parameters, its `truncate` read from the file: gpt-oss ships `truncate:
+    false`, and this table is then exact (the ramp between unrounded correction dimensions), where GGUF (llama.cpp)
+    and mlx-lm always round the correction range out to whole dimensions and compute another function."""
     d, theta = rope.dim, rope.theta
     inv_freq = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
     scaling = rope.scaling
@@ -1043,6 +1055,22 @@ def rope_frequencies(spec: ModelSpec, rope: Rope, context: int) -> tuple[np.ndar
     low, high = max(low, 0), min(high, d - 1)
     ramp = np.clip((np.arange(d // 2) - low) / (high - low if high != low else 1e-3), 0, 1)
     return inv_freq / factor * ramp + inv_freq * (1 - ramp), float(attention_factor)
+
+
+def sink_softmax(ops: WeightedOps, scores, layer: int):
+    """gpt-oss's softmax with a sink, as transformers' eager attention computes it: each head's learned logit joined
+    to every query's scores (1, H, S, context) as one more column, the softmax taken over both, the column dropped.
+    The sink takes its share of each row's probability without a value: a query may attend to (almost) nothing.
+
+    Written out rather than as softmax(concat(scores, tiled sinks)): an op whose inputs are all consts (tiling the
+    sinks) is folded by const_elimination into a new const computed from the placeholder, whose value is never the
+    weight's (the streamed writer's placeholders: weights.py). Here every op on the sinks also reads the scores."""
+    _, heads, _, _ = scores.shape
+    sinks = ops.weights.const(weight_id(("attn_sinks", layer, "weight")), (1, heads, 1, 1), f"l{layer}_sinks")
+    peak = mb.maximum(x=mb.reduce_max(x=scores, axes=[3], keep_dims=True), y=sinks)  # (1, H, S, 1)
+    exps = mb.exp(x=mb.sub(x=scores, y=peak))
+    total = mb.add(x=mb.reduce_sum(x=exps, axes=[3], keep_dims=True), y=mb.exp(x=mb.sub(x=sinks, y=peak)))
+    return mb.real_div(x=exps, y=total, name=f"l{layer}_sink_softmax")
 
 
 def causal_masks(context: int, positions, tokens: int, windows: list[int | None]) -> dict[int | None, object]:

@@ -33,7 +33,6 @@ from siliconvert.convert.coreml.graph import (
     build_function,
     build_program,
     longrope_factors,
-    refuse_unsupported_traits,
     required_tensors,
     state_shapes,
 )
@@ -90,7 +89,6 @@ class CoreMLWriter(Writer):
     def __init__(self, checkpoint, target: CoreMLTarget, out_dir: Path, model_name: str, *,
                  calibration: Calibrations | None = None):
         self.checkpoint = checkpoint
-        refuse_unsupported_traits(checkpoint.spec)
         calibration = calibration or Calibrations.outside_a_run(checkpoint)
         self.spec: ModelSpec = checkpoint.spec
         self.target = target
@@ -114,6 +112,12 @@ class CoreMLWriter(Writer):
         self.recurrent_scale = self.recurrent_range.scale if self.recurrent_range else 1.0
         self.needed = [required_tensors(self.spec, chunk) for chunk in self.chunks]
         self.arrived: set[Key] = set()
+        # The weights made from tensors that arrived as MXFP4 (weight ids), and how many of their values fp16 does
+        # not hold exactly (E2M1 × 2^k is exact in fp16 for k in [−23, 13]): what `source_quantization` states
+        quantization = checkpoint.quantization
+        self.arrived_mxfp4 = set(quantization.tensors) if quantization and quantization.method == "mxfp4" else set()
+        self.mxfp4_weights: set[str] = set()
+        self.mxfp4_values = self.mxfp4_inexact = 0
         self.writing: dict[int, PackageWriter] = {}  # fp16 packages with weights still to come, by chunk
         # A package whose weights have all arrived is built (its programs made and exported, its compressed
         # variants made) on a thread of its own, one at a time, while the stream goes on: building is Python and
@@ -176,6 +180,10 @@ class CoreMLWriter(Writer):
         users = set()
         for part, values in graph_tensors(self.spec, key, array, self.branch_scale, self.state_scale):
             self.arrived.add(part)
+            if name in self.arrived_mxfp4:
+                self.mxfp4_weights.add(weight_id(part))
+                self.mxfp4_values += values.size
+                self.mxfp4_inexact += int(np.count_nonzero(values.astype(np.float16).astype(np.float32) != values))
             for i, needed in enumerate(self.needed):
                 if part in needed:
                     users.add(i)
@@ -232,8 +240,27 @@ class CoreMLWriter(Writer):
             replace_atomically(work, self.folders[precision])
         fsync_tree(self.out_dir, recurse=False)  # the renames themselves
         plan = self.quant_plan.summary() if self.quant_plan else None
-        return [Artifact("coreml", p, folder, options, plan if p == self.planned else None)
+        return [Artifact("coreml", p, folder, options, plan if p == self.planned else None,
+                         source_quantization=self.arrived_statement(p))
                 for p, folder in self.folders.items()]
+
+    def arrived_statement(self, precision: str) -> str | None:
+        """How a package stores the weights that arrived as MXFP4: as fp16, exact or not (Core ML has no MXFP4
+        type), or re-quantized into the precision's int8 / int4 / palettes (the planned variant: where its plan
+        compressed them); None where nothing arrived as MXFP4."""
+        weights = len(self.mxfp4_weights)
+        if not weights:
+            return None
+        if precision == "fp16":
+            exact = ("every value exact" if not self.mxfp4_inexact else
+                     f"{self.mxfp4_inexact} of {self.mxfp4_values} values not exact (past float16's range)")
+            return f"MXFP4 stored as float16 in {weights} weights (Core ML has no MXFP4 type): {exact}"
+        if precision != self.planned:  # every weight but the routers and kernels: the experts all are
+            return f"MXFP4 re-quantized in {weights} of {weights} weights (as {precision})"
+        chosen = [kind for chunk in self.chunks for weight, kind in
+                  self.planner.precisions(self.quant_plan, chunk).items() if weight in self.mxfp4_weights]
+        kinds = ", ".join(sorted(set(chosen))) or "none"
+        return f"MXFP4 re-quantized in {len(chosen)} of {weights} weights (as {kinds}), the rest float16"
 
     def abort(self) -> None:
         self._state = "aborted"
@@ -351,6 +378,9 @@ class CoreMLWriter(Writer):
                         for role in ("ssm_conv1d", "ssm_a", "ssm_dt")}
             kernels |= {weight_id((role, layer, "weight")) for layer in chunk.mixer_layers("mamba2")
                         for role in ("ssm_conv1d", "ssm_a", "ssm_dt", "ssm_d")}
+            # and the attention sinks, a logit per head that several ops of the softmax read (graph.sink_softmax)
+            if self.spec.attention_sinks:
+                kernels |= {weight_id(("attn_sinks", layer, "weight")) for layer in chunk.mixer_layers("attention")}
             weights = package.blobs.keys() - routers - kernels
             for precision in self.target.precisions[1:]:
                 if precision != self.planned:
