@@ -163,9 +163,12 @@ def test_a_child_times_its_latency_only_when_no_one_works_and_no_one_starts_work
         time.sleep(0.5)  # the child waits
     time.sleep(0.5)
     assert times.empty()  # the other run is still busy
+    quiet_from = time.monotonic()  # before the other run is done: the child may begin at once
     other.done()
-    quiet_from = time.monotonic()
-    time.sleep(0.3)  # the child begins timing
+    deadline = time.monotonic() + 60
+    while not quiet.timing_now.value:  # the child begins timing (a loaded machine may take a while)
+        assert time.monotonic() < deadline, "the child never began timing"
+        time.sleep(0.01)
     quiet.begin()  # new work waits for the child's timing to end
     begun = time.monotonic()
     quiet.end()
