@@ -42,10 +42,12 @@ from siliconvert.quantize.gptq import gptq_quantize
 from siliconvert.quantize.mlx import (
     MXFP4,
     QuantPolicy,
+    gptq_error_share,
     quantizable_modules,
     quantization_config,
     quantize,
     unfitted_modules,
+    with_gptq_errors,
 )
 from siliconvert.quantize.plan import Plan, make_plan
 from siliconvert.quantize.sensitivity import (
@@ -179,14 +181,14 @@ class MLXWriter(Writer):
             self.float_reason += (f"; {len(unfitted)} layers stay unquantized, in that type: their rows "
                                   f"({', '.join(map(str, widths))} wide) fit none of {target.mode}'s group sizes "
                                   f"(first: {unfitted[0]})")
-        # module path → how it is quantized; `policy` is config.json's default (the most common one)
-        self.policies = self._module_policies() | self._kept_mxfp4()
-        self.policy = _most_common(self.policies) if self.policies else None
         # GPTQ's H per HF weight name (none for rtn); a tied embedding is rounded as the head, against its inputs
         self.hessians = self.calibration.hessians(BUILTIN) if target.method == "gptq" else {}
         if checkpoint.spec.tie_word_embeddings and HEAD in self.hessians:
             self.hessians = self.hessians | {name: self.hessians[HEAD] for name, info in checkpoint.tensor_infos.items()
                                              if info.role is not None and info.role.role == "token_embd"}
+        # module path → how it is quantized; `policy` is config.json's default (the most common one)
+        self.policies = self._module_policies() | self._kept_mxfp4()
+        self.policy = _most_common(self.policies) if self.policies else None
         self.plan = self._plan()
         self.shards = max((o.shard for outputs in self.plan.values() for o in outputs), default=0) + 1
         self.file: BinaryIO | None = None
@@ -376,6 +378,13 @@ class MLXWriter(Writer):
                 gain, shrink_gain = gains[mlx_name]
                 costs.append(mlx_costs(module, np.asarray(weight.astype(mx.float32)), weights, self.dtype.size, gain,
                                        routed_tokens=routed.get(source_name), shrink_gain=shrink_gain))
+                # rounded by GPTQ, a module's errors shrink by what GPTQ measures on it (not a tied embedding's: its
+                # rows are looked up too, where GPTQ's carried errors do not cancel)
+                hessian = self.hessians.get(source_name)
+                if (hessian is not None and weight.ndim == 2 and hessian.shape[0] == weight.shape[-1]
+                        and info.role.role != "token_embd"):
+                    share = gptq_error_share(np.asarray(weight.astype(mx.float32)), hessian, self.dtype)
+                    costs[-1] = with_gptq_errors(costs[-1], share)
         self.costs, self.quant_plan = costs, make_plan(costs, self.target.plan, fixed_bytes=fixed)
         return {module: QuantPolicy(*mlx_option(option.kind)) for module, option in self.quant_plan.choices.items()}
 

@@ -1,0 +1,46 @@
+"""quantize/mlx.py's GPTQ share: what a plan with `method: gptq` scales a module's rounding errors by; and end to
+end, the best MLX at <= 4.5 bits per weight (bits planned, rounded by GPTQ) against 4-bit rounding."""
+
+import numpy as np
+import pytest
+from conftest import build_mlx
+from test_quantize_gptq import correlated
+
+from siliconvert.quantize.mlx import gptq_error_share, with_gptq_errors
+from siliconvert.quantize.sensitivity import Option, TensorCosts
+
+
+def test_gptq_leaves_less_of_the_error_where_the_inputs_correlate():
+    weight, hessian = correlated()
+    rng = np.random.default_rng(1)
+    independent = rng.normal(size=(2048, hessian.shape[0])) * np.exp(rng.normal(size=hessian.shape[0]))
+    correlated_share = gptq_error_share(weight, hessian)
+    independent_share = gptq_error_share(weight, independent.T @ independent / len(independent))
+    assert 0 < correlated_share < 0.5 * independent_share <= 1
+
+
+def test_the_share_scales_the_affine_options_only():
+    costs = TensorCosts("m", 4096, (Option("mxfp4", 100, 0.4), Option("4bit-g64", 120, 0.2),
+                                    Option("8bit-g32", 300, 0.01)))
+    scaled = with_gptq_errors(costs, 0.25)
+    assert [o.error for o in scaled.options] == [0.4, 0.05, 0.0025]
+    assert [(o.kind, o.nbytes) for o in scaled.options] == [(o.kind, o.nbytes) for o in costs.options]
+
+
+def weight_bytes(folder) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+@pytest.mark.slow
+def test_bits_planned_and_rounded_by_gptq_beat_4_bit_rounding_at_fewer_bits(family_model, tmp_path):
+    from conftest import reference_logits_for
+    from test_mlx import held_out_windows
+    from test_mlx_bits import mean_kld
+
+    qwen3 = family_model("qwen3")
+    windows = held_out_windows(qwen3)
+    reference = (windows, reference_logits_for(qwen3, windows))
+    fixed = build_mlx(qwen3, tmp_path / "fixed", bits=4, group_size=64, method="gptq")
+    planned = build_mlx(qwen3, tmp_path / "planned", bits="auto", plan={"bits_per_weight": 4.4}, method="gptq")
+    assert weight_bytes(planned.path) <= weight_bytes(fixed.path)
+    assert mean_kld(planned.path, reference) < 0.5 * mean_kld(fixed.path, reference)  # 0.00014 against 0.00119
