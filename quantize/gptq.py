@@ -13,6 +13,8 @@ mx.quantize's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mlx.core as mx
 import numpy as np
 
@@ -33,30 +35,44 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, group_size
         raise ValueError(f"GPTQ: a {weight.shape} weight takes a [{columns}, {columns}] matrix and a group size "
                          f"dividing {columns}, not {hessian.shape} and {group_size}")
     w = weight.astype(np.float32, copy=True)
-    inverse = _inverse_factor(hessian.astype(np.float64), w)
     importance = np.maximum(np.diag(hessian), 0).astype(np.float32) + 1e-12
     top = 2**bits - 1
     groups = columns // group_size
     scales = np.empty((rows, groups), dtype=np.float32)
     biases = np.empty((rows, groups), dtype=np.float32)
     q = np.empty((rows, columns), dtype=np.uint32)
+
+    def round_column(w: np.ndarray, j: int) -> np.ndarray:
+        g = j // group_size
+        if j % group_size == 0:
+            scales[:, g], biases[:, g] = _group_scale(w[:, j:j + group_size], importance[j:j + group_size], top,
+                                                      float_type)
+        column = np.clip(np.rint((w[:, j] - biases[:, g]) / scales[:, g]), 0, top)
+        q[:, j] = column
+        return column * scales[:, g] + biases[:, g]
+
+    carry_errors(w, hessian, round_column)
+    return {"weight": mx.array(pack(q, bits)), "scales": mx.array(scales).astype(float_type),
+            "biases": mx.array(biases).astype(float_type)}
+
+
+def carry_errors(weight: np.ndarray, hessian: np.ndarray,
+                 round_column: Callable[[np.ndarray, int], np.ndarray]) -> None:
+    """GPTQ's pass over `weight` [rows, columns] (float32, updated in place): column j rounded by
+    `round_column(weight, j)` (its rounded values, one per row; the columns before j already rounded, the ones
+    from j on holding the errors carried so far, so a grid fitted at j sees them), the column's error carried
+    into the columns after it through the upper Cholesky factor of `hessian`⁻¹, a block of BLOCK_COLUMNS at a time.
+    Whatever grid `round_column` rounds to (mlx's affine groups, Core ML's int4 blocks or palettes) is its own."""
+    rows, columns = weight.shape
+    inverse = _inverse_factor(hessian.astype(np.float64), weight)
     for start in range(0, columns, BLOCK_COLUMNS):
         end = min(start + BLOCK_COLUMNS, columns)
         errors = np.empty((rows, end - start), dtype=np.float32)
         for j in range(start, end):
-            if j % group_size == 0:
-                g = j // group_size
-                scales[:, g], biases[:, g] = _group_scale(w[:, j:j + group_size], importance[j:j + group_size],
-                                                          top, float_type)
-            g = j // group_size
-            column = np.clip(np.rint((w[:, j] - biases[:, g]) / scales[:, g]), 0, top)
-            q[:, j] = column
-            error = (w[:, j] - (column * scales[:, g] + biases[:, g])) / inverse[j, j]
+            error = (weight[:, j] - round_column(weight, j)) / inverse[j, j]
             errors[:, j - start] = error
-            w[:, j + 1:end] -= np.outer(error, inverse[j, j + 1:end])
-        w[:, end:] -= errors @ inverse[start:end, end:]
-    return {"weight": mx.array(pack(q, bits)), "scales": mx.array(scales).astype(float_type),
-            "biases": mx.array(biases).astype(float_type)}
+            weight[:, j + 1:end] -= np.outer(error, inverse[j, j + 1:end])
+        weight[:, end:] -= errors @ inverse[start:end, end:]
 
 
 def _inverse_factor(hessian: np.ndarray, weight: np.ndarray) -> np.ndarray:
