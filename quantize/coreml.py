@@ -26,6 +26,13 @@ the one (of a grid around the pass's max/7, then refined by least squares) that 
 weighted output error, its values rounded at that scale (`fit_scales`; llama.cpp's K-quants search their scales
 the same way with an importance matrix). The ops and their layout stay the pass's own.
 
+GPTQ (a target's `method: gptq`; `gptq_rounded`): where the calibration measured the second moments H of a weight's
+inputs, its values are rounded again a column at a time, each column's error carried into the columns not yet
+rounded (quantize/gptq.py's `carry_errors`): int8 / int4 blocks take their scale (`fit_scales`, weighed by H's
+diagonal) from the block as it stands when its first column is reached; a palette keeps the tables its k-means
+made and each value takes the entry GPTQ picks, not the nearest. Same ops, same bytes; only which integer or index
+each weight holds, and the blocks' scales, differ.
+
 A planned package (precision: auto) gives each weight its own precision, int4 also in blocks of 16, 64 or 128
 (`int4-b<n>`), and the palettes: the pass takes one config per op, and `quantize_weights` asks `precision_of` for
 each weight id.
@@ -43,6 +50,8 @@ from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
+
+from siliconvert.quantize.gptq import carry_errors
 
 # On Linux coremltools warns at import that its prediction library is missing; compression does not need it.
 logging.getLogger("coremltools").setLevel(logging.ERROR)
@@ -227,6 +236,69 @@ def fit_scales(weight: np.ndarray, made: QuantizedWeight, importance: np.ndarray
                            best_scale.reshape(made.scale.shape).astype(made.scale.dtype), made.offset)
 
 
+def gptq_rounded(weight: np.ndarray, made: CompressedWeight, hessian: np.ndarray, precision: str) -> CompressedWeight:
+    """`made` (the passes' compression of `weight` at `precision`, in their layout) rounded again by GPTQ against
+    `hessian` [input channels, input channels], the mean x xᵀ of the weight's inputs: a linear weight's blocks
+    each take the scale `fit_scales` fits (weighed by H's diagonal) to the block as GPTQ has left it when its first
+    column is reached; a palette's tables stay as its k-means made them, each value taking the entry GPTQ picks."""
+    rows = len(weight)
+    values = weight.reshape(rows, -1).astype(np.float32)
+    columns = values.shape[1]
+    if hessian.shape != (columns, columns):
+        raise ValueError(f"GPTQ: a weight of {columns} input channels takes a [{columns}, {columns}] matrix, "
+                         f"not {list(hessian.shape)}")
+    if isinstance(made, PalettizedWeight):
+        round_column, compensated = _palette_rounding(made, rows, columns)
+    else:
+        round_column, compensated = _block_rounding(made, rows, columns, np.diag(hessian), _bits(precision))
+    carry_errors(values, hessian, round_column)
+    return compensated()
+
+
+def _palette_rounding(made: PalettizedWeight, rows: int, columns: int):
+    """GPTQ's column rounding onto a palette's tables as the runtime makes them (an int8 table through its scale,
+    to fp16), and what it leaves: the palettized weight with the indices it chose."""
+    lut = made.lut if made.lut_scale is None else dequantize_by_scale_and_zp(made.lut, made.lut_scale,
+                                                                            None).astype(np.float16)
+    tables = lut.reshape(len(lut), -1).astype(np.float32)
+    row_tables = np.repeat(tables, rows // len(tables), axis=0)  # each row's table: a table per group of rows
+    indices = np.empty((rows, columns), dtype=made.indices.dtype)
+    every_row = np.arange(rows)
+
+    def round_column(w: np.ndarray, j: int) -> np.ndarray:
+        nearest = np.abs(w[:, j, None] - row_tables).argmin(axis=1)
+        indices[:, j] = nearest
+        return row_tables[every_row, nearest]
+
+    return round_column, lambda: PalettizedWeight(indices.reshape(made.indices.shape), made.lut, made.lut_scale)
+
+
+def _block_rounding(made: QuantizedWeight, rows: int, columns: int, importance: np.ndarray, bits: int):
+    """GPTQ's column rounding onto symmetric `bits`-bit blocks of input channels (as the pass laid them out in
+    `made`), each block's scale fitted when its first column is reached; and what it leaves: the quantized weight
+    with those scales and integers."""
+    blocks = made.scale.shape[1]
+    width = columns // blocks
+    limit = 2 ** (bits - 1) - 1
+    scales = np.empty((rows, blocks), dtype=np.float32)
+    q = np.empty((rows, columns), dtype=np.float32)
+
+    def round_column(w: np.ndarray, j: int) -> np.ndarray:
+        block = j // width
+        if j % width == 0:
+            values = w[:, j:j + width]
+            largest = np.abs(values).max(axis=1, keepdims=True) / limit  # the pass's own scale, max / limit
+            start = QuantizedWeight(np.zeros(values.shape, made.data.dtype), largest.astype(made.scale.dtype), None)
+            scales[:, block] = fit_scales(values, start, importance[j:j + width], bits).scale[:, 0]
+        scale = scales[:, block]
+        q[:, j] = np.clip(np.rint(w[:, j] / np.where(scale == 0, 1, scale)), -limit, limit)
+        return q[:, j] * scale
+
+    return round_column, lambda: QuantizedWeight(q.reshape(made.data.shape).astype(made.data.dtype),
+                                                 scales.reshape(made.scale.shape).astype(made.scale.dtype),
+                                                 made.offset)
+
+
 def _bits(precision: str) -> int:
     return weight_config(precision).dtype.get_bitwidth()
 
@@ -267,12 +339,14 @@ def weight_config(precision: str) -> OpLinearQuantizerConfig:
 
 def quantize_weights(function: Function, precision_of: Callable[[str], str | None],
                      importance_of: Callable[[str], np.ndarray | None] = lambda weight: None,
+                     hessian_of: Callable[[str], np.ndarray | None] = lambda weight: None,
                      ) -> dict[str, CompressedWeight]:
     """Run coremltools' compression passes over the consts with a weight_id of a one-function program, each at
     `precision_of(weight id)` (None: left fp16, as the shared consts must be: RoPE tables and index ranges carry
     weight ids too): palettization first, then linear quantization of the int8/int4 weights, then (joint
     compression) of the int8 tables. A palette's k-means weighs its columns by `importance_of(weight id)`, and a
-    linear weight's scales are fitted to it (`fit_scales`).
+    linear weight's scales are fitted to it (`fit_scales`); a weight with a `hessian_of(weight id)` is then rounded
+    again by GPTQ against it (`gptq_rounded`).
     Return what the passes made of each weight, by weight id; weights they leave alone (asked to, too small, or
     1-D) are absent. `function` is consumed: the passes rewrite it."""
     uses = []  # (weight id, the op that reads its const, under which input, its precision)
@@ -281,9 +355,11 @@ def quantize_weights(function: Function, precision_of: Callable[[str], str | Non
             (reader,) = op.outputs[0].child_ops
             uses.append((op.weight_id, reader, next(k for k, v in reader.inputs.items() if v is op.outputs[0]),
                          precision))
-    # the values of the linear weights an importance compensates (fit_scales), before the passes replace them
+    hessians = {weight: hessian for weight, *_ in uses if (hessian := hessian_of(weight)) is not None}
+    # the values of the linear weights an importance compensates (fit_scales) and of those GPTQ rounds, before the
+    # passes replace them
     originals = {weight: reader.inputs[key].val for weight, reader, key, precision in uses
-                 if not palette_of(precision) and importance_of(weight) is not None}
+                 if weight in hessians or (not palette_of(precision) and importance_of(weight) is not None)}
     program = Program()
     program.add_function("main", function)
     palettes = {reader.inputs[key].op.name: palette_config(palette, importance_of(weight))
@@ -304,7 +380,7 @@ def quantize_weights(function: Function, precision_of: Callable[[str], str | Non
         if op.op_type == QUANTIZED_OP:
             offset = op.inputs.get("offset")
             made = QuantizedWeight(op.data.val, op.scale.val, None if offset is None else offset.val)
-            if weight in originals:
+            if weight in originals and weight not in hessians:
                 made = fit_scales(originals[weight], made, importance_of(weight), _bits(precision))
         elif op.op_type == PALETTIZED_OP:
             table = op.lut.op
@@ -317,6 +393,8 @@ def quantize_weights(function: Function, precision_of: Callable[[str], str | Non
         if weight in quantized and not quantized[weight].same_as(made):
             raise RuntimeError(f"coremltools compressed the two uses of {weight} differently")
         quantized[weight] = made
+    for weight in hessians.keys() & quantized.keys():  # once per weight id, a tied table's two uses alike
+        quantized[weight] = gptq_rounded(originals[weight], quantized[weight], hessians[weight], precision_of(weight))
     return quantized
 
 
