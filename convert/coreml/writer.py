@@ -24,7 +24,7 @@ import numpy as np
 
 from siliconvert.architectures import ModelSpec
 from siliconvert.artifacts import Artifact, Writer
-from siliconvert.calibration import BUILTIN, IMPORTANCE, RANGE, SENSITIVITY, Calibrations
+from siliconvert.calibration import BUILTIN, HESSIAN, IMPORTANCE, RANGE, SENSITIVITY, Calibrations
 from siliconvert.checkpoint import TensorInfo
 from siliconvert.convert.coreml.chunks import Chunk, Key, blobs_of, plan_chunks, role_key, weight_id
 from siliconvert.convert.coreml.folds import graph_keys, graph_tensors, tensor_shape
@@ -73,11 +73,11 @@ def active_seconds(intervals: list[tuple[float, float]]) -> float:
 
 def calibration_needs(target: CoreMLTarget) -> dict[str, set[str]]:
     """Calibration text → the parts a target's writer asks for: the residual stream's range (every package runs in
-    fp16), a plan's importance and sensitivity, and the importance every compressed package's weights are fitted
-    to (a palette's k-means, int4 / int8 scales: quantize/coreml.py)."""
+    fp16), a plan's importance and sensitivity, the importance every compressed package's weights are fitted
+    to (a palette's k-means, int4 / int8 scales: quantize/coreml.py), and GPTQ's second moments for `method: gptq`."""
     compressed = len(target.precisions) > 1
     return {BUILTIN: {RANGE} | ({IMPORTANCE, SENSITIVITY} if target.plan else set())
-            | ({IMPORTANCE} if compressed else set())}
+            | ({IMPORTANCE} if compressed else set()) | ({HESSIAN} if target.method == "gptq" else set())}
 
 
 class CoreMLWriter(Writer):
@@ -130,7 +130,7 @@ class CoreMLWriter(Writer):
         self.calls: list[tuple[float, float]] = []  # when the stream was inside this writer, for `figures`
         out_dir = Path(out_dir)
         self.out_dir = out_dir
-        self.folders = {p: out_dir / f"{model_name}-{p}-coreml" for p in target.precisions}
+        self.folders = {p: out_dir / f"{model_name}-{target.variant(p)}-coreml" for p in target.precisions}
         # a planned variant (precision: auto): its costs measured as each fp16 package is finished, its plan made
         # and its chunks compressed once all are (the fp16 packages' weight ids, kept for that)
         self.planned = target.plan.label if target.plan else None
@@ -140,6 +140,9 @@ class CoreMLWriter(Writer):
         # what compressed weights are fitted to (quantize/coreml.py: a palette's k-means, int4 / int8 scales)
         self.columns = (ColumnImportance(checkpoint, calibration.get(BUILTIN, {IMPORTANCE}).importance)
                         if len(target.precisions) > 1 else None)
+        # what GPTQ rounds them against (`method: gptq`): the mean x xᵀ of each weight's source, found as its importance
+        self.hessians = (ColumnImportance(checkpoint, calibration.hessians(BUILTIN))
+                         if target.method == "gptq" else None)
         self.work = {p: f.with_name(f".{f.name}.tmp-{os.getpid()}") for p, f in self.folders.items()}
         self._state = "open"
         try:
@@ -229,7 +232,7 @@ class CoreMLWriter(Writer):
             replace_atomically(work, self.folders[precision])
         fsync_tree(self.out_dir, recurse=False)  # the renames themselves
         plan = self.quant_plan.summary() if self.quant_plan else None
-        return [Artifact("coreml", p, folder, options, plan if p == self.planned else None)
+        return [Artifact("coreml", self.target.variant(p), folder, options, plan if p == self.planned else None)
                 for p, folder in self.folders.items()]
 
     def abort(self) -> None:
@@ -249,7 +252,7 @@ class CoreMLWriter(Writer):
             "format": "siliconvert-coreml",
             "version": MANIFEST_VERSION,
             "model_name": self.model_name,
-            "precision": precision,
+            "precision": self.target.variant(precision),
             "family": spec.family,
             "context_length": self.target.context,
             "vocab_size": spec.vocab_size,
@@ -379,7 +382,8 @@ class CoreMLWriter(Writer):
         the weights it chose. Slower than the fp16 path, and it holds the chunk's compressed weights until its
         package is written."""
         importance = self.columns.by_weight(chunk, self.needed[chunk.index]) if self.columns else {}
-        quantized = quantize_weights(self._function(chunk, stored), precision_of, importance.get)
+        hessians = self.hessians.by_weight(chunk, self.needed[chunk.index]) if self.hessians else {}
+        quantized = quantize_weights(self._function(chunk, stored), precision_of, importance.get, hessians.get)
         program = build_program(self.spec, chunk, self.block, self.target.context,
                                 QuantizedWeights(stored, quantized), self.stream_scale, self.recurrent_scale)
         package = self.work[variant] / chunk.package
