@@ -167,8 +167,8 @@ def output_error(weight: np.ndarray, approx: np.ndarray, hessian: np.ndarray) ->
     return float(np.einsum("ij,jk,ik->", delta, hessian, delta))
 
 
-@pytest.mark.parametrize(("precision", "at_most"), [("int4", 0.6), ("int8", 0.6), ("pal4", 0.8), ("pal3-lut8", 0.8),
-                                                    ("pal2", 0.8)])
+@pytest.mark.parametrize(("precision", "at_most"), [("int4", 0.5), ("int8", 0.5), ("pal4", 0.5), ("pal3-lut8", 0.5),
+                                                    ("pal2", 0.6)])
 def test_gptq_beats_rounding_on_the_layer_output(precision, at_most):
     """GPTQ against the inputs' second moments beats the importance-fitted rounding of the same layout (the same
     blocks for int4 / int8, the same tables for a palette), which weighs the same inputs' diagonal only."""
