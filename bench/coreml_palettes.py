@@ -6,10 +6,15 @@ recipe, builtin importance matrix); Core ML int8, int4, every palette and `preci
 bytes, then planned at its weights' bits per weight; every artifact scored on the same windows against the same
 float32 transformers reference (Core ML by the MIL interpreter). Then int4 and the palettes again, plain (the
 pass's max/7 scales, k-means with every value weighing alike: the writer's column importance switched off in this
-process), scored on the same windows. Bits per weight are the artifact's bytes × 8 over the checkpoint's
-parameters (everything the folder holds: tables, scales, the spec, tokenizer files).
+process), scored on the same windows; and once more rounded by GPTQ (`method: gptq`: the same tables and block
+layout, each layer rounded a column at a time against its calibration inputs' second moments). Bits per weight are
+the artifact's bytes × 8 over the checkpoint's parameters (everything the folder holds: tables, scales, the spec,
+tokenizer files).
 
     .venv/bin/python -m bench.coreml_palettes [--only demo,qwen3] [--tokens 512] [--context 256]
+                                              [--precisions int4,pal4,pal3] [--no-plan]
+
+`--precisions` keeps only those of the fixed, plain and GPTQ packages; `--no-plan` leaves out the planned ones.
 
 Writes bench/results/coreml-palettes-<YYYY-MM-DD>.json and prints the table as Markdown.
 """
@@ -30,6 +35,7 @@ from bench.run import RESULTS_DIR, WORK_DIR
 OUT = WORK_DIR / "coreml-palettes"
 FIXED = ["int8", "int4", "pal8", "pal6", "pal4", "pal4-lut8", "pal3", "pal3-lut8", "pal2"]
 PLAIN = ["int4", *(p for p in FIXED if p.startswith("pal"))]  # scored again without the importance
+GPTQ = PLAIN  # and rounded by GPTQ against the calibration inputs' second moments
 MODELS = ("demo", "qwen3")
 
 
@@ -65,7 +71,10 @@ def gguf_bits_per_weight(path: Path) -> float:
     return round(sum(int(t.n_bytes) for t in matrices) * 8 / sum(int(t.n_elements) for t in matrices), 3)
 
 
-def measure(model: str, tokens: int, context: int) -> dict:
+def measure(model: str, tokens: int, context: int, precisions: list[str] | None = None, planned: bool = True) -> dict:
+    """The rows of one model: `precisions` (None: all) of the fixed, plain and GPTQ packages; the planned ones
+    where `planned`."""
+    kept = (lambda names: [p for p in names if p in precisions]) if precisions else list
     from siliconvert.checkpoint import Checkpoint
     from siliconvert.convert.coreml import plan as coreml_plan
 
@@ -74,32 +83,42 @@ def measure(model: str, tokens: int, context: int) -> dict:
     anchor = run(model, "anchor", [{"format": "gguf", "quants": ["Q4_K_M"]}], tokens, context)
     (q4,) = [a for a in anchor["artifacts"] if a["quant"] == "Q4_K_M"]
     size_mb = q4["size_bytes"] / 1e6
-    coreml = {"format": "coreml", "context": context, "precision": [*FIXED, "auto"],
+    coreml = {"format": "coreml", "context": context, "precision": [*kept(FIXED), "auto"],
               "plan": {"size_mb": round(size_mb, 3)}}
+    if not planned:
+        coreml = {"format": "coreml", "context": context, "precision": kept(FIXED)}
     weighted = run(model, "weighted", [coreml], tokens, context)
     # and planned at Q4_K_M's bits per weight (its weights' bytes over their count), the Core ML package's spec and
     # tokenizer files aside: in the same folder, so the calibration and the reference are reused
     bits = gguf_bits_per_weight(Path(q4["path"]))
-    at_bits = run(model, "weighted", [{**coreml, "precision": ["auto"], "plan": {"bits_per_weight": bits}}], tokens,
-                  context)
+    at_bits = (run(model, "weighted", [{**coreml, "precision": ["auto"], "plan": {"bits_per_weight": bits}}], tokens,
+                   context) if planned else {"artifacts": []})
+    # rounded by GPTQ: in the same folder too (the reference, and the calibration's other parts, reused)
+    gptq = run(model, "weighted", [{"format": "coreml", "context": context, "precision": kept(GPTQ), "method": "gptq"}],
+               tokens, context)
     of = coreml_plan.ColumnImportance.of
     coreml_plan.ColumnImportance.of = lambda self, chunk, key, rows: None  # plain: no column weighs more
     try:
-        plain = run(model, "plain", [{"format": "coreml", "context": context, "precision": PLAIN}], tokens, context)
+        plain = run(model, "plain", [{"format": "coreml", "context": context, "precision": kept(PLAIN)}], tokens,
+                    context)
     finally:
         coreml_plan.ColumnImportance.of = of
     rows = rows_of(anchor, parameters) + rows_of(weighted, parameters)
     rows += [r for r in rows_of(at_bits, parameters) if r["quant"].startswith("auto")]
     rows += [r for r in rows_of(plain, parameters, " (plain)") if r["quant"] != "fp16 (plain)"]
-    best = min((r for r in rows if r["format"] != q4["format"] and r["bytes"] <= q4["size_bytes"]),
-               key=lambda r: r["mean_kld"])
-    (planned_at_bits,) = [r for r in rows_of(at_bits, parameters) if r["quant"].startswith("auto")]
+    rows += [r for r in rows_of(gptq, parameters) if r["quant"] != "fp16"]
     q4_kld = q4["metrics"]["mean_kld"]
-    return {"model": model, "parameters": parameters, "rows": rows,
-            "q4_k_m": {"bytes": q4["size_bytes"], "mean_kld": q4["metrics"]["mean_kld"], "bits_per_weight": bits},
-            "best_at_q4_k_m_size": {**best, "over_q4_k_m": round(best["mean_kld"] / q4_kld, 3)},
-            "planned_at_q4_k_m_bits": {**planned_at_bits,
-                                       "over_q4_k_m": round(planned_at_bits["mean_kld"] / q4_kld, 3)}}
+    result = {"model": model, "parameters": parameters, "rows": rows,
+              "q4_k_m": {"bytes": q4["size_bytes"], "mean_kld": q4["metrics"]["mean_kld"], "bits_per_weight": bits}}
+    within = [r for r in rows if r["format"] != q4["format"] and r["bytes"] <= q4["size_bytes"]]
+    if within:
+        best = min(within, key=lambda r: r["mean_kld"])
+        result["best_at_q4_k_m_size"] = {**best, "over_q4_k_m": round(best["mean_kld"] / q4_kld, 3)}
+    if planned:
+        (planned_at_bits,) = [r for r in rows_of(at_bits, parameters) if r["quant"].startswith("auto")]
+        result["planned_at_q4_k_m_bits"] = {**planned_at_bits,
+                                            "over_q4_k_m": round(planned_at_bits["mean_kld"] / q4_kld, 3)}
+    return result
 
 
 def markdown(results: list[dict]) -> str:
@@ -109,12 +128,16 @@ def markdown(results: list[dict]) -> str:
                   "| format | precision | bytes | bits/weight | mean KLD | same top-1 |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['format']} | {r['quant']} | {r['bytes']:,} | {r['bits_per_weight']} | {r['mean_kld']:.5f} | "
                   f"{r['same_top1']:.3f} |" for r in sorted(result["rows"], key=lambda r: r["bytes"])]
-        best = result["best_at_q4_k_m_size"]
-        lines += ["", f"Best at Q4_K_M's size or less: {best['quant']} ({best['bytes']:,} bytes), mean KLD "
-                      f"{best['mean_kld']:.5f} = {best['over_q4_k_m']}× Q4_K_M's.",
-                  f"Planned at Q4_K_M's {result['q4_k_m']['bits_per_weight']} bits per weight: "
-                  f"{result['planned_at_q4_k_m_bits']['mean_kld']:.5f} = "
-                  f"{result['planned_at_q4_k_m_bits']['over_q4_k_m']}× Q4_K_M's.", ""]
+        lines.append("")
+        if "best_at_q4_k_m_size" in result:
+            best = result["best_at_q4_k_m_size"]
+            lines.append(f"Best at Q4_K_M's size or less: {best['quant']} ({best['bytes']:,} bytes), mean KLD "
+                         f"{best['mean_kld']:.5f} = {best['over_q4_k_m']}× Q4_K_M's.")
+        if "planned_at_q4_k_m_bits" in result:
+            planned = result["planned_at_q4_k_m_bits"]
+            lines.append(f"Planned at Q4_K_M's {result['q4_k_m']['bits_per_weight']} bits per weight: "
+                         f"{planned['mean_kld']:.5f} = {planned['over_q4_k_m']}× Q4_K_M's.")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -123,10 +146,15 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated models (demo, a tests/families.py family)")
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--precisions", help="comma-separated: only these of the fixed, plain and GPTQ packages")
+    parser.add_argument("--no-plan", action="store_true", help="leave out the planned packages")
     args = parser.parse_args()
     models = args.only.split(",") if args.only else MODELS
-    results = [measure(model, args.tokens, args.context) for model in models]
+    precisions = args.precisions.split(",") if args.precisions else None
+    results = [measure(model, args.tokens, args.context, precisions, not args.no_plan) for model in models]
     stamp = datetime.date.today().isoformat() + (f"-only-{'-'.join(models)}" if args.only else "")
+    stamp += f"-{'-'.join(precisions)}" if precisions else ""
+    stamp += "-no-plan" if args.no_plan else ""
     out = Path(RESULTS_DIR) / f"coreml-palettes-{stamp}.json"
     out.write_text(json.dumps({"tokens": args.tokens, "context": args.context, "models": results}, indent=1) + "\n")
     print(markdown(results))

@@ -14,6 +14,8 @@ mx.quantize's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mlx.core as mx
 import numpy as np
 
@@ -38,7 +40,7 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, group_size
     # fifth to a half); so each group's scale and bias are set from the whole group before any column is rounded
     order = np.argsort(-np.diag(hessian), kind="stable")
     w = weight.astype(np.float32)[:, order]
-    inverse = _inverse_factor(hessian[np.ix_(order, order)].astype(np.float64), w)
+    w[:, np.diag(hessian)[order] <= 0] = 0.0  # as carry_errors zeroes them, before the groups' scales see them
     importance = np.maximum(np.diag(hessian), 0).astype(np.float32) + 1e-12
     top = 2**bits - 1
     groups = columns // group_size
@@ -51,20 +53,36 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, group_size
         scales[:, g], biases[:, g] = _group_scale(unordered[:, columns_of_group], importance[columns_of_group], top,
                                                   float_type)
     q = np.empty((rows, columns), dtype=np.uint32)
+
+    def round_column(w: np.ndarray, k: int) -> np.ndarray:  # the k-th column in act order, source column order[k]
+        j = order[k]
+        g = j // group_size
+        column = np.clip(np.rint((w[:, k] - biases[:, g]) / scales[:, g]), 0, top)
+        q[:, j] = column
+        return column * scales[:, g] + biases[:, g]
+
+    carry_errors(w, hessian[np.ix_(order, order)], round_column)
+    return {"weight": mx.array(pack(q, bits)), "scales": mx.array(scales).astype(float_type),
+            "biases": mx.array(biases).astype(float_type)}
+
+
+def carry_errors(weight: np.ndarray, hessian: np.ndarray,
+                 round_column: Callable[[np.ndarray, int], np.ndarray]) -> None:
+    """GPTQ's pass over `weight` [rows, columns] (float32, updated in place): column j rounded by
+    `round_column(weight, j)` (its rounded values, one per row; the columns before j already rounded, the ones
+    from j on holding the errors carried so far, so a grid fitted at j sees them), the column's error carried
+    into the columns after it through the upper Cholesky factor of `hessian`⁻¹, a block of BLOCK_COLUMNS at a time.
+    Whatever grid `round_column` rounds to (mlx's affine groups, Core ML's int4 blocks or palettes) is its own."""
+    rows, columns = weight.shape
+    inverse = _inverse_factor(hessian.astype(np.float64), weight)
     for start in range(0, columns, BLOCK_COLUMNS):
         end = min(start + BLOCK_COLUMNS, columns)
         errors = np.empty((rows, end - start), dtype=np.float32)
-        for k in range(start, end):
-            j = order[k]
-            g = j // group_size
-            column = np.clip(np.rint((w[:, k] - biases[:, g]) / scales[:, g]), 0, top)
-            q[:, j] = column
-            error = (w[:, k] - (column * scales[:, g] + biases[:, g])) / inverse[k, k]
-            errors[:, k - start] = error
-            w[:, k + 1:end] -= np.outer(error, inverse[k, k + 1:end])
-        w[:, end:] -= errors @ inverse[start:end, end:]
-    return {"weight": mx.array(pack(q, bits)), "scales": mx.array(scales).astype(float_type),
-            "biases": mx.array(biases).astype(float_type)}
+        for j in range(start, end):
+            error = (weight[:, j] - round_column(weight, j)) / inverse[j, j]
+            errors[:, j - start] = error
+            weight[:, j + 1:end] -= np.outer(error, inverse[j, j + 1:end])
+        weight[:, end:] -= errors @ inverse[start:end, end:]
 
 
 def _inverse_factor(hessian: np.ndarray, weight: np.ndarray) -> np.ndarray:

@@ -225,10 +225,16 @@ class CoreMLTarget(TargetSpec):
     # Where Core ML cannot run (Linux), what runs the MIL interpreter: torch (CUDA if present) or numpy.
     interpreter: Literal["torch", "numpy"] = "torch"
     chunks: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
+    # how the compressed packages' weights are rounded: rtn (each to the nearest step of its block's fitted scale,
+    # or entry of its group's table) or gptq (a column at a time against the calibration inputs' second moments,
+    # each column's error carried to the columns not yet rounded: quantize/coreml.py gptq_rounded)
+    method: Literal["rtn", "gptq"] = "rtn"
 
     @model_validator(mode="after")
     def _auto_has_a_plan(self) -> CoreMLTarget:
         _plan_matches_auto("auto" in self.asked, self.plan, "precision")
+        if self.method != "rtn" and len(self.precisions) == 1:
+            raise ValueError(f"method {self.method} rounds compressed weights: precision asks for fp16 only")
         return self
 
     @model_validator(mode="after")
@@ -250,6 +256,10 @@ class CoreMLTarget(TargetSpec):
         """The packages built, fp16 first; a plan's is named by its label (auto-kld0.01 …)."""
         named = [self.plan.label if p == "auto" else p for p in self.asked if p != "fp16"]
         return ["fp16", *dict.fromkeys(named)]
+
+    def variant(self, precision: str) -> str:
+        """The artifact a precision's package is: its name, with the method where it is not rtn (int4-gptq)."""
+        return precision if precision == "fp16" or self.method == "rtn" else f"{precision}-{self.method}"
 
     def positions(self) -> list[tuple[str, int]]:
         return [("context", self.context)]

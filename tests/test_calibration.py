@@ -239,6 +239,8 @@ def test_what_the_targets_need() -> None:
         "builtin": {IMPORTANCE, RANGE, INPUT_PEAKS}}
     assert calibration_needs([MLXTarget(format="mlx", bits=4, dtype="float16", method="gptq")]) == {
         "builtin": {HESSIAN}}
+    assert calibration_needs([CoreMLTarget(format="coreml", precision=["int4"], method="gptq")]) == {
+        "builtin": {IMPORTANCE, RANGE, HESSIAN}}
 
 
 def test_fp16_range_is_a_power_of_two_with_headroom() -> None:

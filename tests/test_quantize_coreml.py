@@ -20,6 +20,7 @@ from siliconvert.quantize.coreml import (
     activation_scale,
     compress,
     decompress,
+    gptq_rounded,
     kmeans_lut,
     palette_of,
     quantize_weights,
@@ -159,6 +160,45 @@ def test_w8a8_weights_are_int8_per_channel_and_its_activations_per_tensor_symmet
     in fp16 (coremltools' linear_symmetric from an (−peak, peak) range), 1 for a peak of 0 (as that pass makes a
     zero scale); the pair the graph puts before a linear layer is an iOS 17 quantize to int8 and its dequantize,
     with one scalar scale and no zero point, the ops linear_quantize_activations inserts."""
+
+
+def correlated_inputs(rows: int = 64, columns: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """A weight (fp16) and the second moments of inputs whose columns are correlated and of unequal scales, as a
+    layer's are: what GPTQ's carried errors cancel on."""
+    rng = np.random.default_rng(1)
+    mixing = np.eye(columns) + 0.1 * rng.normal(size=(columns, columns))
+    x = rng.normal(size=(2048, columns)) @ mixing * np.exp(rng.normal(size=columns))
+    return (0.05 * rng.normal(size=(rows, columns))).astype(np.float16), x.T @ x / len(x)
+
+
+def output_error(weight: np.ndarray, approx: np.ndarray, hessian: np.ndarray) -> float:
+    """The layer output's mean squared error over the inputs, tr(ΔW H ΔWᵀ)."""
+    delta = weight.astype(np.float64) - approx.reshape(weight.shape).astype(np.float64)
+    return float(np.einsum("ij,jk,ik->", delta, hessian, delta))
+
+
+@pytest.mark.parametrize(("precision", "at_most"), [("int4", 0.5), ("int8", 0.5), ("pal4", 0.5), ("pal3-lut8", 0.5),
+                                                    ("pal2", 0.6)])
+def test_gptq_beats_rounding_on_the_layer_output(precision, at_most):
+    """GPTQ against the inputs' second moments beats the importance-fitted rounding of the same layout (the same
+    blocks for int4 / int8, the same tables for a palette), which weighs the same inputs' diagonal only."""
+    weight, hessian = correlated_inputs()
+    rounded = compress(weight, precision, np.diag(hessian))
+    compensated = gptq_rounded(weight, rounded, hessian, precision)
+    assert type(compensated) is type(rounded)
+    for part in ("data", "scale", "indices", "lut", "lut_scale"):  # the same layout: the bytes the package holds
+        mine, theirs = getattr(compensated, part, None), getattr(rounded, part, None)
+        assert (mine is None) == (theirs is None) and (mine is None or (mine.shape, mine.dtype) == (theirs.shape,
+                                                                                                    theirs.dtype))
+    if isinstance(rounded, PalettizedWeight):
+        assert np.array_equal(compensated.lut, rounded.lut)  # the tables are kept; only the indices move
+    assert stored_bytes(compensated, precision) == stored_bytes(rounded, precision)
+    ours, nearest = (output_error(weight, decompress(w), hessian) for w in (compensated, rounded))
+    assert ours < at_most * nearest, (ours, nearest)
+
+
+def test_quantize_weights_rounds_by_gptq_where_a_hessian_is_given():
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
     import coremltools as ct
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import types
@@ -177,3 +217,26 @@ def test_w8a8_weights_are_int8_per_channel_and_its_activations_per_tensor_symmet
     assert quantize.output_dtype.val == "int8" and quantize.zero_point is None and quantize.axis is None
     assert quantize.scale.val == dequantize.scale.val == np.float16(0.1) and quantize.scale.val.shape == ()
     assert dequantize.input is quantize.outputs[0] and dequantize.outputs[0].dtype == types.fp16
+
+
+    weight, hessian = correlated_inputs(64, 128)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 128, 1, 1), dtype=types.fp16)], opset_version=ct.target.iOS18)
+    def program(x):
+        outputs = []
+        for name in ("a", "b", "c"):
+            const = mb.const(val=weight.reshape(64, 128, 1, 1), name=name)
+            const.op.weight_id = name
+            outputs.append(mb.conv(x=x, weight=const, name=f"conv_{name}"))
+        return mb.concat(values=outputs, axis=1)
+
+    precisions = {"a": "int4", "b": "pal4", "c": "int4"}
+    made = quantize_weights(program.functions["main"], precisions.get, lambda name: np.diag(hessian),
+                            {"a": hessian, "b": hessian}.get)
+    for name in ("a", "b"):
+        expected = gptq_rounded(weight, compress(weight, precisions[name], np.diag(hessian)), hessian,
+                                precisions[name])
+        np.testing.assert_array_equal(decompress(made[name]).reshape(64, 128), decompress(expected))
+    # c has no hessian: the importance-fitted rounding, as before
+    np.testing.assert_array_equal(decompress(made["c"]).reshape(64, 128),
+                                  decompress(compress(weight, "int4", np.diag(hessian))))

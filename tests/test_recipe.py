@@ -30,6 +30,15 @@ def test_all_formats_parse():
     assert recipe.targets[2].precisions == ["fp16", "int4", "w8a8"]
 
 
+def test_a_coreml_method_names_its_compressed_artifacts():
+    target = parse_recipe({**MINIMAL, "targets": [{"format": "coreml", "precision": ["int4", "pal3"],
+                                                   "method": "gptq"}]}).targets[0]
+    assert target.precisions == ["fp16", "int4", "pal3"]  # what each package is compressed at
+    assert [target.variant(p) for p in target.precisions] == ["fp16", "int4-gptq", "pal3-gptq"]  # what it is called
+    assert parse_recipe({**MINIMAL, "targets": [{"format": "coreml", "precision": "int4"}]}).targets[0].variant(
+        "int4") == "int4"
+
+
 @pytest.mark.parametrize(("data", "message"), [
     ({"targets": [{"format": "mlx"}]}, "missing required key 'source'"),
     ({**MINIMAL, "colour": "red"}, "unknown key 'colour'"),
@@ -41,6 +50,9 @@ def test_all_formats_parse():
     ({**MINIMAL, "targets": [{"format": "mlx"}, {"format": "mlx", "model_file": "faithful"}]},
      r"targets.1 writes the MLX folder of targets.0 \(4bit-g64\)"),
     ({**MINIMAL, "targets": [{"format": "coreml", "precision": ["pal5"]}]}, "targets.0.precision"),
+    ({**MINIMAL, "targets": [{"format": "coreml", "method": "gptq"}]},
+     "targets.0: .*method gptq rounds compressed weights: precision asks for fp16 only"),
+    ({**MINIMAL, "targets": [{"format": "coreml", "precision": ["int4"], "method": "awq"}]}, "targets.0.method"),
     ({**MINIMAL, "validate": {"tokens": "many"}}, "validate.tokens"),
     ({**MINIMAL, "validate": {"gates": {"min_same_top1": 2}}}, "validate.gates.min_same_top1"),
     ({**MINIMAL, "validate": {"tokens": 64, "context": 128}}, "context must not exceed"),

@@ -24,7 +24,7 @@ import numpy as np
 
 from siliconvert.architectures import ModelSpec
 from siliconvert.artifacts import Artifact, Writer
-from siliconvert.calibration import BUILTIN, IMPORTANCE, INPUT_PEAKS, RANGE, SENSITIVITY, Calibrations
+from siliconvert.calibration import BUILTIN, HESSIAN, IMPORTANCE, INPUT_PEAKS, RANGE, SENSITIVITY, Calibrations
 from siliconvert.checkpoint import TensorInfo
 from siliconvert.convert.coreml.chunks import Chunk, Key, blobs_of, plan_chunks, role_key, weight_id
 from siliconvert.convert.coreml.folds import graph_keys, graph_tensors, input_scale, tensor_shape
@@ -72,11 +72,13 @@ def active_seconds(intervals: list[tuple[float, float]]) -> float:
 
 def calibration_needs(target: CoreMLTarget) -> dict[str, set[str]]:
     """Calibration text → the parts a target's writer asks for: the residual stream's range (every package runs in
-    fp16), a plan's importance and sensitivity, and the importance every compressed package's weights are fitted
-    to (a palette's k-means, int4 / int8 scales: quantize/coreml.py), and a W8A8 package's activation peaks."""
+    fp16), a plan's importance and sensitivity, the importance every compressed package's weights are fitted
+    to (a palette's k-means, int4 / int8 scales: quantize/coreml.py), a W8A8 package's activation peaks, and GPTQ's
+    second moments for `method: gptq`."""
     compressed = len(target.precisions) > 1
     return {BUILTIN: {RANGE} | ({IMPORTANCE, SENSITIVITY} if target.plan else set())
-            | ({IMPORTANCE} if compressed else set()) | ({INPUT_PEAKS} if W8A8 in target.precisions else set())}
+            | ({IMPORTANCE} if compressed else set()) | ({INPUT_PEAKS} if W8A8 in target.precisions else set())
+            | ({HESSIAN} if target.method == "gptq" else set())}
 
 
 class CoreMLWriter(Writer):
@@ -134,7 +136,7 @@ class CoreMLWriter(Writer):
         self.calls: list[tuple[float, float]] = []  # when the stream was inside this writer, for `figures`
         out_dir = Path(out_dir)
         self.out_dir = out_dir
-        self.folders = {p: out_dir / f"{model_name}-{p}-coreml" for p in target.precisions}
+        self.folders = {p: out_dir / f"{model_name}-{target.variant(p)}-coreml" for p in target.precisions}
         # a planned variant (precision: auto): its costs measured as each fp16 package is finished, its plan made
         # and its chunks compressed once all are (the fp16 packages' weight ids, kept for that)
         self.planned = target.plan.label if target.plan else None
@@ -147,6 +149,9 @@ class CoreMLWriter(Writer):
         # a W8A8 package's activation scales: the peak |x| entering each linear layer, looked up as importance is
         self.input_peaks = (ColumnImportance(checkpoint, calibration.get(BUILTIN, {INPUT_PEAKS}).input_peaks)
                             if W8A8 in target.precisions else None)
+        # what GPTQ rounds them against (`method: gptq`): the mean x xᵀ of each weight's source, found as its importance
+        self.hessians = (ColumnImportance(checkpoint, calibration.hessians(BUILTIN))
+                         if target.method == "gptq" else None)
         self.work = {p: f.with_name(f".{f.name}.tmp-{os.getpid()}") for p, f in self.folders.items()}
         self._state = "open"
         try:
@@ -240,7 +245,7 @@ class CoreMLWriter(Writer):
             replace_atomically(work, self.folders[precision])
         fsync_tree(self.out_dir, recurse=False)  # the renames themselves
         plan = self.quant_plan.summary() if self.quant_plan else None
-        return [Artifact("coreml", p, folder, options, plan if p == self.planned else None,
+        return [Artifact("coreml", self.target.variant(p), folder, options, plan if p == self.planned else None,
                          source_quantization=self.arrived_statement(p))
                 for p, folder in self.folders.items()]
 
@@ -279,7 +284,7 @@ class CoreMLWriter(Writer):
             "format": "siliconvert-coreml",
             "version": MANIFEST_VERSION,
             "model_name": self.model_name,
-            "precision": precision,
+            "precision": self.target.variant(precision),
             "family": spec.family,
             "context_length": self.target.context,
             "vocab_size": spec.vocab_size,
@@ -412,7 +417,8 @@ class CoreMLWriter(Writer):
         the weights it chose. Slower than the fp16 path, and it holds the chunk's compressed weights until its
         package is written."""
         importance = self.columns.by_weight(chunk, self.needed[chunk.index]) if self.columns else {}
-        quantized = quantize_weights(self._function(chunk, stored), precision_of, importance.get)
+        hessians = self.hessians.by_weight(chunk, self.needed[chunk.index]) if self.hessians else {}
+        quantized = quantize_weights(self._function(chunk, stored), precision_of, importance.get, hessians.get)
         scales = self._input_scales(chunk, quantized.keys()) if variant == W8A8 else None
         program = build_program(self.spec, chunk, self.block, self.target.context,
                                 QuantizedWeights(stored, quantized, scales), self.stream_scale, self.recurrent_scale)
