@@ -395,7 +395,20 @@ def _checked(parts: Iterable[str]) -> frozenset[str]:
 # ---- the forward, in the child process ---------------------------------------------------------------
 
 
-class _Importance:
+class _LinearInputHooks:
+    """A pre-hook on every linear layer (`_linear(weight name)`) and on every stack of experts (`_experts(stack)`)."""
+
+    def attach(self, model) -> None:
+        import torch
+
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_pre_hook(self._linear(f"{name}.weight"))
+            elif isinstance(getattr(module, "gate_up_proj", None), torch.nn.Parameter):  # a stack of experts
+                module.register_forward_pre_hook(self._experts(name))
+
+
+class _Importance(_LinearInputHooks):
     """Hooks collecting, while `active`, the mean x² per input column of every linear layer's input (keyed by the
     HF weight name) and, for a mixture's expert stacks (`...experts.gate_up_proj`, `...experts.down_proj`), one
     row per expert over the tokens the router sent to it, as llama-imatrix collects it for llama.cpp's per-expert
@@ -407,15 +420,6 @@ class _Importance:
         self.rows: dict[str, int] = {}
         self.expert_sums: dict[str, torch.Tensor] = {}  # stack name → [experts, columns]
         self.expert_rows: dict[str, torch.Tensor] = {}  # stack name → [experts]
-
-    def attach(self, model) -> None:
-        import torch
-
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear):
-                module.register_forward_pre_hook(self._linear(f"{name}.weight"))
-            elif isinstance(getattr(module, "gate_up_proj", None), torch.nn.Parameter):  # a stack of experts
-                module.register_forward_pre_hook(self._experts(name))
 
     def _linear(self, name: str):
         def hook(_module, inputs):
@@ -500,22 +504,13 @@ class _SecondMoments:
         return {name: means[key] for name, key in sorted(self.shared.items())}
 
 
-class _InputPeaks:
+class _InputPeaks(_LinearInputHooks):
     """Hooks recording, while `active`, the largest |x| of every linear layer's input (keyed by the HF weight name)
     and, for a mixture's expert stacks, of each expert's gate_up and down inputs over the tokens routed to it."""
 
     def __init__(self) -> None:
         self.active = False
         self.peaks: dict[str, np.ndarray] = {}
-
-    def attach(self, model) -> None:
-        import torch
-
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear):
-                module.register_forward_pre_hook(self._linear(f"{name}.weight"))
-            elif isinstance(getattr(module, "gate_up_proj", None), torch.nn.Parameter):  # a stack of experts
-                module.register_forward_pre_hook(self._experts(name))
 
     def _record(self, name: str, peak: np.ndarray) -> None:
         self.peaks[name] = np.maximum(self.peaks[name], peak) if name in self.peaks else peak

@@ -137,6 +137,18 @@ def test_gemma4_layer_scalars(small_model, tmp_path):
     assert scores.mean_kld < 0.002 and scores.same_top1 >= 0.97, scores
 
 
+def scorer(source, windows: np.ndarray):
+    """A package's scores against the reference on `windows`, by the MIL interpreter."""
+    reference = reference_logits_for(source, windows)
+    vocab = reference.shape[-1]
+
+    def scores_of(artifact):
+        logits = CoreMLRunner(artifact.path, {}).logits_many(windows)
+        return compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
+                       windows[:, 1:].reshape(-1))[0]
+    return scores_of
+
+
 def with_loud_stream(source, folder, gain: float):
     """A copy of `source` whose post-feedforward norms are `gain` times louder: a residual stream past fp16's
     range (as in real Gemma checkpoints) that transformers' float32 forward still computes exactly."""
@@ -158,13 +170,7 @@ def test_a_stream_past_fp16_range_is_scaled_back_into_it(family, small_model, tm
     tokenizer, config = FAMILY_CASES[family]
     source = with_loud_stream(small_model(family, tokenizer, config=config), tmp_path / "loud", gain=16000.0)
     windows = windows_of(source, count=2, length=CONTEXT)
-    reference = reference_logits_for(source, windows)
-    vocab = reference.shape[-1]
-
-    def scores_of(artifact):
-        logits = CoreMLRunner(artifact.path, {}).logits_many(windows)
-        return compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
-                       windows[:, 1:].reshape(-1))[0]
+    scores_of = scorer(source, windows)
 
     (artifact,) = build(source, tmp_path / "scaled")
     numerics = json.loads((artifact.path / "manifest.json").read_text())["numerics"]
@@ -225,13 +231,7 @@ def test_gpt_oss_sinks_are_in_the_softmax(small_model, tmp_path, monkeypatch):
     tokenizer, config = FAMILY_CASES["gpt_oss"]
     source = with_sinks(small_model("gpt_oss", tokenizer, config=config), tmp_path / "sinks", (3.0, 1.0, 2.0, 4.0))
     windows = windows_of(source, count=2, length=CONTEXT)
-    reference = reference_logits_for(source, windows)
-    vocab = reference.shape[-1]
-
-    def scores_of(artifact):
-        logits = CoreMLRunner(artifact.path, {}).logits_many(windows)
-        return compare(reference[:, :-1].reshape(-1, vocab), logits[:, :-1].reshape(-1, vocab),
-                       windows[:, 1:].reshape(-1))[0]
+    scores_of = scorer(source, windows)
 
     (artifact,) = build(source, tmp_path / "kept")
     scores = scores_of(artifact)
