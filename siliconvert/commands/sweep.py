@@ -178,6 +178,7 @@ def plot_front(path: Path, front: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     fig, axes = plt.subplots(figsize=(11, 6.5))
     markers = iter("osD^vP")
@@ -202,6 +203,8 @@ def plot_front(path: Path, front: dict) -> None:
         axes.axhline(front["max_mean_kld"], color="red", linestyle="--", linewidth=1, label="gate: max mean KLD")
     axes.set(xlabel="size (MB)", ylabel="mean KLD to reference", yscale="log", xscale="log",
              title=f"{front['model']}: size against quality")
+    axes.xaxis.set_major_formatter(ScalarFormatter())  # sizes as numbers, not powers of ten
+    axes.xaxis.set_minor_formatter(ScalarFormatter())
     axes.legend(fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
