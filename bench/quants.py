@@ -142,7 +142,9 @@ def mlx_rows(name: str, source: Path, args: argparse.Namespace, converter: Path)
     home = mlx_calibration_home(out / "mlx-lm")
     for module, flags in MLX_LEARNED.items():
         path = out / "mlx-lm" / module.rsplit(".", 1)[1]
-        command = [sys.executable, "-m", module, "--model", str(source), "--mlx-path", str(path),
+        # as its console script (mlx_lm.awq …) runs it: awq.py and dwq.py have no __main__ block for `python -m`
+        command = [sys.executable, "-c", f"import sys; from {module} import main; sys.argv[0] = {module!r}; main()",
+                   "--model", str(source), "--mlx-path", str(path),
                    *(flag.format(data=home / "data") for flag in flags)]
         done = produced(path, command, {"HOME": str(home)}, cwd=home)
         rows.append(made_row("mlx", name, MLX_LEARNED_TYPES[module], "mlx-lm learned", done, checkpoint))
