@@ -89,8 +89,8 @@ def test_plans_aim_at_the_fixed_sizes_the_anchors_kld_and_the_gate():
 
 
 def test_plans_leave_the_other_types_to_the_front():
-    """The i-quant, ternary, GPTQ and float-mode recipes and the palettes are drawn on the front; plans aim at the
-    K recipes', the affine widths' and Core ML int8's and int4's sizes only (the rest are plan candidates already)."""
+    """The i-quant, ternary, GPTQ and float-mode recipes and Core ML's types are drawn on the front; plans aim at the
+    K recipes' and the affine widths' sizes only (the rest are plan candidates already)."""
     others = [entry("mlx", "4bit-g64-gptq", 3.4e6, 0.002), entry("mlx", "nvfp4", 3.6e6, 0.003),
               entry("mlx", "8bit-g64", 6e6, 1e-4), entry("coreml", "fp16", 11e6, 1e-6),
               entry("coreml", "int8", 6e6, 1e-5), entry("coreml", "int4", 3.6e6, 0.0034),
@@ -103,9 +103,7 @@ def test_plans_leave_the_other_types_to_the_front():
                                                                     "auto-3.9MB", "auto-kld0.01"]
     assert [t.plan.label for t in planned if t.format == "mlx"] == ["auto-2.8MB", "auto-3.4MB", "auto-kld0.005",
                                                                    "auto-4.5MB", "auto-kld0.01"]
-    coreml = [t for t in planned if t.format == "coreml"]
-    assert [t.plan.label for t in coreml] == ["auto-6MB", "auto-3.6MB", "auto-kld0.0034", "auto-kld0.01"]
-    assert {(tuple(t.asked), t.context) for t in coreml} == {(("auto",), 256)}
+    assert not [t for t in planned if t.format == "coreml"]  # Core ML's fixed types only, for now (formats/coreml.py)
 
 
 def test_the_front_is_a_table_and_a_plot(tmp_path):

@@ -140,8 +140,7 @@ class CoreMLWriter(Writer):
         # what compressed weights are fitted to (quantize/coreml.py: a palette's k-means, int4 / int8 scales)
         self.columns = (ColumnImportance(checkpoint, calibration.get(BUILTIN, {IMPORTANCE}).importance)
                         if len(target.precisions) > 1 else None)
-        # the writer's own work folders: two targets of one run (a sweep's plans) each build the fp16 package
-        self.work = {p: f.with_name(f".{f.name}.tmp-{os.getpid()}-{id(self):x}") for p, f in self.folders.items()}
+        self.work = {p: f.with_name(f".{f.name}.tmp-{os.getpid()}") for p, f in self.folders.items()}
         self._state = "open"
         try:
             for folder in self.work.values():

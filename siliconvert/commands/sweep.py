@@ -5,9 +5,10 @@ K-, i-, ternary and MXFP4 types with the same importance matrix a plan uses; MLX
 mixed recipes, GPTQ and the float modes; Core ML int8, int4 and the palettes) but those the model cannot take
 (`sweep_unfit`: skipped, the reason recorded), and scores them with the project's own validation; then planned
 artifacts aimed at their figures (one at each of the format's `planned_at` types' byte sizes: as small and better;
-one at the measured mean KLD of its anchor, Q4_K_M, MLX 4-bit g64, Core ML int4: as good and smaller) and at the
-recipe's mean-KLD gate, scored the same way. The front goes to sweep.json, sweep.md and sweep.png (a marker per
-format; fixed types as points, each format's plans as a line).
+one at the measured mean KLD of its anchor, Q4_K_M or MLX 4-bit g64: as good and smaller) and at the recipe's
+mean-KLD gate, scored the same way (a format with neither, Core ML for now, is drawn by its fixed types). The front
+goes to sweep.json, sweep.md and sweep.png (a marker per format; fixed types as points, each format's plans as a
+line).
 """
 
 from __future__ import annotations
