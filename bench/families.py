@@ -143,13 +143,13 @@ def anchors(family: str, source: Path, converter: Path, args: argparse.Namespace
     return scored
 
 
-def produced(path: Path, command: list[str], env: dict[str, str] | None = None) -> Path | str:
+def produced(path: Path, command: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> Path | str:
     """`path` once `command` made it (anew), or the command's last error line."""
     if path.is_dir():
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
-    run = subprocess.run(command, env={**ENV, **(env or {})}, capture_output=True, text=True)
+    run = subprocess.run(command, env={**ENV, **(env or {})}, capture_output=True, text=True, cwd=cwd)
     return path if run.returncode == 0 and path.exists() else last_line(run)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,12 @@ class CoreML(Format):
     tags = ("coreml",)
     looks_like = "a Core ML folder with manifest.json"
     plan_bits = (4.0625, 16.0)  # pal4 (4-bit indices, a float16 table per 16 rows of 256 or more) to float16
+    # every compressed precision, in one target beside the fp16 package it is made from. No plans aimed at them yet:
+    # several planned Core ML targets in one run stop in the planned writer (KeyError on an op of the fp16 graph, seen
+    # on the demo's sweep of 2026-12-07), so a sweep draws Core ML's fixed types only
+    fixed_quants = ("int8", "int4", "pal8", "pal6", "pal6-lut8", "pal4", "pal4-lut8", "pal3", "pal3-lut8", "pal2",
+                    "pal2-lut8")
+    planned_at: tuple[str, ...] = ()
 
     def writer(self, checkpoint: Checkpoint, target: CoreMLTarget, out_dir: Path, model_name: str,
                calibration: Calibrations) -> Writer:
@@ -54,6 +61,13 @@ class CoreML(Format):
     def replanned(self, target: CoreMLTarget, plan: QuantPlan) -> CoreMLTarget:
         # its fp16 package is built again too: the planned one is made from it
         return target.model_copy(update={"plan": plan, "precision": ["auto"]})
+
+    def sweep_fixed(self, targets: Sequence[CoreMLTarget], quants: Sequence[str]) -> list[CoreMLTarget]:
+        # the recipe's first Core ML target's packaging (context, chunks, interpreter), every precision asked in one
+        return [targets[0].model_copy(update={"precision": list(quants), "plan": None})] if quants else []
+
+    def aims_at(self, quant: str) -> bool:
+        return quant in self.planned_at
 
     def detect(self, path: Path) -> Artifact | None:
         manifest = path / SILICONVERT_MANIFEST

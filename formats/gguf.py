@@ -7,6 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QType
+
 from siliconvert.artifacts import CARD_PROMPT, Artifact, Release, Writer
 from siliconvert.calibration import Calibrations, calibration_text
 from siliconvert.checkpoint import Checkpoint
@@ -23,9 +26,11 @@ class GGUF(Format):
     tags = ("gguf", "llama.cpp")
     looks_like = "a .gguf file"
     ships_tokenizer = False  # a GGUF carries its tokenizer inside
-    # llama.cpp's K recipes, and its i-quant recipes beside them on a sweep's front (plans aim at the K recipes' sizes)
-    fixed_quants = ("IQ2_XXS", "IQ2_M", "IQ3_XXS", "IQ3_M", "Q3_K_M", "IQ4_XS", "Q4_K_M", "Q5_K_M")
+    # every quantized type a recipe may name, smallest first, on a sweep's front (plans aim at the K recipes' sizes)
+    fixed_quants = ("TQ1_0", "IQ2_XXS", "TQ2_0", "Q2_K", "IQ2_M", "IQ3_XXS", "IQ3_M", "Q3_K_M", "IQ4_XS", "Q4_0",
+                    "IQ4_NL", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "MXFP4_MOE")
     anchor = "Q4_K_M"
+    planned_at = ("Q3_K_M", "Q4_K_M", "Q5_K_M")  # the K recipes a sweep's plans aim at (sizes between them are theirs)
     plan_bits = (2.0625, 8.5)  # IQ2_XXS to Q8_0 (quantize/sensitivity.py's GGUF_CANDIDATES)
 
     def writer(self, checkpoint: Checkpoint, target: GGUFTarget, out_dir: Path, model_name: str,
@@ -89,7 +94,19 @@ class GGUF(Format):
         return GGUFTarget(format=self.name, quants=["auto"], imatrix=_imatrix(targets), plan=plan)
 
     def aims_at(self, quant: str) -> bool:
-        return not quant.startswith("IQ")  # the i-quant recipes are plan candidates; their sizes sit between the K's
+        return quant in self.planned_at  # the other types are plan candidates; their sizes sit between the K's
+
+    def sweep_unfit(self, checkpoint: Checkpoint, quant: str) -> str | None:
+        if quant == "MXFP4_MOE" and checkpoint.spec.experts is None:
+            return "no expert stacks: MXFP4_MOE puts only experts in MXFP4 (a dense model's file is Q8_0 throughout)"
+        if quant not in QType.__members__:  # a recipe of several types (Q4_K_M, IQ2_M …): llama.cpp's planner mixes
+            return None
+        block = GGML_QUANT_SIZES[QType[quant]][0]
+        widths = sorted({info.shape[-1] for info in checkpoint.tensor_infos.values() if len(info.shape) > 1})
+        if all(width % block for width in widths):  # llama.cpp's tensor_type_fallback gives every tensor another type
+            return (f"no weight's rows fill {quant}'s blocks of {block} (rows of {', '.join(map(str, widths))}): "
+                    "llama.cpp would write every tensor in a fallback type")
+        return None
 
     def release_name(self, model: str, quant: str) -> str:
         return f"{model}-GGUF"

@@ -15,7 +15,17 @@ from siliconvert.errors import ArtifactError, short
 from siliconvert.format import Format, artifact_bytes
 from siliconvert.recipe import MLX_MODES, MLXModelFile, MLXTarget, QuantPlan
 
-FIXED_BITS = (3, 4, 6, "mixed_3_6", "mixed_4_6")  # the anchors' recipes a sweep builds, at mlx-lm's group size 64
+# what a sweep builds: mlx-lm's recipes at its group size 64 (plans aim at the widths'), rounded by GPTQ, and the
+# float modes at their own groups
+FIXED_OPTIONS = ({"bits": 3}, {"bits": 4}, {"bits": 6}, {"bits": 8}, {"bits": "mixed_3_6"}, {"bits": "mixed_4_6"},
+                 {"bits": 3, "method": "gptq"}, {"bits": 4, "method": "gptq"},
+                 {"mode": "mxfp4"}, {"mode": "nvfp4"}, {"mode": "mxfp8"})
+PLANNED_AT = (3, 4, 6)  # the affine widths whose sizes a sweep's plans aim at
+
+
+def _grouped(options: dict) -> dict:
+    """A sweep's fixed MLX options at mlx-lm's group size 64; a float mode keeps its own group."""
+    return options if "mode" in options else {**options, "group_size": 64}
 
 
 class MLX(Format):
@@ -25,7 +35,8 @@ class MLX(Format):
     library = "mlx"
     tags = ("mlx",)
     looks_like = "an MLX folder"
-    fixed_quants = tuple(MLXTarget(format="mlx", bits=bits, group_size=64).quant for bits in FIXED_BITS)
+    fixed_quants = tuple(MLXTarget(format="mlx", **_grouped(options)).quant for options in FIXED_OPTIONS)
+    planned_at = tuple(MLXTarget(format="mlx", bits=bits, group_size=64).quant for bits in PLANNED_AT)
     anchor = "4bit-g64"
     plan_bits = (2.25, 9.0)  # 2 bits in groups of 128 to 8 in groups of 32, a float16 scale and bias per group
 
@@ -92,15 +103,15 @@ class MLX(Format):
         return {"quantization": config.get("quantization"), "model_type": config.get("model_type")}
 
     def sweep_fixed(self, targets: Sequence[MLXTarget], quants: Sequence[str]) -> list[MLXTarget]:
-        fixed = [MLXTarget(format=self.name, bits=bits, group_size=64, model_file=_model_file(targets))
-                 for bits in FIXED_BITS]
+        fixed = [MLXTarget(format=self.name, model_file=_model_file(targets), **_grouped(options))
+                 for options in FIXED_OPTIONS]
         return [target for target in fixed if target.quant in quants]
 
     def sweep_planned(self, targets: Sequence[MLXTarget], plan: QuantPlan) -> MLXTarget:
         return MLXTarget(format=self.name, bits="auto", plan=plan, model_file=_model_file(targets))
 
     def aims_at(self, quant: str) -> bool:
-        return not quant.startswith("mixed_")  # the mixed recipes sit between the widths
+        return quant in self.planned_at  # the mixed recipes, GPTQ's and the modes sit between the widths
 
     def release_name(self, model: str, quant: str) -> str:
         # MLX quants read "4bit-g64", "8bit-g32-bf16", "fp16"; Hub names leave out mlx-lm's default group size.

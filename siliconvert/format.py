@@ -121,6 +121,11 @@ class Format(ABC):
         """Whether a sweep plans an artifact at this fixed recipe's size."""
         return True
 
+    def sweep_unfit(self, checkpoint: Checkpoint, quant: str) -> str | None:
+        """Why this model cannot take the fixed recipe `quant` (its file would hold none of the type it names: a sweep
+        skips it and records this reason), or None where it can."""
+        return None
+
     # ---- release folder and card ---------------------------------------------------------------------
     @abstractmethod
     def release_name(self, model: str, quant: str) -> str:

@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from siliconvert.commands.cli import main
-from siliconvert.commands.sweep import fixed_targets, planned_targets, sweep_front, write_sweep
+from siliconvert.commands.sweep import fixed_targets, planned_targets, sweep_front, unfit_quants, write_sweep
+from siliconvert.format import register, unregister
 from siliconvert.recipe import parse_recipe
+from tests.test_formats import Toy
 
 RECIPE = {"source": "x", "targets": [{"format": "gguf", "quants": ["Q4_K_M"], "imatrix": "builtin"},
                                      {"format": "mlx", "bits": 4}],
           "validate": {"gates": {"max_mean_kld": 0.01}}}
+COREML = {"format": "coreml", "context": 256, "chunks": 1}
+
+
+def checkpoint(widths: list[int], experts: bool = False) -> SimpleNamespace:
+    """What sweep_unfit reads of a checkpoint: its spec's experts and its tensors' shapes."""
+    infos = {f"w{i}": SimpleNamespace(shape=(64, width)) for i, width in enumerate(widths)}
+    infos["norm"] = SimpleNamespace(shape=(widths[0],))
+    return SimpleNamespace(spec=SimpleNamespace(experts=object() if experts else None), tensor_infos=infos)
 
 
 def entry(fmt: str, quant: str, size: int, kld: float, plan: dict | None = None) -> dict:
@@ -28,11 +39,37 @@ FIXED_REPORT = {"source": "x", "source_info": {"name": "demo"},
                               entry("mlx", "mixed_3_6-g64", 3_000_000, 0.01)]}
 
 
-def test_the_fixed_recipes_are_the_anchors():
-    targets = fixed_targets(parse_recipe(RECIPE))
-    assert targets[0].quants == ["IQ2_XXS", "IQ2_M", "IQ3_XXS", "IQ3_M", "Q3_K_M", "IQ4_XS", "Q4_K_M", "Q5_K_M"]
+def test_the_fixed_recipes_are_every_type_of_each_format():
+    targets = fixed_targets(parse_recipe(RECIPE | {"targets": [*RECIPE["targets"], COREML]}))
+    assert targets[0].quants == ["TQ1_0", "IQ2_XXS", "TQ2_0", "Q2_K", "IQ2_M", "IQ3_XXS", "IQ3_M", "Q3_K_M", "IQ4_XS",
+                                 "Q4_0", "IQ4_NL", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "MXFP4_MOE"]
     assert targets[0].imatrix == "builtin"
-    assert [t.quant for t in targets[1:]] == ["3bit-g64", "4bit-g64", "6bit-g64", "mixed_3_6-g64", "mixed_4_6-g64"]
+    mlx = [t for t in targets if t.format == "mlx"]
+    assert [t.quant for t in mlx] == ["3bit-g64", "4bit-g64", "6bit-g64", "8bit-g64", "mixed_3_6-g64",
+                                      "mixed_4_6-g64", "3bit-g64-gptq", "4bit-g64-gptq", "mxfp4", "nvfp4", "mxfp8"]
+    assert [t.bits_and_group for t in mlx if t.mode != "affine"] == [(4, 32), (4, 16), (8, 32)]
+    (coreml,) = [t for t in targets if t.format == "coreml"]  # one target: every precision beside its fp16 package
+    assert coreml.precisions == ["fp16", "int8", "int4", "pal8", "pal6", "pal6-lut8", "pal4", "pal4-lut8", "pal3",
+                                 "pal3-lut8", "pal2", "pal2-lut8"]
+    assert (coreml.context, coreml.chunks) == (256, 1)  # the recipe's packaging
+    only = fixed_targets(parse_recipe(RECIPE | {"targets": [*RECIPE["targets"], COREML]}), ["Q4_K_M", "int4"])
+    assert [(t.format, t.asked if t.format == "coreml" else t.quants) for t in only] == [
+        ("gguf", ["Q4_K_M"]), ("coreml", ["int4"])]
+
+
+def test_types_a_model_cannot_take_are_skipped_with_the_reason():
+    """MXFP4_MOE on a model without experts, and a type whose blocks no weight's rows fill (llama.cpp would write
+    its fallback throughout): not built, the reason on the front."""
+    recipe = parse_recipe(RECIPE)
+    dense_128 = unfit_quants(recipe, checkpoint([128, 384]))
+    reasons = {row["quant"]: row["reason"] for row in dense_128}
+    assert set(reasons) == {"MXFP4_MOE", "TQ1_0", "TQ2_0", "IQ2_XXS", "Q2_K", "IQ3_XXS", "IQ4_XS", "Q6_K"}
+    assert reasons["MXFP4_MOE"].startswith("no expert stacks")
+    assert reasons["TQ1_0"] == ("no weight's rows fill TQ1_0's blocks of 256 (rows of 128, 384): llama.cpp would "
+                                "write every tensor in a fallback type")
+    assert unfit_quants(recipe, checkpoint([256, 768], experts=True)) == []  # one row filling a block is enough
+    targets = fixed_targets(recipe, skipped=dense_128)
+    assert "TQ1_0" not in targets[0].quants and "Q4_K_M" in targets[0].quants and "IQ4_NL" in targets[0].quants
 
 
 def test_the_sweeps_mlx_folders_run_the_model_file_the_recipe_asks_for():
@@ -51,33 +88,50 @@ def test_plans_aim_at_the_fixed_sizes_the_anchors_kld_and_the_gate():
                       ("mlx", "auto-4.5MB"), ("mlx", "auto-kld0.01")]
 
 
-def test_plans_leave_the_i_quant_recipes_to_the_front():
-    """The i-quant recipes are drawn on the front; plans aim at the K recipes' sizes only (an i-quant is a candidate
-    of every plan already)."""
-    report = FIXED_REPORT | {"artifacts": [entry("gguf", "IQ3_M", 2_700_000, 0.006), *FIXED_REPORT["artifacts"]]}
-    labels = [t.plan.label for t in planned_targets(parse_recipe(RECIPE), report) if t.format == "gguf"]
-    assert labels == ["auto-2.9MB", "auto-3.4MB", "auto-kld0.0012", "auto-3.9MB", "auto-kld0.01"]
+def test_plans_leave_the_other_types_to_the_front():
+    """The i-quant, ternary, GPTQ and float-mode recipes and Core ML's types are drawn on the front; plans aim at the
+    K recipes' and the affine widths' sizes only (the rest are plan candidates already)."""
+    others = [entry("mlx", "4bit-g64-gptq", 3.4e6, 0.002), entry("mlx", "nvfp4", 3.6e6, 0.003),
+              entry("mlx", "8bit-g64", 6e6, 1e-4), entry("coreml", "fp16", 11e6, 1e-6),
+              entry("coreml", "int8", 6e6, 1e-5), entry("coreml", "int4", 3.6e6, 0.0034),
+              entry("coreml", "pal4", 3.3e6, 0.004)]
+    report = FIXED_REPORT | {"artifacts": [entry("gguf", "IQ3_M", 2_700_000, 0.006), entry("gguf", "Q6_K", 4.4e6, 2e-4),
+                                           *FIXED_REPORT["artifacts"], *others]}
+    recipe = parse_recipe(RECIPE | {"targets": [*RECIPE["targets"], COREML]})
+    planned = planned_targets(recipe, report)
+    assert [t.plan.label for t in planned if t.format == "gguf"] == ["auto-2.9MB", "auto-3.4MB", "auto-kld0.0012",
+                                                                    "auto-3.9MB", "auto-kld0.01"]
+    assert [t.plan.label for t in planned if t.format == "mlx"] == ["auto-2.8MB", "auto-3.4MB", "auto-kld0.005",
+                                                                   "auto-4.5MB", "auto-kld0.01"]
+    assert not [t for t in planned if t.format == "coreml"]  # Core ML's fixed types only, for now (formats/coreml.py)
 
 
 def test_the_front_is_a_table_and_a_plot(tmp_path):
     plan = {"goal": {"size_mb": 3.4}, "predicted_mean_kld": 0.0008, "bits_per_weight": 4.4, "tries": [{}]}
     planned = [entry("gguf", "auto-3.4MB", 3_399_000, 0.0007, plan)]
-    front = sweep_front(FIXED_REPORT["artifacts"] + planned, FIXED_REPORT, gate=0.01)
+    skipped = [{"format": "gguf", "quant": "MXFP4_MOE", "reason": "no expert stacks"}]
+    front = sweep_front(FIXED_REPORT["artifacts"] + planned, FIXED_REPORT, gate=0.01, skipped=skipped)
     write_sweep(tmp_path, front)
     saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert saved["skipped"] == skipped
     assert [r["quant"] for r in saved["rows"] if r["format"] == "gguf"] == ["Q3_K_M", "auto-3.4MB", "Q4_K_M",
                                                                              "Q5_K_M"]
     row = next(r for r in saved["rows"] if r["kind"] == "planned")
     assert row["goal"] == {"size_mb": 3.4} and row["tries"] == 1
     table = (tmp_path / "sweep.md").read_text()
     assert "| gguf | auto-3.4MB | planned | 3.399 MB | 0.00070 | 0.00080 | 4.40 |" in table
+    assert "- gguf MXFP4_MOE: no expert stacks" in table
     assert (tmp_path / "sweep.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_a_sweep_needs_a_gguf_or_mlx_target(tmp_path, capsys):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("source: builtin:demo\ntargets: [{format: coreml}]\n")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["sweep", str(recipe)])
+def test_a_sweep_needs_a_format_with_fixed_recipes(tmp_path, capsys):
+    register(Toy())  # a format entry with no fixed recipes to compare with
+    try:
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text("source: builtin:demo\ntargets: [{format: toy}]\n")
+        with pytest.raises(SystemExit) as exit_info:
+            main(["sweep", str(recipe)])
+    finally:
+        unregister("toy")
     assert exit_info.value.code == 2
-    assert "a sweep needs a target in mlx or gguf" in capsys.readouterr().err
+    assert "a sweep needs a target in mlx or gguf or coreml" in capsys.readouterr().err

@@ -55,7 +55,7 @@ def recipe(recipe_file: Path, check: bool, allow_pickle: bool, force: bool) -> N
 @click.option("--fixed", help="Only these fixed recipes, comma-separated (Q4_K_M,4bit-g64,mixed_3_6-g64); "
               "default all.")
 def sweep(recipe_file: Path, allow_pickle: bool, fixed: str | None) -> None:
-    """Size against KLD for RECIPE_FILE's source: planned GGUF/MLX artifacts beside the fixed recipes."""
+    """Size against KLD for RECIPE_FILE's source: planned artifacts beside every fixed type of its formats."""
     from siliconvert.commands.sweep import run_sweep
     from siliconvert.recipe import load_recipe
 

@@ -1,11 +1,14 @@
 """`siliconvert sweep recipe.yaml`: the size-vs-KLD front of planned artifacts beside the fixed recipes.
 
-For each of the recipe's GGUF and MLX targets' formats it builds the anchors' fixed recipes (llama.cpp's
-Q3_K_M, Q4_K_M, Q5_K_M with the same importance matrix a plan uses; MLX 3, 4 and 6 bits at group 64, and
-mlx-lm's mixed_3_6 and mixed_4_6) and scores them with the project's own validation; then planned artifacts
-aimed at their figures (one at each fixed width's byte size: as small and better; one at the measured mean KLD
-of Q4_K_M and of MLX 4-bit g64: as good and smaller) and at the recipe's mean-KLD gate, scored the same way.
-The front goes to sweep.json, sweep.md and sweep.png.
+For each of the recipe's targets' formats it builds every fixed type the format entry lists (`fixed_quants`: GGUF's
+K-, i-, ternary and MXFP4 types with the same importance matrix a plan uses; MLX affine widths at group 64, mlx-lm's
+mixed recipes, GPTQ and the float modes; Core ML int8, int4 and the palettes) but those the model cannot take
+(`sweep_unfit`: skipped, the reason recorded), and scores them with the project's own validation; then planned
+artifacts aimed at their figures (one at each of the format's `planned_at` types' byte sizes: as small and better;
+one at the measured mean KLD of its anchor, Q4_K_M or MLX 4-bit g64: as good and smaller) and at the recipe's
+mean-KLD gate, scored the same way (a format with neither, Core ML for now, is drawn by its fixed types). The front
+goes to sweep.json, sweep.md and sweep.png (a marker per format; fixed types as points, each format's plans as a
+line).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 
 from siliconvert.artifacts import write_text_atomically
 from siliconvert.calibration import Calibrations
+from siliconvert.checkpoint import Checkpoint
 from siliconvert.commands.pipeline import (
     Replanner,
     Timings,
@@ -41,13 +45,24 @@ def swept(recipe: Recipe) -> list[Format]:
     return [fmt for fmt in asked if fmt.fixed_quants]
 
 
-def fixed_targets(recipe: Recipe, only: Sequence[str] | None = None) -> list[TargetSpec]:
-    """The fixed recipes of the recipe's formats; `only` keeps those named (Q4_K_M, 4bit-g64, mixed_3_6-g64)."""
+def fixed_targets(recipe: Recipe, only: Sequence[str] | None = None,
+                  skipped: Sequence[dict] = ()) -> list[TargetSpec]:
+    """The fixed recipes of the recipe's formats; `only` keeps those named (Q4_K_M, 4bit-g64, mixed_3_6-g64),
+    `skipped` (unfit_quants' rows) leaves those out."""
+    left_out = {(row["format"], row["quant"]) for row in skipped}
     targets: list[TargetSpec] = []
     for fmt in swept(recipe):
-        quants = [quant for quant in fmt.fixed_quants if only is None or quant in only]
+        quants = [quant for quant in fmt.fixed_quants
+                  if (only is None or quant in only) and (fmt.name, quant) not in left_out]
         targets += fmt.sweep_fixed([t for t in recipe.targets if t.format == fmt.name], quants)
     return targets
+
+
+def unfit_quants(recipe: Recipe, checkpoint: Checkpoint, only: Sequence[str] | None = None) -> list[dict]:
+    """The fixed recipes this model cannot take, each {format, quant, reason}: a sweep skips them."""
+    return [{"format": fmt.name, "quant": quant, "reason": reason}
+            for fmt in swept(recipe) for quant in fmt.fixed_quants
+            if (only is None or quant in only) and (reason := fmt.sweep_unfit(checkpoint, quant)) is not None]
 
 
 def planned_targets(recipe: Recipe, fixed_report: dict) -> list[TargetSpec]:
@@ -90,7 +105,10 @@ def run_sweep(recipe: Recipe, recipe_path: Path | None = None, *, allow_pickle: 
     preflight(recipe, checkpoint, recipe_path)
     sweep_dir = prepare_output(recipe.output_dir(recipe_path) / "sweep")
     artifacts_dir, timings, settings = sweep_dir / "artifacts", Timings(), recipe.validate_
-    fixed_recipe = recipe.model_copy(update={"targets": fixed_targets(recipe, only)})
+    skipped = unfit_quants(recipe, checkpoint, only)
+    for row in skipped:
+        say(f"sweep: {row['format']} {row['quant']} skipped: {row['reason']}")
+    fixed_recipe = recipe.model_copy(update={"targets": fixed_targets(recipe, only, skipped)})
     say(f"sweep: {len(fixed_recipe.targets)} fixed targets → {sweep_dir}")
     # one calibration for both passes and the re-plans, cached with the reference logits
     calibration = Calibrations(checkpoint, sweep_dir / "fixed" / ".cache")
@@ -105,19 +123,23 @@ def run_sweep(recipe: Recipe, recipe_path: Path | None = None, *, allow_pickle: 
     planned_dir = prepare_output(sweep_dir / "planned")
     if not (planned_dir / ".cache").exists():  # the reference logits the fixed run computed
         (planned_dir / ".cache").symlink_to(sweep_dir / "fixed" / ".cache", target_is_directory=True)
-    planned_report = validate_artifacts(checkpoint, recipe.source, [a for a, _ in produced], settings,
-                                        {a.path: settings.gates for a, _ in produced}, planned_dir, timings,
+    # a planned target may build a fixed artifact again (Core ML's fp16 package, its plans' source): scored once
+    scored = {a.path for a in fixed}
+    planned = [a for a, _ in produced if a.plan is not None or a.path not in scored]
+    planned_report = validate_artifacts(checkpoint, recipe.source, planned, settings,
+                                        {a.path: settings.gates for a in planned}, planned_dir, timings,
                                         replan=Replanner(checkpoint, planned_recipe, produced, artifacts_dir, timings,
                                                          calibration=calibration))
     timings.write(sweep_dir)
     front = sweep_front(fixed_report["artifacts"] + planned_report["artifacts"], fixed_report,
-                        gate=settings.gates.max_mean_kld)
+                        gate=settings.gates.max_mean_kld, skipped=skipped)
     write_sweep(sweep_dir, front)
     return front
 
 
-def sweep_front(entries: list[dict], report: dict, gate: float | None) -> dict:
-    """The rows of the front (fixed and planned report `entries`), with `report`'s source and corpus."""
+def sweep_front(entries: list[dict], report: dict, gate: float | None, skipped: Sequence[dict] = ()) -> dict:
+    """The rows of the front (fixed and planned report `entries`), with `report`'s source and corpus, and the fixed
+    recipes `skipped` (unfit_quants)."""
     rows = [{"format": a["format"], "quant": a["quant"], "kind": "planned" if a.get("plan") else "fixed",
              "size_bytes": a["size_bytes"], "mean_kld": a["metrics"]["mean_kld"],
              "same_top1": a["metrics"]["same_top1"],
@@ -128,7 +150,7 @@ def sweep_front(entries: list[dict], report: dict, gate: float | None) -> dict:
             for a in entries]
     rows.sort(key=lambda r: (r["format"], r["size_bytes"]))
     return {"source": report["source"], "model": report["source_info"]["name"], "corpus": report["corpus"],
-            "max_mean_kld": gate, "rows": rows}
+            "max_mean_kld": gate, "rows": rows, "skipped": list(skipped)}
 
 
 def write_sweep(out_dir: Path, front: dict) -> None:
@@ -144,6 +166,9 @@ def write_sweep(out_dir: Path, front: dict) -> None:
         bpw = "–" if r["bits_per_weight"] is None else f"{r['bits_per_weight']:.2f}"
         lines.append(f"| {r['format']} | {r['quant']} | {r['kind']} | {r['size_bytes'] / 1e6:.3f} MB "
                      f"| {r['mean_kld']:.5f} | {predicted} | {bpw} | {100 * r['same_top1']:.1f} % |")
+    if front.get("skipped"):
+        lines += ["", "Fixed recipes this model cannot take, skipped:", ""]
+        lines += [f"- {row['format']} {row['quant']}: {row['reason']}" for row in front["skipped"]]
     lines += ["", "![size against mean KLD](sweep.png)"]
     write_text_atomically(out_dir / "sweep.md", "\n".join(lines) + "\n")
     plot_front(out_dir / "sweep.png", front)
@@ -154,24 +179,33 @@ def plot_front(path: Path, front: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
-    fig, axes = plt.subplots(figsize=(7.5, 4.8))
-    styles = {"fixed": "o", "planned": "*"}
+    fig, axes = plt.subplots(figsize=(11, 6.5))
+    markers = iter("osD^vP")
     for fmt in dict.fromkeys(r["format"] for r in front["rows"]):
-        for kind, marker in styles.items():
+        marker, color = next(markers, "o"), None
+        for kind in ("fixed", "planned"):
             rows = [r for r in front["rows"] if r["format"] == fmt and r["kind"] == kind]
             if not rows:
                 continue
-            axes.plot([r["size_bytes"] / 1e6 for r in rows], [max(r["mean_kld"], 1e-8) for r in rows],
-                      marker=marker, markersize=9 if kind == "planned" else 6,
-                      linestyle="-" if kind == "planned" else ":", label=f"{fmt} {kind}")
-            for r in rows:
-                axes.annotate(r["quant"], (r["size_bytes"] / 1e6, max(r["mean_kld"], 1e-8)), fontsize=6,
-                              xytext=(3, 3), textcoords="offset points")
+            sizes, klds = [r["size_bytes"] / 1e6 for r in rows], [max(r["mean_kld"], 1e-8) for r in rows]
+            if kind == "fixed":  # each fixed type a point: they are choices, not a curve
+                (drawn,) = axes.plot(sizes, klds, marker=marker, markersize=6, linestyle="none", color=color,
+                                     markerfacecolor="none", label=f"{fmt} fixed types")
+            else:  # the format's plans, a front by size
+                (drawn,) = axes.plot(sizes, klds, marker=marker, markersize=7, linestyle="-", color=color,
+                                     label=f"{fmt} planned")
+            color = drawn.get_color()
+            for r, size, kld in zip(rows, sizes, klds, strict=True):
+                axes.annotate(r["quant"], (size, kld), fontsize=5.5, xytext=(3, 3), textcoords="offset points",
+                              color=color)
     if front["max_mean_kld"] is not None:
         axes.axhline(front["max_mean_kld"], color="red", linestyle="--", linewidth=1, label="gate: max mean KLD")
-    axes.set(xlabel="size (MB)", ylabel="mean KLD to reference", yscale="log",
+    axes.set(xlabel="size (MB)", ylabel="mean KLD to reference", yscale="log", xscale="log",
              title=f"{front['model']}: size against quality")
+    axes.xaxis.set_major_formatter(ScalarFormatter())  # sizes as numbers, not powers of ten
+    axes.xaxis.set_minor_formatter(ScalarFormatter())
     axes.legend(fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
