@@ -339,6 +339,12 @@ class Recipe(Strict):
                                 and isinstance(other, MLXTarget) and other.quant == target.quant), None)
             if same_folder is not None:
                 raise ValueError(f"targets.{index} writes the MLX folder of targets.{same_folder} ({target.quant})")
+            # every Core ML target builds the fp16 package (its compressed ones are made from it) under one name
+            other_coreml = next((i for i, other in enumerate(self.targets[:index]) if isinstance(target, CoreMLTarget)
+                                 and isinstance(other, CoreMLTarget)), None)
+            if other_coreml is not None:
+                raise ValueError(f"targets.{index} writes the Core ML fp16 package of targets.{other_coreml}: list "
+                                 f"every precision in one coreml target")
         return self
 
     def output_dir(self, recipe_path: Path | None = None) -> Path:

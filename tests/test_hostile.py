@@ -386,7 +386,6 @@ def test_whole_artifacts_pass_the_check(kind, built_artifacts, capsys):
     ([{"format": "mlx"}], "Q4_K_M", "command line", "--fixed: Q4_K_M is not a fixed recipe of the sweep (3bit-g64"),
     ([{"format": "gguf", "quants": ["Q8_0"]}], "4bit-g64,Q4_K_M", "command line",
      "--fixed: 4bit-g64 is not a fixed recipe"),
-    ([{"format": "coreml"}], None, "recipe.yaml", "a sweep needs a target in mlx or gguf"),
 ])
 def test_sweep_refuses_fixed_recipes_it_has_no_target_for(targets, fixed, where, message, tiny, tmp_path, capsys,
                                                          monkeypatch):

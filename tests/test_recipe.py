@@ -50,6 +50,8 @@ def test_a_coreml_method_names_its_compressed_artifacts():
     ({**MINIMAL, "targets": [{"format": "mlx"}, {"format": "mlx", "model_file": "faithful"}]},
      r"targets.1 writes the MLX folder of targets.0 \(4bit-g64\)"),
     ({**MINIMAL, "targets": [{"format": "coreml", "precision": ["pal5"]}]}, "targets.0.precision"),
+    ({**MINIMAL, "targets": [{"format": "coreml"}, {"format": "coreml", "precision": "int4", "context": 256}]},
+     "targets.1 writes the Core ML fp16 package of targets.0: list every precision in one coreml target"),
     ({**MINIMAL, "targets": [{"format": "coreml", "method": "gptq"}]},
      "targets.0: .*method gptq rounds compressed weights: precision asks for fp16 only"),
     ({**MINIMAL, "targets": [{"format": "coreml", "precision": ["int4"], "method": "awq"}]}, "targets.0.method"),
