@@ -281,16 +281,16 @@ def test_hybrid_rows_set_quantized_artifacts_beside_their_anchors():
 
 
 def test_quants_table_sets_each_tool_beside_the_others_one_line_per_type():
-    """bench.quants: one row per (checkpoint, format, type, tool); the table puts the tools of a type on one line, and
-    a tool that made no artifact says why."""
+    """bench.quants: one row per (checkpoint, format, type, tool); a table per format puts the tools of a type on one
+    line, and a tool that made no artifact says why."""
     quants = importlib.import_module("bench.quants")
     figures = {"bytes": 1_234_567, "bits_per_weight": 4.25, "mean_kld": 0.0123, "same_top1": 0.9}
     rows = [{"checkpoint": "demo", "format": "gguf", "type": "IQ4_XS", "tool": "siliconvert", **figures},
             {"checkpoint": "demo", "format": "gguf", "type": "IQ4_XS", "tool": "llama-quantize", **figures},
             {"checkpoint": "demo", "format": "mlx", "type": "mxfp4", "tool": "siliconvert", **figures},
             {"checkpoint": "demo", "format": "mlx", "type": "mxfp4", "tool": "mlx_lm.convert", "error": "refused"}]
-    table = quants.markdown(rows).splitlines()
-    assert len(table) == 4 and table[0].count("bits/w") == 3
-    assert table[2] == ("| demo | gguf | IQ4_XS | 1,234,567 | 4.25 | 0.01230 | 0.900 | 1,234,567 | 4.25 | 0.01230 | "
-                        "0.900 | – | – | – | – |")
-    assert table[3].endswith("| – | – | – | refused |")
+    gguf, mlx = ([line for line in table.splitlines() if line.startswith("|")]
+                 for table in quants.markdown(rows).split("### ")[1:])
+    assert len(gguf) == 3 and gguf[0].count("bits/w") == 2 and "llama-quantize bytes" in gguf[0]
+    assert gguf[2] == "| demo | IQ4_XS | 1,234,567 | 4.25 | 0.01230 | 0.900 | 1,234,567 | 4.25 | 0.01230 | 0.900 |"
+    assert len(mlx) == 3 and "mlx_lm.convert bytes" in mlx[0] and mlx[2].endswith("| – | – | – | refused |")
