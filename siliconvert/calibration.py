@@ -37,11 +37,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import sys
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -52,6 +50,7 @@ import numpy as np
 from siliconvert.architectures.base import Mamba2
 from siliconvert.artifacts import cache_root, write_text_atomically
 from siliconvert.checkpoint import Checkpoint
+from siliconvert.children import child_pool
 from siliconvert.errors import CheckpointError, RecipeError
 from siliconvert.gains import EMBEDDING, HEAD, R0, SENSITIVITY_TOKENS, UNPLANNED_ROLES, sensitivity_tokens
 
@@ -214,7 +213,7 @@ def calibrate(checkpoint: Checkpoint, source: str, parts: Iterable[str], *, toke
         sensitivity_window = np.array(tokenizer.encode(text[:SENSITIVITY_TOKENS * CHARS_PER_TOKEN],
                                                        add_special_tokens=False, verbose=False)
                                       [:sensitivity_window_tokens(checkpoint)])
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with child_pool() as pool:
         try:
             return pool.submit(_forward, checkpoint, name, range_window, importance_windows,
                                sensitivity_window, HESSIAN in parts, INPUT_PEAKS in parts, alongside).result()

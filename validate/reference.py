@@ -14,11 +14,9 @@ is read once for both, and the wall time and peak memory it reports are that sha
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from siliconvert.checkpoint import Checkpoint
+from siliconvert.children import child_pool
 from siliconvert.corpus import Windows
 from siliconvert.errors import CheckpointError
 
@@ -53,8 +52,7 @@ def reference_logits(checkpoint: Checkpoint, windows: Windows, cache_dir: Path) 
     cache = _cache_folder(checkpoint, windows, cache_dir)
     cached = (cache / "info.json").is_file()
     if not cached:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        with child_pool() as pool:
             try:
                 pool.submit(_child, checkpoint, windows.tokens, cache).result()
             except BrokenProcessPool:

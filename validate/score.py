@@ -7,10 +7,8 @@ code) becomes a clear error here, and the peak memory it reports is the artifact
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import resource
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import TYPE_CHECKING, TypedDict
 import numpy as np
 
 from siliconvert.artifacts import Artifact
+from siliconvert.children import child_pool
 from siliconvert.corpus import Windows
 from siliconvert.errors import ArtifactError
 from siliconvert.validate.metrics import Scores, compare, per_position
@@ -110,8 +109,7 @@ def run_artifact(artifact: Artifact, runner: str, windows: Windows, latency: tup
     tokens, decode tokens) or None; `probe_texts`: what the tokenizer check has the artifact tokenize
     (TokenizerProbes.artifact_texts); `phase`: the run's busy phase, when it overlaps others (validate/overlap.py):
     the child ends it once its logits are in, and times its latency in the quiet phase."""
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_keep_phase, initargs=(phase,)) as pool:
+    with child_pool(_keep_phase, (phase,)) as pool:
         future = pool.submit(_child, artifact, runner, windows, latency, probe_texts)
         try:
             return future.result()
