@@ -79,7 +79,7 @@ def make_plan(costs: Sequence[TensorCosts], goal: QuantPlan, *, fixed_bytes: int
     outside the planned tensors (a size goal counts them)."""
     kld_per_error, kld_floor = goal.kld_per_error or KLD_PER_ERROR, goal.kld_floor or 0.0
     params = sum(c.params for c in costs)
-    chosen = {c.name: c.options[0] for c in costs}
+    chosen = {c.name: _cheapest(c) for c in costs}
     steps = sorted((step for c in costs for step in _hull_steps(c)), key=lambda s: (-s[0], s[1], s[2].kind))
     if goal.max_mean_kld is not None:
         allowed_error = max(goal.max_mean_kld - kld_floor, 0.0) / kld_per_error
@@ -104,7 +104,7 @@ def make_plan(costs: Sequence[TensorCosts], goal: QuantPlan, *, fixed_bytes: int
             used += extra
             chosen[name] = option
     goals = goal.model_dump(exclude_none=True, exclude={"kld_per_error", "kld_floor"})
-    cheapest = all(chosen[c.name] == c.options[0] for c in costs)
+    cheapest = all(chosen[c.name] == _cheapest(c) for c in costs)
     most_exact = all(chosen[c.name].error <= min(o.error for o in c.options) for c in costs)
     return Plan(chosen, params, fixed_bytes, kld_per_error, kld_floor, goals, cheapest, most_exact)
 
@@ -124,12 +124,19 @@ def _trim(costs: Sequence[TensorCosts], chosen: dict[str, Option], allowed_error
         chosen[name] = option
 
 
+def _cheapest(costs: TensorCosts) -> Option:
+    """The option of fewest bytes (of those, the least error): where a plan starts, and its hull too."""
+    return min(costs.options, key=lambda o: (o.nbytes, o.error))
+
+
 def _hull_steps(costs: TensorCosts) -> list[tuple[float, str, Option]]:
     """(error removed per byte, tensor, step, option it moves to) along the tensor's lower convex hull."""
     hull: list[Option] = []
-    for option in costs.options:  # cheapest first
+    # cheapest first, the more exact of two at one size first: errors rescaled after costing (GPTQ's share of an
+    # MLX affine option's) can put an option below another of its size, and no step may be a step of zero bytes
+    for option in sorted(costs.options, key=lambda o: (o.nbytes, o.error)):
         if hull and option.error >= hull[-1].error:
-            continue  # no fewer bytes, no less error (options come sorted by bytes, then error)
+            continue  # no fewer bytes, no less error
         while len(hull) >= 2 and _slope(hull[-2], hull[-1]) <= _slope(hull[-1], option):
             hull.pop()  # the middle point lies above the line from its neighbours
         hull.append(option)

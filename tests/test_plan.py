@@ -288,3 +288,17 @@ def test_a_row_no_block_fits_keeps_an_unquantized_type(intermediate_size, demo_m
             assert down == {"F16"}, down
         else:
             assert down == set(), down
+
+
+def test_two_options_of_one_size_whose_errors_were_rescaled_out_of_order_plan():
+    """GPTQ's share rescales MLX's affine errors after costing: 4-bit g64 (affine) can fall below nvfp4 of the same
+    bytes, listed first. The planner once divided by their zero-byte difference (the real SmolLM2, 2026-12-07)."""
+    options = (Option("3bit-g64", 300, 0.05), Option("nvfp4", 450, 0.02), Option("4bit-g64", 450, 0.01),
+               Option("8bit-g64", 850, 0.0001))
+    costs = [TensorCosts("a", 800, options), TensorCosts("b", 800, options)]
+    by_size = make_plan(costs, QuantPlan(bits_per_weight=4.5, kld_per_error=0.1))
+    assert set(o.kind for o in by_size.choices.values()) == {"4bit-g64"}  # never the worse of the same bytes
+    by_quality = make_plan(costs, QuantPlan(max_mean_kld=0.0025, kld_per_error=0.1))
+    assert "nvfp4" not in {o.kind for o in by_quality.choices.values()}
+    assert make_plan([TensorCosts("c", 800, (Option("x", 100, 0.2), Option("y", 100, 0.1)))],
+                     QuantPlan(bits_per_weight=2.0)).choices["c"].kind == "y"  # where a plan starts too
