@@ -284,7 +284,8 @@ def test_overlapping_runs_score_what_serial_runs_score(demo_model, tmp_path):
         assert (one["format"], one["quant"]) == (other["format"], other["quant"])
         for key in ("metrics", "kv_cache", "tokenizer", "tokenizer_match", "gates"):
             assert one[key] == other[key], (one["format"], key)
-        assert other["latency"]["decode_tps"] > 0
+        # timed in the quiet phase, by every runtime that is timed (the MIL interpreter, an emulator, is not)
+        assert other["latency"]["decode_tps"] > 0 if other["format"] != "coreml" else other["latency"] is None
     assert "Validation: up to 4 runs at once within" in (tmp_path / "overlap" / "report.md").read_text()
     assert np.isfinite([a["metrics"]["mean_kld"] for a in overlapped["artifacts"]]).all()
 
