@@ -182,10 +182,8 @@ def mistral3_multimodal(out_dir):
     """A Mistral3ForConditionalGeneration checkpoint around the ministral3 case's trained language model (random
     Pixtral tower and projector), saved by transformers as the hub's Ministral 3 checkpoints are."""
     import json
-    import shutil
 
     import torch
-    from safetensors.torch import load_file
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
     from siliconvert.demo import small_checkpoint
@@ -198,15 +196,7 @@ def mistral3_multimodal(out_dir):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = Mistral3ForConditionalGeneration(Mistral3Config(text_config=text_config, vision_config=vision))
-    weights = load_file(text / "model.safetensors")
-    model.model.language_model.load_state_dict(
-        {name.removeprefix("model."): value for name, value in weights.items() if name.startswith("model.")})
-    model.lm_head.weight.data.copy_(weights["lm_head.weight"])
-    model.to(torch.bfloat16).save_pretrained(out_dir)
-    for file in text.iterdir():
-        if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":
-            shutil.copy(file, out_dir / file.name)
-    return out_dir
+    return save_around_language_model(model, text, out_dir)
 
 
 def gemma4_multimodal(out_dir):
