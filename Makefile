@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/siliconvert recipe recipes/demo.yaml
 
+# One pytest worker per core (xdist); a module's tests stay on one worker, so its fixtures are built once
 test: install
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q --durations=25 -n auto --dist loadscope
 
 lint: install
 	$(BIN)/ruff check .

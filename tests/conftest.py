@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,13 @@ import pytest
 from releases import HUB_ID, MODEL, FakeCheckpoint, entry, write
 
 import siliconvert.formats  # noqa: F401 - registers the formats a recipe names
+
+# Under pytest-xdist (`make test`: a worker per core) each worker, and every process it starts, gets its share of
+# the cores: torch's default of all of them per process has the workers' threads wait on each other. Set before
+# torch is first imported (nothing above imports it), which is when torch reads it.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 # The `siliconvert` command as a user runs it: the console script pip installed beside this Python
 SILICONVERT = str(Path(sys.executable).with_name("siliconvert"))
