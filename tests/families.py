@@ -104,6 +104,10 @@ FAMILY_CASES: dict[str, tuple[str, dict]] = {
                             "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
                                                "rope_theta": 1_000_000.0}}}),
 }
+# Gemma 4's expert block, as the 26B-A4B has it, on the gemma4_text case: 4 experts (2 per token) of width 64 beside
+# every layer's dense MLP, each branch in norms of its own, a router over the RMS-normed residual with a learned scale
+# per input and per expert
+GEMMA4_EXPERTS = {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 64}
 # The gated delta cases in shapes llama.cpp's graphs run: value heads as wide as key heads (they size both by
 # ssm.state_size), and for Qwen3-Next experts in every layer, renormalised (its qwen3next graph knows no other)
 LLAMA_CPP_SHAPES = {"qwen3_5_text": {"linear_value_head_dim": 32}, "qwen3_5_moe_text": {"linear_value_head_dim": 32},
