@@ -177,6 +177,23 @@ def test_gguf_refuses_what_llama_cpp_cannot_compute(model_type: str, changes: di
         GGUFArch(spec_of(model_type, **changes), "config.json")
 
 
+@pytest.mark.parametrize("trait", ["router_norm", "expert_scales", "branch_norms"])
+def test_gemma4_expert_block_traits_are_refused_where_a_graph_lacks_them(trait: str) -> None:
+    """Only llama.cpp's gemma4 graph runs Gemma 4's router and branch norms: another MoE graph refuses each by name,
+    and the gemma4 graph refuses an expert block without them."""
+    import dataclasses
+
+    qwen3_moe = spec_of("qwen3_moe")
+    with pytest.raises(CheckpointError, match=f"cannot honour the trait {trait}"):
+        GGUFArch(dataclasses.replace(qwen3_moe, experts=dataclasses.replace(qwen3_moe.experts, **{trait: True})),
+                 "config.json")
+    gemma4 = spec_of("gemma4_text", **GEMMA4_EXPERTS)
+    assert GGUFArch(gemma4, "config.json").arch.name == "GEMMA4"
+    with pytest.raises(CheckpointError, match=f"cannot honour the trait {trait}"):
+        GGUFArch(dataclasses.replace(gemma4, experts=dataclasses.replace(gemma4.experts, **{trait: False})),
+                 "config.json")
+
+
 def test_gguf_refuses_a_position_attention_scale_its_graph_does_not_read() -> None:
     """Llama 4's temperature is a trait: only a layout whose graph reads it (mistral3) takes it, never llama's."""
     import dataclasses
