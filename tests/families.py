@@ -122,6 +122,32 @@ GPT_OSS_20B_ROPE = {"head_dim": 64, "rope_parameters": {
     "truncate": False, "original_max_position_embeddings": 4096}}
 
 
+def gemma4_experts(out_dir):
+    """The gemma4_text case with GEMMA4_EXPERTS' expert block (trained), its router's scales set well apart from 1
+    (training leaves them within a few percent of it): the scale per input between 0.5 and 1.5, the experts' own
+    0.5, 1, 1.5 and 2 in every layer. A writer that drops either computes another function, and shows it."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from siliconvert.demo import small_checkpoint
+
+    tokenizer, config = FAMILY_CASES["gemma4_text"]
+    if not out_dir.exists():
+        shutil.copytree(small_checkpoint(None, "gemma4_text", tokenizer, config=config | GEMMA4_EXPERTS), out_dir)
+        tensors = load_file(out_dir / "model.safetensors")
+        for name, tensor in tensors.items():
+            if name.endswith("router.scale"):
+                spread = torch.linspace(0.5, 1.5, tensor.numel())[torch.randperm(tensor.numel(),
+                                                                                 generator=torch.Generator().manual_seed(0))]
+                tensors[name] = (tensor.float() * spread).to(tensor.dtype)
+            elif name.endswith("router.per_expert_scale"):
+                tensors[name] = torch.tensor([0.5, 1.0, 1.5, 2.0], dtype=tensor.dtype)
+        save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    return out_dir
+
+
 def gemma3_multimodal(out_dir):
     """A Gemma3ForConditionalGeneration checkpoint around the gemma3_text case's trained language model (random
     vision tower), saved by transformers as the hub's multimodal Gemma 3 checkpoints are."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import reference_choices_for, reference_logits_for, run_recipe
-from families import FAMILY_CASES, GEMMA4_EXPERTS, LLAMA_CPP_SHAPES, TRUNCATED_YARN
+from families import FAMILY_CASES, LLAMA_CPP_SHAPES, TRUNCATED_YARN
 from transformers import AutoTokenizer
 
 from siliconvert.checkpoint import Checkpoint
@@ -123,10 +123,10 @@ def test_gemma4_expert_block_is_llama_cpps_gemma4_moe(tmp_path: Path) -> None:
     """26B-A4B's expert block beside the dense MLP: the experts' gate and up as one ffn_gate_up_exps stack, the
     router's scale per input as ffn_gate_inp.scale and per expert as ffn_down_exps.scale, the branches' norms; F16
     computes transformers' function and its routers choose transformers' experts."""
+    from families import gemma4_experts
     from gguf import GGUFReader
 
-    tokenizer, config = FAMILY_CASES["gemma4_text"]
-    source = small_checkpoint(None, "gemma4_text", tokenizer, config=config | GEMMA4_EXPERTS)
+    source = gemma4_experts(tmp_path / "gemma4-experts")
     report = run_recipe(source, tmp_path, "gemma4-moe", targets=[{"format": "gguf", "quants": QUANTS}],
                         validate={"tokens": 2 * WINDOW, "context": WINDOW})
     rows = {row["quant"]: row for row in report["artifacts"]}

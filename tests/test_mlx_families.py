@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 from conftest import build_mlx, reference_choices_for, reference_logits_for
-from families import FAMILY_CASES, GEMMA4_EXPERTS
+from families import FAMILY_CASES
 from test_mlx import held_out_windows, mlx_logits
 from test_mlx_moe import ATTENTION_MOE_FAMILIES, MOE_FAMILIES
 
@@ -126,12 +126,13 @@ def test_float16_routers_choose_the_references_experts(family, engine, family_so
     assert agreement["same_experts"] >= 0.95, agreement
 
 
-def test_gemma4_expert_block_in_mlx_lms_gemma4_text(small_model, scored):
+def test_gemma4_expert_block_in_mlx_lms_gemma4_text(scored, tmp_path_factory):
     """26B-A4B's expert block as mlx-lm's gemma4_text holds it (router.proj with its scale and per_expert_scale,
     experts.switch_glu, the branches' norms; enable_moe_block and top_k_experts in config.json): float16 computes
     transformers' function, its routers choose transformers' experts, and 4-bit stays within the MLX limit."""
-    tokenizer, config = FAMILY_CASES["gemma4_text"]
-    source = small_model("gemma4_text", tokenizer, config=config | GEMMA4_EXPERTS)
+    from families import gemma4_experts
+
+    source = gemma4_experts(tmp_path_factory.mktemp("gemma4-experts") / "model")
     assert scored(source, bits=16) < 0.001
     expected = reference_choices_for(source, held_out_windows(source))
     agreement = router_agreement(expected, scored.runner.expert_choices(), Checkpoint.open(source).spec.sparse_layers)
