@@ -16,7 +16,10 @@ qwen3moe always renormalise the chosen weights, qwen2moe and olmoe never (none r
 qwen2moe adds its shared expert (ffn_*_shexp) weighted by sigmoid(ffn_gate_inp_shexp · x). The expert stacks
 are ffn_gate_exps / ffn_up_exps / ffn_down_exps ({n_embd, n_ff, n_expert} in ggml's order: the stacks as
 transformers holds them) and the router ffn_gate_inp. What a graph cannot say (dense layers between sparse
-ones, the other weight rule, a shared expert it lacks or needs) is refused.
+ones, the other weight rule, a shared expert it lacks or needs) is refused. llama.cpp's gemma4 runs Gemma 4's expert
+block beside the dense MLP (its ffn_*): the router over rms_norm(residual) × n_embd^-½ × ffn_gate_inp.scale, each
+chosen expert's output × ffn_down_exps.scale (transformers' per_expert_scale, which multiplies the same weight), gate
+and up as one ffn_gate_up_exps stack, the branches' norms post_ffw_norm_1, pre_ffw_norm_2 and post_ffw_norm_2.
 
 llama.cpp's olmoe sizes q, k and v and their norms as the hidden state ({n_embd}): grouped k/v heads are
 written repeated, one per q head, which is the attention GQA computes; the RMS over a k projection whose
