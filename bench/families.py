@@ -33,9 +33,9 @@ OUT = WORK_DIR / "families"
 # Cases beside FAMILY_CASES' one per family (--only names them): a trait the family's case leaves off. Gemma 4's
 # expert block as 26B-A4B has it, trained, and with its router's scales set apart from 1 (tests/families.py)
 VARIANTS = {
-    "gemma4_text+experts": lambda: small_checkpoint(None, "gemma4_text", FAMILY_CASES["gemma4_text"][0],
+    "gemma4_text.experts": lambda: small_checkpoint(None, "gemma4_text", FAMILY_CASES["gemma4_text"][0],
                                                     config=FAMILY_CASES["gemma4_text"][1] | GEMMA4_EXPERTS),
-    "gemma4_text+experts-scaled": lambda: gemma4_experts(OUT / "sources" / "gemma4_text+experts-scaled"),
+    "gemma4_text.experts-scaled": lambda: gemma4_experts(OUT / "sources" / "gemma4_text.experts-scaled"),
 }
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "SILICONVERT_QUIET": "1"}
 
