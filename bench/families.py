@@ -27,9 +27,16 @@ import yaml
 
 from bench.run import QUANTIZE_SCRIPT, RESULTS_DIR, WORK_DIR, AnchorUnavailable, llama_cpp_converter
 from siliconvert.demo import small_checkpoint
-from tests.families import FAMILY_CASES
+from tests.families import FAMILY_CASES, GEMMA4_EXPERTS, gemma4_experts
 
 OUT = WORK_DIR / "families"
+# Cases beside FAMILY_CASES' one per family (--only names them): a trait the family's case leaves off. Gemma 4's
+# expert block as 26B-A4B has it, trained, and with its router's scales set apart from 1 (tests/families.py)
+VARIANTS = {
+    "gemma4_text.experts": lambda: small_checkpoint(None, "gemma4_text", FAMILY_CASES["gemma4_text"][0],
+                                                    config=FAMILY_CASES["gemma4_text"][1] | GEMMA4_EXPERTS),
+    "gemma4_text.experts-scaled": lambda: gemma4_experts(OUT / "sources" / "gemma4_text.experts-scaled"),
+}
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "SILICONVERT_QUIET": "1"}
 
 
@@ -45,7 +52,7 @@ class Notes:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", help="comma-separated families (transformers model types)")
+    parser.add_argument("--only", help=f"comma-separated families (transformers model types) or {', '.join(VARIANTS)}")
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--context", type=int, default=128)
     args = parser.parse_args()
@@ -54,8 +61,11 @@ def main() -> None:
     rows: dict[str, dict] = {}
     with llama_cpp_converter(notes) as converter:
         for family in families:
-            tokenizer, config = FAMILY_CASES[family]
-            source = small_checkpoint(None, family, tokenizer, config=config)
+            if family in VARIANTS:
+                source = VARIANTS[family]()
+            else:
+                tokenizer, config = FAMILY_CASES[family]
+                source = small_checkpoint(None, family, tokenizer, config=config)
             notes.say(f"== {family}: {source}")
             rows[family] = {"siliconvert": ours(family, source, args), "anchors": anchors(family, source, converter,
                                                                                           args)}
@@ -157,7 +167,8 @@ def figures(artifact: dict) -> dict:
     metrics = artifact["metrics"]
     return {"mean_kld": metrics["mean_kld"], "same_top1": metrics["same_top1"], "size_bytes": artifact["size_bytes"],
             "passed": artifact["gates"]["passed"], "tokenizer_match": artifact["tokenizer_match"],
-            "kv_cache": (artifact.get("kv_cache") or {}).get("consistent"), "runtime": artifact["runtime"]}
+            "kv_cache": (artifact.get("kv_cache") or {}).get("consistent"), "runtime": artifact["runtime"],
+            "router_agreement": (artifact.get("router_agreement") or {}).get("same_experts")}
 
 
 def last_line(run: subprocess.CompletedProcess) -> str:

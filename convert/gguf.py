@@ -445,7 +445,7 @@ class GGUFWriter(Writer):
             if base not in self.names:
                 raise CheckpointError(f"llama.cpp's {self.arch.arch.name.lower()} has no tensor {base!r}",
                                       self.checkpoint.path)
-            suffix = self.arch.suffix(base, role.kind)
+            suffix = self.arch.suffix(base, role.kind, role.role)
             names.append(self.names[base].format(bid=role.layer) + (f".{suffix}" if suffix else ""))
         return names
 

@@ -16,7 +16,10 @@ qwen3moe always renormalise the chosen weights, qwen2moe and olmoe never (none r
 qwen2moe adds its shared expert (ffn_*_shexp) weighted by sigmoid(ffn_gate_inp_shexp · x). The expert stacks
 are ffn_gate_exps / ffn_up_exps / ffn_down_exps ({n_embd, n_ff, n_expert} in ggml's order: the stacks as
 transformers holds them) and the router ffn_gate_inp. What a graph cannot say (dense layers between sparse
-ones, the other weight rule, a shared expert it lacks or needs) is refused.
+ones, the other weight rule, a shared expert it lacks or needs) is refused. llama.cpp's gemma4 runs Gemma 4's expert
+block beside the dense MLP (its ffn_*): the router over rms_norm(residual) × n_embd^-½ × ffn_gate_inp.scale, each
+chosen expert's output × ffn_down_exps.scale (transformers' per_expert_scale, which multiplies the same weight), gate
+and up as one ffn_gate_up_exps stack, the branches' norms post_ffw_norm_1, pre_ffw_norm_2 and post_ffw_norm_2.
 
 llama.cpp's olmoe sizes q, k and v and their norms as the hidden state ({n_embd}): grouped k/v heads are
 written repeated, one per q head, which is the attention GQA computes; the RMS over a k projection whose
@@ -103,6 +106,14 @@ class LlamaCppExperts:
     biases: bool = False
     # the clamped SwiGLU the graph computes with (alpha, limit) hard-coded (openai-moe's 1.702, 7); None: SwiGLU
     clamped_swiglu: tuple[float, float] | None = None
+    # gemma4's expert block: the router over the RMS-normed residual × ffn_gate_inp.scale × n_embd^-½, each expert's
+    # output × ffn_down_exps.scale, and each branch in norms of its own (post_ffw_norm_1, pre_ffw_norm_2,
+    # post_ffw_norm_2), the dense MLP as the layer's ffn_* (not ffn_*_shexp); the experts' gate and up loaded as one
+    # stack, ffn_gate_up_exps (gate rows, then up rows)
+    router_norm: bool = False
+    expert_scales: bool = False
+    branch_norms: bool = False
+    fused_gate_up: bool = False
 
 
 @dataclass(frozen=True)
@@ -176,6 +187,9 @@ LAYOUTS: dict[str, Layout] = {
                      keyed=frozenset({"final_softcap", "sliding_window", "per_layer_sizes", "k_eq_v",
                                       "kv_shared_layers", "per_layer_input", "layer_output_scale",
                                       "proportional_rope"}),
+                     experts=LlamaCppExperts(normalize_topk=True, expert_length_key=True, dense_beside=True,
+                                             dense_without_experts=True, router_norm=True, expert_scales=True,
+                                             branch_norms=True, fused_gate_up=True),
                      renamed={"per_layer_inp_gate": "inp_gate", "per_layer_proj": "proj",
                               "per_layer_post_norm": "post_norm"}, attention_scale=1.0),
     "olmo2": Layout(A.OLMO2, permute_qk=False, fixed=_PRE | {"norm_placement": "post", "qk_norm": "projection"},
@@ -237,6 +251,8 @@ GGUF_ROLES = {"ffn_gate_up": "ffn_up"}
 # Roles llama.cpp keeps as several tensors, split in equal parts along the rows (axis -2): transformers'
 # stack of each expert's gate rows then up rows
 SPLIT_ROLES = {"ffn_gate_up_exps": ("ffn_gate_exps", "ffn_up_exps")}
+# Roles llama.cpp loads as the ".scale" of another tensor: gemma4's router scale per input and scale per expert
+SCALE_ROLES = {"ffn_gate_inp_scale": "ffn_gate_inp", "ffn_exps_scale": "ffn_down_exps"}
 # Depthwise convolutions, held as torch's Conv1d [channels, 1, kernel]: llama.cpp's ssm_conv takes [channels, kernel]
 CONV_ROLES = ("shortconv.conv", "ssm_conv1d")
 # The suffix llama.cpp loads a GGUF base name under where it is not the checkpoint's kind ("": none)
@@ -265,8 +281,8 @@ class GGUFArch:
         self.reshaped: dict[str, tuple[int, ...]] = {}
         # each layer's k/v heads as the file says them: 0 marks a layer of a mixer with a state of its own
         self.layer_head_count_kv = self._check_mixers()
-        # the dense MLP written as the graph's shared expert, beside the experts
-        self.dense_as_shared = spec.experts is not None and spec.experts.beside_dense
+        # the dense MLP written as the graph's shared expert, beside the experts (gemma4 keeps it as its ffn_*)
+        self.dense_as_shared = spec.experts is not None and spec.experts.beside_dense and not spec.experts.branch_norms
         # a tied head the graph cannot take from token_embd: the embedding is written twice
         self.head_from_embedding = spec.tie_word_embeddings and self.layout.output_required
         # q·k × spec's scale where llama.cpp multiplies by its own: the ratio goes into q (or q's norm)
@@ -374,6 +390,13 @@ class GGUFArch:
             raise self.refuse("clamped_swiglu", f"llama.cpp's experts compute "
                                                 f"{_expert_activation(supported.clamped_swiglu)}; the source's "
                                                 f"{_expert_activation(experts.clamped_swiglu)}")
+        for trait, graph in (("router_norm", "routes the MLP's normed input by ffn_gate_inp alone"),
+                             ("expert_scales", "weighs the chosen experts by the router's probabilities alone"),
+                             ("branch_norms", "adds the dense MLP and the experts without norms of their own")):
+            if getattr(experts, trait) and not getattr(supported, trait):
+                raise self.refuse(trait, f"llama.cpp's graph {graph}")
+            if getattr(supported, trait) and not getattr(experts, trait):
+                raise self.refuse(trait, "llama.cpp's graph runs it in every expert block; the source has none")
         if dense := self.spec.traits().get("dense_layers"):
             raise self.refuse("dense_layers", f"llama.cpp runs the experts in every layer; the source's layers "
                                               f"{dense} have a dense MLP")
@@ -640,10 +663,14 @@ class GGUFArch:
             return ("token_embd", "output")
         if role == "delta_qkvz":  # the rows of q, k and v, then those of z
             return ("attn_qkv", "attn_gate")
+        if role in SCALE_ROLES:
+            return (SCALE_ROLES[role],)
         if self._splits_gate_up(role):
             bases = ("ffn_gate", "ffn_up")
+        elif self._splits_experts(role):
+            bases = SPLIT_ROLES[role]
         else:
-            bases = SPLIT_ROLES.get(role, ((self.layout.renamed | GGUF_ROLES).get(role, role),))
+            bases = ((self.layout.renamed | GGUF_ROLES).get(role, role),)
         if self.dense_as_shared and role in MLP_ROLES:
             return tuple(f"{base}_shexp" for base in bases)
         return bases
@@ -651,10 +678,14 @@ class GGUFArch:
     def _splits_gate_up(self, role: str) -> bool:
         return self.layout.split_gate_up and role == "ffn_gate_up"
 
+    def _splits_experts(self, role: str) -> bool:
+        return role in SPLIT_ROLES and not (self.layout.experts is not None and self.layout.experts.fused_gate_up)
+
     @staticmethod
-    def suffix(base: str, kind: str) -> str:
-        """What llama.cpp appends to a GGUF base name for a tensor of this kind ("" for none: blk.N.ssm_a)."""
-        return GGUF_SUFFIXES.get(base, kind)
+    def suffix(base: str, kind: str, role: str) -> str:
+        """What llama.cpp appends to a GGUF base name for a tensor of this kind and role ("" for none: blk.N.ssm_a;
+        "scale" for a scale it loads beside another tensor: blk.N.ffn_gate_inp.scale)."""
+        return "scale" if role in SCALE_ROLES else GGUF_SUFFIXES.get(base, kind)
 
     def shapes(self, role: str, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
         """The shapes of the tensors `gguf_roles` names for a checkpoint tensor of this role and shape."""
@@ -668,7 +699,7 @@ class GGUFArch:
             channels = self.spec.gated_delta.conv_channels
             return [(channels, *shape[1:]), (shape[0] - channels, *shape[1:])]
         parts = len(self.gguf_roles(role))
-        if role in SPLIT_ROLES:  # rows are axis 1 of the stack and of its bias [experts, rows]
+        if self._splits_experts(role):  # rows are axis 1 of the stack and of its bias [experts, rows]
             return [(shape[0], shape[1] // parts, *shape[2:])] * parts
         if self._splits_gate_up(role):
             return [(*shape[:-2], shape[-2] // parts, shape[-1])] * parts
@@ -676,7 +707,7 @@ class GGUFArch:
 
     def split(self, role: str, array: np.ndarray) -> list[np.ndarray]:
         """A tensor in llama.cpp's layout as the parts `gguf_roles` names (views, no copy)."""
-        if role in SPLIT_ROLES:
+        if self._splits_experts(role):
             return np.split(array, len(self.gguf_roles(role)), axis=1)
         if self._splits_gate_up(role):
             return np.split(array, len(self.gguf_roles(role)), axis=-2)

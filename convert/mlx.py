@@ -547,14 +547,17 @@ class ExpertArrays:
     def __init__(self, checkpoint: Checkpoint, layout: ExpertLayout) -> None:
         self.roles = {name: info.role for name, info in checkpoint.tensor_infos.items()}
         self.module, self.router, self.stacks = layout.module, layout.router, layout.stacks
+        self.scales = dict(zip(("ffn_gate_inp_scale", "ffn_exps_scale"), layout.router_scales or (), strict=False))
         self.ff = checkpoint.spec.experts.intermediate_size
 
     def __call__(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         out = {}
         for name, array in weights.items():
             role = self.roles[name]
-            module = f"model.layers.{role.layer}.{self.module}"
-            if role.role not in ("ffn_gate_inp", "ffn_gate_up_exps", "ffn_down_exps"):
+            module = f"model.layers.{role.layer}" + (f".{self.module}" if self.module else "")
+            if role.role in self.scales:  # a router's own scale (Gemma 4's), a parameter without a suffix
+                out[f"{module}.{self.scales[role.role]}"] = array
+            elif role.role not in ("ffn_gate_inp", "ffn_gate_up_exps", "ffn_down_exps"):
                 out[name] = array
             elif role.role == "ffn_gate_inp":
                 out[f"{module}.{self.router}.{role.kind}"] = array

@@ -37,7 +37,7 @@ class ExpertLayout:
     """How a model file holds a mixture of experts: a sparse layer's `module` has the router `gate` (a Linear
     to one logit per expert) and `switch_mlp`, a SwitchGLU of stacked experts ([experts, out, in] per projection)."""
 
-    module: str  # under each decoder layer: "mlp" (Qwen3-MoE), "block_sparse_moe" (Mixtral)
+    module: str  # under each decoder layer: "mlp" (Qwen3-MoE), "block_sparse_moe" (Mixtral), "" (the layer: Gemma 4)
     count_key: str  # config.json's key for the number of experts
     size_key: str  # config.json's key for each expert's intermediate size
     normalize_key: str | None  # config.json's key for normalize_topk; None: the file does as `normalizes` says
@@ -57,6 +57,16 @@ class ExpertLayout:
     biases: bool = False  # biases on the router and the experts' projections (the trait expert_biases)
     # the clamped SwiGLU its experts compute, (alpha, limit) hard-coded (gpt_oss's SwigluOAI); None: SwiGLU
     clamped_swiglu: tuple[float, float] | None = None
+    used_key: str = "num_experts_per_tok"  # config.json's key for the experts per token
+    # the router's own parameters beside its Linear (paths under `module`): a scale per input of the RMS-normed
+    # residual it reads and a scale per expert (Gemma 4's router.scale and router.per_expert_scale: the traits
+    # router_norm and expert_scales); None: a plain router
+    router_scales: tuple[str, str] | None = None
+    # the dense MLP and the experts each in norms of their own (the trait branch_norms: mlx-lm's gemma4_text)
+    branch_norms: bool = False
+    # the file runs without experts too, by its own switch (gemma4_text's enable_moe_block): a source without any
+    # writes no expert keys
+    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,7 +143,14 @@ LAYOUTS: dict[str, Layout] = {
     "gemma4": Layout("gemma4_text", keys=_GEMMA4_KEYS,
                      fixed=_GEMMA | {"norm_offset": 0.0, "qk_norm": "head", "attention_scale": 1.0, "value_norm": True,
                                      "layer_output_scale": True},
-                     windows="layer_types", biases="none", rope_kinds=("default", "proportional"), layers_apart=True),
+                     windows="layer_types", biases="none", rope_kinds=("default", "proportional"), layers_apart=True,
+                     # 26B-A4B's expert block beside every layer's dense MLP: the router (router.proj, its scales) and
+                     # experts.switch_glu under the layer itself, the router at 8 bits as its predicate says
+                     experts=ExpertLayout("", "num_experts", "moe_intermediate_size", None, dense_layers=False,
+                                          router="router.proj", stacks="experts.switch_glu",
+                                          beside_dense_key="intermediate_size", used_key="top_k_experts",
+                                          router_scales=("router.scale", "router.per_expert_scale"),
+                                          branch_norms=True, optional=True)),
     "olmo2": Layout("olmo2", fixed={"norm_placement": "post", "qk_norm": "projection"}),
     "olmo3": Layout("olmo3", fixed={"norm_placement": "post", "qk_norm": "projection"}, windows="layer_types",
                     plain_sliding_rope=True, needs_both_layer_kinds=True),
@@ -300,7 +317,7 @@ KEYS: dict[str, Key] = {
     "hidden_size_per_layer_input": Key(("per_layer_input",), lambda arch: arch.spec.per_layer_input),
     "vocab_size_per_layer_input": Key(("per_layer_input",), lambda arch: arch.spec.per_layer_input_vocab or
                                       arch.spec.vocab_size),
-    "enable_moe_block": Key((), lambda arch: False),
+    "enable_moe_block": Key((), lambda arch: arch.spec.experts is not None),
     "original_max_position_embeddings": Key(
         (), lambda arch: (arch.rope.scaling or {}).get("original_max_position_embeddings",
                                                         arch.spec.max_position_embeddings)),
@@ -559,7 +576,7 @@ class MLXArch:
         if layout is None:
             raise self.refuse("experts", "mlx-lm's model file has a dense MLP in every layer")
         if experts is None:
-            if layout.dense_module is None:
+            if layout.dense_module is None and not layout.optional:
                 raise self.refuse("experts", "mlx-lm's model file has a mixture of experts in every layer; the "
                                              "source has none")
             return
@@ -578,6 +595,11 @@ class MLXArch:
         if experts.clamped_swiglu != layout.clamped_swiglu:
             raise self.refuse("clamped_swiglu", f"mlx-lm's experts compute {layout.clamped_swiglu or 'SiLU(gate)·up'} "
                                                 f"(alpha, limit); the source's {experts.clamped_swiglu}")
+        for trait, present in (("router_norm", layout.router_scales), ("expert_scales", layout.router_scales),
+                               ("branch_norms", layout.branch_norms)):
+            if bool(getattr(experts, trait)) != bool(present):
+                raise self.refuse(trait, f"mlx-lm's model file {'has' if present else 'has no'} it; the source "
+                                         f"{'has' if getattr(experts, trait) else 'has not'}")
         dense = [i for i, layer in enumerate(self.spec.layers) if not layer.sparse]
         if dense and not layout.dense_layers:
             raise self.refuse("dense_layers", f"every layer's MLP is the experts in mlx-lm; the source's layers "
@@ -631,9 +653,9 @@ class MLXArch:
         experts, layout = self.spec.experts, self.layout.experts
         if layout is None:
             return {}
-        if experts is None:  # the dense MLP alone (`dense_module`)
-            return {layout.count_key: 0}
-        config = {layout.count_key: experts.count, "num_experts_per_tok": experts.used,
+        if experts is None:  # the dense MLP alone (`dense_module`), or no expert keys where the file's switch is off
+            return {layout.count_key: 0} if layout.dense_module else {}
+        config = {layout.count_key: experts.count, layout.used_key: experts.used,
                   layout.size_key: experts.intermediate_size}
         if layout.normalize_key is not None:
             config[layout.normalize_key] = experts.normalize_topk

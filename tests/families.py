@@ -104,6 +104,10 @@ FAMILY_CASES: dict[str, tuple[str, dict]] = {
                             "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
                                                "rope_theta": 1_000_000.0}}}),
 }
+# Gemma 4's expert block, as the 26B-A4B has it, on the gemma4_text case: 4 experts (2 per token) of width 64 beside
+# every layer's dense MLP, each branch in norms of its own, a router over the RMS-normed residual with a learned scale
+# per input and per expert
+GEMMA4_EXPERTS = {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 64}
 # The gated delta cases in shapes llama.cpp's graphs run: value heads as wide as key heads (they size both by
 # ssm.state_size), and for Qwen3-Next experts in every layer, renormalised (its qwen3next graph knows no other)
 LLAMA_CPP_SHAPES = {"qwen3_5_text": {"linear_value_head_dim": 32}, "qwen3_5_moe_text": {"linear_value_head_dim": 32},
@@ -116,6 +120,32 @@ TRUNCATED_YARN = {"gpt_oss": {"rope_parameters": {**FAMILY_CASES["gpt_oss"][1]["
 GPT_OSS_20B_ROPE = {"head_dim": 64, "rope_parameters": {
     "rope_type": "yarn", "rope_theta": 150_000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
     "truncate": False, "original_max_position_embeddings": 4096}}
+
+
+def gemma4_experts(out_dir):
+    """The gemma4_text case with GEMMA4_EXPERTS' expert block (trained), its router's scales set well apart from 1
+    (training leaves them within a few percent of it): the scale per input between 0.5 and 1.5, the experts' own
+    0.5, 1, 1.5 and 2 in every layer. A writer that drops either computes another function, and shows it."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from siliconvert.demo import small_checkpoint
+
+    tokenizer, config = FAMILY_CASES["gemma4_text"]
+    if not out_dir.exists():
+        shutil.copytree(small_checkpoint(None, "gemma4_text", tokenizer, config=config | GEMMA4_EXPERTS), out_dir)
+        tensors = load_file(out_dir / "model.safetensors")
+        for name, tensor in tensors.items():
+            if name.endswith("router.scale"):
+                spread = torch.linspace(0.5, 1.5, tensor.numel())[torch.randperm(tensor.numel(),
+                                                                                 generator=torch.Generator().manual_seed(0))]
+                tensors[name] = (tensor.float() * spread).to(tensor.dtype)
+            elif name.endswith("router.per_expert_scale"):
+                tensors[name] = torch.tensor([0.5, 1.0, 1.5, 2.0], dtype=tensor.dtype)
+        save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    return out_dir
 
 
 def gemma3_multimodal(out_dir):

@@ -65,6 +65,22 @@ def test_gemma4_in_two_chunks(small_model, tmp_path):
     assert manifest["chunks"][1]["inputs"][-1] == "per_layer_inputs"
 
 
+def test_gemma4_expert_block(tmp_path):
+    """26B-A4B's expert block beside the dense MLP, its router's scales set apart from 1 (families.gemma4_experts):
+    FP16 computes transformers' function within the Core ML limits, its routers choose transformers' experts, and
+    decoding through the cache agrees with the whole window."""
+    from families import gemma4_experts
+
+    source = gemma4_experts(tmp_path / "gemma4-experts")
+    validate = {"tokens": 2 * CONTEXT, "context": CONTEXT, "prefill_tokens": 16, "decode_tokens": 4,
+                "gates": {"max_mean_kld": 0.002, "min_same_top1": 0.97, "min_router_agreement": 0.95}}
+    (artifact,) = run_recipe(source, tmp_path, "gemma4-experts", targets=[{"format": "coreml", "context": CONTEXT}],
+                             validate=validate)["artifacts"]
+    assert artifact["gates"]["passed"] and artifact["kv_cache"]["consistent"], artifact
+    assert artifact["router_agreement"]["measured"]
+    assert artifact["compute"].startswith("experts evaluated per token: 4 of which 2 used")
+
+
 def test_fp16_logits_match_the_reference(family_package):
     family, source, artifact, windows, reference = family_package
     runner = CoreMLRunner(artifact.path, artifact.runner_options)

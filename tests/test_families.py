@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from families import FAMILY_CASES
+from families import FAMILY_CASES, GEMMA4_EXPERTS
 from transformers import AutoConfig
 
 from siliconvert.architectures import Experts, Layer, Rope, TensorRole, registry
@@ -175,6 +175,23 @@ def test_every_family_has_a_gguf_layout(model_type: str) -> None:
 def test_gguf_refuses_what_llama_cpp_cannot_compute(model_type: str, changes: dict, trait: str) -> None:
     with pytest.raises(CheckpointError, match=f"cannot honour the trait {trait}"):
         GGUFArch(spec_of(model_type, **changes), "config.json")
+
+
+@pytest.mark.parametrize("trait", ["router_norm", "expert_scales", "branch_norms"])
+def test_gemma4_expert_block_traits_are_refused_where_a_graph_lacks_them(trait: str) -> None:
+    """Only llama.cpp's gemma4 graph runs Gemma 4's router and branch norms: another MoE graph refuses each by name,
+    and the gemma4 graph refuses an expert block without them."""
+    import dataclasses
+
+    qwen3_moe = spec_of("qwen3_moe")
+    with pytest.raises(CheckpointError, match=f"cannot honour the trait {trait}"):
+        GGUFArch(dataclasses.replace(qwen3_moe, experts=dataclasses.replace(qwen3_moe.experts, **{trait: True})),
+                 "config.json")
+    gemma4 = spec_of("gemma4_text", **GEMMA4_EXPERTS)
+    assert GGUFArch(gemma4, "config.json").arch.name == "GEMMA4"
+    with pytest.raises(CheckpointError, match=f"cannot honour the trait {trait}"):
+        GGUFArch(dataclasses.replace(gemma4, experts=dataclasses.replace(gemma4.experts, **{trait: False})),
+                 "config.json")
 
 
 def test_gguf_refuses_a_position_attention_scale_its_graph_does_not_read() -> None:
@@ -368,9 +385,26 @@ def test_gemma4_checkpoint_tensors_follow_each_layer() -> None:
     assert expected["model.layers.0.layer_scalar"] == (1,)
 
 
-def test_gemma4_expert_block_is_refused_by_name() -> None:
-    with pytest.raises(CheckpointError, match="enable_moe_block"):
-        spec_of("gemma4_text", enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=64)
+def test_gemma4_expert_block_beside_the_dense_mlp() -> None:
+    """26B-A4B's expert block: experts in every layer beside the dense MLP, the router's norm and scales and the
+    branches' norms as traits, and the checkpoint's router, stacks and norms expected in every layer."""
+    spec = spec_of("gemma4_text", **GEMMA4_EXPERTS)
+    assert spec.experts == Experts(count=4, used=2, intermediate_size=64, normalize_topk=True, beside_dense=True,
+                                   router_norm=True, expert_scales=True, branch_norms=True)
+    assert spec.sparse_layers == [0, 1, 2, 3, 4]
+    traits = spec.traits()
+    assert traits["experts"] == "2 of 4"
+    assert traits["router_norm"] and traits["expert_scales"] and traits["branch_norms"]
+    expected = registry.for_config(config_of("gemma4_text", **GEMMA4_EXPERTS)).expected_tensors(spec)
+    assert expected["model.layers.3.mlp.down_proj.weight"] == (128, 768)  # the dense MLP stays, double-wide
+    assert expected["model.layers.3.router.proj.weight"] == (4, 128)
+    assert expected["model.layers.3.router.scale"] == (128,)
+    assert expected["model.layers.3.router.per_expert_scale"] == (4,)
+    assert expected["model.layers.3.experts.gate_up_proj"] == (4, 128, 128)
+    assert expected["model.layers.3.experts.down_proj"] == (4, 128, 64)
+    for norm in ("post_feedforward_layernorm_1", "pre_feedforward_layernorm_2", "post_feedforward_layernorm_2"):
+        assert expected[f"model.layers.0.{norm}.weight"] == (128,)
+    assert "router_norm" not in spec_of("gemma4_text").traits() and spec_of("gemma4_text").experts is None
 
 
 def test_gemma4_kv_shared_layers_own_kv_weights_are_dropped_said_so(tmp_path) -> None:

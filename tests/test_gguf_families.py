@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import reference_choices_for, reference_logits_for
+from conftest import reference_choices_for, reference_logits_for, run_recipe
 from families import FAMILY_CASES, LLAMA_CPP_SHAPES, TRUNCATED_YARN
 from transformers import AutoTokenizer
 
@@ -117,6 +117,37 @@ def test_gemma4_multimodal_converts_its_language_model(tmp_path: Path) -> None:
         checkpoint = Checkpoint.open(source)
     assert checkpoint.spec.family == "gemma4" and checkpoint.config["architectures"] == ["Gemma4ForCausalLM"]
     assert text_kld_of_f16(checkpoint, source, Gemma4ForConditionalGeneration, tmp_path) < LIMITS["F16"]
+
+
+def test_gemma4_expert_block_is_llama_cpps_gemma4_moe(tmp_path: Path) -> None:
+    """26B-A4B's expert block beside the dense MLP: the experts' gate and up as one ffn_gate_up_exps stack, the
+    router's scale per input as ffn_gate_inp.scale and per expert as ffn_down_exps.scale, the branches' norms; F16
+    computes transformers' function and its routers choose transformers' experts."""
+    from families import gemma4_experts
+    from gguf import GGUFReader
+
+    source = gemma4_experts(tmp_path / "gemma4-experts")
+    report = run_recipe(source, tmp_path, "gemma4-moe", targets=[{"format": "gguf", "quants": QUANTS}],
+                        validate={"tokens": 2 * WINDOW, "context": WINDOW})
+    rows = {row["quant"]: row for row in report["artifacts"]}
+    assert rows["F16"]["metrics"]["mean_kld"] < LIMITS["F16"]
+    for quant, row in rows.items():
+        assert row["router_agreement"]["same_experts"] >= MIN_ROUTER_AGREEMENT[quant], quant
+    reader = GGUFReader(rows["F16"]["path"])
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    stream = {info.name: array for info, array in Checkpoint.open(source).tensors()
+              if info.name.startswith("model.layers.3.")}
+    assert tensors["blk.3.ffn_gate_up_exps.weight"].data.shape == (4, 128, 128)  # gate rows, then up rows
+    assert "blk.3.ffn_gate_exps.weight" not in tensors
+    np.testing.assert_array_equal(tensors["blk.3.ffn_down_exps.scale"].data,
+                                  stream["model.layers.3.router.per_expert_scale"].astype(np.float32))
+    np.testing.assert_array_equal(tensors["blk.3.ffn_gate_inp.scale"].data,
+                                  stream["model.layers.3.router.scale"].astype(np.float32))
+    for norm in ("post_ffw_norm_1", "pre_ffw_norm_2", "post_ffw_norm_2"):
+        assert tensors[f"blk.3.{norm}.weight"].data.shape == (128,)
+    keys = {field.name: field.contents() for field in reader.fields.values()}
+    assert (keys["gemma4.expert_count"], keys["gemma4.expert_used_count"]) == (4, 2)
+    assert keys["gemma4.expert_feed_forward_length"] == 64
 
 
 def test_a_phi3_name_without_the_tokens_llama_cpp_looks_up_is_refused(tmp_path: Path) -> None:

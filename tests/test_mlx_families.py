@@ -126,6 +126,20 @@ def test_float16_routers_choose_the_references_experts(family, engine, family_so
     assert agreement["same_experts"] >= 0.95, agreement
 
 
+def test_gemma4_expert_block_in_mlx_lms_gemma4_text(scored, tmp_path_factory):
+    """26B-A4B's expert block as mlx-lm's gemma4_text holds it (router.proj with its scale and per_expert_scale,
+    experts.switch_glu, the branches' norms; enable_moe_block and top_k_experts in config.json): float16 computes
+    transformers' function, its routers choose transformers' experts, and 4-bit stays within the MLX limit."""
+    from families import gemma4_experts
+
+    source = gemma4_experts(tmp_path_factory.mktemp("gemma4-experts") / "model")
+    assert scored(source, bits=16) < 0.001
+    expected = reference_choices_for(source, held_out_windows(source))
+    agreement = router_agreement(expected, scored.runner.expert_choices(), Checkpoint.open(source).spec.sparse_layers)
+    assert agreement["same_experts"] >= 0.95, agreement
+    assert scored(source, bits=4, group_size=64) <= 0.06
+
+
 SIZES = {"vocab_size": 1024, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024}
 

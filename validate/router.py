@@ -62,7 +62,7 @@ class RouterRecorder:
     """Records the experts transformers' router modules choose, window by window and layer by layer.
 
     transformers' routers (Qwen3-MoE's and Mixtral's TopKRouter, `mlp.gate` of each sparse layer; gpt-oss's
-    `mlp.router`; Granite MoE's `block_sparse_moe.router`) return
+    `mlp.router`; Granite MoE's `block_sparse_moe.router`; Gemma 4's layer `router`) return
     (logits, weights, expert ids); an older router that is a plain linear layer returns the logits, whose top k
     are the chosen experts (softmax keeps the order). Attach it to the model before it runs (as
     streamed_logits' `prepare`); calls arrive in window order within each layer."""
@@ -74,10 +74,11 @@ class RouterRecorder:
 
     def attach(self, model: Any) -> None:
         for layer in self.sparse_layers:
-            # the router is `mlp.gate`, `mlp.router` (gpt-oss) or `block_sparse_moe.router` (Granite MoE)
+            # the router is `mlp.gate`, `mlp.router` (gpt-oss), `block_sparse_moe.router` (Granite MoE) or the
+            # layer's own `router` beside its dense MLP (Gemma 4)
             block = model.model.layers[layer]
             mlp = block.mlp if hasattr(block, "mlp") else block.block_sparse_moe
-            router = mlp.gate if hasattr(mlp, "gate") else mlp.router
+            router = block.router if hasattr(block, "router") else mlp.gate if hasattr(mlp, "gate") else mlp.router
             router.register_forward_hook(lambda module, args, output, layer=layer: self._record(layer, output))
 
     def _record(self, layer: int, output: torch.Tensor | tuple) -> None:

@@ -16,6 +16,8 @@ before it becomes a blob.
   ones (all q, all k, all v in value-head order; z; b; a): one graph for both, as transformers'
   fix_query_key_value_ordering orders them.
 - The gated delta rule's decay rate −exp(A_log) is computed once, here (in float32, as transformers does).
+- Gemma 4's router scale is folded with hidden^-½ into one weight: the graph applies it as the weight of the
+  router's RMSNorm.
 - A short convolution's state scale (the same kind of power of two, for what enters its state: B·x) is folded
   into B's rows of in_proj and the kernel's bias, and taken out again in out_proj's weight. The gated delta
   rule's conv state scale (for its conv's input, q, k and v) folds into in_proj_qkv and is taken out again in the
@@ -119,6 +121,8 @@ def graph_tensors(spec: ModelSpec, key: Key, array: np.ndarray, branch_scale: fl
             array /= np.float32(state_scale)
     if role == "ssm_a":
         array = -np.exp(array.astype(np.float32))
+    if role == "ffn_gate_inp_scale":  # Gemma 4's router: its input × the scale × hidden^-½, the norm's weight here
+        array = array.astype(np.float32) * np.float32(spec.hidden_size**-0.5)
     if role.endswith("_norm") and spec.norm_offset_of(role):
         array = array.astype(np.float32) + np.float32(spec.norm_offset_of(role))
     if role == "per_layer_post_norm" and branch_scale != 1.0:  # the stream's scale alone: no residual multiplier

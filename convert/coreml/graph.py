@@ -25,7 +25,9 @@ Where each trait of the spec becomes ops, one place each (ops appear only where 
                               expert's mlp weighted by it, plus a shared expert behind its sigmoid gate where
                               the spec has one; the chosen ids are the EXPERT_IDS output; beside_dense: the
                               layer's dense MLP added to them (decoder_layer); biases: the router's and every
-                              expert's (ops.linear); clamped_swiglu: mlp's clamped gate and up
+                              expert's (ops.linear); clamped_swiglu: mlp's clamped gate and up; router_norm: the
+                              router reads the residual stream RMS-normed by its scale (experts); expert_scales:
+                              the routing map × each expert's scale; branch_norms: expert_block (decoder_layer)
     embedding_scale           embed (times the fp16 range scale, siliconvert/calibration.py)
     attention_scale, attn_softcap    attention
     attention_sinks                  sink_softmax: each head's sink logit, one more column of the softmax, dropped
@@ -148,6 +150,12 @@ def required_tensors(spec: ModelSpec, chunk: Chunk) -> set[Key]:
                 keys.update((role, layer, "weight") for role in (*SHARED_EXPERT, "ffn_gate_inp_shexp"))
             if spec.experts.beside_dense:
                 keys.update((role, layer, kind) for role, kind in dense_mlp)
+            if spec.experts.router_norm:
+                keys.add(("ffn_gate_inp_scale", layer, "weight"))
+            if spec.experts.expert_scales:
+                keys.add(("ffn_exps_scale", layer, "weight"))
+            if spec.experts.branch_norms:
+                keys.update((role, layer, "weight") for role in BRANCH_NORMS)
         else:
             keys.update((role, layer, kind) for role, kind in dense_mlp)
     if chunk.first:
@@ -467,7 +475,9 @@ def decoder_layer(ops: WeightedOps, x, layer: int, mixer: str, row: int, shared:
     attention_norms, mlp_norms = BLOCK_NORMS[ops.spec.norm_placement]
     mix = MIXERS[mixer]
     x = residual(ops, x, layer, "attn", attention_norms, lambda h: mix(ops, h, layer, row, shared))
-    if ops.spec.layers[layer].sparse and ops.spec.experts.beside_dense:
+    if ops.spec.layers[layer].sparse and ops.spec.experts.branch_norms:  # both branches read the stream itself
+        x = residual(ops, x, layer, "ffn", (None, mlp_norms[1]), lambda h: expert_block(ops, h, layer, expert_ids))
+    elif ops.spec.layers[layer].sparse and ops.spec.experts.beside_dense:
         x = residual(ops, x, layer, "ffn", mlp_norms, lambda h: mb.add(
             x=mlp(ops, h, layer), y=experts(ops, h, layer, expert_ids), name=f"l{layer}_ffn_and_experts"))
     elif ops.spec.layers[layer].sparse:
@@ -572,7 +582,24 @@ def activate(spec: ModelSpec, x):
     return mb.silu(x=x) if spec.activation == "silu" else mb.gelu(x=x, mode="TANH_APPROXIMATION")
 
 
-def experts(ops: WeightedOps, x, layer: int, expert_ids: list):
+# Gemma 4's branch norms (Experts.branch_norms): after the dense MLP; before and after the experts
+BRANCH_NORMS = ("post_ffw_norm_1", "pre_ffw_norm_2", "post_ffw_norm_2")
+
+
+def expert_block(ops: WeightedOps, x, layer: int, expert_ids: list):
+    """Gemma 4's expert block beside the dense MLP, on the stream `x` itself: post_ffw_norm_1 of the dense MLP (on
+    ffn_norm of x) plus post_ffw_norm_2 of the experts (on pre_ffw_norm_2 of x, routed by x); the layer's
+    post-feedforward norm then takes the sum (decoder_layer). The two branch norms carry no stream scale (folds.py:
+    the post-feedforward norm after them does)."""
+    dense = mlp(ops, ops.norm(x, "ffn_norm", layer, f"l{layer}_ffn_norm"), layer)
+    dense = ops.norm(dense, "post_ffw_norm_1", layer, f"l{layer}_ffn_post_norm_1")
+    routed = experts(ops, ops.norm(x, "pre_ffw_norm_2", layer, f"l{layer}_experts_norm"), layer, expert_ids,
+                     router_input=x)
+    routed = ops.norm(routed, "post_ffw_norm_2", layer, f"l{layer}_experts_post_norm")
+    return mb.add(x=dense, y=routed, name=f"l{layer}_ffn_and_experts")
+
+
+def experts(ops: WeightedOps, x, layer: int, expert_ids: list, router_input=None):
     """A mixture of experts, exactly: every expert's gated MLP evaluated on every token (E/k times the compute of
     the k chosen, as convolutions over constant weights, the Neural Engine's fast path; gathering each token's
     experts would make the weights of every product dynamic) and weighted by the router's dense weight map, zero
@@ -583,10 +610,15 @@ def experts(ops: WeightedOps, x, layer: int, expert_ids: list):
     `expert_ids`: the function's EXPERT_IDS output, so that a runner can compare its choices), their
     probabilities renormalised to sum to one where the spec says so, scattered into a [tokens, experts] map by a
     one-hot of the chosen ids. A shared expert (Qwen2-MoE) adds its MLP, times sigmoid(its gate), for every token.
-    gpt-oss's experts carry biases (ops.linear applies them) and compute the clamped SwiGLU (mlp)."""
+    gpt-oss's experts carry biases (ops.linear applies them) and compute the clamped SwiGLU (mlp). Gemma 4's router
+    reads `router_input` (the stream) RMS-normed with its scale as the norm's weight (× hidden^-½: folds.py), and
+    each expert's weight in the map is × its own scale."""
     spec = ops.spec
     count, used, s = spec.experts.count, spec.experts.used, x.shape[-1]
-    logits = ops.linear(x, "ffn_gate_inp", layer, f"l{layer}_router")  # (1, E, 1, S)
+    if spec.experts.router_norm:
+        router_input = ops.norm(router_input, "ffn_gate_inp_scale", layer, f"l{layer}_router_norm")
+    logits = ops.linear(x if router_input is None else router_input, "ffn_gate_inp", layer,
+                        f"l{layer}_router")  # (1, E, 1, S)
     probs = mb.softmax(x=mb.transpose(x=mb.reshape(x=logits, shape=[count, s]), perm=[1, 0]), axis=-1)  # (S, E)
     chosen, ids = mb.topk(x=probs, k=used, axis=-1, name=f"l{layer}_router_topk")  # (S, k) each
     expert_ids.append(ids)
@@ -596,6 +628,10 @@ def experts(ops: WeightedOps, x, layer: int, expert_ids: list):
                          off_value=np.float16(0))  # (S, k, E)
     weights = mb.reduce_sum(x=mb.mul(x=one_hot, y=mb.expand_dims(x=chosen, axes=[-1])), axes=[1])  # (S, E)
     weights = mb.reshape(x=mb.transpose(x=weights, perm=[1, 0]), shape=[1, count, 1, s], name=f"l{layer}_routing")
+    if spec.experts.expert_scales:
+        scales = ops.weights.const(weight_id(("ffn_exps_scale", layer, "weight")), (1, count, 1, 1),
+                                   f"l{layer}_expert_scales")
+        weights = mb.mul(x=weights, y=scales, name=f"l{layer}_routing_scaled")
     total = None
     for expert in range(count):
         roles = tuple(expert_key(part, layer, expert)[0] for part in ("ffn_gate_exp", "ffn_up_exp", "ffn_down_exp"))

@@ -206,6 +206,15 @@ class Experts:
     # gpt-oss's clamped SwiGLU, (alpha, limit): gate clamped to ≤ limit, up to ±limit, the expert's inner activation
     # (up + 1) · gate · sigmoid(alpha · gate); None: SiLU(gate) · up
     clamped_swiglu: tuple[float, float] | None = None
+    # Gemma 4's router: it reads the layer's residual (not the MLP's normed input), RMS-normed without a weight,
+    # × a learned scale per input (ffn_gate_inp_scale [hidden]) × hidden^-½, then its linear map
+    router_norm: bool = False
+    # each chosen expert's weight × a learned scale of that expert (ffn_exps_scale [count]), after renormalising
+    expert_scales: bool = False
+    # beside_dense with each branch in norms of its own (Gemma 4): the dense MLP's output × post_ffw_norm_1, the
+    # experts' input pre_ffw_norm_2 of the residual and their output × post_ffw_norm_2; the layer's post-feedforward
+    # norm then takes their sum
+    branch_norms: bool = False
 
 
 Placement = Literal["pre", "post", "sandwich"]
@@ -351,6 +360,9 @@ class ModelSpec:
                 departures["expert_biases"] = True
             if self.experts.clamped_swiglu is not None:
                 departures["clamped_swiglu"] = self.experts.clamped_swiglu
+            for trait in ("router_norm", "expert_scales", "branch_norms"):
+                if getattr(self.experts, trait):
+                    departures[trait] = True
         if self.rope is not None and yarn_truncation(self.rope.scaling) is False:
             departures["yarn_untruncated"] = True
         return departures
@@ -508,11 +520,24 @@ MIXER_ROLES: dict[str, tuple[str, ...]] = {"attention": ATTENTION_MIXER_ROLES,
                                                            *FUSED_GATED_DELTA_TENSORS.values()),
                                            "mamba2": tuple(MAMBA2_TENSORS.values())}
 MLP_ROLES = ("ffn_gate", "ffn_up", "ffn_gate_up", "ffn_down")
-EXPERT_ROLES = (*EXPERT_TENSORS.values(), *SHARED_EXPERT_TENSORS.values())
+# Gemma 4's expert block beside the dense MLP: its router (a linear map, a scale per input, a scale per expert), the
+# experts' stacks and the norms of the two branches (Experts.router_norm, expert_scales, branch_norms)
+EXPERT_BLOCK_TENSORS = {
+    "model.layers.{layer}.router.proj": "ffn_gate_inp",
+    "model.layers.{layer}.router.scale": "ffn_gate_inp_scale",
+    "model.layers.{layer}.router.per_expert_scale": "ffn_exps_scale",
+    "model.layers.{layer}.experts.gate_up_proj": "ffn_gate_up_exps",
+    "model.layers.{layer}.experts.down_proj": "ffn_down_exps",
+    "model.layers.{layer}.post_feedforward_layernorm_1": "post_ffw_norm_1",
+    "model.layers.{layer}.pre_feedforward_layernorm_2": "pre_ffw_norm_2",
+    "model.layers.{layer}.post_feedforward_layernorm_2": "post_ffw_norm_2",
+}
+EXPERT_ROLES = (*EXPERT_TENSORS.values(), *SHARED_EXPERT_TENSORS.values(), *EXPERT_BLOCK_TENSORS.values())
 EXPERT_STACKS = ("ffn_gate_up_exps", "ffn_down_exps")
 # parameters of a module itself, without a .weight suffix: the expert stacks (and their `<stack>_bias`), the gated
-# delta rule's dt_bias and A_log, the attention sinks, a layer's output scale
-BARE_PARAMETERS = (*EXPERT_STACKS, "ssm_dt", "ssm_a", "ssm_d", "layer_output_scale", "attn_sinks")
+# delta rule's dt_bias and A_log, the attention sinks, a layer's output scale, Gemma 4's router scales
+BARE_PARAMETERS = (*EXPERT_STACKS, "ssm_dt", "ssm_a", "ssm_d", "layer_output_scale", "attn_sinks",
+                   "ffn_gate_inp_scale", "ffn_exps_scale")
 # a layer's own keys and values: a kv-shared layer has none of these (a k_eq_v layer no attn_v)
 OWN_KV_ROLES = ("attn_k", "attn_v", "attn_k_norm")
 
@@ -537,7 +562,7 @@ def role_shape(spec: ModelSpec, role: str, layer: int | None = None) -> tuple[in
         shapes |= {"ffn_gate_inp": (count, h), "ffn_gate_up_exps": (count, 2 * ff, h), "ffn_down_exps": (count, h, ff)}
         shared = spec.experts.shared_intermediate_size
         shapes |= {"ffn_gate_shexp": (shared, h), "ffn_up_shexp": (shared, h), "ffn_down_shexp": (h, shared),
-                   "ffn_gate_inp_shexp": (1, h)}
+                   "ffn_gate_inp_shexp": (1, h), "ffn_exps_scale": (count,)}
     if spec.attention_sinks:
         shapes["attn_sinks"] = (spec.num_heads,)
     if spec.attn_output_gate:  # each head's query rows, then its gate rows

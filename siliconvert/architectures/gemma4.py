@@ -6,7 +6,12 @@
 - proportional rope on the global layers: a quarter of each half of the head rotates, at θ^(-2i/head_dim);
 - the last `num_kv_shared_layers` layers attend to the keys and values of the last earlier layer of their type,
   and their MLP is twice as wide with `use_double_wide_mlp`;
-- each layer's output × a stored scalar (layer_scalar); the final soft-cap.
+- each layer's output × a stored scalar (layer_scalar); the final soft-cap;
+- with `enable_moe_block` (26B-A4B), an expert block beside every layer's dense MLP: a router over the RMS-normed
+  residual (× a learned scale per input, × hidden^-½) picks `top_k_experts` of `num_experts` GeGLU experts, their
+  softmax weights renormalised and × a learned scale per expert; the dense MLP's output and the experts' (on
+  pre_feedforward_layernorm_2 of the residual) each through a norm of their own, summed, then the
+  post-feedforward norm.
 
 Gemma4ForConditionalGeneration checkpoints convert their language model; the vision and audio towers and their
 embedders are dropped, with a warning that says so."""
@@ -17,9 +22,11 @@ import warnings
 from typing import Any, TypeVar
 
 from siliconvert.architectures.base import (
+    EXPERT_BLOCK_TENSORS,
     LAYER_OUTPUT_SCALE_TENSORS,
     PER_LAYER_INPUT_TENSORS,
     ConfigWarning,
+    Experts,
     Layer,
     Rope,
     head_dim,
@@ -37,7 +44,7 @@ class Gemma4(Gemma2):
     name = "gemma4"
     hf_architectures = ("Gemma4ForCausalLM",)
     model_type = "gemma4_text"
-    tensor_names = SANDWICH_TENSORS | PER_LAYER_INPUT_TENSORS | LAYER_OUTPUT_SCALE_TENSORS | {
+    tensor_names = SANDWICH_TENSORS | PER_LAYER_INPUT_TENSORS | LAYER_OUTPUT_SCALE_TENSORS | EXPERT_BLOCK_TENSORS | {
         "model.layers.{layer}.self_attn.q_norm": "attn_q_norm",
         "model.layers.{layer}.self_attn.k_norm": "attn_k_norm",
     }
@@ -54,11 +61,13 @@ class Gemma4(Gemma2):
         if hf.use_bidirectional_attention:
             raise CheckpointError(f"use_bidirectional_attention {hf.use_bidirectional_attention!r}: attention that "
                                   "is not causal")
+        experts = None
         if hf.enable_moe_block:
-            # its router (RMS-normed input × a learned scale, per-expert output scales) and the extra norms around the
-            # experts beside the dense MLP are no trait any writer runs yet
-            raise CheckpointError("enable_moe_block: Gemma 4's expert block is not supported")
+            experts = Experts(count=int(hf.num_experts), used=int(hf.top_k_experts),
+                              intermediate_size=int(hf.moe_intermediate_size), normalize_topk=True, beside_dense=True,
+                              router_norm=True, expert_scales=True, branch_norms=True)
         return {
+            "experts": experts,
             "norm_offset": 0.0,
             "norm_placement": "sandwich",
             "qk_norm": "head",
@@ -71,6 +80,9 @@ class Gemma4(Gemma2):
             "per_layer_input_vocab": int(hf.vocab_size_per_layer_input) if hf.hidden_size_per_layer_input else 0,
             "layer_output_scale": True,
         }
+
+    def _sparse(self, hf: Any, layer: int) -> bool:
+        return bool(hf.enable_moe_block)  # the expert block is in every layer, beside its dense MLP
 
     def _rope(self, hf: Any, layer_type: str, where: str) -> Rope:
         params = dict(hf.rope_parameters.get(layer_type) or {})
