@@ -84,7 +84,9 @@ install() {
 
 run() {
     # the bench's own llama.cpp converter comes from the same sdist (pip download, found here, no network)
-    export PIP_NO_INDEX=1 PIP_FIND_LINKS=$STAGE/files HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    # PIP_NO_BUILD_ISOLATION=0 (pip reads it inverted: no isolation): pip download prepares the sdist's metadata,
+    # and an isolated build would fetch scikit-build-core, which this offline machine has only in the image
+    export PIP_NO_INDEX=1 PIP_FIND_LINKS=$STAGE/files HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PIP_NO_BUILD_ISOLATION=0
     export SILICONVERT_CACHE=$STAGE/cache
     status=0
     touch "$STAGE/run-started"
