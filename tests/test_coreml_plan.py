@@ -12,9 +12,9 @@ import pytest
 from siliconvert.calibration import Calibration
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.coreml import CoreMLWriter
-from siliconvert.convert.coreml.plan import WeightPlanner
+from siliconvert.convert.coreml.plan import WeightPlanner, with_gptq_errors
 from siliconvert.errors import RecipeError
-from siliconvert.quantize.sensitivity import KLD_PER_ERROR, error_of, role_gain
+from siliconvert.quantize.sensitivity import KLD_PER_ERROR, coreml_costs, error_of, role_gain
 from siliconvert.recipe import CoreMLTarget, parse_recipe
 from siliconvert.textdata import heldout_text
 from siliconvert.validate.metrics import compare
@@ -41,6 +41,20 @@ def test_weights_take_the_gains_measured_on_the_model(random_llama: Path):
     assert planner._gains(("ffn_down", 1, "weight"), False, False, every_row) == (role_gain("ffn_down"), None)
     gain, shrink_gain = planner._gains(("token_embd", None, "weight"), True, True, every_row)  # embeds, is the head
     assert (gain, shrink_gain) == (pytest.approx(0.3), pytest.approx(50 * 0.3))
+
+
+def test_gptq_candidates_take_their_measured_share_of_rounding_error():
+    """A plan of GPTQ-rounded weights: fp16 stays exact, every compressed candidate's error is GPTQ's (below
+    rounding's where the inputs correlate), its bytes unchanged."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2048, 256)) @ (np.eye(256) + 0.1 * rng.normal(size=(256, 256)))
+    hessian = x.T @ x / len(x)
+    weight = (0.05 * rng.normal(size=(64, 256))).astype(np.float16)
+    costs = coreml_costs("w", weight, np.diag(hessian), candidates=("fp16", "int4", "pal4", "pal3"))
+    rounded = with_gptq_errors(costs, weight, hessian, np.diag(hessian))
+    for before, after in zip(costs.options, rounded.options, strict=True):
+        assert (after.kind, after.nbytes) == (before.kind, before.nbytes)
+        assert after.error == 0 if after.kind == "fp16" else 0 < after.error < 0.8 * before.error, after
 
 
 def test_recipe_forms():
