@@ -108,6 +108,9 @@ class Format(ABC):
     # ---- sweep (size against KLD) --------------------------------------------------------------------
     fixed_quants: ClassVar[tuple[str, ...]] = ()  # the anchors' fixed recipes a sweep builds; none: not swept
     anchor: ClassVar[str | None] = None  # the usual choice: a sweep's plan also aims at its measured mean KLD
+    # its targets share an artifact (Core ML's fp16 package, which each compressed one is made from): a run builds one
+    # of them, so a sweep builds its second and later plans a run each
+    one_target_a_run: ClassVar[bool] = False
 
     def sweep_fixed(self, targets: Sequence[TargetSpec], quants: Sequence[str]) -> list[TargetSpec]:
         """Targets building the fixed recipes `quants` (a subset of fixed_quants), beside the recipe's `targets`."""
@@ -120,6 +123,10 @@ class Format(ABC):
     def aims_at(self, quant: str) -> bool:
         """Whether a sweep plans an artifact at this fixed recipe's size."""
         return True
+
+    def is_anchor(self, quant: str) -> bool:
+        """Whether this fixed artifact is the format's anchor, whose measured mean KLD a sweep's plan also aims at."""
+        return quant == self.anchor
 
     def sweep_unfit(self, checkpoint: Checkpoint, quant: str) -> str | None:
         """Why this model cannot take the fixed recipe `quant` (its file would hold none of the type it names: a sweep
