@@ -34,7 +34,7 @@ from siliconvert.calibration import BUILTIN, IMPORTANCE, SENSITIVITY, Calibratio
 from siliconvert.convert.coreml.chunks import Chunk, Key, blobs_of, head_pieces, head_role, role_key
 from siliconvert.convert.coreml.folds import EXPERT_STACKS, graph_keys
 from siliconvert.gains import EMBEDDING, HEAD
-from siliconvert.quantize.coreml import compressible, gptq_error_share
+from siliconvert.quantize.coreml import compressible, gptq_error_share, gptq_inverse
 from siliconvert.quantize.plan import Plan, make_plan
 from siliconvert.quantize.sensitivity import COREML_CANDIDATES, TensorCosts, coreml_costs, role_gain
 from siliconvert.recipe import QuantPlan
@@ -147,10 +147,12 @@ class WeightPlanner:
 def with_gptq_errors(costs: TensorCosts, weight: np.ndarray, hessian: np.ndarray,
                      importance: np.ndarray | None) -> TensorCosts:
     """A weight's candidates as GPTQ will round them: each compressed option's error times GPTQ's measured share of
-    it at that precision (`gptq_error_share`); fp16 stays exact."""
+    it at that precision (`gptq_error_share`, every precision on one factor of H⁻¹); fp16 stays exact."""
+    inverse = gptq_inverse(hessian)
     return replace(costs, options=tuple(
         option if option.kind == "fp16"
-        else replace(option, error=option.error * gptq_error_share(weight, hessian, option.kind, importance))
+        else replace(option, error=option.error * gptq_error_share(weight, hessian, option.kind, importance,
+                                                                   inverse=inverse))
         for option in costs.options))
 
 
