@@ -47,7 +47,8 @@ A planned package (precision: auto) gives each weight its own precision, int4 al
 each weight id.
 The planner's costs (quantize/sensitivity.py `coreml_costs`) quantize each weight with the pass's own function
 (`compress`), on the weights the pass would compress (`compressible`), so the estimate is of the bytes the
-package holds.
+package holds. A plan whose weights GPTQ rounds weighs each candidate's error by GPTQ's share of it at that
+precision, measured on a sample of the weight's rows (`gptq_error_share`).
 """
 
 from __future__ import annotations
