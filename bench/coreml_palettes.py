@@ -16,8 +16,9 @@ tokenizer files).
 
 `--precisions` keeps only those of the fixed, plain and GPTQ packages; `--no-plan` leaves out the planned ones.
 `--gptq-plans` runs instead what issue #28 asks of Core ML at int4-class size: Q4_K_M, int4 and pal4 by GPTQ, and
-`precision: auto` with `method: gptq` planned at Q4_K_M's bytes (equal bytes) and at 4.5 bits per weight (the
-planned weights' bytes over their values), each row with its ratio to Q4_K_M's mean KLD.
+`precision: auto` with `method: gptq` planned at Q4_K_M's bytes (equal bytes), at 4.5 bits per weight (the
+planned weights' bytes over their values) and at Q4_K_M's weights' bits per weight where more (equal weight bytes),
+each row with its ratio to Q4_K_M's mean KLD.
 
 Writes bench/results/coreml-palettes-<YYYY-MM-DD>.json and prints the table as Markdown.
 """
@@ -126,8 +127,8 @@ def measure(model: str, tokens: int, context: int, precisions: list[str] | None 
 
 
 def measure_gptq_plans(model: str, tokens: int, context: int) -> dict:
-    """Q4_K_M beside Core ML's GPTQ-rounded packages: int4 and pal4, and planned at Q4_K_M's bytes and at
-    GPTQ_PLAN_BITS bits per weight."""
+    """Q4_K_M beside Core ML's GPTQ-rounded packages: int4 and pal4, and planned at Q4_K_M's bytes, at
+    GPTQ_PLAN_BITS bits per weight, and at Q4_K_M's weights' bits per weight where they are more."""
     from siliconvert.checkpoint import Checkpoint
 
     checkpoint = Checkpoint.open(checkpoint_for(model))
@@ -136,7 +137,11 @@ def measure_gptq_plans(model: str, tokens: int, context: int) -> dict:
     (q4,) = [a for a in anchor["artifacts"] if a["quant"] == "Q4_K_M"]
     gptq = {"format": "coreml", "context": context, "method": "gptq"}
     reports = [anchor, run(model, "gptq", [{**gptq, "precision": ["int4", "pal4"]}], tokens, context)]
-    for plan in ({"size_mb": round(q4["size_bytes"] / 1e6, 3)}, {"bits_per_weight": GPTQ_PLAN_BITS}):
+    # equal bytes; the issue's int4-class size; and Q4_K_M's own weights' bits (more than 4.5 where its rows are too
+    # narrow for its 256-blocks and fall back to larger types): the artifacts' other bytes aside
+    q4_bits = gguf_bits_per_weight(Path(q4["path"]))
+    for plan in ({"size_mb": round(q4["size_bytes"] / 1e6, 3)}, {"bits_per_weight": GPTQ_PLAN_BITS},
+                 *([{"bits_per_weight": q4_bits}] if q4_bits > GPTQ_PLAN_BITS + 0.1 else [])):
         reports.append(run(model, "gptq", [{**gptq, "precision": ["auto"], "plan": plan}], tokens, context))
     rows = {(r["format"], r["quant"]): r for report in reports for r in rows_of(report, parameters)
             if r["quant"] != "fp16"}
@@ -148,8 +153,7 @@ def measure_gptq_plans(model: str, tokens: int, context: int) -> dict:
             row |= {"planned_bits_per_weight": plans[quant]["bits_per_weight"], "types": plans[quant]["types"],
                     "predicted_mean_kld": plans[quant]["predicted_mean_kld"]}
     return {"model": model, "parameters": parameters, "rows": list(rows.values()),
-            "q4_k_m": {"bytes": q4["size_bytes"], "mean_kld": q4["metrics"]["mean_kld"],
-                       "bits_per_weight": gguf_bits_per_weight(Path(q4["path"]))}}
+            "q4_k_m": {"bytes": q4["size_bytes"], "mean_kld": q4["metrics"]["mean_kld"], "bits_per_weight": q4_bits}}
 
 
 def markdown(results: list[dict]) -> str:
