@@ -35,6 +35,7 @@ class CoreML(Format):
     tags = ("coreml",)
     looks_like = "a Core ML folder with manifest.json"
     plan_bits = (4.0625, 16.0)  # pal4 (4-bit indices, a float16 table per 16 rows of 256 or more) to float16
+    gptq_plan_bits = (3.0625, 16.0)  # from pal3: a plan of GPTQ-rounded weights takes it (convert/coreml/plan.py)
     # every compressed precision, in one target beside the fp16 package it is made from (rounded by the recipe's
     # target's method, as its plans are)
     fixed_quants = ("int8", "int4", "pal8", "pal6", "pal6-lut8", "pal4", "pal4-lut8", "pal3", "pal3-lut8", "pal2",
@@ -60,6 +61,9 @@ class CoreML(Format):
         if target.chunks != "auto" and target.chunks > checkpoint.spec.num_layers:
             raise RecipeError(f"{key}.chunks is {target.chunks}, more than the model's "
                               f"{checkpoint.spec.num_layers} layers", where)
+
+    def plan_range(self, target: CoreMLTarget) -> tuple[float, float]:
+        return self.gptq_plan_bits if target.method == "gptq" else self.plan_bits
 
     def replanned(self, target: CoreMLTarget, plan: QuantPlan) -> CoreMLTarget:
         # its fp16 package is built again too: the planned one is made from it

@@ -56,10 +56,10 @@ class Format(ABC):
         tokenizer."""
         from siliconvert.errors import RecipeError
 
-        plan = target.plan
-        if plan is None or self.plan_bits is None:
+        plan, bits = target.plan, self.plan_range(target)
+        if plan is None or bits is None:
             return
-        least, most = self.plan_bits
+        least, most = bits
         if plan.bits_per_weight is not None and not least <= plan.bits_per_weight <= most:
             raise RecipeError(f"{key}.plan.bits_per_weight is {plan.bits_per_weight}; a {self.name} plan chooses "
                               f"from {least:g} to {most:g} bits per weight", where)
@@ -75,6 +75,11 @@ class Format(ABC):
             raise RecipeError(f"{key}.plan.size_mb is {plan.size_mb:g}; a {self.name} plan of this model reaches "
                               f"about {smallest:.3g} MB (every weight at {least:g} bits) to {unquantized:.3g} MB "
                               f"(unquantized)", where)
+
+    def plan_range(self, target: TargetSpec) -> tuple[float, float] | None:
+        """The least and most bits per weight a plan of `target` can choose (`plan_bits`, unless its options widen
+        the candidates)."""
+        return self.plan_bits
 
     def replanned(self, target: TargetSpec, plan: QuantPlan) -> TargetSpec:
         """`target` building only its planned artifact, with `plan`: what the re-plan loop builds again."""
