@@ -8,7 +8,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 
@@ -35,12 +35,16 @@ class CoreML(Format):
     tags = ("coreml",)
     looks_like = "a Core ML folder with manifest.json"
     plan_bits = (4.0625, 16.0)  # pal4 (4-bit indices, a float16 table per 16 rows of 256 or more) to float16
-    # every compressed precision, in one target beside the fp16 package it is made from. No plans aimed at them yet:
-    # several planned Core ML targets in one run stop in the planned writer (KeyError on an op of the fp16 graph, seen
-    # on the demo's sweep of 2026-12-07), so a sweep draws Core ML's fixed types only
+    gptq_plan_bits = (3.0625, 16.0)  # from pal3: a plan of GPTQ-rounded weights takes it (convert/coreml/plan.py)
+    # every compressed precision, in one target beside the fp16 package it is made from (rounded by the recipe's
+    # target's method, as its plans are)
     fixed_quants = ("int8", "int4", "pal8", "pal6", "pal6-lut8", "pal4", "pal4-lut8", "pal3", "pal3-lut8", "pal2",
                     "pal2-lut8")
-    planned_at: tuple[str, ...] = ()
+    planned_at = ("pal4", "int4", "pal6")  # the sizes a sweep's plans aim at: int4-class, and one above
+    anchor = "int4"
+    # every Core ML target builds the fp16 package: several in one run stopped in the planned writer (KeyError on an
+    # op of the fp16 graph, the demo's sweep of 2026-12-07), and a recipe holds one
+    one_target_a_run = True
 
     def writer(self, checkpoint: Checkpoint, target: CoreMLTarget, out_dir: Path, model_name: str,
                calibration: Calibrations) -> Writer:
@@ -58,6 +62,9 @@ class CoreML(Format):
             raise RecipeError(f"{key}.chunks is {target.chunks}, more than the model's "
                               f"{checkpoint.spec.num_layers} layers", where)
 
+    def plan_range(self, target: CoreMLTarget) -> tuple[float, float]:
+        return self.gptq_plan_bits if target.method == "gptq" else self.plan_bits
+
     def replanned(self, target: CoreMLTarget, plan: QuantPlan) -> CoreMLTarget:
         # its fp16 package is built again too: the planned one is made from it
         return target.model_copy(update={"plan": plan, "precision": ["auto"]})
@@ -66,8 +73,15 @@ class CoreML(Format):
         # the recipe's first Core ML target's packaging (context, chunks, interpreter), every precision asked in one
         return [targets[0].model_copy(update={"precision": list(quants), "plan": None})] if quants else []
 
+    def sweep_planned(self, targets: Sequence[CoreMLTarget], plan: QuantPlan) -> CoreMLTarget:
+        # the recipe's first Core ML target's packaging and method
+        return self.replanned(targets[0], plan)
+
     def aims_at(self, quant: str) -> bool:
-        return quant in self.planned_at
+        return _precision(quant) in self.planned_at
+
+    def is_anchor(self, quant: str) -> bool:
+        return _precision(quant) == self.anchor
 
     def detect(self, path: Path) -> Artifact | None:
         manifest = path / SILICONVERT_MANIFEST
@@ -148,6 +162,14 @@ class CoreML(Format):
             "using: state)",
             "```",
         ]
+
+
+def _precision(quant: str) -> str:
+    """The precision a Core ML artifact's name holds, without its rounding method (int4-gptq → int4: the target's
+    `variant`)."""
+    for method in get_args(CoreMLTarget.model_fields["method"].annotation):
+        quant = quant.removesuffix(f"-{method}")
+    return quant
 
 
 def check_package(package: Path) -> None:

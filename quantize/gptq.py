@@ -67,14 +67,17 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, group_size
 
 
 def carry_errors(weight: np.ndarray, hessian: np.ndarray,
-                 round_column: Callable[[np.ndarray, int], np.ndarray]) -> None:
+                 round_column: Callable[[np.ndarray, int], np.ndarray], inverse: np.ndarray | None = None) -> None:
     """GPTQ's pass over `weight` [rows, columns] (float32, updated in place): column j rounded by
     `round_column(weight, j)` (its rounded values, one per row; the columns before j already rounded, the ones
     from j on holding the errors carried so far, so a grid fitted at j sees them), the column's error carried
     into the columns after it through the upper Cholesky factor of `hessian`⁻¹, a block of BLOCK_COLUMNS at a time.
-    Whatever grid `round_column` rounds to (mlx's affine groups, Core ML's int4 blocks or palettes) is its own."""
+    Whatever grid `round_column` rounds to (mlx's affine groups, Core ML's int4 blocks or palettes) is its own.
+    `inverse`: `inverse_factor(hessian)`, where several roundings of one weight go against one H. A column no input
+    reached (zero on H's diagonal) is zeroed in `weight`: nothing it multiplies ever arrives."""
     rows, columns = weight.shape
-    inverse = _inverse_factor(hessian.astype(np.float64), weight)
+    weight[:, np.diag(hessian) <= 0] = 0.0
+    inverse = inverse_factor(hessian) if inverse is None else inverse
     for start in range(0, columns, BLOCK_COLUMNS):
         end = min(start + BLOCK_COLUMNS, columns)
         errors = np.empty((rows, end - start), dtype=np.float32)
@@ -85,13 +88,11 @@ def carry_errors(weight: np.ndarray, hessian: np.ndarray,
         weight[:, end:] -= errors @ inverse[start:end, end:]
 
 
-def _inverse_factor(hessian: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """The upper Cholesky factor of H⁻¹ (float32), GPTQ's update weights. A column no input reached (zero on H's
-    diagonal) is zeroed in `weight`: nothing it multiplies ever arrives."""
-    h = hessian.copy()
+def inverse_factor(hessian: np.ndarray) -> np.ndarray:
+    """The upper Cholesky factor of H⁻¹ (float32), GPTQ's update weights; a dead column's diagonal set to 1."""
+    h = hessian.astype(np.float64)  # a copy
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
-    weight[:, dead] = 0.0
     h[np.diag_indices_from(h)] += DAMPING * np.mean(np.diag(h))
     inverse = np.linalg.inv(np.linalg.cholesky(h))  # L⁻¹, so H⁻¹ = L⁻ᵀ L⁻¹
     return np.linalg.cholesky(inverse.T @ inverse).T.astype(np.float32)

@@ -56,10 +56,10 @@ class Format(ABC):
         tokenizer."""
         from siliconvert.errors import RecipeError
 
-        plan = target.plan
-        if plan is None or self.plan_bits is None:
+        plan, bits = target.plan, self.plan_range(target)
+        if plan is None or bits is None:
             return
-        least, most = self.plan_bits
+        least, most = bits
         if plan.bits_per_weight is not None and not least <= plan.bits_per_weight <= most:
             raise RecipeError(f"{key}.plan.bits_per_weight is {plan.bits_per_weight}; a {self.name} plan chooses "
                               f"from {least:g} to {most:g} bits per weight", where)
@@ -75,6 +75,11 @@ class Format(ABC):
             raise RecipeError(f"{key}.plan.size_mb is {plan.size_mb:g}; a {self.name} plan of this model reaches "
                               f"about {smallest:.3g} MB (every weight at {least:g} bits) to {unquantized:.3g} MB "
                               f"(unquantized)", where)
+
+    def plan_range(self, target: TargetSpec) -> tuple[float, float] | None:
+        """The least and most bits per weight a plan of `target` can choose (`plan_bits`, unless its options widen
+        the candidates)."""
+        return self.plan_bits
 
     def replanned(self, target: TargetSpec, plan: QuantPlan) -> TargetSpec:
         """`target` building only its planned artifact, with `plan`: what the re-plan loop builds again."""
@@ -108,6 +113,9 @@ class Format(ABC):
     # ---- sweep (size against KLD) --------------------------------------------------------------------
     fixed_quants: ClassVar[tuple[str, ...]] = ()  # the anchors' fixed recipes a sweep builds; none: not swept
     anchor: ClassVar[str | None] = None  # the usual choice: a sweep's plan also aims at its measured mean KLD
+    # its targets share an artifact (Core ML's fp16 package, which each compressed one is made from): a run builds one
+    # of them, so a sweep builds its second and later plans a run each
+    one_target_a_run: ClassVar[bool] = False
 
     def sweep_fixed(self, targets: Sequence[TargetSpec], quants: Sequence[str]) -> list[TargetSpec]:
         """Targets building the fixed recipes `quants` (a subset of fixed_quants), beside the recipe's `targets`."""
@@ -120,6 +128,10 @@ class Format(ABC):
     def aims_at(self, quant: str) -> bool:
         """Whether a sweep plans an artifact at this fixed recipe's size."""
         return True
+
+    def is_anchor(self, quant: str) -> bool:
+        """Whether this fixed artifact is the format's anchor, whose measured mean KLD a sweep's plan also aims at."""
+        return quant == self.anchor
 
     def sweep_unfit(self, checkpoint: Checkpoint, quant: str) -> str | None:
         """Why this model cannot take the fixed recipe `quant` (its file would hold none of the type it names: a sweep

@@ -667,6 +667,9 @@ RECIPE = [
     Case("plan-bits-below-coreml", R, recipe(targets=[{"format": "coreml", "context": 64, "plan": {
         "bits_per_weight": 3}, "precision": ["auto"]}]), "recipe.yaml",
          "a coreml plan chooses from 4.0625 to 16 bits per weight"),
+    Case("plan-bits-below-coreml-gptq", R, recipe(targets=[{"format": "coreml", "context": 64, "plan": {
+        "bits_per_weight": 3}, "precision": ["auto"], "method": "gptq"}]), "recipe.yaml",
+         "a coreml plan chooses from 3.0625 to 16 bits per weight"),  # GPTQ's plans take pal3 too
     Case("plan-kld-nan", R, recipe(targets=[{"format": "mlx", "bits": "auto",
                                              "plan": {"max_mean_kld": float("nan")}}]), "recipe.yaml",
          "targets.0.plan.max_mean_kld: Input should be a finite number"),

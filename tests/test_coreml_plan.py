@@ -12,9 +12,9 @@ import pytest
 from siliconvert.calibration import Calibration
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.coreml import CoreMLWriter
-from siliconvert.convert.coreml.plan import WeightPlanner
+from siliconvert.convert.coreml.plan import WeightPlanner, with_gptq_errors
 from siliconvert.errors import RecipeError
-from siliconvert.quantize.sensitivity import KLD_PER_ERROR, error_of, role_gain
+from siliconvert.quantize.sensitivity import KLD_PER_ERROR, coreml_costs, error_of, role_gain
 from siliconvert.recipe import CoreMLTarget, parse_recipe
 from siliconvert.textdata import heldout_text
 from siliconvert.validate.metrics import compare
@@ -41,6 +41,20 @@ def test_weights_take_the_gains_measured_on_the_model(random_llama: Path):
     assert planner._gains(("ffn_down", 1, "weight"), False, False, every_row) == (role_gain("ffn_down"), None)
     gain, shrink_gain = planner._gains(("token_embd", None, "weight"), True, True, every_row)  # embeds, is the head
     assert (gain, shrink_gain) == (pytest.approx(0.3), pytest.approx(50 * 0.3))
+
+
+def test_gptq_candidates_take_their_measured_share_of_rounding_error():
+    """A plan of GPTQ-rounded weights: fp16 stays exact, every compressed candidate's error is GPTQ's (below
+    rounding's where the inputs correlate), its bytes unchanged."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2048, 256)) @ (np.eye(256) + 0.1 * rng.normal(size=(256, 256)))
+    hessian = x.T @ x / len(x)
+    weight = (0.05 * rng.normal(size=(64, 256))).astype(np.float16)
+    costs = coreml_costs("w", weight, np.diag(hessian), candidates=("fp16", "int4", "pal4", "pal3"))
+    rounded = with_gptq_errors(costs, weight, hessian, np.diag(hessian))
+    for before, after in zip(costs.options, rounded.options, strict=True):
+        assert (after.kind, after.nbytes) == (before.kind, before.nbytes)
+        assert after.error == 0 if after.kind == "fp16" else 0 < after.error < 0.8 * before.error, after
 
 
 def test_recipe_forms():
@@ -151,3 +165,18 @@ def test_a_size_goal_is_kept_and_beats_int4_there_and_the_same_plan_gives_the_sa
     for file, again in zip(sorted(ours.path.rglob("*")), sorted(second[label].path.rglob("*")), strict=True):
         assert file.relative_to(ours.path) == again.relative_to(second[label].path)
         assert file.is_dir() or file.read_bytes() == again.read_bytes(), file
+
+
+@pytest.mark.slow
+def test_a_plan_rounded_by_gptq_beats_the_plan_rounded_to_nearest_at_its_size(planned, scored, tmp_path):
+    """At the fixed int4 package's size, the plan of GPTQ-rounded weights (each candidate costed at GPTQ's measured
+    share of its error, pal3 among them) keeps the size and scores under half the plan rounded to nearest (the
+    demo at Q4_K_M's bytes, 512 tokens: 0.00027 against 0.00276)."""
+    artifacts, _ = planned
+    size_mb = folder_bytes(artifacts["int4"].path) / 1e6
+    rounded = build(tmp_path / "rtn", precision="auto", plan={"size_mb": size_mb})[0][f"auto-{size_mb:g}MB"]
+    ours = build(tmp_path / "gptq", precision="auto", plan={"size_mb": size_mb}, method="gptq")[0][
+        f"auto-{size_mb:g}MB-gptq"]
+    assert folder_bytes(ours.path) <= size_mb * 1e6
+    assert ours.plan["predicted_mean_kld"] < rounded.plan["predicted_mean_kld"]
+    assert scored(ours.path) < 0.5 * scored(rounded.path), ours.plan["types"]

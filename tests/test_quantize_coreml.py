@@ -20,6 +20,7 @@ from siliconvert.quantize.coreml import (
     activation_scale,
     compress,
     decompress,
+    gptq_error_share,
     gptq_rounded,
     kmeans_lut,
     palette_of,
@@ -240,3 +241,22 @@ def test_quantize_weights_rounds_by_gptq_where_a_hessian_is_given():
     # c has no hessian: the importance-fitted rounding, as before
     np.testing.assert_array_equal(decompress(made["c"]).reshape(64, 128),
                                   decompress(compress(weight, "int4", np.diag(hessian))))
+
+
+def test_gptq_error_share_is_measured_per_precision_and_falls_with_correlated_inputs():
+    """GPTQ's share of rounding's output error, on a sample of whole groups of rows: below 1 where the inputs
+    correlate (its carried errors cancel), lower there than for independent inputs of the same scales, and the
+    sample's share near the whole weight's."""
+    weight, hessian = correlated_inputs(128, 256)
+    independent = np.diag(np.diag(hessian))
+    for precision in ("int4", "int4-b64", "pal4", "pal3"):
+        correlated = gptq_error_share(weight, hessian, precision, np.diag(hessian))
+        alone = gptq_error_share(weight, independent, precision, np.diag(hessian))
+        assert 0 < correlated < alone <= 1, (precision, correlated, alone)
+        rounded = compress(weight, precision, np.diag(hessian))
+        whole = (output_error(weight, decompress(gptq_rounded(weight, rounded, hessian, precision)), hessian)
+                 / output_error(weight, decompress(rounded), hessian))
+        sampled = gptq_error_share(weight, hessian, precision, np.diag(hessian), sampled_rows=32)
+        assert sampled == pytest.approx(whole, rel=0.25), (precision, sampled, whole)
+    # rows that make no whole palette group: nothing to compress, so no share below rounding's
+    assert gptq_error_share(weight[:8], hessian, "pal4") == 1.0

@@ -8,7 +8,14 @@ from types import SimpleNamespace
 import pytest
 
 from siliconvert.commands.cli import main
-from siliconvert.commands.sweep import fixed_targets, planned_targets, sweep_front, unfit_quants, write_sweep
+from siliconvert.commands.sweep import (
+    fixed_targets,
+    planned_runs,
+    planned_targets,
+    sweep_front,
+    unfit_quants,
+    write_sweep,
+)
 from siliconvert.format import register, unregister
 from siliconvert.recipe import parse_recipe
 from tests.test_formats import Toy
@@ -89,8 +96,9 @@ def test_plans_aim_at_the_fixed_sizes_the_anchors_kld_and_the_gate():
 
 
 def test_plans_leave_the_other_types_to_the_front():
-    """The i-quant, ternary, GPTQ and float-mode recipes and Core ML's types are drawn on the front; plans aim at the
-    K recipes' and the affine widths' sizes only (the rest are plan candidates already)."""
+    """The i-quant, ternary, GPTQ and float-mode recipes and Core ML's other types are drawn on the front; plans aim
+    at the K recipes', the affine widths' and Core ML's int4-class sizes only (the rest are plan candidates
+    already)."""
     others = [entry("mlx", "4bit-g64-gptq", 3.4e6, 0.002), entry("mlx", "nvfp4", 3.6e6, 0.003),
               entry("mlx", "8bit-g64", 6e6, 1e-4), entry("coreml", "fp16", 11e6, 1e-6),
               entry("coreml", "int8", 6e6, 1e-5), entry("coreml", "int4", 3.6e6, 0.0034),
@@ -103,12 +111,35 @@ def test_plans_leave_the_other_types_to_the_front():
                                                                     "auto-3.9MB", "auto-kld0.01"]
     assert [t.plan.label for t in planned if t.format == "mlx"] == ["auto-2.8MB", "auto-3.4MB", "auto-kld0.005",
                                                                    "auto-4.5MB", "auto-kld0.01"]
-    assert not [t for t in planned if t.format == "coreml"]  # Core ML's fixed types only, for now (formats/coreml.py)
+    coreml = [t for t in planned if t.format == "coreml"]
+    assert [t.plan.label for t in coreml] == ["auto-3.6MB", "auto-kld0.0034", "auto-3.3MB", "auto-kld0.01"]
+    assert all(t.asked == ["auto"] and (t.context, t.chunks) == (256, 1) for t in coreml)  # the recipe's packaging
+
+
+def test_coreml_plans_take_the_recipes_method_and_a_run_each():
+    """A Core ML target rounding by GPTQ names its fixed packages int4-gptq…: its plans aim at them all the same, and
+    round by GPTQ too. Every Core ML target builds the fp16 package, so the sweep builds its plans a run each, the
+    first beside the other formats' plans."""
+    recipe = parse_recipe(RECIPE | {"targets": [*RECIPE["targets"], COREML | {"precision": ["int4"],
+                                                                             "method": "gptq"}]})
+    report = FIXED_REPORT | {"artifacts": [*FIXED_REPORT["artifacts"], entry("coreml", "int4-gptq", 3.6e6, 0.002),
+                                           entry("coreml", "pal4-gptq", 3.3e6, 0.0015),
+                                           entry("coreml", "pal2-gptq", 2e6, 0.05)]}
+    planned = planned_targets(recipe, report)
+    coreml = [t for t in planned if t.format == "coreml"]
+    assert [t.plan.label for t in coreml] == ["auto-3.6MB", "auto-kld0.002", "auto-3.3MB", "auto-kld0.01"]
+    assert {t.method for t in coreml} == {"gptq"} and coreml[0].variant(coreml[0].plan.label) == "auto-3.6MB-gptq"
+    runs = planned_runs(planned)
+    assert [[t.format for t in run] for run in runs] == [["gguf"] * 5 + ["mlx"] * 5 + ["coreml"], ["coreml"],
+                                                        ["coreml"], ["coreml"]]
+    assert [t for run in runs for t in run if t.format == "coreml"] == coreml
+    assert planned_runs([]) == []
 
 
 def test_the_front_is_a_table_and_a_plot(tmp_path):
     plan = {"goal": {"size_mb": 3.4}, "predicted_mean_kld": 0.0008, "bits_per_weight": 4.4, "tries": [{}]}
-    planned = [entry("gguf", "auto-3.4MB", 3_399_000, 0.0007, plan)]
+    planned = [entry("gguf", "auto-3.4MB", 3_399_000, 0.0007, plan),
+               entry("coreml", "auto-3.4MB-gptq", 3_398_000, 0.0003, plan)]
     skipped = [{"format": "gguf", "quant": "MXFP4_MOE", "reason": "no expert stacks"}]
     front = sweep_front(FIXED_REPORT["artifacts"] + planned, FIXED_REPORT, gate=0.01, skipped=skipped)
     write_sweep(tmp_path, front)
@@ -120,6 +151,7 @@ def test_the_front_is_a_table_and_a_plot(tmp_path):
     assert row["goal"] == {"size_mb": 3.4} and row["tries"] == 1
     table = (tmp_path / "sweep.md").read_text()
     assert "| gguf | auto-3.4MB | planned | 3.399 MB | 0.00070 | 0.00080 | 4.40 |" in table
+    assert "| coreml | auto-3.4MB-gptq | planned | 3.398 MB | 0.00030 | 0.00080 | 4.40 |" in table
     assert "- gguf MXFP4_MOE: no expert stacks" in table
     assert (tmp_path / "sweep.png").read_bytes().startswith(b"\x89PNG")
 

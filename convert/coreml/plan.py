@@ -24,6 +24,7 @@ and the parts are measured one weight at a time.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +34,9 @@ from siliconvert.calibration import BUILTIN, IMPORTANCE, SENSITIVITY, Calibratio
 from siliconvert.convert.coreml.chunks import Chunk, Key, blobs_of, head_pieces, head_role, role_key
 from siliconvert.convert.coreml.folds import EXPERT_STACKS, graph_keys
 from siliconvert.gains import EMBEDDING, HEAD
-from siliconvert.quantize.coreml import compressible
+from siliconvert.quantize.coreml import compressible, gptq_error_share, gptq_inverse
 from siliconvert.quantize.plan import Plan, make_plan
-from siliconvert.quantize.sensitivity import TensorCosts, coreml_costs, role_gain
+from siliconvert.quantize.sensitivity import COREML_CANDIDATES, TensorCosts, coreml_costs, role_gain
 from siliconvert.recipe import QuantPlan
 
 HEAD_INPUTS = "lm_head.weight"  # the importance matrix's name for the head's inputs, tied or not
@@ -43,6 +44,11 @@ HEAD_INPUTS = "lm_head.weight"  # the importance matrix's name for the head's in
 # (measured on the demo model: 294 bytes, int8 or int4); a size goal counts it for every planned weight, with room
 SPEC_BYTES_PER_WEIGHT = 384
 ROUTERS = ("ffn_gate_inp", "ffn_gate_inp_shexp")  # never planned: a rounded router picks other experts
+# a plan of GPTQ-rounded weights (method: gptq) also takes pal3: rounded to nearest its estimate under-read the
+# measured KLD (COREML_CANDIDATES says why it is left out there); by GPTQ its fixed package scores a third of that
+# on the demo model, and each weight's share is measured per precision (gptq_error_share). A plan at Q4_K_M's bytes
+# there took pal3 for 15 of 30 weights and measured 0.00027 (predicted 0.00029): bench/README.md
+GPTQ_CANDIDATES = (*COREML_CANDIDATES, "pal3")
 
 
 def plan_name(chunk: Chunk, weight: str) -> str:
@@ -52,13 +58,18 @@ def plan_name(chunk: Chunk, weight: str) -> str:
 
 class WeightPlanner:
     """Measures the costs of each chunk's weights as its fp16 package is finished (`measure`, on the build thread),
-    then plans them (`plan`). `calibration`: the run's calibrations (none: Calibrations.outside_a_run)."""
+    then plans them (`plan`). `calibration`: the run's calibrations (none: Calibrations.outside_a_run). `gptq`:
+    the weights will be rounded by GPTQ (method: gptq), so each candidate's error is GPTQ's share of its rounding
+    error (`with_gptq_errors`), measured against the weight's calibration inputs' second moments."""
 
-    def __init__(self, checkpoint, goal: QuantPlan, *, calibration: Calibrations | None = None):
+    def __init__(self, checkpoint, goal: QuantPlan, *, calibration: Calibrations | None = None, gptq: bool = False):
         self.spec: ModelSpec = checkpoint.spec
         self.goal = goal
-        calibrated = (calibration or Calibrations.outside_a_run(checkpoint)).get(BUILTIN, {IMPORTANCE, SENSITIVITY})
+        calibration = calibration or Calibrations.outside_a_run(checkpoint)
+        calibrated = calibration.get(BUILTIN, {IMPORTANCE, SENSITIVITY})
         self.columns = ColumnImportance(checkpoint, calibrated.importance)
+        self.hessians = ColumnImportance(checkpoint, calibration.hessians(BUILTIN)) if gptq else None
+        self.candidates = GPTQ_CANDIDATES if gptq else COREML_CANDIDATES
         self.sources = self.columns.sources
         self.measured = calibrated
         # per expert stack (HF name), each expert's share of the calibration tokens routed (from the same run)
@@ -91,7 +102,11 @@ class WeightPlanner:
                 shares = self.expert_shares.get(stack)
                 share = shares[expert] if shares is not None else 1 / self.spec.experts.count
                 gain, shrink_gain = gain * share, None if shrink_gain is None else shrink_gain * share
-            costs = coreml_costs(plan_name(chunk, weight), values, importance, gain, shrink_gain=shrink_gain)
+            costs = coreml_costs(plan_name(chunk, weight), values, importance, gain, self.candidates,
+                                 shrink_gain=shrink_gain)
+            hessian = self.hessians.of(chunk, key, rows) if self.hessians else None
+            if hessian is not None:  # an embedding's lookup has none: GPTQ leaves it rounded to nearest
+                costs = with_gptq_errors(costs, values, hessian, importance)
             self.costs.append(costs)
             planned_fp16 += next(o.nbytes for o in costs.options if o.kind == "fp16")
             planned += 1
@@ -127,6 +142,18 @@ class WeightPlanner:
         prefix = plan_name(chunk, "")
         return {name.removeprefix(prefix): option.kind for name, option in plan.choices.items()
                 if name.startswith(prefix) and option.kind != "fp16"}
+
+
+def with_gptq_errors(costs: TensorCosts, weight: np.ndarray, hessian: np.ndarray,
+                     importance: np.ndarray | None) -> TensorCosts:
+    """A weight's candidates as GPTQ will round them: each compressed option's error times GPTQ's measured share of
+    it at that precision (`gptq_error_share`, every precision on one factor of H⁻¹); fp16 stays exact."""
+    inverse = gptq_inverse(hessian)
+    return replace(costs, options=tuple(
+        option if option.kind == "fp16"
+        else replace(option, error=option.error * gptq_error_share(weight, hessian, option.kind, importance,
+                                                                   inverse=inverse))
+        for option in costs.options))
 
 
 def projects(spec: ModelSpec, chunk: Chunk, key: Key, rows: slice) -> bool:

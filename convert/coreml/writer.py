@@ -140,7 +140,8 @@ class CoreMLWriter(Writer):
         # a planned variant (precision: auto): its costs measured as each fp16 package is finished, its plan made
         # and its chunks compressed once all are (the fp16 packages' weight ids, kept for that)
         self.planned = target.plan.label if target.plan else None
-        self.planner = WeightPlanner(checkpoint, target.plan, calibration=calibration) if target.plan else None
+        self.planner = (WeightPlanner(checkpoint, target.plan, calibration=calibration, gptq=target.method == "gptq")
+                        if target.plan else None)
         self.quant_plan: Plan | None = None
         self.fp16_blobs: dict[int, dict[str, tuple[int, int]]] = {}
         # what compressed weights are fitted to (quantize/coreml.py: a palette's k-means, int4 / int8 scales)

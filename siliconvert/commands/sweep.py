@@ -5,10 +5,10 @@ K-, i-, ternary and MXFP4 types with the same importance matrix a plan uses; MLX
 mixed recipes, GPTQ and the float modes; Core ML int8, int4 and the palettes) but those the model cannot take
 (`sweep_unfit`: skipped, the reason recorded), and scores them with the project's own validation; then planned
 artifacts aimed at their figures (one at each of the format's `planned_at` types' byte sizes: as small and better;
-one at the measured mean KLD of its anchor, Q4_K_M or MLX 4-bit g64: as good and smaller) and at the recipe's
-mean-KLD gate, scored the same way (a format with neither, Core ML for now, is drawn by its fixed types). The front
-goes to sweep.json, sweep.md and sweep.png (a marker per format; fixed types as points, each format's plans as a
-line).
+one at the measured mean KLD of its anchor, Q4_K_M, MLX 4-bit g64 or Core ML int4: as good and smaller) and at the
+recipe's mean-KLD gate, scored the same way. A format whose targets share an artifact (`one_target_a_run`: Core ML's
+fp16 package) builds its second and later plans a run each (`planned_runs`). The front goes to sweep.json, sweep.md
+and sweep.png (a marker per format; fixed types as points, each format's plans as a line).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def planned_targets(recipe: Recipe, fixed_report: dict) -> list[TargetSpec]:
         if not fmt.aims_at(entry["quant"]):
             continue
         plans = [QuantPlan(size_mb=round(entry["size_bytes"] / 1e6, 3))]
-        if entry["quant"] == fmt.anchor:
+        if fmt.is_anchor(entry["quant"]):
             plans.append(QuantPlan(max_mean_kld=float(f"{entry['metrics']['mean_kld']:.3g}")))
         goals.setdefault(fmt.name, {}).update({plan.label: plan for plan in plans})
     targets: list[TargetSpec] = []
@@ -87,6 +87,20 @@ def planned_targets(recipe: Recipe, fixed_report: dict) -> list[TargetSpec]:
         fmt, own = format_entry(name), [t for t in recipe.targets if t.format == name]
         targets += [fmt.sweep_planned(own, plan) for plan in plans.values()]
     return targets
+
+
+def planned_runs(targets: Sequence[TargetSpec]) -> list[list[TargetSpec]]:
+    """The planned targets as the runs that build them: every one in the first run, but the second and later
+    targets of a format that builds one a run (`one_target_a_run`), each in a run of its own."""
+    first: list[TargetSpec] = []
+    alone: list[list[TargetSpec]] = []
+    for target in targets:
+        fmt = format_entry(target.format)
+        if fmt.one_target_a_run and any(other.format == target.format for other in first):
+            alone.append([target])
+        else:
+            first.append(target)
+    return [first, *alone] if first else []
 
 
 def run_sweep(recipe: Recipe, recipe_path: Path | None = None, *, allow_pickle: bool = False,
@@ -119,7 +133,9 @@ def run_sweep(recipe: Recipe, recipe_path: Path | None = None, *, allow_pickle: 
                                       prepare_output(sweep_dir / "fixed"), timings)
     planned_recipe = recipe.model_copy(update={"targets": planned_targets(recipe, fixed_report)})
     say(f"sweep: {len(planned_recipe.targets)} planned targets")
-    produced = convert(checkpoint, planned_recipe, artifacts_dir, timings, calibration=calibration)
+    produced = [made for targets in planned_runs(planned_recipe.targets)
+                for made in convert(checkpoint, recipe.model_copy(update={"targets": targets}), artifacts_dir, timings,
+                                    calibration=calibration)]
     planned_dir = prepare_output(sweep_dir / "planned")
     if not (planned_dir / ".cache").exists():  # the reference logits the fixed run computed
         (planned_dir / ".cache").symlink_to(sweep_dir / "fixed" / ".cache", target_is_directory=True)
