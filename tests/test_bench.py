@@ -294,3 +294,14 @@ def test_quants_table_sets_each_tool_beside_the_others_one_line_per_type():
     assert len(gguf) == 3 and gguf[0].count("bits/w") == 2 and "llama-quantize bytes" in gguf[0]
     assert gguf[2] == "| demo | IQ4_XS | 1,234,567 | 4.25 | 0.01230 | 0.900 | 1,234,567 | 4.25 | 0.01230 | 0.900 |"
     assert len(mlx) == 3 and "mlx_lm.convert bytes" in mlx[0] and mlx[2].endswith("| – | – | – | refused |")
+
+
+def test_sweeps_merge_only_on_one_model_and_corpus_and_keep_a_shared_row_once():
+    sweep_all = importlib.import_module("bench.sweep_all")
+    row = {"format": "gguf", "quant": "Q4_K_M", "size_bytes": 10, "mean_kld": 0.1}
+    fixed = {"source": "m", "corpus": {"tokens": 512}, "rows": [row, {**row, "quant": "Q8_0", "size_bytes": 20}]}
+    planned = {**fixed, "rows": [row, {**row, "quant": "auto-10B", "kind": "planned", "size_bytes": 9}]}
+    front = sweep_all.merged([fixed, planned])
+    assert [r["quant"] for r in front["rows"]] == ["auto-10B", "Q4_K_M", "Q8_0"]
+    with pytest.raises(SystemExit, match="model or corpus"):
+        sweep_all.merged([fixed, {**planned, "corpus": {"tokens": 1024}}])
