@@ -4,7 +4,11 @@ Q4_K_M's size against Q4_K_M, and one at MLX 4-bit g64's size against that, with
 model on weights mx.dequantize'd in the folder's float type: tests/test_plan_models.py `mlx_logits`).
 
     PYTHONPATH=. .venv/bin/python -m bench.plan_gains [--models demo,qwen3,granite,olmo2] [--mode after] [--work DIR]
-        [--label NAME] [--formats gguf,mlx]   # models: also "real" (SmolLM2-135M-Instruct) or checkpoint folders
+        [--label NAME] [--formats gguf,mlx,mlx-gptq]   # models: also "real" (SmolLM2-135M-Instruct) or folders
+
+"mlx-gptq": the MLX plan rounded by GPTQ (`method: gptq`) at 4-bit g64's size, against fixed 4-bit g64 GPTQ (same
+method, same bytes: `plan_over_fixed`) and against the anchor, fixed 4-bit g64 rounded to nearest
+(`plan_over_anchor`).
 
 Prints a JSON line per model and format and writes them all to bench/results/plan-gains-<YYYY-MM-DD>-<mode>.json.
 """
@@ -67,7 +71,7 @@ def measure(model: str, mode: str, work: Path, formats: str = "gguf,mlx") -> lis
         (planned,) = write(writer)
         rows.append(compare(model, "gguf", "Q4_K_M", fixed, writer, planned, size, planned.path.stat().st_size,
                             gguf_kinds, lambda p: mean_kld(reference, gguf_logits(p, windows), windows)))
-    if "mlx" not in formats:
+    if not {"mlx", "mlx-gptq"} & set(formats.split(",")):
         return rows
 
     (fixed,) = write(MLXWriter(checkpoint, MLXTarget(format="mlx", bits=4, group_size=64), out, "m"))
@@ -77,10 +81,24 @@ def measure(model: str, mode: str, work: Path, formats: str = "gguf,mlx") -> lis
                          note="no module mlx can quantize: every row fits no group size"))
         return rows
     size = folder_bytes(fixed.path)
-    writer = MLXWriter(checkpoint, MLXTarget(format="mlx", bits="auto", plan={"size_mb": size / 1e6}), out, "m")
-    (planned,) = write(writer)
-    rows.append(compare(model, "mlx", "4bit-g64", fixed, writer, planned, size, folder_bytes(planned.path),
-                        mlx_kinds, lambda p: mean_kld(reference, mlx_logits(p, windows), windows)))
+
+    def mlx_kld(folder: Path) -> float:
+        return mean_kld(reference, mlx_logits(folder, windows), windows)
+
+    for fmt in ("mlx", "mlx-gptq"):
+        if fmt not in formats.split(","):
+            continue
+        method = "gptq" if fmt == "mlx-gptq" else "rtn"
+        (same_method,) = (write(MLXWriter(checkpoint, MLXTarget(format="mlx", bits=4, group_size=64, method=method),
+                                          out, "m")) if method != "rtn" else (fixed,))
+        writer = MLXWriter(checkpoint, MLXTarget(format="mlx", bits="auto", method=method,
+                                                 plan={"size_mb": size / 1e6}), out, "m")
+        (planned,) = write(writer)
+        row = compare(model, fmt, f"4bit-g64{'-gptq' if method != 'rtn' else ''}", same_method, writer, planned,
+                      size, folder_bytes(planned.path), mlx_kinds, mlx_kld)
+        if method != "rtn":  # the anchor: mlx_lm.convert's 4-bit g64, rounded to nearest
+            row |= dict(anchor_kld=(anchor := mlx_kld(fixed.path)), plan_over_anchor=row["plan_kld"] / anchor)
+        rows.append(row)
     return rows
 
 
@@ -90,7 +108,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=("before", "after"), default="after")
     parser.add_argument("--work", type=Path, default=WORK_DIR / "plan-gains")
     parser.add_argument("--label", default="", help="added to the result's file name (another set of models)")
-    parser.add_argument("--formats", default="gguf,mlx", help="gguf, mlx or both")
+    parser.add_argument("--formats", default="gguf,mlx", help="of gguf, mlx, mlx-gptq (see the docstring)")
     args = parser.parse_args()
     if args.mode == "before":  # no measured gains: every weight takes its role's (ROLE_GAINS)
         Calibration.gain = lambda self, name, tied_head=False: None
