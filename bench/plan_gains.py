@@ -139,7 +139,8 @@ def main() -> None:
     label = f"-{args.label}" if args.label else ""
     file = RESULTS_DIR / f"plan-gains-{datetime.date.today().isoformat()}-{args.mode}{label}.json"
     file.write_text(json.dumps({"mode": args.mode, "windows": f"{args.windows} x 256 held-out tokens",
-                                "command": " ".join(sys.argv), "rows": rows}, indent=1))
+                                "command": " ".join(["python -m bench.plan_gains", *sys.argv[1:]]), "rows": rows},
+                               indent=1))
     print(file)
 
 
