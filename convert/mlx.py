@@ -42,7 +42,7 @@ from siliconvert.quantize.gptq import gptq_quantize
 from siliconvert.quantize.mlx import (
     MXFP4,
     QuantPolicy,
-    gptq_error_share,
+    gptq_error_shares,
     quantizable_modules,
     quantization_config,
     quantize,
@@ -383,8 +383,9 @@ class MLXWriter(Writer):
                 hessian = self.hessians.get(source_name)
                 if (hessian is not None and weight.ndim == 2 and hessian.shape[0] == weight.shape[-1]
                         and info.role.role != "token_embd"):
-                    share = gptq_error_share(np.asarray(weight.astype(mx.float32)), hessian, self.dtype)
-                    costs[-1] = with_gptq_errors(costs[-1], share)
+                    shares = gptq_error_shares(np.asarray(weight.astype(mx.float32)), hessian, self.dtype,
+                                               MLX_CANDIDATES)
+                    costs[-1] = with_gptq_errors(costs[-1], shares)
         self.costs, self.quant_plan = costs, make_plan(costs, self.target.plan, fixed_bytes=fixed)
         return {module: QuantPolicy(*mlx_option(option.kind)) for module, option in self.quant_plan.choices.items()}
 

@@ -14,7 +14,7 @@ mx.quantize's.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -31,10 +31,18 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, group_size
                   float_type: mx.Dtype = mx.float16) -> dict[str, mx.array]:
     """mlx's affine arrays for `weight` [rows, columns] ("weight": packed uint32, "scales", "biases" in
     `float_type`), rounded by GPTQ against `hessian` [columns, columns], the mean x xᵀ of the layer's inputs."""
+    return gptq_widths(weight, hessian, [(bits, group_size)], float_type)[0]
+
+
+def gptq_widths(weight: np.ndarray, hessian: np.ndarray, widths: Sequence[tuple[int, int]],
+                float_type: mx.Dtype = mx.float16) -> list[dict[str, mx.array]]:
+    """gptq_quantize's arrays of `weight` at each (bits, group size) of `widths`, every width in one
+    pass (a row's rounding depends on H and that row only, so the widths' copies of the rows are carried as one
+    matrix, and H's factor is computed once: a plan measures GPTQ at every width it may choose)."""
     rows, columns = weight.shape
-    if columns % group_size or hessian.shape != (columns, columns):
-        raise ValueError(f"GPTQ: a {weight.shape} weight takes a [{columns}, {columns}] matrix and a group size "
-                         f"dividing {columns}, not {hessian.shape} and {group_size}")
+    if hessian.shape != (columns, columns) or any(columns % group for _, group in widths):
+        raise ValueError(f"GPTQ: a {weight.shape} weight takes a [{columns}, {columns}] matrix and group sizes "
+                         f"dividing {columns}, not {hessian.shape} and {[group for _, group in widths]}")
     # act order: columns are rounded by falling E[x²], so the ones whose errors cost most are rounded while the most
     # columns remain to carry their errors (on the family test checkpoints, a layer's output error falls by a
     # fifth to a half); so each group's scale and bias are set from the whole group before any column is rounded
@@ -42,28 +50,31 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, group_size
     w = weight.astype(np.float32)[:, order]
     w[:, np.diag(hessian)[order] <= 0] = 0.0  # as carry_errors zeroes them, before the groups' scales see them
     importance = np.maximum(np.diag(hessian), 0).astype(np.float32) + 1e-12
-    top = 2**bits - 1
-    groups = columns // group_size
-    scales = np.empty((rows, groups), dtype=np.float32)
-    biases = np.empty((rows, groups), dtype=np.float32)
     unordered = np.empty_like(w)
     unordered[:, order] = w
-    for g in range(groups):
-        columns_of_group = slice(g * group_size, (g + 1) * group_size)
-        scales[:, g], biases[:, g] = _group_scale(unordered[:, columns_of_group], importance[columns_of_group], top,
-                                                  float_type)
-    q = np.empty((rows, columns), dtype=np.uint32)
+    grids = []  # per width: (group size, scales, biases [rows, groups])
+    for bits, group_size in widths:
+        groups = columns // group_size
+        # every group of every row at once: [rows × groups, group size], each with its columns' importance
+        split = unordered.reshape(rows * groups, group_size)
+        weights = np.tile(importance.reshape(groups, group_size), (rows, 1))
+        scales, biases = _group_scale(split, weights, 2**bits - 1, float_type)
+        grids.append((group_size, scales.reshape(rows, groups), biases.reshape(rows, groups)))
+    # each act-order column's scale, bias and top integer for every stacked row: a column is rounded in one step
+    column_scales = np.concatenate([scales[:, order // group] for group, scales, _ in grids]).T.copy()
+    column_biases = np.concatenate([biases[:, order // group] for group, _, biases in grids]).T.copy()
+    tops = np.repeat([2.0**bits - 1 for bits, _ in widths], rows).astype(np.float32)
+    q = np.empty((len(widths) * rows, columns), dtype=np.uint32)
 
     def round_column(w: np.ndarray, k: int) -> np.ndarray:  # the k-th column in act order, source column order[k]
-        j = order[k]
-        g = j // group_size
-        column = np.clip(np.rint((w[:, k] - biases[:, g]) / scales[:, g]), 0, top)
-        q[:, j] = column
-        return column * scales[:, g] + biases[:, g]
+        column = np.clip(np.rint((w[:, k] - column_biases[k]) / column_scales[k]), 0, tops)
+        q[:, order[k]] = column
+        return column * column_scales[k] + column_biases[k]
 
-    carry_errors(w, hessian[np.ix_(order, order)], round_column)
-    return {"weight": mx.array(pack(q, bits)), "scales": mx.array(scales).astype(float_type),
-            "biases": mx.array(biases).astype(float_type)}
+    carry_errors(np.tile(w, (len(widths), 1)), hessian[np.ix_(order, order)], round_column)
+    return [{"weight": mx.array(pack(q[index * rows:(index + 1) * rows], bits)),
+             "scales": mx.array(scales).astype(float_type), "biases": mx.array(biases).astype(float_type)}
+            for index, ((bits, _), (_, scales, biases)) in enumerate(zip(widths, grids, strict=True))]
 
 
 def carry_errors(weight: np.ndarray, hessian: np.ndarray,
@@ -100,18 +111,19 @@ def inverse_factor(hessian: np.ndarray) -> np.ndarray:
 
 def _group_scale(group: np.ndarray, importance: np.ndarray, top: int,
                  float_type: mx.Dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's scale and bias for one group [rows, group size], both as stored in `float_type`: of the ranges
+    """Each row's scale and bias for a group [rows, group size] (`importance` [group size], or a row of it per row),
+    both as stored in `float_type`: of the ranges
     from its minimum to its maximum stretched or shrunk by SCALE_STEPS, the integers each gives, then the scale and
     bias fitting those best by least squares weighed by `importance` (each column's E[x²]), the one whose rounded
     group is nearest the group in that weighing (llama.cpp's make_qkx2_quants' search, with a free bias)."""
     low, high = group.min(axis=1, keepdims=True), group.max(axis=1, keepdims=True)
     span = np.maximum(high - low, MIN_STEP)
-    w = importance[None, :]
+    w = importance if importance.ndim == 2 else importance[None, :]
     best_error = np.full(group.shape[0], np.inf, dtype=np.float32)
     best_scale, best_bias = np.maximum(span[:, 0] / top, MIN_STEP), low[:, 0].copy()
     for step in SCALE_STEPS:
         q = np.clip(np.rint((group - low) * ((top + step) / span)), 0, top)
-        sum_w, sum_q, sum_q2 = w.sum(), (w * q).sum(1), (w * q * q).sum(1)
+        sum_w, sum_q, sum_q2 = w.sum(1), (w * q).sum(1), (w * q * q).sum(1)
         sum_x, sum_qx = (w * group).sum(1), (w * q * group).sum(1)
         det = sum_w * sum_q2 - sum_q * sum_q
         fitted = det > 0

@@ -15,15 +15,15 @@ object keeps us from restating that rule. Two additions:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from siliconvert.quantize.gptq import gptq_quantize
-from siliconvert.quantize.sensitivity import TensorCosts, mlx_option, sample_rows
+from siliconvert.quantize.gptq import gptq_widths
+from siliconvert.quantize.sensitivity import TensorCosts, mlx_option, mlx_option_name, sample_rows
 
 
 @dataclass(frozen=True)
@@ -96,35 +96,41 @@ def quantize(weight: mx.array, policy: QuantPolicy) -> dict[str, mx.array]:
     return {"weight": packed, "scales": scales} | ({"biases": biases[0]} if biases else {})
 
 
-# rows of a weight GPTQ rounds to measure its share of rounding's error (`gptq_error_share`): its rows are
+# rows of a weight GPTQ rounds to measure its share of rounding's error (`gptq_error_shares`): its rows are
 # independent given H, so a sample tells the whole's share
 GPTQ_SAMPLED_ROWS = 128
 
 
-def gptq_error_share(weight: np.ndarray, hessian: np.ndarray, float_type: mx.Dtype = mx.float16,
-                     policy: QuantPolicy = QuantPolicy(bits=4, group_size=64)) -> float:
-    """The output error (tr ΔW H ΔWᵀ) of `weight` [rows, columns] rounded by GPTQ against `hessian`, over its error
-    rounded to nearest, both at `policy`'s affine bits on a sample of rows. GPTQ carries a column's error into the
-    columns its inputs correlate with: a layer reading correlated inputs keeps a twentieth of rounding's error, one
-    whose inputs are nearly independent half of it (on the small Qwen3 test checkpoint: the MLPs 0.05–0.08, the
-    first layer's q, k and v projections 0.5, reading the embeddings' normed rows)."""
-    group = fitting_group(weight.shape[-1], policy.group_size) or min(GROUP_SIZES)
+def gptq_error_shares(weight: np.ndarray, hessian: np.ndarray, float_type: mx.Dtype = mx.float16,
+                      widths: Sequence[tuple[int, int]] = ((4, 64),)) -> dict[str, float]:
+    """Per affine (bits, group size) of `widths` that divides a row, by its option kind ("4bit-g64"): the output
+    error (tr ΔW H ΔWᵀ) of `weight` [rows, columns] rounded by GPTQ against `hessian`, over its error rounded to
+    nearest, on a sample of rows. GPTQ carries a column's error into the columns its inputs correlate with: a layer
+    reading correlated inputs keeps a twentieth of rounding's error, one whose inputs are nearly independent half of
+    it (on the small Qwen3 test checkpoint, at 4-bit g64: the MLPs 0.05–0.08, the first layer's q, k and v
+    projections 0.5). The share is each width's own: on the real SmolLM2-135M, whose weights are Q4_1 values (4 bits
+    in blocks of 32), GPTQ's fitted grid finds them again at 4-bit g32 (a share of 0.005) where at g64 it keeps
+    0.2–0.3, and at 8 bits, where the float type's rounding of the scales weighs more, 0.3–0.5."""
+    fitting = [(bits, group) for bits, group in widths if weight.shape[-1] % group == 0]
     rows = sample_rows(weight.astype(np.float32), GPTQ_SAMPLED_ROWS * weight.shape[-1])
 
-    def output_error(arrays: dict[str, mx.array]) -> float:
-        rounded = mx.dequantize(arrays["weight"], arrays["scales"], arrays["biases"], group, policy.bits)
+    def output_error(arrays: dict[str, mx.array], bits: int, group: int) -> float:  # as mlx dequantizes them
+        rounded = mx.dequantize(arrays["weight"], arrays["scales"], arrays["biases"], group, bits)
         delta = np.asarray(rounded.astype(mx.float32), dtype=np.float64) - rows
-        return float(np.einsum("ij,jk,ik->", delta, hessian, delta))
+        return float(np.sum((delta @ hessian) * delta))
 
-    nearest = quantize(mx.array(rows).astype(float_type), QuantPolicy(policy.bits, group))
-    rounding = output_error(nearest)
-    return min(1.0, output_error(gptq_quantize(rows, hessian, policy.bits, group, float_type)) / rounding) \
-        if rounding > 0 else 1.0
+    shares = {}
+    for (bits, group), carried in zip(fitting, gptq_widths(rows, hessian, fitting, float_type), strict=True):
+        rounding = output_error(quantize(mx.array(rows).astype(float_type), QuantPolicy(bits, group)), bits, group)
+        carried = output_error(carried, bits, group)
+        shares[mlx_option_name(bits, group)] = min(1.0, carried / rounding) if rounding > 0 else 1.0
+    return shares
 
 
-def with_gptq_errors(costs: TensorCosts, share: float) -> TensorCosts:
+def with_gptq_errors(costs: TensorCosts, shares: Mapping[str, float]) -> TensorCosts:
     """A plan's candidates for a module its target rounds by GPTQ: each affine option's error times GPTQ's
-    measured share of it (`gptq_error_share`); the float modes are rounded to nearest whatever the method."""
-    return replace(costs, options=tuple(replace(option, error=option.error * share)
+    measured share of it at that option's width (`gptq_error_shares`, by kind); the float modes are rounded to
+    nearest whatever the method."""
+    return replace(costs, options=tuple(replace(option, error=option.error * shares[option.kind])
                                         if mlx_option(option.kind)[2] == "affine" else option
                                         for option in costs.options))

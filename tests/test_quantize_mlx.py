@@ -6,7 +6,8 @@ import pytest
 from conftest import build_mlx
 from test_quantize_gptq import correlated
 
-from siliconvert.quantize.mlx import gptq_error_share, with_gptq_errors
+from siliconvert.quantize.gptq import gptq_quantize
+from siliconvert.quantize.mlx import gptq_error_shares, with_gptq_errors
 from siliconvert.quantize.sensitivity import Option, TensorCosts
 
 
@@ -14,16 +15,38 @@ def test_gptq_leaves_less_of_the_error_where_the_inputs_correlate():
     weight, hessian = correlated()
     rng = np.random.default_rng(1)
     independent = rng.normal(size=(2048, hessian.shape[0])) * np.exp(rng.normal(size=hessian.shape[0]))
-    correlated_share = gptq_error_share(weight, hessian)
-    independent_share = gptq_error_share(weight, independent.T @ independent / len(independent))
+    correlated_share = gptq_error_shares(weight, hessian)["4bit-g64"]
+    independent_share = gptq_error_shares(weight, independent.T @ independent / len(independent))["4bit-g64"]
     assert 0 < correlated_share < 0.5 * independent_share <= 1
 
 
-def test_the_share_scales_the_affine_options_only():
+def test_each_width_has_its_own_share():
+    """A weight whose values lie on a 4-bit grid per 32 columns (as a model rebuilt from a Q4_1 GGUF's do): GPTQ's
+    fitted grid finds them again at 4-bit g32, not at g64 nor at 3 bits; a width no row fits has no share."""
+    weight, hessian = correlated(columns=192)
+    rng = np.random.default_rng(2)
+    steps = np.exp(rng.normal(size=(len(weight), 6, 1))) * 0.01
+    lows = rng.normal(size=(len(weight), 6, 1)) * 0.05
+    on_grid = (lows + steps * rng.integers(0, 16, size=(len(weight), 6, 32))).reshape(len(weight), 192)
+    shares = gptq_error_shares(on_grid.astype(np.float32), hessian, widths=[(4, 32), (4, 64), (3, 32), (4, 128)])
+    assert set(shares) == {"4bit-g32", "4bit-g64", "3bit-g32"}
+    assert shares["4bit-g32"] < 0.25 * min(shares["4bit-g64"], shares["3bit-g32"])  # 0.027 against 0.19, 0.28
+
+
+def test_the_widths_rounded_together_are_each_as_rounded_alone():
+    weight, hessian = correlated(rows=40)
+    shares = gptq_error_shares(weight, hessian, widths=[(4, 64), (3, 32)])
+    for bits, group in ((4, 64), (3, 32)):
+        alone = gptq_error_shares(weight, hessian, widths=[(bits, group)])
+        assert alone[f"{bits}bit-g{group}"] == pytest.approx(shares[f"{bits}bit-g{group}"], rel=1e-6)
+        assert gptq_quantize(weight, hessian, bits, group)["weight"].shape == (40, 256 * bits // 32)
+
+
+def test_the_shares_scale_the_affine_options_only_each_by_its_own():
     costs = TensorCosts("m", 4096, (Option("mxfp4", 100, 0.4), Option("4bit-g64", 120, 0.2),
                                     Option("8bit-g32", 300, 0.01)))
-    scaled = with_gptq_errors(costs, 0.25)
-    assert [o.error for o in scaled.options] == [0.4, 0.05, 0.0025]
+    scaled = with_gptq_errors(costs, {"4bit-g64": 0.25, "8bit-g32": 0.5})
+    assert [o.error for o in scaled.options] == [0.4, 0.05, 0.005]
     assert [(o.kind, o.nbytes) for o in scaled.options] == [(o.kind, o.nbytes) for o in costs.options]
 
 
