@@ -44,14 +44,19 @@ MODELS = ("demo", "qwen3")
 GPTQ_PLAN_BITS = 4.5  # the issue's int4-class size: a plan of GPTQ-rounded weights at this many bits per weight
 
 
+def label_of(model: str) -> str:
+    """A model's name in folders and file names: a checkpoint folder's own name, else the model as given."""
+    return Path(model).name if Path(model).is_dir() else model
+
+
 def run(model: str, name: str, targets: list[dict], tokens: int, context: int) -> dict:
     """One recipe run in this process; its report.json."""
     from siliconvert.commands.pipeline import run_recipe
     from siliconvert.recipe import load_recipe
 
-    folder = OUT / model / name
+    folder = OUT / label_of(model) / name
     folder.mkdir(parents=True, exist_ok=True)
-    recipe = {"name": f"{model}-{name}", "source": str(checkpoint_for(model)), "output": str(folder / "out"),
+    recipe = {"name": f"{label_of(model)}-{name}", "source": str(checkpoint_for(model)), "output": str(folder / "out"),
               "targets": targets,
               "validate": {"tokens": tokens, "context": context, "latency": False,
                            "gates": {"max_mean_kld": 1.0, "min_same_top1": 0.0, "max_ppl_ratio": 10.0}}}
@@ -113,7 +118,7 @@ def measure(model: str, tokens: int, context: int, precisions: list[str] | None 
     rows += [r for r in rows_of(plain, parameters, " (plain)") if r["quant"] != "fp16 (plain)"]
     rows += [r for r in rows_of(gptq, parameters) if r["quant"] != "fp16"]
     q4_kld = q4["metrics"]["mean_kld"]
-    result = {"model": model, "parameters": parameters, "rows": rows,
+    result = {"model": label_of(model), "parameters": parameters, "rows": rows,
               "q4_k_m": {"bytes": q4["size_bytes"], "mean_kld": q4["metrics"]["mean_kld"], "bits_per_weight": bits}}
     within = [r for r in rows if r["format"] != q4["format"] and r["bytes"] <= q4["size_bytes"]]
     if within:
@@ -152,7 +157,7 @@ def measure_gptq_plans(model: str, tokens: int, context: int) -> dict:
         if quant in plans:
             row |= {"planned_bits_per_weight": plans[quant]["bits_per_weight"], "types": plans[quant]["types"],
                     "predicted_mean_kld": plans[quant]["predicted_mean_kld"]}
-    return {"model": model, "parameters": parameters, "rows": list(rows.values()),
+    return {"model": label_of(model), "parameters": parameters, "rows": list(rows.values()),
             "q4_k_m": {"bytes": q4["size_bytes"], "mean_kld": q4["metrics"]["mean_kld"], "bits_per_weight": q4_bits}}
 
 
@@ -181,7 +186,8 @@ def markdown(results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", help="comma-separated models (demo, a tests/families.py family)")
+    parser.add_argument("--only",
+                        help="comma-separated models (demo, real, a tests/families.py family, a checkpoint folder)")
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--precisions", help="comma-separated: only these of the fixed, plain and GPTQ packages")
@@ -193,7 +199,7 @@ def main() -> None:
     precisions = args.precisions.split(",") if args.precisions else None
     results = [measure_gptq_plans(model, args.tokens, args.context) if args.gptq_plans
                else measure(model, args.tokens, args.context, precisions, not args.no_plan) for model in models]
-    stamp = datetime.date.today().isoformat() + (f"-only-{'-'.join(models)}" if args.only else "")
+    stamp = datetime.date.today().isoformat() + (f"-only-{'-'.join(map(label_of, models))}" if args.only else "")
     stamp += f"-{'-'.join(precisions)}" if precisions else ""
     stamp += "-no-plan" if args.no_plan else ""
     stamp += "-gptq-plans" if args.gptq_plans else ""

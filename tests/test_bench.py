@@ -305,3 +305,12 @@ def test_sweeps_merge_only_on_one_model_and_corpus_and_keep_a_shared_row_once():
     assert [r["quant"] for r in front["rows"]] == ["auto-10B", "Q4_K_M", "Q8_0"]
     with pytest.raises(SystemExit, match="model or corpus"):
         sweep_all.merged([fixed, {**planned, "corpus": {"tokens": 1024}}])
+
+
+def test_coreml_palettes_names_a_checkpoint_folder_by_its_own_name(tmp_path):
+    from bench.coreml_palettes import label_of
+
+    folder = tmp_path / "llama-sentencepiece-2-abc"
+    folder.mkdir()
+    assert label_of(str(folder)) == "llama-sentencepiece-2-abc"  # not the absolute path, in bench/work or a file name
+    assert label_of("real") == "real"
