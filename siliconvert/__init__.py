@@ -11,6 +11,16 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 # not need it, and the MIL interpreter stands in for prediction (reported as emulated).
 logging.getLogger("coremltools").setLevel(logging.ERROR)
 
+
+def _not_a_coremltools_warning(record: logging.LogRecord) -> bool:
+    """False for a coremltools warning sent to the root logger: some of its modules log there (`_getLogger()`
+    without a name), e.g. optimize's "Invalid block_sizes" for each int4 block size a Core ML plan tries and
+    the row does not divide, which the setting above cannot silence."""
+    return record.levelno >= logging.ERROR or f"{os.sep}coremltools{os.sep}" not in record.pathname
+
+
+logging.getLogger().addFilter(_not_a_coremltools_warning)
+
 try:
     __version__ = version("siliconvert")
 except PackageNotFoundError:  # running from a source tree that was never installed

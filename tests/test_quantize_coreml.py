@@ -6,6 +6,8 @@ coremltools' passes making the ops the packages hold, and W8A8's activation scal
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -260,3 +262,16 @@ def test_gptq_error_share_is_measured_per_precision_and_falls_with_correlated_in
         assert sampled == pytest.approx(whole, rel=0.25), (precision, sampled, whole)
     # rows that make no whole palette group: nothing to compress, so no share below rounding's
     assert gptq_error_share(weight[:8], hessian, "pal4") == 1.0
+
+
+def test_coremltools_warnings_sent_to_the_root_logger_do_not_reach_the_users_output():
+    """coremltools' optimize logs "Invalid block_sizes" on the root logger for each int4 block a plan tries that the
+    row does not divide; a siliconvert process prints none of it, and still prints others' warnings."""
+    script = ("import logging, numpy as np, siliconvert\n"
+              "from coremltools.optimize._utils import compute_qparams\n"
+              "assert compute_qparams(np.ones((30, 30), np.float32), 4, True, 'LINEAR_SYMMETRIC', np.int8, [1, 13])"
+              " is None\n"
+              "logging.warning('a warning of our own')\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "Invalid block_sizes" not in run.stderr and "a warning of our own" in run.stderr
