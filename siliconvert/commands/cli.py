@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import platform
 import shutil
@@ -15,6 +14,7 @@ from pathlib import Path
 import click
 
 from siliconvert import __version__
+from siliconvert.children import Interrupted, stopping_on_signals
 from siliconvert.errors import GateFailed, SiliconvertError
 
 INTERNAL_ERROR = 3
@@ -148,9 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     if debug:
         args = ["--debug"] + [arg for i, arg in enumerate(args) if i >= end or arg != "--debug"]
     warnings.showwarning = _one_line_warning
-    previous = {signum: signal.signal(signum, _interrupted) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
-        cli.main(args=args, prog_name="siliconvert", standalone_mode=False)
+        with stopping_on_signals():
+            cli.main(args=args, prog_name="siliconvert", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt) as e:  # click turns a KeyboardInterrupt into Abort
         cause = e if isinstance(e, Interrupted) else e.__cause__
         signum = cause.signum if isinstance(cause, Interrupted) else signal.SIGINT
@@ -170,30 +170,6 @@ def main(argv: list[str] | None = None) -> None:
             raise
         click.echo(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", err=True)
         sys.exit(INTERNAL_ERROR)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGINT reached the command: it unwinds like Ctrl-C, and exits 128 + the signal's number."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _interrupted(signum: int, _frame) -> None:
-    """Stop every child the run started (the reference, calibration and artifact runners, each a process pool's
-    worker) before unwinding: a pool's exit waits for its worker, which only the terminal's Ctrl-C would reach."""
-    children = multiprocessing.active_children()
-    for child in children:
-        child.terminate()
-    for child in children:
-        child.join(timeout=5)
-        if child.is_alive():
-            child.kill()
-    raise Interrupted(signum)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
