@@ -1,7 +1,9 @@
 """siliconvert: one recipe, three formats (Core ML, MLX, GGUF), one honest validation table."""
 
+import importlib.abc
 import logging
 import os
+import sys
 from importlib.metadata import PackageNotFoundError, version
 
 # siliconvert draws its own progress bars; the libraries' own (coremltools' pass pipelines,
@@ -20,6 +22,23 @@ def _not_a_coremltools_warning(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger().addFilter(_not_a_coremltools_warning)
+
+
+class _BeforeMLX(importlib.abc.MetaPathFinder):
+    """Runs `mlx_blas.interpose` when mlx is first imported, wherever that happens (it must come first), then steps
+    aside: finds nothing itself."""
+
+    def find_spec(self, name: str, path: object, target: object = None) -> None:
+        if name == "mlx":
+            sys.meta_path.remove(self)
+            from siliconvert import mlx_blas
+
+            mlx_blas.interpose()
+        return None
+
+
+if "mlx" not in sys.modules:
+    sys.meta_path.insert(0, _BeforeMLX())
 
 try:
     __version__ = version("siliconvert")

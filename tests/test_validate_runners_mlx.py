@@ -14,10 +14,14 @@ from mlx_lm import load
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear
 from test_moe import TINY, save_tiny
 
+from siliconvert import mlx_blas
 from siliconvert.validate.metrics import compare
+from siliconvert.validate.runners import mlx as mlx_runner
 from siliconvert.validate.runners.mlx import (
     MLXRunner,
+    WidenedEmbedding,
     WidenedExperts,
+    WidenedLinear,
     choose_engine,
     dequantize_quantized_layers,
     keep_cuda_kernels,
@@ -52,7 +56,8 @@ def test_auto_runs_a_quantized_folder_dequantized_by_mlx_in_its_own_float_type(d
     runner = MLXRunner(demo_4bit, {})
     assert runner.runtime == "mlx"
     assert runner.device == ("CPU (mlx), weights dequantized by mlx to bfloat16 (mlx's CPU has no fast quantized "
-                             "kernels)")
+                             "kernels), float layers multiplied in float32 through torch's BLAS and rounded to "
+                             "bfloat16 once, as mlx's GPU kernels sum")
     modules = [module for _, module in runner.model.named_modules()]
     assert not any(isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for module in modules)
     linears = [module for module in modules if isinstance(module, nn.Linear)]
@@ -86,6 +91,43 @@ def test_dequantized_engine_computes_what_mlx_computes(demo_4bit):
     assert np.array_equal(quantized, mlx_lm_logits(demo_4bit, windows))  # engine "mlx" is mlx-lm's run, untouched
 
 
+def test_widened_layers_compute_what_mlx_computes(demo_model, demo_4bit, tmp_path, monkeypatch):
+    """With torch's BLAS taking mlx's float32 products (these machines), every float layer multiplies in float32 and
+    rounds once: the function mlx's own 16-bit kernels compute, summed in another order. Measured on the demo's 4-bit
+    folder and its bfloat16 folder (tied embedding, so the head is the embedding's `as_linear`), 2 windows of 64
+    tokens: mean KLD 2e-6 and 5e-6 from mlx's own kernels on the same (dequantized) weights."""
+    assert mlx_blas.blas == mlx_blas.TORCH_BLAS
+    windows = np.random.default_rng(2).integers(0, 4096, size=(2, 64))
+    floats = build_mlx(demo_model, tmp_path, bits=16, dtype="bfloat16").path
+    for folder in (demo_4bit, floats):
+        widened = MLXRunner(folder, {})
+        modules = [module for _, module in widened.model.named_modules()]
+        assert not any(type(module) in (nn.Linear, nn.Embedding) for module in modules)
+        assert any(isinstance(module, WidenedLinear) for module in modules)
+        assert isinstance(widened.model.model.embed_tokens, WidenedEmbedding)
+        assert widened.model.model.embed_tokens.weight.dtype == mx.bfloat16  # the compute type mlx-lm reads
+        with monkeypatch.context() as patched:
+            patched.setattr(mlx_runner, "widens", lambda: False)
+            own = MLXRunner(folder, {"engine": "mlx-dequantized"})
+        assert "float layers multiplied in float32" not in own.device
+        logits, expected = widened.logits_many(windows), own.logits_many(windows)
+        assert mean_kld(expected, logits, windows) < 5e-5
+        assert not np.array_equal(expected, logits)  # the widened layers ran, not mlx's own kernels
+
+
+def test_a_widened_layer_rounds_once_and_keeps_its_bias():
+    linear = nn.Linear(48, 24, bias=True)
+    linear.update(tree_map(lambda p: p.astype(mx.bfloat16), linear.parameters()))
+    x = mx.random.normal((5, 48)).astype(mx.bfloat16)
+    exact = (x.astype(mx.float32) @ linear.weight.astype(mx.float32).T + linear.bias.astype(mx.float32))
+    out = WidenedLinear(linear)(x)
+    assert out.dtype == mx.bfloat16
+    # the float32 result rounded once, up to the order of its sum (which may move a rounding here and there)
+    assert (out == exact.astype(mx.bfloat16)).astype(mx.float32).mean().item() > 0.95
+    rounded_sum = (x @ linear.weight.T + linear.bias).astype(mx.float32)  # bfloat16 sums, for contrast
+    assert (rounded_sum == exact.astype(mx.bfloat16).astype(mx.float32)).astype(mx.float32).mean().item() < 0.95
+
+
 def test_dequantized_engine_decodes_through_mlx_lms_cache(demo_4bit):
     runner = MLXRunner(demo_4bit, {})
     tokens = np.random.default_rng(1).integers(0, 4096, size=40)
@@ -104,7 +146,7 @@ def test_quantized_experts_run_dequantized_and_widened(tmp_path):
     artifact = build_mlx(source, tmp_path / "mlx", bits=8, group_size=64, dtype="bfloat16").path
     runner = MLXRunner(artifact, {})
     assert runner.device.startswith("CPU (mlx), weights dequantized by mlx to ")
-    assert runner.device.endswith(", experts in float32 (mlx's CPU gathers experts in float32 only)")
+    assert ", experts in float32 (mlx's CPU gathers experts in float32 only)" in runner.device
     modules = [module for _, module in runner.model.named_modules()]
     assert any(isinstance(module, WidenedExperts) for module in modules)
     assert not any(isinstance(module, (QuantizedSwitchLinear, SwitchLinear)) for module in modules)
@@ -128,9 +170,25 @@ def test_a_gated_delta_folder_runs_in_mlx_however_slow(family_model, tmp_path, m
                       bits=16).path
     monkeypatch.setattr(mlx_runner, "MAX_CPU_SECONDS", 0)
     assert choose_engine(llama, {}) == "torch"  # where the stand-in can, it takes over beyond the limit
-    assert choose_engine(path, {}) == "mlx"
+    assert choose_engine(path, {}) != "torch"
     with pytest.raises(ArtifactError, match="stores its norms as 1 \\+ w"):
         MLXRunner(path, {"engine": "torch"})
+
+
+def test_a_folder_too_big_to_hold_dequantized_is_run_by_the_stand_in(tmp_path, monkeypatch):
+    """mlx-lm holds the whole model, dequantized and widened (a 7B 4-bit folder: 4 + 14 + 28 GB); the stand-in reads
+    a layer at a time. `auto` hands over where the held bytes exceed half the memory free."""
+    llama = build_mlx(save_tiny(tmp_path / "llama", "llama", intermediate_size=64), tmp_path / "llama-mlx",
+                      bits=4, group_size=32).path
+    assert choose_engine(llama, {}) == "mlx-dequantized"
+    from siliconvert.format import artifact_bytes
+
+    held = mlx_runner.held_bytes(llama, {"quantization": {"bits": 4}})
+    assert held == artifact_bytes(llama) * (1 + 4 + 8)  # the packed 4 bits, 16 dequantized and 32 widened
+    monkeypatch.setattr(mlx_runner, "available_host_bytes", lambda: 2 * held - 1)
+    assert choose_engine(llama, {}) == "torch"
+    monkeypatch.setattr(mlx_runner, "available_host_bytes", lambda: 2 * held)
+    assert choose_engine(llama, {}) == "mlx-dequantized"
 
 
 @pytest.mark.slow
@@ -163,7 +221,7 @@ def test_a_gemma4_folder_runs_in_mlx_however_slow(family_model, tmp_path, monkey
 
     path = build_mlx(family_model("gemma4_text"), tmp_path, bits=16).path
     monkeypatch.setattr(mlx_runner, "MAX_CPU_SECONDS", 0)
-    assert choose_engine(path, {}) == "mlx"
+    assert choose_engine(path, {}) != "torch"
     with pytest.raises(ArtifactError, match="sizes its layers apart"):
         MLXRunner(path, {"engine": "torch"})
 

@@ -49,13 +49,19 @@ def test_auto_engine_stands_in_for_mlx_only_where_its_cpu_is_too_slow(tmp_path):
         "135m-4bit": MISTRAL_7B | llama_135m | four_bit,
         "0.5b-4bit": MISTRAL_7B | qwen_05b | four_bit,
     }
+    # the 7B folders' weights as sparse files of their size: mlx-lm would hold them dequantized (and widened to
+    # float32 where torch's BLAS takes mlx's products), more than these machines have
+    weights = {"7b-4bit": 4_070_000_000, "7b-fp16": 14_480_000_000}
     engines = {}
     for name, config in cases.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps(config))
+        with open(tmp_path / name / "weights-sized.bin", "wb") as shard:  # no header to read: not a shard
+            shard.truncate(weights.get(name, 0))
         engines[name] = choose_engine(tmp_path / name, {})
-    assert engines == {"7b-4bit": "torch", "7b-fp16": "torch", "demo-4bit": "mlx-dequantized", "demo-bf16": "mlx",
-                       "135m-4bit": "mlx-dequantized", "0.5b-4bit": "mlx-dequantized"}
+    # a bfloat16 folder runs with mlx's own kernels only where its float layers are not widened (no torch BLAS)
+    assert engines == {"7b-4bit": "torch", "7b-fp16": "torch", "demo-4bit": "mlx-dequantized",
+                       "demo-bf16": "mlx-dequantized", "135m-4bit": "mlx-dequantized", "0.5b-4bit": "mlx-dequantized"}
     assert choose_engine(tmp_path / "7b-4bit", {"engine": "mlx"}) == "mlx"
     assert choose_engine(tmp_path / "demo-4bit", {"engine": "mlx"}) == "mlx"
     assert choose_engine(tmp_path / "demo-4bit", {"engine": "torch"}) == "torch"

@@ -1,14 +1,16 @@
 """MLX runner: the artifact opened by `mlx_lm.load`, exactly as a user would open it.
 
-Where mlx has no GPU (its CPU backend, as on Linux), its quantized kernels are the cost: the `mlx[cpu]` wheel
-multiplies by 4-bit weights one scalar at a time, summing in the activations' own type (mlx 0.32.4,
-backend/cpu/quantized.cpp `_qmm_t`), at 0.2 GFLOP/s in bfloat16 and 0.05 in float16, where its float matmuls run
-at 3 to 5 GFLOP/s and sum in float32 as mlx's GPU kernels do. There (engine "mlx-dequantized", the default) mlx-lm's
-model keeps its own code and mlx its arithmetic, and only the quantized layers are swapped for float layers holding
-`mx.dequantize` of the folder's own arrays in the artifact's compute type. Where even that would take longer than
-MAX_CPU_SECONDS (a 7B model), `DequantizedMLXRunner` stands in: the folder's weights, read and dequantized as
-mlx-lm would compute with them, run through the same layer-by-layer transformers forward as the reference, under
-a row that says so.
+Where mlx has no GPU (its CPU backend, as on Linux), its products are the cost: the `mlx[cpu]` wheel multiplies by
+4-bit weights one scalar at a time, summing in the activations' own type (mlx 0.32.4, backend/cpu/quantized.cpp
+`_qmm_t`), at 0.2 GFLOP/s in bfloat16 and 0.05 in float16; its float16 and bfloat16 matmuls run at 3 to 5 GFLOP/s
+in its own kernels, and its float32 ones through the reference BLAS it bundles at 4 to 5, unless torch's BLAS takes
+them (siliconvert/mlx_blas.py: 54 to 186 GFLOP/s). There (engine "mlx-dequantized", the default) mlx-lm's model
+keeps its own code and mlx its arithmetic: the quantized layers are swapped for float layers holding `mx.dequantize`
+of the folder's own arrays in the artifact's compute type, and with torch's BLAS in every float layer multiplies in
+float32 and rounds its result to the compute type once (`widen_float_layers`), which is how mlx's GPU kernels sum.
+Where even that would take longer than MAX_CPU_SECONDS, or hold more than half the memory free (`held_bytes`),
+`DequantizedMLXRunner` stands in: the folder's weights, read and dequantized as mlx-lm would compute with them, run
+through the same layer-by-layer transformers forward as the reference, under a row that says so.
 
 For a mixture of experts both record the experts each sparse layer chose while scoring (`expert_choices`):
 mlx-lm's, as its MoE block feeds them to its SwitchGLU; the stand-in's, from transformers' routers run on the
@@ -21,7 +23,7 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,8 +31,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from siliconvert import mlx_blas
 from siliconvert.artifacts import cache_root
 from siliconvert.errors import ArtifactError
+from siliconvert.format import artifact_bytes
+from siliconvert.validate.overlap import available_host_bytes
 from siliconvert.validate.runners.base import Runner
 
 if TYPE_CHECKING:
@@ -38,11 +43,7 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 ENGINES = ("auto", "mlx", "mlx-dequantized", "torch")
-# mlx's float matmuls on its CPU backend (`mlx[cpu]` 0.32.4, 2 shared cores), GFLOP/s by the weights' type, measured
-# with a 256-token window times a 576 → 1536 weight (a 135M Llama's MLP), 10 runs after a warm-up: float32 goes
-# through the reference BLAS the wheel links (2.3), float16 and bfloat16 through mlx's own kernels (4.4, 3.3 to 5.5
-# as the cores are shared; the lower is taken). Its quantized kernels run at 0.2 (bfloat16) and 0.05 (float16).
-CPU_GFLOPS = {"float32": 2.3, "float16": 4.2, "bfloat16": 3.3}
+FLOAT_TYPES = ("float32", "float16", "bfloat16")
 # A default validation: 1024 scored tokens, and about 100 more for the KV-cache check.
 TYPICAL_TOKENS = 1124
 # `engine: auto` hands a run to DequantizedMLXRunner when mlx's CPU would take longer than this.
@@ -83,8 +84,9 @@ def choose_engine(path: Path, options: dict) -> str:
     """"mlx", "mlx-dequantized" or "torch": the option `engine`, or for "auto" what suits this model here.
 
     On a GPU mlx runs the folder as it is. On mlx's CPU a quantized folder runs dequantized (its quantized
-    kernels are 15 to 80 times slower than its float ones, and sum in the activations' type), and torch
-    stands in only where mlx's float matmuls would still take longer than MAX_CPU_SECONDS."""
+    kernels are 15 to 80 times slower than its float ones, and sum in the activations' type), and any folder does
+    where its float layers are widened (`widens`); torch stands in only where mlx's float matmuls would still take
+    longer than MAX_CPU_SECONDS."""
     engine = engine_option(options)
     if engine != "auto":
         return engine
@@ -93,10 +95,22 @@ def choose_engine(path: Path, options: dict) -> str:
     from mlx_lm.utils import load_config
 
     config = load_config(path)
-    if (estimated_cpu_seconds(config, folder_float_type(path, config)) > MAX_CPU_SECONDS
-            and stand_in_refusal(config) is None):
+    too_slow = estimated_cpu_seconds(config, folder_float_type(path, config)) > MAX_CPU_SECONDS
+    too_big = held_bytes(path, config) > available_host_bytes() // 2
+    if (too_slow or too_big) and stand_in_refusal(config) is None:
         return "torch"
-    return "mlx-dequantized" if config.get("quantization") else "mlx"
+    return "mlx-dequantized" if config.get("quantization") or widens() else "mlx"
+
+
+def held_bytes(path: Path, config: dict) -> int:
+    """What mlx-lm's model holds on mlx's CPU with the engine "mlx-dequantized": the folder's arrays, a quantized
+    folder's weights dequantized to 16 bits beside them, and every weight in float32 too where widened. The stand-in
+    reads one layer at a time instead."""
+    size = artifact_bytes(path)
+    quantization = config.get("quantization")
+    bits = quantization.get("bits") if isinstance(quantization, dict) else None
+    weights = size * 8 // bits if isinstance(bits, int) and bits > 0 else size // 2
+    return size + (2 * weights if bits else 0) + (4 * weights if widens() else 0)
 
 
 def stand_in_refusal(config: dict) -> str | None:
@@ -162,13 +176,36 @@ def folder_float_type(path: Path, config: dict) -> str:
         if counted:
             return max(set(counted), key=counted.count)
     dtype = config.get("dtype") or config.get("torch_dtype")
-    return dtype if dtype in CPU_GFLOPS else "float32"
+    return dtype if dtype in FLOAT_TYPES else "float32"
+
+
+def widens() -> bool:
+    """Whether float layers multiply in float32 here (`widen_float_layers`): on mlx's CPU, with torch's BLAS in."""
+    return mx.default_device().type == mx.cpu and mlx_blas.blas == mlx_blas.TORCH_BLAS
+
+
+@cache
+def cpu_gflops(float_type: str, rows: int, columns: int) -> float:
+    """How fast mlx's CPU multiplies here, in GFLOP/s, measured on the model's own shape: 64 tokens times a
+    rows × columns weight in `float_type`, or in float32 where float layers are widened; the best of 3 runs after
+    a warm-up (the cores may be shared)."""
+    import time
+
+    dtype = mx.float32 if widens() else getattr(mx, float_type)
+    x, weight = mx.ones((64, rows), dtype=dtype), mx.ones((rows, columns), dtype=dtype)
+    mx.eval(x @ weight)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        mx.eval(x @ weight)
+        best = min(best, time.perf_counter() - start)
+    return 2 * 64 * rows * columns / best / 1e9
 
 
 def estimated_cpu_seconds(config: dict, float_type: str) -> float:
     """Roughly how long mlx's CPU backend takes over a default validation of the model in `config`, its weights
-    (dequantized where quantized) multiplied in `float_type`. On the demo model (bfloat16) it says 2.9 s where
-    mlx took 2.1 s for 1024 tokens; attention's own products and the norms are left out."""
+    (dequantized where quantized) multiplied in `float_type` (float32 where widened), at the speed `cpu_gflops`
+    measures for its MLP's shape; attention's own products and the norms are left out."""
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     head_dim = config.get("head_dim") or hidden // heads
     kv_heads = config.get("num_key_value_heads") or heads
@@ -181,12 +218,14 @@ def estimated_cpu_seconds(config: dict, float_type: str) -> float:
     per_layer = attention + 3 * hidden * feed_forward
     # the head is one vocab × hidden product per token, tied or not; the embedding is a lookup
     multiplied = config["num_hidden_layers"] * per_layer + config["vocab_size"] * hidden
-    return 2 * multiplied * TYPICAL_TOKENS / (CPU_GFLOPS[float_type] * 1e9)
+    speed = cpu_gflops(float_type, hidden, min(feed_forward, 4 * hidden))
+    return 2 * multiplied * TYPICAL_TOKENS / (speed * 1e9)
 
 
 class MLXRunner(Runner):
     """options: `engine`: "mlx" (mlx-lm runs the artifact as it is), "mlx-dequantized" (mlx-lm runs it with its
-    quantized layers swapped for float layers of the same weights: `dequantize_quantized_layers`), "torch" (a
+    quantized layers swapped for float layers of the same weights: `dequantize_quantized_layers`, multiplying in
+    float32 where `widens`: `widen_float_layers`), "torch" (a
     DequantizedMLXRunner opens instead), or "auto", the default (`choose_engine`)."""
 
     runtime = "mlx"
@@ -210,6 +249,9 @@ class MLXRunner(Runner):
                             "quantized kernels)")
         if mx.default_device().type == mx.cpu and widen_experts(self.model):
             self.device += ", experts in float32 (mlx's CPU gathers experts in float32 only)"
+        if engine == "mlx-dequantized" and widens() and widen_float_layers(self.model):
+            self.device += (f", float layers multiplied in float32 through {mlx_blas.blas} and rounded to "
+                            f"{mlx_compute_dtype(self.model)} once, as mlx's GPU kernels sum")
         self.cache = None
         self.routers = ExpertRecorder(self.model)
         self.choices: np.ndarray | None = None
@@ -303,6 +345,53 @@ class WidenedExperts(nn.Module):
         if "bias" in self:
             out = out + mx.expand_dims(self.bias[indices], -2)
         return out.astype(x.dtype)
+
+
+class WidenedLinear(nn.Linear):
+    """A float Linear that multiplies in float32 and rounds its result to the activations' type once: the function
+    mlx's GPU kernels compute (float32 sums, bias added before the rounding, as `mx.addmm` does), run where mlx's
+    float32 products are fast (torch's BLAS) and its 16-bit ones are not. `weight` keeps its type, for code that reads
+    it (mlx-lm's compute type comes from its embedding's); the float32 copy beside it is exact."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__(1, 1, bias="bias" in linear)
+        self.weight = linear.weight
+        self.widened = linear.weight.astype(mx.float32)
+        if "bias" in linear:
+            self.bias = linear.bias
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if "bias" in self:
+            return mx.addmm(self.bias.astype(mx.float32), x.astype(mx.float32), self.widened.T).astype(x.dtype)
+        return (x.astype(mx.float32) @ self.widened.T).astype(x.dtype)
+
+
+class WidenedEmbedding(nn.Embedding):
+    """An embedding whose lookup is its own and whose product as a tied head (`as_linear`) is WidenedLinear's."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__(1, 1)
+        self.weight = embedding.weight
+        self.widened = embedding.weight.astype(mx.float32)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return (x.astype(mx.float32) @ self.widened.T).astype(x.dtype)
+
+
+def widen_float_layers(model: nn.Module) -> int:
+    """Hold mlx-lm's float Linear and Embedding layers that are not float32 as WidenedLinear / WidenedEmbedding;
+    returns how many."""
+    from mlx.utils import tree_unflatten
+
+    widened = []
+    for path, module in model.named_modules():
+        if type(module) is nn.Linear and module.weight.dtype != mx.float32:
+            widened.append((path, WidenedLinear(module)))
+        elif type(module) is nn.Embedding and module.weight.dtype != mx.float32:
+            widened.append((path, WidenedEmbedding(module)))
+    model.update_modules(tree_unflatten(widened))
+    mx.eval(model.parameters())
+    return len(widened)
 
 
 def widen_experts(model: nn.Module) -> bool:
