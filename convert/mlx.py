@@ -36,7 +36,7 @@ from siliconvert.artifacts import Artifact, Writer
 from siliconvert.calibration import BUILTIN, HESSIAN, IMPORTANCE, RANGE, SENSITIVITY, Calibration, Calibrations
 from siliconvert.checkpoint import Checkpoint, TensorInfo
 from siliconvert.convert.mlx_arch import LAYOUTS, ExpertLayout, MLXArch, model_file_path
-from siliconvert.gains import HEAD
+from siliconvert.gains import EMBEDDING, HEAD
 from siliconvert.progress import track
 from siliconvert.quantize.gptq import gptq_quantize
 from siliconvert.quantize.mlx import (
@@ -378,14 +378,14 @@ class MLXWriter(Writer):
                 gain, shrink_gain = gains[mlx_name]
                 costs.append(mlx_costs(module, np.asarray(weight.astype(mx.float32)), weights, self.dtype.size, gain,
                                        routed_tokens=routed.get(source_name), shrink_gain=shrink_gain))
-                # rounded by GPTQ, a module's errors shrink by what GPTQ measures on it (not a tied embedding's: its
-                # rows are looked up too, where GPTQ's carried errors do not cancel)
+                # rounded by GPTQ, a module's errors shrink by what GPTQ measures on it; a tied embedding's only in
+                # its part as the head: its rows are looked up too, where GPTQ's carried errors do not cancel
                 hessian = self.hessians.get(source_name)
-                if (hessian is not None and weight.ndim == 2 and hessian.shape[0] == weight.shape[-1]
-                        and info.role.role != "token_embd"):
+                if hessian is not None and weight.ndim == 2 and hessian.shape[0] == weight.shape[-1]:
                     shares = gptq_error_shares(np.asarray(weight.astype(mx.float32)), hessian, self.dtype,
                                                MLX_CANDIDATES)
-                    costs[-1] = with_gptq_errors(costs[-1], shares)
+                    looked_up = _looked_up_share(measured) if info.role.role == "token_embd" else 0.0
+                    costs[-1] = with_gptq_errors(costs[-1], shares, looked_up)
         self.costs, self.quant_plan = costs, make_plan(costs, self.target.plan, fixed_bytes=fixed)
         return {module: QuantPolicy(*mlx_option(option.kind)) for module, option in self.quant_plan.choices.items()}
 
@@ -613,6 +613,15 @@ def _rows_independent(sanitize: Callable[[dict[str, mx.array]], dict[str, mx.arr
 def _as_numpy(array: mx.array) -> np.ndarray:
     # numpy has no bfloat16: its bits travel as uint16
     return np.asarray(array.view(mx.uint16) if array.dtype == mx.bfloat16 else array)
+
+
+def _looked_up_share(measured: Calibration) -> float:
+    """Of a tied embedding's gain to the mean KLD, the part it has as the embedding looked up (the rest it has as
+    the head): measured on this model where the sensitivity forward ran, else the roles' fitted gains."""
+    lookup, both = measured.gain(EMBEDDING), measured.gain(EMBEDDING, tied_head=True)
+    if lookup is None or both is None or both <= 0:
+        lookup, both = role_gain("token_embd"), role_gain("token_embd", tied_head=True)
+    return lookup / both if both > 0 else 1.0
 
 
 def _most_common(policies: dict[str, QuantPolicy]) -> QuantPolicy:

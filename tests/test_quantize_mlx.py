@@ -48,6 +48,9 @@ def test_the_shares_scale_the_affine_options_only_each_by_its_own():
     scaled = with_gptq_errors(costs, {"4bit-g64": 0.25, "8bit-g32": 0.5})
     assert [o.error for o in scaled.options] == [0.4, 0.05, 0.005]
     assert [(o.kind, o.nbytes) for o in scaled.options] == [(o.kind, o.nbytes) for o in costs.options]
+    # a tied embedding a quarter of whose weight is its lookup: GPTQ lowers only the other three quarters
+    tied = with_gptq_errors(costs, {"4bit-g64": 0.25, "8bit-g32": 0.5}, looked_up=0.25)
+    assert [o.error for o in tied.options] == pytest.approx([0.4, 0.2 * (0.25 + 0.75 * 0.25), 0.01 * 0.625])
 
 
 def weight_bytes(folder) -> int:
@@ -67,3 +70,16 @@ def test_bits_planned_and_rounded_by_gptq_beat_4_bit_rounding_at_fewer_bits(fami
     planned = build_mlx(qwen3, tmp_path / "planned", bits="auto", plan={"bits_per_weight": 4.4}, method="gptq")
     assert weight_bytes(planned.path) <= weight_bytes(fixed.path)
     assert mean_kld(planned.path, reference) < 0.5 * mean_kld(fixed.path, reference)  # 0.00014 against 0.00119
+
+
+def test_a_tied_embeddings_looked_up_share_is_measured_on_the_model_or_else_the_roles():
+    from siliconvert.calibration import Calibration
+    from siliconvert.convert.mlx import _looked_up_share
+    from siliconvert.gains import EMBEDDING, HEAD
+    from siliconvert.quantize.sensitivity import role_gain
+
+    measured = Calibration("text", gains={EMBEDDING: 0.002, HEAD: 0.006})
+    assert _looked_up_share(measured) == pytest.approx(0.25)
+    fitted = role_gain("token_embd") / role_gain("token_embd", tied_head=True)
+    assert 0 < fitted < 1
+    assert _looked_up_share(Calibration("text")) == pytest.approx(fitted)
