@@ -57,3 +57,5 @@ def test_runtimes_name_each_runtime_with_a_status():
     assert all(isinstance(status, str) and status for status in found.values())
     assert found["coreml"].endswith(("MIL interpreter on torch, CPU (emulated)", "on torch, CUDA (emulated)",
                                      "Core ML runtime (macOS)"))
+    # mlx's CPU here, its float32 products taken by torch's BLAS (siliconvert/mlx_blas.py)
+    assert found["mlx"].endswith("CPU (mlx), float32 products through torch's BLAS")

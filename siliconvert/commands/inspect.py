@@ -66,9 +66,11 @@ def runtimes() -> dict[str, str]:
         found["reference"] = f"torch {torch_version}, transformers {version('transformers')}: " \
                              f"{reference_device()[2]}, {reference_device()[1]}"
     if version("mlx"):
-        from siliconvert.validate.runners.mlx import mlx_device_name
+        from siliconvert import mlx_blas
+        from siliconvert.validate.runners.mlx import mlx_device_name, widens
 
-        found["mlx"] = f"mlx {version('mlx')}, mlx-lm {version('mlx-lm')}: {mlx_device_name()}"
+        products = f", float32 products through {mlx_blas.blas}" if widens() else ""
+        found["mlx"] = f"mlx {version('mlx')}, mlx-lm {version('mlx-lm')}: {mlx_device_name()}{products}"
     else:
         found["mlx"] = "not installed"
     if version("llama-cpp-python"):
