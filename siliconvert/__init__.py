@@ -1,10 +1,10 @@
 """siliconvert: one recipe, three formats (Core ML, MLX, GGUF), one honest validation table."""
 
-import importlib.abc
 import logging
 import os
-import sys
 from importlib.metadata import PackageNotFoundError, version
+
+from siliconvert import mlx_blas as _mlx_blas
 
 # siliconvert draws its own progress bars; the libraries' own (coremltools' pass pipelines,
 # transformers' weight loading) would interleave with them. tqdm reads this when it is imported.
@@ -24,21 +24,8 @@ def _not_a_coremltools_warning(record: logging.LogRecord) -> bool:
 logging.getLogger().addFilter(_not_a_coremltools_warning)
 
 
-class _BeforeMLX(importlib.abc.MetaPathFinder):
-    """Runs `mlx_blas.interpose` when mlx is first imported, wherever that happens (it must come first), then steps
-    aside: finds nothing itself."""
-
-    def find_spec(self, name: str, path: object, target: object = None) -> None:
-        if name == "mlx":
-            sys.meta_path.remove(self)
-            from siliconvert import mlx_blas
-
-            mlx_blas.interpose()
-        return None
-
-
-if "mlx" not in sys.modules:
-    sys.meta_path.insert(0, _BeforeMLX())
+# mlx's float32 products on Linux CPUs go through torch's optimized BLAS: arranged before mlx is first imported
+_mlx_blas.interpose_when_mlx_is_imported()
 
 try:
     __version__ = version("siliconvert")

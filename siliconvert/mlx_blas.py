@@ -7,14 +7,15 @@ libtorch_cpu.so: loaded into the global scope before mlx, it takes those calls, 
 2048 × 2048 product of 1024 rows; `tests/test_mlx_blas.py` checks the products agree with the reference's). A plain
 `import torch` does not do it: torch loads that library into a scope of its own.
 
-`siliconvert/__init__.py` calls `interpose` when mlx is first imported. Nothing changes but speed and the order of a
-sum (float32 either way); `SILICONVERT_MLX_BLAS=bundled` keeps the wheel's own BLAS. On macOS mlx uses Accelerate
-and on NVIDIA GPUs cuBLAS: nothing is done there.
+`siliconvert/__init__.py` arranges for `interpose` to run when mlx is first imported. Nothing changes but speed
+and the order of a sum (float32 either way); `SILICONVERT_MLX_BLAS=bundled` keeps the wheel's own BLAS. On macOS mlx
+uses Accelerate and on NVIDIA GPUs cuBLAS: nothing is done there.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.abc
 import importlib.util
 import os
 import sys
@@ -50,3 +51,19 @@ def _torch_blas() -> Path | None:
         return None
     library = Path(spec.origin).parent / "lib" / "libtorch_cpu.so"
     return library if library.is_file() else None
+
+
+class _BeforeMLX(importlib.abc.MetaPathFinder):
+    """Runs `interpose` when mlx is first imported, wherever that happens (it must come first), then steps aside:
+    finds nothing itself."""
+
+    def find_spec(self, name: str, path: object, target: object = None) -> None:
+        if name == "mlx":
+            sys.meta_path.remove(self)
+            interpose()
+        return None
+
+
+def interpose_when_mlx_is_imported() -> None:
+    if "mlx" not in sys.modules and not any(isinstance(finder, _BeforeMLX) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _BeforeMLX())
