@@ -52,8 +52,10 @@ def checkpoint_for(model: str) -> Path:
         return demo_checkpoint()
     if model == "real":
         return real_checkpoint()
-    if model not in FAMILY_CASES and Path(model).is_dir():
-        return Path(model)
+    if model not in FAMILY_CASES and Path(model).expanduser().is_dir():  # "~/…" given after a comma stays unexpanded
+        return Path(model).expanduser()
+    if model not in FAMILY_CASES:
+        raise SystemExit(f"{model}: neither demo, real, a family of tests/families.py nor a checkpoint folder")
     tokenizer, config = FAMILY_CASES[model]
     return small_checkpoint(None, model, tokenizer, config=config)
 
