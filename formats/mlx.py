@@ -89,18 +89,14 @@ class MLX(Format):
         return rows if isinstance(rows, int) else None
 
     def validation_memory(self, artifact: Artifact, gpu: bool) -> tuple[int, int]:
-        # on a GPU mlx-lm holds the folder's arrays as they are; on mlx's CPU (validate/runners/mlx.py) a quantized
-        # weight is also held dequantized in a 16-bit float beside its packed bits, and every float weight also in
-        # float32 where the products are widened (16-bit folders taken as 2 bytes a weight)
+        # on a GPU mlx-lm holds the folder's arrays as they are; on mlx's CPU what the runner holds (`held_bytes`:
+        # quantized weights also dequantized, float layers also widened to float32)
         size = artifact_bytes(artifact.path)
         if gpu:
             return size, size
-        quantization = _config(artifact.path).get("quantization")
-        bits = quantization.get("bits") if isinstance(quantization, dict) else None
-        if isinstance(bits, int) and bits > 0:
-            weights = size * 8 // bits
-            return size + 2 * weights + 4 * weights, 0
-        return size + 4 * (size // 2), 0
+        from siliconvert.validate.runners.mlx import held_bytes
+
+        return held_bytes(artifact.path, _config(artifact.path)), 0
 
     def describe(self, artifact: Artifact) -> dict[str, Any]:
         config = _config(artifact.path)
