@@ -42,7 +42,8 @@ class _Starts:
     """Who is starting a child now, and whether a signal has stopped the run."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        # reentrant: a second signal can land in the handler while it holds the lock (Ctrl-C pressed twice)
+        self.lock = threading.RLock()
         self.starter: int | None = None  # the thread holding `lock`
         self.deferred: int | None = None  # the signal that stopped the run, or landed in the starter itself
         self.stopped = False
