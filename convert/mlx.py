@@ -36,7 +36,7 @@ from siliconvert.artifacts import Artifact, Writer
 from siliconvert.calibration import BUILTIN, HESSIAN, IMPORTANCE, RANGE, SENSITIVITY, Calibration, Calibrations
 from siliconvert.checkpoint import Checkpoint, TensorInfo
 from siliconvert.convert.mlx_arch import LAYOUTS, ExpertLayout, MLXArch, model_file_path
-from siliconvert.gains import HEAD, unmeasured_trait
+from siliconvert.gains import EMBEDDING, HEAD
 from siliconvert.progress import track
 from siliconvert.quantize.gptq import gptq_quantize
 from siliconvert.quantize.mlx import (
@@ -53,9 +53,6 @@ from siliconvert.quantize.plan import Plan, make_plan
 from siliconvert.quantize.sensitivity import (
     MLX_CANDIDATES,
     TensorCosts,
-    column_squares,
-    for_both_uses,
-    looked_up_share,
     mlx_costs,
     mlx_option,
     role_gain,
@@ -186,14 +183,9 @@ class MLXWriter(Writer):
                                   f"(first: {unfitted[0]})")
         # GPTQ's H per HF weight name (none for rtn); a tied embedding is rounded as the head, against its inputs
         self.hessians = self.calibration.hessians(BUILTIN) if target.method == "gptq" else {}
-        self.tied_tables: set[str] = set()  # rounded by GPTQ against both their uses (`_hessian_of`)
-        self.looked_up = 0.0
         if checkpoint.spec.tie_word_embeddings and HEAD in self.hessians:
-            self.tied_tables = {name for name, info in checkpoint.tensor_infos.items()
-                                if info.role is not None and info.role.role == "token_embd"}
-            self.hessians = self.hessians | dict.fromkeys(self.tied_tables, self.hessians[HEAD])
-            if unmeasured_trait(checkpoint.spec) is None:  # else the head's inputs alone, as before gains were
-                self.looked_up = looked_up_share(self.calibration.get(BUILTIN, {SENSITIVITY}))
+            self.hessians = self.hessians | {name: self.hessians[HEAD] for name, info in checkpoint.tensor_infos.items()
+                                             if info.role is not None and info.role.role == "token_embd"}
         # module path → how it is quantized; `policy` is config.json's default (the most common one)
         self.policies = self._module_policies() | self._kept_mxfp4()
         self.policy = _most_common(self.policies) if self.policies else None
@@ -377,27 +369,23 @@ class MLXWriter(Writer):
                     fixed += weight.size * (self.dtype.size if mx.issubdtype(weight.dtype, mx.floating)
                                             else weight.dtype.size)
                     continue
-                # a tied embedding is the head too: its columns are weighed by the head's inputs and, as it is looked
-                # up, alike (`for_both_uses`); an expert stack's gate, up and down take their stack's rows (gate and
-                # up read the same inputs)
+                # a tied embedding is the head too: its columns are weighed by the head's inputs; an expert stack's
+                # gate, up and down take their stack's rows (gate and up read the same inputs)
                 weights = importance.get(mlx_name, importance.get("lm_head.weight") if tied else None)
-                hessian = self.hessians.get(source_name)
-                if tied and info.role.role == "token_embd" and weights is not None:
-                    squares, share = column_squares(np.asarray(weight.astype(mx.float32))), looked_up_share(measured)
-                    weights = for_both_uses(weights, squares, share)
-                    hessian = None if hessian is None else for_both_uses(hessian, squares, share)
                 if source_name in routed:
                     weights = importance[source_name]
                 fixed += 2 * _json_bytes(mlx_name) + 2 * (len(module) + MODULE_ENTRY_BYTES)  # scales, biases; config
                 gain, shrink_gain = gains[mlx_name]
                 costs.append(mlx_costs(module, np.asarray(weight.astype(mx.float32)), weights, self.dtype.size, gain,
                                        routed_tokens=routed.get(source_name), shrink_gain=shrink_gain))
-                # rounded by GPTQ, a module's errors shrink by what GPTQ measures on it (a tied embedding's against
-                # both its uses, as the writer rounds it)
+                # rounded by GPTQ, a module's errors shrink by what GPTQ measures on it; a tied embedding's only in
+                # its part as the head: its rows are looked up too, where GPTQ's carried errors do not cancel
+                hessian = self.hessians.get(source_name)
                 if hessian is not None and weight.ndim == 2 and hessian.shape[0] == weight.shape[-1]:
                     shares = gptq_error_shares(np.asarray(weight.astype(mx.float32)), hessian, self.dtype,
                                                MLX_CANDIDATES)
-                    costs[-1] = with_gptq_errors(costs[-1], shares)
+                    looked_up = _looked_up_share(measured) if info.role.role == "token_embd" else 0.0
+                    costs[-1] = with_gptq_errors(costs[-1], shares, looked_up)
         self.costs, self.quant_plan = costs, make_plan(costs, self.target.plan, fixed_bytes=fixed)
         return {module: QuantPolicy(*mlx_option(option.kind)) for module, option in self.quant_plan.choices.items()}
 
@@ -429,7 +417,7 @@ class MLXWriter(Writer):
         for info in self.checkpoint.stream_order():
             placeholder = mx.zeros(info.shape, dtype=mx.float32)
             outputs = []
-            for name, array in self._transform(info.name, placeholder).items():
+            for name, array in self._transform(info.name, placeholder, planning=True).items():
                 if shard_bytes and shard_bytes + array.nbytes > SHARD_BYTES:
                     shard, shard_bytes = shard + 1, 0
                 outputs.append(Output(name, tuple(array.shape), array.dtype, shard))
@@ -437,10 +425,10 @@ class MLXWriter(Writer):
             plan[info.name] = outputs
         return plan
 
-    def _transform(self, name: str, weight: mx.array, hessian: np.ndarray | None = None) -> dict[str, mx.array]:
-        """mlx-lm's arrays for one source tensor: sanitized, cast, and quantized where mlx-lm would (by GPTQ against
-        `hessian`, `_hessian_of`'s, where given; none where only the shapes are wanted: GPTQ's arrays are
-        mx.quantize's shapes)."""
+    def _transform(self, name: str, weight: mx.array, planning: bool = False) -> dict[str, mx.array]:
+        """mlx-lm's arrays for one source tensor: sanitized, cast, and quantized where mlx-lm would (by GPTQ where
+        the target asks and the source weight's inputs were measured). `planning`: shapes only, on a placeholder
+        never computed (GPTQ's arrays are mx.quantize's shapes)."""
         out = {}
         for mlx_name, array in self.sanitize({name: weight}).items():
             module, _, kind = mlx_name.rpartition(".")
@@ -448,7 +436,8 @@ class MLXWriter(Writer):
                 array = array.astype(self.dtype)
             if kind == "weight" and module in self.policies:
                 policy = self.policies[module]
-                if hessian is not None and policy.mode == "affine" and hessian.shape[0] == array.shape[-1]:
+                hessian = None if planning or policy.mode != "affine" else self.hessians.get(name)
+                if hessian is not None and hessian.shape[0] == array.shape[-1]:
                     quantized = gptq_quantize(np.asarray(array.astype(mx.float32)), hessian, policy.bits,
                                               policy.group_size, self.dtype)
                 else:
@@ -464,28 +453,18 @@ class MLXWriter(Writer):
         splits within each row: an expert stack's gate and up) is converted ROW_BLOCK_BYTES at a time (an expert
         stack's rows are its experts), so mlx never holds a float32 copy of a big tensor; any other sanitize
         gets the whole tensor."""
-        hessian = self._hessian_of(name, array)
         if array.ndim < 2 or not _rows_independent(self.sanitize, name, array.shape):
-            whole = self._transform(name, mx.array(array), hessian)
+            whole = self._transform(name, mx.array(array))
             mx.eval(whole)
             return {k: [_as_numpy(v)] for k, v in whole.items()}
         rows = max(1, ROW_BLOCK_BYTES // max(1, array[0].nbytes))
         parts: dict[str, list[np.ndarray]] = {o.name: [] for o in self.plan[name]}
         for start in range(0, array.shape[0], rows):
-            block = self._transform(name, mx.array(array[start:start + rows]), hessian)
+            block = self._transform(name, mx.array(array[start:start + rows]))
             mx.eval(block)
             for k, v in block.items():
                 parts[k].append(_as_numpy(v))
         return parts
-
-    def _hessian_of(self, name: str, array: np.ndarray) -> np.ndarray | None:
-        """What GPTQ rounds a source tensor against (None: rounded to nearest): its inputs' second moments; a tied
-        embedding's for both its uses (`for_both_uses`: the head's inputs and its rows looked up), on the whole
-        table's columns, so each block of its rows is rounded against the same H."""
-        hessian = self.hessians.get(name)
-        if hessian is not None and name in self.tied_tables and self.looked_up:
-            return for_both_uses(hessian, column_squares(array), self.looked_up)
-        return hessian
 
     # ---- files -------------------------------------------------------------------------------------
     def _shard_name(self, shard: int) -> str:
@@ -634,6 +613,15 @@ def _rows_independent(sanitize: Callable[[dict[str, mx.array]], dict[str, mx.arr
 def _as_numpy(array: mx.array) -> np.ndarray:
     # numpy has no bfloat16: its bits travel as uint16
     return np.asarray(array.view(mx.uint16) if array.dtype == mx.bfloat16 else array)
+
+
+def _looked_up_share(measured: Calibration) -> float:
+    """Of a tied embedding's gain to the mean KLD, the part it has as the embedding looked up (the rest it has as
+    the head): measured on this model where the sensitivity forward ran, else the roles' fitted gains."""
+    lookup, both = measured.gain(EMBEDDING), measured.gain(EMBEDDING, tied_head=True)
+    if lookup is None or both is None or both <= 0:
+        lookup, both = role_gain("token_embd"), role_gain("token_embd", tied_head=True)
+    return lookup / both if both > 0 else 1.0
 
 
 def _most_common(policies: dict[str, QuantPolicy]) -> QuantPolicy:

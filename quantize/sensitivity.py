@@ -99,8 +99,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 
-from siliconvert.calibration import Calibration
-from siliconvert.gains import EMBEDDING, Q8_0, Q8_K
+from siliconvert.gains import Q8_0, Q8_K
 
 # llama.cpp types a GGUF plan chooses from. K-quants and i-quants need rows of whole 256-blocks; the 32-block types
 # (legacy Q4_0 … Q8_0, IQ4_NL, MXFP4) are what a narrower row can take, and what llama.cpp's fixed recipes fall back
@@ -168,45 +167,6 @@ def role_gain(role: str, tied_head: bool = False) -> float:
     if role == "output":
         return ROLE_GAINS["output"]
     return ROLE_GAINS.get(role.split("_")[0], ROLE_GAINS["attn"])
-
-
-def looked_up_share(measured: Calibration) -> float:
-    """Of a tied embedding's gain to the mean KLD, the part it has as the embedding looked up (the rest it has as
-    the head): measured on this model where the sensitivity forward ran, else the roles' fitted gains."""
-    lookup, both = measured.gain(EMBEDDING), measured.gain(EMBEDDING, tied_head=True)
-    if lookup is None or both is None or both <= 0:
-        lookup, both = role_gain("token_embd"), role_gain("token_embd", tied_head=True)
-    return lookup / both if both > 0 else 1.0
-
-
-def for_both_uses(inputs: np.ndarray, column_squares: np.ndarray, looked_up: float) -> np.ndarray:
-    """A tied table's importance row (or GPTQ's H) for both its uses: `inputs`, the head's (its inputs' mean x² per
-    column, or their mean x xᵀ), plus λ on every column (H's diagonal), what its rows looked up as the embedding
-    weigh, where every column counts alike. With `looked_up` = g_e / (g_e + g_h) (`looked_up_share`) and
-    λ = g_e / g_h · Σ_j a_j s_j / Σ_j s_j (a: the head's importance, s: the table's Σ W² per column,
-    `column_squares`), the table's relative error under a + λ, times its gain g_e + g_h, is exactly
-    g_e · r_lookup + g_h · r_head, the two paths' sum; so costs weigh each use by its own gain, and GPTQ against
-    H + λI trades the head's error against the lookup's as the mean KLD does. Against H alone (the head's inputs
-    only) GPTQ carries its errors into the columns the head's inputs barely use, which the lookup reads in full: on
-    the real SmolLM2-135M its table's lookup error grew 1.7× (int4) to 6× (pal6) over rounding's, and its tied
-    table's cost, 0.064 / 0.134 / 0.052 (int4 / pal4 / pal6) against H, is 0.056 / 0.110 / 0.041 against H + λI."""
-    importance = np.diag(inputs) if inputs.ndim == 2 else inputs
-    squares = np.asarray(column_squares, np.float64)
-    lam = looked_up / max(1.0 - looked_up, 1e-6) * float(squares @ importance) / max(float(squares.sum()), 1e-30)
-    both = inputs.astype(np.float64)  # a copy
-    if both.ndim == 2:
-        both[np.diag_indices_from(both)] += lam
-    else:
-        both += lam
-    return both.astype(inputs.dtype)
-
-
-def column_squares(weight: np.ndarray) -> np.ndarray:
-    """Σ W² per column of a (rows × columns) weight (float64), a block of rows at a time: `for_both_uses`' s."""
-    squares = np.zeros(weight.shape[-1])
-    for start in range(0, len(weight), 4096):
-        squares += np.square(weight[start:start + 4096].astype(np.float64)).sum(0)
-    return squares
 
 
 def split_gains(gain: float, parts: Sequence[np.ndarray], importance: Sequence[np.ndarray | None]) -> list[float]:

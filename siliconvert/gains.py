@@ -137,18 +137,14 @@ def sensitivity_tokens(layers: int, weights_per_layer: int) -> int:
 UNMEASURED_TRAITS = ("per_layer_input", "kv_shared_layers")
 
 
-def unmeasured_trait(spec: ModelSpec) -> str | None:
-    """The first trait of `spec` the sensitivity forward cannot measure gains under (None: it measures them)."""
-    traits = spec.traits()
-    return next((trait for trait in UNMEASURED_TRAITS if trait in traits), None)
-
-
 def check_traits(spec: ModelSpec) -> None:
     """Refuse, by name, a trait the sensitivity forward cannot measure gains under (a plan needs them)."""
-    if (trait := unmeasured_trait(spec)) is not None:
-        raise CheckpointError(f"a plan's measured gains cannot honour the trait {trait} ({spec.traits()[trait]}): "
-                              "the sensitivity forward runs its perturbed streams through one store of layer "
-                              "inputs; use fixed quants")
+    traits = spec.traits()
+    for trait in UNMEASURED_TRAITS:
+        if trait in traits:
+            raise CheckpointError(f"a plan's measured gains cannot honour the trait {trait} ({traits[trait]}): the "
+                                  "sensitivity forward runs its perturbed streams through one store of layer inputs; "
+                                  "use fixed quants")
 
 
 def measured_gains(config: PretrainedConfig, weights: WeightSource, window: np.ndarray, roles: dict[str, str], *,

@@ -48,6 +48,9 @@ def test_the_shares_scale_the_affine_options_only_each_by_its_own():
     scaled = with_gptq_errors(costs, {"4bit-g64": 0.25, "8bit-g32": 0.5})
     assert [o.error for o in scaled.options] == [0.4, 0.05, 0.005]
     assert [(o.kind, o.nbytes) for o in scaled.options] == [(o.kind, o.nbytes) for o in costs.options]
+    # a tied embedding a quarter of whose weight is its lookup: GPTQ lowers only the other three quarters
+    tied = with_gptq_errors(costs, {"4bit-g64": 0.25, "8bit-g32": 0.5}, looked_up=0.25)
+    assert [o.error for o in tied.options] == pytest.approx([0.4, 0.2 * (0.25 + 0.75 * 0.25), 0.01 * 0.625])
 
 
 def weight_bytes(folder) -> int:
@@ -69,41 +72,14 @@ def test_bits_planned_and_rounded_by_gptq_beat_4_bit_rounding_at_fewer_bits(fami
     assert mean_kld(planned.path, reference) < 0.5 * mean_kld(fixed.path, reference)  # 0.00014 against 0.00119
 
 
+def test_a_tied_embeddings_looked_up_share_is_measured_on_the_model_or_else_the_roles():
+    from siliconvert.calibration import Calibration
+    from siliconvert.convert.mlx import _looked_up_share
+    from siliconvert.gains import EMBEDDING, HEAD
+    from siliconvert.quantize.sensitivity import role_gain
 
-def test_a_tied_table_is_rounded_by_gptq_against_both_its_uses(family_model, tmp_path):
-    """The MLX writer's H for a tied embedding (and the Core ML writer's, for the blob that embeds and is the head):
-    the head's inputs' plus λ on the diagonal for its rows looked up, by the lookup's share of the gain measured on
-    the model (`for_both_uses`); an untied weight's H is its own inputs'."""
-    from siliconvert.calibration import BUILTIN, SENSITIVITY, Calibrations
-    from siliconvert.checkpoint import Checkpoint, read_model_tensor
-    from siliconvert.convert.coreml.chunks import plan_chunks
-    from siliconvert.convert.coreml.plan import ColumnImportance, tied_table
-    from siliconvert.convert.mlx import MLXWriter
-    from siliconvert.gains import HEAD
-    from siliconvert.quantize.sensitivity import column_squares, for_both_uses, looked_up_share
-    from siliconvert.recipe import MLXTarget
-
-    checkpoint = Checkpoint.open(family_model("gemma2"))  # ties its head, as Gemma 2 ships
-    assert checkpoint.spec.tie_word_embeddings
-    calibration = Calibrations.outside_a_run(checkpoint)
-    target = MLXTarget(format="mlx", bits=4, group_size=32, method="gptq", model_file="faithful")
-    writer = MLXWriter(checkpoint, target, tmp_path, checkpoint.name, calibration=calibration)
-    table_name = "model.embed_tokens.weight"
-    table = read_model_tensor(checkpoint.tensor_infos[table_name])
-    head = calibration.hessians(BUILTIN)[HEAD]
-    share = looked_up_share(calibration.get(BUILTIN, {SENSITIVITY}))
-    assert 0 < share < 1
-    expected = for_both_uses(head, column_squares(table), share)
-    assert np.array_equal(writer._hessian_of(table_name, table), expected)
-    assert not np.allclose(np.diag(expected), np.diag(head))
-    down = "model.layers.0.mlp.down_proj.weight"
-    assert writer._hessian_of(down, read_model_tensor(checkpoint.tensor_infos[down])) is calibration.hessians(
-        BUILTIN)[down]
-
-    tied = tied_table(checkpoint, calibration)
-    hessians = ColumnImportance(checkpoint, calibration.hessians(BUILTIN), tied)
-    (chunk,) = plan_chunks(checkpoint.spec, 1)
-    whole = slice(None)
-    assert np.allclose(hessians.of(chunk, ("token_embd", None, "weight"), whole), expected, rtol=1e-5)
-    assert np.array_equal(ColumnImportance(checkpoint, calibration.hessians(BUILTIN)).of(
-        chunk, ("token_embd", None, "weight"), whole), head)
+    measured = Calibration("text", gains={EMBEDDING: 0.002, HEAD: 0.006})
+    assert _looked_up_share(measured) == pytest.approx(0.25)
+    fitted = role_gain("token_embd") / role_gain("token_embd", tied_head=True)
+    assert 0 < fitted < 1
+    assert _looked_up_share(Calibration("text")) == pytest.approx(fitted)

@@ -9,9 +9,7 @@ are measured on the build thread while the stream goes on; once every chunk is i
 compresses each chunk at its weights' precisions. A weight's importance (the calibration run's mean x² per input
 column, siliconvert/calibration.py) is its source tensor's: a fold splits or scales rows, which keeps
 the columns' importance, and a relative error does not see a scale. A table that only embeds (a lookup) weighs
-its columns alike; one that is the head only takes the head's inputs; one blob that is both takes the head's
-inputs plus every column alike by the lookup's share of its measured gain (`for_both_uses`, as the MLX plan
-does), in its costs and in what GPTQ rounds it against. A mixture of
+its columns alike; one that is the head too takes the head's inputs, as the MLX plan does. A mixture of
 experts' package holds each expert's weights apart: each is planned on its own (unlike GGUF and MLX, whose stacks
 take one type), with its own importance row and its gain times its share of the routed calibration tokens; the
 routers are not planned (fp16).
@@ -26,28 +24,19 @@ and the parts are measured one weight at a time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from siliconvert.architectures import ModelSpec
 from siliconvert.calibration import BUILTIN, IMPORTANCE, SENSITIVITY, Calibrations
-from siliconvert.checkpoint import read_model_tensor
 from siliconvert.convert.coreml.chunks import Chunk, Key, blobs_of, head_pieces, head_role, role_key
 from siliconvert.convert.coreml.folds import EXPERT_STACKS, graph_keys
-from siliconvert.gains import EMBEDDING, HEAD, unmeasured_trait
+from siliconvert.gains import EMBEDDING, HEAD
 from siliconvert.quantize.coreml import compressible, gptq_error_share, gptq_inverse
 from siliconvert.quantize.plan import Plan, make_plan
-from siliconvert.quantize.sensitivity import (
-    COREML_CANDIDATES,
-    TensorCosts,
-    column_squares,
-    coreml_costs,
-    for_both_uses,
-    looked_up_share,
-    role_gain,
-)
+from siliconvert.quantize.sensitivity import COREML_CANDIDATES, TensorCosts, coreml_costs, role_gain
 from siliconvert.recipe import QuantPlan
 
 HEAD_INPUTS = "lm_head.weight"  # the importance matrix's name for the head's inputs, tied or not
@@ -78,9 +67,8 @@ class WeightPlanner:
         self.goal = goal
         calibration = calibration or Calibrations.outside_a_run(checkpoint)
         calibrated = calibration.get(BUILTIN, {IMPORTANCE, SENSITIVITY})
-        self.tied = tied_table(checkpoint, calibration)
-        self.columns = ColumnImportance(checkpoint, calibrated.importance, self.tied)
-        self.hessians = ColumnImportance(checkpoint, calibration.hessians(BUILTIN), self.tied) if gptq else None
+        self.columns = ColumnImportance(checkpoint, calibrated.importance)
+        self.hessians = ColumnImportance(checkpoint, calibration.hessians(BUILTIN)) if gptq else None
         self.candidates = GPTQ_CANDIDATES if gptq else COREML_CANDIDATES
         self.sources = self.columns.sources
         self.measured = calibrated
@@ -98,13 +86,15 @@ class WeightPlanner:
         """Costs of the weights of `function` (the chunk's, built on its stored fp16 package) that the pass would
         compress; `needed` are the chunk's graph tensors, `package` its fp16 package."""
         blobs = {weight: (key, rows) for key in needed for weight, rows in blobs_of(self.spec, chunk, key)}
+        whole = slice(None)
         planned_fp16 = planned = 0
         for weight, values in compressible(function, blobs):
             key, rows = blobs[weight]
             if key[0] in ROUTERS:
                 continue  # fp16, as in the fixed int8 / int4 packages (writer.py says why)
             head = projects(self.spec, chunk, key, rows)
-            gain, shrink_gain = self._gains(key, embeds(chunk, key, rows), head, rows)
+            embeds = chunk.first and key[0] == "token_embd" and rows == whole
+            gain, shrink_gain = self._gains(key, embeds, head, rows)
             importance = self.columns.of(chunk, key, rows)
             if key[0].endswith("]"):  # one expert of a stack (folds.expert_key): its share of the routed tokens,
                 # so the experts' errors add up as the stack's does in a GGUF plan
@@ -166,51 +156,21 @@ def with_gptq_errors(costs: TensorCosts, weight: np.ndarray, hessian: np.ndarray
         for option in costs.options))
 
 
-def embeds(chunk: Chunk, key: Key, rows: slice) -> bool:
-    """Whether a blob of a chunk is the embedding table looked up: the whole table, in the first chunk."""
-    return chunk.first and key[0] == "token_embd" and rows == slice(None)
-
-
 def projects(spec: ModelSpec, chunk: Chunk, key: Key, rows: slice) -> bool:
     """Whether a blob of a chunk is (a piece of) the LM head: the head's table in the last chunk, whole where the
     head is not split (a tied table embeds and projects through one blob), else a piece of it."""
     return chunk.last and key[0] == head_role(spec) and (rows != slice(None) or len(head_pieces(spec)) == 1)
 
 
-@dataclass(frozen=True)
-class TiedTable:
-    """What weighs a tied table's columns for both its uses (`for_both_uses`): the share of its gain it has as the
-    embedding looked up, and its Σ W² per column."""
-
-    looked_up: float
-    squares: np.ndarray
-
-
-def tied_table(checkpoint, calibration: Calibrations) -> TiedTable | None:
-    """A tied table's `TiedTable`, its gains measured on the model (a sensitivity forward, where not yet run); None
-    where the head is not tied or the gains cannot be measured (the table's columns then weigh as the head's inputs
-    alone)."""
-    spec: ModelSpec = checkpoint.spec
-    if not spec.tie_word_embeddings or unmeasured_trait(spec) is not None:
-        return None
-    info = next(info for info in checkpoint.tensor_infos.values()
-                if info.role is not None and info.role.role == "token_embd" and info.role.kind == "weight")
-    return TiedTable(looked_up_share(calibration.get(BUILTIN, {SENSITIVITY})),
-                     column_squares(read_model_tensor(info)))
-
-
 class ColumnImportance:
     """Each graph weight's importance: the calibration's mean x² per input column of its source tensor (`importance`:
-    HF name → row, a row per expert for a stack; or its mean x xᵀ, for GPTQ). A fold splits or scales rows, which
-    keeps the columns' importance; a table that is the head takes the head's inputs (tied or not), one that only
-    embeds has none (its columns weigh alike), and one blob that does both takes the head's inputs plus every
-    column alike by the lookup's share of its gain, where `tied` gives it (`for_both_uses`); an expert of a stack
-    takes its own row."""
+    HF name → row, a row per expert for a stack). A fold splits or scales rows, which keeps the columns'
+    importance; a table that is the head takes the head's inputs (tied or not), one that only embeds has none (its
+    columns weigh alike); an expert of a stack takes its own row."""
 
-    def __init__(self, checkpoint, importance: dict[str, np.ndarray], tied: TiedTable | None = None):
+    def __init__(self, checkpoint, importance: dict[str, np.ndarray]):
         self.spec: ModelSpec = checkpoint.spec
         self.importance = importance
-        self.tied = tied
         self.sources: dict[Key, str] = {}  # each graph tensor's source (HF) name, whose importance its columns take
         for source, info in checkpoint.tensor_infos.items():
             self.sources.update(dict.fromkeys(graph_keys(self.spec, role_key(info.role)), source))
@@ -220,8 +180,6 @@ class ColumnImportance:
         importance = self.importance.get(HEAD_INPUTS if head else self.sources[key])
         if importance is not None and key[0].endswith("]"):  # one expert of a stack (folds.expert_key)
             importance = importance.reshape(self.spec.experts.count, -1)[int(key[0][key[0].index("[") + 1:-1])]
-        if importance is not None and self.tied is not None and head and embeds(chunk, key, rows):
-            importance = for_both_uses(importance, self.tied.squares, self.tied.looked_up)
         return importance
 
     def by_weight(self, chunk: Chunk, needed: set[Key]) -> dict[str, np.ndarray | None]:

@@ -48,7 +48,7 @@ from siliconvert.convert.coreml.package import (
     replace_atomically,
     write_package,
 )
-from siliconvert.convert.coreml.plan import ColumnImportance, WeightPlanner, tied_table
+from siliconvert.convert.coreml.plan import ColumnImportance, WeightPlanner
 from siliconvert.convert.coreml.weights import PlaceholderWeights, QuantizedWeights, StoredWeights
 from siliconvert.errors import CheckpointError, OutputError
 from siliconvert.quantize.coreml import W8A8, activation_scale, quantize_weights
@@ -144,18 +144,14 @@ class CoreMLWriter(Writer):
                         if target.plan else None)
         self.quant_plan: Plan | None = None
         self.fp16_blobs: dict[int, dict[str, tuple[int, int]]] = {}
-        # what compressed weights are fitted to (quantize/coreml.py: a palette's k-means, int4 / int8 scales); a
-        # tied table in one blob, for both its uses where its gains are measured (a plan's costs weigh it so, and
-        # GPTQ rounds it so: `tied_table`); a fixed package rounded to nearest, by the head's inputs
-        tied = (self.planner.tied if self.planner else
-                tied_table(checkpoint, calibration) if target.method == "gptq" else None)
-        self.columns = (ColumnImportance(checkpoint, calibration.get(BUILTIN, {IMPORTANCE}).importance, tied)
+        # what compressed weights are fitted to (quantize/coreml.py: a palette's k-means, int4 / int8 scales)
+        self.columns = (ColumnImportance(checkpoint, calibration.get(BUILTIN, {IMPORTANCE}).importance)
                         if len(target.precisions) > 1 else None)
         # a W8A8 package's activation scales: the peak |x| entering each linear layer, looked up as importance is
         self.input_peaks = (ColumnImportance(checkpoint, calibration.get(BUILTIN, {INPUT_PEAKS}).input_peaks)
                             if W8A8 in target.precisions else None)
         # what GPTQ rounds them against (`method: gptq`): the mean x xᵀ of each weight's source, found as its importance
-        self.hessians = (ColumnImportance(checkpoint, calibration.hessians(BUILTIN), tied)
+        self.hessians = (ColumnImportance(checkpoint, calibration.hessians(BUILTIN))
                          if target.method == "gptq" else None)
         self.work = {p: f.with_name(f".{f.name}.tmp-{os.getpid()}") for p, f in self.folders.items()}
         self._state = "open"
