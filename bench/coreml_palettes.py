@@ -13,6 +13,7 @@ tokenizer files).
 
     .venv/bin/python -m bench.coreml_palettes [--only demo,qwen3] [--tokens 512] [--context 256]
                                               [--precisions int4,pal4,pal3] [--no-plan] [--gptq-plans]
+                                              [--label after-x]
 
 `--precisions` keeps only those of the fixed, plain and GPTQ packages; `--no-plan` leaves out the planned ones.
 `--gptq-plans` runs instead what issue #28 asks of Core ML at int4-class size: Q4_K_M, int4 and pal4 by GPTQ, and
@@ -194,6 +195,7 @@ def main() -> None:
     parser.add_argument("--no-plan", action="store_true", help="leave out the planned packages")
     parser.add_argument("--gptq-plans", action="store_true",
                         help="Q4_K_M beside Core ML by GPTQ: int4, pal4, planned at Q4_K_M's bytes and at 4.5 bits")
+    parser.add_argument("--label", help="appended to the result's file name (a run after a change, beside one before)")
     args = parser.parse_args()
     models = args.only.split(",") if args.only else MODELS
     precisions = args.precisions.split(",") if args.precisions else None
@@ -203,6 +205,7 @@ def main() -> None:
     stamp += f"-{'-'.join(precisions)}" if precisions else ""
     stamp += "-no-plan" if args.no_plan else ""
     stamp += "-gptq-plans" if args.gptq_plans else ""
+    stamp += f"-{args.label}" if args.label else ""
     out = Path(RESULTS_DIR) / f"coreml-palettes-{stamp}.json"
     out.write_text(json.dumps({"tokens": args.tokens, "context": args.context, "models": results}, indent=1) + "\n")
     print(markdown(results))

@@ -70,9 +70,8 @@ def test_blobs_are_whole_tensors_or_head_pieces():
                                             ("output.weight#2", slice(32768, 40000))]
     tied = spec_of(vocab_size=20000, tie_word_embeddings=True)
     (only,) = plan_chunks(tied, 1)
-    # a tied table that embeds and projects in one package: whole for the gather, in pieces for the head
-    assert [name for name, _ in blobs_of(tied, only, embedding)] == [
-        "token_embd.weight", "token_embd.weight#0", "token_embd.weight#1"]
+    # a tied table that embeds and projects in one package: stored once, in the head's pieces, which the gather reads
+    assert [name for name, _ in blobs_of(tied, only, embedding)] == ["token_embd.weight#0", "token_embd.weight#1"]
     first, last = plan_chunks(tied, 2)
     assert [name for name, _ in blobs_of(tied, last, embedding)] == ["token_embd.weight#0", "token_embd.weight#1"]
     small = spec_of(tie_word_embeddings=True)  # one head piece: the head and the table are one blob

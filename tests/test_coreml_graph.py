@@ -21,6 +21,7 @@ STREAMED_CASES = {  # id → (config overrides, chunks, which chunk)
     "whole": ({}, 1, 0),
     "one-layer-middle": ({}, 3, 1),
     "tied-split-head-mha": ({"tie_word_embeddings": True, "vocab_size": 16500, "num_key_value_heads": 4}, 3, 2),
+    "tied-split-head-one-chunk": ({"tie_word_embeddings": True, "vocab_size": 16500}, 1, 0),
     "biases-tied": ({"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True}, 1, 0),
     "sliding-window": ({"architectures": ["MistralForCausalLM"], "sliding_window": 12}, 1, 0),
     # mixtures of experts: a dense layer between sparse ones, weights not renormalised; Mixtral's renormalised;
@@ -150,3 +151,26 @@ def test_rms_norm_does_not_overflow_fp16(tmp_path):
     expected = wide / np.sqrt((wide**2).mean(axis=1, keepdims=True) + 1e-6) * weight[None, :, None, None]
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, expected, rtol=0.01, atol=0.01)
+
+
+def test_a_tied_table_split_for_the_head_is_stored_once_and_embeds_every_id(tmp_path, monkeypatch):
+    """A package that embeds and projects through a tied table taller than one head convolution stores the table
+    once, in the head's pieces, and the embedding gathers from them what the whole table gives: the same logits as
+    the table in one piece, for ids either side of a piece's edge."""
+    from siliconvert.convert.coreml import chunks
+
+    spec = spec_of(vocab_size=16500, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                   tie_word_embeddings=True)
+    (chunk,) = plan_chunks(spec, 1)
+    weights = random_weights(spec, chunk)
+    table_bytes = weights[("token_embd", None, "weight")].nbytes
+    split = streamed_package(tmp_path / "split.mlpackage", spec, chunk, weights)
+    assert len(chunks.head_pieces(spec)) == 2
+    stored = sum(f.stat().st_size for f in (tmp_path / "split.mlpackage").rglob("weight.bin"))
+    assert table_bytes < stored < 1.2 * table_bytes
+    monkeypatch.setattr(chunks, "HEAD_SPLIT", spec.vocab_size)
+    whole = streamed_package(tmp_path / "whole.mlpackage", spec, chunk, weights)
+    ids = np.array([[0, 16383, 16384, 16499, 7, 16400, 16383, 16385]], np.int32)
+    logits = [program.run("prefill", {"input_ids": ids, "position": np.array([0], np.int32)},
+                          program.make_states("prefill"))["logits"] for program in (split, whole)]
+    assert np.array_equal(*logits)

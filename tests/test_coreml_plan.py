@@ -37,10 +37,20 @@ class _Measured:
 def test_weights_take_the_gains_measured_on_the_model(random_llama: Path):
     planner = WeightPlanner(Checkpoint.open(random_llama), None, calibration=_Measured())
     every_row = slice(None)
-    assert planner._gains(("ffn_down", 0, "weight"), False, False, every_row) == (0.004, 50 * 0.004)
-    assert planner._gains(("ffn_down", 1, "weight"), False, False, every_row) == (role_gain("ffn_down"), None)
-    gain, shrink_gain = planner._gains(("token_embd", None, "weight"), True, True, every_row)  # embeds, is the head
-    assert (gain, shrink_gain) == (pytest.approx(0.3), pytest.approx(50 * 0.3))
+    assert planner._gains(("ffn_down", 0, "weight"), False, False, every_row) == (0.004, 50 * 0.004, 0.0)
+    assert planner._gains(("ffn_down", 1, "weight"), False, False, every_row) == (role_gain("ffn_down"), None, 0.0)
+    table = ("token_embd", None, "weight")
+    # a tied table that embeds and is the head: both paths' gains, two thirds of them as the embedding looked up
+    assert planner._gains(table, True, True, every_row) == (pytest.approx(0.3), pytest.approx(50 * 0.3),
+                                                            pytest.approx(2 / 3))
+    # a piece of it that a split head projects through and the embedding gathers from: its rows' share of both
+    vocab = planner.spec.vocab_size
+    piece = slice(0, vocab // 4)
+    share = len(range(vocab)[piece]) / vocab
+    assert planner._gains(table, True, True, piece) == (pytest.approx(0.3 * share), pytest.approx(50 * 0.3 * share),
+                                                        pytest.approx(2 / 3))
+    assert planner._gains(table, False, True, piece) == (pytest.approx(0.1 * share), pytest.approx(50 * 0.1 * share),
+                                                         0.0)
 
 
 def test_gptq_candidates_take_their_measured_share_of_rounding_error():
@@ -55,6 +65,10 @@ def test_gptq_candidates_take_their_measured_share_of_rounding_error():
     for before, after in zip(costs.options, rounded.options, strict=True):
         assert (after.kind, after.nbytes) == (before.kind, before.nbytes)
         assert after.error == 0 if after.kind == "fp16" else 0 < after.error < 0.8 * before.error, after
+    # a tied table's part as the embedding looked up keeps rounding's error: GPTQ lowers only the head's part
+    tied = with_gptq_errors(costs, weight, hessian, np.diag(hessian), looked_up=0.25)
+    for before, after, table in zip(costs.options, rounded.options, tied.options, strict=True):
+        assert table.error == pytest.approx(0.25 * before.error + 0.75 * after.error), table
 
 
 def test_recipe_forms():

@@ -62,6 +62,7 @@ from siliconvert.convert.coreml.chunks import (
     VALID_TOKENS,
     Chunk,
     Key,
+    blobs_of,
     cache_slots,
     head_pieces,
     head_role,
@@ -197,7 +198,7 @@ def build_function(spec: ModelSpec, chunk: Chunk, tokens: int, context: int, wei
     ops = WeightedOps(spec, weights, required_tensors(spec, chunk))
     with Function(function_inputs(spec, chunk, tokens, context), opset_version=ct.target.iOS18) as function:
         shared = shared_values(spec, chunk, context, tokens, function.inputs, recurrent_scale)
-        x = (embed(ops, function.inputs["input_ids"], tokens, spec.embedding_scale * stream_scale) if chunk.first
+        x = (embed(ops, chunk, function.inputs["input_ids"], tokens, spec.embedding_scale * stream_scale) if chunk.first
              else function.inputs["hidden_states"])
         if spec.per_layer_input:  # made by the first chunk, an input of the others
             per_layer = (per_layer_inputs(ops, function.inputs["input_ids"], x, tokens, stream_scale) if chunk.first
@@ -455,13 +456,27 @@ def shared_values(spec: ModelSpec, chunk: Chunk, context: int, tokens: int, inpu
                   temperature=temperature, slots=cache_slots(spec, chunk))
 
 
-def embed(ops: WeightedOps, input_ids, tokens: int, scale: float):
+def embed(ops: WeightedOps, chunk: Chunk, input_ids, tokens: int, scale: float):
     """Token ids (1, S) → embeddings (1, C, 1, S), × `scale` (the embedding scale, and FP16Range's)."""
     h = ops.spec.hidden_size
-    # The table as (V, C, 1, 1), the LM head's conv layout: an unsplit tied head is the same blob.
-    table = ops.weights.const(weight_id(("token_embd", None, "weight")), (ops.spec.vocab_size, h, 1, 1),
-                              "embed_tokens")
-    x = mb.gather(x=table, indices=input_ids, axis=0)  # (1, S, C, 1, 1)
+    # The table as (V, C, 1, 1), the LM head's conv layout, from the blobs the chunk stores it in: a tied head's own,
+    # whole or in pieces (chunks.blobs_of). Each piece gathers every token at its id clamped into the piece's rows;
+    # a token takes the last piece that starts at or below its id.
+    blobs = blobs_of(ops.spec, chunk, ("token_embd", None, "weight"))
+    x = None
+    for i, (weight, rows) in enumerate(blobs):
+        span = range(ops.spec.vocab_size)[rows]
+        table = ops.weights.const(weight, (len(span), h, 1, 1), f"embed_tokens_{i}" if i else "embed_tokens")
+        if len(blobs) == 1:
+            x = mb.gather(x=table, indices=input_ids, axis=0)  # (1, S, C, 1, 1)
+            break
+        # no shift or floor for the first piece, no cap for the last: PASSES leave no-ops in the graph
+        local = (mb.maximum(x=mb.sub(x=input_ids, y=np.int32(span.start)), y=np.int32(0)) if span.start
+                 else input_ids)
+        local = mb.minimum(x=local, y=np.int32(len(span) - 1)) if span.stop < ops.spec.vocab_size else local
+        gathered = mb.gather(x=table, indices=local, axis=0)
+        inside = mb.reshape(x=mb.greater_equal(x=input_ids, y=np.int32(span.start)), shape=[1, tokens, 1, 1, 1])
+        x = gathered if x is None else mb.select(cond=inside, a=gathered, b=x)
     x = mb.transpose(x=mb.reshape(x=x, shape=[1, tokens, h]), perm=[0, 2, 1])
     if scale != 1.0:
         x = mb.mul(x=x, y=np.float16(scale))

@@ -86,15 +86,14 @@ class WeightPlanner:
         """Costs of the weights of `function` (the chunk's, built on its stored fp16 package) that the pass would
         compress; `needed` are the chunk's graph tensors, `package` its fp16 package."""
         blobs = {weight: (key, rows) for key in needed for weight, rows in blobs_of(self.spec, chunk, key)}
-        whole = slice(None)
         planned_fp16 = planned = 0
         for weight, values in compressible(function, blobs):
             key, rows = blobs[weight]
             if key[0] in ROUTERS:
                 continue  # fp16, as in the fixed int8 / int4 packages (writer.py says why)
             head = projects(self.spec, chunk, key, rows)
-            embeds = chunk.first and key[0] == "token_embd" and rows == whole
-            gain, shrink_gain = self._gains(key, embeds, head, rows)
+            embeds = chunk.first and key[0] == "token_embd"
+            gain, shrink_gain, looked_up = self._gains(key, embeds, head, rows)
             importance = self.columns.of(chunk, key, rows)
             if key[0].endswith("]"):  # one expert of a stack (folds.expert_key): its share of the routed tokens,
                 # so the experts' errors add up as the stack's does in a GGUF plan
@@ -106,30 +105,35 @@ class WeightPlanner:
                                  shrink_gain=shrink_gain)
             hessian = self.hessians.of(chunk, key, rows) if self.hessians else None
             if hessian is not None:  # an embedding's lookup has none: GPTQ leaves it rounded to nearest
-                costs = with_gptq_errors(costs, values, hessian, importance)
+                costs = with_gptq_errors(costs, values, hessian, importance, looked_up)
             self.costs.append(costs)
             planned_fp16 += next(o.nbytes for o in costs.options if o.kind == "fp16")
             planned += 1
         package_bytes = sum(f.stat().st_size for f in package.rglob("*") if f.is_file())
         self.package_bytes += package_bytes - planned_fp16 + SPEC_BYTES_PER_WEIGHT * planned
 
-    def _gains(self, key: Key, embeds: bool, head: bool, rows: slice) -> tuple[float, float | None]:
-        """(gain, shrink gain) of a graph weight: its source's measured ones (a table that embeds and is the head
-        has both paths'; a piece of a split head has its share of the head's), else its role's (no shrink gain)."""
+    def _gains(self, key: Key, embeds: bool, head: bool, rows: slice) -> tuple[float, float | None, float]:
+        """(gain, shrink gain, looked-up part) of a graph weight: its source's measured ones (a table that embeds and
+        is the head has both paths'; a piece of a table has its rows' share of each), else its role's (no shrink
+        gain). The looked-up part is the share of the gain the weight has as an embedding looked up."""
         measured = self.measured
         if key[0] in ("token_embd", "output"):
-            share = (len(range(self.spec.vocab_size)[rows]) / self.spec.vocab_size) if head else 0.0
-            paths = ([EMBEDDING] if embeds else []) + ([HEAD] if share else [])
+            share = len(range(self.spec.vocab_size)[rows]) / self.spec.vocab_size
+            paths = ([EMBEDDING] if embeds else []) + ([HEAD] if head else [])
             if measured.gains is not None and all(measured.gain(path) is not None for path in paths):
-                shares = [1.0 if path == EMBEDDING else share for path in paths]
-                gain = sum(s * measured.gain(path) for s, path in zip(shares, paths, strict=True))
+                gains = {path: share * measured.gain(path) for path in paths}
                 shrink = [measured.shrink_gain(path) for path in paths]
-                return gain, (None if None in shrink else sum(s * g for s, g in zip(shares, shrink, strict=True)))
-            return (role_gain("token_embd") if embeds else 0.0) + share * role_gain("output"), None
+                shrink_gain = None if None in shrink else share * sum(shrink)
+            else:
+                gains = {path: share * role_gain(role) for path, role in ((EMBEDDING, "token_embd"), (HEAD, "output"))
+                         if path in paths}
+                shrink_gain = None
+            gain = sum(gains.values())
+            return gain, shrink_gain, gains.get(EMBEDDING, 0.0) / gain if gain > 0 else 0.0
         source = self.sources.get(key)
         if source is None or source in self.split_sources or measured.gain(source) is None:
-            return role_gain(key[0]), None
-        return measured.gain(source), measured.shrink_gain(source)
+            return role_gain(key[0]), None, 0.0
+        return measured.gain(source), measured.shrink_gain(source), 0.0
 
     def plan(self, other_bytes: int) -> Plan:
         """The plan over every chunk's costs; `other_bytes` are the artifact's files beside the packages."""
@@ -145,14 +149,16 @@ class WeightPlanner:
 
 
 def with_gptq_errors(costs: TensorCosts, weight: np.ndarray, hessian: np.ndarray,
-                     importance: np.ndarray | None) -> TensorCosts:
+                     importance: np.ndarray | None, looked_up: float = 0.0) -> TensorCosts:
     """A weight's candidates as GPTQ will round them: each compressed option's error times GPTQ's measured share of
-    it at that precision (`gptq_error_share`, every precision on one factor of H⁻¹); fp16 stays exact."""
+    it at that precision (`gptq_error_share`, every precision on one factor of H⁻¹); fp16 stays exact. `looked_up`:
+    the part of the error's weight a tied table has as the embedding, whose looked-up rows keep rounding's error
+    (GPTQ lowers only its part as the head), as the MLX plan costs it (quantize/mlx.py with_gptq_errors)."""
     inverse = gptq_inverse(hessian)
     return replace(costs, options=tuple(
         option if option.kind == "fp16"
-        else replace(option, error=option.error * gptq_error_share(weight, hessian, option.kind, importance,
-                                                                   inverse=inverse))
+        else replace(option, error=option.error * (looked_up + (1 - looked_up) * gptq_error_share(
+            weight, hessian, option.kind, importance, inverse=inverse)))
         for option in costs.options))
 
 
