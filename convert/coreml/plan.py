@@ -152,8 +152,10 @@ def with_gptq_errors(costs: TensorCosts, weight: np.ndarray, hessian: np.ndarray
                      importance: np.ndarray | None, looked_up: float = 0.0) -> TensorCosts:
     """A weight's candidates as GPTQ will round them: each compressed option's error times GPTQ's measured share of
     it at that precision (`gptq_error_share`, every precision on one factor of H⁻¹); fp16 stays exact. `looked_up`:
-    the part of the error's weight a tied table has as the embedding, whose looked-up rows keep rounding's error
-    (GPTQ lowers only its part as the head), as the MLX plan costs it (quantize/mlx.py with_gptq_errors)."""
+    the part of the error's weight a tied table has as the embedding, costed at rounding's error (GPTQ lowers only
+    the head's part), as the MLX plan costs it (quantize/mlx.py with_gptq_errors). That is optimistic: rounded
+    against the head's inputs, the real SmolLM2-135M's table looks up 1.7× rounding's error at int4; costing that was
+    tried in MLX and made its plan worse (bench/README.md, "Why the real model's Core ML GPTQ plans miss")."""
     inverse = gptq_inverse(hessian)
     return replace(costs, options=tuple(
         option if option.kind == "fp16"
