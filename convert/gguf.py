@@ -21,6 +21,7 @@ of it, and the quantizer takes each expert's rows with that expert's importance-
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections import deque
@@ -85,6 +86,10 @@ PHI3_NAME_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
 # the short convolutions' kernels (ggml's ssm_conv takes F32 only; llama.cpp's quantizer never touches them)
 FLOAT32_ROLES = (".ffn_gate_inp.", ".ffn_gate_inp_shexp.", ".shortconv.conv.", ".ssm_conv1d.")
 IN_FLIGHT_BYTES = 384 << 20  # float32 source bytes waiting for the quantizer before the stream waits
+# A planned file pads a dense gated MLP to a multiple of the smallest block of llama.cpp's quantized types (see
+# GGUFWriter._padded_ffn_width); the axis of each of its tensors (numpy order) that is the MLP's width
+PADDED_FFN_BLOCK = 32
+PADDED_FFN_AXES = {"ffn_gate": 0, "ffn_up": 0, "ffn_down": 1}
 
 
 # ---- the writer ----------------------------------------------------------------------------------
@@ -125,13 +130,14 @@ class GGUFWriter(Writer):
         self.outputs = [output for info in self.order for output in self._outputs(info)]
         self._index = 0  # position of the next tensor in self.outputs
         self.imatrix = self._importance_matrix() if _uses_imatrix(target) else None
+        self.padded_ffn = self._padded_ffn_width() if "auto" in target.quants else None
         self.metadata = self._metadata()  # before the plans: a planned file's header is measured with it
         # quant → (general.file_type, every tensor's type in self.outputs)
         self.plans: dict[str, tuple[LlamaFileType, list[QType]]] = {}
         self.quant_plan: Plan | None = None  # the planned file's choices, for "auto"
         self.costs: list[TensorCosts] = []  # the planned tensors' measured candidates
         for quant in target.quants:
-            plan = self._planned(self.outputs) if quant == "auto" else self._plan(quant, self.outputs)
+            plan = self._planned(self._file_outputs(quant)) if quant == "auto" else self._plan(quant, self.outputs)
             if plan is not None:
                 self.plans[quant] = plan
         # Quants whose per-tensor plan this llama.cpp cannot give: its whole-file quantizer makes them.
@@ -142,7 +148,7 @@ class GGUFWriter(Writer):
         self.files: dict[str, tuple[Path, gguf.GGUFWriter]] = {}
         for quant, (file_type, types) in self.plans.items():
             temp = out_dir / f".{self._path(quant).name}.partial"
-            self.files[quant] = (temp, self._open(temp, file_type, types))
+            self.files[quant] = (temp, self._open(temp, quant, file_type, types))
         # ... and MXFP4 for the stacks that arrived as MXFP4, encoded here exactly (quantize/mxfp4.py); MXFP4 of any
         # other weight (MXFP4_MOE, a plan's choice) is llama.cpp's to round
         arrived = self._arrived_mxfp4()
@@ -163,8 +169,8 @@ class GGUFWriter(Writer):
         array = self.arch.to_llama_cpp(role.role, role.kind, array)
         # the parts are views of `array`: an expert stack is held once, until its last part is written
         for gguf_name, part in zip(self._gguf_names(role), self.arch.split(role.role, array), strict=True):
-            encoded = [self._encode(info.name, gguf_name, part, types[self._index])
-                       for _, types in self.plans.values()]
+            encoded = [self._encode(info.name, gguf_name, self._padded(quant, gguf_name, part), types[self._index])
+                       for quant, (_, types) in self.plans.items()]
             self._index += 1
             self._queue.append((encoded, part.nbytes))
             self._in_flight += part.nbytes
@@ -193,7 +199,7 @@ class GGUFWriter(Writer):
         for temp, _ in self.files.values():
             temp.unlink(missing_ok=True)
         return [Artifact("gguf", self.target.file_quant(q), self._path(q),
-                         plan=self.quant_plan.summary() if q == "auto" else None,
+                         plan=self._plan_summary() if q == "auto" else None,
                          source_quantization=self._arrived_statement(q)) for q in self.target.quants]
 
     def abort(self) -> None:
@@ -209,7 +215,7 @@ class GGUFWriter(Writer):
             return ggml_mxfp4(*exact_mxfp4(array))
         if qtype not in FLOAT_TYPES:
             imatrix = self.imatrix.get(gguf_name) if self.imatrix else None
-            return self.quantizer.submit(array, qtype, imatrix)
+            return self.quantizer.submit(array, qtype, _padded_columns(imatrix, array.shape[-1]))
         data = np.ascontiguousarray(gguf.quants.quantize(array, qtype))  # F32 comes back as the (view) it got
         if data.dtype == np.float16 and not np.isfinite(data).all():
             raise CheckpointError(f"tensor {name!r} overflows float16; ask for BF16 instead", self.checkpoint.path)
@@ -323,9 +329,13 @@ class GGUFWriter(Writer):
                     for gguf_name, part, (gain, shrink_gain), floor in zip(self._gguf_names(info.role), parts, gains,
                                                                            floors, strict=True):
                         if gguf_name in planned[info.name]:
-                            costs.append(gguf_costs(gguf_name, part, self.imatrix.get(gguf_name), quantizer, gain,
-                                                    routed_tokens=routed.get(info.name), shrink_gain=shrink_gain,
-                                                    input_klds=floor))
+                            padded = self._padded("auto", gguf_name, part)
+                            importance = _padded_columns(self.imatrix.get(gguf_name), padded.shape[-1])
+                            cost = gguf_costs(gguf_name, padded, importance, quantizer, gain,
+                                              routed_tokens=routed.get(info.name), shrink_gain=shrink_gain,
+                                              input_klds=floor)
+                            # bits per weight count the checkpoint's weights, not the padding's zeros
+                            costs.append(dataclasses.replace(cost, params=part.size))
         finally:
             quantizer.close()
         # a row width no block divides (an intermediate_size of 200, say) still has F16, a candidate of every row
@@ -386,7 +396,7 @@ class GGUFWriter(Writer):
         a size goal counts them. Measured by writing them; the types do not change their size."""
         scratch = self.out_dir / f".{self._path('auto').name}.header.partial"
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        writer = self._open(scratch, LlamaFileType.MOSTLY_Q4_K_M, types)
+        writer = self._open(scratch, "auto", LlamaFileType.MOSTLY_Q4_K_M, types)
         try:
             writer.fout[0].flush()
             return scratch.stat().st_size
@@ -415,11 +425,16 @@ class GGUFWriter(Writer):
                                   f"its loader looks up {', '.join(missing)} in any model named phi3 or phi-3, and "
                                   "this vocabulary has none", self.checkpoint.path)
 
-    def _open(self, path: Path, file_type: LlamaFileType, types: list[QType]) -> gguf.GGUFWriter:
-        """Write everything but the tensor data: header, key/values, tensor infos (phases of gguf-py's writer)."""
-        writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[self.arch.arch])
+    def _open(self, path: Path, quant: str, file_type: LlamaFileType, types: list[QType]) -> gguf.GGUFWriter:
+        """Write everything but the tensor data of `quant`'s file: header, key/values, tensor infos (phases of
+        gguf-py's writer)."""
+        architecture = gguf.MODEL_ARCH_NAMES[self.arch.arch]
+        writer = gguf.GGUFWriter(path, architecture)
+        padded_key = gguf.Keys.LLM.FEED_FORWARD_LENGTH.format(arch=architecture) if self._pads(quant) else None
         for key, value in self.metadata.kv_data[0].items():
-            if key != gguf.Keys.General.ARCHITECTURE:  # every writer adds its own
+            if key == padded_key:
+                writer.add_key_value(key, self.padded_ffn, value.type)
+            elif key != gguf.Keys.General.ARCHITECTURE:  # every writer adds its own
                 writer.add_key_value(key, value.value, value.type, value.sub_type)
         # last, in this order, where llama.cpp's quantizer puts them (it sets both anew)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -427,7 +442,7 @@ class GGUFWriter(Writer):
         extra = self.arch.extra_tensors()
         for name, values in extra.items():  # extra tensors come first: their data exists before the stream starts
             writer.add_tensor_info(self.names[name] + ".weight", values.shape, np.dtype(np.float32), values.nbytes)
-        for (name, shape), qtype in zip(self.outputs, types, strict=True):
+        for (name, shape), qtype in zip(self._file_outputs(quant), types, strict=True):
             writer.add_tensor_info(name, shape, np.dtype(np.float32), _nbytes(shape, qtype), raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -435,6 +450,62 @@ class GGUFWriter(Writer):
         for values in extra.values():
             writer.write_tensor_data(values)
         return writer
+
+    def _plan_summary(self) -> dict:
+        summary = self.quant_plan.summary()
+        if self.padded_ffn is not None:
+            summary["padded_ffn"] = {
+                "from": self.checkpoint.spec.intermediate_size, "to": self.padded_ffn,
+                "why": f"ffn_down's rows of {self.checkpoint.spec.intermediate_size} fill no block of "
+                       f"{PADDED_FFN_BLOCK}, so llama.cpp keeps them F16 in every quant; the added MLP units have zero "
+                       "gate and up rows, so they output zero and the file computes what the checkpoint does"}
+        return summary
+
+    # ---- padding ---------------------------------------------------------------------------------
+    def _padded_ffn_width(self) -> int | None:
+        """The width a planned file pads the dense MLP to, or None for none. llama.cpp quantizes a row only in whole
+        blocks, 32 weights at least, so where intermediate_size is no multiple of 32 every quant keeps ffn_down F16
+        (llama-quantize's Q4_K_M too): a third of a small model's bytes. Units added with zero gate and up rows
+        output act(0)·0 = 0 whatever the activation, so down's added columns multiply zeros and the padded file
+        computes what the checkpoint does, with rows that fit. Only a gated MLP of one width in every layer, and
+        only where no other tensor is as wide, since llama.cpp sizes by the one feed_forward_length key."""
+        spec = self.checkpoint.spec
+        width = spec.intermediate_size
+        if (width % PADDED_FFN_BLOCK == 0 or spec.experts is not None or self.arch.dense_as_shared
+                or any(spec.layer_intermediate_size(i) != width for i in range(spec.num_layers))):
+            return None
+        counts = {base: 0 for base in PADDED_FFN_AXES}
+        for name, shape in self.outputs:
+            base = _base_name(name)
+            if base in PADDED_FFN_AXES:
+                counts[base] += name.endswith(".weight") and shape[PADDED_FFN_AXES[base]] == width
+            elif width in shape:
+                return None
+        if set(counts.values()) != {spec.num_layers}:
+            return None
+        return -(-width // PADDED_FFN_BLOCK) * PADDED_FFN_BLOCK
+
+    def _pads(self, quant: str) -> bool:
+        return quant == "auto" and self.padded_ffn is not None
+
+    def _file_outputs(self, quant: str) -> list[tuple[str, tuple[int, ...]]]:
+        """`self.outputs` as `quant`'s file holds them: the planned file's MLP padded."""
+        if not self._pads(quant):
+            return self.outputs
+        return [(name, self._padded_shape(quant, name, shape)) for name, shape in self.outputs]
+
+    def _padded_shape(self, quant: str, gguf_name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        axis = PADDED_FFN_AXES.get(_base_name(gguf_name))
+        if not self._pads(quant) or axis is None or axis >= len(shape):
+            return shape
+        return (*shape[:axis], self.padded_ffn, *shape[axis + 1:])
+
+    def _padded(self, quant: str, gguf_name: str, array: np.ndarray) -> np.ndarray:
+        """A tensor as `quant`'s file holds it: an MLP tensor of the planned file padded with zeros to its width."""
+        shape = self._padded_shape(quant, gguf_name, array.shape)
+        if shape == array.shape:
+            return array
+        return np.pad(array, [(0, new - old) for old, new in zip(array.shape, shape, strict=True)])
 
     # ---- tensors ---------------------------------------------------------------------------------
     def _gguf_names(self, role: TensorRole) -> list[str]:
@@ -479,6 +550,19 @@ def _tensor_names(arch: gguf.MODEL_ARCH) -> dict[str, str]:
     "blk.{bid}.shortconv.conv"."""
     templates = (gguf.TENSOR_NAMES[kind] for kind in gguf.MODEL_TENSORS[arch])
     return {template.removeprefix("blk.{bid}."): template for template in templates}
+
+
+def _base_name(gguf_name: str) -> str:
+    """A layer tensor's GGUF base name ("blk.3.ffn_down.weight" → "ffn_down"); "" for a tensor of no layer."""
+    parts = gguf_name.split(".")
+    return parts[2] if parts[0] == "blk" and len(parts) > 2 else ""
+
+
+def _padded_columns(importance: np.ndarray | None, width: int) -> np.ndarray | None:
+    """An importance-matrix row for a tensor padded to `width` columns: the padding's inputs are always zero."""
+    if importance is None or len(importance) >= width:
+        return importance
+    return np.pad(importance, (0, width - len(importance)))
 
 
 def _storage_type(gguf_name: str, shape: tuple[int, ...], quant: str) -> QType:

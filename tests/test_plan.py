@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from siliconvert.errors import RecipeError
@@ -250,45 +251,88 @@ def test_every_plan_reports_how_close_its_prediction_was():
     assert f"measured {measured:.5f} (3.00× the prediction)" in "\n".join(plan_lines([entry]))
 
 
-@pytest.mark.parametrize("intermediate_size", [200, 688])
-def test_a_row_no_block_fits_keeps_an_unquantized_type(intermediate_size, demo_model, tmp_path):
-    """Rows of 200 or 688 hold no 256-block and no 32-block: the planned GGUF and MLX are still written (such a
-    tensor takes F16 in the GGUF plan, its one candidate; MLX keeps it in float, outside the plan), and every other
-    tensor is planned."""
+def llama_of_width(intermediate_size: int, demo_model: Path, where: Path):
+    """A 2-layer tied Llama whose MLP is `intermediate_size` wide, with the demo's SentencePiece tokenizer (one
+    llama.cpp writes)."""
     import shutil
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from siliconvert.checkpoint import Checkpoint
+
+    torch.manual_seed(0)
+    demo = Checkpoint.open(demo_model)
+    config = LlamaConfig(vocab_size=demo.spec.vocab_size, hidden_size=64, intermediate_size=intermediate_size,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, tie_word_embeddings=True)
+    source = where / "source"
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(source)
+    for file in demo.tokenizer_files():
+        shutil.copy(file, source / file.name)
+    return Checkpoint.open(source)
+
+
+def written(writer) -> list:
+    for info, array in writer.checkpoint.tensors():
+        writer.add(info, array)
+    return writer.finish()
+
+
+@pytest.mark.parametrize("intermediate_size", [200, 688])
+def test_a_row_no_block_fits_is_padded_in_gguf_and_kept_float_in_mlx(intermediate_size, demo_model, tmp_path):
+    """Rows of 200 or 688 hold no 256-block and no 32-block. The planned GGUF pads the MLP to the next multiple of 32
+    (224, 704), so its down rows are planned among the quantized types, and says so; the planned MLX keeps such a
+    tensor in float, outside the plan; every other tensor is planned in both."""
+    import gguf
+
     from siliconvert.convert.gguf import GGUFWriter
     from siliconvert.convert.mlx import MLXWriter
     from siliconvert.recipe import GGUFTarget, MLXTarget
 
-    torch.manual_seed(0)
-    demo = Checkpoint.open(demo_model)  # its SentencePiece tokenizer: one llama.cpp writes
-    config = LlamaConfig(vocab_size=demo.spec.vocab_size, hidden_size=64, intermediate_size=intermediate_size,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, tie_word_embeddings=True)
-    source = tmp_path / "source"
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(source)
-    for file in demo.tokenizer_files():
-        shutil.copy(file, source / file.name)
-    checkpoint = Checkpoint.open(source)
+    checkpoint = llama_of_width(intermediate_size, demo_model, tmp_path)
+    padded = -(-intermediate_size // 32) * 32
     for writer in (GGUFWriter(checkpoint, GGUFTarget(format="gguf", quants=["auto"], plan={"bits_per_weight": 5}),
                               tmp_path / "out", "m"),
                    MLXWriter(checkpoint, MLXTarget(format="mlx", bits="auto", plan={"bits_per_weight": 5}),
                              tmp_path / "out", "m")):
-        for info, array in checkpoint.tensors():
-            writer.add(info, array)
-        (artifact,) = writer.finish()
+        (artifact,) = written(writer)
         assert artifact.path.exists() and writer.quant_plan.choices
         down = {writer.quant_plan.choices[name].kind for name in writer.quant_plan.choices if "down" in name}
-        if isinstance(writer, GGUFWriter):  # 688 = 43 × 16: no 32-block either
-            assert down == {"F16"}, down
+        if isinstance(writer, GGUFWriter):
+            assert down and "F16" not in down, down
+            assert artifact.plan["padded_ffn"]["from"] == intermediate_size
+            assert artifact.plan["padded_ffn"]["to"] == padded
+            assert artifact.plan["bits_per_weight"] <= 5.0  # over the checkpoint's weights, not the padding's
+            reader = gguf.GGUFReader(artifact.path)
+            assert reader.fields["llama.feed_forward_length"].parts[-1][0] == padded
+            shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
+            assert shapes["blk.0.ffn_down.weight"] == (64, padded) and shapes["blk.1.ffn_up.weight"] == (padded, 64)
         else:
             assert down == set(), down
 
+
+def test_a_padded_mlp_computes_what_the_checkpoint_does(demo_model, tmp_path):
+    """The planned GGUF's padding changes no logit: planned at (next to) no error, every tensor F16, the padded file
+    and the F16 file give llama.cpp's same logits."""
+    from siliconvert.convert.gguf import GGUFWriter
+    from siliconvert.recipe import GGUFTarget
+    from siliconvert.validate.runners.gguf import LlamaCppRunner
+
+    checkpoint = llama_of_width(200, demo_model, tmp_path)
+    exact, f16 = written(GGUFWriter(checkpoint, GGUFTarget(format="gguf", quants=["auto", "F16"],
+                                                           plan={"max_mean_kld": 1e-12}), tmp_path / "out", "m"))
+    assert exact.plan["padded_ffn"]["to"] == 224 and set(exact.plan["types"]) == {"F16"}
+
+    def logits(path):
+        runner = LlamaCppRunner(path, {})
+        try:
+            return runner.logits(list(range(3, 67)))
+        finally:
+            runner.close()
+
+    reference = logits(f16.path)
+    assert np.abs(logits(exact.path) - reference).max() <= 1e-3 * np.abs(reference).max()
 
 def test_two_options_of_one_size_whose_errors_were_rescaled_out_of_order_plan():
     """GPTQ's share rescales MLX's affine errors after costing: 4-bit g64 (affine) can fall below nvfp4 of the same
