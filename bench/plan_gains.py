@@ -4,14 +4,15 @@ Q4_K_M's size against Q4_K_M, and one at MLX 4-bit g64's size against that, with
 model on weights mx.dequantize'd in the folder's float type: tests/test_plan_models.py `mlx_logits`).
 
     PYTHONPATH=. .venv/bin/python -m bench.plan_gains [--models demo,qwen3,granite,olmo2] [--mode after] [--work DIR]
-        [--label NAME] [--formats gguf,mlx,mlx-gptq]   # models: also "real" (SmolLM2-135M-Instruct) or folders
+        [--label NAME] [--formats gguf,mlx,mlx-gptq,mlx-clip]   # models: also "real" (SmolLM2-135M-Instruct) or folders
 
 "mlx-gptq": the MLX plan rounded by GPTQ (`method: gptq`) at 4-bit g64's size, against fixed 4-bit g64 GPTQ (same
 method, same bytes: `plan_over_fixed`) and against the anchor, fixed 4-bit g64 rounded to nearest
-(`plan_over_anchor`).
+(`plan_over_anchor`). "mlx-clip": the same with `method: clip` (each group's range searched).
 
 Prints a JSON line per model and format and writes them all to bench/results/plan-gains-<YYYY-MM-DD>-<mode>.json.
-`--windows N`: N held-out windows of 256 tokens instead of 2.
+`--windows N`: N held-out windows of 256 tokens instead of 2. `--no-padding`: the planned GGUF with an MLP whose
+width fills no 32-block left as wide as it is, as before the padding (convert/gguf.py `_padded_ffn_width`).
 """
 import argparse
 import datetime
@@ -85,7 +86,7 @@ def measure(model: str, mode: str, work: Path, formats: str = "gguf,mlx", window
         rows.append(compare(model, "gguf", "Q4_K_M", fixed.path, writer, planned.path, size,
                             planned.path.stat().st_size,
                             gguf_kinds, lambda p: mean_kld(reference, gguf_logits(p, windows), windows)))
-    if not {"mlx", "mlx-gptq"} & set(formats.split(",")):
+    if not {"mlx", "mlx-gptq", "mlx-clip"} & set(formats.split(",")):
         return rows
 
     fixed = fixed_mlx(checkpoint, out, "rtn", reuse)
@@ -99,16 +100,17 @@ def measure(model: str, mode: str, work: Path, formats: str = "gguf,mlx", window
     def mlx_kld(folder: Path) -> float:
         return mean_kld(reference, mlx_logits(folder, windows), windows)
 
-    for fmt in ("mlx", "mlx-gptq"):
+    for fmt in ("mlx", "mlx-gptq", "mlx-clip"):
         if fmt not in formats.split(","):
             continue
-        method = "gptq" if fmt == "mlx-gptq" else "rtn"
+        method = fmt.partition("-")[2] or "rtn"
         same_method = fixed_mlx(checkpoint, out, method, reuse) if method != "rtn" else fixed
         writer = MLXWriter(checkpoint, MLXTarget(format="mlx", bits="auto", method=method,
                                                  plan={"size_mb": size / 1e6}), out, "m")
         (planned,) = write(writer)
-        row = compare(model, fmt, f"4bit-g64{'-gptq' if method != 'rtn' else ''}", same_method, writer, planned.path,
-                      size, folder_bytes(planned.path), mlx_kinds, mlx_kld)
+        fixed_name = "4bit-g64" + (f"-{method}" if method != "rtn" else "")
+        row = compare(model, fmt, fixed_name, same_method, writer, planned.path, size, folder_bytes(planned.path),
+                      mlx_kinds, mlx_kld)
         if method != "rtn":  # the anchor: mlx_lm.convert's 4-bit g64, rounded to nearest
             row |= dict(anchor_kld=(anchor := mlx_kld(fixed)), plan_over_anchor=row["plan_kld"] / anchor)
         rows.append(row)
@@ -126,7 +128,11 @@ def main() -> None:
     # intermediate 688 the GGUF plan measured 0.98x Q4_K_M over 2 windows and 0.84x over 16 (per window 0.49-0.99)
     parser.add_argument("--windows", type=int, default=2, help="held-out windows of 256 tokens")
     parser.add_argument("--reuse", action="store_true", help="keep the fixed MLX folders already under --work")
+    parser.add_argument("--no-padding", action="store_true",
+                        help="the planned GGUF without its MLP padded to a multiple of 32 (the code before it)")
     args = parser.parse_args()
+    if args.no_padding:
+        GGUFWriter._padded_ffn_width = lambda self: None
     if args.mode == "before":  # no measured gains: every weight takes its role's (ROLE_GAINS)
         Calibration.gain = lambda self, name, tied_head=False: None
         Calibration.shrink_gain = lambda self, name, tied_head=False: None

@@ -42,12 +42,14 @@ from siliconvert.quantize.gptq import gptq_quantize
 from siliconvert.quantize.mlx import (
     MXFP4,
     QuantPolicy,
+    clip_error_shares,
+    clip_quantize,
     gptq_error_shares,
     quantizable_modules,
     quantization_config,
     quantize,
     unfitted_modules,
-    with_gptq_errors,
+    with_method_errors,
 )
 from siliconvert.quantize.plan import Plan, make_plan
 from siliconvert.quantize.sensitivity import (
@@ -134,10 +136,11 @@ class Output:
 def calibration_needs(target: MLXTarget) -> dict[str, set[str]]:
     """Calibration text → the parts a target's writer asks for: a plan's importance (and tokens routed per expert)
     and measured gains on the builtin text, and the residual stream's range where the float type is not set
-    (`_float_type`), and GPTQ's second moments of each layer's inputs for `method: gptq`."""
+    (`_float_type`), GPTQ's second moments of each layer's inputs for `method: gptq`, and their mean squares for
+    `method: clip`."""
     needs = ({IMPORTANCE, SENSITIVITY} if target.bits == "auto" else set()) | (
         {RANGE} if target.dtype is None and target.bits != 16 else set()) | (
-        {HESSIAN} if target.method == "gptq" else set())
+        {HESSIAN} if target.method == "gptq" else set()) | ({IMPORTANCE} if target.method == "clip" else set())
     return {BUILTIN: needs} if needs else {}
 
 
@@ -186,6 +189,8 @@ class MLXWriter(Writer):
         if checkpoint.spec.tie_word_embeddings and HEAD in self.hessians:
             self.hessians = self.hessians | {name: self.hessians[HEAD] for name, info in checkpoint.tensor_infos.items()
                                              if info.role is not None and info.role.role == "token_embd"}
+        # the inputs' mean square per column that `method: clip` weighs each group's error by, per HF weight name
+        self.clip_importance = self._clip_importance() if target.method == "clip" else {}
         # module path → how it is quantized; `policy` is config.json's default (the most common one)
         self.policies = self._module_policies() | self._kept_mxfp4()
         self.policy = _most_common(self.policies) if self.policies else None
@@ -385,9 +390,25 @@ class MLXWriter(Writer):
                     shares = gptq_error_shares(np.asarray(weight.astype(mx.float32)), hessian, self.dtype,
                                                MLX_CANDIDATES)
                     looked_up = _looked_up_share(measured) if info.role.role == "token_embd" else 0.0
-                    costs[-1] = with_gptq_errors(costs[-1], shares, looked_up)
+                    costs[-1] = with_method_errors(costs[-1], shares, looked_up)
+                if self.target.method == "clip" and weight.ndim == 2:
+                    shares = clip_error_shares(np.asarray(weight.astype(mx.float32)),
+                                               self.clip_importance.get(source_name), self.dtype, MLX_CANDIDATES)
+                    costs[-1] = with_method_errors(costs[-1], shares)
         self.costs, self.quant_plan = costs, make_plan(costs, self.target.plan, fixed_bytes=fixed)
         return {module: QuantPolicy(*mlx_option(option.kind)) for module, option in self.quant_plan.choices.items()}
+
+    def _clip_importance(self) -> dict[str, np.ndarray]:
+        """Per HF weight name, the mean square of each input column on the calibration text. A tied embedding's
+        rows are looked up as well as multiplied by the head's inputs: its columns are weighed by those inputs
+        normalised, plus one, so that neither use's error is left out of its groups' search."""
+        importance = dict(self.calibration.importance(BUILTIN))
+        head = importance.get("lm_head.weight")
+        if self.checkpoint.spec.tie_word_embeddings and head is not None:
+            for name, info in self.checkpoint.tensor_infos.items():
+                if info.role is not None and info.role.role == "token_embd":
+                    importance[name] = head / max(float(np.mean(head)), 1e-30) + 1.0
+        return importance
 
     def _gains(self, info: TensorInfo, sanitized: dict[str, mx.array], importance: dict[str, np.ndarray],
                measured: Calibration) -> dict[str, tuple[float, float | None]]:
@@ -440,6 +461,8 @@ class MLXWriter(Writer):
                 if hessian is not None and hessian.shape[0] == array.shape[-1]:
                     quantized = gptq_quantize(np.asarray(array.astype(mx.float32)), hessian, policy.bits,
                                               policy.group_size, self.dtype)
+                elif self.target.method == "clip" and policy.mode == "affine" and not planning:
+                    quantized = clip_quantize(array, policy, self.clip_importance.get(name))
                 else:
                     quantized = quantize(array, policy)
                 out |= {f"{module}.{k}": v for k, v in quantized.items()}

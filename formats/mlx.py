@@ -133,7 +133,8 @@ class MLX(Format):
         fixed = re.fullmatch(r"(\d+)bit-g(\d+)(-.*)?", quant)
         if fixed is None:  # unquantized: fp16, bf16, fp32
             return f"MLX {dtype or 'float16'} weights"
-        rounding = ", rounded by GPTQ against calibration inputs" if "-gptq" in quant else ""
+        rounding = (", rounded by GPTQ against calibration inputs" if "-gptq" in quant else
+                    ", each group's range clipped against calibration inputs" if "-clip" in quant else "")
         return f"MLX {fixed[1]}-bit weights (group size {fixed[2]}{rounding}{floats})"
 
     def usage(self, release: Release, folder: Path) -> list[str]:

@@ -96,6 +96,62 @@ def quantize(weight: mx.array, policy: QuantPolicy) -> dict[str, mx.array]:
     return {"weight": packed, "scales": scales} | ({"biases": biases[0]} if biases else {})
 
 
+# each group's min and max scaled by these in `clip_quantize`'s search: the least weighted error of each is kept
+CLIP_RATIOS = tuple(float(r) for r in np.linspace(1.0, 0.7, 13))
+
+
+def clip_quantize(weight: mx.array, policy: QuantPolicy, importance: np.ndarray | None) -> dict[str, mx.array]:
+    """`quantize`'s arrays for an affine policy with each group's range searched (`method: clip`). mx.quantize maps a
+    group's min and max to the ends of its grid, spending the grid on the group's one or two outliers; clipped to a
+    fraction of that range the rest round finer. Each group keeps the fraction of CLIP_RATIOS whose error, weighted
+    by its columns' `importance` (the calibration inputs' mean square; None: equal), is least (AWQ's clip search,
+    per group and both ends). The arrays are mx.quantize's own: mlx-lm loads them unchanged."""
+    group, bits = policy.group_size, policy.bits
+    values = weight.astype(mx.float32).reshape(-1, weight.shape[-1] // group, group)
+    weights = (mx.ones((1, 1, group)) if importance is None or importance.size != weight.shape[-1]
+               else mx.array(importance, dtype=mx.float32).reshape(1, -1, group))
+    low, high = mx.min(values, axis=-1, keepdims=True), mx.max(values, axis=-1, keepdims=True)
+    best: dict[str, mx.array] = {}
+    least = None
+    for ratio in CLIP_RATIOS:
+        clipped = mx.clip(values, low * ratio, high * ratio).astype(weight.dtype).reshape(weight.shape)
+        arrays = quantize(clipped, policy)
+        rounded = mx.dequantize(arrays["weight"], arrays["scales"], arrays["biases"], group, bits)
+        error = mx.sum(mx.square(rounded.astype(mx.float32).reshape(values.shape) - values) * weights, axis=-1)
+        if least is None:
+            best, least = arrays, error
+            continue
+        better = error < least  # [rows, groups]; a group's packed words, scale and bias are its own
+        best = {key: mx.where(better.reshape(*better.shape, 1), array.reshape(*better.shape, -1),
+                              best[key].reshape(*better.shape, -1)).reshape(array.shape)
+                for key, array in arrays.items()}
+        least = mx.minimum(error, least)
+    return best
+
+
+def clip_error_shares(weight: np.ndarray, importance: np.ndarray | None, float_type: mx.Dtype = mx.float16,
+                      widths: Sequence[tuple[int, int]] = ((4, 64),)) -> dict[str, float]:
+    """Per affine (bits, group size) of `widths` that divides a row, by option kind: `clip_quantize`'s error of
+    `weight` over mx.quantize's, each weighted by `importance`, on a sample of rows (the plan's costs are
+    mx.quantize's: a `method: clip` plan scales them by these)."""
+    rows = mx.array(sample_rows(weight.astype(np.float32), GPTQ_SAMPLED_ROWS * weight.shape[-1])).astype(float_type)
+    reference = rows.astype(mx.float32)
+    columns = mx.ones(weight.shape[-1]) if importance is None else mx.array(importance, dtype=mx.float32)
+
+    def error(arrays: dict[str, mx.array], bits: int, group: int) -> float:
+        rounded = mx.dequantize(arrays["weight"], arrays["scales"], arrays["biases"], group, bits)
+        return mx.sum(mx.square(rounded.astype(mx.float32) - reference) * columns).item()
+
+    shares = {}
+    for bits, group in widths:
+        if weight.shape[-1] % group == 0:
+            policy = QuantPolicy(bits, group)
+            rounding = error(quantize(rows, policy), bits, group)
+            clipped = error(clip_quantize(rows, policy, importance), bits, group)
+            shares[mlx_option_name(bits, group)] = min(1.0, clipped / rounding) if rounding > 0 else 1.0
+    return shares
+
+
 # rows of a weight GPTQ rounds to measure its share of rounding's error (`gptq_error_shares`): its rows are
 # independent given H, so a sample tells the whole's share
 GPTQ_SAMPLED_ROWS = 128
@@ -127,11 +183,12 @@ def gptq_error_shares(weight: np.ndarray, hessian: np.ndarray, float_type: mx.Dt
     return shares
 
 
-def with_gptq_errors(costs: TensorCosts, shares: Mapping[str, float], looked_up: float = 0.0) -> TensorCosts:
-    """A plan's candidates for a module its target rounds by GPTQ: each affine option's error times GPTQ's
-    measured share of it at that option's width (`gptq_error_shares`, by kind); the float modes are rounded to
-    nearest whatever the method. `looked_up`: the part of the error's weight a tied embedding has as an embedding,
-    whose looked-up rows keep rounding's error (GPTQ lowers only its part as the head)."""
+def with_method_errors(costs: TensorCosts, shares: Mapping[str, float], looked_up: float = 0.0) -> TensorCosts:
+    """A plan's candidates for a module its target rounds by another method than mx.quantize's: each affine option's
+    error times the method's measured share of it at that option's width (`gptq_error_shares`,
+    `clip_error_shares`, by kind); the float modes are rounded to nearest whatever the method. `looked_up`: the part
+    of the error's weight a tied embedding has as an embedding, whose looked-up rows keep rounding's error (GPTQ
+    lowers only its part as the head)."""
     return replace(costs, options=tuple(
         replace(option, error=option.error * (looked_up + (1 - looked_up) * shares[option.kind]))
         if mlx_option(option.kind)[2] == "affine" else option for option in costs.options))

@@ -108,9 +108,11 @@ class MLXTarget(TargetSpec):
     # mx.quantize's mode: affine (bits and group_size as set), or a float format whose bits and group are fixed
     # (MLX_MODES); mlx_lm.convert's --q-mode
     mode: Literal["affine", "mxfp4", "nvfp4", "mxfp8"] = "affine"
-    # how affine weights are rounded: rtn (to nearest, as mlx_lm.convert) or gptq (each row's rounding error
-    # carried to the columns not yet rounded, against the calibration inputs' second moments: quantize/gptq.py)
-    method: Literal["rtn", "gptq"] = "rtn"
+    # how affine weights are rounded: rtn (to nearest, as mlx_lm.convert), clip (to nearest on each group's range
+    # clipped where that lowers its error weighted by the calibration inputs: quantize/mlx.py clip_quantize; seconds)
+    # or gptq (each row's rounding error carried to the columns not yet rounded, against the calibration inputs'
+    # second moments: quantize/gptq.py; the most exact, and minutes)
+    method: Literal["rtn", "clip", "gptq"] = "rtn"
 
     @model_validator(mode="after")
     def _auto_has_a_plan(self) -> MLXTarget:

@@ -42,7 +42,7 @@ def test_a_mode_fixes_bits_and_group_size():
     assert MLXTarget(format="mlx", mode="mxfp8").bits_and_group == (8, 32)
     assert MLXTarget(format="mlx", mode="nvfp4", bits=4).quant == "nvfp4"
     assert MLXTarget(format="mlx", mode="mxfp4", dtype="bfloat16").quant == "mxfp4-bf16"
-    for wrong in ({"bits": 8}, {"group_size": 64}, {"bits": "mixed_3_4"}, {"method": "gptq"}):
+    for wrong in ({"bits": 8}, {"group_size": 64}, {"bits": "mixed_3_4"}, {"method": "gptq"}, {"method": "clip"}):
         with pytest.raises(ValueError, match="mode mxfp4"):
             MLXTarget(format="mlx", mode="mxfp4", **wrong)
 
