@@ -42,8 +42,8 @@ from siliconvert.quantize.gptq import gptq_quantize
 from siliconvert.quantize.mlx import (
     MXFP4,
     QuantPolicy,
-    clip_error_shares,
     clip_quantize,
+    clip_rounding,
     gptq_error_shares,
     quantizable_modules,
     quantization_config,
@@ -381,8 +381,11 @@ class MLXWriter(Writer):
                     weights = importance[source_name]
                 fixed += 2 * _json_bytes(mlx_name) + 2 * (len(module) + MODULE_ENTRY_BYTES)  # scales, biases; config
                 gain, shrink_gain = gains[mlx_name]
+                clipped = self.target.method == "clip"
+                rounding = clip_rounding(self.clip_importance.get(source_name)) if clipped else None
                 costs.append(mlx_costs(module, np.asarray(weight.astype(mx.float32)), weights, self.dtype.size, gain,
-                                       routed_tokens=routed.get(source_name), shrink_gain=shrink_gain))
+                                       routed_tokens=routed.get(source_name), shrink_gain=shrink_gain,
+                                       affine_rounding=rounding))
                 # rounded by GPTQ, a module's errors shrink by what GPTQ measures on it; a tied embedding's only in
                 # its part as the head: its rows are looked up too, where GPTQ's carried errors do not cancel
                 hessian = self.hessians.get(source_name)
@@ -391,10 +394,6 @@ class MLXWriter(Writer):
                                                MLX_CANDIDATES)
                     looked_up = _looked_up_share(measured) if info.role.role == "token_embd" else 0.0
                     costs[-1] = with_method_errors(costs[-1], shares, looked_up)
-                if self.target.method == "clip" and weight.ndim == 2:
-                    shares = clip_error_shares(np.asarray(weight.astype(mx.float32)),
-                                               self.clip_importance.get(source_name), self.dtype, MLX_CANDIDATES)
-                    costs[-1] = with_method_errors(costs[-1], shares)
         self.costs, self.quant_plan = costs, make_plan(costs, self.target.plan, fixed_bytes=fixed)
         return {module: QuantPolicy(*mlx_option(option.kind)) for module, option in self.quant_plan.choices.items()}
 

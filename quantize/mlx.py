@@ -15,7 +15,7 @@ object keeps us from restating that rule. Two additions:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import mlx.core as mx
@@ -129,27 +129,15 @@ def clip_quantize(weight: mx.array, policy: QuantPolicy, importance: np.ndarray 
     return best
 
 
-def clip_error_shares(weight: np.ndarray, importance: np.ndarray | None, float_type: mx.Dtype = mx.float16,
-                      widths: Sequence[tuple[int, int]] = ((4, 64),)) -> dict[str, float]:
-    """Per affine (bits, group size) of `widths` that divides a row, by option kind: `clip_quantize`'s error of
-    `weight` over mx.quantize's, each weighted by `importance`, on a sample of rows (the plan's costs are
-    mx.quantize's: a `method: clip` plan scales them by these)."""
-    rows = mx.array(sample_rows(weight.astype(np.float32), GPTQ_SAMPLED_ROWS * weight.shape[-1])).astype(float_type)
-    reference = rows.astype(mx.float32)
-    columns = mx.ones(weight.shape[-1]) if importance is None else mx.array(importance, dtype=mx.float32)
-
-    def error(arrays: dict[str, mx.array], bits: int, group: int) -> float:
-        rounded = mx.dequantize(arrays["weight"], arrays["scales"], arrays["biases"], group, bits)
-        return mx.sum(mx.square(rounded.astype(mx.float32) - reference) * columns).item()
-
-    shares = {}
-    for bits, group in widths:
-        if weight.shape[-1] % group == 0:
-            policy = QuantPolicy(bits, group)
-            rounding = error(quantize(rows, policy), bits, group)
-            clipped = error(clip_quantize(rows, policy, importance), bits, group)
-            shares[mlx_option_name(bits, group)] = min(1.0, clipped / rounding) if rounding > 0 else 1.0
-    return shares
+def clip_rounding(importance: np.ndarray | None) -> Callable[[mx.array, int, int], tuple[mx.array, ...]]:
+    """`clip_quantize` as a plan's costs round affine options (quantize/sensitivity.py `mlx_costs`): (array, bits,
+    group) → mx.quantize's (packed, scales, biases). The clipped part of the error is mostly the weight shrunk, which
+    the plan weighs by its own measured gain: an error-share of mx.quantize's costs would weigh it as noise, and chose
+    2-bit widths on the demo whose mean KLD came out 7× the prediction."""
+    def rounding(array: mx.array, bits: int, group: int) -> tuple[mx.array, ...]:
+        arrays = clip_quantize(array, QuantPolicy(bits, group), importance)
+        return arrays["weight"], arrays["scales"], arrays["biases"]
+    return rounding
 
 
 # rows of a weight GPTQ rounds to measure its share of rounding's error (`gptq_error_shares`): its rows are
@@ -185,8 +173,8 @@ def gptq_error_shares(weight: np.ndarray, hessian: np.ndarray, float_type: mx.Dt
 
 def with_method_errors(costs: TensorCosts, shares: Mapping[str, float], looked_up: float = 0.0) -> TensorCosts:
     """A plan's candidates for a module its target rounds by another method than mx.quantize's: each affine option's
-    error times the method's measured share of it at that option's width (`gptq_error_shares`,
-    `clip_error_shares`, by kind); the float modes are rounded to nearest whatever the method. `looked_up`: the part
+    error times the method's measured share of it at that option's width (`gptq_error_shares`, by kind); the float
+    modes are rounded to nearest whatever the method. `looked_up`: the part
     of the error's weight a tied embedding has as an embedding, whose looked-up rows keep rounding's error (GPTQ
     lowers only its part as the head)."""
     return replace(costs, options=tuple(

@@ -91,7 +91,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -311,13 +311,17 @@ def mlx_option(kind: str) -> tuple[int, int, str]:
 def mlx_costs(name: str, weight: np.ndarray, importance: np.ndarray | None, scale_bytes: int, gain: float = 1.0,
               candidates: Sequence[tuple[int, int]] = MLX_CANDIDATES,
               routed_tokens: np.ndarray | None = None, sample_budget: int | None = SAMPLED_WEIGHTS,
-              shrink_gain: float | None = None, modes: Sequence[str] = tuple(MLX_MODE_CANDIDATES)) -> TensorCosts:
+              shrink_gain: float | None = None, modes: Sequence[str] = tuple(MLX_MODE_CANDIDATES),
+              affine_rounding: Callable | None = None) -> TensorCosts:
     """Each candidate (bits, group size) mx.quantize can store a (rows × columns) `weight` in, with scales and
     biases of `scale_bytes` each per group (mlx-lm keeps the source's float type), and its relative error
     × `gain`. An expert stack (experts × rows × columns, as SwitchLinear holds it) is quantized whole, as
     mlx-lm quantizes it; its error is `expert_error`'s, `importance` a row per expert. The error is measured on
     `sample_rows(…, sample_budget)`; the bytes are the whole tensor's. `shrink_gain`: see `weighed`.
-    `modes`: the float modes (MLX_MODE_CANDIDATES) tried too, an 8-bit scale per group and no bias."""
+    `modes`: the float modes (MLX_MODE_CANDIDATES) tried too, an 8-bit scale per group and no bias.
+    `affine_rounding`: (array, bits, group) → mx.quantize's (packed, scales, biases) made another way than by
+    mx.quantize (`method: clip`'s search), for the affine options: their errors and shrink shares are that
+    rounding's own."""
     import mlx.core as mx
 
     whole = weight.reshape(-1, *weight.shape[-2:])
@@ -328,7 +332,10 @@ def mlx_costs(name: str, weight: np.ndarray, importance: np.ndarray | None, scal
     for bits, group, mode in tried:
         if matrices.shape[-1] % group:
             continue
-        packed, scales, *biases = mx.quantize(array, group, bits, mode=mode)
+        if mode == "affine" and affine_rounding is not None:
+            packed, scales, *biases = affine_rounding(array, bits, group)
+        else:
+            packed, scales, *biases = mx.quantize(array, group, bits, mode=mode)
         per_group = 2 * scale_bytes if mode == "affine" else scales.dtype.size  # a scale and a bias, or a scale
         nbytes = (packed.nbytes + scales.size * per_group) // matrices.shape[1] * whole.shape[1]
         approximations = (np.asarray(mx.dequantize(expert[0], expert[1], expert[2] if biases else None, group, bits,

@@ -136,16 +136,25 @@ def test_clip_search_weighs_each_column_by_its_importance():
     assert weighed < 0.9 * alike
 
 
-def test_clip_shares_are_measured_per_width_and_scale_a_plans_costs():
-    from siliconvert.quantize.mlx import clip_error_shares
+def test_a_clip_plans_costs_are_the_clipped_roundings_own():
+    """With `method: clip` a plan's affine options are costed on clip_quantize's rounding (error and shrink share its
+    own, each no more than mx.quantize's); the float modes keep mx.quantize's."""
+    from siliconvert.quantize.mlx import clip_rounding
+    from siliconvert.quantize.sensitivity import mlx_costs
 
     weight = outlier_weight(columns=192)
-    shares = clip_error_shares(weight, None, widths=[(4, 64), (3, 32), (4, 128)])
-    assert set(shares) == {"4bit-g64", "3bit-g32"}  # 192 columns: no group of 128
-    assert all(0 < share < 0.97 for share in shares.values()), shares
-    costs = TensorCosts("a", 100, (Option("3bit-g32", 10, 1.0), Option("4bit-g64", 12, 0.5), Option("mxfp4", 11, 0.7)))
-    scaled = {o.kind: o.error for o in with_method_errors(costs, shares).options}
-    assert scaled == {"3bit-g32": shares["3bit-g32"], "4bit-g64": 0.5 * shares["4bit-g64"], "mxfp4": 0.7}
+    importance = np.exp(np.random.default_rng(5).normal(size=192)).astype(np.float32)
+    plain = {o.kind: o for o in mlx_costs("a", weight, importance, 2).options}
+    rounding = clip_rounding(importance)
+    clipped = {o.kind: o for o in mlx_costs("a", weight, importance, 2, affine_rounding=rounding).options}
+    assert plain.keys() == clipped.keys() and "4bit-g128" not in plain  # 192 columns: no group of 128
+    for kind, option in clipped.items():
+        assert option.nbytes == plain[kind].nbytes
+        if kind.startswith(("mx", "nv")):
+            assert option.error == plain[kind].error
+        else:
+            assert option.error <= plain[kind].error * (1 + 1e-5), kind
+    assert clipped["3bit-g64"].error < 0.95 * plain["3bit-g64"].error
 
 
 def test_a_clipped_folder_opens_in_mlx_lm_and_rounds_every_layer_no_worse(demo_model, tmp_path):
