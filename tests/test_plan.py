@@ -304,6 +304,9 @@ def test_a_row_no_block_fits_is_padded_in_gguf_and_kept_float_in_mlx(intermediat
             assert artifact.plan["padded_ffn"]["from"] == intermediate_size
             assert artifact.plan["padded_ffn"]["to"] == padded
             assert artifact.plan["bits_per_weight"] <= 5.0  # over the checkpoint's weights, not the padding's
+            from siliconvert.validate.report import plan_lines
+            entry = {"format": "gguf", "quant": "auto", "plan": artifact.plan, "metrics": {"mean_kld": 0.001}}
+            assert f"- MLP padded from {intermediate_size} to {padded} units: " in "\n".join(plan_lines([entry]))
             reader = gguf.GGUFReader(artifact.path)
             assert reader.fields["llama.feed_forward_length"].parts[-1][0] == padded
             shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}

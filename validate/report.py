@@ -198,6 +198,8 @@ def plan_lines(artifacts: list[dict]) -> list[str]:
                   f"{_measured_over_predicted(plan)}; {shares}."]
         if plan.get("float_type_reason"):
             lines.append(f"- float type: {plan['float_type_reason']}")
+        if padded := plan.get("padded_ffn"):
+            lines.append(f"- MLP padded from {padded['from']} to {padded['to']} units: {padded['why']}")
         lines += [f"- try {t['try']}: predicted {t['predicted_mean_kld']:.5f}, measured {t['measured_mean_kld']:.5f}"
                   f" at {t['bits_per_weight']:.2f} bits per weight{'' if t['met'] else ': missed'}"
                   f"{'; the smallest try that met was written again' if t.get('restored') else ''}"
