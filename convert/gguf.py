@@ -559,8 +559,9 @@ def _base_name(gguf_name: str) -> str:
 
 
 def _padded_columns(importance: np.ndarray | None, width: int) -> np.ndarray | None:
-    """An importance-matrix row for a tensor padded to `width` columns: the padding's inputs are always zero."""
-    if importance is None or len(importance) >= width:
+    """An importance-matrix row for a tensor padded to `width` columns: the padding's inputs are always zero. Any
+    other (an expert stack's, a row per expert) is returned as it is."""
+    if importance is None or importance.ndim != 1 or importance.size >= width:
         return importance
     return np.pad(importance, (0, width - len(importance)))
 
