@@ -109,7 +109,7 @@ class MLXTarget(TargetSpec):
     # (MLX_MODES); mlx_lm.convert's --q-mode
     mode: Literal["affine", "mxfp4", "nvfp4", "mxfp8"] = "affine"
     # how affine weights are rounded: rtn (to nearest, as mlx_lm.convert), clip (to nearest on each group's range
-    # clipped where that lowers its error weighted by the calibration inputs: quantize/mlx.py clip_quantize; seconds)
+    # clipped where that lowers its error weighted by the calibration inputs: quantize/mlx.py clip_quantize; ~10× rtn)
     # or gptq (each row's rounding error carried to the columns not yet rounded, against the calibration inputs'
     # second moments: quantize/gptq.py; the most exact, and minutes)
     method: Literal["rtn", "clip", "gptq"] = "rtn"
