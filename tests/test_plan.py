@@ -251,23 +251,24 @@ def test_every_plan_reports_how_close_its_prediction_was():
     assert f"measured {measured:.5f} (3.00× the prediction)" in "\n".join(plan_lines([entry]))
 
 
-def llama_of_width(intermediate_size: int, demo_model: Path, where: Path):
-    """A 2-layer tied Llama whose MLP is `intermediate_size` wide, with the demo's SentencePiece tokenizer (one
-    llama.cpp writes)."""
+def llama_of_width(intermediate_size: int, demo_model: Path, where: Path, family: str = "llama", **config):
+    """A 2-layer tied checkpoint of `family` (a transformers model_type) whose MLP is `intermediate_size` wide, random,
+    with the demo's SentencePiece tokenizer (one llama.cpp writes for every family here)."""
     import shutil
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from siliconvert.checkpoint import Checkpoint
 
     torch.manual_seed(0)
     demo = Checkpoint.open(demo_model)
-    config = LlamaConfig(vocab_size=demo.spec.vocab_size, hidden_size=64, intermediate_size=intermediate_size,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, tie_word_embeddings=True)
+    settings = dict(vocab_size=demo.spec.vocab_size, hidden_size=64, intermediate_size=intermediate_size,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    max_position_embeddings=1024, tie_word_embeddings=True) | config
     source = where / "source"
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(source)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **settings))
+    model.to(torch.bfloat16).save_pretrained(source)
     for file in demo.tokenizer_files():
         shutil.copy(file, source / file.name)
     return Checkpoint.open(source)
@@ -315,14 +316,23 @@ def test_a_row_no_block_fits_is_padded_in_gguf_and_kept_float_in_mlx(intermediat
             assert down == set(), down
 
 
-def test_a_padded_mlp_computes_what_the_checkpoint_does(demo_model, tmp_path):
-    """The planned GGUF's padding changes no logit: planned at (next to) no error, every tensor F16, the padded file
-    and the F16 file give llama.cpp's same logits."""
+@pytest.mark.parametrize(("family", "config"), [
+    ("llama", {"mlp_bias": True}),  # gate and up biases padded too (zeros), down's bias is not
+    ("gemma2", {"hidden_activation": "gelu_pytorch_tanh"}), ("olmo2", {})])
+def test_a_padded_mlp_computes_what_the_checkpoint_does(family, config, demo_model, tmp_path, monkeypatch):
+    """The planned GGUF's padding changes no logit, in every family with a gated MLP (SiLU or GELU gates; biases):
+    planned with F16 its one candidate, the padded file and the F16 file give llama.cpp's same logits."""
+    from functools import partial
+
+    from gguf import GGMLQuantizationType as QType
+
+    import siliconvert.convert.gguf as gguf_writer
     from siliconvert.convert.gguf import GGUFWriter
     from siliconvert.recipe import GGUFTarget
     from siliconvert.validate.runners.gguf import LlamaCppRunner
 
-    checkpoint = llama_of_width(200, demo_model, tmp_path)
+    monkeypatch.setattr(gguf_writer, "gguf_costs", partial(gguf_writer.gguf_costs, candidates=(QType.F16,)))
+    checkpoint = llama_of_width(200, demo_model, tmp_path, family, **config)
     exact, f16 = written(GGUFWriter(checkpoint, GGUFTarget(format="gguf", quants=["auto", "F16"],
                                                            plan={"max_mean_kld": 1e-12}), tmp_path / "out", "m"))
     assert exact.plan["padded_ffn"]["to"] == 224 and set(exact.plan["types"]) == {"F16"}
