@@ -117,6 +117,8 @@ class MLXTarget(TargetSpec):
     @model_validator(mode="after")
     def _auto_has_a_plan(self) -> MLXTarget:
         _plan_matches_auto(self.bits == "auto", self.plan, "bits")
+        if self.bits == 16 and self.method != "rtn":
+            raise ValueError(f"method {self.method} rounds quantized weights; bits 16 stores every weight in float")
         if self.mode != "affine":
             bits, group_size = MLX_MODES[self.mode]
             if not isinstance(self.bits, int) or self.bits == 16:

@@ -45,6 +45,9 @@ def test_a_mode_fixes_bits_and_group_size():
     for wrong in ({"bits": 8}, {"group_size": 64}, {"bits": "mixed_3_4"}, {"method": "gptq"}, {"method": "clip"}):
         with pytest.raises(ValueError, match="mode mxfp4"):
             MLXTarget(format="mlx", mode="mxfp4", **wrong)
+    for method in ("gptq", "clip"):  # else two targets that differ only there would write one fp16 folder
+        with pytest.raises(ValueError, match=f"method {method} rounds quantized weights; bits 16"):
+            MLXTarget(format="mlx", bits=16, method=method)
 
 
 def test_a_plan_mixes_modes_per_module(llama, reference, tmp_path, monkeypatch):  # noqa: F811
