@@ -49,7 +49,7 @@ from siliconvert.quantize.mlx import (
     quantization_config,
     quantize,
     unfitted_modules,
-    with_method_errors,
+    with_gptq_errors,
 )
 from siliconvert.quantize.plan import Plan, make_plan
 from siliconvert.quantize.sensitivity import (
@@ -393,7 +393,7 @@ class MLXWriter(Writer):
                     shares = gptq_error_shares(np.asarray(weight.astype(mx.float32)), hessian, self.dtype,
                                                MLX_CANDIDATES)
                     looked_up = _looked_up_share(measured) if info.role.role == "token_embd" else 0.0
-                    costs[-1] = with_method_errors(costs[-1], shares, looked_up)
+                    costs[-1] = with_gptq_errors(costs[-1], shares, looked_up)
         self.costs, self.quant_plan = costs, make_plan(costs, self.target.plan, fixed_bytes=fixed)
         return {module: QuantPolicy(*mlx_option(option.kind)) for module, option in self.quant_plan.choices.items()}
 

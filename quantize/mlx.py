@@ -171,12 +171,11 @@ def gptq_error_shares(weight: np.ndarray, hessian: np.ndarray, float_type: mx.Dt
     return shares
 
 
-def with_method_errors(costs: TensorCosts, shares: Mapping[str, float], looked_up: float = 0.0) -> TensorCosts:
-    """A plan's candidates for a module its target rounds by another method than mx.quantize's: each affine option's
-    error times the method's measured share of it at that option's width (`gptq_error_shares`, by kind); the float
-    modes are rounded to nearest whatever the method. `looked_up`: the part
-    of the error's weight a tied embedding has as an embedding, whose looked-up rows keep rounding's error (GPTQ
-    lowers only its part as the head)."""
+def with_gptq_errors(costs: TensorCosts, shares: Mapping[str, float], looked_up: float = 0.0) -> TensorCosts:
+    """A plan's candidates for a module its target rounds by GPTQ: each affine option's error times GPTQ's
+    measured share of it at that option's width (`gptq_error_shares`, by kind); the float modes are rounded to
+    nearest whatever the method. `looked_up`: the part of the error's weight a tied embedding has as an embedding,
+    whose looked-up rows keep rounding's error (GPTQ lowers only its part as the head)."""
     return replace(costs, options=tuple(
         replace(option, error=option.error * (looked_up + (1 - looked_up) * shares[option.kind]))
         if mlx_option(option.kind)[2] == "affine" else option for option in costs.options))

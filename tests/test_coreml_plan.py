@@ -12,7 +12,7 @@ import pytest
 from siliconvert.calibration import Calibration
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.coreml import CoreMLWriter
-from siliconvert.convert.coreml.plan import WeightPlanner, with_method_errors
+from siliconvert.convert.coreml.plan import WeightPlanner, with_gptq_errors
 from siliconvert.errors import RecipeError
 from siliconvert.quantize.sensitivity import KLD_PER_ERROR, coreml_costs, error_of, role_gain
 from siliconvert.recipe import CoreMLTarget, parse_recipe
@@ -61,12 +61,12 @@ def test_gptq_candidates_take_their_measured_share_of_rounding_error():
     hessian = x.T @ x / len(x)
     weight = (0.05 * rng.normal(size=(64, 256))).astype(np.float16)
     costs = coreml_costs("w", weight, np.diag(hessian), candidates=("fp16", "int4", "pal4", "pal3"))
-    rounded = with_method_errors(costs, weight, hessian, np.diag(hessian))
+    rounded = with_gptq_errors(costs, weight, hessian, np.diag(hessian))
     for before, after in zip(costs.options, rounded.options, strict=True):
         assert (after.kind, after.nbytes) == (before.kind, before.nbytes)
         assert after.error == 0 if after.kind == "fp16" else 0 < after.error < 0.8 * before.error, after
     # a tied table's part as the embedding looked up keeps rounding's error: GPTQ lowers only the head's part
-    tied = with_method_errors(costs, weight, hessian, np.diag(hessian), looked_up=0.25)
+    tied = with_gptq_errors(costs, weight, hessian, np.diag(hessian), looked_up=0.25)
     for before, after, table in zip(costs.options, rounded.options, tied.options, strict=True):
         assert table.error == pytest.approx(0.25 * before.error + 0.75 * after.error), table
 

@@ -7,7 +7,7 @@ from conftest import build_mlx
 from test_quantize_gptq import correlated
 
 from siliconvert.quantize.gptq import gptq_quantize
-from siliconvert.quantize.mlx import gptq_error_shares, with_method_errors
+from siliconvert.quantize.mlx import gptq_error_shares, with_gptq_errors
 from siliconvert.quantize.sensitivity import Option, TensorCosts
 
 
@@ -45,11 +45,11 @@ def test_the_widths_rounded_together_are_each_as_rounded_alone():
 def test_the_shares_scale_the_affine_options_only_each_by_its_own():
     costs = TensorCosts("m", 4096, (Option("mxfp4", 100, 0.4), Option("4bit-g64", 120, 0.2),
                                     Option("8bit-g32", 300, 0.01)))
-    scaled = with_method_errors(costs, {"4bit-g64": 0.25, "8bit-g32": 0.5})
+    scaled = with_gptq_errors(costs, {"4bit-g64": 0.25, "8bit-g32": 0.5})
     assert [o.error for o in scaled.options] == [0.4, 0.05, 0.005]
     assert [(o.kind, o.nbytes) for o in scaled.options] == [(o.kind, o.nbytes) for o in costs.options]
     # a tied embedding a quarter of whose weight is its lookup: GPTQ lowers only the other three quarters
-    tied = with_method_errors(costs, {"4bit-g64": 0.25, "8bit-g32": 0.5}, looked_up=0.25)
+    tied = with_gptq_errors(costs, {"4bit-g64": 0.25, "8bit-g32": 0.5}, looked_up=0.25)
     assert [o.error for o in tied.options] == pytest.approx([0.4, 0.2 * (0.25 + 0.75 * 0.25), 0.01 * 0.625])
 
 

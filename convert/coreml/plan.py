@@ -60,7 +60,7 @@ class WeightPlanner:
     """Measures the costs of each chunk's weights as its fp16 package is finished (`measure`, on the build thread),
     then plans them (`plan`). `calibration`: the run's calibrations (none: Calibrations.outside_a_run). `gptq`:
     the weights will be rounded by GPTQ (method: gptq), so each candidate's error is GPTQ's share of its rounding
-    error (`with_method_errors`), measured against the weight's calibration inputs' second moments."""
+    error (`with_gptq_errors`), measured against the weight's calibration inputs' second moments."""
 
     def __init__(self, checkpoint, goal: QuantPlan, *, calibration: Calibrations | None = None, gptq: bool = False):
         self.spec: ModelSpec = checkpoint.spec
@@ -105,7 +105,7 @@ class WeightPlanner:
                                  shrink_gain=shrink_gain)
             hessian = self.hessians.of(chunk, key, rows) if self.hessians else None
             if hessian is not None:  # an embedding's lookup has none: GPTQ leaves it rounded to nearest
-                costs = with_method_errors(costs, values, hessian, importance, looked_up)
+                costs = with_gptq_errors(costs, values, hessian, importance, looked_up)
             self.costs.append(costs)
             planned_fp16 += next(o.nbytes for o in costs.options if o.kind == "fp16")
             planned += 1
@@ -148,12 +148,12 @@ class WeightPlanner:
                 if name.startswith(prefix) and option.kind != "fp16"}
 
 
-def with_method_errors(costs: TensorCosts, weight: np.ndarray, hessian: np.ndarray,
+def with_gptq_errors(costs: TensorCosts, weight: np.ndarray, hessian: np.ndarray,
                      importance: np.ndarray | None, looked_up: float = 0.0) -> TensorCosts:
     """A weight's candidates as GPTQ will round them: each compressed option's error times GPTQ's measured share of
     it at that precision (`gptq_error_share`, every precision on one factor of H⁻¹); fp16 stays exact. `looked_up`:
     the part of the error's weight a tied table has as the embedding, costed at rounding's error (GPTQ lowers only
-    the head's part), as the MLX plan costs it (quantize/mlx.py with_method_errors). That is optimistic: rounded
+    the head's part), as the MLX plan costs it (quantize/mlx.py with_gptq_errors). That is optimistic: rounded
     against the head's inputs, the real SmolLM2-135M's table looks up 1.7× rounding's error at int4; costing that was
     tried in MLX and made its plan worse (bench/README.md, "Why the real model's Core ML GPTQ plans miss")."""
     inverse = gptq_inverse(hessian)
