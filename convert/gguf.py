@@ -33,6 +33,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QType
 from gguf import LlamaFileType
 
+from siliconvert import padding
 from siliconvert.architectures import TensorRole
 from siliconvert.artifacts import Artifact, Writer, sync_file
 from siliconvert.calibration import BUILTIN, IMPORTANCE, SENSITIVITY, Calibration, Calibrations
@@ -86,9 +87,8 @@ PHI3_NAME_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
 # the short convolutions' kernels (ggml's ssm_conv takes F32 only; llama.cpp's quantizer never touches them)
 FLOAT32_ROLES = (".ffn_gate_inp.", ".ffn_gate_inp_shexp.", ".shortconv.conv.", ".ssm_conv1d.")
 IN_FLIGHT_BYTES = 384 << 20  # float32 source bytes waiting for the quantizer before the stream waits
-# A planned file pads a dense gated MLP to a multiple of the smallest block of llama.cpp's quantized types (see
-# GGUFWriter._padded_ffn_width); the axis of each of its tensors (numpy order) that is the MLP's width
-PADDED_FFN_BLOCK = 32
+# A planned file pads a dense gated MLP (siliconvert/padding.py, GGUFWriter._padded_ffn_width): the axis of each of
+# its tensors (numpy order) that is the MLP's width
 PADDED_FFN_AXES = {"ffn_gate": 0, "ffn_up": 0, "ffn_down": 1}
 
 
@@ -215,7 +215,7 @@ class GGUFWriter(Writer):
             return ggml_mxfp4(*exact_mxfp4(array))
         if qtype not in FLOAT_TYPES:
             imatrix = self.imatrix.get(gguf_name) if self.imatrix else None
-            return self.quantizer.submit(array, qtype, _padded_columns(imatrix, array.shape[-1]))
+            return self.quantizer.submit(array, qtype, padding.padded_columns(imatrix, array.shape[-1]))
         data = np.ascontiguousarray(gguf.quants.quantize(array, qtype))  # F32 comes back as the (view) it got
         if data.dtype == np.float16 and not np.isfinite(data).all():
             raise CheckpointError(f"tensor {name!r} overflows float16; ask for BF16 instead", self.checkpoint.path)
@@ -330,7 +330,7 @@ class GGUFWriter(Writer):
                                                                            floors, strict=True):
                         if gguf_name in planned[info.name]:
                             padded = self._padded("auto", gguf_name, part)
-                            importance = _padded_columns(self.imatrix.get(gguf_name), padded.shape[-1])
+                            importance = padding.padded_columns(self.imatrix.get(gguf_name), padded.shape[-1])
                             cost = gguf_costs(gguf_name, padded, importance, quantizer, gain,
                                               routed_tokens=routed.get(info.name), shrink_gain=shrink_gain,
                                               input_klds=floor)
@@ -344,9 +344,9 @@ class GGUFWriter(Writer):
                                                                       quantizable, strict=True) if q is None)
         # each tensor's data starts on the file's alignment: up to alignment − 1 bytes of padding after the one before,
         # whatever type the plan gives it (a hybrid's many small F32 tensors made a planned file 96 bytes too big)
-        padding = (gguf.GGUF_DEFAULT_ALIGNMENT - 1) * len(shapes)
+        alignment = (gguf.GGUF_DEFAULT_ALIGNMENT - 1) * len(shapes)
         self.quant_plan = make_plan(costs, self.target.plan,
-                                    fixed_bytes=fixed + self._header_bytes(fixed_types) + padding)
+                                    fixed_bytes=fixed + self._header_bytes(fixed_types) + alignment)
         types = [QType[self.quant_plan.choices[name].kind] if name in self.quant_plan.choices else fixed_type
                  for (name, _), fixed_type in zip(shapes, fixed_types, strict=True)]
         weights: dict[str, int] = {}
@@ -454,24 +454,18 @@ class GGUFWriter(Writer):
     def _plan_summary(self) -> dict:
         summary = self.quant_plan.summary()
         if self.padded_ffn is not None:
-            summary["padded_ffn"] = {
-                "from": self.checkpoint.spec.intermediate_size, "to": self.padded_ffn,
-                "why": f"ffn_down's rows of {self.checkpoint.spec.intermediate_size} fill no block of "
-                       f"{PADDED_FFN_BLOCK}, so llama.cpp keeps them F16 in every quant; the added MLP units have zero "
-                       "gate and up rows, so they output zero and the file computes what the checkpoint does"}
+            summary["padded_ffn"] = padding.why(self.checkpoint.spec.intermediate_size, self.padded_ffn, "llama.cpp")
         return summary
 
     # ---- padding ---------------------------------------------------------------------------------
     def _padded_ffn_width(self) -> int | None:
-        """The width a planned file pads the dense MLP to, or None for none. llama.cpp quantizes a row only in whole
-        blocks, 32 weights at least, so where intermediate_size is no multiple of 32 every quant keeps ffn_down F16
-        (llama-quantize's Q4_K_M too): a third of a small model's bytes. Units added with zero gate and up rows
-        output act(0)·0 = 0 whatever the activation, so down's added columns multiply zeros and the padded file
-        computes what the checkpoint does, with rows that fit. Only a gated MLP of one width in every layer, and
-        only where no other tensor is as wide, since llama.cpp sizes by the one feed_forward_length key."""
+        """The width a planned file pads the dense MLP to (siliconvert/padding.py), or None for none: where every
+        quant keeps ffn_down F16 (llama-quantize's Q4_K_M too), a third of a small model's bytes. Only a gated MLP
+        (ffn_gate, ffn_up, ffn_down) of one width in every layer, and only where no other tensor is as wide, since
+        llama.cpp sizes them all by the one feed_forward_length key."""
         spec = self.checkpoint.spec
         width = spec.intermediate_size
-        if (width % PADDED_FFN_BLOCK == 0 or spec.experts is not None or self.arch.dense_as_shared
+        if (padding.padded_width(width) is None or spec.experts is not None or self.arch.dense_as_shared
                 or any(spec.layer_intermediate_size(i) != width for i in range(spec.num_layers))):
             return None
         counts = {base: 0 for base in PADDED_FFN_AXES}
@@ -483,7 +477,7 @@ class GGUFWriter(Writer):
                 return None
         if set(counts.values()) != {spec.num_layers}:
             return None
-        return -(-width // PADDED_FFN_BLOCK) * PADDED_FFN_BLOCK
+        return padding.padded_width(width)
 
     def _pads(self, quant: str) -> bool:
         return quant == "auto" and self.padded_ffn is not None
@@ -556,14 +550,6 @@ def _base_name(gguf_name: str) -> str:
     """A layer tensor's GGUF base name ("blk.3.ffn_down.weight" → "ffn_down"); "" for a tensor of no layer."""
     parts = gguf_name.split(".")
     return parts[2] if parts[0] == "blk" and len(parts) > 2 else ""
-
-
-def _padded_columns(importance: np.ndarray | None, width: int) -> np.ndarray | None:
-    """An importance-matrix row for a tensor padded to `width` columns: the padding's inputs are always zero. Any
-    other (an expert stack's, a row per expert) is returned as it is."""
-    if importance is None or importance.ndim != 1 or importance.size >= width:
-        return importance
-    return np.pad(importance, (0, width - len(importance)))
 
 
 def _storage_type(gguf_name: str, shape: tuple[int, ...], quant: str) -> QType:
