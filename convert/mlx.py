@@ -32,6 +32,7 @@ from typing import Any, BinaryIO
 import mlx.core as mx
 import numpy as np
 
+from siliconvert import padding
 from siliconvert.artifacts import Artifact, Writer
 from siliconvert.calibration import BUILTIN, HESSIAN, IMPORTANCE, RANGE, SENSITIVITY, Calibration, Calibrations
 from siliconvert.checkpoint import Checkpoint, TensorInfo
@@ -120,6 +121,85 @@ def build_model(config: dict[str, Any]):
 
 
 @dataclass(frozen=True)
+class PaddedMLP:
+    """A plan's MLP padded to `width` units (siliconvert/padding.py), by module path: those whose rows are its
+    units (gate and up, with their biases) and those whose columns are (down)."""
+
+    width: int
+    rows: frozenset[str]
+    columns: frozenset[str]
+
+    def touches(self, name: str) -> bool:
+        return name.rpartition(".")[0] in self.rows | self.columns
+
+    def pad(self, name: str, array: mx.array, fill: Callable[[tuple[int, ...]], mx.array] | None = None) -> mx.array:
+        """An array of the model as the padded folder holds it: zeros added (to a down projection's columns
+        `fill`'s values instead, for a check)."""
+        module, _, kind = name.rpartition(".")
+        if module in self.rows:
+            axis = 0
+        elif module in self.columns and kind == "weight":
+            axis = array.ndim - 1
+        else:
+            return array
+        shape = list(array.shape)
+        shape[axis] = self.width - array.shape[axis]
+        columns = module in self.columns and fill is not None
+        added = fill(tuple(shape)) if columns else mx.zeros(shape, dtype=array.dtype)
+        return mx.concatenate([array, added.astype(array.dtype)], axis=axis)
+
+
+def padded_mlp(config: dict[str, Any], width: int) -> PaddedMLP | None:
+    """How a plan pads an MLP of `width` units whose rows no mlx group fits, asked of mlx-lm's model: widening
+    config.json's intermediate_size must widen only some modules' rows and others' columns, and one MLP so widened,
+    its added rows zero and its added columns anything, must compute what it did (the added units output zero, so
+    a rounded down projection's added columns cannot matter). None where it does not (no padding: those modules
+    stay in float)."""
+    from mlx.utils import tree_flatten
+
+    wider_width = padding.padded_width(width)
+    if wider_width is None or config.get("intermediate_size") != width:
+        return None
+    plain, wider = build_model(config), build_model(config | {"intermediate_size": wider_width})
+    before, after = dict(tree_flatten(plain.parameters())), dict(tree_flatten(wider.parameters()))
+    if before.keys() != after.keys():
+        return None
+    rows, columns = set(), set()
+    for name, array in before.items():
+        shape, module = after[name].shape, name.rpartition(".")[0]
+        if shape == array.shape:
+            continue
+        if array.shape[0] == width and shape == (wider_width, *array.shape[1:]):
+            rows.add(module)
+        elif name.endswith(".weight") and array.shape[-1] == width and shape == (*array.shape[:-1], wider_width):
+            columns.add(module)
+        else:
+            return None
+    if not rows or not columns:
+        return None
+    mlp = PaddedMLP(wider_width, frozenset(rows), frozenset(columns))
+    return mlp if _computes_the_same(mlp, plain, wider, config["hidden_size"]) else None
+
+
+def _computes_the_same(mlp: PaddedMLP, plain, wider, hidden_size: int) -> bool:
+    """Whether the first padded MLP, given the plain one's weights padded (its added columns random), computes what
+    the plain one does on random inputs."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    parent = min(path.rpartition(".")[0] for path in mlp.columns)
+    small, large = dict(plain.named_modules())[parent], dict(wider.named_modules())[parent]
+    key = iter(mx.random.split(mx.random.key(0), 64))
+    padded = [(name, mlp.pad(f"{parent}.{name}", array, lambda shape: mx.random.normal(shape, key=next(key))))
+              for name, array in tree_flatten(small.parameters())]
+    large.update(tree_unflatten(padded))
+    inputs = mx.random.normal((1, 3, hidden_size), key=next(key))
+    try:
+        return bool(mx.allclose(small(inputs), large(inputs), rtol=1e-4, atol=1e-5).item())
+    except (TypeError, ValueError):  # a module that is not called on its input alone
+        return False
+
+
+@dataclass(frozen=True)
 class Output:
     """One array of the MLX model, planned before its source tensor arrives."""
 
@@ -157,6 +237,11 @@ class MLXWriter(Writer):
         shutil.rmtree(self.tmp_path, ignore_errors=True)
         self.tmp_path.mkdir(parents=True)
         self.config = mlx_config(checkpoint, target.model_file)
+        # a plan pads an MLP whose rows no group fits, so that its down projection is planned (siliconvert/padding.py)
+        self.padded = (padded_mlp(self.config, checkpoint.spec.intermediate_size)
+                       if target.bits == "auto" and checkpoint.spec.experts is None else None)
+        if self.padded is not None:
+            self.config = self.config | {"intermediate_size": self.padded.width}
         self.model = build_model(self.config)
         self.sanitize = tensor_sanitizer(self.model, checkpoint)
         # the arrays mlx_lm.convert casts to the float type: all but those the model file keeps as they are (Qwen3.5's
@@ -240,6 +325,8 @@ class MLXWriter(Writer):
         if self.quant_plan:
             plan = self.quant_plan.summary() | {"float_type": float_type["dtype"],
                                                 "float_type_reason": float_type["reason"]}
+            if self.padded is not None:
+                plan["padded_ffn"] = padding.why(self.checkpoint.spec.intermediate_size, self.padded.width, "mlx")
         return [Artifact("mlx", self.target.quant, self.final_path, plan=plan, float_type=float_type,
                          source_quantization=self._arrived_statement())]
 
@@ -360,7 +447,7 @@ class MLXWriter(Writer):
                        total=len(self.checkpoint.tensor_infos))
         for info, array in stream:
             source_name = info.name
-            sanitized = self.sanitize({source_name: mx.array(array)})
+            sanitized = self._sanitized(source_name, mx.array(array))
             gains = self._gains(info, sanitized, importance, measured)
             for mlx_name, weight in sanitized.items():
                 module, _, kind = mlx_name.rpartition(".")
@@ -379,16 +466,17 @@ class MLXWriter(Writer):
                 weights = importance.get(mlx_name, importance.get("lm_head.weight") if tied else None)
                 if source_name in routed:
                     weights = importance[source_name]
+                weights = padding.padded_columns(weights, weight.shape[-1])
                 fixed += 2 * _json_bytes(mlx_name) + 2 * (len(module) + MODULE_ENTRY_BYTES)  # scales, biases; config
                 gain, shrink_gain = gains[mlx_name]
                 clipped = self.target.method == "clip"
-                rounding = clip_rounding(self.clip_importance.get(source_name)) if clipped else None
+                rounding = clip_rounding(self._clip_columns(source_name, weight.shape[-1])) if clipped else None
                 costs.append(mlx_costs(module, np.asarray(weight.astype(mx.float32)), weights, self.dtype.size, gain,
                                        routed_tokens=routed.get(source_name), shrink_gain=shrink_gain,
                                        affine_rounding=rounding))
                 # rounded by GPTQ, a module's errors shrink by what GPTQ measures on it; a tied embedding's only in
                 # its part as the head: its rows are looked up too, where GPTQ's carried errors do not cancel
-                hessian = self.hessians.get(source_name)
+                hessian = self._hessian(source_name, weight.shape[-1])
                 if hessian is not None and weight.ndim == 2 and hessian.shape[0] == weight.shape[-1]:
                     shares = gptq_error_shares(np.asarray(weight.astype(mx.float32)), hessian, self.dtype,
                                                MLX_CANDIDATES)
@@ -396,6 +484,25 @@ class MLXWriter(Writer):
                     costs[-1] = with_gptq_errors(costs[-1], shares, looked_up)
         self.costs, self.quant_plan = costs, make_plan(costs, self.target.plan, fixed_bytes=fixed)
         return {module: QuantPolicy(*mlx_option(option.kind)) for module, option in self.quant_plan.choices.items()}
+
+    def _sanitized(self, name: str, weight: mx.array) -> dict[str, mx.array]:
+        """mlx-lm's arrays for one source tensor, as the folder holds them before the float type and quantization:
+        an MLP a plan pads, padded."""
+        arrays = self.sanitize({name: weight})
+        if self.padded is None:
+            return arrays
+        return {mlx_name: self.padded.pad(mlx_name, array) for mlx_name, array in arrays.items()}
+
+    def _hessian(self, name: str, width: int) -> np.ndarray | None:
+        """GPTQ's H for a source weight read by `width` columns: a padded down projection's padded with zeros (its
+        added inputs are zero; GPTQ's damping keeps H invertible)."""
+        hessian = self.hessians.get(name)
+        if hessian is None or hessian.shape[0] >= width:
+            return hessian
+        return np.pad(hessian, (0, width - hessian.shape[0]))
+
+    def _clip_columns(self, name: str, width: int) -> np.ndarray | None:
+        return padding.padded_columns(self.clip_importance.get(name), width)
 
     def _clip_importance(self) -> dict[str, np.ndarray]:
         """Per HF weight name, the mean square of each input column on the calibration text. A tied embedding's
@@ -450,18 +557,18 @@ class MLXWriter(Writer):
         the target asks and the source weight's inputs were measured). `planning`: shapes only, on a placeholder
         never computed (GPTQ's arrays are mx.quantize's shapes)."""
         out = {}
-        for mlx_name, array in self.sanitize({name: weight}).items():
+        for mlx_name, array in self._sanitized(name, weight).items():
             module, _, kind = mlx_name.rpartition(".")
             if mx.issubdtype(array.dtype, mx.floating) and self.cast(mlx_name):
                 array = array.astype(self.dtype)
             if kind == "weight" and module in self.policies:
                 policy = self.policies[module]
-                hessian = None if planning or policy.mode != "affine" else self.hessians.get(name)
+                hessian = None if planning or policy.mode != "affine" else self._hessian(name, array.shape[-1])
                 if hessian is not None and hessian.shape[0] == array.shape[-1]:
                     quantized = gptq_quantize(np.asarray(array.astype(mx.float32)), hessian, policy.bits,
                                               policy.group_size, self.dtype)
                 elif self.target.method == "clip" and policy.mode == "affine" and not planning:
-                    quantized = clip_quantize(array, policy, self.clip_importance.get(name))
+                    quantized = clip_quantize(array, policy, self._clip_columns(name, array.shape[-1]))
                 else:
                     quantized = quantize(array, policy)
                 out |= {f"{module}.{k}": v for k, v in quantized.items()}
@@ -475,7 +582,8 @@ class MLXWriter(Writer):
         splits within each row: an expert stack's gate and up) is converted ROW_BLOCK_BYTES at a time (an expert
         stack's rows are its experts), so mlx never holds a float32 copy of a big tensor; any other sanitize
         gets the whole tensor."""
-        if array.ndim < 2 or not _rows_independent(self.sanitize, name, array.shape):
+        padded = self.padded is not None and any(self.padded.touches(o.name) for o in self.plan[name])
+        if array.ndim < 2 or padded or not _rows_independent(self.sanitize, name, array.shape):
             whole = self._transform(name, mx.array(array))
             mx.eval(whole)
             return {k: [_as_numpy(v)] for k, v in whole.items()}

@@ -281,11 +281,13 @@ def written(writer) -> list:
 
 
 @pytest.mark.parametrize("intermediate_size", [200, 688])
-def test_a_row_no_block_fits_is_padded_in_gguf_and_kept_float_in_mlx(intermediate_size, demo_model, tmp_path):
-    """Rows of 200 or 688 hold no 256-block and no 32-block. The planned GGUF pads the MLP to the next multiple of 32
-    (224, 704), so its down rows are planned among the quantized types, and says so; the planned MLX keeps such a
-    tensor in float, outside the plan; every other tensor is planned in both."""
+def test_a_row_no_block_fits_is_padded_in_planned_gguf_and_mlx(intermediate_size, demo_model, tmp_path):
+    """Rows of 200 or 688 hold no 256-block and no 32-block. The planned GGUF and MLX pad the MLP to the next multiple
+    of 32 (224, 704), so their down rows are planned among the quantized types, and say so."""
+    import json
+
     import gguf
+    from mlx_lm import load
 
     from siliconvert.convert.gguf import GGUFWriter
     from siliconvert.convert.mlx import MLXWriter
@@ -313,7 +315,11 @@ def test_a_row_no_block_fits_is_padded_in_gguf_and_kept_float_in_mlx(intermediat
             shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
             assert shapes["blk.0.ffn_down.weight"] == (64, padded) and shapes["blk.1.ffn_up.weight"] == (padded, 64)
         else:
-            assert down == set(), down
+            assert down and all("bit" in kind or kind.endswith("fp4") for kind in down), down
+            assert artifact.plan["padded_ffn"]["to"] == padded
+            config = json.loads((artifact.path / "config.json").read_text())
+            assert config["intermediate_size"] == padded
+            load(str(artifact.path))  # mlx-lm builds the padded MLP and loads it
 
 
 @pytest.mark.parametrize(("family", "config"), [
@@ -359,3 +365,25 @@ def test_two_options_of_one_size_whose_errors_were_rescaled_out_of_order_plan():
     assert "nvfp4" not in {o.kind for o in by_quality.choices.values()}
     assert make_plan([TensorCosts("c", 800, (Option("x", 100, 0.2), Option("y", 100, 0.1)))],
                      QuantPlan(bits_per_weight=2.0)).choices["c"].kind == "y"  # where a plan starts too
+
+
+def test_mlx_pads_an_mlp_only_where_the_padded_one_computes_the_same(demo_model, tmp_path, monkeypatch):
+    """padded_mlp asks mlx-lm's model which modules the width widens and checks one padded MLP against the plain one;
+    with the padding's zero rows made ones (added units that output something) it pads nothing."""
+    import mlx.core as mx
+
+    import siliconvert.convert.mlx as mlx_writer
+
+    config = mlx_writer.mlx_config(llama_of_width(200, demo_model, tmp_path))
+    padded = mlx_writer.padded_mlp(config, 200)
+    assert padded.width == 224 and len(padded.rows) == 4 and len(padded.columns) == 2
+    assert mlx_writer.padded_mlp(config, 224) is None  # rows that fit are not padded
+    pad = mlx_writer.PaddedMLP.pad
+
+    def ones_in_rows(self, name, array, fill=None):
+        if name.rpartition(".")[0] not in self.rows:
+            return pad(self, name, array, fill)
+        added = mx.ones((self.width - array.shape[0], *array.shape[1:]), dtype=array.dtype)
+        return mx.concatenate([array, added], axis=0)
+    monkeypatch.setattr(mlx_writer.PaddedMLP, "pad", ones_in_rows)
+    assert mlx_writer.padded_mlp(config, 200) is None
