@@ -11,8 +11,8 @@ method, same bytes: `plan_over_fixed`) and against the anchor, fixed 4-bit g64 r
 (`plan_over_anchor`). "mlx-clip": the same with `method: clip` (each group's range searched).
 
 Prints a JSON line per model and format and writes them all to bench/results/plan-gains-<YYYY-MM-DD>-<mode>.json.
-`--windows N`: N held-out windows of 256 tokens instead of 2. `--no-padding`: the planned GGUF with an MLP whose
-width fills no 32-block left as wide as it is, as before the padding (convert/gguf.py `_padded_ffn_width`).
+`--windows N`: N held-out windows of 256 tokens instead of 2. `--no-padding`: the planned GGUF and MLX with an MLP
+whose width fills no 32-block left as wide as it is, as before the padding (siliconvert/padding.py).
 """
 import argparse
 import datetime
@@ -129,10 +129,13 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=2, help="held-out windows of 256 tokens")
     parser.add_argument("--reuse", action="store_true", help="keep the fixed MLX folders already under --work")
     parser.add_argument("--no-padding", action="store_true",
-                        help="the planned GGUF without its MLP padded to a multiple of 32 (the code before it)")
+                        help="the planned GGUF and MLX without their MLP padded to a multiple of 32 (the code before)")
     args = parser.parse_args()
     if args.no_padding:
+        import siliconvert.convert.mlx as mlx_writer
+
         GGUFWriter._padded_ffn_width = lambda self: None
+        mlx_writer.padded_mlp = lambda config, width: None
     if args.mode == "before":  # no measured gains: every weight takes its role's (ROLE_GAINS)
         Calibration.gain = lambda self, name, tied_head=False: None
         Calibration.shrink_gain = lambda self, name, tied_head=False: None

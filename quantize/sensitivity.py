@@ -383,9 +383,12 @@ def predicted_kld(total_error: float, kld_per_error: float = KLD_PER_ERROR) -> f
 
 def error_of(costs: Sequence[TensorCosts], kinds: dict[str, str]) -> float:
     """Summed relative error of storing each tensor as `kinds` says (a fixed recipe's types, read from its
-    artifact with `gguf_kinds` / `mlx_kinds`): how the estimate is held to measured KLD."""
+    artifact with `gguf_kinds` / `mlx_kinds`): how the estimate is held to measured KLD. A tensor `kinds` leaves out
+    is one the recipe keeps in float (an MLX module no group fits, which a plan pads): no rounding error."""
     total = 0.0
     for tensor in costs:
+        if tensor.name not in kinds:
+            continue
         found = [o.error for o in tensor.options if o.kind == kinds[tensor.name]]
         if not found:
             raise ValueError(f"{tensor.name} is stored as {kinds[tensor.name]}, not a measured candidate")
