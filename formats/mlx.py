@@ -15,10 +15,10 @@ from siliconvert.errors import ArtifactError, short
 from siliconvert.format import Format, artifact_bytes
 from siliconvert.recipe import MLX_MODES, MLXModelFile, MLXTarget, QuantPlan
 
-# what a sweep builds: mlx-lm's recipes at its group size 64 (plans aim at the widths'), rounded by GPTQ, and the
-# float modes at their own groups
+# what a sweep builds: mlx-lm's recipes at its group size 64 (plans aim at the widths'), rounded by GPTQ, 4-bit
+# clipped, and the float modes at their own groups
 FIXED_OPTIONS = ({"bits": 3}, {"bits": 4}, {"bits": 6}, {"bits": 8}, {"bits": "mixed_3_6"}, {"bits": "mixed_4_6"},
-                 {"bits": 3, "method": "gptq"}, {"bits": 4, "method": "gptq"},
+                 {"bits": 3, "method": "gptq"}, {"bits": 4, "method": "gptq"}, {"bits": 4, "method": "clip"},
                  {"mode": "mxfp4"}, {"mode": "nvfp4"}, {"mode": "mxfp8"})
 PLANNED_AT = (3, 4, 6)  # the affine widths whose sizes a sweep's plans aim at
 

@@ -65,6 +65,8 @@ def test_a_float_mode_and_gptq_are_named_in_the_card_and_a_mode_folder_is_detect
     assert summary("4bit-g64-gptq") == ("MLX 4-bit weights (group size 64, rounded by GPTQ against calibration "
                                         "inputs, float16 elsewhere)")
     assert entry.release_name("demo", "4bit-g64-gptq") == "demo-4bit-gptq"
+    assert summary("4bit-g64-clip") == ("MLX 4-bit weights (group size 64, each group's range clipped against "
+                                        "calibration inputs, float16 elsewhere)")
     (tmp_path / "config.json").write_text(json.dumps({"quantization": {"group_size": 32, "bits": 8,
                                                                        "mode": "mxfp8"}}))
     (tmp_path / "model.safetensors").write_bytes(b"")

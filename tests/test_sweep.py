@@ -53,7 +53,8 @@ def test_the_fixed_recipes_are_every_type_of_each_format():
     assert targets[0].imatrix == "builtin"
     mlx = [t for t in targets if t.format == "mlx"]
     assert [t.quant for t in mlx] == ["3bit-g64", "4bit-g64", "6bit-g64", "8bit-g64", "mixed_3_6-g64",
-                                      "mixed_4_6-g64", "3bit-g64-gptq", "4bit-g64-gptq", "mxfp4", "nvfp4", "mxfp8"]
+                                      "mixed_4_6-g64", "3bit-g64-gptq", "4bit-g64-gptq", "4bit-g64-clip", "mxfp4",
+                                      "nvfp4", "mxfp8"]
     assert [t.bits_and_group for t in mlx if t.mode != "affine"] == [(4, 32), (4, 16), (8, 32)]
     (coreml,) = [t for t in targets if t.format == "coreml"]  # one target: every precision beside its fp16 package
     assert coreml.precisions == ["fp16", "int8", "int4", "pal8", "pal6", "pal6-lut8", "pal4", "pal4-lut8", "pal3",
