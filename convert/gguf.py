@@ -465,7 +465,8 @@ class GGUFWriter(Writer):
         llama.cpp sizes them all by the one feed_forward_length key."""
         spec = self.checkpoint.spec
         width = spec.intermediate_size
-        if (padding.padded_width(width) is None or spec.experts is not None or self.arch.dense_as_shared
+        padded = padding.padded_width(width)
+        if (padded is None or spec.experts is not None or self.arch.dense_as_shared
                 or any(spec.layer_intermediate_size(i) != width for i in range(spec.num_layers))):
             return None
         counts = {base: 0 for base in PADDED_FFN_AXES}
@@ -475,9 +476,7 @@ class GGUFWriter(Writer):
                 counts[base] += name.endswith(".weight") and shape[PADDED_FFN_AXES[base]] == width
             elif width in shape:
                 return None
-        if set(counts.values()) != {spec.num_layers}:
-            return None
-        return padding.padded_width(width)
+        return padded if set(counts.values()) == {spec.num_layers} else None
 
     def _pads(self, quant: str) -> bool:
         return quant == "auto" and self.padded_ffn is not None
