@@ -13,13 +13,14 @@ tokenizer files).
 
     .venv/bin/python -m bench.coreml_palettes [--only demo,qwen3] [--tokens 512] [--context 256]
                                               [--precisions int4,pal4,pal3] [--no-plan] [--gptq-plans]
-                                              [--label after-x]
+                                              [--goals bytes,bits,q4-bits] [--label after-x]
 
 `--precisions` keeps only those of the fixed, plain and GPTQ packages; `--no-plan` leaves out the planned ones.
-`--gptq-plans` runs instead what issue #28 asks of Core ML at int4-class size: Q4_K_M, int4 and pal4 by GPTQ, and
+`--gptq-plans` runs instead what issue #28 asks of Core ML at int4-class size: Q4_K_M, int4, int4-zp and pal4 by GPTQ
+(or `--precisions`), and
 `precision: auto` with `method: gptq` planned at Q4_K_M's bytes (equal bytes), at 4.5 bits per weight (the
 planned weights' bytes over their values) and at Q4_K_M's weights' bits per weight where more (equal weight bytes),
-each row with its ratio to Q4_K_M's mean KLD.
+each row with its ratio to Q4_K_M's mean KLD; `--goals` keeps only some of the three plans.
 
 Writes bench/results/coreml-palettes-<YYYY-MM-DD>.json and prints the table as Markdown.
 """
@@ -42,6 +43,7 @@ FIXED = ["int8", "int4", "pal8", "pal6", "pal4", "pal4-lut8", "pal3", "pal3-lut8
 PLAIN = ["int4", *(p for p in FIXED if p.startswith("pal"))]  # scored again without the importance
 GPTQ = PLAIN  # and rounded by GPTQ against the calibration inputs' second moments
 MODELS = ("demo", "qwen3")
+GPTQ_FIXED = ["int4", "int4-zp", "pal4"]  # the int4-class packages rounded by GPTQ beside the plans
 GPTQ_PLAN_BITS = 4.5  # the issue's int4-class size: a plan of GPTQ-rounded weights at this many bits per weight
 
 
@@ -132,9 +134,11 @@ def measure(model: str, tokens: int, context: int, precisions: list[str] | None 
     return result
 
 
-def measure_gptq_plans(model: str, tokens: int, context: int) -> dict:
-    """Q4_K_M beside Core ML's GPTQ-rounded packages: int4 and pal4, and planned at Q4_K_M's bytes, at
-    GPTQ_PLAN_BITS bits per weight, and at Q4_K_M's weights' bits per weight where they are more."""
+def measure_gptq_plans(model: str, tokens: int, context: int, fixed: list[str] | None = None,
+                       goals: list[str] | None = None) -> dict:
+    """Q4_K_M beside Core ML's GPTQ-rounded packages: `fixed` (GPTQ_FIXED), and planned at Q4_K_M's bytes
+    ("bytes"), at GPTQ_PLAN_BITS bits per weight ("bits"), and at Q4_K_M's weights' bits per weight where they are
+    more ("q4-bits"): those of `goals` (all three by default)."""
     from siliconvert.checkpoint import Checkpoint
 
     checkpoint = Checkpoint.open(checkpoint_for(model))
@@ -142,12 +146,15 @@ def measure_gptq_plans(model: str, tokens: int, context: int) -> dict:
     anchor = run(model, "anchor", [{"format": "gguf", "quants": ["Q4_K_M"]}], tokens, context)
     (q4,) = [a for a in anchor["artifacts"] if a["quant"] == "Q4_K_M"]
     gptq = {"format": "coreml", "context": context, "method": "gptq"}
-    reports = [anchor, run(model, "gptq", [{**gptq, "precision": ["int4", "pal4"]}], tokens, context)]
+    reports = [anchor, run(model, "gptq", [{**gptq, "precision": fixed or GPTQ_FIXED}], tokens, context)]
     # equal bytes; the issue's int4-class size; and Q4_K_M's own weights' bits (more than 4.5 where its rows are too
     # narrow for its 256-blocks and fall back to larger types): the artifacts' other bytes aside
     q4_bits = gguf_bits_per_weight(Path(q4["path"]))
-    for plan in ({"size_mb": round(q4["size_bytes"] / 1e6, 3)}, {"bits_per_weight": GPTQ_PLAN_BITS},
-                 *([{"bits_per_weight": q4_bits}] if q4_bits > GPTQ_PLAN_BITS + 0.1 else [])):
+    plans = {"bytes": {"size_mb": round(q4["size_bytes"] / 1e6, 3)}, "bits": {"bits_per_weight": GPTQ_PLAN_BITS},
+             **({"q4-bits": {"bits_per_weight": q4_bits}} if q4_bits > GPTQ_PLAN_BITS + 0.1 else {})}
+    for goal, plan in plans.items():
+        if goals and goal not in goals:
+            continue
         reports.append(run(model, "gptq", [{**gptq, "precision": ["auto"], "plan": plan}], tokens, context))
     rows = {(r["format"], r["quant"]): r for report in reports for r in rows_of(report, parameters)
             if r["quant"] != "fp16"}
@@ -194,17 +201,21 @@ def main() -> None:
     parser.add_argument("--precisions", help="comma-separated: only these of the fixed, plain and GPTQ packages")
     parser.add_argument("--no-plan", action="store_true", help="leave out the planned packages")
     parser.add_argument("--gptq-plans", action="store_true",
-                        help="Q4_K_M beside Core ML by GPTQ: int4, pal4, planned at Q4_K_M's bytes and at 4.5 bits")
+                        help="Q4_K_M beside Core ML by GPTQ: int4, int4-zp, pal4 (or --precisions), planned at "
+                             "Q4_K_M's bytes, at 4.5 bits and at Q4_K_M's weights' bits (or --goals)")
+    parser.add_argument("--goals", help="with --gptq-plans, comma-separated: only these plans (bytes, bits, q4-bits)")
     parser.add_argument("--label", help="appended to the result's file name (a run after a change, beside one before)")
     args = parser.parse_args()
     models = args.only.split(",") if args.only else MODELS
     precisions = args.precisions.split(",") if args.precisions else None
-    results = [measure_gptq_plans(model, args.tokens, args.context) if args.gptq_plans
+    goals = args.goals.split(",") if args.goals else None
+    results = [measure_gptq_plans(model, args.tokens, args.context, precisions, goals) if args.gptq_plans
                else measure(model, args.tokens, args.context, precisions, not args.no_plan) for model in models]
     stamp = datetime.date.today().isoformat() + (f"-only-{'-'.join(map(label_of, models))}" if args.only else "")
     stamp += f"-{'-'.join(precisions)}" if precisions else ""
     stamp += "-no-plan" if args.no_plan else ""
     stamp += "-gptq-plans" if args.gptq_plans else ""
+    stamp += f"-{'-'.join(goals)}" if goals else ""
     stamp += f"-{args.label}" if args.label else ""
     out = Path(RESULTS_DIR) / f"coreml-palettes-{stamp}.json"
     out.write_text(json.dumps({"tokens": args.tokens, "context": args.context, "models": results}, indent=1) + "\n")

@@ -38,8 +38,8 @@ class CoreML(Format):
     gptq_plan_bits = (3.0625, 16.0)  # from pal3: a plan of GPTQ-rounded weights takes it (convert/coreml/plan.py)
     # every compressed precision, in one target beside the fp16 package it is made from (rounded by the recipe's
     # target's method, as its plans are)
-    fixed_quants = ("int8", "int4", "pal8", "pal6", "pal6-lut8", "pal4", "pal4-lut8", "pal3", "pal3-lut8", "pal2",
-                    "pal2-lut8")
+    fixed_quants = ("int8", "int4", "int4-zp", "pal8", "pal6", "pal6-lut8", "pal4", "pal4-lut8", "pal3", "pal3-lut8",
+                    "pal2", "pal2-lut8")
     planned_at = ("pal4", "int4", "pal6")  # the sizes a sweep's plans aim at: int4-class, and one above
     anchor = "int4"
     # every Core ML target builds the fp16 package: several in one run stopped in the planned writer (KeyError on an

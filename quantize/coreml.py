@@ -59,9 +59,10 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from functools import partial
 
+import mlx.core as mx
 import numpy as np
 
-from siliconvert.quantize.gptq import carry_errors, inverse_factor
+from siliconvert.quantize.gptq import carry_errors, group_scale, inverse_factor
 
 # On Linux coremltools warns at import that its prediction library is missing; compression does not need it.
 logging.getLogger("coremltools").setLevel(logging.ERROR)
@@ -86,6 +87,7 @@ from coremltools.optimize.coreml._quantization_passes import (  # noqa: E402
 )
 
 INT4_BLOCK = 32  # input channels per int4 scale: the block size Apple's examples use for LLMs
+ZERO_POINTS = "-zp"  # int4 with a zero point per block (coremltools' mode="linear"): int4-zp, int4-zp-b<n>
 QUANTIZED_OP = "constexpr_blockwise_shift_scale"  # what the pass makes for iOS 18 targets
 PALETTIZED_OP = "constexpr_lut_to_dense"
 PALETTE_BITS = (2, 3, 4, 6, 8)
@@ -94,9 +96,10 @@ INT8_LUT = "-lut8"  # a palette whose tables are stored as int8 (joint compressi
 # the fixed choices a recipe names (recipes/README.md); a plan also takes int4-b<n> and pal<bits>-g<n>[-lut8]
 W8A8 = "w8a8"  # int8 weights per channel and int8 activations at the linear layers' inputs
 ACTIVATION_RANGE = 127  # symmetric int8: ±127, as coremltools' linear_symmetric mode (quant_min raised by one)
-PRECISIONS = ("int8", "int4", W8A8, *(f"pal{bits}" for bits in PALETTE_BITS),
+PRECISIONS = ("int8", "int4", f"int4{ZERO_POINTS}", W8A8, *(f"pal{bits}" for bits in PALETTE_BITS),
               *(f"pal{bits}{INT8_LUT}" for bits in PALETTE_BITS if bits < 8))
 SCALE_GRID = np.linspace(0.6, 1.1, 26)  # multiples of a block's max/qmax scale that fit_scales tries
+ZERO_SHIFTS = (-1, 0, 1)  # zero points fit_scales tries around the one nearest a block's least-squares bias
 GPTQ_SAMPLED_ROWS = 128  # rows of a weight GPTQ rounds to measure its share of rounding's error (gptq_error_share)
 KMEANS_ROUNDS = 100  # Lloyd rounds at most; they stop earlier once no value changes cluster
 
@@ -220,7 +223,10 @@ def fit_scales(weight: np.ndarray, made: QuantizedWeight, importance: np.ndarray
     """A symmetric `bits`-bit quantization of `weight` (as the pass `made` it: its blocks and dtypes) with
     each block's scale chosen for the least importance-weighted error Σ imp_j (w_j − s·q_j)²: the grid SCALE_GRID
     × the pass's scale, then the least-squares scale of the best grid point's values, kept where it is better.
-    Scales are fp16, as stored, before the values are rounded at them."""
+    Scales are fp16, as stored, before the values are rounded at them. A weight with zero points (int4-zp) is
+    fitted by `_fit_affine`."""
+    if made.offset is not None:
+        return _fit_affine(weight, made, importance, bits)
     rows, blocks = made.scale.shape[0], made.scale.shape[1]
     values = weight.reshape(rows, blocks, -1).astype(np.float32)
     weights = _weighing(importance).reshape(1, blocks, -1).astype(np.float32)
@@ -247,6 +253,58 @@ def fit_scales(weight: np.ndarray, made: QuantizedWeight, importance: np.ndarray
     best_scale, best_q = np.where(better, fitted, best_scale), np.where(better[..., None], q, best_q)
     return QuantizedWeight(best_q.reshape(made.data.shape).astype(made.data.dtype),
                            best_scale.reshape(made.scale.shape).astype(made.scale.dtype), made.offset)
+
+
+def _fit_affine(weight: np.ndarray, made: QuantizedWeight, importance: np.ndarray, bits: int) -> QuantizedWeight:
+    """An asymmetric `bits`-bit quantization of `weight` (values s·(q − z), q and the zero point z integers of the
+    data's range, as the pass `made` them: its blocks and dtypes) with each block's scale and zero point chosen for
+    the least importance-weighted error: the scale and bias of the weighted least-squares range search the MLX
+    writer's GPTQ uses (quantize/gptq.py `group_scale`, llama.cpp's make_qkx2_quants with a free bias), its bias
+    rounded to the integer zero points ZERO_SHIFTS around it, each tried at SCALE_GRID-like multiples of the
+    scale, then refitted by least squares at the best zero point; the pass's own min/max fit is a candidate too, so
+    the result is never worse than the pass's by that error."""
+    rows, blocks = made.scale.shape[0], made.scale.shape[1]
+    low, high = _integer_range(made, bits)
+    values = weight.reshape(rows, blocks, -1).astype(np.float32)
+    weights = np.broadcast_to(_weighing(importance).reshape(1, blocks, -1).astype(np.float32), values.shape)
+
+    def rounded(scale: np.ndarray, zero: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        scale = scale.astype(np.float16).astype(np.float32)
+        safe = np.where(scale == 0, 1, scale)
+        q = np.clip(np.rint(values / safe[..., None]) + zero[..., None], low, high)
+        return scale, q, (weights * (values - scale[..., None] * (q - zero[..., None])) ** 2).sum(-1)
+
+    base_zero = made.offset.reshape(rows, blocks).astype(np.float32)
+    best_scale, best_q, best_error = rounded(made.scale.reshape(rows, blocks).astype(np.float32), base_zero)
+    best_zero = base_zero
+    scale, bias = group_scale(values.reshape(rows * blocks, -1), weights.reshape(rows * blocks, -1),
+                               int(high - low), mx.float16)
+    scale, bias = scale.reshape(rows, blocks), bias.reshape(rows, blocks)
+    nearest = np.rint(-bias / np.where(scale == 0, 1, scale)) + low  # the bias as s·(low − z)
+    for shift in ZERO_SHIFTS:
+        zero = np.clip(nearest + shift, low, high)
+        for factor in np.linspace(0.9, 1.1, 21):
+            candidate, q, error = rounded(scale * factor, zero)
+            better = error < best_error
+            best_scale, best_zero = np.where(better, candidate, best_scale), np.where(better, zero, best_zero)
+            best_q, best_error = np.where(better[..., None], q, best_q), np.where(better, error, best_error)
+    shifted = best_q - best_zero[..., None]
+    denominator = (weights * shifted**2).sum(-1)
+    fitted = np.where(denominator > 0, (weights * values * shifted).sum(-1) / np.where(denominator > 0, denominator, 1),
+                      best_scale)
+    candidate, q, error = rounded(fitted, best_zero)
+    better = error < best_error
+    best_scale, best_q = np.where(better, candidate, best_scale), np.where(better[..., None], q, best_q)
+    return QuantizedWeight(best_q.reshape(made.data.shape).astype(made.data.dtype),
+                           best_scale.reshape(made.scale.shape).astype(made.scale.dtype),
+                           best_zero.reshape(made.offset.shape).astype(made.offset.dtype))
+
+
+def _integer_range(made: QuantizedWeight, bits: int) -> tuple[int, int]:
+    """The integers a linear weight's values take: the pass's symmetric ±(2^(bits−1) − 1), or with zero points the
+    data's whole signed range (int4: −8…7)."""
+    top = 2 ** (bits - 1) - 1
+    return (-top - 1, top) if made.offset is not None else (-top, top)
 
 
 def gptq_rounded(weight: np.ndarray, made: CompressedWeight, hessian: np.ndarray, precision: str,
@@ -276,14 +334,19 @@ def gptq_rounded(weight: np.ndarray, made: CompressedWeight, hessian: np.ndarray
             chosen[:, j] = index = np.abs(w[:, j, None] - grid).argmin(axis=1)
             return grid[every_row, index]
     else:
-        limit = 2 ** (_bits(precision) - 1) - 1
+        low, high = _integer_range(made, _bits(precision))
         blocks = made.scale.shape[1]
-        steps = np.repeat(made.scale.reshape(rows, blocks).astype(np.float32), columns // blocks, axis=1)[:, order]
+
+        def per_column(part: np.ndarray) -> np.ndarray:  # a block's value for each column, in act order
+            return np.repeat(part.reshape(rows, blocks).astype(np.float32), columns // blocks, axis=1)[:, order]
+
+        steps = per_column(made.scale)
+        zeros = per_column(made.offset) if made.offset is not None else np.zeros_like(steps)
         safe = np.where(steps == 0, 1, steps)
 
         def round_column(w: np.ndarray, j: int) -> np.ndarray:
-            chosen[:, j] = integer = np.clip(np.rint(w[:, j] / safe[:, j]), -limit, limit)
-            return integer * steps[:, j]
+            chosen[:, j] = integer = np.clip(np.rint(w[:, j] / safe[:, j]) + zeros[:, j], low, high)
+            return (integer - zeros[:, j]) * steps[:, j]
     chosen = np.empty((rows, columns), dtype=np.int32)  # each value's index or integer, in GPTQ's column order
     carry_errors(values[:, order], hessian[np.ix_(order, order)], round_column, inverse)
     chosen = chosen[:, np.argsort(order)]
@@ -360,13 +423,14 @@ def lut_config() -> OpLinearQuantizerConfig:
 
 def weight_config(precision: str) -> OpLinearQuantizerConfig:
     """int8 (and w8a8's weights): per output channel; int4: per block of INT4_BLOCK input channels; int4-b<n> (a
-    plan's other candidates): per block of n."""
+    plan's other candidates): per block of n; int4-zp[-b<n>]: the same blocks, each with an int4 zero point beside
+    its scale (coremltools' mode="linear", the asymmetric layout its docs offer beside the symmetric one)."""
     if precision in ("int8", W8A8):
         return OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
-    dtype, _, block = precision.partition("-b")
-    if dtype == "int4" and (block.isdigit() or not block):
-        return OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block",
-                                       block_size=int(block or INT4_BLOCK))
+    match = re.fullmatch(rf"int4({ZERO_POINTS})?(?:-b(\d+))?", precision)
+    if match:
+        return OpLinearQuantizerConfig(mode="linear" if match[1] else "linear_symmetric", dtype="int4",
+                                       granularity="per_block", block_size=int(match[2] or INT4_BLOCK))
     raise ValueError(f"Core ML compression is one of {PRECISIONS}, not {precision!r}")
 
 
@@ -512,9 +576,11 @@ def stored_bytes(weight: CompressedWeight, precision: str, rows: int | None = No
     def values(part: np.ndarray) -> int:  # the whole weight's count of this part's values
         return part.size * rows // len(data)
 
-    extra = ((weight.lut, weight.lut_scale) if isinstance(weight, PalettizedWeight)
-             else (weight.scale, weight.offset))
-    parts = [-(-values(data) * bits // 8), *(values(part) * part.itemsize for part in extra if part is not None)]
+    # (part, its bits per value): a zero point is stored in the data's type (int4: packed two to a byte)
+    extra = (((weight.lut, None), (weight.lut_scale, None)) if isinstance(weight, PalettizedWeight)
+             else ((weight.scale, None), (weight.offset, bits)))
+    parts = [-(-values(data) * bits // 8),
+             *(-(-values(part) * (width or 8 * part.itemsize) // 8) for part, width in extra if part is not None)]
     return sum(blob_bytes(n) for n in parts)
 
 

@@ -58,7 +58,7 @@ def gptq_widths(weight: np.ndarray, hessian: np.ndarray, widths: Sequence[tuple[
         # every group of every row at once: [rows × groups, group size], each with its columns' importance
         split = unordered.reshape(rows * groups, group_size)
         weights = np.tile(importance.reshape(groups, group_size), (rows, 1))
-        scales, biases = _group_scale(split, weights, 2**bits - 1, float_type)
+        scales, biases = group_scale(split, weights, 2**bits - 1, float_type)
         grids.append((group_size, scales.reshape(rows, groups), biases.reshape(rows, groups)))
     # each act-order column's scale, bias and top integer for every stacked row: a column is rounded in one step
     column_scales = np.concatenate([scales[:, order // group] for group, scales, _ in grids]).T.copy()
@@ -109,7 +109,7 @@ def inverse_factor(hessian: np.ndarray) -> np.ndarray:
     return np.linalg.cholesky(inverse.T @ inverse).T.astype(np.float32)
 
 
-def _group_scale(group: np.ndarray, importance: np.ndarray, top: int,
+def group_scale(group: np.ndarray, importance: np.ndarray, top: int,
                  float_type: mx.Dtype) -> tuple[np.ndarray, np.ndarray]:
     """Each row's scale and bias for a group [rows, group size] (`importance` [group size], or a row of it per row),
     both as stored in `float_type`: of the ranges

@@ -126,12 +126,15 @@ MLX_CANDIDATES = tuple((bits, group) for bits in (2, 3, 4, 5, 6, 8) for group in
 # weight) or per 16 (4.5), 8-bit floats per 32 (8.25)
 MLX_MODE_CANDIDATES = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}
 # precisions a Core ML plan chooses from (quantize/coreml.py): fp16, the fixed packages' int8 per channel and int4
-# per block of 32, int4 in blocks of 16, 64 and 128 (5, 4.25 and 4.125 bits per weight with their fp16 scales), and
+# per block of 32, int4 in blocks of 16, 64 and 128 (5, 4.25 and 4.125 bits per weight with their fp16 scales), int4
+# with zero points in blocks of 32, 64 and 128 (4.625, 4.3125, 4.16: on the real SmolLM2-135M's layers 0, 14 and 29
+# by GPTQ, int4-zp-b64 left 0.87× int4's output error at fewer bits, int4-zp 0.61×: bench/README.md), and
 # the palettes of 6 and 4 bits (a table of fp16 values per 16 output channels: a few hundredths of a bit more on a
 # wide row). Not pal3 / pal2: on the demo model the estimate under-read their fixed packages' measured KLD (×1.16,
 # ×1.20, against ×0.94–1.12 for pal6, pal4, int4), and a plan for mean KLD 0.001 that took pal3 for 12 of its 30
 # weights measured 0.00127.
-COREML_CANDIDATES = ("fp16", "int8", "pal6", "int4-b16", "int4", "int4-b64", "int4-b128", "pal4")
+COREML_CANDIDATES = ("fp16", "int8", "pal6", "int4-b16", "int4", "int4-b64", "int4-b128", "int4-zp", "int4-zp-b64",
+                     "int4-zp-b128", "pal4")
 # Mean KLD per unit of relative output error, by role (measured on the demo model: see the module docstring).
 # Roles are the architecture registry's (GGUF's base names); a layer role not listed takes attention's gain.
 ROLE_GAINS = {"output": 0.165, "token_embd": 0.22, "attn": 0.0033, "ffn": 0.0015}

@@ -214,8 +214,9 @@ class GGUFTarget(TargetSpec):
 
 
 # pal<bits>: palettized (a lookup table per 16 output channels), -lut8: its tables in int8 (quantize/coreml.py);
-# w8a8: int8 weights and int8 activations at the linear layers' inputs (the newer Neural Engines' int8 path)
-CoreMLPrecision = Literal["fp16", "int8", "int4", "w8a8", "pal2", "pal3", "pal4", "pal6", "pal8",
+# int4-zp: int4 blocks with a zero point each; w8a8: int8 weights and int8 activations at the linear layers' inputs
+# (the newer Neural Engines' int8 path)
+CoreMLPrecision = Literal["fp16", "int8", "int4", "int4-zp", "w8a8", "pal2", "pal3", "pal4", "pal6", "pal8",
                           "pal2-lut8", "pal3-lut8", "pal4-lut8", "pal6-lut8", "auto"]
 
 

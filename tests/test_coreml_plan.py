@@ -12,8 +12,9 @@ import pytest
 from siliconvert.calibration import Calibration
 from siliconvert.checkpoint import Checkpoint
 from siliconvert.convert.coreml import CoreMLWriter
-from siliconvert.convert.coreml.plan import WeightPlanner, with_gptq_errors
+from siliconvert.convert.coreml.plan import ZERO_POINT_SPEC_BYTES, WeightPlanner, with_gptq_errors
 from siliconvert.errors import RecipeError
+from siliconvert.quantize.coreml import ZERO_POINTS
 from siliconvert.quantize.sensitivity import KLD_PER_ERROR, coreml_costs, error_of, role_gain
 from siliconvert.recipe import CoreMLTarget, parse_recipe
 from siliconvert.textdata import heldout_text
@@ -125,8 +126,8 @@ def scored(demo_model):
 
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory):
-    """fp16, int8, int4 and a package planned for KLD_GOAL, from one pass; the plan's measured costs."""
-    artifacts, writer = build(tmp_path_factory.mktemp("coreml-plan"), precision=["int8", "int4", "auto"],
+    """fp16, int8, int4, int4-zp and a package planned for KLD_GOAL, from one pass; the plan's measured costs."""
+    artifacts, writer = build(tmp_path_factory.mktemp("coreml-plan"), precision=["int8", "int4", "int4-zp", "auto"],
                               plan={"max_mean_kld": KLD_GOAL})
     return artifacts, writer.planner.costs
 
@@ -142,8 +143,23 @@ def test_a_quality_goal_is_met_and_smaller_than_fp16(planned, scored):
     assert scored(ours.path) <= 1.2 * KLD_GOAL
     assert folder_bytes(ours.path) < 0.6 * folder_bytes(artifacts["fp16"].path)
     # the plan's bytes are the package's: the weight.bin of int4 and of the plan differ by their planned weights'
-    assert weight_bin(ours.path) - ours.plan["planned_bytes"] == \
+    # (a zero-point weight's planned bytes count its spec's const too)
+    spec = ZERO_POINT_SPEC_BYTES * sum(count for precision, count in ours.plan["types"].items()
+                                       if ZERO_POINTS in precision)
+    assert weight_bin(ours.path) - (ours.plan["planned_bytes"] - spec) == \
         weight_bin(artifacts["int4"].path) - bytes_at(planned[1], "int4")
+
+
+@pytest.mark.slow
+def test_zero_points_cost_their_stored_bytes_and_beat_symmetric_int4(planned, scored):
+    """int4-zp stores int4's blocks and an int4 zero point each (packed two to a byte, as the plan counts them), and
+    on the demo model its fitted scales and zero points beat symmetric int4's fitted scales."""
+    artifacts, costs = planned
+    zero_points = [c for c in costs if any(o.kind == "int4-zp" for o in c.options)]
+    assert len(zero_points) == len(costs)
+    assert weight_bin(artifacts["int4-zp"].path) - weight_bin(artifacts["int4"].path) == \
+        bytes_at(costs, "int4-zp") - ZERO_POINT_SPEC_BYTES * len(costs) - bytes_at(costs, "int4")
+    assert scored(artifacts["int4-zp"].path) < 0.8 * scored(artifacts["int4"].path)
 
 
 def bytes_at(costs, precision: str) -> int:

@@ -20,6 +20,7 @@ from siliconvert.quantize.coreml import (
     Palette,
     PalettizedWeight,
     activation_scale,
+    blob_bytes,
     compress,
     decompress,
     gptq_error_share,
@@ -114,7 +115,7 @@ def test_each_palette_round_trips_and_its_error_falls_with_bits():
 
 
 @pytest.mark.parametrize(("precision", "at_most"), [("pal2", 0.8), ("pal3", 0.8), ("pal4", 0.8), ("int4", 0.95),
-                                                    ("int8", 0.95)])
+                                                    ("int4-zp", 0.95), ("int8", 0.95)])
 def test_importance_weighted_compression_beats_plain_on_the_layer_output(precision, at_most):
     """Palettes: k-means weighted by the columns' importance (the tables move to where the important columns'
     values lie); int4 / int8: each block's scale fitted to it (a block's scale is still set by its largest values,
@@ -123,6 +124,28 @@ def test_importance_weighted_compression_beats_plain_on_the_layer_output(precisi
     plain = weighted_error(weight, decompress(compress(weight, precision)), importance)
     weighted = weighted_error(weight, decompress(compress(weight, precision, importance)), importance)
     assert weighted < at_most * plain, (weighted, plain)
+
+
+def test_zero_points_take_the_whole_int4_range_and_fit_better_than_the_pass():
+    """int4-zp: coremltools' asymmetric layout (values s·(q − z), q and z int4, −8…7), each block's scale and zero
+    point fitted to the importance: never worse by that error than the pass's own min/max fit (a candidate of the
+    fit), better than symmetric int4 in the same blocks on a shifted weight, and its zero points stored at 4 bits."""
+    weight, importance = outlier_weight()
+    shifted = (weight.astype(np.float32) + 1.5 * weight.astype(np.float32).std()).astype(np.float16)
+    for source in (weight, shifted):
+        pass_own = compress(source, "int4-zp")
+        fitted = compress(source, "int4-zp", importance)
+        assert fitted.offset is not None and fitted.offset.shape == fitted.scale.shape
+        assert -8 <= fitted.data.min() <= fitted.data.max() <= 7
+        assert -8 <= fitted.offset.min() <= fitted.offset.max() <= 7
+        assert weighted_error(source, decompress(fitted), importance) <= weighted_error(source, decompress(pass_own),
+                                                                                       importance)
+    symmetric = weighted_error(shifted, decompress(compress(shifted, "int4", importance)), importance)
+    assert weighted_error(shifted, decompress(compress(shifted, "int4-zp", importance)), importance) < 0.5 * symmetric
+    made = compress(weight, "int4-zp-b64", importance)
+    assert made.scale.shape[1] == weight.shape[1] // 64
+    assert stored_bytes(made, "int4-zp-b64") == stored_bytes(compress(weight, "int4-b64"), "int4-b64") + \
+        blob_bytes(-(-made.offset.size // 2))
 
 
 def test_the_passes_make_the_ops_the_packages_hold():
@@ -180,8 +203,8 @@ def output_error(weight: np.ndarray, approx: np.ndarray, hessian: np.ndarray) ->
     return float(np.einsum("ij,jk,ik->", delta, hessian, delta))
 
 
-@pytest.mark.parametrize(("precision", "at_most"), [("int4", 0.5), ("int8", 0.5), ("pal4", 0.5), ("pal3-lut8", 0.5),
-                                                    ("pal2", 0.6)])
+@pytest.mark.parametrize(("precision", "at_most"), [("int4", 0.5), ("int4-zp", 0.5), ("int8", 0.5), ("pal4", 0.5),
+                                                    ("pal3-lut8", 0.5), ("pal2", 0.6)])
 def test_gptq_beats_rounding_on_the_layer_output(precision, at_most):
     """GPTQ against the inputs' second moments beats the importance-fitted rounding of the same layout (the same
     blocks for int4 / int8, the same tables for a palette), which weighs the same inputs' diagonal only."""
@@ -251,7 +274,7 @@ def test_gptq_error_share_is_measured_per_precision_and_falls_with_correlated_in
     sample's share near the whole weight's."""
     weight, hessian = correlated_inputs(128, 256)
     independent = np.diag(np.diag(hessian))
-    for precision in ("int4", "int4-b64", "pal4", "pal3"):
+    for precision in ("int4", "int4-b64", "int4-zp-b64", "pal4", "pal3"):
         correlated = gptq_error_share(weight, hessian, precision, np.diag(hessian))
         alone = gptq_error_share(weight, independent, precision, np.diag(hessian))
         assert 0 < correlated < alone <= 1, (precision, correlated, alone)

@@ -34,7 +34,7 @@ from siliconvert.calibration import BUILTIN, IMPORTANCE, SENSITIVITY, Calibratio
 from siliconvert.convert.coreml.chunks import Chunk, Key, blobs_of, head_pieces, head_role, role_key
 from siliconvert.convert.coreml.folds import EXPERT_STACKS, graph_keys
 from siliconvert.gains import EMBEDDING, HEAD
-from siliconvert.quantize.coreml import compressible, gptq_error_share, gptq_inverse
+from siliconvert.quantize.coreml import ZERO_POINTS, compressible, gptq_error_share, gptq_inverse
 from siliconvert.quantize.plan import Plan, make_plan
 from siliconvert.quantize.sensitivity import COREML_CANDIDATES, TensorCosts, coreml_costs, role_gain
 from siliconvert.recipe import QuantPlan
@@ -43,6 +43,9 @@ HEAD_INPUTS = "lm_head.weight"  # the importance matrix's name for the head's in
 # model.mlmodel grows by the constexpr op and its consts' entries, in both functions, for each compressed weight
 # (measured on the demo model: 294 bytes, int8 or int4); a size goal counts it for every planned weight, with room
 SPEC_BYTES_PER_WEIGHT = 384
+# and an int4-zp weight's spec holds its zero points' const too, in both functions (175 bytes more than int4's on the
+# demo model): counted on that option, so that a plan weighs it against the zero points' gain
+ZERO_POINT_SPEC_BYTES = 192
 ROUTERS = ("ffn_gate_inp", "ffn_gate_inp_shexp")  # never planned: a rounded router picks other experts
 # a plan of GPTQ-rounded weights (method: gptq) also takes pal3: rounded to nearest its estimate under-read the
 # measured KLD (COREML_CANDIDATES says why it is left out there); by GPTQ its fixed package scores a third of that
@@ -101,8 +104,8 @@ class WeightPlanner:
                 shares = self.expert_shares.get(stack)
                 share = shares[expert] if shares is not None else 1 / self.spec.experts.count
                 gain, shrink_gain = gain * share, None if shrink_gain is None else shrink_gain * share
-            costs = coreml_costs(plan_name(chunk, weight), values, importance, gain, self.candidates,
-                                 shrink_gain=shrink_gain)
+            costs = with_spec_bytes(coreml_costs(plan_name(chunk, weight), values, importance, gain, self.candidates,
+                                                 shrink_gain=shrink_gain))
             hessian = self.hessians.of(chunk, key, rows) if self.hessians else None
             if hessian is not None:  # an embedding's lookup has none: GPTQ leaves it rounded to nearest
                 costs = with_gptq_errors(costs, values, hessian, importance, looked_up)
@@ -146,6 +149,13 @@ class WeightPlanner:
         prefix = plan_name(chunk, "")
         return {name.removeprefix(prefix): option.kind for name, option in plan.choices.items()
                 if name.startswith(prefix) and option.kind != "fp16"}
+
+
+def with_spec_bytes(costs: TensorCosts) -> TensorCosts:
+    """A weight's candidates with the spec bytes a zero-point option adds (ZERO_POINT_SPEC_BYTES), cheapest first."""
+    options = (replace(option, nbytes=option.nbytes + ZERO_POINT_SPEC_BYTES) if ZERO_POINTS in option.kind
+               else option for option in costs.options)
+    return replace(costs, options=tuple(sorted(options, key=lambda o: (o.nbytes, o.error, o.kind))))
 
 
 def with_gptq_errors(costs: TensorCosts, weight: np.ndarray, hessian: np.ndarray,
