@@ -107,6 +107,7 @@ PRECISIONS = ("int8", "int4", f"int4{ZERO_POINTS}", W8A8, *(f"pal{bits}" for bit
               *(f"pal{bits}{INT8_LUT}" for bits in PALETTE_BITS if bits < 8))
 SCALE_GRID = np.linspace(0.6, 1.1, 26)  # multiples of a block's max/qmax scale that fit_scales tries
 ZERO_SHIFTS = (-1, 0, 1)  # zero points fit_scales tries around the one nearest a block's least-squares bias
+ZERO_POINT_SCALE_GRID = np.linspace(0.9, 1.1, 21)  # multiples of that least-squares scale it tries at each
 GPTQ_SAMPLED_ROWS = 128  # rows of a weight GPTQ rounds to measure its share of rounding's error (gptq_error_share)
 KMEANS_ROUNDS = 100  # Lloyd rounds at most; they stop earlier once no value changes cluster
 
@@ -267,7 +268,7 @@ def _fit_affine(weight: np.ndarray, made: QuantizedWeight, importance: np.ndarra
     data's range, as the pass `made` them: its blocks and dtypes) with each block's scale and zero point chosen for
     the least importance-weighted error: the scale and bias of the weighted least-squares range search the MLX
     writer's GPTQ uses (quantize/gptq.py `group_scale`, llama.cpp's make_qkx2_quants with a free bias), its bias
-    rounded to the integer zero points ZERO_SHIFTS around it, each tried at SCALE_GRID-like multiples of the
+    rounded to the integer zero points ZERO_SHIFTS around it, each tried at ZERO_POINT_SCALE_GRID multiples of the
     scale, then refitted by least squares at the best zero point; the pass's own min/max fit is a candidate too, so
     the result is never worse than the pass's by that error."""
     rows, blocks = made.scale.shape[0], made.scale.shape[1]
@@ -290,7 +291,7 @@ def _fit_affine(weight: np.ndarray, made: QuantizedWeight, importance: np.ndarra
     nearest = np.rint(-bias / np.where(scale == 0, 1, scale)) + low  # the bias as s·(low − z)
     for shift in ZERO_SHIFTS:
         zero = np.clip(nearest + shift, low, high)
-        for factor in np.linspace(0.9, 1.1, 21):
+        for factor in ZERO_POINT_SCALE_GRID:
             candidate, q, error = rounded(scale * factor, zero)
             better = error < best_error
             best_scale, best_zero = np.where(better, candidate, best_scale), np.where(better, zero, best_zero)
