@@ -57,8 +57,8 @@ def test_the_fixed_recipes_are_every_type_of_each_format():
                                       "nvfp4", "mxfp8"]
     assert [t.bits_and_group for t in mlx if t.mode != "affine"] == [(4, 32), (4, 16), (8, 32)]
     (coreml,) = [t for t in targets if t.format == "coreml"]  # one target: every precision beside its fp16 package
-    assert coreml.precisions == ["fp16", "int8", "int4", "pal8", "pal6", "pal6-lut8", "pal4", "pal4-lut8", "pal3",
-                                 "pal3-lut8", "pal2", "pal2-lut8"]
+    assert coreml.precisions == ["fp16", "int8", "int4", "int4-zp", "pal8", "pal6", "pal6-lut8", "pal4", "pal4-lut8",
+                                 "pal3", "pal3-lut8", "pal2", "pal2-lut8"]
     assert (coreml.context, coreml.chunks) == (256, 1)  # the recipe's packaging
     only = fixed_targets(parse_recipe(RECIPE | {"targets": [*RECIPE["targets"], COREML]}), ["Q4_K_M", "int4"])
     assert [(t.format, t.asked if t.format == "coreml" else t.quants) for t in only] == [
