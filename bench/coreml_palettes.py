@@ -17,7 +17,7 @@ tokenizer files).
 
 `--precisions` keeps only those of the fixed, plain and GPTQ packages; `--no-plan` leaves out the planned ones.
 `--gptq-plans` runs instead what issue #28 asks of Core ML at int4-class size: Q4_K_M, int4, int4-zp and pal4 by GPTQ
-(or `--precisions`), and
+(or `--precisions`; `--precisions=`: none), and
 `precision: auto` with `method: gptq` planned at Q4_K_M's bytes (equal bytes), at 4.5 bits per weight (the
 planned weights' bytes over their values) and at Q4_K_M's weights' bits per weight where more (equal weight bytes),
 each row with its ratio to Q4_K_M's mean KLD; `--goals` keeps only some of the three plans.
@@ -146,7 +146,8 @@ def measure_gptq_plans(model: str, tokens: int, context: int, fixed: list[str] |
     anchor = run(model, "anchor", [{"format": "gguf", "quants": ["Q4_K_M"]}], tokens, context)
     (q4,) = [a for a in anchor["artifacts"] if a["quant"] == "Q4_K_M"]
     gptq = {"format": "coreml", "context": context, "method": "gptq"}
-    reports = [anchor, run(model, "gptq", [{**gptq, "precision": fixed or GPTQ_FIXED}], tokens, context)]
+    fixed = GPTQ_FIXED if fixed is None else fixed
+    reports = [anchor, *([run(model, "gptq", [{**gptq, "precision": fixed}], tokens, context)] if fixed else [])]
     # equal bytes; the issue's int4-class size; and Q4_K_M's own weights' bits (more than 4.5 where its rows are too
     # narrow for its 256-blocks and fall back to larger types): the artifacts' other bytes aside
     q4_bits = gguf_bits_per_weight(Path(q4["path"]))
@@ -207,7 +208,8 @@ def main() -> None:
     parser.add_argument("--label", help="appended to the result's file name (a run after a change, beside one before)")
     args = parser.parse_args()
     models = args.only.split(",") if args.only else MODELS
-    precisions = args.precisions.split(",") if args.precisions else None
+    # `--precisions=` (none): with --gptq-plans, the plans alone
+    precisions = [p for p in args.precisions.split(",") if p] if args.precisions is not None else None
     goals = args.goals.split(",") if args.goals else None
     results = [measure_gptq_plans(model, args.tokens, args.context, precisions, goals) if args.gptq_plans
                else measure(model, args.tokens, args.context, precisions, not args.no_plan) for model in models]

@@ -375,13 +375,16 @@ def _act_order(hessian: np.ndarray) -> np.ndarray:
 
 
 def gptq_error_share(weight: np.ndarray, hessian: np.ndarray, precision: str, importance: np.ndarray | None = None,
-                     sampled_rows: int = GPTQ_SAMPLED_ROWS, inverse: np.ndarray | None = None) -> float:
+                     sampled_rows: int = GPTQ_SAMPLED_ROWS, inverse: np.ndarray | None = None,
+                     measured_on: np.ndarray | None = None) -> float:
     """The output error (tr ΔW H ΔWᵀ) of `weight` [rows, columns] compressed at `precision` and rounded again by GPTQ
     against `hessian` (`gptq_rounded`), over its error as the passes compress it (`compress`, with `importance`), on
     a sample of rows: whole groups of a palette's rows, spread over the weight (a table is fitted to its group).
     GPTQ's gain differs by precision and layer (on the demo model's fixed packages it took pal3's mean KLD to a
     third of rounding's, int4's to 0.6), so a plan of GPTQ-rounded weights weighs each candidate by its own share.
-    1 where the passes cannot compress the sample or it rounds exactly. `inverse`: `gptq_inverse(hessian)`."""
+    1 where the passes cannot compress the sample or it rounds exactly. `inverse`: `gptq_inverse(hessian)`.
+    `measured_on`: the second moments both errors are measured under, where not `hessian` (those of text GPTQ was
+    not fitted to: GPTQ's gain there is what a package keeps on text it never saw)."""
     palette = palette_of(precision)
     group = palette.group if palette else 1
     groups = len(weight) // group
@@ -395,7 +398,9 @@ def gptq_error_share(weight: np.ndarray, hessian: np.ndarray, precision: str, im
 
     def output_error(compressed: CompressedWeight) -> float:
         delta = decompress(compressed).astype(np.float64).reshape(sample.shape) - sample.astype(np.float64)
-        return float(np.einsum("ij,jk,ik->", delta, hessian.astype(np.float64), delta))
+        return float(np.einsum("ij,jk,ik->", delta, measure, delta))
+
+    measure = (hessian if measured_on is None else measured_on).astype(np.float64)
 
     rounding = output_error(made)
     if rounding == 0:

@@ -9,6 +9,9 @@ Three writers measure the source model before they write, all through the same l
 - hessian: the mean x xᵀ of every dense linear layer's input, on the importance windows (what GPTQ weighs a
   layer's rounding errors by: quantize/gptq.py, for an MLX target's `method: gptq`); the layers reading one input
   share one matrix.
+- hessian halves: the same over the first half of the importance windows, and the share of their tokens it holds:
+  GPTQ fitted to that half and measured on the other (whose H follows from the whole's and the first half's) tells
+  a Core ML plan how much of GPTQ's gain holds on text it was not fitted to (convert/coreml/plan.py).
 - input peaks: the largest |x| entering each linear layer, on the importance windows (per expert for a stack, over
   the tokens routed to it): what a Core ML W8A8 package's per-tensor int8 activation scales are made of
   (quantize/coreml.py), as coremltools' linear_quantize_activations makes them from the range it sees in predictions.
@@ -69,8 +72,9 @@ IMPORTANCE = "importance"  # the importance matrix and the tokens routed to each
 RANGE = "range"  # the residual stream's peak
 SENSITIVITY = "sensitivity"  # each weight's measured gain to the mean KLD (siliconvert/gains.py)
 HESSIAN = "hessian"  # the mean x xᵀ of every linear layer's input, on the importance windows (GPTQ's H)
+HESSIAN_HALVES = "hessian_halves"  # the same over the first half of those windows (GPTQ's held-out check)
 INPUT_PEAKS = "input_peaks"  # the largest |x| entering every linear layer, on the importance windows (W8A8's scales)
-PARTS = (IMPORTANCE, RANGE, SENSITIVITY, HESSIAN, INPUT_PEAKS)
+PARTS = (IMPORTANCE, RANGE, SENSITIVITY, HESSIAN, HESSIAN_HALVES, INPUT_PEAKS)
 BUILTIN = "builtin"
 
 FLOAT16_MAX = 65504.0
@@ -132,6 +136,10 @@ class Calibration:
     # HF weight name → mean x xᵀ of its input [columns, columns] (float32; the layers reading one input share one
     # array); dense linear layers only, not expert stacks
     hessians: dict[str, np.ndarray] | None = None
+    # the same over the first half of the importance windows (empty where there is one window), and the share of
+    # the windows' tokens that half holds
+    first_half_hessians: dict[str, np.ndarray] | None = None
+    first_half_share: float | None = None
     # HF weight name → the largest |x| of its input over the importance windows (an expert stack: one per expert,
     # over the tokens routed to it; 0 for an expert none reached)
     input_peaks: dict[str, np.ndarray] | None = None
@@ -140,6 +148,7 @@ class Calibration:
     def parts(self) -> frozenset[str]:
         return frozenset(part for part, value in ((IMPORTANCE, self.importance), (RANGE, self.stream_peak),
                                                   (SENSITIVITY, self.gains), (HESSIAN, self.hessians),
+                                                  (HESSIAN_HALVES, self.first_half_hessians),
                                                   (INPUT_PEAKS, self.input_peaks))
                          if value is not None)
 
@@ -175,7 +184,8 @@ class Calibration:
         taken = {IMPORTANCE: ("importance", "expert_tokens", "importance_tokens"),
                  RANGE: ("stream_peak", "state_peak", "recurrent_peak", "range_tokens"),
                  SENSITIVITY: ("gains", "shrink_gains", "sensitivity_tokens", "input_klds"),
-                 HESSIAN: ("hessians",), INPUT_PEAKS: ("input_peaks",)}
+                 HESSIAN: ("hessians",), HESSIAN_HALVES: ("first_half_hessians", "first_half_share"),
+                 INPUT_PEAKS: ("input_peaks",)}
         return replace(self, **{field: getattr(other, field)
                                 for part in other.parts - self.parts for field in taken[part]})
 
@@ -198,7 +208,7 @@ def calibrate(checkpoint: Checkpoint, source: str, parts: Iterable[str], *, toke
         if not len(range_window):
             raise RecipeError("the tokenizer gives no tokens of this text to measure the residual stream's range "
                               "on (an MLX target's dtype, set, needs none)", name)
-    if parts & {IMPORTANCE, HESSIAN, INPUT_PEAKS}:
+    if parts & {IMPORTANCE, HESSIAN, HESSIAN_HALVES, INPUT_PEAKS}:
         # verbose=False: longer than the model's positions by design (cut into windows), not worth a warning
         ids = tokenizer(text[: tokens * CHARS_PER_TOKEN], add_special_tokens=False, verbose=False)["input_ids"][:tokens]
         if len(ids) < context:
@@ -216,7 +226,8 @@ def calibrate(checkpoint: Checkpoint, source: str, parts: Iterable[str], *, toke
     with child_pool() as pool:
         try:
             return pool.submit(_forward, checkpoint, name, range_window, importance_windows,
-                               sensitivity_window, HESSIAN in parts, INPUT_PEAKS in parts, alongside).result()
+                               sensitivity_window, HESSIAN in parts, INPUT_PEAKS in parts, alongside,
+                               HESSIAN_HALVES in parts).result()
         except BrokenProcessPool:
             raise CheckpointError("the calibration forward (transformers) crashed; out of memory?",
                                   checkpoint.path) from None
@@ -286,6 +297,19 @@ class Calibrations:
         """HF weight name → mean x xᵀ of its input over the text: GPTQ's H (dense linear layers)."""
         return self.get(source, {HESSIAN}).hessians
 
+    def hessian_halves(self, source: str = BUILTIN) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """HF weight name → (mean x xᵀ over the first half of the importance windows, over the second half): GPTQ
+        fitted to the first and measured on the second. The second is the whole's less the first's, by their shares
+        of the tokens; a shared input's pair is shared too. Empty where the text had one window."""
+        measured = self.get(source, {HESSIAN, HESSIAN_HALVES})
+        share, pairs, made = measured.first_half_share, {}, {}
+        for name, first in measured.first_half_hessians.items():
+            whole = measured.hessians[name]
+            if id(first) not in made:
+                made[id(first)] = (first, ((whole - share * first) / (1 - share)).astype(np.float32))
+            pairs[name] = made[id(first)]
+        return pairs
+
     def fp16_range(self) -> FP16Range:
         """The residual stream's float16 range, measured on the builtin text."""
         return FP16Range.of_peak(self.get(BUILTIN, {RANGE}).stream_peak)
@@ -309,9 +333,11 @@ class Calibrations:
         # a Mamba2 model's range measured before its states' peaks were is measured again
         ranged = f"{RANGE_TOKENS}-mamba2" if self.checkpoint.spec.mamba2 is not None else f"{RANGE_TOKENS}"
         counts = {IMPORTANCE: f"{self.tokens}x{self.context}", HESSIAN: f"{self.tokens}x{self.context}",
+                  HESSIAN_HALVES: f"{self.tokens}x{self.context}",
                   INPUT_PEAKS: f"{self.tokens}x{self.context}", RANGE: ranged,
                   SENSITIVITY: f"{sensitivity_window_tokens(self.checkpoint)}-r{R0}-shrink-inputs"}[part]
-        suffix = ".npz" if part in (IMPORTANCE, HESSIAN) else ".json"  # input peaks: a few numbers per layer
+        # input peaks: a few numbers per layer
+        suffix = ".npz" if part in (IMPORTANCE, HESSIAN, HESSIAN_HALVES) else ".json"
         return self.cache_dir / f"calibration-{self.checkpoint.fingerprint()}-{text_digest}-{part}-{counts}{suffix}"
 
     def _read(self, source: str, part: str) -> Calibration | None:
@@ -332,11 +358,14 @@ class Calibrations:
             stored = json.loads(file.read_text())
             return Calibration(stored["text"], gains=stored["gains"], shrink_gains=stored["shrink_gains"],
                                sensitivity_tokens=stored["tokens"], input_klds=stored["input_klds"])
-        if part == HESSIAN:
+        if part in (HESSIAN, HESSIAN_HALVES):
             with np.load(file) as stored:
                 kept = {key.partition(":")[2]: stored[key] for key in stored.files if key.startswith("hessian:")}
-                shared = json.loads(str(stored["shared"]))
-                return Calibration(str(stored["text"]), hessians={name: kept[key] for name, key in shared.items()})
+                matrices = {name: kept[key] for name, key in json.loads(str(stored["shared"])).items()}
+                if part == HESSIAN:
+                    return Calibration(str(stored["text"]), hessians=matrices)
+                return Calibration(str(stored["text"]), first_half_hessians=matrices,
+                                   first_half_share=float(stored["share"]))
         with np.load(file) as stored:
             tables: dict[str, dict[str, np.ndarray]] = {"importance": {}, "expert_tokens": {}}
             for key in stored.files:
@@ -367,14 +396,16 @@ class Calibrations:
                                                     "tokens": measured.sensitivity_tokens}))
             return
         temp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
-        if part == HESSIAN:  # each shared array once, and which name reads which
+        if part in (HESSIAN, HESSIAN_HALVES):  # each shared array once, and which name reads which
+            matrices = measured.hessians if part == HESSIAN else measured.first_half_hessians
             first = {}
-            for name, matrix in measured.hessians.items():
+            for name, matrix in matrices.items():
                 first.setdefault(id(matrix), name)
-            shared = {name: first[id(matrix)] for name, matrix in measured.hessians.items()}
-            arrays = {f"hessian:{name}": measured.hessians[name] for name in set(shared.values())}
+            shared = {name: first[id(matrix)] for name, matrix in matrices.items()}
+            arrays = {f"hessian:{name}": matrices[name] for name in set(shared.values())}
+            share = {} if part == HESSIAN else {"share": np.array(measured.first_half_share)}
             with temp.open("wb") as out:
-                np.savez(out, text=np.array(measured.text), shared=np.array(json.dumps(shared)), **arrays)
+                np.savez(out, text=np.array(measured.text), shared=np.array(json.dumps(shared)), **share, **arrays)
             os.replace(temp, file)
             return
         arrays = {f"importance:{name}": values for name, values in measured.importance.items()}
@@ -473,8 +504,11 @@ class _SecondMoments:
 
     def __init__(self) -> None:
         self.active = False
+        self.first_half = False  # the window running is in the first half of the importance windows
         self.sums: dict[str, torch.Tensor] = {}  # the first weight name reading an input → Σ x xᵀ (float64)
         self.rows: dict[str, int] = {}
+        self.first_sums: dict[str, torch.Tensor] = {}  # the same over the first half's windows
+        self.first_rows: dict[str, int] = {}
         self.shared: dict[str, str] = {}  # weight name → the name its input's sum is kept under
         self._last: tuple[object, str] = (None, "")  # the last input seen, and its name: a layer reading it next shares
 
@@ -494,13 +528,26 @@ class _SecondMoments:
                 return
             self._last, self.shared[name] = (inputs[0], name), name
             x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-            self.sums[name] = self.sums.get(name, 0) + (x.T @ x).double()
+            product = (x.T @ x).double()
+            self.sums[name] = self.sums.get(name, 0) + product
             self.rows[name] = self.rows.get(name, 0) + x.shape[0]
+            if self.first_half:
+                self.first_sums[name] = self.first_sums.get(name, 0) + product
+                self.first_rows[name] = self.first_rows.get(name, 0) + x.shape[0]
         return hook
 
     def results(self) -> dict[str, np.ndarray]:
         means = {key: (self.sums[key] / self.rows[key]).float().numpy() for key in self.sums}
         return {name: means[key] for name, key in sorted(self.shared.items())}
+
+    def first_half_results(self) -> tuple[dict[str, np.ndarray], float]:
+        """The first half's means, as `results`, and its share of the tokens (empty, 0: no first half)."""
+        if not self.first_sums:
+            return {}, 0.0
+        means = {key: (self.first_sums[key] / self.first_rows[key]).float().numpy() for key in self.first_sums}
+        key = next(iter(self.first_rows))
+        return ({name: means[key] for name, key in sorted(self.shared.items())},
+                self.first_rows[key] / self.rows[key])
 
 
 class _InputPeaks(_LinearInputHooks):
@@ -670,9 +717,10 @@ def mamba2_state_peak(module, x: torch.Tensor, b: torch.Tensor, dt: torch.Tensor
 def _forward(checkpoint: Checkpoint, text_name: str, range_window: np.ndarray | None,
              importance_windows: np.ndarray | None, sensitivity_window: np.ndarray | None = None,
              hessian: bool = False, input_peaks: bool = False,
-             alongside: SharedForward | None = None) -> Calibration:
+             alongside: SharedForward | None = None, hessian_halves: bool = False) -> Calibration:
     """One float32 forward over the range window (first, if any) and the importance windows (if any: with
-    `hessian`, each linear layer's input's second moments too, with `input_peaks` its peak), `alongside`'s stream
+    `hessian`, each linear layer's input's second moments too, with `hessian_halves` over the first half of the
+    windows apart as well, with `input_peaks` its peak), `alongside`'s stream
     in the same pass (its own model, device and dtype: each result is that of a pass of its own, bit for bit); then
     the sensitivity forward over its window (if any)."""
     import torch
@@ -700,13 +748,15 @@ def _forward(checkpoint: Checkpoint, text_name: str, range_window: np.ndarray | 
     def window_started(index: int | None) -> None:  # None: another stream's windows run
         peak.active = range_window is not None and index == 0
         importance.active = importance_windows is not None and index is not None and index >= first_importance
-        moments.active = hessian and importance.active
+        moments.active = (hessian or hessian_halves) and importance.active
+        moments.first_half = (hessian_halves and moments.active
+                              and index - first_importance < len(importance_windows) // 2)
         peaks_in.active = input_peaks and importance.active
 
     def attach(model) -> None:
         if importance_windows is not None:
             importance.attach(model)
-        if hessian:
+        if hessian or hessian_halves:
             moments.attach(model)
         if input_peaks:
             peaks_in.attach(model)
@@ -741,8 +791,11 @@ def _forward(checkpoint: Checkpoint, text_name: str, range_window: np.ndarray | 
         matrix, routed = importance.results()
         calibration = replace(calibration, importance=matrix, expert_tokens=routed,
                               importance_tokens=int(importance_windows.size))
-    if hessian:
+    if hessian or hessian_halves:
         calibration = replace(calibration, hessians=moments.results())
+    if hessian_halves:
+        halves, share = moments.first_half_results()
+        calibration = replace(calibration, first_half_hessians=halves, first_half_share=share)
     if input_peaks:
         calibration = replace(calibration, input_peaks=dict(sorted(peaks_in.peaks.items())))
     if range_window is not None:

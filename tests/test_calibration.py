@@ -13,6 +13,7 @@ import pytest
 import siliconvert.calibration as calibration_module
 from siliconvert.calibration import (
     HESSIAN,
+    HESSIAN_HALVES,
     IMPORTANCE,
     INPUT_PEAKS,
     RANGE,
@@ -165,6 +166,28 @@ def test_second_moments_are_the_importance_off_the_diagonal_and_shared_by_layers
         for name, matrix in hessians.items():
             assert np.allclose(np.diag(matrix), measured_now.importance[name], rtol=1e-4), name
             assert np.allclose(matrix, matrix.T)
+
+
+def test_hessian_halves_are_the_first_half_of_the_windows_and_the_rest_follows(demo_model: Path,
+                                                                                tmp_path: Path) -> None:
+    """A GPTQ plan's held-out check: the first half's second moments are those a calibration of half the tokens
+    measures (the same first windows), the second half's the whole's less the first's; shared inputs stay shared,
+    in memory and through the disk cache."""
+    checkpoint = Checkpoint.open(demo_model)
+    measured_now = Calibrations(checkpoint, tmp_path, tokens=TOKENS, context=CONTEXT)
+    halves = measured_now.hessian_halves("builtin")
+    assert measured_now.get("builtin", {HESSIAN_HALVES}).first_half_share == pytest.approx(0.5)
+    first_half = Calibrations(checkpoint, None, tokens=TOKENS // 2, context=CONTEXT).hessians("builtin")
+    whole = measured_now.hessians("builtin")
+    cached = Calibrations(checkpoint, tmp_path, tokens=TOKENS, context=CONTEXT).hessian_halves("builtin")
+    layer = "model.layers.1"
+    for pairs in (halves, cached):
+        assert sorted(pairs) == sorted(whole)
+        assert pairs[f"{layer}.self_attn.q_proj.weight"] is pairs[f"{layer}.self_attn.k_proj.weight"]
+        for name, (first, second) in pairs.items():
+            np.testing.assert_allclose(first, first_half[name], rtol=1e-4, atol=1e-6 * np.abs(first).max())
+            np.testing.assert_allclose((first + second) / 2, whole[name], rtol=1e-4, atol=1e-6 * np.abs(first).max())
+            assert not np.allclose(first, second, rtol=1e-3)  # other text: other moments
 
 
 def test_input_peaks_are_the_largest_input_of_each_linear_layer_and_survive_the_cache(demo_model: Path,

@@ -287,6 +287,22 @@ def test_gptq_error_share_is_measured_per_precision_and_falls_with_correlated_in
     assert gptq_error_share(weight[:8], hessian, "pal4") == 1.0
 
 
+def test_gptq_error_share_measured_on_text_it_was_not_fitted_to_is_larger():
+    """GPTQ fitted to the second moments of a few inputs keeps less of its gain on other inputs of the same kind:
+    the share a plan measures on held-out moments (`measured_on`) is above the share on the fitted ones, and
+    measuring on the fitted ones is the default."""
+    rng = np.random.default_rng(2)
+    columns = 256
+    mixing = (np.eye(columns) + 0.1 * rng.normal(size=(columns, columns))) * np.exp(rng.normal(size=columns))
+    first, second = (rng.normal(size=(384, columns)) @ mixing for _ in range(2))
+    fitted, held_out = (x.T @ x / len(x) for x in (first, second))
+    weight = (0.05 * rng.normal(size=(64, columns))).astype(np.float16)
+    for precision in ("int4", "int4-zp", "pal4"):
+        on_fitted = gptq_error_share(weight, fitted, precision, np.diag(fitted))
+        assert gptq_error_share(weight, fitted, precision, np.diag(fitted), measured_on=fitted) == on_fitted
+        assert on_fitted < 0.9 * gptq_error_share(weight, fitted, precision, np.diag(fitted), measured_on=held_out)
+
+
 def test_coremltools_warnings_sent_to_the_root_logger_do_not_reach_the_users_output():
     """coremltools' optimize logs "Invalid block_sizes" on the root logger for each int4 block a plan tries that the
     row does not divide; a siliconvert process prints none of it, and still prints others' warnings."""

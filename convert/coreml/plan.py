@@ -71,7 +71,16 @@ class WeightPlanner:
         calibration = calibration or Calibrations.outside_a_run(checkpoint)
         calibrated = calibration.get(BUILTIN, {IMPORTANCE, SENSITIVITY})
         self.columns = ColumnImportance(checkpoint, calibrated.importance)
-        self.hessians = ColumnImportance(checkpoint, calibration.hessians(BUILTIN)) if gptq else None
+        # GPTQ's share of each candidate's error: fitted to the first half of the calibration text, measured on the
+        # second (with_gptq_errors); on the whole text where it has one window
+        self.hessians = self.held_out = None
+        if gptq:
+            halves = calibration.hessian_halves(BUILTIN)
+            if halves:
+                self.hessians = ColumnImportance(checkpoint, {name: first for name, (first, _) in halves.items()})
+                self.held_out = ColumnImportance(checkpoint, {name: second for name, (_, second) in halves.items()})
+            else:
+                self.hessians = ColumnImportance(checkpoint, calibration.hessians(BUILTIN))
         self.candidates = GPTQ_CANDIDATES if gptq else COREML_CANDIDATES
         self.sources = self.columns.sources
         self.measured = calibrated
@@ -108,7 +117,8 @@ class WeightPlanner:
                                                  shrink_gain=shrink_gain))
             hessian = self.hessians.of(chunk, key, rows) if self.hessians else None
             if hessian is not None:  # an embedding's lookup has none: GPTQ leaves it rounded to nearest
-                costs = with_gptq_errors(costs, values, hessian, importance, looked_up)
+                costs = with_gptq_errors(costs, values, hessian, importance, looked_up,
+                                         self.held_out.of(chunk, key, rows) if self.held_out else None)
             self.costs.append(costs)
             planned_fp16 += next(o.nbytes for o in costs.options if o.kind == "fp16")
             planned += 1
@@ -159,9 +169,13 @@ def with_spec_bytes(costs: TensorCosts) -> TensorCosts:
 
 
 def with_gptq_errors(costs: TensorCosts, weight: np.ndarray, hessian: np.ndarray,
-                     importance: np.ndarray | None, looked_up: float = 0.0) -> TensorCosts:
+                     importance: np.ndarray | None, looked_up: float = 0.0,
+                     held_out: np.ndarray | None = None) -> TensorCosts:
     """A weight's candidates as GPTQ will round them: each compressed option's error times GPTQ's measured share of
-    it at that precision (`gptq_error_share`, every precision on one factor of H⁻¹); fp16 stays exact. `looked_up`:
+    it at that precision (`gptq_error_share`, every precision on one factor of H⁻¹); fp16 stays exact. `held_out`:
+    the second moments of text `hessian`'s was not measured on, where the share is measured (GPTQ fits the text it
+    is rounded against: on the real SmolLM2-135M its share of int4's layer error was 0.29 there and 0.50 on the
+    other half of the text, pal4's 0.17 and 0.34; bench/README.md). `looked_up`:
     the part of the error's weight a tied table has as the embedding, costed at rounding's error (GPTQ lowers only
     the head's part), as the MLX plan costs it (quantize/mlx.py with_gptq_errors). That is optimistic: rounded
     against the head's inputs, the real SmolLM2-135M's table looks up 1.7× rounding's error at int4; costing that was
@@ -170,7 +184,7 @@ def with_gptq_errors(costs: TensorCosts, weight: np.ndarray, hessian: np.ndarray
     return replace(costs, options=tuple(
         option if option.kind == "fp16"
         else replace(option, error=option.error * (looked_up + (1 - looked_up) * gptq_error_share(
-            weight, hessian, option.kind, importance, inverse=inverse)))
+            weight, hessian, option.kind, importance, inverse=inverse, measured_on=held_out)))
         for option in costs.options))
 
 

@@ -24,7 +24,16 @@ import numpy as np
 
 from siliconvert.architectures import ModelSpec
 from siliconvert.artifacts import Artifact, Writer
-from siliconvert.calibration import BUILTIN, HESSIAN, IMPORTANCE, INPUT_PEAKS, RANGE, SENSITIVITY, Calibrations
+from siliconvert.calibration import (
+    BUILTIN,
+    HESSIAN,
+    HESSIAN_HALVES,
+    IMPORTANCE,
+    INPUT_PEAKS,
+    RANGE,
+    SENSITIVITY,
+    Calibrations,
+)
 from siliconvert.checkpoint import TensorInfo
 from siliconvert.convert.coreml.chunks import Chunk, Key, blobs_of, plan_chunks, role_key, weight_id
 from siliconvert.convert.coreml.folds import graph_keys, graph_tensors, input_scale, tensor_shape
@@ -74,11 +83,12 @@ def calibration_needs(target: CoreMLTarget) -> dict[str, set[str]]:
     """Calibration text → the parts a target's writer asks for: the residual stream's range (every package runs in
     fp16), a plan's importance and sensitivity, the importance every compressed package's weights are fitted
     to (a palette's k-means, int4 / int8 scales: quantize/coreml.py), a W8A8 package's activation peaks, and GPTQ's
-    second moments for `method: gptq`."""
+    second moments for `method: gptq` (a plan's apart for each half of the text too: its GPTQ costs)."""
     compressed = len(target.precisions) > 1
     return {BUILTIN: {RANGE} | ({IMPORTANCE, SENSITIVITY} if target.plan else set())
             | ({IMPORTANCE} if compressed else set()) | ({INPUT_PEAKS} if W8A8 in target.precisions else set())
-            | ({HESSIAN} if target.method == "gptq" else set())}
+            | ({HESSIAN} if target.method == "gptq" else set())
+            | ({HESSIAN_HALVES} if target.method == "gptq" and target.plan else set())}
 
 
 class CoreMLWriter(Writer):
